@@ -1,0 +1,57 @@
+# httpshim build. `make` builds the preload library; `make test` runs the real-client suite.
+CC      ?= cc
+PYTHON  ?= /usr/bin/python3
+BUILD   ?= build
+CFLAGS_BASE = -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g -fPIC -fvisibility=hidden -pthread
+CFLAGS  ?=
+SAN     ?=
+LIBS    = -lcurl -ldl -pthread
+
+SHIM_SRC = $(wildcard shim/*.c)
+SHIM_HDR = $(wildcard shim/*.h)
+SHIM_OBJ = $(patsubst shim/%.c,$(BUILD)/obj/%.o,$(SHIM_SRC))
+
+all: $(BUILD)/libhttpshim.so $(BUILD)/epollclient
+
+$(BUILD)/obj/%.o: shim/%.c $(SHIM_HDR) | $(BUILD)/obj
+	$(CC) $(CFLAGS_BASE) $(SAN) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/libhttpshim.so: $(SHIM_OBJ)
+	$(CC) -shared $(SAN) -o $@ $^ $(LIBS) -Wl,-z,now -Wl,--version-script=shim/exports.map
+
+$(BUILD)/epollclient: tests/clients/epollclient.c | $(BUILD)/obj
+	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -o $@ $< -lm
+
+$(BUILD)/obj:
+	mkdir -p $@
+
+deps:
+	tools/install-deps
+
+test: all
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+.PHONY: all deps test clean
+clean:
+	rm -rf $(BUILD)
+
+# ---- checks ----
+lint:
+	cppcheck --quiet --enable=warning,style,performance,portability --std=c11 -D_GNU_SOURCE \
+	  --error-exitcode=1 --inline-suppr --suppress=missingIncludeSystem shim/ tools/ tests/clients/
+
+# The same suite with the library (and the C client) built with ASan + UBSan. The ASan
+# runtime must be the first preloaded object, so tests put it ahead of the library.
+ASAN_BUILD = build-asan
+test-asan:
+	$(MAKE) BUILD=$(ASAN_BUILD) SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" all
+	HTTPSHIM_TEST_BUILD=$(ASAN_BUILD) \
+	HTTPSHIM_TEST_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=66:log_path=$(CURDIR)/$(ASAN_BUILD)/asan \
+	LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:exitcode=67:log_path=$(CURDIR)/$(ASAN_BUILD)/ubsan \
+	  $(PYTHON) -m pytest -q -p no:cacheprovider tests
+	@if ls $(ASAN_BUILD)/asan.* $(ASAN_BUILD)/ubsan.* >/dev/null 2>&1; then \
+	  echo "sanitizer reports:"; cat $(ASAN_BUILD)/asan.* $(ASAN_BUILD)/ubsan.* 2>/dev/null; exit 1; fi
+
+.PHONY: lint test-asan

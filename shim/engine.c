@@ -1,0 +1,455 @@
+/* engine.c — owns the engine thread: its epoll loop, the eventfd and timerfd, the app
+ * side of every diverted connection (reading requests, writing responses, backpressure)
+ * and the per-connection state machine that hands exchanges to upstream.c or the whole
+ * connection to tunnel.c. Started on the first diverted connect; after fork the child
+ * starts its own. Nothing here blocks. */
+#include "conn.h"
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/timerfd.h>
+#include <unistd.h>
+#include <fcntl.h>
+
+static struct {
+    pthread_mutex_t lock;           /* guards started/failed and the conn list */
+    bool started, failed;
+    int epfd, wakefd, timerfd;
+    struct ev_tag wake_tag, timer_tag;
+    struct conn *conns;
+    struct conn *dead;              /* freed after the current epoll batch */
+    const struct shim_config *cfg;
+} E = { .lock = PTHREAD_MUTEX_INITIALIZER, .epfd = -1, .wakefd = -1, .timerfd = -1 };
+
+/* Conns a forked child inherited from its parent's engine: kept reachable, never used. */
+static struct conn *orphaned_conns;
+
+static struct http_request scratch_req;   /* engine thread only */
+
+size_t buf_make_room(struct buf *b, size_t want)
+{
+    if (b->size - b->end >= want)
+        return b->size - b->end;
+    if (b->start > 0) {
+        memmove(b->data, b->data + b->start, b->end - b->start);
+        b->end -= b->start;
+        b->start = 0;
+        if (b->size - b->end >= want)
+            return b->size - b->end;
+    }
+    if (b->size < b->cap) {
+        size_t size = b->size ? b->size : BUF_INITIAL;
+        while (size < b->end + want && size < b->cap)
+            size *= 2;
+        if (size > b->cap)
+            size = b->cap;
+        char *p = realloc(b->data, size);
+        if (p) {
+            b->data = p;
+            b->size = size;
+        }
+    }
+    return b->size - b->end;
+}
+
+int buf_append(struct buf *b, const void *p, size_t n)
+{
+    if (buf_make_room(b, n) < n)
+        return -1;
+    memcpy(b->data + b->end, p, n);
+    b->end += n;
+    return 0;
+}
+
+void buf_free(struct buf *b)
+{
+    free(b->data);
+    memset(b, 0, sizeof *b);
+}
+
+const struct shim_config *engine_config(void) { return E.cfg; }
+
+int engine_watch(int fd, uint32_t events, void *tag, bool add)
+{
+    struct epoll_event ev = { .events = events, .data.ptr = tag };
+    return shim_real.epoll_ctl(E.epfd, add ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, fd, &ev);
+}
+
+void engine_unwatch(int fd)
+{
+    shim_real.epoll_ctl(E.epfd, EPOLL_CTL_DEL, fd, NULL);
+}
+
+/* ---- the app side ---- */
+
+int conn_flush(struct conn *c)
+{
+    if (c->app_gone)
+        return -1;
+    while (buf_len(&c->out)) {
+        ssize_t n = send(c->fd, buf_head(&c->out), buf_len(&c->out), MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n > 0) {
+            buf_consume(&c->out, (size_t)n);
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return 0;
+        c->app_gone = true;
+        return -1;
+    }
+    return 0;
+}
+
+void conn_close(struct conn *c)
+{
+    if (c->dead)
+        return;
+    c->dead = true;
+    if (c->xfer)
+        upstream_abort(c);
+    if (c->tun)
+        tunnel_free(c);
+    fdtable_clear(c->fd);
+    shim_real.close(c->fd);
+    c->fd = -1;
+    pthread_mutex_lock(&E.lock);
+    if (c->prev)
+        c->prev->next = c->next;
+    else if (E.conns == c)
+        E.conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    pthread_mutex_unlock(&E.lock);
+    c->next_dead = E.dead;
+    E.dead = c;
+}
+
+static void free_dead(void)
+{
+    while (E.dead) {
+        struct conn *c = E.dead;
+        E.dead = c->next_dead;
+        buf_free(&c->in);
+        buf_free(&c->out);
+        free(c);
+    }
+}
+
+void conn_update_events(struct conn *c)
+{
+    if (c->dead)
+        return;
+    if (c->app_gone && c->state != CS_TUNNEL) {
+        conn_close(c);
+        return;
+    }
+    if (c->closing && !buf_len(&c->out) && c->state == CS_HTTP) {
+        conn_close(c);
+        return;
+    }
+    uint32_t want = 0;
+    if (!c->app_eof && !c->closing && buf_len(&c->in) < IN_CAP)
+        want |= EPOLLIN;
+    if (buf_len(&c->out) && !c->app_gone)
+        want |= EPOLLOUT;
+    if (want != c->events) {
+        c->events = want;
+        engine_watch(c->fd, want, c, false);
+    }
+}
+
+static void start_tunnel(struct conn *c)
+{
+    if (tunnel_start(c) != 0)
+        c->closing = true;
+}
+
+/* Answers requests at the front of `in`, one exchange at a time so responses go back
+ * in request order (pipelining is honoured, not parallelised). */
+void conn_process(struct conn *c)
+{
+    while (!c->dead && c->state == CS_HTTP && !c->closing) {
+        if (buf_len(&c->out) > OUT_SOFT / 2)
+            return;                    /* the app is slow to read: wait before the next one */
+        size_t avail = buf_len(&c->in);
+        if (avail == 0) {
+            if (c->app_eof)
+                c->closing = true;
+            return;
+        }
+        struct http_request *req = &scratch_req;
+        enum http_parse_result r = http_parse_request(buf_head(&c->in), avail, req);
+        if (r == HTTP_PARSE_INCOMPLETE) {
+            if (avail >= HEAD_MAX || c->app_eof)
+                start_tunnel(c);       /* let the upstream itself judge it */
+            return;
+        }
+        if (r == HTTP_PARSE_ERROR || req->head_len > HEAD_MAX || req->upgrade || req->chunked || http_method_is(req, "CONNECT")
+            || req->content_length > (int64_t)(IN_CAP - req->head_len)) {
+            shim_debug("fd %d: not relayable as HTTP (%s), tunnelling", c->fd,
+                       r == HTTP_PARSE_ERROR ? "unparsed" : "upgrade/chunked/large body");
+            start_tunnel(c);
+            return;
+        }
+        size_t body_len = req->content_length > 0 ? (size_t)req->content_length : 0;
+        c->req_total = req->head_len + body_len;
+        c->req_minor = req->minor_version;
+        c->req_keep_alive = req->keep_alive;
+        c->req_is_head = http_method_is(req, "HEAD");
+        if (avail < c->req_total) {
+            if (req->expect_continue && !c->continue_sent) {
+                static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+                buf_append(&c->out, cont, sizeof cont - 1);
+                c->continue_sent = true;
+            }
+            if (c->app_eof)
+                start_tunnel(c);
+            return;
+        }
+        c->state = CS_UPSTREAM;
+        if (upstream_start(c, req, buf_head(&c->in) + req->head_len, body_len) != 0) {
+            c->state = CS_HTTP;
+            c->closing = true;
+        }
+        return;
+    }
+}
+
+void conn_exchange_done(struct conn *c, bool ok, bool must_close)
+{
+    c->state = CS_HTTP;
+    buf_consume(&c->in, c->req_total);
+    c->req_total = 0;
+    c->continue_sent = false;
+    if (!ok || must_close)
+        c->closing = true;
+    conn_flush(c);
+    conn_process(c);
+    conn_flush(c);
+    conn_update_events(c);
+}
+
+static void on_app_event(struct conn *c, uint32_t ev)
+{
+    if (ev & (EPOLLERR | EPOLLHUP)) {
+        c->app_gone = c->app_eof = true;
+        buf_consume(&c->out, buf_len(&c->out));
+    }
+    if ((ev & EPOLLOUT) && conn_flush(c) == 0 && c->xfer && buf_len(&c->out) <= OUT_SOFT / 2)
+        upstream_resume(c);
+    if (ev & (EPOLLIN | EPOLLHUP)) {
+        for (int rounds = 0; rounds < 8 && !c->app_eof; rounds++) {
+            size_t room = buf_make_room(&c->in, IN_CAP - buf_len(&c->in) < 16384 ? IN_CAP - buf_len(&c->in) : 16384);
+            if (room == 0)
+                break;
+            ssize_t n = recv(c->fd, c->in.data + c->in.end, room, MSG_DONTWAIT);
+            if (n > 0) {
+                c->in.end += (size_t)n;
+                continue;
+            }
+            if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+                c->app_eof = true;
+            break;
+        }
+    }
+    if (c->state == CS_TUNNEL)
+        tunnel_pump(c);
+    else
+        conn_process(c);
+    if (!c->dead) {
+        conn_flush(c);
+        conn_update_events(c);
+    }
+}
+
+/* ---- the loop ---- */
+
+static void *engine_main(void *arg)
+{
+    (void)arg;
+    shim_in_engine = 1;
+    struct epoll_event evs[64];
+    for (;;) {
+        int n = epoll_wait(E.epfd, evs, 64, -1);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            shim_log("engine: epoll_wait failed: %s", strerror(errno));
+            return NULL;
+        }
+        for (int i = 0; i < n; i++) {
+            struct ev_tag *tag = evs[i].data.ptr;
+            uint32_t ev = evs[i].events;
+            switch (tag->kind) {
+            case EV_APP: {
+                struct conn *c = (struct conn *)tag;
+                if (!c->dead)
+                    on_app_event(c, ev);
+                break;
+            }
+            case EV_TUNNEL_UP:
+                tunnel_on_upstream(tag, ev);
+                break;
+            case EV_CURL:
+                upstream_on_socket(tag, ev);
+                break;
+            case EV_TIMER: {
+                uint64_t ticks;
+                ssize_t r = read(E.timerfd, &ticks, sizeof ticks);
+                (void)r;
+                upstream_on_timer();
+                break;
+            }
+            case EV_WAKE: {
+                uint64_t v;
+                ssize_t r = read(E.wakefd, &v, sizeof v);
+                (void)r;
+                break;
+            }
+            default:
+                break;
+            }
+            upstream_reap();
+        }
+        free_dead();
+    }
+}
+
+int engine_timer_arm(long timeout_ms)
+{
+    struct itimerspec its = { 0 };
+    if (timeout_ms == 0)
+        its.it_value.tv_nsec = 1;      /* zero would disarm */
+    else if (timeout_ms > 0) {
+        its.it_value.tv_sec = timeout_ms / 1000;
+        its.it_value.tv_nsec = (timeout_ms % 1000) * 1000000L;
+    }
+    return timerfd_settime(E.timerfd, 0, &its, NULL);
+}
+
+static int start_locked(void)
+{
+    E.cfg = shim_config_get();
+    if (!E.cfg)
+        return -1;
+    E.epfd = epoll_create1(EPOLL_CLOEXEC);
+    E.wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    E.timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (E.epfd < 0 || E.wakefd < 0 || E.timerfd < 0)
+        goto fail;
+    fdtable_mark_engine(E.epfd);
+    fdtable_mark_engine(E.wakefd);
+    fdtable_mark_engine(E.timerfd);
+    E.wake_tag.kind = EV_WAKE;
+    E.timer_tag.kind = EV_TIMER;
+    if (engine_watch(E.wakefd, EPOLLIN, &E.wake_tag, true) || engine_watch(E.timerfd, EPOLLIN, &E.timer_tag, true))
+        goto fail;
+    if (upstream_init(E.cfg) != 0)
+        goto fail;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);   /* the app's signals stay with the app */
+    pthread_t th;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 256 * 1024);
+    int rc = pthread_create(&th, &attr, engine_main, NULL);
+    pthread_attr_destroy(&attr);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0)
+        goto fail;
+    pthread_setname_np(th, "httpshim");
+    shim_debug("engine started");
+    return 0;
+fail:
+    shim_log("engine could not start (%s): connections go direct", strerror(errno));
+    return -1;
+}
+
+int engine_ensure_started(void)
+{
+    pthread_mutex_lock(&E.lock);
+    if (!E.started) {
+        E.started = true;
+        E.failed = start_locked() != 0;
+    }
+    bool failed = E.failed;
+    pthread_mutex_unlock(&E.lock);
+    return failed ? -1 : 0;
+}
+
+int engine_adopt(int engine_fd, int upstream, const union shim_sockaddr *dest, socklen_t dest_len)
+{
+    struct conn *c = calloc(1, sizeof *c);
+    if (!c)
+        return -1;
+    c->tag.kind = EV_APP;
+    c->fd = engine_fd;
+    c->upstream = upstream;
+    c->dest = *dest;
+    c->dest_len = dest_len;
+    c->state = CS_HTTP;
+    c->in.cap = IN_CAP;
+    c->out.cap = OUT_CAP;
+    c->events = EPOLLIN;
+    int fl = shim_real.fcntl(engine_fd, F_GETFL);
+    shim_real.fcntl(engine_fd, F_SETFL, fl | O_NONBLOCK);
+    pthread_mutex_lock(&E.lock);
+    c->next = E.conns;
+    if (E.conns)
+        E.conns->prev = c;
+    E.conns = c;
+    pthread_mutex_unlock(&E.lock);
+    /* from here on the engine thread owns c */
+    if (engine_watch(engine_fd, EPOLLIN, c, true) != 0) {
+        pthread_mutex_lock(&E.lock);
+        if (c->prev)
+            c->prev->next = c->next;
+        else
+            E.conns = c->next;
+        if (c->next)
+            c->next->prev = c->prev;
+        pthread_mutex_unlock(&E.lock);
+        free(c);
+        return -1;
+    }
+    return 0;
+}
+
+void engine_atfork_prepare(void)
+{
+    pthread_mutex_lock(&E.lock);
+}
+
+void engine_atfork_parent(void)
+{
+    pthread_mutex_unlock(&E.lock);
+}
+
+void engine_atfork_child(void)
+{
+    /* The engine thread did not survive the fork. Its fds are copies that would keep
+     * the parent's connections open: close them, forget the state, start afresh on the
+     * next diverted connect. Only async-signal-safe work here. */
+    fdtable_close_engine_fds();
+    if (E.started && !E.failed)
+        upstream_forget();
+    if (E.conns) {
+        struct conn *last = E.conns;
+        while (last->next)
+            last = last->next;
+        last->next = orphaned_conns;
+        orphaned_conns = E.conns;
+    }
+    E.conns = NULL;
+    E.dead = NULL;
+    E.started = E.failed = false;
+    E.epfd = E.wakefd = E.timerfd = -1;
+    pthread_mutex_unlock(&E.lock);
+}

@@ -1,0 +1,110 @@
+/* fdtable.c — owns the table of file descriptors the library cares about: app fds it
+ * diverted (with the peer address and the options the app set) and the engine's own
+ * fds (which the app may not close). Indexed by fd number, mmap'ed once, never freed,
+ * never allocates afterwards: the close path uses it from any thread, even a signal
+ * handler. Entries go stale when libc closes an fd behind our back, so a diverted
+ * entry is trusted only while the fd's inode still matches. */
+#include "shim.h"
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+
+static struct fd_entry *table;
+static _Atomic int engine_fd_limit;      /* one past the highest fd ever marked engine */
+
+int fdtable_init(void)
+{
+    void *p = mmap(NULL, sizeof(struct fd_entry) * FDTABLE_MAX, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED)
+        return -1;
+    table = p;
+    return 0;
+}
+
+struct fd_entry *fdtable_slot(int fd)
+{
+    if (!table || fd < 0 || fd >= FDTABLE_MAX)
+        return NULL;
+    return &table[fd];
+}
+
+struct fd_entry *fdtable_diverted(int fd)
+{
+    struct fd_entry *e = fdtable_slot(fd);
+    if (!e || atomic_load_explicit(&e->kind, memory_order_acquire) != FD_DIVERTED)
+        return NULL;
+    struct stat st;
+    if (fstat(fd, &st) != 0 || st.st_ino != e->ino || st.st_dev != e->dev) {
+        atomic_store(&e->kind, FD_NONE);    /* libc closed it without telling us */
+        return NULL;
+    }
+    return e;
+}
+
+void fdtable_mark_engine(int fd)
+{
+    struct fd_entry *e = fdtable_slot(fd);
+    if (e) {
+        int limit = atomic_load(&engine_fd_limit);
+        while (fd >= limit && !atomic_compare_exchange_weak(&engine_fd_limit, &limit, fd + 1))
+            ;
+        atomic_store(&e->n_epoll, 0);
+        atomic_store_explicit(&e->kind, FD_ENGINE, memory_order_release);
+    }
+}
+
+void fdtable_clear(int fd)
+{
+    struct fd_entry *e = fdtable_slot(fd);
+    if (e && (atomic_load_explicit(&e->kind, memory_order_relaxed) != FD_NONE
+              || atomic_load_explicit(&e->n_epoll, memory_order_relaxed) != 0)) {
+        atomic_store(&e->kind, FD_NONE);
+        atomic_store(&e->n_epoll, 0);
+    }
+}
+
+bool fdtable_is_engine(int fd)
+{
+    struct fd_entry *e = fdtable_slot(fd);
+    return e && atomic_load_explicit(&e->kind, memory_order_acquire) == FD_ENGINE;
+}
+
+void fdtable_copy(int from, int to)
+{
+    struct fd_entry *dst = fdtable_slot(to);
+    if (!dst)
+        return;
+    const struct fd_entry *src = fdtable_diverted(from);
+    if (!src) {
+        fdtable_clear(to);
+        return;
+    }
+    atomic_store(&dst->kind, FD_NONE);
+    dst->dev = src->dev;
+    dst->ino = src->ino;
+    dst->peer = src->peer;
+    dst->peer_len = src->peer_len;
+    dst->upstream = src->upstream;
+    dst->n_opts = src->n_opts;
+    memcpy(dst->opts, src->opts, sizeof dst->opts);
+    atomic_store(&dst->n_epoll, 0);
+    atomic_store_explicit(&dst->kind, FD_DIVERTED, memory_order_release);
+}
+
+int fdtable_engine_fd_limit(void)
+{
+    return atomic_load(&engine_fd_limit);
+}
+
+void fdtable_close_engine_fds(void)
+{
+    if (!table)
+        return;
+    int limit = atomic_load(&engine_fd_limit);
+    for (int fd = 0; fd < limit; fd++)
+        if (atomic_load_explicit(&table[fd].kind, memory_order_relaxed) == FD_ENGINE) {
+            atomic_store(&table[fd].kind, FD_NONE);
+            shim_real_close(fd);
+        }
+}

@@ -1,0 +1,606 @@
+/* hooks.c — owns interposition: the exported libc symbols, binding the real ones,
+ * loading the configuration once, and diverting matching connects into the engine.
+ * Everything that is not a configured upstream, and every call made on the engine
+ * thread, goes straight to libc. errno is preserved on every path that does not fail. */
+#include "shim.h"
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/sockios.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define SHIM_EXPORT __attribute__((visibility("default")))
+
+struct real_fns shim_real;
+__thread int shim_in_engine __attribute__((tls_model("initial-exec")));
+
+static pthread_once_t bind_once = PTHREAD_ONCE_INIT;
+static pthread_once_t config_once = PTHREAD_ONCE_INIT;
+static struct shim_config *config;   /* NULL: inert */
+
+#define BIND(name)                                                         \
+    do {                                                                   \
+        void *p = dlsym(RTLD_NEXT, #name);                                 \
+        if (p == (void *)name)                                             \
+            p = NULL; /* never bind to ourselves */                        \
+        memcpy(&shim_real.name, &p, sizeof p);                             \
+    } while (0)
+
+static void bind_all(void)
+{
+    BIND(connect); BIND(sendto); BIND(getaddrinfo); BIND(gethostbyname); BIND(gethostbyname2);
+    BIND(gethostbyname_r); BIND(gethostbyname2_r); BIND(getpeername); BIND(getsockname);
+    BIND(setsockopt); BIND(getsockopt); BIND(ioctl); BIND(epoll_ctl); BIND(close);
+    BIND(close_range); BIND(dup); BIND(dup2); BIND(dup3); BIND(fcntl); BIND(fcntl64);
+    if (!shim_real.fcntl64)
+        shim_real.fcntl64 = shim_real.fcntl;
+}
+
+void shim_bind_real(void)
+{
+    pthread_once(&bind_once, bind_all);
+}
+
+int shim_real_close(int fd)
+{
+    if (shim_real.close)
+        return shim_real.close(fd);
+    return (int)syscall(SYS_close, fd);
+}
+
+static void load_config(void)
+{
+    const char *path = getenv("HTTPSHIM_CONF");
+    if (!path || !*path)
+        path = "/etc/httpshim/rules.conf";
+    struct shim_config *cfg = calloc(1, sizeof *cfg);
+    if (!cfg)
+        return;
+    char err[RULES_ERR_MAX];
+    if (rules_load(path, cfg, err) != 0) {
+        if (err[0]) {
+            char line[RULES_ERR_MAX + 64];
+            int n = snprintf(line, sizeof line, "httpshim: %s (running without the shim)\n", err);
+            ssize_t w = write(2, line, n > 0 && (size_t)n < sizeof line ? (size_t)n : strlen(line));
+            (void)w;
+        }
+        free(cfg);
+        return;
+    }
+    if (cfg->n_upstreams == 0 || fdtable_init() != 0) {
+        rules_free(cfg);
+        free(cfg);
+        return;
+    }
+    rules_resolve_all(cfg, shim_real.getaddrinfo);
+    config = cfg;
+}
+
+struct shim_config *shim_config_get(void)
+{
+    if (shim_in_engine)
+        return config;
+    int saved = errno;
+    shim_bind_real();
+    pthread_once(&config_once, load_config);
+    errno = saved;
+    return config;
+}
+
+static void atfork_prepare(void) { engine_atfork_prepare(); }
+static void atfork_parent(void) { engine_atfork_parent(); }
+static void atfork_child(void) { engine_atfork_child(); }
+
+__attribute__((constructor)) static void shim_constructor(void)
+{
+    shim_bind_real();
+    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
+
+/* ---- connect and its helpers ---- */
+
+/* A TCP socket the app created and has neither bound nor connected. */
+static bool is_fresh_tcp(int fd, int family, bool *nonblock)
+{
+    int v;
+    socklen_t len = sizeof v;
+    if (shim_real.getsockopt(fd, SOL_SOCKET, SO_TYPE, &v, &len) || v != SOCK_STREAM)
+        return false;
+    len = sizeof v;
+    if (shim_real.getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &len) || v != family)
+        return false;
+    len = sizeof v;
+    if (shim_real.getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &v, &len) || v != IPPROTO_TCP)
+        return false;
+    union shim_sockaddr local;
+    len = sizeof local;
+    if (shim_real.getsockname(fd, &local.sa, &len))
+        return false;
+    if ((family == AF_INET && local.in.sin_port) || (family == AF_INET6 && local.in6.sin6_port))
+        return false;
+    int fl = shim_real.fcntl(fd, F_GETFL);
+    *nonblock = fl >= 0 && (fl & O_NONBLOCK);
+    return true;
+}
+
+/* What the app set on its TCP socket that a Unix socket also honours. */
+static void carry_over(int from, int to)
+{
+    int fl = shim_real.fcntl(from, F_GETFL);
+    if (fl >= 0)
+        shim_real.fcntl(to, F_SETFL, fl & (O_NONBLOCK | O_ASYNC | O_APPEND | O_NOATIME));
+    struct f_owner_ex owner;
+    if (shim_real.fcntl(from, F_GETOWN_EX, &owner) == 0 && owner.pid)
+        shim_real.fcntl(to, F_SETOWN_EX, &owner);
+    int sig = shim_real.fcntl(from, F_GETSIG);
+    if (sig > 0)
+        shim_real.fcntl(to, F_SETSIG, sig);
+    static const int opts[] = { SO_RCVTIMEO, SO_SNDTIMEO, SO_SNDBUF, SO_RCVBUF, SO_PASSCRED, SO_PRIORITY };
+    for (size_t i = 0; i < sizeof opts / sizeof opts[0]; i++) {
+        char val[32];
+        socklen_t len = sizeof val;
+        if (opts[i] == SO_SNDBUF || opts[i] == SO_RCVBUF)
+            continue;                  /* the kernel doubles these: copying would inflate them */
+        if (shim_real.getsockopt(from, SOL_SOCKET, opts[i], val, &len) == 0)
+            shim_real.setsockopt(to, SOL_SOCKET, opts[i], val, len);
+    }
+}
+
+/* Swaps the app's socket for our socketpair end under the same fd number. 0 when the
+ * fd is now diverted; -1 when nothing changed and the caller should connect for real. */
+static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t len)
+{
+    struct fd_entry *e = fdtable_slot(fd);
+    if (!e || len > sizeof(union shim_sockaddr) || engine_ensure_started() != 0)
+        return -1;
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
+        return -1;
+    if (sv[0] >= FDTABLE_MAX || sv[1] >= FDTABLE_MAX) {
+        shim_real.close(sv[0]);
+        shim_real.close(sv[1]);
+        return -1;
+    }
+    carry_over(fd, sv[0]);
+    int fdflags = shim_real.fcntl(fd, F_GETFD);
+    union shim_sockaddr dest;
+    memset(&dest, 0, sizeof dest);
+    memcpy(&dest, addr, len);
+
+    struct fd_epoll_reg regs[FD_MAX_EPOLL];
+    int nregs = atomic_load(&e->n_epoll);
+    if (nregs > FD_MAX_EPOLL)
+        nregs = FD_MAX_EPOLL;
+    memcpy(regs, e->epoll, sizeof regs);
+
+    fdtable_mark_engine(sv[1]);
+    if (engine_adopt(sv[1], upstream, &dest, len) != 0) {
+        fdtable_clear(sv[1]);
+        shim_real.close(sv[0]);
+        shim_real.close(sv[1]);
+        return -1;
+    }
+    atomic_store(&e->kind, FD_NONE);
+    if (shim_real.dup3(sv[0], fd, (fdflags > 0 && (fdflags & FD_CLOEXEC)) ? O_CLOEXEC : 0) < 0) {
+        shim_real.close(sv[0]);        /* the engine sees EOF and lets go */
+        return -1;
+    }
+    shim_real.close(sv[0]);
+    struct stat st;
+    if (fstat(fd, &st) == 0) {
+        e->dev = st.st_dev;
+        e->ino = st.st_ino;
+    }
+    e->peer = dest;
+    e->peer_len = len;
+    e->upstream = upstream;
+    e->n_opts = 0;
+    atomic_store(&e->n_epoll, 0);
+    atomic_store_explicit(&e->kind, FD_DIVERTED, memory_order_release);
+    for (int i = 0; i < nregs; i++) {
+        struct epoll_event ev = regs[i].ev;
+        shim_real.epoll_ctl(regs[i].epfd, EPOLL_CTL_ADD, fd, &ev);
+    }
+    shim_debug("fd %d diverted to upstream %s:%u", fd, config->upstreams[upstream].host,
+               config->upstreams[upstream].port);
+    return 0;
+}
+
+/* 1: diverted, 0: not ours (use the real call), -1: errno set for the app. */
+static int try_divert(int fd, const struct sockaddr *addr, socklen_t len, bool *nonblock)
+{
+    if (shim_in_engine || !addr)
+        return 0;
+    struct shim_config *cfg = shim_config_get();
+    if (!cfg)
+        return 0;
+    if (fdtable_diverted(fd)) {
+        errno = EISCONN;
+        return -1;
+    }
+    if (addr->sa_family != AF_INET && addr->sa_family != AF_INET6)
+        return 0;
+    int up = rules_match_addr(cfg, addr, len);
+    if (up < 0 || !is_fresh_tcp(fd, addr->sa_family, nonblock))
+        return 0;
+    return divert(fd, up, addr, len) == 0 ? 1 : 0;
+}
+
+SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    shim_bind_real();
+    int saved = errno;
+    bool nonblock = false;
+    int r = try_divert(fd, addr, len, &nonblock);
+    if (r < 0)
+        return -1;
+    if (r == 0) {
+        errno = saved;
+        return shim_real.connect(fd, addr, len);
+    }
+    if (nonblock) {                    /* what a real non-blocking TCP connect says */
+        errno = EINPROGRESS;
+        return -1;
+    }
+    errno = saved;
+    return 0;
+}
+
+SHIM_EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr, socklen_t len)
+{
+    shim_bind_real();
+    if (!(flags & MSG_FASTOPEN) || shim_in_engine)
+        return shim_real.sendto(fd, buf, n, flags, addr, len);
+    int saved = errno;
+    bool nonblock = false;
+    int r = try_divert(fd, addr, len, &nonblock);
+    if (r < 0)
+        return -1;
+    errno = saved;
+    if (r == 0)
+        return shim_real.sendto(fd, buf, n, flags, addr, len);
+    return shim_real.sendto(fd, buf, n, flags & ~MSG_FASTOPEN, NULL, 0);
+}
+
+/* ---- name resolution: learn which addresses the app uses for a listed host ---- */
+
+SHIM_EXPORT int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints, struct addrinfo **res)
+{
+    shim_bind_real();
+    int rc = shim_real.getaddrinfo(node, service, hints, res);
+    if (rc != 0 || !node || shim_in_engine)
+        return rc;
+    int saved = errno;
+    struct shim_config *cfg = shim_config_get();
+    if (cfg && rules_name_is_listed(cfg, node))
+        for (const struct addrinfo *ai = *res; ai; ai = ai->ai_next) {
+            if (ai->ai_family == AF_INET)
+                rules_learn(cfg, node, AF_INET, &((const struct sockaddr_in *)(const void *)ai->ai_addr)->sin_addr);
+            else if (ai->ai_family == AF_INET6)
+                rules_learn(cfg, node, AF_INET6, &((const struct sockaddr_in6 *)(const void *)ai->ai_addr)->sin6_addr);
+        }
+    errno = saved;
+    return rc;
+}
+
+static void learn_hostent(const char *name, const struct hostent *h)
+{
+    if (!h || !name || shim_in_engine)
+        return;
+    int saved = errno;
+    struct shim_config *cfg = shim_config_get();
+    if (cfg && rules_name_is_listed(cfg, name) && (h->h_addrtype == AF_INET || h->h_addrtype == AF_INET6))
+        for (char **a = h->h_addr_list; a && *a; a++)
+            rules_learn(cfg, name, h->h_addrtype, *a);
+    errno = saved;
+}
+
+SHIM_EXPORT struct hostent *gethostbyname(const char *name)
+{
+    shim_bind_real();
+    struct hostent *h = shim_real.gethostbyname(name);
+    learn_hostent(name, h);
+    return h;
+}
+
+SHIM_EXPORT struct hostent *gethostbyname2(const char *name, int af)
+{
+    shim_bind_real();
+    struct hostent *h = shim_real.gethostbyname2(name, af);
+    learn_hostent(name, h);
+    return h;
+}
+
+SHIM_EXPORT int gethostbyname_r(const char *name, struct hostent *ret, char *buf, size_t buflen, struct hostent **result,
+                    int *h_errnop)
+{
+    shim_bind_real();
+    int rc = shim_real.gethostbyname_r(name, ret, buf, buflen, result, h_errnop);
+    if (rc == 0 && result)
+        learn_hostent(name, *result);
+    return rc;
+}
+
+SHIM_EXPORT int gethostbyname2_r(const char *name, int af, struct hostent *ret, char *buf, size_t buflen,
+                     struct hostent **result, int *h_errnop)
+{
+    shim_bind_real();
+    int rc = shim_real.gethostbyname2_r(name, af, ret, buf, buflen, result, h_errnop);
+    if (rc == 0 && result)
+        learn_hostent(name, *result);
+    return rc;
+}
+
+/* ---- a diverted fd answers as the TCP socket the app believes it has ---- */
+
+static int copy_addr(const union shim_sockaddr *a, socklen_t alen, struct sockaddr *out, socklen_t *len)
+{
+    if (!out || !len) {
+        errno = EFAULT;
+        return -1;
+    }
+    memcpy(out, a, *len < alen ? *len : alen);
+    *len = alen;
+    return 0;
+}
+
+SHIM_EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *len)
+{
+    shim_bind_real();
+    const struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
+    if (!e)
+        return shim_real.getpeername(fd, addr, len);
+    return copy_addr(&e->peer, e->peer_len, addr, len);
+}
+
+SHIM_EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *len)
+{
+    shim_bind_real();
+    const struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
+    if (!e)
+        return shim_real.getsockname(fd, addr, len);
+    /* There is no local TCP endpoint: report the loopback address of the peer's family
+     * (or the unspecified one) and a stable port derived from the fd. */
+    union shim_sockaddr local;
+    memset(&local, 0, sizeof local);
+    uint16_t port = htons((uint16_t)(40000 + fd % 20000));
+    if (e->peer.sa.sa_family == AF_INET) {
+        local.in.sin_family = AF_INET;
+        local.in.sin_port = port;
+        if ((ntohl(e->peer.in.sin_addr.s_addr) >> 24) == 127)
+            local.in.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        return copy_addr(&local, sizeof local.in, addr, len);
+    }
+    local.in6.sin6_family = AF_INET6;
+    local.in6.sin6_port = port;
+    if (IN6_IS_ADDR_LOOPBACK(&e->peer.in6.sin6_addr))
+        local.in6.sin6_addr = in6addr_loopback;
+    return copy_addr(&local, sizeof local.in6, addr, len);
+}
+
+static struct fd_sockopt *find_opt(struct fd_entry *e, int level, int name, bool create)
+{
+    for (int i = 0; i < e->n_opts; i++)
+        if (e->opts[i].level == level && e->opts[i].name == name)
+            return &e->opts[i];
+    if (!create || e->n_opts == FD_MAX_OPTS)
+        return NULL;
+    struct fd_sockopt *o = &e->opts[e->n_opts++];
+    o->level = level;
+    o->name = name;
+    o->value = 0;
+    return o;
+}
+
+SHIM_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+{
+    shim_bind_real();
+    struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
+    if (!e)
+        return shim_real.setsockopt(fd, level, name, val, len);
+    int saved = errno;
+    if (level == SOL_SOCKET) {
+        if (shim_real.setsockopt(fd, level, name, val, len) == 0)
+            return 0;
+        if (errno != EOPNOTSUPP && errno != ENOPROTOOPT)
+            return -1;
+    } else if (level != IPPROTO_TCP && level != IPPROTO_IP && level != IPPROTO_IPV6) {
+        return shim_real.setsockopt(fd, level, name, val, len);
+    }
+    struct fd_sockopt *o = find_opt(e, level, name, true);
+    if (o && val && len >= sizeof(int))
+        memcpy(&o->value, val, sizeof(int));
+    errno = saved;
+    return 0;
+}
+
+SHIM_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
+{
+    shim_bind_real();
+    struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
+    if (!e || !val || !len)
+        return shim_real.getsockopt(fd, level, name, val, len);
+    int saved = errno;
+    int v;
+    if (level == SOL_SOCKET) {
+        if (name == SO_DOMAIN)
+            v = e->peer.sa.sa_family;
+        else if (name == SO_PROTOCOL)
+            v = IPPROTO_TCP;
+        else if (shim_real.getsockopt(fd, level, name, val, len) == 0)
+            return 0;
+        else {
+            const struct fd_sockopt *o = find_opt(e, level, name, false);
+            if (!o)
+                return -1;
+            v = o->value;
+        }
+    } else if (level == IPPROTO_TCP && name == TCP_INFO) {
+        struct tcp_info info;
+        memset(&info, 0, sizeof info);
+        info.tcpi_state = TCP_ESTABLISHED;
+        memcpy(val, &info, *len < sizeof info ? *len : sizeof info);
+        *len = *len < sizeof info ? *len : sizeof info;
+        errno = saved;
+        return 0;
+    } else if (level == IPPROTO_TCP || level == IPPROTO_IP || level == IPPROTO_IPV6) {
+        const struct fd_sockopt *o = find_opt(e, level, name, false);
+        v = o ? o->value : 0;
+    } else {
+        return shim_real.getsockopt(fd, level, name, val, len);
+    }
+    memcpy(val, &v, *len < sizeof v ? *len : sizeof v);
+    *len = *len < sizeof v ? *len : sizeof v;
+    errno = saved;
+    return 0;
+}
+
+SHIM_EXPORT int ioctl(int fd, unsigned long req, ...)
+{
+    va_list ap;
+    va_start(ap, req);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    shim_bind_real();
+    if (req == SIOCATMARK && !shim_in_engine && arg && fdtable_diverted(fd)) {
+        *(int *)arg = 0;               /* no urgent data ever arrives on the relay */
+        return 0;
+    }
+    return shim_real.ioctl(fd, req, arg);
+}
+
+/* ---- epoll: registrations made before connect must survive the fd swap ---- */
+
+SHIM_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
+{
+    shim_bind_real();
+    int rc = shim_real.epoll_ctl(epfd, op, fd, event);
+    if (rc != 0 || shim_in_engine || !shim_config_get())
+        return rc;
+    struct fd_entry *e = fdtable_slot(fd);
+    if (!e || atomic_load_explicit(&e->kind, memory_order_relaxed) != FD_NONE)
+        return rc;                     /* connected already: nothing to replay */
+    int n = atomic_load(&e->n_epoll);
+    int at = -1;
+    for (int i = 0; i < n && i < FD_MAX_EPOLL; i++)
+        if (e->epoll[i].epfd == epfd)
+            at = i;
+    if (op == EPOLL_CTL_DEL) {
+        if (at >= 0) {
+            e->epoll[at] = e->epoll[n - 1];
+            atomic_store(&e->n_epoll, n - 1);
+        }
+    } else if (event) {
+        if (at < 0 && n < FD_MAX_EPOLL)
+            at = n++;
+        if (at >= 0) {
+            e->epoll[at].epfd = epfd;
+            e->epoll[at].ev = *event;
+            atomic_store(&e->n_epoll, n);
+        }
+    }
+    return rc;
+}
+
+/* ---- close and dup: keep the table right, never let the app close engine fds ---- */
+
+SHIM_EXPORT int close(int fd)
+{
+    struct fd_entry *e = fdtable_slot(fd);
+    if (e) {
+        if (atomic_load_explicit(&e->kind, memory_order_acquire) == FD_ENGINE && !shim_in_engine) {
+            errno = EBADF;
+            return -1;
+        }
+        fdtable_clear(fd);
+    }
+    return shim_real_close(fd);
+}
+
+SHIM_EXPORT int close_range(unsigned first, unsigned last, int flags)
+{
+    shim_bind_real();
+    int (*real)(unsigned, unsigned, int) = shim_real.close_range;
+    unsigned limit = (unsigned)fdtable_engine_fd_limit();
+    if (shim_in_engine || first >= limit || !fdtable_slot(0)) {
+        if (real)
+            return real(first, last, flags);
+        return (int)syscall(SYS_close_range, first, last, flags);
+    }
+    unsigned start = first;
+    for (unsigned fd = first; fd < limit && fd <= last; fd++) {
+        if (!fdtable_is_engine((int)fd)) {
+            if (!(flags & CLOSE_RANGE_CLOEXEC))
+                fdtable_clear((int)fd);
+            continue;
+        }
+        if (fd > start && (real ? real(start, fd - 1, flags) : (int)syscall(SYS_close_range, start, fd - 1, flags)) != 0)
+            return -1;
+        start = fd + 1;
+    }
+    if (start > last || start == 0)
+        return 0;
+    return real ? real(start, last, flags) : (int)syscall(SYS_close_range, start, last, flags);
+}
+
+SHIM_EXPORT int dup(int fd)
+{
+    shim_bind_real();
+    int nfd = shim_real.dup(fd);
+    if (nfd >= 0 && !shim_in_engine)
+        fdtable_copy(fd, nfd);
+    return nfd;
+}
+
+static int dup_onto(int fd, int nfd, int flags, bool is_dup3)
+{
+    shim_bind_real();
+    if (!shim_in_engine && fdtable_is_engine(nfd)) {
+        errno = EBADF;
+        return -1;
+    }
+    int rc = is_dup3 ? shim_real.dup3(fd, nfd, flags) : shim_real.dup2(fd, nfd);
+    if (rc >= 0 && !shim_in_engine && fd != nfd)
+        fdtable_copy(fd, nfd);
+    return rc;
+}
+
+SHIM_EXPORT int dup2(int fd, int nfd) { return dup_onto(fd, nfd, 0, false); }
+SHIM_EXPORT int dup3(int fd, int nfd, int flags) { return dup_onto(fd, nfd, flags, true); }
+
+static int fcntl_common(int (*real)(int, int, ...), int fd, int cmd, void *arg)
+{
+    int rc = real(fd, cmd, arg);
+    if (rc >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC) && !shim_in_engine)
+        fdtable_copy(fd, rc);
+    return rc;
+}
+
+SHIM_EXPORT int fcntl(int fd, int cmd, ...)
+{
+    va_list ap;
+    va_start(ap, cmd);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    shim_bind_real();
+    return fcntl_common(shim_real.fcntl, fd, cmd, arg);
+}
+
+SHIM_EXPORT int fcntl64(int fd, int cmd, ...)
+{
+    va_list ap;
+    va_start(ap, cmd);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    shim_bind_real();
+    return fcntl_common(shim_real.fcntl64, fd, cmd, arg);
+}

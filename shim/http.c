@@ -1,0 +1,225 @@
+/* http.c — the HTTP/1.x request parser: request line, header fields, framing
+ * (Content-Length, chunked), connection semantics. Strict by design: ambiguous framing
+ * (CL + TE, conflicting CLs, obs-fold, bare LF) is an error, which makes the engine relay
+ * the bytes untouched instead of guessing. No allocation, no copies, no locale. */
+#include "http.h"
+#include <string.h>
+
+static const unsigned char tchar_table[256] = {
+    ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1,
+    ['+'] = 1, ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1, ['~'] = 1,
+    ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1,
+    ['8'] = 1, ['9'] = 1,
+    ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1, ['G'] = 1, ['H'] = 1,
+    ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1, ['O'] = 1, ['P'] = 1,
+    ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1, ['V'] = 1, ['W'] = 1, ['X'] = 1,
+    ['Y'] = 1, ['Z'] = 1,
+    ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1, ['e'] = 1, ['f'] = 1, ['g'] = 1, ['h'] = 1,
+    ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1, ['m'] = 1, ['n'] = 1, ['o'] = 1, ['p'] = 1,
+    ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1, ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1,
+    ['y'] = 1, ['z'] = 1,
+};
+
+static inline bool is_tchar(unsigned char c) { return tchar_table[c] != 0; }
+static inline bool is_vchar(unsigned char c) { return c > 0x20 && c != 0x7f; }
+static inline char lower(char c) { return (c >= 'A' && c <= 'Z') ? (char)(c + 32) : c; }
+
+bool http_slice_ieq(struct http_slice s, const char *lit)
+{
+    size_t n = strlen(lit);
+    if (s.n != n)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (lower(s.p[i]) != lower(lit[i]))
+            return false;
+    return true;
+}
+
+bool http_method_is(const struct http_request *req, const char *m)
+{
+    size_t n = strlen(m);
+    return req->method.n == n && memcmp(req->method.p, m, n) == 0;
+}
+
+bool http_list_has_token(struct http_slice v, const char *token)
+{
+    size_t i = 0;
+    while (i < v.n) {
+        while (i < v.n && (v.p[i] == ' ' || v.p[i] == '\t' || v.p[i] == ','))
+            i++;
+        size_t start = i;
+        while (i < v.n && v.p[i] != ',')
+            i++;
+        size_t end = i;
+        while (end > start && (v.p[end - 1] == ' ' || v.p[end - 1] == '\t'))
+            end--;
+        struct http_slice item = { v.p + start, end - start };
+        if (item.n && http_slice_ieq(item, token))
+            return true;
+    }
+    return false;
+}
+
+bool http_is_hop_by_hop(struct http_slice name)
+{
+    static const char *const hop[] = {
+        "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
+        "proxy-connection", "proxy-authenticate", "proxy-authorization",
+    };
+    for (size_t i = 0; i < sizeof hop / sizeof hop[0]; i++)
+        if (http_slice_ieq(name, hop[i]))
+            return true;
+    return name.n > 6 && http_slice_ieq((struct http_slice){ name.p, 6 }, "proxy-");
+}
+
+bool http_looks_like_request(const char *buf, size_t len)
+{
+    size_t i = 0;
+    for (; i < len && i < 32; i++) {
+        unsigned char c = (unsigned char)buf[i];
+        if (c == ' ')
+            return i > 0;
+        if (!is_tchar(c))
+            return false;
+    }
+    return i < 32;                     /* still reading a plausible method */
+}
+
+/* Finds the end of the line starting at `pos`; requires CRLF. Returns the index of
+ * '\r', or (size_t)-1 for incomplete, (size_t)-2 for a bare LF or stray CR. */
+static size_t line_end(const char *buf, size_t len, size_t pos)
+{
+    const char *cr = memchr(buf + pos, '\r', len - pos);
+    const char *lf = memchr(buf + pos, '\n', cr ? (size_t)(cr - (buf + pos)) : len - pos);
+    if (lf)
+        return (size_t)-2;
+    if (!cr)
+        return (size_t)-1;
+    size_t at = (size_t)(cr - buf);
+    if (at + 1 >= len)
+        return (size_t)-1;
+    return buf[at + 1] == '\n' ? at : (size_t)-2;
+}
+
+static bool parse_content_length(struct http_slice v, int64_t *out)
+{
+    if (v.n == 0 || v.n > 18)
+        return false;
+    int64_t n = 0;
+    for (size_t i = 0; i < v.n; i++) {
+        if (v.p[i] < '0' || v.p[i] > '9')
+            return false;
+        n = n * 10 + (v.p[i] - '0');
+    }
+    *out = n;
+    return true;
+}
+
+static enum http_parse_result parse_request_line(const char *buf, size_t eol, struct http_request *req)
+{
+    size_t i = 0;
+    while (i < eol && is_tchar((unsigned char)buf[i]))
+        i++;
+    if (i == 0 || i >= eol || buf[i] != ' ')
+        return HTTP_PARSE_ERROR;
+    req->method = (struct http_slice){ buf, i };
+    size_t t = ++i;
+    while (i < eol && is_vchar((unsigned char)buf[i]))
+        i++;
+    if (i == t || i >= eol || buf[i] != ' ')
+        return HTTP_PARSE_ERROR;
+    req->target = (struct http_slice){ buf + t, i - t };
+    i++;
+    if (eol - i != 8 || memcmp(buf + i, "HTTP/1.", 7) != 0)
+        return HTTP_PARSE_ERROR;
+    char minor = buf[i + 7];
+    if (minor != '0' && minor != '1')
+        return HTTP_PARSE_ERROR;
+    req->minor_version = minor - '0';
+    return HTTP_PARSE_DONE;
+}
+
+enum http_parse_result http_parse_request(const char *buf, size_t len, struct http_request *req)
+{
+    if (!http_looks_like_request(buf, len))
+        return HTTP_PARSE_ERROR;
+    size_t eol = line_end(buf, len, 0);
+    if (eol == (size_t)-1)
+        return HTTP_PARSE_INCOMPLETE;
+    if (eol == (size_t)-2)
+        return HTTP_PARSE_ERROR;
+    memset(req, 0, offsetof(struct http_request, headers));
+    req->content_length = -1;
+    if (parse_request_line(buf, eol, req) != HTTP_PARSE_DONE)
+        return HTTP_PARSE_ERROR;
+
+    bool conn_close = false, conn_keep_alive = false, seen_te = false;
+    size_t pos = eol + 2;
+    for (;;) {
+        eol = line_end(buf, len, pos);
+        if (eol == (size_t)-1)
+            return HTTP_PARSE_INCOMPLETE;
+        if (eol == (size_t)-2)
+            return HTTP_PARSE_ERROR;
+        if (eol == pos) {              /* blank line: end of head */
+            req->head_len = pos + 2;
+            break;
+        }
+        if (req->nheaders == HTTP_MAX_HEADERS)
+            return HTTP_PARSE_ERROR;
+        size_t i = pos;
+        while (i < eol && is_tchar((unsigned char)buf[i]))
+            i++;
+        if (i == pos || i >= eol || buf[i] != ':')
+            return HTTP_PARSE_ERROR;   /* also rejects obs-fold (leading SP/HTAB) */
+        struct http_header *h = &req->headers[req->nheaders++];
+        h->name = (struct http_slice){ buf + pos, i - pos };
+        i++;
+        while (i < eol && (buf[i] == ' ' || buf[i] == '\t'))
+            i++;
+        size_t vend = eol;
+        while (vend > i && (buf[vend - 1] == ' ' || buf[vend - 1] == '\t'))
+            vend--;
+        for (size_t k = i; k < vend; k++) {
+            unsigned char c = (unsigned char)buf[k];
+            if ((c < 0x20 && c != '\t') || c == 0x7f)
+                return HTTP_PARSE_ERROR;
+        }
+        h->value = (struct http_slice){ buf + i, vend - i };
+        pos = eol + 2;
+
+        if (http_slice_ieq(h->name, "content-length")) {
+            int64_t cl;
+            if (!parse_content_length(h->value, &cl))
+                return HTTP_PARSE_ERROR;
+            if (req->content_length >= 0 && req->content_length != cl)
+                return HTTP_PARSE_ERROR;
+            req->content_length = cl;
+        } else if (http_slice_ieq(h->name, "transfer-encoding")) {
+            if (seen_te || !http_slice_ieq(h->value, "chunked"))
+                return HTTP_PARSE_ERROR;
+            seen_te = true;
+            req->chunked = true;
+        } else if (http_slice_ieq(h->name, "connection")) {
+            conn_close |= http_list_has_token(h->value, "close");
+            conn_keep_alive |= http_list_has_token(h->value, "keep-alive");
+            req->upgrade |= http_list_has_token(h->value, "upgrade");
+        } else if (http_slice_ieq(h->name, "upgrade")) {
+            req->upgrade = true;
+        } else if (http_slice_ieq(h->name, "expect")) {
+            if (!http_slice_ieq(h->value, "100-continue"))
+                return HTTP_PARSE_ERROR;
+            req->expect_continue = req->minor_version >= 1;
+        } else if (http_slice_ieq(h->name, "host")) {
+            if (req->has_host)
+                return HTTP_PARSE_ERROR;
+            req->has_host = true;
+        }
+    }
+    if (req->chunked && req->content_length >= 0)
+        return HTTP_PARSE_ERROR;       /* request smuggling shape: let the upstream judge */
+    if (req->minor_version == 1 && !req->has_host)
+        return HTTP_PARSE_ERROR;
+    req->keep_alive = req->minor_version >= 1 ? !conn_close : (conn_keep_alive && !conn_close);
+    return HTTP_PARSE_DONE;
+}

@@ -1,0 +1,49 @@
+/* http.h — strict, allocation-free HTTP/1.x request parser (owned by http.c).
+ * It never copies: every field points into the caller's buffer. Anything it does not
+ * fully understand is HTTP_PARSE_ERROR, and the caller tunnels the bytes untouched. */
+#ifndef HTTPSHIM_HTTP_H
+#define HTTPSHIM_HTTP_H
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+
+#define HTTP_MAX_HEADERS 100          /* more than this: not parsed, tunnelled */
+
+struct http_slice { const char *p; size_t n; };
+
+struct http_header { struct http_slice name, value; };
+
+struct http_request {
+    struct http_slice method, target;
+    int minor_version;                 /* HTTP/1.<minor>, 0 or 1 */
+    size_t head_len;                   /* bytes up to and including the blank line */
+    int64_t content_length;            /* -1 when absent */
+    bool chunked;                      /* Transfer-Encoding: chunked */
+    bool keep_alive;                   /* connection persists after this exchange */
+    bool expect_continue;
+    bool upgrade;                      /* Upgrade header or Connection: upgrade */
+    bool has_host;
+    size_t nheaders;
+    struct http_header headers[HTTP_MAX_HEADERS];
+};
+
+enum http_parse_result {
+    HTTP_PARSE_DONE = 0,               /* a whole head is in the buffer */
+    HTTP_PARSE_INCOMPLETE = 1,         /* valid so far, need more bytes */
+    HTTP_PARSE_ERROR = 2,              /* not a request this parser accepts */
+};
+
+enum http_parse_result http_parse_request(const char *buf, size_t len, struct http_request *req);
+
+/* Whether the first bytes of a connection can start an HTTP/1.x request line. A TLS
+ * ClientHello or any binary protocol fails this on its first byte. */
+bool http_looks_like_request(const char *buf, size_t len);
+
+bool http_slice_ieq(struct http_slice s, const char *lit);
+/* Hop-by-hop headers (RFC 9110 7.6.1) plus the framing headers the relay recomputes. */
+bool http_is_hop_by_hop(struct http_slice name);
+/* Whether `token` appears in a comma-separated header value (case-insensitive). */
+bool http_list_has_token(struct http_slice value, const char *token);
+bool http_method_is(const struct http_request *req, const char *m);
+
+#endif

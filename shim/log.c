@@ -1,0 +1,46 @@
+/* log.c — the library's only output: one-line messages to stderr, written with a
+ * single write(2) so lines from several threads never interleave. Debug lines only
+ * when HTTPSHIM_DEBUG is set. */
+#include "shim.h"
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+static void vlog(const char *fmt, va_list ap)
+{
+    char line[1024];
+    int n = snprintf(line, sizeof line, "httpshim[%d]: ", (int)getpid());
+    if (n < 0)
+        return;
+    int m = vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
+    if (m < 0)
+        return;
+    size_t len = (size_t)n + (size_t)m;
+    if (len > sizeof line - 2)
+        len = sizeof line - 2;
+    line[len++] = '\n';
+    ssize_t w = write(2, line, len);
+    (void)w;
+}
+
+void shim_log(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vlog(fmt, ap);
+    va_end(ap);
+}
+
+void shim_debug(const char *fmt, ...)
+{
+    static int enabled = -1;
+    if (enabled < 0)
+        enabled = getenv("HTTPSHIM_DEBUG") != NULL;
+    if (!enabled)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vlog(fmt, ap);
+    va_end(ap);
+}

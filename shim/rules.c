@@ -1,0 +1,472 @@
+/* rules.c — owns rules.conf: parsing (strict, every error is "file:line: what"),
+ * defaults, and the per-upstream address table consulted by the connect hook. The
+ * address table is the only mutable part after load; one mutex guards it. */
+#include "rules.h"
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+static pthread_mutex_t rules_addr_lock = PTHREAD_MUTEX_INITIALIZER;
+
+int64_t rules_parse_duration_ms(const char *s, bool *ok)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    *ok = false;
+    if (end == s || errno || v < 0)
+        return 0;
+    double mult;
+    if (!strcmp(end, "ms")) mult = 1;
+    else if (!strcmp(end, "s")) mult = 1000;
+    else if (!strcmp(end, "m")) mult = 60000;
+    else if (!strcmp(end, "h")) mult = 3600000;
+    else if (!strcmp(end, "d")) mult = 86400000;
+    else return 0;
+    double ms = v * mult;
+    if (ms > 9.0e15)
+        return 0;
+    *ok = true;
+    return (int64_t)ms;
+}
+
+int64_t rules_parse_size(const char *s, bool *ok)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    *ok = false;
+    if (end == s || errno || v < 0)
+        return 0;
+    double mult;
+    if (!*end || !strcasecmp(end, "B")) mult = 1;
+    else if (!strcasecmp(end, "KB")) mult = 1024.0;
+    else if (!strcasecmp(end, "MB")) mult = 1024.0 * 1024;
+    else if (!strcasecmp(end, "GB")) mult = 1024.0 * 1024 * 1024;
+    else return 0;
+    double b = v * mult;
+    if (b > 9.0e15)
+        return 0;
+    *ok = true;
+    return (int64_t)b;
+}
+
+struct parser {
+    const char *path;
+    int line;
+    char *err;
+};
+
+static int fail(struct parser *p, const char *fmt, ...)
+{
+    int n = snprintf(p->err, RULES_ERR_MAX, "%s:%d: ", p->path, p->line);
+    va_list ap;
+    va_start(ap, fmt);
+    if (n >= 0 && n < RULES_ERR_MAX)
+        vsnprintf(p->err + n, RULES_ERR_MAX - (size_t)n, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+static char *trim(char *s)
+{
+    while (isspace((unsigned char)*s))
+        s++;
+    char *e = s + strlen(s);
+    while (e > s && isspace((unsigned char)e[-1]))
+        *--e = 0;
+    return s;
+}
+
+static void strip_comment(char *s)
+{
+    /* '#' starts a comment at line start or after white space, so globs and
+     * values may still contain '#' when written without a space before it */
+    for (char *c = s; *c; c++)
+        if (*c == '#' && (c == s || isspace((unsigned char)c[-1]))) {
+            *c = 0;
+            return;
+        }
+}
+
+static int parse_host_port(struct parser *p, char *spec, struct upstream_rule *u)
+{
+    char *colon;
+    if (spec[0] == '[') {
+        char *close = strchr(spec, ']');
+        if (!close || close[1] != ':')
+            return fail(p, "upstream '%s': expected [IPv6]:PORT", spec);
+        *close = 0;
+        colon = close + 1;
+        spec++;
+    } else {
+        colon = strrchr(spec, ':');
+        if (!colon)
+            return fail(p, "upstream '%s': expected HOST:PORT", spec);
+        *colon = 0;
+    }
+    char *end;
+    long port = strtol(colon + 1, &end, 10);
+    if (*end || port <= 0 || port > 65535 || end == colon + 1)
+        return fail(p, "upstream port '%s' is not a number from 1 to 65535", colon + 1);
+    if (!*spec || strlen(spec) >= sizeof u->host)
+        return fail(p, "upstream host is empty or too long");
+    for (const char *c = spec; *c; c++)
+        if (!isalnum((unsigned char)*c) && !strchr(".-_:", *c))
+            return fail(p, "upstream host '%s' has an invalid character '%c'", spec, *c);
+    snprintf(u->host, sizeof u->host, "%s", spec);
+    u->port = (uint16_t)port;
+    struct in6_addr a6;
+    struct in_addr a4;
+    if (inet_pton(AF_INET, spec, &a4) == 1) {
+        u->host_is_literal = true;
+        u->addrs[0].family = AF_INET;
+        memcpy(u->addrs[0].bytes, &a4, 4);
+        u->n_addrs = 1;
+    } else if (inet_pton(AF_INET6, spec, &a6) == 1) {
+        u->host_is_literal = true;
+        u->addrs[0].family = AF_INET6;
+        memcpy(u->addrs[0].bytes, &a6, 16);
+        u->n_addrs = 1;
+    }
+    return 0;
+}
+
+static int parse_list(struct parser *p, const char *opt, char *val, char dst[][64], size_t *n)
+{
+    for (char *save = NULL, *tok = strtok_r(val, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        if (*n == RULES_MAX_LIST)
+            return fail(p, "%s: at most %d entries", opt, RULES_MAX_LIST);
+        if (!*tok || strlen(tok) >= 64)
+            return fail(p, "%s: empty or over-long entry", opt);
+        snprintf(dst[(*n)++], 64, "%s", tok);
+    }
+    return 0;
+}
+
+static int parse_cache_rule(struct parser *p, char *args, struct upstream_rule *u)
+{
+    if (u->n_cache_rules == RULES_MAX_CACHE_RULES)
+        return fail(p, "too many cache rules in one upstream (max %d)", RULES_MAX_CACHE_RULES);
+    struct cache_rule *grown = realloc(u->cache_rules, (u->n_cache_rules + 1) * sizeof *grown);
+    if (!grown)
+        return fail(p, "out of memory");
+    u->cache_rules = grown;
+    struct cache_rule *r = &u->cache_rules[u->n_cache_rules];
+    memset(r, 0, sizeof *r);
+    r->line = p->line;
+    char *save = NULL;
+    char *method = strtok_r(args, " \t", &save);
+    char *glob = strtok_r(NULL, " \t", &save);
+    if (!method || !glob)
+        return fail(p, "expected: cache METHOD PATH-GLOB ttl=DURATION [options]");
+    if (strcmp(method, "GET") && strcmp(method, "HEAD") && strcmp(method, "POST")
+        && strcmp(method, "PUT") && strcmp(method, "DELETE") && strcmp(method, "PATCH")
+        && strcmp(method, "OPTIONS") && strcmp(method, "*"))
+        return fail(p, "unknown method '%s'", method);
+    if (glob[0] != '/' && strcmp(glob, "*"))
+        return fail(p, "path glob '%s' must start with '/'", glob);
+    if (strlen(glob) >= sizeof r->glob)
+        return fail(p, "path glob too long");
+    snprintf(r->method, sizeof r->method, "%s", method);
+    snprintf(r->glob, sizeof r->glob, "%s", glob);
+    bool have_ttl = false;
+    for (char *opt = strtok_r(NULL, " \t", &save); opt; opt = strtok_r(NULL, " \t", &save)) {
+        char *eq = strchr(opt, '=');
+        if (!eq || eq == opt || !eq[1])
+            return fail(p, "option '%s': expected NAME=VALUE", opt);
+        *eq = 0;
+        char *val = eq + 1;
+        bool ok;
+        if (!strcmp(opt, "ttl")) {
+            r->ttl_ms = rules_parse_duration_ms(val, &ok);
+            if (!ok || r->ttl_ms <= 0)
+                return fail(p, "ttl '%s': expected a duration like 500ms, 30s, 10m, 1h, 1d", val);
+            have_ttl = true;
+        } else if (!strcmp(opt, "ignore_query")) {
+            if (parse_list(p, opt, val, r->ignore_query, &r->n_ignore_query))
+                return -1;
+        } else if (!strcmp(opt, "key_headers")) {
+            if (parse_list(p, opt, val, r->key_headers, &r->n_key_headers))
+                return -1;
+        } else if (!strcmp(opt, "status")) {
+            char tmp[RULES_MAX_LIST][64];
+            size_t n = 0;
+            if (parse_list(p, opt, val, tmp, &n))
+                return -1;
+            for (size_t i = 0; i < n; i++) {
+                char *end;
+                long code = strtol(tmp[i], &end, 10);
+                if (*end || code < 100 || code > 599)
+                    return fail(p, "status '%s' is not an HTTP status code", tmp[i]);
+                r->status[r->n_status++] = (int)code;
+            }
+        } else if (!strcmp(opt, "respect_cache_control")) {
+            if (!strcmp(val, "yes")) r->respect_cache_control = true;
+            else if (!strcmp(val, "no")) r->respect_cache_control = false;
+            else return fail(p, "respect_cache_control takes yes or no, not '%s'", val);
+        } else {
+            return fail(p, "unknown cache option '%s'", opt);
+        }
+    }
+    if (!have_ttl)
+        return fail(p, "cache rule needs ttl=DURATION");
+    if (r->n_status == 0)
+        r->status[r->n_status++] = 200;
+    u->n_cache_rules++;
+    return 0;
+}
+
+static int parse_global(struct parser *p, const char *key, const char *val, struct shim_config *cfg)
+{
+    bool ok = false;
+    if (!strcmp(key, "pool_max_per_host")) {
+        char *end;
+        long n = strtol(val, &end, 10);
+        if (*end || n < 1 || n > 1024)
+            return fail(p, "pool_max_per_host '%s': expected a number from 1 to 1024", val);
+        cfg->pool_max_per_host = (unsigned)n;
+        return 0;
+    }
+    if (!strcmp(key, "pool_idle_timeout") || !strcmp(key, "upstream_timeout")) {
+        int64_t ms = rules_parse_duration_ms(val, &ok);
+        if (!ok || ms <= 0)
+            return fail(p, "%s '%s': expected a duration like 500ms, 30s, 10m, 1h, 1d", key, val);
+        if (!strcmp(key, "pool_idle_timeout"))
+            cfg->pool_idle_timeout_ms = ms;
+        else
+            cfg->upstream_timeout_ms = ms;
+        return 0;
+    }
+    if (!strcmp(key, "cache")) {
+        if (!strcmp(val, "memory")) cfg->cache = CACHE_MEMORY;
+        else if (!strcmp(val, "off")) cfg->cache = CACHE_OFF;
+        else return fail(p, "cache '%s': expected memory or off", val);
+        return 0;
+    }
+    if (!strcmp(key, "memory_max") || !strcmp(key, "max_object")) {
+        int64_t b = rules_parse_size(val, &ok);
+        if (!ok || b <= 0)
+            return fail(p, "%s '%s': expected a size like 512KB, 64MB, 1GB", key, val);
+        if (!strcmp(key, "memory_max"))
+            cfg->memory_max = b;
+        else
+            cfg->max_object = b;
+        return 0;
+    }
+    return fail(p, "unknown setting '%s' in [global]", key);
+}
+
+int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX])
+{
+    memset(cfg, 0, sizeof *cfg);
+    snprintf(cfg->path, sizeof cfg->path, "%s", path);
+    cfg->pool_max_per_host = 16;
+    cfg->pool_idle_timeout_ms = 60000;
+    cfg->upstream_timeout_ms = 30000;
+    cfg->cache = CACHE_MEMORY;
+    cfg->memory_max = 64LL << 20;
+    cfg->max_object = 1LL << 20;
+    err[0] = 0;
+
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return -1;
+    struct parser p = { .path = path, .line = 0, .err = err };
+    enum { NONE, GLOBAL, UPSTREAM } section = NONE;
+    struct upstream_rule *u = NULL;
+    char line[4096];
+    int rc = 0;
+    while (fgets(line, sizeof line, f)) {
+        p.line++;
+        if (!strchr(line, '\n') && !feof(f)) {
+            rc = fail(&p, "line longer than %zu bytes", sizeof line - 2);
+            break;
+        }
+        strip_comment(line);
+        char *s = trim(line);
+        if (!*s)
+            continue;
+        if (*s == '[') {
+            char *close = strrchr(s, ']');
+            if (!close || close[1]) {
+                rc = fail(&p, "section header must end with ']'");
+                break;
+            }
+            *close = 0;
+            char *name = trim(s + 1);
+            if (!strcmp(name, "global")) {
+                section = GLOBAL;
+            } else if (!strncmp(name, "upstream", 8) && isspace((unsigned char)name[8])) {
+                if (cfg->n_upstreams == RULES_MAX_UPSTREAMS) {
+                    rc = fail(&p, "too many upstreams (max %d)", RULES_MAX_UPSTREAMS);
+                    break;
+                }
+                u = &cfg->upstreams[cfg->n_upstreams];
+                memset(u, 0, sizeof *u);
+                u->line = p.line;
+                if ((rc = parse_host_port(&p, trim(name + 8), u)))
+                    break;
+                for (size_t i = 0; i < cfg->n_upstreams; i++)
+                    if (!strcasecmp(cfg->upstreams[i].host, u->host) && cfg->upstreams[i].port == u->port) {
+                        rc = fail(&p, "upstream %s:%u is already defined at line %d", u->host, u->port,
+                                  cfg->upstreams[i].line);
+                        break;
+                    }
+                if (rc)
+                    break;
+                cfg->n_upstreams++;
+                section = UPSTREAM;
+            } else {
+                rc = fail(&p, "unknown section [%s] (expected [global] or [upstream HOST:PORT])", name);
+                break;
+            }
+            continue;
+        }
+        if (section == UPSTREAM && !strncmp(s, "cache", 5) && isspace((unsigned char)s[5])) {
+            if ((rc = parse_cache_rule(&p, s + 6, u)))
+                break;
+            continue;
+        }
+        char *eq = strchr(s, '=');
+        if (section == NONE) {
+            rc = fail(&p, "setting outside a section: put it under [global]");
+            break;
+        }
+        if (section == UPSTREAM || !eq) {
+            rc = fail(&p, section == UPSTREAM ? "expected: cache METHOD PATH-GLOB ttl=DURATION [options]"
+                                              : "expected: NAME = VALUE");
+            break;
+        }
+        *eq = 0;
+        char *key = trim(s), *val = trim(eq + 1);
+        if (!*key || !*val) {
+            rc = fail(&p, "expected: NAME = VALUE");
+            break;
+        }
+        if ((rc = parse_global(&p, key, val, cfg)))
+            break;
+    }
+    if (!rc && ferror(f)) {
+        snprintf(err, RULES_ERR_MAX, "%s: read error", path);
+        rc = -1;
+    }
+    fclose(f);
+    if (rc)
+        rules_free(cfg);
+    return rc;
+}
+
+void rules_free(struct shim_config *cfg)
+{
+    for (size_t i = 0; i < cfg->n_upstreams; i++) {
+        free(cfg->upstreams[i].cache_rules);
+        cfg->upstreams[i].cache_rules = NULL;
+        cfg->upstreams[i].n_cache_rules = 0;
+    }
+}
+
+static void add_addr_locked(struct upstream_rule *u, int family, const void *bytes)
+{
+    size_t n = family == AF_INET ? 4 : 16;
+    for (size_t i = 0; i < u->n_addrs; i++)
+        if (u->addrs[i].family == family && !memcmp(u->addrs[i].bytes, bytes, n))
+            return;
+    if (u->n_addrs == RULES_MAX_ADDRS)
+        return;                        /* documented cap: further addresses are not diverted */
+    u->addrs[u->n_addrs].family = family;
+    memset(u->addrs[u->n_addrs].bytes, 0, 16);
+    memcpy(u->addrs[u->n_addrs].bytes, bytes, n);
+    u->n_addrs++;
+}
+
+static void learn_from_addrinfo(struct upstream_rule *u, const struct addrinfo *res)
+{
+    for (const struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        if (ai->ai_family == AF_INET)
+            add_addr_locked(u, AF_INET, &((const struct sockaddr_in *)(const void *)ai->ai_addr)->sin_addr);
+        else if (ai->ai_family == AF_INET6)
+            add_addr_locked(u, AF_INET6, &((const struct sockaddr_in6 *)(const void *)ai->ai_addr)->sin6_addr);
+    }
+}
+
+void rules_resolve_all(struct shim_config *cfg, rules_resolver resolve)
+{
+    for (size_t i = 0; i < cfg->n_upstreams; i++) {
+        struct upstream_rule *u = &cfg->upstreams[i];
+        if (u->host_is_literal)
+            continue;
+        struct addrinfo hints = { .ai_socktype = SOCK_STREAM }, *res = NULL;
+        if (resolve(u->host, NULL, &hints, &res) != 0 || !res)
+            continue;                  /* learned later from the app's own lookups */
+        pthread_mutex_lock(&rules_addr_lock);
+        learn_from_addrinfo(u, res);
+        pthread_mutex_unlock(&rules_addr_lock);
+        freeaddrinfo(res);
+    }
+}
+
+bool rules_name_is_listed(const struct shim_config *cfg, const char *name)
+{
+    for (size_t i = 0; i < cfg->n_upstreams; i++)
+        if (!cfg->upstreams[i].host_is_literal && !strcasecmp(cfg->upstreams[i].host, name))
+            return true;
+    return false;
+}
+
+void rules_learn(struct shim_config *cfg, const char *name, int family, const void *bytes)
+{
+    pthread_mutex_lock(&rules_addr_lock);
+    for (size_t i = 0; i < cfg->n_upstreams; i++) {
+        struct upstream_rule *u = &cfg->upstreams[i];
+        if (!u->host_is_literal && !strcasecmp(u->host, name))
+            add_addr_locked(u, family, bytes);
+    }
+    pthread_mutex_unlock(&rules_addr_lock);
+}
+
+int rules_match_addr(struct shim_config *cfg, const struct sockaddr *sa, socklen_t len)
+{
+    struct rules_addr key;
+    uint16_t port;
+    if (sa->sa_family == AF_INET && len >= sizeof(struct sockaddr_in)) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)(const void *)sa;
+        key.family = AF_INET;
+        memcpy(key.bytes, &in->sin_addr, 4);
+        port = ntohs(in->sin_port);
+    } else if (sa->sa_family == AF_INET6 && len >= sizeof(struct sockaddr_in6)) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)(const void *)sa;
+        port = ntohs(in6->sin6_port);
+        if (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr)) {
+            key.family = AF_INET;
+            memcpy(key.bytes, in6->sin6_addr.s6_addr + 12, 4);
+        } else {
+            key.family = AF_INET6;
+            memcpy(key.bytes, &in6->sin6_addr, 16);
+        }
+    } else {
+        return -1;
+    }
+    size_t n = key.family == AF_INET ? 4 : 16;
+    int found = -1;
+    pthread_mutex_lock(&rules_addr_lock);
+    for (size_t i = 0; i < cfg->n_upstreams && found < 0; i++) {
+        const struct upstream_rule *u = &cfg->upstreams[i];
+        if (u->port != port)
+            continue;
+        for (size_t k = 0; k < u->n_addrs; k++)
+            if (u->addrs[k].family == key.family && !memcmp(u->addrs[k].bytes, key.bytes, n)) {
+                found = (int)i;
+                break;
+            }
+    }
+    pthread_mutex_unlock(&rules_addr_lock);
+    return found;
+}

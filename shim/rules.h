@@ -1,0 +1,74 @@
+/* rules.h — rules.conf: the parsed configuration and the upstream address table
+ * (owned by rules.c). Shared by the preload library and the httpshim CLI. */
+#ifndef HTTPSHIM_RULES_H
+#define HTTPSHIM_RULES_H
+#include <netdb.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#define RULES_MAX_UPSTREAMS     64
+#define RULES_MAX_CACHE_RULES   64
+#define RULES_MAX_ADDRS         32   /* per upstream: resolved at load + learned */
+#define RULES_MAX_LIST          16   /* ignore_query / key_headers / status entries */
+#define RULES_HOST_MAX          256
+#define RULES_ERR_MAX           512
+
+struct rules_addr { int family; uint8_t bytes[16]; };   /* AF_INET uses 4 bytes */
+
+struct cache_rule {
+    char method[16];
+    char glob[512];
+    int64_t ttl_ms;
+    size_t n_ignore_query, n_key_headers, n_status;
+    char ignore_query[RULES_MAX_LIST][64];
+    char key_headers[RULES_MAX_LIST][64];
+    int status[RULES_MAX_LIST];
+    bool respect_cache_control;
+    int line;
+};
+
+struct upstream_rule {
+    char host[RULES_HOST_MAX];     /* as written: a name or an IP literal */
+    uint16_t port;
+    bool host_is_literal;
+    int line;
+    size_t n_cache_rules;
+    struct cache_rule *cache_rules;   /* heap, n_cache_rules long; freed by rules_free */
+    size_t n_addrs;                /* guarded by rules_addr_lock in rules.c */
+    struct rules_addr addrs[RULES_MAX_ADDRS];
+};
+
+enum cache_backend { CACHE_OFF, CACHE_MEMORY };
+
+struct shim_config {
+    char path[4096];
+    unsigned pool_max_per_host;
+    int64_t pool_idle_timeout_ms;
+    int64_t upstream_timeout_ms;
+    enum cache_backend cache;
+    int64_t memory_max;
+    int64_t max_object;
+    size_t n_upstreams;
+    struct upstream_rule upstreams[RULES_MAX_UPSTREAMS];
+};
+
+typedef int (*rules_resolver)(const char *, const char *, const struct addrinfo *, struct addrinfo **);
+
+/* Parses `path` into `cfg` (defaults first). On error returns -1 and writes
+ * "FILE:LINE: what is wrong" into err. A missing file is -1 with errno ENOENT and err "". */
+int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX]);
+/* Resolves every upstream host name with `resolve` (the real getaddrinfo). */
+void rules_free(struct shim_config *cfg);
+void rules_resolve_all(struct shim_config *cfg, rules_resolver resolve);
+/* Index of the upstream whose host:port the address matches, or -1. IPv4-mapped IPv6
+ * addresses match their IPv4 form. */
+int rules_match_addr(struct shim_config *cfg, const struct sockaddr *sa, socklen_t len);
+/* The app resolved `name` to these addresses: remember them for every rule naming it. */
+void rules_learn(struct shim_config *cfg, const char *name, int family, const void *addr_bytes);
+bool rules_name_is_listed(const struct shim_config *cfg, const char *name);
+
+int64_t rules_parse_duration_ms(const char *s, bool *ok);
+int64_t rules_parse_size(const char *s, bool *ok);
+#endif

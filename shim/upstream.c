@@ -1,0 +1,437 @@
+/* upstream.c — owns the upstream side: one libcurl multi handle driven by the engine's
+ * epoll (CURLMOPT_SOCKETFUNCTION / TIMERFUNCTION), which keeps the pool of kept-alive
+ * upstream connections, caps them per host, ages idle ones out and queues the excess.
+ * Builds each upstream request from the app's (hop-by-hop headers dropped, libcurl's own
+ * additions suppressed, pinned to the address the app connected to), and frames the
+ * response back for the app's HTTP version, pausing libcurl when the app reads slowly. */
+#include "conn.h"
+#include <arpa/inet.h>
+#include <curl/curl.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+enum body_mode { BODY_NONE, BODY_RAW, BODY_CHUNKED };
+
+struct transfer {
+    CURL *easy;
+    struct conn *conn;
+    struct curl_slist *headers, *connect_to;
+    struct buf head;                /* the response head, rewritten for the app */
+    int status;
+    int64_t content_length;         /* -1 when the upstream sent none */
+    bool upstream_chunked;
+    bool head_done, head_sent, paused, must_close;
+    enum body_mode mode;
+};
+
+struct curl_sock { struct ev_tag tag; int fd; uint32_t events; };
+
+static CURLM *multi;
+static CURLM *orphaned_multi;       /* a forked child's copy of the parent's: never used */
+static char scratch[HEAD_MAX + 512];
+
+/* ---- libcurl <-> epoll ---- */
+
+static int on_curl_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
+{
+    (void)easy;
+    (void)userp;
+    struct curl_sock *cs = socketp;
+    if (what == CURL_POLL_REMOVE) {
+        if (cs) {
+            engine_unwatch(s);
+            curl_multi_assign(multi, s, NULL);
+            free(cs);
+        }
+        return 0;
+    }
+    uint32_t events = ((what & CURL_POLL_IN) ? EPOLLIN : 0) | ((what & CURL_POLL_OUT) ? EPOLLOUT : 0);
+    if (!cs) {
+        cs = calloc(1, sizeof *cs);
+        if (!cs)
+            return -1;
+        cs->tag.kind = EV_CURL;
+        cs->fd = s;
+        cs->events = events;
+        if (engine_watch(s, events, cs, true) != 0) {
+            free(cs);
+            return -1;
+        }
+        curl_multi_assign(multi, s, cs);
+    } else if (cs->events != events) {
+        cs->events = events;
+        engine_watch(s, events, cs, false);
+    }
+    return 0;
+}
+
+static int on_curl_timer(CURLM *m, long timeout_ms, void *userp)
+{
+    (void)m;
+    (void)userp;
+    return engine_timer_arm(timeout_ms) == 0 ? 0 : -1;
+}
+
+void upstream_on_socket(void *tag, uint32_t events)
+{
+    struct curl_sock *cs = tag;
+    int flags = ((events & EPOLLIN) ? CURL_CSELECT_IN : 0) | ((events & EPOLLOUT) ? CURL_CSELECT_OUT : 0)
+              | ((events & (EPOLLERR | EPOLLHUP)) ? CURL_CSELECT_ERR : 0);
+    int running;
+    curl_multi_socket_action(multi, cs->fd, flags, &running);
+}
+
+void upstream_on_timer(void)
+{
+    int running;
+    curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &running);
+}
+
+static curl_socket_t open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *addr)
+{
+    (void)clientp;
+    (void)purpose;
+    int fd = socket(addr->family, addr->socktype | SOCK_CLOEXEC, addr->protocol);
+    if (fd < 0)
+        return CURL_SOCKET_BAD;
+    fdtable_mark_engine(fd);
+    return fd;
+}
+
+static int close_socket(void *clientp, curl_socket_t fd)
+{
+    (void)clientp;
+    fdtable_clear(fd);
+    return shim_real.close(fd);
+}
+
+int upstream_init(const struct shim_config *cfg)
+{
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+        return -1;
+    multi = curl_multi_init();
+    if (!multi)
+        return -1;
+    curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, on_curl_socket);
+    curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, on_curl_timer);
+    curl_multi_setopt(multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)cfg->pool_max_per_host);
+    curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, (long)(cfg->pool_max_per_host * (cfg->n_upstreams + 1)));
+    return 0;
+}
+
+void upstream_forget(void)
+{
+    orphaned_multi = multi;
+    multi = NULL;
+}
+
+/* ---- response framing ---- */
+
+static size_t on_header(char *p, size_t size, size_t n, void *userdata)
+{
+    struct transfer *t = userdata;
+    struct conn *c = t->conn;
+    size_t len = size * n;
+    if (t->head_done)
+        return len;                    /* trailers: not relayed */
+    size_t l = len;
+    while (l && (p[l - 1] == '\r' || p[l - 1] == '\n'))
+        l--;
+    if (len >= 5 && !memcmp(p, "HTTP/", 5)) {
+        const char *sp = memchr(p, ' ', l);
+        if (!sp || l - (size_t)(sp - p) < 4)
+            return 0;
+        t->status = atoi(sp + 1);
+        t->content_length = -1;
+        t->upstream_chunked = false;
+        t->head.start = t->head.end = 0;
+        int k = snprintf(scratch, sizeof scratch, "HTTP/1.%d%.*s\r\n", c->req_minor, (int)(l - (size_t)(sp - p)), sp);
+        return (k > 0 && (size_t)k < sizeof scratch && buf_append(&t->head, scratch, (size_t)k) == 0) ? len : 0;
+    }
+    if (l == 0) {                      /* end of a head */
+        if (t->status / 100 == 1) {
+            t->status = 0;             /* interim response: libcurl handles it */
+            return len;
+        }
+        bool no_body = c->req_is_head || t->status == 204 || t->status == 304;
+        bool keep = c->req_keep_alive;
+        char extra[160];
+        size_t e = 0;
+        if (no_body) {
+            t->mode = BODY_NONE;
+            if (t->content_length >= 0)
+                e += (size_t)snprintf(extra + e, sizeof extra - e, "Content-Length: %lld\r\n", (long long)t->content_length);
+        } else if (t->content_length >= 0 && !t->upstream_chunked) {
+            t->mode = BODY_RAW;
+            e += (size_t)snprintf(extra + e, sizeof extra - e, "Content-Length: %lld\r\n", (long long)t->content_length);
+        } else if (c->req_minor >= 1) {
+            t->mode = BODY_CHUNKED;
+            e += (size_t)snprintf(extra + e, sizeof extra - e, "Transfer-Encoding: chunked\r\n");
+        } else {
+            t->mode = BODY_RAW;        /* an HTTP/1.0 app: the close delimits the body */
+            keep = false;
+        }
+        if (c->req_minor >= 1 && !keep)
+            e += (size_t)snprintf(extra + e, sizeof extra - e, "Connection: close\r\n");
+        else if (c->req_minor == 0)
+            e += (size_t)snprintf(extra + e, sizeof extra - e, keep ? "Connection: keep-alive\r\n" : "Connection: close\r\n");
+        e += (size_t)snprintf(extra + e, sizeof extra - e, "\r\n");
+        t->must_close = !keep;
+        t->head_done = true;
+        return buf_append(&t->head, extra, e) == 0 ? len : 0;
+    }
+    if (!t->status)
+        return 0;
+    const char *colon = memchr(p, ':', l);
+    if (!colon)
+        return 0;
+    struct http_slice name = { p, (size_t)(colon - p) };
+    const char *v = colon + 1;
+    while (v < p + l && (*v == ' ' || *v == '\t'))
+        v++;
+    struct http_slice value = { v, (size_t)(p + l - v) };
+    if (http_slice_ieq(name, "content-length")) {
+        t->content_length = strtoll(v, NULL, 10);
+        return len;                    /* re-emitted once framing is decided */
+    }
+    if (http_slice_ieq(name, "transfer-encoding")) {
+        t->upstream_chunked = http_list_has_token(value, "chunked");
+        return len;
+    }
+    if (http_is_hop_by_hop(name))
+        return len;
+    if (buf_append(&t->head, p, l) != 0 || buf_append(&t->head, "\r\n", 2) != 0)
+        return 0;                      /* response head over RESP_HEAD_MAX */
+    return len;
+}
+
+static int send_head(struct transfer *t)
+{
+    if (t->head_sent)
+        return 0;
+    if (buf_append(&t->conn->out, buf_head(&t->head), buf_len(&t->head)) != 0)
+        return -1;
+    t->head_sent = true;
+    buf_free(&t->head);
+    return 0;
+}
+
+static size_t on_body(char *p, size_t size, size_t n, void *userdata)
+{
+    struct transfer *t = userdata;
+    struct conn *c = t->conn;
+    size_t len = size * n;
+    if (!t->head_done || c->app_gone)
+        return 0;
+    if (t->mode == BODY_NONE || len == 0)
+        return len;
+    size_t need = len + (t->mode == BODY_CHUNKED ? 32 : 0) + (t->head_sent ? 0 : buf_len(&t->head));
+    if (buf_len(&c->out) && buf_len(&c->out) + need > OUT_SOFT) {
+        t->paused = true;
+        return CURL_WRITEFUNC_PAUSE;
+    }
+    if (buf_make_room(&c->out, need) < need || send_head(t) != 0)
+        return 0;
+    if (t->mode == BODY_CHUNKED) {
+        char hdr[24];
+        int k = snprintf(hdr, sizeof hdr, "%zx\r\n", len);
+        buf_append(&c->out, hdr, (size_t)k);
+    }
+    buf_append(&c->out, p, len);
+    if (t->mode == BODY_CHUNKED)
+        buf_append(&c->out, "\r\n", 2);
+    return conn_flush(c) == 0 ? len : 0;
+}
+
+/* ---- requests ---- */
+
+static int add_header(struct transfer *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int add_header(struct transfer *t, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int k = vsnprintf(scratch, sizeof scratch, fmt, ap);
+    va_end(ap);
+    if (k < 0 || (size_t)k >= sizeof scratch)
+        return -1;
+    struct curl_slist *l = curl_slist_append(t->headers, scratch);
+    if (!l)
+        return -1;
+    t->headers = l;
+    return 0;
+}
+
+static bool named_in_connection(const struct http_request *req, struct http_slice name)
+{
+    for (size_t i = 0; i < req->nheaders; i++)
+        if (http_slice_ieq(req->headers[i].name, "connection")) {
+            char tok[64];
+            if (name.n >= sizeof tok)
+                return false;
+            memcpy(tok, name.p, name.n);
+            tok[name.n] = 0;
+            if (http_list_has_token(req->headers[i].value, tok))
+                return true;
+        }
+    return false;
+}
+
+static int format_addr(char *out, size_t n, const union shim_sockaddr *a, uint16_t *port)
+{
+    char ip[INET6_ADDRSTRLEN];
+    if (a->sa.sa_family == AF_INET) {
+        inet_ntop(AF_INET, &a->in.sin_addr, ip, sizeof ip);
+        *port = ntohs(a->in.sin_port);
+        return snprintf(out, n, "%s", ip);
+    }
+    if (IN6_IS_ADDR_V4MAPPED(&a->in6.sin6_addr))
+        inet_ntop(AF_INET, a->in6.sin6_addr.s6_addr + 12, ip, sizeof ip);
+    else
+        inet_ntop(AF_INET6, &a->in6.sin6_addr, ip, sizeof ip);
+    *port = ntohs(a->in6.sin6_port);
+    return snprintf(out, n, strchr(ip, ':') ? "[%s]" : "%s", ip);
+}
+
+static int build(struct transfer *t, const struct http_request *req, const char *body, size_t body_len)
+{
+    struct conn *c = t->conn;
+    const struct shim_config *cfg = engine_config();
+    const struct upstream_rule *u = &cfg->upstreams[c->upstream];
+    CURL *e = t->easy;
+    bool v6 = strchr(u->host, ':') != NULL;
+    char dest[INET6_ADDRSTRLEN + 2];
+    uint16_t dport;
+    format_addr(dest, sizeof dest, &c->dest, &dport);
+
+    snprintf(scratch, sizeof scratch, v6 ? "http://[%s]:%u/" : "http://%s:%u/", u->host, u->port);
+    curl_easy_setopt(e, CURLOPT_URL, scratch);
+    snprintf(scratch, sizeof scratch, v6 ? "[%s]:%u:%s:%u" : "%s:%u:%s:%u", u->host, u->port, dest, dport);
+    t->connect_to = curl_slist_append(NULL, scratch);
+    if (!t->connect_to)
+        return -1;
+    curl_easy_setopt(e, CURLOPT_CONNECT_TO, t->connect_to);
+    snprintf(scratch, sizeof scratch, "%.*s", (int)req->target.n, req->target.p);
+    curl_easy_setopt(e, CURLOPT_REQUEST_TARGET, scratch);
+
+    bool has_accept = false, has_type = false;
+    for (size_t i = 0; i < req->nheaders; i++) {
+        struct http_slice n = req->headers[i].name, v = req->headers[i].value;
+        if (http_is_hop_by_hop(n) || http_slice_ieq(n, "content-length") || http_slice_ieq(n, "expect")
+            || named_in_connection(req, n))
+            continue;
+        has_accept |= http_slice_ieq(n, "accept");
+        has_type |= http_slice_ieq(n, "content-type");
+        /* "Name;" is libcurl's spelling of a header with an empty value */
+        int rc = v.n ? add_header(t, "%.*s: %.*s", (int)n.n, n.p, (int)v.n, v.p) : add_header(t, "%.*s;", (int)n.n, n.p);
+        if (rc)
+            return -1;
+    }
+    if ((!has_accept && add_header(t, "Accept:")) || add_header(t, "Expect:")
+        || (!req->has_host && add_header(t, "Host:")) || (!has_type && add_header(t, "Content-Type:")))
+        return -1;
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, t->headers);
+
+    if (http_method_is(req, "HEAD")) {
+        curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
+    } else if (http_method_is(req, "GET") && req->content_length < 0) {
+        curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
+    } else {
+        snprintf(scratch, sizeof scratch, "%.*s", (int)req->method.n, req->method.p);
+        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, scratch);
+        if (req->content_length >= 0) {
+            curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
+            curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, body_len ? body : "");
+        }
+    }
+    curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_PROXY, "");
+    curl_easy_setopt(e, CURLOPT_PATH_AS_IS, 1L);
+    curl_easy_setopt(e, CURLOPT_HTTP_CONTENT_DECODING, 0L);
+    curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)cfg->upstream_timeout_ms);
+    long secs = (long)((cfg->upstream_timeout_ms + 999) / 1000);
+    curl_easy_setopt(e, CURLOPT_LOW_SPEED_LIMIT, 1L);
+    curl_easy_setopt(e, CURLOPT_LOW_SPEED_TIME, secs);
+    curl_easy_setopt(e, CURLOPT_MAXAGE_CONN, (long)((cfg->pool_idle_timeout_ms + 999) / 1000));
+    curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, open_socket);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, close_socket);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, t);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, t);
+    curl_easy_setopt(e, CURLOPT_PRIVATE, t);
+    return 0;
+}
+
+static void transfer_free(struct transfer *t)
+{
+    if (t->easy)
+        curl_easy_cleanup(t->easy);
+    curl_slist_free_all(t->headers);
+    curl_slist_free_all(t->connect_to);
+    buf_free(&t->head);
+    free(t);
+}
+
+int upstream_start(struct conn *c, const struct http_request *req, const char *body, size_t body_len)
+{
+    struct transfer *t = calloc(1, sizeof *t);
+    if (!t)
+        return -1;
+    t->conn = c;
+    t->head.cap = RESP_HEAD_MAX;
+    t->content_length = -1;
+    t->easy = curl_easy_init();
+    if (!t->easy || build(t, req, body, body_len) != 0 || curl_multi_add_handle(multi, t->easy) != CURLM_OK) {
+        transfer_free(t);
+        return -1;
+    }
+    c->xfer = t;
+    return 0;
+}
+
+void upstream_abort(struct conn *c)
+{
+    struct transfer *t = c->xfer;
+    c->xfer = NULL;
+    curl_multi_remove_handle(multi, t->easy);
+    transfer_free(t);
+}
+
+void upstream_resume(struct conn *c)
+{
+    struct transfer *t = c->xfer;
+    if (t && t->paused) {
+        t->paused = false;
+        curl_easy_pause(t->easy, CURLPAUSE_CONT);
+    }
+}
+
+void upstream_reap(void)
+{
+    CURLMsg *msg;
+    int left;
+    while ((msg = curl_multi_info_read(multi, &left))) {
+        if (msg->msg != CURLMSG_DONE)
+            continue;
+        struct transfer *t = NULL;
+        curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&t);
+        CURLcode result = msg->data.result;
+        struct conn *c = t->conn;
+        bool ok = result == CURLE_OK && t->head_done;
+        if (ok && (send_head(t) != 0 || (t->mode == BODY_CHUNKED && buf_append(&c->out, "0\r\n\r\n", 5) != 0)))
+            ok = false;
+        if (!ok)
+            shim_debug("fd %d: upstream exchange failed: %s", c->fd, curl_easy_strerror(result));
+        bool must_close = t->must_close;
+        c->xfer = NULL;
+        curl_multi_remove_handle(multi, t->easy);
+        transfer_free(t);
+        conn_exchange_done(c, ok, must_close);
+    }
+}

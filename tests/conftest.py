@@ -1,0 +1,333 @@
+"""Fixtures and helpers for the httpshim real-client suite.
+
+Run:  /usr/bin/python3 -m pytest -q -p no:cacheprovider tests
+
+- The tree is built once per session with `make -C ROOT`; a failed build makes every
+  test that needs the library (or build/epollclient) fail with make's output.
+- `upstream` (per test, fresh counters) is a tests/upstream.py process started once per
+  module; `Upstream.stats()` reads its control port.
+- `run(cmd, shim=..., conf=..., timeout=...)` runs a client, returns (rc, stdout, stderr)
+  with `.timed_out`; a process still running at the timeout is killed by its process
+  group id (it was started in its own session) and rc is None.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(os.path.abspath(__file__)).parent.parent
+TESTS = ROOT / "tests"
+BUILD = ROOT / "build"
+LIB = BUILD / "libhttpshim.so"
+EPOLLCLIENT = BUILD / "epollclient"
+PYCLIENTS = TESTS / "pyclients"
+UPSTREAM_PY = TESTS / "upstream.py"
+SYS_PY = "/usr/bin/python3"
+
+sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(PYCLIENTS))
+
+DEFAULT_TEST_TIMEOUT = 240
+
+# Variables that would change how clients behave; never inherited by a client.
+_SCRUB = ("LD_PRELOAD", "HTTPSHIM_CONF", "HTTPSHIM_DEBUG", "http_proxy", "HTTP_PROXY",
+          "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY",
+          "CURL_HOME", "WGETRC", "PYTHONSTARTUP", "PYTHONPATH")
+
+
+def _real_python(cmd):
+    try:
+        out = subprocess.run([cmd, "-c", "import sys; print(sys.executable)"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             timeout=60, check=True).stdout.decode().strip()
+        return out or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _pythons():
+    """/usr/bin/python3 and the `python3` first on PATH (pyenv), resolved to the real
+    interpreter binary (not a pyenv shell shim), deduplicated."""
+    found = [SYS_PY]
+    other = shutil.which("python3")
+    if other:
+        real = _real_python(other)
+        if real and os.path.realpath(real) != os.path.realpath(SYS_PY):
+            found.append(real)
+    return found
+
+
+PYTHONS = _pythons()
+
+
+# ------------------------------------------------------------------------ build
+_BUILD = {}
+
+
+def build_once():
+    if "rc" not in _BUILD:
+        try:
+            p = subprocess.run(["make", "-C", str(ROOT)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, timeout=900)
+            _BUILD["rc"] = p.returncode
+            _BUILD["out"] = p.stdout.decode(errors="replace")
+        except subprocess.TimeoutExpired as e:
+            _BUILD["rc"] = "timeout"
+            _BUILD["out"] = (e.stdout or b"").decode(errors="replace")
+    return _BUILD
+
+
+def require_build(artifact=LIB):
+    b = build_once()
+    if b["rc"] != 0 or not Path(artifact).exists():
+        pytest.fail("`make -C %s` failed (rc=%s) or %s missing:\n%s"
+                    % (ROOT, b["rc"], artifact, b["out"][-6000:]), pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def build():
+    """Build once per session, before any test."""
+    b = build_once()
+    if b["rc"] != 0:
+        sys.stderr.write("\n*** make -C %s FAILED (rc=%s):\n%s\n"
+                         % (ROOT, b["rc"], b["out"][-4000:]))
+    return b
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(DEFAULT_TEST_TIMEOUT))
+
+
+# ------------------------------------------------------------------------ running
+class Result(tuple):
+    """(rc, stdout, stderr) plus .timed_out; rc is None after a timeout."""
+
+    def __new__(cls, rc, out, err, timed_out=False, cmd=None):
+        self = tuple.__new__(cls, (rc, out, err))
+        self.timed_out = timed_out
+        self.cmd = cmd
+        return self
+
+    rc = property(lambda self: self[0])
+    out = property(lambda self: self[1])
+    err = property(lambda self: self[2])
+
+    def describe(self):
+        return "cmd=%s\nrc=%s timed_out=%s\nstdout=%r\nstderr=%r" % (
+            " ".join(map(str, self.cmd or []))[:600], self[0], self.timed_out,
+            self[1][-1500:], self[2][-3000:])
+
+
+def client_env(shim, conf=None, extra=None):
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    if shim:
+        require_build()
+        assert conf is not None, "a shimmed run needs a rules file path"
+        env["LD_PRELOAD"] = str(LIB)
+        env["HTTPSHIM_CONF"] = str(conf)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run(cmd, shim=True, conf=None, timeout=60, env=None, input=None, cwd=None):
+    """Run `cmd` (list) with or without the shim; returns Result(rc, out, err)."""
+    cmd = [str(c) for c in cmd]
+    e = client_env(shim, conf, env)
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e,
+                         cwd=str(cwd) if cwd else None, start_new_session=True)
+    try:
+        out, err = p.communicate(input=input, timeout=timeout)
+        return Result(p.returncode, out, err, cmd=cmd)
+    except subprocess.TimeoutExpired:
+        kill_group(p.pid)
+        try:
+            out, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = b"", b""
+        return Result(None, out, err, timed_out=True, cmd=cmd)
+    finally:
+        if p.poll() is None:
+            kill_group(p.pid)
+            p.wait(timeout=30)
+        # Children a client left behind in its session (process group == its pid).
+        kill_group(p.pid, quiet=True)
+
+
+def kill_group(pgid, quiet=False):
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        if not quiet:
+            pass
+
+
+def pyclient(name):
+    return str(PYCLIENTS / name)
+
+
+def jlines(out):
+    """Parse JSON lines from a client's stdout."""
+    res = []
+    for line in out.decode(errors="replace").splitlines():
+        line = line.strip()
+        if line.startswith("{") or line.startswith("["):
+            res.append(json.loads(line))
+    return res
+
+
+# ------------------------------------------------------------------------ rules
+def write_rules(directory, upstreams, pool_max=4, idle="60s", timeout="5s",
+                extra_global="", name="rules.conf", raw=None):
+    """Write a rules file; `upstreams` are ints (127.0.0.1:PORT) or 'host:port'."""
+    path = Path(directory) / name
+    if raw is not None:
+        path.write_text(raw)
+        return str(path)
+    lines = ["# written by tests/conftest.py", "[global]",
+             "pool_max_per_host = %d" % pool_max,
+             "pool_idle_timeout = %s" % idle,
+             "upstream_timeout  = %s" % timeout]
+    if extra_global:
+        lines.append(extra_global)
+    for u in upstreams:
+        hp = "127.0.0.1:%d" % u if isinstance(u, int) else u
+        lines += ["", "[upstream %s]" % hp]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def free_port(host="127.0.0.1"):
+    """A port nothing listens on (bound then released; nothing else here binds it)."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.bind((host, 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+# ------------------------------------------------------------------------ upstream
+class Upstream(object):
+    def __init__(self, workdir, python=SYS_PY, host="127.0.0.1"):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.host = host
+        pf = self.workdir / "port"
+        cf = self.workdir / "cport"
+        for f in (pf, cf):
+            if f.exists():
+                f.unlink()
+        self.log = open(self.workdir / "upstream.log", "wb")
+        env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+        self.proc = subprocess.Popen(
+            [python, str(UPSTREAM_PY), "--port-file", str(pf),
+             "--control-port-file", str(cf), "--host", host],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+            env=env, start_new_session=True)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if pf.exists() and cf.exists():
+                break
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        if not (pf.exists() and cf.exists()):
+            self.stop()
+            raise RuntimeError("upstream did not start: %s"
+                               % (self.workdir / "upstream.log").read_text()[-2000:])
+        self.port = int(pf.read_text())
+        self.cport = int(cf.read_text())
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def url(self, path="/"):
+        h = "[%s]" % self.host if ":" in self.host else self.host
+        return "http://%s:%d%s" % (h, self.port, path)
+
+    def _control(self, method, path):
+        req = urllib.request.Request("http://127.0.0.1:%d%s" % (self.cport, path),
+                                     method=method, data=b"" if method == "POST" else None)
+        with self._opener.open(req, timeout=30) as r:
+            return json.loads(r.read().decode())
+
+    def stats(self):
+        return self._control("GET", "/stats")
+
+    def reset(self):
+        assert self.proc.poll() is None, "upstream died: %s" % (
+            (self.workdir / "upstream.log").read_text()[-2000:])
+        return self._control("POST", "/reset")
+
+    def summary(self, st=None):
+        st = st or self.stats()
+        return {k: st[k] for k in ("connections", "open", "peak", "requests")}
+
+    def stop(self):
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                kill_group(self.proc.pid)
+                self.proc.wait(timeout=15)
+        kill_group(self.proc.pid, quiet=True)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def upstream_server(tmp_path_factory):
+    u = Upstream(tmp_path_factory.mktemp("upstream"))
+    yield u
+    u.stop()
+
+
+@pytest.fixture
+def upstream(upstream_server):
+    upstream_server.reset()
+    return upstream_server
+
+
+@pytest.fixture
+def rules(tmp_path, upstream):
+    """A rules file listing the test upstream, pool_max_per_host = 4."""
+    return write_rules(tmp_path, [upstream.port])
+
+
+@pytest.fixture
+def lib():
+    require_build()
+    return str(LIB)
+
+
+@pytest.fixture
+def epollclient():
+    require_build(EPOLLCLIENT)
+    return str(EPOLLCLIENT)
+
+
+def hop_by_hop(name):
+    n = name.lower()
+    return n in ("connection", "keep-alive", "te", "trailer", "upgrade",
+                 "transfer-encoding") or n.startswith("proxy-")
+
+
+ENGINE_RE = re.compile(r"^httpshim$")

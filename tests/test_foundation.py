@@ -1,0 +1,938 @@
+"""Real-client acceptance tests for httpshim (foundation: diversion, pooling, relay,
+tunnel, failure policy, rules loading).
+
+Every comparison runs the same client twice, directly and with
+LD_PRELOAD=build/libhttpshim.so, against tests/upstream.py on loopback.
+"""
+
+import json
+import os
+import random
+import re
+import struct
+from pathlib import Path
+
+import pytest
+
+from conftest import (EPOLLCLIENT, LIB, PYTHONS, SYS_PY, Upstream, free_port,
+                      hop_by_hop, jlines, pyclient, require_build, run, write_rules)
+from upstream import pattern
+from rawclient import parse_responses
+
+CURL = ["curl", "-s", "-S", "--max-time", "20"]
+WGET = ["wget", "-q", "--tries=1", "--timeout=20", "-O", "-"]
+
+# client ids: curl, wget, urllib with each python, requests, epollclient
+URLLIB_IDS = ["urllib-system"] + (["urllib-path"] if len(PYTHONS) > 1 else [])
+CLIENTS = ["curl", "wget"] + URLLIB_IDS + ["requests", "epollclient"]
+
+
+def py_for(client):
+    return PYTHONS[1] if client == "urllib-path" else SYS_PY
+
+
+def engine_of(res):
+    """The `engine` flag printed by a python client, or None."""
+    for d in jlines(res.out):
+        if "engine" in d:
+            return d["engine"]
+    return None
+
+
+# ------------------------------------------------------------------ client drivers
+def fetch_bodies(client, up, paths, shim, conf, tmp, headers=(), tag=""):
+    """Fetch each path once with `client`; returns ({path: bytes|None}, [Result])."""
+    d = Path(tmp) / ("%s-%s-%s" % (client, "shim" if shim else "direct", tag))
+    d.mkdir(parents=True, exist_ok=True)
+    bodies, results = {}, []
+    if client == "curl":
+        cmd = list(CURL)
+        for h in headers:
+            cmd += ["-H", h]
+        for i, p in enumerate(paths):
+            cmd += ["-o", str(d / str(i)), up.url(p)]
+        r = run(cmd, shim=shim, conf=conf, timeout=60 + 20 * len(paths))
+        results.append(r)
+        for i, p in enumerate(paths):
+            f = d / str(i)
+            bodies[p] = f.read_bytes() if f.exists() else None
+    elif client == "wget":
+        for p in paths:
+            cmd = list(WGET) + ["--header=%s" % h for h in headers] + [up.url(p)]
+            r = run(cmd, shim=shim, conf=conf, timeout=60)
+            results.append(r)
+            bodies[p] = r.out if r.rc == 0 else None
+    elif client == "epollclient":
+        require_build(EPOLLCLIENT)
+        for p in paths:
+            cmd = [EPOLLCLIENT, "--host", "127.0.0.1", "--port", up.port, "--path", p,
+                   "--timeout", "20000", "--out", "-"]
+            for h in headers:
+                cmd += ["--header", h]
+            r = run(cmd, shim=shim, conf=conf, timeout=60)
+            results.append(r)
+            bodies[p] = r.out if r.rc == 0 else None
+    else:
+        lib = "requests" if client == "requests" else "urllib"
+        cmd = [py_for(client), pyclient("fetch.py"), "--lib", lib, "--timeout", "20",
+               "--save-dir", d]
+        for h in headers:
+            cmd += ["--header", h]
+        cmd += [up.url(p) for p in paths]
+        r = run(cmd, shim=shim, conf=conf, timeout=60 + 20 * len(paths))
+        results.append(r)
+        recs = [x for x in jlines(r.out) if "url" in x]
+        for i, p in enumerate(paths):
+            f = d / str(i)
+            ok = i < len(recs) and recs[i]["error"] is None
+            bodies[p] = f.read_bytes() if ok and f.exists() else None
+    return bodies, results
+
+
+def describe(results):
+    return "\n---\n".join(r.describe() for r in results)
+
+
+BODY_PATHS = ["/bytes/0", "/bytes/1", "/bytes/100000", "/bytes/3000000",
+              "/chunked/0", "/chunked/1", "/chunked/100000", "/chunked/3000000",
+              "/close/1", "/close/100000", "/http10/0", "/http10/100000",
+              "/delay/50/bytes/777"]
+
+
+def expected_body(path):
+    return pattern(int(path.rsplit("/", 1)[1]))
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_body_identical_with_and_without_shim(client, upstream, rules, tmp_path):
+    direct, rd = fetch_bodies(client, upstream, BODY_PATHS, False, None, tmp_path)
+    bad = [p for p in BODY_PATHS if direct[p] != expected_body(p)]
+    assert not bad, "direct run (no shim) already wrong for %s:\n%s" % (bad, describe(rd))
+    shimmed, rs = fetch_bodies(client, upstream, BODY_PATHS, True, rules, tmp_path)
+    bad = ["%s: got %s bytes, want %d" % (p, None if shimmed[p] is None else len(shimmed[p]),
+                                          len(direct[p]))
+           for p in BODY_PATHS if shimmed[p] != direct[p]]
+    assert not bad, "bodies differ through the shim:\n%s\n%s" % ("\n".join(bad),
+                                                                 describe(rs))
+    if client.startswith("urllib") or client == "requests":
+        assert engine_of(rs[0]) is True, "python client was not diverted (no httpshim " \
+            "thread):\n" + describe(rs)
+
+
+# ------------------------------------------------------------------ pooling
+N_POOL = 200
+
+
+def many_connections(client, up, shim, conf, tmp):
+    """N_POOL sequential requests, one client connection each (Connection: close).
+    Returns (ok, detail)."""
+    sizes = list(range(1, N_POOL + 1))
+    d = Path(tmp) / ("many-%s-%s" % (client, shim))
+    d.mkdir(parents=True, exist_ok=True)
+    if client == "curl":
+        cmd = list(CURL) + ["-H", "Connection: close", "-o", str(d / "#1"),
+                            up.url("/bytes/[1-%d]" % N_POOL)]
+        r = run(cmd, shim=shim, conf=conf, timeout=240)
+        bad = [n for n in sizes
+               if not (d / str(n)).exists() or (d / str(n)).read_bytes() != pattern(n)]
+        return r.rc == 0 and not bad, "bad sizes %s\n%s" % (bad[:10], r.describe())
+    if client == "wget":
+        cmd = list(WGET) + ["--header=Connection: close"] + \
+            [up.url("/bytes/%d" % n) for n in sizes]
+        r = run(cmd, shim=shim, conf=conf, timeout=240)
+        want = b"".join(pattern(n) for n in sizes)
+        return r.rc == 0 and r.out == want, "got %d bytes want %d\n%s" % (
+            len(r.out), len(want), r.describe())
+    if client == "epollclient":
+        require_build(EPOLLCLIENT)
+        cmd = [EPOLLCLIENT, "--port", up.port, "--path", "/bytes/1000", "--count", N_POOL,
+               "--conn-per-request", "--timeout", "20000", "--out", "-"]
+        r = run(cmd, shim=shim, conf=conf, timeout=240)
+        return r.rc == 0 and r.out == pattern(1000) * N_POOL, r.describe()
+    lib = "requests" if client == "requests" else "urllib"
+    cmd = [py_for(client), pyclient("fetch.py"), "--lib", lib, "--timeout", "20",
+           "--header", "Connection: close", "--stop-on-error"] + \
+        [up.url("/bytes/%d" % n) for n in sizes]
+    r = run(cmd, shim=shim, conf=conf, timeout=240)
+    recs = [x for x in jlines(r.out) if "url" in x]
+    import hashlib
+    bad = [x for x, n in zip(recs, sizes)
+           if x["error"] or x["sha256"] != hashlib.sha256(pattern(n)).hexdigest()]
+    ok = r.rc == 0 and len(recs) == N_POOL and not bad
+    if shim and engine_of(r) is not True:
+        ok = False
+    return ok, "bad: %s\n%s" % (bad[:3], r.describe())
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("client", CLIENTS)
+def test_pool_caps_upstream_connections(client, upstream, rules, tmp_path):
+    ok, detail = many_connections(client, upstream, False, None, tmp_path)
+    st = upstream.summary()
+    assert ok, "direct run failed: " + detail
+    assert st["connections"] == N_POOL and st["requests"] == N_POOL, \
+        "direct run should open one upstream connection per request: %s" % st
+    upstream.reset()
+    ok, detail = many_connections(client, upstream, True, rules, tmp_path)
+    st = upstream.summary()
+    assert ok, "shimmed run failed: %s\nupstream: %s" % (detail, st)
+    assert st["requests"] == N_POOL, "upstream saw %s" % st
+    assert st["connections"] <= 4, \
+        "pool_max_per_host = 4 but the upstream saw %s" % st
+
+
+# ------------------------------------------------------------------ epollclient
+def epoll(up, *args, timeout=120):
+    return [EPOLLCLIENT, "--host", "127.0.0.1", "--port", up.port, "--timeout", "20000"] + \
+        [str(a) for a in args]
+
+
+@pytest.mark.parametrize("register", ["before", "after"])
+@pytest.mark.parametrize("mode", ["--conn-per-request", "--keepalive"])
+def test_epollclient_register(register, mode, upstream, rules, epollclient):
+    cmd = epoll(upstream, "--register", register, mode, "--count", 20,
+                "--path", "/bytes/5000", "--out", "-")
+    d = run(cmd, shim=False)
+    assert d.rc == 0 and d.out == pattern(5000) * 20, d.describe()
+    upstream.reset()
+    s = run(cmd, shim=True, conf=rules)
+    st = upstream.summary()
+    assert s.rc == 0, "%s\nupstream %s" % (s.describe(), st)
+    assert s.out == d.out, "body differs: got %d bytes want %d" % (len(s.out), len(d.out))
+    assert st["requests"] == 20 and st["connections"] <= 4, st
+
+
+@pytest.mark.parametrize("path", ["/bytes/30000", "/chunked/30000", "/bytes/0"])
+def test_epollclient_keepalive(path, upstream, rules, epollclient):
+    cmd = epoll(upstream, "--keepalive", "--count", 50, "--path", path, "--out", "-")
+    d = run(cmd, shim=False)
+    assert d.rc == 0 and d.out == expected_body(path) * 50, d.describe()
+    assert upstream.summary()["connections"] == 1
+    upstream.reset()
+    s = run(cmd, shim=True, conf=rules)
+    st = upstream.summary()
+    assert s.rc == 0 and s.out == d.out, "%s\nupstream %s" % (s.describe(), st)
+    assert st["requests"] == 50 and st["connections"] <= 4, st
+
+
+@pytest.mark.parametrize("path", ["/bytes/12345", "/chunked/54321", "/bytes/0"])
+def test_epollclient_pipeline(path, upstream, rules, epollclient):
+    cmd = epoll(upstream, "--pipeline", "--count", 20, "--path", path, "--out", "-")
+    d = run(cmd, shim=False)
+    assert d.rc == 0 and d.out == expected_body(path) * 20, d.describe()
+    upstream.reset()
+    s = run(cmd, shim=True, conf=rules)
+    st = upstream.summary()
+    assert s.rc == 0 and s.out == d.out, "%s\nupstream %s" % (s.describe(), st)
+    assert st["requests"] == 20 and st["connections"] <= 4, st
+
+
+@pytest.mark.parametrize("extra", [[], ["--keepalive"]])
+@pytest.mark.parametrize("path", ["/bytes/4321", "/chunked/4321", "/http10/4321"])
+def test_epollclient_http10(path, extra, upstream, rules, epollclient):
+    cmd = epoll(upstream, "--http10", "--count", 10, "--path", path, "--out", "-", *extra)
+    d = run(cmd, shim=False)
+    assert d.rc == 0 and d.out == expected_body(path) * 10, d.describe()
+    upstream.reset()
+    s = run(cmd, shim=True, conf=rules)
+    st = upstream.summary()
+    assert s.rc == 0 and s.out == d.out, "%s\nupstream %s" % (s.describe(), st)
+    assert st["requests"] == 10 and st["connections"] <= 4, st
+
+
+def test_epollclient_concurrency_respects_pool_cap(upstream, rules, epollclient):
+    cmd = epoll(upstream, "--conn-per-request", "--concurrency", 16, "--count", 200,
+                "--path", "/bytes/2000", "--out", "-")
+    d = run(cmd, shim=False, timeout=180)
+    assert d.rc == 0 and d.out == pattern(2000) * 200, d.describe()
+    upstream.reset()
+    s = run(cmd, shim=True, conf=rules, timeout=180)
+    st = upstream.summary()
+    assert s.rc == 0 and s.out == d.out, "%s\nupstream %s" % (s.describe(), st)
+    assert st["requests"] == 200 and st["connections"] <= 4 and st["peak"] <= 4, st
+
+
+def test_epollclient_head_and_post(upstream, rules, epollclient):
+    for args in (["--method", "HEAD", "--path", "/bytes/9999", "--keepalive", "--count", 5],
+                 ["--method", "HEAD", "--path", "/chunked/9999", "--keepalive", "--count", 5],
+                 ["--method", "POST", "--path", "/echo", "--body", "hello-body",
+                  "--keepalive", "--count", 3]):
+        d = run(epoll(upstream, "--print-status", "--out", "-", *args), shim=False)
+        s = run(epoll(upstream, "--print-status", "--out", "-", *args), shim=True, conf=rules)
+        assert d.rc == 0, d.describe()
+        assert s.rc == 0, s.describe()
+        assert s.err == d.err  # the status codes
+        if "/echo" in args:
+            docs = [json.loads(x) for x in re.findall(rb"\{.*?\"conn\": \d+\}", s.out)]
+            assert len(docs) == 3 and all(x["body"] == "hello-body" for x in docs), s.out
+        else:
+            assert s.out == d.out == b""
+
+
+# ------------------------------------------------------------------ raw exchanges
+def raw(up_port, payload, tmp, tag, shim, conf, addr="127.0.0.1", family="4",
+        expect_bytes=None, responses=None, methods=None, timeout=20.0, python=SYS_PY):
+    """Run tests/pyclients/rawclient.py; returns (report, received bytes, Result)."""
+    tmp = Path(tmp)
+    req = tmp / ("%s.req" % tag)
+    req.write_bytes(payload)
+    out = tmp / ("%s.%s.resp" % (tag, "shim" if shim else "direct"))
+    cmd = [python, pyclient("rawclient.py"), "--addr", addr, "--family", family,
+           "--port", up_port, "--send-file", req, "--out", out, "--timeout", timeout]
+    if expect_bytes is not None:
+        cmd += ["--expect-bytes", expect_bytes]
+    if responses is not None:
+        cmd += ["--responses", responses]
+    if methods:
+        cmd += ["--methods", ",".join(methods)]
+    r = run(cmd, shim=shim, conf=conf, timeout=timeout + 60)
+    reps = jlines(r.out)
+    rep = reps[-1] if reps else None
+    data = out.read_bytes() if out.exists() else b""
+    return rep, data, r
+
+
+def host_hdr(up):
+    return "127.0.0.1:%d" % up.port
+
+
+def test_head_requests(upstream, rules, tmp_path):
+    h = host_hdr(upstream)
+    payload = ("HEAD /bytes/1000 HTTP/1.1\r\nHost: %s\r\n\r\n"
+               "HEAD /chunked/1000 HTTP/1.1\r\nHost: %s\r\n\r\n"
+               "GET /bytes/10 HTTP/1.1\r\nHost: %s\r\n\r\n" % (h, h, h)).encode()
+    methods = ["HEAD", "HEAD", "GET"]
+    results = {}
+    for shim in (False, True):
+        # HEAD, HEAD, GET on one kept-alive connection (written back to back)
+        rep, data, r = raw(upstream.port, payload, tmp_path, "head", shim, rules,
+                           responses=3, methods=methods)
+        assert r.rc == 0 and rep and not rep["timed_out"], r.describe()
+        rs = parse_responses(data, methods, eof=rep["eof"])
+        results[shim] = [(x.get("status"), x.get("body"), x.get("complete")) for x in rs]
+        hdrs = dict((k.lower(), v) for k, v in rs[0]["headers"])
+        assert hdrs.get("content-length") == "1000", rs[0]
+    assert results[True] == results[False] == [(200, b"", True), (200, b"", True),
+                                                (200, pattern(10), True)]
+    # curl -I (HEAD) as a real client
+    d = run(CURL + ["-I", upstream.url("/bytes/2048")], shim=False)
+    s = run(CURL + ["-I", upstream.url("/bytes/2048")], shim=True, conf=rules)
+    assert d.rc == 0 and s.rc == 0, s.describe()
+    for res in (d, s):
+        assert res.out.startswith(b"HTTP/1.1 200"), res.out
+        assert re.search(rb"(?im)^content-length: 2048\r$", res.out), res.out
+
+
+def test_pipelined_requests_answered_in_order(upstream, rules, tmp_path):
+    h = host_hdr(upstream)
+    paths = ["/bytes/11", "/chunked/2222", "/echo", "/bytes/3333", "/status/404",
+             "/close/44"]
+    reqs = []
+    for i, p in enumerate(paths):
+        reqs.append("GET %s HTTP/1.1\r\nHost: %s\r\nX-Seq: %d\r\n\r\n" % (p, h, i))
+    payload = "".join(reqs).encode()
+    got = {}
+    for shim in (False, True):
+        rep, data, r = raw(upstream.port, payload, tmp_path, "pipe", shim, rules)
+        assert r.rc == 0 and rep and not rep["timed_out"], r.describe()
+        rs = parse_responses(data, ["GET"] * len(paths), eof=rep["eof"])
+        got[shim] = rs
+        assert [x.get("status") for x in rs] == [200, 200, 200, 200, 404, 200], \
+            (shim, rs, r.describe())
+        assert rs[0]["body"] == pattern(11) and rs[1]["body"] == pattern(2222)
+        assert rs[3]["body"] == pattern(3333) and rs[5]["body"] == pattern(44)
+        echo = json.loads(rs[2]["body"])
+        assert ["X-Seq", "2"] in echo["headers"], echo
+        if shim:
+            assert rep["engine"] is True, "not diverted"
+    strip = [(x["status"], x["body"]) for i, x in enumerate(got[False]) if i != 2]
+    assert [(x["status"], x["body"]) for i, x in enumerate(got[True]) if i != 2] == strip
+
+
+HOP_REQ = ("GET /echo HTTP/1.1\r\n"
+           "Host: {host}\r\n"
+           "X-First: 1\r\n"
+           "Connection: keep-alive\r\n"
+           "Keep-Alive: timeout=5, max=100\r\n"
+           "User-Agent: rawclient/1.0\r\n"
+           "TE: trailers\r\n"
+           "Proxy-Authorization: Basic Zm9vOmJhcg==\r\n"
+           "Proxy-Connection: keep-alive\r\n"
+           "Trailer: X-Foo\r\n"
+           "X-Multi: a\r\n"
+           "X-Multi: b\r\n"
+           "Cookie: c=1\r\n"
+           "X-Last: zzz\r\n\r\n")
+
+
+def test_hop_by_hop_headers_not_forwarded(upstream, rules, tmp_path):
+    payload = HOP_REQ.format(host=host_hdr(upstream)).encode()
+    heads = {}
+    for shim in (False, True):
+        rep, data, r = raw(upstream.port, payload, tmp_path, "hop", shim, rules,
+                           responses=1)
+        assert r.rc == 0 and rep and not rep["timed_out"], r.describe()
+        rs = parse_responses(data, ["GET"], eof=rep["eof"])
+        assert rs and rs[0]["status"] == 200, (data[:500], r.describe())
+        heads[shim] = json.loads(rs[0]["body"])["headers"]
+        if shim:
+            assert rep["engine"] is True
+    want = [h for h in heads[False] if not hop_by_hop(h[0])]
+    assert len(want) == 7 and len(heads[False]) == 13
+    assert heads[True] == want, "upstream got through the shim:\n%s\nwanted:\n%s" % (
+        heads[True], want)
+
+
+def echo_headers(client, up, shim, conf, tmp):
+    """GET /echo with X-Custom headers; returns (headers the upstream got, Result)."""
+    hs = ["X-Custom-One: 1", "X-Custom-Two: two"]
+    if client == "curl":
+        r = run(CURL + ["-H", hs[0], "-H", hs[1], up.url("/echo")], shim=shim, conf=conf)
+        body = r.out
+    elif client == "wget":
+        r = run(WGET + ["--header=" + h for h in hs] + [up.url("/echo")], shim=shim,
+                conf=conf)
+        body = r.out
+    elif client == "epollclient":
+        require_build(EPOLLCLIENT)
+        r = run(epoll(up, "--path", "/echo", "--header", hs[0], "--header", hs[1],
+                      "--out", "-"), shim=shim, conf=conf)
+        body = r.out
+    else:
+        d = Path(tmp) / ("echo-%s-%s" % (client, shim))
+        d.mkdir(exist_ok=True)
+        lib = "requests" if client == "requests" else "urllib"
+        r = run([py_for(client), pyclient("fetch.py"), "--lib", lib, "--save-dir", d,
+                 "--header", hs[0], "--header", hs[1], up.url("/echo")], shim=shim,
+                conf=conf)
+        body = (d / "0").read_bytes() if (d / "0").exists() else b""
+    assert r.rc == 0, r.describe()
+    return json.loads(body)["headers"], r
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_request_headers_forwarded_in_order(client, upstream, rules, tmp_path):
+    direct, _ = echo_headers(client, upstream, False, None, tmp_path)
+    shimmed, r = echo_headers(client, upstream, True, rules, tmp_path)
+    want = [h for h in direct if not hop_by_hop(h[0])]
+    assert ["X-Custom-Two", "two"] in want
+    assert shimmed == want, "app sent (direct) %s\nthrough shim upstream got %s" % (
+        direct, shimmed)
+
+
+def post_echo(client, up, shim, conf, tmp, body_file):
+    if client == "curl":
+        r = run(CURL + ["--data-binary", "@%s" % body_file, "-H",
+                        "Content-Type: application/octet-stream", up.url("/echo")],
+                shim=shim, conf=conf, timeout=120)
+        return r, (r.out if r.rc == 0 else None)
+    d = Path(tmp) / ("post-%s-%s" % (client, shim))
+    d.mkdir(exist_ok=True)
+    lib = "requests" if client == "requests" else "urllib"
+    r = run([py_for(client), pyclient("fetch.py"), "--lib", lib, "--method", "POST",
+             "--data-file", body_file, "--save-dir", d, "--header",
+             "Content-Type: application/octet-stream", up.url("/echo")],
+            shim=shim, conf=conf, timeout=120)
+    f = d / "0"
+    return r, (f.read_bytes() if r.rc == 0 and f.exists() else None)
+
+
+@pytest.mark.parametrize("size", [0, 10, 300000])
+@pytest.mark.parametrize("client", ["curl", "urllib-system", "requests"])
+def test_post_body_forwarded(client, size, upstream, rules, tmp_path):
+    rnd = random.Random(size)
+    body = bytes(rnd.getrandbits(8) for _ in range(size))
+    bf = tmp_path / "post.bin"
+    bf.write_bytes(body)
+    import hashlib
+    sha = hashlib.sha256(body).hexdigest()
+    for shim in (False, True):
+        r, out = post_echo(client, upstream, shim, rules, tmp_path, bf)
+        assert out is not None, r.describe()
+        doc = json.loads(out)
+        assert doc["method"] == "POST" and doc["body_len"] == size and \
+            doc["body_sha256"] == sha, (shim, {k: doc[k] for k in ("method", "body_len",
+                                                                   "headers")})
+        cl = [v for k, v in doc["headers"] if k.lower() == "content-length"]
+        te = [v for k, v in doc["headers"] if k.lower() == "transfer-encoding"]
+        assert cl == [str(size)] or (te and not cl), doc["headers"]
+        if shim:
+            assert not [h for h in doc["headers"] if h[0].lower() == "expect"], \
+                "shim added an Expect header: %s" % doc["headers"]
+
+
+@pytest.mark.parametrize("mode", ["big-file", "explicit-header"])
+def test_expect_100_continue(mode, upstream, rules, tmp_path):
+    size = 2 * 1024 * 1024 + 17 if mode == "big-file" else 1000
+    body = pattern(size)
+    bf = tmp_path / "big.bin"
+    bf.write_bytes(body)
+    import hashlib
+    sha = hashlib.sha256(body).hexdigest()
+    cmd = CURL + ["--data-binary", "@%s" % bf, "-H", "Content-Type: application/x-test"]
+    if mode == "explicit-header":
+        cmd += ["-H", "Expect: 100-continue"]
+    cmd += [upstream.url("/echo")]
+    d = run(cmd, shim=False, timeout=120)
+    assert d.rc == 0, d.describe()
+    doc = json.loads(d.out)
+    assert ["Expect", "100-continue"] in doc["headers"], \
+        "curl did not send Expect directly; test is moot: %s" % doc["headers"]
+    assert doc["body_sha256"] == sha
+    s = run(cmd, shim=True, conf=rules, timeout=120)
+    assert s.rc == 0, s.describe()
+    doc = json.loads(s.out)
+    assert doc["body_len"] == size and doc["body_sha256"] == sha, \
+        {k: doc[k] for k in ("body_len", "headers")}
+    assert [v for k, v in doc["headers"] if k.lower() == "content-length"] == [str(size)]
+
+
+def test_chunked_request_body(upstream, rules, tmp_path):
+    h = host_hdr(upstream)
+    payload = ("POST /echo HTTP/1.1\r\nHost: %s\r\nTransfer-Encoding: chunked\r\n"
+               "Content-Type: text/plain\r\n\r\n5\r\nhello\r\n1;ext=1\r\n \r\n"
+               "5\r\nworld\r\n0\r\n\r\n" % h).encode()
+    for shim in (False, True):
+        rep, data, r = raw(upstream.port, payload, tmp_path, "chunkpost", shim, rules,
+                           responses=1)
+        assert r.rc == 0 and rep and not rep["timed_out"], r.describe()
+        rs = parse_responses(data, ["POST"], eof=rep["eof"])
+        assert rs and rs[0]["status"] == 200, data[:300]
+        doc = json.loads(rs[0]["body"])
+        assert doc["body"] == "hello world", doc
+
+
+# ------------------------------------------------------------------ processes, threads
+@pytest.mark.parametrize("mode", ["after", "before"])
+def test_prefork(mode, upstream, rules):
+    cmd = [SYS_PY, pyclient("prefork.py"), "--mode", mode, "--children", 4,
+           "--per-child", 5, "--base", upstream.url("")]
+    d = run(cmd + ["--expect-engine", "no"], shim=False, timeout=200)
+    assert d.rc == 0, d.describe()
+    assert upstream.summary()["connections"] == 21
+    upstream.reset()
+    s = run(cmd + ["--expect-engine", "yes"], shim=True, conf=rules, timeout=200)
+    st = upstream.summary()
+    assert s.rc == 0, "%s\nupstream %s" % (s.describe(), st)
+    assert st["requests"] == 21, st
+    # five processes (parent + 4 children), each its own engine capped at 4
+    assert st["connections"] <= 5 * 4, st
+
+
+def test_32_threads_connect_at_once(upstream, rules):
+    cmd = [SYS_PY, pyclient("threads.py"), "--threads", 32, "--per-thread", 5,
+           "--base", upstream.url("")]
+    d = run(cmd, shim=False, timeout=200)
+    assert d.rc == 0, d.describe()
+    upstream.reset()
+    s = run(cmd, shim=True, conf=rules, timeout=200)
+    st = upstream.summary()
+    assert s.rc == 0, "%s\nupstream %s" % (s.describe(), st)
+    res = jlines(s.out)[-1]
+    assert res["ok"] == 160 and res["engine"] is True, res
+    assert st["requests"] == 160 and st["connections"] <= 4, st
+
+
+# ------------------------------------------------------------------ destinations
+def test_unlisted_destination_refused_like_direct(upstream, rules, tmp_path):
+    port = free_port()
+    outs = {}
+    for shim in (False, True):
+        r = run([SYS_PY, pyclient("rawclient.py"), "--port", port], shim=shim, conf=rules)
+        assert r.rc == 0, r.describe()
+        rep = jlines(r.out)[-1]
+        outs[shim] = rep
+    assert outs[False]["connect"] == "ECONNREFUSED"
+    assert outs[True]["connect"] == "ECONNREFUSED", outs[True]
+    assert outs[True]["engine"] is False, "an unlisted connect started the engine"
+
+
+def test_unlisted_destination_curl_like_direct(upstream, rules):
+    port = free_port()
+    d = run(CURL + ["http://127.0.0.1:%d/" % port], shim=False)
+    s = run(CURL + ["http://127.0.0.1:%d/" % port], shim=True, conf=rules)
+    assert d.rc == 7 and s.rc == 7, s.describe()
+
+
+@pytest.fixture
+def down_rules(tmp_path, upstream):
+    port = free_port()
+    return port, write_rules(tmp_path, [upstream.port, port], name="down.conf")
+
+
+def test_listed_upstream_down_curl(down_rules):
+    port, conf = down_rules
+    s = run(CURL + ["http://127.0.0.1:%d/bytes/10" % port], shim=True, conf=conf, timeout=60)
+    assert not s.timed_out, s.describe()
+    assert s.rc not in (0, 28, None), "curl should see an error (not a timeout): " + \
+        s.describe()
+    assert s.out == b""
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_listed_upstream_down_urllib(python, down_rules, tmp_path):
+    port, conf = down_rules
+    s = run([python, pyclient("fetch.py"), "--lib", "urllib", "--timeout", "30",
+             "http://127.0.0.1:%d/bytes/10" % port], shim=True, conf=conf, timeout=90)
+    assert not s.timed_out, s.describe()
+    rec = jlines(s.out)[0]
+    assert s.rc == 1 and rec["error"], s.describe()
+    assert "timed out" not in rec["error"], rec
+
+
+def test_listed_upstream_down_raw_connect_succeeds_then_closed(down_rules, tmp_path):
+    port, conf = down_rules
+    payload = b"GET /bytes/10 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    rep, data, r = raw(port, payload, tmp_path, "down", True, conf, timeout=30)
+    assert r.rc == 0 and rep, r.describe()
+    assert rep["connect"] == "ok", "documented: connect() succeeds on a listed upstream"
+    assert not rep["timed_out"], rep
+    assert data == b"" and (rep["eof"] or rep["reset"]), rep
+
+
+def test_no_engine_without_listed_connect(upstream, rules, tmp_path):
+    port = free_port()
+    # 1. no thread named httpshim
+    r = run([SYS_PY, "-c", (
+        "import socket,glob\n"
+        "s=socket.socket()\n"
+        "try:\n  s.connect(('127.0.0.1',%d))\nexcept OSError as e:\n  print('err',e.errno)\n"
+        "print(sorted(open(p).read().strip() for p in glob.glob('/proc/self/task/*/comm')))\n"
+        % port)], shim=True, conf=rules)
+    assert r.rc == 0, r.describe()
+    assert b"httpshim" not in r.out, r.out
+    assert b"err 111" in r.out
+    # 2. no socketpair / AF_UNIX socket / file creation / thread beyond the direct run
+    traced = "openat,open,creat,mkdir,socket,socketpair,eventfd2,epoll_create1," \
+             "timerfd_create,clone,clone3"
+    counts = {}
+    for shim in (False, True):
+        log = tmp_path / ("strace-%s.log" % shim)
+        cmd = ["strace", "-f", "-qq", "-o", log, "-e", "trace=" + traced]
+        if shim:
+            require_build()
+            cmd += ["-E", "LD_PRELOAD=%s" % LIB, "-E", "HTTPSHIM_CONF=%s" % rules]
+        cmd += [SYS_PY, pyclient("rawclient.py"), "--port", port]
+        res = run(cmd, shim=False, timeout=120)
+        assert res.rc == 0 and b"ECONNREFUSED" in res.out, res.describe()
+        lines = log.read_text().splitlines()
+        cat = {"socketpair": [], "unix_socket": [], "create": [], "thread": [],
+               "engine_fds": []}
+        for ln in lines:
+            if "socketpair(" in ln:
+                cat["socketpair"].append(ln)
+            if re.search(r"socket\((AF_UNIX|AF_LOCAL|PF_UNIX)", ln):
+                cat["unix_socket"].append(ln)
+            if "O_CREAT" in ln or re.search(r"\b(creat|mkdir)\(", ln):
+                cat["create"].append(ln)
+            if re.search(r"\bclone3?\(", ln):
+                cat["thread"].append(ln)
+            if re.search(r"\b(eventfd2|epoll_create1|timerfd_create)\(", ln):
+                cat["engine_fds"].append(ln)
+        counts[shim] = cat
+    extra = {k: counts[True][k] for k in counts[True]
+             if len(counts[True][k]) > len(counts[False][k])}
+    assert not extra, "the shim did work in a process that never connected to a listed " \
+        "upstream:\n%s" % json.dumps(extra, indent=1)
+
+
+def test_getpeername_on_diverted_socket(upstream, rules, tmp_path):
+    payload = ("GET /bytes/100 HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+               % host_hdr(upstream)).encode()
+    reps = {}
+    for shim in (False, True):
+        rep, data, r = raw(upstream.port, payload, tmp_path, "peer", shim, rules)
+        assert r.rc == 0 and rep and not rep["timed_out"], r.describe()
+        reps[shim] = rep
+    assert reps[False]["peer"] == ["127.0.0.1", upstream.port]
+    assert reps[True]["engine"] is True, "connection was not diverted: %s" % reps[True]
+    assert reps[True]["peer"] == ["127.0.0.1", upstream.port], reps[True]
+    assert reps[True]["sockname_family"] == "AF_INET", reps[True]
+    assert reps[True]["responses"] == reps[False]["responses"] == [[200, 100, True]]
+
+
+def test_ipv4_mapped_ipv6_destination_is_matched(upstream, rules, tmp_path):
+    payload = ("GET /bytes/100 HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+               % host_hdr(upstream)).encode()
+    reps = {}
+    for shim in (False, True):
+        rep, data, r = raw(upstream.port, payload, tmp_path, "peer6", shim, rules,
+                           addr="::ffff:127.0.0.1", family="6")
+        assert r.rc == 0 and rep and not rep["timed_out"], r.describe()
+        reps[shim] = rep
+    assert reps[False]["peer"][:2] == ["::ffff:127.0.0.1", upstream.port], reps[False]
+    assert reps[True]["engine"] is True, "mapped address not matched: %s" % reps[True]
+    assert reps[True]["peer"][:2] == ["::ffff:127.0.0.1", upstream.port], reps[True]
+    assert reps[True]["sockname_family"] == "AF_INET6", reps[True]
+    assert reps[True]["responses"] == reps[False]["responses"] == [[200, 100, True]]
+
+
+def test_localhost_rule_matches_numeric_connect(upstream, tmp_path):
+    conf = write_rules(tmp_path, ["localhost:%d" % upstream.port], idle="2m",
+                       timeout="5000ms")
+    r = run([SYS_PY, pyclient("fetch.py"), "--lib", "urllib"] +
+            [upstream.url("/bytes/%d" % n) for n in range(1, 11)], shim=True, conf=conf)
+    st = upstream.summary()
+    assert r.rc == 0 and r.err == b"", r.describe()
+    assert engine_of(r) is True, "a localhost rule should match 127.0.0.1"
+    assert st["requests"] == 10 and st["connections"] <= 4, st
+
+
+# ------------------------------------------------------------------ upstream misbehaving
+def curl_get(up, path, shim, conf):
+    return run(CURL + [up.url(path)], shim=shim, conf=conf, timeout=60)
+
+
+def test_truncated_response_passthrough(upstream, rules, tmp_path):
+    n = 100000
+    d = curl_get(upstream, "/truncate/%d" % n, False, None)
+    s = curl_get(upstream, "/truncate/%d" % n, True, rules)
+    assert d.rc == 18 and d.out == pattern(n)[:n // 2], d.describe()
+    assert s.rc == 18, "curl should see a partial transfer (18): " + s.describe()
+    assert len(s.out) < n and s.out == pattern(n)[:len(s.out)]
+    for python in PYTHONS:
+        outs = []
+        for shim in (False, True):
+            r = run([python, pyclient("fetch.py"), "--lib", "urllib",
+                     upstream.url("/truncate/%d" % n)], shim=shim, conf=rules)
+            outs.append(jlines(r.out)[0]["error"])
+        assert outs[0] and outs[0].startswith("IncompleteRead"), outs
+        assert outs[1] and outs[1].split(":")[0] == outs[0].split(":")[0], outs
+
+
+def test_reset_response_passthrough(upstream, rules):
+    n = 200000
+    d = curl_get(upstream, "/reset/%d" % n, False, None)
+    s = curl_get(upstream, "/reset/%d" % n, True, rules)
+    assert d.rc not in (0, None, 28), d.describe()
+    assert s.rc not in (0, None, 28), "curl should fail, not hang or succeed: " + \
+        s.describe()
+    assert len(s.out) < n and s.out == pattern(n)[:len(s.out)]
+    for python in PYTHONS:
+        r = run([python, pyclient("fetch.py"), "--lib", "urllib",
+                 upstream.url("/reset/%d" % n)], shim=True, conf=rules)
+        assert r.rc == 1 and not r.timed_out, r.describe()
+        err = jlines(r.out)[0]["error"]
+        assert "timed out" not in err, err
+
+
+def test_garbage_response_passthrough(upstream, rules):
+    d = curl_get(upstream, "/garbage", False, None)
+    s = curl_get(upstream, "/garbage", True, rules)
+    assert d.rc not in (0, None, 28), d.describe()
+    assert s.rc not in (0, None, 28), s.describe()
+    for python in PYTHONS:
+        for shim in (False, True):
+            r = run([python, pyclient("fetch.py"), "--lib", "urllib",
+                     upstream.url("/garbage")], shim=shim, conf=rules)
+            assert r.rc == 1 and not r.timed_out, r.describe()
+            err = jlines(r.out)[0]["error"]
+            assert "timed out" not in err, err
+
+
+@pytest.mark.parametrize("code", [204, 304, 404, 500, 503])
+def test_status_codes_passthrough(code, upstream, rules, epollclient):
+    cmd = epoll(upstream, "--path", "/status/%d" % code, "--keepalive", "--count", 3,
+                "--print-status", "--out", "-")
+    d = run(cmd, shim=False)
+    s = run(cmd, shim=True, conf=rules)
+    assert d.rc == 0 and s.rc == 0, s.describe()
+    assert s.out == d.out and s.err == d.err, (d.describe(), s.describe())
+
+
+# ------------------------------------------------------------------ rules file
+BROKEN = {
+    # name: (text, bad line)
+    "unknown-key": ("[global]\npool_max_per_host = 4\nno_such_key = 1\n\n"
+                    "[upstream 127.0.0.1:{port}]\n", 3),
+    "bad-number": ("[global]\npool_max_per_host = lots\n\n[upstream 127.0.0.1:{port}]\n", 2),
+    "bad-duration": ("# c\n[global]\npool_max_per_host = 4\npool_idle_timeout = 60 parsecs\n"
+                     "\n[upstream 127.0.0.1:{port}]\n", 4),
+    "garbage-line": ("[global]\npool_max_per_host = 4\n\n[upstream 127.0.0.1:{port}]\n"
+                     "}}}} this is not a rule {{{{\n", 5),
+    "bad-port": ("[global]\npool_max_per_host = 4\n[upstream 127.0.0.1:{port}]\n"
+                 "[upstream 127.0.0.1:99999]\n", 4),
+    "unclosed-section": ("[global]\npool_max_per_host = 4\n[upstream 127.0.0.1:{port}\n", 3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_rules_file(case, upstream, tmp_path):
+    text, line = BROKEN[case]
+    conf = write_rules(tmp_path, [], raw=text.format(port=upstream.port), name="broken.conf")
+    r = run([SYS_PY, pyclient("fetch.py"), "--lib", "urllib", upstream.url("/bytes/100"),
+             upstream.url("/bytes/200")], shim=True, conf=conf)
+    assert r.rc == 0, "request must still succeed (direct): " + r.describe()
+    lines = r.err.decode(errors="replace").splitlines()
+    assert len(lines) == 1, "want exactly one stderr line, got %r" % lines
+    assert re.match(r"^httpshim: %s:%d: \S" % (re.escape(conf), line), lines[0]), \
+        "want 'httpshim: %s:%d: ...', got %r" % (conf, line, lines[0])
+    assert engine_of(r) is False, "a broken rules file must leave the process unshimmed"
+    assert upstream.summary()["connections"] == 2  # direct: one per urllib request
+
+
+def test_missing_rules_file_is_inert(upstream, tmp_path):
+    conf = str(tmp_path / "does-not-exist.conf")
+    r = run([SYS_PY, pyclient("fetch.py"), "--lib", "urllib", upstream.url("/bytes/100"),
+             upstream.url("/bytes/200")], shim=True, conf=conf)
+    assert r.rc == 0 and r.err == b"", r.describe()
+    assert engine_of(r) is False
+    assert upstream.summary()["connections"] == 2
+    assert not Path(conf).exists()
+
+
+VALID = {
+    "durations": "[global]\npool_max_per_host = 4\npool_idle_timeout = 1h\n"
+                 "upstream_timeout = 5000ms\n\n[upstream 127.0.0.1:{port}]\n",
+    "days-minutes": "[global]\npool_max_per_host=2\npool_idle_timeout=1d\n"
+                    "upstream_timeout=1m\n[upstream 127.0.0.1:{port}]\n",
+    "comments": "# comment\n\n[global]   # trailing comment\n"
+                "pool_max_per_host = 4       # in use + idle\n"
+                "pool_idle_timeout = 60s\n   \n[upstream 127.0.0.1:{port}]   # here\n",
+    "only-upstream": "[upstream 127.0.0.1:{port}]\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(VALID))
+def test_valid_rules_variants(case, upstream, tmp_path):
+    conf = write_rules(tmp_path, [], raw=VALID[case].format(port=upstream.port))
+    r = run([SYS_PY, pyclient("fetch.py"), "--lib", "urllib"] +
+            [upstream.url("/bytes/%d" % n) for n in range(1, 6)], shim=True, conf=conf)
+    assert r.rc == 0, r.describe()
+    assert r.err == b"", "a valid rules file must load silently: %r" % r.err
+    assert engine_of(r) is True, "connection not diverted with rules:\n" + VALID[case]
+    st = upstream.summary()
+    assert st["requests"] == 5 and st["connections"] <= 4, st
+
+
+# ------------------------------------------------------------------ bad client input
+def big_header_block(up, total):
+    lines = ["GET /bytes/10 HTTP/1.1", "Host: 127.0.0.1:%d" % up.port]
+    size = sum(len(x) + 2 for x in lines)
+    i = 0
+    while size < total:
+        ln = "X-Pad-%06d: %s" % (i, "a" * 1000)
+        lines.append(ln)
+        size += len(ln) + 2
+        i += 1
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def tls_client_hello():
+    rnd = random.Random(7)
+    body = b"\x03\x03" + bytes(rnd.getrandbits(8) for _ in range(32)) + b"\x20" + \
+        bytes(rnd.getrandbits(8) for _ in range(32)) + b"\x00\x04\x13\x01\x13\x02\x01\x00"
+    sni = b"example.test"
+    ext = struct.pack("!HHHBH", 0, len(sni) + 5, len(sni) + 3, 0, len(sni)) + sni
+    body += struct.pack("!H", len(ext)) + ext
+    hs = b"\x01" + struct.pack("!I", len(body))[1:] + body
+    return b"\x16\x03\x01" + struct.pack("!H", len(hs)) + hs
+
+
+def binary_blob():
+    rnd = random.Random(11)
+    return b"\x00\xff\x13" + bytes(rnd.getrandbits(8) for _ in range(300000))
+
+
+def test_request_line_over_64k_and_1m(upstream, rules, tmp_path):
+    payload = b"GET /" + b"a" * (1 << 20) + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    check_same_as_direct(upstream, rules, tmp_path, "bigline", payload, status=414)
+
+
+def test_header_block_10m(upstream, rules, tmp_path):
+    payload = big_header_block(upstream, 10 * 1024 * 1024)
+    check_same_as_direct(upstream, rules, tmp_path, "bighdr", payload, status=431,
+                         timeout=60)
+
+
+def test_head_between_64k_and_1m_is_tunnelled(upstream, rules, tmp_path):
+    payload = big_header_block(upstream, 100 * 1024)
+    check_same_as_direct(upstream, rules, tmp_path, "midhdr", payload, status=200,
+                         responses=1)
+
+
+def check_same_as_direct(up, rules, tmp, tag, payload, status, timeout=30, responses=None):
+    got = {}
+    for shim in (False, True):
+        rep, data, r = raw(up.port, payload, tmp, tag, shim, rules, timeout=timeout,
+                           responses=responses)
+        assert r.rc == 0 and rep, "client crashed or failed: " + r.describe()
+        assert not rep["timed_out"], "hang: %s" % rep
+        got[shim] = (rep, data)
+    rep_d, data_d = got[False]
+    assert data_d.startswith(b"HTTP/1.1 %d " % status), data_d[:200]
+    rep_s, data_s = got[True]
+    assert rep_s["engine"] is True, "not diverted"
+    assert data_s == data_d, "through the shim the client got %r (eof=%s reset=%s), " \
+        "directly %r" % (data_s[:300], rep_s["eof"], rep_s["reset"], data_d[:300])
+
+
+@pytest.mark.parametrize("kind", ["tls-client-hello", "binary-blob"])
+def test_non_http_bytes_are_tunnelled(kind, upstream, rules, tmp_path):
+    payload = tls_client_hello() if kind == "tls-client-hello" else binary_blob()
+    for shim in (False, True):
+        rep, data, r = raw(upstream.port, payload, tmp_path, kind, shim, rules,
+                           expect_bytes=len(payload), timeout=30)
+        assert r.rc == 0 and rep, r.describe()
+        assert not rep["timed_out"], "hang: %s" % rep
+        assert data == payload, "%s: echo differs (got %d bytes of %d), eof=%s" % (
+            "shim" if shim else "direct", len(data), len(payload), rep["eof"])
+        if shim:
+            assert rep["engine"] is True
+            assert rep["peer"] == ["127.0.0.1", upstream.port]
+
+
+@pytest.mark.parametrize("kind", ["upgrade", "connect"])
+def test_upgrade_and_connect_are_tunnelled(kind, upstream, rules, tmp_path):
+    tail = b"\x00raw bytes after the head \xff\xfe" * 100
+    if kind == "upgrade":
+        head = ("GET /chat HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\n"
+                "Upgrade: echo\r\n\r\n" % host_hdr(upstream)).encode()
+        answer = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\n"
+                  b"Connection: Upgrade\r\n\r\n")
+    else:
+        head = b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n"
+        answer = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+    for shim in (False, True):
+        rep, data, r = raw(upstream.port, head + tail, tmp_path, kind, shim, rules,
+                           expect_bytes=len(answer) + len(tail), timeout=30)
+        assert r.rc == 0 and rep and not rep["timed_out"], r.describe()
+        assert data == answer + tail, (shim, data[:200])
+        if shim:
+            assert rep["engine"] is True
+    log = upstream.stats()["log"]
+    assert len(log) == 2 and all(e["method"] == head.split(b" ")[0].decode() for e in log), log
+    # the tunnelled head reaches the upstream untouched (hop-by-hop headers included)
+    assert log[1]["headers"] == log[0]["headers"], log
+
+
+MALFORMED = {
+    "header-without-colon": "GET / HTTP/1.1\r\nHost: {h}\r\nBad Header Line\r\n\r\n",
+    "bad-content-length": "POST /echo HTTP/1.1\r\nHost: {h}\r\nContent-Length: abc\r\n\r\n"
+                          "hello",
+    "negative-content-length": "POST /echo HTTP/1.1\r\nHost: {h}\r\n"
+                               "Content-Length: -5\r\n\r\nhello",
+    "conflicting-content-length": "POST /echo HTTP/1.1\r\nHost: {h}\r\nContent-Length: 5\r\n"
+                                  "Content-Length: 6\r\n\r\nhello!",
+    "bad-chunk-size": "POST /echo HTTP/1.1\r\nHost: {h}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      "zz\r\nhello\r\n0\r\n\r\n",
+    "space-in-header-name": "GET / HTTP/1.1\r\nHost: {h}\r\nBad Name: x\r\n\r\n",
+    "bad-version": "GET / HTTP/9.7\r\nHost: {h}\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_requests(case, upstream, rules, tmp_path):
+    payload = MALFORMED[case].format(h=host_hdr(upstream)).encode()
+    got = {}
+    for shim in (False, True):
+        rep, data, r = raw(upstream.port, payload, tmp_path, case, shim, rules, timeout=30)
+        assert r.rc == 0 and rep, "client crashed: " + r.describe()
+        assert not rep["timed_out"], "hang (%s): %s" % ("shim" if shim else "direct", rep)
+        got[shim] = (rep, data)
+    assert got[False][1].startswith(b"HTTP/1.1 400 "), got[False]
+    rep, data = got[True]
+    assert rep["engine"] is True
+    assert data == b"" or data == got[False][1], \
+        "want a closed connection or the upstream's own answer, got %r" % data[:300]
+    assert rep["eof"] or rep["reset"]

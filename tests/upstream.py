@@ -1,0 +1,737 @@
+#!/usr/bin/env python3
+"""Test upstream for the httpshim real-client suite.
+
+A threaded raw-socket HTTP/1.1 server (stdlib only; runs under any python3 >= 3.6)
+with exact control of framing, plus a control server for counters.
+
+    python3 tests/upstream.py --port-file F --control-port-file G [--host 127.0.0.1|::1]
+
+Listens on an ephemeral port (and a second one for control), writes the port numbers
+to the files, serves until SIGTERM/SIGINT.
+
+Control server (never counted as upstream traffic):
+    GET  /stats  -> {"connections":N,"open":N,"peak":N,"requests":N,"log":[...]}
+    POST /reset  -> zero the counters (open stays, peak = open)
+
+Upstream paths:
+    /bytes/N            N pattern bytes, Content-Length
+    /chunked/N          the same bytes, chunked in pieces of varied sizes
+    /close/N            HTTP/1.1, no Content-Length, Connection: close, close-delimited
+    /http10/N           HTTP/1.0 200 with Content-Length, then close
+    /truncate/N         promises Content-Length N, sends N//2, closes
+    /reset/N            promises Content-Length N, sends N//2, then RST (SO_LINGER 0)
+    /garbage            non-HTTP bytes, then close
+    /delay/MS/rest      sleeps MS milliseconds, then serves /rest
+    /status/CODE        that status with a small body (none for 1xx/204/304)
+    /echo               JSON: method, target, version, headers (pairs, as received),
+                        body (latin-1 text), body_len, body_sha256
+    anything else       404 with a small body
+Requests whose first byte is not an ASCII letter switch the connection to raw echo.
+`Upgrade: echo` -> 101 then raw echo; CONNECT -> 200 then raw echo.
+Request line > 64 KiB -> 414 and close; header block > 1 MiB -> 431 and close.
+Malformed request (bad header line, bad Content-Length, bad chunk) -> 400 and close.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+
+MAX_REQUEST_LINE = 64 * 1024
+MAX_HEADER_BLOCK = 1024 * 1024
+MAX_BODY = 256 * 1024 * 1024
+MAX_LOG = 20000
+DRAIN_SECONDS = 10.0
+DRAIN_BYTES = 256 * 1024 * 1024
+
+# ---------------------------------------------------------------- pattern bytes
+_BLOCK_LEN = 65521  # prime, so the pattern does not line up with power-of-two buffers
+_BLOCK = bytes(((i * 131 + (i >> 7) * 17 + 7) & 0xFF) for i in range(_BLOCK_LEN))
+
+
+def pattern(n):
+    """n deterministic bytes (also imported by the tests)."""
+    if n <= 0:
+        return b""
+    reps = n // _BLOCK_LEN + 1
+    return (_BLOCK * reps)[:n]
+
+
+# Varied chunk sizes for /chunked/N (cycled).
+CHUNK_SIZES = [1, 7, 100, 4096, 3, 65536, 1000, 17, 32768, 250000, 2, 8191]
+
+GARBAGE = b"\x00\xff\xfeTHIS IS NOT HTTP\x01\x02\x03\r\n\r\n\x80\x81garbage" * 4
+
+REASONS = {
+    100: "Continue", 101: "Switching Protocols", 200: "OK", 201: "Created",
+    202: "Accepted", 204: "No Content", 206: "Partial Content",
+    301: "Moved Permanently", 302: "Found", 304: "Not Modified",
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 411: "Length Required", 413: "Payload Too Large",
+    414: "URI Too Long", 418: "I'm a teapot", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+}
+
+HOP_BY_HOP = {"connection", "keep-alive", "te", "trailer", "transfer-encoding",
+              "upgrade", "proxy-connection", "proxy-authorization",
+              "proxy-authenticate"}
+
+
+# ---------------------------------------------------------------- statistics
+class Stats(object):
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.connections = 0
+        self.open = 0
+        self.peak = 0
+        self.requests = 0
+        self.log = []
+        self.next_conn_id = 1
+
+    def conn_opened(self):
+        with self.lock:
+            cid = self.next_conn_id
+            self.next_conn_id += 1
+            self.connections += 1
+            self.open += 1
+            if self.open > self.peak:
+                self.peak = self.open
+            return cid
+
+    def conn_closed(self):
+        with self.lock:
+            self.open -= 1
+
+    def request(self, entry):
+        with self.lock:
+            self.requests += 1
+            if len(self.log) < MAX_LOG:
+                self.log.append(entry)
+
+    def snapshot(self):
+        with self.lock:
+            return {"connections": self.connections, "open": self.open,
+                    "peak": self.peak, "requests": self.requests,
+                    "log": list(self.log)}
+
+    def reset(self):
+        with self.lock:
+            self.connections = 0
+            self.requests = 0
+            self.peak = self.open
+            self.log = []
+
+
+STATS = Stats()
+
+
+# ---------------------------------------------------------------- connection I/O
+class TooLong(Exception):
+    pass
+
+
+class BadRequest(Exception):
+    pass
+
+
+class PeerGone(Exception):
+    pass
+
+
+class Conn(object):
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = b""
+        self.eof = False
+
+    def fill(self):
+        if self.eof:
+            return False
+        data = self.sock.recv(65536)
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        return True
+
+    def peek1(self):
+        while not self.buf:
+            if not self.fill():
+                return None
+        return self.buf[:1]
+
+    def readline(self, limit):
+        """A line including its LF; TooLong once more than `limit` bytes without LF.
+        Returns b"" at EOF with nothing buffered."""
+        start = 0
+        while True:
+            idx = self.buf.find(b"\n", start)
+            if idx >= 0:
+                if idx + 1 > limit:
+                    raise TooLong()
+                line = self.buf[:idx + 1]
+                self.buf = self.buf[idx + 1:]
+                return line
+            if len(self.buf) > limit:
+                raise TooLong()
+            start = len(self.buf)
+            if not self.fill():
+                line = self.buf
+                self.buf = b""
+                if line:
+                    raise PeerGone()
+                return b""
+
+    def read_exact(self, n):
+        out = []
+        while n > 0:
+            if not self.buf and not self.fill():
+                raise PeerGone()
+            take = self.buf[:n]
+            self.buf = self.buf[len(take):]
+            out.append(take)
+            n -= len(take)
+        return b"".join(out)
+
+    def sendall(self, data):
+        self.sock.sendall(data)
+
+
+def reason(code):
+    return REASONS.get(code, "Status")
+
+
+def drain_and_close(sock):
+    """Half-close, then read (bounded) what the peer still sends, so the close does
+    not turn into a RST that destroys the response in flight."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    deadline = time.time() + DRAIN_SECONDS
+    total = 0
+    try:
+        while total < DRAIN_BYTES:
+            left = deadline - time.time()
+            if left <= 0:
+                break
+            sock.settimeout(min(left, 2.0))
+            data = sock.recv(262144)
+            if not data:
+                break
+            total += len(data)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def raw_echo(conn):
+    """Echo every byte back until the peer closes (or errors)."""
+    conn.sock.settimeout(None)
+    try:
+        if conn.buf:
+            data, conn.buf = conn.buf, b""
+            conn.sendall(data)
+        while True:
+            data = conn.sock.recv(65536)
+            if not data:
+                break
+            conn.sendall(data)
+    except OSError:
+        pass
+    try:
+        conn.sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def simple_error(conn, code, version="HTTP/1.1"):
+    body = ("%d %s\n" % (code, reason(code))).encode()
+    head = ("%s %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+            "Connection: close\r\n\r\n" % (version, code, reason(code), len(body)))
+    try:
+        conn.sendall(head.encode("latin-1") + body)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- request parsing
+def read_head(conn):
+    """Returns (method, target, version, headers) or None at a clean EOF.
+    Raises TooLong (with .code) or BadRequest."""
+    # Skip (a bounded number of) empty lines before a request line, as RFC 9112 allows.
+    for _ in range(8):
+        line = conn.readline_or_toolong(MAX_REQUEST_LINE, 414)
+        if line == b"":
+            return None
+        if line.strip(b"\r\n"):
+            break
+    else:
+        raise BadRequest("too many empty lines")
+    total = len(line)
+    reqline = line.rstrip(b"\r\n")
+    parts = reqline.split(b" ")
+    if len(parts) != 3:
+        raise BadRequest("bad request line")
+    method, target, version = [p.decode("latin-1") for p in parts]
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise BadRequest("bad version")
+    if not method.isalpha():
+        raise BadRequest("bad method")
+    headers = []
+    while True:
+        line = conn.readline_or_toolong(MAX_HEADER_BLOCK - total + 2, 431)
+        total += len(line)
+        if total > MAX_HEADER_BLOCK:
+            e = TooLong()
+            e.code = 431
+            raise e
+        if line == b"":
+            raise PeerGone()
+        stripped = line.rstrip(b"\r\n")
+        if not stripped:
+            break
+        if stripped[:1] in (b" ", b"\t"):
+            raise BadRequest("obsolete line folding")
+        if b":" not in stripped:
+            raise BadRequest("header line without colon")
+        name, value = stripped.split(b":", 1)
+        if not name or name != name.strip() or b" " in name:
+            raise BadRequest("bad header name")
+        headers.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
+    return method, target, version, headers
+
+
+def _readline_or_toolong(self, limit, code):
+    try:
+        return self.readline(limit)
+    except TooLong:
+        e = TooLong()
+        e.code = code
+        raise e
+
+
+Conn.readline_or_toolong = _readline_or_toolong
+
+
+def hget(headers, name):
+    name = name.lower()
+    vals = [v for k, v in headers if k.lower() == name]
+    return vals
+
+
+def conn_tokens(headers):
+    toks = set()
+    for v in hget(headers, "connection"):
+        for t in v.split(","):
+            t = t.strip().lower()
+            if t:
+                toks.add(t)
+    return toks
+
+
+def read_body(conn, method, version, headers):
+    te = [t.strip().lower() for v in hget(headers, "transfer-encoding") for t in v.split(",")]
+    cls = hget(headers, "content-length")
+    if te:
+        if te[-1] != "chunked" or version == "HTTP/1.0":
+            raise BadRequest("unsupported transfer-encoding")
+        if cls:
+            raise BadRequest("both content-length and transfer-encoding")
+        out = []
+        size_total = 0
+        while True:
+            line = conn.readline(4096)
+            if line == b"":
+                raise PeerGone()
+            szs = line.rstrip(b"\r\n").split(b";", 1)[0].strip()
+            try:
+                if not szs or any(c not in b"0123456789abcdefABCDEF" for c in szs):
+                    raise ValueError()
+                sz = int(szs, 16)
+            except ValueError:
+                raise BadRequest("bad chunk size")
+            if sz == 0:
+                # trailers
+                for _ in range(100):
+                    tl = conn.readline(8192)
+                    if tl == b"":
+                        raise PeerGone()
+                    if not tl.rstrip(b"\r\n"):
+                        break
+                else:
+                    raise BadRequest("too many trailers")
+                break
+            size_total += sz
+            if size_total > MAX_BODY:
+                raise BadRequest("body too large")
+            out.append(conn.read_exact(sz))
+            crlf = conn.readline(8)
+            if crlf.rstrip(b"\r\n"):
+                raise BadRequest("missing CRLF after chunk")
+        return b"".join(out)
+    if cls:
+        vals = set()
+        for v in cls:
+            for p in v.split(","):
+                vals.add(p.strip())
+        if len(vals) != 1:
+            raise BadRequest("conflicting content-length")
+        v = vals.pop()
+        if not v.isdigit():
+            raise BadRequest("bad content-length")
+        n = int(v)
+        if n > MAX_BODY:
+            raise BadRequest("body too large")
+        return conn.read_exact(n)
+    return b""
+
+
+# ---------------------------------------------------------------- responses
+def send_response(conn, ctx, code, body, extra=(), framing="length"):
+    """framing: 'length' | 'chunked' | 'close'. Returns True if connection stays open."""
+    version = "HTTP/1.0" if ctx["version"] == "HTTP/1.0" else "HTTP/1.1"
+    keep = ctx["keep"]
+    if version == "HTTP/1.0" and framing == "chunked":
+        framing = "close"
+    if framing == "close":
+        keep = False
+    lines = ["%s %d %s" % (version, code, reason(code))]
+    lines.append("Server: httpshim-test-upstream")
+    lines.extend(extra)
+    no_body_status = code < 200 or code in (204, 304)
+    if not no_body_status:
+        if framing == "length":
+            lines.append("Content-Length: %d" % len(body))
+        elif framing == "chunked":
+            lines.append("Transfer-Encoding: chunked")
+    if not keep:
+        lines.append("Connection: close")
+    elif version == "HTTP/1.0":
+        lines.append("Connection: keep-alive")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    if ctx["method"] == "HEAD" or no_body_status:
+        conn.sendall(head)
+        return keep
+    if framing == "chunked":
+        parts = [head]
+        pos = 0
+        i = 0
+        while pos < len(body):
+            sz = min(CHUNK_SIZES[i % len(CHUNK_SIZES)], len(body) - pos)
+            i += 1
+            parts.append(b"%x\r\n" % sz)
+            parts.append(body[pos:pos + sz])
+            parts.append(b"\r\n")
+            pos += sz
+            if sum(len(p) for p in parts) > 262144:
+                conn.sendall(b"".join(parts))
+                parts = []
+        parts.append(b"0\r\n\r\n")
+        conn.sendall(b"".join(parts))
+    else:
+        conn.sendall(head)
+        if body:
+            conn.sendall(body)
+    return keep
+
+
+def parse_n(s, default=None):
+    try:
+        n = int(s)
+    except (TypeError, ValueError):
+        return default
+    if n < 0 or n > 512 * 1024 * 1024:
+        return default
+    return n
+
+
+def serve_path(conn, ctx, path, body):
+    """Returns 'keep', 'close' (graceful), or 'done' (socket already finished)."""
+    segs = path.split("/")
+    # segs[0] == ''
+    kind = segs[1] if len(segs) > 1 else ""
+    arg = segs[2] if len(segs) > 2 else None
+    if kind == "delay" and arg is not None:
+        ms = parse_n(arg, 0)
+        time.sleep(min(ms, 60000) / 1000.0)
+        rest = "/" + "/".join(segs[3:])
+        return serve_path(conn, ctx, rest, body)
+    if kind == "bytes" and parse_n(arg) is not None and len(segs) == 3:
+        keep = send_response(conn, ctx, 200, pattern(parse_n(arg)),
+                             ["Content-Type: application/octet-stream"])
+        return "keep" if keep else "close"
+    if kind == "chunked" and parse_n(arg) is not None and len(segs) == 3:
+        keep = send_response(conn, ctx, 200, pattern(parse_n(arg)),
+                             ["Content-Type: application/octet-stream"], framing="chunked")
+        return "keep" if keep else "close"
+    if kind == "close" and parse_n(arg) is not None and len(segs) == 3:
+        send_response(conn, ctx, 200, pattern(parse_n(arg)),
+                      ["Content-Type: application/octet-stream"], framing="close")
+        return "close"
+    if kind == "http10" and parse_n(arg) is not None and len(segs) == 3:
+        data = pattern(parse_n(arg))
+        head = ("HTTP/1.0 200 OK\r\nServer: httpshim-test-upstream\r\n"
+                "Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n"
+                % len(data)).encode()
+        conn.sendall(head if ctx["method"] == "HEAD" else head + data)
+        return "close"
+    if kind in ("truncate", "reset") and parse_n(arg) is not None and len(segs) == 3:
+        n = parse_n(arg)
+        data = pattern(n)
+        head = ("HTTP/1.1 200 OK\r\nServer: httpshim-test-upstream\r\n"
+                "Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n"
+                % n).encode()
+        conn.sendall(head + data[:n // 2])
+        if kind == "truncate":
+            return "close"
+        time.sleep(0.05)
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                 struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        conn.sock.close()
+        return "done"
+    if kind == "garbage" and len(segs) == 2:
+        conn.sendall(GARBAGE)
+        return "close"
+    if kind == "status" and parse_n(arg) is not None and len(segs) == 3:
+        code = parse_n(arg)
+        if not 100 <= code <= 599 or code == 101:
+            code = 400
+        b = ("status %d\n" % code).encode()
+        keep = send_response(conn, ctx, code, b, ["Content-Type: text/plain"])
+        return "keep" if keep else "close"
+    if kind == "echo" and len(segs) == 2:
+        doc = {
+            "method": ctx["method"], "target": ctx["target"], "version": ctx["version"],
+            "headers": [[k, v] for k, v in ctx["headers"]],
+            "body": body.decode("latin-1"), "body_len": len(body),
+            "body_sha256": hashlib.sha256(body).hexdigest(), "conn": ctx["conn"],
+        }
+        b = json.dumps(doc).encode()
+        keep = send_response(conn, ctx, 200, b, ["Content-Type: application/json"])
+        return "keep" if keep else "close"
+    b = b"not found\n"
+    keep = send_response(conn, ctx, 404, b, ["Content-Type: text/plain"])
+    return "keep" if keep else "close"
+
+
+def handle_connection(sock, cid):
+    conn = Conn(sock)
+    finished = False
+    try:
+        first = conn.peek1()
+        if first is None:
+            return
+        if not (b"A" <= first <= b"Z" or b"a" <= first <= b"z"):
+            STATS.request({"conn": cid, "kind": "raw", "method": None, "target": None,
+                           "headers": [], "body_len": 0})
+            raw_echo(conn)
+            return
+        while True:
+            try:
+                head = read_head(conn)
+            except TooLong as e:
+                STATS.request({"conn": cid, "kind": "error", "status": e.code,
+                               "method": None, "target": None, "headers": [],
+                               "body_len": 0})
+                simple_error(conn, e.code)
+                drain_and_close(sock)
+                finished = True
+                return
+            except BadRequest as e:
+                STATS.request({"conn": cid, "kind": "error", "status": 400,
+                               "error": str(e), "method": None, "target": None,
+                               "headers": [], "body_len": 0})
+                simple_error(conn, 400)
+                drain_and_close(sock)
+                finished = True
+                return
+            if head is None:
+                return
+            method, target, version, headers = head
+            toks = conn_tokens(headers)
+            if version == "HTTP/1.1":
+                keep = "close" not in toks
+            else:
+                keep = "keep-alive" in toks
+            entry = {"conn": cid, "kind": "http", "method": method, "target": target,
+                     "version": version, "headers": [[k, v] for k, v in headers],
+                     "body_len": 0}
+            if method == "CONNECT":
+                STATS.request(entry)
+                conn.sendall(("%s 200 Connection Established\r\n\r\n" % version).encode())
+                raw_echo(conn)
+                return
+            if any(v.strip().lower() == "echo" for v in hget(headers, "upgrade")) \
+                    and "upgrade" in toks:
+                STATS.request(entry)
+                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\n"
+                             b"Upgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+                raw_echo(conn)
+                return
+            expect = [v.strip().lower() for v in hget(headers, "expect")]
+            has_body = bool(hget(headers, "content-length") or
+                            hget(headers, "transfer-encoding"))
+            if version == "HTTP/1.1" and "100-continue" in expect and has_body:
+                conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            try:
+                body = read_body(conn, method, version, headers)
+            except BadRequest as e:
+                entry["kind"] = "error"
+                entry["status"] = 400
+                entry["error"] = str(e)
+                STATS.request(entry)
+                simple_error(conn, 400, version)
+                drain_and_close(sock)
+                finished = True
+                return
+            entry["body_len"] = len(body)
+            STATS.request(entry)
+            path = target.split("?", 1)[0]
+            if path.startswith("http://"):
+                path = "/" + path[7:].split("/", 1)[-1] if "/" in path[7:] else "/"
+            ctx = {"method": method, "target": target, "version": version,
+                   "headers": headers, "keep": keep, "conn": cid}
+            result = serve_path(conn, ctx, path, body)
+            if result == "done":
+                finished = True
+                return
+            if result == "close":
+                drain_and_close(sock)
+                finished = True
+                return
+    except (PeerGone, OSError):
+        return
+    finally:
+        if not finished:
+            try:
+                sock.close()
+            except OSError:
+                pass
+        STATS.conn_closed()
+
+
+# ---------------------------------------------------------------- control server
+def control_connection(sock):
+    try:
+        sock.settimeout(30)
+        conn = Conn(sock)
+        try:
+            head = read_head(conn)
+        except (TooLong, BadRequest):
+            head = None
+        if head is None:
+            return
+        method, target, version, headers = head
+        try:
+            read_body(conn, method, version, headers)
+        except BadRequest:
+            pass
+        code = 200
+        if method == "GET" and target == "/stats":
+            body = json.dumps(STATS.snapshot()).encode()
+        elif method == "POST" and target == "/reset":
+            STATS.reset()
+            body = b'{"ok":true}'
+        else:
+            code = 404
+            body = b'{"error":"not found"}'
+        conn.sendall(("HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+                      "Content-Length: %d\r\nConnection: close\r\n\r\n"
+                      % (code, reason(code), len(body))).encode() + body)
+    except (OSError, PeerGone):
+        pass
+    finally:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+def accept_loop(lsock, handler, counted):
+    while True:
+        try:
+            sock, _addr = lsock.accept()
+        except OSError:
+            time.sleep(0.01)
+            continue
+        sock.settimeout(None)
+        if counted:
+            cid = STATS.conn_opened()
+            t = threading.Thread(target=handler, args=(sock, cid))
+        else:
+            t = threading.Thread(target=handler, args=(sock,))
+        t.daemon = True
+        try:
+            t.start()
+        except RuntimeError:
+            sock.close()
+            if counted:
+                STATS.conn_closed()
+
+
+def write_atomic(path, text):
+    tmp = path + ".tmp%d" % os.getpid()
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.rename(tmp, path)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port-file", required=True)
+    ap.add_argument("--control-port-file", required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--control-host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    args = ap.parse_args()
+
+    def listener(host, port):
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen(1024)
+        return s
+
+    ls = listener(args.host, args.port)
+    cs = listener(args.control_host, 0)
+
+    def stop(_sig, _frm):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    t = threading.Thread(target=accept_loop, args=(cs, control_connection, False))
+    t.daemon = True
+    t.start()
+    t = threading.Thread(target=accept_loop, args=(ls, handle_connection, True))
+    t.daemon = True
+    t.start()
+    write_atomic(args.control_port_file, "%d\n" % cs.getsockname()[1])
+    write_atomic(args.port_file, "%d\n" % ls.getsockname()[1])
+    try:
+        while True:
+            time.sleep(3600)
+    except SystemExit:
+        pass
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
