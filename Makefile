@@ -26,9 +26,10 @@ $(BUILD)/obj:
 	mkdir -p $@
 
 deps:
-	tools/install-deps
+	@tools/install-deps
 
-test: all
+test: deps
+	$(MAKE) all
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
 
 .PHONY: all deps test clean

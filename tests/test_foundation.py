@@ -159,9 +159,11 @@ def many_connections(client, up, shim, conf, tmp):
     bad = [x for x, n in zip(recs, sizes)
            if x["error"] or x["sha256"] != hashlib.sha256(pattern(n)).hexdigest()]
     ok = r.rc == 0 and len(recs) == N_POOL and not bad
-    if shim and engine_of(r) is not True:
+    eng = engine_of(r)
+    if shim and eng is not True:
         ok = False
-    return ok, "bad: %s\n%s" % (bad[:3], r.describe())
+    return ok, "%d of %d responses, bad: %s, httpshim thread: %s\n%s" % (
+        len(recs), N_POOL, bad[:3], eng, r.describe())
 
 
 @pytest.mark.timeout(600)
@@ -238,6 +240,23 @@ def test_epollclient_http10(path, extra, upstream, rules, epollclient):
     st = upstream.summary()
     assert s.rc == 0 and s.out == d.out, "%s\nupstream %s" % (s.describe(), st)
     assert st["requests"] == 10 and st["connections"] <= 4, st
+
+
+@pytest.mark.parametrize("mode", ["--keepalive", "--pipeline", "--conn-per-request"])
+def test_epollclient_echo_hop_by_hop(mode, upstream, rules, epollclient):
+    """Also proves that the keep-alive and pipeline runs are really diverted."""
+    cmd = epoll(upstream, mode, "--count", 5, "--path", "/echo", "--header",
+                "Proxy-Connection: keep-alive", "--header", "X-After: 1", "--out", "-")
+    docs = {}
+    for shim in (False, True):
+        r = run(cmd, shim=shim, conf=rules)
+        assert r.rc == 0, r.describe()
+        docs[shim] = [json.loads(x) for x in re.findall(rb'\{"method".*?"conn": \d+\}', r.out)]
+        assert len(docs[shim]) == 5, r.out[:1000]
+    for d, s in zip(docs[False], docs[True]):
+        assert ["Proxy-Connection", "keep-alive"] in d["headers"]
+        assert s["headers"] == [h for h in d["headers"] if not hop_by_hop(h[0])], \
+            "through the shim: %s\ndirect: %s" % (s["headers"], d["headers"])
 
 
 def test_epollclient_concurrency_respects_pool_cap(upstream, rules, epollclient):
@@ -936,3 +955,19 @@ def test_malformed_requests(case, upstream, rules, tmp_path):
     assert data == b"" or data == got[False][1], \
         "want a closed connection or the upstream's own answer, got %r" % data[:300]
     assert rep["eof"] or rep["reset"]
+
+
+def test_unlisted_ipv6_upstream_under_other_python(tmp_path, rules):
+    """Harness check plus 'unlisted behaves as direct' over IPv6: an upstream run by the
+    other python on ::1, not listed in the rules, is reached directly with the shim."""
+    up = Upstream(tmp_path / "v6", python=PYTHONS[-1], host="::1")
+    try:
+        url = up.url("/chunked/100000")
+        d = run(CURL + [url], shim=False)
+        s = run(CURL + [url], shim=True, conf=rules)
+        assert d.rc == 0 and d.out == pattern(100000), d.describe()
+        assert s.rc == 0 and s.out == d.out, s.describe()
+        st = up.summary()
+        assert st["connections"] == 2 and st["requests"] == 2, st
+    finally:
+        up.stop()
