@@ -5,6 +5,8 @@
 #define HTTPSHIM_CONN_H
 #include "shim.h"
 #include "http.h"
+#include "cache.h"
+#include "stats.h"
 
 /* Every epoll registration's data.ptr points at a struct starting with this tag. */
 enum ev_kind { EV_APP = 1, EV_TUNNEL_UP, EV_CURL, EV_TIMER, EV_WAKE };
@@ -40,6 +42,7 @@ void buf_free(struct buf *b);
 enum conn_state {
     CS_HTTP,            /* reading requests; at most one exchange in flight */
     CS_UPSTREAM,        /* an exchange is in flight through libcurl */
+    CS_HIT,             /* streaming a cached entry to the app */
     CS_TUNNEL,          /* raw relay to a real upstream socket */
 };
 
@@ -63,6 +66,10 @@ struct conn {
     size_t req_total;               /* head + body bytes */
     int req_minor;
     bool req_keep_alive, req_is_head, continue_sent;
+    int64_t req_started_us;
+    struct cache_entry *hit;        /* CS_HIT: the entry being sent, a reference held */
+    size_t hit_off, hit_len;        /* body bytes sent so far, and to send */
+    bool hit_must_close;
     struct transfer *xfer;
     struct tunnel *tun;
     struct conn *next, *prev;       /* all live conns, under the engine lock */
@@ -83,7 +90,9 @@ int engine_timer_arm(long timeout_ms);      /* -1 disarms */
 /* upstream.c */
 int upstream_init(const struct shim_config *cfg);
 void upstream_forget(void);                  /* forked child: abandon the parent's state */
-int upstream_start(struct conn *c, const struct http_request *req, const char *body, size_t body_len);
+/* Starts the exchange; with a store rule and key, a cacheable response is stored. */
+int upstream_start(struct conn *c, const struct http_request *req, const char *body, size_t body_len,
+                   const struct cache_rule *store_rule, const char *key, size_t key_len);
 void upstream_abort(struct conn *c);
 void upstream_resume(struct conn *c);        /* `out` drained: unpause a paused transfer */
 void upstream_on_socket(void *tag, uint32_t events);

@@ -7,12 +7,14 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/timerfd.h>
 #include <unistd.h>
 #include <fcntl.h>
+#include <sys/uio.h>
 
 static struct {
     pthread_mutex_t lock;           /* guards started/failed and the conn list */
@@ -114,6 +116,10 @@ void conn_close(struct conn *c)
         upstream_abort(c);
     if (c->tun)
         tunnel_free(c);
+    if (c->hit) {
+        cache_entry_release(c->hit);
+        c->hit = NULL;
+    }
     fdtable_clear(c->fd);
     shim_real.close(c->fd);
     c->fd = -1;
@@ -155,7 +161,7 @@ void conn_update_events(struct conn *c)
     uint32_t want = 0;
     if (!c->app_eof && !c->closing && buf_len(&c->in) < IN_CAP)
         want |= EPOLLIN;
-    if (buf_len(&c->out) && !c->app_gone)
+    if ((buf_len(&c->out) || c->state == CS_HIT) && !c->app_gone)
         want |= EPOLLOUT;
     if (want != c->events) {
         c->events = want;
@@ -165,9 +171,84 @@ void conn_update_events(struct conn *c)
 
 static void start_tunnel(struct conn *c)
 {
-    if (tunnel_start(c) != 0)
+    STAT_INC(c->upstream, tunnels);
+    if (tunnel_start(c) != 0) {
+        STAT_INC(c->upstream, errors_upstream);
+        c->closing = true;
+    }
+}
+
+/* Bookkeeping when an exchange ends: drop its request bytes, record its latency. */
+static void exchange_finish(struct conn *c, bool ok, bool must_close, bool hit)
+{
+    c->state = CS_HTTP;
+    buf_consume(&c->in, c->req_total);
+    c->req_total = 0;
+    c->continue_sent = false;
+    if (ok)
+        stats_observe_latency(c->upstream, hit, stats_now_us() - c->req_started_us);
+    if (!ok || must_close)
         c->closing = true;
 }
+
+/* Sends the rest of a hit: the head already in `out`, then the body straight from the
+ * entry, one writev at a time. True when it is all sent (or the app went away). */
+static bool hit_pump(struct conn *c)
+{
+    while (buf_len(&c->out) || c->hit_off < c->hit_len) {
+        struct iovec iov[2];
+        int n = 0;
+        if (buf_len(&c->out))
+            iov[n++] = (struct iovec){ buf_head(&c->out), buf_len(&c->out) };
+        if (c->hit_off < c->hit_len)
+            iov[n++] = (struct iovec){ (char *)c->hit->body + c->hit_off, c->hit_len - c->hit_off };
+        struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)n };
+        ssize_t w = sendmsg(c->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return false;
+        if (w < 0) {
+            c->app_gone = true;
+            break;
+        }
+        size_t sent = (size_t)w, from_out = sent < buf_len(&c->out) ? sent : buf_len(&c->out);
+        buf_consume(&c->out, from_out);
+        c->hit_off += sent - from_out;
+    }
+    STAT_ADD(c->upstream, bytes_from_cache, c->hit_off);
+    cache_entry_release(c->hit);
+    c->hit = NULL;
+    exchange_finish(c, !c->app_gone, c->hit_must_close, true);
+    return true;
+}
+
+/* Starts answering from a cached entry; the head goes through `out`, which is empty. */
+static bool serve_hit(struct conn *c, struct cache_entry *e)
+{
+    int64_t age = (cache_now_ms() - e->stored_at_ms) / 1000;
+    char line[256];
+    int k = snprintf(line, sizeof line, "HTTP/1.%d %d %.*s\r\n", c->req_minor, e->status, (int)e->reason_len, e->reason);
+    bool ok = k > 0 && (size_t)k < sizeof line && buf_append(&c->out, line, (size_t)k) == 0
+              && buf_append(&c->out, e->headers, e->headers_len) == 0;
+    k = snprintf(line, sizeof line, "Content-Length: %zu\r\nAge: %lld\r\n%s\r\n", e->body_len, (long long)(age < 0 ? 0 : age),
+                 http_connection_line(c->req_minor, c->req_keep_alive));
+    ok = ok && k > 0 && (size_t)k < sizeof line && buf_append(&c->out, line, (size_t)k) == 0;
+    if (!ok) {                         /* cannot happen with an empty `out`; be safe */
+        cache_entry_release(e);
+        buf_consume(&c->out, buf_len(&c->out));
+        return false;
+    }
+    STAT_INC(c->upstream, hits);
+    c->hit = e;
+    c->hit_off = 0;
+    c->hit_len = c->req_is_head ? 0 : e->body_len;
+    c->hit_must_close = !c->req_keep_alive;
+    c->state = CS_HIT;
+    return true;
+}
+
+static char key_scratch[CACHE_KEY_MAX];   /* engine thread only */
 
 /* Answers requests at the front of `in`, one exchange at a time so responses go back
  * in request order (pipelining is honoured, not parallelised). */
@@ -189,8 +270,8 @@ void conn_process(struct conn *c)
                 start_tunnel(c);       /* let the upstream itself judge it */
             return;
         }
-        if (r == HTTP_PARSE_ERROR || req->head_len > HEAD_MAX || req->upgrade || req->chunked || http_method_is(req, "CONNECT")
-            || req->content_length > (int64_t)(IN_CAP - req->head_len)) {
+        if (r == HTTP_PARSE_ERROR || req->head_len > HEAD_MAX || req->upgrade || req->chunked
+            || http_method_is(req, "CONNECT") || req->content_length > (int64_t)(IN_CAP - req->head_len)) {
             shim_debug("fd %d: not relayable as HTTP (%s), tunnelling", c->fd,
                        r == HTTP_PARSE_ERROR ? "unparsed" : "upgrade/chunked/large body");
             start_tunnel(c);
@@ -211,8 +292,35 @@ void conn_process(struct conn *c)
                 start_tunnel(c);
             return;
         }
+        if (!c->continue_sent)
+            c->req_started_us = stats_now_us();
+        const struct upstream_rule *u = &E.cfg->upstreams[c->upstream];
+        const struct cache_rule *rule = E.cfg->cache != CACHE_OFF ? cache_rule_for(u, req) : NULL;
+        size_t key_len = rule ? cache_key(u, rule, req, key_scratch, sizeof key_scratch) : 0;
+        STAT_INC(c->upstream, requests);
+        if (key_len) {
+            if (buf_len(&c->out)) {
+                STAT_ADD(c->upstream, requests, (uint64_t)-1);
+                return;                /* a hit goes out in one piece: wait for `out` to drain */
+            }
+            struct cache_entry *e = memcache_get(key_scratch, key_len);
+            if (e && !cache_entry_matches_request(e, req)) {
+                cache_entry_release(e);
+                e = NULL;
+            }
+            if (e && serve_hit(c, e)) {
+                if (hit_pump(c))
+                    continue;          /* sent whole: on to the next pipelined request */
+                return;
+            }
+            STAT_INC(c->upstream, misses);
+        }
+        bool storable = key_len && (http_method_is(req, "GET") || (!c->req_is_head && strcmp(rule->method, "GET")));
         c->state = CS_UPSTREAM;
-        if (upstream_start(c, req, buf_head(&c->in) + req->head_len, body_len) != 0) {
+        STAT_INC(c->upstream, upstream_requests);
+        if (upstream_start(c, req, buf_head(&c->in) + req->head_len, body_len, storable ? rule : NULL,
+                           key_scratch, key_len) != 0) {
+            STAT_INC(c->upstream, errors_upstream);
             c->state = CS_HTTP;
             c->closing = true;
         }
@@ -222,12 +330,7 @@ void conn_process(struct conn *c)
 
 void conn_exchange_done(struct conn *c, bool ok, bool must_close)
 {
-    c->state = CS_HTTP;
-    buf_consume(&c->in, c->req_total);
-    c->req_total = 0;
-    c->continue_sent = false;
-    if (!ok || must_close)
-        c->closing = true;
+    exchange_finish(c, ok, must_close, false);
     conn_flush(c);
     conn_process(c);
     conn_flush(c);
@@ -240,8 +343,11 @@ static void on_app_event(struct conn *c, uint32_t ev)
         c->app_gone = c->app_eof = true;
         buf_consume(&c->out, buf_len(&c->out));
     }
-    if ((ev & EPOLLOUT) && conn_flush(c) == 0 && c->xfer && buf_len(&c->out) <= OUT_SOFT / 2)
+    if (c->state == CS_HIT) {
+        hit_pump(c);
+    } else if ((ev & EPOLLOUT) && conn_flush(c) == 0 && c->xfer && buf_len(&c->out) <= OUT_SOFT / 2) {
         upstream_resume(c);
+    }
     if (ev & (EPOLLIN | EPOLLHUP)) {
         for (int rounds = 0; rounds < 8 && !c->app_eof; rounds++) {
             size_t room = buf_make_room(&c->in, IN_CAP - buf_len(&c->in) < 16384 ? IN_CAP - buf_len(&c->in) : 16384);
@@ -262,7 +368,8 @@ static void on_app_event(struct conn *c, uint32_t ev)
     else
         conn_process(c);
     if (!c->dead) {
-        conn_flush(c);
+        if (c->state != CS_HIT)
+            conn_flush(c);
         conn_update_events(c);
     }
 }
@@ -349,6 +456,7 @@ static int start_locked(void)
     E.timer_tag.kind = EV_TIMER;
     if (engine_watch(E.wakefd, EPOLLIN, &E.wake_tag, true) || engine_watch(E.timerfd, EPOLLIN, &E.timer_tag, true))
         goto fail;
+    memcache_configure(E.cfg->memory_max);
     if (upstream_init(E.cfg) != 0)
         goto fail;
     sigset_t all, old;
@@ -425,10 +533,12 @@ int engine_adopt(int engine_fd, int upstream, const union shim_sockaddr *dest, s
 void engine_atfork_prepare(void)
 {
     pthread_mutex_lock(&E.lock);
+    memcache_atfork_prepare();
 }
 
 void engine_atfork_parent(void)
 {
+    memcache_atfork_release();
     pthread_mutex_unlock(&E.lock);
 }
 
@@ -451,5 +561,7 @@ void engine_atfork_child(void)
     E.dead = NULL;
     E.started = E.failed = false;
     E.epfd = E.wakefd = E.timerfd = -1;
+    stats_reset();
+    memcache_atfork_release();
     pthread_mutex_unlock(&E.lock);
 }

@@ -223,3 +223,10 @@ enum http_parse_result http_parse_request(const char *buf, size_t len, struct ht
     req->keep_alive = req->minor_version >= 1 ? !conn_close : (conn_keep_alive && !conn_close);
     return HTTP_PARSE_DONE;
 }
+
+const char *http_connection_line(int minor, bool keep_alive)
+{
+    if (minor >= 1)
+        return keep_alive ? "" : "Connection: close\r\n";
+    return keep_alive ? "Connection: keep-alive\r\n" : "Connection: close\r\n";
+}

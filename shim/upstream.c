@@ -26,7 +26,30 @@ struct transfer {
     bool upstream_chunked;
     bool head_done, head_sent, paused, must_close;
     enum body_mode mode;
+    /* storing the response, while `store` holds */
+    bool store;
+    const struct cache_rule *rule;
+    char *key;
+    size_t key_len;
+    struct response_policy policy;
+    struct buf stored_head;         /* end-to-end header lines, minus Age */
+    struct buf body;                /* the whole body, up to max_object */
+    char reason[64];
+    size_t reason_len;
+    struct buf vary;                /* the response's Vary names */
 };
+
+static struct http_request request_again;   /* engine thread only */
+
+static void not_stored(struct transfer *t, enum not_stored_reason why)
+{
+    if (!t->store)
+        return;
+    t->store = false;
+    STAT_INC(t->conn->upstream, not_stored[why]);
+    buf_free(&t->body);
+    buf_free(&t->stored_head);
+}
 
 struct curl_sock { struct ev_tag tag; int fd; uint32_t events; };
 
@@ -93,8 +116,9 @@ void upstream_on_timer(void)
 
 static curl_socket_t open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *addr)
 {
-    (void)clientp;
+    const struct transfer *t = clientp;
     (void)purpose;
+    STAT_INC(t->conn->upstream, upstream_conns_opened);
     int fd = socket(addr->family, addr->socktype | SOCK_CLOEXEC, addr->protocol);
     if (fd < 0)
         return CURL_SOCKET_BAD;
@@ -149,6 +173,16 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
         t->content_length = -1;
         t->upstream_chunked = false;
         t->head.start = t->head.end = 0;
+        t->stored_head.start = t->stored_head.end = 0;
+        t->vary.start = t->vary.end = 0;
+        cache_policy_init(&t->policy);
+        const char *reason = sp + 1;
+        while (reason < p + l && *reason != ' ')
+            reason++;
+        while (reason < p + l && *reason == ' ')
+            reason++;
+        t->reason_len = (size_t)(p + l - reason) < sizeof t->reason ? (size_t)(p + l - reason) : sizeof t->reason;
+        memcpy(t->reason, reason, t->reason_len);
         int k = snprintf(scratch, sizeof scratch, "HTTP/1.%d%.*s\r\n", c->req_minor, (int)(l - (size_t)(sp - p)), sp);
         return (k > 0 && (size_t)k < sizeof scratch && buf_append(&t->head, scratch, (size_t)k) == 0) ? len : 0;
     }
@@ -182,6 +216,16 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
         e += (size_t)snprintf(extra + e, sizeof extra - e, "\r\n");
         t->must_close = !keep;
         t->head_done = true;
+        if (t->store) {
+            int64_t ttl;
+            enum not_stored_reason why = cache_policy_decide(&t->policy, t->rule, t->status, &ttl);
+            if (why != NS_NONE)
+                not_stored(t, why);
+            else if (t->content_length > engine_config()->max_object)
+                not_stored(t, NS_TOO_LARGE);
+            else if (t->content_length < 0 && !t->upstream_chunked)
+                not_stored(t, NS_UNFRAMED);   /* a close-delimited body cannot prove it is whole */
+        }
         return buf_append(&t->head, extra, e) == 0 ? len : 0;
     }
     if (!t->status)
@@ -204,6 +248,15 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
     }
     if (http_is_hop_by_hop(name))
         return len;
+    if (t->store) {
+        cache_policy_header(&t->policy, name, value);
+        if (http_slice_ieq(name, "vary") && (buf_len(&t->vary) && buf_append(&t->vary, ",", 1)))
+            not_stored(t, NS_NO_MEMORY);
+        if (http_slice_ieq(name, "vary") && buf_append(&t->vary, value.p, value.n))
+            not_stored(t, NS_NO_MEMORY);
+        if (!http_slice_ieq(name, "age") && (buf_append(&t->stored_head, p, l) || buf_append(&t->stored_head, "\r\n", 2)))
+            not_stored(t, NS_NO_MEMORY);
+    }
     if (buf_append(&t->head, p, l) != 0 || buf_append(&t->head, "\r\n", 2) != 0)
         return 0;                      /* response head over RESP_HEAD_MAX */
     return len;
@@ -244,6 +297,8 @@ static size_t on_body(char *p, size_t size, size_t n, void *userdata)
     buf_append(&c->out, p, len);
     if (t->mode == BODY_CHUNKED)
         buf_append(&c->out, "\r\n", 2);
+    if (t->store && buf_append(&t->body, p, len) != 0)
+        not_stored(t, NS_TOO_LARGE);
     return conn_flush(c) == 0 ? len : 0;
 }
 
@@ -359,6 +414,7 @@ static int build(struct transfer *t, const struct http_request *req, const char 
     curl_easy_setopt(e, CURLOPT_LOW_SPEED_TIME, secs);
     curl_easy_setopt(e, CURLOPT_MAXAGE_CONN, (long)((cfg->pool_idle_timeout_ms + 999) / 1000));
     curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, open_socket);
+    curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, t);
     curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, close_socket);
     curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
     curl_easy_setopt(e, CURLOPT_HEADERDATA, t);
@@ -375,17 +431,31 @@ static void transfer_free(struct transfer *t)
     curl_slist_free_all(t->headers);
     curl_slist_free_all(t->connect_to);
     buf_free(&t->head);
+    buf_free(&t->stored_head);
+    buf_free(&t->body);
+    buf_free(&t->vary);
+    free(t->key);
     free(t);
 }
 
-int upstream_start(struct conn *c, const struct http_request *req, const char *body, size_t body_len)
+int upstream_start(struct conn *c, const struct http_request *req, const char *body, size_t body_len,
+                   const struct cache_rule *store_rule, const char *key, size_t key_len)
 {
     struct transfer *t = calloc(1, sizeof *t);
     if (!t)
         return -1;
     t->conn = c;
     t->head.cap = RESP_HEAD_MAX;
+    t->stored_head.cap = RESP_HEAD_MAX;
+    t->vary.cap = 1024;
+    t->body.cap = (size_t)engine_config()->max_object;
     t->content_length = -1;
+    if (store_rule && (t->key = malloc(key_len))) {
+        memcpy(t->key, key, key_len);
+        t->key_len = key_len;
+        t->rule = store_rule;
+        t->store = true;
+    }
     t->easy = curl_easy_init();
     if (!t->easy || build(t, req, body, body_len) != 0 || curl_multi_add_handle(multi, t->easy) != CURLM_OK) {
         transfer_free(t);
@@ -412,6 +482,42 @@ void upstream_resume(struct conn *c)
     }
 }
 
+/* The exchange completed: keep the response if it is whole and allowed. */
+static void store_response(struct transfer *t)
+{
+    struct conn *c = t->conn;
+    if (t->content_length >= 0 && (size_t)t->content_length != buf_len(&t->body)) {
+        not_stored(t, NS_INCOMPLETE);
+        return;
+    }
+    char values[4096];
+    size_t values_len = 0;
+    if (buf_len(&t->vary)) {
+        if (http_parse_request(buf_head(&c->in), buf_len(&c->in), &request_again) != HTTP_PARSE_DONE) {
+            not_stored(t, NS_NO_MEMORY);
+            return;
+        }
+        values_len = cache_vary_values(buf_head(&t->vary), buf_len(&t->vary), &request_again, values, sizeof values);
+        if (values_len == (size_t)-1) {
+            not_stored(t, NS_NO_MEMORY);
+            return;
+        }
+    }
+    int64_t ttl = 0;
+    cache_policy_decide(&t->policy, t->rule, t->status, &ttl);
+    struct cache_entry *e = cache_entry_new(t->key, t->key_len, t->status, t->reason, t->reason_len,
+                                            buf_head(&t->stored_head), buf_len(&t->stored_head),
+                                            buf_head(&t->vary), buf_len(&t->vary), values, values_len,
+                                            buf_head(&t->body), buf_len(&t->body), ttl);
+    if (!e) {
+        not_stored(t, NS_NO_MEMORY);
+        return;
+    }
+    e->upstream = c->upstream;
+    memcache_put(e);
+    STAT_INC(c->upstream, stored);
+}
+
 void upstream_reap(void)
 {
     CURLMsg *msg;
@@ -426,8 +532,13 @@ void upstream_reap(void)
         bool ok = result == CURLE_OK && t->head_done;
         if (ok && (send_head(t) != 0 || (t->mode == BODY_CHUNKED && buf_append(&c->out, "0\r\n\r\n", 5) != 0)))
             ok = false;
-        if (!ok)
+        if (!ok) {
             shim_debug("fd %d: upstream exchange failed: %s", c->fd, curl_easy_strerror(result));
+            STAT_INC(c->upstream, errors_upstream);
+            not_stored(t, NS_INCOMPLETE);
+        }
+        if (t->store)
+            store_response(t);
         bool must_close = t->must_close;
         c->xfer = NULL;
         curl_multi_remove_handle(multi, t->easy);

@@ -1,0 +1,349 @@
+/* cache.c — what may be cached and under which key: rule matching, key construction
+ * (the rule's host, never the client's Host; ignored query parameters dropped; named
+ * request headers and a hash of Authorization included), Vary variants, the response
+ * storage policy (no-store, private, Set-Cookie, Vary: *, statuses, Cache-Control
+ * lifetimes) and building immutable, reference-counted entries. */
+#include "cache.h"
+#include <curl/curl.h>
+#include <fnmatch.h>
+#include <openssl/sha.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+const char *const cache_not_stored_names[NS__COUNT] = {
+    [NS_NONE] = "none", [NS_METHOD] = "method", [NS_STATUS] = "status", [NS_NO_STORE] = "no_store",
+    [NS_PRIVATE] = "private", [NS_SET_COOKIE] = "set_cookie", [NS_VARY_STAR] = "vary_star",
+    [NS_TOO_LARGE] = "too_large", [NS_INCOMPLETE] = "incomplete", [NS_UNFRAMED] = "unframed",
+    [NS_ZERO_TTL] = "zero_ttl", [NS_NO_MEMORY] = "no_memory",
+};
+
+int64_t cache_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* The path and query of a request target (origin- or absolute-form). */
+static bool target_path(struct http_slice target, struct http_slice *path, struct http_slice *query)
+{
+    const char *p = target.p, *end = target.p + target.n;
+    if (p < end && *p != '/') {
+        const char *scheme = memmem(p, target.n, "://", 3);
+        if (!scheme)
+            return false;              /* asterisk-form or authority-form */
+        p = memchr(scheme + 3, '/', (size_t)(end - scheme - 3));
+        if (!p)
+            return false;
+    }
+    const char *q = memchr(p, '?', (size_t)(end - p));
+    *path = (struct http_slice){ p, (size_t)((q ? q : end) - p) };
+    *query = q ? (struct http_slice){ q + 1, (size_t)(end - q - 1) } : (struct http_slice){ end, 0 };
+    return true;
+}
+
+const struct cache_rule *cache_rule_for(const struct upstream_rule *u, const struct http_request *req)
+{
+    struct http_slice path, query;
+    if (!u->n_cache_rules || !target_path(req->target, &path, &query) || path.n >= 4096)
+        return NULL;
+    char p[4096];
+    memcpy(p, path.p, path.n);
+    p[path.n] = 0;
+    bool head = http_method_is(req, "HEAD");
+    for (size_t i = 0; i < u->n_cache_rules; i++) {
+        const struct cache_rule *r = &u->cache_rules[i];
+        bool method_ok = !strcmp(r->method, "*") || (req->method.n == strlen(r->method)
+                         && !memcmp(req->method.p, r->method, req->method.n))
+                         || (head && !strcmp(r->method, "GET"));
+        if (method_ok && fnmatch(r->glob, p, 0) == 0)
+            return r;
+    }
+    return NULL;
+}
+
+struct keybuf { char *p; size_t n, cap; bool overflow; };
+
+static void put(struct keybuf *k, const void *s, size_t n)
+{
+    if (k->n + n > k->cap) {
+        k->overflow = true;
+        return;
+    }
+    memcpy(k->p + k->n, s, n);
+    k->n += n;
+}
+
+static void puts_(struct keybuf *k, const char *s) { put(k, s, strlen(s)); }
+
+static bool ignored(const struct cache_rule *r, const char *name, size_t n)
+{
+    for (size_t i = 0; i < r->n_ignore_query; i++)
+        if (strlen(r->ignore_query[i]) == n && !memcmp(r->ignore_query[i], name, n))
+            return true;
+    return false;
+}
+
+static const struct http_header *find_header(const struct http_request *req, const char *name, size_t n,
+                                             size_t from)
+{
+    for (size_t i = from; i < req->nheaders; i++)
+        if (req->headers[i].name.n == n && !strncasecmp(req->headers[i].name.p, name, n))
+            return &req->headers[i];
+    return NULL;
+}
+
+/* All values of a header, in order, separated by ", " as a list header would be. */
+static void put_header_values(struct keybuf *k, const struct http_request *req, const char *name, size_t n)
+{
+    bool first = true;
+    for (const struct http_header *h = find_header(req, name, n, 0); h;
+         h = find_header(req, name, n, (size_t)(h - req->headers) + 1)) {
+        if (!first)
+            put(k, ", ", 2);
+        put(k, h->value.p, h->value.n);
+        first = false;
+    }
+    if (first)
+        put(k, "\x01", 1);             /* absent differs from empty */
+}
+
+size_t cache_key(const struct upstream_rule *u, const struct cache_rule *r, const struct http_request *req,
+                 char *out, size_t cap)
+{
+    struct http_slice path, query;
+    if (!target_path(req->target, &path, &query))
+        return 0;
+    struct keybuf k = { out, 0, cap, false };
+    char hostport[RULES_HOST_MAX + 16];
+    bool v6 = strchr(u->host, ':') != NULL;
+    snprintf(hostport, sizeof hostport, v6 ? "[%s]:%u" : "%s:%u", u->host, u->port);
+    bool head = http_method_is(req, "HEAD");
+    if (head)
+        puts_(&k, "GET");
+    else
+        put(&k, req->method.p, req->method.n);
+    puts_(&k, " http://");
+    puts_(&k, hostport);
+    put(&k, path.p, path.n);
+    bool first = true;
+    for (size_t i = 0; i < query.n;) {
+        const char *amp = memchr(query.p + i, '&', query.n - i);
+        size_t end = amp ? (size_t)(amp - query.p) : query.n;
+        const char *param = query.p + i;
+        size_t plen = end - i;
+        const char *eq = memchr(param, '=', plen);
+        size_t nlen = eq ? (size_t)(eq - param) : plen;
+        if (plen && !ignored(r, param, nlen)) {
+            put(&k, first ? "?" : "&", 1);
+            put(&k, param, plen);
+            first = false;
+        }
+        i = end + 1;
+    }
+    for (size_t i = 0; i < r->n_key_headers; i++) {
+        put(&k, "\n", 1);
+        puts_(&k, r->key_headers[i]);
+        put(&k, ": ", 2);
+        put_header_values(&k, req, r->key_headers[i], strlen(r->key_headers[i]));
+    }
+    const struct http_header *auth = find_header(req, "authorization", 13, 0);
+    if (auth) {
+        unsigned char digest[SHA256_DIGEST_LENGTH];
+        SHA256((const unsigned char *)auth->value.p, auth->value.n, digest);
+        char hex[2 * SHA256_DIGEST_LENGTH + 1];
+        for (size_t i = 0; i < SHA256_DIGEST_LENGTH; i++)
+            snprintf(hex + 2 * i, 3, "%02x", digest[i]);
+        puts_(&k, "\nauthorization-sha256: ");
+        puts_(&k, hex);
+    }
+    return k.overflow ? 0 : k.n;
+}
+
+size_t cache_vary_values(const char *vary, size_t vary_len, const struct http_request *req, char *out, size_t cap)
+{
+    struct keybuf k = { out, 0, cap, false };
+    for (size_t i = 0; i < vary_len;) {
+        while (i < vary_len && (vary[i] == ' ' || vary[i] == ',' || vary[i] == '\t'))
+            i++;
+        size_t start = i;
+        while (i < vary_len && vary[i] != ',' && vary[i] != ' ' && vary[i] != '\t')
+            i++;
+        if (i > start) {
+            put_header_values(&k, req, vary + start, i - start);
+            put(&k, "\n", 1);
+        }
+    }
+    return k.overflow ? (size_t)-1 : k.n;
+}
+
+bool cache_entry_matches_request(const struct cache_entry *e, const struct http_request *req)
+{
+    if (!e->vary_len)
+        return true;
+    char values[4096];
+    size_t n = cache_vary_values(e->vary, e->vary_len, req, values, sizeof values);
+    return n == e->vary_values_len && !memcmp(values, e->vary_values, n);
+}
+
+/* ---- response policy ---- */
+
+void cache_policy_init(struct response_policy *p)
+{
+    memset(p, 0, sizeof *p);
+    p->max_age_s = p->s_maxage_s = -1;
+    p->expires_ms = p->date_ms = -1;
+}
+
+static int64_t seconds_value(const char *v, size_t n)
+{
+    int64_t s = 0;
+    size_t i = 0;
+    if (i < n && v[i] == '"')
+        i++;
+    if (i >= n || v[i] < '0' || v[i] > '9')
+        return 0;                      /* unparseable lifetimes count as already stale */
+    for (; i < n && v[i] >= '0' && v[i] <= '9'; i++)
+        s = s < 100000000000LL ? s * 10 + (v[i] - '0') : s;
+    return s;
+}
+
+static int64_t http_date_ms(struct http_slice v)
+{
+    char tmp[128];
+    if (v.n >= sizeof tmp)
+        return 0;
+    memcpy(tmp, v.p, v.n);
+    tmp[v.n] = 0;
+    time_t t = curl_getdate(tmp, NULL);
+    return t < 0 ? 0 : (int64_t)t * 1000;
+}
+
+void cache_policy_header(struct response_policy *p, struct http_slice name, struct http_slice value)
+{
+    if (http_slice_ieq(name, "cache-control")) {
+        for (size_t i = 0; i < value.n;) {
+            while (i < value.n && (value.p[i] == ' ' || value.p[i] == ',' || value.p[i] == '\t'))
+                i++;
+            size_t start = i;
+            while (i < value.n && value.p[i] != ',' && value.p[i] != '=')
+                i++;
+            struct http_slice d = { value.p + start, i - start };
+            while (d.n && (d.p[d.n - 1] == ' ' || d.p[d.n - 1] == '\t'))
+                d.n--;
+            const char *arg = NULL;
+            size_t arg_n = 0;
+            if (i < value.n && value.p[i] == '=') {
+                arg = value.p + ++i;
+                bool quoted = i < value.n && value.p[i] == '"';
+                if (quoted)
+                    i++;
+                while (i < value.n && (quoted ? value.p[i] != '"' : value.p[i] != ','))
+                    i++;
+                if (quoted && i < value.n)
+                    i++;
+                arg_n = (size_t)(value.p + i - arg);
+            }
+            if (http_slice_ieq(d, "no-store"))
+                p->no_store = true;
+            else if (http_slice_ieq(d, "private"))
+                p->private_ = true;
+            else if (http_slice_ieq(d, "no-cache"))
+                p->no_cache = true;
+            else if (http_slice_ieq(d, "max-age") && arg)
+                p->max_age_s = seconds_value(arg, arg_n);
+            else if (http_slice_ieq(d, "s-maxage") && arg)
+                p->s_maxage_s = seconds_value(arg, arg_n);
+        }
+    } else if (http_slice_ieq(name, "set-cookie") || http_slice_ieq(name, "set-cookie2")) {
+        p->set_cookie = true;
+    } else if (http_slice_ieq(name, "vary")) {
+        p->vary_star |= http_list_has_token(value, "*");
+    } else if (http_slice_ieq(name, "expires")) {
+        p->expires_ms = http_date_ms(value);
+    } else if (http_slice_ieq(name, "date")) {
+        p->date_ms = http_date_ms(value);
+    }
+}
+
+enum not_stored_reason cache_policy_decide(const struct response_policy *p, const struct cache_rule *r,
+                                           int status, int64_t *ttl_ms)
+{
+    bool listed = false;
+    for (size_t i = 0; i < r->n_status; i++)
+        listed |= r->status[i] == status;
+    if (!listed)
+        return NS_STATUS;
+    if (p->no_store)
+        return NS_NO_STORE;
+    if (p->private_)
+        return NS_PRIVATE;
+    if (p->set_cookie)
+        return NS_SET_COOKIE;
+    if (p->vary_star)
+        return NS_VARY_STAR;
+    int64_t ttl = r->ttl_ms;
+    if (r->respect_cache_control) {
+        int64_t cc = -1;
+        if (p->no_cache)
+            cc = 0;
+        else if (p->s_maxage_s >= 0)
+            cc = p->s_maxage_s * 1000;
+        else if (p->max_age_s >= 0)
+            cc = p->max_age_s * 1000;
+        else if (p->expires_ms >= 0)
+            cc = p->expires_ms - (p->date_ms >= 0 ? p->date_ms : cache_now_ms());
+        if (cc >= 0 && cc < ttl)
+            ttl = cc;
+        if (cc < -1)
+            ttl = 0;                   /* Expires in the past */
+    }
+    if (ttl <= 0)
+        return NS_ZERO_TTL;
+    *ttl_ms = ttl;
+    return NS_NONE;
+}
+
+/* ---- entries ---- */
+
+struct cache_entry *cache_entry_new(const char *key, size_t key_len, int status, const char *reason,
+                                    size_t reason_len, const char *headers, size_t headers_len,
+                                    const char *vary, size_t vary_len, const char *vary_values,
+                                    size_t vary_values_len, const char *body, size_t body_len, int64_t ttl_ms)
+{
+    size_t total = sizeof(struct cache_entry) + key_len + reason_len + headers_len + vary_len
+                 + vary_values_len + body_len;
+    struct cache_entry *e = malloc(total);
+    if (!e)
+        return NULL;
+    memset(e, 0, sizeof *e);
+    char *p = (char *)(e + 1);
+#define PLACE(field, src, n) do { memcpy(p, (src), (n)); e->field = p; e->field##_len = (n); p += (n); } while (0)
+    PLACE(key, key, key_len);
+    PLACE(reason, reason, reason_len);
+    PLACE(headers, headers, headers_len);
+    PLACE(vary, vary, vary_len);
+    PLACE(vary_values, vary_values, vary_values_len);
+    PLACE(body, body, body_len);
+#undef PLACE
+    atomic_init(&e->refs, 1);
+    e->status = status;
+    e->stored_at_ms = cache_now_ms();
+    e->expires_at_ms = e->stored_at_ms + ttl_ms;
+    e->charge = total + 64;            /* + the hash table's share per entry */
+    return e;
+}
+
+void cache_entry_ref(struct cache_entry *e)
+{
+    atomic_fetch_add(&e->refs, 1);
+}
+
+void cache_entry_release(struct cache_entry *e)
+{
+    if (e && atomic_fetch_sub(&e->refs, 1) == 1)
+        free(e);
+}

@@ -1,0 +1,86 @@
+/* cache.h — cache entries, keys and the storage policy (cache.c), and the memory tier
+ * (cache_memory.c). An entry is immutable once built and reference counted, so a hit
+ * can be streamed to a slow reader while the tier evicts it. */
+#ifndef HTTPSHIM_CACHE_H
+#define HTTPSHIM_CACHE_H
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uthash.h>
+#include "http.h"
+#include "rules.h"
+
+#define CACHE_KEY_MAX 8192              /* longer keys: the request is not cached */
+
+struct cache_entry {
+    _Atomic int refs;
+    int status;
+    int64_t stored_at_ms;               /* wall clock, for Age */
+    int64_t expires_at_ms;              /* wall clock */
+    size_t charge;                      /* bytes counted against memory_max */
+    const char *key;   size_t key_len;
+    const char *reason; size_t reason_len;      /* "OK" */
+    const char *headers; size_t headers_len;    /* end-to-end lines, each ending CRLF */
+    const char *vary;  size_t vary_len;         /* request header names the response varies on */
+    const char *vary_values; size_t vary_values_len;
+    const char *body;  size_t body_len;
+    /* memory tier bookkeeping, under its lock */
+    UT_hash_handle hh;
+    struct cache_entry *lru_prev, *lru_next;
+    bool in_tier;
+    int upstream;
+};
+
+/* ---- cache.c ---- */
+int64_t cache_now_ms(void);
+/* The first cache rule of `u` matching the request's method and path, or NULL. HEAD
+ * requests match GET rules (a HEAD is answered from a stored GET). */
+const struct cache_rule *cache_rule_for(const struct upstream_rule *u, const struct http_request *req);
+/* Writes the key for this request under rule r into out; returns its length, or 0 when
+ * the request cannot be cached (key too long). */
+size_t cache_key(const struct upstream_rule *u, const struct cache_rule *r, const struct http_request *req,
+                 char *out, size_t cap);
+/* Values of the request headers named in a Vary list, joined: what an entry's variant is. */
+size_t cache_vary_values(const char *vary, size_t vary_len, const struct http_request *req, char *out, size_t cap);
+bool cache_entry_matches_request(const struct cache_entry *e, const struct http_request *req);
+
+enum not_stored_reason {
+    NS_NONE = 0, NS_METHOD, NS_STATUS, NS_NO_STORE, NS_PRIVATE, NS_SET_COOKIE, NS_VARY_STAR,
+    NS_TOO_LARGE, NS_INCOMPLETE, NS_UNFRAMED, NS_ZERO_TTL, NS_NO_MEMORY, NS__COUNT
+};
+extern const char *const cache_not_stored_names[NS__COUNT];
+
+/* What the response's own headers say, gathered while its head streams by. */
+struct response_policy {
+    bool no_store, private_, no_cache, set_cookie, vary_star;
+    int64_t max_age_s, s_maxage_s;      /* -1 when absent */
+    int64_t expires_ms, date_ms;        /* -1 when absent */
+};
+void cache_policy_init(struct response_policy *p);
+void cache_policy_header(struct response_policy *p, struct http_slice name, struct http_slice value);
+/* NS_NONE and the TTL to store with, or why it must not be stored. */
+enum not_stored_reason cache_policy_decide(const struct response_policy *p, const struct cache_rule *r,
+                                           int status, int64_t *ttl_ms);
+
+/* Builds one immutable entry (one allocation) with refs = 1. */
+struct cache_entry *cache_entry_new(const char *key, size_t key_len, int status, const char *reason,
+                                    size_t reason_len, const char *headers, size_t headers_len,
+                                    const char *vary, size_t vary_len, const char *vary_values,
+                                    size_t vary_values_len, const char *body, size_t body_len, int64_t ttl_ms);
+void cache_entry_ref(struct cache_entry *e);
+void cache_entry_release(struct cache_entry *e);
+
+/* ---- cache_memory.c: uthash + LRU under one mutex, byte-capped ---- */
+struct memcache_counters { uint64_t evictions, expired, entries, bytes; };
+void memcache_configure(int64_t max_bytes);
+/* A fresh entry for key (a new reference), or NULL. Expired entries are dropped. */
+struct cache_entry *memcache_get(const char *key, size_t key_len);
+/* Inserts (replacing any entry with the same key) and evicts LRU entries down to the cap.
+ * Takes over the caller's reference. */
+void memcache_put(struct cache_entry *e);
+size_t memcache_purge(bool (*match)(const struct cache_entry *, void *), void *arg);
+void memcache_counters(struct memcache_counters *out);
+void memcache_atfork_prepare(void);
+void memcache_atfork_release(void);
+#endif

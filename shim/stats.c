@@ -1,0 +1,37 @@
+/* stats.c — owns the counters and latency histograms every subsystem bumps. */
+#include "stats.h"
+#include <string.h>
+#include <time.h>
+
+struct upstream_stats shim_stats[RULES_MAX_UPSTREAMS];
+
+const double stats_lat_bounds_s[STATS_LAT_BUCKETS] = {
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025,
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 10,
+};
+
+int64_t stats_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+void stats_observe_latency(int upstream, bool hit, int64_t micros)
+{
+    int b = 0;
+    while (b < STATS_LAT_BUCKETS && (double)micros / 1e6 > stats_lat_bounds_s[b])
+        b++;
+    if (hit) {
+        STAT_INC(upstream, hit_lat[b]);
+        STAT_ADD(upstream, hit_lat_sum_us, (uint64_t)micros);
+    } else {
+        STAT_INC(upstream, miss_lat[b]);
+        STAT_ADD(upstream, miss_lat_sum_us, (uint64_t)micros);
+    }
+}
+
+void stats_reset(void)
+{
+    memset(shim_stats, 0, sizeof shim_stats);
+}

@@ -1,0 +1,30 @@
+/* stats.h — the library's counters (stats.c). Lock-free: relaxed atomic adds from the
+ * engine thread (and later from app threads), read by the stats socket. */
+#ifndef HTTPSHIM_STATS_H
+#define HTTPSHIM_STATS_H
+#include <stdatomic.h>
+#include <stdint.h>
+#include "cache.h"
+#include "rules.h"
+
+#define STATS_LAT_BUCKETS 16           /* 10us .. 10s, then +Inf */
+
+struct upstream_stats {
+    _Atomic uint64_t requests, hits, misses, stored, bytes_from_cache;
+    _Atomic uint64_t not_stored[NS__COUNT];
+    _Atomic uint64_t upstream_requests, upstream_conns_opened, tunnels;
+    _Atomic uint64_t errors_upstream, errors_app;
+    _Atomic uint64_t hit_lat[STATS_LAT_BUCKETS + 1], miss_lat[STATS_LAT_BUCKETS + 1];
+    _Atomic uint64_t hit_lat_sum_us, miss_lat_sum_us;
+};
+
+extern struct upstream_stats shim_stats[RULES_MAX_UPSTREAMS];
+extern const double stats_lat_bounds_s[STATS_LAT_BUCKETS];
+
+#define STAT_ADD(up, field, n) atomic_fetch_add_explicit(&shim_stats[(up)].field, (n), memory_order_relaxed)
+#define STAT_INC(up, field) STAT_ADD(up, field, 1)
+
+void stats_observe_latency(int upstream, bool hit, int64_t micros);
+int64_t stats_now_us(void);
+void stats_reset(void);                /* forked child: counters start from zero */
+#endif
