@@ -79,7 +79,8 @@ struct conn {
 /* engine.c */
 void conn_close(struct conn *c);
 int conn_flush(struct conn *c);              /* -1 when the app is gone */
-void conn_update_events(struct conn *c);
+void conn_update_events(struct conn *c);      /* may close the conn */
+void conn_watch_app(struct conn *c);          /* only adjusts epoll interest: safe in callbacks */
 void conn_process(struct conn *c);
 void conn_exchange_done(struct conn *c, bool ok, bool must_close);
 int engine_watch(int fd, uint32_t events, void *tag, bool add);

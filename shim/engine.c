@@ -158,6 +158,11 @@ void conn_update_events(struct conn *c)
         conn_close(c);
         return;
     }
+    conn_watch_app(c);
+}
+
+void conn_watch_app(struct conn *c)
+{
     uint32_t want = 0;
     if (!c->app_eof && !c->closing && buf_len(&c->in) < IN_CAP)
         want |= EPOLLIN;

@@ -299,7 +299,10 @@ static size_t on_body(char *p, size_t size, size_t n, void *userdata)
         buf_append(&c->out, "\r\n", 2);
     if (t->store && buf_append(&t->body, p, len) != 0)
         not_stored(t, NS_TOO_LARGE);
-    return conn_flush(c) == 0 ? len : 0;
+    if (conn_flush(c) != 0)
+        return 0;
+    conn_watch_app(c);                 /* whatever the app has not taken yet needs EPOLLOUT */
+    return len;
 }
 
 /* ---- requests ---- */
