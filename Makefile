@@ -28,11 +28,15 @@ $(BUILD)/obj:
 deps:
 	@tools/install-deps
 
+demo: deps
+	$(MAKE) all
+	tools/demo
+
 test: deps
 	$(MAKE) all
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
 
-.PHONY: all deps test clean
+.PHONY: all deps test clean demo
 clean:
 	rm -rf $(BUILD)
 

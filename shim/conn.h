@@ -67,6 +67,7 @@ struct conn {
     int req_minor;
     bool req_keep_alive, req_is_head, continue_sent;
     int64_t req_started_us;
+    uint64_t body_left;             /* streamed body bytes not yet handed to libcurl */
     struct cache_entry *hit;        /* CS_HIT: the entry being sent, a reference held */
     size_t hit_off, hit_len;        /* body bytes sent so far, and to send */
     bool hit_must_close;
@@ -91,11 +92,13 @@ int engine_timer_arm(long timeout_ms);      /* -1 disarms */
 /* upstream.c */
 int upstream_init(const struct shim_config *cfg);
 void upstream_forget(void);                  /* forked child: abandon the parent's state */
-/* Starts the exchange; with a store rule and key, a cacheable response is stored. */
+/* Starts the exchange; with a store rule and key, a cacheable response is stored.
+ * body_len (size_t)-1: the body streams from conn->in, conn->body_left bytes of it. */
 int upstream_start(struct conn *c, const struct http_request *req, const char *body, size_t body_len,
                    const struct cache_rule *store_rule, const char *key, size_t key_len);
 void upstream_abort(struct conn *c);
 void upstream_resume(struct conn *c);        /* `out` drained: unpause a paused transfer */
+void upstream_body_arrived(struct conn *c);  /* more streamed body in `in`: unpause sending */
 void upstream_on_socket(void *tag, uint32_t events);
 void upstream_on_timer(void);
 void upstream_reap(void);                    /* collect finished transfers */

@@ -190,6 +190,10 @@ static void exchange_finish(struct conn *c, bool ok, bool must_close, bool hit)
     buf_consume(&c->in, c->req_total);
     c->req_total = 0;
     c->continue_sent = false;
+    if (c->body_left) {
+        c->body_left = 0;
+        must_close = true;             /* the rest of the body would read as a request */
+    }
     if (ok)
         stats_observe_latency(c->upstream, hit, stats_now_us() - c->req_started_us);
     if (!ok || must_close)
@@ -276,18 +280,20 @@ void conn_process(struct conn *c)
             return;
         }
         if (r == HTTP_PARSE_ERROR || req->head_len > HEAD_MAX || req->upgrade || req->chunked
-            || http_method_is(req, "CONNECT") || req->content_length > (int64_t)(IN_CAP - req->head_len)) {
+            || http_method_is(req, "CONNECT")) {
             shim_debug("fd %d: not relayable as HTTP (%s), tunnelling", c->fd,
                        r == HTTP_PARSE_ERROR ? "unparsed" : "upgrade/chunked/large body");
             start_tunnel(c);
             return;
         }
-        size_t body_len = req->content_length > 0 ? (size_t)req->content_length : 0;
+        /* A body that fits is passed whole; a larger one streams through `in`. */
+        bool streaming = req->content_length > (int64_t)(IN_CAP - req->head_len);
+        size_t body_len = req->content_length > 0 && !streaming ? (size_t)req->content_length : 0;
         c->req_total = req->head_len + body_len;
         c->req_minor = req->minor_version;
         c->req_keep_alive = req->keep_alive;
         c->req_is_head = http_method_is(req, "HEAD");
-        if (avail < c->req_total) {
+        if (avail < c->req_total || (streaming && !c->continue_sent && req->expect_continue)) {
             if (req->expect_continue && !c->continue_sent) {
                 static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
                 buf_append(&c->out, cont, sizeof cont - 1);
@@ -295,9 +301,10 @@ void conn_process(struct conn *c)
             }
             if (c->app_eof)
                 start_tunnel(c);
-            return;
+            if (!streaming)
+                return;
         }
-        if (!c->continue_sent)
+        if (!c->continue_sent || streaming)
             c->req_started_us = stats_now_us();
         const struct upstream_rule *u = &E.cfg->upstreams[c->upstream];
         const struct cache_rule *rule = E.cfg->cache != CACHE_OFF ? cache_rule_for(u, req) : NULL;
@@ -320,14 +327,21 @@ void conn_process(struct conn *c)
             }
             STAT_INC(c->upstream, misses);
         }
-        bool storable = key_len && (http_method_is(req, "GET") || (!c->req_is_head && strcmp(rule->method, "GET")));
+        bool storable = key_len && !streaming
+                        && (http_method_is(req, "GET") || (!c->req_is_head && strcmp(rule->method, "GET")));
         c->state = CS_UPSTREAM;
         STAT_INC(c->upstream, upstream_requests);
-        if (upstream_start(c, req, buf_head(&c->in) + req->head_len, body_len, storable ? rule : NULL,
-                           key_scratch, key_len) != 0) {
+        c->body_left = streaming ? (uint64_t)req->content_length : 0;
+        if (upstream_start(c, req, buf_head(&c->in) + req->head_len, streaming ? (size_t)-1 : body_len,
+                           storable ? rule : NULL, key_scratch, key_len) != 0) {
             STAT_INC(c->upstream, errors_upstream);
             c->state = CS_HTTP;
             c->closing = true;
+            return;
+        }
+        if (streaming) {               /* the read callback takes the body from here on */
+            buf_consume(&c->in, req->head_len);
+            c->req_total = 0;
         }
         return;
     }
@@ -370,6 +384,8 @@ static void on_app_event(struct conn *c, uint32_t ev)
     }
     if (c->state == CS_TUNNEL)
         tunnel_pump(c);
+    else if (c->xfer && c->body_left && (buf_len(&c->in) || c->app_eof))
+        upstream_body_arrived(c);
     else
         conn_process(c);
     if (!c->dead) {

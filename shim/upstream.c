@@ -24,7 +24,7 @@ struct transfer {
     int status;
     int64_t content_length;         /* -1 when the upstream sent none */
     bool upstream_chunked;
-    bool head_done, head_sent, paused, must_close;
+    bool head_done, head_sent, paused, send_paused, must_close;
     enum body_mode mode;
     /* storing the response, while `store` holds */
     bool store;
@@ -307,6 +307,45 @@ static size_t on_body(char *p, size_t size, size_t n, void *userdata)
 
 /* ---- requests ---- */
 
+/* Streams a large request body from the app's buffer; pauses when it runs dry. */
+static size_t on_read(char *dst, size_t size, size_t n, void *userdata)
+{
+    struct transfer *t = userdata;
+    struct conn *c = t->conn;
+    size_t max = size * n, avail = buf_len(&c->in);
+    if (avail > c->body_left)
+        avail = (size_t)c->body_left;
+    if (avail > max)
+        avail = max;
+    if (c->body_left == 0)
+        return 0;
+    if (avail == 0) {
+        if (c->app_eof)
+            return CURL_READFUNC_ABORT;
+        t->send_paused = true;
+        return CURL_READFUNC_PAUSE;
+    }
+    memcpy(dst, buf_head(&c->in), avail);
+    buf_consume(&c->in, avail);
+    c->body_left -= avail;
+    conn_watch_app(c);
+    return avail;
+}
+
+static void apply_pause(struct transfer *t)
+{
+    curl_easy_pause(t->easy, (t->paused ? CURLPAUSE_RECV : 0) | (t->send_paused ? CURLPAUSE_SEND : 0));
+}
+
+void upstream_body_arrived(struct conn *c)
+{
+    struct transfer *t = c->xfer;
+    if (t && t->send_paused) {
+        t->send_paused = false;
+        apply_pause(t);
+    }
+}
+
 static int add_header(struct transfer *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static int add_header(struct transfer *t, const char *fmt, ...)
 {
@@ -400,7 +439,12 @@ static int build(struct transfer *t, const struct http_request *req, const char 
     } else {
         snprintf(scratch, sizeof scratch, "%.*s", (int)req->method.n, req->method.p);
         curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, scratch);
-        if (req->content_length >= 0) {
+        if (body_len == (size_t)-1) {
+            curl_easy_setopt(e, CURLOPT_POST, 1L);
+            curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)c->body_left);
+            curl_easy_setopt(e, CURLOPT_READFUNCTION, on_read);
+            curl_easy_setopt(e, CURLOPT_READDATA, t);
+        } else if (req->content_length >= 0) {
             curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
             curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, body_len ? body : "");
         }
@@ -481,7 +525,7 @@ void upstream_resume(struct conn *c)
     struct transfer *t = c->xfer;
     if (t && t->paused) {
         t->paused = false;
-        curl_easy_pause(t->easy, CURLPAUSE_CONT);
+        apply_pause(t);
     }
 }
 

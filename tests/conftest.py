@@ -13,7 +13,6 @@ Run:  /usr/bin/python3 -m pytest -q -p no:cacheprovider tests
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -127,7 +126,7 @@ class Result(tuple):
     def describe(self):
         return "cmd=%s\nrc=%s timed_out=%s\nstdout=%r\nstderr=%r" % (
             " ".join(map(str, self.cmd or []))[:600], self[0], self.timed_out,
-            self[1][-1500:], self[2][-3000:])
+            self[1][-400:], self[2][-3000:])
 
 
 def client_env(shim, conf=None, extra=None):
@@ -329,5 +328,3 @@ def hop_by_hop(name):
     return n in ("connection", "keep-alive", "te", "trailer", "upgrade",
                  "transfer-encoding") or n.startswith("proxy-")
 
-
-ENGINE_RE = re.compile(r"^httpshim$")

@@ -440,9 +440,7 @@ def send_response(conn, ctx, code, body, extra=(), framing="length"):
         parts.append(b"0\r\n\r\n")
         conn.sendall(b"".join(parts))
     else:
-        conn.sendall(head)
-        if body:
-            conn.sendall(body)
+        conn.sendall(head + body)  # one write: no Nagle / delayed-ACK stall
     return keep
 
 
@@ -669,6 +667,10 @@ def accept_loop(lsock, handler, counted):
             time.sleep(0.01)
             continue
         sock.settimeout(None)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         if counted:
             cid = STATS.conn_opened()
             t = threading.Thread(target=handler, args=(sock, cid))

@@ -233,7 +233,10 @@ static void complete(struct conn *c)
     n_ok++;
     if (c->cur >= opt.warmup)
         lat[n_lat++] = (t - c->t_req) * 1e6;
-    next_work(c, c->reusable);
+    /* a broken write, or (keepalive) a reply before our request went out
+       completely, leaves the connection out of step: do not reuse it */
+    next_work(c, c->reusable && !c->werr &&
+                 (opt.mode != M_KEEPALIVE || c->woff == c->w.len));
 }
 
 static void pump_write(struct conn *c)

@@ -139,6 +139,8 @@ def main():
     ap.add_argument("--responses", type=int)
     ap.add_argument("--methods", default="")
     ap.add_argument("--timeout", type=float, default=20.0)
+    ap.add_argument("--shut-wr", action="store_true",
+                    help="shutdown(SHUT_WR) once everything is sent (half-close)")
     a = ap.parse_args()
 
     rep = {"connect": None, "peer": None, "sockname_family": None, "recv_len": 0,
@@ -178,6 +180,8 @@ def main():
             while len(view):
                 n = s.send(view[:262144])
                 view = view[n:]
+            if a.shut_wr:
+                s.shutdown(socket.SHUT_WR)
         except OSError as e:
             rep["send_error"] = errno.errorcode.get(e.errno, str(e)) if e.errno else str(e)
 
