@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #define HASH_NONFATAL_OOM 1
 #include "cache.h"
+#include "stats.h"
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct cache_entry *table;
@@ -52,6 +53,8 @@ static void remove_locked(struct cache_entry *e)
     e->in_tier = false;
     counters.entries--;
     counters.bytes -= e->charge;
+    STAT_DEC(e->upstream, memory_entries);
+    STAT_ADD(e->upstream, memory_bytes, (uint64_t)0 - e->charge);
     cache_entry_release(e);
 }
 
@@ -62,6 +65,7 @@ struct cache_entry *memcache_get(const char *key, size_t key_len)
     pthread_mutex_lock(&lock);
     HASH_FIND(hh, table, key, key_len, e);
     if (e && now >= e->expires_at_ms) {
+        STAT_INC(e->upstream, expired);
         remove_locked(e);
         counters.expired++;
         e = NULL;
@@ -102,7 +106,10 @@ void memcache_put(struct cache_entry *e)
     lru_push_front(e);
     counters.entries++;
     counters.bytes += e->charge;
+    STAT_INC(e->upstream, memory_entries);
+    STAT_ADD(e->upstream, memory_bytes, e->charge);
     while ((int64_t)counters.bytes > max_bytes && lru) {
+        STAT_INC(lru->upstream, evictions);
         remove_locked(lru);
         counters.evictions++;
     }

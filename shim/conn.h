@@ -9,8 +9,8 @@
 #include "stats.h"
 
 /* Every epoll registration's data.ptr points at a struct starting with this tag. */
-enum ev_kind { EV_APP = 1, EV_TUNNEL_UP, EV_CURL, EV_TIMER, EV_WAKE };
-struct ev_tag { int kind; };
+enum ev_kind { EV_DEAD = 0, EV_APP, EV_TUNNEL_UP, EV_CURL, EV_TIMER, EV_WAKE, EV_TICK, EV_STATS };
+struct ev_tag { int kind; struct ev_tag *next_dead; };
 
 /* Caps. A request head beyond HEAD_MAX, or head + body beyond IN_CAP, is not parsed
  * but relayed as a raw tunnel; a response head beyond RESP_HEAD_MAX fails the exchange. */
@@ -86,6 +86,8 @@ void conn_process(struct conn *c);
 void conn_exchange_done(struct conn *c, bool ok, bool must_close);
 int engine_watch(int fd, uint32_t events, void *tag, bool add);
 void engine_unwatch(int fd);
+/* Frees a tagged object after the current epoll batch: events for it may still be queued. */
+void engine_free_later(struct ev_tag *tag);
 const struct shim_config *engine_config(void);
 int engine_timer_arm(long timeout_ms);      /* -1 disarms */
 
@@ -102,6 +104,12 @@ void upstream_body_arrived(struct conn *c);  /* more streamed body in `in`: unpa
 void upstream_on_socket(void *tag, uint32_t events);
 void upstream_on_timer(void);
 void upstream_reap(void);                    /* collect finished transfers */
+
+/* stats_server.c */
+int stats_server_start(const struct shim_config *cfg);
+void stats_server_atfork_child(void);
+void stats_on_event(void *tag, uint32_t events);
+void stats_tick(void);                       /* once a second: time out slow clients */
 
 /* tunnel.c */
 int tunnel_start(struct conn *c);

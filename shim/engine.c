@@ -19,12 +19,13 @@
 static struct {
     pthread_mutex_t lock;           /* guards started/failed and the conn list */
     bool started, failed;
-    int epfd, wakefd, timerfd;
-    struct ev_tag wake_tag, timer_tag;
+    int epfd, wakefd, timerfd, tickfd;
+    struct ev_tag wake_tag, timer_tag, tick_tag;
     struct conn *conns;
     struct conn *dead;              /* freed after the current epoll batch */
+    struct ev_tag *dead_tags;
     const struct shim_config *cfg;
-} E = { .lock = PTHREAD_MUTEX_INITIALIZER, .epfd = -1, .wakefd = -1, .timerfd = -1 };
+} E = { .lock = PTHREAD_MUTEX_INITIALIZER, .epfd = -1, .wakefd = -1, .timerfd = -1, .tickfd = -1 };
 
 /* Conns a forked child inherited from its parent's engine: kept reachable, never used. */
 static struct conn *orphaned_conns;
@@ -112,6 +113,8 @@ void conn_close(struct conn *c)
     if (c->dead)
         return;
     c->dead = true;
+    if (c->xfer || c->hit)
+        STAT_INC(c->upstream, errors_app);   /* the app left in the middle of an answer */
     if (c->xfer)
         upstream_abort(c);
     if (c->tun)
@@ -135,8 +138,20 @@ void conn_close(struct conn *c)
     E.dead = c;
 }
 
+void engine_free_later(struct ev_tag *tag)
+{
+    tag->kind = EV_DEAD;
+    tag->next_dead = E.dead_tags;
+    E.dead_tags = tag;
+}
+
 static void free_dead(void)
 {
+    while (E.dead_tags) {
+        struct ev_tag *t = E.dead_tags;
+        E.dead_tags = t->next_dead;
+        free(t);
+    }
     while (E.dead) {
         struct conn *c = E.dead;
         E.dead = c->next_dead;
@@ -178,7 +193,7 @@ static void start_tunnel(struct conn *c)
 {
     STAT_INC(c->upstream, tunnels);
     if (tunnel_start(c) != 0) {
-        STAT_INC(c->upstream, errors_upstream);
+        STAT_INC(c->upstream, errors_tunnel);
         c->closing = true;
     }
 }
@@ -433,6 +448,16 @@ static void *engine_main(void *arg)
                 upstream_on_timer();
                 break;
             }
+            case EV_TICK: {
+                uint64_t ticks;
+                ssize_t r = read(E.tickfd, &ticks, sizeof ticks);
+                (void)r;
+                stats_tick();
+                break;
+            }
+            case EV_STATS:
+                stats_on_event(tag, ev);
+                break;
             case EV_WAKE: {
                 uint64_t v;
                 ssize_t r = read(E.wakefd, &v, sizeof v);
@@ -468,15 +493,21 @@ static int start_locked(void)
     E.epfd = epoll_create1(EPOLL_CLOEXEC);
     E.wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     E.timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-    if (E.epfd < 0 || E.wakefd < 0 || E.timerfd < 0)
+    E.tickfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (E.epfd < 0 || E.wakefd < 0 || E.timerfd < 0 || E.tickfd < 0)
         goto fail;
     fdtable_mark_engine(E.epfd);
     fdtable_mark_engine(E.wakefd);
     fdtable_mark_engine(E.timerfd);
+    fdtable_mark_engine(E.tickfd);
     E.wake_tag.kind = EV_WAKE;
     E.timer_tag.kind = EV_TIMER;
-    if (engine_watch(E.wakefd, EPOLLIN, &E.wake_tag, true) || engine_watch(E.timerfd, EPOLLIN, &E.timer_tag, true))
+    E.tick_tag.kind = EV_TICK;
+    struct itimerspec second = { .it_interval = { 1, 0 }, .it_value = { 1, 0 } };
+    if (engine_watch(E.wakefd, EPOLLIN, &E.wake_tag, true) || engine_watch(E.timerfd, EPOLLIN, &E.timer_tag, true)
+        || engine_watch(E.tickfd, EPOLLIN, &E.tick_tag, true) || timerfd_settime(E.tickfd, 0, &second, NULL))
         goto fail;
+    stats_server_start(E.cfg);        /* no stats socket is no reason to run unshimmed */
     memcache_configure(E.cfg->memory_max);
     if (upstream_init(E.cfg) != 0)
         goto fail;
@@ -580,8 +611,10 @@ void engine_atfork_child(void)
     }
     E.conns = NULL;
     E.dead = NULL;
+    E.dead_tags = NULL;
     E.started = E.failed = false;
-    E.epfd = E.wakefd = E.timerfd = -1;
+    E.epfd = E.wakefd = E.timerfd = E.tickfd = -1;
+    stats_server_atfork_child();
     stats_reset();
     memcache_atfork_release();
     pthread_mutex_unlock(&E.lock);

@@ -261,6 +261,18 @@ static int parse_global(struct parser *p, const char *key, const char *val, stru
             cfg->max_object = b;
         return 0;
     }
+    if (!strcmp(key, "stats_socket")) {
+        const char *slash = strrchr(val, '/');
+        if (val[0] != '/' || !slash || !strstr(slash, "%p") || strlen(val) >= sizeof cfg->stats_socket)
+            return fail(p, "stats_socket '%s': expected an absolute path whose file name contains %%p", val);
+        for (const char *c = val; *c; c++)
+            if (*c == '%' && c[1] != 'p' && c[1] != 'u' && c[1] != '%')
+                return fail(p, "stats_socket '%s': only %%p, %%u and %%%% may follow '%%'", val);
+            else if (*c == '%')
+                c++;
+        snprintf(cfg->stats_socket, sizeof cfg->stats_socket, "%s", val);
+        return 0;
+    }
     return fail(p, "unknown setting '%s' in [global]", key);
 }
 
@@ -274,6 +286,7 @@ int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX
     cfg->cache = CACHE_MEMORY;
     cfg->memory_max = 64LL << 20;
     cfg->max_object = 1LL << 20;
+    snprintf(cfg->stats_socket, sizeof cfg->stats_socket, "/tmp/httpshim-%%u/%%p.sock");
     err[0] = 0;
 
     FILE *f = fopen(path, "re");
@@ -469,4 +482,32 @@ int rules_match_addr(struct shim_config *cfg, const struct sockaddr *sa, socklen
     }
     pthread_mutex_unlock(&rules_addr_lock);
     return found;
+}
+
+int rules_expand_socket_path(const char *pattern, int pid, unsigned uid, char *out, size_t cap)
+{
+    size_t n = 0;
+    for (const char *c = pattern; *c; c++) {
+        char tmp[24];
+        const char *piece = tmp;
+        if (*c == '%' && c[1] == 'p')
+            snprintf(tmp, sizeof tmp, "%d", pid);
+        else if (*c == '%' && c[1] == 'u')
+            snprintf(tmp, sizeof tmp, "%u", uid);
+        else if (*c == '%' && c[1] == '%')
+            piece = "%";
+        else {
+            tmp[0] = *c;
+            tmp[1] = 0;
+        }
+        if (*c == '%' && c[1])
+            c++;
+        size_t len = strlen(piece);
+        if (n + len >= cap)
+            return -1;
+        memcpy(out + n, piece, len);
+        n += len;
+    }
+    out[n] = 0;
+    return 0;
 }

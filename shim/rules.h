@@ -50,6 +50,7 @@ struct shim_config {
     enum cache_backend cache;
     int64_t memory_max;
     int64_t max_object;
+    char stats_socket[256];        /* pattern: %p pid, %u uid, %% a percent sign */
     size_t n_upstreams;
     struct upstream_rule upstreams[RULES_MAX_UPSTREAMS];
 };
@@ -69,6 +70,8 @@ int rules_match_addr(struct shim_config *cfg, const struct sockaddr *sa, socklen
 void rules_learn(struct shim_config *cfg, const char *name, int family, const void *addr_bytes);
 bool rules_name_is_listed(const struct shim_config *cfg, const char *name);
 
+/* Expands a stats_socket pattern for this pid and uid; -1 if it does not fit. */
+int rules_expand_socket_path(const char *pattern, int pid, unsigned uid, char *out, size_t cap);
 int64_t rules_parse_duration_ms(const char *s, bool *ok);
 int64_t rules_parse_size(const char *s, bool *ok);
 #endif

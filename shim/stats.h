@@ -12,8 +12,12 @@
 struct upstream_stats {
     _Atomic uint64_t requests, hits, misses, stored, bytes_from_cache;
     _Atomic uint64_t not_stored[NS__COUNT];
-    _Atomic uint64_t upstream_requests, upstream_conns_opened, tunnels;
-    _Atomic uint64_t errors_upstream, errors_app;
+    _Atomic uint64_t upstream_requests, upstream_conns_opened, upstream_conn_reuses, tunnels;
+    _Atomic uint64_t errors_upstream, errors_app, errors_tunnel;
+    _Atomic uint64_t evictions, expired;
+    /* gauges: adjusted up and down (unsigned wrap-around arithmetic) */
+    _Atomic uint64_t memory_entries, memory_bytes;
+    _Atomic uint64_t pool_open, in_flight, in_flight_connected;
     _Atomic uint64_t hit_lat[STATS_LAT_BUCKETS + 1], miss_lat[STATS_LAT_BUCKETS + 1];
     _Atomic uint64_t hit_lat_sum_us, miss_lat_sum_us;
 };
@@ -23,6 +27,7 @@ extern const double stats_lat_bounds_s[STATS_LAT_BUCKETS];
 
 #define STAT_ADD(up, field, n) atomic_fetch_add_explicit(&shim_stats[(up)].field, (n), memory_order_relaxed)
 #define STAT_INC(up, field) STAT_ADD(up, field, 1)
+#define STAT_DEC(up, field) STAT_ADD(up, field, (uint64_t)-1)
 
 void stats_observe_latency(int upstream, bool hit, int64_t micros);
 int64_t stats_now_us(void);

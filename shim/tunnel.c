@@ -55,7 +55,7 @@ void tunnel_free(struct conn *c)
     c->tun = NULL;
     fdtable_clear(t->fd);
     shim_real.close(t->fd);    /* also leaves the epoll set */
-    free(t);
+    engine_free_later(&t->tag);
 }
 
 /* Moves what can move now, propagates half-closes, and ends the relay when both
@@ -113,6 +113,7 @@ void tunnel_on_upstream(void *tag, uint32_t ev)
         socklen_t len = sizeof err;
         if (shim_real.getsockopt(t->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err) {
             shim_debug("fd %d: tunnel connect failed: %s", c->fd, strerror(err));
+            STAT_INC(c->upstream, errors_tunnel);
             conn_close(c);
             return;
         }

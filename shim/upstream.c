@@ -24,7 +24,7 @@ struct transfer {
     int status;
     int64_t content_length;         /* -1 when the upstream sent none */
     bool upstream_chunked;
-    bool head_done, head_sent, paused, send_paused, must_close;
+    bool head_done, head_sent, paused, send_paused, must_close, connected;
     enum body_mode mode;
     /* storing the response, while `store` holds */
     bool store;
@@ -68,7 +68,7 @@ static int on_curl_socket(CURL *easy, curl_socket_t s, int what, void *userp, vo
         if (cs) {
             engine_unwatch(s);
             curl_multi_assign(multi, s, NULL);
-            free(cs);
+            engine_free_later(&cs->tag);
         }
         return 0;
     }
@@ -118,19 +118,44 @@ static curl_socket_t open_socket(void *clientp, curlsocktype purpose, struct cur
 {
     const struct transfer *t = clientp;
     (void)purpose;
-    STAT_INC(t->conn->upstream, upstream_conns_opened);
     int fd = socket(addr->family, addr->socktype | SOCK_CLOEXEC, addr->protocol);
     if (fd < 0)
         return CURL_SOCKET_BAD;
     fdtable_mark_engine(fd);
+    struct fd_entry *e = fdtable_slot(fd);
+    if (e)
+        e->upstream = t->conn->upstream;   /* which gauge the close decrements */
+    STAT_INC(t->conn->upstream, upstream_conns_opened);
+    STAT_INC(t->conn->upstream, pool_open);
     return fd;
 }
 
+/* libcurl may close a pooled socket long after the transfer that opened it is gone:
+ * the upstream comes from the fd table, never from clientp. */
 static int close_socket(void *clientp, curl_socket_t fd)
 {
     (void)clientp;
+    const struct fd_entry *e = fdtable_slot(fd);
+    if (e && atomic_load(&e->kind) == FD_ENGINE)
+        STAT_DEC(e->upstream, pool_open);
     fdtable_clear(fd);
     return shim_real.close(fd);
+}
+
+/* The transfer has its connection (new or reused) and is about to send. */
+static int on_prereq(void *clientp, char *conn_primary_ip, char *conn_local_ip, int conn_primary_port,
+                     int conn_local_port)
+{
+    struct transfer *t = clientp;
+    (void)conn_primary_ip;
+    (void)conn_local_ip;
+    (void)conn_primary_port;
+    (void)conn_local_port;
+    if (!t->connected) {
+        t->connected = true;
+        STAT_INC(t->conn->upstream, in_flight_connected);
+    }
+    return CURL_PREREQFUNC_OK;
 }
 
 int upstream_init(const struct shim_config *cfg)
@@ -462,6 +487,8 @@ static int build(struct transfer *t, const struct http_request *req, const char 
     curl_easy_setopt(e, CURLOPT_MAXAGE_CONN, (long)((cfg->pool_idle_timeout_ms + 999) / 1000));
     curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, open_socket);
     curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, t);
+    curl_easy_setopt(e, CURLOPT_PREREQFUNCTION, on_prereq);
+    curl_easy_setopt(e, CURLOPT_PREREQDATA, t);
     curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, close_socket);
     curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
     curl_easy_setopt(e, CURLOPT_HEADERDATA, t);
@@ -473,6 +500,11 @@ static int build(struct transfer *t, const struct http_request *req, const char 
 
 static void transfer_free(struct transfer *t)
 {
+    if (t->conn) {
+        STAT_DEC(t->conn->upstream, in_flight);
+        if (t->connected)
+            STAT_DEC(t->conn->upstream, in_flight_connected);
+    }
     if (t->easy)
         curl_easy_cleanup(t->easy);
     curl_slist_free_all(t->headers);
@@ -504,6 +536,7 @@ int upstream_start(struct conn *c, const struct http_request *req, const char *b
         t->store = true;
     }
     t->easy = curl_easy_init();
+    STAT_INC(c->upstream, in_flight);
     if (!t->easy || build(t, req, body, body_len) != 0 || curl_multi_add_handle(multi, t->easy) != CURLM_OK) {
         transfer_free(t);
         return -1;
@@ -581,11 +614,18 @@ void upstream_reap(void)
             ok = false;
         if (!ok) {
             shim_debug("fd %d: upstream exchange failed: %s", c->fd, curl_easy_strerror(result));
-            STAT_INC(c->upstream, errors_upstream);
+            if (c->app_gone)
+                STAT_INC(c->upstream, errors_app);
+            else
+                STAT_INC(c->upstream, errors_upstream);
             not_stored(t, NS_INCOMPLETE);
         }
         if (t->store)
             store_response(t);
+        long connects = 1;
+        curl_easy_getinfo(t->easy, CURLINFO_NUM_CONNECTS, &connects);
+        if (ok && connects == 0)
+            STAT_INC(c->upstream, upstream_conn_reuses);
         bool must_close = t->must_close;
         c->xfer = NULL;
         curl_multi_remove_handle(multi, t->easy);

@@ -1,0 +1,561 @@
+/* stats_server.c — owns the per-process stats socket: a Unix socket (directory 0700,
+ * socket 0600, peers checked with SO_PEERCRED) speaking just enough HTTP/1.1 for
+ * `GET /stats` (JSON), `GET /metrics` (Prometheus text) and `POST /purge`. It runs in the
+ * engine's epoll loop; clients are capped in number, request size and time. The socket
+ * file is removed at exit, and on the default-fatal signals when the app left them at
+ * their default disposition. */
+#include "conn.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <fnmatch.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define STATS_MAX_CLIENTS   16
+#define STATS_REQ_MAX       8192
+#define STATS_OUT_MAX       (1024 * 1024)
+#define STATS_CLIENT_MS     5000
+
+struct stats_client {
+    struct ev_tag tag;
+    int fd;
+    size_t in_len;
+    char in[STATS_REQ_MAX];
+    struct buf out;
+    int64_t deadline_ms;
+    struct stats_client *next;
+};
+
+static struct {
+    struct ev_tag tag;
+    int fd;
+    char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+    pid_t owner;
+    int n_clients;
+    struct stats_client *clients;
+    int64_t started_ms;
+} S = { .fd = -1 };
+
+static _Atomic uint64_t refused_peers;
+static struct stats_client *orphaned_clients;   /* a forked child's inheritance */
+
+static void unlink_socket(void)
+{
+    if (S.owner == getpid() && S.path[0])
+        unlink(S.path);
+}
+
+static void on_fatal_signal(int sig)
+{
+    int saved = errno;
+    unlink_socket();
+    signal(sig, SIG_DFL);
+    raise(sig);                        /* delivered once this handler returns */
+    errno = saved;
+}
+
+static void install_exit_cleanup(void)
+{
+    static bool installed;
+    if (installed)
+        return;
+    installed = true;
+    atexit(unlink_socket);
+    static const int fatal[] = { SIGTERM, SIGINT, SIGHUP, SIGQUIT };
+    for (size_t i = 0; i < sizeof fatal / sizeof fatal[0]; i++) {
+        struct sigaction old;
+        if (sigaction(fatal[i], NULL, &old) == 0 && old.sa_handler == SIG_DFL && !(old.sa_flags & SA_SIGINFO)) {
+            struct sigaction sa;
+            memset(&sa, 0, sizeof sa);
+            sa.sa_handler = on_fatal_signal;
+            sigemptyset(&sa.sa_mask);
+            sigaction(fatal[i], &sa, NULL);
+        }
+    }
+}
+
+/* The socket's directory: created 0700, or reused if it is ours and private. */
+static int prepare_dir(const char *path)
+{
+    char dir[sizeof S.path];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (!slash || slash == dir)
+        return 0;
+    *slash = 0;
+    if (mkdir(dir, 0700) == 0)
+        return 0;
+    struct stat st;
+    if (errno != EEXIST || lstat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
+        return -1;
+    if (st.st_uid != getuid())
+        return (st.st_mode & S_ISVTX) || st.st_uid == 0 ? 0 : -1;   /* e.g. /tmp itself */
+    return (st.st_mode & 077) ? chmod(dir, 0700) : 0;
+}
+
+int stats_server_start(const struct shim_config *cfg)
+{
+    char path[512];
+    if (rules_expand_socket_path(cfg->stats_socket, (int)getpid(), (unsigned)getuid(), path, sizeof path) != 0
+        || strlen(path) >= sizeof S.path) {
+        shim_log("stats socket path too long: %s (stats disabled)", path);
+        return -1;
+    }
+    if (prepare_dir(path) != 0) {
+        shim_log("stats socket directory for %s is not usable: %s (stats disabled)", path, strerror(errno));
+        return -1;
+    }
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    struct sockaddr_un sun = { .sun_family = AF_UNIX };
+    memcpy(sun.sun_path, path, strlen(path) + 1);
+    unlink(path);                      /* a file with our pid in its name is a dead process's */
+    if (bind(fd, (struct sockaddr *)&sun, sizeof sun) != 0 || chmod(path, 0600) != 0 || listen(fd, 16) != 0) {
+        shim_log("stats socket %s: %s (stats disabled)", path, strerror(errno));
+        shim_real.close(fd);
+        return -1;
+    }
+    fdtable_mark_engine(fd);
+    S.fd = fd;
+    S.tag.kind = EV_STATS;
+    snprintf(S.path, sizeof S.path, "%s", path);
+    S.owner = getpid();
+    S.started_ms = cache_now_ms();
+    if (engine_watch(fd, EPOLLIN, &S.tag, true) != 0) {
+        unlink(path);
+        fdtable_clear(fd);
+        shim_real.close(fd);
+        S.fd = -1;
+        return -1;
+    }
+    install_exit_cleanup();
+    return 0;
+}
+
+void stats_server_atfork_child(void)
+{
+    /* the fds went with the other engine fds; the file is the parent's */
+    if (S.clients) {
+        struct stats_client *last = S.clients;
+        while (last->next)
+            last = last->next;
+        last->next = orphaned_clients;
+        orphaned_clients = S.clients;
+    }
+    S.clients = NULL;
+    S.n_clients = 0;
+    S.fd = -1;
+    S.path[0] = 0;
+    atomic_store(&refused_peers, 0);
+}
+
+/* ---- rendering ---- */
+
+struct out { struct buf b; bool full; };
+
+static void appendf(struct out *o, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void appendf(struct out *o, const char *fmt, ...)
+{
+    char tmp[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n >= sizeof tmp || buf_append(&o->b, tmp, (size_t)n) != 0)
+        o->full = true;
+}
+
+static uint64_t get(_Atomic uint64_t *v) { return atomic_load_explicit(v, memory_order_relaxed); }
+
+/* A gauge kept by paired increments and decrements may be read mid-update: clamp. */
+static uint64_t gauge(_Atomic uint64_t *v)
+{
+    uint64_t x = get(v);
+    return x > (UINT64_MAX >> 1) ? 0 : x;
+}
+
+static void upstream_label(const struct upstream_rule *u, char *out, size_t n)
+{
+    snprintf(out, n, strchr(u->host, ':') ? "[%s]:%u" : "%s:%u", u->host, u->port);
+}
+
+struct counter_def { const char *name, *help; size_t offset; bool is_gauge; };
+
+#define C(field, help) { #field, help, offsetof(struct upstream_stats, field), false }
+#define G(field, help) { #field, help, offsetof(struct upstream_stats, field), true }
+static const struct counter_def counters[] = {
+    C(requests, "HTTP requests the shim answered or relayed"),
+    C(hits, "requests answered from the cache"),
+    C(misses, "cacheable requests not found in the cache"),
+    C(stored, "responses stored in the cache"),
+    C(evictions, "entries evicted to keep the memory tier under memory_max"),
+    C(expired, "entries dropped because their TTL had passed"),
+    C(bytes_from_cache, "body bytes served from the cache"),
+    C(upstream_requests, "requests sent to the upstream"),
+    C(upstream_conns_opened, "upstream connections opened"),
+    C(upstream_conn_reuses, "upstream requests carried on an already open connection"),
+    C(tunnels, "connections relayed as raw tunnels"),
+    G(memory_entries, "entries in the memory tier now"),
+    G(memory_bytes, "bytes the memory tier holds now, everything counted"),
+};
+#undef C
+#undef G
+
+static uint64_t counter_value(int up, const struct counter_def *d)
+{
+    _Atomic uint64_t *v = (_Atomic uint64_t *)(void *)((char *)&shim_stats[up] + d->offset);
+    return d->is_gauge ? gauge(v) : get(v);
+}
+
+static void pool_gauges(int up, uint64_t *idle, uint64_t *busy, uint64_t *waiting)
+{
+    uint64_t open = gauge(&shim_stats[up].pool_open);
+    uint64_t flight = gauge(&shim_stats[up].in_flight);
+    uint64_t connected = gauge(&shim_stats[up].in_flight_connected);
+    *busy = connected < open ? connected : open;
+    *idle = open - *busy;
+    *waiting = flight > connected ? flight - connected : 0;
+}
+
+static void json_histogram(struct out *o, const char *name, _Atomic uint64_t *b, _Atomic uint64_t *sum_us)
+{
+    uint64_t cum = 0;
+    appendf(o, "\"%s\":{\"buckets\":[", name);
+    for (int i = 0; i <= STATS_LAT_BUCKETS; i++) {
+        cum += get(&b[i]);
+        if (i < STATS_LAT_BUCKETS)
+            appendf(o, "%s[%g,%llu]", i ? "," : "", stats_lat_bounds_s[i], (unsigned long long)cum);
+    }
+    appendf(o, "],\"count\":%llu,\"sum\":%.6f}", (unsigned long long)cum, (double)get(sum_us) / 1e6);
+}
+
+static void render_json(struct out *o, const struct shim_config *cfg)
+{
+    appendf(o, "{\"pid\":%d,\"uptime_seconds\":%.3f,\"stats_refused\":%llu,\"upstreams\":{", (int)getpid(),
+            (double)(cache_now_ms() - S.started_ms) / 1000, (unsigned long long)get(&refused_peers));
+    for (size_t i = 0; i < cfg->n_upstreams; i++) {
+        int up = (int)i;
+        char label[RULES_HOST_MAX + 16];
+        upstream_label(&cfg->upstreams[i], label, sizeof label);
+        appendf(o, "%s\"%s\":{", i ? "," : "", label);
+        for (size_t k = 0; k < sizeof counters / sizeof counters[0]; k++)
+            appendf(o, "\"%s\":%llu,", counters[k].name, (unsigned long long)counter_value(up, &counters[k]));
+        uint64_t idle, busy, waiting;
+        pool_gauges(up, &idle, &busy, &waiting);
+        appendf(o, "\"pool_idle\":%llu,\"pool_busy\":%llu,\"pool_waiting\":%llu,", (unsigned long long)idle,
+                (unsigned long long)busy, (unsigned long long)waiting);
+        appendf(o, "\"not_stored\":{");
+        for (int r = 1; r < NS__COUNT; r++)
+            appendf(o, "%s\"%s\":%llu", r > 1 ? "," : "", cache_not_stored_names[r],
+                    (unsigned long long)get(&shim_stats[up].not_stored[r]));
+        appendf(o, "},\"errors\":{\"upstream\":%llu,\"app\":%llu,\"tunnel\":%llu},",
+                (unsigned long long)get(&shim_stats[up].errors_upstream),
+                (unsigned long long)get(&shim_stats[up].errors_app),
+                (unsigned long long)get(&shim_stats[up].errors_tunnel));
+        json_histogram(o, "hit_latency_seconds", shim_stats[up].hit_lat, &shim_stats[up].hit_lat_sum_us);
+        appendf(o, ",");
+        json_histogram(o, "miss_latency_seconds", shim_stats[up].miss_lat, &shim_stats[up].miss_lat_sum_us);
+        appendf(o, "}");
+    }
+    appendf(o, "}}\n");
+}
+
+static void prom_histogram(struct out *o, const char *label, const char *name, const char *help,
+                           _Atomic uint64_t *b, _Atomic uint64_t *sum_us, bool header)
+{
+    if (header)
+        appendf(o, "# HELP httpshim_%s %s\n# TYPE httpshim_%s histogram\n", name, help, name);
+    uint64_t cum = 0;
+    for (int i = 0; i <= STATS_LAT_BUCKETS; i++) {
+        cum += get(&b[i]);
+        if (i < STATS_LAT_BUCKETS)
+            appendf(o, "httpshim_%s_bucket{upstream=\"%s\",le=\"%g\"} %llu\n", name, label, stats_lat_bounds_s[i],
+                    (unsigned long long)cum);
+        else
+            appendf(o, "httpshim_%s_bucket{upstream=\"%s\",le=\"+Inf\"} %llu\n", name, label, (unsigned long long)cum);
+    }
+    appendf(o, "httpshim_%s_sum{upstream=\"%s\"} %.6f\n", name, label, (double)get(sum_us) / 1e6);
+    appendf(o, "httpshim_%s_count{upstream=\"%s\"} %llu\n", name, label, (unsigned long long)cum);
+}
+
+static void render_prometheus(struct out *o, const struct shim_config *cfg)
+{
+    char labels[RULES_MAX_UPSTREAMS][RULES_HOST_MAX + 16];
+    for (size_t i = 0; i < cfg->n_upstreams; i++)
+        upstream_label(&cfg->upstreams[i], labels[i], sizeof labels[i]);
+    for (size_t k = 0; k < sizeof counters / sizeof counters[0]; k++) {
+        const struct counter_def *d = &counters[k];
+        const char *suffix = d->is_gauge ? "" : "_total";
+        appendf(o, "# HELP httpshim_%s%s %s\n# TYPE httpshim_%s%s %s\n", d->name, suffix, d->help, d->name, suffix,
+                d->is_gauge ? "gauge" : "counter");
+        for (size_t i = 0; i < cfg->n_upstreams; i++)
+            appendf(o, "httpshim_%s%s{upstream=\"%s\"} %llu\n", d->name, suffix, labels[i],
+                    (unsigned long long)counter_value((int)i, d));
+    }
+    static const char *const pool_names[3] = { "idle", "busy", "waiting" };
+    appendf(o, "# HELP httpshim_pool_connections upstream connections now, by state (waiting: requests queued for one)\n"
+               "# TYPE httpshim_pool_connections gauge\n");
+    for (size_t i = 0; i < cfg->n_upstreams; i++) {
+        uint64_t v[3];
+        pool_gauges((int)i, &v[0], &v[1], &v[2]);
+        for (int s = 0; s < 3; s++)
+            appendf(o, "httpshim_pool_connections{upstream=\"%s\",state=\"%s\"} %llu\n", labels[i], pool_names[s],
+                    (unsigned long long)v[s]);
+    }
+    appendf(o, "# HELP httpshim_not_stored_total responses not stored, by reason\n# TYPE httpshim_not_stored_total counter\n");
+    for (size_t i = 0; i < cfg->n_upstreams; i++)
+        for (int r = 1; r < NS__COUNT; r++)
+            appendf(o, "httpshim_not_stored_total{upstream=\"%s\",reason=\"%s\"} %llu\n", labels[i],
+                    cache_not_stored_names[r], (unsigned long long)get(&shim_stats[i].not_stored[r]));
+    appendf(o, "# HELP httpshim_errors_total failed exchanges, by kind\n# TYPE httpshim_errors_total counter\n");
+    for (size_t i = 0; i < cfg->n_upstreams; i++) {
+        appendf(o, "httpshim_errors_total{upstream=\"%s\",kind=\"upstream\"} %llu\n", labels[i],
+                (unsigned long long)get(&shim_stats[i].errors_upstream));
+        appendf(o, "httpshim_errors_total{upstream=\"%s\",kind=\"app\"} %llu\n", labels[i],
+                (unsigned long long)get(&shim_stats[i].errors_app));
+        appendf(o, "httpshim_errors_total{upstream=\"%s\",kind=\"tunnel\"} %llu\n", labels[i],
+                (unsigned long long)get(&shim_stats[i].errors_tunnel));
+    }
+    for (size_t i = 0; i < cfg->n_upstreams; i++)
+        prom_histogram(o, labels[i], "hit_latency_seconds", "time to answer a request from the cache",
+                       shim_stats[i].hit_lat, &shim_stats[i].hit_lat_sum_us, i == 0);
+    for (size_t i = 0; i < cfg->n_upstreams; i++)
+        prom_histogram(o, labels[i], "miss_latency_seconds", "time to answer a request through the upstream",
+                       shim_stats[i].miss_lat, &shim_stats[i].miss_lat_sum_us, i == 0);
+    appendf(o, "# HELP httpshim_stats_refused_total stats socket peers refused (other uid, or too many)\n"
+               "# TYPE httpshim_stats_refused_total counter\nhttpshim_stats_refused_total %llu\n",
+            (unsigned long long)get(&refused_peers));
+}
+
+/* ---- purge ---- */
+
+struct purge_match { int upstream; char glob[512]; };
+
+static bool purge_matches(const struct cache_entry *e, void *arg)
+{
+    const struct purge_match *m = arg;
+    if (m->upstream >= 0 && e->upstream != m->upstream)
+        return false;
+    const char *p = memmem(e->key, e->key_len, "://", 3);
+    if (!p)
+        return false;
+    const char *end = e->key + e->key_len;
+    p = memchr(p + 3, '/', (size_t)(end - p - 3));
+    if (!p)
+        return false;
+    char path[4096];
+    size_t n = 0;
+    while (p + n < end && p[n] != '?' && p[n] != '\n' && n < sizeof path - 1)
+        n++;
+    memcpy(path, p, n);
+    path[n] = 0;
+    return fnmatch(m->glob, path, 0) == 0;
+}
+
+static int hexval(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+/* The value of query parameter `name`, percent-decoded into out; false if absent. */
+static bool query_param(struct http_slice target, const char *name, char *out, size_t cap)
+{
+    const char *q = memchr(target.p, '?', target.n);
+    if (!q)
+        return false;
+    const char *end = target.p + target.n;
+    size_t nl = strlen(name);
+    for (const char *p = q + 1; p < end;) {
+        const char *amp = memchr(p, '&', (size_t)(end - p));
+        const char *stop = amp ? amp : end;
+        if ((size_t)(stop - p) > nl && !memcmp(p, name, nl) && p[nl] == '=') {
+            size_t n = 0;
+            for (const char *s = p + nl + 1; s < stop && n + 1 < cap; s++) {
+                if (*s == '%' && stop - s > 2 && hexval(s[1]) >= 0 && hexval(s[2]) >= 0) {
+                    out[n++] = (char)(hexval(s[1]) * 16 + hexval(s[2]));
+                    s += 2;
+                } else {
+                    out[n++] = *s == '+' ? ' ' : *s;
+                }
+            }
+            out[n] = 0;
+            return true;
+        }
+        p = stop + 1;
+    }
+    return false;
+}
+
+static int respond_purge(struct out *o, const struct shim_config *cfg, struct http_slice target)
+{
+    struct purge_match m = { .upstream = -1 };
+    char up[RULES_HOST_MAX + 16];
+    if (!query_param(target, "glob", m.glob, sizeof m.glob) || !m.glob[0])
+        snprintf(m.glob, sizeof m.glob, "*");
+    if (query_param(target, "upstream", up, sizeof up) && up[0]) {
+        for (size_t i = 0; i < cfg->n_upstreams; i++) {
+            char label[RULES_HOST_MAX + 16];
+            upstream_label(&cfg->upstreams[i], label, sizeof label);
+            if (!strcasecmp(label, up))
+                m.upstream = (int)i;
+        }
+        if (m.upstream < 0) {
+            appendf(o, "{\"pid\":%d,\"purged\":0,\"error\":\"no such upstream\"}\n", (int)getpid());
+            return 0;
+        }
+    }
+    size_t n = memcache_purge(purge_matches, &m);
+    appendf(o, "{\"pid\":%d,\"purged\":%zu}\n", (int)getpid(), n);
+    return 0;
+}
+
+/* ---- clients ---- */
+
+static void client_close(struct stats_client *cl)
+{
+    struct stats_client **pp = &S.clients;
+    while (*pp && *pp != cl)
+        pp = &(*pp)->next;
+    if (*pp)
+        *pp = cl->next;
+    S.n_clients--;
+    fdtable_clear(cl->fd);
+    shim_real.close(cl->fd);
+    buf_free(&cl->out);
+    engine_free_later(&cl->tag);
+}
+
+static void client_respond(struct stats_client *cl, int status, const char *reason, const char *type, struct out *body)
+{
+    char head[256];
+    int n = snprintf(head, sizeof head,
+                     "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n",
+                     status, reason, type, buf_len(&body->b));
+    cl->out.cap = STATS_OUT_MAX + sizeof head;
+    if (buf_append(&cl->out, head, (size_t)n) != 0 || buf_append(&cl->out, buf_head(&body->b), buf_len(&body->b)) != 0) {
+        client_close(cl);
+        return;
+    }
+    engine_watch(cl->fd, EPOLLOUT, cl, false);
+}
+
+static void client_request(struct stats_client *cl)
+{
+    static struct http_request req;
+    enum http_parse_result r = http_parse_request(cl->in, cl->in_len, &req);
+    if (r == HTTP_PARSE_INCOMPLETE && cl->in_len < sizeof cl->in)
+        return;
+    struct out body = { .b = { .cap = STATS_OUT_MAX } };
+    const struct shim_config *cfg = engine_config();
+    if (r != HTTP_PARSE_DONE) {
+        appendf(&body, "bad request\n");
+        client_respond(cl, 400, "Bad Request", "text/plain", &body);
+        buf_free(&body.b);
+        return;
+    }
+    struct http_slice path = req.target;
+    const char *q = memchr(path.p, '?', path.n);
+    if (q)
+        path.n = (size_t)(q - path.p);
+    int status = 200;
+    const char *reason = "OK", *type = "application/json";
+    if (http_slice_ieq(path, "/stats") && (http_method_is(&req, "GET") || http_method_is(&req, "HEAD"))) {
+        render_json(&body, cfg);
+    } else if (http_slice_ieq(path, "/metrics") && (http_method_is(&req, "GET") || http_method_is(&req, "HEAD"))) {
+        render_prometheus(&body, cfg);
+        type = "text/plain; version=0.0.4; charset=utf-8";
+    } else if (http_slice_ieq(path, "/purge") && http_method_is(&req, "POST")) {
+        respond_purge(&body, cfg, req.target);
+    } else {
+        status = 404;
+        reason = "Not Found";
+        type = "text/plain";
+        appendf(&body, "try GET /stats, GET /metrics or POST /purge?upstream=HOST:PORT&glob=GLOB\n");
+    }
+    if (body.full) {
+        buf_consume(&body.b, buf_len(&body.b));
+        status = 500;
+        reason = "Internal Server Error";
+        type = "text/plain";
+    }
+    client_respond(cl, status, reason, type, &body);
+    buf_free(&body.b);
+}
+
+void stats_on_event(void *tag, uint32_t ev)
+{
+    if (tag == &S.tag) {
+        for (int i = 0; i < 16; i++) {
+            int fd = accept4(S.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+            if (fd < 0)
+                return;
+            struct ucred cred;
+            socklen_t len = sizeof cred;
+            bool allowed = shim_real.getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0
+                           && (cred.uid == getuid() || cred.uid == 0);
+            struct stats_client *cl = allowed && S.n_clients < STATS_MAX_CLIENTS ? calloc(1, sizeof *cl) : NULL;
+            if (!cl) {
+                atomic_fetch_add(&refused_peers, 1);
+                shim_real.close(fd);
+                continue;
+            }
+            cl->tag.kind = EV_STATS;
+            cl->fd = fd;
+            cl->deadline_ms = cache_now_ms() + STATS_CLIENT_MS;
+            fdtable_mark_engine(fd);
+            if (engine_watch(fd, EPOLLIN, cl, true) != 0) {
+                fdtable_clear(fd);
+                shim_real.close(fd);
+                free(cl);
+                continue;
+            }
+            cl->next = S.clients;
+            S.clients = cl;
+            S.n_clients++;
+        }
+        return;
+    }
+    struct stats_client *cl = tag;
+    if (ev & EPOLLERR) {
+        client_close(cl);
+        return;
+    }
+    if (buf_len(&cl->out) == 0 && (ev & (EPOLLIN | EPOLLHUP))) {
+        ssize_t n = recv(cl->fd, cl->in + cl->in_len, sizeof cl->in - cl->in_len, MSG_DONTWAIT);
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+            client_close(cl);
+            return;
+        }
+        if (n > 0) {
+            cl->in_len += (size_t)n;
+            client_request(cl);
+        }
+        return;
+    }
+    if (buf_len(&cl->out)) {
+        ssize_t n = send(cl->fd, buf_head(&cl->out), buf_len(&cl->out), MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n > 0)
+            buf_consume(&cl->out, (size_t)n);
+        if ((n < 0 && errno != EAGAIN && errno != EINTR) || buf_len(&cl->out) == 0)
+            client_close(cl);
+    }
+}
+
+void stats_tick(void)
+{
+    int64_t now = cache_now_ms();
+    struct stats_client *cl = S.clients;
+    while (cl) {
+        struct stats_client *next = cl->next;
+        if (now > cl->deadline_ms)
+            client_close(cl);          /* slow or silent: never holds the engine */
+        cl = next;
+    }
+}
