@@ -496,10 +496,8 @@ int rules_expand_socket_path(const char *pattern, int pid, unsigned uid, char *o
             snprintf(tmp, sizeof tmp, "%u", uid);
         else if (*c == '%' && c[1] == '%')
             piece = "%";
-        else {
-            tmp[0] = *c;
-            tmp[1] = 0;
-        }
+        else
+            snprintf(tmp, sizeof tmp, "%c", *c);
         if (*c == '%' && c[1])
             c++;
         size_t len = strlen(piece);

@@ -53,11 +53,9 @@ static void unlink_socket(void)
 
 static void on_fatal_signal(int sig)
 {
-    int saved = errno;
     unlink_socket();
     signal(sig, SIG_DFL);
     raise(sig);                        /* delivered once this handler returns */
-    errno = saved;
 }
 
 static void install_exit_cleanup(void)

@@ -26,8 +26,11 @@ import pytest
 
 ROOT = Path(os.path.abspath(__file__)).parent.parent
 TESTS = ROOT / "tests"
-BUILD = ROOT / "build"
+# `make test-asan` points these at the sanitizer build and puts the sanitizer runtimes
+# ahead of the library in LD_PRELOAD (they must be the first objects loaded).
+BUILD = ROOT / os.environ.get("HTTPSHIM_TEST_BUILD", "build")
 LIB = BUILD / "libhttpshim.so"
+PRELOAD = " ".join(os.environ.get("HTTPSHIM_TEST_PRELOAD", "").split() + [str(LIB)])
 EPOLLCLIENT = BUILD / "epollclient"
 PYCLIENTS = TESTS / "pyclients"
 UPSTREAM_PY = TESTS / "upstream.py"
@@ -76,7 +79,7 @@ _BUILD = {}
 def build_once():
     if "rc" not in _BUILD:
         try:
-            p = subprocess.run(["make", "-C", str(ROOT)], stdout=subprocess.PIPE,
+            p = subprocess.run(["make", "-C", str(ROOT), "BUILD=%s" % BUILD, "all"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, timeout=900)
             _BUILD["rc"] = p.returncode
             _BUILD["out"] = p.stdout.decode(errors="replace")
@@ -136,7 +139,7 @@ def client_env(shim, conf=None, extra=None):
     if shim:
         require_build()
         assert conf is not None, "a shimmed run needs a rules file path"
-        env["LD_PRELOAD"] = str(LIB)
+        env["LD_PRELOAD"] = PRELOAD
         env["HTTPSHIM_CONF"] = str(conf)
     if extra:
         env.update(extra)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (EPOLLCLIENT, LIB, PYTHONS, SYS_PY, Upstream, free_port,
+from conftest import (EPOLLCLIENT, LIB, PRELOAD, PYTHONS, SYS_PY, Upstream, free_port,
                       hop_by_hop, jlines, pyclient, require_build, run, write_rules)
 from upstream import pattern
 from rawclient import parse_responses
@@ -734,7 +734,7 @@ def test_no_engine_without_listed_connect(upstream, rules, tmp_path):
         cmd = ["strace", "-f", "-qq", "-o", log, "-e", "trace=" + traced]
         if shim:
             require_build()
-            cmd += ["-E", "LD_PRELOAD=%s" % LIB, "-E", "HTTPSHIM_CONF=%s" % rules]
+            cmd += ["-E", "LD_PRELOAD=%s" % PRELOAD, "-E", "HTTPSHIM_CONF=%s" % rules]
         cmd += [SYS_PY, pyclient("rawclient.py"), "--port", port]
         res = run(cmd, shim=False, timeout=120)
         assert res.rc == 0 and b"ECONNREFUSED" in res.out, res.describe()

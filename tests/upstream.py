@@ -25,6 +25,24 @@ Upstream paths:
     /status/CODE        that status with a small body (none for 1xx/204/304)
     /echo               JSON: method, target, version, headers (pairs, as received),
                         body (latin-1 text), body_len, body_sha256
+    /v3/ip/ADDR         sleeps --geo-delay-ms MS (default 0), then a deterministic ~1.2 KB
+                        JSON document about ADDR ({"ip": ADDR, "country", "city", "asn",
+                        ..., "padding"}), Content-Length framed; the query is ignored
+    /custom[/anything]  driven by the query string (percent-decoded):
+                          status=N      status code (default 200)
+                          h=Name:Value  an extra response header (repeatable, in order)
+                          n=BYTES       body size, pattern bytes (default 100)
+                          mode=length|chunked|close|truncate|badchunk   framing:
+                            length    Content-Length
+                            chunked   Transfer-Encoding: chunked (varied chunk sizes)
+                            close     no Content-Length, Connection: close, body ends at close
+                            truncate  promises Content-Length n, sends n//2, closes
+                            badchunk  chunked: one good chunk of n//2, then a chunk-size
+                                      line that is not hex, then closes
+                          tag=T         echoed as `X-Tag: T`
+                        Every /custom and /v3/ip response carries `X-Served: K`, K a
+                        per-server counter (1, 2, ...; never reset) so a test can tell a
+                        response replayed from a cache (same K) from a fresh one.
     anything else       404 with a small body
 Requests whose first byte is not an ASCII letter switch the connection to raw echo.
 `Upgrade: echo` -> 101 then raw echo; CONNECT -> 200 then raw echo.
@@ -42,6 +60,7 @@ import struct
 import sys
 import threading
 import time
+import urllib.parse
 
 MAX_REQUEST_LINE = 64 * 1024
 MAX_HEADER_BLOCK = 1024 * 1024
@@ -130,6 +149,19 @@ class Stats(object):
 
 
 STATS = Stats()
+
+# X-Served: numbers every /custom and /v3/ip response this server produces.
+_SERVED_LOCK = threading.Lock()
+_SERVED = [0]
+
+
+def next_served():
+    with _SERVED_LOCK:
+        _SERVED[0] += 1
+        return _SERVED[0]
+
+
+GEO_DELAY_MS = [0]   # --geo-delay-ms
 
 
 # ---------------------------------------------------------------- connection I/O
@@ -511,6 +543,10 @@ def serve_path(conn, ctx, path, body):
         b = ("status %d\n" % code).encode()
         keep = send_response(conn, ctx, code, b, ["Content-Type: text/plain"])
         return "keep" if keep else "close"
+    if kind == "custom":
+        return serve_custom(conn, ctx)
+    if kind == "v3" and arg == "ip" and len(segs) == 4 and segs[3]:
+        return serve_geo(conn, ctx, urllib.parse.unquote(segs[3]))
     if kind == "echo" and len(segs) == 2:
         doc = {
             "method": ctx["method"], "target": ctx["target"], "version": ctx["version"],
@@ -524,6 +560,93 @@ def serve_path(conn, ctx, path, body):
     b = b"not found\n"
     keep = send_response(conn, ctx, 404, b, ["Content-Type: text/plain"])
     return "keep" if keep else "close"
+
+
+# ---------------------------------------------------------------- /v3/ip and /custom
+_GEO_COUNTRIES = [("US", "United States", ["Mountain View", "Ashburn", "Chicago", "Dallas"]),
+                  ("DE", "Germany", ["Frankfurt", "Berlin", "Munich"]),
+                  ("JP", "Japan", ["Tokyo", "Osaka"]),
+                  ("BR", "Brazil", ["Sao Paulo", "Rio de Janeiro"]),
+                  ("AU", "Australia", ["Sydney", "Melbourne"]),
+                  ("FR", "France", ["Paris", "Marseille", "Lyon"]),
+                  ("IN", "India", ["Mumbai", "Bengaluru"]),
+                  ("CY", "Cyprus", ["Limassol", "Nicosia"])]
+GEO_DOC_LEN = 1200
+
+
+def geo_document(addr):
+    """A deterministic ~1.2 KB JSON document about addr (bytes)."""
+    h = hashlib.sha256(addr.encode("utf-8", "replace")).digest()
+    code, country, cities = _GEO_COUNTRIES[h[0] % len(_GEO_COUNTRIES)]
+    asn = 1000 + int.from_bytes(h[1:4], "big") % 64000
+    doc = {"ip": addr, "country": country, "country_code": code,
+           "city": cities[h[4] % len(cities)],
+           "latitude": round((int.from_bytes(h[5:7], "big") / 65535.0) * 180 - 90, 4),
+           "longitude": round((int.from_bytes(h[7:9], "big") / 65535.0) * 360 - 180, 4),
+           "asn": asn, "org": "AS%d Example Networks %s" % (asn, code),
+           "network": "%s/24" % addr, "source": "httpshim-test-upstream",
+           "padding": ""}
+    base = len(json.dumps(doc, sort_keys=True).encode())
+    doc["padding"] = (h.hex() * 20)[:max(0, GEO_DOC_LEN - base)]
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+def serve_geo(conn, ctx, addr):
+    if GEO_DELAY_MS[0] > 0:
+        time.sleep(min(GEO_DELAY_MS[0], 60000) / 1000.0)
+    keep = send_response(conn, ctx, 200, geo_document(addr),
+                         ["Content-Type: application/json",
+                          "X-Served: %d" % next_served()])
+    return "keep" if keep else "close"
+
+
+def _header_ok(name, value):
+    return (name and all(33 <= ord(c) <= 126 and c != ":" for c in name) and
+            "\r" not in value and "\n" not in value)
+
+
+def serve_custom(conn, ctx):
+    """/custom: status, headers, size and framing from the query string."""
+    query = ctx["target"].split("?", 1)[1] if "?" in ctx["target"] else ""
+    status, n, mode, tag, hdrs = 200, 100, "length", None, []
+    for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if k == "status":
+            c = parse_n(v, 200)
+            status = c if 100 <= c <= 599 and c != 101 else 400
+        elif k == "n":
+            n = parse_n(v, 100)
+        elif k == "mode" and v in ("length", "chunked", "close", "truncate", "badchunk"):
+            mode = v
+        elif k == "tag":
+            tag = v
+        elif k == "h" and ":" in v:
+            name, value = v.split(":", 1)
+            name, value = name.strip(), value.strip()
+            if _header_ok(name, value):
+                hdrs.append("%s: %s" % (name, value))
+    extra = ["X-Served: %d" % next_served()]
+    if tag is not None and _header_ok("X-Tag", tag):
+        extra.append("X-Tag: %s" % tag)
+    extra += hdrs
+    data = pattern(n)
+    if mode in ("length", "chunked", "close"):
+        keep = send_response(conn, ctx, status, data, extra, framing=mode)
+        return "keep" if keep and mode != "close" else "close"
+    version = "HTTP/1.0" if ctx["version"] == "HTTP/1.0" else "HTTP/1.1"
+    lines = ["%s %d %s" % (version, status, reason(status)),
+             "Server: httpshim-test-upstream"] + extra
+    half = n // 2
+    if mode == "truncate" or version == "HTTP/1.0":
+        lines.append("Content-Length: %d" % n)
+        tail = data[:half]
+    else:  # badchunk
+        lines.append("Transfer-Encoding: chunked")
+        tail = (b"%x\r\n" % half + data[:half] + b"\r\n" if half else b"") + \
+            b"zz-not-hex\r\n" + data[:16]
+    lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    conn.sendall(head if ctx["method"] == "HEAD" else head + tail)
+    return "close"
 
 
 def handle_connection(sock, cid):
@@ -699,7 +822,10 @@ def main():
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--control-host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--geo-delay-ms", type=int, default=0,
+                    help="how long /v3/ip/ADDR sleeps before answering")
     args = ap.parse_args()
+    GEO_DELAY_MS[0] = max(0, args.geo_delay_ms)
 
     def listener(host, port):
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
