@@ -11,13 +11,19 @@ SHIM_SRC = $(wildcard shim/*.c)
 SHIM_HDR = $(wildcard shim/*.h)
 SHIM_OBJ = $(patsubst shim/%.c,$(BUILD)/obj/%.o,$(SHIM_SRC))
 
-all: $(BUILD)/libhttpshim.so $(BUILD)/epollclient
+all: $(BUILD)/libhttpshim.so $(BUILD)/httpshim $(BUILD)/epollclient
 
 $(BUILD)/obj/%.o: shim/%.c $(SHIM_HDR) | $(BUILD)/obj
 	$(CC) $(CFLAGS_BASE) $(SAN) $(CFLAGS) -c $< -o $@
 
 $(BUILD)/libhttpshim.so: $(SHIM_OBJ)
 	$(CC) -shared $(SAN) -o $@ $^ $(LIBS) -Wl,-z,now -Wl,--version-script=shim/exports.map
+
+PREFIX  ?= /usr/local
+LIBDIR   = $(PREFIX)/lib/httpshim
+$(BUILD)/httpshim: tools/httpshim.c tools/json.c tools/json.h shim/rules.c shim/rules.h | $(BUILD)/obj
+	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -DHTTPSHIM_LIBDIR='"$(LIBDIR)"' \
+	  -o $@ tools/httpshim.c tools/json.c shim/rules.c -lcurl -lm -pthread
 
 $(BUILD)/epollclient: tests/clients/epollclient.c | $(BUILD)/obj
 	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -o $@ $< -lm
@@ -51,7 +57,7 @@ ASAN_BUILD = build-asan
 test-asan:
 	$(MAKE) BUILD=$(ASAN_BUILD) SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" all
 	rm -f $(ASAN_BUILD)/asan.* $(ASAN_BUILD)/ubsan.*
-	HTTPSHIM_TEST_BUILD=$(ASAN_BUILD) \
+	HTTPSHIM_TEST_BUILD=$(ASAN_BUILD) HTTPSHIM_TEST_SKIP_CLIENTS="curl wget" \
 	HTTPSHIM_TEST_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=66:log_path=$(CURDIR)/$(ASAN_BUILD)/asan \
 	LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0 \

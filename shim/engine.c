@@ -566,6 +566,7 @@ int engine_adopt(int engine_fd, int upstream, const union shim_sockaddr *dest, s
         E.conns->prev = c;
     E.conns = c;
     pthread_mutex_unlock(&E.lock);
+    STAT_INC(upstream, client_connections);
     /* from here on the engine thread owns c */
     if (engine_watch(engine_fd, EPOLLIN, c, true) != 0) {
         pthread_mutex_lock(&E.lock);

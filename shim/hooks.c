@@ -24,6 +24,10 @@ struct real_fns shim_real;
 __thread int shim_in_engine __attribute__((tls_model("initial-exec")));
 
 static pthread_once_t bind_once = PTHREAD_ONCE_INIT;
+static _Atomic int bound;
+/* dlsym may itself call a hooked function (sanitizer runtimes do): such a nested call
+ * must not wait on the pthread_once it is inside of, so it uses the raw syscall. */
+static __thread int binding __attribute__((tls_model("initial-exec")));
 static pthread_once_t config_once = PTHREAD_ONCE_INIT;
 static struct shim_config *config;   /* NULL: inert */
 
@@ -43,11 +47,66 @@ static void bind_all(void)
     BIND(close_range); BIND(dup); BIND(dup2); BIND(dup3); BIND(fcntl); BIND(fcntl64);
     if (!shim_real.fcntl64)
         shim_real.fcntl64 = shim_real.fcntl;
+    atomic_store(&bound, 1);
 }
 
 void shim_bind_real(void)
 {
+    if (atomic_load_explicit(&bound, memory_order_acquire) || binding)
+        return;
+    binding = 1;
     pthread_once(&bind_once, bind_all);
+    binding = 0;
+}
+
+/* The real functions, or their raw system calls while they are not bound yet. */
+static int real_connect(int fd, const struct sockaddr *a, socklen_t l)
+{
+    return shim_real.connect ? shim_real.connect(fd, a, l) : (int)syscall(SYS_connect, fd, a, l);
+}
+static ssize_t real_sendto(int fd, const void *b, size_t n, int fl, const struct sockaddr *a, socklen_t l)
+{
+    return shim_real.sendto ? shim_real.sendto(fd, b, n, fl, a, l) : syscall(SYS_sendto, fd, b, n, fl, a, l);
+}
+static int real_getpeername(int fd, struct sockaddr *a, socklen_t *l)
+{
+    return shim_real.getpeername ? shim_real.getpeername(fd, a, l) : (int)syscall(SYS_getpeername, fd, a, l);
+}
+static int real_getsockname(int fd, struct sockaddr *a, socklen_t *l)
+{
+    return shim_real.getsockname ? shim_real.getsockname(fd, a, l) : (int)syscall(SYS_getsockname, fd, a, l);
+}
+static int real_setsockopt(int fd, int lv, int nm, const void *v, socklen_t l)
+{
+    return shim_real.setsockopt ? shim_real.setsockopt(fd, lv, nm, v, l) : (int)syscall(SYS_setsockopt, fd, lv, nm, v, l);
+}
+static int real_getsockopt(int fd, int lv, int nm, void *v, socklen_t *l)
+{
+    return shim_real.getsockopt ? shim_real.getsockopt(fd, lv, nm, v, l) : (int)syscall(SYS_getsockopt, fd, lv, nm, v, l);
+}
+static int real_ioctl(int fd, unsigned long req, void *arg)
+{
+    return shim_real.ioctl ? shim_real.ioctl(fd, req, arg) : (int)syscall(SYS_ioctl, fd, req, arg);
+}
+static int real_epoll_ctl(int ep, int op, int fd, struct epoll_event *ev)
+{
+    return shim_real.epoll_ctl ? shim_real.epoll_ctl(ep, op, fd, ev) : (int)syscall(SYS_epoll_ctl, ep, op, fd, ev);
+}
+static int real_dup(int fd)
+{
+    return shim_real.dup ? shim_real.dup(fd) : (int)syscall(SYS_dup, fd);
+}
+static int real_dup2(int fd, int nfd)
+{
+    return shim_real.dup2 ? shim_real.dup2(fd, nfd) : (int)syscall(SYS_dup2, fd, nfd);
+}
+static int real_dup3(int fd, int nfd, int fl)
+{
+    return shim_real.dup3 ? shim_real.dup3(fd, nfd, fl) : (int)syscall(SYS_dup3, fd, nfd, fl);
+}
+static int real_fcntl(int (*fn)(int, int, ...), int fd, int cmd, void *arg)
+{
+    return fn ? fn(fd, cmd, arg) : (int)syscall(SYS_fcntl, fd, cmd, arg);
 }
 
 int shim_real_close(int fd)
@@ -91,6 +150,8 @@ struct shim_config *shim_config_get(void)
         return config;
     int saved = errno;
     shim_bind_real();
+    if (!atomic_load_explicit(&bound, memory_order_acquire))
+        return NULL;                   /* a call from inside dlsym: stay out of the way */
     pthread_once(&config_once, load_config);
     errno = saved;
     return config;
@@ -113,21 +174,21 @@ static bool is_fresh_tcp(int fd, int family, bool *nonblock)
 {
     int v;
     socklen_t len = sizeof v;
-    if (shim_real.getsockopt(fd, SOL_SOCKET, SO_TYPE, &v, &len) || v != SOCK_STREAM)
+    if (real_getsockopt(fd, SOL_SOCKET, SO_TYPE, &v, &len) || v != SOCK_STREAM)
         return false;
     len = sizeof v;
-    if (shim_real.getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &len) || v != family)
+    if (real_getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &len) || v != family)
         return false;
     len = sizeof v;
-    if (shim_real.getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &v, &len) || v != IPPROTO_TCP)
+    if (real_getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &v, &len) || v != IPPROTO_TCP)
         return false;
     union shim_sockaddr local;
     len = sizeof local;
-    if (shim_real.getsockname(fd, &local.sa, &len))
+    if (real_getsockname(fd, &local.sa, &len))
         return false;
     if ((family == AF_INET && local.in.sin_port) || (family == AF_INET6 && local.in6.sin6_port))
         return false;
-    int fl = shim_real.fcntl(fd, F_GETFL);
+    int fl = real_fcntl(shim_real.fcntl, fd, F_GETFL, NULL);
     *nonblock = fl >= 0 && (fl & O_NONBLOCK);
     return true;
 }
@@ -135,23 +196,23 @@ static bool is_fresh_tcp(int fd, int family, bool *nonblock)
 /* What the app set on its TCP socket that a Unix socket also honours. */
 static void carry_over(int from, int to)
 {
-    int fl = shim_real.fcntl(from, F_GETFL);
+    int fl = real_fcntl(shim_real.fcntl, from, F_GETFL, NULL);
     if (fl >= 0)
-        shim_real.fcntl(to, F_SETFL, fl & (O_NONBLOCK | O_ASYNC | O_APPEND | O_NOATIME));
+        real_fcntl(shim_real.fcntl, to, F_SETFL, (void *)(long)(fl & (O_NONBLOCK | O_ASYNC | O_APPEND | O_NOATIME)));
     struct f_owner_ex owner;
-    if (shim_real.fcntl(from, F_GETOWN_EX, &owner) == 0 && owner.pid)
-        shim_real.fcntl(to, F_SETOWN_EX, &owner);
-    int sig = shim_real.fcntl(from, F_GETSIG);
+    if (real_fcntl(shim_real.fcntl, from, F_GETOWN_EX, &owner) == 0 && owner.pid)
+        real_fcntl(shim_real.fcntl, to, F_SETOWN_EX, &owner);
+    int sig = real_fcntl(shim_real.fcntl, from, F_GETSIG, NULL);
     if (sig > 0)
-        shim_real.fcntl(to, F_SETSIG, sig);
+        real_fcntl(shim_real.fcntl, to, F_SETSIG, (void *)(long)sig);
     static const int opts[] = { SO_RCVTIMEO, SO_SNDTIMEO, SO_SNDBUF, SO_RCVBUF, SO_PASSCRED, SO_PRIORITY };
     for (size_t i = 0; i < sizeof opts / sizeof opts[0]; i++) {
         char val[32];
         socklen_t len = sizeof val;
         if (opts[i] == SO_SNDBUF || opts[i] == SO_RCVBUF)
             continue;                  /* the kernel doubles these: copying would inflate them */
-        if (shim_real.getsockopt(from, SOL_SOCKET, opts[i], val, &len) == 0)
-            shim_real.setsockopt(to, SOL_SOCKET, opts[i], val, len);
+        if (real_getsockopt(from, SOL_SOCKET, opts[i], val, &len) == 0)
+            real_setsockopt(to, SOL_SOCKET, opts[i], val, len);
     }
 }
 
@@ -171,7 +232,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
         return -1;
     }
     carry_over(fd, sv[0]);
-    int fdflags = shim_real.fcntl(fd, F_GETFD);
+    int fdflags = real_fcntl(shim_real.fcntl, fd, F_GETFD, NULL);
     union shim_sockaddr dest;
     memset(&dest, 0, sizeof dest);
     memcpy(&dest, addr, len);
@@ -190,7 +251,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
         return -1;
     }
     atomic_store(&e->kind, FD_NONE);
-    if (shim_real.dup3(sv[0], fd, (fdflags > 0 && (fdflags & FD_CLOEXEC)) ? O_CLOEXEC : 0) < 0) {
+    if (real_dup3(sv[0], fd, (fdflags > 0 && (fdflags & FD_CLOEXEC)) ? O_CLOEXEC : 0) < 0) {
         shim_real.close(sv[0]);        /* the engine sees EOF and lets go */
         return -1;
     }
@@ -208,7 +269,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     atomic_store_explicit(&e->kind, FD_DIVERTED, memory_order_release);
     for (int i = 0; i < nregs; i++) {
         struct epoll_event ev = regs[i].ev;
-        shim_real.epoll_ctl(regs[i].epfd, EPOLL_CTL_ADD, fd, &ev);
+        real_epoll_ctl(regs[i].epfd, EPOLL_CTL_ADD, fd, &ev);
     }
     shim_debug("fd %d diverted to upstream %s:%u", fd, config->upstreams[upstream].host,
                config->upstreams[upstream].port);
@@ -245,7 +306,7 @@ SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
         return -1;
     if (r == 0) {
         errno = saved;
-        return shim_real.connect(fd, addr, len);
+        return real_connect(fd, addr, len);
     }
     if (nonblock) {                    /* what a real non-blocking TCP connect says */
         errno = EINPROGRESS;
@@ -259,7 +320,7 @@ SHIM_EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const s
 {
     shim_bind_real();
     if (!(flags & MSG_FASTOPEN) || shim_in_engine)
-        return shim_real.sendto(fd, buf, n, flags, addr, len);
+        return real_sendto(fd, buf, n, flags, addr, len);
     int saved = errno;
     bool nonblock = false;
     int r = try_divert(fd, addr, len, &nonblock);
@@ -267,8 +328,8 @@ SHIM_EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const s
         return -1;
     errno = saved;
     if (r == 0)
-        return shim_real.sendto(fd, buf, n, flags, addr, len);
-    return shim_real.sendto(fd, buf, n, flags & ~MSG_FASTOPEN, NULL, 0);
+        return real_sendto(fd, buf, n, flags, addr, len);
+    return real_sendto(fd, buf, n, flags & ~MSG_FASTOPEN, NULL, 0);
 }
 
 /* ---- name resolution: learn which addresses the app uses for a listed host ---- */
@@ -276,6 +337,8 @@ SHIM_EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const s
 SHIM_EXPORT int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints, struct addrinfo **res)
 {
     shim_bind_real();
+    if (!shim_real.getaddrinfo)
+        return EAI_FAIL;
     int rc = shim_real.getaddrinfo(node, service, hints, res);
     if (rc != 0 || !node || shim_in_engine)
         return rc;
@@ -307,7 +370,7 @@ static void learn_hostent(const char *name, const struct hostent *h)
 SHIM_EXPORT struct hostent *gethostbyname(const char *name)
 {
     shim_bind_real();
-    struct hostent *h = shim_real.gethostbyname(name);
+    struct hostent *h = shim_real.gethostbyname ? shim_real.gethostbyname(name) : NULL;
     learn_hostent(name, h);
     return h;
 }
@@ -315,7 +378,7 @@ SHIM_EXPORT struct hostent *gethostbyname(const char *name)
 SHIM_EXPORT struct hostent *gethostbyname2(const char *name, int af)
 {
     shim_bind_real();
-    struct hostent *h = shim_real.gethostbyname2(name, af);
+    struct hostent *h = shim_real.gethostbyname2 ? shim_real.gethostbyname2(name, af) : NULL;
     learn_hostent(name, h);
     return h;
 }
@@ -324,6 +387,8 @@ SHIM_EXPORT int gethostbyname_r(const char *name, struct hostent *ret, char *buf
                     int *h_errnop)
 {
     shim_bind_real();
+    if (!shim_real.gethostbyname_r)
+        return ENOSYS;
     int rc = shim_real.gethostbyname_r(name, ret, buf, buflen, result, h_errnop);
     if (rc == 0 && result)
         learn_hostent(name, *result);
@@ -334,6 +399,8 @@ SHIM_EXPORT int gethostbyname2_r(const char *name, int af, struct hostent *ret, 
                      struct hostent **result, int *h_errnop)
 {
     shim_bind_real();
+    if (!shim_real.gethostbyname2_r)
+        return ENOSYS;
     int rc = shim_real.gethostbyname2_r(name, af, ret, buf, buflen, result, h_errnop);
     if (rc == 0 && result)
         learn_hostent(name, *result);
@@ -358,7 +425,7 @@ SHIM_EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *len)
     shim_bind_real();
     const struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
     if (!e)
-        return shim_real.getpeername(fd, addr, len);
+        return real_getpeername(fd, addr, len);
     return copy_addr(&e->peer, e->peer_len, addr, len);
 }
 
@@ -367,7 +434,7 @@ SHIM_EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *len)
     shim_bind_real();
     const struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
     if (!e)
-        return shim_real.getsockname(fd, addr, len);
+        return real_getsockname(fd, addr, len);
     /* There is no local TCP endpoint: report the loopback address of the peer's family
      * (or the unspecified one) and a stable port derived from the fd. */
     union shim_sockaddr local;
@@ -406,15 +473,15 @@ SHIM_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen
     shim_bind_real();
     struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
     if (!e)
-        return shim_real.setsockopt(fd, level, name, val, len);
+        return real_setsockopt(fd, level, name, val, len);
     int saved = errno;
     if (level == SOL_SOCKET) {
-        if (shim_real.setsockopt(fd, level, name, val, len) == 0)
+        if (real_setsockopt(fd, level, name, val, len) == 0)
             return 0;
         if (errno != EOPNOTSUPP && errno != ENOPROTOOPT)
             return -1;
     } else if (level != IPPROTO_TCP && level != IPPROTO_IP && level != IPPROTO_IPV6) {
-        return shim_real.setsockopt(fd, level, name, val, len);
+        return real_setsockopt(fd, level, name, val, len);
     }
     struct fd_sockopt *o = find_opt(e, level, name, true);
     if (o && val && len >= sizeof(int))
@@ -428,7 +495,7 @@ SHIM_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *le
     shim_bind_real();
     struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
     if (!e || !val || !len)
-        return shim_real.getsockopt(fd, level, name, val, len);
+        return real_getsockopt(fd, level, name, val, len);
     int saved = errno;
     int v;
     if (level == SOL_SOCKET) {
@@ -436,7 +503,7 @@ SHIM_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *le
             v = e->peer.sa.sa_family;
         else if (name == SO_PROTOCOL)
             v = IPPROTO_TCP;
-        else if (shim_real.getsockopt(fd, level, name, val, len) == 0)
+        else if (real_getsockopt(fd, level, name, val, len) == 0)
             return 0;
         else {
             const struct fd_sockopt *o = find_opt(e, level, name, false);
@@ -456,7 +523,7 @@ SHIM_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *le
         const struct fd_sockopt *o = find_opt(e, level, name, false);
         v = o ? o->value : 0;
     } else {
-        return shim_real.getsockopt(fd, level, name, val, len);
+        return real_getsockopt(fd, level, name, val, len);
     }
     memcpy(val, &v, *len < sizeof v ? *len : sizeof v);
     *len = *len < sizeof v ? *len : sizeof v;
@@ -475,7 +542,7 @@ SHIM_EXPORT int ioctl(int fd, unsigned long req, ...)
         *(int *)arg = 0;               /* no urgent data ever arrives on the relay */
         return 0;
     }
-    return shim_real.ioctl(fd, req, arg);
+    return real_ioctl(fd, req, arg);
 }
 
 /* ---- epoll: registrations made before connect must survive the fd swap ---- */
@@ -483,7 +550,7 @@ SHIM_EXPORT int ioctl(int fd, unsigned long req, ...)
 SHIM_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
 {
     shim_bind_real();
-    int rc = shim_real.epoll_ctl(epfd, op, fd, event);
+    int rc = real_epoll_ctl(epfd, op, fd, event);
     if (rc != 0 || shim_in_engine || !shim_config_get())
         return rc;
     struct fd_entry *e = fdtable_slot(fd);
@@ -555,7 +622,7 @@ SHIM_EXPORT int close_range(unsigned first, unsigned last, int flags)
 SHIM_EXPORT int dup(int fd)
 {
     shim_bind_real();
-    int nfd = shim_real.dup(fd);
+    int nfd = real_dup(fd);
     if (nfd >= 0 && !shim_in_engine)
         fdtable_copy(fd, nfd);
     return nfd;
@@ -568,7 +635,7 @@ static int dup_onto(int fd, int nfd, int flags, bool is_dup3)
         errno = EBADF;
         return -1;
     }
-    int rc = is_dup3 ? shim_real.dup3(fd, nfd, flags) : shim_real.dup2(fd, nfd);
+    int rc = is_dup3 ? real_dup3(fd, nfd, flags) : real_dup2(fd, nfd);
     if (rc >= 0 && !shim_in_engine && fd != nfd)
         fdtable_copy(fd, nfd);
     return rc;
@@ -579,7 +646,7 @@ SHIM_EXPORT int dup3(int fd, int nfd, int flags) { return dup_onto(fd, nfd, flag
 
 static int fcntl_common(int (*real)(int, int, ...), int fd, int cmd, void *arg)
 {
-    int rc = real(fd, cmd, arg);
+    int rc = real_fcntl(real, fd, cmd, arg);
     if (rc >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC) && !shim_in_engine)
         fdtable_copy(fd, rc);
     return rc;

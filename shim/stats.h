@@ -10,7 +10,7 @@
 #define STATS_LAT_BUCKETS 16           /* 10us .. 10s, then +Inf */
 
 struct upstream_stats {
-    _Atomic uint64_t requests, hits, misses, stored, bytes_from_cache;
+    _Atomic uint64_t client_connections, requests, hits, misses, stored, bytes_from_cache;
     _Atomic uint64_t not_stored[NS__COUNT];
     _Atomic uint64_t upstream_requests, upstream_conns_opened, upstream_conn_reuses, tunnels;
     _Atomic uint64_t errors_upstream, errors_app, errors_tunnel;

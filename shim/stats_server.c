@@ -189,6 +189,7 @@ struct counter_def { const char *name, *help; size_t offset; bool is_gauge; };
 #define C(field, help) { #field, help, offsetof(struct upstream_stats, field), false }
 #define G(field, help) { #field, help, offsetof(struct upstream_stats, field), true }
 static const struct counter_def counters[] = {
+    C(client_connections, "connections the app opened to this upstream that the shim took over"),
     C(requests, "HTTP requests the shim answered or relayed"),
     C(hits, "requests answered from the cache"),
     C(misses, "cacheable requests not found in the cache"),

@@ -1,0 +1,632 @@
+/* httpshim — the command line: `run` injects the library into a command (a container
+ * entrypoint), `stats` reads and sums every live process's stats socket, `check`
+ * validates a rules file, `purge` drops cache entries everywhere. Talks to the sockets
+ * with libcurl (CURLOPT_UNIX_SOCKET_PATH). Exit codes: 0 ok, 1 failure, 2 usage. */
+#include <curl/curl.h>
+#include <dirent.h>
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <math.h>
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include "../shim/rules.h"
+#include "json.h"
+
+#ifndef HTTPSHIM_LIBDIR
+#define HTTPSHIM_LIBDIR "/usr/local/lib/httpshim"
+#endif
+#define DEFAULT_CONF "/etc/httpshim/rules.conf"
+#define MAX_PROCS 4096
+#define RESPONSE_MAX (4 * 1024 * 1024)
+
+static const char *conf_path(const char *opt)
+{
+    if (opt)
+        return opt;
+    const char *env = getenv("HTTPSHIM_CONF");
+    return env && *env ? env : DEFAULT_CONF;
+}
+
+/* ---- run ---- */
+
+static int find_library(char *out, size_t n)
+{
+    char exe[PATH_MAX];
+    ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (len > 0) {
+        exe[len] = 0;
+        char *slash = strrchr(exe, '/');
+        if (slash) {
+            *slash = 0;
+            static const char *const rel[] = { "/libhttpshim.so", "/../lib/httpshim/libhttpshim.so" };
+            for (size_t i = 0; i < 2; i++) {
+                char cand[PATH_MAX + 64];
+                snprintf(cand, sizeof cand, "%s%s", exe, rel[i]);
+                char real[PATH_MAX];
+                if (realpath(cand, real) && access(real, R_OK) == 0) {
+                    snprintf(out, n, "%s", real);
+                    return 0;
+                }
+            }
+        }
+    }
+    snprintf(out, n, "%s/libhttpshim.so", HTTPSHIM_LIBDIR);
+    return access(out, R_OK);
+}
+
+static int cmd_run(int argc, char **argv)
+{
+    const char *conf = NULL;
+    int i = 1;
+    for (; i < argc; i++) {
+        if (!strcmp(argv[i], "--")) {
+            i++;
+            break;
+        }
+        if ((!strcmp(argv[i], "-c") || !strcmp(argv[i], "--config")) && i + 1 < argc)
+            conf = argv[++i];
+        else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
+            printf("usage: httpshim run [-c FILE] -- CMD [ARGS...]\n"
+                   "Runs CMD with the httpshim library preloaded (LD_PRELOAD, by absolute path) and\n"
+                   "HTTPSHIM_CONF set to FILE (made absolute; default: keep $HTTPSHIM_CONF, else %s).\n"
+                   "CMD is looked up on PATH; its exit status is httpshim's. 127: CMD not found,\n"
+                   "126: CMD not executable, 1: the library was not found.\n", DEFAULT_CONF);
+            return 0;
+        } else
+            break;
+    }
+    if (i >= argc) {
+        fprintf(stderr, "httpshim run: no command given (usage: httpshim run [-c FILE] -- CMD [ARGS...])\n");
+        return 2;
+    }
+    char lib[PATH_MAX + 64];
+    if (find_library(lib, sizeof lib) != 0) {
+        fprintf(stderr, "httpshim run: cannot find libhttpshim.so (looked next to this program and in %s)\n",
+                HTTPSHIM_LIBDIR);
+        return 1;
+    }
+    const char *old = getenv("LD_PRELOAD");
+    char *preload = NULL;
+    if (old && *old && strstr(old, lib))
+        preload = strdup(old);
+    else if (old && *old && asprintf(&preload, "%s %s", lib, old) < 0)
+        preload = NULL;
+    else if (!old || !*old)
+        preload = strdup(lib);
+    if (!preload || setenv("LD_PRELOAD", preload, 1) != 0)
+        return 1;
+    free(preload);
+    if (conf) {
+        char abs[PATH_MAX];
+        if (!realpath(conf, abs)) {
+            fprintf(stderr, "httpshim run: %s: %s\n", conf, strerror(errno));
+            return 1;
+        }
+        setenv("HTTPSHIM_CONF", abs, 1);
+    }
+    execvp(argv[i], argv + i);
+    int err = errno;
+    fprintf(stderr, "httpshim run: %s: %s\n", argv[i], strerror(err));
+    return err == ENOENT ? 127 : 126;
+}
+
+/* ---- finding the processes ---- */
+
+struct proc { int pid; char path[256]; };
+
+/* Lists the live processes' sockets for the config's stats_socket pattern; sockets of
+ * dead processes are removed. */
+static int find_processes(const char *pattern, struct proc *procs, int max)
+{
+    char dirpat[512];
+    if (rules_expand_socket_path(pattern, 0, (unsigned)getuid(), dirpat, sizeof dirpat) != 0)
+        return 0;
+    char *slash = strrchr(pattern, '/');
+    char *dslash = strrchr(dirpat, '/');
+    if (!slash || !dslash)
+        return 0;
+    *dslash = 0;
+    const char *name_pat = slash + 1;          /* e.g. "%p.sock" */
+    const char *pp = strstr(name_pat, "%p");
+    size_t prefix = (size_t)(pp - name_pat);
+    const char *suffix = pp + 2;
+    DIR *d = opendir(dirpat[0] ? dirpat : "/");
+    if (!d)
+        return 0;
+    int n = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) && n < max) {
+        const char *nm = de->d_name;
+        size_t len = strlen(nm), slen = strlen(suffix);
+        if (len <= prefix + slen || strncmp(nm, name_pat, prefix) || strcmp(nm + len - slen, suffix))
+            continue;
+        char digits[16];
+        size_t dl = len - prefix - slen;
+        if (dl >= sizeof digits)
+            continue;
+        memcpy(digits, nm + prefix, dl);
+        digits[dl] = 0;
+        char *end;
+        long pid = strtol(digits, &end, 10);
+        if (*end || pid <= 0)
+            continue;
+        char path[256];
+        if ((size_t)snprintf(path, sizeof path, "%s/%s", dirpat, nm) >= sizeof path)
+            continue;
+        if (kill((pid_t)pid, 0) != 0 && errno == ESRCH) {
+            unlink(path);                      /* a dead process's socket: clean it */
+            continue;
+        }
+        procs[n].pid = (int)pid;
+        snprintf(procs[n].path, sizeof procs[n].path, "%s", path);
+        n++;
+    }
+    closedir(d);
+    return n;
+}
+
+struct response { char *data; size_t len; bool overflow; };
+
+static size_t collect(char *p, size_t size, size_t nmemb, void *ud)
+{
+    struct response *r = ud;
+    size_t n = size * nmemb;
+    if (r->len + n > RESPONSE_MAX) {
+        r->overflow = true;
+        return 0;
+    }
+    char *g = realloc(r->data, r->len + n + 1);
+    if (!g)
+        return 0;
+    r->data = g;
+    memcpy(r->data + r->len, p, n);
+    r->len += n;
+    r->data[r->len] = 0;
+    return n;
+}
+
+/* One request to one process's socket; NULL when it does not answer (it may have
+ * just exited; a socket that refuses connections is a dead process's and is removed). */
+static char *ask(const struct proc *p, const char *method, const char *target, size_t *len)
+{
+    CURL *c = curl_easy_init();
+    if (!c)
+        return NULL;
+    char url[1024];
+    snprintf(url, sizeof url, "http://localhost%s", target);
+    struct response r = { 0 };
+    curl_easy_setopt(c, CURLOPT_URL, url);
+    curl_easy_setopt(c, CURLOPT_UNIX_SOCKET_PATH, p->path);
+    curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method);
+    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, 3000L);
+    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, collect);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, &r);
+    CURLcode rc = curl_easy_perform(c);
+    long status = 0;
+    curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+    curl_easy_cleanup(c);
+    if (rc == CURLE_COULDNT_CONNECT)
+        unlink(p->path);
+    if (rc != CURLE_OK || status != 200) {
+        free(r.data);
+        return NULL;
+    }
+    *len = r.len;
+    return r.data ? r.data : strdup("");
+}
+
+/* ---- stats ---- */
+
+static double quantile(const struct json *hist, double q)
+{
+    const struct json *b = json_get(hist, "buckets");
+    double count = json_num(hist, "count");
+    if (!b || count <= 0)
+        return -1;
+    for (const struct json *pair = b->child; pair; pair = pair->next)
+        if (pair->child && pair->child->next && pair->child->next->number >= q * count)
+            return pair->child->number;
+    return INFINITY;
+}
+
+static void fmt_latency(char *out, size_t n, double s)
+{
+    if (s < 0)
+        snprintf(out, n, "-");
+    else if (s == INFINITY)
+        snprintf(out, n, ">10s");
+    else if (s < 0.001)
+        snprintf(out, n, "<=%.0fus", s * 1e6);
+    else if (s < 1)
+        snprintf(out, n, "<=%.1fms", s * 1e3);
+    else
+        snprintf(out, n, "<=%.0fs", s);
+}
+
+static void print_table(const struct json *total, const struct json **docs, const struct proc *procs, int n)
+{
+    printf("%-28s %9s %7s %9s %9s %9s %9s %9s %10s %10s\n", "UPSTREAM", "REQUESTS", "HIT%", "HITS", "CLIENT", "UPSTREAM",
+           "UP.REQS", "ERRORS", "HIT p50", "MISS p99");
+    printf("%-28s %9s %7s %9s %9s %9s %9s %9s %10s %10s\n", "", "", "", "", "CONNS", "CONNS", "", "", "", "");
+    const struct json *ups = json_get(total, "upstreams");
+    for (const struct json *u = ups ? ups->child : NULL; u; u = u->next) {
+        double req = json_num(u, "requests"), hits = json_num(u, "hits");
+        const struct json *err = json_get(u, "errors");
+        double errors = json_num(err, "upstream") + json_num(err, "app") + json_num(err, "tunnel");
+        char p50[32], p99[32];
+        fmt_latency(p50, sizeof p50, quantile(json_get(u, "hit_latency_seconds"), 0.5));
+        fmt_latency(p99, sizeof p99, quantile(json_get(u, "miss_latency_seconds"), 0.99));
+        char hitpct[16];
+        snprintf(hitpct, sizeof hitpct, req > 0 ? "%.1f" : "-", req > 0 ? 100 * hits / req : 0);
+        printf("%-28s %9.0f %7s %9.0f %9.0f %9.0f %9.0f %9.0f %10s %10s\n", u->key, req, hitpct, hits,
+               json_num(u, "client_connections"), json_num(u, "upstream_conns_opened"),
+               json_num(u, "upstream_requests"), errors, p50, p99);
+    }
+    printf("\n%-8s %9s %9s %7s %9s %9s\n", "PID", "REQUESTS", "HITS", "HIT%", "CLIENT", "UPSTREAM");
+    for (int i = 0; i < n; i++) {
+        if (!docs[i])
+            continue;
+        double req = 0, hits = 0, cc = 0, uc = 0;
+        const struct json *pu = json_get(docs[i], "upstreams");
+        for (const struct json *u = pu ? pu->child : NULL; u; u = u->next) {
+            req += json_num(u, "requests");
+            hits += json_num(u, "hits");
+            cc += json_num(u, "client_connections");
+            uc += json_num(u, "upstream_conns_opened");
+        }
+        char hitpct[16];
+        snprintf(hitpct, sizeof hitpct, req > 0 ? "%.1f" : "-", req > 0 ? 100 * hits / req : 0);
+        printf("%-8d %9.0f %9.0f %7s %9.0f %9.0f\n", procs[i].pid, req, hits, hitpct, cc, uc);
+    }
+}
+
+/* Sums Prometheus samples with the same name and labels; comments kept once. */
+static void print_prometheus_sum(char **texts, int n)
+{
+    struct sample { char *key; double value; bool comment; } *s = NULL;
+    size_t ns = 0, cap = 0;
+    for (int i = 0; i < n; i++) {
+        if (!texts[i])
+            continue;
+        char *save = NULL;
+        for (char *line = strtok_r(texts[i], "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+            bool comment = line[0] == '#';
+            char *sp = comment ? NULL : strrchr(line, ' ');
+            if (!comment && !sp)
+                continue;
+            if (sp)
+                *sp = 0;
+            size_t k = 0;
+            while (k < ns && (s[k].comment != comment || strcmp(s[k].key, line)))
+                k++;
+            if (k == ns) {
+                if (ns == cap) {
+                    cap = cap ? cap * 2 : 256;
+                    struct sample *g = realloc(s, cap * sizeof *s);
+                    if (!g)
+                        break;
+                    s = g;
+                }
+                s[ns].key = strdup(line);
+                s[ns].value = 0;
+                s[ns].comment = comment;
+                ns++;
+            }
+            if (sp)
+                s[k].value += strtod(sp + 1, NULL);
+        }
+    }
+    for (size_t k = 0; k < ns; k++) {
+        if (s[k].comment)
+            printf("%s\n", s[k].key);
+        else if (s[k].value == (double)(long long)s[k].value)
+            printf("%s %lld\n", s[k].key, (long long)s[k].value);
+        else
+            printf("%s %.6f\n", s[k].key, s[k].value);
+        free(s[k].key);
+    }
+    free(s);
+}
+
+static int stats_once(const char *pattern, int format)
+{
+    static struct proc procs[MAX_PROCS];
+    int n = find_processes(pattern, procs, MAX_PROCS);
+    if (format == 'p') {
+        char **texts = calloc((size_t)n + 1, sizeof *texts);
+        for (int i = 0; i < n && texts; i++) {
+            size_t len;
+            texts[i] = ask(&procs[i], "GET", "/metrics", &len);
+        }
+        if (texts)
+            print_prometheus_sum(texts, n);
+        for (int i = 0; i < n && texts; i++)
+            free(texts[i]);
+        free(texts);
+        return 0;
+    }
+    const struct json **docs = calloc((size_t)n + 1, sizeof *docs);
+    struct json *total = NULL;
+    int live = 0;
+    for (int i = 0; i < n && docs; i++) {
+        size_t len;
+        char *text = ask(&procs[i], "GET", "/stats", &len);
+        struct json *j = text ? json_parse(text, len) : NULL;
+        free(text);
+        if (!j)
+            continue;
+        docs[i] = j;
+        live++;
+        if (!total) {
+            total = json_clone(j);
+        } else {
+            json_sum_into(total, j, false);
+        }
+    }
+    if (format == 'j') {
+        printf("{\"total\":");
+        if (total) {
+            const struct json *ups = json_get(total, "upstreams");
+            printf("{\"processes\":%d,\"stats_refused\":%.0f,\"upstreams\":", live, json_num(total, "stats_refused"));
+            if (ups)
+                json_print(stdout, ups);
+            else
+                printf("{}");
+            printf("}");
+        } else {
+            printf("{\"processes\":0,\"upstreams\":{}}");
+        }
+        printf(",\"processes\":[");
+        bool first = true;
+        for (int i = 0; i < n; i++)
+            if (docs && docs[i]) {
+                printf("%s", first ? "" : ",");
+                json_print(stdout, docs[i]);
+                first = false;
+            }
+        printf("]}\n");
+    } else if (!total) {
+        printf("no live httpshim processes (sockets: %s)\n", pattern);
+    } else {
+        print_table(total, docs, procs, n);
+    }
+    for (int i = 0; i < n && docs; i++)
+        json_free((struct json *)docs[i]);
+    free(docs);
+    json_free(total);
+    return 0;
+}
+
+static int load_pattern(const char *conf, char *pattern, size_t n)
+{
+    struct shim_config *cfg = calloc(1, sizeof *cfg);
+    char err[RULES_ERR_MAX];
+    if (!cfg)
+        return -1;
+    int rc = rules_load(conf, cfg, err);
+    if (rc != 0 && err[0]) {
+        fprintf(stderr, "httpshim: %s\n", err);
+        free(cfg);
+        return -1;
+    }
+    snprintf(pattern, n, "%s", cfg->stats_socket);    /* defaults when the file is missing */
+    rules_free(cfg);
+    free(cfg);
+    return 0;
+}
+
+static int cmd_stats(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        { "json", no_argument, NULL, 'j' }, { "prometheus", no_argument, NULL, 'p' },
+        { "watch", required_argument, NULL, 'w' }, { "config", required_argument, NULL, 'c' },
+        { "help", no_argument, NULL, 'h' }, { 0, 0, 0, 0 } };
+    int format = 't', c;
+    double watch = 0;
+    const char *conf = NULL;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "c:h", opts, NULL)) != -1) {
+        if (c == 'j' || c == 'p')
+            format = c;
+        else if (c == 'w')
+            watch = atof(optarg);
+        else if (c == 'c')
+            conf = optarg;
+        else if (c == 'h') {
+            printf("usage: httpshim stats [-c FILE] [--json|--prometheus] [--watch SECONDS]\n"
+                   "Reads every live process's stats socket (the stats_socket of FILE, default\n"
+                   "$HTTPSHIM_CONF or %s), sums them and prints a table: per upstream, then\n"
+                   "one row per process. --json: {\"total\": {...}, \"processes\": [{\"pid\": N, ...}]}.\n"
+                   "--prometheus: the summed /metrics text. Sockets of dead processes are removed.\n", DEFAULT_CONF);
+            return 0;
+        } else
+            return 2;
+    }
+    char pattern[256];
+    if (load_pattern(conf_path(conf), pattern, sizeof pattern) != 0)
+        return 1;
+    if (watch <= 0)
+        return stats_once(pattern, format);
+    for (;;) {
+        if (format == 't')
+            printf("\033[H\033[J");
+        stats_once(pattern, format);
+        fflush(stdout);
+        usleep((useconds_t)(watch * 1e6));
+    }
+}
+
+/* ---- check ---- */
+
+static int cmd_check(int argc, char **argv)
+{
+    if (argc > 1 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) {
+        printf("usage: httpshim check [FILE]\nValidates a rules file (default $HTTPSHIM_CONF or %s) and prints\n"
+               "each upstream with the addresses it resolves to and each rule as understood.\n"
+               "Exit 0 when valid, 1 with FILE:LINE messages when not.\n", DEFAULT_CONF);
+        return 0;
+    }
+    const char *path = argc > 1 ? argv[1] : conf_path(NULL);
+    struct shim_config *cfg = calloc(1, sizeof *cfg);
+    char err[RULES_ERR_MAX];
+    if (!cfg)
+        return 1;
+    if (rules_load(path, cfg, err) != 0) {
+        if (err[0])
+            fprintf(stderr, "%s\n", err);
+        else
+            fprintf(stderr, "%s: %s\n", path, strerror(errno));
+        free(cfg);
+        return 1;
+    }
+    printf("%s: ok\n", path);
+    printf("global: pool_max_per_host=%u pool_idle_timeout=%lldms upstream_timeout=%lldms cache=%s "
+           "memory_max=%lld max_object=%lld stats_socket=%s\n",
+           cfg->pool_max_per_host, (long long)cfg->pool_idle_timeout_ms, (long long)cfg->upstream_timeout_ms,
+           cfg->cache == CACHE_OFF ? "off" : "memory", (long long)cfg->memory_max, (long long)cfg->max_object,
+           cfg->stats_socket);
+    rules_resolve_all(cfg, getaddrinfo);
+    for (size_t i = 0; i < cfg->n_upstreams; i++) {
+        const struct upstream_rule *u = &cfg->upstreams[i];
+        printf("upstream %s:%u (line %d) ->", u->host, u->port, u->line);
+        if (!u->n_addrs)
+            printf(" (does not resolve now; addresses the app resolves are learned at run time)");
+        for (size_t k = 0; k < u->n_addrs; k++) {
+            char ip[INET6_ADDRSTRLEN];
+            inet_ntop(u->addrs[k].family, u->addrs[k].bytes, ip, sizeof ip);
+            printf(" %s", ip);
+        }
+        printf("\n");
+        for (size_t k = 0; k < u->n_cache_rules; k++) {
+            const struct cache_rule *r = &u->cache_rules[k];
+            printf("  line %d: cache %s %s ttl=%lldms status=", r->line, r->method, r->glob, (long long)r->ttl_ms);
+            for (size_t s = 0; s < r->n_status; s++)
+                printf("%s%d", s ? "," : "", r->status[s]);
+            if (r->n_ignore_query) {
+                printf(" ignore_query=");
+                for (size_t s = 0; s < r->n_ignore_query; s++)
+                    printf("%s%s", s ? "," : "", r->ignore_query[s]);
+            }
+            if (r->n_key_headers) {
+                printf(" key_headers=");
+                for (size_t s = 0; s < r->n_key_headers; s++)
+                    printf("%s%s", s ? "," : "", r->key_headers[s]);
+            }
+            printf(" respect_cache_control=%s\n", r->respect_cache_control ? "yes" : "no");
+        }
+    }
+    rules_free(cfg);
+    free(cfg);
+    return 0;
+}
+
+/* ---- purge ---- */
+
+static void url_encode(const char *in, char *out, size_t n)
+{
+    size_t k = 0;
+    for (; *in && k + 4 < n; in++) {
+        unsigned char c = (unsigned char)*in;
+        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || strchr("-_.~/*", c))
+            out[k++] = (char)c;
+        else
+            k += (size_t)snprintf(out + k, n - k, "%%%02X", c);
+    }
+    out[k] = 0;
+}
+
+static int cmd_purge(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        { "upstream", required_argument, NULL, 'u' }, { "config", required_argument, NULL, 'c' },
+        { "help", no_argument, NULL, 'h' }, { 0, 0, 0, 0 } };
+    const char *upstream = "", *conf = NULL;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "u:c:h", opts, NULL)) != -1) {
+        if (c == 'u')
+            upstream = optarg;
+        else if (c == 'c')
+            conf = optarg;
+        else if (c == 'h') {
+            printf("usage: httpshim purge [-c FILE] [--upstream HOST:PORT] [GLOB]\n"
+                   "Drops cache entries whose path matches GLOB (default: all) in every live\n"
+                   "process, optionally only for one upstream. Prints how many were dropped.\n");
+            return 0;
+        } else
+            return 2;
+    }
+    const char *glob = optind < argc ? argv[optind] : "*";
+    char pattern[256];
+    if (load_pattern(conf_path(conf), pattern, sizeof pattern) != 0)
+        return 1;
+    static struct proc procs[MAX_PROCS];
+    int n = find_processes(pattern, procs, MAX_PROCS);
+    char eu[512], eg[1024], target[1700];
+    url_encode(upstream, eu, sizeof eu);
+    url_encode(glob, eg, sizeof eg);
+    snprintf(target, sizeof target, "/purge?upstream=%s&glob=%s", eu, eg);
+    double purged = 0;
+    int answered = 0, failed = 0;
+    for (int i = 0; i < n; i++) {
+        size_t len;
+        char *text = ask(&procs[i], "POST", target, &len);
+        struct json *j = text ? json_parse(text, len) : NULL;
+        if (j && !json_get(j, "error")) {
+            purged += json_num(j, "purged");
+            answered++;
+        } else if (j) {
+            fprintf(stderr, "httpshim purge: pid %d: %s\n", procs[i].pid, json_get(j, "error")->string);
+            failed++;
+        }
+        json_free(j);
+        free(text);
+    }
+    printf("purged %.0f entries in %d processes\n", purged, answered);
+    return failed ? 1 : 0;
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: httpshim COMMAND [ARGS]\n\n"
+               "  run [-c FILE] -- CMD [ARGS]   run CMD with the shim preloaded (container entrypoint)\n"
+               "  stats [--json|--prometheus] [--watch S]   summed counters of every live process\n"
+               "  check [FILE]                  validate a rules file and show how it is understood\n"
+               "  purge [--upstream H:P] [GLOB] drop cache entries in every live process\n\n"
+               "COMMAND --help tells more. Exit codes: 0 ok, 1 failure, 2 usage error;\n"
+               "run passes CMD's exit status through.\n");
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "help")) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "run"))
+        return cmd_run(argc - 1, argv + 1);
+    if (!strcmp(cmd, "check"))
+        return cmd_check(argc - 1, argv + 1);
+    curl_global_init(CURL_GLOBAL_DEFAULT);
+    int rc = 2;
+    if (!strcmp(cmd, "stats"))
+        rc = cmd_stats(argc - 1, argv + 1);
+    else if (!strcmp(cmd, "purge"))
+        rc = cmd_purge(argc - 1, argv + 1);
+    else {
+        fprintf(stderr, "httpshim: unknown command '%s'\n", cmd);
+        usage(stderr);
+    }
+    curl_global_cleanup();
+    return rc;
+}
