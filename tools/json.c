@@ -25,7 +25,9 @@ static char *parse_string(struct parser *ps)
     ps->p++;
     size_t cap = 16, n = 0;
     char *s = malloc(cap);
-    while (s && ps->p < ps->end && *ps->p != '"') {
+    if (!s)
+        return NULL;
+    while (ps->p < ps->end && *ps->p != '"') {
         char c = *ps->p++;
         if (c == '\\' && ps->p < ps->end) {
             char e = *ps->p++;
@@ -47,7 +49,7 @@ static char *parse_string(struct parser *ps)
         }
         s[n++] = c;
     }
-    if (!s || ps->p >= ps->end) {
+    if (ps->p >= ps->end) {
         free(s);
         return NULL;
     }
