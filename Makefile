@@ -42,7 +42,16 @@ test: deps
 	$(MAKE) all
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
 
-.PHONY: all deps test clean demo
+.PHONY: all deps test clean demo install
+
+DESTDIR ?=
+install: all
+	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1 \
+	  $(DESTDIR)$(PREFIX)/share/doc/httpshim
+	install -m 0755 $(BUILD)/libhttpshim.so $(DESTDIR)$(LIBDIR)/libhttpshim.so
+	install -m 0755 $(BUILD)/httpshim $(DESTDIR)$(PREFIX)/bin/httpshim
+	install -m 0644 docs/httpshim.1 $(DESTDIR)$(PREFIX)/share/man/man1/httpshim.1
+	install -m 0644 rules.conf $(DESTDIR)$(PREFIX)/share/doc/httpshim/rules.conf.example
 clean:
 	rm -rf $(BUILD)
 
