@@ -180,6 +180,19 @@ size_t cache_vary_values(const char *vary, size_t vary_len, const struct http_re
     return k.overflow ? (size_t)-1 : k.n;
 }
 
+size_t cache_variant_key(const char *key, size_t key_len, const char *vary, size_t vary_len,
+                         const struct http_request *req, char *out, size_t cap)
+{
+    static const char tag[] = "\nvary: ";
+    if (key_len + sizeof tag > cap)
+        return 0;
+    memcpy(out, key, key_len);
+    memcpy(out + key_len, tag, sizeof tag - 1);
+    size_t n = key_len + sizeof tag - 1;
+    size_t v = cache_vary_values(vary, vary_len, req, out + n, cap - n);
+    return v == (size_t)-1 ? 0 : n + v;
+}
+
 bool cache_entry_matches_request(const struct cache_entry *e, const struct http_request *req)
 {
     if (!e->vary_len)

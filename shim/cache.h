@@ -44,6 +44,12 @@ size_t cache_key(const struct upstream_rule *u, const struct cache_rule *r, cons
 /* Values of the request headers named in a Vary list, joined: what an entry's variant is. */
 size_t cache_vary_values(const char *vary, size_t vary_len, const struct http_request *req, char *out, size_t cap);
 bool cache_entry_matches_request(const struct cache_entry *e, const struct http_request *req);
+/* A response that varies is stored under a variant key (the key plus the request's values
+ * of the Vary headers), and a marker entry (status 0, no body, the Vary names) under the
+ * plain key tells a lookup to look again under the variant key. */
+static inline bool cache_entry_is_vary_marker(const struct cache_entry *e) { return e->status == 0; }
+size_t cache_variant_key(const char *key, size_t key_len, const char *vary, size_t vary_len,
+                         const struct http_request *req, char *out, size_t cap);
 
 enum not_stored_reason {
     NS_NONE = 0, NS_METHOD, NS_STATUS, NS_NO_STORE, NS_PRIVATE, NS_SET_COOKIE, NS_VARY_STAR,

@@ -331,6 +331,12 @@ void conn_process(struct conn *c)
                 return;                /* a hit goes out in one piece: wait for `out` to drain */
             }
             struct cache_entry *e = memcache_get(key_scratch, key_len);
+            if (e && cache_entry_is_vary_marker(e)) {
+                static char variant[CACHE_KEY_MAX];
+                size_t n = cache_variant_key(key_scratch, key_len, e->vary, e->vary_len, req, variant, sizeof variant);
+                cache_entry_release(e);
+                e = n ? memcache_get(variant, n) : NULL;
+            }
             if (e && !cache_entry_matches_request(e, req)) {
                 cache_entry_release(e);
                 e = NULL;

@@ -585,7 +585,24 @@ static void store_response(struct transfer *t)
     }
     int64_t ttl = 0;
     cache_policy_decide(&t->policy, t->rule, t->status, &ttl);
-    struct cache_entry *e = cache_entry_new(t->key, t->key_len, t->status, t->reason, t->reason_len,
+    const char *key = t->key;
+    size_t key_len = t->key_len;
+    static char variant[CACHE_KEY_MAX];
+    if (buf_len(&t->vary)) {
+        key_len = cache_variant_key(t->key, t->key_len, buf_head(&t->vary), buf_len(&t->vary), &request_again,
+                                    variant, sizeof variant);
+        struct cache_entry *marker = key_len ? cache_entry_new(t->key, t->key_len, 0, "", 0, "", 0,
+                                                               buf_head(&t->vary), buf_len(&t->vary), "", 0, "", 0, ttl)
+                                             : NULL;
+        if (!marker) {
+            not_stored(t, NS_NO_MEMORY);
+            return;
+        }
+        marker->upstream = c->upstream;
+        memcache_put(marker);
+        key = variant;
+    }
+    struct cache_entry *e = cache_entry_new(key, key_len, t->status, t->reason, t->reason_len,
                                             buf_head(&t->stored_head), buf_len(&t->stored_head),
                                             buf_head(&t->vary), buf_len(&t->vary), values, values_len,
                                             buf_head(&t->body), buf_len(&t->body), ttl);
