@@ -42,7 +42,10 @@ test: deps
 	$(MAKE) all
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
 
-.PHONY: all deps test clean demo install
+.PHONY: all deps test clean demo install bench
+
+bench: deps
+	bench/quick
 
 DESTDIR ?=
 install: all
