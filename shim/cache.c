@@ -334,7 +334,7 @@ struct cache_entry *cache_entry_new(const char *key, size_t key_len, int status,
         return NULL;
     memset(e, 0, sizeof *e);
     char *p = (char *)(e + 1);
-#define PLACE(field, src, n) do { memcpy(p, (src), (n)); e->field = p; e->field##_len = (n); p += (n); } while (0)
+#define PLACE(field, src, n) do { if (n) memcpy(p, (src), (n)); e->field = p; e->field##_len = (n); p += (n); } while (0)
     PLACE(key, key, key_len);
     PLACE(reason, reason, reason_len);
     PLACE(headers, headers, headers_len);

@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Scripted raw-socket client for the cache tests: ONE process makes a list of
+exchanges (the shim's cache is per process), each step on its own connection.
+
+  cacheclient.py --spec FILE
+
+FILE is JSON: {"host": "127.0.0.1", "timeout": 20, "steps": [STEP, ...]} where STEP is
+  {"sleep": SECONDS}
+or a connection:
+  {"port": P, "mode": "sequential"|"pipeline", "wait_eof": bool,
+   "requests": [{"raw": "<request bytes as latin-1 text>", "method": "GET"}, ...]}
+sequential: send a request, read its whole response, then the next (keep-alive);
+pipeline: write every request in one send, then read all the responses.
+wait_eof: after the last response, wait (bounded) for the server to close.
+
+One JSON line per connection step:
+  {"step": i, "connect": "ok"|error, "responses": [{"version", "status", "reason",
+   "headers": [[k, v]...], "body_len", "body_sha256", "complete", "garbage"?}, ...],
+   "eof": bool, "reset": bool, "timed_out": bool, "recv_len": N}
+(`responses` holds everything parsed from the bytes received: more entries than requests,
+or an entry with "garbage", means bytes arrived that belong to no response), then
+  {"done": true, "engine": <an httpshim thread exists in this process>}.
+Exit status 0 unless the client itself failed.
+"""
+import argparse
+import errno
+import hashlib
+import json
+import socket
+import sys
+import time
+
+from rawclient import engine_present, parse_responses
+
+
+def n_complete(rs):
+    n = 0
+    for r in rs:
+        if not r.get("complete"):
+            break
+        n += 1
+    return n
+
+
+def read_responses(s, buf, methods, want, deadline, rep):
+    """Reads into buf until `want` complete responses (for `methods`), EOF, an error or
+    the deadline."""
+    while True:
+        rs = parse_responses(bytes(buf), methods, eof=False)
+        if n_complete(rs) >= want:
+            return True
+        if rs and "garbage" in rs[-1]:
+            return False               # unparsable: nothing more will make sense
+        left = deadline - time.time()
+        if left <= 0:
+            rep["timed_out"] = True
+            return False
+        s.settimeout(min(left, 1.0))
+        try:
+            data = s.recv(262144)
+        except socket.timeout:
+            continue
+        except OSError as e:
+            if e.errno == errno.ECONNRESET:
+                rep["reset"] = True
+            else:
+                rep["recv_error"] = errno.errorcode.get(e.errno, str(e))
+            return False
+        if not data:
+            rep["eof"] = True
+            return False
+        buf += data
+
+
+def wait_eof(s, buf, deadline, rep):
+    while not rep["eof"] and not rep["reset"]:
+        left = deadline - time.time()
+        if left <= 0:
+            rep["timed_out"] = True
+            return
+        s.settimeout(min(left, 1.0))
+        try:
+            data = s.recv(262144)
+        except socket.timeout:
+            continue
+        except OSError as e:
+            if e.errno == errno.ECONNRESET:
+                rep["reset"] = True
+            else:
+                rep["recv_error"] = errno.errorcode.get(e.errno, str(e))
+            return
+        if not data:
+            rep["eof"] = True
+            return
+        buf += data
+
+
+def connection(i, host, step, timeout):
+    rep = {"step": i, "connect": None, "responses": [], "eof": False, "reset": False,
+           "timed_out": False, "recv_len": 0}
+    reqs = step["requests"]
+    methods = [r.get("method", "GET") for r in reqs]
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                      socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect((host, step["port"]))
+        rep["connect"] = "ok"
+    except OSError as e:
+        rep["connect"] = errno.errorcode.get(e.errno, str(e)) if e.errno else str(e)
+        s.close()
+        return rep
+    buf = bytearray()
+    deadline = time.time() + timeout
+    try:
+        if step.get("mode", "sequential") == "pipeline":
+            s.sendall(b"".join(r["raw"].encode("latin-1") for r in reqs))
+            read_responses(s, buf, methods, len(reqs), deadline, rep)
+        else:
+            for k, r in enumerate(reqs):
+                s.sendall(r["raw"].encode("latin-1"))
+                if not read_responses(s, buf, methods[:k + 1], k + 1, deadline, rep):
+                    break
+        if step.get("wait_eof"):
+            wait_eof(s, buf, time.time() + min(timeout, 10.0), rep)
+    except OSError as e:
+        rep["send_error"] = errno.errorcode.get(e.errno, str(e)) if e.errno else str(e)
+    s.close()
+    rep["recv_len"] = len(buf)
+    out = []
+    for r in parse_responses(bytes(buf), methods, eof=rep["eof"]):
+        d = {"complete": bool(r.get("complete"))}
+        if "garbage" in r or "partial_head" in r:
+            d["garbage"] = (r.get("garbage") or r.get("partial_head")).decode("latin-1")
+        else:
+            body = r.get("body", b"")
+            d.update(version=r["version"], status=r["status"], reason=r["reason"],
+                     headers=[[k, v] for k, v in r["headers"]], body_len=len(body),
+                     body_sha256=hashlib.sha256(body).hexdigest())
+        out.append(d)
+    rep["responses"] = out
+    return rep
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--spec", required=True)
+    a = ap.parse_args()
+    with open(a.spec) as f:
+        spec = json.load(f)
+    host = spec.get("host", "127.0.0.1")
+    timeout = float(spec.get("timeout", 20))
+    for i, step in enumerate(spec["steps"]):
+        if "sleep" in step:
+            time.sleep(float(step["sleep"]))
+            continue
+        print(json.dumps(connection(i, host, step, timeout)), flush=True)
+    print(json.dumps({"done": True, "engine": engine_present()}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

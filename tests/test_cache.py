@@ -1,0 +1,686 @@
+"""Real-client tests of httpshim's in-process cache (the memory tier).
+
+The cache lives in each client process, so every "the second request is a hit" check
+runs several requests from ONE process: tests/pyclients/cacheclient.py (a scripted
+raw-socket client, one connection per step), curl with several URLs, or
+build/epollclient --count N. Whether a response came from the cache is read from the
+upstream (its request counter and log) and from the `X-Served` header of
+tests/upstream.py's /custom path: a per-server counter, so a replayed response carries
+the same value and a fresh one a new value.
+"""
+
+import hashlib
+import itertools
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import (SYS_PY, ROOT, Upstream, hop_by_hop, jlines, pyclient,
+                      run, write_rules)
+from upstream import geo_document, pattern
+
+CURL = ["curl", "-s", "-S", "--max-time", "20"]
+TTL_SLEEP = 1.6          # past a 1 s lifetime, with margin for a slow machine
+
+
+# ------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def upstream_b_server(tmp_path_factory):
+    """A second upstream (its own process and port), like conftest's `upstream`."""
+    u = Upstream(tmp_path_factory.mktemp("upstream-b"))
+    yield u
+    u.stop()
+
+
+@pytest.fixture
+def upstream_b(upstream_b_server):
+    upstream_b_server.reset()
+    return upstream_b_server
+
+
+# ------------------------------------------------------------------ rules
+def cache_conf(tmp, blocks, cache="memory", memory_max=None, max_object=None,
+               name="cache.conf"):
+    """A rules file: `blocks` is [(upstream or port, ["GET /glob ttl=..", ...]), ...]."""
+    lines = ["# written by tests/test_cache.py", "[global]", "pool_max_per_host = 4",
+             "upstream_timeout  = 5s", "cache = %s" % cache]
+    if memory_max:
+        lines.append("memory_max = %s" % memory_max)
+    if max_object:
+        lines.append("max_object = %s" % max_object)
+    for up, rules in blocks:
+        port = up if isinstance(up, int) else up.port
+        lines += ["", "[upstream 127.0.0.1:%d]" % port] + ["cache %s" % r for r in rules]
+    return write_rules(tmp, [], name=name, raw="\n".join(lines) + "\n")
+
+
+def simple_conf(tmp, up, *rules, **kw):
+    return cache_conf(tmp, [(up, list(rules) or ["GET /custom* ttl=10m"])], **kw)
+
+
+# ------------------------------------------------------------------ requests
+def rq(up, target, method="GET", headers=(), version="HTTP/1.1", close=True, body=None,
+       host=None):
+    """One request for cacheclient.py. close: HTTP/1.1 sends `Connection: close`;
+    HTTP/1.0 sends `Connection: keep-alive` unless close."""
+    lines = ["%s %s %s" % (method, target, version)]
+    if "host" not in [h.split(":", 1)[0].strip().lower() for h in headers]:
+        lines.append("Host: %s" % (host or "127.0.0.1:%d" % up.port))
+    lines += list(headers)
+    if version == "HTTP/1.1" and close:
+        lines.append("Connection: close")
+    if version == "HTTP/1.0" and not close:
+        lines.append("Connection: keep-alive")
+    if body is not None:
+        lines.append("Content-Length: %d" % len(body))
+    return {"raw": "\r\n".join(lines) + "\r\n\r\n" + (body or ""), "method": method,
+            "port": up.port, "close": close}
+
+
+def conn(*reqs, mode="sequential", wait_eof=None):
+    """One connection carrying `reqs` (all to the same upstream)."""
+    if wait_eof is None:
+        wait_eof = reqs[-1]["close"]
+    return {"port": reqs[0]["port"], "mode": mode, "wait_eof": wait_eof,
+            "requests": [{"raw": r["raw"], "method": r["method"]} for r in reqs]}
+
+
+def get(up, target, **kw):
+    """A connection of its own carrying one request (Connection: close)."""
+    return conn(rq(up, target, **kw))
+
+
+def sleep(s=TTL_SLEEP):
+    return {"sleep": s}
+
+
+class Play(object):
+    """What one cacheclient.py process saw: .conns (one report per connection) and
+    .resps (the responses, one per request, None where none arrived)."""
+
+    def __init__(self, conns, steps, result):
+        self.conns = conns
+        self.result = result
+        self.resps = []
+        for c in conns:
+            n = len(steps[c["step"]]["requests"])
+            rs = c["responses"][:n]
+            rs = [r if "garbage" not in r else None for r in rs]
+            self.resps += rs + [None] * (n - len(rs))
+
+    def describe(self):
+        rows = []
+        for i, r in enumerate(self.resps):
+            if r is None:
+                rows.append("  #%d: no response" % i)
+                continue
+            rows.append("  #%d: %s %s len=%s complete=%s X-Served=%s X-Tag=%s Age=%s" % (
+                i, r["version"], r["status"], r["body_len"], r["complete"], served(r),
+                hdr(r, "X-Tag"), hdr(r, "Age")))
+        bad = [c for c in self.conns if c["timed_out"] or c["connect"] != "ok" or
+               any("garbage" in x for x in c["responses"])]
+        return "\n".join(rows) + ("\nbad connections: %s" % bad if bad else "") + \
+            "\n" + self.result.describe()
+
+
+_SPEC_IDS = itertools.count()
+
+
+def play(tmp, conf, steps, shim=True, timeout=20):
+    """Runs the steps in one cacheclient.py process (with the shim unless shim=False)."""
+    spec = Path(tmp) / ("spec%d.json" % next(_SPEC_IDS))
+    spec.write_text(json.dumps({"host": "127.0.0.1", "timeout": timeout,
+                                "steps": steps}))
+    n_conns = len([s for s in steps if "port" in s])
+    r = run([SYS_PY, pyclient("cacheclient.py"), "--spec", spec], shim=shim, conf=conf,
+            timeout=60 + timeout * n_conns)
+    lines = jlines(r.out)
+    done = [x for x in lines if x.get("done")]
+    assert r.rc == 0 and done, r.describe()
+    if shim:
+        assert done[0]["engine"] is True, "client not diverted:\n" + r.describe()
+    return Play([x for x in lines if "step" in x], steps, r)
+
+
+# ------------------------------------------------------------------ response checks
+def hdrs(resp, name):
+    return [v for k, v in resp["headers"] if k.lower() == name.lower()]
+
+
+def hdr(resp, name):
+    v = hdrs(resp, name)
+    return v[0] if v else None
+
+
+def served(resp):
+    return hdr(resp, "X-Served") if resp else None
+
+
+def sha(n):
+    return hashlib.sha256(pattern(n)).hexdigest()
+
+
+def assert_body(p, i, n, status=200):
+    r = p.resps[i]
+    assert r is not None and r["complete"] and r["status"] == status and \
+        r["body_len"] == n and r["body_sha256"] == sha(n), \
+        "response #%d: want a complete %d with %d pattern bytes\n%s" % (i, status, n,
+                                                                        p.describe())
+
+
+def upstream_log(up):
+    return [e for e in up.stats()["log"] if e.get("kind") == "http"]
+
+
+def log_desc(up):
+    st = up.stats()
+    return "upstream requests=%d connections=%d log=%s" % (
+        st["requests"], st["connections"],
+        [(e.get("method"), e.get("target")) for e in st["log"]])
+
+
+def assert_sources(p, up, want, complete=True, upstream_requests=None):
+    """want: one letter per response; equal letters must carry the same X-Served (one
+    came from the cache), different letters different ones (separate upstream
+    fetches). The upstream must have seen one request per distinct letter."""
+    got = [served(r) for r in p.resps]
+    detail = "want sources %s, got X-Served %s\n%s\n%s" % (
+        want, got, log_desc(up), p.describe())
+    assert len(got) == len(want) and None not in got, detail
+    if complete:
+        assert all(r["complete"] for r in p.resps), detail
+    for i in range(len(want)):
+        for j in range(i + 1, len(want)):
+            same_w, same_g = want[i] == want[j], got[i] == got[j]
+            assert same_w == same_g, "responses #%d and #%d: %s\n%s" % (
+                i, j, "should be one response replayed from the cache" if same_w else
+                "must not share a cache entry", detail)
+    n = len(set(want)) if upstream_requests is None else upstream_requests
+    assert up.stats()["requests"] == n, "upstream should have seen %d requests\n%s" % (
+        n, detail)
+
+
+def e2e(resp, drop=("age",)):
+    """End-to-end headers as a sorted list (hop-by-hop and `drop` left out)."""
+    return sorted((k.lower(), v) for k, v in resp["headers"]
+                  if not hop_by_hop(k) and k.lower() not in drop)
+
+
+def assert_age(resp, detail=""):
+    ages = hdrs(resp, "Age")
+    assert len(ages) == 1 and ages[0].isdigit() and int(ages[0]) < 100, \
+        "a hit carries exactly one Age header, the shim's own (seconds since stored); " \
+        "got %s\n%s" % (ages, detail)
+
+
+# ================================================================== tests
+def test_second_get_is_a_hit(upstream, tmp_path):
+    """The second identical GET (own connection, same process) never reaches the
+    upstream; it replays the status, end-to-end headers and body with an Age header."""
+    conf = simple_conf(tmp_path, upstream)
+    t = ("/custom?tag=basic&n=5000&h=Content-Type:text/plain&h=ETag:%22v1%22"
+         "&h=Cache-Control:public%2C%20max-age%3D600&h=X-Multi:a&h=X-Multi:b"
+         "&h=Age:1000&h=Keep-Alive:timeout%3D5")
+    p = play(tmp_path, conf, [get(upstream, t), get(upstream, t), get(upstream, t)])
+    assert_sources(p, upstream, "aaa")
+    miss, hit = p.resps[0], p.resps[1]
+    for i in range(3):
+        assert_body(p, i, 5000)
+    log = upstream_log(upstream)
+    assert [(e["method"], e["target"]) for e in log] == [("GET", t)], log_desc(upstream)
+    assert upstream.stats()["connections"] == 1, \
+        "a hit opened an upstream connection: " + log_desc(upstream)
+    assert e2e(hit) == e2e(miss), \
+        "the hit's end-to-end headers differ from the original response's:\n%s\n%s" % (
+            e2e(hit), e2e(miss))
+    assert hdrs(hit, "X-Multi") == ["a", "b"] and hdrs(hit, "Content-Length") == ["5000"]
+    assert not hdrs(hit, "Transfer-Encoding") and not hdrs(hit, "Keep-Alive"), hit
+    assert hit["version"] == "HTTP/1.1" and hit["status"] == 200, hit
+    assert [v.lower() for v in hdrs(hit, "Connection")] == ["close"], \
+        "an HTTP/1.1 request with Connection: close gets Connection: close: %s" % hit
+    for r in p.resps[1:]:
+        assert_age(r, p.describe())
+    assert all(c["eof"] for c in p.conns), "connections not closed after " \
+        "Connection: close\n" + p.describe()
+
+
+def test_curl_repeated_url_is_a_hit(upstream, tmp_path):
+    """curl URL URL URL (one process, one kept-alive connection): one upstream request,
+    three identical bodies."""
+    conf = simple_conf(tmp_path, upstream)
+    url = upstream.url("/custom?tag=curl&n=20000")
+    cmd = ["curl"]
+    for i in range(3):
+        cmd += (["--next"] if i else []) + CURL[1:] + [
+            "-D", tmp_path / ("h%d" % i), "-o", tmp_path / ("b%d" % i), url]
+    r = run(cmd, shim=True, conf=conf)
+    assert r.rc == 0, r.describe()
+    bodies = [(tmp_path / ("b%d" % i)).read_bytes() for i in range(3)]
+    heads = [(tmp_path / ("h%d" % i)).read_text() for i in range(3)]
+    assert bodies == [pattern(20000)] * 3, [len(b) for b in bodies]
+    st = upstream.stats()
+    assert st["requests"] == 1, "%s\n%s" % (log_desc(upstream), heads)
+    xs = [[ln for ln in h.splitlines() if ln.lower().startswith("x-served:")] for h in heads]
+    assert xs[0] == xs[1] == xs[2] and xs[0], heads
+    assert "age:" in heads[1].lower() and "age:" in heads[2].lower(), heads
+
+
+def test_ttl_expiry_refetches(upstream, tmp_path):
+    """ttl=1s expires (a refetch), while the next rule's ttl=10m does not: the first
+    matching rule wins, and `*` crosses `/`."""
+    conf = simple_conf(tmp_path, upstream, "GET /custom/short* ttl=1s",
+                       "GET /custom/* ttl=10m")
+    short, deep = "/custom/short?tag=ttl&n=300", "/custom/long/x/y?tag=deep&n=300"
+    p = play(tmp_path, conf, [get(upstream, short), get(upstream, short),
+                              get(upstream, deep), get(upstream, deep), sleep(),
+                              get(upstream, short), get(upstream, short),
+                              get(upstream, deep)])
+    assert_sources(p, upstream, "aabbccb")
+    for i in range(7):
+        assert_body(p, i, 300)
+    age = hdr(p.resps[6], "Age")
+    assert age is not None and age.isdigit() and 1 <= int(age) < 100, \
+        "Age of a hit stored %.1f s earlier: %s\n%s" % (TTL_SLEEP, age, p.describe())
+
+
+def test_ignore_query(upstream, tmp_path):
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=10m ignore_query=sign,ts")
+    targets = ["/custom?tag=q&sign=1",               # a: miss
+               "/custom?sign=2&tag=q&ts=7",          # a: only ignored params differ
+               "/custom?tag=q",                      # a: none of them at all
+               "/custom?tag=q&sign",                 # a: an ignored name without a value
+               "/custom?tag=q&signx=1",              # b: not an ignored name
+               "/custom?tag=q&other=1&sign=5",       # c: another param differs
+               "/custom?tag=q&ts=3&other=1",         # c
+               "/custom?tag=q&other=2"]              # d
+    p = play(tmp_path, conf, [get(upstream, t) for t in targets])
+    assert_sources(p, upstream, "aaaabccd")
+    got = [e["target"] for e in upstream_log(upstream)]
+    assert got == [targets[0], targets[4], targets[5], targets[7]], \
+        "the upstream must get the request target as sent (ignored params included): %s" \
+        % got
+
+
+def test_authorization_never_shared(upstream, tmp_path):
+    conf = simple_conf(tmp_path, upstream)
+    t = "/custom?tag=auth"
+
+    def g(auth):
+        return get(upstream, t, headers=["Authorization: %s" % auth] if auth else [])
+
+    p = play(tmp_path, conf, [g("Bearer alpha"), g("Bearer beta"), g("Bearer alpha"),
+                              g(None), g(None), g("Bearer beta"), g("bearer alpha")])
+    assert_sources(p, upstream, "abaccbd")
+    auths = [[v for k, v in e["headers"] if k.lower() == "authorization"]
+             for e in upstream_log(upstream)]
+    assert auths == [["Bearer alpha"], ["Bearer beta"], [], ["bearer alpha"]], auths
+
+
+def test_key_headers(upstream, tmp_path):
+    conf = simple_conf(tmp_path, upstream,
+                       "GET /custom* ttl=10m key_headers=Accept-Language")
+    t = "/custom?tag=lang"
+
+    def g(*h):
+        return get(upstream, t, headers=list(h))
+
+    p = play(tmp_path, conf, [g("Accept-Language: en"), g("Accept-Language: fr"),
+                              g("Accept-Language: en"), g(), g(),
+                              g("accept-language: en"), g("Accept-Language: fr"),
+                              g("Accept-Language: de")])
+    assert_sources(p, upstream, "abaccabd")
+
+
+def test_host_header_does_not_pick_the_entry(upstream, upstream_b, tmp_path):
+    """The key uses the rule's host:port: a request to A that claims `Host: B` is
+    stored under A, and a later request to B is answered by B."""
+    rule = ["GET /custom* ttl=10m"]
+    conf = cache_conf(tmp_path, [(upstream, rule), (upstream_b, rule)])
+    t = "/custom?tag=spoof&n=700"
+    b_host = "127.0.0.1:%d" % upstream_b.port
+    p = play(tmp_path, conf, [get(upstream, t, host=b_host),    # to A, Host: B
+                              get(upstream_b, t),                # to B
+                              get(upstream, t),                  # to A: A's entry
+                              get(upstream_b, t, host="127.0.0.1:%d" % upstream.port)])
+    detail = "%s\nA: %s\nB: %s" % (p.describe(), log_desc(upstream), log_desc(upstream_b))
+    for i in range(4):
+        assert_body(p, i, 700)
+    assert upstream_b.stats()["requests"] == 1, \
+        "B's response must come from B (never A's entry)\n" + detail
+    assert upstream.stats()["requests"] == 1, detail
+    xs = [served(r) for r in p.resps]
+    # each server numbers its own responses; A's first and B's first are both "1",
+    # so tell them apart by which upstream logged what
+    assert xs[2] == xs[0] and xs[3] == xs[1], detail
+    assert [e["target"] for e in upstream_log(upstream_b)] == [t], detail
+
+
+# ------------------------------------------------------------------ never stored
+NEVER = {
+    # id: (request kwargs, conf kwargs, want status)
+    "post": (dict(target="/custom?tag=post", method="POST", body="a=1"), {}, 200),
+    "status-500": (dict(target="/custom?tag=s&status=500"), {}, 500),
+    "status-404": (dict(target="/custom?tag=s&status=404"), {}, 404),
+    "no-store": (dict(target="/custom?tag=ns&h=Cache-Control:no-store"), {}, 200),
+    "no-store-mixed": (dict(target="/custom?tag=ns&h=Cache-Control:max-age%3D600%2C%20"
+                                   "NO-STORE"), {}, 200),
+    "private": (dict(target="/custom?tag=pr&h=Cache-Control:private%2C%20max-age%3D600"),
+                {}, 200),
+    "set-cookie": (dict(target="/custom?tag=sc&h=Set-Cookie:sid%3D1%3B%20Path%3D%2F"),
+                   {}, 200),
+    "set-cookie-lower": (dict(target="/custom?tag=sc&h=set-cookie:sid%3D1"), {}, 200),
+    "vary-star": (dict(target="/custom?tag=vs&h=Vary:*"), {}, 200),
+    "vary-list-star": (dict(target="/custom?tag=vs&h=Vary:Accept%2C%20*"), {}, 200),
+    "over-max-object": (dict(target="/custom?tag=big&n=20000"), dict(max_object="16KB"),
+                        200),
+    "over-max-object-chunked": (dict(target="/custom?tag=big&n=20000&mode=chunked"),
+                                dict(max_object="16KB"), 200),
+    "close-delimited": (dict(target="/custom?tag=cl&mode=close&n=3000"), {}, 200),
+    "truncated": (dict(target="/custom?tag=tr&mode=truncate&n=10000"), {}, 200),
+    "bad-chunk": (dict(target="/custom?tag=bc&mode=badchunk&n=10000"), {}, 200),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NEVER))
+def test_never_stored(case, upstream, tmp_path):
+    """Two identical requests -> two upstream requests. A cacheable control path in the
+    same process proves the rule matches and the cache works there."""
+    kw, conf_kw, status = NEVER[case]
+    conf = simple_conf(tmp_path, upstream, **conf_kw)
+    kw = dict(kw)
+    t = kw.pop("target")
+    ctl = "/custom?tag=control"
+    p = play(tmp_path, conf, [get(upstream, t, **kw), get(upstream, ctl),
+                              get(upstream, t, **kw), get(upstream, ctl)])
+    broken = case in ("truncated", "bad-chunk")
+    assert_sources(p, upstream, "acbc", complete=not broken)
+    assert [r["status"] for r in p.resps] == [status, 200, status, 200], p.describe()
+    if broken:
+        for i in (0, 2):
+            r = p.resps[i]
+            assert not r["complete"] and r["body_len"] < 10000, \
+                "a truncated upstream body must reach the client truncated\n" + p.describe()
+        assert p.conns[0]["eof"] and p.conns[2]["eof"], p.describe()
+    else:
+        m = re.search(r"[?&]n=(\d+)", t)
+        n = int(m.group(1)) if m else 100
+        assert_body(p, 0, n, status)
+        assert_body(p, 2, n, status)
+    for i in (0, 2):
+        assert not hdrs(p.resps[i], "Age"), "a forwarded response has no Age of the " \
+            "shim's\n" + p.describe()
+
+
+def test_truncated_like_direct_with_curl(upstream, tmp_path):
+    """curl sees the same truncation with and without the shim (exit 18, same bytes),
+    and nothing is stored."""
+    conf = simple_conf(tmp_path, upstream)
+    url = upstream.url("/custom?tag=trc&mode=truncate&n=100000")
+    d = run(CURL + ["-o", tmp_path / "direct", url], shim=False)
+    assert d.rc == 18, d.describe()
+    upstream.reset()
+    s = run(CURL + ["-o", tmp_path / "s1", url, "-o", tmp_path / "s2", url], shim=True,
+            conf=conf)
+    assert s.rc == 18, "curl through the shim: " + s.describe()
+    want = (tmp_path / "direct").read_bytes()
+    assert want == pattern(100000)[:50000]
+    for f in ("s1", "s2"):
+        got = (tmp_path / f).read_bytes()
+        assert got == want, "%s: %d bytes, direct %d" % (f, len(got), len(want))
+    assert upstream.stats()["requests"] == 2, log_desc(upstream)
+
+
+def test_chunked_response_stored_and_served_with_length(upstream, tmp_path):
+    conf = simple_conf(tmp_path, upstream)
+    t = "/custom?tag=ch&mode=chunked&n=30000"
+    p = play(tmp_path, conf, [get(upstream, t), get(upstream, t)])
+    assert_sources(p, upstream, "aa")
+    assert_body(p, 0, 30000)
+    assert_body(p, 1, 30000)
+    hit = p.resps[1]
+    assert hdrs(hit, "Content-Length") == ["30000"] and not hdrs(hit, "Transfer-Encoding"), \
+        hit
+    assert e2e(hit, drop=("age", "content-length")) == \
+        e2e(p.resps[0], drop=("age", "content-length"))
+
+
+def test_status_list(upstream, tmp_path):
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=10m status=200,404")
+    nf, err, ok = ("/custom?tag=nf&status=404&n=50", "/custom?tag=e&status=500",
+                   "/custom?tag=ok&n=60")
+    p = play(tmp_path, conf, [get(upstream, nf), get(upstream, nf), get(upstream, err),
+                              get(upstream, err), get(upstream, ok), get(upstream, ok)])
+    assert_sources(p, upstream, "aabcdd")
+    assert_body(p, 0, 50, 404)
+    assert_body(p, 1, 50, 404)
+    assert p.resps[1]["reason"] == p.resps[0]["reason"] == "Not Found", p.describe()
+    assert [r["status"] for r in p.resps] == [404, 404, 500, 500, 200, 200]
+
+
+def test_respect_cache_control(upstream, tmp_path):
+    conf = simple_conf(tmp_path, upstream,
+                       "GET /custom/rcc* ttl=10m respect_cache_control=yes",
+                       "GET /custom/plain* ttl=10m respect_cache_control=no",
+                       "GET /custom/default* ttl=10m")
+    r_max = "/custom/rcc?h=Cache-Control:max-age%3D1"                    # R: 1 s
+    r_smax = "/custom/rcc?h=Cache-Control:max-age%3D600%2C%20s-maxage%3D1"  # S: 1 s
+    r_long = "/custom/rcc?tag=long"                                      # L: the rule's
+    r_noc = "/custom/rcc?h=Cache-Control:no-cache"                       # never stored
+    r_exp = "/custom/rcc?h=Expires:Thu%2C%2001%20Jan%201970%2000:00:00%20GMT"  # stale
+    p_max = "/custom/plain?h=Cache-Control:max-age%3D1"                  # P: ignored
+    p_nos = "/custom/plain?h=Cache-Control:no-store"                     # never stored
+    d_nos = "/custom/default?h=Cache-Control:no-store"                   # never stored
+    # each second request right after its first: well inside the 1 s lifetimes
+    order = [r_max, r_max, r_smax, r_smax, r_long, r_long, p_max, p_max,
+             r_noc, r_noc, r_exp, r_exp, p_nos, p_nos, d_nos, d_nos]
+    steps = [get(upstream, t) for t in order] + [sleep()] + \
+        [get(upstream, t) for t in (r_max, r_smax, r_long, p_max)]
+    p = play(tmp_path, conf, steps)
+    assert_sources(p, upstream, "RRSSLLPP" "nNeExXyY" "rsLP")
+    for i in (-2, -1):
+        age = hdr(p.resps[i], "Age")
+        assert age is not None and age.isdigit() and int(age) >= 1, \
+            "Age of a hit stored %.1f s earlier: %s\n%s" % (TTL_SLEEP, age, p.describe())
+
+
+def test_vary_accept_encoding(upstream, tmp_path):
+    conf = simple_conf(tmp_path, upstream)
+    t = "/custom?tag=vary&h=Vary:Accept-Encoding&n=400"
+
+    def g(*h):
+        return get(upstream, t, headers=list(h))
+
+    p = play(tmp_path, conf, [g("Accept-Encoding: gzip"), g("Accept-Encoding: br"),
+                              g("Accept-Encoding: gzip")])
+    assert_sources(p, upstream, "aba")
+    ae = [[v for k, v in e["headers"] if k.lower() == "accept-encoding"]
+          for e in upstream_log(upstream)]
+    assert ae == [["gzip"], ["br"]], ae
+
+
+def test_vary_variant_not_served_to_other_values(upstream, tmp_path):
+    """A stored variant is never served to a request whose Vary'd header differs
+    (absent counts as a value)."""
+    conf = simple_conf(tmp_path, upstream)
+    t = "/custom?tag=vary2&h=Vary:Accept-Encoding%2C%20X-Flavour"
+
+    def g(*h):
+        return get(upstream, t, headers=list(h))
+
+    p = play(tmp_path, conf, [g("Accept-Encoding: gzip", "X-Flavour: a"),
+                              g("Accept-Encoding: gzip", "X-Flavour: a"),
+                              g("Accept-Encoding: gzip", "X-Flavour: b"),
+                              g("Accept-Encoding: gzip"),
+                              g()])
+    got = [served(r) for r in p.resps]
+    assert got[1] == got[0], "same variant: a hit\n" + p.describe()
+    for i in (2, 3, 4):
+        assert got[i] not in got[:i], "request #%d has other Vary'd values but got a " \
+            "stored variant\n%s" % (i, p.describe())
+
+
+def test_lru_eviction(upstream, tmp_path):
+    """memory_max = 64KB, ~10 KB bodies: filling past the cap evicts the least recently
+    USED entry (an early entry read again survives, the next oldest goes)."""
+    conf = simple_conf(tmp_path, upstream, memory_max="64KB")
+    t = ["/custom?tag=lru%d&n=10000" % i for i in range(8)]
+    steps = [get(upstream, t[i]) for i in range(5)] + [get(upstream, t[0])] + \
+        [get(upstream, t[i]) for i in range(5, 8)] + \
+        [get(upstream, t[7]), get(upstream, t[0]), get(upstream, t[1])]
+    p = play(tmp_path, conf, steps)
+    #            0..4   0    5..7  7    0    1 (evicted: refetched)
+    assert_sources(p, upstream, "abcde" "a" "fgh" "h" "a" "B")
+    for i in range(len(steps)):
+        assert_body(p, i, 10000)
+
+
+def test_object_over_memory_max_not_stored(upstream, tmp_path):
+    """An object under max_object but over memory_max is not stored, and does not flush
+    what is cached."""
+    conf = simple_conf(tmp_path, upstream, memory_max="64KB", max_object="1MB")
+    small, big = "/custom?tag=small&n=1000", "/custom?tag=big&n=100000"
+    p = play(tmp_path, conf, [get(upstream, small), get(upstream, big),
+                              get(upstream, big), get(upstream, small)])
+    assert_sources(p, upstream, "abca")
+    assert_body(p, 2, 100000)
+
+
+def test_head_after_get_is_a_hit(upstream, tmp_path):
+    conf = simple_conf(tmp_path, upstream)
+    t = "/custom?tag=head&n=7777"
+    p = play(tmp_path, conf, [
+        get(upstream, t, method="HEAD"),    # miss: forwarded ...
+        get(upstream, t, method="HEAD"),    # ... and not stored
+        get(upstream, t),                   # GET miss: the full body, stored
+        get(upstream, t, method="HEAD"),    # hit
+        conn(rq(upstream, t, method="HEAD", close=False), rq(upstream, t),
+             mode="pipeline"),              # HEAD hit then GET hit on one connection
+    ])
+    assert_sources(p, upstream, "abcccc")
+    assert [(e["method"]) for e in upstream_log(upstream)] == ["HEAD", "HEAD", "GET"], \
+        log_desc(upstream)
+    assert_body(p, 2, 7777)
+    assert_body(p, 5, 7777)
+    for i in (3, 4):
+        r = p.resps[i]
+        assert r["status"] == 200 and r["body_len"] == 0 and \
+            hdrs(r, "Content-Length") == ["7777"], \
+            "HEAD hit #%d: want 200, Content-Length: 7777, no body\n%s" % (i, p.describe())
+        assert_age(r, p.describe())
+    # no body bytes after the HEAD answers: exactly one response on the HEAD-only
+    # connection, exactly two on the HEAD+GET one, and nothing unparsable
+    assert len(p.conns[3]["responses"]) == 1 and p.conns[3]["eof"], p.conns[3]
+    assert len(p.conns[4]["responses"]) == 2, p.conns[4]
+
+
+def test_pipelined_hit_miss_hit_in_order(upstream, tmp_path):
+    conf = simple_conf(tmp_path, upstream)
+    a, b = "/custom?tag=A&n=3000", "/custom?tag=B&n=5000"
+    p = play(tmp_path, conf, [
+        get(upstream, a),
+        conn(rq(upstream, a, close=False), rq(upstream, b, close=False), rq(upstream, a),
+             mode="pipeline"),
+    ])
+    assert_sources(p, upstream, "aaba")
+    assert [hdr(r, "X-Tag") for r in p.resps] == ["A", "A", "B", "A"], p.describe()
+    for i, n in enumerate([3000, 3000, 5000, 3000]):
+        assert_body(p, i, n)
+    assert len(p.conns[1]["responses"]) == 3 and p.conns[1]["eof"], p.conns[1]
+
+
+def test_http10_client_epollclient(upstream, tmp_path, epollclient):
+    t = "/custom?tag=e10&n=2500"
+    conf = simple_conf(tmp_path, upstream)
+    cmd = [epollclient, "--port", upstream.port, "--path", t, "--http10", "--count", 3,
+           "--timeout", 20000, "--out", "-"]
+    s = run(cmd, shim=True, conf=conf)
+    assert s.rc == 0 and s.out == pattern(2500) * 3, s.describe()
+    assert upstream.stats()["requests"] == 1, log_desc(upstream)
+
+
+def test_http10_client_raw(upstream, tmp_path):
+    """A 1.0 client gets `HTTP/1.0 200`, Content-Length, and the close after the hit;
+    with Connection: keep-alive the hit says so and the connection stays usable."""
+    t = "/custom?tag=r10&n=2000"
+    conf = simple_conf(tmp_path, upstream)
+    p = play(tmp_path, conf, [
+        get(upstream, t, version="HTTP/1.0"),                       # miss
+        get(upstream, t, version="HTTP/1.0"),                       # hit, then close
+        conn(rq(upstream, t, version="HTTP/1.0", close=False),      # hit, kept alive
+             rq(upstream, t, version="HTTP/1.0")),                  # hit, then close
+    ])
+    assert_sources(p, upstream, "aaaa")
+    for i in range(4):
+        assert_body(p, i, 2000)
+        r = p.resps[i]
+        assert r["version"] == "HTTP/1.0" and hdrs(r, "Content-Length") == ["2000"] and \
+            not hdrs(r, "Transfer-Encoding"), "#%d: %s" % (i, r)
+    hit = p.resps[1]
+    assert_age(hit, p.describe())
+    assert "keep-alive" not in [v.lower() for v in hdrs(hit, "Connection")], hit
+    assert p.conns[1]["eof"] and len(p.conns[1]["responses"]) == 1, \
+        "the connection must close after a 1.0 response without keep-alive: %s" % p.conns[1]
+    assert [v.lower() for v in hdrs(p.resps[2], "Connection")] == ["keep-alive"], \
+        "a 1.0 keep-alive request needs Connection: keep-alive in the answer: %s" % \
+        p.resps[2]
+    assert p.conns[2]["eof"] and len(p.conns[2]["responses"]) == 2, p.conns[2]
+
+
+def test_cache_off(upstream, tmp_path):
+    conf = simple_conf(tmp_path, upstream, cache="off")
+    t = "/custom?tag=off"
+    p = play(tmp_path, conf, [get(upstream, t), get(upstream, t), get(upstream, t)])
+    assert_sources(p, upstream, "abc")
+    assert not any(hdrs(r, "Age") for r in p.resps), p.describe()
+
+
+def test_keepalive_connection_survives_hits(upstream, tmp_path):
+    """Hits and misses in turn on one kept-alive connection."""
+    conf = simple_conf(tmp_path, upstream)
+    a, b = "/custom?tag=A&n=1500", "/custom?tag=B&n=2500"
+    p = play(tmp_path, conf, [conn(rq(upstream, a, close=False),     # miss
+                                   rq(upstream, a, close=False),     # hit
+                                   rq(upstream, b, close=False),     # miss after a hit
+                                   rq(upstream, a, close=False),     # hit
+                                   rq(upstream, b, close=False),     # hit after a hit
+                                   rq(upstream, a))])                # hit, then close
+    assert_sources(p, upstream, "aababa")
+    for i, n in enumerate([1500, 1500, 2500, 1500, 2500, 1500]):
+        assert_body(p, i, n)
+    for r in p.resps[:-1]:
+        assert "close" not in [v.lower() for v in hdrs(r, "Connection")], r
+    assert p.conns[0]["eof"] and len(p.conns[0]["responses"]) == 6, p.conns[0]
+
+
+@pytest.mark.parametrize("mode", ["--keepalive", "--pipeline", "--conn-per-request"])
+def test_many_hits_one_upstream_request(mode, upstream, tmp_path, epollclient):
+    t = "/custom?tag=many&n=100"
+    conf = simple_conf(tmp_path, upstream)
+    cmd = [epollclient, "--port", upstream.port, "--path", t, mode, "--count", 2000,
+           "--timeout", 20000, "--out", "-"]
+    s = run(cmd, shim=True, conf=conf, timeout=180)
+    assert not s.timed_out and s.rc == 0, s.describe()
+    assert s.out == pattern(100) * 2000, "got %d bytes" % len(s.out)
+    st = upstream.stats()
+    assert st["requests"] == 1 and st["connections"] == 1, log_desc(upstream)
+
+
+def test_geo_lookups_demo_client(upstream, tmp_path):
+    """tools/demo-client.py (urllib, one connection per request, a fresh `sign` each
+    time) against /v3/ip/ADDR with the demo's rule: one upstream request per address."""
+    conf = simple_conf(tmp_path, upstream, "GET /v3/ip/* ttl=10m ignore_query=sign")
+    addrs = ["8.8.8.8", "1.1.1.1", "9.9.9.9"]
+    cmd = [SYS_PY, ROOT / "tools" / "demo-client.py", upstream.url(""), 3] + addrs
+    d = run(cmd, shim=False)
+    assert d.rc == 0, d.describe()
+    assert upstream.stats()["requests"] == 9
+    upstream.reset()
+    s = run(cmd, shim=True, conf=conf)
+    assert s.rc == 0, s.describe()
+    log = upstream_log(upstream)
+    assert sorted(e["target"].split("?")[0] for e in log) == \
+        sorted("/v3/ip/%s" % a for a in addrs), log_desc(upstream)
+    doc = json.loads(geo_document("8.8.8.8"))
+    assert doc["ip"] == "8.8.8.8" and 1000 <= len(geo_document("8.8.8.8")) <= 1400
