@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from conftest import (BUILD, LIB, SYS_PY, Upstream, client_env, free_port, jlines,
+from conftest import (BUILD, LIB, SANITIZER_SKIP, SYS_PY, Upstream, client_env, free_port, jlines,
                       kill_group, pyclient, require_build, run, write_rules)
 
 HTTPSHIM = BUILD / "httpshim"
@@ -124,6 +124,8 @@ class App(object):
     """A running statsapp.py (shimmed). .pid, .sock (its stats socket path)."""
 
     def __init__(self, conf, sockdir, args=(), sub="s", prefix=(), via_cli=False, cwd=None):
+        if "python3" in SANITIZER_SKIP:
+            pytest.skip("python3 cannot run under the sanitizer runtime")
         if via_cli:
             require_build(HTTPSHIM)
             cmd = [str(HTTPSHIM), "run", "-c", conf, "--", "python3", STATSAPP] + list(args)
