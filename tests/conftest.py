@@ -156,10 +156,10 @@ SANITIZER_SKIP = set(os.environ.get("HTTPSHIM_TEST_SKIP_CLIENTS", "").split())
 def run(cmd, shim=True, conf=None, timeout=60, env=None, input=None, cwd=None):
     """Run `cmd` (list) with or without the shim; returns Result(rc, out, err)."""
     cmd = [str(c) for c in cmd]
-    target = cmd[0]
+    target, preloaded = cmd[0], shim
     if os.path.basename(cmd[0]) == "httpshim" and "--" in cmd[:-1]:
-        target, shim = cmd[cmd.index("--") + 1], True      # `httpshim run -- CMD` preloads CMD
-    if shim and os.path.basename(target) in SANITIZER_SKIP:
+        target, preloaded = cmd[cmd.index("--") + 1], True   # `httpshim run -- CMD` preloads CMD
+    if preloaded and os.path.basename(target) in SANITIZER_SKIP:
         pytest.skip("%s cannot run under the sanitizer runtime" % os.path.basename(target))
     e = client_env(shim, conf, env)
     p = subprocess.Popen(cmd, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
