@@ -5,7 +5,7 @@ BUILD   ?= build
 CFLAGS_BASE = -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g -fPIC -fvisibility=hidden -pthread
 CFLAGS  ?=
 SAN     ?=
-LIBS    = -lcurl -lcrypto -ldl -pthread
+LIBS    = -lcurl -lcrypto -lhiredis -ldl -pthread
 
 SHIM_SRC = $(wildcard shim/*.c)
 SHIM_HDR = $(wildcard shim/*.h)

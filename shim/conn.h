@@ -9,7 +9,7 @@
 #include "stats.h"
 
 /* Every epoll registration's data.ptr points at a struct starting with this tag. */
-enum ev_kind { EV_DEAD = 0, EV_APP, EV_TUNNEL_UP, EV_CURL, EV_TIMER, EV_WAKE, EV_TICK, EV_STATS };
+enum ev_kind { EV_DEAD = 0, EV_APP, EV_TUNNEL_UP, EV_CURL, EV_TIMER, EV_WAKE, EV_TICK, EV_STATS, EV_REDIS, EV_REDIS_TIMER };
 struct ev_tag { int kind; struct ev_tag *next_dead; };
 
 /* Caps. A request head beyond HEAD_MAX, or head + body beyond IN_CAP, is not parsed
@@ -43,6 +43,7 @@ enum conn_state {
     CS_HTTP,            /* reading requests; at most one exchange in flight */
     CS_UPSTREAM,        /* an exchange is in flight through libcurl */
     CS_HIT,             /* streaming a cached entry to the app */
+    CS_REDIS,           /* waiting (at most redis_timeout) for a Redis lookup */
     CS_TUNNEL,          /* raw relay to a real upstream socket */
 };
 
@@ -71,6 +72,8 @@ struct conn {
     struct cache_entry *hit;        /* CS_HIT: the entry being sent, a reference held */
     size_t hit_off, hit_len;        /* body bytes sent so far, and to send */
     bool hit_must_close;
+    struct redis_ticket *redis_ticket;   /* CS_REDIS */
+    bool redis_checked;             /* this request already asked Redis */
     struct transfer *xfer;
     struct tunnel *tun;
     struct conn *next, *prev;       /* all live conns, under the engine lock */
@@ -110,6 +113,17 @@ int stats_server_start(const struct shim_config *cfg);
 void stats_server_atfork_child(void);
 void stats_on_event(void *tag, uint32_t events);
 void stats_tick(void);                       /* once a second: time out slow clients */
+
+/* cache_redis.c */
+struct redis_ticket;
+int redis_init(const struct shim_config *cfg);
+void redis_forget(void);
+bool redis_lookup(struct conn *c, const char *key, size_t key_len);   /* false: go upstream */
+void redis_cancel(struct conn *c);
+void redis_store(const struct cache_entry *e, int64_t ttl_ms);
+void redis_on_event(void *tag, uint32_t events);
+/* engine.c: the lookup ended (e: a reference to the entry found, or NULL) */
+void redis_lookup_done(struct conn *c, struct cache_entry *e);
 
 /* tunnel.c */
 int tunnel_start(struct conn *c);

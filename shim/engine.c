@@ -123,6 +123,7 @@ void conn_close(struct conn *c)
         cache_entry_release(c->hit);
         c->hit = NULL;
     }
+    redis_cancel(c);
     fdtable_clear(c->fd);
     shim_real.close(c->fd);
     c->fd = -1;
@@ -205,6 +206,7 @@ static void exchange_finish(struct conn *c, bool ok, bool must_close, bool hit)
     buf_consume(&c->in, c->req_total);
     c->req_total = 0;
     c->continue_sent = false;
+    c->redis_checked = false;
     if (c->body_left) {
         c->body_left = 0;
         must_close = true;             /* the rest of the body would read as a request */
@@ -319,17 +321,16 @@ void conn_process(struct conn *c)
             if (!streaming)
                 return;
         }
-        if (!c->continue_sent || streaming)
+        if ((!c->continue_sent || streaming) && !c->redis_checked)
             c->req_started_us = stats_now_us();
         const struct upstream_rule *u = &E.cfg->upstreams[c->upstream];
         const struct cache_rule *rule = E.cfg->cache != CACHE_OFF ? cache_rule_for(u, req) : NULL;
         size_t key_len = rule ? cache_key(u, rule, req, key_scratch, sizeof key_scratch) : 0;
-        STAT_INC(c->upstream, requests);
+        if (key_len && buf_len(&c->out))
+            return;                    /* a hit goes out in one piece: wait for `out` to drain */
+        if (!c->redis_checked)
+            STAT_INC(c->upstream, requests);
         if (key_len) {
-            if (buf_len(&c->out)) {
-                STAT_ADD(c->upstream, requests, (uint64_t)-1);
-                return;                /* a hit goes out in one piece: wait for `out` to drain */
-            }
             struct cache_entry *e = memcache_get(key_scratch, key_len);
             if (e && cache_entry_is_vary_marker(e)) {
                 static char variant[CACHE_KEY_MAX];
@@ -344,6 +345,11 @@ void conn_process(struct conn *c)
             if (e && serve_hit(c, e)) {
                 if (hit_pump(c))
                     continue;          /* sent whole: on to the next pipelined request */
+                return;
+            }
+            if (!e && E.cfg->cache == CACHE_REDIS && !c->redis_checked && !streaming
+                && redis_lookup(c, key_scratch, key_len)) {
+                c->state = CS_REDIS;
                 return;
             }
             STAT_INC(c->upstream, misses);
@@ -365,6 +371,20 @@ void conn_process(struct conn *c)
             c->req_total = 0;
         }
         return;
+    }
+}
+
+void redis_lookup_done(struct conn *c, struct cache_entry *e)
+{
+    c->state = CS_HTTP;
+    c->redis_checked = true;
+    if (e)
+        memcache_put(e);               /* promoted: the lookup below finds it in memory */
+    conn_process(c);
+    if (!c->dead) {
+        if (c->state != CS_HIT)
+            conn_flush(c);
+        conn_update_events(c);
     }
 }
 
@@ -464,6 +484,10 @@ static void *engine_main(void *arg)
             case EV_STATS:
                 stats_on_event(tag, ev);
                 break;
+            case EV_REDIS:
+            case EV_REDIS_TIMER:
+                redis_on_event(tag, ev);
+                break;
             case EV_WAKE: {
                 uint64_t v;
                 ssize_t r = read(E.wakefd, &v, sizeof v);
@@ -517,6 +541,8 @@ static int start_locked(void)
     memcache_configure(E.cfg->memory_max);
     if (upstream_init(E.cfg) != 0)
         goto fail;
+    if (redis_init(E.cfg) != 0)
+        shim_log("redis tier could not start: memory tier and upstream only");
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);   /* the app's signals stay with the app */
@@ -622,6 +648,8 @@ void engine_atfork_child(void)
     E.started = E.failed = false;
     E.epfd = E.wakefd = E.timerfd = E.tickfd = -1;
     stats_server_atfork_child();
+    if (E.cfg && E.cfg->cache == CACHE_REDIS)
+        redis_forget();
     stats_reset();
     memcache_atfork_release();
     pthread_mutex_unlock(&E.lock);

@@ -224,6 +224,68 @@ static int parse_cache_rule(struct parser *p, char *args, struct upstream_rule *
     return 0;
 }
 
+/* redis://[:password@]host:port[/db] or redis+unix:///path/to.sock */
+static int parse_redis_url(const char *url, struct shim_config *cfg)
+{
+    cfg->redis_port = 6379;
+    cfg->redis_db = 0;
+    if (!strncmp(url, "redis+unix://", 13)) {
+        const char *path = url + 13;
+        if (path[0] != '/' || strlen(path) >= sizeof cfg->redis_unix)
+            return -1;
+        snprintf(cfg->redis_unix, sizeof cfg->redis_unix, "%s", path);
+        return 0;
+    }
+    if (strncmp(url, "redis://", 8))
+        return -1;
+    const char *s = url + 8;
+    const char *at = strrchr(s, '@');
+    if (at) {
+        const char *colon = memchr(s, ':', (size_t)(at - s));
+        const char *pw = colon ? colon + 1 : s;
+        if ((size_t)(at - pw) >= sizeof cfg->redis_password)
+            return -1;
+        memcpy(cfg->redis_password, pw, (size_t)(at - pw));
+        cfg->redis_password[at - pw] = 0;
+        s = at + 1;
+    }
+    const char *slash = strchr(s, '/');
+    size_t hostport = slash ? (size_t)(slash - s) : strlen(s);
+    char hp[300];
+    if (hostport == 0 || hostport >= sizeof hp)
+        return -1;
+    memcpy(hp, s, hostport);
+    hp[hostport] = 0;
+    char *colon = strrchr(hp, ':');
+    if (colon && !strchr(colon, ']')) {
+        char *end;
+        long port = strtol(colon + 1, &end, 10);
+        if (*end || port <= 0 || port > 65535)
+            return -1;
+        cfg->redis_port = (int)port;
+        *colon = 0;
+    }
+    char *h = hp;
+    if (*h == '[') {
+        h++;
+        char *close = strchr(h, ']');
+        if (!close)
+            return -1;
+        *close = 0;
+    }
+    if (!*h || strlen(h) >= sizeof cfg->redis_host)
+        return -1;
+    snprintf(cfg->redis_host, sizeof cfg->redis_host, "%s", h);
+    if (slash && slash[1]) {
+        char *end;
+        long db = strtol(slash + 1, &end, 10);
+        if (*end || db < 0 || db > 1000000)
+            return -1;
+        cfg->redis_db = (int)db;
+    }
+    return 0;
+}
+
 static int parse_global(struct parser *p, const char *key, const char *val, struct shim_config *cfg)
 {
     bool ok = false;
@@ -248,7 +310,27 @@ static int parse_global(struct parser *p, const char *key, const char *val, stru
     if (!strcmp(key, "cache")) {
         if (!strcmp(val, "memory")) cfg->cache = CACHE_MEMORY;
         else if (!strcmp(val, "off")) cfg->cache = CACHE_OFF;
-        else return fail(p, "cache '%s': expected memory or off", val);
+        else if (parse_redis_url(val, cfg) == 0) cfg->cache = CACHE_REDIS;
+        else return fail(p, "cache '%s': expected memory, off, redis://[:password@]host:port/db "
+                            "or redis+unix:///path", val);
+        return 0;
+    }
+    if (!strcmp(key, "redis_prefix")) {
+        if (strlen(val) >= sizeof cfg->redis_prefix)
+            return fail(p, "redis_prefix is longer than %zu bytes", sizeof cfg->redis_prefix - 1);
+        snprintf(cfg->redis_prefix, sizeof cfg->redis_prefix, "%s", val);
+        return 0;
+    }
+    if (!strcmp(key, "redis_timeout")) {
+        cfg->redis_timeout_ms = rules_parse_duration_ms(val, &ok);
+        if (!ok || cfg->redis_timeout_ms <= 0)
+            return fail(p, "redis_timeout '%s': expected a duration like 50ms", val);
+        return 0;
+    }
+    if (!strcmp(key, "redis_max_object")) {
+        cfg->redis_max_object = rules_parse_size(val, &ok);
+        if (!ok || cfg->redis_max_object <= 0)
+            return fail(p, "redis_max_object '%s': expected a size like 512KB or 1MB", val);
         return 0;
     }
     if (!strcmp(key, "memory_max") || !strcmp(key, "max_object")) {
@@ -287,6 +369,9 @@ int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX
     cfg->memory_max = 64LL << 20;
     cfg->max_object = 1LL << 20;
     snprintf(cfg->stats_socket, sizeof cfg->stats_socket, "/tmp/httpshim-%%u/%%p.sock");
+    snprintf(cfg->redis_prefix, sizeof cfg->redis_prefix, "httpshim:");
+    cfg->redis_timeout_ms = 50;
+    cfg->redis_max_object = 1LL << 20;
     err[0] = 0;
 
     FILE *f = fopen(path, "re");

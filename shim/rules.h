@@ -40,7 +40,7 @@ struct upstream_rule {
     struct rules_addr addrs[RULES_MAX_ADDRS];
 };
 
-enum cache_backend { CACHE_OFF, CACHE_MEMORY };
+enum cache_backend { CACHE_OFF, CACHE_MEMORY, CACHE_REDIS };
 
 struct shim_config {
     char path[4096];
@@ -51,6 +51,15 @@ struct shim_config {
     int64_t memory_max;
     int64_t max_object;
     char stats_socket[256];        /* pattern: %p pid, %u uid, %% a percent sign */
+    /* cache = redis://[:password@]host:port/db or redis+unix:///path (memory stays L1) */
+    char redis_host[256];
+    int redis_port;
+    char redis_unix[108];
+    char redis_password[128];
+    int redis_db;
+    char redis_prefix[64];
+    int64_t redis_timeout_ms;
+    int64_t redis_max_object;
     size_t n_upstreams;
     struct upstream_rule upstreams[RULES_MAX_UPSTREAMS];
 };

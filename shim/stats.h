@@ -23,6 +23,12 @@ struct upstream_stats {
 };
 
 extern struct upstream_stats shim_stats[RULES_MAX_UPSTREAMS];
+
+struct redis_counters {
+    _Atomic uint64_t connected, hits, misses, errors, timeouts, reconnects, corrupt;
+    _Atomic uint64_t bytes_read, bytes_written, sets;
+};
+extern struct redis_counters shim_redis;
 extern const double stats_lat_bounds_s[STATS_LAT_BUCKETS];
 
 #define STAT_ADD(up, field, n) atomic_fetch_add_explicit(&shim_stats[(up)].field, (n), memory_order_relaxed)

@@ -263,7 +263,14 @@ static void render_json(struct out *o, const struct shim_config *cfg)
         json_histogram(o, "miss_latency_seconds", shim_stats[up].miss_lat, &shim_stats[up].miss_lat_sum_us);
         appendf(o, "}");
     }
-    appendf(o, "}}\n");
+    appendf(o, "},\"redis\":{\"configured\":%d,\"connected\":%llu,\"hits\":%llu,\"misses\":%llu,\"errors\":%llu,"
+               "\"timeouts\":%llu,\"reconnects\":%llu,\"corrupt\":%llu,\"bytes_read\":%llu,\"bytes_written\":%llu,"
+               "\"sets\":%llu}}\n", cfg->cache == CACHE_REDIS,
+            (unsigned long long)get(&shim_redis.connected), (unsigned long long)get(&shim_redis.hits),
+            (unsigned long long)get(&shim_redis.misses), (unsigned long long)get(&shim_redis.errors),
+            (unsigned long long)get(&shim_redis.timeouts), (unsigned long long)get(&shim_redis.reconnects),
+            (unsigned long long)get(&shim_redis.corrupt), (unsigned long long)get(&shim_redis.bytes_read),
+            (unsigned long long)get(&shim_redis.bytes_written), (unsigned long long)get(&shim_redis.sets));
 }
 
 static void prom_histogram(struct out *o, const char *label, const char *name, const char *help,
@@ -328,6 +335,23 @@ static void render_prometheus(struct out *o, const struct shim_config *cfg)
     for (size_t i = 0; i < cfg->n_upstreams; i++)
         prom_histogram(o, labels[i], "miss_latency_seconds", "time to answer a request through the upstream",
                        shim_stats[i].miss_lat, &shim_stats[i].miss_lat_sum_us, i == 0);
+    static const struct { const char *name, *help; size_t off; } redis_counters[] = {
+        { "hits", "lookups Redis answered with a valid entry", offsetof(struct redis_counters, hits) },
+        { "misses", "lookups Redis answered without one", offsetof(struct redis_counters, misses) },
+        { "errors", "Redis errors, failed connects and dropped connections", offsetof(struct redis_counters, errors) },
+        { "timeouts", "lookups given up after redis_timeout", offsetof(struct redis_counters, timeouts) },
+        { "reconnects", "reconnect attempts", offsetof(struct redis_counters, reconnects) },
+        { "corrupt", "values that failed to decode: deleted, never served", offsetof(struct redis_counters, corrupt) },
+        { "bytes_read", "value bytes read from Redis", offsetof(struct redis_counters, bytes_read) },
+        { "bytes_written", "value bytes written to Redis", offsetof(struct redis_counters, bytes_written) },
+        { "sets", "entries written to Redis", offsetof(struct redis_counters, sets) },
+    };
+    for (size_t k = 0; k < sizeof redis_counters / sizeof redis_counters[0]; k++)
+        appendf(o, "# HELP httpshim_redis_%s_total %s\n# TYPE httpshim_redis_%s_total counter\nhttpshim_redis_%s_total %llu\n",
+                redis_counters[k].name, redis_counters[k].help, redis_counters[k].name, redis_counters[k].name,
+                (unsigned long long)get((_Atomic uint64_t *)(void *)((char *)&shim_redis + redis_counters[k].off)));
+    appendf(o, "# HELP httpshim_redis_connected 1 while the Redis connection is up\n# TYPE httpshim_redis_connected gauge\n"
+               "httpshim_redis_connected %llu\n", (unsigned long long)get(&shim_redis.connected));
     appendf(o, "# HELP httpshim_stats_refused_total stats socket peers refused (other uid, or too many)\n"
                "# TYPE httpshim_stats_refused_total counter\nhttpshim_stats_refused_total %llu\n",
             (unsigned long long)get(&refused_peers));

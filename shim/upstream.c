@@ -611,6 +611,8 @@ static void store_response(struct transfer *t)
         return;
     }
     e->upstream = c->upstream;
+    if (engine_config()->cache == CACHE_REDIS && !buf_len(&t->vary))
+        redis_store(e, ttl);           /* fire-and-forget, after the app has its response */
     memcache_put(e);
     STAT_INC(c->upstream, stored);
 }

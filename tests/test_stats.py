@@ -335,7 +335,7 @@ def check_histogram_doc(h, what):
 
 
 def check_doc_shape(doc, labels):
-    assert set(doc) == {"pid", "uptime_seconds", "stats_refused", "upstreams"}, doc.keys()
+    assert set(doc) == {"pid", "uptime_seconds", "stats_refused", "upstreams", "redis"}, doc.keys()
     assert set(doc["upstreams"]) == set(labels), doc["upstreams"].keys()
     assert doc["uptime_seconds"] >= 0
     for lb, u in doc["upstreams"].items():

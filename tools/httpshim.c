@@ -381,6 +381,11 @@ static int stats_once(const char *pattern, int format)
                 json_print(stdout, ups);
             else
                 printf("{}");
+            const struct json *redis = json_get(total, "redis");
+            if (redis) {
+                printf(",\"redis\":");
+                json_print(stdout, redis);
+            }
             printf("}");
         } else {
             printf("{\"processes\":0,\"upstreams\":{}}");

@@ -1,0 +1,477 @@
+/* cache_redis.c — the Redis tier: one hiredis async connection per process, driven by
+ * the engine's epoll through a small adapter; lookups (GET + PTTL, pipelined) that a
+ * request waits on for at most redis_timeout; fire-and-forget SET ... PX after the
+ * response has gone to the app; the versioned, checksummed entry format; reconnects
+ * with backoff; and bounds on everything queued towards Redis. Redis does the expiry. */
+#include "conn.h"
+#include <errno.h>
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+#include <openssl/sha.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/timerfd.h>
+#include <unistd.h>
+
+#define REDIS_MAX_INFLIGHT     1024            /* commands awaiting replies */
+#define REDIS_MAX_PENDING_BYTES (8u << 20)     /* SET payloads queued, not yet answered */
+#define REDIS_BACKOFF_MIN_MS   100
+#define REDIS_BACKOFF_MAX_MS   2000
+
+/* ---- entry format ----
+ * "HSC1" | version u8 (1) | flags u8 (0) | status u16 | stored_at_ms i64 | expires_at_ms i64
+ * | reason_len u16 | headers_len u32 | body_len u32 | checksum 8 bytes (SHA-256 prefix of
+ * everything after it) | reason | headers | body. Integers little-endian. */
+#define ENTRY_MAGIC "HSC1"
+#define ENTRY_HEAD 42
+
+static void put_u(unsigned char *p, uint64_t v, int n)
+{
+    for (int i = 0; i < n; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static uint64_t get_u(const unsigned char *p, int n)
+{
+    uint64_t v = 0;
+    for (int i = n - 1; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static unsigned char *encode_entry(const struct cache_entry *e, size_t *len)
+{
+    size_t n = ENTRY_HEAD + e->reason_len + e->headers_len + e->body_len;
+    unsigned char *v = malloc(n);
+    if (!v)
+        return NULL;
+    memcpy(v, ENTRY_MAGIC, 4);
+    v[4] = 1;
+    v[5] = 0;
+    put_u(v + 6, (uint64_t)e->status, 2);
+    put_u(v + 8, (uint64_t)e->stored_at_ms, 8);
+    put_u(v + 16, (uint64_t)e->expires_at_ms, 8);
+    put_u(v + 24, e->reason_len, 2);
+    put_u(v + 26, e->headers_len, 4);
+    put_u(v + 30, e->body_len, 4);
+    unsigned char *p = v + ENTRY_HEAD;
+    memcpy(p, e->reason, e->reason_len);
+    memcpy(p + e->reason_len, e->headers, e->headers_len);
+    memcpy(p + e->reason_len + e->headers_len, e->body, e->body_len);
+    unsigned char digest[SHA256_DIGEST_LENGTH];
+    SHA256(v + ENTRY_HEAD, n - ENTRY_HEAD, digest);
+    memcpy(v + 34, digest, 8);
+    *len = n;
+    return v;
+}
+
+/* NULL for anything that is not a whole, intact entry of this version. */
+static struct cache_entry *decode_entry(const char *key, size_t key_len, const unsigned char *v, size_t n,
+                                        int64_t ttl_ms)
+{
+    if (n < ENTRY_HEAD || memcmp(v, ENTRY_MAGIC, 4) || v[4] != 1)
+        return NULL;
+    size_t reason_len = (size_t)get_u(v + 24, 2), headers_len = (size_t)get_u(v + 26, 4);
+    size_t body_len = (size_t)get_u(v + 30, 4);
+    int status = (int)get_u(v + 6, 2);
+    if (ENTRY_HEAD + reason_len + headers_len + body_len != n || status < 100 || status > 599)
+        return NULL;
+    unsigned char digest[SHA256_DIGEST_LENGTH];
+    SHA256(v + ENTRY_HEAD, n - ENTRY_HEAD, digest);
+    if (memcmp(digest, v + 34, 8))
+        return NULL;
+    const char *p = (const char *)v + ENTRY_HEAD;
+    struct cache_entry *e = cache_entry_new(key, key_len, status, p, reason_len, p + reason_len, headers_len,
+                                            "", 0, "", 0, p + reason_len + headers_len, body_len, ttl_ms);
+    if (e)
+        e->stored_at_ms = (int64_t)get_u(v + 8, 8);
+    return e;
+}
+
+/* ---- connection ---- */
+
+struct redis_ticket {
+    struct conn *conn;              /* NULL once the request stopped waiting */
+    char *key;
+    size_t key_len;
+    int upstream;
+    int64_t deadline_ms;
+    unsigned char *value;           /* the GET reply, kept until the PTTL reply */
+    size_t value_len;
+    bool got_value, failed, get_only;
+    struct redis_ticket *prev, *next;   /* the waiting list, in deadline order */
+};
+
+static struct {
+    struct ev_tag tag, timer_tag;
+    const struct shim_config *cfg;
+    redisAsyncContext *ac;
+    int fd, timerfd;
+    uint32_t events;
+    bool registered, want_read, want_write, connected;
+    int backoff_ms;
+    int64_t next_attempt_ms;
+    unsigned inflight;
+    size_t pending_bytes;
+    int64_t last_progress_ms;
+    struct redis_ticket *waiting_head, *waiting_tail;
+} R = { .fd = -1, .timerfd = -1 };
+
+struct redis_counters shim_redis;
+
+static int64_t mono_ms(void) { return stats_now_us() / 1000; }
+
+static void watch(void)
+{
+    if (R.fd < 0)
+        return;
+    uint32_t want = (R.want_read ? EPOLLIN : 0) | (R.want_write ? EPOLLOUT : 0);
+    if (!R.registered) {
+        if (engine_watch(R.fd, want, &R.tag, true) == 0)
+            R.registered = true;
+        R.events = want;
+    } else if (want != R.events) {
+        engine_watch(R.fd, want, &R.tag, false);
+        R.events = want;
+    }
+}
+
+static void ad_add_read(void *d) { (void)d; R.want_read = true; watch(); }
+static void ad_del_read(void *d) { (void)d; R.want_read = false; watch(); }
+static void ad_add_write(void *d) { (void)d; R.want_write = true; watch(); }
+static void ad_del_write(void *d) { (void)d; R.want_write = false; watch(); }
+static void ad_cleanup(void *d)
+{
+    (void)d;
+    if (R.fd >= 0 && R.registered)
+        engine_unwatch(R.fd);
+    if (R.fd >= 0)
+        fdtable_clear(R.fd);
+    R.registered = R.want_read = R.want_write = false;
+    R.fd = -1;
+}
+
+static void arm_timer(void)
+{
+    int64_t next = -1, now = mono_ms();
+    if (R.waiting_head)
+        next = R.waiting_head->deadline_ms;
+    if (!R.ac && (next < 0 || R.next_attempt_ms < next))
+        next = R.next_attempt_ms;
+    if (R.ac && R.inflight) {
+        int64_t stall = R.last_progress_ms + (R.cfg->redis_timeout_ms * 4 > 1000 ? R.cfg->redis_timeout_ms * 4 : 1000);
+        if (next < 0 || stall < next)
+            next = stall;
+    }
+    struct itimerspec its = { 0 };
+    if (next >= 0) {
+        int64_t d = next - now;
+        if (d < 1)
+            d = 1;
+        its.it_value.tv_sec = d / 1000;
+        its.it_value.tv_nsec = (d % 1000) * 1000000L;
+    }
+    timerfd_settime(R.timerfd, 0, &its, NULL);
+}
+
+static void schedule_reconnect(void)
+{
+    R.backoff_ms = R.backoff_ms ? (R.backoff_ms * 2 > REDIS_BACKOFF_MAX_MS ? REDIS_BACKOFF_MAX_MS : R.backoff_ms * 2)
+                                : REDIS_BACKOFF_MIN_MS;
+    R.next_attempt_ms = mono_ms() + R.backoff_ms;
+}
+
+static void on_connect(const redisAsyncContext *ac, int status)
+{
+    if (R.ac != ac)
+        return;
+    if (status != REDIS_OK) {
+        atomic_fetch_add(&shim_redis.errors, 1);
+        R.ac = NULL;               /* hiredis frees the context after this callback */
+        R.connected = false;
+        schedule_reconnect();
+        return;
+    }
+    R.connected = true;
+    R.backoff_ms = 0;
+    atomic_store(&shim_redis.connected, 1);
+}
+
+static void on_disconnect(const redisAsyncContext *ac, int status)
+{
+    if (R.ac != ac)
+        return;                    /* one we dropped ourselves */
+    if (status != REDIS_OK)
+        atomic_fetch_add(&shim_redis.errors, 1);
+    R.ac = NULL;
+    R.connected = false;
+    R.inflight = 0;
+    R.pending_bytes = 0;
+    atomic_store(&shim_redis.connected, 0);
+    schedule_reconnect();
+}
+
+static void connect_now(void)
+{
+    redisAsyncContext *ac = R.cfg->redis_unix[0] ? redisAsyncConnectUnix(R.cfg->redis_unix)
+                                                 : redisAsyncConnect(R.cfg->redis_host, R.cfg->redis_port);
+    if (!ac || ac->err) {
+        if (ac)
+            redisAsyncFree(ac);
+        atomic_fetch_add(&shim_redis.errors, 1);
+        schedule_reconnect();
+        return;
+    }
+    R.ac = ac;
+    R.fd = ac->c.fd;
+    fdtable_mark_engine(R.fd);
+    ac->ev.data = &R;
+    ac->ev.addRead = ad_add_read;
+    ac->ev.delRead = ad_del_read;
+    ac->ev.addWrite = ad_add_write;
+    ac->ev.delWrite = ad_del_write;
+    ac->ev.cleanup = ad_cleanup;
+    redisAsyncSetConnectCallback(ac, on_connect);
+    redisAsyncSetDisconnectCallback(ac, on_disconnect);
+    R.inflight = 0;
+    R.pending_bytes = 0;
+    R.last_progress_ms = mono_ms();
+    if (R.cfg->redis_password[0])
+        redisAsyncCommand(ac, NULL, NULL, "AUTH %s", R.cfg->redis_password);
+    if (R.cfg->redis_db)
+        redisAsyncCommand(ac, NULL, NULL, "SELECT %d", R.cfg->redis_db);
+    ad_add_write(&R);              /* wait for the non-blocking connect */
+}
+
+int redis_init(const struct shim_config *cfg)
+{
+    if (cfg->cache != CACHE_REDIS)
+        return 0;
+    R.cfg = cfg;
+    R.tag.kind = EV_REDIS;
+    R.timer_tag.kind = EV_REDIS_TIMER;
+    R.timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (R.timerfd < 0)
+        return -1;
+    fdtable_mark_engine(R.timerfd);
+    if (engine_watch(R.timerfd, EPOLLIN, &R.timer_tag, true) != 0)
+        return -1;
+    connect_now();
+    arm_timer();
+    return 0;
+}
+
+void redis_forget(void)
+{
+    /* forked child: the fds went with the other engine fds; the context stays allocated */
+    memset(&R, 0, sizeof R);
+    R.fd = R.timerfd = -1;
+    atomic_store(&shim_redis.connected, 0);
+}
+
+/* ---- waiting requests ---- */
+
+static void unlink_ticket(struct redis_ticket *t)
+{
+    if (t->prev)
+        t->prev->next = t->next;
+    else if (R.waiting_head == t)
+        R.waiting_head = t->next;
+    if (t->next)
+        t->next->prev = t->prev;
+    else if (R.waiting_tail == t)
+        R.waiting_tail = t->prev;
+    t->prev = t->next = NULL;
+}
+
+/* Ends the wait of the ticket's conn (with an entry, or none), once. */
+static void finish_wait(struct redis_ticket *t, struct cache_entry *e)
+{
+    struct conn *c = t->conn;
+    if (!c) {
+        cache_entry_release(e);
+        return;
+    }
+    unlink_ticket(t);
+    t->conn = NULL;
+    c->redis_ticket = NULL;
+    redis_lookup_done(c, e);
+}
+
+static void free_ticket(struct redis_ticket *t)
+{
+    free(t->key);
+    free(t->value);
+    free(t);
+}
+
+static void progress(void)
+{
+    if (R.inflight)
+        R.inflight--;
+    R.last_progress_ms = mono_ms();
+}
+
+static void on_get(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    (void)ac;
+    struct redis_ticket *t = privdata;
+    redisReply *r = reply;
+    progress();
+    if (t->get_only) {
+        free_ticket(t);
+        return;
+    }
+    if (!r || r->type == REDIS_REPLY_ERROR) {
+        t->failed = true;
+        if (r)
+            atomic_fetch_add(&shim_redis.errors, 1);
+        return;
+    }
+    if (r->type == REDIS_REPLY_STRING && r->len > 0 && (t->value = malloc((size_t)r->len))) {
+        memcpy(t->value, r->str, (size_t)r->len);
+        t->value_len = (size_t)r->len;
+        t->got_value = true;
+        atomic_fetch_add(&shim_redis.bytes_read, (uint64_t)r->len);
+    }
+}
+
+static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    struct redis_ticket *t = privdata;
+    redisReply *r = reply;
+    progress();
+    struct cache_entry *e = NULL;
+    if (!r || r->type != REDIS_REPLY_INTEGER || t->failed) {
+        if (r && r->type == REDIS_REPLY_ERROR)
+            atomic_fetch_add(&shim_redis.errors, 1);
+    } else if (t->got_value && r->integer > 0) {
+        e = decode_entry(t->key, t->key_len, t->value, t->value_len, r->integer);
+        if (!e) {
+            atomic_fetch_add(&shim_redis.corrupt, 1);
+            if (ac && R.connected && R.inflight < REDIS_MAX_INFLIGHT) {
+                R.inflight++;
+                redisAsyncCommand(ac, NULL, NULL, "DEL %s%b", R.cfg->redis_prefix, t->key, t->key_len);
+            }
+        }
+    }
+    if (e) {
+        e->upstream = t->upstream;
+        atomic_fetch_add(&shim_redis.hits, 1);
+    } else if (t->conn) {
+        atomic_fetch_add(&shim_redis.misses, 1);
+    }
+    finish_wait(t, e);
+    free_ticket(t);
+    arm_timer();
+}
+
+bool redis_lookup(struct conn *c, const char *key, size_t key_len)
+{
+    if (!R.cfg || !R.connected || !R.ac || R.inflight + 2 > REDIS_MAX_INFLIGHT)
+        return false;
+    struct redis_ticket *t = calloc(1, sizeof *t);
+    if (!t || !(t->key = malloc(key_len))) {
+        free(t);
+        return false;
+    }
+    memcpy(t->key, key, key_len);
+    t->key_len = key_len;
+    t->conn = c;
+    t->upstream = c->upstream;
+    t->deadline_ms = mono_ms() + R.cfg->redis_timeout_ms;
+    if (!R.inflight)
+        R.last_progress_ms = mono_ms();
+    if (redisAsyncCommand(R.ac, on_get, t, "GET %s%b", R.cfg->redis_prefix, key, key_len) != REDIS_OK) {
+        free_ticket(t);
+        return false;
+    }
+    R.inflight++;
+    if (redisAsyncCommand(R.ac, on_pttl, t, "PTTL %s%b", R.cfg->redis_prefix, key, key_len) != REDIS_OK) {
+        t->conn = NULL;
+        t->get_only = true;        /* on_get frees it */
+        return false;
+    }
+    R.inflight++;
+    t->prev = R.waiting_tail;
+    if (R.waiting_tail)
+        R.waiting_tail->next = t;
+    else
+        R.waiting_head = t;
+    R.waiting_tail = t;
+    c->redis_ticket = t;
+    arm_timer();
+    return true;
+}
+
+void redis_cancel(struct conn *c)
+{
+    struct redis_ticket *t = c->redis_ticket;
+    if (!t)
+        return;
+    unlink_ticket(t);
+    t->conn = NULL;
+    c->redis_ticket = NULL;
+}
+
+void redis_store(const struct cache_entry *e, int64_t ttl_ms)
+{
+    if (!R.cfg || !R.connected || !R.ac || (int64_t)e->body_len > R.cfg->redis_max_object || e->vary_len
+        || R.inflight >= REDIS_MAX_INFLIGHT)
+        return;
+    size_t len;
+    unsigned char *v = encode_entry(e, &len);
+    if (!v)
+        return;
+    if (R.pending_bytes + len <= REDIS_MAX_PENDING_BYTES) {
+        if (!R.inflight)
+            R.last_progress_ms = mono_ms();
+        if (redisAsyncCommand(R.ac, NULL, NULL, "SET %s%b %b PX %lld", R.cfg->redis_prefix, e->key, e->key_len, v,
+                              len, (long long)ttl_ms) == REDIS_OK) {
+            R.inflight++;
+            atomic_fetch_add(&shim_redis.sets, 1);
+            atomic_fetch_add(&shim_redis.bytes_written, len);
+        }
+    }
+    free(v);
+    arm_timer();
+}
+
+void redis_on_event(void *tag, uint32_t ev)
+{
+    if (tag == &R.timer_tag) {
+        uint64_t ticks;
+        ssize_t r = read(R.timerfd, &ticks, sizeof ticks);
+        (void)r;
+        int64_t now = mono_ms();
+        while (R.waiting_head && R.waiting_head->deadline_ms <= now) {
+            atomic_fetch_add(&shim_redis.timeouts, 1);
+            finish_wait(R.waiting_head, NULL);     /* the reply, when it comes, frees the ticket */
+        }
+        int64_t stall = R.cfg->redis_timeout_ms * 4 > 1000 ? R.cfg->redis_timeout_ms * 4 : 1000;
+        if (R.ac && R.inflight && now - R.last_progress_ms > stall) {
+            atomic_fetch_add(&shim_redis.errors, 1);
+            redisAsyncContext *ac = R.ac;          /* frozen or wedged: drop it, start over */
+            R.ac = NULL;
+            R.connected = false;
+            atomic_store(&shim_redis.connected, 0);
+            redisAsyncFree(ac);                    /* pending callbacks get NULL replies */
+            R.inflight = 0;
+            R.pending_bytes = 0;
+            schedule_reconnect();
+        }
+        if (!R.ac && now >= R.next_attempt_ms) {
+            atomic_fetch_add(&shim_redis.reconnects, 1);
+            connect_now();
+        }
+        arm_timer();
+        return;
+    }
+    if (!R.ac)
+        return;
+    if (ev & (EPOLLIN | EPOLLERR | EPOLLHUP))
+        redisAsyncHandleRead(R.ac);
+    if (R.ac && (ev & (EPOLLOUT | EPOLLERR)))
+        redisAsyncHandleWrite(R.ac);
+    arm_timer();
+}
