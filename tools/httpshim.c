@@ -19,6 +19,8 @@
 #include <unistd.h>
 #include "../shim/rules.h"
 #include "json.h"
+#include <fnmatch.h>
+#include <hiredis/hiredis.h>
 
 #ifndef HTTPSHIM_LIBDIR
 #define HTTPSHIM_LIBDIR "/usr/local/lib/httpshim"
@@ -497,7 +499,7 @@ static int cmd_check(int argc, char **argv)
     printf("global: pool_max_per_host=%u pool_idle_timeout=%lldms upstream_timeout=%lldms cache=%s "
            "memory_max=%lld max_object=%lld stats_socket=%s\n",
            cfg->pool_max_per_host, (long long)cfg->pool_idle_timeout_ms, (long long)cfg->upstream_timeout_ms,
-           cfg->cache == CACHE_OFF ? "off" : "memory", (long long)cfg->memory_max, (long long)cfg->max_object,
+           cfg->cache == CACHE_OFF ? "off" : cfg->cache == CACHE_REDIS ? "redis" : "memory", (long long)cfg->memory_max, (long long)cfg->max_object,
            cfg->stats_socket);
     rules_resolve_all(cfg, getaddrinfo);
     for (size_t i = 0; i < cfg->n_upstreams; i++) {
@@ -549,6 +551,78 @@ static void url_encode(const char *in, char *out, size_t n)
     out[k] = 0;
 }
 
+/* Whether a cache key ("GET http://host:port/path?query\n...") is for this upstream
+ * (empty: any) and its path matches the glob — the same test the stats socket applies. */
+static bool key_matches(const char *key, size_t len, const char *upstream, const char *glob)
+{
+    const char *end = key + len;
+    const char *p = memmem(key, len, "://", 3);
+    if (!p)
+        return false;
+    p += 3;
+    const char *slash = memchr(p, '/', (size_t)(end - p));
+    if (!slash)
+        return false;
+    if (*upstream && ((size_t)(slash - p) != strlen(upstream) || strncasecmp(p, upstream, (size_t)(slash - p))))
+        return false;
+    char path[4096];
+    size_t n = 0;
+    while (slash + n < end && slash[n] != '?' && slash[n] != '\n' && n < sizeof path - 1)
+        n++;
+    memcpy(path, slash, n);
+    path[n] = 0;
+    return fnmatch(glob, path, 0) == 0;
+}
+
+/* SCAN + UNLINK (never KEYS) over the prefix; -1 when Redis cannot be reached. */
+static long long purge_redis(const struct shim_config *cfg, const char *upstream, const char *glob)
+{
+    struct timeval tv = { 2, 0 };
+    redisContext *rc = cfg->redis_unix[0] ? redisConnectUnixWithTimeout(cfg->redis_unix, tv)
+                                          : redisConnectWithTimeout(cfg->redis_host, cfg->redis_port, tv);
+    if (!rc || rc->err) {
+        fprintf(stderr, "httpshim purge: redis: %s\n", rc ? rc->errstr : "out of memory");
+        if (rc)
+            redisFree(rc);
+        return -1;
+    }
+    redisSetTimeout(rc, tv);
+    redisReply *r;
+    if (cfg->redis_password[0] && (r = redisCommand(rc, "AUTH %s", cfg->redis_password)))
+        freeReplyObject(r);
+    if (cfg->redis_db && (r = redisCommand(rc, "SELECT %d", cfg->redis_db)))
+        freeReplyObject(r);
+    long long purged = 0;
+    char cursor[32] = "0";
+    size_t plen = strlen(cfg->redis_prefix);
+    for (int round = 0; round < 1000000; round++) {
+        r = redisCommand(rc, "SCAN %s MATCH %s* COUNT 1000", cursor, cfg->redis_prefix);
+        if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
+            if (r)
+                freeReplyObject(r);
+            purged = purged ? purged : -1;
+            break;
+        }
+        snprintf(cursor, sizeof cursor, "%s", r->element[0]->str);
+        redisReply *keys = r->element[1];
+        for (size_t i = 0; i < keys->elements; i++) {
+            redisReply *k = keys->element[i];
+            if ((size_t)k->len < plen || !key_matches(k->str + plen, (size_t)k->len - plen, upstream, glob))
+                continue;
+            redisReply *u = redisCommand(rc, "UNLINK %b", k->str, (size_t)k->len);
+            if (u && u->type == REDIS_REPLY_INTEGER)
+                purged += u->integer;
+            if (u)
+                freeReplyObject(u);
+        }
+        freeReplyObject(r);
+        if (!strcmp(cursor, "0"))
+            break;
+    }
+    redisFree(rc);
+    return purged;
+}
+
 static int cmd_purge(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -565,7 +639,8 @@ static int cmd_purge(int argc, char **argv)
         else if (c == 'h') {
             printf("usage: httpshim purge [-c FILE] [--upstream HOST:PORT] [GLOB]\n"
                    "Drops cache entries whose path matches GLOB (default: all) in every live\n"
-                   "process, optionally only for one upstream. Prints how many were dropped.\n");
+                   "process, and in Redis (SCAN + UNLINK) when the rules use it, optionally only\n"
+                   "for one upstream. Prints how many were dropped.\n");
             return 0;
         } else
             return 2;
@@ -596,7 +671,20 @@ static int cmd_purge(int argc, char **argv)
         json_free(j);
         free(text);
     }
-    printf("purged %.0f entries in %d processes\n", purged, answered);
+    struct shim_config *cfg = calloc(1, sizeof *cfg);
+    char err[RULES_ERR_MAX];
+    long long in_redis = 0;
+    bool redis = cfg && rules_load(conf_path(conf), cfg, err) == 0 && cfg->cache == CACHE_REDIS;
+    if (redis && (in_redis = purge_redis(cfg, upstream, glob)) < 0)
+        failed++;
+    if (cfg)
+        rules_free(cfg);
+    free(cfg);
+    if (redis)
+        printf("purged %.0f entries in %d processes and %lld keys in Redis\n", purged, answered,
+               in_redis < 0 ? 0 : in_redis);
+    else
+        printf("purged %.0f entries in %d processes\n", purged, answered);
     return failed ? 1 : 0;
 }
 
