@@ -437,7 +437,7 @@ void redis_store(const struct cache_entry *e, int64_t ttl_ms)
     arm_timer();
 }
 
-void redis_on_event(void *tag, uint32_t ev)
+void redis_on_event(const void *tag, uint32_t ev)
 {
     if (tag == &R.timer_tag) {
         uint64_t ticks;

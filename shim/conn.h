@@ -121,7 +121,7 @@ void redis_forget(void);
 bool redis_lookup(struct conn *c, const char *key, size_t key_len);   /* false: go upstream */
 void redis_cancel(struct conn *c);
 void redis_store(const struct cache_entry *e, int64_t ttl_ms);
-void redis_on_event(void *tag, uint32_t events);
+void redis_on_event(const void *tag, uint32_t events);
 /* engine.c: the lookup ended (e: a reference to the entry found, or NULL) */
 void redis_lookup_done(struct conn *c, struct cache_entry *e);
 
