@@ -74,6 +74,7 @@ struct conn {
     bool hit_must_close;
     struct redis_ticket *redis_ticket;   /* CS_REDIS */
     bool redis_checked;             /* this request already asked Redis */
+    struct cache_entry *redis_hit;  /* what Redis answered, served even if memory is full */
     struct transfer *xfer;
     struct tunnel *tun;
     struct conn *next, *prev;       /* all live conns, under the engine lock */

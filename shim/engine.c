@@ -124,6 +124,10 @@ void conn_close(struct conn *c)
         c->hit = NULL;
     }
     redis_cancel(c);
+    if (c->redis_hit) {
+        cache_entry_release(c->redis_hit);
+        c->redis_hit = NULL;
+    }
     fdtable_clear(c->fd);
     shim_real.close(c->fd);
     c->fd = -1;
@@ -331,7 +335,8 @@ void conn_process(struct conn *c)
         if (!c->redis_checked)
             STAT_INC(c->upstream, requests);
         if (key_len) {
-            struct cache_entry *e = memcache_get(key_scratch, key_len);
+            struct cache_entry *e = c->redis_hit ? c->redis_hit : memcache_get(key_scratch, key_len);
+            c->redis_hit = NULL;
             if (e && cache_entry_is_vary_marker(e)) {
                 static char variant[CACHE_KEY_MAX];
                 size_t n = cache_variant_key(key_scratch, key_len, e->vary, e->vary_len, req, variant, sizeof variant);
@@ -378,8 +383,11 @@ void redis_lookup_done(struct conn *c, struct cache_entry *e)
 {
     c->state = CS_HTTP;
     c->redis_checked = true;
-    if (e)
-        memcache_put(e);               /* promoted: the lookup below finds it in memory */
+    if (e) {
+        cache_entry_ref(e);
+        memcache_put(e);               /* promoted to the memory tier ... */
+        c->redis_hit = e;              /* ... and served from our own reference */
+    }
     conn_process(c);
     if (!c->dead) {
         if (c->state != CS_HIT)
