@@ -42,13 +42,14 @@ static uint64_t get_u(const unsigned char *p, int n)
 
 static unsigned char *encode_entry(const struct cache_entry *e, size_t *len)
 {
-    size_t n = ENTRY_HEAD + e->reason_len + e->headers_len + e->body_len;
+    size_t n = ENTRY_HEAD + e->reason_len + e->body_len
+             + (cache_entry_is_vary_marker(e) ? e->vary_len : e->headers_len);
     unsigned char *v = malloc(n);
     if (!v)
         return NULL;
     memcpy(v, ENTRY_MAGIC, 4);
     v[4] = 1;
-    v[5] = 0;
+    v[5] = cache_entry_is_vary_marker(e) ? 1 : 0;   /* flag 1: a Vary marker, names in the header field */
     put_u(v + 6, (uint64_t)e->status, 2);
     put_u(v + 8, (uint64_t)e->stored_at_ms, 8);
     put_u(v + 16, (uint64_t)e->expires_at_ms, 8);
@@ -56,9 +57,12 @@ static unsigned char *encode_entry(const struct cache_entry *e, size_t *len)
     put_u(v + 26, e->headers_len, 4);
     put_u(v + 30, e->body_len, 4);
     unsigned char *p = v + ENTRY_HEAD;
+    const char *headers = cache_entry_is_vary_marker(e) ? e->vary : e->headers;
+    size_t headers_len = cache_entry_is_vary_marker(e) ? e->vary_len : e->headers_len;
+    put_u(v + 26, headers_len, 4);
     memcpy(p, e->reason, e->reason_len);
-    memcpy(p + e->reason_len, e->headers, e->headers_len);
-    memcpy(p + e->reason_len + e->headers_len, e->body, e->body_len);
+    memcpy(p + e->reason_len, headers, headers_len);
+    memcpy(p + e->reason_len + headers_len, e->body, e->body_len);
     unsigned char digest[SHA256_DIGEST_LENGTH];
     SHA256(v + ENTRY_HEAD, n - ENTRY_HEAD, digest);
     memcpy(v + 34, digest, 8);
@@ -75,15 +79,19 @@ static struct cache_entry *decode_entry(const char *key, size_t key_len, const u
     size_t reason_len = (size_t)get_u(v + 24, 2), headers_len = (size_t)get_u(v + 26, 4);
     size_t body_len = (size_t)get_u(v + 30, 4);
     int status = (int)get_u(v + 6, 2);
-    if (ENTRY_HEAD + reason_len + headers_len + body_len != n || status < 100 || status > 599)
+    bool marker = v[5] == 1;
+    if (ENTRY_HEAD + reason_len + headers_len + body_len != n || v[5] > 1
+        || (marker ? (status != 0 || !headers_len || body_len) : (status < 100 || status > 599)))
         return NULL;
     unsigned char digest[SHA256_DIGEST_LENGTH];
     SHA256(v + ENTRY_HEAD, n - ENTRY_HEAD, digest);
     if (memcmp(digest, v + 34, 8))
         return NULL;
     const char *p = (const char *)v + ENTRY_HEAD;
-    struct cache_entry *e = cache_entry_new(key, key_len, status, p, reason_len, p + reason_len, headers_len,
-                                            "", 0, "", 0, p + reason_len + headers_len, body_len, ttl_ms);
+    struct cache_entry *e = marker ? cache_entry_new(key, key_len, 0, "", 0, "", 0, p + reason_len, headers_len,
+                                                     "", 0, "", 0, ttl_ms)
+                                   : cache_entry_new(key, key_len, status, p, reason_len, p + reason_len, headers_len,
+                                                     "", 0, "", 0, p + reason_len + headers_len, body_len, ttl_ms);
     if (e)
         e->stored_at_ms = (int64_t)get_u(v + 8, 8);
     return e;
@@ -333,12 +341,56 @@ static void on_get(redisAsyncContext *ac, void *reply, void *privdata)
             atomic_fetch_add(&shim_redis.errors, 1);
         return;
     }
-    if (r->type == REDIS_REPLY_STRING && r->len > 0 && (t->value = malloc((size_t)r->len))) {
-        memcpy(t->value, r->str, (size_t)r->len);
-        t->value_len = (size_t)r->len;
-        t->got_value = true;
+    if (r->type == REDIS_REPLY_STRING) {
+        t->got_value = true;           /* even empty: a value that must decode */
+        if (r->len > 0 && (t->value = malloc((size_t)r->len))) {
+            memcpy(t->value, r->str, (size_t)r->len);
+            t->value_len = (size_t)r->len;
+        }
         atomic_fetch_add(&shim_redis.bytes_read, (uint64_t)r->len);
+    } else if (r->type != REDIS_REPLY_NIL) {
+        t->got_value = true;           /* a list or a number where an entry should be */
     }
+}
+
+static void on_get(redisAsyncContext *ac, void *reply, void *privdata);
+static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata);
+
+/* The plain key held a Vary marker: remember it in memory, and ask for the variant this
+ * request's header values select. True when the ticket now waits for that answer. */
+static bool variant_lookup(struct redis_ticket *t, struct cache_entry *marker)
+{
+    static struct http_request req;
+    static char variant[CACHE_KEY_MAX];
+    struct conn *c = t->conn;
+    if (!R.ac || !R.connected || R.inflight + 2 > REDIS_MAX_INFLIGHT
+        || http_parse_request(buf_head(&c->in), buf_len(&c->in), &req) != HTTP_PARSE_DONE)
+        return false;
+    size_t n = cache_variant_key(t->key, t->key_len, marker->vary, marker->vary_len, &req, variant, sizeof variant);
+    char *key = n ? malloc(n) : NULL;
+    if (!key)
+        return false;
+    memcpy(key, variant, n);
+    marker->upstream = t->upstream;
+    cache_entry_ref(marker);           /* the memory tier's reference; the caller keeps its own */
+    memcache_put(marker);
+    free(t->key);
+    free(t->value);
+    t->key = key;
+    t->key_len = n;
+    t->value = NULL;
+    t->value_len = 0;
+    t->got_value = t->failed = false;
+    if (redisAsyncCommand(R.ac, on_get, t, "GET %s%b", R.cfg->redis_prefix, key, n) != REDIS_OK)
+        return false;
+    R.inflight++;
+    if (redisAsyncCommand(R.ac, on_pttl, t, "PTTL %s%b", R.cfg->redis_prefix, key, n) != REDIS_OK) {
+        t->get_only = true;
+        finish_wait(t, NULL);
+        return true;
+    }
+    R.inflight++;
+    return true;
 }
 
 static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
@@ -359,6 +411,13 @@ static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
                 redisAsyncCommand(ac, NULL, NULL, "DEL %s%b", R.cfg->redis_prefix, t->key, t->key_len);
             }
         }
+    }
+    if (e && cache_entry_is_vary_marker(e)) {
+        bool waiting = t->conn && variant_lookup(t, e);
+        cache_entry_release(e);
+        e = NULL;
+        if (waiting)
+            return;                    /* the same ticket waits for the variant now */
     }
     if (e) {
         e->upstream = t->upstream;
@@ -421,7 +480,7 @@ void redis_cancel(struct conn *c)
 
 void redis_store(const struct cache_entry *e, int64_t ttl_ms)
 {
-    if (!R.cfg || !R.connected || !R.ac || (int64_t)e->body_len > R.cfg->redis_max_object || e->vary_len
+    if (!R.cfg || !R.connected || !R.ac || (int64_t)e->body_len > R.cfg->redis_max_object
         || R.inflight >= REDIS_MAX_INFLIGHT)
         return;
     size_t len;

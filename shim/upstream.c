@@ -599,6 +599,8 @@ static void store_response(struct transfer *t)
             return;
         }
         marker->upstream = c->upstream;
+        if (engine_config()->cache == CACHE_REDIS)
+            redis_store(marker, ttl);
         memcache_put(marker);
         key = variant;
     }
@@ -611,8 +613,8 @@ static void store_response(struct transfer *t)
         return;
     }
     e->upstream = c->upstream;
-    if (engine_config()->cache == CACHE_REDIS && !buf_len(&t->vary))
-        redis_store(e, ttl);           /* fire-and-forget, after the app has its response */
+    if (engine_config()->cache == CACHE_REDIS)
+        redis_store(e, ttl);           /* a variant goes under its variant key */           /* fire-and-forget, after the app has its response */
     memcache_put(e);
     STAT_INC(c->upstream, stored);
 }

@@ -1,0 +1,972 @@
+"""Real-client tests of httpshim's Redis cache tier (`cache = redis://...`).
+
+Every test starts its own `redis-server` (loopback, no persistence, a temp dir), talks to
+it with tests/pyclients/resp.py (a tiny RESP client: no redis module needed) and stops it
+by its pid. The shimmed processes are tests/pyclients/redisload.py: long-lived, they make
+the requests they are told to over stdin, check every body (pattern bytes, `X-Tag`),
+time every request, and keep running so the test can read their stats socket (the
+`"redis"` object of /stats). Whether a response came from a cache is read from the
+upstream's request log; whether it came from Redis (not the process's own memory tier)
+follows from using a NEW process, whose memory tier starts empty.
+
+Interface under test (rules.conf [global]):
+  cache = redis://[:password@]host:port/db | redis+unix:///path.sock
+  redis_prefix = httpshim:   redis_timeout = 50ms   redis_max_object = 1MB
+Keys: PREFIX + "GET http://127.0.0.1:PORT/path?query" (+ "\\n"-separated extras);
+values start with b"HSC1" + version byte 1; `SET key value PX ttl_ms`.
+"""
+
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (BUILD, SANITIZER_SKIP, SYS_PY, Upstream, client_env, free_port,
+                      kill_group, pyclient, require_build, run, write_rules)
+from resp import Resp
+from test_stats import get_stats, wait_socket
+
+HTTPSHIM = BUILD / "httpshim"
+REDISLOAD = pyclient("redisload.py")
+REDISPREFORK = pyclient("redisprefork.py")
+PREFIX = "httpshim:"
+MAGIC = b"HSC1\x01"
+REDIS_KEYS = {"connected", "hits", "misses", "errors", "timeouts", "reconnects",
+              "corrupt", "bytes_read", "bytes_written", "sets"}
+
+# The failure-policy bound: a request waits at most redis_timeout on Redis, plus the
+# upstream's own time (loopback, no delay: milliseconds; allowance 250 ms), plus a
+# generous margin for a loaded 2-core machine. The point is "bounded, never hung".
+REDIS_TIMEOUT_S = 0.050
+UPSTREAM_ALLOWANCE_S = 0.250
+MARGIN_S = 1.5
+LATENCY_BOUND_S = REDIS_TIMEOUT_S + UPSTREAM_ALLOWANCE_S + MARGIN_S     # 1.8 s
+
+KEY_WAIT = 5.0           # how long a fire-and-forget SET may take to show up in Redis
+
+
+def need_python_clients():
+    if "python3" in SANITIZER_SKIP:
+        pytest.skip("python3 cannot run under the sanitizer runtime")
+
+
+# ------------------------------------------------------------------ redis-server
+class RedisServer(object):
+    """One redis-server process on 127.0.0.1:PORT (and optionally a Unix socket).
+    kill() / freeze() / thaw() / restart() act on it; shutdown() stops it by its pid."""
+
+    def __init__(self, workdir, port=None, password=None, unix=None):
+        if not shutil.which("redis-server"):
+            pytest.fail("redis-server is not installed (tools/install-deps installs it)",
+                        pytrace=False)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.password = password
+        self.unix = unix
+        self.proc = None
+        self.frozen = False
+        self.starts = 0
+        self.start()
+
+    def client(self, db=0, timeout=5.0):
+        return Resp(port=self.port, password=self.password, db=db, timeout=timeout)
+
+    def start(self, timeout=15):
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.starts += 1
+        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+               "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+               "--daemonize", "no", "--logfile", ""]
+        if self.password:
+            cmd += ["--requirepass", self.password]
+        if self.unix:
+            cmd += ["--unixsocket", self.unix, "--unixsocketperm", "700"]
+        self.log = open(self.workdir / ("redis-%d.log" % self.starts), "wb")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={k: v for k, v in os.environ.items()
+                                          if k not in ("LD_PRELOAD", "HTTPSHIM_CONF")})
+        self.frozen = False
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                break
+            if self.client(timeout=1.0).ping():
+                return
+            time.sleep(0.05)
+        self.log.close()
+        raise AssertionError("redis-server did not start on port %d: %s" % (
+            self.port, (self.workdir / ("redis-%d.log" % self.starts)).read_text()[-2000:]))
+
+    def restart(self):
+        """Starts it again on the same port (empty: nothing persisted)."""
+        self.start()
+
+    def kill(self):
+        """SIGKILL (a frozen server too) and reap it."""
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=15)
+        self.frozen = False
+        self.log.close()
+
+    def freeze(self):
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        self.frozen = True
+
+    def thaw(self):
+        os.kill(self.proc.pid, signal.SIGCONT)
+        self.frozen = False
+
+    def shutdown(self):
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGCONT)     # a stopped process ignores TERM
+                os.kill(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=15)
+        kill_group(self.proc.pid, quiet=True)
+        self.log.close()
+
+    # -- inspection
+    def scan(self, match, db=0):
+        return self.client(db=db).scan(match)
+
+    def cmd(self, *args, db=0):
+        return self.client(db=db).cmd(*args)
+
+    def other_clients(self):
+        """Connections to this server other than the one asking (CLIENT LIST)."""
+        lines = self.cmd("CLIENT", "LIST").decode().splitlines()
+        return [ln for ln in lines if ln.strip() and "cmd=client" not in ln]
+
+    def get_calls(self):
+        """How many GET commands this server has executed (INFO commandstats)."""
+        info = self.cmd("INFO", "commandstats").decode()
+        m = re.search(r"^cmdstat_get:calls=(\d+)", info, re.M)
+        return int(m.group(1)) if m else 0
+
+
+@pytest.fixture
+def redis_servers(tmp_path):
+    """redis_servers(**kw) starts a RedisServer; each is stopped (by pid) afterwards."""
+    started = []
+
+    def start(**kw):
+        srv = RedisServer(tmp_path / ("redis%d" % len(started)), **kw)
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.shutdown()
+
+
+@pytest.fixture
+def redis(redis_servers):
+    return redis_servers()
+
+
+@pytest.fixture
+def sockdir():
+    """A short private directory under /tmp for stats sockets (107-byte path limit)."""
+    d = tempfile.mkdtemp(prefix="hsr", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def upstream_b_server(tmp_path_factory):
+    u = Upstream(tmp_path_factory.mktemp("upstream-b"))
+    yield u
+    u.stop()
+
+
+@pytest.fixture
+def upstream_b(upstream_b_server):
+    upstream_b_server.reset()
+    return upstream_b_server
+
+
+@pytest.fixture
+def cli():
+    require_build(HTTPSHIM)
+    return str(HTTPSHIM)
+
+
+# ------------------------------------------------------------------ rules
+def redis_url(srv, db=0):
+    return "redis://127.0.0.1:%d/%d" % (srv if isinstance(srv, int) else srv.port, db)
+
+
+def redis_conf(tmp, sockdir, url, blocks, extra=(), name="redis.conf"):
+    """`blocks` is [(upstream or port, ["GET /glob ttl=..", ...]), ...]; `url` the cache
+    line's value; `extra` more [global] lines."""
+    lines = ["# written by tests/test_redis.py", "[global]", "pool_max_per_host = 4",
+             "upstream_timeout  = 5s", "cache = %s" % url,
+             "redis_timeout = %dms" % int(REDIS_TIMEOUT_S * 1000),
+             "stats_socket = %s/s/%%p.sock" % sockdir] + list(extra)
+    for up, rules in blocks:
+        port = up if isinstance(up, int) else up.port
+        lines += ["", "[upstream 127.0.0.1:%d]" % port] + ["cache %s" % r for r in rules]
+    return write_rules(tmp, [], name=name, raw="\n".join(lines) + "\n")
+
+
+def key(up, target, prefix=PREFIX):
+    return "%sGET http://127.0.0.1:%d%s" % (prefix, up.port, target)
+
+
+def wait_keys(srv, match, n=1, timeout=KEY_WAIT, db=0, what=""):
+    """Polls SCAN until at least n keys match (bounded); returns them (bytes)."""
+    deadline = time.time() + timeout
+    while True:
+        keys = srv.scan(match, db=db)
+        if len(keys) >= n or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(keys) >= n, "%s: want %d key(s) matching %r in Redis within %.0f s, got %r" \
+        "; every key: %r" % (what or "fire-and-forget SET", n, match, timeout, keys,
+                             srv.scan("*", db=db)[:20])
+    return keys
+
+
+def wait_gone(srv, k, timeout=KEY_WAIT):
+    deadline = time.time() + timeout
+    while srv.cmd("EXISTS", k) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not srv.cmd("EXISTS", k), "key %r still in Redis after %.0f s (PTTL %s)" % (
+        k, timeout, srv.cmd("PTTL", k))
+
+
+# ------------------------------------------------------------------ shimmed clients
+class Proc(object):
+    """A shimmed child speaking JSON lines on stdout; stopped by its pid."""
+
+    def __init__(self, cmd, conf):
+        need_python_clients()
+        self.argv = [str(c) for c in cmd]
+        self.err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.err,
+                                     env=client_env(True, conf), start_new_session=True)
+        self.pid = self.proc.pid
+        self.fd = self.proc.stdout.fileno()
+        self.buf = b""
+
+    def describe(self):
+        self.err.seek(0)
+        return "cmd=%s pid=%d rc=%s stderr=%r" % (" ".join(self.argv)[:300], self.pid,
+                                                  self.proc.poll(), self.err.read()[-3000:])
+
+    def read(self, timeout=60):
+        deadline = time.time() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.time()
+            if left <= 0:
+                raise AssertionError("no answer within %.0f s (hung?): %s"
+                                     % (timeout, self.describe()))
+            r, _, _ = select.select([self.fd], [], [], min(left, 1.0))
+            if r:
+                data = os.read(self.fd, 65536)
+                if not data:
+                    self.proc.wait(timeout=30)
+                    raise AssertionError("client exited: " + self.describe())
+                self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line.decode())
+
+    def send(self, obj):
+        self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)
+        kill_group(self.pid, quiet=True)
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        self.err.close()
+
+
+class Client(Proc):
+    """A running tests/pyclients/redisload.py: one process, one memory tier."""
+
+    def __init__(self, conf, sockdir):
+        Proc.__init__(self, [SYS_PY, REDISLOAD], conf)
+        self.sock = "%s/s/%d.sock" % (sockdir, self.pid)
+        try:
+            hello = self.read()
+            assert hello.get("ready") and hello["pid"] == self.pid, hello
+        except BaseException:
+            self.stop()
+            raise
+
+    def get(self, reqs, timeout=20, on_result=None, check=True, pace_ms=0):
+        """Runs the requests; returns the per-request reports. check: all must be ok."""
+        self.send({"op": "get", "reqs": reqs, "timeout": timeout, "pace_ms": pace_ms})
+        reps = []
+        while True:
+            rep = self.read(timeout=timeout + 30)
+            if rep.get("done"):
+                break
+            reps.append(rep)
+            if on_result:
+                on_result(rep)
+        assert len(reps) == len(reqs), (reps, self.describe())
+        if check:
+            bad = [r for r in reps if not r["ok"]]
+            assert not bad, "failed requests: %s\n%s" % (bad, self.describe())
+        return reps
+
+    def stats(self):
+        wait_socket(self.sock)
+        return get_stats(self.sock)
+
+    def redis(self):
+        doc = self.stats()
+        assert "redis" in doc, "/stats has no top-level \"redis\" object: %s" % (
+            json.dumps(doc)[:1500])
+        r = doc["redis"]
+        assert REDIS_KEYS <= set(r), "redis stats keys missing: %s (have %s)" % (
+            sorted(REDIS_KEYS - set(r)), sorted(r))
+        for k in REDIS_KEYS:
+            assert isinstance(r[k], int) and r[k] >= 0, (k, r)
+        assert r["connected"] in (0, 1), r
+        return r
+
+
+@pytest.fixture
+def clients():
+    """clients(conf, sockdir) starts a redisload.py (shimmed); all stopped at the end."""
+    started = []
+
+    def start(conf, sockdir):
+        c = Client(conf, sockdir)
+        started.append(c)
+        return c
+
+    yield start
+    for c in started:
+        c.stop()
+
+
+def rq(up, path, n=None, tag=None, status=200, headers=None):
+    """One request for redisload.py. n: the body must be pattern(n); for /bytes/N it
+    defaults to N."""
+    if n is None:
+        m = re.match(r"/bytes/(\d+)$", path)
+        n = int(m.group(1)) if m else None
+    return {"port": up.port, "path": path, "n": n, "tag": tag, "status": status,
+            "headers": headers or {}}
+
+
+def upstream_hits(up, target):
+    """How many requests for exactly `target` the upstream has served."""
+    return len([e for e in up.stats()["log"]
+                if e.get("kind") == "http" and e.get("target") == target])
+
+
+def log_desc(up):
+    st = up.stats()
+    return "upstream requests=%d log=%s" % (
+        st["requests"], [(e.get("method"), e.get("target")) for e in st["log"]
+                         if e.get("kind") == "http"])
+
+
+# ================================================================== 1. shared entry
+def test_second_process_served_from_redis(upstream, redis, sockdir, tmp_path, clients):
+    """Process 1's miss is written to Redis; process 2 (empty memory tier) is served from
+    Redis with zero upstream requests, and promotes the entry into its memory tier (its
+    second GET does not ask Redis again)."""
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [(upstream, ["GET /bytes/* ttl=10m"])])
+    path = "/bytes/1200"
+    p1 = clients(conf, sockdir)
+    p1.get([rq(upstream, path)])
+    assert upstream_hits(upstream, path) == 1, log_desc(upstream)
+    keys = wait_keys(redis, key(upstream, "/bytes/1200") + "*")
+    assert keys == [key(upstream, path).encode()], \
+        "the Redis key must be PREFIX + 'GET http://HOST:PORT/PATH': got %r" % keys
+    value = redis.cmd("GET", keys[0])
+    assert value.startswith(MAGIC), "value must start with HSC1 + version 1: %r" % value[:40]
+    assert len(value) > 1200, "the value must hold the whole 1200-byte body: %d bytes" % len(value)
+    r1 = p1.redis()
+    assert r1["connected"] == 1 and r1["misses"] >= 1 and r1["sets"] == 1, r1
+    assert r1["bytes_written"] >= 1200, r1
+
+    gets_before = redis.get_calls()
+    p2 = clients(conf, sockdir)
+    reps = p2.get([rq(upstream, path), rq(upstream, path)])
+    assert upstream_hits(upstream, path) == 1, \
+        "process 2 must be served from Redis, not the upstream: " + log_desc(upstream)
+    assert all(len(r["age"]) == 1 and r["age"][0].isdigit() for r in reps), \
+        "a cache hit carries exactly one Age header: %s" % reps
+    r2 = p2.redis()
+    assert r2["hits"] == 1 and r2["misses"] == 0 and r2["corrupt"] == 0, \
+        "process 2: one Redis hit, then a memory hit (the entry promoted): %s" % r2
+    assert r2["bytes_read"] >= 1200 and r2["sets"] == 0, r2
+    assert redis.get_calls() - gets_before == 1, \
+        "process 2's two GETs must ask Redis once (the hit is promoted to memory): " \
+        "Redis executed %d GET commands" % (redis.get_calls() - gets_before)
+
+
+# ================================================================== 2. TTL in Redis
+def test_redis_ttl_matches_rule(upstream, redis, sockdir, tmp_path, clients):
+    """SET ... PX ttl: the key's PTTL is the rule's ttl (10m); with
+    respect_cache_control=yes a shorter max-age wins in Redis too."""
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [
+        (upstream, ["GET /bytes/* ttl=10m",
+                    "GET /custom* ttl=10m respect_cache_control=yes"])])
+    cc = "/custom?tag=cc&n=300&h=Cache-Control:max-age%3D120"
+    p = clients(conf, sockdir)
+    p.get([rq(upstream, "/bytes/1300"), rq(upstream, cc, n=300, tag="cc")])
+    k = wait_keys(redis, key(upstream, "/bytes/1300"))[0]
+    pttl = redis.cmd("PTTL", k)
+    assert 590000 <= pttl <= 600000, "PTTL %d, want the rule's 10m (590000..600000)" % pttl
+    k2 = wait_keys(redis, key(upstream, "/custom?tag=cc*"))[0]
+    pttl2 = redis.cmd("PTTL", k2)
+    assert 110000 <= pttl2 <= 120000, \
+        "PTTL %d, want max-age=120 (110000..120000): the shorter lifetime wins" % pttl2
+
+
+# ================================================================== 3. Redis expiry
+def test_expired_in_redis_refetched_by_new_process(upstream, redis, sockdir, tmp_path,
+                                                   clients):
+    """ttl=1s: Redis expires the key; a new process then goes to the upstream."""
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [(upstream, ["GET /bytes/* ttl=1s"])])
+    path = "/bytes/1400"
+    clients(conf, sockdir).get([rq(upstream, path)])
+    k = wait_keys(redis, key(upstream, path))[0]
+    pttl = redis.cmd("PTTL", k)
+    assert 0 < pttl <= 1000 or pttl == -2, \
+        "PTTL %d, want at most the rule's 1 s (-1: no expiry set)" % pttl
+    wait_gone(redis, k)
+    clients(conf, sockdir).get([rq(upstream, path)])
+    assert upstream_hits(upstream, path) == 2, \
+        "after Redis expired the entry, a new process must refetch: " + log_desc(upstream)
+
+
+def test_promoted_entry_keeps_remaining_ttl(upstream, redis, sockdir, tmp_path, clients):
+    """A Redis hit is promoted to memory with the REMAINING TTL (PTTL), not the rule's
+    full ttl: once Redis has expired it, the process's memory copy is expired too."""
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [(upstream, ["GET /bytes/* ttl=3s"])])
+    path = "/bytes/1500"
+    clients(conf, sockdir).get([rq(upstream, path)])
+    k = wait_keys(redis, key(upstream, path))[0]
+    p2 = clients(conf, sockdir)              # started (and idle) before the wait
+    deadline = time.time() + 5
+    while redis.cmd("PTTL", k) > 1500 and time.time() < deadline:
+        time.sleep(0.02)
+    left = redis.cmd("PTTL", k)
+    assert 300 < left <= 1500, "PTTL %d: too late to test the promotion (slow machine?)" % left
+    p2.get([rq(upstream, path)])
+    assert upstream_hits(upstream, path) == 1, "a Redis hit expected: " + log_desc(upstream)
+    assert p2.redis()["hits"] == 1
+    wait_gone(redis, k)
+    time.sleep(0.3)
+    p2.get([rq(upstream, path)])
+    assert upstream_hits(upstream, path) == 2, \
+        "the promoted memory copy outlived the Redis entry (promoted with the full ttl " \
+        "instead of the remaining %d ms?): %s" % (left, log_desc(upstream))
+
+
+# ================================================================== 4. prefork
+def test_prefork_workers_share_entries(upstream, redis, sockdir, tmp_path):
+    """A parent that already used the shim (engine, Redis connection) forks 4 workers;
+    worker 1 fetches, the 3 others (at once) are served from Redis: one upstream request.
+    Each worker has its own Redis connection (a shared one would garble replies)."""
+    need_python_clients()
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [(upstream, ["GET /bytes/* ttl=10m"])])
+    path, warm = "/bytes/1600", "/bytes/77"
+    p = Proc([SYS_PY, REDISPREFORK, "--port", upstream.port, "--path", path, "--n", 1600,
+              "--children", 4, "--warm", warm], conf)
+    try:
+        lines = []
+        while not any("first" in x for x in lines):
+            lines.append(p.read(timeout=60))
+        parent = [x["parent"] for x in lines if "parent" in x]
+        assert parent and parent[0]["warm"] == "ok", (lines, p.describe())
+        first = [x for x in lines if "child" in x]
+        assert len(first) == 1 and first[0]["ok"] and first[0]["child"] == 0, \
+            (lines, p.describe())
+        assert upstream_hits(upstream, path) == 1, log_desc(upstream)
+        wait_keys(redis, key(upstream, path), what="worker 1's entry")
+        p.send({"go": True})
+        while not any("report" in x for x in lines):
+            lines.append(p.read(timeout=60))
+        rc = p.proc.wait(timeout=30)
+        desc = p.describe()
+    finally:
+        p.stop()
+    workers = [x for x in lines if "child" in x]
+    assert rc == 0 and len(workers) == 4 and all(w["ok"] for w in workers), \
+        "every worker must get the right body: %s\n%s" % (lines, desc)
+    assert upstream_hits(upstream, path) == 1, \
+        "workers 2-4 must be served from Redis (one upstream request in all): " + \
+        log_desc(upstream)
+    assert upstream_hits(upstream, warm) == 1, log_desc(upstream)
+
+
+# ================================================================== 5. corrupt values
+def _flip(v, i):
+    return v[:i] + bytes([v[i] ^ 0xFF]) + v[i + 1:]
+
+
+CORRUPT = {
+    # name: how the stored value v is replaced (SET with the same PX) or modified
+    "flip-middle-byte": lambda v: ("SETRANGE", len(v) // 2, bytes([v[len(v) // 2] ^ 0xFF])),
+    "flip-last-byte": lambda v: ("SETRANGE", len(v) - 1, bytes([v[-1] ^ 0xFF])),
+    "flip-length-byte": lambda v: ("SET", _flip(v, 6)),
+    "garbage": lambda v: ("SET", b"this is not an httpshim entry" * 10),
+    "truncated": lambda v: ("SET", v[:len(v) - 7]),
+    "magic-only": lambda v: ("SET", MAGIC),
+    "future-version": lambda v: ("SET", v[:4] + b"\x02" + v[5:]),
+    "empty": lambda v: ("SET", b""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT))
+def test_corrupt_value_not_served(case, upstream, redis, sockdir, tmp_path, clients):
+    """A value that fails to decode or to checksum is a miss: the new process gets the
+    upstream's body, counts it as corrupt, and the corrupt value is deleted or replaced."""
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [(upstream, ["GET /bytes/* ttl=10m"])])
+    path = "/bytes/1700"
+    clients(conf, sockdir).get([rq(upstream, path)])
+    k = wait_keys(redis, key(upstream, path))[0]
+    v = redis.cmd("GET", k)
+    assert v.startswith(MAGIC), v[:40]
+    op = CORRUPT[case](v)
+    if op[0] == "SETRANGE":
+        redis.cmd("SETRANGE", k, op[1], op[2])
+    else:
+        redis.cmd("SET", k, op[1], "PX", 600000)
+    bad = redis.cmd("GET", k)
+    assert bad != v
+
+    p2 = clients(conf, sockdir)
+    reps = p2.get([rq(upstream, path)], check=False)
+    assert reps[0]["ok"], "the corrupt Redis value must never be served: %s\n%s" % (
+        reps, p2.describe())
+    assert upstream_hits(upstream, path) == 2, \
+        "the corrupt value must count as a miss (upstream request): " + log_desc(upstream)
+    deadline = time.time() + KEY_WAIT
+    now = bad
+    while now == bad and time.time() < deadline:
+        time.sleep(0.05)
+        now = redis.cmd("GET", k)
+    assert now != bad, "the corrupt value is still in Redis after %.0f s" % KEY_WAIT
+    assert now is None or now.startswith(MAGIC), now[:40]
+    st = p2.redis()
+    assert st["corrupt"] >= 1 and st["hits"] == 0, \
+        "a value that does not decode must be counted as corrupt: %s" % st
+    # and the process is still fine: a second GET (its memory tier) works
+    p2.get([rq(upstream, path)])
+    assert upstream_hits(upstream, path) == 2, log_desc(upstream)
+
+
+# ================================================================== 6. Redis unreachable
+@pytest.mark.parametrize("case", ["refused", "frozen", "wrong-password"])
+def test_redis_unavailable_at_start(case, upstream, redis_servers, sockdir, tmp_path,
+                                   clients):
+    """Nothing listens on the configured port, or Redis is frozen (SIGSTOP: the TCP
+    connect succeeds, nothing answers), or it refuses the credentials: requests succeed
+    through the upstream within the latency bound, and the memory tier still works within
+    the process. When Redis comes up (or is thawed) later, the process connects (backoff
+    capped at 2 s) and writes new entries to it."""
+    srv = None
+    if case == "refused":
+        port = free_port()
+        url = redis_url(port)
+    elif case == "frozen":
+        srv = redis_servers()
+        srv.freeze()
+        url = redis_url(srv)
+    else:
+        srv = redis_servers(password="right-one")
+        url = "redis://:wrong-one@127.0.0.1:%d/0" % srv.port
+    conf = redis_conf(tmp_path, sockdir, url, [(upstream, ["GET /bytes/* ttl=10m"])])
+    p = clients(conf, sockdir)
+    reps = p.get([rq(upstream, "/bytes/1800"), rq(upstream, "/bytes/1800"),
+                  rq(upstream, "/bytes/1801"), rq(upstream, "/bytes/1801")])
+    slow = [r for r in reps if r["ms"] > LATENCY_BOUND_S * 1000]
+    assert not slow, "over the %.2f s bound: %s" % (LATENCY_BOUND_S, slow)
+    assert upstream_hits(upstream, "/bytes/1800") == 1 and \
+        upstream_hits(upstream, "/bytes/1801") == 1, \
+        "the memory tier must still serve repeats: " + log_desc(upstream)
+    st = p.redis()
+    assert st["hits"] == 0, st
+    if case == "wrong-password":
+        assert srv.scan("*") == [], "nothing can be written without the password"
+        assert st["connected"] == 0 or st["errors"] >= 1, \
+            "a refused AUTH must show in the stats (connected 0 or errors): %s" % st
+        return
+    if case == "refused":
+        assert st["connected"] == 0 and st["sets"] == 0, st
+        srv = redis_servers(port=port)
+    else:
+        srv.thaw()
+    deadline = time.time() + 8
+    i = 0
+    while time.time() < deadline and not srv.scan(PREFIX + "*"):
+        reps = p.get([rq(upstream, "/bytes/%d" % (1900 + i))])
+        assert reps[0]["ms"] < LATENCY_BOUND_S * 1000, reps
+        i += 1
+        time.sleep(0.2)
+    assert srv.scan(PREFIX + "*"), \
+        "Redis became available but the process never wrote to it in 8 s " \
+        "(%d requests made): %s" % (i, p.redis())
+    assert p.redis()["connected"] == 1
+
+
+# ================================================================== 7. chaos run
+def load_requests(up, n):
+    """A mix over a few paths: repeated cacheable (ttl=1s and ttl=10m), unique cacheable
+    (always a memory miss: a Redis lookup and a SET), uncacheable with a rule (status 500:
+    a Redis lookup, never stored), and paths no rule matches."""
+    reqs = []
+    for i in range(n):
+        k = i % 5
+        if k == 0:
+            reqs.append(rq(up, "/bytes/%d" % (1000 + (i // 5) % 4)))
+        elif k == 1:
+            m = 200 + i % 50
+            reqs.append(rq(up, "/custom?tag=u%d&n=%d" % (i, m), n=m, tag="u%d" % i))
+        elif k == 2:
+            reqs.append(rq(up, "/chunked/%d" % (300 + i % 7), n=300 + i % 7))
+        elif k == 3:
+            reqs.append(rq(up, "/custom?tag=s500&status=500&n=50", n=50, tag="s500",
+                           status=500))
+        else:
+            m = 400 + i % 3
+            reqs.append(rq(up, "/custom?tag=rep%d&n=%d" % (i % 3, m), n=m,
+                           tag="rep%d" % (i % 3)))
+    return reqs
+
+
+# (request index, action). After a restart the driver waits (up to RECONNECT_WAIT) for
+# the process to connect again, so the next freeze finds a live connection.
+CHAOS = [(100, "kill"), (200, "restart"), (350, "freeze"), (500, "thaw"),
+         (600, "freeze"), (680, "kill"), (760, "restart")]
+PACE_MS = 8              # 1 000 requests last ~10 s: every phase spans ~1 s or more
+RECONNECT_WAIT = 4.0     # backoff is capped at 2 s
+
+
+@pytest.mark.timeout(200)
+def test_redis_killed_frozen_restarted_during_run(upstream, redis, sockdir, tmp_path,
+                                                  clients):
+    """1 000 sequential requests (one connection each) from one long-lived process while
+    a driver thread kills, freezes (SIGSTOP), thaws and restarts Redis: zero failed
+    requests, every body right, every latency under LATENCY_BOUND_S; after each restart
+    the process connects again (within RECONNECT_WAIT) and writes to Redis again."""
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [
+        (upstream, ["GET /bytes/* ttl=1s", "GET /custom* ttl=10m"])])
+    p = clients(conf, sockdir)
+    reqs = load_requests(upstream, 1000)
+    progress = [0]
+    cond = threading.Condition()
+    abort = threading.Event()
+    timeline, driver_errors = [], []
+
+    def wait_reconnect():
+        deadline = time.time() + RECONNECT_WAIT
+        t0 = time.time()
+        while time.time() < deadline and not abort.is_set():
+            if redis.other_clients():
+                return "reconnected after %.0f ms" % ((time.time() - t0) * 1000)
+            time.sleep(0.02)
+        driver_errors.append("the process did not reconnect within %.0f s of the restart "
+                             "at request %d" % (RECONNECT_WAIT, progress[0]))
+        return "NOT reconnected"
+
+    def driver():
+        try:
+            for at, action in CHAOS:
+                with cond:
+                    deadline = time.time() + 120
+                    while progress[0] < at and not abort.is_set() and time.time() < deadline:
+                        cond.wait(0.5)
+                    if abort.is_set() or progress[0] < at:
+                        return
+                    seen = progress[0]
+                t0 = time.time()
+                getattr(redis, action)()
+                note = ""
+                if action == "restart":
+                    note = ", " + wait_reconnect()
+                timeline.append("%s at request %d (%.0f ms%s)" % (
+                    action, seen, (time.time() - t0) * 1000, note))
+        except Exception as e:  # noqa: BLE001
+            driver_errors.append("%s: %r" % (timeline, e))
+
+    def on_result(rep):
+        with cond:
+            progress[0] = rep["i"] + 1
+            cond.notify_all()
+
+    t = threading.Thread(target=driver, daemon=True)
+    t.start()
+    try:
+        reps = p.get(reqs, timeout=20, on_result=on_result, check=False, pace_ms=PACE_MS)
+    finally:
+        abort.set()
+        t.join(30)
+    if redis.frozen:
+        redis.thaw()
+
+    def events_near(i):
+        return [e for e in timeline if abs(int(e.split(" at request ")[1].split()[0]) - i) < 60]
+
+    failed = [r for r in reps if not r["ok"]]
+    assert not failed, "%d of %d requests failed (events: %s):\n%s" % (
+        len(failed), len(reps), timeline,
+        "\n".join("  #%d %s: %s (%.0f ms) near %s" % (r["i"], r["path"], r.get("why"),
+                                                     r["ms"], events_near(r["i"]))
+                  for r in failed[:15]))
+    slow = sorted(reps, key=lambda r: -r["ms"])[:5]
+    assert slow[0]["ms"] < LATENCY_BOUND_S * 1000, \
+        "a request took %.0f ms, over the bound %.0f ms (redis_timeout %d ms + upstream " \
+        "%d ms + margin %d ms); slowest: %s; events: %s" % (
+            slow[0]["ms"], LATENCY_BOUND_S * 1000, REDIS_TIMEOUT_S * 1000,
+            UPSTREAM_ALLOWANCE_S * 1000, MARGIN_S * 1000,
+            ["#%d %s %.0f ms near %s" % (r["i"], r["path"], r["ms"], events_near(r["i"]))
+             for r in slow], timeline)
+    assert not t.is_alive() and not driver_errors, "driver: %s; events: %s" % (
+        driver_errors, timeline)
+    assert len(timeline) == len(CHAOS), \
+        "the run ended before every event happened: %s" % timeline
+    # the memory tier never suffered: each long-ttl repeated path fetched exactly once
+    for j in range(3):
+        target = "/custom?tag=rep%d&n=%d" % (j, 400 + j)
+        assert upstream_hits(upstream, target) == 1, (target, log_desc(upstream)[:3000])
+
+    # reconnect to the restarted (empty) Redis: new entries show up there again
+    deadline = time.time() + 8
+    extra, j = [], 0
+    while time.time() < deadline and not redis.scan(key(upstream, "/custom?tag=rc*")):
+        batch = [rq(upstream, "/custom?tag=rc%d&n=%d" % (j + x, 100 + x), n=100 + x,
+                    tag="rc%d" % (j + x)) for x in range(5)]
+        extra += p.get(batch, check=False)
+        j += 5
+        time.sleep(0.2)
+    assert all(r["ok"] for r in extra), [r for r in extra if not r["ok"]]
+    assert max([r["ms"] for r in extra] or [0]) < LATENCY_BOUND_S * 1000, extra
+    st = p.redis()
+    print("chaos events: %s; slowest %s ms; redis stats %s" % (
+        timeline, [r["ms"] for r in slow], st))
+    assert redis.scan(key(upstream, "/custom?tag=rc*")), \
+        "after the restart the process never wrote to Redis again (%d more requests " \
+        "over 8 s): %s" % (len(extra), st)
+    assert st["connected"] == 1, st
+    assert st["timeouts"] >= 1, "Redis was frozen while lookups were made: %s" % st
+    assert st["reconnects"] >= 1, "Redis was restarted twice: %s" % st
+
+
+# ================================================================== 8. purge
+def purge(cli, conf, *args):
+    r = run([cli, "purge", "-c", conf] + list(args), shim=False)
+    assert r.rc == 0, r.describe()
+    m = re.match(r"purged (\d+) entries in (\d+) processes and (\d+) keys in Redis$",
+                 r.out.decode().strip())
+    assert m, "want 'purged N entries in M processes and K keys in Redis':\n" + r.describe()
+    return tuple(int(x) for x in m.groups())
+
+
+def test_purge_deletes_redis_keys(cli, upstream, upstream_b, redis, sockdir, tmp_path,
+                                  clients):
+    """`httpshim purge` deletes the matching keys in Redis too (and only those: other
+    upstreams, other paths, other prefixes stay) and counts them."""
+    A, B = upstream, upstream_b
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [
+        (A, ["GET /bytes/* ttl=10m"]), (B, ["GET /bytes/* ttl=10m"])])
+    p1, p2 = clients(conf, sockdir), clients(conf, sockdir)
+    p1.get([rq(A, "/bytes/100"), rq(A, "/bytes/200"), rq(B, "/bytes/100")])
+    wait_keys(redis, PREFIX + "*", n=3)
+    p2.get([rq(A, "/bytes/100")])                        # a Redis hit, promoted
+    assert upstream_hits(A, "/bytes/100") == 1, log_desc(A)
+    wait_socket(p1.sock)
+    wait_socket(p2.sock)
+    foreign = [b"other:GET http://127.0.0.1:%d/bytes/100" % A.port, b"httpshim-x:1",
+               b"unrelated"]
+    for f in foreign:
+        redis.cmd("SET", f, b"keep me")
+
+    assert purge(cli, conf, "--upstream", "127.0.0.1:%d" % B.port) == (1, 2, 1)
+    assert redis.scan(PREFIX + "*") == sorted([key(A, "/bytes/100").encode(),
+                                               key(A, "/bytes/200").encode()])
+    assert purge(cli, conf, "/bytes/1*") == (2, 2, 1)
+    assert redis.scan(PREFIX + "*") == [key(A, "/bytes/200").encode()]
+    p1.stop()
+    p2.stop()
+    assert purge(cli, conf) == (0, 0, 1), "no process left; Redis still purged"
+    assert redis.scan(PREFIX + "*") == [], "SCAN still finds the prefix after a purge"
+    for f in foreign:
+        assert redis.cmd("GET", f) == b"keep me", "purge deleted %r" % f
+    clients(conf, sockdir).get([rq(A, "/bytes/200")])
+    assert upstream_hits(A, "/bytes/200") == 2, \
+        "a purged entry must not be served from Redis: " + log_desc(A)
+
+
+# ================================================================== more of the interface
+@pytest.mark.parametrize("case", ["password", "unix-socket", "db-3", "prefix"])
+def test_url_forms(case, upstream, redis_servers, sockdir, tmp_path, clients):
+    """redis://:password@host:port/db, redis+unix:///path, a db number, redis_prefix."""
+    extra, prefix, db = [], PREFIX, 0
+    if case == "password":
+        srv = redis_servers(password="pw-42")
+        url = "redis://:pw-42@127.0.0.1:%d/0" % srv.port
+    elif case == "unix-socket":
+        sock = os.path.join(sockdir, "redis.sock")
+        srv = redis_servers(unix=sock)
+        url = "redis+unix://" + sock
+    elif case == "db-3":
+        srv, db = redis_servers(), 3
+        url = redis_url(srv, 3)
+    else:
+        srv, prefix = redis_servers(), "t1:"
+        url = redis_url(srv)
+        extra = ["redis_prefix = t1:"]
+    conf = redis_conf(tmp_path, sockdir, url, [(upstream, ["GET /bytes/* ttl=10m"])],
+                      extra=extra)
+    path = "/bytes/2100"
+    clients(conf, sockdir).get([rq(upstream, path)])
+    keys = wait_keys(srv, key(upstream, path, prefix=prefix), db=db)
+    assert keys == [key(upstream, path, prefix=prefix).encode()], keys
+    if db:
+        assert srv.scan("*", db=0) == [], "keys written to db 0, not db %d" % db
+    if prefix != PREFIX:
+        assert srv.scan(PREFIX + "*") == [], "redis_prefix ignored"
+    p2 = clients(conf, sockdir)
+    p2.get([rq(upstream, path)])
+    assert upstream_hits(upstream, path) == 1, log_desc(upstream)
+    assert p2.redis()["hits"] == 1
+
+
+def test_only_storable_entries_reach_redis(upstream, redis, sockdir, tmp_path, clients):
+    """Nothing goes to Redis that the memory tier would not store, nor bodies over
+    redis_max_object (the memory tier still keeps those). SETs go out in order on one
+    connection, so once the last (storable) request's key shows up, the earlier ones
+    would have too."""
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [
+        (upstream, ["GET /bytes/* ttl=10m", "GET /custom* ttl=10m"])],
+        extra=["redis_max_object = 16KB"])
+    never = [rq(upstream, "/bytes/20000"),
+             rq(upstream, "/custom?tag=ns&n=300&h=Cache-Control:no-store", n=300, tag="ns"),
+             rq(upstream, "/custom?tag=pr&n=300&h=Cache-Control:private", n=300, tag="pr"),
+             rq(upstream, "/custom?tag=e&n=300&status=500", n=300, tag="e", status=500),
+             rq(upstream, "/custom?tag=sc&n=300&h=Set-Cookie:a%3D1", n=300, tag="sc"),
+             rq(upstream, "/custom?tag=cl&n=300&mode=close", n=300, tag="cl")]
+    p = clients(conf, sockdir)
+    p.get(never + [rq(upstream, "/bytes/300")])
+    wait_keys(redis, key(upstream, "/bytes/300"), what="the storable sentinel")
+    time.sleep(0.3)
+    assert redis.scan(PREFIX + "*") == [key(upstream, "/bytes/300").encode()], \
+        "only /bytes/300 may be in Redis"
+    p.get([rq(upstream, "/bytes/20000")])
+    assert upstream_hits(upstream, "/bytes/20000") == 1, \
+        "over redis_max_object but under max_object: the memory tier keeps it: " + \
+        log_desc(upstream)
+    st = p.redis()
+    assert st["sets"] == 1, st
+
+
+def test_credentials_kept_apart(upstream, redis, sockdir, tmp_path, clients):
+    """Across processes too, two credentials never share an entry (the key carries a hash
+    of Authorization) and the raw credential is nowhere in Redis."""
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis),
+                      [(upstream, ["GET /custom* ttl=10m"])])
+    secret = "Bearer alpha-SECRET-7"
+    a = "/custom?tag=auth&n=500"
+
+    def g(auth=None):
+        return rq(upstream, a, n=500, tag="auth",
+                  headers={"Authorization": auth} if auth else {})
+
+    first = clients(conf, sockdir).get([g(secret)])
+    keys = wait_keys(redis, key(upstream, a) + "*")
+    for k in redis.scan("*"):
+        assert b"alpha-SECRET" not in k, "the raw credential is in a Redis key: %r" % k
+        assert b"alpha-SECRET" not in (redis.cmd("GET", k) or b""), k
+    assert key(upstream, a).encode() not in keys, \
+        "an entry for a request with Authorization stored under the bare key: %r" % keys
+    second = clients(conf, sockdir).get([g("Bearer beta"), g(), g(secret)])
+    served = [r["served"] for r in second]
+    detail = "X-Served first %s, second %s\n%s" % (first[0]["served"], served,
+                                                   log_desc(upstream))
+    assert served[2] == first[0]["served"], "the same credential: a Redis hit\n" + detail
+    assert len({first[0]["served"], served[0], served[1]}) == 3, \
+        "another credential or none must not get alpha's entry\n" + detail
+    assert upstream_hits(upstream, a) == 3, detail
+
+
+def test_vary_entries_shared_per_variant(upstream, redis, sockdir, tmp_path, clients):
+    """A `Vary: Accept-Language` response: a new process asking with the same value is
+    served from Redis (the key carries the Vary values), one asking with another value
+    never gets that entry."""
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis),
+                      [(upstream, ["GET /custom* ttl=10m"])])
+    v = "/custom?tag=vary&n=600&h=Vary:Accept-Language"
+
+    def g(lang):
+        return rq(upstream, v, n=600, tag="vary", headers={"Accept-Language": lang})
+
+    p1 = clients(conf, sockdir)
+    first = p1.get([g("en"), g("en")])
+    assert upstream_hits(upstream, v) == 1, "the memory tier keeps Vary entries: " + \
+        log_desc(upstream)
+    p1.get([rq(upstream, "/custom?tag=sentinel&n=10", n=10, tag="sentinel")])
+    wait_keys(redis, key(upstream, "/custom?tag=sentinel*"), what="the storable sentinel")
+    second = clients(conf, sockdir).get([g("fr"), g("en")])
+    served = [r["served"] for r in second]
+    detail = "X-Served first %s, second %s; Redis keys %r\n%s" % (
+        first[0]["served"], served, redis.scan("*"), log_desc(upstream))
+    assert served[0] != first[0]["served"], "Accept-Language: fr got en's entry\n" + detail
+    assert served[1] == first[0]["served"] and upstream_hits(upstream, v) == 2, \
+        "a new process asking with the same Accept-Language must be served from Redis " \
+        "(Vary values in the key)\n" + detail
+
+
+GOOD_REDIS_GLOBALS = ["cache = redis://:pw@127.0.0.1:6390/2", "redis_prefix = app1:",
+                      "redis_timeout = 80ms", "redis_max_object = 512KB", "memory_max = 8MB"]
+BAD_REDIS = {
+    "port-out-of-range": "cache = redis://127.0.0.1:99999/0",
+    "bad-timeout": "redis_timeout = soon",
+    "bad-max-object": "redis_max_object = huge",
+    "unknown-scheme": "cache = mongodb://127.0.0.1:27017/0",
+}
+
+
+@pytest.mark.parametrize("case", ["good"] + sorted(BAD_REDIS))
+def test_check_redis_settings(case, cli, tmp_path):
+    """`httpshim check` accepts the Redis settings and names the line of a bad one."""
+    lines = ["[global]", "pool_max_per_host = 4"]
+    lines += GOOD_REDIS_GLOBALS if case == "good" else ["", BAD_REDIS[case]]
+    lines += ["", "[upstream 127.0.0.1:8080]", "cache GET /x* ttl=1m"]
+    conf = write_rules(tmp_path, [], raw="\n".join(lines) + "\n")
+    r = run([cli, "check", conf], shim=False)
+    if case == "good":
+        assert r.rc == 0 and r.out.decode().startswith("%s: ok" % conf), r.describe()
+    else:
+        assert r.rc == 1 and r.err.decode().startswith("%s:4: " % conf), r.describe()
