@@ -228,15 +228,18 @@ static char *ask(const struct proc *p, const char *method, const char *target, s
 
 /* ---- stats ---- */
 
-static double quantile(const struct json *hist, double q)
+/* The upper bound of the first bucket holding the q-quantile of two histograms together
+ * (hits and misses): -1 when empty, INFINITY when beyond the last bound. */
+static double quantile(const struct json *a, const struct json *b, double q)
 {
-    const struct json *b = json_get(hist, "buckets");
-    double count = json_num(hist, "count");
-    if (!b || count <= 0)
+    const struct json *ba = json_get(a, "buckets"), *bb = json_get(b, "buckets");
+    double count = json_num(a, "count") + json_num(b, "count");
+    if (!ba || !bb || count <= 0)
         return -1;
-    for (const struct json *pair = b->child; pair; pair = pair->next)
-        if (pair->child && pair->child->next && pair->child->next->number >= q * count)
-            return pair->child->number;
+    for (const struct json *pa = ba->child, *pb = bb->child; pa && pb; pa = pa->next, pb = pb->next)
+        if (pa->child && pa->child->next && pb->child && pb->child->next
+            && pa->child->next->number + pb->child->next->number >= q * count)
+            return pa->child->number;
     return INFINITY;
 }
 
@@ -257,7 +260,7 @@ static void fmt_latency(char *out, size_t n, double s)
 static void print_table(const struct json *total, const struct json **docs, const struct proc *procs, int n)
 {
     printf("%-28s %9s %7s %9s %9s %9s %9s %9s %10s %10s\n", "UPSTREAM", "REQUESTS", "HIT%", "HITS", "CLIENT", "UPSTREAM",
-           "UP.REQS", "ERRORS", "HIT p50", "MISS p99");
+           "UP.REQS", "ERRORS", "p50", "p99");
     printf("%-28s %9s %7s %9s %9s %9s %9s %9s %10s %10s\n", "", "", "", "", "CONNS", "CONNS", "", "", "", "");
     const struct json *ups = json_get(total, "upstreams");
     for (const struct json *u = ups ? ups->child : NULL; u; u = u->next) {
@@ -265,8 +268,9 @@ static void print_table(const struct json *total, const struct json **docs, cons
         const struct json *err = json_get(u, "errors");
         double errors = json_num(err, "upstream") + json_num(err, "app") + json_num(err, "tunnel");
         char p50[32], p99[32];
-        fmt_latency(p50, sizeof p50, quantile(json_get(u, "hit_latency_seconds"), 0.5));
-        fmt_latency(p99, sizeof p99, quantile(json_get(u, "miss_latency_seconds"), 0.99));
+        const struct json *hl = json_get(u, "hit_latency_seconds"), *ml = json_get(u, "miss_latency_seconds");
+        fmt_latency(p50, sizeof p50, quantile(hl, ml, 0.5));
+        fmt_latency(p99, sizeof p99, quantile(hl, ml, 0.99));
         char hitpct[16];
         snprintf(hitpct, sizeof hitpct, req > 0 ? "%.1f" : "-", req > 0 ? 100 * hits / req : 0);
         printf("%-28s %9.0f %7s %9.0f %9.0f %9.0f %9.0f %9.0f %10s %10s\n", u->key, req, hitpct, hits,
