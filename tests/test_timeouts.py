@@ -1,0 +1,36 @@
+"""An upstream that accepts and then stays silent: the shim gives up after upstream_timeout
+and closes the app's connection (the app sees a failed request), and the pooled upstream
+path keeps working for the next request. Bounds are generous: the point is "never hangs"."""
+import time
+
+from conftest import SYS_PY, run, write_rules
+
+
+SILENT = """
+import sys, time, urllib.request
+start = time.monotonic()
+try:
+    urllib.request.urlopen(sys.argv[1], timeout=60).read()
+    print("answered")
+except Exception as e:
+    print("failed", type(e).__name__)
+print("elapsed %.2f" % (time.monotonic() - start))
+print(urllib.request.urlopen(sys.argv[2], timeout=60).read().decode()[:20])
+"""
+
+
+def test_silent_upstream_times_out_then_pool_recovers(upstream, tmp_path):
+    conf = write_rules(tmp_path, [upstream.port], timeout="1s")
+    r = run([SYS_PY, "-c", SILENT, upstream.url("/delay/8000/bytes/10"), upstream.url("/status/200")],
+            shim=True, conf=conf, timeout=60)
+    assert r.rc == 0, r.describe()
+    lines = r.out.decode().splitlines()
+    assert lines[0].startswith("failed"), r.describe()
+    elapsed = float(lines[1].split()[1])
+    assert elapsed < 6.0, "gave up after %.2fs; upstream_timeout is 1s" % elapsed
+    # the same silent request without the shim waits the full delay and is answered
+    start = time.monotonic()
+    d = run([SYS_PY, "-c", SILENT, upstream.url("/delay/2000/bytes/10"), upstream.url("/status/200")],
+            shim=False, timeout=60)
+    assert d.out.decode().startswith("answered") and time.monotonic() - start >= 2.0, d.describe()
+    assert lines[2].startswith("status 200"), r.describe()   # the pool still serves
