@@ -42,9 +42,13 @@ test: deps
 	$(MAKE) all
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
 
-.PHONY: all deps test clean demo install bench
+.PHONY: all deps test clean demo install bench bench-quick
 
 bench: deps
+	$(MAKE) all
+	bench/full
+
+bench-quick: deps
 	bench/quick
 
 DESTDIR ?=
