@@ -13,11 +13,13 @@ Run:  /usr/bin/python3 -m pytest -q -p no:cacheprovider tests
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -343,3 +345,60 @@ def hop_by_hop(name):
     return n in ("connection", "keep-alive", "te", "trailer", "upgrade",
                  "transfer-encoding") or n.startswith("proxy-")
 
+
+class JsonLineProcess(object):
+    """A long-lived child that answers JSON lines on stdout (tests/pyclients/statsapp.py,
+    redisload.py): started in its own session, stopped by its pid."""
+
+    NAME = "client"
+
+    def __init__(self, argv, env, cwd=None):
+        self.argv = [str(a) for a in argv]
+        self.err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.err, env=env, start_new_session=True,
+                                     cwd=str(cwd) if cwd else None)
+        self.pid = self.proc.pid
+        self.fd = self.proc.stdout.fileno()
+        self.buf = b""
+
+    def describe(self):
+        self.err.seek(0)
+        return "cmd=%s pid=%d rc=%s stderr=%r" % (" ".join(self.argv)[:300], self.pid,
+                                                  self.proc.poll(), self.err.read()[-3000:])
+
+    def read(self, timeout=60):
+        deadline = time.time() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.time()
+            if left <= 0:
+                raise AssertionError("%s did not answer within %.0f s (hung?): %s"
+                                     % (self.NAME, timeout, self.describe()))
+            r, _, _ = select.select([self.fd], [], [], min(left, 1.0))
+            if r:
+                data = os.read(self.fd, 65536)
+                if not data:
+                    self.proc.wait(timeout=30)
+                    raise AssertionError("%s exited: %s" % (self.NAME, self.describe()))
+                self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line.decode())
+
+    def send(self, obj):
+        self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)
+        kill_group(self.pid, quiet=True)
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        self.err.close()

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (BUILD, SANITIZER_SKIP, SYS_PY, Upstream, client_env, free_port,
+from conftest import (JsonLineProcess, BUILD, SANITIZER_SKIP, SYS_PY, Upstream, client_env, free_port,
                       kill_group, pyclient, require_build, run, write_rules)
 from resp import Resp
 from test_stats import get_stats, wait_socket
@@ -256,60 +256,12 @@ def wait_gone(srv, k, timeout=KEY_WAIT):
 
 
 # ------------------------------------------------------------------ shimmed clients
-class Proc(object):
+class Proc(JsonLineProcess):
     """A shimmed child speaking JSON lines on stdout; stopped by its pid."""
 
     def __init__(self, cmd, conf):
         need_python_clients()
-        self.argv = [str(c) for c in cmd]
-        self.err = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.err,
-                                     env=client_env(True, conf), start_new_session=True)
-        self.pid = self.proc.pid
-        self.fd = self.proc.stdout.fileno()
-        self.buf = b""
-
-    def describe(self):
-        self.err.seek(0)
-        return "cmd=%s pid=%d rc=%s stderr=%r" % (" ".join(self.argv)[:300], self.pid,
-                                                  self.proc.poll(), self.err.read()[-3000:])
-
-    def read(self, timeout=60):
-        deadline = time.time() + timeout
-        while b"\n" not in self.buf:
-            left = deadline - time.time()
-            if left <= 0:
-                raise AssertionError("no answer within %.0f s (hung?): %s"
-                                     % (timeout, self.describe()))
-            r, _, _ = select.select([self.fd], [], [], min(left, 1.0))
-            if r:
-                data = os.read(self.fd, 65536)
-                if not data:
-                    self.proc.wait(timeout=30)
-                    raise AssertionError("client exited: " + self.describe())
-                self.buf += data
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line.decode())
-
-    def send(self, obj):
-        self.proc.stdin.write((json.dumps(obj) + "\n").encode())
-        self.proc.stdin.flush()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(timeout=30)
-        kill_group(self.pid, quiet=True)
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
-        self.err.close()
+        JsonLineProcess.__init__(self, cmd, client_env(True, conf))
 
 
 class Client(Proc):

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from conftest import (BUILD, LIB, SANITIZER_SKIP, SYS_PY, Upstream, client_env, free_port, jlines,
+from conftest import (BUILD, LIB, SANITIZER_SKIP, SYS_PY, JsonLineProcess, Upstream, client_env, free_port, jlines,
                       kill_group, pyclient, require_build, run, write_rules)
 
 HTTPSHIM = BUILD / "httpshim"
@@ -120,8 +120,10 @@ def cli_env(extra=None):
 
 
 # ------------------------------------------------------------------ the app
-class App(object):
+class App(JsonLineProcess):
     """A running statsapp.py (shimmed). .pid, .sock (its stats socket path)."""
+
+    NAME = "statsapp"
 
     def __init__(self, conf, sockdir, args=(), sub="s", prefix=(), via_cli=False, cwd=None):
         if "python3" in SANITIZER_SKIP:
@@ -133,14 +135,7 @@ class App(object):
         else:
             cmd = list(prefix) + [SYS_PY, STATSAPP] + list(args)
             env = client_env(True, conf)
-        self.argv = cmd
-        self.err = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.err, env=env, start_new_session=True,
-                                     cwd=cwd)
-        self.pid = self.proc.pid
-        self.fd = self.proc.stdout.fileno()
-        self.buf = b""
+        JsonLineProcess.__init__(self, cmd, env, cwd)
         self.sock = "%s/%s/%d.sock" % (sockdir, sub, self.pid)
         try:
             hello = self.read()
@@ -150,33 +145,6 @@ class App(object):
         except BaseException:
             self.stop()
             raise
-
-    def describe(self):
-        self.err.seek(0)
-        return "cmd=%s pid=%d rc=%s stderr=%r" % (" ".join(map(str, self.argv))[:300],
-                                                  self.pid, self.proc.poll(),
-                                                  self.err.read()[-3000:])
-
-    def read(self, timeout=60):
-        deadline = time.time() + timeout
-        while b"\n" not in self.buf:
-            left = deadline - time.time()
-            if left <= 0:
-                raise AssertionError("statsapp did not answer within %ss: %s"
-                                     % (timeout, self.describe()))
-            r, _, _ = select.select([self.fd], [], [], min(left, 1.0))
-            if r:
-                data = os.read(self.fd, 65536)
-                if not data:
-                    self.proc.wait(timeout=30)
-                    raise AssertionError("statsapp exited: " + self.describe())
-                self.buf += data
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line.decode())
-
-    def send(self, cmd):
-        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
-        self.proc.stdin.flush()
 
     def cmd(self, cmd, timeout=60):
         self.send(cmd)
@@ -202,21 +170,6 @@ class App(object):
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError("statsapp did not exit: " + self.describe())
-
-    def stop(self):
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(timeout=30)
-        kill_group(self.pid, quiet=True)
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
-        self.err.close()
 
 
 # ------------------------------------------------------------------ the socket
