@@ -322,6 +322,29 @@ def upstream(upstream_server):
     return upstream_server
 
 
+@pytest.fixture(scope="module")
+def upstream_b_server(tmp_path_factory):
+    """A second upstream (its own process and port)."""
+    u = Upstream(tmp_path_factory.mktemp("upstream-b"))
+    yield u
+    u.stop()
+
+
+@pytest.fixture
+def upstream_b(upstream_b_server):
+    upstream_b_server.reset()
+    return upstream_b_server
+
+
+@pytest.fixture
+def sockdir():
+    """A short private directory under /tmp for stats sockets (Unix socket paths are
+    limited to 107 bytes) and, where a process of another uid must read it, rules files."""
+    d = tempfile.mkdtemp(prefix="hs", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture
 def rules(tmp_path, upstream):
     """A rules file listing the test upstream, pool_max_per_host = 4."""

@@ -26,18 +26,8 @@ TTL_SLEEP = 1.6          # past a 1 s lifetime, with margin for a slow machine
 
 
 # ------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def upstream_b_server(tmp_path_factory):
-    """A second upstream (its own process and port), like conftest's `upstream`."""
-    u = Upstream(tmp_path_factory.mktemp("upstream-b"))
-    yield u
-    u.stop()
 
 
-@pytest.fixture
-def upstream_b(upstream_b_server):
-    upstream_b_server.reset()
-    return upstream_b_server
 
 
 # ------------------------------------------------------------------ rules

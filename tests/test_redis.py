@@ -184,25 +184,10 @@ def redis(redis_servers):
     return redis_servers()
 
 
-@pytest.fixture
-def sockdir():
-    """A short private directory under /tmp for stats sockets (107-byte path limit)."""
-    d = tempfile.mkdtemp(prefix="hsr", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def upstream_b_server(tmp_path_factory):
-    u = Upstream(tmp_path_factory.mktemp("upstream-b"))
-    yield u
-    u.stop()
 
 
-@pytest.fixture
-def upstream_b(upstream_b_server):
-    upstream_b_server.reset()
-    return upstream_b_server
 
 
 @pytest.fixture

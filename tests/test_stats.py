@@ -51,27 +51,10 @@ def cli():
     return str(HTTPSHIM)
 
 
-@pytest.fixture
-def sockdir():
-    """A short private directory under /tmp for the stats sockets (and, where a process
-    of another uid must read it, the rules file)."""
-    d = tempfile.mkdtemp(prefix="hs", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def upstream_b_server(tmp_path_factory):
-    """A second upstream (its own process and port)."""
-    u = Upstream(tmp_path_factory.mktemp("upstream-b"))
-    yield u
-    u.stop()
 
 
-@pytest.fixture
-def upstream_b(upstream_b_server):
-    upstream_b_server.reset()
-    return upstream_b_server
 
 
 @pytest.fixture
