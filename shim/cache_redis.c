@@ -363,7 +363,7 @@ static bool variant_lookup(struct redis_ticket *t, struct cache_entry *marker)
     static struct http_request req;
     static char variant[CACHE_KEY_MAX];
     struct conn *c = t->conn;
-    if (!R.ac || !R.connected || R.inflight + 2 > REDIS_MAX_INFLIGHT
+    if (!R.ac || R.inflight + 2 > REDIS_MAX_INFLIGHT
         || http_parse_request(buf_head(&c->in), buf_len(&c->in), &req) != HTTP_PARSE_DONE)
         return false;
     size_t n = cache_variant_key(t->key, t->key_len, marker->vary, marker->vary_len, &req, variant, sizeof variant);
@@ -432,7 +432,9 @@ static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
 
 bool redis_lookup(struct conn *c, const char *key, size_t key_len)
 {
-    if (!R.cfg || !R.connected || !R.ac || R.inflight + 2 > REDIS_MAX_INFLIGHT)
+    /* while the connection is still being made, hiredis queues the commands: a process's
+     * first lookups (a freshly forked worker's) still reach Redis within redis_timeout */
+    if (!R.cfg || !R.ac || R.inflight + 2 > REDIS_MAX_INFLIGHT)
         return false;
     struct redis_ticket *t = calloc(1, sizeof *t);
     if (!t || !(t->key = malloc(key_len))) {
@@ -480,7 +482,7 @@ void redis_cancel(struct conn *c)
 
 void redis_store(const struct cache_entry *e, int64_t ttl_ms)
 {
-    if (!R.cfg || !R.connected || !R.ac || (int64_t)e->body_len > R.cfg->redis_max_object
+    if (!R.cfg || !R.ac || (int64_t)e->body_len > R.cfg->redis_max_object
         || R.inflight >= REDIS_MAX_INFLIGHT)
         return;
     size_t len;
