@@ -4,6 +4,7 @@
  * connection to tunnel.c. Started on the first diverted connect; after fork the child
  * starts its own. Nothing here blocks. */
 #include "conn.h"
+#include "lazylib.h"
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
@@ -528,6 +529,10 @@ static int start_locked(void)
     E.cfg = shim_config_get();
     if (!E.cfg)
         return -1;
+    if (lazylib_load() != 0) {
+        shim_log("engine not started: connections go direct");
+        return -1;
+    }
     E.epfd = epoll_create1(EPOLL_CLOEXEC);
     E.wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     E.timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);

@@ -759,6 +759,54 @@ def test_no_engine_without_listed_connect(upstream, rules, tmp_path):
         "upstream:\n%s" % json.dumps(extra, indent=1)
 
 
+MAPS_SCRIPT = (
+    "import socket, sys\n"
+    "def libs():\n"
+    "    return sorted({l.split()[-1].rsplit('/', 1)[-1].split('.so')[0]\n"
+    "                   for l in open('/proc/self/maps') if '.so' in l})\n"
+    "s = socket.socket()\n"
+    "try:\n    s.connect(('127.0.0.1', int(sys.argv[1])))\nexcept OSError:\n    pass\n"
+    "print(' '.join(libs()))\n"
+    "import urllib.request\n"   # after the first look: it loads libssl/libcrypto itself
+    "for i in range(3):\n"
+    "    b = urllib.request.urlopen('http://127.0.0.1:%s/bytes/100' % sys.argv[2], timeout=20).read()\n"
+    "    assert len(b) == 100\n"
+    "print(' '.join(libs()))\n")
+HEAVY = ("libcurl", "libhiredis", "libcrypto")
+
+
+def test_inert_process_loads_no_dependency(upstream, rules):
+    """libcurl, hiredis and libcrypto are loaded on the first diverted connect, never
+    before: a process that only talks to unlisted destinations maps none of them."""
+    r = run([SYS_PY, "-c", MAPS_SCRIPT, free_port(), upstream.port], shim=True, conf=rules)
+    assert r.rc == 0, r.describe()
+    before, after = [set(line.split()) for line in r.out.decode().splitlines()]
+    assert not before & set(HEAVY), "loaded while inert: %s" % sorted(before & set(HEAVY))
+    assert {"libcurl", "libhiredis", "libcrypto"} <= after, sorted(after)
+    assert upstream.stats()["connections"] == 1, "the three GETs shared one pooled connection"
+
+
+def test_engine_libraries_missing_goes_direct(upstream, rules, tmp_path):
+    """If libcurl cannot be loaded (here: a library with its soname but none of its
+    functions), the engine does not start and every connection goes direct."""
+    require_build()
+    sonames = sorted(set(re.findall(rb"libcurl\.so\.[0-9.]+", LIB.read_bytes())))
+    assert len(sonames) == 1, sonames
+    fake = tmp_path / "fakelibs"
+    fake.mkdir()
+    src = tmp_path / "empty.c"
+    src.write_text("int httpshim_test_placeholder;\n")
+    build = run(["cc", "-shared", "-fPIC", "-o", fake / sonames[0].decode(), src], shim=False)
+    assert build.rc == 0, build.describe()
+    r = run([SYS_PY, "-c", MAPS_SCRIPT, free_port(), upstream.port], shim=True, conf=rules,
+            env={"LD_LIBRARY_PATH": str(fake)})
+    assert r.rc == 0, r.describe()
+    assert b"has no curl_global_init" in r.err and b"connections go direct" in r.err, r.err
+    assert r.err.count(b"connections go direct") == 1, "one failed start, remembered"
+    st = upstream.stats()
+    assert st["connections"] == 3 and st["requests"] == 3, st
+
+
 def test_getpeername_on_diverted_socket(upstream, rules, tmp_path):
     payload = ("GET /bytes/100 HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
                % host_hdr(upstream)).encode()
