@@ -129,6 +129,9 @@ void conn_close(struct conn *c)
         cache_entry_release(c->redis_hit);
         c->redis_hit = NULL;
     }
+    /* Leave the epoll set explicitly: close() alone does not when a forked child still
+     * holds a copy of the fd, and its events would then name a freed conn. */
+    engine_unwatch(c->fd);
     fdtable_clear(c->fd);
     shim_real.close(c->fd);
     c->fd = -1;

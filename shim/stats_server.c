@@ -78,7 +78,10 @@ static void install_exit_cleanup(void)
     }
 }
 
-/* The socket's directory: created 0700, or reused if it is ours and private. */
+/* The socket's directory: created 0700, or an existing one used as it is, never chmod'ed
+ * (it may be a directory the app or the system depends on; the socket itself is 0600 and
+ * other uids are refused by SO_PEERCRED). Refused: a directory others could replace our
+ * socket in — another user's, or writable by others without the sticky bit (/tmp has it). */
 static int prepare_dir(const char *path)
 {
     char dir[sizeof S.path];
@@ -92,9 +95,12 @@ static int prepare_dir(const char *path)
     struct stat st;
     if (errno != EEXIST || lstat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
         return -1;
-    if (st.st_uid != getuid())
-        return (st.st_mode & S_ISVTX) || st.st_uid == 0 ? 0 : -1;   /* e.g. /tmp itself */
-    return (st.st_mode & 077) ? chmod(dir, 0700) : 0;
+    if (st.st_mode & S_ISVTX)
+        return 0;
+    if ((st.st_uid == getuid() || st.st_uid == 0) && !(st.st_mode & 022))
+        return 0;
+    errno = EPERM;
+    return -1;
 }
 
 int stats_server_start(const struct shim_config *cfg)
@@ -449,6 +455,7 @@ static void client_close(struct stats_client *cl)
     if (*pp)
         *pp = cl->next;
     S.n_clients--;
+    engine_unwatch(cl->fd);    /* close() does not, while a forked child holds a copy */
     fdtable_clear(cl->fd);
     shim_real.close(cl->fd);
     buf_free(&cl->out);

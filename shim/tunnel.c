@@ -53,8 +53,9 @@ void tunnel_free(struct conn *c)
 {
     struct tunnel *t = c->tun;
     c->tun = NULL;
+    engine_unwatch(t->fd);     /* close() does not, while a forked child holds a copy */
     fdtable_clear(t->fd);
-    shim_real.close(t->fd);    /* also leaves the epoll set */
+    shim_real.close(t->fd);
     engine_free_later(&t->tag);
 }
 
