@@ -792,6 +792,33 @@ def test_same_uid_peer_allowed(upstream, sockdir, apps):
     assert get_stats(app.sock)["stats_refused"] == 1
 
 
+SOCKET_PROBE = (
+    "import os, sys, time, urllib.request\n"
+    "urllib.request.urlopen('http://127.0.0.1:%s/bytes/10' % sys.argv[1], timeout=20).read()\n"
+    "path = '%s/%d.sock' % (sys.argv[2], os.getpid())\n"
+    "for _ in range(int(sys.argv[3])):\n"
+    "    if os.path.exists(path):\n        break\n"
+    "    time.sleep(0.05)\n"
+    "print(os.path.exists(path))\n")
+
+
+@pytest.mark.parametrize("mode,used", [(0o755, True), (0o700, True), (0o1777, True),
+                                       (0o777, False), (0o775, False)])
+def test_existing_socket_directory_is_never_chmodded(mode, used, upstream, sockdir):
+    """An existing directory is used as it is or refused, never chmod'ed: with
+    stats_socket = /tmp/%p.sock an earlier version turned /tmp into 0700."""
+    d = os.path.join(sockdir, "existing")
+    os.mkdir(d)
+    os.chmod(d, mode)
+    conf = stats_conf(sockdir, sockdir, [(upstream, [])], sub="existing")
+    r = run([SYS_PY, "-c", SOCKET_PROBE, upstream.port, d, 100 if used else 20], conf=conf)
+    assert r.rc == 0, r.describe()
+    assert stat.S_IMODE(os.stat(d).st_mode) == mode, oct(os.stat(d).st_mode)
+    assert r.out.strip() == (b"True" if used else b"False"), r.describe()
+    if not used:
+        assert b"is not usable" in r.err and b"stats disabled" in r.err, r.err
+
+
 # ------------------------------------------------------------------ 5. socket lifetime
 @pytest.mark.parametrize("how", ["main", "thread"])
 def test_socket_removed_on_exit(how, upstream, sockdir, tmp_path, apps):
