@@ -51,11 +51,22 @@ test: deps
 	$(MAKE) all
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
 
-.PHONY: all deps test clean demo install bench bench-quick
+.PHONY: all deps test clean demo install bench bench-quick bench-bins
 
-bench: deps
+bench: deps bench-bins
 	$(MAKE) all
 	bench/full
+
+# C programs of the benchmark (bench/full builds them too): a userspace delay line (TUN
+# pair) standing in for netem, and the fan-in load client.
+BENCH_BINS = $(BUILD)/delayline $(BUILD)/fanin
+bench-bins: $(BENCH_BINS)
+
+$(BUILD)/delayline: bench/delayline.c | $(BUILD)/obj
+	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -o $@ $<
+
+$(BUILD)/fanin: bench/fanin.c | $(BUILD)/obj
+	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -pthread -o $@ $< -lm
 
 bench-quick: deps
 	bench/quick
@@ -74,7 +85,7 @@ clean:
 # ---- checks ----
 lint:
 	cppcheck --quiet --enable=warning,style,performance,portability --std=c11 -D_GNU_SOURCE \
-	  --error-exitcode=1 --inline-suppr --suppress=missingIncludeSystem shim/ tools/ tests/clients/
+	  --error-exitcode=1 --inline-suppr --suppress=missingIncludeSystem shim/ tools/ tests/clients/ bench/
 
 # The same suite with the library (and the C client) built with ASan + UBSan. The ASan
 # runtime must be the first preloaded object, so tests put it ahead of the library.

@@ -63,17 +63,18 @@ struct conn {
 };
 
 static struct {
-    const char *host, *path, *method, *body, *out;
+    const char *host, *path, *method, *body, *out, *samples;
     int port, conc, timeout_ms;
     long count, warmup;
     enum mode mode;
-    bool http10, reg_before, print_status, latency, keep_going, head_req;
+    bool http10, reg_before, print_status, latency, keep_going, head_req, unique;
 } opt = { .host = "127.0.0.1", .path = "/", .method = "GET", .conc = 1,
           .timeout_ms = 10000, .count = 1 };
 
 static struct addrinfo *ai;
 static const char **hdrs;        /* --header values */
 static struct buf req;           /* one request, sent as is (N times pipelined) */
+static size_t req_split;         /* --unique: where the request target ends in req */
 static struct conn *conns;
 static int ep = -1;
 static FILE *outf;
@@ -129,6 +130,25 @@ static void buf_printf(struct buf *b, const char *fmt, ...)
     vsnprintf(b->p + b->len, (size_t)n + 1, fmt, ap);
     va_end(ap);
     b->len += (size_t)n;
+}
+
+/* Append request number idx (0-based) to b: req as is, or with --unique the target
+   followed by "?u=idx" ("&u=idx" when it already has a query). */
+static void add_req(struct buf *b, long idx)
+{
+    bool ok;
+    if (!opt.unique) {
+        ok = buf_add(b, req.p, req.len);
+    } else {
+        char q[32];
+        int n = snprintf(q, sizeof q, "%cu=%ld", strchr(opt.path, '?') ? '&' : '?', idx);
+        ok = buf_add(b, req.p, req_split) && buf_add(b, q, (size_t)n) &&
+             buf_add(b, req.p + req_split, req.len - req_split);
+    }
+    if (!ok) {
+        fputs("epollclient: out of memory\n", stderr);
+        exit(1);
+    }
 }
 
 /* ---- connection slots ------------------------------------------------- */
@@ -200,10 +220,7 @@ static void next_work(struct conn *c, bool keep_conn)
     if (opt.mode == M_KEEPALIVE) {
         c->t_req = now();
         c->w.len = c->woff = 0;
-        if (!buf_add(&c->w, req.p, req.len)) {
-            fputs("epollclient: out of memory\n", stderr);
-            exit(1);
-        }
+        add_req(&c->w, c->cur);
         pump_write(c);
     }
 }
@@ -268,10 +285,7 @@ static void start_conn(struct conn *c)
     resp_reset(c);
     long n = opt.mode == M_PIPELINE ? c->last - c->cur : 1;
     for (long i = 0; i < n; i++)
-        if (!buf_add(&c->w, req.p, req.len)) {
-            fputs("epollclient: out of memory\n", stderr);
-            exit(1);
-        }
+        add_req(&c->w, c->cur + i);
     c->fd = socket(ai->ai_family, SOCK_STREAM, 0);
     if (c->fd < 0) {
         fail(c, "socket: %s", strerror(errno));
@@ -651,7 +665,7 @@ static void usage(FILE *f)
 "         [--conn-per-request | --keepalive | --pipeline] [--http10]\n"
 "         [--register before|after] [--concurrency C] [--timeout MS]\n"
 "         [--out FILE|-] [--print-status] [--latency] [--warmup K]\n"
-"         [--keep-going]\n"
+"         [--keep-going] [--unique] [--samples FILE]\n"
 "  --host ADDR        numeric IPv4/IPv6 address (default 127.0.0.1)\n"
 "  --count N          number of requests (default 1)\n"
 "  --conn-per-request new connection + 'Connection: close' per request (default)\n"
@@ -666,6 +680,10 @@ static void usage(FILE *f)
 "  --latency          print 'requests= ok= p50_us= p90_us= p99_us= max_us= mean_us='\n"
 "  --warmup K         leave the first K requests out of the latency stats\n"
 "  --keep-going       continue after failed requests (exit 1 if any failed)\n"
+"  --unique           a distinct URL per request: '?u=INDEX' ('&u=' if the path\n"
+"                     has a query) appended to the path of request INDEX (0-based)\n"
+"  --samples FILE     write every latency measured (µs, one per line, in completion\n"
+"                     order, warmup excluded) to FILE\n"
 "exit: 0 all requests got a complete final response, 1 otherwise, 2 usage\n", f);
 }
 
@@ -705,6 +723,7 @@ int main(int argc, char **argv)
         {"register", 1, 0, 'r'}, {"out", 1, 0, 'o'}, {"print-status", 0, 0, 's'},
         {"latency", 0, 0, 'L'}, {"warmup", 1, 0, 'w'}, {"keep-going", 0, 0, 'g'},
         {"concurrency", 1, 0, 'c'}, {"timeout", 1, 0, 't'}, {"help", 0, 0, 'x'},
+        {"unique", 0, 0, 'u'}, {"samples", 1, 0, 'S'},
         {0, 0, 0, 0}};
     hdrs = calloc((size_t)argc, sizeof *hdrs);
     int nh = 0, ch;
@@ -741,6 +760,8 @@ int main(int argc, char **argv)
         case 'g': opt.keep_going = true; break;
         case 'c': opt.conc = (int)num_arg("concurrency", optarg, 1, 100000); break;
         case 't': opt.timeout_ms = (int)num_arg("timeout", optarg, 1, 86400000); break;
+        case 'u': opt.unique = true; break;
+        case 'S': opt.samples = optarg; break;
         default:
             usage(ch == 'x' ? stdout : stderr);
             return ch == 'x' ? 0 : 2;
@@ -766,9 +787,11 @@ int main(int argc, char **argv)
         return 2;
     }
 
-    /* the request, identical for every repetition */
+    /* the request, identical for every repetition (--unique: but for the query) */
     bool v6 = strchr(opt.host, ':') != NULL;
-    buf_printf(&req, "%s %s HTTP/1.%d\r\n", opt.method, opt.path, opt.http10 ? 0 : 1);
+    buf_printf(&req, "%s %s", opt.method, opt.path);
+    req_split = req.len;
+    buf_printf(&req, " HTTP/1.%d\r\n", opt.http10 ? 0 : 1);
     if (!user_host)
         buf_printf(&req, "Host: %s%s%s:%d\r\n", v6 ? "[" : "", opt.host, v6 ? "]" : "",
                    opt.port);
@@ -844,6 +867,20 @@ int main(int argc, char **argv)
         fprintf(stderr, "epollclient: writing %s failed\n", opt.out);
         rc = 1;
     }
+    if (opt.samples) {
+        FILE *sf = fopen(opt.samples, "w");
+        bool bad = !sf;
+        if (sf) {
+            for (long i = 0; i < n_lat; i++)
+                fprintf(sf, "%.0f\n", lat[i]);
+            bad = ferror(sf) != 0;
+            bad |= fclose(sf) != 0;
+        }
+        if (bad) {
+            fprintf(stderr, "epollclient: writing %s failed\n", opt.samples);
+            rc = 1;
+        }
+    }
     if (opt.latency) {
         double sum = 0;
         qsort(lat, (size_t)n_lat, sizeof *lat, cmp_double);
@@ -855,6 +892,7 @@ int main(int argc, char **argv)
         printf(" p50_us=%.0f p90_us=%.0f p99_us=%.0f max_us=%.0f mean_us=%.0f\n",
                pct(50), pct(90), pct(99), n_lat ? lat[n_lat - 1] : 0,
                n_lat ? sum / (double)n_lat : 0);
+        fflush(stdout);              /* the figures are final: out before exit handlers run */
     }
     for (int i = 0; i < opt.conc; i++) {
         conn_close(&conns[i]);
