@@ -7,10 +7,11 @@
 #include <errno.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
-#include <openssl/sha.h>
+#include "sha256.h"
 #include <stdlib.h>
 #include <string.h>
 #include <netinet/tcp.h>
+#include <time.h>
 #include <sys/timerfd.h>
 #include <unistd.h>
 
@@ -63,8 +64,8 @@ static unsigned char *encode_entry(const struct cache_entry *e, size_t *len)
     memcpy(p, e->reason, e->reason_len);
     memcpy(p + e->reason_len, headers, headers_len);
     memcpy(p + e->reason_len + headers_len, e->body, e->body_len);
-    unsigned char digest[SHA256_DIGEST_LENGTH];
-    SHA256(v + ENTRY_HEAD, n - ENTRY_HEAD, digest);
+    unsigned char digest[SHA256_BYTES];
+    sha256(v + ENTRY_HEAD, n - ENTRY_HEAD, digest);
     memcpy(v + 34, digest, 8);
     *len = n;
     return v;
@@ -83,8 +84,8 @@ static struct cache_entry *decode_entry(const char *key, size_t key_len, const u
     if (ENTRY_HEAD + reason_len + headers_len + body_len != n || v[5] > 1
         || (marker ? (status != 0 || !headers_len || body_len) : (status < 100 || status > 599)))
         return NULL;
-    unsigned char digest[SHA256_DIGEST_LENGTH];
-    SHA256(v + ENTRY_HEAD, n - ENTRY_HEAD, digest);
+    unsigned char digest[SHA256_BYTES];
+    sha256(v + ENTRY_HEAD, n - ENTRY_HEAD, digest);
     if (memcmp(digest, v + 34, 8))
         return NULL;
     const char *p = (const char *)v + ENTRY_HEAD;
@@ -129,6 +130,34 @@ static struct {
 struct redis_counters shim_redis;
 
 static int64_t mono_ms(void) { return stats_now_us() / 1000; }
+
+/* Writes this process still owes Redis: storable transfers not yet finished plus SETs not
+ * yet answered. Read by the exit handler on an app thread, hence atomic. */
+static atomic_int writes_owed;
+
+void redis_write_owed(int delta)
+{
+    if (R.cfg)
+        atomic_fetch_add(&writes_owed, delta);
+}
+
+/*
+ * Registered once, at the first redis_init. A short-lived process (curl, a cron job)
+ * often exits right after reading its response, before the engine has written the
+ * entry to Redis — and sharing it with the next process is the point of the tier. So
+ * exit() waits, at most redis_timeout, until this process owes Redis no write. It
+ * returns at once when nothing is owed or Redis is not connected (e.g. in a forked
+ * child whose engine has not started).
+ */
+static void flush_at_exit(void)
+{
+    if (!atomic_load(&shim_redis.connected) || atomic_load(&writes_owed) <= 0)
+        return;
+    int64_t deadline = mono_ms() + shim_config_get()->redis_timeout_ms;
+    struct timespec pause = { 0, 200 * 1000 };
+    while (atomic_load(&writes_owed) > 0 && atomic_load(&shim_redis.connected) && mono_ms() < deadline)
+        nanosleep(&pause, NULL);
+}
 
 static void watch(void)
 {
@@ -269,6 +298,9 @@ int redis_init(const struct shim_config *cfg)
     fdtable_mark_engine(R.timerfd);
     if (engine_watch(R.timerfd, EPOLLIN, &R.timer_tag, true) != 0)
         return -1;
+    static bool exit_flush_registered;    /* once per process image: forks inherit it */
+    if (!exit_flush_registered)
+        exit_flush_registered = atexit(flush_at_exit) == 0;
     connect_now();
     arm_timer();
     return 0;
@@ -279,6 +311,7 @@ void redis_forget(void)
     /* forked child: the fds went with the other engine fds; the context stays allocated */
     memset(&R, 0, sizeof R);
     R.fd = R.timerfd = -1;
+    atomic_store(&writes_owed, 0);
     atomic_store(&shim_redis.connected, 0);
 }
 
@@ -318,19 +351,37 @@ static void free_ticket(struct redis_ticket *t)
     free(t);
 }
 
-static void progress(void)
+/* A reply arrived. Replies of a context we already dropped (hiredis hands them NULL
+ * while freeing it) say nothing about the current connection. */
+static void progress(const redisAsyncContext *ac)
 {
+    if (ac != R.ac)
+        return;
     if (R.inflight)
         R.inflight--;
     R.last_progress_ms = mono_ms();
 }
 
+/* The reply to a SET or DEL: its bytes and its slot are free again. */
+static void on_written(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    size_t len = (size_t)(uintptr_t)privdata;       /* 0 for a DEL */
+    const redisReply *r = reply;
+    if (r && r->type == REDIS_REPLY_ERROR)
+        atomic_fetch_add(&shim_redis.errors, 1);
+    if (len)
+        atomic_fetch_sub(&writes_owed, 1);           /* answered or abandoned: no longer owed */
+    if (ac != R.ac)
+        return;
+    progress(ac);
+    R.pending_bytes = R.pending_bytes > len ? R.pending_bytes - len : 0;
+}
+
 static void on_get(redisAsyncContext *ac, void *reply, void *privdata)
 {
-    (void)ac;
     struct redis_ticket *t = privdata;
     redisReply *r = reply;
-    progress();
+    progress(ac);
     if (t->get_only) {
         free_ticket(t);
         return;
@@ -397,7 +448,7 @@ static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
 {
     struct redis_ticket *t = privdata;
     redisReply *r = reply;
-    progress();
+    progress(ac);
     struct cache_entry *e = NULL;
     if (!r || r->type != REDIS_REPLY_INTEGER || t->failed) {
         if (r && r->type == REDIS_REPLY_ERROR)
@@ -407,8 +458,9 @@ static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
         if (!e) {
             atomic_fetch_add(&shim_redis.corrupt, 1);
             if (ac && R.connected && R.inflight < REDIS_MAX_INFLIGHT) {
-                R.inflight++;
-                redisAsyncCommand(ac, NULL, NULL, "DEL %s%b", R.cfg->redis_prefix, t->key, t->key_len);
+                if (redisAsyncCommand(ac, on_written, NULL, "DEL %s%b", R.cfg->redis_prefix, t->key, t->key_len)
+                    == REDIS_OK)
+                    R.inflight++;
             }
         }
     }
@@ -492,9 +544,11 @@ void redis_store(const struct cache_entry *e, int64_t ttl_ms)
     if (R.pending_bytes + len <= REDIS_MAX_PENDING_BYTES) {
         if (!R.inflight)
             R.last_progress_ms = mono_ms();
-        if (redisAsyncCommand(R.ac, NULL, NULL, "SET %s%b %b PX %lld", R.cfg->redis_prefix, e->key, e->key_len, v,
-                              len, (long long)ttl_ms) == REDIS_OK) {
+        if (redisAsyncCommand(R.ac, on_written, (void *)(uintptr_t)len, "SET %s%b %b PX %lld", R.cfg->redis_prefix,
+                              e->key, e->key_len, v, len, (long long)ttl_ms) == REDIS_OK) {
             R.inflight++;
+            R.pending_bytes += len;
+            atomic_fetch_add(&writes_owed, 1);
             atomic_fetch_add(&shim_redis.sets, 1);
             atomic_fetch_add(&shim_redis.bytes_written, len);
         }

@@ -122,6 +122,8 @@ void redis_forget(void);
 bool redis_lookup(struct conn *c, const char *key, size_t key_len);   /* false: go upstream */
 void redis_cancel(struct conn *c);
 void redis_store(const struct cache_entry *e, int64_t ttl_ms);
+/* A transfer that may end in redis_store() began (+1) or ended (-1); see flush_at_exit. */
+void redis_write_owed(int delta);
 void redis_on_event(const void *tag, uint32_t events);
 /* engine.c: the lookup ended (e: a reference to the entry found, or NULL) */
 void redis_lookup_done(struct conn *c, struct cache_entry *e);

@@ -28,6 +28,7 @@ struct transfer {
     enum body_mode mode;
     /* storing the response, while `store` holds */
     bool store;
+    bool owes_redis;                    /* counted in redis_write_owed() until freed */
     const struct cache_rule *rule;
     char *key;
     size_t key_len;
@@ -513,6 +514,8 @@ static void transfer_free(struct transfer *t)
     buf_free(&t->stored_head);
     buf_free(&t->body);
     buf_free(&t->vary);
+    if (t->owes_redis)
+        redis_write_owed(-1);
     free(t->key);
     free(t);
 }
@@ -534,6 +537,8 @@ int upstream_start(struct conn *c, const struct http_request *req, const char *b
         t->key_len = key_len;
         t->rule = store_rule;
         t->store = true;
+        t->owes_redis = true;
+        redis_write_owed(1);
     }
     t->easy = curl_easy_init();
     STAT_INC(c->upstream, in_flight);

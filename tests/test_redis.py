@@ -17,6 +17,7 @@ values start with b"HSC1" + version byte 1; `SET key value PX ttl_ms`.
 """
 
 import json
+import hashlib
 import os
 import re
 import select
@@ -33,6 +34,7 @@ import pytest
 from conftest import (JsonLineProcess, BUILD, SANITIZER_SKIP, SYS_PY, Upstream, client_env, free_port,
                       kill_group, pyclient, require_build, run, write_rules)
 from resp import Resp
+from upstream import pattern
 from test_stats import get_stats, wait_socket
 
 HTTPSHIM = BUILD / "httpshim"
@@ -465,6 +467,68 @@ def test_prefork_workers_share_entries(upstream, redis, sockdir, tmp_path):
         "workers 2-4 must be served from Redis (one upstream request in all): " + \
         log_desc(upstream)
     assert upstream_hits(upstream, warm) == 1, log_desc(upstream)
+
+
+def test_thousands_of_writes_keep_flowing(upstream, redis, sockdir, tmp_path):
+    """Every SET's reply frees its in-flight slot: 3 000 distinct misses in one process
+    all reach Redis (the slots of unanswered-for writes once ran out at 1 024, after
+    which lookups and writes were skipped until the stall detector dropped the link)."""
+    require_build(BUILD / "epollclient")
+    n = 3000
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [(upstream, ["GET /bytes/* ttl=10m"])])
+    def connections_received():
+        info = redis.cmd("INFO", "stats").decode()
+        return int(re.search(r"^total_connections_received:(\d+)", info, re.M).group(1))
+    before = connections_received()
+    r = run([BUILD / "epollclient", "--port", upstream.port, "--path", "/bytes/100", "--unique",
+             "--keepalive", "--count", n], conf=conf, timeout=180)
+    assert r.rc == 0, r.describe()
+    assert connections_received() - before == 2, \
+        "the shim must have used one Redis connection (never dropped as stalled)"
+    assert upstream.stats()["requests"] == n
+    deadline = time.time() + KEY_WAIT
+    while int(redis.cmd("DBSIZE")) < n and time.time() < deadline:
+        time.sleep(0.05)
+    assert int(redis.cmd("DBSIZE")) == n, "keys in Redis: %s of %d" % (redis.cmd("DBSIZE"), n)
+
+
+def test_short_lived_processes_share_through_redis(upstream, redis, sockdir, tmp_path):
+    """curl exits as soon as it has its body; the write to Redis must not be lost with it
+    (exit waits, at most redis_timeout, for what the process owes Redis). A second round
+    of curls is then served from Redis: no upstream request."""
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [(upstream, ["GET /bytes/* ttl=10m"])])
+    sizes = [100, 1200, 65536, 300000, 700000]
+    for rnd in (1, 2):
+        for n in sizes:
+            r = run(["curl", "-s", "-S", "--max-time", "20", "-o", "-",
+                     "http://127.0.0.1:%d/bytes/%d" % (upstream.port, n)], conf=conf)
+            assert r.rc == 0 and r.out == pattern(n), r.describe()
+        if rnd == 1:
+            assert upstream.stats()["requests"] == len(sizes)
+            assert int(redis.cmd("DBSIZE")) == len(sizes), \
+                "every short-lived process's entry must be in Redis when it has exited"
+    assert upstream.stats()["requests"] == len(sizes), "round 2 must come from Redis"
+
+
+def test_checksums_are_sha256_of_the_payload(upstream, redis, sockdir, tmp_path):
+    """The checksum field is the first 8 bytes of SHA-256 (the shim's own implementation)
+    of everything after it, for payload lengths across every padding case of a block."""
+    require_build(BUILD / "epollclient")
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [(upstream, ["GET /bytes/* ttl=10m"])])
+    sizes = list(range(0, 140)) + [1000, 4096, 65536, 300000]
+    for n in sizes:
+        r = run([BUILD / "epollclient", "--port", upstream.port, "--path", "/bytes/%d" % n],
+                conf=conf)
+        assert r.rc == 0, r.describe()
+    keys = wait_keys(redis, key(upstream, "/bytes/") + "*", n=len(sizes))
+    checked = set()
+    for k in keys:
+        v = redis.cmd("GET", k)
+        assert v.startswith(MAGIC) and len(v) > 42, v[:60]
+        assert hashlib.sha256(v[42:]).digest()[:8] == v[34:42], \
+            "checksum of %r (%d payload bytes)" % (k, len(v) - 42)
+        checked.add(len(v) - 42)
+    assert len(checked) == len(sizes), sorted(checked)
 
 
 # ================================================================== 5. corrupt values
