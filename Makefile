@@ -5,12 +5,11 @@ BUILD   ?= build
 CFLAGS_BASE = -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g -fPIC -fvisibility=hidden -pthread
 CFLAGS  ?=
 SAN     ?=
-# libcurl, hiredis and libcrypto are dlopen'ed when the engine starts (shim/lazylib.c), by
+# libcurl and hiredis are dlopen'ed when the engine starts (shim/lazylib.c), by
 # the sonames of the libraries these headers belong to: an inert process loads none of them.
 LIBS    = -ldl -pthread
 soname  = $(shell objdump -p "$$($(CC) -print-file-name=lib$(1).so)" 2>/dev/null | awk '/SONAME/ {print $$2}')
-LAZYLIB_SONAMES = -DLAZYLIB_CURL='"$(call soname,curl)"' -DLAZYLIB_HIREDIS='"$(call soname,hiredis)"' \
-                  -DLAZYLIB_CRYPTO='"$(call soname,crypto)"'
+LAZYLIB_SONAMES = -DLAZYLIB_CURL='"$(call soname,curl)"' -DLAZYLIB_HIREDIS='"$(call soname,hiredis)"'
 
 SHIM_SRC = $(wildcard shim/*.c)
 SHIM_HDR = $(wildcard shim/*.h)
@@ -22,7 +21,7 @@ $(BUILD)/obj/%.o: shim/%.c $(SHIM_HDR) | $(BUILD)/obj
 	$(CC) $(CFLAGS_BASE) $(SAN) $(CFLAGS) -c $< -o $@
 
 $(BUILD)/obj/lazylib.o: shim/lazylib.c $(SHIM_HDR) | $(BUILD)/obj
-	@case '$(LAZYLIB_SONAMES)' in *'""'*) echo "cannot read the sonames of libcurl/hiredis/libcrypto (objdump, -dev packages)"; exit 1;; esac
+	@case '$(LAZYLIB_SONAMES)' in *'""'*) echo "cannot read the sonames of libcurl/hiredis (objdump, -dev packages)"; exit 1;; esac
 	$(CC) $(CFLAGS_BASE) $(SAN) $(CFLAGS) $(LAZYLIB_SONAMES) -c $< -o $@
 
 $(BUILD)/libhttpshim.so: $(SHIM_OBJ)

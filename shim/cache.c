@@ -6,7 +6,7 @@
 #include "cache.h"
 #include <curl/curl.h>
 #include <fnmatch.h>
-#include <openssl/sha.h>
+#include "sha256.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -152,10 +152,10 @@ size_t cache_key(const struct upstream_rule *u, const struct cache_rule *r, cons
     }
     const struct http_header *auth = find_header(req, "authorization", 13, 0);
     if (auth) {
-        unsigned char digest[SHA256_DIGEST_LENGTH];
-        SHA256((const unsigned char *)auth->value.p, auth->value.n, digest);
-        char hex[2 * SHA256_DIGEST_LENGTH + 1];
-        for (size_t i = 0; i < SHA256_DIGEST_LENGTH; i++)
+        unsigned char digest[SHA256_BYTES];
+        sha256(auth->value.p, auth->value.n, digest);
+        char hex[2 * SHA256_BYTES + 1];
+        for (size_t i = 0; i < SHA256_BYTES; i++)
             snprintf(hex + 2 * i, 3, "%02x", digest[i]);
         puts_(&k, "\nauthorization-sha256: ");
         puts_(&k, hex);

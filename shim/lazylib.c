@@ -1,6 +1,6 @@
 /*
- * lazylib.c - owns the shim's heavy dependencies: libcurl, hiredis and libcrypto are
- * not linked (no DT_NEEDED), they are dlopen'ed when the engine first starts.
+ * lazylib.c - owns the shim's heavy dependencies: libcurl and hiredis are not linked
+ * (no DT_NEEDED), they are dlopen'ed when the engine first starts.
  *
  * Why: the library is preloaded into every exec of the host, most of which never
  * connect to a listed upstream. Linking libcurl pulled ~35 libraries into each of them
@@ -19,7 +19,6 @@
 #include <dlfcn.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
-#include <openssl/sha.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -33,12 +32,9 @@
 #ifndef LAZYLIB_HIREDIS
 #define LAZYLIB_HIREDIS "libhiredis.so.0.14"
 #endif
-#ifndef LAZYLIB_CRYPTO
-#define LAZYLIB_CRYPTO "libcrypto.so.3"
-#endif
 
-enum lib { LIB_CURL, LIB_HIREDIS, LIB_CRYPTO, LIB_COUNT };
-static const char *const lib_names[LIB_COUNT] = { LAZYLIB_CURL, LAZYLIB_HIREDIS, LAZYLIB_CRYPTO };
+enum lib { LIB_CURL, LIB_HIREDIS, LIB_COUNT };
+static const char *const lib_names[LIB_COUNT] = { LAZYLIB_CURL, LAZYLIB_HIREDIS };
 
 /* X(library, return type, name, parameter list, argument list) */
 #define RETURNING(X)                                                                          \
@@ -61,9 +57,7 @@ static const char *const lib_names[LIB_COUNT] = { LAZYLIB_CURL, LAZYLIB_HIREDIS,
     X(LIB_HIREDIS, int, redisAsyncSetConnectCallback,                                        \
       (redisAsyncContext *ac, redisConnectCallback *fn), (ac, fn))                           \
     X(LIB_HIREDIS, int, redisAsyncSetDisconnectCallback,                                     \
-      (redisAsyncContext *ac, redisDisconnectCallback *fn), (ac, fn))                        \
-    X(LIB_CRYPTO, unsigned char *, SHA256, (const unsigned char *d, size_t n, unsigned char *md), \
-      (d, n, md))
+      (redisAsyncContext *ac, redisDisconnectCallback *fn), (ac, fn))
 
 #define VOID_RETURNING(X)                                                                     \
     X(LIB_CURL, void, curl_easy_cleanup, (CURL *h), (h))                                     \

@@ -1,4 +1,4 @@
-/* lazylib.h - loads libcurl, hiredis and libcrypto on first use (see lazylib.c). */
+/* lazylib.h - loads libcurl and hiredis on first use (see lazylib.c). */
 #ifndef HTTPSHIM_LAZYLIB_H
 #define HTTPSHIM_LAZYLIB_H
 
