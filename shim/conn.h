@@ -19,7 +19,10 @@ struct ev_tag { int kind; struct ev_tag *next_dead; };
 #define OUT_SOFT        (64 * 1024)
 #define RESP_HEAD_MAX   (64 * 1024)
 #define OUT_CAP         (OUT_SOFT + RESP_HEAD_MAX + 1024)
-#define BUF_INITIAL     (16 * 1024)
+/* Small on purpose: most exchanges are a few hundred bytes each way, and per-connection
+ * buffers of 16 KiB made the engine's malloc arena grow and trim (madvise + TLB
+ * shootdowns) on every burst of connections. Bigger ones grow by doubling. */
+#define BUF_INITIAL     1024
 
 /* A bounded byte queue: bytes live in data[start, end); it grows up to cap, then
  * callers must stop producing (backpressure). */

@@ -32,6 +32,7 @@ static struct {
 static struct conn *orphaned_conns;
 
 static struct http_request scratch_req;   /* engine thread only */
+static char recv_scratch[16384];          /* engine thread only: c->in grows by what arrived */
 
 size_t buf_make_room(struct buf *b, size_t want)
 {
@@ -422,12 +423,17 @@ static void on_app_event(struct conn *c, uint32_t ev)
     }
     if (ev & (EPOLLIN | EPOLLHUP)) {
         for (int rounds = 0; rounds < 8 && !c->app_eof; rounds++) {
-            size_t room = buf_make_room(&c->in, IN_CAP - buf_len(&c->in) < 16384 ? IN_CAP - buf_len(&c->in) : 16384);
+            size_t room = IN_CAP - buf_len(&c->in);
+            if (room > sizeof recv_scratch)
+                room = sizeof recv_scratch;
             if (room == 0)
                 break;
-            ssize_t n = recv(c->fd, c->in.data + c->in.end, room, MSG_DONTWAIT);
+            ssize_t n = recv(c->fd, recv_scratch, room, MSG_DONTWAIT);
             if (n > 0) {
-                c->in.end += (size_t)n;
+                if (buf_append(&c->in, recv_scratch, (size_t)n) != 0) {
+                    c->app_gone = c->app_eof = true;     /* out of memory: give up on this one */
+                    break;
+                }
                 continue;
             }
             if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
@@ -606,8 +612,6 @@ int engine_adopt(int engine_fd, int upstream, const union shim_sockaddr *dest, s
     c->in.cap = IN_CAP;
     c->out.cap = OUT_CAP;
     c->events = EPOLLIN;
-    int fl = shim_real.fcntl(engine_fd, F_GETFL);
-    shim_real.fcntl(engine_fd, F_SETFL, fl | O_NONBLOCK);
     pthread_mutex_lock(&E.lock);
     c->next = E.conns;
     if (E.conns)
