@@ -169,14 +169,13 @@ __attribute__((constructor)) static void shim_constructor(void)
 
 /* ---- connect and its helpers ---- */
 
-/* A TCP socket the app created and has neither bound nor connected. */
-static bool is_fresh_tcp(int fd, int family, bool *nonblock)
+/* A TCP socket the app created and has neither bound nor connected; *file_flags gets
+ * its F_GETFL flags. (IPPROTO_TCP implies SOCK_STREAM: no SO_TYPE call.) Every syscall
+ * here is paid by each connect the rules match, on the app's thread. */
+static bool is_fresh_tcp(int fd, int family, int *file_flags)
 {
     int v;
     socklen_t len = sizeof v;
-    if (real_getsockopt(fd, SOL_SOCKET, SO_TYPE, &v, &len) || v != SOCK_STREAM)
-        return false;
-    len = sizeof v;
     if (real_getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &len) || v != family)
         return false;
     len = sizeof v;
@@ -188,17 +187,16 @@ static bool is_fresh_tcp(int fd, int family, bool *nonblock)
         return false;
     if ((family == AF_INET && local.in.sin_port) || (family == AF_INET6 && local.in6.sin6_port))
         return false;
-    int fl = real_fcntl(shim_real.fcntl, fd, F_GETFL, NULL);
-    *nonblock = fl >= 0 && (fl & O_NONBLOCK);
-    return true;
+    *file_flags = real_fcntl(shim_real.fcntl, fd, F_GETFL, NULL);
+    return *file_flags >= 0;
 }
 
-/* What the app set on its TCP socket that a Unix socket also honours. */
-static void carry_over(int from, int to)
+/* What the app set on its TCP socket (file flags `fl`) that a Unix socket also honours.
+ * `to` was made non-blocking: its flags are always set. Options still at their default
+ * (zero) are not copied. */
+static void carry_over(int from, int to, int fl)
 {
-    int fl = real_fcntl(shim_real.fcntl, from, F_GETFL, NULL);
-    if (fl >= 0)
-        real_fcntl(shim_real.fcntl, to, F_SETFL, (void *)(long)(fl & (O_NONBLOCK | O_ASYNC | O_APPEND | O_NOATIME)));
+    real_fcntl(shim_real.fcntl, to, F_SETFL, (void *)(long)(fl & (O_NONBLOCK | O_ASYNC | O_APPEND | O_NOATIME)));
     struct f_owner_ex owner;
     if (real_fcntl(shim_real.fcntl, from, F_GETOWN_EX, &owner) == 0 && owner.pid)
         real_fcntl(shim_real.fcntl, to, F_SETOWN_EX, &owner);
@@ -211,27 +209,33 @@ static void carry_over(int from, int to)
         socklen_t len = sizeof val;
         if (opts[i] == SO_SNDBUF || opts[i] == SO_RCVBUF)
             continue;                  /* the kernel doubles these: copying would inflate them */
-        if (real_getsockopt(from, SOL_SOCKET, opts[i], val, &len) == 0)
+        if (real_getsockopt(from, SOL_SOCKET, opts[i], val, &len) != 0)
+            continue;
+        bool is_default = true;
+        for (socklen_t k = 0; k < len; k++)
+            is_default = is_default && val[k] == 0;
+        if (!is_default)
             real_setsockopt(to, SOL_SOCKET, opts[i], val, len);
     }
 }
 
 /* Swaps the app's socket for our socketpair end under the same fd number. 0 when the
  * fd is now diverted; -1 when nothing changed and the caller should connect for real. */
-static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t len)
+static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t len, int file_flags)
 {
     struct fd_entry *e = fdtable_slot(fd);
     if (!e || len > sizeof(union shim_sockaddr) || engine_ensure_started() != 0)
         return -1;
     int sv[2];
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
+    /* both ends non-blocking: the engine's end stays so, the app's gets the app's flags */
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0)
         return -1;
     if (sv[0] >= FDTABLE_MAX || sv[1] >= FDTABLE_MAX) {
         shim_real.close(sv[0]);
         shim_real.close(sv[1]);
         return -1;
     }
-    carry_over(fd, sv[0]);
+    carry_over(fd, sv[0], file_flags);
     int fdflags = real_fcntl(shim_real.fcntl, fd, F_GETFD, NULL);
     union shim_sockaddr dest;
     memset(&dest, 0, sizeof dest);
@@ -291,9 +295,11 @@ static int try_divert(int fd, const struct sockaddr *addr, socklen_t len, bool *
     if (addr->sa_family != AF_INET && addr->sa_family != AF_INET6)
         return 0;
     int up = rules_match_addr(cfg, addr, len);
-    if (up < 0 || !is_fresh_tcp(fd, addr->sa_family, nonblock))
+    int file_flags;
+    if (up < 0 || !is_fresh_tcp(fd, addr->sa_family, &file_flags))
         return 0;
-    return divert(fd, up, addr, len) == 0 ? 1 : 0;
+    *nonblock = (file_flags & O_NONBLOCK) != 0;
+    return divert(fd, up, addr, len, file_flags) == 0 ? 1 : 0;
 }
 
 SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)

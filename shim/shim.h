@@ -91,7 +91,7 @@ int fdtable_engine_fd_limit(void);   /* no engine fd at or above this */   /* fo
 struct conn;
 /* Starts the engine thread if needed (once per process, again after fork). */
 int engine_ensure_started(void);
-/* Hands the engine its end of a new diverted connection. */
+/* Hands the engine its end (already non-blocking) of a new diverted connection. */
 int engine_adopt(int engine_fd, int upstream, const union shim_sockaddr *dest, socklen_t dest_len);
 void engine_atfork_prepare(void);
 void engine_atfork_parent(void);
