@@ -371,10 +371,9 @@ static void on_written(redisAsyncContext *ac, void *reply, void *privdata)
         atomic_fetch_add(&shim_redis.errors, 1);
     if (len)
         atomic_fetch_sub(&writes_owed, 1);           /* answered or abandoned: no longer owed */
-    if (ac != R.ac)
-        return;
     progress(ac);
-    R.pending_bytes = R.pending_bytes > len ? R.pending_bytes - len : 0;
+    if (ac == R.ac)
+        R.pending_bytes = R.pending_bytes > len ? R.pending_bytes - len : 0;
 }
 
 static void on_get(redisAsyncContext *ac, void *reply, void *privdata)
