@@ -1,9 +1,14 @@
 /* cache_redis.c — the Redis tier: one hiredis async connection per process, driven by
- * the engine's epoll through a small adapter; lookups (GET + PTTL, pipelined) that a
+ * the engine's loop through a small adapter; lookups (GET + PTTL, pipelined) that a
  * request waits on for at most redis_timeout; fire-and-forget SET ... PX after the
  * response has gone to the app; the versioned, checksummed entry format; reconnects
  * with backoff; and bounds on everything queued towards Redis. Redis does the expiry. */
-#include "conn.h"
+#include "cache_redis.h"
+#include "fdtable.h"
+#include "http.h"
+#include "loop.h"
+#include "real.h"
+#include "stats.h"
 #include <errno.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
@@ -12,7 +17,6 @@
 #include <string.h>
 #include <netinet/tcp.h>
 #include <time.h>
-#include <sys/timerfd.h>
 #include <unistd.h>
 
 #define REDIS_MAX_INFLIGHT     1024            /* commands awaiting replies */
@@ -101,7 +105,9 @@ static struct cache_entry *decode_entry(const char *key, size_t key_len, const u
 /* ---- connection ---- */
 
 struct redis_ticket {
-    struct conn *conn;              /* NULL once the request stopped waiting */
+    void *waiter;                   /* NULL once the request stopped waiting */
+    redis_lookup_done_fn done;
+    const struct buf *request;      /* the waiter's request bytes, while it waits */
     char *key;
     size_t key_len;
     int upstream;
@@ -113,21 +119,21 @@ struct redis_ticket {
 };
 
 static struct {
-    struct ev_tag tag, timer_tag;
+    struct loop_source src;
+    struct loop_timer timer;        /* the next lookup deadline, stall check or reconnect */
     const struct shim_config *cfg;
     redisAsyncContext *ac;
-    int fd, timerfd;
-    uint32_t events;
-    bool registered, want_read, want_write, connected;
+    int fd;
+    bool want_read, want_write, connected;
     int backoff_ms;
     int64_t next_attempt_ms;
     unsigned inflight;
     size_t pending_bytes;
     int64_t last_progress_ms;
     struct redis_ticket *waiting_head, *waiting_tail;
-} R = { .fd = -1, .timerfd = -1 };
+} R = { .fd = -1 };
 
-struct redis_counters shim_redis;
+static int64_t exit_wait_ms;        /* redis_timeout, for the exit handler */
 
 static int64_t mono_ms(void) { return stats_now_us() / 1000; }
 
@@ -153,25 +159,24 @@ static void flush_at_exit(void)
 {
     if (!atomic_load(&shim_redis.connected) || atomic_load(&writes_owed) <= 0)
         return;
-    int64_t deadline = mono_ms() + shim_config_get()->redis_timeout_ms;
+    int64_t deadline = mono_ms() + exit_wait_ms;
     struct timespec pause = { 0, 200 * 1000 };
     while (atomic_load(&writes_owed) > 0 && atomic_load(&shim_redis.connected) && mono_ms() < deadline)
         nanosleep(&pause, NULL);
 }
+
+static void on_io(struct loop_source *src, uint32_t ev);
+static void on_timer(struct loop_timer *timer);
 
 static void watch(void)
 {
     if (R.fd < 0)
         return;
     uint32_t want = (R.want_read ? EPOLLIN : 0) | (R.want_write ? EPOLLOUT : 0);
-    if (!R.registered) {
-        if (engine_watch(R.fd, want, &R.tag, true) == 0)
-            R.registered = true;
-        R.events = want;
-    } else if (want != R.events) {
-        engine_watch(R.fd, want, &R.tag, false);
-        R.events = want;
-    }
+    if (!R.src.active)
+        loop_add(&R.src, R.fd, want, on_io);
+    else
+        loop_watch(&R.src, want);
 }
 
 static void ad_add_read(void *d) { (void)d; R.want_read = true; watch(); }
@@ -181,11 +186,10 @@ static void ad_del_write(void *d) { (void)d; R.want_write = false; watch(); }
 static void ad_cleanup(void *d)
 {
     (void)d;
-    if (R.fd >= 0 && R.registered)
-        engine_unwatch(R.fd);
+    loop_remove(&R.src);
     if (R.fd >= 0)
-        fdtable_clear(R.fd);
-    R.registered = R.want_read = R.want_write = false;
+        fdtable_clear(R.fd);           /* hiredis closes it */
+    R.want_read = R.want_write = false;
     R.fd = -1;
 }
 
@@ -201,15 +205,12 @@ static void arm_timer(void)
         if (next < 0 || stall < next)
             next = stall;
     }
-    struct itimerspec its = { 0 };
-    if (next >= 0) {
-        int64_t d = next - now;
-        if (d < 1)
-            d = 1;
-        its.it_value.tv_sec = d / 1000;
-        its.it_value.tv_nsec = (d % 1000) * 1000000L;
+    if (next < 0) {
+        loop_timer_cancel(&R.timer);
+        return;
     }
-    timerfd_settime(R.timerfd, 0, &its, NULL);
+    int64_t d = next - now;
+    loop_timer_arm(&R.timer, d < 1 ? 1 : d, on_timer);   /* at least 1 ms: a due check never spins */
 }
 
 static void schedule_reconnect(void)
@@ -265,7 +266,7 @@ static void connect_now(void)
     fdtable_mark_engine(R.fd);
     if (!R.cfg->redis_unix[0]) {
         int one = 1;               /* GET and PTTL leave in one segment, never behind Nagle */
-        shim_real.setsockopt(R.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        real_setsockopt(R.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     }
     ac->ev.data = &R;
     ac->ev.addRead = ad_add_read;
@@ -290,14 +291,7 @@ int redis_init(const struct shim_config *cfg)
     if (cfg->cache != CACHE_REDIS)
         return 0;
     R.cfg = cfg;
-    R.tag.kind = EV_REDIS;
-    R.timer_tag.kind = EV_REDIS_TIMER;
-    R.timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-    if (R.timerfd < 0)
-        return -1;
-    fdtable_mark_engine(R.timerfd);
-    if (engine_watch(R.timerfd, EPOLLIN, &R.timer_tag, true) != 0)
-        return -1;
+    exit_wait_ms = cfg->redis_timeout_ms;
     static bool exit_flush_registered;    /* once per process image: forks inherit it */
     if (!exit_flush_registered)
         exit_flush_registered = atexit(flush_at_exit) == 0;
@@ -310,7 +304,7 @@ void redis_forget(void)
 {
     /* forked child: the fds went with the other engine fds; the context stays allocated */
     memset(&R, 0, sizeof R);
-    R.fd = R.timerfd = -1;
+    R.fd = -1;
     atomic_store(&writes_owed, 0);
     atomic_store(&shim_redis.connected, 0);
 }
@@ -330,18 +324,18 @@ static void unlink_ticket(struct redis_ticket *t)
     t->prev = t->next = NULL;
 }
 
-/* Ends the wait of the ticket's conn (with an entry, or none), once. */
+/* Ends the wait of the ticket's waiter (with an entry, or none), once. */
 static void finish_wait(struct redis_ticket *t, struct cache_entry *e)
 {
-    struct conn *c = t->conn;
-    if (!c) {
+    void *waiter = t->waiter;
+    if (!waiter) {
         cache_entry_release(e);
         return;
     }
     unlink_ticket(t);
-    t->conn = NULL;
-    c->redis_ticket = NULL;
-    redis_lookup_done(c, e);
+    t->waiter = NULL;
+    t->request = NULL;
+    t->done(waiter, e);
 }
 
 static void free_ticket(struct redis_ticket *t)
@@ -412,9 +406,8 @@ static bool variant_lookup(struct redis_ticket *t, struct cache_entry *marker)
 {
     static struct http_request req;
     static char variant[CACHE_KEY_MAX];
-    struct conn *c = t->conn;
     if (!R.ac || R.inflight + 2 > REDIS_MAX_INFLIGHT
-        || http_parse_request(buf_head(&c->in), buf_len(&c->in), &req) != HTTP_PARSE_DONE)
+        || http_parse_request(buf_head(t->request), buf_len(t->request), &req) != HTTP_PARSE_DONE)
         return false;
     size_t n = cache_variant_key(t->key, t->key_len, marker->vary, marker->vary_len, &req, variant, sizeof variant);
     char *key = n ? malloc(n) : NULL;
@@ -464,7 +457,7 @@ static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
         }
     }
     if (e && cache_entry_is_vary_marker(e)) {
-        bool waiting = t->conn && variant_lookup(t, e);
+        bool waiting = t->waiter && variant_lookup(t, e);
         cache_entry_release(e);
         e = NULL;
         if (waiting)
@@ -473,7 +466,7 @@ static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
     if (e) {
         e->upstream = t->upstream;
         atomic_fetch_add(&shim_redis.hits, 1);
-    } else if (t->conn) {
+    } else if (t->waiter) {
         atomic_fetch_add(&shim_redis.misses, 1);
     }
     finish_wait(t, e);
@@ -481,33 +474,36 @@ static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
     arm_timer();
 }
 
-bool redis_lookup(struct conn *c, const char *key, size_t key_len)
+struct redis_ticket *redis_lookup(const char *key, size_t key_len, int upstream, const struct buf *request,
+                                  redis_lookup_done_fn done, void *waiter)
 {
     /* while the connection is still being made, hiredis queues the commands: a process's
      * first lookups (a freshly forked worker's) still reach Redis within redis_timeout */
     if (!R.cfg || !R.ac || R.inflight + 2 > REDIS_MAX_INFLIGHT)
-        return false;
+        return NULL;
     struct redis_ticket *t = calloc(1, sizeof *t);
     if (!t || !(t->key = malloc(key_len))) {
         free(t);
-        return false;
+        return NULL;
     }
     memcpy(t->key, key, key_len);
     t->key_len = key_len;
-    t->conn = c;
-    t->upstream = c->upstream;
+    t->waiter = waiter;
+    t->done = done;
+    t->request = request;
+    t->upstream = upstream;
     t->deadline_ms = mono_ms() + R.cfg->redis_timeout_ms;
     if (!R.inflight)
         R.last_progress_ms = mono_ms();
     if (redisAsyncCommand(R.ac, on_get, t, "GET %s%b", R.cfg->redis_prefix, key, key_len) != REDIS_OK) {
         free_ticket(t);
-        return false;
+        return NULL;
     }
     R.inflight++;
     if (redisAsyncCommand(R.ac, on_pttl, t, "PTTL %s%b", R.cfg->redis_prefix, key, key_len) != REDIS_OK) {
-        t->conn = NULL;
+        t->waiter = NULL;
         t->get_only = true;        /* on_get frees it */
-        return false;
+        return NULL;
     }
     R.inflight++;
     t->prev = R.waiting_tail;
@@ -516,19 +512,17 @@ bool redis_lookup(struct conn *c, const char *key, size_t key_len)
     else
         R.waiting_head = t;
     R.waiting_tail = t;
-    c->redis_ticket = t;
     arm_timer();
-    return true;
+    return t;
 }
 
-void redis_cancel(struct conn *c)
+void redis_cancel(struct redis_ticket *t)
 {
-    struct redis_ticket *t = c->redis_ticket;
     if (!t)
         return;
     unlink_ticket(t);
-    t->conn = NULL;
-    c->redis_ticket = NULL;
+    t->waiter = NULL;
+    t->request = NULL;
 }
 
 void redis_store(const struct cache_entry *e, int64_t ttl_ms)
@@ -556,36 +550,37 @@ void redis_store(const struct cache_entry *e, int64_t ttl_ms)
     arm_timer();
 }
 
-void redis_on_event(const void *tag, uint32_t ev)
+/* Lookup deadlines, a connection that stopped answering, the next reconnect. */
+static void on_timer(struct loop_timer *timer)
 {
-    if (tag == &R.timer_tag) {
-        uint64_t ticks;
-        ssize_t r = read(R.timerfd, &ticks, sizeof ticks);
-        (void)r;
-        int64_t now = mono_ms();
-        while (R.waiting_head && R.waiting_head->deadline_ms <= now) {
-            atomic_fetch_add(&shim_redis.timeouts, 1);
-            finish_wait(R.waiting_head, NULL);     /* the reply, when it comes, frees the ticket */
-        }
-        int64_t stall = R.cfg->redis_timeout_ms * 4 > 1000 ? R.cfg->redis_timeout_ms * 4 : 1000;
-        if (R.ac && R.inflight && now - R.last_progress_ms > stall) {
-            atomic_fetch_add(&shim_redis.errors, 1);
-            redisAsyncContext *ac = R.ac;          /* frozen or wedged: drop it, start over */
-            R.ac = NULL;
-            R.connected = false;
-            atomic_store(&shim_redis.connected, 0);
-            redisAsyncFree(ac);                    /* pending callbacks get NULL replies */
-            R.inflight = 0;
-            R.pending_bytes = 0;
-            schedule_reconnect();
-        }
-        if (!R.ac && now >= R.next_attempt_ms) {
-            atomic_fetch_add(&shim_redis.reconnects, 1);
-            connect_now();
-        }
-        arm_timer();
-        return;
+    (void)timer;
+    int64_t now = mono_ms();
+    while (R.waiting_head && R.waiting_head->deadline_ms <= now) {
+        atomic_fetch_add(&shim_redis.timeouts, 1);
+        finish_wait(R.waiting_head, NULL);     /* the reply, when it comes, frees the ticket */
     }
+    int64_t stall = R.cfg->redis_timeout_ms * 4 > 1000 ? R.cfg->redis_timeout_ms * 4 : 1000;
+    if (R.ac && R.inflight && now - R.last_progress_ms > stall) {
+        atomic_fetch_add(&shim_redis.errors, 1);
+        redisAsyncContext *ac = R.ac;          /* frozen or wedged: drop it, start over */
+        R.ac = NULL;
+        R.connected = false;
+        atomic_store(&shim_redis.connected, 0);
+        redisAsyncFree(ac);                    /* pending callbacks get NULL replies */
+        R.inflight = 0;
+        R.pending_bytes = 0;
+        schedule_reconnect();
+    }
+    if (!R.ac && now >= R.next_attempt_ms) {
+        atomic_fetch_add(&shim_redis.reconnects, 1);
+        connect_now();
+    }
+    arm_timer();
+}
+
+static void on_io(struct loop_source *src, uint32_t ev)
+{
+    (void)src;
     if (!R.ac)
         return;
     if (ev & (EPOLLIN | EPOLLERR | EPOLLHUP))

@@ -4,7 +4,8 @@
  * never allocates afterwards: the close path uses it from any thread, even a signal
  * handler. Entries go stale when libc closes an fd behind our back, so a diverted
  * entry is trusted only while the fd's inode still matches. */
-#include "shim.h"
+#include "fdtable.h"
+#include "real.h"
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -105,6 +106,12 @@ void fdtable_close_engine_fds(void)
     for (int fd = 0; fd < limit; fd++)
         if (atomic_load_explicit(&table[fd].kind, memory_order_relaxed) == FD_ENGINE) {
             atomic_store(&table[fd].kind, FD_NONE);
-            shim_real_close(fd);
+            real_close(fd);
         }
+}
+
+int fdtable_close_engine_fd(int fd)
+{
+    fdtable_clear(fd);
+    return real_close(fd);
 }

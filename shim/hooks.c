@@ -1,9 +1,12 @@
-/* hooks.c — owns interposition: the exported libc symbols, binding the real ones,
- * loading the configuration once, and diverting matching connects into the engine.
- * Everything that is not a configured upstream, and every call made on the engine
- * thread, goes straight to libc. errno is preserved on every path that does not fail. */
-#include "shim.h"
-#include <dlfcn.h>
+/* hooks.c — owns interposition: the exported libc symbols, loading the configuration
+ * once, and diverting matching connects into the engine. Everything that is not a
+ * configured upstream, and every call made on the engine thread, goes straight to the
+ * real functions (real.c). errno is preserved on every path that does not fail. */
+#include "engine.h"
+#include "fdtable.h"
+#include "log.h"
+#include "real.h"
+#include "rules.h"
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/sockios.h>
@@ -15,106 +18,12 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #define SHIM_EXPORT __attribute__((visibility("default")))
 
-struct real_fns shim_real;
-__thread int shim_in_engine __attribute__((tls_model("initial-exec")));
-
-static pthread_once_t bind_once = PTHREAD_ONCE_INIT;
-static _Atomic int bound;
-/* dlsym may itself call a hooked function (sanitizer runtimes do): such a nested call
- * must not wait on the pthread_once it is inside of, so it uses the raw syscall. */
-static __thread int binding __attribute__((tls_model("initial-exec")));
 static pthread_once_t config_once = PTHREAD_ONCE_INIT;
 static struct shim_config *config;   /* NULL: inert */
-
-#define BIND(name)                                                         \
-    do {                                                                   \
-        void *p = dlsym(RTLD_NEXT, #name);                                 \
-        if (p == (void *)name)                                             \
-            p = NULL; /* never bind to ourselves */                        \
-        memcpy(&shim_real.name, &p, sizeof p);                             \
-    } while (0)
-
-static void bind_all(void)
-{
-    BIND(connect); BIND(sendto); BIND(getaddrinfo); BIND(gethostbyname); BIND(gethostbyname2);
-    BIND(gethostbyname_r); BIND(gethostbyname2_r); BIND(getpeername); BIND(getsockname);
-    BIND(setsockopt); BIND(getsockopt); BIND(ioctl); BIND(epoll_ctl); BIND(close);
-    BIND(close_range); BIND(dup); BIND(dup2); BIND(dup3); BIND(fcntl); BIND(fcntl64);
-    if (!shim_real.fcntl64)
-        shim_real.fcntl64 = shim_real.fcntl;
-    atomic_store(&bound, 1);
-}
-
-void shim_bind_real(void)
-{
-    if (atomic_load_explicit(&bound, memory_order_acquire) || binding)
-        return;
-    binding = 1;
-    pthread_once(&bind_once, bind_all);
-    binding = 0;
-}
-
-/* The real functions, or their raw system calls while they are not bound yet. */
-static int real_connect(int fd, const struct sockaddr *a, socklen_t l)
-{
-    return shim_real.connect ? shim_real.connect(fd, a, l) : (int)syscall(SYS_connect, fd, a, l);
-}
-static ssize_t real_sendto(int fd, const void *b, size_t n, int fl, const struct sockaddr *a, socklen_t l)
-{
-    return shim_real.sendto ? shim_real.sendto(fd, b, n, fl, a, l) : syscall(SYS_sendto, fd, b, n, fl, a, l);
-}
-static int real_getpeername(int fd, struct sockaddr *a, socklen_t *l)
-{
-    return shim_real.getpeername ? shim_real.getpeername(fd, a, l) : (int)syscall(SYS_getpeername, fd, a, l);
-}
-static int real_getsockname(int fd, struct sockaddr *a, socklen_t *l)
-{
-    return shim_real.getsockname ? shim_real.getsockname(fd, a, l) : (int)syscall(SYS_getsockname, fd, a, l);
-}
-static int real_setsockopt(int fd, int lv, int nm, const void *v, socklen_t l)
-{
-    return shim_real.setsockopt ? shim_real.setsockopt(fd, lv, nm, v, l) : (int)syscall(SYS_setsockopt, fd, lv, nm, v, l);
-}
-static int real_getsockopt(int fd, int lv, int nm, void *v, socklen_t *l)
-{
-    return shim_real.getsockopt ? shim_real.getsockopt(fd, lv, nm, v, l) : (int)syscall(SYS_getsockopt, fd, lv, nm, v, l);
-}
-static int real_ioctl(int fd, unsigned long req, void *arg)
-{
-    return shim_real.ioctl ? shim_real.ioctl(fd, req, arg) : (int)syscall(SYS_ioctl, fd, req, arg);
-}
-static int real_epoll_ctl(int ep, int op, int fd, struct epoll_event *ev)
-{
-    return shim_real.epoll_ctl ? shim_real.epoll_ctl(ep, op, fd, ev) : (int)syscall(SYS_epoll_ctl, ep, op, fd, ev);
-}
-static int real_dup(int fd)
-{
-    return shim_real.dup ? shim_real.dup(fd) : (int)syscall(SYS_dup, fd);
-}
-static int real_dup2(int fd, int nfd)
-{
-    return shim_real.dup2 ? shim_real.dup2(fd, nfd) : (int)syscall(SYS_dup2, fd, nfd);
-}
-static int real_dup3(int fd, int nfd, int fl)
-{
-    return shim_real.dup3 ? shim_real.dup3(fd, nfd, fl) : (int)syscall(SYS_dup3, fd, nfd, fl);
-}
-static int real_fcntl(int (*fn)(int, int, ...), int fd, int cmd, void *arg)
-{
-    return fn ? fn(fd, cmd, arg) : (int)syscall(SYS_fcntl, fd, cmd, arg);
-}
-
-int shim_real_close(int fd)
-{
-    if (shim_real.close)
-        return shim_real.close(fd);
-    return (int)syscall(SYS_close, fd);
-}
 
 static void load_config(void)
 {
@@ -140,17 +49,17 @@ static void load_config(void)
         free(cfg);
         return;
     }
-    rules_resolve_all(cfg, shim_real.getaddrinfo);
+    rules_resolve_all(cfg, real_getaddrinfo);
     config = cfg;
 }
 
-struct shim_config *shim_config_get(void)
+static struct shim_config *config_get(void)
 {
     if (shim_in_engine)
         return config;
     int saved = errno;
-    shim_bind_real();
-    if (!atomic_load_explicit(&bound, memory_order_acquire))
+    real_bind();
+    if (!real_bound())
         return NULL;                   /* a call from inside dlsym: stay out of the way */
     pthread_once(&config_once, load_config);
     errno = saved;
@@ -163,7 +72,7 @@ static void atfork_child(void) { engine_atfork_child(); }
 
 __attribute__((constructor)) static void shim_constructor(void)
 {
-    shim_bind_real();
+    real_bind();
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }
 
@@ -187,7 +96,7 @@ static bool is_fresh_tcp(int fd, int family, int *file_flags)
         return false;
     if ((family == AF_INET && local.in.sin_port) || (family == AF_INET6 && local.in6.sin6_port))
         return false;
-    *file_flags = real_fcntl(shim_real.fcntl, fd, F_GETFL, NULL);
+    *file_flags = real_fcntl(fd, F_GETFL, NULL);
     return *file_flags >= 0;
 }
 
@@ -196,13 +105,13 @@ static bool is_fresh_tcp(int fd, int family, int *file_flags)
  * (zero) are not copied. */
 static void carry_over(int from, int to, int fl)
 {
-    real_fcntl(shim_real.fcntl, to, F_SETFL, (void *)(long)(fl & (O_NONBLOCK | O_ASYNC | O_APPEND | O_NOATIME)));
+    real_fcntl(to, F_SETFL, (void *)(long)(fl & (O_NONBLOCK | O_ASYNC | O_APPEND | O_NOATIME)));
     struct f_owner_ex owner;
-    if (real_fcntl(shim_real.fcntl, from, F_GETOWN_EX, &owner) == 0 && owner.pid)
-        real_fcntl(shim_real.fcntl, to, F_SETOWN_EX, &owner);
-    int sig = real_fcntl(shim_real.fcntl, from, F_GETSIG, NULL);
+    if (real_fcntl(from, F_GETOWN_EX, &owner) == 0 && owner.pid)
+        real_fcntl(to, F_SETOWN_EX, &owner);
+    int sig = real_fcntl(from, F_GETSIG, NULL);
     if (sig > 0)
-        real_fcntl(shim_real.fcntl, to, F_SETSIG, (void *)(long)sig);
+        real_fcntl(to, F_SETSIG, (void *)(long)sig);
     static const int opts[] = { SO_RCVTIMEO, SO_SNDTIMEO, SO_SNDBUF, SO_RCVBUF, SO_PASSCRED, SO_PRIORITY };
     for (size_t i = 0; i < sizeof opts / sizeof opts[0]; i++) {
         char val[32];
@@ -224,19 +133,19 @@ static void carry_over(int from, int to, int fl)
 static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t len, int file_flags)
 {
     struct fd_entry *e = fdtable_slot(fd);
-    if (!e || len > sizeof(union shim_sockaddr) || engine_ensure_started() != 0)
+    if (!e || len > sizeof(union shim_sockaddr) || engine_ensure_started(config) != 0)
         return -1;
     int sv[2];
     /* both ends non-blocking: the engine's end stays so, the app's gets the app's flags */
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0)
         return -1;
     if (sv[0] >= FDTABLE_MAX || sv[1] >= FDTABLE_MAX) {
-        shim_real.close(sv[0]);
-        shim_real.close(sv[1]);
+        real_close(sv[0]);
+        real_close(sv[1]);
         return -1;
     }
     carry_over(fd, sv[0], file_flags);
-    int fdflags = real_fcntl(shim_real.fcntl, fd, F_GETFD, NULL);
+    int fdflags = real_fcntl(fd, F_GETFD, NULL);
     union shim_sockaddr dest;
     memset(&dest, 0, sizeof dest);
     memcpy(&dest, addr, len);
@@ -250,16 +159,16 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     fdtable_mark_engine(sv[1]);
     if (engine_adopt(sv[1], upstream, &dest, len) != 0) {
         fdtable_clear(sv[1]);
-        shim_real.close(sv[0]);
-        shim_real.close(sv[1]);
+        real_close(sv[0]);
+        real_close(sv[1]);
         return -1;
     }
     atomic_store(&e->kind, FD_NONE);
     if (real_dup3(sv[0], fd, (fdflags > 0 && (fdflags & FD_CLOEXEC)) ? O_CLOEXEC : 0) < 0) {
-        shim_real.close(sv[0]);        /* the engine sees EOF and lets go */
+        real_close(sv[0]);        /* the engine sees EOF and lets go */
         return -1;
     }
-    shim_real.close(sv[0]);
+    real_close(sv[0]);
     struct stat st;
     if (fstat(fd, &st) == 0) {
         e->dev = st.st_dev;
@@ -285,7 +194,7 @@ static int try_divert(int fd, const struct sockaddr *addr, socklen_t len, bool *
 {
     if (shim_in_engine || !addr)
         return 0;
-    struct shim_config *cfg = shim_config_get();
+    struct shim_config *cfg = config_get();
     if (!cfg)
         return 0;
     if (fdtable_diverted(fd)) {
@@ -304,7 +213,7 @@ static int try_divert(int fd, const struct sockaddr *addr, socklen_t len, bool *
 
 SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
 {
-    shim_bind_real();
+    real_bind();
     int saved = errno;
     bool nonblock = false;
     int r = try_divert(fd, addr, len, &nonblock);
@@ -324,7 +233,7 @@ SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
 
 SHIM_EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr, socklen_t len)
 {
-    shim_bind_real();
+    real_bind();
     if (!(flags & MSG_FASTOPEN) || shim_in_engine)
         return real_sendto(fd, buf, n, flags, addr, len);
     int saved = errno;
@@ -342,14 +251,12 @@ SHIM_EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const s
 
 SHIM_EXPORT int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints, struct addrinfo **res)
 {
-    shim_bind_real();
-    if (!shim_real.getaddrinfo)
-        return EAI_FAIL;
-    int rc = shim_real.getaddrinfo(node, service, hints, res);
+    real_bind();
+    int rc = real_getaddrinfo(node, service, hints, res);
     if (rc != 0 || !node || shim_in_engine)
         return rc;
     int saved = errno;
-    struct shim_config *cfg = shim_config_get();
+    struct shim_config *cfg = config_get();
     if (cfg && rules_name_is_listed(cfg, node))
         for (const struct addrinfo *ai = *res; ai; ai = ai->ai_next) {
             if (ai->ai_family == AF_INET)
@@ -366,7 +273,7 @@ static void learn_hostent(const char *name, const struct hostent *h)
     if (!h || !name || shim_in_engine)
         return;
     int saved = errno;
-    struct shim_config *cfg = shim_config_get();
+    struct shim_config *cfg = config_get();
     if (cfg && rules_name_is_listed(cfg, name) && (h->h_addrtype == AF_INET || h->h_addrtype == AF_INET6))
         for (char **a = h->h_addr_list; a && *a; a++)
             rules_learn(cfg, name, h->h_addrtype, *a);
@@ -375,16 +282,16 @@ static void learn_hostent(const char *name, const struct hostent *h)
 
 SHIM_EXPORT struct hostent *gethostbyname(const char *name)
 {
-    shim_bind_real();
-    struct hostent *h = shim_real.gethostbyname ? shim_real.gethostbyname(name) : NULL;
+    real_bind();
+    struct hostent *h = real_gethostbyname(name);
     learn_hostent(name, h);
     return h;
 }
 
 SHIM_EXPORT struct hostent *gethostbyname2(const char *name, int af)
 {
-    shim_bind_real();
-    struct hostent *h = shim_real.gethostbyname2 ? shim_real.gethostbyname2(name, af) : NULL;
+    real_bind();
+    struct hostent *h = real_gethostbyname2(name, af);
     learn_hostent(name, h);
     return h;
 }
@@ -392,10 +299,8 @@ SHIM_EXPORT struct hostent *gethostbyname2(const char *name, int af)
 SHIM_EXPORT int gethostbyname_r(const char *name, struct hostent *ret, char *buf, size_t buflen, struct hostent **result,
                     int *h_errnop)
 {
-    shim_bind_real();
-    if (!shim_real.gethostbyname_r)
-        return ENOSYS;
-    int rc = shim_real.gethostbyname_r(name, ret, buf, buflen, result, h_errnop);
+    real_bind();
+    int rc = real_gethostbyname_r(name, ret, buf, buflen, result, h_errnop);
     if (rc == 0 && result)
         learn_hostent(name, *result);
     return rc;
@@ -404,10 +309,8 @@ SHIM_EXPORT int gethostbyname_r(const char *name, struct hostent *ret, char *buf
 SHIM_EXPORT int gethostbyname2_r(const char *name, int af, struct hostent *ret, char *buf, size_t buflen,
                      struct hostent **result, int *h_errnop)
 {
-    shim_bind_real();
-    if (!shim_real.gethostbyname2_r)
-        return ENOSYS;
-    int rc = shim_real.gethostbyname2_r(name, af, ret, buf, buflen, result, h_errnop);
+    real_bind();
+    int rc = real_gethostbyname2_r(name, af, ret, buf, buflen, result, h_errnop);
     if (rc == 0 && result)
         learn_hostent(name, *result);
     return rc;
@@ -428,7 +331,7 @@ static int copy_addr(const union shim_sockaddr *a, socklen_t alen, struct sockad
 
 SHIM_EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *len)
 {
-    shim_bind_real();
+    real_bind();
     const struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
     if (!e)
         return real_getpeername(fd, addr, len);
@@ -437,7 +340,7 @@ SHIM_EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *len)
 
 SHIM_EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *len)
 {
-    shim_bind_real();
+    real_bind();
     const struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
     if (!e)
         return real_getsockname(fd, addr, len);
@@ -476,7 +379,7 @@ static struct fd_sockopt *find_opt(struct fd_entry *e, int level, int name, bool
 
 SHIM_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
 {
-    shim_bind_real();
+    real_bind();
     struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
     if (!e)
         return real_setsockopt(fd, level, name, val, len);
@@ -498,7 +401,7 @@ SHIM_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen
 
 SHIM_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
 {
-    shim_bind_real();
+    real_bind();
     struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
     if (!e || !val || !len)
         return real_getsockopt(fd, level, name, val, len);
@@ -543,7 +446,7 @@ SHIM_EXPORT int ioctl(int fd, unsigned long req, ...)
     va_start(ap, req);
     void *arg = va_arg(ap, void *);
     va_end(ap);
-    shim_bind_real();
+    real_bind();
     if (req == SIOCATMARK && !shim_in_engine && arg && fdtable_diverted(fd)) {
         *(int *)arg = 0;               /* no urgent data ever arrives on the relay */
         return 0;
@@ -555,9 +458,9 @@ SHIM_EXPORT int ioctl(int fd, unsigned long req, ...)
 
 SHIM_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
 {
-    shim_bind_real();
+    real_bind();
     int rc = real_epoll_ctl(epfd, op, fd, event);
-    if (rc != 0 || shim_in_engine || !shim_config_get())
+    if (rc != 0 || shim_in_engine || !config_get())
         return rc;
     struct fd_entry *e = fdtable_slot(fd);
     if (!e || atomic_load_explicit(&e->kind, memory_order_relaxed) != FD_NONE)
@@ -596,18 +499,15 @@ SHIM_EXPORT int close(int fd)
         }
         fdtable_clear(fd);
     }
-    return shim_real_close(fd);
+    return real_close(fd);
 }
 
 SHIM_EXPORT int close_range(unsigned first, unsigned last, int flags)
 {
-    shim_bind_real();
-    int (*real)(unsigned, unsigned, int) = shim_real.close_range;
+    real_bind();
     unsigned limit = (unsigned)fdtable_engine_fd_limit();
     if (shim_in_engine || first >= limit || !fdtable_slot(0)) {
-        if (real)
-            return real(first, last, flags);
-        return (int)syscall(SYS_close_range, first, last, flags);
+        return real_close_range(first, last, flags);
     }
     unsigned start = first;
     for (unsigned fd = first; fd < limit && fd <= last; fd++) {
@@ -616,18 +516,18 @@ SHIM_EXPORT int close_range(unsigned first, unsigned last, int flags)
                 fdtable_clear((int)fd);
             continue;
         }
-        if (fd > start && (real ? real(start, fd - 1, flags) : (int)syscall(SYS_close_range, start, fd - 1, flags)) != 0)
+        if (fd > start && real_close_range(start, fd - 1, flags) != 0)
             return -1;
         start = fd + 1;
     }
     if (start > last || start == 0)
         return 0;
-    return real ? real(start, last, flags) : (int)syscall(SYS_close_range, start, last, flags);
+    return real_close_range(start, last, flags);
 }
 
 SHIM_EXPORT int dup(int fd)
 {
-    shim_bind_real();
+    real_bind();
     int nfd = real_dup(fd);
     if (nfd >= 0 && !shim_in_engine)
         fdtable_copy(fd, nfd);
@@ -636,7 +536,7 @@ SHIM_EXPORT int dup(int fd)
 
 static int dup_onto(int fd, int nfd, int flags, bool is_dup3)
 {
-    shim_bind_real();
+    real_bind();
     if (!shim_in_engine && fdtable_is_engine(nfd)) {
         errno = EBADF;
         return -1;
@@ -650,9 +550,8 @@ static int dup_onto(int fd, int nfd, int flags, bool is_dup3)
 SHIM_EXPORT int dup2(int fd, int nfd) { return dup_onto(fd, nfd, 0, false); }
 SHIM_EXPORT int dup3(int fd, int nfd, int flags) { return dup_onto(fd, nfd, flags, true); }
 
-static int fcntl_common(int (*real)(int, int, ...), int fd, int cmd, void *arg)
+static int after_fcntl(int rc, int fd, int cmd)
 {
-    int rc = real_fcntl(real, fd, cmd, arg);
     if (rc >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC) && !shim_in_engine)
         fdtable_copy(fd, rc);
     return rc;
@@ -664,8 +563,8 @@ SHIM_EXPORT int fcntl(int fd, int cmd, ...)
     va_start(ap, cmd);
     void *arg = va_arg(ap, void *);
     va_end(ap);
-    shim_bind_real();
-    return fcntl_common(shim_real.fcntl, fd, cmd, arg);
+    real_bind();
+    return after_fcntl(real_fcntl(fd, cmd, arg), fd, cmd);
 }
 
 SHIM_EXPORT int fcntl64(int fd, int cmd, ...)
@@ -674,6 +573,6 @@ SHIM_EXPORT int fcntl64(int fd, int cmd, ...)
     va_start(ap, cmd);
     void *arg = va_arg(ap, void *);
     va_end(ap);
-    shim_bind_real();
-    return fcntl_common(shim_real.fcntl64, fd, cmd, arg);
+    real_bind();
+    return after_fcntl(real_fcntl64(fd, cmd, arg), fd, cmd);
 }

@@ -24,7 +24,7 @@
 #include <stddef.h>
 
 #include "lazylib.h"
-#include "shim.h"
+#include "log.h"
 
 #ifndef LAZYLIB_CURL
 #define LAZYLIB_CURL "libcurl.so.4"

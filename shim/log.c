@@ -1,7 +1,7 @@
 /* log.c — the library's only output: one-line messages to stderr, written with a
  * single write(2) so lines from several threads never interleave. Debug lines only
  * when HTTPSHIM_DEBUG is set. */
-#include "shim.h"
+#include "log.h"
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>

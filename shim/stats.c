@@ -1,9 +1,11 @@
-/* stats.c — owns the counters and latency histograms every subsystem bumps. */
+/* stats.c — owns the counters and latency histograms every subsystem bumps, the Redis
+ * tier's included. */
 #include "stats.h"
 #include <string.h>
 #include <time.h>
 
 struct upstream_stats shim_stats[RULES_MAX_UPSTREAMS];
+struct redis_counters shim_redis;
 
 const double stats_lat_bounds_s[STATS_LAT_BUCKETS] = {
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025,

@@ -1,10 +1,18 @@
 /* stats_server.c — owns the per-process stats socket: a Unix socket (directory 0700,
  * socket 0600, peers checked with SO_PEERCRED) speaking just enough HTTP/1.1 for
  * `GET /stats` (JSON), `GET /metrics` (Prometheus text) and `POST /purge`. It runs in the
- * engine's epoll loop; clients are capped in number, request size and time. The socket
+ * engine's loop; clients are capped in number, request size and time. The socket
  * file is removed at exit, and on the default-fatal signals when the app left them at
  * their default disposition. */
-#include "conn.h"
+#include "stats_server.h"
+#include "buf.h"
+#include "cache.h"
+#include "fdtable.h"
+#include "http.h"
+#include "log.h"
+#include "loop.h"
+#include "real.h"
+#include "stats.h"
 #include <errno.h>
 #include <fcntl.h>
 #include <fnmatch.h>
@@ -23,7 +31,8 @@
 #define STATS_CLIENT_MS     5000
 
 struct stats_client {
-    struct ev_tag tag;
+    struct loop_source src;
+    struct loop_deferred reclaim;
     int fd;
     size_t in_len;
     char in[STATS_REQ_MAX];
@@ -33,7 +42,9 @@ struct stats_client {
 };
 
 static struct {
-    struct ev_tag tag;
+    struct loop_source listener;
+    struct loop_timer tick;             /* armed while there are clients to time out */
+    const struct shim_config *cfg;
     int fd;
     char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
     pid_t owner;
@@ -43,6 +54,7 @@ static struct {
 } S = { .fd = -1 };
 
 static _Atomic uint64_t refused_peers;
+static void on_listener(struct loop_source *src, uint32_t ev);
 static struct stats_client *orphaned_clients;   /* a forked child's inheritance */
 
 static void unlink_socket(void)
@@ -123,19 +135,18 @@ int stats_server_start(const struct shim_config *cfg)
     unlink(path);                      /* a file with our pid in its name is a dead process's */
     if (bind(fd, (struct sockaddr *)&sun, sizeof sun) != 0 || chmod(path, 0600) != 0 || listen(fd, 16) != 0) {
         shim_log("stats socket %s: %s (stats disabled)", path, strerror(errno));
-        shim_real.close(fd);
+        real_close(fd);
         return -1;
     }
     fdtable_mark_engine(fd);
     S.fd = fd;
-    S.tag.kind = EV_STATS;
+    S.cfg = cfg;
     snprintf(S.path, sizeof S.path, "%s", path);
     S.owner = getpid();
     S.started_ms = cache_now_ms();
-    if (engine_watch(fd, EPOLLIN, &S.tag, true) != 0) {
+    if (loop_add(&S.listener, fd, EPOLLIN, on_listener) != 0) {
         unlink(path);
-        fdtable_clear(fd);
-        shim_real.close(fd);
+        fdtable_close_engine_fd(fd);
         S.fd = -1;
         return -1;
     }
@@ -156,6 +167,7 @@ void stats_server_atfork_child(void)
     S.clients = NULL;
     S.n_clients = 0;
     S.fd = -1;
+    S.tick.slot = 0;
     S.path[0] = 0;
     atomic_store(&refused_peers, 0);
 }
@@ -447,6 +459,13 @@ static int respond_purge(struct out *o, const struct shim_config *cfg, struct ht
 
 /* ---- clients ---- */
 
+static void reclaim_client(struct loop_deferred *d)
+{
+    struct stats_client *cl = (struct stats_client *)((char *)d - offsetof(struct stats_client, reclaim));
+    buf_free(&cl->out);
+    free(cl);
+}
+
 static void client_close(struct stats_client *cl)
 {
     struct stats_client **pp = &S.clients;
@@ -455,11 +474,9 @@ static void client_close(struct stats_client *cl)
     if (*pp)
         *pp = cl->next;
     S.n_clients--;
-    engine_unwatch(cl->fd);    /* close() does not, while a forked child holds a copy */
-    fdtable_clear(cl->fd);
-    shim_real.close(cl->fd);
-    buf_free(&cl->out);
-    engine_free_later(&cl->tag);
+    loop_remove(&cl->src);
+    fdtable_close_engine_fd(cl->fd);
+    loop_defer(&cl->reclaim, reclaim_client);
 }
 
 static void client_respond(struct stats_client *cl, int status, const char *reason, const char *type, struct out *body)
@@ -473,7 +490,7 @@ static void client_respond(struct stats_client *cl, int status, const char *reas
         client_close(cl);
         return;
     }
-    engine_watch(cl->fd, EPOLLOUT, cl, false);
+    loop_watch(&cl->src, EPOLLOUT);
 }
 
 static void client_request(struct stats_client *cl)
@@ -483,7 +500,7 @@ static void client_request(struct stats_client *cl)
     if (r == HTTP_PARSE_INCOMPLETE && cl->in_len < sizeof cl->in)
         return;
     struct out body = { .b = { .cap = STATS_OUT_MAX } };
-    const struct shim_config *cfg = engine_config();
+    const struct shim_config *cfg = S.cfg;
     if (r != HTTP_PARSE_DONE) {
         appendf(&body, "bad request\n");
         client_respond(cl, 400, "Bad Request", "text/plain", &body);
@@ -519,40 +536,25 @@ static void client_request(struct stats_client *cl)
     buf_free(&body.b);
 }
 
-void stats_on_event(void *tag, uint32_t ev)
+/* Once a second while there are clients: the slow or silent ones never hold the engine. */
+static void on_tick(struct loop_timer *timer)
 {
-    if (tag == &S.tag) {
-        for (int i = 0; i < 16; i++) {
-            int fd = accept4(S.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-            if (fd < 0)
-                return;
-            struct ucred cred;
-            socklen_t len = sizeof cred;
-            bool allowed = shim_real.getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0
-                           && (cred.uid == getuid() || cred.uid == 0);
-            struct stats_client *cl = allowed && S.n_clients < STATS_MAX_CLIENTS ? calloc(1, sizeof *cl) : NULL;
-            if (!cl) {
-                atomic_fetch_add(&refused_peers, 1);
-                shim_real.close(fd);
-                continue;
-            }
-            cl->tag.kind = EV_STATS;
-            cl->fd = fd;
-            cl->deadline_ms = cache_now_ms() + STATS_CLIENT_MS;
-            fdtable_mark_engine(fd);
-            if (engine_watch(fd, EPOLLIN, cl, true) != 0) {
-                fdtable_clear(fd);
-                shim_real.close(fd);
-                free(cl);
-                continue;
-            }
-            cl->next = S.clients;
-            S.clients = cl;
-            S.n_clients++;
-        }
-        return;
+    (void)timer;
+    int64_t now = cache_now_ms();
+    struct stats_client *cl = S.clients;
+    while (cl) {
+        struct stats_client *next = cl->next;
+        if (now > cl->deadline_ms)
+            client_close(cl);
+        cl = next;
     }
-    struct stats_client *cl = tag;
+    if (S.clients)
+        loop_timer_arm(&S.tick, 1000, on_tick);
+}
+
+static void on_client(struct loop_source *src, uint32_t ev)
+{
+    struct stats_client *cl = (struct stats_client *)(void *)src;
     if (ev & EPOLLERR) {
         client_close(cl);
         return;
@@ -578,14 +580,36 @@ void stats_on_event(void *tag, uint32_t ev)
     }
 }
 
-void stats_tick(void)
+static void on_listener(struct loop_source *src, uint32_t ev)
 {
-    int64_t now = cache_now_ms();
-    struct stats_client *cl = S.clients;
-    while (cl) {
-        struct stats_client *next = cl->next;
-        if (now > cl->deadline_ms)
-            client_close(cl);          /* slow or silent: never holds the engine */
-        cl = next;
+    (void)src;
+    (void)ev;
+    for (int i = 0; i < 16; i++) {
+        int fd = accept4(S.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0)
+            return;
+        struct ucred cred;
+        socklen_t len = sizeof cred;
+        bool allowed = real_getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0
+                       && (cred.uid == getuid() || cred.uid == 0);
+        struct stats_client *cl = allowed && S.n_clients < STATS_MAX_CLIENTS ? calloc(1, sizeof *cl) : NULL;
+        if (!cl) {
+            atomic_fetch_add(&refused_peers, 1);
+            real_close(fd);
+            continue;
+        }
+        cl->fd = fd;
+        cl->deadline_ms = cache_now_ms() + STATS_CLIENT_MS;
+        fdtable_mark_engine(fd);
+        if (loop_add(&cl->src, fd, EPOLLIN, on_client) != 0) {
+            fdtable_close_engine_fd(fd);
+            free(cl);
+            continue;
+        }
+        cl->next = S.clients;
+        S.clients = cl;
+        S.n_clients++;
+        if (!loop_timer_armed(&S.tick))
+            loop_timer_arm(&S.tick, 1000, on_tick);
     }
 }

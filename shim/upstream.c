@@ -1,10 +1,16 @@
 /* upstream.c — owns the upstream side: one libcurl multi handle driven by the engine's
- * epoll (CURLMOPT_SOCKETFUNCTION / TIMERFUNCTION), which keeps the pool of kept-alive
+ * loop (CURLMOPT_SOCKETFUNCTION / TIMERFUNCTION, one loop timer), which keeps the pool of kept-alive
  * upstream connections, caps them per host, ages idle ones out and queues the excess.
  * Builds each upstream request from the app's (hop-by-hop headers dropped, libcurl's own
  * additions suppressed, pinned to the address the app connected to), and frames the
- * response back for the app's HTTP version, pausing libcurl when the app reads slowly. */
-#include "conn.h"
+ * response back for the app's HTTP version, pausing libcurl when the app reads slowly.
+ * It sees the app's connection only as the struct app_side the engine hands it. */
+#include "upstream.h"
+#include "cache_redis.h"
+#include "log.h"
+#include "loop.h"
+#include "real.h"
+#include "stats.h"
 #include <arpa/inet.h>
 #include <curl/curl.h>
 #include <errno.h>
@@ -18,7 +24,7 @@ enum body_mode { BODY_NONE, BODY_RAW, BODY_CHUNKED };
 
 struct transfer {
     CURL *easy;
-    struct conn *conn;
+    struct app_side *app;
     struct curl_slist *headers, *connect_to;
     struct buf head;                /* the response head, rewritten for the app */
     int status;
@@ -47,18 +53,33 @@ static void not_stored(struct transfer *t, enum not_stored_reason why)
     if (!t->store)
         return;
     t->store = false;
-    STAT_INC(t->conn->upstream, not_stored[why]);
+    STAT_INC(t->app->upstream, not_stored[why]);
     buf_free(&t->body);
     buf_free(&t->stored_head);
 }
 
-struct curl_sock { struct ev_tag tag; int fd; uint32_t events; };
+struct curl_sock { struct loop_source src; struct loop_deferred reclaim; };
 
+static const struct shim_config *cfg;
 static CURLM *multi;
+static struct loop_timer curl_timer;
 static CURLM *orphaned_multi;       /* a forked child's copy of the parent's: never used */
 static char scratch[HEAD_MAX + 512];
 
 /* ---- libcurl <-> epoll ---- */
+
+static void reclaim_sock(struct loop_deferred *d)
+{
+    free((char *)d - offsetof(struct curl_sock, reclaim));
+}
+
+static void on_socket(struct loop_source *src, uint32_t events)
+{
+    int flags = ((events & EPOLLIN) ? CURL_CSELECT_IN : 0) | ((events & EPOLLOUT) ? CURL_CSELECT_OUT : 0)
+              | ((events & (EPOLLERR | EPOLLHUP)) ? CURL_CSELECT_ERR : 0);
+    int running;
+    curl_multi_socket_action(multi, src->fd, flags, &running);
+}
 
 static int on_curl_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
 {
@@ -67,9 +88,9 @@ static int on_curl_socket(CURL *easy, curl_socket_t s, int what, void *userp, vo
     struct curl_sock *cs = socketp;
     if (what == CURL_POLL_REMOVE) {
         if (cs) {
-            engine_unwatch(s);
+            loop_remove(&cs->src);
             curl_multi_assign(multi, s, NULL);
-            engine_free_later(&cs->tag);
+            loop_defer(&cs->reclaim, reclaim_sock);
         }
         return 0;
     }
@@ -78,41 +99,33 @@ static int on_curl_socket(CURL *easy, curl_socket_t s, int what, void *userp, vo
         cs = calloc(1, sizeof *cs);
         if (!cs)
             return -1;
-        cs->tag.kind = EV_CURL;
-        cs->fd = s;
-        cs->events = events;
-        if (engine_watch(s, events, cs, true) != 0) {
+        if (loop_add(&cs->src, s, events, on_socket) != 0) {
             free(cs);
             return -1;
         }
         curl_multi_assign(multi, s, cs);
-    } else if (cs->events != events) {
-        cs->events = events;
-        engine_watch(s, events, cs, false);
+    } else {
+        loop_watch(&cs->src, events);
     }
     return 0;
+}
+
+static void on_curl_timeout(struct loop_timer *timer)
+{
+    (void)timer;
+    int running;
+    curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &running);
 }
 
 static int on_curl_timer(CURLM *m, long timeout_ms, void *userp)
 {
     (void)m;
     (void)userp;
-    return engine_timer_arm(timeout_ms) == 0 ? 0 : -1;
-}
-
-void upstream_on_socket(void *tag, uint32_t events)
-{
-    struct curl_sock *cs = tag;
-    int flags = ((events & EPOLLIN) ? CURL_CSELECT_IN : 0) | ((events & EPOLLOUT) ? CURL_CSELECT_OUT : 0)
-              | ((events & (EPOLLERR | EPOLLHUP)) ? CURL_CSELECT_ERR : 0);
-    int running;
-    curl_multi_socket_action(multi, cs->fd, flags, &running);
-}
-
-void upstream_on_timer(void)
-{
-    int running;
-    curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    if (timeout_ms < 0) {
+        loop_timer_cancel(&curl_timer);
+        return 0;
+    }
+    return loop_timer_arm(&curl_timer, timeout_ms, on_curl_timeout);
 }
 
 static curl_socket_t open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *addr)
@@ -125,9 +138,9 @@ static curl_socket_t open_socket(void *clientp, curlsocktype purpose, struct cur
     fdtable_mark_engine(fd);
     struct fd_entry *e = fdtable_slot(fd);
     if (e)
-        e->upstream = t->conn->upstream;   /* which gauge the close decrements */
-    STAT_INC(t->conn->upstream, upstream_conns_opened);
-    STAT_INC(t->conn->upstream, pool_open);
+        e->upstream = t->app->upstream;   /* which gauge the close decrements */
+    STAT_INC(t->app->upstream, upstream_conns_opened);
+    STAT_INC(t->app->upstream, pool_open);
     return fd;
 }
 
@@ -139,8 +152,7 @@ static int close_socket(void *clientp, curl_socket_t fd)
     const struct fd_entry *e = fdtable_slot(fd);
     if (e && atomic_load(&e->kind) == FD_ENGINE)
         STAT_DEC(e->upstream, pool_open);
-    fdtable_clear(fd);
-    return shim_real.close(fd);
+    return fdtable_close_engine_fd(fd);
 }
 
 /* The transfer has its connection (new or reused) and is about to send. */
@@ -154,13 +166,14 @@ static int on_prereq(void *clientp, char *conn_primary_ip, char *conn_local_ip, 
     (void)conn_local_port;
     if (!t->connected) {
         t->connected = true;
-        STAT_INC(t->conn->upstream, in_flight_connected);
+        STAT_INC(t->app->upstream, in_flight_connected);
     }
     return CURL_PREREQFUNC_OK;
 }
 
-int upstream_init(const struct shim_config *cfg)
+int upstream_init(const struct shim_config *config)
 {
+    cfg = config;
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
         return -1;
     multi = curl_multi_init();
@@ -177,6 +190,7 @@ void upstream_forget(void)
 {
     orphaned_multi = multi;
     multi = NULL;
+    curl_timer.slot = 0;
 }
 
 /* ---- response framing ---- */
@@ -184,7 +198,7 @@ void upstream_forget(void)
 static size_t on_header(char *p, size_t size, size_t n, void *userdata)
 {
     struct transfer *t = userdata;
-    struct conn *c = t->conn;
+    struct app_side *c = t->app;
     size_t len = size * n;
     if (t->head_done)
         return len;                    /* trailers: not relayed */
@@ -247,7 +261,7 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
             enum not_stored_reason why = cache_policy_decide(&t->policy, t->rule, t->status, &ttl);
             if (why != NS_NONE)
                 not_stored(t, why);
-            else if (t->content_length > engine_config()->max_object)
+            else if (t->content_length > cfg->max_object)
                 not_stored(t, NS_TOO_LARGE);
             else if (t->content_length < 0 && !t->upstream_chunked)
                 not_stored(t, NS_UNFRAMED);   /* a close-delimited body cannot prove it is whole */
@@ -292,7 +306,7 @@ static int send_head(struct transfer *t)
 {
     if (t->head_sent)
         return 0;
-    if (buf_append(&t->conn->out, buf_head(&t->head), buf_len(&t->head)) != 0)
+    if (buf_append(&t->app->out, buf_head(&t->head), buf_len(&t->head)) != 0)
         return -1;
     t->head_sent = true;
     buf_free(&t->head);
@@ -302,7 +316,7 @@ static int send_head(struct transfer *t)
 static size_t on_body(char *p, size_t size, size_t n, void *userdata)
 {
     struct transfer *t = userdata;
-    struct conn *c = t->conn;
+    struct app_side *c = t->app;
     size_t len = size * n;
     if (!t->head_done || c->app_gone)
         return 0;
@@ -325,9 +339,9 @@ static size_t on_body(char *p, size_t size, size_t n, void *userdata)
         buf_append(&c->out, "\r\n", 2);
     if (t->store && buf_append(&t->body, p, len) != 0)
         not_stored(t, NS_TOO_LARGE);
-    if (conn_flush(c) != 0)
+    if (c->ops->flush(c) != 0)
         return 0;
-    conn_watch_app(c);                 /* whatever the app has not taken yet needs EPOLLOUT */
+    c->ops->rewatch(c);                 /* whatever the app has not taken yet needs EPOLLOUT */
     return len;
 }
 
@@ -337,7 +351,7 @@ static size_t on_body(char *p, size_t size, size_t n, void *userdata)
 static size_t on_read(char *dst, size_t size, size_t n, void *userdata)
 {
     struct transfer *t = userdata;
-    struct conn *c = t->conn;
+    struct app_side *c = t->app;
     size_t max = size * n, avail = buf_len(&c->in);
     if (avail > c->body_left)
         avail = (size_t)c->body_left;
@@ -354,7 +368,7 @@ static size_t on_read(char *dst, size_t size, size_t n, void *userdata)
     memcpy(dst, buf_head(&c->in), avail);
     buf_consume(&c->in, avail);
     c->body_left -= avail;
-    conn_watch_app(c);
+    c->ops->rewatch(c);
     return avail;
 }
 
@@ -363,9 +377,8 @@ static void apply_pause(struct transfer *t)
     curl_easy_pause(t->easy, (t->paused ? CURLPAUSE_RECV : 0) | (t->send_paused ? CURLPAUSE_SEND : 0));
 }
 
-void upstream_body_arrived(struct conn *c)
+void upstream_body_arrived(struct transfer *t)
 {
-    struct transfer *t = c->xfer;
     if (t && t->send_paused) {
         t->send_paused = false;
         apply_pause(t);
@@ -421,8 +434,7 @@ static int format_addr(char *out, size_t n, const union shim_sockaddr *a, uint16
 
 static int build(struct transfer *t, const struct http_request *req, const char *body, size_t body_len)
 {
-    struct conn *c = t->conn;
-    const struct shim_config *cfg = engine_config();
+    struct app_side *c = t->app;
     const struct upstream_rule *u = &cfg->upstreams[c->upstream];
     CURL *e = t->easy;
     bool v6 = strchr(u->host, ':') != NULL;
@@ -501,10 +513,10 @@ static int build(struct transfer *t, const struct http_request *req, const char 
 
 static void transfer_free(struct transfer *t)
 {
-    if (t->conn) {
-        STAT_DEC(t->conn->upstream, in_flight);
+    if (t->app) {
+        STAT_DEC(t->app->upstream, in_flight);
         if (t->connected)
-            STAT_DEC(t->conn->upstream, in_flight_connected);
+            STAT_DEC(t->app->upstream, in_flight_connected);
     }
     if (t->easy)
         curl_easy_cleanup(t->easy);
@@ -520,17 +532,17 @@ static void transfer_free(struct transfer *t)
     free(t);
 }
 
-int upstream_start(struct conn *c, const struct http_request *req, const char *body, size_t body_len,
-                   const struct cache_rule *store_rule, const char *key, size_t key_len)
+struct transfer *upstream_start(struct app_side *c, const struct http_request *req, const char *body,
+                                size_t body_len, const struct cache_rule *store_rule, const char *key, size_t key_len)
 {
     struct transfer *t = calloc(1, sizeof *t);
     if (!t)
-        return -1;
-    t->conn = c;
+        return NULL;
+    t->app = c;
     t->head.cap = RESP_HEAD_MAX;
     t->stored_head.cap = RESP_HEAD_MAX;
     t->vary.cap = 1024;
-    t->body.cap = (size_t)engine_config()->max_object;
+    t->body.cap = (size_t)cfg->max_object;
     t->content_length = -1;
     if (store_rule && (t->key = malloc(key_len))) {
         memcpy(t->key, key, key_len);
@@ -544,23 +556,19 @@ int upstream_start(struct conn *c, const struct http_request *req, const char *b
     STAT_INC(c->upstream, in_flight);
     if (!t->easy || build(t, req, body, body_len) != 0 || curl_multi_add_handle(multi, t->easy) != CURLM_OK) {
         transfer_free(t);
-        return -1;
+        return NULL;
     }
-    c->xfer = t;
-    return 0;
+    return t;
 }
 
-void upstream_abort(struct conn *c)
+void upstream_abort(struct transfer *t)
 {
-    struct transfer *t = c->xfer;
-    c->xfer = NULL;
     curl_multi_remove_handle(multi, t->easy);
     transfer_free(t);
 }
 
-void upstream_resume(struct conn *c)
+void upstream_resume(struct transfer *t)
 {
-    struct transfer *t = c->xfer;
     if (t && t->paused) {
         t->paused = false;
         apply_pause(t);
@@ -570,7 +578,7 @@ void upstream_resume(struct conn *c)
 /* The exchange completed: keep the response if it is whole and allowed. */
 static void store_response(struct transfer *t)
 {
-    struct conn *c = t->conn;
+    struct app_side *c = t->app;
     if (t->content_length >= 0 && (size_t)t->content_length != buf_len(&t->body)) {
         not_stored(t, NS_INCOMPLETE);
         return;
@@ -604,7 +612,7 @@ static void store_response(struct transfer *t)
             return;
         }
         marker->upstream = c->upstream;
-        if (engine_config()->cache == CACHE_REDIS)
+        if (cfg->cache == CACHE_REDIS)
             redis_store(marker, ttl);
         memcache_put(marker);
         key = variant;
@@ -618,7 +626,7 @@ static void store_response(struct transfer *t)
         return;
     }
     e->upstream = c->upstream;
-    if (engine_config()->cache == CACHE_REDIS)
+    if (cfg->cache == CACHE_REDIS)
         redis_store(e, ttl);           /* a variant goes under its variant key */           /* fire-and-forget, after the app has its response */
     memcache_put(e);
     STAT_INC(c->upstream, stored);
@@ -634,7 +642,7 @@ void upstream_reap(void)
         struct transfer *t = NULL;
         curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&t);
         CURLcode result = msg->data.result;
-        struct conn *c = t->conn;
+        struct app_side *c = t->app;
         bool ok = result == CURLE_OK && t->head_done;
         if (ok && (send_head(t) != 0 || (t->mode == BODY_CHUNKED && buf_append(&c->out, "0\r\n\r\n", 5) != 0)))
             ok = false;
@@ -653,9 +661,8 @@ void upstream_reap(void)
         if (ok && connects == 0)
             STAT_INC(c->upstream, upstream_conn_reuses);
         bool must_close = t->must_close;
-        c->xfer = NULL;
         curl_multi_remove_handle(multi, t->easy);
         transfer_free(t);
-        conn_exchange_done(c, ok, must_close);
+        c->ops->exchange_done(c, ok, must_close);
     }
 }

@@ -1,0 +1,25 @@
+/* cache_redis.h — the Redis tier (cache_redis.c). */
+#ifndef HTTPSHIM_CACHE_REDIS_H
+#define HTTPSHIM_CACHE_REDIS_H
+#include <stdbool.h>
+#include "buf.h"
+#include "cache.h"
+#include "rules.h"
+
+struct redis_ticket;
+/* The lookup ended: e is a reference to the entry found (the callee owns it), or NULL. */
+typedef void (*redis_lookup_done_fn)(void *waiter, struct cache_entry *e);
+
+int redis_init(const struct shim_config *cfg);
+void redis_forget(void);
+/* Asks Redis for key on behalf of `waiter`, which hears back through done within
+ * redis_timeout unless it cancels first. `request` holds the request's bytes at its front
+ * for as long as the ticket lives (a Vary marker is followed by a variant lookup). NULL:
+ * Redis cannot be asked now; go upstream. */
+struct redis_ticket *redis_lookup(const char *key, size_t key_len, int upstream, const struct buf *request,
+                                  redis_lookup_done_fn done, void *waiter);
+void redis_cancel(struct redis_ticket *t);  /* done will not be called */
+void redis_store(const struct cache_entry *e, int64_t ttl_ms);
+/* A transfer that may end in redis_store() began (+1) or ended (-1); see flush_at_exit. */
+void redis_write_owed(int delta);
+#endif

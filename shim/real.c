@@ -1,0 +1,189 @@
+/* real.c — owns the real libc functions behind every hook: bound once with
+ * dlsym(RTLD_NEXT), never to the library's own symbols, with a raw-syscall fallback for
+ * each while they are not bound. The rest of the library calls these, never the hooks. */
+#include "real.h"
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <sys/ioctl.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+__thread int shim_in_engine __attribute__((tls_model("initial-exec")));
+
+static struct {
+    int (*connect)(int, const struct sockaddr *, socklen_t);
+    ssize_t (*sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
+    int (*getaddrinfo)(const char *, const char *, const struct addrinfo *, struct addrinfo **);
+    struct hostent *(*gethostbyname)(const char *);
+    struct hostent *(*gethostbyname2)(const char *, int);
+    int (*gethostbyname_r)(const char *, struct hostent *, char *, size_t, struct hostent **, int *);
+    int (*gethostbyname2_r)(const char *, int, struct hostent *, char *, size_t, struct hostent **, int *);
+    int (*getpeername)(int, struct sockaddr *, socklen_t *);
+    int (*getsockname)(int, struct sockaddr *, socklen_t *);
+    int (*setsockopt)(int, int, int, const void *, socklen_t);
+    int (*getsockopt)(int, int, int, void *, socklen_t *);
+    int (*ioctl)(int, unsigned long, ...);
+    int (*epoll_ctl)(int, int, int, struct epoll_event *);
+    int (*close)(int);
+    int (*close_range)(unsigned, unsigned, int);
+    int (*dup)(int);
+    int (*dup2)(int, int);
+    int (*dup3)(int, int, int);
+    int (*fcntl)(int, int, ...);
+    int (*fcntl64)(int, int, ...);
+} fn;
+
+static pthread_once_t bind_once = PTHREAD_ONCE_INIT;
+static _Atomic int bound;
+/* dlsym may itself call a hooked function (sanitizer runtimes do): such a nested call
+ * must not wait on the pthread_once it is inside of, so it uses the raw syscall. */
+static __thread int binding __attribute__((tls_model("initial-exec")));
+
+/* Whether p lies in this library's own image: RTLD_NEXT never returns one of our hooks
+ * unless the library is loaded twice, and binding to ourselves would recurse forever. */
+static bool is_ours(const void *p)
+{
+    Dl_info mine, theirs;
+    return p && dladdr((const void *)&fn, &mine) && dladdr(p, &theirs) && mine.dli_fbase == theirs.dli_fbase;
+}
+
+#define BIND(name)                                                         \
+    do {                                                                   \
+        void *p = dlsym(RTLD_NEXT, #name);                                 \
+        if (is_ours(p))                                                    \
+            p = NULL;                                                      \
+        memcpy(&fn.name, &p, sizeof p);                                    \
+    } while (0)
+
+static void bind_all(void)
+{
+    BIND(connect); BIND(sendto); BIND(getaddrinfo); BIND(gethostbyname); BIND(gethostbyname2);
+    BIND(gethostbyname_r); BIND(gethostbyname2_r); BIND(getpeername); BIND(getsockname);
+    BIND(setsockopt); BIND(getsockopt); BIND(ioctl); BIND(epoll_ctl); BIND(close);
+    BIND(close_range); BIND(dup); BIND(dup2); BIND(dup3); BIND(fcntl); BIND(fcntl64);
+    if (!fn.fcntl64)
+        fn.fcntl64 = fn.fcntl;
+    atomic_store(&bound, 1);
+}
+
+void real_bind(void)
+{
+    if (atomic_load_explicit(&bound, memory_order_acquire) || binding)
+        return;
+    binding = 1;
+    pthread_once(&bind_once, bind_all);
+    binding = 0;
+}
+
+bool real_bound(void)
+{
+    return atomic_load_explicit(&bound, memory_order_acquire) != 0;
+}
+
+int real_connect(int fd, const struct sockaddr *a, socklen_t l)
+{
+    return fn.connect ? fn.connect(fd, a, l) : (int)syscall(SYS_connect, fd, a, l);
+}
+
+ssize_t real_sendto(int fd, const void *b, size_t n, int fl, const struct sockaddr *a, socklen_t l)
+{
+    return fn.sendto ? fn.sendto(fd, b, n, fl, a, l) : syscall(SYS_sendto, fd, b, n, fl, a, l);
+}
+
+/* Name resolution has no system call to fall back on: unbound, it fails as libc would
+ * when its resolver is unavailable. */
+int real_getaddrinfo(const char *node, const char *service, const struct addrinfo *hints, struct addrinfo **res)
+{
+    return fn.getaddrinfo ? fn.getaddrinfo(node, service, hints, res) : EAI_FAIL;
+}
+
+struct hostent *real_gethostbyname(const char *name)
+{
+    return fn.gethostbyname ? fn.gethostbyname(name) : NULL;
+}
+
+struct hostent *real_gethostbyname2(const char *name, int af)
+{
+    return fn.gethostbyname2 ? fn.gethostbyname2(name, af) : NULL;
+}
+
+int real_gethostbyname_r(const char *name, struct hostent *ret, char *buf, size_t buflen, struct hostent **result,
+                         int *h_errnop)
+{
+    return fn.gethostbyname_r ? fn.gethostbyname_r(name, ret, buf, buflen, result, h_errnop) : ENOSYS;
+}
+
+int real_gethostbyname2_r(const char *name, int af, struct hostent *ret, char *buf, size_t buflen,
+                          struct hostent **result, int *h_errnop)
+{
+    return fn.gethostbyname2_r ? fn.gethostbyname2_r(name, af, ret, buf, buflen, result, h_errnop) : ENOSYS;
+}
+
+int real_getpeername(int fd, struct sockaddr *a, socklen_t *l)
+{
+    return fn.getpeername ? fn.getpeername(fd, a, l) : (int)syscall(SYS_getpeername, fd, a, l);
+}
+
+int real_getsockname(int fd, struct sockaddr *a, socklen_t *l)
+{
+    return fn.getsockname ? fn.getsockname(fd, a, l) : (int)syscall(SYS_getsockname, fd, a, l);
+}
+
+int real_setsockopt(int fd, int lv, int nm, const void *v, socklen_t l)
+{
+    return fn.setsockopt ? fn.setsockopt(fd, lv, nm, v, l) : (int)syscall(SYS_setsockopt, fd, lv, nm, v, l);
+}
+
+int real_getsockopt(int fd, int lv, int nm, void *v, socklen_t *l)
+{
+    return fn.getsockopt ? fn.getsockopt(fd, lv, nm, v, l) : (int)syscall(SYS_getsockopt, fd, lv, nm, v, l);
+}
+
+int real_ioctl(int fd, unsigned long req, void *arg)
+{
+    return fn.ioctl ? fn.ioctl(fd, req, arg) : (int)syscall(SYS_ioctl, fd, req, arg);
+}
+
+int real_epoll_ctl(int ep, int op, int fd, struct epoll_event *ev)
+{
+    return fn.epoll_ctl ? fn.epoll_ctl(ep, op, fd, ev) : (int)syscall(SYS_epoll_ctl, ep, op, fd, ev);
+}
+
+int real_close(int fd)
+{
+    return fn.close ? fn.close(fd) : (int)syscall(SYS_close, fd);
+}
+
+int real_close_range(unsigned first, unsigned last, int flags)
+{
+    return fn.close_range ? fn.close_range(first, last, flags) : (int)syscall(SYS_close_range, first, last, flags);
+}
+
+int real_dup(int fd)
+{
+    return fn.dup ? fn.dup(fd) : (int)syscall(SYS_dup, fd);
+}
+
+int real_dup2(int fd, int nfd)
+{
+    return fn.dup2 ? fn.dup2(fd, nfd) : (int)syscall(SYS_dup2, fd, nfd);
+}
+
+int real_dup3(int fd, int nfd, int fl)
+{
+    return fn.dup3 ? fn.dup3(fd, nfd, fl) : (int)syscall(SYS_dup3, fd, nfd, fl);
+}
+
+int real_fcntl(int fd, int cmd, void *arg)
+{
+    return fn.fcntl ? fn.fcntl(fd, cmd, arg) : (int)syscall(SYS_fcntl, fd, cmd, arg);
+}
+
+int real_fcntl64(int fd, int cmd, void *arg)
+{
+    return fn.fcntl64 ? fn.fcntl64(fd, cmd, arg) : (int)syscall(SYS_fcntl, fd, cmd, arg);
+}

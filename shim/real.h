@@ -1,0 +1,44 @@
+/* real.h — the libc functions the library interposes, bound once (real.c). Every call
+ * the library makes that must not come back through its own hooks goes through these:
+ * real_connect() & co. use the bound function, or the raw system call while binding has
+ * not happened yet (a hook reached from inside dlsym, a sanitizer runtime, the close
+ * path before the constructor). */
+#ifndef HTTPSHIM_REAL_H
+#define HTTPSHIM_REAL_H
+#include <netdb.h>
+#include <stdbool.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+
+/* Set on the engine thread: every hook passes its calls straight to these. */
+extern __thread int shim_in_engine __attribute__((tls_model("initial-exec")));
+
+/* Binds every function once (pthread_once); a nested call from inside dlsym returns at
+ * once and is served by the raw system calls. */
+void real_bind(void);
+bool real_bound(void);
+
+int real_connect(int fd, const struct sockaddr *addr, socklen_t len);
+ssize_t real_sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr, socklen_t len);
+int real_getaddrinfo(const char *node, const char *service, const struct addrinfo *hints, struct addrinfo **res);
+struct hostent *real_gethostbyname(const char *name);
+struct hostent *real_gethostbyname2(const char *name, int af);
+int real_gethostbyname_r(const char *name, struct hostent *ret, char *buf, size_t buflen, struct hostent **result,
+                         int *h_errnop);
+int real_gethostbyname2_r(const char *name, int af, struct hostent *ret, char *buf, size_t buflen,
+                          struct hostent **result, int *h_errnop);
+int real_getpeername(int fd, struct sockaddr *addr, socklen_t *len);
+int real_getsockname(int fd, struct sockaddr *addr, socklen_t *len);
+int real_setsockopt(int fd, int level, int name, const void *val, socklen_t len);
+int real_getsockopt(int fd, int level, int name, void *val, socklen_t *len);
+int real_ioctl(int fd, unsigned long req, void *arg);
+int real_epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev);
+int real_close(int fd);                /* never allocates, never calls dlsym */
+int real_close_range(unsigned first, unsigned last, int flags);
+int real_dup(int fd);
+int real_dup2(int fd, int nfd);
+int real_dup3(int fd, int nfd, int flags);
+int real_fcntl(int fd, int cmd, void *arg);
+int real_fcntl64(int fd, int cmd, void *arg);
+#endif
