@@ -29,9 +29,9 @@ $(BUILD)/libhttpshim.so: $(SHIM_OBJ)
 
 PREFIX  ?= /usr/local
 LIBDIR   = $(PREFIX)/lib/httpshim
-$(BUILD)/httpshim: tools/httpshim.c tools/json.c tools/json.h shim/rules.c shim/rules.h | $(BUILD)/obj
+$(BUILD)/httpshim: tools/httpshim.c shim/rules.c shim/rules.h | $(BUILD)/obj
 	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -DHTTPSHIM_LIBDIR='"$(LIBDIR)"' \
-	  -o $@ tools/httpshim.c tools/json.c shim/rules.c -lcurl -lhiredis -lm -pthread
+	  -o $@ tools/httpshim.c shim/rules.c -lcurl -lhiredis -ljansson -lm -pthread
 
 $(BUILD)/epollclient: tests/clients/epollclient.c | $(BUILD)/obj
 	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -o $@ $< -lm

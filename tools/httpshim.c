@@ -1,7 +1,8 @@
 /* httpshim — the command line: `run` injects the library into a command (a container
  * entrypoint), `stats` reads and sums every live process's stats socket, `check`
  * validates a rules file, `purge` drops cache entries everywhere. Talks to the sockets
- * with libcurl (CURLOPT_UNIX_SOCKET_PATH). Exit codes: 0 ok, 1 failure, 2 usage. */
+ * with libcurl (CURLOPT_UNIX_SOCKET_PATH), reads their JSON with jansson. Exit codes: 0 ok,
+ * 1 failure, 2 usage. */
 #include <curl/curl.h>
 #include <dirent.h>
 #include <errno.h>
@@ -18,9 +19,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include "../shim/rules.h"
-#include "json.h"
 #include <fnmatch.h>
 #include <hiredis/hiredis.h>
+#include <jansson.h>
 
 #ifndef HTTPSHIM_LIBDIR
 #define HTTPSHIM_LIBDIR "/usr/local/lib/httpshim"
@@ -226,20 +227,150 @@ static char *ask(const struct proc *p, const char *method, const char *target, s
     return r.data ? r.data : strdup("");
 }
 
+/* ---- the JSON answers (jansson) ---- */
+
+/* One answer of a stats socket: any JSON value, NULL when malformed. */
+static json_t *parse_answer(const char *text, size_t len)
+{
+    return json_loadb(text, len, JSON_DECODE_ANY, NULL);
+}
+
+/* The number under `key` of an object: 0 when absent or not a number. */
+static double num(const json_t *obj, const char *key)
+{
+    return json_number_value(json_object_get(obj, key));
+}
+
+static json_t *sum_into(json_t *dst, json_t *src, bool in_buckets);
+
+/* Integers add up as integers (as reals past the json_int_t range), anything else as reals.
+ * Returns what takes dst's place: dst itself, or a new real when dst was an integer. */
+static json_t *sum_numbers(json_t *dst, const json_t *src)
+{
+    json_int_t sum;
+    if (json_is_integer(dst) && json_is_integer(src)
+        && !__builtin_add_overflow(json_integer_value(dst), json_integer_value(src), &sum)) {
+        json_integer_set(dst, sum);
+        return dst;
+    }
+    double total = json_number_value(dst) + json_number_value(src);
+    if (json_is_real(dst)) {
+        json_real_set(dst, total);
+        return dst;
+    }
+    json_t *r = json_real(total);
+    return r ? r : dst;
+}
+
+/* Members of the same key are summed. The keys dst lacks are copied in front of its own
+ * members, the last of them first: the order the CLI has always printed them in. */
+static void sum_object(json_t *dst, json_t *src)
+{
+    size_t n = json_object_size(src), fresh = 0;
+    const char **keys = n ? malloc(n * sizeof *keys) : NULL;
+    for (void *it = json_object_iter(src); it; it = json_object_iter_next(src, it)) {
+        const char *key = json_object_iter_key(it);
+        json_t *d = json_object_get(dst, key);
+        if (!d) {
+            if (keys)
+                keys[fresh++] = key;
+            continue;
+        }
+        json_t *r = sum_into(d, json_object_iter_value(it), !strcmp(key, "buckets"));
+        if (r != d)
+            json_object_set_new(dst, key, r);
+    }
+    json_t *kept = fresh ? json_copy(dst) : NULL;      /* shallow: dst's members, in order */
+    if (kept) {
+        json_object_clear(dst);
+        while (fresh-- > 0)
+            json_object_set_new(dst, keys[fresh], json_deep_copy(json_object_get(src, keys[fresh])));
+        json_object_update(dst, kept);
+        json_decref(kept);
+    }
+    free(keys);
+}
+
+/* Elements are summed by position, as far as both arrays go. Inside a "buckets" array
+ * each element is a [bound, count] pair: the bound stays, the counts add up. */
+static void sum_array(json_t *dst, json_t *src, bool in_buckets)
+{
+    size_t n = json_array_size(dst) < json_array_size(src) ? json_array_size(dst) : json_array_size(src);
+    for (size_t i = 0; i < n; i++) {
+        json_t *arr = dst, *d = json_array_get(dst, i), *s = json_array_get(src, i);
+        size_t slot = i;
+        if (in_buckets && json_is_array(d)) {
+            if (json_array_size(d) < 2 || json_array_size(s) < 2)
+                continue;
+            arr = d, slot = 1;
+            d = json_array_get(d, 1), s = json_array_get(s, 1);
+        }
+        json_t *r = sum_into(d, s, false);
+        if (r != d)
+            json_array_set_new(arr, slot, r);
+    }
+}
+
+/* Adds src into dst: numbers summed, objects merged by key, arrays by position; values of
+ * other types, or of different types, stay dst's. Returns what takes dst's place. */
+static json_t *sum_into(json_t *dst, json_t *src, bool in_buckets)
+{
+    if (json_is_number(dst) && json_is_number(src))
+        return sum_numbers(dst, src);
+    if (json_is_object(dst) && json_is_object(src))
+        sum_object(dst, src);
+    else if (json_is_array(dst) && json_is_array(src))
+        sum_array(dst, src, in_buckets);
+    return dst;
+}
+
+/* Integral reals below 1e15 become integers, printed without decimals ("sum":0.000000 is
+ * printed 0); other reals print with 9 significant digits. Returns what takes j's place. */
+static json_t *integral_reals(json_t *j)
+{
+    if (json_is_real(j)) {
+        double v = json_real_value(j);
+        json_t *i = v == floor(v) && fabs(v) < 1e15 ? json_integer((json_int_t)v) : NULL;
+        return i ? i : j;
+    }
+    for (void *it = json_object_iter(j); it; it = json_object_iter_next(j, it)) {
+        json_t *v = json_object_iter_value(it), *r = integral_reals(v);
+        if (r != v)
+            json_object_iter_set_new(j, it, r);
+    }
+    for (size_t i = 0; i < json_array_size(j); i++) {
+        json_t *v = json_array_get(j, i), *r = integral_reals(v);
+        if (r != v)
+            json_array_set_new(j, i, r);
+    }
+    return j;
+}
+
+/* Prints j compactly on stdout (integral reals of it become integers). */
+static void print_json(json_t *j)
+{
+    json_t *p = integral_reals(j);
+    json_dumpf(p, stdout, JSON_COMPACT | JSON_ENCODE_ANY | JSON_REAL_PRECISION(9));
+    if (p != j)
+        json_decref(p);
+}
+
 /* ---- stats ---- */
 
 /* The upper bound of the first bucket holding the q-quantile of two histograms together
  * (hits and misses): -1 when empty, INFINITY when beyond the last bound. */
-static double quantile(const struct json *a, const struct json *b, double q)
+static double quantile(const json_t *a, const json_t *b, double q)
 {
-    const struct json *ba = json_get(a, "buckets"), *bb = json_get(b, "buckets");
-    double count = json_num(a, "count") + json_num(b, "count");
+    const json_t *ba = json_object_get(a, "buckets"), *bb = json_object_get(b, "buckets");
+    double count = num(a, "count") + num(b, "count");
     if (!ba || !bb || count <= 0)
         return -1;
-    for (const struct json *pa = ba->child, *pb = bb->child; pa && pb; pa = pa->next, pb = pb->next)
-        if (pa->child && pa->child->next && pb->child && pb->child->next
-            && pa->child->next->number + pb->child->next->number >= q * count)
-            return pa->child->number;
+    for (size_t i = 0; i < json_array_size(ba) && i < json_array_size(bb); i++) {
+        const json_t *pa = json_array_get(ba, i), *pb = json_array_get(bb, i);
+        if (json_array_size(pa) >= 2 && json_array_size(pb) >= 2
+            && json_number_value(json_array_get(pa, 1)) + json_number_value(json_array_get(pb, 1)) >= q * count)
+            return json_number_value(json_array_get(pa, 0));
+    }
     return INFINITY;
 }
 
@@ -257,37 +388,39 @@ static void fmt_latency(char *out, size_t n, double s)
         snprintf(out, n, "<=%.0fs", s);
 }
 
-static void print_table(const struct json *total, const struct json **docs, const struct proc *procs, int n)
+static void print_table(json_t *total, json_t **docs, const struct proc *procs, int n)
 {
     printf("%-28s %9s %7s %9s %9s %9s %9s %9s %10s %10s\n", "UPSTREAM", "REQUESTS", "HIT%", "HITS", "CLIENT", "UPSTREAM",
            "UP.REQS", "ERRORS", "p50", "p99");
     printf("%-28s %9s %7s %9s %9s %9s %9s %9s %10s %10s\n", "", "", "", "", "CONNS", "CONNS", "", "", "", "");
-    const struct json *ups = json_get(total, "upstreams");
-    for (const struct json *u = ups ? ups->child : NULL; u; u = u->next) {
-        double req = json_num(u, "requests"), hits = json_num(u, "hits");
-        const struct json *err = json_get(u, "errors");
-        double errors = json_num(err, "upstream") + json_num(err, "app") + json_num(err, "tunnel");
+    json_t *ups = json_object_get(total, "upstreams");
+    for (void *it = json_object_iter(ups); it; it = json_object_iter_next(ups, it)) {
+        const json_t *u = json_object_iter_value(it);
+        double req = num(u, "requests"), hits = num(u, "hits");
+        const json_t *err = json_object_get(u, "errors");
+        double errors = num(err, "upstream") + num(err, "app") + num(err, "tunnel");
         char p50[32], p99[32];
-        const struct json *hl = json_get(u, "hit_latency_seconds"), *ml = json_get(u, "miss_latency_seconds");
+        const json_t *hl = json_object_get(u, "hit_latency_seconds"), *ml = json_object_get(u, "miss_latency_seconds");
         fmt_latency(p50, sizeof p50, quantile(hl, ml, 0.5));
         fmt_latency(p99, sizeof p99, quantile(hl, ml, 0.99));
         char hitpct[16];
         snprintf(hitpct, sizeof hitpct, req > 0 ? "%.1f" : "-", req > 0 ? 100 * hits / req : 0);
-        printf("%-28s %9.0f %7s %9.0f %9.0f %9.0f %9.0f %9.0f %10s %10s\n", u->key, req, hitpct, hits,
-               json_num(u, "client_connections"), json_num(u, "upstream_conns_opened"),
-               json_num(u, "upstream_requests"), errors, p50, p99);
+        printf("%-28s %9.0f %7s %9.0f %9.0f %9.0f %9.0f %9.0f %10s %10s\n", json_object_iter_key(it), req, hitpct,
+               hits, num(u, "client_connections"), num(u, "upstream_conns_opened"), num(u, "upstream_requests"),
+               errors, p50, p99);
     }
     printf("\n%-8s %9s %9s %7s %9s %9s\n", "PID", "REQUESTS", "HITS", "HIT%", "CLIENT", "UPSTREAM");
     for (int i = 0; i < n; i++) {
         if (!docs[i])
             continue;
         double req = 0, hits = 0, cc = 0, uc = 0;
-        const struct json *pu = json_get(docs[i], "upstreams");
-        for (const struct json *u = pu ? pu->child : NULL; u; u = u->next) {
-            req += json_num(u, "requests");
-            hits += json_num(u, "hits");
-            cc += json_num(u, "client_connections");
-            uc += json_num(u, "upstream_conns_opened");
+        json_t *pu = json_object_get(docs[i], "upstreams");
+        for (void *it = json_object_iter(pu); it; it = json_object_iter_next(pu, it)) {
+            const json_t *u = json_object_iter_value(it);
+            req += num(u, "requests");
+            hits += num(u, "hits");
+            cc += num(u, "client_connections");
+            uc += num(u, "upstream_conns_opened");
         }
         char hitpct[16];
         snprintf(hitpct, sizeof hitpct, req > 0 ? "%.1f" : "-", req > 0 ? 100 * hits / req : 0);
@@ -360,37 +493,41 @@ static int stats_once(const char *pattern, int format)
         free(texts);
         return 0;
     }
-    const struct json **docs = calloc((size_t)n + 1, sizeof *docs);
-    struct json *total = NULL;
+    json_t **docs = calloc((size_t)n + 1, sizeof *docs);
+    json_t *total = NULL;
     int live = 0;
     for (int i = 0; i < n && docs; i++) {
         size_t len;
         char *text = ask(&procs[i], "GET", "/stats", &len);
-        struct json *j = text ? json_parse(text, len) : NULL;
+        json_t *j = text ? parse_answer(text, len) : NULL;
         free(text);
         if (!j)
             continue;
         docs[i] = j;
         live++;
         if (!total) {
-            total = json_clone(j);
+            total = json_deep_copy(j);
         } else {
-            json_sum_into(total, j, false);
+            json_t *r = sum_into(total, j, false);
+            if (r != total) {
+                json_decref(total);
+                total = r;
+            }
         }
     }
     if (format == 'j') {
         printf("{\"total\":");
         if (total) {
-            const struct json *ups = json_get(total, "upstreams");
-            printf("{\"processes\":%d,\"stats_refused\":%.0f,\"upstreams\":", live, json_num(total, "stats_refused"));
+            json_t *ups = json_object_get(total, "upstreams");
+            printf("{\"processes\":%d,\"stats_refused\":%.0f,\"upstreams\":", live, num(total, "stats_refused"));
             if (ups)
-                json_print(stdout, ups);
+                print_json(ups);
             else
                 printf("{}");
-            const struct json *redis = json_get(total, "redis");
+            json_t *redis = json_object_get(total, "redis");
             if (redis) {
                 printf(",\"redis\":");
-                json_print(stdout, redis);
+                print_json(redis);
             }
             printf("}");
         } else {
@@ -401,7 +538,7 @@ static int stats_once(const char *pattern, int format)
         for (int i = 0; i < n; i++)
             if (docs && docs[i]) {
                 printf("%s", first ? "" : ",");
-                json_print(stdout, docs[i]);
+                print_json(docs[i]);
                 first = false;
             }
         printf("]}\n");
@@ -411,9 +548,9 @@ static int stats_once(const char *pattern, int format)
         print_table(total, docs, procs, n);
     }
     for (int i = 0; i < n && docs; i++)
-        json_free((struct json *)docs[i]);
+        json_decref(docs[i]);
     free(docs);
-    json_free(total);
+    json_decref(total);
     return 0;
 }
 
@@ -664,15 +801,17 @@ static int cmd_purge(int argc, char **argv)
     for (int i = 0; i < n; i++) {
         size_t len;
         char *text = ask(&procs[i], "POST", target, &len);
-        struct json *j = text ? json_parse(text, len) : NULL;
-        if (j && !json_get(j, "error")) {
-            purged += json_num(j, "purged");
+        json_t *j = text ? parse_answer(text, len) : NULL;
+        const json_t *error = json_object_get(j, "error");
+        if (j && !error) {
+            purged += num(j, "purged");
             answered++;
         } else if (j) {
-            fprintf(stderr, "httpshim purge: pid %d: %s\n", procs[i].pid, json_get(j, "error")->string);
+            const char *msg = json_string_value(error);
+            fprintf(stderr, "httpshim purge: pid %d: %s\n", procs[i].pid, msg ? msg : "(null)");
             failed++;
         }
-        json_free(j);
+        json_decref(j);
         free(text);
     }
     struct shim_config *cfg = calloc(1, sizeof *cfg);
