@@ -15,7 +15,7 @@ SHIM_SRC = $(wildcard shim/*.c)
 SHIM_HDR = $(wildcard shim/*.h)
 SHIM_OBJ = $(patsubst shim/%.c,$(BUILD)/obj/%.o,$(SHIM_SRC))
 
-all: $(BUILD)/libhttpshim.so $(BUILD)/httpshim $(BUILD)/epollclient
+all: $(BUILD)/libhttpshim.so $(BUILD)/httpshim $(BUILD)/epollclient $(BUILD)/loop_test
 
 $(BUILD)/obj/%.o: shim/%.c $(SHIM_HDR) | $(BUILD)/obj
 	$(CC) $(CFLAGS_BASE) $(SAN) $(CFLAGS) -c $< -o $@
@@ -35,6 +35,11 @@ $(BUILD)/httpshim: tools/httpshim.c shim/rules.c shim/rules.h | $(BUILD)/obj
 
 $(BUILD)/epollclient: tests/clients/epollclient.c | $(BUILD)/obj
 	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -o $@ $< -lm
+
+# loop.c on its own (tests/test_loop.py runs it): only the objects it stands on.
+LOOP_TEST_OBJ = $(addprefix $(BUILD)/obj/,loop.o fdtable.o real.o log.o)
+$(BUILD)/loop_test: tests/unit/loop_test.c shim/loop.h $(LOOP_TEST_OBJ)
+	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -pthread -o $@ $< $(LOOP_TEST_OBJ) -ldl
 
 $(BUILD)/obj:
 	mkdir -p $@
@@ -88,7 +93,7 @@ lint: $(BUILD)/libhttpshim.so
 	@test -x $(LAYERS) || { echo "lint: $(LAYERS) not found (../shared beside the checkout)"; exit 1; }
 	$(LAYERS) $(BUILD)/obj
 	cppcheck --quiet --enable=warning,style,performance,portability --std=c11 -D_GNU_SOURCE \
-	  --error-exitcode=1 --inline-suppr --suppress=missingIncludeSystem shim/ tools/ tests/clients/ bench/
+	  --error-exitcode=1 --inline-suppr --suppress=missingIncludeSystem shim/ tools/ tests/clients/ tests/unit/ bench/
 
 # The same suite with the library (and the C client) built with ASan + UBSan. The ASan
 # runtime must be the first preloaded object, so tests put it ahead of the library.
