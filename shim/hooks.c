@@ -25,11 +25,33 @@
 static pthread_once_t config_once = PTHREAD_ONCE_INIT;
 static struct shim_config *config;   /* NULL: inert */
 
-static void load_config(void)
+/* HTTPSHIM_CONF as it was when the library loaded: servers scrub their workers'
+ * environment (clearenv, a whitelisting master) long before the first connect. */
+static char conf_path[4096];
+static enum { ENV_UNREAD, ENV_READ, ENV_TOO_LONG } conf_env;
+
+static void capture_environment(void)
 {
     const char *path = getenv("HTTPSHIM_CONF");
-    if (!path || !*path)
-        path = "/etc/httpshim/rules.conf";
+    size_t n = path ? strlen(path) : 0;
+    if (n < sizeof conf_path) {
+        memcpy(conf_path, path ? path : "", n + 1);
+        conf_env = ENV_READ;
+    } else {
+        conf_env = ENV_TOO_LONG;
+    }
+    shim_debug_enable(getenv("HTTPSHIM_DEBUG") != NULL);
+}
+
+static void load_config(void)
+{
+    if (conf_env == ENV_UNREAD)        /* a hook ran before the constructor */
+        capture_environment();
+    if (conf_env == ENV_TOO_LONG) {
+        shim_log("HTTPSHIM_CONF is longer than %zu bytes (running without the shim)", sizeof conf_path - 1);
+        return;
+    }
+    const char *path = conf_path[0] ? conf_path : "/etc/httpshim/rules.conf";
     struct shim_config *cfg = calloc(1, sizeof *cfg);
     if (!cfg)
         return;
@@ -72,6 +94,7 @@ static void atfork_child(void) { engine_atfork_child(); }
 
 __attribute__((constructor)) static void shim_constructor(void)
 {
+    capture_environment();
     real_bind();
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }

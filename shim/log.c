@@ -3,6 +3,7 @@
  * when HTTPSHIM_DEBUG is set. */
 #include "log.h"
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -32,12 +33,18 @@ void shim_log(const char *fmt, ...)
     va_end(ap);
 }
 
+static _Atomic int debug_enabled = -1;   /* -1: not decided at load: ask the environment now */
+
+void shim_debug_enable(bool on)
+{
+    debug_enabled = on;
+}
+
 void shim_debug(const char *fmt, ...)
 {
-    static int enabled = -1;
-    if (enabled < 0)
-        enabled = getenv("HTTPSHIM_DEBUG") != NULL;
-    if (!enabled)
+    if (debug_enabled < 0)
+        debug_enabled = getenv("HTTPSHIM_DEBUG") != NULL;
+    if (!debug_enabled)
         return;
     va_list ap;
     va_start(ap, fmt);

@@ -665,7 +665,7 @@ static void usage(FILE *f)
 "         [--conn-per-request | --keepalive | --pipeline] [--http10]\n"
 "         [--register before|after] [--concurrency C] [--timeout MS]\n"
 "         [--out FILE|-] [--print-status] [--latency] [--warmup K]\n"
-"         [--keep-going] [--unique] [--samples FILE]\n"
+"         [--keep-going] [--unique] [--samples FILE] [--clearenv]\n"
 "  --host ADDR        numeric IPv4/IPv6 address (default 127.0.0.1)\n"
 "  --count N          number of requests (default 1)\n"
 "  --conn-per-request new connection + 'Connection: close' per request (default)\n"
@@ -684,6 +684,8 @@ static void usage(FILE *f)
 "                     has a query) appended to the path of request INDEX (0-based)\n"
 "  --samples FILE     write every latency measured (µs, one per line, in completion\n"
 "                     order, warmup excluded) to FILE\n"
+"  --clearenv         clearenv() before the first connect, as a server that scrubs\n"
+"                     its workers' environment does\n"
 "exit: 0 all requests got a complete final response, 1 otherwise, 2 usage\n", f);
 }
 
@@ -723,11 +725,11 @@ int main(int argc, char **argv)
         {"register", 1, 0, 'r'}, {"out", 1, 0, 'o'}, {"print-status", 0, 0, 's'},
         {"latency", 0, 0, 'L'}, {"warmup", 1, 0, 'w'}, {"keep-going", 0, 0, 'g'},
         {"concurrency", 1, 0, 'c'}, {"timeout", 1, 0, 't'}, {"help", 0, 0, 'x'},
-        {"unique", 0, 0, 'u'}, {"samples", 1, 0, 'S'},
+        {"unique", 0, 0, 'u'}, {"samples", 1, 0, 'S'}, {"clearenv", 0, 0, 'E'},
         {0, 0, 0, 0}};
     hdrs = calloc((size_t)argc, sizeof *hdrs);
     int nh = 0, ch;
-    bool user_host = false;
+    bool user_host = false, clear_env = false;
     if (!hdrs)
         return 1;
     while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -762,6 +764,7 @@ int main(int argc, char **argv)
         case 't': opt.timeout_ms = (int)num_arg("timeout", optarg, 1, 86400000); break;
         case 'u': opt.unique = true; break;
         case 'S': opt.samples = optarg; break;
+        case 'E': clear_env = true; break;
         default:
             usage(ch == 'x' ? stdout : stderr);
             return ch == 'x' ? 0 : 2;
@@ -776,6 +779,8 @@ int main(int argc, char **argv)
     if (opt.conc > opt.count)
         opt.conc = (int)opt.count;
     opt.head_req = strcmp(opt.method, "HEAD") == 0;
+    if (clear_env && clearenv() != 0)
+        return 2;
 
     char port[8];
     snprintf(port, sizeof port, "%d", opt.port);
