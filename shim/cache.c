@@ -1,9 +1,11 @@
 /* cache.c — what may be cached and under which key: rule matching, key construction
- * (the rule's host, never the client's Host; ignored query parameters dropped; named
- * request headers and a hash of Authorization included), Vary variants, the response
+ * (the rule's host and port first, then the request's own authority; ignored query
+ * parameters dropped; named request headers, a hash of every Authorization line, and
+ * Cookie only when the rule keys on it, hashed), Vary variants, the response
  * storage policy (no-store, private, Set-Cookie, Vary: *, statuses, Cache-Control
  * lifetimes) and building immutable, reference-counted entries. */
 #include "cache.h"
+#include <ctype.h>
 #include <curl/curl.h>
 #include <fnmatch.h>
 #include "sha256.h"
@@ -17,7 +19,7 @@ const char *const cache_not_stored_names[NS__COUNT] = {
     [NS_NONE] = "none", [NS_METHOD] = "method", [NS_STATUS] = "status", [NS_NO_STORE] = "no_store",
     [NS_PRIVATE] = "private", [NS_SET_COOKIE] = "set_cookie", [NS_VARY_STAR] = "vary_star",
     [NS_TOO_LARGE] = "too_large", [NS_INCOMPLETE] = "incomplete", [NS_UNFRAMED] = "unframed",
-    [NS_ZERO_TTL] = "zero_ttl", [NS_NO_MEMORY] = "no_memory",
+    [NS_ZERO_TTL] = "zero_ttl", [NS_NO_MEMORY] = "no_memory", [NS_MISFRAMED] = "misframed",
 };
 
 int64_t cache_now_ms(void)
@@ -111,11 +113,82 @@ static void put_header_values(struct keybuf *k, const struct http_request *req, 
         put(k, "\x01", 1);             /* absent differs from empty */
 }
 
+static bool rule_keys_on(const struct cache_rule *r, const char *name)
+{
+    for (size_t i = 0; i < r->n_key_headers; i++)
+        if (!strcasecmp(r->key_headers[i], name))
+            return true;
+    return false;
+}
+
+/* "\nNAME-sha256: HEX" of every line of the header, in order, each value prefixed by its
+ * length so that no two different sequences of lines hash alike. Nothing when absent. */
+static void put_header_hash(struct keybuf *k, const struct http_request *req, const char *name)
+{
+    size_t n = strlen(name);
+    const struct http_header *h = find_header(req, name, n, 0);
+    if (!h)
+        return;
+    struct sha256_ctx c;
+    sha256_init(&c);
+    for (; h; h = find_header(req, name, n, (size_t)(h - req->headers) + 1)) {
+        char len[24];
+        int l = snprintf(len, sizeof len, "%zu:", h->value.n);
+        sha256_update(&c, len, (size_t)l);
+        sha256_update(&c, h->value.p, h->value.n);
+    }
+    unsigned char digest[SHA256_BYTES];
+    sha256_final(&c, digest);
+    char hex[2 * SHA256_BYTES + 1];
+    for (size_t i = 0; i < SHA256_BYTES; i++)
+        snprintf(hex + 2 * i, 3, "%02x", digest[i]);
+    put(k, "\n", 1);
+    puts_(k, name);
+    puts_(k, "-sha256: ");
+    puts_(k, hex);
+}
+
+/* The authority the request names, lower-cased and without the scheme's default port:
+ * an absolute-form target's, else the Host header's. False when it is ambiguous (two
+ * Host lines) or too long, so the request is not cached. */
+static bool put_authority(struct keybuf *k, const struct http_request *req)
+{
+    struct http_slice a = { "", 0 };
+    const char *t = req->target.p, *end = t + req->target.n;
+    const char *scheme = req->target.n && *t != '/' ? memmem(t, req->target.n, "://", 3) : NULL;
+    if (scheme) {
+        const char *from = scheme + 3, *slash = memchr(from, '/', (size_t)(end - from));
+        a = (struct http_slice){ from, (size_t)((slash ? slash : end) - from) };
+    } else {
+        const struct http_header *h = find_header(req, "host", 4, 0);
+        if (h && find_header(req, "host", 4, (size_t)(h - req->headers) + 1))
+            return false;
+        if (h)
+            a = h->value;
+    }
+    char norm[RULES_HOST_MAX + 16];
+    if (a.n >= sizeof norm)
+        return false;
+    for (size_t i = 0; i < a.n; i++)
+        norm[i] = (char)tolower((unsigned char)a.p[i]);
+    size_t n = a.n;
+    if (n > 3 && !memcmp(norm + n - 3, ":80", 3) && norm[n - 4] != ':')
+        n -= 3;                        /* http's default port: host and host:80 are one */
+    puts_(k, "\nhost: ");
+    put(k, norm, n);
+    return true;
+}
+
 size_t cache_key(const struct upstream_rule *u, const struct cache_rule *r, const struct http_request *req,
                  char *out, size_t cap)
 {
     struct http_slice path, query;
     if (!target_path(req->target, &path, &query))
+        return 0;
+    /* A cookie names a user: a shared cache must not hand that user's answer to another
+     * (RFC 9111 3.5), unless the rule keys on it. */
+    bool keys_cookie = rule_keys_on(r, "cookie");
+    if (!keys_cookie && find_header(req, "cookie", 6, 0))
         return 0;
     struct keybuf k = { out, 0, cap, false };
     char hostport[RULES_HOST_MAX + 16];
@@ -144,22 +217,20 @@ size_t cache_key(const struct upstream_rule *u, const struct cache_rule *r, cons
         }
         i = end + 1;
     }
+    /* under the rule's upstream, so a spoofed Host never reaches another upstream's entries */
+    if (!put_authority(&k, req))
+        return 0;
     for (size_t i = 0; i < r->n_key_headers; i++) {
+        if (!strcasecmp(r->key_headers[i], "cookie") || !strcasecmp(r->key_headers[i], "authorization"))
+            continue;                  /* credentials go in hashed, below */
         put(&k, "\n", 1);
         puts_(&k, r->key_headers[i]);
         put(&k, ": ", 2);
         put_header_values(&k, req, r->key_headers[i], strlen(r->key_headers[i]));
     }
-    const struct http_header *auth = find_header(req, "authorization", 13, 0);
-    if (auth) {
-        unsigned char digest[SHA256_BYTES];
-        sha256(auth->value.p, auth->value.n, digest);
-        char hex[2 * SHA256_BYTES + 1];
-        for (size_t i = 0; i < SHA256_BYTES; i++)
-            snprintf(hex + 2 * i, 3, "%02x", digest[i]);
-        puts_(&k, "\nauthorization-sha256: ");
-        puts_(&k, hex);
-    }
+    put_header_hash(&k, req, "authorization");
+    if (keys_cookie)
+        put_header_hash(&k, req, "cookie");
     return k.overflow ? 0 : k.n;
 }
 

@@ -1,5 +1,6 @@
 /* http.c — the HTTP/1.x request parser: request line, header fields, framing
- * (Content-Length, chunked), connection semantics. Strict by design: ambiguous framing
+ * (Content-Length, chunked), connection semantics; and the pieces of a response head the
+ * upstream path judges: status line, header lines, framing. Strict by design: ambiguous framing
  * (CL + TE, conflicting CLs, obs-fold, bare LF) is an error, which makes the engine relay
  * the bytes untouched instead of guessing. No allocation, no copies, no locale. */
 #include "http.h"
@@ -229,4 +230,105 @@ const char *http_connection_line(int minor, bool keep_alive)
     if (minor >= 1)
         return keep_alive ? "" : "Connection: close\r\n";
     return keep_alive ? "Connection: keep-alive\r\n" : "Connection: close\r\n";
+}
+
+/* ---- responses ---- */
+
+bool http_parse_status_line(const char *line, size_t len, int *status, struct http_slice *reason)
+{
+    if (len < 12 || memcmp(line, "HTTP/1.", 7) || (line[7] != '0' && line[7] != '1') || line[8] != ' ')
+        return false;
+    int code = 0;
+    for (int i = 9; i < 12; i++) {
+        if (line[i] < '0' || line[i] > '9')
+            return false;
+        code = code * 10 + (line[i] - '0');
+    }
+    if (code < 100 || code > 599 || (len > 12 && line[12] != ' '))
+        return false;
+    size_t from = len > 12 ? 13 : 12;
+    while (from < len && line[from] == ' ')
+        from++;
+    *status = code;
+    *reason = (struct http_slice){ line + from, len - from };
+    return true;
+}
+
+bool http_split_header_line(const char *line, size_t len, struct http_slice *name, struct http_slice *value)
+{
+    const char *colon = memchr(line, ':', len);
+    if (!colon || colon == line)
+        return false;
+    for (const char *c = line; c < colon; c++)
+        if (!is_tchar((unsigned char)*c))
+            return false;
+    const char *v = colon + 1, *end = line + len;
+    while (v < end && (*v == ' ' || *v == '\t'))
+        v++;
+    while (end > v && (end[-1] == ' ' || end[-1] == '\t'))
+        end--;
+    *name = (struct http_slice){ line, (size_t)(colon - line) };
+    *value = (struct http_slice){ v, (size_t)(end - v) };
+    return true;
+}
+
+void http_framing_init(struct http_framing *f)
+{
+    f->content_length = -1;
+    f->chunked = f->has_te = f->conflict = false;
+}
+
+/* Every element of a Content-Length list must be the same valid number ("5, 5" is 5). */
+static void take_content_length(struct http_framing *f, struct http_slice v)
+{
+    size_t i = 0;
+    bool any = false;
+    while (i <= v.n) {
+        size_t start = i;
+        while (i < v.n && v.p[i] != ',')
+            i++;
+        struct http_slice item = { v.p + start, i - start };
+        while (item.n && (item.p[0] == ' ' || item.p[0] == '\t')) {
+            item.p++;
+            item.n--;
+        }
+        while (item.n && (item.p[item.n - 1] == ' ' || item.p[item.n - 1] == '\t'))
+            item.n--;
+        int64_t n;
+        if (!parse_content_length(item, &n) || (f->content_length >= 0 && n != f->content_length)) {
+            f->conflict = true;
+            return;
+        }
+        f->content_length = n;
+        any = true;
+        i++;
+    }
+    if (!any)
+        f->conflict = true;
+}
+
+bool http_framing_header(struct http_framing *f, struct http_slice name, struct http_slice value)
+{
+    if (http_slice_ieq(name, "content-length")) {
+        take_content_length(f, value);
+        return true;
+    }
+    if (!http_slice_ieq(name, "transfer-encoding"))
+        return false;
+    /* only a single "chunked" is relayable: another coding would reach the app unlabelled
+     * (Transfer-Encoding is hop-by-hop), and a repeated one is a framing attack */
+    if (f->has_te || !http_slice_ieq(value, "chunked"))
+        f->conflict = true;
+    f->has_te = true;
+    f->chunked = !f->conflict;
+    return true;
+}
+
+enum http_framing_verdict http_framing_verdict(const struct http_framing *f)
+{
+    if (f->conflict)
+        return HTTP_FRAMING_BROKEN;
+    if (f->chunked && f->content_length >= 0)
+        return HTTP_FRAMING_UNSTORABLE;
+    return HTTP_FRAMING_OK;
 }

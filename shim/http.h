@@ -1,4 +1,5 @@
-/* http.h — strict, allocation-free HTTP/1.x request parser (owned by http.c).
+/* http.h — strict, allocation-free HTTP/1.x request parser, and what a response head's
+ * status line and framing headers say (owned by http.c).
  * It never copies: every field points into the caller's buffer. Anything it does not
  * fully understand is HTTP_PARSE_ERROR, and the caller tunnels the bytes untouched. */
 #ifndef HTTPSHIM_HTTP_H
@@ -49,4 +50,26 @@ bool http_method_is(const struct http_request *req, const char *m);
  * and whether the connection must close after it. */
 const char *http_connection_line(int minor, bool keep_alive);
 
+/* ---- responses (the upstream's head arrives from libcurl one line at a time) ---- */
+
+/* "HTTP/1.x SSS reason": status (100..599) and the reason phrase. False otherwise. */
+bool http_parse_status_line(const char *line, size_t len, int *status, struct http_slice *reason);
+/* "Name: value" (value without surrounding whitespace). False when it is not a header line. */
+bool http_split_header_line(const char *line, size_t len, struct http_slice *name, struct http_slice *value);
+
+/* The framing headers of one response head (RFC 9112 6), gathered line by line. */
+struct http_framing {
+    int64_t content_length;            /* -1 when absent */
+    bool chunked;                      /* Transfer-Encoding: chunked, alone */
+    bool has_te, conflict;             /* conflict: unequal or invalid lengths, TE other than chunked */
+};
+enum http_framing_verdict {
+    HTTP_FRAMING_OK,                   /* unambiguous */
+    HTTP_FRAMING_UNSTORABLE,           /* Content-Length and chunked: relayed as chunked, never stored */
+    HTTP_FRAMING_BROKEN,               /* no safe way to find the body's end: fail the exchange */
+};
+void http_framing_init(struct http_framing *f);
+/* True when name is Content-Length or Transfer-Encoding (then it is taken into f). */
+bool http_framing_header(struct http_framing *f, struct http_slice name, struct http_slice value);
+enum http_framing_verdict http_framing_verdict(const struct http_framing *f);
 #endif

@@ -28,7 +28,8 @@ struct transfer {
     struct curl_slist *headers, *connect_to;
     struct buf head;                /* the response head, rewritten for the app */
     int status;
-    int64_t content_length;         /* -1 when the upstream sent none */
+    struct http_framing framing;    /* what the head's framing headers say */
+    int64_t content_length;         /* -1 when the upstream sent none, or chunked */
     bool upstream_chunked;
     bool head_done, head_sent, paused, send_paused, must_close, connected;
     enum body_mode mode;
@@ -206,24 +207,19 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
     while (l && (p[l - 1] == '\r' || p[l - 1] == '\n'))
         l--;
     if (len >= 5 && !memcmp(p, "HTTP/", 5)) {
-        const char *sp = memchr(p, ' ', l);
-        if (!sp || l - (size_t)(sp - p) < 4)
-            return 0;
-        t->status = atoi(sp + 1);
-        t->content_length = -1;
-        t->upstream_chunked = false;
+        struct http_slice reason;
+        if (!http_parse_status_line(p, l, &t->status, &reason))
+            return 0;                  /* not a status line we can relay: fail the exchange */
+        http_framing_init(&t->framing);
         t->head.start = t->head.end = 0;
         t->stored_head.start = t->stored_head.end = 0;
         t->vary.start = t->vary.end = 0;
         cache_policy_init(&t->policy);
-        const char *reason = sp + 1;
-        while (reason < p + l && *reason != ' ')
-            reason++;
-        while (reason < p + l && *reason == ' ')
-            reason++;
-        t->reason_len = (size_t)(p + l - reason) < sizeof t->reason ? (size_t)(p + l - reason) : sizeof t->reason;
-        memcpy(t->reason, reason, t->reason_len);
-        int k = snprintf(scratch, sizeof scratch, "HTTP/1.%d%.*s\r\n", c->req_minor, (int)(l - (size_t)(sp - p)), sp);
+        t->reason_len = reason.n < sizeof t->reason ? reason.n : sizeof t->reason;
+        memcpy(t->reason, reason.p, t->reason_len);
+        int k = reason.n ? snprintf(scratch, sizeof scratch, "HTTP/1.%d %03d %.*s\r\n", c->req_minor, t->status,
+                                    (int)reason.n, reason.p)
+                         : snprintf(scratch, sizeof scratch, "HTTP/1.%d %03d\r\n", c->req_minor, t->status);
         return (k > 0 && (size_t)k < sizeof scratch && buf_append(&t->head, scratch, (size_t)k) == 0) ? len : 0;
     }
     if (l == 0) {                      /* end of a head */
@@ -231,6 +227,18 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
             t->status = 0;             /* interim response: libcurl handles it */
             return len;
         }
+        enum http_framing_verdict framing = http_framing_verdict(&t->framing);
+        if (framing == HTTP_FRAMING_BROKEN) {
+            /* lengths that disagree, or a coding we cannot relay: where the body ends is a
+             * guess, and a guess must not reach the app or the cache (RFC 9112 6.3) */
+            shim_debug("fd %d: upstream response framing is ambiguous: exchange failed", c->fd);
+            not_stored(t, NS_MISFRAMED);
+            return 0;
+        }
+        if (framing == HTTP_FRAMING_UNSTORABLE)
+            not_stored(t, NS_MISFRAMED);   /* relayed as chunked, as libcurl reads it */
+        t->upstream_chunked = t->framing.chunked;
+        t->content_length = t->framing.chunked ? -1 : t->framing.content_length;
         bool no_body = c->req_is_head || t->status == 204 || t->status == 304;
         bool keep = c->req_keep_alive;
         char extra[160];
@@ -270,22 +278,11 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
     }
     if (!t->status)
         return 0;
-    const char *colon = memchr(p, ':', l);
-    if (!colon)
+    struct http_slice name, value;
+    if (!http_split_header_line(p, l, &name, &value))
         return 0;
-    struct http_slice name = { p, (size_t)(colon - p) };
-    const char *v = colon + 1;
-    while (v < p + l && (*v == ' ' || *v == '\t'))
-        v++;
-    struct http_slice value = { v, (size_t)(p + l - v) };
-    if (http_slice_ieq(name, "content-length")) {
-        t->content_length = strtoll(v, NULL, 10);
+    if (http_framing_header(&t->framing, name, value))
         return len;                    /* re-emitted once framing is decided */
-    }
-    if (http_slice_ieq(name, "transfer-encoding")) {
-        t->upstream_chunked = http_list_has_token(value, "chunked");
-        return len;
-    }
     if (http_is_hop_by_hop(name))
         return len;
     if (t->store) {

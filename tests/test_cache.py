@@ -324,27 +324,45 @@ def test_key_headers(upstream, tmp_path):
 
 
 def test_host_header_does_not_pick_the_entry(upstream, upstream_b, tmp_path):
-    """The key uses the rule's host:port: a request to A that claims `Host: B` is
-    stored under A, and a later request to B is answered by B."""
+    """The key starts with the rule's host:port, then the request's own authority: a
+    request to A that claims `Host: B` is stored under A (for that authority), never
+    where a request to B would find it, and a later request to B is answered by B."""
     rule = ["GET /custom* ttl=10m"]
     conf = cache_conf(tmp_path, [(upstream, rule), (upstream_b, rule)])
     t = "/custom?tag=spoof&n=700"
-    b_host = "127.0.0.1:%d" % upstream_b.port
-    p = play(tmp_path, conf, [get(upstream, t, host=b_host),    # to A, Host: B
-                              get(upstream_b, t),                # to B
-                              get(upstream, t),                  # to A: A's entry
-                              get(upstream_b, t, host="127.0.0.1:%d" % upstream.port)])
+    a_host, b_host = "127.0.0.1:%d" % upstream.port, "127.0.0.1:%d" % upstream_b.port
+    p = play(tmp_path, conf, [get(upstream, t, host=b_host),    # 0: to A, Host: B
+                              get(upstream_b, t),                # 1: to B
+                              get(upstream, t),                  # 2: to A, Host: A
+                              get(upstream_b, t, host=a_host),   # 3: to B, Host: A
+                              get(upstream, t, host=b_host),     # 4: #0's entry
+                              get(upstream_b, t)])               # 5: #1's entry
     detail = "%s\nA: %s\nB: %s" % (p.describe(), log_desc(upstream), log_desc(upstream_b))
-    for i in range(4):
+    for i in range(6):
         assert_body(p, i, 700)
-    assert upstream_b.stats()["requests"] == 1, \
-        "B's response must come from B (never A's entry)\n" + detail
-    assert upstream.stats()["requests"] == 1, detail
+    assert upstream_b.stats()["requests"] == 2, \
+        "B's responses must come from B (never A's entries)\n" + detail
+    assert upstream.stats()["requests"] == 2, detail
     xs = [served(r) for r in p.resps]
-    # each server numbers its own responses; A's first and B's first are both "1",
-    # so tell them apart by which upstream logged what
-    assert xs[2] == xs[0] and xs[3] == xs[1], detail
-    assert [e["target"] for e in upstream_log(upstream_b)] == [t], detail
+    # each server numbers its own responses; tell them apart by which upstream logged what
+    assert xs[4] == xs[0] and xs[5] == xs[1], detail
+    assert xs[2] != xs[0] and xs[3] != xs[1], detail
+
+
+def test_authority_joins_the_key(upstream, tmp_path):
+    """Name-based virtual hosts behind one address do not share entries: the Host header
+    (case and the default port normalised) and an absolute-form target's authority are
+    part of the key."""
+    conf = simple_conf(tmp_path, upstream)
+    t = "/custom?tag=vhost"
+    p = play(tmp_path, conf, [get(upstream, t, host="api.example"),          # a
+                              get(upstream, t, host="www.example"),          # b
+                              get(upstream, t, host="API.Example:80"),       # a
+                              get(upstream, "http://www.example" + t),       # b (absolute-form)
+                              get(upstream, "http://other.example" + t,
+                                  host="api.example"),                       # c: the target's authority
+                              get(upstream, t, host="api.example:8080")])    # d
+    assert_sources(p, upstream, "ababcd")
 
 
 # ------------------------------------------------------------------ never stored

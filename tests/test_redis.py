@@ -217,7 +217,8 @@ def redis_conf(tmp, sockdir, url, blocks, extra=(), name="redis.conf"):
 
 
 def key(up, target, prefix=PREFIX):
-    return "%sGET http://127.0.0.1:%d%s" % (prefix, up.port, target)
+    """The Redis key of a GET the test clients send (with `Host: 127.0.0.1:PORT`)."""
+    return "%sGET http://127.0.0.1:%d%s\nhost: 127.0.0.1:%d" % (prefix, up.port, target, up.port)
 
 
 def wait_keys(srv, match, n=1, timeout=KEY_WAIT, db=0, what=""):
@@ -520,7 +521,7 @@ def test_checksums_are_sha256_of_the_payload(upstream, redis, sockdir, tmp_path)
         r = run([BUILD / "epollclient", "--port", upstream.port, "--path", "/bytes/%d" % n],
                 conf=conf)
         assert r.rc == 0, r.describe()
-    keys = wait_keys(redis, key(upstream, "/bytes/") + "*", n=len(sizes))
+    keys = wait_keys(redis, key(upstream, "/bytes/*"), n=len(sizes))
     checked = set()
     for k in keys:
         v = redis.cmd("GET", k)

@@ -35,7 +35,7 @@ COUNTERS = ("client_connections", "requests", "hits", "misses", "stored", "evict
 GAUGES = ("memory_entries", "memory_bytes")
 POOL = ("pool_idle", "pool_busy", "pool_waiting")
 REASONS = ("method", "status", "no_store", "private", "set_cookie", "vary_star",
-           "too_large", "incomplete", "unframed", "zero_ttl", "no_memory")
+           "too_large", "incomplete", "unframed", "zero_ttl", "no_memory", "misframed")
 ERROR_KINDS = ("upstream", "app", "tunnel")
 HISTS = ("hit_latency_seconds", "miss_latency_seconds")
 UPSTREAM_KEYS = set(COUNTERS + GAUGES + POOL + HISTS) | {"not_stored", "errors"}
