@@ -32,6 +32,8 @@ size_t buf_make_room(struct buf *b, size_t want)
 
 int buf_append(struct buf *b, const void *p, size_t n)
 {
+    if (n == 0)
+        return 0;                      /* data may still be NULL: memcpy must not see it */
     if (buf_make_room(b, n) < n)
         return -1;
     memcpy(b->data + b->end, p, n);

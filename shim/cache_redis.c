@@ -1,8 +1,8 @@
 /* cache_redis.c — the Redis tier: one hiredis async connection per process, driven by
  * the engine's loop through a small adapter; lookups (GET + PTTL, pipelined) that a
  * request waits on for at most redis_timeout; fire-and-forget SET ... PX after the
- * response has gone to the app; the versioned, checksummed entry format; reconnects
- * with backoff; and bounds on everything queued towards Redis. Redis does the expiry. */
+ * response has gone to the app (entries in redis_value.c's format); reconnects with
+ * backoff; and bounds on everything queued towards Redis. Redis does the expiry. */
 #include "cache_redis.h"
 #include "fdtable.h"
 #include "http.h"
@@ -12,7 +12,7 @@
 #include <errno.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
-#include "sha256.h"
+#include "redis_value.h"
 #include <stdlib.h>
 #include <string.h>
 #include <netinet/tcp.h>
@@ -23,84 +23,6 @@
 #define REDIS_MAX_PENDING_BYTES (8u << 20)     /* SET payloads queued, not yet answered */
 #define REDIS_BACKOFF_MIN_MS   100
 #define REDIS_BACKOFF_MAX_MS   2000
-
-/* ---- entry format ----
- * "HSC1" | version u8 (1) | flags u8 (0) | status u16 | stored_at_ms i64 | expires_at_ms i64
- * | reason_len u16 | headers_len u32 | body_len u32 | checksum 8 bytes (SHA-256 prefix of
- * everything after it) | reason | headers | body. Integers little-endian. */
-#define ENTRY_MAGIC "HSC1"
-#define ENTRY_HEAD 42
-
-static void put_u(unsigned char *p, uint64_t v, int n)
-{
-    for (int i = 0; i < n; i++)
-        p[i] = (unsigned char)(v >> (8 * i));
-}
-
-static uint64_t get_u(const unsigned char *p, int n)
-{
-    uint64_t v = 0;
-    for (int i = n - 1; i >= 0; i--)
-        v = (v << 8) | p[i];
-    return v;
-}
-
-static unsigned char *encode_entry(const struct cache_entry *e, size_t *len)
-{
-    size_t n = ENTRY_HEAD + e->reason_len + e->body_len
-             + (cache_entry_is_vary_marker(e) ? e->vary_len : e->headers_len);
-    unsigned char *v = malloc(n);
-    if (!v)
-        return NULL;
-    memcpy(v, ENTRY_MAGIC, 4);
-    v[4] = 1;
-    v[5] = cache_entry_is_vary_marker(e) ? 1 : 0;   /* flag 1: a Vary marker, names in the header field */
-    put_u(v + 6, (uint64_t)e->status, 2);
-    put_u(v + 8, (uint64_t)e->stored_at_ms, 8);
-    put_u(v + 16, (uint64_t)e->expires_at_ms, 8);
-    put_u(v + 24, e->reason_len, 2);
-    put_u(v + 26, e->headers_len, 4);
-    put_u(v + 30, e->body_len, 4);
-    unsigned char *p = v + ENTRY_HEAD;
-    const char *headers = cache_entry_is_vary_marker(e) ? e->vary : e->headers;
-    size_t headers_len = cache_entry_is_vary_marker(e) ? e->vary_len : e->headers_len;
-    put_u(v + 26, headers_len, 4);
-    memcpy(p, e->reason, e->reason_len);
-    memcpy(p + e->reason_len, headers, headers_len);
-    memcpy(p + e->reason_len + headers_len, e->body, e->body_len);
-    unsigned char digest[SHA256_BYTES];
-    sha256(v + ENTRY_HEAD, n - ENTRY_HEAD, digest);
-    memcpy(v + 34, digest, 8);
-    *len = n;
-    return v;
-}
-
-/* NULL for anything that is not a whole, intact entry of this version. */
-static struct cache_entry *decode_entry(const char *key, size_t key_len, const unsigned char *v, size_t n,
-                                        int64_t ttl_ms)
-{
-    if (n < ENTRY_HEAD || memcmp(v, ENTRY_MAGIC, 4) || v[4] != 1)
-        return NULL;
-    size_t reason_len = (size_t)get_u(v + 24, 2), headers_len = (size_t)get_u(v + 26, 4);
-    size_t body_len = (size_t)get_u(v + 30, 4);
-    int status = (int)get_u(v + 6, 2);
-    bool marker = v[5] == 1;
-    if (ENTRY_HEAD + reason_len + headers_len + body_len != n || v[5] > 1
-        || (marker ? (status != 0 || !headers_len || body_len) : (status < 100 || status > 599)))
-        return NULL;
-    unsigned char digest[SHA256_BYTES];
-    sha256(v + ENTRY_HEAD, n - ENTRY_HEAD, digest);
-    if (memcmp(digest, v + 34, 8))
-        return NULL;
-    const char *p = (const char *)v + ENTRY_HEAD;
-    struct cache_entry *e = marker ? cache_entry_new(key, key_len, 0, "", 0, "", 0, p + reason_len, headers_len,
-                                                     "", 0, "", 0, ttl_ms)
-                                   : cache_entry_new(key, key_len, status, p, reason_len, p + reason_len, headers_len,
-                                                     "", 0, "", 0, p + reason_len + headers_len, body_len, ttl_ms);
-    if (e)
-        e->stored_at_ms = (int64_t)get_u(v + 8, 8);
-    return e;
-}
 
 /* ---- connection ---- */
 
@@ -436,6 +358,11 @@ static bool variant_lookup(struct redis_ticket *t, struct cache_entry *marker)
     return true;
 }
 
+static struct redis_secret secret(void)
+{
+    return (struct redis_secret){ R.cfg->redis_secret, R.cfg->redis_secret_len };
+}
+
 static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
 {
     struct redis_ticket *t = privdata;
@@ -446,9 +373,10 @@ static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
         if (r && r->type == REDIS_REPLY_ERROR)
             atomic_fetch_add(&shim_redis.errors, 1);
     } else if (t->got_value && r->integer > 0) {
-        e = decode_entry(t->key, t->key_len, t->value, t->value_len, r->integer);
-        if (!e) {
-            atomic_fetch_add(&shim_redis.corrupt, 1);
+        enum redis_value_verdict v = redis_value_decode(t->key, t->key_len, t->value, t->value_len, r->integer,
+                                                        cache_now_ms(), secret(), &e);
+        if (v == REDIS_VALUE_CORRUPT || v == REDIS_VALUE_UNAUTHENTICATED) {
+            atomic_fetch_add(v == REDIS_VALUE_CORRUPT ? &shim_redis.corrupt : &shim_redis.unauthenticated, 1);
             if (ac && R.connected && R.inflight < REDIS_MAX_INFLIGHT) {
                 if (redisAsyncCommand(ac, on_written, NULL, "DEL %s%b", R.cfg->redis_prefix, t->key, t->key_len)
                     == REDIS_OK)
@@ -531,7 +459,7 @@ void redis_store(const struct cache_entry *e, int64_t ttl_ms)
         || R.inflight >= REDIS_MAX_INFLIGHT)
         return;
     size_t len;
-    unsigned char *v = encode_entry(e, &len);
+    unsigned char *v = redis_value_encode(e, e->key, e->key_len, secret(), &len);
     if (!v)
         return;
     if (R.pending_bytes + len <= REDIS_MAX_PENDING_BYTES) {

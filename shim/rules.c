@@ -286,6 +286,30 @@ static int parse_redis_url(const char *url, struct shim_config *cfg)
     return 0;
 }
 
+/* The secret is the file's bytes less trailing whitespace (an editor's newline). */
+static int read_secret(struct parser *p, const char *path, struct shim_config *cfg)
+{
+    FILE *f = fopen(path, "rbe");
+    if (!f)
+        return fail(p, "redis_secret_file %s: %s", path, strerror(errno));
+    unsigned char buf[RULES_SECRET_MAX + 1];
+    size_t n = fread(buf, 1, sizeof buf, f);
+    int failed = ferror(f) ? errno : 0;
+    fclose(f);
+    if (failed)
+        return fail(p, "redis_secret_file %s: %s", path, strerror(failed));
+    while (n && isspace(buf[n - 1]))
+        n--;
+    if (n == 0)
+        return fail(p, "redis_secret_file %s is empty", path);
+    if (n > RULES_SECRET_MAX)
+        return fail(p, "redis_secret_file %s: a secret longer than %d bytes", path, RULES_SECRET_MAX);
+    memcpy(cfg->redis_secret, buf, n);
+    cfg->redis_secret_len = n;
+    memset(buf, 0, sizeof buf);
+    return 0;
+}
+
 static int parse_global(struct parser *p, const char *key, const char *val, struct shim_config *cfg)
 {
     bool ok = false;
@@ -327,6 +351,8 @@ static int parse_global(struct parser *p, const char *key, const char *val, stru
             return fail(p, "redis_timeout '%s': expected a duration like 50ms", val);
         return 0;
     }
+    if (!strcmp(key, "redis_secret_file"))
+        return read_secret(p, val, cfg);
     if (!strcmp(key, "redis_max_object")) {
         cfg->redis_max_object = rules_parse_size(val, &ok);
         if (!ok || cfg->redis_max_object <= 0)

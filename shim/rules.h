@@ -14,6 +14,7 @@
 #define RULES_MAX_LIST          16   /* ignore_query / key_headers / status entries */
 #define RULES_HOST_MAX          256
 #define RULES_ERR_MAX           512
+#define RULES_SECRET_MAX        1024
 
 struct rules_addr { int family; uint8_t bytes[16]; };   /* AF_INET uses 4 bytes */
 
@@ -60,6 +61,9 @@ struct shim_config {
     char redis_prefix[64];
     int64_t redis_timeout_ms;
     int64_t redis_max_object;
+    /* redis_secret_file: the fleet's shared secret; entries are then HMAC-authenticated */
+    unsigned char redis_secret[RULES_SECRET_MAX];
+    size_t redis_secret_len;
     size_t n_upstreams;
     struct upstream_rule upstreams[RULES_MAX_UPSTREAMS];
 };

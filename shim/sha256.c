@@ -1,6 +1,6 @@
 /*
  * sha256.c - owns the shim's SHA-256 (FIPS 180-4), used for cache keys of credentialed
- * requests and for the checksum of Redis entries.
+ * requests, the checksum of Redis entries and (as HMAC-SHA256) their authentication.
  *
  * Why not libcrypto's: OpenSSL frees its locks in an atexit handler, while the engine
  * thread may still be hashing a Redis write as the process exits (seen: SIGSEGV in
@@ -51,29 +51,104 @@ static void compress(uint32_t h[8], const unsigned char block[64])
     h[4] += e; h[5] += f; h[6] += g; h[7] += k;
 }
 
-void sha256(const void *data, size_t len, unsigned char out[SHA256_BYTES])
+void sha256_init(struct sha256_ctx *c)
 {
-    uint32_t h[8] = { 0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
-                      0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19 };
+    static const uint32_t iv[8] = { 0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                                    0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19 };
+    memcpy(c->h, iv, sizeof iv);
+    c->buf_len = 0;
+    c->total = 0;
+}
+
+void sha256_update(struct sha256_ctx *c, const void *data, size_t len)
+{
     const unsigned char *p = data;
-    size_t left = len;
-    for (; left >= 64; p += 64, left -= 64)
-        compress(h, p);
+    c->total += len;
+    if (c->buf_len) {
+        size_t take = 64 - c->buf_len < len ? 64 - c->buf_len : len;
+        memcpy(c->buf + c->buf_len, p, take);
+        c->buf_len += take;
+        p += take;
+        len -= take;
+        if (c->buf_len < 64)
+            return;
+        compress(c->h, c->buf);
+        c->buf_len = 0;
+    }
+    for (; len >= 64; p += 64, len -= 64)
+        compress(c->h, p);
+    if (len)
+        memcpy(c->buf, p, len);
+    c->buf_len = len;
+}
+
+void sha256_final(struct sha256_ctx *c, unsigned char out[SHA256_BYTES])
+{
     /* the tail, the 0x80 marker and the bit length: one or two final blocks */
     unsigned char tail[128] = { 0 };
-    memcpy(tail, p, left);
-    tail[left] = 0x80;
-    size_t tail_len = left < 56 ? 64 : 128;
-    uint64_t bits = (uint64_t)len * 8;
+    memcpy(tail, c->buf, c->buf_len);
+    tail[c->buf_len] = 0x80;
+    size_t tail_len = c->buf_len < 56 ? 64 : 128;
+    uint64_t bits = c->total * 8;
     for (int i = 0; i < 8; i++)
         tail[tail_len - 1 - i] = (unsigned char)(bits >> (8 * i));
-    compress(h, tail);
+    compress(c->h, tail);
     if (tail_len == 128)
-        compress(h, tail + 64);
+        compress(c->h, tail + 64);
     for (int i = 0; i < 8; i++) {
-        out[4 * i] = (unsigned char)(h[i] >> 24);
-        out[4 * i + 1] = (unsigned char)(h[i] >> 16);
-        out[4 * i + 2] = (unsigned char)(h[i] >> 8);
-        out[4 * i + 3] = (unsigned char)h[i];
+        out[4 * i] = (unsigned char)(c->h[i] >> 24);
+        out[4 * i + 1] = (unsigned char)(c->h[i] >> 16);
+        out[4 * i + 2] = (unsigned char)(c->h[i] >> 8);
+        out[4 * i + 3] = (unsigned char)c->h[i];
     }
+}
+
+void sha256(const void *data, size_t len, unsigned char out[SHA256_BYTES])
+{
+    struct sha256_ctx c;
+    sha256_init(&c);
+    sha256_update(&c, data, len);
+    sha256_final(&c, out);
+}
+
+/* RFC 2104: H((K ^ opad) || H((K ^ ipad) || data)), a key longer than a block hashed first. */
+void hmac_sha256_init(struct hmac_sha256_ctx *c, const void *key, size_t key_len)
+{
+    unsigned char pad[64];
+    memset(c->key, 0, sizeof c->key);
+    if (key_len > sizeof c->key)
+        sha256(key, key_len, c->key);
+    else
+        memcpy(c->key, key, key_len);
+    for (int i = 0; i < 64; i++)
+        pad[i] = c->key[i] ^ 0x36;
+    sha256_init(&c->inner);
+    sha256_update(&c->inner, pad, sizeof pad);
+}
+
+void hmac_sha256_update(struct hmac_sha256_ctx *c, const void *data, size_t len)
+{
+    sha256_update(&c->inner, data, len);
+}
+
+void hmac_sha256_final(struct hmac_sha256_ctx *c, unsigned char out[SHA256_BYTES])
+{
+    unsigned char pad[64], inner[SHA256_BYTES];
+    sha256_final(&c->inner, inner);
+    for (int i = 0; i < 64; i++)
+        pad[i] = c->key[i] ^ 0x5c;
+    struct sha256_ctx outer;
+    sha256_init(&outer);
+    sha256_update(&outer, pad, sizeof pad);
+    sha256_update(&outer, inner, sizeof inner);
+    sha256_final(&outer, out);
+    memset(c->key, 0, sizeof c->key);
+}
+
+void hmac_sha256(const void *key, size_t key_len, const void *data, size_t len, unsigned char out[SHA256_BYTES])
+{
+    struct hmac_sha256_ctx c;
+    hmac_sha256_init(&c, key, key_len);
+    hmac_sha256_update(&c, data, len);
+    hmac_sha256_final(&c, out);
 }

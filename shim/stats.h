@@ -25,7 +25,7 @@ struct upstream_stats {
 extern struct upstream_stats shim_stats[RULES_MAX_UPSTREAMS];
 
 struct redis_counters {
-    _Atomic uint64_t connected, hits, misses, errors, timeouts, reconnects, corrupt;
+    _Atomic uint64_t connected, hits, misses, errors, timeouts, reconnects, corrupt, unauthenticated;
     _Atomic uint64_t bytes_read, bytes_written, sets;
 };
 extern struct redis_counters shim_redis;

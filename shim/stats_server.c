@@ -282,12 +282,13 @@ static void render_json(struct out *o, const struct shim_config *cfg)
         appendf(o, "}");
     }
     appendf(o, "},\"redis\":{\"configured\":%d,\"connected\":%llu,\"hits\":%llu,\"misses\":%llu,\"errors\":%llu,"
-               "\"timeouts\":%llu,\"reconnects\":%llu,\"corrupt\":%llu,\"bytes_read\":%llu,\"bytes_written\":%llu,"
+               "\"timeouts\":%llu,\"reconnects\":%llu,\"corrupt\":%llu,\"unauthenticated\":%llu,\"bytes_read\":%llu,\"bytes_written\":%llu,"
                "\"sets\":%llu}}\n", cfg->cache == CACHE_REDIS,
             (unsigned long long)get(&shim_redis.connected), (unsigned long long)get(&shim_redis.hits),
             (unsigned long long)get(&shim_redis.misses), (unsigned long long)get(&shim_redis.errors),
             (unsigned long long)get(&shim_redis.timeouts), (unsigned long long)get(&shim_redis.reconnects),
-            (unsigned long long)get(&shim_redis.corrupt), (unsigned long long)get(&shim_redis.bytes_read),
+            (unsigned long long)get(&shim_redis.corrupt), (unsigned long long)get(&shim_redis.unauthenticated),
+            (unsigned long long)get(&shim_redis.bytes_read),
             (unsigned long long)get(&shim_redis.bytes_written), (unsigned long long)get(&shim_redis.sets));
 }
 
@@ -360,6 +361,8 @@ static void render_prometheus(struct out *o, const struct shim_config *cfg)
         { "timeouts", "lookups given up after redis_timeout", offsetof(struct redis_counters, timeouts) },
         { "reconnects", "reconnect attempts", offsetof(struct redis_counters, reconnects) },
         { "corrupt", "values that failed to decode: deleted, never served", offsetof(struct redis_counters, corrupt) },
+        { "unauthenticated", "values not signed with redis_secret_file's secret: deleted, never served",
+          offsetof(struct redis_counters, unauthenticated) },
         { "bytes_read", "value bytes read from Redis", offsetof(struct redis_counters, bytes_read) },
         { "bytes_written", "value bytes written to Redis", offsetof(struct redis_counters, bytes_written) },
         { "sets", "entries written to Redis", offsetof(struct redis_counters, sets) },

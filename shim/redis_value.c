@@ -1,0 +1,145 @@
+/* redis_value.c — owns the format of cache entries in Redis.
+ *
+ * "HSC1" | version u8 | flags u8 (1: a Vary marker, names in the header field) | status u16
+ * | stored_at_ms i64 | expires_at_ms i64 | reason_len u16 | headers_len u32 | body_len u32
+ * | tag | reason | headers | body. Integers little-endian.
+ *   version 1: tag = the first 8 bytes of SHA-256 of everything after the tag (a checksum:
+ *              it catches damage, not forgery);
+ *   version 2: tag = HMAC-SHA256(secret, key || the 34 header bytes || payload), 32 bytes,
+ *              written and accepted only with `redis_secret_file`: it also covers the
+ *              status, the times and the key, so an entry cannot be moved to another key.
+ * Decoding checks every length against the value's size and every time against now. */
+#include "redis_value.h"
+#include "sha256.h"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAGIC "HSC1"
+#define FIXED 34                        /* magic .. body_len */
+#define TAG_V1 8
+#define TAG_V2 SHA256_BYTES
+
+static void put_u(unsigned char *p, uint64_t v, int n)
+{
+    for (int i = 0; i < n; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static uint64_t get_u(const unsigned char *p, int n)
+{
+    uint64_t v = 0;
+    for (int i = n - 1; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static void tag_v2(struct redis_secret s, const char *key, size_t key_len, const unsigned char *v, size_t n,
+                   unsigned char out[TAG_V2])
+{
+    struct hmac_sha256_ctx c;
+    char len[24];
+    int l = snprintf(len, sizeof len, "%zu:", key_len);     /* the key, length-prefixed */
+    hmac_sha256_init(&c, s.bytes, s.len);
+    hmac_sha256_update(&c, len, (size_t)l);
+    hmac_sha256_update(&c, key, key_len);
+    hmac_sha256_update(&c, v, FIXED);
+    hmac_sha256_update(&c, v + FIXED + TAG_V2, n - FIXED - TAG_V2);
+    hmac_sha256_final(&c, out);
+}
+
+/* Constant time: the comparison must not tell a forger how many bytes were right. */
+static bool same_bytes(const unsigned char *a, const unsigned char *b, size_t n)
+{
+    unsigned char d = 0;
+    for (size_t i = 0; i < n; i++)
+        d |= a[i] ^ b[i];
+    return d == 0;
+}
+
+unsigned char *redis_value_encode(const struct cache_entry *e, const char *key, size_t key_len,
+                                  struct redis_secret secret, size_t *len)
+{
+    bool marker = cache_entry_is_vary_marker(e);
+    const char *headers = marker ? e->vary : e->headers;
+    size_t headers_len = marker ? e->vary_len : e->headers_len;
+    size_t tag = secret.len ? TAG_V2 : TAG_V1;
+    size_t n = FIXED + tag + e->reason_len + headers_len + e->body_len;
+    unsigned char *v = malloc(n);
+    if (!v)
+        return NULL;
+    memcpy(v, MAGIC, 4);
+    v[4] = secret.len ? 2 : 1;
+    v[5] = marker ? 1 : 0;
+    put_u(v + 6, (uint64_t)e->status, 2);
+    put_u(v + 8, (uint64_t)e->stored_at_ms, 8);
+    put_u(v + 16, (uint64_t)e->expires_at_ms, 8);
+    put_u(v + 24, e->reason_len, 2);
+    put_u(v + 26, headers_len, 4);
+    put_u(v + 30, e->body_len, 4);
+    unsigned char *p = v + FIXED + tag;
+    if (e->reason_len)
+        memcpy(p, e->reason, e->reason_len);
+    if (headers_len)
+        memcpy(p + e->reason_len, headers, headers_len);
+    if (e->body_len)
+        memcpy(p + e->reason_len + headers_len, e->body, e->body_len);
+    if (secret.len) {
+        tag_v2(secret, key, key_len, v, n, v + FIXED);
+    } else {
+        unsigned char digest[SHA256_BYTES];
+        sha256(v + FIXED + TAG_V1, n - FIXED - TAG_V1, digest);
+        memcpy(v + FIXED, digest, TAG_V1);
+    }
+    *len = n;
+    return v;
+}
+
+enum redis_value_verdict redis_value_decode(const char *key, size_t key_len, const unsigned char *v, size_t n,
+                                            int64_t ttl_ms, int64_t now_ms, struct redis_secret secret,
+                                            struct cache_entry **out)
+{
+    *out = NULL;
+    if (n < FIXED || memcmp(v, MAGIC, 4) || (v[4] != 1 && v[4] != 2) || v[5] > 1)
+        return REDIS_VALUE_CORRUPT;
+    size_t tag = v[4] == 2 ? TAG_V2 : TAG_V1;
+    size_t reason_len = (size_t)get_u(v + 24, 2), headers_len = (size_t)get_u(v + 26, 4);
+    size_t body_len = (size_t)get_u(v + 30, 4);
+    int status = (int)get_u(v + 6, 2);
+    bool marker = v[5] == 1;
+    if (n < FIXED + tag || FIXED + tag + reason_len + headers_len + body_len != n
+        || (marker ? (status != 0 || !headers_len || body_len) : (status < 100 || status > 599)))
+        return REDIS_VALUE_CORRUPT;
+    if (v[4] == 2) {
+        if (!secret.len)
+            return REDIS_VALUE_FOREIGN;
+        unsigned char want[TAG_V2];
+        tag_v2(secret, key, key_len, v, n, want);
+        if (!same_bytes(want, v + FIXED, TAG_V2))
+            return REDIS_VALUE_UNAUTHENTICATED;
+    } else {
+        if (secret.len)
+            return REDIS_VALUE_UNAUTHENTICATED;    /* anyone can write a checksum */
+        unsigned char digest[SHA256_BYTES];
+        sha256(v + FIXED + TAG_V1, n - FIXED - TAG_V1, digest);
+        if (memcmp(digest, v + FIXED, TAG_V1))
+            return REDIS_VALUE_CORRUPT;
+    }
+    /* times as signed values, compared without arithmetic that could overflow */
+    int64_t stored_at = (int64_t)get_u(v + 8, 8), expires_at = (int64_t)get_u(v + 16, 8);
+    int64_t oldest = now_ms - REDIS_VALUE_MAX_AGE_MS, newest = now_ms + REDIS_VALUE_SKEW_MS;
+    int64_t latest_expiry = now_ms + REDIS_VALUE_MAX_AGE_MS;
+    if (stored_at < oldest || stored_at > newest || expires_at < stored_at || expires_at > latest_expiry
+        || ttl_ms <= 0 || ttl_ms > REDIS_VALUE_MAX_AGE_MS)
+        return REDIS_VALUE_CORRUPT;
+    const char *p = (const char *)v + FIXED + tag;
+    struct cache_entry *e = marker ? cache_entry_new(key, key_len, 0, "", 0, "", 0, p + reason_len, headers_len,
+                                                     "", 0, "", 0, ttl_ms)
+                                   : cache_entry_new(key, key_len, status, p, reason_len, p + reason_len, headers_len,
+                                                     "", 0, "", 0, p + reason_len + headers_len, body_len, ttl_ms);
+    if (!e)
+        return REDIS_VALUE_NO_MEMORY;
+    e->stored_at_ms = stored_at;
+    *out = e;
+    return REDIS_VALUE_OK;
+}
