@@ -32,13 +32,17 @@ Upstream paths:
                           status=N      status code (default 200)
                           h=Name:Value  an extra response header (repeatable, in order)
                           n=BYTES       body size, pattern bytes (default 100)
-                          mode=length|chunked|close|truncate|badchunk   framing:
+                          mode=length|chunked|close|truncate|badchunk|none|rawchunked
+                                        framing:
                             length    Content-Length
                             chunked   Transfer-Encoding: chunked (varied chunk sizes)
                             close     no Content-Length, Connection: close, body ends at close
                             truncate  promises Content-Length n, sends n//2, closes
                             badchunk  chunked: one good chunk of n//2, then a chunk-size
                                       line that is not hex, then closes
+                            none      no framing header of the server's own (the h= headers
+                                      frame it, in their order): the n bytes, then close
+                            rawchunked  the same, the body chunk-encoded
                           tag=T         echoed as `X-Tag: T`
                         Every /custom and /v3/ip response carries `X-Served: K`, K a
                         per-server counter (1, 2, ...; never reset) so a test can tell a
@@ -615,7 +619,7 @@ def serve_custom(conn, ctx):
             status = c if 100 <= c <= 599 and c != 101 else 400
         elif k == "n":
             n = parse_n(v, 100)
-        elif k == "mode" and v in ("length", "chunked", "close", "truncate", "badchunk"):
+        elif k == "mode" and v in ("length", "chunked", "close", "truncate", "badchunk", "none", "rawchunked"):
             mode = v
         elif k == "tag":
             tag = v
@@ -635,6 +639,13 @@ def serve_custom(conn, ctx):
     version = "HTTP/1.0" if ctx["version"] == "HTTP/1.0" else "HTTP/1.1"
     lines = ["%s %d %s" % (version, status, reason(status)),
              "Server: httpshim-test-upstream"] + extra
+    if mode in ("none", "rawchunked"):
+        body = data
+        if mode == "rawchunked":
+            body = (b"%x\r\n" % n + data + b"\r\n" if n else b"") + b"0\r\n\r\n"
+        head = ("\r\n".join(lines + ["Connection: close"]) + "\r\n\r\n").encode("latin-1")
+        conn.sendall(head if ctx["method"] == "HEAD" else head + body)
+        return "close"
     half = n // 2
     if mode == "truncate" or version == "HTTP/1.0":
         lines.append("Content-Length: %d" % n)
