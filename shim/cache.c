@@ -303,7 +303,8 @@ static int64_t http_date_ms(struct http_slice v)
     memcpy(tmp, v.p, v.n);
     tmp[v.n] = 0;
     time_t t = curl_getdate(tmp, NULL);
-    return t < 0 ? 0 : (int64_t)t * 1000;
+    /* libcurl accepts years up to 2^31: clamp (to about year 287000) before the multiply */
+    return t < 0 ? 0 : (int64_t)(t > 9000000000000LL ? 9000000000000LL : t) * 1000;
 }
 
 void cache_policy_header(struct response_policy *p, struct http_slice name, struct http_slice value)

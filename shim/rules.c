@@ -21,7 +21,7 @@ int64_t rules_parse_duration_ms(const char *s, bool *ok)
     errno = 0;
     double v = strtod(s, &end);
     *ok = false;
-    if (end == s || errno || v < 0)
+    if (end == s || errno || !(v >= 0))   /* !(v >= 0): NaN too */
         return 0;
     double mult;
     if (!strcmp(end, "ms")) mult = 1;
@@ -43,7 +43,7 @@ int64_t rules_parse_size(const char *s, bool *ok)
     errno = 0;
     double v = strtod(s, &end);
     *ok = false;
-    if (end == s || errno || v < 0)
+    if (end == s || errno || !(v >= 0))   /* !(v >= 0): NaN too */
         return 0;
     double mult;
     if (!*end || !strcasecmp(end, "B")) mult = 1;
@@ -206,6 +206,8 @@ static int parse_cache_rule(struct parser *p, char *args, struct upstream_rule *
                 long code = strtol(tmp[i], &end, 10);
                 if (*end || code < 100 || code > 599)
                     return fail(p, "status '%s' is not an HTTP status code", tmp[i]);
+                if (r->n_status == RULES_MAX_LIST)   /* status= may be repeated */
+                    return fail(p, "%s: at most %d entries", opt, RULES_MAX_LIST);
                 r->status[r->n_status++] = (int)code;
             }
         } else if (!strcmp(opt, "respect_cache_control")) {

@@ -1135,6 +1135,12 @@ BROKEN = {
     "unknown-cache-option": ("[upstream 127.0.0.1:8080]\n\n\ncache GET /x ttl=1m color=red\n",
                              4),
     "bad-method": ("[upstream 127.0.0.1:8080]\ncache FETCH /x ttl=1m\n", 2),
+    # found by tests/fuzz/fuzz_rules.c: repeated status= overflowed the rule's list
+    "status-repeated-past-the-cap": ("[upstream 127.0.0.1:8080]\ncache GET /x ttl=1m "
+                                     + " ".join("status=%s" % ",".join(str(200 + 10 * k + i) for i in range(9))
+                                                for k in range(2)) + "\n", 2),
+    "nan-size": ("[global]\nmemory_max = nan\n", 2),
+    "nan-duration": ("[global]\nupstream_timeout = nanms\n", 2),
 }
 
 
