@@ -1,0 +1,507 @@
+/* fuzz_cache_policy.c — libFuzzer target for the cache's keys and storage policy
+ * (shim/cache.c): cache_rule_for, cache_key, cache_vary_values, cache_variant_key,
+ * cache_entry_new / cache_entry_matches_request, cache_policy_init / _header / _decide.
+ *
+ * Input: an HTTP request head (parsed with http_parse_request; anything but DONE is
+ * skipped), then lines ("\n", an optional "\r" before it is dropped) describing the
+ * upstream, its rules and the response:
+ *   @host NAME | @port N              the upstream (default api.example.com:80)
+ *   @rule METHOD GLOB                 starts a cache rule (at most 8; default: GET, any path)
+ *   @ttl MS | @ignore A,B | @key A,B | @status A,B | @rcc     options of the last rule
+ *   @resp STATUS                      a response status to decide for (at most 8)
+ *   Name: value                       a response header (any other line)
+ * Values that rules_load() could never produce (an unknown method, an entry with a comma
+ * or blank, a ttl <= 0, ...) are ignored, so every state reached is a real one.
+ * Invariants (a violation aborts):
+ *  - cache_rule_for returns the first rule whose method (HEAD also matches GET) and glob
+ *    match the target's path, or NULL when none does or the target has no path;
+ *  - cache_key is deterministic, never writes past cap (exactly sized heap buffers),
+ *    returns the whole length when it fits and 0 when it does not (CACHE_KEY_MAX and small
+ *    caps alike); its first line is METHOD " http://" HOST:PORT PATH and the query minus
+ *    ignored and empty parameters, in order; HEAD and GET give the same key; an
+ *    Authorization header ends it with "\nauthorization-sha256: " and 64 hex digits;
+ *  - cache_vary_values / cache_variant_key: deterministic, bounded by cap, (size_t)-1 / 0
+ *    exactly when the result does not fit, the variant key is KEY "\nvary: " VALUES;
+ *  - an entry built from them matches the request it was built for;
+ *  - cache_policy_decide: a known reason; NS_STATUS exactly when the status is not listed,
+ *    then no-store, private, Set-Cookie and Vary: * in that order; a stored TTL is in
+ *    (0, rule ttl], the rule's own ttl unless respect_cache_control=yes; no TTL is written
+ *    when the response is not stored. */
+#include "../../shim/cache.h"
+#include "fuzz.h"
+#include <fnmatch.h>
+#include <stdbool.h>
+#include <string.h>
+#include <strings.h>
+
+#define MAX_RULES    8
+#define MAX_STATUSES 8
+#define MAX_LINES    512
+#define VARY_CAP     1024               /* upstream.c's cap on the joined Vary names */
+
+static struct http_request req, req_alt;
+static struct upstream_rule up;
+static struct cache_rule rules[MAX_RULES];
+
+struct line { const char *p; size_t n; };
+
+static bool starts(struct line l, const char *w, struct line *rest)
+{
+    size_t n = strlen(w);
+    if (l.n < n || memcmp(l.p, w, n))
+        return false;
+    *rest = (struct line){ l.p + n, l.n - n };
+    return true;
+}
+
+/* A NUL-terminated copy of a directive's argument, or false when it does not fit. */
+static bool arg_copy(struct line a, char *out, size_t cap)
+{
+    if (a.n >= cap || memchr(a.p, 0, a.n))
+        return false;
+    memcpy(out, a.p, a.n);
+    out[a.n] = 0;
+    return true;
+}
+
+static bool parse_long(const char *s, long long lo, long long hi, long long *out)
+{
+    if (!*s)
+        return false;
+    long long v = 0;
+    for (; *s; s++) {
+        if (*s < '0' || *s > '9' || v > 1000000000000000000LL / 10)
+            return false;
+        v = v * 10 + (*s - '0');
+    }
+    if (v < lo || v > hi)
+        return false;
+    *out = v;
+    return true;
+}
+
+/* ignore_query= / key_headers= entries as rules.c's parse_list leaves them. */
+static void add_list(char *val, char dst[][64], size_t *n)
+{
+    for (char *save = NULL, *tok = strtok_r(val, ",", &save); tok && *n < RULES_MAX_LIST;
+         tok = strtok_r(NULL, ",", &save))
+        if (*tok && strlen(tok) < 64 && !strpbrk(tok, " \t"))
+            snprintf(dst[(*n)++], 64, "%s", tok);
+}
+
+static bool valid_host(const char *h)
+{
+    if (!*h)
+        return false;
+    for (const char *c = h; *c; c++)
+        if (!((*c >= '0' && *c <= '9') || (*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z')
+              || strchr(".-_:", *c)))
+            return false;
+    return true;
+}
+
+static void set_rule(struct cache_rule *r, const char *method, const char *glob)
+{
+    memset(r, 0, sizeof *r);
+    size_t m = strlen(method), g = strlen(glob);
+    if (m >= sizeof r->method || g >= sizeof r->glob)
+        abort();                       /* the callers check */
+    memcpy(r->method, method, m + 1);
+    memcpy(r->glob, glob, g + 1);
+    r->ttl_ms = 600000;
+    r->line = 1;
+}
+
+static void directive(struct line l, int *statuses, size_t *n_statuses)
+{
+    static const char *const methods[] = { "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "*" };
+    char a[600];
+    struct line rest;
+    struct cache_rule *r = up.n_cache_rules ? &rules[up.n_cache_rules - 1] : NULL;
+    long long v;
+    if (starts(l, "@host ", &rest)) {
+        if (arg_copy(rest, a, sizeof up.host) && valid_host(a))
+            memcpy(up.host, a, strlen(a) + 1);
+    } else if (starts(l, "@port ", &rest)) {
+        if (arg_copy(rest, a, sizeof a) && parse_long(a, 1, 65535, &v))
+            up.port = (uint16_t)v;
+    } else if (starts(l, "@rule ", &rest)) {
+        if (up.n_cache_rules == MAX_RULES || !arg_copy(rest, a, sizeof a))
+            return;
+        char *sp = strchr(a, ' ');
+        if (!sp)
+            return;
+        *sp = 0;
+        const char *glob = sp + 1;
+        bool known = false;
+        for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++)
+            known |= !strcmp(a, methods[i]);
+        if (!known || (glob[0] != '/' && strcmp(glob, "*")) || strlen(glob) >= sizeof r->glob
+            || strpbrk(glob, " \t"))
+            return;
+        set_rule(&rules[up.n_cache_rules++], a, glob);
+    } else if (r && starts(l, "@ttl ", &rest)) {
+        if (arg_copy(rest, a, sizeof a) && parse_long(a, 1, 9000000000000000LL, &v))
+            r->ttl_ms = v;
+    } else if (r && starts(l, "@ignore ", &rest)) {
+        if (arg_copy(rest, a, sizeof a))
+            add_list(a, r->ignore_query, &r->n_ignore_query);
+    } else if (r && starts(l, "@key ", &rest)) {
+        if (arg_copy(rest, a, sizeof a))
+            add_list(a, r->key_headers, &r->n_key_headers);
+    } else if (r && starts(l, "@status ", &rest)) {
+        if (!arg_copy(rest, a, sizeof a))
+            return;
+        for (char *save = NULL, *tok = strtok_r(a, ",", &save); tok && r->n_status < RULES_MAX_LIST;
+             tok = strtok_r(NULL, ",", &save))
+            if (parse_long(tok, 100, 599, &v))
+                r->status[r->n_status++] = (int)v;
+    } else if (r && l.n == 4 && !memcmp(l.p, "@rcc", 4)) {
+        r->respect_cache_control = true;
+    } else if (starts(l, "@resp ", &rest)) {
+        if (*n_statuses < MAX_STATUSES && arg_copy(rest, a, sizeof a) && parse_long(a, 0, 999, &v))
+            statuses[(*n_statuses)++] = (int)v;
+    }
+}
+
+/* ---- an independent reading of the target, for the checks ---- */
+
+static bool split_target(struct http_slice t, struct http_slice *path, struct http_slice *query)
+{
+    const char *p = t.p, *end = t.p + t.n;
+    if (t.n && *p != '/') {
+        const char *s = memmem(t.p, t.n, "://", 3);
+        if (!s)
+            return false;
+        p = memchr(s + 3, '/', (size_t)(end - s - 3));
+        if (!p)
+            return false;
+    }
+    const char *q = memchr(p, '?', (size_t)(end - p));
+    *path = (struct http_slice){ p, (size_t)((q ? q : end) - p) };
+    *query = q ? (struct http_slice){ q + 1, (size_t)(end - q - 1) } : (struct http_slice){ end, 0 };
+    return true;
+}
+
+static void check_rule_for(void)
+{
+    const struct cache_rule *got = cache_rule_for(&up, &req);
+    struct http_slice path, query;
+    const struct cache_rule *want = NULL;
+    if (split_target(req.target, &path, &query) && path.n < 4096) {
+        char p[4096];
+        memcpy(p, path.p, path.n);
+        p[path.n] = 0;
+        bool head = http_method_is(&req, "HEAD");
+        for (size_t i = 0; i < up.n_cache_rules && !want; i++) {
+            const struct cache_rule *r = &rules[i];
+            bool m = !strcmp(r->method, "*") || (req.method.n == strlen(r->method)
+                     && !memcmp(req.method.p, r->method, req.method.n)) || (head && !strcmp(r->method, "GET"));
+            if (m && fnmatch(r->glob, p, 0) == 0)
+                want = r;
+        }
+    }
+    FUZZ_CHECK(got == want);
+}
+
+/* cache_key into an exactly sized heap buffer of cap bytes (one byte when cap is 0). */
+static size_t key_into(const struct http_request *r, const struct cache_rule *rule, size_t cap, char **out)
+{
+    *out = malloc(cap ? cap : 1);
+    if (!*out)
+        abort();
+    size_t n = cache_key(&up, rule, r, *out, cap);
+    FUZZ_CHECK(n <= cap);
+    return n;
+}
+
+static bool ignored(const struct cache_rule *r, const char *name, size_t n)
+{
+    for (size_t i = 0; i < r->n_ignore_query; i++)
+        if (strlen(r->ignore_query[i]) == n && !memcmp(r->ignore_query[i], name, n))
+            return true;
+    return false;
+}
+
+static void check_first_line(const struct cache_rule *rule, const char *key, size_t len)
+{
+    struct http_slice path, query;
+    FUZZ_CHECK(split_target(req.target, &path, &query));
+    size_t cap = 64 + sizeof up.host + req.method.n + req.target.n;
+    char *want = malloc(cap);
+    if (!want)
+        abort();
+    int n = snprintf(want, cap, strchr(up.host, ':') ? "%.*s http://[%s]:%u" : "%.*s http://%s:%u",
+                     http_method_is(&req, "HEAD") ? 3 : (int)req.method.n,
+                     http_method_is(&req, "HEAD") ? "GET" : req.method.p, up.host, up.port);
+    FUZZ_CHECK(n > 0 && (size_t)n < cap);
+    size_t w = (size_t)n;
+    memcpy(want + w, path.p, path.n);
+    w += path.n;
+    bool first = true;
+    for (size_t i = 0; i < query.n;) {        /* every step moves past one '&' */
+        const char *amp = memchr(query.p + i, '&', query.n - i);
+        size_t end = amp ? (size_t)(amp - query.p) : query.n;
+        const char *eq = memchr(query.p + i, '=', end - i);
+        size_t name_n = eq ? (size_t)(eq - (query.p + i)) : end - i;
+        if (end > i && !ignored(rule, query.p + i, name_n)) {
+            want[w++] = first ? '?' : '&';
+            memcpy(want + w, query.p + i, end - i);
+            w += end - i;
+            first = false;
+        }
+        i = end + 1;
+    }
+    const char *nl = memchr(key, '\n', len);
+    size_t line_n = nl ? (size_t)(nl - key) : len;
+    FUZZ_CHECK(line_n == w && !memcmp(key, want, w));
+    free(want);
+}
+
+static bool all_hex(const char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!((p[i] >= '0' && p[i] <= '9') || (p[i] >= 'a' && p[i] <= 'f')))
+            return false;
+    return true;
+}
+
+/* Returns the key under `rule` (heap, *len bytes; NULL when the request has none). */
+static char *check_key(const struct cache_rule *rule, size_t input_size, size_t *len)
+{
+    /* big enough for any key of this request: method, host, target (each at most the
+     * input), up to 16 key headers that could each repeat every header value with a ", "
+     * between them, the Authorization digest */
+    size_t big = 18 * input_size + 16 * (64 + 4 + 2 * HTTP_MAX_HEADERS) + sizeof up.host + 256;
+    char *a, *b, *m;
+    size_t la = key_into(&req, rule, big, &a);
+    size_t lb = key_into(&req, rule, big, &b);
+    FUZZ_CHECK(la == lb && !memcmp(a, b, la));
+    free(b);
+    struct http_slice path, query;
+    FUZZ_CHECK((la != 0) == split_target(req.target, &path, &query));
+    size_t lm = key_into(&req, rule, CACHE_KEY_MAX, &m);
+    FUZZ_CHECK(lm == (la <= CACHE_KEY_MAX ? la : 0));
+    FUZZ_CHECK(!memcmp(m, a, lm));
+    free(m);
+    if (!la) {
+        free(a);
+        return NULL;
+    }
+    const size_t caps[] = { 0, 1, la / 2, la - 1, la, la + 1 };
+    for (size_t i = 0; i < sizeof caps / sizeof caps[0]; i++) {
+        char *s;
+        size_t ls = key_into(&req, rule, caps[i], &s);
+        FUZZ_CHECK(ls == (caps[i] >= la ? la : 0));
+        FUZZ_CHECK(!memcmp(s, a, ls));
+        free(s);
+    }
+    check_first_line(rule, a, la);
+
+    /* HEAD is answered from the stored GET: the same key either way */
+    if (http_method_is(&req, "HEAD") || http_method_is(&req, "GET")) {
+        req_alt = req;
+        req_alt.method = (struct http_slice){ http_method_is(&req, "HEAD") ? "GET" : "HEAD",
+                                              http_method_is(&req, "HEAD") ? 3 : 4 };
+        char *h;
+        size_t lh = key_into(&req_alt, rule, big, &h);
+        FUZZ_CHECK(lh == la && !memcmp(h, a, la));
+        free(h);
+    }
+    bool has_auth = false;
+    for (size_t i = 0; i < req.nheaders; i++)
+        has_auth |= http_slice_ieq(req.headers[i].name, "authorization");
+    if (has_auth) {
+        static const char tag[] = "\nauthorization-sha256: ";
+        size_t t = sizeof tag - 1;
+        FUZZ_CHECK(la >= t + 64 && !memcmp(a + la - 64 - t, tag, t) && all_hex(a + la - 64, 64));
+    }
+    *len = la;
+    return a;
+}
+
+static size_t vary_into(const char *vary, size_t vary_len, size_t cap, char **out)
+{
+    *out = malloc(cap ? cap : 1);
+    if (!*out)
+        abort();
+    size_t n = cache_vary_values(vary, vary_len, &req, *out, cap);
+    FUZZ_CHECK(n == (size_t)-1 || n <= cap);
+    return n;
+}
+
+static void check_vary(const char *key, size_t key_len, const char *vary, size_t vary_len)
+{
+    /* the values' length: grow the buffer until they fit (each of at most 512 names adds
+     * at most every header value, so 24 doublings from 4 KB always get there) */
+    size_t big = 4096, lv = (size_t)-1;
+    char *v = NULL, *w;
+    for (int tries = 0; tries < 24 && lv == (size_t)-1; tries++, big *= 2) {
+        free(v);
+        lv = vary_into(vary, vary_len, big, &v);
+    }
+    FUZZ_CHECK(lv != (size_t)-1);
+    big = lv;
+    size_t lw = vary_into(vary, vary_len, big, &w);
+    FUZZ_CHECK(lv == lw && !memcmp(v, w, lv));
+    free(w);
+    const size_t caps[] = { 0, 1, lv / 2, lv ? lv - 1 : 0, lv, 4096 };
+    for (size_t i = 0; i < sizeof caps / sizeof caps[0]; i++) {
+        char *s;
+        size_t ls = vary_into(vary, vary_len, caps[i], &s);
+        FUZZ_CHECK(ls == (caps[i] >= lv ? lv : (size_t)-1));
+        if (ls != (size_t)-1)
+            FUZZ_CHECK(!memcmp(s, v, ls));
+        free(s);
+    }
+
+    static const char tag[] = "\nvary: ";
+    size_t t = sizeof tag - 1, total = key_len + t + lv;
+    const size_t kcaps[] = { 0, key_len, total - 1, total, total + 1, CACHE_KEY_MAX };
+    for (size_t i = 0; i < sizeof kcaps / sizeof kcaps[0]; i++) {
+        size_t cap = kcaps[i];
+        char *out = malloc(cap ? cap : 1);
+        if (!out)
+            abort();
+        size_t n = cache_variant_key(key, key_len, vary, vary_len, &req, out, cap);
+        /* fits -> the whole length, else 0; cache.c also wants one spare byte past the tag
+         * (cap == total with no values is refused: harmless, the response is not stored) */
+        bool fits = cap >= total && !(lv == 0 && cap == total);
+        FUZZ_CHECK(n == (fits ? total : 0));
+        if (n) {
+            FUZZ_CHECK(!memcmp(out, key, key_len) && !memcmp(out + key_len, tag, t));
+            FUZZ_CHECK(!memcmp(out + key_len + t, v, lv));
+        }
+        free(out);
+    }
+
+    /* an entry stored for this request matches it (upstream.c keeps values within 4096) */
+    struct cache_entry *e = cache_entry_new(key, key_len, 200, "OK", 2, "X: y\r\n", 6, vary, vary_len,
+                                            v, lv, "body", 4, 60000);
+    if (!e)
+        abort();
+    FUZZ_CHECK(e->key_len == key_len && !memcmp(e->key, key, key_len));
+    FUZZ_CHECK(e->vary_len == vary_len && e->vary_values_len == lv && e->body_len == 4);
+    FUZZ_CHECK(!cache_entry_is_vary_marker(e));
+    FUZZ_CHECK(e->expires_at_ms - e->stored_at_ms == 60000);
+    if (lv <= 4096)
+        FUZZ_CHECK(cache_entry_matches_request(e, &req));
+    cache_entry_ref(e);
+    cache_entry_release(e);
+    cache_entry_release(e);
+    free(v);
+}
+
+static void check_decide(const struct response_policy *p, const struct cache_rule *r, int status)
+{
+    int64_t ttl = -7;
+    enum not_stored_reason why = cache_policy_decide(p, r, status, &ttl);
+    FUZZ_CHECK((int)why >= 0 && why < NS__COUNT && cache_not_stored_names[why]);
+    bool listed = false;
+    for (size_t i = 0; i < r->n_status; i++)
+        listed |= r->status[i] == status;
+    enum not_stored_reason first = !listed ? NS_STATUS : p->no_store ? NS_NO_STORE : p->private_ ? NS_PRIVATE
+                                 : p->set_cookie ? NS_SET_COOKIE : p->vary_star ? NS_VARY_STAR : NS_NONE;
+    if (first != NS_NONE) {
+        FUZZ_CHECK(why == first);
+    } else if (!r->respect_cache_control) {
+        FUZZ_CHECK(why == NS_NONE && ttl == r->ttl_ms);
+    } else {
+        FUZZ_CHECK(why == NS_NONE || why == NS_ZERO_TTL);
+        if (p->no_cache)
+            FUZZ_CHECK(why == NS_ZERO_TTL);
+    }
+    if (why == NS_NONE)
+        FUZZ_CHECK(ttl > 0 && ttl <= r->ttl_ms);
+    else
+        FUZZ_CHECK(ttl == -7);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    /* the request: an exactly sized copy so reads past it show */
+    char *buf = calloc(size ? size : 1, 1);
+    if (!buf)
+        abort();
+    if (size)
+        memcpy(buf, data, size);
+    if (http_parse_request(buf, size, &req) != HTTP_PARSE_DONE) {
+        free(buf);
+        return 0;
+    }
+
+    memset(&up, 0, sizeof up);
+    snprintf(up.host, sizeof up.host, "api.example.com");
+    up.port = 80;
+    up.cache_rules = rules;
+    int statuses[MAX_STATUSES + 2];
+    size_t n_statuses = 0;
+    struct line hdr[MAX_LINES];
+    size_t n_hdr = 0;
+    for (size_t pos = req.head_len, lines = 0; pos < size && lines < MAX_LINES; lines++) {
+        const char *nl = memchr(buf + pos, '\n', size - pos);
+        size_t end = nl ? (size_t)(nl - buf) : size;
+        struct line l = { buf + pos, end - pos };
+        if (l.n && l.p[l.n - 1] == '\r')
+            l.n--;
+        if (l.n && l.p[0] == '@')
+            directive(l, statuses, &n_statuses);
+        else if (l.n)
+            hdr[n_hdr++] = l;
+        pos = end + 1;
+    }
+    if (!up.n_cache_rules)
+        set_rule(&rules[up.n_cache_rules++], "GET", "/*");
+    for (size_t i = 0; i < up.n_cache_rules; i++)
+        if (!rules[i].n_status)
+            rules[i].status[rules[i].n_status++] = 200;
+
+    check_rule_for();
+    size_t no_rules = up.n_cache_rules;
+    up.n_cache_rules = 0;
+    FUZZ_CHECK(cache_rule_for(&up, &req) == NULL);
+    up.n_cache_rules = no_rules;
+    const struct cache_rule *rule = cache_rule_for(&up, &req);
+
+    /* the response head, read the way upstream.c reads it */
+    struct response_policy p;
+    cache_policy_init(&p);
+    char vary[VARY_CAP];
+    size_t vary_len = 0;
+    for (size_t i = 0; i < n_hdr; i++) {
+        const char *colon = memchr(hdr[i].p, ':', hdr[i].n);
+        if (!colon)
+            continue;
+        struct http_slice name = { hdr[i].p, (size_t)(colon - hdr[i].p) };
+        const char *v = colon + 1, *end = hdr[i].p + hdr[i].n;
+        while (v < end && (*v == ' ' || *v == '\t'))
+            v++;
+        struct http_slice value = { v, (size_t)(end - v) };
+        cache_policy_header(&p, name, value);
+        if (http_slice_ieq(name, "vary") && vary_len + (vary_len ? 1 : 0) + value.n <= sizeof vary) {
+            if (vary_len)
+                vary[vary_len++] = ',';
+            memcpy(vary + vary_len, value.p, value.n);
+            vary_len += value.n;
+        }
+    }
+    FUZZ_CHECK(p.max_age_s >= -1 && p.s_maxage_s >= -1 && p.expires_ms >= -1 && p.date_ms >= -1);
+
+    for (size_t i = 0; i < up.n_cache_rules; i++) {
+        size_t key_len = 0;
+        char *key = check_key(&rules[i], size, &key_len);
+        if (key && &rules[i] == rule)
+            check_vary(key, key_len, vary, vary_len);
+        free(key);
+    }
+
+    statuses[n_statuses++] = 200;
+    statuses[n_statuses++] = 100 + (int)(data[size - 1] % 500);
+    for (size_t s = 0; s < n_statuses; s++)
+        for (size_t i = 0; i < up.n_cache_rules; i++) {
+            check_decide(&p, &rules[i], statuses[s]);
+            check_decide(&p, &rules[i], rules[i].status[s % rules[i].n_status]);
+        }
+    free(buf);
+    return 0;
+}

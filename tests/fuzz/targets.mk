@@ -1,0 +1,18 @@
+# The fuzz targets' extra sources, one block per target (tests/fuzz/fuzz.mk reads this).
+# A target is tests/fuzz/<name>.c plus its seed corpus tests/fuzz/corpus/<name>/; here it
+# declares what it links besides its own file:
+#   <name>_SRC    shim/*.c (or other) sources compiled into the harness
+#   <name>_LIBS   libraries to link (the harness is a plain executable: -lcurl is fine)
+#   <name>_FLAGS  extra libFuzzer options for `make fuzz` (a <name>.dict beside the harness
+#                 is passed as -dict= automatically)
+
+fuzz_http_request_SRC   = shim/http.c
+fuzz_http_request_FLAGS = -max_len=8192
+
+fuzz_rules_SRC          = shim/rules.c
+fuzz_rules_LIBS         = -pthread
+fuzz_rules_FLAGS        = -max_len=16384
+
+fuzz_cache_policy_SRC   = shim/cache.c shim/http.c shim/sha256.c
+fuzz_cache_policy_LIBS  = -lcurl
+fuzz_cache_policy_FLAGS = -max_len=8192
