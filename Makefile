@@ -86,6 +86,10 @@ install: all
 clean:
 	rm -rf $(BUILD)
 
+# ---- fuzzing: make fuzz / fuzz-replay (tests/fuzz/fuzz.mk); `all` builds the replay binaries ----
+include tests/fuzz/fuzz.mk
+all: $(FUZZ_REPLAY_BINS)
+
 # ---- checks ----
 # cppcheck, and the layer picture of the library's object files: it must have no cycles.
 LAYERS ?= ../shared/tools/layers
@@ -93,7 +97,7 @@ lint: $(BUILD)/libhttpshim.so
 	@test -x $(LAYERS) || { echo "lint: $(LAYERS) not found (../shared beside the checkout)"; exit 1; }
 	$(LAYERS) $(BUILD)/obj
 	cppcheck --quiet --enable=warning,style,performance,portability --std=c11 -D_GNU_SOURCE \
-	  --error-exitcode=1 --inline-suppr --suppress=missingIncludeSystem shim/ tools/ tests/clients/ tests/unit/ bench/
+	  --error-exitcode=1 --inline-suppr --suppress=missingIncludeSystem shim/ tools/ tests/clients/ tests/unit/ tests/fuzz/ bench/
 
 # The same suite with the library (and the C client) built with ASan + UBSan. The ASan
 # runtime must be the first preloaded object, so tests put it ahead of the library.
