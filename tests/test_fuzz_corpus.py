@@ -51,9 +51,10 @@ def test_corpus_replays(name):
     binary = BUILD / "fuzz-replay" / name
     corpus = FUZZ / "corpus" / name
     files = sorted(f for f in corpus.iterdir() if f.is_file() and not f.name.startswith("."))
-    p = subprocess.run([str(binary), str(corpus)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    p = subprocess.run([str(binary), "-v", str(corpus)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        env=_sanitizer_env(), timeout=300)
     out, err = p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
+    # with -v the last path on stderr is the input that failed
     detail = "%s %s: rc=%s\nstdout:\n%s\nstderr:\n%s" % (binary, corpus, p.returncode, out, err[-8000:])
     assert p.returncode == 0, detail
     m = re.search(r"^replay: (\d+) inputs ran( \(asan\))?$", out, re.M)

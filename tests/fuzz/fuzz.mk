@@ -9,10 +9,12 @@
 #       $(BUILD)/fuzz/<target> and runs it for FUZZ_SECONDS on the scratch corpus
 #       $(BUILD)/fuzz/corpus/<target>/ plus the committed one (read only); logs in
 #       $(BUILD)/fuzz/<target>.log, crashes in $(BUILD)/fuzz/artifacts/<target>/.
-#       Needs `tools/install-deps --fuzz`. -j2 runs two targets at once.
+#       Needs `tools/install-deps --fuzz`. -j2 runs two targets at once; a target that
+#       finds a crash stops the run (-k: the other targets still run their time).
 #   make fuzz-merge [FUZZ_TARGETS=...]
-#       adds to the committed corpus the scratch inputs that reach new coverage
-#       (libFuzzer -merge=1); review and `git add` them.
+#       adds to the committed corpus the scratch inputs that reach new code (libFuzzer
+#       -merge=1 on edges only, FUZZ_MERGE_FLAGS: not every new hit count); review them,
+#       keep the corpus small, replay with make fuzz-replay, then `git add`.
 #   make fuzz-replay [FUZZ_TARGETS=...]
 #       builds $(BUILD)/fuzz-replay/<target> (the harness + tests/fuzz/replay_main.c, with
 #       $(CC) and $(SAN): no clang) and runs each on its committed corpus.
@@ -30,6 +32,7 @@ FUZZ_TARGETS  ?= $(FUZZ_ALL)
 FUZZ_SECONDS  ?= 60
 FUZZ_CC       ?= clang
 FUZZ_FLAGS    ?=
+FUZZ_MERGE_FLAGS ?= -use_counters=0 -use_cmp=0
 FUZZ_BUILD     = $(BUILD)/fuzz
 FUZZ_CFLAGS    = -std=c11 -D_GNU_SOURCE -g -O1 -fno-omit-frame-pointer -Wall -Wextra \
                  -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
@@ -53,8 +56,9 @@ fuzz-run-$(1): $(FUZZ_BUILD)/$(1)
 	  $$(if $$(wildcard $(FUZZ_DIR)/$(1).dict),-dict=$(FUZZ_DIR)/$(1).dict) $$($(1)_FLAGS) $$(FUZZ_FLAGS)
 
 fuzz-merge-$(1): $(FUZZ_BUILD)/$(1)
-	@mkdir -p $(FUZZ_BUILD)/corpus/$(1)
-	$(FUZZ_BUILD)/$(1) -merge=1 $$($(1)_FLAGS) $(FUZZ_DIR)/corpus/$(1) $(FUZZ_BUILD)/corpus/$(1)
+	@mkdir -p $(FUZZ_BUILD)/corpus/$(1) $(FUZZ_BUILD)/artifacts/$(1)
+	$(FUZZ_BUILD)/$(1) -merge=1 $$(FUZZ_MERGE_FLAGS) -artifact_prefix=$(FUZZ_BUILD)/artifacts/$(1)/ $$($(1)_FLAGS) \
+	  $(FUZZ_DIR)/corpus/$(1) $(FUZZ_BUILD)/corpus/$(1)
 
 .PHONY: fuzz-run-$(1) fuzz-merge-$(1)
 endef

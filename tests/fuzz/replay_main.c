@@ -3,9 +3,11 @@
  * named, is read into an exactly sized heap buffer and passed to LLVMFuzzerTestOneInput
  * once, in name order. Built with the normal compiler (and $(SAN) in the sanitizer build),
  * so `make test` replays the committed corpora without clang. A broken invariant aborts
- * inside the harness; an unreadable input is exit 1. Last line: "replay: N inputs ran". */
+ * inside the harness; an unreadable input is exit 1. Last line: "replay: N inputs ran".
+ * -v first: each input's path goes to stderr before it runs (which one failed). */
 #include "fuzz.h"
 #include <dirent.h>
+#include <stdbool.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
@@ -14,6 +16,8 @@
 
 #define REPLAY_MAX_INPUT (64u << 20)   /* larger files are refused, not truncated */
 #define REPLAY_MAX_FILES 100000        /* per directory */
+
+static bool verbose;
 
 static int run_file(const char *path, unsigned long *ran)
 {
@@ -50,6 +54,10 @@ static int run_file(const char *path, unsigned long *ran)
         done += (size_t)n;
     }
     close(fd);
+    if (verbose) {
+        fprintf(stderr, "replay: %s\n", path);
+        fflush(stderr);
+    }
     /* exactly the file's bytes (an empty file: size 0, a valid one-byte allocation) */
     LLVMFuzzerTestOneInput(data, size);
     free(data);
@@ -93,12 +101,16 @@ static int run_dir(const char *dir, unsigned long *ran)
 int main(int argc, char **argv)
 {
     unsigned long ran = 0;
-    int rc = 0;
-    if (argc < 2) {
-        fprintf(stderr, "usage: %s CORPUS-DIR-OR-FILE...\n", argv[0]);
+    int rc = 0, first = 1;
+    if (argc > 1 && !strcmp(argv[1], "-v")) {
+        verbose = true;
+        first = 2;
+    }
+    if (argc <= first) {
+        fprintf(stderr, "usage: %s [-v] CORPUS-DIR-OR-FILE...\n", argv[0]);
         return 2;
     }
-    for (int i = 1; i < argc && rc == 0; i++) {
+    for (int i = first; i < argc && rc == 0; i++) {
         struct stat st;
         if (stat(argv[i], &st) == 0 && S_ISDIR(st.st_mode))
             rc = run_dir(argv[i], &ran);

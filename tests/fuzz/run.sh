@@ -10,15 +10,17 @@ shift 6
 mkdir -p "$scratch" "$art"
 name=$(basename "$bin")
 rc=0
+start=$(date +%s)
 "$bin" -max_total_time="$secs" -print_final_stats=1 -artifact_prefix="$art/" "$@" \
   "$scratch" "$seeds" >"$log" 2>&1 || rc=$?
+took=$(( $(date +%s) - start ))
 execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
 rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)
-cov=$(grep -E '^#[0-9]+[[:space:]].* cov: ' "$log" | tail -n 1 | sed 's/^#[0-9]*[[:space:]]*[A-Z]*[[:space:]]*//')
-echo "$name: ${execs:-?} executions (${rate:-?}/s) in ${secs}s; ${cov:-no coverage line}"
+cov=$(grep -a -E '^#[0-9]+[[:space:]].* cov: ' "$log" | tail -n 1 | sed 's/^#[0-9]*[[:space:]]*[A-Z]*[[:space:]]*//')
+echo "$name: ${execs:-?} executions (${rate:-?}/s) in ${took}s of ${secs}s; ${cov:-no coverage line}"
 if [ "$rc" -ne 0 ]; then
   echo "$name: libFuzzer exited $rc; the end of $log (progress lines left out):"
-  grep -v -E '^#[0-9]+[[:space:]]' "$log" | tail -n 50
+  grep -a -v -E '^#[0-9]+[[:space:]]' "$log" | tail -n 50
   echo "$name: artifacts in $art:"
   ls -l "$art"
 fi
