@@ -315,20 +315,26 @@ static int read_secret(struct parser *p, const char *path, struct shim_config *c
 static int parse_global(struct parser *p, const char *key, const char *val, struct shim_config *cfg)
 {
     bool ok = false;
-    if (!strcmp(key, "pool_max_per_host")) {
+    if (!strcmp(key, "pool_max_per_host") || !strcmp(key, "pool_idle_max")) {
         char *end;
+        long lo = strcmp(key, "pool_idle_max") ? 1 : 0;
         long n = strtol(val, &end, 10);
-        if (*end || n < 1 || n > 1024)
-            return fail(p, "pool_max_per_host '%s': expected a number from 1 to 1024", val);
-        cfg->pool_max_per_host = (unsigned)n;
+        if (!*val || *end || n < lo || n > RULES_POOL_MAX)
+            return fail(p, "%s '%s': expected a number from %ld to %d", key, val, lo, RULES_POOL_MAX);
+        if (lo)
+            cfg->pool_max_per_host = (unsigned)n;
+        else
+            cfg->pool_idle_max = (unsigned)n;
         return 0;
     }
-    if (!strcmp(key, "pool_idle_timeout") || !strcmp(key, "upstream_timeout")) {
+    if (!strcmp(key, "pool_idle_timeout") || !strcmp(key, "upstream_timeout") || !strcmp(key, "pool_queue_timeout")) {
         int64_t ms = rules_parse_duration_ms(val, &ok);
         if (!ok || ms <= 0)
             return fail(p, "%s '%s': expected a duration like 500ms, 30s, 10m, 1h, 1d", key, val);
         if (!strcmp(key, "pool_idle_timeout"))
             cfg->pool_idle_timeout_ms = ms;
+        else if (!strcmp(key, "pool_queue_timeout"))
+            cfg->pool_queue_timeout_ms = ms;
         else
             cfg->upstream_timeout_ms = ms;
         return 0;
@@ -390,7 +396,9 @@ int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX
 {
     memset(cfg, 0, sizeof *cfg);
     snprintf(cfg->path, sizeof cfg->path, "%s", path);
-    cfg->pool_max_per_host = 16;
+    cfg->pool_max_per_host = 1024;     /* Envoy's circuit breaker: caps storms, never a service */
+    cfg->pool_idle_max = 16;
+    cfg->pool_queue_timeout_ms = 10000;
     cfg->pool_idle_timeout_ms = 60000;
     cfg->upstream_timeout_ms = 30000;
     cfg->cache = CACHE_MEMORY;

@@ -15,6 +15,7 @@
 #define RULES_HOST_MAX          256
 #define RULES_ERR_MAX           512
 #define RULES_SECRET_MAX        1024
+#define RULES_POOL_MAX          16384
 
 struct rules_addr { int family; uint8_t bytes[16]; };   /* AF_INET uses 4 bytes */
 
@@ -45,7 +46,9 @@ enum cache_backend { CACHE_OFF, CACHE_MEMORY, CACHE_REDIS };
 
 struct shim_config {
     char path[4096];
-    unsigned pool_max_per_host;
+    unsigned pool_max_per_host;        /* connections to one upstream, in use + idle */
+    unsigned pool_idle_max;            /* idle connections kept, per upstream */
+    int64_t pool_queue_timeout_ms;     /* the longest a request waits for a connection */
     int64_t pool_idle_timeout_ms;
     int64_t upstream_timeout_ms;
     enum cache_backend cache;

@@ -19,11 +19,23 @@ int64_t stats_now_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-void stats_observe_latency(int upstream, bool hit, int64_t micros)
+static int bucket(int64_t micros)
 {
     int b = 0;
     while (b < STATS_LAT_BUCKETS && (double)micros / 1e6 > stats_lat_bounds_s[b])
         b++;
+    return b;
+}
+
+void stats_observe_queue_wait(int upstream, int64_t micros)
+{
+    STAT_INC(upstream, queue_wait[bucket(micros)]);
+    STAT_ADD(upstream, queue_wait_sum_us, (uint64_t)micros);
+}
+
+void stats_observe_latency(int upstream, bool hit, int64_t micros)
+{
+    int b = bucket(micros);
     if (hit) {
         STAT_INC(upstream, hit_lat[b]);
         STAT_ADD(upstream, hit_lat_sum_us, (uint64_t)micros);

@@ -17,7 +17,10 @@ struct upstream_stats {
     _Atomic uint64_t evictions, expired;
     /* gauges: adjusted up and down (unsigned wrap-around arithmetic) */
     _Atomic uint64_t memory_entries, memory_bytes;
-    _Atomic uint64_t pool_open, in_flight, in_flight_connected;
+    _Atomic uint64_t pool_open, in_flight, in_flight_connected, queue_waiting;
+    /* the pool queue: requests that had to wait for a connection, and those given up on */
+    _Atomic uint64_t queue_waits, queue_timeouts;
+    _Atomic uint64_t queue_wait[STATS_LAT_BUCKETS + 1], queue_wait_sum_us;
     _Atomic uint64_t hit_lat[STATS_LAT_BUCKETS + 1], miss_lat[STATS_LAT_BUCKETS + 1];
     _Atomic uint64_t hit_lat_sum_us, miss_lat_sum_us;
 };
@@ -36,6 +39,7 @@ extern const double stats_lat_bounds_s[STATS_LAT_BUCKETS];
 #define STAT_DEC(up, field) STAT_ADD(up, field, (uint64_t)-1)
 
 void stats_observe_latency(int upstream, bool hit, int64_t micros);
+void stats_observe_queue_wait(int upstream, int64_t micros);
 int64_t stats_now_us(void);
 void stats_reset(void);                /* forked child: counters start from zero */
 #endif

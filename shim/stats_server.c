@@ -219,6 +219,8 @@ static const struct counter_def counters[] = {
     C(upstream_conns_opened, "upstream connections opened"),
     C(upstream_conn_reuses, "upstream requests carried on an already open connection"),
     C(tunnels, "connections relayed as raw tunnels"),
+    C(queue_waits, "requests that waited in the pool queue for an upstream connection"),
+    C(queue_timeouts, "requests given up after pool_queue_timeout in the pool queue (app connection closed)"),
     G(memory_entries, "entries in the memory tier now"),
     G(memory_bytes, "bytes the memory tier holds now, everything counted"),
 };
@@ -234,11 +236,10 @@ static uint64_t counter_value(int up, const struct counter_def *d)
 static void pool_gauges(int up, uint64_t *idle, uint64_t *busy, uint64_t *waiting)
 {
     uint64_t open = gauge(&shim_stats[up].pool_open);
-    uint64_t flight = gauge(&shim_stats[up].in_flight);
     uint64_t connected = gauge(&shim_stats[up].in_flight_connected);
     *busy = connected < open ? connected : open;
     *idle = open - *busy;
-    *waiting = flight > connected ? flight - connected : 0;
+    *waiting = gauge(&shim_stats[up].queue_waiting);     /* in the shim's FIFO, for a slot */
 }
 
 static void json_histogram(struct out *o, const char *name, _Atomic uint64_t *b, _Atomic uint64_t *sum_us)
@@ -279,6 +280,8 @@ static void render_json(struct out *o, const struct shim_config *cfg)
         json_histogram(o, "hit_latency_seconds", shim_stats[up].hit_lat, &shim_stats[up].hit_lat_sum_us);
         appendf(o, ",");
         json_histogram(o, "miss_latency_seconds", shim_stats[up].miss_lat, &shim_stats[up].miss_lat_sum_us);
+        appendf(o, ",");
+        json_histogram(o, "queue_wait_seconds", shim_stats[up].queue_wait, &shim_stats[up].queue_wait_sum_us);
         appendf(o, "}");
     }
     appendf(o, "},\"redis\":{\"configured\":%d,\"connected\":%llu,\"hits\":%llu,\"misses\":%llu,\"errors\":%llu,"
@@ -354,6 +357,9 @@ static void render_prometheus(struct out *o, const struct shim_config *cfg)
     for (size_t i = 0; i < cfg->n_upstreams; i++)
         prom_histogram(o, labels[i], "miss_latency_seconds", "time to answer a request through the upstream",
                        shim_stats[i].miss_lat, &shim_stats[i].miss_lat_sum_us, i == 0);
+    for (size_t i = 0; i < cfg->n_upstreams; i++)
+        prom_histogram(o, labels[i], "queue_wait_seconds", "time a request waited in the pool queue for a connection",
+                       shim_stats[i].queue_wait, &shim_stats[i].queue_wait_sum_us, i == 0);
     static const struct { const char *name, *help; size_t off; } redis_counters[] = {
         { "hits", "lookups Redis answered with a valid entry", offsetof(struct redis_counters, hits) },
         { "misses", "lookups Redis answered without one", offsetof(struct redis_counters, misses) },

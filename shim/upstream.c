@@ -1,6 +1,9 @@
 /* upstream.c — owns the upstream side: one libcurl multi handle driven by the engine's
- * loop (CURLMOPT_SOCKETFUNCTION / TIMERFUNCTION, one loop timer), which keeps the pool of kept-alive
- * upstream connections, caps them per host, ages idle ones out and queues the excess.
+ * loop (CURLMOPT_SOCKETFUNCTION / TIMERFUNCTION, one loop timer), which keeps the pool of
+ * kept-alive upstream connections and ages idle ones out; and the shim's own FIFO queue per
+ * upstream in front of it, which hands libcurl a transfer only when the upstream has a
+ * connection slot under pool_max_per_host, oldest waiter first, and fails a waiter that
+ * has waited pool_queue_timeout.
  * Builds each upstream request from the app's (hop-by-hop headers dropped, libcurl's own
  * additions suppressed, pinned to the address the app connected to), and frames the
  * response back for the app's HTTP version, pausing libcurl when the app reads slowly.
@@ -45,7 +48,23 @@ struct transfer {
     char reason[64];
     size_t reason_len;
     struct buf vary;                /* the response's Vary names */
+    /* the pool queue */
+    bool admitted;                  /* handed to libcurl: holds one of the upstream's slots */
+    int64_t queued_us;              /* when it started to wait (0: never waited) */
+    struct transfer *qnext, *qprev; /* while waiting, in arrival order */
 };
+
+/* Per upstream: the slots in use and the requests waiting for one, oldest first. A FIFO of
+ * our own because libcurl's pending list does not promise its order (a waiter could watch
+ * newer requests go ahead); libcurl's own per-host cap stays as a backstop. */
+struct pool_queue {
+    unsigned in_use;
+    struct transfer *head, *tail;
+    struct loop_timer timeout;      /* the oldest waiter's pool_queue_timeout */
+    bool pump;                      /* a slot came free: admit waiters after this event */
+};
+static struct pool_queue queues[RULES_MAX_UPSTREAMS];
+static unsigned in_use_total;
 
 static struct http_request request_again;   /* engine thread only */
 
@@ -64,6 +83,7 @@ struct curl_sock { struct loop_source src; struct loop_deferred reclaim; };
 static const struct shim_config *cfg;
 static CURLM *multi;
 static struct loop_timer curl_timer;
+static void limit_idle(void);
 static CURLM *orphaned_multi;       /* a forked child's copy of the parent's: never used */
 static char scratch[HEAD_MAX + 512];
 
@@ -182,8 +202,8 @@ int upstream_init(const struct shim_config *config)
         return -1;
     curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, on_curl_socket);
     curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, on_curl_timer);
-    curl_multi_setopt(multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)cfg->pool_max_per_host);
-    curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, (long)(cfg->pool_max_per_host * (cfg->n_upstreams + 1)));
+    curl_multi_setopt(multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)cfg->pool_max_per_host);   /* backstop */
+    limit_idle();
     return 0;
 }
 
@@ -192,6 +212,8 @@ void upstream_forget(void)
     orphaned_multi = multi;
     multi = NULL;
     curl_timer.slot = 0;
+    memset(queues, 0, sizeof queues);   /* the waiters were the parent's */
+    in_use_total = 0;
 }
 
 /* ---- response framing ---- */
@@ -508,8 +530,71 @@ static int build(struct transfer *t, const struct http_request *req, const char 
     return 0;
 }
 
+/* libcurl counts busy connections in its cache too: keep room for them plus the idle ones
+ * we allow, so it closes the oldest idle connection beyond pool_idle_max per upstream. */
+static void limit_idle(void)
+{
+    long keep = (long)in_use_total + (long)cfg->pool_idle_max * (long)cfg->n_upstreams;
+    curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, keep > 0 ? keep : 1L);
+}
+
+static int admit(struct transfer *t)
+{
+    if (curl_multi_add_handle(multi, t->easy) != CURLM_OK)
+        return -1;
+    int up = t->app->upstream;
+    t->admitted = true;
+    queues[up].in_use++;
+    in_use_total++;
+    limit_idle();
+    if (t->queued_us)
+        stats_observe_queue_wait(up, stats_now_us() - t->queued_us);
+    return 0;
+}
+
+static void unqueue(struct transfer *t)
+{
+    struct pool_queue *q = &queues[t->app->upstream];
+    if (t->qprev)
+        t->qprev->qnext = t->qnext;
+    else
+        q->head = t->qnext;
+    if (t->qnext)
+        t->qnext->qprev = t->qprev;
+    else
+        q->tail = t->qprev;
+    t->qnext = t->qprev = NULL;
+    STAT_DEC(t->app->upstream, queue_waiting);
+}
+
+static bool queued(const struct transfer *t)
+{
+    return t->queued_us && !t->admitted;
+}
+
+static void on_queue_timeout(struct loop_timer *timer);
+
+static void arm_queue_timeout(struct pool_queue *q)
+{
+    if (!q->head) {
+        loop_timer_cancel(&q->timeout);
+        return;
+    }
+    int64_t due_ms = (q->head->queued_us - stats_now_us()) / 1000 + cfg->pool_queue_timeout_ms;
+    loop_timer_arm(&q->timeout, due_ms > 0 ? due_ms : 0, on_queue_timeout);
+}
+
 static void transfer_free(struct transfer *t)
 {
+    if (queued(t))
+        unqueue(t);
+    if (t->admitted) {
+        struct pool_queue *q = &queues[t->app->upstream];
+        q->in_use--;
+        in_use_total--;
+        q->pump = q->head != NULL;
+        limit_idle();
+    }
     if (t->app) {
         STAT_DEC(t->app->upstream, in_flight);
         if (t->connected)
@@ -551,16 +636,76 @@ struct transfer *upstream_start(struct app_side *c, const struct http_request *r
     }
     t->easy = curl_easy_init();
     STAT_INC(c->upstream, in_flight);
-    if (!t->easy || build(t, req, body, body_len) != 0 || curl_multi_add_handle(multi, t->easy) != CURLM_OK) {
+    if (!t->easy || build(t, req, body, body_len) != 0) {
         transfer_free(t);
         return NULL;
     }
+    struct pool_queue *q = &queues[c->upstream];
+    if (q->in_use < cfg->pool_max_per_host && !q->head) {
+        if (admit(t) != 0) {
+            transfer_free(t);
+            return NULL;
+        }
+        return t;
+    }
+    t->queued_us = stats_now_us();     /* behind every earlier waiter */
+    t->qprev = q->tail;
+    if (q->tail)
+        q->tail->qnext = t;
+    else
+        q->head = t;
+    q->tail = t;
+    STAT_INC(c->upstream, queue_waiting);
+    STAT_INC(c->upstream, queue_waits);
+    if (q->head == t)
+        arm_queue_timeout(q);
     return t;
+}
+
+/* A waiter the shim gives up on: its exchange fails before any response, and the app's
+ * connection is closed, as a reset would close it. */
+static void fail_waiter(struct transfer *t)
+{
+    struct app_side *app = t->app;
+    transfer_free(t);
+    app->ops->exchange_done(app, false, true);
+}
+
+static void on_queue_timeout(struct loop_timer *timer)
+{
+    struct pool_queue *q = (struct pool_queue *)(void *)((char *)timer - offsetof(struct pool_queue, timeout));
+    int64_t oldest_allowed = stats_now_us() - cfg->pool_queue_timeout_ms * 1000;
+    for (int n = 0; q->head && q->head->queued_us <= oldest_allowed && n < 100000; n++) {
+        struct transfer *t = q->head;
+        STAT_INC(t->app->upstream, queue_timeouts);
+        shim_debug("fd %d: waited pool_queue_timeout for an upstream connection: closed", t->app->fd);
+        fail_waiter(t);
+    }
+    arm_queue_timeout(q);
+}
+
+/* Slots came free: the oldest waiters get them. */
+static void pump_queues(void)
+{
+    for (size_t up = 0; up < cfg->n_upstreams; up++) {
+        struct pool_queue *q = &queues[up];
+        if (!q->pump)
+            continue;
+        q->pump = false;
+        while (q->head && q->in_use < cfg->pool_max_per_host) {
+            struct transfer *t = q->head;
+            unqueue(t);
+            if (admit(t) != 0)
+                fail_waiter(t);
+        }
+        arm_queue_timeout(q);
+    }
 }
 
 void upstream_abort(struct transfer *t)
 {
-    curl_multi_remove_handle(multi, t->easy);
+    if (t->admitted)
+        curl_multi_remove_handle(multi, t->easy);
     transfer_free(t);
 }
 
@@ -631,6 +776,8 @@ static void store_response(struct transfer *t)
 
 void upstream_reap(void)
 {
+    if (!multi)
+        return;
     CURLMsg *msg;
     int left;
     while ((msg = curl_multi_info_read(multi, &left))) {
@@ -662,4 +809,5 @@ void upstream_reap(void)
         transfer_free(t);
         c->ops->exchange_done(c, ok, must_close);
     }
+    pump_queues();
 }

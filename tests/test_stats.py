@@ -31,13 +31,13 @@ STATSAPP = pyclient("statsapp.py")
 
 COUNTERS = ("client_connections", "requests", "hits", "misses", "stored", "evictions",
             "expired", "bytes_from_cache", "upstream_requests", "upstream_conns_opened",
-            "upstream_conn_reuses", "tunnels")
+            "upstream_conn_reuses", "tunnels", "queue_waits", "queue_timeouts")
 GAUGES = ("memory_entries", "memory_bytes")
 POOL = ("pool_idle", "pool_busy", "pool_waiting")
 REASONS = ("method", "status", "no_store", "private", "set_cookie", "vary_star",
            "too_large", "incomplete", "unframed", "zero_ttl", "no_memory", "misframed")
 ERROR_KINDS = ("upstream", "app", "tunnel")
-HISTS = ("hit_latency_seconds", "miss_latency_seconds")
+HISTS = ("hit_latency_seconds", "miss_latency_seconds", "queue_wait_seconds")
 UPSTREAM_KEYS = set(COUNTERS + GAUGES + POOL + HISTS) | {"not_stored", "errors"}
 
 GET_STATS = b"GET /stats HTTP/1.1\r\nHost: localhost\r\n\r\n"

@@ -637,9 +637,10 @@ static int cmd_check(int argc, char **argv)
         return 1;
     }
     printf("%s: ok\n", path);
-    printf("global: pool_max_per_host=%u pool_idle_timeout=%lldms upstream_timeout=%lldms cache=%s "
-           "memory_max=%lld max_object=%lld stats_socket=%s\n",
-           cfg->pool_max_per_host, (long long)cfg->pool_idle_timeout_ms, (long long)cfg->upstream_timeout_ms,
+    printf("global: pool_max_per_host=%u pool_idle_max=%u pool_queue_timeout=%lldms pool_idle_timeout=%lldms "
+           "upstream_timeout=%lldms cache=%s memory_max=%lld max_object=%lld stats_socket=%s\n",
+           cfg->pool_max_per_host, cfg->pool_idle_max, (long long)cfg->pool_queue_timeout_ms,
+           (long long)cfg->pool_idle_timeout_ms, (long long)cfg->upstream_timeout_ms,
            cfg->cache == CACHE_OFF ? "off" : cfg->cache == CACHE_REDIS ? "redis" : "memory", (long long)cfg->memory_max, (long long)cfg->max_object,
            cfg->stats_socket);
     rules_resolve_all(cfg, getaddrinfo);

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Concurrent one-shot GETs, each on its own connection, started in a given order.
+
+    poolclient.py --port P --paths-file F [--gap-ms G] [--timeout S] [--stats-socket PATH]
+
+Starts one thread per path (in file order, G ms apart); each connects, sends
+`GET PATH HTTP/1.1` with `Connection: close` and reads to EOF. Prints one JSON line per
+request ({"i", "path", "status", "body_len", "ms", "error"}), then, with --stats-socket,
+the process's own /stats document as {"stats": ...}, then {"done": true}."""
+import argparse
+import json
+import socket
+import threading
+import time
+
+
+def one(i, port, path, timeout, out):
+    t0 = time.monotonic()
+    rec = {"i": i, "path": path, "status": None, "body_len": 0, "error": None}
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        s.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n" % (path, port)).encode())
+        data = b""
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            data += b
+        s.close()
+        if data:
+            head, _, body = data.partition(b"\r\n\r\n")
+            rec["status"] = int(head.split(b" ", 2)[1])
+            rec["body_len"] = len(body)
+        else:
+            rec["error"] = "closed before a response"
+    except OSError as e:
+        rec["error"] = "%s: %s" % (type(e).__name__, e)
+    rec["ms"] = (time.monotonic() - t0) * 1000
+    out[i] = rec
+
+
+def stats(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    s.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        data += b
+    return json.loads(data.partition(b"\r\n\r\n")[2])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--paths-file", required=True)
+    ap.add_argument("--gap-ms", type=float, default=0)
+    ap.add_argument("--timeout", type=float, default=30)
+    ap.add_argument("--stats-socket")
+    a = ap.parse_args()
+    paths = [p for p in open(a.paths_file).read().split("\n") if p]
+    out = [None] * len(paths)
+    threads = []
+    for i, p in enumerate(paths):
+        t = threading.Thread(target=one, args=(i, a.port, p, a.timeout, out), daemon=True)
+        t.start()
+        threads.append(t)
+        if a.gap_ms:
+            time.sleep(a.gap_ms / 1000)
+    for t in threads:
+        t.join(a.timeout + 30)
+    for rec in out:
+        print(json.dumps(rec), flush=True)
+    if a.stats_socket:
+        print(json.dumps({"stats": stats(a.stats_socket.replace("%p", str(__import__("os").getpid())))}), flush=True)
+    print(json.dumps({"done": True}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The pool under load: the shim's own FIFO queue per upstream (a transfer reaches libcurl
+only when the upstream has a free slot under pool_max_per_host, the oldest waiter first),
+pool_queue_timeout, and the defaults. One client process per test (its own pool)."""
+
+from conftest import SYS_PY, jlines, pyclient, run, write_rules
+
+POOLCLIENT = pyclient("poolclient.py")
+
+
+def pool_conf(tmp, up, sockdir, cap=None, extra=()):
+    lines = ["[global]", "upstream_timeout = 10s", "cache = off", "stats_socket = %s/%%p.sock" % sockdir]
+    if cap:
+        lines.append("pool_max_per_host = %d" % cap)
+    lines += list(extra) + ["", "[upstream 127.0.0.1:%d]" % up.port]
+    return write_rules(tmp, [], raw="\n".join(lines) + "\n")
+
+
+def play(tmp, conf, up, paths, gap_ms=0, sockdir=None, timeout=30):
+    f = tmp / "paths.txt"
+    f.write_text("\n".join(paths) + "\n")
+    cmd = [SYS_PY, POOLCLIENT, "--port", up.port, "--paths-file", f, "--gap-ms", gap_ms, "--timeout", timeout]
+    if sockdir:
+        cmd += ["--stats-socket", "%s/%%p.sock" % sockdir]
+    r = run(cmd, conf=conf, timeout=timeout + 60)
+    lines = jlines(r.out)
+    assert r.rc == 0 and lines and lines[-1].get("done"), r.describe()
+    reqs = [x for x in lines if "i" in x]
+    st = [x["stats"] for x in lines if "stats" in x]
+    return reqs, (st[0] if st else None), r
+
+
+def upstream_targets(up):
+    return [e["target"] for e in up.stats()["log"] if e.get("kind") == "http"]
+
+
+def test_waiters_are_served_in_arrival_order(upstream, tmp_path, sockdir):
+    """Cap 4, 40 requests arriving 20 ms apart at an upstream that takes 300 ms: the
+    upstream receives them in the order they reached the engine, every one answered."""
+    conf = pool_conf(tmp_path, upstream, sockdir, cap=4)
+    paths = ["/delay/300/bytes/%d" % (100 + i) for i in range(40)]
+    reqs, st, r = play(tmp_path, conf, upstream, paths, gap_ms=20, sockdir=sockdir)
+    bad = [x for x in reqs if x["status"] != 200 or x["body_len"] != 100 + x["i"]]
+    assert not bad, bad
+    got = upstream_targets(upstream)
+    assert got == paths, "forwarded out of arrival order:\n%s" % got
+    assert upstream.stats()["peak"] <= 4, upstream.stats()
+    u = st["upstreams"]["127.0.0.1:%d" % upstream.port]
+    assert u["queue_waits"] >= 30 and u["queue_timeouts"] == 0 and u["pool_waiting"] == 0, u
+    assert u["queue_wait_seconds"]["count"] == u["queue_waits"], u["queue_wait_seconds"]
+
+
+def test_queue_timeout_closes_the_waiters(upstream, tmp_path, sockdir):
+    """Cap 1, pool_queue_timeout 400 ms, three requests at once to an upstream that takes
+    2 s: one is answered; the two waiters are closed before a response once they have
+    waited 400 ms (well before the first one's answer), and counted."""
+    conf = pool_conf(tmp_path, upstream, sockdir, cap=1, extra=["pool_queue_timeout = 400ms"])
+    paths = ["/delay/2000/bytes/%d" % (10 + i) for i in range(3)]
+    reqs, st, r = play(tmp_path, conf, upstream, paths, gap_ms=30, sockdir=sockdir)
+    ok = [x for x in reqs if x["status"] == 200]
+    closed = [x for x in reqs if x["error"] == "closed before a response"]
+    assert len(ok) == 1 and ok[0]["i"] == 0 and len(closed) == 2, reqs
+    assert all(x["ms"] < 1800 for x in closed), "the waiters must fail fast: %s" % reqs
+    u = st["upstreams"]["127.0.0.1:%d" % upstream.port]
+    assert u["queue_timeouts"] == 2 and u["queue_waits"] == 2, u
+    assert upstream.stats()["requests"] == 1, upstream.stats()
+
+
+def test_default_cap_does_not_throttle(upstream, tmp_path, sockdir):
+    """With the default configuration, 64 concurrent requests to a 300 ms upstream all run
+    at once: none waits in the queue, the wall time is one upstream latency (not 64/16 of
+    them), and the upstream sees no more connections than concurrent requests."""
+    conf = pool_conf(tmp_path, upstream, sockdir)
+    paths = ["/delay/300/bytes/%d" % (200 + i) for i in range(64)]
+    reqs, st, r = play(tmp_path, conf, upstream, paths, sockdir=sockdir)
+    assert all(x["status"] == 200 for x in reqs), reqs
+    u = st["upstreams"]["127.0.0.1:%d" % upstream.port]
+    assert u["queue_waits"] == 0, u
+    assert upstream.stats()["connections"] <= 64, upstream.stats()
+    assert max(x["ms"] for x in reqs) < 300 * 4, "the default cap throttled the requests: %s" % \
+        sorted(x["ms"] for x in reqs)[-5:]
