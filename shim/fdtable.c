@@ -30,10 +30,10 @@ struct fd_entry *fdtable_slot(int fd)
     return &table[fd];
 }
 
-struct fd_entry *fdtable_diverted(int fd)
+static struct fd_entry *entry_of_kind(int fd, int kind)
 {
     struct fd_entry *e = fdtable_slot(fd);
-    if (!e || atomic_load_explicit(&e->kind, memory_order_acquire) != FD_DIVERTED)
+    if (!e || atomic_load_explicit(&e->kind, memory_order_acquire) != kind)
         return NULL;
     struct stat st;
     if (fstat(fd, &st) != 0 || st.st_ino != e->ino || st.st_dev != e->dev) {
@@ -41,6 +41,16 @@ struct fd_entry *fdtable_diverted(int fd)
         return NULL;
     }
     return e;
+}
+
+struct fd_entry *fdtable_diverted(int fd)
+{
+    return entry_of_kind(fd, FD_DIVERTED);
+}
+
+struct fd_entry *fdtable_probing(int fd)
+{
+    return entry_of_kind(fd, FD_PROBING);
 }
 
 void fdtable_mark_engine(int fd)
@@ -51,6 +61,7 @@ void fdtable_mark_engine(int fd)
         while (fd >= limit && !atomic_compare_exchange_weak(&engine_fd_limit, &limit, fd + 1))
             ;
         atomic_store(&e->n_epoll, 0);
+        atomic_store(&e->connected_already, 0);
         atomic_store_explicit(&e->kind, FD_ENGINE, memory_order_release);
     }
 }
@@ -62,6 +73,7 @@ void fdtable_clear(int fd)
               || atomic_load_explicit(&e->n_epoll, memory_order_relaxed) != 0)) {
         atomic_store(&e->kind, FD_NONE);
         atomic_store(&e->n_epoll, 0);
+        atomic_store(&e->connected_already, 0);
     }
 }
 

@@ -16,7 +16,8 @@ union shim_sockaddr {
     struct sockaddr_in6 in6;
 };
 
-enum fd_kind { FD_NONE = 0, FD_DIVERTED = 1, FD_ENGINE = 2 };
+/* FD_PROBING: the app's own socket connecting for real (a cold pool), diverted once it is up */
+enum fd_kind { FD_NONE = 0, FD_DIVERTED = 1, FD_ENGINE = 2, FD_PROBING = 3 };
 
 #define FD_MAX_OPTS 12
 #define FD_MAX_EPOLL 2
@@ -31,6 +32,8 @@ struct fd_entry {
     union shim_sockaddr peer;          /* exactly as the app passed it to connect */
     socklen_t peer_len;
     int upstream;
+    int probe_file_flags;              /* FD_PROBING: the app's file flags at connect */
+    _Atomic int connected_already;     /* FD_ENGINE: an adopted connection libcurl will connect() */
     int n_opts;
     struct fd_sockopt opts[FD_MAX_OPTS];
     _Atomic int n_epoll;               /* registrations made before connect */
@@ -43,6 +46,8 @@ int fdtable_init(void);                /* mmap the table; 0 on success */
 struct fd_entry *fdtable_slot(int fd); /* NULL if no table or out of range */
 /* The entry if fd is diverted and the entry is not stale (inode check), else NULL. */
 struct fd_entry *fdtable_diverted(int fd);
+/* The same for an fd whose real connect is in progress (FD_PROBING). */
+struct fd_entry *fdtable_probing(int fd);
 void fdtable_mark_engine(int fd);
 void fdtable_clear(int fd);
 void fdtable_copy(int from, int to);   /* dup bookkeeping */

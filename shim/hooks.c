@@ -7,6 +7,8 @@
 #include "log.h"
 #include "real.h"
 #include "rules.h"
+#include "stats.h"
+#include "upstream.h"
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/sockios.h>
@@ -152,8 +154,10 @@ static void carry_over(int from, int to, int fl)
 }
 
 /* Swaps the app's socket for our socketpair end under the same fd number. 0 when the
- * fd is now diverted; -1 when nothing changed and the caller should connect for real. */
-static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t len, int file_flags)
+ * fd is now diverted; -1 when nothing changed and the caller should connect for real.
+ * With kept_tcp, the app's socket is connected already: it is kept (a new fd number, in
+ * *kept_tcp) for the pool, and the app's epoll registrations of it are moved over. */
+static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t len, int file_flags, int *kept_tcp)
 {
     struct fd_entry *e = fdtable_slot(fd);
     if (!e || len > sizeof(union shim_sockaddr) || engine_ensure_started(config) != 0)
@@ -179,18 +183,34 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
         nregs = FD_MAX_EPOLL;
     memcpy(regs, e->epoll, sizeof regs);
 
+    int tcp = -1;
+    if (kept_tcp && (tcp = real_fcntl(fd, F_DUPFD_CLOEXEC, NULL)) < 0) {
+        real_close(sv[0]);
+        real_close(sv[1]);
+        return -1;
+    }
     fdtable_mark_engine(sv[1]);
     if (engine_adopt(sv[1], upstream, &dest, len) != 0) {
         fdtable_clear(sv[1]);
         real_close(sv[0]);
         real_close(sv[1]);
+        if (tcp >= 0)
+            real_close(tcp);
         return -1;
     }
+    /* The TCP socket lives on (tcp): its epoll registrations under this fd number would
+     * too, reporting its events as the app's. They move to the new socket below. */
+    for (int i = 0; tcp >= 0 && i < nregs; i++)
+        real_epoll_ctl(regs[i].epfd, EPOLL_CTL_DEL, fd, NULL);
     atomic_store(&e->kind, FD_NONE);
     if (real_dup3(sv[0], fd, (fdflags > 0 && (fdflags & FD_CLOEXEC)) ? O_CLOEXEC : 0) < 0) {
         real_close(sv[0]);        /* the engine sees EOF and lets go */
+        if (tcp >= 0)
+            real_close(tcp);
         return -1;
     }
+    if (kept_tcp)
+        *kept_tcp = tcp;
     real_close(sv[0]);
     struct stat st;
     if (fstat(fd, &st) == 0) {
@@ -212,39 +232,143 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     return 0;
 }
 
-/* 1: diverted, 0: not ours (use the real call), -1: errno set for the app. */
-static int try_divert(int fd, const struct sockaddr *addr, socklen_t len, bool *nonblock)
+/* ---- connecting for real while the pool is cold ----
+ * With no live connection to the upstream in the pool, whether the upstream can be
+ * reached is unknown: the app's own socket connects for real, so a refused, unreachable or
+ * timed-out upstream fails the app's connect exactly as it would without the shim (errno,
+ * SO_SNDTIMEO, EINPROGRESS and SO_ERROR for a non-blocking one). Once connected, the fd is
+ * diverted and the connection itself goes to the pool, so the handshake is not wasted. */
+
+static void count_connect_error(int up, int err)
+{
+    if (err == ECONNREFUSED)
+        STAT_INC(up, connect_refused);
+    else if (err == ETIMEDOUT)
+        STAT_INC(up, connect_timeout);
+    else if (err == EHOSTUNREACH || err == ENETUNREACH)
+        STAT_INC(up, connect_unreachable);
+    else
+        STAT_INC(up, connect_other);
+}
+
+/* The real connection is up: divert the fd and give the connection to the pool. If the
+ * divert fails the app simply keeps its real, connected socket. */
+static void probe_connected(int fd, int up, const union shim_sockaddr *dest, socklen_t len, int file_flags)
+{
+    int tcp = -1;
+    if (divert(fd, up, &dest->sa, len, file_flags, &tcp) != 0)
+        tcp = -1;
+    upstream_end_probe(up, tcp, dest, len);
+}
+
+enum divert_result { NOT_OURS, DIVERTED, FAILED, PROBE_CONNECTED, PROBING };
+
+static enum divert_result try_divert(int fd, const struct sockaddr *addr, socklen_t len, bool *nonblock,
+                                     bool may_probe)
 {
     if (shim_in_engine || !addr)
-        return 0;
+        return NOT_OURS;
     struct shim_config *cfg = config_get();
     if (!cfg)
-        return 0;
+        return NOT_OURS;
     if (fdtable_diverted(fd)) {
         errno = EISCONN;
-        return -1;
+        return FAILED;
     }
     if (addr->sa_family != AF_INET && addr->sa_family != AF_INET6)
-        return 0;
+        return NOT_OURS;
     int up = rules_match_addr(cfg, addr, len);
     int file_flags;
-    if (up < 0 || !is_fresh_tcp(fd, addr->sa_family, &file_flags))
-        return 0;
+    if (up < 0 || len > sizeof(union shim_sockaddr) || !is_fresh_tcp(fd, addr->sa_family, &file_flags))
+        return NOT_OURS;
     *nonblock = (file_flags & O_NONBLOCK) != 0;
-    return divert(fd, up, addr, len, file_flags) == 0 ? 1 : 0;
+    if (!may_probe || upstream_has_live_connection(up) || engine_ensure_started(config) != 0
+        || !upstream_begin_probe(up))
+        return divert(fd, up, addr, len, file_flags, NULL) == 0 ? DIVERTED : NOT_OURS;
+    union shim_sockaddr dest;
+    memset(&dest, 0, sizeof dest);
+    memcpy(&dest, addr, len);
+    if (real_connect(fd, addr, len) == 0) {
+        probe_connected(fd, up, &dest, len, file_flags);
+        return PROBE_CONNECTED;
+    }
+    int err = errno;
+    if (err == EINPROGRESS) {
+        struct fd_entry *e = fdtable_slot(fd);
+        struct stat st;
+        if (e && fstat(fd, &st) == 0) {      /* finished by getsockopt(SO_ERROR) or connect */
+            e->dev = st.st_dev;
+            e->ino = st.st_ino;
+            e->peer = dest;
+            e->peer_len = len;
+            e->upstream = up;
+            e->probe_file_flags = file_flags;
+            atomic_store_explicit(&e->kind, FD_PROBING, memory_order_release);
+        } else {
+            upstream_end_probe(up, -1, &dest, len);   /* cannot follow it: stop holding */
+        }
+        errno = EINPROGRESS;
+        return PROBING;
+    }
+    count_connect_error(up, err);
+    upstream_end_probe(up, -1, &dest, len);
+    errno = err;
+    return FAILED;
+}
+
+/* A non-blocking probe the app asks about (SO_ERROR, or connect again): once connected,
+ * divert; on an error, the app sees it and the fd is ours no more. */
+static void probe_settled(int fd, struct fd_entry *e, int err)
+{
+    if (err) {
+        count_connect_error(e->upstream, err);
+        upstream_end_probe(e->upstream, -1, &e->peer, e->peer_len);
+        fdtable_clear(fd);
+        return;
+    }
+    union shim_sockaddr peer;
+    socklen_t plen = sizeof peer;
+    if (real_getpeername(fd, &peer.sa, &plen) != 0)
+        return;                        /* still connecting */
+    union shim_sockaddr dest = e->peer;
+    atomic_store(&e->kind, FD_NONE);   /* its epoll registrations stay: divert moves them */
+    probe_connected(fd, e->upstream, &dest, e->peer_len, e->probe_file_flags);
 }
 
 SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
 {
     real_bind();
     int saved = errno;
+    if (shim_in_engine) {
+        struct fd_entry *e = fdtable_slot(fd);
+        if (e && atomic_load(&e->connected_already) && atomic_exchange(&e->connected_already, 0))
+            return 0;                  /* an app-made connection joining the pool (upstream.c) */
+        return real_connect(fd, addr, len);
+    }
     bool nonblock = false;
-    int r = try_divert(fd, addr, len, &nonblock);
-    if (r < 0)
+    struct fd_entry *probing = shim_in_engine ? NULL : fdtable_probing(fd);
+    if (probing) {                     /* connect again on a connect in progress */
+        int rc = real_connect(fd, addr, len);
+        int err = errno;
+        if (rc == 0 || err == EISCONN)
+            probe_settled(fd, probing, 0);
+        else if (err != EALREADY && err != EINPROGRESS)
+            probe_settled(fd, probing, err);
+        errno = err;
+        return rc;
+    }
+    switch (try_divert(fd, addr, len, &nonblock, true)) {
+    case FAILED:
+    case PROBING:
         return -1;
-    if (r == 0) {
+    case NOT_OURS:
         errno = saved;
         return real_connect(fd, addr, len);
+    case PROBE_CONNECTED:
+        errno = saved;
+        return 0;
+    case DIVERTED:
+        break;
     }
     if (nonblock) {                    /* what a real non-blocking TCP connect says */
         errno = EINPROGRESS;
@@ -261,11 +385,11 @@ SHIM_EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const s
         return real_sendto(fd, buf, n, flags, addr, len);
     int saved = errno;
     bool nonblock = false;
-    int r = try_divert(fd, addr, len, &nonblock);
-    if (r < 0)
+    enum divert_result r = try_divert(fd, addr, len, &nonblock, false);
+    if (r == FAILED)
         return -1;
     errno = saved;
-    if (r == 0)
+    if (r == NOT_OURS)
         return real_sendto(fd, buf, n, flags, addr, len);
     return real_sendto(fd, buf, n, flags & ~MSG_FASTOPEN, NULL, 0);
 }
@@ -425,6 +549,17 @@ SHIM_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen
 SHIM_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
 {
     real_bind();
+    struct fd_entry *probing = shim_in_engine || level != SOL_SOCKET || name != SO_ERROR ? NULL : fdtable_probing(fd);
+    if (probing) {
+        int rc = real_getsockopt(fd, level, name, val, len);
+        if (rc == 0 && len && *len >= sizeof(int)) {
+            int saved = errno, err;
+            memcpy(&err, val, sizeof err);
+            probe_settled(fd, probing, err);
+            errno = saved;
+        }
+        return rc;
+    }
     struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
     if (!e || !val || !len)
         return real_getsockopt(fd, level, name, val, len);
@@ -486,8 +621,9 @@ SHIM_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
     if (rc != 0 || shim_in_engine || !config_get())
         return rc;
     struct fd_entry *e = fdtable_slot(fd);
-    if (!e || atomic_load_explicit(&e->kind, memory_order_relaxed) != FD_NONE)
-        return rc;                     /* connected already: nothing to replay */
+    int kind = e ? atomic_load_explicit(&e->kind, memory_order_relaxed) : FD_ENGINE;
+    if (kind != FD_NONE && kind != FD_PROBING)
+        return rc;                     /* diverted already: nothing to replay */
     int n = atomic_load(&e->n_epoll);
     int at = -1;
     for (int i = 0; i < n && i < FD_MAX_EPOLL; i++)

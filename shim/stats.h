@@ -20,6 +20,8 @@ struct upstream_stats {
     _Atomic uint64_t pool_open, in_flight, in_flight_connected, queue_waiting;
     /* the pool queue: requests that had to wait for a connection, and those given up on */
     _Atomic uint64_t queue_waits, queue_timeouts;
+    /* the app's connects that failed while the pool was cold, by errno */
+    _Atomic uint64_t connect_refused, connect_timeout, connect_unreachable, connect_other;
     _Atomic uint64_t queue_wait[STATS_LAT_BUCKETS + 1], queue_wait_sum_us;
     _Atomic uint64_t hit_lat[STATS_LAT_BUCKETS + 1], miss_lat[STATS_LAT_BUCKETS + 1];
     _Atomic uint64_t hit_lat_sum_us, miss_lat_sum_us;

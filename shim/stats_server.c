@@ -221,6 +221,10 @@ static const struct counter_def counters[] = {
     C(tunnels, "connections relayed as raw tunnels"),
     C(queue_waits, "requests that waited in the pool queue for an upstream connection"),
     C(queue_timeouts, "requests given up after pool_queue_timeout in the pool queue (app connection closed)"),
+    C(connect_refused, "app connects refused by the upstream while the pool was cold (ECONNREFUSED)"),
+    C(connect_timeout, "app connects to the upstream that timed out while the pool was cold (ETIMEDOUT)"),
+    C(connect_unreachable, "app connects that found no route to the upstream (EHOSTUNREACH, ENETUNREACH)"),
+    C(connect_other, "app connects to the upstream that failed otherwise while the pool was cold"),
     G(memory_entries, "entries in the memory tier now"),
     G(memory_bytes, "bytes the memory tier holds now, everything counted"),
 };

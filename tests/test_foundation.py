@@ -683,11 +683,14 @@ def down_rules(tmp_path, upstream):
 
 
 def test_listed_upstream_down_curl(down_rules):
+    """A listed upstream that refuses connections: with no live pooled connection, the
+    app's connect is made for real, so curl fails exactly as without the shim (7,
+    "Couldn't connect")."""
     port, conf = down_rules
+    d = run(CURL + ["http://127.0.0.1:%d/bytes/10" % port], shim=False, timeout=60)
     s = run(CURL + ["http://127.0.0.1:%d/bytes/10" % port], shim=True, conf=conf, timeout=60)
     assert not s.timed_out, s.describe()
-    assert s.rc in (52, 56), "connect() succeeds, then the connection closes before any " \
-        "response: curl should report 52 (empty reply) or 56 (recv failure): " + s.describe()
+    assert d.rc == 7 and s.rc == 7, "curl must report 7 as it does direct:\n%s\n%s" % (d.describe(), s.describe())
     assert s.out == b""
 
 
@@ -699,18 +702,53 @@ def test_listed_upstream_down_urllib(python, down_rules, tmp_path):
     assert not s.timed_out, s.describe()
     rec = jlines(s.out)[0]
     assert s.rc == 1 and rec["error"], s.describe()
-    assert "timed out" not in rec["error"], rec
-    assert "refused" not in rec["error"].lower(), "connect() should have succeeded: %s" % rec
+    assert "refused" in rec["error"].lower(), "the connect must be refused as it is direct: %s" % rec
 
 
-def test_listed_upstream_down_raw_connect_succeeds_then_closed(down_rules, tmp_path):
+def test_listed_upstream_down_raw_connect_refused(down_rules, tmp_path):
+    """socket.create_connection raises ConnectionRefusedError, as it does direct."""
     port, conf = down_rules
     payload = b"GET /bytes/10 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    rep, data, r = raw(port, payload, tmp_path, "down", True, conf, timeout=30)
-    assert r.rc == 0 and rep, r.describe()
-    assert rep["connect"] == "ok", "documented: connect() succeeds on a listed upstream"
-    assert not rep["timed_out"], rep
-    assert data == b"" and (rep["eof"] or rep["reset"]), rep
+    for shim in (False, True):
+        rep, data, r = raw(port, payload, tmp_path, "down", shim, conf, timeout=30)
+        assert r.rc == 0 and rep, r.describe()
+        assert rep["connect"] == "ECONNREFUSED", (shim, rep)
+
+
+def test_listed_upstream_down_nonblocking_connect(down_rules, epollclient):
+    """The C client's non-blocking connect: EINPROGRESS (or an immediate refusal), then
+    SO_ERROR reports ECONNREFUSED, with and without the shim."""
+    port, conf = down_rules
+    for shim in (False, True):
+        r = run([epollclient, "--port", port, "--path", "/bytes/10", "--timeout", 5000], shim=shim, conf=conf)
+        assert r.rc == 1 and b"connect: Connection refused" in r.err, (shim, r.describe())
+
+
+def test_live_pooled_connection_keeps_connect_instant(upstream, rules, tmp_path):
+    """Once the pool holds a live connection, connect() makes no connection of its own:
+    the upstream sees one connection for two client connections."""
+    script = tmp_path / "two.py"
+    script.write_text(
+        "import socket, sys, json\n"
+        "port = int(sys.argv[1])\n"
+        "def get(s):\n"
+        "    s.sendall(b'GET /bytes/10 HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n')\n"
+        "    d = b''\n"
+        "    while True:\n"
+        "        b = s.recv(65536)\n"
+        "        if not b: break\n"
+        "        d += b\n"
+        "    return d\n"
+        "a = socket.create_connection(('127.0.0.1', port)); first = get(a); a.close()\n"
+        "b = socket.create_connection(('127.0.0.1', port))\n"
+        "print(json.dumps({'first': first.startswith(b'HTTP/1.1 200'), 'ready': True}), flush=True)\n"
+        "sys.stdin.readline()\n"
+        "second = get(b)\n"
+        "print(json.dumps({'second': second.startswith(b'HTTP/1.1 200')}), flush=True)\n")
+    r = run([SYS_PY, script, upstream.port], conf=rules, input=b"\n")
+    recs = jlines(r.out)
+    assert r.rc == 0 and recs[0]["first"] and recs[1]["second"], r.describe()
+    assert upstream.stats()["connections"] == 1, upstream.stats()
 
 
 def test_no_engine_without_listed_connect(upstream, rules, tmp_path):

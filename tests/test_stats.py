@@ -31,7 +31,8 @@ STATSAPP = pyclient("statsapp.py")
 
 COUNTERS = ("client_connections", "requests", "hits", "misses", "stored", "evictions",
             "expired", "bytes_from_cache", "upstream_requests", "upstream_conns_opened",
-            "upstream_conn_reuses", "tunnels", "queue_waits", "queue_timeouts")
+            "upstream_conn_reuses", "tunnels", "queue_waits", "queue_timeouts", "connect_refused",
+            "connect_timeout", "connect_unreachable", "connect_other")
 GAUGES = ("memory_entries", "memory_bytes")
 POOL = ("pool_idle", "pool_busy", "pool_waiting")
 REASONS = ("method", "status", "no_store", "private", "set_cookie", "vary_star",
