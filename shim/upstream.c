@@ -304,8 +304,9 @@ static curl_socket_t open_socket(void *clientp, curlsocktype purpose, struct cur
     (void)purpose;
     int fd = take_offered(t->app->upstream, &addr->addr);
     if (fd >= 0) {
-        /* libcurl 7.88 connects even a socket its sockopt callback calls connected
-         * (CURL_SOCKOPT_ALREADY_CONNECTED): the connect hook answers 0 for this one */
+        /* libcurl will connect() the socket it is given; this one is connected already,
+         * so the connect hook answers 0 for it (marking it CURL_SOCKOPT_ALREADY_CONNECTED
+         * failed the transfer with libcurl 7.88's multi interface here) */
         struct fd_entry *e = fdtable_slot(fd);
         if (e) {
             e->upstream = t->app->upstream;

@@ -724,6 +724,25 @@ def test_listed_upstream_down_nonblocking_connect(down_rules, epollclient):
         assert r.rc == 1 and b"connect: Connection refused" in r.err, (shim, r.describe())
 
 
+def test_listed_upstream_down_asyncio(down_rules, tmp_path):
+    """asyncio's non-blocking connect (EINPROGRESS, then SO_ERROR) raises
+    ConnectionRefusedError, as it does direct."""
+    port, conf = down_rules
+    script = tmp_path / "aio.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "async def main():\n"
+        "    try:\n"
+        "        await asyncio.open_connection('127.0.0.1', int(sys.argv[1]))\n"
+        "        print('connected')\n"
+        "    except OSError as e:\n"
+        "        print(type(e).__name__)\n"
+        "asyncio.run(main())\n")
+    for shim in (False, True):
+        r = run([SYS_PY, script, port], shim=shim, conf=conf)
+        assert r.rc == 0 and r.out.strip() == b"ConnectionRefusedError", (shim, r.describe())
+
+
 def test_live_pooled_connection_keeps_connect_instant(upstream, rules, tmp_path):
     """Once the pool holds a live connection, connect() makes no connection of its own:
     the upstream sees one connection for two client connections."""
