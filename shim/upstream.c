@@ -66,6 +66,8 @@ struct pool_queue {
 };
 static struct pool_queue queues[RULES_MAX_UPSTREAMS];
 static unsigned in_use_total;
+static unsigned peak_now, peak_before;  /* in use at most, this second and the one before */
+static struct loop_timer peak_timer;
 
 static struct http_request request_again;   /* engine thread only */
 
@@ -376,7 +378,8 @@ void upstream_forget(void)
     multi = NULL;
     curl_timer.slot = 0;
     memset(queues, 0, sizeof queues);   /* the waiters were the parent's */
-    in_use_total = 0;
+    in_use_total = peak_now = peak_before = 0;
+    peak_timer.slot = 0;
     pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;   /* another thread may have held it */
     offered.lock = fresh;
     offered.n = 0;                      /* the fds went with the other engine fds */
@@ -701,12 +704,28 @@ static int build(struct transfer *t, const struct http_request *req, const char 
     return 0;
 }
 
-/* libcurl counts busy connections in its cache too: keep room for them plus the idle ones
- * we allow, so it closes the oldest idle connection beyond pool_idle_max per upstream. */
+/* libcurl counts busy connections in its cache too, and closes the oldest idle one when a
+ * connection comes back to a full cache. Room for the busy ones alone would churn under
+ * load (a burst of completions leaves many idle for an instant, they are closed, and the
+ * next requests connect again), so the room is the busiest the pool has been in the last
+ * one to two seconds, plus pool_idle_max per upstream: idle connections beyond that are
+ * closed once the load has gone down. */
 static void limit_idle(void)
 {
-    long keep = (long)in_use_total + (long)cfg->pool_idle_max * (long)cfg->n_upstreams;
+    unsigned busy = peak_now > peak_before ? peak_now : peak_before;
+    if (in_use_total > busy)
+        busy = in_use_total;
+    long keep = (long)busy + (long)cfg->pool_idle_max * (long)cfg->n_upstreams;
     curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, keep > 0 ? keep : 1L);
+}
+
+static void on_peak_second(struct loop_timer *timer)
+{
+    peak_before = peak_now;
+    peak_now = in_use_total;
+    limit_idle();
+    if (peak_before || in_use_total)
+        loop_timer_arm(timer, 1000, on_peak_second);
 }
 
 static int admit(struct transfer *t)
@@ -717,6 +736,10 @@ static int admit(struct transfer *t)
     t->admitted = true;
     queues[up].in_use++;
     in_use_total++;
+    if (in_use_total > peak_now)
+        peak_now = in_use_total;
+    if (!loop_timer_armed(&peak_timer))
+        loop_timer_arm(&peak_timer, 1000, on_peak_second);
     limit_idle();
     if (t->queued_us)
         stats_observe_queue_wait(up, stats_now_us() - t->queued_us);

@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""The pool-under-load scenario of issue 12: C coroutines, each with its own kept-alive
+connection, N requests each, against an upstream that answers after a delay. Prints wall
+time, p50/p99/max latency and how many requests failed, as one JSON line.
+
+    bench/pool_scenario.py --port P [--coroutines 500] [--requests 20] [--path /delay/20/bytes/100]
+"""
+import argparse
+import asyncio
+import json
+import time
+
+
+async def client(port, path, n, lat, errors):
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        errors.append("connect")
+        return
+    req = ("GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (path, port)).encode()
+    for _ in range(n):
+        t0 = time.monotonic()
+        try:
+            w.write(req)
+            head = await r.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            await r.readexactly(length)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            errors.append("exchange")
+            return
+        lat.append(time.monotonic() - t0)
+    w.close()
+
+
+async def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--coroutines", type=int, default=500)
+    ap.add_argument("--requests", type=int, default=20)
+    ap.add_argument("--path", default="/delay/20/bytes/100")
+    a = ap.parse_args()
+    lat, errors = [], []
+    t0 = time.monotonic()
+    await asyncio.gather(*(client(a.port, a.path, a.requests, lat, errors) for _ in range(a.coroutines)))
+    wall = time.monotonic() - t0
+    lat.sort()
+    q = lambda p: round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 1) if lat else None  # noqa: E731
+    print(json.dumps({"wall_s": round(wall, 2), "requests": len(lat), "errors": len(errors),
+                      "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": round(lat[-1] * 1000, 1) if lat else None}))
+
+
+asyncio.run(main())
