@@ -17,9 +17,10 @@
  *    match the target's path, or NULL when none does or the target has no path;
  *  - cache_key is deterministic, never writes past cap (exactly sized heap buffers),
  *    returns the whole length when it fits and 0 when it does not (CACHE_KEY_MAX and small
- *    caps alike); its first line is METHOD " http://" HOST:PORT PATH and the query minus
- *    ignored and empty parameters, in order; HEAD and GET give the same key; an
- *    Authorization header ends it with "\nauthorization-sha256: " and 64 hex digits;
+ *    caps alike), and equals model_key() below byte for byte: the rule's host and port,
+ *    the path and the query minus ignored and empty parameters, the request's normalised
+ *    authority, the key headers, Authorization and (keyed) Cookie only as SHA-256 of their
+ *    lines; a Cookie the rule does not key on means no key; HEAD and GET give the same key;
  *  - cache_vary_values / cache_variant_key: deterministic, bounded by cap, (size_t)-1 / 0
  *    exactly when the result does not fit, the variant key is KEY "\nvary: " VALUES;
  *  - an entry built from them matches the request it was built for;
@@ -28,6 +29,7 @@
  *    (0, rule ttl], the rule's own ttl unless respect_cache_control=yes; no TTL is written
  *    when the response is not stored. */
 #include "../../shim/cache.h"
+#include "../../shim/sha256.h"
 #include "fuzz.h"
 #include <fnmatch.h>
 #include <stdbool.h>
@@ -223,21 +225,77 @@ static bool ignored(const struct cache_rule *r, const char *name, size_t n)
     return false;
 }
 
-static void check_first_line(const struct cache_rule *rule, const char *key, size_t len)
+/* A bounded writer for the model key. */
+struct out { char *p; size_t n, cap; };
+
+static void emit(struct out *o, const void *s, size_t n)
+{
+    FUZZ_CHECK(o->n + n <= o->cap);    /* the model's buffer is sized for any key */
+    memcpy(o->p + o->n, s, n);
+    o->n += n;
+}
+
+static void emits(struct out *o, const char *s) { emit(o, s, strlen(s)); }
+
+static const struct http_header *next_named(const struct http_request *r, const char *name, size_t from)
+{
+    size_t n = strlen(name);
+    for (size_t i = from; i < r->nheaders; i++)
+        if (r->headers[i].name.n == n && !strncasecmp(r->headers[i].name.p, name, n))
+            return &r->headers[i];
+    return NULL;
+}
+
+static void emit_hash_line(struct out *o, const struct http_request *r, const char *name)
+{
+    struct sha256_ctx c;
+    sha256_init(&c);
+    for (const struct http_header *h = next_named(r, name, 0); h; h = next_named(r, name, (size_t)(h - r->headers) + 1)) {
+        char len[24];
+        int l = snprintf(len, sizeof len, "%zu:", h->value.n);
+        sha256_update(&c, len, (size_t)l);
+        sha256_update(&c, h->value.p, h->value.n);
+    }
+    unsigned char d[SHA256_BYTES];
+    sha256_final(&c, d);
+    emits(o, "\n");
+    emits(o, name);
+    emits(o, "-sha256: ");
+    for (size_t i = 0; i < SHA256_BYTES; i++) {
+        char hex[3];
+        snprintf(hex, sizeof hex, "%02x", d[i]);
+        emit(o, hex, 2);
+    }
+}
+
+/* The key of request r under rule as cache.c documents it, built independently:
+ *   METHOD (GET for HEAD) " http://" RULE-HOST:PORT PATH [?kept query parameters]
+ *   "\nhost: " the request's authority (absolute-form, else Host), lower-cased, ":80" dropped
+ *   "\n" NAME ": " values joined by ", " (or \x01 when absent), per key header other than
+ *       Cookie and Authorization
+ *   "\nauthorization-sha256: " HEX   when the request has Authorization lines
+ *   "\ncookie-sha256: " HEX          when the rule keys on Cookie and the request has one
+ * where HEX hashes every line's "LEN:" and value, in order. 0: the request is not cached
+ * (no path, a Cookie the rule does not key on, two Host lines, an over-long authority). */
+static size_t model_key(const struct cache_rule *rule, const struct http_request *r, char *buf, size_t cap)
 {
     struct http_slice path, query;
-    FUZZ_CHECK(split_target(req.target, &path, &query));
-    size_t cap = 64 + sizeof up.host + req.method.n + req.target.n;
-    char *want = malloc(cap);
-    if (!want)
-        abort();
-    int n = snprintf(want, cap, strchr(up.host, ':') ? "%.*s http://[%s]:%u" : "%.*s http://%s:%u",
-                     http_method_is(&req, "HEAD") ? 3 : (int)req.method.n,
-                     http_method_is(&req, "HEAD") ? "GET" : req.method.p, up.host, up.port);
-    FUZZ_CHECK(n > 0 && (size_t)n < cap);
-    size_t w = (size_t)n;
-    memcpy(want + w, path.p, path.n);
-    w += path.n;
+    if (!split_target(r->target, &path, &query))
+        return 0;
+    bool keys_cookie = false;
+    for (size_t i = 0; i < rule->n_key_headers; i++)
+        keys_cookie |= !strcasecmp(rule->key_headers[i], "cookie");
+    if (!keys_cookie && next_named(r, "cookie", 0))
+        return 0;
+    struct out o = { buf, 0, cap };
+    if (http_method_is(r, "HEAD"))
+        emits(&o, "GET");
+    else
+        emit(&o, r->method.p, r->method.n);
+    char hostport[RULES_HOST_MAX + 16];
+    snprintf(hostport, sizeof hostport, strchr(up.host, ':') ? " http://[%s]:%u" : " http://%s:%u", up.host, up.port);
+    emits(&o, hostport);
+    emit(&o, path.p, path.n);
     bool first = true;
     for (size_t i = 0; i < query.n;) {        /* every step moves past one '&' */
         const char *amp = memchr(query.p + i, '&', query.n - i);
@@ -245,41 +303,76 @@ static void check_first_line(const struct cache_rule *rule, const char *key, siz
         const char *eq = memchr(query.p + i, '=', end - i);
         size_t name_n = eq ? (size_t)(eq - (query.p + i)) : end - i;
         if (end > i && !ignored(rule, query.p + i, name_n)) {
-            want[w++] = first ? '?' : '&';
-            memcpy(want + w, query.p + i, end - i);
-            w += end - i;
+            emit(&o, first ? "?" : "&", 1);
+            emit(&o, query.p + i, end - i);
             first = false;
         }
         i = end + 1;
     }
-    const char *nl = memchr(key, '\n', len);
-    size_t line_n = nl ? (size_t)(nl - key) : len;
-    FUZZ_CHECK(line_n == w && !memcmp(key, want, w));
-    free(want);
-}
-
-static bool all_hex(const char *p, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if (!((p[i] >= '0' && p[i] <= '9') || (p[i] >= 'a' && p[i] <= 'f')))
-            return false;
-    return true;
+    struct http_slice a = { "", 0 };
+    const char *t = r->target.p, *tend = t + r->target.n;
+    const char *scheme = r->target.n && t[0] != '/' ? memmem(t, r->target.n, "://", 3) : NULL;
+    if (scheme) {
+        const char *slash = memchr(scheme + 3, '/', (size_t)(tend - scheme - 3));
+        a = (struct http_slice){ scheme + 3, (size_t)((slash ? slash : tend) - scheme - 3) };
+    } else {
+        const struct http_header *h = next_named(r, "host", 0);
+        if (h && next_named(r, "host", (size_t)(h - r->headers) + 1))
+            return 0;
+        if (h)
+            a = h->value;
+    }
+    if (a.n >= RULES_HOST_MAX + 16)
+        return 0;
+    emits(&o, "\nhost: ");
+    size_t an = a.n;
+    if (an > 3 && !strncasecmp(a.p + an - 3, ":80", 3) && a.p[an - 4] != ':')
+        an -= 3;
+    for (size_t i = 0; i < an; i++) {
+        char c = a.p[i] >= 'A' && a.p[i] <= 'Z' ? (char)(a.p[i] + 32) : a.p[i];
+        emit(&o, &c, 1);
+    }
+    for (size_t i = 0; i < rule->n_key_headers; i++) {
+        const char *name = rule->key_headers[i];
+        if (!strcasecmp(name, "cookie") || !strcasecmp(name, "authorization"))
+            continue;
+        emits(&o, "\n");
+        emits(&o, name);
+        emits(&o, ": ");
+        const struct http_header *h = next_named(r, name, 0);
+        if (!h)
+            emit(&o, "\x01", 1);
+        for (bool sep = false; h; h = next_named(r, name, (size_t)(h - r->headers) + 1), sep = true) {
+            if (sep)
+                emits(&o, ", ");
+            emit(&o, h->value.p, h->value.n);
+        }
+    }
+    if (next_named(r, "authorization", 0))
+        emit_hash_line(&o, r, "authorization");
+    if (keys_cookie && next_named(r, "cookie", 0))
+        emit_hash_line(&o, r, "cookie");
+    return o.n;
 }
 
 /* Returns the key under `rule` (heap, *len bytes; NULL when the request has none). */
 static char *check_key(const struct cache_rule *rule, size_t input_size, size_t *len)
 {
-    /* big enough for any key of this request: method, host, target (each at most the
-     * input), up to 16 key headers that could each repeat every header value with a ", "
-     * between them, the Authorization digest */
-    size_t big = 18 * input_size + 16 * (64 + 4 + 2 * HTTP_MAX_HEADERS) + sizeof up.host + 256;
+    /* big enough for any key of this request: method, host, target, authority (each at
+     * most the input or the host buffer), up to 16 key headers that could each repeat
+     * every header value with a ", " between them, the two digests */
+    size_t big = 18 * input_size + 16 * (64 + 4 + 2 * HTTP_MAX_HEADERS) + 2 * sizeof up.host + 1024;
     char *a, *b, *m;
     size_t la = key_into(&req, rule, big, &a);
     size_t lb = key_into(&req, rule, big, &b);
     FUZZ_CHECK(la == lb && !memcmp(a, b, la));
     free(b);
-    struct http_slice path, query;
-    FUZZ_CHECK((la != 0) == split_target(req.target, &path, &query));
+    char *want = malloc(big);
+    if (!want)
+        abort();
+    size_t lw = model_key(rule, &req, want, big);
+    FUZZ_CHECK(la == lw && !memcmp(a, want, la));
+    free(want);
     size_t lm = key_into(&req, rule, CACHE_KEY_MAX, &m);
     FUZZ_CHECK(lm == (la <= CACHE_KEY_MAX ? la : 0));
     FUZZ_CHECK(!memcmp(m, a, lm));
@@ -296,7 +389,6 @@ static char *check_key(const struct cache_rule *rule, size_t input_size, size_t 
         FUZZ_CHECK(!memcmp(s, a, ls));
         free(s);
     }
-    check_first_line(rule, a, la);
 
     /* HEAD is answered from the stored GET: the same key either way */
     if (http_method_is(&req, "HEAD") || http_method_is(&req, "GET")) {
@@ -307,14 +399,6 @@ static char *check_key(const struct cache_rule *rule, size_t input_size, size_t 
         size_t lh = key_into(&req_alt, rule, big, &h);
         FUZZ_CHECK(lh == la && !memcmp(h, a, la));
         free(h);
-    }
-    bool has_auth = false;
-    for (size_t i = 0; i < req.nheaders; i++)
-        has_auth |= http_slice_ieq(req.headers[i].name, "authorization");
-    if (has_auth) {
-        static const char tag[] = "\nauthorization-sha256: ";
-        size_t t = sizeof tag - 1;
-        FUZZ_CHECK(la >= t + 64 && !memcmp(a + la - 64 - t, tag, t) && all_hex(a + la - 64, 64));
     }
     *len = la;
     return a;
