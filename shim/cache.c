@@ -5,7 +5,6 @@
  * storage policy (no-store, private, Set-Cookie, Vary: *, statuses, Cache-Control
  * lifetimes) and building immutable, reference-counted entries. */
 #include "cache.h"
-#include <ctype.h>
 #include <curl/curl.h>
 #include <fnmatch.h>
 #include "sha256.h"
@@ -159,6 +158,11 @@ static bool put_authority(struct keybuf *k, const struct http_request *req)
     if (scheme) {
         const char *from = scheme + 3, *slash = memchr(from, '/', (size_t)(end - from));
         a = (struct http_slice){ from, (size_t)((slash ? slash : end) - from) };
+        const char *at = memrchr(a.p, '@', a.n);
+        if (at) {                      /* userinfo names no host, and must never reach a key */
+            a.n -= (size_t)(at + 1 - a.p);
+            a.p = at + 1;
+        }
     } else {
         const struct http_header *h = find_header(req, "host", 4, 0);
         if (h && find_header(req, "host", 4, (size_t)(h - req->headers) + 1))
@@ -169,8 +173,8 @@ static bool put_authority(struct keybuf *k, const struct http_request *req)
     char norm[RULES_HOST_MAX + 16];
     if (a.n >= sizeof norm)
         return false;
-    for (size_t i = 0; i < a.n; i++)
-        norm[i] = (char)tolower((unsigned char)a.p[i]);
+    for (size_t i = 0; i < a.n; i++)       /* ASCII only: the app's locale must not matter */
+        norm[i] = a.p[i] >= 'A' && a.p[i] <= 'Z' ? (char)(a.p[i] + 32) : a.p[i];
     size_t n = a.n;
     if (n > 3 && !memcmp(norm + n - 3, ":80", 3) && norm[n - 4] != ':')
         n -= 3;                        /* http's default port: host and host:80 are one */

@@ -130,6 +130,11 @@ static int parse_host_port(struct parser *p, char *spec, struct upstream_rule *u
         u->addrs[0].family = AF_INET;
         memcpy(u->addrs[0].bytes, &a4, 4);
         u->n_addrs = 1;
+    } else if (inet_pton(AF_INET6, spec, &a6) == 1 && IN6_IS_ADDR_V4MAPPED(&a6)) {
+        u->host_is_literal = true;     /* rules_match_addr looks mapped addresses up as IPv4 */
+        u->addrs[0].family = AF_INET;
+        memcpy(u->addrs[0].bytes, a6.s6_addr + 12, 4);
+        u->n_addrs = 1;
     } else if (inet_pton(AF_INET6, spec, &a6) == 1) {
         u->host_is_literal = true;
         u->addrs[0].family = AF_INET6;
@@ -509,6 +514,11 @@ void rules_free(struct shim_config *cfg)
 
 static void add_addr_locked(struct upstream_rule *u, int family, const void *bytes)
 {
+    static const uint8_t v4mapped[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
+    if (family == AF_INET6 && !memcmp(bytes, v4mapped, sizeof v4mapped)) {
+        family = AF_INET;              /* as rules_match_addr looks it up */
+        bytes = (const uint8_t *)bytes + 12;
+    }
     size_t n = family == AF_INET ? 4 : 16;
     for (size_t i = 0; i < u->n_addrs; i++)
         if (u->addrs[i].family == family && !memcmp(u->addrs[i].bytes, bytes, n))

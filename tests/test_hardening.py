@@ -136,3 +136,26 @@ def test_two_host_headers_not_cached(upstream, tmp_path):
     p = play(tmp_path, conf, [get(upstream, t, headers=h), get(upstream, t, headers=h)])
     assert upstream.stats()["requests"] == 2 or all(r is None or r["status"] == 400 for r in p.resps), \
         log_desc(upstream) + "\n" + p.describe()
+
+
+def test_userinfo_left_out_of_the_key(upstream, tmp_path):
+    """An absolute-form target's userinfo names no host: `http://user:pw@h/x` and
+    `http://h/x` are one entry, and no password is ever part of a key."""
+    conf = simple_conf(tmp_path, upstream)
+    t = "/custom?tag=userinfo"
+    p = play(tmp_path, conf, [get(upstream, "http://user:SECRET@www.example" + t),
+                              get(upstream, "http://www.example" + t),
+                              get(upstream, "http://other:PW@www.example" + t)])
+    assert_sources(p, upstream, "aaa")
+
+
+def test_v4_mapped_upstream_literal_matches(upstream, tmp_path):
+    """An upstream written as an IPv4-mapped IPv6 literal matches connects to its IPv4
+    address (found by fuzz_rules: it loaded but never matched)."""
+    require_build(BUILD / "epollclient")
+    conf = write_rules(tmp_path, [], raw="[global]\npool_max_per_host = 4\n\n[upstream [::ffff:127.0.0.1]:%d]\n"
+                       "cache GET /bytes/* ttl=10m\n" % upstream.port)
+    r = run([BUILD / "epollclient", "--port", upstream.port, "--path", "/bytes/321", "--count", "2",
+             "--keepalive"], conf=conf)
+    assert r.rc == 0, r.describe()
+    assert upstream.stats()["requests"] == 1, "the second GET must be a hit\n" + log_desc(upstream)

@@ -257,3 +257,19 @@ def test_cookie_keyed_entry_hides_the_cookie(upstream, redis, sockdir, tmp_path,
     assert second[1]["served"] == first[0]["served"] and second[0]["served"] != first[0]["served"], \
         log_desc(upstream)
     assert upstream_hits(upstream, t) == 2, log_desc(upstream)
+
+
+def test_userinfo_never_in_a_redis_key(upstream, redis, sockdir, tmp_path, clients):
+    """A password in an absolute-form target's userinfo never reaches Redis."""
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [(upstream, ["GET /custom* ttl=10m"])])
+    t = "/custom?tag=ui&n=200"
+    clients(conf, sockdir).get([rq(upstream, "http://user:PASSWORD-9@127.0.0.1:%d%s" % (upstream.port, t), n=200,
+                                   tag="ui")])
+    deadline = time.time() + KEY_WAIT
+    keys = []
+    while time.time() < deadline and not keys:
+        keys = redis.scan(PREFIX + "*")
+        time.sleep(0.05)
+    assert keys, "the entry never reached Redis"
+    for k in keys:
+        assert b"password" not in k.lower(), k

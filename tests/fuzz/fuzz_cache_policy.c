@@ -270,7 +270,7 @@ static void emit_hash_line(struct out *o, const struct http_request *r, const ch
 
 /* The key of request r under rule as cache.c documents it, built independently:
  *   METHOD (GET for HEAD) " http://" RULE-HOST:PORT PATH [?kept query parameters]
- *   "\nhost: " the request's authority (absolute-form, else Host), lower-cased, ":80" dropped
+ *   "\nhost: " the request's authority (absolute-form without userinfo, else Host), lower-cased, ":80" dropped
  *   "\n" NAME ": " values joined by ", " (or \x01 when absent), per key header other than
  *       Cookie and Authorization
  *   "\nauthorization-sha256: " HEX   when the request has Authorization lines
@@ -315,6 +315,12 @@ static size_t model_key(const struct cache_rule *rule, const struct http_request
     if (scheme) {
         const char *slash = memchr(scheme + 3, '/', (size_t)(tend - scheme - 3));
         a = (struct http_slice){ scheme + 3, (size_t)((slash ? slash : tend) - scheme - 3) };
+        for (size_t k = a.n; k > 0; k--)      /* userinfo ("user:pw@") is left out */
+            if (a.p[k - 1] == '@') {
+                a.p += k;
+                a.n -= k;
+                break;
+            }
     } else {
         const struct http_header *h = next_named(r, "host", 0);
         if (h && next_named(r, "host", (size_t)(h - r->headers) + 1))
