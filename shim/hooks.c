@@ -8,7 +8,7 @@
 #include "real.h"
 #include "rules.h"
 #include "stats.h"
-#include "upstream.h"
+#include "pool.h"
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/sockios.h>
@@ -258,7 +258,7 @@ static void probe_connected(int fd, int up, const union shim_sockaddr *dest, soc
     int tcp = -1;
     if (divert(fd, up, &dest->sa, len, file_flags, &tcp) != 0)
         tcp = -1;
-    upstream_end_probe(up, tcp, dest, len);
+    pool_end_probe(up, tcp, dest);
 }
 
 enum divert_result { NOT_OURS, DIVERTED, FAILED, PROBE_CONNECTED, PROBING };
@@ -282,8 +282,8 @@ static enum divert_result try_divert(int fd, const struct sockaddr *addr, sockle
     if (up < 0 || len > sizeof(union shim_sockaddr) || !is_fresh_tcp(fd, addr->sa_family, &file_flags))
         return NOT_OURS;
     *nonblock = (file_flags & O_NONBLOCK) != 0;
-    if (!may_probe || upstream_has_live_connection(up) || engine_ensure_started(config) != 0
-        || !upstream_begin_probe(up))
+    if (!may_probe || pool_has_live_connection(up) || engine_ensure_started(config) != 0
+        || !pool_begin_probe(up))
         return divert(fd, up, addr, len, file_flags, NULL) == 0 ? DIVERTED : NOT_OURS;
     union shim_sockaddr dest;
     memset(&dest, 0, sizeof dest);
@@ -305,13 +305,13 @@ static enum divert_result try_divert(int fd, const struct sockaddr *addr, sockle
             e->probe_file_flags = file_flags;
             atomic_store_explicit(&e->kind, FD_PROBING, memory_order_release);
         } else {
-            upstream_end_probe(up, -1, &dest, len);   /* cannot follow it: stop holding */
+            pool_end_probe(up, -1, &dest);   /* cannot follow it: stop holding */
         }
         errno = EINPROGRESS;
         return PROBING;
     }
     count_connect_error(up, err);
-    upstream_end_probe(up, -1, &dest, len);
+    pool_end_probe(up, -1, &dest);
     errno = err;
     return FAILED;
 }
@@ -322,7 +322,7 @@ static void probe_settled(int fd, struct fd_entry *e, int err)
 {
     if (err) {
         count_connect_error(e->upstream, err);
-        upstream_end_probe(e->upstream, -1, &e->peer, e->peer_len);
+        pool_end_probe(e->upstream, -1, &e->peer);
         fdtable_clear(fd);
         return;
     }

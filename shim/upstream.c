@@ -3,12 +3,13 @@
  * kept-alive upstream connections and ages idle ones out; and the shim's own FIFO queue per
  * upstream in front of it, which hands libcurl a transfer only when the upstream has a
  * connection slot under pool_max_per_host, oldest waiter first, and fails a waiter that
- * has waited pool_queue_timeout.
+ * has waited pool_queue_timeout. Connections the app's own connects made come from pool.c.
  * Builds each upstream request from the app's (hop-by-hop headers dropped, libcurl's own
  * additions suppressed, pinned to the address the app connected to), and frames the
  * response back for the app's HTTP version, pausing libcurl when the app reads slowly.
  * It sees the app's connection only as the struct app_side the engine hands it. */
 #include "upstream.h"
+#include "pool.h"
 #include "cache_redis.h"
 #include "log.h"
 #include "loop.h"
@@ -17,7 +18,6 @@
 #include <arpa/inet.h>
 #include <curl/curl.h>
 #include <errno.h>
-#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -85,62 +85,6 @@ struct curl_sock { struct loop_source src; struct loop_deferred reclaim; };
 
 static const struct shim_config *cfg;
 
-/* Connections the app's own connects made while the pool was cold (hooks.c), waiting for
- * the transfer that will use them: a few seconds at most, then closed. Filled from app
- * threads, hence the lock. */
-#define OFFERED_MAX 64
-#define OFFERED_MAX_AGE_US (3 * 1000000LL)
-static struct {
-    pthread_mutex_t lock;
-    int n;
-    struct offered { int fd, upstream; union shim_sockaddr dest; int64_t at_us; } conns[OFFERED_MAX];
-} offered = { .lock = PTHREAD_MUTEX_INITIALIZER };
-static _Atomic int offered_count[RULES_MAX_UPSTREAMS];
-
-/* One probe at a time per upstream (hooks.c): while it runs, the upstream's transfers wait
- * in the queue, so the connection it makes is the one the first of them uses and a cold
- * burst never opens more than pool_max_per_host. A probe that does not settle within
- * PROBE_HOLD_MS (a non-blocking app that never asks SO_ERROR) stops holding them. */
-#define PROBE_HOLD_MS 1000
-static _Atomic int64_t probe_started_us[RULES_MAX_UPSTREAMS];   /* 0: none in flight */
-static _Atomic int probe_settled[RULES_MAX_UPSTREAMS];
-
-static bool probe_holds(int up)
-{
-    int64_t at = atomic_load(&probe_started_us[up]);
-    return at && stats_now_us() - at < PROBE_HOLD_MS * 1000LL;
-}
-
-static bool has_pooled_connection(int up)
-{
-    return atomic_load_explicit(&shim_stats[up].pool_open, memory_order_relaxed) != 0
-           || atomic_load(&offered_count[up]) > 0;
-}
-
-bool upstream_begin_probe(int up)
-{
-    int64_t seen = 0, now = stats_now_us();
-    if (!atomic_compare_exchange_strong(&probe_started_us[up], &seen, now)) {
-        /* a probe that was abandoned (its fd closed unasked) does not block the next one */
-        if (now - seen < PROBE_HOLD_MS * 1000LL || !atomic_compare_exchange_strong(&probe_started_us[up], &seen, now))
-            return false;
-    }
-    /* another probe may have ended between the caller's look at the pool and here */
-    if (has_pooled_connection(up)) {
-        atomic_store(&probe_started_us[up], 0);
-        return false;
-    }
-    return true;
-}
-
-void upstream_end_probe(int up, int fd, const union shim_sockaddr *dest, socklen_t dest_len)
-{
-    if (fd >= 0)
-        upstream_offer_connection(up, fd, dest, dest_len);
-    atomic_store(&probe_started_us[up], 0);
-    atomic_store(&probe_settled[up], 1);
-    loop_wake();                       /* the engine admits what the probe held */
-}
 static CURLM *multi;
 static struct loop_timer curl_timer;
 static void limit_idle(void);
@@ -209,102 +153,11 @@ static int on_curl_timer(CURLM *m, long timeout_ms, void *userp)
     return loop_timer_arm(&curl_timer, timeout_ms, on_curl_timeout);
 }
 
-/* An address as bytes and port, IPv4-mapped IPv6 as its IPv4 form: so they compare as one. */
-struct plain_addr { uint8_t bytes[16]; size_t n; uint16_t port; };
-
-static struct plain_addr plain(const union shim_sockaddr *a)
-{
-    struct plain_addr p = { .n = 4 };
-    if (a->sa.sa_family == AF_INET) {
-        memcpy(p.bytes, &a->in.sin_addr, 4);
-        p.port = a->in.sin_port;
-    } else if (IN6_IS_ADDR_V4MAPPED(&a->in6.sin6_addr)) {
-        memcpy(p.bytes, a->in6.sin6_addr.s6_addr + 12, 4);
-        p.port = a->in6.sin6_port;
-    } else {
-        memcpy(p.bytes, &a->in6.sin6_addr, 16);
-        p.n = 16;
-        p.port = a->in6.sin6_port;
-    }
-    return p;
-}
-
-static bool same_address(const struct sockaddr *a, const union shim_sockaddr *b)
-{
-    struct plain_addr x = plain((const union shim_sockaddr *)(const void *)a), y = plain(b);
-    return x.n == y.n && x.port == y.port && !memcmp(x.bytes, y.bytes, x.n);
-}
-
-static void drop_offered_locked(int i)
-{
-    atomic_fetch_sub(&offered_count[offered.conns[i].upstream], 1);
-    fdtable_close_engine_fd(offered.conns[i].fd);
-    offered.conns[i] = offered.conns[--offered.n];
-}
-
-/* An offered connection to addr that is still fresh and open, or -1. */
-static int take_offered(int upstream, const struct sockaddr *addr)
-{
-    if (atomic_load(&offered_count[upstream]) == 0)
-        return -1;
-    int fd = -1;
-    int64_t now = stats_now_us();
-    pthread_mutex_lock(&offered.lock);
-    for (int i = 0; i < offered.n && fd < 0;) {
-        struct offered *o = &offered.conns[i];
-        if (now - o->at_us > OFFERED_MAX_AGE_US) {
-            drop_offered_locked(i);
-            continue;
-        }
-        char c;
-        if (o->upstream == upstream && same_address(addr, &o->dest)
-            && recv(o->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            fd = o->fd;                /* open, nothing unexpected on it */
-            atomic_fetch_sub(&offered_count[upstream], 1);
-            *o = offered.conns[--offered.n];
-            break;
-        }
-        if (o->upstream == upstream && same_address(addr, &o->dest)) {
-            drop_offered_locked(i);    /* closed by the upstream, or not quiet: not usable */
-            continue;
-        }
-        i++;
-    }
-    pthread_mutex_unlock(&offered.lock);
-    return fd;
-}
-
-bool upstream_has_live_connection(int upstream)
-{
-    return has_pooled_connection(upstream) || probe_holds(upstream);
-}
-
-void upstream_offer_connection(int upstream, int fd, const union shim_sockaddr *dest, socklen_t dest_len)
-{
-    (void)dest_len;
-    fdtable_mark_engine(fd);
-    int64_t now = stats_now_us();
-    pthread_mutex_lock(&offered.lock);
-    for (int i = 0; i < offered.n;)
-        if (now - offered.conns[i].at_us > OFFERED_MAX_AGE_US)
-            drop_offered_locked(i);
-        else
-            i++;
-    if (offered.n == OFFERED_MAX) {
-        pthread_mutex_unlock(&offered.lock);
-        fdtable_close_engine_fd(fd);
-        return;
-    }
-    offered.conns[offered.n++] = (struct offered){ fd, upstream, *dest, now };
-    atomic_fetch_add(&offered_count[upstream], 1);
-    pthread_mutex_unlock(&offered.lock);
-}
-
 static curl_socket_t open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *addr)
 {
     struct transfer *t = clientp;
     (void)purpose;
-    int fd = take_offered(t->app->upstream, &addr->addr);
+    int fd = pool_take_offered(t->app->upstream, &addr->addr);
     if (fd >= 0) {
         /* libcurl will connect() the socket it is given; this one is connected already,
          * so the connect hook answers 0 for it (marking it CURL_SOCKOPT_ALREADY_CONNECTED
@@ -380,14 +233,7 @@ void upstream_forget(void)
     memset(queues, 0, sizeof queues);   /* the waiters were the parent's */
     in_use_total = peak_now = peak_before = 0;
     peak_timer.slot = 0;
-    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;   /* another thread may have held it */
-    offered.lock = fresh;
-    offered.n = 0;                      /* the fds went with the other engine fds */
-    for (int i = 0; i < RULES_MAX_UPSTREAMS; i++) {
-        atomic_store(&offered_count[i], 0);
-        atomic_store(&probe_started_us[i], 0);
-        atomic_store(&probe_settled[i], 0);
-    }
+    pool_forget();
 }
 
 /* ---- response framing ---- */
@@ -776,9 +622,9 @@ static void arm_queue_timeout(struct pool_queue *q)
     }
     int64_t now = stats_now_us();
     int64_t due_ms = (q->head->queued_us - now) / 1000 + cfg->pool_queue_timeout_ms;
-    int64_t probe = atomic_load(&probe_started_us[q - queues]);
+    int64_t probe = pool_probe_started_us((int)(q - queues));
     if (probe) {                       /* look again when the probe stops holding the queue */
-        int64_t hold_ms = (probe - now) / 1000 + PROBE_HOLD_MS + 1;
+        int64_t hold_ms = (probe - now) / 1000 + POOL_PROBE_HOLD_MS + 1;
         if (hold_ms < due_ms)
             due_ms = hold_ms;
     }
@@ -842,7 +688,7 @@ struct transfer *upstream_start(struct app_side *c, const struct http_request *r
         return NULL;
     }
     struct pool_queue *q = &queues[c->upstream];
-    if (q->in_use < cfg->pool_max_per_host && !q->head && !probe_holds(c->upstream)) {
+    if (q->in_use < cfg->pool_max_per_host && !q->head && !pool_probe_holds(c->upstream)) {
         if (admit(t) != 0) {
             transfer_free(t);
             return NULL;
@@ -891,9 +737,9 @@ static void pump_queues(void)
 {
     for (size_t up = 0; up < cfg->n_upstreams; up++) {
         struct pool_queue *q = &queues[up];
-        if (atomic_load(&probe_settled[up]) && atomic_exchange(&probe_settled[up], 0))
+        if (pool_probe_settled((int)up))
             q->pump = true;
-        if (!q->pump || probe_holds((int)up))
+        if (!q->pump || pool_probe_holds((int)up))
             continue;
         q->pump = false;
         while (q->head && q->in_use < cfg->pool_max_per_host) {

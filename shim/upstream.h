@@ -20,14 +20,4 @@ void upstream_abort(struct transfer *t);
 void upstream_resume(struct transfer *t);        /* `out` drained: unpause a paused transfer */
 void upstream_body_arrived(struct transfer *t);  /* more streamed body in `in`: unpause sending */
 void upstream_reap(void);                        /* collect finished transfers */
-/* Any thread: whether the pool holds (or is about to adopt) a connection to upstream. */
-bool upstream_has_live_connection(int upstream);
-/* Any thread: a connection the app's own connect made (hooks.c, cold pool) joins the pool:
- * the next transfer to that address uses it instead of connecting. Takes fd over. */
-void upstream_offer_connection(int upstream, int fd, const union shim_sockaddr *dest, socklen_t dest_len);
-/* Any thread: the app's connect will find out for real whether upstream can be reached;
- * false when another one already does. */
-bool upstream_begin_probe(int upstream);
-/* It found out: fd >= 0 is the connection it made (taken over), -1 a failure. */
-void upstream_end_probe(int upstream, int fd, const union shim_sockaddr *dest, socklen_t dest_len);
 #endif

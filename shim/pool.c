@@ -1,0 +1,183 @@
+/* pool.c — owns what the pool knows beyond libcurl: connections the app's own connects
+ * made while the pool was cold (hooks.c connects for real so that the app sees the real
+ * connect error), kept a few seconds for the next transfer to that address; and the one
+ * probe per upstream at a time, during which that upstream's transfers wait (upstream.c),
+ * so a cold burst never opens more than pool_max_per_host connections. Shared by app
+ * threads and the engine thread: atomics and one lock. */
+#include "pool.h"
+#include "fdtable.h"
+#include "loop.h"
+#include "stats.h"
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <sys/socket.h>
+
+/* Connections the app's own connects made while the pool was cold (hooks.c), waiting for
+ * the transfer that will use them: a few seconds at most, then closed. Filled from app
+ * threads, hence the lock. */
+#define OFFERED_MAX 64
+#define OFFERED_MAX_AGE_US (3 * 1000000LL)
+static struct {
+    pthread_mutex_t lock;
+    int n;
+    struct offered { int fd, upstream; union shim_sockaddr dest; int64_t at_us; } conns[OFFERED_MAX];
+} offered = { .lock = PTHREAD_MUTEX_INITIALIZER };
+static _Atomic int offered_count[RULES_MAX_UPSTREAMS];
+
+/* One probe at a time per upstream (hooks.c): while it runs, the upstream's transfers wait
+ * in the queue, so the connection it makes is the one the first of them uses and a cold
+ * burst never opens more than pool_max_per_host. A probe that does not settle within
+ * POOL_PROBE_HOLD_MS (a non-blocking app that never asks SO_ERROR) stops holding them. */
+static _Atomic int64_t probe_started_us[RULES_MAX_UPSTREAMS];   /* 0: none in flight */
+static _Atomic int probe_settled[RULES_MAX_UPSTREAMS];
+
+bool pool_probe_holds(int up)
+{
+    int64_t at = atomic_load(&probe_started_us[up]);
+    return at && stats_now_us() - at < POOL_PROBE_HOLD_MS * 1000LL;
+}
+
+static bool has_pooled_connection(int up)
+{
+    return atomic_load_explicit(&shim_stats[up].pool_open, memory_order_relaxed) != 0
+           || atomic_load(&offered_count[up]) > 0;
+}
+
+bool pool_begin_probe(int up)
+{
+    int64_t seen = 0, now = stats_now_us();
+    if (!atomic_compare_exchange_strong(&probe_started_us[up], &seen, now)) {
+        /* a probe that was abandoned (its fd closed unasked) does not block the next one */
+        if (now - seen < POOL_PROBE_HOLD_MS * 1000LL || !atomic_compare_exchange_strong(&probe_started_us[up], &seen, now))
+            return false;
+    }
+    /* another probe may have ended between the caller's look at the pool and here */
+    if (has_pooled_connection(up)) {
+        atomic_store(&probe_started_us[up], 0);
+        return false;
+    }
+    return true;
+}
+
+void pool_end_probe(int up, int fd, const union shim_sockaddr *dest)
+{
+    if (fd >= 0)
+        pool_offer_connection(up, fd, dest);
+    atomic_store(&probe_started_us[up], 0);
+    atomic_store(&probe_settled[up], 1);
+    loop_wake();                       /* the engine admits what the probe held */
+}
+/* An address as bytes and port, IPv4-mapped IPv6 as its IPv4 form: so they compare as one. */
+struct plain_addr { uint8_t bytes[16]; size_t n; uint16_t port; };
+
+static struct plain_addr plain(const union shim_sockaddr *a)
+{
+    struct plain_addr p = { .n = 4 };
+    if (a->sa.sa_family == AF_INET) {
+        memcpy(p.bytes, &a->in.sin_addr, 4);
+        p.port = a->in.sin_port;
+    } else if (IN6_IS_ADDR_V4MAPPED(&a->in6.sin6_addr)) {
+        memcpy(p.bytes, a->in6.sin6_addr.s6_addr + 12, 4);
+        p.port = a->in6.sin6_port;
+    } else {
+        memcpy(p.bytes, &a->in6.sin6_addr, 16);
+        p.n = 16;
+        p.port = a->in6.sin6_port;
+    }
+    return p;
+}
+
+static bool same_address(const struct sockaddr *a, const union shim_sockaddr *b)
+{
+    struct plain_addr x = plain((const union shim_sockaddr *)(const void *)a), y = plain(b);
+    return x.n == y.n && x.port == y.port && !memcmp(x.bytes, y.bytes, x.n);
+}
+
+static void drop_offered_locked(int i)
+{
+    atomic_fetch_sub(&offered_count[offered.conns[i].upstream], 1);
+    fdtable_close_engine_fd(offered.conns[i].fd);
+    offered.conns[i] = offered.conns[--offered.n];
+}
+
+/* An offered connection to addr that is still fresh and open, or -1. */
+int pool_take_offered(int upstream, const struct sockaddr *addr)
+{
+    if (atomic_load(&offered_count[upstream]) == 0)
+        return -1;
+    int fd = -1;
+    int64_t now = stats_now_us();
+    pthread_mutex_lock(&offered.lock);
+    for (int i = 0; i < offered.n && fd < 0;) {
+        struct offered *o = &offered.conns[i];
+        if (now - o->at_us > OFFERED_MAX_AGE_US) {
+            drop_offered_locked(i);
+            continue;
+        }
+        char c;
+        if (o->upstream == upstream && same_address(addr, &o->dest)
+            && recv(o->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            fd = o->fd;                /* open, nothing unexpected on it */
+            atomic_fetch_sub(&offered_count[upstream], 1);
+            *o = offered.conns[--offered.n];
+            break;
+        }
+        if (o->upstream == upstream && same_address(addr, &o->dest)) {
+            drop_offered_locked(i);    /* closed by the upstream, or not quiet: not usable */
+            continue;
+        }
+        i++;
+    }
+    pthread_mutex_unlock(&offered.lock);
+    return fd;
+}
+
+bool pool_has_live_connection(int upstream)
+{
+    return has_pooled_connection(upstream) || pool_probe_holds(upstream);
+}
+
+void pool_offer_connection(int upstream, int fd, const union shim_sockaddr *dest)
+{
+    fdtable_mark_engine(fd);
+    int64_t now = stats_now_us();
+    pthread_mutex_lock(&offered.lock);
+    for (int i = 0; i < offered.n;)
+        if (now - offered.conns[i].at_us > OFFERED_MAX_AGE_US)
+            drop_offered_locked(i);
+        else
+            i++;
+    if (offered.n == OFFERED_MAX) {
+        pthread_mutex_unlock(&offered.lock);
+        fdtable_close_engine_fd(fd);
+        return;
+    }
+    offered.conns[offered.n++] = (struct offered){ fd, upstream, *dest, now };
+    atomic_fetch_add(&offered_count[upstream], 1);
+    pthread_mutex_unlock(&offered.lock);
+}
+
+
+int64_t pool_probe_started_us(int up)
+{
+    return atomic_load(&probe_started_us[up]);
+}
+
+bool pool_probe_settled(int up)
+{
+    return atomic_load(&probe_settled[up]) && atomic_exchange(&probe_settled[up], 0);
+}
+
+void pool_forget(void)
+{
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;   /* another thread may have held it */
+    offered.lock = fresh;
+    offered.n = 0;                      /* the fds went with the other engine fds */
+    for (int i = 0; i < RULES_MAX_UPSTREAMS; i++) {
+        atomic_store(&offered_count[i], 0);
+        atomic_store(&probe_started_us[i], 0);
+        atomic_store(&probe_settled[i], 0);
+    }
+}

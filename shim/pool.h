@@ -1,0 +1,28 @@
+/* pool.h — connections the app's own connects made, and the one probe per upstream
+ * (pool.c). Every function is safe from any thread. */
+#ifndef HTTPSHIM_POOL_H
+#define HTTPSHIM_POOL_H
+#include <stdbool.h>
+#include <stdint.h>
+#include "fdtable.h"
+
+/* A probe holds its upstream's transfers at most this long (a non-blocking app that
+ * never asks SO_ERROR must not stall them). */
+#define POOL_PROBE_HOLD_MS 1000
+
+/* Whether the pool holds, or is about to hold, a connection to upstream. */
+bool pool_has_live_connection(int upstream);
+/* A connection the app's own connect made joins the pool (fd taken over). */
+void pool_offer_connection(int upstream, int fd, const union shim_sockaddr *dest);
+/* An offered connection to addr, still fresh and quiet, or -1. */
+int pool_take_offered(int upstream, const struct sockaddr *addr);
+/* The caller's connect finds out for real whether upstream can be reached; false when
+ * another one already does, or the pool has a connection after all. */
+bool pool_begin_probe(int upstream);
+/* It found out: fd >= 0 is the connection it made (taken over), -1 a failure. */
+void pool_end_probe(int upstream, int fd, const union shim_sockaddr *dest);
+bool pool_probe_holds(int upstream);
+int64_t pool_probe_started_us(int upstream);   /* 0: none */
+bool pool_probe_settled(int upstream);          /* once per ended probe */
+void pool_forget(void);                         /* forked child */
+#endif
