@@ -14,18 +14,22 @@ import threading
 import time
 
 
+def read_all(s):
+    data = b""
+    while True:
+        b = s.recv(65536)
+        if not b:
+            return data
+        data += b
+
+
 def one(i, port, path, timeout, out):
     t0 = time.monotonic()
     rec = {"i": i, "path": path, "status": None, "body_len": 0, "error": None}
     try:
         s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         s.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n" % (path, port)).encode())
-        data = b""
-        while True:
-            b = s.recv(65536)
-            if not b:
-                break
-            data += b
+        data = read_all(s)
         s.close()
         if data:
             head, _, body = data.partition(b"\r\n\r\n")
@@ -44,13 +48,7 @@ def stats(path):
     s.settimeout(10)
     s.connect(path)
     s.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
-    data = b""
-    while True:
-        b = s.recv(65536)
-        if not b:
-            break
-        data += b
-    return json.loads(data.partition(b"\r\n\r\n")[2])
+    return json.loads(read_all(s).partition(b"\r\n\r\n")[2])
 
 
 def main():
