@@ -670,6 +670,14 @@ def test_cli_stats_sums_live_processes(upstream, upstream_b, sockdir, tmp_path, 
     for a in (a1, a2):
         assert [ln for ln in lines if ln.split()[:1] == [str(a.pid)]], \
             "no row for pid %d in:\n%s" % (a.pid, r.out.decode())
+    # the POOL section: a row per upstream with its summed pool and queue counters
+    heads = [i for i, ln in enumerate(lines) if ln.split()[:1] == ["POOL"]]
+    assert heads and lines[heads[0]].split()[1:6] == ["IDLE", "BUSY", "WAITING", "WAITED", "TIMEOUTS"], r.out.decode()
+    for lb in labels:
+        row = [ln.split() for ln in lines[heads[0]:] if ln.split()[:1] == [lb]]
+        u = total["upstreams"][lb]
+        assert row and row[0][1] == str(u["pool_idle"]) and row[0][4] == str(u["queue_waits"]) \
+            and row[0][5] == str(u["queue_timeouts"]), (lb, row, r.out.decode())
 
     # --prometheus: the summed exposition, still valid
     r = run([cli, "stats", "-c", conf, "--prometheus"], shim=False)

@@ -410,13 +410,16 @@ static void print_table(json_t *total, json_t **docs, const struct proc *procs, 
                errors, p50, p99);
     }
     /* the pool: connections now, and the requests that waited in the queue for one */
-    printf("\n%-28s %9s %9s %9s %9s %9s %10s\n", "POOL", "IDLE", "BUSY", "WAITING", "WAITED", "TIMEOUTS", "WAIT p99");
+    printf("\n%-28s %9s %9s %9s %9s %9s %10s %9s %9s\n", "POOL", "IDLE", "BUSY", "WAITING", "WAITED", "TIMEOUTS",
+           "WAIT p99", "REFUSED", "CONN.ERR");
     for (void *it = json_object_iter(ups); it; it = json_object_iter_next(ups, it)) {
         const json_t *u = json_object_iter_value(it), *qw = json_object_get(u, "queue_wait_seconds");
         char p99[32];
         fmt_latency(p99, sizeof p99, quantile(qw, qw, 0.99));
-        printf("%-28s %9.0f %9.0f %9.0f %9.0f %9.0f %10s\n", json_object_iter_key(it), num(u, "pool_idle"),
-               num(u, "pool_busy"), num(u, "pool_waiting"), num(u, "queue_waits"), num(u, "queue_timeouts"), p99);
+        double other = num(u, "connect_timeout") + num(u, "connect_unreachable") + num(u, "connect_other");
+        printf("%-28s %9.0f %9.0f %9.0f %9.0f %9.0f %10s %9.0f %9.0f\n", json_object_iter_key(it), num(u, "pool_idle"),
+               num(u, "pool_busy"), num(u, "pool_waiting"), num(u, "queue_waits"), num(u, "queue_timeouts"), p99,
+               num(u, "connect_refused"), other);
     }
     printf("\n%-8s %9s %9s %7s %9s %9s\n", "PID", "REQUESTS", "HITS", "HIT%", "CLIENT", "UPSTREAM");
     for (int i = 0; i < n; i++) {
