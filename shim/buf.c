@@ -1,8 +1,10 @@
 /* buf.c — owns the bounded byte queue every connection, transfer and stats client
- * buffers through (buf.h). */
+ * buffers through (buf.h), and draining one into a socket. */
 #include "buf.h"
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 size_t buf_make_room(struct buf *b, size_t want)
 {
@@ -38,6 +40,20 @@ int buf_append(struct buf *b, const void *p, size_t n)
         return -1;
     memcpy(b->data + b->end, p, n);
     b->end += n;
+    return 0;
+}
+
+int buf_send(struct buf *b, int fd)
+{
+    while (buf_len(b)) {
+        ssize_t n = send(fd, buf_head(b), buf_len(b), MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n > 0)
+            buf_consume(b, (size_t)n);
+        else if (n < 0 && errno == EINTR)
+            continue;
+        else
+            return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
+    }
     return 0;
 }
 

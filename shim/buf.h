@@ -24,4 +24,7 @@ static inline void buf_consume(struct buf *b, size_t n)
 size_t buf_make_room(struct buf *b, size_t want);
 int buf_append(struct buf *b, const void *p, size_t n);   /* 0, or -1 if over cap */
 void buf_free(struct buf *b);
+/* Sends what b holds to a non-blocking socket until it is drained or the socket is full:
+ * 0, or -1 when the socket failed (the peer is gone). */
+int buf_send(struct buf *b, int fd);
 #endif

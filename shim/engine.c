@@ -82,20 +82,10 @@ static int conn_flush(struct conn *c)
 {
     if (c->side.app_gone)
         return -1;
-    while (buf_len(&c->side.out)) {
-        ssize_t n = send(c->side.fd, buf_head(&c->side.out), buf_len(&c->side.out), MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (n > 0) {
-            buf_consume(&c->side.out, (size_t)n);
-            continue;
-        }
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            return 0;
-        c->side.app_gone = true;
-        return -1;
-    }
-    return 0;
+    if (buf_send(&c->side.out, c->side.fd) == 0)
+        return 0;
+    c->side.app_gone = true;
+    return -1;
 }
 
 static void reclaim_conn(struct loop_deferred *d)

@@ -145,10 +145,3 @@ void hmac_sha256_final(struct hmac_sha256_ctx *c, unsigned char out[SHA256_BYTES
     memset(c->key, 0, sizeof c->key);
 }
 
-void hmac_sha256(const void *key, size_t key_len, const void *data, size_t len, unsigned char out[SHA256_BYTES])
-{
-    struct hmac_sha256_ctx c;
-    hmac_sha256_init(&c, key, key_len);
-    hmac_sha256_update(&c, data, len);
-    hmac_sha256_final(&c, out);
-}

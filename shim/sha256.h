@@ -18,6 +18,5 @@ struct hmac_sha256_ctx { struct sha256_ctx inner; unsigned char key[64]; };
 void hmac_sha256_init(struct hmac_sha256_ctx *c, const void *key, size_t key_len);
 void hmac_sha256_update(struct hmac_sha256_ctx *c, const void *data, size_t len);
 void hmac_sha256_final(struct hmac_sha256_ctx *c, unsigned char out[SHA256_BYTES]);
-void hmac_sha256(const void *key, size_t key_len, const void *data, size_t len, unsigned char out[SHA256_BYTES]);
 
 #endif

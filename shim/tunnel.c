@@ -56,18 +56,8 @@ static void tunnel_close(struct tunnel *t)
 
 static void flush_to_app(struct tunnel *t)
 {
-    while (!t->app_gone && buf_len(&t->to_app)) {
-        ssize_t n = send(t->app.fd, buf_head(&t->to_app), buf_len(&t->to_app), MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (n > 0) {
-            buf_consume(&t->to_app, (size_t)n);
-            continue;
-        }
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            return;
+    if (!t->app_gone && buf_send(&t->to_app, t->app.fd) != 0)
         t->app_gone = true;
-    }
 }
 
 static void watch_app(struct tunnel *t)
@@ -86,16 +76,7 @@ static void pump(struct tunnel *t)
 {
     if (t->connecting)
         return;
-    while (buf_len(&t->to_up)) {
-        ssize_t n = send(t->up.fd, buf_head(&t->to_up), buf_len(&t->to_up), MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (n > 0) {
-            buf_consume(&t->to_up, (size_t)n);
-            continue;
-        }
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            break;
+    if (buf_send(&t->to_up, t->up.fd) != 0) {
         tunnel_close(t);               /* upstream refused our bytes: end both sides */
         return;
     }
