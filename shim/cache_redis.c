@@ -1,7 +1,8 @@
 /* cache_redis.c — the Redis tier: one hiredis async connection per process, driven by
  * the engine's loop through a small adapter; lookups (GET + PTTL, pipelined) that a
  * request waits on for at most redis_timeout; fire-and-forget SET ... PX after the
- * response has gone to the app (entries in redis_value.c's format); reconnects with
+ * response has gone to the app (entries in redis_value.c's format); the per-key locks
+ * that coalesce fetches across processes (SET NX PX, compare-and-delete); reconnects with
  * backoff; and bounds on everything queued towards Redis. Redis does the expiry. */
 #include "cache_redis.h"
 #include "fdtable.h"
@@ -29,6 +30,7 @@
 struct redis_ticket {
     void *waiter;                   /* NULL once the request stopped waiting */
     redis_lookup_done_fn done;
+    redis_lock_done_fn lock_done;   /* a lock attempt's, instead of done */
     const struct buf *request;      /* the waiter's request bytes, while it waits */
     char *key;
     size_t key_len;
@@ -257,7 +259,10 @@ static void finish_wait(struct redis_ticket *t, struct cache_entry *e)
     unlink_ticket(t);
     t->waiter = NULL;
     t->request = NULL;
-    t->done(waiter, e);
+    if (t->lock_done)
+        t->lock_done(waiter, REDIS_LOCK_UNAVAILABLE);
+    else
+        t->done(waiter, e);
 }
 
 static void free_ticket(struct redis_ticket *t)
@@ -402,6 +407,17 @@ static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
     arm_timer();
 }
 
+static void wait_in_line(struct redis_ticket *t)
+{
+    t->prev = R.waiting_tail;
+    if (R.waiting_tail)
+        R.waiting_tail->next = t;
+    else
+        R.waiting_head = t;
+    R.waiting_tail = t;
+    arm_timer();
+}
+
 struct redis_ticket *redis_lookup(const char *key, size_t key_len, int upstream, const struct buf *request,
                                   redis_lookup_done_fn done, void *waiter)
 {
@@ -434,14 +450,84 @@ struct redis_ticket *redis_lookup(const char *key, size_t key_len, int upstream,
         return NULL;
     }
     R.inflight++;
-    t->prev = R.waiting_tail;
-    if (R.waiting_tail)
-        R.waiting_tail->next = t;
-    else
-        R.waiting_head = t;
-    R.waiting_tail = t;
-    arm_timer();
+    wait_in_line(t);
     return t;
+}
+
+bool redis_available(void)
+{
+    return R.cfg && R.ac && R.connected && R.inflight + 2 <= REDIS_MAX_INFLIGHT;
+}
+
+static void on_lock_reply(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    struct redis_ticket *t = privdata;
+    const redisReply *r = reply;
+    progress(ac);
+    if (t->waiter) {
+        enum redis_lock_result how = REDIS_LOCK_UNAVAILABLE;
+        if (r && r->type == REDIS_REPLY_STATUS && r->len == 2 && !memcmp(r->str, "OK", 2))
+            how = REDIS_LOCK_TAKEN;
+        else if (r && r->type == REDIS_REPLY_NIL)
+            how = REDIS_LOCK_HELD_ELSEWHERE;
+        else if (r)
+            atomic_fetch_add(&shim_redis.errors, 1);
+        void *waiter = t->waiter;
+        unlink_ticket(t);
+        t->waiter = NULL;
+        t->lock_done(waiter, how);
+    } else if (r && r->type == REDIS_REPLY_STATUS && r->len == 2 && !memcmp(r->str, "OK", 2)) {
+        redis_unlock(t->key, t->key_len, (const char *)t->value);   /* taken after we gave up */
+    }
+    free_ticket(t);
+    arm_timer();
+}
+
+struct redis_ticket *redis_lock(const char *key, size_t key_len, const char *token, redis_lock_done_fn done,
+                                void *waiter)
+{
+    if (!redis_available())
+        return NULL;
+    struct redis_ticket *t = calloc(1, sizeof *t);
+    size_t token_len = strlen(token) + 1;
+    if (!t || !(t->key = malloc(key_len)) || !(t->value = malloc(token_len))) {
+        if (t)
+            free_ticket(t);
+        return NULL;
+    }
+    memcpy(t->key, key, key_len);
+    t->key_len = key_len;
+    memcpy(t->value, token, token_len);     /* to let go of a lock taken after a timeout */
+    t->waiter = waiter;
+    t->lock_done = done;
+    t->deadline_ms = mono_ms() + R.cfg->redis_timeout_ms;
+    if (!R.inflight)
+        R.last_progress_ms = mono_ms();
+    if (redisAsyncCommand(R.ac, on_lock_reply, t, "SET %slock:%b %s NX PX %lld", R.cfg->redis_prefix, key, key_len,
+                          token, (long long)R.cfg->redis_lock_ttl_ms) != REDIS_OK) {
+        free_ticket(t);
+        return NULL;
+    }
+    R.inflight++;
+    atomic_fetch_add(&shim_redis.locks, 1);
+    wait_in_line(t);
+    return t;
+}
+
+/* Deletes the lock only while it still holds our token: one that expired and was taken
+ * by another process is theirs. */
+void redis_unlock(const char *key, size_t key_len, const char *token)
+{
+    static const char compare_and_delete[] =
+        "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+    if (!R.cfg || !R.ac || R.inflight >= REDIS_MAX_INFLIGHT)
+        return;                        /* it expires by itself within redis_lock_ttl */
+    if (!R.inflight)
+        R.last_progress_ms = mono_ms();
+    if (redisAsyncCommand(R.ac, on_written, NULL, "EVAL %s 1 %slock:%b %s", compare_and_delete, R.cfg->redis_prefix,
+                          key, key_len, token) == REDIS_OK)
+        R.inflight++;
+    arm_timer();
 }
 
 void redis_cancel(struct redis_ticket *t)

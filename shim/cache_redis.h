@@ -19,6 +19,16 @@ void redis_forget(void);
 struct redis_ticket *redis_lookup(const char *key, size_t key_len, int upstream, const struct buf *request,
                                   redis_lookup_done_fn done, void *waiter);
 void redis_cancel(struct redis_ticket *t);  /* done will not be called */
+
+/* Cross-process coalescing: SET <prefix>lock:<key> token NX PX redis_lock_ttl. */
+enum redis_lock_result { REDIS_LOCK_TAKEN, REDIS_LOCK_HELD_ELSEWHERE, REDIS_LOCK_UNAVAILABLE };
+typedef void (*redis_lock_done_fn)(void *waiter, enum redis_lock_result how);
+bool redis_available(void);                 /* connected, with room for a command */
+/* done hears within redis_timeout (UNAVAILABLE when Redis did not answer). NULL: Redis
+ * cannot be asked now. */
+struct redis_ticket *redis_lock(const char *key, size_t key_len, const char *token, redis_lock_done_fn done,
+                                void *waiter);
+void redis_unlock(const char *key, size_t key_len, const char *token);   /* only if still ours */
 void redis_store(const struct cache_entry *e, int64_t ttl_ms);
 /* A transfer that may end in redis_store() began (+1) or ended (-1); see flush_at_exit. */
 void redis_write_owed(int delta);

@@ -6,6 +6,7 @@
  * child. Nothing here blocks. */
 #include "engine.h"
 #include "cache.h"
+#include "flight.h"
 #include "cache_redis.h"
 #include "conn.h"
 #include "http.h"
@@ -31,7 +32,13 @@ enum conn_state {
     CS_UPSTREAM,        /* an exchange is in flight through libcurl */
     CS_HIT,             /* streaming a cached entry to the app */
     CS_REDIS,           /* waiting (at most redis_timeout) for a Redis lookup */
+    CS_FLIGHT,          /* waiting (at most coalesce_timeout) on another request's fetch */
+    CS_LOCK,            /* waiting (at most coalesce_timeout) on another process's fetch */
 };
+
+/* Polls for the entry another process is fetching: 25, 50, 100, 200, 400, 400... ms. */
+#define LOCK_POLL_FIRST_MS 25
+#define LOCK_POLLS_MAX     64
 
 struct conn {
     struct app_side side;           /* first: what upstream.c sees of the connection */
@@ -48,8 +55,21 @@ struct conn {
     size_t hit_off, hit_len;        /* body bytes sent so far, and to send */
     bool hit_must_close;
     struct redis_ticket *redis_ticket;   /* CS_REDIS */
+    struct flight_waiter waiter;    /* CS_FLIGHT */
+    bool counted;                   /* this request is in the stats already */
     bool redis_checked;             /* this request already asked Redis */
-    struct cache_entry *redis_hit;  /* what Redis answered, served even if memory is full */
+    bool flight_checked;            /* ... already waited on a flight: fetch */
+    bool no_store;                  /* its own fetch must not store (it gave up waiting) */
+    bool found_by_flight;           /* `found` came from the flight it waited on */
+    /* CS_LOCK: the flight it leads while it asks for the key's Redis lock, or polls for
+     * the entry of the process that holds it */
+    struct flight *lead;
+    struct redis_ticket *lock_ticket;
+    struct loop_timer poll_timer;
+    unsigned polls;
+    int64_t lock_deadline_us;
+    bool lock_checked;
+    struct cache_entry *found;      /* what Redis or a flight answered, served even if memory is full */
     struct transfer *xfer;          /* CS_UPSTREAM */
     struct conn *next, *prev;       /* all live conns, under the engine lock */
 };
@@ -69,7 +89,9 @@ static char recv_scratch[16384];          /* engine thread only: c->side.in grow
 static char key_scratch[CACHE_KEY_MAX];   /* engine thread only */
 
 static void conn_process(struct conn *c);
+static void conn_resume(struct conn *c);
 static void on_redis_answer(void *waiter, struct cache_entry *e);
+static void on_poll_due(struct loop_timer *timer);
 
 static struct conn *conn_of(struct app_side *app)
 {
@@ -116,18 +138,24 @@ static void conn_retire(struct conn *c, bool close_fd)
     if (c->xfer || c->hit)
         STAT_INC(c->side.upstream, errors_app);   /* the app left in the middle of an answer */
     if (c->xfer) {
-        upstream_abort(c->xfer);
+        upstream_app_gone(c->xfer);
         c->xfer = NULL;
     }
+    flight_leave(&c->waiter);
+    loop_timer_cancel(&c->poll_timer);
+    redis_cancel(c->lock_ticket);
+    c->lock_ticket = NULL;
+    flight_land(c->lead, NULL);        /* its waiters fetch on their own */
+    c->lead = NULL;
     if (c->hit) {
         cache_entry_release(c->hit);
         c->hit = NULL;
     }
     redis_cancel(c->redis_ticket);
     c->redis_ticket = NULL;
-    if (c->redis_hit) {
-        cache_entry_release(c->redis_hit);
-        c->redis_hit = NULL;
+    if (c->found) {
+        cache_entry_release(c->found);
+        c->found = NULL;
     }
     if (close_fd) {
         loop_remove(&c->src);
@@ -191,7 +219,8 @@ static void exchange_finish(struct conn *c, bool ok, bool must_close, bool hit)
     buf_consume(&c->side.in, c->req_total);
     c->req_total = 0;
     c->continue_sent = false;
-    c->redis_checked = false;
+    c->counted = c->redis_checked = c->flight_checked = c->no_store = c->lock_checked = false;
+    c->polls = 0;
     if (c->side.body_left) {
         c->side.body_left = 0;
         must_close = true;             /* the rest of the body would read as a request */
@@ -259,6 +288,135 @@ static bool serve_hit(struct conn *c, struct cache_entry *e)
     return true;
 }
 
+enum next_step { STEP_SERVED, STEP_WAIT, STEP_FETCH };
+
+/* Another process holds the key's lock: look for its entry again after a backoff. */
+static void poll_later(struct conn *c)
+{
+    int64_t now = stats_now_us();
+    if (now >= c->lock_deadline_us || c->polls >= LOCK_POLLS_MAX) {
+        conn_resume(c);                /* waited coalesce_timeout: fetch it ourselves */
+        return;
+    }
+    int64_t ms = LOCK_POLL_FIRST_MS << (c->polls < 4 ? c->polls : 4);
+    int64_t left_ms = (c->lock_deadline_us - now + 999) / 1000;
+    c->polls++;
+    c->state = CS_LOCK;
+    loop_timer_arm(&c->poll_timer, ms < left_ms ? ms : left_ms, on_poll_due);
+}
+
+static void on_lock_answer(void *waiter, enum redis_lock_result how)
+{
+    struct conn *c = waiter;
+    c->lock_ticket = NULL;
+    if (how == REDIS_LOCK_TAKEN) {
+        flight_lock_taken(c->lead);
+    } else if (how == REDIS_LOCK_HELD_ELSEWHERE) {
+        if (!c->polls)
+            atomic_fetch_add(&shim_redis.lock_waits, 1);
+        poll_later(c);
+        return;
+    }
+    conn_resume(c);                    /* ours, or Redis cannot say: fetch */
+}
+
+static void on_poll_answer(void *waiter, struct cache_entry *e)
+{
+    struct conn *c = waiter;
+    c->redis_ticket = NULL;
+    atomic_fetch_add(&shim_redis.lock_polls, 1);
+    if (e) {                           /* the other process stored it */
+        cache_entry_ref(e);
+        memcache_put(e);
+        c->found = e;
+        conn_resume(c);
+        return;
+    }
+    size_t key_len;
+    const char *key = flight_key(c->lead, &key_len);
+    if (!(c->lock_ticket = redis_lock(key, key_len, flight_lock_token(c->lead), on_lock_answer, c)))
+        conn_resume(c);
+}
+
+static void on_poll_due(struct loop_timer *timer)
+{
+    struct conn *c = (struct conn *)(void *)((char *)timer - offsetof(struct conn, poll_timer));
+    size_t key_len;
+    const char *key = flight_key(c->lead, &key_len);
+    if (!(c->redis_ticket = redis_lookup(key, key_len, c->side.upstream, &c->side.in, on_poll_answer, c)))
+        conn_resume(c);
+}
+
+/* The cache's part of an exchange: a hit is served (its head in `out`); a miss may wait
+ * (for Redis, for another request's fetch of the key, for the key's Redis lock) or goes
+ * upstream, leading *flight when it is the one fetch of its key. key_scratch holds the
+ * key. */
+static enum next_step look_up(struct conn *c, const struct http_request *req, const struct cache_rule *rule,
+                              size_t key_len, bool storable, struct flight **flight)
+{
+    /* a HEAD may wait on a GET's fetch (it is answered from the stored GET), but starts
+     * no flight: it stores nothing */
+    bool coalesce = E.cfg->coalesce && !rule->no_coalesce && !c->flight_checked
+                    && !flight_is_uncacheable(key_scratch, key_len);
+    struct cache_entry *e = c->found ? c->found : memcache_get(key_scratch, key_len);
+    bool by_flight = c->found_by_flight;
+    c->found = NULL;
+    c->found_by_flight = false;
+    if (e && cache_entry_is_vary_marker(e)) {
+        static char variant[CACHE_KEY_MAX];
+        size_t n = cache_variant_key(key_scratch, key_len, e->vary, e->vary_len, req, variant, sizeof variant);
+        cache_entry_release(e);
+        e = n ? memcache_get(variant, n) : NULL;
+    }
+    if (e && !cache_entry_matches_request(e, req)) {
+        cache_entry_release(e);
+        e = NULL;
+    }
+    if (e && c->lead) {                /* found while leading: the waiters get it too */
+        flight_land(c->lead, e);
+        c->lead = NULL;
+    }
+    if (e && by_flight)
+        STAT_INC(c->side.upstream, coalesced);
+    if (e && serve_hit(c, e))
+        return STEP_SERVED;
+    if (c->lead) {                     /* back from the lock: fetch, leading its flight */
+        *flight = c->lead;
+        c->lead = NULL;
+        return STEP_FETCH;
+    }
+    struct flight *other = coalesce ? flight_find(key_scratch, key_len) : NULL;
+    if (other) {
+        if (flight_join(other, &c->waiter)) {
+            c->state = CS_FLIGHT;
+            return STEP_WAIT;
+        }
+        c->no_store = true;            /* too many wait: fetch alongside, leave the store to it */
+    }
+    if (E.cfg->cache == CACHE_REDIS && !c->redis_checked
+        && (c->redis_ticket = redis_lookup(key_scratch, key_len, c->side.upstream, &c->side.in, on_redis_answer, c))) {
+        c->state = CS_REDIS;
+        return STEP_WAIT;
+    }
+    STAT_INC(c->side.upstream, misses);
+    if (!coalesce || !storable || c->no_store)
+        return STEP_FETCH;
+    if (!(*flight = flight_begin(key_scratch, key_len)))
+        return STEP_FETCH;             /* no memory for it: fetch uncoalesced */
+    /* one fetch per key across processes, too: the first to take the key's lock fetches */
+    if (E.cfg->cache == CACHE_REDIS && !c->lock_checked && redis_available()) {
+        c->lock_checked = true;
+        c->lock_deadline_us = stats_now_us() + E.cfg->coalesce_timeout_ms * 1000;
+        if ((c->lock_ticket = redis_lock(key_scratch, key_len, flight_lock_token(*flight), on_lock_answer, c))) {
+            c->lead = *flight;
+            *flight = NULL;
+            c->state = CS_LOCK;
+            return STEP_WAIT;
+        }
+    }
+    return STEP_FETCH;
+}
+
 /* Answers requests at the front of `in`, one exchange at a time so responses go back
  * in request order (pipelining is honoured, not parallelised). */
 static void conn_process(struct conn *c)
@@ -306,48 +464,37 @@ static void conn_process(struct conn *c)
             if (!streaming)
                 return;
         }
-        if ((!c->continue_sent || streaming) && !c->redis_checked)
+        if ((!c->continue_sent || streaming) && !c->counted)
             c->req_started_us = stats_now_us();
         const struct upstream_rule *u = &E.cfg->upstreams[c->side.upstream];
         const struct cache_rule *rule = E.cfg->cache != CACHE_OFF ? cache_rule_for(u, req) : NULL;
-        size_t key_len = rule ? cache_key(u, rule, req, key_scratch, sizeof key_scratch) : 0;
+        /* a body too large to hold is never part of a cached exchange */
+        size_t key_len = rule && !streaming ? cache_key(u, rule, req, key_scratch, sizeof key_scratch) : 0;
         if (key_len && buf_len(&c->side.out))
             return;                    /* a hit goes out in one piece: wait for `out` to drain */
-        if (!c->redis_checked)
+        if (!c->counted)
             STAT_INC(c->side.upstream, requests);
+        c->counted = true;
+        bool storable = key_len && !streaming
+                        && (http_method_is(req, "GET") || (!c->side.req_is_head && strcmp(rule->method, "GET")));
+        struct flight *flight = NULL;
         if (key_len) {
-            struct cache_entry *e = c->redis_hit ? c->redis_hit : memcache_get(key_scratch, key_len);
-            c->redis_hit = NULL;
-            if (e && cache_entry_is_vary_marker(e)) {
-                static char variant[CACHE_KEY_MAX];
-                size_t n = cache_variant_key(key_scratch, key_len, e->vary, e->vary_len, req, variant, sizeof variant);
-                cache_entry_release(e);
-                e = n ? memcache_get(variant, n) : NULL;
-            }
-            if (e && !cache_entry_matches_request(e, req)) {
-                cache_entry_release(e);
-                e = NULL;
-            }
-            if (e && serve_hit(c, e)) {
+            enum next_step step = look_up(c, req, rule, key_len, storable, &flight);
+            if (step == STEP_SERVED) {
                 if (hit_pump(c))
                     continue;          /* sent whole: on to the next pipelined request */
                 return;
             }
-            if (!e && E.cfg->cache == CACHE_REDIS && !c->redis_checked && !streaming
-                && (c->redis_ticket = redis_lookup(key_scratch, key_len, c->side.upstream, &c->side.in,
-                                                   on_redis_answer, c))) {
-                c->state = CS_REDIS;
+            if (step == STEP_WAIT)
                 return;
-            }
-            STAT_INC(c->side.upstream, misses);
         }
-        bool storable = key_len && !streaming
-                        && (http_method_is(req, "GET") || (!c->side.req_is_head && strcmp(rule->method, "GET")));
+        storable = storable && !c->no_store;
         c->state = CS_UPSTREAM;
         STAT_INC(c->side.upstream, upstream_requests);
         c->side.body_left = streaming ? (uint64_t)req->content_length : 0;
         c->xfer = upstream_start(&c->side, req, buf_head(&c->side.in) + req->head_len,
-                                 streaming ? (size_t)-1 : body_len, storable ? rule : NULL, key_scratch, key_len);
+                                 streaming ? (size_t)-1 : body_len, storable ? rule : NULL, key_scratch, key_len,
+                                 flight);
         if (!c->xfer) {
             STAT_INC(c->side.upstream, errors_upstream);
             c->state = CS_HTTP;
@@ -362,6 +509,18 @@ static void conn_process(struct conn *c)
     }
 }
 
+/* A lookup the request waited for has answered: go on with it. */
+static void conn_resume(struct conn *c)
+{
+    c->state = CS_HTTP;
+    conn_process(c);
+    if (!c->dead) {
+        if (c->state != CS_HIT)
+            conn_flush(c);
+        conn_update_events(c);
+    }
+}
+
 /* Redis answered (or gave up): e is a reference to the entry found, or NULL. */
 static void on_redis_answer(void *waiter, struct cache_entry *e)
 {
@@ -372,14 +531,25 @@ static void on_redis_answer(void *waiter, struct cache_entry *e)
     if (e) {
         cache_entry_ref(e);
         memcache_put(e);               /* promoted to the memory tier ... */
-        c->redis_hit = e;              /* ... and served from our own reference */
+        c->found = e;                  /* ... and served from our own reference */
     }
-    conn_process(c);
-    if (!c->dead) {
-        if (c->state != CS_HIT)
-            conn_flush(c);
-        conn_update_events(c);
+    conn_resume(c);
+}
+
+/* The flight this request waited on landed (or it stopped waiting). */
+static void on_flight_landed(struct flight_waiter *w, enum flight_outcome how, struct cache_entry *e)
+{
+    struct conn *c = (struct conn *)(void *)((char *)w - offsetof(struct conn, waiter));
+    c->state = CS_HTTP;
+    c->flight_checked = true;
+    if (how == FLIGHT_SERVED) {
+        c->found = e;
+        c->found_by_flight = true;
+    } else if (how == FLIGHT_TIMED_OUT) {
+        STAT_INC(c->side.upstream, coalesce_timeouts);
+        c->no_store = true;
     }
+    conn_resume(c);
 }
 
 static void conn_exchange_done(struct conn *c, bool ok, bool must_close)
@@ -470,6 +640,7 @@ static int start_locked(const struct shim_config *cfg)
         goto fail;
     stats_server_start(cfg);          /* no stats socket is no reason to run unshimmed */
     memcache_configure(cfg->memory_max);
+    flight_init(cfg);
     if (upstream_init(cfg) != 0)
         goto fail;
     if (redis_init(cfg) != 0)
@@ -513,6 +684,7 @@ int engine_adopt(int engine_fd, int upstream, const union shim_sockaddr *dest, s
     if (!c)
         return -1;
     c->side.ops = &side_ops;
+    c->waiter.done = on_flight_landed;
     c->side.fd = engine_fd;
     c->side.upstream = upstream;
     c->side.dest = *dest;
@@ -566,6 +738,7 @@ void engine_atfork_child(void)
     E.conns = NULL;
     E.started = E.failed = false;
     loop_forget();
+    flight_forget();
     tunnel_forget();
     stats_server_atfork_child();
     if (E.cfg && E.cfg->cache == CACHE_REDIS)

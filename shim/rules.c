@@ -219,6 +219,10 @@ static int parse_cache_rule(struct parser *p, char *args, struct upstream_rule *
             if (!strcmp(val, "yes")) r->respect_cache_control = true;
             else if (!strcmp(val, "no")) r->respect_cache_control = false;
             else return fail(p, "respect_cache_control takes yes or no, not '%s'", val);
+        } else if (!strcmp(opt, "coalesce")) {
+            if (!strcmp(val, "on")) r->no_coalesce = false;
+            else if (!strcmp(val, "off")) r->no_coalesce = true;
+            else return fail(p, "coalesce takes on or off, not '%s'", val);
         } else {
             return fail(p, "unknown cache option '%s'", opt);
         }
@@ -332,16 +336,24 @@ static int parse_global(struct parser *p, const char *key, const char *val, stru
             cfg->pool_idle_max = (unsigned)n;
         return 0;
     }
-    if (!strcmp(key, "pool_idle_timeout") || !strcmp(key, "upstream_timeout") || !strcmp(key, "pool_queue_timeout")) {
+    struct { const char *name; int64_t *ms; } durations[] = {
+        { "pool_idle_timeout", &cfg->pool_idle_timeout_ms }, { "upstream_timeout", &cfg->upstream_timeout_ms },
+        { "pool_queue_timeout", &cfg->pool_queue_timeout_ms }, { "coalesce_timeout", &cfg->coalesce_timeout_ms },
+        { "uncacheable_ttl", &cfg->uncacheable_ttl_ms }, { "redis_lock_ttl", &cfg->redis_lock_ttl_ms },
+    };
+    for (size_t i = 0; i < sizeof durations / sizeof durations[0]; i++) {
+        if (strcmp(key, durations[i].name))
+            continue;
         int64_t ms = rules_parse_duration_ms(val, &ok);
         if (!ok || ms <= 0)
             return fail(p, "%s '%s': expected a duration like 500ms, 30s, 10m, 1h, 1d", key, val);
-        if (!strcmp(key, "pool_idle_timeout"))
-            cfg->pool_idle_timeout_ms = ms;
-        else if (!strcmp(key, "pool_queue_timeout"))
-            cfg->pool_queue_timeout_ms = ms;
-        else
-            cfg->upstream_timeout_ms = ms;
+        *durations[i].ms = ms;
+        return 0;
+    }
+    if (!strcmp(key, "coalesce")) {
+        if (!strcmp(val, "on")) cfg->coalesce = true;
+        else if (!strcmp(val, "off")) cfg->coalesce = false;
+        else return fail(p, "coalesce takes on or off, not '%s'", val);
         return 0;
     }
     if (!strcmp(key, "cache")) {
@@ -406,6 +418,10 @@ int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX
     cfg->pool_queue_timeout_ms = 10000;
     cfg->pool_idle_timeout_ms = 60000;
     cfg->upstream_timeout_ms = 30000;
+    cfg->coalesce = true;
+    cfg->coalesce_timeout_ms = 5000;   /* nginx's proxy_cache_lock_timeout */
+    cfg->uncacheable_ttl_ms = 120000;  /* Varnish's hit-for-miss */
+    cfg->redis_lock_ttl_ms = 10000;
     cfg->cache = CACHE_MEMORY;
     cfg->memory_max = 64LL << 20;
     cfg->max_object = 1LL << 20;

@@ -28,6 +28,7 @@ struct cache_rule {
     char key_headers[RULES_MAX_LIST][64];
     int status[RULES_MAX_LIST];
     bool respect_cache_control;
+    bool no_coalesce;              /* coalesce=off: concurrent misses each go upstream */
     int line;
 };
 
@@ -51,6 +52,11 @@ struct shim_config {
     int64_t pool_queue_timeout_ms;     /* the longest a request waits for a connection */
     int64_t pool_idle_timeout_ms;
     int64_t upstream_timeout_ms;
+    /* one upstream fetch per key: how long a request waits on another's fetch of it, how
+     * long a key that turned out uncacheable skips the waiting, how long a Redis lock on a
+     * key lives */
+    bool coalesce;
+    int64_t coalesce_timeout_ms, uncacheable_ttl_ms, redis_lock_ttl_ms;
     enum cache_backend cache;
     int64_t memory_max;
     int64_t max_object;

@@ -15,6 +15,8 @@ struct upstream_stats {
     _Atomic uint64_t upstream_requests, upstream_conns_opened, upstream_conn_reuses, tunnels;
     _Atomic uint64_t errors_upstream, errors_app, errors_tunnel;
     _Atomic uint64_t evictions, expired;
+    /* coalescing: requests served from another request's fetch, and waits given up */
+    _Atomic uint64_t coalesced, coalesce_timeouts;
     /* gauges: adjusted up and down (unsigned wrap-around arithmetic) */
     _Atomic uint64_t memory_entries, memory_bytes;
     _Atomic uint64_t pool_open, in_flight, in_flight_connected, queue_waiting;
@@ -32,6 +34,8 @@ extern struct upstream_stats shim_stats[RULES_MAX_UPSTREAMS];
 struct redis_counters {
     _Atomic uint64_t connected, hits, misses, errors, timeouts, reconnects, corrupt, unauthenticated;
     _Atomic uint64_t bytes_read, bytes_written, sets;
+    /* cross-process coalescing: lock attempts, and polls of an entry another process fetches */
+    _Atomic uint64_t locks, lock_waits, lock_polls;
 };
 extern struct redis_counters shim_redis;
 extern const double stats_lat_bounds_s[STATS_LAT_BUCKETS];

@@ -215,6 +215,8 @@ static const struct counter_def counters[] = {
     C(evictions, "entries evicted to keep the memory tier under memory_max"),
     C(expired, "entries dropped because their TTL had passed"),
     C(bytes_from_cache, "body bytes served from the cache"),
+    C(coalesced, "requests that waited on another request's fetch of the same key and were served its response"),
+    C(coalesce_timeouts, "requests that waited coalesce_timeout on another's fetch and then fetched on their own"),
     C(upstream_requests, "requests sent to the upstream"),
     C(upstream_conns_opened, "upstream connections opened"),
     C(upstream_conn_reuses, "upstream requests carried on an already open connection"),
@@ -290,13 +292,15 @@ static void render_json(struct out *o, const struct shim_config *cfg)
     }
     appendf(o, "},\"redis\":{\"configured\":%d,\"connected\":%llu,\"hits\":%llu,\"misses\":%llu,\"errors\":%llu,"
                "\"timeouts\":%llu,\"reconnects\":%llu,\"corrupt\":%llu,\"unauthenticated\":%llu,\"bytes_read\":%llu,\"bytes_written\":%llu,"
-               "\"sets\":%llu}}\n", cfg->cache == CACHE_REDIS,
+               "\"sets\":%llu,\"locks\":%llu,\"lock_waits\":%llu,\"lock_polls\":%llu}}\n", cfg->cache == CACHE_REDIS,
             (unsigned long long)get(&shim_redis.connected), (unsigned long long)get(&shim_redis.hits),
             (unsigned long long)get(&shim_redis.misses), (unsigned long long)get(&shim_redis.errors),
             (unsigned long long)get(&shim_redis.timeouts), (unsigned long long)get(&shim_redis.reconnects),
             (unsigned long long)get(&shim_redis.corrupt), (unsigned long long)get(&shim_redis.unauthenticated),
             (unsigned long long)get(&shim_redis.bytes_read),
-            (unsigned long long)get(&shim_redis.bytes_written), (unsigned long long)get(&shim_redis.sets));
+            (unsigned long long)get(&shim_redis.bytes_written), (unsigned long long)get(&shim_redis.sets),
+            (unsigned long long)get(&shim_redis.locks), (unsigned long long)get(&shim_redis.lock_waits),
+            (unsigned long long)get(&shim_redis.lock_polls));
 }
 
 static void prom_histogram(struct out *o, const char *label, const char *name, const char *help,
@@ -376,6 +380,11 @@ static void render_prometheus(struct out *o, const struct shim_config *cfg)
         { "bytes_read", "value bytes read from Redis", offsetof(struct redis_counters, bytes_read) },
         { "bytes_written", "value bytes written to Redis", offsetof(struct redis_counters, bytes_written) },
         { "sets", "entries written to Redis", offsetof(struct redis_counters, sets) },
+        { "locks", "fetch locks asked of Redis (one process fetches a key, the others wait)",
+          offsetof(struct redis_counters, locks) },
+        { "lock_waits", "misses that found another process fetching the key and waited for its entry",
+          offsetof(struct redis_counters, lock_waits) },
+        { "lock_polls", "polls of Redis for an entry another process was fetching", offsetof(struct redis_counters, lock_polls) },
     };
     for (size_t k = 0; k < sizeof redis_counters / sizeof redis_counters[0]; k++)
         appendf(o, "# HELP httpshim_redis_%s_total %s\n# TYPE httpshim_redis_%s_total counter\nhttpshim_redis_%s_total %llu\n",

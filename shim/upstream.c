@@ -10,6 +10,7 @@
  * It sees the app's connection only as the struct app_side the engine hands it. */
 #include "upstream.h"
 #include "pool.h"
+#include "flight.h"
 #include "cache_redis.h"
 #include "log.h"
 #include "loop.h"
@@ -49,6 +50,11 @@ struct transfer {
     char reason[64];
     size_t reason_len;
     struct buf vary;                /* the response's Vary names */
+    struct flight *flight;          /* led by this transfer: landed when it stores or cannot */
+    /* the app went away while others wait on the flight: the fetch goes on for them, with
+     * the app's side replaced by one of its own (the request's bytes copied) */
+    bool detached;
+    struct app_side own;
     /* the pool queue */
     bool admitted;                  /* handed to libcurl: holds one of the upstream's slots */
     int64_t queued_us;              /* when it started to wait (0: never waited) */
@@ -79,6 +85,12 @@ static void not_stored(struct transfer *t, enum not_stored_reason why)
     STAT_INC(t->app->upstream, not_stored[why]);
     buf_free(&t->body);
     buf_free(&t->stored_head);
+    if (t->flight) {                   /* release the waiters now, not after the body */
+        if (!t->app->app_gone || t->detached)
+            flight_mark_uncacheable(t->key, t->key_len);
+        flight_land(t->flight, NULL);
+        t->flight = NULL;
+    }
 }
 
 struct curl_sock { struct loop_source src; struct loop_deferred reclaim; };
@@ -357,8 +369,17 @@ static size_t on_body(char *p, size_t size, size_t n, void *userdata)
     struct transfer *t = userdata;
     struct app_side *c = t->app;
     size_t len = size * n;
-    if (!t->head_done || c->app_gone)
+    if (!t->head_done)
         return 0;
+    if (c->app_gone || t->detached) {  /* only the waiters on its flight want the rest */
+        if (!t->store || !flight_has_waiters(t->flight))
+            return 0;
+        if (buf_append(&t->body, p, len) != 0) {
+            not_stored(t, NS_TOO_LARGE);
+            return 0;
+        }
+        return len;
+    }
     if (t->mode == BODY_NONE || len == 0)
         return len;
     size_t need = len + (t->mode == BODY_CHUNKED ? 32 : 0) + (t->head_sent ? 0 : buf_len(&t->head));
@@ -657,12 +678,16 @@ static void transfer_free(struct transfer *t)
     buf_free(&t->vary);
     if (t->owes_redis)
         redis_write_owed(-1);
+    flight_land(t->flight, NULL);
+    buf_free(&t->own.in);
+    buf_free(&t->own.out);
     free(t->key);
     free(t);
 }
 
 struct transfer *upstream_start(struct app_side *c, const struct http_request *req, const char *body,
-                                size_t body_len, const struct cache_rule *store_rule, const char *key, size_t key_len)
+                                size_t body_len, const struct cache_rule *store_rule, const char *key, size_t key_len,
+                                struct flight *flight)
 {
     struct transfer *t = calloc(1, sizeof *t);
     if (!t)
@@ -680,6 +705,9 @@ struct transfer *upstream_start(struct app_side *c, const struct http_request *r
         t->store = true;
         t->owes_redis = true;
         redis_write_owed(1);
+        t->flight = flight;
+    } else {
+        flight_land(flight, NULL);
     }
     t->easy = curl_easy_init();
     STAT_INC(c->upstream, in_flight);
@@ -759,6 +787,45 @@ void upstream_abort(struct transfer *t)
     transfer_free(t);
 }
 
+static int own_flush(struct app_side *app)
+{
+    buf_consume(&app->out, buf_len(&app->out));
+    return 0;
+}
+static void own_rewatch(struct app_side *app) { (void)app; }
+static void own_exchange_done(struct app_side *app, bool ok, bool must_close)
+{
+    (void)app;
+    (void)ok;
+    (void)must_close;
+}
+static const struct app_side_ops own_ops = { own_flush, own_rewatch, own_exchange_done };
+
+void upstream_app_gone(struct transfer *t)
+{
+    struct app_side *app = t->app;
+    if (!t->store || !flight_has_waiters(t->flight)) {
+        upstream_abort(t);
+        return;
+    }
+    t->own = (struct app_side){ .ops = &own_ops, .fd = -1, .upstream = app->upstream, .dest = app->dest,
+                                .dest_len = app->dest_len, .req_minor = app->req_minor,
+                                .req_keep_alive = app->req_keep_alive, .req_is_head = app->req_is_head };
+    t->own.in.cap = IN_CAP;
+    t->own.out.cap = OUT_CAP;
+    if (buf_append(&t->own.in, buf_head(&app->in), buf_len(&app->in)) != 0) {
+        upstream_abort(t);
+        return;
+    }
+    t->app = &t->own;
+    t->detached = true;
+    shim_debug("fd %d: the app went away; the fetch goes on for the requests waiting on it", app->fd);
+    if (t->paused) {
+        t->paused = false;
+        apply_pause(t);
+    }
+}
+
 void upstream_resume(struct transfer *t)
 {
     if (t && t->paused) {
@@ -819,7 +886,9 @@ static void store_response(struct transfer *t)
     }
     e->upstream = c->upstream;
     if (cfg->cache == CACHE_REDIS)
-        redis_store(e, ttl);           /* a variant goes under its variant key */           /* fire-and-forget, after the app has its response */
+        redis_store(e, ttl);           /* fire-and-forget, after the app has its response */
+    flight_land(t->flight, e);         /* served from this reference even if memory is full */
+    t->flight = NULL;
     memcache_put(e);
     STAT_INC(c->upstream, stored);
 }

@@ -4,6 +4,7 @@
 #define HTTPSHIM_UPSTREAM_H
 #include "cache.h"
 #include "conn.h"
+#include "flight.h"
 #include "http.h"
 #include "rules.h"
 
@@ -12,11 +13,16 @@ int upstream_init(const struct shim_config *cfg);
 void upstream_forget(void);                  /* forked child: abandon the parent's state */
 /* Starts the exchange for app's request; with a store rule and key, a cacheable response
  * is stored. body_len (size_t)-1: the body streams from app->in, app->body_left bytes of
- * it. The transfer reports through app->ops until it ends or is aborted. NULL: failed. */
+ * it. The transfer reports through app->ops until it ends or is aborted. With a flight
+ * (taken over, also on failure), the transfer lands it when it has stored the response
+ * or knows it cannot. NULL: failed. */
 struct transfer *upstream_start(struct app_side *app, const struct http_request *req, const char *body,
                                 size_t body_len, const struct cache_rule *store_rule, const char *key,
-                                size_t key_len);
+                                size_t key_len, struct flight *flight);
 void upstream_abort(struct transfer *t);
+/* The app's connection is going: the transfer is aborted, unless requests wait on its
+ * flight, for whom it goes on alone. Either way the app side is never touched again. */
+void upstream_app_gone(struct transfer *t);
 void upstream_resume(struct transfer *t);        /* `out` drained: unpause a paused transfer */
 void upstream_body_arrived(struct transfer *t);  /* more streamed body in `in`: unpause sending */
 void upstream_reap(void);                        /* collect finished transfers */

@@ -32,6 +32,11 @@ Upstream paths:
                           status=N      status code (default 200)
                           h=Name:Value  an extra response header (repeatable, in order)
                           n=BYTES       body size, pattern bytes (default 100)
+                          delay=MS      sleep MS milliseconds first
+                          etag=V        ETag: "V"; a request whose If-None-Match names
+                                        "V" (or *) gets 304 Not Modified, no body
+                          lm=DATE       Last-Modified: DATE; a request whose
+                                        If-Modified-Since is DATE gets 304 (without etag)
                           mode=length|chunked|close|truncate|badchunk|none|rawchunked
                                         framing:
                             length    Content-Length
@@ -613,8 +618,17 @@ def serve_custom(conn, ctx):
     """/custom: status, headers, size and framing from the query string."""
     query = ctx["target"].split("?", 1)[1] if "?" in ctx["target"] else ""
     status, n, mode, tag, hdrs = 200, 100, "length", None, []
+    etag = lm = None
     for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True):
-        if k == "status":
+        if k == "delay":
+            time.sleep(min(parse_n(v, 0), 60000) / 1000.0)
+        elif k == "etag" and _header_ok("ETag", v):
+            etag = '"%s"' % v
+            hdrs.append("ETag: %s" % etag)
+        elif k == "lm" and _header_ok("Last-Modified", v):
+            lm = v
+            hdrs.append("Last-Modified: %s" % v)
+        elif k == "status":
             c = parse_n(v, 200)
             status = c if 100 <= c <= 599 and c != 101 else 400
         elif k == "n":
@@ -633,6 +647,10 @@ def serve_custom(conn, ctx):
         extra.append("X-Tag: %s" % tag)
     extra += hdrs
     data = pattern(n)
+    inm = [t.strip() for v in hget(ctx["headers"], "if-none-match") for t in v.split(",")]
+    ims = [v.strip() for v in hget(ctx["headers"], "if-modified-since")]
+    if (etag and (etag in inm or "*" in inm)) or (lm and not inm and lm in ims):
+        status, data = 304, b""
     if mode in ("length", "chunked", "close"):
         keep = send_response(conn, ctx, status, data, extra, framing=mode)
         return "keep" if keep and mode != "close" else "close"

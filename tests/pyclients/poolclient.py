@@ -4,10 +4,15 @@
     poolclient.py --port P --paths-file F [--gap-ms G] [--timeout S] [--stats-socket PATH]
 
 Starts one thread per path (in file order, G ms apart); each connects, sends
-`GET PATH HTTP/1.1` with `Connection: close` and reads to EOF. Prints one JSON line per
-request ({"i", "path", "status", "body_len", "ms", "error"}), then, with --stats-socket,
-the process's own /stats document as {"stats": ...}, then {"done": true}."""
+`GET PATH HTTP/1.1` with `Connection: close` and reads to EOF. A line that starts with
+`{` is a JSON request instead: {"path", "method" (GET), "version" ("1.1"), "headers"
+({name: value}), "abandon" (true: close without reading, "abandon_after_ms" (0) after
+sending)}. Prints one
+JSON line per request ({"i", "path", "status", "version", "headers" (lower-cased names),
+"body_len", "body_sha256", "ms", "error"}), then, with --stats-socket, the process's own
+/stats document as {"stats": ...}, then {"done": true}."""
 import argparse
+import hashlib
 import json
 import socket
 import threading
@@ -23,18 +28,39 @@ def read_all(s):
         data += b
 
 
-def one(i, port, path, timeout, out):
+def one(i, port, line, timeout, out):
     t0 = time.monotonic()
+    spec = json.loads(line) if line.startswith("{") else {"path": line}
+    path = spec["path"]
     rec = {"i": i, "path": path, "status": None, "body_len": 0, "error": None}
     try:
         s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        s.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n" % (path, port)).encode())
+        head = "%s %s HTTP/%s\r\nHost: 127.0.0.1:%d\r\n" % (spec.get("method", "GET"), path, spec.get("version", "1.1"), port)
+        if spec.get("version", "1.1") == "1.1":
+            head += "Connection: close\r\n"
+        for k, v in spec.get("headers", {}).items():
+            head += "%s: %s\r\n" % (k, v)
+        s.sendall((head + "\r\n").encode())
+        if spec.get("abandon"):
+            time.sleep(spec.get("abandon_after_ms", 0) / 1000)
+            s.close()
+            rec["error"] = "abandoned"
+            rec["ms"] = (time.monotonic() - t0) * 1000
+            out[i] = rec
+            return
         data = read_all(s)
         s.close()
         if data:
             head, _, body = data.partition(b"\r\n\r\n")
-            rec["status"] = int(head.split(b" ", 2)[1])
+            lines = head.split(b"\r\n")
+            rec["status"] = int(lines[0].split(b" ", 2)[1])
+            rec["version"] = lines[0].split(b" ", 1)[0].decode()
+            rec["headers"] = {}
+            for h in lines[1:]:
+                k, _, v = h.partition(b":")
+                rec["headers"][k.decode().strip().lower()] = v.decode().strip()
             rec["body_len"] = len(body)
+            rec["body_sha256"] = hashlib.sha256(body).hexdigest()
         else:
             rec["error"] = "closed before a response"
     except OSError as e:

@@ -1,0 +1,283 @@
+"""Cache under concurrency, inside one process: one upstream fetch per key however many
+requests ask at once (coalescing), hit-for-miss for keys that turn out uncacheable, the
+waiters' timeout, and a leader whose app went away. Every burst comes from one client
+process (poolclient.py: a thread per request), so it shares one memory tier and one set
+of flights; the upstream counts what reached it."""
+import json
+import subprocess
+
+from conftest import SYS_PY, client_env, jlines, kill_group, pyclient, run, write_rules
+from test_redis import redis, redis_servers, redis_url  # noqa: F401,F811 (fixtures)
+
+POOLCLIENT = pyclient("poolclient.py")
+
+
+def conf_for(tmp, up, sockdir, rule="cache GET /custom* ttl=10m", extra=(), name="rules.conf"):
+    lines = ["[global]", "upstream_timeout = 10s", "stats_socket = %s/%%p.sock" % sockdir]
+    lines += list(extra) + ["", "[upstream 127.0.0.1:%d]" % up.port, rule]
+    return write_rules(tmp, [], raw="\n".join(lines) + "\n", name=name)
+
+
+def write_specs(tmp, specs):
+    f = tmp / "burst.txt"
+    f.write_text("\n".join(s if isinstance(s, str) else json.dumps(s) for s in specs) + "\n")
+    return f
+
+
+def burst(tmp, up, specs, gap_ms=0, timeout=30):
+    """The burst without the shim: what the upstream sees direct."""
+    cmd = [SYS_PY, POOLCLIENT, "--port", up.port, "--paths-file", write_specs(tmp, specs), "--gap-ms", gap_ms,
+           "--timeout", timeout]
+    r = run(cmd, shim=False, timeout=timeout + 60)
+    lines = jlines(r.out)
+    assert r.rc == 0 and lines and lines[-1].get("done"), r.describe()
+    return [x for x in lines if "i" in x]
+
+
+def burst_stats(tmp, conf, up, specs, sockdir, gap_ms=0, timeout=30):
+    cmd = [SYS_PY, POOLCLIENT, "--port", up.port, "--paths-file", write_specs(tmp, specs), "--gap-ms", gap_ms,
+           "--timeout", timeout,
+           "--stats-socket", "%s/%%p.sock" % sockdir]
+    r = run(cmd, conf=conf, timeout=timeout + 60)
+    lines = jlines(r.out)
+    assert r.rc == 0 and lines and lines[-1].get("done"), r.describe()
+    st = [x["stats"] for x in lines if "stats" in x][0]
+    return [x for x in lines if "i" in x], st["upstreams"]["127.0.0.1:%d" % up.port]
+
+
+def upstream_requests(up, path_part):
+    return [e for e in up.stats()["log"] if e.get("kind") == "http" and path_part in (e["target"] or "")]
+
+
+def test_twenty_at_once_make_one_upstream_request(upstream, tmp_path, sockdir):
+    """20 requests for one new key arrive together (the upstream takes 300 ms): the
+    upstream gets one request, every client gets the same whole response, 19 of them
+    counted as coalesced. Without the shim the same burst makes 20 upstream requests."""
+    path = "/custom/geo?n=1200&delay=300&tag=burst"
+    direct = burst(tmp_path, upstream, [path] * 20)
+    assert all(x["status"] == 200 for x in direct), direct
+    assert len(upstream_requests(upstream, "tag=burst")) == 20
+    upstream.reset()
+    reqs, u = burst_stats(tmp_path, conf_for(tmp_path, upstream, sockdir), upstream, [path] * 20, sockdir)
+    assert all(x["status"] == 200 and x["body_len"] == 1200 for x in reqs), reqs
+    assert len({x["body_sha256"] for x in reqs}) == 1, reqs
+    assert len(upstream_requests(upstream, "tag=burst")) == 1, upstream_requests(upstream, "tag=burst")
+    assert u["coalesced"] == 19 and u["hits"] == 19 and u["upstream_requests"] == 1, u
+    assert u["stored"] == 1, u
+    # each waiter was answered from the entry, with an Age, in its own connection semantics
+    served = [x for x in reqs if "age" in x["headers"]]
+    assert len(served) == 19 and all(x["headers"].get("connection") == "close" for x in served), reqs
+
+
+def test_waiters_get_their_own_http_version_and_method(upstream, tmp_path, sockdir):
+    """Waiters on one flight: an HTTP/1.0 GET is answered in HTTP/1.0 and a HEAD gets the
+    head alone, both from the one upstream fetch."""
+    path = "/custom/v?n=700&delay=300&tag=versions"
+    specs = [path, {"path": path, "version": "1.0"}, {"path": path, "method": "HEAD"}, path]
+    reqs, u = burst_stats(tmp_path, conf_for(tmp_path, upstream, sockdir), upstream, specs, sockdir, gap_ms=20)
+    by = {x["i"]: x for x in reqs}
+    assert by[1]["version"] == "HTTP/1.0" and by[1]["status"] == 200 and by[1]["body_len"] == 700, by[1]
+    assert by[2]["status"] == 200 and by[2]["body_len"] == 0 and by[2]["headers"]["content-length"] == "700", by[2]
+    assert by[0]["body_len"] == 700 and by[3]["body_len"] == 700
+    assert len(upstream_requests(upstream, "tag=versions")) == 1, upstream.stats()["log"]
+    assert u["coalesced"] == 3, u
+
+
+def test_uncacheable_releases_waiters_then_hit_for_miss(upstream, tmp_path, sockdir):
+    """The response turns out not storable (Set-Cookie). The first burst's waiters are
+    released when the leader's head arrives and fetch in parallel: about two upstream
+    latencies in all, not ten. The key is then hit-for-miss: a second burst from the same
+    process, 1.2 s later, goes upstream at once, each request one upstream latency."""
+    path = "/custom/hfm?n=300&delay=500&tag=hfm&h=Set-Cookie:a%3Db"
+    lines = [path] * 10 + ["/custom/filler?n=1&tag=filler"] * 10 + [path] * 10
+    reqs, u = burst_stats(tmp_path, conf_for(tmp_path, upstream, sockdir), upstream, lines, sockdir, gap_ms=60)
+    first, second = reqs[:10], reqs[20:]
+    assert all(x["status"] == 200 for x in reqs), reqs
+    assert len(upstream_requests(upstream, "tag=hfm")) == 20
+    assert u["coalesced"] == 0 and u["not_stored"]["set_cookie"] >= 10, u
+    assert max(x["ms"] for x in first) < 500 * 3, [round(x["ms"]) for x in first]
+    # a waiter that joined 60 ms after the leader waited ~440 ms for its head, then 500
+    assert first[1]["ms"] > 500 + 300, [round(x["ms"]) for x in first]
+    assert max(x["ms"] for x in second) < 500 + 300, [round(x["ms"]) for x in second]
+
+
+def test_coalesce_off_per_rule(upstream, tmp_path, sockdir):
+    """coalesce=off on the rule: the burst makes one upstream request per client, and the
+    first response is still stored."""
+    path = "/custom/off?n=100&delay=300&tag=off"
+    conf = conf_for(tmp_path, upstream, sockdir, rule="cache GET /custom* ttl=10m coalesce=off")
+    reqs, u = burst_stats(tmp_path, conf, upstream, [path] * 10, sockdir)
+    assert all(x["status"] == 200 for x in reqs), reqs
+    assert len(upstream_requests(upstream, "tag=off")) == 10
+    assert u["coalesced"] == 0 and u["stored"] >= 1, u
+
+
+def test_coalesce_off_globally(upstream, tmp_path, sockdir):
+    path = "/custom/goff?n=100&delay=300&tag=goff"
+    conf = conf_for(tmp_path, upstream, sockdir, extra=["coalesce = off"])
+    reqs, u = burst_stats(tmp_path, conf, upstream, [path] * 8, sockdir)
+    assert len(upstream_requests(upstream, "tag=goff")) == 8 and u["coalesced"] == 0, u
+
+
+def test_waiters_time_out_and_fetch_on_their_own(upstream, tmp_path, sockdir):
+    """coalesce_timeout 300 ms, an upstream that takes 1.5 s: the waiters stop waiting at
+    300 ms and fetch on their own (so every client is answered, in about 1.8 s at most),
+    counted as coalesce timeouts, and only the leader stores."""
+    path = "/custom/slow?n=100&delay=1500&tag=slow"
+    conf = conf_for(tmp_path, upstream, sockdir, extra=["coalesce_timeout = 300ms"])
+    reqs, u = burst_stats(tmp_path, conf, upstream, [path] * 6, sockdir)
+    assert all(x["status"] == 200 and x["body_len"] == 100 for x in reqs), reqs
+    assert len(upstream_requests(upstream, "tag=slow")) == 6
+    assert u["coalesce_timeouts"] == 5 and u["coalesced"] == 0 and u["stored"] == 1, u
+    assert max(x["ms"] for x in reqs) < 1500 + 300 + 1000, [round(x["ms"]) for x in reqs]
+
+
+def test_leader_whose_app_left_keeps_fetching(upstream, tmp_path, sockdir):
+    """Five requests wait on the first one's fetch, then its client closes (200 ms in,
+    before the upstream answers). The fetch goes on for the five: one upstream request,
+    five whole answers."""
+    path = "/custom/left?n=5000&delay=500&tag=left"
+    specs = [{"path": path, "abandon": True, "abandon_after_ms": 200}] + [path] * 5
+    reqs, u = burst_stats(tmp_path, conf_for(tmp_path, upstream, sockdir), upstream, specs, sockdir, gap_ms=20)
+    rest = [x for x in reqs if x["i"] > 0]
+    assert all(x["status"] == 200 and x["body_len"] == 5000 for x in rest), reqs
+    assert len(upstream_requests(upstream, "tag=left")) == 1, upstream.stats()["log"]
+    assert u["coalesced"] == 5 and u["stored"] == 1, u
+
+
+def test_failed_leader_hands_nothing_partial(upstream, tmp_path, sockdir):
+    """The upstream promises 4000 bytes and closes after 2000: no waiter gets a partial
+    body from the leader's fetch; each is released to fetch on its own (and fails the same
+    way, as it would direct), and nothing is stored."""
+    path = "/custom/trunc?n=4000&delay=300&mode=truncate&tag=trunc"
+    reqs, u = burst_stats(tmp_path, conf_for(tmp_path, upstream, sockdir), upstream, [path] * 5, sockdir)
+    assert not [x for x in reqs if x["status"] == 200 and x["body_len"] == 4000], reqs
+    assert u["stored"] == 0 and u["coalesced"] == 0, u
+    assert len(upstream_requests(upstream, "tag=trunc")) == 5, upstream.stats()["log"]
+
+
+def test_vary_mismatch_fetches_on_its_own(upstream, tmp_path, sockdir):
+    """The response varies on Accept-Language: a waiter with the leader's language is
+    served from the flight, one with another language fetches its own."""
+    path = "/custom/vary?n=200&delay=300&tag=vary&h=Vary:Accept-Language"
+    specs = [{"path": path, "headers": {"Accept-Language": "en"}},
+             {"path": path, "headers": {"Accept-Language": "en"}},
+             {"path": path, "headers": {"Accept-Language": "de"}}]
+    reqs, u = burst_stats(tmp_path, conf_for(tmp_path, upstream, sockdir), upstream, specs, sockdir, gap_ms=30)
+    assert all(x["status"] == 200 for x in reqs), reqs
+    got = upstream_requests(upstream, "tag=vary")
+    langs = sorted(v for e in got for k, v in e["headers"] if k.lower() == "accept-language")
+    assert langs == ["de", "en"], got
+    assert u["coalesced"] == 1, u
+
+
+def test_burst_with_the_redis_tier(upstream, redis, tmp_path, sockdir):  # noqa: F811
+    """With the Redis tier, the burst's requests ask Redis (a miss), then wait on one
+    flight: one upstream request, and the entry is in Redis afterwards."""
+    path = "/custom/rt?n=800&delay=300&tag=redisburst"
+    conf = conf_for(tmp_path, upstream, sockdir, extra=[
+        "cache = %s" % redis_url(redis), "redis_timeout = 500ms"])
+    reqs, u = burst_stats(tmp_path, conf, upstream, [path] * 20, sockdir)
+    assert all(x["status"] == 200 and x["body_len"] == 800 for x in reqs), reqs
+    assert len(upstream_requests(upstream, "tag=redisburst")) == 1
+    assert u["coalesced"] == 19, u
+    assert len(redis.scan("httpshim:*")) == 1
+
+
+# ------------------------------------------------------------------ across processes
+def redis_conf(tmp, up, sockdir, srv, extra=()):
+    return conf_for(tmp, up, sockdir, extra=["cache = %s" % redis_url(srv), "redis_timeout = 500ms"] + list(extra))
+
+
+def processes_at_once(tmp, conf, up, specs, sockdir, n, timeout=30):
+    """n poolclient processes started together, each sending specs concurrently; their
+    (requests, upstream stats, redis stats)."""
+    f = write_specs(tmp, specs)
+    cmd = [SYS_PY, POOLCLIENT, "--port", str(up.port), "--paths-file", str(f), "--timeout", str(timeout),
+           "--stats-socket", "%s/%%p.sock" % sockdir]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=client_env(True, conf),
+                              start_new_session=True) for _ in range(n)]
+    out = []
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=timeout + 60)
+            lines = jlines(o)
+            assert p.returncode == 0 and lines and lines[-1].get("done"), (p.returncode, o, e)
+            st = [x["stats"] for x in lines if "stats" in x][0]
+            out.append(([x for x in lines if "i" in x], st["upstreams"]["127.0.0.1:%d" % up.port], st["redis"]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                kill_group(p.pid)
+                p.wait(30)
+    return out
+
+
+def test_burst_across_processes_makes_one_upstream_request(upstream, redis, tmp_path, sockdir):  # noqa: F811
+    """Four processes, five concurrent requests each, for one new key (the upstream takes
+    500 ms): one process takes the key's Redis lock and fetches; the others find it held,
+    poll, and serve the entry it stored. The upstream gets one request; the lock is gone
+    afterwards. Without coalescing (coalesce = off) the same run makes 20."""
+    path = "/custom/xp?n=900&delay=500&tag=xp"
+    res = processes_at_once(tmp_path, redis_conf(tmp_path, upstream, sockdir, redis), upstream, [path] * 5, sockdir, 4)
+    reqs = [x for r, _, _ in res for x in r]
+    assert len(reqs) == 20 and all(x["status"] == 200 and x["body_len"] == 900 for x in reqs), reqs
+    assert len({x["body_sha256"] for x in reqs}) == 1
+    assert len(upstream_requests(upstream, "tag=xp")) == 1, upstream.stats()["log"]
+    assert sum(rd["lock_waits"] for _, _, rd in res) == 3, [rd for _, _, rd in res]
+    assert sum(rd["locks"] for _, _, rd in res) >= 4, [rd for _, _, rd in res]
+    assert sum(u["coalesced"] for _, u, _ in res) == 16, [u for _, u, _ in res]
+    assert redis.scan("httpshim:lock:*") == [], "the lock must be released after the store"
+    upstream.reset()
+    off = redis_conf(tmp_path, upstream, sockdir, redis, extra=["coalesce = off"])
+    path2 = "/custom/xp2?n=900&delay=500&tag=xpoff"
+    res = processes_at_once(tmp_path, off, upstream, [path2] * 5, sockdir, 4)
+    assert len(upstream_requests(upstream, "tag=xpoff")) == 20
+
+
+def test_lock_of_a_dead_holder_costs_at_most_its_ttl(upstream, redis, tmp_path, sockdir):  # noqa: F811
+    """A lock another (dead) process took 1 s ago with PX 1500 sits on the key: the request
+    polls until it expires, then takes the lock and fetches. It is answered within the
+    lock's remaining time plus the fetch, not after coalesce_timeout (5 s)."""
+    path = "/custom/dead?n=100&delay=100&tag=dead"
+    conf = redis_conf(tmp_path, upstream, sockdir, redis)
+    # find the key the shim uses: one request, then drop the entry and put a lock there
+    reqs, _ = burst_stats(tmp_path, conf, upstream, [path], sockdir)
+    keys = [k for k in redis.scan("httpshim:*") if not k.startswith(b"httpshim:lock:")]
+    assert len(keys) == 1, keys
+    key = keys[0][len(b"httpshim:"):]
+    redis.cmd("DEL", b"httpshim:" + key)
+    redis.cmd("SET", b"httpshim:lock:" + key, b"dead-process-token", "PX", "1500")
+    upstream.reset()
+    reqs, u = burst_stats(tmp_path, conf, upstream, [path], sockdir)
+    assert reqs[0]["status"] == 200, reqs
+    assert 1000 < reqs[0]["ms"] < 1500 + 1500, reqs
+    assert len(upstream_requests(upstream, "tag=dead")) == 1
+
+
+def test_lock_held_past_coalesce_timeout_fetches_itself(upstream, redis, tmp_path, sockdir):  # noqa: F811
+    """A lock that outlives coalesce_timeout (400 ms here): the request stops polling at
+    400 ms and fetches itself; the foreign lock is left alone (compare-and-delete)."""
+    path = "/custom/held?n=100&delay=50&tag=held"
+    conf = redis_conf(tmp_path, upstream, sockdir, redis, extra=["coalesce_timeout = 400ms"])
+    burst_stats(tmp_path, conf, upstream, [path], sockdir)
+    keys = [k for k in redis.scan("httpshim:*") if not k.startswith(b"httpshim:lock:")]
+    key = keys[0][len(b"httpshim:"):]
+    redis.cmd("DEL", b"httpshim:" + key)
+    redis.cmd("SET", b"httpshim:lock:" + key, b"someone-else", "PX", "60000")
+    upstream.reset()
+    reqs, u = burst_stats(tmp_path, conf, upstream, [path], sockdir)
+    assert reqs[0]["status"] == 200 and 350 < reqs[0]["ms"] < 400 + 1500, reqs
+    assert len(upstream_requests(upstream, "tag=held")) == 1
+    assert redis.cmd("GET", b"httpshim:lock:" + key) == b"someone-else"
+
+
+def test_redis_down_keeps_in_process_coalescing(upstream, redis, tmp_path, sockdir):  # noqa: F811
+    """Redis stopped: a burst in one process still makes one upstream request."""
+    conf = redis_conf(tmp_path, upstream, sockdir, redis)
+    redis.shutdown()
+    path = "/custom/down?n=300&delay=300&tag=down"
+    reqs, u = burst_stats(tmp_path, conf, upstream, [path] * 10, sockdir)
+    assert all(x["status"] == 200 and x["body_len"] == 300 for x in reqs), reqs
+    assert len(upstream_requests(upstream, "tag=down")) == 1
+    assert u["coalesced"] == 9, u
