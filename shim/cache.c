@@ -282,7 +282,7 @@ bool cache_entry_matches_request(const struct cache_entry *e, const struct http_
 void cache_policy_init(struct response_policy *p)
 {
     memset(p, 0, sizeof *p);
-    p->max_age_s = p->s_maxage_s = -1;
+    p->max_age_s = p->s_maxage_s = p->swr_s = p->sie_s = -1;
     p->expires_ms = p->date_ms = -1;
 }
 
@@ -346,6 +346,12 @@ void cache_policy_header(struct response_policy *p, struct http_slice name, stru
                 p->max_age_s = seconds_value(arg, arg_n);
             else if (http_slice_ieq(d, "s-maxage") && arg)
                 p->s_maxage_s = seconds_value(arg, arg_n);
+            else if (http_slice_ieq(d, "must-revalidate") || http_slice_ieq(d, "proxy-revalidate"))
+                p->must_revalidate = true;
+            else if (http_slice_ieq(d, "stale-while-revalidate") && arg)
+                p->swr_s = seconds_value(arg, arg_n);
+            else if (http_slice_ieq(d, "stale-if-error") && arg)
+                p->sie_s = seconds_value(arg, arg_n);
         }
     } else if (http_slice_ieq(name, "set-cookie") || http_slice_ieq(name, "set-cookie2")) {
         p->set_cookie = true;
@@ -396,6 +402,173 @@ enum not_stored_reason cache_policy_decide(const struct response_policy *p, cons
     return NS_NONE;
 }
 
+void cache_stale_windows(const struct response_policy *p, const struct cache_rule *r, int64_t *swr_ms,
+                         int64_t *sie_ms)
+{
+    *swr_ms = r->stale_while_revalidate_ms;
+    *sie_ms = r->stale_if_error_ms;
+    if (!r->respect_cache_control)
+        return;
+    if (p->must_revalidate || p->no_cache) {
+        *swr_ms = *sie_ms = 0;
+        return;
+    }
+    if (p->swr_s >= 0)
+        *swr_ms = p->swr_s * 1000;
+    if (p->sie_s >= 0)
+        *sie_ms = p->sie_s * 1000;
+}
+
+/* Calls fn for each "Name: value" line of an entry's header block. */
+static void each_header(const struct cache_entry *e, void (*fn)(struct http_slice, struct http_slice, void *),
+                        void *arg)
+{
+    const char *p = e->headers, *end = e->headers + e->headers_len;
+    while (p < end) {
+        const char *eol = memchr(p, '\n', (size_t)(end - p));
+        size_t n = (size_t)((eol ? eol : end) - p);
+        size_t l = n && p[n - 1] == '\r' ? n - 1 : n;
+        struct http_slice name, value;
+        if (http_split_header_line(p, l, &name, &value))
+            fn(name, value, arg);
+        p += n + 1;
+    }
+}
+
+static void policy_line(struct http_slice name, struct http_slice value, void *arg)
+{
+    cache_policy_header(arg, name, value);
+}
+
+void cache_entry_stale_windows(const struct cache_entry *e, const struct cache_rule *r, int64_t *swr_ms,
+                               int64_t *sie_ms)
+{
+    struct response_policy p;
+    cache_policy_init(&p);
+    if (r->respect_cache_control)
+        each_header(e, policy_line, &p);
+    cache_stale_windows(&p, r, swr_ms, sie_ms);
+}
+
+struct validators { struct http_slice etag, last_modified; };
+
+static void validator_line(struct http_slice name, struct http_slice value, void *arg)
+{
+    struct validators *v = arg;
+    if (http_slice_ieq(name, "etag"))
+        v->etag = value;
+    else if (http_slice_ieq(name, "last-modified"))
+        v->last_modified = value;
+}
+
+void cache_entry_validators(const struct cache_entry *e, struct http_slice *etag, struct http_slice *last_modified)
+{
+    struct validators v = { { "", 0 }, { "", 0 } };
+    each_header(e, validator_line, &v);
+    *etag = v.etag;
+    *last_modified = v.last_modified;
+}
+
+/* Weak comparison (RFC 9110 8.8.3.2): the opaque tags match, W/ or not. */
+static bool etag_listed(struct http_slice list, struct http_slice etag)
+{
+    if (etag.n > 2 && etag.p[0] == 'W' && etag.p[1] == '/') {
+        etag.p += 2;
+        etag.n -= 2;
+    }
+    for (size_t i = 0; i < list.n;) {
+        while (i < list.n && (list.p[i] == ' ' || list.p[i] == '\t' || list.p[i] == ','))
+            i++;
+        size_t start = i;
+        bool quoted = false;
+        while (i < list.n && (quoted || list.p[i] != ',')) {
+            if (list.p[i] == '"')
+                quoted = !quoted;
+            i++;
+        }
+        struct http_slice t = { list.p + start, i - start };
+        while (t.n && (t.p[t.n - 1] == ' ' || t.p[t.n - 1] == '\t'))
+            t.n--;
+        if (t.n == 1 && t.p[0] == '*')
+            return true;
+        if (t.n > 2 && t.p[0] == 'W' && t.p[1] == '/') {
+            t.p += 2;
+            t.n -= 2;
+        }
+        if (t.n && t.n == etag.n && !memcmp(t.p, etag.p, t.n))
+            return true;
+    }
+    return false;
+}
+
+bool cache_entry_not_modified(const struct cache_entry *e, const struct http_request *req)
+{
+    if (e->status != 200)
+        return false;
+    struct http_slice etag, lm;
+    cache_entry_validators(e, &etag, &lm);
+    bool has_inm = false;
+    for (size_t i = 0; i < req->nheaders; i++) {
+        if (!http_slice_ieq(req->headers[i].name, "if-none-match"))
+            continue;
+        has_inm = true;
+        if (etag.n && etag_listed(req->headers[i].value, etag))
+            return true;
+    }
+    if (has_inm || !lm.n)
+        return false;                  /* If-Modified-Since counts only without If-None-Match */
+    int64_t modified = http_date_ms(lm);
+    for (size_t i = 0; i < req->nheaders; i++)
+        if (http_slice_ieq(req->headers[i].name, "if-modified-since")) {
+            int64_t since = http_date_ms(req->headers[i].value);
+            return modified > 0 && since > 0 && modified <= since;
+        }
+    return false;
+}
+
+struct lines304 { char *out; size_t n, cap; bool overflow; };
+
+static void line304(struct http_slice name, struct http_slice value, void *arg)
+{
+    static const char *const keep[] = { "cache-control", "content-location", "date", "etag", "expires", "vary",
+                                        "last-modified" };
+    struct lines304 *l = arg;
+    for (size_t i = 0; i < sizeof keep / sizeof keep[0]; i++) {
+        if (!http_slice_ieq(name, keep[i]))
+            continue;
+        size_t need = name.n + 2 + value.n + 2;
+        if (l->n + need > l->cap) {
+            l->overflow = true;
+            return;
+        }
+        memcpy(l->out + l->n, name.p, name.n);
+        memcpy(l->out + l->n + name.n, ": ", 2);
+        memcpy(l->out + l->n + name.n + 2, value.p, value.n);
+        memcpy(l->out + l->n + name.n + 2 + value.n, "\r\n", 2);
+        l->n += need;
+        return;
+    }
+}
+
+size_t cache_entry_304_headers(const struct cache_entry *e, char *out, size_t cap)
+{
+    struct lines304 l = { out, 0, cap, false };
+    each_header(e, line304, &l);
+    return l.n;
+}
+
+struct cache_entry *cache_entry_renewed(const struct cache_entry *e, int64_t ttl_ms, int64_t keep_ms)
+{
+    struct cache_entry *r = cache_entry_new(e->key, e->key_len, e->status, e->reason, e->reason_len, e->headers,
+                                            e->headers_len, e->vary, e->vary_len, e->vary_values,
+                                            e->vary_values_len, e->body, e->body_len, ttl_ms);
+    if (r) {
+        r->keep_until_ms = r->expires_at_ms + keep_ms;
+        r->upstream = e->upstream;
+    }
+    return r;
+}
+
 /* ---- entries ---- */
 
 struct cache_entry *cache_entry_new(const char *key, size_t key_len, int status, const char *reason,
@@ -421,7 +594,7 @@ struct cache_entry *cache_entry_new(const char *key, size_t key_len, int status,
     atomic_init(&e->refs, 1);
     e->status = status;
     e->stored_at_ms = cache_now_ms();
-    e->expires_at_ms = e->stored_at_ms + ttl_ms;
+    e->expires_at_ms = e->keep_until_ms = e->stored_at_ms + ttl_ms;
     e->charge = total + 64;            /* + the hash table's share per entry */
     return e;
 }

@@ -17,7 +17,8 @@ struct cache_entry {
     _Atomic int refs;
     int status;
     int64_t stored_at_ms;               /* wall clock, for Age */
-    int64_t expires_at_ms;              /* wall clock */
+    int64_t expires_at_ms;              /* wall clock: fresh until then */
+    int64_t keep_until_ms;              /* wall clock: kept (stale) until then, >= expires */
     size_t charge;                      /* bytes counted against memory_max */
     const char *key;   size_t key_len;
     const char *reason; size_t reason_len;      /* "OK" */
@@ -59,8 +60,9 @@ extern const char *const cache_not_stored_names[NS__COUNT];
 
 /* What the response's own headers say, gathered while its head streams by. */
 struct response_policy {
-    bool no_store, private_, no_cache, set_cookie, vary_star;
+    bool no_store, private_, no_cache, set_cookie, vary_star, must_revalidate;
     int64_t max_age_s, s_maxage_s;      /* -1 when absent */
+    int64_t swr_s, sie_s;               /* stale-while-revalidate, stale-if-error; -1 absent */
     int64_t expires_ms, date_ms;        /* -1 when absent */
 };
 void cache_policy_init(struct response_policy *p);
@@ -68,6 +70,25 @@ void cache_policy_header(struct response_policy *p, struct http_slice name, stru
 /* NS_NONE and the TTL to store with, or why it must not be stored. */
 enum not_stored_reason cache_policy_decide(const struct response_policy *p, const struct cache_rule *r,
                                            int status, int64_t *ttl_ms);
+
+/* How long past its TTL a response may be served stale: while it is refreshed in the
+ * background, and when the upstream fails. The rule's windows; with
+ * respect_cache_control the response's own (RFC 5861) replace them, and
+ * must-revalidate or proxy-revalidate forbid both. */
+void cache_stale_windows(const struct response_policy *p, const struct cache_rule *r, int64_t *swr_ms,
+                         int64_t *sie_ms);
+/* The same for a stored entry, from its headers. */
+void cache_entry_stale_windows(const struct cache_entry *e, const struct cache_rule *r, int64_t *swr_ms,
+                               int64_t *sie_ms);
+/* The entry's ETag and Last-Modified values (n = 0 when absent). */
+void cache_entry_validators(const struct cache_entry *e, struct http_slice *etag, struct http_slice *last_modified);
+/* The request's own If-None-Match (or, without one, If-Modified-Since) matches the entry:
+ * it may be answered 304. */
+bool cache_entry_not_modified(const struct cache_entry *e, const struct http_request *req);
+/* The entry's header lines a 304 carries (RFC 9110 15.4.5) into out; their length. */
+size_t cache_entry_304_headers(const struct cache_entry *e, char *out, size_t cap);
+/* A copy of e, fresh again for ttl_ms (a 304 renewed it), kept keep_ms past that. */
+struct cache_entry *cache_entry_renewed(const struct cache_entry *e, int64_t ttl_ms, int64_t keep_ms);
 
 /* Builds one immutable entry (one allocation) with refs = 1. */
 struct cache_entry *cache_entry_new(const char *key, size_t key_len, int status, const char *reason,
@@ -80,7 +101,8 @@ void cache_entry_release(struct cache_entry *e);
 /* ---- cache_memory.c: uthash + LRU under one mutex, byte-capped ---- */
 struct memcache_counters { uint64_t evictions, expired, entries, bytes; };
 void memcache_configure(int64_t max_bytes);
-/* A fresh entry for key (a new reference), or NULL. Expired entries are dropped. */
+/* The entry for key (a new reference), or NULL: fresh, or stale but still kept (the caller
+ * checks expires_at_ms). Entries past keep_until_ms are dropped. */
 struct cache_entry *memcache_get(const char *key, size_t key_len);
 /* Inserts (replacing any entry with the same key) and evicts LRU entries down to the cap.
  * Takes over the caller's reference. */

@@ -1,7 +1,8 @@
 /* cache_memory.c — the memory tier: a uthash table keyed by cache key plus an LRU list,
  * under one mutex (app threads will read it on the fast path). Every byte of an entry
  * (key, headers, body, bookkeeping) counts against memory_max; inserting evicts from the
- * cold end until the total fits. Entries past their TTL are never returned. */
+ * cold end until the total fits. Entries past their TTL are returned only while they are
+ * kept for stale serving (keep_until_ms); past that they are dropped. */
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -64,7 +65,7 @@ struct cache_entry *memcache_get(const char *key, size_t key_len)
     struct cache_entry *e;
     pthread_mutex_lock(&lock);
     HASH_FIND(hh, table, key, key_len, e);
-    if (e && now >= e->expires_at_ms) {
+    if (e && now >= e->keep_until_ms) {
         STAT_INC(e->upstream, expired);
         remove_locked(e);
         counters.expired++;

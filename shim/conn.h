@@ -18,15 +18,20 @@
 #define OUT_CAP         (OUT_SOFT + RESP_HEAD_MAX + 1024)
 
 struct app_side;
+struct cache_entry;
+enum exchange_end {
+    EXCHANGE_OK,                    /* the response is whole in `out` */
+    EXCHANGE_FAILED,
+    EXCHANGE_SERVE_CACHED,          /* nothing was sent: answer from app->cached instead */
+};
 struct app_side_ops {
     /* Writes what `out` holds to the app now; -1 once the app is gone. */
     int (*flush)(struct app_side *app);
     /* `in` or `out` changed inside a callback: adjust what the app side waits for (no
      * other work, so it is safe from inside libcurl). */
     void (*rewatch)(struct app_side *app);
-    /* The exchange has ended (the transfer is already gone); the response is whole in
-     * `out` when ok. */
-    void (*exchange_done)(struct app_side *app, bool ok, bool must_close);
+    /* The exchange has ended (the transfer is already gone). */
+    void (*exchange_done)(struct app_side *app, enum exchange_end how, bool must_close);
 };
 
 struct app_side {
@@ -43,5 +48,10 @@ struct app_side {
     int req_minor;
     bool req_keep_alive, req_is_head;
     uint64_t body_left;             /* streamed body bytes in `in` not yet taken */
+    /* the stale entry this request's fetch may fall back on (a reference the engine owns;
+     * the transfer may swap in the entry a 304 renewed): revalidated with its validators,
+     * and served instead of an error or a 5xx when stale_on_error */
+    struct cache_entry *cached;
+    bool stale_on_error;
 };
 #endif

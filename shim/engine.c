@@ -61,6 +61,7 @@ struct conn {
     bool flight_checked;            /* ... already waited on a flight: fetch */
     bool no_store;                  /* its own fetch must not store (it gave up waiting) */
     bool found_by_flight;           /* `found` came from the flight it waited on */
+    bool found_stale_ok;            /* `found` is served even past its TTL (the fetch failed) */
     /* CS_LOCK: the flight it leads while it asks for the key's Redis lock, or polls for
      * the entry of the process that holds it */
     struct flight *lead;
@@ -157,6 +158,8 @@ static void conn_retire(struct conn *c, bool close_fd)
         cache_entry_release(c->found);
         c->found = NULL;
     }
+    cache_entry_release(c->side.cached);
+    c->side.cached = NULL;
     if (close_fd) {
         loop_remove(&c->src);
         fdtable_close_engine_fd(c->side.fd);
@@ -220,6 +223,9 @@ static void exchange_finish(struct conn *c, bool ok, bool must_close, bool hit)
     c->req_total = 0;
     c->continue_sent = false;
     c->counted = c->redis_checked = c->flight_checked = c->no_store = c->lock_checked = false;
+    cache_entry_release(c->side.cached);
+    c->side.cached = NULL;
+    c->side.stale_on_error = false;
     c->polls = 0;
     if (c->side.body_left) {
         c->side.body_left = 0;
@@ -263,16 +269,28 @@ static bool hit_pump(struct conn *c)
     return true;
 }
 
-/* Starts answering from a cached entry; the head goes through `out`, which is empty. */
-static bool serve_hit(struct conn *c, struct cache_entry *e)
+/* Starts answering from a cached entry; the head goes through `out`, which is empty. A
+ * request whose own validators match the entry gets 304 and no body. */
+static bool serve_hit(struct conn *c, struct cache_entry *e, const struct http_request *req)
 {
     int64_t age = (cache_now_ms() - e->stored_at_ms) / 1000;
+    bool not_modified = cache_entry_not_modified(e, req);
     char line[256];
-    int k = snprintf(line, sizeof line, "HTTP/1.%d %d %.*s\r\n", c->side.req_minor, e->status, (int)e->reason_len, e->reason);
-    bool ok = k > 0 && (size_t)k < sizeof line && buf_append(&c->side.out, line, (size_t)k) == 0
-              && buf_append(&c->side.out, e->headers, e->headers_len) == 0;
-    k = snprintf(line, sizeof line, "Content-Length: %zu\r\nAge: %lld\r\n%s\r\n", e->body_len, (long long)(age < 0 ? 0 : age),
-                 http_connection_line(c->side.req_minor, c->side.req_keep_alive));
+    int k = not_modified ? snprintf(line, sizeof line, "HTTP/1.%d 304 Not Modified\r\n", c->side.req_minor)
+                         : snprintf(line, sizeof line, "HTTP/1.%d %d %.*s\r\n", c->side.req_minor, e->status,
+                                    (int)e->reason_len, e->reason);
+    bool ok = k > 0 && (size_t)k < sizeof line && buf_append(&c->side.out, line, (size_t)k) == 0;
+    if (not_modified) {
+        static char lines[RESP_HEAD_MAX];   /* engine thread only */
+        size_t n = cache_entry_304_headers(e, lines, sizeof lines);
+        ok = ok && buf_append(&c->side.out, lines, n) == 0;
+        k = snprintf(line, sizeof line, "Age: %lld\r\n%s\r\n", (long long)(age < 0 ? 0 : age),
+                     http_connection_line(c->side.req_minor, c->side.req_keep_alive));
+    } else {
+        ok = ok && buf_append(&c->side.out, e->headers, e->headers_len) == 0;
+        k = snprintf(line, sizeof line, "Content-Length: %zu\r\nAge: %lld\r\n%s\r\n", e->body_len,
+                     (long long)(age < 0 ? 0 : age), http_connection_line(c->side.req_minor, c->side.req_keep_alive));
+    }
     ok = ok && k > 0 && (size_t)k < sizeof line && buf_append(&c->side.out, line, (size_t)k) == 0;
     if (!ok) {                         /* cannot happen with an empty `out`; be safe */
         cache_entry_release(e);
@@ -280,9 +298,11 @@ static bool serve_hit(struct conn *c, struct cache_entry *e)
         return false;
     }
     STAT_INC(c->side.upstream, hits);
+    if (not_modified)
+        STAT_INC(c->side.upstream, not_modified);
     c->hit = e;
     c->hit_off = 0;
-    c->hit_len = c->side.req_is_head ? 0 : e->body_len;
+    c->hit_len = c->side.req_is_head || not_modified ? 0 : e->body_len;
     c->hit_must_close = !c->side.req_keep_alive;
     c->state = CS_HIT;
     return true;
@@ -347,6 +367,29 @@ static void on_poll_due(struct loop_timer *timer)
         conn_resume(c);
 }
 
+/* An entry past its TTL: within stale_while_revalidate it is served now and refreshed in
+ * the background (one refresh per key: the refresh leads the key's flight); otherwise it
+ * stays with the request, for its fetch to revalidate and, within stale_if_error, to fall
+ * back on. NULL: go on as a miss. */
+static struct cache_entry *past_ttl(struct conn *c, const struct http_request *req, const struct cache_rule *rule,
+                                    size_t key_len, struct cache_entry *e)
+{
+    int64_t swr, sie, late = cache_now_ms() - e->expires_at_ms;
+    cache_entry_stale_windows(e, rule, &swr, &sie);
+    if (late < swr) {
+        struct flight *f = http_method_is(req, "GET") && !flight_find(key_scratch, key_len)
+                           ? flight_begin(key_scratch, key_len) : NULL;
+        if (f)
+            upstream_refresh(&c->side, req, rule, key_scratch, key_len, f, e);
+        STAT_INC(c->side.upstream, stale_while_revalidate);
+        return e;
+    }
+    cache_entry_release(c->side.cached);
+    c->side.cached = e;
+    c->side.stale_on_error = late < sie;
+    return NULL;
+}
+
 /* The cache's part of an exchange: a hit is served (its head in `out`); a miss may wait
  * (for Redis, for another request's fetch of the key, for the key's Redis lock) or goes
  * upstream, leading *flight when it is the one fetch of its key. key_scratch holds the
@@ -372,13 +415,17 @@ static enum next_step look_up(struct conn *c, const struct http_request *req, co
         cache_entry_release(e);
         e = NULL;
     }
+    bool stale_ok = c->found_stale_ok;
+    c->found_stale_ok = false;
+    if (e && !stale_ok && cache_now_ms() >= e->expires_at_ms)
+        e = past_ttl(c, req, rule, key_len, e);
     if (e && c->lead) {                /* found while leading: the waiters get it too */
         flight_land(c->lead, e);
         c->lead = NULL;
     }
     if (e && by_flight)
         STAT_INC(c->side.upstream, coalesced);
-    if (e && serve_hit(c, e))
+    if (e && serve_hit(c, e, req))
         return STEP_SERVED;
     if (c->lead) {                     /* back from the lock: fetch, leading its flight */
         *flight = c->lead;
@@ -548,6 +595,11 @@ static void on_flight_landed(struct flight_waiter *w, enum flight_outcome how, s
     } else if (how == FLIGHT_TIMED_OUT) {
         STAT_INC(c->side.upstream, coalesce_timeouts);
         c->no_store = true;
+    } else if (how == FLIGHT_FAILED && c->side.cached && c->side.stale_on_error) {
+        STAT_INC(c->side.upstream, stale_if_error);
+        c->found = c->side.cached;     /* the fetch it waited on failed: its stale entry */
+        c->side.cached = NULL;
+        c->found_stale_ok = true;
     }
     conn_resume(c);
 }
@@ -566,11 +618,18 @@ static void conn_exchange_done(struct conn *c, bool ok, bool must_close)
 /* What upstream.c calls back through. */
 static int side_flush(struct app_side *app) { return conn_flush(conn_of(app)); }
 static void side_rewatch(struct app_side *app) { conn_watch_app(conn_of(app)); }
-static void side_exchange_done(struct app_side *app, bool ok, bool must_close)
+static void side_exchange_done(struct app_side *app, enum exchange_end how, bool must_close)
 {
     struct conn *c = conn_of(app);
     c->xfer = NULL;
-    conn_exchange_done(c, ok, must_close);
+    if (how == EXCHANGE_SERVE_CACHED && c->side.cached && !c->side.body_left) {
+        c->found = c->side.cached;     /* renewed by a 304, or stale instead of an error */
+        c->side.cached = NULL;
+        c->found_stale_ok = true;
+        conn_resume(c);
+        return;
+    }
+    conn_exchange_done(c, how == EXCHANGE_OK, must_close);
 }
 static const struct app_side_ops side_ops = { side_flush, side_rewatch, side_exchange_done };
 

@@ -25,6 +25,7 @@ struct flight {
     struct cache_entry *landed;             /* what the waiters are served, a reference */
     bool in_table;
     bool holds_lock;                        /* the Redis lock on the key is ours */
+    bool failed;                            /* landed with nothing because the fetch failed */
     char token[64];                         /* what the lock is taken with */
 };
 
@@ -177,7 +178,7 @@ static void tell_waiters(struct loop_deferred *d)
             cache_entry_ref(f->landed);
             w->done(w, FLIGHT_SERVED, f->landed);
         } else {
-            w->done(w, FLIGHT_RELEASED, NULL);
+            w->done(w, f->failed ? FLIGHT_FAILED : FLIGHT_RELEASED, NULL);
         }
     }
     if (f->landed)
@@ -215,6 +216,14 @@ void flight_land(struct flight *f, struct cache_entry *e)
         cache_entry_ref(e);
     f->landed = e;
     loop_defer(&f->landing, tell_waiters);
+}
+
+void flight_fail(struct flight *f)
+{
+    if (f && f->in_table) {
+        f->failed = true;
+        flight_land(f, NULL);
+    }
 }
 
 /* ---- hit-for-miss ---- */

@@ -14,6 +14,7 @@ enum flight_outcome {
     FLIGHT_SERVED,                     /* the fetch stored an entry: serve it */
     FLIGHT_RELEASED,                   /* nothing to serve (not storable, failed): fetch */
     FLIGHT_TIMED_OUT,                  /* waited coalesce_timeout: fetch, do not store */
+    FLIGHT_FAILED,                     /* the fetch failed or got a 5xx: fetch, or serve stale */
 };
 
 struct flight;
@@ -39,6 +40,7 @@ const char *flight_key(const struct flight *f, size_t *len);
 /* The leader's fetch ended: with e (borrowed) every waiter is served; with NULL they are
  * released. The flight leaves the table now and is freed once its waiters have heard. */
 void flight_land(struct flight *f, struct cache_entry *e);
+void flight_fail(struct flight *f);    /* landed with nothing: the upstream failed */
 
 /* Across processes: the token the flight's Redis lock is taken with, and that it was
  * taken (landing lets go of it, after the entry is written). */

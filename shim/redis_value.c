@@ -140,6 +140,8 @@ enum redis_value_verdict redis_value_decode(const char *key, size_t key_len, con
     if (!e)
         return REDIS_VALUE_NO_MEMORY;
     e->stored_at_ms = stored_at;
+    if (expires_at < e->keep_until_ms)
+        e->expires_at_ms = expires_at; /* Redis keeps it stale (PX = TTL + stale window) */
     *out = e;
     return REDIS_VALUE_OK;
 }

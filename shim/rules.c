@@ -219,6 +219,14 @@ static int parse_cache_rule(struct parser *p, char *args, struct upstream_rule *
             if (!strcmp(val, "yes")) r->respect_cache_control = true;
             else if (!strcmp(val, "no")) r->respect_cache_control = false;
             else return fail(p, "respect_cache_control takes yes or no, not '%s'", val);
+        } else if (!strcmp(opt, "stale_while_revalidate") || !strcmp(opt, "stale_if_error")) {
+            int64_t ms = rules_parse_duration_ms(val, &ok);
+            if (!ok || ms < 0)
+                return fail(p, "%s '%s': expected a duration like 30s, 10m, 1h", opt, val);
+            if (!strcmp(opt, "stale_if_error"))
+                r->stale_if_error_ms = ms;
+            else
+                r->stale_while_revalidate_ms = ms;
         } else if (!strcmp(opt, "coalesce")) {
             if (!strcmp(val, "on")) r->no_coalesce = false;
             else if (!strcmp(val, "off")) r->no_coalesce = true;

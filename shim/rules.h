@@ -29,6 +29,9 @@ struct cache_rule {
     int status[RULES_MAX_LIST];
     bool respect_cache_control;
     bool no_coalesce;              /* coalesce=off: concurrent misses each go upstream */
+    /* how long past its TTL an entry is served at once while refreshed in the background,
+     * and served when the upstream fails (0: not at all) */
+    int64_t stale_while_revalidate_ms, stale_if_error_ms;
     int line;
 };
 

@@ -17,6 +17,8 @@ struct upstream_stats {
     _Atomic uint64_t evictions, expired;
     /* coalescing: requests served from another request's fetch, and waits given up */
     _Atomic uint64_t coalesced, coalesce_timeouts;
+    /* stale serving and revalidation */
+    _Atomic uint64_t stale_while_revalidate, stale_if_error, refreshes, revalidated, not_modified;
     /* gauges: adjusted up and down (unsigned wrap-around arithmetic) */
     _Atomic uint64_t memory_entries, memory_bytes;
     _Atomic uint64_t pool_open, in_flight, in_flight_connected, queue_waiting;

@@ -54,7 +54,13 @@ struct transfer {
     /* the app went away while others wait on the flight: the fetch goes on for them, with
      * the app's side replaced by one of its own (the request's bytes copied) */
     bool detached;
+    bool background;                /* a refresh no app waits on: stores whatever happens */
     struct app_side own;
+    /* revalidation: the stale entry whose validators were sent (a reference); a 304 to
+     * them renews it instead of reaching the app */
+    struct cache_entry *revalidating;
+    bool renew;
+    bool stale_on_error;            /* an error or a 5xx is answered from app->cached */
     /* the pool queue */
     bool admitted;                  /* handed to libcurl: holds one of the upstream's slots */
     int64_t queued_us;              /* when it started to wait (0: never waited) */
@@ -88,7 +94,10 @@ static void not_stored(struct transfer *t, enum not_stored_reason why)
     if (t->flight) {                   /* release the waiters now, not after the body */
         if (!t->app->app_gone || t->detached)
             flight_mark_uncacheable(t->key, t->key_len);
-        flight_land(t->flight, NULL);
+        if (why == NS_INCOMPLETE || why == NS_MISFRAMED || t->status >= 500)
+            flight_fail(t->flight);    /* those with a stale entry may serve it */
+        else
+            flight_land(t->flight, NULL);
         t->flight = NULL;
     }
 }
@@ -281,6 +290,17 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
             t->status = 0;             /* interim response: libcurl handles it */
             return len;
         }
+        if (t->revalidating && t->status == 304) {
+            t->renew = true;           /* our validators matched: renew the entry, relay nothing */
+            t->mode = BODY_NONE;
+            t->head_done = true;
+            return len;
+        }
+        if (t->stale_on_error && t->status >= 500) {
+            shim_debug("fd %d: upstream answered %d: the stale entry is served instead", c->fd, t->status);
+            not_stored(t, NS_STATUS);
+            return 0;                  /* fail it here: nothing has reached the app */
+        }
         enum http_framing_verdict framing = http_framing_verdict(&t->framing);
         if (framing == HTTP_FRAMING_BROKEN) {
             /* lengths that disagree, or a coding we cannot relay: where the body ends is a
@@ -371,8 +391,8 @@ static size_t on_body(char *p, size_t size, size_t n, void *userdata)
     size_t len = size * n;
     if (!t->head_done)
         return 0;
-    if (c->app_gone || t->detached) {  /* only the waiters on its flight want the rest */
-        if (!t->store || !flight_has_waiters(t->flight))
+    if (c->app_gone || t->detached) {  /* only the cache (and the flight's waiters) want it */
+        if (!t->store || (!t->background && !flight_has_waiters(t->flight)))
             return 0;
         if (buf_append(&t->body, p, len) != 0) {
             not_stored(t, NS_TOO_LARGE);
@@ -518,11 +538,20 @@ static int build(struct transfer *t, const struct http_request *req, const char 
         if (http_is_hop_by_hop(n) || http_slice_ieq(n, "content-length") || http_slice_ieq(n, "expect")
             || named_in_connection(req, n))
             continue;
+        if (t->revalidating && (http_slice_ieq(n, "if-none-match") || http_slice_ieq(n, "if-modified-since")))
+            continue;                  /* ours go instead: the answer is for the entry */
         has_accept |= http_slice_ieq(n, "accept");
         has_type |= http_slice_ieq(n, "content-type");
         /* "Name;" is libcurl's spelling of a header with an empty value */
         int rc = v.n ? add_header(t, "%.*s: %.*s", (int)n.n, n.p, (int)v.n, v.p) : add_header(t, "%.*s;", (int)n.n, n.p);
         if (rc)
+            return -1;
+    }
+    if (t->revalidating) {
+        struct http_slice etag, last_modified;
+        cache_entry_validators(t->revalidating, &etag, &last_modified);
+        if ((etag.n && add_header(t, "If-None-Match: %.*s", (int)etag.n, etag.p))
+            || (last_modified.n && add_header(t, "If-Modified-Since: %.*s", (int)last_modified.n, last_modified.p)))
             return -1;
     }
     if ((!has_accept && add_header(t, "Accept:")) || add_header(t, "Expect:")
@@ -679,19 +708,19 @@ static void transfer_free(struct transfer *t)
     if (t->owes_redis)
         redis_write_owed(-1);
     flight_land(t->flight, NULL);
+    cache_entry_release(t->revalidating);
+    cache_entry_release(t->own.cached);
     buf_free(&t->own.in);
     buf_free(&t->own.out);
     free(t->key);
     free(t);
 }
 
-struct transfer *upstream_start(struct app_side *c, const struct http_request *req, const char *body,
-                                size_t body_len, const struct cache_rule *store_rule, const char *key, size_t key_len,
-                                struct flight *flight)
+/* Sets up the transfer for app's request and hands it to libcurl or the queue. */
+static struct transfer *start(struct transfer *t, struct app_side *c, const struct http_request *req, const char *body,
+                              size_t body_len, const struct cache_rule *store_rule, const char *key, size_t key_len,
+                              struct flight *flight)
 {
-    struct transfer *t = calloc(1, sizeof *t);
-    if (!t)
-        return NULL;
     t->app = c;
     t->head.cap = RESP_HEAD_MAX;
     t->stored_head.cap = RESP_HEAD_MAX;
@@ -706,9 +735,18 @@ struct transfer *upstream_start(struct app_side *c, const struct http_request *r
         t->owes_redis = true;
         redis_write_owed(1);
         t->flight = flight;
+        struct http_slice etag, last_modified;
+        if (c->cached) {
+            cache_entry_validators(c->cached, &etag, &last_modified);
+            if (etag.n || last_modified.n) {
+                cache_entry_ref(c->cached);
+                t->revalidating = c->cached;
+            }
+        }
     } else {
         flight_land(flight, NULL);
     }
+    t->stale_on_error = c->cached && c->stale_on_error;
     t->easy = curl_easy_init();
     STAT_INC(c->upstream, in_flight);
     if (!t->easy || build(t, req, body, body_len) != 0) {
@@ -737,13 +775,66 @@ struct transfer *upstream_start(struct app_side *c, const struct http_request *r
     return t;
 }
 
+struct transfer *upstream_start(struct app_side *c, const struct http_request *req, const char *body,
+                                size_t body_len, const struct cache_rule *store_rule, const char *key, size_t key_len,
+                                struct flight *flight)
+{
+    struct transfer *t = calloc(1, sizeof *t);
+    if (!t) {
+        flight_land(flight, NULL);
+        return NULL;
+    }
+    return start(t, c, req, body, body_len, store_rule, key, key_len, flight);
+}
+
+static const struct app_side_ops own_ops;
+
+/* The transfer's own app side, for a fetch no app connection waits on: what it needs of
+ * the request (its bytes, for a Vary), nothing delivered anywhere. */
+static int own_side(struct transfer *t, const struct app_side *app, const char *request, size_t request_len)
+{
+    t->own = (struct app_side){ .ops = &own_ops, .fd = -1, .upstream = app->upstream, .dest = app->dest,
+                                .dest_len = app->dest_len, .req_minor = app->req_minor,
+                                .req_keep_alive = app->req_keep_alive, .req_is_head = app->req_is_head };
+    t->own.in.cap = IN_CAP;
+    t->own.out.cap = OUT_CAP;
+    return buf_append(&t->own.in, request, request_len);
+}
+
+bool upstream_refresh(const struct app_side *app, const struct http_request *req, const struct cache_rule *rule,
+                      const char *key, size_t key_len, struct flight *flight, struct cache_entry *stale)
+{
+    struct transfer *t = calloc(1, sizeof *t);
+    if (!t || own_side(t, app, buf_head(&app->in), req->head_len) != 0) {
+        if (t)
+            buf_free(&t->own.in);
+        free(t);
+        flight_land(flight, NULL);
+        return false;
+    }
+    t->detached = t->background = true;
+    t->own.req_keep_alive = true;
+    cache_entry_ref(stale);
+    t->own.cached = stale;
+    STAT_INC(app->upstream, upstream_requests);
+    STAT_INC(app->upstream, refreshes);
+    return start(t, &t->own, req, "", 0, rule, key, key_len, flight) != NULL;
+}
+
 /* A waiter the shim gives up on: its exchange fails before any response, and the app's
  * connection is closed, as a reset would close it. */
 static void fail_waiter(struct transfer *t)
 {
     struct app_side *app = t->app;
+    bool stale = t->stale_on_error;
+    if (t->detached) {
+        transfer_free(t);              /* its side goes with it: no one to tell */
+        return;
+    }
     transfer_free(t);
-    app->ops->exchange_done(app, false, true);
+    if (stale)
+        STAT_INC(app->upstream, stale_if_error);
+    app->ops->exchange_done(app, stale ? EXCHANGE_SERVE_CACHED : EXCHANGE_FAILED, !stale);
 }
 
 static void on_queue_timeout(struct loop_timer *timer)
@@ -793,10 +884,10 @@ static int own_flush(struct app_side *app)
     return 0;
 }
 static void own_rewatch(struct app_side *app) { (void)app; }
-static void own_exchange_done(struct app_side *app, bool ok, bool must_close)
+static void own_exchange_done(struct app_side *app, enum exchange_end how, bool must_close)
 {
     (void)app;
-    (void)ok;
+    (void)how;
     (void)must_close;
 }
 static const struct app_side_ops own_ops = { own_flush, own_rewatch, own_exchange_done };
@@ -804,21 +895,13 @@ static const struct app_side_ops own_ops = { own_flush, own_rewatch, own_exchang
 void upstream_app_gone(struct transfer *t)
 {
     struct app_side *app = t->app;
-    if (!t->store || !flight_has_waiters(t->flight)) {
-        upstream_abort(t);
-        return;
-    }
-    t->own = (struct app_side){ .ops = &own_ops, .fd = -1, .upstream = app->upstream, .dest = app->dest,
-                                .dest_len = app->dest_len, .req_minor = app->req_minor,
-                                .req_keep_alive = app->req_keep_alive, .req_is_head = app->req_is_head };
-    t->own.in.cap = IN_CAP;
-    t->own.out.cap = OUT_CAP;
-    if (buf_append(&t->own.in, buf_head(&app->in), buf_len(&app->in)) != 0) {
+    if (!t->store || !flight_has_waiters(t->flight) || own_side(t, app, buf_head(&app->in), buf_len(&app->in)) != 0) {
         upstream_abort(t);
         return;
     }
     t->app = &t->own;
     t->detached = true;
+    t->stale_on_error = false;
     shim_debug("fd %d: the app went away; the fetch goes on for the requests waiting on it", app->fd);
     if (t->paused) {
         t->paused = false;
@@ -855,8 +938,10 @@ static void store_response(struct transfer *t)
             return;
         }
     }
-    int64_t ttl = 0;
+    int64_t ttl = 0, swr, sie;
     cache_policy_decide(&t->policy, t->rule, t->status, &ttl);
+    cache_stale_windows(&t->policy, t->rule, &swr, &sie);
+    int64_t keep = swr > sie ? swr : sie;   /* kept that long past the TTL, for stale serving */
     const char *key = t->key;
     size_t key_len = t->key_len;
     static char variant[CACHE_KEY_MAX];
@@ -871,8 +956,9 @@ static void store_response(struct transfer *t)
             return;
         }
         marker->upstream = c->upstream;
+        marker->keep_until_ms += keep;
         if (cfg->cache == CACHE_REDIS)
-            redis_store(marker, ttl);
+            redis_store(marker, ttl + keep);
         memcache_put(marker);
         key = variant;
     }
@@ -885,12 +971,44 @@ static void store_response(struct transfer *t)
         return;
     }
     e->upstream = c->upstream;
+    struct http_slice etag, last_modified;
+    cache_entry_validators(e, &etag, &last_modified);
+    if ((etag.n || last_modified.n) && keep < ttl)
+        keep = ttl;                    /* kept one more TTL, expired, to be revalidated */
+    e->keep_until_ms += keep;
     if (cfg->cache == CACHE_REDIS)
-        redis_store(e, ttl);           /* fire-and-forget, after the app has its response */
+        redis_store(e, ttl + keep);    /* fire-and-forget, after the app has its response */
     flight_land(t->flight, e);         /* served from this reference even if memory is full */
     t->flight = NULL;
     memcache_put(e);
     STAT_INC(c->upstream, stored);
+}
+
+/* A 304 to the validators the shim sent: the entry is fresh again, body and headers as
+ * they were, in both tiers; the app (and the flight's waiters) are answered from it. */
+static void renew(struct transfer *t)
+{
+    struct app_side *c = t->app;
+    struct cache_entry *old = t->revalidating;
+    int64_t ttl = 0, swr, sie;
+    cache_entry_stale_windows(old, t->rule, &swr, &sie);
+    bool fresh_again = cache_policy_decide(&t->policy, t->rule, old->status, &ttl) == NS_NONE;
+    int64_t keep = swr > sie ? swr : sie;
+    struct cache_entry *r = fresh_again ? cache_entry_renewed(old, ttl, keep > ttl ? keep : ttl) : NULL;
+    if (!r) {
+        flight_land(t->flight, NULL);  /* this once the app is answered from the old entry */
+        t->flight = NULL;
+        return;
+    }
+    if (cfg->cache == CACHE_REDIS)
+        redis_store(r, r->keep_until_ms - r->stored_at_ms);
+    flight_land(t->flight, r);
+    t->flight = NULL;
+    cache_entry_ref(r);
+    memcache_put(r);
+    STAT_INC(c->upstream, revalidated);
+    cache_entry_release(c->cached);
+    c->cached = r;
 }
 
 void upstream_reap(void)
@@ -907,7 +1025,8 @@ void upstream_reap(void)
         CURLcode result = msg->data.result;
         struct app_side *c = t->app;
         bool ok = result == CURLE_OK && t->head_done;
-        if (ok && (send_head(t) != 0 || (t->mode == BODY_CHUNKED && buf_append(&c->out, "0\r\n\r\n", 5) != 0)))
+        if (ok && !t->renew
+            && (send_head(t) != 0 || (t->mode == BODY_CHUNKED && buf_append(&c->out, "0\r\n\r\n", 5) != 0)))
             ok = false;
         if (!ok) {
             shim_debug("fd %d: upstream exchange failed: %s", c->fd, curl_easy_strerror(result));
@@ -917,16 +1036,26 @@ void upstream_reap(void)
                 STAT_INC(c->upstream, errors_upstream);
             not_stored(t, NS_INCOMPLETE);
         }
-        if (t->store)
+        enum exchange_end how = ok ? EXCHANGE_OK : EXCHANGE_FAILED;
+        if (ok && t->renew) {
+            renew(t);
+            how = EXCHANGE_SERVE_CACHED;
+        } else if (t->store) {
             store_response(t);
+        }
+        if (!ok && t->stale_on_error && !t->head_sent && !c->app_gone) {
+            STAT_INC(c->upstream, stale_if_error);
+            how = EXCHANGE_SERVE_CACHED;
+        }
         long connects = 1;
         curl_easy_getinfo(t->easy, CURLINFO_NUM_CONNECTS, &connects);
         if (ok && connects == 0)
             STAT_INC(c->upstream, upstream_conn_reuses);
-        bool must_close = t->must_close;
+        bool must_close = how == EXCHANGE_OK && t->must_close, detached = t->detached;
         curl_multi_remove_handle(multi, t->easy);
         transfer_free(t);
-        c->ops->exchange_done(c, ok, must_close);
+        if (!detached)                 /* a detached transfer's side went with it */
+            c->ops->exchange_done(c, how, must_close);
     }
     pump_queues();
 }

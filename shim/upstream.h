@@ -20,6 +20,11 @@ struct transfer *upstream_start(struct app_side *app, const struct http_request 
                                 size_t body_len, const struct cache_rule *store_rule, const char *key,
                                 size_t key_len, struct flight *flight);
 void upstream_abort(struct transfer *t);
+/* A background refresh of a stale entry, for no app connection: the request is app's
+ * (its head at the front of app->in), conditional on the entry's validators; it leads
+ * flight and stores what it gets (a 304 renews the entry). False: not started. */
+bool upstream_refresh(const struct app_side *app, const struct http_request *req, const struct cache_rule *rule,
+                      const char *key, size_t key_len, struct flight *flight, struct cache_entry *stale);
 /* The app's connection is going: the transfer is aborted, unless requests wait on its
  * flight, for whom it goes on alone. Either way the app side is never touched again. */
 void upstream_app_gone(struct transfer *t);

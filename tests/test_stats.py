@@ -30,7 +30,8 @@ HTTPSHIM = BUILD / "httpshim"
 STATSAPP = pyclient("statsapp.py")
 
 COUNTERS = ("client_connections", "requests", "hits", "misses", "stored", "evictions",
-            "expired", "bytes_from_cache", "coalesced", "coalesce_timeouts", "upstream_requests", "upstream_conns_opened",
+            "expired", "bytes_from_cache", "coalesced", "coalesce_timeouts",
+            "stale_while_revalidate", "stale_if_error", "refreshes", "revalidated", "not_modified", "upstream_requests", "upstream_conns_opened",
             "upstream_conn_reuses", "tunnels", "queue_waits", "queue_timeouts", "connect_refused",
             "connect_timeout", "connect_unreachable", "connect_other")
 GAUGES = ("memory_entries", "memory_bytes")

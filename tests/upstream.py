@@ -33,6 +33,9 @@ Upstream paths:
                           h=Name:Value  an extra response header (repeatable, in order)
                           n=BYTES       body size, pattern bytes (default 100)
                           delay=MS      sleep MS milliseconds first
+                          fail_at=T     from wall-clock time T (ms since the epoch) on,
+                                        answer 503 instead
+                          drop_at=T     from T on, close the connection without answering
                           etag=V        ETag: "V"; a request whose If-None-Match names
                                         "V" (or *) gets 304 Not Modified, no body
                           lm=DATE       Last-Modified: DATE; a request whose
@@ -619,7 +622,13 @@ def serve_custom(conn, ctx):
     query = ctx["target"].split("?", 1)[1] if "?" in ctx["target"] else ""
     status, n, mode, tag, hdrs = 200, 100, "length", None, []
     etag = lm = None
+    now_ms = time.time() * 1000
     for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if k == "drop_at" and v.isdigit() and now_ms >= int(v):
+            return "close"
+    for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if k == "fail_at" and v.isdigit() and now_ms >= int(v):
+            status = 503
         if k == "delay":
             time.sleep(min(parse_n(v, 0), 60000) / 1000.0)
         elif k == "etag" and _header_ok("ETag", v):
@@ -628,7 +637,7 @@ def serve_custom(conn, ctx):
         elif k == "lm" and _header_ok("Last-Modified", v):
             lm = v
             hdrs.append("Last-Modified: %s" % v)
-        elif k == "status":
+        elif k == "status" and status != 503:
             c = parse_n(v, 200)
             status = c if 100 <= c <= 599 and c != 101 else 400
         elif k == "n":

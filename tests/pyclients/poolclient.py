@@ -7,7 +7,7 @@ Starts one thread per path (in file order, G ms apart); each connects, sends
 `GET PATH HTTP/1.1` with `Connection: close` and reads to EOF. A line that starts with
 `{` is a JSON request instead: {"path", "method" (GET), "version" ("1.1"), "headers"
 ({name: value}), "abandon" (true: close without reading, "abandon_after_ms" (0) after
-sending)}. Prints one
+sending), "delay_ms" (0: wait that long before connecting)}. Prints one
 JSON line per request ({"i", "path", "status", "version", "headers" (lower-cased names),
 "body_len", "body_sha256", "ms", "error"}), then, with --stats-socket, the process's own
 /stats document as {"stats": ...}, then {"done": true}."""
@@ -33,6 +33,9 @@ def one(i, port, line, timeout, out):
     spec = json.loads(line) if line.startswith("{") else {"path": line}
     path = spec["path"]
     rec = {"i": i, "path": path, "status": None, "body_len": 0, "error": None}
+    if spec.get("delay_ms"):
+        time.sleep(spec["delay_ms"] / 1000)
+        t0 = time.monotonic()
     try:
         s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         head = "%s %s HTTP/%s\r\nHost: 127.0.0.1:%d\r\n" % (spec.get("method", "GET"), path, spec.get("version", "1.1"), port)

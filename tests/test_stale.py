@@ -1,0 +1,215 @@
+"""Stale serving and revalidation (issue 13, items 3 and 4): stale_while_revalidate (served
+at once, one background refresh per key, on the pool), stale_if_error (served when the
+upstream fails, times out or answers 5xx), the response's own RFC 5861 directives under
+respect_cache_control, conditional refreshes whose 304 renews the entry (also in Redis),
+and a client's own conditional GET answered 304 from a fresh entry. Each test's requests
+come from one cacheclient.py process (one memory tier), in order, with sleeps between."""
+import json
+import time
+
+from conftest import SYS_PY, jlines, pyclient, run
+from test_cache import assert_body, cache_conf, get, hdr, play, rq, conn, served, simple_conf, sleep
+from test_redis import redis, redis_servers, redis_url  # noqa: F401,F811 (fixtures)
+
+
+def upstream_log(up, tag):
+    return [e for e in up.stats()["log"] if e.get("kind") == "http" and ("tag=%s" % tag) in (e["target"] or "")]
+
+
+def header_of(entry, name):
+    return [v for k, v in entry["headers"] if k.lower() == name.lower()]
+
+
+def now_ms():
+    return int(time.time() * 1000)
+
+
+# ------------------------------------------------------------------ stale-while-revalidate
+def test_stale_while_revalidate_serves_at_once_and_refreshes_once(upstream, tmp_path):
+    """ttl=1s, stale_while_revalidate=30s, an upstream that takes 800 ms: after the TTL,
+    three requests in a row are answered from the stale entry at once (its X-Served, and
+    well before 800 ms), while one background refresh goes upstream; once it is back, the
+    next request gets the refreshed entry."""
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s stale_while_revalidate=30s")
+    t = "/custom/swr?tag=swr&n=500&delay=800"
+    p = play(tmp_path, conf, [get(upstream, t), sleep(1.5), get(upstream, t), get(upstream, t), get(upstream, t),
+                              sleep(1.5), get(upstream, t)])
+    for i in range(5):
+        assert_body(p, i, 500)
+    first = served(p.resps[0])
+    assert [served(r) for r in p.resps[1:4]] == [first] * 3, p.describe()
+    assert served(p.resps[4]) != first, "the refresh must have replaced the entry:\n" + p.describe()
+    assert len(upstream_log(upstream, "swr")) == 2, upstream_log(upstream, "swr")
+
+
+def test_refresh_happens_off_the_apps_connection(upstream, tmp_path):
+    """The stale answer arrives long before the refresh could (the upstream takes 1.5 s):
+    timed from the client, the stale request takes well under a second."""
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s stale_while_revalidate=30s")
+    t = "/custom/swrt?tag=swrt&n=100&delay=1500"
+    started = time.monotonic()
+    p = play(tmp_path, conf, [get(upstream, t), sleep(1.5), get(upstream, t)])
+    total = time.monotonic() - started
+    assert served(p.resps[1]) == served(p.resps[0]), p.describe()
+    # first fetch 1.5 s + sleep 1.5 s + the stale answer: well under the 1.5 s a refresh takes
+    assert total < 1.5 + 1.5 + 1.2, "the stale request waited for the refresh (%.2f s)\n%s" % (total, p.describe())
+
+
+def test_response_swr_under_respect_cache_control(upstream, tmp_path):
+    """respect_cache_control=yes and no stale option on the rule: the response's own
+    `max-age=1, stale-while-revalidate=30` lets it be served stale."""
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=10m respect_cache_control=yes")
+    t = "/custom/rswr?tag=rswr&n=200&h=Cache-Control:max-age%3D1,stale-while-revalidate%3D30"
+    p = play(tmp_path, conf, [get(upstream, t), sleep(1.6), get(upstream, t), sleep(1.0), get(upstream, t)])
+    assert served(p.resps[1]) == served(p.resps[0]), p.describe()
+    assert served(p.resps[2]) != served(p.resps[0]), p.describe()
+
+
+def test_must_revalidate_forbids_stale(upstream, tmp_path):
+    """With respect_cache_control=yes, `must-revalidate` forbids stale serving even though
+    the rule allows 30 s of it: the request after the TTL waits for a fresh fetch."""
+    conf = simple_conf(tmp_path, upstream,
+                       "GET /custom* ttl=10m respect_cache_control=yes stale_while_revalidate=30s stale_if_error=30s")
+    t = "/custom/mr?tag=mr&n=200&h=Cache-Control:max-age%3D1,must-revalidate"
+    p = play(tmp_path, conf, [get(upstream, t), sleep(1.6), get(upstream, t)])
+    assert served(p.resps[1]) != served(p.resps[0]), p.describe()
+    assert len(upstream_log(upstream, "mr")) == 2
+
+
+# ------------------------------------------------------------------ stale-if-error
+def test_stale_if_error_on_5xx(upstream, tmp_path):
+    """ttl=1s, stale_if_error=60s; the upstream answers 503 from 1.2 s on: the request
+    after the TTL gets the stale 200 (its X-Served), not the 503."""
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s stale_if_error=60s")
+    t = "/custom/sie?tag=sie&n=300&fail_at=%d" % (now_ms() + 1200)
+    p = play(tmp_path, conf, [get(upstream, t), sleep(1.6), get(upstream, t)])
+    assert_body(p, 0, 300)
+    assert_body(p, 1, 300)
+    assert served(p.resps[1]) == served(p.resps[0]), p.describe()
+    assert len(upstream_log(upstream, "sie")) == 2, "the upstream was asked, and failed"
+
+
+def test_stale_if_error_on_a_dropped_connection(upstream, tmp_path):
+    """The upstream closes without answering from 1.2 s on: stale 200 again."""
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s stale_if_error=60s")
+    t = "/custom/sied?tag=sied&n=300&drop_at=%d" % (now_ms() + 1200)
+    p = play(tmp_path, conf, [get(upstream, t), sleep(1.6), get(upstream, t)])
+    assert_body(p, 1, 300)
+    assert served(p.resps[1]) == served(p.resps[0]), p.describe()
+
+
+def test_stale_if_error_window_ends(upstream, tmp_path):
+    """stale_if_error=1s: 2.5 s after the TTL the window has passed and the 503 reaches
+    the client, as it would direct."""
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s stale_if_error=1s")
+    t = "/custom/siew?tag=siew&n=300&fail_at=%d" % (now_ms() + 1200)
+    p = play(tmp_path, conf, [get(upstream, t), sleep(3.5), get(upstream, t)])
+    assert p.resps[1]["status"] == 503, p.describe()
+
+
+def test_without_stale_options_errors_reach_the_client(upstream, tmp_path):
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s")
+    t = "/custom/nos?tag=nos&n=300&fail_at=%d" % (now_ms() + 1200)
+    p = play(tmp_path, conf, [get(upstream, t), sleep(1.6), get(upstream, t)])
+    assert p.resps[1]["status"] == 503, p.describe()
+
+
+def test_stale_if_error_for_coalesced_waiters(upstream, tmp_path, sockdir):
+    """After the TTL, while the upstream answers 503, a burst of 8 for the key: they wait on
+    one fetch, which fails; every client gets the stale 200, and the upstream saw one
+    request for the burst."""
+    path = "/custom/siec?tag=siec&n=400&delay=300&fail_at=%d" % (now_ms() + 1200)
+    conf = cache_conf(tmp_path, [(upstream, ["GET /custom* ttl=1s stale_if_error=60s"])])
+    f = tmp_path / "paths.txt"
+    later = json.dumps({"path": path, "delay_ms": 1800})
+    f.write_text("\n".join([path] + [later] * 8) + "\n")
+    r = run([SYS_PY, pyclient("poolclient.py"), "--port", upstream.port, "--paths-file", f,
+             "--timeout", 30], conf=conf, timeout=90)
+    reqs = [x for x in jlines(r.out) if "i" in x]
+    assert r.rc == 0 and len(reqs) == 9, r.describe()
+    assert all(x["status"] == 200 and x["body_len"] == 400 for x in reqs), reqs
+    assert len({x["headers"]["x-served"] for x in reqs}) == 1, reqs
+    assert len(upstream_log(upstream, "siec")) == 2, upstream_log(upstream, "siec")
+
+
+# ------------------------------------------------------------------ revalidation
+def test_expired_entry_with_etag_is_revalidated(upstream, tmp_path):
+    """ttl=1s, an ETag: after the TTL the refetch carries If-None-Match; the upstream's 304
+    renews the entry, and the client gets the whole 200 from it (the original X-Served);
+    the next request is a plain hit."""
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s")
+    t = "/custom/etag?tag=etag&n=600&etag=v1"
+    p = play(tmp_path, conf, [get(upstream, t), sleep(1.6), get(upstream, t), get(upstream, t)])
+    for i in range(3):
+        assert_body(p, i, 600)
+    assert served(p.resps[1]) == served(p.resps[0]) == served(p.resps[2]), p.describe()
+    assert hdr(p.resps[1], "ETag") == '"v1"'
+    log = upstream_log(upstream, "etag")
+    assert len(log) == 2, log
+    assert header_of(log[0], "If-None-Match") == [] and header_of(log[1], "If-None-Match") == ['"v1"'], log
+
+
+def test_expired_entry_with_last_modified_is_revalidated(upstream, tmp_path):
+    lm = "Tue, 01 Dec 2026 10:00:00 GMT"
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s")
+    t = "/custom/lm?tag=lm&n=600&lm=" + lm.replace(" ", "%20").replace(",", "%2C")
+    p = play(tmp_path, conf, [get(upstream, t), sleep(1.6), get(upstream, t)])
+    assert_body(p, 1, 600)
+    assert served(p.resps[1]) == served(p.resps[0]), p.describe()
+    log = upstream_log(upstream, "lm")
+    assert header_of(log[1], "If-Modified-Since") == [lm], log
+
+
+def test_background_refresh_is_conditional(upstream, tmp_path):
+    """The background refresh of a stale-while-revalidate entry carries its ETag; the 304
+    renews the entry in place (the same X-Served afterwards, no second body fetched)."""
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s stale_while_revalidate=30s")
+    t = "/custom/swre?tag=swre&n=300&etag=e7"
+    p = play(tmp_path, conf, [get(upstream, t), sleep(1.5), get(upstream, t), sleep(0.8), get(upstream, t)])
+    assert served(p.resps[0]) == served(p.resps[1]) == served(p.resps[2]), p.describe()
+    log = upstream_log(upstream, "swre")
+    assert len(log) == 2 and header_of(log[1], "If-None-Match") == ['"e7"'], log
+
+
+def test_client_conditional_get_answered_304(upstream, tmp_path):
+    """A fresh entry with an ETag and a Last-Modified: If-None-Match naming it gets 304 from
+    the cache (ETag, no body); another tag gets the 200; If-Modified-Since at or after the
+    Last-Modified gets 304; the upstream saw one request."""
+    lm = "Tue, 01 Dec 2026 10:00:00 GMT"
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=10m")
+    t = "/custom/cond?tag=cond&n=700&etag=abc&lm=" + lm.replace(" ", "%20").replace(",", "%2C")
+    p = play(tmp_path, conf, [
+        get(upstream, t),
+        conn(rq(upstream, t, headers=['If-None-Match: "abc"'])),
+        conn(rq(upstream, t, headers=['If-None-Match: W/"zzz", W/"abc"'])),
+        conn(rq(upstream, t, headers=['If-None-Match: "other"'])),
+        conn(rq(upstream, t, headers=["If-Modified-Since: " + lm])),
+        conn(rq(upstream, t, headers=["If-Modified-Since: Mon, 30 Nov 2026 10:00:00 GMT"])),
+    ])
+    assert_body(p, 0, 700)
+    for i in (1, 2, 4):
+        r = p.resps[i]
+        assert r["status"] == 304 and r["body_len"] == 0 and hdr(r, "ETag") == '"abc"', p.describe()
+        assert hdr(r, "Content-Length") is None, p.describe()
+    assert_body(p, 3, 700)
+    assert_body(p, 5, 700)
+    assert len(upstream_log(upstream, "cond")) == 1
+
+
+# ------------------------------------------------------------------ Redis keeps stale entries
+def test_redis_keeps_stale_entries_for_the_window(upstream, redis, tmp_path):  # noqa: F811
+    """With the Redis tier, an entry is written with PX = TTL + the stale window, and its
+    fresh-until time in the value: a second process, after the TTL, gets it stale at once
+    (and refreshes it)."""
+    conf = cache_conf(tmp_path, [(upstream, ["GET /custom* ttl=2s stale_while_revalidate=60s"])],
+                      cache=redis_url(redis))
+    t = "/custom/rs?tag=rs&n=400"
+    p1 = play(tmp_path, conf, [get(upstream, t)])
+    keys = [k for k in redis.scan("httpshim:*") if b"tag=rs" in k]
+    assert len(keys) == 1, keys
+    pttl = int(redis.cmd("PTTL", keys[0]))
+    assert 55000 < pttl <= 62000, pttl
+    time.sleep(2.5)
+    p2 = play(tmp_path, conf, [get(upstream, t), sleep(1.0)])
+    assert served(p2.resps[0]) == served(p1.resps[0]), p2.describe()
+    assert len(upstream_log(upstream, "rs")) == 2, "a background refresh after the stale answer"
