@@ -1130,6 +1130,11 @@ def test_check_good_file(cli, upstream, sockdir, tmp_path):
     rules = [ln for ln in text.splitlines() if "/bytes/*" in ln or "/status/*" in ln]
     assert len(rules) == 2 and "GET" in rules[0] and "HEAD" in rules[1], text
     assert "404" in rules[1], text
+    assert "coalescing: coalesce=on coalesce_timeout=5000ms uncacheable_ttl=120000ms" in text, text
+    conf2 = stats_conf(tmp_path, sockdir, [
+        (upstream, ["GET /bytes/* ttl=10m coalesce=off stale_while_revalidate=30s stale_if_error=1h"])], name="s2.conf")
+    text = run([cli, "check", conf2], shim=False).out.decode()
+    assert "coalesce=off stale_while_revalidate=30000ms stale_if_error=3600000ms" in text, text
     # without an argument: $HTTPSHIM_CONF
     r = run([cli, "check"], shim=False, env={"HTTPSHIM_CONF": conf})
     assert r.rc == 0 and r.out.decode().startswith("%s: ok" % conf), r.describe()
@@ -1151,6 +1156,10 @@ BROKEN = {
                                                 for k in range(2)) + "\n", 2),
     "nan-size": ("[global]\nmemory_max = nan\n", 2),
     "nan-duration": ("[global]\nupstream_timeout = nanms\n", 2),
+    "bad-coalesce": ("[global]\ncoalesce = maybe\n", 2),
+    "bad-coalesce-timeout": ("[global]\n\ncoalesce_timeout = 0s\n", 3),
+    "bad-rule-coalesce": ("[upstream 127.0.0.1:8080]\ncache GET /x ttl=1m coalesce=yes\n", 2),
+    "bad-stale-window": ("[upstream 127.0.0.1:8080]\ncache GET /x ttl=1m stale_if_error=soon\n", 2),
 }
 
 

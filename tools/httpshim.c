@@ -655,6 +655,9 @@ static int cmd_check(int argc, char **argv)
            (long long)cfg->pool_idle_timeout_ms, (long long)cfg->upstream_timeout_ms,
            cfg->cache == CACHE_OFF ? "off" : cfg->cache == CACHE_REDIS ? "redis" : "memory", (long long)cfg->memory_max, (long long)cfg->max_object,
            cfg->stats_socket);
+    printf("coalescing: coalesce=%s coalesce_timeout=%lldms uncacheable_ttl=%lldms redis_lock_ttl=%lldms\n",
+           cfg->coalesce ? "on" : "off", (long long)cfg->coalesce_timeout_ms, (long long)cfg->uncacheable_ttl_ms,
+           (long long)cfg->redis_lock_ttl_ms);
     rules_resolve_all(cfg, getaddrinfo);
     for (size_t i = 0; i < cfg->n_upstreams; i++) {
         const struct upstream_rule *u = &cfg->upstreams[i];
@@ -682,7 +685,14 @@ static int cmd_check(int argc, char **argv)
                 for (size_t s = 0; s < r->n_key_headers; s++)
                     printf("%s%s", s ? "," : "", r->key_headers[s]);
             }
-            printf(" respect_cache_control=%s\n", r->respect_cache_control ? "yes" : "no");
+            printf(" respect_cache_control=%s", r->respect_cache_control ? "yes" : "no");
+            if (r->no_coalesce)
+                printf(" coalesce=off");
+            if (r->stale_while_revalidate_ms)
+                printf(" stale_while_revalidate=%lldms", (long long)r->stale_while_revalidate_ms);
+            if (r->stale_if_error_ms)
+                printf(" stale_if_error=%lldms", (long long)r->stale_if_error_ms);
+            printf("\n");
         }
     }
     rules_free(cfg);
