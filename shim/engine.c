@@ -397,10 +397,6 @@ static struct cache_entry *past_ttl(struct conn *c, const struct http_request *r
 static enum next_step look_up(struct conn *c, const struct http_request *req, const struct cache_rule *rule,
                               size_t key_len, bool storable, struct flight **flight)
 {
-    /* a HEAD may wait on a GET's fetch (it is answered from the stored GET), but starts
-     * no flight: it stores nothing */
-    bool coalesce = E.cfg->coalesce && !rule->no_coalesce && !c->flight_checked
-                    && !flight_is_uncacheable(key_scratch, key_len);
     struct cache_entry *e = c->found ? c->found : memcache_get(key_scratch, key_len);
     bool by_flight = c->found_by_flight;
     c->found = NULL;
@@ -432,6 +428,10 @@ static enum next_step look_up(struct conn *c, const struct http_request *req, co
         c->lead = NULL;
         return STEP_FETCH;
     }
+    /* a HEAD may wait on a GET's fetch (it is answered from the stored GET), but starts
+     * no flight: it stores nothing */
+    bool coalesce = E.cfg->coalesce && !rule->no_coalesce && !c->flight_checked
+                    && !flight_is_uncacheable(key_scratch, key_len);
     struct flight *other = coalesce ? flight_find(key_scratch, key_len) : NULL;
     if (other) {
         if (flight_join(other, &c->waiter)) {

@@ -213,3 +213,23 @@ def test_redis_keeps_stale_entries_for_the_window(upstream, redis, tmp_path):  #
     p2 = play(tmp_path, conf, [get(upstream, t), sleep(1.0)])
     assert served(p2.resps[0]) == served(p1.resps[0]), p2.describe()
     assert len(upstream_log(upstream, "rs")) == 2, "a background refresh after the stale answer"
+
+
+def test_304_renews_the_redis_copy(upstream, redis, tmp_path):  # noqa: F811
+    """Redis tier, ttl=2s, an ETag: after the TTL a process revalidates (If-None-Match, 304)
+    and the renewed entry is written back: its PTTL is a fresh TTL + the revalidation
+    window again, and a new process then gets it as a plain fresh hit (no upstream
+    request)."""
+    conf = cache_conf(tmp_path, [(upstream, ["GET /custom* ttl=2s"])], cache=redis_url(redis))
+    t = "/custom/r304?tag=r304&n=300&etag=rv"
+    p1 = play(tmp_path, conf, [get(upstream, t)])
+    key = [k for k in redis.scan("httpshim:*") if b"tag=r304" in k][0]
+    time.sleep(2.3)
+    p2 = play(tmp_path, conf, [get(upstream, t)])
+    assert served(p2.resps[0]) == served(p1.resps[0]), p2.describe()
+    log = upstream_log(upstream, "r304")
+    assert len(log) == 2 and header_of(log[1], "If-None-Match") == ['"rv"'], log
+    pttl = int(redis.cmd("PTTL", key))
+    assert 3000 < pttl <= 4000, "renewed: ttl 2 s + kept 2 s more for the next revalidation, got %d" % pttl
+    p3 = play(tmp_path, conf, [get(upstream, t)])
+    assert served(p3.resps[0]) == served(p1.resps[0]) and len(upstream_log(upstream, "r304")) == 2, p3.describe()
