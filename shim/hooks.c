@@ -282,7 +282,8 @@ static enum divert_result try_divert(int fd, const struct sockaddr *addr, sockle
     if (up < 0 || len > sizeof(union shim_sockaddr) || !is_fresh_tcp(fd, addr->sa_family, &file_flags))
         return NOT_OURS;
     *nonblock = (file_flags & O_NONBLOCK) != 0;
-    if (!may_probe || pool_has_live_connection(up) || engine_ensure_started(config) != 0
+    /* an upstream reached at another origin: the app's own address may not even answer */
+    if (!may_probe || cfg->upstreams[up].origin_https || pool_has_live_connection(up) || engine_ensure_started(config) != 0
         || !pool_begin_probe(up))
         return divert(fd, up, addr, len, file_flags, NULL) == 0 ? DIVERTED : NOT_OURS;
     union shim_sockaddr dest;

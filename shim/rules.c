@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <unistd.h>
 
 static pthread_mutex_t rules_addr_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -241,6 +242,73 @@ static int parse_cache_rule(struct parser *p, char *args, struct upstream_rule *
         r->status[r->n_status++] = 200;
     u->n_cache_rules++;
     return 0;
+}
+
+/* origin = https://HOST[:PORT] (an IPv6 literal in brackets) */
+static int parse_origin(struct parser *p, const char *val, struct upstream_rule *u)
+{
+    if (strncmp(val, "https://", 8))
+        return fail(p, "origin '%s': expected https://HOST[:PORT]", val);
+    const char *h = val + 8, *end = h + strcspn(h, "/"), *colon;
+    if (*end && end[1])
+        return fail(p, "origin '%s': no path: the app's own path is sent", val);
+    size_t hl;
+    if (*h == '[') {
+        const char *close = memchr(h, ']', (size_t)(end - h));
+        if (!close)
+            return fail(p, "origin '%s': expected [IPv6]", val);
+        colon = close[1] == ':' ? close + 1 : NULL;
+        h++;
+        hl = (size_t)(close - h);
+    } else {
+        colon = memchr(h, ':', (size_t)(end - h));
+        hl = (size_t)((colon ? colon : end) - h);
+    }
+    if (!hl || hl >= sizeof u->origin_host)
+        return fail(p, "origin '%s': the host is empty or too long", val);
+    for (size_t i = 0; i < hl; i++)
+        if (!isalnum((unsigned char)h[i]) && !strchr(".-_:", h[i]))
+            return fail(p, "origin '%s': the host has an invalid character '%c'", val, h[i]);
+    long port = 443;
+    if (colon) {
+        char digits[8];
+        size_t n = (size_t)(end - colon - 1);
+        char *stop;
+        if (!n || n >= sizeof digits)
+            return fail(p, "origin '%s': the port is not a number from 1 to 65535", val);
+        memcpy(digits, colon + 1, n);
+        digits[n] = 0;
+        port = strtol(digits, &stop, 10);
+        if (*stop || port <= 0 || port > 65535)
+            return fail(p, "origin '%s': the port is not a number from 1 to 65535", val);
+    }
+    memcpy(u->origin_host, h, hl);
+    u->origin_host[hl] = 0;
+    u->origin_port = (uint16_t)port;
+    u->origin_https = true;
+    return 0;
+}
+
+/* NAME = VALUE lines inside an [upstream] block */
+static int parse_upstream_setting(struct parser *p, const char *key, const char *val, struct upstream_rule *u)
+{
+    if (!strcmp(key, "tls")) {
+        if (!strcmp(val, "tunnel")) u->tls = TLS_TUNNEL;
+        else if (!strcmp(val, "intercept")) u->tls = TLS_INTERCEPT;
+        else return fail(p, "tls takes tunnel or intercept, not '%s'", val);
+        return 0;
+    }
+    if (!strcmp(key, "tls_ca_file")) {
+        if (strlen(val) >= sizeof u->tls_ca_file)
+            return fail(p, "tls_ca_file is longer than %zu bytes", sizeof u->tls_ca_file - 1);
+        if (access(val, R_OK) != 0)
+            return fail(p, "tls_ca_file %s: %s", val, strerror(errno));
+        snprintf(u->tls_ca_file, sizeof u->tls_ca_file, "%s", val);
+        return 0;
+    }
+    if (!strcmp(key, "origin"))
+        return parse_origin(p, val, u);
+    return fail(p, "unknown setting '%s' in [upstream] (expected cache rules, tls, tls_ca_file or origin)", key);
 }
 
 /* redis://[:password@]host:port[/db] or redis+unix:///path/to.sock */
@@ -503,8 +571,9 @@ int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX
             rc = fail(&p, "setting outside a section: put it under [global]");
             break;
         }
-        if (section == UPSTREAM || !eq) {
-            rc = fail(&p, section == UPSTREAM ? "expected: cache METHOD PATH-GLOB ttl=DURATION [options]"
+        if (!eq) {
+            rc = fail(&p, section == UPSTREAM ? "expected: cache METHOD PATH-GLOB ttl=DURATION [options], "
+                                                "or NAME = VALUE"
                                               : "expected: NAME = VALUE");
             break;
         }
@@ -514,7 +583,7 @@ int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX
             rc = fail(&p, "expected: NAME = VALUE");
             break;
         }
-        if ((rc = parse_global(&p, key, val, cfg)))
+        if ((rc = section == UPSTREAM ? parse_upstream_setting(&p, key, val, u) : parse_global(&p, key, val, cfg)))
             break;
     }
     if (!rc && ferror(f)) {

@@ -16,6 +16,7 @@
 #define RULES_ERR_MAX           512
 #define RULES_SECRET_MAX        1024
 #define RULES_POOL_MAX          16384
+#define RULES_PATH_MAX          512
 
 struct rules_addr { int family; uint8_t bytes[16]; };   /* AF_INET uses 4 bytes */
 
@@ -35,10 +36,19 @@ struct cache_rule {
     int line;
 };
 
+enum upstream_tls { TLS_TUNNEL, TLS_INTERCEPT };
+
 struct upstream_rule {
     char host[RULES_HOST_MAX];     /* as written: a name or an IP literal */
     uint16_t port;
     bool host_is_literal;
+    /* tls = tunnel | intercept: what happens to TLS the app encrypts itself */
+    enum upstream_tls tls;
+    char tls_ca_file[RULES_PATH_MAX];  /* trusted for this upstream besides the system store */
+    /* origin = https://HOST[:PORT]: the app's plain HTTP is carried to it over TLS */
+    bool origin_https;
+    char origin_host[RULES_HOST_MAX];
+    uint16_t origin_port;
     int line;
     size_t n_cache_rules;
     struct cache_rule *cache_rules;   /* heap, n_cache_rules long; freed by rules_free */

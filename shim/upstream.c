@@ -27,6 +27,9 @@
 
 enum body_mode { BODY_NONE, BODY_RAW, BODY_CHUNKED };
 
+/* Debian's (and OpenSSL's default) directory of hashed system CA certificates */
+#define SYSTEM_CA_PATH "/etc/ssl/certs"
+
 struct transfer {
     CURL *easy;
     struct app_side *app;
@@ -178,7 +181,8 @@ static curl_socket_t open_socket(void *clientp, curlsocktype purpose, struct cur
 {
     struct transfer *t = clientp;
     (void)purpose;
-    int fd = pool_take_offered(t->app->upstream, &addr->addr);
+    /* the app's own connections reach the address it dialled, not another origin */
+    int fd = cfg->upstreams[t->app->upstream].origin_https ? -1 : pool_take_offered(t->app->upstream, &addr->addr);
     if (fd >= 0) {
         /* libcurl will connect() the socket it is given; this one is connected already,
          * so the connect hook answers 0 for it (marking it CURL_SOCKOPT_ALREADY_CONNECTED
@@ -522,13 +526,27 @@ static int build(struct transfer *t, const struct http_request *req, const char 
     uint16_t dport;
     format_addr(dest, sizeof dest, &c->dest, &dport);
 
-    snprintf(scratch, sizeof scratch, v6 ? "http://[%s]:%u/" : "http://%s:%u/", u->host, u->port);
-    curl_easy_setopt(e, CURLOPT_URL, scratch);
-    snprintf(scratch, sizeof scratch, v6 ? "[%s]:%u:%s:%u" : "%s:%u:%s:%u", u->host, u->port, dest, dport);
-    t->connect_to = curl_slist_append(NULL, scratch);
-    if (!t->connect_to)
-        return -1;
-    curl_easy_setopt(e, CURLOPT_CONNECT_TO, t->connect_to);
+    if (u->origin_https) {
+        /* the app's plain HTTP, carried over TLS to the origin, verified as strictly as
+         * libcurl verifies by default: the system store, plus the rule's tls_ca_file */
+        bool ov6 = strchr(u->origin_host, ':') != NULL;
+        snprintf(scratch, sizeof scratch, ov6 ? "https://[%s]:%u/" : "https://%s:%u/", u->origin_host, u->origin_port);
+        curl_easy_setopt(e, CURLOPT_URL, scratch);
+        curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
+        curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
+        if (u->tls_ca_file[0]) {
+            curl_easy_setopt(e, CURLOPT_CAINFO, u->tls_ca_file);
+            curl_easy_setopt(e, CURLOPT_CAPATH, SYSTEM_CA_PATH);
+        }
+    } else {
+        snprintf(scratch, sizeof scratch, v6 ? "http://[%s]:%u/" : "http://%s:%u/", u->host, u->port);
+        curl_easy_setopt(e, CURLOPT_URL, scratch);
+        snprintf(scratch, sizeof scratch, v6 ? "[%s]:%u:%s:%u" : "%s:%u:%s:%u", u->host, u->port, dest, dport);
+        t->connect_to = curl_slist_append(NULL, scratch);
+        if (!t->connect_to)
+            return -1;
+        curl_easy_setopt(e, CURLOPT_CONNECT_TO, t->connect_to);
+    }
     snprintf(scratch, sizeof scratch, "%.*s", (int)req->target.n, req->target.p);
     curl_easy_setopt(e, CURLOPT_REQUEST_TARGET, scratch);
 

@@ -241,8 +241,11 @@ def free_port(host="127.0.0.1"):
 
 # ------------------------------------------------------------------------ upstream
 class Upstream(object):
-    def __init__(self, workdir, python=SYS_PY, host="127.0.0.1"):
+    """tests/upstream.py in a process of its own; with tls=(chain, key) it serves HTTPS."""
+
+    def __init__(self, workdir, python=SYS_PY, host="127.0.0.1", tls=None):
         self.workdir = Path(workdir)
+        self.tls = tls
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = host
         pf = self.workdir / "port"
@@ -254,7 +257,8 @@ class Upstream(object):
         env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
         self.proc = subprocess.Popen(
             [python, str(UPSTREAM_PY), "--port-file", str(pf),
-             "--control-port-file", str(cf), "--host", host],
+             "--control-port-file", str(cf), "--host", host]
+            + (["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])] if tls else []),
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
             env=env, start_new_session=True)
         deadline = time.time() + 30
@@ -272,9 +276,9 @@ class Upstream(object):
         self.cport = int(cf.read_text())
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-    def url(self, path="/"):
-        h = "[%s]" % self.host if ":" in self.host else self.host
-        return "http://%s:%d%s" % (h, self.port, path)
+    def url(self, path="/", host=None):
+        h = host or ("[%s]" % self.host if ":" in self.host else self.host)
+        return "%s://%s:%d%s" % ("https" if self.tls else "http", h, self.port, path)
 
     def _control(self, method, path):
         req = urllib.request.Request("http://127.0.0.1:%d%s" % (self.cport, path),

@@ -9,8 +9,12 @@ with exact control of framing, plus a control server for counters.
 Listens on an ephemeral port (and a second one for control), writes the port numbers
 to the files, serves until SIGTERM/SIGINT.
 
+With --tls-cert CHAIN --tls-key KEY it serves HTTPS (ALPN http/1.1), every connection
+a TLS handshake of its own, counted in "handshakes" (and "handshake_failures").
+
 Control server (never counted as upstream traffic):
-    GET  /stats  -> {"connections":N,"open":N,"peak":N,"requests":N,"log":[...]}
+    GET  /stats  -> {"connections":N,"open":N,"peak":N,"requests":N,"handshakes":N,
+                     "handshake_failures":N,"log":[...]}
     POST /reset  -> zero the counters (open stays, peak = open)
 
 Upstream paths:
@@ -123,8 +127,17 @@ class Stats(object):
         self.open = 0
         self.peak = 0
         self.requests = 0
+        self.handshakes = 0
+        self.handshake_failures = 0
         self.log = []
         self.next_conn_id = 1
+
+    def tls(self, ok):
+        with self.lock:
+            if ok:
+                self.handshakes += 1
+            else:
+                self.handshake_failures += 1
 
     def conn_opened(self):
         with self.lock:
@@ -150,12 +163,14 @@ class Stats(object):
         with self.lock:
             return {"connections": self.connections, "open": self.open,
                     "peak": self.peak, "requests": self.requests,
+                    "handshakes": self.handshakes, "handshake_failures": self.handshake_failures,
                     "log": list(self.log)}
 
     def reset(self):
         with self.lock:
             self.connections = 0
             self.requests = 0
+            self.handshakes = self.handshake_failures = 0
             self.peak = self.open
             self.log = []
 
@@ -687,7 +702,24 @@ def serve_custom(conn, ctx):
     return "close"
 
 
+TLS_CONTEXT = [None]
+
+
 def handle_connection(sock, cid):
+    if TLS_CONTEXT[0] is not None:
+        sock.settimeout(30)
+        try:
+            sock = TLS_CONTEXT[0].wrap_socket(sock, server_side=True)
+        except (OSError, ValueError):
+            STATS.tls(False)
+            STATS.conn_closed()
+            try:
+                sock.close()
+            except OSError:
+                pass
+            return
+        sock.settimeout(None)
+        STATS.tls(True)
     conn = Conn(sock)
     finished = False
     try:
@@ -862,7 +894,15 @@ def main():
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--geo-delay-ms", type=int, default=0,
                     help="how long /v3/ip/ADDR sleeps before answering")
+    ap.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM)")
+    ap.add_argument("--tls-key", help="... and this key")
     args = ap.parse_args()
+    if args.tls_cert:
+        import ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        ctx.set_alpn_protocols(["http/1.1"])
+        TLS_CONTEXT[0] = ctx
     GEO_DELAY_MS[0] = max(0, args.geo_delay_ms)
 
     def listener(host, port):

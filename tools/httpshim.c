@@ -658,6 +658,14 @@ static int cmd_check(int argc, char **argv)
     printf("coalescing: coalesce=%s coalesce_timeout=%lldms uncacheable_ttl=%lldms redis_lock_ttl=%lldms\n",
            cfg->coalesce ? "on" : "off", (long long)cfg->coalesce_timeout_ms, (long long)cfg->uncacheable_ttl_ms,
            (long long)cfg->redis_lock_ttl_ms);
+    /* an app that speaks TLS to the upstream itself is tunnelled unless intercepted */
+    for (size_t i = 0; i < cfg->n_upstreams; i++) {
+        const struct upstream_rule *u = &cfg->upstreams[i];
+        if (u->n_cache_rules && u->tls == TLS_TUNNEL && !u->origin_https && (u->port == 443 || u->port == 8443))
+            fprintf(stderr, "%s:%d: warning: cache rules on %s:%u are never used if the app speaks TLS to it "
+                            "itself: those connections are tunnelled (set tls = intercept)\n",
+                    path, u->cache_rules[0].line, u->host, u->port);
+    }
     rules_resolve_all(cfg, getaddrinfo);
     for (size_t i = 0; i < cfg->n_upstreams; i++) {
         const struct upstream_rule *u = &cfg->upstreams[i];
@@ -670,6 +678,11 @@ static int cmd_check(int argc, char **argv)
             printf(" %s", ip);
         }
         printf("\n");
+        if (u->origin_https)
+            printf("  origin https://%s:%u%s%s\n", u->origin_host, u->origin_port, u->tls_ca_file[0] ? " tls_ca_file=" : "",
+                   u->tls_ca_file);
+        if (u->tls == TLS_INTERCEPT)
+            printf("  tls intercept%s%s\n", u->tls_ca_file[0] ? " tls_ca_file=" : "", u->tls_ca_file);
         for (size_t k = 0; k < u->n_cache_rules; k++) {
             const struct cache_rule *r = &u->cache_rules[k];
             printf("  line %d: cache %s %s ttl=%lldms status=", r->line, r->method, r->glob, (long long)r->ttl_ms);
