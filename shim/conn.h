@@ -53,5 +53,7 @@ struct app_side {
      * and served instead of an error or a 5xx when stale_on_error */
     struct cache_entry *cached;
     bool stale_on_error;
+    /* the app's TLS was terminated for this name: the upstream leg is HTTPS to it */
+    const char *tls_host;
 };
 #endif

@@ -2,6 +2,7 @@
  * once, and diverting matching connects into the engine. Everything that is not a
  * configured upstream, and every call made on the engine thread, goes straight to the
  * real functions (real.c). errno is preserved on every path that does not fail. */
+#include "hooks.h"
 #include "engine.h"
 #include "fdtable.h"
 #include "log.h"
@@ -89,6 +90,8 @@ static struct shim_config *config_get(void)
     errno = saved;
     return config;
 }
+
+struct shim_config *hooks_config(void) { return config_get(); }
 
 static void atfork_prepare(void) { engine_atfork_prepare(); }
 static void atfork_parent(void) { engine_atfork_parent(); }

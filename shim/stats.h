@@ -14,6 +14,9 @@ struct upstream_stats {
     _Atomic uint64_t not_stored[NS__COUNT];
     _Atomic uint64_t upstream_requests, upstream_conns_opened, upstream_conn_reuses, tunnels;
     _Atomic uint64_t errors_upstream, errors_app, errors_tunnel;
+    /* TLS the app encrypts itself: terminated by the shim, or tunnelled, and why */
+    _Atomic uint64_t tls_intercepted, tls_handshake_failures, tls_tunnel_not_configured, tls_tunnel_no_mark;
+    _Atomic uint64_t tls_tunnel_client_cert, tls_tunnel_unverified, tls_tunnel_unreadable;
     _Atomic uint64_t evictions, expired;
     /* coalescing: requests served from another request's fetch, and waits given up */
     _Atomic uint64_t coalesced, coalesce_timeouts;

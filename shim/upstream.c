@@ -27,6 +27,9 @@
 
 enum body_mode { BODY_NONE, BODY_RAW, BODY_CHUNKED };
 
+/* libcurl hands back OpenSSL's SSL * as a void *: the shim passes it on untyped */
+#define SSL_PTR_TYPE void
+
 /* Debian's (and OpenSSL's default) directory of hashed system CA certificates */
 #define SYSTEM_CA_PATH "/etc/ssl/certs"
 
@@ -64,6 +67,10 @@ struct transfer {
     struct cache_entry *revalidating;
     bool renew;
     bool stale_on_error;            /* an error or a 5xx is answered from app->cached */
+    /* a TLS probe (CONNECT_ONLY): whoever asked hears about the upstream's session */
+    upstream_tls_probe_fn probe_done;
+    void *probe_arg;
+    bool is_probe;
     /* the pool queue */
     bool admitted;                  /* handed to libcurl: holds one of the upstream's slots */
     int64_t queued_us;              /* when it started to wait (0: never waited) */
@@ -182,7 +189,8 @@ static curl_socket_t open_socket(void *clientp, curlsocktype purpose, struct cur
     struct transfer *t = clientp;
     (void)purpose;
     /* the app's own connections reach the address it dialled, not another origin */
-    int fd = cfg->upstreams[t->app->upstream].origin_https ? -1 : pool_take_offered(t->app->upstream, &addr->addr);
+    int fd = cfg->upstreams[t->app->upstream].origin_https || t->is_probe
+             ? -1 : pool_take_offered(t->app->upstream, &addr->addr);
     if (fd >= 0) {
         /* libcurl will connect() the socket it is given; this one is connected already,
          * so the connect hook answers 0 for it (marking it CURL_SOCKOPT_ALREADY_CONNECTED
@@ -516,6 +524,18 @@ static int format_addr(char *out, size_t n, const union shim_sockaddr *a, uint16
     return snprintf(out, n, strchr(ip, ':') ? "[%s]" : "%s", ip);
 }
 
+/* libcurl's full verification (peer and host name), against the system store plus the
+ * rule's tls_ca_file */
+static void verify_tls(CURL *e, const struct upstream_rule *u)
+{
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
+    if (u->tls_ca_file[0]) {
+        curl_easy_setopt(e, CURLOPT_CAINFO, u->tls_ca_file);
+        curl_easy_setopt(e, CURLOPT_CAPATH, SYSTEM_CA_PATH);
+    }
+}
+
 static int build(struct transfer *t, const struct http_request *req, const char *body, size_t body_len)
 {
     struct app_side *c = t->app;
@@ -526,18 +546,25 @@ static int build(struct transfer *t, const struct http_request *req, const char 
     uint16_t dport;
     format_addr(dest, sizeof dest, &c->dest, &dport);
 
-    if (u->origin_https) {
+    if (c->tls_host) {
+        /* the app's own TLS was terminated: the leg to the upstream is TLS again, for the
+         * name the app asked for, pinned to the address it dialled, verified */
+        bool hv6 = strchr(c->tls_host, ':') != NULL;
+        snprintf(scratch, sizeof scratch, hv6 ? "https://[%s]:%u/" : "https://%s:%u/", c->tls_host, u->port);
+        curl_easy_setopt(e, CURLOPT_URL, scratch);
+        snprintf(scratch, sizeof scratch, hv6 ? "[%s]:%u:%s:%u" : "%s:%u:%s:%u", c->tls_host, u->port, dest, dport);
+        t->connect_to = curl_slist_append(NULL, scratch);
+        if (!t->connect_to)
+            return -1;
+        curl_easy_setopt(e, CURLOPT_CONNECT_TO, t->connect_to);
+        verify_tls(e, u);
+    } else if (u->origin_https) {
         /* the app's plain HTTP, carried over TLS to the origin, verified as strictly as
          * libcurl verifies by default: the system store, plus the rule's tls_ca_file */
         bool ov6 = strchr(u->origin_host, ':') != NULL;
         snprintf(scratch, sizeof scratch, ov6 ? "https://[%s]:%u/" : "https://%s:%u/", u->origin_host, u->origin_port);
         curl_easy_setopt(e, CURLOPT_URL, scratch);
-        curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
-        curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
-        if (u->tls_ca_file[0]) {
-            curl_easy_setopt(e, CURLOPT_CAINFO, u->tls_ca_file);
-            curl_easy_setopt(e, CURLOPT_CAPATH, SYSTEM_CA_PATH);
-        }
+        verify_tls(e, u);
     } else {
         snprintf(scratch, sizeof scratch, v6 ? "http://[%s]:%u/" : "http://%s:%u/", u->host, u->port);
         curl_easy_setopt(e, CURLOPT_URL, scratch);
@@ -710,7 +737,7 @@ static void transfer_free(struct transfer *t)
         q->pump = q->head != NULL;
         limit_idle();
     }
-    if (t->app) {
+    if (t->app && !t->is_probe) {
         STAT_DEC(t->app->upstream, in_flight);
         if (t->connected)
             STAT_DEC(t->app->upstream, in_flight_connected);
@@ -1029,6 +1056,75 @@ static void renew(struct transfer *t)
     c->cached = r;
 }
 
+void *upstream_tls_probe(int upstream, const char *host, const union shim_sockaddr *dest, socklen_t dest_len,
+                         upstream_tls_probe_fn done, void *arg)
+{
+    const struct upstream_rule *u = &cfg->upstreams[upstream];
+    struct transfer *t = calloc(1, sizeof *t);
+    if (!t)
+        return NULL;
+    t->own = (struct app_side){ .ops = &own_ops, .fd = -1, .upstream = upstream, .dest = *dest, .dest_len = dest_len };
+    t->app = &t->own;
+    t->detached = t->is_probe = true;
+    t->probe_done = done;
+    t->probe_arg = arg;
+    char ip[INET6_ADDRSTRLEN + 2];
+    uint16_t port;
+    format_addr(ip, sizeof ip, dest, &port);
+    bool v6 = strchr(host, ':') != NULL;
+    t->easy = curl_easy_init();
+    if (t->easy) {
+        snprintf(scratch, sizeof scratch, v6 ? "https://[%s]:%u/" : "https://%s:%u/", host, u->port);
+        curl_easy_setopt(t->easy, CURLOPT_URL, scratch);
+        snprintf(scratch, sizeof scratch, v6 ? "[%s]:%u:%s:%u" : "%s:%u:%s:%u", host, u->port, ip, port);
+        t->connect_to = curl_slist_append(NULL, scratch);
+    }
+    if (!t->easy || !t->connect_to) {
+        transfer_free(t);
+        return NULL;
+    }
+    CURL *e = t->easy;
+    curl_easy_setopt(e, CURLOPT_CONNECT_TO, t->connect_to);
+    curl_easy_setopt(e, CURLOPT_CONNECT_ONLY, 1L);
+    verify_tls(e, u);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_PROXY, "");
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)cfg->upstream_timeout_ms);
+    curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, open_socket);
+    curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, t);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, close_socket);
+    curl_easy_setopt(e, CURLOPT_PRIVATE, t);
+    if (curl_multi_add_handle(multi, e) != CURLM_OK) {
+        transfer_free(t);
+        return NULL;
+    }
+    return t;
+}
+
+void upstream_tls_probe_cancel(void *probe)
+{
+    struct transfer *t = probe;
+    if (t)
+        t->probe_done = NULL;          /* reaped as usual, heard by no one */
+}
+
+/* A probe finished: its caller sees the session (NULL when the handshake or the
+ * verification failed) before the connection goes. */
+static void probe_finished(struct transfer *t, CURLcode result)
+{
+    const SSL_PTR_TYPE *ssl = NULL;
+    struct curl_tlssessioninfo *info = NULL;
+    if (result == CURLE_OK && curl_easy_getinfo(t->easy, CURLINFO_TLS_SSL_PTR, &info) == CURLE_OK && info
+        && info->backend == CURLSSLBACKEND_OPENSSL)
+        ssl = info->internals;
+    else
+        shim_debug("TLS probe of upstream %d: %s", t->app->upstream, curl_easy_strerror(result));
+    if (t->probe_done)
+        t->probe_done(t->probe_arg, ssl);
+    curl_multi_remove_handle(multi, t->easy);
+    transfer_free(t);
+}
+
 void upstream_reap(void)
 {
     if (!multi)
@@ -1041,6 +1137,10 @@ void upstream_reap(void)
         struct transfer *t = NULL;
         curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&t);
         CURLcode result = msg->data.result;
+        if (t->is_probe) {
+            probe_finished(t, result);
+            continue;
+        }
         struct app_side *c = t->app;
         bool ok = result == CURLE_OK && t->head_done;
         if (ok && !t->renew

@@ -31,4 +31,12 @@ void upstream_app_gone(struct transfer *t);
 void upstream_resume(struct transfer *t);        /* `out` drained: unpause a paused transfer */
 void upstream_body_arrived(struct transfer *t);  /* more streamed body in `in`: unpause sending */
 void upstream_reap(void);                        /* collect finished transfers */
+
+/* A TLS handshake with the upstream as `host`, pinned to dest, verified as the HTTPS leg
+ * is: done hears the session (an OpenSSL SSL *, valid during the call) or NULL when it
+ * failed. Returns a handle for upstream_tls_probe_cancel, or NULL (done never called). */
+typedef void (*upstream_tls_probe_fn)(void *arg, const void *ssl);
+void *upstream_tls_probe(int upstream, const char *host, const union shim_sockaddr *dest, socklen_t dest_len,
+                         upstream_tls_probe_fn done, void *arg);
+void upstream_tls_probe_cancel(void *probe);
 #endif

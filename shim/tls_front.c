@@ -1,0 +1,351 @@
+/* tls_front.c — owns terminating the app's TLS in the engine: a relay between the app's
+ * socketpair end (ciphertext) and a second, in-process socketpair whose other end is an
+ * ordinary engine connection (plaintext), with an OpenSSL server session in between over
+ * memory BIOs, so that the handshake and every record are driven by the loop and never
+ * block it. The session presents the CA's leaf for the name the app asked for and
+ * selects http/1.1. Plaintext only ever crosses the in-process socketpair. Every buffer is
+ * bounded; a full side stops reading the other. Also owns the verdicts on whether an
+ * upstream's chain verifies against an app context's own trust store. */
+#include "tls_front.h"
+#include "conn.h"
+#include "lazyssl.h"
+#include "log.h"
+#include "stats.h"
+#include "tls_ca.h"
+#include <arpa/inet.h>
+#include <errno.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#define CIPHER_CAP (64 * 1024)          /* ciphertext either way, not yet moved on */
+
+struct tls_front {
+    struct loop_source app, plain;
+    struct loop_deferred reclaim;
+    int upstream;
+    SSL *ssl;
+    BIO *rbio, *wbio;                   /* owned by ssl */
+    struct buf to_app;                  /* ciphertext for the app */
+    struct buf to_plain;                /* plaintext for the engine's connection */
+    struct buf from_plain;              /* plaintext the engine wrote, not yet encrypted */
+    bool handshaken, dead, app_eof, app_gone, plain_eof, plain_shut, app_shut;
+    struct tls_front *next, *prev;
+};
+
+static const struct shim_config *cfg;
+static struct tls_front *live;
+static struct tls_front *orphaned;      /* a forked child's inheritance: never used */
+static SSL_CTX *server_ctx;             /* engine thread only */
+static char scratch[16384];             /* engine thread only */
+
+static int select_http11(SSL *s, const unsigned char **out, unsigned char *outlen, const unsigned char *in,
+                         unsigned int inlen, void *arg)
+{
+    (void)s;
+    (void)arg;
+    for (unsigned i = 0; i < inlen;) {
+        unsigned n = in[i];
+        if (i + 1 + n > inlen)
+            break;
+        if (n == 8 && !memcmp(in + i + 1, "http/1.1", 8)) {
+            *out = in + i + 1;
+            *outlen = 8;
+            return SSL_TLSEXT_ERR_OK;
+        }
+        i += 1 + n;
+    }
+    return SSL_TLSEXT_ERR_NOACK;        /* no ALPN agreement: plain HTTP/1.1 anyway */
+}
+
+static bool ensure_server_ctx(void)
+{
+    if (server_ctx)
+        return true;
+    if (!lazyssl_load())
+        return false;
+    server_ctx = SSL_CTX_new(TLS_server_method());   /* the engine's own: never marked */
+    if (!server_ctx)
+        return false;
+    SSL_CTX_set_min_proto_version(server_ctx, TLS1_2_VERSION);
+    SSL_CTX_set_alpn_select_cb(server_ctx, select_http11, NULL);
+    return true;
+}
+
+static void reclaim(struct loop_deferred *d)
+{
+    struct tls_front *f = (struct tls_front *)((char *)d - offsetof(struct tls_front, reclaim));
+    if (f->ssl)
+        SSL_free(f->ssl);
+    buf_free(&f->to_app);
+    buf_free(&f->to_plain);
+    buf_free(&f->from_plain);
+    free(f);
+}
+
+static void front_close(struct tls_front *f)
+{
+    if (f->dead)
+        return;
+    f->dead = true;
+    if (!f->handshaken)
+        STAT_INC(f->upstream, tls_handshake_failures);
+    loop_remove(&f->app);
+    loop_remove(&f->plain);
+    fdtable_close_engine_fd(f->app.fd);
+    fdtable_close_engine_fd(f->plain.fd);
+    if (f->prev)
+        f->prev->next = f->next;
+    else
+        live = f->next;
+    if (f->next)
+        f->next->prev = f->prev;
+    loop_defer(&f->reclaim, reclaim);
+}
+
+/* Moves what OpenSSL wrote into its output BIO to to_app. */
+static void collect_cipher(struct tls_front *f)
+{
+    for (int rounds = 0; rounds < 64; rounds++) {
+        size_t room = buf_make_room(&f->to_app, sizeof scratch);
+        if (!room)
+            return;
+        int n = BIO_read(f->wbio, f->to_app.data + f->to_app.end, (int)(room < sizeof scratch ? room : sizeof scratch));
+        if (n <= 0)
+            return;
+        f->to_app.end += (size_t)n;
+    }
+}
+
+/* Decrypts what the app sent, as far as to_plain has room. */
+static void decrypt_cipher(struct tls_front *f)
+{
+    if (!f->handshaken) {
+        ERR_clear_error();
+        int rc = SSL_do_handshake(f->ssl);
+        collect_cipher(f);
+        if (rc != 1) {
+            int e = SSL_get_error(f->ssl, rc);
+            if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE) {
+                shim_debug("fd %d: TLS handshake with the app failed", f->app.fd);
+                f->app_gone = true;    /* the app rejected us, or spoke nonsense */
+            }
+            return;
+        }
+        f->handshaken = true;
+        STAT_INC(f->upstream, tls_intercepted);
+    }
+    for (int rounds = 0; rounds < 64 && buf_len(&f->to_plain) < OUT_SOFT; rounds++) {
+        ERR_clear_error();
+        int n = SSL_read(f->ssl, scratch, sizeof scratch);
+        if (n > 0) {
+            if (buf_append(&f->to_plain, scratch, (size_t)n) != 0) {
+                f->app_gone = true;
+                return;
+            }
+            continue;
+        }
+        int e = SSL_get_error(f->ssl, n);
+        if (e == SSL_ERROR_ZERO_RETURN)
+            f->app_eof = true;         /* close_notify */
+        else if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE)
+            f->app_gone = true;
+        break;
+    }
+    collect_cipher(f);
+}
+
+/* Encrypts what the engine's connection wrote, as far as to_app has room. */
+static void encrypt_plain(struct tls_front *f)
+{
+    while (f->handshaken && buf_len(&f->from_plain) && buf_len(&f->to_app) < CIPHER_CAP) {
+        size_t n = buf_len(&f->from_plain) < sizeof scratch ? buf_len(&f->from_plain) : sizeof scratch;
+        ERR_clear_error();
+        int w = SSL_write(f->ssl, buf_head(&f->from_plain), (int)n);
+        if (w <= 0) {
+            int e = SSL_get_error(f->ssl, w);
+            if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE)
+                f->app_gone = true;
+            break;
+        }
+        buf_consume(&f->from_plain, (size_t)w);
+        collect_cipher(f);
+    }
+}
+
+static void pump(struct tls_front *f)
+{
+    decrypt_cipher(f);
+    encrypt_plain(f);
+    if (!f->app_gone && buf_send(&f->to_app, f->app.fd) != 0)
+        f->app_gone = true;
+    if (buf_send(&f->to_plain, f->plain.fd) != 0)
+        f->plain_eof = true;           /* the engine's connection is gone */
+    if (f->app_eof && !buf_len(&f->to_plain) && !f->plain_shut) {
+        shutdown(f->plain.fd, SHUT_WR);
+        f->plain_shut = true;
+    }
+    if (f->plain_eof && !buf_len(&f->from_plain) && f->handshaken && !f->app_shut) {
+        SSL_shutdown(f->ssl);          /* close_notify, then our write side */
+        collect_cipher(f);
+        f->app_shut = buf_send(&f->to_app, f->app.fd) == 0 && !buf_len(&f->to_app);
+        if (f->app_shut)
+            shutdown(f->app.fd, SHUT_WR);
+    }
+    if (f->app_gone || (f->plain_eof && f->app_shut) || (f->plain_eof && !f->handshaken)
+        || (f->app_eof && f->plain_shut && f->plain_eof)) {
+        front_close(f);
+        return;
+    }
+    uint32_t want_app = (!f->app_eof && buf_len(&f->to_plain) < OUT_SOFT ? EPOLLIN : 0)
+                      | (buf_len(&f->to_app) ? EPOLLOUT : 0);
+    uint32_t want_plain = (!f->plain_eof && buf_len(&f->from_plain) < OUT_SOFT && buf_len(&f->to_app) < CIPHER_CAP
+                               ? EPOLLIN : 0)
+                        | (buf_len(&f->to_plain) ? EPOLLOUT : 0);
+    loop_watch(&f->app, want_app);
+    loop_watch(&f->plain, want_plain);
+}
+
+static void on_app(struct loop_source *src, uint32_t ev)
+{
+    struct tls_front *f = (struct tls_front *)((char *)src - offsetof(struct tls_front, app));
+    if (ev & (EPOLLERR | EPOLLHUP))
+        f->app_gone = f->app_eof = true;
+    if (ev & (EPOLLIN | EPOLLHUP)) {
+        for (int rounds = 0; rounds < 8 && !f->app_eof && buf_len(&f->to_plain) < OUT_SOFT; rounds++) {
+            ssize_t n = recv(f->app.fd, scratch, sizeof scratch, MSG_DONTWAIT);
+            if (n > 0) {
+                if (BIO_write(f->rbio, scratch, (int)n) != (int)n)
+                    f->app_gone = true;
+                decrypt_cipher(f);     /* keep the BIO small: consume as it comes */
+                continue;
+            }
+            if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+                f->app_eof = true;
+            break;
+        }
+    }
+    pump(f);
+}
+
+static void on_plain(struct loop_source *src, uint32_t ev)
+{
+    struct tls_front *f = (struct tls_front *)((char *)src - offsetof(struct tls_front, plain));
+    if (ev & (EPOLLERR | EPOLLHUP))
+        f->plain_eof = true;
+    if (ev & (EPOLLIN | EPOLLHUP)) {
+        for (int rounds = 0; rounds < 8 && !f->plain_eof && buf_len(&f->from_plain) < OUT_SOFT; rounds++) {
+            ssize_t n = recv(f->plain.fd, scratch, sizeof scratch, MSG_DONTWAIT);
+            if (n > 0) {
+                if (buf_append(&f->from_plain, scratch, (size_t)n) != 0)
+                    f->plain_eof = true;
+                continue;
+            }
+            if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+                f->plain_eof = true;
+            break;
+        }
+    }
+    pump(f);
+}
+
+int tls_front_start(struct loop_source *app_src, int plain_fd, int upstream, const char *name, struct buf *hello)
+{
+    X509 *leaf;
+    EVP_PKEY *key;
+    if (!ensure_server_ctx() || !tls_ca_leaf(cfg, name, &leaf, &key))
+        return -1;
+    struct tls_front *f = calloc(1, sizeof *f);
+    if (!f)
+        return -1;
+    f->upstream = upstream;
+    f->to_app.cap = CIPHER_CAP + 16384;
+    f->to_plain.cap = OUT_SOFT + 16384;
+    f->from_plain.cap = OUT_SOFT + 16384;
+    f->ssl = SSL_new(server_ctx);
+    f->rbio = BIO_new(BIO_s_mem());
+    f->wbio = BIO_new(BIO_s_mem());
+    if (!f->ssl || !f->rbio || !f->wbio) {
+        if (f->ssl)
+            SSL_free(f->ssl);
+        if (f->rbio)
+            BIO_free(f->rbio);
+        if (f->wbio)
+            BIO_free(f->wbio);
+        free(f);
+        return -1;
+    }
+    SSL_set_bio(f->ssl, f->rbio, f->wbio);   /* the session owns them from here */
+    if (SSL_use_certificate(f->ssl, leaf) != 1 || SSL_use_PrivateKey(f->ssl, key) != 1) {
+        SSL_free(f->ssl);
+        free(f);
+        return -1;
+    }
+    SSL_set_accept_state(f->ssl);
+    if (BIO_write(f->rbio, buf_head(hello), (int)buf_len(hello)) != (int)buf_len(hello)
+        || loop_add(&f->plain, plain_fd, EPOLLIN, on_plain) != 0) {
+        SSL_free(f->ssl);
+        free(f);
+        return -1;
+    }
+    if (loop_move(app_src, &f->app, EPOLLIN, on_app) != 0) {
+        loop_remove(&f->plain);
+        SSL_free(f->ssl);
+        free(f);
+        return -1;
+    }
+    buf_consume(hello, buf_len(hello));
+    f->next = live;
+    if (live)
+        live->prev = f;
+    live = f;
+    pump(f);
+    return 0;
+}
+
+void tls_front_init(const struct shim_config *config) { cfg = config; }
+
+void tls_front_forget(void)
+{
+    if (live) {
+        struct tls_front *last = live;
+        while (last->next)
+            last = last->next;
+        last->next = orphaned;
+        orphaned = live;
+    }
+    live = NULL;
+    server_ctx = NULL;
+}
+
+/* ---- does the upstream's chain verify as the app's context would verify it? ---- */
+
+bool tls_front_chain_trusted(X509_STORE *store, const SSL *upstream_ssl, const char *name)
+{
+    STACK_OF(X509) *chain = SSL_get_peer_cert_chain(upstream_ssl);
+    X509 *leaf = SSL_get1_peer_certificate(upstream_ssl);
+    X509_STORE_CTX *ctx = leaf && chain ? X509_STORE_CTX_new() : NULL;
+    bool ok = false;
+    if (ctx && X509_STORE_CTX_init(ctx, store, leaf, chain) == 1
+        && X509_STORE_CTX_set_purpose(ctx, X509_PURPOSE_SSL_SERVER) == 1) {
+        unsigned char ip[16];
+        X509_VERIFY_PARAM *param = X509_STORE_CTX_get0_param(ctx);
+        bool literal = inet_pton(strchr(name, ':') ? AF_INET6 : AF_INET, name, ip) == 1;
+        if ((literal ? X509_VERIFY_PARAM_set1_ip_asc(param, name) : X509_VERIFY_PARAM_set1_host(param, name, 0)) == 1)
+            ok = X509_verify_cert(ctx) == 1;
+        if (!ok)
+            shim_debug("the upstream's chain for %s does not verify with the app's trust store (error %d)", name,
+                       X509_STORE_CTX_get_error(ctx));
+    }
+    if (ctx)
+        X509_STORE_CTX_free(ctx);
+    if (leaf)
+        X509_free(leaf);
+    ERR_clear_error();
+    return ok;
+}

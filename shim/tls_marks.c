@@ -1,0 +1,93 @@
+/* tls_marks.c — owns the registry of the app's OpenSSL contexts that trust the shim's
+ * CA: the mark each sends in its ClientHello (this process's random tag and the context's
+ * number) and the trust store each context was configured with, so that the engine can
+ * verify an upstream as that context would before it answers for it. A mark that is not
+ * in the registry (another process's, a forged one, a freed context's) is worth nothing:
+ * the connection is tunnelled. Thread-safe: contexts come and go on app threads, the
+ * engine looks them up. */
+#include "tls_marks.h"
+#include "lazyssl.h"
+#include <openssl/rand.h>
+#include <pthread.h>
+#include <string.h>
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static unsigned char tag[8];
+static bool have_tag;
+static uint64_t next_id = 1;
+static size_t n_marks;
+static struct { uint64_t id; X509_STORE *store; } marks[TLS_MARKS_MAX];
+
+uint64_t tls_marks_add(X509_STORE *store)
+{
+    uint64_t id = 0;
+    pthread_mutex_lock(&lock);
+    if (!have_tag)
+        have_tag = RAND_bytes(tag, sizeof tag) == 1;
+    if (have_tag && n_marks < TLS_MARKS_MAX && store && X509_STORE_up_ref(store) == 1) {
+        id = next_id++;
+        marks[n_marks].id = id;
+        marks[n_marks++].store = store;
+    }
+    pthread_mutex_unlock(&lock);
+    return id;
+}
+
+static size_t find_locked(uint64_t id)
+{
+    for (size_t i = 0; i < n_marks; i++)
+        if (marks[i].id == id)
+            return i;
+    return n_marks;
+}
+
+void tls_marks_set_store(uint64_t id, X509_STORE *store)
+{
+    X509_STORE *old = NULL;
+    pthread_mutex_lock(&lock);
+    size_t i = find_locked(id);
+    if (i < n_marks && store && X509_STORE_up_ref(store) == 1) {
+        old = marks[i].store;
+        marks[i].store = store;
+    }
+    pthread_mutex_unlock(&lock);
+    if (old)
+        X509_STORE_free(old);
+}
+
+void tls_marks_drop(uint64_t id)
+{
+    X509_STORE *old = NULL;
+    pthread_mutex_lock(&lock);
+    size_t i = find_locked(id);
+    if (i < n_marks) {
+        old = marks[i].store;
+        marks[i] = marks[--n_marks];
+    }
+    pthread_mutex_unlock(&lock);
+    if (old)
+        X509_STORE_free(old);
+}
+
+void tls_marks_bytes(uint64_t id, unsigned char out[TLS_MARK_LEN])
+{
+    memcpy(out, tag, sizeof tag);
+    for (int i = 0; i < 8; i++)
+        out[8 + i] = (unsigned char)(id >> (8 * i));
+}
+
+X509_STORE *tls_marks_store(const unsigned char mark[TLS_MARK_LEN])
+{
+    uint64_t id = 0;
+    for (int i = 0; i < 8; i++)
+        id |= (uint64_t)mark[8 + i] << (8 * i);
+    X509_STORE *store = NULL;
+    pthread_mutex_lock(&lock);
+    if (have_tag && !memcmp(mark, tag, sizeof tag)) {
+        size_t i = find_locked(id);
+        if (i < n_marks && X509_STORE_up_ref(marks[i].store) == 1)
+            store = marks[i].store;
+    }
+    pthread_mutex_unlock(&lock);
+    return store;
+}

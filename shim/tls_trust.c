@@ -1,0 +1,144 @@
+/* tls_trust.c — owns the trust the app's OpenSSL contexts place in the shim's CA, inside
+ * this process only: the interposed SSL_CTX_new, which adds the CA to a client
+ * context's store and a private ClientHello extension that marks the context (with a
+ * number that tls_marks.c maps back to the context's own store), and the interposed store
+ * swaps, which add the CA again and follow the new store. Only while some upstream is
+ * configured `tls = intercept`, only for libssl.so.3, never for server-only contexts or
+ * the engine's own (libcurl's); a context that presents a client certificate sends no
+ * mark. Unversioned definitions satisfy the app's versioned references
+ * (SSL_CTX_new@OPENSSL_3.0.0) because the library defines no versions of its own. */
+#include "hooks.h"
+#include "lazyssl.h"
+#include "real.h"
+#include "tls_ca.h"
+#include "tls_marks.h"
+#include <openssl/ssl.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define SHIM_EXPORT __attribute__((visibility("default")))
+
+static pthread_once_t index_once = PTHREAD_ONCE_INIT;
+static int mark_index = -1;            /* SSL_CTX ex_data: the context's mark number */
+
+static void drop_mark(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp)
+{
+    (void)parent;
+    (void)ad;
+    (void)idx;
+    (void)argl;
+    (void)argp;
+    if (ptr)
+        tls_marks_drop((uint64_t)(uintptr_t)ptr);
+}
+
+static void make_index(void)
+{
+    mark_index = CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_SSL_CTX, 0, NULL, NULL, NULL, drop_mark);
+}
+
+static uint64_t mark_of(const SSL_CTX *ctx)
+{
+    return mark_index >= 0 ? (uint64_t)(uintptr_t)SSL_CTX_get_ex_data(ctx, mark_index) : 0;
+}
+
+static int add_mark(SSL *s, unsigned int type, unsigned int context, const unsigned char **out, size_t *outlen,
+                    X509 *x, size_t chainidx, int *al, void *arg)
+{
+    (void)type;
+    (void)context;
+    (void)x;
+    (void)chainidx;
+    (void)al;
+    (void)arg;
+    uint64_t id = mark_of(SSL_get_SSL_CTX(s));
+    if (!id || SSL_get_certificate(s))
+        return 0;                      /* not ours, or mutual TLS: tunnelled, untouched */
+    unsigned char *m = malloc(TLS_MARK_LEN);
+    if (!m)
+        return 0;
+    tls_marks_bytes(id, m);
+    *out = m;
+    *outlen = TLS_MARK_LEN;
+    return 1;
+}
+
+static void free_mark(SSL *s, unsigned int type, unsigned int context, const unsigned char *out, void *arg)
+{
+    (void)s;
+    (void)type;
+    (void)context;
+    (void)arg;
+    free((void *)out);
+}
+
+static bool intercepting(const struct shim_config *cfg)
+{
+    for (size_t i = 0; cfg && i < cfg->n_upstreams; i++)
+        if (cfg->upstreams[i].tls == TLS_INTERCEPT)
+            return true;
+    return false;
+}
+
+static void mark_context(SSL_CTX *ctx, const SSL_METHOD *meth, const void *real)
+{
+    struct shim_config *cfg = hooks_config();
+    if (!intercepting(cfg) || !lazyssl_load() || !lazyssl_is_openssl3(real) || meth == TLS_server_method()
+        || !tls_ca_ensure(cfg))
+        return;
+    pthread_once(&index_once, make_index);
+    X509_STORE *store = SSL_CTX_get_cert_store(ctx);
+    if (mark_index < 0 || !store || X509_STORE_add_cert(store, tls_ca_cert()) != 1)
+        return;
+    uint64_t id = tls_marks_add(store);
+    if (!id)
+        return;
+    if (!SSL_CTX_set_ex_data(ctx, mark_index, (void *)(uintptr_t)id)
+        || SSL_CTX_add_custom_ext(ctx, TLS_MARK_EXT_TYPE, SSL_EXT_CLIENT_HELLO, add_mark, free_mark, NULL, NULL,
+                                  NULL) != 1) {
+        SSL_CTX_set_ex_data(ctx, mark_index, NULL);
+        tls_marks_drop(id);
+    }
+}
+
+SHIM_EXPORT SSL_CTX *SSL_CTX_new(const SSL_METHOD *meth)
+{
+    SSL_CTX *(*real)(const SSL_METHOD *) = (SSL_CTX * (*)(const SSL_METHOD *))
+        lazyssl_real("SSL_CTX_new", __builtin_return_address(0), (const void *)SSL_CTX_new);
+    if (!real)
+        return NULL;
+    SSL_CTX *ctx = real(meth);
+    if (ctx && !shim_in_engine)
+        mark_context(ctx, meth, (const void *)real);
+    return ctx;
+}
+
+/* The app replaced the context's store: the CA joins the new one, which the mark now
+ * stands for. */
+static void follow_store(SSL_CTX *ctx, X509_STORE *store)
+{
+    uint64_t id = shim_in_engine ? 0 : mark_of(ctx);
+    if (id && store && X509_STORE_add_cert(store, tls_ca_cert()) == 1)
+        tls_marks_set_store(id, store);
+}
+
+SHIM_EXPORT void SSL_CTX_set_cert_store(SSL_CTX *ctx, X509_STORE *store)
+{
+    void (*real)(SSL_CTX *, X509_STORE *) = (void (*)(SSL_CTX *, X509_STORE *))
+        lazyssl_real("SSL_CTX_set_cert_store", __builtin_return_address(0), (const void *)SSL_CTX_set_cert_store);
+    if (!real)
+        return;
+    real(ctx, store);
+    follow_store(ctx, store);
+}
+
+SHIM_EXPORT void SSL_CTX_set1_cert_store(SSL_CTX *ctx, X509_STORE *store)
+{
+    void (*real)(SSL_CTX *, X509_STORE *) = (void (*)(SSL_CTX *, X509_STORE *))
+        lazyssl_real("SSL_CTX_set1_cert_store", __builtin_return_address(0), (const void *)SSL_CTX_set1_cert_store);
+    if (!real)
+        return;
+    real(ctx, store);
+    follow_store(ctx, store);
+}
