@@ -17,6 +17,11 @@
 #include "stats.h"
 #include "stats_server.h"
 #include "tunnel.h"
+#include "tls_front.h"
+#include "tls_hello.h"
+#include "tls_marks.h"
+#include <arpa/inet.h>
+#include <sys/socket.h>
 #include "upstream.h"
 #include <errno.h>
 #include <pthread.h>
@@ -34,6 +39,7 @@ enum conn_state {
     CS_REDIS,           /* waiting (at most redis_timeout) for a Redis lookup */
     CS_FLIGHT,          /* waiting (at most coalesce_timeout) on another request's fetch */
     CS_LOCK,            /* waiting (at most coalesce_timeout) on another process's fetch */
+    CS_VERIFY,          /* a ClientHello waits while the upstream's chain is checked */
 };
 
 /* Polls for the entry another process is fetching: 25, 50, 100, 200, 400, 400... ms. */
@@ -70,6 +76,11 @@ struct conn {
     unsigned polls;
     int64_t lock_deadline_us;
     bool lock_checked;
+    /* TLS the app encrypts itself: looked at once, at the connection's first bytes */
+    bool tls_checked;
+    X509_STORE *tls_store;          /* CS_VERIFY: the app context's store (a reference) */
+    void *tls_probe;
+    char tls_name[256];             /* the name the app asked for; the leg's host once terminated */
     struct cache_entry *found;      /* what Redis or a flight answered, served even if memory is full */
     struct transfer *xfer;          /* CS_UPSTREAM */
     struct conn *next, *prev;       /* all live conns, under the engine lock */
@@ -148,6 +159,12 @@ static void conn_retire(struct conn *c, bool close_fd)
     c->lock_ticket = NULL;
     flight_land(c->lead, NULL);        /* its waiters fetch on their own */
     c->lead = NULL;
+    upstream_tls_probe_cancel(c->tls_probe);
+    c->tls_probe = NULL;
+    if (c->tls_store) {
+        X509_STORE_free(c->tls_store);
+        c->tls_store = NULL;
+    }
     if (c->hit) {
         cache_entry_release(c->hit);
         c->hit = NULL;
@@ -464,6 +481,143 @@ static enum next_step look_up(struct conn *c, const struct http_request *req, co
     return STEP_FETCH;
 }
 
+static struct conn *conn_new(int fd, int upstream, const union shim_sockaddr *dest, socklen_t dest_len);
+
+static void tunnel_tls(struct conn *c, _Atomic uint64_t *why, const char *what)
+{
+    atomic_fetch_add_explicit(why, 1, memory_order_relaxed);
+    shim_debug("fd %d: TLS from the app, tunnelled: %s", c->side.fd, what);
+    start_tunnel(c);
+}
+
+/* The app's TLS is terminated here: its socketpair end and the ClientHello go to a
+ * tls_front, whose plaintext side becomes a new connection of the engine's, whose
+ * exchanges go to the upstream over HTTPS for the same name. */
+static void intercept_tls(struct conn *c)
+{
+    int sv[2];
+    struct upstream_stats *st = &shim_stats[c->side.upstream];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) != 0) {
+        tunnel_tls(c, &st->tls_tunnel_unverified, "no socketpair for the plaintext");
+        return;
+    }
+    fdtable_mark_engine(sv[0]);
+    fdtable_mark_engine(sv[1]);
+    struct conn *plain = conn_new(sv[0], c->side.upstream, &c->side.dest, c->side.dest_len);
+    if (plain)
+        snprintf(plain->tls_name, sizeof plain->tls_name, "%s", c->tls_name);
+    if (!plain || tls_front_start(&c->src, sv[1], c->side.upstream, c->tls_name, &c->side.in) != 0) {
+        if (plain)
+            conn_close(plain);
+        else
+            fdtable_close_engine_fd(sv[0]);
+        fdtable_close_engine_fd(sv[1]);
+        tunnel_tls(c, &st->tls_tunnel_unverified, "could not answer for the name");
+        return;
+    }
+    plain->side.tls_host = plain->tls_name;
+    plain->tls_checked = true;         /* what it carries is the plaintext */
+    shim_debug("fd %d: TLS from the app for %s terminated; plaintext on fd %d", c->side.fd, c->tls_name, sv[0]);
+    conn_retire(c, false);
+}
+
+static void on_tls_probe(void *arg)
+{
+    struct conn *c = arg;
+    c->tls_probe = NULL;
+    int verdict = tls_front_verdict(c->tls_store, c->tls_name);
+    bool trusted = verdict == 1;
+    X509_STORE_free(c->tls_store);
+    c->tls_store = NULL;
+    c->state = CS_HTTP;
+    if (trusted)
+        intercept_tls(c);
+    else
+        tunnel_tls(c, &shim_stats[c->side.upstream].tls_tunnel_unverified,
+                   "the upstream does not verify as the app would (libcurl's checks, then the app's own store)");
+    if (!c->dead)
+        conn_update_events(c);
+}
+
+/* Whether the connection's name is one the upstream answers to: its host name, or for a
+ * literal (or a ClientHello without a name) the address the app dialled. */
+static bool tls_name_for(struct conn *c, const struct tls_hello *hello, const struct upstream_rule *u)
+{
+    if (hello->sni[0]) {
+        snprintf(c->tls_name, sizeof c->tls_name, "%s", hello->sni);
+        return !strcasecmp(hello->sni, u->host);
+    }
+    const union shim_sockaddr *d = &c->side.dest;
+    const void *addr = d->sa.sa_family == AF_INET ? (const void *)&d->in.sin_addr : (const void *)&d->in6.sin6_addr;
+    return inet_ntop(d->sa.sa_family, addr, c->tls_name, sizeof c->tls_name) != NULL;
+}
+
+/* At the connection's first bytes: TLS the app encrypts itself is tunnelled, or (on an
+ * intercepting upstream, from a context that trusts the shim's CA, once the upstream has
+ * proved itself as that context would check it) terminated. True: the connection is
+ * taken care of, or waits. */
+static bool took_tls(struct conn *c)
+{
+    const struct upstream_rule *u = &E.cfg->upstreams[c->side.upstream];
+    struct upstream_stats *st = &shim_stats[c->side.upstream];
+    struct tls_hello hello;
+    enum tls_hello_result r = tls_hello_parse((const unsigned char *)buf_head(&c->side.in), buf_len(&c->side.in), &hello);
+    if (r == TLS_HELLO_NOT_TLS) {
+        c->tls_checked = true;
+        return false;
+    }
+    if (r == TLS_HELLO_INCOMPLETE) {
+        if (c->side.app_eof || buf_len(&c->side.in) >= TLS_HELLO_MAX) {
+            c->tls_checked = true;
+            tunnel_tls(c, &st->tls_tunnel_unreadable, "a ClientHello that never completes");
+        }
+        return true;
+    }
+    c->tls_checked = true;
+    if (u->tls != TLS_INTERCEPT) {
+        tunnel_tls(c, &st->tls_tunnel_not_configured, "tls = tunnel for this upstream");
+        return true;
+    }
+    if (r == TLS_HELLO_UNREADABLE) {
+        tunnel_tls(c, &st->tls_tunnel_unreadable, "a ClientHello the shim does not read");
+        return true;
+    }
+    if (hello.has_mark && (tls_marks_number(hello.mark) & TLS_MARK_CLIENT_CERT)) {
+        tunnel_tls(c, &st->tls_tunnel_client_cert, "the app presents a client certificate");
+        return true;
+    }
+    X509_STORE *store = hello.has_mark ? tls_marks_store(hello.mark) : NULL;
+    if (!store) {
+        tunnel_tls(c, &st->tls_tunnel_no_mark, "its TLS does not trust the shim (no mark)");
+        return true;
+    }
+    if (!tls_name_for(c, &hello, u) || !hello.offers_http11) {
+        X509_STORE_free(store);
+        tunnel_tls(c, &st->tls_tunnel_unverified, hello.offers_http11 ? "a name the upstream does not go by"
+                                                                      : "ALPN without http/1.1");
+        return true;
+    }
+    int verdict = tls_front_verdict(store, c->tls_name);
+    if (verdict >= 0) {
+        X509_STORE_free(store);
+        if (verdict)
+            intercept_tls(c);
+        else
+            tunnel_tls(c, &st->tls_tunnel_unverified, "the upstream does not verify as the app would");
+        return true;
+    }
+    c->tls_store = store;
+    c->state = CS_VERIFY;
+    c->tls_probe = upstream_tls_probe(c->side.upstream, c->tls_name, &c->side.dest, c->side.dest_len, on_tls_probe, c);
+    if (!c->tls_probe) {
+        X509_STORE_free(store);
+        c->tls_store = NULL;
+        c->state = CS_HTTP;
+        tunnel_tls(c, &st->tls_tunnel_unverified, "no probe of the upstream could start");
+    }
+    return true;
+}
+
 /* Answers requests at the front of `in`, one exchange at a time so responses go back
  * in request order (pipelining is honoured, not parallelised). */
 static void conn_process(struct conn *c)
@@ -477,6 +631,8 @@ static void conn_process(struct conn *c)
                 c->closing = true;
             return;
         }
+        if (!c->tls_checked && took_tls(c))
+            return;
         struct http_request *req = &scratch_req;
         enum http_parse_result r = http_parse_request(buf_head(&c->side.in), avail, req);
         if (r == HTTP_PARSE_INCOMPLETE) {
@@ -700,6 +856,7 @@ static int start_locked(const struct shim_config *cfg)
     stats_server_start(cfg);          /* no stats socket is no reason to run unshimmed */
     memcache_configure(cfg->memory_max);
     flight_init(cfg);
+    tls_front_init(cfg);
     if (upstream_init(cfg) != 0)
         goto fail;
     if (redis_init(cfg) != 0)
@@ -737,11 +894,11 @@ int engine_ensure_started(const struct shim_config *cfg)
     return failed ? -1 : 0;
 }
 
-int engine_adopt(int engine_fd, int upstream, const union shim_sockaddr *dest, socklen_t dest_len)
+static struct conn *conn_new(int engine_fd, int upstream, const union shim_sockaddr *dest, socklen_t dest_len)
 {
     struct conn *c = calloc(1, sizeof *c);
     if (!c)
-        return -1;
+        return NULL;
     c->side.ops = &side_ops;
     c->waiter.done = on_flight_landed;
     c->side.fd = engine_fd;
@@ -757,13 +914,20 @@ int engine_adopt(int engine_fd, int upstream, const union shim_sockaddr *dest, s
         E.conns->prev = c;
     E.conns = c;
     pthread_mutex_unlock(&E.lock);
-    STAT_INC(upstream, client_connections);
     /* from here on the engine thread owns c */
     if (loop_add(&c->src, engine_fd, EPOLLIN, on_app_event) != 0) {
         unlink_conn(c);
         free(c);
-        return -1;
+        return NULL;
     }
+    return c;
+}
+
+int engine_adopt(int engine_fd, int upstream, const union shim_sockaddr *dest, socklen_t dest_len)
+{
+    if (!conn_new(engine_fd, upstream, dest, dest_len))
+        return -1;
+    STAT_INC(upstream, client_connections);
     return 0;
 }
 
@@ -799,6 +963,7 @@ void engine_atfork_child(void)
     loop_forget();
     flight_forget();
     tunnel_forget();
+    tls_front_forget();
     stats_server_atfork_child();
     if (E.cfg && E.cfg->cache == CACHE_REDIS)
         redis_forget();

@@ -67,8 +67,13 @@ static const char *const lib_names[LIB_COUNT] = { "libcrypto.so.3", "libssl.so.3
     X(LIB_CRYPTO, int, X509_STORE_CTX_set_purpose, (X509_STORE_CTX *c, int p), (c, p))        \
     X(LIB_CRYPTO, int, X509_verify_cert, (X509_STORE_CTX *c), (c))                             \
     X(LIB_CRYPTO, int, X509_STORE_CTX_get_error, (const X509_STORE_CTX *c), (c))               \
+    X(LIB_CRYPTO, int, X509_STORE_CTX_get_error_depth, (const X509_STORE_CTX *c), (c))         \
+    X(LIB_CRYPTO, X509 *, X509_STORE_CTX_get0_cert, (const X509_STORE_CTX *c), (c))            \
+    X(LIB_CRYPTO, STACK_OF(X509) *, X509_STORE_CTX_get0_untrusted, (const X509_STORE_CTX *c), (c)) \
+    X(LIB_CRYPTO, void *, X509_STORE_CTX_get_ex_data, (const X509_STORE_CTX *c, int i), (c, i)) \
     X(LIB_CRYPTO, int, OPENSSL_sk_num, (const OPENSSL_STACK *s), (s))                          \
     X(LIB_CRYPTO, void *, OPENSSL_sk_value, (const OPENSSL_STACK *s, int i), (s, i))           \
+    X(LIB_CRYPTO, STACK_OF(X509) *, X509_chain_up_ref, (STACK_OF(X509) *c), (c))              \
     X(LIB_CRYPTO, const BIO_METHOD *, BIO_s_mem, (void), ())                                   \
     X(LIB_CRYPTO, BIO *, BIO_new, (const BIO_METHOD *m), (m))                                  \
     X(LIB_CRYPTO, int, BIO_write, (BIO *b, const void *d, int n), (b, d, n))                   \
@@ -85,6 +90,7 @@ static const char *const lib_names[LIB_COUNT] = { "libcrypto.so.3", "libssl.so.3
        SSL_custom_ext_free_cb_ex f, void *aa, SSL_custom_ext_parse_cb_ex p, void *pa),         \
       (c, t, ctx, a, f, aa, p, pa))                                                            \
     X(LIB_SSL, X509 *, SSL_get_certificate, (const SSL *s), (s))                               \
+    X(LIB_SSL, int, SSL_get_ex_data_X509_STORE_CTX_idx, (void), ())                            \
     X(LIB_SSL, SSL_CTX *, SSL_get_SSL_CTX, (const SSL *s), (s))                                \
     X(LIB_SSL, int, SSL_CTX_set_ex_data, (SSL_CTX *c, int i, void *d), (c, i, d))              \
     X(LIB_SSL, void *, SSL_CTX_get_ex_data, (const SSL_CTX *c, int i), (c, i))                 \
@@ -110,12 +116,14 @@ static const char *const lib_names[LIB_COUNT] = { "libcrypto.so.3", "libssl.so.3
     X(LIB_CRYPTO, void, X509_STORE_free, (X509_STORE *s), (s))                                 \
     X(LIB_CRYPTO, void, X509_STORE_CTX_free, (X509_STORE_CTX *c), (c))                         \
     X(LIB_CRYPTO, void, ERR_clear_error, (void), ())                                           \
+    X(LIB_CRYPTO, void, OPENSSL_sk_pop_free, (OPENSSL_STACK *s, void (*f)(void *)), (s, f))      \
     X(LIB_SSL, void, SSL_CTX_free, (SSL_CTX *c), (c))                                          \
     X(LIB_SSL, void, SSL_CTX_set_alpn_select_cb, (SSL_CTX *c, SSL_CTX_alpn_select_cb_func cb, void *a), \
       (c, cb, a))                                                                              \
     X(LIB_SSL, void, SSL_free, (SSL *s), (s))                                                  \
     X(LIB_SSL, void, SSL_set_bio, (SSL *s, BIO *r, BIO *w), (s, r, w))                         \
-    X(LIB_SSL, void, SSL_set_accept_state, (SSL *s), (s))
+    X(LIB_SSL, void, SSL_set_accept_state, (SSL *s), (s))                                      \
+    X(LIB_SSL, void, SSL_CTX_set_verify, (SSL_CTX *c, int mode, SSL_verify_cb cb), (c, mode, cb))
 
 #define DECLARE_POINTER(lib, ret, name, params, args) static ret(*p_##name) params;
 RETURNING(DECLARE_POINTER)
@@ -188,6 +196,15 @@ void *lazyssl_real(const char *name, const void *caller, const void *self)
         }
     }
     return f;
+}
+
+SSL_CTX *lazyssl_ctx_new(const SSL_METHOD *meth)
+{
+    void *h = dlopen(lib_names[LIB_SSL], RTLD_LAZY | RTLD_LOCAL | RTLD_NOLOAD);
+    SSL_CTX *(*real)(const SSL_METHOD *) = h ? (SSL_CTX * (*)(const SSL_METHOD *)) dlsym(h, "SSL_CTX_new") : NULL;
+    if (h)
+        dlclose(h);
+    return real ? real(meth) : NULL;
 }
 
 bool lazyssl_is_openssl3(const void *function)

@@ -17,6 +17,8 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -37,6 +39,16 @@ struct tls_front {
     bool handshaken, dead, app_eof, app_gone, plain_eof, plain_shut, app_shut;
     struct tls_front *next, *prev;
 };
+
+#define CHAINS_MAX 64
+#define CHAIN_MS   60000
+static struct {
+    char name[256];
+    bool verified;                      /* libcurl's verification accepted it */
+    X509 *leaf;
+    STACK_OF(X509) *chain;              /* what the upstream sent besides the leaf */
+    int64_t until_ms;
+} chains[CHAINS_MAX];
 
 static const struct shim_config *cfg;
 static struct tls_front *live;
@@ -69,7 +81,7 @@ static bool ensure_server_ctx(void)
         return true;
     if (!lazyssl_load())
         return false;
-    server_ctx = SSL_CTX_new(TLS_server_method());   /* the engine's own: never marked */
+    server_ctx = lazyssl_ctx_new(TLS_server_method());   /* the engine's own: never marked */
     if (!server_ctx)
         return false;
     SSL_CTX_set_min_proto_version(server_ctx, TLS1_2_VERSION);
@@ -93,6 +105,9 @@ static void front_close(struct tls_front *f)
     if (f->dead)
         return;
     f->dead = true;
+    shim_debug("fd %d: TLS front closes (handshaken %d, app eof %d gone %d shut %d, plain eof %d shut %d, %zu/%zu/%zu "
+               "bytes left)", f->app.fd, f->handshaken, f->app_eof, f->app_gone, f->app_shut, f->plain_eof,
+               f->plain_shut, buf_len(&f->to_app), buf_len(&f->to_plain), buf_len(&f->from_plain));
     if (!f->handshaken)
         STAT_INC(f->upstream, tls_handshake_failures);
     loop_remove(&f->app);
@@ -208,7 +223,10 @@ static void pump(struct tls_front *f)
                                ? EPOLLIN : 0)
                         | (buf_len(&f->to_plain) ? EPOLLOUT : 0);
     loop_watch(&f->app, want_app);
-    loop_watch(&f->plain, want_plain);
+    if (f->plain_eof)
+        loop_remove(&f->plain);        /* a hang-up would be reported forever */
+    else
+        loop_watch(&f->plain, want_plain);
 }
 
 static void on_app(struct loop_source *src, uint32_t ev)
@@ -236,8 +254,9 @@ static void on_app(struct loop_source *src, uint32_t ev)
 static void on_plain(struct loop_source *src, uint32_t ev)
 {
     struct tls_front *f = (struct tls_front *)((char *)src - offsetof(struct tls_front, plain));
-    if (ev & (EPOLLERR | EPOLLHUP))
+    if (ev & EPOLLERR)
         f->plain_eof = true;
+    /* a hang-up: the engine's connection wrote its last response and closed; read it all */
     if (ev & (EPOLLIN | EPOLLHUP)) {
         for (int rounds = 0; rounds < 8 && !f->plain_eof && buf_len(&f->from_plain) < OUT_SOFT; rounds++) {
             ssize_t n = recv(f->plain.fd, scratch, sizeof scratch, MSG_DONTWAIT);
@@ -321,17 +340,41 @@ void tls_front_forget(void)
     }
     live = NULL;
     server_ctx = NULL;
+    memset(chains, 0, sizeof chains);       /* the references were the parent's */
 }
 
 /* ---- does the upstream's chain verify as the app's context would verify it? ---- */
 
-bool tls_front_chain_trusted(X509_STORE *store, const SSL *upstream_ssl, const char *name)
+/* What a probe of the upstream found is kept a minute per name: whether libcurl's own
+ * verification accepted it, and the chain it presented. Each app context's store is then
+ * checked against that chain here, without another handshake: a client that makes a new
+ * context per request (a session per call) costs one probe per minute, not one per
+ * connection. */
+static int64_t mono_ms(void)
 {
-    STACK_OF(X509) *chain = SSL_get_peer_cert_chain(upstream_ssl);
-    X509 *leaf = SSL_get1_peer_certificate(upstream_ssl);
-    X509_STORE_CTX *ctx = leaf && chain ? X509_STORE_CTX_new() : NULL;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void free_x509(void *x) { X509_free(x); }
+
+static void drop_chain(size_t i)
+{
+    if (chains[i].leaf)
+        X509_free(chains[i].leaf);
+    if (chains[i].chain)
+        OPENSSL_sk_pop_free((OPENSSL_STACK *)chains[i].chain, free_x509);
+    memset(&chains[i], 0, sizeof chains[i]);
+}
+
+/* Verifies leaf + the chain the upstream sent against the app context's store, for name,
+ * as a TLS server's certificate. */
+static bool chain_trusted(X509_STORE *store, X509 *leaf, STACK_OF(X509) *untrusted, const char *name)
+{
+    X509_STORE_CTX *ctx = X509_STORE_CTX_new();
     bool ok = false;
-    if (ctx && X509_STORE_CTX_init(ctx, store, leaf, chain) == 1
+    if (ctx && X509_STORE_CTX_init(ctx, store, leaf, untrusted) == 1
         && X509_STORE_CTX_set_purpose(ctx, X509_PURPOSE_SSL_SERVER) == 1) {
         unsigned char ip[16];
         X509_VERIFY_PARAM *param = X509_STORE_CTX_get0_param(ctx);
@@ -339,13 +382,95 @@ bool tls_front_chain_trusted(X509_STORE *store, const SSL *upstream_ssl, const c
         if ((literal ? X509_VERIFY_PARAM_set1_ip_asc(param, name) : X509_VERIFY_PARAM_set1_host(param, name, 0)) == 1)
             ok = X509_verify_cert(ctx) == 1;
         if (!ok)
-            shim_debug("the upstream's chain for %s does not verify with the app's trust store (error %d)", name,
+            shim_debug("the upstream's chain for %s does not verify with the app's own trust store (error %d)", name,
                        X509_STORE_CTX_get_error(ctx));
     }
     if (ctx)
         X509_STORE_CTX_free(ctx);
-    if (leaf)
-        X509_free(leaf);
     ERR_clear_error();
     return ok;
+}
+
+static pthread_once_t check_once = PTHREAD_ONCE_INIT;
+static int check_index = -1;           /* libcurl's SSL_CTX for a probe: its struct tls_check */
+
+static void make_check_index(void)
+{
+    check_index = CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_SSL_CTX, 0, NULL, NULL, NULL, NULL);
+}
+
+/* libcurl's own verification runs as it always does (this returns its verdict); once it
+ * has accepted the leaf, the same chain is checked against the app's store too. */
+static int probe_verify(int preverify_ok, X509_STORE_CTX *x)
+{
+    SSL *ssl = X509_STORE_CTX_get_ex_data(x, SSL_get_ex_data_X509_STORE_CTX_idx());
+    struct tls_check *check = ssl && check_index >= 0 ? SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), check_index) : NULL;
+    if (check && preverify_ok && X509_STORE_CTX_get_error_depth(x) == 0 && !check->leaf) {
+        X509 *leaf = X509_STORE_CTX_get0_cert(x);
+        STACK_OF(X509) *untrusted = X509_STORE_CTX_get0_untrusted(x);
+        if (leaf && X509_up_ref(leaf) == 1) {
+            check->leaf = leaf;
+            check->chain = untrusted ? X509_chain_up_ref(untrusted) : NULL;
+        }
+    }
+    return preverify_ok;
+}
+
+int tls_front_probe_ctx(void *curl, void *sslctx, void *parm)
+{
+    (void)curl;
+    pthread_once(&check_once, make_check_index);
+    if (check_index < 0 || !SSL_CTX_set_ex_data(sslctx, check_index, parm))
+        return 1;                      /* CURLE_UNSUPPORTED_PROTOCOL: the probe fails */
+    SSL_CTX_set_verify(sslctx, SSL_VERIFY_PEER, probe_verify);
+    return 0;
+}
+
+void tls_front_check_release(struct tls_check *check)
+{
+    if (check->leaf)
+        X509_free(check->leaf);
+    if (check->chain)
+        OPENSSL_sk_pop_free((OPENSSL_STACK *)check->chain, free_x509);
+    check->leaf = NULL;
+    check->chain = NULL;
+}
+
+void tls_front_keep_probe(const char *name, bool verified, struct tls_check *check)
+{
+    int64_t now = mono_ms();
+    size_t slot = 0;
+    for (size_t i = 0; i < CHAINS_MAX; i++) {
+        if (chains[i].until_ms <= now || !strcasecmp(chains[i].name, name)) {
+            slot = i;
+            break;
+        }
+        if (chains[i].until_ms < chains[slot].until_ms)
+            slot = i;
+    }
+    if (strlen(name) >= sizeof chains[slot].name) {
+        tls_front_check_release(check);
+        return;
+    }
+    drop_chain(slot);
+    snprintf(chains[slot].name, sizeof chains[slot].name, "%s", name);
+    chains[slot].verified = verified && check->leaf;
+    chains[slot].leaf = check->leaf;   /* taken over */
+    chains[slot].chain = check->chain;
+    check->leaf = NULL;
+    check->chain = NULL;
+    chains[slot].until_ms = now + CHAIN_MS;
+}
+
+int tls_front_verdict(X509_STORE *store, const char *name)
+{
+    int64_t now = mono_ms();
+    for (size_t i = 0; i < CHAINS_MAX; i++) {
+        if (chains[i].until_ms <= now || strcasecmp(chains[i].name, name))
+            continue;
+        if (!chains[i].verified)
+            return 0;
+        return chain_trusted(store, chains[i].leaf, chains[i].chain, name);
+    }
+    return -1;
 }

@@ -14,7 +14,17 @@ void tls_front_forget(void);          /* forked child: the parent's sessions are
  * plaintext to and from plain_fd, which it owns from then on. -1: nothing was taken
  * over; the caller still owns all of it. */
 int tls_front_start(struct loop_source *app_src, int plain_fd, int upstream, const char *name, struct buf *hello);
-/* Whether the chain the upstream presented on upstream_ssl verifies for name against
- * store (an app context's), as a TLS server's chain. */
-bool tls_front_chain_trusted(X509_STORE *store, const SSL *upstream_ssl, const char *name);
+/* A probe of the upstream checks the chain it presents against an app context's store
+ * too: libcurl's CURLOPT_SSL_CTX_FUNCTION with a struct tls_check as its data. */
+struct tls_check {
+    X509 *leaf;                        /* what the upstream presented, once libcurl accepted it */
+    STACK_OF(X509) *chain;
+};
+int tls_front_probe_ctx(void *curl, void *sslctx, void *parm);
+void tls_front_check_release(struct tls_check *check);
+/* A probe of `name` ended (verified: libcurl accepted it): its chain is kept a minute. */
+void tls_front_keep_probe(const char *name, bool verified, struct tls_check *check);
+/* With a recent probe of name: 1 when libcurl accepted the upstream and its chain also
+ * verifies against store (an app context's), 0 when not; -1: no recent probe. */
+int tls_front_verdict(X509_STORE *store, const char *name);
 #endif

@@ -76,11 +76,17 @@ void tls_marks_bytes(uint64_t id, unsigned char out[TLS_MARK_LEN])
         out[8 + i] = (unsigned char)(id >> (8 * i));
 }
 
-X509_STORE *tls_marks_store(const unsigned char mark[TLS_MARK_LEN])
+uint64_t tls_marks_number(const unsigned char mark[TLS_MARK_LEN])
 {
     uint64_t id = 0;
     for (int i = 0; i < 8; i++)
         id |= (uint64_t)mark[8 + i] << (8 * i);
+    return id;
+}
+
+X509_STORE *tls_marks_store(const unsigned char mark[TLS_MARK_LEN])
+{
+    uint64_t id = tls_marks_number(mark) & ~TLS_MARK_CLIENT_CERT;
     X509_STORE *store = NULL;
     pthread_mutex_lock(&lock);
     if (have_tag && !memcmp(mark, tag, sizeof tag)) {

@@ -8,6 +8,10 @@
 #include "tls_hello.h"
 
 #define TLS_MARKS_MAX 4096             /* contexts marked at once; more are not marked */
+#define TLS_MARK_CLIENT_CERT (1ULL << 63)   /* in a mark's number: the connection is mutual TLS */
+
+/* The number a mark carries (TLS_MARK_CLIENT_CERT included). */
+uint64_t tls_marks_number(const unsigned char mark[TLS_MARK_LEN]);
 
 /* A new context trusting the CA, with its trust store (referenced): its number, 0 when
  * the registry is full. */

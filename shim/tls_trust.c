@@ -4,8 +4,8 @@
  * number that tls_marks.c maps back to the context's own store), and the interposed store
  * swaps, which add the CA again and follow the new store. Only while some upstream is
  * configured `tls = intercept`, only for libssl.so.3, never for server-only contexts or
- * the engine's own (libcurl's); a context that presents a client certificate sends no
- * mark. Unversioned definitions satisfy the app's versioned references
+ * the engine's own (libcurl's); a connection that presents a client certificate says so
+ * in its mark, and is tunnelled. Unversioned definitions satisfy the app's versioned references
  * (SSL_CTX_new@OPENSSL_3.0.0) because the library defines no versions of its own. */
 #include "hooks.h"
 #include "lazyssl.h"
@@ -53,12 +53,13 @@ static int add_mark(SSL *s, unsigned int type, unsigned int context, const unsig
     (void)al;
     (void)arg;
     uint64_t id = mark_of(SSL_get_SSL_CTX(s));
-    if (!id || SSL_get_certificate(s))
-        return 0;                      /* not ours, or mutual TLS: tunnelled, untouched */
+    if (!id)
+        return 0;
     unsigned char *m = malloc(TLS_MARK_LEN);
     if (!m)
         return 0;
-    tls_marks_bytes(id, m);
+    /* mutual TLS: the mark says so, and the engine tunnels the connection untouched */
+    tls_marks_bytes(SSL_get_certificate(s) ? id | TLS_MARK_CLIENT_CERT : id, m);
     *out = m;
     *outlen = TLS_MARK_LEN;
     return 1;

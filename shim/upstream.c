@@ -11,6 +11,7 @@
 #include "upstream.h"
 #include "pool.h"
 #include "flight.h"
+#include "tls_front.h"
 #include "cache_redis.h"
 #include "log.h"
 #include "loop.h"
@@ -26,9 +27,6 @@
 #include <unistd.h>
 
 enum body_mode { BODY_NONE, BODY_RAW, BODY_CHUNKED };
-
-/* libcurl hands back OpenSSL's SSL * as a void *: the shim passes it on untyped */
-#define SSL_PTR_TYPE void
 
 /* Debian's (and OpenSSL's default) directory of hashed system CA certificates */
 #define SYSTEM_CA_PATH "/etc/ssl/certs"
@@ -71,6 +69,8 @@ struct transfer {
     upstream_tls_probe_fn probe_done;
     void *probe_arg;
     bool is_probe;
+    struct tls_check check;
+    char check_name[256];
     /* the pool queue */
     bool admitted;                  /* handed to libcurl: holds one of the upstream's slots */
     int64_t queued_us;              /* when it started to wait (0: never waited) */
@@ -753,6 +753,8 @@ static void transfer_free(struct transfer *t)
     if (t->owes_redis)
         redis_write_owed(-1);
     flight_land(t->flight, NULL);
+    if (t->is_probe)
+        tls_front_check_release(&t->check);
     cache_entry_release(t->revalidating);
     cache_entry_release(t->own.cached);
     buf_free(&t->own.in);
@@ -1060,9 +1062,10 @@ void *upstream_tls_probe(int upstream, const char *host, const union shim_sockad
                          upstream_tls_probe_fn done, void *arg)
 {
     const struct upstream_rule *u = &cfg->upstreams[upstream];
-    struct transfer *t = calloc(1, sizeof *t);
+    struct transfer *t = strlen(host) < sizeof t->check_name ? calloc(1, sizeof *t) : NULL;
     if (!t)
         return NULL;
+    snprintf(t->check_name, sizeof t->check_name, "%s", host);
     t->own = (struct app_side){ .ops = &own_ops, .fd = -1, .upstream = upstream, .dest = *dest, .dest_len = dest_len };
     t->app = &t->own;
     t->detached = t->is_probe = true;
@@ -1087,6 +1090,8 @@ void *upstream_tls_probe(int upstream, const char *host, const union shim_sockad
     curl_easy_setopt(e, CURLOPT_CONNECT_TO, t->connect_to);
     curl_easy_setopt(e, CURLOPT_CONNECT_ONLY, 1L);
     verify_tls(e, u);
+    curl_easy_setopt(e, CURLOPT_SSL_CTX_FUNCTION, tls_front_probe_ctx);
+    curl_easy_setopt(e, CURLOPT_SSL_CTX_DATA, &t->check);
     curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(e, CURLOPT_PROXY, "");
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)cfg->upstream_timeout_ms);
@@ -1108,19 +1113,15 @@ void upstream_tls_probe_cancel(void *probe)
         t->probe_done = NULL;          /* reaped as usual, heard by no one */
 }
 
-/* A probe finished: its caller sees the session (NULL when the handshake or the
- * verification failed) before the connection goes. */
+/* A probe finished: what it found is kept (tls_front.c) for its caller, and for every
+ * context that asks about the same name within the minute. */
 static void probe_finished(struct transfer *t, CURLcode result)
 {
-    const SSL_PTR_TYPE *ssl = NULL;
-    struct curl_tlssessioninfo *info = NULL;
-    if (result == CURLE_OK && curl_easy_getinfo(t->easy, CURLINFO_TLS_SSL_PTR, &info) == CURLE_OK && info
-        && info->backend == CURLSSLBACKEND_OPENSSL)
-        ssl = info->internals;
-    else
+    if (result != CURLE_OK)
         shim_debug("TLS probe of upstream %d: %s", t->app->upstream, curl_easy_strerror(result));
+    tls_front_keep_probe(t->check_name, result == CURLE_OK, &t->check);
     if (t->probe_done)
-        t->probe_done(t->probe_arg, ssl);
+        t->probe_done(t->probe_arg);
     curl_multi_remove_handle(multi, t->easy);
     transfer_free(t);
 }

@@ -33,9 +33,10 @@ void upstream_body_arrived(struct transfer *t);  /* more streamed body in `in`: 
 void upstream_reap(void);                        /* collect finished transfers */
 
 /* A TLS handshake with the upstream as `host`, pinned to dest, verified as the HTTPS leg
- * is: done hears the session (an OpenSSL SSL *, valid during the call) or NULL when it
- * failed. Returns a handle for upstream_tls_probe_cancel, or NULL (done never called). */
-typedef void (*upstream_tls_probe_fn)(void *arg, const void *ssl);
+ * is (libcurl: system store, tls_ca_file); its outcome and the chain the upstream
+ * presented are kept by tls_front.c (tls_front_verdict), then done is called. Returns a
+ * handle for upstream_tls_probe_cancel, or NULL (done never called). */
+typedef void (*upstream_tls_probe_fn)(void *arg);
 void *upstream_tls_probe(int upstream, const char *host, const union shim_sockaddr *dest, socklen_t dest_len,
                          upstream_tls_probe_fn done, void *arg);
 void upstream_tls_probe_cancel(void *probe);

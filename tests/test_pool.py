@@ -44,11 +44,11 @@ def upstream_targets(up):
 
 
 def test_waiters_are_served_in_arrival_order(upstream, tmp_path, sockdir):
-    """Cap 4, 40 requests arriving 20 ms apart at an upstream that takes 300 ms: the
+    """Cap 4, 40 requests arriving 40 ms apart at an upstream that takes 300 ms: the
     upstream receives them in the order they reached the engine, every one answered."""
     conf = pool_conf(tmp_path, upstream, sockdir, cap=4)
     paths = ["/delay/300/bytes/%d" % (100 + i) for i in range(40)]
-    reqs, st, r = play(tmp_path, conf, upstream, paths, gap_ms=20, sockdir=sockdir)
+    reqs, st, r = play(tmp_path, conf, upstream, paths, gap_ms=40, sockdir=sockdir)
     bad = [x for x in reqs if x["status"] != 200 or x["body_len"] != 100 + x["i"]]
     assert not bad, bad
     got = upstream_targets(upstream)

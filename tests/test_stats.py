@@ -32,7 +32,9 @@ STATSAPP = pyclient("statsapp.py")
 COUNTERS = ("client_connections", "requests", "hits", "misses", "stored", "evictions",
             "expired", "bytes_from_cache", "coalesced", "coalesce_timeouts",
             "stale_while_revalidate", "stale_if_error", "refreshes", "revalidated", "not_modified", "upstream_requests", "upstream_conns_opened",
-            "upstream_conn_reuses", "tunnels", "queue_waits", "queue_timeouts", "connect_refused",
+            "upstream_conn_reuses", "tunnels", "tls_intercepted", "tls_handshake_failures",
+            "tls_tunnel_not_configured", "tls_tunnel_no_mark", "tls_tunnel_client_cert", "tls_tunnel_unverified",
+            "tls_tunnel_unreadable", "queue_waits", "queue_timeouts", "connect_refused",
             "connect_timeout", "connect_unreachable", "connect_other")
 GAUGES = ("memory_entries", "memory_bytes")
 POOL = ("pool_idle", "pool_busy", "pool_waiting")

@@ -142,3 +142,175 @@ def test_check_warns_about_cache_rules_on_a_tunnelled_tls_upstream(tmp_path, pki
                        "cache GET /v3/* ttl=10m\n")
     r = run([HTTPSHIM, "check", conf], shim=False)
     assert r.rc == 0 and b"warning" not in r.err, r.describe()
+
+
+# ------------------------------------------------------------------ tls = intercept
+TLSCLIENT = pyclient("tlsclient.py")
+LIBS = ["urllib", "requests", "httpclient", "asyncio", "aiohttp"]
+
+
+def intercept_conf(tmp, up, ca_file, sockdir, name="intercept.conf", host="localhost", extra=()):
+    lines = ["[global]", "upstream_timeout = 5s", "stats_socket = %s/%%p.sock" % sockdir,
+             "", "[upstream %s:%d]" % (host, up.port), "tls = intercept"]
+    if ca_file:
+        lines.append("tls_ca_file = %s" % ca_file)
+    lines += list(extra) + ["cache GET /custom* ttl=10m"]
+    return write_rules(tmp, [], raw="\n".join(lines) + "\n", name=name)
+
+
+def tls_run(lib, url, cafile, conf=None, sockdir=None, count=2, shim=True, extra=()):
+    cmd = [SYS_PY, TLSCLIENT, "--lib", lib, "--url", url, "--cafile", cafile, "--count", count] + list(extra)
+    if sockdir:
+        cmd += ["--stats-socket", "%s/%%p.sock" % sockdir]
+    r = run(cmd, shim=shim, conf=conf, timeout=90)
+    lines = jlines(r.out)
+    assert r.rc == 0 and lines and lines[-1].get("done"), r.describe()
+    st = [x["stats"] for x in lines if "stats" in x]
+    return [x for x in lines if "i" in x], (st[0] if st else None), r
+
+
+def upstream_counters(st, up, host="localhost"):
+    return st["upstreams"]["%s:%d" % (host, up.port)]
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_intercepted_https_is_cached_and_pooled(lib, tls_upstream, pki, tmp_path, sockdir):
+    """The app trusts the upstream's CA through its own configuration (cafile=, verify=);
+    with tls = intercept its TLS is terminated by the shim: the body is byte-identical to
+    the one it gets without the shim, the second GET is a hit (zero upstream requests),
+    and the upstream sees one TLS handshake for the leg (plus the shim's verification)."""
+    url = tls_upstream.url("/custom/i?tag=%s&n=1500" % lib, host="localhost")
+    direct, _, _ = tls_run(lib, url, pki["ca"].pem, shim=False)
+    assert all(x.get("status") == 200 and x["len"] == 1500 for x in direct), direct
+    tls_upstream.reset()
+    conf = intercept_conf(tmp_path, tls_upstream, pki["ca"].pem, sockdir)
+    reqs, st, r = tls_run(lib, url, pki["ca"].pem, conf=conf, sockdir=sockdir)
+    assert [x.get("sha256") for x in reqs] == [direct[0]["sha256"]] * 2, (reqs, r.describe())
+    u = upstream_counters(st, tls_upstream)
+    assert u["tls_intercepted"] >= 1 and u["hits"] == 1 and u["upstream_requests"] == 1, u
+    up = tls_upstream.stats()
+    assert up["requests"] == 1, up
+    assert up["handshakes"] <= 2, "one handshake for the leg, one for the shim's verification: %s" % up
+
+
+@pytest.mark.parametrize("lib", ["urllib", "requests"])
+def test_connection_per_request_https_rides_pooled_tls(lib, tls_upstream, pki, tmp_path, sockdir):
+    """100 HTTPS GETs, a new connection and handshake (with the shim) each, distinct URLs:
+    the upstream sees 100 requests over at most a handful of TLS connections."""
+    conf = intercept_conf(tmp_path, tls_upstream, pki["ca"].pem, sockdir)
+    urls = [tls_upstream.url("/custom/p?tag=pool&n=200&i=%d" % i, host="localhost") for i in range(100)]
+    code = ("import sys, ssl, urllib.request, requests, json\n"
+            "ctx = ssl.create_default_context(cafile=sys.argv[1])\n"
+            "ok = 0\n"
+            "for u in sys.argv[3:]:\n"
+            "    if sys.argv[2] == 'urllib':\n"
+            "        ok += urllib.request.urlopen(u, context=ctx, timeout=20).status == 200\n"
+            "    else:\n"
+            "        with requests.Session() as s:\n"
+            "            ok += s.get(u, verify=sys.argv[1], timeout=20).status_code == 200\n"
+            "print(json.dumps({'ok': ok}))\n")
+    r = run([SYS_PY, "-c", code, pki["ca"].pem, lib] + urls, conf=conf, timeout=120)
+    total_ok = jlines(r.out)[0]["ok"] if r.rc == 0 else 0
+    assert total_ok == 100, r.describe()
+    up = tls_upstream.stats()
+    assert up["requests"] == 100 and up["handshakes"] <= 6, up
+
+
+def test_curl_cli_intercepted(tls_upstream, pki, tmp_path, sockdir):
+    """curl (libcurl, OpenSSL, its own CA file): two GETs in one run, the second a hit."""
+    conf = intercept_conf(tmp_path, tls_upstream, pki["ca"].pem, sockdir)
+    url = tls_upstream.url("/custom/curl?tag=curl&n=700", host="localhost")
+    d = run(["curl", "-s", "--cacert", pki["ca"].pem, url], shim=False)
+    tls_upstream.reset()
+    r = run(["curl", "-s", "--cacert", pki["ca"].pem, url, url], conf=conf)
+    assert r.rc == 0 and r.out == d.out * 2, r.describe()
+    assert tls_upstream.stats()["requests"] == 1, tls_upstream.stats()
+
+
+def test_node_https_works(tls_upstream, pki, tmp_path, sockdir):
+    """Node carries its own TLS (no mark): tunnelled untouched, and it works."""
+    conf = intercept_conf(tmp_path, tls_upstream, pki["ca"].pem, sockdir)
+    url = tls_upstream.url("/custom/node?tag=node&n=333", host="localhost")
+    js = ("const https=require('https'),fs=require('fs');"
+          "https.get(process.argv[1],{ca:fs.readFileSync(process.argv[2])},r=>{let n=0;"
+          "r.on('data',d=>n+=d.length);r.on('end',()=>console.log(r.statusCode+' '+n))})"
+          ".on('error',e=>{console.log('error '+e.code);})")
+    d = run(["node", "-e", js, url, pki["ca"].pem], shim=False)
+    r = run(["node", "-e", js, url, pki["ca"].pem], conf=conf)
+    assert d.out.strip() == b"200 333" and r.out.strip() == b"200 333", (d.describe(), r.describe())
+
+
+@pytest.mark.parametrize("case", ["wrong-name", "expired", "untrusted-ca"])
+def test_bad_upstream_certificate_fails_as_direct(case, pki, tmp_path_factory, tmp_path, sockdir):
+    """The upstream's certificate is for another name, expired, or from a CA the app does
+    not trust: the app fails exactly as it does without the shim (the same exception), and
+    nothing was minted for it (the connection was tunnelled, counted as unverified or
+    not)."""
+    ca = pki["other"] if case == "untrusted-ca" else pki["ca"]
+    names = ["elsewhere.example"] if case == "wrong-name" else ["localhost", "127.0.0.1"]
+    chain, key = ca.leaf(names, stem="ibad-" + case, expired=case == "expired")
+    up = Upstream(tmp_path_factory.mktemp("ibad-" + case), tls=(chain, key))
+    try:
+        url = up.url("/custom/b?n=5", host="localhost")
+        # the rule trusts both test CAs (libcurl alone would accept "untrusted-ca"): the
+        # app's own store is what must decide
+        both = tmp_path / "both.pem"
+        both.write_bytes(pki["ca"].pem.read_bytes() + pki["other"].pem.read_bytes())
+        conf = intercept_conf(tmp_path, up, both, sockdir)
+        direct, _, _ = tls_run("urllib", url, pki["ca"].pem, shim=False, count=1)
+        reqs, st, r = tls_run("urllib", url, pki["ca"].pem, conf=conf, sockdir=sockdir, count=1)
+        assert "error" in direct[0] and reqs[0].get("error", "").split(":")[0] == direct[0]["error"].split(":")[0], \
+            (direct, reqs)
+        assert "CERTIFICATE_VERIFY_FAILED" in reqs[0]["error"], reqs
+        u = upstream_counters(st, up)
+        assert u["tls_intercepted"] == 0 and u["tls_tunnel_unverified"] == 1, u
+        assert up.stats()["requests"] == 0
+    finally:
+        up.stop()
+
+
+def test_client_certificate_is_tunnelled(tls_upstream, pki, tmp_path, sockdir):
+    """A context with a client certificate (mutual TLS): its connection is tunnelled
+    untouched (counted), and works."""
+    conf = intercept_conf(tmp_path, tls_upstream, pki["ca"].pem, sockdir)
+    cert, key = pki["ca"].leaf(["client.example"], stem="client", client=True)
+    url = tls_upstream.url("/custom/m?tag=mtls&n=100", host="localhost")
+    reqs, st, r = tls_run("urllib", url, pki["ca"].pem, conf=conf, sockdir=sockdir, count=1,
+                          extra=["--client-cert", cert, "--client-key", key])
+    assert reqs[0].get("status") == 200, r.describe()
+    u = upstream_counters(st, tls_upstream)
+    assert u["tls_tunnel_client_cert"] == 1 and u["tls_intercepted"] == 0, u
+
+
+def test_tls_tunnel_upstream_is_tunnelled_and_counted(tls_upstream, pki, tmp_path, sockdir):
+    lines = ["[global]", "stats_socket = %s/%%p.sock" % sockdir, "", "[upstream localhost:%d]" % tls_upstream.port]
+    conf = write_rules(tmp_path, [], raw="\n".join(lines) + "\n", name="tunnel.conf")
+    url = tls_upstream.url("/custom/t?tag=tun&n=100", host="localhost")
+    reqs, st, r = tls_run("urllib", url, pki["ca"].pem, conf=conf, sockdir=sockdir, count=2)
+    assert all(x.get("status") == 200 for x in reqs), r.describe()
+    u = upstream_counters(st, tls_upstream)
+    assert u["tls_tunnel_not_configured"] == 2 and u["tunnels"] == 2, u
+    assert tls_upstream.stats()["requests"] == 2
+
+
+def test_interception_creates_no_file(tls_upstream, pki, tmp_path, sockdir):
+    """Interception creates no file: every open with O_CREAT or a write mode during an
+    intercepted run (strace -f) is one the run makes without the shim too."""
+    import shutil
+    if not shutil.which("strace"):
+        pytest.fail("strace is not installed (tools/install-deps installs it)", pytrace=False)
+    conf = intercept_conf(tmp_path, tls_upstream, pki["ca"].pem, sockdir)
+    url = tls_upstream.url("/custom/f?tag=files&n=100", host="localhost")
+    logs = {}
+    for shim in (False, True):
+        log = tmp_path / ("strace-%d.log" % shim)
+        r = run(["strace", "-f", "-qq", "-e", "trace=open,openat,creat", "-o", log, SYS_PY, TLSCLIENT, "--lib",
+                 "urllib", "--url", url, "--cafile", pki["ca"].pem, "--count", "2"], shim=shim, conf=conf, timeout=90)
+        assert r.rc == 0, r.describe()
+        created = set()
+        for line in log.read_text().splitlines():
+            # (naming the engine thread writes /proc/self/task/N/comm: not a file)
+            if ("O_CREAT" in line or "O_WRONLY" in line or "O_RDWR" in line) and '"/proc/' not in line:
+                created.add(line.split('"')[1] if '"' in line else line)
+        logs[shim] = created
+    assert logs[True] <= logs[False], "files the shim created: %s" % (logs[True] - logs[False])

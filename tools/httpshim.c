@@ -421,6 +421,16 @@ static void print_table(json_t *total, json_t **docs, const struct proc *procs, 
                num(u, "pool_busy"), num(u, "pool_waiting"), num(u, "queue_waits"), num(u, "queue_timeouts"), p99,
                num(u, "connect_refused"), other);
     }
+    /* TLS the app encrypts itself: terminated here, or tunnelled (with every other tunnel) and why */
+    printf("\n%-28s %9s %9s %9s %9s %9s %9s %9s %9s\n", "TLS", "INTERCEPT", "HS.FAIL", "TUNNELS", "NOT.CONF",
+           "NO.MARK", "CL.CERT", "UNVERIF.", "UNREAD.");
+    for (void *it = json_object_iter(ups); it; it = json_object_iter_next(ups, it)) {
+        const json_t *u = json_object_iter_value(it);
+        printf("%-28s %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f\n", json_object_iter_key(it),
+               num(u, "tls_intercepted"), num(u, "tls_handshake_failures"), num(u, "tunnels"),
+               num(u, "tls_tunnel_not_configured"), num(u, "tls_tunnel_no_mark"), num(u, "tls_tunnel_client_cert"),
+               num(u, "tls_tunnel_unverified"), num(u, "tls_tunnel_unreadable"));
+    }
     printf("\n%-8s %9s %9s %7s %9s %9s\n", "PID", "REQUESTS", "HITS", "HIT%", "CLIENT", "UPSTREAM");
     for (int i = 0; i < n; i++) {
         if (!docs[i])
