@@ -1,6 +1,8 @@
 /* fuzz_cache_policy.c — libFuzzer target for the cache's keys and storage policy
  * (shim/cache.c): cache_rule_for, cache_key, cache_vary_values, cache_variant_key,
- * cache_entry_new / cache_entry_matches_request, cache_policy_init / _header / _decide.
+ * cache_entry_new / cache_entry_matches_request, cache_policy_init / _header / _decide,
+ * the stale windows (cache_stale_windows, cache_entry_stale_windows) and revalidation
+ * (cache_entry_validators, _not_modified, _304_headers, _renewed).
  *
  * Input: an HTTP request head (parsed with http_parse_request; anything but DONE is
  * skipped), then lines ("\n", an optional "\r" before it is dropped) describing the
@@ -8,10 +10,14 @@
  *   @host NAME | @port N              the upstream (default api.example.com:80)
  *   @rule METHOD GLOB                 starts a cache rule (at most 8; default: GET, any path)
  *   @ttl MS | @ignore A,B | @key A,B | @status A,B | @rcc     options of the last rule
+ *   @swr MS | @sie MS                 its stale_while_revalidate / stale_if_error (ms, >= 0)
  *   @resp STATUS                      a response status to decide for (at most 8)
  *   Name: value                       a response header (any other line)
  * Values that rules_load() could never produce (an unknown method, an entry with a comma
- * or blank, a ttl <= 0, ...) are ignored, so every state reached is a real one.
+ * or blank, a ttl <= 0, a negative stale window, ...) are ignored, so every state reached
+ * is a real one. The response's header lines, each with CRLF, are also the header block
+ * of entries stored for the request (status 200 and one other), and the request's
+ * If-None-Match / If-Modified-Since lines are the conditional request they answer.
  * Invariants (a violation aborts):
  *  - cache_rule_for returns the first rule whose method (HEAD also matches GET) and glob
  *    match the target's path, or NULL when none does or the target has no path;
@@ -27,10 +33,32 @@
  *  - cache_policy_decide: a known reason; NS_STATUS exactly when the status is not listed,
  *    then no-store, private, Set-Cookie and Vary: * in that order; a stored TTL is in
  *    (0, rule ttl], the rule's own ttl unless respect_cache_control=yes; no TTL is written
- *    when the response is not stored. */
+ *    when the response is not stored;
+ *  - cache_policy_header: must_revalidate, swr_s, sie_s only when a Cache-Control line
+ *    names must-/proxy-revalidate, stale-while-revalidate, stale-if-error; swr_s, sie_s >= -1;
+ *  - cache_stale_windows: both windows >= 0; the rule's own without respect_cache_control,
+ *    else 0/0 under must-revalidate, proxy-revalidate or no-cache, else the response's
+ *    stale-while-revalidate / stale-if-error * 1000 where present and the rule's where not;
+ *    cache_entry_stale_windows on an entry with these header lines says the same;
+ *  - cache_entry_validators: the last ETag / Last-Modified line's value (model_line()
+ *    below: a token name, the value without surrounding SP/HT), pointing inside the
+ *    entry's headers, or empty;
+ *  - cache_entry_not_modified: never for a status other than 200 or an entry without
+ *    validators; with If-None-Match lines exactly when the entry has an ETag one of them
+ *    lists under weak comparison (model_etag_listed()); without, only when the entry's
+ *    Last-Modified and an If-Modified-Since parse, and always when the first
+ *    If-Modified-Since is the entry's Last-Modified byte for byte and parses;
+ *  - cache_entry_304_headers: at most cap bytes written (exactly sized heap buffers, small
+ *    caps too), CRLF-terminated "Name: value" lines named cache-control, content-location,
+ *    date, etag, expires, vary or last-modified, with room for all of them equal to
+ *    model_304(), and with less room a subsequence of those lines;
+ *  - cache_entry_renewed: the same key, status, reason, headers, Vary, values and body
+ *    bytes (read after the original is released), keep_until_ms == expires_at_ms + keep,
+ *    expires_at_ms - stored_at_ms == the new ttl. */
 #include "../../shim/cache.h"
 #include "../../shim/sha256.h"
 #include "fuzz.h"
+#include <curl/curl.h>
 #include <fnmatch.h>
 #include <stdbool.h>
 #include <string.h>
@@ -158,6 +186,12 @@ static void directive(struct line l, int *statuses, size_t *n_statuses)
              tok = strtok_r(NULL, ",", &save))
             if (parse_long(tok, 100, 599, &v))
                 r->status[r->n_status++] = (int)v;
+    } else if (r && starts(l, "@swr ", &rest)) {
+        if (arg_copy(rest, a, sizeof a) && parse_long(a, 0, 9000000000000000LL, &v))
+            r->stale_while_revalidate_ms = v;
+    } else if (r && starts(l, "@sie ", &rest)) {
+        if (arg_copy(rest, a, sizeof a) && parse_long(a, 0, 9000000000000000LL, &v))
+            r->stale_if_error_ms = v;
     } else if (r && l.n == 4 && !memcmp(l.p, "@rcc", 4)) {
         r->respect_cache_control = true;
     } else if (starts(l, "@resp ", &rest)) {
@@ -507,6 +541,311 @@ static void check_decide(const struct response_policy *p, const struct cache_rul
         FUZZ_CHECK(ttl == -7);
 }
 
+/* ---- stale windows and revalidation ---- */
+
+/* Whether some Cache-Control line's value contains the directive name (any case). */
+static bool cc_mentions(const struct line *hdr, size_t n_hdr, const char *word)
+{
+    size_t w = strlen(word);
+    for (size_t i = 0; i < n_hdr; i++) {
+        const char *colon = memchr(hdr[i].p, ':', hdr[i].n);
+        if (!colon || !http_slice_ieq((struct http_slice){ hdr[i].p, (size_t)(colon - hdr[i].p) }, "cache-control"))
+            continue;
+        const char *v = colon + 1, *end = hdr[i].p + hdr[i].n;
+        for (; (size_t)(end - v) >= w; v++)
+            if (http_slice_ieq((struct http_slice){ v, w }, word))
+                return true;
+    }
+    return false;
+}
+
+static void check_stale(const struct response_policy *p, const struct cache_rule *r, int64_t *swr, int64_t *sie)
+{
+    *swr = *sie = -7;
+    cache_stale_windows(p, r, swr, sie);
+    FUZZ_CHECK(*swr >= 0 && *sie >= 0);
+    int64_t want_swr = r->stale_while_revalidate_ms, want_sie = r->stale_if_error_ms;
+    if (r->respect_cache_control && (p->must_revalidate || p->no_cache)) {
+        want_swr = want_sie = 0;
+    } else if (r->respect_cache_control) {
+        if (p->swr_s >= 0)
+            want_swr = p->swr_s * 1000;
+        if (p->sie_s >= 0)
+            want_sie = p->sie_s * 1000;
+    }
+    FUZZ_CHECK(*swr == want_swr && *sie == want_sie);
+}
+
+/* RFC 9110 5.6.2 tchar, spelled out (NUL is not one). */
+static bool model_tchar(unsigned char c)
+{
+    static const char extra[] = "!#$%&'*+-.^_`|~";
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+        || (c && memchr(extra, c, sizeof extra - 1));
+}
+
+/* A stored header line as the entry reads it: a non-empty token, ':', the value without
+ * the SP/HT around it. False for anything else (the entry skips such lines). */
+static bool model_line(struct line l, struct http_slice *name, struct http_slice *value)
+{
+    const char *colon = memchr(l.p, ':', l.n);
+    if (!colon || colon == l.p)
+        return false;
+    for (const char *c = l.p; c < colon; c++)
+        if (!model_tchar((unsigned char)*c))
+            return false;
+    const char *v = colon + 1, *end = l.p + l.n;
+    while (v < end && (*v == ' ' || *v == '\t'))
+        v++;
+    while (end > v && (end[-1] == ' ' || end[-1] == '\t'))
+        end--;
+    *name = (struct http_slice){ l.p, (size_t)(colon - l.p) };
+    *value = (struct http_slice){ v, (size_t)(end - v) };
+    return true;
+}
+
+/* The value of the last line named `name`, or an empty slice. */
+static struct http_slice model_last(const struct line *hdr, size_t n_hdr, const char *name)
+{
+    struct http_slice got = { "", 0 }, nm, v;
+    for (size_t i = 0; i < n_hdr; i++)
+        if (model_line(hdr[i], &nm, &v) && http_slice_ieq(nm, name))
+            got = v;
+    return got;
+}
+
+static bool slice_eq(struct http_slice a, struct http_slice b)
+{
+    return a.n == b.n && (!a.n || !memcmp(a.p, b.p, a.n));
+}
+
+/* An opaque tag for weak comparison: without a leading "W/" (when a tag follows it). */
+static struct http_slice weak_tag(struct http_slice t)
+{
+    if (t.n > 2 && !memcmp(t.p, "W/", 2))
+        return (struct http_slice){ t.p + 2, t.n - 2 };
+    return t;
+}
+
+/* Whether an If-None-Match value names etag (non-empty) under weak comparison: its members
+ * are separated by commas outside double quotes and trimmed of SP/HT; "*" names any. */
+static bool model_etag_listed(struct http_slice list, struct http_slice etag)
+{
+    struct http_slice want = weak_tag(etag);
+    size_t start = 0;
+    bool quoted = false;
+    for (size_t i = 0; i <= list.n; i++) {
+        if (i < list.n && list.p[i] == '"')
+            quoted = !quoted;
+        if (i < list.n && (quoted || list.p[i] != ','))
+            continue;
+        struct http_slice m = { list.p + start, i - start };
+        while (m.n && (m.p[0] == ' ' || m.p[0] == '\t')) {
+            m.p++;
+            m.n--;
+        }
+        while (m.n && (m.p[m.n - 1] == ' ' || m.p[m.n - 1] == '\t'))
+            m.n--;
+        if (m.n == 1 && m.p[0] == '*')
+            return true;
+        if (m.n && slice_eq(weak_tag(m), want))
+            return true;
+        start = i + 1;
+    }
+    return false;
+}
+
+/* curl_getdate of an HTTP-date, > 0 when it parses (cache.c reads dates up to 127 bytes). */
+static bool model_date_parses(struct http_slice v)
+{
+    char tmp[128];
+    if (v.n >= sizeof tmp)
+        return false;
+    memcpy(tmp, v.p, v.n);
+    tmp[v.n] = 0;
+    return curl_getdate(tmp, NULL) > 0;
+}
+
+static void check_not_modified(const struct cache_entry *e, struct http_slice etag, struct http_slice lm)
+{
+    bool nm = cache_entry_not_modified(e, &req);
+    FUZZ_CHECK(nm == cache_entry_not_modified(e, &req));
+    if (e->status != 200 || (!etag.n && !lm.n))
+        FUZZ_CHECK(!nm);
+    const struct http_header *inm = next_named(&req, "if-none-match", 0);
+    if (inm) {                         /* If-Modified-Since does not count then */
+        bool listed = false;
+        for (const struct http_header *h = inm; h && etag.n; h = next_named(&req, "if-none-match", (size_t)(h - req.headers) + 1))
+            listed |= model_etag_listed(h->value, etag);
+        FUZZ_CHECK(nm == (e->status == 200 && listed));
+        return;
+    }
+    const struct http_header *ims = next_named(&req, "if-modified-since", 0);
+    if (nm)
+        FUZZ_CHECK(lm.n && ims && model_date_parses(lm) && model_date_parses(ims->value));
+    if (e->status == 200 && lm.n && ims && slice_eq(ims->value, lm) && model_date_parses(lm))
+        FUZZ_CHECK(nm);
+}
+
+static bool kept_in_304(struct http_slice name)
+{
+    static const char *const keep[] = { "cache-control", "content-location", "date", "etag", "expires", "vary",
+                                        "last-modified" };
+    for (size_t i = 0; i < sizeof keep / sizeof keep[0]; i++)
+        if (http_slice_ieq(name, keep[i]))
+            return true;
+    return false;
+}
+
+/* What a 304 carries: the kept lines, in order, as "Name: value" CRLF. */
+static size_t model_304(const struct line *hdr, size_t n_hdr, char *buf, size_t cap)
+{
+    struct out o = { buf, 0, cap };
+    struct http_slice name, value;
+    for (size_t i = 0; i < n_hdr; i++)
+        if (model_line(hdr[i], &name, &value) && kept_in_304(name)) {
+            emit(&o, name.p, name.n);
+            emits(&o, ": ");
+            emit(&o, value.p, value.n);
+            emits(&o, "\r\n");
+        }
+    return o.n;
+}
+
+/* The next CRLF-terminated line of [*p, end), its CRLF included; false at the end. */
+static bool next_304_line(const char **p, const char *end, struct http_slice *l)
+{
+    if (*p == end)
+        return false;
+    const char *nl = memchr(*p, '\n', (size_t)(end - *p));
+    FUZZ_CHECK(nl && nl > *p && nl[-1] == '\r');
+    *l = (struct http_slice){ *p, (size_t)(nl + 1 - *p) };
+    *p = nl + 1;
+    return true;
+}
+
+/* out[0, n) is a sequence of kept lines, in order a subsequence of full[0, full_n). */
+static void check_304_lines(const char *out, size_t n, const char *full, size_t full_n)
+{
+    const char *p = out, *end = out + n, *f = full, *fend = full + full_n;
+    struct http_slice l, fl;
+    while (next_304_line(&p, end, &l)) {
+        const char *colon = memchr(l.p, ':', l.n);
+        FUZZ_CHECK(colon);
+        FUZZ_CHECK(kept_in_304((struct http_slice){ l.p, (size_t)(colon - l.p) }));
+        bool found = false;
+        while (!found && next_304_line(&f, fend, &fl))
+            found = slice_eq(l, fl);
+        FUZZ_CHECK(found);
+    }
+}
+
+static size_t h304_into(const struct cache_entry *e, size_t cap, char **out)
+{
+    *out = malloc(cap ? cap : 1);
+    if (!*out)
+        abort();
+    size_t n = cache_entry_304_headers(e, *out, cap);
+    FUZZ_CHECK(n <= cap);
+    return n;
+}
+
+static void check_304(const struct cache_entry *e, const struct line *hdr, size_t n_hdr)
+{
+    /* a kept line grows by at most the ": " and CR it may lack */
+    size_t big = 2 * e->headers_len + 16;
+    char *full, *want = malloc(big);
+    if (!want)
+        abort();
+    size_t nf = h304_into(e, big, &full);
+    size_t nw = model_304(hdr, n_hdr, want, big);
+    FUZZ_CHECK(nf == nw && !memcmp(full, want, nf));
+    free(want);
+    check_304_lines(full, nf, full, nf);
+    const size_t caps[] = { 0, 1, 16, nf / 2, nf ? nf - 1 : 0, nf, nf + 1 };
+    for (size_t i = 0; i < sizeof caps / sizeof caps[0]; i++) {
+        char *s;
+        size_t ns = h304_into(e, caps[i], &s);
+        if (caps[i] >= nf)
+            FUZZ_CHECK(ns == nf && !memcmp(s, full, nf));
+        check_304_lines(s, ns, full, nf);
+        free(s);
+    }
+    free(full);
+}
+
+/* Renews e and releases it (a copy keeps its bytes to compare with). */
+static void check_renewed(struct cache_entry *e, int64_t ttl, int64_t keep)
+{
+    int status = e->status, upstream = e->upstream;
+    struct cache_entry *r = cache_entry_renewed(e, ttl, keep);
+    if (!r)
+        abort();
+    struct cache_entry *copy = cache_entry_new(e->key, e->key_len, e->status, e->reason, e->reason_len, e->headers,
+                                               e->headers_len, e->vary, e->vary_len, e->vary_values,
+                                               e->vary_values_len, e->body, e->body_len, 1);
+    if (!copy)
+        abort();
+    cache_entry_release(e);            /* r must not point into it (ASan) */
+    FUZZ_CHECK(atomic_load(&r->refs) == 1 && r->status == status && r->upstream == upstream);
+#define SAME(f) FUZZ_CHECK(r->f##_len == copy->f##_len && (!r->f##_len || !memcmp(r->f, copy->f, r->f##_len)))
+    SAME(key);
+    SAME(reason);
+    SAME(headers);
+    SAME(vary);
+    SAME(vary_values);
+    SAME(body);
+#undef SAME
+    FUZZ_CHECK(r->expires_at_ms >= r->stored_at_ms && r->expires_at_ms - r->stored_at_ms == ttl);
+    FUZZ_CHECK(r->keep_until_ms == r->expires_at_ms + keep);
+    cache_entry_release(copy);
+    cache_entry_release(r);
+}
+
+/* Entries stored for the request with the response's header lines (hdr, joined with CRLF
+ * into eh), one per status. */
+static void check_entry(const char *key, size_t key_len, const char *eh, size_t eh_len, const struct line *hdr,
+                        size_t n_hdr, const struct response_policy *p, const char *vary, size_t vary_len,
+                        const char *body, size_t body_len, int other_status)
+{
+    const int statuses[] = { 200, other_status };
+    for (size_t s = 0; s < sizeof statuses / sizeof statuses[0]; s++) {
+        struct cache_entry *e = cache_entry_new(key, key_len, statuses[s], "OK", 2, eh, eh_len, vary, vary_len,
+                                                "v\n", 2, body, body_len, 60000);
+        if (!e)
+            abort();
+        e->upstream = 3;
+        int64_t keep = 0;
+        for (size_t i = 0; i < up.n_cache_rules; i++) {
+            int64_t swr, sie, eswr = -7, esie = -7;
+            check_stale(p, &rules[i], &swr, &sie);
+            cache_entry_stale_windows(e, &rules[i], &eswr, &esie);
+            FUZZ_CHECK(eswr == swr && esie == sie);
+            if (!i)
+                keep = swr > sie ? swr : sie;
+        }
+
+        struct http_slice etag = { NULL, 7 }, lm = { NULL, 7 };
+        cache_entry_validators(e, &etag, &lm);
+        FUZZ_CHECK(etag.p && lm.p);
+        FUZZ_CHECK(!etag.n || fuzz_inside(e->headers, e->headers_len, etag.p, etag.n));
+        FUZZ_CHECK(!lm.n || fuzz_inside(e->headers, e->headers_len, lm.p, lm.n));
+        FUZZ_CHECK(slice_eq(etag, model_last(hdr, n_hdr, "etag")));
+        FUZZ_CHECK(slice_eq(lm, model_last(hdr, n_hdr, "last-modified")));
+
+        check_not_modified(e, etag, lm);
+        check_304(e, hdr, n_hdr);
+
+        /* upstream.c's renew(): the rule's ttl, kept for the longer window or the ttl; and
+         * an entry renewed twice */
+        struct cache_entry *again = cache_entry_renewed(e, rules[0].ttl_ms, 0);
+        if (!again)
+            abort();
+        check_renewed(again, 1, keep);
+        check_renewed(e, rules[0].ttl_ms, keep > rules[0].ttl_ms ? keep : rules[0].ttl_ms);
+    }
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     /* the request: an exactly sized copy so reads past it show */
@@ -576,17 +915,42 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         }
     }
     FUZZ_CHECK(p.max_age_s >= -1 && p.s_maxage_s >= -1 && p.expires_ms >= -1 && p.date_ms >= -1);
-
-    for (size_t i = 0; i < up.n_cache_rules; i++) {
-        size_t key_len = 0;
-        char *key = check_key(&rules[i], size, &key_len);
-        if (key && &rules[i] == rule)
-            check_vary(key, key_len, vary, vary_len);
-        free(key);
-    }
+    FUZZ_CHECK(p.swr_s >= -1 && p.sie_s >= -1);
+    FUZZ_CHECK(!p.must_revalidate || cc_mentions(hdr, n_hdr, "must-revalidate")
+               || cc_mentions(hdr, n_hdr, "proxy-revalidate"));
+    FUZZ_CHECK(p.swr_s < 0 || cc_mentions(hdr, n_hdr, "stale-while-revalidate"));
+    FUZZ_CHECK(p.sie_s < 0 || cc_mentions(hdr, n_hdr, "stale-if-error"));
 
     statuses[n_statuses++] = 200;
     statuses[n_statuses++] = 100 + (int)(data[size - 1] % 500);
+
+    /* the header block an entry stores: the lines, each ending CRLF (exactly sized) */
+    size_t eh_len = 0;
+    for (size_t i = 0; i < n_hdr; i++)
+        eh_len += hdr[i].n + 2;
+    char *eh = malloc(eh_len ? eh_len : 1);
+    if (!eh)
+        abort();
+    for (size_t i = 0, at = 0; i < n_hdr; at += hdr[i].n + 2, i++) {
+        memcpy(eh + at, hdr[i].p, hdr[i].n);
+        memcpy(eh + at + hdr[i].n, "\r\n", 2);
+    }
+    bool entry_checked = false;
+    for (size_t i = 0; i < up.n_cache_rules; i++) {
+        size_t key_len = 0;
+        char *key = check_key(&rules[i], size, &key_len);
+        if (key && &rules[i] == rule) {
+            check_vary(key, key_len, vary, vary_len);
+            check_entry(key, key_len, eh, eh_len, hdr, n_hdr, &p, vary, vary_len, buf, size,
+                        statuses[n_statuses - 1]);
+            entry_checked = true;
+        }
+        free(key);
+    }
+    if (!entry_checked)
+        check_entry("k", 1, eh, eh_len, hdr, n_hdr, &p, vary, vary_len, buf, size, statuses[n_statuses - 1]);
+    free(eh);
+
     for (size_t s = 0; s < n_statuses; s++)
         for (size_t i = 0; i < up.n_cache_rules; i++) {
             check_decide(&p, &rules[i], statuses[s]);
