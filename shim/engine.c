@@ -79,7 +79,9 @@ struct conn {
     /* TLS the app encrypts itself: looked at once, at the connection's first bytes */
     bool tls_checked;
     X509_STORE *tls_store;          /* CS_VERIFY: the app context's store (a reference) */
-    void *tls_probe;
+    struct tls_wait *tls_wait;      /* CS_VERIFY: the probe it waits on, with others */
+    struct conn *tls_next_waiter;
+    char tls_where[64];             /* the address it dialled, as probes name it */
     char tls_name[256];             /* the name the app asked for; the leg's host once terminated */
     struct cache_entry *found;      /* what Redis or a flight answered, served even if memory is full */
     struct transfer *xfer;          /* CS_UPSTREAM */
@@ -102,6 +104,7 @@ static char key_scratch[CACHE_KEY_MAX];   /* engine thread only */
 
 static void conn_process(struct conn *c);
 static void conn_resume(struct conn *c);
+static void stop_waiting_tls(struct conn *c);
 static void on_redis_answer(void *waiter, struct cache_entry *e);
 static void on_poll_due(struct loop_timer *timer);
 
@@ -159,8 +162,8 @@ static void conn_retire(struct conn *c, bool close_fd)
     c->lock_ticket = NULL;
     flight_land(c->lead, NULL);        /* its waiters fetch on their own */
     c->lead = NULL;
-    upstream_tls_probe_cancel(c->tls_probe);
-    c->tls_probe = NULL;
+    if (c->tls_wait)
+        stop_waiting_tls(c);
     if (c->tls_store) {
         X509_STORE_free(c->tls_store);
         c->tls_store = NULL;
@@ -521,22 +524,94 @@ static void intercept_tls(struct conn *c)
     conn_retire(c, false);
 }
 
-static void on_tls_probe(void *arg)
+/* One probe of the upstream per name and address at a time: the ClientHellos that
+ * arrive while it runs (a burst of new sessions) wait on it together. */
+struct tls_wait {
+    struct tls_wait *next;
+    void *probe;
+    char name[256], where[64];
+    struct conn *waiters;
+};
+static struct tls_wait *tls_waits;    /* engine thread only */
+
+static void unlink_wait(struct tls_wait *w)
 {
-    struct conn *c = arg;
-    c->tls_probe = NULL;
-    int verdict = tls_front_verdict(c->tls_store, c->tls_name);
-    bool trusted = verdict == 1;
+    for (struct tls_wait **p = &tls_waits; *p; p = &(*p)->next)
+        if (*p == w) {
+            *p = w->next;
+            return;
+        }
+}
+
+static void stop_waiting_tls(struct conn *c)
+{
+    struct tls_wait *w = c->tls_wait;
+    for (struct conn **p = &w->waiters; *p; p = &(*p)->tls_next_waiter)
+        if (*p == c) {
+            *p = c->tls_next_waiter;
+            break;
+        }
+    c->tls_wait = NULL;
+    if (!w->waiters) {                 /* no one left to hear it */
+        upstream_tls_probe_cancel(w->probe);
+        unlink_wait(w);
+        free(w);
+    }
+}
+
+static void tls_decided(struct conn *c, int verdict)
+{
     X509_STORE_free(c->tls_store);
     c->tls_store = NULL;
     c->state = CS_HTTP;
-    if (trusted)
+    if (verdict == 1)
         intercept_tls(c);
     else
         tunnel_tls(c, &shim_stats[c->side.upstream].tls_tunnel_unverified,
                    "the upstream does not verify as the app would (libcurl's checks, then the app's own store)");
     if (!c->dead)
         conn_update_events(c);
+}
+
+static void on_tls_probe(void *arg)
+{
+    struct tls_wait *w = arg;
+    unlink_wait(w);
+    for (int n = 0; w->waiters && n < 100000; n++) {
+        struct conn *c = w->waiters;
+        w->waiters = c->tls_next_waiter;
+        c->tls_wait = NULL;
+        tls_decided(c, tls_front_verdict(c->tls_store, c->tls_name, c->tls_where));
+    }
+    free(w);
+}
+
+/* The verdict is not known yet: wait for the probe of this name and address, starting it
+ * if none runs. False: no probe could start. */
+static bool wait_for_probe(struct conn *c)
+{
+    struct tls_wait *w = tls_waits;
+    while (w && (strcasecmp(w->name, c->tls_name) || strcmp(w->where, c->tls_where)))
+        w = w->next;
+    if (!w) {
+        w = calloc(1, sizeof *w);
+        if (!w)
+            return false;
+        snprintf(w->name, sizeof w->name, "%s", c->tls_name);
+        snprintf(w->where, sizeof w->where, "%s", c->tls_where);
+        w->probe = upstream_tls_probe(c->side.upstream, c->tls_name, &c->side.dest, c->side.dest_len, on_tls_probe, w);
+        if (!w->probe) {
+            free(w);
+            return false;
+        }
+        w->next = tls_waits;
+        tls_waits = w;
+    }
+    c->tls_wait = w;
+    c->tls_next_waiter = w->waiters;
+    w->waiters = c;
+    c->state = CS_VERIFY;
+    return true;
 }
 
 /* Whether the connection's name is one the upstream answers to: its host name, or for a
@@ -597,24 +672,13 @@ static bool took_tls(struct conn *c)
                                                                       : "ALPN without http/1.1");
         return true;
     }
-    int verdict = tls_front_verdict(store, c->tls_name);
-    if (verdict >= 0) {
-        X509_STORE_free(store);
-        if (verdict)
-            intercept_tls(c);
-        else
-            tunnel_tls(c, &st->tls_tunnel_unverified, "the upstream does not verify as the app would");
-        return true;
-    }
+    upstream_addr_text(&c->side.dest, c->tls_where, sizeof c->tls_where);
     c->tls_store = store;
-    c->state = CS_VERIFY;
-    c->tls_probe = upstream_tls_probe(c->side.upstream, c->tls_name, &c->side.dest, c->side.dest_len, on_tls_probe, c);
-    if (!c->tls_probe) {
-        X509_STORE_free(store);
-        c->tls_store = NULL;
-        c->state = CS_HTTP;
-        tunnel_tls(c, &st->tls_tunnel_unverified, "no probe of the upstream could start");
-    }
+    int verdict = tls_front_verdict(store, c->tls_name, c->tls_where);
+    if (verdict >= 0)
+        tls_decided(c, verdict);
+    else if (!wait_for_probe(c))
+        tls_decided(c, 0);
     return true;
 }
 
@@ -964,6 +1028,7 @@ void engine_atfork_child(void)
     flight_forget();
     tunnel_forget();
     tls_front_forget();
+    tls_waits = NULL;                  /* their waiters were the parent's connections */
     stats_server_atfork_child();
     if (E.cfg && E.cfg->cache == CACHE_REDIS)
         redis_forget();

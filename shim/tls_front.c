@@ -44,6 +44,7 @@ struct tls_front {
 #define CHAIN_MS   60000
 static struct {
     char name[256];
+    char where[INET6_ADDRSTRLEN + 8];   /* the address it was probed at */
     bool verified;                      /* libcurl's verification accepted it */
     X509 *leaf;
     STACK_OF(X509) *chain;              /* what the upstream sent besides the leaf */
@@ -345,7 +346,7 @@ void tls_front_forget(void)
 
 /* ---- does the upstream's chain verify as the app's context would verify it? ---- */
 
-/* What a probe of the upstream found is kept a minute per name: whether libcurl's own
+/* What a probe of the upstream found is kept a minute per name and address: whether libcurl's own
  * verification accepted it, and the chain it presented. Each app context's store is then
  * checked against that chain here, without another handshake: a client that makes a new
  * context per request (a session per call) costs one probe per minute, not one per
@@ -436,24 +437,25 @@ void tls_front_check_release(struct tls_check *check)
     check->chain = NULL;
 }
 
-void tls_front_keep_probe(const char *name, bool verified, struct tls_check *check)
+void tls_front_keep_probe(const char *name, const char *where, bool verified, struct tls_check *check)
 {
     int64_t now = mono_ms();
     size_t slot = 0;
     for (size_t i = 0; i < CHAINS_MAX; i++) {
-        if (chains[i].until_ms <= now || !strcasecmp(chains[i].name, name)) {
+        if (chains[i].until_ms <= now || (!strcasecmp(chains[i].name, name) && !strcmp(chains[i].where, where))) {
             slot = i;
             break;
         }
         if (chains[i].until_ms < chains[slot].until_ms)
             slot = i;
     }
-    if (strlen(name) >= sizeof chains[slot].name) {
+    if (strlen(name) >= sizeof chains[slot].name || strlen(where) >= sizeof chains[slot].where) {
         tls_front_check_release(check);
         return;
     }
     drop_chain(slot);
     snprintf(chains[slot].name, sizeof chains[slot].name, "%s", name);
+    snprintf(chains[slot].where, sizeof chains[slot].where, "%s", where);
     chains[slot].verified = verified && check->leaf;
     chains[slot].leaf = check->leaf;   /* taken over */
     chains[slot].chain = check->chain;
@@ -462,11 +464,11 @@ void tls_front_keep_probe(const char *name, bool verified, struct tls_check *che
     chains[slot].until_ms = now + CHAIN_MS;
 }
 
-int tls_front_verdict(X509_STORE *store, const char *name)
+int tls_front_verdict(X509_STORE *store, const char *name, const char *where)
 {
     int64_t now = mono_ms();
     for (size_t i = 0; i < CHAINS_MAX; i++) {
-        if (chains[i].until_ms <= now || strcasecmp(chains[i].name, name))
+        if (chains[i].until_ms <= now || strcasecmp(chains[i].name, name) || strcmp(chains[i].where, where))
             continue;
         if (!chains[i].verified)
             return 0;

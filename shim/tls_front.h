@@ -22,9 +22,10 @@ struct tls_check {
 };
 int tls_front_probe_ctx(void *curl, void *sslctx, void *parm);
 void tls_front_check_release(struct tls_check *check);
-/* A probe of `name` ended (verified: libcurl accepted it): its chain is kept a minute. */
-void tls_front_keep_probe(const char *name, bool verified, struct tls_check *check);
-/* With a recent probe of name: 1 when libcurl accepted the upstream and its chain also
- * verifies against store (an app context's), 0 when not; -1: no recent probe. */
-int tls_front_verdict(X509_STORE *store, const char *name);
+/* A probe of `name` at address `where` ended (verified: libcurl accepted it): its chain
+ * is kept a minute. */
+void tls_front_keep_probe(const char *name, const char *where, bool verified, struct tls_check *check);
+/* With a recent probe of name at where: 1 when libcurl accepted the upstream and its
+ * chain also verifies against store (an app context's), 0 when not; -1: no recent probe. */
+int tls_front_verdict(X509_STORE *store, const char *name, const char *where);
 #endif

@@ -28,6 +28,8 @@
 
 enum body_mode { BODY_NONE, BODY_RAW, BODY_CHUNKED };
 
+static int format_addr(char *out, size_t n, const union shim_sockaddr *a, uint16_t *port);
+
 /* Debian's (and OpenSSL's default) directory of hashed system CA certificates */
 #define SYSTEM_CA_PATH "/etc/ssl/certs"
 
@@ -71,6 +73,7 @@ struct transfer {
     bool is_probe;
     struct tls_check check;
     char check_name[256];
+    char check_where[INET6_ADDRSTRLEN + 8];
     /* the pool queue */
     bool admitted;                  /* handed to libcurl: holds one of the upstream's slots */
     int64_t queued_us;              /* when it started to wait (0: never waited) */
@@ -506,6 +509,12 @@ static bool named_in_connection(const struct http_request *req, struct http_slic
                 return true;
         }
     return false;
+}
+
+void upstream_addr_text(const union shim_sockaddr *a, char *out, size_t n)
+{
+    uint16_t port;
+    format_addr(out, n, a, &port);
 }
 
 static int format_addr(char *out, size_t n, const union shim_sockaddr *a, uint16_t *port)
@@ -1074,6 +1083,7 @@ void *upstream_tls_probe(int upstream, const char *host, const union shim_sockad
     char ip[INET6_ADDRSTRLEN + 2];
     uint16_t port;
     format_addr(ip, sizeof ip, dest, &port);
+    snprintf(t->check_where, sizeof t->check_where, "%s", ip);
     bool v6 = strchr(host, ':') != NULL;
     t->easy = curl_easy_init();
     if (t->easy) {
@@ -1119,7 +1129,7 @@ static void probe_finished(struct transfer *t, CURLcode result)
 {
     if (result != CURLE_OK)
         shim_debug("TLS probe of upstream %d: %s", t->app->upstream, curl_easy_strerror(result));
-    tls_front_keep_probe(t->check_name, result == CURLE_OK, &t->check);
+    tls_front_keep_probe(t->check_name, t->check_where, result == CURLE_OK, &t->check);
     if (t->probe_done)
         t->probe_done(t->probe_arg);
     curl_multi_remove_handle(multi, t->easy);
