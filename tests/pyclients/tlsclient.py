@@ -4,6 +4,7 @@ CA file it is given (its own configuration, as an app's would be).
 
     tlsclient.py --lib urllib|requests|httpclient|asyncio|aiohttp --url URL --cafile F
                  [--count N] [--client-cert C --client-key K] [--stats-socket PATTERN]
+                 [--hold SECONDS]
 
 urllib, requests (a Session per request) and asyncio open a connection per request;
 httpclient and aiohttp keep one connection (one session) for all N. Prints one JSON line
@@ -134,12 +135,16 @@ def main():
     ap.add_argument("--client-cert")
     ap.add_argument("--client-key")
     ap.add_argument("--stats-socket")
+    ap.add_argument("--hold", type=float, default=0, help="stay alive this long after {done}")
     a = ap.parse_args()
     for rec in globals()["run_" + a.lib](a):
         print(json.dumps(rec), flush=True)
     if a.stats_socket:
         print(json.dumps({"stats": stats(a.stats_socket)}), flush=True)
     print(json.dumps({"done": True}), flush=True)
+    if a.hold:
+        import time
+        time.sleep(a.hold)
 
 
 if __name__ == "__main__":
