@@ -15,7 +15,7 @@ SHIM_SRC = $(wildcard shim/*.c)
 SHIM_HDR = $(wildcard shim/*.h)
 SHIM_OBJ = $(patsubst shim/%.c,$(BUILD)/obj/%.o,$(SHIM_SRC))
 
-all: $(BUILD)/libhttpshim.so $(BUILD)/httpshim $(BUILD)/epollclient $(BUILD)/loop_test
+all: $(BUILD)/libhttpshim.so $(BUILD)/httpshim $(BUILD)/epollclient $(BUILD)/tlsstoreclient $(BUILD)/loop_test
 
 $(BUILD)/obj/%.o: shim/%.c $(SHIM_HDR) | $(BUILD)/obj
 	$(CC) $(CFLAGS_BASE) $(SAN) $(CFLAGS) -c $< -o $@
@@ -32,6 +32,10 @@ LIBDIR   = $(PREFIX)/lib/httpshim
 $(BUILD)/httpshim: tools/httpshim.c shim/rules.c shim/rules.h | $(BUILD)/obj
 	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -DHTTPSHIM_LIBDIR='"$(LIBDIR)"' \
 	  -o $@ tools/httpshim.c shim/rules.c -lcurl -lhiredis -ljansson -lm -pthread
+
+# an OpenSSL client that swaps its context's trust store (the interposed store setters)
+$(BUILD)/tlsstoreclient: tests/clients/tlsstoreclient.c | $(BUILD)/obj
+	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -o $@ $< -lssl -lcrypto
 
 $(BUILD)/epollclient: tests/clients/epollclient.c | $(BUILD)/obj
 	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -o $@ $< -lm

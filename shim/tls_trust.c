@@ -5,7 +5,8 @@
  * swaps, which add the CA again and follow the new store. Only while some upstream is
  * configured `tls = intercept`, only for libssl.so.3, never for server-only contexts or
  * the engine's own (libcurl's); a connection that presents a client certificate says so
- * in its mark, and is tunnelled. Unversioned definitions satisfy the app's versioned references
+ * in its mark, and is tunnelled; one that verifies with a store of its own making
+ * (SSL_set0_verify_cert_store) or through a verify callback of the app's is not marked. Unversioned definitions satisfy the app's versioned references
  * (SSL_CTX_new@OPENSSL_3.0.0) because the library defines no versions of its own. */
 #include "hooks.h"
 #include "lazyssl.h"
@@ -53,7 +54,11 @@ static int add_mark(SSL *s, unsigned int type, unsigned int context, const unsig
     (void)al;
     (void)arg;
     uint64_t id = mark_of(SSL_get_SSL_CTX(s));
-    if (!id)
+    X509_STORE *verify_store = NULL;
+    SSL_get0_verify_cert_store(s, &verify_store);
+    /* a separate verification store never got the CA, and a verify callback may pin the
+     * upstream's own certificate: either would reject the shim's, so no mark */
+    if (!id || verify_store || SSL_get_verify_callback(s))
         return 0;
     unsigned char *m = malloc(TLS_MARK_LEN);
     if (!m)

@@ -346,3 +346,34 @@ def test_stats_table_shows_tls(tls_upstream, pki, tmp_path, sockdir):
         assert row[1] == str(u["tls_intercepted"]) == "3" and row[3] == str(u["tunnels"]), (row, u)
     finally:
         app.stop()
+
+
+@pytest.mark.parametrize("setter", ["set", "set1"])
+def test_swapped_store_is_followed(setter, tls_upstream, pki, tmp_path, sockdir):
+    """A C client builds its own X509_STORE from its CA file and installs it with
+    SSL_CTX_set_cert_store / SSL_CTX_set1_cert_store after SSL_CTX_new (as libcurl's CA
+    cache does): the shim adds its CA to the new store and the mark stands for it, so the
+    connection is intercepted (the debug log says so) and the GET works; the upstream
+    counts the shim's probe and its leg."""
+    client = BUILD / "tlsstoreclient"
+    conf = intercept_conf(tmp_path, tls_upstream, pki["ca"].pem, sockdir)
+    args = ([client] + (["--set1"] if setter == "set1" else []) +
+            ["localhost", str(tls_upstream.port), pki["ca"].pem, "/custom/sw?tag=swap&n=444"])
+    d = run(args, shim=False)
+    assert d.rc == 0 and d.out.strip() == b"200 444", d.describe()
+    tls_upstream.reset()
+    r = run(args, conf=conf, env=dict(SAN_ENV or {}, HTTPSHIM_DEBUG="1"))
+    assert r.rc == 0 and r.out.strip() == b"200 444", r.describe()
+    assert b"terminated" in r.err, r.describe()
+    assert tls_upstream.stats()["requests"] == 1
+
+
+def test_verify_callback_is_not_intercepted(tls_upstream, pki, tmp_path, sockdir):
+    """A context that verifies through a callback of its own (which could pin the
+    upstream's certificate) sends no mark: tunnelled, and it works."""
+    client = BUILD / "tlsstoreclient"
+    conf = intercept_conf(tmp_path, tls_upstream, pki["ca"].pem, sockdir)
+    r = run([client, "--callback", "localhost", str(tls_upstream.port), pki["ca"].pem, "/custom/cb?tag=cb&n=55"],
+            conf=conf, env=dict(SAN_ENV or {}, HTTPSHIM_DEBUG="1"))
+    assert r.rc == 0 and r.out.strip() == b"200 55", r.describe()
+    assert b"no mark" in r.err and b"terminated" not in r.err, r.describe()

@@ -1,0 +1,91 @@
+/* tlsstoreclient.c — an OpenSSL client that replaces its context's trust store, as libcurl's
+ * CA cache and some apps do: one HTTPS GET to 127.0.0.1:PORT for HOST, trusting only
+ * CAFILE through a store it builds itself and installs with SSL_CTX_set_cert_store (or,
+ * with --set1, SSL_CTX_set1_cert_store). Prints "STATUS BODY_BYTES", or "error WHAT".
+ *
+ * With --callback it keeps the context's store and verifies through a callback of its own
+ * (one that could pin a certificate: the shim must not intercept it).
+ *
+ *   tlsstoreclient [--set1|--callback] HOST PORT CAFILE PATH */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static int keep_verdict(int preverify_ok, X509_STORE_CTX *x)
+{
+    (void)x;
+    return preverify_ok;
+}
+
+static int fail(const char *what)
+{
+    printf("error %s\n", what);
+    return 1;
+}
+
+int main(int argc, char **argv)
+{
+    int set1 = argc > 1 && !strcmp(argv[1], "--set1");
+    int callback = argc > 1 && !strcmp(argv[1], "--callback");
+    if (callback)
+        set1 = 1;                      /* the flag takes the same place */
+    if (argc != 5 + set1)
+        return fail("usage: tlsstoreclient [--set1|--callback] HOST PORT CAFILE PATH");
+    const char *host = argv[1 + set1], *cafile = argv[3 + set1], *path = argv[4 + set1];
+    int port = atoi(argv[2 + set1]);
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    X509_STORE *store = X509_STORE_new();
+    if (!ctx || !store || X509_STORE_load_file(store, cafile) != 1)
+        return fail("store");
+    if (callback) {
+        X509_STORE_free(store);
+        if (SSL_CTX_load_verify_locations(ctx, cafile, NULL) != 1)
+            return fail("store");
+    } else if (set1) {
+        SSL_CTX_set1_cert_store(ctx, store);
+        X509_STORE_free(store);
+    } else {
+        SSL_CTX_set_cert_store(ctx, store);   /* the context owns it now */
+    }
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, callback ? keep_verdict : NULL);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a) != 0)
+        return fail("connect");
+    SSL *ssl = SSL_new(ctx);
+    SSL_set_fd(ssl, fd);
+    SSL_set_tlsext_host_name(ssl, host);
+    SSL_set1_host(ssl, host);
+    if (SSL_connect(ssl) != 1)
+        return fail("handshake");
+    char req[512];
+    int n = snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n\r\n", path, host, port);
+    if (SSL_write(ssl, req, n) != n)
+        return fail("write");
+    static char buf[1 << 20];
+    size_t got = 0;
+    for (;;) {
+        int r = SSL_read(ssl, buf + got, (int)(sizeof buf - got - 1));
+        if (r <= 0)
+            break;
+        got += (size_t)r;
+    }
+    buf[got] = 0;
+    char *body = strstr(buf, "\r\n\r\n");
+    int status = 0;
+    if (!body || sscanf(buf, "HTTP/1.%*d %d", &status) != 1)
+        return fail("response");
+    printf("%d %zu\n", status, got - (size_t)(body + 4 - buf));
+    SSL_free(ssl);
+    SSL_CTX_free(ctx);
+    close(fd);
+    return 0;
+}
