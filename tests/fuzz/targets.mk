@@ -24,3 +24,6 @@ fuzz_redis_value_FLAGS  = -max_len=2048
 fuzz_response_head_SRC  = shim/http.c shim/cache.c shim/sha256.c
 fuzz_response_head_LIBS = -lcurl
 fuzz_response_head_FLAGS = -max_len=4096
+
+fuzz_tls_hello_SRC      = shim/tls_hello.c
+fuzz_tls_hello_FLAGS    = -max_len=4096
