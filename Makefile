@@ -67,10 +67,13 @@ bench: deps bench-bins
 
 # C programs of the benchmark (bench/full builds them too): a userspace delay line (TUN
 # pair) standing in for netem, and the fan-in load client.
-BENCH_BINS = $(BUILD)/delayline $(BUILD)/fanin
+BENCH_BINS = $(BUILD)/delayline $(BUILD)/fanin $(BUILD)/writecost
 bench-bins: $(BENCH_BINS)
 
 $(BUILD)/delayline: bench/delayline.c | $(BUILD)/obj
+	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -o $@ $<
+
+$(BUILD)/writecost: bench/writecost.c | $(BUILD)/obj
 	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -o $@ $<
 
 $(BUILD)/fanin: bench/fanin.c | $(BUILD)/obj

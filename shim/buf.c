@@ -1,6 +1,7 @@
 /* buf.c — owns the bounded byte queue every connection, transfer and stats client
  * buffers through (buf.h), and draining one into a socket. */
 #include "buf.h"
+#include "real.h"
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,7 +47,7 @@ int buf_append(struct buf *b, const void *p, size_t n)
 int buf_send(struct buf *b, int fd)
 {
     while (buf_len(b)) {
-        ssize_t n = send(fd, buf_head(b), buf_len(b), MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t n = real_send(fd, buf_head(b), buf_len(b), MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n > 0)
             buf_consume(b, (size_t)n);
         else if (n < 0 && errno == EINTR)

@@ -557,6 +557,33 @@ size_t cache_entry_304_headers(const struct cache_entry *e, char *out, size_t ca
     return l.n;
 }
 
+size_t cache_entry_head(const struct cache_entry *e, int minor, bool keep_alive, bool not_modified, int64_t now_ms,
+                        char *out, size_t cap)
+{
+    int64_t age = (now_ms - e->stored_at_ms) / 1000;
+    size_t n;
+    int k = not_modified ? snprintf(out, cap, "HTTP/1.%d 304 Not Modified\r\n", minor)
+                         : snprintf(out, cap, "HTTP/1.%d %d %.*s\r\n", minor, e->status, (int)e->reason_len, e->reason);
+    if (k < 0 || (size_t)k >= cap)
+        return 0;
+    n = (size_t)k;
+    if (not_modified) {
+        n += cache_entry_304_headers(e, out + n, cap - n);
+    } else {
+        if (cap - n < e->headers_len)
+            return 0;
+        memcpy(out + n, e->headers, e->headers_len);
+        n += e->headers_len;
+    }
+    k = not_modified ? snprintf(out + n, cap - n, "Age: %lld\r\n%s\r\n", (long long)(age < 0 ? 0 : age),
+                                http_connection_line(minor, keep_alive))
+                     : snprintf(out + n, cap - n, "Content-Length: %zu\r\nAge: %lld\r\n%s\r\n", e->body_len,
+                                (long long)(age < 0 ? 0 : age), http_connection_line(minor, keep_alive));
+    if (k < 0 || (size_t)k >= cap - n)
+        return 0;
+    return n + (size_t)k;
+}
+
 struct cache_entry *cache_entry_renewed(const struct cache_entry *e, int64_t ttl_ms, int64_t keep_ms)
 {
     struct cache_entry *r = cache_entry_new(e->key, e->key_len, e->status, e->reason, e->reason_len, e->headers,

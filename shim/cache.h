@@ -87,6 +87,11 @@ void cache_entry_validators(const struct cache_entry *e, struct http_slice *etag
 bool cache_entry_not_modified(const struct cache_entry *e, const struct http_request *req);
 /* The entry's header lines a 304 carries (RFC 9110 15.4.5) into out; their length. */
 size_t cache_entry_304_headers(const struct cache_entry *e, char *out, size_t cap);
+/* The head of a response from e, in HTTP/1.minor with the request's connection semantics
+ * (304 and the revalidation headers when not_modified), with Content-Length and Age, into
+ * out; its length, 0 when it does not fit. */
+size_t cache_entry_head(const struct cache_entry *e, int minor, bool keep_alive, bool not_modified, int64_t now_ms,
+                        char *out, size_t cap);
 /* A copy of e, fresh again for ttl_ms (a 304 renewed it), kept keep_ms past that. */
 struct cache_entry *cache_entry_renewed(const struct cache_entry *e, int64_t ttl_ms, int64_t keep_ms);
 

@@ -7,6 +7,8 @@
 #include "engine.h"
 #include "cache.h"
 #include "flight.h"
+#include "fastpath.h"
+#include <sched.h>
 #include "cache_redis.h"
 #include "conn.h"
 #include "http.h"
@@ -85,6 +87,11 @@ struct conn {
     char tls_name[256];             /* the name the app asked for; the leg's host once terminated */
     struct cache_entry *found;      /* what Redis or a flight answered, served even if memory is full */
     struct transfer *xfer;          /* CS_UPSTREAM */
+    /* the gate of the app's fd (fdtable.h): who may write into the pair */
+    _Atomic uint64_t *gate;
+    uint64_t gate_gen;
+    uint64_t gate_seen;             /* the gate when the app's bytes were last read to the end; 0 unknown */
+    struct loop_timer gate_retry;   /* an app thread held the gate: write a little later */
     struct conn *next, *prev;       /* all live conns, under the engine lock */
 };
 
@@ -115,10 +122,68 @@ static struct conn *conn_of(struct app_side *app)
 
 /* ---- the app side ---- */
 
+/* ---- the gate: the engine and the app's inline hits never write into the pair at once ---- */
+
+static void on_gate_retry(struct loop_timer *timer);
+
+/* May the engine write to the app now? It takes the gate from IDLE; while an app thread
+ * holds it (an inline answer being written) it waits, and is called back shortly. */
+static bool gate_take(struct conn *c)
+{
+    if (!c->gate)
+        return true;
+    uint64_t g = atomic_load_explicit(c->gate, memory_order_acquire);
+    for (int tries = 0; tries < 64; tries++) {
+        if (fdgate_gen(g) != c->gate_gen)
+            return true;               /* the app's fd has moved on: nothing to share */
+        enum fdgate_state s = fdgate_state(g);
+        if (s == FDGATE_ENGINE || s == FDGATE_OFF)
+            return true;
+        if (s == FDGATE_APP)
+            break;
+        if (atomic_compare_exchange_weak(c->gate, &g, fdgate_make(c->gate_gen, fdgate_seq(g), FDGATE_ENGINE)))
+            return true;
+    }
+    if (!loop_timer_armed(&c->gate_retry))
+        loop_timer_arm(&c->gate_retry, 1, on_gate_retry);
+    return false;
+}
+
+/* Never inline again on this connection (it becomes a tunnel or TLS, or goes away). */
+static void gate_close(struct conn *c)
+{
+    if (!c->gate)
+        return;
+    uint64_t g = atomic_load_explicit(c->gate, memory_order_acquire);
+    for (int spins = 0; spins < 100000 && fdgate_gen(g) == c->gate_gen; spins++) {
+        if (fdgate_state(g) == FDGATE_APP) {   /* an inline answer is being written: microseconds */
+            sched_yield();
+            g = atomic_load_explicit(c->gate, memory_order_acquire);
+            continue;
+        }
+        if (atomic_compare_exchange_weak(c->gate, &g, fdgate_make(c->gate_gen, fdgate_seq(g), FDGATE_OFF)))
+            break;
+    }
+    c->gate = NULL;
+}
+
+/* The engine holds nothing for the connection: inline answers may go ahead, unless the app
+ * wrote after the engine last read everything (then its sequence number moved on). */
+static void gate_release(struct conn *c)
+{
+    if (!c->gate || !c->gate_seen || fdgate_state(c->gate_seen) != FDGATE_ENGINE)
+        return;
+    uint64_t g = c->gate_seen;
+    atomic_compare_exchange_strong(c->gate, &g, fdgate_make(c->gate_gen, fdgate_seq(g), FDGATE_IDLE));
+    c->gate_seen = 0;
+}
+
 static int conn_flush(struct conn *c)
 {
     if (c->side.app_gone)
         return -1;
+    if (!buf_len(&c->side.out) || !gate_take(c))
+        return 0;
     if (buf_send(&c->side.out, c->side.fd) == 0)
         return 0;
     c->side.app_gone = true;
@@ -157,6 +222,11 @@ static void conn_retire(struct conn *c, bool close_fd)
         c->xfer = NULL;
     }
     flight_leave(&c->waiter);
+    loop_timer_cancel(&c->gate_retry);
+    gate_close(c);
+    struct fd_entry *own = fdtable_slot(c->side.fd);
+    if (own && own->owner == c)
+        own->owner = NULL;
     loop_timer_cancel(&c->poll_timer);
     redis_cancel(c->lock_ticket);
     c->lock_ticket = NULL;
@@ -218,6 +288,9 @@ static void conn_update_events(struct conn *c)
         conn_close(c);
         return;
     }
+    if (c->state == CS_HTTP && !c->xfer && !c->hit && !buf_len(&c->side.in) && !buf_len(&c->side.out)
+        && !c->side.app_eof)
+        gate_release(c);               /* nothing held: the app's next hit may be answered inline */
     conn_watch_app(c);
 }
 
@@ -225,6 +298,7 @@ static void conn_update_events(struct conn *c)
  * read and bytes owed. On failure the conn stays, to close once `out` drains. */
 static void start_tunnel(struct conn *c)
 {
+    gate_close(c);
     STAT_INC(c->side.upstream, tunnels);
     if (tunnel_start(&c->src, c->side.upstream, &c->side.dest, c->side.dest_len, &c->side.in, &c->side.out,
                      c->side.app_eof) != 0) {
@@ -261,6 +335,8 @@ static void exchange_finish(struct conn *c, bool ok, bool must_close, bool hit)
  * entry, one writev at a time. True when it is all sent (or the app went away). */
 static bool hit_pump(struct conn *c)
 {
+    if (!gate_take(c))
+        return false;                  /* an app thread is writing into the pair: shortly */
     while (buf_len(&c->side.out) || c->hit_off < c->hit_len) {
         struct iovec iov[2];
         int n = 0;
@@ -269,7 +345,7 @@ static bool hit_pump(struct conn *c)
         if (c->hit_off < c->hit_len)
             iov[n++] = (struct iovec){ (char *)c->hit->body + c->hit_off, c->hit_len - c->hit_off };
         struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)n };
-        ssize_t w = sendmsg(c->side.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t w = real_sendmsg(c->side.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (w < 0 && errno == EINTR)
             continue;
         if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
@@ -293,26 +369,11 @@ static bool hit_pump(struct conn *c)
  * request whose own validators match the entry gets 304 and no body. */
 static bool serve_hit(struct conn *c, struct cache_entry *e, const struct http_request *req)
 {
-    int64_t age = (cache_now_ms() - e->stored_at_ms) / 1000;
+    static char head[RESP_HEAD_MAX + 512];   /* engine thread only */
     bool not_modified = cache_entry_not_modified(e, req);
-    char line[256];
-    int k = not_modified ? snprintf(line, sizeof line, "HTTP/1.%d 304 Not Modified\r\n", c->side.req_minor)
-                         : snprintf(line, sizeof line, "HTTP/1.%d %d %.*s\r\n", c->side.req_minor, e->status,
-                                    (int)e->reason_len, e->reason);
-    bool ok = k > 0 && (size_t)k < sizeof line && buf_append(&c->side.out, line, (size_t)k) == 0;
-    if (not_modified) {
-        static char lines[RESP_HEAD_MAX];   /* engine thread only */
-        size_t n = cache_entry_304_headers(e, lines, sizeof lines);
-        ok = ok && buf_append(&c->side.out, lines, n) == 0;
-        k = snprintf(line, sizeof line, "Age: %lld\r\n%s\r\n", (long long)(age < 0 ? 0 : age),
-                     http_connection_line(c->side.req_minor, c->side.req_keep_alive));
-    } else {
-        ok = ok && buf_append(&c->side.out, e->headers, e->headers_len) == 0;
-        k = snprintf(line, sizeof line, "Content-Length: %zu\r\nAge: %lld\r\n%s\r\n", e->body_len,
-                     (long long)(age < 0 ? 0 : age), http_connection_line(c->side.req_minor, c->side.req_keep_alive));
-    }
-    ok = ok && k > 0 && (size_t)k < sizeof line && buf_append(&c->side.out, line, (size_t)k) == 0;
-    if (!ok) {                         /* cannot happen with an empty `out`; be safe */
+    size_t n = cache_entry_head(e, c->side.req_minor, c->side.req_keep_alive, not_modified, cache_now_ms(), head,
+                                sizeof head);
+    if (!n || buf_append(&c->side.out, head, n) != 0) {   /* cannot happen with an empty `out`; be safe */
         cache_entry_release(e);
         buf_consume(&c->side.out, buf_len(&c->side.out));
         return false;
@@ -484,7 +545,8 @@ static enum next_step look_up(struct conn *c, const struct http_request *req, co
     return STEP_FETCH;
 }
 
-static struct conn *conn_new(int fd, int upstream, const union shim_sockaddr *dest, socklen_t dest_len);
+static struct conn *conn_new(int fd, int upstream, const union shim_sockaddr *dest, socklen_t dest_len,
+                             _Atomic uint64_t *gate, uint64_t gate_gen);
 
 static void tunnel_tls(struct conn *c, _Atomic uint64_t *why, const char *what)
 {
@@ -500,13 +562,14 @@ static void intercept_tls(struct conn *c)
 {
     int sv[2];
     struct upstream_stats *st = &shim_stats[c->side.upstream];
+    gate_close(c);
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) != 0) {
         tunnel_tls(c, &st->tls_tunnel_unverified, "no socketpair for the plaintext");
         return;
     }
     fdtable_mark_engine(sv[0]);
     fdtable_mark_engine(sv[1]);
-    struct conn *plain = conn_new(sv[0], c->side.upstream, &c->side.dest, c->side.dest_len);
+    struct conn *plain = conn_new(sv[0], c->side.upstream, &c->side.dest, c->side.dest_len, NULL, 0);
     if (plain)
         snprintf(plain->tls_name, sizeof plain->tls_name, "%s", c->tls_name);
     if (!plain || tls_front_start(&c->src, sv[1], c->side.upstream, c->tls_name, &c->side.in) != 0) {
@@ -853,6 +916,51 @@ static void side_exchange_done(struct app_side *app, enum exchange_end how, bool
 }
 static const struct app_side_ops side_ops = { side_flush, side_rewatch, side_exchange_done };
 
+static void on_app_event(struct loop_source *src, uint32_t ev);
+
+static void on_gate_retry(struct loop_timer *timer)
+{
+    struct conn *c = (struct conn *)(void *)((char *)timer - offsetof(struct conn, gate_retry));
+    if (!c->dead)
+        on_app_event(&c->src, EPOLLOUT);   /* as if the app had room again */
+}
+
+/* Rests of inline answers the pair did not take: they go out before anything else. */
+static void take_handoffs(void)
+{
+    struct fastpath_handoff *h = fastpath_take_handoffs();
+    while (h) {
+        struct fastpath_handoff *next = h->next;
+        struct fd_entry *slot = fdtable_slot(h->engine_fd);
+        struct conn *c = slot && atomic_load(&slot->kind) == FD_ENGINE ? slot->owner : NULL;
+        if (c && !c->dead && c->gate && c->gate_gen == h->gen) {
+            struct buf joined = { .cap = OUT_CAP + h->len };
+            if (buf_append(&joined, h->data, h->len) == 0
+                && buf_append(&joined, buf_head(&c->side.out), buf_len(&c->side.out)) == 0) {
+                buf_free(&c->side.out);
+                c->side.out = joined;
+                c->side.out.cap = OUT_CAP + h->len;
+            } else {
+                buf_free(&joined);
+                c->side.app_gone = true;   /* no memory: the answer cannot be finished */
+            }
+            if (h->close_after)
+                c->closing = true;
+            if (c->state != CS_HIT)
+                conn_flush(c);
+            conn_update_events(c);
+        }
+        free(h);
+        h = next;
+    }
+}
+
+static void after_dispatch(void)
+{
+    upstream_reap();
+    take_handoffs();
+}
+
 static void on_app_event(struct loop_source *src, uint32_t ev)
 {
     struct conn *c = (struct conn *)(void *)((char *)src - offsetof(struct conn, src));
@@ -866,20 +974,27 @@ static void on_app_event(struct loop_source *src, uint32_t ev)
         upstream_resume(c->xfer);
     }
     if (ev & (EPOLLIN | EPOLLHUP)) {
+        c->gate_seen = 0;              /* known only once a read finds nothing more */
         for (int rounds = 0; rounds < 8 && !c->side.app_eof; rounds++) {
             size_t room = IN_CAP - buf_len(&c->side.in);
             if (room > sizeof recv_scratch)
                 room = sizeof recv_scratch;
             if (room == 0)
                 break;
+            /* read the gate before the read: a write the app makes after it bumps the
+             * sequence, and the hand-back fails until that write has been read too */
+            uint64_t seen = c->gate ? atomic_load_explicit(c->gate, memory_order_acquire) : 0;
             ssize_t n = recv(c->side.fd, recv_scratch, room, MSG_DONTWAIT);
             if (n > 0) {
+                gate_take(c);          /* bytes the app wrote past the hooks, too, go the engine's way */
                 if (buf_append(&c->side.in, recv_scratch, (size_t)n) != 0) {
                     c->side.app_gone = c->side.app_eof = true;     /* out of memory: give up on this one */
                     break;
                 }
                 continue;
             }
+            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+                c->gate_seen = seen;
             if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
                 c->side.app_eof = true;
             break;
@@ -915,7 +1030,7 @@ static int start_locked(const struct shim_config *cfg)
     }
     /* libcurl completes transfers inside whatever call drove it: collect them after each
      * event, outside the handler that caused it */
-    if (loop_init(upstream_reap) != 0)
+    if (loop_init(after_dispatch) != 0)
         goto fail;
     stats_server_start(cfg);          /* no stats socket is no reason to run unshimmed */
     memcache_configure(cfg->memory_max);
@@ -958,11 +1073,17 @@ int engine_ensure_started(const struct shim_config *cfg)
     return failed ? -1 : 0;
 }
 
-static struct conn *conn_new(int engine_fd, int upstream, const union shim_sockaddr *dest, socklen_t dest_len)
+static struct conn *conn_new(int engine_fd, int upstream, const union shim_sockaddr *dest, socklen_t dest_len,
+                             _Atomic uint64_t *gate, uint64_t gate_gen)
 {
     struct conn *c = calloc(1, sizeof *c);
     if (!c)
         return NULL;
+    c->gate = gate;
+    c->gate_gen = gate_gen;
+    struct fd_entry *own = fdtable_slot(engine_fd);
+    if (own)
+        own->owner = c;                /* read by the engine only, after loop_add */
     c->side.ops = &side_ops;
     c->waiter.done = on_flight_landed;
     c->side.fd = engine_fd;
@@ -987,9 +1108,10 @@ static struct conn *conn_new(int engine_fd, int upstream, const union shim_socka
     return c;
 }
 
-int engine_adopt(int engine_fd, int upstream, const union shim_sockaddr *dest, socklen_t dest_len)
+int engine_adopt(int engine_fd, int upstream, const union shim_sockaddr *dest, socklen_t dest_len,
+                 _Atomic uint64_t *gate, uint64_t gate_gen)
 {
-    if (!conn_new(engine_fd, upstream, dest, dest_len))
+    if (!conn_new(engine_fd, upstream, dest, dest_len, gate, gate_gen))
         return -1;
     STAT_INC(upstream, client_connections);
     return 0;
@@ -1029,6 +1151,7 @@ void engine_atfork_child(void)
     tunnel_forget();
     tls_front_forget();
     tls_waits = NULL;                  /* their waiters were the parent's connections */
+    fastpath_forget();
     stats_server_atfork_child();
     if (E.cfg && E.cfg->cache == CACHE_REDIS)
         redis_forget();

@@ -10,7 +10,8 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 
-static struct fd_entry *table;
+struct fd_entry *fdtable_base;
+#define table fdtable_base
 static _Atomic int engine_fd_limit;      /* one past the highest fd ever marked engine */
 
 int fdtable_init(void)

@@ -6,6 +6,8 @@
 #include <netinet/in.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/types.h>
@@ -38,11 +40,44 @@ struct fd_entry {
     struct fd_sockopt opts[FD_MAX_OPTS];
     _Atomic int n_epoll;               /* registrations made before connect */
     struct fd_epoll_reg epoll[FD_MAX_EPOLL];
+    /* FD_DIVERTED: the engine's end of the socketpair, and who may write into it now
+     * (fdgate_*): the engine, or an app thread answering a hit inline */
+    int engine_fd;
+    _Atomic uint64_t gate;
+    void *owner;                       /* FD_ENGINE: the engine's object for it (engine thread) */
 };
+
+/* The gate: a generation (bumped on every divert of the fd, so that an old connection's
+ * engine state can never act on a new one), a sequence number (bumped by every real write
+ * of the app's, so that the engine hands the connection back only if it has read all of
+ * them) and who holds the connection's write side. */
+enum fdgate_state {
+    FDGATE_IDLE = 0,                   /* the engine holds nothing: an app thread may answer inline */
+    FDGATE_ENGINE = 1,                 /* the engine has bytes or an exchange: everything goes its way */
+    FDGATE_APP = 2,                    /* an app thread is writing (an inline answer, or for real) */
+    FDGATE_OFF = 3,                    /* never inline again (tunnel, TLS, closing) */
+};
+static inline uint64_t fdgate_make(uint64_t gen, uint64_t seq, enum fdgate_state s)
+{
+    return (gen << 32) | ((seq & 0x3fffffffu) << 2) | (uint64_t)s;
+}
+static inline uint64_t fdgate_gen(uint64_t g) { return g >> 32; }
+static inline uint64_t fdgate_seq(uint64_t g) { return (g >> 2) & 0x3fffffffu; }
+static inline enum fdgate_state fdgate_state(uint64_t g) { return (enum fdgate_state)(g & 3); }
 
 #define FDTABLE_MAX 65536              /* fds at or above this are never diverted */
 
 int fdtable_init(void);                /* mmap the table; 0 on success */
+extern struct fd_entry *fdtable_base __attribute__((visibility("hidden")));
+/* The hooks' first question about every write: one load and a compare. */
+static inline struct fd_entry *fdtable_if_diverted(int fd)
+{
+    struct fd_entry *t = fdtable_base;
+    if (!t || (unsigned)fd >= FDTABLE_MAX
+        || atomic_load_explicit(&t[fd].kind, memory_order_relaxed) != FD_DIVERTED)
+        return NULL;
+    return &t[fd];
+}
 struct fd_entry *fdtable_slot(int fd); /* NULL if no table or out of range */
 /* The entry if fd is diverted and the entry is not stale (inode check), else NULL. */
 struct fd_entry *fdtable_diverted(int fd);

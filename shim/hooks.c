@@ -10,6 +10,7 @@
 #include "rules.h"
 #include "stats.h"
 #include "pool.h"
+#include "fastpath.h"
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/sockios.h>
@@ -193,7 +194,12 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
         return -1;
     }
     fdtable_mark_engine(sv[1]);
-    if (engine_adopt(sv[1], upstream, &dest, len) != 0) {
+    /* a new generation of the fd's gate: whatever an earlier connection on this fd number
+     * still believes about it, it can no longer act on this one */
+    uint64_t gen = fdgate_gen(atomic_load(&e->gate)) + 1;
+    atomic_store(&e->gate, fdgate_make(gen, 0, FDGATE_IDLE));
+    e->engine_fd = sv[1];
+    if (engine_adopt(sv[1], upstream, &dest, len, &e->gate, gen) != 0) {
         fdtable_clear(sv[1]);
         real_close(sv[0]);
         real_close(sv[1]);
@@ -382,9 +388,78 @@ SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
     return 0;
 }
 
+/* ---- writes: on a diverted fd they pass the gate, and a hit may be answered inline ---- */
+
+struct write_call { int fd; const void *buf; size_t n; int flags; const struct msghdr *msg; const struct iovec *iov;
+                    int iovcnt; int kind; };
+enum { CALL_WRITE, CALL_SEND, CALL_SENDMSG, CALL_WRITEV };
+
+static ssize_t do_real_write(void *arg)
+{
+    const struct write_call *w = arg;
+    switch (w->kind) {
+    case CALL_SEND: return real_send(w->fd, w->buf, w->n, w->flags);
+    case CALL_SENDMSG: return real_sendmsg(w->fd, w->msg, w->flags);
+    case CALL_WRITEV: return real_writev(w->fd, w->iov, w->iovcnt);
+    default: return real_write(w->fd, w->buf, w->n);
+    }
+}
+
+static ssize_t diverted_write(int fd, struct fd_entry *e, struct write_call *w)
+{
+    struct iovec one = { (void *)w->buf, w->n };
+    const struct iovec *iov = w->kind == CALL_SENDMSG ? w->msg->msg_iov : w->kind == CALL_WRITEV ? w->iov : &one;
+    int cnt = w->kind == CALL_SENDMSG ? (int)w->msg->msg_iovlen : w->kind == CALL_WRITEV ? w->iovcnt : 1;
+    return fastpath_write(config, fd, e, iov, cnt, do_real_write, w);
+}
+
+SHIM_EXPORT ssize_t write(int fd, const void *buf, size_t n)
+{
+    struct fd_entry *e = fdtable_if_diverted(fd);
+    if (__builtin_expect(!e || shim_in_engine, 1))
+        return real_write(fd, buf, n);
+    struct write_call w = { .fd = fd, .buf = buf, .n = n, .kind = CALL_WRITE };
+    return diverted_write(fd, e, &w);
+}
+
+SHIM_EXPORT ssize_t send(int fd, const void *buf, size_t n, int flags)
+{
+    struct fd_entry *e = fdtable_if_diverted(fd);
+    if (__builtin_expect(!e || shim_in_engine, 1) || (flags & (MSG_OOB | MSG_FASTOPEN)))
+        return real_send(fd, buf, n, flags);
+    struct write_call w = { .fd = fd, .buf = buf, .n = n, .flags = flags, .kind = CALL_SEND };
+    return diverted_write(fd, e, &w);
+}
+
+SHIM_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+    struct fd_entry *e = fdtable_if_diverted(fd);
+    if (__builtin_expect(!e || shim_in_engine, 1) || !msg || msg->msg_name || msg->msg_controllen
+        || (flags & (MSG_OOB | MSG_FASTOPEN)))
+        return real_sendmsg(fd, msg, flags);
+    struct write_call w = { .fd = fd, .msg = msg, .flags = flags, .kind = CALL_SENDMSG };
+    return diverted_write(fd, e, &w);
+}
+
+SHIM_EXPORT ssize_t writev(int fd, const struct iovec *iov, int iovcnt)
+{
+    struct fd_entry *e = fdtable_if_diverted(fd);
+    if (__builtin_expect(!e || shim_in_engine, 1) || iovcnt <= 0)
+        return real_writev(fd, iov, iovcnt);
+    struct write_call w = { .fd = fd, .iov = iov, .iovcnt = iovcnt, .kind = CALL_WRITEV };
+    return diverted_write(fd, e, &w);
+}
+
 SHIM_EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr, socklen_t len)
 {
     real_bind();
+    if (!addr && !(flags & (MSG_OOB | MSG_FASTOPEN)) && !shim_in_engine) {   /* a connected send */
+        struct fd_entry *e = fdtable_if_diverted(fd);
+        if (e) {
+            struct write_call w = { .fd = fd, .buf = buf, .n = n, .flags = flags, .kind = CALL_SEND };
+            return diverted_write(fd, e, &w);
+        }
+    }
     if (!(flags & MSG_FASTOPEN) || shim_in_engine)
         return real_sendto(fd, buf, n, flags, addr, len);
     int saved = errno;

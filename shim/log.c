@@ -2,6 +2,7 @@
  * single write(2) so lines from several threads never interleave. Debug lines only
  * when HTTPSHIM_DEBUG is set. */
 #include "log.h"
+#include "real.h"
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -21,7 +22,7 @@ static void vlog(const char *fmt, va_list ap)
     if (len > sizeof line - 2)
         len = sizeof line - 2;
     line[len++] = '\n';
-    ssize_t w = write(2, line, len);
+    ssize_t w = real_write(2, line, len);
     (void)w;
 }
 

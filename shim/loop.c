@@ -217,7 +217,7 @@ void loop_wake(void)
 {
     uint64_t one = 1;
     if (L.wake.fd >= 0) {
-        ssize_t r = write(L.wake.fd, &one, sizeof one);
+        ssize_t r = real_write(L.wake.fd, &one, sizeof one);
         (void)r;
     }
 }

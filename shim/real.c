@@ -17,6 +17,10 @@ __thread int shim_in_engine __attribute__((tls_model("initial-exec")));
 static struct {
     int (*connect)(int, const struct sockaddr *, socklen_t);
     ssize_t (*sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
+    ssize_t (*write)(int, const void *, size_t);
+    ssize_t (*send)(int, const void *, size_t, int);
+    ssize_t (*sendmsg)(int, const struct msghdr *, int);
+    ssize_t (*writev)(int, const struct iovec *, int);
     int (*getaddrinfo)(const char *, const char *, const struct addrinfo *, struct addrinfo **);
     struct hostent *(*gethostbyname)(const char *);
     struct hostent *(*gethostbyname2)(const char *, int);
@@ -61,7 +65,7 @@ static bool is_ours(const void *p)
 
 static void bind_all(void)
 {
-    BIND(connect); BIND(sendto); BIND(getaddrinfo); BIND(gethostbyname); BIND(gethostbyname2);
+    BIND(connect); BIND(sendto); BIND(write); BIND(send); BIND(sendmsg); BIND(writev); BIND(getaddrinfo); BIND(gethostbyname); BIND(gethostbyname2);
     BIND(gethostbyname_r); BIND(gethostbyname2_r); BIND(getpeername); BIND(getsockname);
     BIND(setsockopt); BIND(getsockopt); BIND(ioctl); BIND(epoll_ctl); BIND(close);
     BIND(close_range); BIND(dup); BIND(dup2); BIND(dup3); BIND(fcntl); BIND(fcntl64);
@@ -92,6 +96,26 @@ int real_connect(int fd, const struct sockaddr *a, socklen_t l)
 ssize_t real_sendto(int fd, const void *b, size_t n, int fl, const struct sockaddr *a, socklen_t l)
 {
     return fn.sendto ? fn.sendto(fd, b, n, fl, a, l) : syscall(SYS_sendto, fd, b, n, fl, a, l);
+}
+
+ssize_t real_write(int fd, const void *b, size_t n)
+{
+    return fn.write ? fn.write(fd, b, n) : syscall(SYS_write, fd, b, n);
+}
+
+ssize_t real_send(int fd, const void *b, size_t n, int fl)
+{
+    return fn.send ? fn.send(fd, b, n, fl) : syscall(SYS_sendto, fd, b, n, fl, NULL, 0);
+}
+
+ssize_t real_sendmsg(int fd, const struct msghdr *m, int fl)
+{
+    return fn.sendmsg ? fn.sendmsg(fd, m, fl) : syscall(SYS_sendmsg, fd, m, fl);
+}
+
+ssize_t real_writev(int fd, const struct iovec *iov, int cnt)
+{
+    return fn.writev ? fn.writev(fd, iov, cnt) : syscall(SYS_writev, fd, iov, cnt);
 }
 
 /* Name resolution has no system call to fall back on: unbound, it fails as libc would

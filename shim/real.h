@@ -10,6 +10,7 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 
 /* Set on the engine thread: every hook passes its calls straight to these. */
 extern __thread int shim_in_engine __attribute__((tls_model("initial-exec")));
@@ -21,6 +22,10 @@ bool real_bound(void);
 
 int real_connect(int fd, const struct sockaddr *addr, socklen_t len);
 ssize_t real_sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr, socklen_t len);
+ssize_t real_write(int fd, const void *buf, size_t n);
+ssize_t real_send(int fd, const void *buf, size_t n, int flags);
+ssize_t real_sendmsg(int fd, const struct msghdr *msg, int flags);
+ssize_t real_writev(int fd, const struct iovec *iov, int iovcnt);
 int real_getaddrinfo(const char *node, const char *service, const struct addrinfo *hints, struct addrinfo **res);
 struct hostent *real_gethostbyname(const char *name);
 struct hostent *real_gethostbyname2(const char *name, int af);

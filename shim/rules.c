@@ -426,10 +426,11 @@ static int parse_global(struct parser *p, const char *key, const char *val, stru
         *durations[i].ms = ms;
         return 0;
     }
-    if (!strcmp(key, "coalesce")) {
-        if (!strcmp(val, "on")) cfg->coalesce = true;
-        else if (!strcmp(val, "off")) cfg->coalesce = false;
-        else return fail(p, "coalesce takes on or off, not '%s'", val);
+    if (!strcmp(key, "coalesce") || !strcmp(key, "fastpath")) {
+        bool *flag = !strcmp(key, "coalesce") ? &cfg->coalesce : &cfg->fastpath;
+        if (!strcmp(val, "on")) *flag = true;
+        else if (!strcmp(val, "off")) *flag = false;
+        else return fail(p, "%s takes on or off, not '%s'", key, val);
         return 0;
     }
     if (!strcmp(key, "cache")) {
@@ -495,6 +496,7 @@ int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX
     cfg->pool_idle_timeout_ms = 60000;
     cfg->upstream_timeout_ms = 30000;
     cfg->coalesce = true;
+    cfg->fastpath = true;
     cfg->coalesce_timeout_ms = 5000;   /* nginx's proxy_cache_lock_timeout */
     cfg->uncacheable_ttl_ms = 120000;  /* Varnish's hit-for-miss */
     cfg->redis_lock_ttl_ms = 10000;

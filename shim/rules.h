@@ -69,6 +69,7 @@ struct shim_config {
      * long a key that turned out uncacheable skips the waiting, how long a Redis lock on a
      * key lives */
     bool coalesce;
+    bool fastpath;                     /* memory hits answered on the app's own thread */
     int64_t coalesce_timeout_ms, uncacheable_ttl_ms, redis_lock_ttl_ms;
     enum cache_backend cache;
     int64_t memory_max;

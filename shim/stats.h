@@ -22,6 +22,7 @@ struct upstream_stats {
     _Atomic uint64_t coalesced, coalesce_timeouts;
     /* stale serving and revalidation */
     _Atomic uint64_t stale_while_revalidate, stale_if_error, refreshes, revalidated, not_modified;
+    _Atomic uint64_t inline_hits;      /* hits answered on the app's own thread */
     /* gauges: adjusted up and down (unsigned wrap-around arithmetic) */
     _Atomic uint64_t memory_entries, memory_bytes;
     _Atomic uint64_t pool_open, in_flight, in_flight_connected, queue_waiting;

@@ -210,6 +210,7 @@ static const struct counter_def counters[] = {
     C(client_connections, "connections the app opened to this upstream that the shim took over"),
     C(requests, "HTTP requests the shim answered or relayed"),
     C(hits, "requests answered from the cache"),
+    C(inline_hits, "hits answered on the app's own thread, without the engine (fastpath)"),
     C(misses, "cacheable requests not found in the cache"),
     C(stored, "responses stored in the cache"),
     C(evictions, "entries evicted to keep the memory tier under memory_max"),
@@ -606,7 +607,7 @@ static void on_client(struct loop_source *src, uint32_t ev)
         return;
     }
     if (buf_len(&cl->out)) {
-        ssize_t n = send(cl->fd, buf_head(&cl->out), buf_len(&cl->out), MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t n = real_send(cl->fd, buf_head(&cl->out), buf_len(&cl->out), MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n > 0)
             buf_consume(&cl->out, (size_t)n);
         if ((n < 0 && errno != EAGAIN && errno != EINTR) || buf_len(&cl->out) == 0)

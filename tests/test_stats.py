@@ -29,7 +29,7 @@ from conftest import (BUILD, LIB, SANITIZER_SKIP, SYS_PY, JsonLineProcess, Upstr
 HTTPSHIM = BUILD / "httpshim"
 STATSAPP = pyclient("statsapp.py")
 
-COUNTERS = ("client_connections", "requests", "hits", "misses", "stored", "evictions",
+COUNTERS = ("client_connections", "requests", "hits", "inline_hits", "misses", "stored", "evictions",
             "expired", "bytes_from_cache", "coalesced", "coalesce_timeouts",
             "stale_while_revalidate", "stale_if_error", "refreshes", "revalidated", "not_modified", "upstream_requests", "upstream_conns_opened",
             "upstream_conn_reuses", "tunnels", "tls_intercepted", "tls_handshake_failures",

@@ -1,0 +1,231 @@
+/* fastpath.c — owns the app side of every write on a diverted connection, and answering
+ * a memory hit on the app's own thread: when the engine holds nothing for the connection
+ * and one write carries exactly one whole GET or HEAD head that is a fresh memory hit, the
+ * response is written straight into the engine's end of the socketpair (the bytes wait in
+ * the kernel, so readiness stays exact and the engine never wakes), and the write returns
+ * the request's length. Everything else is written for real, in order, through the gate
+ * (fdtable.h) that keeps the engine and app threads from ever interleaving answers: every
+ * app write holds the gate while it writes, and leaves it with the engine (its sequence
+ * number bumped) after a real write, so the engine can only hand the connection back once
+ * it has read everything the app wrote. A response the pair does not take whole has its
+ * rest handed to the engine, which sends it before anything else. */
+#include "fastpath.h"
+#include "cache.h"
+#include "conn.h"
+#include "http.h"
+#include "loop.h"
+#include "real.h"
+#include "stats.h"
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+
+#define INLINE_HEAD_MAX 4096           /* a longer request head goes the engine's way */
+#define INLINE_KEY_MAX  2048           /* the same for a longer cache key */
+#define INLINE_RESPONSE_HEAD_MAX 4096  /* a longer response head, too */
+#define GATE_SPINS 10000               /* yields while another thread holds the gate */
+
+static pthread_mutex_t handoff_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct fastpath_handoff *handoffs;
+static _Atomic int handoffs_pending;
+
+/* Holds the gate for this app thread: from IDLE (inline allowed: *was_idle) or ENGINE.
+ * False: the gate is off, or another thread kept it (then the write just goes ahead). */
+static bool hold(struct fd_entry *e, uint64_t *held, bool *was_idle)
+{
+    uint64_t g = atomic_load_explicit(&e->gate, memory_order_acquire);
+    for (int spins = 0; spins < GATE_SPINS; spins++) {
+        enum fdgate_state s = fdgate_state(g);
+        if (s == FDGATE_OFF)
+            return false;
+        if (s == FDGATE_APP) {         /* another app thread is writing: let it finish */
+            sched_yield();
+            g = atomic_load_explicit(&e->gate, memory_order_acquire);
+            continue;
+        }
+        if (atomic_compare_exchange_weak(&e->gate, &g, fdgate_make(fdgate_gen(g), fdgate_seq(g), FDGATE_APP))) {
+            *held = g;
+            *was_idle = s == FDGATE_IDLE;
+            return true;
+        }
+    }
+    return false;
+}
+
+static size_t gather(const struct iovec *iov, int iovcnt, char *out, size_t cap)
+{
+    size_t n = 0;
+    for (int i = 0; i < iovcnt; i++) {
+        if (iov[i].iov_len > cap - n)
+            return (size_t)-1;
+        memcpy(out + n, iov[i].iov_base, iov[i].iov_len);
+        n += iov[i].iov_len;
+    }
+    return n;
+}
+
+/* The rest of an inline answer the pair did not take: the engine sends it first. */
+static void hand_off(struct fd_entry *e, uint64_t held, const struct iovec *iov, int iovcnt, size_t skip,
+                     bool close_after)
+{
+    size_t total = 0;
+    for (int i = 0; i < iovcnt; i++)
+        total += iov[i].iov_len;
+    struct fastpath_handoff *h = malloc(sizeof *h + (total - skip));
+    if (h) {
+        h->engine_fd = e->engine_fd;
+        h->gen = fdgate_gen(held);
+        h->close_after = close_after;
+        h->len = 0;
+        for (int i = 0; i < iovcnt; i++) {
+            const char *p = iov[i].iov_base;
+            size_t n = iov[i].iov_len;
+            if (skip >= n) {
+                skip -= n;
+                continue;
+            }
+            memcpy(h->data + h->len, p + skip, n - skip);
+            h->len += n - skip;
+            skip = 0;
+        }
+    }
+    /* the engine owns the connection until it has sent the rest */
+    atomic_store_explicit(&e->gate, fdgate_make(fdgate_gen(held), fdgate_seq(held) + 1, FDGATE_ENGINE),
+                          memory_order_release);
+    if (!h) {
+        shutdown(e->engine_fd, SHUT_WR);   /* no memory: an answer cut short, then EOF */
+        return;
+    }
+    pthread_mutex_lock(&handoff_lock);
+    h->next = handoffs;
+    handoffs = h;
+    atomic_store(&handoffs_pending, 1);
+    pthread_mutex_unlock(&handoff_lock);
+    loop_wake();
+}
+
+struct fastpath_handoff *fastpath_take_handoffs(void)
+{
+    if (!atomic_load_explicit(&handoffs_pending, memory_order_relaxed))
+        return NULL;
+    pthread_mutex_lock(&handoff_lock);
+    struct fastpath_handoff *h = handoffs;
+    handoffs = NULL;
+    atomic_store(&handoffs_pending, 0);
+    pthread_mutex_unlock(&handoff_lock);
+    return h;
+}
+
+void fastpath_forget(void)
+{
+    handoffs = NULL;                   /* a forked child: its parent's connections */
+    atomic_store(&handoffs_pending, 0);
+}
+
+/* One whole GET or HEAD head that is a fresh memory hit, answered into the pair. -1 when
+ * it is not (nothing written). */
+static ssize_t answer_inline(const struct shim_config *cfg, int fd, struct fd_entry *e, uint64_t held, const char *p,
+                             size_t n)
+{
+    int64_t started = stats_now_us();
+    struct http_request req;
+    if (http_parse_request(p, n, &req) != HTTP_PARSE_DONE || req.head_len != n || req.content_length > 0
+        || req.chunked || req.upgrade || req.expect_continue
+        || !(http_method_is(&req, "GET") || http_method_is(&req, "HEAD")))
+        return -1;
+    struct stat st;
+    if (fstat(fd, &st) != 0 || st.st_ino != e->ino || st.st_dev != e->dev)
+        return -1;                     /* libc closed it behind our back: not ours any more */
+    int up = e->upstream;
+    const struct upstream_rule *u = &cfg->upstreams[up];
+    const struct cache_rule *rule = cfg->cache != CACHE_OFF ? cache_rule_for(u, &req) : NULL;
+    char key[INLINE_KEY_MAX];
+    size_t key_len = rule ? cache_key(u, rule, &req, key, sizeof key) : 0;
+    struct cache_entry *ent = key_len ? memcache_get(key, key_len) : NULL;
+    if (ent && cache_entry_is_vary_marker(ent)) {
+        char variant[INLINE_KEY_MAX];
+        size_t vn = cache_variant_key(key, key_len, ent->vary, ent->vary_len, &req, variant, sizeof variant);
+        cache_entry_release(ent);
+        ent = vn ? memcache_get(variant, vn) : NULL;
+    }
+    int64_t now = cache_now_ms();
+    if (ent && (!cache_entry_matches_request(ent, &req) || now >= ent->expires_at_ms)) {
+        cache_entry_release(ent);      /* another variant, or stale: the engine decides */
+        ent = NULL;
+    }
+    if (!ent)
+        return -1;
+    bool not_modified = cache_entry_not_modified(ent, &req), head_only = http_method_is(&req, "HEAD");
+    char head[INLINE_RESPONSE_HEAD_MAX];
+    size_t hn = cache_entry_head(ent, req.minor_version, req.keep_alive, not_modified, now, head, sizeof head);
+    if (!hn) {
+        cache_entry_release(ent);
+        return -1;
+    }
+    size_t body = head_only || not_modified ? 0 : ent->body_len;
+    struct iovec iov[2] = { { head, hn }, { (void *)ent->body, body } };
+    struct msghdr msg = { .msg_iov = iov, .msg_iovlen = body ? 2 : 1 };
+    ssize_t w;
+    do
+        w = real_sendmsg(e->engine_fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (w < 0 && errno == EINTR);
+    if (w <= 0) {                      /* full, or gone: the request goes the engine's way */
+        cache_entry_release(ent);
+        return -1;
+    }
+    STAT_INC(up, requests);
+    STAT_INC(up, hits);
+    STAT_INC(up, inline_hits);
+    if (not_modified)
+        STAT_INC(up, not_modified);
+    STAT_ADD(up, bytes_from_cache, body);
+    if ((size_t)w < hn + body) {
+        hand_off(e, held, iov, body ? 2 : 1, (size_t)w, !req.keep_alive);
+    } else if (!req.keep_alive) {
+        shutdown(e->engine_fd, SHUT_WR);   /* the answer said close: EOF after it */
+        atomic_store_explicit(&e->gate, fdgate_make(fdgate_gen(held), fdgate_seq(held), FDGATE_OFF),
+                              memory_order_release);
+    } else {
+        atomic_store_explicit(&e->gate, held, memory_order_release);   /* IDLE, as it was */
+    }
+    cache_entry_release(ent);
+    stats_observe_latency(up, true, stats_now_us() - started);
+    return (ssize_t)n;
+}
+
+ssize_t fastpath_write(const struct shim_config *cfg, int fd, struct fd_entry *e, const struct iovec *iov, int iovcnt,
+                       fastpath_real_write real, void *real_arg)
+{
+    uint64_t held;
+    bool idle;
+    if (!hold(e, &held, &idle))
+        return real(real_arg);
+    if (idle && cfg && cfg->fastpath && iovcnt > 0) {
+        char flat[INLINE_HEAD_MAX];
+        const char *p = iov[0].iov_base;
+        size_t n = iov[0].iov_len;
+        if (iovcnt > 1) {
+            n = gather(iov, iovcnt, flat, sizeof flat);
+            p = flat;
+        }
+        if (n != (size_t)-1 && n >= 16 && n <= INLINE_HEAD_MAX && (p[0] == 'G' || p[0] == 'H')) {
+            ssize_t r = answer_inline(cfg, fd, e, held, p, n);
+            if (r >= 0)
+                return r;
+        }
+    }
+    int saved;
+    ssize_t r = real(real_arg);
+    saved = errno;
+    /* the engine owns what was written; with its sequence bumped, a hand-back it decided
+     * on before it read these bytes cannot succeed */
+    atomic_store_explicit(&e->gate, fdgate_make(fdgate_gen(held), fdgate_seq(held) + 1, FDGATE_ENGINE),
+                          memory_order_release);
+    errno = saved;
+    return r;
+}

@@ -1,0 +1,146 @@
+"""Hits on the app's own thread (issue 15): a write that carries one whole GET or HEAD head
+which is a fresh memory hit is answered by the app thread itself, straight into the
+engine's end of the socketpair; everything else goes the engine's way, in order. Each
+test's requests come from one process (one memory tier)."""
+import shutil
+
+import pytest
+
+from conftest import SYS_PY, jlines, run, write_rules
+
+CLIENT = r'''
+import json, socket, sys, time
+port, path, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+out = []
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % path).encode())
+    data = b""
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        data += b
+    s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    out.append({"status": int(head.split(b" ", 2)[1]), "len": len(body), "age": b"Age:" in head})
+print(json.dumps(out))
+'''
+
+
+def conf_for(tmp, up, sockdir, extra=(), name="fp.conf"):
+    lines = ["[global]", "stats_socket = %s/%%p.sock" % sockdir] + list(extra)
+    lines += ["", "[upstream 127.0.0.1:%d]" % up.port, "cache GET /custom* ttl=10m", "cache GET /bytes/* ttl=10m"]
+    return write_rules(tmp, [], raw="\n".join(lines) + "\n", name=name)
+
+
+def stats_of(tmp, conf, up, sockdir, code_args):
+    """Runs CLIENT then reads its own /stats (the script is extended to print them)."""
+    code = CLIENT + r'''
+import os
+st = socket.socket(socket.AF_UNIX)
+st.connect(sys.argv[4].replace("%p", str(os.getpid())))
+st.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
+d = b""
+while True:
+    b = st.recv(65536)
+    if not b:
+        break
+    d += b
+print(json.dumps(json.loads(d.partition(b"\r\n\r\n")[2])["upstreams"]))
+'''
+    r = run([SYS_PY, "-c", code] + [str(a) for a in code_args] + ["%s/%%p.sock" % sockdir], conf=conf, timeout=60)
+    lines = jlines(r.out)
+    assert r.rc == 0 and len(lines) == 2, r.describe()
+    return lines[0], lines[1]["127.0.0.1:%d" % up.port]
+
+
+def test_hits_are_answered_inline(upstream, tmp_path, sockdir):
+    """Connection per request, 20 GETs of one URL: the first goes upstream, the other 19
+    are hits answered on the app's own thread (inline_hits), byte-for-byte like any hit."""
+    conf = conf_for(tmp_path, upstream, sockdir)
+    resps, u = stats_of(tmp_path, conf, upstream, sockdir, [upstream.port, "/custom/fp?n=1200&tag=fp", 20])
+    assert all(r["status"] == 200 and r["len"] == 1200 for r in resps), resps
+    assert u["hits"] == 19 and u["inline_hits"] == 19 and u["requests"] == 20, u
+    assert upstream.stats()["requests"] == 1
+
+
+def test_fastpath_off(upstream, tmp_path, sockdir):
+    conf = conf_for(tmp_path, upstream, sockdir, extra=["fastpath = off"])
+    resps, u = stats_of(tmp_path, conf, upstream, sockdir, [upstream.port, "/custom/fpo?n=1200&tag=fpo", 10])
+    assert all(r["status"] == 200 and r["len"] == 1200 for r in resps), resps
+    assert u["hits"] == 9 and u["inline_hits"] == 0, u
+
+
+def test_a_pipelined_hit_waits_for_the_miss_before_it(upstream, tmp_path, sockdir):
+    """On one kept-alive connection: a miss to a slow upstream, then (without waiting) a
+    request that is a hit. The hit must not overtake: the answers come in request order."""
+    conf = conf_for(tmp_path, upstream, sockdir)
+    code = r'''
+import socket, sys, json
+port = int(sys.argv[1])
+def get(s, path):
+    s.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path).encode())
+def read_one(f):
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += f.read(1)
+    n = int(next(l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")))
+    return f.read(n)
+s = socket.create_connection(("127.0.0.1", port)); f = s.makefile("rb")
+get(s, "/bytes/11"); read_one(f)                       # now /bytes/11 is cached
+get(s, "/custom/slow?n=22&delay=400&tag=order")          # a miss, 400 ms
+get(s, "/bytes/11")                                      # a hit, written right after
+print(json.dumps([len(read_one(f)), len(read_one(f))]))
+'''
+    r = run([SYS_PY, "-c", code, upstream.port], conf=conf, timeout=60)
+    assert r.rc == 0 and jlines(r.out)[0] == [22, 11], r.describe()
+
+
+def test_a_large_hit_the_pair_does_not_take_whole(upstream, tmp_path, sockdir):
+    """A 600 KB entry: the inline answer does not fit the socketpair's buffer; the engine
+    sends the rest, and the client gets the whole body, intact."""
+    conf = conf_for(tmp_path, upstream, sockdir)
+    code = r'''
+import socket, sys, json, hashlib
+port = int(sys.argv[1])
+out = []
+for i in range(3):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET /bytes/600000?big=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    d = b""
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        d += b
+    body = d.partition(b"\r\n\r\n")[2]
+    out.append([len(body), hashlib.sha256(body).hexdigest()])
+print(json.dumps(out))
+'''
+    r = run([SYS_PY, "-c", code, upstream.port], conf=conf, timeout=60)
+    out = jlines(r.out)[0]
+    assert r.rc == 0 and all(x == out[0] for x in out) and out[0][0] == 600000, r.describe()
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="strace not installed")
+def test_an_inline_hit_costs_the_engine_nothing(upstream, tmp_path, sockdir):
+    """strace -f: with the fast path on, the engine thread makes (almost) no system call
+    for 30 hits; with it off, at least three per hit (wake, read, write)."""
+    counts = {}
+    for fp in ("on", "off"):
+        conf = conf_for(tmp_path, upstream, sockdir, extra=["fastpath = %s" % fp], name="fp-%s.conf" % fp)
+        log = tmp_path / ("strace-%s.log" % fp)
+        code = CLIENT.replace("for i in range(n):", "for i in range(n):\n    if i == 1: time.sleep(0.3)")
+        r = run(["strace", "-f", "-qq", "-o", log, SYS_PY, "-c", code, upstream.port, "/custom/st?n=500&tag=" + fp,
+                 31], conf=conf, timeout=120)
+        assert r.rc == 0, r.describe()
+        lines = log.read_text().splitlines()
+        main = lines[0].split()[0]
+        engine = {ln.split()[0] for ln in lines if "epoll_wait" in ln and ln.split()[0] != main}
+        assert len(engine) == 1, engine
+        pid = engine.pop()
+        # the engine's calls after the first (miss) exchange: from its last send of it on
+        mine = [ln for ln in lines if ln.split()[0] == pid]
+        counts[fp] = len(mine)
+    assert counts["off"] >= counts["on"] + 3 * 30, counts
