@@ -92,6 +92,7 @@ struct conn {
     uint64_t gate_gen;
     uint64_t gate_seen;             /* the gate when the app's bytes were last read to the end; 0 unknown */
     struct loop_timer gate_retry;   /* an app thread held the gate: write a little later */
+
     struct conn *next, *prev;       /* all live conns, under the engine lock */
 };
 
@@ -110,6 +111,7 @@ static char recv_scratch[16384];          /* engine thread only: c->side.in grow
 static char key_scratch[CACHE_KEY_MAX];   /* engine thread only */
 
 static void conn_process(struct conn *c);
+static void need_for_fd(struct fd_entry *e);
 static void conn_resume(struct conn *c);
 static void stop_waiting_tls(struct conn *c);
 static void on_redis_answer(void *waiter, struct cache_entry *e);
@@ -933,7 +935,7 @@ static void take_handoffs(void)
         struct fastpath_handoff *next = h->next;
         struct fd_entry *slot = fdtable_slot(h->engine_fd);
         struct conn *c = slot && atomic_load(&slot->kind) == FD_ENGINE ? slot->owner : NULL;
-        if (c && !c->dead && c->gate && c->gate_gen == h->gen) {
+        if (c && !c->dead && c->gate && c->gate_gen == h->gen) {   /* (the app made the loop hear it) */
             struct buf joined = { .cap = OUT_CAP + h->len };
             if (buf_append(&joined, h->data, h->len) == 0
                 && buf_append(&joined, buf_head(&c->side.out), buf_len(&c->side.out)) == 0) {
@@ -1036,6 +1038,7 @@ static int start_locked(const struct shim_config *cfg)
     memcache_configure(cfg->memory_max);
     flight_init(cfg);
     tls_front_init(cfg);
+    fastpath_init(need_for_fd);
     if (upstream_init(cfg) != 0)
         goto fail;
     if (redis_init(cfg) != 0)
@@ -1099,6 +1102,10 @@ static struct conn *conn_new(int engine_fd, int upstream, const union shim_socka
         E.conns->prev = c;
     E.conns = c;
     pthread_mutex_unlock(&E.lock);
+    if (gate) {                        /* an app's connection: registered when first needed */
+        c->src.fd = engine_fd;
+        return c;
+    }
     /* from here on the engine thread owns c */
     if (loop_add(&c->src, engine_fd, EPOLLIN, on_app_event) != 0) {
         unlink_conn(c);
@@ -1108,13 +1115,47 @@ static struct conn *conn_new(int engine_fd, int upstream, const union shim_socka
     return c;
 }
 
-int engine_adopt(int engine_fd, int upstream, const union shim_sockaddr *dest, socklen_t dest_len,
-                 _Atomic uint64_t *gate, uint64_t gate_gen)
+/* From an app thread: the engine must hear from this connection from now on (the app
+ * writes for real, or an inline answer leaves the engine a rest to send). Connections of
+ * an app fd are registered with the loop only then: one that only ever had inline answers
+ * never is. */
+static void need_for_fd(struct fd_entry *e)
 {
-    if (!conn_new(engine_fd, upstream, dest, dest_len, gate, gate_gen))
-        return -1;
+    int want = FD_UNHEARD;
+    if (!atomic_compare_exchange_strong(&e->heard, &want, FD_HEARD))
+        return;
+    struct conn *c = e->engine_conn;
+    if (c && loop_add(&c->src, c->side.fd, EPOLLIN, on_app_event) != 0)
+        shutdown(c->side.fd, SHUT_RDWR);   /* cannot listen: the app sees the connection end */
+}
+
+void engine_need(struct fd_entry *e) { need_for_fd(e); }
+
+bool engine_drop_unseen(struct fd_entry *e, void *conn)
+{
+    struct conn *c = conn;
+    int want = FD_UNHEARD;
+    if (!c || !atomic_compare_exchange_strong(&e->heard, &want, FD_DROPPED))
+        return false;
+    unlink_conn(c);                    /* the engine never saw it: nothing else refers to it */
+    struct fd_entry *own = fdtable_slot(c->side.fd);
+    if (own && own->owner == c)
+        own->owner = NULL;
+    fdtable_close_engine_fd(c->side.fd);
+    buf_free(&c->side.in);
+    buf_free(&c->side.out);
+    free(c);
+    return true;
+}
+
+void *engine_adopt(int engine_fd, int upstream, const union shim_sockaddr *dest, socklen_t dest_len,
+                   _Atomic uint64_t *gate, uint64_t gate_gen)
+{
+    struct conn *c = conn_new(engine_fd, upstream, dest, dest_len, gate, gate_gen);
+    if (!c)
+        return NULL;
     STAT_INC(upstream, client_connections);
-    return 0;
+    return c;
 }
 
 void engine_atfork_prepare(void)

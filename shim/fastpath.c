@@ -30,6 +30,10 @@
 #define INLINE_RESPONSE_HEAD_MAX 4096  /* a longer response head, too */
 #define GATE_SPINS 10000               /* yields while another thread holds the gate */
 
+static void (*need_engine)(struct fd_entry *e);
+
+void fastpath_init(void (*need)(struct fd_entry *e)) { need_engine = need; }
+
 static pthread_mutex_t handoff_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct fastpath_handoff *handoffs;
 static _Atomic int handoffs_pending;
@@ -94,6 +98,8 @@ static void hand_off(struct fd_entry *e, uint64_t held, const struct iovec *iov,
             skip = 0;
         }
     }
+    if (need_engine)
+        need_engine(e);
     /* the engine owns the connection until it has sent the rest */
     atomic_store_explicit(&e->gate, fdgate_make(fdgate_gen(held), fdgate_seq(held) + 1, FDGATE_ENGINE),
                           memory_order_release);
@@ -203,8 +209,11 @@ ssize_t fastpath_write(const struct shim_config *cfg, int fd, struct fd_entry *e
 {
     uint64_t held;
     bool idle;
-    if (!hold(e, &held, &idle))
+    if (!hold(e, &held, &idle)) {
+        if (need_engine)
+            need_engine(e);
         return real(real_arg);
+    }
     if (idle && cfg && cfg->fastpath && iovcnt > 0) {
         char flat[INLINE_HEAD_MAX];
         const char *p = iov[0].iov_base;
@@ -220,6 +229,8 @@ ssize_t fastpath_write(const struct shim_config *cfg, int fd, struct fd_entry *e
         }
     }
     int saved;
+    if (need_engine)
+        need_engine(e);                /* before the bytes: the engine must hear them */
     ssize_t r = real(real_arg);
     saved = errno;
     /* the engine owns what was written; with its sequence bumped, a hand-back it decided

@@ -27,5 +27,8 @@ struct fastpath_handoff {
     char data[];
 };
 struct fastpath_handoff *fastpath_take_handoffs(void);   /* the engine's: all pending, or NULL */
+/* need(e) is called before a real write on a diverted fd, and before a hand-off: the
+ * engine must hear from that connection from then on. */
+void fastpath_init(void (*need)(struct fd_entry *e));
 void fastpath_forget(void);
 #endif

@@ -89,12 +89,26 @@ void fdtable_copy(int from, int to)
     struct fd_entry *dst = fdtable_slot(to);
     if (!dst)
         return;
-    const struct fd_entry *src = fdtable_diverted(from);
+    struct fd_entry *src = fdtable_diverted(from);
     if (!src) {
         fdtable_clear(to);
         return;
     }
+    /* two fds on one connection: no inline answers on either, so nothing can overtake */
+    uint64_t g = atomic_load(&src->gate);
+    for (int spins = 0; spins < 100000; spins++) {
+        if (fdgate_state(g) == FDGATE_APP) {
+            g = atomic_load(&src->gate);
+            continue;
+        }
+        if (atomic_compare_exchange_weak(&src->gate, &g, fdgate_make(fdgate_gen(g), fdgate_seq(g), FDGATE_OFF)))
+            break;
+    }
+    atomic_store(&dst->gate, fdgate_make(fdgate_gen(atomic_load(&dst->gate)) + 1, 0, FDGATE_OFF));
     atomic_store(&dst->kind, FD_NONE);
+    dst->engine_fd = src->engine_fd;
+    dst->engine_conn = NULL;           /* only the original's close may drop the connection */
+    atomic_store(&dst->heard, FD_HEARD);
     dst->dev = src->dev;
     dst->ino = src->ino;
     dst->peer = src->peer;
@@ -120,6 +134,13 @@ void fdtable_close_engine_fds(void)
         if (atomic_load_explicit(&table[fd].kind, memory_order_relaxed) == FD_ENGINE) {
             atomic_store(&table[fd].kind, FD_NONE);
             real_close(fd);
+        }
+    /* the parent's connections behind the child's diverted fds are gone with its engine */
+    for (int fd = 0; fd < FDTABLE_MAX; fd++)
+        if (table[fd].engine_conn) {
+            table[fd].engine_conn = NULL;
+            atomic_store(&table[fd].heard, FD_HEARD);
+            atomic_store(&table[fd].gate, fdgate_make(fdgate_gen(atomic_load(&table[fd].gate)), 0, FDGATE_OFF));
         }
 }
 

@@ -44,6 +44,11 @@ struct fd_entry {
      * (fdgate_*): the engine, or an app thread answering a hit inline */
     int engine_fd;
     _Atomic uint64_t gate;
+    /* FD_DIVERTED: the engine's connection, and whether the loop hears it yet. The pointer
+     * is used only by whoever moves `heard` off FD_UNHEARD: an app thread registering the
+     * connection, or the close that drops one the engine never heard from. */
+    void *engine_conn;
+    _Atomic int heard;
     void *owner;                       /* FD_ENGINE: the engine's object for it (engine thread) */
 };
 
@@ -51,6 +56,8 @@ struct fd_entry {
  * engine state can never act on a new one), a sequence number (bumped by every real write
  * of the app's, so that the engine hands the connection back only if it has read all of
  * them) and who holds the connection's write side. */
+enum { FD_UNHEARD = 0, FD_HEARD = 1, FD_DROPPED = 2 };
+
 enum fdgate_state {
     FDGATE_IDLE = 0,                   /* the engine holds nothing: an app thread may answer inline */
     FDGATE_ENGINE = 1,                 /* the engine has bytes or an exchange: everything goes its way */

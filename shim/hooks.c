@@ -199,7 +199,8 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     uint64_t gen = fdgate_gen(atomic_load(&e->gate)) + 1;
     atomic_store(&e->gate, fdgate_make(gen, 0, FDGATE_IDLE));
     e->engine_fd = sv[1];
-    if (engine_adopt(sv[1], upstream, &dest, len, &e->gate, gen) != 0) {
+    void *conn = engine_adopt(sv[1], upstream, &dest, len, &e->gate, gen);
+    if (!conn) {
         fdtable_clear(sv[1]);
         real_close(sv[0]);
         real_close(sv[1]);
@@ -213,7 +214,8 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
         real_epoll_ctl(regs[i].epfd, EPOLL_CTL_DEL, fd, NULL);
     atomic_store(&e->kind, FD_NONE);
     if (real_dup3(sv[0], fd, (fdflags > 0 && (fdflags & FD_CLOEXEC)) ? O_CLOEXEC : 0) < 0) {
-        real_close(sv[0]);        /* the engine sees EOF and lets go */
+        real_close(sv[0]);
+        engine_drop_unseen(e, conn);   /* the engine never heard of it */
         if (tcp >= 0)
             real_close(tcp);
         return -1;
@@ -229,6 +231,8 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     e->peer = dest;
     e->peer_len = len;
     e->upstream = upstream;
+    e->engine_conn = conn;
+    atomic_store(&e->heard, FD_UNHEARD);
     e->n_opts = 0;
     atomic_store(&e->n_epoll, 0);
     atomic_store_explicit(&e->kind, FD_DIVERTED, memory_order_release);
@@ -731,10 +735,20 @@ SHIM_EXPORT int close(int fd)
 {
     struct fd_entry *e = fdtable_slot(fd);
     if (e) {
-        if (atomic_load_explicit(&e->kind, memory_order_acquire) == FD_ENGINE && !shim_in_engine) {
+        void *unseen = NULL;
+        int kind = atomic_load_explicit(&e->kind, memory_order_acquire);
+        if (kind == FD_ENGINE && !shim_in_engine) {
             errno = EBADF;
             return -1;
         }
+        if (kind == FD_DIVERTED && !shim_in_engine) {
+            unseen = e->engine_conn;
+            e->engine_conn = NULL;
+        }
+        /* a connection the engine never heard from: both ends go, before the fd number
+         * can be reused by another connection */
+        if (unseen)
+            engine_drop_unseen(e, unseen);
         fdtable_clear(fd);
     }
     return real_close(fd);
@@ -750,8 +764,12 @@ SHIM_EXPORT int close_range(unsigned first, unsigned last, int flags)
     unsigned start = first;
     for (unsigned fd = first; fd < limit && fd <= last; fd++) {
         if (!fdtable_is_engine((int)fd)) {
-            if (!(flags & CLOSE_RANGE_CLOEXEC))
+            if (!(flags & CLOSE_RANGE_CLOEXEC)) {
+                struct fd_entry *d = fdtable_if_diverted((int)fd);
+                if (d)
+                    engine_need(d);    /* so that the engine sees it close */
                 fdtable_clear((int)fd);
+            }
             continue;
         }
         if (fd > start && real_close_range(start, fd - 1, flags) != 0)
@@ -763,12 +781,22 @@ SHIM_EXPORT int close_range(unsigned first, unsigned last, int flags)
     return real_close_range(start, last, flags);
 }
 
+/* A diverted connection on two fds: the engine must hear from it (a close of one would
+ * otherwise drop what the other still uses). */
+static void copy_entry(int fd, int nfd)
+{
+    struct fd_entry *e = fdtable_if_diverted(fd);
+    if (e)
+        engine_need(e);
+    fdtable_copy(fd, nfd);
+}
+
 SHIM_EXPORT int dup(int fd)
 {
     real_bind();
     int nfd = real_dup(fd);
     if (nfd >= 0 && !shim_in_engine)
-        fdtable_copy(fd, nfd);
+        copy_entry(fd, nfd);
     return nfd;
 }
 
@@ -779,9 +807,13 @@ static int dup_onto(int fd, int nfd, int flags, bool is_dup3)
         errno = EBADF;
         return -1;
     }
+    /* a connection on nfd that the dup closes: the engine must hear it end */
+    struct fd_entry *old = shim_in_engine || fd == nfd ? NULL : fdtable_if_diverted(nfd);
+    if (old)
+        engine_need(old);
     int rc = is_dup3 ? real_dup3(fd, nfd, flags) : real_dup2(fd, nfd);
     if (rc >= 0 && !shim_in_engine && fd != nfd)
-        fdtable_copy(fd, nfd);
+        copy_entry(fd, nfd);
     return rc;
 }
 
@@ -791,7 +823,7 @@ SHIM_EXPORT int dup3(int fd, int nfd, int flags) { return dup_onto(fd, nfd, flag
 static int after_fcntl(int rc, int fd, int cmd)
 {
     if (rc >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC) && !shim_in_engine)
-        fdtable_copy(fd, rc);
+        copy_entry(fd, rc);
     return rc;
 }
 

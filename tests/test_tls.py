@@ -231,10 +231,10 @@ def test_curl_cli_intercepted(tls_upstream, pki, tmp_path, sockdir):
     url = tls_upstream.url("/custom/curl?tag=curl&n=700", host="localhost")
     d = run(["curl", "-s", "--cacert", pki["ca"].pem, url], shim=False)
     tls_upstream.reset()
-    r = run(["curl", "-s", "--cacert", pki["ca"].pem, url, url], conf=conf)
+    r = run(["curl", "-s", "--cacert", pki["ca"].pem, url, url], conf=conf, env={"HTTPSHIM_DEBUG": "1"})
     assert r.rc == 0 and r.out == d.out * 2, r.describe()
     mine = [e for e in tls_upstream.stats()["log"] if "tag=curl" in (e.get("target") or "")]
-    assert len(mine) == 1, tls_upstream.stats()
+    assert len(mine) == 1, (tls_upstream.stats(), r.err.decode())
 
 
 def test_node_https_works(tls_upstream, pki, tmp_path, sockdir):
