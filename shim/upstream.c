@@ -1099,6 +1099,8 @@ void *upstream_tls_probe(int upstream, const char *host, const union shim_sockad
     CURL *e = t->easy;
     curl_easy_setopt(e, CURLOPT_CONNECT_TO, t->connect_to);
     curl_easy_setopt(e, CURLOPT_CONNECT_ONLY, 1L);
+    /* a resumed session shows no certificate: the probe must see the chain */
+    curl_easy_setopt(e, CURLOPT_SSL_SESSIONID_CACHE, 0L);
     verify_tls(e, u);
     curl_easy_setopt(e, CURLOPT_SSL_CTX_FUNCTION, tls_front_probe_ctx);
     curl_easy_setopt(e, CURLOPT_SSL_CTX_DATA, &t->check);
