@@ -407,6 +407,16 @@ static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
     arm_timer();
 }
 
+/* Hands what was just queued (a SET, a lock's release) to the kernel at once rather than
+ * on the loop's next turn: with upstream.c holding back a response's last bytes until its
+ * exchange ends, the entry is on its way to Redis before the app has its answer, so even
+ * an app that leaves by _exit() right after has shared it. */
+static void write_now(void)
+{
+    if (R.ac && R.connected)
+        redisAsyncHandleWrite(R.ac);
+}
+
 static void wait_in_line(struct redis_ticket *t)
 {
     t->prev = R.waiting_tail;
@@ -527,6 +537,7 @@ void redis_unlock(const char *key, size_t key_len, const char *token)
     if (redisAsyncCommand(R.ac, on_written, NULL, "EVAL %s 1 %slock:%b %s", compare_and_delete, R.cfg->redis_prefix,
                           key, key_len, token) == REDIS_OK)
         R.inflight++;
+    write_now();
     arm_timer();
 }
 
@@ -558,6 +569,7 @@ void redis_store(const struct cache_entry *e, int64_t ttl_ms)
             atomic_fetch_add(&writes_owed, 1);
             atomic_fetch_add(&shim_redis.sets, 1);
             atomic_fetch_add(&shim_redis.bytes_written, len);
+            write_now();
         }
     }
     free(v);
