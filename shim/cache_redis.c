@@ -59,6 +59,28 @@ static struct {
 
 static int64_t exit_wait_ms;        /* redis_timeout, for the exit handler */
 
+/* Locks this process may hold without knowing it: a lock whose answer was lost with its
+ * connection (Redis may still have taken it, e.g. when a frozen server thaws), or one
+ * whose release could not be sent. Released (compare-and-delete) once connected again,
+ * so that no request anywhere waits coalesce_timeout on a lock nobody will let go. */
+#define RELEASES_MAX 64
+static struct { char *key; size_t key_len; char token[64]; } releases[RELEASES_MAX];
+static size_t n_releases;
+
+static void release_later(const char *key, size_t key_len, const char *token)
+{
+    if (n_releases == RELEASES_MAX || strlen(token) >= sizeof releases[0].token)
+        return;                        /* then it expires by itself within redis_lock_ttl */
+    char *k = malloc(key_len);
+    if (!k)
+        return;
+    memcpy(k, key, key_len);
+    releases[n_releases].key = k;
+    releases[n_releases].key_len = key_len;
+    snprintf(releases[n_releases].token, sizeof releases[0].token, "%s", token);
+    n_releases++;
+}
+
 static int64_t mono_ms(void) { return stats_now_us() / 1000; }
 
 /* Writes this process still owes Redis: storable transfers not yet finished plus SETs not
@@ -158,6 +180,12 @@ static void on_connect(const redisAsyncContext *ac, int status)
     R.connected = true;
     R.backoff_ms = 0;
     atomic_store(&shim_redis.connected, 1);
+    size_t n = n_releases;
+    n_releases = 0;
+    for (size_t i = 0; i < n; i++) {
+        redis_unlock(releases[i].key, releases[i].key_len, releases[i].token);
+        free(releases[i].key);
+    }
 }
 
 static void on_disconnect(const redisAsyncContext *ac, int status)
@@ -229,6 +257,7 @@ void redis_forget(void)
     /* forked child: the fds went with the other engine fds; the context stays allocated */
     memset(&R, 0, sizeof R);
     R.fd = -1;
+    n_releases = 0;                    /* the parent's locks: its own to release */
     atomic_store(&writes_owed, 0);
     atomic_store(&shim_redis.connected, 0);
 }
@@ -489,6 +518,8 @@ static void on_lock_reply(redisAsyncContext *ac, void *reply, void *privdata)
     } else if (r && r->type == REDIS_REPLY_STATUS && r->len == 2 && !memcmp(r->str, "OK", 2)) {
         redis_unlock(t->key, t->key_len, (const char *)t->value);   /* taken after we gave up */
     }
+    if (!r)                            /* the connection went: Redis may have taken it anyway */
+        release_later(t->key, t->key_len, (const char *)t->value);
     free_ticket(t);
     arm_timer();
 }
@@ -530,8 +561,11 @@ void redis_unlock(const char *key, size_t key_len, const char *token)
 {
     static const char compare_and_delete[] =
         "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
-    if (!R.cfg || !R.ac || R.inflight >= REDIS_MAX_INFLIGHT)
-        return;                        /* it expires by itself within redis_lock_ttl */
+    if (!R.cfg || !R.ac || !R.connected || R.inflight >= REDIS_MAX_INFLIGHT) {
+        if (R.cfg)
+            release_later(key, key_len, token);
+        return;
+    }
     if (!R.inflight)
         R.last_progress_ms = mono_ms();
     if (redisAsyncCommand(R.ac, on_written, NULL, "EVAL %s 1 %slock:%b %s", compare_and_delete, R.cfg->redis_prefix,
