@@ -1122,7 +1122,9 @@ static struct conn *conn_new(int engine_fd, int upstream, const union shim_socka
 static void need_for_fd(struct fd_entry *e)
 {
     int want = FD_UNHEARD;
-    if (!atomic_compare_exchange_strong(&e->heard, &want, FD_HEARD))
+    /* every real write comes here: a plain load answers all but the first */
+    if (atomic_load_explicit(&e->heard, memory_order_acquire) != FD_UNHEARD
+        || !atomic_compare_exchange_strong(&e->heard, &want, FD_HEARD))
         return;
     struct conn *c = e->engine_conn;
     if (c && loop_add(&c->src, c->side.fd, EPOLLIN, on_app_event) != 0)

@@ -550,43 +550,45 @@ static void verify_tls(CURL *e, const struct upstream_rule *u)
     }
 }
 
+/* The transfer's URL (scheme://host:port/), and with pin, the address libcurl connects to
+ * for it: the one the app dialled. */
+static int aim(struct transfer *t, const char *scheme, const char *host, unsigned port, const union shim_sockaddr *pin)
+{
+    bool v6 = strchr(host, ':') != NULL;
+    snprintf(scratch, sizeof scratch, v6 ? "%s://[%s]:%u/" : "%s://%s:%u/", scheme, host, port);
+    curl_easy_setopt(t->easy, CURLOPT_URL, scratch);
+    if (!pin)
+        return 0;
+    char ip[INET6_ADDRSTRLEN + 2];
+    uint16_t pport;
+    format_addr(ip, sizeof ip, pin, &pport);
+    snprintf(scratch, sizeof scratch, v6 ? "[%s]:%u:%s:%u" : "%s:%u:%s:%u", host, port, ip, pport);
+    t->connect_to = curl_slist_append(NULL, scratch);
+    if (!t->connect_to)
+        return -1;
+    curl_easy_setopt(t->easy, CURLOPT_CONNECT_TO, t->connect_to);
+    return 0;
+}
+
 static int build(struct transfer *t, const struct http_request *req, const char *body, size_t body_len)
 {
     struct app_side *c = t->app;
     const struct upstream_rule *u = &cfg->upstreams[c->upstream];
     CURL *e = t->easy;
-    bool v6 = strchr(u->host, ':') != NULL;
-    char dest[INET6_ADDRSTRLEN + 2];
-    uint16_t dport;
-    format_addr(dest, sizeof dest, &c->dest, &dport);
-
     if (c->tls_host) {
         /* the app's own TLS was terminated: the leg to the upstream is TLS again, for the
          * name the app asked for, pinned to the address it dialled, verified */
-        bool hv6 = strchr(c->tls_host, ':') != NULL;
-        snprintf(scratch, sizeof scratch, hv6 ? "https://[%s]:%u/" : "https://%s:%u/", c->tls_host, u->port);
-        curl_easy_setopt(e, CURLOPT_URL, scratch);
-        snprintf(scratch, sizeof scratch, hv6 ? "[%s]:%u:%s:%u" : "%s:%u:%s:%u", c->tls_host, u->port, dest, dport);
-        t->connect_to = curl_slist_append(NULL, scratch);
-        if (!t->connect_to)
+        if (aim(t, "https", c->tls_host, u->port, &c->dest) != 0)
             return -1;
-        curl_easy_setopt(e, CURLOPT_CONNECT_TO, t->connect_to);
         verify_tls(e, u);
     } else if (u->origin_https) {
         /* the app's plain HTTP, carried over TLS to the origin, verified as strictly as
          * libcurl verifies by default: the system store, plus the rule's tls_ca_file */
-        bool ov6 = strchr(u->origin_host, ':') != NULL;
-        snprintf(scratch, sizeof scratch, ov6 ? "https://[%s]:%u/" : "https://%s:%u/", u->origin_host, u->origin_port);
-        curl_easy_setopt(e, CURLOPT_URL, scratch);
-        verify_tls(e, u);
-    } else {
-        snprintf(scratch, sizeof scratch, v6 ? "http://[%s]:%u/" : "http://%s:%u/", u->host, u->port);
-        curl_easy_setopt(e, CURLOPT_URL, scratch);
-        snprintf(scratch, sizeof scratch, v6 ? "[%s]:%u:%s:%u" : "%s:%u:%s:%u", u->host, u->port, dest, dport);
-        t->connect_to = curl_slist_append(NULL, scratch);
-        if (!t->connect_to)
+        if (aim(t, "https", u->origin_host, u->origin_port, NULL) != 0)
             return -1;
-        curl_easy_setopt(e, CURLOPT_CONNECT_TO, t->connect_to);
+        verify_tls(e, u);
+    } else if (aim(t, "http", u->host, u->port, &c->dest) != 0) {
+        return -1;
     }
     snprintf(scratch, sizeof scratch, "%.*s", (int)req->target.n, req->target.p);
     curl_easy_setopt(e, CURLOPT_REQUEST_TARGET, scratch);
@@ -1085,24 +1087,13 @@ void *upstream_tls_probe(int upstream, const char *host, const union shim_sockad
     t->detached = t->is_probe = true;
     t->probe_done = done;
     t->probe_arg = arg;
-    char ip[INET6_ADDRSTRLEN + 2];
-    uint16_t port;
-    format_addr(ip, sizeof ip, dest, &port);
-    snprintf(t->check_where, sizeof t->check_where, "%s", ip);
-    bool v6 = strchr(host, ':') != NULL;
+    upstream_addr_text(dest, t->check_where, sizeof t->check_where);
     t->easy = curl_easy_init();
-    if (t->easy) {
-        snprintf(scratch, sizeof scratch, v6 ? "https://[%s]:%u/" : "https://%s:%u/", host, u->port);
-        curl_easy_setopt(t->easy, CURLOPT_URL, scratch);
-        snprintf(scratch, sizeof scratch, v6 ? "[%s]:%u:%s:%u" : "%s:%u:%s:%u", host, u->port, ip, port);
-        t->connect_to = curl_slist_append(NULL, scratch);
-    }
-    if (!t->easy || !t->connect_to) {
+    if (!t->easy || aim(t, "https", host, u->port, dest) != 0) {
         transfer_free(t);
         return NULL;
     }
     CURL *e = t->easy;
-    curl_easy_setopt(e, CURLOPT_CONNECT_TO, t->connect_to);
     curl_easy_setopt(e, CURLOPT_CONNECT_ONLY, 1L);
     /* a resumed session shows no certificate: the probe must see the chain */
     curl_easy_setopt(e, CURLOPT_SSL_SESSIONID_CACHE, 0L);
