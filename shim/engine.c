@@ -83,6 +83,8 @@ struct conn {
     X509_STORE *tls_store;          /* CS_VERIFY: the app context's store (a reference) */
     struct tls_wait *tls_wait;      /* CS_VERIFY: the probe it waits on, with others */
     struct conn *tls_next_waiter;
+    struct loop_timer tls_recheck;  /* CS_VERIFY: the app's store was still empty */
+    int tls_rechecks;
     char tls_where[64];             /* the address it dialled, as probes name it */
     char tls_name[256];             /* the name the app asked for; the leg's host once terminated */
     struct cache_entry *found;      /* what Redis or a flight answered, served even if memory is full */
@@ -236,6 +238,7 @@ static void conn_retire(struct conn *c, bool close_fd)
     c->lead = NULL;
     if (c->tls_wait)
         stop_waiting_tls(c);
+    loop_timer_cancel(&c->tls_recheck);
     if (c->tls_store) {
         X509_STORE_free(c->tls_store);
         c->tls_store = NULL;
@@ -624,8 +627,38 @@ static void stop_waiting_tls(struct conn *c)
     }
 }
 
+static void tls_decided(struct conn *c, int verdict);
+static bool wait_for_probe(struct conn *c);
+
+/* An app that loads its trust store after sending its ClientHello (curl does, to overlap
+ * the file's reading with the round trip) has none of it in the store yet when a quick
+ * probe returns: ask again a few times, 5 ms doubling to 640 ms (1.3 s in all), before
+ * tunnelling. Only a store that holds nothing but the shim's CA waits. */
+#define TLS_RECHECKS_MAX 8
+
+static void on_tls_recheck(struct loop_timer *timer)
+{
+    struct conn *c = (struct conn *)(void *)((char *)timer - offsetof(struct conn, tls_recheck));
+    if (c->dead)
+        return;
+    int verdict = tls_front_verdict(c->tls_store, c->tls_name, c->tls_where);
+    if (verdict == -1 && wait_for_probe(c))
+        return;                        /* the kept probe expired meanwhile: probe again */
+    tls_decided(c, verdict == -1 ? 0 : verdict);
+}
+
 static void tls_decided(struct conn *c, int verdict)
 {
+    if (verdict == TLS_VERDICT_NOT_YET) {
+        if (c->tls_rechecks < TLS_RECHECKS_MAX
+            && loop_timer_arm(&c->tls_recheck, 5LL << c->tls_rechecks, on_tls_recheck) == 0) {
+            c->tls_rechecks++;
+            c->state = CS_VERIFY;
+            return;
+        }
+        shim_debug("fd %d: the app's trust store for %s stayed empty", c->side.fd, c->tls_name);
+        verdict = 0;
+    }
     X509_STORE_free(c->tls_store);
     c->tls_store = NULL;
     c->state = CS_HTTP;
@@ -740,7 +773,7 @@ static bool took_tls(struct conn *c)
     upstream_addr_text(&c->side.dest, c->tls_where, sizeof c->tls_where);
     c->tls_store = store;
     int verdict = tls_front_verdict(store, c->tls_name, c->tls_where);
-    if (verdict >= 0)
+    if (verdict != -1)
         tls_decided(c, verdict);
     else if (!wait_for_probe(c))
         tls_decided(c, 0);

@@ -57,6 +57,7 @@ static const char *const lib_names[LIB_COUNT] = { "libcrypto.so.3", "libssl.so.3
     X(LIB_CRYPTO, int, RAND_bytes, (unsigned char *b, int n), (b, n))                          \
     X(LIB_CRYPTO, int, X509_STORE_add_cert, (X509_STORE *s, X509 *x), (s, x))                  \
     X(LIB_CRYPTO, int, X509_STORE_up_ref, (X509_STORE *s), (s))                                \
+    X(LIB_CRYPTO, STACK_OF(X509_OBJECT) *, X509_STORE_get0_objects, (const X509_STORE *s), (s)) \
     X(LIB_CRYPTO, X509_STORE_CTX *, X509_STORE_CTX_new, (void), ())                            \
     X(LIB_CRYPTO, int, X509_STORE_CTX_init,                                                    \
       (X509_STORE_CTX *c, X509_STORE *s, X509 *x, STACK_OF(X509) *chain), (c, s, x, chain))    \

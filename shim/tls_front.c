@@ -370,26 +370,32 @@ static void drop_chain(size_t i)
 }
 
 /* Verifies leaf + the chain the upstream sent against the app context's store, for name,
- * as a TLS server's certificate. */
-static bool chain_trusted(X509_STORE *store, X509 *leaf, STACK_OF(X509) *untrusted, const char *name)
+ * as a TLS server's certificate: 1, or 0; TLS_VERDICT_NOT_YET when no issuer was found in
+ * a store that holds nothing but the shim's CA — the app has not loaded its trust yet
+ * (curl reads its CA file only after it has sent the ClientHello). */
+static int chain_trusted(X509_STORE *store, X509 *leaf, STACK_OF(X509) *untrusted, const char *name)
 {
     X509_STORE_CTX *ctx = X509_STORE_CTX_new();
-    bool ok = false;
+    int verdict = 0;
     if (ctx && X509_STORE_CTX_init(ctx, store, leaf, untrusted) == 1
         && X509_STORE_CTX_set_purpose(ctx, X509_PURPOSE_SSL_SERVER) == 1) {
         unsigned char ip[16];
         X509_VERIFY_PARAM *param = X509_STORE_CTX_get0_param(ctx);
-        bool literal = inet_pton(strchr(name, ':') ? AF_INET6 : AF_INET, name, ip) == 1;
+        bool literal = inet_pton(strchr(name, ':') ? AF_INET6 : AF_INET, name, ip) == 1, ok = false;
         if ((literal ? X509_VERIFY_PARAM_set1_ip_asc(param, name) : X509_VERIFY_PARAM_set1_host(param, name, 0)) == 1)
             ok = X509_verify_cert(ctx) == 1;
-        if (!ok)
-            shim_debug("the upstream's chain for %s does not verify with the app's own trust store (error %d)", name,
-                       X509_STORE_CTX_get_error(ctx));
+        int err = X509_STORE_CTX_get_error(ctx);
+        bool no_issuer = err == X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY || err == X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT
+                         || err == X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN || err == X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT;
+        verdict = ok ? 1 : no_issuer && OPENSSL_sk_num((const OPENSSL_STACK *)X509_STORE_get0_objects(store)) <= 1
+                               ? TLS_VERDICT_NOT_YET : 0;
+        if (verdict == 0)
+            shim_debug("the upstream's chain for %s does not verify with the app's own trust store (error %d)", name, err);
     }
     if (ctx)
         X509_STORE_CTX_free(ctx);
     ERR_clear_error();
-    return ok;
+    return verdict;
 }
 
 static pthread_once_t check_once = PTHREAD_ONCE_INIT;

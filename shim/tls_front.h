@@ -26,6 +26,8 @@ void tls_front_check_release(struct tls_check *check);
  * is kept a minute. */
 void tls_front_keep_probe(const char *name, const char *where, bool verified, struct tls_check *check);
 /* With a recent probe of name at where: 1 when libcurl accepted the upstream and its
- * chain also verifies against store (an app context's), 0 when not; -1: no recent probe. */
+ * chain also verifies against store (an app context's), 0 when not; -1: no recent probe;
+ * TLS_VERDICT_NOT_YET: the store has no trust of the app's in it yet (ask again soon). */
+#define TLS_VERDICT_NOT_YET (-2)
 int tls_front_verdict(X509_STORE *store, const char *name, const char *where);
 #endif

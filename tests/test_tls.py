@@ -234,7 +234,9 @@ def test_curl_cli_intercepted(tls_upstream, pki, tmp_path, sockdir):
     r = run(["curl", "-s", "--cacert", pki["ca"].pem, url, url], conf=conf, env={"HTTPSHIM_DEBUG": "1"})
     assert r.rc == 0 and r.out == d.out * 2, r.describe()
     mine = [e for e in tls_upstream.stats()["log"] if "tag=curl" in (e.get("target") or "")]
-    assert len(mine) == 1, (tls_upstream.stats(), r.err.decode())
+    up = tls_upstream.stats()
+    print("UPSTATS", {k: v for k, v in up.items() if k != "log"})
+    assert len(mine) == 1, "shim said:\n%s\nupstream: %s" % (r.err.decode(), {k: v for k, v in up.items() if k != "log"})
 
 
 def test_node_https_works(tls_upstream, pki, tmp_path, sockdir):
@@ -378,3 +380,18 @@ def test_verify_callback_is_not_intercepted(tls_upstream, pki, tmp_path, sockdir
             conf=conf, env=dict(SAN_ENV or {}, HTTPSHIM_DEBUG="1"))
     assert r.rc == 0 and r.out.strip() == b"200 55", r.describe()
     assert b"no mark" in r.err and b"terminated" not in r.err, r.describe()
+
+
+def test_trust_loaded_after_the_client_hello_is_waited_for(tls_upstream, pki, tmp_path, sockdir):
+    """A client that loads its CA file into its context's store only after it has sent the
+    ClientHello (curl does; here 300 ms later): the shim's probe comes back long before, and
+    it asks the app's store again (5 ms doubling) instead of tunnelling at once, so the
+    connection is intercepted and the GET works."""
+    client = BUILD / "tlsstoreclient"
+    conf = intercept_conf(tmp_path, tls_upstream, pki["ca"].pem, sockdir)
+    args = [client, "--late", "localhost", str(tls_upstream.port), pki["ca"].pem, "/custom/late?tag=late&n=321"]
+    d = run(args, shim=False)
+    assert d.rc == 0 and d.out.strip() == b"200 321", d.describe()
+    r = run(args, conf=conf, env=dict(SAN_ENV or {}, HTTPSHIM_DEBUG="1"))
+    assert r.rc == 0 and r.out.strip() == b"200 321", r.describe()
+    assert b"terminated" in r.err and b"tunnelled" not in r.err, r.describe()

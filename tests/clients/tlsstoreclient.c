@@ -6,9 +6,15 @@
  * With --callback it keeps the context's store and verifies through a callback of its own
  * (one that could pin a certificate: the shim must not intercept it).
  *
- *   tlsstoreclient [--set1|--callback] HOST PORT CAFILE PATH */
+ * With --late it keeps the context's own store, empty, sends its ClientHello, and loads
+ * CAFILE into the store only 300 ms later, before it reads the answer (curl loads its CA
+ * file after sending the ClientHello, to overlap the reading with the round trip).
+ *
+ *   tlsstoreclient [--set1|--callback|--late] HOST PORT CAFILE PATH */
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <poll.h>
+#include <fcntl.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
@@ -34,17 +40,20 @@ int main(int argc, char **argv)
 {
     int set1 = argc > 1 && !strcmp(argv[1], "--set1");
     int callback = argc > 1 && !strcmp(argv[1], "--callback");
-    if (callback)
+    int late = argc > 1 && !strcmp(argv[1], "--late");
+    if (callback || late)
         set1 = 1;                      /* the flag takes the same place */
     if (argc != 5 + set1)
-        return fail("usage: tlsstoreclient [--set1|--callback] HOST PORT CAFILE PATH");
+        return fail("usage: tlsstoreclient [--set1|--callback|--late] HOST PORT CAFILE PATH");
     const char *host = argv[1 + set1], *cafile = argv[3 + set1], *path = argv[4 + set1];
     int port = atoi(argv[2 + set1]);
     SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
     X509_STORE *store = X509_STORE_new();
     if (!ctx || !store || X509_STORE_load_file(store, cafile) != 1)
         return fail("store");
-    if (callback) {
+    if (late) {
+        X509_STORE_free(store);        /* the context's own store, filled after the ClientHello */
+    } else if (callback) {
         X509_STORE_free(store);
         if (SSL_CTX_load_verify_locations(ctx, cafile, NULL) != 1)
             return fail("store");
@@ -64,8 +73,27 @@ int main(int argc, char **argv)
     SSL_set_fd(ssl, fd);
     SSL_set_tlsext_host_name(ssl, host);
     SSL_set1_host(ssl, host);
-    if (SSL_connect(ssl) != 1)
+    if (late) {
+        fcntl(fd, F_SETFL, O_NONBLOCK);
+        int rc = SSL_connect(ssl);
+        if (rc == 1 || SSL_get_error(ssl, rc) != SSL_ERROR_WANT_READ)
+            return fail("handshake");  /* the ClientHello is out, the answer not read yet */
+        usleep(300 * 1000);
+        if (SSL_CTX_load_verify_locations(ctx, cafile, NULL) != 1)
+            return fail("store");
+        for (int tries = 0; (rc = SSL_connect(ssl)) != 1 && tries < 200; tries++) {
+            int err = SSL_get_error(ssl, rc);
+            if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE)
+                return fail("handshake");
+            struct pollfd p = { .fd = fd, .events = err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT };
+            poll(&p, 1, 100);
+        }
+        if (rc != 1)
+            return fail("handshake");
+        fcntl(fd, F_SETFL, 0);
+    } else if (SSL_connect(ssl) != 1) {
         return fail("handshake");
+    }
     char req[512];
     int n = snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n\r\n", path, host, port);
     if (SSL_write(ssl, req, n) != n)
