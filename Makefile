@@ -15,7 +15,8 @@ SHIM_SRC = $(wildcard shim/*.c)
 SHIM_HDR = $(wildcard shim/*.h)
 SHIM_OBJ = $(patsubst shim/%.c,$(BUILD)/obj/%.o,$(SHIM_SRC))
 
-all: $(BUILD)/libhttpshim.so $(BUILD)/httpshim $(BUILD)/epollclient $(BUILD)/tlsstoreclient $(BUILD)/loop_test
+all: $(BUILD)/libhttpshim.so $(BUILD)/httpshim $(BUILD)/epollclient $(BUILD)/tlsstoreclient $(BUILD)/sockstate \
+     $(BUILD)/loop_test
 
 $(BUILD)/obj/%.o: shim/%.c $(SHIM_HDR) | $(BUILD)/obj
 	$(CC) $(CFLAGS_BASE) $(SAN) $(CFLAGS) -c $< -o $@
@@ -24,8 +25,8 @@ $(BUILD)/obj/lazylib.o: shim/lazylib.c $(SHIM_HDR) | $(BUILD)/obj
 	@case '$(LAZYLIB_SONAMES)' in *'""'*) echo "cannot read the sonames of libcurl/hiredis (objdump, -dev packages)"; exit 1;; esac
 	$(CC) $(CFLAGS_BASE) $(SAN) $(CFLAGS) $(LAZYLIB_SONAMES) -c $< -o $@
 
-$(BUILD)/libhttpshim.so: $(SHIM_OBJ)
-	$(CC) -shared $(SAN) -o $@ $^ $(LIBS) -Wl,--no-undefined -Wl,-z,now -Wl,--version-script=shim/exports.map
+$(BUILD)/libhttpshim.so: $(SHIM_OBJ) shim/exports.map
+	$(CC) -shared $(SAN) -o $@ $(SHIM_OBJ) $(LIBS) -Wl,--no-undefined -Wl,-z,now -Wl,--version-script=shim/exports.map
 
 PREFIX  ?= /usr/local
 LIBDIR   = $(PREFIX)/lib/httpshim
@@ -39,6 +40,10 @@ $(BUILD)/tlsstoreclient: tests/clients/tlsstoreclient.c | $(BUILD)/obj
 
 $(BUILD)/epollclient: tests/clients/epollclient.c | $(BUILD)/obj
 	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -o $@ $< -lm
+
+# sockets made and set up the ways legacy programs do, reported with raw syscalls
+$(BUILD)/sockstate: tests/clients/sockstate.c | $(BUILD)/obj
+	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -o $@ $<
 
 # loop.c on its own (tests/test_loop.py runs it): only the objects it stands on.
 LOOP_TEST_OBJ = $(addprefix $(BUILD)/obj/,loop.o fdtable.o real.o log.o)

@@ -144,9 +144,13 @@ static ssize_t answer_inline(const struct shim_config *cfg, int fd, struct fd_en
         || req.chunked || req.upgrade || req.expect_continue
         || !(http_method_is(&req, "GET") || http_method_is(&req, "HEAD")))
         return -1;
+    /* An fd libc closed behind the hooks left the socketpair end with no peer: the send
+     * below fails (EPIPE) and nothing is answered. Only a forked child could still hold
+     * the peer, so an fd older than the last fork is checked by its inode first. */
     struct stat st;
-    if (fstat(fd, &st) != 0 || st.st_ino != e->ino || st.st_dev != e->dev)
-        return -1;                     /* libc closed it behind our back: not ours any more */
+    if (e->forks_at_divert != fdtable_forks()
+        && (fstat(fd, &st) != 0 || st.st_ino != e->ino || st.st_dev != e->dev))
+        return -1;
     int up = e->upstream;
     const struct upstream_rule *u = &cfg->upstreams[up];
     const struct cache_rule *rule = cfg->cache != CACHE_OFF ? cache_rule_for(u, &req) : NULL;

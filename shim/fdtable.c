@@ -6,22 +6,30 @@
  * entry is trusted only while the fd's inode still matches. */
 #include "fdtable.h"
 #include "real.h"
+#include <pthread.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 
 struct fd_entry *fdtable_base;
+_Atomic unsigned fdtable_fork_count;
 #define table fdtable_base
 static _Atomic int engine_fd_limit;      /* one past the highest fd ever marked engine */
 
-int fdtable_init(void)
+static pthread_once_t init_once = PTHREAD_ONCE_INIT;
+
+static void map_table(void)
 {
     void *p = mmap(NULL, sizeof(struct fd_entry) * FDTABLE_MAX, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED)
-        return -1;
-    table = p;
-    return 0;
+    if (p != MAP_FAILED)
+        table = p;
+}
+
+int fdtable_init(void)
+{
+    pthread_once(&init_once, map_table);
+    return table ? 0 : -1;
 }
 
 struct fd_entry *fdtable_slot(int fd)
@@ -71,8 +79,10 @@ void fdtable_clear(int fd)
 {
     struct fd_entry *e = fdtable_slot(fd);
     if (e && (atomic_load_explicit(&e->kind, memory_order_relaxed) != FD_NONE
-              || atomic_load_explicit(&e->n_epoll, memory_order_relaxed) != 0)) {
+              || atomic_load_explicit(&e->n_epoll, memory_order_relaxed) != 0
+              || atomic_load_explicit(&e->made, memory_order_relaxed) != MADE_UNKNOWN)) {
         atomic_store(&e->kind, FD_NONE);
+        atomic_store_explicit(&e->made, MADE_UNKNOWN, memory_order_relaxed);
         atomic_store(&e->n_epoll, 0);
         atomic_store(&e->connected_already, 0);
     }
@@ -89,6 +99,9 @@ void fdtable_copy(int from, int to)
     struct fd_entry *dst = fdtable_slot(to);
     if (!dst)
         return;
+    struct fd_entry *made = fdtable_slot(from);
+    if (made)   /* two fds on one open file: a flag set through either is the other's too */
+        atomic_store_explicit(&made->made, MADE_UNKNOWN, memory_order_relaxed);
     struct fd_entry *src = fdtable_diverted(from);
     if (!src) {
         fdtable_clear(to);
@@ -117,6 +130,7 @@ void fdtable_copy(int from, int to)
     dst->n_opts = src->n_opts;
     memcpy(dst->opts, src->opts, sizeof dst->opts);
     atomic_store(&dst->n_epoll, 0);
+    atomic_store_explicit(&dst->made, MADE_UNKNOWN, memory_order_relaxed);
     atomic_store_explicit(&dst->kind, FD_DIVERTED, memory_order_release);
 }
 

@@ -21,6 +21,12 @@ union shim_sockaddr {
 /* FD_PROBING: the app's own socket connecting for real (a cold pool), diverted once it is up */
 enum fd_kind { FD_NONE = 0, FD_DIVERTED = 1, FD_ENGINE = 2, FD_PROBING = 3 };
 
+/* What the app's own socket() call made of an fd number, and what it set on it since
+ * (the hooks see all of it), so that connect need not ask the kernel. MADE_UNKNOWN: not
+ * seen being made (inherited, made behind the hooks, shared with a dup): connect asks. */
+enum fd_made { MADE_UNKNOWN = 0, MADE_TCP = 1, MADE_OTHER = 2 };
+enum { MADE_SET_OWNER = 1, MADE_SET_OPTS = 2 };   /* made_extras: copied at connect by asking */
+
 #define FD_MAX_OPTS 12
 #define FD_MAX_EPOLL 2
 
@@ -35,6 +41,7 @@ struct fd_entry {
     socklen_t peer_len;
     int upstream;
     int probe_file_flags;              /* FD_PROBING: the app's file flags at connect */
+    bool probe_held;                   /* FD_PROBING: it holds the upstream's transfers (pool.c) */
     _Atomic int connected_already;     /* FD_ENGINE: an adopted connection libcurl will connect() */
     int n_opts;
     struct fd_sockopt opts[FD_MAX_OPTS];
@@ -50,6 +57,12 @@ struct fd_entry {
     void *engine_conn;
     _Atomic int heard;
     void *owner;                       /* FD_ENGINE: the engine's object for it (engine thread) */
+    unsigned forks_at_divert;          /* FD_DIVERTED: fdtable_forks() when it was diverted */
+    _Atomic int made;                  /* enum fd_made */
+    int made_family;
+    int made_flags;                    /* as F_GETFL would report them */
+    bool made_cloexec;
+    unsigned made_extras;
 };
 
 /* The gate: a generation (bumped on every divert of the fd, so that an old connection's
@@ -74,7 +87,7 @@ static inline enum fdgate_state fdgate_state(uint64_t g) { return (enum fdgate_s
 
 #define FDTABLE_MAX 65536              /* fds at or above this are never diverted */
 
-int fdtable_init(void);                /* mmap the table; 0 on success */
+int fdtable_init(void);                /* mmap the table once; 0 when it is there */
 extern struct fd_entry *fdtable_base __attribute__((visibility("hidden")));
 /* The hooks' first question about every write: one load and a compare. */
 static inline struct fd_entry *fdtable_if_diverted(int fd)
@@ -86,6 +99,10 @@ static inline struct fd_entry *fdtable_if_diverted(int fd)
     return &t[fd];
 }
 struct fd_entry *fdtable_slot(int fd); /* NULL if no table or out of range */
+/* Forks of this process so far: a diverted fd older than the last one may live on in a
+ * child, so its socketpair end does not go away when libc closes the fd behind the hooks. */
+extern _Atomic unsigned fdtable_fork_count __attribute__((visibility("hidden")));
+static inline unsigned fdtable_forks(void) { return atomic_load_explicit(&fdtable_fork_count, memory_order_relaxed); }
 /* The entry if fd is diverted and the entry is not stale (inode check), else NULL. */
 struct fd_entry *fdtable_diverted(int fd);
 /* The same for an fd whose real connect is in progress (FD_PROBING). */

@@ -95,7 +95,11 @@ static struct shim_config *config_get(void)
 struct shim_config *hooks_config(void) { return config_get(); }
 
 static void atfork_prepare(void) { engine_atfork_prepare(); }
-static void atfork_parent(void) { engine_atfork_parent(); }
+static void atfork_parent(void)
+{
+    atomic_fetch_add_explicit(&fdtable_fork_count, 1, memory_order_relaxed);
+    engine_atfork_parent();
+}
 static void atfork_child(void) { engine_atfork_child(); }
 
 __attribute__((constructor)) static void shim_constructor(void)
@@ -105,48 +109,192 @@ __attribute__((constructor)) static void shim_constructor(void)
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }
 
-/* ---- connect and its helpers ---- */
+/* ---- socket: the record that spares connect its questions to the kernel ---- */
 
-/* A TCP socket the app created and has neither bound nor connected; *file_flags gets
- * its F_GETFL flags. (IPPROTO_TCP implies SOCK_STREAM: no SO_TYPE call.) Every syscall
- * here is paid by each connect the rules match, on the app's thread. */
-static bool is_fresh_tcp(int fd, int family, int *file_flags)
+static struct fd_entry *made_tcp(int fd)
 {
-    int v;
-    socklen_t len = sizeof v;
-    if (real_getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &len) || v != family)
-        return false;
-    len = sizeof v;
-    if (real_getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &v, &len) || v != IPPROTO_TCP)
-        return false;
-    union shim_sockaddr local;
-    len = sizeof local;
-    if (real_getsockname(fd, &local.sa, &len))
-        return false;
-    if ((family == AF_INET && local.in.sin_port) || (family == AF_INET6 && local.in6.sin6_port))
-        return false;
-    *file_flags = real_fcntl(fd, F_GETFL, NULL);
-    return *file_flags >= 0;
+    struct fd_entry *e = fdtable_slot(fd);
+    return e && atomic_load_explicit(&e->made, memory_order_relaxed) == MADE_TCP ? e : NULL;
 }
 
-/* What the app set on its TCP socket (file flags `fl`) that a Unix socket also honours.
- * `to` was made non-blocking: its flags are always set. Options still at their default
- * (zero) are not copied. */
-static void carry_over(int from, int to, int fl)
+/* A real connect (or its attempt): never a fresh socket again. */
+static void note_connected(int fd)
 {
-    real_fcntl(to, F_SETFL, (void *)(long)(fl & (O_NONBLOCK | O_ASYNC | O_APPEND | O_NOATIME)));
-    struct f_owner_ex owner;
-    if (real_fcntl(from, F_GETOWN_EX, &owner) == 0 && owner.pid)
-        real_fcntl(to, F_SETOWN_EX, &owner);
-    int sig = real_fcntl(from, F_GETSIG, NULL);
-    if (sig > 0)
-        real_fcntl(to, F_SETSIG, (void *)(long)sig);
-    static const int opts[] = { SO_RCVTIMEO, SO_SNDTIMEO, SO_SNDBUF, SO_RCVBUF, SO_PASSCRED, SO_PRIORITY };
-    for (size_t i = 0; i < sizeof opts / sizeof opts[0]; i++) {
+    struct fd_entry *e = made_tcp(fd);
+    if (e)
+        atomic_store_explicit(&e->made, MADE_OTHER, memory_order_relaxed);
+}
+
+/* The close hook's bookkeeping, for an fd number that is closing, or that the kernel
+ * has just handed out again (libc closed the old one behind the hooks). */
+static void forget_fd(int fd, struct fd_entry *e)
+{
+    void *unseen = NULL;
+    int kind = atomic_load_explicit(&e->kind, memory_order_acquire);
+    if (kind == FD_DIVERTED && !shim_in_engine) {
+        unseen = e->engine_conn;
+        e->engine_conn = NULL;
+    } else if (kind == FD_PROBING && !shim_in_engine) {
+        /* a connect in progress the app gave up on (the loser of a happy-eyeballs race):
+         * the upstream's transfers need not wait for it */
+        atomic_store(&e->kind, FD_NONE);
+        pool_end_probe(e->upstream, -1, &e->peer, e->probe_held);
+    }
+    /* a connection the engine never heard from: both ends go, before the fd number can
+     * be reused by another connection */
+    if (unseen)
+        engine_drop_unseen(e, unseen);
+    fdtable_clear(fd);
+}
+
+SHIM_EXPORT int socket(int domain, int type, int protocol)
+{
+    real_bind();
+    int fd = real_socket(domain, type, protocol);
+    if (fd < 0 || shim_in_engine || fdtable_init() != 0)
+        return fd;
+    struct fd_entry *e = fdtable_slot(fd);
+    if (!e || atomic_load_explicit(&e->kind, memory_order_relaxed) == FD_ENGINE)
+        return fd;
+    int saved = errno;
+    forget_fd(fd, e);
+    bool tcp = (domain == AF_INET || domain == AF_INET6) && (type & 0xf) == SOCK_STREAM
+               && (protocol == 0 || protocol == IPPROTO_TCP);
+    e->made_family = domain;
+    e->made_flags = O_RDWR | ((type & SOCK_NONBLOCK) ? O_NONBLOCK : 0);
+    e->made_cloexec = (type & SOCK_CLOEXEC) != 0;
+    e->made_extras = 0;
+    atomic_store_explicit(&e->made, tcp ? MADE_TCP : MADE_OTHER, memory_order_relaxed);
+    errno = saved;
+    return fd;
+}
+
+/* What fcntl, ioctl and setsockopt change that divert would otherwise ask about. */
+static void note_file_flag(int fd, int flag, bool on)
+{
+    struct fd_entry *e = made_tcp(fd);
+    if (e)
+        e->made_flags = on ? (e->made_flags | flag) : (e->made_flags & ~flag);
+}
+
+static void note_fcntl(int fd, int cmd, void *arg)
+{
+    struct fd_entry *e = made_tcp(fd);
+    if (!e)
+        return;
+    if (cmd == F_SETFL)
+        e->made_flags = O_RDWR | ((int)(long)arg & (O_NONBLOCK | O_ASYNC | O_APPEND | O_NOATIME));
+    else if (cmd == F_SETFD)
+        e->made_cloexec = ((int)(long)arg & FD_CLOEXEC) != 0;
+    else if (cmd == F_SETOWN || cmd == F_SETOWN_EX || cmd == F_SETSIG)
+        e->made_extras |= MADE_SET_OWNER;
+}
+
+static void note_ioctl(int fd, unsigned long req, const void *arg)
+{
+    int on = 0;
+    if ((req == FIONBIO || req == FIOASYNC) && arg)
+        memcpy(&on, arg, sizeof on);
+    if (req == FIONBIO)
+        note_file_flag(fd, O_NONBLOCK, on != 0);
+    else if (req == FIOASYNC)
+        note_file_flag(fd, O_ASYNC, on != 0);
+    else if (req == FIOCLEX || req == FIONCLEX) {
+        struct fd_entry *e = made_tcp(fd);
+        if (e)
+            e->made_cloexec = req == FIOCLEX;
+    } else if (req == FIOSETOWN || req == SIOCSPGRP) {
+        struct fd_entry *e = made_tcp(fd);
+        if (e)
+            e->made_extras |= MADE_SET_OWNER;
+    }
+}
+
+static void note_sockopt(int fd, int level, int name)
+{
+    struct fd_entry *e = level == SOL_SOCKET ? made_tcp(fd) : NULL;
+    if (e && (name == SO_RCVTIMEO || name == SO_SNDTIMEO || name == SO_PASSCRED || name == SO_PRIORITY
+#ifdef SO_RCVTIMEO_NEW
+              || name == SO_RCVTIMEO_NEW || name == SO_SNDTIMEO_NEW
+#endif
+              ))
+        e->made_extras |= MADE_SET_OPTS;
+}
+
+/* ---- connect and its helpers ---- */
+
+/* What divert needs to know of the app's socket to make the socketpair end behave like
+ * it: its file flags, close-on-exec (-1: ask), and whether an owner, a signal or options
+ * were set on it (ask for those, and copy them). */
+struct socket_facts { int file_flags; int cloexec; unsigned ask; };
+
+/* What the hooks saw the app do to its socket since socket(), if they saw it all. */
+static bool facts_from_record(const struct fd_entry *e, int family, struct socket_facts *f)
+{
+    if (atomic_load_explicit(&e->made, memory_order_relaxed) != MADE_TCP || e->made_family != family)
+        return false;
+    *f = (struct socket_facts){ e->made_flags, e->made_cloexec, e->made_extras };
+    return true;
+}
+
+/* A TCP socket the app created and has neither bound nor connected, and what divert
+ * must carry over from it. Every syscall here is paid by each connect the rules match,
+ * on the app's thread: a socket the hooks saw made costs one (getsockname: not bound,
+ * and still a socket of that family, whatever happened to the fd number behind the
+ * hooks); one made out of their sight costs four. (IPPROTO_TCP implies SOCK_STREAM.) */
+static bool is_fresh_tcp(int fd, int family, struct socket_facts *f)
+{
+    struct fd_entry *e = fdtable_slot(fd);
+    int made = e ? atomic_load_explicit(&e->made, memory_order_relaxed) : MADE_UNKNOWN;
+    if (made == MADE_OTHER)
+        return false;
+    bool known = made == MADE_TCP && facts_from_record(e, family, f);
+    int v;
+    socklen_t len = sizeof v;
+    if (!known) {
+        if (made == MADE_TCP)
+            return false;              /* a TCP socket of the other family */
+        if (real_getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &len) || v != family)
+            return false;
+        len = sizeof v;
+        if (real_getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &v, &len) || v != IPPROTO_TCP)
+            return false;
+    }
+    union shim_sockaddr local;
+    len = sizeof local;
+    if (real_getsockname(fd, &local.sa, &len) || local.sa.sa_family != family) {
+        if (e)
+            atomic_store_explicit(&e->made, MADE_UNKNOWN, memory_order_relaxed);
+        return false;
+    }
+    if ((family == AF_INET && local.in.sin_port) || (family == AF_INET6 && local.in6.sin6_port))
+        return false;
+    if (known)
+        return true;
+    *f = (struct socket_facts){ real_fcntl(fd, F_GETFL, NULL), -1, MADE_SET_OWNER | MADE_SET_OPTS };
+    return f->file_flags >= 0;
+}
+
+/* What the app set on its TCP socket that a Unix socket also honours, copied to `to`
+ * (made non-blocking). What the record does not know is asked of the kernel; options
+ * still at their default (zero) are not copied. */
+static void carry_over(int from, int to, const struct socket_facts *f)
+{
+    int fl = f->file_flags & (O_NONBLOCK | O_ASYNC | O_APPEND | O_NOATIME);
+    if (fl != O_NONBLOCK)
+        real_fcntl(to, F_SETFL, (void *)(long)fl);
+    if (f->ask & MADE_SET_OWNER) {
+        struct f_owner_ex owner;
+        if (real_fcntl(from, F_GETOWN_EX, &owner) == 0 && owner.pid)
+            real_fcntl(to, F_SETOWN_EX, &owner);
+        int sig = real_fcntl(from, F_GETSIG, NULL);
+        if (sig > 0)
+            real_fcntl(to, F_SETSIG, (void *)(long)sig);
+    }
+    static const int opts[] = { SO_RCVTIMEO, SO_SNDTIMEO, SO_PASSCRED, SO_PRIORITY };
+    for (size_t i = 0; (f->ask & MADE_SET_OPTS) && i < sizeof opts / sizeof opts[0]; i++) {
         char val[32];
         socklen_t len = sizeof val;
-        if (opts[i] == SO_SNDBUF || opts[i] == SO_RCVBUF)
-            continue;                  /* the kernel doubles these: copying would inflate them */
         if (real_getsockopt(from, SOL_SOCKET, opts[i], val, &len) != 0)
             continue;
         bool is_default = true;
@@ -161,7 +309,8 @@ static void carry_over(int from, int to, int fl)
  * fd is now diverted; -1 when nothing changed and the caller should connect for real.
  * With kept_tcp, the app's socket is connected already: it is kept (a new fd number, in
  * *kept_tcp) for the pool, and the app's epoll registrations of it are moved over. */
-static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t len, int file_flags, int *kept_tcp)
+static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t len, const struct socket_facts *facts,
+                  int *kept_tcp)
 {
     struct fd_entry *e = fdtable_slot(fd);
     if (!e || len > sizeof(union shim_sockaddr) || engine_ensure_started(config) != 0)
@@ -175,8 +324,12 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
         real_close(sv[1]);
         return -1;
     }
-    carry_over(fd, sv[0], file_flags);
-    int fdflags = real_fcntl(fd, F_GETFD, NULL);
+    carry_over(fd, sv[0], facts);
+    int cloexec = facts->cloexec;
+    if (cloexec < 0) {
+        int fdflags = real_fcntl(fd, F_GETFD, NULL);
+        cloexec = fdflags > 0 && (fdflags & FD_CLOEXEC);
+    }
     union shim_sockaddr dest;
     memset(&dest, 0, sizeof dest);
     memcpy(&dest, addr, len);
@@ -213,7 +366,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     for (int i = 0; tcp >= 0 && i < nregs; i++)
         real_epoll_ctl(regs[i].epfd, EPOLL_CTL_DEL, fd, NULL);
     atomic_store(&e->kind, FD_NONE);
-    if (real_dup3(sv[0], fd, (fdflags > 0 && (fdflags & FD_CLOEXEC)) ? O_CLOEXEC : 0) < 0) {
+    if (real_dup3(sv[0], fd, cloexec ? O_CLOEXEC : 0) < 0) {
         real_close(sv[0]);
         engine_drop_unseen(e, conn);   /* the engine never heard of it */
         if (tcp >= 0)
@@ -231,10 +384,12 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     e->peer = dest;
     e->peer_len = len;
     e->upstream = upstream;
+    e->forks_at_divert = fdtable_forks();
     e->engine_conn = conn;
     atomic_store(&e->heard, FD_UNHEARD);
     e->n_opts = 0;
     atomic_store(&e->n_epoll, 0);
+    atomic_store_explicit(&e->made, MADE_OTHER, memory_order_relaxed);   /* connected now */
     atomic_store_explicit(&e->kind, FD_DIVERTED, memory_order_release);
     for (int i = 0; i < nregs; i++) {
         struct epoll_event ev = regs[i].ev;
@@ -266,12 +421,13 @@ static void count_connect_error(int up, int err)
 
 /* The real connection is up: divert the fd and give the connection to the pool. If the
  * divert fails the app simply keeps its real, connected socket. */
-static void probe_connected(int fd, int up, const union shim_sockaddr *dest, socklen_t len, int file_flags)
+static void probe_connected(int fd, int up, const union shim_sockaddr *dest, socklen_t len, const struct socket_facts *f,
+                            bool held)
 {
     int tcp = -1;
-    if (divert(fd, up, &dest->sa, len, file_flags, &tcp) != 0)
+    if (divert(fd, up, &dest->sa, len, f, &tcp) != 0)
         tcp = -1;
-    pool_end_probe(up, tcp, dest);
+    pool_end_probe(up, tcp, dest, held);
 }
 
 enum divert_result { NOT_OURS, DIVERTED, FAILED, PROBE_CONNECTED, PROBING };
@@ -291,19 +447,25 @@ static enum divert_result try_divert(int fd, const struct sockaddr *addr, sockle
     if (addr->sa_family != AF_INET && addr->sa_family != AF_INET6)
         return NOT_OURS;
     int up = rules_match_addr(cfg, addr, len);
-    int file_flags;
-    if (up < 0 || len > sizeof(union shim_sockaddr) || !is_fresh_tcp(fd, addr->sa_family, &file_flags))
+    struct socket_facts facts;
+    if (up < 0 || len > sizeof(union shim_sockaddr) || !is_fresh_tcp(fd, addr->sa_family, &facts))
         return NOT_OURS;
-    *nonblock = (file_flags & O_NONBLOCK) != 0;
+    *nonblock = (facts.file_flags & O_NONBLOCK) != 0;
     /* an upstream reached at another origin: the app's own address may not even answer */
-    if (!may_probe || cfg->upstreams[up].origin_https || pool_has_live_connection(up) || engine_ensure_started(config) != 0
-        || !pool_begin_probe(up))
-        return divert(fd, up, addr, len, file_flags, NULL) == 0 ? DIVERTED : NOT_OURS;
+    enum pool_probe probe = POOL_PROBE_SAME;
+    if (may_probe && !cfg->upstreams[up].origin_https && !pool_has_live_connection(up, addr)
+        && engine_ensure_started(config) == 0)
+        probe = pool_begin_probe(up, addr);
+    if (probe == POOL_PROBE_SAME)
+        return divert(fd, up, addr, len, &facts, NULL) == 0 ? DIVERTED : NOT_OURS;
+    /* an address not known to answer is connected for real, whether or not it is the one
+     * probe that holds the upstream's transfers */
+    bool held = probe == POOL_PROBE_HELD;
     union shim_sockaddr dest;
     memset(&dest, 0, sizeof dest);
     memcpy(&dest, addr, len);
     if (real_connect(fd, addr, len) == 0) {
-        probe_connected(fd, up, &dest, len, file_flags);
+        probe_connected(fd, up, &dest, len, &facts, held);
         return PROBE_CONNECTED;
     }
     int err = errno;
@@ -316,16 +478,17 @@ static enum divert_result try_divert(int fd, const struct sockaddr *addr, sockle
             e->peer = dest;
             e->peer_len = len;
             e->upstream = up;
-            e->probe_file_flags = file_flags;
+            e->probe_file_flags = facts.file_flags;
+            e->probe_held = held;
             atomic_store_explicit(&e->kind, FD_PROBING, memory_order_release);
         } else {
-            pool_end_probe(up, -1, &dest);   /* cannot follow it: stop holding */
+            pool_end_probe(up, -1, &dest, held);   /* cannot follow it: stop holding */
         }
         errno = EINPROGRESS;
         return PROBING;
     }
     count_connect_error(up, err);
-    pool_end_probe(up, -1, &dest);
+    pool_end_probe(up, -1, &dest, held);
     errno = err;
     return FAILED;
 }
@@ -336,7 +499,7 @@ static void probe_settled(int fd, struct fd_entry *e, int err)
 {
     if (err) {
         count_connect_error(e->upstream, err);
-        pool_end_probe(e->upstream, -1, &e->peer);
+        pool_end_probe(e->upstream, -1, &e->peer, e->probe_held);
         fdtable_clear(fd);
         return;
     }
@@ -346,7 +509,10 @@ static void probe_settled(int fd, struct fd_entry *e, int err)
         return;                        /* still connecting */
     union shim_sockaddr dest = e->peer;
     atomic_store(&e->kind, FD_NONE);   /* its epoll registrations stay: divert moves them */
-    probe_connected(fd, e->upstream, &dest, e->peer_len, e->probe_file_flags);
+    struct socket_facts facts;
+    if (!facts_from_record(e, dest.sa.sa_family, &facts))
+        facts = (struct socket_facts){ e->probe_file_flags, -1, MADE_SET_OWNER | MADE_SET_OPTS };
+    probe_connected(fd, e->upstream, &dest, e->peer_len, &facts, e->probe_held);
 }
 
 SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
@@ -376,6 +542,7 @@ SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
     case PROBING:
         return -1;
     case NOT_OURS:
+        note_connected(fd);
         errno = saved;
         return real_connect(fd, addr, len);
     case PROBE_CONNECTED:
@@ -611,8 +778,12 @@ SHIM_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen
 {
     real_bind();
     struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
-    if (!e)
-        return real_setsockopt(fd, level, name, val, len);
+    if (!e) {
+        int rc = real_setsockopt(fd, level, name, val, len);
+        if (rc == 0 && !shim_in_engine)
+            note_sockopt(fd, level, name);
+        return rc;
+    }
     int saved = errno;
     if (level == SOL_SOCKET) {
         if (real_setsockopt(fd, level, name, val, len) == 0)
@@ -643,6 +814,16 @@ SHIM_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *le
         }
         return rc;
     }
+    /* a socket-level option the socketpair end answers itself needs no stale check: the
+     * answer is the fd's own either way (SO_ERROR after a non-blocking connect, mostly) */
+    if (level == SOL_SOCKET && name != SO_DOMAIN && name != SO_PROTOCOL && !shim_in_engine && fdtable_if_diverted(fd)) {
+        int saved = errno;
+        if (real_getsockopt(fd, level, name, val, len) == 0)
+            return 0;
+        if (errno != EOPNOTSUPP && errno != ENOPROTOOPT)
+            return -1;
+        errno = saved;
+    }
     struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
     if (!e || !val || !len)
         return real_getsockopt(fd, level, name, val, len);
@@ -653,12 +834,12 @@ SHIM_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *le
             v = e->peer.sa.sa_family;
         else if (name == SO_PROTOCOL)
             v = IPPROTO_TCP;
-        else if (real_getsockopt(fd, level, name, val, len) == 0)
-            return 0;
         else {
             const struct fd_sockopt *o = find_opt(e, level, name, false);
-            if (!o)
+            if (!o) {
+                errno = ENOPROTOOPT;
                 return -1;
+            }
             v = o->value;
         }
     } else if (level == IPPROTO_TCP && name == TCP_INFO) {
@@ -692,7 +873,10 @@ SHIM_EXPORT int ioctl(int fd, unsigned long req, ...)
         *(int *)arg = 0;               /* no urgent data ever arrives on the relay */
         return 0;
     }
-    return real_ioctl(fd, req, arg);
+    int rc = real_ioctl(fd, req, arg);
+    if (rc == 0 && !shim_in_engine)
+        note_ioctl(fd, req, arg);
+    return rc;
 }
 
 /* ---- epoll: registrations made before connect must survive the fd swap ---- */
@@ -735,21 +919,11 @@ SHIM_EXPORT int close(int fd)
 {
     struct fd_entry *e = fdtable_slot(fd);
     if (e) {
-        void *unseen = NULL;
-        int kind = atomic_load_explicit(&e->kind, memory_order_acquire);
-        if (kind == FD_ENGINE && !shim_in_engine) {
+        if (atomic_load_explicit(&e->kind, memory_order_acquire) == FD_ENGINE && !shim_in_engine) {
             errno = EBADF;
             return -1;
         }
-        if (kind == FD_DIVERTED && !shim_in_engine) {
-            unseen = e->engine_conn;
-            e->engine_conn = NULL;
-        }
-        /* a connection the engine never heard from: both ends go, before the fd number
-         * can be reused by another connection */
-        if (unseen)
-            engine_drop_unseen(e, unseen);
-        fdtable_clear(fd);
+        forget_fd(fd, e);
     }
     return real_close(fd);
 }
@@ -820,10 +994,14 @@ static int dup_onto(int fd, int nfd, int flags, bool is_dup3)
 SHIM_EXPORT int dup2(int fd, int nfd) { return dup_onto(fd, nfd, 0, false); }
 SHIM_EXPORT int dup3(int fd, int nfd, int flags) { return dup_onto(fd, nfd, flags, true); }
 
-static int after_fcntl(int rc, int fd, int cmd)
+static int after_fcntl(int rc, int fd, int cmd, void *arg)
 {
-    if (rc >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC) && !shim_in_engine)
+    if (rc < 0 || shim_in_engine)
+        return rc;
+    if (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC)
         copy_entry(fd, rc);
+    else
+        note_fcntl(fd, cmd, arg);
     return rc;
 }
 
@@ -834,7 +1012,7 @@ SHIM_EXPORT int fcntl(int fd, int cmd, ...)
     void *arg = va_arg(ap, void *);
     va_end(ap);
     real_bind();
-    return after_fcntl(real_fcntl(fd, cmd, arg), fd, cmd);
+    return after_fcntl(real_fcntl(fd, cmd, arg), fd, cmd, arg);
 }
 
 SHIM_EXPORT int fcntl64(int fd, int cmd, ...)
@@ -844,5 +1022,5 @@ SHIM_EXPORT int fcntl64(int fd, int cmd, ...)
     void *arg = va_arg(ap, void *);
     va_end(ap);
     real_bind();
-    return after_fcntl(real_fcntl64(fd, cmd, arg), fd, cmd);
+    return after_fcntl(real_fcntl64(fd, cmd, arg), fd, cmd, arg);
 }

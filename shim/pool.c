@@ -33,6 +33,16 @@ static _Atomic int offered_count[RULES_MAX_UPSTREAMS];
 static _Atomic int64_t probe_started_us[RULES_MAX_UPSTREAMS];   /* 0: none in flight */
 static _Atomic int probe_settled[RULES_MAX_UPSTREAMS];
 
+/* The addresses of each upstream that a real connect reached (a few, the newest kept) and
+ * the one the probe in flight dials, under offered.lock: a connect is answered at once
+ * only for an address known to answer. An upstream name with two addresses (localhost:
+ * 127.0.0.1 and ::1, a server listening on one) must not have the dead one's connect
+ * succeed because the live one's did. */
+#define PROVEN_MAX 8
+static struct proven { union shim_sockaddr addr[PROVEN_MAX]; int n, next; union shim_sockaddr probing; }
+    proven[RULES_MAX_UPSTREAMS];
+static bool same_address(const struct sockaddr *a, const union shim_sockaddr *b);
+
 bool pool_probe_holds(int up)
 {
     int64_t at = atomic_load(&probe_started_us[up]);
@@ -45,26 +55,52 @@ static bool has_pooled_connection(int up)
            || atomic_load(&offered_count[up]) > 0;
 }
 
-bool pool_begin_probe(int up)
+static bool is_proven_locked(int up, const struct sockaddr *addr)
+{
+    for (int i = 0; i < proven[up].n; i++)
+        if (same_address(addr, &proven[up].addr[i]))
+            return true;
+    return false;
+}
+
+enum pool_probe pool_begin_probe(int up, const struct sockaddr *addr)
 {
     int64_t seen = 0, now = stats_now_us();
+    enum pool_probe r = POOL_PROBE_HELD;
+    /* under the lock, so that whoever loses the slot sees the winner's address */
+    pthread_mutex_lock(&offered.lock);
     if (!atomic_compare_exchange_strong(&probe_started_us[up], &seen, now)) {
         /* a probe that was abandoned (its fd closed unasked) does not block the next one */
         if (now - seen < POOL_PROBE_HOLD_MS * 1000LL || !atomic_compare_exchange_strong(&probe_started_us[up], &seen, now))
-            return false;
+            r = same_address(addr, &proven[up].probing) ? POOL_PROBE_SAME : POOL_PROBE_OTHER;
     }
-    /* another probe may have ended between the caller's look at the pool and here */
-    if (has_pooled_connection(up)) {
+    if (r == POOL_PROBE_HELD && has_pooled_connection(up) && is_proven_locked(up, addr)) {
+        /* another probe ended between the caller's look at the pool and here */
         atomic_store(&probe_started_us[up], 0);
-        return false;
+        r = POOL_PROBE_SAME;
     }
-    return true;
+    if (r == POOL_PROBE_HELD)
+        memcpy(&proven[up].probing, addr, addr->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in));
+    pthread_mutex_unlock(&offered.lock);
+    return r;
 }
 
-void pool_end_probe(int up, int fd, const union shim_sockaddr *dest)
+void pool_end_probe(int up, int fd, const union shim_sockaddr *dest, bool held)
 {
-    if (fd >= 0)
+    if (fd >= 0) {
+        pthread_mutex_lock(&offered.lock);
+        struct proven *p = &proven[up];
+        if (!is_proven_locked(up, &dest->sa)) {
+            p->addr[p->next] = *dest;
+            p->next = (p->next + 1) % PROVEN_MAX;
+            if (p->n < PROVEN_MAX)
+                p->n++;
+        }
+        pthread_mutex_unlock(&offered.lock);
         pool_offer_connection(up, fd, dest);
+    }
+    if (!held)
+        return;
     atomic_store(&probe_started_us[up], 0);
     atomic_store(&probe_settled[up], 1);
     loop_wake();                       /* the engine admits what the probe held */
@@ -134,9 +170,15 @@ int pool_take_offered(int upstream, const struct sockaddr *addr)
     return fd;
 }
 
-bool pool_has_live_connection(int upstream)
+bool pool_has_live_connection(int upstream, const struct sockaddr *addr)
 {
-    return has_pooled_connection(upstream) || pool_probe_holds(upstream);
+    bool probing = pool_probe_holds(upstream), pooled = has_pooled_connection(upstream);
+    if (!probing && !pooled)
+        return false;
+    pthread_mutex_lock(&offered.lock);
+    bool live = (probing && same_address(addr, &proven[upstream].probing)) || (pooled && is_proven_locked(upstream, addr));
+    pthread_mutex_unlock(&offered.lock);
+    return live;
 }
 
 void pool_offer_connection(int upstream, int fd, const union shim_sockaddr *dest)

@@ -10,17 +10,22 @@
  * never asks SO_ERROR must not stall them). */
 #define POOL_PROBE_HOLD_MS 1000
 
-/* Whether the pool holds, or is about to hold, a connection to upstream. */
-bool pool_has_live_connection(int upstream);
+/* Whether the pool holds, or is about to hold, a connection to upstream at addr (an
+ * address a real connect reached before, or the one the probe in flight dials). */
+bool pool_has_live_connection(int upstream, const struct sockaddr *addr);
 /* A connection the app's own connect made joins the pool (fd taken over). */
 void pool_offer_connection(int upstream, int fd, const union shim_sockaddr *dest);
 /* An offered connection to addr, still fresh and quiet, or -1. */
 int pool_take_offered(int upstream, const struct sockaddr *addr);
-/* The caller's connect finds out for real whether upstream can be reached; false when
- * another one already does, or the pool has a connection after all. */
-bool pool_begin_probe(int upstream);
-/* It found out: fd >= 0 is the connection it made (taken over), -1 a failure. */
-void pool_end_probe(int upstream, int fd, const union shim_sockaddr *dest);
+/* Whether the caller's connect is to find out for real whether upstream can be reached at
+ * addr: HELD, it does, and holds the upstream's transfers while it does; SAME, another
+ * connect does so for this address (the caller waits on its outcome); OTHER, another
+ * holds them for another address (the caller connects for real, without holding). */
+enum pool_probe { POOL_PROBE_HELD, POOL_PROBE_SAME, POOL_PROBE_OTHER };
+enum pool_probe pool_begin_probe(int upstream, const struct sockaddr *addr);
+/* It found out: fd >= 0 is the connection it made (taken over), -1 a failure; held: what
+ * pool_begin_probe said. */
+void pool_end_probe(int upstream, int fd, const union shim_sockaddr *dest, bool held);
 bool pool_probe_holds(int upstream);
 int64_t pool_probe_started_us(int upstream);   /* 0: none */
 bool pool_probe_settled(int upstream);          /* once per ended probe */

@@ -15,6 +15,7 @@
 __thread int shim_in_engine __attribute__((tls_model("initial-exec")));
 
 static struct {
+    int (*socket)(int, int, int);
     int (*connect)(int, const struct sockaddr *, socklen_t);
     ssize_t (*sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
     ssize_t (*write)(int, const void *, size_t);
@@ -65,7 +66,7 @@ static bool is_ours(const void *p)
 
 static void bind_all(void)
 {
-    BIND(connect); BIND(sendto); BIND(write); BIND(send); BIND(sendmsg); BIND(writev); BIND(getaddrinfo); BIND(gethostbyname); BIND(gethostbyname2);
+    BIND(socket); BIND(connect); BIND(sendto); BIND(write); BIND(send); BIND(sendmsg); BIND(writev); BIND(getaddrinfo); BIND(gethostbyname); BIND(gethostbyname2);
     BIND(gethostbyname_r); BIND(gethostbyname2_r); BIND(getpeername); BIND(getsockname);
     BIND(setsockopt); BIND(getsockopt); BIND(ioctl); BIND(epoll_ctl); BIND(close);
     BIND(close_range); BIND(dup); BIND(dup2); BIND(dup3); BIND(fcntl); BIND(fcntl64);
@@ -86,6 +87,11 @@ void real_bind(void)
 bool real_bound(void)
 {
     return atomic_load_explicit(&bound, memory_order_acquire) != 0;
+}
+
+int real_socket(int domain, int type, int protocol)
+{
+    return fn.socket ? fn.socket(domain, type, protocol) : (int)syscall(SYS_socket, domain, type, protocol);
 }
 
 int real_connect(int fd, const struct sockaddr *a, socklen_t l)

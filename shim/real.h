@@ -20,6 +20,7 @@ extern __thread int shim_in_engine __attribute__((tls_model("initial-exec")));
 void real_bind(void);
 bool real_bound(void);
 
+int real_socket(int domain, int type, int protocol);
 int real_connect(int fd, const struct sockaddr *addr, socklen_t len);
 ssize_t real_sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr, socklen_t len);
 ssize_t real_write(int fd, const void *buf, size_t n);

@@ -180,7 +180,7 @@ int tunnel_start(struct loop_source *app_src, int upstream, const union shim_soc
     if (!t)
         return -1;
     t->upstream = upstream;
-    int fd = socket(dest->sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int fd = real_socket(dest->sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         free(t);
         return -1;

@@ -207,7 +207,7 @@ static curl_socket_t open_socket(void *clientp, curlsocktype purpose, struct cur
         STAT_INC(t->app->upstream, pool_open);
         return fd;
     }
-    fd = socket(addr->family, addr->socktype | SOCK_CLOEXEC, addr->protocol);
+    fd = real_socket(addr->family, addr->socktype | SOCK_CLOEXEC, addr->protocol);
     if (fd < 0)
         return CURL_SOCKET_BAD;
     fdtable_mark_engine(fd);

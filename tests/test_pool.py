@@ -92,3 +92,73 @@ def test_default_cap_does_not_throttle(upstream, tmp_path, sockdir):
     assert upstream.stats()["connections"] <= 64, upstream.stats()
     assert max(x["ms"] for x in reqs) < 300 * 4, "the default cap throttled the requests: %s" % \
         sorted(x["ms"] for x in reqs)[-5:]
+
+
+DUAL_CLIENT = r'''
+import errno, json, socket, sys
+port = int(sys.argv[1])
+out = []
+def attempt(addr, blocking=True):
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(5 if blocking else 0.0)
+    try:
+        if blocking:
+            s.connect((addr, port))
+        else:
+            rc = s.connect_ex((addr, port))
+            if rc == errno.EINPROGRESS:
+                import select
+                select.select([], [s], [], 5)
+                rc = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if rc:
+                raise OSError(rc, "connect")
+            s.settimeout(5)
+        s.sendall(b"GET /bytes/10 HTTP/1.1\r\nHost: dual.test\r\nConnection: close\r\n\r\n")
+        data = b""
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            data += b
+        return {"addr": addr, "blocking": blocking, "status": int(data.split(b" ", 2)[1]) if data else 0}
+    except OSError as e:
+        return {"addr": addr, "blocking": blocking, "errno": e.errno}
+    finally:
+        s.close()
+held = socket.create_connection(("127.0.0.1", port))   # a live connection in the pool from here on
+held.sendall(b"GET /bytes/10 HTTP/1.1\r\nHost: dual.test\r\n\r\n")
+held.recv(65536)
+for addr, blocking in (("::1", True), ("127.0.0.1", True), ("::1", True), ("::1", False), ("127.0.0.1", False)):
+    out.append(attempt(addr, blocking))
+held.close()
+print(json.dumps(out))
+'''
+
+
+def test_an_address_that_refuses_is_refused_while_another_answers(upstream, tmp_path, sockdir):
+    """An upstream name with two addresses, only one of them listening (localhost's
+    127.0.0.1 and ::1 against a server on 127.0.0.1): with a live pooled connection to the
+    one that answers, a connect to the other still fails as it does without the shim, and
+    does not succeed because the live one's did. The name's two addresses come from a
+    hosts file bind-mounted in a mount namespace of the test's own."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n127.0.0.1 dual.test\n::1 dual.test\n")
+    conf = write_rules(tmp_path, [], raw="[global]\nstats_socket = %s/%%p.sock\n\n[upstream dual.test:%d]\n"
+                       % (sockdir, upstream.port))
+    script = tmp_path / "dual.py"
+    script.write_text(DUAL_CLIENT)
+    probe = run(["unshare", "-m", "sh", "-c", "mount --bind %s /etc/hosts && getent ahosts dual.test" % hosts],
+                shim=False, timeout=30)
+    if probe.rc != 0 or b"::1" not in probe.out:
+        import pytest
+        pytest.skip("cannot bind-mount a hosts file in a mount namespace here: %s" % probe.describe())
+    results = {}
+    for shim in (False, True):
+        r = run(["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', hosts,
+                 SYS_PY, script, upstream.port], shim=shim, conf=conf, timeout=60)
+        assert r.rc == 0, r.describe()
+        results[shim] = jlines(r.out)[0]
+    direct, shimmed = results[False], results[True]
+    assert [x.get("status") for x in direct] == [None, 200, None, None, 200], direct
+    assert shimmed == direct, (direct, shimmed)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# bench/syscalls.sh — system calls of one connection-per-request memory hit, app thread and
+# engine together (strace -f -c), for build/epollclient: direct to the upstream, through the
+# shim with fastpath on and off. Each figure is (calls for 61 requests - calls for 11) / 50,
+# so start-up and the first miss cancel out. Prints "direct N on N off N" and, with -v, the
+# top calls of each.
+#   bash bench/syscalls.sh [-v] [UPSTREAM_PORT]   (starts tests/upstream.py when no port)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+verbose=0; [ "${1:-}" = -v ] && { verbose=1; shift; }
+command -v strace >/dev/null || { echo "strace is not installed" >&2; exit 1; }
+work=$(mktemp -d); upid=""
+cleanup() { [ -n "$upid" ] && { kill "$upid" 2>/dev/null || true; wait "$upid" 2>/dev/null || true; }; rm -rf "$work"; }
+trap cleanup EXIT
+port=${1:-}
+if [ -z "$port" ]; then
+  python3 "$ROOT/tests/upstream.py" --port-file "$work/port" --control-port-file "$work/cport" >/dev/null 2>&1 &
+  upid=$!
+  for _ in $(seq 100); do [ -s "$work/cport" ] && break; sleep 0.1; done
+  port=$(cat "$work/port")
+fi
+for fp in on off; do
+  printf '[global]\nfastpath = %s\n[upstream 127.0.0.1:%s]\ncache GET /bytes/1200 ttl=10m\n' "$fp" "$port" >"$work/$fp.conf"
+done
+count() {   # setup n -> total calls
+  local pre=()
+  [ "$1" != direct ] && pre=(-E "LD_PRELOAD=$ROOT/build/libhttpshim.so" -E "HTTPSHIM_CONF=$work/$1.conf")
+  strace -f -c -o "$work/sc.$1.$2" "${pre[@]}" "$ROOT/build/epollclient" --port "$port" --path /bytes/1200 \
+    --count "$2" >/dev/null 2>&1
+  awk '$NF == "total" {print $(NF-2)}' "$work/sc.$1.$2"
+}
+line=""
+for s in direct on off; do
+  a=$(count "$s" 11); b=$(count "$s" 61)
+  line+="$s $(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.1f", (b - a) / 50}') "
+  if [ "$verbose" = 1 ]; then
+    echo "$s: $(awk 'NR > 2 && $NF != "total" && $4 ~ /^[0-9]+$/ {print $NF "=" $4}' "$work/sc.$s.61" | sort -t= -k2 -nr | head -14 | tr '\n' ' ')" >&2
+  fi
+done
+echo "${line% }"
