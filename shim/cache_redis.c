@@ -35,7 +35,7 @@ struct redis_ticket {
     char *key;
     size_t key_len;
     int upstream;
-    int64_t deadline_ms;
+    int64_t deadline_ms, started_us;
     unsigned char *value;           /* the GET reply, kept until the PTTL reply */
     size_t value_len;
     bool got_value, failed, get_only;
@@ -431,6 +431,8 @@ static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
     } else if (t->waiter) {
         atomic_fetch_add(&shim_redis.misses, 1);
     }
+    if (r && r->type == REDIS_REPLY_INTEGER && !t->failed)
+        stats_observe_redis(stats_now_us() - t->started_us);
     finish_wait(t, e);
     free_ticket(t);
     arm_timer();
@@ -475,6 +477,7 @@ struct redis_ticket *redis_lookup(const char *key, size_t key_len, int upstream,
     t->done = done;
     t->request = request;
     t->upstream = upstream;
+    t->started_us = stats_now_us();
     t->deadline_ms = mono_ms() + R.cfg->redis_timeout_ms;
     if (!R.inflight)
         R.last_progress_ms = mono_ms();

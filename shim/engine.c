@@ -65,6 +65,7 @@ struct conn {
     struct redis_ticket *redis_ticket;   /* CS_REDIS */
     struct flight_waiter waiter;    /* CS_FLIGHT */
     bool counted;                   /* this request is in the stats already */
+    int rule_index;                 /* the cache rule the request matched, -1: none */
     bool redis_checked;             /* this request already asked Redis */
     bool flight_checked;            /* ... already waited on a flight: fetch */
     bool no_store;                  /* its own fetch must not store (it gave up waiting) */
@@ -301,10 +302,20 @@ static void conn_update_events(struct conn *c)
 
 /* The connection is not HTTP this engine can answer: a tunnel takes it over, fd, bytes
  * read and bytes owed. On failure the conn stays, to close once `out` drains. */
-static void start_tunnel(struct conn *c)
+enum tunnel_why { TUNNEL_TLS, TUNNEL_NOT_HTTP, TUNNEL_TOO_LARGE, TUNNEL_OTHER };
+
+static void start_tunnel(struct conn *c, enum tunnel_why why)
 {
     gate_close(c);
     STAT_INC(c->side.upstream, tunnels);
+    if (why == TUNNEL_TLS)
+        STAT_INC(c->side.upstream, tunnels_tls);
+    else if (why == TUNNEL_NOT_HTTP)
+        STAT_INC(c->side.upstream, tunnels_not_http);
+    else if (why == TUNNEL_TOO_LARGE)
+        STAT_INC(c->side.upstream, tunnels_too_large);
+    else
+        STAT_INC(c->side.upstream, tunnels_other);
     if (tunnel_start(&c->src, c->side.upstream, &c->side.dest, c->side.dest_len, &c->side.in, &c->side.out,
                      c->side.app_eof) != 0) {
         STAT_INC(c->side.upstream, errors_tunnel);
@@ -384,6 +395,8 @@ static bool serve_hit(struct conn *c, struct cache_entry *e, const struct http_r
         return false;
     }
     STAT_INC(c->side.upstream, hits);
+    if (c->rule_index >= 0)
+        STAT_RULE(c->side.upstream, c->rule_index, hits);
     if (not_modified)
         STAT_INC(c->side.upstream, not_modified);
     c->hit = e;
@@ -557,7 +570,7 @@ static void tunnel_tls(struct conn *c, _Atomic uint64_t *why, const char *what)
 {
     atomic_fetch_add_explicit(why, 1, memory_order_relaxed);
     shim_debug("fd %d: TLS from the app, tunnelled: %s", c->side.fd, what);
-    start_tunnel(c);
+    start_tunnel(c, TUNNEL_TLS);
 }
 
 /* The app's TLS is terminated here: its socketpair end and the ClientHello go to a
@@ -798,15 +811,16 @@ static void conn_process(struct conn *c)
         struct http_request *req = &scratch_req;
         enum http_parse_result r = http_parse_request(buf_head(&c->side.in), avail, req);
         if (r == HTTP_PARSE_INCOMPLETE) {
-            if (avail >= HEAD_MAX || c->side.app_eof)
-                start_tunnel(c);       /* let the upstream itself judge it */
+            if (avail >= HEAD_MAX || c->side.app_eof)   /* let the upstream itself judge it */
+                start_tunnel(c, avail >= HEAD_MAX ? TUNNEL_TOO_LARGE : TUNNEL_NOT_HTTP);
             return;
         }
         if (r == HTTP_PARSE_ERROR || req->head_len > HEAD_MAX || req->upgrade || req->chunked
             || http_method_is(req, "CONNECT")) {
             shim_debug("fd %d: not relayable as HTTP (%s), tunnelling", c->side.fd,
                        r == HTTP_PARSE_ERROR ? "unparsed" : "upgrade/chunked/large body");
-            start_tunnel(c);
+            start_tunnel(c, r == HTTP_PARSE_ERROR ? TUNNEL_NOT_HTTP
+                            : req->head_len > HEAD_MAX ? TUNNEL_TOO_LARGE : TUNNEL_OTHER);
             return;
         }
         /* A body that fits is passed whole; a larger one streams through `in`. */
@@ -823,7 +837,7 @@ static void conn_process(struct conn *c)
                 c->continue_sent = true;
             }
             if (c->side.app_eof) {
-                start_tunnel(c);       /* the body will never be whole */
+                start_tunnel(c, TUNNEL_OTHER);   /* the body will never be whole */
                 return;
             }
             if (!streaming)
@@ -837,8 +851,12 @@ static void conn_process(struct conn *c)
         size_t key_len = rule && !streaming ? cache_key(u, rule, req, key_scratch, sizeof key_scratch) : 0;
         if (key_len && buf_len(&c->side.out))
             return;                    /* a hit goes out in one piece: wait for `out` to drain */
-        if (!c->counted)
+        if (!c->counted) {
             STAT_INC(c->side.upstream, requests);
+            c->rule_index = rule ? (int)(rule - u->cache_rules) : -1;
+            if (rule)
+                STAT_RULE(c->side.upstream, c->rule_index, requests);
+        }
         c->counted = true;
         bool storable = key_len && !streaming
                         && (http_method_is(req, "GET") || (!c->side.req_is_head && strcmp(rule->method, "GET")));
@@ -1117,6 +1135,7 @@ static struct conn *conn_new(int engine_fd, int upstream, const union shim_socka
         return NULL;
     c->gate = gate;
     c->gate_gen = gate_gen;
+    c->rule_index = -1;
     struct fd_entry *own = fdtable_slot(engine_fd);
     if (own)
         own->owner = c;                /* read by the engine only, after loop_add */

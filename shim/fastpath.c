@@ -190,6 +190,8 @@ static ssize_t answer_inline(const struct shim_config *cfg, int fd, struct fd_en
     }
     STAT_INC(up, requests);
     STAT_INC(up, hits);
+    STAT_RULE(up, (int)(rule - u->cache_rules), requests);
+    STAT_RULE(up, (int)(rule - u->cache_rules), hits);
     STAT_INC(up, inline_hits);
     if (not_modified)
         STAT_INC(up, not_modified);

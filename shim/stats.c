@@ -6,6 +6,7 @@
 
 struct upstream_stats shim_stats[RULES_MAX_UPSTREAMS];
 struct redis_counters shim_redis;
+struct rule_stats shim_rule_stats[RULES_MAX_UPSTREAMS][RULES_MAX_CACHE_RULES];
 
 const double stats_lat_bounds_s[STATS_LAT_BUCKETS] = {
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025,
@@ -31,6 +32,16 @@ void stats_observe_queue_wait(int upstream, int64_t micros)
 {
     STAT_INC(upstream, queue_wait[bucket(micros)]);
     STAT_ADD(upstream, queue_wait_sum_us, (uint64_t)micros);
+    uint64_t seen = atomic_load_explicit(&shim_stats[upstream].queue_wait_max_us, memory_order_relaxed);
+    while ((uint64_t)micros > seen
+           && !atomic_compare_exchange_weak(&shim_stats[upstream].queue_wait_max_us, &seen, (uint64_t)micros))
+        ;
+}
+
+void stats_observe_redis(int64_t micros)
+{
+    atomic_fetch_add_explicit(&shim_redis.lat[bucket(micros)], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&shim_redis.lat_sum_us, (uint64_t)micros, memory_order_relaxed);
 }
 
 void stats_observe_latency(int upstream, bool hit, int64_t micros)
@@ -48,4 +59,5 @@ void stats_observe_latency(int upstream, bool hit, int64_t micros)
 void stats_reset(void)
 {
     memset(shim_stats, 0, sizeof shim_stats);
+    memset(shim_rule_stats, 0, sizeof shim_rule_stats);
 }

@@ -13,6 +13,10 @@ struct upstream_stats {
     _Atomic uint64_t client_connections, requests, hits, misses, stored, bytes_from_cache;
     _Atomic uint64_t not_stored[NS__COUNT];
     _Atomic uint64_t upstream_requests, upstream_conns_opened, upstream_conn_reuses, tunnels;
+    /* why connections were tunnelled: TLS the shim does not terminate, bytes that are not
+     * HTTP, a head too large to hold, an upgrade / CONNECT / chunked request body / a body
+     * the app never finished */
+    _Atomic uint64_t tunnels_tls, tunnels_not_http, tunnels_too_large, tunnels_other;
     _Atomic uint64_t errors_upstream, errors_app, errors_tunnel;
     /* TLS the app encrypts itself: terminated by the shim, or tunnelled, and why */
     _Atomic uint64_t tls_intercepted, tls_handshake_failures, tls_tunnel_not_configured, tls_tunnel_no_mark;
@@ -30,7 +34,7 @@ struct upstream_stats {
     _Atomic uint64_t queue_waits, queue_timeouts;
     /* the app's connects that failed while the pool was cold, by errno */
     _Atomic uint64_t connect_refused, connect_timeout, connect_unreachable, connect_other;
-    _Atomic uint64_t queue_wait[STATS_LAT_BUCKETS + 1], queue_wait_sum_us;
+    _Atomic uint64_t queue_wait[STATS_LAT_BUCKETS + 1], queue_wait_sum_us, queue_wait_max_us;
     _Atomic uint64_t hit_lat[STATS_LAT_BUCKETS + 1], miss_lat[STATS_LAT_BUCKETS + 1];
     _Atomic uint64_t hit_lat_sum_us, miss_lat_sum_us;
 };
@@ -42,9 +46,17 @@ struct redis_counters {
     _Atomic uint64_t bytes_read, bytes_written, sets;
     /* cross-process coalescing: lock attempts, and polls of an entry another process fetches */
     _Atomic uint64_t locks, lock_waits, lock_polls;
+    _Atomic uint64_t lat[STATS_LAT_BUCKETS + 1], lat_sum_us;   /* lookups, ask to answer */
 };
 extern struct redis_counters shim_redis;
 extern const double stats_lat_bounds_s[STATS_LAT_BUCKETS];
+
+/* Per cache rule of each upstream: the requests it matched and those answered from the
+ * cache (which rule pays off, which never hits). */
+struct rule_stats { _Atomic uint64_t requests, hits; };
+extern struct rule_stats shim_rule_stats[RULES_MAX_UPSTREAMS][RULES_MAX_CACHE_RULES];
+#define STAT_RULE(up, rule, field) \
+    atomic_fetch_add_explicit(&shim_rule_stats[(up)][(rule)].field, 1, memory_order_relaxed)
 
 #define STAT_ADD(up, field, n) atomic_fetch_add_explicit(&shim_stats[(up)].field, (n), memory_order_relaxed)
 #define STAT_INC(up, field) STAT_ADD(up, field, 1)
@@ -52,6 +64,7 @@ extern const double stats_lat_bounds_s[STATS_LAT_BUCKETS];
 
 void stats_observe_latency(int upstream, bool hit, int64_t micros);
 void stats_observe_queue_wait(int upstream, int64_t micros);
+void stats_observe_redis(int64_t micros);
 int64_t stats_now_us(void);
 void stats_reset(void);                /* forked child: counters start from zero */
 #endif

@@ -6,6 +6,7 @@
  * their default disposition. */
 #include "stats_server.h"
 #include "buf.h"
+#include "exited.h"
 #include "cache.h"
 #include "fdtable.h"
 #include "http.h"
@@ -23,6 +24,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #define STATS_MAX_CLIENTS   16
@@ -51,6 +53,7 @@ static struct {
     int n_clients;
     struct stats_client *clients;
     int64_t started_ms;
+    time_t started_unix;
 } S = { .fd = -1 };
 
 static _Atomic uint64_t refused_peers;
@@ -70,6 +73,8 @@ static void on_fatal_signal(int sig)
     raise(sig);                        /* delivered once this handler returns */
 }
 
+static void leave_record(void);
+
 static void install_exit_cleanup(void)
 {
     static bool installed;
@@ -77,6 +82,7 @@ static void install_exit_cleanup(void)
         return;
     installed = true;
     atexit(unlink_socket);
+    atexit(leave_record);              /* runs first: the record is there before the socket goes */
     static const int fatal[] = { SIGTERM, SIGINT, SIGHUP, SIGQUIT };
     for (size_t i = 0; i < sizeof fatal / sizeof fatal[0]; i++) {
         struct sigaction old;
@@ -144,6 +150,7 @@ int stats_server_start(const struct shim_config *cfg)
     snprintf(S.path, sizeof S.path, "%s", path);
     S.owner = getpid();
     S.started_ms = cache_now_ms();
+    S.started_unix = time(NULL);
     if (loop_add(&S.listener, fd, EPOLLIN, on_listener) != 0) {
         unlink(path);
         fdtable_close_engine_fd(fd);
@@ -227,6 +234,10 @@ static const struct counter_def counters[] = {
     C(upstream_conns_opened, "upstream connections opened"),
     C(upstream_conn_reuses, "upstream requests carried on an already open connection"),
     C(tunnels, "connections relayed as raw tunnels"),
+    C(tunnels_tls, "connections tunnelled because they carry TLS the shim does not terminate"),
+    C(tunnels_not_http, "connections tunnelled because their bytes are not HTTP/1.x"),
+    C(tunnels_too_large, "connections tunnelled because a request head is larger than the shim holds"),
+    C(tunnels_other, "connections tunnelled for an upgrade, CONNECT, a chunked request body or a body never finished"),
     C(tls_intercepted, "TLS connections from the app terminated by the shim (tls = intercept)"),
     C(tls_handshake_failures, "TLS connections from the app whose handshake with the shim failed"),
     C(tls_tunnel_not_configured, "TLS connections tunnelled because the upstream is tls = tunnel"),
@@ -273,15 +284,70 @@ static void json_histogram(struct out *o, const char *name, _Atomic uint64_t *b,
     appendf(o, "],\"count\":%llu,\"sum\":%.6f}", (unsigned long long)cum, (double)get(sum_us) / 1e6);
 }
 
-static void render_json(struct out *o, const struct shim_config *cfg)
+/* A JSON string's contents, escaped (and cut at n - 1 bytes). */
+static void json_escape(const char *in, size_t in_len, char *out, size_t n)
 {
-    appendf(o, "{\"pid\":%d,\"uptime_seconds\":%.3f,\"stats_refused\":%llu,\"upstreams\":{", (int)getpid(),
+    size_t k = 0;
+    for (size_t i = 0; i < in_len && k + 7 < n; i++) {
+        unsigned char ch = (unsigned char)in[i];
+        if (ch == '"' || ch == '\\') {
+            out[k++] = '\\';
+            out[k++] = (char)ch;
+        } else if (ch < 0x20 || ch >= 0x7f) {
+            k += (size_t)snprintf(out + k, n - k, "\\u%04x", ch);
+        } else {
+            out[k++] = (char)ch;
+        }
+    }
+    out[k] = 0;
+}
+
+/* /proc/self/FILE's first n - 1 bytes, NULs as spaces, the trailing newline dropped. */
+static size_t read_self(const char *file, char *out, size_t n)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/%s", file);
+    FILE *f = fopen(path, "re");
+    size_t got = f ? fread(out, 1, n - 1, f) : 0;
+    if (f)
+        fclose(f);
+    while (got && (out[got - 1] == '\n' || out[got - 1] == 0))
+        got--;
+    for (size_t i = 0; i < got; i++)
+        if (out[i] == 0)
+            out[i] = ' ';
+    out[got] = 0;
+    return got;
+}
+
+static void render_json(struct out *o, const struct shim_config *cfg, bool exited)
+{
+    char raw[256], comm[256 * 6 + 8], cmdline[256 * 6 + 8];
+    size_t n = read_self("comm", raw, sizeof raw);
+    json_escape(raw, n, comm, sizeof comm);
+    n = read_self("cmdline", raw, sizeof raw);
+    json_escape(raw, n, cmdline, sizeof cmdline);
+    appendf(o, "{\"pid\":%d,\"comm\":\"%s\",\"cmdline\":\"%s\",\"started_unix\":%lld,\"exited\":%s,"
+               "\"uptime_seconds\":%.3f,\"stats_refused\":%llu,\"upstreams\":{",
+            (int)getpid(), comm, cmdline, (long long)S.started_unix, exited ? "true" : "false",
             (double)(cache_now_ms() - S.started_ms) / 1000, (unsigned long long)get(&refused_peers));
     for (size_t i = 0; i < cfg->n_upstreams; i++) {
         int up = (int)i;
         char label[RULES_HOST_MAX + 16];
         upstream_label(&cfg->upstreams[i], label, sizeof label);
         appendf(o, "%s\"%s\":{", i ? "," : "", label);
+        appendf(o, "\"queue_wait_max_seconds\":%.6f,\"rules\":[",
+                (double)get(&shim_stats[up].queue_wait_max_us) / 1e6);
+        const struct upstream_rule *u = &cfg->upstreams[i];
+        for (size_t r = 0; r < u->n_cache_rules && r < RULES_MAX_CACHE_RULES; r++) {
+            char rule[sizeof u->cache_rules[r].glob * 6 + 64], text[sizeof u->cache_rules[r].glob + 32];
+            int tn = snprintf(text, sizeof text, "%s %s", u->cache_rules[r].method, u->cache_rules[r].glob);
+            json_escape(text, tn > 0 && (size_t)tn < sizeof text ? (size_t)tn : strlen(text), rule, sizeof rule);
+            appendf(o, "%s{\"rule\":\"%s\",\"line\":%d,\"requests\":%llu,\"hits\":%llu}", r ? "," : "", rule,
+                    u->cache_rules[r].line, (unsigned long long)get(&shim_rule_stats[up][r].requests),
+                    (unsigned long long)get(&shim_rule_stats[up][r].hits));
+        }
+        appendf(o, "],");
         for (size_t k = 0; k < sizeof counters / sizeof counters[0]; k++)
             appendf(o, "\"%s\":%llu,", counters[k].name, (unsigned long long)counter_value(up, &counters[k]));
         uint64_t idle, busy, waiting;
@@ -305,7 +371,7 @@ static void render_json(struct out *o, const struct shim_config *cfg)
     }
     appendf(o, "},\"redis\":{\"configured\":%d,\"connected\":%llu,\"hits\":%llu,\"misses\":%llu,\"errors\":%llu,"
                "\"timeouts\":%llu,\"reconnects\":%llu,\"corrupt\":%llu,\"unauthenticated\":%llu,\"bytes_read\":%llu,\"bytes_written\":%llu,"
-               "\"sets\":%llu,\"locks\":%llu,\"lock_waits\":%llu,\"lock_polls\":%llu}}\n", cfg->cache == CACHE_REDIS,
+               "\"sets\":%llu,\"locks\":%llu,\"lock_waits\":%llu,\"lock_polls\":%llu,", cfg->cache == CACHE_REDIS,
             (unsigned long long)get(&shim_redis.connected), (unsigned long long)get(&shim_redis.hits),
             (unsigned long long)get(&shim_redis.misses), (unsigned long long)get(&shim_redis.errors),
             (unsigned long long)get(&shim_redis.timeouts), (unsigned long long)get(&shim_redis.reconnects),
@@ -314,6 +380,21 @@ static void render_json(struct out *o, const struct shim_config *cfg)
             (unsigned long long)get(&shim_redis.bytes_written), (unsigned long long)get(&shim_redis.sets),
             (unsigned long long)get(&shim_redis.locks), (unsigned long long)get(&shim_redis.lock_waits),
             (unsigned long long)get(&shim_redis.lock_polls));
+    json_histogram(o, "latency_seconds", shim_redis.lat, &shim_redis.lat_sum_us);
+    appendf(o, "}}\n");
+}
+
+/* At exit: the process's final counters stay beside its socket for `httpshim stats`. */
+static void leave_record(void)
+{
+    if (S.owner != getpid() || !S.path[0] || !S.cfg)
+        return;
+    struct out o = { .b = { .cap = STATS_OUT_MAX } };
+    render_json(&o, S.cfg, true);
+    if (!o.full)
+        exited_write(S.path, buf_head(&o.b), buf_len(&o.b));
+    buf_free(&o.b);
+    exited_list(S.cfg->stats_socket, (unsigned)getuid(), NULL, 0);   /* prune: count and age */
 }
 
 static void prom_histogram(struct out *o, const char *label, const char *name, const char *help,
@@ -403,6 +484,45 @@ static void render_prometheus(struct out *o, const struct shim_config *cfg)
         appendf(o, "# HELP httpshim_redis_%s_total %s\n# TYPE httpshim_redis_%s_total counter\nhttpshim_redis_%s_total %llu\n",
                 redis_counters[k].name, redis_counters[k].help, redis_counters[k].name, redis_counters[k].name,
                 (unsigned long long)get((_Atomic uint64_t *)(void *)((char *)&shim_redis + redis_counters[k].off)));
+    appendf(o, "# HELP httpshim_queue_wait_max_seconds the longest a request waited in the pool queue\n"
+               "# TYPE httpshim_queue_wait_max_seconds gauge\n");
+    for (size_t i = 0; i < cfg->n_upstreams; i++)
+        appendf(o, "httpshim_queue_wait_max_seconds{upstream=\"%s\"} %.6f\n", labels[i],
+                (double)get(&shim_stats[i].queue_wait_max_us) / 1e6);
+    static const char *const rule_fields[2] = { "requests", "hits" };
+    for (int f = 0; f < 2; f++) {
+        appendf(o, "# HELP httpshim_rule_%s_total %s, per cache rule\n# TYPE httpshim_rule_%s_total counter\n",
+                rule_fields[f], f ? "requests answered from the cache" : "requests the rule matched", rule_fields[f]);
+        for (size_t i = 0; i < cfg->n_upstreams; i++) {
+            const struct upstream_rule *u = &cfg->upstreams[i];
+            for (size_t r = 0; r < u->n_cache_rules && r < RULES_MAX_CACHE_RULES; r++) {
+                char text[sizeof u->cache_rules[r].glob + 32], rule[sizeof text * 2];
+                snprintf(text, sizeof text, "%s %s", u->cache_rules[r].method, u->cache_rules[r].glob);
+                size_t k = 0;
+                for (const char *p = text; *p && k + 3 < sizeof rule; p++) {   /* a label value's escapes */
+                    if (*p == '"' || *p == '\\')
+                        rule[k++] = '\\';
+                    rule[k++] = *p == '\n' ? ' ' : *p;
+                }
+                rule[k] = 0;
+                const struct rule_stats *rs = &shim_rule_stats[i][r];
+                appendf(o, "httpshim_rule_%s_total{upstream=\"%s\",rule=\"%s\"} %llu\n", rule_fields[f], labels[i], rule,
+                        (unsigned long long)get((_Atomic uint64_t *)(f ? &rs->hits : &rs->requests)));
+            }
+        }
+    }
+    uint64_t cum = 0;
+    appendf(o, "# HELP httpshim_redis_latency_seconds time from a Redis lookup's GET to its answer\n"
+               "# TYPE httpshim_redis_latency_seconds histogram\n");
+    for (int i = 0; i <= STATS_LAT_BUCKETS; i++) {
+        cum += get(&shim_redis.lat[i]);
+        if (i < STATS_LAT_BUCKETS)
+            appendf(o, "httpshim_redis_latency_seconds_bucket{le=\"%g\"} %llu\n", stats_lat_bounds_s[i],
+                    (unsigned long long)cum);
+    }
+    appendf(o, "httpshim_redis_latency_seconds_bucket{le=\"+Inf\"} %llu\nhttpshim_redis_latency_seconds_sum %.6f\n"
+               "httpshim_redis_latency_seconds_count %llu\n", (unsigned long long)cum,
+            (double)get(&shim_redis.lat_sum_us) / 1e6, (unsigned long long)cum);
     appendf(o, "# HELP httpshim_redis_connected 1 while the Redis connection is up\n# TYPE httpshim_redis_connected gauge\n"
                "httpshim_redis_connected %llu\n", (unsigned long long)get(&shim_redis.connected));
     appendf(o, "# HELP httpshim_stats_refused_total stats socket peers refused (other uid, or too many)\n"
@@ -549,7 +669,7 @@ static void client_request(struct stats_client *cl)
     int status = 200;
     const char *reason = "OK", *type = "application/json";
     if (http_slice_ieq(path, "/stats") && (http_method_is(&req, "GET") || http_method_is(&req, "HEAD"))) {
-        render_json(&body, cfg);
+        render_json(&body, cfg, false);
     } else if (http_slice_ieq(path, "/metrics") && (http_method_is(&req, "GET") || http_method_is(&req, "HEAD"))) {
         render_prometheus(&body, cfg);
         type = "text/plain; version=0.0.4; charset=utf-8";

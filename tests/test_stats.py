@@ -32,7 +32,8 @@ STATSAPP = pyclient("statsapp.py")
 COUNTERS = ("client_connections", "requests", "hits", "inline_hits", "misses", "stored", "evictions",
             "expired", "bytes_from_cache", "coalesced", "coalesce_timeouts",
             "stale_while_revalidate", "stale_if_error", "refreshes", "revalidated", "not_modified", "upstream_requests", "upstream_conns_opened",
-            "upstream_conn_reuses", "tunnels", "tls_intercepted", "tls_handshake_failures",
+            "upstream_conn_reuses", "tunnels", "tunnels_tls", "tunnels_not_http", "tunnels_too_large",
+            "tunnels_other", "tls_intercepted", "tls_handshake_failures",
             "tls_tunnel_not_configured", "tls_tunnel_no_mark", "tls_tunnel_client_cert", "tls_tunnel_unverified",
             "tls_tunnel_unreadable", "queue_waits", "queue_timeouts", "connect_refused",
             "connect_timeout", "connect_unreachable", "connect_other")
@@ -42,7 +43,7 @@ REASONS = ("method", "status", "no_store", "private", "set_cookie", "vary_star",
            "too_large", "incomplete", "unframed", "zero_ttl", "no_memory", "misframed")
 ERROR_KINDS = ("upstream", "app", "tunnel")
 HISTS = ("hit_latency_seconds", "miss_latency_seconds", "queue_wait_seconds")
-UPSTREAM_KEYS = set(COUNTERS + GAUGES + POOL + HISTS) | {"not_stored", "errors"}
+UPSTREAM_KEYS = set(COUNTERS + GAUGES + POOL + HISTS) | {"not_stored", "errors", "queue_wait_max_seconds", "rules"}
 
 GET_STATS = b"GET /stats HTTP/1.1\r\nHost: localhost\r\n\r\n"
 GET_METRICS = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n"
@@ -275,7 +276,9 @@ def check_histogram_doc(h, what):
 
 
 def check_doc_shape(doc, labels):
-    assert set(doc) == {"pid", "uptime_seconds", "stats_refused", "upstreams", "redis"}, doc.keys()
+    assert set(doc) == {"pid", "comm", "cmdline", "started_unix", "exited", "uptime_seconds", "stats_refused",
+                        "upstreams", "redis"}, doc.keys()
+    assert doc["exited"] is False and doc["comm"] and doc["started_unix"] > 1.6e9, doc
     assert set(doc["upstreams"]) == set(labels), doc["upstreams"].keys()
     assert doc["uptime_seconds"] >= 0
     for lb, u in doc["upstreams"].items():

@@ -1,0 +1,247 @@
+"""The operator's view (issue 16): `httpshim stats` answers "is it working, what did it save,
+what is wrong" at a glance — the table's numbers are the JSON's, exited processes count
+(a curl in a shell loop), --watch shows rates and redraws in place, Redis down shows in
+the table, per-rule hit rates, and the monitoring kit in docs/ only uses metrics /metrics
+serves."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SANITIZER_SKIP, run
+from test_redis import redis, redis_conf, redis_servers, redis_url  # noqa: F401 (fixtures)
+from test_stats import App, HTTPSHIM, apps, cli, get_stats, label, settled_stats, stats_conf, wait_socket  # noqa: F401
+
+CURL = ["curl", "-s", "-o", "/dev/null", "-o", "/dev/null"]
+
+
+def table(cli, conf, *extra):
+    r = run([cli, "stats", "-c", conf] + list(extra), shim=False)
+    assert r.rc == 0, r.describe()
+    return r.out.decode()
+
+
+def rows_after(text, head):
+    """The rows of the section whose header line starts with `head`: {first word: fields}."""
+    lines = text.splitlines()
+    at = [i for i, ln in enumerate(lines) if ln.split()[:1] == [head]]
+    assert at, "no %s section in:\n%s" % (head, text)
+    out = {}
+    for ln in lines[at[0] + 1:]:
+        if not ln.strip():
+            break
+        f = ln.split()
+        out.setdefault(f[0], f[1:])
+    return lines[at[0]].split()[1:], out
+
+
+def test_table_numbers_equal_the_json(upstream, sockdir, tmp_path, apps, cli):
+    """A known run in one live process: every number of its upstream row, its pool row, its
+    tunnel row and its process row is the JSON's; quantiles are in milliseconds."""
+    conf = stats_conf(tmp_path, sockdir, [(upstream, ["GET /bytes/* ttl=10m"])])
+    app = apps(conf, sockdir)
+    app.get(upstream.port, "/bytes/100", n=4)           # 1 miss, 3 hits
+    app.get(upstream.port, "/echo", n=2)                # not cacheable
+    wait_socket(app.sock)
+    settled_stats(app.sock)
+    doc = json.loads(run([cli, "stats", "-c", conf, "--json"], shim=False).out.decode())
+    u = doc["total"]["upstreams"][label(upstream)]
+    text = table(cli, conf)
+    assert "1 live process, 0 exited" in text and "REDIS  not configured" in text, text
+    head, rows = rows_after(text, "UPSTREAM")
+    assert head[:12] == ["REQUESTS", "HIT%", "HITS", "COALESCED", "STALE", "UP.REQS", "CLIENT", "UPSTREAM", "SAVED",
+                         "TUNNELS", "ERRORS", "p50"], head
+    row = rows[label(upstream)]
+    saved = max(0, u["client_connections"] - u["upstream_conns_opened"] - u["tunnels"])
+    want = [u["requests"], "%.1f" % (100.0 * u["hits"] / u["requests"]), u["hits"], u["coalesced"],
+            u["stale_while_revalidate"] + u["stale_if_error"], u["upstream_requests"], u["client_connections"],
+            u["upstream_conns_opened"], saved, u["tunnels"], sum(u["errors"].values())]
+    assert row[:11] == [str(x) for x in want], (row, want)
+    assert u["requests"] == 6 and u["hits"] == 3 and u["client_connections"] == 6 and saved > 0, u
+    assert all(re.match(r"^\d+(\.\d+)?ms$", q) for q in row[11:13]), row
+    head, rows = rows_after(text, "POOL")
+    assert head[:5] == ["IDLE", "BUSY", "WAITING", "WAITED", "TIMEOUTS"], head
+    assert rows[label(upstream)][:5] == [str(u[k]) for k in ("pool_idle", "pool_busy", "pool_waiting", "queue_waits",
+                                                             "queue_timeouts")], rows
+    head, rows = rows_after(text, "TUNNELS")
+    assert rows[label(upstream)][:5] == [str(u[k]) for k in ("tunnels", "tunnels_tls", "tunnels_not_http",
+                                                             "tunnels_too_large", "tunnels_other")], rows
+    head, rows = rows_after(text, "PID")
+    assert head[:4] == ["COMMAND", "UPTIME", "STATE", "REQUESTS"], head
+    prow = rows[str(app.pid)]
+    assert prow[0] == "python3" and prow[2] == "live" and prow[3] == "6" and prow[4] == "3", prow
+
+
+def test_a_loop_of_curl_processes_is_counted_after_they_exit(upstream, sockdir, tmp_path, cli):
+    """10 curl processes, each two GETs of one URL (a miss, then a hit on its kept-alive
+    connection), all gone before anyone asks: their final counters were left beside their
+    sockets, and `httpshim stats` sums them (10 exited, 20 requests, 10 hits); --live
+    leaves them out."""
+    if "curl" in SANITIZER_SKIP:
+        pytest.skip("curl cannot run under the sanitizer runtime")
+    conf = stats_conf(tmp_path, sockdir, [(upstream, ["GET /bytes/* ttl=10m"])])
+    url = upstream.url("/bytes/300")
+    for _ in range(10):
+        r = run(CURL + [url, url], conf=conf)
+        assert r.rc == 0, r.describe()
+    doc = json.loads(run([cli, "stats", "-c", conf, "--json"], shim=False).out.decode())
+    total = doc["total"]
+    assert total["processes"] == 0 and total["exited"] == 10, total
+    u = total["upstreams"][label(upstream)]
+    assert u["requests"] == 20 and u["hits"] == 10, u
+    assert len(doc["processes"]) == 10 and all(p["exited"] and p["comm"] == "curl" for p in doc["processes"]), doc
+    text = table(cli, conf)
+    assert "0 live processes, 10 exited" in text, text
+    _, rows = rows_after(text, "UPSTREAM")
+    assert rows[label(upstream)][0] == "20", text
+    assert sum(1 for ln in text.splitlines() if " curl " in ln and "exited" in ln) == 10, text
+    live = json.loads(run([cli, "stats", "-c", conf, "--json", "--live"], shim=False).out.decode())
+    assert live["total"]["exited"] == 0 and live["processes"] == [], live
+
+
+def test_exited_records_are_bounded_by_count_and_age(upstream, sockdir, tmp_path, cli):
+    """Records beyond the newest 256, and any older than an hour, are removed by whoever
+    looks next (the CLI here; an exiting process does the same)."""
+    conf = stats_conf(tmp_path, sockdir, [(upstream, ["GET /bytes/* ttl=10m"])])
+    d = Path(sockdir) / "s"
+    d.mkdir(mode=0o700, exist_ok=True)
+    doc = {"pid": 0, "comm": "x", "exited": True, "upstreams": {}, "redis": {}}
+    now = time.time()
+    for i in range(300):
+        p = d / ("%d.sock.exited" % (100000 + i))
+        p.write_text(json.dumps(dict(doc, pid=100000 + i)))
+        os.utime(p, (now - i, now - i))
+    old = d / "99999.sock.exited"
+    old.write_text(json.dumps(dict(doc, pid=99999)))
+    os.utime(old, (now - 7200, now - 7200))
+    out = json.loads(run([cli, "stats", "-c", conf, "--json"], shim=False).out.decode())
+    left = sorted(p.name for p in d.iterdir() if p.name.endswith(".exited"))
+    assert len(left) == 256 and not old.exists(), len(left)
+    assert "100000.sock.exited" in left and "100299.sock.exited" not in left   # the newest stay
+    assert out["total"]["exited"] == 256
+
+
+def test_watch_redraws_in_place_with_rates(upstream, sockdir, tmp_path, apps, cli):
+    """`--watch 0.5` under tmux (a real terminal) while the app makes requests: the screen
+    holds one table (redrawn in place, not scrolled) with REQ/s, HITS/s and UP.REQ/s, the
+    request rate above zero; with stdout a pipe, plain blocks without escape codes."""
+    if not shutil.which("tmux"):
+        pytest.fail("tmux is not installed (tools/install-deps installs it)", pytrace=False)
+    conf = stats_conf(tmp_path, sockdir, [(upstream, ["GET /bytes/* ttl=10m"])])
+    app = apps(conf, sockdir)
+    app.get(upstream.port, "/bytes/10")
+    wait_socket(app.sock)
+    sock = str(tmp_path / "tmux.sock")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "HTTPSHIM_CONF", "TMUX")}
+    subprocess.run(["tmux", "-S", sock, "new-session", "-d", "-x", "220", "-y", "60",
+                    "%s stats -c %s --watch 0.5" % (cli, conf)], env=env, check=True, timeout=30)
+    server_pid = None
+    try:
+        server_pid = int(subprocess.run(["tmux", "-S", sock, "display-message", "-p", "#{pid}"], env=env,
+                                        stdout=subprocess.PIPE, timeout=30).stdout.decode().strip())
+        screen, deadline = "", time.time() + 30
+        while time.time() < deadline:
+            app.get(upstream.port, "/bytes/10", n=5)
+            screen = subprocess.run(["tmux", "-S", sock, "capture-pane", "-p"], env=env, stdout=subprocess.PIPE,
+                                    timeout=30).stdout.decode()
+            _, rows = rows_after(screen, "UPSTREAM") if "REQ/s" in screen else (None, {})
+            row = rows.get(label(upstream))
+            if row and float(row[-3]) > 0:
+                break
+            time.sleep(0.3)
+        assert "REQ/s" in screen and "HITS/s" in screen and "UP.REQ/s" in screen, screen
+        assert sum(1 for ln in screen.splitlines() if ln.startswith("UPSTREAM ")) == 1, screen
+        assert float(rows_after(screen, "UPSTREAM")[1][label(upstream)][-3]) > 0, screen
+    finally:
+        subprocess.run(["tmux", "-S", sock, "kill-server"], env=env, timeout=30)
+        if server_pid:
+            try:
+                os.kill(server_pid, 9)
+            except ProcessLookupError:
+                pass
+    p = subprocess.Popen([cli, "stats", "-c", conf, "--watch", "0.2"], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        time.sleep(1.5)
+    finally:
+        p.terminate()
+        out, _ = p.communicate(timeout=30)
+    text = out.decode()
+    assert text.count("\n--- ") + text.startswith("--- ") >= 2 and "\033[" not in text, text[:2000]
+
+
+def test_a_stopped_redis_shows_as_disconnected(upstream, sockdir, tmp_path, apps, cli, redis):
+    """Redis up: the table's REDIS line says connected; Redis stopped (and the app asked
+    again, so its engine sees the connection gone): DISCONNECTED."""
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [(upstream, ["GET /bytes/* ttl=10m"])])
+    app = apps(conf, sockdir)
+    app.get(upstream.port, "/bytes/10", n=2)
+    wait_socket(app.sock)
+    text = table(cli, conf)
+    line = [ln for ln in text.splitlines() if ln.startswith("REDIS")]
+    assert line and "connected (1 of 1 live processes)" in line[0], text
+    redis.kill()
+    deadline = time.time() + 30
+    while time.time() < deadline and get_stats(app.sock)["redis"]["connected"]:
+        app.get(upstream.port, "/bytes/11")
+        time.sleep(0.2)
+    line = [ln for ln in table(cli, conf).splitlines() if ln.startswith("REDIS")]
+    assert line and "DISCONNECTED (0 of 1 live processes)" in line[0], line
+
+
+def test_each_cache_rule_counts_its_requests_and_hits(upstream, sockdir, tmp_path, apps, cli):
+    """Two rules: one that pays off, one that never hits. /stats, /metrics (a rule label) and
+    `httpshim stats --rules` say which."""
+    conf = stats_conf(tmp_path, sockdir, [(upstream, ["GET /bytes/* ttl=10m", "GET /status/* ttl=10m"])])
+    app = apps(conf, sockdir)
+    app.get(upstream.port, "/bytes/10", n=5)
+    for code in (201, 202, 203):                       # distinct keys: each a miss
+        app.get(upstream.port, "/status/%d" % code, status=code)
+    wait_socket(app.sock)
+    rules = get_stats(app.sock)["upstreams"][label(upstream)]["rules"]
+    assert [(r["rule"], r["requests"], r["hits"]) for r in rules] == [("GET /bytes/*", 5, 4), ("GET /status/*", 3, 0)]
+    from test_stats import curl_unix
+    metrics = curl_unix(app.sock, "/metrics").out.decode()
+    lb = label(upstream)
+    assert 'httpshim_rule_hits_total{upstream="%s",rule="GET /bytes/*"} 4' % lb in metrics, metrics[-3000:]
+    assert 'httpshim_rule_requests_total{upstream="%s",rule="GET /status/*"} 3' % lb in metrics
+    text = table(cli, conf, "--rules")
+    rows = [ln.split() for ln in text.splitlines()[1:]]
+    assert [lb, "GET", "/bytes/*", "5", "4", "80.0"] in rows and [lb, "GET", "/status/*", "3", "0", "0.0"] in rows, text
+
+
+def metric_families(text):
+    names = set()
+    for ln in text.splitlines():
+        m = re.match(r"# TYPE (\S+) (\S+)", ln)
+        if m:
+            names.add(m.group(1))
+            if m.group(2) == "histogram":
+                names |= {m.group(1) + s for s in ("_bucket", "_sum", "_count")}
+    return names
+
+
+def test_monitoring_kit_uses_only_served_metrics(upstream, sockdir, tmp_path, apps):
+    """Every httpshim_* name in docs/grafana-dashboard.json and docs/prometheus-alerts.yml is
+    one that /metrics serves; the dashboard is valid JSON with panels; each alert has an
+    expression and a summary."""
+    from test_stats import curl_unix
+    conf = stats_conf(tmp_path, sockdir, [(upstream, ["GET /bytes/* ttl=10m"])])
+    app = apps(conf, sockdir)
+    app.get(upstream.port, "/bytes/10")
+    wait_socket(app.sock)
+    served = metric_families(curl_unix(app.sock, "/metrics").out.decode())
+    dash = (ROOT / "docs" / "grafana-dashboard.json").read_text()
+    alerts = (ROOT / "docs" / "prometheus-alerts.yml").read_text()
+    panels = json.loads(dash)["panels"]
+    assert len(panels) >= 6 and all(p.get("targets") for p in panels if p.get("type") != "row"), panels
+    used = set(re.findall(r"\bhttpshim_[a-z_]+", dash + alerts))
+    assert used and used <= served, sorted(used - served)
+    rules = re.findall(r"^\s*- alert: (\S+)", alerts, re.M)
+    assert {"HttpshimHitRateCollapsed", "HttpshimRedisDown", "HttpshimQueueTimeouts", "HttpshimErrorRate"} <= set(rules)
+    assert alerts.count("expr:") == len(rules) and alerts.count("summary:") == len(rules), alerts
