@@ -245,3 +245,33 @@ def test_monitoring_kit_uses_only_served_metrics(upstream, sockdir, tmp_path, ap
     rules = re.findall(r"^\s*- alert: (\S+)", alerts, re.M)
     assert {"HttpshimHitRateCollapsed", "HttpshimRedisDown", "HttpshimQueueTimeouts", "HttpshimErrorRate"} <= set(rules)
     assert alerts.count("expr:") == len(rules) and alerts.count("summary:") == len(rules), alerts
+
+
+TUNNELLER = r'''
+import socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"\x00\x01 not http at all\r\n\r\n")
+    s.shutdown(socket.SHUT_WR)
+    while s.recv(65536):
+        pass
+    s.close()
+print("done")
+'''
+
+
+def test_tunnelled_connections_are_not_counted_as_saved(upstream, sockdir, tmp_path, cli):
+    """Connections the shim can only tunnel (here: bytes that are not HTTP) each open an
+    upstream connection of their own: the table shows them as tunnels, NOT.HTTP in the
+    tunnel section, and no connection saved."""
+    conf = stats_conf(tmp_path, sockdir, [(upstream, ["GET /bytes/* ttl=10m"])])
+    from conftest import SYS_PY
+    r = run([SYS_PY, "-c", TUNNELLER, upstream.port, 6], conf=conf)
+    assert r.rc == 0 and b"done" in r.out, r.describe()
+    text = table(cli, conf)
+    _, rows = rows_after(text, "UPSTREAM")
+    row = rows[label(upstream)]
+    assert row[6] == "6" and row[8] == "0" and row[9] == "6", text        # CLIENT, SAVED, TUNNELS
+    _, rows = rows_after(text, "TUNNELS")
+    assert rows[label(upstream)][:3] == ["6", "0", "6"], text               # ALL, TLS, NOT.HTTP
