@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -639,8 +640,10 @@ SHIM_EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const s
     if (r == FAILED)
         return -1;
     errno = saved;
-    if (r == NOT_OURS)
+    if (r == NOT_OURS) {
+        note_connected(fd);            /* a fast-open send connects */
         return real_sendto(fd, buf, n, flags, addr, len);
+    }
     return real_sendto(fd, buf, n, flags & ~MSG_FASTOPEN, NULL, 0);
 }
 
@@ -953,6 +956,33 @@ SHIM_EXPORT int close_range(unsigned first, unsigned last, int flags)
     if (start > last || start == 0)
         return 0;
     return real_close_range(start, last, flags);
+}
+
+/* glibc's closefrom closes through its own close_range, behind the hook above: the same
+ * care for the engine's fds and the table. */
+SHIM_EXPORT void closefrom(int lowfd)
+{
+    if (lowfd < 0)
+        lowfd = 0;
+    if (close_range((unsigned)lowfd, ~0U, 0) == 0)
+        return;
+    /* no close_range (an old kernel): one by one; the close hook refuses the engine's */
+    struct rlimit rl;
+    int top = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < 65536 ? (int)rl.rlim_cur : 65536;
+    for (int fd = lowfd; fd < top; fd++)
+        close(fd);
+}
+
+/* A stream over a socket (fdopen) is closed by libc's own close, behind the hook: the fd's
+ * entry goes first, as close() would see to it. */
+SHIM_EXPORT int fclose(FILE *f)
+{
+    real_bind();
+    int fd = f && !shim_in_engine ? fileno(f) : -1;
+    struct fd_entry *e = fd >= 0 ? fdtable_slot(fd) : NULL;
+    if (e && atomic_load_explicit(&e->kind, memory_order_acquire) != FD_ENGINE)
+        forget_fd(fd, e);
+    return real_fclose(f);
 }
 
 /* A diverted connection on two fds: the engine must hear from it (a close of one would

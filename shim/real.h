@@ -6,6 +6,7 @@
 #ifndef HTTPSHIM_REAL_H
 #define HTTPSHIM_REAL_H
 #include <netdb.h>
+#include <stdio.h>
 #include <stdbool.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
@@ -42,6 +43,7 @@ int real_ioctl(int fd, unsigned long req, void *arg);
 int real_epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev);
 int real_close(int fd);                /* never allocates, never calls dlsym */
 int real_close_range(unsigned first, unsigned last, int flags);
+int real_fclose(FILE *f);
 int real_dup(int fd);
 int real_dup2(int fd, int nfd);
 int real_dup3(int fd, int nfd, int flags);

@@ -202,3 +202,18 @@ def test_a_hit_costs_few_system_calls(upstream, tmp_path, sockdir, epollclient):
     assert per_hit(True) <= per_hit(False) + 8, (per_hit(True), per_hit(False), totals)
     for name in ("getsockopt", "fcntl"):           # no SO_DOMAIN, F_GETOWN_EX, F_GETFD...
         assert per_hit(True, name) <= per_hit(False, name), (name, totals)
+
+
+def test_a_socket_closed_behind_the_hooks_is_let_go(upstream, tmp_path, sockdir):
+    """libc closes a socket behind the close hook in fclose (of an fdopen'ed stream) and in
+    closefrom: fclose of a diverted fd the engine never heard from closes the engine's end
+    too (no fd left over, as after close()), and closefrom(3) spares the engine's own fds,
+    so the next connection still works."""
+    require_build(SOCKSTATE)
+    conf = conf_for(tmp_path, upstream, sockdir)
+    r = run([str(SOCKSTATE), "--port", upstream.port, "--case", "fclose"], conf=conf, timeout=60)
+    out = jlines(r.out)
+    assert r.rc == 0 and out and out[0]["connect"] == 0, r.describe()
+    assert out[0]["fds_before"] == out[0]["fds_after_close"] == out[0]["fds_after_fclose"], out
+    r = run([str(SOCKSTATE), "--port", upstream.port, "--case", "closefrom"], conf=conf, timeout=60)
+    assert r.rc == 0 and jlines(r.out) == [{"case": "closefrom", "first": 200, "after": 200}], r.describe()

@@ -11,6 +11,11 @@
  *   sockstate --port P [--case NAME]...   (all cases by default)
  *
  * "diverted" is SO_DOMAIN == AF_UNIX: the shim swapped the socket for its socketpair.
+ *
+ * Two cases only on request: --case fclose (a connected socket that never wrote, closed
+ * through fdopen + fclose, which closes behind the close hook: prints the process's open
+ * fds before and after) and --case closefrom (closefrom(3) with a connection open, then
+ * a new connection and a GET that misses: prints its status).
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -28,6 +33,7 @@
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
+#include <dirent.h>
 
 static int port;
 
@@ -144,10 +150,61 @@ static void report(const char *name, int fd, struct result r)
 
 static int tcp(int flags) { return socket(AF_INET, SOCK_STREAM | flags, 0); }
 
+static int open_fds(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    int n = 0;
+    for (struct dirent *de; d && (de = readdir(d)) && n < 100000;)
+        n += de->d_name[0] != '.';
+    if (d)
+        closedir(d);
+    return n;
+}
+
+static bool special_case(const char *name)
+{
+    if (!strcmp(name, "fclose")) {
+        struct sockaddr_in a = upstream_addr();
+        int fd = tcp(0), rc = connect(fd, (struct sockaddr *)&a, sizeof a);
+        close(fd);                     /* the engine (and its own fds) is up from here on */
+        usleep(100 * 1000);
+        int before = open_fds();
+        fd = tcp(0);
+        rc |= connect(fd, (struct sockaddr *)&a, sizeof a);
+        close(fd);
+        usleep(100 * 1000);
+        int closed = open_fds();
+        fd = tcp(0);
+        rc |= connect(fd, (struct sockaddr *)&a, sizeof a);
+        FILE *f = fdopen(fd, "r+");
+        if (f)
+            fclose(f);
+        usleep(100 * 1000);
+        printf("{\"case\":\"fclose\",\"connect\":%d,\"fds_before\":%d,\"fds_after_close\":%d,"
+               "\"fds_after_fclose\":%d}\n", rc, before, closed, open_fds());
+    } else if (!strcmp(name, "closefrom")) {
+        int fd = tcp(0);
+        struct result r = connect_and_get(fd, "/bytes/100");
+        closefrom(3);                  /* fd too, and whatever else is at 3 or above */
+        int again = tcp(0);
+        struct timeval tv = { 5, 0 };  /* a dead engine would never answer */
+        setsockopt(again, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        struct result r2 = connect_and_get(again, "/bytes/101");   /* a miss: the engine's work */
+        printf("{\"case\":\"closefrom\",\"first\":%d,\"after\":%d}\n", r.status, r2.status);
+        close(again);
+    } else {
+        return false;
+    }
+    fflush(stdout);
+    return true;
+}
+
 static void run_case(const char *name)
 {
     int fd = -1, one = 1, zero = 0;
     struct result r = { 0, 0 };
+    if (special_case(name))
+        return;
     if (!strcmp(name, "plain")) {
         fd = tcp(0);
         r = connect_and_get(fd, "/bytes/100");
