@@ -6,6 +6,7 @@
  * exit) and the CLI (lists, reads, prunes). Its writes go through stdio, never through the
  * library's own write/close hooks. */
 #include "exited.h"
+#include "real.h"
 #include "rules.h"
 #include <dirent.h>
 #include <errno.h>
@@ -126,7 +127,7 @@ int exited_write(const char *socket_path, const char *json, size_t len)
         return -1;
     }
     bool ok = fwrite(json, 1, len, f) == len;
-    if (fclose(f) != 0 || !ok || rename(tmp, path) != 0) {
+    if (real_fclose(f) != 0 || !ok || rename(tmp, path) != 0) {
         unlink(tmp);
         return -1;
     }

@@ -2,6 +2,7 @@
  * defaults, and the per-upstream address table consulted by the connect hook. The
  * address table is the only mutable part after load; one mutex guards it. */
 #include "rules.h"
+#include "real.h"
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
@@ -382,7 +383,7 @@ static int read_secret(struct parser *p, const char *path, struct shim_config *c
     unsigned char buf[RULES_SECRET_MAX + 1];
     size_t n = fread(buf, 1, sizeof buf, f);
     int failed = ferror(f) ? errno : 0;
-    fclose(f);
+    real_fclose(f);
     if (failed)
         return fail(p, "redis_secret_file %s: %s", path, strerror(failed));
     while (n && isspace(buf[n - 1]))
@@ -592,7 +593,7 @@ int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX
         snprintf(err, RULES_ERR_MAX, "%s: read error", path);
         rc = -1;
     }
-    fclose(f);
+    real_fclose(f);
     if (rc)
         rules_free(cfg);
     return rc;

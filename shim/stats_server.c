@@ -310,7 +310,7 @@ static size_t read_self(const char *file, char *out, size_t n)
     FILE *f = fopen(path, "re");
     size_t got = f ? fread(out, 1, n - 1, f) : 0;
     if (f)
-        fclose(f);
+        real_fclose(f);
     while (got && (out[got - 1] == '\n' || out[got - 1] == 0))
         got--;
     for (size_t i = 0; i < got; i++)
