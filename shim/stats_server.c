@@ -29,7 +29,7 @@
 
 #define STATS_MAX_CLIENTS   16
 #define STATS_REQ_MAX       8192
-#define STATS_OUT_MAX       (1024 * 1024)
+#define STATS_OUT_MAX       (3 * 1024 * 1024)   /* under the CLI's 4 MiB; beyond it: 500 */
 #define STATS_CLIENT_MS     5000
 
 struct stats_client {
