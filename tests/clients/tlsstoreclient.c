@@ -8,13 +8,12 @@
  *
  * With --late it keeps the context's own store, empty, sends its ClientHello, and loads
  * CAFILE into the store only 300 ms later, before it reads the answer (curl loads its CA
- * file after sending the ClientHello, to overlap the reading with the round trip).
+ * file after sending the ClientHello, to overlap the reading with the round trip). The
+ * first handshake step reads from an empty memory BIO, so that it cannot see the answer.
  *
  *   tlsstoreclient [--set1|--callback|--late] HOST PORT CAFILE PATH */
 #include <arpa/inet.h>
 #include <netinet/in.h>
-#include <poll.h>
-#include <fcntl.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
@@ -74,23 +73,24 @@ int main(int argc, char **argv)
     SSL_set_tlsext_host_name(ssl, host);
     SSL_set1_host(ssl, host);
     if (late) {
-        fcntl(fd, F_SETFL, O_NONBLOCK);
+        /* the ClientHello goes out on the socket, while the answer is read from an empty
+         * memory BIO: the first step cannot see the server's reply, however fast it is */
+        BIO *empty = BIO_new(BIO_s_mem()), *out = BIO_new_socket(fd, BIO_NOCLOSE);
+        if (!empty || !out)
+            return fail("bio");
+        SSL_set_bio(ssl, empty, out);
         int rc = SSL_connect(ssl);
         if (rc == 1 || SSL_get_error(ssl, rc) != SSL_ERROR_WANT_READ)
             return fail("handshake");  /* the ClientHello is out, the answer not read yet */
         usleep(300 * 1000);
         if (SSL_CTX_load_verify_locations(ctx, cafile, NULL) != 1)
             return fail("store");
-        for (int tries = 0; (rc = SSL_connect(ssl)) != 1 && tries < 200; tries++) {
-            int err = SSL_get_error(ssl, rc);
-            if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE)
-                return fail("handshake");
-            struct pollfd p = { .fd = fd, .events = err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT };
-            poll(&p, 1, 100);
-        }
-        if (rc != 1)
+        BIO *in = BIO_new_socket(fd, BIO_NOCLOSE);
+        if (!in)
+            return fail("bio");
+        SSL_set0_rbio(ssl, in);        /* frees the empty one; nothing was in it */
+        if (SSL_connect(ssl) != 1)
             return fail("handshake");
-        fcntl(fd, F_SETFL, 0);
     } else if (SSL_connect(ssl) != 1) {
         return fail("handshake");
     }
