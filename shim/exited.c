@@ -20,43 +20,6 @@
 #include <time.h>
 #include <unistd.h>
 
-/* The socket pattern's directory and the record names' prefix and suffix around the pid. */
-struct names { char dir[512]; char prefix[128]; char suffix[128]; };
-
-static int split_pattern(const char *pattern, unsigned uid, struct names *n)
-{
-    char dir[512];
-    const char *slash = strrchr(pattern, '/');
-    if (!slash || rules_expand_socket_path(pattern, 0, uid, dir, sizeof dir) != 0)
-        return -1;
-    char *dslash = strrchr(dir, '/');
-    const char *pp = strstr(slash + 1, "%p");
-    if (!dslash || !pp || (size_t)(pp - slash - 1) >= sizeof n->prefix)
-        return -1;
-    *dslash = 0;
-    snprintf(n->dir, sizeof n->dir, "%s", dir[0] ? dir : "/");
-    memcpy(n->prefix, slash + 1, (size_t)(pp - slash - 1));
-    n->prefix[pp - slash - 1] = 0;
-    if ((size_t)snprintf(n->suffix, sizeof n->suffix, "%s.exited", pp + 2) >= sizeof n->suffix)
-        return -1;
-    return 0;
-}
-
-/* The pid in a record's name, or 0 when the name is not a record's. */
-static int record_pid(const struct names *n, const char *name)
-{
-    size_t len = strlen(name), pl = strlen(n->prefix), sl = strlen(n->suffix);
-    if (len <= pl + sl || strncmp(name, n->prefix, pl) || strcmp(name + len - sl, n->suffix) || len - pl - sl > 10)
-        return 0;
-    int pid = 0;
-    for (size_t i = pl; i < len - sl; i++) {
-        if (name[i] < '0' || name[i] > '9')
-            return 0;
-        pid = pid * 10 + (name[i] - '0');
-    }
-    return pid;
-}
-
 static int by_age(const void *a, const void *b)
 {
     const struct exited_record *x = a, *y = b;
@@ -65,8 +28,8 @@ static int by_age(const void *a, const void *b)
 
 int exited_list(const char *pattern, unsigned uid, struct exited_record *out, int max)
 {
-    struct names n;
-    if (split_pattern(pattern, uid, &n) != 0)
+    struct rules_socket_names n;
+    if (rules_socket_names(pattern, uid, &n) != 0)
         return 0;
     DIR *d = opendir(n.dir);
     if (!d)
@@ -80,7 +43,7 @@ int exited_list(const char *pattern, unsigned uid, struct exited_record *out, in
     time_t now = time(NULL);
     struct dirent *de;
     for (int scanned = 0; (de = readdir(d)) && scanned < 100000; scanned++) {
-        int pid = record_pid(&n, de->d_name);
+        int pid = rules_socket_pid(&n, de->d_name, ".exited");
         struct stat st;
         char path[sizeof found[0].path];
         if (!pid || (size_t)snprintf(path, sizeof path, "%s/%s", n.dir, de->d_name) >= sizeof path

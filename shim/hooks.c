@@ -29,6 +29,7 @@
 
 static pthread_once_t config_once = PTHREAD_ONCE_INIT;
 static struct shim_config *config;   /* NULL: inert */
+static _Atomic bool config_tried;    /* load_config ran: a NULL config is inert for good */
 
 /* HTTPSHIM_CONF as it was when the library loaded: servers scrub their workers'
  * environment (clearenv, a whitelisting master) long before the first connect. */
@@ -80,6 +81,12 @@ static void load_config(void)
     config = cfg;
 }
 
+static void load_config_once(void)
+{
+    load_config();
+    atomic_store(&config_tried, true);
+}
+
 static struct shim_config *config_get(void)
 {
     if (shim_in_engine)
@@ -88,7 +95,7 @@ static struct shim_config *config_get(void)
     real_bind();
     if (!real_bound())
         return NULL;                   /* a call from inside dlsym: stay out of the way */
-    pthread_once(&config_once, load_config);
+    pthread_once(&config_once, load_config_once);
     errno = saved;
     return config;
 }
@@ -152,7 +159,10 @@ SHIM_EXPORT int socket(int domain, int type, int protocol)
 {
     real_bind();
     int fd = real_socket(domain, type, protocol);
-    if (fd < 0 || shim_in_engine || fdtable_init() != 0)
+    /* the table is mapped here, not only with the rules: a socket is made before the
+     * first connect loads them; a process known to be inert keeps no record */
+    if (fd < 0 || shim_in_engine || (atomic_load_explicit(&config_tried, memory_order_relaxed) && !config)
+        || fdtable_init() != 0)
         return fd;
     struct fd_entry *e = fdtable_slot(fd);
     if (!e || atomic_load_explicit(&e->kind, memory_order_relaxed) == FD_ENGINE)

@@ -736,3 +736,36 @@ int rules_expand_socket_path(const char *pattern, int pid, unsigned uid, char *o
     out[n] = 0;
     return 0;
 }
+
+int rules_socket_names(const char *pattern, unsigned uid, struct rules_socket_names *n)
+{
+    char dir[512];
+    const char *slash = strrchr(pattern, '/');
+    if (!slash || rules_expand_socket_path(pattern, 0, uid, dir, sizeof dir) != 0)
+        return -1;
+    char *dslash = strrchr(dir, '/');
+    const char *pp = strstr(slash + 1, "%p");
+    if (!dslash || !pp || (size_t)(pp - slash - 1) >= sizeof n->prefix || strlen(pp + 2) >= sizeof n->suffix)
+        return -1;
+    *dslash = 0;
+    snprintf(n->dir, sizeof n->dir, "%s", dir[0] ? dir : "/");
+    memcpy(n->prefix, slash + 1, (size_t)(pp - slash - 1));
+    n->prefix[pp - slash - 1] = 0;
+    snprintf(n->suffix, sizeof n->suffix, "%s", pp + 2);
+    return 0;
+}
+
+int rules_socket_pid(const struct rules_socket_names *n, const char *name, const char *tail)
+{
+    size_t len = strlen(name), pl = strlen(n->prefix), sl = strlen(n->suffix), tl = strlen(tail);
+    if (len <= pl + sl + tl || strncmp(name, n->prefix, pl) || strncmp(name + len - sl - tl, n->suffix, sl)
+        || strcmp(name + len - tl, tail) || len - pl - sl - tl > 9)
+        return 0;
+    int pid = 0;
+    for (size_t i = pl; i < len - sl - tl; i++) {
+        if (name[i] < '0' || name[i] > '9')
+            return 0;
+        pid = pid * 10 + (name[i] - '0');
+    }
+    return pid;
+}

@@ -108,6 +108,12 @@ bool rules_name_is_listed(const struct shim_config *cfg, const char *name);
 
 /* Expands a stats_socket pattern for this pid and uid; -1 if it does not fit. */
 int rules_expand_socket_path(const char *pattern, int pid, unsigned uid, char *out, size_t cap);
+/* A stats_socket pattern as files to look for: their directory, and the name's parts
+ * before and after the pid. -1 if it does not fit. */
+struct rules_socket_names { char dir[512]; char prefix[128]; char suffix[128]; };
+int rules_socket_names(const char *pattern, unsigned uid, struct rules_socket_names *n);
+/* The pid in a file name of that pattern followed by `tail` ("" for the sockets), else 0. */
+int rules_socket_pid(const struct rules_socket_names *n, const char *name, const char *tail);
 int64_t rules_parse_duration_ms(const char *s, bool *ok);
 int64_t rules_parse_size(const char *s, bool *ok);
 #endif

@@ -131,40 +131,21 @@ struct proc { int pid; char path[256]; };
  * dead processes are removed. */
 static int find_processes(const char *pattern, struct proc *procs, int max)
 {
-    char dirpat[512];
-    if (rules_expand_socket_path(pattern, 0, (unsigned)getuid(), dirpat, sizeof dirpat) != 0)
+    struct rules_socket_names names;
+    if (rules_socket_names(pattern, (unsigned)getuid(), &names) != 0)
         return 0;
-    char *slash = strrchr(pattern, '/');
-    char *dslash = strrchr(dirpat, '/');
-    if (!slash || !dslash)
-        return 0;
-    *dslash = 0;
-    const char *name_pat = slash + 1;          /* e.g. "%p.sock" */
-    const char *pp = strstr(name_pat, "%p");
-    size_t prefix = (size_t)(pp - name_pat);
-    const char *suffix = pp + 2;
-    DIR *d = opendir(dirpat[0] ? dirpat : "/");
+    DIR *d = opendir(names.dir);
     if (!d)
         return 0;
     int n = 0;
     struct dirent *de;
     while ((de = readdir(d)) && n < max) {
         const char *nm = de->d_name;
-        size_t len = strlen(nm), slen = strlen(suffix);
-        if (len <= prefix + slen || strncmp(nm, name_pat, prefix) || strcmp(nm + len - slen, suffix))
-            continue;
-        char digits[16];
-        size_t dl = len - prefix - slen;
-        if (dl >= sizeof digits)
-            continue;
-        memcpy(digits, nm + prefix, dl);
-        digits[dl] = 0;
-        char *end;
-        long pid = strtol(digits, &end, 10);
-        if (*end || pid <= 0)
+        long pid = rules_socket_pid(&names, nm, "");
+        if (pid <= 0)
             continue;
         char path[256];
-        if ((size_t)snprintf(path, sizeof path, "%s/%s", dirpat, nm) >= sizeof path)
+        if ((size_t)snprintf(path, sizeof path, "%s/%s", names.dir, nm) >= sizeof path)
             continue;
         if (kill((pid_t)pid, 0) != 0 && errno == ESRCH) {
             unlink(path);                      /* a dead process's socket: clean it */
