@@ -15,8 +15,12 @@ SHIM_SRC = $(wildcard shim/*.c)
 SHIM_HDR = $(wildcard shim/*.h)
 SHIM_OBJ = $(patsubst shim/%.c,$(BUILD)/obj/%.o,$(SHIM_SRC))
 
-all: $(BUILD)/libhttpshim.so $(BUILD)/httpshim $(BUILD)/epollclient $(BUILD)/tlsstoreclient $(BUILD)/sockstate \
-     $(BUILD)/loop_test
+# `make` builds what a user installs: the library and the CLI. What only the tests run (the
+# C clients, loop.c on its own, the fuzz-replay binaries) is `test-bins`, built by `make test`.
+all: $(BUILD)/libhttpshim.so $(BUILD)/httpshim
+
+TEST_BINS = $(BUILD)/epollclient $(BUILD)/tlsstoreclient $(BUILD)/sockstate $(BUILD)/loop_test
+test-bins: all $(TEST_BINS)
 
 $(BUILD)/obj/%.o: shim/%.c $(SHIM_HDR) | $(BUILD)/obj
 	$(CC) $(CFLAGS_BASE) $(SAN) $(CFLAGS) -c $< -o $@
@@ -50,7 +54,10 @@ LOOP_TEST_OBJ = $(addprefix $(BUILD)/obj/,loop.o fdtable.o real.o log.o)
 $(BUILD)/loop_test: tests/unit/loop_test.c shim/loop.h $(LOOP_TEST_OBJ)
 	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -pthread -o $@ $< $(LOOP_TEST_OBJ) -ldl
 
+# Made before anything compiles: a machine without the build's packages stops here with
+# one line naming them (tools/check-build-deps), not in the middle of a compile.
 $(BUILD)/obj:
+	@CC='$(CC)' tools/check-build-deps
 	mkdir -p $@
 
 deps:
@@ -61,13 +68,13 @@ demo: deps
 	tools/demo
 
 test: deps
-	$(MAKE) all
+	$(MAKE) test-bins
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
 
-.PHONY: all deps test clean demo install bench bench-quick bench-bins
+.PHONY: all test-bins deps test clean demo install bench bench-quick bench-bins
 
 bench: deps bench-bins
-	$(MAKE) all
+	$(MAKE) test-bins
 	bench/full
 
 # C programs of the benchmark (bench/full builds them too): a userspace delay line (TUN
@@ -85,6 +92,7 @@ $(BUILD)/fanin: bench/fanin.c | $(BUILD)/obj
 	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -pthread -o $@ $< -lm
 
 bench-quick: deps
+	$(MAKE) test-bins
 	bench/quick
 
 DESTDIR ?=
@@ -98,9 +106,9 @@ install: all
 clean:
 	rm -rf $(BUILD)
 
-# ---- fuzzing: make fuzz / fuzz-replay (tests/fuzz/fuzz.mk); `all` builds the replay binaries ----
+# ---- fuzzing: make fuzz / fuzz-replay (tests/fuzz/fuzz.mk); `test-bins` builds the replay binaries ----
 include tests/fuzz/fuzz.mk
-all: $(FUZZ_REPLAY_BINS)
+test-bins: $(FUZZ_REPLAY_BINS)
 
 # ---- checks ----
 # cppcheck, and the layer picture of the library's object files: it must have no cycles.
@@ -115,7 +123,7 @@ lint: $(BUILD)/libhttpshim.so
 # runtime must be the first preloaded object, so tests put it ahead of the library.
 ASAN_BUILD = build-asan
 test-asan:
-	$(MAKE) BUILD=$(ASAN_BUILD) SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" all
+	$(MAKE) BUILD=$(ASAN_BUILD) SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" test-bins
 	rm -f $(ASAN_BUILD)/asan.* $(ASAN_BUILD)/ubsan.*
 	HTTPSHIM_TEST_BUILD=$(ASAN_BUILD) HTTPSHIM_TEST_SKIP_CLIENTS="curl wget strace" \
 	HTTPSHIM_TEST_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \

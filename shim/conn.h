@@ -19,6 +19,7 @@
 
 struct app_side;
 struct cache_entry;
+struct tls_pin;
 enum exchange_end {
     EXCHANGE_OK,                    /* the response is whole in `out` */
     EXCHANGE_FAILED,
@@ -53,7 +54,9 @@ struct app_side {
      * and served instead of an error or a 5xx when stale_on_error */
     struct cache_entry *cached;
     bool stale_on_error;
-    /* the app's TLS was terminated for this name: the upstream leg is HTTPS to it */
+    /* the app's TLS was terminated for this name: the upstream leg is HTTPS to it, and
+     * must present what the app's verdict approved (tls_front.h; a reference) */
     const char *tls_host;
+    struct tls_pin *tls_pin;
 };
 #endif

@@ -86,7 +86,8 @@ struct conn {
     struct conn *tls_next_waiter;
     struct loop_timer tls_recheck;  /* CS_VERIFY: the app's store was still empty */
     int tls_rechecks;
-    char tls_where[64];             /* the address it dialled, as probes name it */
+    struct tls_pin *tls_pin;        /* the verdict approved it: what its legs must present */
+    char tls_where[64];             /* the address and port it dialled, as probes name it */
     char tls_name[256];             /* the name the app asked for; the leg's host once terminated */
     struct cache_entry *found;      /* what Redis or a flight answered, served even if memory is full */
     struct transfer *xfer;          /* CS_UPSTREAM */
@@ -244,6 +245,10 @@ static void conn_retire(struct conn *c, bool close_fd)
         X509_STORE_free(c->tls_store);
         c->tls_store = NULL;
     }
+    tls_front_pin_release(c->tls_pin);
+    c->tls_pin = NULL;
+    tls_front_pin_release(c->side.tls_pin);
+    c->side.tls_pin = NULL;
     if (c->hit) {
         cache_entry_release(c->hit);
         c->hit = NULL;
@@ -600,6 +605,8 @@ static void intercept_tls(struct conn *c)
         return;
     }
     plain->side.tls_host = plain->tls_name;
+    plain->side.tls_pin = c->tls_pin;  /* moved: every leg it opens is held to it */
+    c->tls_pin = NULL;
     plain->tls_checked = true;         /* what it carries is the plaintext */
     shim_debug("fd %d: TLS from the app for %s terminated; plaintext on fd %d", c->side.fd, c->tls_name, sv[0]);
     conn_retire(c, false);
@@ -611,6 +618,7 @@ struct tls_wait {
     struct tls_wait *next;
     void *probe;
     char name[256], where[64];
+    int upstream;
     struct conn *waiters;
 };
 static struct tls_wait *tls_waits;    /* engine thread only */
@@ -643,6 +651,15 @@ static void stop_waiting_tls(struct conn *c)
 static void tls_decided(struct conn *c, int verdict);
 static bool wait_for_probe(struct conn *c);
 
+/* The kept verdict for exactly this connection's name, address, port and upstream,
+ * against its app context's own store; an approval comes with the pin its legs must hold. */
+static int verdict_of(struct conn *c)
+{
+    tls_front_pin_release(c->tls_pin);
+    c->tls_pin = NULL;
+    return tls_front_verdict(c->tls_store, c->tls_name, c->tls_where, c->side.upstream, &c->tls_pin);
+}
+
 /* An app that loads its trust store after sending its ClientHello (curl does, to overlap
  * the file's reading with the round trip) has none of it in the store yet when a quick
  * probe returns: ask again a few times, 5 ms doubling to 640 ms (1.3 s in all), before
@@ -654,7 +671,7 @@ static void on_tls_recheck(struct loop_timer *timer)
     struct conn *c = (struct conn *)(void *)((char *)timer - offsetof(struct conn, tls_recheck));
     if (c->dead)
         return;
-    int verdict = tls_front_verdict(c->tls_store, c->tls_name, c->tls_where);
+    int verdict = verdict_of(c);
     if (verdict == -1 && wait_for_probe(c))
         return;                        /* the kept probe expired meanwhile: probe again */
     tls_decided(c, verdict == -1 ? 0 : verdict);
@@ -675,7 +692,7 @@ static void tls_decided(struct conn *c, int verdict)
     X509_STORE_free(c->tls_store);
     c->tls_store = NULL;
     c->state = CS_HTTP;
-    if (verdict == 1)
+    if (verdict == 1 && c->tls_pin)
         intercept_tls(c);
     else
         tunnel_tls(c, &shim_stats[c->side.upstream].tls_tunnel_unverified,
@@ -692,7 +709,7 @@ static void on_tls_probe(void *arg)
         struct conn *c = w->waiters;
         w->waiters = c->tls_next_waiter;
         c->tls_wait = NULL;
-        tls_decided(c, tls_front_verdict(c->tls_store, c->tls_name, c->tls_where));
+        tls_decided(c, verdict_of(c));
     }
     free(w);
 }
@@ -702,7 +719,7 @@ static void on_tls_probe(void *arg)
 static bool wait_for_probe(struct conn *c)
 {
     struct tls_wait *w = tls_waits;
-    while (w && (strcasecmp(w->name, c->tls_name) || strcmp(w->where, c->tls_where)))
+    while (w && (w->upstream != c->side.upstream || strcasecmp(w->name, c->tls_name) || strcmp(w->where, c->tls_where)))
         w = w->next;
     if (!w) {
         w = calloc(1, sizeof *w);
@@ -710,6 +727,7 @@ static bool wait_for_probe(struct conn *c)
             return false;
         snprintf(w->name, sizeof w->name, "%s", c->tls_name);
         snprintf(w->where, sizeof w->where, "%s", c->tls_where);
+        w->upstream = c->side.upstream;
         w->probe = upstream_tls_probe(c->side.upstream, c->tls_name, &c->side.dest, c->side.dest_len, on_tls_probe, w);
         if (!w->probe) {
             free(w);
@@ -783,9 +801,9 @@ static bool took_tls(struct conn *c)
                                                                       : "ALPN without http/1.1");
         return true;
     }
-    upstream_addr_text(&c->side.dest, c->tls_where, sizeof c->tls_where);
+    upstream_dialled_text(&c->side.dest, c->tls_where, sizeof c->tls_where);
     c->tls_store = store;
-    int verdict = tls_front_verdict(store, c->tls_name, c->tls_where);
+    int verdict = verdict_of(c);
     if (verdict != -1)
         tls_decided(c, verdict);
     else if (!wait_for_probe(c))

@@ -107,7 +107,9 @@ static const char *const lib_names[LIB_COUNT] = { "libcrypto.so.3", "libssl.so.3
     X(LIB_SSL, int, SSL_use_certificate, (SSL *s, X509 *x), (s, x))                            \
     X(LIB_SSL, int, SSL_use_PrivateKey, (SSL *s, EVP_PKEY *k), (s, k))                         \
     X(LIB_SSL, STACK_OF(X509) *, SSL_get_peer_cert_chain, (const SSL *s), (s))                 \
-    X(LIB_SSL, X509 *, SSL_get1_peer_certificate, (const SSL *s), (s))
+    X(LIB_SSL, X509 *, SSL_get1_peer_certificate, (const SSL *s), (s))                         \
+    X(LIB_SSL, X509 *, SSL_get0_peer_certificate, (const SSL *s), (s))                         \
+    X(LIB_CRYPTO, int, X509_cmp, (const X509 *a, const X509 *b), (a, b))
 
 #define VOID_RETURNING(X)                                                                      \
     X(LIB_CRYPTO, void, EVP_PKEY_CTX_free, (EVP_PKEY_CTX *c), (c))                             \

@@ -21,6 +21,7 @@ struct upstream_stats {
     /* TLS the app encrypts itself: terminated by the shim, or tunnelled, and why */
     _Atomic uint64_t tls_intercepted, tls_handshake_failures, tls_tunnel_not_configured, tls_tunnel_no_mark;
     _Atomic uint64_t tls_tunnel_client_cert, tls_tunnel_unverified, tls_tunnel_unreadable;
+    _Atomic uint64_t tls_upstream_verify_failed;   /* an HTTPS leg's certificate refused: not sent */
     _Atomic uint64_t evictions, expired;
     /* coalescing: requests served from another request's fetch, and waits given up */
     _Atomic uint64_t coalesced, coalesce_timeouts;

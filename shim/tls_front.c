@@ -44,7 +44,8 @@ struct tls_front {
 #define CHAIN_MS   60000
 static struct {
     char name[256];
-    char where[INET6_ADDRSTRLEN + 8];   /* the address it was probed at */
+    char where[INET6_ADDRSTRLEN + 8];   /* the address and port it was probed at */
+    int upstream;                       /* the upstream section it was probed for */
     bool verified;                      /* libcurl's verification accepted it */
     X509 *leaf;
     STACK_OF(X509) *chain;              /* what the upstream sent besides the leaf */
@@ -443,12 +444,17 @@ void tls_front_check_release(struct tls_check *check)
     check->chain = NULL;
 }
 
-void tls_front_keep_probe(const char *name, const char *where, bool verified, struct tls_check *check)
+static bool same_key(size_t i, const char *name, const char *where, int upstream)
+{
+    return chains[i].upstream == upstream && !strcasecmp(chains[i].name, name) && !strcmp(chains[i].where, where);
+}
+
+void tls_front_keep_probe(const char *name, const char *where, int upstream, bool verified, struct tls_check *check)
 {
     int64_t now = mono_ms();
     size_t slot = 0;
     for (size_t i = 0; i < CHAINS_MAX; i++) {
-        if (chains[i].until_ms <= now || (!strcasecmp(chains[i].name, name) && !strcmp(chains[i].where, where))) {
+        if (chains[i].until_ms <= now || same_key(i, name, where, upstream)) {
             slot = i;
             break;
         }
@@ -462,6 +468,7 @@ void tls_front_keep_probe(const char *name, const char *where, bool verified, st
     drop_chain(slot);
     snprintf(chains[slot].name, sizeof chains[slot].name, "%s", name);
     snprintf(chains[slot].where, sizeof chains[slot].where, "%s", where);
+    chains[slot].upstream = upstream;
     chains[slot].verified = verified && check->leaf;
     chains[slot].leaf = check->leaf;   /* taken over */
     chains[slot].chain = check->chain;
@@ -470,15 +477,84 @@ void tls_front_keep_probe(const char *name, const char *where, bool verified, st
     chains[slot].until_ms = now + CHAIN_MS;
 }
 
-int tls_front_verdict(X509_STORE *store, const char *name, const char *where)
+struct tls_pin {
+    int refs;                          /* engine thread only */
+    X509 *leaf;                        /* the leaf the verdict approved */
+    X509_STORE *store;                 /* the app context's own store */
+    char name[256];
+};
+
+static struct tls_pin *pin_new(X509_STORE *store, X509 *leaf, const char *name)
+{
+    struct tls_pin *p = strlen(name) < sizeof p->name ? calloc(1, sizeof *p) : NULL;
+    if (!p)
+        return NULL;
+    if (X509_up_ref(leaf) != 1) {
+        free(p);
+        return NULL;
+    }
+    if (X509_STORE_up_ref(store) != 1) {
+        X509_free(leaf);
+        free(p);
+        return NULL;
+    }
+    p->refs = 1;
+    p->leaf = leaf;
+    p->store = store;
+    snprintf(p->name, sizeof p->name, "%s", name);
+    return p;
+}
+
+struct tls_pin *tls_front_pin_ref(struct tls_pin *pin)
+{
+    if (pin)
+        pin->refs++;
+    return pin;
+}
+
+void tls_front_pin_release(struct tls_pin *pin)
+{
+    if (!pin || --pin->refs > 0)
+        return;
+    X509_free(pin->leaf);
+    X509_STORE_free(pin->store);
+    free(pin);
+}
+
+bool tls_front_pin_holds(const struct tls_pin *pin, SSL *upstream_session)
+{
+    X509 *leaf = upstream_session ? SSL_get0_peer_certificate(upstream_session) : NULL;
+    if (!pin || !leaf)
+        return false;
+    if (X509_cmp(leaf, pin->leaf) == 0)
+        return true;
+    /* another certificate than the one approved (a rotation, another backend, or a
+     * server the app would refuse): the app's own store decides */
+    bool ok = chain_trusted(pin->store, leaf, SSL_get_peer_cert_chain(upstream_session), pin->name) == 1;
+    if (!ok)
+        shim_debug("the upstream for %s now presents a certificate the app's store does not accept", pin->name);
+    return ok;
+}
+
+int tls_front_verdict(X509_STORE *store, const char *name, const char *where, int upstream, struct tls_pin **pin)
 {
     int64_t now = mono_ms();
     for (size_t i = 0; i < CHAINS_MAX; i++) {
-        if (chains[i].until_ms <= now || strcasecmp(chains[i].name, name) || strcmp(chains[i].where, where))
+        if (chains[i].until_ms <= now || !same_key(i, name, where, upstream))
             continue;
         if (!chains[i].verified)
             return 0;
-        return chain_trusted(store, chains[i].leaf, chains[i].chain, name);
+        int verdict = chain_trusted(store, chains[i].leaf, chains[i].chain, name);
+        if (verdict == 1 && pin && !(*pin = pin_new(store, chains[i].leaf, name)))
+            return 0;                  /* nothing to hold its legs to: not intercepted */
+        return verdict;
     }
     return -1;
+}
+
+void tls_front_forget_verdict(const char *name, const char *where, int upstream)
+{
+    for (size_t i = 0; i < CHAINS_MAX; i++)
+        if (chains[i].until_ms && same_key(i, name, where, upstream))
+            drop_chain(i);
 }

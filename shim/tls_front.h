@@ -22,12 +22,25 @@ struct tls_check {
 };
 int tls_front_probe_ctx(void *curl, void *sslctx, void *parm);
 void tls_front_check_release(struct tls_check *check);
-/* A probe of `name` at address `where` ended (verified: libcurl accepted it): its chain
- * is kept a minute. */
-void tls_front_keep_probe(const char *name, const char *where, bool verified, struct tls_check *check);
-/* With a recent probe of name at where: 1 when libcurl accepted the upstream and its
- * chain also verifies against store (an app context's), 0 when not; -1: no recent probe;
- * TLS_VERDICT_NOT_YET: the store has no trust of the app's in it yet (ask again soon). */
+/* What a probe found is kept a minute, keyed by everything the answer depends on: the
+ * name, the address and port dialled (`where`, "1.2.3.4:443") and the upstream section.
+ * verified: libcurl accepted the chain. */
+void tls_front_keep_probe(const char *name, const char *where, int upstream, bool verified, struct tls_check *check);
+/* With a recent probe for exactly (name, where, upstream): 1 when libcurl accepted the
+ * upstream and its chain also verifies against store (an app context's), 0 when not; -1:
+ * no recent probe; TLS_VERDICT_NOT_YET: the store has no trust of the app's in it yet (ask
+ * again soon). On 1, *pin (when pin is not NULL) is what the connection's upstream legs
+ * must then present (a new reference). */
 #define TLS_VERDICT_NOT_YET (-2)
-int tls_front_verdict(X509_STORE *store, const char *name, const char *where);
+struct tls_pin;
+int tls_front_verdict(X509_STORE *store, const char *name, const char *where, int upstream, struct tls_pin **pin);
+/* An upstream leg for (name, where, upstream) failed verification: the kept probe is
+ * dropped, so the next app connection is probed afresh (and tunnelled). */
+void tls_front_forget_verdict(const char *name, const char *where, int upstream);
+/* The pin of an intercepted connection: every upstream leg that carries its requests
+ * (new or reused) must present the leaf its verdict approved, or a chain that verifies
+ * against the app context's own store for the name. Engine thread only. */
+struct tls_pin *tls_front_pin_ref(struct tls_pin *pin);           /* NULL-safe */
+void tls_front_pin_release(struct tls_pin *pin);                  /* NULL-safe */
+bool tls_front_pin_holds(const struct tls_pin *pin, SSL *upstream_session);
 #endif

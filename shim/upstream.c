@@ -72,6 +72,11 @@ struct transfer {
     void *probe_arg;
     bool is_probe;
     struct tls_check check;
+    /* an intercepted connection's leg: held to what the app's verdict approved (a
+     * reference); refused when the upstream presented anything else */
+    struct tls_pin *pin;
+    bool pin_refused;
+    char own_tls_host[256];         /* own.tls_host, kept here: the app's may go first */
     char check_name[256];
     char check_where[INET6_ADDRSTRLEN + 8];
     /* the pool queue */
@@ -231,6 +236,15 @@ static int close_socket(void *clientp, curl_socket_t fd)
 }
 
 /* The transfer has its connection (new or reused) and is about to send. */
+/* libcurl's last word before the request goes out, on a new or a reused connection: the
+ * leg of an intercepted connection carries it only to the upstream the app approved. */
+static bool pin_holds(struct transfer *t)
+{
+    struct curl_tlssessioninfo *tls = NULL;
+    return curl_easy_getinfo(t->easy, CURLINFO_TLS_SSL_PTR, &tls) == CURLE_OK && tls
+           && tls->backend == CURLSSLBACKEND_OPENSSL && tls_front_pin_holds(t->pin, tls->internals);
+}
+
 static int on_prereq(void *clientp, char *conn_primary_ip, char *conn_local_ip, int conn_primary_port,
                      int conn_local_port)
 {
@@ -239,6 +253,10 @@ static int on_prereq(void *clientp, char *conn_primary_ip, char *conn_local_ip, 
     (void)conn_local_ip;
     (void)conn_primary_port;
     (void)conn_local_port;
+    if (t->pin && !pin_holds(t)) {
+        t->pin_refused = true;
+        return CURL_PREREQFUNC_ABORT;
+    }
     if (!t->connected) {
         t->connected = true;
         STAT_INC(t->app->upstream, in_flight_connected);
@@ -516,10 +534,12 @@ static bool named_in_connection(const struct http_request *req, struct http_slic
     return false;
 }
 
-void upstream_addr_text(const union shim_sockaddr *a, char *out, size_t n)
+void upstream_dialled_text(const union shim_sockaddr *a, char *out, size_t n)
 {
+    char ip[INET6_ADDRSTRLEN + 2];
     uint16_t port;
-    format_addr(out, n, a, &port);
+    format_addr(ip, sizeof ip, a, &port);
+    snprintf(out, n, "%s:%u", ip, port);
 }
 
 static int format_addr(char *out, size_t n, const union shim_sockaddr *a, uint16_t *port)
@@ -577,10 +597,12 @@ static int build(struct transfer *t, const struct http_request *req, const char 
     CURL *e = t->easy;
     if (c->tls_host) {
         /* the app's own TLS was terminated: the leg to the upstream is TLS again, for the
-         * name the app asked for, pinned to the address it dialled, verified */
-        if (aim(t, "https", c->tls_host, u->port, &c->dest) != 0)
+         * name the app asked for, pinned to the address it dialled, verified by libcurl,
+         * and held to what the app's own verdict approved before any byte is sent */
+        if (!c->tls_pin || aim(t, "https", c->tls_host, u->port, &c->dest) != 0)
             return -1;
         verify_tls(e, u);
+        t->pin = tls_front_pin_ref(c->tls_pin);   /* checked in on_prereq */
     } else if (u->origin_https) {
         /* the app's plain HTTP, carried over TLS to the origin, verified as strictly as
          * libcurl verifies by default: the system store, plus the rule's tls_ca_file */
@@ -771,6 +793,8 @@ static void transfer_free(struct transfer *t)
     flight_land(t->flight, NULL);
     if (t->is_probe)
         tls_front_check_release(&t->check);
+    tls_front_pin_release(t->pin);
+    tls_front_pin_release(t->own.tls_pin);
     cache_entry_release(t->revalidating);
     cache_entry_release(t->own.cached);
     buf_free(&t->own.in);
@@ -861,6 +885,11 @@ static int own_side(struct transfer *t, const struct app_side *app, const char *
                                 .req_keep_alive = app->req_keep_alive, .req_is_head = app->req_is_head };
     t->own.in.cap = IN_CAP;
     t->own.out.cap = OUT_CAP;
+    if (app->tls_host) {               /* a refresh of an intercepted entry is HTTPS too */
+        snprintf(t->own_tls_host, sizeof t->own_tls_host, "%s", app->tls_host);
+        t->own.tls_host = t->own_tls_host;
+        t->own.tls_pin = tls_front_pin_ref(app->tls_pin);
+    }
     return buf_append(&t->own.in, request, request_len);
 }
 
@@ -1087,7 +1116,7 @@ void *upstream_tls_probe(int upstream, const char *host, const union shim_sockad
     t->detached = t->is_probe = true;
     t->probe_done = done;
     t->probe_arg = arg;
-    upstream_addr_text(dest, t->check_where, sizeof t->check_where);
+    upstream_dialled_text(dest, t->check_where, sizeof t->check_where);
     t->easy = curl_easy_init();
     if (!t->easy || aim(t, "https", host, u->port, dest) != 0) {
         transfer_free(t);
@@ -1127,11 +1156,28 @@ static void probe_finished(struct transfer *t, CURLcode result)
 {
     if (result != CURLE_OK)
         shim_debug("TLS probe of upstream %d: %s", t->app->upstream, curl_easy_strerror(result));
-    tls_front_keep_probe(t->check_name, t->check_where, result == CURLE_OK, &t->check);
+    tls_front_keep_probe(t->check_name, t->check_where, t->app->upstream, result == CURLE_OK, &t->check);
     if (t->probe_done)
         t->probe_done(t->probe_arg);
     curl_multi_remove_handle(multi, t->easy);
     transfer_free(t);
+}
+
+/* The upstream presented a certificate libcurl or the app's approval refuses: no byte of
+ * the request went out; no stale answer hides it, and for an intercepted connection the
+ * kept verdict goes, so the app's next connection meets the real certificate. */
+static void upstream_verify_failed(struct transfer *t)
+{
+    struct app_side *c = t->app;
+    STAT_INC(c->upstream, tls_upstream_verify_failed);
+    t->stale_on_error = false;
+    shim_debug("fd %d: the upstream's certificate was refused (%s): request not sent", c->fd,
+               t->pin_refused ? "not what the app approved" : "libcurl's verification");
+    if (c->tls_host) {
+        char where[INET6_ADDRSTRLEN + 8];
+        upstream_dialled_text(&c->dest, where, sizeof where);
+        tls_front_forget_verdict(c->tls_host, where, c->upstream);
+    }
 }
 
 void upstream_reap(void)
@@ -1155,6 +1201,8 @@ void upstream_reap(void)
         if (ok && !t->renew
             && (send_head(t) != 0 || (t->mode == BODY_CHUNKED && buf_append(&c->out, "0\r\n\r\n", 5) != 0)))
             ok = false;
+        if (!ok && (t->pin_refused || result == CURLE_PEER_FAILED_VERIFICATION))
+            upstream_verify_failed(t);
         if (!ok) {
             shim_debug("fd %d: upstream exchange failed: %s", c->fd, curl_easy_strerror(result));
             if (c->app_gone)

@@ -81,7 +81,7 @@ _BUILD = {}
 def build_once():
     if "rc" not in _BUILD:
         try:
-            p = subprocess.run(["make", "-C", str(ROOT), "BUILD=%s" % BUILD, "all"], stdout=subprocess.PIPE,
+            p = subprocess.run(["make", "-C", str(ROOT), "BUILD=%s" % BUILD, "test-bins"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, timeout=900)
             _BUILD["rc"] = p.returncode
             _BUILD["out"] = p.stdout.decode(errors="replace")
@@ -243,7 +243,7 @@ def free_port(host="127.0.0.1"):
 class Upstream(object):
     """tests/upstream.py in a process of its own; with tls=(chain, key) it serves HTTPS."""
 
-    def __init__(self, workdir, python=SYS_PY, host="127.0.0.1", tls=None):
+    def __init__(self, workdir, python=SYS_PY, host="127.0.0.1", tls=None, port=0):
         self.workdir = Path(workdir)
         self.tls = tls
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +257,7 @@ class Upstream(object):
         env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
         self.proc = subprocess.Popen(
             [python, str(UPSTREAM_PY), "--port-file", str(pf),
-             "--control-port-file", str(cf), "--host", host]
+             "--control-port-file", str(cf), "--host", host, "--port", str(port)]
             + (["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])] if tls else []),
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
             env=env, start_new_session=True)

@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""HTTPS GETs from one long-lived process, one per stdin line, with urllib and a context
+that trusts only the CA file it is given (as an app's own configuration would), so that a
+test can change the upstream between two fetches of the same process.
+
+    tlsfetch.py --cafile F [--stats-socket PATTERN]
+
+Prints {"ready": true}, then for each line {"url": URL} one line: {"status", "len"} or
+{"error": "ExceptionType: text"}; a line {"stats": true} answers {"stats": the process's
+/stats} (with --stats-socket). stdin at EOF: exit 0."""
+import argparse
+import json
+import ssl
+import sys
+import urllib.request
+
+from tlsclient import stats
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cafile", required=True)
+    ap.add_argument("--stats-socket")
+    a = ap.parse_args()
+    say = lambda obj: (sys.stdout.write(json.dumps(obj) + "\n"), sys.stdout.flush())
+    say({"ready": True})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd.get("stats"):
+            say({"stats": stats(a.stats_socket)})
+            continue
+        try:
+            ctx = ssl.create_default_context(cafile=a.cafile)
+            with urllib.request.urlopen(cmd["url"], context=ctx, timeout=20) as r:
+                say({"status": r.status, "len": len(r.read())})
+        except Exception as e:  # noqa: BLE001 (the test compares the failure)
+            say({"error": "%s: %s" % (type(e).__name__, e)})
+
+
+if __name__ == "__main__":
+    main()

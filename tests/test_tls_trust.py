@@ -1,0 +1,200 @@
+"""Trust kept per upstream (issue 21, item 1): a kept TLS verdict (the upstream's chain
+verified by libcurl, then against the app context's own store) answers only for the exact
+name, dialled address and port, and upstream section it was computed for; every upstream
+leg of an intercepted connection is held to what the app approved. Each case runs the same
+fetches in two long-lived processes, one without the shim and one with it, and requires
+the same outcome (status, or the exception's type and CERTIFICATE_VERIFY_FAILED) from
+both, and that a server the app would refuse never receives a request."""
+import os
+import time
+
+import pytest
+
+from conftest import SYS_PY, JsonLineProcess, Upstream, client_env, pyclient, write_rules
+from test_tls import SAN_ENV
+from tlsca import CA
+
+TLSFETCH = pyclient("tlsfetch.py")
+
+
+@pytest.fixture(scope="module")
+def cas(tmp_path_factory):
+    d = tmp_path_factory.mktemp("trust-pki")
+    return {"app": CA(d / "app", name="the CA the app trusts"), "other": CA(d / "other", name="another CA")}
+
+
+def bundle(tmp, *cas):
+    """A CA file with every CA given (what libcurl trusts for the upstream)."""
+    p = tmp / ("bundle-%d.pem" % len(cas))
+    p.write_bytes(b"".join(c.pem.read_bytes() for c in cas))
+    return p
+
+
+def conf_for(tmp, sockdir, ports, ca_file, extra=()):
+    lines = ["[global]", "upstream_timeout = 5s", "stats_socket = %s/%%p.sock" % sockdir]
+    for port in ports:
+        lines += ["", "[upstream 127.0.0.1:%d]" % port, "tls = intercept", "tls_ca_file = %s" % ca_file]
+        lines += list(extra) + ["cache GET /custom* ttl=10m"]
+    return write_rules(tmp, [], raw="\n".join(lines) + "\n", name="trust.conf")
+
+
+class Fetcher(JsonLineProcess):
+    NAME = "tlsfetch.py"
+
+    def __init__(self, cafile, conf=None, sockdir=None):
+        argv = [SYS_PY, TLSFETCH, "--cafile", cafile]
+        if sockdir:
+            argv += ["--stats-socket", "%s/%%p.sock" % sockdir]
+        env = dict(SAN_ENV or {}, **({"HTTPSHIM_DEBUG": "1"} if os.environ.get("TRUST_DEBUG") else {}))
+        JsonLineProcess.__init__(self, argv, client_env(conf is not None, conf, env))
+        assert self.read().get("ready"), self.describe()
+
+    def get(self, url):
+        self.send({"url": url})
+        return self.read()
+
+    def stats(self, port):
+        self.send({"stats": True})
+        return self.read()["stats"]["upstreams"]["127.0.0.1:%d" % port]
+
+
+def outcome(r):
+    """What the app saw, as comparable: 200, or the exception's type (and whether the
+    certificate was refused)."""
+    if "error" in r:
+        kind = r["error"].split(":")[0]
+        return (kind, "CERTIFICATE_VERIFY_FAILED" in r["error"])
+    return r["status"]
+
+
+@pytest.fixture
+def pair(cas, tmp_path, sockdir):
+    """(direct, shimmed) fetchers, made by the test with its rules, stopped after it."""
+    made = []
+
+    def make(conf):
+        d = Fetcher(cas["app"].pem)
+        s = Fetcher(cas["app"].pem, conf=conf, sockdir=sockdir)
+        made.extend([d, s])
+        return d, s
+    yield make
+    for f in made:
+        f.stop()
+
+
+def both_get(direct, shimmed, url):
+    d, s = direct.get(url), shimmed.get(url)
+    assert outcome(d) == outcome(s), ("direct", d, "shim", s, shimmed.describe())
+    return outcome(s)
+
+
+def test_a_verdict_for_one_port_is_not_used_for_another(cas, pair, tmp_path, tmp_path_factory, sockdir):
+    """Port A has a valid certificate for 127.0.0.1, port B one for 127.0.0.2 from the same
+    CA; both are intercepted. A first, then B: B fails with the app's own verification
+    error, as direct, and B receives no request (before the fix its handshake was answered
+    from A's verdict and the app saw RemoteDisconnected)."""
+    good = Upstream(tmp_path_factory.mktemp("port-a"), tls=cas["app"].leaf(["127.0.0.1"], stem="a"))
+    bad = Upstream(tmp_path_factory.mktemp("port-b"), tls=cas["app"].leaf(["127.0.0.2"], stem="b"))
+    try:
+        direct, shimmed = pair(conf_for(tmp_path, sockdir, [good.port, bad.port], cas["app"].pem))
+        assert both_get(direct, shimmed, good.url("/custom/a?n=100")) == 200
+        bad.reset()
+        assert both_get(direct, shimmed, bad.url("/custom/b?n=100")) == ("URLError", True)
+        assert bad.stats()["requests"] == 0, bad.stats()
+        assert shimmed.stats(good.port)["tls_intercepted"] == 1
+        assert shimmed.stats(bad.port)["tls_tunnel_unverified"] == 1
+    finally:
+        good.stop()
+        bad.stop()
+
+
+def test_same_name_on_two_ports_with_two_cas(cas, pair, tmp_path, tmp_path_factory, sockdir):
+    """127.0.0.1 on port A (the app's CA) and on port B (another CA, which libcurl trusts
+    too: the rule's tls_ca_file holds both). The app trusts only its own: B fails as direct,
+    whichever is asked first, and B never sees a request (its credentials would have gone
+    to a server the app refuses)."""
+    good = Upstream(tmp_path_factory.mktemp("ca-a"), tls=cas["app"].leaf(["127.0.0.1"], stem="ca-a"))
+    bad = Upstream(tmp_path_factory.mktemp("ca-b"), tls=cas["other"].leaf(["127.0.0.1"], stem="ca-b"))
+    try:
+        conf = conf_for(tmp_path, sockdir, [good.port, bad.port], bundle(tmp_path, cas["app"], cas["other"]))
+        direct, shimmed = pair(conf)
+        for i in range(2):
+            assert both_get(direct, shimmed, good.url("/custom/a?n=100&i=%d" % i)) == 200
+            assert both_get(direct, shimmed, bad.url("/custom/b?n=100&i=%d" % i)) == ("URLError", True)
+        assert bad.stats()["requests"] == 0, bad.stats()
+        assert good.stats()["requests"] == 4, good.stats()   # 2 direct, 2 through the shim
+    finally:
+        good.stop()
+        bad.stop()
+
+
+@pytest.mark.parametrize("who_refuses", ["app", "libcurl"])
+def test_a_certificate_swapped_within_the_keep_window_gets_no_request(who_refuses, cas, pair, tmp_path,
+                                                                      tmp_path_factory, sockdir):
+    """The upstream is intercepted (its verdict kept), then restarted on the same port with
+    a certificate the app would refuse: from another CA that libcurl trusts too ("app"), or
+    that libcurl refuses as well ("libcurl"). The next request's upstream leg is a new
+    connection that does not present what the app approved: the request is not sent, the
+    app's connection fails as a server failing mid-connection would, and it is counted
+    (tls_upstream_verify_failed). The kept verdict is dropped with it, so the request after
+    fails exactly as direct (the app meets the real certificate)."""
+    port_dir = tmp_path_factory.mktemp("swap")
+    good = Upstream(port_dir / "good", tls=cas["app"].leaf(["127.0.0.1"], stem="swap-good"))
+    port, bad = good.port, None
+    try:
+        cafile = bundle(tmp_path, cas["app"], cas["other"]) if who_refuses == "app" else cas["app"].pem
+        direct, shimmed = pair(conf_for(tmp_path, sockdir, [port], cafile))
+        assert both_get(direct, shimmed, good.url("/custom/s?n=100&i=1")) == 200
+        assert shimmed.stats(port)["tls_intercepted"] == 1
+        good.stop()
+        bad = None
+        for _ in range(50):            # the port is free again at once (SO_REUSEADDR); bounded
+            try:
+                bad = Upstream(port_dir / "bad", tls=cas["other"].leaf(["127.0.0.1"], stem="swap-bad"), port=port)
+                break
+            except RuntimeError:
+                time.sleep(0.1)
+        assert bad is not None and bad.port == port
+        d = outcome(direct.get(bad.url("/custom/s?n=100&i=2")))
+        s = outcome(shimmed.get(bad.url("/custom/s?n=100&i=2")))
+        assert d == ("URLError", True)
+        assert s not in (200, ("URLError", True)) and isinstance(s, tuple), (s, shimmed.describe())  # mid-connection
+        assert bad.stats()["requests"] == 0, bad.stats()
+        st = shimmed.stats(port)
+        assert st["tls_upstream_verify_failed"] == 1, st
+        assert both_get(direct, shimmed, bad.url("/custom/s?n=100&i=3")) == ("URLError", True)
+        assert bad.stats()["requests"] == 0, bad.stats()
+        assert shimmed.stats(port)["tls_tunnel_unverified"] == 1
+    finally:
+        good.stop()
+        if bad:
+            bad.stop()
+
+
+def test_a_background_refresh_of_an_intercepted_entry_is_https(cas, pair, tmp_path, tmp_path_factory, sockdir):
+    """An intercepted entry past its TTL is served stale and refreshed in the background:
+    the refresh is an HTTPS request held to the same approval, never the plaintext request
+    sent to the TLS port (before the fix it was: the upstream saw a failed handshake)."""
+    up = Upstream(tmp_path_factory.mktemp("refresh"), tls=cas["app"].leaf(["127.0.0.1"], stem="refresh"))
+    try:
+        lines = ["[global]", "upstream_timeout = 5s", "stats_socket = %s/%%p.sock" % sockdir, "",
+                 "[upstream 127.0.0.1:%d]" % up.port, "tls = intercept", "tls_ca_file = %s" % cas["app"].pem,
+                 "cache GET /custom* ttl=1s stale_while_revalidate=30s"]
+        conf = write_rules(tmp_path, [], raw="\n".join(lines) + "\n", name="refresh.conf")
+        shimmed = Fetcher(cas["app"].pem, conf=conf, sockdir=sockdir)
+        try:
+            url = up.url("/custom/r?n=100")
+            assert outcome(shimmed.get(url)) == 200
+            time.sleep(1.3)
+            assert outcome(shimmed.get(url)) == 200     # stale, at once; refreshed behind it
+            for _ in range(100):                        # bounded: 5 s
+                if up.stats()["requests"] >= 2:
+                    break
+                time.sleep(0.05)
+            st = up.stats()
+            assert st["requests"] == 2 and st["handshake_failures"] == 0, st
+            assert shimmed.stats(up.port)["refreshes"] == 1
+        finally:
+            shimmed.stop()
+    finally:
+        up.stop()
