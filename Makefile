@@ -34,9 +34,12 @@ $(BUILD)/libhttpshim.so: $(SHIM_OBJ) shim/exports.map
 
 PREFIX  ?= /usr/local
 LIBDIR   = $(PREFIX)/lib/httpshim
-$(BUILD)/httpshim: tools/httpshim.c shim/rules.c shim/rules.h shim/exited.c shim/exited.h tools/real_stdio.c | $(BUILD)/obj
+$(BUILD)/httpshim: tools/httpshim.c shim/rules.c shim/rules.h shim/exited.c shim/exited.h tools/real_stdio.c \
+                   shim/redis_value.c shim/redis_value.h shim/cache.c shim/cache.h shim/http.c shim/http.h \
+                   shim/sha256.c shim/sha256.h | $(BUILD)/obj
 	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -DHTTPSHIM_LIBDIR='"$(LIBDIR)"' \
-	  -o $@ tools/httpshim.c shim/rules.c shim/exited.c tools/real_stdio.c -lcurl -lhiredis -ljansson -lm -pthread
+	  -o $@ tools/httpshim.c shim/rules.c shim/exited.c tools/real_stdio.c \
+	  shim/redis_value.c shim/cache.c shim/http.c shim/sha256.c -lcurl -lhiredis -ljansson -lm -pthread
 
 # an OpenSSL client that swaps its context's trust store (the interposed store setters)
 $(BUILD)/tlsstoreclient: tests/clients/tlsstoreclient.c | $(BUILD)/obj

@@ -3,9 +3,11 @@
  * request waits on for at most redis_timeout; fire-and-forget SET ... PX after the
  * response has gone to the app (entries in redis_value.c's format); the per-key locks
  * that coalesce fetches across processes (SET NX PX, compare-and-delete); reconnects with
- * backoff; and bounds on everything queued towards Redis. Redis does the expiry. */
+ * backoff; bounds on everything queued towards Redis; and the names of the keys (printable,
+ * see "Redis keys"). Redis does the expiry. */
 #include "cache_redis.h"
 #include "fdtable.h"
+#include "sha256.h"
 #include "http.h"
 #include "loop.h"
 #include "real.h"
@@ -262,6 +264,92 @@ void redis_forget(void)
     atomic_store(&shim_redis.connected, 0);
 }
 
+/* ---- Redis keys ----
+ *
+ * Internal cache keys hold spaces and newlines ("GET http://api:80/ip/1.2.3.4\nhost: api"),
+ * which `redis-cli --scan | xargs`, SCAN patterns and Redis GUIs cannot handle. In Redis a
+ * key is therefore
+ *     <redis_prefix>v3:<host>:<port>:<route>:<64 hex of SHA-256 of the internal key>
+ * and its lock the same plus ":lock": printable ASCII without spaces, naming the upstream
+ * (its host as rules.conf writes it, an IPv6 literal in brackets) and the route (the path
+ * glob of the cache rule the key falls under) so that an operator can see and pattern-match
+ * what is there, and the hash for the rest. A byte outside 0x21..0x7e in host or route
+ * becomes '_': the hash keeps keys apart anyway. The value carries the internal key
+ * (redis_value.c), so a lookup still knows exactly what it found. */
+
+#define REDIS_KEY_MAX 1024
+_Static_assert(sizeof ((struct shim_config *)0)->redis_prefix + sizeof REDIS_KEY_FORMAT_TAG
+               + sizeof ((struct upstream_rule *)0)->host + 2 + sizeof ":65535:"
+               + sizeof ((struct cache_rule *)0)->glob + 1 + 2 * SHA256_BYTES + sizeof ":lock" <= REDIS_KEY_MAX,
+               "REDIS_KEY_MAX holds the longest key");
+
+struct redis_key { char s[REDIS_KEY_MAX]; size_t n; };
+
+static void key_put(struct redis_key *k, const char *s, size_t n)
+{
+    for (size_t i = 0; i < n && k->n < sizeof k->s; i++) {
+        unsigned char c = (unsigned char)s[i];
+        k->s[k->n++] = c >= 0x21 && c <= 0x7e ? (char)c : '_';
+    }
+}
+
+static void key_puts(struct redis_key *k, const char *s) { key_put(k, s, strlen(s)); }
+
+/* The cache rule an internal key was made under: the key names its upstream the way
+ * cache_key() writes it ("METHOD http://HOST:PORT/path?query\n..."), and its method and
+ * path pick the rule as they picked it for the request (cache_rule_for). NULL when none
+ * does (e.g. a HEAD-only rule: keys of HEAD requests say GET). */
+static const struct cache_rule *rule_of_key(struct http_slice method, struct http_slice authority,
+                                            struct http_slice target)
+{
+    /* only method and target are read; cache_redis.c runs on the engine's thread alone */
+    static struct http_request req;
+    for (size_t i = 0; i < R.cfg->n_upstreams; i++) {
+        const struct upstream_rule *u = &R.cfg->upstreams[i];
+        char label[RULES_HOST_MAX + 16];
+        int n = snprintf(label, sizeof label, strchr(u->host, ':') ? "[%s]:%u" : "%s:%u", u->host, u->port);
+        if (n > 0 && (size_t)n == authority.n && !memcmp(label, authority.p, authority.n)) {
+            req.method = method;
+            req.target = target;
+            return cache_rule_for(u, &req);
+        }
+    }
+    return NULL;
+}
+
+static void redis_key_of(const char *key, size_t key_len, bool lock, struct redis_key *k)
+{
+    static const char scheme[] = " http://";
+    k->n = 0;
+    key_puts(k, R.cfg->redis_prefix);
+    key_puts(k, REDIS_KEY_FORMAT_TAG);
+    const char *end = key + key_len;
+    const char *method_end = memchr(key, ' ', key_len);
+    const char *authority = method_end && (size_t)(end - method_end) > sizeof scheme - 1
+                            && !memcmp(method_end, scheme, sizeof scheme - 1) ? method_end + sizeof scheme - 1 : NULL;
+    const char *path = authority ? memchr(authority, '/', (size_t)(end - authority)) : NULL;
+    if (path) {
+        const char *line_end = memchr(path, '\n', (size_t)(end - path));
+        struct http_slice method = { key, (size_t)(method_end - key) };
+        struct http_slice hostport = { authority, (size_t)(path - authority) };
+        struct http_slice target = { path, (size_t)((line_end ? line_end : end) - path) };
+        const struct cache_rule *r = rule_of_key(method, hostport, target);
+        key_put(k, hostport.p, hostport.n);      /* "host:port", "[v6]:port": as the format has them */
+        key_puts(k, ":");
+        key_puts(k, r ? r->glob : "_");
+    } else {
+        key_puts(k, "_:_:_");                    /* never made by cache_key(); still one key per hash */
+    }
+    unsigned char digest[SHA256_BYTES];
+    sha256(key, key_len, digest);
+    char hex[2 * SHA256_BYTES + 2] = ":";
+    for (size_t i = 0; i < SHA256_BYTES; i++)
+        snprintf(hex + 1 + 2 * i, 3, "%02x", digest[i]);
+    key_puts(k, hex);
+    if (lock)
+        key_puts(k, ":lock");
+}
+
 /* ---- waiting requests ---- */
 
 static void unlink_ticket(struct redis_ticket *t)
@@ -380,10 +468,12 @@ static bool variant_lookup(struct redis_ticket *t, struct cache_entry *marker)
     t->value = NULL;
     t->value_len = 0;
     t->got_value = t->failed = false;
-    if (redisAsyncCommand(R.ac, on_get, t, "GET %s%b", R.cfg->redis_prefix, key, n) != REDIS_OK)
+    struct redis_key rkey;
+    redis_key_of(key, n, false, &rkey);
+    if (redisAsyncCommand(R.ac, on_get, t, "GET %b", rkey.s, rkey.n) != REDIS_OK)
         return false;
     R.inflight++;
-    if (redisAsyncCommand(R.ac, on_pttl, t, "PTTL %s%b", R.cfg->redis_prefix, key, n) != REDIS_OK) {
+    if (redisAsyncCommand(R.ac, on_pttl, t, "PTTL %b", rkey.s, rkey.n) != REDIS_OK) {
         t->get_only = true;
         finish_wait(t, NULL);
         return true;
@@ -412,8 +502,9 @@ static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
         if (v == REDIS_VALUE_CORRUPT || v == REDIS_VALUE_UNAUTHENTICATED) {
             atomic_fetch_add(v == REDIS_VALUE_CORRUPT ? &shim_redis.corrupt : &shim_redis.unauthenticated, 1);
             if (ac && R.connected && R.inflight < REDIS_MAX_INFLIGHT) {
-                if (redisAsyncCommand(ac, on_written, NULL, "DEL %s%b", R.cfg->redis_prefix, t->key, t->key_len)
-                    == REDIS_OK)
+                struct redis_key rkey;
+                redis_key_of(t->key, t->key_len, false, &rkey);
+                if (redisAsyncCommand(ac, on_written, NULL, "DEL %b", rkey.s, rkey.n) == REDIS_OK)
                     R.inflight++;
             }
         }
@@ -481,12 +572,14 @@ struct redis_ticket *redis_lookup(const char *key, size_t key_len, int upstream,
     t->deadline_ms = mono_ms() + R.cfg->redis_timeout_ms;
     if (!R.inflight)
         R.last_progress_ms = mono_ms();
-    if (redisAsyncCommand(R.ac, on_get, t, "GET %s%b", R.cfg->redis_prefix, key, key_len) != REDIS_OK) {
+    struct redis_key rkey;
+    redis_key_of(key, key_len, false, &rkey);
+    if (redisAsyncCommand(R.ac, on_get, t, "GET %b", rkey.s, rkey.n) != REDIS_OK) {
         free_ticket(t);
         return NULL;
     }
     R.inflight++;
-    if (redisAsyncCommand(R.ac, on_pttl, t, "PTTL %s%b", R.cfg->redis_prefix, key, key_len) != REDIS_OK) {
+    if (redisAsyncCommand(R.ac, on_pttl, t, "PTTL %b", rkey.s, rkey.n) != REDIS_OK) {
         t->waiter = NULL;
         t->get_only = true;        /* on_get frees it */
         return NULL;
@@ -547,8 +640,10 @@ struct redis_ticket *redis_lock(const char *key, size_t key_len, const char *tok
     t->deadline_ms = mono_ms() + R.cfg->redis_timeout_ms;
     if (!R.inflight)
         R.last_progress_ms = mono_ms();
-    if (redisAsyncCommand(R.ac, on_lock_reply, t, "SET %slock:%b %s NX PX %lld", R.cfg->redis_prefix, key, key_len,
-                          token, (long long)R.cfg->redis_lock_ttl_ms) != REDIS_OK) {
+    struct redis_key lock_key;
+    redis_key_of(key, key_len, true, &lock_key);
+    if (redisAsyncCommand(R.ac, on_lock_reply, t, "SET %b %s NX PX %lld", lock_key.s, lock_key.n, token,
+                          (long long)R.cfg->redis_lock_ttl_ms) != REDIS_OK) {
         free_ticket(t);
         return NULL;
     }
@@ -571,8 +666,10 @@ void redis_unlock(const char *key, size_t key_len, const char *token)
     }
     if (!R.inflight)
         R.last_progress_ms = mono_ms();
-    if (redisAsyncCommand(R.ac, on_written, NULL, "EVAL %s 1 %slock:%b %s", compare_and_delete, R.cfg->redis_prefix,
-                          key, key_len, token) == REDIS_OK)
+    struct redis_key lock_key;
+    redis_key_of(key, key_len, true, &lock_key);
+    if (redisAsyncCommand(R.ac, on_written, NULL, "EVAL %s 1 %b %s", compare_and_delete, lock_key.s, lock_key.n,
+                          token) == REDIS_OK)
         R.inflight++;
     write_now();
     arm_timer();
@@ -599,8 +696,10 @@ void redis_store(const struct cache_entry *e, int64_t ttl_ms)
     if (R.pending_bytes + len <= REDIS_MAX_PENDING_BYTES) {
         if (!R.inflight)
             R.last_progress_ms = mono_ms();
-        if (redisAsyncCommand(R.ac, on_written, (void *)(uintptr_t)len, "SET %s%b %b PX %lld", R.cfg->redis_prefix,
-                              e->key, e->key_len, v, len, (long long)ttl_ms) == REDIS_OK) {
+        struct redis_key rkey;
+        redis_key_of(e->key, e->key_len, false, &rkey);
+        if (redisAsyncCommand(R.ac, on_written, (void *)(uintptr_t)len, "SET %b %b PX %lld", rkey.s, rkey.n, v, len,
+                              (long long)ttl_ms) == REDIS_OK) {
             R.inflight++;
             R.pending_bytes += len;
             atomic_fetch_add(&writes_owed, 1);

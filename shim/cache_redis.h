@@ -20,7 +20,9 @@ struct redis_ticket *redis_lookup(const char *key, size_t key_len, int upstream,
                                   redis_lookup_done_fn done, void *waiter);
 void redis_cancel(struct redis_ticket *t);  /* done will not be called */
 
-/* Cross-process coalescing: SET <prefix>lock:<key> token NX PX redis_lock_ttl. */
+/* Keys are named in Redis <prefix>v3:<host>:<port>:<route>:<SHA-256 hex of key> (see
+ * "Redis keys" in cache_redis.c). Cross-process coalescing: SET <that>:lock token NX PX
+ * redis_lock_ttl. */
 enum redis_lock_result { REDIS_LOCK_TAKEN, REDIS_LOCK_HELD_ELSEWHERE, REDIS_LOCK_UNAVAILABLE };
 typedef void (*redis_lock_done_fn)(void *waiter, enum redis_lock_result how);
 bool redis_available(void);                 /* connected, with room for a command */

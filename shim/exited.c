@@ -1,9 +1,11 @@
-/* exited.c — owns the records that processes leave when they exit: their final counters,
- * one small JSON file beside their stats socket (the socket's name + ".exited"), so that
+/* exited.c — owns the records that processes leave beside their stats sockets: the final
+ * counters of one that exits, one small JSON file (the socket's name + ".exited"), so that
  * `httpshim stats` still counts a process that ran and left before anyone asked (a curl
- * in a shell loop). Bounded by number and age: each writer and each reader prunes what is
- * beyond EXITED_KEEP or older than EXITED_MAX_AGE_S. Shared by the library (writes at
- * exit) and the CLI (lists, reads, prunes). Its writes go through stdio, never through the
+ * in a shell loop); and why a process runs inert (its rules could not be read: ".inert"
+ * beside the default socket path, the only one it can know), so that the operator sees it.
+ * Bounded by number and age: each writer and each reader prunes what is beyond
+ * EXITED_KEEP or older than EXITED_MAX_AGE_S. Shared by the library (writes) and the CLI
+ * (lists, reads, prunes). Its writes go through stdio, never through the
  * library's own write/close hooks. */
 #include "exited.h"
 #include "real.h"
@@ -26,7 +28,7 @@ static int by_age(const void *a, const void *b)
     return x->mtime < y->mtime ? 1 : x->mtime > y->mtime ? -1 : 0;   /* newest first */
 }
 
-int exited_list(const char *pattern, unsigned uid, struct exited_record *out, int max)
+int exited_list(const char *pattern, unsigned uid, const char *suffix, struct exited_record *out, int max)
 {
     struct rules_socket_names n;
     if (rules_socket_names(pattern, uid, &n) != 0)
@@ -43,7 +45,7 @@ int exited_list(const char *pattern, unsigned uid, struct exited_record *out, in
     time_t now = time(NULL);
     struct dirent *de;
     for (int scanned = 0; (de = readdir(d)) && scanned < 100000; scanned++) {
-        int pid = rules_socket_pid(&n, de->d_name, ".exited");
+        int pid = rules_socket_pid(&n, de->d_name, suffix);
         struct stat st;
         char path[sizeof found[0].path];
         if (!pid || (size_t)snprintf(path, sizeof path, "%s/%s", n.dir, de->d_name) >= sizeof path
@@ -73,10 +75,10 @@ int exited_list(const char *pattern, unsigned uid, struct exited_record *out, in
     return kept;
 }
 
-int exited_write(const char *socket_path, const char *json, size_t len)
+int exited_write(const char *socket_path, const char *suffix, const char *json, size_t len)
 {
     char path[EXITED_PATH_MAX], tmp[EXITED_PATH_MAX + 8];
-    if ((size_t)snprintf(path, sizeof path, "%s.exited", socket_path) >= sizeof path
+    if ((size_t)snprintf(path, sizeof path, "%s%s", socket_path, suffix) >= sizeof path
         || (size_t)snprintf(tmp, sizeof tmp, "%s.tmp", path) >= sizeof tmp)
         return -1;
     unlink(tmp);                       /* a dead writer's leftover */
@@ -95,4 +97,87 @@ int exited_write(const char *socket_path, const char *json, size_t len)
         return -1;
     }
     return 0;
+}
+
+int exited_prepare_dir(const char *socket_path)
+{
+    char dir[EXITED_PATH_MAX];
+    if ((size_t)snprintf(dir, sizeof dir, "%s", socket_path) >= sizeof dir) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    char *slash = strrchr(dir, '/');
+    if (!slash || slash == dir)
+        return 0;
+    *slash = 0;
+    if (mkdir(dir, 0700) == 0)
+        return 0;
+    /* an existing one is used as it is, never chmod'ed (the app or the system may depend
+     * on it); refused: one others could replace our files in (another user's, or writable
+     * by others without the sticky bit; /tmp has it) */
+    struct stat st;
+    if (errno != EEXIST || lstat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
+        return -1;
+    if (st.st_mode & S_ISVTX)
+        return 0;
+    if ((st.st_uid == getuid() || st.st_uid == 0) && !(st.st_mode & 022))
+        return 0;
+    errno = EPERM;
+    return -1;
+}
+
+void exited_json_escape(const char *in, size_t in_len, char *out, size_t n)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < in_len && k + 7 < n; i++) {
+        unsigned char ch = (unsigned char)in[i];
+        if (ch == '"' || ch == '\\') {
+            out[k++] = '\\';
+            out[k++] = (char)ch;
+        } else if (ch < 0x20 || ch >= 0x7f) {
+            k += (size_t)snprintf(out + k, n - k, "\\u%04x", ch);
+        } else {
+            out[k++] = (char)ch;
+        }
+    }
+    out[k] = 0;
+}
+
+size_t exited_read_self(const char *file, char *out, size_t n)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/%s", file);
+    FILE *f = fopen(path, "re");
+    size_t got = f ? fread(out, 1, n - 1, f) : 0;
+    if (f)
+        real_fclose(f);
+    while (got && (out[got - 1] == '\n' || out[got - 1] == 0))
+        got--;
+    for (size_t i = 0; i < got; i++)
+        if (out[i] == 0)
+            out[i] = ' ';
+    out[got] = 0;
+    return got;
+}
+
+int exited_write_inert(const char *reason)
+{
+    char socket_path[EXITED_PATH_MAX];
+    if (rules_expand_socket_path(EXITED_DEFAULT_PATTERN, (int)getpid(), (unsigned)getuid(), socket_path,
+                                 sizeof socket_path) != 0
+        || exited_prepare_dir(socket_path) != 0)
+        return -1;
+    exited_list(EXITED_DEFAULT_PATTERN, (unsigned)getuid(), INERT_SUFFIX, NULL, 0);   /* bounded */
+    char raw[256], comm[256 * 6 + 8], cmdline[256 * 6 + 8], why[512 * 6 + 8], json[sizeof comm * 2 + sizeof why + 128];
+    size_t got = exited_read_self("comm", raw, sizeof raw);
+    exited_json_escape(raw, got, comm, sizeof comm);
+    got = exited_read_self("cmdline", raw, sizeof raw);
+    exited_json_escape(raw, got, cmdline, sizeof cmdline);
+    exited_json_escape(reason, strnlen(reason, 512), why, sizeof why);
+    int n = snprintf(json, sizeof json,
+                     "{\"pid\":%d,\"comm\":\"%s\",\"cmdline\":\"%s\",\"started_unix\":%lld,\"inert\":\"%s\","
+                     "\"upstreams\":{}}\n", (int)getpid(), comm, cmdline, (long long)time(NULL), why);
+    if (n < 0 || (size_t)n >= sizeof json)
+        return -1;
+    return exited_write(socket_path, INERT_SUFFIX, json, (size_t)n);
 }

@@ -4,6 +4,7 @@
  * real functions (real.c). errno is preserved on every path that does not fail. */
 #include "hooks.h"
 #include "engine.h"
+#include "exited.h"
 #include "fdtable.h"
 #include "log.h"
 #include "real.h"
@@ -49,36 +50,64 @@ static void capture_environment(void)
     shim_debug_enable(getenv("HTTPSHIM_DEBUG") != NULL);
 }
 
-static void load_config(void)
+/* The rules are read and parsed in the constructor, with the privileges and the file
+ * system the process starts with: a master that reads them as root, then drops to
+ * `nobody` and forks its workers, hands the workers a parsed configuration (reading it
+ * at their first connect, they would find it unreadable). What must wait for the first
+ * connect waits: the fd table, name resolution, the engine. */
+static pthread_once_t read_once = PTHREAD_ONCE_INIT;
+static struct shim_config *parsed;    /* NULL: nothing to shim in this process */
+static char inert_reason[sizeof conf_path + RULES_ERR_MAX];   /* why not, when it is an error */
+
+static void read_config(void)
 {
     if (conf_env == ENV_UNREAD)        /* a hook ran before the constructor */
         capture_environment();
     if (conf_env == ENV_TOO_LONG) {
-        shim_log("HTTPSHIM_CONF is longer than %zu bytes (running without the shim)", sizeof conf_path - 1);
+        snprintf(inert_reason, sizeof inert_reason, "HTTPSHIM_CONF is longer than %zu bytes", sizeof conf_path - 1);
         return;
     }
     const char *path = conf_path[0] ? conf_path : "/etc/httpshim/rules.conf";
     struct shim_config *cfg = calloc(1, sizeof *cfg);
-    if (!cfg)
-        return;
-    char err[RULES_ERR_MAX];
-    if (rules_load(path, cfg, err) != 0) {
-        if (err[0]) {
-            char line[RULES_ERR_MAX + 64];
-            int n = snprintf(line, sizeof line, "httpshim: %s (running without the shim)\n", err);
-            ssize_t w = write(2, line, n > 0 && (size_t)n < sizeof line ? (size_t)n : strlen(line));
-            (void)w;
-        }
-        free(cfg);
+    if (!cfg) {
+        snprintf(inert_reason, sizeof inert_reason, "%s: no memory to read it", path);
         return;
     }
-    if (cfg->n_upstreams == 0 || fdtable_init() != 0) {
+    char err[RULES_ERR_MAX];
+    if (rules_load(path, cfg, err) != 0) {
+        int why = errno;
+        if (err[0])
+            snprintf(inert_reason, sizeof inert_reason, "%s", err);
+        else if (why != ENOENT || conf_path[0])   /* only an unset default path is silent */
+            snprintf(inert_reason, sizeof inert_reason, "%s: %s", path, strerror(why));
         rules_free(cfg);
         free(cfg);
         return;
     }
-    rules_resolve_all(cfg, real_getaddrinfo);
-    config = cfg;
+    parsed = cfg;
+}
+
+static void read_config_once(void) { pthread_once(&read_once, read_config); }
+
+/* At the first use: one line on stderr and a record for `httpshim stats` when the rules
+ * could not be read, else the parsed rules made live. */
+static void load_config(void)
+{
+    read_config_once();
+    if (!parsed) {
+        if (inert_reason[0]) {
+            char line[sizeof inert_reason + 64];
+            int n = snprintf(line, sizeof line, "httpshim: %s (the shim is inert in this process)\n", inert_reason);
+            ssize_t w = write(2, line, n > 0 && (size_t)n < sizeof line ? (size_t)n : strlen(line));
+            (void)w;
+            exited_write_inert(inert_reason);
+        }
+        return;
+    }
+    if (parsed->n_upstreams == 0 || fdtable_init() != 0)
+        return;
+    rules_resolve_all(parsed, real_getaddrinfo);
+    config = parsed;
 }
 
 static void load_config_once(void)
@@ -115,6 +144,7 @@ __attribute__((constructor)) static void shim_constructor(void)
     capture_environment();
     real_bind();
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+    read_config_once();
 }
 
 /* ---- socket: the record that spares connect its questions to the kernel ---- */

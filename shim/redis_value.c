@@ -2,12 +2,18 @@
  *
  * "HSC1" | version u8 | flags u8 (1: a Vary marker, names in the header field) | status u16
  * | stored_at_ms i64 | expires_at_ms i64 | reason_len u16 | headers_len u32 | body_len u32
- * | tag | reason | headers | body. Integers little-endian.
- *   version 1: tag = the first 8 bytes of SHA-256 of everything after the tag (a checksum:
+ * | key_len u32 | tag | key | reason | headers | body. Integers little-endian.
+ *   The key is the internal cache key the value was written under. Redis keys are a hash
+ *   of it (cache_redis.c), so the value carries it whole: a lookup accepts a value only
+ *   when it names the very key asked for (a moved value, or the astronomically unlikely
+ *   hash collision, is a miss), and `httpshim purge` reads it to match paths.
+ *   version 3: tag = the first 8 bytes of SHA-256 of everything after the tag (a checksum:
  *              it catches damage, not forgery);
- *   version 2: tag = HMAC-SHA256(secret, key || the 34 header bytes || payload), 32 bytes,
+ *   version 4: tag = HMAC-SHA256(secret, every byte of the value but the tag), 32 bytes,
  *              written and accepted only with `redis_secret_file`: it also covers the
  *              status, the times and the key, so an entry cannot be moved to another key.
+ *   Versions 1 and 2 (the same without key_len and key, the key only in the HMAC) were
+ *   written under the old, readable Redis keys, which nothing reads any more.
  * Decoding checks every length against the value's size and every time against now. */
 #include "redis_value.h"
 #include "sha256.h"
@@ -16,9 +22,12 @@
 #include <string.h>
 
 #define MAGIC "HSC1"
-#define FIXED 34                        /* magic .. body_len */
-#define TAG_V1 8
-#define TAG_V2 SHA256_BYTES
+#define VERSION_CHECKSUM 3
+#define VERSION_HMAC 4
+#define FIXED REDIS_VALUE_FIXED         /* magic .. key_len */
+#define TAG_CHECKSUM 8
+#define TAG_HMAC SHA256_BYTES
+_Static_assert(TAG_HMAC == 32, "REDIS_VALUE_KEY_SPAN counts a 32-byte tag");
 
 static void put_u(unsigned char *p, uint64_t v, int n)
 {
@@ -34,17 +43,20 @@ static uint64_t get_u(const unsigned char *p, int n)
     return v;
 }
 
-static void tag_v2(struct redis_secret s, const char *key, size_t key_len, const unsigned char *v, size_t n,
-                   unsigned char out[TAG_V2])
+/* The tag's size for a version this file writes, 0 for any other. */
+static size_t tag_size(unsigned char version)
+{
+    return version == VERSION_CHECKSUM ? TAG_CHECKSUM : version == VERSION_HMAC ? TAG_HMAC : 0;
+}
+
+/* The key's length is in the fixed part and the key leads the payload, so the MAC over
+ * both binds the value to exactly one key. */
+static void tag_hmac(struct redis_secret s, const unsigned char *v, size_t n, unsigned char out[TAG_HMAC])
 {
     struct hmac_sha256_ctx c;
-    char len[24];
-    int l = snprintf(len, sizeof len, "%zu:", key_len);     /* the key, length-prefixed */
     hmac_sha256_init(&c, s.bytes, s.len);
-    hmac_sha256_update(&c, len, (size_t)l);
-    hmac_sha256_update(&c, key, key_len);
     hmac_sha256_update(&c, v, FIXED);
-    hmac_sha256_update(&c, v + FIXED + TAG_V2, n - FIXED - TAG_V2);
+    hmac_sha256_update(&c, v + FIXED + TAG_HMAC, n - FIXED - TAG_HMAC);
     hmac_sha256_final(&c, out);
 }
 
@@ -63,13 +75,15 @@ unsigned char *redis_value_encode(const struct cache_entry *e, const char *key, 
     bool marker = cache_entry_is_vary_marker(e);
     const char *headers = marker ? e->vary : e->headers;
     size_t headers_len = marker ? e->vary_len : e->headers_len;
-    size_t tag = secret.len ? TAG_V2 : TAG_V1;
-    size_t n = FIXED + tag + e->reason_len + headers_len + e->body_len;
+    if (key_len > UINT32_MAX || headers_len > UINT32_MAX || e->body_len > UINT32_MAX || e->reason_len > UINT16_MAX)
+        return NULL;
+    size_t tag = secret.len ? TAG_HMAC : TAG_CHECKSUM;
+    size_t n = FIXED + tag + key_len + e->reason_len + headers_len + e->body_len;
     unsigned char *v = malloc(n);
     if (!v)
         return NULL;
     memcpy(v, MAGIC, 4);
-    v[4] = secret.len ? 2 : 1;
+    v[4] = secret.len ? VERSION_HMAC : VERSION_CHECKSUM;
     v[5] = marker ? 1 : 0;
     put_u(v + 6, (uint64_t)e->status, 2);
     put_u(v + 8, (uint64_t)e->stored_at_ms, 8);
@@ -77,7 +91,11 @@ unsigned char *redis_value_encode(const struct cache_entry *e, const char *key, 
     put_u(v + 24, e->reason_len, 2);
     put_u(v + 26, headers_len, 4);
     put_u(v + 30, e->body_len, 4);
+    put_u(v + 34, key_len, 4);
     unsigned char *p = v + FIXED + tag;
+    if (key_len)
+        memcpy(p, key, key_len);
+    p += key_len;
     if (e->reason_len)
         memcpy(p, e->reason, e->reason_len);
     if (headers_len)
@@ -85,14 +103,27 @@ unsigned char *redis_value_encode(const struct cache_entry *e, const char *key, 
     if (e->body_len)
         memcpy(p + e->reason_len + headers_len, e->body, e->body_len);
     if (secret.len) {
-        tag_v2(secret, key, key_len, v, n, v + FIXED);
+        tag_hmac(secret, v, n, v + FIXED);
     } else {
         unsigned char digest[SHA256_BYTES];
-        sha256(v + FIXED + TAG_V1, n - FIXED - TAG_V1, digest);
-        memcpy(v + FIXED, digest, TAG_V1);
+        sha256(v + FIXED + TAG_CHECKSUM, n - FIXED - TAG_CHECKSUM, digest);
+        memcpy(v + FIXED, digest, TAG_CHECKSUM);
     }
     *len = n;
     return v;
+}
+
+bool redis_value_key(const unsigned char *v, size_t n, const char **key, size_t *key_len)
+{
+    if (n < FIXED || memcmp(v, MAGIC, 4))
+        return false;
+    size_t tag = tag_size(v[4]);
+    size_t len = (size_t)get_u(v + 34, 4);
+    if (!tag || n - FIXED < tag || n - FIXED - tag < len)
+        return false;
+    *key = (const char *)v + FIXED + tag;
+    *key_len = len;
+    return true;
 }
 
 enum redis_value_verdict redis_value_decode(const char *key, size_t key_len, const unsigned char *v, size_t n,
@@ -100,29 +131,32 @@ enum redis_value_verdict redis_value_decode(const char *key, size_t key_len, con
                                             struct cache_entry **out)
 {
     *out = NULL;
-    if (n < FIXED || memcmp(v, MAGIC, 4) || (v[4] != 1 && v[4] != 2) || v[5] > 1)
+    if (n < FIXED || memcmp(v, MAGIC, 4) || !tag_size(v[4]) || v[5] > 1)
         return REDIS_VALUE_CORRUPT;
-    size_t tag = v[4] == 2 ? TAG_V2 : TAG_V1;
+    size_t tag = tag_size(v[4]);
     size_t reason_len = (size_t)get_u(v + 24, 2), headers_len = (size_t)get_u(v + 26, 4);
-    size_t body_len = (size_t)get_u(v + 30, 4);
+    size_t body_len = (size_t)get_u(v + 30, 4), stored_key_len = (size_t)get_u(v + 34, 4);
     int status = (int)get_u(v + 6, 2);
     bool marker = v[5] == 1;
-    if (n < FIXED + tag || FIXED + tag + reason_len + headers_len + body_len != n
+    if (n < FIXED + tag || FIXED + tag + stored_key_len + reason_len + headers_len + body_len != n
         || (marker ? (status != 0 || !headers_len || body_len) : (status < 100 || status > 599)))
         return REDIS_VALUE_CORRUPT;
-    if (v[4] == 2) {
+    /* the value must be the one written for this key, not another's moved here */
+    const unsigned char *stored_key = v + FIXED + tag;
+    bool key_is_ours = stored_key_len == key_len && (!key_len || !memcmp(stored_key, key, key_len));
+    if (v[4] == VERSION_HMAC) {
         if (!secret.len)
             return REDIS_VALUE_FOREIGN;
-        unsigned char want[TAG_V2];
-        tag_v2(secret, key, key_len, v, n, want);
-        if (!same_bytes(want, v + FIXED, TAG_V2))
+        unsigned char want[TAG_HMAC];
+        tag_hmac(secret, v, n, want);
+        if (!same_bytes(want, v + FIXED, TAG_HMAC) || !key_is_ours)
             return REDIS_VALUE_UNAUTHENTICATED;
     } else {
         if (secret.len)
             return REDIS_VALUE_UNAUTHENTICATED;    /* anyone can write a checksum */
         unsigned char digest[SHA256_BYTES];
-        sha256(v + FIXED + TAG_V1, n - FIXED - TAG_V1, digest);
-        if (memcmp(digest, v + FIXED, TAG_V1))
+        sha256(v + FIXED + TAG_CHECKSUM, n - FIXED - TAG_CHECKSUM, digest);
+        if (memcmp(digest, v + FIXED, TAG_CHECKSUM) || !key_is_ours)
             return REDIS_VALUE_CORRUPT;
     }
     /* times as signed values, compared without arithmetic that could overflow */
@@ -132,7 +166,7 @@ enum redis_value_verdict redis_value_decode(const char *key, size_t key_len, con
     if (stored_at < oldest || stored_at > newest || expires_at < stored_at || expires_at > latest_expiry
         || ttl_ms <= 0 || ttl_ms > REDIS_VALUE_MAX_AGE_MS)
         return REDIS_VALUE_CORRUPT;
-    const char *p = (const char *)v + FIXED + tag;
+    const char *p = (const char *)stored_key + stored_key_len;
     struct cache_entry *e = marker ? cache_entry_new(key, key_len, 0, "", 0, "", 0, p + reason_len, headers_len,
                                                      "", 0, "", 0, ttl_ms)
                                    : cache_entry_new(key, key_len, status, p, reason_len, p + reason_len, headers_len,

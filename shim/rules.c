@@ -445,6 +445,12 @@ static int parse_global(struct parser *p, const char *key, const char *val, stru
     if (!strcmp(key, "redis_prefix")) {
         if (strlen(val) >= sizeof cfg->redis_prefix)
             return fail(p, "redis_prefix is longer than %zu bytes", sizeof cfg->redis_prefix - 1);
+        /* every Redis key starts with it, and keys must survive `redis-cli --scan | xargs`,
+         * SCAN patterns and GUIs: printable ASCII, no spaces */
+        for (const char *c = val; *c; c++)
+            if ((unsigned char)*c < 0x21 || (unsigned char)*c > 0x7e)
+                return fail(p, "redis_prefix: byte %zu is 0x%02x; a Redis key prefix must be printable ASCII "
+                               "without spaces (0x21 to 0x7e)", (size_t)(c - val) + 1, (unsigned char)*c);
         snprintf(cfg->redis_prefix, sizeof cfg->redis_prefix, "%s", val);
         return 0;
     }

@@ -96,31 +96,6 @@ static void install_exit_cleanup(void)
     }
 }
 
-/* The socket's directory: created 0700, or an existing one used as it is, never chmod'ed
- * (it may be a directory the app or the system depends on; the socket itself is 0600 and
- * other uids are refused by SO_PEERCRED). Refused: a directory others could replace our
- * socket in — another user's, or writable by others without the sticky bit (/tmp has it). */
-static int prepare_dir(const char *path)
-{
-    char dir[sizeof S.path];
-    snprintf(dir, sizeof dir, "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (!slash || slash == dir)
-        return 0;
-    *slash = 0;
-    if (mkdir(dir, 0700) == 0)
-        return 0;
-    struct stat st;
-    if (errno != EEXIST || lstat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
-        return -1;
-    if (st.st_mode & S_ISVTX)
-        return 0;
-    if ((st.st_uid == getuid() || st.st_uid == 0) && !(st.st_mode & 022))
-        return 0;
-    errno = EPERM;
-    return -1;
-}
-
 int stats_server_start(const struct shim_config *cfg)
 {
     char path[512];
@@ -129,7 +104,7 @@ int stats_server_start(const struct shim_config *cfg)
         shim_log("stats socket path too long: %s (stats disabled)", path);
         return -1;
     }
-    if (prepare_dir(path) != 0) {
+    if (exited_prepare_dir(path) != 0) {
         shim_log("stats socket directory for %s is not usable: %s (stats disabled)", path, strerror(errno));
         return -1;
     }
@@ -285,49 +260,13 @@ static void json_histogram(struct out *o, const char *name, _Atomic uint64_t *b,
     appendf(o, "],\"count\":%llu,\"sum\":%.6f}", (unsigned long long)cum, (double)get(sum_us) / 1e6);
 }
 
-/* A JSON string's contents, escaped (and cut at n - 1 bytes). */
-static void json_escape(const char *in, size_t in_len, char *out, size_t n)
-{
-    size_t k = 0;
-    for (size_t i = 0; i < in_len && k + 7 < n; i++) {
-        unsigned char ch = (unsigned char)in[i];
-        if (ch == '"' || ch == '\\') {
-            out[k++] = '\\';
-            out[k++] = (char)ch;
-        } else if (ch < 0x20 || ch >= 0x7f) {
-            k += (size_t)snprintf(out + k, n - k, "\\u%04x", ch);
-        } else {
-            out[k++] = (char)ch;
-        }
-    }
-    out[k] = 0;
-}
-
-/* /proc/self/FILE's first n - 1 bytes, NULs as spaces, the trailing newline dropped. */
-static size_t read_self(const char *file, char *out, size_t n)
-{
-    char path[64];
-    snprintf(path, sizeof path, "/proc/self/%s", file);
-    FILE *f = fopen(path, "re");
-    size_t got = f ? fread(out, 1, n - 1, f) : 0;
-    if (f)
-        real_fclose(f);
-    while (got && (out[got - 1] == '\n' || out[got - 1] == 0))
-        got--;
-    for (size_t i = 0; i < got; i++)
-        if (out[i] == 0)
-            out[i] = ' ';
-    out[got] = 0;
-    return got;
-}
-
 static void render_json(struct out *o, const struct shim_config *cfg, bool exited)
 {
     char raw[256], comm[256 * 6 + 8], cmdline[256 * 6 + 8];
-    size_t n = read_self("comm", raw, sizeof raw);
-    json_escape(raw, n, comm, sizeof comm);
-    n = read_self("cmdline", raw, sizeof raw);
-    json_escape(raw, n, cmdline, sizeof cmdline);
+    size_t n = exited_read_self("comm", raw, sizeof raw);
+    exited_json_escape(raw, n, comm, sizeof comm);
+    n = exited_read_self("cmdline", raw, sizeof raw);
+    exited_json_escape(raw, n, cmdline, sizeof cmdline);
     appendf(o, "{\"pid\":%d,\"comm\":\"%s\",\"cmdline\":\"%s\",\"started_unix\":%lld,\"exited\":%s,"
                "\"uptime_seconds\":%.3f,\"stats_refused\":%llu,\"upstreams\":{",
             (int)getpid(), comm, cmdline, (long long)S.started_unix, exited ? "true" : "false",
@@ -343,7 +282,7 @@ static void render_json(struct out *o, const struct shim_config *cfg, bool exite
         for (size_t r = 0; r < u->n_cache_rules && r < RULES_MAX_CACHE_RULES; r++) {
             char rule[sizeof u->cache_rules[r].glob * 6 + 64], text[sizeof u->cache_rules[r].glob + 32];
             int tn = snprintf(text, sizeof text, "%s %s", u->cache_rules[r].method, u->cache_rules[r].glob);
-            json_escape(text, tn > 0 && (size_t)tn < sizeof text ? (size_t)tn : strlen(text), rule, sizeof rule);
+            exited_json_escape(text, tn > 0 && (size_t)tn < sizeof text ? (size_t)tn : strlen(text), rule, sizeof rule);
             appendf(o, "%s{\"rule\":\"%s\",\"line\":%d,\"requests\":%llu,\"hits\":%llu}", r ? "," : "", rule,
                     u->cache_rules[r].line, (unsigned long long)get(&shim_rule_stats[up][r].requests),
                     (unsigned long long)get(&shim_rule_stats[up][r].hits));
@@ -393,9 +332,9 @@ static void leave_record(void)
     struct out o = { .b = { .cap = STATS_OUT_MAX } };
     render_json(&o, S.cfg, true);
     if (!o.full)
-        exited_write(S.path, buf_head(&o.b), buf_len(&o.b));
+        exited_write(S.path, EXITED_SUFFIX, buf_head(&o.b), buf_len(&o.b));
     buf_free(&o.b);
-    exited_list(S.cfg->stats_socket, (unsigned)getuid(), NULL, 0);   /* prune: count and age */
+    exited_list(S.cfg->stats_socket, (unsigned)getuid(), EXITED_SUFFIX, NULL, 0);   /* prune: count and age */
 }
 
 static void prom_histogram(struct out *o, const char *label, const char *name, const char *help,

@@ -227,7 +227,7 @@ def test_burst_across_processes_makes_one_upstream_request(upstream, redis, tmp_
     assert sum(rd["lock_waits"] for _, _, rd in res) == 3, [rd for _, _, rd in res]
     assert sum(rd["locks"] for _, _, rd in res) >= 4, [rd for _, _, rd in res]
     assert sum(u["coalesced"] for _, u, _ in res) == 16, [u for _, u, _ in res]
-    assert redis.scan("httpshim:lock:*") == [], "the lock must be released after the store"
+    assert redis.scan("httpshim:*:lock") == [], "the lock must be released after the store"
     upstream.reset()
     off = redis_conf(tmp_path, upstream, sockdir, redis, extra=["coalesce = off"])
     path2 = "/custom/xp2?n=900&delay=500&tag=xpoff"
@@ -243,11 +243,11 @@ def test_lock_of_a_dead_holder_costs_at_most_its_ttl(upstream, redis, tmp_path, 
     conf = redis_conf(tmp_path, upstream, sockdir, redis)
     # find the key the shim uses: one request, then drop the entry and put a lock there
     reqs, _ = burst_stats(tmp_path, conf, upstream, [path], sockdir)
-    keys = [k for k in redis.scan("httpshim:*") if not k.startswith(b"httpshim:lock:")]
+    keys = [k for k in redis.scan("httpshim:*") if not k.endswith(b":lock")]
     assert len(keys) == 1, keys
-    key = keys[0][len(b"httpshim:"):]
-    redis.cmd("DEL", b"httpshim:" + key)
-    redis.cmd("SET", b"httpshim:lock:" + key, b"dead-process-token", "PX", "1500")
+    key = keys[0]
+    redis.cmd("DEL", key)
+    redis.cmd("SET", key + b":lock", b"dead-process-token", "PX", "1500")
     upstream.reset()
     reqs, u = burst_stats(tmp_path, conf, upstream, [path], sockdir)
     assert reqs[0]["status"] == 200, reqs
@@ -261,15 +261,15 @@ def test_lock_held_past_coalesce_timeout_fetches_itself(upstream, redis, tmp_pat
     path = "/custom/held?n=100&delay=50&tag=held"
     conf = redis_conf(tmp_path, upstream, sockdir, redis, extra=["coalesce_timeout = 400ms"])
     burst_stats(tmp_path, conf, upstream, [path], sockdir)
-    keys = [k for k in redis.scan("httpshim:*") if not k.startswith(b"httpshim:lock:")]
-    key = keys[0][len(b"httpshim:"):]
-    redis.cmd("DEL", b"httpshim:" + key)
-    redis.cmd("SET", b"httpshim:lock:" + key, b"someone-else", "PX", "60000")
+    keys = [k for k in redis.scan("httpshim:*") if not k.endswith(b":lock")]
+    key = keys[0]
+    redis.cmd("DEL", key)
+    redis.cmd("SET", key + b":lock", b"someone-else", "PX", "60000")
     upstream.reset()
     reqs, u = burst_stats(tmp_path, conf, upstream, [path], sockdir)
     assert reqs[0]["status"] == 200 and 350 < reqs[0]["ms"] < 400 + 1500, reqs
     assert len(upstream_requests(upstream, "tag=held")) == 1
-    assert redis.cmd("GET", b"httpshim:lock:" + key) == b"someone-else"
+    assert redis.cmd("GET", key + b":lock") == b"someone-else"
 
 
 def test_redis_down_keeps_in_process_coalescing(upstream, redis, tmp_path, sockdir):  # noqa: F811

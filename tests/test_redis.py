@@ -12,10 +12,13 @@ follows from using a NEW process, whose memory tier starts empty.
 Interface under test (rules.conf [global]):
   cache = redis://[:password@]host:port/db | redis+unix:///path.sock
   redis_prefix = httpshim:   redis_timeout = 50ms   redis_max_object = 1MB
-Keys: PREFIX + "GET http://127.0.0.1:PORT/path?query" (+ "\\n"-separated extras);
-values start with b"HSC1" + version byte 1; `SET key value PX ttl_ms`.
+Keys: PREFIX + "v3:127.0.0.1:PORT:ROUTE:" + the SHA-256 hex of the internal key
+"GET http://127.0.0.1:PORT/path?query\\nhost: 127.0.0.1:PORT" (+ "\\n"-separated extras),
+ROUTE the matching rule's path glob; locks are that + ":lock". Values start with b"HSC1" +
+version byte 3 and carry the internal key (`carried_key`); `SET key value PX ttl_ms`.
 """
 
+import fnmatch
 import json
 import hashlib
 import os
@@ -23,6 +26,7 @@ import re
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import tempfile
 import threading
@@ -41,7 +45,8 @@ HTTPSHIM = BUILD / "httpshim"
 REDISLOAD = pyclient("redisload.py")
 REDISPREFORK = pyclient("redisprefork.py")
 PREFIX = "httpshim:"
-MAGIC = b"HSC1\x01"
+MAGIC = b"HSC1\x03"
+PRINTABLE_KEY = re.compile(rb"^[!-~]+$")
 REDIS_KEYS = {"connected", "hits", "misses", "errors", "timeouts", "reconnects",
               "corrupt", "bytes_read", "bytes_written", "sets"}
 
@@ -216,9 +221,67 @@ def redis_conf(tmp, sockdir, url, blocks, extra=(), name="redis.conf"):
     return write_rules(tmp, [], name=name, raw="\n".join(lines) + "\n")
 
 
-def key(up, target, prefix=PREFIX):
-    """The Redis key of a GET the test clients send (with `Host: 127.0.0.1:PORT`)."""
-    return "%sGET http://127.0.0.1:%d%s\nhost: 127.0.0.1:%d" % (prefix, up.port, target, up.port)
+def internal_key(up, target):
+    """The library's own cache key of a GET the test clients send (`Host: 127.0.0.1:PORT`,
+    no extras): what a value carries and what the Redis key's hash is of."""
+    return "GET http://127.0.0.1:%d%s\nhost: 127.0.0.1:%d" % (up.port, target, up.port)
+
+
+# the path globs these tests write rules with
+ROUTES = ("/bytes/*", "/custom*")
+
+
+def route_of(target):
+    """The rule a target falls under, as rules.conf writes its glob (fnmatch: `*` crosses
+    `/`, as in the library)."""
+    path = target.split("?")[0]
+    for glob in ROUTES:
+        if fnmatch.fnmatchcase(path, glob):
+            return glob
+    raise AssertionError("no test rule matches %r" % target)
+
+
+def key(up, target, prefix=PREFIX, route=None):
+    """The Redis key of a GET the test clients send: PREFIX v3:HOST:PORT:ROUTE:SHA256HEX."""
+    digest = hashlib.sha256(internal_key(up, target).encode()).hexdigest()
+    return "%sv3:127.0.0.1:%d:%s:%s" % (prefix, up.port, route or route_of(target), digest)
+
+
+def carried_key(value):
+    """The internal key a value (version 3 or 4) carries, or None: "HSC1" version flags
+    status u16, stored_at and expires_at i64, reason_len u16, headers_len, body_len and
+    key_len u32 (38 bytes), the tag (8 bytes, 32 in version 4), then the key."""
+    if not value or len(value) < 38 or value[:4] != b"HSC1" or value[4] not in (3, 4):
+        return None
+    tag = 8 if value[4] == 3 else 32
+    (n,) = struct.unpack_from("<I", value, 34)
+    start = 38 + tag
+    return value[start:start + n] if start + n <= len(value) else None
+
+
+def entries(srv, db=0, prefix=PREFIX):
+    """{Redis key: internal key it carries} of every entry (not lock) in Redis."""
+    out = {}
+    for k in srv.scan(prefix + "v3:*", db=db):
+        ik = carried_key(srv.cmd("GET", k, db=db))
+        if ik is not None:
+            out[k] = ik
+    return out
+
+
+def wait_entries(srv, internal_glob, n=1, timeout=KEY_WAIT, db=0):
+    """Polls until at least n entries carry an internal key matching internal_glob
+    (fnmatch); returns their Redis keys (bytes), sorted."""
+    deadline = time.time() + timeout
+    while True:
+        found = sorted(k for k, ik in entries(srv, db=db).items()
+                       if fnmatch.fnmatchcase(ik.decode(errors="replace"), internal_glob))
+        if len(found) >= n or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(found) >= n, "want %d entries carrying a key matching %r within %.0f s, got %r; every key: %r" % (
+        n, internal_glob, timeout, found, srv.scan("*", db=db)[:20])
+    return found
 
 
 def wait_keys(srv, match, n=1, timeout=KEY_WAIT, db=0, what=""):
@@ -233,6 +296,10 @@ def wait_keys(srv, match, n=1, timeout=KEY_WAIT, db=0, what=""):
         "; every key: %r" % (what or "fire-and-forget SET", n, match, timeout, keys,
                              srv.scan("*", db=db)[:20])
     return keys
+
+
+def has_entry(srv, internal_glob):
+    return any(fnmatch.fnmatchcase(ik.decode(errors="replace"), internal_glob) for ik in entries(srv).values())
 
 
 def wait_gone(srv, k, timeout=KEY_WAIT):
@@ -347,11 +414,12 @@ def test_second_process_served_from_redis(upstream, redis, sockdir, tmp_path, cl
     p1 = clients(conf, sockdir)
     p1.get([rq(upstream, path)])
     assert upstream_hits(upstream, path) == 1, log_desc(upstream)
-    keys = wait_keys(redis, key(upstream, "/bytes/1200") + "*")
+    keys = wait_keys(redis, PREFIX + "*")
     assert keys == [key(upstream, path).encode()], \
-        "the Redis key must be PREFIX + 'GET http://HOST:PORT/PATH': got %r" % keys
+        "the Redis key must be PREFIX + 'v3:HOST:PORT:ROUTE:' + the key's SHA-256: got %r" % keys
     value = redis.cmd("GET", keys[0])
-    assert value.startswith(MAGIC), "value must start with HSC1 + version 1: %r" % value[:40]
+    assert value.startswith(MAGIC), "value must start with HSC1 + version 3: %r" % value[:40]
+    assert carried_key(value) == internal_key(upstream, path).encode(), value[:120]
     assert len(value) > 1200, "the value must hold the whole 1200-byte body: %d bytes" % len(value)
     r1 = p1.redis()
     assert r1["connected"] == 1 and r1["misses"] >= 1 and r1["sets"] == 1, r1
@@ -386,7 +454,7 @@ def test_redis_ttl_matches_rule(upstream, redis, sockdir, tmp_path, clients):
     k = wait_keys(redis, key(upstream, "/bytes/1300"))[0]
     pttl = redis.cmd("PTTL", k)
     assert 590000 <= pttl <= 600000, "PTTL %d, want the rule's 10m (590000..600000)" % pttl
-    k2 = wait_keys(redis, key(upstream, "/custom?tag=cc*"))[0]
+    k2 = wait_keys(redis, key(upstream, cc))[0]
     pttl2 = redis.cmd("PTTL", k2)
     assert 110000 <= pttl2 <= 120000, \
         "PTTL %d, want max-age=120 (110000..120000): the shorter lifetime wins" % pttl2
@@ -521,14 +589,14 @@ def test_checksums_are_sha256_of_the_payload(upstream, redis, sockdir, tmp_path)
         r = run([BUILD / "epollclient", "--port", upstream.port, "--path", "/bytes/%d" % n],
                 conf=conf)
         assert r.rc == 0, r.describe()
-    keys = wait_keys(redis, key(upstream, "/bytes/*"), n=len(sizes))
+    keys = wait_keys(redis, PREFIX + "v3:127.0.0.1:%d:/bytes/[*]:*" % upstream.port, n=len(sizes))
     checked = set()
     for k in keys:
         v = redis.cmd("GET", k)
-        assert v.startswith(MAGIC) and len(v) > 42, v[:60]
-        assert hashlib.sha256(v[42:]).digest()[:8] == v[34:42], \
-            "checksum of %r (%d payload bytes)" % (k, len(v) - 42)
-        checked.add(len(v) - 42)
+        assert v.startswith(MAGIC) and len(v) > 46, v[:60]
+        assert hashlib.sha256(v[46:]).digest()[:8] == v[38:46], \
+            "checksum of %r (%d payload bytes)" % (k, len(v) - 46)
+        checked.add(len(v) - 46)
     assert len(checked) == len(sizes), sorted(checked)
 
 
@@ -545,7 +613,8 @@ CORRUPT = {
     "garbage": lambda v: ("SET", b"this is not an httpshim entry" * 10),
     "truncated": lambda v: ("SET", v[:len(v) - 7]),
     "magic-only": lambda v: ("SET", MAGIC),
-    "future-version": lambda v: ("SET", v[:4] + b"\x02" + v[5:]),
+    "future-version": lambda v: ("SET", v[:4] + b"\x05" + v[5:]),
+    "old-version": lambda v: ("SET", v[:4] + b"\x01" + v[5:]),
     "empty": lambda v: ("SET", b""),
 }
 
@@ -767,7 +836,7 @@ def test_redis_killed_frozen_restarted_during_run(upstream, redis, sockdir, tmp_
     # reconnect to the restarted (empty) Redis: new entries show up there again
     deadline = time.time() + 8
     extra, j = [], 0
-    while time.time() < deadline and not redis.scan(key(upstream, "/custom?tag=rc*")):
+    while time.time() < deadline and not has_entry(redis, internal_key(upstream, "/custom?tag=rc*")):
         batch = [rq(upstream, "/custom?tag=rc%d&n=%d" % (j + x, 100 + x), n=100 + x,
                     tag="rc%d" % (j + x)) for x in range(5)]
         extra += p.get(batch, check=False)
@@ -778,7 +847,7 @@ def test_redis_killed_frozen_restarted_during_run(upstream, redis, sockdir, tmp_
     st = p.redis()
     print("chaos events: %s; slowest %s ms; redis stats %s" % (
         timeline, [r["ms"] for r in slow], st))
-    assert redis.scan(key(upstream, "/custom?tag=rc*")), \
+    assert has_entry(redis, internal_key(upstream, "/custom?tag=rc*")), \
         "after the restart the process never wrote to Redis again (%d more requests " \
         "over 8 s): %s" % (len(extra), st)
     assert st["connected"] == 1, st
@@ -829,6 +898,140 @@ def test_purge_deletes_redis_keys(cli, upstream, upstream_b, redis, sockdir, tmp
     clients(conf, sockdir).get([rq(A, "/bytes/200")])
     assert upstream_hits(A, "/bytes/200") == 2, \
         "a purged entry must not be served from Redis: " + log_desc(A)
+
+
+def old_format_key(up, target, lock=False):
+    """A key as the library wrote them before keys were hashed (its TTL may still run)."""
+    return ("%s%sGET http://127.0.0.1:%d%s\nhost: 127.0.0.1:%d"
+            % (PREFIX, "lock:" if lock else "", up.port, target, up.port)).encode()
+
+
+def old_format_value(body=b"old"):
+    """A version 1 value (no key in it): "HSC1" 1 flags status times lengths, SHA-256[:8]."""
+    now = int(time.time() * 1000)
+    payload = b"OK" + body
+    head = b"HSC1\x01\x00" + struct.pack("<HqqHII", 200, now, now + 600000, 2, 0, len(body))
+    return head + hashlib.sha256(payload).digest()[:8] + payload
+
+
+def test_purge_new_and_old_format_keys(cli, upstream, upstream_b, redis, sockdir, tmp_path, clients):
+    """`httpshim purge --upstream A GLOB` deletes A's new-format entries whose value
+    carries a matching path (B's, and A's other paths, stay) and the old-format keys of A
+    that match, locks included; `--upstream B` alone deletes every B key, old or new."""
+    A, B = upstream, upstream_b
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [
+        (A, ["GET /bytes/* ttl=10m"]), (B, ["GET /bytes/* ttl=10m"])])
+    p1 = clients(conf, sockdir)
+    p1.get([rq(A, "/bytes/100"), rq(A, "/bytes/150"), rq(A, "/bytes/200"), rq(B, "/bytes/100"),
+            rq(B, "/bytes/160")])
+    wait_keys(redis, PREFIX + "v3:*", n=5)
+    wait_socket(p1.sock)
+    old = {"A160": old_format_key(A, "/bytes/160"), "A180-lock": old_format_key(A, "/bytes/180", lock=True),
+           "A300": old_format_key(A, "/bytes/300"), "B170": old_format_key(B, "/bytes/170")}
+    for name, k in old.items():
+        redis.cmd("SET", k, b"token-1" if name.endswith("lock") else old_format_value(), "PX", 600000)
+
+    assert purge(cli, conf, "--upstream", "127.0.0.1:%d" % A.port, "/bytes/1*") == (2, 1, 4)
+    assert redis.scan("*") == sorted([key(A, "/bytes/200").encode(), key(B, "/bytes/100").encode(),
+                                      key(B, "/bytes/160").encode(), old["A300"], old["B170"]])
+    p2 = clients(conf, sockdir)
+    p2.get([rq(A, "/bytes/100"), rq(A, "/bytes/200")])
+    assert upstream_hits(A, "/bytes/100") == 2 and upstream_hits(A, "/bytes/200") == 1, log_desc(A)
+    wait_keys(redis, key(A, "/bytes/100"), what="the refetched entry")
+
+    assert purge(cli, conf, "--upstream", "127.0.0.1:%d" % B.port) == (2, 2, 3)
+    assert redis.scan("*") == sorted([key(A, "/bytes/100").encode(), key(A, "/bytes/200").encode(),
+                                      old["A300"]])
+
+
+def test_purge_takes_the_prefix_literally(cli, upstream, redis, sockdir, tmp_path, clients):
+    """A redis_prefix holding SCAN pattern characters ("h[s]*:") is matched as written:
+    a key that the unescaped pattern would also match stays."""
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [(upstream, ["GET /bytes/* ttl=10m"])],
+                      extra=["redis_prefix = h[s]*:"])
+    p = clients(conf, sockdir)
+    p.get([rq(upstream, "/bytes/100")])
+    wait_keys(redis, r"h\[s\]\*:v3:*")
+    wait_socket(p.sock)
+    lookalike = "hsX:v3:127.0.0.1:%d:/bytes/*:%s" % (upstream.port, "0" * 64)
+    redis.cmd("SET", lookalike, b"keep me")
+    assert purge(cli, conf, "--upstream", "127.0.0.1:%d" % upstream.port) == (1, 1, 1)
+    assert redis.scan("*") == [lookalike.encode()]
+
+
+# ================================================================== 9. keys operators can handle
+def tool_env():
+    return {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "HTTPSHIM_CONF")}
+
+
+def shell(cmd, timeout=30):
+    """A shell pipeline of redis-cli and friends, unshimmed; its stdout."""
+    if not shutil.which("redis-cli"):
+        pytest.fail("redis-cli is not installed (tools/install-deps installs it)", pytrace=False)
+    p = subprocess.run(["/bin/sh", "-c", cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tool_env(),
+                       timeout=timeout)
+    assert p.returncode == 0, "%s: rc %d\n%s\n%s" % (cmd, p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    return p.stdout
+
+
+def test_redis_keys_are_printable_and_scan_deletable(upstream, redis, sockdir, tmp_path, clients):
+    """Every key in Redis (entries, a Vary marker and its variant, an entry keyed on a hash
+    of Authorization, a lock while its fetch runs) is printable ASCII without spaces,
+    PREFIX v3:HOST:PORT:ROUTE:SHA256 of the key its value carries (ROUTE the rule's glob),
+    locks with ":lock" after it; so `redis-cli --scan --pattern ... | xargs redis-cli del`
+    deletes one upstream's entries (another upstream's stay), and the next request is a
+    miss."""
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [(upstream, list(r + " ttl=10m" for r in
+                                                                          ("GET /bytes/*", "GET /custom*")))])
+    slow = "/custom?tag=lk&n=40&delay=1500"
+    vary = "/custom?tag=kv&n=60&h=Vary:Accept-Language"
+    reqs = [rq(upstream, "/bytes/100"), rq(upstream, "/bytes/2000"), rq(upstream, "/custom?tag=k1&n=50", n=50, tag="k1"),
+            rq(upstream, vary, n=60, tag="kv", headers={"Accept-Language": "de"}),
+            rq(upstream, "/custom?tag=ka&n=70", n=70, tag="ka", headers={"Authorization": "Bearer two words"})]
+    holder, p = clients(conf, sockdir), clients(conf, sockdir)
+    slow_failed = []
+
+    def fetch_slow():
+        try:
+            holder.get([rq(upstream, slow, n=40, tag="lk")])
+        except Exception as e:  # noqa: BLE001 (reported by the main thread)
+            slow_failed.append(repr(e))
+
+    fetching = threading.Thread(target=fetch_slow, daemon=True)
+    fetching.start()
+    lock = (key(upstream, slow) + ":lock").encode()
+    deadline = time.time() + 1.4
+    while not redis.cmd("EXISTS", lock) and time.time() < deadline:
+        time.sleep(0.01)
+    during = redis.scan("*")
+    assert lock in during, "the slow fetch's lock must be %r: keys %r" % (lock, during)
+    p.get(reqs)
+    fetching.join(30)
+    assert not fetching.is_alive() and not slow_failed, slow_failed
+    wait_keys(redis, PREFIX + "*", n=7, what="5 entries, a Vary marker's variant and the slow one")
+    wait_gone(redis, lock)
+
+    port = upstream.port
+    listed = [k for k in shell("redis-cli -p %d --scan" % redis.port).split(b"\n") if k]
+    shape = re.compile(rb"^httpshim:v3:127\.0\.0\.1:%d:(/bytes/\*|/custom\*):[0-9a-f]{64}$" % port)
+    assert len(listed) == 7 and all(PRINTABLE_KEY.match(k) and shape.match(k) for k in listed), listed
+    assert PRINTABLE_KEY.match(lock) and re.match(shape.pattern[:-1] + rb":lock$", lock), lock
+    for target in ("/bytes/100", "/bytes/2000", "/custom?tag=k1&n=50", vary, slow):
+        assert key(upstream, target).encode() in listed, (target, listed)
+    for k in listed:     # each key is the hash of the internal key its value carries
+        carried = carried_key(redis.cmd("GET", k))
+        assert carried and k.endswith(b":" + hashlib.sha256(carried).hexdigest().encode()), (k, carried)
+        path = "/" + carried.split(b"\n")[0].decode().split("/", 3)[3]     # "GET http://H:P/path?q"
+        assert k.split(b":")[4].decode() == route_of(path), (k, carried)
+
+    other = "httpshim:v3:127.0.0.1:%d:/bytes/*:%s" % (port + 1, "0" * 64)
+    redis.cmd("SET", other, b"another upstream's")
+    deleted = shell("redis-cli -p %d --scan --pattern 'httpshim:v3:127.0.0.1:%d:*' | xargs redis-cli -p %d del"
+                    % (redis.port, port, redis.port))
+    assert int(deleted.strip() or 0) == 7, deleted
+    assert redis.scan("*") == [other.encode()], redis.scan("*")
+    clients(conf, sockdir).get([rq(upstream, "/bytes/100")])
+    assert upstream_hits(upstream, "/bytes/100") == 2, "deleted by pattern, then a miss: " + log_desc(upstream)
 
 
 # ================================================================== more of the interface
@@ -907,7 +1110,7 @@ def test_credentials_kept_apart(upstream, redis, sockdir, tmp_path, clients):
                   headers={"Authorization": auth} if auth else {})
 
     first = clients(conf, sockdir).get([g(secret)])
-    keys = wait_keys(redis, key(upstream, a) + "*")
+    keys = wait_entries(redis, internal_key(upstream, a) + "*")
     for k in redis.scan("*"):
         assert b"alpha-SECRET" not in k, "the raw credential is in a Redis key: %r" % k
         assert b"alpha-SECRET" not in (redis.cmd("GET", k) or b""), k
@@ -939,7 +1142,7 @@ def test_vary_entries_shared_per_variant(upstream, redis, sockdir, tmp_path, cli
     assert upstream_hits(upstream, v) == 1, "the memory tier keeps Vary entries: " + \
         log_desc(upstream)
     p1.get([rq(upstream, "/custom?tag=sentinel&n=10", n=10, tag="sentinel")])
-    wait_keys(redis, key(upstream, "/custom?tag=sentinel*"), what="the storable sentinel")
+    wait_keys(redis, key(upstream, "/custom?tag=sentinel&n=10"), what="the storable sentinel")
     second = clients(conf, sockdir).get([g("fr"), g("en")])
     served = [r["served"] for r in second]
     detail = "X-Served first %s, second %s; Redis keys %r\n%s" % (
@@ -957,6 +1160,7 @@ BAD_REDIS = {
     "bad-timeout": "redis_timeout = soon",
     "bad-max-object": "redis_max_object = huge",
     "unknown-scheme": "cache = mongodb://127.0.0.1:27017/0",
+    "prefix-with-space": "redis_prefix = my app:",
 }
 
 
@@ -972,3 +1176,18 @@ def test_check_redis_settings(case, cli, tmp_path):
         assert r.rc == 0 and r.out.decode().startswith("%s: ok" % conf), r.describe()
     else:
         assert r.rc == 1 and r.err.decode().startswith("%s:4: " % conf), r.describe()
+
+
+
+@pytest.mark.parametrize("prefix", ["my app:", "tab\there:", "caf\u00e9:", "bell\x07:"])
+def test_redis_prefix_must_be_printable(prefix, cli, upstream, tmp_path):
+    """A redis_prefix with a space, a control or a non-ASCII byte would put it in every
+    Redis key: the rules are refused, naming the line (`httpshim check`), and a shimmed
+    process runs without the shim."""
+    lines = ["[global]", "cache = redis://127.0.0.1:1/0", "redis_prefix = %s" % prefix, "",
+             "[upstream 127.0.0.1:%d]" % upstream.port, "cache GET /bytes/* ttl=1m"]
+    conf = write_rules(tmp_path, [], raw="\n".join(lines) + "\n")
+    r = run([cli, "check", conf], shim=False)
+    assert r.rc == 1 and r.err.decode().startswith("%s:3: redis_prefix: byte " % conf), r.describe()
+    r = run(["/bin/sh", "-c", "exec true"], conf=conf)
+    assert r.rc == 0, r.describe()

@@ -1,13 +1,14 @@
-"""What a process trusts of what Redis holds: entry times range-checked, and, with
-`redis_secret_file`, entries authenticated with HMAC-SHA256 over the key and the whole
-value (version 2), so that whoever can write to Redis cannot make a process serve
-anything. Each test starts its own redis-server (see test_redis.py) and uses NEW
-processes to read what another wrote.
+"""What a process trusts of what Redis holds: entry times range-checked, values that
+carry another key than the one asked for refused, and, with `redis_secret_file`, entries
+authenticated with HMAC-SHA256 over the whole value, the key it carries included (version
+4), so that whoever can write to Redis cannot make a process serve anything. Each test
+starts its own redis-server (see test_redis.py) and uses NEW processes to read what
+another wrote.
 
-Version 2 layout: "HSC1" 02 flags status:u16 stored_at:i64 expires_at:i64 reason_len:u16
-headers_len:u32 body_len:u32 | tag (32 bytes) | reason | headers | body, where
-tag = HMAC-SHA256(secret, "%d:" % len(key) + key + value[:34] + value[66:]), the key
-without the redis prefix.
+Version 4 layout: "HSC1" 04 flags status:u16 stored_at:i64 expires_at:i64 reason_len:u16
+headers_len:u32 body_len:u32 key_len:u32 | tag (32 bytes) | key | reason | headers | body,
+where tag = HMAC-SHA256(secret, value[:38] + value[70:]) and key is the internal cache key
+(not the Redis key). Version 3 is the same with an 8-byte tag, SHA-256(value[46:])[:8].
 """
 
 import hashlib
@@ -18,25 +19,24 @@ import time
 import pytest
 
 from conftest import run, write_rules
-from test_redis import (HTTPSHIM, KEY_WAIT, MAGIC, PREFIX, cli, clients, key, log_desc, redis,  # noqa: F401
-                        redis_conf, redis_servers, redis_url, rq, upstream_hits, wait_keys)
+from test_redis import (HTTPSHIM, KEY_WAIT, MAGIC, PREFIX, carried_key, cli, clients, entries,  # noqa: F401
+                        internal_key, key, log_desc, redis, redis_conf, redis_servers, redis_url, rq,
+                        upstream_hits, wait_entries, wait_keys)
 
-MAGIC2 = b"HSC1\x02"
+MAGIC2 = b"HSC1\x04"
 SECRET = b"fleet-secret-\x01\x02 with bytes"
 
 
-def v1_checksum(v):
-    return v[:34] + hashlib.sha256(v[42:]).digest()[:8] + v[42:]
+def v3_checksum(v):
+    return v[:38] + hashlib.sha256(v[46:]).digest()[:8] + v[46:]
 
 
-def v2_tag(secret, k, v):
-    bare = k[len(PREFIX):]
-    msg = b"%d:" % len(bare) + bare + v[:34] + v[66:]
-    return hmac.new(secret, msg, hashlib.sha256).digest()
+def v4_tag(secret, v):
+    return hmac.new(secret, v[:38] + v[70:], hashlib.sha256).digest()
 
 
-def resign(secret, k, v):
-    return v[:34] + v2_tag(secret, k, v) + v[66:]
+def resign(secret, v):
+    return v[:38] + v4_tag(secret, v) + v[70:]
 
 
 def times(v):
@@ -89,7 +89,7 @@ def test_forged_time_with_valid_checksum_is_corrupt(case, upstream, redis, sockd
     k = wait_keys(redis, key(upstream, path))[0]
     v = redis.cmd("GET", k)
     assert v.startswith(MAGIC)
-    bad = v1_checksum(with_times(v, *FORGED_TIMES[case](NOW_MS())))
+    bad = v3_checksum(with_times(v, *FORGED_TIMES[case](NOW_MS())))
     redis.cmd("SET", k, bad, "PX", 600000)
     p2 = clients(conf, sockdir)
     p2.get([rq(upstream, path)])
@@ -108,7 +108,7 @@ def test_plausible_clock_skew_accepted(upstream, redis, sockdir, tmp_path, clien
     k = wait_keys(redis, key(upstream, path))[0]
     v = redis.cmd("GET", k)
     n = NOW_MS()
-    redis.cmd("SET", k, v1_checksum(with_times(v, n + 60 * 1000, n + 660 * 1000)), "PX", 600000)
+    redis.cmd("SET", k, v3_checksum(with_times(v, n + 60 * 1000, n + 660 * 1000)), "PX", 600000)
     p2 = clients(conf, sockdir)
     p2.get([rq(upstream, path)])
     assert upstream_hits(upstream, path) == 1, log_desc(upstream)
@@ -117,15 +117,16 @@ def test_plausible_clock_skew_accepted(upstream, redis, sockdir, tmp_path, clien
 
 # ------------------------------------------------------------------ authenticated entries
 def test_authenticated_entries_shared(upstream, redis, sockdir, tmp_path, clients):
-    """With a secret, values are version 2 with an HMAC over the key and the value; a
-    second process holding the secret is served from them."""
+    """With a secret, values are version 4 with an HMAC over the value and the key it
+    carries; a second process holding the secret is served from them."""
     conf = secret_conf(tmp_path, sockdir, redis, upstream)
     path = "/bytes/1600"
     clients(conf, sockdir).get([rq(upstream, path)])
     k = wait_keys(redis, key(upstream, path))[0]
     v = redis.cmd("GET", k)
     assert v.startswith(MAGIC2), v[:40]
-    assert v[34:66] == v2_tag(SECRET, k, v), "the tag must be HMAC-SHA256(secret, len:key || header || payload)"
+    assert v[38:70] == v4_tag(SECRET, v), "the tag must be HMAC-SHA256(secret, header || key || payload)"
+    assert carried_key(v) == internal_key(upstream, path).encode(), v[:120]
     assert SECRET not in v
     p2 = clients(conf, sockdir)
     p2.get([rq(upstream, path)])
@@ -135,9 +136,9 @@ def test_authenticated_entries_shared(upstream, redis, sockdir, tmp_path, client
 
 
 def _forge(case, redis, k, v, other_k):
-    if case == "checksummed-v1":        # what anyone can write: a valid plain checksum
-        w = b"HSC1\x01" + v[5:34] + b"\0" * 8 + v[66:]
-        return k, v1_checksum(w)
+    if case == "checksummed-v3":        # what anyone can write: a valid plain checksum
+        w = b"HSC1\x03" + v[5:38] + b"\0" * 8 + v[70:]
+        return k, v3_checksum(w)
     if case == "tampered-body":
         return k, v[:-1] + bytes([v[-1] ^ 1])
     if case == "tampered-status":
@@ -146,13 +147,13 @@ def _forge(case, redis, k, v, other_k):
         n = NOW_MS()
         return k, with_times(v, n - 1000, n + 3600 * 1000)
     if case == "wrong-secret":
-        return k, resign(b"another secret", k, v)
+        return k, resign(b"another secret", v)
     if case == "moved-to-another-key":  # a genuine value, under a key it was not made for
         return other_k, v
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["checksummed-v1", "tampered-body", "tampered-status", "tampered-times",
+@pytest.mark.parametrize("case", ["checksummed-v3", "tampered-body", "tampered-status", "tampered-times",
                                   "wrong-secret", "moved-to-another-key"])
 def test_unauthenticated_value_not_served(case, upstream, redis, sockdir, tmp_path, clients):
     """With a secret, a value not signed by it under its own key is a miss: never served,
@@ -250,9 +251,11 @@ def test_cookie_keyed_entry_hides_the_cookie(upstream, redis, sockdir, tmp_path,
         return rq(upstream, t, n=300, tag="ck", headers={"Cookie": cookie})
 
     first = clients(conf, sockdir).get([g("session=ALICE-SECRET-1")])
-    wait_keys(redis, key(upstream, t).replace("?", "[?]") + "*")
+    wait_entries(redis, internal_key(upstream, t) + "*")
     for k in redis.scan("*"):
         assert b"ALICE-SECRET" not in k, "the raw cookie is in a Redis key: %r" % k
+    for k, carried in entries(redis).items():
+        assert b"ALICE-SECRET" not in carried, "the raw cookie is in the key a value carries: %r" % carried
     second = clients(conf, sockdir).get([g("session=BOB"), g("session=ALICE-SECRET-1")])
     assert second[1]["served"] == first[0]["served"] and second[0]["served"] != first[0]["served"], \
         log_desc(upstream)
@@ -273,3 +276,4 @@ def test_userinfo_never_in_a_redis_key(upstream, redis, sockdir, tmp_path, clien
     assert keys, "the entry never reached Redis"
     for k in keys:
         assert b"password" not in k.lower(), k
+        assert b"password" not in (carried_key(redis.cmd("GET", k)) or b"").lower(), k

@@ -35,7 +35,7 @@ COUNTERS = ("client_connections", "requests", "hits", "inline_hits", "misses", "
             "upstream_conn_reuses", "tunnels", "tunnels_tls", "tunnels_not_http", "tunnels_too_large",
             "tunnels_other", "tls_intercepted", "tls_handshake_failures",
             "tls_tunnel_not_configured", "tls_tunnel_no_mark", "tls_tunnel_client_cert", "tls_tunnel_unverified",
-            "tls_tunnel_unreadable", "queue_waits", "queue_timeouts", "connect_refused",
+            "tls_tunnel_unreadable", "tls_upstream_verify_failed", "queue_waits", "queue_timeouts", "connect_refused",
             "connect_timeout", "connect_unreachable", "connect_other")
 GAUGES = ("memory_entries", "memory_bytes")
 POOL = ("pool_idle", "pool_busy", "pool_waiting")
@@ -636,7 +636,7 @@ def test_cli_stats_sums_live_processes(upstream, upstream_b, sockdir, tmp_path, 
     r = run([cli, "stats", "-c", conf, "--json"], shim=False)
     assert r.rc == 0, r.describe()
     out = json.loads(r.out.decode())
-    assert set(out) == {"total", "processes"}, out.keys()
+    assert set(out) == {"total", "processes", "inert"}, out.keys()
     assert sorted(p["pid"] for p in out["processes"]) == sorted([a1.pid, a2.pid]), out
     total = out["total"]
     assert total["processes"] == 2 and total["stats_refused"] == 0, total

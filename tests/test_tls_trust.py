@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import SYS_PY, JsonLineProcess, Upstream, client_env, pyclient, write_rules
+from conftest import SYS_PY, JsonLineProcess, Upstream, client_env, pyclient, run, write_rules
 from test_tls import SAN_ENV
 from tlsca import CA
 
@@ -198,3 +198,25 @@ def test_a_background_refresh_of_an_intercepted_entry_is_https(cas, pair, tmp_pa
             shimmed.stop()
     finally:
         up.stop()
+
+
+
+def test_curl_fails_natively_on_the_second_port(cas, tmp_path, tmp_path_factory, sockdir):
+    """The two-port case with curl, one process, A then B: exit 60 and the same output with
+    and without the shim, and B receives no request. (Perl's IO::Socket::SSL verifies
+    through a callback of its own, so its connections are never intercepted.)"""
+    good = Upstream(tmp_path_factory.mktemp("cl-a"), tls=cas["app"].leaf(["127.0.0.1"], stem="cl-a"))
+    bad = Upstream(tmp_path_factory.mktemp("cl-b"), tls=cas["app"].leaf(["127.0.0.2"], stem="cl-b"))
+    try:
+        conf = conf_for(tmp_path, sockdir, [good.port, bad.port], cas["app"].pem)
+        cmd = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}\n", "--cacert", cas["app"].pem,
+               good.url("/custom/c?n=50"), bad.url("/custom/c?n=50")]
+        direct = run(cmd, shim=False)
+        bad.reset()
+        shimmed = run(cmd, conf=conf)
+        assert (direct.rc, direct.out) == (shimmed.rc, shimmed.out), (direct.describe(), shimmed.describe())
+        assert direct.rc == 60 and direct.out.split() == [b"200", b"000"], direct.describe()
+        assert bad.stats()["requests"] == 0, bad.stats()
+    finally:
+        good.stop()
+        bad.stop()

@@ -7,6 +7,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <getopt.h>
+#include <pwd.h>
 #include <limits.h>
 #include <math.h>
 #include <arpa/inet.h>
@@ -21,6 +22,7 @@
 #include <unistd.h>
 #include "../shim/rules.h"
 #include "../shim/exited.h"
+#include "../shim/redis_value.h"
 #include <fnmatch.h>
 #include <hiredis/hiredis.h>
 #include <jansson.h>
@@ -127,12 +129,16 @@ static int cmd_run(int argc, char **argv)
 
 struct proc { int pid; char path[256]; };
 
+/* Whose processes are looked at: the caller's own, or --user's (root may read any uid's
+ * sockets; the library lets root in). */
+static unsigned view_uid;
+
 /* Lists the live processes' sockets for the config's stats_socket pattern; sockets of
  * dead processes are removed. */
 static int find_processes(const char *pattern, struct proc *procs, int max)
 {
     struct rules_socket_names names;
-    if (rules_socket_names(pattern, (unsigned)getuid(), &names) != 0)
+    if (rules_socket_names(pattern, view_uid, &names) != 0)
         return 0;
     DIR *d = opendir(names.dir);
     if (!d)
@@ -406,6 +412,7 @@ struct snapshot {
     json_t **docs;
     double *exited_age;                /* per doc: seconds since it exited, -1 when live */
     int n, live, exited;
+    json_t *inert;                     /* records of processes that run without the shim, and why */
     json_t *total;
     double at;                         /* CLOCK_MONOTONIC seconds */
 };
@@ -461,15 +468,34 @@ static void add_doc(struct snapshot *s, json_t *j, double exited_age)
     }
 }
 
+/* The inert records beside pattern's sockets, each with "live": whether its process is. */
+static void add_inert(struct snapshot *s, const char *pattern, bool live_only)
+{
+    static struct exited_record records[EXITED_KEEP];
+    int m = exited_list(pattern, view_uid, INERT_SUFFIX, records, EXITED_KEEP);
+    for (int i = 0; i < m && s->inert; i++) {
+        bool live = kill(records[i].pid, 0) == 0 || errno == EPERM;
+        json_t *j = !live_only || live ? read_record(records[i].path) : NULL;
+        if (!j)
+            continue;
+        json_object_set_new(j, "live", json_boolean(live));
+        json_array_append_new(s->inert, j);
+    }
+}
+
 static void snapshot_take(struct snapshot *s, const char *pattern, bool live_only)
 {
     static struct proc procs[MAX_PROCS];
     static struct exited_record records[EXITED_KEEP];
     memset(s, 0, sizeof *s);
     int n = find_processes(pattern, procs, MAX_PROCS);
-    int m = live_only ? 0 : exited_list(pattern, (unsigned)getuid(), records, EXITED_KEEP);
+    int m = live_only ? 0 : exited_list(pattern, view_uid, EXITED_SUFFIX, records, EXITED_KEEP);
     if (live_only)
-        exited_list(pattern, (unsigned)getuid(), NULL, 0);   /* still pruned */
+        exited_list(pattern, view_uid, EXITED_SUFFIX, NULL, 0);   /* still pruned */
+    s->inert = json_array();
+    add_inert(s, pattern, live_only);
+    if (strcmp(pattern, EXITED_DEFAULT_PATTERN))   /* where a process that read no rules leaves it */
+        add_inert(s, EXITED_DEFAULT_PATTERN, live_only);
     s->docs = calloc((size_t)(n + m) + 1, sizeof *s->docs);
     s->exited_age = calloc((size_t)(n + m) + 1, sizeof *s->exited_age);
     s->at = mono_s();
@@ -501,6 +527,7 @@ static void snapshot_free(struct snapshot *s)
     free(s->docs);
     free(s->exited_age);
     json_decref(s->total);
+    json_decref(s->inert);
     memset(s, 0, sizeof *s);
 }
 
@@ -525,11 +552,18 @@ static double rate(const struct snapshot *now, const struct snapshot *before, co
     return dt > 0 && d > 0 ? d / dt : 0;
 }
 
+static void print_inert(const struct snapshot *s);
+
 static void print_table(const struct snapshot *s, const struct snapshot *before)
 {
     json_t *total = s->total, *ups = json_object_get(total, "upstreams");
-    printf("httpshim: %d live process%s, %d exited in the last %d min%s\n", s->live, s->live == 1 ? "" : "es",
-           s->exited, EXITED_MAX_AGE_S / 60, before ? "" : "  (--live: live ones only)");
+    printf("httpshim: %d live process%s, %d exited in the last %d min, %zu inert%s\n", s->live,
+           s->live == 1 ? "" : "es", s->exited, EXITED_MAX_AGE_S / 60, json_array_size(s->inert),
+           before ? "" : "  (--live: live ones only)");
+    if (!total) {
+        print_inert(s);
+        return;
+    }
     const json_t *redis = json_object_get(total, "redis");
     if (num(redis, "configured") > 0) {
         double connected = 0, live_redis = 0;
@@ -600,14 +634,14 @@ static void print_table(const struct snapshot *s, const struct snapshot *before)
                num(err, "upstream"), num(err, "app"), num(err, "tunnel"));
     }
     /* TLS the app encrypts itself: terminated here, or tunnelled (with every other tunnel) and why */
-    printf("\n%-24s %9s %9s %9s %9s %9s %9s %9s %9s\n", "TLS", "INTERCEPT", "HS.FAIL", "TUNNELS", "NOT.CONF",
-           "NO.MARK", "CL.CERT", "UNVERIF.", "UNREAD.");
+    printf("\n%-24s %9s %9s %9s %9s %9s %9s %9s %9s %9s\n", "TLS", "INTERCEPT", "HS.FAIL", "TUNNELS", "NOT.CONF",
+           "NO.MARK", "CL.CERT", "UNVERIF.", "UNREAD.", "UP.REFUSE");
     for (void *it = json_object_iter(ups); it; it = json_object_iter_next(ups, it)) {
         const json_t *u = json_object_iter_value(it);
-        printf("%-24s %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f\n", json_object_iter_key(it),
+        printf("%-24s %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f\n", json_object_iter_key(it),
                num(u, "tls_intercepted"), num(u, "tls_handshake_failures"), num(u, "tunnels"),
                num(u, "tls_tunnel_not_configured"), num(u, "tls_tunnel_no_mark"), num(u, "tls_tunnel_client_cert"),
-               num(u, "tls_tunnel_unverified"), num(u, "tls_tunnel_unreadable"));
+               num(u, "tls_tunnel_unverified"), num(u, "tls_tunnel_unreadable"), num(u, "tls_upstream_verify_failed"));
     }
     printf("\n%-8s %-16s %8s %-11s %9s %9s %7s %9s %9s\n", "PID", "COMMAND", "UPTIME", "STATE", "REQUESTS", "HITS",
            "HIT%", "CLIENT", "UPSTREAM");
@@ -630,6 +664,22 @@ static void print_table(const struct snapshot *s, const struct snapshot *before)
         snprintf(comm, sizeof comm, "%s", c && *c ? c : "?");
         printf("%-8.0f %-16s %8s %-11s %9.0f %9.0f %7s %9.0f %9.0f\n", num(s->docs[i], "pid"), comm, up, state, req,
                hits, hitpct, cc, uc);
+    }
+    print_inert(s);
+}
+
+/* Processes the shim did nothing in, and why (their rules could not be read). */
+static void print_inert(const struct snapshot *s)
+{
+    if (!json_array_size(s->inert))
+        return;
+    printf("\nINERT: the shim did nothing in these processes\n%-8s %-16s %-6s %s\n", "PID", "COMMAND", "STATE",
+           "WHY");
+    for (size_t i = 0; i < json_array_size(s->inert); i++) {
+        const json_t *r = json_array_get(s->inert, i);
+        const char *c = json_string_value(json_object_get(r, "comm")), *why = json_string_value(json_object_get(r, "inert"));
+        printf("%-8.0f %-16.16s %-6s %s\n", num(r, "pid"), c && *c ? c : "?",
+               json_is_true(json_object_get(r, "live")) ? "live" : "gone", why ? why : "?");
     }
 }
 
@@ -720,8 +770,8 @@ static void print_snapshot_json(const struct snapshot *s)
     printf("{\"total\":");
     if (s->total) {
         json_t *ups = json_object_get(s->total, "upstreams");
-        printf("{\"processes\":%d,\"exited\":%d,\"stats_refused\":%.0f,\"upstreams\":", s->live, s->exited,
-               num(s->total, "stats_refused"));
+        printf("{\"processes\":%d,\"exited\":%d,\"inert\":%zu,\"stats_refused\":%.0f,\"upstreams\":", s->live,
+               s->exited, json_array_size(s->inert), num(s->total, "stats_refused"));
         if (ups)
             print_json(ups);
         else
@@ -733,14 +783,16 @@ static void print_snapshot_json(const struct snapshot *s)
         }
         printf("}");
     } else {
-        printf("{\"processes\":0,\"exited\":0,\"upstreams\":{}}");
+        printf("{\"processes\":0,\"exited\":0,\"inert\":%zu,\"upstreams\":{}}", json_array_size(s->inert));
     }
     printf(",\"processes\":[");
     for (int i = 0; i < s->n; i++) {
         printf("%s", i ? "," : "");
         print_json(s->docs[i]);
     }
-    printf("]}\n");
+    printf("],\"inert\":");
+    print_json(s->inert);
+    printf("}\n");
 }
 
 static int load_pattern(const char *conf, char *pattern, size_t n)
@@ -761,6 +813,21 @@ static int load_pattern(const char *conf, char *pattern, size_t n)
     return 0;
 }
 
+static int parse_user(const char *text, unsigned *uid)
+{
+    char *end;
+    unsigned long n = strtoul(text, &end, 10);
+    if (*text && !*end && n < 0xffffffffUL) {
+        *uid = (unsigned)n;
+        return 0;
+    }
+    const struct passwd *pw = getpwnam(text);
+    if (!pw)
+        return -1;
+    *uid = (unsigned)pw->pw_uid;
+    return 0;
+}
+
 static volatile sig_atomic_t stop_watching;
 static void on_stop(int sig) { (void)sig; stop_watching = 1; }
 
@@ -770,7 +837,7 @@ static int cmd_stats(int argc, char **argv)
         { "json", no_argument, NULL, 'j' }, { "prometheus", no_argument, NULL, 'p' },
         { "rules", no_argument, NULL, 'r' }, { "live", no_argument, NULL, 'l' },
         { "watch", required_argument, NULL, 'w' }, { "config", required_argument, NULL, 'c' },
-        { "help", no_argument, NULL, 'h' }, { 0, 0, 0, 0 } };
+        { "user", required_argument, NULL, 'u' }, { "help", no_argument, NULL, 'h' }, { 0, 0, 0, 0 } };
     int format = 't', c;
     double watch = 0;
     bool live_only = false;
@@ -785,8 +852,14 @@ static int cmd_stats(int argc, char **argv)
             watch = atof(optarg);
         else if (c == 'c')
             conf = optarg;
-        else if (c == 'h') {
+        else if (c == 'u') {
+            if (parse_user(optarg, &view_uid) != 0) {
+                fprintf(stderr, "httpshim stats: no such user: %s\n", optarg);
+                return 2;
+            }
+        } else if (c == 'h') {
             printf("usage: httpshim stats [-c FILE] [--json|--prometheus|--rules] [--live] [--watch SECONDS]\n"
+                   "                      [--user NAME|UID]\n"
                    "Reads every live process's stats socket (the stats_socket of FILE, default\n"
                    "$HTTPSHIM_CONF or %s) and the final counters that processes which exited\n"
                    "in the last %d minutes left beside theirs, sums them and prints a table: Redis,\n"
@@ -795,8 +868,11 @@ static int cmd_stats(int argc, char **argv)
                    "only. --rules: requests and hits per cache rule. --json: {\"total\": {...},\n"
                    "\"processes\": [{\"pid\": N, \"exited\": false, ...}]}. --prometheus: the summed\n"
                    "/metrics text of the live processes. --watch: again every SECONDS, with rates;\n"
-                   "redrawn in place on a terminal. Sockets of dead processes are removed.\n",
-                   DEFAULT_CONF, EXITED_MAX_AGE_S / 60);
+                   "redrawn in place on a terminal. --user: another user's processes (root; e.g.\n"
+                   "the workers a master runs as nobody). Processes that could not read their rules\n"
+                   "are listed as INERT, with why (their records are beside the default socket path,\n"
+                   "%s). Sockets of dead processes are removed.\n",
+                   DEFAULT_CONF, EXITED_MAX_AGE_S / 60, EXITED_DEFAULT_PATTERN);
             return 0;
         } else
             return 2;
@@ -825,7 +901,7 @@ static int cmd_stats(int argc, char **argv)
             }
             if (format == 'j')
                 print_snapshot_json(&now);
-            else if (!now.total)
+            else if (!now.total && !json_array_size(now.inert))
                 printf("no httpshim processes, live or recently exited (sockets: %s)\n", pattern);
             else if (format == 'r')
                 print_rules(&now);
@@ -971,9 +1047,167 @@ static bool key_matches(const char *key, size_t len, const char *upstream, const
     return fnmatch(glob, path, 0) == 0;
 }
 
-/* SCAN + UNLINK (never KEYS) over the prefix; -1 when Redis cannot be reached. */
+/* s as a SCAN MATCH pattern that matches only itself (a prefix or an IPv6 literal may
+ * hold * ? [ ] \), appended at out[*n]; false when it does not fit. */
+static bool match_literal(const char *s, char *out, size_t cap, size_t *n)
+{
+    for (; *s; s++) {
+        if (strchr("*?[]\\", *s) && *n + 1 < cap)
+            out[(*n)++] = '\\';
+        if (*n + 1 >= cap)
+            return false;
+        out[(*n)++] = *s;
+    }
+    out[*n] = 0;
+    return true;
+}
+
+struct purge_pass {
+    redisContext *rc;
+    const char *upstream, *glob;  /* as the user gave them; upstream "" for any */
+    size_t prefix_len;
+    bool by_value;                /* new-format keys: read the key each value carries */
+    long long unlinked;
+    bool failed;
+};
+
+/* Whether a new-format key is to go: with GLOB `*` every key the scan found (its
+ * pattern named the upstream), else those whose value's head (`head`, a GETRANGE reply)
+ * carries an internal key that matches. A lock (":lock") holds a token, not a value: it
+ * goes only with `*`, and otherwise expires within redis_lock_ttl. */
+static bool new_key_goes(const struct purge_pass *p, const redisReply *head)
+{
+    if (!strcmp(p->glob, "*"))
+        return true;
+    const char *internal;
+    size_t internal_len;
+    return head && head->type == REDIS_REPLY_STRING
+           && redis_value_key((const unsigned char *)head->str, (size_t)head->len, &internal, &internal_len)
+           && key_matches(internal, internal_len, p->upstream, p->glob);
+}
+
+/* Old-format keys, "<prefix>GET http://..." and "<prefix>lock:GET http://...", written
+ * before keys were hashed: matched on their own text until they expire. */
+static bool old_key_goes(const struct purge_pass *p, const redisReply *key)
+{
+    return (size_t)key->len >= p->prefix_len
+           && key_matches(key->str + p->prefix_len, (size_t)key->len - p->prefix_len, p->upstream, p->glob);
+}
+
+/* One batch of SCAN's keys: decides (with the values' heads, pipelined, for a glob
+ * purge of new-format keys) and UNLINKs those that go, in one command. */
+static void purge_batch(struct purge_pass *p, const redisReply *keys)
+{
+    size_t n = keys->elements;
+    if (!n)
+        return;
+    bool read_heads = p->by_value && strcmp(p->glob, "*");
+    redisReply **heads = calloc(n, sizeof *heads);
+    const char **argv = calloc(n + 1, sizeof *argv);
+    size_t *argl = calloc(n + 1, sizeof *argl);
+    if (!heads || !argv || !argl) {
+        p->failed = true;
+        goto out;
+    }
+    if (read_heads) {
+        /* only the head of each value: the key it carries, never the body */
+        for (size_t i = 0; i < n; i++)
+            if (redisAppendCommand(p->rc, "GETRANGE %b 0 %d", keys->element[i]->str, (size_t)keys->element[i]->len,
+                                   (int)REDIS_VALUE_KEY_SPAN - 1) != REDIS_OK) {
+                p->failed = true;      /* the connection is not used again */
+                goto out;
+            }
+        for (size_t i = 0; i < n; i++) {
+            void *reply = NULL;
+            if (redisGetReply(p->rc, &reply) != REDIS_OK) {
+                p->failed = true;
+                goto out;
+            }
+            heads[i] = reply;
+        }
+    }
+    size_t argc = 0;
+    argv[argc] = "UNLINK";
+    argl[argc++] = 6;
+    for (size_t i = 0; i < n; i++) {
+        const redisReply *k = keys->element[i];
+        if (k->type != REDIS_REPLY_STRING)
+            continue;
+        if (p->by_value ? new_key_goes(p, heads[i]) : old_key_goes(p, k)) {
+            argv[argc] = k->str;
+            argl[argc++] = (size_t)k->len;
+        }
+    }
+    if (argc > 1) {
+        redisReply *u = redisCommandArgv(p->rc, (int)argc, argv, argl);
+        if (u && u->type == REDIS_REPLY_INTEGER)
+            p->unlinked += u->integer;
+        else
+            p->failed = true;
+        if (u)
+            freeReplyObject(u);
+    }
+out:
+    for (size_t i = 0; heads && i < n; i++)
+        if (heads[i])
+            freeReplyObject(heads[i]);
+    free(heads);
+    free(argv);
+    free(argl);
+}
+
+/* A SCAN walk (never KEYS) over pattern, batch by batch. */
+static void purge_scan(struct purge_pass *p, const char *pattern)
+{
+    char cursor[32] = "0";
+    for (int round = 0; round < 1000000 && !p->failed; round++) {
+        redisReply *r = redisCommand(p->rc, "SCAN %s MATCH %s COUNT 1000", cursor, pattern);
+        if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 || r->element[0]->type != REDIS_REPLY_STRING
+            || r->element[1]->type != REDIS_REPLY_ARRAY) {
+            if (r)
+                freeReplyObject(r);
+            p->failed = true;
+            break;
+        }
+        snprintf(cursor, sizeof cursor, "%s", r->element[0]->str);
+        purge_batch(p, r->element[1]);
+        freeReplyObject(r);
+        if (!strcmp(cursor, "0"))
+            break;
+    }
+}
+
+/* SCAN + UNLINK over the prefix; -1 when Redis cannot be reached. Keys are
+ * <prefix>v3:<host>:<port>:<route>:<hash>[:lock] (shim/cache_redis.c): with --upstream
+ * the scan asks only for that upstream's; a GLOB other than `*` is matched against the
+ * internal key each value carries. Keys of the old, unhashed format are matched on their
+ * own text, so that they can still be purged during their TTL. */
 static long long purge_redis(const struct shim_config *cfg, const char *upstream, const char *glob)
 {
+    /* the upstream as the rules spell it, which is how the library writes it in keys */
+    char label[RULES_HOST_MAX + 16];
+    snprintf(label, sizeof label, "%s", upstream);
+    for (size_t i = 0; *upstream && i < cfg->n_upstreams; i++) {
+        const struct upstream_rule *u = &cfg->upstreams[i];
+        char l[RULES_HOST_MAX + 16];
+        snprintf(l, sizeof l, strchr(u->host, ':') ? "[%s]:%u" : "%s:%u", u->host, u->port);
+        if (!strcasecmp(l, upstream))
+            snprintf(label, sizeof label, "%s", l);
+    }
+    char new_pattern[2 * (sizeof cfg->redis_prefix + sizeof label) + 16], old_pattern[2 * sizeof cfg->redis_prefix + 16];
+    size_t nn = 0, on = 0;
+    if (!match_literal(cfg->redis_prefix, new_pattern, sizeof new_pattern, &nn)
+        || !match_literal(REDIS_KEY_FORMAT_TAG, new_pattern, sizeof new_pattern, &nn)
+        || (*upstream && (!match_literal(label, new_pattern, sizeof new_pattern, &nn)
+                          || !match_literal(":", new_pattern, sizeof new_pattern, &nn)))
+        || nn + 2 > sizeof new_pattern || !match_literal(cfg->redis_prefix, old_pattern, sizeof old_pattern, &on)
+        || on + sizeof "* http://*" > sizeof old_pattern) {
+        fprintf(stderr, "httpshim purge: --upstream is too long\n");
+        return -1;
+    }
+    memcpy(new_pattern + nn, "*", 2);
+    memcpy(old_pattern + on, "* http://*", sizeof "* http://*");   /* old keys: "METHOD http://..." */
+
     struct timeval tv = { 2, 0 };
     redisContext *rc = cfg->redis_unix[0] ? redisConnectUnixWithTimeout(cfg->redis_unix, tv)
                                           : redisConnectWithTimeout(cfg->redis_host, cfg->redis_port, tv);
@@ -989,35 +1223,17 @@ static long long purge_redis(const struct shim_config *cfg, const char *upstream
         freeReplyObject(r);
     if (cfg->redis_db && (r = redisCommand(rc, "SELECT %d", cfg->redis_db)))
         freeReplyObject(r);
-    long long purged = 0;
-    char cursor[32] = "0";
-    size_t plen = strlen(cfg->redis_prefix);
-    for (int round = 0; round < 1000000; round++) {
-        r = redisCommand(rc, "SCAN %s MATCH %s* COUNT 1000", cursor, cfg->redis_prefix);
-        if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
-            if (r)
-                freeReplyObject(r);
-            purged = purged ? purged : -1;
-            break;
-        }
-        snprintf(cursor, sizeof cursor, "%s", r->element[0]->str);
-        redisReply *keys = r->element[1];
-        for (size_t i = 0; i < keys->elements; i++) {
-            redisReply *k = keys->element[i];
-            if ((size_t)k->len < plen || !key_matches(k->str + plen, (size_t)k->len - plen, upstream, glob))
-                continue;
-            redisReply *u = redisCommand(rc, "UNLINK %b", k->str, (size_t)k->len);
-            if (u && u->type == REDIS_REPLY_INTEGER)
-                purged += u->integer;
-            if (u)
-                freeReplyObject(u);
-        }
-        freeReplyObject(r);
-        if (!strcmp(cursor, "0"))
-            break;
+    struct purge_pass p = { .rc = rc, .upstream = upstream, .glob = glob, .prefix_len = strlen(cfg->redis_prefix),
+                            .by_value = true };
+    purge_scan(&p, new_pattern);
+    if (!p.failed) {
+        p.by_value = false;
+        purge_scan(&p, old_pattern);
     }
+    if (p.failed)
+        fprintf(stderr, "httpshim purge: redis: %s\n", rc->err ? rc->errstr : "unexpected reply");
     redisFree(rc);
-    return purged;
+    return p.failed && !p.unlinked ? -1 : p.unlinked;
 }
 
 static int cmd_purge(int argc, char **argv)
@@ -1100,6 +1316,7 @@ static void usage(FILE *f)
 
 int main(int argc, char **argv)
 {
+    view_uid = (unsigned)getuid();
     if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "help")) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
