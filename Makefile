@@ -70,9 +70,13 @@ demo: deps
 	$(MAKE) all
 	tools/demo
 
+# The suite runs in parallel (pytest-xdist): most tests wait on clients, upstreams and
+# timers, not on the CPU, and each has its own ports, temp dirs and sockets.
+TEST_JOBS ?= 4
+PYTEST    = $(PYTHON) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS)
 test: deps
 	$(MAKE) test-bins
-	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+	$(PYTEST) tests
 
 .PHONY: all test-bins deps test clean demo install bench bench-quick bench-bins
 
@@ -133,7 +137,7 @@ test-asan:
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=66:log_path=$(CURDIR)/$(ASAN_BUILD)/asan \
 	LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:exitcode=67:log_path=$(CURDIR)/$(ASAN_BUILD)/ubsan \
-	  $(PYTHON) -m pytest -q -p no:cacheprovider tests
+	  $(PYTEST) tests
 	@if ls $(ASAN_BUILD)/asan.* $(ASAN_BUILD)/ubsan.* >/dev/null 2>&1; then \
 	  echo "sanitizer reports:"; cat $(ASAN_BUILD)/asan.* $(ASAN_BUILD)/ubsan.* 2>/dev/null; exit 1; fi
 

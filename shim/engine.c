@@ -1084,17 +1084,18 @@ static void on_app_event(struct loop_source *src, uint32_t ev)
 
 /* ---- the engine thread ---- */
 
-static void *engine_main(void *arg)
-{
-    (void)arg;
-    shim_in_engine = 1;
-    loop_run();
-    return NULL;
-}
+/* The engine's own setup, on the engine thread: libcurl, hiredis and OpenSSL keep
+ * per-thread state from their initialisation, which must not be left on an app thread
+ * (a daemon thread alive at exit would orphan it). The starting app thread waits for the
+ * verdict. */
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t done;
+    int result;                        /* 1 running, -1 failed, 0 not yet */
+} starting = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0 };
 
-static int start_locked(const struct shim_config *cfg)
+static int set_up(const struct shim_config *cfg)
 {
-    E.cfg = cfg;
     if (lazylib_load() != 0) {
         shim_log("engine not started: connections go direct");
         return -1;
@@ -1112,6 +1113,29 @@ static int start_locked(const struct shim_config *cfg)
         goto fail;
     if (redis_init(cfg) != 0)
         shim_log("redis tier could not start: memory tier and upstream only");
+    return 0;
+fail:
+    shim_log("engine could not start (%s): connections go direct", strerror(errno));
+    return -1;
+}
+
+static void *engine_main(void *arg)
+{
+    shim_in_engine = 1;
+    int rc = set_up(arg);
+    pthread_mutex_lock(&starting.lock);
+    starting.result = rc == 0 ? 1 : -1;
+    pthread_cond_signal(&starting.done);
+    pthread_mutex_unlock(&starting.lock);
+    if (rc == 0)
+        loop_run();
+    return NULL;
+}
+
+static int start_locked(const struct shim_config *cfg)
+{
+    E.cfg = cfg;
+    starting.result = 0;
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);   /* the app's signals stay with the app */
@@ -1120,17 +1144,24 @@ static int start_locked(const struct shim_config *cfg)
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     pthread_attr_setstacksize(&attr, 256 * 1024);
-    int rc = pthread_create(&th, &attr, engine_main, NULL);
+    int rc = pthread_create(&th, &attr, engine_main, (void *)cfg);
     pthread_attr_destroy(&attr);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (rc != 0)
-        goto fail;
+    if (rc != 0) {
+        shim_log("engine could not start (%s): connections go direct", strerror(rc));
+        return -1;
+    }
     pthread_setname_np(th, "httpshim");
+    /* bounded by the setup itself: loading libraries and making a few fds, no network */
+    pthread_mutex_lock(&starting.lock);
+    while (!starting.result)
+        pthread_cond_wait(&starting.done, &starting.lock);
+    rc = starting.result;
+    pthread_mutex_unlock(&starting.lock);
+    if (rc < 0)
+        return -1;
     shim_debug("engine started");
     return 0;
-fail:
-    shim_log("engine could not start (%s): connections go direct", strerror(errno));
-    return -1;
 }
 
 int engine_ensure_started(const struct shim_config *cfg)

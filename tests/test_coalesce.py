@@ -133,11 +133,13 @@ def test_waiters_time_out_and_fetch_on_their_own(upstream, tmp_path, sockdir):
 
 
 def test_leader_whose_app_left_keeps_fetching(upstream, tmp_path, sockdir):
-    """Five requests wait on the first one's fetch, then its client closes (200 ms in,
+    """Five requests wait on the first one's fetch, then its client closes (300 ms in,
     before the upstream answers). The fetch goes on for the five: one upstream request,
     five whole answers."""
     path = "/custom/left?n=5000&delay=500&tag=left"
-    specs = [{"path": path, "abandon": True, "abandon_after_ms": 200}] + [path] * 5
+    # the waiters start 100 ms after the leader, so a loaded machine cannot make one of
+    # them the leader (then the abandoning request would be a waiter, and four the hits)
+    specs = [{"path": path, "abandon": True, "abandon_after_ms": 300}] + [{"path": path, "delay_ms": 100}] * 5
     reqs, u = burst_stats(tmp_path, conf_for(tmp_path, upstream, sockdir), upstream, specs, sockdir, gap_ms=20)
     rest = [x for x in reqs if x["i"] > 0]
     assert all(x["status"] == 200 and x["body_len"] == 5000 for x in rest), reqs

@@ -669,18 +669,29 @@ static void print_table(const struct snapshot *s, const struct snapshot *before)
 }
 
 /* Processes the shim did nothing in, and why (their rules could not be read). */
+#define INERT_ROWS_MAX 8
 static void print_inert(const struct snapshot *s)
 {
     if (!json_array_size(s->inert))
         return;
     printf("\nINERT: the shim did nothing in these processes\n%-8s %-16s %-6s %s\n", "PID", "COMMAND", "STATE",
            "WHY");
-    for (size_t i = 0; i < json_array_size(s->inert); i++) {
-        const json_t *r = json_array_get(s->inert, i);
-        const char *c = json_string_value(json_object_get(r, "comm")), *why = json_string_value(json_object_get(r, "inert"));
-        printf("%-8.0f %-16.16s %-6s %s\n", num(r, "pid"), c && *c ? c : "?",
-               json_is_true(json_object_get(r, "live")) ? "live" : "gone", why ? why : "?");
-    }
+    /* live ones first, then the newest gone: a screenful, so that --watch keeps the table
+     * above it in view however many short-lived processes left a record */
+    size_t shown = 0, n = json_array_size(s->inert);
+    for (int live = 1; live >= 0; live--)
+        for (size_t i = 0; i < n && shown < INERT_ROWS_MAX; i++) {
+            const json_t *r = json_array_get(s->inert, i);
+            if (json_is_true(json_object_get(r, "live")) != (live == 1))
+                continue;
+            const char *c = json_string_value(json_object_get(r, "comm"));
+            const char *why = json_string_value(json_object_get(r, "inert"));
+            printf("%-8.0f %-16.16s %-6s %s\n", num(r, "pid"), c && *c ? c : "?", live ? "live" : "gone",
+                   why ? why : "?");
+            shown++;
+        }
+    if (shown < n)
+        printf("... and %zu more (httpshim stats --json lists them all)\n", n - shown);
 }
 
 /* Per cache rule: which one pays off, which never hits. */
