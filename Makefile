@@ -1,10 +1,15 @@
-# httpshim build. `make` builds the preload library; `make test` runs the real-client suite.
+# httpshim build. `make` builds the preload library and the CLI; `make test` runs the
+# real-client suite.
 CC      ?= cc
 PYTHON  ?= /usr/bin/python3
 BUILD   ?= build
-CFLAGS_BASE = -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g -fPIC -fvisibility=hidden -pthread
 CFLAGS  ?=
 SAN     ?=
+# Every C program of the project is compiled with these; the library's objects add what a
+# preloaded library needs. -MMD: each object lists the headers it read ($(BUILD)/**/*.d).
+WARN_FLAGS = -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g
+C_FLAGS   = $(WARN_FLAGS) -MMD -MP $(SAN) $(CFLAGS)
+LIB_FLAGS = $(C_FLAGS) -fPIC -fvisibility=hidden -pthread
 # libcurl and hiredis are dlopen'ed when the engine starts (shim/lazylib.c), by
 # the sonames of the libraries these headers belong to: an inert process loads none of them.
 LIBS    = -ldl -pthread
@@ -12,7 +17,6 @@ soname  = $(shell objdump -p "$$($(CC) -print-file-name=lib$(1).so)" 2>/dev/null
 LAZYLIB_SONAMES = -DLAZYLIB_CURL='"$(call soname,curl)"' -DLAZYLIB_HIREDIS='"$(call soname,hiredis)"'
 
 SHIM_SRC = $(wildcard shim/*.c)
-SHIM_HDR = $(wildcard shim/*.h)
 SHIM_OBJ = $(patsubst shim/%.c,$(BUILD)/obj/%.o,$(SHIM_SRC))
 
 # `make` builds what a user installs: the library and the CLI. What only the tests run (the
@@ -22,40 +26,43 @@ all: $(BUILD)/libhttpshim.so $(BUILD)/httpshim
 TEST_BINS = $(BUILD)/epollclient $(BUILD)/tlsstoreclient $(BUILD)/sockstate $(BUILD)/loop_test
 test-bins: all $(TEST_BINS)
 
-$(BUILD)/obj/%.o: shim/%.c $(SHIM_HDR) | $(BUILD)/obj
-	$(CC) $(CFLAGS_BASE) $(SAN) $(CFLAGS) -c $< -o $@
+$(BUILD)/obj/%.o: shim/%.c | $(BUILD)/obj
+	$(CC) $(LIB_FLAGS) -c $< -o $@
 
-$(BUILD)/obj/lazylib.o: shim/lazylib.c $(SHIM_HDR) | $(BUILD)/obj
+$(BUILD)/obj/lazylib.o: shim/lazylib.c | $(BUILD)/obj
 	@case '$(LAZYLIB_SONAMES)' in *'""'*) echo "cannot read the sonames of libcurl/hiredis (objdump, -dev packages)"; exit 1;; esac
-	$(CC) $(CFLAGS_BASE) $(SAN) $(CFLAGS) $(LAZYLIB_SONAMES) -c $< -o $@
+	$(CC) $(LIB_FLAGS) $(LAZYLIB_SONAMES) -c $< -o $@
 
 $(BUILD)/libhttpshim.so: $(SHIM_OBJ) shim/exports.map
 	$(CC) -shared $(SAN) -o $@ $(SHIM_OBJ) $(LIBS) -Wl,--no-undefined -Wl,-z,now -Wl,--version-script=shim/exports.map
 
-PREFIX  ?= /usr/local
-LIBDIR   = $(PREFIX)/lib/httpshim
-$(BUILD)/httpshim: tools/httpshim.c shim/rules.c shim/rules.h shim/exited.c shim/exited.h tools/real_stdio.c \
-                   shim/redis_value.c shim/redis_value.h shim/cache.c shim/cache.h shim/http.c shim/http.h \
-                   shim/sha256.c shim/sha256.h | $(BUILD)/obj
-	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -DHTTPSHIM_LIBDIR='"$(LIBDIR)"' \
-	  -o $@ tools/httpshim.c shim/rules.c shim/exited.c tools/real_stdio.c \
-	  shim/redis_value.c shim/cache.c shim/http.c shim/sha256.c -lcurl -lhiredis -ljansson -lm -pthread
+# The CLI: its own files, and the library's objects for what it shares with it (the rules
+# parser, exit records, keys and the Redis value format).
+CLI_SRC = $(wildcard tools/*.c)
+CLI_OBJ = $(patsubst tools/%.c,$(BUILD)/tools/%.o,$(CLI_SRC)) \
+          $(addprefix $(BUILD)/obj/,rules.o exited.o redis_value.o cache.o http.o sha256.o clock.o)
+$(BUILD)/tools/%.o: tools/%.c | $(BUILD)/obj
+	@mkdir -p $(@D)
+	$(CC) $(C_FLAGS) -DHTTPSHIM_LIBDIR='"$(LIBDIR)"' -c $< -o $@
+$(BUILD)/httpshim: $(CLI_OBJ)
+	$(CC) $(SAN) -o $@ $(CLI_OBJ) -lcurl -lhiredis -ljansson -lm -pthread
 
-# an OpenSSL client that swaps its context's trust store (the interposed store setters)
+# The tests' C clients: an OpenSSL client that swaps its context's trust store (the
+# interposed store setters); a non-blocking epoll client; sockets made and set up the ways
+# legacy programs do, reported with raw syscalls.
 $(BUILD)/tlsstoreclient: tests/clients/tlsstoreclient.c | $(BUILD)/obj
-	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -o $@ $< -lssl -lcrypto
-
+	$(CC) $(C_FLAGS) -o $@ $< -lssl -lcrypto
 $(BUILD)/epollclient: tests/clients/epollclient.c | $(BUILD)/obj
-	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -o $@ $< -lm
-
-# sockets made and set up the ways legacy programs do, reported with raw syscalls
+	$(CC) $(C_FLAGS) -o $@ $< -lm
 $(BUILD)/sockstate: tests/clients/sockstate.c | $(BUILD)/obj
-	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -o $@ $<
+	$(CC) $(C_FLAGS) -o $@ $<
 
 # loop.c on its own (tests/test_loop.py runs it): only the objects it stands on.
-LOOP_TEST_OBJ = $(addprefix $(BUILD)/obj/,loop.o fdtable.o real.o log.o)
-$(BUILD)/loop_test: tests/unit/loop_test.c shim/loop.h $(LOOP_TEST_OBJ)
-	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -pthread -o $@ $< $(LOOP_TEST_OBJ) -ldl
+LOOP_TEST_OBJ = $(addprefix $(BUILD)/obj/,loop.o fdtable.o real.o log.o clock.o)
+$(BUILD)/loop_test: tests/unit/loop_test.c $(LOOP_TEST_OBJ)
+	$(CC) $(C_FLAGS) -pthread -o $@ $< $(LOOP_TEST_OBJ) -ldl
+
+-include $(wildcard $(BUILD)/obj/*.d $(BUILD)/tools/*.d $(BUILD)/*.d)
 
 # Made before anything compiles: a machine without the build's packages stops here with
 # one line naming them (tools/check-build-deps), not in the middle of a compile.
@@ -63,10 +70,16 @@ $(BUILD)/obj:
 	@CC='$(CC)' tools/check-build-deps
 	mkdir -p $@
 
+# What the tests and the demo need besides the build's packages, installed when missing;
+# checked again only when tools/install-deps changes (or `make deps`).
+DEPS_STAMP = $(BUILD)/.deps-installed
+$(DEPS_STAMP): tools/install-deps
+	@tools/install-deps
+	@mkdir -p $(@D) && touch $@
 deps:
 	@tools/install-deps
 
-demo: deps
+demo: $(DEPS_STAMP)
 	$(MAKE) all
 	tools/demo
 
@@ -74,33 +87,34 @@ demo: deps
 # timers, not on the CPU, and each has its own ports, temp dirs and sockets.
 TEST_JOBS ?= 4
 PYTEST    = $(PYTHON) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS)
-test: deps
+test: $(DEPS_STAMP)
 	$(MAKE) test-bins
 	$(PYTEST) tests
 
 .PHONY: all test-bins deps test clean demo install bench bench-quick bench-bins
 
-bench: deps bench-bins
+bench: bench-bins
+	@tools/install-deps --bench
 	$(MAKE) test-bins
 	bench/full
 
 # C programs of the benchmark (bench/full builds them too): a userspace delay line (TUN
-# pair) standing in for netem, and the fan-in load client.
+# pair) standing in for netem, the fan-in load client, the cost of a write().
 BENCH_BINS = $(BUILD)/delayline $(BUILD)/fanin $(BUILD)/writecost
 bench-bins: $(BENCH_BINS)
-
 $(BUILD)/delayline: bench/delayline.c | $(BUILD)/obj
-	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -o $@ $<
-
+	$(CC) $(C_FLAGS) -o $@ $<
 $(BUILD)/writecost: bench/writecost.c | $(BUILD)/obj
-	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -o $@ $<
-
+	$(CC) $(C_FLAGS) -o $@ $<
 $(BUILD)/fanin: bench/fanin.c | $(BUILD)/obj
-	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g $(SAN) -pthread -o $@ $< -lm
+	$(CC) $(C_FLAGS) -pthread -o $@ $< -lm
 
-bench-quick: deps
+bench-quick: $(DEPS_STAMP)
 	$(MAKE) test-bins
 	bench/quick
+
+PREFIX  ?= /usr/local
+LIBDIR   = $(PREFIX)/lib/httpshim
 
 DESTDIR ?=
 install: all

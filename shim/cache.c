@@ -5,6 +5,7 @@
  * storage policy (no-store, private, Set-Cookie, Vary: *, statuses, Cache-Control
  * lifetimes) and building immutable, reference-counted entries. */
 #include "cache.h"
+#include "clock.h"
 #include <curl/curl.h>
 #include <fnmatch.h>
 #include "sha256.h"
@@ -21,12 +22,6 @@ const char *const cache_not_stored_names[NS__COUNT] = {
     [NS_ZERO_TTL] = "zero_ttl", [NS_NO_MEMORY] = "no_memory", [NS_MISFRAMED] = "misframed",
 };
 
-int64_t cache_now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* The path and query of a request target (origin- or absolute-form). */
 static bool target_path(struct http_slice target, struct http_slice *path, struct http_slice *query)
@@ -390,7 +385,7 @@ enum not_stored_reason cache_policy_decide(const struct response_policy *p, cons
         else if (p->max_age_s >= 0)
             cc = p->max_age_s * 1000;
         else if (p->expires_ms >= 0)
-            cc = p->expires_ms - (p->date_ms >= 0 ? p->date_ms : cache_now_ms());
+            cc = p->expires_ms - (p->date_ms >= 0 ? p->date_ms : clock_wall_ms());
         if (cc >= 0 && cc < ttl)
             ttl = cc;
         if (cc < -1)
@@ -620,7 +615,7 @@ struct cache_entry *cache_entry_new(const char *key, size_t key_len, int status,
 #undef PLACE
     atomic_init(&e->refs, 1);
     e->status = status;
-    e->stored_at_ms = cache_now_ms();
+    e->stored_at_ms = clock_wall_ms();
     e->expires_at_ms = e->keep_until_ms = e->stored_at_ms + ttl_ms;
     e->charge = total + 64;            /* + the hash table's share per entry */
     return e;

@@ -34,7 +34,6 @@ struct cache_entry {
 };
 
 /* ---- cache.c ---- */
-int64_t cache_now_ms(void);
 /* The first cache rule of `u` matching the request's method and path, or NULL. HEAD
  * requests match GET rules (a HEAD is answered from a stored GET). */
 const struct cache_rule *cache_rule_for(const struct upstream_rule *u, const struct http_request *req);

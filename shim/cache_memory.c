@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #define HASH_NONFATAL_OOM 1
 #include "cache.h"
+#include "clock.h"
 #include "stats.h"
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -61,7 +62,7 @@ static void remove_locked(struct cache_entry *e)
 
 struct cache_entry *memcache_get(const char *key, size_t key_len)
 {
-    int64_t now = cache_now_ms();
+    int64_t now = clock_wall_ms();
     struct cache_entry *e;
     pthread_mutex_lock(&lock);
     HASH_FIND(hh, table, key, key_len, e);

@@ -6,6 +6,7 @@
  * backoff; bounds on everything queued towards Redis; and the names of the keys (printable,
  * see "Redis keys"). Redis does the expiry. */
 #include "cache_redis.h"
+#include "clock.h"
 #include "fdtable.h"
 #include "sha256.h"
 #include "http.h"
@@ -83,7 +84,6 @@ static void release_later(const char *key, size_t key_len, const char *token)
     n_releases++;
 }
 
-static int64_t mono_ms(void) { return stats_now_us() / 1000; }
 
 /* Writes this process still owes Redis: storable transfers not yet finished plus SETs not
  * yet answered. Read by the exit handler on an app thread, hence atomic. */
@@ -107,9 +107,9 @@ static void flush_at_exit(void)
 {
     if (!atomic_load(&shim_redis.connected) || atomic_load(&writes_owed) <= 0)
         return;
-    int64_t deadline = mono_ms() + exit_wait_ms;
+    int64_t deadline = clock_mono_ms() + exit_wait_ms;
     struct timespec pause = { 0, 200 * 1000 };
-    while (atomic_load(&writes_owed) > 0 && atomic_load(&shim_redis.connected) && mono_ms() < deadline)
+    while (atomic_load(&writes_owed) > 0 && atomic_load(&shim_redis.connected) && clock_mono_ms() < deadline)
         nanosleep(&pause, NULL);
 }
 
@@ -143,7 +143,7 @@ static void ad_cleanup(void *d)
 
 static void arm_timer(void)
 {
-    int64_t next = -1, now = mono_ms();
+    int64_t next = -1, now = clock_mono_ms();
     if (R.waiting_head)
         next = R.waiting_head->deadline_ms;
     if (!R.ac && (next < 0 || R.next_attempt_ms < next))
@@ -165,7 +165,7 @@ static void schedule_reconnect(void)
 {
     R.backoff_ms = R.backoff_ms ? (R.backoff_ms * 2 > REDIS_BACKOFF_MAX_MS ? REDIS_BACKOFF_MAX_MS : R.backoff_ms * 2)
                                 : REDIS_BACKOFF_MIN_MS;
-    R.next_attempt_ms = mono_ms() + R.backoff_ms;
+    R.next_attempt_ms = clock_mono_ms() + R.backoff_ms;
 }
 
 static void on_connect(const redisAsyncContext *ac, int status)
@@ -232,7 +232,7 @@ static void connect_now(void)
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
     R.inflight = 0;
     R.pending_bytes = 0;
-    R.last_progress_ms = mono_ms();
+    R.last_progress_ms = clock_mono_ms();
     if (R.cfg->redis_password[0])
         redisAsyncCommand(ac, NULL, NULL, "AUTH %s", R.cfg->redis_password);
     if (R.cfg->redis_db)
@@ -397,7 +397,7 @@ static void progress(const redisAsyncContext *ac)
         return;
     if (R.inflight)
         R.inflight--;
-    R.last_progress_ms = mono_ms();
+    R.last_progress_ms = clock_mono_ms();
 }
 
 /* The reply to a SET or DEL: its bytes and its slot are free again. */
@@ -498,7 +498,7 @@ static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
             atomic_fetch_add(&shim_redis.errors, 1);
     } else if (t->got_value && r->integer > 0) {
         enum redis_value_verdict v = redis_value_decode(t->key, t->key_len, t->value, t->value_len, r->integer,
-                                                        cache_now_ms(), secret(), &e);
+                                                        clock_wall_ms(), secret(), &e);
         if (v == REDIS_VALUE_CORRUPT || v == REDIS_VALUE_UNAUTHENTICATED) {
             atomic_fetch_add(v == REDIS_VALUE_CORRUPT ? &shim_redis.corrupt : &shim_redis.unauthenticated, 1);
             if (ac && R.connected && R.inflight < REDIS_MAX_INFLIGHT) {
@@ -523,7 +523,7 @@ static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
         atomic_fetch_add(&shim_redis.misses, 1);
     }
     if (r && r->type == REDIS_REPLY_INTEGER && !t->failed)
-        stats_observe_redis(stats_now_us() - t->started_us);
+        stats_observe_redis(clock_mono_us() - t->started_us);
     finish_wait(t, e);
     free_ticket(t);
     arm_timer();
@@ -568,10 +568,10 @@ struct redis_ticket *redis_lookup(const char *key, size_t key_len, int upstream,
     t->done = done;
     t->request = request;
     t->upstream = upstream;
-    t->started_us = stats_now_us();
-    t->deadline_ms = mono_ms() + R.cfg->redis_timeout_ms;
+    t->started_us = clock_mono_us();
+    t->deadline_ms = clock_mono_ms() + R.cfg->redis_timeout_ms;
     if (!R.inflight)
-        R.last_progress_ms = mono_ms();
+        R.last_progress_ms = clock_mono_ms();
     struct redis_key rkey;
     redis_key_of(key, key_len, false, &rkey);
     if (redisAsyncCommand(R.ac, on_get, t, "GET %b", rkey.s, rkey.n) != REDIS_OK) {
@@ -637,9 +637,9 @@ struct redis_ticket *redis_lock(const char *key, size_t key_len, const char *tok
     memcpy(t->value, token, token_len);     /* to let go of a lock taken after a timeout */
     t->waiter = waiter;
     t->lock_done = done;
-    t->deadline_ms = mono_ms() + R.cfg->redis_timeout_ms;
+    t->deadline_ms = clock_mono_ms() + R.cfg->redis_timeout_ms;
     if (!R.inflight)
-        R.last_progress_ms = mono_ms();
+        R.last_progress_ms = clock_mono_ms();
     struct redis_key lock_key;
     redis_key_of(key, key_len, true, &lock_key);
     if (redisAsyncCommand(R.ac, on_lock_reply, t, "SET %b %s NX PX %lld", lock_key.s, lock_key.n, token,
@@ -665,7 +665,7 @@ void redis_unlock(const char *key, size_t key_len, const char *token)
         return;
     }
     if (!R.inflight)
-        R.last_progress_ms = mono_ms();
+        R.last_progress_ms = clock_mono_ms();
     struct redis_key lock_key;
     redis_key_of(key, key_len, true, &lock_key);
     if (redisAsyncCommand(R.ac, on_written, NULL, "EVAL %s 1 %b %s", compare_and_delete, lock_key.s, lock_key.n,
@@ -695,7 +695,7 @@ void redis_store(const struct cache_entry *e, int64_t ttl_ms)
         return;
     if (R.pending_bytes + len <= REDIS_MAX_PENDING_BYTES) {
         if (!R.inflight)
-            R.last_progress_ms = mono_ms();
+            R.last_progress_ms = clock_mono_ms();
         struct redis_key rkey;
         redis_key_of(e->key, e->key_len, false, &rkey);
         if (redisAsyncCommand(R.ac, on_written, (void *)(uintptr_t)len, "SET %b %b PX %lld", rkey.s, rkey.n, v, len,
@@ -716,7 +716,7 @@ void redis_store(const struct cache_entry *e, int64_t ttl_ms)
 static void on_timer(struct loop_timer *timer)
 {
     (void)timer;
-    int64_t now = mono_ms();
+    int64_t now = clock_mono_ms();
     while (R.waiting_head && R.waiting_head->deadline_ms <= now) {
         atomic_fetch_add(&shim_redis.timeouts, 1);
         finish_wait(R.waiting_head, NULL);     /* the reply, when it comes, frees the ticket */

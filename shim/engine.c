@@ -5,6 +5,7 @@
  * starts the engine thread, which runs the loop (loop.c), and resets it in a forked
  * child. Nothing here blocks. */
 #include "engine.h"
+#include "clock.h"
 #include "cache.h"
 #include "flight.h"
 #include "fastpath.h"
@@ -347,7 +348,7 @@ static void exchange_finish(struct conn *c, bool ok, bool must_close, bool hit)
         must_close = true;             /* the rest of the body would read as a request */
     }
     if (ok)
-        stats_observe_latency(c->side.upstream, hit, stats_now_us() - c->req_started_us);
+        stats_observe_latency(c->side.upstream, hit, clock_mono_us() - c->req_started_us);
     if (!ok || must_close)
         c->closing = true;
 }
@@ -392,7 +393,7 @@ static bool serve_hit(struct conn *c, struct cache_entry *e, const struct http_r
 {
     static char head[RESP_HEAD_MAX + 512];   /* engine thread only */
     bool not_modified = cache_entry_not_modified(e, req);
-    size_t n = cache_entry_head(e, c->side.req_minor, c->side.req_keep_alive, not_modified, cache_now_ms(), head,
+    size_t n = cache_entry_head(e, c->side.req_minor, c->side.req_keep_alive, not_modified, clock_wall_ms(), head,
                                 sizeof head);
     if (!n || buf_append(&c->side.out, head, n) != 0) {   /* cannot happen with an empty `out`; be safe */
         cache_entry_release(e);
@@ -417,7 +418,7 @@ enum next_step { STEP_SERVED, STEP_WAIT, STEP_FETCH };
 /* Another process holds the key's lock: look for its entry again after a backoff. */
 static void poll_later(struct conn *c)
 {
-    int64_t now = stats_now_us();
+    int64_t now = clock_mono_us();
     if (now >= c->lock_deadline_us || c->polls >= LOCK_POLLS_MAX) {
         conn_resume(c);                /* waited coalesce_timeout: fetch it ourselves */
         return;
@@ -478,7 +479,7 @@ static void on_poll_due(struct loop_timer *timer)
 static struct cache_entry *past_ttl(struct conn *c, const struct http_request *req, const struct cache_rule *rule,
                                     size_t key_len, struct cache_entry *e)
 {
-    int64_t swr, sie, late = cache_now_ms() - e->expires_at_ms;
+    int64_t swr, sie, late = clock_wall_ms() - e->expires_at_ms;
     cache_entry_stale_windows(e, rule, &swr, &sie);
     if (late < swr) {
         struct flight *f = http_method_is(req, "GET") && !flight_find(key_scratch, key_len)
@@ -517,7 +518,7 @@ static enum next_step look_up(struct conn *c, const struct http_request *req, co
     }
     bool stale_ok = c->found_stale_ok;
     c->found_stale_ok = false;
-    if (e && !stale_ok && cache_now_ms() >= e->expires_at_ms)
+    if (e && !stale_ok && clock_wall_ms() >= e->expires_at_ms)
         e = past_ttl(c, req, rule, key_len, e);
     if (e && c->lead) {                /* found while leading: the waiters get it too */
         flight_land(c->lead, e);
@@ -557,7 +558,7 @@ static enum next_step look_up(struct conn *c, const struct http_request *req, co
     /* one fetch per key across processes, too: the first to take the key's lock fetches */
     if (E.cfg->cache == CACHE_REDIS && !c->lock_checked && redis_available()) {
         c->lock_checked = true;
-        c->lock_deadline_us = stats_now_us() + E.cfg->coalesce_timeout_ms * 1000;
+        c->lock_deadline_us = clock_mono_us() + E.cfg->coalesce_timeout_ms * 1000;
         if ((c->lock_ticket = redis_lock(key_scratch, key_len, flight_lock_token(*flight), on_lock_answer, c))) {
             c->lead = *flight;
             *flight = NULL;
@@ -862,7 +863,7 @@ static void conn_process(struct conn *c)
                 return;
         }
         if ((!c->continue_sent || streaming) && !c->counted)
-            c->req_started_us = stats_now_us();
+            c->req_started_us = clock_mono_us();
         const struct upstream_rule *u = &E.cfg->upstreams[c->side.upstream];
         const struct cache_rule *rule = E.cfg->cache != CACHE_OFF ? cache_rule_for(u, req) : NULL;
         /* a body too large to hold is never part of a cached exchange */

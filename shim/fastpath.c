@@ -10,6 +10,7 @@
  * it has read everything the app wrote. A response the pair does not take whole has its
  * rest handed to the engine, which sends it before anything else. */
 #include "fastpath.h"
+#include "clock.h"
 #include "cache.h"
 #include "conn.h"
 #include "http.h"
@@ -138,7 +139,7 @@ void fastpath_forget(void)
 static ssize_t answer_inline(const struct shim_config *cfg, int fd, struct fd_entry *e, uint64_t held, const char *p,
                              size_t n)
 {
-    int64_t started = stats_now_us();
+    int64_t started = clock_mono_us();
     struct http_request req;
     if (http_parse_request(p, n, &req) != HTTP_PARSE_DONE || req.head_len != n || req.content_length > 0
         || req.chunked || req.upgrade || req.expect_continue
@@ -163,7 +164,7 @@ static ssize_t answer_inline(const struct shim_config *cfg, int fd, struct fd_en
         cache_entry_release(ent);
         ent = vn ? memcache_get(variant, vn) : NULL;
     }
-    int64_t now = cache_now_ms();
+    int64_t now = clock_wall_ms();
     if (ent && (!cache_entry_matches_request(ent, &req) || now >= ent->expires_at_ms)) {
         cache_entry_release(ent);      /* another variant, or stale: the engine decides */
         ent = NULL;
@@ -206,7 +207,7 @@ static ssize_t answer_inline(const struct shim_config *cfg, int fd, struct fd_en
         atomic_store_explicit(&e->gate, held, memory_order_release);   /* IDLE, as it was */
     }
     cache_entry_release(ent);
-    stats_observe_latency(up, true, stats_now_us() - started);
+    stats_observe_latency(up, true, clock_mono_us() - started);
     return (ssize_t)n;
 }
 

@@ -8,6 +8,7 @@
 #include <string.h>
 #define HASH_NONFATAL_OOM 1
 #include "flight.h"
+#include "clock.h"
 #include "cache_redis.h"
 #include "stats.h"
 #include <stdio.h>
@@ -45,7 +46,7 @@ static uint64_t token_salt, token_count;
 static void new_salt(void)
 {
     if (getrandom(&token_salt, sizeof token_salt, GRND_NONBLOCK) != (ssize_t)sizeof token_salt)
-        token_salt ^= (uint64_t)stats_now_us() * 0x9E3779B97F4A7C15ULL;
+        token_salt ^= (uint64_t)clock_mono_us() * 0x9E3779B97F4A7C15ULL;
 }
 
 void flight_init(const struct shim_config *config)
@@ -116,7 +117,7 @@ static void arm(struct flight *f)
         loop_timer_cancel(&f->timer);
         return;
     }
-    int64_t ms = (f->head->deadline_us - stats_now_us() + 999) / 1000;
+    int64_t ms = (f->head->deadline_us - clock_mono_us() + 999) / 1000;
     loop_timer_arm(&f->timer, ms > 0 ? ms : 0, on_deadline);
 }
 
@@ -125,7 +126,7 @@ bool flight_join(struct flight *f, struct flight_waiter *w)
     if (f->n_waiters >= FLIGHT_MAX_WAITERS || !f->in_table)
         return false;
     w->flight = f;
-    w->deadline_us = stats_now_us() + cfg->coalesce_timeout_ms * 1000;
+    w->deadline_us = clock_mono_us() + cfg->coalesce_timeout_ms * 1000;
     w->next = NULL;
     w->prev = f->tail;
     if (f->tail)
@@ -157,7 +158,7 @@ bool flight_has_waiters(const struct flight *f) { return f && f->head; }
 static void on_deadline(struct loop_timer *timer)
 {
     struct flight *f = (struct flight *)(void *)((char *)timer - offsetof(struct flight, timer));
-    int64_t now = stats_now_us();
+    int64_t now = clock_mono_us();
     for (unsigned n = 0; f->head && f->head->deadline_us <= now && n < FLIGHT_MAX_WAITERS; n++) {
         struct flight_waiter *w = f->head;
         unlink_waiter(w);
@@ -239,7 +240,7 @@ static uint64_t key_hash(const char *key, size_t len)
 void flight_mark_uncacheable(const char *key, size_t key_len)
 {
     uint64_t h = key_hash(key, key_len);
-    int64_t now = stats_now_us();
+    int64_t now = clock_mono_us();
     size_t victim = h % HFM_SLOTS;
     for (size_t i = 0; i < HFM_PROBE; i++) {
         size_t s = (h + i) % HFM_SLOTS;
@@ -257,7 +258,7 @@ void flight_mark_uncacheable(const char *key, size_t key_len)
 bool flight_is_uncacheable(const char *key, size_t key_len)
 {
     uint64_t h = key_hash(key, key_len);
-    int64_t now = stats_now_us();
+    int64_t now = clock_mono_us();
     for (size_t i = 0; i < HFM_PROBE; i++) {
         size_t s = (h + i) % HFM_SLOTS;
         if (hfm[s].hash == h)

@@ -3,6 +3,7 @@
  * configured upstream, and every call made on the engine thread, goes straight to the
  * real functions (real.c). errno is preserved on every path that does not fail. */
 #include "hooks.h"
+#include "clock.h"
 #include "engine.h"
 #include "exited.h"
 #include "fdtable.h"
@@ -48,6 +49,7 @@ static void capture_environment(void)
         conf_env = ENV_TOO_LONG;
     }
     shim_debug_enable(getenv("HTTPSHIM_DEBUG") != NULL);
+    clock_enable_test(getenv("HTTPSHIM_TEST_CLOCK") && !strcmp(getenv("HTTPSHIM_TEST_CLOCK"), "1"));
 }
 
 /* The rules are read and parsed in the constructor, with the privileges and the file

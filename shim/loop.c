@@ -2,6 +2,7 @@
  * behind a min-heap of timers, and frees deferred to the end of the batch. Dispatch is
  * by the handler each registration carries: the loop has no list of kinds. */
 #include "loop.h"
+#include "clock.h"
 #include "fdtable.h"
 #include "log.h"
 #include "real.h"
@@ -27,12 +28,6 @@ static struct {
     struct loop_deferred *deferred;
 } L = { .epfd = -1, .wake = { .fd = -1 }, .tick = { .fd = -1 } };
 
-int64_t loop_now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
 
 /* ---- file descriptors ---- */
 
@@ -155,7 +150,7 @@ int loop_timer_arm(struct loop_timer *t, int64_t delay_ms, loop_timer_fn on_fire
         L.heap_cap = cap;
     }
     t->on_fire = on_fire;
-    t->due_us = loop_now_us() + (delay_ms > 0 ? delay_ms * 1000 : 0);
+    t->due_us = clock_mono_us() + (delay_ms > 0 ? delay_ms * 1000 : 0);
     heap_set(L.n_timers++, t);
     sift_up(L.n_timers - 1);
     return 0;
@@ -167,7 +162,7 @@ static void fire_due_timers(void)
 {
     if (!L.n_timers)
         return;
-    int64_t now = loop_now_us();
+    int64_t now = clock_mono_us();
     size_t budget = L.n_timers;
     while (L.n_timers && budget-- && L.heap[0]->due_us <= now) {
         struct loop_timer *t = L.heap[0];
@@ -187,11 +182,17 @@ static void program_timerfd(void)
     int64_t due = L.heap[0]->due_us;
     if (L.programmed_us && L.programmed_us <= due)
         return;
+    due -= clock_offset_us();           /* the kernel's clock, without a test's advance */
     if (due < 1)
         due = 1;                        /* zero would disarm */
     struct itimerspec its = { .it_value = { .tv_sec = due / 1000000, .tv_nsec = (due % 1000000) * 1000 } };
     if (timerfd_settime(L.tick.fd, TFD_TIMER_ABSTIME, &its, NULL) == 0)
-        L.programmed_us = due;
+        L.programmed_us = L.heap[0]->due_us;
+}
+
+void loop_clock_moved(void)
+{
+    L.programmed_us = 0;                /* set the timerfd again, for the moved clock */
 }
 
 static void on_tick(struct loop_source *src, uint32_t events)

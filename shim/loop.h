@@ -63,5 +63,7 @@ void loop_run(void);
 void loop_wake(void);
 /* Forked child: the loop's fds went with the other engine fds; start from nothing. */
 void loop_forget(void);
-int64_t loop_now_us(void);
+/* The test clock moved forward (clock.h): the timers due by now fire at the end of this
+ * batch, and the timerfd is set again. */
+void loop_clock_moved(void);
 #endif

@@ -5,6 +5,7 @@
  * so a cold burst never opens more than pool_max_per_host connections. Shared by app
  * threads and the engine thread: atomics and one lock. */
 #include "pool.h"
+#include "clock.h"
 #include "fdtable.h"
 #include "loop.h"
 #include "stats.h"
@@ -46,7 +47,7 @@ static bool same_address(const struct sockaddr *a, const union shim_sockaddr *b)
 bool pool_probe_holds(int up)
 {
     int64_t at = atomic_load(&probe_started_us[up]);
-    return at && stats_now_us() - at < POOL_PROBE_HOLD_MS * 1000LL;
+    return at && clock_mono_us() - at < POOL_PROBE_HOLD_MS * 1000LL;
 }
 
 static bool has_pooled_connection(int up)
@@ -65,7 +66,7 @@ static bool is_proven_locked(int up, const struct sockaddr *addr)
 
 enum pool_probe pool_begin_probe(int up, const struct sockaddr *addr)
 {
-    int64_t seen = 0, now = stats_now_us();
+    int64_t seen = 0, now = clock_mono_us();
     enum pool_probe r = POOL_PROBE_HELD;
     /* under the lock, so that whoever loses the slot sees the winner's address */
     pthread_mutex_lock(&offered.lock);
@@ -144,7 +145,7 @@ int pool_take_offered(int upstream, const struct sockaddr *addr)
     if (atomic_load(&offered_count[upstream]) == 0)
         return -1;
     int fd = -1;
-    int64_t now = stats_now_us();
+    int64_t now = clock_mono_us();
     pthread_mutex_lock(&offered.lock);
     for (int i = 0; i < offered.n && fd < 0;) {
         struct offered *o = &offered.conns[i];
@@ -184,7 +185,7 @@ bool pool_has_live_connection(int upstream, const struct sockaddr *addr)
 void pool_offer_connection(int upstream, int fd, const union shim_sockaddr *dest)
 {
     fdtable_mark_engine(fd);
-    int64_t now = stats_now_us();
+    int64_t now = clock_mono_us();
     pthread_mutex_lock(&offered.lock);
     for (int i = 0; i < offered.n;)
         if (now - offered.conns[i].at_us > OFFERED_MAX_AGE_US)

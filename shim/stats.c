@@ -13,12 +13,6 @@ const double stats_lat_bounds_s[STATS_LAT_BUCKETS] = {
     0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 10,
 };
 
-int64_t stats_now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
 
 static int bucket(int64_t micros)
 {

@@ -66,6 +66,5 @@ extern struct rule_stats shim_rule_stats[RULES_MAX_UPSTREAMS][RULES_MAX_CACHE_RU
 void stats_observe_latency(int upstream, bool hit, int64_t micros);
 void stats_observe_queue_wait(int upstream, int64_t micros);
 void stats_observe_redis(int64_t micros);
-int64_t stats_now_us(void);
 void stats_reset(void);                /* forked child: counters start from zero */
 #endif

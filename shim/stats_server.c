@@ -5,6 +5,7 @@
  * file is removed at exit, and on the default-fatal signals when the app left them at
  * their default disposition. */
 #include "stats_server.h"
+#include "clock.h"
 #include "buf.h"
 #include "exited.h"
 #include "cache.h"
@@ -124,7 +125,7 @@ int stats_server_start(const struct shim_config *cfg)
     S.cfg = cfg;
     snprintf(S.path, sizeof S.path, "%s", path);
     S.owner = getpid();
-    S.started_ms = cache_now_ms();
+    S.started_ms = clock_wall_ms();
     S.started_unix = time(NULL);
     if (loop_add(&S.listener, fd, EPOLLIN, on_listener) != 0) {
         unlink(path);
@@ -270,7 +271,7 @@ static void render_json(struct out *o, const struct shim_config *cfg, bool exite
     appendf(o, "{\"pid\":%d,\"comm\":\"%s\",\"cmdline\":\"%s\",\"started_unix\":%lld,\"exited\":%s,"
                "\"uptime_seconds\":%.3f,\"stats_refused\":%llu,\"upstreams\":{",
             (int)getpid(), comm, cmdline, (long long)S.started_unix, exited ? "true" : "false",
-            (double)(cache_now_ms() - S.started_ms) / 1000, (unsigned long long)get(&refused_peers));
+            (double)(clock_wall_ms() - S.started_ms) / 1000, (unsigned long long)get(&refused_peers));
     for (size_t i = 0; i < cfg->n_upstreams; i++) {
         int up = (int)i;
         char label[RULES_HOST_MAX + 16];
@@ -588,6 +589,26 @@ static void client_respond(struct stats_client *cl, int status, const char *reas
     loop_watch(&cl->src, EPOLLOUT);
 }
 
+/* The test clock (HTTPSHIM_TEST_CLOCK=1 only): POST /test/clock?advance_ms=N. */
+static void respond_test_clock(struct out *body, struct http_slice target)
+{
+    const char *q = memchr(target.p, '?', target.n);
+    static const char name[] = "advance_ms=";
+    long long ms = 0;
+    if (q && (size_t)(target.p + target.n - q) > sizeof name && !memcmp(q + 1, name, sizeof name - 1)) {
+        char num[24];
+        size_t n = (size_t)(target.p + target.n - (q + sizeof name));
+        if (n < sizeof num) {
+            memcpy(num, q + sizeof name, n);
+            num[n] = 0;
+            ms = strtoll(num, NULL, 10);
+        }
+    }
+    clock_advance_ms(ms);
+    loop_clock_moved();
+    appendf(body, "{\"advanced_ms\":%lld,\"offset_ms\":%lld}", ms > 0 ? ms : 0, (long long)(clock_offset_us() / 1000));
+}
+
 static void client_request(struct stats_client *cl)
 {
     static struct http_request req;
@@ -615,6 +636,8 @@ static void client_request(struct stats_client *cl)
         type = "text/plain; version=0.0.4; charset=utf-8";
     } else if (http_slice_ieq(path, "/purge") && http_method_is(&req, "POST")) {
         respond_purge(&body, cfg, req.target);
+    } else if (http_slice_ieq(path, "/test/clock") && http_method_is(&req, "POST") && clock_test_enabled()) {
+        respond_test_clock(&body, req.target);
     } else {
         status = 404;
         reason = "Not Found";
@@ -635,7 +658,7 @@ static void client_request(struct stats_client *cl)
 static void on_tick(struct loop_timer *timer)
 {
     (void)timer;
-    int64_t now = cache_now_ms();
+    int64_t now = clock_wall_ms();
     struct stats_client *cl = S.clients;
     while (cl) {
         struct stats_client *next = cl->next;
@@ -694,7 +717,7 @@ static void on_listener(struct loop_source *src, uint32_t ev)
             continue;
         }
         cl->fd = fd;
-        cl->deadline_ms = cache_now_ms() + STATS_CLIENT_MS;
+        cl->deadline_ms = clock_wall_ms() + STATS_CLIENT_MS;
         fdtable_mark_engine(fd);
         if (loop_add(&cl->src, fd, EPOLLIN, on_client) != 0) {
             fdtable_close_engine_fd(fd);

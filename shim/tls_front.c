@@ -7,6 +7,7 @@
  * bounded; a full side stops reading the other. Also owns the verdicts on whether an
  * upstream's chain verifies against an app context's own trust store. */
 #include "tls_front.h"
+#include "clock.h"
 #include "conn.h"
 #include "lazyssl.h"
 #include "log.h"
@@ -352,12 +353,6 @@ void tls_front_forget(void)
  * checked against that chain here, without another handshake: a client that makes a new
  * context per request (a session per call) costs one probe per minute, not one per
  * connection. */
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static void free_x509(void *x) { X509_free(x); }
 
@@ -451,7 +446,7 @@ static bool same_key(size_t i, const char *name, const char *where, int upstream
 
 void tls_front_keep_probe(const char *name, const char *where, int upstream, bool verified, struct tls_check *check)
 {
-    int64_t now = mono_ms();
+    int64_t now = clock_mono_ms();
     size_t slot = 0;
     for (size_t i = 0; i < CHAINS_MAX; i++) {
         if (chains[i].until_ms <= now || same_key(i, name, where, upstream)) {
@@ -538,7 +533,7 @@ bool tls_front_pin_holds(const struct tls_pin *pin, SSL *upstream_session)
 
 int tls_front_verdict(X509_STORE *store, const char *name, const char *where, int upstream, struct tls_pin **pin)
 {
-    int64_t now = mono_ms();
+    int64_t now = clock_mono_ms();
     for (size_t i = 0; i < CHAINS_MAX; i++) {
         if (chains[i].until_ms <= now || !same_key(i, name, where, upstream))
             continue;

@@ -9,6 +9,7 @@
  * response back for the app's HTTP version, pausing libcurl when the app reads slowly.
  * It sees the app's connection only as the struct app_side the engine hands it. */
 #include "upstream.h"
+#include "clock.h"
 #include "pool.h"
 #include "flight.h"
 #include "tls_front.h"
@@ -721,7 +722,7 @@ static int admit(struct transfer *t)
         loop_timer_arm(&peak_timer, 1000, on_peak_second);
     limit_idle();
     if (t->queued_us)
-        stats_observe_queue_wait(up, stats_now_us() - t->queued_us);
+        stats_observe_queue_wait(up, clock_mono_us() - t->queued_us);
     return 0;
 }
 
@@ -753,7 +754,7 @@ static void arm_queue_timeout(struct pool_queue *q)
         loop_timer_cancel(&q->timeout);
         return;
     }
-    int64_t now = stats_now_us();
+    int64_t now = clock_mono_us();
     int64_t due_ms = (q->head->queued_us - now) / 1000 + cfg->pool_queue_timeout_ms;
     int64_t probe = pool_probe_started_us((int)(q - queues));
     if (probe) {                       /* look again when the probe stops holding the queue */
@@ -848,7 +849,7 @@ static struct transfer *start(struct transfer *t, struct app_side *c, const stru
         }
         return t;
     }
-    t->queued_us = stats_now_us();     /* behind every earlier waiter */
+    t->queued_us = clock_mono_us();     /* behind every earlier waiter */
     t->qprev = q->tail;
     if (q->tail)
         q->tail->qnext = t;
@@ -932,7 +933,7 @@ static void fail_waiter(struct transfer *t)
 static void on_queue_timeout(struct loop_timer *timer)
 {
     struct pool_queue *q = (struct pool_queue *)(void *)((char *)timer - offsetof(struct pool_queue, timeout));
-    int64_t oldest_allowed = stats_now_us() - cfg->pool_queue_timeout_ms * 1000;
+    int64_t oldest_allowed = clock_mono_us() - cfg->pool_queue_timeout_ms * 1000;
     for (int n = 0; q->head && q->head->queued_us <= oldest_allowed && n < 100000; n++) {
         struct transfer *t = q->head;
         STAT_INC(t->app->upstream, queue_timeouts);

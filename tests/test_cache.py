@@ -86,6 +86,11 @@ def sleep(s=TTL_SLEEP):
     return {"sleep": s}
 
 
+def advance(s):
+    """Moves the client process's test clock (HTTPSHIM_TEST_CLOCK=1) s seconds forward."""
+    return {"advance": s}
+
+
 class Play(object):
     """What one cacheclient.py process saw: .conns (one report per connection) and
     .resps (the responses, one per request, None where none arrived)."""
@@ -124,8 +129,9 @@ def play(tmp, conf, steps, shim=True, timeout=20):
     spec.write_text(json.dumps({"host": "127.0.0.1", "timeout": timeout,
                                 "steps": steps}))
     n_conns = len([s for s in steps if "port" in s])
+    clock = {"HTTPSHIM_TEST_CLOCK": "1"} if any("advance" in s for s in steps) else None
     r = run([SYS_PY, pyclient("cacheclient.py"), "--spec", spec], shim=shim, conf=conf,
-            timeout=60 + timeout * n_conns)
+            timeout=60 + timeout * n_conns, env=clock)
     lines = jlines(r.out)
     done = [x for x in lines if x.get("done")]
     assert r.rc == 0 and done, r.describe()
@@ -264,7 +270,7 @@ def test_ttl_expiry_refetches(upstream, tmp_path):
                        "GET /custom/* ttl=10m")
     short, deep = "/custom/short?tag=ttl&n=300", "/custom/long/x/y?tag=deep&n=300"
     p = play(tmp_path, conf, [get(upstream, short), get(upstream, short),
-                              get(upstream, deep), get(upstream, deep), sleep(),
+                              get(upstream, deep), get(upstream, deep), advance(TTL_SLEEP),
                               get(upstream, short), get(upstream, short),
                               get(upstream, deep)])
     assert_sources(p, upstream, "aabbccb")
@@ -272,7 +278,7 @@ def test_ttl_expiry_refetches(upstream, tmp_path):
         assert_body(p, i, 300)
     age = hdr(p.resps[6], "Age")
     assert age is not None and age.isdigit() and 1 <= int(age) < 100, \
-        "Age of a hit stored %.1f s earlier: %s\n%s" % (TTL_SLEEP, age, p.describe())
+        "Age of a hit stored %.1f s earlier (test clock): %s\n%s" % (TTL_SLEEP, age, p.describe())
 
 
 def test_ignore_query(upstream, tmp_path):
@@ -483,14 +489,14 @@ def test_respect_cache_control(upstream, tmp_path):
     # each second request right after its first: well inside the 1 s lifetimes
     order = [r_max, r_max, r_smax, r_smax, r_long, r_long, p_max, p_max,
              r_noc, r_noc, r_exp, r_exp, p_nos, p_nos, d_nos, d_nos]
-    steps = [get(upstream, t) for t in order] + [sleep()] + \
+    steps = [get(upstream, t) for t in order] + [advance(TTL_SLEEP)] + \
         [get(upstream, t) for t in (r_max, r_smax, r_long, p_max)]
     p = play(tmp_path, conf, steps)
     assert_sources(p, upstream, "RRSSLLPP" "nNeExXyY" "rsLP")
     for i in (-2, -1):
         age = hdr(p.resps[i], "Age")
         assert age is not None and age.isdigit() and int(age) >= 1, \
-            "Age of a hit stored %.1f s earlier: %s\n%s" % (TTL_SLEEP, age, p.describe())
+            "Age of a hit stored %.1f s earlier (test clock): %s\n%s" % (TTL_SLEEP, age, p.describe())
 
 
 def test_vary_accept_encoding(upstream, tmp_path):

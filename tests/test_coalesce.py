@@ -74,7 +74,7 @@ def test_waiters_get_their_own_http_version_and_method(upstream, tmp_path, sockd
     head alone, both from the one upstream fetch."""
     path = "/custom/v?n=700&delay=300&tag=versions"
     specs = [path, {"path": path, "version": "1.0"}, {"path": path, "method": "HEAD"}, path]
-    reqs, u = burst_stats(tmp_path, conf_for(tmp_path, upstream, sockdir), upstream, specs, sockdir, gap_ms=20)
+    reqs, u = burst_stats(tmp_path, conf_for(tmp_path, upstream, sockdir), upstream, specs, sockdir, gap_ms=80)
     by = {x["i"]: x for x in reqs}
     assert by[1]["version"] == "HTTP/1.0" and by[1]["status"] == 200 and by[1]["body_len"] == 700, by[1]
     assert by[2]["status"] == 200 and by[2]["body_len"] == 0 and by[2]["headers"]["content-length"] == "700", by[2]
@@ -167,7 +167,7 @@ def test_vary_mismatch_fetches_on_its_own(upstream, tmp_path, sockdir):
     specs = [{"path": path, "headers": {"Accept-Language": "en"}},
              {"path": path, "headers": {"Accept-Language": "en"}},
              {"path": path, "headers": {"Accept-Language": "de"}}]
-    reqs, u = burst_stats(tmp_path, conf_for(tmp_path, upstream, sockdir), upstream, specs, sockdir, gap_ms=30)
+    reqs, u = burst_stats(tmp_path, conf_for(tmp_path, upstream, sockdir), upstream, specs, sockdir, gap_ms=80)
     assert all(x["status"] == 200 for x in reqs), reqs
     got = upstream_requests(upstream, "tag=vary")
     langs = sorted(v for e in got for k, v in e["headers"] if k.lower() == "accept-language")

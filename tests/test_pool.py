@@ -65,7 +65,7 @@ def test_queue_timeout_closes_the_waiters(upstream, tmp_path, sockdir):
     waited 400 ms (well before the first one's answer), and counted."""
     conf = pool_conf(tmp_path, upstream, sockdir, cap=1, extra=["pool_queue_timeout = 400ms"])
     paths = ["/delay/2000/bytes/%d" % (10 + i) for i in range(3)]
-    reqs, st, r = play(tmp_path, conf, upstream, paths, gap_ms=30, sockdir=sockdir)
+    reqs, st, r = play(tmp_path, conf, upstream, paths, gap_ms=150, sockdir=sockdir)
     ok = [x for x in reqs if x["status"] == 200]
     closed = [x for x in reqs if x["error"] == "closed before a response"]
     assert len(ok) == 1 and ok[0]["i"] == 0 and len(closed) == 2, reqs

@@ -3,12 +3,14 @@ at once, one background refresh per key, on the pool), stale_if_error (served wh
 upstream fails, times out or answers 5xx), the response's own RFC 5861 directives under
 respect_cache_control, conditional refreshes whose 304 renews the entry (also in Redis),
 and a client's own conditional GET answered 304 from a fresh entry. Each test's requests
-come from one cacheclient.py process (one memory tier), in order, with sleeps between."""
+come from one cacheclient.py process (one memory tier), in order; entries age on the
+shim's test clock (advance), and real sleeps remain only where the upstream's own time
+matters (a background refresh that takes a while)."""
 import json
 import time
 
 from conftest import SYS_PY, jlines, pyclient, run
-from test_cache import assert_body, cache_conf, get, hdr, play, rq, conn, served, simple_conf, sleep
+from test_cache import advance, assert_body, cache_conf, get, hdr, play, rq, conn, served, simple_conf, sleep
 from test_redis import redis, redis_servers, redis_url  # noqa: F401,F811 (fixtures)
 
 
@@ -32,7 +34,7 @@ def test_stale_while_revalidate_serves_at_once_and_refreshes_once(upstream, tmp_
     next request gets the refreshed entry."""
     conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s stale_while_revalidate=30s")
     t = "/custom/swr?tag=swr&n=500&delay=800"
-    p = play(tmp_path, conf, [get(upstream, t), sleep(1.5), get(upstream, t), get(upstream, t), get(upstream, t),
+    p = play(tmp_path, conf, [get(upstream, t), advance(1.5), get(upstream, t), get(upstream, t), get(upstream, t),
                               sleep(1.5), get(upstream, t)])
     for i in range(5):
         assert_body(p, i, 500)
@@ -48,11 +50,11 @@ def test_refresh_happens_off_the_apps_connection(upstream, tmp_path):
     conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s stale_while_revalidate=30s")
     t = "/custom/swrt?tag=swrt&n=100&delay=1500"
     started = time.monotonic()
-    p = play(tmp_path, conf, [get(upstream, t), sleep(1.5), get(upstream, t)])
+    p = play(tmp_path, conf, [get(upstream, t), advance(1.5), get(upstream, t)])
     total = time.monotonic() - started
     assert served(p.resps[1]) == served(p.resps[0]), p.describe()
-    # first fetch 1.5 s + sleep 1.5 s + the stale answer: well under the 1.5 s a refresh takes
-    assert total < 1.5 + 1.5 + 1.2, "the stale request waited for the refresh (%.2f s)\n%s" % (total, p.describe())
+    # first fetch 1.5 s + the stale answer: well under the 1.5 s a refresh takes
+    assert total < 1.5 + 1.2, "the stale request waited for the refresh (%.2f s)\n%s" % (total, p.describe())
 
 
 def test_response_swr_under_respect_cache_control(upstream, tmp_path):
@@ -60,7 +62,7 @@ def test_response_swr_under_respect_cache_control(upstream, tmp_path):
     `max-age=1, stale-while-revalidate=30` lets it be served stale."""
     conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=10m respect_cache_control=yes")
     t = "/custom/rswr?tag=rswr&n=200&h=Cache-Control:max-age%3D1,stale-while-revalidate%3D30"
-    p = play(tmp_path, conf, [get(upstream, t), sleep(1.6), get(upstream, t), sleep(1.0), get(upstream, t)])
+    p = play(tmp_path, conf, [get(upstream, t), advance(1.6), get(upstream, t), sleep(1.0), get(upstream, t)])
     assert served(p.resps[1]) == served(p.resps[0]), p.describe()
     assert served(p.resps[2]) != served(p.resps[0]), p.describe()
 
@@ -71,18 +73,18 @@ def test_must_revalidate_forbids_stale(upstream, tmp_path):
     conf = simple_conf(tmp_path, upstream,
                        "GET /custom* ttl=10m respect_cache_control=yes stale_while_revalidate=30s stale_if_error=30s")
     t = "/custom/mr?tag=mr&n=200&h=Cache-Control:max-age%3D1,must-revalidate"
-    p = play(tmp_path, conf, [get(upstream, t), sleep(1.6), get(upstream, t)])
+    p = play(tmp_path, conf, [get(upstream, t), advance(1.6), get(upstream, t)])
     assert served(p.resps[1]) != served(p.resps[0]), p.describe()
     assert len(upstream_log(upstream, "mr")) == 2
 
 
 # ------------------------------------------------------------------ stale-if-error
 def test_stale_if_error_on_5xx(upstream, tmp_path):
-    """ttl=1s, stale_if_error=60s; the upstream answers 503 from 1.2 s on: the request
-    after the TTL gets the stale 200 (its X-Served), not the 503."""
+    """ttl=1s, stale_if_error=60s; the upstream answers 503 after its first answer: the
+    request after the TTL gets the stale 200 (its X-Served), not the 503."""
     conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s stale_if_error=60s")
-    t = "/custom/sie?tag=sie&n=300&fail_at=%d" % (now_ms() + 1200)
-    p = play(tmp_path, conf, [get(upstream, t), sleep(1.6), get(upstream, t)])
+    t = "/custom/sie?tag=sie&n=300&fail_after=1"
+    p = play(tmp_path, conf, [get(upstream, t), advance(1.6), get(upstream, t)])
     assert_body(p, 0, 300)
     assert_body(p, 1, 300)
     assert served(p.resps[1]) == served(p.resps[0]), p.describe()
@@ -90,10 +92,10 @@ def test_stale_if_error_on_5xx(upstream, tmp_path):
 
 
 def test_stale_if_error_on_a_dropped_connection(upstream, tmp_path):
-    """The upstream closes without answering from 1.2 s on: stale 200 again."""
+    """The upstream closes without answering after its first answer: stale 200 again."""
     conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s stale_if_error=60s")
-    t = "/custom/sied?tag=sied&n=300&drop_at=%d" % (now_ms() + 1200)
-    p = play(tmp_path, conf, [get(upstream, t), sleep(1.6), get(upstream, t)])
+    t = "/custom/sied?tag=sied&n=300&drop_after=1"
+    p = play(tmp_path, conf, [get(upstream, t), advance(1.6), get(upstream, t)])
     assert_body(p, 1, 300)
     assert served(p.resps[1]) == served(p.resps[0]), p.describe()
 
@@ -102,15 +104,15 @@ def test_stale_if_error_window_ends(upstream, tmp_path):
     """stale_if_error=1s: 2.5 s after the TTL the window has passed and the 503 reaches
     the client, as it would direct."""
     conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s stale_if_error=1s")
-    t = "/custom/siew?tag=siew&n=300&fail_at=%d" % (now_ms() + 1200)
-    p = play(tmp_path, conf, [get(upstream, t), sleep(3.5), get(upstream, t)])
+    t = "/custom/siew?tag=siew&n=300&fail_after=1"
+    p = play(tmp_path, conf, [get(upstream, t), advance(3.5), get(upstream, t)])
     assert p.resps[1]["status"] == 503, p.describe()
 
 
 def test_without_stale_options_errors_reach_the_client(upstream, tmp_path):
     conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s")
-    t = "/custom/nos?tag=nos&n=300&fail_at=%d" % (now_ms() + 1200)
-    p = play(tmp_path, conf, [get(upstream, t), sleep(1.6), get(upstream, t)])
+    t = "/custom/nos?tag=nos&n=300&fail_after=1"
+    p = play(tmp_path, conf, [get(upstream, t), advance(1.6), get(upstream, t)])
     assert p.resps[1]["status"] == 503, p.describe()
 
 
@@ -139,7 +141,7 @@ def test_expired_entry_with_etag_is_revalidated(upstream, tmp_path):
     the next request is a plain hit."""
     conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s")
     t = "/custom/etag?tag=etag&n=600&etag=v1"
-    p = play(tmp_path, conf, [get(upstream, t), sleep(1.6), get(upstream, t), get(upstream, t)])
+    p = play(tmp_path, conf, [get(upstream, t), advance(1.6), get(upstream, t), get(upstream, t)])
     for i in range(3):
         assert_body(p, i, 600)
     assert served(p.resps[1]) == served(p.resps[0]) == served(p.resps[2]), p.describe()
@@ -153,7 +155,7 @@ def test_expired_entry_with_last_modified_is_revalidated(upstream, tmp_path):
     lm = "Tue, 01 Dec 2026 10:00:00 GMT"
     conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s")
     t = "/custom/lm?tag=lm&n=600&lm=" + lm.replace(" ", "%20").replace(",", "%2C")
-    p = play(tmp_path, conf, [get(upstream, t), sleep(1.6), get(upstream, t)])
+    p = play(tmp_path, conf, [get(upstream, t), advance(1.6), get(upstream, t)])
     assert_body(p, 1, 600)
     assert served(p.resps[1]) == served(p.resps[0]), p.describe()
     log = upstream_log(upstream, "lm")
@@ -165,7 +167,7 @@ def test_background_refresh_is_conditional(upstream, tmp_path):
     renews the entry in place (the same X-Served afterwards, no second body fetched)."""
     conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s stale_while_revalidate=30s")
     t = "/custom/swre?tag=swre&n=300&etag=e7"
-    p = play(tmp_path, conf, [get(upstream, t), sleep(1.5), get(upstream, t), sleep(0.8), get(upstream, t)])
+    p = play(tmp_path, conf, [get(upstream, t), advance(1.5), get(upstream, t), sleep(0.8), get(upstream, t)])
     assert served(p.resps[0]) == served(p.resps[1]) == served(p.resps[2]), p.describe()
     log = upstream_log(upstream, "swre")
     assert len(log) == 2 and header_of(log[1], "If-None-Match") == ['"e7"'], log
@@ -239,3 +241,16 @@ def test_304_renews_the_redis_copy(upstream, redis, tmp_path):  # noqa: F811
     assert 3000 < pttl <= 4000, "renewed: ttl 2 s + kept 2 s more for the next revalidation, got %d" % pttl
     p3 = play(tmp_path, conf, [get(upstream, t)])
     assert served(p3.resps[0]) == served(p1.resps[0]) and len(upstream_log(upstream, "r304")) == 2, p3.describe()
+
+
+def test_the_test_clock_is_off_without_its_variable(upstream, tmp_path):
+    """Without HTTPSHIM_TEST_CLOCK=1 a process's stats socket has no /test/clock (404): no
+    one can age another process's entries."""
+    import pathlib
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s")
+    t = "/custom/clockoff?tag=clockoff&n=100"
+    spec = pathlib.Path(tmp_path) / "clockoff.json"
+    spec.write_text(json.dumps({"host": "127.0.0.1", "timeout": 20,
+                                "steps": [get(upstream, t), advance(5), get(upstream, t)]}))
+    r = run([SYS_PY, pyclient("cacheclient.py"), "--spec", spec], conf=conf, timeout=60)
+    assert r.rc != 0 and b"test clock not advanced" in r.err and b"404" in r.err, r.describe()

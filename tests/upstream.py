@@ -40,6 +40,10 @@ Upstream paths:
                           fail_at=T     from wall-clock time T (ms since the epoch) on,
                                         answer 503 instead
                           drop_at=T     from T on, close the connection without answering
+                          fail_after=K  the first K requests for this exact target are
+                                        answered, later ones get 503 (for a test clock:
+                                        no wall time involved)
+                          drop_after=K  the same, closing without answering
                           etag=V        ETag: "V"; a request whose If-None-Match names
                                         "V" (or *) gets 304 Not Modified, no body
                           lm=DATE       Last-Modified: DATE; a request whose
@@ -632,17 +636,26 @@ def _header_ok(name, value):
             "\r" not in value and "\n" not in value)
 
 
+# requests seen per exact /custom target (fail_after, drop_after); never reset
+TARGET_LOCK = threading.Lock()
+TARGET_SEEN = {}
+
+
 def serve_custom(conn, ctx):
     """/custom: status, headers, size and framing from the query string."""
     query = ctx["target"].split("?", 1)[1] if "?" in ctx["target"] else ""
     status, n, mode, tag, hdrs = 200, 100, "length", None, []
     etag = lm = None
     now_ms = time.time() * 1000
+    with TARGET_LOCK:
+        TARGET_SEEN[ctx["target"]] = seen = TARGET_SEEN.get(ctx["target"], 0) + 1
     for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True):
         if k == "drop_at" and v.isdigit() and now_ms >= int(v):
             return "close"
+        if k == "drop_after" and v.isdigit() and seen > int(v):
+            return "close"
     for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True):
-        if k == "fail_at" and v.isdigit() and now_ms >= int(v):
+        if (k == "fail_at" and v.isdigit() and now_ms >= int(v)) or (k == "fail_after" and v.isdigit() and seen > int(v)):
             status = 503
         if k == "delay":
             time.sleep(min(parse_n(v, 0), 60000) / 1000.0)

@@ -36,7 +36,7 @@ FUZZ_MERGE_FLAGS ?= -use_counters=0 -use_cmp=0
 FUZZ_BUILD     = $(BUILD)/fuzz
 FUZZ_CFLAGS    = -std=c11 -D_GNU_SOURCE -g -O1 -fno-omit-frame-pointer -Wall -Wextra \
                  -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
-FUZZ_REPLAY_CFLAGS = -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g
+FUZZ_REPLAY_CFLAGS = $(WARN_FLAGS)
 FUZZ_HDR       = $(wildcard shim/*.h) $(FUZZ_DIR)/fuzz.h $(FUZZ_DIR)/targets.mk
 FUZZ_REPLAY_BINS = $(addprefix $(BUILD)/fuzz-replay/,$(FUZZ_ALL))
 

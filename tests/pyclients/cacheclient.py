@@ -6,6 +6,9 @@ exchanges (the shim's cache is per process), each step on its own connection.
 
 FILE is JSON: {"host": "127.0.0.1", "timeout": 20, "steps": [STEP, ...]} where STEP is
   {"sleep": SECONDS}
+or {"advance": SECONDS}: moves the shim's test clock forward that far (the process runs
+with HTTPSHIM_TEST_CLOCK=1; its stats socket is the default /tmp/httpshim-UID/PID.sock),
+so entries age without the wall clock's help,
 or a connection:
   {"port": P, "mode": "sequential"|"pipeline", "wait_eof": bool,
    "requests": [{"raw": "<request bytes as latin-1 text>", "method": "GET"}, ...]}
@@ -26,6 +29,7 @@ import argparse
 import errno
 import hashlib
 import json
+import os
 import socket
 import sys
 import time
@@ -142,6 +146,25 @@ def connection(i, host, step, timeout):
     return rep
 
 
+def advance_clock(seconds):
+    """POST /test/clock?advance_ms=N to this process's own stats socket."""
+    path = "/tmp/httpshim-%d/%d.sock" % (os.getuid(), os.getpid())
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    s.sendall(("POST /test/clock?advance_ms=%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+               % int(seconds * 1000)).encode())
+    data = b""
+    while True:
+        b = s.recv(4096)
+        if not b:
+            break
+        data += b
+    s.close()
+    if b" 200 " not in data.split(b"\r\n", 1)[0]:
+        raise SystemExit("test clock not advanced: %r" % data[:200])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--spec", required=True)
@@ -153,6 +176,9 @@ def main():
     for i, step in enumerate(spec["steps"]):
         if "sleep" in step:
             time.sleep(float(step["sleep"]))
+            continue
+        if "advance" in step:
+            advance_clock(float(step["advance"]))
             continue
         print(json.dumps(connection(i, host, step, timeout)), flush=True)
     print(json.dumps({"done": True, "engine": engine_present()}), flush=True)
