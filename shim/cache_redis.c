@@ -34,7 +34,6 @@ struct redis_ticket {
     void *waiter;                   /* NULL once the request stopped waiting */
     redis_lookup_done_fn done;
     redis_lock_done_fn lock_done;   /* a lock attempt's, instead of done */
-    const struct buf *request;      /* the waiter's request bytes, while it waits */
     char *key;
     size_t key_len;
     int upstream;
@@ -375,7 +374,6 @@ static void finish_wait(struct redis_ticket *t, struct cache_entry *e)
     }
     unlink_ticket(t);
     t->waiter = NULL;
-    t->request = NULL;
     if (t->lock_done)
         t->lock_done(waiter, REDIS_LOCK_UNAVAILABLE);
     else
@@ -441,47 +439,6 @@ static void on_get(redisAsyncContext *ac, void *reply, void *privdata)
     }
 }
 
-static void on_get(redisAsyncContext *ac, void *reply, void *privdata);
-static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata);
-
-/* The plain key held a Vary marker: remember it in memory, and ask for the variant this
- * request's header values select. True when the ticket now waits for that answer. */
-static bool variant_lookup(struct redis_ticket *t, struct cache_entry *marker)
-{
-    static struct http_request req;
-    static char variant[CACHE_KEY_MAX];
-    if (!R.ac || R.inflight + 2 > REDIS_MAX_INFLIGHT
-        || http_parse_request(buf_head(t->request), buf_len(t->request), &req) != HTTP_PARSE_DONE)
-        return false;
-    size_t n = cache_variant_key(t->key, t->key_len, marker->vary, marker->vary_len, &req, variant, sizeof variant);
-    char *key = n ? malloc(n) : NULL;
-    if (!key)
-        return false;
-    memcpy(key, variant, n);
-    marker->upstream = t->upstream;
-    cache_entry_ref(marker);           /* the memory tier's reference; the caller keeps its own */
-    memcache_put(marker);
-    free(t->key);
-    free(t->value);
-    t->key = key;
-    t->key_len = n;
-    t->value = NULL;
-    t->value_len = 0;
-    t->got_value = t->failed = false;
-    struct redis_key rkey;
-    redis_key_of(key, n, false, &rkey);
-    if (redisAsyncCommand(R.ac, on_get, t, "GET %b", rkey.s, rkey.n) != REDIS_OK)
-        return false;
-    R.inflight++;
-    if (redisAsyncCommand(R.ac, on_pttl, t, "PTTL %b", rkey.s, rkey.n) != REDIS_OK) {
-        t->get_only = true;
-        finish_wait(t, NULL);
-        return true;
-    }
-    R.inflight++;
-    return true;
-}
-
 static struct redis_secret secret(void)
 {
     return (struct redis_secret){ R.cfg->redis_secret, R.cfg->redis_secret_len };
@@ -509,16 +466,10 @@ static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
             }
         }
     }
-    if (e && cache_entry_is_vary_marker(e)) {
-        bool waiting = t->waiter && variant_lookup(t, e);
-        cache_entry_release(e);
-        e = NULL;
-        if (waiting)
-            return;                    /* the same ticket waits for the variant now */
-    }
     if (e) {
         e->upstream = t->upstream;
-        atomic_fetch_add(&shim_redis.hits, 1);
+        if (!cache_entry_is_vary_marker(e))   /* (a marker is followed by the variant's lookup) */
+            atomic_fetch_add(&shim_redis.hits, 1);
     } else if (t->waiter) {
         atomic_fetch_add(&shim_redis.misses, 1);
     }
@@ -550,8 +501,8 @@ static void wait_in_line(struct redis_ticket *t)
     arm_timer();
 }
 
-struct redis_ticket *redis_lookup(const char *key, size_t key_len, int upstream, const struct buf *request,
-                                  redis_lookup_done_fn done, void *waiter)
+struct redis_ticket *redis_lookup(const char *key, size_t key_len, int upstream, redis_lookup_done_fn done,
+                                  void *waiter)
 {
     /* while the connection is still being made, hiredis queues the commands: a process's
      * first lookups (a freshly forked worker's) still reach Redis within redis_timeout */
@@ -566,7 +517,6 @@ struct redis_ticket *redis_lookup(const char *key, size_t key_len, int upstream,
     t->key_len = key_len;
     t->waiter = waiter;
     t->done = done;
-    t->request = request;
     t->upstream = upstream;
     t->started_us = clock_mono_us();
     t->deadline_ms = clock_mono_ms() + R.cfg->redis_timeout_ms;
@@ -681,7 +631,6 @@ void redis_cancel(struct redis_ticket *t)
         return;
     unlink_ticket(t);
     t->waiter = NULL;
-    t->request = NULL;
 }
 
 void redis_store(const struct cache_entry *e, int64_t ttl_ms)

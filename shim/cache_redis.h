@@ -12,12 +12,11 @@ typedef void (*redis_lookup_done_fn)(void *waiter, struct cache_entry *e);
 
 int redis_init(const struct shim_config *cfg);
 void redis_forget(void);
-/* Asks Redis for key on behalf of `waiter`, which hears back through done within
- * redis_timeout unless it cancels first. `request` holds the request's bytes at its front
- * for as long as the ticket lives (a Vary marker is followed by a variant lookup). NULL:
- * Redis cannot be asked now; go upstream. */
-struct redis_ticket *redis_lookup(const char *key, size_t key_len, int upstream, const struct buf *request,
-                                  redis_lookup_done_fn done, void *waiter);
+/* Asks Redis for exactly key (an entry or a Vary marker: the caller resolves the variant)
+ * on behalf of `waiter`, which hears back through done within redis_timeout unless it
+ * cancels first. NULL: Redis cannot be asked now; go upstream. */
+struct redis_ticket *redis_lookup(const char *key, size_t key_len, int upstream, redis_lookup_done_fn done,
+                                  void *waiter);
 void redis_cancel(struct redis_ticket *t);  /* done will not be called */
 
 /* Keys are named in Redis <prefix>v3:<host>:<port>:<route>:<SHA-256 hex of key> (see

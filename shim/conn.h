@@ -1,5 +1,5 @@
 /* conn.h — what the engine shares with the files that answer an exchange on a diverted
- * connection (upstream.c today): the buffer caps, and struct app_side, the part of a
+ * connection (upstream.c, and store.c for a background refresh): the buffer caps, and struct app_side, the part of a
  * connection the engine shows them, with the callbacks they report back through. The
  * rest of the connection's state is the engine's own (engine.c). */
 #ifndef HTTPSHIM_CONN_H
@@ -18,12 +18,13 @@
 #define OUT_CAP         (OUT_SOFT + RESP_HEAD_MAX + 1024)
 
 struct app_side;
-struct cache_entry;
 struct tls_pin;
 enum exchange_end {
     EXCHANGE_OK,                    /* the response is whole in `out` */
-    EXCHANGE_FAILED,
-    EXCHANGE_SERVE_CACHED,          /* nothing was sent: answer from app->cached instead */
+    EXCHANGE_FAILED,                /* cut short after (part of) a response reached the app */
+    EXCHANGE_UNANSWERED,            /* failed before any byte of a response reached the app */
+    EXCHANGE_ABSORBED,              /* a 304 to the cache's own validators: nothing relayed */
+    EXCHANGE_REFUSED,               /* the upstream's certificate was refused: nothing sent */
 };
 struct app_side_ops {
     /* Writes what `out` holds to the app now; -1 once the app is gone. */
@@ -49,11 +50,6 @@ struct app_side {
     int req_minor;
     bool req_keep_alive, req_is_head;
     uint64_t body_left;             /* streamed body bytes in `in` not yet taken */
-    /* the stale entry this request's fetch may fall back on (a reference the engine owns;
-     * the transfer may swap in the entry a 304 renewed): revalidated with its validators,
-     * and served instead of an error or a 5xx when stale_on_error */
-    struct cache_entry *cached;
-    bool stale_on_error;
     /* the app's TLS was terminated for this name: the upstream leg is HTTPS to it, and
      * must present what the app's verdict approved (tls_front.h; a reference) */
     const char *tls_host;

@@ -8,6 +8,7 @@
 #include "clock.h"
 #include "cache.h"
 #include "flight.h"
+#include "store.h"
 #include "fastpath.h"
 #include <sched.h>
 #include "cache_redis.h"
@@ -39,15 +40,10 @@ enum conn_state {
     CS_HTTP,            /* reading requests; at most one exchange in flight */
     CS_UPSTREAM,        /* an exchange is in flight through libcurl */
     CS_HIT,             /* streaming a cached entry to the app */
-    CS_REDIS,           /* waiting (at most redis_timeout) for a Redis lookup */
-    CS_FLIGHT,          /* waiting (at most coalesce_timeout) on another request's fetch */
-    CS_LOCK,            /* waiting (at most coalesce_timeout) on another process's fetch */
+    CS_CACHE_WAIT,      /* the cache side waits: Redis (at most redis_timeout), another
+                         * request's or process's fetch (at most coalesce_timeout) */
     CS_VERIFY,          /* a ClientHello waits while the upstream's chain is checked */
 };
-
-/* Polls for the entry another process is fetching: 25, 50, 100, 200, 400, 400... ms. */
-#define LOCK_POLL_FIRST_MS 25
-#define LOCK_POLLS_MAX     64
 
 struct conn {
     struct app_side side;           /* first: what upstream.c sees of the connection */
@@ -63,23 +59,9 @@ struct conn {
     struct cache_entry *hit;        /* CS_HIT: the entry being sent, a reference held */
     size_t hit_off, hit_len;        /* body bytes sent so far, and to send */
     bool hit_must_close;
-    struct redis_ticket *redis_ticket;   /* CS_REDIS */
-    struct flight_waiter waiter;    /* CS_FLIGHT */
+    struct store_request store;     /* the request's cache side (store.c) */
     bool counted;                   /* this request is in the stats already */
     int rule_index;                 /* the cache rule the request matched, -1: none */
-    bool redis_checked;             /* this request already asked Redis */
-    bool flight_checked;            /* ... already waited on a flight: fetch */
-    bool no_store;                  /* its own fetch must not store (it gave up waiting) */
-    bool found_by_flight;           /* `found` came from the flight it waited on */
-    bool found_stale_ok;            /* `found` is served even past its TTL (the fetch failed) */
-    /* CS_LOCK: the flight it leads while it asks for the key's Redis lock, or polls for
-     * the entry of the process that holds it */
-    struct flight *lead;
-    struct redis_ticket *lock_ticket;
-    struct loop_timer poll_timer;
-    unsigned polls;
-    int64_t lock_deadline_us;
-    bool lock_checked;
     /* TLS the app encrypts itself: looked at once, at the connection's first bytes */
     bool tls_checked;
     X509_STORE *tls_store;          /* CS_VERIFY: the app context's store (a reference) */
@@ -90,7 +72,6 @@ struct conn {
     struct tls_pin *tls_pin;        /* the verdict approved it: what its legs must present */
     char tls_where[64];             /* the address and port it dialled, as probes name it */
     char tls_name[256];             /* the name the app asked for; the leg's host once terminated */
-    struct cache_entry *found;      /* what Redis or a flight answered, served even if memory is full */
     struct transfer *xfer;          /* CS_UPSTREAM */
     /* the gate of the app's fd (fdtable.h): who may write into the pair */
     _Atomic uint64_t *gate;
@@ -119,8 +100,6 @@ static void conn_process(struct conn *c);
 static void need_for_fd(struct fd_entry *e);
 static void conn_resume(struct conn *c);
 static void stop_waiting_tls(struct conn *c);
-static void on_redis_answer(void *waiter, struct cache_entry *e);
-static void on_poll_due(struct loop_timer *timer);
 
 static struct conn *conn_of(struct app_side *app)
 {
@@ -228,17 +207,12 @@ static void conn_retire(struct conn *c, bool close_fd)
         upstream_app_gone(c->xfer);
         c->xfer = NULL;
     }
-    flight_leave(&c->waiter);
+    store_request_done(&c->store);
     loop_timer_cancel(&c->gate_retry);
     gate_close(c);
     struct fd_entry *own = fdtable_slot(c->side.fd);
     if (own && own->owner == c)
         own->owner = NULL;
-    loop_timer_cancel(&c->poll_timer);
-    redis_cancel(c->lock_ticket);
-    c->lock_ticket = NULL;
-    flight_land(c->lead, NULL);        /* its waiters fetch on their own */
-    c->lead = NULL;
     if (c->tls_wait)
         stop_waiting_tls(c);
     loop_timer_cancel(&c->tls_recheck);
@@ -254,14 +228,6 @@ static void conn_retire(struct conn *c, bool close_fd)
         cache_entry_release(c->hit);
         c->hit = NULL;
     }
-    redis_cancel(c->redis_ticket);
-    c->redis_ticket = NULL;
-    if (c->found) {
-        cache_entry_release(c->found);
-        c->found = NULL;
-    }
-    cache_entry_release(c->side.cached);
-    c->side.cached = NULL;
     if (close_fd) {
         loop_remove(&c->src);
         fdtable_close_engine_fd(c->side.fd);
@@ -338,11 +304,8 @@ static void exchange_finish(struct conn *c, bool ok, bool must_close, bool hit)
     buf_consume(&c->side.in, c->req_total);
     c->req_total = 0;
     c->continue_sent = false;
-    c->counted = c->redis_checked = c->flight_checked = c->no_store = c->lock_checked = false;
-    cache_entry_release(c->side.cached);
-    c->side.cached = NULL;
-    c->side.stale_on_error = false;
-    c->polls = 0;
+    c->counted = false;
+    store_request_done(&c->store);
     if (c->side.body_left) {
         c->side.body_left = 0;
         must_close = true;             /* the rest of the body would read as a request */
@@ -411,162 +374,6 @@ static bool serve_hit(struct conn *c, struct cache_entry *e, const struct http_r
     c->hit_must_close = !c->side.req_keep_alive;
     c->state = CS_HIT;
     return true;
-}
-
-enum next_step { STEP_SERVED, STEP_WAIT, STEP_FETCH };
-
-/* Another process holds the key's lock: look for its entry again after a backoff. */
-static void poll_later(struct conn *c)
-{
-    int64_t now = clock_mono_us();
-    if (now >= c->lock_deadline_us || c->polls >= LOCK_POLLS_MAX) {
-        conn_resume(c);                /* waited coalesce_timeout: fetch it ourselves */
-        return;
-    }
-    int64_t ms = LOCK_POLL_FIRST_MS << (c->polls < 4 ? c->polls : 4);
-    int64_t left_ms = (c->lock_deadline_us - now + 999) / 1000;
-    c->polls++;
-    c->state = CS_LOCK;
-    loop_timer_arm(&c->poll_timer, ms < left_ms ? ms : left_ms, on_poll_due);
-}
-
-static void on_lock_answer(void *waiter, enum redis_lock_result how)
-{
-    struct conn *c = waiter;
-    c->lock_ticket = NULL;
-    if (how == REDIS_LOCK_TAKEN) {
-        flight_lock_taken(c->lead);
-    } else if (how == REDIS_LOCK_HELD_ELSEWHERE) {
-        if (!c->polls)
-            atomic_fetch_add(&shim_redis.lock_waits, 1);
-        poll_later(c);
-        return;
-    }
-    conn_resume(c);                    /* ours, or Redis cannot say: fetch */
-}
-
-static void on_poll_answer(void *waiter, struct cache_entry *e)
-{
-    struct conn *c = waiter;
-    c->redis_ticket = NULL;
-    atomic_fetch_add(&shim_redis.lock_polls, 1);
-    if (e) {                           /* the other process stored it */
-        cache_entry_ref(e);
-        memcache_put(e);
-        c->found = e;
-        conn_resume(c);
-        return;
-    }
-    size_t key_len;
-    const char *key = flight_key(c->lead, &key_len);
-    if (!(c->lock_ticket = redis_lock(key, key_len, flight_lock_token(c->lead), on_lock_answer, c)))
-        conn_resume(c);
-}
-
-static void on_poll_due(struct loop_timer *timer)
-{
-    struct conn *c = (struct conn *)(void *)((char *)timer - offsetof(struct conn, poll_timer));
-    size_t key_len;
-    const char *key = flight_key(c->lead, &key_len);
-    if (!(c->redis_ticket = redis_lookup(key, key_len, c->side.upstream, &c->side.in, on_poll_answer, c)))
-        conn_resume(c);
-}
-
-/* An entry past its TTL: within stale_while_revalidate it is served now and refreshed in
- * the background (one refresh per key: the refresh leads the key's flight); otherwise it
- * stays with the request, for its fetch to revalidate and, within stale_if_error, to fall
- * back on. NULL: go on as a miss. */
-static struct cache_entry *past_ttl(struct conn *c, const struct http_request *req, const struct cache_rule *rule,
-                                    size_t key_len, struct cache_entry *e)
-{
-    int64_t swr, sie, late = clock_wall_ms() - e->expires_at_ms;
-    cache_entry_stale_windows(e, rule, &swr, &sie);
-    if (late < swr) {
-        struct flight *f = http_method_is(req, "GET") && !flight_find(key_scratch, key_len)
-                           ? flight_begin(key_scratch, key_len) : NULL;
-        if (f)
-            upstream_refresh(&c->side, req, rule, key_scratch, key_len, f, e);
-        STAT_INC(c->side.upstream, stale_while_revalidate);
-        return e;
-    }
-    cache_entry_release(c->side.cached);
-    c->side.cached = e;
-    c->side.stale_on_error = late < sie;
-    return NULL;
-}
-
-/* The cache's part of an exchange: a hit is served (its head in `out`); a miss may wait
- * (for Redis, for another request's fetch of the key, for the key's Redis lock) or goes
- * upstream, leading *flight when it is the one fetch of its key. key_scratch holds the
- * key. */
-static enum next_step look_up(struct conn *c, const struct http_request *req, const struct cache_rule *rule,
-                              size_t key_len, bool storable, struct flight **flight)
-{
-    struct cache_entry *e = c->found ? c->found : memcache_get(key_scratch, key_len);
-    bool by_flight = c->found_by_flight;
-    c->found = NULL;
-    c->found_by_flight = false;
-    if (e && cache_entry_is_vary_marker(e)) {
-        static char variant[CACHE_KEY_MAX];
-        size_t n = cache_variant_key(key_scratch, key_len, e->vary, e->vary_len, req, variant, sizeof variant);
-        cache_entry_release(e);
-        e = n ? memcache_get(variant, n) : NULL;
-    }
-    if (e && !cache_entry_matches_request(e, req)) {
-        cache_entry_release(e);
-        e = NULL;
-    }
-    bool stale_ok = c->found_stale_ok;
-    c->found_stale_ok = false;
-    if (e && !stale_ok && clock_wall_ms() >= e->expires_at_ms)
-        e = past_ttl(c, req, rule, key_len, e);
-    if (e && c->lead) {                /* found while leading: the waiters get it too */
-        flight_land(c->lead, e);
-        c->lead = NULL;
-    }
-    if (e && by_flight)
-        STAT_INC(c->side.upstream, coalesced);
-    if (e && serve_hit(c, e, req))
-        return STEP_SERVED;
-    if (c->lead) {                     /* back from the lock: fetch, leading its flight */
-        *flight = c->lead;
-        c->lead = NULL;
-        return STEP_FETCH;
-    }
-    /* a HEAD may wait on a GET's fetch (it is answered from the stored GET), but starts
-     * no flight: it stores nothing */
-    bool coalesce = E.cfg->coalesce && !rule->no_coalesce && !c->flight_checked
-                    && !flight_is_uncacheable(key_scratch, key_len);
-    struct flight *other = coalesce ? flight_find(key_scratch, key_len) : NULL;
-    if (other) {
-        if (flight_join(other, &c->waiter)) {
-            c->state = CS_FLIGHT;
-            return STEP_WAIT;
-        }
-        c->no_store = true;            /* too many wait: fetch alongside, leave the store to it */
-    }
-    if (E.cfg->cache == CACHE_REDIS && !c->redis_checked
-        && (c->redis_ticket = redis_lookup(key_scratch, key_len, c->side.upstream, &c->side.in, on_redis_answer, c))) {
-        c->state = CS_REDIS;
-        return STEP_WAIT;
-    }
-    STAT_INC(c->side.upstream, misses);
-    if (!coalesce || !storable || c->no_store)
-        return STEP_FETCH;
-    if (!(*flight = flight_begin(key_scratch, key_len)))
-        return STEP_FETCH;             /* no memory for it: fetch uncoalesced */
-    /* one fetch per key across processes, too: the first to take the key's lock fetches */
-    if (E.cfg->cache == CACHE_REDIS && !c->lock_checked && redis_available()) {
-        c->lock_checked = true;
-        c->lock_deadline_us = clock_mono_us() + E.cfg->coalesce_timeout_ms * 1000;
-        if ((c->lock_ticket = redis_lock(key_scratch, key_len, flight_lock_token(*flight), on_lock_answer, c))) {
-            c->lead = *flight;
-            *flight = NULL;
-            c->state = CS_LOCK;
-            return STEP_WAIT;
-        }
-    }
-    return STEP_FETCH;
 }
 
 static struct conn *conn_new(int fd, int upstream, const union shim_sockaddr *dest, socklen_t dest_len,
@@ -879,24 +686,30 @@ static void conn_process(struct conn *c)
         c->counted = true;
         bool storable = key_len && !streaming
                         && (http_method_is(req, "GET") || (!c->side.req_is_head && strcmp(rule->method, "GET")));
-        struct flight *flight = NULL;
+        struct store_writer *writer = NULL;
         if (key_len) {
-            enum next_step step = look_up(c, req, rule, key_len, storable, &flight);
-            if (step == STEP_SERVED) {
+            const struct store_query q = { c->side.upstream, rule, req, key_scratch, key_len, storable, &c->side };
+            struct cache_entry *hit;
+            enum store_answer answer = store_open(&c->store, &q, &hit, &writer);
+            if (answer == STORE_HIT) {
+                if (!serve_hit(c, hit, req)) {
+                    c->closing = true;
+                    return;
+                }
                 if (hit_pump(c))
                     continue;          /* sent whole: on to the next pipelined request */
                 return;
             }
-            if (step == STEP_WAIT)
+            if (answer == STORE_WAIT) {
+                c->state = CS_CACHE_WAIT;
                 return;
+            }
         }
-        storable = storable && !c->no_store;
         c->state = CS_UPSTREAM;
         STAT_INC(c->side.upstream, upstream_requests);
         c->side.body_left = streaming ? (uint64_t)req->content_length : 0;
         c->xfer = upstream_start(&c->side, req, buf_head(&c->side.in) + req->head_len,
-                                 streaming ? (size_t)-1 : body_len, storable ? rule : NULL, key_scratch, key_len,
-                                 flight);
+                                 streaming ? (size_t)-1 : body_len, store_writer_sink(writer));
         if (!c->xfer) {
             STAT_INC(c->side.upstream, errors_upstream);
             c->state = CS_HTTP;
@@ -923,40 +736,10 @@ static void conn_resume(struct conn *c)
     }
 }
 
-/* Redis answered (or gave up): e is a reference to the entry found, or NULL. */
-static void on_redis_answer(void *waiter, struct cache_entry *e)
+/* The cache side's wait ended: go on with the request. */
+static void on_store_ready(struct store_request *r)
 {
-    struct conn *c = waiter;
-    c->redis_ticket = NULL;
-    c->state = CS_HTTP;
-    c->redis_checked = true;
-    if (e) {
-        cache_entry_ref(e);
-        memcache_put(e);               /* promoted to the memory tier ... */
-        c->found = e;                  /* ... and served from our own reference */
-    }
-    conn_resume(c);
-}
-
-/* The flight this request waited on landed (or it stopped waiting). */
-static void on_flight_landed(struct flight_waiter *w, enum flight_outcome how, struct cache_entry *e)
-{
-    struct conn *c = (struct conn *)(void *)((char *)w - offsetof(struct conn, waiter));
-    c->state = CS_HTTP;
-    c->flight_checked = true;
-    if (how == FLIGHT_SERVED) {
-        c->found = e;
-        c->found_by_flight = true;
-    } else if (how == FLIGHT_TIMED_OUT) {
-        STAT_INC(c->side.upstream, coalesce_timeouts);
-        c->no_store = true;
-    } else if (how == FLIGHT_FAILED && c->side.cached && c->side.stale_on_error) {
-        STAT_INC(c->side.upstream, stale_if_error);
-        c->found = c->side.cached;     /* the fetch it waited on failed: its stale entry */
-        c->side.cached = NULL;
-        c->found_stale_ok = true;
-    }
-    conn_resume(c);
+    conn_resume((struct conn *)(void *)((char *)r - offsetof(struct conn, store)));
 }
 
 static void conn_exchange_done(struct conn *c, bool ok, bool must_close)
@@ -977,11 +760,8 @@ static void side_exchange_done(struct app_side *app, enum exchange_end how, bool
 {
     struct conn *c = conn_of(app);
     c->xfer = NULL;
-    if (how == EXCHANGE_SERVE_CACHED && c->side.cached && !c->side.body_left) {
-        c->found = c->side.cached;     /* renewed by a 304, or stale instead of an error */
-        c->side.cached = NULL;
-        c->found_stale_ok = true;
-        conn_resume(c);
+    if (!c->side.body_left && store_after_fetch(&c->store, how)) {
+        conn_resume(c);                /* answered from the entry a 304 renewed, or a stale one */
         return;
     }
     conn_exchange_done(c, how == EXCHANGE_OK, must_close);
@@ -1108,6 +888,7 @@ static int set_up(const struct shim_config *cfg)
     stats_server_start(cfg);          /* no stats socket is no reason to run unshimmed */
     memcache_configure(cfg->memory_max);
     flight_init(cfg);
+    store_init(cfg);
     tls_front_init(cfg);
     fastpath_init(need_for_fd);
     if (upstream_init(cfg) != 0)
@@ -1190,7 +971,7 @@ static struct conn *conn_new(int engine_fd, int upstream, const union shim_socka
     if (own)
         own->owner = c;                /* read by the engine only, after loop_add */
     c->side.ops = &side_ops;
-    c->waiter.done = on_flight_landed;
+    store_request_init(&c->store, upstream, on_store_ready);
     c->side.fd = engine_fd;
     c->side.upstream = upstream;
     c->side.dest = *dest;

@@ -12,6 +12,7 @@
 #include "fastpath.h"
 #include "clock.h"
 #include "cache.h"
+#include "store.h"
 #include "conn.h"
 #include "http.h"
 #include "loop.h"
@@ -157,20 +158,10 @@ static ssize_t answer_inline(const struct shim_config *cfg, int fd, struct fd_en
     const struct cache_rule *rule = cfg->cache != CACHE_OFF ? cache_rule_for(u, &req) : NULL;
     char key[INLINE_KEY_MAX];
     size_t key_len = rule ? cache_key(u, rule, &req, key, sizeof key) : 0;
-    struct cache_entry *ent = key_len ? memcache_get(key, key_len) : NULL;
-    if (ent && cache_entry_is_vary_marker(ent)) {
-        char variant[INLINE_KEY_MAX];
-        size_t vn = cache_variant_key(key, key_len, ent->vary, ent->vary_len, &req, variant, sizeof variant);
-        cache_entry_release(ent);
-        ent = vn ? memcache_get(variant, vn) : NULL;
-    }
     int64_t now = clock_wall_ms();
-    if (ent && (!cache_entry_matches_request(ent, &req) || now >= ent->expires_at_ms)) {
-        cache_entry_release(ent);      /* another variant, or stale: the engine decides */
-        ent = NULL;
-    }
+    struct cache_entry *ent = key_len ? store_fresh_hit(&req, key, key_len, now) : NULL;
     if (!ent)
-        return -1;
+        return -1;                     /* a miss, another variant, or stale: the engine decides */
     bool not_modified = cache_entry_not_modified(ent, &req), head_only = http_method_is(&req, "HEAD");
     char head[INLINE_RESPONSE_HEAD_MAX];
     size_t hn = cache_entry_head(ent, req.minor_version, req.keep_alive, not_modified, now, head, sizeof head);

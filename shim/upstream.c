@@ -7,13 +7,13 @@
  * Builds each upstream request from the app's (hop-by-hop headers dropped, libcurl's own
  * additions suppressed, pinned to the address the app connected to), and frames the
  * response back for the app's HTTP version, pausing libcurl when the app reads slowly.
- * It sees the app's connection only as the struct app_side the engine hands it. */
+ * It sees the app's connection only as the struct app_side the engine hands it, and
+ * tells what it learns of a response to the cache only through the sink it was given
+ * (upstream.h): no cache code here. */
 #include "upstream.h"
 #include "clock.h"
 #include "pool.h"
-#include "flight.h"
 #include "tls_front.h"
-#include "cache_redis.h"
 #include "log.h"
 #include "loop.h"
 #include "real.h"
@@ -45,29 +45,14 @@ struct transfer {
     bool upstream_chunked;
     bool head_done, head_sent, paused, send_paused, must_close, connected;
     enum body_mode mode;
-    /* storing the response, while `store` holds */
-    bool store;
-    bool owes_redis;                    /* counted in redis_write_owed() until freed */
-    const struct cache_rule *rule;
-    char *key;
-    size_t key_len;
-    struct response_policy policy;
-    struct buf stored_head;         /* end-to-end header lines, minus Age */
-    struct buf body;                /* the whole body, up to max_object */
-    char reason[64];
-    size_t reason_len;
-    struct buf vary;                /* the response's Vary names */
-    struct flight *flight;          /* led by this transfer: landed when it stores or cannot */
-    /* the app went away while others wait on the flight: the fetch goes on for them, with
-     * the app's side replaced by one of its own (the request's bytes copied) */
+    /* the cache's watcher of the response (store.c), ended once with sink_end */
+    struct upstream_sink *sink;
+    enum sink_end sink_end;
+    bool absorbed;                  /* a 304 the sink asked for: nothing relayed */
+    /* the app went away while the sink still wants the response: the fetch goes on for it,
+     * with the app's side replaced by one of its own */
     bool detached;
-    bool background;                /* a refresh no app waits on: stores whatever happens */
     struct app_side own;
-    /* revalidation: the stale entry whose validators were sent (a reference); a 304 to
-     * them renews it instead of reaching the app */
-    struct cache_entry *revalidating;
-    bool renew;
-    bool stale_on_error;            /* an error or a 5xx is answered from app->cached */
     /* a TLS probe (CONNECT_ONLY): whoever asked hears about the upstream's session */
     upstream_tls_probe_fn probe_done;
     void *probe_arg;
@@ -100,26 +85,6 @@ static unsigned in_use_total;
 static unsigned peak_now, peak_before;  /* in use at most, this second and the one before */
 static struct loop_timer peak_timer;
 
-static struct http_request request_again;   /* engine thread only */
-
-static void not_stored(struct transfer *t, enum not_stored_reason why)
-{
-    if (!t->store)
-        return;
-    t->store = false;
-    STAT_INC(t->app->upstream, not_stored[why]);
-    buf_free(&t->body);
-    buf_free(&t->stored_head);
-    if (t->flight) {                   /* release the waiters now, not after the body */
-        if (!t->app->app_gone || t->detached)
-            flight_mark_uncacheable(t->key, t->key_len);
-        if (why == NS_INCOMPLETE || why == NS_MISFRAMED || t->status >= 500)
-            flight_fail(t->flight);    /* those with a stale entry may serve it */
-        else
-            flight_land(t->flight, NULL);
-        t->flight = NULL;
-    }
-}
 
 struct curl_sock { struct loop_source src; struct loop_deferred reclaim; };
 
@@ -309,11 +274,8 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
             return 0;                  /* not a status line we can relay: fail the exchange */
         http_framing_init(&t->framing);
         t->head.start = t->head.end = 0;
-        t->stored_head.start = t->stored_head.end = 0;
-        t->vary.start = t->vary.end = 0;
-        cache_policy_init(&t->policy);
-        t->reason_len = reason.n < sizeof t->reason ? reason.n : sizeof t->reason;
-        memcpy(t->reason, reason.p, t->reason_len);
+        if (t->sink && t->status / 100 != 1)
+            t->sink->ops->begin(t->sink, t->status, reason);
         int k = reason.n ? snprintf(scratch, sizeof scratch, "HTTP/1.%d %03d %.*s\r\n", c->req_minor, t->status,
                                     (int)reason.n, reason.p)
                          : snprintf(scratch, sizeof scratch, "HTTP/1.%d %03d\r\n", c->req_minor, t->status);
@@ -324,29 +286,28 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
             t->status = 0;             /* interim response: libcurl handles it */
             return len;
         }
-        if (t->revalidating && t->status == 304) {
-            t->renew = true;           /* our validators matched: renew the entry, relay nothing */
+        enum http_framing_verdict framing = http_framing_verdict(&t->framing);
+        t->upstream_chunked = t->framing.chunked;
+        t->content_length = t->framing.chunked ? -1 : t->framing.content_length;
+        enum sink_verdict verdict = t->sink ? t->sink->ops->head_done(t->sink, t->content_length, t->upstream_chunked,
+                                                                      framing)
+                                            : SINK_RELAY;
+        if (verdict == SINK_ABSORB) {
+            t->absorbed = true;        /* the cache's validators matched: relay nothing */
             t->mode = BODY_NONE;
             t->head_done = true;
             return len;
         }
-        if (t->stale_on_error && t->status >= 500) {
+        if (verdict == SINK_FAIL) {
             shim_debug("fd %d: upstream answered %d: the stale entry is served instead", c->fd, t->status);
-            not_stored(t, NS_STATUS);
             return 0;                  /* fail it here: nothing has reached the app */
         }
-        enum http_framing_verdict framing = http_framing_verdict(&t->framing);
         if (framing == HTTP_FRAMING_BROKEN) {
             /* lengths that disagree, or a coding we cannot relay: where the body ends is a
              * guess, and a guess must not reach the app or the cache (RFC 9112 6.3) */
             shim_debug("fd %d: upstream response framing is ambiguous: exchange failed", c->fd);
-            not_stored(t, NS_MISFRAMED);
             return 0;
         }
-        if (framing == HTTP_FRAMING_UNSTORABLE)
-            not_stored(t, NS_MISFRAMED);   /* relayed as chunked, as libcurl reads it */
-        t->upstream_chunked = t->framing.chunked;
-        t->content_length = t->framing.chunked ? -1 : t->framing.content_length;
         bool no_body = c->req_is_head || t->status == 204 || t->status == 304;
         bool keep = c->req_keep_alive;
         char extra[160];
@@ -372,16 +333,6 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
         e += (size_t)snprintf(extra + e, sizeof extra - e, "\r\n");
         t->must_close = !keep;
         t->head_done = true;
-        if (t->store) {
-            int64_t ttl;
-            enum not_stored_reason why = cache_policy_decide(&t->policy, t->rule, t->status, &ttl);
-            if (why != NS_NONE)
-                not_stored(t, why);
-            else if (t->content_length > cfg->max_object)
-                not_stored(t, NS_TOO_LARGE);
-            else if (t->content_length < 0 && !t->upstream_chunked)
-                not_stored(t, NS_UNFRAMED);   /* a close-delimited body cannot prove it is whole */
-        }
         return buf_append(&t->head, extra, e) == 0 ? len : 0;
     }
     if (!t->status)
@@ -393,15 +344,8 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
         return len;                    /* re-emitted once framing is decided */
     if (http_is_hop_by_hop(name))
         return len;
-    if (t->store) {
-        cache_policy_header(&t->policy, name, value);
-        if (http_slice_ieq(name, "vary") && (buf_len(&t->vary) && buf_append(&t->vary, ",", 1)))
-            not_stored(t, NS_NO_MEMORY);
-        if (http_slice_ieq(name, "vary") && buf_append(&t->vary, value.p, value.n))
-            not_stored(t, NS_NO_MEMORY);
-        if (!http_slice_ieq(name, "age") && (buf_append(&t->stored_head, p, l) || buf_append(&t->stored_head, "\r\n", 2)))
-            not_stored(t, NS_NO_MEMORY);
-    }
+    if (t->sink && t->status / 100 != 1)
+        t->sink->ops->header(t->sink, name, value, (struct http_slice){ p, l });
     if (buf_append(&t->head, p, l) != 0 || buf_append(&t->head, "\r\n", 2) != 0)
         return 0;                      /* response head over RESP_HEAD_MAX */
     return len;
@@ -418,6 +362,11 @@ static int send_head(struct transfer *t)
     return 0;
 }
 
+static bool sink_wants(struct transfer *t)
+{
+    return t->sink && t->sink->ops->wanted(t->sink);
+}
+
 static size_t on_body(char *p, size_t size, size_t n, void *userdata)
 {
     struct transfer *t = userdata;
@@ -426,13 +375,10 @@ static size_t on_body(char *p, size_t size, size_t n, void *userdata)
     if (!t->head_done)
         return 0;
     if (c->app_gone || t->detached) {  /* only the cache (and the flight's waiters) want it */
-        if (!t->store || (!t->background && !flight_has_waiters(t->flight)))
+        if (!sink_wants(t))
             return 0;
-        if (buf_append(&t->body, p, len) != 0) {
-            not_stored(t, NS_TOO_LARGE);
-            return 0;
-        }
-        return len;
+        t->sink->ops->body(t->sink, p, len);
+        return sink_wants(t) ? len : 0;
     }
     if (t->mode == BODY_NONE || len == 0)
         return len;
@@ -451,14 +397,11 @@ static size_t on_body(char *p, size_t size, size_t n, void *userdata)
     buf_append(&c->out, p, len);
     if (t->mode == BODY_CHUNKED)
         buf_append(&c->out, "\r\n", 2);
-    if (t->store && buf_append(&t->body, p, len) != 0)
-        not_stored(t, NS_TOO_LARGE);
-    /* The last bytes of a response bound for Redis wait for the exchange's end (this same
-     * turn of the loop, as a rule): the entry is handed to Redis first, so an app that
-     * leaves by _exit() as soon as it has its answer has already shared it. */
-    bool last_for_redis = t->store && cfg->cache == CACHE_REDIS && t->content_length >= 0
-                          && buf_len(&t->body) == (size_t)t->content_length;
-    if (!last_for_redis && c->ops->flush(c) != 0)
+    /* the sink first: a response it completes is stored (and on its way to Redis) before
+     * the app has its last byte, so even an app that leaves by _exit() at once has shared it */
+    if (t->sink)
+        t->sink->ops->body(t->sink, p, len);
+    if (c->ops->flush(c) != 0)
         return 0;
     c->ops->rewatch(c);                 /* whatever the app has not taken yet needs EPOLLOUT */
     return len;
@@ -616,14 +559,18 @@ static int build(struct transfer *t, const struct http_request *req, const char 
     snprintf(scratch, sizeof scratch, "%.*s", (int)req->target.n, req->target.p);
     curl_easy_setopt(e, CURLOPT_REQUEST_TARGET, scratch);
 
+    struct http_slice etag = { 0 }, last_modified = { 0 };
+    if (t->sink)
+        t->sink->ops->validators(t->sink, &etag, &last_modified);
+    bool own_validators = etag.n || last_modified.n;
     bool has_accept = false, has_type = false;
     for (size_t i = 0; i < req->nheaders; i++) {
         struct http_slice n = req->headers[i].name, v = req->headers[i].value;
         if (http_is_hop_by_hop(n) || http_slice_ieq(n, "content-length") || http_slice_ieq(n, "expect")
             || named_in_connection(req, n))
             continue;
-        if (t->revalidating && (http_slice_ieq(n, "if-none-match") || http_slice_ieq(n, "if-modified-since")))
-            continue;                  /* ours go instead: the answer is for the entry */
+        if (own_validators && (http_slice_ieq(n, "if-none-match") || http_slice_ieq(n, "if-modified-since")))
+            continue;                  /* the cache's go instead: the answer is for its entry */
         has_accept |= http_slice_ieq(n, "accept");
         has_type |= http_slice_ieq(n, "content-type");
         /* "Name;" is libcurl's spelling of a header with an empty value */
@@ -631,13 +578,9 @@ static int build(struct transfer *t, const struct http_request *req, const char 
         if (rc)
             return -1;
     }
-    if (t->revalidating) {
-        struct http_slice etag, last_modified;
-        cache_entry_validators(t->revalidating, &etag, &last_modified);
-        if ((etag.n && add_header(t, "If-None-Match: %.*s", (int)etag.n, etag.p))
-            || (last_modified.n && add_header(t, "If-Modified-Since: %.*s", (int)last_modified.n, last_modified.p)))
-            return -1;
-    }
+    if ((etag.n && add_header(t, "If-None-Match: %.*s", (int)etag.n, etag.p))
+        || (last_modified.n && add_header(t, "If-Modified-Since: %.*s", (int)last_modified.n, last_modified.p)))
+        return -1;
     if ((!has_accept && add_header(t, "Accept:")) || add_header(t, "Expect:")
         || (!req->has_host && add_header(t, "Host:")) || (!has_type && add_header(t, "Content-Type:")))
         return -1;
@@ -786,55 +729,24 @@ static void transfer_free(struct transfer *t)
     curl_slist_free_all(t->headers);
     curl_slist_free_all(t->connect_to);
     buf_free(&t->head);
-    buf_free(&t->stored_head);
-    buf_free(&t->body);
-    buf_free(&t->vary);
-    if (t->owes_redis)
-        redis_write_owed(-1);
-    flight_land(t->flight, NULL);
+    if (t->sink)                       /* last: it may hand the waiters on its key their answer */
+        t->sink->ops->end(t->sink, t->sink_end);
     if (t->is_probe)
         tls_front_check_release(&t->check);
     tls_front_pin_release(t->pin);
     tls_front_pin_release(t->own.tls_pin);
-    cache_entry_release(t->revalidating);
-    cache_entry_release(t->own.cached);
     buf_free(&t->own.in);
     buf_free(&t->own.out);
-    free(t->key);
     free(t);
 }
 
 /* Sets up the transfer for app's request and hands it to libcurl or the queue. */
 static struct transfer *start(struct transfer *t, struct app_side *c, const struct http_request *req, const char *body,
-                              size_t body_len, const struct cache_rule *store_rule, const char *key, size_t key_len,
-                              struct flight *flight)
+                              size_t body_len)
 {
     t->app = c;
     t->head.cap = RESP_HEAD_MAX;
-    t->stored_head.cap = RESP_HEAD_MAX;
-    t->vary.cap = 1024;
-    t->body.cap = (size_t)cfg->max_object;
     t->content_length = -1;
-    if (store_rule && (t->key = malloc(key_len))) {
-        memcpy(t->key, key, key_len);
-        t->key_len = key_len;
-        t->rule = store_rule;
-        t->store = true;
-        t->owes_redis = true;
-        redis_write_owed(1);
-        t->flight = flight;
-        struct http_slice etag, last_modified;
-        if (c->cached) {
-            cache_entry_validators(c->cached, &etag, &last_modified);
-            if (etag.n || last_modified.n) {
-                cache_entry_ref(c->cached);
-                t->revalidating = c->cached;
-            }
-        }
-    } else {
-        flight_land(flight, NULL);
-    }
-    t->stale_on_error = c->cached && c->stale_on_error;
     t->easy = curl_easy_init();
     STAT_INC(c->upstream, in_flight);
     if (!t->easy || build(t, req, body, body_len) != 0) {
@@ -863,23 +775,31 @@ static struct transfer *start(struct transfer *t, struct app_side *c, const stru
     return t;
 }
 
-struct transfer *upstream_start(struct app_side *c, const struct http_request *req, const char *body,
-                                size_t body_len, const struct cache_rule *store_rule, const char *key, size_t key_len,
-                                struct flight *flight)
+static struct transfer *transfer_new(struct upstream_sink *sink)
 {
     struct transfer *t = calloc(1, sizeof *t);
     if (!t) {
-        flight_land(flight, NULL);
+        if (sink)
+            sink->ops->end(sink, SINK_FAILED);
         return NULL;
     }
-    return start(t, c, req, body, body_len, store_rule, key, key_len, flight);
+    t->sink = sink;
+    t->sink_end = SINK_FAILED;         /* until the transfer proves otherwise */
+    return t;
+}
+
+struct transfer *upstream_start(struct app_side *c, const struct http_request *req, const char *body,
+                                size_t body_len, struct upstream_sink *sink)
+{
+    struct transfer *t = transfer_new(sink);
+    return t ? start(t, c, req, body, body_len) : NULL;
 }
 
 static const struct app_side_ops own_ops;
 
-/* The transfer's own app side, for a fetch no app connection waits on: what it needs of
- * the request (its bytes, for a Vary), nothing delivered anywhere. */
-static int own_side(struct transfer *t, const struct app_side *app, const char *request, size_t request_len)
+/* The transfer's own app side, for a fetch no app connection waits on: where it goes and
+ * how the request was framed, nothing delivered anywhere. */
+static void own_side(struct transfer *t, const struct app_side *app)
 {
     t->own = (struct app_side){ .ops = &own_ops, .fd = -1, .upstream = app->upstream, .dest = app->dest,
                                 .dest_len = app->dest_len, .req_minor = app->req_minor,
@@ -891,27 +811,19 @@ static int own_side(struct transfer *t, const struct app_side *app, const char *
         t->own.tls_host = t->own_tls_host;
         t->own.tls_pin = tls_front_pin_ref(app->tls_pin);
     }
-    return buf_append(&t->own.in, request, request_len);
 }
 
-bool upstream_refresh(const struct app_side *app, const struct http_request *req, const struct cache_rule *rule,
-                      const char *key, size_t key_len, struct flight *flight, struct cache_entry *stale)
+bool upstream_refresh(const struct app_side *app, const struct http_request *req, struct upstream_sink *sink)
 {
-    struct transfer *t = calloc(1, sizeof *t);
-    if (!t || own_side(t, app, buf_head(&app->in), req->head_len) != 0) {
-        if (t)
-            buf_free(&t->own.in);
-        free(t);
-        flight_land(flight, NULL);
+    struct transfer *t = transfer_new(sink);
+    if (!t)
         return false;
-    }
-    t->detached = t->background = true;
+    own_side(t, app);
+    t->detached = true;
     t->own.req_keep_alive = true;
-    cache_entry_ref(stale);
-    t->own.cached = stale;
     STAT_INC(app->upstream, upstream_requests);
     STAT_INC(app->upstream, refreshes);
-    return start(t, &t->own, req, "", 0, rule, key, key_len, flight) != NULL;
+    return start(t, &t->own, req, "", 0) != NULL;
 }
 
 /* A waiter the shim gives up on: its exchange fails before any response, and the app's
@@ -919,15 +831,11 @@ bool upstream_refresh(const struct app_side *app, const struct http_request *req
 static void fail_waiter(struct transfer *t)
 {
     struct app_side *app = t->app;
-    bool stale = t->stale_on_error;
-    if (t->detached) {
-        transfer_free(t);              /* its side goes with it: no one to tell */
-        return;
-    }
-    transfer_free(t);
-    if (stale)
-        STAT_INC(app->upstream, stale_if_error);
-    app->ops->exchange_done(app, stale ? EXCHANGE_SERVE_CACHED : EXCHANGE_FAILED, !stale);
+    bool detached = t->detached;
+    t->sink_end = SINK_DROPPED;
+    transfer_free(t);                  /* a detached one's side goes with it: no one to tell */
+    if (!detached)
+        app->ops->exchange_done(app, EXCHANGE_UNANSWERED, true);
 }
 
 static void on_queue_timeout(struct loop_timer *timer)
@@ -988,13 +896,14 @@ static const struct app_side_ops own_ops = { own_flush, own_rewatch, own_exchang
 void upstream_app_gone(struct transfer *t)
 {
     struct app_side *app = t->app;
-    if (!t->store || !flight_has_waiters(t->flight) || own_side(t, app, buf_head(&app->in), buf_len(&app->in)) != 0) {
+    if (!sink_wants(t)) {
+        t->sink_end = SINK_DROPPED;
         upstream_abort(t);
         return;
     }
+    own_side(t, app);
     t->app = &t->own;
     t->detached = true;
-    t->stale_on_error = false;
     shim_debug("fd %d: the app went away; the fetch goes on for the requests waiting on it", app->fd);
     if (t->paused) {
         t->paused = false;
@@ -1008,100 +917,6 @@ void upstream_resume(struct transfer *t)
         t->paused = false;
         apply_pause(t);
     }
-}
-
-/* The exchange completed: keep the response if it is whole and allowed. */
-static void store_response(struct transfer *t)
-{
-    struct app_side *c = t->app;
-    if (t->content_length >= 0 && (size_t)t->content_length != buf_len(&t->body)) {
-        not_stored(t, NS_INCOMPLETE);
-        return;
-    }
-    char values[4096];
-    size_t values_len = 0;
-    if (buf_len(&t->vary)) {
-        if (http_parse_request(buf_head(&c->in), buf_len(&c->in), &request_again) != HTTP_PARSE_DONE) {
-            not_stored(t, NS_NO_MEMORY);
-            return;
-        }
-        values_len = cache_vary_values(buf_head(&t->vary), buf_len(&t->vary), &request_again, values, sizeof values);
-        if (values_len == (size_t)-1) {
-            not_stored(t, NS_NO_MEMORY);
-            return;
-        }
-    }
-    int64_t ttl = 0, swr, sie;
-    cache_policy_decide(&t->policy, t->rule, t->status, &ttl);
-    cache_stale_windows(&t->policy, t->rule, &swr, &sie);
-    int64_t keep = swr > sie ? swr : sie;   /* kept that long past the TTL, for stale serving */
-    const char *key = t->key;
-    size_t key_len = t->key_len;
-    static char variant[CACHE_KEY_MAX];
-    if (buf_len(&t->vary)) {
-        key_len = cache_variant_key(t->key, t->key_len, buf_head(&t->vary), buf_len(&t->vary), &request_again,
-                                    variant, sizeof variant);
-        struct cache_entry *marker = key_len ? cache_entry_new(t->key, t->key_len, 0, "", 0, "", 0,
-                                                               buf_head(&t->vary), buf_len(&t->vary), "", 0, "", 0, ttl)
-                                             : NULL;
-        if (!marker) {
-            not_stored(t, NS_NO_MEMORY);
-            return;
-        }
-        marker->upstream = c->upstream;
-        marker->keep_until_ms += keep;
-        if (cfg->cache == CACHE_REDIS)
-            redis_store(marker, ttl + keep);
-        memcache_put(marker);
-        key = variant;
-    }
-    struct cache_entry *e = cache_entry_new(key, key_len, t->status, t->reason, t->reason_len,
-                                            buf_head(&t->stored_head), buf_len(&t->stored_head),
-                                            buf_head(&t->vary), buf_len(&t->vary), values, values_len,
-                                            buf_head(&t->body), buf_len(&t->body), ttl);
-    if (!e) {
-        not_stored(t, NS_NO_MEMORY);
-        return;
-    }
-    e->upstream = c->upstream;
-    struct http_slice etag, last_modified;
-    cache_entry_validators(e, &etag, &last_modified);
-    if ((etag.n || last_modified.n) && keep < ttl)
-        keep = ttl;                    /* kept one more TTL, expired, to be revalidated */
-    e->keep_until_ms += keep;
-    if (cfg->cache == CACHE_REDIS)
-        redis_store(e, ttl + keep);    /* fire-and-forget, after the app has its response */
-    flight_land(t->flight, e);         /* served from this reference even if memory is full */
-    t->flight = NULL;
-    memcache_put(e);
-    STAT_INC(c->upstream, stored);
-}
-
-/* A 304 to the validators the shim sent: the entry is fresh again, body and headers as
- * they were, in both tiers; the app (and the flight's waiters) are answered from it. */
-static void renew(struct transfer *t)
-{
-    struct app_side *c = t->app;
-    struct cache_entry *old = t->revalidating;
-    int64_t ttl = 0, swr, sie;
-    cache_entry_stale_windows(old, t->rule, &swr, &sie);
-    bool fresh_again = cache_policy_decide(&t->policy, t->rule, old->status, &ttl) == NS_NONE;
-    int64_t keep = swr > sie ? swr : sie;
-    struct cache_entry *r = fresh_again ? cache_entry_renewed(old, ttl, keep > ttl ? keep : ttl) : NULL;
-    if (!r) {
-        flight_land(t->flight, NULL);  /* this once the app is answered from the old entry */
-        t->flight = NULL;
-        return;
-    }
-    if (cfg->cache == CACHE_REDIS)
-        redis_store(r, r->keep_until_ms - r->stored_at_ms);
-    flight_land(t->flight, r);
-    t->flight = NULL;
-    cache_entry_ref(r);
-    memcache_put(r);
-    STAT_INC(c->upstream, revalidated);
-    cache_entry_release(c->cached);
-    c->cached = r;
 }
 
 void *upstream_tls_probe(int upstream, const char *host, const union shim_sockaddr *dest, socklen_t dest_len,
@@ -1171,7 +986,6 @@ static void upstream_verify_failed(struct transfer *t)
 {
     struct app_side *c = t->app;
     STAT_INC(c->upstream, tls_upstream_verify_failed);
-    t->stale_on_error = false;
     shim_debug("fd %d: the upstream's certificate was refused (%s): request not sent", c->fd,
                t->pin_refused ? "not what the app approved" : "libcurl's verification");
     if (c->tls_host) {
@@ -1199,10 +1013,11 @@ void upstream_reap(void)
         }
         struct app_side *c = t->app;
         bool ok = result == CURLE_OK && t->head_done;
-        if (ok && !t->renew
+        if (ok && !t->absorbed
             && (send_head(t) != 0 || (t->mode == BODY_CHUNKED && buf_append(&c->out, "0\r\n\r\n", 5) != 0)))
             ok = false;
-        if (!ok && (t->pin_refused || result == CURLE_PEER_FAILED_VERIFICATION))
+        bool refused = !ok && (t->pin_refused || result == CURLE_PEER_FAILED_VERIFICATION);
+        if (refused)
             upstream_verify_failed(t);
         if (!ok) {
             shim_debug("fd %d: upstream exchange failed: %s", c->fd, curl_easy_strerror(result));
@@ -1210,28 +1025,20 @@ void upstream_reap(void)
                 STAT_INC(c->upstream, errors_app);
             else
                 STAT_INC(c->upstream, errors_upstream);
-            not_stored(t, NS_INCOMPLETE);
         }
-        enum exchange_end how = ok ? EXCHANGE_OK : EXCHANGE_FAILED;
-        if (ok && t->renew) {
-            renew(t);
-            how = EXCHANGE_SERVE_CACHED;
-        } else if (t->store) {
-            store_response(t);
-        }
-        if (!ok && t->stale_on_error && !t->head_sent && !c->app_gone) {
-            STAT_INC(c->upstream, stale_if_error);
-            how = EXCHANGE_SERVE_CACHED;
-        }
+        t->sink_end = ok ? SINK_WHOLE : c->app_gone && !t->detached ? SINK_DROPPED : SINK_FAILED;
+        enum exchange_end how = ok ? (t->absorbed ? EXCHANGE_ABSORBED : EXCHANGE_OK)
+                              : refused ? EXCHANGE_REFUSED
+                              : t->head_sent ? EXCHANGE_FAILED : EXCHANGE_UNANSWERED;
         long connects = 1;
         curl_easy_getinfo(t->easy, CURLINFO_NUM_CONNECTS, &connects);
         if (ok && connects == 0)
             STAT_INC(c->upstream, upstream_conn_reuses);
         bool must_close = how == EXCHANGE_OK && t->must_close, detached = t->detached;
         curl_multi_remove_handle(multi, t->easy);
-        transfer_free(t);
+        transfer_free(t);              /* the sink hears its end before the app side does */
         if (!detached)                 /* a detached transfer's side went with it */
-            c->ops->exchange_done(c, how, must_close);
+            c->ops->exchange_done(c, c->app_gone && how != EXCHANGE_OK ? EXCHANGE_FAILED : how, must_close);
     }
     pump_queues();
 }

@@ -2,31 +2,59 @@
  * pool of kept-alive connections it keeps (upstream.c). */
 #ifndef HTTPSHIM_UPSTREAM_H
 #define HTTPSHIM_UPSTREAM_H
-#include "cache.h"
 #include "conn.h"
-#include "flight.h"
 #include "http.h"
 #include "rules.h"
 
 struct transfer;
+
+/* Whoever watches a transfer's response for the cache (store.c's writer) hears it through
+ * these callbacks, in this order: validators (while the request is built), then per
+ * response head begin, its end-to-end header lines, head_done; the body's bytes; end,
+ * exactly once, when the transfer is over. upstream.c calls no cache code. */
+struct upstream_sink;
+enum sink_verdict {
+    SINK_RELAY,                     /* relay the response */
+    SINK_ABSORB,                    /* a 304 to the sink's validators: relay nothing, end ABSORBED */
+    SINK_FAIL,                      /* fail the exchange now, before anything reaches the app */
+};
+enum sink_end {
+    SINK_WHOLE,                     /* the response arrived whole (libcurl: done, no error) */
+    SINK_FAILED,                    /* the upstream failed, or the response was cut short */
+    SINK_DROPPED,                   /* given up on this side (the app went away and no one
+                                     * else wanted the response, or it waited too long for a
+                                     * connection): nothing to say about the upstream */
+};
+struct upstream_sink_ops {
+    /* the conditional headers to send instead of the app's own (n = 0: none) */
+    void (*validators)(struct upstream_sink *s, struct http_slice *etag, struct http_slice *last_modified);
+    void (*begin)(struct upstream_sink *s, int status, struct http_slice reason);
+    /* one header line of the final head (hop-by-hop and framing headers are not reported) */
+    void (*header)(struct upstream_sink *s, struct http_slice name, struct http_slice value, struct http_slice line);
+    enum sink_verdict (*head_done)(struct upstream_sink *s, int64_t content_length, bool chunked,
+                                   enum http_framing_verdict framing);
+    void (*body)(struct upstream_sink *s, const char *p, size_t n);
+    /* whether the response is still wanted once the app has gone */
+    bool (*wanted)(struct upstream_sink *s);
+    void (*end)(struct upstream_sink *s, enum sink_end how);
+};
+struct upstream_sink { const struct upstream_sink_ops *ops; };
+
 int upstream_init(const struct shim_config *cfg);
 void upstream_forget(void);                  /* forked child: abandon the parent's state */
-/* Starts the exchange for app's request; with a store rule and key, a cacheable response
- * is stored. body_len (size_t)-1: the body streams from app->in, app->body_left bytes of
- * it. The transfer reports through app->ops until it ends or is aborted. With a flight
- * (taken over, also on failure), the transfer lands it when it has stored the response
- * or knows it cannot. NULL: failed. */
+/* Starts the exchange for app's request. body_len (size_t)-1: the body streams from
+ * app->in, app->body_left bytes of it. The transfer reports through app->ops until it ends
+ * or is aborted, and through sink (may be NULL; ended even when starting fails). NULL:
+ * failed. */
 struct transfer *upstream_start(struct app_side *app, const struct http_request *req, const char *body,
-                                size_t body_len, const struct cache_rule *store_rule, const char *key,
-                                size_t key_len, struct flight *flight);
+                                size_t body_len, struct upstream_sink *sink);
 void upstream_abort(struct transfer *t);
-/* A background refresh of a stale entry, for no app connection: the request is app's
- * (its head at the front of app->in), conditional on the entry's validators; it leads
- * flight and stores what it gets (a 304 renews the entry). False: not started. */
-bool upstream_refresh(const struct app_side *app, const struct http_request *req, const struct cache_rule *rule,
-                      const char *key, size_t key_len, struct flight *flight, struct cache_entry *stale);
-/* The app's connection is going: the transfer is aborted, unless requests wait on its
- * flight, for whom it goes on alone. Either way the app side is never touched again. */
+/* A request of no app connection's (a background refresh): app's request to the same
+ * place (its destination, its TLS leg), whose response only the sink hears. False: not
+ * started (the sink has ended). */
+bool upstream_refresh(const struct app_side *app, const struct http_request *req, struct upstream_sink *sink);
+/* The app's connection is going: the transfer is aborted, unless its sink still wants the
+ * response, for whom it goes on alone. Either way the app side is never touched again. */
 void upstream_app_gone(struct transfer *t);
 void upstream_resume(struct transfer *t);        /* `out` drained: unpause a paused transfer */
 void upstream_body_arrived(struct transfer *t);  /* more streamed body in `in`: unpause sending */
