@@ -58,7 +58,7 @@ $(BUILD)/sockstate: tests/clients/sockstate.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -o $@ $<
 
 # loop.c on its own (tests/test_loop.py runs it): only the objects it stands on.
-LOOP_TEST_OBJ = $(addprefix $(BUILD)/obj/,loop.o fdtable.o real.o log.o clock.o)
+LOOP_TEST_OBJ = $(addprefix $(BUILD)/obj/,loop.o fdtable.o fdgate.o real.o log.o clock.o)
 $(BUILD)/loop_test: tests/unit/loop_test.c $(LOOP_TEST_OBJ)
 	$(CC) $(C_FLAGS) -pthread -o $@ $< $(LOOP_TEST_OBJ) -ldl
 

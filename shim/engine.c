@@ -73,10 +73,8 @@ struct conn {
     char tls_where[64];             /* the address and port it dialled, as probes name it */
     char tls_name[256];             /* the name the app asked for; the leg's host once terminated */
     struct transfer *xfer;          /* CS_UPSTREAM */
-    /* the gate of the app's fd (fdtable.h): who may write into the pair */
-    _Atomic uint64_t *gate;
-    uint64_t gate_gen;
-    uint64_t gate_seen;             /* the gate when the app's bytes were last read to the end; 0 unknown */
+    /* the gate of the app's fd (fdgate.h): who may write into the pair */
+    struct fdgate_engine gate;
     struct loop_timer gate_retry;   /* an app thread held the gate: write a little later */
 
     struct conn *next, *prev;       /* all live conns, under the engine lock */
@@ -112,56 +110,15 @@ static struct conn *conn_of(struct app_side *app)
 
 static void on_gate_retry(struct loop_timer *timer);
 
-/* May the engine write to the app now? It takes the gate from IDLE; while an app thread
- * holds it (an inline answer being written) it waits, and is called back shortly. */
+/* May the engine write to the app now? While an app thread holds the gate (an inline
+ * answer being written) it is called back shortly. */
 static bool gate_take(struct conn *c)
 {
-    if (!c->gate)
+    if (fdgate_engine_take(&c->gate))
         return true;
-    uint64_t g = atomic_load_explicit(c->gate, memory_order_acquire);
-    for (int tries = 0; tries < 64; tries++) {
-        if (fdgate_gen(g) != c->gate_gen)
-            return true;               /* the app's fd has moved on: nothing to share */
-        enum fdgate_state s = fdgate_state(g);
-        if (s == FDGATE_ENGINE || s == FDGATE_OFF)
-            return true;
-        if (s == FDGATE_APP)
-            break;
-        if (atomic_compare_exchange_weak(c->gate, &g, fdgate_make(c->gate_gen, fdgate_seq(g), FDGATE_ENGINE)))
-            return true;
-    }
     if (!loop_timer_armed(&c->gate_retry))
         loop_timer_arm(&c->gate_retry, 1, on_gate_retry);
     return false;
-}
-
-/* Never inline again on this connection (it becomes a tunnel or TLS, or goes away). */
-static void gate_close(struct conn *c)
-{
-    if (!c->gate)
-        return;
-    uint64_t g = atomic_load_explicit(c->gate, memory_order_acquire);
-    for (int spins = 0; spins < 100000 && fdgate_gen(g) == c->gate_gen; spins++) {
-        if (fdgate_state(g) == FDGATE_APP) {   /* an inline answer is being written: microseconds */
-            sched_yield();
-            g = atomic_load_explicit(c->gate, memory_order_acquire);
-            continue;
-        }
-        if (atomic_compare_exchange_weak(c->gate, &g, fdgate_make(c->gate_gen, fdgate_seq(g), FDGATE_OFF)))
-            break;
-    }
-    c->gate = NULL;
-}
-
-/* The engine holds nothing for the connection: inline answers may go ahead, unless the app
- * wrote after the engine last read everything (then its sequence number moved on). */
-static void gate_release(struct conn *c)
-{
-    if (!c->gate || !c->gate_seen || fdgate_state(c->gate_seen) != FDGATE_ENGINE)
-        return;
-    uint64_t g = c->gate_seen;
-    atomic_compare_exchange_strong(c->gate, &g, fdgate_make(c->gate_gen, fdgate_seq(g), FDGATE_IDLE));
-    c->gate_seen = 0;
 }
 
 static int conn_flush(struct conn *c)
@@ -209,7 +166,7 @@ static void conn_retire(struct conn *c, bool close_fd)
     }
     store_request_done(&c->store);
     loop_timer_cancel(&c->gate_retry);
-    gate_close(c);
+    fdgate_engine_shut(&c->gate);
     struct fd_entry *own = fdtable_slot(c->side.fd);
     if (own && own->owner == c)
         own->owner = NULL;
@@ -268,7 +225,7 @@ static void conn_update_events(struct conn *c)
     }
     if (c->state == CS_HTTP && !c->xfer && !c->hit && !buf_len(&c->side.in) && !buf_len(&c->side.out)
         && !c->side.app_eof)
-        gate_release(c);               /* nothing held: the app's next hit may be answered inline */
+        fdgate_engine_release(&c->gate);   /* nothing held: the app's next hit may be answered inline */
     conn_watch_app(c);
 }
 
@@ -278,7 +235,7 @@ enum tunnel_why { TUNNEL_TLS, TUNNEL_NOT_HTTP, TUNNEL_TOO_LARGE, TUNNEL_OTHER };
 
 static void start_tunnel(struct conn *c, enum tunnel_why why)
 {
-    gate_close(c);
+    fdgate_engine_shut(&c->gate);
     STAT_INC(c->side.upstream, tunnels);
     if (why == TUNNEL_TLS)
         STAT_INC(c->side.upstream, tunnels_tls);
@@ -393,7 +350,7 @@ static void intercept_tls(struct conn *c)
 {
     int sv[2];
     struct upstream_stats *st = &shim_stats[c->side.upstream];
-    gate_close(c);
+    fdgate_engine_shut(&c->gate);
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) != 0) {
         tunnel_tls(c, &st->tls_tunnel_unverified, "no socketpair for the plaintext");
         return;
@@ -785,7 +742,7 @@ static void take_handoffs(void)
         struct fastpath_handoff *next = h->next;
         struct fd_entry *slot = fdtable_slot(h->engine_fd);
         struct conn *c = slot && atomic_load(&slot->kind) == FD_ENGINE ? slot->owner : NULL;
-        if (c && !c->dead && c->gate && c->gate_gen == h->gen) {   /* (the app made the loop hear it) */
+        if (c && !c->dead && fdgate_engine_live(&c->gate, h->gen)) {   /* (the app made the loop hear it) */
             struct buf joined = { .cap = OUT_CAP + h->len };
             if (buf_append(&joined, h->data, h->len) == 0
                 && buf_append(&joined, buf_head(&c->side.out), buf_len(&c->side.out)) == 0) {
@@ -826,7 +783,6 @@ static void on_app_event(struct loop_source *src, uint32_t ev)
         upstream_resume(c->xfer);
     }
     if (ev & (EPOLLIN | EPOLLHUP)) {
-        c->gate_seen = 0;              /* known only once a read finds nothing more */
         for (int rounds = 0; rounds < 8 && !c->side.app_eof; rounds++) {
             size_t room = IN_CAP - buf_len(&c->side.in);
             if (room > sizeof recv_scratch)
@@ -835,7 +791,7 @@ static void on_app_event(struct loop_source *src, uint32_t ev)
                 break;
             /* read the gate before the read: a write the app makes after it bumps the
              * sequence, and the hand-back fails until that write has been read too */
-            uint64_t seen = c->gate ? atomic_load_explicit(c->gate, memory_order_acquire) : 0;
+            uint64_t before = fdgate_engine_before_read(&c->gate);
             ssize_t n = recv(c->side.fd, recv_scratch, room, MSG_DONTWAIT);
             if (n > 0) {
                 gate_take(c);          /* bytes the app wrote past the hooks, too, go the engine's way */
@@ -846,7 +802,7 @@ static void on_app_event(struct loop_source *src, uint32_t ev)
                 continue;
             }
             if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-                c->gate_seen = seen;
+                fdgate_engine_read_all(&c->gate, before);
             if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
                 c->side.app_eof = true;
             break;
@@ -964,8 +920,7 @@ static struct conn *conn_new(int engine_fd, int upstream, const union shim_socka
     struct conn *c = calloc(1, sizeof *c);
     if (!c)
         return NULL;
-    c->gate = gate;
-    c->gate_gen = gate_gen;
+    fdgate_engine_init(&c->gate, gate, gate_gen);
     c->rule_index = -1;
     struct fd_entry *own = fdtable_slot(engine_fd);
     if (own)

@@ -30,7 +30,6 @@
 #define INLINE_HEAD_MAX 4096           /* a longer request head goes the engine's way */
 #define INLINE_KEY_MAX  2048           /* the same for a longer cache key */
 #define INLINE_RESPONSE_HEAD_MAX 4096  /* a longer response head, too */
-#define GATE_SPINS 10000               /* yields while another thread holds the gate */
 
 static void (*need_engine)(struct fd_entry *e);
 
@@ -39,29 +38,6 @@ void fastpath_init(void (*need)(struct fd_entry *e)) { need_engine = need; }
 static pthread_mutex_t handoff_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct fastpath_handoff *handoffs;
 static _Atomic int handoffs_pending;
-
-/* Holds the gate for this app thread: from IDLE (inline allowed: *was_idle) or ENGINE.
- * False: the gate is off, or another thread kept it (then the write just goes ahead). */
-static bool hold(struct fd_entry *e, uint64_t *held, bool *was_idle)
-{
-    uint64_t g = atomic_load_explicit(&e->gate, memory_order_acquire);
-    for (int spins = 0; spins < GATE_SPINS; spins++) {
-        enum fdgate_state s = fdgate_state(g);
-        if (s == FDGATE_OFF)
-            return false;
-        if (s == FDGATE_APP) {         /* another app thread is writing: let it finish */
-            sched_yield();
-            g = atomic_load_explicit(&e->gate, memory_order_acquire);
-            continue;
-        }
-        if (atomic_compare_exchange_weak(&e->gate, &g, fdgate_make(fdgate_gen(g), fdgate_seq(g), FDGATE_APP))) {
-            *held = g;
-            *was_idle = s == FDGATE_IDLE;
-            return true;
-        }
-    }
-    return false;
-}
 
 static size_t gather(const struct iovec *iov, int iovcnt, char *out, size_t cap)
 {
@@ -102,9 +78,7 @@ static void hand_off(struct fd_entry *e, uint64_t held, const struct iovec *iov,
     }
     if (need_engine)
         need_engine(e);
-    /* the engine owns the connection until it has sent the rest */
-    atomic_store_explicit(&e->gate, fdgate_make(fdgate_gen(held), fdgate_seq(held) + 1, FDGATE_ENGINE),
-                          memory_order_release);
+    fdgate_app_wrote(&e->gate, held);  /* the engine owns the connection until it has sent the rest */
     if (!h) {
         shutdown(e->engine_fd, SHUT_WR);   /* no memory: an answer cut short, then EOF */
         return;
@@ -190,12 +164,10 @@ static ssize_t answer_inline(const struct shim_config *cfg, int fd, struct fd_en
     STAT_ADD(up, bytes_from_cache, body);
     if ((size_t)w < hn + body) {
         hand_off(e, held, iov, body ? 2 : 1, (size_t)w, !req.keep_alive);
-    } else if (!req.keep_alive) {
-        shutdown(e->engine_fd, SHUT_WR);   /* the answer said close: EOF after it */
-        atomic_store_explicit(&e->gate, fdgate_make(fdgate_gen(held), fdgate_seq(held), FDGATE_OFF),
-                              memory_order_release);
     } else {
-        atomic_store_explicit(&e->gate, held, memory_order_release);   /* IDLE, as it was */
+        if (!req.keep_alive)
+            shutdown(e->engine_fd, SHUT_WR);   /* the answer said close: EOF after it */
+        fdgate_app_release(&e->gate, held, !req.keep_alive);
     }
     cache_entry_release(ent);
     stats_observe_latency(up, true, clock_mono_us() - started);
@@ -207,7 +179,7 @@ ssize_t fastpath_write(const struct shim_config *cfg, int fd, struct fd_entry *e
 {
     uint64_t held;
     bool idle;
-    if (!hold(e, &held, &idle)) {
+    if (!fdgate_app_hold(&e->gate, &held, &idle)) {
         if (need_engine)
             need_engine(e);
         return real(real_arg);
@@ -231,10 +203,7 @@ ssize_t fastpath_write(const struct shim_config *cfg, int fd, struct fd_entry *e
         need_engine(e);                /* before the bytes: the engine must hear them */
     ssize_t r = real(real_arg);
     saved = errno;
-    /* the engine owns what was written; with its sequence bumped, a hand-back it decided
-     * on before it read these bytes cannot succeed */
-    atomic_store_explicit(&e->gate, fdgate_make(fdgate_gen(held), fdgate_seq(held) + 1, FDGATE_ENGINE),
-                          memory_order_release);
+    fdgate_app_wrote(&e->gate, held);  /* the engine owns what was written */
     errno = saved;
     return r;
 }

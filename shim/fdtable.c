@@ -108,16 +108,8 @@ void fdtable_copy(int from, int to)
         return;
     }
     /* two fds on one connection: no inline answers on either, so nothing can overtake */
-    uint64_t g = atomic_load(&src->gate);
-    for (int spins = 0; spins < 100000; spins++) {
-        if (fdgate_state(g) == FDGATE_APP) {
-            g = atomic_load(&src->gate);
-            continue;
-        }
-        if (atomic_compare_exchange_weak(&src->gate, &g, fdgate_make(fdgate_gen(g), fdgate_seq(g), FDGATE_OFF)))
-            break;
-    }
-    atomic_store(&dst->gate, fdgate_make(fdgate_gen(atomic_load(&dst->gate)) + 1, 0, FDGATE_OFF));
+    fdgate_shut(&src->gate);
+    fdgate_shut_next(&dst->gate);
     atomic_store(&dst->kind, FD_NONE);
     dst->engine_fd = src->engine_fd;
     dst->engine_conn = NULL;           /* only the original's close may drop the connection */
@@ -154,7 +146,7 @@ void fdtable_close_engine_fds(void)
         if (table[fd].engine_conn) {
             table[fd].engine_conn = NULL;
             atomic_store(&table[fd].heard, FD_HEARD);
-            atomic_store(&table[fd].gate, fdgate_make(fdgate_gen(atomic_load(&table[fd].gate)), 0, FDGATE_OFF));
+            fdgate_shut(&table[fd].gate);   /* (no thread of the child holds it) */
         }
 }
 

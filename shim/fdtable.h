@@ -11,6 +11,7 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include "fdgate.h"
 
 union shim_sockaddr {
     struct sockaddr sa;
@@ -48,7 +49,7 @@ struct fd_entry {
     _Atomic int n_epoll;               /* registrations made before connect */
     struct fd_epoll_reg epoll[FD_MAX_EPOLL];
     /* FD_DIVERTED: the engine's end of the socketpair, and who may write into it now
-     * (fdgate_*): the engine, or an app thread answering a hit inline */
+     * (fdgate.h): the engine, or an app thread answering a hit inline */
     int engine_fd;
     _Atomic uint64_t gate;
     /* FD_DIVERTED: the engine's connection, and whether the loop hears it yet. The pointer
@@ -65,25 +66,8 @@ struct fd_entry {
     unsigned made_extras;
 };
 
-/* The gate: a generation (bumped on every divert of the fd, so that an old connection's
- * engine state can never act on a new one), a sequence number (bumped by every real write
- * of the app's, so that the engine hands the connection back only if it has read all of
- * them) and who holds the connection's write side. */
+/* FD_DIVERTED: whether the engine's loop hears the connection yet */
 enum { FD_UNHEARD = 0, FD_HEARD = 1, FD_DROPPED = 2 };
-
-enum fdgate_state {
-    FDGATE_IDLE = 0,                   /* the engine holds nothing: an app thread may answer inline */
-    FDGATE_ENGINE = 1,                 /* the engine has bytes or an exchange: everything goes its way */
-    FDGATE_APP = 2,                    /* an app thread is writing (an inline answer, or for real) */
-    FDGATE_OFF = 3,                    /* never inline again (tunnel, TLS, closing) */
-};
-static inline uint64_t fdgate_make(uint64_t gen, uint64_t seq, enum fdgate_state s)
-{
-    return (gen << 32) | ((seq & 0x3fffffffu) << 2) | (uint64_t)s;
-}
-static inline uint64_t fdgate_gen(uint64_t g) { return g >> 32; }
-static inline uint64_t fdgate_seq(uint64_t g) { return (g >> 2) & 0x3fffffffu; }
-static inline enum fdgate_state fdgate_state(uint64_t g) { return (enum fdgate_state)(g & 3); }
 
 #define FDTABLE_MAX 65536              /* fds at or above this are never diverted */
 

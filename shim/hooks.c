@@ -392,8 +392,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     fdtable_mark_engine(sv[1]);
     /* a new generation of the fd's gate: whatever an earlier connection on this fd number
      * still believes about it, it can no longer act on this one */
-    uint64_t gen = fdgate_gen(atomic_load(&e->gate)) + 1;
-    atomic_store(&e->gate, fdgate_make(gen, 0, FDGATE_IDLE));
+    uint64_t gen = fdgate_divert(&e->gate);
     e->engine_fd = sv[1];
     void *conn = engine_adopt(sv[1], upstream, &dest, len, &e->gate, gen);
     if (!conn) {
