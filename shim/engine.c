@@ -21,6 +21,7 @@
 #include "stats.h"
 #include "stats_server.h"
 #include "tunnel.h"
+#include "tls_decide.h"
 #include "tls_front.h"
 #include "tls_hello.h"
 #include "tls_marks.h"
@@ -64,14 +65,8 @@ struct conn {
     int rule_index;                 /* the cache rule the request matched, -1: none */
     /* TLS the app encrypts itself: looked at once, at the connection's first bytes */
     bool tls_checked;
-    X509_STORE *tls_store;          /* CS_VERIFY: the app context's store (a reference) */
-    struct tls_wait *tls_wait;      /* CS_VERIFY: the probe it waits on, with others */
-    struct conn *tls_next_waiter;
-    struct loop_timer tls_recheck;  /* CS_VERIFY: the app's store was still empty */
-    int tls_rechecks;
-    struct tls_pin *tls_pin;        /* the verdict approved it: what its legs must present */
-    char tls_where[64];             /* the address and port it dialled, as probes name it */
-    char tls_name[256];             /* the name the app asked for; the leg's host once terminated */
+    struct tls_decision tls;        /* CS_VERIFY: waiting on the upstream's verdict */
+    char tls_host[256];             /* a terminated connection's plaintext: the name of its legs */
     struct transfer *xfer;          /* CS_UPSTREAM */
     /* the gate of the app's fd (fdgate.h): who may write into the pair */
     struct fdgate_engine gate;
@@ -97,7 +92,6 @@ static char key_scratch[CACHE_KEY_MAX];   /* engine thread only */
 static void conn_process(struct conn *c);
 static void need_for_fd(struct fd_entry *e);
 static void conn_resume(struct conn *c);
-static void stop_waiting_tls(struct conn *c);
 
 static struct conn *conn_of(struct app_side *app)
 {
@@ -170,15 +164,7 @@ static void conn_retire(struct conn *c, bool close_fd)
     struct fd_entry *own = fdtable_slot(c->side.fd);
     if (own && own->owner == c)
         own->owner = NULL;
-    if (c->tls_wait)
-        stop_waiting_tls(c);
-    loop_timer_cancel(&c->tls_recheck);
-    if (c->tls_store) {
-        X509_STORE_free(c->tls_store);
-        c->tls_store = NULL;
-    }
-    tls_front_pin_release(c->tls_pin);
-    c->tls_pin = NULL;
+    tls_decide_cancel(&c->tls);
     tls_front_pin_release(c->side.tls_pin);
     c->side.tls_pin = NULL;
     if (c->hit) {
@@ -343,6 +329,8 @@ static void tunnel_tls(struct conn *c, _Atomic uint64_t *why, const char *what)
     start_tunnel(c, TUNNEL_TLS);
 }
 
+static void on_tls_decided(struct tls_decision *d);
+
 /* The app's TLS is terminated here: its socketpair end and the ClientHello go to a
  * tls_front, whose plaintext side becomes a new connection of the engine's, whose
  * exchanges go to the upstream over HTTPS for the same name. */
@@ -359,8 +347,8 @@ static void intercept_tls(struct conn *c)
     fdtable_mark_engine(sv[1]);
     struct conn *plain = conn_new(sv[0], c->side.upstream, &c->side.dest, c->side.dest_len, NULL, 0);
     if (plain)
-        snprintf(plain->tls_name, sizeof plain->tls_name, "%s", c->tls_name);
-    if (!plain || tls_front_start(&c->src, sv[1], c->side.upstream, c->tls_name, &c->side.in) != 0) {
+        snprintf(plain->tls_host, sizeof plain->tls_host, "%s", c->tls.name);
+    if (!plain || tls_front_start(&c->src, sv[1], c->side.upstream, c->tls.name, &c->side.in) != 0) {
         if (plain)
             conn_close(plain);
         else
@@ -369,210 +357,48 @@ static void intercept_tls(struct conn *c)
         tunnel_tls(c, &st->tls_tunnel_unverified, "could not answer for the name");
         return;
     }
-    plain->side.tls_host = plain->tls_name;
-    plain->side.tls_pin = c->tls_pin;  /* moved: every leg it opens is held to it */
-    c->tls_pin = NULL;
+    plain->side.tls_host = plain->tls_host;
+    plain->side.tls_pin = c->tls.pin;  /* moved: every leg it opens is held to it */
+    c->tls.pin = NULL;
     plain->tls_checked = true;         /* what it carries is the plaintext */
-    shim_debug("fd %d: TLS from the app for %s terminated; plaintext on fd %d", c->side.fd, c->tls_name, sv[0]);
+    shim_debug("fd %d: TLS from the app for %s terminated; plaintext on fd %d", c->side.fd, c->tls.name, sv[0]);
     conn_retire(c, false);
 }
 
-/* One probe of the upstream per name and address at a time: the ClientHellos that
- * arrive while it runs (a burst of new sessions) wait on it together. */
-struct tls_wait {
-    struct tls_wait *next;
-    void *probe;
-    char name[256], where[64];
-    int upstream;
-    struct conn *waiters;
-};
-static struct tls_wait *tls_waits;    /* engine thread only */
-
-static void unlink_wait(struct tls_wait *w)
+static void act_on_tls(struct conn *c)
 {
-    for (struct tls_wait **p = &tls_waits; *p; p = &(*p)->next)
-        if (*p == w) {
-            *p = w->next;
-            return;
-        }
-}
-
-static void stop_waiting_tls(struct conn *c)
-{
-    struct tls_wait *w = c->tls_wait;
-    for (struct conn **p = &w->waiters; *p; p = &(*p)->tls_next_waiter)
-        if (*p == c) {
-            *p = c->tls_next_waiter;
-            break;
-        }
-    c->tls_wait = NULL;
-    if (!w->waiters) {                 /* no one left to hear it */
-        upstream_tls_probe_cancel(w->probe);
-        unlink_wait(w);
-        free(w);
-    }
-}
-
-static void tls_decided(struct conn *c, int verdict);
-static bool wait_for_probe(struct conn *c);
-
-/* The kept verdict for exactly this connection's name, address, port and upstream,
- * against its app context's own store; an approval comes with the pin its legs must hold. */
-static int verdict_of(struct conn *c)
-{
-    tls_front_pin_release(c->tls_pin);
-    c->tls_pin = NULL;
-    return tls_front_verdict(c->tls_store, c->tls_name, c->tls_where, c->side.upstream, &c->tls_pin);
-}
-
-/* An app that loads its trust store after sending its ClientHello (curl does, to overlap
- * the file's reading with the round trip) has none of it in the store yet when a quick
- * probe returns: ask again a few times, 5 ms doubling to 640 ms (1.3 s in all), before
- * tunnelling. Only a store that holds nothing but the shim's CA waits. */
-#define TLS_RECHECKS_MAX 8
-
-static void on_tls_recheck(struct loop_timer *timer)
-{
-    struct conn *c = (struct conn *)(void *)((char *)timer - offsetof(struct conn, tls_recheck));
-    if (c->dead)
-        return;
-    int verdict = verdict_of(c);
-    if (verdict == -1 && wait_for_probe(c))
-        return;                        /* the kept probe expired meanwhile: probe again */
-    tls_decided(c, verdict == -1 ? 0 : verdict);
-}
-
-static void tls_decided(struct conn *c, int verdict)
-{
-    if (verdict == TLS_VERDICT_NOT_YET) {
-        if (c->tls_rechecks < TLS_RECHECKS_MAX
-            && loop_timer_arm(&c->tls_recheck, 5LL << c->tls_rechecks, on_tls_recheck) == 0) {
-            c->tls_rechecks++;
-            c->state = CS_VERIFY;
-            return;
-        }
-        shim_debug("fd %d: the app's trust store for %s stayed empty", c->side.fd, c->tls_name);
-        verdict = 0;
-    }
-    X509_STORE_free(c->tls_store);
-    c->tls_store = NULL;
-    c->state = CS_HTTP;
-    if (verdict == 1 && c->tls_pin)
+    if (c->tls.outcome == TLS_TO_INTERCEPT) {
         intercept_tls(c);
-    else
-        tunnel_tls(c, &shim_stats[c->side.upstream].tls_tunnel_unverified,
-                   "the upstream does not verify as the app would (libcurl's checks, then the app's own store)");
+        return;
+    }
+    tunnel_tls(c, c->tls.why, c->tls.what);
+}
+
+/* The upstream's verdict came in for a connection that waited on it. */
+static void on_tls_decided(struct tls_decision *d)
+{
+    struct conn *c = (struct conn *)(void *)((char *)d - offsetof(struct conn, tls));
+    c->state = CS_HTTP;
+    act_on_tls(c);
     if (!c->dead)
         conn_update_events(c);
 }
 
-static void on_tls_probe(void *arg)
-{
-    struct tls_wait *w = arg;
-    unlink_wait(w);
-    for (int n = 0; w->waiters && n < 100000; n++) {
-        struct conn *c = w->waiters;
-        w->waiters = c->tls_next_waiter;
-        c->tls_wait = NULL;
-        tls_decided(c, verdict_of(c));
-    }
-    free(w);
-}
-
-/* The verdict is not known yet: wait for the probe of this name and address, starting it
- * if none runs. False: no probe could start. */
-static bool wait_for_probe(struct conn *c)
-{
-    struct tls_wait *w = tls_waits;
-    while (w && (w->upstream != c->side.upstream || strcasecmp(w->name, c->tls_name) || strcmp(w->where, c->tls_where)))
-        w = w->next;
-    if (!w) {
-        w = calloc(1, sizeof *w);
-        if (!w)
-            return false;
-        snprintf(w->name, sizeof w->name, "%s", c->tls_name);
-        snprintf(w->where, sizeof w->where, "%s", c->tls_where);
-        w->upstream = c->side.upstream;
-        w->probe = upstream_tls_probe(c->side.upstream, c->tls_name, &c->side.dest, c->side.dest_len, on_tls_probe, w);
-        if (!w->probe) {
-            free(w);
-            return false;
-        }
-        w->next = tls_waits;
-        tls_waits = w;
-    }
-    c->tls_wait = w;
-    c->tls_next_waiter = w->waiters;
-    w->waiters = c;
-    c->state = CS_VERIFY;
-    return true;
-}
-
-/* Whether the connection's name is one the upstream answers to: its host name, or for a
- * literal (or a ClientHello without a name) the address the app dialled. */
-static bool tls_name_for(struct conn *c, const struct tls_hello *hello, const struct upstream_rule *u)
-{
-    if (hello->sni[0]) {
-        snprintf(c->tls_name, sizeof c->tls_name, "%s", hello->sni);
-        return !strcasecmp(hello->sni, u->host);
-    }
-    const union shim_sockaddr *d = &c->side.dest;
-    const void *addr = d->sa.sa_family == AF_INET ? (const void *)&d->in.sin_addr : (const void *)&d->in6.sin6_addr;
-    return inet_ntop(d->sa.sa_family, addr, c->tls_name, sizeof c->tls_name) != NULL;
-}
-
 /* At the connection's first bytes: TLS the app encrypts itself is tunnelled, or (on an
  * intercepting upstream, from a context that trusts the shim's CA, once the upstream has
- * proved itself as that context would check it) terminated. True: the connection is
- * taken care of, or waits. */
+ * proved itself as that context would check it) terminated (tls_decide.c). True: the
+ * connection is taken care of, or waits. */
 static bool took_tls(struct conn *c)
 {
-    const struct upstream_rule *u = &E.cfg->upstreams[c->side.upstream];
-    struct upstream_stats *st = &shim_stats[c->side.upstream];
-    struct tls_hello hello;
-    enum tls_hello_result r = tls_hello_parse((const unsigned char *)buf_head(&c->side.in), buf_len(&c->side.in), &hello);
-    if (r == TLS_HELLO_NOT_TLS) {
-        c->tls_checked = true;
+    enum tls_outcome o = tls_decide(&c->tls, E.cfg, c->side.upstream, c->side.fd, &c->side.dest, c->side.dest_len,
+                                    buf_head(&c->side.in), buf_len(&c->side.in), c->side.app_eof);
+    c->tls_checked = o != TLS_NEEDS_MORE;
+    if (o == TLS_IS_NOT_TLS)
         return false;
-    }
-    if (r == TLS_HELLO_INCOMPLETE) {
-        if (c->side.app_eof || buf_len(&c->side.in) >= TLS_HELLO_MAX) {
-            c->tls_checked = true;
-            tunnel_tls(c, &st->tls_tunnel_unreadable, "a ClientHello that never completes");
-        }
-        return true;
-    }
-    c->tls_checked = true;
-    if (u->tls != TLS_INTERCEPT) {
-        tunnel_tls(c, &st->tls_tunnel_not_configured, "tls = tunnel for this upstream");
-        return true;
-    }
-    if (r == TLS_HELLO_UNREADABLE) {
-        tunnel_tls(c, &st->tls_tunnel_unreadable, "a ClientHello the shim does not read");
-        return true;
-    }
-    if (hello.has_mark && (tls_marks_number(hello.mark) & TLS_MARK_CLIENT_CERT)) {
-        tunnel_tls(c, &st->tls_tunnel_client_cert, "the app presents a client certificate");
-        return true;
-    }
-    X509_STORE *store = hello.has_mark ? tls_marks_store(hello.mark) : NULL;
-    if (!store) {
-        tunnel_tls(c, &st->tls_tunnel_no_mark, "its TLS does not trust the shim (no mark)");
-        return true;
-    }
-    if (!tls_name_for(c, &hello, u) || !hello.offers_http11) {
-        X509_STORE_free(store);
-        tunnel_tls(c, &st->tls_tunnel_unverified, hello.offers_http11 ? "a name the upstream does not go by"
-                                                                      : "ALPN without http/1.1");
-        return true;
-    }
-    upstream_dialled_text(&c->side.dest, c->tls_where, sizeof c->tls_where);
-    c->tls_store = store;
-    int verdict = verdict_of(c);
-    if (verdict != -1)
-        tls_decided(c, verdict);
-    else if (!wait_for_probe(c))
-        tls_decided(c, 0);
+    if (o == TLS_DECIDING)
+        c->state = CS_VERIFY;
+    else if (o != TLS_NEEDS_MORE)
+        act_on_tls(c);
     return true;
 }
 
@@ -927,6 +753,7 @@ static struct conn *conn_new(int engine_fd, int upstream, const union shim_socka
         own->owner = c;                /* read by the engine only, after loop_add */
     c->side.ops = &side_ops;
     store_request_init(&c->store, upstream, on_store_ready);
+    tls_decide_init(&c->tls, on_tls_decided);
     c->side.fd = engine_fd;
     c->side.upstream = upstream;
     c->side.dest = *dest;
@@ -1031,7 +858,7 @@ void engine_atfork_child(void)
     flight_forget();
     tunnel_forget();
     tls_front_forget();
-    tls_waits = NULL;                  /* their waiters were the parent's connections */
+    tls_decide_forget();
     fastpath_forget();
     stats_server_atfork_child();
     if (E.cfg && E.cfg->cache == CACHE_REDIS)
