@@ -38,13 +38,15 @@
 #include <unistd.h>
 
 enum conn_state {
-    CS_HTTP,            /* reading requests; at most one exchange in flight */
+    CS_HTTP,            /* reading requests; no exchange in flight */
     CS_UPSTREAM,        /* an exchange is in flight through libcurl */
     CS_HIT,             /* streaming a cached entry to the app */
     CS_CACHE_WAIT,      /* the cache side waits: Redis (at most redis_timeout), another
                          * request's or process's fetch (at most coalesce_timeout) */
     CS_VERIFY,          /* a ClientHello waits while the upstream's chain is checked */
+    CS_GONE,            /* closed, or handed to a tunnel or a TLS front: memory goes after the batch */
 };
+static const char *const state_names[] = { "HTTP", "UPSTREAM", "HIT", "CACHE_WAIT", "VERIFY", "GONE" };
 
 struct conn {
     struct app_side side;           /* first: what upstream.c sees of the connection */
@@ -52,7 +54,6 @@ struct conn {
     struct loop_deferred reclaim;
     enum conn_state state;
     bool closing;                   /* close once `out` has drained */
-    bool dead;                      /* closed, or handed to a tunnel */
     /* the request being answered (its bytes stay at the front of `in`) */
     size_t req_total;               /* head + body bytes */
     bool continue_sent;
@@ -96,6 +97,15 @@ static void conn_resume(struct conn *c);
 static struct conn *conn_of(struct app_side *app)
 {
     return (struct conn *)(void *)((char *)app - offsetof(struct conn, side));
+}
+
+/* ---- states: every change goes through conn_to, in the debug log by name ---- */
+
+static void conn_to(struct conn *c, enum conn_state to)
+{
+    if (c->state != to)
+        shim_debug("fd %d: %s -> %s", c->side.fd, state_names[c->state], state_names[to]);
+    c->state = to;
 }
 
 /* ---- the app side ---- */
@@ -147,30 +157,47 @@ static void unlink_conn(struct conn *c)
     pthread_mutex_unlock(&E.lock);
 }
 
+/* The one place a connection's pending work is cancelled, by what its state waits on: an
+ * exchange in flight (its fetch may go on for others), a hit being sent, the cache side's
+ * wait, the TLS verdict. The request's cache side is dropped whatever the state. */
+static void conn_cancel_pending(struct conn *c)
+{
+    switch (c->state) {
+    case CS_UPSTREAM:
+        if (!c->xfer)
+            break;
+        STAT_INC(c->side.upstream, errors_app);   /* the app left in the middle of an answer */
+        upstream_app_gone(c->xfer);
+        c->xfer = NULL;
+        break;
+    case CS_HIT:
+        STAT_INC(c->side.upstream, errors_app);
+        cache_entry_release(c->hit);
+        c->hit = NULL;
+        break;
+    case CS_VERIFY:
+    case CS_CACHE_WAIT:
+    case CS_HTTP:
+    case CS_GONE:
+        break;
+    }
+    store_request_done(&c->store);
+    tls_decide_cancel(&c->tls);
+}
+
 /* Ends the conn's part: what it holds is released and its memory goes after this batch.
  * The fd is closed unless a tunnel took it over. */
 static void conn_retire(struct conn *c, bool close_fd)
 {
-    c->dead = true;
-    if (c->xfer || c->hit)
-        STAT_INC(c->side.upstream, errors_app);   /* the app left in the middle of an answer */
-    if (c->xfer) {
-        upstream_app_gone(c->xfer);
-        c->xfer = NULL;
-    }
-    store_request_done(&c->store);
+    conn_cancel_pending(c);
+    conn_to(c, CS_GONE);
     loop_timer_cancel(&c->gate_retry);
     fdgate_engine_shut(&c->gate);
     struct fd_entry *own = fdtable_slot(c->side.fd);
     if (own && own->owner == c)
         own->owner = NULL;
-    tls_decide_cancel(&c->tls);
     tls_front_pin_release(c->side.tls_pin);
     c->side.tls_pin = NULL;
-    if (c->hit) {
-        cache_entry_release(c->hit);
-        c->hit = NULL;
-    }
     if (close_fd) {
         loop_remove(&c->src);
         fdtable_close_engine_fd(c->side.fd);
@@ -182,7 +209,7 @@ static void conn_retire(struct conn *c, bool close_fd)
 
 static void conn_close(struct conn *c)
 {
-    if (!c->dead)
+    if (c->state != CS_GONE)
         conn_retire(c, true);
 }
 
@@ -199,7 +226,7 @@ static void conn_watch_app(struct conn *c)
 
 static void conn_update_events(struct conn *c)
 {
-    if (c->dead)
+    if (c->state == CS_GONE)
         return;
     if (c->side.app_gone) {
         conn_close(c);
@@ -243,7 +270,7 @@ static void start_tunnel(struct conn *c, enum tunnel_why why)
 /* Bookkeeping when an exchange ends: drop its request bytes, record its latency. */
 static void exchange_finish(struct conn *c, bool ok, bool must_close, bool hit)
 {
-    c->state = CS_HTTP;
+    conn_to(c, CS_HTTP);
     buf_consume(&c->side.in, c->req_total);
     c->req_total = 0;
     c->continue_sent = false;
@@ -315,7 +342,7 @@ static bool serve_hit(struct conn *c, struct cache_entry *e, const struct http_r
     c->hit_off = 0;
     c->hit_len = c->side.req_is_head || not_modified ? 0 : e->body_len;
     c->hit_must_close = !c->side.req_keep_alive;
-    c->state = CS_HIT;
+    conn_to(c, CS_HIT);
     return true;
 }
 
@@ -378,9 +405,9 @@ static void act_on_tls(struct conn *c)
 static void on_tls_decided(struct tls_decision *d)
 {
     struct conn *c = (struct conn *)(void *)((char *)d - offsetof(struct conn, tls));
-    c->state = CS_HTTP;
+    conn_to(c, CS_HTTP);
     act_on_tls(c);
-    if (!c->dead)
+    if (c->state != CS_GONE)
         conn_update_events(c);
 }
 
@@ -396,7 +423,7 @@ static bool took_tls(struct conn *c)
     if (o == TLS_IS_NOT_TLS)
         return false;
     if (o == TLS_DECIDING)
-        c->state = CS_VERIFY;
+        conn_to(c, CS_VERIFY);
     else if (o != TLS_NEEDS_MORE)
         act_on_tls(c);
     return true;
@@ -406,7 +433,7 @@ static bool took_tls(struct conn *c)
  * in request order (pipelining is honoured, not parallelised). */
 static void conn_process(struct conn *c)
 {
-    while (!c->dead && c->state == CS_HTTP && !c->closing) {
+    while (c->state == CS_HTTP && !c->closing) {
         if (buf_len(&c->side.out) > OUT_SOFT / 2)
             return;                    /* the app is slow to read: wait before the next one */
         size_t avail = buf_len(&c->side.in);
@@ -484,18 +511,18 @@ static void conn_process(struct conn *c)
                 return;
             }
             if (answer == STORE_WAIT) {
-                c->state = CS_CACHE_WAIT;
+                conn_to(c, CS_CACHE_WAIT);
                 return;
             }
         }
-        c->state = CS_UPSTREAM;
+        conn_to(c, CS_UPSTREAM);
         STAT_INC(c->side.upstream, upstream_requests);
         c->side.body_left = streaming ? (uint64_t)req->content_length : 0;
         c->xfer = upstream_start(&c->side, req, buf_head(&c->side.in) + req->head_len,
                                  streaming ? (size_t)-1 : body_len, store_writer_sink(writer));
         if (!c->xfer) {
             STAT_INC(c->side.upstream, errors_upstream);
-            c->state = CS_HTTP;
+            conn_to(c, CS_HTTP);
             c->closing = true;
             return;
         }
@@ -510,9 +537,9 @@ static void conn_process(struct conn *c)
 /* A lookup the request waited for has answered: go on with it. */
 static void conn_resume(struct conn *c)
 {
-    c->state = CS_HTTP;
+    conn_to(c, CS_HTTP);
     conn_process(c);
-    if (!c->dead) {
+    if (c->state != CS_GONE) {
         if (c->state != CS_HIT)
             conn_flush(c);
         conn_update_events(c);
@@ -530,7 +557,7 @@ static void conn_exchange_done(struct conn *c, bool ok, bool must_close)
     exchange_finish(c, ok, must_close, false);
     conn_flush(c);
     conn_process(c);
-    if (c->dead)
+    if (c->state == CS_GONE)
         return;
     conn_flush(c);
     conn_update_events(c);
@@ -556,7 +583,7 @@ static void on_app_event(struct loop_source *src, uint32_t ev);
 static void on_gate_retry(struct loop_timer *timer)
 {
     struct conn *c = (struct conn *)(void *)((char *)timer - offsetof(struct conn, gate_retry));
-    if (!c->dead)
+    if (c->state != CS_GONE)
         on_app_event(&c->src, EPOLLOUT);   /* as if the app had room again */
 }
 
@@ -568,7 +595,7 @@ static void take_handoffs(void)
         struct fastpath_handoff *next = h->next;
         struct fd_entry *slot = fdtable_slot(h->engine_fd);
         struct conn *c = slot && atomic_load(&slot->kind) == FD_ENGINE ? slot->owner : NULL;
-        if (c && !c->dead && fdgate_engine_live(&c->gate, h->gen)) {   /* (the app made the loop hear it) */
+        if (c && c->state != CS_GONE && fdgate_engine_live(&c->gate, h->gen)) {   /* (the app made the loop hear it) */
             struct buf joined = { .cap = OUT_CAP + h->len };
             if (buf_append(&joined, h->data, h->len) == 0
                 && buf_append(&joined, buf_head(&c->side.out), buf_len(&c->side.out)) == 0) {
@@ -638,7 +665,7 @@ static void on_app_event(struct loop_source *src, uint32_t ev)
         upstream_body_arrived(c->xfer);
     else
         conn_process(c);
-    if (!c->dead) {
+    if (c->state != CS_GONE) {
         if (c->state != CS_HIT)
             conn_flush(c);
         conn_update_events(c);
@@ -760,7 +787,7 @@ static struct conn *conn_new(int engine_fd, int upstream, const union shim_socka
     c->side.dest_len = dest_len;
     c->side.in.cap = IN_CAP;
     c->side.out.cap = OUT_CAP;
-    c->state = CS_HTTP;
+    conn_to(c, CS_HTTP);
     pthread_mutex_lock(&E.lock);
     c->next = E.conns;
     if (E.conns)
