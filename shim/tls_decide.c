@@ -14,6 +14,7 @@
 #include "tls_hello.h"
 #include "tls_marks.h"
 #include "upstream.h"
+#include "upstream_request.h"
 #include <arpa/inet.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -13,7 +13,9 @@
 #include "upstream.h"
 #include "clock.h"
 #include "pool.h"
+#include "pool_queue.h"
 #include "tls_front.h"
+#include "upstream_request.h"
 #include "log.h"
 #include "loop.h"
 #include "real.h"
@@ -29,10 +31,7 @@
 
 enum body_mode { BODY_NONE, BODY_RAW, BODY_CHUNKED };
 
-static int format_addr(char *out, size_t n, const union shim_sockaddr *a, uint16_t *port);
 
-/* Debian's (and OpenSSL's default) directory of hashed system CA certificates */
-#define SYSTEM_CA_PATH "/etc/ssl/certs"
 
 struct transfer {
     CURL *easy;
@@ -65,26 +64,8 @@ struct transfer {
     char own_tls_host[256];         /* own.tls_host, kept here: the app's may go first */
     char check_name[256];
     char check_where[INET6_ADDRSTRLEN + 8];
-    /* the pool queue */
-    bool admitted;                  /* handed to libcurl: holds one of the upstream's slots */
-    int64_t queued_us;              /* when it started to wait (0: never waited) */
-    struct transfer *qnext, *qprev; /* while waiting, in arrival order */
+    struct pool_slot slot;          /* its place in the upstream's queue (pool_queue.c) */
 };
-
-/* Per upstream: the slots in use and the requests waiting for one, oldest first. A FIFO of
- * our own because libcurl's pending list does not promise its order (a waiter could watch
- * newer requests go ahead); libcurl's own per-host cap stays as a backstop. */
-struct pool_queue {
-    unsigned in_use;
-    struct transfer *head, *tail;
-    struct loop_timer timeout;      /* the oldest waiter's pool_queue_timeout */
-    bool pump;                      /* a slot came free: admit waiters after this event */
-};
-static struct pool_queue queues[RULES_MAX_UPSTREAMS];
-static unsigned in_use_total;
-static unsigned peak_now, peak_before;  /* in use at most, this second and the one before */
-static struct loop_timer peak_timer;
-
 
 struct curl_sock { struct loop_source src; struct loop_deferred reclaim; };
 
@@ -92,7 +73,6 @@ static const struct shim_config *cfg;
 
 static CURLM *multi;
 static struct loop_timer curl_timer;
-static void limit_idle(void);
 static CURLM *orphaned_multi;       /* a forked child's copy of the parent's: never used */
 static char scratch[HEAD_MAX + 512];
 
@@ -230,6 +210,8 @@ static int on_prereq(void *clientp, char *conn_primary_ip, char *conn_local_ip, 
     return CURL_PREREQFUNC_OK;
 }
 
+static const struct pool_queue_ops queue_ops;
+
 int upstream_init(const struct shim_config *config)
 {
     cfg = config;
@@ -241,7 +223,7 @@ int upstream_init(const struct shim_config *config)
     curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, on_curl_socket);
     curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, on_curl_timer);
     curl_multi_setopt(multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)cfg->pool_max_per_host);   /* backstop */
-    limit_idle();
+    pool_queue_init(cfg, &queue_ops);
     return 0;
 }
 
@@ -250,9 +232,7 @@ void upstream_forget(void)
     orphaned_multi = multi;
     multi = NULL;
     curl_timer.slot = 0;
-    memset(queues, 0, sizeof queues);   /* the waiters were the parent's */
-    in_use_total = peak_now = peak_before = 0;
-    peak_timer.slot = 0;
+    pool_queue_forget();
     pool_forget();
 }
 
@@ -447,152 +427,32 @@ void upstream_body_arrived(struct transfer *t)
     }
 }
 
-static int add_header(struct transfer *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int add_header(struct transfer *t, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    int k = vsnprintf(scratch, sizeof scratch, fmt, ap);
-    va_end(ap);
-    if (k < 0 || (size_t)k >= sizeof scratch)
-        return -1;
-    struct curl_slist *l = curl_slist_append(t->headers, scratch);
-    if (!l)
-        return -1;
-    t->headers = l;
-    return 0;
-}
-
-static bool named_in_connection(const struct http_request *req, struct http_slice name)
-{
-    for (size_t i = 0; i < req->nheaders; i++)
-        if (http_slice_ieq(req->headers[i].name, "connection")) {
-            char tok[64];
-            if (name.n >= sizeof tok)
-                return false;
-            memcpy(tok, name.p, name.n);
-            tok[name.n] = 0;
-            if (http_list_has_token(req->headers[i].value, tok))
-                return true;
-        }
-    return false;
-}
-
-void upstream_dialled_text(const union shim_sockaddr *a, char *out, size_t n)
-{
-    char ip[INET6_ADDRSTRLEN + 2];
-    uint16_t port;
-    format_addr(ip, sizeof ip, a, &port);
-    snprintf(out, n, "%s:%u", ip, port);
-}
-
-static int format_addr(char *out, size_t n, const union shim_sockaddr *a, uint16_t *port)
-{
-    char ip[INET6_ADDRSTRLEN];
-    if (a->sa.sa_family == AF_INET) {
-        inet_ntop(AF_INET, &a->in.sin_addr, ip, sizeof ip);
-        *port = ntohs(a->in.sin_port);
-        return snprintf(out, n, "%s", ip);
-    }
-    if (IN6_IS_ADDR_V4MAPPED(&a->in6.sin6_addr))
-        inet_ntop(AF_INET, a->in6.sin6_addr.s6_addr + 12, ip, sizeof ip);
-    else
-        inet_ntop(AF_INET6, &a->in6.sin6_addr, ip, sizeof ip);
-    *port = ntohs(a->in6.sin6_port);
-    return snprintf(out, n, strchr(ip, ':') ? "[%s]" : "%s", ip);
-}
-
-/* libcurl's full verification (peer and host name), against the system store plus the
- * rule's tls_ca_file */
-static void verify_tls(CURL *e, const struct upstream_rule *u)
-{
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
-    if (u->tls_ca_file[0]) {
-        curl_easy_setopt(e, CURLOPT_CAINFO, u->tls_ca_file);
-        curl_easy_setopt(e, CURLOPT_CAPATH, SYSTEM_CA_PATH);
-    }
-}
-
-/* The transfer's URL (scheme://host:port/), and with pin, the address libcurl connects to
- * for it: the one the app dialled. */
-static int aim(struct transfer *t, const char *scheme, const char *host, unsigned port, const union shim_sockaddr *pin)
-{
-    bool v6 = strchr(host, ':') != NULL;
-    snprintf(scratch, sizeof scratch, v6 ? "%s://[%s]:%u/" : "%s://%s:%u/", scheme, host, port);
-    curl_easy_setopt(t->easy, CURLOPT_URL, scratch);
-    if (!pin)
-        return 0;
-    char ip[INET6_ADDRSTRLEN + 2];
-    uint16_t pport;
-    format_addr(ip, sizeof ip, pin, &pport);
-    snprintf(scratch, sizeof scratch, v6 ? "[%s]:%u:%s:%u" : "%s:%u:%s:%u", host, port, ip, pport);
-    t->connect_to = curl_slist_append(NULL, scratch);
-    if (!t->connect_to)
-        return -1;
-    curl_easy_setopt(t->easy, CURLOPT_CONNECT_TO, t->connect_to);
-    return 0;
-}
-
+/* The easy handle for app's request (upstream_request.c), wired to this transfer. */
 static int build(struct transfer *t, const struct http_request *req, const char *body, size_t body_len)
 {
     struct app_side *c = t->app;
     const struct upstream_rule *u = &cfg->upstreams[c->upstream];
     CURL *e = t->easy;
+    struct http_slice etag = { 0 }, last_modified = { 0 };
+    if (t->sink)
+        t->sink->ops->validators(t->sink, &etag, &last_modified);
+    struct upreq_where where = { .scheme = "http", .host = u->host, .port = u->port, .pin = &c->dest };
     if (c->tls_host) {
         /* the app's own TLS was terminated: the leg to the upstream is TLS again, for the
          * name the app asked for, pinned to the address it dialled, verified by libcurl,
          * and held to what the app's own verdict approved before any byte is sent */
-        if (!c->tls_pin || aim(t, "https", c->tls_host, u->port, &c->dest) != 0)
+        if (!c->tls_pin)
             return -1;
-        verify_tls(e, u);
+        where = (struct upreq_where){ "https", c->tls_host, u->port, &c->dest, true };
         t->pin = tls_front_pin_ref(c->tls_pin);   /* checked in on_prereq */
     } else if (u->origin_https) {
         /* the app's plain HTTP, carried over TLS to the origin, verified as strictly as
          * libcurl verifies by default: the system store, plus the rule's tls_ca_file */
-        if (aim(t, "https", u->origin_host, u->origin_port, NULL) != 0)
-            return -1;
-        verify_tls(e, u);
-    } else if (aim(t, "http", u->host, u->port, &c->dest) != 0) {
-        return -1;
+        where = (struct upreq_where){ "https", u->origin_host, u->origin_port, NULL, true };
     }
-    snprintf(scratch, sizeof scratch, "%.*s", (int)req->target.n, req->target.p);
-    curl_easy_setopt(e, CURLOPT_REQUEST_TARGET, scratch);
-
-    struct http_slice etag = { 0 }, last_modified = { 0 };
-    if (t->sink)
-        t->sink->ops->validators(t->sink, &etag, &last_modified);
-    bool own_validators = etag.n || last_modified.n;
-    bool has_accept = false, has_type = false;
-    for (size_t i = 0; i < req->nheaders; i++) {
-        struct http_slice n = req->headers[i].name, v = req->headers[i].value;
-        if (http_is_hop_by_hop(n) || http_slice_ieq(n, "content-length") || http_slice_ieq(n, "expect")
-            || named_in_connection(req, n))
-            continue;
-        if (own_validators && (http_slice_ieq(n, "if-none-match") || http_slice_ieq(n, "if-modified-since")))
-            continue;                  /* the cache's go instead: the answer is for its entry */
-        has_accept |= http_slice_ieq(n, "accept");
-        has_type |= http_slice_ieq(n, "content-type");
-        /* "Name;" is libcurl's spelling of a header with an empty value */
-        int rc = v.n ? add_header(t, "%.*s: %.*s", (int)n.n, n.p, (int)v.n, v.p) : add_header(t, "%.*s;", (int)n.n, n.p);
-        if (rc)
-            return -1;
-    }
-    if ((etag.n && add_header(t, "If-None-Match: %.*s", (int)etag.n, etag.p))
-        || (last_modified.n && add_header(t, "If-Modified-Since: %.*s", (int)last_modified.n, last_modified.p)))
+    if (upreq_build(e, cfg, u, &where, req, etag, last_modified, &t->headers, &t->connect_to) != 0)
         return -1;
-    if ((!has_accept && add_header(t, "Accept:")) || add_header(t, "Expect:")
-        || (!req->has_host && add_header(t, "Host:")) || (!has_type && add_header(t, "Content-Type:")))
-        return -1;
-    curl_easy_setopt(e, CURLOPT_HTTPHEADER, t->headers);
-
-    if (http_method_is(req, "HEAD")) {
-        curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
-    } else if (http_method_is(req, "GET") && req->content_length < 0) {
-        curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
-    } else {
-        snprintf(scratch, sizeof scratch, "%.*s", (int)req->method.n, req->method.p);
-        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, scratch);
+    if (!http_method_is(req, "HEAD") && !(http_method_is(req, "GET") && req->content_length < 0)) {
         if (body_len == (size_t)-1) {
             curl_easy_setopt(e, CURLOPT_POST, 1L);
             curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)c->body_left);
@@ -603,17 +463,6 @@ static int build(struct transfer *t, const struct http_request *req, const char 
             curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, body_len ? body : "");
         }
     }
-    curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
-    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(e, CURLOPT_PROXY, "");
-    curl_easy_setopt(e, CURLOPT_PATH_AS_IS, 1L);
-    curl_easy_setopt(e, CURLOPT_HTTP_CONTENT_DECODING, 0L);
-    curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
-    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)cfg->upstream_timeout_ms);
-    long secs = (long)((cfg->upstream_timeout_ms + 999) / 1000);
-    curl_easy_setopt(e, CURLOPT_LOW_SPEED_LIMIT, 1L);
-    curl_easy_setopt(e, CURLOPT_LOW_SPEED_TIME, secs);
-    curl_easy_setopt(e, CURLOPT_MAXAGE_CONN, (long)((cfg->pool_idle_timeout_ms + 999) / 1000));
     curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, open_socket);
     curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, t);
     curl_easy_setopt(e, CURLOPT_PREREQFUNCTION, on_prereq);
@@ -627,98 +476,30 @@ static int build(struct transfer *t, const struct http_request *req, const char 
     return 0;
 }
 
-/* libcurl counts busy connections in its cache too, and closes the oldest idle one when a
- * connection comes back to a full cache. Room for the busy ones alone would churn under
- * load (a burst of completions leaves many idle for an instant, they are closed, and the
- * next requests connect again), so the room is the busiest the pool has been in the last
- * one to two seconds, plus pool_idle_max per upstream: idle connections beyond that are
- * closed once the load has gone down. */
-static void limit_idle(void)
+/* ---- the queue's side of a transfer (pool_queue.c) ---- */
+
+static struct transfer *transfer_of(struct pool_slot *s)
 {
-    unsigned busy = peak_now > peak_before ? peak_now : peak_before;
-    if (in_use_total > busy)
-        busy = in_use_total;
-    long keep = (long)busy + (long)cfg->pool_idle_max * (long)cfg->n_upstreams;
-    curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, keep > 0 ? keep : 1L);
+    return (struct transfer *)(void *)((char *)s - offsetof(struct transfer, slot));
 }
 
-static void on_peak_second(struct loop_timer *timer)
+static int admit(struct pool_slot *s)
 {
-    peak_before = peak_now;
-    peak_now = in_use_total;
-    limit_idle();
-    if (peak_before || in_use_total)
-        loop_timer_arm(timer, 1000, on_peak_second);
+    return curl_multi_add_handle(multi, transfer_of(s)->easy) == CURLM_OK ? 0 : -1;
 }
 
-static int admit(struct transfer *t)
+static void fail_waiter(struct pool_slot *s);
+
+static void keep_connections(long n)
 {
-    if (curl_multi_add_handle(multi, t->easy) != CURLM_OK)
-        return -1;
-    int up = t->app->upstream;
-    t->admitted = true;
-    queues[up].in_use++;
-    in_use_total++;
-    if (in_use_total > peak_now)
-        peak_now = in_use_total;
-    if (!loop_timer_armed(&peak_timer))
-        loop_timer_arm(&peak_timer, 1000, on_peak_second);
-    limit_idle();
-    if (t->queued_us)
-        stats_observe_queue_wait(up, clock_mono_us() - t->queued_us);
-    return 0;
+    curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, n);
 }
 
-static void unqueue(struct transfer *t)
-{
-    struct pool_queue *q = &queues[t->app->upstream];
-    if (t->qprev)
-        t->qprev->qnext = t->qnext;
-    else
-        q->head = t->qnext;
-    if (t->qnext)
-        t->qnext->qprev = t->qprev;
-    else
-        q->tail = t->qprev;
-    t->qnext = t->qprev = NULL;
-    STAT_DEC(t->app->upstream, queue_waiting);
-}
-
-static bool queued(const struct transfer *t)
-{
-    return t->queued_us && !t->admitted;
-}
-
-static void on_queue_timeout(struct loop_timer *timer);
-
-static void arm_queue_timeout(struct pool_queue *q)
-{
-    if (!q->head) {
-        loop_timer_cancel(&q->timeout);
-        return;
-    }
-    int64_t now = clock_mono_us();
-    int64_t due_ms = (q->head->queued_us - now) / 1000 + cfg->pool_queue_timeout_ms;
-    int64_t probe = pool_probe_started_us((int)(q - queues));
-    if (probe) {                       /* look again when the probe stops holding the queue */
-        int64_t hold_ms = (probe - now) / 1000 + POOL_PROBE_HOLD_MS + 1;
-        if (hold_ms < due_ms)
-            due_ms = hold_ms;
-    }
-    loop_timer_arm(&q->timeout, due_ms > 0 ? due_ms : 0, on_queue_timeout);
-}
+static const struct pool_queue_ops queue_ops = { admit, fail_waiter, keep_connections };
 
 static void transfer_free(struct transfer *t)
 {
-    if (queued(t))
-        unqueue(t);
-    if (t->admitted) {
-        struct pool_queue *q = &queues[t->app->upstream];
-        q->in_use--;
-        in_use_total--;
-        q->pump = q->head != NULL;
-        limit_idle();
-    }
+    pool_queue_leave(&t->slot);
     if (t->app && !t->is_probe) {
         STAT_DEC(t->app->upstream, in_flight);
         if (t->connected)
@@ -753,25 +534,10 @@ static struct transfer *start(struct transfer *t, struct app_side *c, const stru
         transfer_free(t);
         return NULL;
     }
-    struct pool_queue *q = &queues[c->upstream];
-    if (q->in_use < cfg->pool_max_per_host && !q->head && !pool_probe_holds(c->upstream)) {
-        if (admit(t) != 0) {
-            transfer_free(t);
-            return NULL;
-        }
-        return t;
+    if (pool_queue_enter(&t->slot, c->upstream, c->fd) != 0) {
+        transfer_free(t);
+        return NULL;
     }
-    t->queued_us = clock_mono_us();     /* behind every earlier waiter */
-    t->qprev = q->tail;
-    if (q->tail)
-        q->tail->qnext = t;
-    else
-        q->head = t;
-    q->tail = t;
-    STAT_INC(c->upstream, queue_waiting);
-    STAT_INC(c->upstream, queue_waits);
-    if (q->head == t)
-        arm_queue_timeout(q);
     return t;
 }
 
@@ -828,8 +594,9 @@ bool upstream_refresh(const struct app_side *app, const struct http_request *req
 
 /* A waiter the shim gives up on: its exchange fails before any response, and the app's
  * connection is closed, as a reset would close it. */
-static void fail_waiter(struct transfer *t)
+static void fail_waiter(struct pool_slot *s)
 {
+    struct transfer *t = transfer_of(s);
     struct app_side *app = t->app;
     bool detached = t->detached;
     t->sink_end = SINK_DROPPED;
@@ -838,43 +605,9 @@ static void fail_waiter(struct transfer *t)
         app->ops->exchange_done(app, EXCHANGE_UNANSWERED, true);
 }
 
-static void on_queue_timeout(struct loop_timer *timer)
-{
-    struct pool_queue *q = (struct pool_queue *)(void *)((char *)timer - offsetof(struct pool_queue, timeout));
-    int64_t oldest_allowed = clock_mono_us() - cfg->pool_queue_timeout_ms * 1000;
-    for (int n = 0; q->head && q->head->queued_us <= oldest_allowed && n < 100000; n++) {
-        struct transfer *t = q->head;
-        STAT_INC(t->app->upstream, queue_timeouts);
-        shim_debug("fd %d: waited pool_queue_timeout for an upstream connection: closed", t->app->fd);
-        fail_waiter(t);
-    }
-    q->pump = q->head != NULL;         /* a probe may have stopped holding it */
-    arm_queue_timeout(q);
-}
-
-/* Slots came free: the oldest waiters get them. */
-static void pump_queues(void)
-{
-    for (size_t up = 0; up < cfg->n_upstreams; up++) {
-        struct pool_queue *q = &queues[up];
-        if (pool_probe_settled((int)up))
-            q->pump = true;
-        if (!q->pump || pool_probe_holds((int)up))
-            continue;
-        q->pump = false;
-        while (q->head && q->in_use < cfg->pool_max_per_host) {
-            struct transfer *t = q->head;
-            unqueue(t);
-            if (admit(t) != 0)
-                fail_waiter(t);
-        }
-        arm_queue_timeout(q);
-    }
-}
-
 void upstream_abort(struct transfer *t)
 {
-    if (t->admitted)
+    if (t->slot.admitted)
         curl_multi_remove_handle(multi, t->easy);
     transfer_free(t);
 }
@@ -934,7 +667,8 @@ void *upstream_tls_probe(int upstream, const char *host, const union shim_sockad
     t->probe_arg = arg;
     upstream_dialled_text(dest, t->check_where, sizeof t->check_where);
     t->easy = curl_easy_init();
-    if (!t->easy || aim(t, "https", host, u->port, dest) != 0) {
+    const struct upreq_where where = { "https", host, u->port, dest, true };
+    if (!t->easy || upreq_aim(t->easy, &where, &t->connect_to) != 0) {
         transfer_free(t);
         return NULL;
     }
@@ -942,7 +676,7 @@ void *upstream_tls_probe(int upstream, const char *host, const union shim_sockad
     curl_easy_setopt(e, CURLOPT_CONNECT_ONLY, 1L);
     /* a resumed session shows no certificate: the probe must see the chain */
     curl_easy_setopt(e, CURLOPT_SSL_SESSIONID_CACHE, 0L);
-    verify_tls(e, u);
+    upreq_verify_tls(e, u);
     curl_easy_setopt(e, CURLOPT_SSL_CTX_FUNCTION, tls_front_probe_ctx);
     curl_easy_setopt(e, CURLOPT_SSL_CTX_DATA, &t->check);
     curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
@@ -1040,5 +774,5 @@ void upstream_reap(void)
         if (!detached)                 /* a detached transfer's side went with it */
             c->ops->exchange_done(c, c->app_gone && how != EXCHANGE_OK ? EXCHANGE_FAILED : how, must_close);
     }
-    pump_queues();
+    pool_queue_pump();
 }

@@ -68,7 +68,4 @@ typedef void (*upstream_tls_probe_fn)(void *arg);
 void *upstream_tls_probe(int upstream, const char *host, const union shim_sockaddr *dest, socklen_t dest_len,
                          upstream_tls_probe_fn done, void *arg);
 void upstream_tls_probe_cancel(void *probe);
-/* The address and port dialled, as the kept TLS verdicts name them ("1.2.3.4:443",
- * "[::1]:443"). */
-void upstream_dialled_text(const union shim_sockaddr *a, char *out, size_t n);
 #endif

@@ -1,0 +1,36 @@
+/* upstream_request.h — what the upstream is sent (upstream_request.c): the app's request
+ * rewritten for libcurl, aimed at the address the app dialled. */
+#ifndef HTTPSHIM_UPSTREAM_REQUEST_H
+#define HTTPSHIM_UPSTREAM_REQUEST_H
+#include <curl/curl.h>
+#include <stdbool.h>
+#include "fdtable.h"
+#include "http.h"
+#include "rules.h"
+
+/* Where a transfer goes: its URL's scheme, host and port, the address libcurl must
+ * connect to for it (NULL: resolve the host), and whether it is TLS libcurl verifies. */
+struct upreq_where {
+    const char *scheme, *host;
+    unsigned port;
+    const union shim_sockaddr *pin;
+    bool verify;
+};
+
+/* The URL and the pin (*connect_to: a list the caller frees). */
+int upreq_aim(CURL *e, const struct upreq_where *w, struct curl_slist **connect_to);
+/* libcurl's full verification (peer and host name), against the system store plus the
+ * rule's tls_ca_file. */
+void upreq_verify_tls(CURL *e, const struct upstream_rule *u);
+/* Everything about the request but its body and the transfer's callbacks: the URL, pin and
+ * verification, the target as the app wrote it, its headers minus hop-by-hop ones (and
+ * with the cache's own validators instead of the app's conditionals, when it has some),
+ * none of libcurl's own additions, the method, and the connection's limits. *headers and
+ * *connect_to are the caller's to free, also on failure. */
+int upreq_build(CURL *e, const struct shim_config *cfg, const struct upstream_rule *u, const struct upreq_where *w,
+                const struct http_request *req, struct http_slice etag, struct http_slice last_modified,
+                struct curl_slist **headers, struct curl_slist **connect_to);
+/* The address and port dialled, as the kept TLS verdicts name them ("1.2.3.4:443",
+ * "[::1]:443"). */
+void upstream_dialled_text(const union shim_sockaddr *a, char *out, size_t n);
+#endif
