@@ -1,9 +1,13 @@
-/* hooks.c — owns interposition: the exported libc symbols, loading the configuration
- * once, and diverting matching connects into the engine. Everything that is not a
- * configured upstream, and every call made on the engine thread, goes straight to the
- * real functions (real.c). errno is preserved on every path that does not fail. */
+/* hooks.c — owns interposition of a socket's life: socket (the record that spares
+ * connect its questions to the kernel), connect (diverting matching connects into the
+ * engine, or connecting for real while the pool is cold), epoll_ctl registrations made
+ * before connect, close, dup and fcntl (keeping the fd table right, never letting the app
+ * close the engine's fds), fork, and the library's constructor. The rest of what the app
+ * asks of a diverted fd is hooks_io.c's. Everything that is not a configured upstream, and
+ * every call made on the engine thread, goes straight to the real functions (real.c).
+ * errno is preserved on every path that does not fail. */
 #include "hooks.h"
-#include "clock.h"
+#include "config.h"
 #include "engine.h"
 #include "exited.h"
 #include "fdtable.h"
@@ -29,110 +33,6 @@
 
 #define SHIM_EXPORT __attribute__((visibility("default")))
 
-static pthread_once_t config_once = PTHREAD_ONCE_INIT;
-static struct shim_config *config;   /* NULL: inert */
-static _Atomic bool config_tried;    /* load_config ran: a NULL config is inert for good */
-
-/* HTTPSHIM_CONF as it was when the library loaded: servers scrub their workers'
- * environment (clearenv, a whitelisting master) long before the first connect. */
-static char conf_path[4096];
-static enum { ENV_UNREAD, ENV_READ, ENV_TOO_LONG } conf_env;
-
-static void capture_environment(void)
-{
-    const char *path = getenv("HTTPSHIM_CONF");
-    size_t n = path ? strlen(path) : 0;
-    if (n < sizeof conf_path) {
-        memcpy(conf_path, path ? path : "", n + 1);
-        conf_env = ENV_READ;
-    } else {
-        conf_env = ENV_TOO_LONG;
-    }
-    shim_debug_enable(getenv("HTTPSHIM_DEBUG") != NULL);
-    clock_enable_test(getenv("HTTPSHIM_TEST_CLOCK") && !strcmp(getenv("HTTPSHIM_TEST_CLOCK"), "1"));
-}
-
-/* The rules are read and parsed in the constructor, with the privileges and the file
- * system the process starts with: a master that reads them as root, then drops to
- * `nobody` and forks its workers, hands the workers a parsed configuration (reading it
- * at their first connect, they would find it unreadable). What must wait for the first
- * connect waits: the fd table, name resolution, the engine. */
-static pthread_once_t read_once = PTHREAD_ONCE_INIT;
-static struct shim_config *parsed;    /* NULL: nothing to shim in this process */
-static char inert_reason[sizeof conf_path + RULES_ERR_MAX];   /* why not, when it is an error */
-
-static void read_config(void)
-{
-    if (conf_env == ENV_UNREAD)        /* a hook ran before the constructor */
-        capture_environment();
-    if (conf_env == ENV_TOO_LONG) {
-        snprintf(inert_reason, sizeof inert_reason, "HTTPSHIM_CONF is longer than %zu bytes", sizeof conf_path - 1);
-        return;
-    }
-    const char *path = conf_path[0] ? conf_path : "/etc/httpshim/rules.conf";
-    struct shim_config *cfg = calloc(1, sizeof *cfg);
-    if (!cfg) {
-        snprintf(inert_reason, sizeof inert_reason, "%s: no memory to read it", path);
-        return;
-    }
-    char err[RULES_ERR_MAX];
-    if (rules_load(path, cfg, err) != 0) {
-        int why = errno;
-        if (err[0])
-            snprintf(inert_reason, sizeof inert_reason, "%s", err);
-        else if (why != ENOENT || conf_path[0])   /* only an unset default path is silent */
-            snprintf(inert_reason, sizeof inert_reason, "%s: %s", path, strerror(why));
-        rules_free(cfg);
-        free(cfg);
-        return;
-    }
-    parsed = cfg;
-}
-
-static void read_config_once(void) { pthread_once(&read_once, read_config); }
-
-/* At the first use: one line on stderr and a record for `httpshim stats` when the rules
- * could not be read, else the parsed rules made live. */
-static void load_config(void)
-{
-    read_config_once();
-    if (!parsed) {
-        if (inert_reason[0]) {
-            char line[sizeof inert_reason + 64];
-            int n = snprintf(line, sizeof line, "httpshim: %s (the shim is inert in this process)\n", inert_reason);
-            ssize_t w = write(2, line, n > 0 && (size_t)n < sizeof line ? (size_t)n : strlen(line));
-            (void)w;
-            exited_write_inert(inert_reason);
-        }
-        return;
-    }
-    if (parsed->n_upstreams == 0 || fdtable_init() != 0)
-        return;
-    rules_resolve_all(parsed, real_getaddrinfo);
-    config = parsed;
-}
-
-static void load_config_once(void)
-{
-    load_config();
-    atomic_store(&config_tried, true);
-}
-
-static struct shim_config *config_get(void)
-{
-    if (shim_in_engine)
-        return config;
-    int saved = errno;
-    real_bind();
-    if (!real_bound())
-        return NULL;                   /* a call from inside dlsym: stay out of the way */
-    pthread_once(&config_once, load_config_once);
-    errno = saved;
-    return config;
-}
-
-struct shim_config *hooks_config(void) { return config_get(); }
-
 static void atfork_prepare(void) { engine_atfork_prepare(); }
 static void atfork_parent(void)
 {
@@ -143,10 +43,10 @@ static void atfork_child(void) { engine_atfork_child(); }
 
 __attribute__((constructor)) static void shim_constructor(void)
 {
-    capture_environment();
+    config_capture_environment();
     real_bind();
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
-    read_config_once();
+    config_read_once();
 }
 
 /* ---- socket: the record that spares connect its questions to the kernel ---- */
@@ -158,7 +58,7 @@ static struct fd_entry *made_tcp(int fd)
 }
 
 /* A real connect (or its attempt): never a fresh socket again. */
-static void note_connected(int fd)
+void hooks_note_connected(int fd)
 {
     struct fd_entry *e = made_tcp(fd);
     if (e)
@@ -193,7 +93,7 @@ SHIM_EXPORT int socket(int domain, int type, int protocol)
     int fd = real_socket(domain, type, protocol);
     /* the table is mapped here, not only with the rules: a socket is made before the
      * first connect loads them; a process known to be inert keeps no record */
-    if (fd < 0 || shim_in_engine || (atomic_load_explicit(&config_tried, memory_order_relaxed) && !config)
+    if (fd < 0 || shim_in_engine || config_known_inert()
         || fdtable_init() != 0)
         return fd;
     struct fd_entry *e = fdtable_slot(fd);
@@ -233,7 +133,7 @@ static void note_fcntl(int fd, int cmd, void *arg)
         e->made_extras |= MADE_SET_OWNER;
 }
 
-static void note_ioctl(int fd, unsigned long req, const void *arg)
+void hooks_note_ioctl(int fd, unsigned long req, const void *arg)
 {
     int on = 0;
     if ((req == FIONBIO || req == FIOASYNC) && arg)
@@ -253,7 +153,7 @@ static void note_ioctl(int fd, unsigned long req, const void *arg)
     }
 }
 
-static void note_sockopt(int fd, int level, int name)
+void hooks_note_sockopt(int fd, int level, int name)
 {
     struct fd_entry *e = level == SOL_SOCKET ? made_tcp(fd) : NULL;
     if (e && (name == SO_RCVTIMEO || name == SO_SNDTIMEO || name == SO_PASSCRED || name == SO_PRIORITY
@@ -356,7 +256,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
                   int *kept_tcp)
 {
     struct fd_entry *e = fdtable_slot(fd);
-    if (!e || len > sizeof(union shim_sockaddr) || engine_ensure_started(config) != 0)
+    if (!e || len > sizeof(union shim_sockaddr) || engine_ensure_started(config_loaded()) != 0)
         return -1;
     int sv[2];
     /* both ends non-blocking: the engine's end stays so, the app's gets the app's flags */
@@ -437,8 +337,8 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
         struct epoll_event ev = regs[i].ev;
         real_epoll_ctl(regs[i].epfd, EPOLL_CTL_ADD, fd, &ev);
     }
-    shim_debug("fd %d diverted to upstream %s:%u", fd, config->upstreams[upstream].host,
-               config->upstreams[upstream].port);
+    shim_debug("fd %d diverted to upstream %s:%u", fd, config_loaded()->upstreams[upstream].host,
+               config_loaded()->upstreams[upstream].port);
     return 0;
 }
 
@@ -472,9 +372,8 @@ static void probe_connected(int fd, int up, const union shim_sockaddr *dest, soc
     pool_end_probe(up, tcp, dest, held);
 }
 
-enum divert_result { NOT_OURS, DIVERTED, FAILED, PROBE_CONNECTED, PROBING };
 
-static enum divert_result try_divert(int fd, const struct sockaddr *addr, socklen_t len, bool *nonblock,
+enum divert_result hooks_try_divert(int fd, const struct sockaddr *addr, socklen_t len, bool *nonblock,
                                      bool may_probe)
 {
     if (shim_in_engine || !addr)
@@ -496,7 +395,7 @@ static enum divert_result try_divert(int fd, const struct sockaddr *addr, sockle
     /* an upstream reached at another origin: the app's own address may not even answer */
     enum pool_probe probe = POOL_PROBE_SAME;
     if (may_probe && !cfg->upstreams[up].origin_https && !pool_has_live_connection(up, addr)
-        && engine_ensure_started(config) == 0)
+        && engine_ensure_started(config_loaded()) == 0)
         probe = pool_begin_probe(up, addr);
     if (probe == POOL_PROBE_SAME)
         return divert(fd, up, addr, len, &facts, NULL) == 0 ? DIVERTED : NOT_OURS;
@@ -537,7 +436,7 @@ static enum divert_result try_divert(int fd, const struct sockaddr *addr, sockle
 
 /* A non-blocking probe the app asks about (SO_ERROR, or connect again): once connected,
  * divert; on an error, the app sees it and the fd is ours no more. */
-static void probe_settled(int fd, struct fd_entry *e, int err)
+void hooks_probe_settled(int fd, struct fd_entry *e, int err)
 {
     if (err) {
         count_connect_error(e->upstream, err);
@@ -573,18 +472,18 @@ SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
         int rc = real_connect(fd, addr, len);
         int err = errno;
         if (rc == 0 || err == EISCONN)
-            probe_settled(fd, probing, 0);
+            hooks_probe_settled(fd, probing, 0);
         else if (err != EALREADY && err != EINPROGRESS)
-            probe_settled(fd, probing, err);
+            hooks_probe_settled(fd, probing, err);
         errno = err;
         return rc;
     }
-    switch (try_divert(fd, addr, len, &nonblock, true)) {
+    switch (hooks_try_divert(fd, addr, len, &nonblock, true)) {
     case FAILED:
     case PROBING:
         return -1;
     case NOT_OURS:
-        note_connected(fd);
+        hooks_note_connected(fd);
         errno = saved;
         return real_connect(fd, addr, len);
     case PROBE_CONNECTED:
@@ -599,328 +498,6 @@ SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
     }
     errno = saved;
     return 0;
-}
-
-/* ---- writes: on a diverted fd they pass the gate, and a hit may be answered inline ---- */
-
-struct write_call { int fd; const void *buf; size_t n; int flags; const struct msghdr *msg; const struct iovec *iov;
-                    int iovcnt; int kind; };
-enum { CALL_WRITE, CALL_SEND, CALL_SENDMSG, CALL_WRITEV };
-
-static ssize_t do_real_write(void *arg)
-{
-    const struct write_call *w = arg;
-    switch (w->kind) {
-    case CALL_SEND: return real_send(w->fd, w->buf, w->n, w->flags);
-    case CALL_SENDMSG: return real_sendmsg(w->fd, w->msg, w->flags);
-    case CALL_WRITEV: return real_writev(w->fd, w->iov, w->iovcnt);
-    default: return real_write(w->fd, w->buf, w->n);
-    }
-}
-
-static ssize_t diverted_write(int fd, struct fd_entry *e, struct write_call *w)
-{
-    struct iovec one = { (void *)w->buf, w->n };
-    const struct iovec *iov = w->kind == CALL_SENDMSG ? w->msg->msg_iov : w->kind == CALL_WRITEV ? w->iov : &one;
-    int cnt = w->kind == CALL_SENDMSG ? (int)w->msg->msg_iovlen : w->kind == CALL_WRITEV ? w->iovcnt : 1;
-    return fastpath_write(config, fd, e, iov, cnt, do_real_write, w);
-}
-
-SHIM_EXPORT ssize_t write(int fd, const void *buf, size_t n)
-{
-    struct fd_entry *e = fdtable_if_diverted(fd);
-    if (__builtin_expect(!e || shim_in_engine, 1))
-        return real_write(fd, buf, n);
-    struct write_call w = { .fd = fd, .buf = buf, .n = n, .kind = CALL_WRITE };
-    return diverted_write(fd, e, &w);
-}
-
-SHIM_EXPORT ssize_t send(int fd, const void *buf, size_t n, int flags)
-{
-    struct fd_entry *e = fdtable_if_diverted(fd);
-    if (__builtin_expect(!e || shim_in_engine, 1) || (flags & (MSG_OOB | MSG_FASTOPEN)))
-        return real_send(fd, buf, n, flags);
-    struct write_call w = { .fd = fd, .buf = buf, .n = n, .flags = flags, .kind = CALL_SEND };
-    return diverted_write(fd, e, &w);
-}
-
-SHIM_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
-{
-    struct fd_entry *e = fdtable_if_diverted(fd);
-    if (__builtin_expect(!e || shim_in_engine, 1) || !msg || msg->msg_name || msg->msg_controllen
-        || (flags & (MSG_OOB | MSG_FASTOPEN)))
-        return real_sendmsg(fd, msg, flags);
-    struct write_call w = { .fd = fd, .msg = msg, .flags = flags, .kind = CALL_SENDMSG };
-    return diverted_write(fd, e, &w);
-}
-
-SHIM_EXPORT ssize_t writev(int fd, const struct iovec *iov, int iovcnt)
-{
-    struct fd_entry *e = fdtable_if_diverted(fd);
-    if (__builtin_expect(!e || shim_in_engine, 1) || iovcnt <= 0)
-        return real_writev(fd, iov, iovcnt);
-    struct write_call w = { .fd = fd, .iov = iov, .iovcnt = iovcnt, .kind = CALL_WRITEV };
-    return diverted_write(fd, e, &w);
-}
-
-SHIM_EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr, socklen_t len)
-{
-    real_bind();
-    if (!addr && !(flags & (MSG_OOB | MSG_FASTOPEN)) && !shim_in_engine) {   /* a connected send */
-        struct fd_entry *e = fdtable_if_diverted(fd);
-        if (e) {
-            struct write_call w = { .fd = fd, .buf = buf, .n = n, .flags = flags, .kind = CALL_SEND };
-            return diverted_write(fd, e, &w);
-        }
-    }
-    if (!(flags & MSG_FASTOPEN) || shim_in_engine)
-        return real_sendto(fd, buf, n, flags, addr, len);
-    int saved = errno;
-    bool nonblock = false;
-    enum divert_result r = try_divert(fd, addr, len, &nonblock, false);
-    if (r == FAILED)
-        return -1;
-    errno = saved;
-    if (r == NOT_OURS) {
-        note_connected(fd);            /* a fast-open send connects */
-        return real_sendto(fd, buf, n, flags, addr, len);
-    }
-    return real_sendto(fd, buf, n, flags & ~MSG_FASTOPEN, NULL, 0);
-}
-
-/* ---- name resolution: learn which addresses the app uses for a listed host ---- */
-
-SHIM_EXPORT int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints, struct addrinfo **res)
-{
-    real_bind();
-    int rc = real_getaddrinfo(node, service, hints, res);
-    if (rc != 0 || !node || shim_in_engine)
-        return rc;
-    int saved = errno;
-    struct shim_config *cfg = config_get();
-    if (cfg && rules_name_is_listed(cfg, node))
-        for (const struct addrinfo *ai = *res; ai; ai = ai->ai_next) {
-            if (ai->ai_family == AF_INET)
-                rules_learn(cfg, node, AF_INET, &((const struct sockaddr_in *)(const void *)ai->ai_addr)->sin_addr);
-            else if (ai->ai_family == AF_INET6)
-                rules_learn(cfg, node, AF_INET6, &((const struct sockaddr_in6 *)(const void *)ai->ai_addr)->sin6_addr);
-        }
-    errno = saved;
-    return rc;
-}
-
-static void learn_hostent(const char *name, const struct hostent *h)
-{
-    if (!h || !name || shim_in_engine)
-        return;
-    int saved = errno;
-    struct shim_config *cfg = config_get();
-    if (cfg && rules_name_is_listed(cfg, name) && (h->h_addrtype == AF_INET || h->h_addrtype == AF_INET6))
-        for (char **a = h->h_addr_list; a && *a; a++)
-            rules_learn(cfg, name, h->h_addrtype, *a);
-    errno = saved;
-}
-
-SHIM_EXPORT struct hostent *gethostbyname(const char *name)
-{
-    real_bind();
-    struct hostent *h = real_gethostbyname(name);
-    learn_hostent(name, h);
-    return h;
-}
-
-SHIM_EXPORT struct hostent *gethostbyname2(const char *name, int af)
-{
-    real_bind();
-    struct hostent *h = real_gethostbyname2(name, af);
-    learn_hostent(name, h);
-    return h;
-}
-
-SHIM_EXPORT int gethostbyname_r(const char *name, struct hostent *ret, char *buf, size_t buflen, struct hostent **result,
-                    int *h_errnop)
-{
-    real_bind();
-    int rc = real_gethostbyname_r(name, ret, buf, buflen, result, h_errnop);
-    if (rc == 0 && result)
-        learn_hostent(name, *result);
-    return rc;
-}
-
-SHIM_EXPORT int gethostbyname2_r(const char *name, int af, struct hostent *ret, char *buf, size_t buflen,
-                     struct hostent **result, int *h_errnop)
-{
-    real_bind();
-    int rc = real_gethostbyname2_r(name, af, ret, buf, buflen, result, h_errnop);
-    if (rc == 0 && result)
-        learn_hostent(name, *result);
-    return rc;
-}
-
-/* ---- a diverted fd answers as the TCP socket the app believes it has ---- */
-
-static int copy_addr(const union shim_sockaddr *a, socklen_t alen, struct sockaddr *out, socklen_t *len)
-{
-    if (!out || !len) {
-        errno = EFAULT;
-        return -1;
-    }
-    memcpy(out, a, *len < alen ? *len : alen);
-    *len = alen;
-    return 0;
-}
-
-SHIM_EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *len)
-{
-    real_bind();
-    const struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
-    if (!e)
-        return real_getpeername(fd, addr, len);
-    return copy_addr(&e->peer, e->peer_len, addr, len);
-}
-
-SHIM_EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *len)
-{
-    real_bind();
-    const struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
-    if (!e)
-        return real_getsockname(fd, addr, len);
-    /* There is no local TCP endpoint: report the loopback address of the peer's family
-     * (or the unspecified one) and a stable port derived from the fd. */
-    union shim_sockaddr local;
-    memset(&local, 0, sizeof local);
-    uint16_t port = htons((uint16_t)(40000 + fd % 20000));
-    if (e->peer.sa.sa_family == AF_INET) {
-        local.in.sin_family = AF_INET;
-        local.in.sin_port = port;
-        if ((ntohl(e->peer.in.sin_addr.s_addr) >> 24) == 127)
-            local.in.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        return copy_addr(&local, sizeof local.in, addr, len);
-    }
-    local.in6.sin6_family = AF_INET6;
-    local.in6.sin6_port = port;
-    if (IN6_IS_ADDR_LOOPBACK(&e->peer.in6.sin6_addr))
-        local.in6.sin6_addr = in6addr_loopback;
-    return copy_addr(&local, sizeof local.in6, addr, len);
-}
-
-static struct fd_sockopt *find_opt(struct fd_entry *e, int level, int name, bool create)
-{
-    for (int i = 0; i < e->n_opts; i++)
-        if (e->opts[i].level == level && e->opts[i].name == name)
-            return &e->opts[i];
-    if (!create || e->n_opts == FD_MAX_OPTS)
-        return NULL;
-    struct fd_sockopt *o = &e->opts[e->n_opts++];
-    o->level = level;
-    o->name = name;
-    o->value = 0;
-    return o;
-}
-
-SHIM_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
-{
-    real_bind();
-    struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
-    if (!e) {
-        int rc = real_setsockopt(fd, level, name, val, len);
-        if (rc == 0 && !shim_in_engine)
-            note_sockopt(fd, level, name);
-        return rc;
-    }
-    int saved = errno;
-    if (level == SOL_SOCKET) {
-        if (real_setsockopt(fd, level, name, val, len) == 0)
-            return 0;
-        if (errno != EOPNOTSUPP && errno != ENOPROTOOPT)
-            return -1;
-    } else if (level != IPPROTO_TCP && level != IPPROTO_IP && level != IPPROTO_IPV6) {
-        return real_setsockopt(fd, level, name, val, len);
-    }
-    struct fd_sockopt *o = find_opt(e, level, name, true);
-    if (o && val && len >= sizeof(int))
-        memcpy(&o->value, val, sizeof(int));
-    errno = saved;
-    return 0;
-}
-
-SHIM_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
-{
-    real_bind();
-    struct fd_entry *probing = shim_in_engine || level != SOL_SOCKET || name != SO_ERROR ? NULL : fdtable_probing(fd);
-    if (probing) {
-        int rc = real_getsockopt(fd, level, name, val, len);
-        if (rc == 0 && len && *len >= sizeof(int)) {
-            int saved = errno, err;
-            memcpy(&err, val, sizeof err);
-            probe_settled(fd, probing, err);
-            errno = saved;
-        }
-        return rc;
-    }
-    /* a socket-level option the socketpair end answers itself needs no stale check: the
-     * answer is the fd's own either way (SO_ERROR after a non-blocking connect, mostly) */
-    if (level == SOL_SOCKET && name != SO_DOMAIN && name != SO_PROTOCOL && !shim_in_engine && fdtable_if_diverted(fd)) {
-        int saved = errno;
-        if (real_getsockopt(fd, level, name, val, len) == 0)
-            return 0;
-        if (errno != EOPNOTSUPP && errno != ENOPROTOOPT)
-            return -1;
-        errno = saved;
-    }
-    struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
-    if (!e || !val || !len)
-        return real_getsockopt(fd, level, name, val, len);
-    int saved = errno;
-    int v;
-    if (level == SOL_SOCKET) {
-        if (name == SO_DOMAIN)
-            v = e->peer.sa.sa_family;
-        else if (name == SO_PROTOCOL)
-            v = IPPROTO_TCP;
-        else {
-            const struct fd_sockopt *o = find_opt(e, level, name, false);
-            if (!o) {
-                errno = ENOPROTOOPT;
-                return -1;
-            }
-            v = o->value;
-        }
-    } else if (level == IPPROTO_TCP && name == TCP_INFO) {
-        struct tcp_info info;
-        memset(&info, 0, sizeof info);
-        info.tcpi_state = TCP_ESTABLISHED;
-        memcpy(val, &info, *len < sizeof info ? *len : sizeof info);
-        *len = *len < sizeof info ? *len : sizeof info;
-        errno = saved;
-        return 0;
-    } else if (level == IPPROTO_TCP || level == IPPROTO_IP || level == IPPROTO_IPV6) {
-        const struct fd_sockopt *o = find_opt(e, level, name, false);
-        v = o ? o->value : 0;
-    } else {
-        return real_getsockopt(fd, level, name, val, len);
-    }
-    memcpy(val, &v, *len < sizeof v ? *len : sizeof v);
-    *len = *len < sizeof v ? *len : sizeof v;
-    errno = saved;
-    return 0;
-}
-
-SHIM_EXPORT int ioctl(int fd, unsigned long req, ...)
-{
-    va_list ap;
-    va_start(ap, req);
-    void *arg = va_arg(ap, void *);
-    va_end(ap);
-    real_bind();
-    if (req == SIOCATMARK && !shim_in_engine && arg && fdtable_diverted(fd)) {
-        *(int *)arg = 0;               /* no urgent data ever arrives on the relay */
-        return 0;
-    }
-    int rc = real_ioctl(fd, req, arg);
-    if (rc == 0 && !shim_in_engine)
-        note_ioctl(fd, req, arg);
-    return rc;
 }
 
 /* ---- epoll: registrations made before connect must survive the fd swap ---- */

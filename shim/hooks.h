@@ -1,10 +1,20 @@
-/* hooks.h — what the interposed functions (hooks.c) share with the other interposers:
- * the configuration, loaded on first use. */
+/* hooks.h — what hooks.c (a socket's life) shares with hooks_io.c (its use). */
 #ifndef HTTPSHIM_HOOKS_H
 #define HTTPSHIM_HOOKS_H
-#include "rules.h"
+#include <stdbool.h>
+#include <sys/socket.h>
+#include "fdtable.h"
 
-/* The rules (loaded on the first call), or NULL: no file, a broken one, or a call the
- * shim must stay out of. */
-struct shim_config *hooks_config(void);
+enum divert_result { NOT_OURS, DIVERTED, FAILED, PROBE_CONNECTED, PROBING };
+/* A connect (or a fast-open send) to addr on fd: diverted, connecting for real while the
+ * pool is cold, or none of the shim's business. */
+enum divert_result hooks_try_divert(int fd, const struct sockaddr *addr, socklen_t len, bool *nonblock,
+                                    bool is_connect);
+/* A real connect (or its attempt): never a fresh socket again. */
+void hooks_note_connected(int fd);
+/* The real connect of a cold pool's probe finished with err (from SO_ERROR). */
+void hooks_probe_settled(int fd, struct fd_entry *e, int err);
+/* What ioctl and setsockopt changed that divert would otherwise ask about. */
+void hooks_note_ioctl(int fd, unsigned long req, const void *arg);
+void hooks_note_sockopt(int fd, int level, int name);
 #endif

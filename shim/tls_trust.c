@@ -8,7 +8,7 @@
  * in its mark, and is tunnelled; one that verifies with a store of its own making
  * (SSL_set0_verify_cert_store) or through a verify callback of the app's is not marked. Unversioned definitions satisfy the app's versioned references
  * (SSL_CTX_new@OPENSSL_3.0.0) because the library defines no versions of its own. */
-#include "hooks.h"
+#include "config.h"
 #include "lazyssl.h"
 #include "real.h"
 #include "tls_ca.h"
@@ -89,7 +89,7 @@ static bool intercepting(const struct shim_config *cfg)
 
 static void mark_context(SSL_CTX *ctx, const SSL_METHOD *meth, const void *real)
 {
-    struct shim_config *cfg = hooks_config();
+    struct shim_config *cfg = config_get();
     if (!intercepting(cfg) || !lazyssl_load() || !lazyssl_is_openssl3(real) || meth == TLS_server_method()
         || !tls_ca_ensure(cfg))
         return;

@@ -1,0 +1,17 @@
+/* config.h — the configuration this process runs with (config.c). */
+#ifndef HTTPSHIM_CONFIG_H
+#define HTTPSHIM_CONFIG_H
+#include <stdbool.h>
+#include "rules.h"
+
+/* In the constructor: the environment, then the rules read and parsed. */
+void config_capture_environment(void);
+void config_read_once(void);
+/* The rules, made live on the first call (from an app thread), or NULL: no file, a
+ * broken one (said once on stderr), or a call the shim must stay out of. */
+struct shim_config *config_get(void);
+/* The rules as they are now, without loading them (NULL until loaded). */
+struct shim_config *config_loaded(void);
+/* Loaded, and there is nothing to shim: no record of anything needs keeping. */
+bool config_known_inert(void);
+#endif

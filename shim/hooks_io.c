@@ -1,0 +1,345 @@
+/* hooks_io.c — owns the interposed calls that use a socket rather than make or end it:
+ * writes (on a diverted fd they pass the gate, and a memory hit may be answered on the
+ * app's own thread: fastpath.c), name resolution (learning which addresses the app uses
+ * for a listed host), and the face of a TCP socket a diverted fd shows (peer and local
+ * address, socket options remembered, TCP_INFO, SIOCATMARK). Calls on fds the shim does
+ * not hold, and on the engine thread, go straight to the real functions. */
+#include "hooks.h"
+#include "config.h"
+#include "fastpath.h"
+#include "fdtable.h"
+#include "real.h"
+#include "rules.h"
+#include <errno.h>
+#include <linux/sockios.h>
+#include <netdb.h>
+#include <netinet/tcp.h>
+#include <stdarg.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+
+#define SHIM_EXPORT __attribute__((visibility("default")))
+
+/* ---- writes: on a diverted fd they pass the gate, and a hit may be answered inline ---- */
+
+struct write_call { int fd; const void *buf; size_t n; int flags; const struct msghdr *msg; const struct iovec *iov;
+                    int iovcnt; int kind; };
+enum { CALL_WRITE, CALL_SEND, CALL_SENDMSG, CALL_WRITEV };
+
+static ssize_t do_real_write(void *arg)
+{
+    const struct write_call *w = arg;
+    switch (w->kind) {
+    case CALL_SEND: return real_send(w->fd, w->buf, w->n, w->flags);
+    case CALL_SENDMSG: return real_sendmsg(w->fd, w->msg, w->flags);
+    case CALL_WRITEV: return real_writev(w->fd, w->iov, w->iovcnt);
+    default: return real_write(w->fd, w->buf, w->n);
+    }
+}
+
+static ssize_t diverted_write(int fd, struct fd_entry *e, struct write_call *w)
+{
+    struct iovec one = { (void *)w->buf, w->n };
+    const struct iovec *iov = w->kind == CALL_SENDMSG ? w->msg->msg_iov : w->kind == CALL_WRITEV ? w->iov : &one;
+    int cnt = w->kind == CALL_SENDMSG ? (int)w->msg->msg_iovlen : w->kind == CALL_WRITEV ? w->iovcnt : 1;
+    return fastpath_write(config_loaded(), fd, e, iov, cnt, do_real_write, w);
+}
+
+SHIM_EXPORT ssize_t write(int fd, const void *buf, size_t n)
+{
+    struct fd_entry *e = fdtable_if_diverted(fd);
+    if (__builtin_expect(!e || shim_in_engine, 1))
+        return real_write(fd, buf, n);
+    struct write_call w = { .fd = fd, .buf = buf, .n = n, .kind = CALL_WRITE };
+    return diverted_write(fd, e, &w);
+}
+
+SHIM_EXPORT ssize_t send(int fd, const void *buf, size_t n, int flags)
+{
+    struct fd_entry *e = fdtable_if_diverted(fd);
+    if (__builtin_expect(!e || shim_in_engine, 1) || (flags & (MSG_OOB | MSG_FASTOPEN)))
+        return real_send(fd, buf, n, flags);
+    struct write_call w = { .fd = fd, .buf = buf, .n = n, .flags = flags, .kind = CALL_SEND };
+    return diverted_write(fd, e, &w);
+}
+
+SHIM_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+    struct fd_entry *e = fdtable_if_diverted(fd);
+    if (__builtin_expect(!e || shim_in_engine, 1) || !msg || msg->msg_name || msg->msg_controllen
+        || (flags & (MSG_OOB | MSG_FASTOPEN)))
+        return real_sendmsg(fd, msg, flags);
+    struct write_call w = { .fd = fd, .msg = msg, .flags = flags, .kind = CALL_SENDMSG };
+    return diverted_write(fd, e, &w);
+}
+
+SHIM_EXPORT ssize_t writev(int fd, const struct iovec *iov, int iovcnt)
+{
+    struct fd_entry *e = fdtable_if_diverted(fd);
+    if (__builtin_expect(!e || shim_in_engine, 1) || iovcnt <= 0)
+        return real_writev(fd, iov, iovcnt);
+    struct write_call w = { .fd = fd, .iov = iov, .iovcnt = iovcnt, .kind = CALL_WRITEV };
+    return diverted_write(fd, e, &w);
+}
+
+SHIM_EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr, socklen_t len)
+{
+    real_bind();
+    if (!addr && !(flags & (MSG_OOB | MSG_FASTOPEN)) && !shim_in_engine) {   /* a connected send */
+        struct fd_entry *e = fdtable_if_diverted(fd);
+        if (e) {
+            struct write_call w = { .fd = fd, .buf = buf, .n = n, .flags = flags, .kind = CALL_SEND };
+            return diverted_write(fd, e, &w);
+        }
+    }
+    if (!(flags & MSG_FASTOPEN) || shim_in_engine)
+        return real_sendto(fd, buf, n, flags, addr, len);
+    int saved = errno;
+    bool nonblock = false;
+    enum divert_result r = hooks_try_divert(fd, addr, len, &nonblock, false);
+    if (r == FAILED)
+        return -1;
+    errno = saved;
+    if (r == NOT_OURS) {
+        hooks_note_connected(fd);            /* a fast-open send connects */
+        return real_sendto(fd, buf, n, flags, addr, len);
+    }
+    return real_sendto(fd, buf, n, flags & ~MSG_FASTOPEN, NULL, 0);
+}
+
+/* ---- name resolution: learn which addresses the app uses for a listed host ---- */
+
+SHIM_EXPORT int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints, struct addrinfo **res)
+{
+    real_bind();
+    int rc = real_getaddrinfo(node, service, hints, res);
+    if (rc != 0 || !node || shim_in_engine)
+        return rc;
+    int saved = errno;
+    struct shim_config *cfg = config_get();
+    if (cfg && rules_name_is_listed(cfg, node))
+        for (const struct addrinfo *ai = *res; ai; ai = ai->ai_next) {
+            if (ai->ai_family == AF_INET)
+                rules_learn(cfg, node, AF_INET, &((const struct sockaddr_in *)(const void *)ai->ai_addr)->sin_addr);
+            else if (ai->ai_family == AF_INET6)
+                rules_learn(cfg, node, AF_INET6, &((const struct sockaddr_in6 *)(const void *)ai->ai_addr)->sin6_addr);
+        }
+    errno = saved;
+    return rc;
+}
+
+static void learn_hostent(const char *name, const struct hostent *h)
+{
+    if (!h || !name || shim_in_engine)
+        return;
+    int saved = errno;
+    struct shim_config *cfg = config_get();
+    if (cfg && rules_name_is_listed(cfg, name) && (h->h_addrtype == AF_INET || h->h_addrtype == AF_INET6))
+        for (char **a = h->h_addr_list; a && *a; a++)
+            rules_learn(cfg, name, h->h_addrtype, *a);
+    errno = saved;
+}
+
+SHIM_EXPORT struct hostent *gethostbyname(const char *name)
+{
+    real_bind();
+    struct hostent *h = real_gethostbyname(name);
+    learn_hostent(name, h);
+    return h;
+}
+
+SHIM_EXPORT struct hostent *gethostbyname2(const char *name, int af)
+{
+    real_bind();
+    struct hostent *h = real_gethostbyname2(name, af);
+    learn_hostent(name, h);
+    return h;
+}
+
+SHIM_EXPORT int gethostbyname_r(const char *name, struct hostent *ret, char *buf, size_t buflen, struct hostent **result,
+                    int *h_errnop)
+{
+    real_bind();
+    int rc = real_gethostbyname_r(name, ret, buf, buflen, result, h_errnop);
+    if (rc == 0 && result)
+        learn_hostent(name, *result);
+    return rc;
+}
+
+SHIM_EXPORT int gethostbyname2_r(const char *name, int af, struct hostent *ret, char *buf, size_t buflen,
+                     struct hostent **result, int *h_errnop)
+{
+    real_bind();
+    int rc = real_gethostbyname2_r(name, af, ret, buf, buflen, result, h_errnop);
+    if (rc == 0 && result)
+        learn_hostent(name, *result);
+    return rc;
+}
+
+/* ---- a diverted fd answers as the TCP socket the app believes it has ---- */
+
+static int copy_addr(const union shim_sockaddr *a, socklen_t alen, struct sockaddr *out, socklen_t *len)
+{
+    if (!out || !len) {
+        errno = EFAULT;
+        return -1;
+    }
+    memcpy(out, a, *len < alen ? *len : alen);
+    *len = alen;
+    return 0;
+}
+
+SHIM_EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *len)
+{
+    real_bind();
+    const struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
+    if (!e)
+        return real_getpeername(fd, addr, len);
+    return copy_addr(&e->peer, e->peer_len, addr, len);
+}
+
+SHIM_EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *len)
+{
+    real_bind();
+    const struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
+    if (!e)
+        return real_getsockname(fd, addr, len);
+    /* There is no local TCP endpoint: report the loopback address of the peer's family
+     * (or the unspecified one) and a stable port derived from the fd. */
+    union shim_sockaddr local;
+    memset(&local, 0, sizeof local);
+    uint16_t port = htons((uint16_t)(40000 + fd % 20000));
+    if (e->peer.sa.sa_family == AF_INET) {
+        local.in.sin_family = AF_INET;
+        local.in.sin_port = port;
+        if ((ntohl(e->peer.in.sin_addr.s_addr) >> 24) == 127)
+            local.in.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        return copy_addr(&local, sizeof local.in, addr, len);
+    }
+    local.in6.sin6_family = AF_INET6;
+    local.in6.sin6_port = port;
+    if (IN6_IS_ADDR_LOOPBACK(&e->peer.in6.sin6_addr))
+        local.in6.sin6_addr = in6addr_loopback;
+    return copy_addr(&local, sizeof local.in6, addr, len);
+}
+
+static struct fd_sockopt *find_opt(struct fd_entry *e, int level, int name, bool create)
+{
+    for (int i = 0; i < e->n_opts; i++)
+        if (e->opts[i].level == level && e->opts[i].name == name)
+            return &e->opts[i];
+    if (!create || e->n_opts == FD_MAX_OPTS)
+        return NULL;
+    struct fd_sockopt *o = &e->opts[e->n_opts++];
+    o->level = level;
+    o->name = name;
+    o->value = 0;
+    return o;
+}
+
+SHIM_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+{
+    real_bind();
+    struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
+    if (!e) {
+        int rc = real_setsockopt(fd, level, name, val, len);
+        if (rc == 0 && !shim_in_engine)
+            hooks_note_sockopt(fd, level, name);
+        return rc;
+    }
+    int saved = errno;
+    if (level == SOL_SOCKET) {
+        if (real_setsockopt(fd, level, name, val, len) == 0)
+            return 0;
+        if (errno != EOPNOTSUPP && errno != ENOPROTOOPT)
+            return -1;
+    } else if (level != IPPROTO_TCP && level != IPPROTO_IP && level != IPPROTO_IPV6) {
+        return real_setsockopt(fd, level, name, val, len);
+    }
+    struct fd_sockopt *o = find_opt(e, level, name, true);
+    if (o && val && len >= sizeof(int))
+        memcpy(&o->value, val, sizeof(int));
+    errno = saved;
+    return 0;
+}
+
+SHIM_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
+{
+    real_bind();
+    struct fd_entry *probing = shim_in_engine || level != SOL_SOCKET || name != SO_ERROR ? NULL : fdtable_probing(fd);
+    if (probing) {
+        int rc = real_getsockopt(fd, level, name, val, len);
+        if (rc == 0 && len && *len >= sizeof(int)) {
+            int saved = errno, err;
+            memcpy(&err, val, sizeof err);
+            hooks_probe_settled(fd, probing, err);
+            errno = saved;
+        }
+        return rc;
+    }
+    /* a socket-level option the socketpair end answers itself needs no stale check: the
+     * answer is the fd's own either way (SO_ERROR after a non-blocking connect, mostly) */
+    if (level == SOL_SOCKET && name != SO_DOMAIN && name != SO_PROTOCOL && !shim_in_engine && fdtable_if_diverted(fd)) {
+        int saved = errno;
+        if (real_getsockopt(fd, level, name, val, len) == 0)
+            return 0;
+        if (errno != EOPNOTSUPP && errno != ENOPROTOOPT)
+            return -1;
+        errno = saved;
+    }
+    struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
+    if (!e || !val || !len)
+        return real_getsockopt(fd, level, name, val, len);
+    int saved = errno;
+    int v;
+    if (level == SOL_SOCKET) {
+        if (name == SO_DOMAIN)
+            v = e->peer.sa.sa_family;
+        else if (name == SO_PROTOCOL)
+            v = IPPROTO_TCP;
+        else {
+            const struct fd_sockopt *o = find_opt(e, level, name, false);
+            if (!o) {
+                errno = ENOPROTOOPT;
+                return -1;
+            }
+            v = o->value;
+        }
+    } else if (level == IPPROTO_TCP && name == TCP_INFO) {
+        struct tcp_info info;
+        memset(&info, 0, sizeof info);
+        info.tcpi_state = TCP_ESTABLISHED;
+        memcpy(val, &info, *len < sizeof info ? *len : sizeof info);
+        *len = *len < sizeof info ? *len : sizeof info;
+        errno = saved;
+        return 0;
+    } else if (level == IPPROTO_TCP || level == IPPROTO_IP || level == IPPROTO_IPV6) {
+        const struct fd_sockopt *o = find_opt(e, level, name, false);
+        v = o ? o->value : 0;
+    } else {
+        return real_getsockopt(fd, level, name, val, len);
+    }
+    memcpy(val, &v, *len < sizeof v ? *len : sizeof v);
+    *len = *len < sizeof v ? *len : sizeof v;
+    errno = saved;
+    return 0;
+}
+
+SHIM_EXPORT int ioctl(int fd, unsigned long req, ...)
+{
+    va_list ap;
+    va_start(ap, req);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    real_bind();
+    if (req == SIOCATMARK && !shim_in_engine && arg && fdtable_diverted(fd)) {
+        *(int *)arg = 0;               /* no urgent data ever arrives on the relay */
+        return 0;
+    }
+    int rc = real_ioctl(fd, req, arg);
+    if (rc == 0 && !shim_in_engine)
+        hooks_note_ioctl(fd, req, arg);
+    return rc;
+}
+
