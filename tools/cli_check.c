@@ -1,0 +1,115 @@
+/* cli_check.c — owns `httpshim check`: a rules file validated, and each upstream and
+ * rule shown as the library will understand it (with warnings for what it cannot do). */
+#include <curl/curl.h>
+#include <dirent.h>
+#include <errno.h>
+#include <getopt.h>
+#include <pwd.h>
+#include <limits.h>
+#include <math.h>
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include "../shim/rules.h"
+#include "../shim/exited.h"
+#include "../shim/redis_value.h"
+#include <fnmatch.h>
+#include <hiredis/hiredis.h>
+#include <jansson.h>
+
+#include "cli.h"
+
+/* ---- check ---- */
+
+int cmd_check(int argc, char **argv)
+{
+    if (argc > 1 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) {
+        printf("usage: httpshim check [FILE]\nValidates a rules file (default $HTTPSHIM_CONF or %s) and prints\n"
+               "each upstream with the addresses it resolves to and each rule as understood.\n"
+               "Exit 0 when valid, 1 with FILE:LINE messages when not.\n", DEFAULT_CONF);
+        return 0;
+    }
+    const char *path = argc > 1 ? argv[1] : conf_path(NULL);
+    struct shim_config *cfg = calloc(1, sizeof *cfg);
+    char err[RULES_ERR_MAX];
+    if (!cfg)
+        return 1;
+    if (rules_load(path, cfg, err) != 0) {
+        if (err[0])
+            fprintf(stderr, "%s\n", err);
+        else
+            fprintf(stderr, "%s: %s\n", path, strerror(errno));
+        free(cfg);
+        return 1;
+    }
+    printf("%s: ok\n", path);
+    printf("global: pool_max_per_host=%u pool_idle_max=%u pool_queue_timeout=%lldms pool_idle_timeout=%lldms "
+           "upstream_timeout=%lldms cache=%s memory_max=%lld max_object=%lld stats_socket=%s\n",
+           cfg->pool_max_per_host, cfg->pool_idle_max, (long long)cfg->pool_queue_timeout_ms,
+           (long long)cfg->pool_idle_timeout_ms, (long long)cfg->upstream_timeout_ms,
+           cfg->cache == CACHE_OFF ? "off" : cfg->cache == CACHE_REDIS ? "redis" : "memory", (long long)cfg->memory_max, (long long)cfg->max_object,
+           cfg->stats_socket);
+    printf("coalescing: coalesce=%s coalesce_timeout=%lldms uncacheable_ttl=%lldms redis_lock_ttl=%lldms\n",
+           cfg->coalesce ? "on" : "off", (long long)cfg->coalesce_timeout_ms, (long long)cfg->uncacheable_ttl_ms,
+           (long long)cfg->redis_lock_ttl_ms);
+    /* an app that speaks TLS to the upstream itself is tunnelled unless intercepted */
+    for (size_t i = 0; i < cfg->n_upstreams; i++) {
+        const struct upstream_rule *u = &cfg->upstreams[i];
+        if (u->n_cache_rules && u->tls == TLS_TUNNEL && !u->origin_https && (u->port == 443 || u->port == 8443))
+            fprintf(stderr, "%s:%d: warning: cache rules on %s:%u are never used if the app speaks TLS to it "
+                            "itself: those connections are tunnelled (set tls = intercept)\n",
+                    path, u->cache_rules[0].line, u->host, u->port);
+    }
+    rules_resolve_all(cfg, getaddrinfo);
+    for (size_t i = 0; i < cfg->n_upstreams; i++) {
+        const struct upstream_rule *u = &cfg->upstreams[i];
+        printf("upstream %s:%u (line %d) ->", u->host, u->port, u->line);
+        if (!u->n_addrs)
+            printf(" (does not resolve now; addresses the app resolves are learned at run time)");
+        for (size_t k = 0; k < u->n_addrs; k++) {
+            char ip[INET6_ADDRSTRLEN];
+            inet_ntop(u->addrs[k].family, u->addrs[k].bytes, ip, sizeof ip);
+            printf(" %s", ip);
+        }
+        printf("\n");
+        if (u->origin_https)
+            printf("  origin https://%s:%u%s%s\n", u->origin_host, u->origin_port, u->tls_ca_file[0] ? " tls_ca_file=" : "",
+                   u->tls_ca_file);
+        if (u->tls == TLS_INTERCEPT)
+            printf("  tls intercept%s%s\n", u->tls_ca_file[0] ? " tls_ca_file=" : "", u->tls_ca_file);
+        for (size_t k = 0; k < u->n_cache_rules; k++) {
+            const struct cache_rule *r = &u->cache_rules[k];
+            printf("  line %d: cache %s %s ttl=%lldms status=", r->line, r->method, r->glob, (long long)r->ttl_ms);
+            for (size_t s = 0; s < r->n_status; s++)
+                printf("%s%d", s ? "," : "", r->status[s]);
+            if (r->n_ignore_query) {
+                printf(" ignore_query=");
+                for (size_t s = 0; s < r->n_ignore_query; s++)
+                    printf("%s%s", s ? "," : "", r->ignore_query[s]);
+            }
+            if (r->n_key_headers) {
+                printf(" key_headers=");
+                for (size_t s = 0; s < r->n_key_headers; s++)
+                    printf("%s%s", s ? "," : "", r->key_headers[s]);
+            }
+            printf(" respect_cache_control=%s", r->respect_cache_control ? "yes" : "no");
+            if (r->no_coalesce)
+                printf(" coalesce=off");
+            if (r->stale_while_revalidate_ms)
+                printf(" stale_while_revalidate=%lldms", (long long)r->stale_while_revalidate_ms);
+            if (r->stale_if_error_ms)
+                printf(" stale_if_error=%lldms", (long long)r->stale_if_error_ms);
+            printf("\n");
+        }
+    }
+    rules_free(cfg);
+    free(cfg);
+    return 0;
+}
