@@ -398,51 +398,97 @@ static int read_secret(struct parser *p, const char *path, struct shim_config *c
     return 0;
 }
 
-static int parse_global(struct parser *p, const char *key, const char *val, struct shim_config *cfg)
+/* ---- [global]: every key, its default and how it is read, in one table ---- */
+
+enum global_kind { G_COUNT, G_DURATION, G_SWITCH, G_SIZE, G_CACHE, G_PREFIX, G_SECRET, G_SOCKET };
+
+struct global_key {
+    const char *name;
+    enum global_kind kind;
+    const char *default_value;         /* read like a value from the file; NULL: none */
+    size_t at;                         /* offsetof the field in struct shim_config */
+    long min;                          /* G_COUNT: the smallest allowed (the largest is RULES_POOL_MAX) */
+};
+
+#define AT(field) offsetof(struct shim_config, field)
+static const struct global_key global_keys[] = {
+    /* Envoy's circuit breaker: caps storms, never throttles a service */
+    { "pool_max_per_host", G_COUNT, "1024", AT(pool_max_per_host), 1 },
+    { "pool_idle_max", G_COUNT, "16", AT(pool_idle_max), 0 },
+    { "pool_queue_timeout", G_DURATION, "10s", AT(pool_queue_timeout_ms), 0 },
+    { "pool_idle_timeout", G_DURATION, "60s", AT(pool_idle_timeout_ms), 0 },
+    { "upstream_timeout", G_DURATION, "30s", AT(upstream_timeout_ms), 0 },
+    { "fastpath", G_SWITCH, "on", AT(fastpath), 0 },
+    { "coalesce", G_SWITCH, "on", AT(coalesce), 0 },
+    { "coalesce_timeout", G_DURATION, "5s", AT(coalesce_timeout_ms), 0 },      /* nginx's proxy_cache_lock_timeout */
+    { "uncacheable_ttl", G_DURATION, "2m", AT(uncacheable_ttl_ms), 0 },        /* Varnish's hit-for-miss */
+    { "redis_lock_ttl", G_DURATION, "10s", AT(redis_lock_ttl_ms), 0 },
+    { "cache", G_CACHE, "memory", AT(cache), 0 },
+    { "redis_prefix", G_PREFIX, "httpshim:", AT(redis_prefix), 0 },
+    { "redis_timeout", G_DURATION, "50ms", AT(redis_timeout_ms), 0 },
+    { "redis_max_object", G_SIZE, "1MB", AT(redis_max_object), 0 },
+    { "redis_secret_file", G_SECRET, NULL, AT(redis_secret), 0 },
+    { "memory_max", G_SIZE, "64MB", AT(memory_max), 0 },
+    { "max_object", G_SIZE, "1MB", AT(max_object), 0 },
+    { "stats_socket", G_SOCKET, "/tmp/httpshim-%u/%p.sock", AT(stats_socket), 0 },
+};
+#undef AT
+
+size_t rules_global_keys(void) { return sizeof global_keys / sizeof global_keys[0]; }
+
+const char *rules_global_key(size_t i, const char **default_value)
 {
+    if (i >= rules_global_keys())
+        return NULL;
+    *default_value = global_keys[i].default_value;
+    return global_keys[i].name;
+}
+
+static int set_global(struct parser *p, const struct global_key *k, const char *val, struct shim_config *cfg)
+{
+    void *field = (char *)cfg + k->at;
     bool ok = false;
-    if (!strcmp(key, "pool_max_per_host") || !strcmp(key, "pool_idle_max")) {
+    const char *key = k->name;
+    switch (k->kind) {
+    case G_COUNT: {
         char *end;
-        long lo = strcmp(key, "pool_idle_max") ? 1 : 0;
         long n = strtol(val, &end, 10);
-        if (!*val || *end || n < lo || n > RULES_POOL_MAX)
-            return fail(p, "%s '%s': expected a number from %ld to %d", key, val, lo, RULES_POOL_MAX);
-        if (lo)
-            cfg->pool_max_per_host = (unsigned)n;
-        else
-            cfg->pool_idle_max = (unsigned)n;
+        if (!*val || *end || n < k->min || n > RULES_POOL_MAX)
+            return fail(p, "%s '%s': expected a number from %ld to %d", key, val, k->min, RULES_POOL_MAX);
+        *(unsigned *)field = (unsigned)n;
         return 0;
     }
-    struct { const char *name; int64_t *ms; } durations[] = {
-        { "pool_idle_timeout", &cfg->pool_idle_timeout_ms }, { "upstream_timeout", &cfg->upstream_timeout_ms },
-        { "pool_queue_timeout", &cfg->pool_queue_timeout_ms }, { "coalesce_timeout", &cfg->coalesce_timeout_ms },
-        { "uncacheable_ttl", &cfg->uncacheable_ttl_ms }, { "redis_lock_ttl", &cfg->redis_lock_ttl_ms },
-    };
-    for (size_t i = 0; i < sizeof durations / sizeof durations[0]; i++) {
-        if (strcmp(key, durations[i].name))
-            continue;
+    case G_DURATION: {
         int64_t ms = rules_parse_duration_ms(val, &ok);
         if (!ok || ms <= 0)
             return fail(p, "%s '%s': expected a duration like 500ms, 30s, 10m, 1h, 1d", key, val);
-        *durations[i].ms = ms;
+        *(int64_t *)field = ms;
         return 0;
     }
-    if (!strcmp(key, "coalesce") || !strcmp(key, "fastpath")) {
-        bool *flag = !strcmp(key, "coalesce") ? &cfg->coalesce : &cfg->fastpath;
-        if (!strcmp(val, "on")) *flag = true;
-        else if (!strcmp(val, "off")) *flag = false;
-        else return fail(p, "%s takes on or off, not '%s'", key, val);
+    case G_SWITCH:
+        if (strcmp(val, "on") && strcmp(val, "off"))
+            return fail(p, "%s takes on or off, not '%s'", key, val);
+        *(bool *)field = !strcmp(val, "on");
+        return 0;
+    case G_SIZE: {
+        int64_t b = rules_parse_size(val, &ok);
+        if (!ok || b <= 0)
+            return fail(p, "%s '%s': expected a size like 512KB, 64MB, 1GB", key, val);
+        *(int64_t *)field = b;
         return 0;
     }
-    if (!strcmp(key, "cache")) {
-        if (!strcmp(val, "memory")) cfg->cache = CACHE_MEMORY;
-        else if (!strcmp(val, "off")) cfg->cache = CACHE_OFF;
-        else if (parse_redis_url(val, cfg) == 0) cfg->cache = CACHE_REDIS;
-        else return fail(p, "cache '%s': expected memory, off, redis://[:password@]host:port/db "
-                            "or redis+unix:///path", val);
+    case G_CACHE:
+        if (!strcmp(val, "memory"))
+            cfg->cache = CACHE_MEMORY;
+        else if (!strcmp(val, "off"))
+            cfg->cache = CACHE_OFF;
+        else if (parse_redis_url(val, cfg) == 0)
+            cfg->cache = CACHE_REDIS;
+        else
+            return fail(p, "cache '%s': expected memory, off, redis://[:password@]host:port/db "
+                           "or redis+unix:///path", val);
         return 0;
-    }
-    if (!strcmp(key, "redis_prefix")) {
+    case G_PREFIX:
         if (strlen(val) >= sizeof cfg->redis_prefix)
             return fail(p, "redis_prefix is longer than %zu bytes", sizeof cfg->redis_prefix - 1);
         /* every Redis key starts with it, and keys must survive `redis-cli --scan | xargs`,
@@ -453,32 +499,9 @@ static int parse_global(struct parser *p, const char *key, const char *val, stru
                                "without spaces (0x21 to 0x7e)", (size_t)(c - val) + 1, (unsigned char)*c);
         snprintf(cfg->redis_prefix, sizeof cfg->redis_prefix, "%s", val);
         return 0;
-    }
-    if (!strcmp(key, "redis_timeout")) {
-        cfg->redis_timeout_ms = rules_parse_duration_ms(val, &ok);
-        if (!ok || cfg->redis_timeout_ms <= 0)
-            return fail(p, "redis_timeout '%s': expected a duration like 50ms", val);
-        return 0;
-    }
-    if (!strcmp(key, "redis_secret_file"))
+    case G_SECRET:
         return read_secret(p, val, cfg);
-    if (!strcmp(key, "redis_max_object")) {
-        cfg->redis_max_object = rules_parse_size(val, &ok);
-        if (!ok || cfg->redis_max_object <= 0)
-            return fail(p, "redis_max_object '%s': expected a size like 512KB or 1MB", val);
-        return 0;
-    }
-    if (!strcmp(key, "memory_max") || !strcmp(key, "max_object")) {
-        int64_t b = rules_parse_size(val, &ok);
-        if (!ok || b <= 0)
-            return fail(p, "%s '%s': expected a size like 512KB, 64MB, 1GB", key, val);
-        if (!strcmp(key, "memory_max"))
-            cfg->memory_max = b;
-        else
-            cfg->max_object = b;
-        return 0;
-    }
-    if (!strcmp(key, "stats_socket")) {
+    case G_SOCKET: {
         const char *slash = strrchr(val, '/');
         if (val[0] != '/' || !slash || !strstr(slash, "%p") || strlen(val) >= sizeof cfg->stats_socket)
             return fail(p, "stats_socket '%s': expected an absolute path whose file name contains %%p", val);
@@ -490,30 +513,33 @@ static int parse_global(struct parser *p, const char *key, const char *val, stru
         snprintf(cfg->stats_socket, sizeof cfg->stats_socket, "%s", val);
         return 0;
     }
+    }
+    return fail(p, "%s: not a setting", key);
+}
+
+static int parse_global(struct parser *p, const char *key, const char *val, struct shim_config *cfg)
+{
+    for (size_t i = 0; i < rules_global_keys(); i++)
+        if (!strcmp(key, global_keys[i].name))
+            return set_global(p, &global_keys[i], val, cfg);
     return fail(p, "unknown setting '%s' in [global]", key);
+}
+
+/* Every [global] key at its default, read as the file's values are. */
+static void set_defaults(struct shim_config *cfg)
+{
+    char err[RULES_ERR_MAX];
+    struct parser p = { .path = "(defaults)", .line = 0, .err = err };
+    for (size_t i = 0; i < rules_global_keys(); i++)
+        if (global_keys[i].default_value)
+            set_global(&p, &global_keys[i], global_keys[i].default_value, cfg);
 }
 
 int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX])
 {
     memset(cfg, 0, sizeof *cfg);
     snprintf(cfg->path, sizeof cfg->path, "%s", path);
-    cfg->pool_max_per_host = 1024;     /* Envoy's circuit breaker: caps storms, never a service */
-    cfg->pool_idle_max = 16;
-    cfg->pool_queue_timeout_ms = 10000;
-    cfg->pool_idle_timeout_ms = 60000;
-    cfg->upstream_timeout_ms = 30000;
-    cfg->coalesce = true;
-    cfg->fastpath = true;
-    cfg->coalesce_timeout_ms = 5000;   /* nginx's proxy_cache_lock_timeout */
-    cfg->uncacheable_ttl_ms = 120000;  /* Varnish's hit-for-miss */
-    cfg->redis_lock_ttl_ms = 10000;
-    cfg->cache = CACHE_MEMORY;
-    cfg->memory_max = 64LL << 20;
-    cfg->max_object = 1LL << 20;
-    snprintf(cfg->stats_socket, sizeof cfg->stats_socket, "/tmp/httpshim-%%u/%%p.sock");
-    snprintf(cfg->redis_prefix, sizeof cfg->redis_prefix, "httpshim:");
-    cfg->redis_timeout_ms = 50;
-    cfg->redis_max_object = 1LL << 20;
+    set_defaults(cfg);
     err[0] = 0;
 
     FILE *f = fopen(path, "re");

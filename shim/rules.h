@@ -96,6 +96,10 @@ typedef int (*rules_resolver)(const char *, const char *, const struct addrinfo 
 /* Parses `path` into `cfg` (defaults first). On error returns -1 and writes
  * "FILE:LINE: what is wrong" into err. A missing file is -1 with errno ENOENT and err "". */
 int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX]);
+/* The [global] keys, from the one table that defaults, reads and names them: the i-th
+ * key's name and its default (NULL: none), or NULL past the last. */
+size_t rules_global_keys(void);
+const char *rules_global_key(size_t i, const char **default_value);
 /* Resolves every upstream host name with `resolve` (the real getaddrinfo). */
 void rules_free(struct shim_config *cfg);
 void rules_resolve_all(struct shim_config *cfg, rules_resolver resolve);

@@ -31,9 +31,19 @@
 int cmd_check(int argc, char **argv)
 {
     if (argc > 1 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) {
-        printf("usage: httpshim check [FILE]\nValidates a rules file (default $HTTPSHIM_CONF or %s) and prints\n"
+        printf("usage: httpshim check [FILE]\n       httpshim check --defaults\n"
+               "Validates a rules file (default $HTTPSHIM_CONF or %s) and prints\n"
                "each upstream with the addresses it resolves to and each rule as understood.\n"
-               "Exit 0 when valid, 1 with FILE:LINE messages when not.\n", DEFAULT_CONF);
+               "Exit 0 when valid, 1 with FILE:LINE messages when not.\n"
+               "--defaults lists every [global] key with its default.\n", DEFAULT_CONF);
+        return 0;
+    }
+    if (argc > 1 && !strcmp(argv[1], "--defaults")) {
+        const char *def;
+        for (size_t i = 0; i < rules_global_keys(); i++) {
+            const char *name = rules_global_key(i, &def);
+            printf("%-20s %s\n", name, def ? def : "none");
+        }
         return 0;
     }
     const char *path = argc > 1 ? argv[1] : conf_path(NULL);
