@@ -305,9 +305,8 @@ static const struct cache_rule *rule_of_key(struct http_slice method, struct htt
     static struct http_request req;
     for (size_t i = 0; i < R.cfg->n_upstreams; i++) {
         const struct upstream_rule *u = &R.cfg->upstreams[i];
-        char label[RULES_HOST_MAX + 16];
-        int n = snprintf(label, sizeof label, strchr(u->host, ':') ? "[%s]:%u" : "%s:%u", u->host, u->port);
-        if (n > 0 && (size_t)n == authority.n && !memcmp(label, authority.p, authority.n)) {
+        size_t n = strlen(u->label);
+        if (n == authority.n && !memcmp(u->label, authority.p, authority.n)) {
             req.method = method;
             req.target = target;
             return cache_rule_for(u, &req);

@@ -617,10 +617,23 @@ static void take_handoffs(void)
     }
 }
 
+/* The closes app threads handed over (fdtable_bury): gathered for 10 ms, then made. */
+static struct loop_timer graveyard_timer;
+static void on_graveyard_due(struct loop_timer *timer)
+{
+    (void)timer;
+    fdtable_drain_graveyard();
+}
+
 static void after_dispatch(void)
 {
     upstream_reap();
     take_handoffs();
+    int buried = fdtable_graveyard();
+    if (buried == 2)
+        fdtable_drain_graveyard();
+    else if (buried && !loop_timer_armed(&graveyard_timer))
+        loop_timer_arm(&graveyard_timer, 10, on_graveyard_due);
 }
 
 static void on_app_event(struct loop_source *src, uint32_t ev)
@@ -699,7 +712,7 @@ static int set_up(const struct shim_config *cfg)
     flight_init(cfg);
     store_init(cfg);
     tls_front_init(cfg);
-    fastpath_init(need_for_fd);
+    fastpath_init(need_for_fd, engine_drop_unseen);
     if (upstream_init(cfg) != 0)
         goto fail;
     if (redis_init(cfg) != 0)
@@ -835,7 +848,8 @@ bool engine_drop_unseen(struct fd_entry *e, void *conn)
     struct fd_entry *own = fdtable_slot(c->side.fd);
     if (own && own->owner == c)
         own->owner = NULL;
-    fdtable_close_engine_fd(c->side.fd);
+    if (fdtable_bury(c->side.fd) > 0)  /* its close is the engine's, off the app's thread */
+        loop_wake();
     buf_free(&c->side.in);
     buf_free(&c->side.out);
     free(c);
@@ -886,6 +900,7 @@ void engine_atfork_child(void)
     tunnel_forget();
     tls_front_forget();
     tls_decide_forget();
+    graveyard_timer.slot = 0;          /* the parent's loop */
     fastpath_forget();
     stats_server_atfork_child();
     if (E.cfg && E.cfg->cache == CACHE_REDIS)

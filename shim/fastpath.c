@@ -32,8 +32,28 @@
 #define INLINE_RESPONSE_HEAD_MAX 4096  /* a longer response head, too */
 
 static void (*need_engine)(struct fd_entry *e);
+static bool (*drop_unheard)(struct fd_entry *e, void *conn);
 
-void fastpath_init(void (*need)(struct fd_entry *e)) { need_engine = need; }
+void fastpath_init(void (*need)(struct fd_entry *e), bool (*drop)(struct fd_entry *e, void *conn))
+{
+    need_engine = need;
+    drop_unheard = drop;
+}
+
+/* An inline answer that said close was written whole: EOF after it, at once. One the
+ * engine never heard from ends here too (its end goes to the engine to close, off the
+ * app's thread, and the app's own close has nothing left to do); otherwise the engine
+ * sees the EOF after the answer. */
+static void end_after_answer(struct fd_entry *e)
+{
+    int engine_fd = e->engine_fd;
+    shutdown(engine_fd, SHUT_WR);
+    void *conn = e->engine_conn;
+    if (conn && drop_unheard && drop_unheard(e, conn)) {
+        e->engine_conn = NULL;
+        e->engine_fd = -1;
+    }
+}
 
 static pthread_mutex_t handoff_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct fastpath_handoff *handoffs;
@@ -165,9 +185,9 @@ static ssize_t answer_inline(const struct shim_config *cfg, int fd, struct fd_en
     if ((size_t)w < hn + body) {
         hand_off(e, held, iov, body ? 2 : 1, (size_t)w, !req.keep_alive);
     } else {
-        if (!req.keep_alive)
-            shutdown(e->engine_fd, SHUT_WR);   /* the answer said close: EOF after it */
         fdgate_app_release(&e->gate, held, !req.keep_alive);
+        if (!req.keep_alive)
+            end_after_answer(e);       /* the answer said close: EOF after it */
     }
     cache_entry_release(ent);
     stats_observe_latency(up, true, clock_mono_us() - started);

@@ -28,7 +28,8 @@ struct fastpath_handoff {
 };
 struct fastpath_handoff *fastpath_take_handoffs(void);   /* the engine's: all pending, or NULL */
 /* need(e) is called before a real write on a diverted fd, and before a hand-off: the
- * engine must hear from that connection from then on. */
-void fastpath_init(void (*need)(struct fd_entry *e));
+ * engine must hear from that connection from then on. drop(e, conn) ends a connection the
+ * engine never heard from (true), after an inline answer that closes it. */
+void fastpath_init(void (*need)(struct fd_entry *e), bool (*drop)(struct fd_entry *e, void *conn));
 void fastpath_forget(void);
 #endif

@@ -99,4 +99,10 @@ int fdtable_engine_fd_limit(void);     /* no engine fd at or above this */
 void fdtable_close_engine_fds(void);   /* forked child: drop the parent's engine fds */
 /* Closes an engine fd of the library's own: out of the table, then closed for real. */
 int fdtable_close_engine_fd(int fd);
+/* From an app thread: the engine closes this engine fd later, in a batch (0; 1: wake it,
+ * it does not know yet); -1: closed here and now (full, busy, or a high fd). */
+int fdtable_bury(int fd);
+/* The engine: whether fds wait (1), enough to close them now (2), or none (0). */
+int fdtable_graveyard(void);
+void fdtable_drain_graveyard(void);    /* the engine: close what was buried */
 #endif

@@ -12,6 +12,7 @@
 #include "exited.h"
 #include "fdtable.h"
 #include "log.h"
+#include "loop.h"
 #include "real.h"
 #include "rules.h"
 #include "stats.h"
@@ -283,8 +284,11 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
         nregs = FD_MAX_EPOLL;
     memcpy(regs, e->epoll, sizeof regs);
 
-    int tcp = -1;
-    if (kept_tcp && (tcp = real_fcntl(fd, F_DUPFD_CLOEXEC, NULL)) < 0) {
+    /* The app's TCP socket is kept on another number: for the pool when it is connected
+     * already, else for the engine to close (a TCP socket's teardown costs microseconds
+     * the app's connect need not wait for). */
+    int tcp = real_fcntl(fd, F_DUPFD_CLOEXEC, NULL);
+    if (tcp < 0 && kept_tcp) {
         real_close(sv[0]);
         real_close(sv[1]);
         return -1;
@@ -315,8 +319,13 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
             real_close(tcp);
         return -1;
     }
-    if (kept_tcp)
+    if (kept_tcp) {
         *kept_tcp = tcp;
+    } else if (tcp >= 0) {
+        fdtable_mark_engine(tcp);
+        if (fdtable_bury(tcp) > 0)
+            loop_wake();
+    }
     real_close(sv[0]);
     struct stat st;
     if (fstat(fd, &st) == 0) {

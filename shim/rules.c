@@ -125,6 +125,7 @@ static int parse_host_port(struct parser *p, char *spec, struct upstream_rule *u
             return fail(p, "upstream host '%s' has an invalid character '%c'", spec, *c);
     snprintf(u->host, sizeof u->host, "%s", spec);
     u->port = (uint16_t)port;
+    snprintf(u->label, sizeof u->label, strchr(spec, ':') ? "[%s]:%u" : "%s:%u", spec, u->port);
     struct in6_addr a6;
     struct in_addr a4;
     if (inet_pton(AF_INET, spec, &a4) == 1) {

@@ -41,6 +41,7 @@ enum upstream_tls { TLS_TUNNEL, TLS_INTERCEPT };
 struct upstream_rule {
     char host[RULES_HOST_MAX];     /* as written: a name or an IP literal */
     uint16_t port;
+    char label[RULES_HOST_MAX + 8];    /* "host:port", "[v6]:port": how keys and stats name it */
     bool host_is_literal;
     /* tls = tunnel | intercept: what happens to TLS the app encrypts itself */
     enum upstream_tls tls;

@@ -182,7 +182,7 @@ static uint64_t gauge(_Atomic uint64_t *v)
 
 static void upstream_label(const struct upstream_rule *u, char *out, size_t n)
 {
-    snprintf(out, n, strchr(u->host, ':') ? "[%s]:%u" : "%s:%u", u->host, u->port);
+    snprintf(out, n, "%s", u->label);
 }
 
 struct counter_def { const char *name, *help; size_t offset; bool is_gauge; };

@@ -2,7 +2,9 @@
 which is a fresh memory hit is answered by the app thread itself, straight into the
 engine's end of the socketpair; everything else goes the engine's way, in order. Each
 test's requests come from one process (one memory tier)."""
+import re
 import shutil
+import time
 
 import pytest
 
@@ -169,12 +171,30 @@ def test_socket_state_survives_the_divert(upstream, tmp_path, sockdir):
         assert (g["owner"] != 0) == (w["owner"] != 0), (w, g)
 
 
+def strace_calls(log, main_pid=None):
+    """System calls by name in an `strace -f -o` log, split into the process's own (main)
+    thread and the others (the engine): {"app": {name: n}, "engine": {name: n}}."""
+    out = {"app": {}, "engine": {}}
+    lines = log.read_text().splitlines()
+    first = None
+    for ln in lines:
+        m = re.match(r"^(\d+)\s+(?:<\.\.\. )?([a-z_0-9]+)[( ]", ln)
+        if not m or "resumed>" in ln or ln.rstrip().endswith("+++") or "--- SIG" in ln:
+            continue
+        tid, name = int(m.group(1)), m.group(2)
+        first = first or tid
+        side = out["app"] if tid == first else out["engine"]
+        side[name] = side.get(name, 0) + 1
+    return out
+
+
 @pytest.mark.skipif(not shutil.which("strace"), reason="strace not installed")
 def test_a_hit_costs_few_system_calls(upstream, tmp_path, sockdir, epollclient):
-    """strace -f -c, app thread and engine together: 50 more connection-per-request hits
-    cost at most 8 system calls each beyond what the same client makes without the shim
+    """strace -f, per thread: 50 more connection-per-request hits cost the app's own
+    thread at most 7 system calls each beyond what the same client makes without the shim
     talking to the upstream itself (the connect hook asks the kernel nothing the hooks saw
-    the app set; it was 18 more before the hooks kept the socket's state)."""
+    the app set; it was 18 more before the hooks kept the socket's state), and the engine
+    at most 3 (the closes it makes for the app's thread, in batches)."""
     if "strace" in SANITIZER_SKIP:
         pytest.skip("the sanitizer runtime cannot run under ptrace")
     conf = conf_for(tmp_path, upstream, sockdir)
@@ -182,26 +202,26 @@ def test_a_hit_costs_few_system_calls(upstream, tmp_path, sockdir, epollclient):
     for shim in (False, True):
         for n in (11, 61):
             log = tmp_path / ("sc-%s-%d" % (shim, n))
-            cmd = ["strace", "-f", "-c", "-o", log]
+            cmd = ["strace", "-f", "-qq", "-o", log]
             if shim:
                 cmd += ["-E", "LD_PRELOAD=%s" % PRELOAD, "-E", "HTTPSHIM_CONF=%s" % conf]
             cmd += [epollclient, "--port", upstream.port, "--path", "/bytes/1200", "--count", n]
             r = run(cmd, shim=False, timeout=120)
             assert r.rc == 0, r.describe()
-            per = {}
-            for ln in log.read_text().splitlines():
-                f = ln.split()
-                if len(f) >= 5 and f[-1] != "total" and f[3].isdigit():
-                    per[f[-1]] = int(f[3])
-            totals[(shim, n)] = per
-    def per_hit(shim, name=None):
-        a, b = totals[(shim, 11)], totals[(shim, 61)]
+            time.sleep(0.05)
+            totals[(shim, n)] = strace_calls(log)
+
+    def per_hit(shim, side, name=None):
+        a, b = totals[(shim, 11)][side], totals[(shim, 61)][side]
         if name:
             return (b.get(name, 0) - a.get(name, 0)) / 50.0
         return (sum(b.values()) - sum(a.values())) / 50.0
-    assert per_hit(True) <= per_hit(False) + 8, (per_hit(True), per_hit(False), totals)
-    for name in ("getsockopt", "fcntl"):           # no SO_DOMAIN, F_GETOWN_EX, F_GETFD...
-        assert per_hit(True, name) <= per_hit(False, name), (name, totals)
+    assert per_hit(True, "app") <= per_hit(False, "app") + 7, (per_hit(True, "app"), per_hit(False, "app"), totals)
+    assert per_hit(True, "engine") <= 3, (per_hit(True, "engine"), totals)
+    # no SO_DOMAIN, F_GETOWN_EX, F_GETFD...: one fcntl more, the F_DUPFD that hands the app's
+    # TCP socket to the engine to close
+    assert per_hit(True, "app", "getsockopt") <= per_hit(False, "app", "getsockopt"), totals
+    assert per_hit(True, "app", "fcntl") <= per_hit(False, "app", "fcntl") + 1, totals
 
 
 def test_a_socket_closed_behind_the_hooks_is_let_go(upstream, tmp_path, sockdir):

@@ -207,10 +207,8 @@ static long long purge_redis(const struct shim_config *cfg, const char *upstream
     snprintf(label, sizeof label, "%s", upstream);
     for (size_t i = 0; *upstream && i < cfg->n_upstreams; i++) {
         const struct upstream_rule *u = &cfg->upstreams[i];
-        char l[RULES_HOST_MAX + 16];
-        snprintf(l, sizeof l, strchr(u->host, ':') ? "[%s]:%u" : "%s:%u", u->host, u->port);
-        if (!strcasecmp(l, upstream))
-            snprintf(label, sizeof label, "%s", l);
+        if (!strcasecmp(u->label, upstream))
+            snprintf(label, sizeof label, "%s", u->label);
     }
     char new_pattern[2 * (sizeof cfg->redis_prefix + sizeof label) + 16], old_pattern[2 * sizeof cfg->redis_prefix + 16];
     size_t nn = 0, on = 0;

@@ -66,6 +66,7 @@ static struct {
     const char *host, *path, *method, *body, *out, *samples;
     int port, conc, timeout_ms;
     long count, warmup;
+    long inline_limit;           /* > 0: the physical limit of an in-process hit (see usage) */
     enum mode mode;
     bool http10, reg_before, print_status, latency, keep_going, head_req, unique;
 } opt = { .host = "127.0.0.1", .path = "/", .method = "GET", .conc = 1,
@@ -276,6 +277,26 @@ static void pump_write(struct conn *c)
         fail(c, "epoll_ctl: %s", strerror(errno));
 }
 
+/* --inline-limit: what an answer made inside the process cannot beat. The connection is
+ * a socketpair, and this same thread, once the request is written, writes a response
+ * with a body of that size into the other end and closes it: a socketpair, the two
+ * writes and the client's own reads, nothing else. */
+static struct buf limit_resp;
+
+static void limit_answer(int peer)
+{
+    if (!limit_resp.len) {
+        buf_printf(&limit_resp, "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                                "Server: httpshim-test-upstream\r\nX-Served: 1\r\nAge: 0\r\n"
+                                "Content-Length: %ld\r\nConnection: close\r\n\r\n", opt.inline_limit);
+        for (long i = 0; i < opt.inline_limit; i++)
+            buf_add(&limit_resp, "a", 1);
+    }
+    ssize_t w = write(peer, limit_resp.p, limit_resp.len);
+    (void)w;
+    close(peer);
+}
+
 static void start_conn(struct conn *c)
 {
     if (c->fresh)
@@ -286,7 +307,18 @@ static void start_conn(struct conn *c)
     long n = opt.mode == M_PIPELINE ? c->last - c->cur : 1;
     for (long i = 0; i < n; i++)
         add_req(&c->w, c->cur + i);
-    c->fd = socket(ai->ai_family, SOCK_STREAM, 0);
+    int peer = -1;
+    if (opt.inline_limit) {
+        int sv[2];
+        if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) {
+            fail(c, "socketpair: %s", strerror(errno));
+            return;
+        }
+        c->fd = sv[0];
+        peer = sv[1];
+    } else {
+        c->fd = socket(ai->ai_family, SOCK_STREAM, 0);
+    }
     if (c->fd < 0) {
         fail(c, "socket: %s", strerror(errno));
         return;
@@ -300,7 +332,11 @@ static void start_conn(struct conn *c)
         fail(c, "epoll_ctl: %s", strerror(errno));
         return;
     }
-    if (connect(c->fd, ai->ai_addr, ai->ai_addrlen) == 0) {
+    if (peer >= 0) {
+        c->st = C_OPEN;
+        pump_write(c);
+        limit_answer(peer);
+    } else if (connect(c->fd, ai->ai_addr, ai->ai_addrlen) == 0) {
         c->st = C_OPEN;
         pump_write(c);
     } else if (errno == EINPROGRESS || errno == EINTR) {
@@ -686,6 +722,9 @@ static void usage(FILE *f)
 "                     order, warmup excluded) to FILE\n"
 "  --clearenv         clearenv() before the first connect, as a server that scrubs\n"
 "                     its workers' environment does\n"
+"  --inline-limit N   no server: each connection is a socketpair whose other end this\n"
+"                     thread answers (a hit-like head, an N-byte body) and closes, right\n"
+"                     after the request is written; the least an in-process hit costs\n"
 "exit: 0 all requests got a complete final response, 1 otherwise, 2 usage\n", f);
 }
 
@@ -726,6 +765,7 @@ int main(int argc, char **argv)
         {"latency", 0, 0, 'L'}, {"warmup", 1, 0, 'w'}, {"keep-going", 0, 0, 'g'},
         {"concurrency", 1, 0, 'c'}, {"timeout", 1, 0, 't'}, {"help", 0, 0, 'x'},
         {"unique", 0, 0, 'u'}, {"samples", 1, 0, 'S'}, {"clearenv", 0, 0, 'E'},
+        {"inline-limit", 1, 0, 'I'},
         {0, 0, 0, 0}};
     hdrs = calloc((size_t)argc, sizeof *hdrs);
     int nh = 0, ch;
@@ -757,6 +797,7 @@ int main(int argc, char **argv)
             break;
         case 'o': opt.out = optarg; break;
         case 's': opt.print_status = true; break;
+        case 'I': opt.inline_limit = num_arg("inline-limit", optarg, 1, 100000000); break;
         case 'L': opt.latency = true; break;
         case 'w': opt.warmup = num_arg("warmup", optarg, 0, 100000000); break;
         case 'g': opt.keep_going = true; break;

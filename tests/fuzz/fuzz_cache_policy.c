@@ -879,6 +879,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             hdr[n_hdr++] = l;
         pos = end + 1;
     }
+    /* how rules.c names the upstream once its section is read */
+    snprintf(up.label, sizeof up.label, strchr(up.host, ':') ? "[%s]:%u" : "%s:%u", up.host, up.port);
     if (!up.n_cache_rules)
         set_rule(&rules[up.n_cache_rules++], "GET", "/*");
     for (size_t i = 0; i < up.n_cache_rules; i++)
