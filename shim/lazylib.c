@@ -61,6 +61,7 @@ static const char *const lib_names[LIB_COUNT] = { LAZYLIB_CURL, LAZYLIB_HIREDIS 
 
 #define VOID_RETURNING(X)                                                                     \
     X(LIB_CURL, void, curl_easy_cleanup, (CURL *h), (h))                                     \
+    X(LIB_CURL, void, curl_easy_reset, (CURL *h), (h))                                       \
     X(LIB_CURL, void, curl_slist_free_all, (struct curl_slist *l), (l))                      \
     X(LIB_HIREDIS, void, redisAsyncFree, (redisAsyncContext *ac), (ac))                      \
     X(LIB_HIREDIS, void, redisAsyncHandleRead, (redisAsyncContext *ac), (ac))                \
