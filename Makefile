@@ -99,12 +99,15 @@ bench: bench-bins
 	bench/full
 
 # C programs of the benchmark (bench/full builds them too): a userspace delay line (TUN
-# pair) standing in for netem, the fan-in load client, the cost of a write().
-BENCH_BINS = $(BUILD)/delayline $(BUILD)/fanin $(BUILD)/writecost
+# pair) standing in for netem, the fan-in load client, the cost of a write(), and what
+# each step of a hit costs.
+BENCH_BINS = $(BUILD)/delayline $(BUILD)/fanin $(BUILD)/writecost $(BUILD)/hitcost
 bench-bins: $(BENCH_BINS)
 $(BUILD)/delayline: bench/delayline.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -o $@ $<
 $(BUILD)/writecost: bench/writecost.c | $(BUILD)/obj
+	$(CC) $(C_FLAGS) -o $@ $<
+$(BUILD)/hitcost: bench/hitcost.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -o $@ $<
 $(BUILD)/fanin: bench/fanin.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -pthread -o $@ $< -lm
