@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# bench/syscalls.sh — system calls of one connection-per-request memory hit, app thread and
-# engine together (strace -f -c), for build/epollclient: direct to the upstream, through the
-# shim with fastpath on and off. Each figure is (calls for 61 requests - calls for 11) / 50,
-# so start-up and the first miss cancel out. Prints "direct N on N off N" and, with -v, the
-# top calls of each.
+# bench/syscalls.sh — system calls of one connection-per-request memory hit, per thread
+# (strace -f), for build/epollclient: direct to the upstream, through the shim with fastpath
+# on and off. Each figure is (calls for 61 requests - calls for 11) / 50, so start-up and the
+# first miss cancel out. Prints "direct APP+ENGINE on APP+ENGINE off APP+ENGINE" and, with
+# -v, the top calls of each.
 #   bash bench/syscalls.sh [-v] [UPSTREAM_PORT]   (starts tests/upstream.py when no port)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,19 +22,26 @@ fi
 for fp in on off; do
   printf '[global]\nfastpath = %s\n[upstream 127.0.0.1:%s]\ncache GET /bytes/1200 ttl=10m\n' "$fp" "$port" >"$work/$fp.conf"
 done
-count() {   # setup n -> total calls
+# calls per thread in an `strace -f -o` log: "APP ENGINE" (the first thread seen is the app's)
+split() {
+  awk '$2 !~ /resumed>/ && $0 !~ /\+\+\+$/ && $0 !~ /--- SIG/ && $2 ~ /^[a-z_0-9]+\(/ {
+         if (!first) first = $1
+         if ($1 == first) app++; else eng++
+       } END { print app + 0, eng + 0 }' "$1"
+}
+count() {   # setup n -> "app engine" calls
   local pre=()
   [ "$1" != direct ] && pre=(-E "LD_PRELOAD=$ROOT/build/libhttpshim.so" -E "HTTPSHIM_CONF=$work/$1.conf")
-  strace -f -c -o "$work/sc.$1.$2" "${pre[@]}" "$ROOT/build/epollclient" --port "$port" --path /bytes/1200 \
+  strace -f -qq -o "$work/sc.$1.$2" "${pre[@]}" "$ROOT/build/epollclient" --port "$port" --path /bytes/1200 \
     --count "$2" >/dev/null 2>&1
-  awk '$NF == "total" {print $(NF-2)}' "$work/sc.$1.$2"
+  split "$work/sc.$1.$2"
 }
 line=""
 for s in direct on off; do
-  a=$(count "$s" 11); b=$(count "$s" 61)
-  line+="$s $(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.1f", (b - a) / 50}') "
+  read -r a1 e1 < <(count "$s" 11); read -r a2 e2 < <(count "$s" 61)
+  line+="$s $(awk -v a="$a1" -v b="$a2" 'BEGIN {printf "%.1f", (b - a) / 50}')+$(awk -v a="$e1" -v b="$e2" 'BEGIN {printf "%.1f", (b - a) / 50}') "
   if [ "$verbose" = 1 ]; then
-    echo "$s: $(awk 'NR > 2 && $NF != "total" && $4 ~ /^[0-9]+$/ {print $NF "=" $4}' "$work/sc.$s.61" | sort -t= -k2 -nr | head -14 | tr '\n' ' ')" >&2
+    echo "$s: $(awk '$2 ~ /^[a-z_0-9]+\(/ {sub(/\(.*/, "", $2); n[$2]++} END {for (k in n) print k "=" n[k]}' "$work/sc.$s.61" | sort -t= -k2 -nr | head -14 | tr '\n' ' ')" >&2
   fi
 done
 echo "${line% }"
