@@ -30,8 +30,8 @@ static double now_ns(void)
 
 static int cmp(const void *x, const void *y)
 {
-    double d = *(const double *)x - *(const double *)y;
-    return (d > 0) - (d < 0);
+    double diff = *(const double *)x - *(const double *)y;
+    return (diff > 0) - (diff < 0);
 }
 
 /* setup(i) prepares item i untimed; step(i) is timed; teardown(i) undoes it untimed */

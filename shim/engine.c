@@ -9,6 +9,7 @@
 #include "cache.h"
 #include "flight.h"
 #include "store.h"
+#include "redis_session.h"
 #include "fastpath.h"
 #include <sched.h>
 #include "cache_redis.h"
@@ -267,6 +268,19 @@ static void start_tunnel(struct conn *c, enum tunnel_why why)
     conn_retire(c, false);
 }
 
+/* A protocol = redis upstream's connection: a session of redis_session.c takes the fd over
+ * with the bytes read so far. On failure the conn stays, to close. */
+static void start_redis(struct conn *c)
+{
+    fdgate_engine_shut(&c->gate);
+    if (redis_session_start(&c->src, c->side.upstream, &c->side.dest, c->side.dest_len, &c->side.in,
+                            c->side.app_eof) != 0) {
+        c->closing = true;
+        return;
+    }
+    conn_retire(c, false);
+}
+
 /* Bookkeeping when an exchange ends: drop its request bytes, record its latency. */
 static void exchange_finish(struct conn *c, bool ok, bool must_close, bool hit)
 {
@@ -440,6 +454,10 @@ static void conn_process(struct conn *c)
         if (avail == 0) {
             if (c->side.app_eof)
                 c->closing = true;
+            return;
+        }
+        if (E.cfg->upstreams[c->side.upstream].protocol == PROTO_REDIS) {
+            start_redis(c);            /* the Redis protocol: its own session takes over */
             return;
         }
         if (!c->tls_checked && took_tls(c))
@@ -629,6 +647,8 @@ static void after_dispatch(void)
 {
     upstream_reap();
     take_handoffs();
+    if (fdtable_stash_short())
+        fdtable_refill_stash();
     int buried = fdtable_graveyard();
     if (buried == 2)
         fdtable_drain_graveyard();
@@ -711,6 +731,7 @@ static int set_up(const struct shim_config *cfg)
     memcache_configure(cfg->memory_max);
     flight_init(cfg);
     store_init(cfg);
+    redis_session_init(cfg);
     tls_front_init(cfg);
     fastpath_init(need_for_fd, engine_drop_unseen);
     if (upstream_init(cfg) != 0)
@@ -900,6 +921,7 @@ void engine_atfork_child(void)
     tunnel_forget();
     tls_front_forget();
     tls_decide_forget();
+    redis_session_forget();
     graveyard_timer.slot = 0;          /* the parent's loop */
     fastpath_forget();
     stats_server_atfork_child();

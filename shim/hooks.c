@@ -260,12 +260,16 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     if (!e || len > sizeof(union shim_sockaddr) || engine_ensure_started(config_loaded()) != 0)
         return -1;
     int sv[2];
-    /* both ends non-blocking: the engine's end stays so, the app's gets the app's flags */
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0)
+    /* both ends non-blocking: the engine's end stays so, the app's gets the app's flags;
+     * made ahead by the engine when it can (fdtable.c's stash) */
+    int left = fdtable_take_pair(sv);
+    if (left < 0 && socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0)
         return -1;
+    if (left < 0 || left == FDTABLE_STASH_WAKE)
+        loop_wake();                   /* to make more */
     if (sv[0] >= FDTABLE_MAX || sv[1] >= FDTABLE_MAX) {
         real_close(sv[0]);
-        real_close(sv[1]);
+        fdtable_close_engine_fd(sv[1]);
         return -1;
     }
     carry_over(fd, sv[0], facts);
@@ -290,7 +294,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     int tcp = real_fcntl(fd, F_DUPFD_CLOEXEC, NULL);
     if (tcp < 0 && kept_tcp) {
         real_close(sv[0]);
-        real_close(sv[1]);
+        fdtable_close_engine_fd(sv[1]);
         return -1;
     }
     fdtable_mark_engine(sv[1]);
@@ -302,7 +306,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     if (!conn) {
         fdtable_clear(sv[1]);
         real_close(sv[0]);
-        real_close(sv[1]);
+        fdtable_close_engine_fd(sv[1]);
         if (tcp >= 0)
             real_close(tcp);
         return -1;

@@ -53,6 +53,10 @@ static const char *const lib_names[LIB_COUNT] = { LAZYLIB_CURL, LAZYLIB_HIREDIS 
       (CURLM *m, curl_socket_t s, int ev, int *running), (m, s, ev, running))                \
     X(LIB_CURL, CURLMsg *, curl_multi_info_read, (CURLM *m, int *left), (m, left))           \
     X(LIB_HIREDIS, redisAsyncContext *, redisAsyncConnect, (const char *ip, int port), (ip, port)) \
+    X(LIB_HIREDIS, redisReader *, redisReaderCreate, (void), ())                             \
+    X(LIB_HIREDIS, redisReader *, redisReaderCreateWithFunctions, (redisReplyObjectFunctions *fn), (fn)) \
+    X(LIB_HIREDIS, int, redisReaderFeed, (redisReader *r, const char *buf, size_t len), (r, buf, len)) \
+    X(LIB_HIREDIS, int, redisReaderGetReply, (redisReader *r, void **reply), (r, reply))     \
     X(LIB_HIREDIS, redisAsyncContext *, redisAsyncConnectUnix, (const char *path), (path))   \
     X(LIB_HIREDIS, int, redisAsyncSetConnectCallback,                                        \
       (redisAsyncContext *ac, redisConnectCallback *fn), (ac, fn))                           \
@@ -64,6 +68,8 @@ static const char *const lib_names[LIB_COUNT] = { LAZYLIB_CURL, LAZYLIB_HIREDIS 
     X(LIB_CURL, void, curl_easy_reset, (CURL *h), (h))                                       \
     X(LIB_CURL, void, curl_slist_free_all, (struct curl_slist *l), (l))                      \
     X(LIB_HIREDIS, void, redisAsyncFree, (redisAsyncContext *ac), (ac))                      \
+    X(LIB_HIREDIS, void, redisReaderFree, (redisReader *r), (r))                             \
+    X(LIB_HIREDIS, void, freeReplyObject, (void *reply), (reply))                            \
     X(LIB_HIREDIS, void, redisAsyncHandleRead, (redisAsyncContext *ac), (ac))                \
     X(LIB_HIREDIS, void, redisAsyncHandleWrite, (redisAsyncContext *ac), (ac))
 
@@ -95,6 +101,19 @@ static const struct symbol symbols[] = {
 
 static bool loaded;
 
+/* hiredis calls its own exported functions through its PLT (redisReaderCreate calls
+ * redisReaderCreateWithFunctions, the reader calls sdsnewlen...), and a client that carries
+ * its own, newer hiredis exported from its executable (redis-cli does) would have them
+ * bound to that one, another layout: RTLD_DEEPBIND keeps hiredis's references within
+ * itself. Its libc calls then skip the hooks, which the engine does not need them for
+ * (the Redis tier clears its fd from the table before hiredis closes it). The sanitizer
+ * runtimes refuse RTLD_DEEPBIND: those builds go without. */
+#if defined(__SANITIZE_ADDRESS__)
+static const int deep_bind[LIB_COUNT] = { 0, 0 };
+#else
+static const int deep_bind[LIB_COUNT] = { 0, RTLD_DEEPBIND };
+#endif
+
 int lazylib_load(void)
 {
     if (loaded)
@@ -103,7 +122,7 @@ int lazylib_load(void)
     for (int i = 0; i < LIB_COUNT; i++) {
         /* RTLD_LOCAL: the libraries' symbols stay out of the app's global scope. Their
          * own calls to connect() & co. still reach the hooks, as they must. */
-        handles[i] = dlopen(lib_names[i], RTLD_NOW | RTLD_LOCAL);
+        handles[i] = dlopen(lib_names[i], RTLD_NOW | RTLD_LOCAL | deep_bind[i]);
         if (!handles[i]) {
             shim_log("cannot load %s: %s", lib_names[i], dlerror());
             return -1;

@@ -124,7 +124,7 @@ int pool_queue_enter(struct pool_slot *s, int upstream, int fd)
     s->upstream = upstream;
     s->fd = fd;
     struct queue *q = &queues[upstream];
-    if (q->in_use < cfg->pool_max_per_host && !q->head && !pool_probe_holds(upstream))
+    if (q->in_use < rules_pool_max(cfg, &cfg->upstreams[upstream]) && !q->head && !pool_probe_holds(upstream))
         return admit(s);
     s->queued_us = clock_mono_us();    /* behind every earlier waiter */
     s->prev = q->tail;
@@ -181,7 +181,7 @@ void pool_queue_pump(void)
         if (!q->pump || pool_probe_holds((int)up))
             continue;
         q->pump = false;
-        while (q->head && q->in_use < cfg->pool_max_per_host) {
+        while (q->head && q->in_use < rules_pool_max(cfg, &cfg->upstreams[up])) {
             struct pool_slot *s = q->head;
             unqueue(s);
             if (admit(s) != 0) {

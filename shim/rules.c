@@ -310,7 +310,48 @@ static int parse_upstream_setting(struct parser *p, const char *key, const char 
     }
     if (!strcmp(key, "origin"))
         return parse_origin(p, val, u);
-    return fail(p, "unknown setting '%s' in [upstream] (expected cache rules, tls, tls_ca_file or origin)", key);
+    if (!strcmp(key, "protocol")) {
+        if (!strcmp(val, "http")) u->protocol = PROTO_HTTP;
+        else if (!strcmp(val, "redis")) u->protocol = PROTO_REDIS;
+        else return fail(p, "protocol takes http or redis, not '%s'", val);
+        return 0;
+    }
+    if (!strcmp(key, "pool_max_per_host") || !strcmp(key, "redis_pinned_max")) {
+        char *end;
+        long lo = strcmp(key, "redis_pinned_max") ? 1 : 0;
+        long n = strtol(val, &end, 10);
+        if (!*val || *end || n < lo || n > RULES_POOL_MAX)
+            return fail(p, "%s '%s': expected a number from %ld to %d", key, val, lo, RULES_POOL_MAX);
+        if (lo) {
+            u->pool_max = (unsigned)n;
+        } else {
+            u->redis_pinned_max = (unsigned)n;   /* 0: every connection that needs one goes direct */
+            u->redis_pinned_set = true;
+        }
+        return 0;
+    }
+    return fail(p, "unknown setting '%s' in [upstream] (expected cache rules, tls, tls_ca_file, origin, protocol, "
+                   "pool_max_per_host or redis_pinned_max)", key);
+}
+
+unsigned rules_pool_max(const struct shim_config *cfg, const struct upstream_rule *u)
+{
+    if (u->pool_max)
+        return u->pool_max;
+    return u->protocol == PROTO_REDIS ? RULES_REDIS_POOL_DEFAULT : cfg->pool_max_per_host;
+}
+
+/* What a section may not combine: cache rules, origin and interception are HTTP's. */
+static int check_upstream(struct parser *p, struct upstream_rule *u)
+{
+    if (u->protocol != PROTO_REDIS)
+        return 0;
+    if (!u->redis_pinned_set)
+        u->redis_pinned_max = RULES_REDIS_PINNED_DEFAULT;
+    if (u->n_cache_rules || u->origin_https || u->tls == TLS_INTERCEPT)
+        return fail(p, "[upstream %s] is protocol = redis: cache rules, origin and tls = intercept are for "
+                       "protocol = http", u->label);
+    return 0;
 }
 
 /* redis://[:password@]host:port[/db] or redis+unix:///path/to.sock */
@@ -569,6 +610,8 @@ int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX
             }
             *close = 0;
             char *name = trim(s + 1);
+            if (section == UPSTREAM && (rc = check_upstream(&p, u)))
+                break;
             if (!strcmp(name, "global")) {
                 section = GLOBAL;
             } else if (!strncmp(name, "upstream", 8) && isspace((unsigned char)name[8])) {
@@ -622,6 +665,8 @@ int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX
         if ((rc = section == UPSTREAM ? parse_upstream_setting(&p, key, val, u) : parse_global(&p, key, val, cfg)))
             break;
     }
+    if (!rc && section == UPSTREAM)
+        rc = check_upstream(&p, u);
     if (!rc && ferror(f)) {
         snprintf(err, RULES_ERR_MAX, "%s: read error", path);
         rc = -1;

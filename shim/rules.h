@@ -37,6 +37,10 @@ struct cache_rule {
 };
 
 enum upstream_tls { TLS_TUNNEL, TLS_INTERCEPT };
+/* protocol = http | redis: what the app speaks to this upstream */
+enum upstream_protocol { PROTO_HTTP, PROTO_REDIS };
+#define RULES_REDIS_POOL_DEFAULT    4    /* server connections per upstream, protocol = redis */
+#define RULES_REDIS_PINNED_DEFAULT  64   /* connections lent to one app connection at once */
 
 struct upstream_rule {
     char host[RULES_HOST_MAX];     /* as written: a name or an IP literal */
@@ -45,6 +49,10 @@ struct upstream_rule {
     bool host_is_literal;
     /* tls = tunnel | intercept: what happens to TLS the app encrypts itself */
     enum upstream_tls tls;
+    enum upstream_protocol protocol;
+    unsigned pool_max;                 /* pool_max_per_host of this upstream alone; 0: [global]'s */
+    unsigned redis_pinned_max;         /* protocol = redis: lent connections at most */
+    bool redis_pinned_set;
     char tls_ca_file[RULES_PATH_MAX];  /* trusted for this upstream besides the system store */
     /* origin = https://HOST[:PORT]: the app's plain HTTP is carried to it over TLS */
     bool origin_https;
@@ -97,6 +105,9 @@ typedef int (*rules_resolver)(const char *, const char *, const struct addrinfo 
 /* Parses `path` into `cfg` (defaults first). On error returns -1 and writes
  * "FILE:LINE: what is wrong" into err. A missing file is -1 with errno ENOENT and err "". */
 int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX]);
+/* pool_max_per_host for this upstream: its own, else (HTTP) the [global] one, else
+ * (Redis) RULES_REDIS_POOL_DEFAULT. */
+unsigned rules_pool_max(const struct shim_config *cfg, const struct upstream_rule *u);
 /* The [global] keys, from the one table that defaults, reads and names them: the i-th
  * key's name and its default (NULL: none), or NULL past the last. */
 size_t rules_global_keys(void);

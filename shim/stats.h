@@ -28,6 +28,12 @@ struct upstream_stats {
     /* stale serving and revalidation */
     _Atomic uint64_t stale_while_revalidate, stale_if_error, refreshes, revalidated, not_modified;
     _Atomic uint64_t inline_hits;      /* hits answered on the app's own thread */
+    /* protocol = redis: commands carried, the writes they went out in, server connections
+     * opened (gauge: open), app connections served direct, lost server connections, app
+     * connections closed for a malformed stream, and connections lent now, by reason */
+    _Atomic uint64_t redis_commands, redis_batches, redis_server_opened, redis_server_open;
+    _Atomic uint64_t redis_direct, redis_server_lost, redis_malformed, redis_local_replies;
+    _Atomic uint64_t redis_pinned_multi, redis_pinned_watch, redis_pinned_blocking;
     /* gauges: adjusted up and down (unsigned wrap-around arithmetic) */
     _Atomic uint64_t memory_entries, memory_bytes;
     _Atomic uint64_t pool_open, in_flight, in_flight_connected, queue_waiting;

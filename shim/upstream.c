@@ -244,7 +244,11 @@ int upstream_init(const struct shim_config *config)
         return -1;
     curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, on_curl_socket);
     curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, on_curl_timer);
-    curl_multi_setopt(multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)cfg->pool_max_per_host);   /* backstop */
+    unsigned most = cfg->pool_max_per_host;
+    for (size_t i = 0; i < cfg->n_upstreams; i++)
+        if (rules_pool_max(cfg, &cfg->upstreams[i]) > most)
+            most = rules_pool_max(cfg, &cfg->upstreams[i]);
+    curl_multi_setopt(multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)most);   /* backstop */
     pool_queue_init(cfg, &queue_ops);
     return 0;
 }

@@ -1,0 +1,781 @@
+/* redis_pool.c — owns the server connections of protocol = redis upstreams: per identity
+ * (user, password, database) a few shared connections (pool_max_per_host of the upstream,
+ * 4 by default) that carry the commands of many app connections, pipelined, each reply
+ * routed back to the session that asked, in order (a FIFO of sessions per connection; a
+ * session's commands in flight stay on one connection); connections lent to one session
+ * (a transaction, WATCHed keys, a blocking command: at most redis_pinned_max at once) and
+ * given back clean; connections of one session's own that relay bytes as they come
+ * (direct); the setup of each new connection (AUTH, SELECT, CLIENT SETNAME), whose replies
+ * the shim reads itself and whose first success verifies the identity; and losing a
+ * connection (the sessions with commands on it are told, nothing is sent again). A cold
+ * upstream's first connection is the one the app's own connect made (pool.c). Engine
+ * thread only. */
+#include "redis_pool.h"
+#include "buf.h"
+#include "log.h"
+#include "loop.h"
+#include "pool.h"
+#include "real.h"
+#include "resp.h"
+#include "sha256.h"
+#include "stats.h"
+#include <errno.h>
+#include <hiredis/hiredis.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#define RCONN_INFLIGHT_MAX 8192        /* replies owed on one server connection */
+#define RCONN_OUT_MAX      (64u << 20) /* command bytes waiting to be written to one */
+#define DIRECT_OUT_SOFT    (1u << 20)  /* a direct session stops reading its app beyond this */
+#define PROBE_RETRY_MS     2           /* a cold upstream's probe is awaited this often */
+
+struct rpool_ident {
+    struct rpool_ident *next;
+    int upstream;
+    char *user, *pass;                 /* as the app gave them (user "" for AUTH with one argument) */
+    size_t user_len, pass_len;
+    bool has_pass;
+    unsigned char pass_hash[SHA256_BYTES];
+    char db[24];
+    size_t db_len;
+    bool verified;
+    unsigned refs;
+    unsigned n_shared;                 /* its shared connections */
+};
+
+enum rconn_state { RC_WAITING, RC_CONNECTING, RC_READY, RC_DEAD };
+
+struct rconn {
+    struct loop_source src;
+    struct loop_deferred flush_later, reclaim;
+    struct loop_timer timer;           /* the connect's deadline, or the cold upstream's probe */
+    struct rconn *next;                /* the upstream's connections */
+    struct rpool_ident *id;            /* a reference */
+    int upstream;
+    union shim_sockaddr dest;
+    socklen_t dest_len;
+    enum rconn_state state;
+    bool flush_pending, throttled, shared, lent_counted;
+    struct buf out;
+    struct resp_stream replies;
+    unsigned setup_left;               /* replies to its setup commands still to come */
+    struct rpool_client **fifo;        /* who each reply owed goes to (NULL: no one), oldest first */
+    unsigned fifo_head, fifo_count, fifo_cap;
+    struct rpool_client *lent;         /* lent to this session alone (or its own, direct) */
+    struct rpool_client *verifying;    /* a session waiting for its setup's verdict */
+    bool raw;                          /* direct: bytes relayed as they come, after the setup */
+    int pin_reason;
+};
+
+static struct {
+    const struct shim_config *cfg;
+    struct rconn *conns[RULES_MAX_UPSTREAMS];
+    struct rpool_ident *idents[RULES_MAX_UPSTREAMS];
+    unsigned lent[RULES_MAX_UPSTREAMS];
+} P;
+
+void redis_pool_init(const struct shim_config *cfg) { P.cfg = cfg; }
+
+void redis_pool_forget(void)
+{
+    const struct shim_config *cfg = P.cfg;
+    memset(&P, 0, sizeof P);           /* the parent's: their memory stays unreachable */
+    P.cfg = cfg;
+}
+
+/* ---- identities ---- */
+
+static char *copy(const char *s, size_t n)
+{
+    char *d = malloc(n + 1);
+    if (d) {
+        memcpy(d, s, n);
+        d[n] = 0;
+    }
+    return d;
+}
+
+struct rpool_ident *rpool_ident_get(int upstream, const char *user, size_t user_len, const char *pass,
+                                    size_t pass_len, bool has_pass, const char *db, size_t db_len)
+{
+    unsigned char hash[SHA256_BYTES] = { 0 };
+    if (has_pass)
+        sha256(pass, pass_len, hash);
+    if (db_len == 0) {
+        db = "0";
+        db_len = 1;
+    }
+    if (db_len >= sizeof ((struct rpool_ident *)0)->db)
+        return NULL;                   /* no database has so long a number */
+    for (struct rpool_ident *id = P.idents[upstream]; id; id = id->next)
+        if (id->user_len == user_len && !memcmp(id->user, user, user_len) && id->has_pass == has_pass
+            && !memcmp(id->pass_hash, hash, sizeof hash) && id->db_len == db_len && !memcmp(id->db, db, db_len)) {
+            id->refs++;
+            return id;
+        }
+    struct rpool_ident *id = calloc(1, sizeof *id);
+    if (!id || !(id->user = copy(user, user_len)) || !(id->pass = copy(has_pass ? pass : "", has_pass ? pass_len : 0))) {
+        if (id)
+            free(id->user);
+        free(id);
+        return NULL;
+    }
+    id->upstream = upstream;
+    id->user_len = user_len;
+    id->pass_len = has_pass ? pass_len : 0;
+    id->has_pass = has_pass;
+    memcpy(id->pass_hash, hash, sizeof hash);
+    memcpy(id->db, db, db_len);
+    id->db_len = db_len;
+    /* nothing to check: the default user on database 0 is what a new connection is */
+    id->verified = !has_pass && user_len == 0 && db_len == 1 && db[0] == '0';
+    id->refs = 1;
+    id->next = P.idents[upstream];
+    P.idents[upstream] = id;
+    return id;
+}
+
+struct rpool_ident *rpool_ident_ref(struct rpool_ident *id)
+{
+    if (id)
+        id->refs++;
+    return id;
+}
+
+void rpool_ident_put(struct rpool_ident *id)
+{
+    if (!id || --id->refs)
+        return;
+    for (struct rpool_ident **p = &P.idents[id->upstream]; *p; p = &(*p)->next)
+        if (*p == id) {
+            *p = id->next;
+            break;
+        }
+    memset(id->pass, 0, id->pass_len);
+    free(id->pass);
+    free(id->user);
+    free(id);
+}
+
+bool rpool_ident_verified(const struct rpool_ident *id) { return id->verified; }
+
+void rpool_ident_parts(const struct rpool_ident *id, const char **user, size_t *user_len, const char **pass,
+                       size_t *pass_len, bool *has_pass, const char **db, size_t *db_len)
+{
+    *user = id->user;
+    *user_len = id->user_len;
+    *pass = id->pass;
+    *pass_len = id->pass_len;
+    *has_pass = id->has_pass;
+    *db = id->db;
+    *db_len = id->db_len;
+}
+
+/* ---- commands of the shim's own ---- */
+
+static int put_command(struct buf *b, int argc, const char *const *argv, const size_t *lens)
+{
+    char head[32];
+    int k = snprintf(head, sizeof head, "*%d\r\n", argc);
+    if (buf_append(b, head, (size_t)k))
+        return -1;
+    for (int i = 0; i < argc; i++) {
+        k = snprintf(head, sizeof head, "$%zu\r\n", lens[i]);
+        if (buf_append(b, head, (size_t)k) || buf_append(b, argv[i], lens[i]) || buf_append(b, "\r\n", 2))
+            return -1;
+    }
+    return 0;
+}
+
+/* What a new connection of id's sends first; the number of replies it makes. */
+static int put_setup(struct rconn *c, const char *name, size_t name_len)
+{
+    const struct rpool_ident *id = c->id;
+    if (id->has_pass) {
+        const char *argv[3] = { "AUTH", id->user, id->pass };
+        size_t lens[3] = { 4, id->user_len, id->pass_len };
+        if (id->user_len == 0) {
+            argv[1] = id->pass;
+            lens[1] = id->pass_len;
+        }
+        if (put_command(&c->out, id->user_len ? 3 : 2, argv, lens))
+            return -1;
+        c->setup_left++;
+    }
+    if (!(id->db_len == 1 && id->db[0] == '0')) {
+        const char *argv[2] = { "SELECT", id->db };
+        size_t lens[2] = { 6, id->db_len };
+        if (put_command(&c->out, 2, argv, lens))
+            return -1;
+        c->setup_left++;
+    }
+    if (name_len) {
+        const char *argv[3] = { "CLIENT", "SETNAME", name };
+        size_t lens[3] = { 6, 7, name_len };
+        if (put_command(&c->out, 3, argv, lens))
+            return -1;
+        c->setup_left++;
+    }
+    return 0;
+}
+
+/* ---- connections ---- */
+
+static void on_io(struct loop_source *src, uint32_t ev);
+static void flush_now(struct loop_deferred *d);
+
+static struct rconn *of_src(struct loop_source *src)
+{
+    return (struct rconn *)(void *)((char *)src - offsetof(struct rconn, src));
+}
+
+static void reclaim(struct loop_deferred *d)
+{
+    struct rconn *c = (struct rconn *)(void *)((char *)d - offsetof(struct rconn, reclaim));
+    free(c);
+}
+
+static void watch(struct rconn *c)
+{
+    if (c->state == RC_DEAD || c->state == RC_WAITING)
+        return;
+    uint32_t ev = c->throttled ? 0 : EPOLLIN;
+    if (c->state == RC_CONNECTING || buf_len(&c->out))
+        ev |= EPOLLOUT;
+    loop_watch(&c->src, ev);
+}
+
+static void schedule_flush(struct rconn *c)
+{
+    if (!c->flush_pending && c->state == RC_READY) {
+        c->flush_pending = true;
+        loop_defer(&c->flush_later, flush_now);   /* the batch's commands go out together */
+    }
+}
+
+static void unlink_conn(struct rconn *c)
+{
+    for (struct rconn **p = &P.conns[c->upstream]; *p; p = &(*p)->next)
+        if (*p == c) {
+            *p = c->next;
+            return;
+        }
+}
+
+static void lent_gauge(struct rconn *c, int delta)
+{
+    int up = c->upstream;
+    _Atomic uint64_t *g = c->pin_reason == RPOOL_PIN_MULTI ? &shim_stats[up].redis_pinned_multi
+                        : c->pin_reason == RPOOL_PIN_WATCH ? &shim_stats[up].redis_pinned_watch
+                                                           : &shim_stats[up].redis_pinned_blocking;
+    atomic_fetch_add_explicit(g, (uint64_t)(int64_t)delta, memory_order_relaxed);
+}
+
+/* The connection ends: every session with a reply owed on it, lent it, or waiting on its
+ * setup hears that it is gone (nothing of theirs is sent again). */
+static void conn_close(struct rconn *c, bool lost)
+{
+    if (c->state == RC_DEAD)
+        return;
+    bool was_open = c->state != RC_WAITING;
+    c->state = RC_DEAD;
+    if (lost) {
+        STAT_INC(c->upstream, redis_server_lost);
+        shim_debug("redis upstream %d: a server connection was lost", c->upstream);
+    }
+    struct rpool_client *told[2] = { c->lent, c->verifying };
+    c->lent = c->verifying = NULL;
+    for (unsigned i = 0; i < c->fifo_count; i++) {
+        struct rpool_client *cl = c->fifo[(c->fifo_head + i) % c->fifo_cap];
+        if (!cl)
+            continue;
+        for (unsigned j = i; j < c->fifo_count; j++)
+            if (c->fifo[(c->fifo_head + j) % c->fifo_cap] == cl)
+                c->fifo[(c->fifo_head + j) % c->fifo_cap] = NULL;
+        if (cl == told[0] || cl == told[1])
+            continue;
+        cl->conn = NULL;
+        cl->inflight = 0;
+        cl->ops->lost(cl);
+    }
+    for (int i = 0; i < 2; i++)
+        if (told[i] && (i == 0 || told[1] != told[0])) {
+            if (told[i]->conn == c)
+                told[i]->conn = NULL;
+            if (told[i]->verifying == c)
+                told[i]->verifying = NULL;
+            told[i]->inflight = 0;
+            told[i]->lent = told[i]->raw = false;
+            told[i]->ops->lost(told[i]);
+        }
+    if (c->lent_counted) {
+        P.lent[c->upstream]--;
+        lent_gauge(c, -1);
+    }
+    if (c->shared)
+        c->id->n_shared--;
+    unlink_conn(c);
+    loop_timer_cancel(&c->timer);
+    if (was_open) {
+        loop_remove(&c->src);
+        fdtable_close_engine_fd(c->src.fd);
+        STAT_DEC(c->upstream, redis_server_open);
+        STAT_DEC(c->upstream, pool_open);
+    }
+    resp_stream_free(&c->replies);
+    buf_free(&c->out);
+    free(c->fifo);
+    rpool_ident_put(c->id);
+    loop_defer(&c->reclaim, reclaim);
+}
+
+static void on_connect_timeout(struct loop_timer *t);
+static void on_probe_wait(struct loop_timer *t);
+
+/* Opens the socket: the app's probe's connection when one is there, else a new one. */
+static void conn_dial(struct rconn *c)
+{
+    int up = c->upstream;
+    if (pool_probe_holds(up) && !P.conns[up]->next && P.conns[up] == c) {
+        loop_timer_arm(&c->timer, PROBE_RETRY_MS, on_probe_wait);   /* the app's connect will have one */
+        return;
+    }
+    int fd = pool_take_offered(up, &c->dest.sa);
+    bool connected = fd >= 0;
+    if (fd < 0) {
+        fd = real_socket(c->dest.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd >= 0)
+            fdtable_mark_engine(fd);
+        if (fd >= 0 && real_connect(fd, &c->dest.sa, c->dest_len) == 0)
+            connected = true;
+        else if (fd >= 0 && errno != EINPROGRESS) {
+            fdtable_close_engine_fd(fd);
+            fd = -1;
+        }
+    }
+    if (fd < 0 || loop_add(&c->src, fd, EPOLLIN | EPOLLOUT, on_io) != 0) {
+        if (fd >= 0)
+            fdtable_close_engine_fd(fd);
+        conn_close(c, true);
+        return;
+    }
+    int one = 1;
+    real_setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    STAT_INC(up, redis_server_opened);
+    STAT_INC(up, upstream_conns_opened);
+    STAT_INC(up, redis_server_open);
+    STAT_INC(up, pool_open);
+    c->state = connected ? RC_READY : RC_CONNECTING;
+    if (connected)
+        schedule_flush(c);
+    else
+        loop_timer_arm(&c->timer, P.cfg->upstream_timeout_ms, on_connect_timeout);
+    watch(c);
+}
+
+static void on_probe_wait(struct loop_timer *t)
+{
+    conn_dial((struct rconn *)(void *)((char *)t - offsetof(struct rconn, timer)));
+}
+
+static void on_connect_timeout(struct loop_timer *t)
+{
+    conn_close((struct rconn *)(void *)((char *)t - offsetof(struct rconn, timer)), true);
+}
+
+static struct rconn *conn_open(struct rpool_client *cl, struct rpool_ident *id, const char *name, size_t name_len)
+{
+    struct rconn *c = calloc(1, sizeof *c);
+    if (!c)
+        return NULL;
+    c->upstream = cl->upstream;
+    c->dest = cl->dest;
+    c->dest_len = cl->dest_len;
+    c->id = rpool_ident_ref(id);
+    c->out.cap = RCONN_OUT_MAX;
+    c->state = RC_WAITING;
+    if (resp_stream_init(&c->replies, false) != 0 || put_setup(c, name, name_len) != 0) {
+        resp_stream_free(&c->replies);
+        buf_free(&c->out);
+        rpool_ident_put(c->id);
+        free(c);
+        return NULL;
+    }
+    c->next = P.conns[c->upstream];
+    P.conns[c->upstream] = c;
+    conn_dial(c);
+    return c->state == RC_DEAD ? NULL : c;
+}
+
+static int fifo_push(struct rconn *c, struct rpool_client *cl)
+{
+    if (c->fifo_count == c->fifo_cap) {
+        if (c->fifo_cap == RCONN_INFLIGHT_MAX)
+            return -1;
+        unsigned cap = c->fifo_cap ? c->fifo_cap * 2 : 16;
+        struct rpool_client **f = malloc(cap * sizeof *f);
+        if (!f)
+            return -1;
+        for (unsigned i = 0; i < c->fifo_count; i++)
+            f[i] = c->fifo[(c->fifo_head + i) % c->fifo_cap];
+        free(c->fifo);
+        c->fifo = f;
+        c->fifo_cap = cap;
+        c->fifo_head = 0;
+    }
+    c->fifo[(c->fifo_head + c->fifo_count++) % c->fifo_cap] = cl;
+    return 0;
+}
+
+static struct rpool_client *fifo_pop(struct rconn *c)
+{
+    if (!c->fifo_count)
+        return NULL;
+    struct rpool_client *cl = c->fifo[c->fifo_head];
+    c->fifo_head = (c->fifo_head + 1) % c->fifo_cap;
+    c->fifo_count--;
+    return cl;
+}
+
+static void flush_now(struct loop_deferred *d)
+{
+    struct rconn *c = (struct rconn *)(void *)((char *)d - offsetof(struct rconn, flush_later));
+    c->flush_pending = false;
+    if (c->state != RC_READY || !buf_len(&c->out))
+        return;
+    STAT_INC(c->upstream, redis_batches);
+    if (buf_send(&c->out, c->src.fd) != 0) {
+        conn_close(c, true);
+        return;
+    }
+    watch(c);
+}
+
+/* A setup reply: an error ends the connection (its verifying session hears the error);
+ * the last success verifies its identity. */
+static void setup_reply(struct rconn *c, const char *p, size_t n, int type)
+{
+    c->setup_left--;
+    struct rpool_client *v = c->verifying;
+    if (type == REDIS_REPLY_ERROR) {
+        shim_debug("redis upstream %d: a new connection's setup was refused: %.*s", c->upstream,
+                   (int)(n > 2 ? n - 2 : n), p);
+        if (v) {
+            c->verifying = NULL;
+            v->verifying = NULL;
+            char err[512];
+            size_t k = n < sizeof err ? n : sizeof err;
+            memcpy(err, p, k);
+            conn_close(c, false);
+            v->ops->verified(v, false, err, k);
+        } else {
+            conn_close(c, true);       /* (its identity was good a moment ago) */
+        }
+        return;
+    }
+    if (c->setup_left)
+        return;
+    c->id->verified = true;
+    if (v) {
+        c->verifying = NULL;
+        v->verifying = NULL;
+        if (!c->lent && !c->shared) {
+            c->shared = true;          /* it stays, for the identity's commands */
+            c->id->n_shared++;
+        }
+        v->ops->verified(v, true, NULL, 0);
+    }
+}
+
+/* Whatever the stream holds goes to the direct session as it came. */
+static void pass_raw(struct rconn *c)
+{
+    struct rpool_client *cl = c->lent;
+    size_t n = buf_len(&c->replies.raw);
+    if (!cl || !n)
+        return;
+    /* the reader's copy is dropped with it: from now on bytes bypass the framing */
+    char *p = buf_head(&c->replies.raw);
+    cl->ops->raw(cl, p, n);
+    if (c->state != RC_DEAD) {
+        resp_stream_free(&c->replies);
+        resp_stream_init(&c->replies, false);
+    }
+}
+
+static void take_replies(struct rconn *c)
+{
+    struct resp_item it;
+    for (int rounds = 0; rounds < 100000 && c->state != RC_DEAD; rounds++) {
+        if (c->raw && !c->setup_left) {
+            pass_raw(c);
+            return;
+        }
+        enum resp_next r = resp_stream_next(&c->replies, &it);
+        if (r == RESP_MORE)
+            return;
+        if (r != RESP_ITEM) {
+            shim_debug("redis upstream %d: a reply the shim cannot frame (%s)", c->upstream,
+                       r == RESP_TOO_LARGE ? "too large" : "not RESP2");
+            conn_close(c, true);
+            return;
+        }
+        const char *p = buf_head(&c->replies.raw);
+        if (c->setup_left) {
+            setup_reply(c, p, it.raw_len, it.type);
+            if (c->state != RC_DEAD)
+                resp_item_done(&c->replies, &it);
+            continue;
+        }
+        struct rpool_client *cl = fifo_pop(c);
+        if (cl) {
+            cl->inflight--;
+            if (!cl->inflight && !cl->lent && cl->conn == c)
+                cl->conn = NULL;       /* free to go to another connection now */
+            cl->ops->reply(cl, p, it.raw_len);
+        }
+        if (c->state != RC_DEAD)
+            resp_item_done(&c->replies, &it);
+    }
+}
+
+static void on_io(struct loop_source *src, uint32_t ev)
+{
+    struct rconn *c = of_src(src);
+    if (c->state == RC_CONNECTING && (ev & (EPOLLOUT | EPOLLERR | EPOLLHUP))) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        if (real_getsockopt(src->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err) {
+            conn_close(c, true);
+            return;
+        }
+        loop_timer_cancel(&c->timer);
+        c->state = RC_READY;
+        schedule_flush(c);
+    }
+    if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
+        char chunk[16384];
+        for (int rounds = 0; rounds < 16 && c->state != RC_DEAD && !c->throttled; rounds++) {
+            ssize_t n = recv(src->fd, chunk, sizeof chunk, MSG_DONTWAIT);
+            if (n > 0) {
+                if (c->raw && !c->setup_left && c->lent && !buf_len(&c->replies.raw)) {
+                    c->lent->ops->raw(c->lent, chunk, (size_t)n);
+                    continue;
+                }
+                if (resp_stream_feed(&c->replies, chunk, (size_t)n) != 0) {
+                    conn_close(c, true);
+                    return;
+                }
+                take_replies(c);
+                continue;
+            }
+            if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+                conn_close(c, true);   /* the server went away, or reset */
+                return;
+            }
+            break;
+        }
+    }
+    if (c->state == RC_DEAD)
+        return;
+    if ((ev & EPOLLOUT) && c->state == RC_READY && buf_len(&c->out) && buf_send(&c->out, src->fd) != 0) {
+        conn_close(c, true);
+        return;
+    }
+    watch(c);
+}
+
+/* ---- what sessions ask ---- */
+
+static unsigned pool_max(int up) { return rules_pool_max(P.cfg, &P.cfg->upstreams[up]); }
+
+/* A shared connection of id's for a session with no reply owed: the least loaded, or a new
+ * one while the identity has fewer than pool_max and every one has replies owed. */
+static struct rconn *pick_shared(struct rpool_client *cl, struct rpool_ident *id)
+{
+    struct rconn *best = NULL;
+    for (struct rconn *c = P.conns[cl->upstream]; c; c = c->next)
+        if (c->id == id && c->shared && !c->lent && c->state != RC_DEAD
+            && (!best || c->fifo_count < best->fifo_count))
+            best = c;
+    if ((!best || best->fifo_count > 0) && id->n_shared < pool_max(cl->upstream)) {
+        struct rconn *c = conn_open(cl, id, NULL, 0);
+        if (c) {
+            c->shared = true;
+            id->n_shared++;
+            return c;
+        }
+    }
+    return best;
+}
+
+static int queue_command(struct rconn *c, struct rpool_client *cl, const char *cmd, size_t n)
+{
+    size_t mark = c->out.end;
+    if (buf_append(&c->out, cmd, n) != 0)
+        return -1;
+    if (fifo_push(c, cl) != 0) {
+        c->out.end = mark;
+        return -1;
+    }
+    if (cl) {
+        cl->inflight++;
+        cl->conn = c;
+    }
+    STAT_INC(c->upstream, redis_commands);
+    schedule_flush(c);
+    return 0;
+}
+
+int rpool_send(struct rpool_client *cl, struct rpool_ident *id, const char *cmd, size_t n)
+{
+    struct rconn *c = cl->lent || cl->inflight ? cl->conn : pick_shared(cl, id);
+    if (!c || c->state == RC_DEAD)
+        return -1;
+    return queue_command(c, cl, cmd, n);
+}
+
+int rpool_send_quiet(struct rpool_client *cl, const char *cmd, size_t n)
+{
+    return cl->conn && cl->conn->state != RC_DEAD ? queue_command(cl->conn, NULL, cmd, n) : -1;
+}
+
+int rpool_verify(struct rpool_client *cl, struct rpool_ident *id)
+{
+    struct rconn *c = conn_open(cl, id, NULL, 0);
+    if (!c)
+        return -1;
+    c->verifying = cl;
+    cl->verifying = c;
+    return 0;
+}
+
+int rpool_lend(struct rpool_client *cl, struct rpool_ident *id, enum rpool_pin why)
+{
+    int up = cl->upstream;
+    if (P.lent[up] >= P.cfg->upstreams[up].redis_pinned_max)
+        return -1;
+    struct rconn *c = NULL;
+    for (struct rconn *s = P.conns[up]; s; s = s->next)
+        if (s->id == id && s->shared && !s->lent && !s->fifo_count && s->state != RC_DEAD && !s->setup_left) {
+            c = s;                     /* an idle shared one: lent, and taken out of the shared */
+            c->shared = false;
+            id->n_shared--;
+            break;
+        }
+    if (!c && !(c = conn_open(cl, id, NULL, 0)))
+        return -1;
+    c->lent = cl;
+    c->pin_reason = (int)why;
+    c->lent_counted = true;
+    P.lent[up]++;
+    lent_gauge(c, +1);
+    cl->conn = c;
+    cl->lent = true;
+    cl->pin_reason = (int)why;
+    return 0;
+}
+
+void rpool_give_back(struct rpool_client *cl, bool clean)
+{
+    struct rconn *c = cl->lent ? cl->conn : NULL;
+    cl->lent = false;
+    if (!cl->inflight)
+        cl->conn = NULL;
+    if (!c || c->state == RC_DEAD)
+        return;
+    c->lent = NULL;
+    if (c->lent_counted) {
+        c->lent_counted = false;
+        P.lent[c->upstream]--;
+        lent_gauge(c, -1);
+    }
+    if (!clean || c->raw || c->fifo_count || c->id->n_shared >= pool_max(c->upstream)) {
+        conn_close(c, false);          /* (state the shim cannot undo, or enough are shared) */
+        return;
+    }
+    c->shared = true;
+    c->id->n_shared++;
+}
+
+int rpool_go_direct(struct rpool_client *cl, struct rpool_ident *id, const char *name, size_t name_len)
+{
+    struct rconn *c = cl->lent ? cl->conn : NULL;
+    if (c && c->lent_counted) {        /* a lent one is its own now: no longer counted as lent */
+        c->lent_counted = false;
+        P.lent[c->upstream]--;
+        lent_gauge(c, -1);
+    }
+    if (!c) {
+        if (cl->inflight || !(c = conn_open(cl, id, name, name_len)))
+            return -1;
+        c->lent = cl;
+        cl->conn = c;
+        cl->lent = true;
+    }
+    c->raw = true;
+    cl->raw = true;
+    STAT_INC(cl->upstream, redis_direct);
+    /* replies owed on it are bytes like any other now; what the stream held goes first */
+    for (unsigned i = 0; i < c->fifo_count; i++)
+        c->fifo[(c->fifo_head + i) % c->fifo_cap] = NULL;
+    c->fifo_count = 0;
+    cl->inflight = 0;
+    if (!c->setup_left)
+        pass_raw(c);
+    return 0;
+}
+
+int rpool_direct_write(struct rpool_client *cl, const char *p, size_t n)
+{
+    struct rconn *c = cl->conn;
+    if (!c || c->state == RC_DEAD || buf_append(&c->out, p, n) != 0)
+        return -1;
+    schedule_flush(c);
+    return 0;
+}
+
+bool rpool_direct_full(const struct rpool_client *cl)
+{
+    return cl->conn && buf_len(&cl->conn->out) > DIRECT_OUT_SOFT;
+}
+
+void rpool_client_gone(struct rpool_client *cl)
+{
+    struct rconn *v = cl->verifying;
+    if (v) {
+        v->verifying = NULL;           /* its setup goes on: a verified identity is kept */
+        cl->verifying = NULL;
+        if (!v->shared && !v->lent)
+            conn_close(v, false);
+    }
+    struct rconn *c = cl->conn;
+    if (!c)
+        return;
+    for (unsigned i = 0; i < c->fifo_count; i++)
+        if (c->fifo[(c->fifo_head + i) % c->fifo_cap] == cl)
+            c->fifo[(c->fifo_head + i) % c->fifo_cap] = NULL;   /* read and dropped */
+    bool lent = cl->lent;
+    cl->conn = NULL;
+    cl->inflight = 0;
+    cl->lent = false;
+    if (lent && c->state != RC_DEAD) {
+        c->lent = NULL;                /* a lent connection's state is unknown now: closed */
+        conn_close(c, false);
+    }
+}
+
+void rpool_throttle(struct rpool_client *cl, bool stop)
+{
+    struct rconn *c = cl->conn;
+    if (c && c->state != RC_DEAD && c->throttled != stop) {
+        c->throttled = stop;
+        watch(c);
+        if (!stop)
+            take_replies(c);
+    }
+}

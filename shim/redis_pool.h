@@ -1,0 +1,87 @@
+/* redis_pool.h — the server connections of a protocol = redis upstream (redis_pool.c), as
+ * the app's sessions (redis_session.c) use them. */
+#ifndef HTTPSHIM_REDIS_POOL_H
+#define HTTPSHIM_REDIS_POOL_H
+#include <stdbool.h>
+#include <stddef.h>
+#include "fdtable.h"
+#include "rules.h"
+
+struct rpool_ident;
+struct rconn;
+struct rpool_client;
+
+/* What a session hears from the pool. Never called from inside one of the session's own
+ * calls into the pool. */
+struct rpool_client_ops {
+    /* the reply to the oldest of its commands in flight, whole, as the server sent it */
+    void (*reply)(struct rpool_client *c, const char *p, size_t n);
+    /* its identity was checked on a new connection (AUTH, SELECT): ok, else err is the
+     * server's error reply, whole */
+    void (*verified)(struct rpool_client *c, bool ok, const char *err, size_t n);
+    /* direct: bytes from its own server connection, as they came */
+    void (*raw)(struct rpool_client *c, const char *p, size_t n);
+    /* the server connection with its commands (or its own) is gone: close the app's */
+    void (*lost)(struct rpool_client *c);
+};
+
+/* A session as the pool sees it (embedded in it). */
+struct rpool_client {
+    const struct rpool_client_ops *ops;
+    int upstream;
+    union shim_sockaddr dest;          /* where new server connections for it go */
+    socklen_t dest_len;
+    struct rconn *conn;                /* the connection its commands in flight (or its lent one) are on */
+    struct rconn *verifying;           /* a connection checking an identity for it */
+    unsigned inflight;                 /* replies still owed to it */
+    bool lent;                         /* conn is lent to it alone */
+    bool raw;                          /* ... and relays bytes both ways as they come */
+    int pin_reason;                    /* enum rpool_pin while lent for a reason */
+};
+
+enum rpool_pin { RPOOL_PIN_MULTI, RPOOL_PIN_WATCH, RPOOL_PIN_BLOCKING };
+
+void redis_pool_init(const struct shim_config *cfg);
+void redis_pool_forget(void);          /* forked child: the parent's connections */
+
+/* An identity commands run as: user, password (none: has_pass false) and database, as
+ * the app gave them (the database as its digits). A reference; *_put gives it back. The
+ * password is kept (for the connections opened for it) and never shown. */
+struct rpool_ident *rpool_ident_get(int upstream, const char *user, size_t user_len, const char *pass,
+                                    size_t pass_len, bool has_pass, const char *db, size_t db_len);
+struct rpool_ident *rpool_ident_ref(struct rpool_ident *id);
+void rpool_ident_put(struct rpool_ident *id);
+/* A connection has accepted it (or it asks nothing: the default user, database 0). */
+bool rpool_ident_verified(const struct rpool_ident *id);
+/* Its parts, to derive another identity from it. */
+void rpool_ident_parts(const struct rpool_ident *id, const char **user, size_t *user_len, const char **pass,
+                       size_t *pass_len, bool *has_pass, const char **db, size_t *db_len);
+
+/* Checks id on a connection of its own (its setup: AUTH, SELECT); ops->verified follows.
+ * -1: cannot try (no memory, the connect failed at once). */
+int rpool_verify(struct rpool_client *c, struct rpool_ident *id);
+/* One command (its exact bytes) of c, run as id: on c's lent connection, else on a shared
+ * one of id's (c's current one while it has replies owed, so they come back in order);
+ * one reply comes back through ops->reply. -1: too much queued, no memory: close. */
+int rpool_send(struct rpool_client *c, struct rpool_ident *id, const char *cmd, size_t n);
+/* A command whose reply nobody reads (the shim's own, to clean a lent connection). */
+int rpool_send_quiet(struct rpool_client *c, const char *cmd, size_t n);
+/* Lends c a connection of id's to itself (for a transaction, WATCHed keys, a blocking
+ * command): -1 when the upstream has redis_pinned_max lent already (go direct instead).
+ * c must have no replies owed. */
+int rpool_lend(struct rpool_client *c, struct rpool_ident *id, enum rpool_pin why);
+/* The lent connection goes back to the shared ones (its state is clean), or is closed. */
+void rpool_give_back(struct rpool_client *c, bool clean);
+/* From now on c's connection is its own for good and relays bytes as they come: its lent
+ * one, else a new one with id's setup (and `name`, when set, as CLIENT SETNAME). c must
+ * have no replies owed on a shared one. -1: no connection. */
+int rpool_go_direct(struct rpool_client *c, struct rpool_ident *id, const char *name, size_t name_len);
+/* Direct: bytes for the server; -1 when too much waits (stop reading the app). */
+int rpool_direct_write(struct rpool_client *c, const char *p, size_t n);
+bool rpool_direct_full(const struct rpool_client *c);
+/* The app went away (or its session ends): replies owed to it are read and dropped, a
+ * lent connection is cleaned and given back when it can be, else closed. */
+void rpool_client_gone(struct rpool_client *c);
+/* Stop (or resume) reading c's connection while c cannot take more replies. */
+void rpool_throttle(struct rpool_client *c, bool stop);
+#endif

@@ -1,0 +1,565 @@
+/* redis_session.c — owns an app's connection to a protocol = redis upstream: its commands
+ * framed (resp.c) and read for the connection state they change, which is kept here and
+ * never mixed between app connections: the identity they run as (AUTH's user and password,
+ * SELECT's database; checked by the server on a connection opened for it, then answered
+ * here), the name (CLIENT SETNAME/GETNAME answered here), a transaction or WATCHed keys or
+ * a blocking command (on a connection lent to it alone until its state ends, then given
+ * back clean), and what only a connection of its own can carry (RESP3, subscriptions,
+ * MONITOR, CLIENT TRACKING/REPLY/NO-EVICT, inline commands, or the lent cap reached): then
+ * it goes direct for good. Every other command goes over the upstream's shared server
+ * connections (redis_pool.c), and the replies come back in the order asked. A stream that
+ * is not RESP commands closes the connection; nothing of it reaches Redis. Engine thread
+ * only. */
+#include "redis_session.h"
+#include "conn.h"
+#include "log.h"
+#include "redis_pool.h"
+#include "resp.h"
+#include "stats.h"
+#include "tunnel.h"
+#include <errno.h>
+#include <hiredis/hiredis.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#define OUT_SOFT_MAX (1u << 20)        /* replies waiting for the app: beyond, its server connection waits */
+#define KINDS_MAX    8192              /* commands in flight per session */
+#define NAME_MAX_LEN 512
+
+/* What a reply in flight ends, when it comes back. */
+enum kind { K_PLAIN, K_ENDS_TXN, K_ENDS_WATCH, K_ENDS_BLOCK };
+
+struct rsession {
+    struct rpool_client client;        /* first: what the pool holds */
+    struct loop_source src;
+    struct loop_deferred reclaim;
+    struct resp_stream cmds;
+    struct buf out;                    /* replies for the app */
+    struct rpool_ident *id;            /* who its commands run as (a reference) */
+    char name[NAME_MAX_LEN];
+    size_t name_len;
+    bool has_name;
+    bool app_eof, gone, closing, in_multi, watching, waiting_verdict, throttling;
+    unsigned char *kinds;              /* enum kind of each command in flight, oldest first */
+    unsigned kind_head, kind_count, kind_cap;
+    struct rpool_ident *pending_id;    /* being verified for an AUTH or SELECT (a reference) */
+    struct resp_item held;             /* a command read but waiting for the replies owed first */
+    bool has_held;
+    struct rsession *next, *prev;
+};
+
+static const struct shim_config *cfg;
+static struct rsession *live;
+
+void redis_session_init(const struct shim_config *config)
+{
+    cfg = config;
+    redis_pool_init(config);
+}
+
+void redis_session_forget(void)
+{
+    live = NULL;                       /* the parent's: unreachable, never used */
+    redis_pool_forget();
+}
+
+static struct rsession *of_client(struct rpool_client *c) { return (struct rsession *)(void *)c; }
+
+static void reclaim(struct loop_deferred *d)
+{
+    free((char *)d - offsetof(struct rsession, reclaim));
+}
+
+static void session_close(struct rsession *s)
+{
+    if (s->gone)
+        return;
+    s->gone = true;
+    rpool_client_gone(&s->client);
+    if (s->has_held && s->held.argv)
+        freeReplyObject(s->held.argv);
+    s->has_held = false;
+    loop_remove(&s->src);
+    fdtable_close_engine_fd(s->src.fd);
+    resp_stream_free(&s->cmds);
+    buf_free(&s->out);
+    free(s->kinds);
+    rpool_ident_put(s->id);
+    rpool_ident_put(s->pending_id);
+    if (s->prev)
+        s->prev->next = s->next;
+    else if (live == s)
+        live = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    loop_defer(&s->reclaim, reclaim);
+}
+
+static void process(struct rsession *s);
+
+static void update(struct rsession *s)
+{
+    if (s->gone)
+        return;
+    if (buf_len(&s->out) && buf_send(&s->out, s->src.fd) != 0) {
+        session_close(s);
+        return;
+    }
+    if (s->closing && !buf_len(&s->out)) {
+        session_close(s);
+        return;
+    }
+    /* a slow app holds its server connection back, not the shim's memory */
+    bool full = buf_len(&s->out) > OUT_SOFT_MAX;
+    if (full != s->throttling) {
+        s->throttling = full;
+        rpool_throttle(&s->client, full);
+        if (s->gone)
+            return;
+    }
+    bool reading = !s->app_eof && !s->closing
+                   && (s->client.raw ? !rpool_direct_full(&s->client) : resp_stream_pending(&s->cmds) < RESP_ITEM_MAX);
+    loop_watch(&s->src, (reading ? EPOLLIN : 0) | (buf_len(&s->out) ? EPOLLOUT : 0));
+}
+
+static void answer(struct rsession *s, const char *p, size_t n)
+{
+    if (buf_append(&s->out, p, n) != 0)
+        s->closing = true;             /* cannot be delivered whole: end as a reset would */
+}
+
+static void answer_local(struct rsession *s, const char *p, size_t n)
+{
+    STAT_INC(s->client.upstream, redis_local_replies);
+    answer(s, p, n);
+}
+
+#define LITERAL(s) s, sizeof s - 1
+
+static int kind_push(struct rsession *s, enum kind k)
+{
+    if (s->kind_count == s->kind_cap) {
+        if (s->kind_cap == KINDS_MAX)
+            return -1;
+        unsigned cap = s->kind_cap ? s->kind_cap * 2 : 16;
+        unsigned char *n = malloc(cap);
+        if (!n)
+            return -1;
+        for (unsigned i = 0; i < s->kind_count; i++)
+            n[i] = s->kinds[(s->kind_head + i) % s->kind_cap];
+        free(s->kinds);
+        s->kinds = n;
+        s->kind_cap = cap;
+        s->kind_head = 0;
+    }
+    s->kinds[(s->kind_head + s->kind_count++) % s->kind_cap] = (unsigned char)k;
+    return 0;
+}
+
+/* ---- what the pool tells the session ---- */
+
+static void on_reply(struct rpool_client *c, const char *p, size_t n)
+{
+    struct rsession *s = of_client(c);
+    enum kind k = K_PLAIN;
+    if (s->kind_count) {
+        k = (enum kind)s->kinds[s->kind_head];
+        s->kind_head = (s->kind_head + 1) % s->kind_cap;
+        s->kind_count--;
+    }
+    answer(s, p, n);
+    if (k == K_ENDS_TXN)
+        s->in_multi = s->watching = false;   /* EXEC or DISCARD, whatever their answer */
+    else if (k == K_ENDS_WATCH && !s->in_multi)
+        s->watching = false;
+    if (c->lent && !s->in_multi && !s->watching && !c->inflight)
+        rpool_give_back(c, true);      /* the transaction, the watch or the block is over */
+    process(s);
+    update(s);
+}
+
+static void on_verified(struct rpool_client *c, bool ok, const char *err, size_t n)
+{
+    struct rsession *s = of_client(c);
+    s->waiting_verdict = false;
+    if (ok) {
+        rpool_ident_put(s->id);
+        s->id = s->pending_id;
+        answer(s, LITERAL("+OK\r\n"));
+    } else {
+        rpool_ident_put(s->pending_id);
+        answer(s, err, n);             /* the server's own words, as direct */
+    }
+    s->pending_id = NULL;
+    process(s);
+    update(s);
+}
+
+static void on_raw(struct rpool_client *c, const char *p, size_t n)
+{
+    struct rsession *s = of_client(c);
+    answer(s, p, n);
+    update(s);
+}
+
+static void on_lost(struct rpool_client *c)
+{
+    struct rsession *s = of_client(c);
+    shim_debug("fd %d: redis: the server connection went away: closed, as a reset", s->src.fd);
+    session_close(s);                  /* what was owed to it will not come: as a reset direct */
+}
+
+static const struct rpool_client_ops client_ops = { on_reply, on_verified, on_raw, on_lost };
+
+/* ---- commands ---- */
+
+static bool name_in(const struct resp_item *it, const char *const *names)
+{
+    for (; *names; names++)
+        if (resp_arg_is(it, 0, *names))
+            return true;
+    return false;
+}
+
+static const char *const blocking[] = { "BLPOP", "BRPOP", "BRPOPLPUSH", "BLMOVE", "BLMPOP", "BZPOPMIN", "BZPOPMAX",
+                                         "BZMPOP", "WAIT", "WAITAOF", NULL };
+static const char *const own_connection[] = { "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "MONITOR", "SYNC", "PSYNC",
+                                               NULL };
+
+static bool is_blocking(const struct resp_item *it)
+{
+    if (name_in(it, blocking))
+        return true;
+    if (resp_arg_is(it, 0, "XREAD") || resp_arg_is(it, 0, "XREADGROUP"))
+        for (size_t i = 1; i < resp_argc(it); i++)
+            if (resp_arg_is(it, i, "BLOCK"))
+                return true;
+    return false;
+}
+
+/* Whether the command leaves state only a connection of the app's own can keep. */
+static bool needs_own_connection(const struct resp_item *it)
+{
+    if (name_in(it, own_connection))
+        return true;
+    if (resp_arg_is(it, 0, "HELLO"))    /* RESP3, or AUTH / SETNAME inside it */
+        return !(resp_argc(it) == 1 || (resp_argc(it) == 2 && resp_arg_is(it, 1, "2")));
+    if (resp_arg_is(it, 0, "CLIENT"))
+        return resp_arg_is(it, 1, "TRACKING") || resp_arg_is(it, 1, "REPLY") || resp_arg_is(it, 1, "NO-EVICT")
+               || resp_arg_is(it, 1, "CACHING") || resp_arg_is(it, 1, "NO-TOUCH");
+    return false;
+}
+
+/* From here on the connection is the app's own, relaying bytes as they come: the rest of
+ * what the app sent (this command first) goes as it is. */
+static void go_direct(struct rsession *s)
+{
+    if (rpool_go_direct(&s->client, s->id, s->has_name ? s->name : NULL, s->has_name ? s->name_len : 0) != 0) {
+        session_close(s);
+        return;
+    }
+    shim_debug("fd %d: redis: on a connection of its own from now on", s->src.fd);
+    size_t n = buf_len(&s->cmds.raw);
+    if (n && rpool_direct_write(&s->client, buf_head(&s->cmds.raw), n) != 0) {
+        session_close(s);
+        return;
+    }
+    resp_stream_free(&s->cmds);        /* no more framing of the app's bytes */
+}
+
+static void too_many_args(struct rsession *s, const char *cmd)
+{
+    char line[96];
+    int k = snprintf(line, sizeof line, "-ERR wrong number of arguments for '%s' command\r\n", cmd);
+    answer_local(s, line, (size_t)k);
+}
+
+/* AUTH or SELECT: the identity its commands run as changes, once the server accepts it
+ * (the first time the shim sees that identity; after that it is known good). */
+static void change_identity(struct rsession *s, const struct resp_item *it, bool auth)
+{
+    const char *user, *pass, *db;
+    size_t user_len, pass_len, db_len;
+    bool has_pass;
+    rpool_ident_parts(s->id, &user, &user_len, &pass, &pass_len, &has_pass, &db, &db_len);
+    if (auth) {
+        if (resp_argc(it) != 2 && resp_argc(it) != 3) {
+            too_many_args(s, "auth");
+            return;
+        }
+        user_len = 0;
+        user = "";
+        if (resp_argc(it) == 3)
+            user = resp_arg(it, 1, &user_len);
+        pass = resp_arg(it, resp_argc(it) - 1, &pass_len);
+        has_pass = true;
+    } else {
+        if (resp_argc(it) != 2) {
+            too_many_args(s, "select");
+            return;
+        }
+        db = resp_arg(it, 1, &db_len);
+    }
+    struct rpool_ident *id = rpool_ident_get(s->client.upstream, user, user_len, pass, pass_len, has_pass, db, db_len);
+    if (!id) {
+        answer_local(s, LITERAL("-ERR value is not an integer or out of range\r\n"));
+        return;
+    }
+    if (rpool_ident_verified(id)) {
+        rpool_ident_put(s->id);
+        s->id = id;
+        answer_local(s, LITERAL("+OK\r\n"));
+        return;
+    }
+    s->pending_id = id;
+    if (rpool_verify(&s->client, id) != 0) {
+        session_close(s);
+        return;
+    }
+    s->waiting_verdict = true;
+}
+
+static bool valid_name(const char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (p[i] < '!' || p[i] > '~')
+            return false;
+    return n < NAME_MAX_LEN;
+}
+
+/* CLIENT SETNAME / GETNAME, answered here: the name belongs to the app's connection, not
+ * to the shared server connection its commands happen to ride. */
+static bool client_name(struct rsession *s, const struct resp_item *it)
+{
+    if (resp_arg_is(it, 1, "SETNAME")) {
+        size_t n;
+        const char *name = resp_arg(it, 2, &n);
+        if (resp_argc(it) != 3)
+            too_many_args(s, "client|setname");
+        else if (!valid_name(name, n))
+            answer_local(s, LITERAL("-ERR Client names cannot contain spaces, newlines or special characters.\r\n"));
+        else {
+            memcpy(s->name, name, n);
+            s->name_len = n;
+            s->has_name = n > 0;
+            answer_local(s, LITERAL("+OK\r\n"));
+        }
+        return true;
+    }
+    if (resp_arg_is(it, 1, "GETNAME") && resp_argc(it) == 2) {
+        if (!s->has_name) {
+            answer_local(s, LITERAL("$-1\r\n"));
+        } else {
+            char head[32];
+            int k = snprintf(head, sizeof head, "$%zu\r\n", s->name_len);
+            answer_local(s, head, (size_t)k);
+            answer(s, s->name, s->name_len);
+            answer(s, "\r\n", 2);
+        }
+        return true;
+    }
+    return false;
+}
+
+static int send_command(struct rsession *s, const struct resp_item *it, enum kind k)
+{
+    if (kind_push(s, k) != 0 || rpool_send(&s->client, s->id, buf_head(&s->cmds.raw), it->raw_len) != 0) {
+        session_close(s);
+        return -1;
+    }
+    return 0;
+}
+
+/* One command: true when it was taken (answered, sent, or the session changed course),
+ * false when it must wait (replies owed first, an identity being checked). */
+static bool one_command(struct rsession *s, const struct resp_item *it)
+{
+    struct rpool_client *c = &s->client;
+    bool idle = c->inflight == 0;
+    if (needs_own_connection(it)) {
+        if (!idle && !c->lent)
+            return false;              /* its replies first: then nothing is in between */
+        go_direct(s);
+        return true;
+    }
+    if (c->lent) {                     /* a transaction, WATCHed keys or a blocking command */
+        if (resp_arg_is(it, 0, "AUTH") || resp_arg_is(it, 0, "SELECT") || resp_arg_is(it, 0, "RESET")
+            || resp_arg_is(it, 0, "QUIT")) {
+            go_direct(s);              /* the lent connection carries the app's state exactly */
+            return true;
+        }
+        if (resp_arg_is(it, 0, "MULTI"))
+            s->in_multi = true;
+        else if (resp_arg_is(it, 0, "WATCH"))
+            s->watching = true;
+        enum kind k = resp_arg_is(it, 0, "EXEC") || resp_arg_is(it, 0, "DISCARD") ? K_ENDS_TXN
+                    : resp_arg_is(it, 0, "UNWATCH") ? K_ENDS_WATCH
+                    : !s->in_multi && !s->watching ? K_ENDS_BLOCK : K_PLAIN;
+        send_command(s, it, k);
+        return true;
+    }
+    bool multi = resp_arg_is(it, 0, "MULTI"), watch = resp_arg_is(it, 0, "WATCH"), block = is_blocking(it);
+    bool state = resp_arg_is(it, 0, "AUTH") || resp_arg_is(it, 0, "SELECT") || resp_arg_is(it, 0, "RESET")
+                 || resp_arg_is(it, 0, "QUIT");
+    if ((multi || watch || block || state) && !idle)
+        return false;                  /* after the replies owed: it changes what follows */
+    if (resp_arg_is(it, 0, "AUTH") || resp_arg_is(it, 0, "SELECT")) {
+        change_identity(s, it, resp_arg_is(it, 0, "AUTH"));
+        return true;
+    }
+    if (resp_arg_is(it, 0, "RESET")) {
+        struct rpool_ident *id = rpool_ident_get(c->upstream, "", 0, "", 0, false, "0", 1);
+        if (!id) {
+            session_close(s);
+            return true;
+        }
+        rpool_ident_put(s->id);
+        s->id = id;
+        s->has_name = false;
+        s->name_len = 0;
+        answer_local(s, LITERAL("+RESET\r\n"));
+        return true;
+    }
+    if (resp_arg_is(it, 0, "QUIT")) {
+        answer_local(s, LITERAL("+OK\r\n"));
+        s->closing = true;
+        return true;
+    }
+    if (resp_arg_is(it, 0, "CLIENT") && client_name(s, it))
+        return true;
+    if (multi || watch || block) {
+        enum rpool_pin why = multi ? RPOOL_PIN_MULTI : watch ? RPOOL_PIN_WATCH : RPOOL_PIN_BLOCKING;
+        if (rpool_lend(c, s->id, why) != 0) {
+            go_direct(s);              /* redis_pinned_max lent already: a connection of its own */
+            return true;
+        }
+        s->in_multi = multi;
+        s->watching = watch;
+        send_command(s, it, multi || watch ? K_PLAIN : K_ENDS_BLOCK);
+        return true;
+    }
+    send_command(s, it, K_PLAIN);
+    return true;
+}
+
+static void process(struct rsession *s)
+{
+    for (int n = 0; n < 100000; n++) {
+        if (s->gone || s->client.raw || s->waiting_verdict || s->closing)
+            return;
+        struct resp_item it = s->held;
+        if (!s->has_held) {
+            enum resp_next r = resp_stream_next(&s->cmds, &it);
+            if (r == RESP_MORE)
+                return;
+            if (r == RESP_TOO_LARGE) {
+                if (s->client.inflight == 0 && !s->client.lent)
+                    go_direct(s);      /* a command larger than the shim frames: as it is */
+                return;                /* (else after the replies owed) */
+            }
+            if (r != RESP_ITEM) {
+                STAT_INC(s->client.upstream, redis_malformed);
+                shim_debug("fd %d: redis: not a RESP command: closed, nothing of it sent", s->src.fd);
+                session_close(s);
+                return;
+            }
+        }
+        s->has_held = false;
+        if (!one_command(s, &it)) {
+            s->held = it;              /* the reader has it read: kept for the next turn */
+            s->has_held = true;
+            return;
+        }
+        if (s->gone || s->client.raw) {
+            if (it.argv)
+                freeReplyObject(it.argv);   /* its bytes went (direct) or nothing matters */
+            return;
+        }
+        resp_item_done(&s->cmds, &it);
+    }
+}
+
+/* ---- the app's side ---- */
+
+static void on_app(struct loop_source *src, uint32_t ev)
+{
+    struct rsession *s = (struct rsession *)(void *)((char *)src - offsetof(struct rsession, src));
+    if (ev & (EPOLLERR | EPOLLHUP) && !(ev & EPOLLIN)) {
+        session_close(s);
+        return;
+    }
+    if (ev & EPOLLIN) {
+        char chunk[16384];
+        for (int rounds = 0; rounds < 8 && !s->gone && !s->app_eof; rounds++) {
+            bool direct = s->client.raw;
+            if (direct && rpool_direct_full(&s->client))
+                break;
+            if (!direct && resp_stream_pending(&s->cmds) >= RESP_ITEM_MAX)
+                break;
+            ssize_t n = recv(src->fd, chunk, sizeof chunk, MSG_DONTWAIT);
+            if (n > 0) {
+                int rc = direct ? rpool_direct_write(&s->client, chunk, (size_t)n)
+                                : resp_stream_feed(&s->cmds, chunk, (size_t)n);
+                if (rc != 0) {
+                    session_close(s);
+                    return;
+                }
+                if (!direct)
+                    process(s);
+                continue;
+            }
+            if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+                s->app_eof = true;
+            break;
+        }
+    }
+    if (s->gone)
+        return;
+    if (s->app_eof && !s->client.inflight && !s->waiting_verdict && !buf_len(&s->out)
+        && (s->client.raw || resp_stream_pending(&s->cmds) == 0)) {
+        session_close(s);              /* the app is done and owed nothing */
+        return;
+    }
+    update(s);
+}
+
+int redis_session_start(struct loop_source *app_src, int upstream, const union shim_sockaddr *dest,
+                        socklen_t dest_len, struct buf *in, bool app_eof)
+{
+    /* not RESP (an inline command, as typed at a telnet): the connection is relayed as it
+     * is, over a connection of its own */
+    if (buf_len(in) && buf_head(in)[0] != '*') {
+        struct buf none = { 0 };
+        STAT_INC(upstream, redis_direct);
+        return tunnel_start(app_src, upstream, dest, dest_len, in, &none, app_eof);
+    }
+    struct rsession *s = calloc(1, sizeof *s);
+    if (!s)
+        return -1;
+    s->client.ops = &client_ops;
+    s->client.upstream = upstream;
+    s->client.dest = *dest;
+    s->client.dest_len = dest_len;
+    s->out.cap = OUT_SOFT_MAX + RESP_ITEM_MAX + 64 * 1024;
+    s->app_eof = app_eof;
+    if (resp_stream_init(&s->cmds, true) != 0
+        || !(s->id = rpool_ident_get(upstream, "", 0, "", 0, false, "0", 1))
+        || (buf_len(in) && resp_stream_feed(&s->cmds, buf_head(in), buf_len(in)) != 0)
+        || loop_move(app_src, &s->src, EPOLLIN, on_app) != 0) {
+        resp_stream_free(&s->cmds);
+        rpool_ident_put(s->id);
+        free(s);
+        return -1;
+    }
+    buf_free(in);
+    s->next = live;
+    if (live)
+        live->prev = s;
+    live = s;
+    shim_debug("fd %d: a redis session", s->src.fd);
+    process(s);
+    update(s);
+    return 0;
+}

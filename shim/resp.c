@@ -1,0 +1,109 @@
+/* resp.c — owns framing RESP for the Redis protocol proxy: the app's commands (arrays of
+ * bulk strings, with their arguments for the proxy to read) and the server's replies
+ * (whatever RESP2 item, only its type), found whole by hiredis's redisReader, and the
+ * exact bytes of each item, kept alongside the reader's own copy (the reader compacts its
+ * buffer as it goes, so the bytes of an item are counted, not pointed at). Bounded: an
+ * item not yet whole may hold RESP_ITEM_MAX bytes. */
+#include "resp.h"
+#include <hiredis/hiredis.h>
+#include <string.h>
+#include <strings.h>
+
+int resp_stream_init(struct resp_stream *s, bool commands)
+{
+    s->commands = commands;
+    s->raw = (struct buf){ .cap = RESP_ITEM_MAX * 2 };
+    /* replies: no functions, no allocation per item (the reader returns the type) */
+    s->reader = commands ? redisReaderCreate() : redisReaderCreateWithFunctions(NULL);
+    if (!s->reader)
+        return -1;
+    s->reader->maxbuf = 64 * 1024;     /* an empty buffer larger than this is given back */
+    return 0;
+}
+
+void resp_stream_free(struct resp_stream *s)
+{
+    if (s->reader)
+        redisReaderFree(s->reader);
+    s->reader = NULL;
+    buf_free(&s->raw);
+}
+
+size_t resp_stream_pending(const struct resp_stream *s)
+{
+    return s->reader ? s->reader->len - s->reader->pos : 0;
+}
+
+int resp_stream_feed(struct resp_stream *s, const char *p, size_t n)
+{
+    if (resp_stream_pending(s) + n > RESP_ITEM_MAX + 64 * 1024 || buf_append(&s->raw, p, n) != 0)
+        return -1;
+    if (redisReaderFeed(s->reader, p, n) != REDIS_OK) {
+        s->raw.end -= n;               /* (undo: the caller gives up on the stream anyway) */
+        return -1;
+    }
+    return 0;
+}
+
+static bool is_command(const redisReply *r)
+{
+    if (r->type != REDIS_REPLY_ARRAY || r->elements == 0)
+        return false;
+    for (size_t i = 0; i < r->elements; i++)
+        if (r->element[i]->type != REDIS_REPLY_STRING)
+            return false;
+    return true;
+}
+
+enum resp_next resp_stream_next(struct resp_stream *s, struct resp_item *it)
+{
+    *it = (struct resp_item){ 0 };
+    if (resp_stream_pending(s) == 0)
+        return RESP_MORE;
+    size_t before = resp_stream_pending(s);
+    void *reply = NULL;
+    if (redisReaderGetReply(s->reader, &reply) != REDIS_OK)
+        return RESP_BAD;
+    if (!reply)
+        return resp_stream_pending(s) > RESP_ITEM_MAX ? RESP_TOO_LARGE : RESP_MORE;
+    it->raw_len = before - resp_stream_pending(s);
+    if (!s->commands) {
+        it->type = (int)(long)reply;   /* with no functions the reader hands back the type */
+        return RESP_ITEM;
+    }
+    redisReply *r = reply;
+    it->type = r->type;
+    if (!is_command(r)) {
+        freeReplyObject(r);
+        return RESP_BAD;
+    }
+    it->argv = r;
+    return RESP_ITEM;
+}
+
+void resp_item_done(struct resp_stream *s, struct resp_item *it)
+{
+    buf_consume(&s->raw, it->raw_len);
+    if (it->argv)
+        freeReplyObject(it->argv);
+    *it = (struct resp_item){ 0 };
+}
+
+size_t resp_argc(const struct resp_item *it) { return it->argv ? it->argv->elements : 0; }
+
+const char *resp_arg(const struct resp_item *it, size_t i, size_t *len)
+{
+    if (i >= resp_argc(it)) {
+        *len = 0;
+        return "";
+    }
+    *len = it->argv->element[i]->len;
+    return it->argv->element[i]->str;
+}
+
+bool resp_arg_is(const struct resp_item *it, size_t i, const char *word)
+{
+    size_t n, w = strlen(word);
+    const char *a = resp_arg(it, i, &n);
+    return i < resp_argc(it) && n == w && w <= RESP_ARG_TEXT && strncasecmp(a, word, w) == 0;
+}

@@ -1,0 +1,50 @@
+/* resp.h — framing RESP (resp.c): the commands an app sends, the replies a server sends,
+ * each item found whole by hiredis's redisReader (the one RESP parser of the library), its
+ * exact bytes kept so that they are forwarded as they came. */
+#ifndef HTTPSHIM_RESP_H
+#define HTTPSHIM_RESP_H
+#include <stdbool.h>
+#include <stddef.h>
+#include "buf.h"
+
+#define RESP_ITEM_MAX   (1u << 20)     /* bytes held for one item not yet whole */
+#define RESP_ARG_TEXT   64             /* resp_arg_is compares names up to this long */
+
+struct redisReader;
+struct redisReply;
+
+struct resp_stream {
+    struct redisReader *reader;
+    struct buf raw;                    /* the bytes fed and not yet taken, as they came */
+    bool commands;                     /* an app's commands (argv kept), else replies (types only) */
+};
+
+enum resp_next {
+    RESP_MORE,                         /* nothing whole yet */
+    RESP_ITEM,                         /* one item: its raw_len bytes at the front of raw */
+    RESP_BAD,                          /* not RESP (or a command that is not an array of strings) */
+    RESP_TOO_LARGE,                    /* an item over RESP_ITEM_MAX */
+};
+
+struct resp_item {
+    size_t raw_len;
+    int type;                          /* REDIS_REPLY_* of the item (of the command: ARRAY) */
+    struct redisReply *argv;           /* commands: the array of arguments; free with resp_item_done */
+};
+
+int resp_stream_init(struct resp_stream *s, bool commands);
+void resp_stream_free(struct resp_stream *s);
+/* Adds bytes; -1 when they would hold more than RESP_ITEM_MAX beyond the items found. */
+int resp_stream_feed(struct resp_stream *s, const char *p, size_t n);
+enum resp_next resp_stream_next(struct resp_stream *s, struct resp_item *it);
+/* The item's bytes were used: they leave raw, and its arguments are freed. */
+void resp_item_done(struct resp_stream *s, struct resp_item *it);
+/* Bytes held that no whole item accounts for yet. */
+size_t resp_stream_pending(const struct resp_stream *s);
+
+/* Commands: the number of arguments, argument i (name first), and whether it is `word`
+ * (ASCII case-insensitively). */
+size_t resp_argc(const struct resp_item *it);
+const char *resp_arg(const struct resp_item *it, size_t i, size_t *len);
+bool resp_arg_is(const struct resp_item *it, size_t i, const char *word);
+#endif
