@@ -531,7 +531,7 @@ int redis_session_start(struct loop_source *app_src, int upstream, const union s
     /* not RESP (an inline command, as typed at a telnet): the connection is relayed as it
      * is, over a connection of its own */
     if (buf_len(in) && buf_head(in)[0] != '*') {
-        struct buf none = { 0 };
+        struct buf none = { .cap = OUT_CAP };   /* what the tunnel owes the app */
         STAT_INC(upstream, redis_direct);
         return tunnel_start(app_src, upstream, dest, dest_len, in, &none, app_eof);
     }

@@ -9,14 +9,37 @@
 #include <string.h>
 #include <strings.h>
 
+/* Commands are built with hiredis's own objects, but an array header is a promise of
+ * elements that the reader allocates room for at once: "*100000000" would cost 800 MB
+ * before a byte of it arrived. The elements a command can have are bounded by the bytes
+ * it may hold (6 per empty argument), and a larger header is refused (a reader error:
+ * not a command the shim carries). */
+#define RESP_ARGS_MAX ((int)(RESP_ITEM_MAX / 6))
+static redisReplyObjectFunctions bounded;
+static void *(*hiredis_array)(const redisReadTask *, int);
+
+static void *bounded_array(const redisReadTask *task, int elements)
+{
+    return elements > RESP_ARGS_MAX ? NULL : hiredis_array(task, elements);
+}
+
 int resp_stream_init(struct resp_stream *s, bool commands)
 {
     s->commands = commands;
+    s->taken = 0;
     s->raw = (struct buf){ .cap = RESP_ITEM_MAX * 2 };
     /* replies: no functions, no allocation per item (the reader returns the type) */
     s->reader = commands ? redisReaderCreate() : redisReaderCreateWithFunctions(NULL);
     if (!s->reader)
         return -1;
+    if (commands) {
+        if (!hiredis_array) {          /* hiredis's own functions, the array one bounded */
+            bounded = *s->reader->fn;
+            hiredis_array = bounded.createArray;
+            bounded.createArray = bounded_array;
+        }
+        s->reader->fn = &bounded;
+    }
     s->reader->maxbuf = 64 * 1024;     /* an empty buffer larger than this is given back */
     return 0;
 }
@@ -29,10 +52,14 @@ void resp_stream_free(struct resp_stream *s)
     buf_free(&s->raw);
 }
 
-size_t resp_stream_pending(const struct resp_stream *s)
+/* What the reader holds and has not parsed yet. */
+static size_t unparsed(const struct resp_stream *s)
 {
     return s->reader ? s->reader->len - s->reader->pos : 0;
 }
+
+/* Bytes held for the item not yet whole: what the reader has not parsed, and what it has. */
+size_t resp_stream_pending(const struct resp_stream *s) { return unparsed(s) + s->taken; }
 
 int resp_stream_feed(struct resp_stream *s, const char *p, size_t n)
 {
@@ -58,15 +85,19 @@ static bool is_command(const redisReply *r)
 enum resp_next resp_stream_next(struct resp_stream *s, struct resp_item *it)
 {
     *it = (struct resp_item){ 0 };
-    if (resp_stream_pending(s) == 0)
+    if (unparsed(s) == 0)
         return RESP_MORE;
-    size_t before = resp_stream_pending(s);
+    /* the reader keeps what it has parsed of an item across calls: its bytes are counted
+     * from where the last whole item ended */
+    size_t before = unparsed(s);
     void *reply = NULL;
     if (redisReaderGetReply(s->reader, &reply) != REDIS_OK)
         return RESP_BAD;
+    s->taken += before - unparsed(s);
     if (!reply)
         return resp_stream_pending(s) > RESP_ITEM_MAX ? RESP_TOO_LARGE : RESP_MORE;
-    it->raw_len = before - resp_stream_pending(s);
+    it->raw_len = s->taken;
+    s->taken = 0;
     if (!s->commands) {
         it->type = (int)(long)reply;   /* with no functions the reader hands back the type */
         return RESP_ITEM;

@@ -17,6 +17,7 @@ struct resp_stream {
     struct redisReader *reader;
     struct buf raw;                    /* the bytes fed and not yet taken, as they came */
     bool commands;                     /* an app's commands (argv kept), else replies (types only) */
+    size_t taken;                      /* bytes the reader has read of the item not yet whole */
 };
 
 enum resp_next {

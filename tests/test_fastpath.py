@@ -194,7 +194,9 @@ def test_a_hit_costs_few_system_calls(upstream, tmp_path, sockdir, epollclient):
     thread at most 7 system calls each beyond what the same client makes without the shim
     talking to the upstream itself (the connect hook asks the kernel nothing the hooks saw
     the app set; it was 18 more before the hooks kept the socket's state), and the engine
-    at most 3 (the closes it makes for the app's thread, in batches)."""
+    at most 5: the two closes it makes for the app's thread (in batches), the socketpair it
+    makes ahead for the next connection (the app's thread takes one from the stash and
+    makes none itself) and its share of wake-ups."""
     if "strace" in SANITIZER_SKIP:
         pytest.skip("the sanitizer runtime cannot run under ptrace")
     conf = conf_for(tmp_path, upstream, sockdir)
@@ -217,7 +219,9 @@ def test_a_hit_costs_few_system_calls(upstream, tmp_path, sockdir, epollclient):
             return (b.get(name, 0) - a.get(name, 0)) / 50.0
         return (sum(b.values()) - sum(a.values())) / 50.0
     assert per_hit(True, "app") <= per_hit(False, "app") + 7, (per_hit(True, "app"), per_hit(False, "app"), totals)
-    assert per_hit(True, "engine") <= 3, (per_hit(True, "engine"), totals)
+    assert per_hit(True, "engine") <= 5, (per_hit(True, "engine"), totals)
+    assert per_hit(True, "app", "socketpair") <= 0.1, totals
+    assert per_hit(True, "engine", "socketpair") >= 0.9, totals
     # no SO_DOMAIN, F_GETOWN_EX, F_GETFD...: one fcntl more, the F_DUPFD that hands the app's
     # TCP socket to the engine to close
     assert per_hit(True, "app", "getsockopt") <= per_hit(False, "app", "getsockopt"), totals

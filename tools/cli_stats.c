@@ -319,6 +319,26 @@ static void print_table(const struct snapshot *s, const struct snapshot *before)
                num(u, "tls_tunnel_not_configured"), num(u, "tls_tunnel_no_mark"), num(u, "tls_tunnel_client_cert"),
                num(u, "tls_tunnel_unverified"), num(u, "tls_tunnel_unreadable"), num(u, "tls_upstream_verify_failed"));
     }
+    /* protocol = redis upstreams: the commands carried, and the connections it took */
+    bool any_redis = false;
+    for (void *it = json_object_iter(ups); it; it = json_object_iter_next(ups, it))
+        any_redis |= num(json_object_iter_value(it), "redis_commands") > 0
+                     || num(json_object_iter_value(it), "redis_server_opened") > 0;
+    if (any_redis) {
+        printf("\n%-24s %9s %9s %9s %9s %9s %9s %9s %9s %9s %9s\n", "REDIS PROTOCOL", "COMMANDS", "BATCHES",
+               "APP.CONNS", "SRV.OPEN", "SRV.OPENED", "SAVED", "LENT.NOW", "DIRECT", "LOCAL", "SRV.LOST");
+        for (void *it = json_object_iter(ups); it; it = json_object_iter_next(ups, it)) {
+            const json_t *u = json_object_iter_value(it);
+            if (num(u, "redis_commands") == 0 && num(u, "redis_server_opened") == 0)
+                continue;
+            double saved = num(u, "client_connections") - num(u, "upstream_conns_opened") - num(u, "tunnels");
+            printf("%-24s %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f\n", json_object_iter_key(it),
+                   num(u, "redis_commands"), num(u, "redis_batches"), num(u, "client_connections"),
+                   num(u, "redis_server_open"), num(u, "redis_server_opened"), saved > 0 ? saved : 0,
+                   num(u, "redis_pinned_multi") + num(u, "redis_pinned_watch") + num(u, "redis_pinned_blocking"),
+                   num(u, "redis_direct"), num(u, "redis_local_replies"), num(u, "redis_server_lost"));
+        }
+    }
     printf("\n%-8s %-16s %8s %-11s %9s %9s %7s %9s %9s\n", "PID", "COMMAND", "UPTIME", "STATE", "REQUESTS", "HITS",
            "HIT%", "CLIENT", "UPSTREAM");
     for (int i = 0; i < s->n; i++) {

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""The Redis seed scenario (issue 23), side by side in one run: a Python service that makes
+a new Redis client (and so a new connection) per request — without the shim, with the shim
+(protocol = redis), and with the client library's own connection pool reused (the fix the
+app cannot make). redis-py, a local redis-server this script starts, loopback. Prints a
+markdown table: calls/s, p50/p99 per call, and the connections the server accepted.
+
+    bench/redisbench.py [--calls 2000] [--runs 3] [--lib build/libhttpshim.so]
+                        [--host H --port P] [--password PW] [--db N]
+
+With --host/--port it uses that server (e.g. one behind bench/delayline in a network
+namespace) instead of starting its own; --password and --db make every new client send
+AUTH and SELECT, as services that build a client per request often do.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHILD = r'''
+import json, sys, time, redis
+host, port, calls, mode, pw, db = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6])
+kw = dict(host=host, port=port, db=db, password=pw or None)
+shared = redis.Redis(**kw) if mode == "reused" else None
+lat = []
+t0 = time.monotonic()
+for i in range(calls):
+    s = time.monotonic()
+    if shared is None:
+        c = redis.Redis(**kw)                   # a new client, pool and connection per request
+        c.set("k%d" % (i % 100), "v")
+        c.get("k%d" % (i % 100))
+        c.close()
+    else:
+        shared.set("k%d" % (i % 100), "v")
+        shared.get("k%d" % (i % 100))
+    lat.append(time.monotonic() - s)
+wall = time.monotonic() - t0
+lat.sort()
+print(json.dumps({"calls_s": calls / wall, "p50_us": lat[len(lat) // 2] * 1e6,
+                  "p99_us": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e6}))
+'''
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def received(host, port, password):
+    cmd = ["redis-cli", "-h", host, "-p", str(port)] + (["--no-auth-warning", "-a", password] if password else [])
+    out = subprocess.run(cmd + ["INFO", "stats"], stdout=subprocess.PIPE, check=True).stdout
+    return int(re.search(rb"total_connections_received:(\d+)", out).group(1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--lib", default=os.path.join(ROOT, "build", "libhttpshim.so"))
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int)
+    ap.add_argument("--password", default="")
+    ap.add_argument("--db", type=int, default=0)
+    a = ap.parse_args()
+    py = "/usr/bin/python3"
+    work = tempfile.mkdtemp(prefix="redisbench")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "HTTPSHIM_CONF")}
+    srv = None
+    port = a.port
+    if not port:
+        port = free_port()
+        srv = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no", "--dir", work]
+                               + (["--requirepass", a.password] if a.password else []),
+                               stdout=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        for _ in range(100):
+            try:
+                received(a.host, port, a.password)
+                break
+            except (subprocess.CalledProcessError, AttributeError):
+                time.sleep(0.05)
+        conf = os.path.join(work, "rules.conf")
+        with open(conf, "w") as f:
+            f.write("[global]\nstats_socket = %s/%%p.sock\n[upstream %s:%d]\nprotocol = redis\n" % (work, a.host, port))
+        setups = [("per-request client, direct", "percall", False), ("per-request client, httpshim", "percall", True),
+                  ("one client reused (its pool), direct", "reused", False)]
+        res = {s[0]: [] for s in setups}
+        for _ in range(a.runs):
+            for name, mode, shim in setups:
+                e = dict(env)
+                if shim:
+                    e.update(LD_PRELOAD=a.lib, HTTPSHIM_CONF=conf)
+                before = received(a.host, port, a.password)
+                out = subprocess.run([py, "-c", CHILD, a.host, str(port), str(a.calls), mode, a.password, str(a.db)],
+                                     stdout=subprocess.PIPE, env=e, check=True, timeout=1800).stdout
+                d = json.loads(out.decode().strip().splitlines()[-1])
+                d["conns"] = received(a.host, port, a.password) - before - 1
+                res[name].append(d)
+                print("%s: %s" % (name, d), file=sys.stderr, flush=True)
+        med = {n: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for n, runs in res.items()}
+        print("| setup | calls/s | p50 per request | p99 per request | server connections |")
+        print("|---|---|---|---|---|")
+        for name, _, _ in setups:
+            m = med[name]
+            print("| %s | %.0f | %.0f µs | %.0f µs | %d |" % (name, m["calls_s"], m["p50_us"], m["p99_us"], m["conns"]))
+        d, s, r = (med[n] for n, _, _ in setups)
+        print()
+        print("httpshim vs direct, per-request client: %.2f× the calls/s (target ≥ 3×); httpshim's p50 vs the reused "
+              "pool's: %.2f× (target ≤ 1.5×). A request is a SET and a GET; median of %d runs of %d requests."
+              % (s["calls_s"] / d["calls_s"], s["p50_us"] / r["p50_us"], a.runs, a.calls))
+        if a.password or a.db:
+            print("Every new client sends %s first." % " and ".join(
+                x for x in ("AUTH" if a.password else "", "SELECT %d" % a.db if a.db else "") if x))
+    finally:
+        if srv:
+            os.kill(srv.pid, signal.SIGTERM)
+            srv.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""The Redis protocol pooled (issue 23): an [upstream] with protocol = redis carries the
+commands of an app that opens a connection per call over a few server connections, with
+every piece of connection state kept exact. Every test starts its own redis-server; the
+clients are raw RESP (tests/pyclients/redisscenarios.py, one process per scenario, so one
+pool), redis-py and redis-cli; the server's own counters say what reached it."""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import BUILD, SANITIZER_SKIP, SYS_PY, jlines, pyclient, require_build, run, write_rules
+from resp import Resp, RespError, encode
+from test_redis import redis, redis_servers  # noqa: F401 (fixtures)
+
+SCENARIOS = pyclient("redisscenarios.py")
+HTTPSHIM = BUILD / "httpshim"
+
+
+def conf_for(tmp, srv, sockdir, extra=(), upstream_extra=()):
+    lines = ["[global]", "stats_socket = %s/%%p.sock" % sockdir] + list(extra)
+    lines += ["", "[upstream 127.0.0.1:%d]" % srv.port, "protocol = redis"] + list(upstream_extra)
+    return write_rules(tmp, [], raw="\n".join(lines) + "\n", name="redis-proxy.conf")
+
+
+def received(srv):
+    """Connections the server has accepted before this call's own (which it counts too)."""
+    info = srv.cmd("INFO", "stats").decode()
+    return int(re.search(r"^total_connections_received:(\d+)", info, re.M).group(1)) - 1
+
+
+def scenario(name, srv, conf=None, sockdir=None, timeout=120, **args):
+    cmd = [SYS_PY, SCENARIOS, name, "--port", srv.port]
+    for k, v in args.items():
+        cmd += ["--" + k.replace("_", "-"), v]
+    if sockdir:
+        cmd += ["--stats-socket", "%s/%%p.sock" % sockdir]
+    r = run(cmd, shim=conf is not None, conf=conf, timeout=timeout)
+    lines = jlines(r.out)
+    assert r.rc == 0 and lines and lines[-1].get("done"), r.describe()
+    res = [x for x in lines if x.get("scenario") == name][0]
+    st = [x["stats"] for x in lines if "stats" in x]
+    return res, (st[0]["upstreams"]["127.0.0.1:%d" % srv.port] if st else None)
+
+
+def test_a_connection_per_call_rides_a_few_server_connections(redis, tmp_path, sockdir):
+    """2 000 INCRs, 2 000 SETs and 2 000 GETs, each a new connection: the server accepts at
+    most pool_max_per_host (4) connections for all 6 000, the counter ends at exactly
+    2 000, and every key reads back its own value."""
+    before = received(redis)
+    res, u = scenario("percall", redis, conf_for(tmp_path, redis, sockdir), sockdir, n=2000)
+    assert res["incr"] == 2000 and res["wrong"] == 0, res
+    assert received(redis) - before - 1 <= 4, received(redis) - before - 1
+    assert u["client_connections"] == 6000 and u["redis_commands"] == 6000, u
+    assert u["redis_server_opened"] <= 4 and u["redis_batches"] >= 1, u
+    assert u["redis_server_lost"] == 0 and u["redis_malformed"] == 0 and u["redis_direct"] == 0, u
+
+
+def test_many_threads_never_get_another_ones_reply(redis, tmp_path, sockdir):
+    """100 threads x 100 calls, each a new connection, SET/GET/INCR/MGET on each thread's own
+    keys, all at once: no wrong reply, no error, still a few server connections."""
+    before = received(redis)
+    res, u = scenario("threads", redis, conf_for(tmp_path, redis, sockdir), sockdir, threads=100, n=100)
+    assert res["calls"] == 10000 and res["wrong"] == 0 and res["errors"] == 0, res
+    assert received(redis) - before - 1 <= 4, (received(redis) - before - 1, u)
+
+
+def test_transactions_are_as_atomic_as_direct(redis, tmp_path, sockdir):
+    """Two connections' MULTI/INCR/INCR/EXEC interleaved with a third's plain INCRs: each
+    EXEC's increments are consecutive, and every reply is the one a direct run gets."""
+    direct, _ = scenario("multi", redis)
+    redis.cmd("DEL", "m")
+    shimmed, u = scenario("multi", redis, conf_for(tmp_path, redis, sockdir), sockdir)
+    assert {k: shimmed[k] for k in ("a", "b", "plain")} == {k: direct[k] for k in ("a", "b", "plain")}, (direct, shimmed)
+    assert all(x[1] == x[0] + 1 for x in shimmed["a"] + shimmed["b"]), shimmed
+    assert u["redis_pinned_multi"] == 0, "every lent connection was given back: %s" % u
+
+
+def test_a_watch_conflict_is_seen_as_direct(redis, tmp_path, sockdir):
+    direct, _ = scenario("watch", redis)
+    shimmed, _ = scenario("watch", redis, conf_for(tmp_path, redis, sockdir), sockdir)
+    assert shimmed["exec"] is None and shimmed["exec_no_conflict"] == ["OK"], shimmed
+    assert {k: shimmed[k] for k in ("exec", "after", "exec_no_conflict")} == \
+        {k: direct[k] for k in ("exec", "after", "exec_no_conflict")}, (direct, shimmed)
+
+
+def test_subscribe_receives_what_publish_sends(redis, tmp_path, sockdir):
+    res, u = scenario("pubsub", redis, conf_for(tmp_path, redis, sockdir), sockdir)
+    assert res["subscribed"] == ["subscribe", "ch", 1] and res["message"] == ["message", "ch", "hello"], res
+    assert u["redis_direct"] == 1, u
+
+
+def test_a_blocking_command_blocks_no_one_else(redis, tmp_path, sockdir):
+    """BLPOP on an empty list (2 s) on one connection while 1 000 GETs run on others, each
+    a new connection: the GETs are done long before the block ends."""
+    res, u = scenario("blpop", redis, conf_for(tmp_path, redis, sockdir), sockdir, n=1000)
+    assert res["blpop"] is None and res["blpop_s"] >= 1.9, res
+    assert res["gets_bad"] == 0 and res["gets_s"] < res["blpop_s"] - 0.3, res
+    assert u["redis_pinned_blocking"] == 0, u
+
+
+def test_users_and_databases_never_mix(redis, tmp_path, sockdir):
+    """alice and bob (ACL users) on connections of their own, the default user in between:
+    every command runs as the user of its own connection (ACL WHOAMI, and each user's key
+    patterns enforced), and SELECT 1 writes land in database 1 only."""
+    redis.cmd("ACL", "SETUSER", "alice", "on", ">pa", "~a:*", "+@all")
+    redis.cmd("ACL", "SETUSER", "bob", "on", ">pb", "~b:*", "+@all")
+    res, u = scenario("acl", redis, conf_for(tmp_path, redis, sockdir), sockdir, n=60)
+    assert res["calls"] == 60 and res["wrong_user"] == 0 and res["wrong_db"] == 0, res
+    for i in range(60):
+        assert redis.cmd("GET", "where:%d" % i, db=i % 2) == b"db%d" % (i % 2), i
+        assert redis.cmd("EXISTS", "where:%d" % i, db=1 - i % 2) == 0, i
+    assert u["redis_local_replies"] > 0, "known identities are answered by the shim: %s" % u
+
+
+def test_a_wrong_password_fails_as_direct(redis, tmp_path, sockdir):
+    """AUTH with a password the server refuses: the app gets the server's own error, and
+    its next commands run as before (the default user)."""
+    redis.cmd("ACL", "SETUSER", "carol", "on", ">right", "~*", "+@all")
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from redisscenarios import conn, on, as_text\n"
+            "import json\n"
+            "X = conn(int(sys.argv[1]))\n"
+            "print(json.dumps([as_text(on(X, 'AUTH', 'carol', 'wrong')), as_text(on(X, 'ACL', 'WHOAMI')),"
+            " as_text(on(X, 'AUTH', 'carol', 'right')), as_text(on(X, 'ACL', 'WHOAMI'))]))\n") % os.path.dirname(SCENARIOS)
+    direct = run([SYS_PY, "-c", code, redis.port], shim=False, timeout=60)
+    shimmed = run([SYS_PY, "-c", code, redis.port], conf=conf_for(tmp_path, redis, sockdir), timeout=60)
+    assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
+    assert jlines(shimmed.out) == jlines(direct.out), (direct.out, shimmed.out)
+    assert jlines(shimmed.out)[0][0].startswith("ERR:WRONGPASS"), shimmed.out
+
+
+def test_the_connection_name_is_the_apps_own(redis, tmp_path, sockdir):
+    """CLIENT SETNAME on one app connection, GETNAME on it and on another: each sees its
+    own (the shared server connection's name is never touched)."""
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from redisscenarios import conn, on, as_text\n"
+            "import json\n"
+            "A, B = conn(int(sys.argv[1])), conn(int(sys.argv[1]))\n"
+            "print(json.dumps([as_text(on(A, 'CLIENT', 'SETNAME', 'first')), as_text(on(A, 'CLIENT', 'GETNAME')),"
+            " as_text(on(B, 'CLIENT', 'GETNAME')), as_text(on(A, 'CLIENT', 'SETNAME', 'a b'))]))\n") % os.path.dirname(SCENARIOS)
+    direct = run([SYS_PY, "-c", code, redis.port], shim=False, timeout=60)
+    shimmed = run([SYS_PY, "-c", code, redis.port], conf=conf_for(tmp_path, redis, sockdir), timeout=60)
+    assert jlines(shimmed.out) == jlines(direct.out), (direct.out, shimmed.out)
+    names = [ln for ln in redis.cmd("CLIENT", "LIST").decode().splitlines() if "name=first" in ln]
+    assert names == [], "the name reached a shared server connection: %s" % names
+
+
+def test_the_lent_cap_sends_the_rest_direct(redis, tmp_path, sockdir):
+    """redis_pinned_max = 1: the second of two concurrent transactions cannot borrow a
+    connection and is served over one of its own; both are as atomic as direct."""
+    conf = conf_for(tmp_path, redis, sockdir, upstream_extra=["redis_pinned_max = 1"])
+    res, u = scenario("multi", redis, conf, sockdir)
+    assert all(x[1] == x[0] + 1 for x in res["a"] + res["b"]), res
+    assert u["redis_direct"] >= 1, u
+
+
+def test_malformed_input_reaches_nothing(redis, tmp_path, sockdir):
+    """A command that is not an array of bulk strings: the app's connection is closed and
+    nothing of it reaches Redis; an inline command (PING typed at a terminal) is relayed
+    over a connection of its own."""
+    code = ("import socket, sys, json\n"
+            "p = int(sys.argv[1])\n"
+            "s = socket.create_connection(('127.0.0.1', p), timeout=10)\n"
+            "s.sendall(b'*2\\r\\n$3\\r\\nGET\\r\\n:5\\r\\n')\n"
+            "d = s.recv(100)\n"
+            "t = socket.create_connection(('127.0.0.1', p), timeout=10)\n"
+            "t.sendall(b'PING\\r\\n')\n"
+            "print(json.dumps({'bad': d.decode(), 'inline': t.recv(100).decode()}))\n")
+    before = redis.get_calls()
+    r = run([SYS_PY, "-c", code, redis.port], conf=conf_for(tmp_path, redis, sockdir), timeout=60)
+    assert r.rc == 0 and jlines(r.out) == [{"bad": "", "inline": "+PONG\r\n"}], r.describe()
+    after = redis.get_calls()
+    assert after == before, "a malformed command reached Redis"
+
+
+def test_redis_killed_and_restarted(redis, tmp_path, sockdir):
+    """INCRs in a loop, each a new connection; Redis is killed 1.5 s in and started again
+    2 s later: calls in flight fail as a reset would, calls while it is down are refused
+    at connect, nothing waits for a timeout, and after the restart calls succeed again."""
+    conf = conf_for(tmp_path, redis, sockdir)
+    cmd = [SYS_PY, SCENARIOS, "loop", "--port", redis.port, "--seconds", 6]
+    from conftest import client_env
+    env = client_env(True, conf)
+    p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                         start_new_session=True)
+    try:
+        time.sleep(1.5)
+        redis.kill()
+        time.sleep(2.0)
+        redis.restart()
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, 9)
+            p.wait()
+    lines = [x for x in jlines(out) if "r" in x]
+    assert p.returncode == 0 and lines, (p.returncode, out[-2000:], err[-2000:])
+    outcomes = {x["r"] for x in lines}
+    assert "timeout" not in outcomes and not any(o.startswith("error") for o in outcomes), outcomes
+    assert any(x["r"] == "ok" and x["t"] < 1.4 for x in lines), lines[:5]
+    down = [x["r"] for x in lines if 1.7 < x["t"] < 3.3]
+    assert down and set(down) <= {"refused", "closed"} and "refused" in down, down
+    assert any(x["r"] == "ok" and x["t"] > 4.0 for x in lines), lines[-5:]
+
+
+@pytest.mark.skipif(not shutil.which("redis-cli"), reason="redis-cli not installed")
+def test_redis_cli_through_the_shim(redis, tmp_path, sockdir):
+    """redis-cli (which carries its own hiredis) as the app: answers as direct."""
+    conf = conf_for(tmp_path, redis, sockdir)
+    for args, want in ((["SET", "cli", "v"], b"OK"), (["GET", "cli"], b"v"), (["INCR", "clictr"], b"1"),
+                       (["PING"], b"PONG")):
+        r = run(["redis-cli", "-p", redis.port] + args, conf=conf, timeout=30)
+        assert r.rc == 0 and r.out.strip() == want, r.describe()
+
+
+def test_redis_py_client_per_call(redis, tmp_path, sockdir):
+    """redis-py, a new client (and connection pool) per call, 500 calls: the counter is
+    exact and the server accepted a few connections."""
+    code = ("import sys, redis\n"
+            "p = int(sys.argv[1])\n"
+            "for i in range(500):\n"
+            "    c = redis.Redis(port=p)\n"
+            "    c.incr('py')\n"
+            "    c.close()\n"
+            "print(redis.Redis(port=p).get('py').decode())\n")
+    try:
+        import redis as _  # noqa: F401
+    except ImportError:
+        pytest.fail("python3-redis is not installed (tools/install-deps installs it)", pytrace=False)
+    before = received(redis)
+    r = run([SYS_PY, "-c", code, redis.port], conf=conf_for(tmp_path, redis, sockdir), timeout=120)
+    assert r.rc == 0 and r.out.strip() == b"500", r.describe()
+    assert received(redis) - before - 1 <= 4, received(redis) - before - 1
+
+
+def test_stats_show_the_redis_protocol(redis, tmp_path, sockdir):
+    """The counters are in /stats (JSON, above), in /metrics, and the table has a REDIS
+    PROTOCOL section with the commands carried and the connections saved."""
+    require_build(HTTPSHIM)
+    conf = conf_for(tmp_path, redis, sockdir)
+    code = ("import sys, time; sys.path.insert(0, %r)\n"
+            "from redisscenarios import call\n"
+            "for i in range(50): call(int(sys.argv[1]), 'INCR', 'st')\n"
+            "print('ready', flush=True); sys.stdin.readline()\n") % os.path.dirname(SCENARIOS)
+    from conftest import client_env
+    p = subprocess.Popen([SYS_PY, "-c", code, str(redis.port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         env=client_env(True, conf), start_new_session=True)
+    try:
+        assert p.stdout.readline().strip() == b"ready"
+        table = run([HTTPSHIM, "stats", "-c", conf], shim=False, timeout=30)
+        prom = run([HTTPSHIM, "stats", "-c", conf, "--prometheus"], shim=False, timeout=30)
+    finally:
+        p.stdin.close()
+        p.wait(timeout=30)
+    text = table.out.decode()
+    assert "REDIS PROTOCOL" in text, text
+    row = [ln for ln in text.splitlines() if ln.startswith("127.0.0.1:%d" % redis.port)]
+    assert row, text
+    assert "httpshim_redis_commands_total" in prom.out.decode() or "httpshim_redis_commands" in prom.out.decode(), \
+        prom.out.decode()[:2000]
