@@ -23,7 +23,7 @@ SHIM_OBJ = $(patsubst shim/%.c,$(BUILD)/obj/%.o,$(SHIM_SRC))
 # C clients, loop.c on its own, the fuzz-replay binaries) is `test-bins`, built by `make test`.
 all: $(BUILD)/libhttpshim.so $(BUILD)/httpshim
 
-TEST_BINS = $(BUILD)/epollclient $(BUILD)/tlsstoreclient $(BUILD)/sockstate $(BUILD)/loop_test
+TEST_BINS = $(BUILD)/epollclient $(BUILD)/tlsstoreclient $(BUILD)/sockstate $(BUILD)/loop_test $(BUILD)/resp_test
 test-bins: all $(TEST_BINS)
 
 $(BUILD)/obj/%.o: shim/%.c | $(BUILD)/obj
@@ -61,6 +61,11 @@ $(BUILD)/sockstate: tests/clients/sockstate.c | $(BUILD)/obj
 LOOP_TEST_OBJ = $(addprefix $(BUILD)/obj/,loop.o fdtable.o fdgate.o real.o log.o clock.o)
 $(BUILD)/loop_test: tests/unit/loop_test.c $(LOOP_TEST_OBJ)
 	$(CC) $(C_FLAGS) -pthread -o $@ $< $(LOOP_TEST_OBJ) -ldl
+
+# resp.c's bounds on their edges (tests/test_loop.py runs it too): hiredis linked directly.
+RESP_TEST_OBJ = $(addprefix $(BUILD)/obj/,resp.o buf.o real.o)
+$(BUILD)/resp_test: tests/unit/resp_test.c $(RESP_TEST_OBJ)
+	$(CC) $(C_FLAGS) -o $@ $< $(RESP_TEST_OBJ) -lhiredis -ldl
 
 -include $(wildcard $(BUILD)/obj/*.d $(BUILD)/tools/*.d $(BUILD)/*.d)
 

@@ -441,6 +441,20 @@ static struct rpool_client *fifo_pop(struct rconn *c)
     return cl;
 }
 
+/* Writes what waits for the server; -1 when the connection is gone. A direct session that
+ * stopped reading its app for want of room here is told when there is room again. */
+static int send_out(struct rconn *c)
+{
+    bool was_full = buf_len(&c->out) > DIRECT_OUT_SOFT;
+    if (buf_send(&c->out, c->src.fd) != 0) {
+        conn_close(c, true);
+        return -1;
+    }
+    if (was_full && c->raw && c->lent && buf_len(&c->out) <= DIRECT_OUT_SOFT)
+        c->lent->ops->drained(c->lent);
+    return c->state == RC_DEAD ? -1 : 0;
+}
+
 static void flush_now(struct loop_deferred *d)
 {
     struct rconn *c = (struct rconn *)(void *)((char *)d - offsetof(struct rconn, flush_later));
@@ -448,11 +462,8 @@ static void flush_now(struct loop_deferred *d)
     if (c->state != RC_READY || !buf_len(&c->out))
         return;
     STAT_INC(c->upstream, redis_batches);
-    if (buf_send(&c->out, c->src.fd) != 0) {
-        conn_close(c, true);
-        return;
-    }
-    watch(c);
+    if (send_out(c) == 0)
+        watch(c);
 }
 
 /* A setup reply: an error ends the connection (its verifying session hears the error);
@@ -582,10 +593,8 @@ static void on_io(struct loop_source *src, uint32_t ev)
     }
     if (c->state == RC_DEAD)
         return;
-    if ((ev & EPOLLOUT) && c->state == RC_READY && buf_len(&c->out) && buf_send(&c->out, src->fd) != 0) {
-        conn_close(c, true);
+    if ((ev & EPOLLOUT) && c->state == RC_READY && buf_len(&c->out) && send_out(c) != 0)
         return;
-    }
     watch(c);
 }
 

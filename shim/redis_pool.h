@@ -23,6 +23,8 @@ struct rpool_client_ops {
     void (*raw)(struct rpool_client *c, const char *p, size_t n);
     /* the server connection with its commands (or its own) is gone: close the app's */
     void (*lost)(struct rpool_client *c);
+    /* direct: its own server connection has room again for what the app sends */
+    void (*drained)(struct rpool_client *c);
 };
 
 /* A session as the pool sees it (embedded in it). */

@@ -211,7 +211,12 @@ static void on_lost(struct rpool_client *c)
     session_close(s);                  /* what was owed to it will not come: as a reset direct */
 }
 
-static const struct rpool_client_ops client_ops = { on_reply, on_verified, on_raw, on_lost };
+static void on_drained(struct rpool_client *c)
+{
+    update(of_client(c));              /* read the app again */
+}
+
+static const struct rpool_client_ops client_ops = { on_reply, on_verified, on_raw, on_lost, on_drained };
 
 /* ---- commands ---- */
 
@@ -533,6 +538,7 @@ int redis_session_start(struct loop_source *app_src, int upstream, const union s
     if (buf_len(in) && buf_head(in)[0] != '*') {
         struct buf none = { .cap = OUT_CAP };   /* what the tunnel owes the app */
         STAT_INC(upstream, redis_direct);
+        STAT_INC(upstream, upstream_conns_opened);
         return tunnel_start(app_src, upstream, dest, dest_len, in, &none, app_eof);
     }
     struct rsession *s = calloc(1, sizeof *s);
@@ -542,7 +548,7 @@ int redis_session_start(struct loop_source *app_src, int upstream, const union s
     s->client.upstream = upstream;
     s->client.dest = *dest;
     s->client.dest_len = dest_len;
-    s->out.cap = OUT_SOFT_MAX + RESP_ITEM_MAX + 64 * 1024;
+    s->out.cap = OUT_SOFT_MAX + RESP_REPLY_MAX + 64 * 1024;
     s->app_eof = app_eof;
     if (resp_stream_init(&s->cmds, true) != 0
         || !(s->id = rpool_ident_get(upstream, "", 0, "", 0, false, "0", 1))

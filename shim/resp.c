@@ -2,8 +2,10 @@
  * bulk strings, with their arguments for the proxy to read) and the server's replies
  * (whatever RESP2 item, only its type), found whole by hiredis's redisReader, and the
  * exact bytes of each item, kept alongside the reader's own copy (the reader compacts its
- * buffer as it goes, so the bytes of an item are counted, not pointed at). Bounded: an
- * item not yet whole may hold RESP_ITEM_MAX bytes. */
+ * buffer as it goes, so the bytes of an item are counted, not pointed at). Bounded: a
+ * command not yet whole may hold RESP_ITEM_MAX bytes, a reply RESP_REPLY_MAX (a value
+ * the app stored is as large as Redis allows it; a command larger than the shim frames
+ * can still go direct, a reply on a shared connection cannot). */
 #include "resp.h"
 #include <hiredis/hiredis.h>
 #include <string.h>
@@ -27,7 +29,8 @@ int resp_stream_init(struct resp_stream *s, bool commands)
 {
     s->commands = commands;
     s->taken = 0;
-    s->raw = (struct buf){ .cap = RESP_ITEM_MAX * 2 };
+    s->max = commands ? RESP_ITEM_MAX : RESP_REPLY_MAX;
+    s->raw = (struct buf){ .cap = s->max * 2 };
     /* replies: no functions, no allocation per item (the reader returns the type) */
     s->reader = commands ? redisReaderCreate() : redisReaderCreateWithFunctions(NULL);
     if (!s->reader)
@@ -63,7 +66,7 @@ size_t resp_stream_pending(const struct resp_stream *s) { return unparsed(s) + s
 
 int resp_stream_feed(struct resp_stream *s, const char *p, size_t n)
 {
-    if (resp_stream_pending(s) + n > RESP_ITEM_MAX + 64 * 1024 || buf_append(&s->raw, p, n) != 0)
+    if (resp_stream_pending(s) + n > s->max + 64 * 1024 || buf_append(&s->raw, p, n) != 0)
         return -1;
     if (redisReaderFeed(s->reader, p, n) != REDIS_OK) {
         s->raw.end -= n;               /* (undo: the caller gives up on the stream anyway) */
@@ -95,7 +98,7 @@ enum resp_next resp_stream_next(struct resp_stream *s, struct resp_item *it)
         return RESP_BAD;
     s->taken += before - unparsed(s);
     if (!reply)
-        return resp_stream_pending(s) > RESP_ITEM_MAX ? RESP_TOO_LARGE : RESP_MORE;
+        return resp_stream_pending(s) >= s->max ? RESP_TOO_LARGE : RESP_MORE;
     it->raw_len = s->taken;
     s->taken = 0;
     if (!s->commands) {

@@ -7,7 +7,8 @@
 #include <stddef.h>
 #include "buf.h"
 
-#define RESP_ITEM_MAX   (1u << 20)     /* bytes held for one item not yet whole */
+#define RESP_ITEM_MAX   (1u << 20)     /* bytes held for one command not yet whole */
+#define RESP_REPLY_MAX  (64u << 20)    /* bytes held for one server reply not yet whole */
 #define RESP_ARG_TEXT   64             /* resp_arg_is compares names up to this long */
 
 struct redisReader;
@@ -18,13 +19,14 @@ struct resp_stream {
     struct buf raw;                    /* the bytes fed and not yet taken, as they came */
     bool commands;                     /* an app's commands (argv kept), else replies (types only) */
     size_t taken;                      /* bytes the reader has read of the item not yet whole */
+    size_t max;                        /* RESP_ITEM_MAX for commands, RESP_REPLY_MAX for replies */
 };
 
 enum resp_next {
     RESP_MORE,                         /* nothing whole yet */
     RESP_ITEM,                         /* one item: its raw_len bytes at the front of raw */
     RESP_BAD,                          /* not RESP (or a command that is not an array of strings) */
-    RESP_TOO_LARGE,                    /* an item over RESP_ITEM_MAX */
+    RESP_TOO_LARGE,                    /* an item of the stream's max or more, not yet whole */
 };
 
 struct resp_item {
@@ -35,7 +37,7 @@ struct resp_item {
 
 int resp_stream_init(struct resp_stream *s, bool commands);
 void resp_stream_free(struct resp_stream *s);
-/* Adds bytes; -1 when they would hold more than RESP_ITEM_MAX beyond the items found. */
+/* Adds bytes; -1 when they would hold more than the stream's max beyond the items found. */
 int resp_stream_feed(struct resp_stream *s, const char *p, size_t n);
 enum resp_next resp_stream_next(struct resp_stream *s, struct resp_item *it);
 /* The item's bytes were used: they leave raw, and its arguments are freed. */

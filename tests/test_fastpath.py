@@ -221,7 +221,7 @@ def test_a_hit_costs_few_system_calls(upstream, tmp_path, sockdir, epollclient):
     assert per_hit(True, "app") <= per_hit(False, "app") + 7, (per_hit(True, "app"), per_hit(False, "app"), totals)
     assert per_hit(True, "engine") <= 5, (per_hit(True, "engine"), totals)
     assert per_hit(True, "app", "socketpair") <= 0.1, totals
-    assert per_hit(True, "engine", "socketpair") >= 0.9, totals
+    assert per_hit(True, "engine", "socketpair") >= 0.5, totals   # (the stash of 16 is filled ahead)
     # no SO_DOMAIN, F_GETOWN_EX, F_GETFD...: one fcntl more, the F_DUPFD that hands the app's
     # TCP socket to the engine to close
     assert per_hit(True, "app", "getsockopt") <= per_hit(False, "app", "getsockopt"), totals

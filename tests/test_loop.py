@@ -1,5 +1,6 @@
-"""shim/loop.c on its own: build/loop_test checks timer order, cancel and re-arm, removed
-sources inside a batch, deferred frees, loop_move, 0 ms timer starvation and a large heap."""
+"""Units on their own: build/loop_test checks shim/loop.c (timer order, cancel and re-arm,
+removed sources inside a batch, deferred frees, loop_move, 0 ms timer starvation and a
+large heap); build/resp_test shim/resp.c's bounds on their edges."""
 import re
 import subprocess
 
@@ -13,3 +14,12 @@ def test_loop_unit():
     out = p.stdout.decode(errors="replace")
     assert p.returncode == 0, out
     assert re.search(r"^10 passed, 0 failed$", out, re.M), out
+
+
+def test_resp_bounds_unit():
+    binary = BUILD / "resp_test"
+    require_build(binary)
+    p = subprocess.run([str(binary)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    out = p.stdout.decode(errors="replace")
+    assert p.returncode == 0, out
+    assert re.search(r"^5 passed, 0 failed$", out, re.M), out

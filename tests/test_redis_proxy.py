@@ -263,3 +263,22 @@ def test_stats_show_the_redis_protocol(redis, tmp_path, sockdir):
     assert row, text
     assert "httpshim_redis_commands_total" in prom.out.decode() or "httpshim_redis_commands" in prom.out.decode(), \
         prom.out.decode()[:2000]
+
+
+def test_large_values_pass_both_ways(redis, tmp_path, sockdir):
+    """A 3 MB value: its SET (a command larger than the shim frames) goes direct, and its
+    GETs, each on a new connection, come back whole over the shared connections (a reply
+    may be as large as RESP_REPLY_MAX); 50 small calls after it still share."""
+    code = ("import sys, hashlib, redis\n"
+            "p = int(sys.argv[1]); big = bytes(range(256)) * (3 * 4096)\n"
+            "c = redis.Redis(port=p); c.set('big', big); c.close()\n"
+            "ok = 0\n"
+            "for i in range(5):\n"
+            "    c = redis.Redis(port=p); ok += c.get('big') == big; c.close()\n"
+            "for i in range(50):\n"
+            "    c = redis.Redis(port=p); c.incr('after'); c.close()\n"
+            "print(ok, redis.Redis(port=p).get('after').decode())\n")
+    before = received(redis)
+    r = run([SYS_PY, "-c", code, redis.port], conf=conf_for(tmp_path, redis, sockdir), timeout=120)
+    assert r.rc == 0 and r.out.split() == [b"5", b"50"], r.describe()
+    assert received(redis) - before - 1 <= 4 + 2, received(redis) - before - 1

@@ -158,6 +158,7 @@ class Stats(object):
             self.open -= 1
 
     def request(self, entry):
+        entry["t"] = time.monotonic()  # when its head was read: orders requests across connections
         with self.lock:
             self.requests += 1
             if len(self.log) < MAX_LOG:
