@@ -282,3 +282,20 @@ def test_large_values_pass_both_ways(redis, tmp_path, sockdir):
     r = run([SYS_PY, "-c", code, redis.port], conf=conf_for(tmp_path, redis, sockdir), timeout=120)
     assert r.rc == 0 and r.out.split() == [b"5", b"50"], r.describe()
     assert received(redis) - before - 1 <= 4 + 2, received(redis) - before - 1
+
+
+def test_check_names_the_redis_settings(tmp_path):
+    """`httpshim check` shows an upstream's protocol and its caps; a cache rule on a redis
+    upstream, or a bad cap, is an error naming the line."""
+    require_build(HTTPSHIM)
+    good = tmp_path / "good.conf"
+    good.write_text("[upstream 127.0.0.1:6379]\nprotocol = redis\nredis_pinned_max = 3\n")
+    r = run([HTTPSHIM, "check", good], shim=False)
+    assert r.rc == 0 and b"protocol=redis pool_max_per_host=4 redis_pinned_max=3" in r.out, r.describe()
+    for body, want in (("protocol = redis\ncache GET /x ttl=1m\n", b"protocol = http"),
+                       ("protocol = memcached\n", b"protocol takes http or redis"),
+                       ("protocol = redis\npool_max_per_host = 0\n", b"expected a number from 1")):
+        bad = tmp_path / "bad.conf"
+        bad.write_text("[upstream 127.0.0.1:6379]\n" + body)
+        r = run([HTTPSHIM, "check", bad], shim=False)
+        assert r.rc != 0 and want in r.out + r.err, (body, r.describe())

@@ -89,6 +89,11 @@ int cmd_check(int argc, char **argv)
             printf(" %s", ip);
         }
         printf("\n");
+        if (u->protocol == PROTO_REDIS)
+            printf("  protocol=redis pool_max_per_host=%u redis_pinned_max=%u\n", rules_pool_max(cfg, u),
+                   u->redis_pinned_max);
+        else if (u->pool_max)
+            printf("  pool_max_per_host=%u\n", u->pool_max);
         if (u->origin_https)
             printf("  origin https://%s:%u%s%s\n", u->origin_host, u->origin_port, u->tls_ca_file[0] ? " tls_ca_file=" : "",
                    u->tls_ca_file);
