@@ -2,10 +2,11 @@
 """The Redis seed scenario (issue 23), side by side in one run: a Python service that makes
 a new Redis client (and so a new connection) per request — without the shim, with the shim
 (protocol = redis), and with the client library's own connection pool reused (the fix the
-app cannot make). redis-py, a local redis-server this script starts, loopback. Prints a
-markdown table: calls/s, p50/p99 per call, and the connections the server accepted.
+app cannot make). redis-py, a local redis-server this script starts, loopback. A request
+is one GET (a cache lookup), or a SET and a GET (--ops 1,2 runs both). Prints a markdown
+table: requests/s, p50/p99 per request, and the connections the server accepted.
 
-    bench/redisbench.py [--calls 2000] [--runs 3] [--lib build/libhttpshim.so]
+    bench/redisbench.py [--calls 2000] [--runs 3] [--ops 1,2] [--lib build/libhttpshim.so]
                         [--host H --port P] [--password PW] [--db N]
 
 With --host/--port it uses that server (e.g. one behind bench/delayline in a network
@@ -28,7 +29,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = r'''
 import json, sys, time, redis
-host, port, calls, mode, pw, db = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6])
+host, port, calls, mode, pw, db, ops = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5],
+                                        int(sys.argv[6]), int(sys.argv[7]))
 kw = dict(host=host, port=port, db=db, password=pw or None)
 shared = redis.Redis(**kw) if mode == "reused" else None
 lat = []
@@ -37,11 +39,13 @@ for i in range(calls):
     s = time.monotonic()
     if shared is None:
         c = redis.Redis(**kw)                   # a new client, pool and connection per request
-        c.set("k%d" % (i % 100), "v")
+        if ops == 2:
+            c.set("k%d" % (i % 100), "v")
         c.get("k%d" % (i % 100))
         c.close()
     else:
-        shared.set("k%d" % (i % 100), "v")
+        if ops == 2:
+            shared.set("k%d" % (i % 100), "v")
         shared.get("k%d" % (i % 100))
     lat.append(time.monotonic() - s)
 wall = time.monotonic() - t0
@@ -74,6 +78,7 @@ def main():
     ap.add_argument("--port", type=int)
     ap.add_argument("--password", default="")
     ap.add_argument("--db", type=int, default=0)
+    ap.add_argument("--ops", default="1,2", help="commands per request: 1 (GET), 2 (SET and GET), or both")
     a = ap.parse_args()
     py = "/usr/bin/python3"
     work = tempfile.mkdtemp(prefix="redisbench")
@@ -98,30 +103,37 @@ def main():
             f.write("[global]\nstats_socket = %s/%%p.sock\n[upstream %s:%d]\nprotocol = redis\n" % (work, a.host, port))
         setups = [("per-request client, direct", "percall", False), ("per-request client, httpshim", "percall", True),
                   ("one client reused (its pool), direct", "reused", False)]
-        res = {s[0]: [] for s in setups}
+        kinds = [int(x) for x in a.ops.split(",")]
+        res = {(k, s[0]): [] for k in kinds for s in setups}
         for _ in range(a.runs):
-            for name, mode, shim in setups:
-                e = dict(env)
-                if shim:
-                    e.update(LD_PRELOAD=a.lib, HTTPSHIM_CONF=conf)
-                before = received(a.host, port, a.password)
-                out = subprocess.run([py, "-c", CHILD, a.host, str(port), str(a.calls), mode, a.password, str(a.db)],
-                                     stdout=subprocess.PIPE, env=e, check=True, timeout=1800).stdout
-                d = json.loads(out.decode().strip().splitlines()[-1])
-                d["conns"] = received(a.host, port, a.password) - before - 1
-                res[name].append(d)
-                print("%s: %s" % (name, d), file=sys.stderr, flush=True)
-        med = {n: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for n, runs in res.items()}
-        print("| setup | calls/s | p50 per request | p99 per request | server connections |")
-        print("|---|---|---|---|---|")
-        for name, _, _ in setups:
-            m = med[name]
-            print("| %s | %.0f | %.0f µs | %.0f µs | %d |" % (name, m["calls_s"], m["p50_us"], m["p99_us"], m["conns"]))
-        d, s, r = (med[n] for n, _, _ in setups)
+            for k in kinds:
+                for name, mode, shim in setups:
+                    e = dict(env)
+                    if shim:
+                        e.update(LD_PRELOAD=a.lib, HTTPSHIM_CONF=conf)
+                    before = received(a.host, port, a.password)
+                    out = subprocess.run([py, "-c", CHILD, a.host, str(port), str(a.calls), mode, a.password, str(a.db),
+                                          str(k)], stdout=subprocess.PIPE, env=e, check=True, timeout=1800).stdout
+                    d = json.loads(out.decode().strip().splitlines()[-1])
+                    d["conns"] = received(a.host, port, a.password) - before - 1
+                    res[(k, name)].append(d)
+                    print("%d op(s) %s: %s" % (k, name, d), file=sys.stderr, flush=True)
+        med = {key: {f: statistics.median(r[f] for r in runs) for f in runs[0]} for key, runs in res.items()}
+        what = {1: "GET", 2: "SET + GET"}
+        print("| request | setup | requests/s | p50 per request | p99 per request | server connections |")
+        print("|---|---|---|---|---|---|")
+        for k in kinds:
+            for name, _, _ in setups:
+                m = med[(k, name)]
+                print("| %s | %s | %.0f | %.0f µs | %.0f µs | %d |" % (what[k], name, m["calls_s"], m["p50_us"],
+                                                                     m["p99_us"], m["conns"]))
         print()
-        print("httpshim vs direct, per-request client: %.2f× the calls/s (target ≥ 3×); httpshim's p50 vs the reused "
-              "pool's: %.2f× (target ≤ 1.5×). A request is a SET and a GET; median of %d runs of %d requests."
-              % (s["calls_s"] / d["calls_s"], s["p50_us"] / r["p50_us"], a.runs, a.calls))
+        for k in kinds:
+            d, s, r = (med[(k, n)] for n, _, _ in setups)
+            print("%s per request: httpshim vs direct %.2f× the requests/s (target ≥ 3×); httpshim's p50 vs the "
+                  "reused pool's %.2f× (target ≤ 1.5×).  " % (what[k], s["calls_s"] / d["calls_s"],
+                                                              s["p50_us"] / r["p50_us"]))
+        print("Median of %d runs of %d requests each." % (a.runs, a.calls))
         if a.password or a.db:
             print("Every new client sends %s first." % " and ".join(
                 x for x in ("AUTH" if a.password else "", "SELECT %d" % a.db if a.db else "") if x))
