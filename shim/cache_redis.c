@@ -7,19 +7,17 @@
  * see "Redis keys"). Redis does the expiry. */
 #include "cache_redis.h"
 #include "clock.h"
-#include "fdtable.h"
 #include "sha256.h"
 #include "http.h"
 #include "loop.h"
-#include "real.h"
 #include "stats.h"
 #include <errno.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
+#include "redis_link.h"
 #include "redis_value.h"
 #include <stdlib.h>
 #include <string.h>
-#include <netinet/tcp.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -45,19 +43,18 @@ struct redis_ticket {
 };
 
 static struct {
-    struct loop_source src;
+    struct redis_link link;
     struct loop_timer timer;        /* the next lookup deadline, stall check or reconnect */
     const struct shim_config *cfg;
-    redisAsyncContext *ac;
-    int fd;
-    bool want_read, want_write, connected;
+    redisAsyncContext *ac;          /* the connection callbacks answer for (NULL once dropped) */
+    bool connected;
     int backoff_ms;
     int64_t next_attempt_ms;
     unsigned inflight;
     size_t pending_bytes;
     int64_t last_progress_ms;
     struct redis_ticket *waiting_head, *waiting_tail;
-} R = { .fd = -1 };
+} R = { .link.fd = -1 };
 
 static int64_t exit_wait_ms;        /* redis_timeout, for the exit handler */
 
@@ -112,33 +109,7 @@ static void flush_at_exit(void)
         nanosleep(&pause, NULL);
 }
 
-static void on_io(struct loop_source *src, uint32_t ev);
 static void on_timer(struct loop_timer *timer);
-
-static void watch(void)
-{
-    if (R.fd < 0)
-        return;
-    uint32_t want = (R.want_read ? EPOLLIN : 0) | (R.want_write ? EPOLLOUT : 0);
-    if (!R.src.active)
-        loop_add(&R.src, R.fd, want, on_io);
-    else
-        loop_watch(&R.src, want);
-}
-
-static void ad_add_read(void *d) { (void)d; R.want_read = true; watch(); }
-static void ad_del_read(void *d) { (void)d; R.want_read = false; watch(); }
-static void ad_add_write(void *d) { (void)d; R.want_write = true; watch(); }
-static void ad_del_write(void *d) { (void)d; R.want_write = false; watch(); }
-static void ad_cleanup(void *d)
-{
-    (void)d;
-    loop_remove(&R.src);
-    if (R.fd >= 0)
-        fdtable_clear(R.fd);           /* hiredis closes it */
-    R.want_read = R.want_write = false;
-    R.fd = -1;
-}
 
 static void arm_timer(void)
 {
@@ -203,32 +174,23 @@ static void on_disconnect(const redisAsyncContext *ac, int status)
     schedule_reconnect();
 }
 
+static void after_io(struct redis_link *l)
+{
+    (void)l;
+    arm_timer();
+}
+
 static void connect_now(void)
 {
-    redisAsyncContext *ac = R.cfg->redis_unix[0] ? redisAsyncConnectUnix(R.cfg->redis_unix)
-                                                 : redisAsyncConnect(R.cfg->redis_host, R.cfg->redis_port);
-    if (!ac || ac->err) {
-        if (ac)
-            redisAsyncFree(ac);
+    R.link.after_io = after_io;
+    if (redis_link_connect(&R.link, R.cfg->redis_host, R.cfg->redis_port, R.cfg->redis_unix, on_connect,
+                           on_disconnect) != 0) {
         atomic_fetch_add(&shim_redis.errors, 1);
         schedule_reconnect();
         return;
     }
+    redisAsyncContext *ac = R.link.ac;
     R.ac = ac;
-    R.fd = ac->c.fd;
-    fdtable_mark_engine(R.fd);
-    if (!R.cfg->redis_unix[0]) {
-        int one = 1;               /* GET and PTTL leave in one segment, never behind Nagle */
-        real_setsockopt(R.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    }
-    ac->ev.data = &R;
-    ac->ev.addRead = ad_add_read;
-    ac->ev.delRead = ad_del_read;
-    ac->ev.addWrite = ad_add_write;
-    ac->ev.delWrite = ad_del_write;
-    ac->ev.cleanup = ad_cleanup;
-    redisAsyncSetConnectCallback(ac, on_connect);
-    redisAsyncSetDisconnectCallback(ac, on_disconnect);
     R.inflight = 0;
     R.pending_bytes = 0;
     R.last_progress_ms = clock_mono_ms();
@@ -236,7 +198,6 @@ static void connect_now(void)
         redisAsyncCommand(ac, NULL, NULL, "AUTH %s", R.cfg->redis_password);
     if (R.cfg->redis_db)
         redisAsyncCommand(ac, NULL, NULL, "SELECT %d", R.cfg->redis_db);
-    ad_add_write(&R);              /* wait for the non-blocking connect */
 }
 
 int redis_init(const struct shim_config *cfg)
@@ -257,7 +218,7 @@ void redis_forget(void)
 {
     /* forked child: the fds went with the other engine fds; the context stays allocated */
     memset(&R, 0, sizeof R);
-    R.fd = -1;
+    redis_link_forget(&R.link);
     n_releases = 0;                    /* the parent's locks: its own to release */
     atomic_store(&writes_owed, 0);
     atomic_store(&shim_redis.connected, 0);
@@ -685,17 +646,5 @@ static void on_timer(struct loop_timer *timer)
         atomic_fetch_add(&shim_redis.reconnects, 1);
         connect_now();
     }
-    arm_timer();
-}
-
-static void on_io(struct loop_source *src, uint32_t ev)
-{
-    (void)src;
-    if (!R.ac)
-        return;
-    if (ev & (EPOLLIN | EPOLLERR | EPOLLHUP))
-        redisAsyncHandleRead(R.ac);
-    if (R.ac && (ev & (EPOLLOUT | EPOLLERR)))
-        redisAsyncHandleWrite(R.ac);
     arm_timer();
 }
