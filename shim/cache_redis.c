@@ -15,6 +15,7 @@
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 #include "redis_link.h"
+#include "redis_sentinel.h"
 #include "redis_value.h"
 #include <stdlib.h>
 #include <string.h>
@@ -138,17 +139,9 @@ static void schedule_reconnect(void)
     R.next_attempt_ms = clock_mono_ms() + R.backoff_ms;
 }
 
-static void on_connect(const redisAsyncContext *ac, int status)
+/* The connection may carry the tier's commands from now on. */
+static void usable(void)
 {
-    if (R.ac != ac)
-        return;
-    if (status != REDIS_OK) {
-        atomic_fetch_add(&shim_redis.errors, 1);
-        R.ac = NULL;               /* hiredis frees the context after this callback */
-        R.connected = false;
-        schedule_reconnect();
-        return;
-    }
     R.connected = true;
     R.backoff_ms = 0;
     atomic_store(&shim_redis.connected, 1);
@@ -158,6 +151,61 @@ static void on_connect(const redisAsyncContext *ac, int status)
         redis_unlock(releases[i].key, releases[i].key_len, releases[i].token);
         free(releases[i].key);
     }
+}
+
+static bool behind_sentinel(void) { return R.cfg->redis_mode == REDIS_SENTINEL; }
+
+/* Not (or no longer) the master: a replica the sentinels have not caught up with, or a
+ * master that lost its replicas (MASTERDOWN). The tier stops using it and asks again. */
+static void not_the_master(redisAsyncContext *ac)
+{
+    atomic_fetch_add(&shim_redis.not_master, 1);
+    if (ac == R.ac && R.connected) {
+        R.connected = false;
+        atomic_store(&shim_redis.connected, 0);
+    }
+    if (ac == R.ac)
+        redisAsyncDisconnect(ac);      /* (after its callbacks) its disconnect schedules the next */
+    sentinel_doubt();
+}
+
+/* An error reply to one of the tier's commands. */
+static void reply_error(redisAsyncContext *ac, const redisReply *r)
+{
+    atomic_fetch_add(&shim_redis.errors, 1);
+    if (behind_sentinel() && r->type == REDIS_REPLY_ERROR
+        && (!strncmp(r->str, "READONLY", 8) || !strncmp(r->str, "MASTERDOWN", 10)))
+        not_the_master(ac);
+}
+
+static void on_role(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    (void)privdata;
+    const redisReply *r = reply;
+    if (ac != R.ac || !r)
+        return;
+    if (r->type == REDIS_REPLY_ARRAY && r->elements >= 1 && r->element[0]->type == REDIS_REPLY_STRING
+        && !strcmp(r->element[0]->str, "master"))
+        usable();
+    else
+        not_the_master(ac);
+}
+
+static void on_connect(const redisAsyncContext *ac, int status)
+{
+    if (R.ac != ac)
+        return;
+    if (status != REDIS_OK) {
+        atomic_fetch_add(&shim_redis.errors, 1);
+        R.ac = NULL;               /* hiredis frees the context after this callback */
+        R.connected = false;
+        schedule_reconnect();
+        if (behind_sentinel())
+            sentinel_doubt();
+        return;
+    }
+    if (!behind_sentinel())
+        usable();                  /* (behind Sentinel: once ROLE says master) */
 }
 
 static void on_disconnect(const redisAsyncContext *ac, int status)
@@ -172,6 +220,8 @@ static void on_disconnect(const redisAsyncContext *ac, int status)
     R.pending_bytes = 0;
     atomic_store(&shim_redis.connected, 0);
     schedule_reconnect();
+    if (behind_sentinel() && status != REDIS_OK)
+        sentinel_doubt();
 }
 
 static void after_io(struct redis_link *l)
@@ -183,8 +233,14 @@ static void after_io(struct redis_link *l)
 static void connect_now(void)
 {
     R.link.after_io = after_io;
-    if (redis_link_connect(&R.link, R.cfg->redis_host, R.cfg->redis_port, R.cfg->redis_unix, on_connect,
-                           on_disconnect) != 0) {
+    char host[256];
+    int port = R.cfg->redis_port;
+    snprintf(host, sizeof host, "%s", R.cfg->redis_host);
+    if (behind_sentinel() && !sentinel_master(host, sizeof host, &port)) {
+        schedule_reconnect();          /* no master named yet: the tier fails open meanwhile */
+        return;
+    }
+    if (redis_link_connect(&R.link, host, port, R.cfg->redis_unix, on_connect, on_disconnect) != 0) {
         atomic_fetch_add(&shim_redis.errors, 1);
         schedule_reconnect();
         return;
@@ -198,6 +254,25 @@ static void connect_now(void)
         redisAsyncCommand(ac, NULL, NULL, "AUTH %s", R.cfg->redis_password);
     if (R.cfg->redis_db)
         redisAsyncCommand(ac, NULL, NULL, "SELECT %d", R.cfg->redis_db);
+    if (behind_sentinel())
+        redisAsyncCommand(ac, on_role, NULL, "ROLE");   /* the master the sentinels named, still? */
+}
+
+/* The sentinels name another master: the connection to the old one goes (its commands
+ * in flight fail open), and the new one is tried at once. */
+static void master_changed(void)
+{
+    if (R.ac) {
+        R.ac = NULL;
+        R.connected = false;
+        atomic_store(&shim_redis.connected, 0);
+        redis_link_drop(&R.link);
+        R.inflight = 0;
+        R.pending_bytes = 0;
+    }
+    R.backoff_ms = 0;
+    connect_now();
+    arm_timer();
 }
 
 int redis_init(const struct shim_config *cfg)
@@ -209,7 +284,14 @@ int redis_init(const struct shim_config *cfg)
     static bool exit_flush_registered;    /* once per process image: forks inherit it */
     if (!exit_flush_registered)
         exit_flush_registered = atexit(flush_at_exit) == 0;
-    connect_now();
+    if (behind_sentinel()) {
+        sentinel_init(cfg, master_changed);   /* connects once a master is named */
+        schedule_reconnect();
+    } else {
+        snprintf(shim_redis.master, sizeof shim_redis.master, cfg->redis_unix[0] ? "%s" : "%s:%d",
+                 cfg->redis_unix[0] ? cfg->redis_unix : cfg->redis_host, cfg->redis_port);
+        connect_now();
+    }
     arm_timer();
     return 0;
 }
@@ -219,6 +301,7 @@ void redis_forget(void)
     /* forked child: the fds went with the other engine fds; the context stays allocated */
     memset(&R, 0, sizeof R);
     redis_link_forget(&R.link);
+    sentinel_forget();
     n_releases = 0;                    /* the parent's locks: its own to release */
     atomic_store(&writes_owed, 0);
     atomic_store(&shim_redis.connected, 0);
@@ -364,7 +447,7 @@ static void on_written(redisAsyncContext *ac, void *reply, void *privdata)
     size_t len = (size_t)(uintptr_t)privdata;       /* 0 for a DEL */
     const redisReply *r = reply;
     if (r && r->type == REDIS_REPLY_ERROR)
-        atomic_fetch_add(&shim_redis.errors, 1);
+        reply_error(ac, r);
     if (len)
         atomic_fetch_sub(&writes_owed, 1);           /* answered or abandoned: no longer owed */
     progress(ac);
@@ -384,7 +467,7 @@ static void on_get(redisAsyncContext *ac, void *reply, void *privdata)
     if (!r || r->type == REDIS_REPLY_ERROR) {
         t->failed = true;
         if (r)
-            atomic_fetch_add(&shim_redis.errors, 1);
+            reply_error(ac, r);
         return;
     }
     if (r->type == REDIS_REPLY_STRING) {
@@ -412,7 +495,7 @@ static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
     struct cache_entry *e = NULL;
     if (!r || r->type != REDIS_REPLY_INTEGER || t->failed) {
         if (r && r->type == REDIS_REPLY_ERROR)
-            atomic_fetch_add(&shim_redis.errors, 1);
+            reply_error(ac, r);
     } else if (t->got_value && r->integer > 0) {
         enum redis_value_verdict v = redis_value_decode(t->key, t->key_len, t->value, t->value_len, r->integer,
                                                         clock_wall_ms(), secret(), &e);
@@ -516,7 +599,7 @@ static void on_lock_reply(redisAsyncContext *ac, void *reply, void *privdata)
         else if (r && r->type == REDIS_REPLY_NIL)
             how = REDIS_LOCK_HELD_ELSEWHERE;
         else if (r)
-            atomic_fetch_add(&shim_redis.errors, 1);
+            reply_error(ac, r);
         void *waiter = t->waiter;
         unlink_ticket(t);
         t->waiter = NULL;

@@ -68,6 +68,7 @@ static const char *const lib_names[LIB_COUNT] = { LAZYLIB_CURL, LAZYLIB_HIREDIS 
     X(LIB_CURL, void, curl_easy_reset, (CURL *h), (h))                                       \
     X(LIB_CURL, void, curl_slist_free_all, (struct curl_slist *l), (l))                      \
     X(LIB_HIREDIS, void, redisAsyncFree, (redisAsyncContext *ac), (ac))                      \
+    X(LIB_HIREDIS, void, redisAsyncDisconnect, (redisAsyncContext *ac), (ac))                \
     X(LIB_HIREDIS, void, redisReaderFree, (redisReader *r), (r))                             \
     X(LIB_HIREDIS, void, freeReplyObject, (void *reply), (reply))                            \
     X(LIB_HIREDIS, void, redisAsyncHandleRead, (redisAsyncContext *ac), (ac))                \

@@ -354,11 +354,104 @@ static int check_upstream(struct parser *p, struct upstream_rule *u)
     return 0;
 }
 
-/* redis://[:password@]host:port[/db] or redis+unix:///path/to.sock */
+/* "host:port", "[v6]:port" or "host" (default_port) of n bytes at s. */
+static int parse_node(const char *s, size_t n, int default_port, struct redis_node *node)
+{
+    char hp[300];
+    if (n == 0 || n >= sizeof hp)
+        return -1;
+    memcpy(hp, s, n);
+    hp[n] = 0;
+    node->port = default_port;
+    char *colon = strrchr(hp, ':');
+    if (colon && !strchr(colon, ']')) {
+        char *end;
+        long port = strtol(colon + 1, &end, 10);
+        if (*end || port <= 0 || port > 65535)
+            return -1;
+        node->port = (int)port;
+        *colon = 0;
+    }
+    char *h = hp;
+    if (*h == '[') {
+        h++;
+        char *close = strchr(h, ']');
+        if (!close || close[1])
+            return -1;
+        *close = 0;
+    }
+    if (!*h || strlen(h) >= sizeof node->host)
+        return -1;
+    snprintf(node->host, sizeof node->host, "%s", h);
+    return 0;
+}
+
+static int parse_db(const char *s, int *db)
+{
+    char *end;
+    long n = strtol(s, &end, 10);
+    if (!*s || *end || n < 0 || n > 1000000)
+        return -1;
+    *db = (int)n;
+    return 0;
+}
+
+/* "[:password@]" at the start of s (up to its last '@'): the password kept, s moved past. */
+static int parse_password(const char **s, struct shim_config *cfg)
+{
+    const char *at = strrchr(*s, '@');
+    if (!at)
+        return 0;
+    const char *colon = memchr(*s, ':', (size_t)(at - *s));
+    const char *pw = colon ? colon + 1 : *s;
+    if ((size_t)(at - pw) >= sizeof cfg->redis_password)
+        return -1;
+    memcpy(cfg->redis_password, pw, (size_t)(at - pw));
+    cfg->redis_password[at - pw] = 0;
+    *s = at + 1;
+    return 0;
+}
+
+/* redis-sentinel://[:password@]h1[:p1],h2[:p2],.../master[/db] (sentinels on 26379 unless
+ * said): the password and the database are the master's. */
+static int parse_sentinel_url(const char *s, struct shim_config *cfg)
+{
+    if (parse_password(&s, cfg) != 0)
+        return -1;
+    const char *slash = strchr(s, '/');
+    if (!slash)
+        return -1;
+    for (const char *node = s; node < slash;) {
+        const char *comma = memchr(node, ',', (size_t)(slash - node));
+        const char *end = comma ? comma : slash;
+        if (cfg->n_sentinels == RULES_MAX_SENTINELS
+            || parse_node(node, (size_t)(end - node), 26379, &cfg->sentinels[cfg->n_sentinels]) != 0)
+            return -1;
+        cfg->n_sentinels++;
+        node = comma ? comma + 1 : slash;
+    }
+    const char *name = slash + 1, *db = strchr(name, '/');
+    size_t name_len = db ? (size_t)(db - name) : strlen(name);
+    if (cfg->n_sentinels == 0 || name_len == 0 || name_len >= sizeof cfg->redis_master_name)
+        return -1;
+    for (size_t i = 0; i < name_len; i++)
+        if (name[i] <= ' ' || name[i] > '~')
+            return -1;
+    memcpy(cfg->redis_master_name, name, name_len);
+    cfg->redis_master_name[name_len] = 0;
+    if (db && db[1] && parse_db(db + 1, &cfg->redis_db) != 0)
+        return -1;
+    cfg->redis_mode = REDIS_SENTINEL;
+    return 0;
+}
+
+/* redis://[:password@]host:port[/db], redis+unix:///path/to.sock, or a sentinel URL */
 static int parse_redis_url(const char *url, struct shim_config *cfg)
 {
     cfg->redis_port = 6379;
     cfg->redis_db = 0;
+    cfg->redis_mode = REDIS_SINGLE;
+    cfg->n_sentinels = 0;
     if (!strncmp(url, "redis+unix://", 13)) {
         const char *path = url + 13;
         if (path[0] != '/' || strlen(path) >= sizeof cfg->redis_unix)
@@ -366,53 +459,21 @@ static int parse_redis_url(const char *url, struct shim_config *cfg)
         snprintf(cfg->redis_unix, sizeof cfg->redis_unix, "%s", path);
         return 0;
     }
+    if (!strncmp(url, "redis-sentinel://", 17))
+        return parse_sentinel_url(url + 17, cfg);
     if (strncmp(url, "redis://", 8))
         return -1;
     const char *s = url + 8;
-    const char *at = strrchr(s, '@');
-    if (at) {
-        const char *colon = memchr(s, ':', (size_t)(at - s));
-        const char *pw = colon ? colon + 1 : s;
-        if ((size_t)(at - pw) >= sizeof cfg->redis_password)
-            return -1;
-        memcpy(cfg->redis_password, pw, (size_t)(at - pw));
-        cfg->redis_password[at - pw] = 0;
-        s = at + 1;
-    }
+    if (parse_password(&s, cfg) != 0)
+        return -1;
     const char *slash = strchr(s, '/');
-    size_t hostport = slash ? (size_t)(slash - s) : strlen(s);
-    char hp[300];
-    if (hostport == 0 || hostport >= sizeof hp)
+    struct redis_node node;
+    if (parse_node(s, slash ? (size_t)(slash - s) : strlen(s), 6379, &node) != 0)
         return -1;
-    memcpy(hp, s, hostport);
-    hp[hostport] = 0;
-    char *colon = strrchr(hp, ':');
-    if (colon && !strchr(colon, ']')) {
-        char *end;
-        long port = strtol(colon + 1, &end, 10);
-        if (*end || port <= 0 || port > 65535)
-            return -1;
-        cfg->redis_port = (int)port;
-        *colon = 0;
-    }
-    char *h = hp;
-    if (*h == '[') {
-        h++;
-        char *close = strchr(h, ']');
-        if (!close)
-            return -1;
-        *close = 0;
-    }
-    if (!*h || strlen(h) >= sizeof cfg->redis_host)
+    snprintf(cfg->redis_host, sizeof cfg->redis_host, "%s", node.host);
+    cfg->redis_port = node.port;
+    if (slash && slash[1] && parse_db(slash + 1, &cfg->redis_db) != 0)
         return -1;
-    snprintf(cfg->redis_host, sizeof cfg->redis_host, "%s", h);
-    if (slash && slash[1]) {
-        char *end;
-        long db = strtol(slash + 1, &end, 10);
-        if (*end || db < 0 || db > 1000000)
-            return -1;
-        cfg->redis_db = (int)db;
-    }
     return 0;
 }
 
@@ -527,8 +588,9 @@ static int set_global(struct parser *p, const struct global_key *k, const char *
         else if (parse_redis_url(val, cfg) == 0)
             cfg->cache = CACHE_REDIS;
         else
-            return fail(p, "cache '%s': expected memory, off, redis://[:password@]host:port/db "
-                           "or redis+unix:///path", val);
+            return fail(p, "cache: expected memory, off, redis://[:password@]host:port/db, redis+unix:///path "
+                           "or redis-sentinel://[:password@]host:port,host:port/master/db (the value is not "
+                           "repeated here: it may hold a password)");
         return 0;
     case G_PREFIX:
         if (strlen(val) >= sizeof cfg->redis_prefix)

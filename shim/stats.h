@@ -54,6 +54,10 @@ struct redis_counters {
     /* cross-process coalescing: lock attempts, and polls of an entry another process fetches */
     _Atomic uint64_t locks, lock_waits, lock_polls;
     _Atomic uint64_t lat[STATS_LAT_BUCKETS + 1], lat_sum_us;   /* lookups, ask to answer */
+    /* behind Sentinel: masters the sentinels switched to, their failures, masters that
+     * turned out not to be (ROLE, READONLY, MASTERDOWN) */
+    _Atomic uint64_t failovers, sentinel_errors, not_master;
+    char master[300];                  /* "host:port" in use (engine thread writes, stats read) */
 };
 extern struct redis_counters shim_redis;
 extern const double stats_lat_bounds_s[STATS_LAT_BUCKETS];

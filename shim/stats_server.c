@@ -332,6 +332,13 @@ static void render_json(struct out *o, const struct shim_config *cfg, bool exite
             (unsigned long long)get(&shim_redis.bytes_written), (unsigned long long)get(&shim_redis.sets),
             (unsigned long long)get(&shim_redis.locks), (unsigned long long)get(&shim_redis.lock_waits),
             (unsigned long long)get(&shim_redis.lock_polls));
+    char master[sizeof shim_redis.master * 6 + 8];
+    exited_json_escape(shim_redis.master, strnlen(shim_redis.master, sizeof shim_redis.master), master, sizeof master);
+    appendf(o, "\"mode\":\"%s\",\"master\":\"%s\"", cfg->cache != CACHE_REDIS ? "none"
+                                                 : cfg->redis_mode == REDIS_SENTINEL ? "sentinel" : "single", master);
+    appendf(o, ",\"failovers\":%llu,\"sentinel_errors\":%llu,\"not_master\":%llu,",
+            (unsigned long long)get(&shim_redis.failovers), (unsigned long long)get(&shim_redis.sentinel_errors),
+            (unsigned long long)get(&shim_redis.not_master));
     json_histogram(o, "latency_seconds", shim_redis.lat, &shim_redis.lat_sum_us);
     appendf(o, "}}\n");
 }
@@ -431,11 +438,25 @@ static void render_prometheus(struct out *o, const struct shim_config *cfg)
         { "lock_waits", "misses that found another process fetching the key and waited for its entry",
           offsetof(struct redis_counters, lock_waits) },
         { "lock_polls", "polls of Redis for an entry another process was fetching", offsetof(struct redis_counters, lock_polls) },
+        { "failovers", "behind Sentinel: switches to another master", offsetof(struct redis_counters, failovers) },
+        { "sentinel_errors", "behind Sentinel: sentinels that could not be reached or named no master",
+          offsetof(struct redis_counters, sentinel_errors) },
+        { "not_master", "behind Sentinel: masters that turned out not to be (ROLE, READONLY, MASTERDOWN)",
+          offsetof(struct redis_counters, not_master) },
     };
     for (size_t k = 0; k < sizeof redis_counters / sizeof redis_counters[0]; k++)
         appendf(o, "# HELP httpshim_redis_%s_total %s\n# TYPE httpshim_redis_%s_total counter\nhttpshim_redis_%s_total %llu\n",
                 redis_counters[k].name, redis_counters[k].help, redis_counters[k].name, redis_counters[k].name,
                 (unsigned long long)get((_Atomic uint64_t *)(void *)((char *)&shim_redis + redis_counters[k].off)));
+    if (cfg->cache == CACHE_REDIS) {
+        char master[sizeof shim_redis.master * 6 + 8];
+        exited_json_escape(shim_redis.master, strnlen(shim_redis.master, sizeof shim_redis.master), master,
+                           sizeof master);
+        appendf(o, "# HELP httpshim_redis_master the Redis tier's server in use (1), by mode and address\n"
+                   "# TYPE httpshim_redis_master gauge\nhttpshim_redis_master{mode=\"%s\",address=\"%s\"} %d\n",
+                cfg->redis_mode == REDIS_SENTINEL ? "sentinel" : "single", master,
+                (int)get(&shim_redis.connected) ? 1 : 0);
+    }
     appendf(o, "# HELP httpshim_queue_wait_max_seconds the longest a request waited in the pool queue\n"
                "# TYPE httpshim_queue_wait_max_seconds gauge\n");
     for (size_t i = 0; i < cfg->n_upstreams; i++)

@@ -33,6 +33,12 @@ void print_json(json_t *j);
 int load_pattern(const char *conf, char *pattern, size_t n);
 int parse_user(const char *text, unsigned *uid);
 
+struct shim_config;
+struct redisContext;
+/* The Redis tier's server (the sentinels' master, checked with ROLE), logged in; NULL
+ * with a message on stderr when it cannot be reached. report: where to say each step. */
+struct redisContext *cli_redis_connect(const struct shim_config *cfg, FILE *report);
+
 int cmd_run(int argc, char **argv);
 int cmd_stats(int argc, char **argv);
 int cmd_check(int argc, char **argv);

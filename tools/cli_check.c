@@ -31,10 +31,12 @@
 int cmd_check(int argc, char **argv)
 {
     if (argc > 1 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) {
-        printf("usage: httpshim check [FILE]\n       httpshim check --defaults\n"
+        printf("usage: httpshim check [--connect] [FILE]\n       httpshim check --defaults\n"
                "Validates a rules file (default $HTTPSHIM_CONF or %s) and prints\n"
                "each upstream with the addresses it resolves to and each rule as understood.\n"
                "Exit 0 when valid, 1 with FILE:LINE messages when not.\n"
+               "--connect also reaches the Redis tier (through its sentinels) and says what it found;\n"
+               "exit 1 when it cannot.\n"
                "--defaults lists every [global] key with its default.\n", DEFAULT_CONF);
         return 0;
     }
@@ -45,6 +47,11 @@ int cmd_check(int argc, char **argv)
             printf("%-20s %s\n", name, def ? def : "none");
         }
         return 0;
+    }
+    bool connect = argc > 1 && !strcmp(argv[1], "--connect");
+    if (connect) {
+        argc--;
+        argv++;
     }
     const char *path = argc > 1 ? argv[1] : conf_path(NULL);
     struct shim_config *cfg = calloc(1, sizeof *cfg);
@@ -124,7 +131,29 @@ int cmd_check(int argc, char **argv)
             printf("\n");
         }
     }
+    int rc = 0;
+    if (cfg->cache == CACHE_REDIS) {
+        if (cfg->redis_mode == REDIS_SENTINEL) {
+            printf("redis: sentinel, master %s, db %d, sentinels", cfg->redis_master_name, cfg->redis_db);
+            for (size_t i = 0; i < cfg->n_sentinels; i++)
+                printf(" %s:%d", cfg->sentinels[i].host, cfg->sentinels[i].port);
+            printf("\n");
+        } else if (cfg->redis_unix[0]) {
+            printf("redis: single, %s, db %d\n", cfg->redis_unix, cfg->redis_db);
+        } else {
+            printf("redis: single, %s:%d, db %d\n", cfg->redis_host, cfg->redis_port, cfg->redis_db);
+        }
+        if (connect) {
+            struct redisContext *r = cli_redis_connect(cfg, stdout);
+            if (r)
+                redisFree(r);
+            else
+                rc = 1;
+        }
+    } else if (connect) {
+        printf("redis: not configured (nothing to connect to)\n");
+    }
     rules_free(cfg);
     free(cfg);
-    return 0;
+    return rc;
 }

@@ -224,21 +224,9 @@ static long long purge_redis(const struct shim_config *cfg, const char *upstream
     memcpy(new_pattern + nn, "*", 2);
     memcpy(old_pattern + on, "* http://*", sizeof "* http://*");   /* old keys: "METHOD http://..." */
 
-    struct timeval tv = { 2, 0 };
-    redisContext *rc = cfg->redis_unix[0] ? redisConnectUnixWithTimeout(cfg->redis_unix, tv)
-                                          : redisConnectWithTimeout(cfg->redis_host, cfg->redis_port, tv);
-    if (!rc || rc->err) {
-        fprintf(stderr, "httpshim purge: redis: %s\n", rc ? rc->errstr : "out of memory");
-        if (rc)
-            redisFree(rc);
+    redisContext *rc = cli_redis_connect(cfg, NULL);
+    if (!rc)
         return -1;
-    }
-    redisSetTimeout(rc, tv);
-    redisReply *r;
-    if (cfg->redis_password[0] && (r = redisCommand(rc, "AUTH %s", cfg->redis_password)))
-        freeReplyObject(r);
-    if (cfg->redis_db && (r = redisCommand(rc, "SELECT %d", cfg->redis_db)))
-        freeReplyObject(r);
     struct purge_pass p = { .rc = rc, .upstream = upstream, .glob = glob, .prefix_len = strlen(cfg->redis_prefix),
                             .by_value = true };
     purge_scan(&p, new_pattern);

@@ -257,6 +257,35 @@ static void print_table(const struct snapshot *s, const struct snapshot *before)
                "p50 %s  p99 %s\n", live_redis == 0 ? "no live process" : connected == live_redis ? "connected"
                : connected == 0 ? "DISCONNECTED" : "PARTLY CONNECTED", connected, live_redis, num(redis, "hits"),
                num(redis, "misses"), num(redis, "errors"), num(redis, "timeouts"), p50, p99);
+        /* where the live processes' tier is: one address, or each one when they differ (a
+         * failover some have not followed yet) */
+        const char *mode = "", *masters[4];
+        int n_masters = 0, more = 0;
+        for (int i = 0; i < s->n; i++) {
+            const json_t *r = json_object_get(s->docs[i], "redis");
+            const char *m = json_string_value(json_object_get(r, "master"));
+            if (s->exited_age[i] >= 0 || num(r, "configured") <= 0 || !m || !*m)
+                continue;
+            mode = json_string_value(json_object_get(r, "mode")) ? json_string_value(json_object_get(r, "mode")) : "";
+            bool seen = false;
+            for (int k = 0; k < n_masters; k++)
+                seen |= !strcmp(masters[k], m);
+            if (!seen && n_masters < 4)
+                masters[n_masters++] = m;
+            else if (!seen)
+                more++;
+        }
+        if (n_masters) {
+            printf("       mode %s  server%s", mode, n_masters > 1 ? "s" : "");
+            for (int k = 0; k < n_masters; k++)
+                printf(" %s", masters[k]);
+            if (more)
+                printf(" (+%d more)", more);
+            if (!strcmp(mode, "sentinel"))
+                printf("  failovers %.0f  sentinel errors %.0f  not master %.0f", num(redis, "failovers"),
+                       num(redis, "sentinel_errors"), num(redis, "not_master"));
+            printf("\n");
+        }
     } else {
         printf("REDIS  not configured\n");
     }
