@@ -62,8 +62,8 @@ LOOP_TEST_OBJ = $(addprefix $(BUILD)/obj/,loop.o fdtable.o fdgate.o real.o log.o
 $(BUILD)/loop_test: tests/unit/loop_test.c $(LOOP_TEST_OBJ)
 	$(CC) $(C_FLAGS) -pthread -o $@ $< $(LOOP_TEST_OBJ) -ldl
 
-# resp.c's bounds on their edges (tests/test_loop.py runs it too): hiredis linked directly.
-RESP_TEST_OBJ = $(addprefix $(BUILD)/obj/,resp.o buf.o real.o)
+# resp.c's bounds on their edges and redis_slot.c (tests/test_loop.py runs it too): hiredis linked directly.
+RESP_TEST_OBJ = $(addprefix $(BUILD)/obj/,resp.o buf.o real.o redis_slot.o)
 $(BUILD)/resp_test: tests/unit/resp_test.c $(RESP_TEST_OBJ)
 	$(CC) $(C_FLAGS) -o $@ $< $(RESP_TEST_OBJ) -lhiredis -ldl
 

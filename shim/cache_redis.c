@@ -1,10 +1,10 @@
-/* cache_redis.c — the Redis tier: one hiredis async connection per process, driven by
- * the engine's loop through a small adapter; lookups (GET + PTTL, pipelined) that a
- * request waits on for at most redis_timeout; fire-and-forget SET ... PX after the
- * response has gone to the app (entries in redis_value.c's format); the per-key locks
- * that coalesce fetches across processes (SET NX PX, compare-and-delete); reconnects with
- * backoff; bounds on everything queued towards Redis; and the names of the keys (printable,
- * see "Redis keys"). Redis does the expiry. */
+/* cache_redis.c — the Redis tier: lookups (GET + PTTL, pipelined) that a request waits
+ * on for at most redis_timeout; fire-and-forget SET ... PX after the response has gone to
+ * the app (entries in redis_value.c's format); the per-key locks that coalesce fetches
+ * across processes (SET NX PX, compare-and-delete); bounds on everything queued towards
+ * Redis; one retry of a lookup or a lock a cluster redirects (MOVED, ASK); and the names of
+ * the keys (printable, see "Redis keys"). Which server a key's commands go to, and the
+ * connections, are redis_nodes.c's. Redis does the expiry. */
 #include "cache_redis.h"
 #include "clock.h"
 #include "sha256.h"
@@ -14,18 +14,15 @@
 #include <errno.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
-#include "redis_link.h"
-#include "redis_sentinel.h"
+#include "redis_nodes.h"
 #include "redis_value.h"
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 
-#define REDIS_MAX_INFLIGHT     1024            /* commands awaiting replies */
-#define REDIS_MAX_PENDING_BYTES (8u << 20)     /* SET payloads queued, not yet answered */
-#define REDIS_BACKOFF_MIN_MS   100
-#define REDIS_BACKOFF_MAX_MS   2000
+#define REDIS_MAX_PENDING_BYTES (8u << 20)     /* SET payloads queued on a server, not yet answered */
+#define REDIS_REDIRECTS_MAX     1              /* retries of a lookup or a lock a cluster redirects */
 
 /* ---- connection ---- */
 
@@ -40,22 +37,17 @@ struct redis_ticket {
     unsigned char *value;           /* the GET reply, kept until the PTTL reply */
     size_t value_len;
     bool got_value, failed, get_only;
+    struct redis_node *redirect;    /* where a cluster sent the command (MOVED, ASK) */
+    bool redirect_ask;
+    int redirects;
     struct redis_ticket *prev, *next;   /* the waiting list, in deadline order */
 };
 
 static struct {
-    struct redis_link link;
-    struct loop_timer timer;        /* the next lookup deadline, stall check or reconnect */
+    struct loop_timer timer;        /* the next lookup deadline, or the connections' (redis_nodes.c) */
     const struct shim_config *cfg;
-    redisAsyncContext *ac;          /* the connection callbacks answer for (NULL once dropped) */
-    bool connected;
-    int backoff_ms;
-    int64_t next_attempt_ms;
-    unsigned inflight;
-    size_t pending_bytes;
-    int64_t last_progress_ms;
     struct redis_ticket *waiting_head, *waiting_tail;
-} R = { .link.fd = -1 };
+} R;
 
 static int64_t exit_wait_ms;        /* redis_timeout, for the exit handler */
 
@@ -114,16 +106,9 @@ static void on_timer(struct loop_timer *timer);
 
 static void arm_timer(void)
 {
-    int64_t next = -1, now = clock_mono_ms();
-    if (R.waiting_head)
+    int64_t next = nodes_due(), now = clock_mono_ms();
+    if (R.waiting_head && (next < 0 || R.waiting_head->deadline_ms < next))
         next = R.waiting_head->deadline_ms;
-    if (!R.ac && (next < 0 || R.next_attempt_ms < next))
-        next = R.next_attempt_ms;
-    if (R.ac && R.inflight) {
-        int64_t stall = R.last_progress_ms + (R.cfg->redis_timeout_ms * 4 > 1000 ? R.cfg->redis_timeout_ms * 4 : 1000);
-        if (next < 0 || stall < next)
-            next = stall;
-    }
     if (next < 0) {
         loop_timer_cancel(&R.timer);
         return;
@@ -132,147 +117,16 @@ static void arm_timer(void)
     loop_timer_arm(&R.timer, d < 1 ? 1 : d, on_timer);   /* at least 1 ms: a due check never spins */
 }
 
-static void schedule_reconnect(void)
+/* A server can take the tier's commands (again): the locks this process may still hold
+ * are let go. */
+static void on_usable(void)
 {
-    R.backoff_ms = R.backoff_ms ? (R.backoff_ms * 2 > REDIS_BACKOFF_MAX_MS ? REDIS_BACKOFF_MAX_MS : R.backoff_ms * 2)
-                                : REDIS_BACKOFF_MIN_MS;
-    R.next_attempt_ms = clock_mono_ms() + R.backoff_ms;
-}
-
-/* The connection may carry the tier's commands from now on. */
-static void usable(void)
-{
-    R.connected = true;
-    R.backoff_ms = 0;
-    atomic_store(&shim_redis.connected, 1);
     size_t n = n_releases;
     n_releases = 0;
     for (size_t i = 0; i < n; i++) {
         redis_unlock(releases[i].key, releases[i].key_len, releases[i].token);
         free(releases[i].key);
     }
-}
-
-static bool behind_sentinel(void) { return R.cfg->redis_mode == REDIS_SENTINEL; }
-
-/* Not (or no longer) the master: a replica the sentinels have not caught up with, or a
- * master that lost its replicas (MASTERDOWN). The tier stops using it and asks again. */
-static void not_the_master(redisAsyncContext *ac)
-{
-    atomic_fetch_add(&shim_redis.not_master, 1);
-    if (ac == R.ac && R.connected) {
-        R.connected = false;
-        atomic_store(&shim_redis.connected, 0);
-    }
-    if (ac == R.ac)
-        redisAsyncDisconnect(ac);      /* (after its callbacks) its disconnect schedules the next */
-    sentinel_doubt();
-}
-
-/* An error reply to one of the tier's commands. */
-static void reply_error(redisAsyncContext *ac, const redisReply *r)
-{
-    atomic_fetch_add(&shim_redis.errors, 1);
-    if (behind_sentinel() && r->type == REDIS_REPLY_ERROR
-        && (!strncmp(r->str, "READONLY", 8) || !strncmp(r->str, "MASTERDOWN", 10)))
-        not_the_master(ac);
-}
-
-static void on_role(redisAsyncContext *ac, void *reply, void *privdata)
-{
-    (void)privdata;
-    const redisReply *r = reply;
-    if (ac != R.ac || !r)
-        return;
-    if (r->type == REDIS_REPLY_ARRAY && r->elements >= 1 && r->element[0]->type == REDIS_REPLY_STRING
-        && !strcmp(r->element[0]->str, "master"))
-        usable();
-    else
-        not_the_master(ac);
-}
-
-static void on_connect(const redisAsyncContext *ac, int status)
-{
-    if (R.ac != ac)
-        return;
-    if (status != REDIS_OK) {
-        atomic_fetch_add(&shim_redis.errors, 1);
-        R.ac = NULL;               /* hiredis frees the context after this callback */
-        R.connected = false;
-        schedule_reconnect();
-        if (behind_sentinel())
-            sentinel_doubt();
-        return;
-    }
-    if (!behind_sentinel())
-        usable();                  /* (behind Sentinel: once ROLE says master) */
-}
-
-static void on_disconnect(const redisAsyncContext *ac, int status)
-{
-    if (R.ac != ac)
-        return;                    /* one we dropped ourselves */
-    if (status != REDIS_OK)
-        atomic_fetch_add(&shim_redis.errors, 1);
-    R.ac = NULL;
-    R.connected = false;
-    R.inflight = 0;
-    R.pending_bytes = 0;
-    atomic_store(&shim_redis.connected, 0);
-    schedule_reconnect();
-    if (behind_sentinel() && status != REDIS_OK)
-        sentinel_doubt();
-}
-
-static void after_io(struct redis_link *l)
-{
-    (void)l;
-    arm_timer();
-}
-
-static void connect_now(void)
-{
-    R.link.after_io = after_io;
-    char host[256];
-    int port = R.cfg->redis_port;
-    snprintf(host, sizeof host, "%s", R.cfg->redis_host);
-    if (behind_sentinel() && !sentinel_master(host, sizeof host, &port)) {
-        schedule_reconnect();          /* no master named yet: the tier fails open meanwhile */
-        return;
-    }
-    if (redis_link_connect(&R.link, host, port, R.cfg->redis_unix, on_connect, on_disconnect) != 0) {
-        atomic_fetch_add(&shim_redis.errors, 1);
-        schedule_reconnect();
-        return;
-    }
-    redisAsyncContext *ac = R.link.ac;
-    R.ac = ac;
-    R.inflight = 0;
-    R.pending_bytes = 0;
-    R.last_progress_ms = clock_mono_ms();
-    if (R.cfg->redis_password[0])
-        redisAsyncCommand(ac, NULL, NULL, "AUTH %s", R.cfg->redis_password);
-    if (R.cfg->redis_db)
-        redisAsyncCommand(ac, NULL, NULL, "SELECT %d", R.cfg->redis_db);
-    if (behind_sentinel())
-        redisAsyncCommand(ac, on_role, NULL, "ROLE");   /* the master the sentinels named, still? */
-}
-
-/* The sentinels name another master: the connection to the old one goes (its commands
- * in flight fail open), and the new one is tried at once. */
-static void master_changed(void)
-{
-    if (R.ac) {
-        R.ac = NULL;
-        R.connected = false;
-        atomic_store(&shim_redis.connected, 0);
-        redis_link_drop(&R.link);
-        R.inflight = 0;
-        R.pending_bytes = 0;
-    }
-    R.backoff_ms = 0;
-    connect_now();
-    arm_timer();
 }
 
 int redis_init(const struct shim_config *cfg)
@@ -284,14 +138,7 @@ int redis_init(const struct shim_config *cfg)
     static bool exit_flush_registered;    /* once per process image: forks inherit it */
     if (!exit_flush_registered)
         exit_flush_registered = atexit(flush_at_exit) == 0;
-    if (behind_sentinel()) {
-        sentinel_init(cfg, master_changed);   /* connects once a master is named */
-        schedule_reconnect();
-    } else {
-        snprintf(shim_redis.master, sizeof shim_redis.master, cfg->redis_unix[0] ? "%s" : "%s:%d",
-                 cfg->redis_unix[0] ? cfg->redis_unix : cfg->redis_host, cfg->redis_port);
-        connect_now();
-    }
+    nodes_init(cfg, on_usable, arm_timer);
     arm_timer();
     return 0;
 }
@@ -300,8 +147,7 @@ void redis_forget(void)
 {
     /* forked child: the fds went with the other engine fds; the context stays allocated */
     memset(&R, 0, sizeof R);
-    redis_link_forget(&R.link);
-    sentinel_forget();
+    nodes_forget();
     n_releases = 0;                    /* the parent's locks: its own to release */
     atomic_store(&writes_owed, 0);
     atomic_store(&shim_redis.connected, 0);
@@ -323,16 +169,17 @@ void redis_forget(void)
 #define REDIS_KEY_MAX 1024
 _Static_assert(sizeof ((struct shim_config *)0)->redis_prefix + sizeof REDIS_KEY_FORMAT_TAG
                + sizeof ((struct upstream_rule *)0)->host + 2 + sizeof ":65535:"
-               + sizeof ((struct cache_rule *)0)->glob + 1 + 2 * SHA256_BYTES + sizeof ":lock" <= REDIS_KEY_MAX,
+               + sizeof ((struct cache_rule *)0)->glob + 1 + 2 + 2 * SHA256_BYTES + sizeof ":lock" <= REDIS_KEY_MAX,
                "REDIS_KEY_MAX holds the longest key");
 
 struct redis_key { char s[REDIS_KEY_MAX]; size_t n; };
 
 static void key_put(struct redis_key *k, const char *s, size_t n)
 {
+    bool tags = R.cfg->redis_mode == REDIS_CLUSTER;   /* the only braces: the hash's (below) */
     for (size_t i = 0; i < n && k->n < sizeof k->s; i++) {
         unsigned char c = (unsigned char)s[i];
-        k->s[k->n++] = c >= 0x21 && c <= 0x7e ? (char)c : '_';
+        k->s[k->n++] = c >= 0x21 && c <= 0x7e && !(tags && (c == '{' || c == '}')) ? (char)c : '_';
     }
 }
 
@@ -384,10 +231,17 @@ static void redis_key_of(const char *key, size_t key_len, bool lock, struct redi
     }
     unsigned char digest[SHA256_BYTES];
     sha256(key, key_len, digest);
-    char hex[2 * SHA256_BYTES + 2] = ":";
+    char hex[2 * SHA256_BYTES + 1];
     for (size_t i = 0; i < SHA256_BYTES; i++)
-        snprintf(hex + 1 + 2 * i, 3, "%02x", digest[i]);
+        snprintf(hex + 2 * i, 3, "%02x", digest[i]);
+    /* in a cluster the hash is the key's hash tag: an entry and its lock share a slot */
+    bool tags = R.cfg->redis_mode == REDIS_CLUSTER;
+    key_puts(k, ":");
+    if (tags && k->n < sizeof k->s)
+        k->s[k->n++] = '{';
     key_puts(k, hex);
+    if (tags && k->n < sizeof k->s)
+        k->s[k->n++] = '}';
     if (lock)
         key_puts(k, ":lock");
 }
@@ -430,36 +284,57 @@ static void free_ticket(struct redis_ticket *t)
     free(t);
 }
 
-/* A reply arrived. Replies of a context we already dropped (hiredis hands them NULL
- * while freeing it) say nothing about the current connection. */
-static void progress(const redisAsyncContext *ac)
-{
-    if (ac != R.ac)
-        return;
-    if (R.inflight)
-        R.inflight--;
-    R.last_progress_ms = clock_mono_ms();
-}
-
-/* The reply to a SET or DEL: its bytes and its slot are free again. */
+/* The reply to a SET, a DEL, an unlock or an ASKING: its bytes and its slot are free
+ * again. A write a cluster redirects is dropped (the next miss writes the entry again). */
 static void on_written(redisAsyncContext *ac, void *reply, void *privdata)
 {
     size_t len = (size_t)(uintptr_t)privdata;       /* 0 for a DEL */
     const redisReply *r = reply;
+    bool ask;
+    nodes_replied(ac, len);
     if (r && r->type == REDIS_REPLY_ERROR)
-        reply_error(ac, r);
+        nodes_error(ac, r, &ask);
     if (len)
         atomic_fetch_sub(&writes_owed, 1);           /* answered or abandoned: no longer owed */
-    progress(ac);
-    if (ac == R.ac)
-        R.pending_bytes = R.pending_bytes > len ? R.pending_bytes - len : 0;
+}
+
+static void on_get(redisAsyncContext *ac, void *reply, void *privdata);
+static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata);
+
+/* GET + PTTL of a lookup on node (after ASKING when a cluster said ASK); 1 when the GET
+ * went and its PTTL could not. */
+static int send_lookup(struct redis_node *node, struct redis_ticket *t, bool asking)
+{
+    struct redis_key rkey;
+    redis_key_of(t->key, t->key_len, false, &rkey);
+    if (asking && nodes_command(node, on_written, NULL, "ASKING") != 0)
+        return -1;
+    if (nodes_command(node, on_get, t, "GET %b", rkey.s, rkey.n) != 0)
+        return -1;
+    if (nodes_command(node, on_pttl, t, "PTTL %b", rkey.s, rkey.n) != 0) {
+        t->get_only = true;            /* on_get frees it */
+        return 1;
+    }
+    return 0;
+}
+
+/* A reply that redirects the command (MOVED, ASK): where to, kept on the ticket. */
+static bool redirected(redisAsyncContext *ac, const redisReply *r, struct redis_ticket *t)
+{
+    bool ask;
+    struct redis_node *to = nodes_error(ac, r, &ask);
+    if (!to || t->redirects >= REDIS_REDIRECTS_MAX)
+        return false;
+    t->redirect = to;
+    t->redirect_ask = ask;
+    return true;
 }
 
 static void on_get(redisAsyncContext *ac, void *reply, void *privdata)
 {
     struct redis_ticket *t = privdata;
     redisReply *r = reply;
-    progress(ac);
+    nodes_replied(ac, 0);
     if (t->get_only) {
         free_ticket(t);
         return;
@@ -467,7 +342,7 @@ static void on_get(redisAsyncContext *ac, void *reply, void *privdata)
     if (!r || r->type == REDIS_REPLY_ERROR) {
         t->failed = true;
         if (r)
-            reply_error(ac, r);
+            redirected(ac, r, t);
         return;
     }
     if (r->type == REDIS_REPLY_STRING) {
@@ -491,22 +366,39 @@ static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
 {
     struct redis_ticket *t = privdata;
     redisReply *r = reply;
-    progress(ac);
+    nodes_replied(ac, 0);
+    if (t->redirect && t->waiter) {    /* the GET was redirected: both go again, there */
+        struct redis_node *to = t->redirect;
+        bool ask = t->redirect_ask;
+        t->redirect = NULL;
+        t->redirects++;
+        t->failed = t->got_value = false;
+        free(t->value);
+        t->value = NULL;
+        t->value_len = 0;
+        int rc = send_lookup(to, t, ask);
+        if (rc == 0)
+            return;
+        if (rc > 0) {                  /* the GET went, its PTTL did not: on_get frees it */
+            finish_wait(t, NULL);
+            return;
+        }
+    }
     struct cache_entry *e = NULL;
     if (!r || r->type != REDIS_REPLY_INTEGER || t->failed) {
-        if (r && r->type == REDIS_REPLY_ERROR)
-            reply_error(ac, r);
+        bool ask;
+        if (r && r->type == REDIS_REPLY_ERROR && !t->failed)
+            nodes_error(ac, r, &ask);
     } else if (t->got_value && r->integer > 0) {
         enum redis_value_verdict v = redis_value_decode(t->key, t->key_len, t->value, t->value_len, r->integer,
                                                         clock_wall_ms(), secret(), &e);
         if (v == REDIS_VALUE_CORRUPT || v == REDIS_VALUE_UNAUTHENTICATED) {
             atomic_fetch_add(v == REDIS_VALUE_CORRUPT ? &shim_redis.corrupt : &shim_redis.unauthenticated, 1);
-            if (ac && R.connected && R.inflight < REDIS_MAX_INFLIGHT) {
-                struct redis_key rkey;
-                redis_key_of(t->key, t->key_len, false, &rkey);
-                if (redisAsyncCommand(ac, on_written, NULL, "DEL %b", rkey.s, rkey.n) == REDIS_OK)
-                    R.inflight++;
-            }
+            struct redis_key rkey;
+            redis_key_of(t->key, t->key_len, false, &rkey);
+            struct redis_node *node = nodes_for_key(rkey.s, rkey.n, 1, false);
+            if (node)
+                nodes_command(node, on_written, NULL, "DEL %b", rkey.s, rkey.n);
         }
     }
     if (e) {
@@ -523,16 +415,6 @@ static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
     arm_timer();
 }
 
-/* Hands what was just queued (a SET, a lock's release) to the kernel at once rather than
- * on the loop's next turn: with upstream.c holding back a response's last bytes until its
- * exchange ends, the entry is on its way to Redis before the app has its answer, so even
- * an app that leaves by _exit() right after has shared it. */
-static void write_now(void)
-{
-    if (R.ac && R.connected)
-        redisAsyncHandleWrite(R.ac);
-}
-
 static void wait_in_line(struct redis_ticket *t)
 {
     t->prev = R.waiting_tail;
@@ -547,9 +429,14 @@ static void wait_in_line(struct redis_ticket *t)
 struct redis_ticket *redis_lookup(const char *key, size_t key_len, int upstream, redis_lookup_done_fn done,
                                   void *waiter)
 {
+    if (!R.cfg)
+        return NULL;
     /* while the connection is still being made, hiredis queues the commands: a process's
      * first lookups (a freshly forked worker's) still reach Redis within redis_timeout */
-    if (!R.cfg || !R.ac || R.inflight + 2 > REDIS_MAX_INFLIGHT)
+    struct redis_key rkey;
+    redis_key_of(key, key_len, false, &rkey);
+    struct redis_node *node = nodes_for_key(rkey.s, rkey.n, 3, true);
+    if (!node)
         return NULL;
     struct redis_ticket *t = calloc(1, sizeof *t);
     if (!t || !(t->key = malloc(key_len))) {
@@ -563,43 +450,49 @@ struct redis_ticket *redis_lookup(const char *key, size_t key_len, int upstream,
     t->upstream = upstream;
     t->started_us = clock_mono_us();
     t->deadline_ms = clock_mono_ms() + R.cfg->redis_timeout_ms;
-    if (!R.inflight)
-        R.last_progress_ms = clock_mono_ms();
-    struct redis_key rkey;
-    redis_key_of(key, key_len, false, &rkey);
-    if (redisAsyncCommand(R.ac, on_get, t, "GET %b", rkey.s, rkey.n) != REDIS_OK) {
+    int rc = send_lookup(node, t, false);
+    if (rc < 0) {
         free_ticket(t);
         return NULL;
     }
-    R.inflight++;
-    if (redisAsyncCommand(R.ac, on_pttl, t, "PTTL %b", rkey.s, rkey.n) != REDIS_OK) {
-        t->waiter = NULL;
-        t->get_only = true;        /* on_get frees it */
+    if (rc > 0) {
+        t->waiter = NULL;              /* on_get frees it */
         return NULL;
     }
-    R.inflight++;
     wait_in_line(t);
     return t;
 }
 
 bool redis_available(void)
 {
-    return R.cfg && R.ac && R.connected && R.inflight + 2 <= REDIS_MAX_INFLIGHT;
+    return R.cfg && atomic_load(&shim_redis.connected) > 0;
 }
+
+static int send_lock(struct redis_node *node, struct redis_ticket *t, bool asking);
 
 static void on_lock_reply(redisAsyncContext *ac, void *reply, void *privdata)
 {
     struct redis_ticket *t = privdata;
     const redisReply *r = reply;
-    progress(ac);
+    nodes_replied(ac, 0);
+    if (r && r->type == REDIS_REPLY_ERROR) {
+        bool ask;
+        if (!t->waiter)
+            nodes_error(ac, r, &ask);
+        else if (redirected(ac, r, t)) {   /* (counted there) */
+            struct redis_node *to = t->redirect;
+            t->redirect = NULL;
+            t->redirects++;
+            if (send_lock(to, t, t->redirect_ask) == 0)
+                return;                /* asked again where the cluster said */
+        }
+    }
     if (t->waiter) {
         enum redis_lock_result how = REDIS_LOCK_UNAVAILABLE;
         if (r && r->type == REDIS_REPLY_STATUS && r->len == 2 && !memcmp(r->str, "OK", 2))
             how = REDIS_LOCK_TAKEN;
         else if (r && r->type == REDIS_REPLY_NIL)
             how = REDIS_LOCK_HELD_ELSEWHERE;
-        else if (r)
-            reply_error(ac, r);
         void *waiter = t->waiter;
         unlink_ticket(t);
         t->waiter = NULL;
@@ -613,10 +506,25 @@ static void on_lock_reply(redisAsyncContext *ac, void *reply, void *privdata)
     arm_timer();
 }
 
+static int send_lock(struct redis_node *node, struct redis_ticket *t, bool asking)
+{
+    struct redis_key lock_key;
+    redis_key_of(t->key, t->key_len, true, &lock_key);
+    if (asking && nodes_command(node, on_written, NULL, "ASKING") != 0)
+        return -1;
+    return nodes_command(node, on_lock_reply, t, "SET %b %s NX PX %lld", lock_key.s, lock_key.n,
+                         (const char *)t->value, (long long)R.cfg->redis_lock_ttl_ms);
+}
+
 struct redis_ticket *redis_lock(const char *key, size_t key_len, const char *token, redis_lock_done_fn done,
                                 void *waiter)
 {
-    if (!redis_available())
+    if (!R.cfg)
+        return NULL;
+    struct redis_key lock_key;
+    redis_key_of(key, key_len, true, &lock_key);
+    struct redis_node *node = nodes_for_key(lock_key.s, lock_key.n, 2, false);
+    if (!node)
         return NULL;
     struct redis_ticket *t = calloc(1, sizeof *t);
     size_t token_len = strlen(token) + 1;
@@ -631,16 +539,10 @@ struct redis_ticket *redis_lock(const char *key, size_t key_len, const char *tok
     t->waiter = waiter;
     t->lock_done = done;
     t->deadline_ms = clock_mono_ms() + R.cfg->redis_timeout_ms;
-    if (!R.inflight)
-        R.last_progress_ms = clock_mono_ms();
-    struct redis_key lock_key;
-    redis_key_of(key, key_len, true, &lock_key);
-    if (redisAsyncCommand(R.ac, on_lock_reply, t, "SET %b %s NX PX %lld", lock_key.s, lock_key.n, token,
-                          (long long)R.cfg->redis_lock_ttl_ms) != REDIS_OK) {
+    if (send_lock(node, t, false) != 0) {
         free_ticket(t);
         return NULL;
     }
-    R.inflight++;
     atomic_fetch_add(&shim_redis.locks, 1);
     wait_in_line(t);
     return t;
@@ -652,19 +554,17 @@ void redis_unlock(const char *key, size_t key_len, const char *token)
 {
     static const char compare_and_delete[] =
         "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
-    if (!R.cfg || !R.ac || !R.connected || R.inflight >= REDIS_MAX_INFLIGHT) {
-        if (R.cfg)
-            release_later(key, key_len, token);
+    if (!R.cfg)
         return;
-    }
-    if (!R.inflight)
-        R.last_progress_ms = clock_mono_ms();
     struct redis_key lock_key;
     redis_key_of(key, key_len, true, &lock_key);
-    if (redisAsyncCommand(R.ac, on_written, NULL, "EVAL %s 1 %b %s", compare_and_delete, lock_key.s, lock_key.n,
-                          token) == REDIS_OK)
-        R.inflight++;
-    write_now();
+    struct redis_node *node = nodes_for_key(lock_key.s, lock_key.n, 1, false);
+    if (!node) {
+        release_later(key, key_len, token);
+        return;
+    }
+    nodes_command(node, on_written, NULL, "EVAL %s 1 %b %s", compare_and_delete, lock_key.s, lock_key.n, token);
+    nodes_write_now(node);
     arm_timer();
 }
 
@@ -676,35 +576,37 @@ void redis_cancel(struct redis_ticket *t)
     t->waiter = NULL;
 }
 
+/* Hands the SET to the kernel at once rather than on the loop's next turn: with
+ * upstream.c holding back a response's last bytes until its exchange ends, the entry is
+ * on its way to Redis before the app has its answer, so even an app that leaves by
+ * _exit() right after has shared it. */
 void redis_store(const struct cache_entry *e, int64_t ttl_ms)
 {
-    if (!R.cfg || !R.ac || (int64_t)e->body_len > R.cfg->redis_max_object
-        || R.inflight >= REDIS_MAX_INFLIGHT)
+    if (!R.cfg || (int64_t)e->body_len > R.cfg->redis_max_object)
+        return;
+    struct redis_key rkey;
+    redis_key_of(e->key, e->key_len, false, &rkey);
+    struct redis_node *node = nodes_for_key(rkey.s, rkey.n, 1, true);
+    if (!node)
         return;
     size_t len;
     unsigned char *v = redis_value_encode(e, e->key, e->key_len, secret(), &len);
     if (!v)
         return;
-    if (R.pending_bytes + len <= REDIS_MAX_PENDING_BYTES) {
-        if (!R.inflight)
-            R.last_progress_ms = clock_mono_ms();
-        struct redis_key rkey;
-        redis_key_of(e->key, e->key_len, false, &rkey);
-        if (redisAsyncCommand(R.ac, on_written, (void *)(uintptr_t)len, "SET %b %b PX %lld", rkey.s, rkey.n, v, len,
-                              (long long)ttl_ms) == REDIS_OK) {
-            R.inflight++;
-            R.pending_bytes += len;
-            atomic_fetch_add(&writes_owed, 1);
-            atomic_fetch_add(&shim_redis.sets, 1);
-            atomic_fetch_add(&shim_redis.bytes_written, len);
-            write_now();
-        }
+    if (nodes_pending(node) + len <= REDIS_MAX_PENDING_BYTES
+        && nodes_command(node, on_written, (void *)(uintptr_t)len, "SET %b %b PX %lld", rkey.s, rkey.n, v, len,
+                         (long long)ttl_ms) == 0) {
+        nodes_add_pending(node, len);
+        atomic_fetch_add(&writes_owed, 1);
+        atomic_fetch_add(&shim_redis.sets, 1);
+        atomic_fetch_add(&shim_redis.bytes_written, len);
+        nodes_write_now(node);
     }
     free(v);
     arm_timer();
 }
 
-/* Lookup deadlines, a connection that stopped answering, the next reconnect. */
+/* Lookup deadlines; the connections' own (redis_nodes.c: stalls, reconnects). */
 static void on_timer(struct loop_timer *timer)
 {
     (void)timer;
@@ -713,21 +615,6 @@ static void on_timer(struct loop_timer *timer)
         atomic_fetch_add(&shim_redis.timeouts, 1);
         finish_wait(R.waiting_head, NULL);     /* the reply, when it comes, frees the ticket */
     }
-    int64_t stall = R.cfg->redis_timeout_ms * 4 > 1000 ? R.cfg->redis_timeout_ms * 4 : 1000;
-    if (R.ac && R.inflight && now - R.last_progress_ms > stall) {
-        atomic_fetch_add(&shim_redis.errors, 1);
-        redisAsyncContext *ac = R.ac;          /* frozen or wedged: drop it, start over */
-        R.ac = NULL;
-        R.connected = false;
-        atomic_store(&shim_redis.connected, 0);
-        redisAsyncFree(ac);                    /* pending callbacks get NULL replies */
-        R.inflight = 0;
-        R.pending_bytes = 0;
-        schedule_reconnect();
-    }
-    if (!R.ac && now >= R.next_attempt_ms) {
-        atomic_fetch_add(&shim_redis.reconnects, 1);
-        connect_now();
-    }
+    nodes_tick(now);
     arm_timer();
 }

@@ -203,3 +203,8 @@ int redisAsyncCommand(redisAsyncContext *ac, redisCallbackFn *fn, void *priv, co
     va_end(ap);
     return rc;
 }
+
+int redisvAsyncCommand(redisAsyncContext *ac, redisCallbackFn *fn, void *priv, const char *fmt, va_list ap)
+{
+    return p_redisvAsyncCommand(ac, fn, priv, fmt, ap);
+}

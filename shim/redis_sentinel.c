@@ -65,7 +65,7 @@ static void arm_timer(void)
 static void failed(struct asker *a)
 {
     atomic_fetch_add(&shim_redis.sentinel_errors, 1);
-    a->next = (a->next + 1) % S.cfg->n_sentinels;
+    a->next = (a->next + 1) % S.cfg->n_redis_seeds;
     a->backoff_ms = a->backoff_ms ? (a->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : a->backoff_ms * 2)
                                   : BACKOFF_MIN_MS;
     a->next_attempt_ms = clock_mono_ms() + a->backoff_ms;
@@ -140,7 +140,7 @@ static void start_query(void)
 {
     S.want_query = false;
     S.query.answered = false;
-    const struct redis_node *n = &S.cfg->sentinels[S.query.next];
+    const struct redis_addr *n = &S.cfg->redis_seeds[S.query.next];
     if (redis_link_connect(&S.query.link, n->host, n->port, NULL, query_connected, query_disconnected) != 0) {
         failed(&S.query);
         S.want_query = true;
@@ -200,7 +200,7 @@ static void sub_disconnected(const redisAsyncContext *ac, int status)
 
 static void start_sub(void)
 {
-    const struct redis_node *n = &S.cfg->sentinels[S.sub.next];
+    const struct redis_addr *n = &S.cfg->redis_seeds[S.sub.next];
     if (redis_link_connect(&S.sub.link, n->host, n->port, NULL, sub_connected, sub_disconnected) != 0) {
         failed(&S.sub);
         return;
@@ -231,7 +231,7 @@ void sentinel_init(const struct shim_config *cfg, sentinel_changed_fn changed)
     S.cfg = cfg;
     S.changed = changed;
     S.query.link.fd = S.sub.link.fd = -1;
-    S.sub.next = cfg->n_sentinels > 1 ? 1 : 0;   /* the query starts at the first, the subscription the second */
+    S.sub.next = cfg->n_redis_seeds > 1 ? 1 : 0;   /* the query starts at the first, the subscription the second */
     start_query();
     start_sub();
     arm_timer();

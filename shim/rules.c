@@ -355,7 +355,7 @@ static int check_upstream(struct parser *p, struct upstream_rule *u)
 }
 
 /* "host:port", "[v6]:port" or "host" (default_port) of n bytes at s. */
-static int parse_node(const char *s, size_t n, int default_port, struct redis_node *node)
+static int parse_node(const char *s, size_t n, int default_port, struct redis_addr *node)
 {
     char hp[300];
     if (n == 0 || n >= sizeof hp)
@@ -412,6 +412,22 @@ static int parse_password(const char **s, struct shim_config *cfg)
     return 0;
 }
 
+/* "h1[:p1],h2[:p2],..." of n bytes at s (default_port where none is said). */
+static int parse_seeds(const char *s, size_t n, int default_port, struct shim_config *cfg)
+{
+    const char *end_all = s + n;
+    for (const char *node = s; node < end_all;) {
+        const char *comma = memchr(node, ',', (size_t)(end_all - node));
+        const char *end = comma ? comma : end_all;
+        if (cfg->n_redis_seeds == RULES_MAX_REDIS_SEEDS
+            || parse_node(node, (size_t)(end - node), default_port, &cfg->redis_seeds[cfg->n_redis_seeds]) != 0)
+            return -1;
+        cfg->n_redis_seeds++;
+        node = comma ? comma + 1 : end_all;
+    }
+    return cfg->n_redis_seeds ? 0 : -1;
+}
+
 /* redis-sentinel://[:password@]h1[:p1],h2[:p2],.../master[/db] (sentinels on 26379 unless
  * said): the password and the database are the master's. */
 static int parse_sentinel_url(const char *s, struct shim_config *cfg)
@@ -419,20 +435,11 @@ static int parse_sentinel_url(const char *s, struct shim_config *cfg)
     if (parse_password(&s, cfg) != 0)
         return -1;
     const char *slash = strchr(s, '/');
-    if (!slash)
+    if (!slash || parse_seeds(s, (size_t)(slash - s), 26379, cfg) != 0)
         return -1;
-    for (const char *node = s; node < slash;) {
-        const char *comma = memchr(node, ',', (size_t)(slash - node));
-        const char *end = comma ? comma : slash;
-        if (cfg->n_sentinels == RULES_MAX_SENTINELS
-            || parse_node(node, (size_t)(end - node), 26379, &cfg->sentinels[cfg->n_sentinels]) != 0)
-            return -1;
-        cfg->n_sentinels++;
-        node = comma ? comma + 1 : slash;
-    }
     const char *name = slash + 1, *db = strchr(name, '/');
     size_t name_len = db ? (size_t)(db - name) : strlen(name);
-    if (cfg->n_sentinels == 0 || name_len == 0 || name_len >= sizeof cfg->redis_master_name)
+    if (name_len == 0 || name_len >= sizeof cfg->redis_master_name)
         return -1;
     for (size_t i = 0; i < name_len; i++)
         if (name[i] <= ' ' || name[i] > '~')
@@ -445,13 +452,29 @@ static int parse_sentinel_url(const char *s, struct shim_config *cfg)
     return 0;
 }
 
+/* redis-cluster://[:password@]h1[:p1],h2[:p2],...[/]: nodes to learn the cluster's slot
+ * map from (any of its nodes will do; more, for when some are down). A cluster has one
+ * database: no /db. */
+static int parse_cluster_url(const char *s, struct shim_config *cfg)
+{
+    if (parse_password(&s, cfg) != 0)
+        return -1;
+    size_t n = strlen(s);
+    if (n && s[n - 1] == '/')
+        n--;
+    if (memchr(s, '/', n) || parse_seeds(s, n, 6379, cfg) != 0)
+        return -1;
+    cfg->redis_mode = REDIS_CLUSTER;
+    return 0;
+}
+
 /* redis://[:password@]host:port[/db], redis+unix:///path/to.sock, or a sentinel URL */
 static int parse_redis_url(const char *url, struct shim_config *cfg)
 {
     cfg->redis_port = 6379;
     cfg->redis_db = 0;
     cfg->redis_mode = REDIS_SINGLE;
-    cfg->n_sentinels = 0;
+    cfg->n_redis_seeds = 0;
     if (!strncmp(url, "redis+unix://", 13)) {
         const char *path = url + 13;
         if (path[0] != '/' || strlen(path) >= sizeof cfg->redis_unix)
@@ -461,13 +484,15 @@ static int parse_redis_url(const char *url, struct shim_config *cfg)
     }
     if (!strncmp(url, "redis-sentinel://", 17))
         return parse_sentinel_url(url + 17, cfg);
+    if (!strncmp(url, "redis-cluster://", 16))
+        return parse_cluster_url(url + 16, cfg);
     if (strncmp(url, "redis://", 8))
         return -1;
     const char *s = url + 8;
     if (parse_password(&s, cfg) != 0)
         return -1;
     const char *slash = strchr(s, '/');
-    struct redis_node node;
+    struct redis_addr node;
     if (parse_node(s, slash ? (size_t)(slash - s) : strlen(s), 6379, &node) != 0)
         return -1;
     snprintf(cfg->redis_host, sizeof cfg->redis_host, "%s", node.host);
@@ -588,9 +613,10 @@ static int set_global(struct parser *p, const struct global_key *k, const char *
         else if (parse_redis_url(val, cfg) == 0)
             cfg->cache = CACHE_REDIS;
         else
-            return fail(p, "cache: expected memory, off, redis://[:password@]host:port/db, redis+unix:///path "
-                           "or redis-sentinel://[:password@]host:port,host:port/master/db (the value is not "
-                           "repeated here: it may hold a password)");
+            return fail(p, "cache: expected memory, off, redis://[:password@]host:port/db, redis+unix:///path, "
+                           "redis-sentinel://[:password@]host:port,host:port/master/db or "
+                           "redis-cluster://[:password@]host:port,host:port (the value is not repeated here: it "
+                           "may hold a password)");
         return 0;
     case G_PREFIX:
         if (strlen(val) >= sizeof cfg->redis_prefix)

@@ -66,8 +66,8 @@ struct upstream_rule {
 };
 
 enum cache_backend { CACHE_OFF, CACHE_MEMORY, CACHE_REDIS };
-enum redis_mode { REDIS_SINGLE, REDIS_SENTINEL };
-#define RULES_MAX_SENTINELS 8
+enum redis_mode { REDIS_SINGLE, REDIS_SENTINEL, REDIS_CLUSTER };
+#define RULES_MAX_REDIS_SEEDS 8
 
 struct shim_config {
     char path[4096];
@@ -87,10 +87,11 @@ struct shim_config {
     int64_t max_object;
     char stats_socket[256];        /* pattern: %p pid, %u uid, %% a percent sign */
     /* cache = redis://[:password@]host:port/db or redis+unix:///path (memory stays L1), or
-     * redis-sentinel://[:password@]h1:p1,h2:p2/master[/db]: the master the sentinels name */
+     * redis-sentinel://[:password@]h1:p1,h2:p2/master[/db]: the master the sentinels name,
+     * or redis-cluster://[:password@]h1:p1,h2:p2: the masters of a cluster, by key slot */
     enum redis_mode redis_mode;
-    struct redis_node { char host[256]; int port; } sentinels[RULES_MAX_SENTINELS];
-    size_t n_sentinels;
+    struct redis_addr { char host[256]; int port; } redis_seeds[RULES_MAX_REDIS_SEEDS];   /* the sentinels, or cluster nodes */
+    size_t n_redis_seeds;
     char redis_master_name[128];
     char redis_host[256];
     int redis_port;

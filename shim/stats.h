@@ -57,6 +57,7 @@ struct redis_counters {
     /* behind Sentinel: masters the sentinels switched to, their failures, masters that
      * turned out not to be (ROLE, READONLY, MASTERDOWN) */
     _Atomic uint64_t failovers, sentinel_errors, not_master;
+    _Atomic uint64_t redirects;        /* a cluster's MOVED and ASK replies */
     char master[300];                  /* "host:port" in use (engine thread writes, stats read) */
 };
 extern struct redis_counters shim_redis;

@@ -272,6 +272,11 @@ static void json_histogram(struct out *o, const char *name, _Atomic uint64_t *b,
     appendf(o, "],\"count\":%llu,\"sum\":%.6f}", (unsigned long long)cum, (double)get(sum_us) / 1e6);
 }
 
+static const char *redis_mode_name(const struct shim_config *cfg)
+{
+    return cfg->redis_mode == REDIS_SENTINEL ? "sentinel" : cfg->redis_mode == REDIS_CLUSTER ? "cluster" : "single";
+}
+
 static void render_json(struct out *o, const struct shim_config *cfg, bool exited)
 {
     char raw[256], comm[256 * 6 + 8], cmdline[256 * 6 + 8];
@@ -335,10 +340,10 @@ static void render_json(struct out *o, const struct shim_config *cfg, bool exite
     char master[sizeof shim_redis.master * 6 + 8];
     exited_json_escape(shim_redis.master, strnlen(shim_redis.master, sizeof shim_redis.master), master, sizeof master);
     appendf(o, "\"mode\":\"%s\",\"master\":\"%s\"", cfg->cache != CACHE_REDIS ? "none"
-                                                 : cfg->redis_mode == REDIS_SENTINEL ? "sentinel" : "single", master);
-    appendf(o, ",\"failovers\":%llu,\"sentinel_errors\":%llu,\"not_master\":%llu,",
+                                                 : redis_mode_name(cfg), master);
+    appendf(o, ",\"failovers\":%llu,\"sentinel_errors\":%llu,\"not_master\":%llu,\"redirects\":%llu,",
             (unsigned long long)get(&shim_redis.failovers), (unsigned long long)get(&shim_redis.sentinel_errors),
-            (unsigned long long)get(&shim_redis.not_master));
+            (unsigned long long)get(&shim_redis.not_master), (unsigned long long)get(&shim_redis.redirects));
     json_histogram(o, "latency_seconds", shim_redis.lat, &shim_redis.lat_sum_us);
     appendf(o, "}}\n");
 }
@@ -443,6 +448,7 @@ static void render_prometheus(struct out *o, const struct shim_config *cfg)
           offsetof(struct redis_counters, sentinel_errors) },
         { "not_master", "behind Sentinel: masters that turned out not to be (ROLE, READONLY, MASTERDOWN)",
           offsetof(struct redis_counters, not_master) },
+        { "redirects", "a cluster's MOVED and ASK replies (the slot map followed)", offsetof(struct redis_counters, redirects) },
     };
     for (size_t k = 0; k < sizeof redis_counters / sizeof redis_counters[0]; k++)
         appendf(o, "# HELP httpshim_redis_%s_total %s\n# TYPE httpshim_redis_%s_total counter\nhttpshim_redis_%s_total %llu\n",
@@ -454,7 +460,7 @@ static void render_prometheus(struct out *o, const struct shim_config *cfg)
                            sizeof master);
         appendf(o, "# HELP httpshim_redis_master the Redis tier's server in use (1), by mode and address\n"
                    "# TYPE httpshim_redis_master gauge\nhttpshim_redis_master{mode=\"%s\",address=\"%s\"} %d\n",
-                cfg->redis_mode == REDIS_SENTINEL ? "sentinel" : "single", master,
+                redis_mode_name(cfg), master,
                 (int)get(&shim_redis.connected) ? 1 : 0);
     }
     appendf(o, "# HELP httpshim_queue_wait_max_seconds the longest a request waited in the pool queue\n"

@@ -35,9 +35,10 @@ int parse_user(const char *text, unsigned *uid);
 
 struct shim_config;
 struct redisContext;
-/* The Redis tier's server (the sentinels' master, checked with ROLE), logged in; NULL
- * with a message on stderr when it cannot be reached. report: where to say each step. */
-struct redisContext *cli_redis_connect(const struct shim_config *cfg, FILE *report);
+/* The Redis tier's servers, logged in: its one server, the sentinels' master (checked
+ * with ROLE), or a cluster's masters; how many (at most max) went into out, or -1 with a
+ * message on stderr when they cannot all be reached. report: where to say each step. */
+int cli_redis_connect(const struct shim_config *cfg, FILE *report, struct redisContext **out, int max);
 
 int cmd_run(int argc, char **argv);
 int cmd_stats(int argc, char **argv);

@@ -135,8 +135,13 @@ int cmd_check(int argc, char **argv)
     if (cfg->cache == CACHE_REDIS) {
         if (cfg->redis_mode == REDIS_SENTINEL) {
             printf("redis: sentinel, master %s, db %d, sentinels", cfg->redis_master_name, cfg->redis_db);
-            for (size_t i = 0; i < cfg->n_sentinels; i++)
-                printf(" %s:%d", cfg->sentinels[i].host, cfg->sentinels[i].port);
+            for (size_t i = 0; i < cfg->n_redis_seeds; i++)
+                printf(" %s:%d", cfg->redis_seeds[i].host, cfg->redis_seeds[i].port);
+            printf("\n");
+        } else if (cfg->redis_mode == REDIS_CLUSTER) {
+            printf("redis: cluster, seeds");
+            for (size_t i = 0; i < cfg->n_redis_seeds; i++)
+                printf(" %s:%d", cfg->redis_seeds[i].host, cfg->redis_seeds[i].port);
             printf("\n");
         } else if (cfg->redis_unix[0]) {
             printf("redis: single, %s, db %d\n", cfg->redis_unix, cfg->redis_db);
@@ -144,11 +149,11 @@ int cmd_check(int argc, char **argv)
             printf("redis: single, %s:%d, db %d\n", cfg->redis_host, cfg->redis_port, cfg->redis_db);
         }
         if (connect) {
-            struct redisContext *r = cli_redis_connect(cfg, stdout);
-            if (r)
-                redisFree(r);
-            else
-                rc = 1;
+            struct redisContext *servers[32];
+            int n = cli_redis_connect(cfg, stdout, servers, 32);
+            for (int i = 0; i < n; i++)
+                redisFree(servers[i]);
+            rc = n > 0 ? 0 : 1;
         }
     } else if (connect) {
         printf("redis: not configured (nothing to connect to)\n");

@@ -224,20 +224,27 @@ static long long purge_redis(const struct shim_config *cfg, const char *upstream
     memcpy(new_pattern + nn, "*", 2);
     memcpy(old_pattern + on, "* http://*", sizeof "* http://*");   /* old keys: "METHOD http://..." */
 
-    redisContext *rc = cli_redis_connect(cfg, NULL);
-    if (!rc)
+    redisContext *servers[32];
+    int n = cli_redis_connect(cfg, NULL, servers, 32);
+    if (n < 0)
         return -1;
-    struct purge_pass p = { .rc = rc, .upstream = upstream, .glob = glob, .prefix_len = strlen(cfg->redis_prefix),
-                            .by_value = true };
-    purge_scan(&p, new_pattern);
-    if (!p.failed) {
-        p.by_value = false;
-        purge_scan(&p, old_pattern);
+    long long unlinked = 0;
+    bool failed = false;
+    for (int i = 0; i < n; i++) {      /* (a cluster's masters: each holds its own slots' keys) */
+        struct purge_pass p = { .rc = servers[i], .upstream = upstream, .glob = glob,
+                                .prefix_len = strlen(cfg->redis_prefix), .by_value = true };
+        purge_scan(&p, new_pattern);
+        if (!p.failed) {
+            p.by_value = false;
+            purge_scan(&p, old_pattern);
+        }
+        if (p.failed)
+            fprintf(stderr, "httpshim purge: redis: %s\n", servers[i]->err ? servers[i]->errstr : "unexpected reply");
+        unlinked += p.unlinked;
+        failed |= p.failed;
+        redisFree(servers[i]);
     }
-    if (p.failed)
-        fprintf(stderr, "httpshim purge: redis: %s\n", rc->err ? rc->errstr : "unexpected reply");
-    redisFree(rc);
-    return p.failed && !p.unlinked ? -1 : p.unlinked;
+    return failed && !unlinked ? -1 : unlinked;
 }
 
 int cmd_purge(int argc, char **argv)

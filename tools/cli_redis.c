@@ -1,8 +1,9 @@
 /* cli_redis.c — owns reaching the Redis tier from the httpshim command (purge, check
- * --connect): the one server of a redis:// URL, or the master the sentinels of a
- * redis-sentinel:// URL name (asked one after another, the answer checked with ROLE), with
- * 2 s timeouts, logged in (AUTH, SELECT) as the library would. Blocking: a command-line
- * tool may wait. */
+ * --connect): the one server of a redis:// URL, the master the sentinels of a
+ * redis-sentinel:// URL name (asked one after another, the answer checked with ROLE), or
+ * every master of a redis-cluster:// URL's cluster (CLUSTER SLOTS asked of the seeds in
+ * turn), with 2 s timeouts, logged in (AUTH, SELECT) as the library would. Blocking: a
+ * command-line tool may wait. */
 #include <hiredis/hiredis.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,8 +32,8 @@ static redisContext *reach(const char *host, int port, const char *unix_path, FI
 /* What the sentinels name as master: the first that answers. */
 static int ask_sentinels(const struct shim_config *cfg, char *host, size_t host_cap, int *port, FILE *report)
 {
-    for (size_t i = 0; i < cfg->n_sentinels; i++) {
-        const struct redis_node *n = &cfg->sentinels[i];
+    for (size_t i = 0; i < cfg->n_redis_seeds; i++) {
+        const struct redis_addr *n = &cfg->redis_seeds[i];
         redisContext *rc = reach(n->host, n->port, NULL, report, "sentinel");
         if (!rc)
             continue;
@@ -58,16 +59,10 @@ static int ask_sentinels(const struct shim_config *cfg, char *host, size_t host_
     return -1;
 }
 
-redisContext *cli_redis_connect(const struct shim_config *cfg, FILE *report)
+/* One server, logged in; NULL (said on stderr) when it cannot be. */
+static redisContext *login(const struct shim_config *cfg, const char *host, int port, FILE *report)
 {
-    char host[256];
-    int port = cfg->redis_port;
-    snprintf(host, sizeof host, "%s", cfg->redis_host);
-    if (cfg->redis_mode == REDIS_SENTINEL && ask_sentinels(cfg, host, sizeof host, &port, report) != 0) {
-        fprintf(stderr, "httpshim: redis: no sentinel named a master %s\n", cfg->redis_master_name);
-        return NULL;
-    }
-    redisContext *rc = reach(host, port, cfg->redis_unix, report, "redis");
+    redisContext *rc = reach(host, port, cfg->redis_mode == REDIS_SINGLE ? cfg->redis_unix : NULL, report, "redis");
     if (!rc) {
         fprintf(stderr, "httpshim: redis: cannot reach %s:%d\n", cfg->redis_unix[0] ? cfg->redis_unix : host, port);
         return NULL;
@@ -79,7 +74,7 @@ redisContext *cli_redis_connect(const struct shim_config *cfg, FILE *report)
             failed = "AUTH refused";
         freeReplyObject(r);
     }
-    if (!failed && cfg->redis_db && (r = redisCommand(rc, "SELECT %d", cfg->redis_db))) {
+    if (!failed && cfg->redis_db && cfg->redis_mode != REDIS_CLUSTER && (r = redisCommand(rc, "SELECT %d", cfg->redis_db))) {
         if (r->type == REDIS_REPLY_ERROR)
             failed = "SELECT refused";
         freeReplyObject(r);
@@ -98,7 +93,78 @@ redisContext *cli_redis_connect(const struct shim_config *cfg, FILE *report)
         return NULL;
     }
     if (report)
-        fprintf(report, "  redis %s:%d: reached%s\n", cfg->redis_unix[0] ? cfg->redis_unix : host, port,
-                cfg->redis_mode == REDIS_SENTINEL ? ", ROLE master" : "");
+        fprintf(report, "  redis %s:%d: reached%s\n", cfg->redis_unix[0] && cfg->redis_mode == REDIS_SINGLE
+                ? cfg->redis_unix : host, port, cfg->redis_mode == REDIS_SENTINEL ? ", ROLE master" : "");
     return rc;
+}
+
+/* A cluster's masters, from the first seed that answers CLUSTER SLOTS. */
+static int cluster_masters(const struct shim_config *cfg, FILE *report, redisContext **out, int max)
+{
+    for (size_t i = 0; i < cfg->n_redis_seeds; i++) {
+        const struct redis_addr *seed = &cfg->redis_seeds[i];
+        redisContext *rc = login(cfg, seed->host, seed->port, NULL);
+        if (!rc)
+            continue;
+        redisReply *r = redisCommand(rc, "CLUSTER SLOTS");
+        redisFree(rc);
+        if (!r || r->type != REDIS_REPLY_ARRAY) {
+            if (report)
+                fprintf(report, "  node %s:%d: %s\n", seed->host, seed->port,
+                        r && r->type == REDIS_REPLY_ERROR ? r->str : "no slot map");
+            if (r)
+                freeReplyObject(r);
+            continue;
+        }
+        int n = 0, failed = 0;
+        char seen[64][280];
+        for (size_t k = 0; k < r->elements && n < max && n < 64; k++) {
+            const redisReply *range = r->element[k];
+            if (range->type != REDIS_REPLY_ARRAY || range->elements < 3 || range->element[2]->type != REDIS_REPLY_ARRAY
+                || range->element[2]->elements < 2 || range->element[2]->element[0]->type != REDIS_REPLY_STRING)
+                continue;
+            const char *host = range->element[2]->element[0]->str;
+            int port = (int)range->element[2]->element[1]->integer;
+            char name[280];
+            snprintf(name, sizeof name, "%s:%d", host, port);
+            if (report)
+                fprintf(report, "  node %s:%d: slots %lld-%lld on master %s\n", seed->host, seed->port,
+                        range->element[0]->integer, range->element[1]->integer, name);
+            bool dup = false;
+            for (int j = 0; j < n + failed && j < 64; j++)
+                dup |= !strcmp(seen[j], name);
+            if (dup)
+                continue;
+            snprintf(seen[n + failed], sizeof seen[0], "%s", name);
+            if ((out[n] = login(cfg, host, port, report)))
+                n++;
+            else
+                failed++;
+        }
+        freeReplyObject(r);
+        if (failed) {
+            for (int j = 0; j < n; j++)
+                redisFree(out[j]);
+            return -1;
+        }
+        return n > 0 ? n : -1;
+    }
+    fprintf(stderr, "httpshim: redis: no cluster node answered CLUSTER SLOTS\n");
+    return -1;
+}
+
+int cli_redis_connect(const struct shim_config *cfg, FILE *report, redisContext **out, int max)
+{
+    if (max < 1)
+        return -1;
+    if (cfg->redis_mode == REDIS_CLUSTER)
+        return cluster_masters(cfg, report, out, max);
+    char host[256];
+    int port = cfg->redis_port;
+    snprintf(host, sizeof host, "%s", cfg->redis_host);
+    if (cfg->redis_mode == REDIS_SENTINEL && ask_sentinels(cfg, host, sizeof host, &port, report) != 0) {
+        fprintf(stderr, "httpshim: redis: no sentinel named a master %s\n", cfg->redis_master_name);
+        return -1;
+    }
+    return (out[0] = login(cfg, host, port, report)) ? 1 : -1;
 }

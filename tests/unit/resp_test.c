@@ -2,8 +2,10 @@
  * inputs never reach: a command not yet whole that holds exactly RESP_ITEM_MAX bytes is
  * too large (the session stops reading there, so "more" would wait forever), one byte
  * less is not; a reply may be far larger than a command and still framed whole; an array
- * header promising more elements than the bytes allowed is refused, not allocated.
+ * header promising more elements than the bytes allowed is refused, not allocated. And
+ * redis_slot.c against the cluster specification's own examples.
  * Prints "N passed, N failed" and exits 0 only when every check passed. */
+#include "../../shim/redis_slot.h"
 #include "../../shim/resp.h"
 #include <stdio.h>
 #include <stdlib.h>
@@ -90,6 +92,14 @@ int main(void)
         resp_item_done(&s, &it);
     resp_stream_free(&s);
     free(reply);
+
+    /* the cluster specification's examples, and what redis-cli CLUSTER KEYSLOT answers */
+    check(redis_crc16("123456789", 9) == 0x31C3, "CRC16 of 123456789 is 0x31C3");
+    check(redis_slot("foo", 3) == 12182, "slot of foo is 12182");
+    check(redis_slot("{user1000}.following", 20) == redis_slot("{user1000}.followers", 20)
+          && redis_slot("{user1000}.following", 20) == redis_slot("user1000", 8), "a hash tag decides the slot");
+    check(redis_slot("foo{}{bar}", 10) == (redis_crc16("foo{}{bar}", 10) & 16383), "an empty tag: the whole key");
+    check(redis_slot("foo{{bar}}zap", 13) == redis_slot("{bar", 4), "the tag ends at the first } after the first {");
 
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;

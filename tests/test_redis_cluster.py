@@ -1,0 +1,220 @@
+"""The Redis tier on a Redis Cluster (issue 24): cache = redis-cluster://... learns the
+slot map, sends each key's commands to its slot's master, follows MOVED and ASK while
+slots move, and fails open for the slots of a master that is gone. Every test creates its
+own three-master cluster (redis-server --cluster-enabled yes, redis-cli --cluster create);
+the apps are long-lived statsapp.py processes (each its own memory tier), so a hit in the
+second one can only come through Redis."""
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import require_build, run
+from resp import Resp, RespError
+from test_stats import App, apps, get_stats  # noqa: F401 (apps: a fixture)
+from test_redis import REDIS_TIMEOUT_S
+
+HTTPSHIM = __import__("conftest").BUILD / "httpshim"
+
+
+def wait(cond, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            v = cond()
+            if v:
+                return v
+        except (OSError, ConnectionError, AssertionError, RespError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
+
+
+def cluster_port():
+    """A free port with its cluster bus port (+10000) free too, both at most 65535."""
+    import random
+    import socket
+    for _ in range(200):
+        p = random.randint(20000, 50000)
+        ok = True
+        for q in (p, p + 10000):
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", q))
+            except OSError:
+                ok = False
+            finally:
+                s.close()
+        if ok:
+            return p
+    raise AssertionError("no free port pair for a cluster node")
+
+
+class Cluster(object):
+    """Three masters, no replicas, all 16384 slots covered."""
+
+    def __init__(self, tmp):
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.ports = [cluster_port() for _ in range(3)]
+        self.procs = {}
+        for p in self.ports:
+            d = tmp / str(p)
+            d.mkdir()
+            log = open(str(d / "log"), "wb")
+            self.procs[p] = (subprocess.Popen(
+                ["redis-server", "--port", str(p), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
+                 # the other masters keep serving their slots when one is gone (with the default,
+                 # yes, the whole cluster refuses: the tier then fails open for every key)
+                 "--cluster-require-full-coverage", "no", "--save", "",
+                 "--appendonly", "no", "--daemonize", "no", "--logfile", ""],
+                cwd=str(d), stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log)
+        for p in self.ports:
+            wait(lambda p=p: Resp(port=p).cmd("PING") == "PONG", 15, "node %d" % p)
+        r = subprocess.run(["redis-cli", "--cluster", "create"] + ["127.0.0.1:%d" % p for p in self.ports]
+                           + ["--cluster-yes"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+        assert r.returncode == 0, r.stdout.decode(errors="replace")[-2000:]
+        for p in self.ports:
+            wait(lambda p=p: b"cluster_state:ok" in Resp(port=p).cmd("CLUSTER", "INFO"), 20, "node %d ok" % p)
+
+    def url(self):
+        return "redis-cluster://127.0.0.1:%d,127.0.0.1:%d" % (self.ports[0], self.ports[1])
+
+    def node_id(self, port):
+        return Resp(port=port).cmd("CLUSTER", "MYID").decode()
+
+    def keys(self, port):
+        return Resp(port=port).cmd("DBSIZE")
+
+    def kill(self, port):
+        proc, log = self.procs.pop(port)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        log.close()
+
+    def stop(self):
+        for p in list(self.procs):
+            self.kill(p)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    import shutil
+    if not shutil.which("redis-server") or not shutil.which("redis-cli"):
+        pytest.fail("redis-server / redis-cli are not installed (tools/install-deps installs them)", pytrace=False)
+    c = Cluster(tmp_path / "cluster")
+    yield c
+    c.stop()
+
+
+def conf_for(tmp, sockdir, url, upstream):
+    lines = ["[global]", "cache = %s" % url, "redis_timeout = %dms" % int(REDIS_TIMEOUT_S * 1000),
+             "stats_socket = %s/s/%%p.sock" % sockdir, "",
+             "[upstream 127.0.0.1:%d]" % upstream.port, "cache GET /bytes/* ttl=10m"]
+    d = tmp / "conf"
+    d.mkdir(exist_ok=True)
+    path = d / "cluster.conf"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+class Pair(object):
+    """Two apps; key i is /bytes/(1000 + i): each key its own length, so another key's entry
+    would be seen."""
+
+    def __init__(self, apps, conf, sockdir, upstream):
+        self.a, self.b, self.upstream = apps(conf, sockdir), apps(conf, sockdir), upstream
+        self.a.get(upstream.port, "/bytes/900", length=900)      # the engines start
+        self.b.get(upstream.port, "/bytes/901", length=901)
+        for app in (self.a, self.b):
+            wait(lambda app=app: get_stats(app.sock)["redis"]["connected"] == 3, 20, "three masters connected")
+
+    def fetched(self, path):
+        return sum(1 for e in self.upstream.stats()["log"] if e.get("target") == path)
+
+    def shared(self, i, settle=0.15):
+        """a fetches key i, then b: true when b's came from Redis (the upstream saw it once)."""
+        path = "/bytes/%d" % (1000 + i)
+        self.a.get(self.upstream.port, path, length=1000 + i)
+        time.sleep(settle)             # a's SET is on its way (written before a had its answer)
+        self.b.get(self.upstream.port, path, length=1000 + i)
+        return self.fetched(path) == 1
+
+
+def test_entries_spread_over_the_masters_and_are_shared(cluster, upstream, tmp_path, sockdir, apps):
+    """200 distinct URLs from one process, then from another: the entries lie on all three
+    masters (each key on its slot's), and the second process hits every one; the stats name
+    the mode and the masters; `httpshim check --connect` reaches the cluster."""
+    conf = conf_for(tmp_path, sockdir, cluster.url(), upstream)
+    pair = Pair(apps, conf, sockdir, upstream)
+    for i in range(200):
+        pair.a.get(upstream.port, "/bytes/%d" % (1000 + i), length=1000 + i)
+    wait(lambda: sum(cluster.keys(p) for p in cluster.ports) >= 200, 10, "200 entries written")
+    assert all(cluster.keys(p) >= 30 for p in cluster.ports), [cluster.keys(p) for p in cluster.ports]
+    for i in range(200):
+        pair.b.get(upstream.port, "/bytes/%d" % (1000 + i), length=1000 + i)
+    twice = [i for i in range(200) if pair.fetched("/bytes/%d" % (1000 + i)) != 1]
+    assert not twice, "fetched again by the second process: %s" % twice[:20]
+    r = get_stats(pair.b.sock)["redis"]
+    assert r["mode"] == "cluster" and r["connected"] == 3 and r["hits"] >= 200, r
+    assert all(("127.0.0.1:%d" % p) in r["master"] for p in cluster.ports), r
+    # an entry and its lock share a slot: the hash is the key's hash tag
+    keys = Resp(port=cluster.ports[0]).cmd("KEYS", "*")
+    assert keys and all(re.match(rb".*:\{[0-9a-f]{64}\}$", k) for k in keys), keys[:5]
+    require_build(HTTPSHIM)
+    c = run([HTTPSHIM, "check", "--connect", conf], shim=False, timeout=30)
+    assert c.rc == 0 and c.out.count(b"master") >= 3, c.describe()
+
+
+def test_slots_move_while_traffic_runs(cluster, upstream, tmp_path, sockdir, apps):
+    """4 000 slots move from the first master to the second (redis-cli --cluster reshard)
+    while two processes fetch and share new keys: every response is right; once the move
+    is done, keys are shared again (the shim followed MOVED and refreshed its map)."""
+    conf = conf_for(tmp_path, sockdir, cluster.url(), upstream)
+    pair = Pair(apps, conf, sockdir, upstream)
+    src, dst = cluster.node_id(cluster.ports[0]), cluster.node_id(cluster.ports[1])
+    for i in range(30):                # keys in place before the move
+        pair.a.get(upstream.port, "/bytes/%d" % (1000 + i), length=1000 + i)
+    out = {}
+
+    def reshard():
+        out["r"] = subprocess.run(["redis-cli", "--cluster", "reshard", "127.0.0.1:%d" % cluster.ports[0],
+                                   "--cluster-from", src, "--cluster-to", dst, "--cluster-slots", "4000",
+                                   "--cluster-yes", "--cluster-pipeline", "10"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    t = threading.Thread(target=reshard)
+    t.start()
+    i = 30
+    while t.is_alive() and i < 2000:
+        pair.shared(i, settle=0.02)    # every response right (statsapp checks status and length)
+        pair.b.get(upstream.port, "/bytes/%d" % (1000 + i % 30), length=1000 + i % 30)
+        i += 1
+    t.join(timeout=130)
+    assert out["r"].returncode == 0, out["r"].stdout.decode(errors="replace")[-2000:]
+    wait(lambda: b"cluster_state:ok" in Resp(port=cluster.ports[0]).cmd("CLUSTER", "INFO"), 20, "cluster ok")
+    after = [pair.shared(i + k) for k in range(60)]
+    assert sum(after) >= 57, "keys shared after the move: %d of 60" % sum(after)
+    r, rb = get_stats(pair.a.sock)["redis"], get_stats(pair.b.sock)["redis"]
+    assert r["connected"] == 3, r
+    assert r["redirects"] + rb["redirects"] >= 1, (r, rb)      # MOVED or ASK were met, and followed
+    print("redirects seen: %d + %d; shared after the move: %d of 60" % (r["redirects"], rb["redirects"], sum(after)))
+
+
+def test_a_master_gone_fails_open_for_its_slots(cluster, upstream, tmp_path, sockdir, apps):
+    """One master killed: the keys of its slots miss (every response still right, none
+    waits long), the other masters' keys keep being shared."""
+    conf = conf_for(tmp_path, sockdir, cluster.url(), upstream)
+    pair = Pair(apps, conf, sockdir, upstream)
+    cluster.kill(cluster.ports[2])
+    t0 = time.time()
+    shared = [pair.shared(i, settle=0.05) for i in range(90)]
+    assert time.time() - t0 < 60
+    # about a third of the slots are gone: about two thirds of the keys are still shared
+    assert 40 <= sum(shared) <= 80, sum(shared)
+    r = get_stats(pair.a.sock)["redis"]
+    assert r["connected"] == 2 and r["errors"] >= 1, r
