@@ -433,3 +433,18 @@ class JsonLineProcess(object):
             except OSError:
                 pass
         self.err.close()
+
+
+def wait_until(cond, timeout, what, swallow=(OSError, ConnectionError, AssertionError)):
+    """cond() until it returns something true (which is returned), at most `timeout` s;
+    the exceptions in `swallow` count as not yet."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            v = cond()
+            if v:
+                return v
+        except swallow:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))

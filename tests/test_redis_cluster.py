@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import require_build, run
+from conftest import wait_until, require_build, run
 from resp import Resp, RespError
 from test_stats import App, apps, get_stats  # noqa: F401 (apps: a fixture)
 from test_redis import REDIS_TIMEOUT_S
@@ -22,16 +22,7 @@ HTTPSHIM = __import__("conftest").BUILD / "httpshim"
 
 
 def wait(cond, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            v = cond()
-            if v:
-                return v
-        except (OSError, ConnectionError, AssertionError, RespError):
-            pass
-        time.sleep(0.05)
-    raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
+    return wait_until(cond, timeout, what, (OSError, ConnectionError, AssertionError, RespError))
 
 
 def cluster_port():
