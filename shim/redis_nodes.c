@@ -21,6 +21,7 @@
 #include <string.h>
 
 #define NODES_MAX          32           /* servers known at once (a cluster's masters and seeds) */
+_Static_assert(NODES_MAX <= sizeof shim_redis.nodes / sizeof shim_redis.nodes[0], "every node has its stats");
 #define INFLIGHT_MAX       1024         /* commands awaiting replies, per server */
 #define BACKOFF_MIN_MS     100
 #define BACKOFF_MAX_MS     2000
@@ -73,6 +74,10 @@ static void publish(void)
     list[0] = 0;
     for (size_t i = 0; i < N.n_nodes; i++) {
         const struct redis_node *n = &N.nodes[i];
+        struct redis_node_stats *st = &shim_redis.nodes[i];
+        if (n->used)
+            snprintf(st->address, sizeof st->address, strchr(n->host, ':') ? "[%s]:%d" : "%s:%d", n->host, n->port);
+        atomic_store(&st->up, n->used && n->usable);
         if (!n->used)
             continue;
         usable += n->usable;
@@ -87,7 +92,16 @@ static void publish(void)
     if (N.cfg->redis_unix[0])
         snprintf(list, sizeof list, "%s", N.cfg->redis_unix);
     memcpy(shim_redis.master, list, sizeof list);
+    atomic_store(&shim_redis.n_nodes, (int)N.n_nodes);
     atomic_store(&shim_redis.connected, usable);
+}
+
+/* An error of the tier's, on node n when it is known. */
+static void count_error(const struct redis_node *n)
+{
+    atomic_fetch_add(&shim_redis.errors, 1);
+    if (n)
+        atomic_fetch_add(&shim_redis.nodes[n - N.nodes].errors, 1);
 }
 
 static struct redis_node *node_of(const redisAsyncContext *ac)
@@ -167,7 +181,7 @@ static void on_slots(redisAsyncContext *ac, void *reply, void *privdata)
         return;
     N.map_asked = false;
     if (!r || r->type != REDIS_REPLY_ARRAY || r->elements == 0) {
-        atomic_fetch_add(&shim_redis.errors, 1);
+        count_error(node_of(ac));
         N.next_seed++;
         N.wake();
         return;
@@ -261,7 +275,7 @@ static void on_connect(const redisAsyncContext *ac, int status)
     if (!n)
         return;
     if (status != REDIS_OK) {
-        atomic_fetch_add(&shim_redis.errors, 1);
+        count_error(n);
         n->ac = NULL;                   /* hiredis frees the context after this callback */
         n->usable = false;
         schedule_reconnect(n);
@@ -283,7 +297,7 @@ static void on_disconnect(const redisAsyncContext *ac, int status)
     if (!n)
         return;                         /* one we dropped ourselves */
     if (status != REDIS_OK)
-        atomic_fetch_add(&shim_redis.errors, 1);
+        count_error(n);
     n->ac = NULL;
     n->usable = false;
     n->inflight = 0;
@@ -308,7 +322,7 @@ static void connect_node(struct redis_node *n)
     n->link.after_io = after_io;
     const char *unix_path = N.cfg->redis_mode == REDIS_SINGLE ? N.cfg->redis_unix : NULL;
     if (redis_link_connect(&n->link, n->host, n->port, unix_path, on_connect, on_disconnect) != 0) {
-        atomic_fetch_add(&shim_redis.errors, 1);
+        count_error(n);
         schedule_reconnect(n);
         return;
     }
@@ -453,7 +467,7 @@ static struct redis_node *redirected(const char *text, unsigned *slot)
 struct redis_node *nodes_error(redisAsyncContext *ac, const redisReply *r, bool *ask)
 {
     *ask = false;
-    atomic_fetch_add(&shim_redis.errors, 1);
+    count_error(node_of(ac));
     if (r->type != REDIS_REPLY_ERROR)
         return NULL;
     if (sentinel() && (!strncmp(r->str, "READONLY", 8) || !strncmp(r->str, "MASTERDOWN", 10))) {
@@ -519,7 +533,7 @@ void nodes_tick(int64_t now)
         if (!n->used)
             continue;
         if (n->ac && n->inflight && now - n->last_progress_ms > stall_ms()) {
-            atomic_fetch_add(&shim_redis.errors, 1);   /* frozen or wedged: drop it, start over */
+            count_error(n);   /* frozen or wedged: drop it, start over */
             drop(n);
             schedule_reconnect(n);
             if (sentinel())

@@ -58,6 +58,9 @@ struct redis_counters {
      * turned out not to be (ROLE, READONLY, MASTERDOWN) */
     _Atomic uint64_t failovers, sentinel_errors, not_master;
     _Atomic uint64_t redirects;        /* a cluster's MOVED and ASK replies */
+    /* each server of the tier (redis_nodes.c's table): its address, up or not, its errors */
+    struct redis_node_stats { char address[280]; _Atomic int up; _Atomic uint64_t errors; } nodes[32];
+    _Atomic int n_nodes;
     char master[300];                  /* "host:port" in use (engine thread writes, stats read) */
 };
 extern struct redis_counters shim_redis;

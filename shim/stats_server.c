@@ -272,6 +272,8 @@ static void json_histogram(struct out *o, const char *name, _Atomic uint64_t *b,
     appendf(o, "],\"count\":%llu,\"sum\":%.6f}", (unsigned long long)cum, (double)get(sum_us) / 1e6);
 }
 
+static int get_int(_Atomic int *v) { return atomic_load_explicit(v, memory_order_relaxed); }
+
 static const char *redis_mode_name(const struct shim_config *cfg)
 {
     return cfg->redis_mode == REDIS_SENTINEL ? "sentinel" : cfg->redis_mode == REDIS_CLUSTER ? "cluster" : "single";
@@ -344,6 +346,19 @@ static void render_json(struct out *o, const struct shim_config *cfg, bool exite
     appendf(o, ",\"failovers\":%llu,\"sentinel_errors\":%llu,\"not_master\":%llu,\"redirects\":%llu,",
             (unsigned long long)get(&shim_redis.failovers), (unsigned long long)get(&shim_redis.sentinel_errors),
             (unsigned long long)get(&shim_redis.not_master), (unsigned long long)get(&shim_redis.redirects));
+    appendf(o, "\"nodes\":[");
+    int n_nodes = get_int(&shim_redis.n_nodes);
+    for (int i = 0, shown = 0; i < n_nodes && i < (int)(sizeof shim_redis.nodes / sizeof shim_redis.nodes[0]); i++) {
+        const struct redis_node_stats *st = &shim_redis.nodes[i];
+        char addr[sizeof st->address * 6 + 8];
+        size_t an = strnlen(st->address, sizeof st->address);
+        if (!an)
+            continue;
+        exited_json_escape(st->address, an, addr, sizeof addr);
+        appendf(o, "%s{\"address\":\"%s\",\"up\":%d,\"errors\":%llu}", shown++ ? "," : "", addr,
+                atomic_load(&st->up), (unsigned long long)atomic_load(&st->errors));
+    }
+    appendf(o, "],");
     json_histogram(o, "latency_seconds", shim_redis.lat, &shim_redis.lat_sum_us);
     appendf(o, "}}\n");
 }
@@ -455,6 +470,19 @@ static void render_prometheus(struct out *o, const struct shim_config *cfg)
                 redis_counters[k].name, redis_counters[k].help, redis_counters[k].name, redis_counters[k].name,
                 (unsigned long long)get((_Atomic uint64_t *)(void *)((char *)&shim_redis + redis_counters[k].off)));
     if (cfg->cache == CACHE_REDIS) {
+        appendf(o, "# HELP httpshim_redis_node_up each server of the Redis tier: 1 while in use\n"
+                   "# TYPE httpshim_redis_node_up gauge\n");
+        int n_nodes = get_int(&shim_redis.n_nodes);
+        for (int i = 0; i < n_nodes && i < (int)(sizeof shim_redis.nodes / sizeof shim_redis.nodes[0]); i++)
+            if (shim_redis.nodes[i].address[0])
+                appendf(o, "httpshim_redis_node_up{address=\"%s\"} %d\n", shim_redis.nodes[i].address,
+                        atomic_load(&shim_redis.nodes[i].up));
+        appendf(o, "# HELP httpshim_redis_node_errors_total errors, failed connects and dropped connections, by server\n"
+                   "# TYPE httpshim_redis_node_errors_total counter\n");
+        for (int i = 0; i < n_nodes && i < (int)(sizeof shim_redis.nodes / sizeof shim_redis.nodes[0]); i++)
+            if (shim_redis.nodes[i].address[0])
+                appendf(o, "httpshim_redis_node_errors_total{address=\"%s\"} %llu\n", shim_redis.nodes[i].address,
+                        (unsigned long long)atomic_load(&shim_redis.nodes[i].errors));
         char master[sizeof shim_redis.master * 6 + 8];
         exited_json_escape(shim_redis.master, strnlen(shim_redis.master, sizeof shim_redis.master), master,
                            sizeof master);

@@ -201,7 +201,8 @@ def test_a_master_gone_fails_open_for_its_slots(cluster, upstream, tmp_path, soc
     waits long), the other masters' keys keep being shared."""
     conf = conf_for(tmp_path, sockdir, cluster.url(), upstream)
     pair = Pair(apps, conf, sockdir, upstream)
-    cluster.kill(cluster.ports[2])
+    gone = cluster.ports[2]
+    cluster.kill(gone)
     t0 = time.time()
     shared = [pair.shared(i, settle=0.05) for i in range(90)]
     assert time.time() - t0 < 60
@@ -209,3 +210,11 @@ def test_a_master_gone_fails_open_for_its_slots(cluster, upstream, tmp_path, soc
     assert 40 <= sum(shared) <= 80, sum(shared)
     r = get_stats(pair.a.sock)["redis"]
     assert r["connected"] == 2 and r["errors"] >= 1, r
+    dead = "127.0.0.1:%d" % gone
+    nodes = {n["address"]: n for n in r["nodes"]}
+    assert nodes[dead]["up"] == 0 and nodes[dead]["errors"] >= 1, nodes
+    assert all(n["up"] == 1 for a, n in nodes.items() if a != dead and a in r["master"]), nodes
+    require_build(HTTPSHIM)
+    table = run([HTTPSHIM, "stats", "-c", conf, "--live"], shim=False, timeout=30)
+    assert table.rc == 0 and b"mode cluster" in table.out and (b"%s DOWN errors" % dead.encode()) in table.out, \
+        table.describe()

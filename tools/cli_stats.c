@@ -230,6 +230,46 @@ static double rate(const struct snapshot *now, const struct snapshot *before, co
 
 static void print_inert(const struct snapshot *s);
 
+/* Each server of the live processes' Redis tiers: up in how many of them, errors in all
+ * (a cluster's masters, or a failed-over master beside the new one). */
+static void print_redis_nodes(const struct snapshot *s)
+{
+    struct { const char *address; int up, seen; double errors; } nodes[64];
+    int n = 0;
+    for (int i = 0; i < s->n; i++) {
+        if (s->exited_age[i] >= 0)
+            continue;
+        const json_t *list = json_object_get(json_object_get(s->docs[i], "redis"), "nodes");
+        for (size_t k = 0; k < json_array_size(list); k++) {
+            const json_t *node = json_array_get(list, k);
+            const char *addr = json_string_value(json_object_get(node, "address"));
+            if (!addr)
+                continue;
+            int j = 0;
+            while (j < n && strcmp(nodes[j].address, addr))
+                j++;
+            if (j == n) {
+                if (n == 64)
+                    continue;
+                nodes[n].address = addr;
+                nodes[n].up = nodes[n].seen = 0;
+                nodes[n].errors = 0;
+                n++;
+            }
+            nodes[j].seen++;
+            nodes[j].up += num(node, "up") > 0;
+            nodes[j].errors += num(node, "errors");
+        }
+    }
+    if (n < 2 && !(n == 1 && nodes[0].errors > 0))
+        return;                        /* one server, no errors: the line above says it all */
+    printf("       nodes");
+    for (int j = 0; j < n; j++)
+        printf("  %s %s errors %.0f", nodes[j].address, nodes[j].up == nodes[j].seen ? "up" : nodes[j].up ? "PARTLY" : "DOWN",
+               nodes[j].errors);
+    printf("\n");
+}
+
 static void print_table(const struct snapshot *s, const struct snapshot *before)
 {
     json_t *total = s->total, *ups = json_object_get(total, "upstreams");
@@ -284,7 +324,10 @@ static void print_table(const struct snapshot *s, const struct snapshot *before)
             if (!strcmp(mode, "sentinel"))
                 printf("  failovers %.0f  sentinel errors %.0f  not master %.0f", num(redis, "failovers"),
                        num(redis, "sentinel_errors"), num(redis, "not_master"));
+            if (!strcmp(mode, "cluster"))
+                printf("  redirects %.0f", num(redis, "redirects"));
             printf("\n");
+            print_redis_nodes(s);
         }
     } else {
         printf("REDIS  not configured\n");
