@@ -1,26 +1,21 @@
 /* engine.c — owns the connection state machine: the app side of every diverted
  * connection (reading requests, writing responses, backpressure) and the exchange on it,
  * answered from the memory tier, by the Redis tier (cache_redis.c), through the upstream
- * (upstream.c), or by handing the whole connection to a raw tunnel (tunnel.c). Also
- * starts the engine thread, which runs the loop (loop.c), and resets it in a forked
- * child. Nothing here blocks. */
+ * (upstream.c), or by handing the whole connection to a raw tunnel (tunnel.c). The thread
+ * that runs it all is engine_thread.c's. Nothing here blocks. */
 #include "engine.h"
 #include "clock.h"
 #include "cache.h"
-#include "flight.h"
 #include "store.h"
 #include "redis_session.h"
 #include "fastpath.h"
 #include <sched.h>
-#include "cache_redis.h"
 #include "conn.h"
 #include "http.h"
-#include "lazylib.h"
 #include "log.h"
 #include "loop.h"
 #include "real.h"
 #include "stats.h"
-#include "stats_server.h"
 #include "tunnel.h"
 #include "tls_decide.h"
 #include "tls_front.h"
@@ -31,7 +26,6 @@
 #include "upstream.h"
 #include <errno.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -78,8 +72,7 @@ struct conn {
 };
 
 static struct {
-    pthread_mutex_t lock;           /* guards started/failed and the conn list */
-    bool started, failed;
+    pthread_mutex_t lock;           /* guards the conn list */
     struct conn *conns;
     const struct shim_config *cfg;
 } E = { .lock = PTHREAD_MUTEX_INITIALIZER };
@@ -92,7 +85,6 @@ static char recv_scratch[16384];          /* engine thread only: c->side.in grow
 static char key_scratch[CACHE_KEY_MAX];   /* engine thread only */
 
 static void conn_process(struct conn *c);
-static void need_for_fd(struct fd_entry *e);
 static void conn_resume(struct conn *c);
 
 static struct conn *conn_of(struct app_side *app)
@@ -606,7 +598,7 @@ static void on_gate_retry(struct loop_timer *timer)
 }
 
 /* Rests of inline answers the pair did not take: they go out before anything else. */
-static void take_handoffs(void)
+void engine_take_handoffs(void)
 {
     struct fastpath_handoff *h = fastpath_take_handoffs();
     while (h) {
@@ -633,27 +625,6 @@ static void take_handoffs(void)
         free(h);
         h = next;
     }
-}
-
-/* The closes app threads handed over (fdtable_bury): gathered for 10 ms, then made. */
-static struct loop_timer graveyard_timer;
-static void on_graveyard_due(struct loop_timer *timer)
-{
-    (void)timer;
-    fdtable_drain_graveyard();
-}
-
-static void after_dispatch(void)
-{
-    upstream_reap();
-    take_handoffs();
-    if (fdtable_stash_short())
-        fdtable_refill_stash();
-    int buried = fdtable_graveyard();
-    if (buried == 2)
-        fdtable_drain_graveyard();
-    else if (buried && !loop_timer_armed(&graveyard_timer))
-        loop_timer_arm(&graveyard_timer, 10, on_graveyard_due);
 }
 
 static void on_app_event(struct loop_source *src, uint32_t ev)
@@ -705,102 +676,6 @@ static void on_app_event(struct loop_source *src, uint32_t ev)
     }
 }
 
-/* ---- the engine thread ---- */
-
-/* The engine's own setup, on the engine thread: libcurl, hiredis and OpenSSL keep
- * per-thread state from their initialisation, which must not be left on an app thread
- * (a daemon thread alive at exit would orphan it). The starting app thread waits for the
- * verdict. */
-static struct {
-    pthread_mutex_t lock;
-    pthread_cond_t done;
-    int result;                        /* 1 running, -1 failed, 0 not yet */
-} starting = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0 };
-
-static int set_up(const struct shim_config *cfg)
-{
-    if (lazylib_load() != 0) {
-        shim_log("engine not started: connections go direct");
-        return -1;
-    }
-    /* libcurl completes transfers inside whatever call drove it: collect them after each
-     * event, outside the handler that caused it */
-    if (loop_init(after_dispatch) != 0)
-        goto fail;
-    stats_server_start(cfg);          /* no stats socket is no reason to run unshimmed */
-    memcache_configure(cfg->memory_max);
-    flight_init(cfg);
-    store_init(cfg);
-    redis_session_init(cfg);
-    tls_front_init(cfg);
-    fastpath_init(need_for_fd, engine_drop_unseen);
-    if (upstream_init(cfg) != 0)
-        goto fail;
-    if (redis_init(cfg) != 0)
-        shim_log("redis tier could not start: memory tier and upstream only");
-    return 0;
-fail:
-    shim_log("engine could not start (%s): connections go direct", strerror(errno));
-    return -1;
-}
-
-static void *engine_main(void *arg)
-{
-    shim_in_engine = 1;
-    int rc = set_up(arg);
-    pthread_mutex_lock(&starting.lock);
-    starting.result = rc == 0 ? 1 : -1;
-    pthread_cond_signal(&starting.done);
-    pthread_mutex_unlock(&starting.lock);
-    if (rc == 0)
-        loop_run();
-    return NULL;
-}
-
-static int start_locked(const struct shim_config *cfg)
-{
-    E.cfg = cfg;
-    starting.result = 0;
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);   /* the app's signals stay with the app */
-    pthread_t th;
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    pthread_attr_setstacksize(&attr, 256 * 1024);
-    int rc = pthread_create(&th, &attr, engine_main, (void *)cfg);
-    pthread_attr_destroy(&attr);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (rc != 0) {
-        shim_log("engine could not start (%s): connections go direct", strerror(rc));
-        return -1;
-    }
-    pthread_setname_np(th, "httpshim");
-    /* bounded by the setup itself: loading libraries and making a few fds, no network */
-    pthread_mutex_lock(&starting.lock);
-    while (!starting.result)
-        pthread_cond_wait(&starting.done, &starting.lock);
-    rc = starting.result;
-    pthread_mutex_unlock(&starting.lock);
-    if (rc < 0)
-        return -1;
-    shim_debug("engine started");
-    return 0;
-}
-
-int engine_ensure_started(const struct shim_config *cfg)
-{
-    pthread_mutex_lock(&E.lock);
-    if (!E.started) {
-        E.started = true;
-        E.failed = start_locked(cfg) != 0;
-    }
-    bool failed = E.failed;
-    pthread_mutex_unlock(&E.lock);
-    return failed ? -1 : 0;
-}
-
 static struct conn *conn_new(int engine_fd, int upstream, const union shim_sockaddr *dest, socklen_t dest_len,
                              _Atomic uint64_t *gate, uint64_t gate_gen)
 {
@@ -845,7 +720,7 @@ static struct conn *conn_new(int engine_fd, int upstream, const union shim_socka
  * writes for real, or an inline answer leaves the engine a rest to send). Connections of
  * an app fd are registered with the loop only then: one that only ever had inline answers
  * never is. */
-static void need_for_fd(struct fd_entry *e)
+void engine_need(struct fd_entry *e)
 {
     int want = FD_UNHEARD;
     /* every real write comes here: a plain load answers all but the first */
@@ -856,8 +731,6 @@ static void need_for_fd(struct fd_entry *e)
     if (c && loop_add(&c->src, c->side.fd, EPOLLIN, on_app_event) != 0)
         shutdown(c->side.fd, SHUT_RDWR);   /* cannot listen: the app sees the connection end */
 }
-
-void engine_need(struct fd_entry *e) { need_for_fd(e); }
 
 bool engine_drop_unseen(struct fd_entry *e, void *conn)
 {
@@ -887,26 +760,13 @@ void *engine_adopt(int engine_fd, int upstream, const union shim_sockaddr *dest,
     return c;
 }
 
-void engine_atfork_prepare(void)
-{
-    pthread_mutex_lock(&E.lock);
-    memcache_atfork_prepare();
-}
+void engine_conns_init(const struct shim_config *cfg) { E.cfg = cfg; }
 
-void engine_atfork_parent(void)
-{
-    memcache_atfork_release();
-    pthread_mutex_unlock(&E.lock);
-}
+void engine_conns_lock(void) { pthread_mutex_lock(&E.lock); }
+void engine_conns_unlock(void) { pthread_mutex_unlock(&E.lock); }
 
-void engine_atfork_child(void)
+void engine_conns_forget(void)
 {
-    /* The engine thread did not survive the fork. Its fds are copies that would keep
-     * the parent's connections open: close them, forget the state, start afresh on the
-     * next diverted connect. Only async-signal-safe work here. */
-    fdtable_close_engine_fds();
-    if (E.started && !E.failed)
-        upstream_forget();
     if (E.conns) {
         struct conn *last = E.conns;
         while (last->next)
@@ -915,19 +775,4 @@ void engine_atfork_child(void)
         orphaned_conns = E.conns;
     }
     E.conns = NULL;
-    E.started = E.failed = false;
-    loop_forget();
-    flight_forget();
-    tunnel_forget();
-    tls_front_forget();
-    tls_decide_forget();
-    redis_session_forget();
-    graveyard_timer.slot = 0;          /* the parent's loop */
-    fastpath_forget();
-    stats_server_atfork_child();
-    if (E.cfg && E.cfg->cache == CACHE_REDIS)
-        redis_forget();
-    stats_reset();
-    memcache_atfork_release();
-    pthread_mutex_unlock(&E.lock);
 }

@@ -1,13 +1,11 @@
-/* engine.h — the engine (engine.c), as the hooks see it. */
+/* engine.h — the engine's connections (engine.c), as the hooks and the engine thread
+ * (engine_thread.c) see them. */
 #ifndef HTTPSHIM_ENGINE_H
 #define HTTPSHIM_ENGINE_H
 #include "fdtable.h"
 #include "rules.h"
 #include <stdbool.h>
 
-/* Starts the engine thread if needed (once per process, again after fork). */
-int engine_ensure_started(const struct shim_config *cfg);
-/* Hands the engine its end (already non-blocking) of a new diverted connection. */
 /* Takes over a diverted connection's engine end; gate is the app fd's (fdtable.h), at
  * its generation gate_gen. The connection is heard only once engine_need is called (the
  * app's first real write). Returns it, or NULL. */
@@ -18,7 +16,14 @@ void engine_need(struct fd_entry *e);
  * heard from: the engine's end is closed and the connection freed here (true); false: the
  * engine owns its ending. */
 bool engine_drop_unseen(struct fd_entry *e, void *conn);
-void engine_atfork_prepare(void);
-void engine_atfork_parent(void);
-void engine_atfork_child(void);
+
+/* For the engine thread (engine_thread.c). The configuration the connections follow: */
+void engine_conns_init(const struct shim_config *cfg);
+/* After each dispatch: the rests of inline answers the app's pair did not take go out first. */
+void engine_take_handoffs(void);
+/* Around fork: the conn list held still; in the child, the parent's conns kept
+ * reachable (never used, never freed: the parent owns what they point to). */
+void engine_conns_lock(void);
+void engine_conns_unlock(void);
+void engine_conns_forget(void);
 #endif

@@ -9,6 +9,7 @@
 #include "hooks.h"
 #include "config.h"
 #include "engine.h"
+#include "engine_thread.h"
 #include "exited.h"
 #include "fdtable.h"
 #include "log.h"

@@ -1,0 +1,191 @@
+/* engine_thread.c — owns the engine thread: its start (once per process; the app thread
+ * that needs it waits for the verdict), the setup of every subsystem on that thread, the
+ * work after each loop dispatch (libcurl's finished transfers, the app's handed-over
+ * answers and closes), and the reset in a forked child, where the thread did not survive.
+ * The connections themselves are engine.c's. */
+#include "engine_thread.h"
+#include "cache.h"
+#include "cache_redis.h"
+#include "engine.h"
+#include "fastpath.h"
+#include "fdtable.h"
+#include "flight.h"
+#include "lazylib.h"
+#include "log.h"
+#include "loop.h"
+#include "real.h"
+#include "redis_session.h"
+#include "stats.h"
+#include "stats_server.h"
+#include "store.h"
+#include "tls_decide.h"
+#include "tls_front.h"
+#include "tunnel.h"
+#include "upstream.h"
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <string.h>
+
+static struct {
+    pthread_mutex_t lock;              /* guards started/failed; held across a fork */
+    bool started, failed;
+    const struct shim_config *cfg;
+} T = { .lock = PTHREAD_MUTEX_INITIALIZER };
+
+/* The closes app threads handed over (fdtable_bury): gathered for 10 ms, then made. */
+static struct loop_timer graveyard_timer;
+static void on_graveyard_due(struct loop_timer *timer)
+{
+    (void)timer;
+    fdtable_drain_graveyard();
+}
+
+static void after_dispatch(void)
+{
+    upstream_reap();
+    engine_take_handoffs();
+    if (fdtable_stash_short())
+        fdtable_refill_stash();
+    int buried = fdtable_graveyard();
+    if (buried == 2)
+        fdtable_drain_graveyard();
+    else if (buried && !loop_timer_armed(&graveyard_timer))
+        loop_timer_arm(&graveyard_timer, 10, on_graveyard_due);
+}
+
+/* The engine's own setup, on the engine thread: libcurl, hiredis and OpenSSL keep
+ * per-thread state from their initialisation, which must not be left on an app thread
+ * (a daemon thread alive at exit would orphan it). The starting app thread waits for the
+ * verdict. */
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t done;
+    int result;                        /* 1 running, -1 failed, 0 not yet */
+} starting = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0 };
+
+static int set_up(const struct shim_config *cfg)
+{
+    if (lazylib_load() != 0) {
+        shim_log("engine not started: connections go direct");
+        return -1;
+    }
+    /* libcurl completes transfers inside whatever call drove it: collect them after each
+     * event, outside the handler that caused it */
+    if (loop_init(after_dispatch) != 0)
+        goto fail;
+    stats_server_start(cfg);          /* no stats socket is no reason to run unshimmed */
+    memcache_configure(cfg->memory_max);
+    flight_init(cfg);
+    engine_conns_init(cfg);
+    store_init(cfg);
+    redis_session_init(cfg);
+    tls_front_init(cfg);
+    fastpath_init(engine_need, engine_drop_unseen);
+    if (upstream_init(cfg) != 0)
+        goto fail;
+    if (redis_init(cfg) != 0)
+        shim_log("redis tier could not start: memory tier and upstream only");
+    return 0;
+fail:
+    shim_log("engine could not start (%s): connections go direct", strerror(errno));
+    return -1;
+}
+
+static void *engine_main(void *arg)
+{
+    shim_in_engine = 1;
+    int rc = set_up(arg);
+    pthread_mutex_lock(&starting.lock);
+    starting.result = rc == 0 ? 1 : -1;
+    pthread_cond_signal(&starting.done);
+    pthread_mutex_unlock(&starting.lock);
+    if (rc == 0)
+        loop_run();
+    return NULL;
+}
+
+static int start_locked(const struct shim_config *cfg)
+{
+    T.cfg = cfg;
+    starting.result = 0;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);   /* the app's signals stay with the app */
+    pthread_t th;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 256 * 1024);
+    int rc = pthread_create(&th, &attr, engine_main, (void *)cfg);
+    pthread_attr_destroy(&attr);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        shim_log("engine could not start (%s): connections go direct", strerror(rc));
+        return -1;
+    }
+    pthread_setname_np(th, "httpshim");
+    /* bounded by the setup itself: loading libraries and making a few fds, no network */
+    pthread_mutex_lock(&starting.lock);
+    while (!starting.result)
+        pthread_cond_wait(&starting.done, &starting.lock);
+    rc = starting.result;
+    pthread_mutex_unlock(&starting.lock);
+    if (rc < 0)
+        return -1;
+    shim_debug("engine started");
+    return 0;
+}
+
+int engine_ensure_started(const struct shim_config *cfg)
+{
+    pthread_mutex_lock(&T.lock);
+    if (!T.started) {
+        T.started = true;
+        T.failed = start_locked(cfg) != 0;
+    }
+    bool failed = T.failed;
+    pthread_mutex_unlock(&T.lock);
+    return failed ? -1 : 0;
+}
+
+void engine_atfork_prepare(void)
+{
+    pthread_mutex_lock(&T.lock);
+    engine_conns_lock();
+    memcache_atfork_prepare();
+}
+
+void engine_atfork_parent(void)
+{
+    memcache_atfork_release();
+    engine_conns_unlock();
+    pthread_mutex_unlock(&T.lock);
+}
+
+void engine_atfork_child(void)
+{
+    /* The engine thread did not survive the fork. Its fds are copies that would keep
+     * the parent's connections open: close them, forget the state, start afresh on the
+     * next diverted connect. Only async-signal-safe work here. */
+    fdtable_close_engine_fds();
+    if (T.started && !T.failed)
+        upstream_forget();
+    engine_conns_forget();
+    T.started = T.failed = false;
+    loop_forget();
+    flight_forget();
+    tunnel_forget();
+    tls_front_forget();
+    tls_decide_forget();
+    redis_session_forget();
+    graveyard_timer.slot = 0;          /* the parent's loop */
+    fastpath_forget();
+    stats_server_atfork_child();
+    if (T.cfg && T.cfg->cache == CACHE_REDIS)
+        redis_forget();
+    stats_reset();
+    memcache_atfork_release();
+    engine_conns_unlock();
+    pthread_mutex_unlock(&T.lock);
+}

@@ -1,0 +1,13 @@
+/* engine_thread.h — the engine thread (engine_thread.c): started once per process, reset
+ * in a forked child. */
+#ifndef HTTPSHIM_ENGINE_THREAD_H
+#define HTTPSHIM_ENGINE_THREAD_H
+#include "rules.h"
+
+/* Starts the engine thread if needed (once per process, again after fork): 0 running,
+ * -1 it could not start (connections go direct). */
+int engine_ensure_started(const struct shim_config *cfg);
+void engine_atfork_prepare(void);
+void engine_atfork_parent(void);
+void engine_atfork_child(void);
+#endif
