@@ -269,6 +269,24 @@ static void on_role(redisAsyncContext *ac, void *reply, void *privdata)
     sentinel_doubt();
 }
 
+/* A refused login is the operator's to fix: said once per process, counted on the node
+ * each time; the node's commands then fail and the tier fails open. */
+static void on_login(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    static bool said;
+    const redisReply *r = reply;
+    struct redis_node *n = node_of(ac);
+    if (!n || !r || r->type != REDIS_REPLY_ERROR)
+        return;
+    count_error(n);
+    if (!said) {
+        said = true;
+        shim_log("redis %s:%d refused the login (%.80s): the shared tier fails open until it is fixed", n->host,
+                 n->port, r->str ? r->str : "");
+    }
+    (void)privdata;
+}
+
 static void on_connect(const redisAsyncContext *ac, int status)
 {
     struct redis_node *n = node_of(ac);
@@ -330,8 +348,10 @@ static void connect_node(struct redis_node *n)
     n->inflight = 0;
     n->pending_bytes = 0;
     n->last_progress_ms = clock_mono_ms();
-    if (N.cfg->redis_password[0])
-        redisAsyncCommand(n->ac, NULL, NULL, "AUTH %s", N.cfg->redis_password);
+    if (N.cfg->redis_password[0] && N.cfg->redis_user[0])
+        redisAsyncCommand(n->ac, on_login, NULL, "AUTH %s %s", N.cfg->redis_user, N.cfg->redis_password);
+    else if (N.cfg->redis_password[0])
+        redisAsyncCommand(n->ac, on_login, NULL, "AUTH %s", N.cfg->redis_password);
     if (N.cfg->redis_db && !cluster())
         redisAsyncCommand(n->ac, NULL, NULL, "SELECT %d", N.cfg->redis_db);
     if (sentinel())

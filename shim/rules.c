@@ -354,181 +354,9 @@ static int check_upstream(struct parser *p, struct upstream_rule *u)
     return 0;
 }
 
-/* "host:port", "[v6]:port" or "host" (default_port) of n bytes at s. */
-static int parse_node(const char *s, size_t n, int default_port, struct redis_addr *node)
-{
-    char hp[300];
-    if (n == 0 || n >= sizeof hp)
-        return -1;
-    memcpy(hp, s, n);
-    hp[n] = 0;
-    node->port = default_port;
-    char *colon = strrchr(hp, ':');
-    if (colon && !strchr(colon, ']')) {
-        char *end;
-        long port = strtol(colon + 1, &end, 10);
-        if (*end || port <= 0 || port > 65535)
-            return -1;
-        node->port = (int)port;
-        *colon = 0;
-    }
-    char *h = hp;
-    if (*h == '[') {
-        h++;
-        char *close = strchr(h, ']');
-        if (!close || close[1])
-            return -1;
-        *close = 0;
-    }
-    if (!*h || strlen(h) >= sizeof node->host)
-        return -1;
-    snprintf(node->host, sizeof node->host, "%s", h);
-    return 0;
-}
-
-static int parse_db(const char *s, int *db)
-{
-    char *end;
-    long n = strtol(s, &end, 10);
-    if (!*s || *end || n < 0 || n > 1000000)
-        return -1;
-    *db = (int)n;
-    return 0;
-}
-
-/* "[:password@]" at the start of s (up to its last '@'): the password kept, s moved past. */
-static int parse_password(const char **s, struct shim_config *cfg)
-{
-    const char *at = strrchr(*s, '@');
-    if (!at)
-        return 0;
-    const char *colon = memchr(*s, ':', (size_t)(at - *s));
-    const char *pw = colon ? colon + 1 : *s;
-    if ((size_t)(at - pw) >= sizeof cfg->redis_password)
-        return -1;
-    memcpy(cfg->redis_password, pw, (size_t)(at - pw));
-    cfg->redis_password[at - pw] = 0;
-    *s = at + 1;
-    return 0;
-}
-
-/* "h1[:p1],h2[:p2],..." of n bytes at s (default_port where none is said). */
-static int parse_seeds(const char *s, size_t n, int default_port, struct shim_config *cfg)
-{
-    const char *end_all = s + n;
-    for (const char *node = s; node < end_all;) {
-        const char *comma = memchr(node, ',', (size_t)(end_all - node));
-        const char *end = comma ? comma : end_all;
-        if (cfg->n_redis_seeds == RULES_MAX_REDIS_SEEDS
-            || parse_node(node, (size_t)(end - node), default_port, &cfg->redis_seeds[cfg->n_redis_seeds]) != 0)
-            return -1;
-        cfg->n_redis_seeds++;
-        node = comma ? comma + 1 : end_all;
-    }
-    return cfg->n_redis_seeds ? 0 : -1;
-}
-
-/* redis-sentinel://[:password@]h1[:p1],h2[:p2],.../master[/db] (sentinels on 26379 unless
- * said): the password and the database are the master's. */
-static int parse_sentinel_url(const char *s, struct shim_config *cfg)
-{
-    if (parse_password(&s, cfg) != 0)
-        return -1;
-    const char *slash = strchr(s, '/');
-    if (!slash || parse_seeds(s, (size_t)(slash - s), 26379, cfg) != 0)
-        return -1;
-    const char *name = slash + 1, *db = strchr(name, '/');
-    size_t name_len = db ? (size_t)(db - name) : strlen(name);
-    if (name_len == 0 || name_len >= sizeof cfg->redis_master_name)
-        return -1;
-    for (size_t i = 0; i < name_len; i++)
-        if (name[i] <= ' ' || name[i] > '~')
-            return -1;
-    memcpy(cfg->redis_master_name, name, name_len);
-    cfg->redis_master_name[name_len] = 0;
-    if (db && db[1] && parse_db(db + 1, &cfg->redis_db) != 0)
-        return -1;
-    cfg->redis_mode = REDIS_SENTINEL;
-    return 0;
-}
-
-/* redis-cluster://[:password@]h1[:p1],h2[:p2],...[/]: nodes to learn the cluster's slot
- * map from (any of its nodes will do; more, for when some are down). A cluster has one
- * database: no /db. */
-static int parse_cluster_url(const char *s, struct shim_config *cfg)
-{
-    if (parse_password(&s, cfg) != 0)
-        return -1;
-    size_t n = strlen(s);
-    if (n && s[n - 1] == '/')
-        n--;
-    if (memchr(s, '/', n) || parse_seeds(s, n, 6379, cfg) != 0)
-        return -1;
-    cfg->redis_mode = REDIS_CLUSTER;
-    return 0;
-}
-
-/* redis://[:password@]host:port[/db], redis+unix:///path/to.sock, or a sentinel URL */
-static int parse_redis_url(const char *url, struct shim_config *cfg)
-{
-    cfg->redis_port = 6379;
-    cfg->redis_db = 0;
-    cfg->redis_mode = REDIS_SINGLE;
-    cfg->n_redis_seeds = 0;
-    if (!strncmp(url, "redis+unix://", 13)) {
-        const char *path = url + 13;
-        if (path[0] != '/' || strlen(path) >= sizeof cfg->redis_unix)
-            return -1;
-        snprintf(cfg->redis_unix, sizeof cfg->redis_unix, "%s", path);
-        return 0;
-    }
-    if (!strncmp(url, "redis-sentinel://", 17))
-        return parse_sentinel_url(url + 17, cfg);
-    if (!strncmp(url, "redis-cluster://", 16))
-        return parse_cluster_url(url + 16, cfg);
-    if (strncmp(url, "redis://", 8))
-        return -1;
-    const char *s = url + 8;
-    if (parse_password(&s, cfg) != 0)
-        return -1;
-    const char *slash = strchr(s, '/');
-    struct redis_addr node;
-    if (parse_node(s, slash ? (size_t)(slash - s) : strlen(s), 6379, &node) != 0)
-        return -1;
-    snprintf(cfg->redis_host, sizeof cfg->redis_host, "%s", node.host);
-    cfg->redis_port = node.port;
-    if (slash && slash[1] && parse_db(slash + 1, &cfg->redis_db) != 0)
-        return -1;
-    return 0;
-}
-
-/* The secret is the file's bytes less trailing whitespace (an editor's newline). */
-static int read_secret(struct parser *p, const char *path, struct shim_config *cfg)
-{
-    FILE *f = fopen(path, "rbe");
-    if (!f)
-        return fail(p, "redis_secret_file %s: %s", path, strerror(errno));
-    unsigned char buf[RULES_SECRET_MAX + 1];
-    size_t n = fread(buf, 1, sizeof buf, f);
-    int failed = ferror(f) ? errno : 0;
-    real_fclose(f);
-    if (failed)
-        return fail(p, "redis_secret_file %s: %s", path, strerror(failed));
-    while (n && isspace(buf[n - 1]))
-        n--;
-    if (n == 0)
-        return fail(p, "redis_secret_file %s is empty", path);
-    if (n > RULES_SECRET_MAX)
-        return fail(p, "redis_secret_file %s: a secret longer than %d bytes", path, RULES_SECRET_MAX);
-    memcpy(cfg->redis_secret, buf, n);
-    cfg->redis_secret_len = n;
-    memset(buf, 0, sizeof buf);
-    return 0;
-}
-
 /* ---- [global]: every key, its default and how it is read, in one table ---- */
 
-enum global_kind { G_COUNT, G_DURATION, G_SWITCH, G_SIZE, G_CACHE, G_PREFIX, G_SECRET, G_SOCKET };
+enum global_kind { G_COUNT, G_DURATION, G_SWITCH, G_SIZE, G_CACHE, G_PREFIX, G_SECRET, G_PASSWORD, G_SOCKET };
 
 struct global_key {
     const char *name;
@@ -555,6 +383,7 @@ static const struct global_key global_keys[] = {
     { "redis_prefix", G_PREFIX, "httpshim:", AT(redis_prefix), 0 },
     { "redis_timeout", G_DURATION, "50ms", AT(redis_timeout_ms), 0 },
     { "redis_max_object", G_SIZE, "1MB", AT(redis_max_object), 0 },
+    { "redis_password_file", G_PASSWORD, NULL, AT(redis_password), 0 },
     { "redis_secret_file", G_SECRET, NULL, AT(redis_secret), 0 },
     { "memory_max", G_SIZE, "64MB", AT(memory_max), 0 },
     { "max_object", G_SIZE, "1MB", AT(max_object), 0 },
@@ -610,13 +439,13 @@ static int set_global(struct parser *p, const struct global_key *k, const char *
             cfg->cache = CACHE_MEMORY;
         else if (!strcmp(val, "off"))
             cfg->cache = CACHE_OFF;
-        else if (parse_redis_url(val, cfg) == 0)
+        else if (rules_parse_redis_url(val, cfg) == 0)
             cfg->cache = CACHE_REDIS;
         else
-            return fail(p, "cache: expected memory, off, redis://[:password@]host:port/db, redis+unix:///path, "
-                           "redis-sentinel://[:password@]host:port,host:port/master/db or "
-                           "redis-cluster://[:password@]host:port,host:port (the value is not repeated here: it "
-                           "may hold a password)");
+            return fail(p, "cache: expected memory, off, redis://[[user]:password@]host:port/db, redis+unix:///path, "
+                           "redis-sentinel://[[user]:password@]host:port,host:port/master/db or "
+                           "redis-cluster://[[user]:password@]host:port,host:port (the value is not repeated here: "
+                           "it may hold a password; a password also in redis_password_file is an error too)");
         return 0;
     case G_PREFIX:
         if (strlen(val) >= sizeof cfg->redis_prefix)
@@ -629,8 +458,27 @@ static int set_global(struct parser *p, const struct global_key *k, const char *
                                "without spaces (0x21 to 0x7e)", (size_t)(c - val) + 1, (unsigned char)*c);
         snprintf(cfg->redis_prefix, sizeof cfg->redis_prefix, "%s", val);
         return 0;
-    case G_SECRET:
-        return read_secret(p, val, cfg);
+    case G_SECRET: {
+        char why[RULES_ERR_MAX - 64];
+        if (rules_read_secret_file(key, val, cfg->redis_secret, sizeof cfg->redis_secret, &cfg->redis_secret_len,
+                                   why, sizeof why) != 0)
+            return fail(p, "%s", why);
+        return 0;
+    }
+    case G_PASSWORD: {
+        char why[RULES_ERR_MAX - 64];
+        size_t n = 0;
+        if (cfg->redis_password[0])
+            return fail(p, "redis_password_file: the cache URL has a password already; give it in one place");
+        if (rules_read_secret_file(key, val, (unsigned char *)cfg->redis_password, sizeof cfg->redis_password - 1,
+                                   &n, why, sizeof why) != 0)
+            return fail(p, "%s", why);
+        if (memchr(cfg->redis_password, 0, n) || memchr(cfg->redis_password, '\n', n))
+            return fail(p, "redis_password_file %s: a password of one line without NUL bytes", val);
+        cfg->redis_password[n] = 0;
+        cfg->redis_password_from_file = true;
+        return 0;
+    }
     case G_SOCKET: {
         const char *slash = strrchr(val, '/');
         if (val[0] != '/' || !slash || !strstr(slash, "%p") || strlen(val) >= sizeof cfg->stats_socket)

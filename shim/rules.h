@@ -96,7 +96,9 @@ struct shim_config {
     char redis_host[256];
     int redis_port;
     char redis_unix[108];
-    char redis_password[128];
+    char redis_user[64];               /* an ACL user: AUTH user password; "": AUTH password */
+    char redis_password[128];          /* from the URL, or redis_password_file */
+    bool redis_password_from_file;
     int redis_db;
     char redis_prefix[64];
     int64_t redis_timeout_ms;
@@ -113,6 +115,12 @@ typedef int (*rules_resolver)(const char *, const char *, const struct addrinfo 
 /* Parses `path` into `cfg` (defaults first). On error returns -1 and writes
  * "FILE:LINE: what is wrong" into err. A missing file is -1 with errno ENOENT and err "". */
 int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX]);
+/* rules_redis.c: one of the cache = redis... URL forms into cfg; -1: not one. */
+int rules_parse_redis_url(const char *url, struct shim_config *cfg);
+/* The secret in path: its bytes less trailing whitespace, 1 to cap bytes, into out and
+ * *len; -1 with "key path: why" in err. */
+int rules_read_secret_file(const char *key, const char *path, unsigned char *out, size_t cap, size_t *len,
+                           char *err, size_t err_cap);
 /* pool_max_per_host for this upstream: its own, else (HTTP) the [global] one, else
  * (Redis) RULES_REDIS_POOL_DEFAULT. */
 unsigned rules_pool_max(const struct shim_config *cfg, const struct upstream_rule *u);

@@ -693,6 +693,8 @@ def test_redis_unavailable_at_start(case, upstream, redis_servers, sockdir, tmp_
         assert srv.scan("*") == [], "nothing can be written without the password"
         assert st["connected"] == 0 or st["errors"] >= 1, \
             "a refused AUTH must show in the stats (connected 0 or errors): %s" % st
+        said = p.describe().count("refused the login")
+        assert said == 1, "a refused login is said once on stderr: " + p.describe()
         return
     if case == "refused":
         assert st["connected"] == 0 and st["sets"] == 0, st
@@ -1035,13 +1037,24 @@ def test_redis_keys_are_printable_and_scan_deletable(upstream, redis, sockdir, t
 
 
 # ================================================================== more of the interface
-@pytest.mark.parametrize("case", ["password", "unix-socket", "db-3", "prefix"])
+@pytest.mark.parametrize("case", ["password", "acl-user-password-file", "unix-socket", "db-3", "prefix"])
 def test_url_forms(case, upstream, redis_servers, sockdir, tmp_path, clients):
-    """redis://:password@host:port/db, redis+unix:///path, a db number, redis_prefix."""
+    """redis://:password@host:port/db, an ACL user in the URL with its password in
+    redis_password_file, redis+unix:///path, a db number, redis_prefix."""
     extra, prefix, db = [], PREFIX, 0
     if case == "password":
         srv = redis_servers(password="pw-42")
         url = "redis://:pw-42@127.0.0.1:%d/0" % srv.port
+    elif case == "acl-user-password-file":
+        # the default user's password is not the shim's: only `AUTH shimuser <file's>` can
+        # write, and only under the prefix that user is allowed
+        srv = redis_servers(password="admin-only")
+        assert srv.cmd("ACL", "SETUSER", "shimuser", "on", ">from-the-file", "~%s*" % PREFIX, "+@all") == "OK"
+        pw = tmp_path / "redis.password"
+        pw.write_text("from-the-file\n")
+        pw.chmod(0o600)
+        url = "redis://shimuser:@127.0.0.1:%d/0" % srv.port
+        extra = ["redis_password_file = %s" % pw]
     elif case == "unix-socket":
         sock = os.path.join(sockdir, "redis.sock")
         srv = redis_servers(unix=sock)
@@ -1161,6 +1174,7 @@ BAD_REDIS = {
     "bad-max-object": "redis_max_object = huge",
     "unknown-scheme": "cache = mongodb://127.0.0.1:27017/0",
     "prefix-with-space": "redis_prefix = my app:",
+    "password-file-missing": "redis_password_file = /nonexistent/redis.password",
 }
 
 
@@ -1177,6 +1191,21 @@ def test_check_redis_settings(case, cli, tmp_path):
     else:
         assert r.rc == 1 and r.err.decode().startswith("%s:4: " % conf), r.describe()
 
+
+
+def test_password_in_url_and_file_is_refused(cli, tmp_path):
+    """A password in the cache URL and in redis_password_file: which one was meant? The
+    rules are refused, naming the line, and the password is not echoed."""
+    pw = tmp_path / "pw"
+    pw.write_text("secret-b\n")
+    for lines, at in (([ "cache = redis://:secret-a@127.0.0.1:6390/0", "redis_password_file = %s" % pw], 3),
+                      (["redis_password_file = %s" % pw, "cache = redis://:secret-a@127.0.0.1:6390/0"], 3)):
+        raw = "\n".join(["[global]"] + lines + ["", "[upstream 127.0.0.1:8080]", "cache GET /x* ttl=1m"]) + "\n"
+        conf = write_rules(tmp_path, [], raw=raw)
+        r = run([cli, "check", conf], shim=False)
+        err = r.err.decode()
+        assert r.rc == 1 and err.startswith("%s:%d: " % (conf, at)), r.describe()
+        assert "secret-a" not in err and "secret-b" not in err, err
 
 
 @pytest.mark.parametrize("prefix", ["my app:", "tab\there:", "caf\u00e9:", "bell\x07:"])

@@ -69,7 +69,9 @@ static redisContext *login(const struct shim_config *cfg, const char *host, int 
     }
     redisReply *r;
     const char *failed = NULL;
-    if (cfg->redis_password[0] && (r = redisCommand(rc, "AUTH %s", cfg->redis_password))) {
+    if (cfg->redis_password[0]
+        && (r = cfg->redis_user[0] ? redisCommand(rc, "AUTH %s %s", cfg->redis_user, cfg->redis_password)
+                                   : redisCommand(rc, "AUTH %s", cfg->redis_password))) {
         if (r->type == REDIS_REPLY_ERROR)
             failed = "AUTH refused";
         freeReplyObject(r);
