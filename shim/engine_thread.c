@@ -25,6 +25,10 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdint.h>
+#include <sys/eventfd.h>
+#include <sys/resource.h>
+#include <fcntl.h>
 #include <string.h>
 
 static struct {
@@ -105,10 +109,38 @@ static void *engine_main(void *arg)
     return NULL;
 }
 
+/* A process's fd table grows by doubling, and while more than one thread shares it each
+ * growth waits out an RCU grace period (Linux's expand_fdtable: milliseconds each, seen
+ * 5 to 12 ms here). The engine thread makes the app's process multi-threaded, and a
+ * diverted connection holds more fds than a direct one, so a storm of connects would pay
+ * a grace period at each doubling that the same app, single-threaded and direct, never
+ * pays. The table is grown once, here, before the thread exists: to FD_TABLE_PRESIZE
+ * entries or the fd limit (a few tens of KB of kernel memory, never returned; fds past
+ * it still grow it, a grace period per doubling). */
+#define FD_TABLE_PRESIZE 4096
+
+static void presize_fd_table(void)
+{
+    struct rlimit rl;
+    int want = FD_TABLE_PRESIZE;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < (rlim_t)want)
+        want = (int)rl.rlim_cur;
+    if (want <= 64 || real_fcntl(want - 1, F_GETFD, NULL) >= 0)
+        return;                        /* the smallest table holds 64; or grown already */
+    int probe = eventfd(0, EFD_CLOEXEC);
+    if (probe < 0)
+        return;
+    int high = real_fcntl(probe, F_DUPFD_CLOEXEC, (void *)(intptr_t)(want - 1));
+    if (high >= 0)
+        real_close(high);
+    real_close(probe);
+}
+
 static int start_locked(const struct shim_config *cfg)
 {
     T.cfg = cfg;
     starting.result = 0;
+    presize_fd_table();
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);   /* the app's signals stay with the app */

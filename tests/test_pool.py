@@ -164,3 +164,41 @@ def test_an_address_that_refuses_is_refused_while_another_answers(upstream, tmp_
     direct, shimmed = results[False], results[True]
     assert [x.get("status") for x in direct] == [None, 200, None, None, 200], direct
     assert shimmed == direct, (direct, shimmed)
+
+
+FDSIZE_CLIENT = r'''
+import json, resource, socket, sys
+def fdsize():
+    for line in open("/proc/self/status"):
+        if line.startswith("FDSize:"):
+            return int(line.split()[1])
+before = fdsize()
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"GET /bytes/10 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+while s.recv(65536):
+    pass
+s.close()
+print(json.dumps({"before": before, "after": fdsize(),
+                  "limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}))
+'''
+
+
+def test_fd_table_grown_before_the_engine_thread(upstream, tmp_path, sockdir):
+    """Once the engine thread shares the process, every doubling of the kernel's fd table
+    waits out an RCU grace period (milliseconds): a storm of connects paid it at each
+    doubling, which the same app single-threaded and direct never pays. The table is grown
+    once when the engine starts, before its thread exists (FDSize in /proc/self/status),
+    to 4096 slots or the fd limit; a process the shim never diverts keeps the kernel's 64."""
+    conf = pool_conf(tmp_path, upstream, sockdir)
+    for limit in (None, 1024):
+        argv = [SYS_PY, "-c", FDSIZE_CLIENT, upstream.port]
+        if limit:
+            argv = ["/bin/sh", "-c", 'ulimit -n %d && exec "$@"' % limit, "sh"] + argv
+        r = run(argv, conf=conf, timeout=30)
+        got = jlines(r.out)[0]
+        assert r.rc == 0 and got["before"] == 64, r.describe()
+        assert got["after"] >= min(4096, got["limit"]), got
+    other = tmp_path / "other.conf"
+    other.write_text("[global]\n[upstream 127.0.0.1:1]\n")
+    r = run([SYS_PY, "-c", FDSIZE_CLIENT, upstream.port], conf=str(other), timeout=30)
+    assert r.rc == 0 and jlines(r.out)[0]["after"] == 64, r.describe()
