@@ -48,7 +48,7 @@ async def main():
     wall = time.monotonic() - t0
     lat.sort()
     q = lambda p: round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 1) if lat else None  # noqa: E731
-    print(json.dumps({"wall_s": round(wall, 2), "requests": len(lat), "errors": len(errors),
+    print(json.dumps({"wall_s": round(wall, 3), "requests": len(lat), "errors": len(errors),
                       "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": round(lat[-1] * 1000, 1) if lat else None}))
 
 
