@@ -98,6 +98,15 @@ static void master_is(const char *host, size_t host_len, int port)
 
 /* ---- the query ---- */
 
+/* Sentinels with a password of their own (requirepass in sentinel.conf): AUTH first, in
+ * the same pipeline. A refusal shows as the next command's NOAUTH error: that sentinel
+ * failed, the next one is asked. Nothing is sent to sentinels that were given no password. */
+static void log_in(redisAsyncContext *ac)
+{
+    if (S.cfg->redis_sentinel_password[0])
+        redisAsyncCommand(ac, NULL, NULL, "AUTH %s", S.cfg->redis_sentinel_password);
+}
+
 static void on_master_addr(redisAsyncContext *ac, void *reply, void *privdata)
 {
     (void)privdata;
@@ -148,6 +157,7 @@ static void start_query(void)
     }
     S.query.ac = S.query.link.ac;
     S.query.deadline_ms = clock_mono_ms() + QUERY_TIMEOUT_MS;
+    log_in(S.query.ac);
     redisAsyncCommand(S.query.ac, on_master_addr, NULL, "SENTINEL get-master-addr-by-name %s",
                       S.cfg->redis_master_name);
 }
@@ -206,6 +216,7 @@ static void start_sub(void)
         return;
     }
     S.sub.ac = S.sub.link.ac;
+    log_in(S.sub.ac);
     redisAsyncCommand(S.sub.ac, on_switch, (void *)(uintptr_t)++S.sub_generation, "SUBSCRIBE +switch-master");
 }
 

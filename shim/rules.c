@@ -384,6 +384,7 @@ static const struct global_key global_keys[] = {
     { "redis_timeout", G_DURATION, "50ms", AT(redis_timeout_ms), 0 },
     { "redis_max_object", G_SIZE, "1MB", AT(redis_max_object), 0 },
     { "redis_password_file", G_PASSWORD, NULL, AT(redis_password), 0 },
+    { "redis_sentinel_password_file", G_PASSWORD, NULL, AT(redis_sentinel_password), 0 },
     { "redis_secret_file", G_SECRET, NULL, AT(redis_secret), 0 },
     { "memory_max", G_SIZE, "64MB", AT(memory_max), 0 },
     { "max_object", G_SIZE, "1MB", AT(max_object), 0 },
@@ -465,18 +466,19 @@ static int set_global(struct parser *p, const struct global_key *k, const char *
             return fail(p, "%s", why);
         return 0;
     }
-    case G_PASSWORD: {
+    case G_PASSWORD: {                 /* the master's (redis_password) or the sentinels' */
         char why[RULES_ERR_MAX - 64];
+        char *pw = field;
         size_t n = 0;
-        if (cfg->redis_password[0])
+        bool masters = pw == cfg->redis_password;
+        if (masters && cfg->redis_password[0])
             return fail(p, "redis_password_file: the cache URL has a password already; give it in one place");
-        if (rules_read_secret_file(key, val, (unsigned char *)cfg->redis_password, sizeof cfg->redis_password - 1,
-                                   &n, why, sizeof why) != 0)
+        if (rules_read_secret_file(key, val, (unsigned char *)pw, RULES_PASSWORD_MAX - 1, &n, why, sizeof why) != 0)
             return fail(p, "%s", why);
-        if (memchr(cfg->redis_password, 0, n) || memchr(cfg->redis_password, '\n', n))
-            return fail(p, "redis_password_file %s: a password of one line without NUL bytes", val);
-        cfg->redis_password[n] = 0;
-        cfg->redis_password_from_file = true;
+        if (memchr(pw, 0, n) || memchr(pw, '\n', n))
+            return fail(p, "%s %s: a password of one line without NUL bytes", key, val);
+        pw[n] = 0;
+        cfg->redis_password_from_file |= masters;
         return 0;
     }
     case G_SOCKET: {

@@ -15,6 +15,7 @@
 #define RULES_HOST_MAX          256
 #define RULES_ERR_MAX           512
 #define RULES_SECRET_MAX        1024
+#define RULES_PASSWORD_MAX      128     /* a Redis password, its NUL included */
 #define RULES_POOL_MAX          16384
 #define RULES_PATH_MAX          512
 
@@ -97,7 +98,8 @@ struct shim_config {
     int redis_port;
     char redis_unix[108];
     char redis_user[64];               /* an ACL user: AUTH user password; "": AUTH password */
-    char redis_password[128];          /* from the URL, or redis_password_file */
+    char redis_password[RULES_PASSWORD_MAX];            /* from the URL, or redis_password_file */
+    char redis_sentinel_password[RULES_PASSWORD_MAX];   /* redis_sentinel_password_file: AUTH to the sentinels */
     bool redis_password_from_file;
     int redis_db;
     char redis_prefix[64];

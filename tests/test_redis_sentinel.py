@@ -42,55 +42,73 @@ def wait(cond, timeout, what):
 class Fleet(object):
     """A master, a replica of it and three sentinels watching them."""
 
-    def __init__(self, tmp):
+    def __init__(self, tmp, password=None, sentinel_password=None):
+        """password: the master's and the replica's (requirepass, masterauth, the sentinels'
+        auth-pass); sentinel_password: the sentinels' own requirepass."""
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
         self.procs = []
+        self.password, self.sentinel_password = password, sentinel_password
         self.ports = {"master": free_port(), "replica": free_port()}
         self.sentinels = [free_port() for _ in range(3)]
         common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no",
                   "--logfile", ""]
+        if password:
+            common += ["--requirepass", password, "--masterauth", password]
         self.master = self.server("master", common)
         self.replica = self.server("replica", common + ["--replicaof", "127.0.0.1", str(self.ports["master"])])
         for i, port in enumerate(self.sentinels):
             d = tmp / ("sentinel%d" % i)
             d.mkdir()
             conf = d / "sentinel.conf"
-            conf.write_text("port %d\nbind 127.0.0.1\ndir %s\n"
-                            "sentinel monitor %s 127.0.0.1 %d 2\n"
-                            "sentinel down-after-milliseconds %s 1000\n"
-                            "sentinel failover-timeout %s 10000\n"
-                            "sentinel parallel-syncs %s 1\n"
-                            % (port, d, MASTER, self.ports["master"], MASTER, MASTER, MASTER))
+            text = ("port %d\nbind 127.0.0.1\ndir %s\n"
+                    "sentinel monitor %s 127.0.0.1 %d 2\n"
+                    "sentinel down-after-milliseconds %s 1000\n"
+                    "sentinel failover-timeout %s 10000\n"
+                    "sentinel parallel-syncs %s 1\n"
+                    % (port, d, MASTER, self.ports["master"], MASTER, MASTER, MASTER))
+            if password:
+                text += "sentinel auth-pass %s %s\n" % (MASTER, password)
+            if sentinel_password:
+                # the sentinels talk to each other with it too
+                text += "requirepass %s\nsentinel sentinel-pass %s\n" % (sentinel_password, sentinel_password)
+            conf.write_text(text)
             self.procs.append(Proc(["redis-server", str(conf), "--sentinel"], str(d)))
-        wait(lambda: Resp(port=self.ports["replica"]).cmd("INFO", "replication").find(b"master_link_status:up") >= 0,
+        wait(lambda: self.redis(self.ports["replica"]).cmd("INFO", "replication").find(b"master_link_status:up") >= 0,
              20, "the replica to sync")
         for port in self.sentinels:
-            wait(lambda p=port: Resp(port=p).cmd("SENTINEL", "ckquorum", MASTER).startswith("OK"), 20,
+            wait(lambda p=port: self.sentinel(p).cmd("SENTINEL", "ckquorum", MASTER).startswith("OK"), 20,
                  "sentinel %d to see its quorum" % port)
-            wait(lambda p=port: len(Resp(port=p).cmd("SENTINEL", "replicas", MASTER)) >= 1, 20,
+            wait(lambda p=port: len(self.sentinel(p).cmd("SENTINEL", "replicas", MASTER)) >= 1, 20,
                  "sentinel %d to see the replica" % port)
+
+    def redis(self, port):
+        return Resp(port=port, password=self.password)
+
+    def sentinel(self, port):
+        return Resp(port=port, password=self.sentinel_password)
 
     def server(self, name, args):
         d = self.tmp / name
         d.mkdir()
         p = Proc(["redis-server", "--port", str(self.ports[name]), "--dir", str(d)] + args, str(d))
         self.procs.append(p)
-        wait(lambda: Resp(port=self.ports[name]).cmd("PING") == "PONG", 15, "%s to start" % name)
+        wait(lambda: self.redis(self.ports[name]).cmd("PING") == "PONG", 15, "%s to start" % name)
         return p
 
     def named_master(self):
         """What the first live sentinel names as master: a port."""
         for port in self.sentinels:
             try:
-                host, mport = Resp(port=port).cmd("SENTINEL", "get-master-addr-by-name", MASTER)
+                host, mport = self.sentinel(port).cmd("SENTINEL", "get-master-addr-by-name", MASTER)
                 return int(mport)
             except (OSError, ConnectionError, ValueError, TypeError, RespError):
                 continue
         return None
 
     def url(self, db=0):
-        return "redis-sentinel://%s/%s/%d" % (",".join("127.0.0.1:%d" % p for p in self.sentinels), MASTER, db)
+        pw = ":%s@" % self.password if self.password else ""
+        return "redis-sentinel://%s%s/%s/%d" % (pw, ",".join("127.0.0.1:%d" % p for p in self.sentinels), MASTER, db)
 
     def stop(self):
         for p in self.procs:
@@ -106,9 +124,9 @@ def fleet(tmp_path):
     f.stop()
 
 
-def conf_for(tmp, sockdir, url, upstream):
+def conf_for(tmp, sockdir, url, upstream, extra=()):
     lines = ["[global]", "cache = %s" % url, "redis_timeout = %dms" % int(REDIS_TIMEOUT_S * 1000),
-             "stats_socket = %s/s/%%p.sock" % sockdir, "",
+             "stats_socket = %s/s/%%p.sock" % sockdir] + list(extra) + ["",
              "[upstream 127.0.0.1:%d]" % upstream.port, "cache GET /bytes/* ttl=10m"]
     path = tmp / "sentinel.conf"
     path.write_text("\n".join(lines) + "\n")
@@ -192,6 +210,50 @@ def test_entries_are_shared_through_the_master_and_across_a_failover(fleet, upst
     prom = get_metrics(a.sock)
     prom = prom.decode() if isinstance(prom, bytes) else str(prom)
     assert "httpshim_redis_failovers_total" in prom and 'mode="sentinel"' in prom, prom[:3000]
+
+
+def test_sentinels_with_a_password_of_their_own(tmp_path, upstream, sockdir, apps):
+    """Sentinels with requirepass (as well as a master with one): with the sentinels'
+    password in redis_sentinel_password_file the tier finds the master and two processes
+    share an entry; without it the sentinels refuse, the tier fails open (every request
+    answered) and the refusals are counted. `httpshim check --connect` logs in the same way."""
+    if not __import__("shutil").which("redis-server"):
+        pytest.fail("redis-server is not installed (tools/install-deps installs it)", pytrace=False)
+    fleet = Fleet(tmp_path / "fleet", password="master-pw", sentinel_password="sentinel-pw")
+    try:
+        pw = tmp_path / "sentinel.password"
+        pw.write_text("sentinel-pw\n")
+        (tmp_path / "d").mkdir()
+        conf = conf_for(tmp_path / "d", sockdir, fleet.url(), upstream,
+                        extra=["redis_sentinel_password_file = %s" % pw])
+        a, b = apps(conf, sockdir), apps(conf, sockdir)
+        a.get(upstream.port, "/bytes/3000", length=3000)
+        for app in (a, b):
+            app.get(upstream.port, "/bytes/3001", length=3001)
+            wait(lambda app=app: get_stats(app.sock)["redis"]["connected"] == 1, 20, "the tier to connect")
+        a.get(upstream.port, "/bytes/3002", length=3002)
+        master = fleet.redis(fleet.named_master())
+        wait(lambda: master.cmd("DBSIZE") >= 1 and up_count(upstream, "/bytes/3002") == 1, 5, "a's entry")
+        time.sleep(0.1)
+        b.get(upstream.port, "/bytes/3002", length=3002)
+        assert up_count(upstream, "/bytes/3002") == 1, "b did not find a's entry through the master"
+        require_build(HTTPSHIM)
+        r = run([HTTPSHIM, "check", "--connect", conf], shim=False, timeout=30)
+        assert r.rc == 0 and b"ROLE master" in r.out, r.describe()
+        assert b"sentinel-pw" not in r.out + r.err and b"master-pw" not in r.out + r.err, r.describe()
+
+        (tmp_path / "e").mkdir()
+        bare = conf_for(tmp_path / "e", sockdir, fleet.url(), upstream)
+        c = apps(bare, sockdir)
+        for i in range(3):
+            c.get(upstream.port, "/bytes/%d" % (3100 + i), length=3100 + i)
+        st = wait(lambda: (lambda s: s if s["sentinel_errors"] >= 1 else None)(get_stats(c.sock)["redis"]), 10,
+                  "the sentinels' refusals counted")
+        assert st["connected"] == 0, st
+        r = run([HTTPSHIM, "check", "--connect", bare], shim=False, timeout=30)
+        assert r.rc != 0 and b"NOAUTH" in r.out + r.err, r.describe()
+    finally:
+        fleet.stop()
 
 
 def test_no_sentinel_answers_fails_open(upstream, tmp_path, sockdir, apps):

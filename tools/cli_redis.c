@@ -37,7 +37,14 @@ static int ask_sentinels(const struct shim_config *cfg, char *host, size_t host_
         redisContext *rc = reach(n->host, n->port, NULL, report, "sentinel");
         if (!rc)
             continue;
-        redisReply *r = redisCommand(rc, "SENTINEL get-master-addr-by-name %s", cfg->redis_master_name);
+        redisReply *r = NULL;
+        if (cfg->redis_sentinel_password[0] && (r = redisCommand(rc, "AUTH %s", cfg->redis_sentinel_password))
+            && r->type != REDIS_REPLY_ERROR) {
+            freeReplyObject(r);
+            r = NULL;
+        }
+        if (!r)
+            r = redisCommand(rc, "SENTINEL get-master-addr-by-name %s", cfg->redis_master_name);
         bool ok = r && r->type == REDIS_REPLY_ARRAY && r->elements == 2 && r->element[0]->type == REDIS_REPLY_STRING
                   && r->element[1]->type == REDIS_REPLY_STRING && (size_t)r->element[0]->len < host_cap;
         if (ok) {
