@@ -126,7 +126,7 @@ int main(int argc, char **argv)
            timed(swapped, dup3_step, dup3_done));
     printf("| close of the pair's spare end (a dup) | %.0f | the app's connect |\n",
            timed(swapped_dup3, pair_close_b, spare_closed));
-    printf("| fstat (the inode, for stale checks) | %.0f | the app's connect |\n", timed(both, fstat_step, all_close));
+    printf("| fstat (the inode, for stale checks) | %.0f | the engine, when it makes the pair ahead (the app's connect only when none is left) |\n", timed(both, fstat_step, all_close));
     printf("| write of the request (80 B) | %.0f | the app (direct: the same write) |\n",
            timed(pair_new, write_step, pair_close));
     printf("| sendmsg of the answer (160 + 1200 B) into the pair | %.0f | the app's write (an inline hit) |\n",

@@ -232,9 +232,12 @@ void fdtable_drain_graveyard(void)
 #define STASH_MAX 16
 static atomic_flag stash_lock = ATOMIC_FLAG_INIT;
 static int stash[STASH_MAX][2];
+/* each pair's app end as fstat saw it: a diverted fd's stale checks need its inode, and
+ * the engine asks for it here, off the app's thread */
+static struct { dev_t dev; ino_t ino; } stash_app_end[STASH_MAX];
 static _Atomic int n_stash;
 
-int fdtable_take_pair(int sv[2])
+int fdtable_take_pair(int sv[2], dev_t *dev, ino_t *ino)
 {
     if (!atomic_load_explicit(&n_stash, memory_order_relaxed)
         || atomic_flag_test_and_set_explicit(&stash_lock, memory_order_acquire))
@@ -243,6 +246,8 @@ int fdtable_take_pair(int sv[2])
     if (n > 0) {
         sv[0] = stash[n - 1][0];
         sv[1] = stash[n - 1][1];
+        *dev = stash_app_end[n - 1].dev;
+        *ino = stash_app_end[n - 1].ino;
         atomic_store_explicit(&n_stash, n - 1, memory_order_relaxed);
     }
     atomic_flag_clear_explicit(&stash_lock, memory_order_release);
@@ -266,9 +271,10 @@ void fdtable_refill_stash(void)
     }
     for (int i = 0; i < STASH_MAX && atomic_load_explicit(&n_stash, memory_order_relaxed) < STASH_MAX; i++) {
         int sv[2];
+        struct stat app_end;
         if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0)
             return;
-        if (sv[1] >= fd_limit / 2 || sv[1] >= FDTABLE_MAX) {
+        if (sv[1] >= fd_limit / 2 || sv[1] >= FDTABLE_MAX || fstat(sv[0], &app_end) != 0) {
             real_close(sv[0]);         /* the app's fds come first */
             real_close(sv[1]);
             return;
@@ -282,6 +288,8 @@ void fdtable_refill_stash(void)
         if (room) {
             stash[n][0] = sv[0];
             stash[n][1] = sv[1];
+            stash_app_end[n].dev = app_end.st_dev;
+            stash_app_end[n].ino = app_end.st_ino;
             atomic_store_explicit(&n_stash, n + 1, memory_order_relaxed);
         }
         atomic_flag_clear_explicit(&stash_lock, memory_order_release);

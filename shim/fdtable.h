@@ -105,9 +105,9 @@ int fdtable_bury(int fd);
 /* The engine: whether fds wait (1), enough to close them now (2), or none (0). */
 int fdtable_graveyard(void);
 void fdtable_drain_graveyard(void);    /* the engine: close what was buried */
-/* A socketpair made ahead by the engine (non-blocking, close-on-exec; sv[1] an engine fd):
- * how many are left, or -1 (none: make one). */
-int fdtable_take_pair(int sv[2]);
+/* A socketpair made ahead by the engine (non-blocking, close-on-exec; sv[1] an engine fd),
+ * with the device and inode of its app end sv[0]: how many are left, or -1 (none: make one). */
+int fdtable_take_pair(int sv[2], dev_t *dev, ino_t *ino);
 #define FDTABLE_STASH_WAKE 8           /* taking the one that leaves this many: wake the engine */
 bool fdtable_stash_short(void);       /* not full: the engine makes more whenever it runs */
 void fdtable_refill_stash(void);       /* the engine */

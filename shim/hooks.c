@@ -263,7 +263,9 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     int sv[2];
     /* both ends non-blocking: the engine's end stays so, the app's gets the app's flags;
      * made ahead by the engine when it can (fdtable.c's stash) */
-    int left = fdtable_take_pair(sv);
+    dev_t pair_dev = 0;
+    ino_t pair_ino = 0;
+    int left = fdtable_take_pair(sv, &pair_dev, &pair_ino);
     if (left < 0 && socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0)
         return -1;
     if (left < 0 || left == FDTABLE_STASH_WAKE)
@@ -333,7 +335,10 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     }
     real_close(sv[0]);
     struct stat st;
-    if (fstat(fd, &st) == 0) {
+    if (left >= 0) {                   /* dup3 kept the stashed end's inode */
+        e->dev = pair_dev;
+        e->ino = pair_ino;
+    } else if (fstat(fd, &st) == 0) {
         e->dev = st.st_dev;
         e->ino = st.st_ino;
     }
