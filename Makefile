@@ -106,7 +106,7 @@ bench: bench-bins
 # C programs of the benchmark (bench/full builds them too): a userspace delay line (TUN
 # pair) standing in for netem, the fan-in load client, the cost of a write(), and what
 # each step of a hit costs.
-BENCH_BINS = $(BUILD)/delayline $(BUILD)/fanin $(BUILD)/writecost $(BUILD)/hitcost
+BENCH_BINS = $(BUILD)/delayline $(BUILD)/fanin $(BUILD)/writecost $(BUILD)/hitcost $(BUILD)/curlcost
 bench-bins: $(BENCH_BINS)
 $(BUILD)/delayline: bench/delayline.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -o $@ $<
@@ -116,6 +116,8 @@ $(BUILD)/hitcost: bench/hitcost.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -o $@ $<
 $(BUILD)/fanin: bench/fanin.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -pthread -o $@ $< -lm
+$(BUILD)/curlcost: bench/curlcost.c | $(BUILD)/obj
+	$(CC) $(C_FLAGS) -o $@ $< -lcurl
 
 bench-quick: $(DEPS_STAMP)
 	$(MAKE) test-bins

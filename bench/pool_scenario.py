@@ -4,10 +4,14 @@ connection, N requests each, against an upstream that answers after a delay. Pri
 time, p50/p99/max latency and how many requests failed, as one JSON line.
 
     bench/pool_scenario.py --port P [--coroutines 500] [--requests 20] [--path /delay/20/bytes/100]
+
+"engine_cpu_ms" is the CPU time (user + system) of the process's threads named httpshim
+(the shim's engine; 0 without the shim), read from /proc at the end.
 """
 import argparse
 import asyncio
 import json
+import os
 import time
 
 
@@ -35,6 +39,21 @@ async def client(port, path, n, lat, errors):
     w.close()
 
 
+def engine_cpu_ms():
+    """CPU of this process's threads named httpshim, from /proc (clock ticks of 10 ms)."""
+    ticks = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open("/proc/self/task/%s/stat" % tid) as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if stat[stat.index("(") + 1:stat.rindex(")")] == "httpshim":
+            fields = stat[stat.rindex(")") + 2:].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks * 1000 // os.sysconf("SC_CLK_TCK")
+
+
 async def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
@@ -49,7 +68,8 @@ async def main():
     lat.sort()
     q = lambda p: round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 1) if lat else None  # noqa: E731
     print(json.dumps({"wall_s": round(wall, 3), "requests": len(lat), "errors": len(errors),
-                      "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": round(lat[-1] * 1000, 1) if lat else None}))
+                      "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": round(lat[-1] * 1000, 1) if lat else None,
+                      "engine_cpu_ms": engine_cpu_ms()}))
 
 
 asyncio.run(main())
