@@ -1193,6 +1193,27 @@ def test_check_redis_settings(case, cli, tmp_path):
 
 
 
+def test_check_says_who_logs_in_never_with_what(cli, tmp_path):
+    """`httpshim check` names the user and where the password comes from (the URL or
+    redis_password_file; the sentinels' own), and never prints a password."""
+    pw = tmp_path / "pw"
+    pw.write_text("file-secret\n")
+    cases = (
+        (["cache = redis://:url-secret@127.0.0.1:6390/0"], ["redis login: password from the URL"]),
+        (["cache = redis://app:@127.0.0.1:6390/0", "redis_password_file = %s" % pw],
+         ["redis login: user app, password from redis_password_file"]),
+        (["cache = redis-sentinel://127.0.0.1:26379/mymaster/0", "redis_sentinel_password_file = %s" % pw],
+         ["redis login: no password", "redis sentinels login: password from redis_sentinel_password_file"]),
+    )
+    for lines, want in cases:
+        raw = "\n".join(["[global]"] + lines + ["", "[upstream 127.0.0.1:8080]", "cache GET /x* ttl=1m"]) + "\n"
+        conf = write_rules(tmp_path, [], raw=raw)
+        r = run([cli, "check", conf], shim=False)
+        out = r.out.decode()
+        assert r.rc == 0 and all(w in out.splitlines() for w in want), r.describe()
+        assert "secret" not in out + r.err.decode(), r.describe()
+
+
 def test_password_in_url_and_file_is_refused(cli, tmp_path):
     """A password in the cache URL and in redis_password_file: which one was meant? The
     rules are refused, naming the line, and the password is not echoed."""

@@ -148,6 +148,16 @@ int cmd_check(int argc, char **argv)
         } else {
             printf("redis: single, %s:%d, db %d\n", cfg->redis_host, cfg->redis_port, cfg->redis_db);
         }
+        /* who the tier logs in as, never with what */
+        printf("redis login: %s%s%s%s\n", cfg->redis_user[0] ? "user " : "", cfg->redis_user,
+               cfg->redis_user[0] ? ", " : "",
+               !cfg->redis_password[0]          ? "no password"
+               : cfg->redis_password_from_file ? "password from redis_password_file"
+                                                : "password from the URL");
+        if (cfg->redis_mode == REDIS_SENTINEL)
+            printf("redis sentinels login: %s\n", cfg->redis_sentinel_password[0]
+                                                     ? "password from redis_sentinel_password_file"
+                                                     : "none");
         if (connect) {
             struct redisContext *servers[32];
             int n = cli_redis_connect(cfg, stdout, servers, 32);
