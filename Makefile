@@ -23,7 +23,8 @@ SHIM_OBJ = $(patsubst shim/%.c,$(BUILD)/obj/%.o,$(SHIM_SRC))
 # C clients, loop.c on its own, the fuzz-replay binaries) is `test-bins`, built by `make test`.
 all: $(BUILD)/libhttpshim.so $(BUILD)/httpshim
 
-TEST_BINS = $(BUILD)/epollclient $(BUILD)/tlsstoreclient $(BUILD)/sockstate $(BUILD)/loop_test $(BUILD)/resp_test
+TEST_BINS = $(BUILD)/epollclient $(BUILD)/tlsstoreclient $(BUILD)/sockstate $(BUILD)/loop_test $(BUILD)/resp_test \
+            $(BUILD)/slowdns.so
 test-bins: all $(TEST_BINS)
 
 $(BUILD)/obj/%.o: shim/%.c | $(BUILD)/obj
@@ -56,6 +57,9 @@ $(BUILD)/epollclient: tests/clients/epollclient.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -o $@ $< -lm
 $(BUILD)/sockstate: tests/clients/sockstate.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -o $@ $<
+# A preload that makes *.slow.test names take seconds to resolve (tests/test_redis.py).
+$(BUILD)/slowdns.so: tests/clients/slowdns.c | $(BUILD)/obj
+	$(CC) $(C_FLAGS) -shared -fPIC -o $@ $< -ldl
 
 # loop.c on its own (tests/test_loop.py runs it): only the objects it stands on.
 LOOP_TEST_OBJ = $(addprefix $(BUILD)/obj/,loop.o fdtable.o fdgate.o real.o log.o clock.o)

@@ -15,6 +15,7 @@
 #include "loop.h"
 #include "real.h"
 #include "redis_session.h"
+#include "resolver.h"
 #include "stats.h"
 #include "stats_server.h"
 #include "store.h"
@@ -211,6 +212,7 @@ void engine_atfork_child(void)
     tls_front_forget();
     tls_decide_forget();
     redis_session_forget();
+    resolver_forget();
     graveyard_timer.slot = 0;          /* the parent's loop */
     fastpath_forget();
     stats_server_atfork_child();

@@ -1,10 +1,12 @@
 /* redis_link.c — owns the glue between a hiredis async context and the engine's loop:
  * hiredis asks for reads and writes through its adapter hooks, the loop reports the
  * events back, and the fd is marked as the engine's own so that no hook ever diverts or
- * closes it. Engine thread only. */
+ * closes it. Host names are turned into addresses by resolver.c, never on the engine's
+ * thread. Engine thread only. */
 #include "redis_link.h"
 #include "fdtable.h"
 #include "real.h"
+#include "resolver.h"
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 #include <netinet/in.h>
@@ -58,7 +60,15 @@ int redis_link_connect(struct redis_link *l, const char *host, int port, const c
     l->ac = NULL;
     l->fd = -1;
     l->want_read = l->want_write = false;
-    redisAsyncContext *ac = unix_path && unix_path[0] ? redisAsyncConnectUnix(unix_path) : redisAsyncConnect(host, port);
+    char addr[64];
+    bool unix_socket = unix_path && unix_path[0];
+    /* hiredis would resolve a name itself, blocking the engine: the address is asked for
+     * off the engine's thread, and until it is known this attempt fails (the caller's
+     * backoff tries again) */
+    int known = unix_socket ? 0 : resolver_lookup(host, addr, sizeof addr);
+    if (known != 0)
+        return known == RESOLVER_PENDING ? REDIS_LINK_RESOLVING : -1;
+    redisAsyncContext *ac = unix_socket ? redisAsyncConnectUnix(unix_path) : redisAsyncConnect(addr, port);
     if (!ac || ac->err) {
         if (ac)
             redisAsyncFree(ac);
@@ -67,7 +77,7 @@ int redis_link_connect(struct redis_link *l, const char *host, int port, const c
     l->ac = ac;
     l->fd = ac->c.fd;
     fdtable_mark_engine(l->fd);
-    if (!(unix_path && unix_path[0])) {
+    if (!unix_socket) {
         int one = 1;                   /* a request's commands leave in one segment, never behind Nagle */
         real_setsockopt(l->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     }

@@ -18,8 +18,11 @@ struct redis_link {
 };
 
 /* A non-blocking connect to host:port (or the Unix socket unix_path when it is not empty),
- * its callbacks set, its fd the engine's; -1 when it could not even start. The context is
- * freed by hiredis (on an error, a disconnect or redisAsyncFree), and l->ac is NULL then. */
+ * its callbacks set, its fd the engine's; -1 when it could not even start (host did not
+ * resolve, among others); REDIS_LINK_RESOLVING when host's first address is still being
+ * asked for (resolver.c: try again shortly, nothing failed). The context is freed by
+ * hiredis (on an error, a disconnect or redisAsyncFree), and l->ac is NULL then. */
+#define REDIS_LINK_RESOLVING (-2)
 int redis_link_connect(struct redis_link *l, const char *host, int port, const char *unix_path,
                        void (*on_connect)(const struct redisAsyncContext *, int),
                        void (*on_disconnect)(const struct redisAsyncContext *, int));

@@ -21,6 +21,7 @@
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 2000
 #define QUERY_TIMEOUT_MS 1000          /* a sentinel that does not answer: the next one */
+#define RESOLVE_POLL_MS 25             /* a sentinel whose name is being resolved is tried this often */
 
 struct asker {                         /* one connection to a sentinel: a query, or the subscription */
     struct redis_link link;
@@ -150,8 +151,12 @@ static void start_query(void)
     S.want_query = false;
     S.query.answered = false;
     const struct redis_addr *n = &S.cfg->redis_seeds[S.query.next];
-    if (redis_link_connect(&S.query.link, n->host, n->port, NULL, query_connected, query_disconnected) != 0) {
-        failed(&S.query);
+    int rc = redis_link_connect(&S.query.link, n->host, n->port, NULL, query_connected, query_disconnected);
+    if (rc != 0) {
+        if (rc == REDIS_LINK_RESOLVING)
+            S.query.next_attempt_ms = clock_mono_ms() + RESOLVE_POLL_MS;   /* the same sentinel, shortly */
+        else
+            failed(&S.query);
         S.want_query = true;
         return;
     }
@@ -211,8 +216,12 @@ static void sub_disconnected(const redisAsyncContext *ac, int status)
 static void start_sub(void)
 {
     const struct redis_addr *n = &S.cfg->redis_seeds[S.sub.next];
-    if (redis_link_connect(&S.sub.link, n->host, n->port, NULL, sub_connected, sub_disconnected) != 0) {
-        failed(&S.sub);
+    int rc = redis_link_connect(&S.sub.link, n->host, n->port, NULL, sub_connected, sub_disconnected);
+    if (rc != 0) {
+        if (rc == REDIS_LINK_RESOLVING)
+            S.sub.next_attempt_ms = clock_mono_ms() + RESOLVE_POLL_MS;
+        else
+            failed(&S.sub);
         return;
     }
     S.sub.ac = S.sub.link.ac;

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (JsonLineProcess, BUILD, SANITIZER_SKIP, SYS_PY, Upstream, client_env, free_port,
-                      kill_group, pyclient, require_build, run, write_rules)
+                      PRELOAD, kill_group, pyclient, require_build, run, write_rules)
 from resp import Resp
 from upstream import pattern
 from test_stats import get_stats, wait_socket
@@ -314,16 +314,16 @@ def wait_gone(srv, k, timeout=KEY_WAIT):
 class Proc(JsonLineProcess):
     """A shimmed child speaking JSON lines on stdout; stopped by its pid."""
 
-    def __init__(self, cmd, conf):
+    def __init__(self, cmd, conf, env=None):
         need_python_clients()
-        JsonLineProcess.__init__(self, cmd, client_env(True, conf))
+        JsonLineProcess.__init__(self, cmd, client_env(True, conf, env))
 
 
 class Client(Proc):
     """A running tests/pyclients/redisload.py: one process, one memory tier."""
 
-    def __init__(self, conf, sockdir):
-        Proc.__init__(self, [SYS_PY, REDISLOAD], conf)
+    def __init__(self, conf, sockdir, env=None):
+        Proc.__init__(self, [SYS_PY, REDISLOAD], conf, env)
         self.sock = "%s/s/%d.sock" % (sockdir, self.pid)
         try:
             hello = self.read()
@@ -1212,6 +1212,56 @@ def test_check_says_who_logs_in_never_with_what(cli, tmp_path):
         out = r.out.decode()
         assert r.rc == 0 and all(w in out.splitlines() for w in want), r.describe()
         assert "secret" not in out + r.err.decode(), r.describe()
+
+
+def test_redis_host_name_resolved_off_the_engine(upstream, redis, sockdir, tmp_path):
+    """cache = redis://NAME:PORT where NAME takes 3 s to resolve (tests/clients/slowdns.c,
+    preloaded after the shim, answers *.slow.test with 127.0.0.1 after SLOWDNS_MS): the
+    requests made meanwhile are answered at once — the engine never waits on a resolver —
+    and once the name has resolved the tier connects and writes entries."""
+    slowdns = BUILD / "slowdns.so"
+    require_build(slowdns)
+    conf = redis_conf(tmp_path, sockdir, "redis://redis.slow.test:%d/0" % redis.port,
+                      [(upstream, ["GET /bytes/* ttl=10m"])])
+    p = Client(conf, sockdir, env={"LD_PRELOAD": PRELOAD + " " + str(slowdns), "SLOWDNS_MS": "3000"})
+    try:
+        t0 = time.time()
+        reps = p.get([rq(upstream, "/bytes/%d" % (2300 + i)) for i in range(5)])
+        assert time.time() - t0 < 1.5 and all(r["ms"] < LATENCY_BOUND_S * 1000 for r in reps), \
+            "requests waited on the name: %s" % [r["ms"] for r in reps]
+        assert redis.scan(PREFIX + "*") == [], "connected before the name could have resolved"
+        deadline, i = time.time() + 10, 0
+        while time.time() < deadline and not redis.scan(PREFIX + "*"):
+            reps = p.get([rq(upstream, "/bytes/%d" % (2400 + i))])
+            assert reps[0]["ms"] < LATENCY_BOUND_S * 1000, reps
+            i += 1
+            time.sleep(0.2)
+        assert redis.scan(PREFIX + "*"), "the tier never connected once the name resolved: %s" % p.redis()
+        assert p.redis()["connected"] == 1
+    finally:
+        p.stop()
+
+
+def test_redis_host_name_that_does_not_resolve(upstream, sockdir, tmp_path):
+    """cache = redis://NAME:PORT where NAME does not resolve (slowdns.c: *.fail.test): every
+    request is answered at once through the upstream, the failure is said once on stderr
+    (the name is asked again every second, not said again), and the stats count it."""
+    slowdns = BUILD / "slowdns.so"
+    require_build(slowdns)
+    conf = redis_conf(tmp_path, sockdir, "redis://redis.fail.test:6379/0", [(upstream, ["GET /bytes/* ttl=10m"])])
+    p = Client(conf, sockdir, env={"LD_PRELOAD": PRELOAD + " " + str(slowdns)})
+    try:
+        t0 = time.time()
+        for i in range(8):
+            reps = p.get([rq(upstream, "/bytes/%d" % (2500 + i))])
+            assert reps[0]["ms"] < LATENCY_BOUND_S * 1000, reps
+            time.sleep(0.3)
+        assert time.time() - t0 < 10
+        st = p.redis()
+        assert st["connected"] == 0 and st["errors"] >= 1, st
+        assert p.describe().count("redis host redis.fail.test did not resolve") == 1, p.describe()
+    finally:
+        p.stop()
 
 
 def test_password_in_url_and_file_is_refused(cli, tmp_path):
