@@ -64,6 +64,7 @@ struct parser {
     const char *path;
     int line;
     char *err;
+    int password_file_line, sentinel_password_line, cache_line;   /* where those keys were, for the checks at the end */
 };
 
 static int fail(struct parser *p, const char *fmt, ...)
@@ -440,9 +441,10 @@ static int set_global(struct parser *p, const struct global_key *k, const char *
             cfg->cache = CACHE_MEMORY;
         else if (!strcmp(val, "off"))
             cfg->cache = CACHE_OFF;
-        else if (rules_parse_redis_url(val, cfg) == 0)
+        else if (rules_parse_redis_url(val, cfg) == 0) {
             cfg->cache = CACHE_REDIS;
-        else
+            p->cache_line = p->line;
+        } else
             return fail(p, "cache: expected memory, off, redis://[[user]:password@]host:port/db, redis+unix:///path, "
                            "redis-sentinel://[[user]:password@]host:port,host:port/master/db or "
                            "redis-cluster://[[user]:password@]host:port,host:port (the value is not repeated here: "
@@ -479,6 +481,7 @@ static int set_global(struct parser *p, const struct global_key *k, const char *
             return fail(p, "%s %s: a password of one line without NUL bytes", key, val);
         pw[n] = 0;
         cfg->redis_password_from_file |= masters;
+        *(masters ? &p->password_file_line : &p->sentinel_password_line) = p->line;
         return 0;
     }
     case G_SOCKET: {
@@ -605,6 +608,19 @@ int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX
     }
     if (!rc && section == UPSTREAM)
         rc = check_upstream(&p, u);
+    /* a password file for a Redis that is not configured would be ignored without a word */
+    if (!rc && p.password_file_line && cfg->cache != CACHE_REDIS) {
+        p.line = p.password_file_line;
+        rc = fail(&p, "redis_password_file is set but cache is not a Redis URL");
+    }
+    if (!rc && cfg->cache == CACHE_REDIS && cfg->redis_user[0] && !cfg->redis_password[0]) {
+        p.line = p.cache_line;
+        rc = fail(&p, "cache: a user without a password (give it in the URL or in redis_password_file)");
+    }
+    if (!rc && p.sentinel_password_line && (cfg->cache != CACHE_REDIS || cfg->redis_mode != REDIS_SENTINEL)) {
+        p.line = p.sentinel_password_line;
+        rc = fail(&p, "redis_sentinel_password_file is set but cache is not a redis-sentinel:// URL");
+    }
     if (!rc && ferror(f)) {
         snprintf(err, RULES_ERR_MAX, "%s: read error", path);
         rc = -1;

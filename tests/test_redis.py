@@ -1264,6 +1264,24 @@ def test_redis_host_name_that_does_not_resolve(upstream, sockdir, tmp_path):
         p.stop()
 
 
+def test_redis_login_settings_are_never_ignored(cli, tmp_path):
+    """A password file for a Redis that is not configured, a sentinels' password without
+    sentinels, a user without a password: each refused, naming its line."""
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    cases = (
+        (["redis_password_file = %s" % pw], 2, "redis_password_file is set but cache is not a Redis URL"),
+        (["cache = redis://127.0.0.1:6390/0", "redis_sentinel_password_file = %s" % pw], 3,
+         "redis_sentinel_password_file is set but cache is not a redis-sentinel:// URL"),
+        (["cache = redis://app:@127.0.0.1:6390/0"], 2, "cache: a user without a password"),
+    )
+    for lines, at, why in cases:
+        raw = "\n".join(["[global]"] + lines + ["", "[upstream 127.0.0.1:8080]", "cache GET /x* ttl=1m"]) + "\n"
+        conf = write_rules(tmp_path, [], raw=raw)
+        r = run([cli, "check", conf], shim=False)
+        assert r.rc == 1 and r.err.decode().startswith("%s:%d: %s" % (conf, at, why)), r.describe()
+
+
 def test_password_in_url_and_file_is_refused(cli, tmp_path):
     """A password in the cache URL and in redis_password_file: which one was meant? The
     rules are refused, naming the line, and the password is not echoed."""
