@@ -43,8 +43,8 @@ def tls_upstream(tls_upstream_server):
 
 
 def origin_conf(tmp, legacy_port, origin, ca_file=None, rules=("cache GET /custom* ttl=10m",), name="origin.conf",
-                sockdir=None):
-    lines = ["[global]", "upstream_timeout = 5s"]
+                sockdir=None, extra=()):
+    lines = ["[global]", "upstream_timeout = 5s"] + list(extra)
     if sockdir:
         lines.append("stats_socket = %s/%%p.sock" % sockdir)
     lines += ["", "[upstream 127.0.0.1:%d]" % legacy_port, "origin = %s" % origin]
@@ -58,10 +58,11 @@ def test_origin_https_carries_plain_http_over_verified_tls(tls_upstream, pki, tm
     """A legacy client speaks plain HTTP to 127.0.0.1:LEGACY, where nothing listens; the
     rule sends it to the HTTPS origin, verified against the test CA (tls_ca_file). The body
     is the origin's; the second GET from the same process is a hit; 40 connection-per-
-    request GETs (distinct URLs) reach the origin over a few pooled TLS connections."""
+    request GETs (distinct URLs, started 10 ms apart, so as many overlap as the machine is
+    slow) reach the origin over at most pool_max_per_host = 4 pooled TLS connections."""
     legacy = free_port()
     conf = origin_conf(tmp_path, legacy, "https://localhost:%d" % tls_upstream.port, pki["ca"].pem,
-                       sockdir=sockdir)
+                       sockdir=sockdir, extra=["pool_max_per_host = 4"])
     f = tmp_path / "paths.txt"
     f.write_text("\n".join(["/custom/o?tag=origin&n=900"] * 2) + "\n")
     r = run([SYS_PY, pyclient("poolclient.py"), "--port", legacy, "--paths-file", f, "--gap-ms", 300,
@@ -82,7 +83,7 @@ def test_origin_https_carries_plain_http_over_verified_tls(tls_upstream, pki, tm
     reqs = [x for x in jlines(r.out) if "i" in x]
     assert len(reqs) == 40 and all(x["status"] == 200 for x in reqs), r.describe()
     up = tls_upstream.stats()
-    assert up["requests"] == 40 and up["handshakes"] <= 8, up
+    assert up["requests"] == 40 and up["handshakes"] <= 4, up
 
 
 def test_origin_with_curl(tls_upstream, pki, tmp_path):
