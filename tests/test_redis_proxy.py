@@ -66,7 +66,13 @@ def test_many_threads_never_get_another_ones_reply(redis, tmp_path, sockdir):
     before = received(redis)
     res, u = scenario("threads", redis, conf_for(tmp_path, redis, sockdir), sockdir, threads=100, n=100)
     assert res["calls"] == 10000 and res["wrong"] == 0 and res["errors"] == 0, res
-    assert received(redis) - before - 1 <= 4, (received(redis) - before - 1, u)
+    # the pool opens at most pool_max_per_host (4) itself; the server may also have seen
+    # the app's own first connect (the cold upstream's probe, made for real so that a
+    # refused connect fails as direct would), which the pool could not use when it settled
+    # only after the probe's hold (1 s) had let the pool open its own
+    assert u["redis_server_opened"] <= 4, {k: v for k, v in u.items() if k.startswith("redis")}
+    assert received(redis) - before - 1 <= 4 + 1, (received(redis) - before - 1,
+                                                  {k: v for k, v in u.items() if k.startswith("redis")})
 
 
 def test_transactions_are_as_atomic_as_direct(redis, tmp_path, sockdir):
