@@ -84,8 +84,11 @@ def test_default_cap_does_not_throttle(upstream, tmp_path, sockdir):
     conf = pool_conf(tmp_path, upstream, sockdir)
     paths = ["/delay/300/bytes/%d" % (200 + i) for i in range(64)]
     reqs, st, r = play(tmp_path, conf, upstream, paths, sockdir=sockdir)
-    assert all(x["status"] == 200 for x in reqs), reqs
     u = st["upstreams"]["127.0.0.1:%d" % upstream.port]
+    assert all(x["status"] == 200 for x in reqs), (
+        [x for x in reqs if x["status"] != 200],
+        {k: v for k, v in u.items() if k.startswith(("queue", "errors", "connect", "upstream", "pool"))},
+        upstream.stats()["connections"], r.err.decode(errors="replace")[-2000:])
     # the only waits are those held while the first connect found out, for real, whether
     # the upstream can be reached (at most 1 s); nothing waits for a slot under the cap
     assert u["queue_timeouts"] == 0, u
