@@ -17,6 +17,7 @@
 #include "pool.h"
 #include "real.h"
 #include "resp.h"
+#include "ring.h"
 #include "sha256.h"
 #include "stats.h"
 #include <errno.h>
@@ -63,8 +64,8 @@ struct rconn {
     struct buf out;
     struct resp_stream replies;
     unsigned setup_left;               /* replies to its setup commands still to come */
-    struct rpool_client **fifo;        /* who each reply owed goes to (NULL: no one), oldest first */
-    unsigned fifo_head, fifo_count, fifo_cap;
+    struct ring fifo;                  /* who each reply owed goes to (struct rpool_client *, NULL: no
+                                        * one), oldest first */
     struct rpool_client *lent;         /* lent to this session alone (or its own, direct) */
     struct rpool_client *verifying;    /* a session waiting for its setup's verdict */
     bool raw;                          /* direct: bytes relayed as they come, after the setup */
@@ -277,6 +278,27 @@ static void lent_gauge(struct rconn *c, int delta)
 
 /* The connection ends: every session with a reply owed on it, lent it, or waiting on its
  * setup hears that it is gone (nothing of theirs is sent again). */
+/* ---- the replies owed on a server connection, in order: whose each one is ---- */
+
+static int fifo_push(struct rconn *c, struct rpool_client *cl) { return ring_push(&c->fifo, &cl); }
+
+static struct rpool_client *fifo_pop(struct rconn *c)
+{
+    struct rpool_client *cl = NULL;
+    ring_pop(&c->fifo, &cl);
+    return cl;
+}
+
+/* cl's replies still owed on c go to no one (NULL) when they come. */
+static void fifo_forget(struct rconn *c, const struct rpool_client *cl)
+{
+    for (unsigned i = 0; i < c->fifo.count; i++) {
+        struct rpool_client **owner = ring_at(&c->fifo, i);
+        if (*owner == cl)
+            *owner = NULL;
+    }
+}
+
 static void conn_close(struct rconn *c, bool lost)
 {
     if (c->state == RC_DEAD)
@@ -289,13 +311,11 @@ static void conn_close(struct rconn *c, bool lost)
     }
     struct rpool_client *told[2] = { c->lent, c->verifying };
     c->lent = c->verifying = NULL;
-    for (unsigned i = 0; i < c->fifo_count; i++) {
-        struct rpool_client *cl = c->fifo[(c->fifo_head + i) % c->fifo_cap];
+    for (unsigned i = 0; i < c->fifo.count; i++) {
+        struct rpool_client *cl = *(struct rpool_client **)ring_at(&c->fifo, i);
         if (!cl)
             continue;
-        for (unsigned j = i; j < c->fifo_count; j++)
-            if (c->fifo[(c->fifo_head + j) % c->fifo_cap] == cl)
-                c->fifo[(c->fifo_head + j) % c->fifo_cap] = NULL;
+        fifo_forget(c, cl);
         if (cl == told[0] || cl == told[1])
             continue;
         cl->conn = NULL;
@@ -328,7 +348,7 @@ static void conn_close(struct rconn *c, bool lost)
     }
     resp_stream_free(&c->replies);
     buf_free(&c->out);
-    free(c->fifo);
+    ring_free(&c->fifo);
     rpool_ident_put(c->id);
     loop_defer(&c->reclaim, reclaim);
 }
@@ -397,6 +417,7 @@ static struct rconn *conn_open(struct rpool_client *cl, struct rpool_ident *id, 
     c->dest_len = cl->dest_len;
     c->id = rpool_ident_ref(id);
     c->out.cap = RCONN_OUT_MAX;
+    c->fifo = RING_INIT(struct rpool_client *, RCONN_INFLIGHT_MAX);
     c->state = RC_WAITING;
     if (resp_stream_init(&c->replies, false) != 0 || put_setup(c, name, name_len) != 0) {
         resp_stream_free(&c->replies);
@@ -409,36 +430,6 @@ static struct rconn *conn_open(struct rpool_client *cl, struct rpool_ident *id, 
     P.conns[c->upstream] = c;
     conn_dial(c);
     return c->state == RC_DEAD ? NULL : c;
-}
-
-static int fifo_push(struct rconn *c, struct rpool_client *cl)
-{
-    if (c->fifo_count == c->fifo_cap) {
-        if (c->fifo_cap == RCONN_INFLIGHT_MAX)
-            return -1;
-        unsigned cap = c->fifo_cap ? c->fifo_cap * 2 : 16;
-        struct rpool_client **f = malloc(cap * sizeof *f);
-        if (!f)
-            return -1;
-        for (unsigned i = 0; i < c->fifo_count; i++)
-            f[i] = c->fifo[(c->fifo_head + i) % c->fifo_cap];
-        free(c->fifo);
-        c->fifo = f;
-        c->fifo_cap = cap;
-        c->fifo_head = 0;
-    }
-    c->fifo[(c->fifo_head + c->fifo_count++) % c->fifo_cap] = cl;
-    return 0;
-}
-
-static struct rpool_client *fifo_pop(struct rconn *c)
-{
-    if (!c->fifo_count)
-        return NULL;
-    struct rpool_client *cl = c->fifo[c->fifo_head];
-    c->fifo_head = (c->fifo_head + 1) % c->fifo_cap;
-    c->fifo_count--;
-    return cl;
 }
 
 /* Writes what waits for the server; -1 when the connection is gone. A direct session that
@@ -609,9 +600,9 @@ static struct rconn *pick_shared(struct rpool_client *cl, struct rpool_ident *id
     struct rconn *best = NULL;
     for (struct rconn *c = P.conns[cl->upstream]; c; c = c->next)
         if (c->id == id && c->shared && !c->lent && c->state != RC_DEAD
-            && (!best || c->fifo_count < best->fifo_count))
+            && (!best || c->fifo.count < best->fifo.count))
             best = c;
-    if ((!best || best->fifo_count > 0) && id->n_shared < pool_max(cl->upstream)) {
+    if ((!best || best->fifo.count > 0) && id->n_shared < pool_max(cl->upstream)) {
         struct rconn *c = conn_open(cl, id, NULL, 0);
         if (c) {
             c->shared = true;
@@ -670,7 +661,7 @@ int rpool_lend(struct rpool_client *cl, struct rpool_ident *id, enum rpool_pin w
         return -1;
     struct rconn *c = NULL;
     for (struct rconn *s = P.conns[up]; s; s = s->next)
-        if (s->id == id && s->shared && !s->lent && !s->fifo_count && s->state != RC_DEAD && !s->setup_left) {
+        if (s->id == id && s->shared && !s->lent && !s->fifo.count && s->state != RC_DEAD && !s->setup_left) {
             c = s;                     /* an idle shared one: lent, and taken out of the shared */
             c->shared = false;
             id->n_shared--;
@@ -703,7 +694,7 @@ void rpool_give_back(struct rpool_client *cl, bool clean)
         P.lent[c->upstream]--;
         lent_gauge(c, -1);
     }
-    if (!clean || c->raw || c->fifo_count || c->id->n_shared >= pool_max(c->upstream)) {
+    if (!clean || c->raw || c->fifo.count || c->id->n_shared >= pool_max(c->upstream)) {
         conn_close(c, false);          /* (state the shim cannot undo, or enough are shared) */
         return;
     }
@@ -730,9 +721,7 @@ int rpool_go_direct(struct rpool_client *cl, struct rpool_ident *id, const char 
     cl->raw = true;
     STAT_INC(cl->upstream, redis_direct);
     /* replies owed on it are bytes like any other now; what the stream held goes first */
-    for (unsigned i = 0; i < c->fifo_count; i++)
-        c->fifo[(c->fifo_head + i) % c->fifo_cap] = NULL;
-    c->fifo_count = 0;
+    ring_clear(&c->fifo);
     cl->inflight = 0;
     if (!c->setup_left)
         pass_raw(c);
@@ -765,9 +754,7 @@ void rpool_client_gone(struct rpool_client *cl)
     struct rconn *c = cl->conn;
     if (!c)
         return;
-    for (unsigned i = 0; i < c->fifo_count; i++)
-        if (c->fifo[(c->fifo_head + i) % c->fifo_cap] == cl)
-            c->fifo[(c->fifo_head + i) % c->fifo_cap] = NULL;   /* read and dropped */
+    fifo_forget(c, cl);                /* its replies: read and dropped */
     bool lent = cl->lent;
     cl->conn = NULL;
     cl->inflight = 0;

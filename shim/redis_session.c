@@ -15,6 +15,7 @@
 #include "log.h"
 #include "redis_pool.h"
 #include "resp.h"
+#include "ring.h"
 #include "stats.h"
 #include "tunnel.h"
 #include <errno.h>
@@ -42,8 +43,7 @@ struct rsession {
     size_t name_len;
     bool has_name;
     bool app_eof, gone, closing, in_multi, watching, waiting_verdict, throttling;
-    unsigned char *kinds;              /* enum kind of each command in flight, oldest first */
-    unsigned kind_head, kind_count, kind_cap;
+    struct ring kinds;                 /* the enum kind (a byte) of each command in flight, oldest first */
     struct rpool_ident *pending_id;    /* being verified for an AUTH or SELECT (a reference) */
     struct resp_item held;             /* a command read but waiting for the replies owed first */
     bool has_held;
@@ -85,7 +85,7 @@ static void session_close(struct rsession *s)
     fdtable_close_engine_fd(s->src.fd);
     resp_stream_free(&s->cmds);
     buf_free(&s->out);
-    free(s->kinds);
+    ring_free(&s->kinds);
     rpool_ident_put(s->id);
     rpool_ident_put(s->pending_id);
     if (s->prev)
@@ -140,22 +140,8 @@ static void answer_local(struct rsession *s, const char *p, size_t n)
 
 static int kind_push(struct rsession *s, enum kind k)
 {
-    if (s->kind_count == s->kind_cap) {
-        if (s->kind_cap == KINDS_MAX)
-            return -1;
-        unsigned cap = s->kind_cap ? s->kind_cap * 2 : 16;
-        unsigned char *n = malloc(cap);
-        if (!n)
-            return -1;
-        for (unsigned i = 0; i < s->kind_count; i++)
-            n[i] = s->kinds[(s->kind_head + i) % s->kind_cap];
-        free(s->kinds);
-        s->kinds = n;
-        s->kind_cap = cap;
-        s->kind_head = 0;
-    }
-    s->kinds[(s->kind_head + s->kind_count++) % s->kind_cap] = (unsigned char)k;
-    return 0;
+    unsigned char byte = (unsigned char)k;
+    return ring_push(&s->kinds, &byte);
 }
 
 /* ---- what the pool tells the session ---- */
@@ -163,12 +149,9 @@ static int kind_push(struct rsession *s, enum kind k)
 static void on_reply(struct rpool_client *c, const char *p, size_t n)
 {
     struct rsession *s = of_client(c);
-    enum kind k = K_PLAIN;
-    if (s->kind_count) {
-        k = (enum kind)s->kinds[s->kind_head];
-        s->kind_head = (s->kind_head + 1) % s->kind_cap;
-        s->kind_count--;
-    }
+    unsigned char byte = K_PLAIN;
+    ring_pop(&s->kinds, &byte);        /* (nothing owed: a plain reply) */
+    enum kind k = (enum kind)byte;
     answer(s, p, n);
     if (k == K_ENDS_TXN)
         s->in_multi = s->watching = false;   /* EXEC or DISCARD, whatever their answer */
@@ -549,6 +532,7 @@ int redis_session_start(struct loop_source *app_src, int upstream, const union s
     s->client.dest = *dest;
     s->client.dest_len = dest_len;
     s->out.cap = OUT_SOFT_MAX + RESP_REPLY_MAX + 64 * 1024;
+    s->kinds = RING_INIT(unsigned char, KINDS_MAX);
     s->app_eof = app_eof;
     if (resp_stream_init(&s->cmds, true) != 0
         || !(s->id = rpool_ident_get(upstream, "", 0, "", 0, false, "0", 1))
