@@ -23,6 +23,7 @@ struct redis_link {
  * asked for (resolver.c: try again shortly, nothing failed). The context is freed by
  * hiredis (on an error, a disconnect or redisAsyncFree), and l->ac is NULL then. */
 #define REDIS_LINK_RESOLVING (-2)
+#define REDIS_LINK_RESOLVE_RETRY_MS 25 /* how soon to try again after REDIS_LINK_RESOLVING */
 int redis_link_connect(struct redis_link *l, const char *host, int port, const char *unix_path,
                        void (*on_connect)(const struct redisAsyncContext *, int),
                        void (*on_disconnect)(const struct redisAsyncContext *, int));

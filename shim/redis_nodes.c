@@ -26,7 +26,6 @@ _Static_assert(NODES_MAX <= sizeof shim_redis.nodes / sizeof shim_redis.nodes[0]
 #define BACKOFF_MIN_MS     100
 #define BACKOFF_MAX_MS     2000
 #define MAP_REFRESH_MIN_MS 500          /* a cluster's slot map is asked for at most this often */
-#define RESOLVE_POLL_MS    25           /* a server whose name is being resolved is tried this often */
 
 struct redis_node {
     struct redis_link link;
@@ -342,7 +341,7 @@ static void connect_node(struct redis_node *n)
     const char *unix_path = N.cfg->redis_mode == REDIS_SINGLE ? N.cfg->redis_unix : NULL;
     int rc = redis_link_connect(&n->link, n->host, n->port, unix_path, on_connect, on_disconnect);
     if (rc == REDIS_LINK_RESOLVING) {
-        n->next_attempt_ms = clock_mono_ms() + RESOLVE_POLL_MS;   /* not a failure: its name is on its way */
+        n->next_attempt_ms = clock_mono_ms() + REDIS_LINK_RESOLVE_RETRY_MS;   /* not a failure: its name is on its way */
         return;
     }
     if (rc != 0) {

@@ -21,7 +21,6 @@
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 2000
 #define QUERY_TIMEOUT_MS 1000          /* a sentinel that does not answer: the next one */
-#define RESOLVE_POLL_MS 25             /* a sentinel whose name is being resolved is tried this often */
 
 struct asker {                         /* one connection to a sentinel: a query, or the subscription */
     struct redis_link link;
@@ -146,23 +145,34 @@ static void query_disconnected(const redisAsyncContext *ac, int status)
     arm_timer();
 }
 
+/* Connects a to the sentinel it is to ask next, logged in (log_in): true; false when it
+ * could not start (a is failed over to the next sentinel) or the sentinel's name is still
+ * being resolved (the same one is tried again shortly, nothing failed). */
+static bool dial(struct asker *a, void (*on_connect)(const redisAsyncContext *, int),
+                 void (*on_disconnect)(const redisAsyncContext *, int))
+{
+    const struct redis_addr *n = &S.cfg->redis_seeds[a->next];
+    int rc = redis_link_connect(&a->link, n->host, n->port, NULL, on_connect, on_disconnect);
+    if (rc == REDIS_LINK_RESOLVING)
+        a->next_attempt_ms = clock_mono_ms() + REDIS_LINK_RESOLVE_RETRY_MS;
+    else if (rc != 0)
+        failed(a);
+    if (rc != 0)
+        return false;
+    a->ac = a->link.ac;
+    log_in(a->ac);
+    return true;
+}
+
 static void start_query(void)
 {
     S.want_query = false;
     S.query.answered = false;
-    const struct redis_addr *n = &S.cfg->redis_seeds[S.query.next];
-    int rc = redis_link_connect(&S.query.link, n->host, n->port, NULL, query_connected, query_disconnected);
-    if (rc != 0) {
-        if (rc == REDIS_LINK_RESOLVING)
-            S.query.next_attempt_ms = clock_mono_ms() + RESOLVE_POLL_MS;   /* the same sentinel, shortly */
-        else
-            failed(&S.query);
+    if (!dial(&S.query, query_connected, query_disconnected)) {
         S.want_query = true;
         return;
     }
-    S.query.ac = S.query.link.ac;
     S.query.deadline_ms = clock_mono_ms() + QUERY_TIMEOUT_MS;
-    log_in(S.query.ac);
     redisAsyncCommand(S.query.ac, on_master_addr, NULL, "SENTINEL get-master-addr-by-name %s",
                       S.cfg->redis_master_name);
 }
@@ -215,17 +225,8 @@ static void sub_disconnected(const redisAsyncContext *ac, int status)
 
 static void start_sub(void)
 {
-    const struct redis_addr *n = &S.cfg->redis_seeds[S.sub.next];
-    int rc = redis_link_connect(&S.sub.link, n->host, n->port, NULL, sub_connected, sub_disconnected);
-    if (rc != 0) {
-        if (rc == REDIS_LINK_RESOLVING)
-            S.sub.next_attempt_ms = clock_mono_ms() + RESOLVE_POLL_MS;
-        else
-            failed(&S.sub);
+    if (!dial(&S.sub, sub_connected, sub_disconnected))
         return;
-    }
-    S.sub.ac = S.sub.link.ac;
-    log_in(S.sub.ac);
     redisAsyncCommand(S.sub.ac, on_switch, (void *)(uintptr_t)++S.sub_generation, "SUBSCRIBE +switch-master");
 }
 
