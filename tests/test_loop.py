@@ -8,19 +8,18 @@ import subprocess
 from conftest import BUILD, require_build
 
 
-def test_loop_unit():
-    binary = BUILD / "loop_test"
+def run_unit(name):
+    binary = BUILD / name
     require_build(binary)
     p = subprocess.run([str(binary)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
     out = p.stdout.decode(errors="replace")
     assert p.returncode == 0, out
     assert re.search(r"^10 passed, 0 failed$", out, re.M), out
+
+
+def test_loop_unit():
+    run_unit("loop_test")
 
 
 def test_resp_bounds_unit():
-    binary = BUILD / "resp_test"
-    require_build(binary)
-    p = subprocess.run([str(binary)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
-    out = p.stdout.decode(errors="replace")
-    assert p.returncode == 0, out
-    assert re.search(r"^10 passed, 0 failed$", out, re.M), out
+    run_unit("resp_test")

@@ -3,18 +3,15 @@ commands of an app that opens a connection per call over a few server connection
 every piece of connection state kept exact. Every test starts its own redis-server; the
 clients are raw RESP (tests/pyclients/redisscenarios.py, one process per scenario, so one
 pool), redis-py and redis-cli; the server's own counters say what reached it."""
-import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 
 import pytest
 
-from conftest import BUILD, SANITIZER_SKIP, SYS_PY, jlines, pyclient, require_build, run, write_rules
-from resp import Resp, RespError, encode
+from conftest import BUILD, SYS_PY, jlines, pyclient, require_build, run, write_rules
 from test_redis import redis, redis_servers  # noqa: F401 (fixtures)
 
 SCENARIOS = pyclient("redisscenarios.py")
@@ -123,18 +120,28 @@ def test_users_and_databases_never_mix(redis, tmp_path, sockdir):
     assert u["redis_local_replies"] > 0, "known identities are answered by the shim: %s" % u
 
 
+def direct_and_shimmed(redis, tmp_path, sockdir, connections, replies):
+    """The same few commands (redisscenarios' conn/on/as_text) run direct and under the
+    shim: `connections` opens them (`port` is the server's), `replies` is the list whose
+    JSON the program prints. Returns both runs."""
+    code = ("import json, sys; sys.path.insert(0, %r)\n"
+            "from redisscenarios import conn, on, as_text\n"
+            "port = int(sys.argv[1])\n"
+            "%s\n"
+            "print(json.dumps(%s))\n") % (os.path.dirname(SCENARIOS), connections, replies)
+    direct = run([SYS_PY, "-c", code, redis.port], shim=False, timeout=60)
+    shimmed = run([SYS_PY, "-c", code, redis.port], conf=conf_for(tmp_path, redis, sockdir), timeout=60)
+    return direct, shimmed
+
+
 def test_a_wrong_password_fails_as_direct(redis, tmp_path, sockdir):
     """AUTH with a password the server refuses: the app gets the server's own error, and
     its next commands run as before (the default user)."""
     redis.cmd("ACL", "SETUSER", "carol", "on", ">right", "~*", "+@all")
-    code = ("import sys; sys.path.insert(0, %r)\n"
-            "from redisscenarios import conn, on, as_text\n"
-            "import json\n"
-            "X = conn(int(sys.argv[1]))\n"
-            "print(json.dumps([as_text(on(X, 'AUTH', 'carol', 'wrong')), as_text(on(X, 'ACL', 'WHOAMI')),"
-            " as_text(on(X, 'AUTH', 'carol', 'right')), as_text(on(X, 'ACL', 'WHOAMI'))]))\n") % os.path.dirname(SCENARIOS)
-    direct = run([SYS_PY, "-c", code, redis.port], shim=False, timeout=60)
-    shimmed = run([SYS_PY, "-c", code, redis.port], conf=conf_for(tmp_path, redis, sockdir), timeout=60)
+    direct, shimmed = direct_and_shimmed(
+        redis, tmp_path, sockdir, "X = conn(port)",
+        "[as_text(on(X, 'AUTH', 'carol', 'wrong')), as_text(on(X, 'ACL', 'WHOAMI')),"
+        " as_text(on(X, 'AUTH', 'carol', 'right')), as_text(on(X, 'ACL', 'WHOAMI'))]")
     assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
     assert jlines(shimmed.out) == jlines(direct.out), (direct.out, shimmed.out)
     assert jlines(shimmed.out)[0][0].startswith("ERR:WRONGPASS"), shimmed.out
@@ -143,14 +150,10 @@ def test_a_wrong_password_fails_as_direct(redis, tmp_path, sockdir):
 def test_the_connection_name_is_the_apps_own(redis, tmp_path, sockdir):
     """CLIENT SETNAME on one app connection, GETNAME on it and on another: each sees its
     own (the shared server connection's name is never touched)."""
-    code = ("import sys; sys.path.insert(0, %r)\n"
-            "from redisscenarios import conn, on, as_text\n"
-            "import json\n"
-            "A, B = conn(int(sys.argv[1])), conn(int(sys.argv[1]))\n"
-            "print(json.dumps([as_text(on(A, 'CLIENT', 'SETNAME', 'first')), as_text(on(A, 'CLIENT', 'GETNAME')),"
-            " as_text(on(B, 'CLIENT', 'GETNAME')), as_text(on(A, 'CLIENT', 'SETNAME', 'a b'))]))\n") % os.path.dirname(SCENARIOS)
-    direct = run([SYS_PY, "-c", code, redis.port], shim=False, timeout=60)
-    shimmed = run([SYS_PY, "-c", code, redis.port], conf=conf_for(tmp_path, redis, sockdir), timeout=60)
+    direct, shimmed = direct_and_shimmed(
+        redis, tmp_path, sockdir, "A, B = conn(port), conn(port)",
+        "[as_text(on(A, 'CLIENT', 'SETNAME', 'first')), as_text(on(A, 'CLIENT', 'GETNAME')),"
+        " as_text(on(B, 'CLIENT', 'GETNAME')), as_text(on(A, 'CLIENT', 'SETNAME', 'a b'))]")
     assert jlines(shimmed.out) == jlines(direct.out), (direct.out, shimmed.out)
     names = [ln for ln in redis.cmd("CLIENT", "LIST").decode().splitlines() if "name=first" in ln]
     assert names == [], "the name reached a shared server connection: %s" % names

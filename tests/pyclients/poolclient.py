@@ -17,6 +17,8 @@ import socket
 import threading
 import time
 
+from ownstats import own_stats
+
 # CPython's own SHA-256, not OpenSSL's: the worker threads are daemons that may still be
 # alive at exit, and OpenSSL's exit cleanup orphans such a thread's state; under `make
 # test-asan` LeakSanitizer then reports it with a stack cut short at libcrypto, which no
@@ -83,14 +85,6 @@ def one(i, port, line, timeout, out):
     out[i] = rec
 
 
-def stats(path):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(path)
-    s.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
-    return json.loads(read_all(s).partition(b"\r\n\r\n")[2])
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
@@ -113,7 +107,7 @@ def main():
     for rec in out:
         print(json.dumps(rec), flush=True)
     if a.stats_socket:
-        print(json.dumps({"stats": stats(a.stats_socket.replace("%p", str(__import__("os").getpid())))}), flush=True)
+        print(json.dumps({"stats": own_stats(a.stats_socket)}), flush=True)
     print(json.dumps({"done": True}), flush=True)
 
 

@@ -30,7 +30,8 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from resp import Resp, RespError, encode, _Reader  # noqa: E402
+from resp import RespError, encode, _Reader  # noqa: E402
+from ownstats import own_stats  # noqa: E402
 
 
 def conn(port, timeout=10.0):
@@ -222,22 +223,6 @@ def loop(a):
         print(json.dumps({"t": t, "r": r}), flush=True)
         time.sleep(0.01)
     return {}
-
-
-def own_stats(pattern):
-    path = pattern.replace("%p", str(os.getpid()))
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(10)
-    s.connect(path)
-    s.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    d = b""
-    while True:
-        b = s.recv(65536)
-        if not b:
-            break
-        d += b
-    s.close()
-    return json.loads(d.partition(b"\r\n\r\n")[2])
 
 
 def main():

@@ -14,10 +14,10 @@ import argparse
 import asyncio
 import hashlib
 import json
-import os
-import socket
 import ssl
 import urllib.parse
+
+from ownstats import own_stats
 
 
 def context(a):
@@ -112,20 +112,6 @@ def run_aiohttp(a):
     return asyncio.run(main())
 
 
-def stats(pattern):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(pattern.replace("%p", str(os.getpid())))
-    s.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
-    data = b""
-    while True:
-        b = s.recv(65536)
-        if not b:
-            break
-        data += b
-    return json.loads(data.partition(b"\r\n\r\n")[2])
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lib", required=True, choices=["urllib", "requests", "httpclient", "asyncio", "aiohttp"])
@@ -140,7 +126,7 @@ def main():
     for rec in globals()["run_" + a.lib](a):
         print(json.dumps(rec), flush=True)
     if a.stats_socket:
-        print(json.dumps({"stats": stats(a.stats_socket)}), flush=True)
+        print(json.dumps({"stats": own_stats(a.stats_socket)}), flush=True)
     print(json.dumps({"done": True}), flush=True)
     if a.hold:
         import time

@@ -5,24 +5,13 @@
  * heap of many timers with random cancels. Prints "N passed, N failed" and exits 0 only
  * when every check passed. */
 #include "../../shim/loop.h"
+#include "check.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
-
-static int passed, failed;
-
-static void check(int ok, const char *what)
-{
-    if (ok)
-        passed++;
-    else {
-        failed++;
-        printf("FAILED: %s\n", what);
-    }
-}
 
 /* ---- timer order, cancel, re-arm ---- */
 static char order[16];
@@ -146,9 +135,7 @@ static void on_finish(struct loop_timer *t)
     check(many_fired == MANY / 2, "every timer of the heap that was not cancelled fired");
     check(many_out_of_order == 0, "the heap fires in due order");
     check(!loop_timer_armed(&t_cancelled.timer) && !loop_timer_armed(&t_victim.timer), "cancelled timers are not armed");
-    printf("%d passed, %d failed\n", passed, failed);
-    fflush(stdout);
-    _exit(failed ? 1 : 0);
+    _exit(check_report());
 }
 
 int main(void)

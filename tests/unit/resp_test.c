@@ -7,21 +7,10 @@
  * Prints "N passed, N failed" and exits 0 only when every check passed. */
 #include "../../shim/redis_slot.h"
 #include "../../shim/resp.h"
+#include "check.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int passed, failed;
-
-static void check(int ok, const char *what)
-{
-    if (ok)
-        passed++;
-    else {
-        failed++;
-        printf("FAILED: %s\n", what);
-    }
-}
 
 /* An incomplete "SET k <value>" whose bytes fed add up to exactly `total`. */
 static enum resp_next feed_incomplete(struct resp_stream *s, size_t total, size_t value_len)
@@ -101,6 +90,5 @@ int main(void)
     check(redis_slot("foo{}{bar}", 10) == (redis_crc16("foo{}{bar}", 10) & 16383), "an empty tag: the whole key");
     check(redis_slot("foo{{bar}}zap", 13) == redis_slot("{bar", 4), "the tag ends at the first } after the first {");
 
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed ? 1 : 0;
+    return check_report();
 }
