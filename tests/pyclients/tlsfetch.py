@@ -14,7 +14,7 @@ import ssl
 import sys
 import urllib.request
 
-from tlsclient import stats
+from ownstats import own_stats
 
 
 def main():
@@ -27,7 +27,7 @@ def main():
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd.get("stats"):
-            say({"stats": stats(a.stats_socket)})
+            say({"stats": own_stats(a.stats_socket)})
             continue
         try:
             ctx = ssl.create_default_context(cafile=a.cafile)
