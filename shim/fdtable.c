@@ -227,9 +227,10 @@ void fdtable_drain_graveyard(void)
 /* ---- the stash: socketpairs made ahead by the engine ----
  * Making a socketpair costs microseconds (5 on the machines measured) that a diverted
  * connect would pay on the app's thread: the engine keeps a few made ahead, and a
- * connect takes one. Bounded (STASH_MAX pairs, only below half the fd limit); empty, the
- * connect makes its own and the engine is woken to refill. */
-#define STASH_MAX 16
+ * connect takes one; once a quarter are gone the engine is woken to refill, so that a
+ * burst of connects between two of its runs does not find it empty. Bounded (STASH_MAX
+ * pairs, only below half the fd limit); empty, the connect makes its own. */
+#define STASH_MAX 32                   /* a client's burst of connects between two engine runs */
 static atomic_flag stash_lock = ATOMIC_FLAG_INIT;
 static int stash[STASH_MAX][2];
 /* each pair's app end as fstat saw it: a diverted fd's stale checks need its inode, and

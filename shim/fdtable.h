@@ -108,7 +108,7 @@ void fdtable_drain_graveyard(void);    /* the engine: close what was buried */
 /* A socketpair made ahead by the engine (non-blocking, close-on-exec; sv[1] an engine fd),
  * with the device and inode of its app end sv[0]: how many are left, or -1 (none: make one). */
 int fdtable_take_pair(int sv[2], dev_t *dev, ino_t *ino);
-#define FDTABLE_STASH_WAKE 8           /* taking the one that leaves this many: wake the engine */
+#define FDTABLE_STASH_WAKE 24          /* a take that leaves this many or fewer wakes the engine */
 bool fdtable_stash_short(void);       /* not full: the engine makes more whenever it runs */
 void fdtable_refill_stash(void);       /* the engine */
 #endif

@@ -268,8 +268,8 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     int left = fdtable_take_pair(sv, &pair_dev, &pair_ino);
     if (left < 0 && socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0)
         return -1;
-    if (left < 0 || left == FDTABLE_STASH_WAKE)
-        loop_wake();                   /* to make more */
+    if (left < 0 || left <= FDTABLE_STASH_WAKE)
+        loop_wake();                   /* to make more (once until the engine runs) */
     if (sv[0] >= FDTABLE_MAX || sv[1] >= FDTABLE_MAX) {
         real_close(sv[0]);
         fdtable_close_engine_fd(sv[1]);

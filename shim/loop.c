@@ -7,6 +7,7 @@
 #include "log.h"
 #include "real.h"
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -206,18 +207,28 @@ static void on_tick(struct loop_source *src, uint32_t events)
 
 /* ---- wake-up and deferred work ---- */
 
+/* A wake-up asked for and not yet taken: the eventfd is written once for any number of
+ * asks (each an app thread's system call, and an interrupt of the engine's core). The
+ * engine empties the eventfd first and clears the flag after, then looks at what it was
+ * woken for (after_dispatch): an ask between the two leaves the eventfd readable, one
+ * after them finds the flag clear and writes; cleared first, a write between the two
+ * would be read away with the flag left set, and no ask would ever write again. Both
+ * sides swap the flag (a full barrier), so the engine sees what an ask published. */
+static atomic_bool wake_pending;
+
 static void on_wake(struct loop_source *src, uint32_t events)
 {
     (void)events;
     uint64_t v;
     ssize_t r = read(src->fd, &v, sizeof v);
     (void)r;
+    atomic_exchange(&wake_pending, false);
 }
 
 void loop_wake(void)
 {
     uint64_t one = 1;
-    if (L.wake.fd >= 0) {
+    if (L.wake.fd >= 0 && !atomic_exchange(&wake_pending, true)) {
         ssize_t r = real_write(L.wake.fd, &one, sizeof one);
         (void)r;
     }
@@ -289,6 +300,7 @@ void loop_forget(void)
     /* The timers and deferred work named the parent's objects: the child never runs
      * them. Only plain stores here (async-signal-safe). */
     L.epfd = L.wake.fd = L.tick.fd = -1;
+    atomic_store(&wake_pending, false);
     L.wake.active = L.tick.active = false;
     L.n_timers = 0;
     L.programmed_us = 0;

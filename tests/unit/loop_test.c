@@ -1,11 +1,14 @@
 /* loop_test.c — exercises shim/loop.c on its own, in one process, through its public
  * interface: timer order, cancel and re-arm (a cancelled timer never fires), a removed
  * source whose event is already queued in the batch is not dispatched, frees deferred to
- * the end of the batch, loop_move, a self re-arming 0 ms timer cannot starve I/O, and a
- * heap of many timers with random cancels. Prints "N passed, N failed" and exits 0 only
- * when every check passed. */
+ * the end of the batch, loop_move, a self re-arming 0 ms timer cannot starve I/O, a
+ * heap of many timers with random cancels, and loop_wake from another thread hammering
+ * it while the engine takes its wake-ups (the last one asked for is never lost). Prints
+ * "N passed, N failed" and exits 0 only when every check passed. */
 #include "../../shim/loop.h"
 #include "check.h"
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -121,6 +124,38 @@ static void on_many(struct loop_timer *t)
     many_last_due = t->due_us;
 }
 
+/* ---- wake-ups from another thread ----
+ * The waker publishes a token and asks for a wake-up, as fast as it can, while the loop
+ * takes them (after_dispatch records the token it finds). A wake-up asked for in the
+ * instant the loop takes another must not be swallowed: then the last token would never
+ * be seen, with no timer left to wake the loop. */
+static _Atomic long wake_token, wake_seen, wake_rounds;
+
+static void after_dispatch(void)
+{
+    long t = atomic_load(&wake_token);
+    if (t != atomic_load(&wake_seen)) {
+        atomic_store(&wake_seen, t);
+        atomic_fetch_add(&wake_rounds, 1);
+    }
+}
+
+static void *waker(void *arg)
+{
+    (void)arg;
+    for (long i = 1; i <= 4000000 && atomic_load(&wake_rounds) < 20000; i++) {
+        atomic_store(&wake_token, i);
+        loop_wake();
+    }
+    long last = atomic_load(&wake_token) + 1;
+    atomic_store(&wake_token, last);
+    loop_wake();
+    for (int i = 0; i < 2000 && atomic_load(&wake_seen) != last; i++)
+        usleep(1000);                  /* 2 s at most: the loop has nothing else to wake it */
+    check(atomic_load(&wake_seen) == last, "a wake-up asked for while the loop takes another is never lost");
+    _exit(check_report());
+}
+
 static struct loop_timer finish;
 static void on_finish(struct loop_timer *t)
 {
@@ -135,12 +170,17 @@ static void on_finish(struct loop_timer *t)
     check(many_fired == MANY / 2, "every timer of the heap that was not cancelled fired");
     check(many_out_of_order == 0, "the heap fires in due order");
     check(!loop_timer_armed(&t_cancelled.timer) && !loop_timer_armed(&t_victim.timer), "cancelled timers are not armed");
-    _exit(check_report());
+    /* no timer is armed from here on: only the waker's wake-ups run the loop */
+    pthread_t tid;
+    if (pthread_create(&tid, NULL, waker, NULL) != 0) {
+        check(0, "the waker thread starts");
+        _exit(check_report());
+    }
 }
 
 int main(void)
 {
-    if (loop_init(NULL) != 0) {
+    if (loop_init(after_dispatch) != 0) {
         perror("loop_init");
         return 2;
     }
