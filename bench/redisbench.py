@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """The Redis seed scenario (issue 23), side by side in one run: a Python service that makes
 a new Redis client (and so a new connection) per request — without the shim, with the shim
-(protocol = redis), and with the client library's own connection pool reused (the fix the
-app cannot make). redis-py, a local redis-server this script starts, loopback. A request
+(protocol = redis; and with the engine's busy polling off), and with the client library's
+own connection pool reused (the fix the app cannot make), direct and through the shim (what
+one round trip through the engine costs). redis-py, a local redis-server this script starts, loopback. A request
 is one GET (a cache lookup), or a SET and a GET (--ops 1,2 runs both). Prints a markdown
 table: requests/s, p50/p99 per request, and the connections the server accepted.
 
@@ -98,11 +99,17 @@ def main():
                 break
             except (subprocess.CalledProcessError, AttributeError):
                 time.sleep(0.05)
-        conf = os.path.join(work, "rules.conf")
-        with open(conf, "w") as f:
-            f.write("[global]\nstats_socket = %s/%%p.sock\n[upstream %s:%d]\nprotocol = redis\n" % (work, a.host, port))
-        setups = [("per-request client, direct", "percall", False), ("per-request client, httpshim", "percall", True),
-                  ("one client reused (its pool), direct", "reused", False)]
+        confs = {}
+        for poll in ("50us", "off"):
+            confs[poll] = os.path.join(work, "rules-%s.conf" % poll)
+            with open(confs[poll], "w") as f:
+                f.write("[global]\nstats_socket = %s/%%p.sock\nbusy_poll = %s\n[upstream %s:%d]\nprotocol = redis\n"
+                        % (work, poll, a.host, port))
+        # (label, client mode, shim config or None)
+        setups = [("per-request client, direct", "percall", None), ("per-request client, httpshim", "percall", "50us"),
+                  ("per-request client, httpshim with busy_poll = off", "percall", "off"),
+                  ("one client reused (its pool), direct", "reused", None),
+                  ("one client reused (its pool), httpshim", "reused", "50us")]
         kinds = [int(x) for x in a.ops.split(",")]
         res = {(k, s[0]): [] for k in kinds for s in setups}
         for _ in range(a.runs):
@@ -110,7 +117,7 @@ def main():
                 for name, mode, shim in setups:
                     e = dict(env)
                     if shim:
-                        e.update(LD_PRELOAD=a.lib, HTTPSHIM_CONF=conf)
+                        e.update(LD_PRELOAD=a.lib, HTTPSHIM_CONF=confs[shim])
                     before = received(a.host, port, a.password)
                     out = subprocess.run([py, "-c", CHILD, a.host, str(port), str(a.calls), mode, a.password, str(a.db),
                                           str(k)], stdout=subprocess.PIPE, env=e, check=True, timeout=1800).stdout
@@ -129,7 +136,7 @@ def main():
                                                                      m["p99_us"], m["conns"]))
         print()
         for k in kinds:
-            d, s, r = (med[(k, n)] for n, _, _ in setups)
+            d, s, r = (med[(k, setups[i][0])] for i in (0, 1, 3))
             print("%s per request: httpshim vs direct %.2f× the requests/s (target ≥ 3×); httpshim's p50 vs the "
                   "reused pool's %.2f× (target ≤ 1.5×).  " % (what[k], s["calls_s"] / d["calls_s"],
                                                               s["p50_us"] / r["p50_us"]))

@@ -38,12 +38,15 @@ static struct {
     const struct shim_config *cfg;
 } T = { .lock = PTHREAD_MUTEX_INITIALIZER };
 
-/* The closes app threads handed over (fdtable_bury): gathered for 10 ms, then made. */
+/* The closes app threads handed over (fdtable_bury): gathered for 10 ms (or until 128
+ * wait), then made GRAVEYARD_SLICE at a time, each slice a 0 ms timer, so that the
+ * loop serves I/O between slices. */
+#define GRAVEYARD_SLICE 16
 static struct loop_timer graveyard_timer;
 static void on_graveyard_due(struct loop_timer *timer)
 {
-    (void)timer;
-    fdtable_drain_graveyard();
+    if (fdtable_drain_graveyard(GRAVEYARD_SLICE) > 0)
+        loop_timer_arm(timer, 0, on_graveyard_due);
 }
 
 static void after_dispatch(void)
@@ -54,7 +57,7 @@ static void after_dispatch(void)
         fdtable_refill_stash();
     int buried = fdtable_graveyard();
     if (buried == 2)
-        fdtable_drain_graveyard();
+        loop_timer_arm(&graveyard_timer, 0, on_graveyard_due);
     else if (buried && !loop_timer_armed(&graveyard_timer))
         loop_timer_arm(&graveyard_timer, 10, on_graveyard_due);
 }
@@ -79,6 +82,7 @@ static int set_up(const struct shim_config *cfg)
      * event, outside the handler that caused it */
     if (loop_init(after_dispatch) != 0)
         goto fail;
+    loop_set_busy_poll(cfg->busy_poll_us);
     stats_server_start(cfg);          /* no stats socket is no reason to run unshimmed */
     memcache_configure(cfg->memory_max);
     flight_init(cfg);

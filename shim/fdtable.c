@@ -178,7 +178,8 @@ int fdtable_close_engine_fd(int fd)
  * app's TCP socket swapped out at connect, the engine's end of a connection answered
  * inline) are handed to the engine, which closes them in batches, off the app's latency:
  * the first fd buried wakes it, and it closes what has gathered 10 ms later (at once when
- * GRAVE_WAKE have). Bounded: GRAVE_MAX fds, and only fds below half the process's fd
+ * GRAVE_WAKE have), a slice at a time with the loop's I/O between slices (128 closes in
+ * one go would hold a request that came in meanwhile half a millisecond). Bounded: GRAVE_MAX fds, and only fds below half the process's fd
  * limit, so the app never runs out of fds for the shim's sake; a full graveyard, a lock
  * held (even by a thread this signal handler interrupted) or a high fd is closed by the
  * caller. */
@@ -211,17 +212,19 @@ int fdtable_graveyard(void)
     return n >= GRAVE_WAKE ? 2 : n > 0;
 }
 
-void fdtable_drain_graveyard(void)
+int fdtable_drain_graveyard(int max)
 {
     if (!atomic_load_explicit(&n_grave, memory_order_relaxed)
         || atomic_flag_test_and_set_explicit(&grave_lock, memory_order_acquire))
-        return;                        /* nothing, or an app thread is burying: next time */
+        return atomic_load_explicit(&n_grave, memory_order_relaxed);   /* an app thread is burying: next time */
     int fds[GRAVE_MAX], n = atomic_load_explicit(&n_grave, memory_order_relaxed);
-    memcpy(fds, grave, (size_t)n * sizeof fds[0]);
-    atomic_store_explicit(&n_grave, 0, memory_order_relaxed);
+    int take = n < max ? n : max;
+    memcpy(fds, grave + (n - take), (size_t)take * sizeof fds[0]);
+    atomic_store_explicit(&n_grave, n - take, memory_order_relaxed);
     atomic_flag_clear_explicit(&grave_lock, memory_order_release);
-    for (int i = 0; i < n; i++)
+    for (int i = 0; i < take; i++)
         fdtable_close_engine_fd(fds[i]);
+    return n - take;
 }
 
 /* ---- the stash: socketpairs made ahead by the engine ----

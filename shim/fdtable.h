@@ -104,7 +104,8 @@ int fdtable_close_engine_fd(int fd);
 int fdtable_bury(int fd);
 /* The engine: whether fds wait (1), enough to close them now (2), or none (0). */
 int fdtable_graveyard(void);
-void fdtable_drain_graveyard(void);    /* the engine: close what was buried */
+/* The engine: close up to max of what was buried; how many are left. */
+int fdtable_drain_graveyard(int max);
 /* A socketpair made ahead by the engine (non-blocking, close-on-exec; sv[1] an engine fd),
  * with the device and inode of its app end sv[0]: how many are left, or -1 (none: make one). */
 int fdtable_take_pair(int sv[2], dev_t *dev, ino_t *ino);

@@ -356,6 +356,11 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
         struct epoll_event ev = regs[i].ev;
         real_epoll_ctl(regs[i].epfd, EPOLL_CTL_ADD, fd, &ev);
     }
+    /* Every command of a Redis client goes through the engine, the first one a moment
+     * from now: woken here, the engine is up (and, if commands have been coming close
+     * together, polling: loop.c) by the time it arrives, instead of starting to wake then. */
+    if (config_loaded()->upstreams[upstream].protocol == PROTO_REDIS)
+        loop_wake();
     shim_debug("fd %d diverted to upstream %s:%u", fd, config_loaded()->upstreams[upstream].host,
                config_loaded()->upstreams[upstream].port);
     return 0;

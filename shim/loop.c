@@ -7,6 +7,7 @@
 #include "log.h"
 #include "real.h"
 #include <errno.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,6 +28,7 @@ static struct {
     size_t n_timers, heap_cap;
     int64_t programmed_us;              /* what the timerfd is set to; 0: nothing pending */
     struct loop_deferred *deferred;
+    int64_t busy_poll_us;               /* loop_set_busy_poll */
 } L = { .epfd = -1, .wake = { .fd = -1 }, .tick = { .fd = -1 } };
 
 
@@ -181,8 +183,8 @@ static void program_timerfd(void)
     if (!L.n_timers)
         return;
     int64_t due = L.heap[0]->due_us;
-    if (L.programmed_us && L.programmed_us <= due)
-        return;
+    if ((L.programmed_us && L.programmed_us <= due) || due <= clock_mono_us())
+        return;                         /* (one due already: the loop does not wait) */
     due -= clock_offset_us();           /* the kernel's clock, without a test's advance */
     if (due < 1)
         due = 1;                        /* zero would disarm */
@@ -270,17 +272,59 @@ int loop_init(void (*after_dispatch)(void))
     return 0;
 }
 
+void loop_set_busy_poll(int64_t micros)
+{
+    L.busy_poll_us = micros > 0 ? micros : 0;
+}
+
+/* Busy polling: on these machines a thread asleep in epoll_wait takes tens of
+ * microseconds to run again once woken (an idle virtual CPU halts and exits to the
+ * host; an interrupt brings it back), and a request through the engine pays that twice
+ * (the app's bytes, the upstream's or Redis's answer), where the app without the shim
+ * pays it once. So after a batch the loop may poll (epoll_wait with no wait, yielding
+ * the CPU between polls to any thread that wants it) for up to busy_poll_us before it
+ * sleeps. It polls while it has credit: a batch with I/O that came within the window of
+ * the one before (whether the loop polled or slept for it) earns one, up to
+ * POLL_CREDIT_MAX; a poll that runs out spends one. So each wasted poll was paid for by
+ * an event that came soon, and quiet or far-apart traffic never polls. A batch of the
+ * wake-up alone (stash and graveyard chores, a Redis client's connect announced) may
+ * start a poll but earns nothing, and one of the tick timer alone counts for nothing. */
+#define POLL_CREDIT_MAX 8
 void loop_run(void)
 {
     struct epoll_event evs[LOOP_BATCH];
+    int64_t batch_end = 0;             /* when the last batch with work ended */
+    int credit = 0;
+    bool poll = false;
     for (;;) {
-        int n = epoll_wait(L.epfd, evs, LOOP_BATCH, -1);
+        /* a timer due already (a 0 ms one: "after this batch") is run after a look at the
+         * I/O, without the timerfd */
+        bool timer_due = L.n_timers && L.heap[0]->due_us <= clock_mono_us();
+        int n = epoll_wait(L.epfd, evs, LOOP_BATCH, poll || timer_due ? 0 : -1);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
             shim_log("engine: epoll_wait failed: %s", strerror(errno));
             return;
         }
+        if (n == 0 && !timer_due) {
+            if (poll && clock_mono_us() - batch_end < L.busy_poll_us) {
+                sched_yield();
+            } else {
+                poll = false;
+                if (credit > 0)
+                    credit--;
+            }
+            continue;
+        }
+        bool work = false, io = false;
+        for (int i = 0; i < n; i++) {
+            work = work || evs[i].data.ptr != &L.tick;
+            io = io || (evs[i].data.ptr != &L.tick && evs[i].data.ptr != &L.wake);
+        }
+        if (io && L.busy_poll_us && batch_end && clock_mono_us() - batch_end <= L.busy_poll_us
+            && credit < POLL_CREDIT_MAX)
+            credit++;
         for (int i = 0; i < n; i++) {
             struct loop_source *src = evs[i].data.ptr;
             if (!src->active)
@@ -292,6 +336,10 @@ void loop_run(void)
         fire_due_timers();
         run_deferred();
         program_timerfd();
+        if (work) {
+            batch_end = clock_mono_us();
+            poll = credit > 0;
+        }
     }
 }
 

@@ -24,6 +24,9 @@ struct loop_source {
 
 /* Registers fd for `events` (EPOLLIN, EPOLLOUT...). Safe from any thread. 0, or -1. */
 int loop_add(struct loop_source *src, int fd, uint32_t events, loop_io_fn on_io);
+/* How long the loop polls for events after a batch when they have been coming close
+ * together (0: it always sleeps in epoll_wait); see loop_run. */
+void loop_set_busy_poll(int64_t micros);
 /* Changes what src waits for; no system call when nothing changes. */
 int loop_watch(struct loop_source *src, uint32_t events);
 /* Leaves the epoll set (explicitly: close() alone does not while a forked child holds a

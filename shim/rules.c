@@ -357,7 +357,8 @@ static int check_upstream(struct parser *p, struct upstream_rule *u)
 
 /* ---- [global]: every key, its default and how it is read, in one table ---- */
 
-enum global_kind { G_COUNT, G_DURATION, G_SWITCH, G_SIZE, G_CACHE, G_PREFIX, G_SECRET, G_PASSWORD, G_SOCKET };
+enum global_kind { G_COUNT, G_DURATION, G_MICROS, G_SWITCH, G_SIZE, G_CACHE, G_PREFIX, G_SECRET, G_PASSWORD, G_SOCKET };
+#define BUSY_POLL_MAX_US 1000          /* a longer poll would burn a core for what a sleep costs */
 
 struct global_key {
     const char *name;
@@ -376,6 +377,7 @@ static const struct global_key global_keys[] = {
     { "pool_idle_timeout", G_DURATION, "60s", AT(pool_idle_timeout_ms), 0 },
     { "upstream_timeout", G_DURATION, "30s", AT(upstream_timeout_ms), 0 },
     { "fastpath", G_SWITCH, "on", AT(fastpath), 0 },
+    { "busy_poll", G_MICROS, "50us", AT(busy_poll_us), 0 },     /* the kernel's net.core.busy_poll, in the engine */
     { "coalesce", G_SWITCH, "on", AT(coalesce), 0 },
     { "coalesce_timeout", G_DURATION, "5s", AT(coalesce_timeout_ms), 0 },      /* nginx's proxy_cache_lock_timeout */
     { "uncacheable_ttl", G_DURATION, "2m", AT(uncacheable_ttl_ms), 0 },        /* Varnish's hit-for-miss */
@@ -422,6 +424,23 @@ static int set_global(struct parser *p, const struct global_key *k, const char *
         if (!ok || ms <= 0)
             return fail(p, "%s '%s': expected a duration like 500ms, 30s, 10m, 1h, 1d", key, val);
         *(int64_t *)field = ms;
+        return 0;
+    }
+    case G_MICROS: {                   /* off, 0, NNus or NNms */
+        long n = 0;
+        if (strcmp(val, "off")) {
+            char *end;
+            n = strtol(val, &end, 10);
+            long unit = !strcmp(end, "us") ? 1 : !strcmp(end, "ms") ? 1000 : !*end && n == 0 ? 1 : 0;
+            if (end == val || !unit || n < 0 || n > BUSY_POLL_MAX_US)
+                n = -1;
+            else
+                n *= unit;
+        }
+        if (n < 0 || n > BUSY_POLL_MAX_US)
+            return fail(p, "%s '%s': expected off, or a time from 0us to %dus (e.g. 50us, 1ms)", key, val,
+                        BUSY_POLL_MAX_US);
+        *(int64_t *)field = n;
         return 0;
     }
     case G_SWITCH:

@@ -82,6 +82,7 @@ struct shim_config {
      * key lives */
     bool coalesce;
     bool fastpath;                     /* memory hits answered on the app's own thread */
+    int64_t busy_poll_us;              /* the engine polls this long for an event due soon (0: never) */
     int64_t coalesce_timeout_ms, uncacheable_ttl_ms, redis_lock_ttl_ms;
     enum cache_backend cache;
     int64_t memory_max;

@@ -995,6 +995,9 @@ BROKEN = {
     "bad-port": ("[global]\npool_max_per_host = 4\n[upstream 127.0.0.1:{port}]\n"
                  "[upstream 127.0.0.1:99999]\n", 4),
     "unclosed-section": ("[global]\npool_max_per_host = 4\n[upstream 127.0.0.1:{port}\n", 3),
+    "busy-poll-too-long": ("[global]\nbusy_poll = 2ms\n[upstream 127.0.0.1:{port}]\n", 2),
+    "busy-poll-no-unit": ("[global]\nbusy_poll = 50\n[upstream 127.0.0.1:{port}]\n", 2),
+    "busy-poll-negative": ("[global]\nbusy_poll = -5us\n[upstream 127.0.0.1:{port}]\n", 2),
 }
 
 
@@ -1037,6 +1040,9 @@ VALID = {
                 "pool_max_per_host = 4       # in use + idle\n"
                 "pool_idle_timeout = 60s\n   \n[upstream 127.0.0.1:{port}]   # here\n",
     "only-upstream": "[upstream 127.0.0.1:{port}]\n",
+    "busy-poll-off": "[global]\nbusy_poll = off\n[upstream 127.0.0.1:{port}]\n",
+    "busy-poll-units": "[global]\nbusy_poll = 1ms\n[upstream 127.0.0.1:{port}]\n",
+    "busy-poll-zero": "[global]\nbusy_poll = 0\n[upstream 127.0.0.1:{port}]\n",
 }
 
 

@@ -68,11 +68,11 @@ int cmd_check(int argc, char **argv)
     }
     printf("%s: ok\n", path);
     printf("global: pool_max_per_host=%u pool_idle_max=%u pool_queue_timeout=%lldms pool_idle_timeout=%lldms "
-           "upstream_timeout=%lldms cache=%s memory_max=%lld max_object=%lld stats_socket=%s\n",
+           "upstream_timeout=%lldms cache=%s memory_max=%lld max_object=%lld stats_socket=%s busy_poll=%lldus\n",
            cfg->pool_max_per_host, cfg->pool_idle_max, (long long)cfg->pool_queue_timeout_ms,
            (long long)cfg->pool_idle_timeout_ms, (long long)cfg->upstream_timeout_ms,
            cfg->cache == CACHE_OFF ? "off" : cfg->cache == CACHE_REDIS ? "redis" : "memory", (long long)cfg->memory_max, (long long)cfg->max_object,
-           cfg->stats_socket);
+           cfg->stats_socket, (long long)cfg->busy_poll_us);
     printf("coalescing: coalesce=%s coalesce_timeout=%lldms uncacheable_ttl=%lldms redis_lock_ttl=%lldms\n",
            cfg->coalesce ? "on" : "off", (long long)cfg->coalesce_timeout_ms, (long long)cfg->uncacheable_ttl_ms,
            (long long)cfg->redis_lock_ttl_ms);
