@@ -1,21 +1,25 @@
 /* config.c — owns the configuration this process runs with: the environment as it was
- * when the library loaded (HTTPSHIM_CONF, HTTPSHIM_DEBUG, HTTPSHIM_TEST_CLOCK: servers
+ * when the library loaded (HTTPSHIM_CONF, HTTPSHIM_DEBUG, HTTPSHIM_TEST_CLOCK and
+ * HTTPSHIM_TEST_CPU_PRESSURE: servers
  * scrub their workers' environment long before the first connect), the rules read and
  * parsed in the constructor with the privileges the process starts with, and, at the
  * first use, either the rules made live (the fd table mapped, the upstreams' names
- * resolved) or one line on stderr and an inert record saying why not. */
+ * being resolved in the background) or one line on stderr and an inert record saying
+ * why not. */
 #include "config.h"
 #include "clock.h"
 #include "exited.h"
 #include "fdtable.h"
 #include "log.h"
 #include "real.h"
+#include "resolver.h"
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 static pthread_once_t config_once = PTHREAD_ONCE_INIT;
@@ -26,6 +30,9 @@ static _Atomic bool config_tried;    /* load_config ran: a NULL config is inert 
  * environment (clearenv, a whitelisting master) long before the first connect. */
 static char conf_path[4096];
 static enum { ENV_UNREAD, ENV_READ, ENV_TOO_LONG } conf_env;
+/* where the engine reads the CPU pressure (loop.c): the kernel's, or a test's file
+ * (HTTPSHIM_TEST_CPU_PRESSURE) */
+static char cpu_pressure_path[256] = "/proc/pressure/cpu";
 
 void config_capture_environment(void)
 {
@@ -39,7 +46,12 @@ void config_capture_environment(void)
     }
     shim_debug_enable(getenv("HTTPSHIM_DEBUG") != NULL);
     clock_enable_test(getenv("HTTPSHIM_TEST_CLOCK") && !strcmp(getenv("HTTPSHIM_TEST_CLOCK"), "1"));
+    const char *pressure = getenv("HTTPSHIM_TEST_CPU_PRESSURE");
+    if (pressure && strlen(pressure) < sizeof cpu_pressure_path)
+        memcpy(cpu_pressure_path, pressure, strlen(pressure) + 1);
 }
+
+const char *config_cpu_pressure_path(void) { return cpu_pressure_path; }
 
 /* The rules are read and parsed in the constructor, with the privileges and the file
  * system the process starts with: a master that reads them as root, then drops to
@@ -80,6 +92,71 @@ static void read_config(void)
 
 void config_read_once(void) { pthread_once(&read_once, read_config); }
 
+/* The upstreams named by host name, resolved on a thread of their own: the app's first
+ * connect (to anything: the rules are made live then) never waits on DNS for them — a
+ * slow or dead resolver held it for seconds. Until the answers come, a connect matches
+ * the addresses learned from the app's own lookups (its getaddrinfo, which is hooked) and
+ * the literal ones; the first connect to the port of a named upstream that matches
+ * nothing waits for the answers, CONFIG_NAMES_WAIT_MS at most (a name in /etc/hosts or a
+ * resolver's cache comes back in well under that); an address still not known connects
+ * directly, as without the shim. A child forked while the thread ran asks again at its
+ * first connect. */
+enum { NAMES_NONE, NAMES_RESOLVING, NAMES_DONE, NAMES_LOST_IN_FORK };
+static _Atomic int names_state = NAMES_NONE;
+static _Atomic bool names_awaited;     /* one connect has waited on them already */
+static pthread_mutex_t names_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t names_done = PTHREAD_COND_INITIALIZER;
+
+static void *resolve_names(void *arg)
+{
+    shim_in_engine = 1;                /* the lookup's own sockets are never the app's */
+    rules_resolve_all(arg, real_getaddrinfo);
+    pthread_mutex_lock(&names_lock);
+    atomic_store(&names_state, NAMES_DONE);
+    pthread_cond_broadcast(&names_done);
+    pthread_mutex_unlock(&names_lock);
+    return NULL;
+}
+
+bool config_await_names(void)
+{
+    if (atomic_load_explicit(&names_state, memory_order_acquire) != NAMES_RESOLVING
+        || atomic_exchange(&names_awaited, true))
+        return false;
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_nsec += (long)CONFIG_NAMES_WAIT_MS * 1000000L;
+    until.tv_sec += until.tv_nsec / 1000000000L;
+    until.tv_nsec %= 1000000000L;
+    pthread_mutex_lock(&names_lock);
+    while (atomic_load(&names_state) == NAMES_RESOLVING)
+        if (pthread_cond_timedwait(&names_done, &names_lock, &until) != 0)
+            break;                     /* (ETIMEDOUT) */
+    pthread_mutex_unlock(&names_lock);
+    return atomic_load(&names_state) == NAMES_DONE;
+}
+
+static void resolve_names_in_background(void)
+{
+    if (!rules_has_named_upstreams(parsed)) {
+        atomic_store(&names_state, NAMES_DONE);
+        return;
+    }
+    atomic_store(&names_state, NAMES_RESOLVING);
+    if (resolver_spawn(resolve_names, parsed) != 0)
+        resolve_names(parsed);         /* no thread to be had: here, as it used to be */
+}
+
+void config_atfork_child(void)
+{
+    int resolving = NAMES_RESOLVING;
+    if (atomic_compare_exchange_strong(&names_state, &resolving, NAMES_LOST_IN_FORK)) {
+        pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;   /* (a waiter's, in the parent) */
+        memcpy(&names_lock, &fresh, sizeof fresh);
+        atomic_store(&names_awaited, false);
+    }
+}
+
 /* At the first use: one line on stderr and a record for `httpshim stats` when the rules
  * could not be read, else the parsed rules made live. */
 static void load_config(void)
@@ -97,7 +174,7 @@ static void load_config(void)
     }
     if (parsed->n_upstreams == 0 || fdtable_init() != 0)
         return;
-    rules_resolve_all(parsed, real_getaddrinfo);
+    resolve_names_in_background();
     config = parsed;
 }
 
@@ -116,6 +193,11 @@ struct shim_config *config_get(void)
     if (!real_bound())
         return NULL;                   /* a call from inside dlsym: stay out of the way */
     pthread_once(&config_once, load_config_once);
+    if (__builtin_expect(atomic_load_explicit(&names_state, memory_order_relaxed) == NAMES_LOST_IN_FORK, 0)) {
+        int lost = NAMES_LOST_IN_FORK;
+        if (atomic_compare_exchange_strong(&names_state, &lost, NAMES_RESOLVING))
+            resolve_names_in_background();
+    }
     errno = saved;
     return config;
 }

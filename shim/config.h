@@ -10,8 +10,17 @@ void config_read_once(void);
 /* The rules, made live on the first call (from an app thread), or NULL: no file, a
  * broken one (said once on stderr), or a call the shim must stay out of. */
 struct shim_config *config_get(void);
+/* The file the engine reads the CPU pressure from (/proc/pressure/cpu, or a test's). */
+const char *config_cpu_pressure_path(void);
 /* The rules as they are now, without loading them (NULL until loaded). */
 struct shim_config *config_loaded(void);
+/* The upstreams' host names are being resolved (in the background): wait for them, once
+ * per process and at most CONFIG_NAMES_WAIT_MS. true when they came in (match again). */
+#define CONFIG_NAMES_WAIT_MS 250
+bool config_await_names(void);
+/* A forked child: the upstreams' names are asked again if the parent's lookup was under
+ * way (its thread is not in the child). Async-signal-safe. */
+void config_atfork_child(void);
 /* Loaded, and there is nothing to shim: no record of anything needs keeping. */
 bool config_known_inert(void);
 #endif

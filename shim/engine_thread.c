@@ -6,6 +6,7 @@
 #include "engine_thread.h"
 #include "cache.h"
 #include "cache_redis.h"
+#include "config.h"
 #include "engine.h"
 #include "fastpath.h"
 #include "fdtable.h"
@@ -82,7 +83,7 @@ static int set_up(const struct shim_config *cfg)
      * event, outside the handler that caused it */
     if (loop_init(after_dispatch) != 0)
         goto fail;
-    loop_set_busy_poll(cfg->busy_poll_us);
+    loop_set_busy_poll(cfg->busy_poll_us, config_cpu_pressure_path());
     stats_server_start(cfg);          /* no stats socket is no reason to run unshimmed */
     memcache_configure(cfg->memory_max);
     flight_init(cfg);

@@ -35,13 +35,23 @@
 
 #define SHIM_EXPORT __attribute__((visibility("default")))
 
-static void atfork_prepare(void) { engine_atfork_prepare(); }
+static void atfork_prepare(void)
+{
+    engine_atfork_prepare();
+    rules_atfork_prepare();            /* last: its holder never waits on another lock */
+}
 static void atfork_parent(void)
 {
+    rules_atfork_release();
     atomic_fetch_add_explicit(&fdtable_fork_count, 1, memory_order_relaxed);
     engine_atfork_parent();
 }
-static void atfork_child(void) { engine_atfork_child(); }
+static void atfork_child(void)
+{
+    rules_atfork_release();
+    config_atfork_child();
+    engine_atfork_child();
+}
 
 __attribute__((constructor)) static void shim_constructor(void)
 {
@@ -412,6 +422,11 @@ enum divert_result hooks_try_divert(int fd, const struct sockaddr *addr, socklen
     if (addr->sa_family != AF_INET && addr->sa_family != AF_INET6)
         return NOT_OURS;
     int up = rules_match_addr(cfg, addr, len);
+    /* (sin_port and sin6_port sit at the same place) */
+    if (up < 0 && len >= sizeof(struct sockaddr_in)
+        && rules_named_upstream_port(cfg, ntohs(((const struct sockaddr_in *)(const void *)addr)->sin_port))
+        && config_await_names())
+        up = rules_match_addr(cfg, addr, len);   /* the names' answers just came in */
     struct socket_facts facts;
     if (up < 0 || len > sizeof(union shim_sockaddr) || !is_fresh_tcp(fd, addr->sa_family, &facts))
         return NOT_OURS;

@@ -25,8 +25,9 @@ struct loop_source {
 /* Registers fd for `events` (EPOLLIN, EPOLLOUT...). Safe from any thread. 0, or -1. */
 int loop_add(struct loop_source *src, int fd, uint32_t events, loop_io_fn on_io);
 /* How long the loop polls for events after a batch when they have been coming close
- * together (0: it always sleeps in epoll_wait); see loop_run. */
-void loop_set_busy_poll(int64_t micros);
+ * together (0: it always sleeps in epoll_wait), and where it reads whether the CPUs have
+ * time to spare (the kernel's /proc/pressure/cpu); see loop_run. */
+void loop_set_busy_poll(int64_t micros, const char *cpu_pressure_path);
 /* Changes what src waits for; no system call when nothing changes. */
 int loop_watch(struct loop_source *src, uint32_t events);
 /* Leaves the epoll set (explicitly: close() alone does not while a forked child holds a

@@ -1,5 +1,6 @@
-/* resolver.c — owns turning the Redis tier's host names into addresses without ever
- * blocking the engine: getaddrinfo runs on a short-lived thread of its own, the answer is
+/* resolver.c — owns turning host names into addresses off the threads that must not wait:
+ * the threads it runs lookups on (resolver_spawn: detached, the app's signals blocked),
+ * and for the Redis tier's names, without ever blocking the engine: getaddrinfo runs on a short-lived thread of its own, the answer is
  * kept RESOLVER_KEEP_MS and refreshed in the background after that (the old answer serves
  * meanwhile). Until a name has an answer, a lookup says so at once and the caller tries
  * again later, on its own backoff. Bounded: RESOLVER_NAMES names, one thread per name at
@@ -74,6 +75,22 @@ static void *resolve(void *arg)
     return NULL;
 }
 
+int resolver_spawn(void *(*run)(void *), void *arg)
+{
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 128 * 1024);   /* getaddrinfo and its NSS modules */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);   /* the app's signals stay with the app */
+    pthread_t th;
+    int rc = pthread_create(&th, &attr, run, arg);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+    return rc == 0 ? 0 : -1;
+}
+
 /* Under the lock: a thread for n, if one can be made. */
 static void start(size_t slot, int64_t now)
 {
@@ -84,18 +101,7 @@ static void start(size_t slot, int64_t now)
     job->slot = slot;
     job->generation = generation;
     memcpy(job->host, n->host, sizeof job->host);
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    pthread_attr_setstacksize(&attr, 128 * 1024);
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);   /* the app's signals stay with the app */
-    pthread_t th;
-    int rc = pthread_create(&th, &attr, resolve, job);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    pthread_attr_destroy(&attr);
-    if (rc != 0) {
+    if (resolver_spawn(resolve, job) != 0) {
         free(job);
         return;
     }

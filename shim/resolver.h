@@ -1,4 +1,4 @@
-/* resolver.h — host names to addresses off the engine's thread (resolver.c). */
+/* resolver.h — host names to addresses off the app's and the engine's threads (resolver.c). */
 #ifndef HTTPSHIM_RESOLVER_H
 #define HTTPSHIM_RESOLVER_H
 #include <stddef.h>
@@ -9,6 +9,9 @@
  * second in the background), or it cannot be kept. Never blocks on the network. */
 #define RESOLVER_PENDING 1
 int resolver_lookup(const char *host, char *addr, size_t cap);
+/* A detached thread running run(arg), with the app's signals blocked (they stay with the
+ * app's threads) and a small stack: 0, or -1 when none could be made. */
+int resolver_spawn(void *(*run)(void *), void *arg);
 /* A forked child: resolutions the parent's threads had under way are asked again. */
 void resolver_forget(void);
 #endif

@@ -704,6 +704,24 @@ void rules_resolve_all(struct shim_config *cfg, rules_resolver resolve)
     }
 }
 
+bool rules_has_named_upstreams(const struct shim_config *cfg)
+{
+    return rules_named_upstream_port(cfg, 0);
+}
+
+bool rules_named_upstream_port(const struct shim_config *cfg, unsigned port)
+{
+    for (size_t i = 0; i < cfg->n_upstreams; i++)
+        if (!cfg->upstreams[i].host_is_literal && (!port || cfg->upstreams[i].port == port))
+            return true;
+    return false;
+}
+
+/* Across a fork: the child must not inherit the lock held by a thread it does not have.
+ * Whoever holds it never waits on anything else, so taking it last is safe. */
+void rules_atfork_prepare(void) { pthread_mutex_lock(&rules_addr_lock); }
+void rules_atfork_release(void) { pthread_mutex_unlock(&rules_addr_lock); }
+
 bool rules_name_is_listed(const struct shim_config *cfg, const char *name)
 {
     for (size_t i = 0; i < cfg->n_upstreams; i++)

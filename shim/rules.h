@@ -140,6 +140,11 @@ int rules_match_addr(struct shim_config *cfg, const struct sockaddr *sa, socklen
 /* The app resolved `name` to these addresses: remember them for every rule naming it. */
 void rules_learn(struct shim_config *cfg, const char *name, int family, const void *addr_bytes);
 bool rules_name_is_listed(const struct shim_config *cfg, const char *name);
+bool rules_has_named_upstreams(const struct shim_config *cfg);   /* any not an IP literal */
+bool rules_named_upstream_port(const struct shim_config *cfg, unsigned port);   /* one on this port (0: any) */
+/* The address lists' lock, held across a fork (the atfork handlers). */
+void rules_atfork_prepare(void);
+void rules_atfork_release(void);
 
 /* Expands a stats_socket pattern for this pid and uid; -1 if it does not fit. */
 int rules_expand_socket_path(const char *pattern, int pid, unsigned uid, char *out, size_t cap);

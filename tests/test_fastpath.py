@@ -190,7 +190,7 @@ def strace_calls(log, main_pid=None):
 
 @pytest.mark.skipif(not shutil.which("strace"), reason="strace not installed")
 def test_a_hit_costs_few_system_calls(upstream, tmp_path, sockdir, epollclient):
-    """strace -f, per thread: 50 more connection-per-request hits cost the app's own
+    """strace -f, per thread: 100 more connection-per-request hits cost the app's own
     thread at most 7 system calls each beyond what the same client makes without the shim
     talking to the upstream itself (the connect hook asks the kernel nothing the hooks saw
     the app set; it was 18 more before the hooks kept the socket's state), and the engine
@@ -202,7 +202,7 @@ def test_a_hit_costs_few_system_calls(upstream, tmp_path, sockdir, epollclient):
     conf = conf_for(tmp_path, upstream, sockdir)
     totals = {}
     for shim in (False, True):
-        for n in (11, 61):
+        for n in (11, 111):             # (what the engine leaves unclosed at exit varies: over 100)
             log = tmp_path / ("sc-%s-%d" % (shim, n))
             cmd = ["strace", "-f", "-qq", "-o", log]
             if shim:
@@ -214,14 +214,14 @@ def test_a_hit_costs_few_system_calls(upstream, tmp_path, sockdir, epollclient):
             totals[(shim, n)] = strace_calls(log)
 
     def per_hit(shim, side, name=None):
-        a, b = totals[(shim, 11)][side], totals[(shim, 61)][side]
+        a, b = totals[(shim, 11)][side], totals[(shim, 111)][side]
         if name:
-            return (b.get(name, 0) - a.get(name, 0)) / 50.0
-        return (sum(b.values()) - sum(a.values())) / 50.0
+            return (b.get(name, 0) - a.get(name, 0)) / 100.0
+        return (sum(b.values()) - sum(a.values())) / 100.0
     assert per_hit(True, "app") <= per_hit(False, "app") + 7, (per_hit(True, "app"), per_hit(False, "app"), totals)
     assert per_hit(True, "engine") <= 5, (per_hit(True, "engine"), totals)
     assert per_hit(True, "app", "socketpair") <= 0.1, totals
-    assert per_hit(True, "engine", "socketpair") >= 0.5, totals   # (the stash of 16 is filled ahead)
+    assert per_hit(True, "engine", "socketpair") >= 0.5, totals   # (the stash of 32 is filled ahead)
     # no SO_DOMAIN, F_GETOWN_EX, F_GETFD...: one fcntl more, the F_DUPFD that hands the app's
     # TCP socket to the engine to close
     assert per_hit(True, "app", "getsockopt") <= per_hit(False, "app", "getsockopt"), totals

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (EPOLLCLIENT, LIB, PRELOAD, PYTHONS, SANITIZER_SKIP, SYS_PY, Upstream, free_port,
+from conftest import (BUILD, EPOLLCLIENT, LIB, PRELOAD, PYTHONS, SANITIZER_SKIP, SYS_PY, Upstream, free_port,
                       hop_by_hop, jlines, pyclient, require_build, run, wait_until, write_rules)
 from upstream import pattern
 from rawclient import parse_responses
@@ -909,6 +909,28 @@ def test_localhost_rule_matches_numeric_connect(upstream, tmp_path):
     assert r.rc == 0 and r.err == b"", r.describe()
     assert engine_of(r) is True, "a localhost rule should match 127.0.0.1"
     assert st["requests"] == 10 and st["connections"] <= 4, st
+
+
+def test_a_slow_resolver_never_holds_a_connect_for_long(upstream, upstream_b, sockdir, tmp_path):
+    """The rules name an upstream by a host name that takes 3 s to resolve
+    (tests/clients/slowdns.c): the names are resolved on a thread of their own, so a
+    connect to a port no named upstream uses does not wait at all, the first connect to the
+    named upstream's port waits at most 250 ms for the answer and then goes direct (as
+    without the shim; it used to wait the whole 3 s), and once the name has resolved a
+    connect to its address is diverted."""
+    slowdns = BUILD / "slowdns.so"
+    require_build(slowdns)
+    conf = write_rules(tmp_path, ["api.slow.test:%d" % upstream.port],
+                       extra_global="stats_socket = %s/%%p.sock" % sockdir)
+    r = run([SYS_PY, pyclient("slowname.py"), upstream_b.port, upstream.port, 3.5, "%s/%%p.sock" % sockdir],
+            conf=conf, env={"LD_PRELOAD": PRELOAD + " " + str(slowdns), "SLOWDNS_MS": "3000"}, timeout=60)
+    assert r.rc == 0, r.describe()
+    d = jlines(r.out)[0]
+    assert d["other"][1] == d["named"][1] == d["later"][1] == 10, d
+    assert d["other"][0] < 0.2, d          # no wait: nothing named listens on that port
+    assert d["named"][0] < 1.0, d          # at most 250 ms of waiting, then direct
+    st = d["stats"]["upstreams"]["api.slow.test:%d" % upstream.port]
+    assert st["requests"] == 1, st         # only the one after the name resolved was diverted
 
 
 # ------------------------------------------------------------------ upstream misbehaving
