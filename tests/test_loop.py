@@ -32,7 +32,7 @@ def test_busy_polling_spares_sleeps_and_stops_when_quiet(upstream, tmp_path):
     instead of sleeping (its voluntary context switches, one per sleep in epoll_wait, fall
     to under half of what they are with `busy_poll = off`); with the CPUs under pressure
     (another task waiting for one 50 % of the time, as /proc/pressure/cpu would say) it
-    sleeps as with `busy_poll = off`; and once the traffic stops it stops polling (under
+    sleeps, as with `busy_poll = off`; and once the traffic stops it stops polling (under
     50 ms of CPU in the quiet second after, where a loop that kept polling would use the
     whole second). The pressure is a file of the test's own (HTTPSHIM_TEST_CPU_PRESSURE),
     so that the load of the machine running the suite does not decide; the window is the
@@ -48,7 +48,8 @@ def test_busy_polling_spares_sleeps_and_stops_when_quiet(upstream, tmp_path):
         assert r.rc == 0, r.describe()
         got[name] = jlines(r.out)[0]
         assert "error" not in got[name], (got, r.describe())
-    assert got["off"]["sleeps"] >= 50, got     # (fewer than 200 on a loaded machine: events wait queued)
-    assert got["polling"]["sleeps"] * 2 < got["off"]["sleeps"], got
-    assert got["pressed"]["sleeps"] * 2 >= got["off"]["sleeps"], got
+    # (fewer than one per request on a loaded machine, where events wait queued: how many
+    # varies from one run to the next, so each sleeping run is held to the polling one)
+    assert got["off"]["sleeps"] >= 50 and got["pressed"]["sleeps"] >= 50, got
+    assert got["polling"]["sleeps"] * 2 < min(got["off"]["sleeps"], got["pressed"]["sleeps"]), got
     assert all(g["quiet_cpu_ms"] <= 50 for g in got.values()), got
