@@ -301,6 +301,21 @@ void loop_set_busy_poll(int64_t micros, const char *cpu_pressure_path)
  * it at 25-30 %, and polling engines cost that suite 18 % of its time.) Without pressure
  * information the loop polls. */
 #define POLL_MAX_CPU_PRESSURE 10.0
+
+/* What the loop did, for the stats (read from any thread: relaxed counters). */
+static struct {
+    _Atomic uint64_t sleeps, polls, polls_paid, poll_us;
+} counted;
+#define COUNT(field, n) atomic_fetch_add_explicit(&counted.field, (n), memory_order_relaxed)
+
+void loop_read_counters(struct loop_counters *out)
+{
+    out->sleeps = atomic_load_explicit(&counted.sleeps, memory_order_relaxed);
+    out->polls = atomic_load_explicit(&counted.polls, memory_order_relaxed);
+    out->polls_paid = atomic_load_explicit(&counted.polls_paid, memory_order_relaxed);
+    out->poll_us = atomic_load_explicit(&counted.poll_us, memory_order_relaxed);
+    out->busy_poll_us = L.busy_poll_us;
+}
 static bool cpu_to_spare(int64_t now)
 {
     static int64_t checked;
@@ -330,6 +345,8 @@ void loop_run(void)
         /* a timer due already (a 0 ms one: "after this batch") is run after a look at the
          * I/O, without the timerfd */
         bool timer_due = L.n_timers && L.heap[0]->due_us <= clock_mono_us();
+        if (!poll && !timer_due)
+            COUNT(sleeps, 1);
         int n = epoll_wait(L.epfd, evs, LOOP_BATCH, poll || timer_due ? 0 : -1);
         if (n < 0) {
             if (errno == EINTR)
@@ -338,14 +355,21 @@ void loop_run(void)
             return;
         }
         if (n == 0 && !timer_due) {
-            if (poll && clock_mono_us() - batch_end < L.busy_poll_us) {
+            int64_t now = clock_mono_us();
+            if (poll && now - batch_end < L.busy_poll_us) {
                 sched_yield();
             } else {
+                if (poll)
+                    COUNT(poll_us, (uint64_t)(now - batch_end));
                 poll = false;
                 if (credit > 0)
                     credit--;
             }
             continue;
+        }
+        if (poll && n > 0) {               /* the poll caught what a sleep would have waited for */
+            COUNT(polls_paid, 1);
+            COUNT(poll_us, (uint64_t)(clock_mono_us() - batch_end));
         }
         bool work = false, io = false;
         for (int i = 0; i < n; i++) {
@@ -369,6 +393,8 @@ void loop_run(void)
         if (work) {
             batch_end = clock_mono_us();
             poll = credit > 0 && cpu_to_spare(batch_end);
+            if (poll)
+                COUNT(polls, 1);
         }
     }
 }

@@ -28,6 +28,10 @@ int loop_add(struct loop_source *src, int fd, uint32_t events, loop_io_fn on_io)
  * together (0: it always sleeps in epoll_wait), and where it reads whether the CPUs have
  * time to spare (the kernel's /proc/pressure/cpu); see loop_run. */
 void loop_set_busy_poll(int64_t micros, const char *cpu_pressure_path);
+/* What the loop did: sleeps in epoll_wait, polls started after a batch, those that caught
+ * an event, and the time spent polling (microseconds); and the configured window. */
+struct loop_counters { uint64_t sleeps, polls, polls_paid, poll_us; int64_t busy_poll_us; };
+void loop_read_counters(struct loop_counters *out);
 /* Changes what src waits for; no system call when nothing changes. */
 int loop_watch(struct loop_source *src, uint32_t events);
 /* Leaves the epoll set (explicitly: close() alone does not while a forked child holds a

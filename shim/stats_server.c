@@ -287,9 +287,15 @@ static void render_json(struct out *o, const struct shim_config *cfg, bool exite
     n = exited_read_self("cmdline", raw, sizeof raw);
     exited_json_escape(raw, n, cmdline, sizeof cmdline);
     appendf(o, "{\"pid\":%d,\"comm\":\"%s\",\"cmdline\":\"%s\",\"started_unix\":%lld,\"exited\":%s,"
-               "\"uptime_seconds\":%.3f,\"stats_refused\":%llu,\"upstreams\":{",
+               "\"uptime_seconds\":%.3f,\"stats_refused\":%llu,",
             (int)getpid(), comm, cmdline, (long long)S.started_unix, exited ? "true" : "false",
             (double)(clock_wall_ms() - S.started_ms) / 1000, (unsigned long long)get(&refused_peers));
+    struct loop_counters lc;
+    loop_read_counters(&lc);
+    appendf(o, "\"engine\":{\"busy_poll_us\":%lld,\"sleeps\":%llu,\"polls\":%llu,\"polls_paid\":%llu,"
+               "\"poll_seconds\":%.6f},\"upstreams\":{",
+            (long long)lc.busy_poll_us, (unsigned long long)lc.sleeps, (unsigned long long)lc.polls,
+            (unsigned long long)lc.polls_paid, (double)lc.poll_us / 1e6);
     for (size_t i = 0; i < cfg->n_upstreams; i++) {
         int up = (int)i;
         char label[RULES_HOST_MAX + 16];
@@ -532,6 +538,18 @@ static void render_prometheus(struct out *o, const struct shim_config *cfg)
             (double)get(&shim_redis.lat_sum_us) / 1e6, (unsigned long long)cum);
     appendf(o, "# HELP httpshim_redis_connected 1 while the Redis connection is up\n# TYPE httpshim_redis_connected gauge\n"
                "httpshim_redis_connected %llu\n", (unsigned long long)get(&shim_redis.connected));
+    struct loop_counters lc;
+    loop_read_counters(&lc);
+    appendf(o, "# HELP httpshim_engine_sleeps_total times the engine's loop slept in epoll_wait\n"
+               "# TYPE httpshim_engine_sleeps_total counter\nhttpshim_engine_sleeps_total %llu\n"
+               "# HELP httpshim_engine_polls_total times the engine polled after a batch instead of sleeping (busy_poll)\n"
+               "# TYPE httpshim_engine_polls_total counter\nhttpshim_engine_polls_total %llu\n"
+               "# HELP httpshim_engine_polls_paid_total polls that caught an event a sleep would have waited for\n"
+               "# TYPE httpshim_engine_polls_paid_total counter\nhttpshim_engine_polls_paid_total %llu\n"
+               "# HELP httpshim_engine_poll_seconds_total time the engine spent polling\n"
+               "# TYPE httpshim_engine_poll_seconds_total counter\nhttpshim_engine_poll_seconds_total %.6f\n",
+            (unsigned long long)lc.sleeps, (unsigned long long)lc.polls, (unsigned long long)lc.polls_paid,
+            (double)lc.poll_us / 1e6);
     appendf(o, "# HELP httpshim_stats_refused_total stats socket peers refused (other uid, or too many)\n"
                "# TYPE httpshim_stats_refused_total counter\nhttpshim_stats_refused_total %llu\n",
             (unsigned long long)get(&refused_peers));

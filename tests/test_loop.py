@@ -26,7 +26,7 @@ def test_resp_bounds_unit():
     run_unit("resp_test", 10)
 
 
-def test_busy_polling_spares_sleeps_and_stops_when_quiet(upstream, tmp_path):
+def test_busy_polling_spares_sleeps_and_stops_when_quiet(upstream, tmp_path, sockdir):
     """200 GETs one after another on a kept-alive connection, all through the engine: with
     `busy_poll` and CPUs to spare the engine polls between the close-together events
     instead of sleeping (its voluntary context switches, one per sleep in epoll_wait, fall
@@ -34,7 +34,8 @@ def test_busy_polling_spares_sleeps_and_stops_when_quiet(upstream, tmp_path):
     (another task waiting for one 50 % of the time, as /proc/pressure/cpu would say) it
     sleeps, as with `busy_poll = off`; and once the traffic stops it stops polling (under
     50 ms of CPU in the quiet second after, where a loop that kept polling would use the
-    whole second). The pressure is a file of the test's own (HTTPSHIM_TEST_CPU_PRESSURE),
+    whole second). The process's /stats count the engine's polls, those that paid and the
+    time they took, and none where it did not poll. The pressure is a file of the test's own (HTTPSHIM_TEST_CPU_PRESSURE),
     so that the load of the machine running the suite does not decide; the window is the
     largest allowed, 1 ms, so that a slow shared machine's upstream still answers in it."""
     calm, busy = tmp_path / "calm", tmp_path / "busy"
@@ -42,8 +43,9 @@ def test_busy_polling_spares_sleeps_and_stops_when_quiet(upstream, tmp_path):
     busy.write_text("some avg10=50.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
     got = {}
     for name, poll, pressure in (("polling", "1ms", calm), ("pressed", "1ms", busy), ("off", "off", calm)):
-        conf = write_rules(tmp_path, [upstream.port], extra_global="busy_poll = %s" % poll, name="%s.conf" % name)
-        r = run([SYS_PY, pyclient("pollprobe.py"), upstream.port, 200], conf=conf, timeout=60,
+        conf = write_rules(tmp_path, [upstream.port], name="%s.conf" % name,
+                           extra_global="busy_poll = %s\nstats_socket = %s/%%p.sock" % (poll, sockdir))
+        r = run([SYS_PY, pyclient("pollprobe.py"), upstream.port, 200, "%s/%%p.sock" % sockdir], conf=conf, timeout=60,
                 env={"HTTPSHIM_TEST_CPU_PRESSURE": str(pressure)})
         assert r.rc == 0, r.describe()
         got[name] = jlines(r.out)[0]
@@ -53,3 +55,9 @@ def test_busy_polling_spares_sleeps_and_stops_when_quiet(upstream, tmp_path):
     assert got["off"]["sleeps"] >= 50 and got["pressed"]["sleeps"] >= 50, got
     assert got["polling"]["sleeps"] * 2 < min(got["off"]["sleeps"], got["pressed"]["sleeps"]), got
     assert all(g["quiet_cpu_ms"] <= 50 for g in got.values()), got
+    eng = {k: g["engine"] for k, g in got.items()}
+    assert eng["polling"]["busy_poll_us"] == 1000 and eng["off"]["busy_poll_us"] == 0, eng
+    assert eng["polling"]["polls_paid"] >= 100 and eng["polling"]["poll_seconds"] > 0, eng
+    assert eng["polling"]["polls_paid"] <= eng["polling"]["polls"], eng
+    assert all(eng[k]["polls"] == 0 and eng[k]["poll_seconds"] == 0 for k in ("pressed", "off")), eng
+    assert all(e["sleeps"] > 0 for e in eng.values()), eng

@@ -72,9 +72,14 @@ def test_table_numbers_equal_the_json(upstream, sockdir, tmp_path, apps, cli):
     assert rows[label(upstream)][:5] == [str(u[k]) for k in ("tunnels", "tunnels_tls", "tunnels_not_http",
                                                              "tunnels_too_large", "tunnels_other")], rows
     head, rows = rows_after(text, "PID")
-    assert head[:4] == ["COMMAND", "UPTIME", "STATE", "REQUESTS"], head
+    assert head[:4] == ["COMMAND", "UPTIME", "STATE", "REQUESTS"] and head[-2:] == ["POLLING", "PAID%"], head
     prow = rows[str(app.pid)]
     assert prow[0] == "python3" and prow[2] == "live" and prow[3] == "6" and prow[4] == "3", prow
+    proc = [p for p in doc["processes"] if p["pid"] == app.pid][0]["engine"]
+    # (the engine's loop moves on between the JSON and the table: its polling time only grows)
+    assert re.match(r"^\d+\.\d{3}s$", prow[-2]) and float(prow[-2][:-1]) >= round(proc["poll_seconds"], 3) - 0.001, \
+        (prow, proc)
+    assert prow[-1] == "-" or 0 <= float(prow[-1]) <= 100, prow
 
 
 def test_a_loop_of_curl_processes_is_counted_after_they_exit(upstream, sockdir, tmp_path, cli):

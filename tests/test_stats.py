@@ -45,6 +45,7 @@ REASONS = ("method", "status", "no_store", "private", "set_cookie", "vary_star",
            "too_large", "incomplete", "unframed", "zero_ttl", "no_memory", "misframed")
 ERROR_KINDS = ("upstream", "app", "tunnel")
 HISTS = ("hit_latency_seconds", "miss_latency_seconds", "queue_wait_seconds")
+ENGINE = ("sleeps", "polls", "polls_paid", "poll_seconds")   # httpshim_engine_*_total and /stats "engine"
 UPSTREAM_KEYS = set(COUNTERS + GAUGES + POOL + HISTS) | {"not_stored", "errors", "queue_wait_max_seconds", "rules"}
 
 GET_STATS = b"GET /stats HTTP/1.1\r\nHost: localhost\r\n\r\n"
@@ -279,7 +280,8 @@ def check_histogram_doc(h, what):
 
 def check_doc_shape(doc, labels):
     assert set(doc) == {"pid", "comm", "cmdline", "started_unix", "exited", "uptime_seconds", "stats_refused",
-                        "upstreams", "redis"}, doc.keys()
+                        "engine", "upstreams", "redis"}, doc.keys()
+    assert set(doc["engine"]) == set(ENGINE) | {"busy_poll_us"}, doc["engine"]
     assert doc["exited"] is False and doc["comm"] and doc["started_unix"] > 1.6e9, doc
     assert set(doc["upstreams"]) == set(labels), doc["upstreams"].keys()
     assert doc["uptime_seconds"] >= 0
@@ -527,6 +529,8 @@ def check_metrics_match(text, doc):
     assert ftype("httpshim_not_stored_total") == "counter"
     assert ftype("httpshim_errors_total") == "counter"
     assert ftype("httpshim_stats_refused_total") == "counter"
+    for e in ENGINE:
+        assert ftype("httpshim_engine_%s_total" % e) == "counter", e
     for h in HISTS:
         assert ftype("httpshim_%s" % h) == "histogram", h
     assert val("httpshim_stats_refused_total") == doc["stats_refused"]
@@ -586,6 +590,11 @@ def test_metrics_parse_and_agree_with_stats(upstream, upstream_b, sockdir, tmp_p
     _, index = check_metrics_match(text, doc)
     assert all(n.startswith("httpshim_") for n, _ in index), \
         [n for n, _ in index if not n.startswith("httpshim_")]
+    # the engine's loop counts on while the stats are read: /metrics lies between the two reads
+    for e in ENGINE:
+        v = index[("httpshim_engine_%s_total" % e, frozenset())]
+        assert doc["engine"][e] <= v <= doc_after["engine"][e] + 1e-6, (e, doc["engine"], v, doc_after["engine"])
+    assert doc["engine"]["sleeps"] > 0 and doc["engine"]["busy_poll_us"] == 50, doc["engine"]
 
 
 def test_prometheus_parser_rejects_bad_text():

@@ -411,8 +411,10 @@ static void print_table(const struct snapshot *s, const struct snapshot *before)
                    num(u, "redis_direct"), num(u, "redis_local_replies"), num(u, "redis_server_lost"));
         }
     }
-    printf("\n%-8s %-16s %8s %-11s %9s %9s %7s %9s %9s\n", "PID", "COMMAND", "UPTIME", "STATE", "REQUESTS", "HITS",
-           "HIT%", "CLIENT", "UPSTREAM");
+    /* POLLING: the engine's time spent busy polling instead of sleeping (busy_poll), and
+     * the share of its polls that caught an event */
+    printf("\n%-8s %-16s %8s %-11s %9s %9s %7s %9s %9s %9s %7s\n", "PID", "COMMAND", "UPTIME", "STATE", "REQUESTS",
+           "HITS", "HIT%", "CLIENT", "UPSTREAM", "POLLING", "PAID%");
     for (int i = 0; i < s->n; i++) {
         double req = 0, hits = 0, cc = 0, uc = 0;
         json_t *pu = json_object_get(s->docs[i], "upstreams");
@@ -423,15 +425,18 @@ static void print_table(const struct snapshot *s, const struct snapshot *before)
             cc += num(u, "client_connections");
             uc += num(u, "upstream_conns_opened");
         }
-        char hitpct[16], up[32], state[32], age[32], comm[17];
+        char hitpct[16], up[32], state[32], age[32], comm[17], polling[32], paid[16];
         fmt_pct(hitpct, sizeof hitpct, hits, req);
+        const json_t *eng = json_object_get(s->docs[i], "engine");
+        snprintf(polling, sizeof polling, "%.3fs", num(eng, "poll_seconds"));
+        fmt_pct(paid, sizeof paid, num(eng, "polls_paid"), num(eng, "polls"));
         fmt_age(up, sizeof up, num(s->docs[i], "uptime_seconds"));
         fmt_age(age, sizeof age, s->exited_age[i]);
         snprintf(state, sizeof state, s->exited_age[i] < 0 ? "live" : "exited %s", age);
         const char *c = json_string_value(json_object_get(s->docs[i], "comm"));
         snprintf(comm, sizeof comm, "%s", c && *c ? c : "?");
-        printf("%-8.0f %-16s %8s %-11s %9.0f %9.0f %7s %9.0f %9.0f\n", num(s->docs[i], "pid"), comm, up, state, req,
-               hits, hitpct, cc, uc);
+        printf("%-8.0f %-16s %8s %-11s %9.0f %9.0f %7s %9.0f %9.0f %9s %7s\n", num(s->docs[i], "pid"), comm, up, state,
+               req, hits, hitpct, cc, uc, polling, paid);
     }
     print_inert(s);
 }
@@ -560,6 +565,10 @@ static void print_snapshot_json(const struct snapshot *s)
             printf(",\"redis\":");
             print_json(redis);
         }
+        /* the engines' loops, summed (each process's busy_poll_us is in its own document) */
+        const json_t *eng = json_object_get(s->total, "engine");
+        printf(",\"engine\":{\"sleeps\":%.0f,\"polls\":%.0f,\"polls_paid\":%.0f,\"poll_seconds\":%.6f}",
+               num(eng, "sleeps"), num(eng, "polls"), num(eng, "polls_paid"), num(eng, "poll_seconds"));
         printf("}");
     } else {
         printf("{\"processes\":0,\"exited\":0,\"inert\":%zu,\"upstreams\":{}}", json_array_size(s->inert));

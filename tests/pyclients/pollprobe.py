@@ -1,15 +1,18 @@
 """One kept-alive connection to an upstream and N GETs one after another through the shim's
 engine (no cache rules: every one goes upstream), then a quiet second. Prints, as JSON, the
 engine thread's voluntary context switches over the N requests (each one a sleep in
-epoll_wait) and the CPU time it used during the quiet second.
+epoll_wait), the CPU time it used during the quiet second, and the "engine" section of the
+process's own /stats.
 
-    pollprobe.py PORT N
+    pollprobe.py PORT N STATS_SOCKET_PATTERN
 """
 import json
 import os
 import socket
 import sys
 import time
+
+from ownstats import own_stats
 
 
 def engine_tid():
@@ -66,7 +69,8 @@ def main():
     slept = sleeps(tid) - before
     cpu = cpu_ms(tid)
     time.sleep(1.0)
-    print(json.dumps({"sleeps": slept, "quiet_cpu_ms": cpu_ms(tid) - cpu}))
+    quiet = cpu_ms(tid) - cpu
+    print(json.dumps({"sleeps": slept, "quiet_cpu_ms": quiet, "engine": own_stats(sys.argv[3])["engine"]}))
 
 
 if __name__ == "__main__":
