@@ -294,14 +294,6 @@ void loop_set_busy_poll(int64_t micros, const char *cpu_pressure_path)
  * start a poll but earns nothing, and one of the tick timer alone counts for nothing. */
 #define POLL_CREDIT_MAX 8
 
-/* Polling takes a CPU that another thread or process may be waiting for: the loop polls
- * only while the kernel's CPU pressure (/proc/pressure/cpu, "some avg10": the share of
- * the last 10 s in which some task waited for a CPU) is under POLL_MAX_CPU_PRESSURE
- * percent, read at most every 100 ms. (Measured: 4 test processes at a time on 2 CPUs put
- * it at 25-30 %, and polling engines cost that suite 18 % of its time.) Without pressure
- * information the loop polls. */
-#define POLL_MAX_CPU_PRESSURE 10.0
-
 /* What the loop did, for the stats (read from any thread: relaxed counters). */
 static struct {
     _Atomic uint64_t sleeps, polls, polls_paid, poll_us;
@@ -316,6 +308,15 @@ void loop_read_counters(struct loop_counters *out)
     out->poll_us = atomic_load_explicit(&counted.poll_us, memory_order_relaxed);
     out->busy_poll_us = L.busy_poll_us;
 }
+
+/* Polling takes a CPU that another thread or process may be waiting for: the loop polls
+ * only while the kernel's CPU pressure (/proc/pressure/cpu, "some avg10": the share of
+ * the last 10 s in which some task waited for a CPU) is under POLL_MAX_CPU_PRESSURE
+ * percent, read at most every 100 ms. (Measured: 4 test processes at a time on 2 CPUs put
+ * it at 25-30 %, and polling engines cost that suite 18 % of its time.) Without pressure
+ * information the loop polls. */
+#define POLL_MAX_CPU_PRESSURE 10.0
+
 static bool cpu_to_spare(int64_t now)
 {
     static int64_t checked;
@@ -367,14 +368,14 @@ void loop_run(void)
             }
             continue;
         }
-        if (poll && n > 0) {               /* the poll caught what a sleep would have waited for */
-            COUNT(polls_paid, 1);
-            COUNT(poll_us, (uint64_t)(clock_mono_us() - batch_end));
-        }
         bool work = false, io = false;
         for (int i = 0; i < n; i++) {
             work = work || evs[i].data.ptr != &L.tick;
             io = io || (evs[i].data.ptr != &L.tick && evs[i].data.ptr != &L.wake);
+        }
+        if (poll && work) {                /* the poll caught what a sleep would have waited for */
+            COUNT(polls_paid, 1);
+            COUNT(poll_us, (uint64_t)(clock_mono_us() - batch_end));
         }
         if (io && L.busy_poll_us && batch_end && clock_mono_us() - batch_end <= L.busy_poll_us
             && credit < POLL_CREDIT_MAX)
