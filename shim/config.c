@@ -105,7 +105,9 @@ enum { NAMES_NONE, NAMES_RESOLVING, NAMES_DONE, NAMES_LOST_IN_FORK };
 static _Atomic int names_state = NAMES_NONE;
 static _Atomic bool names_awaited;     /* one connect has waited on them already */
 static pthread_mutex_t names_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t names_done = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t names_done;      /* on the monotonic clock: names_sync_init */
+static pthread_mutex_t names_lock_fresh;   /* both as made, never used: a forked child's */
+static pthread_cond_t names_done_fresh;
 
 static void *resolve_names(void *arg)
 {
@@ -124,7 +126,7 @@ bool config_await_names(void)
         || atomic_exchange(&names_awaited, true))
         return false;
     struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
+    clock_gettime(CLOCK_MONOTONIC, &until);   /* (a wall clock set back must not stretch it) */
     until.tv_nsec += (long)CONFIG_NAMES_WAIT_MS * 1000000L;
     until.tv_sec += until.tv_nsec / 1000000000L;
     until.tv_nsec %= 1000000000L;
@@ -136,12 +138,30 @@ bool config_await_names(void)
     return atomic_load(&names_state) == NAMES_DONE;
 }
 
+/* Once, before the resolving thread exists; a forked child takes the pristine copies
+ * (memcpy, in the atfork handler) in place of what a thread of the parent may have held. */
+static void names_sync_init(void)
+{
+    static bool made;
+    if (made)
+        return;
+    made = true;
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&names_done, &attr);
+    pthread_condattr_destroy(&attr);
+    memcpy(&names_lock_fresh, &names_lock, sizeof names_lock);
+    memcpy(&names_done_fresh, &names_done, sizeof names_done);
+}
+
 static void resolve_names_in_background(void)
 {
     if (!rules_has_named_upstreams(parsed)) {
         atomic_store(&names_state, NAMES_DONE);
         return;
     }
+    names_sync_init();
     atomic_store(&names_state, NAMES_RESOLVING);
     if (resolver_spawn(resolve_names, parsed) != 0)
         resolve_names(parsed);         /* no thread to be had: here, as it used to be */
@@ -151,8 +171,8 @@ void config_atfork_child(void)
 {
     int resolving = NAMES_RESOLVING;
     if (atomic_compare_exchange_strong(&names_state, &resolving, NAMES_LOST_IN_FORK)) {
-        pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;   /* (a waiter's, in the parent) */
-        memcpy(&names_lock, &fresh, sizeof fresh);
+        memcpy(&names_lock, &names_lock_fresh, sizeof names_lock);
+        memcpy(&names_done, &names_done_fresh, sizeof names_done);
         atomic_store(&names_awaited, false);
     }
 }
