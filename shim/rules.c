@@ -704,6 +704,16 @@ void rules_resolve_all(struct shim_config *cfg, rules_resolver resolve)
     }
 }
 
+size_t rules_addrs_of(const struct shim_config *cfg, size_t upstream, struct rules_addr *out, size_t max)
+{
+    pthread_mutex_lock(&rules_addr_lock);
+    const struct upstream_rule *u = &cfg->upstreams[upstream];
+    size_t n = u->n_addrs < max ? u->n_addrs : max;
+    memcpy(out, u->addrs, n * sizeof *out);
+    pthread_mutex_unlock(&rules_addr_lock);
+    return n;
+}
+
 bool rules_has_named_upstreams(const struct shim_config *cfg)
 {
     return rules_named_upstream_port(cfg, 0);

@@ -141,6 +141,9 @@ int rules_match_addr(struct shim_config *cfg, const struct sockaddr *sa, socklen
 void rules_learn(struct shim_config *cfg, const char *name, int family, const void *addr_bytes);
 bool rules_name_is_listed(const struct shim_config *cfg, const char *name);
 bool rules_has_named_upstreams(const struct shim_config *cfg);   /* any not an IP literal */
+/* A copy of an upstream's addresses as they are now (the app's lookups and the background
+ * resolution add to them from other threads), at most max: how many. */
+size_t rules_addrs_of(const struct shim_config *cfg, size_t upstream, struct rules_addr *out, size_t max);
 bool rules_named_upstream_port(const struct shim_config *cfg, unsigned port);   /* one on this port (0: any) */
 /* The address lists' lock, held across a fork (the atfork handlers). */
 void rules_atfork_prepare(void);

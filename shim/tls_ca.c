@@ -82,10 +82,12 @@ static bool constraints(const struct shim_config *cfg, char *out, size_t cap)
             n += (size_t)snprintf(out + n, cap - n, ",permitted;DNS:%s", u->host);
             names++;
         }
-        for (size_t a = 0; a < u->n_addrs && a < 8 && n < cap; a++) {
+        struct rules_addr addrs[8];
+        size_t n_addrs = rules_addrs_of(cfg, i, addrs, 8);
+        for (size_t a = 0; a < n_addrs && n < cap; a++) {
             char ip[INET6_ADDRSTRLEN];
-            bool v4 = u->addrs[a].family == AF_INET;
-            if (!inet_ntop(u->addrs[a].family, u->addrs[a].bytes, ip, sizeof ip))
+            bool v4 = addrs[a].family == AF_INET;
+            if (!inet_ntop(addrs[a].family, addrs[a].bytes, ip, sizeof ip))
                 continue;
             n += (size_t)snprintf(out + n, cap - n, ",permitted;IP:%s/%s", ip,
                                   v4 ? "255.255.255.255" : "FFFF:FFFF:FFFF:FFFF:FFFF:FFFF:FFFF:FFFF");
@@ -149,8 +151,10 @@ static bool permitted(const struct shim_config *cfg, const char *name)
             continue;
         if (!literal && !u->host_is_literal && !strcasecmp(u->host, name))
             return true;
-        for (size_t a = 0; literal && a < u->n_addrs && a < 8; a++)
-            if (u->addrs[a].family == family && !memcmp(u->addrs[a].bytes, bytes, family == AF_INET ? 4 : 16))
+        struct rules_addr addrs[8];
+        size_t n_addrs = literal ? rules_addrs_of(cfg, i, addrs, 8) : 0;
+        for (size_t a = 0; a < n_addrs; a++)
+            if (addrs[a].family == family && !memcmp(addrs[a].bytes, bytes, family == AF_INET ? 4 : 16))
                 return true;
     }
     return false;
