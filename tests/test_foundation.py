@@ -933,6 +933,26 @@ def test_a_slow_resolver_never_holds_a_connect_for_long(upstream, upstream_b, so
     assert st["requests"] == 1, st         # only the one after the name resolved was diverted
 
 
+def test_a_child_forked_while_names_resolve_asks_again(upstream, upstream_b, sockdir, tmp_path):
+    """A process forks while the upstreams' names are resolving (3 s, slowdns.c) on a
+    thread the child does not get, and while that thread may hold the address lists'
+    lock: the child neither hangs nor waits long at its first connect to the named port
+    (at most 250 ms, then direct), asks for the names again itself, and once they resolve
+    its connects to the address are diverted."""
+    slowdns = BUILD / "slowdns.so"
+    require_build(slowdns)
+    conf = write_rules(tmp_path, ["api.slow.test:%d" % upstream.port],
+                       extra_global="stats_socket = %s/%%p.sock" % sockdir)
+    r = run([SYS_PY, pyclient("forkname.py"), upstream_b.port, upstream.port, 3.5, "%s/%%p.sock" % sockdir],
+            conf=conf, env={"LD_PRELOAD": PRELOAD + " " + str(slowdns), "SLOWDNS_MS": "3000"}, timeout=60)
+    assert r.rc == 0, r.describe()
+    d = jlines(r.out)[0]
+    assert d["first"][1] == d["later"][1] == 10, d
+    assert d["first"][0] < 1.0, d
+    st = d["stats"]["upstreams"]["api.slow.test:%d" % upstream.port]
+    assert st["requests"] == 1, st         # the child's second GET, after its own lookup
+
+
 # ------------------------------------------------------------------ upstream misbehaving
 def curl_get(up, path, shim, conf):
     """curl with the probe headers; a shimmed run is checked for diversion."""
