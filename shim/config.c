@@ -14,6 +14,7 @@
 #include "real.h"
 #include "resolver.h"
 #include <errno.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -120,32 +121,11 @@ static void *resolve_names(void *arg)
     return NULL;
 }
 
-bool config_await_names(void)
-{
-    if (atomic_load_explicit(&names_state, memory_order_acquire) != NAMES_RESOLVING
-        || atomic_exchange(&names_awaited, true))
-        return false;
-    struct timespec until;
-    clock_gettime(CLOCK_MONOTONIC, &until);   /* (a wall clock set back must not stretch it) */
-    until.tv_nsec += (long)CONFIG_NAMES_WAIT_MS * 1000000L;
-    until.tv_sec += until.tv_nsec / 1000000000L;
-    until.tv_nsec %= 1000000000L;
-    pthread_mutex_lock(&names_lock);
-    while (atomic_load(&names_state) == NAMES_RESOLVING)
-        if (pthread_cond_timedwait(&names_done, &names_lock, &until) != 0)
-            break;                     /* (ETIMEDOUT) */
-    pthread_mutex_unlock(&names_lock);
-    return atomic_load(&names_state) == NAMES_DONE;
-}
-
-/* Once, before the resolving thread exists; a forked child takes the pristine copies
- * (memcpy, in the atfork handler) in place of what a thread of the parent may have held. */
+/* Once (load_config), before the resolving thread exists; a forked child takes the
+ * pristine copies (memcpy, in the atfork handler) in place of what a thread of the parent
+ * may have held. */
 static void names_sync_init(void)
 {
-    static bool made;
-    if (made)
-        return;
-    made = true;
     pthread_condattr_t attr;
     pthread_condattr_init(&attr);
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
@@ -161,7 +141,6 @@ static void resolve_names_in_background(void)
         atomic_store(&names_state, NAMES_DONE);
         return;
     }
-    names_sync_init();
     atomic_store(&names_state, NAMES_RESOLVING);
     if (resolver_spawn(resolve_names, parsed) != 0)
         resolve_names(parsed);         /* no thread to be had: here, as it used to be */
@@ -194,8 +173,44 @@ static void load_config(void)
     }
     if (parsed->n_upstreams == 0 || fdtable_init() != 0)
         return;
+    names_sync_init();
     resolve_names_in_background();
     config = parsed;
+}
+
+/* Waits for the names' answers, once per process, CONFIG_NAMES_WAIT_MS at most: true
+ * when they came in. */
+static bool await_names(void)
+{
+    if (atomic_exchange(&names_awaited, true))
+        return false;
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);   /* (a wall clock set back must not stretch it) */
+    until.tv_nsec += (long)CONFIG_NAMES_WAIT_MS * 1000000L;
+    until.tv_sec += until.tv_nsec / 1000000000L;
+    until.tv_nsec %= 1000000000L;
+    pthread_mutex_lock(&names_lock);
+    while (atomic_load(&names_state) == NAMES_RESOLVING)
+        if (pthread_cond_timedwait(&names_done, &names_lock, &until) != 0)
+            break;                     /* (ETIMEDOUT) */
+    pthread_mutex_unlock(&names_lock);
+    return atomic_load(&names_state) == NAMES_DONE;
+}
+
+int config_match_upstream(struct shim_config *cfg, const struct sockaddr *addr, socklen_t len)
+{
+    int lost = NAMES_LOST_IN_FORK;     /* a child forked during the lookup asks again */
+    if (__builtin_expect(atomic_load_explicit(&names_state, memory_order_relaxed) == NAMES_LOST_IN_FORK, 0)
+        && atomic_compare_exchange_strong(&names_state, &lost, NAMES_RESOLVING))
+        resolve_names_in_background();
+    int up = rules_match_addr(cfg, addr, len);
+    /* (sin_port and sin6_port sit at the same place) */
+    if (up < 0 && atomic_load_explicit(&names_state, memory_order_acquire) == NAMES_RESOLVING
+        && len >= sizeof(struct sockaddr_in)
+        && rules_named_upstream_port(cfg, ntohs(((const struct sockaddr_in *)(const void *)addr)->sin_port))
+        && await_names())
+        up = rules_match_addr(cfg, addr, len);   /* the answers just came in */
+    return up;
 }
 
 static void load_config_once(void)
@@ -213,11 +228,6 @@ struct shim_config *config_get(void)
     if (!real_bound())
         return NULL;                   /* a call from inside dlsym: stay out of the way */
     pthread_once(&config_once, load_config_once);
-    if (__builtin_expect(atomic_load_explicit(&names_state, memory_order_relaxed) == NAMES_LOST_IN_FORK, 0)) {
-        int lost = NAMES_LOST_IN_FORK;
-        if (atomic_compare_exchange_strong(&names_state, &lost, NAMES_RESOLVING))
-            resolve_names_in_background();
-    }
     errno = saved;
     return config;
 }

@@ -3,6 +3,7 @@
 #define HTTPSHIM_CONFIG_H
 #include <stdbool.h>
 #include "rules.h"
+#include <sys/socket.h>
 
 /* In the constructor: the environment, then the rules read and parsed. */
 void config_capture_environment(void);
@@ -14,10 +15,11 @@ struct shim_config *config_get(void);
 const char *config_cpu_pressure_path(void);
 /* The rules as they are now, without loading them (NULL until loaded). */
 struct shim_config *config_loaded(void);
-/* The upstreams' host names are being resolved (in the background): wait for them, once
- * per process and at most CONFIG_NAMES_WAIT_MS. true when they came in (match again). */
+/* The upstream addr matches (rules_match_addr), or -1. While the upstreams' host names
+ * resolve in the background, the first connect to a named upstream's port that matches
+ * nothing waits for them, once per process and CONFIG_NAMES_WAIT_MS at most. */
 #define CONFIG_NAMES_WAIT_MS 250
-bool config_await_names(void);
+int config_match_upstream(struct shim_config *cfg, const struct sockaddr *addr, socklen_t len);
 /* A forked child: the upstreams' names are asked again if the parent's lookup was under
  * way (its thread is not in the child). Async-signal-safe. */
 void config_atfork_child(void);

@@ -421,12 +421,7 @@ enum divert_result hooks_try_divert(int fd, const struct sockaddr *addr, socklen
     }
     if (addr->sa_family != AF_INET && addr->sa_family != AF_INET6)
         return NOT_OURS;
-    int up = rules_match_addr(cfg, addr, len);
-    /* (sin_port and sin6_port sit at the same place) */
-    if (up < 0 && len >= sizeof(struct sockaddr_in)
-        && rules_named_upstream_port(cfg, ntohs(((const struct sockaddr_in *)(const void *)addr)->sin_port))
-        && config_await_names())
-        up = rules_match_addr(cfg, addr, len);   /* the names' answers just came in */
+    int up = config_match_upstream(cfg, addr, len);
     struct socket_facts facts;
     if (up < 0 || len > sizeof(union shim_sockaddr) || !is_fresh_tcp(fd, addr->sa_family, &facts))
         return NOT_OURS;

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import BUILD, PRELOAD, SANITIZER_SKIP, SYS_PY, jlines, require_build, run, write_rules
+from conftest import BUILD, PRELOAD, PYCLIENTS, SANITIZER_SKIP, SYS_PY, jlines, require_build, run, write_rules
 
 SOCKSTATE = BUILD / "sockstate"
 
@@ -41,18 +41,10 @@ def conf_for(tmp, up, sockdir, extra=(), name="fp.conf"):
 def stats_of(tmp, conf, up, sockdir, code_args):
     """Runs CLIENT then reads its own /stats (the script is extended to print them)."""
     code = CLIENT + r'''
-import os
-st = socket.socket(socket.AF_UNIX)
-st.connect(sys.argv[4].replace("%p", str(os.getpid())))
-st.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
-d = b""
-while True:
-    b = st.recv(65536)
-    if not b:
-        break
-    d += b
-print(json.dumps(json.loads(d.partition(b"\r\n\r\n")[2])["upstreams"]))
-'''
+sys.path.insert(0, %r)
+from ownstats import own_stats
+print(json.dumps(own_stats(sys.argv[4])["upstreams"]))
+''' % str(PYCLIENTS)
     r = run([SYS_PY, "-c", code] + [str(a) for a in code_args] + ["%s/%%p.sock" % sockdir], conf=conf, timeout=60)
     lines = jlines(r.out)
     assert r.rc == 0 and len(lines) == 2, r.describe()

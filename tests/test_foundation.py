@@ -911,45 +911,42 @@ def test_localhost_rule_matches_numeric_connect(upstream, tmp_path):
     assert st["requests"] == 10 and st["connections"] <= 4, st
 
 
-def test_a_slow_resolver_never_holds_a_connect_for_long(upstream, upstream_b, sockdir, tmp_path):
-    """The rules name an upstream by a host name that takes 3 s to resolve
-    (tests/clients/slowdns.c): the names are resolved on a thread of their own, so a
-    connect to a port no named upstream uses does not wait at all, the first connect to the
-    named upstream's port waits at most 250 ms for the answer and then goes direct (as
-    without the shim; it used to wait the whole 3 s), and once the name has resolved a
-    connect to its address is diverted."""
+def slow_name_run(upstream, upstream_b, sockdir, tmp_path, *fork):
+    """tests/pyclients/slowname.py with the rules naming the upstream api.slow.test, a name
+    that takes 3 s to resolve (tests/clients/slowdns.c): its JSON line."""
     slowdns = BUILD / "slowdns.so"
     require_build(slowdns)
     conf = write_rules(tmp_path, ["api.slow.test:%d" % upstream.port],
                        extra_global="stats_socket = %s/%%p.sock" % sockdir)
-    r = run([SYS_PY, pyclient("slowname.py"), upstream_b.port, upstream.port, 3.5, "%s/%%p.sock" % sockdir],
+    r = run([SYS_PY, pyclient("slowname.py")] + list(fork) + [upstream_b.port, upstream.port, 3.5,
+                                                               "%s/%%p.sock" % sockdir],
             conf=conf, env={"LD_PRELOAD": PRELOAD + " " + str(slowdns), "SLOWDNS_MS": "3000"}, timeout=60)
     assert r.rc == 0, r.describe()
     d = jlines(r.out)[0]
     assert d["other"][1] == d["named"][1] == d["later"][1] == 10, d
+    return d, d["stats"]["upstreams"]["api.slow.test:%d" % upstream.port]
+
+
+def test_a_slow_resolver_never_holds_a_connect_for_long(upstream, upstream_b, sockdir, tmp_path):
+    """The rules name an upstream by a host name that takes 3 s to resolve: the names are
+    resolved on a thread of their own, so a connect to a port no named upstream uses does
+    not wait at all, the first connect to the named upstream's port waits at most 250 ms
+    for the answer and then goes direct (as without the shim; it used to wait the whole
+    3 s), and once the name has resolved a connect to its address is diverted."""
+    d, st = slow_name_run(upstream, upstream_b, sockdir, tmp_path)
     assert d["other"][0] < 0.2, d          # no wait: nothing named listens on that port
     assert d["named"][0] < 1.0, d          # at most 250 ms of waiting, then direct
-    st = d["stats"]["upstreams"]["api.slow.test:%d" % upstream.port]
     assert st["requests"] == 1, st         # only the one after the name resolved was diverted
 
 
 def test_a_child_forked_while_names_resolve_asks_again(upstream, upstream_b, sockdir, tmp_path):
-    """A process forks while the upstreams' names are resolving (3 s, slowdns.c) on a
-    thread the child does not get, and while that thread may hold the address lists'
-    lock: the child neither hangs nor waits long at its first connect to the named port
-    (at most 250 ms, then direct), asks for the names again itself, and once they resolve
-    its connects to the address are diverted."""
-    slowdns = BUILD / "slowdns.so"
-    require_build(slowdns)
-    conf = write_rules(tmp_path, ["api.slow.test:%d" % upstream.port],
-                       extra_global="stats_socket = %s/%%p.sock" % sockdir)
-    r = run([SYS_PY, pyclient("forkname.py"), upstream_b.port, upstream.port, 3.5, "%s/%%p.sock" % sockdir],
-            conf=conf, env={"LD_PRELOAD": PRELOAD + " " + str(slowdns), "SLOWDNS_MS": "3000"}, timeout=60)
-    assert r.rc == 0, r.describe()
-    d = jlines(r.out)[0]
-    assert d["first"][1] == d["later"][1] == 10, d
-    assert d["first"][0] < 1.0, d
-    st = d["stats"]["upstreams"]["api.slow.test:%d" % upstream.port]
+    """A process forks while the upstreams' names are resolving on a thread the child does
+    not get, and while that thread may hold the address lists' lock: the child neither
+    hangs nor waits long at its first connect to the named port (at most 250 ms, then
+    direct), asks for the names again itself, and once they resolve its connects to the
+    address are diverted."""
+    d, st = slow_name_run(upstream, upstream_b, sockdir, tmp_path, "--fork")
+    assert d["named"][0] < 1.0, d
     assert st["requests"] == 1, st         # the child's second GET, after its own lookup
 
 

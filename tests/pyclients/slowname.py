@@ -1,10 +1,15 @@
-"""Three GETs by IP address, timed: one to a port no named upstream uses, one to the port of
-a named upstream whose name is still resolving, and the same again once the name has had
-time to resolve; then this process's own /stats. One JSON line.
+"""GETs by IP address, timed, while the rules name an upstream whose host name is slow to
+resolve: one to a port no named upstream uses (it starts the lookup), one to the port of
+the named upstream while its name is still resolving, and the same again once the name
+has had time to resolve; then this process's own /stats. One JSON line.
 
-    slowname.py OTHER_PORT NAMED_PORT WAIT_S STATS_SOCKET_PATTERN
+With --fork the process forks right after the first GET, while the lookup runs on a
+thread the child does not get, and the child makes the other two GETs and prints.
+
+    slowname.py [--fork] OTHER_PORT NAMED_PORT WAIT_S STATS_SOCKET_PATTERN
 """
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -20,12 +25,21 @@ def get(port):
 
 
 def main():
-    other, named, wait_s, pattern = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+    args = sys.argv[1:]
+    fork = args[0] == "--fork"
+    other, named, wait_s, pattern = args[fork:]
     t_other = get(other)
+    if fork:
+        pid = os.fork()
+        if pid:
+            _, status = os.waitpid(pid, 0)
+            sys.exit(os.waitstatus_to_exitcode(status))
     t_named = get(named)
-    time.sleep(wait_s)
+    time.sleep(float(wait_s))
     t_later = get(named)
-    print(json.dumps({"other": t_other, "named": t_named, "later": t_later, "stats": own_stats(pattern)}))
+    print(json.dumps({"other": t_other, "named": t_named, "later": t_later, "stats": own_stats(pattern)}), flush=True)
+    if fork:
+        os._exit(0)
 
 
 if __name__ == "__main__":
