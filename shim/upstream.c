@@ -67,7 +67,7 @@ struct transfer {
     struct pool_slot slot;          /* its place in the upstream's queue (pool_queue.c) */
 };
 
-struct curl_sock { struct loop_source src; struct loop_deferred reclaim; };
+struct curl_sock { struct loop_source src; struct loop_deferred reclaim; bool parked; };
 
 static const struct shim_config *cfg;
 
@@ -105,8 +105,68 @@ static void reclaim_sock(struct loop_deferred *d)
     free((char *)d - offsetof(struct curl_sock, reclaim));
 }
 
+/* An idle kept-alive connection's socket stays in the epoll set, parked: libcurl removes
+ * it from its set after every transfer and adds it back for the next, which cost an
+ * EPOLL_CTL_DEL and an EPOLL_CTL_ADD per pooled request. A parked socket is watched for
+ * input only, so the one thing it can report is the upstream closing it (or sending
+ * something unasked): then it leaves the set for good, and libcurl finds the connection
+ * dead when it next tries it. It leaves the set too when libcurl closes it (close_socket).
+ * Indexed by fd; the engine's thread only. */
+static struct curl_sock **parked;
+static int parked_cap;
+
+static void sock_release(struct curl_sock *cs)
+{
+    if (cs->parked && cs->src.fd < parked_cap && parked[cs->src.fd] == cs)
+        parked[cs->src.fd] = NULL;
+    cs->parked = false;
+    loop_remove(&cs->src);
+    loop_defer(&cs->reclaim, reclaim_sock);
+}
+
+static bool sock_park(struct curl_sock *cs)
+{
+    int fd = cs->src.fd;
+    if (!cs->src.active || cs->src.events != EPOLLIN || fd < 0 || fd >= FDTABLE_MAX)
+        return false;
+    if (fd >= parked_cap) {
+        int cap = parked_cap ? parked_cap : 64;
+        while (cap <= fd)
+            cap *= 2;
+        struct curl_sock **grown = realloc(parked, (size_t)cap * sizeof *grown);
+        if (!grown)
+            return false;
+        memset(grown + parked_cap, 0, (size_t)(cap - parked_cap) * sizeof *grown);
+        parked = grown;
+        parked_cap = cap;
+    }
+    if (parked[fd]) {                  /* its socket was closed behind libcurl's back: the */
+        parked[fd]->src.active = false;  /* registration went with it (this one is cs's) */
+        parked[fd]->parked = false;
+        loop_defer(&parked[fd]->reclaim, reclaim_sock);
+    }
+    parked[fd] = cs;
+    cs->parked = true;
+    return true;
+}
+
+static struct curl_sock *sock_unpark(int fd)
+{
+    struct curl_sock *cs = fd >= 0 && fd < parked_cap ? parked[fd] : NULL;
+    if (cs) {
+        parked[fd] = NULL;
+        cs->parked = false;
+    }
+    return cs;
+}
+
 static void on_socket(struct loop_source *src, uint32_t events)
 {
+    struct curl_sock *cs = (struct curl_sock *)(void *)((char *)src - offsetof(struct curl_sock, src));
+    if (cs->parked) {                  /* an idle connection spoke: closed, or unasked bytes */
+        sock_release(cs);
+        return;
+    }
     int flags = ((events & EPOLLIN) ? CURL_CSELECT_IN : 0) | ((events & EPOLLOUT) ? CURL_CSELECT_OUT : 0)
               | ((events & (EPOLLERR | EPOLLHUP)) ? CURL_CSELECT_ERR : 0);
     int running;
@@ -120,13 +180,15 @@ static int on_curl_socket(CURL *easy, curl_socket_t s, int what, void *userp, vo
     struct curl_sock *cs = socketp;
     if (what == CURL_POLL_REMOVE) {
         if (cs) {
-            loop_remove(&cs->src);
             curl_multi_assign(multi, s, NULL);
-            loop_defer(&cs->reclaim, reclaim_sock);
+            if (!sock_park(cs))
+                sock_release(cs);
         }
         return 0;
     }
     uint32_t events = ((what & CURL_POLL_IN) ? EPOLLIN : 0) | ((what & CURL_POLL_OUT) ? EPOLLOUT : 0);
+    if (!cs && (cs = sock_unpark(s)) != NULL)
+        curl_multi_assign(multi, s, cs);
     if (!cs) {
         cs = calloc(1, sizeof *cs);
         if (!cs)
@@ -136,8 +198,10 @@ static int on_curl_socket(CURL *easy, curl_socket_t s, int what, void *userp, vo
             return -1;
         }
         curl_multi_assign(multi, s, cs);
-    } else {
-        loop_watch(&cs->src, events);
+    } else if (loop_watch(&cs->src, events) != 0) {
+        curl_multi_assign(multi, s, NULL);
+        sock_release(cs);
+        return -1;
     }
     return 0;
 }
@@ -197,6 +261,9 @@ static curl_socket_t open_socket(void *clientp, curlsocktype purpose, struct cur
 static int close_socket(void *clientp, curl_socket_t fd)
 {
     (void)clientp;
+    struct curl_sock *cs = sock_unpark(fd);
+    if (cs)
+        sock_release(cs);              /* out of the set before the fd number can be reused */
     const struct fd_entry *e = fdtable_slot(fd);
     if (e && atomic_load(&e->kind) == FD_ENGINE)
         STAT_DEC(e->upstream, pool_open);
@@ -260,6 +327,11 @@ void upstream_forget(void)
     curl_timer.slot = 0;
     pool_queue_forget();
     n_spare_easy = 0;                  /* the parent's handles: never used again */
+    for (int fd = 0; fd < parked_cap; fd++)
+        free(parked[fd]);              /* the parent's sockets: its loop is forgotten too */
+    free(parked);
+    parked = NULL;
+    parked_cap = 0;
     pool_forget();
 }
 

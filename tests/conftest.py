@@ -13,6 +13,7 @@ Run:  /usr/bin/python3 -m pytest -q -p no:cacheprovider tests
 
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -448,3 +449,20 @@ def wait_until(cond, timeout, what, swallow=(OSError, ConnectionError, Assertion
             pass
         time.sleep(0.05)
     raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
+
+
+def strace_calls(log, main_pid=None):
+    """System calls by name in an `strace -f -o` log, split into the process's own (main)
+    thread and the others (the engine): {"app": {name: n}, "engine": {name: n}}."""
+    out = {"app": {}, "engine": {}}
+    lines = log.read_text().splitlines()
+    first = None
+    for ln in lines:
+        m = re.match(r"^(\d+)\s+(?:<\.\.\. )?([a-z_0-9]+)[( ]", ln)
+        if not m or "resumed>" in ln or ln.rstrip().endswith("+++") or "--- SIG" in ln:
+            continue
+        tid, name = int(m.group(1)), m.group(2)
+        first = first or tid
+        side = out["app"] if tid == first else out["engine"]
+        side[name] = side.get(name, 0) + 1
+    return out

@@ -2,13 +2,13 @@
 which is a fresh memory hit is answered by the app thread itself, straight into the
 engine's end of the socketpair; everything else goes the engine's way, in order. Each
 test's requests come from one process (one memory tier)."""
-import re
 import shutil
 import time
 
 import pytest
 
-from conftest import BUILD, PRELOAD, PYCLIENTS, SANITIZER_SKIP, SYS_PY, jlines, require_build, run, write_rules
+from conftest import (BUILD, PRELOAD, PYCLIENTS, SANITIZER_SKIP, SYS_PY, jlines, require_build, run, strace_calls,
+                      write_rules)
 
 SOCKSTATE = BUILD / "sockstate"
 
@@ -161,23 +161,6 @@ def test_socket_state_survives_the_divert(upstream, tmp_path, sockdir):
         drop = {"diverted", "owner"}
         assert {k: v for k, v in g.items() if k not in drop} == {k: v for k, v in w.items() if k not in drop}, (w, g)
         assert (g["owner"] != 0) == (w["owner"] != 0), (w, g)
-
-
-def strace_calls(log, main_pid=None):
-    """System calls by name in an `strace -f -o` log, split into the process's own (main)
-    thread and the others (the engine): {"app": {name: n}, "engine": {name: n}}."""
-    out = {"app": {}, "engine": {}}
-    lines = log.read_text().splitlines()
-    first = None
-    for ln in lines:
-        m = re.match(r"^(\d+)\s+(?:<\.\.\. )?([a-z_0-9]+)[( ]", ln)
-        if not m or "resumed>" in ln or ln.rstrip().endswith("+++") or "--- SIG" in ln:
-            continue
-        tid, name = int(m.group(1)), m.group(2)
-        first = first or tid
-        side = out["app"] if tid == first else out["engine"]
-        side[name] = side.get(name, 0) + 1
-    return out
 
 
 @pytest.mark.skipif(not shutil.which("strace"), reason="strace not installed")
