@@ -45,7 +45,7 @@ void config_capture_environment(void)
     } else {
         conf_env = ENV_TOO_LONG;
     }
-    shim_debug_enable(getenv("HTTPSHIM_DEBUG") != NULL);
+    shim_debug_enable(shim_debug_wanted(getenv("HTTPSHIM_DEBUG")));
     clock_enable_test(getenv("HTTPSHIM_TEST_CLOCK") && !strcmp(getenv("HTTPSHIM_TEST_CLOCK"), "1"));
     const char *pressure = getenv("HTTPSHIM_TEST_CPU_PRESSURE");
     if (pressure && strlen(pressure) < sizeof cpu_pressure_path)

@@ -4,6 +4,7 @@
 #include "log.h"
 #include "real.h"
 #include <stdarg.h>
+#include <strings.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,10 +42,21 @@ void shim_debug_enable(bool on)
     debug_enabled = on;
 }
 
+bool shim_debug_wanted(const char *value)
+{
+    static const char *const off[] = { "", "0", "no", "off", "false" };
+    if (!value)
+        return false;
+    for (size_t i = 0; i < sizeof off / sizeof off[0]; i++)
+        if (!strcasecmp(value, off[i]))
+            return false;
+    return true;
+}
+
 void shim_debug(const char *fmt, ...)
 {
     if (debug_enabled < 0)
-        debug_enabled = getenv("HTTPSHIM_DEBUG") != NULL;
+        debug_enabled = shim_debug_wanted(getenv("HTTPSHIM_DEBUG"));
     if (!debug_enabled)
         return;
     va_list ap;

@@ -773,6 +773,17 @@ def test_live_pooled_connection_keeps_connect_instant(upstream, rules, tmp_path)
     assert upstream.stats()["connections"] == 1, upstream.stats()
 
 
+@pytest.mark.parametrize("value,on", [("1", True), ("yes", True), ("0", False), ("off", False), ("", False),
+                                      ("FALSE", False)])
+def test_debug_switch(value, on, upstream, rules):
+    """HTTPSHIM_DEBUG=1 prints what is diverted; 0, off, false, no or empty print nothing
+    (a variable set to 0 turned it on before)."""
+    r = run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:%s/bytes/10" % upstream.port], conf=rules,
+            env={"HTTPSHIM_DEBUG": value})
+    assert r.rc == 0, r.describe()
+    assert (b"diverted to upstream" in r.err) == on, r.describe()
+
+
 def test_no_engine_without_listed_connect(upstream, rules, tmp_path):
     port = free_port()
     # 1. no thread named httpshim
