@@ -456,6 +456,8 @@ enum divert_result hooks_try_divert(int fd, const struct sockaddr *addr, socklen
             e->probe_file_flags = facts.file_flags;
             e->probe_held = held;
             atomic_store_explicit(&e->kind, FD_PROBING, memory_order_release);
+            if (held)
+                pool_watch_probe(up, fd);
         } else {
             pool_end_probe(up, -1, &dest, held);   /* cannot follow it: stop holding */
         }

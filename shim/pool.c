@@ -7,12 +7,15 @@
 #include "pool.h"
 #include "clock.h"
 #include "fdtable.h"
+#include "log.h"
 #include "loop.h"
+#include "real.h"
 #include "stats.h"
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/socket.h>
 
 /* Connections the app's own connects made while the pool was cold (hooks.c), waiting for
@@ -44,10 +47,81 @@ static struct proven { union shim_sockaddr addr[PROVEN_MAX]; int n, next; union 
     proven[RULES_MAX_UPSTREAMS];
 static bool same_address(const struct sockaddr *a, const union shim_sockaddr *b);
 
+/* The engine's own look at a probe's handshake: the app learns that its connect completed
+ * only when it next asks (SO_ERROR, connect again), which an event loop with hundreds of
+ * connects to issue first does many milliseconds later; the engine watches a duplicate of
+ * the probe's socket and, the moment it is connected, says so (pool_probe_owes_connection):
+ * the queue then lets the held transfers go (libcurl dials its own connections for them,
+ * as the app's own connects would have), keeping one slot under the cap for the probe's
+ * connection, which joins the pool when the app asks. A failed handshake changes nothing:
+ * the app finds out and ends the probe. */
+static _Atomic int64_t probe_connected_for[RULES_MAX_UPSTREAMS];   /* probe_started_us it was seen for */
+static struct probe_watch {
+    struct loop_source src;
+    struct loop_deferred done;
+    int up;
+    int64_t started_us;
+} watches[RULES_MAX_UPSTREAMS];
+static _Atomic int watch_busy[RULES_MAX_UPSTREAMS];
+
+static bool probe_in_flight(int up, int64_t *at)
+{
+    *at = atomic_load(&probe_started_us[up]);
+    return *at && clock_mono_us() - *at < POOL_PROBE_HOLD_MS * 1000LL;
+}
+
 bool pool_probe_holds(int up)
 {
-    int64_t at = atomic_load(&probe_started_us[up]);
-    return at && clock_mono_us() - at < POOL_PROBE_HOLD_MS * 1000LL;
+    int64_t at;
+    return probe_in_flight(up, &at);
+}
+
+bool pool_probe_owes_connection(int up)
+{
+    int64_t at;
+    return probe_in_flight(up, &at) && atomic_load(&probe_connected_for[up]) == at;
+}
+
+static void watch_done(struct loop_deferred *d)
+{
+    struct probe_watch *w = (struct probe_watch *)(void *)((char *)d - offsetof(struct probe_watch, done));
+    atomic_store(&watch_busy[w->up], 0);   /* after the batch: no event of this one is left */
+}
+
+static void on_probe_writable(struct loop_source *src, uint32_t events)
+{
+    (void)events;
+    struct probe_watch *w = (struct probe_watch *)(void *)((char *)src - offsetof(struct probe_watch, src));
+    union shim_sockaddr peer;
+    socklen_t len = sizeof peer;
+    int64_t at = w->started_us;
+    if (real_getpeername(src->fd, &peer.sa, &len) == 0 && atomic_load(&probe_started_us[w->up]) == at) {
+        atomic_store(&probe_connected_for[w->up], at);
+        atomic_store(&probe_settled[w->up], 1);   /* the queue looks again */
+        shim_debug("upstream %d: the probe's connect completed: its transfers go ahead", w->up);
+    }
+    loop_remove(src);
+    fdtable_close_engine_fd(src->fd);
+    loop_defer(&w->done, watch_done);
+}
+
+void pool_watch_probe(int up, int probe_fd)
+{
+    int idle = 0;
+    if (!atomic_compare_exchange_strong(&watch_busy[up], &idle, 1))
+        return;
+    int fd = real_fcntl(probe_fd, F_DUPFD_CLOEXEC, NULL);
+    if (fd >= 0 && fd < FDTABLE_MAX) {
+        fdtable_mark_engine(fd);
+        watches[up].up = up;
+        watches[up].started_us = atomic_load(&probe_started_us[up]);
+        if (watches[up].started_us && loop_add(&watches[up].src, fd, EPOLLOUT, on_probe_writable) == 0)
+            return;
+        fdtable_close_engine_fd(fd);
+    } else if (fd >= 0) {
+        real_close(fd);
+    }
+    atomic_store(&watch_busy[up], 0);
 }
 
 static bool has_pooled_connection(int up)
@@ -222,5 +296,7 @@ void pool_forget(void)
         atomic_store(&offered_count[i], 0);
         atomic_store(&probe_started_us[i], 0);
         atomic_store(&probe_settled[i], 0);
+        atomic_store(&probe_connected_for[i], 0);
+        atomic_store(&watch_busy[i], 0);   /* its dup went with the engine fds, its loop too */
     }
 }

@@ -26,7 +26,14 @@ enum pool_probe pool_begin_probe(int upstream, const struct sockaddr *addr);
 /* It found out: fd >= 0 is the connection it made (taken over), -1 a failure; held: what
  * pool_begin_probe said. */
 void pool_end_probe(int upstream, int fd, const union shim_sockaddr *dest, bool held);
+/* A probe is in flight for upstream (its first Redis connection waits for its connection). */
 bool pool_probe_holds(int upstream);
+/* The probe in flight has connected (the engine saw it: pool_watch_probe) and its
+ * connection will join the pool once the app asks. */
+bool pool_probe_owes_connection(int upstream);
+/* The engine watches a duplicate of the probe's socket (fd, the app's), to let the held
+ * transfers go as soon as it is connected. From the app's thread, right after its connect. */
+void pool_watch_probe(int upstream, int fd);
 int64_t pool_probe_started_us(int upstream);   /* 0: none */
 bool pool_probe_settled(int upstream);          /* once per ended probe */
 void pool_forget(void);                         /* forked child */

@@ -68,6 +68,21 @@ static void on_peak_second(struct loop_timer *timer)
         loop_timer_arm(timer, 1000, on_peak_second);
 }
 
+/* A probe in flight holds the upstream's transfers until its handshake is seen complete;
+ * then they go, with one slot under the cap kept for the probe's connection, which joins
+ * the pool once the app asks (pool.c). Under a cap of 1 they wait for that connection. */
+static bool probe_holds_queue(int upstream)
+{
+    return pool_probe_holds(upstream)
+           && !(pool_probe_owes_connection(upstream) && rules_pool_max(cfg, &cfg->upstreams[upstream]) > 1);
+}
+
+static unsigned queue_cap(int upstream)
+{
+    unsigned cap = rules_pool_max(cfg, &cfg->upstreams[upstream]);
+    return cap > 1 && pool_probe_owes_connection(upstream) ? cap - 1 : cap;
+}
+
 static int admit(struct pool_slot *s)
 {
     if (ops->admit(s) != 0)
@@ -124,7 +139,7 @@ int pool_queue_enter(struct pool_slot *s, int upstream, int fd)
     s->upstream = upstream;
     s->fd = fd;
     struct queue *q = &queues[upstream];
-    if (q->in_use < rules_pool_max(cfg, &cfg->upstreams[upstream]) && !q->head && !pool_probe_holds(upstream))
+    if (q->in_use < queue_cap(upstream) && !q->head && !probe_holds_queue(upstream))
         return admit(s);
     s->queued_us = clock_mono_us();    /* behind every earlier waiter */
     s->prev = q->tail;
@@ -178,10 +193,10 @@ void pool_queue_pump(void)
         struct queue *q = &queues[up];
         if (pool_probe_settled((int)up))
             q->pump = true;
-        if (!q->pump || pool_probe_holds((int)up))
+        if (!q->pump || probe_holds_queue((int)up))
             continue;
         q->pump = false;
-        while (q->head && q->in_use < rules_pool_max(cfg, &cfg->upstreams[up])) {
+        while (q->head && q->in_use < queue_cap((int)up)) {
             struct pool_slot *s = q->head;
             unqueue(s);
             if (admit(s) != 0) {

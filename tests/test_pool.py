@@ -2,6 +2,7 @@
 only when the upstream has a free slot under pool_max_per_host, the oldest waiter first),
 pool_queue_timeout, and the defaults. One client process per test (its own pool)."""
 
+import errno
 import shutil
 import socket
 import threading
@@ -321,3 +322,60 @@ def test_an_upstream_closing_an_idle_pooled_connection_is_heard(tmp_path, sockdi
         stop.set()
         srv.close()
         t.join(5)
+
+
+HELD_PROBE_CLIENT = r"""
+import json, socket, sys, threading, time
+port, pause = int(sys.argv[1]), float(sys.argv[2])
+req = b"GET /bytes/10 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+def exchange(s):
+    s.sendall(req)
+    got = b""
+    while len(got) < 4096:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+        if b"\r\n\r\n" in got and len(got.split(b"\r\n\r\n", 1)[1]) >= 10:
+            break
+    return got
+probe = socket.socket()
+probe.setblocking(False)
+first = probe.connect_ex(("127.0.0.1", port))          # the cold pool's probe: in progress
+other = socket.create_connection(("127.0.0.1", port))  # diverted at once: its request waits on the probe
+out = {}
+def other_exchange():
+    t0 = time.monotonic()
+    out["ok"] = exchange(other).startswith(b"HTTP/1.1 200")
+    out["waited"] = time.monotonic() - t0
+t = threading.Thread(target=other_exchange)
+t.start()
+time.sleep(pause)                                       # only now does the app ask about the probe
+err = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+probe.setblocking(True)
+got2 = exchange(probe)
+t.join(30)
+print(json.dumps(dict(out, first=first, err=err, ok2=got2.startswith(b"HTTP/1.1 200"))))
+"""
+
+
+@pytest.mark.parametrize("cap", [None, 1])
+def test_a_connected_probe_lets_the_held_transfers_go(cap, upstream, tmp_path, sockdir):
+    """A cold pool's first connect is the app's own (the probe); the connects that come
+    meanwhile are diverted at once and their requests wait for its outcome. The engine
+    watches the probe's handshake itself, so they go as soon as it is connected, not when
+    the app gets round to asking (here 0.6 s later; an event loop with hundreds of
+    connects to issue first asks milliseconds later), with one slot under the cap kept for
+    the probe's connection, which joins the pool when the app asks. Under a cap of 1 the
+    request waits for that connection, as before: never a connection more than the cap."""
+    conf = pool_conf(tmp_path, upstream, sockdir, cap=cap)
+    r = run([SYS_PY, "-c", HELD_PROBE_CLIENT, upstream.port, 0.6], conf=conf, timeout=60)
+    assert r.rc == 0, r.describe()
+    got = jlines(r.out)[0]
+    assert got["first"] == errno.EINPROGRESS and got["err"] == 0 and got["ok"] and got["ok2"], got
+    if cap is None:
+        assert got["waited"] < 0.4, got
+    else:
+        assert 0.55 <= got["waited"] < 0.95, got
+    st = upstream.summary()
+    assert st["requests"] == 2 and st["connections"] <= (cap or 2), st
