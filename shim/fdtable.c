@@ -172,6 +172,19 @@ int fdtable_close_engine_fd(int fd)
     return real_close(fd);
 }
 
+static int fd_limit_now(void)
+{
+    struct rlimit rl;
+    return getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < (rlim_t)FDTABLE_MAX ? (int)rl.rlim_cur : FDTABLE_MAX;
+}
+
+bool fdtable_in_lower_half(int fd)
+{
+    if (!fd_limit)
+        fd_limit = fd_limit_now();
+    return fd < fd_limit / 2;
+}
+
 /* ---- the graveyard: closes the app's thread hands to the engine ----
  * Closing a socket costs microseconds (a TCP socket's teardown 3 to 4, a Unix socket's 1
  * to 2 on the machines measured): the sockets a diverted connection leaves behind (the
@@ -185,11 +198,8 @@ int fdtable_close_engine_fd(int fd)
  * caller. */
 int fdtable_bury(int fd)
 {
-    if (!fd_limit) {
-        struct rlimit rl;
-        fd_limit = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < (rlim_t)FDTABLE_MAX ? (int)rl.rlim_cur
-                                                                                           : FDTABLE_MAX;
-    }
+    if (!fd_limit)
+        fd_limit = fd_limit_now();
     if (fd >= fd_limit / 2 || atomic_flag_test_and_set_explicit(&grave_lock, memory_order_acquire)) {
         fdtable_close_engine_fd(fd);
         return -1;
@@ -268,11 +278,8 @@ bool fdtable_stash_short(void)
 
 void fdtable_refill_stash(void)
 {
-    if (!fd_limit) {
-        struct rlimit rl;
-        fd_limit = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < (rlim_t)FDTABLE_MAX ? (int)rl.rlim_cur
-                                                                                           : FDTABLE_MAX;
-    }
+    if (!fd_limit)
+        fd_limit = fd_limit_now();
     for (int i = 0; i < STASH_MAX && atomic_load_explicit(&n_stash, memory_order_relaxed) < STASH_MAX; i++) {
         int sv[2];
         struct stat app_end;

@@ -95,6 +95,9 @@ void fdtable_mark_engine(int fd);
 void fdtable_clear(int fd);
 void fdtable_copy(int from, int to);   /* dup bookkeeping */
 bool fdtable_is_engine(int fd);
+/* fd is below half the process's fd limit: the fds the shim holds beside the app's stay
+ * there, so the app never runs short of fds on the shim's account. */
+bool fdtable_in_lower_half(int fd);
 int fdtable_engine_fd_limit(void);     /* no engine fd at or above this */
 void fdtable_close_engine_fds(void);   /* forked child: drop the parent's engine fds */
 /* Closes an engine fd of the library's own: out of the table, then closed for real. */

@@ -430,7 +430,8 @@ enum divert_result hooks_try_divert(int fd, const struct sockaddr *addr, socklen
     enum pool_probe probe = POOL_PROBE_SAME;
     if (may_probe && !cfg->upstreams[up].origin_https && !pool_has_live_connection(up, addr)
         && engine_ensure_started(config_loaded()) == 0)
-        probe = pool_begin_probe(up, addr);
+        probe = pool_begin_probe(up, addr, cfg->upstreams[up].protocol == PROTO_REDIS || !fdtable_in_lower_half(fd)
+                                                ? 0 : rules_pool_max(cfg, &cfg->upstreams[up]));
     if (probe == POOL_PROBE_SAME)
         return divert(fd, up, addr, len, &facts, NULL) == 0 ? DIVERTED : NOT_OURS;
     /* an address not known to answer is connected for real, whether or not it is the one

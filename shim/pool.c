@@ -21,7 +21,7 @@
 /* Connections the app's own connects made while the pool was cold (hooks.c), waiting for
  * the transfer that will use them: a few seconds at most, then closed. Filled from app
  * threads, hence the lock. */
-#define OFFERED_MAX 64
+#define OFFERED_MAX 1024                /* a cold burst's connects, each brought its own */
 #define OFFERED_MAX_AGE_US (3 * 1000000LL)
 static struct {
     pthread_mutex_t lock;
@@ -50,11 +50,10 @@ static bool same_address(const struct sockaddr *a, const union shim_sockaddr *b)
 /* The engine's own look at a probe's handshake: the app learns that its connect completed
  * only when it next asks (SO_ERROR, connect again), which an event loop with hundreds of
  * connects to issue first does many milliseconds later; the engine watches a duplicate of
- * the probe's socket and, the moment it is connected, says so (pool_probe_owes_connection):
- * the queue then lets the held transfers go (libcurl dials its own connections for them,
- * as the app's own connects would have), keeping one slot under the cap for the probe's
- * connection, which joins the pool when the app asks. A failed handshake changes nothing:
- * the app finds out and ends the probe. */
+ * the probe's socket and, the moment it is connected, says so (pool_probe_connected): the
+ * queue then lets the held transfers go, counting the probe's connection, which joins the
+ * pool when the app asks, against the cap (pool_connects_in_flight). A failed handshake
+ * changes nothing: the app finds out and ends the probe. */
 static _Atomic int64_t probe_connected_for[RULES_MAX_UPSTREAMS];   /* probe_started_us it was seen for */
 static struct probe_watch {
     struct loop_source src;
@@ -76,7 +75,7 @@ bool pool_probe_holds(int up)
     return probe_in_flight(up, &at);
 }
 
-bool pool_probe_owes_connection(int up)
+bool pool_probe_connected(int up)
 {
     int64_t at;
     return probe_in_flight(up, &at) && atomic_load(&probe_connected_for[up]) == at;
@@ -138,7 +137,13 @@ static bool is_proven_locked(int up, const struct sockaddr *addr)
     return false;
 }
 
-enum pool_probe pool_begin_probe(int up, const struct sockaddr *addr)
+/* Connects made for real now (a probe, and the connects alongside one) and when the
+ * newest began: each connection will join the pool, so the queue counts them against the
+ * cap (pool_connects_in_flight). */
+static _Atomic int real_connects[RULES_MAX_UPSTREAMS];
+static _Atomic int64_t real_connect_last_us[RULES_MAX_UPSTREAMS];
+
+enum pool_probe pool_begin_probe(int up, const struct sockaddr *addr, unsigned alongside_cap)
 {
     int64_t seen = 0, now = clock_mono_us();
     enum pool_probe r = POOL_PROBE_HELD;
@@ -146,8 +151,19 @@ enum pool_probe pool_begin_probe(int up, const struct sockaddr *addr)
     pthread_mutex_lock(&offered.lock);
     if (!atomic_compare_exchange_strong(&probe_started_us[up], &seen, now)) {
         /* a probe that was abandoned (its fd closed unasked) does not block the next one */
-        if (now - seen < POOL_PROBE_HOLD_MS * 1000LL || !atomic_compare_exchange_strong(&probe_started_us[up], &seen, now))
+        if (now - seen < POOL_PROBE_HOLD_MS * 1000LL || !atomic_compare_exchange_strong(&probe_started_us[up], &seen, now)) {
             r = same_address(addr, &proven[up].probing) ? POOL_PROBE_SAME : POOL_PROBE_OTHER;
+            /* A cold burst: while the probe runs, the connects that come meanwhile make
+             * their own connections too, as they would without the shim, up to the cap;
+             * each joins the pool when its app asks, and the burst's first requests go
+             * out over them. Diverted at once instead, they would wait for the probe's
+             * handshake and then for libcurl's own: two round trips where direct pays one. */
+            long have = (long)atomic_load(&shim_stats[up].pool_open) + atomic_load(&offered_count[up])
+                        + atomic_load(&real_connects[up]);
+            if (r == POOL_PROBE_SAME && have < (long)alongside_cap
+                && offered.n + atomic_load(&real_connects[up]) < OFFERED_MAX)
+                r = POOL_PROBE_OTHER;
+        }
     }
     if (r == POOL_PROBE_HELD && has_pooled_connection(up) && is_proven_locked(up, addr)) {
         /* another probe ended between the caller's look at the pool and here */
@@ -156,8 +172,26 @@ enum pool_probe pool_begin_probe(int up, const struct sockaddr *addr)
     }
     if (r == POOL_PROBE_HELD)
         memcpy(&proven[up].probing, addr, addr->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in));
+    if (r != POOL_PROBE_SAME) {
+        atomic_fetch_add(&real_connects[up], 1);
+        atomic_store(&real_connect_last_us[up], now);
+    }
     pthread_mutex_unlock(&offered.lock);
     return r;
+}
+
+int64_t pool_connects_count_until_us(int up)
+{
+    return atomic_load(&real_connects[up]) > 0 ? atomic_load(&real_connect_last_us[up]) + POOL_PROBE_HOLD_MS * 1000LL
+                                               : 0;
+}
+
+int pool_connects_in_flight(int up)
+{
+    int n = atomic_load(&real_connects[up]);
+    if (n <= 0 || clock_mono_us() - atomic_load(&real_connect_last_us[up]) > POOL_PROBE_HOLD_MS * 1000LL)
+        return 0;                      /* (an app that never asks about its connect stops counting) */
+    return n;
 }
 
 void pool_end_probe(int up, int fd, const union shim_sockaddr *dest, bool held)
@@ -174,11 +208,13 @@ void pool_end_probe(int up, int fd, const union shim_sockaddr *dest, bool held)
         pthread_mutex_unlock(&offered.lock);
         pool_offer_connection(up, fd, dest);
     }
-    if (!held)
-        return;
-    atomic_store(&probe_started_us[up], 0);
+    int n = atomic_load(&real_connects[up]);
+    while (n > 0 && !atomic_compare_exchange_weak(&real_connects[up], &n, n - 1))
+        ;                              /* (never below 0: a forked child ends its parent's) */
+    if (held)
+        atomic_store(&probe_started_us[up], 0);
     atomic_store(&probe_settled[up], 1);
-    loop_wake();                       /* the engine admits what the probe held */
+    loop_wake();                       /* the engine admits what waited for it */
 }
 /* An address as bytes and port, IPv4-mapped IPv6 as its IPv4 form: so they compare as one. */
 struct plain_addr { uint8_t bytes[16]; size_t n; uint16_t port; };
@@ -247,11 +283,10 @@ int pool_take_offered(int upstream, const struct sockaddr *addr)
 
 bool pool_has_live_connection(int upstream, const struct sockaddr *addr)
 {
-    bool probing = pool_probe_holds(upstream), pooled = has_pooled_connection(upstream);
-    if (!probing && !pooled)
-        return false;
+    if (!has_pooled_connection(upstream))
+        return false;                  /* (a probe in flight: pool_begin_probe decides) */
     pthread_mutex_lock(&offered.lock);
-    bool live = (probing && same_address(addr, &proven[upstream].probing)) || (pooled && is_proven_locked(upstream, addr));
+    bool live = is_proven_locked(upstream, addr);
     pthread_mutex_unlock(&offered.lock);
     return live;
 }
@@ -298,5 +333,6 @@ void pool_forget(void)
         atomic_store(&probe_settled[i], 0);
         atomic_store(&probe_connected_for[i], 0);
         atomic_store(&watch_busy[i], 0);   /* its dup went with the engine fds, its loop too */
+        atomic_store(&real_connects[i], 0);
     }
 }

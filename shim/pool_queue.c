@@ -68,19 +68,21 @@ static void on_peak_second(struct loop_timer *timer)
         loop_timer_arm(timer, 1000, on_peak_second);
 }
 
-/* A probe in flight holds the upstream's transfers until its handshake is seen complete;
- * then they go, with one slot under the cap kept for the probe's connection, which joins
- * the pool once the app asks (pool.c). Under a cap of 1 they wait for that connection. */
+/* A probe in flight holds the upstream's transfers until its handshake is seen complete
+ * (pool.c). The connects made for real meanwhile (the probe, those alongside it) bring
+ * connections that join the pool once their apps ask: they count against the cap, so the
+ * transfers let go never make libcurl dial past it (under a cap of 1 they wait for the
+ * probe's connection). */
 static bool probe_holds_queue(int upstream)
 {
-    return pool_probe_holds(upstream)
-           && !(pool_probe_owes_connection(upstream) && rules_pool_max(cfg, &cfg->upstreams[upstream]) > 1);
+    return pool_probe_holds(upstream) && !pool_probe_connected(upstream);
 }
 
 static unsigned queue_cap(int upstream)
 {
     unsigned cap = rules_pool_max(cfg, &cfg->upstreams[upstream]);
-    return cap > 1 && pool_probe_owes_connection(upstream) ? cap - 1 : cap;
+    unsigned coming = (unsigned)pool_connects_in_flight(upstream);
+    return coming < cap ? cap - coming : 0;
 }
 
 static int admit(struct pool_slot *s)
@@ -131,6 +133,9 @@ static void arm_queue_timeout(struct queue *q)
         if (hold_ms < due_ms)
             due_ms = hold_ms;
     }
+    int64_t counted = pool_connects_count_until_us((int)(q - queues));
+    if (counted && (counted - now) / 1000 + 1 < due_ms)
+        due_ms = (counted - now) / 1000 + 1;   /* and when the connects in flight stop counting */
     loop_timer_arm(&q->timeout, due_ms > 0 ? due_ms : 0, on_queue_timeout);
 }
 

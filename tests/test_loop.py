@@ -51,8 +51,10 @@ def test_busy_polling_spares_sleeps_and_stops_when_quiet(upstream, tmp_path, soc
         got[name] = jlines(r.out)[0]
         assert "error" not in got[name], (got, r.describe())
     # (fewer than one per request on a loaded machine, where events wait queued: how many
-    # varies from one run to the next, so each sleeping run is held to the polling one)
-    assert got["off"]["sleeps"] >= 50 and got["pressed"]["sleeps"] >= 50, got
+    # varies from one run to the next, so each sleeping run is held to the polling one,
+    # which sleeps 0 to 2 times)
+    # (400 each alone; 42 seen with the suite's four workers on two CPUs)
+    assert got["off"]["sleeps"] >= 20 and got["pressed"]["sleeps"] >= 20, got
     assert got["polling"]["sleeps"] * 2 < min(got["off"]["sleeps"], got["pressed"]["sleeps"]), got
     assert all(g["quiet_cpu_ms"] <= 50 for g in got.values()), got
     eng = {k: g["engine"] for k, g in got.items()}

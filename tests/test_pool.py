@@ -379,3 +379,64 @@ def test_a_connected_probe_lets_the_held_transfers_go(cap, upstream, tmp_path, s
         assert 0.55 <= got["waited"] < 0.95, got
     st = upstream.summary()
     assert st["requests"] == 2 and st["connections"] <= (cap or 2), st
+
+
+COLD_BURST_CLIENT = r"""
+import json, select, socket, sys, time, urllib.request
+port, cport, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+socks = []
+for _ in range(n):                                      # a cold burst: every connect issued first
+    s = socket.socket()
+    s.setblocking(False)
+    s.connect_ex(("127.0.0.1", port))
+    socks.append(s)
+p = select.poll()
+for s in socks:
+    p.register(s, select.POLLOUT)
+ready = set()
+for _ in range(200):
+    for fd, _ev in p.poll(100):
+        ready.add(fd)
+        p.unregister(fd)
+    if len(ready) == n:
+        break
+op = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+for _ in range(20):                                     # (the upstream accepts in its own time)
+    with op.open("http://127.0.0.1:%d/stats" % cport, timeout=10) as r:
+        at_connect = json.loads(r.read())["connections"]    # (the control port is not shimmed)
+    if at_connect >= n:
+        break
+    time.sleep(0.05)
+ok = 0
+for s in socks:
+    assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    s.setblocking(True)
+    s.sendall(b"GET /bytes/10 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    got = b""
+    while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < 10:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    ok += got.startswith(b"HTTP/1.1 200")
+print(json.dumps({"ready": len(ready), "at_connect": at_connect, "ok": ok}))
+"""
+
+
+@pytest.mark.parametrize("cap", [None, 3])
+def test_a_cold_burst_connects_as_direct_and_its_connections_join_the_pool(cap, upstream, tmp_path, sockdir):
+    """Eight connects issued at once to a cold pool: the first is the probe and the other
+    seven, while it runs, make their own connections as they would without the shim (up to
+    the cap), so the upstream sees them at connect time, not a round trip later from
+    libcurl after the probe's; each joins the pool when its app asks about it, and the
+    eight requests go out over them: eight connections in all, or the cap's three."""
+    conf = pool_conf(tmp_path, upstream, sockdir, cap=cap)
+    r = run([SYS_PY, "-c", COLD_BURST_CLIENT, upstream.port, upstream.cport, 8], conf=conf, timeout=60)
+    assert r.rc == 0, r.describe()
+    got = jlines(r.out)[0]
+    st = upstream.summary()
+    assert got["ready"] == 8 and got["ok"] == 8 and st["requests"] == 8, (got, st)
+    if cap is None:
+        assert got["at_connect"] == 8 and st["connections"] == 8, (got, st)
+    else:
+        assert got["at_connect"] == 3 and st["connections"] <= 3, (got, st)
