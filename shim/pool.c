@@ -1,9 +1,10 @@
 /* pool.c — owns what the pool knows beyond libcurl: connections the app's own connects
  * made while the pool was cold (hooks.c connects for real so that the app sees the real
- * connect error), kept a few seconds for the next transfer to that address; and the one
- * probe per upstream at a time, during which that upstream's transfers wait (upstream.c),
- * so a cold burst never opens more than pool_max_per_host connections. Shared by app
- * threads and the engine thread: atomics and one lock. */
+ * connect error), kept a few seconds for the next transfer to that address; the one probe
+ * per upstream at a time, during which that upstream's transfers wait (pool_queue.c) until
+ * the engine sees its handshake complete; and the connects of a cold burst made for real
+ * alongside it, counted so that the burst never opens more than pool_max_per_host
+ * connections. Shared by app threads and the engine thread: atomics and one lock. */
 #include "pool.h"
 #include "clock.h"
 #include "fdtable.h"
@@ -12,10 +13,10 @@
 #include "real.h"
 #include "stats.h"
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
-#include <fcntl.h>
 #include <sys/socket.h>
 
 /* Connections the app's own connects made while the pool was cold (hooks.c), waiting for
