@@ -34,12 +34,19 @@ def main():
         if pid:
             _, status = os.waitpid(pid, 0)
             sys.exit(os.waitstatus_to_exitcode(status))
-    t_named = get(named)
-    time.sleep(float(wait_s))
-    t_later = get(named)
-    print(json.dumps({"other": t_other, "named": t_named, "later": t_later, "stats": own_stats(pattern)}), flush=True)
+    try:
+        t_named = get(named)
+        time.sleep(float(wait_s))
+        t_later = get(named)
+        print(json.dumps({"other": t_other, "named": t_named, "later": t_later, "stats": own_stats(pattern)}),
+              flush=True)
+    except Exception as e:  # noqa: BLE001 (the child must not unwind into its parent's code)
+        print(json.dumps({"error": repr(e)}), flush=True)
+        if not fork:
+            raise
+        os._exit(1)
     if fork:
-        os._exit(0)
+        os._exit(0)                    # (no interpreter shutdown, no sanitizer exit hooks, in a fork)
 
 
 if __name__ == "__main__":
