@@ -943,8 +943,8 @@ def test_a_slow_resolver_never_holds_a_connect_for_long(upstream, upstream_b, so
     """The rules name an upstream by a host name that takes 1.5 s to resolve: the names are
     resolved on a thread of their own, so a connect to a port no named upstream uses does
     not wait at all, the first connect to the named upstream's port waits at most 250 ms
-    for the answer and then goes direct (as without the shim; it used to wait the whole
-    3 s), and once the name has resolved a connect to its address is diverted."""
+    for the answer and then goes direct (as without the shim; it used to wait for the whole
+    lookup), and once the name has resolved a connect to its address is diverted."""
     d, st = slow_name_run(upstream, upstream_b, sockdir, tmp_path)
     assert d["other"][0] < 0.2, d          # no wait: nothing named listens on that port
     assert d["named"][0] < 1.0, d          # at most 250 ms of waiting, then direct
