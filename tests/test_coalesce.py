@@ -96,8 +96,10 @@ def test_uncacheable_releases_waiters_then_hit_for_miss(upstream, tmp_path, sock
     assert len(upstream_requests(upstream, "tag=hfm")) == 20
     assert u["coalesced"] == 0 and u["not_stored"]["set_cookie"] >= 10, u
     assert max(x["ms"] for x in first) < 500 * 3, [round(x["ms"]) for x in first]
-    # a waiter that joined 60 ms after the leader waited ~440 ms for its head, then 500
-    assert first[1]["ms"] > 500 + 300, [round(x["ms"]) for x in first]
+    # the waiters that joined in the leader's first 200 ms waited for its head, then 500:
+    # 940, 880, 820 ms (which request leads is whichever reaches the engine first: on a
+    # loaded machine the second may overtake the first)
+    assert sum(x["ms"] > 500 + 300 for x in first) >= 3, [round(x["ms"]) for x in first]
     assert max(x["ms"] for x in second) < 500 + 300, [round(x["ms"]) for x in second]
 
 
