@@ -157,13 +157,17 @@ void fdtable_close_engine_fds(void)
             atomic_store(&table[fd].kind, FD_NONE);
             real_close(fd);
         }
-    /* the parent's connections behind the child's diverted fds are gone with its engine */
-    for (int fd = 0; fd < FDTABLE_MAX; fd++)
+    /* the parent's connections behind the child's diverted fds are gone with its engine
+     * (and the kept references to their app ends were engine fds, closed above) */
+    for (int fd = 0; fd < FDTABLE_MAX; fd++) {
+        if (atomic_load_explicit(&table[fd].kept_app_end, memory_order_relaxed))
+            atomic_store(&table[fd].kept_app_end, 0);
         if (table[fd].engine_conn) {
             table[fd].engine_conn = NULL;
             atomic_store(&table[fd].heard, FD_HEARD);
             fdgate_shut(&table[fd].gate);   /* (no thread of the child holds it) */
         }
+    }
 }
 
 int fdtable_close_engine_fd(int fd)
@@ -267,7 +271,6 @@ int fdtable_take_pair(int sv[2], dev_t *dev, ino_t *ino)
     atomic_flag_clear_explicit(&stash_lock, memory_order_release);
     if (n <= 0)
         return -1;
-    fdtable_clear(sv[0]);              /* the app's end: not the engine's any more */
     return n - 1;
 }
 

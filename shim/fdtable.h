@@ -44,6 +44,10 @@ struct fd_entry {
     int probe_file_flags;              /* FD_PROBING: the app's file flags at connect */
     bool probe_held;                   /* FD_PROBING: it holds the upstream's transfers (pool.c) */
     _Atomic int connected_already;     /* FD_ENGINE: an adopted connection libcurl will connect() */
+    /* FD_DIVERTED, never heard by the engine: fd + 1 of a second reference to the app's end
+     * of the socketpair (engine-marked), or 0. With it the app's close is not the last one:
+     * the socket's teardown is the engine's, off the app's thread (hooks.c) */
+    _Atomic int kept_app_end;
     int n_opts;
     struct fd_sockopt opts[FD_MAX_OPTS];
     _Atomic int n_epoll;               /* registrations made before connect */

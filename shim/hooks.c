@@ -96,6 +96,9 @@ static void forget_fd(int fd, struct fd_entry *e)
      * be reused by another connection */
     if (unseen)
         engine_drop_unseen(e, unseen);
+    int kept = atomic_exchange(&e->kept_app_end, 0);
+    if (kept && fdtable_bury(kept - 1) > 0)
+        loop_wake();
     fdtable_clear(fd);
 }
 
@@ -281,7 +284,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     if (left < 0 || left <= FDTABLE_STASH_WAKE)
         loop_wake();                   /* to make more (once until the engine runs) */
     if (sv[0] >= FDTABLE_MAX || sv[1] >= FDTABLE_MAX) {
-        real_close(sv[0]);
+        fdtable_close_engine_fd(sv[0]);
         fdtable_close_engine_fd(sv[1]);
         return -1;
     }
@@ -306,7 +309,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
      * the app's connect need not wait for). */
     int tcp = real_fcntl(fd, F_DUPFD_CLOEXEC, NULL);
     if (tcp < 0 && kept_tcp) {
-        real_close(sv[0]);
+        fdtable_close_engine_fd(sv[0]);
         fdtable_close_engine_fd(sv[1]);
         return -1;
     }
@@ -318,7 +321,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     void *conn = engine_adopt(sv[1], upstream, &dest, len, &e->gate, gen);
     if (!conn) {
         fdtable_clear(sv[1]);
-        real_close(sv[0]);
+        fdtable_close_engine_fd(sv[0]);
         fdtable_close_engine_fd(sv[1]);
         if (tcp >= 0)
             real_close(tcp);
@@ -330,7 +333,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
         real_epoll_ctl(regs[i].epfd, EPOLL_CTL_DEL, fd, NULL);
     atomic_store(&e->kind, FD_NONE);
     if (real_dup3(sv[0], fd, cloexec ? O_CLOEXEC : 0) < 0) {
-        real_close(sv[0]);
+        fdtable_close_engine_fd(sv[0]);
         engine_drop_unseen(e, conn);   /* the engine never heard of it */
         if (tcp >= 0)
             real_close(tcp);
@@ -343,7 +346,15 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
         if (fdtable_bury(tcp) > 0)
             loop_wake();
     }
-    real_close(sv[0]);
+    /* The pair's other reference to the app's end is kept while the engine does not hear the
+     * connection (every hit answered inline): the app's close is then not the last, and the
+     * socket's teardown (1 to 3 microseconds) goes to the engine with the engine's end. */
+    bool keep = left >= 0 && fdtable_in_lower_half(sv[0]);
+    int stale = atomic_exchange(&e->kept_app_end, keep ? sv[0] + 1 : 0);
+    if (!keep)
+        fdtable_close_engine_fd(sv[0]);
+    if (stale && fdtable_bury(stale - 1) > 0)
+        loop_wake();
     struct stat st;
     if (left >= 0) {                   /* dup3 kept the stashed end's inode */
         e->dev = pair_dev;
