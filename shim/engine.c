@@ -727,9 +727,7 @@ void engine_need(struct fd_entry *e)
     if (atomic_load_explicit(&e->heard, memory_order_acquire) != FD_UNHEARD
         || !atomic_compare_exchange_strong(&e->heard, &want, FD_HEARD))
         return;
-    int kept = atomic_exchange(&e->kept_app_end, 0);
-    if (kept)
-        fdtable_close_engine_fd(kept - 1);   /* now the app's close must be the last: the engine hears it */
+    fdtable_close_kept_app_end(e);     /* now the app's close must be the last: the engine hears it */
     struct conn *c = e->engine_conn;
     if (c && loop_add(&c->src, c->side.fd, EPOLLIN, on_app_event) != 0)
         shutdown(c->side.fd, SHUT_RDWR);   /* cannot listen: the app sees the connection end */

@@ -170,6 +170,15 @@ void fdtable_close_engine_fds(void)
     }
 }
 
+void fdtable_close_kept_app_end(struct fd_entry *e)
+{
+    int kept = atomic_exchange(&e->kept_app_end, 0);
+    if (kept) {
+        atomic_store(&e->n_epoll, 0);  /* (noted only while it was kept) */
+        fdtable_close_engine_fd(kept - 1);
+    }
+}
+
 int fdtable_close_engine_fd(int fd)
 {
     fdtable_clear(fd);

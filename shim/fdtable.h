@@ -102,7 +102,10 @@ bool fdtable_is_engine(int fd);
 /* fd is below half the process's fd limit: the fds the shim holds beside the app's stay
  * there, so the app never runs short of fds on the shim's account. */
 bool fdtable_in_lower_half(int fd);
-int fdtable_engine_fd_limit(void);     /* no engine fd at or above this */
+int fdtable_engine_fd_limit(void);
+/* Closes the kept second reference to a diverted fd's app end, if any, from this thread:
+ * the app's close is then the socket's last again, with the kernel's semantics. */
+void fdtable_close_kept_app_end(struct fd_entry *e);     /* no engine fd at or above this */
 void fdtable_close_engine_fds(void);   /* forked child: drop the parent's engine fds */
 /* Closes an engine fd of the library's own: out of the table, then closed for real. */
 int fdtable_close_engine_fd(int fd);

@@ -79,7 +79,7 @@ void hooks_note_connected(int fd)
 
 /* The close hook's bookkeeping, for an fd number that is closing, or that the kernel
  * has just handed out again (libc closed the old one behind the hooks). */
-static void forget_fd(int fd, struct fd_entry *e)
+static void forget_fd(int fd, struct fd_entry *e, bool still_open)
 {
     void *unseen = NULL;
     int kind = atomic_load_explicit(&e->kind, memory_order_acquire);
@@ -96,9 +96,22 @@ static void forget_fd(int fd, struct fd_entry *e)
      * be reused by another connection */
     if (unseen)
         engine_drop_unseen(e, unseen);
-    int kept = atomic_exchange(&e->kept_app_end, 0);
-    if (kept && fdtable_bury(kept - 1) > 0)
-        loop_wake();
+    /* A kept second reference to the app's end (divert): the app's close will not be the
+     * socket's last, so the registrations the kernel would drop with it are dropped here
+     * (a stale event for a closed fd would reach the app); then the engine closes it. A
+     * number closed behind the hooks and handed out again is another socket now: the
+     * reference is closed at once instead, which drops them. */
+    if (atomic_load_explicit(&e->kept_app_end, memory_order_relaxed) && still_open) {
+        int n = atomic_load(&e->n_epoll);
+        for (int i = 0; i < n && i < FD_MAX_EPOLL; i++)
+            real_epoll_ctl(e->epoll[i].epfd, EPOLL_CTL_DEL, fd, NULL);
+        atomic_store(&e->n_epoll, 0);
+        int kept = atomic_exchange(&e->kept_app_end, 0);
+        if (kept && fdtable_bury(kept - 1) > 0)
+            loop_wake();
+    } else {
+        fdtable_close_kept_app_end(e);
+    }
     fdtable_clear(fd);
 }
 
@@ -115,7 +128,7 @@ SHIM_EXPORT int socket(int domain, int type, int protocol)
     if (!e || atomic_load_explicit(&e->kind, memory_order_relaxed) == FD_ENGINE)
         return fd;
     int saved = errno;
-    forget_fd(fd, e);
+    forget_fd(fd, e, false);
     bool tcp = (domain == AF_INET || domain == AF_INET6) && (type & 0xf) == SOCK_STREAM
                && (protocol == 0 || protocol == IPPROTO_TCP);
     e->made_family = domain;
@@ -370,7 +383,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     e->engine_conn = conn;
     atomic_store(&e->heard, FD_UNHEARD);
     e->n_opts = 0;
-    atomic_store(&e->n_epoll, 0);
+    atomic_store(&e->n_epoll, keep ? nregs : 0);   /* moved below; noted while the reference is kept */
     atomic_store_explicit(&e->made, MADE_OTHER, memory_order_relaxed);   /* connected now */
     atomic_store_explicit(&e->kind, FD_DIVERTED, memory_order_release);
     for (int i = 0; i < nregs; i++) {
@@ -550,16 +563,10 @@ SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
 
 /* ---- epoll: registrations made before connect must survive the fd swap ---- */
 
-SHIM_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
+/* Notes (or forgets) a registration of fd in epfd in its entry: false when there is no
+ * room for another epoll set. */
+static bool note_epoll(struct fd_entry *e, int epfd, int op, const struct epoll_event *event)
 {
-    real_bind();
-    int rc = real_epoll_ctl(epfd, op, fd, event);
-    if (rc != 0 || shim_in_engine || !config_get())
-        return rc;
-    struct fd_entry *e = fdtable_slot(fd);
-    int kind = e ? atomic_load_explicit(&e->kind, memory_order_relaxed) : FD_ENGINE;
-    if (kind != FD_NONE && kind != FD_PROBING)
-        return rc;                     /* diverted already: nothing to replay */
     int n = atomic_load(&e->n_epoll);
     int at = -1;
     for (int i = 0; i < n && i < FD_MAX_EPOLL; i++)
@@ -573,14 +580,36 @@ SHIM_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
     } else if (event) {
         if (at < 0 && n < FD_MAX_EPOLL)
             at = n++;
-        if (at >= 0) {
-            e->epoll[at].epfd = epfd;
-            e->epoll[at].ev = *event;
-            atomic_store(&e->n_epoll, n);
-        }
+        if (at < 0)
+            return false;
+        e->epoll[at].epfd = epfd;
+        e->epoll[at].ev = *event;
+        atomic_store(&e->n_epoll, n);
     }
+    return true;
+}
+
+SHIM_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
+{
+    real_bind();
+    int rc = real_epoll_ctl(epfd, op, fd, event);
+    if (rc != 0 || shim_in_engine || !config_get())
+        return rc;
+    struct fd_entry *e = fdtable_slot(fd);
+    int kind = e ? atomic_load_explicit(&e->kind, memory_order_relaxed) : FD_ENGINE;
+    if (kind == FD_DIVERTED && atomic_load_explicit(&e->kept_app_end, memory_order_relaxed)) {
+        /* the app's close will not be the socket's last: its registrations are noted, for
+         * the close to remove them as the kernel would have (forget_fd) */
+        if (!note_epoll(e, epfd, op, event))
+            fdtable_close_kept_app_end(e);   /* more epoll sets than noted: the kernel's close, then */
+        return rc;
+    }
+    if (kind != FD_NONE && kind != FD_PROBING)
+        return rc;                     /* diverted already: nothing to replay */
+    note_epoll(e, epfd, op, event);    /* (beyond FD_MAX_EPOLL sets: not moved at divert) */
     return rc;
 }
+
 
 /* ---- close and dup: keep the table right, never let the app close engine fds ---- */
 
@@ -592,7 +621,7 @@ SHIM_EXPORT int close(int fd)
             errno = EBADF;
             return -1;
         }
-        forget_fd(fd, e);
+        forget_fd(fd, e, true);
     }
     return real_close(fd);
 }
@@ -647,7 +676,7 @@ SHIM_EXPORT int fclose(FILE *f)
     int fd = f && !shim_in_engine ? fileno(f) : -1;
     struct fd_entry *e = fd >= 0 ? fdtable_slot(fd) : NULL;
     if (e && atomic_load_explicit(&e->kind, memory_order_acquire) != FD_ENGINE)
-        forget_fd(fd, e);
+        forget_fd(fd, e, true);
     return real_fclose(f);
 }
 

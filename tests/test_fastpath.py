@@ -220,3 +220,52 @@ def test_a_socket_closed_behind_the_hooks_is_let_go(upstream, tmp_path, sockdir)
     assert out[0]["fds_before"] == out[0]["fds_after_close"] == out[0]["fds_after_fclose"], out
     r = run([str(SOCKSTATE), "--port", upstream.port, "--case", "closefrom"], conf=conf, timeout=60)
     assert r.rc == 0 and jlines(r.out) == [{"case": "closefrom", "first": 200, "after": 200}], r.describe()
+
+
+EPOLL_CLOSE_CLIENT = r"""
+import json, select, socket, sys
+port = int(sys.argv[1])
+def get():
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET /bytes/100 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    got = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return s, got
+s0, _ = get()                                  # the miss that stores the entry
+s0.close()
+ep, ep2, ep3 = select.epoll(), select.epoll(), select.epoll()
+events, ok = [], 0
+for i in range(20):
+    s, got = get()                             # a hit, answered inline
+    ok += got.startswith(b"HTTP/1.1 200")
+    ep.register(s.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+    if i % 2:
+        ep2.register(s.fileno(), select.EPOLLIN)
+    if i % 5 == 4:
+        ep3.register(s.fileno(), select.EPOLLIN)   # a third set: more than the entry notes
+    if i % 4 == 3:
+        ep.unregister(s.fileno())              # some unregistered by the app, most not
+    s.close()                                  # the kernel drops what is left at the last close
+    events += ep.poll(0.03) + ep2.poll(0.0) + ep3.poll(0.0)
+print(json.dumps({"events": [list(e) for e in events], "ok": ok}))
+"""
+
+
+def test_a_closed_hit_leaves_no_epoll_registration_behind(upstream, tmp_path, sockdir):
+    """After a hit answered inline, the app's close is not the last reference to its
+    socket (the engine closes the other one, off the app's thread): the registrations of
+    the fd in the app's epoll sets, which the kernel drops at the last close, are dropped
+    at the app's close as without the shim (an fd in more epoll sets than its entry notes
+    has the other reference closed at once). 20 hits, each fd registered in one to three
+    epoll sets and closed without unregistering: no event for a closed fd (there were 210)."""
+    conf = conf_for(tmp_path, upstream, sockdir)
+    for shim in (False, True):
+        r = run([SYS_PY, "-c", EPOLL_CLOSE_CLIENT, upstream.port], shim=shim, conf=conf if shim else None,
+                timeout=60)
+        assert r.rc == 0, r.describe()
+        got = jlines(r.out)[0]
+        assert got["ok"] == 20 and got["events"] == [], (shim, got)
