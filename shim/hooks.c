@@ -362,7 +362,8 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     /* The pair's other reference to the app's end is kept while the engine does not hear the
      * connection (every hit answered inline): the app's close is then not the last, and the
      * socket's teardown (1 to 3 microseconds) goes to the engine with the engine's end. */
-    bool keep = left >= 0 && fdtable_in_lower_half(sv[0]);
+    bool keep = left >= 0 && fdtable_in_lower_half(sv[0]) && !(facts->file_flags & O_ASYNC)
+                && !(facts->ask & MADE_SET_OWNER);   /* (signal-driven I/O: the kernel's close) */
     int stale = atomic_exchange(&e->kept_app_end, keep ? sv[0] + 1 : 0);
     if (!keep)
         fdtable_close_engine_fd(sv[0]);
