@@ -114,6 +114,7 @@ static void reclaim_sock(struct loop_deferred *d)
  * Indexed by fd; the engine's thread only. */
 static struct curl_sock **parked;
 static int parked_cap;
+static struct curl_sock **orphaned_parked;   /* a forked child's inheritance */
 
 static void sock_release(struct curl_sock *cs)
 {
@@ -327,10 +328,8 @@ void upstream_forget(void)
     curl_timer.slot = 0;
     pool_queue_forget();
     n_spare_easy = 0;                  /* the parent's handles: never used again */
-    for (int fd = 0; fd < parked_cap; fd++)
-        free(parked[fd]);              /* the parent's sockets: its loop is forgotten too */
-    free(parked);
-    parked = NULL;
+    orphaned_parked = parked;          /* the parent's sockets (its loop is forgotten too): */
+    parked = NULL;                     /* kept, not freed, in a forked child's atfork handler */
     parked_cap = 0;
     pool_forget();
 }
