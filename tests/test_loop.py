@@ -3,6 +3,7 @@ removed sources inside a batch, deferred frees, loop_move, 0 ms timer starvation
 large heap, and wake-ups asked for from another thread never lost); build/resp_test
 shim/resp.c's bounds on their edges and shim/redis_slot.c's slots against the cluster
 specification's examples. And the loop's busy polling in a real shimmed process."""
+import os
 import re
 import subprocess
 
@@ -55,11 +56,15 @@ def test_busy_polling_spares_sleeps_and_stops_when_quiet(upstream, tmp_path, soc
     # which sleeps 0 to 2 times)
     # (400 each alone; 42 seen with the suite's four workers on two CPUs)
     assert got["off"]["sleeps"] >= 20 and got["pressed"]["sleeps"] >= 20, got
-    assert got["polling"]["sleeps"] * 2 < min(got["off"]["sleeps"], got["pressed"]["sleeps"]), got
+    # (under the sanitizer runtime, two to three times slower, an upstream answer can miss
+    # the 1 ms window: a polling engine slept 55 times to the others' 58 and 54 once in CI;
+    # what polling saves is measured by the plain run, the sanitized one checks the rest)
+    sanitized = bool(os.environ.get("HTTPSHIM_TEST_PRELOAD"))
+    assert sanitized or got["polling"]["sleeps"] * 2 < min(got["off"]["sleeps"], got["pressed"]["sleeps"]), got
     assert all(g["quiet_cpu_ms"] <= 50 for g in got.values()), got
     eng = {k: g["engine"] for k, g in got.items()}
     assert eng["polling"]["busy_poll_us"] == 1000 and eng["off"]["busy_poll_us"] == 0, eng
-    assert eng["polling"]["polls_paid"] >= 100 and eng["polling"]["poll_seconds"] > 0, eng
+    assert sanitized or (eng["polling"]["polls_paid"] >= 100 and eng["polling"]["poll_seconds"] > 0), eng
     assert eng["polling"]["polls_paid"] <= eng["polling"]["polls"], eng
     assert all(eng[k]["polls"] == 0 and eng[k]["poll_seconds"] == 0 for k in ("pressed", "off")), eng
     assert all(e["sleeps"] > 0 for e in eng.values()), eng
