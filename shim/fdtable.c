@@ -161,7 +161,8 @@ void fdtable_close_engine_fds(void)
      * (and the kept references to their app ends were engine fds, closed above) */
     for (int fd = 0; fd < FDTABLE_MAX; fd++) {
         if (atomic_load_explicit(&table[fd].kept_app_end, memory_order_relaxed))
-            atomic_store(&table[fd].kept_app_end, 0);
+            atomic_store(&table[fd].kept_app_end, 0);   /* (a write only where needed: the table's */
+                                                        /* untouched pages stay unallocated) */
         if (table[fd].engine_conn) {
             table[fd].engine_conn = NULL;
             atomic_store(&table[fd].heard, FD_HEARD);

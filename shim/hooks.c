@@ -77,6 +77,14 @@ void hooks_note_connected(int fd)
         atomic_store_explicit(&e->made, MADE_OTHER, memory_order_relaxed);
 }
 
+/* A kept reference to an app end (kept_app_end's value: fd + 1, or 0) goes to the engine
+ * to close, with the app's thread's other leftovers. */
+static void bury_kept_app_end(int kept)
+{
+    if (kept && fdtable_bury(kept - 1) > 0)
+        loop_wake();
+}
+
 /* The close hook's bookkeeping, for an fd number that is closing, or that the kernel
  * has just handed out again (libc closed the old one behind the hooks). */
 static void forget_fd(int fd, struct fd_entry *e, bool still_open)
@@ -106,9 +114,7 @@ static void forget_fd(int fd, struct fd_entry *e, bool still_open)
         for (int i = 0; i < n && i < FD_MAX_EPOLL; i++)
             real_epoll_ctl(e->epoll[i].epfd, EPOLL_CTL_DEL, fd, NULL);
         atomic_store(&e->n_epoll, 0);
-        int kept = atomic_exchange(&e->kept_app_end, 0);
-        if (kept && fdtable_bury(kept - 1) > 0)
-            loop_wake();
+        bury_kept_app_end(atomic_exchange(&e->kept_app_end, 0));
     } else {
         fdtable_close_kept_app_end(e);
     }
@@ -364,11 +370,9 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
      * socket's teardown (1 to 3 microseconds) goes to the engine with the engine's end. */
     bool keep = left >= 0 && fdtable_in_lower_half(sv[0]) && !(facts->file_flags & O_ASYNC)
                 && !(facts->ask & MADE_SET_OWNER);   /* (signal-driven I/O: the kernel's close) */
-    int stale = atomic_exchange(&e->kept_app_end, keep ? sv[0] + 1 : 0);
+    bury_kept_app_end(atomic_exchange(&e->kept_app_end, keep ? sv[0] + 1 : 0));   /* (a stale one) */
     if (!keep)
         fdtable_close_engine_fd(sv[0]);
-    if (stale && fdtable_bury(stale - 1) > 0)
-        loop_wake();
     struct stat st;
     if (left >= 0) {                   /* dup3 kept the stashed end's inode */
         e->dev = pair_dev;

@@ -189,10 +189,9 @@ int64_t pool_connects_count_until_us(int up)
 
 int pool_connects_in_flight(int up)
 {
-    int n = atomic_load(&real_connects[up]);
-    if (n <= 0 || clock_mono_us() - atomic_load(&real_connect_last_us[up]) > POOL_PROBE_HOLD_MS * 1000LL)
-        return 0;                      /* (an app that never asks about its connect stops counting) */
-    return n;
+    int64_t until = pool_connects_count_until_us(up);
+    /* (an app that never asks about its connect stops counting) */
+    return until && clock_mono_us() <= until ? atomic_load(&real_connects[up]) : 0;
 }
 
 void pool_end_probe(int up, int fd, const union shim_sockaddr *dest, bool held)
