@@ -117,6 +117,17 @@ static bool rule_keys_on(const struct cache_rule *r, const char *name)
 
 /* "\nNAME-sha256: HEX" of every line of the header, in order, each value prefixed by its
  * length so that no two different sequences of lines hash alike. Nothing when absent. */
+static void put_sha256_line(struct keybuf *k, const char *name, const unsigned char digest[SHA256_BYTES])
+{
+    char hex[2 * SHA256_BYTES + 1];
+    for (size_t i = 0; i < SHA256_BYTES; i++)
+        snprintf(hex + 2 * i, 3, "%02x", digest[i]);
+    put(k, "\n", 1);
+    puts_(k, name);
+    puts_(k, "-sha256: ");
+    puts_(k, hex);
+}
+
 static void put_header_hash(struct keybuf *k, const struct http_request *req, const char *name)
 {
     size_t n = strlen(name);
@@ -133,13 +144,7 @@ static void put_header_hash(struct keybuf *k, const struct http_request *req, co
     }
     unsigned char digest[SHA256_BYTES];
     sha256_final(&c, digest);
-    char hex[2 * SHA256_BYTES + 1];
-    for (size_t i = 0; i < SHA256_BYTES; i++)
-        snprintf(hex + 2 * i, 3, "%02x", digest[i]);
-    put(k, "\n", 1);
-    puts_(k, name);
-    puts_(k, "-sha256: ");
-    puts_(k, hex);
+    put_sha256_line(k, name, digest);
 }
 
 /* The authority the request names, lower-cased and without the scheme's default port:
@@ -227,6 +232,17 @@ size_t cache_key(const struct upstream_rule *u, const struct cache_rule *r, cons
     put_header_hash(&k, req, "authorization");
     if (keys_cookie)
         put_header_hash(&k, req, "cookie");
+    return k.overflow ? 0 : k.n;
+}
+
+size_t cache_key_add_body(char *key, size_t key_len, size_t cap, const char *body, size_t body_len)
+{
+    if (!key_len || !body_len)
+        return key_len;
+    unsigned char digest[SHA256_BYTES];
+    sha256(body, body_len, digest);
+    struct keybuf k = { key, key_len, cap, false };
+    put_sha256_line(&k, "body", digest);
     return k.overflow ? 0 : k.n;
 }
 

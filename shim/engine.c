@@ -495,6 +495,8 @@ static void conn_process(struct conn *c)
         const struct cache_rule *rule = E.cfg->cache != CACHE_OFF ? cache_rule_for(u, req) : NULL;
         /* a body too large to hold is never part of a cached exchange */
         size_t key_len = rule && !streaming ? cache_key(u, rule, req, key_scratch, sizeof key_scratch) : 0;
+        const char *body = buf_head(&c->side.in) + req->head_len;
+        key_len = cache_key_add_body(key_scratch, key_len, sizeof key_scratch, body, body_len);
         if (key_len && buf_len(&c->side.out))
             return;                    /* a hit goes out in one piece: wait for `out` to drain */
         if (!c->counted) {
@@ -508,7 +510,8 @@ static void conn_process(struct conn *c)
                         && (http_method_is(req, "GET") || (!c->side.req_is_head && strcmp(rule->method, "GET")));
         struct store_writer *writer = NULL;
         if (key_len) {
-            const struct store_query q = { c->side.upstream, rule, req, key_scratch, key_len, storable, &c->side };
+            const struct store_query q = { c->side.upstream, rule, req, body, body_len, key_scratch, key_len, storable,
+                                           &c->side };
             struct cache_entry *hit;
             enum store_answer answer = store_open(&c->store, &q, &hit, &writer);
             if (answer == STORE_HIT) {
@@ -528,8 +531,7 @@ static void conn_process(struct conn *c)
         conn_to(c, CS_UPSTREAM);
         STAT_INC(c->side.upstream, upstream_requests);
         c->side.body_left = streaming ? (uint64_t)req->content_length : 0;
-        c->xfer = upstream_start(&c->side, req, buf_head(&c->side.in) + req->head_len,
-                                 streaming ? (size_t)-1 : body_len, store_writer_sink(writer));
+        c->xfer = upstream_start(&c->side, req, body, streaming ? (size_t)-1 : body_len, store_writer_sink(writer));
         if (!c->xfer) {
             STAT_INC(c->side.upstream, errors_upstream);
             conn_to(c, CS_HTTP);

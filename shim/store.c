@@ -520,7 +520,7 @@ static void refresh_in_background(const struct store_query *q, struct cache_entr
     if (!w)
         return;
     w->background = true;
-    upstream_refresh(q->app, q->req, &w->sink);
+    upstream_refresh(q->app, q->req, q->body, q->body_len, &w->sink);
 }
 
 /* An entry past its TTL: within stale_while_revalidate it is served now and refreshed in
@@ -532,7 +532,9 @@ static struct cache_entry *past_ttl(struct store_request *r, const struct store_
     int64_t swr, sie, late = clock_wall_ms() - e->expires_at_ms;
     cache_entry_stale_windows(e, q->rule, &swr, &sie);
     if (late < swr) {
-        struct flight *f = http_method_is(q->req, "GET") && !flight_find(q->key, q->key_len)
+        /* a request whose answer could be stored (not a HEAD: its answer has no body) is
+         * sent again, body and all; the entry is served stale meanwhile */
+        struct flight *f = q->storable && !flight_find(q->key, q->key_len)
                            ? flight_begin(q->key, q->key_len) : NULL;
         if (f)
             refresh_in_background(q, e, f);

@@ -65,6 +65,8 @@ struct store_query {
     int upstream;
     const struct cache_rule *rule;
     const struct http_request *req;            /* parsed from the bytes at the front of app->in */
+    const char *body;                          /* its body, whole (body_len bytes; none: 0) */
+    size_t body_len;
     const char *key;
     size_t key_len;
     bool storable;                             /* GET (or a method its rule names), whole body */

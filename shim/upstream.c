@@ -677,7 +677,8 @@ static void own_side(struct transfer *t, const struct app_side *app)
     }
 }
 
-bool upstream_refresh(const struct app_side *app, const struct http_request *req, struct upstream_sink *sink)
+bool upstream_refresh(const struct app_side *app, const struct http_request *req, const char *body, size_t body_len,
+                      struct upstream_sink *sink)
 {
     struct transfer *t = transfer_new(sink);
     if (!t)
@@ -687,7 +688,7 @@ bool upstream_refresh(const struct app_side *app, const struct http_request *req
     t->own.req_keep_alive = true;
     STAT_INC(app->upstream, upstream_requests);
     STAT_INC(app->upstream, refreshes);
-    return start(t, &t->own, req, "", 0) != NULL;
+    return start(t, &t->own, req, body, body_len) != NULL;   /* (the body is copied: the app moves on) */
 }
 
 /* A waiter the shim gives up on: its exchange fails before any response, and the app's

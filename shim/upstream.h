@@ -49,10 +49,11 @@ void upstream_forget(void);                  /* forked child: abandon the parent
 struct transfer *upstream_start(struct app_side *app, const struct http_request *req, const char *body,
                                 size_t body_len, struct upstream_sink *sink);
 void upstream_abort(struct transfer *t);
-/* A request of no app connection's (a background refresh): app's request to the same
- * place (its destination, its TLS leg), whose response only the sink hears. False: not
- * started (the sink has ended). */
-bool upstream_refresh(const struct app_side *app, const struct http_request *req, struct upstream_sink *sink);
+/* A request of no app connection's (a background refresh): app's request, with its body,
+ * to the same place (its destination, its TLS leg), whose response only the sink hears.
+ * False: not started (the sink has ended). */
+bool upstream_refresh(const struct app_side *app, const struct http_request *req, const char *body, size_t body_len,
+                      struct upstream_sink *sink);
 /* The app's connection is going: the transfer is aborted, unless its sink still wants the
  * response, for whom it goes on alone. Either way the app side is never touched again. */
 void upstream_app_gone(struct transfer *t);

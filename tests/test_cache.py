@@ -371,6 +371,25 @@ def test_authority_joins_the_key(upstream, tmp_path):
     assert_sources(p, upstream, "ababcd")
 
 
+def test_a_request_body_is_part_of_the_key(upstream, tmp_path):
+    """A GET that carries its query in its body (a search API's) and a POST its rule
+    names: two bodies never share an entry, the same body again is a hit, and each body
+    reaches the upstream. (The key once left the body out: the second body got the first
+    body's answer.)"""
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=10m", "POST /custom* ttl=10m")
+    g, po = "/custom?tag=gbody", "/custom?tag=pbody"
+    p = play(tmp_path, conf, [get(upstream, g, body='{"q":"a"}'),                  # a
+                              get(upstream, g, body='{"q":"b"}'),                  # b
+                              get(upstream, g, body='{"q":"a"}'),                  # a
+                              get(upstream, g),                                    # c: no body
+                              get(upstream, po, method="POST", body="x=1"),        # d
+                              get(upstream, po, method="POST", body="x=22"),       # e
+                              get(upstream, po, method="POST", body="x=1")])       # d
+    assert_sources(p, upstream, "abacded")
+    sent = [(e["method"], e["body_len"]) for e in upstream.stats()["log"]]
+    assert sent == [("GET", 9), ("GET", 9), ("GET", 0), ("POST", 3), ("POST", 4)], sent
+
+
 # ------------------------------------------------------------------ never stored
 NEVER = {
     # id: (request kwargs, conf kwargs, want status)

@@ -44,6 +44,21 @@ def test_stale_while_revalidate_serves_at_once_and_refreshes_once(upstream, tmp_
     assert len(upstream_log(upstream, "swr")) == 2, upstream_log(upstream, "swr")
 
 
+def test_a_refresh_carries_the_requests_body(upstream, tmp_path):
+    """A POST its rule caches, stale within stale_while_revalidate: the background refresh
+    sends the same body (the key is made of it), so what it stores answers that body."""
+    conf = simple_conf(tmp_path, upstream, "POST /custom* ttl=1s stale_while_revalidate=30s")
+    t = "/custom/swrb?tag=swrb&n=100&delay=200"
+    post = dict(method="POST", body="q=alpha")
+    p = play(tmp_path, conf, [get(upstream, t, **post), advance(1.5), get(upstream, t, **post), sleep(1.0),
+                              get(upstream, t, **post)])
+    assert served(p.resps[1]) == served(p.resps[0]), p.describe()
+    log = upstream_log(upstream, "swrb")
+    assert served(p.resps[2]) != served(p.resps[0]), "the refresh must have replaced the entry:\n%s\n%s" % (
+        p.describe(), log)
+    assert [(e["method"], e["body_len"]) for e in log] == [("POST", 7)] * 2, log
+
+
 def test_refresh_happens_off_the_apps_connection(upstream, tmp_path):
     """The stale answer arrives long before the refresh could (the upstream takes 1.5 s):
     timed from the client, the stale request takes well under a second."""
