@@ -194,6 +194,10 @@ size_t cache_key(const struct upstream_rule *u, const struct cache_rule *r, cons
     bool keys_cookie = rule_keys_on(r, "cookie");
     if (!keys_cookie && find_header(req, "cookie", 6, 0))
         return 0;
+    /* A range asks for a part: a stored whole would answer it with a 200 the client did not
+     * ask for (a resuming download fails on it), and its 206 is not the whole to store. */
+    if (find_header(req, "range", 5, 0))
+        return 0;
     struct keybuf k = { out, 0, cap, false };
     bool head = http_method_is(req, "HEAD");
     if (head)

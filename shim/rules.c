@@ -215,6 +215,11 @@ static int parse_cache_rule(struct parser *p, char *args, struct upstream_rule *
                 long code = strtol(tmp[i], &end, 10);
                 if (*end || code < 100 || code > 599)
                     return fail(p, "status '%s' is not an HTTP status code", tmp[i]);
+                /* a stored 206 would answer requests for the whole body with a part of it */
+                if (code < 200 || code == 206 || code == 304)
+                    return fail(p, "status %ld is never cached (%s)", code,
+                                code == 206 ? "a partial body" : code == 304 ? "no body: a 304 renews a stored entry"
+                                                                             : "an interim response");
                 if (r->n_status == RULES_MAX_LIST)   /* status= may be repeated */
                     return fail(p, "%s: at most %d entries", opt, RULES_MAX_LIST);
                 r->status[r->n_status++] = (int)code;

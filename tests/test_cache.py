@@ -371,6 +371,27 @@ def test_authority_joins_the_key(upstream, tmp_path):
     assert_sources(p, upstream, "ababcd")
 
 
+def test_a_range_request_goes_to_the_upstream(upstream, tmp_path):
+    """A request with a Range header is neither answered from a stored whole nor stored:
+    it gets the upstream's 206 as direct would, and the entry stays for whole requests. A
+    curl resuming a download (-C) in the same process as the whole fetch gets its 206 and
+    the right bytes (from a stored whole it would have got a 200 and exit 33)."""
+    conf = simple_conf(tmp_path, upstream, "GET /range/* ttl=10m")
+    t = "/range/1000"
+    p = play(tmp_path, conf, [get(upstream, t), get(upstream, t, headers=["Range: bytes=400-"]), get(upstream, t)])
+    assert_sources(p, upstream, "aba")
+    assert [(r["status"], r["body_len"]) for r in p.resps] == [(200, 1000), (206, 600), (200, 1000)], p.describe()
+    upstream.reset()
+    full, part = tmp_path / "full", tmp_path / "part"
+    part.write_bytes(b"x" * 400)
+    url = "http://127.0.0.1:%d%s" % (upstream.port, t)
+    r = run(CURL + ["-o", full, url, "--next"] + CURL[1:] + ["-C", "400", "-o", part, url], conf=conf)
+    assert r.rc == 0, r.describe()
+    assert part.read_bytes() == b"x" * 400 + full.read_bytes()[400:], r.describe()
+    ranges = [[v for k, v in e["headers"] if k.lower() == "range"] for e in upstream.stats()["log"]]
+    assert ranges == [[], ["bytes=400-"]], upstream.stats()["log"]
+
+
 def test_a_request_body_is_part_of_the_key(upstream, tmp_path):
     """A GET that carries its query in its body (a search API's) and a POST its rule
     names: two bodies never share an entry, the same body again is a hit, and each body

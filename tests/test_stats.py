@@ -1168,7 +1168,7 @@ BROKEN = {
     "bad-method": ("[upstream 127.0.0.1:8080]\ncache FETCH /x ttl=1m\n", 2),
     # found by tests/fuzz/fuzz_rules.c: repeated status= overflowed the rule's list
     "status-repeated-past-the-cap": ("[upstream 127.0.0.1:8080]\ncache GET /x ttl=1m "
-                                     + " ".join("status=%s" % ",".join(str(200 + 10 * k + i) for i in range(9))
+                                     + " ".join("status=%s" % ",".join(str(210 + 10 * k + i) for i in range(9))
                                                 for k in range(2)) + "\n", 2),
     "nan-size": ("[global]\nmemory_max = nan\n", 2),
     "nan-duration": ("[global]\nupstream_timeout = nanms\n", 2),
@@ -1176,6 +1176,10 @@ BROKEN = {
     "bad-coalesce-timeout": ("[global]\n\ncoalesce_timeout = 0s\n", 3),
     "bad-rule-coalesce": ("[upstream 127.0.0.1:8080]\ncache GET /x ttl=1m coalesce=yes\n", 2),
     "bad-stale-window": ("[upstream 127.0.0.1:8080]\ncache GET /x ttl=1m stale_if_error=soon\n", 2),
+    # a partial body, no body, an interim response: never an answer to store
+    "status-206": ("[upstream 127.0.0.1:8080]\ncache GET /x ttl=1m status=200,206\n", 2),
+    "status-304": ("[upstream 127.0.0.1:8080]\n\ncache GET /x ttl=1m status=304\n", 3),
+    "status-1xx": ("[upstream 127.0.0.1:8080]\ncache GET /x ttl=1m status=103\n", 2),
 }
 
 

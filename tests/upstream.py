@@ -19,6 +19,8 @@ Control server (never counted as upstream traffic):
 
 Upstream paths:
     /bytes/N            N pattern bytes, Content-Length
+    /range/N            the same, with Accept-Ranges and X-Served; `Range: bytes=A-[B]`
+                        gets 206 and that slice (Content-Range)
     /chunked/N          the same bytes, chunked in pieces of varied sizes
     /close/N            HTTP/1.1, no Content-Length, Connection: close, close-delimited
     /http10/N           HTTP/1.0 200 with Content-Length, then close
@@ -74,6 +76,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -532,6 +535,17 @@ def serve_path(conn, ctx, path, body):
     if kind == "bytes" and parse_n(arg) is not None and len(segs) == 3:
         keep = send_response(conn, ctx, 200, pattern(parse_n(arg)),
                              ["Content-Type: application/octet-stream"])
+        return "keep" if keep else "close"
+    if kind == "range" and parse_n(arg) is not None and len(segs) == 3:
+        data, code, extra = pattern(parse_n(arg)), 200, ["Accept-Ranges: bytes", "X-Served: %d" % next_served()]
+        m = re.match(r"bytes=(\d+)-(\d*)$", (hget(ctx["headers"], "range") or [""])[0].strip())
+        if m and int(m.group(1)) < len(data):
+            first = int(m.group(1))
+            last = min(int(m.group(2)), len(data) - 1) if m.group(2) else len(data) - 1
+            code = 206
+            extra.append("Content-Range: bytes %d-%d/%d" % (first, last, len(data)))
+            data = data[first:last + 1]
+        keep = send_response(conn, ctx, code, data, ["Content-Type: application/octet-stream"] + extra)
         return "keep" if keep else "close"
     if kind == "chunked" and parse_n(arg) is not None and len(segs) == 3:
         keep = send_response(conn, ctx, 200, pattern(parse_n(arg)),
