@@ -239,6 +239,15 @@ size_t cache_key(const struct upstream_rule *u, const struct cache_rule *r, cons
     return k.overflow ? 0 : k.n;
 }
 
+bool cache_request_no_store(const struct http_request *req)
+{
+    for (const struct http_header *h = find_header(req, "cache-control", 13, 0); h;
+         h = find_header(req, "cache-control", 13, (size_t)(h - req->headers) + 1))
+        if (http_list_has_token(h->value, "no-store"))
+            return true;
+    return false;
+}
+
 size_t cache_key_add_body(char *key, size_t key_len, size_t cap, const char *body, size_t body_len)
 {
     if (!key_len || !body_len)

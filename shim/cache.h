@@ -45,6 +45,9 @@ size_t cache_key(const struct upstream_rule *u, const struct cache_rule *r, cons
  * rule caches, or a search API's GET that carries its query in the body, is two requests
  * for two bodies. Returns the new length, or 0 when it does not fit. */
 size_t cache_key_add_body(char *key, size_t key_len, size_t cap, const char *body, size_t body_len);
+/* The request says `Cache-Control: no-store`: nothing of its response may be stored (RFC
+ * 9111 5.2.1.5); a stored answer may still serve it. */
+bool cache_request_no_store(const struct http_request *req);
 /* Values of the request headers named in a Vary list, joined: what an entry's variant is. */
 size_t cache_vary_values(const char *vary, size_t vary_len, const struct http_request *req, char *out, size_t cap);
 bool cache_entry_matches_request(const struct cache_entry *e, const struct http_request *req);

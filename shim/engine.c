@@ -506,7 +506,7 @@ static void conn_process(struct conn *c)
                 STAT_RULE(c->side.upstream, c->rule_index, requests);
         }
         c->counted = true;
-        bool storable = key_len && !streaming
+        bool storable = key_len && !streaming && !cache_request_no_store(req)
                         && (http_method_is(req, "GET") || (!c->side.req_is_head && strcmp(rule->method, "GET")));
         struct store_writer *writer = NULL;
         if (key_len) {

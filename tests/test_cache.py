@@ -371,6 +371,16 @@ def test_authority_joins_the_key(upstream, tmp_path):
     assert_sources(p, upstream, "ababcd")
 
 
+def test_a_request_saying_no_store_is_not_stored(upstream, tmp_path):
+    """`Cache-Control: no-store` on a request: its response is not stored (RFC 9111
+    5.2.1.5: MUST NOT), while an entry stored for another request may still answer it."""
+    conf = simple_conf(tmp_path, upstream)
+    t = "/custom?tag=reqns"
+    ns = dict(headers=["Cache-Control: max-age=0, No-Store"])
+    p = play(tmp_path, conf, [get(upstream, t, **ns), get(upstream, t), get(upstream, t, **ns), get(upstream, t)])
+    assert_sources(p, upstream, "abbb")
+
+
 def test_a_range_request_goes_to_the_upstream(upstream, tmp_path):
     """A request with a Range header is neither answered from a stored whole nor stored:
     it gets the upstream's 206 as direct would, and the entry stays for whole requests. A
