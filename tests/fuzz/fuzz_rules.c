@@ -127,7 +127,7 @@ static void check_match(size_t i, const struct rules_addr *a)
 static void check_loaded(void)
 {
     FUZZ_CHECK(!strcmp(cfg.path, input_path));
-    FUZZ_CHECK(cfg.pool_max_per_host >= 1 && cfg.pool_max_per_host <= 1024);
+    FUZZ_CHECK(cfg.pool_max_per_host >= 1 && cfg.pool_max_per_host <= RULES_POOL_MAX);
     FUZZ_CHECK(cfg.pool_idle_timeout_ms > 0 && cfg.upstream_timeout_ms > 0);
     FUZZ_CHECK(cfg.cache == CACHE_OFF || cfg.cache == CACHE_MEMORY || cfg.cache == CACHE_REDIS);
     FUZZ_CHECK(cfg.memory_max > 0 && cfg.max_object > 0);
