@@ -37,6 +37,10 @@ static int parse_node(const char *s, size_t n, int default_port, struct redis_ad
     }
     if (!*h || strlen(h) >= sizeof node->host)
         return -1;
+    /* a host name or an address, nothing a resolver would be handed by mistake ("a b", "]") */
+    for (const char *c = h; *c; c++)
+        if (!(isalnum((unsigned char)*c) || *c == '.' || *c == '-' || *c == '_' || (h != hp && *c == ':')))
+            return -1;
     snprintf(node->host, sizeof node->host, "%s", h);
     return 0;
 }

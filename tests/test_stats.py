@@ -1176,6 +1176,9 @@ BROKEN = {
     "bad-coalesce-timeout": ("[global]\n\ncoalesce_timeout = 0s\n", 3),
     "bad-rule-coalesce": ("[upstream 127.0.0.1:8080]\ncache GET /x ttl=1m coalesce=yes\n", 2),
     "bad-stale-window": ("[upstream 127.0.0.1:8080]\ncache GET /x ttl=1m stale_if_error=soon\n", 2),
+    # found by tests/fuzz/fuzz_rules.c: a Redis host that is no host name or address
+    "redis-host-not-a-name": ("[global]\ncache = redis://a b:6379/0\n", 2),
+    "redis-cluster-seed-not-a-name": ("[global]\n\ncache = redis-cluster://h1:7000,]:7001\n", 3),
     # a partial body, no body, an interim response: never an answer to store
     "status-206": ("[upstream 127.0.0.1:8080]\ncache GET /x ttl=1m status=200,206\n", 2),
     "status-304": ("[upstream 127.0.0.1:8080]\n\ncache GET /x ttl=1m status=304\n", 3),

@@ -139,7 +139,18 @@ static void check_loaded(void)
     FUZZ_CHECK(terminated(cfg.redis_password, sizeof cfg.redis_password));
     FUZZ_CHECK(terminated(cfg.redis_prefix, sizeof cfg.redis_prefix));
     if (cfg.cache == CACHE_REDIS) {
-        FUZZ_CHECK(cfg.redis_unix[0] == '/' || (cfg.redis_host[0] && cfg.redis_port >= 1 && cfg.redis_port <= 65535));
+        if (cfg.redis_mode == REDIS_SINGLE) {
+            FUZZ_CHECK(cfg.redis_unix[0] == '/' || (cfg.redis_host[0] && cfg.redis_port >= 1 && cfg.redis_port <= 65535));
+        } else {                       /* Sentinel or Cluster: the seeds, each a host and a port */
+            FUZZ_CHECK(cfg.redis_mode == REDIS_SENTINEL || cfg.redis_mode == REDIS_CLUSTER);
+            FUZZ_CHECK(cfg.n_redis_seeds >= 1 && cfg.n_redis_seeds <= RULES_MAX_REDIS_SEEDS);
+            FUZZ_CHECK(cfg.redis_mode == REDIS_CLUSTER || cfg.redis_master_name[0]);
+            for (size_t i = 0; i < cfg.n_redis_seeds; i++) {
+                const struct redis_addr *a = &cfg.redis_seeds[i];
+                FUZZ_CHECK(terminated(a->host, sizeof a->host) && a->host[0] && !strpbrk(a->host, " []/@|"));
+                FUZZ_CHECK(a->port >= 1 && a->port <= 65535);
+            }
+        }
         FUZZ_CHECK(cfg.redis_db >= 0 && cfg.redis_db <= 1000000);
     }
     char sock[108];
