@@ -307,6 +307,12 @@ void cache_policy_init(struct response_policy *p)
     p->expires_ms = p->date_ms = -1;
 }
 
+int64_t cache_policy_age_ms(const struct response_policy *p)
+{
+    static const int64_t year_s = 366LL * 24 * 3600;
+    return (p->age_s < year_s ? p->age_s : year_s) * 1000;
+}
+
 static int64_t seconds_value(const char *v, size_t n)
 {
     int64_t s = 0;
@@ -382,6 +388,10 @@ void cache_policy_header(struct response_policy *p, struct http_slice name, stru
         p->expires_ms = http_date_ms(value);
     } else if (http_slice_ieq(name, "date")) {
         p->date_ms = http_date_ms(value);
+    } else if (http_slice_ieq(name, "age")) {
+        int64_t age = seconds_value(value.p, value.n);   /* (unparseable: 0, as absent) */
+        if (age > p->age_s)
+            p->age_s = age;
     }
 }
 
@@ -403,7 +413,8 @@ enum not_stored_reason cache_policy_decide(const struct response_policy *p, cons
         return NS_VARY_STAR;
     int64_t ttl = r->ttl_ms;
     if (r->respect_cache_control) {
-        int64_t cc = -1;
+        bool said = true;
+        int64_t cc = 0;
         if (p->no_cache)
             cc = 0;
         else if (p->s_maxage_s >= 0)
@@ -412,10 +423,12 @@ enum not_stored_reason cache_policy_decide(const struct response_policy *p, cons
             cc = p->max_age_s * 1000;
         else if (p->expires_ms >= 0)
             cc = p->expires_ms - (p->date_ms >= 0 ? p->date_ms : clock_wall_ms());
-        if (cc >= 0 && cc < ttl)
-            ttl = cc;
-        if (cc < -1)
-            ttl = 0;                   /* Expires in the past */
+        else
+            said = false;
+        /* what is left of the lifetime: an upstream cache may have held it a while (Age) */
+        cc -= cache_policy_age_ms(p);
+        if (said && cc < ttl)
+            ttl = cc;                  /* (at or below 0: Expires in the past, or aged out) */
     }
     if (ttl <= 0)
         return NS_ZERO_TTL;

@@ -70,8 +70,12 @@ struct response_policy {
     int64_t max_age_s, s_maxage_s;      /* -1 when absent */
     int64_t swr_s, sie_s;               /* stale-while-revalidate, stale-if-error; -1 absent */
     int64_t expires_ms, date_ms;        /* -1 when absent */
+    int64_t age_s;                      /* Age (the upstream is a cache too), 0 when absent */
 };
 void cache_policy_init(struct response_policy *p);
+/* How old the response already was when it arrived (its Age, at most a year): an entry
+ * made from it is dated that much earlier, so a hit's Age counts it (RFC 9111 4.2.3). */
+int64_t cache_policy_age_ms(const struct response_policy *p);
 void cache_policy_header(struct response_policy *p, struct http_slice name, struct http_slice value);
 /* NS_NONE and the TTL to store with, or why it must not be stored. */
 enum not_stored_reason cache_policy_decide(const struct response_policy *p, const struct cache_rule *r,

@@ -293,6 +293,7 @@ static void store_response(struct store_writer *w)
         return;
     }
     e->upstream = w->upstream;
+    e->stored_at_ms -= cache_policy_age_ms(&w->policy);   /* as old as it already was */
     struct http_slice etag, last_modified;
     cache_entry_validators(e, &etag, &last_modified);
     if ((etag.n || last_modified.n) && keep < ttl)
@@ -324,8 +325,10 @@ static void renew(struct store_writer *w)
         w->flight = NULL;
         return;
     }
+    int64_t px = r->keep_until_ms - r->stored_at_ms;
+    r->stored_at_ms -= cache_policy_age_ms(&w->policy);   /* the 304's Age */
     if (cfg->cache == CACHE_REDIS)
-        redis_store(r, r->keep_until_ms - r->stored_at_ms);
+        redis_store(r, px);
     flight_land(w->flight, r);
     w->flight = NULL;
     STAT_INC(w->upstream, revalidated);

@@ -204,11 +204,11 @@ def e2e(resp, drop=("age",)):
                   if not hop_by_hop(k) and k.lower() not in drop)
 
 
-def assert_age(resp, detail=""):
+def assert_age(resp, detail="", upstream_age=0):
     ages = hdrs(resp, "Age")
-    assert len(ages) == 1 and ages[0].isdigit() and int(ages[0]) < 100, \
-        "a hit carries exactly one Age header, the shim's own (seconds since stored); " \
-        "got %s\n%s" % (ages, detail)
+    assert len(ages) == 1 and ages[0].isdigit() and upstream_age <= int(ages[0]) < upstream_age + 100, \
+        "a hit carries exactly one Age header, the shim's own (seconds since stored, plus the Age " \
+        "the upstream's answer came with: %d); got %s\n%s" % (upstream_age, ages, detail)
 
 
 # ================================================================== tests
@@ -237,7 +237,7 @@ def test_second_get_is_a_hit(upstream, tmp_path):
     assert [v.lower() for v in hdrs(hit, "Connection")] == ["close"], \
         "an HTTP/1.1 request with Connection: close gets Connection: close: %s" % hit
     for r in p.resps[1:]:
-        assert_age(r, p.describe())
+        assert_age(r, p.describe(), upstream_age=1000)
     assert all(c["eof"] for c in p.conns), "connections not closed after " \
         "Connection: close\n" + p.describe()
 
@@ -369,6 +369,21 @@ def test_authority_joins_the_key(upstream, tmp_path):
                                   host="api.example"),                       # c: the target's authority
                               get(upstream, t, host="api.example:8080")])    # d
     assert_sources(p, upstream, "ababcd")
+
+
+def test_an_upstream_caches_age_counts(upstream, tmp_path):
+    """An upstream that is itself a cache says how old its answer is (Age: 100): a hit's
+    Age counts it (RFC 9111 4.2.3), and with respect_cache_control the entry lives only what
+    is left of its max-age (103 - 100 s), not the whole of it. (The Age was dropped: hits
+    said Age: 0, and the entry lived 103 s more.)"""
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=10m respect_cache_control=yes")
+    aged = "/custom?tag=aged&h=Age:100&h=Cache-Control:max-age%3D103"
+    young = "/custom?tag=young&h=Cache-Control:max-age%3D103"
+    p = play(tmp_path, conf, [get(upstream, aged), get(upstream, young), get(upstream, aged), advance(5),
+                              get(upstream, aged), get(upstream, young)])
+    assert_sources(p, upstream, "abacb")
+    assert 100 <= int(hdr(p.resps[2], "age")) < 110, p.describe()
+    assert 5 <= int(hdr(p.resps[4], "age")) < 15, p.describe()
 
 
 def test_a_request_saying_no_store_is_not_stored(upstream, tmp_path):
