@@ -738,11 +738,18 @@ static void client_request(struct stats_client *cl)
     buf_free(&body.b);
 }
 
+/* A peer's slowness is measured on the real clock: a test advancing the library's clock
+ * (POST /test/clock) must not time out the very client that asked, before its answer. */
+static int64_t real_ms(void)
+{
+    return clock_mono_ms() - clock_offset_us() / 1000;
+}
+
 /* Once a second while there are clients: the slow or silent ones never hold the engine. */
 static void on_tick(struct loop_timer *timer)
 {
     (void)timer;
-    int64_t now = clock_wall_ms();
+    int64_t now = real_ms();
     struct stats_client *cl = S.clients;
     while (cl) {
         struct stats_client *next = cl->next;
@@ -801,7 +808,7 @@ static void on_listener(struct loop_source *src, uint32_t ev)
             continue;
         }
         cl->fd = fd;
-        cl->deadline_ms = clock_wall_ms() + STATS_CLIENT_MS;
+        cl->deadline_ms = real_ms() + STATS_CLIENT_MS;
         fdtable_mark_engine(fd);
         if (loop_add(&cl->src, fd, EPOLLIN, on_client) != 0) {
             fdtable_close_engine_fd(fd);

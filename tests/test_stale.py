@@ -10,7 +10,7 @@ import json
 import time
 
 from conftest import SYS_PY, jlines, pyclient, run
-from test_cache import advance, assert_body, cache_conf, get, hdr, play, rq, conn, served, simple_conf, sleep
+from test_cache import advance, assert_body, assert_sources, cache_conf, get, hdr, play, rq, conn, served, simple_conf, sleep
 from test_redis import redis, redis_servers, redis_url  # noqa: F401,F811 (fixtures)
 
 
@@ -42,6 +42,16 @@ def test_stale_while_revalidate_serves_at_once_and_refreshes_once(upstream, tmp_
     assert [served(r) for r in p.resps[1:4]] == [first] * 3, p.describe()
     assert served(p.resps[4]) != first, "the refresh must have replaced the entry:\n" + p.describe()
     assert len(upstream_log(upstream, "swr")) == 2, upstream_log(upstream, "swr")
+
+
+def test_a_ttl_of_half_a_minute_expires_on_the_test_clock(upstream, tmp_path):
+    """ttl=30s: 20 s on, a hit; 40 s on, a miss. Each step moves the clock further than
+    the stats socket gives a silent client (5 s): that timeout is on the real clock, or the
+    client asking for the step would be dropped before its answer."""
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=30s")
+    t = "/custom?tag=ttl30"
+    p = play(tmp_path, conf, [get(upstream, t), advance(20), get(upstream, t), advance(20), get(upstream, t)])
+    assert_sources(p, upstream, "aab")
 
 
 def test_a_refresh_carries_the_requests_body(upstream, tmp_path):
