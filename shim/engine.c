@@ -732,7 +732,7 @@ void engine_need(struct fd_entry *e)
     fdtable_close_kept_app_end(e);     /* now the app's close must be the last: the engine hears it */
     struct conn *c = e->engine_conn;
     if (c && loop_add(&c->src, c->side.fd, EPOLLIN, on_app_event) != 0)
-        shutdown(c->side.fd, SHUT_RDWR);   /* cannot listen: the app sees the connection end */
+        real_shutdown(c->side.fd, SHUT_RDWR);   /* cannot listen: the app sees the connection end */
 }
 
 bool engine_drop_unseen(struct fd_entry *e, void *conn)

@@ -47,7 +47,7 @@ void fastpath_init(void (*need)(struct fd_entry *e), bool (*drop)(struct fd_entr
 static void end_after_answer(struct fd_entry *e)
 {
     int engine_fd = e->engine_fd;
-    shutdown(engine_fd, SHUT_WR);
+    real_shutdown(engine_fd, SHUT_WR);
     void *conn = e->engine_conn;
     if (conn && drop_unheard && drop_unheard(e, conn)) {
         e->engine_conn = NULL;
@@ -100,7 +100,7 @@ static void hand_off(struct fd_entry *e, uint64_t held, const struct iovec *iov,
         need_engine(e);
     fdgate_app_wrote(&e->gate, held);  /* the engine owns the connection until it has sent the rest */
     if (!h) {
-        shutdown(e->engine_fd, SHUT_WR);   /* no memory: an answer cut short, then EOF */
+        real_shutdown(e->engine_fd, SHUT_WR);   /* no memory: an answer cut short, then EOF */
         return;
     }
     pthread_mutex_lock(&handoff_lock);

@@ -685,6 +685,19 @@ SHIM_EXPORT int fclose(FILE *f)
     return real_fclose(f);
 }
 
+/* An app that half-closes after its request (an HTTP/1.0 habit, `nc -N`) waits for the
+ * server to see the EOF and close: the engine must hear a connection it left to inline
+ * answers, or that wait never ends. */
+SHIM_EXPORT int shutdown(int fd, int how)
+{
+    real_bind();
+    int rc = real_shutdown(fd, how);
+    struct fd_entry *e = rc == 0 && how != SHUT_RD && !shim_in_engine ? fdtable_if_diverted(fd) : NULL;
+    if (e)
+        engine_need(e);
+    return rc;
+}
+
 /* A diverted connection on two fds: the engine must hear from it (a close of one would
  * otherwise drop what the other still uses). */
 static void copy_entry(int fd, int nfd)

@@ -28,6 +28,7 @@ static struct {
     int (*gethostbyname_r)(const char *, struct hostent *, char *, size_t, struct hostent **, int *);
     int (*gethostbyname2_r)(const char *, int, struct hostent *, char *, size_t, struct hostent **, int *);
     int (*getpeername)(int, struct sockaddr *, socklen_t *);
+    int (*shutdown)(int, int);
     int (*getsockname)(int, struct sockaddr *, socklen_t *);
     int (*setsockopt)(int, int, int, const void *, socklen_t);
     int (*getsockopt)(int, int, int, void *, socklen_t *);
@@ -72,7 +73,7 @@ static bool is_ours(const void *p)
 static void bind_all(void)
 {
     BIND(socket); BIND(connect); BIND(sendto); BIND(write); BIND(send); BIND(sendmsg); BIND(writev); BIND(getaddrinfo); BIND(gethostbyname); BIND(gethostbyname2);
-    BIND(gethostbyname_r); BIND(gethostbyname2_r); BIND(getpeername); BIND(getsockname);
+    BIND(gethostbyname_r); BIND(gethostbyname2_r); BIND(getpeername); BIND(getsockname); BIND(shutdown);
     BIND(setsockopt); BIND(getsockopt); BIND(ioctl); BIND(epoll_ctl); BIND(close);
     BIND(close_range); BIND(fclose); BIND(dup); BIND(dup2); BIND(dup3); BIND(fcntl); BIND(fcntl64);
     if (!fn.fcntl64)
@@ -161,6 +162,11 @@ int real_gethostbyname2_r(const char *name, int af, struct hostent *ret, char *b
 int real_getpeername(int fd, struct sockaddr *a, socklen_t *l)
 {
     return fn.getpeername ? fn.getpeername(fd, a, l) : (int)syscall(SYS_getpeername, fd, a, l);
+}
+
+int real_shutdown(int fd, int how)
+{
+    return fn.shutdown ? fn.shutdown(fd, how) : (int)syscall(SYS_shutdown, fd, how);
 }
 
 int real_getsockname(int fd, struct sockaddr *a, socklen_t *l)

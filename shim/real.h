@@ -36,6 +36,7 @@ int real_gethostbyname_r(const char *name, struct hostent *ret, char *buf, size_
 int real_gethostbyname2_r(const char *name, int af, struct hostent *ret, char *buf, size_t buflen,
                           struct hostent **result, int *h_errnop);
 int real_getpeername(int fd, struct sockaddr *addr, socklen_t *len);
+int real_shutdown(int fd, int how);
 int real_getsockname(int fd, struct sockaddr *addr, socklen_t *len);
 int real_setsockopt(int fd, int level, int name, const void *val, socklen_t len);
 int real_getsockopt(int fd, int level, int name, void *val, socklen_t *len);

@@ -11,6 +11,7 @@
 #include "conn.h"
 #include "lazyssl.h"
 #include "log.h"
+#include "real.h"
 #include "stats.h"
 #include "tls_ca.h"
 #include <arpa/inet.h>
@@ -205,7 +206,7 @@ static void pump(struct tls_front *f)
     if (buf_send(&f->to_plain, f->plain.fd) != 0)
         f->plain_eof = true;           /* the engine's connection is gone */
     if (f->app_eof && !buf_len(&f->to_plain) && !f->plain_shut) {
-        shutdown(f->plain.fd, SHUT_WR);
+        real_shutdown(f->plain.fd, SHUT_WR);
         f->plain_shut = true;
     }
     if (f->plain_eof && !buf_len(&f->from_plain) && f->handshaken && !f->app_shut) {
@@ -213,7 +214,7 @@ static void pump(struct tls_front *f)
         collect_cipher(f);
         f->app_shut = buf_send(&f->to_app, f->app.fd) == 0 && !buf_len(&f->to_app);
         if (f->app_shut)
-            shutdown(f->app.fd, SHUT_WR);
+            real_shutdown(f->app.fd, SHUT_WR);
     }
     if (f->app_gone || (f->plain_eof && f->app_shut) || (f->plain_eof && !f->handshaken)
         || (f->app_eof && f->plain_shut && f->plain_eof)) {

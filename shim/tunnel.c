@@ -81,12 +81,12 @@ static void pump(struct tunnel *t)
         return;
     }
     if (t->app_eof && !buf_len(&t->to_up) && !t->up_shut) {
-        shutdown(t->up.fd, SHUT_WR);
+        real_shutdown(t->up.fd, SHUT_WR);
         t->up_shut = true;
     }
     flush_to_app(t);
     if (t->up_eof && !buf_len(&t->to_app) && !t->app_shut && !t->app_gone) {
-        shutdown(t->app.fd, SHUT_WR);
+        real_shutdown(t->app.fd, SHUT_WR);
         t->app_shut = true;
     }
     if ((t->app_gone && t->up_shut) || (t->up_shut && t->up_eof && !buf_len(&t->to_app))) {

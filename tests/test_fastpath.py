@@ -61,6 +61,44 @@ def test_hits_are_answered_inline(upstream, tmp_path, sockdir):
     assert upstream.stats()["requests"] == 1
 
 
+HALF_CLOSE = r'''
+import json, socket, sys, time
+port, path = int(sys.argv[1]), sys.argv[2]
+out = []
+for i in range(3):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.settimeout(5)
+    started = time.monotonic()
+    s.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path).encode())   # keep-alive
+    s.shutdown(socket.SHUT_WR)          # then half-closes, as `nc -N` and HTTP/1.0 habits do
+    data, eof = b"", True
+    try:
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            data += b
+    except socket.timeout:
+        eof = False
+    s.close()
+    out.append({"len": len(data.partition(b"\r\n\r\n")[2]), "eof": eof, "s": round(time.monotonic() - started, 2)})
+print(json.dumps(out))
+'''
+
+
+def test_a_half_closed_connection_is_closed_after_its_hit(upstream, tmp_path, sockdir):
+    """A keep-alive GET, then shutdown(SHUT_WR): direct, the server answers, reads the EOF
+    and closes. The hits, answered inline, must end the same way: the app's half-close
+    makes the engine hear the connection (it used to wait for the client's timeout)."""
+    conf = conf_for(tmp_path, upstream, sockdir)
+    r = run([SYS_PY, "-c", HALF_CLOSE, upstream.port, "/custom/half?n=300&tag=half"], conf=conf, timeout=60)
+    assert r.rc == 0, r.describe()
+    out = jlines(r.out)[0]
+    assert [(x["len"], x["eof"]) for x in out] == [(300, True)] * 3, out
+    assert all(x["s"] < 2 for x in out), out
+    assert upstream.stats()["requests"] == 1
+
+
 def test_fastpath_off(upstream, tmp_path, sockdir):
     conf = conf_for(tmp_path, upstream, sockdir, extra=["fastpath = off"])
     resps, u = stats_of(tmp_path, conf, upstream, sockdir, [upstream.port, "/custom/fpo?n=1200&tag=fpo", 10])
