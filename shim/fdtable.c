@@ -199,6 +199,13 @@ bool fdtable_in_lower_half(int fd)
     return fd < fd_limit / 2;
 }
 
+bool fdtable_in_top_quarter(int fd)
+{
+    if (!fd_limit)
+        fd_limit = fd_limit_now();
+    return fd >= fd_limit - fd_limit / 4;
+}
+
 /* ---- the graveyard: closes the app's thread hands to the engine ----
  * Closing a socket costs microseconds (a TCP socket's teardown 3 to 4, a Unix socket's 1
  * to 2 on the machines measured): the sockets a diverted connection leaves behind (the
@@ -256,7 +263,9 @@ int fdtable_drain_graveyard(int max)
  * connect would pay on the app's thread: the engine keeps a few made ahead, and a
  * connect takes one; once a quarter are gone the engine is woken to refill, so that a
  * burst of connects between two of its runs does not find it empty. Bounded (STASH_MAX
- * pairs, only below half the fd limit); empty, the connect makes its own. */
+ * pairs, and no more than a sixteenth of the fd limit in fds, only below half of it: under
+ * a limit of 128, 32 pairs would hold half of the app's fds); empty, the connect makes its
+ * own. */
 #define STASH_MAX 32                   /* a client's burst of connects between two engine runs */
 static atomic_flag stash_lock = ATOMIC_FLAG_INIT;
 static int stash[STASH_MAX][2];
@@ -284,16 +293,23 @@ int fdtable_take_pair(int sv[2], dev_t *dev, ino_t *ino)
     return n - 1;
 }
 
+static int stash_cap(void)
+{
+    if (!fd_limit)
+        fd_limit = fd_limit_now();
+    int pairs = fd_limit / 32;
+    return pairs < STASH_MAX ? pairs : STASH_MAX;
+}
+
 bool fdtable_stash_short(void)
 {
-    return atomic_load_explicit(&n_stash, memory_order_relaxed) < STASH_MAX;
+    return atomic_load_explicit(&n_stash, memory_order_relaxed) < stash_cap();
 }
 
 void fdtable_refill_stash(void)
 {
-    if (!fd_limit)
-        fd_limit = fd_limit_now();
-    for (int i = 0; i < STASH_MAX && atomic_load_explicit(&n_stash, memory_order_relaxed) < STASH_MAX; i++) {
+    int cap = stash_cap();
+    for (int i = 0; i < cap && atomic_load_explicit(&n_stash, memory_order_relaxed) < cap; i++) {
         int sv[2];
         struct stat app_end;
         if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0)
@@ -308,7 +324,7 @@ void fdtable_refill_stash(void)
         while (atomic_flag_test_and_set_explicit(&stash_lock, memory_order_acquire))
             ;                          /* (an app thread holds it for a few instructions) */
         int n = atomic_load_explicit(&n_stash, memory_order_relaxed);
-        bool room = n < STASH_MAX;
+        bool room = n < cap;
         if (room) {
             stash[n][0] = sv[0];
             stash[n][1] = sv[1];

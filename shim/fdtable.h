@@ -102,6 +102,10 @@ bool fdtable_is_engine(int fd);
 /* fd is below half the process's fd limit: the fds the shim holds beside the app's stay
  * there, so the app never runs short of fds on the shim's account. */
 bool fdtable_in_lower_half(int fd);
+/* fd is in the top quarter of the fd limit: the app holds most of what it may, and a
+ * diverted connection holds two fds (the app's end and the engine's) where a direct one
+ * holds one, so such a connect is left direct. */
+bool fdtable_in_top_quarter(int fd);
 int fdtable_engine_fd_limit(void);
 /* Closes the kept second reference to a diverted fd's app end, if any, from this thread:
  * the app's close is then the socket's last again, with the kernel's semantics. */

@@ -454,6 +454,11 @@ enum divert_result hooks_try_divert(int fd, const struct sockaddr *addr, socklen
     struct socket_facts facts;
     if (up < 0 || len > sizeof(union shim_sockaddr) || !is_fresh_tcp(fd, addr->sa_family, &facts))
         return NOT_OURS;
+    if (fdtable_in_top_quarter(fd)) {  /* never the connect that runs the app out of fds */
+        STAT_INC(up, connect_direct_fd_limit);
+        shim_debug("fd %d: in the top quarter of the fd limit, connected direct", fd);
+        return NOT_OURS;
+    }
     *nonblock = (facts.file_flags & O_NONBLOCK) != 0;
     /* an upstream reached at another origin: the app's own address may not even answer */
     enum pool_probe probe = POOL_PROBE_SAME;

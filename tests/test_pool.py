@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from conftest import PRELOAD, SANITIZER_SKIP, SYS_PY, jlines, pyclient, run, strace_calls, write_rules
+from conftest import PRELOAD, PYCLIENTS, SANITIZER_SKIP, SYS_PY, jlines, pyclient, run, strace_calls, write_rules
 
 POOLCLIENT = pyclient("poolclient.py")
 
@@ -212,6 +212,50 @@ def test_fd_table_grown_before_the_engine_thread(upstream, tmp_path, sockdir):
     other.write_text("[global]\n[upstream 127.0.0.1:1]\n")
     r = run([SYS_PY, "-c", FDSIZE_CLIENT, upstream.port], conf=str(other), timeout=30)
     assert r.rc == 0 and jlines(r.out)[0]["after"] == 64, r.describe()
+
+
+HOLDING_CLIENT = r'''
+import json, socket, sys
+sys.path.insert(0, sys.argv[3])
+from ownstats import own_stats          # (imported while there are fds to open it with)
+held, err = [], None
+for i in range(1000):
+    try:
+        s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+        s.sendall(b"GET /bytes/10 HTTP/1.1\r\nHost: t\r\n\r\n")
+        if not s.recv(65536).startswith(b"HTTP/1.1 200"):
+            err = "bad answer"
+            break
+        held.append(s)
+    except OSError as e:
+        err = e.errno
+        break
+out = {"held": len(held), "errno": err}
+for h in held:
+    h.close()
+if sys.argv[2] != "-":
+    out["direct_fd_limit"] = own_stats(sys.argv[2])["upstreams"]["127.0.0.1:%s" % sys.argv[1]]["connect_direct_fd_limit"]
+print(json.dumps(out))
+'''
+
+
+def test_an_app_near_its_fd_limit_gets_its_connections(upstream, tmp_path, sockdir):
+    """A diverted connection holds two fds where a direct one holds one: under a limit of
+    128, an app holding its connections open got 47 of them before EMFILE (124 direct).
+    Connects whose fd is in the top quarter of the limit are left direct and counted, so
+    the app gets 61; short of direct's (README, "File descriptors"), and never an error
+    other than EMFILE."""
+    conf = pool_conf(tmp_path, upstream, sockdir)
+    got = {}
+    for shim in (False, True):
+        argv = ["/bin/sh", "-c", 'ulimit -n 128 && exec "$@"', "sh", SYS_PY, "-c", HOLDING_CLIENT, upstream.port,
+                "%s/%%p.sock" % sockdir if shim else "-", PYCLIENTS]
+        r = run(argv, shim=shim, conf=conf, timeout=60)
+        assert r.rc == 0, r.describe()
+        got[shim] = jlines(r.out)[0]
+    assert got[False]["errno"] == errno.EMFILE and got[True]["errno"] == errno.EMFILE, got
+    assert got[True]["direct_fd_limit"] >= 10, got
+    assert got[True]["held"] >= got[False]["held"] * 45 // 100, got
 
 
 @pytest.mark.skipif(not shutil.which("strace"), reason="strace not installed")
