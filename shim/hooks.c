@@ -698,8 +698,11 @@ SHIM_EXPORT int shutdown(int fd, int how)
     real_bind();
     int rc = real_shutdown(fd, how);
     struct fd_entry *e = rc == 0 && how != SHUT_RD && !shim_in_engine ? fdtable_if_diverted(fd) : NULL;
-    if (e)
+    if (e) {
+        int saved = errno;
         engine_need(e);
+        errno = saved;
+    }
     return rc;
 }
 
