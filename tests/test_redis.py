@@ -381,14 +381,16 @@ def clients():
         c.stop()
 
 
-def rq(up, path, n=None, tag=None, status=200, headers=None):
+def rq(up, path, n=None, tag=None, status=200, headers=None, body=None):
     """One request for redisload.py. n: the body must be pattern(n); for /bytes/N it
-    defaults to N."""
+    defaults to N. body: the request's own (a GET with one, here)."""
     if n is None:
         m = re.match(r"/bytes/(\d+)$", path)
         n = int(m.group(1)) if m else None
-    return {"port": up.port, "path": path, "n": n, "tag": tag, "status": status,
-            "headers": headers or {}}
+    r = {"port": up.port, "path": path, "n": n, "tag": tag, "status": status, "headers": headers or {}}
+    if body is not None:
+        r["body"] = body
+    return r
 
 
 def upstream_hits(up, target):
@@ -1137,6 +1139,26 @@ def test_credentials_kept_apart(upstream, redis, sockdir, tmp_path, clients):
     assert len({first[0]["served"], served[0], served[1]}) == 3, \
         "another credential or none must not get alpha's entry\n" + detail
     assert upstream_hits(upstream, a) == 3, detail
+
+
+def test_request_bodies_kept_apart(upstream, redis, sockdir, tmp_path, clients):
+    """Across processes too, a GET that carries its query in its body is one entry per
+    body (the key carries the body's SHA-256): another process gets the same body's entry
+    from Redis, and another body's never."""
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [(upstream, ["GET /custom* ttl=10m"])])
+    a = "/custom?tag=qbody&n=300"
+
+    def g(body):
+        return rq(upstream, a, n=300, tag="qbody", body=body)
+
+    first = clients(conf, sockdir).get([g('{"q":"alpha"}')])
+    wait_entries(redis, internal_key(upstream, a) + "*")
+    second = clients(conf, sockdir).get([g('{"q":"beta"}'), g('{"q":"alpha"}')])
+    served = [r["served"] for r in second]
+    detail = "X-Served first %s, second %s\n%s" % (first[0]["served"], served, log_desc(upstream))
+    assert served[1] == first[0]["served"], "the same body: a Redis hit\n" + detail
+    assert served[0] != first[0]["served"], "another body must not get alpha's entry\n" + detail
+    assert upstream_hits(upstream, a) == 2, detail
 
 
 def test_vary_entries_shared_per_variant(upstream, redis, sockdir, tmp_path, clients):

@@ -6,7 +6,8 @@ line, and keeps running until told to exit or stdin closes.
 Prints {"pid": N, "ready": true} first. Commands:
   {"op": "get", "reqs": [REQ, ...], "timeout": 20, "pace_ms": 0}
       REQ = {"port": P, "path": "/bytes/1200", "n": 1200 or null, "tag": "t" or null,
-             "status": 200, "headers": {"K": "V"}, "method": "GET", "host": "127.0.0.1"}
+             "status": 200, "headers": {"K": "V"}, "method": "GET", "host": "127.0.0.1",
+             "body": "text" or absent}
       each request on its own connection (http.client, `Connection: close`), the whole
       response read. One line per request, as soon as it is done:
         {"i": k, "path": ..., "ok": bool, "why": "..." (when not ok), "status": S,
@@ -50,7 +51,9 @@ def one(k, req, timeout):
     conn = http.client.HTTPConnection(req.get("host", "127.0.0.1"), int(req["port"]),
                                       timeout=timeout)
     try:
-        conn.request(req.get("method", "GET"), req["path"], headers=headers)
+        body = req.get("body")
+        conn.request(req.get("method", "GET"), req["path"], body=body.encode() if body is not None else None,
+                     headers=headers)
         r = conn.getresponse()
         body = r.read()
         rep["status"] = r.status
