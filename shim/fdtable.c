@@ -5,6 +5,7 @@
  * handler. Entries go stale when libc closes an fd behind our back, so a diverted
  * entry is trusted only while the fd's inode still matches. */
 #include "fdtable.h"
+#include "clock.h"
 #include "real.h"
 #include <pthread.h>
 #include <string.h>
@@ -308,6 +309,8 @@ bool fdtable_stash_short(void)
 
 void fdtable_refill_stash(void)
 {
+    if (fdtable_fd_pressure())
+        return;                        /* the app ran out of fds a moment ago */
     int cap = stash_cap();
     for (int i = 0; i < cap && atomic_load_explicit(&n_stash, memory_order_relaxed) < cap; i++) {
         int sv[2];
@@ -339,4 +342,49 @@ void fdtable_refill_stash(void)
             return;
         }
     }
+}
+
+/* ---- running out of fds ----
+ * When the app's socket() finds the fd limit reached, what the shim holds only to be
+ * faster is let go, and held back for a second: the socketpairs made ahead, the fds
+ * waiting in the graveyard, and the spare references to app ends of connections answered
+ * inline (the app's close is then the kernel's last again, as when the engine hears the
+ * connection). */
+static _Atomic int64_t fd_pressure_until_us;
+
+bool fdtable_fd_pressure(void)
+{
+    int64_t until = atomic_load_explicit(&fd_pressure_until_us, memory_order_relaxed);
+    return until && clock_mono_us() < until;
+}
+
+int fdtable_release_spares(void)
+{
+    atomic_store_explicit(&fd_pressure_until_us, clock_mono_us() + 1000000, memory_order_relaxed);
+    int released = 0;
+    if (!atomic_flag_test_and_set_explicit(&stash_lock, memory_order_acquire)) {
+        int pairs[STASH_MAX][2];
+        int n = atomic_load_explicit(&n_stash, memory_order_relaxed);
+        memcpy(pairs, stash, (size_t)n * sizeof pairs[0]);
+        atomic_store_explicit(&n_stash, 0, memory_order_relaxed);
+        atomic_flag_clear_explicit(&stash_lock, memory_order_release);
+        for (int i = 0; i < n; i++) {
+            fdtable_close_engine_fd(pairs[i][0]);
+            fdtable_close_engine_fd(pairs[i][1]);
+            released += 2;
+        }
+    }
+    int buried = atomic_load_explicit(&n_grave, memory_order_relaxed);
+    int left = fdtable_drain_graveyard(GRAVE_MAX);
+    released += buried > left ? buried - left : 0;
+    if (!fd_limit)
+        fd_limit = fd_limit_now();
+    for (int fd = 0; fd < fd_limit; fd++) {
+        struct fd_entry *e = fdtable_if_diverted(fd);
+        if (e && atomic_load_explicit(&e->kept_app_end, memory_order_relaxed)) {
+            fdtable_close_kept_app_end(e);
+            released++;
+        }
+    }
+    return released;
 }

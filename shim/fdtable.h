@@ -106,6 +106,11 @@ bool fdtable_in_lower_half(int fd);
  * diverted connection holds two fds (the app's end and the engine's) where a direct one
  * holds one, so such a connect is left direct. */
 bool fdtable_in_top_quarter(int fd);
+/* The app's socket() found no fd left: the socketpairs made ahead, the graveyard and the
+ * spare references to inline-answered connections are closed now, and none is kept for a
+ * second (fdtable_fd_pressure). How many fds were freed. */
+int fdtable_release_spares(void);
+bool fdtable_fd_pressure(void);
 int fdtable_engine_fd_limit(void);
 /* Closes the kept second reference to a diverted fd's app end, if any, from this thread:
  * the app's close is then the socket's last again, with the kernel's semantics. */

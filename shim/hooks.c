@@ -125,6 +125,8 @@ SHIM_EXPORT int socket(int domain, int type, int protocol)
 {
     real_bind();
     int fd = real_socket(domain, type, protocol);
+    if (fd < 0 && errno == EMFILE && !shim_in_engine && fdtable_base && fdtable_release_spares() > 0)
+        fd = real_socket(domain, type, protocol);   /* what the shim held only to be faster, freed */
     /* the table is mapped here, not only with the rules: a socket is made before the
      * first connect loads them; a process known to be inert keeps no record */
     if (fd < 0 || shim_in_engine || config_known_inert()
@@ -368,7 +370,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     /* The pair's other reference to the app's end is kept while the engine does not hear the
      * connection (every hit answered inline): the app's close is then not the last, and the
      * socket's teardown (1 to 3 microseconds) goes to the engine with the engine's end. */
-    bool keep = left >= 0 && fdtable_in_lower_half(sv[0]) && !(facts->file_flags & O_ASYNC)
+    bool keep = left >= 0 && fdtable_in_lower_half(sv[0]) && !fdtable_fd_pressure() && !(facts->file_flags & O_ASYNC)
                 && !(facts->ask & MADE_SET_OWNER);   /* (signal-driven I/O: the kernel's close) */
     bury_kept_app_end(atomic_exchange(&e->kept_app_end, keep ? sv[0] + 1 : 0));   /* (a stale one) */
     if (!keep)

@@ -242,9 +242,10 @@ print(json.dumps(out))
 def test_an_app_near_its_fd_limit_gets_its_connections(upstream, tmp_path, sockdir):
     """A diverted connection holds two fds where a direct one holds one: under a limit of
     128, an app holding its connections open got 47 of them before EMFILE (124 direct).
-    Connects whose fd is in the top quarter of the limit are left direct and counted, so
-    the app gets 61; short of direct's (README, "File descriptors"), and never an error
-    other than EMFILE."""
+    Connects whose fd is in the top quarter of the limit are left direct and counted, and
+    at EMFILE the shim lets go of the fds it holds only to be faster and the app's socket()
+    is tried again: the app gets 76; short of direct's (README, "File descriptors"), and
+    never an error other than EMFILE."""
     conf = pool_conf(tmp_path, upstream, sockdir)
     got = {}
     for shim in (False, True):
@@ -255,7 +256,7 @@ def test_an_app_near_its_fd_limit_gets_its_connections(upstream, tmp_path, sockd
         got[shim] = jlines(r.out)[0]
     assert got[False]["errno"] == errno.EMFILE and got[True]["errno"] == errno.EMFILE, got
     assert got[True]["direct_fd_limit"] >= 10, got
-    assert got[True]["held"] >= got[False]["held"] * 45 // 100, got
+    assert got[True]["held"] >= got[False]["held"] * 55 // 100, got
 
 
 @pytest.mark.skipif(not shutil.which("strace"), reason="strace not installed")
