@@ -3,7 +3,9 @@
  * fds (which the app may not close). Indexed by fd number, mmap'ed once, never freed,
  * never allocates afterwards: the close path uses it from any thread, even a signal
  * handler. Entries go stale when libc closes an fd behind our back, so a diverted
- * entry is trusted only while the fd's inode still matches. */
+ * entry is trusted only while the fd's inode still matches. Also the fds the shim holds
+ * only to be faster (the graveyard, the stash of socketpairs made ahead) and how it lets
+ * them go when the app runs out of fds. */
 #include "fdtable.h"
 #include "clock.h"
 #include "real.h"
