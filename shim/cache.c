@@ -115,8 +115,7 @@ static bool rule_keys_on(const struct cache_rule *r, const char *name)
     return false;
 }
 
-/* "\nNAME-sha256: HEX" of every line of the header, in order, each value prefixed by its
- * length so that no two different sequences of lines hash alike. Nothing when absent. */
+/* "\nNAME-sha256: HEX" */
 static void put_sha256_line(struct keybuf *k, const char *name, const unsigned char digest[SHA256_BYTES])
 {
     char hex[2 * SHA256_BYTES + 1];
@@ -128,6 +127,8 @@ static void put_sha256_line(struct keybuf *k, const char *name, const unsigned c
     puts_(k, hex);
 }
 
+/* "\nNAME-sha256: HEX" of every line of the header, in order, each value prefixed by its
+ * length so that no two different sequences of lines hash alike. Nothing when absent. */
 static void put_header_hash(struct keybuf *k, const struct http_request *req, const char *name)
 {
     size_t n = strlen(name);

@@ -189,24 +189,26 @@ int fdtable_close_engine_fd(int fd)
     return real_close(fd);
 }
 
-static int fd_limit_now(void)
+/* RLIMIT_NOFILE (at most FDTABLE_MAX), read once, when first asked */
+static int process_fd_limit(void)
 {
-    struct rlimit rl;
-    return getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < (rlim_t)FDTABLE_MAX ? (int)rl.rlim_cur : FDTABLE_MAX;
+    if (!fd_limit) {
+        struct rlimit rl;
+        fd_limit = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < (rlim_t)FDTABLE_MAX ? (int)rl.rlim_cur
+                                                                                           : FDTABLE_MAX;
+    }
+    return fd_limit;
 }
 
 bool fdtable_in_lower_half(int fd)
 {
-    if (!fd_limit)
-        fd_limit = fd_limit_now();
-    return fd < fd_limit / 2;
+    return fd < process_fd_limit() / 2;
 }
 
 bool fdtable_in_top_quarter(int fd)
 {
-    if (!fd_limit)
-        fd_limit = fd_limit_now();
-    return fd >= fd_limit - fd_limit / 4;
+    int limit = process_fd_limit();
+    return fd >= limit - limit / 4;
 }
 
 /* ---- the graveyard: closes the app's thread hands to the engine ----
@@ -222,9 +224,7 @@ bool fdtable_in_top_quarter(int fd)
  * caller. */
 int fdtable_bury(int fd)
 {
-    if (!fd_limit)
-        fd_limit = fd_limit_now();
-    if (fd >= fd_limit / 2 || atomic_flag_test_and_set_explicit(&grave_lock, memory_order_acquire)) {
+    if (!fdtable_in_lower_half(fd) || atomic_flag_test_and_set_explicit(&grave_lock, memory_order_acquire)) {
         fdtable_close_engine_fd(fd);
         return -1;
     }
@@ -298,9 +298,7 @@ int fdtable_take_pair(int sv[2], dev_t *dev, ino_t *ino)
 
 static int stash_cap(void)
 {
-    if (!fd_limit)
-        fd_limit = fd_limit_now();
-    int pairs = fd_limit / 32;
+    int pairs = process_fd_limit() / 32;
     return pairs < STASH_MAX ? pairs : STASH_MAX;
 }
 
@@ -319,7 +317,7 @@ void fdtable_refill_stash(void)
         struct stat app_end;
         if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0)
             return;
-        if (sv[1] >= fd_limit / 2 || sv[1] >= FDTABLE_MAX || fstat(sv[0], &app_end) != 0) {
+        if (!fdtable_in_lower_half(sv[1]) || sv[1] >= FDTABLE_MAX || fstat(sv[0], &app_end) != 0) {
             real_close(sv[0]);         /* the app's fds come first */
             real_close(sv[1]);
             return;
@@ -379,9 +377,7 @@ int fdtable_release_spares(void)
     int buried = atomic_load_explicit(&n_grave, memory_order_relaxed);
     int left = fdtable_drain_graveyard(GRAVE_MAX);
     released += buried > left ? buried - left : 0;
-    if (!fd_limit)
-        fd_limit = fd_limit_now();
-    for (int fd = 0; fd < fd_limit; fd++) {
+    for (int fd = 0, limit = process_fd_limit(); fd < limit; fd++) {
         struct fd_entry *e = fdtable_if_diverted(fd);
         if (e && atomic_load_explicit(&e->kept_app_end, memory_order_relaxed)) {
             fdtable_close_kept_app_end(e);

@@ -111,10 +111,10 @@ bool fdtable_in_top_quarter(int fd);
  * second (fdtable_fd_pressure). How many fds were freed. */
 int fdtable_release_spares(void);
 bool fdtable_fd_pressure(void);
-int fdtable_engine_fd_limit(void);
+int fdtable_engine_fd_limit(void);     /* no engine fd at or above this */
 /* Closes the kept second reference to a diverted fd's app end, if any, from this thread:
  * the app's close is then the socket's last again, with the kernel's semantics. */
-void fdtable_close_kept_app_end(struct fd_entry *e);     /* no engine fd at or above this */
+void fdtable_close_kept_app_end(struct fd_entry *e);
 void fdtable_close_engine_fds(void);   /* forked child: drop the parent's engine fds */
 /* Closes an engine fd of the library's own: out of the table, then closed for real. */
 int fdtable_close_engine_fd(int fd);

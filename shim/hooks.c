@@ -622,7 +622,6 @@ SHIM_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
     return rc;
 }
 
-
 /* ---- close and dup: keep the table right, never let the app close engine fds ---- */
 
 SHIM_EXPORT int close(int fd)
