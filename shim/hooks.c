@@ -2,7 +2,8 @@
  * connect its questions to the kernel), connect (diverting matching connects into the
  * engine, or connecting for real while the pool is cold), epoll_ctl registrations made
  * before connect, close, dup and fcntl (keeping the fd table right, never letting the app
- * close the engine's fds), fork, and the library's constructor. The rest of what the app
+ * close the engine's fds), fork, setns and unshare (a thread in another network namespace
+ * is never diverted: netns.c), and the library's constructor. The rest of what the app
  * asks of a diverted fd is hooks_io.c's. Everything that is not a configured upstream, and
  * every call made on the engine thread, goes straight to the real functions (real.c).
  * errno is preserved on every path that does not fail. */
@@ -14,6 +15,7 @@
 #include "fdtable.h"
 #include "log.h"
 #include "loop.h"
+#include "netns.h"
 #include "real.h"
 #include "rules.h"
 #include "stats.h"
@@ -24,6 +26,7 @@
 #include <linux/sockios.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -48,6 +51,7 @@ static void atfork_parent(void)
 }
 static void atfork_child(void)
 {
+    netns_atfork_child();
     rules_atfork_release();
     config_atfork_child();
     engine_atfork_child();
@@ -57,6 +61,7 @@ __attribute__((constructor)) static void shim_constructor(void)
 {
     config_capture_environment();
     real_bind();
+    netns_init();
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
     config_read_once();
 }
@@ -137,8 +142,9 @@ SHIM_EXPORT int socket(int domain, int type, int protocol)
         return fd;
     int saved = errno;
     forget_fd(fd, e, false);
+    /* (a socket made in another network namespace is never a candidate: netns.c) */
     bool tcp = (domain == AF_INET || domain == AF_INET6) && (type & 0xf) == SOCK_STREAM
-               && (protocol == 0 || protocol == IPPROTO_TCP);
+               && (protocol == 0 || protocol == IPPROTO_TCP) && !netns_thread_away();
     e->made_family = domain;
     e->made_flags = O_RDWR | ((type & SOCK_NONBLOCK) ? O_NONBLOCK : 0);
     e->made_cloexec = (type & SOCK_CLOEXEC) != 0;
@@ -231,8 +237,8 @@ static bool is_fresh_tcp(int fd, int family, struct socket_facts *f)
     int v;
     socklen_t len = sizeof v;
     if (!known) {
-        if (made == MADE_TCP)
-            return false;              /* a TCP socket of the other family */
+        if (made == MADE_TCP || netns_ever_away())
+            return false;              /* of the other family; of a namespace not known */
         if (real_getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &len) || v != family)
             return false;
         len = sizeof v;
@@ -450,8 +456,8 @@ enum divert_result hooks_try_divert(int fd, const struct sockaddr *addr, socklen
         errno = EISCONN;
         return FAILED;
     }
-    if (addr->sa_family != AF_INET && addr->sa_family != AF_INET6)
-        return NOT_OURS;
+    if ((addr->sa_family != AF_INET && addr->sa_family != AF_INET6) || netns_thread_away())
+        return NOT_OURS;               /* (another namespace's address names another server) */
     int up = config_match_upstream(cfg, addr, len);
     struct socket_facts facts;
     if (up < 0 || len > sizeof(union shim_sockaddr) || !is_fresh_tcp(fd, addr->sa_family, &facts))
@@ -619,6 +625,32 @@ SHIM_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
     if (kind != FD_NONE && kind != FD_PROBING)
         return rc;                     /* diverted already: nothing to replay */
     note_epoll(e, epfd, op, event);    /* (beyond FD_MAX_EPOLL sets: not moved at divert) */
+    return rc;
+}
+
+/* ---- network namespaces: a thread that enters another is away (netns.c) ---- */
+
+SHIM_EXPORT int setns(int fd, int nstype)
+{
+    real_bind();
+    int rc = real_setns(fd, nstype);
+    if (rc == 0 && (nstype == 0 || (nstype & CLONE_NEWNET))) {   /* (0: whatever fd names) */
+        int saved = errno;
+        netns_note_switch();
+        errno = saved;
+    }
+    return rc;
+}
+
+SHIM_EXPORT int unshare(int flags)
+{
+    real_bind();
+    int rc = real_unshare(flags);
+    if (rc == 0 && (flags & CLONE_NEWNET)) {
+        int saved = errno;
+        netns_note_switch();
+        errno = saved;
+    }
     return rc;
 }
 

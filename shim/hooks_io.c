@@ -8,6 +8,7 @@
 #include "config.h"
 #include "fastpath.h"
 #include "fdtable.h"
+#include "netns.h"
 #include "real.h"
 #include "rules.h"
 #include <errno.h>
@@ -114,8 +115,8 @@ SHIM_EXPORT int getaddrinfo(const char *node, const char *service, const struct 
 {
     real_bind();
     int rc = real_getaddrinfo(node, service, hints, res);
-    if (rc != 0 || !node || shim_in_engine)
-        return rc;
+    if (rc != 0 || !node || shim_in_engine || netns_thread_away())
+        return rc;   /* (another namespace's answer names other servers) */
     int saved = errno;
     struct shim_config *cfg = config_get();
     if (cfg && rules_name_is_listed(cfg, node))
@@ -131,7 +132,7 @@ SHIM_EXPORT int getaddrinfo(const char *node, const char *service, const struct 
 
 static void learn_hostent(const char *name, const struct hostent *h)
 {
-    if (!h || !name || shim_in_engine)
+    if (!h || !name || shim_in_engine || netns_thread_away())
         return;
     int saved = errno;
     struct shim_config *cfg = config_get();

@@ -42,6 +42,8 @@ static struct {
     int (*dup3)(int, int, int);
     int (*fcntl)(int, int, ...);
     int (*fcntl64)(int, int, ...);
+    int (*setns)(int, int);
+    int (*unshare)(int);
 } fn;
 
 static pthread_once_t bind_once = PTHREAD_ONCE_INIT;
@@ -76,6 +78,7 @@ static void bind_all(void)
     BIND(gethostbyname_r); BIND(gethostbyname2_r); BIND(getpeername); BIND(getsockname); BIND(shutdown);
     BIND(setsockopt); BIND(getsockopt); BIND(ioctl); BIND(epoll_ctl); BIND(close);
     BIND(close_range); BIND(fclose); BIND(dup); BIND(dup2); BIND(dup3); BIND(fcntl); BIND(fcntl64);
+    BIND(setns); BIND(unshare);
     if (!fn.fcntl64)
         fn.fcntl64 = fn.fcntl;
     atomic_store(&bound, 1);
@@ -234,4 +237,14 @@ int real_fcntl(int fd, int cmd, void *arg)
 int real_fcntl64(int fd, int cmd, void *arg)
 {
     return fn.fcntl64 ? fn.fcntl64(fd, cmd, arg) : (int)syscall(SYS_fcntl, fd, cmd, arg);
+}
+
+int real_setns(int fd, int nstype)
+{
+    return fn.setns ? fn.setns(fd, nstype) : (int)syscall(SYS_setns, fd, nstype);
+}
+
+int real_unshare(int flags)
+{
+    return fn.unshare ? fn.unshare(flags) : (int)syscall(SYS_unshare, flags);
 }

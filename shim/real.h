@@ -50,4 +50,6 @@ int real_dup2(int fd, int nfd);
 int real_dup3(int fd, int nfd, int flags);
 int real_fcntl(int fd, int cmd, void *arg);
 int real_fcntl64(int fd, int cmd, void *arg);
+int real_setns(int fd, int nstype);
+int real_unshare(int flags);
 #endif

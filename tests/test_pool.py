@@ -3,13 +3,17 @@ only when the upstream has a free slot under pool_max_per_host, the oldest waite
 pool_queue_timeout, and the defaults. One client process per test (its own pool)."""
 
 import errno
+import json
+import os
 import shutil
 import socket
+import subprocess
 import threading
 
 import pytest
 
-from conftest import PRELOAD, PYCLIENTS, SANITIZER_SKIP, SYS_PY, jlines, pyclient, run, strace_calls, write_rules
+from conftest import (PRELOAD, PYCLIENTS, SANITIZER_SKIP, SYS_PY, jlines, kill_group, pyclient, run, strace_calls,
+                      wait_until, write_rules)
 
 POOLCLIENT = pyclient("poolclient.py")
 
@@ -485,3 +489,109 @@ def test_a_cold_burst_connects_as_direct_and_its_connections_join_the_pool(cap, 
         assert got["at_connect"] == 8 and st["connections"] == 8, (got, st)
     else:
         assert got["at_connect"] == 3 and st["connections"] <= 3, (got, st)
+
+
+NETNS_SERVER = r'''
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(16)
+open(sys.argv[2], "w").write("ready")
+for _ in range(64):                    # bounded: the test makes a handful of requests
+    c, _ = s.accept()
+    c.settimeout(10)
+    head = b""
+    while b"\r\n\r\n" not in head and len(head) < 65536:
+        d = c.recv(4096)
+        if not d:
+            break
+        head += d
+    body = b"served in the other namespace"
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+    c.close()
+'''
+
+NETNS_APP = r'''
+import ctypes, json, os, socket, sys, threading, urllib.request
+CLONE_NEWNET = 0x40000000
+libc = ctypes.CDLL(None, use_errno=True)       # setns through the preloaded library, as a C app
+port, ns_path = int(sys.argv[1]), sys.argv[2]
+url = "http://127.0.0.1:%d/custom/netns?n=40" % port
+home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+out = {}
+
+def get(tag):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        out[tag] = [r.read().decode("latin-1"), r.headers.get("X-Served")]
+
+def raw_get(s):
+    s.sendall(b"GET /custom/netns?n=40 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data = b""
+    while len(data) < 1 << 20:
+        d = s.recv(65536)
+        if not d:
+            break
+        data += d
+    s.close()
+    return data.split(b"\r\n\r\n", 1)[-1].decode("latin-1")
+
+made_away = []
+def away():
+    fd = os.open(ns_path, os.O_RDONLY)
+    assert libc.setns(fd, CLONE_NEWNET) == 0, ctypes.get_errno()
+    os.close(fd)
+    get("away")
+    made_away.append(socket.socket())          # made in the other namespace ...
+    fd = libc.syscall({"x86_64": 41, "aarch64": 198}[os.uname().machine], socket.AF_INET, socket.SOCK_STREAM, 0)
+    made_away.append(socket.socket(fileno=fd))   # ... and one made behind the hooks
+    assert libc.setns(home_fd, CLONE_NEWNET) == 0, ctypes.get_errno()
+    get("back")
+
+get("home")
+t = threading.Thread(target=away)
+t.start()
+t.join()
+for tag, s in zip(("socket_from_away", "raw_socket_from_away"), made_away):
+    s.connect(("127.0.0.1", port))             # ... connected from a thread at home
+    out[tag] = raw_get(s)
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"), reason="needs root and iproute2 for a namespace")
+def test_a_thread_in_another_network_namespace_reaches_that_namespaces_server(upstream, tmp_path, sockdir):
+    """127.0.0.1:PORT in another network namespace is another server: a thread that
+    setns()es there (and a socket made there) must reach it, as direct, not be answered
+    from the engine's pool or cache at home; back home, the thread is diverted again."""
+    ns = "hst%d" % os.getpid()
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    server = None
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        ready = tmp_path / "ready"
+        server = subprocess.Popen(["ip", "netns", "exec", ns, SYS_PY, "-c", NETNS_SERVER, str(upstream.port),
+                                   str(ready)], stdin=subprocess.DEVNULL, start_new_session=True)
+        wait_until(lambda: ready.exists(), 30, "the namespace's server")
+        app = tmp_path / "app.py"
+        app.write_text(NETNS_APP)
+        conf = write_rules(tmp_path, [], raw="[global]\nstats_socket = %s/%%p.sock\n[upstream 127.0.0.1:%d]\n"
+                           "cache GET /custom/* ttl=10m\n" % (sockdir, upstream.port))
+        cmd = [SYS_PY, str(app), str(upstream.port), "/run/netns/" + ns]
+        direct = run(cmd, shim=False)
+        upstream.reset()
+        shimmed = run(cmd, conf=conf)
+        assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
+        d, s = json.loads(direct.out), json.loads(shimmed.out)
+        other = "served in the other namespace"
+        for r in (d, s):
+            assert r["away"][0] == other and r["socket_from_away"] == r["raw_socket_from_away"] == other, r
+        assert s["home"][0] == d["home"][0] != other
+        # back home, the thread's GET is the cache's answer again: the same X-Served
+        assert s["back"] == s["home"], s
+        assert upstream.stats()["requests"] == 1
+    finally:
+        if server:
+            kill_group(server.pid, quiet=True)
+            server.wait(timeout=15)
+        subprocess.run(["ip", "netns", "del", ns])

@@ -1,0 +1,69 @@
+/* netns.c — owns the answer to "is this thread in the process's own network namespace".
+ * A thread that enters another one (setns, unshare: hooks.c) addresses other servers by
+ * the same numbers: 127.0.0.1:8080 there is not the upstream the rules name, and a
+ * connection the engine made, or an answer it cached, would be another server's. Such a
+ * thread is away: its sockets and its connects are never diverted. The namespace is told
+ * by the inode of /proc/thread-self/ns/net, read only when a thread switches; without
+ * /proc, a thread that switched is taken to be away. */
+#include "netns.h"
+#include <stdatomic.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+
+static ino_t home_ino;                 /* 0: not known */
+static dev_t home_dev;
+static _Atomic int ever_away;
+static __thread int away __attribute__((tls_model("initial-exec")));
+
+static bool current_netns(dev_t *dev, ino_t *ino)
+{
+    struct stat st;
+    if (stat("/proc/thread-self/ns/net", &st) != 0)
+        return false;
+    *dev = st.st_dev;
+    *ino = st.st_ino;
+    return true;
+}
+
+void netns_init(void)
+{
+    dev_t dev;
+    ino_t ino;
+    if (current_netns(&dev, &ino)) {
+        home_dev = dev;
+        home_ino = ino;
+    }
+}
+
+void netns_note_switch(void)
+{
+    dev_t dev = 0;
+    ino_t ino = 0;
+    bool known = current_netns(&dev, &ino);
+    away = !(known && home_ino && ino == home_ino && dev == home_dev);
+    if (away)
+        atomic_store(&ever_away, 1);
+}
+
+bool netns_thread_away(void)
+{
+    return away != 0;
+}
+
+bool netns_ever_away(void)
+{
+    return atomic_load_explicit(&ever_away, memory_order_relaxed) != 0;
+}
+
+void netns_atfork_child(void)
+{
+    if (!away)
+        return;
+    dev_t dev;
+    ino_t ino;
+    if (current_netns(&dev, &ino)) {   /* the child's threads all start here */
+        home_dev = dev;
+        home_ino = ino;
+        away = 0;
+    }
+}

@@ -1,0 +1,21 @@
+/* netns.h — which network namespace the shim's connections live in (netns.c): the
+ * process's own, where the engine dials and the rules' addresses mean what they say, and
+ * whether the calling thread has entered another one. */
+#ifndef HTTPSHIM_NETNS_H
+#define HTTPSHIM_NETNS_H
+#include <stdbool.h>
+
+/* Notes the process's network namespace (the constructor, on the loading thread). */
+void netns_init(void);
+/* After a successful setns or unshare that may have changed the calling thread's network
+ * namespace: the thread is away unless it is back in the process's own. */
+void netns_note_switch(void);
+/* Whether the calling thread is in another network namespace (one lookup of a
+ * thread-local: every connect and socket asks). */
+bool netns_thread_away(void);
+/* Whether any thread has ever been away: a socket made out of the hooks' sight may then
+ * belong to another namespace. */
+bool netns_ever_away(void);
+/* A forked child runs in the namespace of the thread that forked: that is its own. */
+void netns_atfork_child(void);
+#endif
