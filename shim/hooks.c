@@ -24,6 +24,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/sockios.h>
+#include <net/if.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
 #include <sched.h>
@@ -195,14 +196,60 @@ void hooks_note_ioctl(int fd, unsigned long req, const void *arg)
     }
 }
 
+/* Options that shape only the app's own end of a connection (its buffers, timeouts,
+ * keep-alive, Nagle): a pooled connection may carry its requests without them. Any other
+ * (SO_MARK, SO_BINDTODEVICE, IP_TOS, IP_TRANSPARENT, TCP_MD5SIG, ...) says which path,
+ * identity or treatment its packets get on the network, which the pool's connections do
+ * not have: such a socket connects for real. */
+static bool option_shapes_only_this_end(int level, int name)
+{
+    static const int sol_socket[] = {
+        SO_KEEPALIVE, SO_RCVBUF, SO_SNDBUF, SO_RCVBUFFORCE, SO_SNDBUFFORCE, SO_RCVTIMEO, SO_SNDTIMEO,
+#ifdef SO_RCVTIMEO_NEW
+        SO_RCVTIMEO_NEW, SO_SNDTIMEO_NEW,
+#endif
+        SO_REUSEADDR, SO_REUSEPORT, SO_LINGER, SO_PASSCRED, SO_PRIORITY, SO_OOBINLINE, SO_RCVLOWAT,
+        SO_SNDLOWAT, SO_TIMESTAMP, SO_TIMESTAMPNS, SO_ZEROCOPY, SO_BUSY_POLL, SO_INCOMING_CPU,
+    };
+    static const int ipproto_tcp[] = {
+        TCP_NODELAY, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT, TCP_USER_TIMEOUT, TCP_QUICKACK, TCP_CORK,
+        TCP_FASTOPEN_CONNECT, TCP_SYNCNT, TCP_LINGER2, TCP_WINDOW_CLAMP, TCP_NOTSENT_LOWAT, TCP_CONGESTION,
+        TCP_MAXSEG, TCP_THIN_LINEAR_TIMEOUTS,
+    };
+    const int *list = NULL;
+    size_t n = 0;
+    if (level == SOL_SOCKET) {
+        list = sol_socket;
+        n = sizeof sol_socket / sizeof sol_socket[0];
+    } else if (level == IPPROTO_TCP) {
+        list = ipproto_tcp;
+        n = sizeof ipproto_tcp / sizeof ipproto_tcp[0];
+    } else if (level == IPPROTO_IPV6) {
+        return name == IPV6_V6ONLY || name == IPV6_RECVERR;
+    } else if (level == IPPROTO_IP) {
+        return name == IP_RECVERR || name == IP_BIND_ADDRESS_NO_PORT || name == IP_MTU_DISCOVER;
+    }
+    for (size_t i = 0; i < n; i++)
+        if (list[i] == name)
+            return true;
+    return false;
+}
+
 void hooks_note_sockopt(int fd, int level, int name)
 {
-    struct fd_entry *e = level == SOL_SOCKET ? made_tcp(fd) : NULL;
-    if (e && (name == SO_RCVTIMEO || name == SO_SNDTIMEO || name == SO_PASSCRED || name == SO_PRIORITY
+    struct fd_entry *e = fdtable_slot(fd);
+    if (!e)
+        return;
+    if (!option_shapes_only_this_end(level, name)) {
+        atomic_store_explicit(&e->made, MADE_OTHER, memory_order_relaxed);   /* never diverted */
+        return;
+    }
+    if (level == SOL_SOCKET && made_tcp(fd)
+        && (name == SO_RCVTIMEO || name == SO_SNDTIMEO || name == SO_PASSCRED || name == SO_PRIORITY
 #ifdef SO_RCVTIMEO_NEW
-              || name == SO_RCVTIMEO_NEW || name == SO_SNDTIMEO_NEW
+            || name == SO_RCVTIMEO_NEW || name == SO_SNDTIMEO_NEW
 #endif
-              ))
+            ))
         e->made_extras |= MADE_SET_OPTS;
 }
 
@@ -244,6 +291,15 @@ static bool is_fresh_tcp(int fd, int family, struct socket_facts *f)
         len = sizeof v;
         if (real_getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &v, &len) || v != IPPROTO_TCP)
             return false;
+        /* the options that choose a path (option_shapes_only_this_end), as far as the
+         * kernel tells them: a mark, a device */
+        len = sizeof v;
+        if (real_getsockopt(fd, SOL_SOCKET, SO_MARK, &v, &len) || v != 0)
+            return false;
+        char dev[IFNAMSIZ];
+        len = sizeof dev;
+        if (real_getsockopt(fd, SOL_SOCKET, SO_BINDTODEVICE, dev, &len) || (len > 0 && dev[0]))
+            return false;
     }
     union shim_sockaddr local;
     len = sizeof local;
@@ -252,7 +308,11 @@ static bool is_fresh_tcp(int fd, int family, struct socket_facts *f)
             atomic_store_explicit(&e->made, MADE_UNKNOWN, memory_order_relaxed);
         return false;
     }
-    if ((family == AF_INET && local.in.sin_port) || (family == AF_INET6 && local.in6.sin6_port))
+    /* bound: to a port, or to a source address (a port left to connect by
+     * IP_BIND_ADDRESS_NO_PORT, as curl --interface does) */
+    if (family == AF_INET && (local.in.sin_port || local.in.sin_addr.s_addr != htonl(INADDR_ANY)))
+        return false;
+    if (family == AF_INET6 && (local.in6.sin6_port || !IN6_IS_ADDR_UNSPECIFIED(&local.in6.sin6_addr)))
         return false;
     if (known)
         return true;

@@ -595,3 +595,71 @@ def test_a_thread_in_another_network_namespace_reaches_that_namespaces_server(up
             kill_group(server.pid, quiet=True)
             server.wait(timeout=15)
         subprocess.run(["ip", "netns", "del", ns])
+
+
+OPTIONS_APP = r'''
+import json, os, socket, sys
+port = int(sys.argv[1])
+SO_MARK, SO_BINDTODEVICE = 36, 25
+cases = {
+    "mark": [(socket.SOL_SOCKET, SO_MARK, 7)],
+    "device": [(socket.SOL_SOCKET, SO_BINDTODEVICE, b"lo")],
+    "tos": [(socket.IPPROTO_IP, socket.IP_TOS, 0x10)],
+    "mark_dup": [(socket.SOL_SOCKET, SO_MARK, 7)],
+    "local_only": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                   (socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)],
+}
+out = {}
+for name, opts in cases.items():
+    for _ in range(2):
+        s = socket.socket()
+        for level, opt, val in opts:
+            s.setsockopt(level, opt, val)
+        if name == "mark_dup":             # a copy the hooks did not see made: the kernel is asked
+            c = socket.socket(fileno=os.dup(s.fileno()))
+            s.close()
+            s = c
+        s.connect(("127.0.0.1", port))
+        s.sendall(b"GET /custom/opt-%s?n=10 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % name.encode())
+        data = b""
+        while len(data) < 1 << 20:
+            d = s.recv(65536)
+            if not d:
+                break
+            data += d
+        s.close()
+        out.setdefault(name, []).append(data.split(b"\r\n", 1)[0].decode())
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK and SO_BINDTODEVICE need root")
+def test_a_socket_bound_or_marked_connects_for_real(upstream, tmp_path, sockdir):
+    """A socket whose packets the app steers (a source address, SO_MARK, a device, a TOS)
+    is not the pool's to carry: it connects for real, every request reaches the upstream
+    from where the app said, and a pooled connection never takes one of its requests.
+    Options that shape only the app's own end (Nagle, keep-alive, buffers) still divert."""
+    conf = write_rules(tmp_path, [], raw="[global]\nstats_socket = %s/%%p.sock\n[upstream 127.0.0.1:%d]\n"
+                       "cache GET /custom/* ttl=10m\n" % (sockdir, upstream.port))
+    url = upstream.url("/custom/opt-bound?n=10")
+    curl = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{local_ip}\n", "--interface", "127.0.0.2", url,
+            "--next", "-o", "/dev/null", "-w", "%{http_code} %{local_ip}\n", "--interface", "127.0.0.3", url]
+    app = tmp_path / "opts.py"
+    app.write_text(OPTIONS_APP)
+    results = {}
+    for shim in (False, True):
+        upstream.reset()
+        c = run(curl, shim=shim, conf=conf)
+        p = run([SYS_PY, str(app), str(upstream.port)], shim=shim, conf=conf)
+        assert c.rc == 0 and p.rc == 0, (c.describe(), p.describe())
+        targets = [x["target"] for x in upstream.stats()["log"]]
+        results[shim] = (c.out.split(b"\n"), json.loads(p.out),
+                         {t: targets.count(t) for t in set(targets)})
+    (c_direct, p_direct, n_direct), (c_shim, p_shim, n_shim) = results[False], results[True]
+    assert c_shim == c_direct and c_direct[:2] == [b"200 127.0.0.2", b"200 127.0.0.3"], (c_direct, c_shim)
+    assert p_shim == p_direct and all(v == ["HTTP/1.1 200 OK"] * 2 for v in p_direct.values()), p_shim
+    for name in ("mark", "device", "tos", "mark_dup"):
+        assert n_shim["/custom/opt-%s?n=10" % name] == 2, (name, n_shim)
+    assert n_shim["/custom/opt-bound?n=10"] == 2, n_shim
+    assert n_shim["/custom/opt-local_only?n=10"] == 1, n_shim   # diverted: the second a hit
+    assert n_direct["/custom/opt-local_only?n=10"] == 2
