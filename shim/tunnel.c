@@ -6,9 +6,11 @@
 #include "tunnel.h"
 #include "conn.h"
 #include "log.h"
+#include "pool.h"
 #include "real.h"
 #include "stats.h"
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -180,13 +182,28 @@ int tunnel_start(struct loop_source *app_src, int upstream, const union shim_soc
     if (!t)
         return -1;
     t->upstream = upstream;
-    int fd = real_socket(dest->sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        free(t);
-        return -1;
+    /* A cold pool's probe is the app's own connection, made for real and waiting for a
+     * transfer (pool.c): the app's connection is this tunnel, so it carries it, as direct
+     * (else the upstream sees a connection that never speaks, and the tunnel waits out a
+     * handshake of its own). */
+    int fd = pool_take_offered(upstream, &dest->sa);
+    if (fd >= 0) {
+        int fl = real_fcntl(fd, F_GETFL, NULL);
+        if (fl < 0 || (!(fl & O_NONBLOCK) && real_fcntl(fd, F_SETFL, (void *)(long)(fl | O_NONBLOCK)) != 0)) {
+            fdtable_close_engine_fd(fd);
+            fd = -1;
+        }
     }
-    fdtable_mark_engine(fd);
-    if ((real_connect(fd, &dest->sa, dest_len) != 0 && errno != EINPROGRESS)
+    bool connected = fd >= 0;
+    if (!connected) {
+        fd = real_socket(dest->sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) {
+            free(t);
+            return -1;
+        }
+        fdtable_mark_engine(fd);
+    }
+    if ((!connected && real_connect(fd, &dest->sa, dest_len) != 0 && errno != EINPROGRESS)
         || loop_add(&t->up, fd, EPOLLOUT, on_upstream) != 0) {
         fdtable_close_engine_fd(fd);
         free(t);
@@ -209,7 +226,7 @@ int tunnel_start(struct loop_source *app_src, int upstream, const union shim_soc
     if (live)
         live->prev = t;
     live = t;
-    shim_debug("fd %d: tunnel to upstream opened", t->app.fd);
+    shim_debug("fd %d: tunnel to upstream opened%s", t->app.fd, connected ? " (on the app's own connection)" : "");
     return 0;
 }
 
