@@ -219,6 +219,7 @@ struct store_writer {
     struct response_policy policy;
     struct buf stored_head;         /* end-to-end header lines, minus Age */
     struct buf vary;                /* the response's Vary names */
+    bool content_coded;             /* a Content-Encoding other than identity */
     struct buf body;                /* the whole body, up to max_object */
 };
 
@@ -360,6 +361,7 @@ static void sink_begin(struct upstream_sink *s, int status, struct http_slice re
     memcpy(w->reason, reason.p, w->reason_len);
     w->stored_head.start = w->stored_head.end = 0;
     w->vary.start = w->vary.end = 0;
+    w->content_coded = false;
     cache_policy_init(&w->policy);
 }
 
@@ -372,12 +374,27 @@ static void sink_header(struct upstream_sink *s, struct http_slice name, struct 
     if (!w->store)
         return;
     bool vary = http_slice_ieq(name, "vary");
+    if (http_slice_ieq(name, "content-encoding") && !http_slice_ieq(value, "identity"))
+        w->content_coded = true;
     if (vary && buf_len(&w->vary) && buf_append(&w->vary, ",", 1))
         not_stored(w, NS_NO_MEMORY, false);
     else if (vary && buf_append(&w->vary, value.p, value.n))
         not_stored(w, NS_NO_MEMORY, false);
     if (!http_slice_ieq(name, "age")
         && (buf_append(&w->stored_head, line.p, line.n) || buf_append(&w->stored_head, "\r\n", 2)))
+        not_stored(w, NS_NO_MEMORY, false);
+}
+
+/* A body in a content coding (gzip, br) is what the upstream chose for this request's
+ * Accept-Encoding; one that did not say `Vary: Accept-Encoding` (nginx's gzip_vary is off by
+ * default) would have it served to a client that never asked for gzip and cannot read it.
+ * Such an entry varies on Accept-Encoding all the same: the stored headers stay as sent. */
+static void vary_on_coding(struct store_writer *w)
+{
+    struct http_slice names = { buf_head(&w->vary), buf_len(&w->vary) };
+    if (!w->content_coded || http_list_has_token(names, "accept-encoding"))
+        return;
+    if ((buf_len(&w->vary) && buf_append(&w->vary, ",", 1)) || buf_append(&w->vary, "accept-encoding", 15))
         not_stored(w, NS_NO_MEMORY, false);
 }
 
@@ -406,6 +423,8 @@ static enum sink_verdict sink_head_done(struct upstream_sink *s, int64_t content
             not_stored(w, NS_TOO_LARGE, false);
         else if (content_length < 0 && !chunked)
             not_stored(w, NS_UNFRAMED, false);   /* a close-delimited body cannot prove it is whole */
+        else
+            vary_on_coding(w);
     }
     return SINK_RELAY;
 }

@@ -600,6 +600,25 @@ def test_vary_variant_not_served_to_other_values(upstream, tmp_path):
             "stored variant\n%s" % (i, p.describe())
 
 
+def test_a_coded_body_without_vary_is_kept_per_accept_encoding(upstream, tmp_path):
+    """An upstream that compresses for a client asking for gzip but does not say `Vary:
+    Accept-Encoding` (nginx's gzip_vary is off by default): its gzip body is never served
+    to a request with another Accept-Encoding (no header at all is one), which gets its own
+    fetch; a request with the same one hits, and the stored headers are the upstream's."""
+    conf = simple_conf(tmp_path, upstream)
+    t = "/custom?tag=coded&h=Content-Encoding:gzip&n=300"
+    plain = "/custom?tag=uncoded&n=300"
+
+    def g(path, *h):
+        return get(upstream, path, headers=list(h))
+
+    p = play(tmp_path, conf, [g(t, "Accept-Encoding: gzip"), g(t), g(t, "Accept-Encoding: gzip"), g(t),
+                              g(t, "Accept-Encoding: br"),
+                              g(plain, "Accept-Encoding: gzip"), g(plain), g(plain, "Accept-Encoding: br")])
+    assert_sources(p, upstream, "abab" "c" "ddd")
+    assert all("vary" not in (k.lower() for k, _ in r["headers"]) for r in p.resps), p.describe()
+
+
 def test_lru_eviction(upstream, tmp_path):
     """memory_max = 64KB, ~10 KB bodies: filling past the cap evicts the least recently
     USED entry (an early entry read again survives, the next oldest goes)."""
