@@ -258,11 +258,29 @@ SHIM_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen
     } else if (level != IPPROTO_TCP && level != IPPROTO_IP && level != IPPROTO_IPV6) {
         return real_setsockopt(fd, level, name, val, len);
     }
-    struct fd_sockopt *o = find_opt(e, level, name, true);
-    if (o && val && len >= sizeof(int))
+    /* an int is kept, to read back; anything else (TCP_CONGESTION's name) is taken and
+     * reads as the kernel's default */
+    struct fd_sockopt *o = val && len == sizeof(int) ? find_opt(e, level, name, true) : NULL;
+    if (o)
         memcpy(&o->value, val, sizeof(int));
     errno = saved;
     return 0;
+}
+
+/* An option the app never set on its diverted socket: what the kernel says for a new TCP
+ * socket of that family (the system's keep-alive times, its TTL, its congestion control;
+ * 536 for TCP_MAXSEG, the MSS before a path is known), asked of a socket made for the
+ * question, not 0. */
+static int kernel_default(int family, int level, int name, void *val, socklen_t *len, int saved)
+{
+    int probe = real_socket(family, SOCK_STREAM | SOCK_CLOEXEC, IPPROTO_TCP);
+    if (probe < 0)
+        return -1;
+    int rc = real_getsockopt(probe, level, name, val, len);
+    int err = errno;
+    real_close(probe);
+    errno = rc == 0 ? saved : err;
+    return rc;
 }
 
 SHIM_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
@@ -317,7 +335,9 @@ SHIM_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *le
         return 0;
     } else if (level == IPPROTO_TCP || level == IPPROTO_IP || level == IPPROTO_IPV6) {
         const struct fd_sockopt *o = find_opt(e, level, name, false);
-        v = o ? o->value : 0;
+        if (!o)
+            return kernel_default(e->peer.sa.sa_family, level, name, val, len, saved);
+        v = o->value;
     } else {
         return real_getsockopt(fd, level, name, val, len);
     }

@@ -896,6 +896,42 @@ def test_getpeername_on_diverted_socket(upstream, rules, tmp_path):
     assert reps[True]["responses"] == reps[False]["responses"] == [[200, 100, True]]
 
 
+SOCKOPTS_APP = r"""
+import json, os, socket, sys
+port = int(sys.argv[1])
+T, IP = socket.IPPROTO_TCP, socket.IPPROTO_IP
+asked = {"keepidle": (T, socket.TCP_KEEPIDLE), "keepintvl": (T, socket.TCP_KEEPINTVL),
+         "keepcnt": (T, socket.TCP_KEEPCNT), "syncnt": (T, socket.TCP_SYNCNT), "ttl": (IP, socket.IP_TTL),
+         "nodelay": (T, socket.TCP_NODELAY)}
+s = socket.socket()
+s.connect(("127.0.0.1", port))
+unix = {line.split()[6] for line in open("/proc/net/unix").read().splitlines()[1:]}
+out = {k: s.getsockopt(*a) for k, a in asked.items()}
+out["congestion"] = s.getsockopt(T, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
+out["maxseg_positive"] = s.getsockopt(T, socket.TCP_MAXSEG) > 0
+s.setsockopt(T, socket.TCP_KEEPIDLE, 31)
+out["keepidle_set"] = s.getsockopt(T, socket.TCP_KEEPIDLE)
+out["diverted"] = str(os.fstat(s.fileno()).st_ino) in unix
+print(json.dumps(out))
+"""
+
+
+def test_tcp_options_of_a_diverted_socket_read_as_the_kernel_sets_them(upstream, rules, tmp_path):
+    """An option the app never set reads on a diverted socket as on a TCP socket of its
+    own (the system's keep-alive times, TTL, congestion control; an MSS above 0), not 0;
+    one it set reads back as set."""
+    app = tmp_path / "sockopts.py"
+    app.write_text(SOCKOPTS_APP)
+    got = {}
+    for shim in (False, True):
+        r = run([SYS_PY, str(app), str(upstream.port)], shim=shim, conf=rules)
+        assert r.rc == 0, r.describe()
+        got[shim] = json.loads(r.out)
+    assert got[True].pop("diverted") is True and got[False].pop("diverted") is False, got
+    assert got[True] == got[False], got
+    assert got[True]["keepidle_set"] == 31 and got[True]["keepidle"] > 0, got
+
+
 def test_ipv4_mapped_ipv6_destination_is_matched(upstream, rules, tmp_path):
     payload = ("GET /bytes/100 HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
                % host_hdr(upstream)).encode()
