@@ -198,9 +198,10 @@ void hooks_note_ioctl(int fd, unsigned long req, const void *arg)
 
 /* Options that shape only the app's own end of a connection (its buffers, timeouts,
  * keep-alive, Nagle): a pooled connection may carry its requests without them. Any other
- * (SO_MARK, SO_BINDTODEVICE, IP_TOS, IP_TRANSPARENT, TCP_MD5SIG, ...) says which path,
- * identity or treatment its packets get on the network, which the pool's connections do
- * not have: such a socket connects for real. */
+ * says which path, identity or treatment its packets get on the network (SO_MARK,
+ * SO_BINDTODEVICE, SO_PRIORITY, IP_TOS, IP_TRANSPARENT, TCP_MD5SIG, TCP_CONGESTION, a
+ * pacing rate, ...), which the pool's connections do not have: such a socket connects
+ * for real. */
 static bool option_shapes_only_this_end(int level, int name)
 {
     static const int sol_socket[] = {
@@ -208,13 +209,12 @@ static bool option_shapes_only_this_end(int level, int name)
 #ifdef SO_RCVTIMEO_NEW
         SO_RCVTIMEO_NEW, SO_SNDTIMEO_NEW,
 #endif
-        SO_REUSEADDR, SO_REUSEPORT, SO_LINGER, SO_PASSCRED, SO_PRIORITY, SO_OOBINLINE, SO_RCVLOWAT,
-        SO_SNDLOWAT, SO_TIMESTAMP, SO_TIMESTAMPNS, SO_ZEROCOPY, SO_BUSY_POLL, SO_INCOMING_CPU,
+        SO_REUSEADDR, SO_REUSEPORT, SO_LINGER, SO_PASSCRED, SO_OOBINLINE, SO_RCVLOWAT, SO_SNDLOWAT,
+        SO_TIMESTAMP, SO_TIMESTAMPNS, SO_ZEROCOPY, SO_BUSY_POLL, SO_INCOMING_CPU,
     };
     static const int ipproto_tcp[] = {
         TCP_NODELAY, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT, TCP_USER_TIMEOUT, TCP_QUICKACK, TCP_CORK,
-        TCP_FASTOPEN_CONNECT, TCP_SYNCNT, TCP_LINGER2, TCP_WINDOW_CLAMP, TCP_NOTSENT_LOWAT, TCP_CONGESTION,
-        TCP_MAXSEG, TCP_THIN_LINEAR_TIMEOUTS,
+        TCP_FASTOPEN_CONNECT, TCP_SYNCNT, TCP_LINGER2, TCP_NOTSENT_LOWAT,
     };
     const int *list = NULL;
     size_t n = 0;
@@ -227,7 +227,7 @@ static bool option_shapes_only_this_end(int level, int name)
     } else if (level == IPPROTO_IPV6) {
         return name == IPV6_V6ONLY || name == IPV6_RECVERR;
     } else if (level == IPPROTO_IP) {
-        return name == IP_RECVERR || name == IP_BIND_ADDRESS_NO_PORT || name == IP_MTU_DISCOVER;
+        return name == IP_RECVERR || name == IP_BIND_ADDRESS_NO_PORT;
     }
     for (size_t i = 0; i < n; i++)
         if (list[i] == name)
@@ -245,7 +245,7 @@ void hooks_note_sockopt(int fd, int level, int name)
         return;
     }
     if (level == SOL_SOCKET && made_tcp(fd)
-        && (name == SO_RCVTIMEO || name == SO_SNDTIMEO || name == SO_PASSCRED || name == SO_PRIORITY
+        && (name == SO_RCVTIMEO || name == SO_SNDTIMEO || name == SO_PASSCRED
 #ifdef SO_RCVTIMEO_NEW
             || name == SO_RCVTIMEO_NEW || name == SO_SNDTIMEO_NEW
 #endif
@@ -291,11 +291,17 @@ static bool is_fresh_tcp(int fd, int family, struct socket_facts *f)
         len = sizeof v;
         if (real_getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &v, &len) || v != IPPROTO_TCP)
             return false;
-        /* the options that choose a path (option_shapes_only_this_end), as far as the
-         * kernel tells them: a mark, a device */
-        len = sizeof v;
-        if (real_getsockopt(fd, SOL_SOCKET, SO_MARK, &v, &len) || v != 0)
-            return false;
+        /* the options that choose a path or a treatment (option_shapes_only_this_end), as
+         * far as the kernel tells them: a mark, a priority, a TOS, a device */
+        static const int asked[][2] = { { SOL_SOCKET, SO_MARK }, { SOL_SOCKET, SO_PRIORITY },
+                                        { IPPROTO_IP, IP_TOS }, { IPPROTO_IPV6, IPV6_TCLASS } };
+        for (size_t i = 0; i < sizeof asked / sizeof asked[0]; i++) {
+            if (asked[i][0] == (family == AF_INET ? IPPROTO_IPV6 : IPPROTO_IP))
+                continue;
+            len = sizeof v;
+            if (real_getsockopt(fd, asked[i][0], asked[i][1], &v, &len) || v != 0)
+                return false;
+        }
         char dev[IFNAMSIZ];
         len = sizeof dev;
         if (real_getsockopt(fd, SOL_SOCKET, SO_BINDTODEVICE, dev, &len) || (len > 0 && dev[0]))
@@ -336,7 +342,7 @@ static void carry_over(int from, int to, const struct socket_facts *f)
         if (sig > 0)
             real_fcntl(to, F_SETSIG, (void *)(long)sig);
     }
-    static const int opts[] = { SO_RCVTIMEO, SO_SNDTIMEO, SO_PASSCRED, SO_PRIORITY };
+    static const int opts[] = { SO_RCVTIMEO, SO_SNDTIMEO, SO_PASSCRED };
     for (size_t i = 0; (f->ask & MADE_SET_OPTS) && i < sizeof opts / sizeof opts[0]; i++) {
         char val[32];
         socklen_t len = sizeof val;

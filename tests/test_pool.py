@@ -605,7 +605,10 @@ cases = {
     "mark": [(socket.SOL_SOCKET, SO_MARK, 7)],
     "device": [(socket.SOL_SOCKET, SO_BINDTODEVICE, b"lo")],
     "tos": [(socket.IPPROTO_IP, socket.IP_TOS, 0x10)],
+    "priority": [(socket.SOL_SOCKET, socket.SO_PRIORITY, 3)],
+    "congestion": [(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")],
     "mark_dup": [(socket.SOL_SOCKET, SO_MARK, 7)],
+    "priority_dup": [(socket.SOL_SOCKET, socket.SO_PRIORITY, 3)],
     "local_only": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
                    (socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)],
 }
@@ -615,7 +618,7 @@ for name, opts in cases.items():
         s = socket.socket()
         for level, opt, val in opts:
             s.setsockopt(level, opt, val)
-        if name == "mark_dup":             # a copy the hooks did not see made: the kernel is asked
+        if name.endswith("_dup"):          # a copy the hooks did not see made: the kernel is asked
             c = socket.socket(fileno=os.dup(s.fileno()))
             s.close()
             s = c
@@ -658,7 +661,7 @@ def test_a_socket_bound_or_marked_connects_for_real(upstream, tmp_path, sockdir)
     (c_direct, p_direct, n_direct), (c_shim, p_shim, n_shim) = results[False], results[True]
     assert c_shim == c_direct and c_direct[:2] == [b"200 127.0.0.2", b"200 127.0.0.3"], (c_direct, c_shim)
     assert p_shim == p_direct and all(v == ["HTTP/1.1 200 OK"] * 2 for v in p_direct.values()), p_shim
-    for name in ("mark", "device", "tos", "mark_dup"):
+    for name in ("mark", "device", "tos", "priority", "congestion", "mark_dup", "priority_dup"):
         assert n_shim["/custom/opt-%s?n=10" % name] == 2, (name, n_shim)
     assert n_shim["/custom/opt-bound?n=10"] == 2, n_shim
     assert n_shim["/custom/opt-local_only?n=10"] == 1, n_shim   # diverted: the second a hit
