@@ -60,7 +60,7 @@ static struct fd_entry *entry_of_kind(int fd, int kind)
     if (!e || atomic_load_explicit(&e->kind, memory_order_acquire) != kind)
         return NULL;
     struct stat st;
-    if (fstat(fd, &st) != 0 || st.st_ino != e->ino || st.st_dev != e->dev) {
+    if (real_fstat(fd, &st) != 0 || st.st_ino != e->ino || st.st_dev != e->dev) {
         atomic_store(&e->kind, FD_NONE);    /* libc closed it without telling us */
         return NULL;
     }

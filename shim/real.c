@@ -9,6 +9,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -247,4 +248,13 @@ int real_setns(int fd, int nstype)
 int real_unshare(int flags)
 {
     return fn.unshare ? fn.unshare(flags) : (int)syscall(SYS_unshare, flags);
+}
+
+int real_fstat(int fd, struct stat *st)
+{
+#ifdef SYS_fstat
+    return (int)syscall(SYS_fstat, fd, st);   /* libc's fstat is fstatat(fd, "", AT_EMPTY_PATH) */
+#else
+    return fstat(fd, st);
+#endif
 }
