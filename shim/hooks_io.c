@@ -274,8 +274,13 @@ SHIM_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen
 static int kernel_default(int family, int level, int name, void *val, socklen_t *len, int saved)
 {
     int probe = real_socket(family, SOCK_STREAM | SOCK_CLOEXEC, IPPROTO_TCP);
-    if (probe < 0)
-        return -1;
+    if (probe < 0) {                   /* (out of fds: 0, never an errno getsockopt cannot give) */
+        int zero = 0;
+        memcpy(val, &zero, *len < sizeof zero ? *len : sizeof zero);
+        *len = *len < sizeof zero ? *len : sizeof zero;
+        errno = saved;
+        return 0;
+    }
     int rc = real_getsockopt(probe, level, name, val, len);
     int err = errno;
     real_close(probe);
