@@ -62,7 +62,6 @@ __attribute__((constructor)) static void shim_constructor(void)
 {
     config_capture_environment();
     real_bind();
-    netns_init();
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
     config_read_once();
 }
@@ -699,6 +698,7 @@ SHIM_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
 SHIM_EXPORT int setns(int fd, int nstype)
 {
     real_bind();
+    netns_before_switch();
     int rc = real_setns(fd, nstype);
     if (rc == 0 && (nstype == 0 || (nstype & CLONE_NEWNET))) {   /* (0: whatever fd names) */
         int saved = errno;
@@ -711,6 +711,7 @@ SHIM_EXPORT int setns(int fd, int nstype)
 SHIM_EXPORT int unshare(int flags)
 {
     real_bind();
+    netns_before_switch();
     int rc = real_unshare(flags);
     if (rc == 0 && (flags & CLONE_NEWNET)) {
         int saved = errno;

@@ -10,7 +10,8 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 
-static ino_t home_ino;                 /* 0: not known */
+static _Atomic int home_noted;         /* home_dev/home_ino were read (0 ino: not known) */
+static ino_t home_ino;
 static dev_t home_dev;
 static _Atomic int ever_away;
 static __thread int away __attribute__((tls_model("initial-exec")));
@@ -25,14 +26,24 @@ static bool current_netns(dev_t *dev, ino_t *ino)
     return true;
 }
 
-void netns_init(void)
+/* Read lazily, by the first thread about to switch: every thread is home until it leaves
+ * through setns or unshare, so what that thread reads of itself first is home (and a
+ * process that never switches never pays the look). */
+void netns_before_switch(void)
 {
+    if (atomic_load(&home_noted) || away)
+        return;
     dev_t dev;
     ino_t ino;
-    if (current_netns(&dev, &ino)) {
+    bool known = current_netns(&dev, &ino);
+    static _Atomic int claimed;
+    if (atomic_exchange(&claimed, 1))
+        return;                        /* (another thread, also at home, is reading it) */
+    if (known) {
         home_dev = dev;
         home_ino = ino;
     }
+    atomic_store(&home_noted, 1);
 }
 
 void netns_note_switch(void)
@@ -40,7 +51,8 @@ void netns_note_switch(void)
     dev_t dev = 0;
     ino_t ino = 0;
     bool known = current_netns(&dev, &ino);
-    away = !(known && home_ino && ino == home_ino && dev == home_dev);
+    bool home_known = atomic_load(&home_noted) && home_ino;
+    away = !(known && home_known && ino == home_ino && dev == home_dev);
     if (away)
         atomic_store(&ever_away, 1);
 }
@@ -64,6 +76,7 @@ void netns_atfork_child(void)
     if (current_netns(&dev, &ino)) {   /* the child's threads all start here */
         home_dev = dev;
         home_ino = ino;
+        atomic_store(&home_noted, 1);
         away = 0;
     }
 }

@@ -5,8 +5,9 @@
 #define HTTPSHIM_NETNS_H
 #include <stdbool.h>
 
-/* Notes the process's network namespace (the constructor, on the loading thread). */
-void netns_init(void);
+/* Before a setns or unshare that may change the calling thread's network namespace:
+ * the first one notes the process's own. */
+void netns_before_switch(void);
 /* After a successful setns or unshare that may have changed the calling thread's network
  * namespace: the thread is away unless it is back in the process's own. */
 void netns_note_switch(void);
