@@ -52,7 +52,6 @@ static void atfork_parent(void)
 }
 static void atfork_child(void)
 {
-    netns_atfork_child();
     rules_atfork_release();
     config_atfork_child();
     engine_atfork_child();

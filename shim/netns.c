@@ -66,17 +66,3 @@ bool netns_ever_away(void)
 {
     return atomic_load_explicit(&ever_away, memory_order_relaxed) != 0;
 }
-
-void netns_atfork_child(void)
-{
-    if (!away)
-        return;
-    dev_t dev;
-    ino_t ino;
-    if (current_netns(&dev, &ino)) {   /* the child's threads all start here */
-        home_dev = dev;
-        home_ino = ino;
-        atomic_store(&home_noted, 1);
-        away = 0;
-    }
-}

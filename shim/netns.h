@@ -17,6 +17,7 @@ bool netns_thread_away(void);
 /* Whether any thread has ever been away: a socket made out of the hooks' sight may then
  * belong to another namespace. */
 bool netns_ever_away(void);
-/* A forked child runs in the namespace of the thread that forked: that is its own. */
-void netns_atfork_child(void);
+/* A child forked by a thread that is away stays away: what it inherits (the memory tier,
+ * the addresses the pool knows) and the Redis tier it would share are the home
+ * namespace's, so it runs unshimmed. */
 #endif

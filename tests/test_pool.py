@@ -498,7 +498,7 @@ s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", int(sys.argv[1])))
 s.listen(16)
 open(sys.argv[2], "w").write("ready")
-for _ in range(64):                    # bounded: the test makes a handful of requests
+for n in range(64):                    # bounded: the test makes a handful of requests
     c, _ = s.accept()
     c.settimeout(10)
     head = b""
@@ -507,7 +507,7 @@ for _ in range(64):                    # bounded: the test makes a handful of re
         if not d:
             break
         head += d
-    body = b"served in the other namespace"
+    body = b"served in the other namespace, #%d" % n
     c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
     c.close()
 '''
@@ -545,6 +545,16 @@ def away():
     made_away.append(socket.socket())          # made in the other namespace ...
     fd = libc.syscall({"x86_64": 41, "aarch64": 198}[os.uname().machine], socket.AF_INET, socket.SOCK_STREAM, 0)
     made_away.append(socket.socket(fileno=fd))   # ... and one made behind the hooks
+    r, w = os.pipe()
+    pid = os.fork()                            # a child forked there
+    if pid == 0:
+        get("child_1")
+        get("child_2")
+        os.write(w, json.dumps([out["child_1"], out["child_2"]]).encode())
+        os._exit(0)
+    os.close(w)
+    out["child"] = json.loads(os.read(r, 65536))
+    os.waitpid(pid, 0)
     assert libc.setns(home_fd, CLONE_NEWNET) == 0, ctypes.get_errno()
     get("back")
 
@@ -583,10 +593,13 @@ def test_a_thread_in_another_network_namespace_reaches_that_namespaces_server(up
         shimmed = run(cmd, conf=conf)
         assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
         d, s = json.loads(direct.out), json.loads(shimmed.out)
-        other = "served in the other namespace"
+        other = "served in the other namespace, #"
         for r in (d, s):
-            assert r["away"][0] == other and r["socket_from_away"] == r["raw_socket_from_away"] == other, r
-        assert s["home"][0] == d["home"][0] != other
+            assert all(r[k].startswith(other) for k in ("socket_from_away", "raw_socket_from_away")), r
+            assert all(b.startswith(other) for b, _ in [r["away"]] + r["child"]), r
+        # a child forked there stays there, unshimmed: never its parent's cache from home
+        assert d["child"][0] != d["child"][1] and s["child"][0] != s["child"][1], (d, s)
+        assert s["home"][0] == d["home"][0] and not s["home"][0].startswith(other)
         # back home, the thread's GET is the cache's answer again: the same X-Served
         assert s["back"] == s["home"], s
         assert upstream.stats()["requests"] == 1
