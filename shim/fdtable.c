@@ -115,11 +115,14 @@ void fdtable_copy(int from, int to)
     if (!dst)
         return;
     struct fd_entry *made = fdtable_slot(from);
-    if (made)   /* two fds on one open file: a flag set through either is the other's too */
-        atomic_store_explicit(&made->made, MADE_UNKNOWN, memory_order_relaxed);
     struct fd_entry *src = fdtable_diverted(from);
     if (!src) {
+        /* two fds on one socket: diverting one would leave the other on a socket that is
+         * never connected, and a connection the app holds twice is never the pool's */
+        if (made)
+            atomic_store_explicit(&made->made, MADE_OTHER, memory_order_relaxed);
         fdtable_clear(to);
+        atomic_store_explicit(&dst->made, MADE_OTHER, memory_order_relaxed);
         return;
     }
     /* two fds on one connection: no inline answers on either, so nothing can overtake */

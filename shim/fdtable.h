@@ -64,6 +64,7 @@ struct fd_entry {
     void *owner;                       /* FD_ENGINE: the engine's object for it (engine thread) */
     unsigned forks_at_divert;          /* FD_DIVERTED: fdtable_forks() when it was diverted */
     _Atomic int made;                  /* enum fd_made */
+    unsigned made_forks;               /* fdtable_forks() at socket(): older, a forked process holds it too */
     int made_family;
     int made_flags;                    /* as F_GETFL would report them */
     bool made_cloexec;
@@ -87,8 +88,10 @@ static inline struct fd_entry *fdtable_if_diverted(int fd)
     return &t[fd];
 }
 struct fd_entry *fdtable_slot(int fd); /* NULL if no table or out of range */
-/* Forks of this process so far: a diverted fd older than the last one may live on in a
- * child, so its socketpair end does not go away when libc closes the fd behind the hooks. */
+/* Forks this process took part in so far, as parent or as child: an fd older than the
+ * last one is held by another process too (a diverted fd's socketpair end then does not go
+ * away when libc closes the fd behind the hooks; a socket not yet connected is not the
+ * shim's to divert). */
 extern _Atomic unsigned fdtable_fork_count __attribute__((visibility("hidden")));
 static inline unsigned fdtable_forks(void) { return atomic_load_explicit(&fdtable_fork_count, memory_order_relaxed); }
 /* The entry if fd is diverted and the entry is not stale (inode check), else NULL. */

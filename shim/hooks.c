@@ -52,6 +52,7 @@ static void atfork_parent(void)
 }
 static void atfork_child(void)
 {
+    atomic_fetch_add_explicit(&fdtable_fork_count, 1, memory_order_relaxed);
     rules_atfork_release();
     config_atfork_child();
     engine_atfork_child();
@@ -148,6 +149,7 @@ SHIM_EXPORT int socket(int domain, int type, int protocol)
     e->made_flags = O_RDWR | ((type & SOCK_NONBLOCK) ? O_NONBLOCK : 0);
     e->made_cloexec = (type & SOCK_CLOEXEC) != 0;
     e->made_extras = 0;
+    e->made_forks = fdtable_forks();
     atomic_store_explicit(&e->made, tcp ? MADE_TCP : MADE_OTHER, memory_order_relaxed);
     errno = saved;
     return fd;
@@ -261,7 +263,8 @@ struct socket_facts { int file_flags; int cloexec; unsigned ask; };
 /* What the hooks saw the app do to its socket since socket(), if they saw it all. */
 static bool facts_from_record(const struct fd_entry *e, int family, struct socket_facts *f)
 {
-    if (atomic_load_explicit(&e->made, memory_order_relaxed) != MADE_TCP || e->made_family != family)
+    if (atomic_load_explicit(&e->made, memory_order_relaxed) != MADE_TCP || e->made_family != family
+        || e->made_forks != fdtable_forks())
         return false;
     *f = (struct socket_facts){ e->made_flags, e->made_cloexec, e->made_extras };
     return true;
@@ -283,7 +286,8 @@ static bool is_fresh_tcp(int fd, int family, struct socket_facts *f)
     socklen_t len = sizeof v;
     if (!known) {
         if (made == MADE_TCP || netns_ever_away())
-            return false;              /* of the other family; of a namespace not known */
+            return false;              /* of the other family, or older than a fork; of a
+                                        * namespace not known */
         if (real_getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &len) || v != family)
             return false;
         len = sizeof v;
@@ -592,6 +596,13 @@ void hooks_probe_settled(int fd, struct fd_entry *e, int err)
     if (real_getpeername(fd, &peer.sa, &plen) != 0)
         return;                        /* still connecting */
     union shim_sockaddr dest = e->peer;
+    if (atomic_load_explicit(&e->made, memory_order_relaxed) == MADE_OTHER) {
+        /* dup'ed while it connected: the app holds the connection twice, it stays the app's */
+        pool_end_probe(e->upstream, -1, &dest, e->probe_held);
+        fdtable_clear(fd);
+        atomic_store_explicit(&e->made, MADE_OTHER, memory_order_relaxed);
+        return;
+    }
     atomic_store(&e->kind, FD_NONE);   /* its epoll registrations stay: divert moves them */
     struct socket_facts facts;
     if (!facts_from_record(e, dest.sa.sa_family, &facts))

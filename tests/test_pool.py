@@ -611,30 +611,36 @@ def test_a_thread_in_another_network_namespace_reaches_that_namespaces_server(up
 
 
 OPTIONS_APP = r'''
-import json, os, socket, sys
+import ctypes, json, os, socket, sys
 port = int(sys.argv[1])
 SO_MARK, SO_BINDTODEVICE = 36, 25
+libc = ctypes.CDLL(None, use_errno=True)
+SYS_SOCKET, SYS_SETSOCKOPT = {"x86_64": (41, 54), "aarch64": (198, 208)}[os.uname().machine]
 cases = {
     "mark": [(socket.SOL_SOCKET, SO_MARK, 7)],
     "device": [(socket.SOL_SOCKET, SO_BINDTODEVICE, b"lo")],
     "tos": [(socket.IPPROTO_IP, socket.IP_TOS, 0x10)],
     "priority": [(socket.SOL_SOCKET, socket.SO_PRIORITY, 3)],
     "congestion": [(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")],
-    "mark_dup": [(socket.SOL_SOCKET, SO_MARK, 7)],
-    "priority_dup": [(socket.SOL_SOCKET, socket.SO_PRIORITY, 3)],
+    "mark_raw": [(socket.SOL_SOCKET, SO_MARK, 7)],
+    "priority_raw": [(socket.SOL_SOCKET, socket.SO_PRIORITY, 3)],
+    "tos_raw": [(socket.IPPROTO_IP, socket.IP_TOS, 0x10)],
     "local_only": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
                    (socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)],
 }
 out = {}
 for name, opts in cases.items():
     for _ in range(2):
-        s = socket.socket()
-        for level, opt, val in opts:
-            s.setsockopt(level, opt, val)
-        if name.endswith("_dup"):          # a copy the hooks did not see made: the kernel is asked
-            c = socket.socket(fileno=os.dup(s.fileno()))
-            s.close()
-            s = c
+        if name.endswith("_raw"):          # made and set behind the hooks: the kernel is asked
+            fd = libc.syscall(SYS_SOCKET, socket.AF_INET, socket.SOCK_STREAM, 0)
+            for level, opt, val in opts:
+                v = ctypes.c_int(val)
+                assert libc.syscall(SYS_SETSOCKOPT, fd, level, opt, ctypes.byref(v), 4) == 0
+            s = socket.socket(fileno=fd)
+        else:
+            s = socket.socket()
+            for level, opt, val in opts:
+                s.setsockopt(level, opt, val)
         s.connect(("127.0.0.1", port))
         s.sendall(b"GET /custom/opt-%s?n=10 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % name.encode())
         data = b""
@@ -674,8 +680,72 @@ def test_a_socket_bound_or_marked_connects_for_real(upstream, tmp_path, sockdir)
     (c_direct, p_direct, n_direct), (c_shim, p_shim, n_shim) = results[False], results[True]
     assert c_shim == c_direct and c_direct[:2] == [b"200 127.0.0.2", b"200 127.0.0.3"], (c_direct, c_shim)
     assert p_shim == p_direct and all(v == ["HTTP/1.1 200 OK"] * 2 for v in p_direct.values()), p_shim
-    for name in ("mark", "device", "tos", "priority", "congestion", "mark_dup", "priority_dup"):
+    for name in ("mark", "device", "tos", "priority", "congestion", "mark_raw", "priority_raw", "tos_raw"):
         assert n_shim["/custom/opt-%s?n=10" % name] == 2, (name, n_shim)
     assert n_shim["/custom/opt-bound?n=10"] == 2, n_shim
     assert n_shim["/custom/opt-local_only?n=10"] == 1, n_shim   # diverted: the second a hit
     assert n_direct["/custom/opt-local_only?n=10"] == 2
+
+
+SHARED_SOCKET_APP = r'''
+import json, os, socket, sys, urllib.request
+port = int(sys.argv[1])
+out = {}
+
+def exchange(s, tag):
+    s.settimeout(10)
+    try:
+        s.sendall(b"GET /custom/%s?n=10 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % tag.encode())
+        data = b""
+        while len(data) < 1 << 20:
+            d = s.recv(65536)
+            if not d:
+                break
+            data += d
+        return data.split(b"\r\n", 1)[0].decode()
+    except OSError as e:
+        return "error %s" % e.errno
+
+for tag in ("cold", "warm"):
+    if tag == "warm":                          # a live pooled connection: connect is diverted at once
+        urllib.request.urlopen("http://127.0.0.1:%d/custom/warmup?n=5" % port, timeout=10).read()
+    s = socket.socket()
+    twin = s.dup()                             # the app holds the socket twice, then connects one
+    s.connect(("127.0.0.1", port))
+    out["dup_" + tag] = exchange(twin, "dup-" + tag)
+    s.close()
+    twin.close()
+
+# made before a fork, connected by the parent, used by the child
+s = socket.socket()
+go_r, go_w = os.pipe()
+res_r, res_w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.read(go_r, 1)
+    os.write(res_w, exchange(s, "forked").encode())
+    os._exit(0)
+s.connect(("127.0.0.1", port))
+os.write(go_w, b"x")
+out["forked"] = os.read(res_r, 4096).decode()
+os.waitpid(pid, 0)
+print(json.dumps(out))
+'''
+
+
+def test_a_socket_the_app_holds_twice_is_never_diverted(upstream, tmp_path, sockdir):
+    """A socket with a second fd on it (a dup before connect, or a fork in between) stays
+    the app's: diverting one fd left the other on a TCP socket never connected (a write on
+    it failed with EPIPE), and as a cold pool's probe the app's connection joined the pool
+    while the app still held it. Each exchange through the other fd works, as direct."""
+    conf = write_rules(tmp_path, [], raw="[global]\nstats_socket = %s/%%p.sock\n[upstream 127.0.0.1:%d]\n"
+                       % (sockdir, upstream.port))
+    app = tmp_path / "shared.py"
+    app.write_text(SHARED_SOCKET_APP)
+    got = {}
+    for shim in (False, True):
+        r = run([SYS_PY, str(app), str(upstream.port)], shim=shim, conf=conf)
+        assert r.rc == 0, r.describe()
+        got[shim] = json.loads(r.out)
+    assert got[False] == got[True] == {"dup_cold": "HTTP/1.1 200 OK", "dup_warm": "HTTP/1.1 200 OK",
+                                       "forked": "HTTP/1.1 200 OK"}, got
