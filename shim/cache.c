@@ -1,7 +1,8 @@
 /* cache.c — what may be cached and under which key: rule matching, key construction
  * (the rule's host and port first, then the request's own authority; ignored query
- * parameters dropped; named request headers, a hash of every Authorization line, and
- * Cookie only when the rule keys on it, hashed), Vary variants, the response
+ * parameters dropped; named request headers, a hash of every Authorization and
+ * Proxy-Authorization line, and Cookie only when the rule keys on it, hashed), Vary
+ * variants (and Accept-Encoding for a coded body: store.c), the response
  * storage policy (no-store, private, Set-Cookie, Vary: *, statuses, Cache-Control
  * lifetimes) and building immutable, reference-counted entries. */
 #include "cache.h"
@@ -227,7 +228,8 @@ size_t cache_key(const struct upstream_rule *u, const struct cache_rule *r, cons
     if (!put_authority(&k, req))
         return 0;
     for (size_t i = 0; i < r->n_key_headers; i++) {
-        if (!strcasecmp(r->key_headers[i], "cookie") || !strcasecmp(r->key_headers[i], "authorization"))
+        if (!strcasecmp(r->key_headers[i], "cookie") || !strcasecmp(r->key_headers[i], "authorization")
+            || !strcasecmp(r->key_headers[i], "proxy-authorization"))
             continue;                  /* credentials go in hashed, below */
         put(&k, "\n", 1);
         puts_(&k, r->key_headers[i]);
@@ -235,6 +237,7 @@ size_t cache_key(const struct upstream_rule *u, const struct cache_rule *r, cons
         put_header_values(&k, req, r->key_headers[i], strlen(r->key_headers[i]));
     }
     put_header_hash(&k, req, "authorization");
+    put_header_hash(&k, req, "proxy-authorization");   /* a proxy's answer may depend on its user */
     if (keys_cookie)
         put_header_hash(&k, req, "cookie");
     return k.overflow ? 0 : k.n;

@@ -61,16 +61,18 @@ bool http_list_has_token(struct http_slice v, const char *token)
     return false;
 }
 
+/* Proxy-Authorization and Proxy-Authenticate are not among them: the shim is invisible,
+ * so the upstream is the hop the app addressed, and when that is a forward proxy they are
+ * its credentials and its challenge. */
 bool http_is_hop_by_hop(struct http_slice name)
 {
     static const char *const hop[] = {
-        "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
-        "proxy-connection", "proxy-authenticate", "proxy-authorization",
+        "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "proxy-connection",
     };
     for (size_t i = 0; i < sizeof hop / sizeof hop[0]; i++)
         if (http_slice_ieq(name, hop[i]))
             return true;
-    return name.n > 6 && http_slice_ieq((struct http_slice){ name.p, 6 }, "proxy-");
+    return false;
 }
 
 bool http_looks_like_request(const char *buf, size_t len)

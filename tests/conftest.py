@@ -375,7 +375,7 @@ def epollclient():
 def hop_by_hop(name):
     n = name.lower()
     return n in ("connection", "keep-alive", "te", "trailer", "upgrade",
-                 "transfer-encoding") or n.startswith("proxy-")
+                 "transfer-encoding", "proxy-connection")
 
 
 class JsonLineProcess(object):

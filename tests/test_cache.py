@@ -619,6 +619,31 @@ def test_a_coded_body_without_vary_is_kept_per_accept_encoding(upstream, tmp_pat
     assert all("vary" not in (k.lower() for k, _ in r["headers"]) for r in p.resps), p.describe()
 
 
+def test_a_forward_proxy_in_the_rules_gets_its_credentials_and_keeps_users_apart(upstream, tmp_path):
+    """An app that talks to a forward proxy the rules list (absolute-form requests, as
+    curl -x sends them): the proxy gets the app's Proxy-Authorization (dropping it made an
+    authenticating proxy answer 407 to everything), and its answers are cached per
+    credential, so one user's never serves another's; the proxy's 407 challenge reaches
+    the app with its Proxy-Authenticate."""
+    conf = simple_conf(tmp_path, upstream)
+    t = "http://api.example/custom?tag=viaproxy&n=200"
+    alice, bob = "Proxy-Authorization: Basic YWxpY2U6YQ==", "Proxy-Authorization: Basic Ym9iOmI="
+
+    def g(*h):
+        return get(upstream, t, headers=["Host: api.example"] + list(h))
+
+    p = play(tmp_path, conf, [g(alice), g(alice), g(bob), g(bob), g()])
+    assert_sources(p, upstream, "aabbc")
+    sent = [[v for k, v in e["headers"] if k.lower() == "proxy-authorization"] for e in upstream_log(upstream)]
+    assert sent == [["Basic YWxpY2U6YQ=="], ["Basic Ym9iOmI="], []], sent
+    challenge = "/custom?tag=challenge&status=407&h=Proxy-Authenticate:Basic%20realm%3D%22egress%22&n=10"
+    heads = {}
+    for shim in (False, True):
+        q = play(tmp_path, conf, [get(upstream, challenge)], shim=shim)
+        heads[shim] = (q.resps[0]["status"], hdr(q.resps[0], "Proxy-Authenticate"))
+    assert heads[True] == heads[False] == (407, 'Basic realm="egress"'), heads
+
+
 def test_lru_eviction(upstream, tmp_path):
     """memory_max = 64KB, ~10 KB bodies: filling past the cap evicts the least recently
     USED entry (an early entry read again survives, the next oldest goes)."""
