@@ -25,7 +25,7 @@ enum fd_kind { FD_NONE = 0, FD_DIVERTED = 1, FD_ENGINE = 2, FD_PROBING = 3 };
 /* What the app's own socket() call made of an fd number, and what it set on it since
  * (the hooks see all of it), so that connect need not ask the kernel. MADE_UNKNOWN: not
  * seen being made (inherited, made behind the hooks, shared with a dup): connect asks. */
-enum fd_made { MADE_UNKNOWN = 0, MADE_TCP = 1, MADE_OTHER = 2 };
+enum fd_made { MADE_UNKNOWN = 0, MADE_TCP = 1, MADE_OTHER = 2, MADE_CONNECTED = 3 };   /* (connected for real) */
 enum { MADE_SET_OWNER = 1, MADE_SET_OPTS = 2 };   /* made_extras: copied at connect by asking */
 
 #define FD_MAX_OPTS 12

@@ -77,9 +77,9 @@ static struct fd_entry *made_tcp(int fd)
 /* A real connect (or its attempt): never a fresh socket again. */
 void hooks_note_connected(int fd)
 {
-    struct fd_entry *e = made_tcp(fd);
-    if (e)
-        atomic_store_explicit(&e->made, MADE_OTHER, memory_order_relaxed);
+    struct fd_entry *e = fdtable_slot(fd);
+    if (e && atomic_load_explicit(&e->made, memory_order_relaxed) != MADE_CONNECTED)
+        atomic_store_explicit(&e->made, MADE_CONNECTED, memory_order_relaxed);
 }
 
 /* A kept reference to an app end (kept_app_end's value: fd + 1, or 0) goes to the engine
@@ -275,11 +275,12 @@ static bool facts_from_record(const struct fd_entry *e, int family, struct socke
  * on the app's thread: a socket the hooks saw made costs one (getsockname: not bound,
  * and still a socket of that family, whatever happened to the fd number behind the
  * hooks); one made out of their sight costs four. (IPPROTO_TCP implies SOCK_STREAM.) */
-static bool is_fresh_tcp(int fd, int family, struct socket_facts *f)
+static bool is_fresh_tcp(int fd, int family, struct socket_facts *f, bool *connected)
 {
     struct fd_entry *e = fdtable_slot(fd);
     int made = e ? atomic_load_explicit(&e->made, memory_order_relaxed) : MADE_UNKNOWN;
-    if (made == MADE_OTHER)
+    *connected = made == MADE_CONNECTED;
+    if (made == MADE_OTHER || made == MADE_CONNECTED)
         return false;
     bool known = made == MADE_TCP && facts_from_record(e, family, f);
     int v;
@@ -524,12 +525,22 @@ enum divert_result hooks_try_divert(int fd, const struct sockaddr *addr, socklen
         errno = EISCONN;
         return FAILED;
     }
-    if ((addr->sa_family != AF_INET && addr->sa_family != AF_INET6) || netns_thread_away())
-        return NOT_OURS;               /* (another namespace's address names another server) */
-    int up = config_match_upstream(cfg, addr, len);
-    struct socket_facts facts;
-    if (up < 0 || len > sizeof(union shim_sockaddr) || !is_fresh_tcp(fd, addr->sa_family, &facts))
+    if (addr->sa_family != AF_INET && addr->sa_family != AF_INET6)
         return NOT_OURS;
+    int up = config_match_upstream(cfg, addr, len);
+    if (up < 0 || len > sizeof(union shim_sockaddr))
+        return NOT_OURS;
+    struct socket_facts facts;
+    bool connected = false;
+    /* (another namespace's address names another server) */
+    if (netns_thread_away() || !is_fresh_tcp(fd, addr->sa_family, &facts, &connected)) {
+        if (!connected) {              /* (a connect again on a real connection is not one more) */
+            STAT_INC(up, connect_direct_app_socket);
+            shim_debug("fd %d: the app's socket is its own (bound, steered by an option, held twice, not TCP, "
+                       "or of another network namespace): connected direct", fd);
+        }
+        return NOT_OURS;
+    }
     if (fdtable_in_top_quarter(fd)) {  /* never the connect that runs the app out of fds */
         STAT_INC(up, connect_direct_fd_limit);
         shim_debug("fd %d: in the top quarter of the fd limit, connected direct", fd);
@@ -600,7 +611,7 @@ void hooks_probe_settled(int fd, struct fd_entry *e, int err)
         /* dup'ed while it connected: the app holds the connection twice, it stays the app's */
         pool_end_probe(e->upstream, -1, &dest, e->probe_held);
         fdtable_clear(fd);
-        atomic_store_explicit(&e->made, MADE_OTHER, memory_order_relaxed);
+        atomic_store_explicit(&e->made, MADE_CONNECTED, memory_order_relaxed);
         return;
     }
     atomic_store(&e->kind, FD_NONE);   /* its epoll registrations stay: divert moves them */

@@ -41,8 +41,9 @@ struct upstream_stats {
     _Atomic uint64_t queue_waits, queue_timeouts;
     /* the app's connects that failed while the pool was cold, by errno */
     _Atomic uint64_t connect_refused, connect_timeout, connect_unreachable, connect_other;
-    /* connects left direct: the app's fds near its limit (a diverted one holds two) */
-    _Atomic uint64_t connect_direct_fd_limit;
+    /* connects left direct: the app's fds near its limit (a diverted one holds two); the
+     * app's socket its own (bound, steered, held twice, another network namespace) */
+    _Atomic uint64_t connect_direct_fd_limit, connect_direct_app_socket;
     _Atomic uint64_t queue_wait[STATS_LAT_BUCKETS + 1], queue_wait_sum_us, queue_wait_max_us;
     _Atomic uint64_t hit_lat[STATS_LAT_BUCKETS + 1], miss_lat[STATS_LAT_BUCKETS + 1];
     _Atomic uint64_t hit_lat_sum_us, miss_lat_sum_us;

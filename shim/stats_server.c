@@ -229,6 +229,7 @@ static const struct counter_def counters[] = {
     C(connect_unreachable, "app connects that found no route to the upstream (EHOSTUNREACH, ENETUNREACH)"),
     C(connect_other, "app connects to the upstream that failed otherwise while the pool was cold"),
     C(connect_direct_fd_limit, "app connects left direct (not diverted): the app's fd was in the top quarter of its fd limit, where a diverted connection's second fd could make the app run out"),
+    C(connect_direct_app_socket, "app connects left direct (not diverted): the app's socket was its own to keep, bound to a port or an address, steered by an option (SO_MARK, IP_TOS, SO_BINDTODEVICE, ...), held twice (a dup, a fork), not TCP, or made in another network namespace"),
     C(redis_commands, "protocol = redis: app commands carried over the shared server connections or a lent one"),
     C(redis_batches, "protocol = redis: writes to a server connection (commands of many app connections go out together)"),
     C(redis_server_opened, "protocol = redis: server connections opened by the shim"),

@@ -729,6 +729,10 @@ s.connect(("127.0.0.1", port))
 os.write(go_w, b"x")
 out["forked"] = os.read(res_r, 4096).decode()
 os.waitpid(pid, 0)
+if sys.argv[2] != "-":
+    sys.path.insert(0, sys.argv[3])
+    from ownstats import own_stats
+    out["own_socket"] = own_stats(sys.argv[2])["upstreams"]["127.0.0.1:%d" % port]["connect_direct_app_socket"]
 print(json.dumps(out))
 '''
 
@@ -744,8 +748,11 @@ def test_a_socket_the_app_holds_twice_is_never_diverted(upstream, tmp_path, sock
     app.write_text(SHARED_SOCKET_APP)
     got = {}
     for shim in (False, True):
-        r = run([SYS_PY, str(app), str(upstream.port)], shim=shim, conf=conf)
+        r = run([SYS_PY, str(app), str(upstream.port), "%s/%%p.sock" % sockdir if shim else "-", PYCLIENTS],
+                shim=shim, conf=conf)
         assert r.rc == 0, r.describe()
         got[shim] = json.loads(r.out)
+    # counted, once each (`OWN.SOCK` in the table), not twice for a blocking connect's
+    assert got[True].pop("own_socket") == 3, got
     assert got[False] == got[True] == {"dup_cold": "HTTP/1.1 200 OK", "dup_warm": "HTTP/1.1 200 OK",
                                        "forked": "HTTP/1.1 200 OK"}, got

@@ -360,18 +360,18 @@ static void print_table(const struct snapshot *s, const struct snapshot *before)
     }
     /* the pool: connections now, the requests that waited in the queue for one, and the
      * app's connects that failed while it was cold */
-    printf("\n%-24s %9s %9s %9s %9s %9s %10s %10s %9s %9s %9s\n", "POOL", "IDLE", "BUSY", "WAITING", "WAITED",
-           "TIMEOUTS", "WAIT p99", "LONGEST", "REFUSED", "CONN.ERR", "FD.DIRECT");
+    printf("\n%-24s %9s %9s %9s %9s %9s %10s %10s %9s %9s %9s %9s\n", "POOL", "IDLE", "BUSY", "WAITING", "WAITED",
+           "TIMEOUTS", "WAIT p99", "LONGEST", "REFUSED", "CONN.ERR", "FD.DIRECT", "OWN.SOCK");
     for (void *it = json_object_iter(ups); it; it = json_object_iter_next(ups, it)) {
         const json_t *u = json_object_iter_value(it), *qw = json_object_get(u, "queue_wait_seconds");
         char p99[32], longest[32];
         fmt_ms(p99, sizeof p99, quantile(qw, qw, 0.99));
         fmt_ms(longest, sizeof longest, longest_wait(s, json_object_iter_key(it)));
         double other = num(u, "connect_timeout") + num(u, "connect_unreachable") + num(u, "connect_other");
-        printf("%-24s %9.0f %9.0f %9.0f %9.0f %9.0f %10s %10s %9.0f %9.0f %9.0f\n", json_object_iter_key(it),
+        printf("%-24s %9.0f %9.0f %9.0f %9.0f %9.0f %10s %10s %9.0f %9.0f %9.0f %9.0f\n", json_object_iter_key(it),
                num(u, "pool_idle"), num(u, "pool_busy"), num(u, "pool_waiting"), num(u, "queue_waits"),
                num(u, "queue_timeouts"), p99, longest, num(u, "connect_refused"), other,
-               num(u, "connect_direct_fd_limit"));
+               num(u, "connect_direct_fd_limit"), num(u, "connect_direct_app_socket"));
     }
     /* what was not answered as HTTP, and why; and what failed */
     printf("\n%-24s %9s %9s %9s %9s %9s %9s %9s %9s\n", "TUNNELS", "ALL", "TLS", "NOT.HTTP", "TOO.LARGE", "OTHER",
