@@ -5,11 +5,11 @@
  * here), the name (CLIENT SETNAME/GETNAME answered here), a transaction or WATCHed keys or
  * a blocking command (on a connection lent to it alone until its state ends, then given
  * back clean), and what only a connection of its own can carry (RESP3, subscriptions,
- * MONITOR, CLIENT TRACKING/REPLY/NO-EVICT, inline commands, or the lent cap reached): then
- * it goes direct for good. Every other command goes over the upstream's shared server
- * connections (redis_pool.c), and the replies come back in the order asked. A stream that
- * is not RESP commands closes the connection; nothing of it reaches Redis. Engine thread
- * only. */
+ * MONITOR, CLIENT TRACKING/REPLY/NO-EVICT, a cluster node's READONLY/READWRITE/ASKING,
+ * inline commands, or the lent cap reached): then it goes direct for good. Every other
+ * command goes over the upstream's shared server connections (redis_pool.c), and the
+ * replies come back in the order asked. A stream that is not RESP commands closes the
+ * connection; nothing of it reaches Redis. Engine thread only. */
 #include "redis_session.h"
 #include "conn.h"
 #include "log.h"
@@ -213,8 +213,10 @@ static bool name_in(const struct resp_item *it, const char *const *names)
 
 static const char *const blocking[] = { "BLPOP", "BRPOP", "BRPOPLPUSH", "BLMOVE", "BLMPOP", "BZPOPMIN", "BZPOPMAX",
                                          "BZMPOP", "WAIT", "WAITAOF", NULL };
+/* (READONLY, READWRITE and ASKING: how a cluster node serves the connection's next
+ * commands, replica reads or the next command's slot check: never another app's) */
 static const char *const own_connection[] = { "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "MONITOR", "SYNC", "PSYNC",
-                                               NULL };
+                                               "READONLY", "READWRITE", "ASKING", NULL };
 
 static bool is_blocking(const struct resp_item *it)
 {

@@ -97,6 +97,17 @@ def test_subscribe_receives_what_publish_sends(redis, tmp_path, sockdir):
     assert u["redis_direct"] == 1, u
 
 
+def test_cluster_connection_state_is_never_shared(redis, tmp_path, sockdir):
+    """READONLY / READWRITE / ASKING are connection state on a cluster node (reads from a
+    replica; the next command's slot check): an app connection that sends one is served
+    over a connection of its own, so no other app's command ever runs under it; the replies
+    are the server's own, as direct."""
+    direct, _ = scenario("clusterstate", redis)
+    shimmed, u = scenario("clusterstate", redis, conf_for(tmp_path, redis, sockdir), sockdir)
+    assert shimmed == direct, (direct, shimmed)
+    assert u["redis_direct"] == 3, u
+
+
 def test_a_blocking_command_blocks_no_one_else(redis, tmp_path, sockdir):
     """BLPOP on an empty list (2 s) on one connection while 1 000 GETs run on others, each
     a new connection: the GETs are done long before the block ends."""

@@ -161,6 +161,18 @@ def pubsub(a):
     return {"subscribed": as_text(first), "message": as_text(got)}
 
 
+def clusterstate(a):
+    """READONLY, READWRITE and ASKING change how the connection's next commands are served
+    (on a cluster node; a plain server refuses them): each app connection that sends one
+    keeps it to itself."""
+    out = {}
+    for cmd in ("READONLY", "READWRITE", "ASKING"):
+        S = conn(a.port)
+        out[cmd] = [as_text(on(S, cmd)), as_text(on(S, "SET", "cs:" + cmd, "v")), as_text(on(S, "GET", "cs:" + cmd))]
+        S[0].close()
+    return out
+
+
 def blpop(a):
     res = {}
 
