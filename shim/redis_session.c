@@ -236,9 +236,12 @@ static bool needs_own_connection(const struct resp_item *it)
         return true;
     if (resp_arg_is(it, 0, "HELLO"))    /* RESP3, or AUTH / SETNAME inside it */
         return !(resp_argc(it) == 1 || (resp_argc(it) == 2 && resp_arg_is(it, 1, "2")));
+    /* (CLIENT ID and INFO: the app learns which connection is its own, to CLIENT KILL or
+     * UNBLOCK it later; on a shared one that would end or wake other apps' commands) */
     if (resp_arg_is(it, 0, "CLIENT"))
         return resp_arg_is(it, 1, "TRACKING") || resp_arg_is(it, 1, "REPLY") || resp_arg_is(it, 1, "NO-EVICT")
-               || resp_arg_is(it, 1, "CACHING") || resp_arg_is(it, 1, "NO-TOUCH");
+               || resp_arg_is(it, 1, "CACHING") || resp_arg_is(it, 1, "NO-TOUCH") || resp_arg_is(it, 1, "ID")
+               || resp_arg_is(it, 1, "INFO");
     return false;
 }
 

@@ -170,6 +170,17 @@ def clusterstate(a):
         S = conn(a.port)
         out[cmd] = [as_text(on(S, cmd)), as_text(on(S, "SET", "cs:" + cmd, "v")), as_text(on(S, "GET", "cs:" + cmd))]
         S[0].close()
+    # CLIENT ID names the app's own connection: killing it from another ends only that one
+    S, T = conn(a.port), conn(a.port)
+    my_id = on(S, "CLIENT", "ID")
+    out["kill"] = as_text(on(T, "CLIENT", "KILL", "ID", str(my_id)))
+    out["other_after_kill"] = as_text(on(T, "SET", "cs:after", "ok"))
+    try:
+        out["killed_after_kill"] = as_text(on(S, "GET", "cs:after"))
+    except (OSError, EOFError, ConnectionError) as e:
+        out["killed_after_kill"] = "closed"
+    S[0].close()
+    T[0].close()
     return out
 
 
