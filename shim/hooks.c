@@ -527,6 +527,11 @@ enum divert_result hooks_try_divert(int fd, const struct sockaddr *addr, socklen
     }
     if (addr->sa_family != AF_INET && addr->sa_family != AF_INET6)
         return NOT_OURS;
+    /* a link-local address with its interface (fe80::1%eth0): the pool dials addresses by
+     * their text, which has no room for the interface */
+    if (addr->sa_family == AF_INET6 && len >= sizeof(struct sockaddr_in6)
+        && ((const struct sockaddr_in6 *)(const void *)addr)->sin6_scope_id)
+        return NOT_OURS;
     int up = config_match_upstream(cfg, addr, len);
     if (up < 0 || len > sizeof(union shim_sockaddr))
         return NOT_OURS;

@@ -756,3 +756,54 @@ def test_a_socket_the_app_holds_twice_is_never_diverted(upstream, tmp_path, sock
     assert got[True].pop("own_socket") == 3, got
     assert got[False] == got[True] == {"dup_cold": "HTTP/1.1 200 OK", "dup_warm": "HTTP/1.1 200 OK",
                                        "forked": "HTTP/1.1 200 OK"}, got
+
+
+LINK_LOCAL_SERVER = r'''
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("fe80::1", 0, 0, socket.if_nametoindex("ll0")))
+s.listen(8)
+open(sys.argv[1], "w").write(str(s.getsockname()[1]))
+for n in range(64):                    # bounded: one request per connection, then close
+    c, _ = s.accept()
+    c.settimeout(10)
+    c.recv(65536)
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nok %02d" % n)
+    c.close()
+'''
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"), reason="needs root and iproute2 for a namespace")
+def test_a_link_local_upstream_with_its_interface_connects_for_real(tmp_path, sockdir):
+    """fe80::1%ll0: the pool dials an address by its text, which has no room for the
+    interface, so such a connect stays the app's (direct answers, no failed exchange)."""
+    ns = "hsl%d" % os.getpid()
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    server = None
+    try:
+        for cmd in (["ip", "-n", ns, "link", "set", "lo", "up"],
+                    ["ip", "netns", "exec", ns, "ip", "tuntap", "add", "dev", "ll0", "mode", "tun"],
+                    ["ip", "-n", ns, "link", "set", "ll0", "up"],
+                    ["ip", "-n", ns, "addr", "add", "fe80::1/64", "dev", "ll0", "nodad"]):
+            if subprocess.run(cmd, stderr=subprocess.DEVNULL).returncode != 0:
+                pytest.skip("no tun device here: %s" % " ".join(cmd))
+        port_file = tmp_path / "port"
+        server = subprocess.Popen(["ip", "netns", "exec", ns, SYS_PY, "-c", LINK_LOCAL_SERVER, str(port_file)],
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
+        wait_until(lambda: port_file.exists() and port_file.read_text(), 30, "the link-local server")
+        port = int(port_file.read_text())
+        conf = write_rules(tmp_path, [], raw="[global]\nstats_socket = %s/%%p.sock\n[upstream [fe80::1]:%d]\n"
+                           % (sockdir, port))
+        urls = ["http://[fe80::1%%25ll0]:%d/%s" % (port, p) for p in "xyz"]
+        cmd = ["ip", "netns", "exec", ns, "curl", "-s", "-g", "-w", " %{http_code}\n"] + urls
+        direct = run(cmd, shim=False)
+        shimmed = run(cmd, conf=conf, env={"HTTPSHIM_DEBUG": "1"})
+        assert direct.rc == shimmed.rc == 0, (direct.describe(), shimmed.describe())
+        assert [x.split()[-1] for x in shimmed.out.split(b"\n") if x] == [b"200"] * 3, shimmed.describe()
+        assert b"diverted" not in shimmed.err and b"failed" not in shimmed.err, shimmed.describe()
+    finally:
+        if server:
+            kill_group(server.pid, quiet=True)
+            server.wait(timeout=15)
+        subprocess.run(["ip", "netns", "del", ns])
