@@ -241,6 +241,22 @@ static void not_stored(struct store_writer *w, enum not_stored_reason why, bool 
     }
 }
 
+/* The marker under the request's own key that names the Vary headers (status 0, no body):
+ * kept as long as the variant behind it, a stale one to be revalidated included, or that
+ * variant is never found again once the TTL has passed. */
+static int put_vary_marker(struct store_writer *w, const char *vary, size_t vary_len, int64_t ttl, int64_t keep)
+{
+    struct cache_entry *marker = cache_entry_new(w->key, w->key_len, 0, "", 0, "", 0, vary, vary_len, "", 0, "", 0, ttl);
+    if (!marker)
+        return -1;
+    marker->upstream = w->upstream;
+    marker->keep_until_ms += keep;
+    if (cfg->cache == CACHE_REDIS)
+        redis_store(marker, ttl + keep);
+    memcache_put(marker);
+    return 0;
+}
+
 /* The response is whole: keep it if it is allowed. */
 static void store_response(struct store_writer *w)
 {
@@ -271,24 +287,13 @@ static void store_response(struct store_writer *w)
     if (buf_len(&w->vary)) {
         key_len = cache_variant_key(w->key, w->key_len, buf_head(&w->vary), buf_len(&w->vary), &req, variant,
                                     sizeof variant);
-        struct cache_entry *marker = key_len ? cache_entry_new(w->key, w->key_len, 0, "", 0, "", 0, buf_head(&w->vary),
-                                                               buf_len(&w->vary), "", 0, "", 0, ttl)
-                                             : NULL;
-        if (!marker) {
-            not_stored(w, NS_NO_MEMORY, false);
-            return;
-        }
-        marker->upstream = w->upstream;
-        marker->keep_until_ms += keep;
-        if (cfg->cache == CACHE_REDIS)
-            redis_store(marker, ttl + keep);
-        memcache_put(marker);
         key = variant;
     }
-    struct cache_entry *e = cache_entry_new(key, key_len, w->status, w->reason, w->reason_len,
-                                            buf_head(&w->stored_head), buf_len(&w->stored_head), buf_head(&w->vary),
-                                            buf_len(&w->vary), values, values_len, buf_head(&w->body),
-                                            buf_len(&w->body), ttl);
+    struct cache_entry *e = key_len ? cache_entry_new(key, key_len, w->status, w->reason, w->reason_len,
+                                                      buf_head(&w->stored_head), buf_len(&w->stored_head),
+                                                      buf_head(&w->vary), buf_len(&w->vary), values, values_len,
+                                                      buf_head(&w->body), buf_len(&w->body), ttl)
+                                    : NULL;
     if (!e) {
         not_stored(w, NS_NO_MEMORY, false);
         return;
@@ -300,6 +305,11 @@ static void store_response(struct store_writer *w)
     if ((etag.n || last_modified.n) && keep < ttl)
         keep = ttl;                    /* kept one more TTL, expired, to be revalidated */
     e->keep_until_ms += keep;
+    if (buf_len(&w->vary) && put_vary_marker(w, buf_head(&w->vary), buf_len(&w->vary), ttl, keep) != 0) {
+        cache_entry_release(e);
+        not_stored(w, NS_NO_MEMORY, false);
+        return;
+    }
     if (cfg->cache == CACHE_REDIS)
         redis_store(e, ttl + keep);    /* on its way before the app has its last byte */
     flight_land(w->flight, e);         /* served from this reference even if memory is full */
@@ -328,6 +338,8 @@ static void renew(struct store_writer *w)
     }
     int64_t px = r->keep_until_ms - r->stored_at_ms;
     r->stored_at_ms -= cache_policy_age_ms(&w->policy);   /* the 304's Age */
+    if (old->vary_len)                 /* a variant: its marker lives as long again */
+        put_vary_marker(w, old->vary, old->vary_len, ttl, px > ttl ? px - ttl : 0);
     if (cfg->cache == CACHE_REDIS)
         redis_store(r, px);
     flight_land(w->flight, r);

@@ -176,6 +176,22 @@ def test_expired_entry_with_etag_is_revalidated(upstream, tmp_path):
     assert header_of(log[0], "If-None-Match") == [] and header_of(log[1], "If-None-Match") == ['"v1"'], log
 
 
+def test_an_expired_variant_is_revalidated_and_renewed_behind_its_vary_marker(upstream, tmp_path):
+    """A `Vary` response with an ETag, ttl=1s: past the TTL the request that selects the
+    variant still finds it through the marker that names the Vary headers, sends
+    If-None-Match, and the 304 renews both, so the next expiry is revalidated again (the
+    marker used to expire with the TTL alone: every request past it was a whole refetch)."""
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s")
+    t = "/custom/varyetag?tag=varyetag&n=600&etag=v1&h=Vary:Accept-Encoding"
+    g = get(upstream, t, headers=["Accept-Encoding: gzip"])
+    p = play(tmp_path, conf, [g, advance(1.6), g, g, advance(1.6), g])
+    for i in range(4):
+        assert_body(p, i, 600)
+    assert len({served(r) for r in p.resps}) == 1, p.describe()
+    log = upstream_log(upstream, "varyetag")
+    assert [header_of(e, "If-None-Match") for e in log] == [[], ['"v1"'], ['"v1"']], log
+
+
 def test_expired_entry_with_last_modified_is_revalidated(upstream, tmp_path):
     lm = "Tue, 01 Dec 2026 10:00:00 GMT"
     conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=1s")
