@@ -251,6 +251,15 @@ static int put_vary_marker(struct store_writer *w, const char *vary, size_t vary
         return -1;
     marker->upstream = w->upstream;
     marker->keep_until_ms += keep;
+    /* one marker for all the key's variants: another's that lives longer stays */
+    struct cache_entry *held = memcache_get(w->key, w->key_len);
+    bool longer = held && cache_entry_is_vary_marker(held) && held->keep_until_ms >= marker->keep_until_ms
+                  && held->vary_len == vary_len && !memcmp(held->vary, vary, vary_len);
+    cache_entry_release(held);
+    if (longer) {
+        cache_entry_release(marker);
+        return 0;
+    }
     if (cfg->cache == CACHE_REDIS)
         redis_store(marker, ttl + keep);
     memcache_put(marker);
