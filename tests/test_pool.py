@@ -774,6 +774,23 @@ for n in range(64):                    # bounded: one request per connection, th
 '''
 
 
+LINK_LOCAL_CLIENT = r'''
+import socket, sys
+port = int(sys.argv[1])
+for path in ("x", "y", "z"):                   # a connection each, as curl to three URLs
+    s = socket.create_connection(("fe80::1%ll0", port), timeout=10)
+    s.sendall(b"GET /%s HTTP/1.1\r\nHost: ll\r\n\r\n" % path.encode())
+    data = b""
+    while len(data) < 65536:
+        d = s.recv(65536)
+        if not d:
+            break
+        data += d
+    s.close()
+    print(data.split(b"\r\n\r\n", 1)[-1].decode(), data.split(b" ", 2)[1].decode())
+'''
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"), reason="needs root and iproute2 for a namespace")
 def test_a_link_local_upstream_with_its_interface_connects_for_real(tmp_path, sockdir):
     """fe80::1%ll0: the pool dials an address by its text, which has no room for the
@@ -795,8 +812,9 @@ def test_a_link_local_upstream_with_its_interface_connects_for_real(tmp_path, so
         port = int(port_file.read_text())
         conf = write_rules(tmp_path, [], raw="[global]\nstats_socket = %s/%%p.sock\n[upstream [fe80::1]:%d]\n"
                            % (sockdir, port))
-        urls = ["http://[fe80::1%%25ll0]:%d/%s" % (port, p) for p in "xyz"]
-        cmd = ["ip", "netns", "exec", ns, "curl", "-s", "-g", "-w", " %{http_code}\n"] + urls
+        client = tmp_path / "client.py"
+        client.write_text(LINK_LOCAL_CLIENT)
+        cmd = ["ip", "netns", "exec", ns, SYS_PY, str(client), str(port)]
         direct = run(cmd, shim=False)
         shimmed = run(cmd, conf=conf, env={"HTTPSHIM_DEBUG": "1"})
         assert direct.rc == shimmed.rc == 0, (direct.describe(), shimmed.describe())
