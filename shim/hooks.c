@@ -537,8 +537,8 @@ enum divert_result hooks_try_divert(int fd, const struct sockaddr *addr, socklen
         return NOT_OURS;
     struct socket_facts facts;
     bool connected = false;
-    /* (another namespace's address names another server) */
-    if (netns_thread_away() || !is_fresh_tcp(fd, addr->sa_family, &facts, &connected)) {
+    bool fresh = is_fresh_tcp(fd, addr->sa_family, &facts, &connected);
+    if (!fresh || netns_thread_away()) {   /* (another namespace's address names another server) */
         if (!connected) {              /* (a connect again on a real connection is not one more) */
             STAT_INC(up, connect_direct_app_socket);
             shim_debug("fd %d: the app's socket is its own (bound, steered by an option, held twice, not TCP, "
