@@ -10,11 +10,6 @@ enum divert_result { NOT_OURS, DIVERTED, FAILED, PROBE_CONNECTED, PROBING };
  * pool is cold, or none of the shim's business. */
 enum divert_result hooks_try_divert(int fd, const struct sockaddr *addr, socklen_t len, bool *nonblock,
                                     bool is_connect);
-/* A real connect (or its attempt): never a fresh socket again. */
-void hooks_note_connected(int fd);
 /* The real connect of a cold pool's probe finished with err (from SO_ERROR). */
 void hooks_probe_settled(int fd, struct fd_entry *e, int err);
-/* What ioctl and setsockopt changed that divert would otherwise ask about. */
-void hooks_note_ioctl(int fd, unsigned long req, const void *arg);
-void hooks_note_sockopt(int fd, int level, int name);
 #endif

@@ -11,6 +11,7 @@
 #include "netns.h"
 #include "real.h"
 #include "rules.h"
+#include "sockrecord.h"
 #include <errno.h>
 #include <linux/sockios.h>
 #include <netdb.h>
@@ -103,7 +104,7 @@ SHIM_EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const s
         return -1;
     errno = saved;
     if (r == NOT_OURS) {
-        hooks_note_connected(fd);            /* a fast-open send connects */
+        sockrecord_note_connected(fd);            /* a fast-open send connects */
         return real_sendto(fd, buf, n, flags, addr, len);
     }
     return real_sendto(fd, buf, n, flags & ~MSG_FASTOPEN, NULL, 0);
@@ -246,7 +247,7 @@ SHIM_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen
     if (!e) {
         int rc = real_setsockopt(fd, level, name, val, len);
         if (rc == 0 && !shim_in_engine)
-            hooks_note_sockopt(fd, level, name);
+            sockrecord_note_sockopt(fd, level, name);
         return rc;
     }
     int saved = errno;
@@ -365,7 +366,7 @@ SHIM_EXPORT int ioctl(int fd, unsigned long req, ...)
     }
     int rc = real_ioctl(fd, req, arg);
     if (rc == 0 && !shim_in_engine)
-        hooks_note_ioctl(fd, req, arg);
+        sockrecord_note_ioctl(fd, req, arg);
     return rc;
 }
 
