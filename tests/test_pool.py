@@ -491,6 +491,11 @@ def test_a_cold_burst_connects_as_direct_and_its_connections_join_the_pool(cap, 
         assert got["at_connect"] == 3 and st["connections"] <= 3, (got, st)
 
 
+def with_closeget(source):
+    """A client script that can import tests/pyclients/closeget.py (close_get)."""
+    return "import sys\nsys.path.insert(0, %r)\nfrom closeget import close_get\n" % str(PYCLIENTS) + source
+
+
 NETNS_SERVER = r'''
 import socket, sys
 s = socket.socket()
@@ -526,15 +531,7 @@ def get(tag):
         out[tag] = [r.read().decode("latin-1"), r.headers.get("X-Served")]
 
 def raw_get(s):
-    s.sendall(b"GET /custom/netns?n=40 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    data = b""
-    while len(data) < 1 << 20:
-        d = s.recv(65536)
-        if not d:
-            break
-        data += d
-    s.close()
-    return data.split(b"\r\n\r\n", 1)[-1].decode("latin-1")
+    return close_get(s, "/custom/netns?n=40")[1]
 
 made_away = []
 def away():
@@ -584,7 +581,7 @@ def test_a_thread_in_another_network_namespace_reaches_that_namespaces_server(up
                                    str(ready)], stdin=subprocess.DEVNULL, start_new_session=True)
         wait_until(lambda: ready.exists(), 30, "the namespace's server")
         app = tmp_path / "app.py"
-        app.write_text(NETNS_APP)
+        app.write_text(with_closeget(NETNS_APP))
         conf = write_rules(tmp_path, [], raw="[global]\nstats_socket = %s/%%p.sock\n[upstream 127.0.0.1:%d]\n"
                            "cache GET /custom/* ttl=10m\n" % (sockdir, upstream.port))
         cmd = [SYS_PY, str(app), str(upstream.port), "/run/netns/" + ns]
@@ -642,15 +639,7 @@ for name, opts in cases.items():
             for level, opt, val in opts:
                 s.setsockopt(level, opt, val)
         s.connect(("127.0.0.1", port))
-        s.sendall(b"GET /custom/opt-%s?n=10 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % name.encode())
-        data = b""
-        while len(data) < 1 << 20:
-            d = s.recv(65536)
-            if not d:
-                break
-            data += d
-        s.close()
-        out.setdefault(name, []).append(data.split(b"\r\n", 1)[0].decode())
+        out.setdefault(name, []).append(close_get(s, "/custom/opt-%s?n=10" % name)[0])
 print(json.dumps(out))
 '''
 
@@ -667,7 +656,7 @@ def test_a_socket_bound_or_marked_connects_for_real(upstream, tmp_path, sockdir)
     curl = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{local_ip}\n", "--interface", "127.0.0.2", url,
             "--next", "-o", "/dev/null", "-w", "%{http_code} %{local_ip}\n", "--interface", "127.0.0.3", url]
     app = tmp_path / "opts.py"
-    app.write_text(OPTIONS_APP)
+    app.write_text(with_closeget(OPTIONS_APP))
     results = {}
     for shim in (False, True):
         upstream.reset()
@@ -695,14 +684,7 @@ out = {}
 def exchange(s, tag):
     s.settimeout(10)
     try:
-        s.sendall(b"GET /custom/%s?n=10 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % tag.encode())
-        data = b""
-        while len(data) < 1 << 20:
-            d = s.recv(65536)
-            if not d:
-                break
-            data += d
-        return data.split(b"\r\n", 1)[0].decode()
+        return close_get(s, "/custom/%s?n=10" % tag)[0]
     except OSError as e:
         return "error %s" % e.errno
 
@@ -745,7 +727,7 @@ def test_a_socket_the_app_holds_twice_is_never_diverted(upstream, tmp_path, sock
     conf = write_rules(tmp_path, [], raw="[global]\nstats_socket = %s/%%p.sock\n[upstream 127.0.0.1:%d]\n"
                        % (sockdir, upstream.port))
     app = tmp_path / "shared.py"
-    app.write_text(SHARED_SOCKET_APP)
+    app.write_text(with_closeget(SHARED_SOCKET_APP))
     got = {}
     for shim in (False, True):
         r = run([SYS_PY, str(app), str(upstream.port), "%s/%%p.sock" % sockdir if shim else "-", PYCLIENTS],
@@ -778,16 +760,8 @@ LINK_LOCAL_CLIENT = r'''
 import socket, sys
 port = int(sys.argv[1])
 for path in ("x", "y", "z"):                   # a connection each, as curl to three URLs
-    s = socket.create_connection(("fe80::1%ll0", port), timeout=10)
-    s.sendall(b"GET /%s HTTP/1.1\r\nHost: ll\r\n\r\n" % path.encode())
-    data = b""
-    while len(data) < 65536:
-        d = s.recv(65536)
-        if not d:
-            break
-        data += d
-    s.close()
-    print(data.split(b"\r\n\r\n", 1)[-1].decode(), data.split(b" ", 2)[1].decode())
+    status, body = close_get(socket.create_connection(("fe80::1%ll0", port), timeout=10), "/" + path, "ll")
+    print(body, status.split(" ", 2)[1])
 '''
 
 
@@ -813,7 +787,7 @@ def test_a_link_local_upstream_with_its_interface_connects_for_real(tmp_path, so
         conf = write_rules(tmp_path, [], raw="[global]\nstats_socket = %s/%%p.sock\n[upstream [fe80::1]:%d]\n"
                            % (sockdir, port))
         client = tmp_path / "client.py"
-        client.write_text(LINK_LOCAL_CLIENT)
+        client.write_text(with_closeget(LINK_LOCAL_CLIENT))
         cmd = ["ip", "netns", "exec", ns, SYS_PY, str(client), str(port)]
         direct = run(cmd, shim=False)
         shimmed = run(cmd, conf=conf, env={"HTTPSHIM_DEBUG": "1"})
