@@ -249,7 +249,7 @@ static void drop_offered_locked(int i)
     offered.conns[i] = offered.conns[--offered.n];
 }
 
-/* An offered connection to addr that is still fresh and open, or -1. */
+/* An offered connection to addr that is still fresh and open, made non-blocking, or -1. */
 int pool_take_offered(int upstream, const struct sockaddr *addr)
 {
     if (atomic_load(&offered_count[upstream]) == 0)
@@ -278,6 +278,12 @@ int pool_take_offered(int upstream, const struct sockaddr *addr)
         i++;
     }
     pthread_mutex_unlock(&offered.lock);
+    /* the app's socket, blocking if the app's was: the engine's loop must never wait on it */
+    int fl = fd >= 0 ? real_fcntl(fd, F_GETFL, NULL) : 0;
+    if (fd >= 0 && (fl < 0 || (!(fl & O_NONBLOCK) && real_fcntl(fd, F_SETFL, (void *)(long)(fl | O_NONBLOCK)) != 0))) {
+        fdtable_close_engine_fd(fd);
+        fd = -1;
+    }
     return fd;
 }
 

@@ -15,7 +15,7 @@
 bool pool_has_live_connection(int upstream, const struct sockaddr *addr);
 /* A connection the app's own connect made joins the pool (fd taken over). */
 void pool_offer_connection(int upstream, int fd, const union shim_sockaddr *dest);
-/* An offered connection to addr, still fresh and quiet, or -1. */
+/* An offered connection to addr, still fresh and quiet, made non-blocking, or -1. */
 int pool_take_offered(int upstream, const struct sockaddr *addr);
 /* Whether the caller's connect is to find out for real whether upstream can be reached at
  * addr: HELD, it does, and holds the upstream's transfers while it does; SAME, another

@@ -10,7 +10,6 @@
 #include "real.h"
 #include "stats.h"
 #include <errno.h>
-#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -187,13 +186,6 @@ int tunnel_start(struct loop_source *app_src, int upstream, const union shim_soc
      * (else the upstream sees a connection that never speaks, and the tunnel waits out a
      * handshake of its own). */
     int fd = pool_take_offered(upstream, &dest->sa);
-    if (fd >= 0) {
-        int fl = real_fcntl(fd, F_GETFL, NULL);
-        if (fl < 0 || (!(fl & O_NONBLOCK) && real_fcntl(fd, F_SETFL, (void *)(long)(fl | O_NONBLOCK)) != 0)) {
-            fdtable_close_engine_fd(fd);
-            fd = -1;
-        }
-    }
     bool connected = fd >= 0;
     if (!connected) {
         fd = real_socket(dest->sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
