@@ -498,27 +498,19 @@ SHIM_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
 SHIM_EXPORT int setns(int fd, int nstype)
 {
     real_bind();
-    netns_before_switch();
-    int rc = real_setns(fd, nstype);
-    if (rc == 0 && (nstype == 0 || (nstype & CLONE_NEWNET))) {   /* (0: whatever fd names) */
-        int saved = errno;
-        netns_note_switch();
-        errno = saved;
-    }
-    return rc;
+    bool net = nstype == 0 || (nstype & CLONE_NEWNET);   /* (0: whatever fd names) */
+    if (net)
+        netns_before_switch();
+    return netns_after_switch(real_setns(fd, nstype), net);
 }
 
 SHIM_EXPORT int unshare(int flags)
 {
     real_bind();
-    netns_before_switch();
-    int rc = real_unshare(flags);
-    if (rc == 0 && (flags & CLONE_NEWNET)) {
-        int saved = errno;
-        netns_note_switch();
-        errno = saved;
-    }
-    return rc;
+    bool net = (flags & CLONE_NEWNET) != 0;
+    if (net)
+        netns_before_switch();
+    return netns_after_switch(real_unshare(flags), net);
 }
 
 /* ---- close and dup: keep the table right, never let the app close engine fds ---- */

@@ -6,6 +6,7 @@
  * by the inode of /proc/thread-self/ns/net, read only when a thread switches; without
  * /proc, a thread that switched is taken to be away. */
 #include "netns.h"
+#include <errno.h>
 #include <stdatomic.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -46,8 +47,11 @@ void netns_before_switch(void)
     atomic_store(&home_noted, 1);
 }
 
-void netns_note_switch(void)
+int netns_after_switch(int rc, bool net)
 {
+    if (rc != 0 || !net)
+        return rc;
+    int saved = errno;
     dev_t dev = 0;
     ino_t ino = 0;
     bool known = current_netns(&dev, &ino);
@@ -55,6 +59,8 @@ void netns_note_switch(void)
     away = !(known && home_known && ino == home_ino && dev == home_dev);
     if (away)
         atomic_store(&ever_away, 1);
+    errno = saved;
+    return rc;
 }
 
 bool netns_thread_away(void)

@@ -8,9 +8,10 @@
 /* Before a setns or unshare that may change the calling thread's network namespace:
  * the first one notes the process's own. */
 void netns_before_switch(void);
-/* After a successful setns or unshare that may have changed the calling thread's network
- * namespace: the thread is away unless it is back in the process's own. */
-void netns_note_switch(void);
+/* After a setns or unshare (its result rc; net: it may have changed the calling thread's
+ * network namespace): once it succeeded, the thread is away unless it is back in the
+ * process's own. Returns rc, errno kept. */
+int netns_after_switch(int rc, bool net);
 /* Whether the calling thread is in another network namespace (one lookup of a
  * thread-local: every connect and socket asks). */
 bool netns_thread_away(void);

@@ -246,20 +246,18 @@ static void not_stored(struct store_writer *w, enum not_stored_reason why, bool 
  * variant is never found again once the TTL has passed. */
 static int put_vary_marker(struct store_writer *w, const char *vary, size_t vary_len, int64_t ttl, int64_t keep)
 {
+    /* one marker for all the key's variants: another's that lives longer stays */
+    struct cache_entry *held = memcache_get(w->key, w->key_len);
+    bool longer = held && cache_entry_is_vary_marker(held) && held->keep_until_ms >= clock_wall_ms() + ttl + keep
+                  && held->vary_len == vary_len && !memcmp(held->vary, vary, vary_len);
+    cache_entry_release(held);
+    if (longer)
+        return 0;
     struct cache_entry *marker = cache_entry_new(w->key, w->key_len, 0, "", 0, "", 0, vary, vary_len, "", 0, "", 0, ttl);
     if (!marker)
         return -1;
     marker->upstream = w->upstream;
     marker->keep_until_ms += keep;
-    /* one marker for all the key's variants: another's that lives longer stays */
-    struct cache_entry *held = memcache_get(w->key, w->key_len);
-    bool longer = held && cache_entry_is_vary_marker(held) && held->keep_until_ms >= marker->keep_until_ms
-                  && held->vary_len == vary_len && !memcmp(held->vary, vary, vary_len);
-    cache_entry_release(held);
-    if (longer) {
-        cache_entry_release(marker);
-        return 0;
-    }
     if (cfg->cache == CACHE_REDIS)
         redis_store(marker, ttl + keep);
     memcache_put(marker);
