@@ -10,11 +10,14 @@
 #include "fdtable.h"
 
 /* Caps. A request head beyond HEAD_MAX, or head + body beyond IN_CAP, is not parsed
- * but relayed as a raw tunnel; a response head beyond RESP_HEAD_MAX fails the exchange. */
+ * but relayed as a raw tunnel; a response head beyond RESP_HEAD_MAX fails the exchange;
+ * trailer fields beyond TRAILERS_MAX are not relayed. A response's last chunk (its trailers)
+ * fits in OUT_CAP's room for a head: the head has gone out before it. */
 #define HEAD_MAX        (64 * 1024)
 #define IN_CAP          (128 * 1024)
 #define OUT_SOFT        (64 * 1024)
 #define RESP_HEAD_MAX   (64 * 1024)
+#define TRAILERS_MAX    (16 * 1024)
 #define OUT_CAP         (OUT_SOFT + RESP_HEAD_MAX + 1024)
 
 struct app_side;

@@ -461,6 +461,13 @@ static void sink_body(struct upstream_sink *s, const char *p, size_t n)
         store_response(w);             /* whole by its length: stored at once */
 }
 
+static void sink_trailers(struct upstream_sink *s)
+{
+    struct store_writer *w = writer_of(s);
+    if (!w->stored)                    /* (only a chunked body has trailers: stored at its end) */
+        not_stored(w, NS_TRAILERS, false);
+}
+
 static bool sink_wanted(struct upstream_sink *s)
 {
     struct store_writer *w = writer_of(s);
@@ -496,7 +503,7 @@ static void sink_end(struct upstream_sink *s, enum sink_end how)
 }
 
 static const struct upstream_sink_ops writer_ops = {
-    sink_validators, sink_begin, sink_header, sink_head_done, sink_body, sink_wanted, sink_end,
+    sink_validators, sink_begin, sink_header, sink_head_done, sink_body, sink_trailers, sink_wanted, sink_end,
 };
 
 struct upstream_sink *store_writer_sink(struct store_writer *w) { return w ? &w->sink : NULL; }

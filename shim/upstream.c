@@ -38,6 +38,8 @@ struct transfer {
     struct app_side *app;
     struct curl_slist *headers, *connect_to;
     struct buf head;                /* the response head, rewritten for the app */
+    struct buf trailers;            /* the trailer fields after a chunked body, for the app's last chunk */
+    bool had_trailers;
     int status;
     struct http_framing framing;    /* what the head's framing headers say */
     int64_t content_length;         /* -1 when the upstream sent none, or chunked */
@@ -336,16 +338,41 @@ void upstream_forget(void)
 
 /* ---- response framing ---- */
 
+/* A trailer field after a chunked body (libcurl reports each as a header line). Relayed in
+ * the app's last chunk when its response is chunked too (an HTTP/1.1 app), minus framing and
+ * hop-by-hop fields; a section over TRAILERS_MAX is dropped whole, which RFC 9110 6.5
+ * allows a recipient that removes the chunked coding. Either way the response is not
+ * stored: a hit could not carry them. */
+static void on_trailer(struct transfer *t, const char *p, size_t l)
+{
+    if (l == 0 || t->absorbed)
+        return;
+    if (!t->had_trailers && t->sink)
+        t->sink->ops->trailers(t->sink);
+    t->had_trailers = true;
+    struct http_slice name, value;
+    if (t->mode != BODY_CHUNKED || t->app->app_gone || t->detached || !http_split_header_line(p, l, &name, &value)
+        || http_is_hop_by_hop(name) || http_slice_ieq(name, "content-length"))
+        return;
+    if (buf_append(&t->trailers, p, l) != 0 || buf_append(&t->trailers, "\r\n", 2) != 0) {
+        shim_debug("fd %d: trailer section over %d bytes: not relayed", t->app->fd, TRAILERS_MAX);
+        buf_free(&t->trailers);
+        t->trailers.cap = 0;           /* (and nothing after it) */
+    }
+}
+
 static size_t on_header(char *p, size_t size, size_t n, void *userdata)
 {
     struct transfer *t = userdata;
     struct app_side *c = t->app;
     size_t len = size * n;
-    if (t->head_done)
-        return len;                    /* trailers: not relayed */
     size_t l = len;
     while (l && (p[l - 1] == '\r' || p[l - 1] == '\n'))
         l--;
+    if (t->head_done) {
+        on_trailer(t, p, l);
+        return len;
+    }
     if (len >= 5 && !memcmp(p, "HTTP/", 5)) {
         struct http_slice reason;
         if (!http_parse_status_line(p, l, &t->status, &reason))
@@ -608,6 +635,7 @@ static void transfer_free(struct transfer *t)
     curl_slist_free_all(t->headers);
     curl_slist_free_all(t->connect_to);
     buf_free(&t->head);
+    buf_free(&t->trailers);
     if (t->sink)                       /* last: it may hand the waiters on its key their answer */
         t->sink->ops->end(t->sink, t->sink_end);
     if (t->is_probe)
@@ -625,6 +653,7 @@ static struct transfer *start(struct transfer *t, struct app_side *c, const stru
 {
     t->app = c;
     t->head.cap = RESP_HEAD_MAX;
+    t->trailers.cap = TRAILERS_MAX;
     t->content_length = -1;
     t->easy = easy_get();
     STAT_INC(c->upstream, in_flight);
@@ -828,6 +857,17 @@ static void upstream_verify_failed(struct transfer *t)
     }
 }
 
+/* The chunked body's end for the app, with the upstream's trailer fields. */
+static int last_chunk(struct transfer *t)
+{
+    struct buf *out = &t->app->out;
+    if (buf_append(out, "0\r\n", 3) != 0)
+        return -1;
+    if (buf_len(&t->trailers) && buf_append(out, buf_head(&t->trailers), buf_len(&t->trailers)) != 0)
+        return -1;
+    return buf_append(out, "\r\n", 2);
+}
+
 void upstream_reap(void)
 {
     if (!multi)
@@ -846,8 +886,7 @@ void upstream_reap(void)
         }
         struct app_side *c = t->app;
         bool ok = result == CURLE_OK && t->head_done;
-        if (ok && !t->absorbed
-            && (send_head(t) != 0 || (t->mode == BODY_CHUNKED && buf_append(&c->out, "0\r\n\r\n", 5) != 0)))
+        if (ok && !t->absorbed && (send_head(t) != 0 || (t->mode == BODY_CHUNKED && last_chunk(t) != 0)))
             ok = false;
         bool refused = !ok && (t->pin_refused || result == CURLE_PEER_FAILED_VERIFICATION);
         if (refused)

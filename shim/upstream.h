@@ -34,6 +34,9 @@ struct upstream_sink_ops {
     enum sink_verdict (*head_done)(struct upstream_sink *s, int64_t content_length, bool chunked,
                                    enum http_framing_verdict framing);
     void (*body)(struct upstream_sink *s, const char *p, size_t n);
+    /* the body was followed by trailer fields (chunked): relayed to the app when it can
+     * take them, so the response is not one a stored entry could give again */
+    void (*trailers)(struct upstream_sink *s);
     /* whether the response is still wanted once the app has gone */
     bool (*wanted)(struct upstream_sink *s);
     void (*end)(struct upstream_sink *s, enum sink_end how);

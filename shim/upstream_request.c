@@ -113,9 +113,10 @@ int upreq_build(CURL *e, const struct shim_config *cfg, const struct upstream_ru
     curl_easy_setopt(e, CURLOPT_REQUEST_TARGET, scratch);
 
     bool own_validators = etag.n || last_modified.n;
-    bool has_accept = false, has_type = false;
+    bool has_accept = false, has_type = false, wants_trailers = false;
     for (size_t i = 0; i < req->nheaders; i++) {
         struct http_slice n = req->headers[i].name, v = req->headers[i].value;
+        wants_trailers |= http_slice_ieq(n, "te") && http_list_has_token(v, "trailers");
         if (http_is_hop_by_hop(n) || http_slice_ieq(n, "content-length") || http_slice_ieq(n, "expect")
             || named_in_connection(req, n))
             continue;
@@ -131,6 +132,11 @@ int upreq_build(CURL *e, const struct shim_config *cfg, const struct upstream_ru
     }
     if ((etag.n && add_header(headers, "If-None-Match: %.*s", (int)etag.n, etag.p))
         || (last_modified.n && add_header(headers, "If-Modified-Since: %.*s", (int)last_modified.n, last_modified.p)))
+        return -1;
+    /* TE is hop-by-hop, but its "trailers" the shim honours for the app (upstream.c relays
+     * trailer fields): said again on this hop, with the connection option RFC 9110 10.1.4
+     * asks for. Its transfer codings are not: libcurl would not undo them. */
+    if (wants_trailers && (add_header(headers, "TE: trailers") || add_header(headers, "Connection: TE")))
         return -1;
     if ((!has_accept && add_header(headers, "Accept:")) || add_header(headers, "Expect:")
         || (!req->has_host && add_header(headers, "Host:")) || (!has_type && add_header(headers, "Content-Type:")))

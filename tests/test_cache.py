@@ -20,6 +20,7 @@ import pytest
 from conftest import (SYS_PY, ROOT, Upstream, hop_by_hop, jlines, pyclient,
                       run, write_rules)
 from upstream import geo_document, pattern
+from rawclient import parse_responses
 
 CURL = ["curl", "-s", "-S", "--max-time", "20"]
 TTL_SLEEP = 1.6          # past a 1 s lifetime, with margin for a slow machine
@@ -459,7 +460,41 @@ NEVER = {
     "close-delimited": (dict(target="/custom?tag=cl&mode=close&n=3000"), {}, 200),
     "truncated": (dict(target="/custom?tag=tr&mode=truncate&n=10000"), {}, 200),
     "bad-chunk": (dict(target="/custom?tag=bc&mode=badchunk&n=10000"), {}, 200),
+    "trailers": (dict(target="/custom?tag=tf&mode=chunked&n=3000&t=X-Sum:1"), {}, 200),
 }
+
+
+def test_trailers_reach_the_app_as_direct(upstream, tmp_path):
+    """A chunked response's trailer fields reach an HTTP/1.1 app as they do direct (its
+    `TE: trailers` said again on the upstream hop, with `Connection: TE`), whatever the
+    chunk sizes; an HTTP/1.0 app gets the whole body close-delimited and no trailers, as
+    direct. Such a response is never stored: a hit could not carry them. (The trailers
+    were once dropped, and the body stored without them.)"""
+    conf = simple_conf(tmp_path, upstream)
+    t = "/custom/tf?mode=chunked&n=70000&t=X-Checksum:abc123&t=X-Count:2"
+    steps = [get(upstream, t, headers=["TE: trailers"]), get(upstream, t, headers=["TE: trailers"]),
+             get(upstream, t, version="HTTP/1.0")]
+    want = [["X-Checksum", "abc123"], ["X-Count", "2"]]
+    seen = {}
+    for shim in (False, True):
+        upstream.reset()
+        p = play(tmp_path, conf, steps, shim=shim)
+        assert [(r["status"], r["body_len"], r.get("trailers")) for r in p.resps] == \
+            [(200, 70000, want), (200, 70000, want), (200, 70000, None)], p.describe()
+        seen[shim] = [r["body_sha256"] for r in p.resps]
+        sent = [[v for k, v in e["headers"] if k.lower() == "te"] for e in upstream.stats()["log"]]
+        assert sent == [["trailers"], ["trailers"], []], upstream.stats()["log"]
+    assert seen[True] == seen[False]
+    assert upstream.stats()["requests"] == 3
+    # curl, which prints what it received with --raw
+    raws = {}
+    for shim in (False, True):
+        r = run(CURL + ["-i", "--raw", "-H", "TE: trailers", "http://127.0.0.1:%d%s" % (upstream.port, t)],
+                shim=shim, conf=conf)
+        assert r.rc == 0, r.describe()
+        rs = parse_responses(r.out, ["GET"], eof=True)
+        raws[shim] = (rs[0]["status"], rs[0]["body"], rs[0].get("trailers"))
+    assert raws[True] == raws[False] and raws[True][2] == want, raws
 
 
 @pytest.mark.parametrize("case", sorted(NEVER))

@@ -37,6 +37,7 @@ Upstream paths:
     /custom[/anything]  driven by the query string (percent-decoded):
                           status=N      status code (default 200)
                           h=Name:Value  an extra response header (repeatable, in order)
+                          t=Name:Value  a trailer field after a chunked body (repeatable)
                           n=BYTES       body size, pattern bytes (default 100)
                           delay=MS      sleep MS milliseconds first
                           fail_at=T     from wall-clock time T (ms since the epoch) on,
@@ -465,8 +466,9 @@ def read_body(conn, method, version, headers):
 
 
 # ---------------------------------------------------------------- responses
-def send_response(conn, ctx, code, body, extra=(), framing="length"):
-    """framing: 'length' | 'chunked' | 'close'. Returns True if connection stays open."""
+def send_response(conn, ctx, code, body, extra=(), framing="length", trailers=()):
+    """framing: 'length' | 'chunked' | 'close'; trailers: lines after a chunked body.
+    Returns True if connection stays open."""
     version = "HTTP/1.0" if ctx["version"] == "HTTP/1.0" else "HTTP/1.1"
     keep = ctx["keep"]
     if version == "HTTP/1.0" and framing == "chunked":
@@ -504,7 +506,7 @@ def send_response(conn, ctx, code, body, extra=(), framing="length"):
             if sum(len(p) for p in parts) > 262144:
                 conn.sendall(b"".join(parts))
                 parts = []
-        parts.append(b"0\r\n\r\n")
+        parts.append(b"0\r\n" + b"".join(t.encode("latin-1") + b"\r\n" for t in trailers) + b"\r\n")
         conn.sendall(b"".join(parts))
     else:
         conn.sendall(head + body)  # one write: no Nagle / delayed-ACK stall
@@ -659,7 +661,7 @@ TARGET_SEEN = {}
 def serve_custom(conn, ctx):
     """/custom: status, headers, size and framing from the query string."""
     query = ctx["target"].split("?", 1)[1] if "?" in ctx["target"] else ""
-    status, n, mode, tag, hdrs = 200, 100, "length", None, []
+    status, n, mode, tag, hdrs, trailers = 200, 100, "length", None, [], []
     etag = lm = None
     now_ms = time.time() * 1000
     with TARGET_LOCK:
@@ -694,6 +696,10 @@ def serve_custom(conn, ctx):
             name, value = name.strip(), value.strip()
             if _header_ok(name, value):
                 hdrs.append("%s: %s" % (name, value))
+        elif k == "t" and ":" in v:
+            name, value = v.split(":", 1)
+            if _header_ok(name.strip(), value.strip()):
+                trailers.append("%s: %s" % (name.strip(), value.strip()))
     extra = ["X-Served: %d" % next_served()]
     if tag is not None and _header_ok("X-Tag", tag):
         extra.append("X-Tag: %s" % tag)
@@ -704,7 +710,7 @@ def serve_custom(conn, ctx):
     if (etag and (etag in inm or "*" in inm)) or (lm and not inm and lm in ims):
         status, data = 304, b""
     if mode in ("length", "chunked", "close"):
-        keep = send_response(conn, ctx, status, data, extra, framing=mode)
+        keep = send_response(conn, ctx, status, data, extra, framing=mode, trailers=trailers)
         return "keep" if keep and mode != "close" else "close"
     version = "HTTP/1.0" if ctx["version"] == "HTTP/1.0" else "HTTP/1.1"
     lines = ["%s %d %s" % (version, status, reason(status)),

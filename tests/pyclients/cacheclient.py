@@ -141,6 +141,8 @@ def connection(i, host, step, timeout):
             d.update(version=r["version"], status=r["status"], reason=r["reason"],
                      headers=[[k, v] for k, v in r["headers"]], body_len=len(body),
                      body_sha256=hashlib.sha256(body).hexdigest())
+            if "trailers" in r:
+                d["trailers"] = r["trailers"]
         out.append(d)
     rep["responses"] = out
     return rep

@@ -88,6 +88,7 @@ def parse_responses(data, methods=None, eof=True):
                 p = le + 2
                 if sz == 0:
                     # trailers until empty line
+                    trailers = []
                     while True:
                         le = data.find(b"\r\n", p)
                         if le < 0:
@@ -97,6 +98,9 @@ def parse_responses(data, methods=None, eof=True):
                         if not line:
                             ok = True
                             break
+                        k, _, v = line.decode("latin-1").partition(":")
+                        trailers.append([k.strip(), v.strip()])
+                    resp["trailers"] = trailers
                     break
                 if p + sz + 2 > len(data):
                     break
