@@ -17,6 +17,7 @@
 
 struct fd_entry *fdtable_base;
 _Atomic unsigned fdtable_fork_count;
+_Atomic int fdtable_diverted_limit;
 #define table fdtable_base
 static _Atomic int engine_fd_limit;      /* one past the highest fd ever marked engine */
 
@@ -142,6 +143,7 @@ void fdtable_copy(int from, int to)
     atomic_store(&dst->n_epoll, 0);
     atomic_store_explicit(&dst->made, MADE_UNKNOWN, memory_order_relaxed);
     atomic_store_explicit(&dst->kind, FD_DIVERTED, memory_order_release);
+    fdtable_note_diverted(to);
 }
 
 int fdtable_engine_fd_limit(void)

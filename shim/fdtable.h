@@ -94,6 +94,15 @@ struct fd_entry *fdtable_slot(int fd); /* NULL if no table or out of range */
  * shim's to divert). */
 extern _Atomic unsigned fdtable_fork_count __attribute__((visibility("hidden")));
 static inline unsigned fdtable_forks(void) { return atomic_load_explicit(&fdtable_fork_count, memory_order_relaxed); }
+/* One past the highest fd number ever diverted (or copied from one that was). */
+extern _Atomic int fdtable_diverted_limit __attribute__((visibility("hidden")));
+static inline int fdtable_diverted_top(void) { return atomic_load_explicit(&fdtable_diverted_limit, memory_order_relaxed); }
+static inline void fdtable_note_diverted(int fd)
+{
+    int top = fdtable_diverted_top();
+    while (fd >= top && !atomic_compare_exchange_weak(&fdtable_diverted_limit, &top, fd + 1))
+        ;
+}
 /* The entry if fd is diverted and the entry is not stale (inode check), else NULL. */
 struct fd_entry *fdtable_diverted(int fd);
 /* The same for an fd whose real connect is in progress (FD_PROBING). */

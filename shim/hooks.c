@@ -110,6 +110,13 @@ static void forget_fd(int fd, struct fd_entry *e, bool still_open)
     fdtable_clear(fd);
 }
 
+void hooks_forget(int fd)
+{
+    struct fd_entry *e = fdtable_slot(fd);
+    if (e)
+        forget_fd(fd, e, true);
+}
+
 SHIM_EXPORT int socket(int domain, int type, int protocol)
 {
     real_bind();
@@ -242,6 +249,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     atomic_store(&e->n_epoll, keep ? nregs : 0);   /* moved below; noted while the reference is kept */
     atomic_store_explicit(&e->made, MADE_OTHER, memory_order_relaxed);   /* connected now */
     atomic_store_explicit(&e->kind, FD_DIVERTED, memory_order_release);
+    fdtable_note_diverted(fd);
     for (int i = 0; i < nregs; i++) {
         struct epoll_event ev = regs[i].ev;
         real_epoll_ctl(regs[i].epfd, EPOLL_CTL_ADD, fd, &ev);

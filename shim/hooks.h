@@ -12,4 +12,7 @@ enum divert_result hooks_try_divert(int fd, const struct sockaddr *addr, socklen
                                     bool is_connect);
 /* The real connect of a cold pool's probe finished with err (from SO_ERROR). */
 void hooks_probe_settled(int fd, struct fd_entry *e, int err);
+/* The close hook's bookkeeping for fd, which stays open: the table forgets it, and the
+ * engine's side of a diverted connection goes as on a close (hooks_exec.c replaces it). */
+void hooks_forget(int fd);
 #endif

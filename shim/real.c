@@ -45,6 +45,10 @@ static struct {
     int (*fcntl64)(int, int, ...);
     int (*setns)(int, int);
     int (*unshare)(int);
+    int (*execve)(const char *, char *const[], char *const[]);
+    int (*execvpe)(const char *, char *const[], char *const[]);
+    int (*fexecve)(int, char *const[], char *const[]);
+    int (*execveat)(int, const char *, char *const[], char *const[], int);
 } fn;
 
 static pthread_once_t bind_once = PTHREAD_ONCE_INIT;
@@ -79,7 +83,7 @@ static void bind_all(void)
     BIND(gethostbyname_r); BIND(gethostbyname2_r); BIND(getpeername); BIND(getsockname); BIND(shutdown);
     BIND(setsockopt); BIND(getsockopt); BIND(ioctl); BIND(epoll_ctl); BIND(close);
     BIND(close_range); BIND(fclose); BIND(dup); BIND(dup2); BIND(dup3); BIND(fcntl); BIND(fcntl64);
-    BIND(setns); BIND(unshare);
+    BIND(setns); BIND(unshare); BIND(execve); BIND(execvpe); BIND(fexecve); BIND(execveat);
     if (!fn.fcntl64)
         fn.fcntl64 = fn.fcntl;
     atomic_store(&bound, 1);
@@ -257,4 +261,33 @@ int real_fstat(int fd, struct stat *st)
 #else
     return fstat(fd, st);
 #endif
+}
+
+/* The exec family: always bound (hooks_exec.c binds first); execve and execveat fall back
+ * to the system call, the path search of execvpe has no such fallback. */
+int real_execve(const char *path, char *const argv[], char *const envp[])
+{
+    return fn.execve ? fn.execve(path, argv, envp) : (int)syscall(SYS_execve, path, argv, envp);
+}
+
+int real_execvpe(const char *file, char *const argv[], char *const envp[])
+{
+    if (!fn.execvpe) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return fn.execvpe(file, argv, envp);
+}
+
+int real_fexecve(int fd, char *const argv[], char *const envp[])
+{
+    if (!fn.fexecve)
+        return (int)syscall(SYS_execveat, fd, "", argv, envp, AT_EMPTY_PATH);
+    return fn.fexecve(fd, argv, envp);
+}
+
+int real_execveat(int dirfd, const char *path, char *const argv[], char *const envp[], int flags)
+{
+    return fn.execveat ? fn.execveat(dirfd, path, argv, envp, flags)
+                       : (int)syscall(SYS_execveat, dirfd, path, argv, envp, flags);
 }

@@ -56,4 +56,8 @@ int real_setns(int fd, int nstype);
  * on every look at a diverted fd (fdtable.c) */
 int real_fstat(int fd, struct stat *st);
 int real_unshare(int flags);
+int real_execve(const char *path, char *const argv[], char *const envp[]);
+int real_execvpe(const char *file, char *const argv[], char *const envp[]);
+int real_fexecve(int fd, char *const argv[], char *const envp[]);
+int real_execveat(int dirfd, const char *path, char *const argv[], char *const envp[], int flags);
 #endif

@@ -799,3 +799,83 @@ def test_a_link_local_upstream_with_its_interface_connects_for_real(tmp_path, so
             kill_group(server.pid, quiet=True)
             server.wait(timeout=15)
         subprocess.run(["ip", "netns", "del", ns])
+
+
+EXEC_BEFORE = r'''
+import json, os, socket, sys
+sys.path.insert(0, sys.argv[3])
+from rawclient import engine_present
+port, after, mode = int(sys.argv[1]), sys.argv[2], sys.argv[4]
+s = socket.create_connection(("127.0.0.1", port), timeout=10)
+s.sendall(b"GET /custom?tag=before HTTP/1.1\r\nHost: x\r\n\r\n")
+data = b""
+while len(data.partition(b"\r\n\r\n")[2]) < 100:          # /custom's 100 bytes, kept alive
+    d = s.recv(65536)
+    if not d:
+        break
+    data += d
+if mode == "answer-waiting":                               # the next answer left unread
+    s.sendall(b"GET /custom?tag=waiting HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.settimeout(10)
+    s.recv(1, socket.MSG_PEEK)
+print(json.dumps({"before": data.split(b"\r\n", 1)[0].decode(), "engine": engine_present()}), flush=True)
+os.set_inheritable(s.fileno(), True)
+os.execv(sys.executable, [sys.executable, after, str(s.fileno()), mode])
+'''
+
+EXEC_AFTER = r'''
+import json, socket, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+s.settimeout(10)
+tcp = s.family == socket.AF_INET
+if sys.argv[2] == "answer-waiting":
+    data = b""
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        data += d
+    status, body = data.split(b"\r\n", 1)[0].decode(), data.partition(b"\r\n\r\n")[2].decode("latin-1")
+else:
+    status, body = close_get(s, "/custom?tag=after")
+print(json.dumps({"after": status, "body_len": len(body), "tcp": tcp}))
+'''
+
+
+def test_a_connection_the_app_execs_with_goes_on_in_the_new_program(upstream, tmp_path):
+    """A diverted fd the app keeps across exec (no close-on-exec) is handed over as a real
+    connection to the same upstream when nothing is in flight, so the new program carries on
+    as it would direct: Python's os.execv after a kept-alive exchange, and bash's `exec
+    3<>/dev/tcp/...` then `exec prog`. An answer already waiting in the app's end is read
+    there as direct. (The socketpair's other end died with the old image's engine: the new
+    program read EOF.)"""
+    conf = write_rules(tmp_path, [], raw="[upstream 127.0.0.1:%d]\ncache GET /nothing-here ttl=1m\n" % upstream.port)
+    before, after = tmp_path / "before.py", tmp_path / "after.py"
+    before.write_text(EXEC_BEFORE)
+    after.write_text(with_closeget(EXEC_AFTER))
+    for mode in ("quiet", "answer-waiting"):
+        got = {}
+        for shim in (False, True):
+            upstream.reset()
+            r = run([SYS_PY, before, upstream.port, after, PYCLIENTS, mode], shim=shim, conf=conf)
+            assert r.rc == 0, r.describe()
+            lines = [json.loads(x) for x in r.out.decode().splitlines()]
+            assert lines[0]["engine"] is shim, r.describe()
+            # (the new program finds a TCP socket on its fd, or, with an answer waiting, the
+            # app's end of the socketpair, read to the end)
+            assert lines[1].pop("tcp") is (mode == "quiet" or not shim), (mode, lines)
+            got[shim] = (lines[0]["before"], lines[1], upstream.stats()["requests"])
+        assert got[True] == got[False] == ("HTTP/1.1 200 OK", {"after": "HTTP/1.1 200 OK", "body_len": 100}, 2), \
+            (mode, got)
+    if not shutil.which("bash"):
+        return
+    script = "exec 3<>/dev/tcp/127.0.0.1/%d; exec %s %s 3 quiet" % (upstream.port, SYS_PY, after)
+    for shim in (False, True):
+        upstream.reset()
+        r = run(["bash", "-c", script], shim=shim, conf=conf)
+        assert r.rc == 0 and json.loads(r.out) == {"after": "HTTP/1.1 200 OK", "body_len": 100, "tcp": True}, \
+            r.describe()
+        # through the shim, bash's own connect joined the pool the exec ended, and the
+        # handover made one more
+        assert (upstream.stats()["connections"], upstream.stats()["requests"]) == ((2 if shim else 1), 1), \
+            upstream.stats()

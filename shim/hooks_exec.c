@@ -1,0 +1,228 @@
+/* hooks_exec.c — owns what a diverted connection becomes when the process execs: the
+ * exec family is interposed, and a diverted fd the new program inherits (no close-on-exec)
+ * is turned into a real TCP connection to the address the app dialled, when it is quiet,
+ * since the socketpair's other end dies with this image's engine thread. Such a handover
+ * is what the new program would have had direct: a kept-alive connection to its upstream
+ * with nothing in flight (bash's `exec 3<>/dev/tcp/...` then `exec prog`, ucspi-tcp's
+ * tcpclient). A connection in the middle of an exchange, tunnelled, intercepted or of a
+ * Redis session (whose AUTH and SELECT live in the engine) stays as it is. */
+#include "config.h"
+#include "fdgate.h"
+#include "fdtable.h"
+#include "hooks.h"
+#include "log.h"
+#include "netns.h"
+#include "real.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define SHIM_EXPORT __attribute__((visibility("default")))
+#define HANDOVER_CONNECT_MS 3000       /* an exec waits at most this long per connection */
+
+extern char **environ;
+
+/* The process whose engine serves the diverted fds: a vfork child shares its memory but
+ * not its fd table, and must leave both alone (its parent's engine still serves them). */
+static pid_t home_pid;
+
+static void exec_atfork_child(void)
+{
+    home_pid = getpid();
+}
+
+__attribute__((constructor)) static void hooks_exec_init(void)
+{
+    home_pid = getpid();
+    pthread_atfork(NULL, NULL, exec_atfork_child);
+}
+
+/* Nothing in either direction: the app has read every byte the engine wrote, the engine
+ * every byte the app wrote, and neither side has half-closed. */
+static bool quiet(int fd, int engine_fd)
+{
+    struct pollfd p[2] = { { .fd = fd, .events = POLLIN | POLLRDHUP }, { .fd = engine_fd, .events = POLLIN | POLLRDHUP } };
+    return poll(p, 2, 0) == 0;
+}
+
+/* A blocking connect to where the app connected, bounded: a new TCP socket, or -1. */
+static int connect_again(const struct fd_entry *e)
+{
+    int s = real_socket(e->peer.sa.sa_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, IPPROTO_TCP);
+    if (s < 0)
+        return -1;
+    if (real_connect(s, &e->peer.sa, e->peer_len) == 0)
+        return s;
+    int err = errno;
+    if (err == EINPROGRESS) {
+        struct pollfd p = { .fd = s, .events = POLLOUT };
+        socklen_t len = sizeof err;
+        if (poll(&p, 1, HANDOVER_CONNECT_MS) == 1 && real_getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &len) == 0
+            && err == 0)
+            return s;
+    }
+    real_close(s);
+    return -1;
+}
+
+/* What the app set on its socket: its file flags, the socket-level options a Unix socket
+ * also took, and the TCP and IP ones the diverted fd kept for it. */
+static void carry_over(int from, int to, const struct fd_entry *e)
+{
+    int fl = real_fcntl(from, F_GETFL, NULL);
+    if (fl >= 0)
+        real_fcntl(to, F_SETFL, (void *)(long)(fl & (O_NONBLOCK | O_ASYNC | O_APPEND)));
+    static const int sol_socket[] = { SO_KEEPALIVE, SO_RCVTIMEO, SO_SNDTIMEO, SO_LINGER, SO_OOBINLINE };
+    for (size_t i = 0; i < sizeof sol_socket / sizeof sol_socket[0]; i++) {
+        char val[32];
+        socklen_t len = sizeof val;
+        if (real_getsockopt(from, SOL_SOCKET, sol_socket[i], val, &len) == 0)
+            real_setsockopt(to, SOL_SOCKET, sol_socket[i], val, len);
+    }
+    for (int i = 0; i < e->n_opts && i < FD_MAX_OPTS; i++)
+        real_setsockopt(to, e->opts[i].level, e->opts[i].name, &e->opts[i].value, sizeof e->opts[i].value);
+}
+
+static void hand_over(int fd, struct fd_entry *e)
+{
+    const struct shim_config *cfg = config_loaded();
+    if (!cfg || e->upstream < 0 || (size_t)e->upstream >= cfg->n_upstreams
+        || cfg->upstreams[e->upstream].protocol == PROTO_REDIS || e->forks_at_divert != fdtable_forks())
+        return;
+    int fdflags = real_fcntl(fd, F_GETFD, NULL);
+    if (fdflags < 0 || (fdflags & FD_CLOEXEC))
+        return;                        /* gone with the exec: nothing to hand over */
+    uint64_t held;
+    bool idle;
+    if (!fdgate_app_hold(&e->gate, &held, &idle))
+        return;                        /* tunnelled, TLS, shared with a dup or a child */
+    int tcp = idle && quiet(fd, e->engine_fd) ? connect_again(e) : -1;
+    if (tcp < 0) {
+        fdgate_app_release(&e->gate, held, false);
+        shim_debug("fd %d: inherited by the exec'd program while %s: it ends with this image", fd,
+                   idle ? "its upstream could not be reached again" : "an exchange is in flight");
+        return;
+    }
+    carry_over(fd, tcp, e);
+    fdgate_app_release(&e->gate, held, true);   /* never inline again on the old connection */
+    hooks_forget(fd);                  /* the engine's side of it goes as on a close */
+    if (real_dup3(tcp, fd, 0) < 0)
+        shim_debug("fd %d: not handed over to the exec'd program: %d", fd, errno);
+    else
+        shim_debug("fd %d: handed over to the exec'd program as a connection of its own", fd);
+    real_close(tcp);
+}
+
+/* Before any exec: every inherited diverted fd that can be handed over is. Keeps errno. */
+static void before_exec(void)
+{
+    real_bind();
+    if (shim_in_engine || !fdtable_base || netns_thread_away() || getpid() != home_pid)
+        return;
+    int saved = errno;
+    int top = fdtable_diverted_top();
+    for (int fd = 0; fd < top; fd++) {
+        struct fd_entry *e = fdtable_if_diverted(fd);
+        if (e)
+            hand_over(fd, e);
+    }
+    errno = saved;
+}
+
+SHIM_EXPORT int execve(const char *path, char *const argv[], char *const envp[])
+{
+    before_exec();
+    return real_execve(path, argv, envp);
+}
+
+SHIM_EXPORT int execv(const char *path, char *const argv[])
+{
+    before_exec();
+    return real_execve(path, argv, environ);
+}
+
+SHIM_EXPORT int execvp(const char *file, char *const argv[])
+{
+    before_exec();
+    return real_execvpe(file, argv, environ);
+}
+
+SHIM_EXPORT int execvpe(const char *file, char *const argv[], char *const envp[])
+{
+    before_exec();
+    return real_execvpe(file, argv, envp);
+}
+
+SHIM_EXPORT int fexecve(int fd, char *const argv[], char *const envp[])
+{
+    before_exec();
+    return real_fexecve(fd, argv, envp);
+}
+
+SHIM_EXPORT int execveat(int dirfd, const char *path, char *const argv[], char *const envp[], int flags)
+{
+    before_exec();
+    return real_execveat(dirfd, path, argv, envp, flags);
+}
+
+/* The list forms: their arguments gathered on the stack, as glibc does. */
+#define ARGS_MAX 65536
+
+static size_t count_args(va_list ap)
+{
+    va_list c;
+    va_copy(c, ap);
+    size_t n = 1;                      /* (arg0) */
+    while (n <= ARGS_MAX && va_arg(c, char *))
+        n++;
+    va_end(c);
+    return n;
+}
+
+static void fill_args(char **argv, const char *arg0, va_list *ap, size_t n)
+{
+    argv[0] = (char *)arg0;
+    for (size_t i = 1; i < n; i++)
+        argv[i] = va_arg(*ap, char *);
+    argv[n] = NULL;
+    (void)va_arg(*ap, char *);         /* the NULL that ended them */
+}
+
+#define LIST_FORM(first, argv, n, ap)                                   \
+    va_list ap;                                                         \
+    va_start(ap, first);                                                \
+    size_t n = count_args(ap);                                          \
+    if (n > ARGS_MAX) {                                                 \
+        va_end(ap);                                                     \
+        errno = E2BIG;                                                  \
+        return -1;                                                      \
+    }                                                                   \
+    char *argv[n + 1];                                                  \
+    fill_args(argv, first, &ap, n)
+
+SHIM_EXPORT int execl(const char *path, const char *arg, ...)
+{
+    LIST_FORM(arg, argv, n, ap);
+    va_end(ap);
+    return execv(path, argv);
+}
+
+SHIM_EXPORT int execlp(const char *file, const char *arg, ...)
+{
+    LIST_FORM(arg, argv, n, ap);
+    va_end(ap);
+    return execvp(file, argv);
+}
+
+SHIM_EXPORT int execle(const char *path, const char *arg, ...)
+{
+    LIST_FORM(arg, argv, n, ap);
+    char *const *envp = va_arg(ap, char *const *);
+    va_end(ap);
+    return execve(path, argv, envp);
+}
