@@ -24,6 +24,7 @@
 
 #define SHIM_EXPORT __attribute__((visibility("default")))
 #define HANDOVER_CONNECT_MS 3000       /* an exec waits at most this long per connection */
+#define HANDOVER_SETTLE_MS 200         /* and this long in all for exchanges to settle */
 
 extern char **environ;
 
@@ -88,7 +89,28 @@ static void carry_over(int from, int to, const struct fd_entry *e)
         real_setsockopt(to, e->opts[i].level, e->opts[i].name, &e->opts[i].value, sizeof e->opts[i].value);
 }
 
-static void hand_over(int fd, struct fd_entry *e)
+/* Holds the gate of a connection the engine holds nothing for, with nothing unread either
+ * way. An exchange whose last bytes the app has read is over, but the engine gives the
+ * connection back only after its write: an app that execs the moment it has its answer
+ * waits for that (until *settle_ms runs out: a request still in flight stays in flight). */
+static bool hold_quiet(int fd, struct fd_entry *e, uint64_t *held, int *settle_ms)
+{
+    for (;;) {
+        bool idle;
+        if (!fdgate_app_hold(&e->gate, held, &idle))
+            return false;              /* tunnelled, TLS, shared with a dup or a child */
+        bool still = quiet(fd, e->engine_fd);
+        if (idle && still)
+            return true;
+        fdgate_app_release(&e->gate, *held, false);
+        if (!still || *settle_ms <= 0)
+            return false;
+        (*settle_ms)--;
+        poll(NULL, 0, 1);
+    }
+}
+
+static void hand_over(int fd, struct fd_entry *e, int *settle_ms)
 {
     const struct shim_config *cfg = config_loaded();
     if (!cfg || e->upstream < 0 || (size_t)e->upstream >= cfg->n_upstreams
@@ -98,14 +120,16 @@ static void hand_over(int fd, struct fd_entry *e)
     if (fdflags < 0 || (fdflags & FD_CLOEXEC))
         return;                        /* gone with the exec: nothing to hand over */
     uint64_t held;
-    bool idle;
-    if (!fdgate_app_hold(&e->gate, &held, &idle))
-        return;                        /* tunnelled, TLS, shared with a dup or a child */
-    int tcp = idle && quiet(fd, e->engine_fd) ? connect_again(e) : -1;
+    if (!hold_quiet(fd, e, &held, settle_ms)) {
+        shim_debug("fd %d: inherited by the exec'd program in the middle of an exchange, a tunnel or TLS: it "
+                   "ends with this image", fd);
+        return;
+    }
+    int tcp = connect_again(e);
     if (tcp < 0) {
         fdgate_app_release(&e->gate, held, false);
-        shim_debug("fd %d: inherited by the exec'd program while %s: it ends with this image", fd,
-                   idle ? "its upstream could not be reached again" : "an exchange is in flight");
+        shim_debug("fd %d: inherited by the exec'd program, its upstream not reached again: it ends with this "
+                   "image", fd);
         return;
     }
     carry_over(fd, tcp, e);
@@ -125,11 +149,11 @@ static void before_exec(void)
     if (shim_in_engine || !fdtable_base || netns_thread_away() || getpid() != home_pid)
         return;
     int saved = errno;
-    int top = fdtable_diverted_top();
+    int top = fdtable_diverted_top(), settle_ms = HANDOVER_SETTLE_MS;
     for (int fd = 0; fd < top; fd++) {
         struct fd_entry *e = fdtable_if_diverted(fd);
         if (e)
-            hand_over(fd, e);
+            hand_over(fd, e, &settle_ms);
     }
     errno = saved;
 }

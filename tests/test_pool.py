@@ -493,7 +493,7 @@ def test_a_cold_burst_connects_as_direct_and_its_connections_join_the_pool(cap, 
 
 def with_closeget(source):
     """A client script that can import tests/pyclients/closeget.py (close_get)."""
-    return "import sys\nsys.path.insert(0, %r)\nfrom closeget import close_get\n" % str(PYCLIENTS) + source
+    return "import sys\nsys.path.insert(0, %r)\nfrom closeget import close_get, close_read\n" % str(PYCLIENTS) + source
 
 
 NETNS_SERVER = r'''
@@ -829,13 +829,7 @@ s = socket.socket(fileno=int(sys.argv[1]))
 s.settimeout(10)
 tcp = s.family == socket.AF_INET
 if sys.argv[2] == "answer-waiting":
-    data = b""
-    while True:
-        d = s.recv(65536)
-        if not d:
-            break
-        data += d
-    status, body = data.split(b"\r\n", 1)[0].decode(), data.partition(b"\r\n\r\n")[2].decode("latin-1")
+    status, body = close_read(s)
 else:
     status, body = close_get(s, "/custom?tag=after")
 print(json.dumps({"after": status, "body_len": len(body), "tcp": tcp}))

@@ -2,9 +2,8 @@
 and the socket closed: for test clients that check who answered, not how."""
 
 
-def close_exchange(s, request):
-    """Sends request (bytes), reads to EOF; (status line, body) as text."""
-    s.sendall(request)
+def close_read(s):
+    """Reads to EOF and closes; (status line, body) as text."""
     data = b""
     while len(data) < 1 << 20:
         d = s.recv(65536)
@@ -14,6 +13,12 @@ def close_exchange(s, request):
     s.close()
     head, _, body = data.partition(b"\r\n\r\n")
     return head.split(b"\r\n", 1)[0].decode("latin-1"), body.decode("latin-1")
+
+
+def close_exchange(s, request):
+    """Sends request (bytes), reads to EOF; (status line, body) as text."""
+    s.sendall(request)
+    return close_read(s)
 
 
 def close_get(s, target, host="x"):
