@@ -246,7 +246,7 @@ bool http_parse_status_line(const char *line, size_t len, int *status, struct ht
             return false;
         code = code * 10 + (line[i] - '0');
     }
-    if (code < 100 || code > 599 || (len > 12 && line[12] != ' '))
+    if (code < 100 || (len > 12 && line[12] != ' '))
         return false;
     size_t from = len > 12 ? 13 : 12;
     while (from < len && line[from] == ' ')
@@ -258,10 +258,14 @@ bool http_parse_status_line(const char *line, size_t len, int *status, struct ht
 
 bool http_split_header_line(const char *line, size_t len, struct http_slice *name, struct http_slice *value)
 {
-    const char *colon = memchr(line, ':', len);
-    if (!colon || colon == line)
+    const char *colon = memchr(line, ':', len), *name_end = colon;
+    /* white space before the colon: a server must refuse it in a request, a proxy remove it
+     * from a response (RFC 9112 5.1); only responses come here */
+    while (name_end && name_end > line && (name_end[-1] == ' ' || name_end[-1] == '\t'))
+        name_end--;
+    if (!colon || name_end == line)
         return false;
-    for (const char *c = line; c < colon; c++)
+    for (const char *c = line; c < name_end; c++)
         if (!is_tchar((unsigned char)*c))
             return false;
     const char *v = colon + 1, *end = line + len;
@@ -269,7 +273,7 @@ bool http_split_header_line(const char *line, size_t len, struct http_slice *nam
         v++;
     while (end > v && (end[-1] == ' ' || end[-1] == '\t'))
         end--;
-    *name = (struct http_slice){ line, (size_t)(colon - line) };
+    *name = (struct http_slice){ line, (size_t)(name_end - line) };
     *value = (struct http_slice){ v, (size_t)(end - v) };
     return true;
 }

@@ -52,9 +52,11 @@ const char *http_connection_line(int minor, bool keep_alive);
 
 /* ---- responses (the upstream's head arrives from libcurl one line at a time) ---- */
 
-/* "HTTP/1.x SSS reason": status (100..599) and the reason phrase. False otherwise. */
+/* "HTTP/1.x SSS reason": status (100..999: past 599 no class, but clients take it) and the
+ * reason phrase. False otherwise. */
 bool http_parse_status_line(const char *line, size_t len, int *status, struct http_slice *reason);
-/* "Name: value" (value without surrounding whitespace). False when it is not a header line. */
+/* "Name: value" (name without the white space a proxy removes before the colon, value
+ * without surrounding white space). False when it is not a header line. */
 bool http_split_header_line(const char *line, size_t len, struct http_slice *name, struct http_slice *value);
 
 /* The framing headers of one response head (RFC 9112 6), gathered line by line. */

@@ -223,6 +223,12 @@ struct store_writer {
     struct buf body;                /* the whole body, up to max_object */
 };
 
+/* 5xx; a status past 599 (no class of RFC 9110's, relayed as sent) is not one */
+static bool server_error(int status)
+{
+    return status >= 500 && status <= 599;
+}
+
 static void not_stored(struct store_writer *w, enum not_stored_reason why, bool failed)
 {
     if (!w->store)
@@ -233,7 +239,7 @@ static void not_stored(struct store_writer *w, enum not_stored_reason why, bool 
     buf_free(&w->stored_head);
     if (w->flight) {                   /* release the waiters now, not after the body */
         flight_mark_uncacheable(w->key, w->key_len);
-        if (failed || why == NS_INCOMPLETE || why == NS_MISFRAMED || w->status >= 500)
+        if (failed || why == NS_INCOMPLETE || why == NS_MISFRAMED || server_error(w->status))
             flight_fail(w->flight);    /* those with a stale entry may serve it */
         else
             flight_land(w->flight, NULL);
@@ -425,7 +431,7 @@ static enum sink_verdict sink_head_done(struct upstream_sink *s, int64_t content
         w->renew = true;               /* our validators matched: renew the entry, relay nothing */
         return SINK_ABSORB;
     }
-    if (w->stale_on_error && w->status >= 500) {
+    if (w->stale_on_error && server_error(w->status)) {
         not_stored(w, NS_STATUS, true);
         return SINK_FAIL;
     }
@@ -461,11 +467,11 @@ static void sink_body(struct upstream_sink *s, const char *p, size_t n)
         store_response(w);             /* whole by its length: stored at once */
 }
 
-static void sink_trailers(struct upstream_sink *s)
+static void sink_unstorable(struct upstream_sink *s, enum sink_unstorable why)
 {
     struct store_writer *w = writer_of(s);
     if (!w->stored)                    /* (only a chunked body has trailers: stored at its end) */
-        not_stored(w, NS_TRAILERS, false);
+        not_stored(w, why == SINK_FOLDED ? NS_OBS_FOLD : NS_TRAILERS, false);
 }
 
 static bool sink_wanted(struct upstream_sink *s)
@@ -503,7 +509,7 @@ static void sink_end(struct upstream_sink *s, enum sink_end how)
 }
 
 static const struct upstream_sink_ops writer_ops = {
-    sink_validators, sink_begin, sink_header, sink_head_done, sink_body, sink_trailers, sink_wanted, sink_end,
+    sink_validators, sink_begin, sink_header, sink_head_done, sink_body, sink_unstorable, sink_wanted, sink_end,
 };
 
 struct upstream_sink *store_writer_sink(struct store_writer *w) { return w ? &w->sink : NULL; }

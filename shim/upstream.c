@@ -39,7 +39,8 @@ struct transfer {
     struct curl_slist *headers, *connect_to;
     struct buf head;                /* the response head, rewritten for the app */
     struct buf trailers;            /* the trailer fields after a chunked body, for the app's last chunk */
-    bool had_trailers;
+    bool had_trailers, folded;
+    enum { LAST_NONE, LAST_RELAYED, LAST_DROPPED, LAST_FRAMING } last_line;   /* the header line before */
     int status;
     struct http_framing framing;    /* what the head's framing headers say */
     int64_t content_length;         /* -1 when the upstream sent none, or chunked */
@@ -348,7 +349,7 @@ static void on_trailer(struct transfer *t, const char *p, size_t l)
     if (l == 0 || t->absorbed)
         return;
     if (!t->had_trailers && t->sink)
-        t->sink->ops->trailers(t->sink);
+        t->sink->ops->unstorable(t->sink, SINK_HAD_TRAILERS);
     t->had_trailers = true;
     struct http_slice name, value;
     if (t->mode != BODY_CHUNKED || t->app->app_gone || t->detached || !http_split_header_line(p, l, &name, &value)
@@ -359,6 +360,29 @@ static void on_trailer(struct transfer *t, const char *p, size_t l)
         buf_free(&t->trailers);
         t->trailers.cap = 0;           /* (and nothing after it) */
     }
+}
+
+/* An obsolete line folding (RFC 9112 5.2): the continuation joins the line before with
+ * one space, as a proxy must forward it. A folded framing header fails the exchange (where
+ * the body ends would be a guess); the response is never stored (what the cache read of
+ * the line before was only its first part). */
+static int unfold(struct transfer *t, const char *p, size_t l)
+{
+    if (t->last_line == LAST_FRAMING || t->last_line == LAST_NONE)
+        return -1;
+    if (!t->folded && t->sink && t->status / 100 != 1)
+        t->sink->ops->unstorable(t->sink, SINK_FOLDED);
+    t->folded = true;
+    if (t->last_line != LAST_RELAYED)
+        return 0;                      /* the rest of a hop-by-hop header: dropped with it */
+    while (l && (*p == ' ' || *p == '\t')) {
+        p++;
+        l--;
+    }
+    t->head.end -= 2;                  /* the line before's CRLF */
+    if (buf_append(&t->head, " ", 1) != 0 || buf_append(&t->head, p, l) != 0 || buf_append(&t->head, "\r\n", 2) != 0)
+        return -1;
+    return 0;
 }
 
 static size_t on_header(char *p, size_t size, size_t n, void *userdata)
@@ -379,6 +403,7 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
             return 0;                  /* not a status line we can relay: fail the exchange */
         http_framing_init(&t->framing);
         t->head.start = t->head.end = 0;
+        t->last_line = LAST_NONE;
         if (t->sink && t->status / 100 != 1)
             t->sink->ops->begin(t->sink, t->status, reason);
         int k = reason.n ? snprintf(scratch, sizeof scratch, "HTTP/1.%d %03d %.*s\r\n", c->req_minor, t->status,
@@ -442,17 +467,29 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
     }
     if (!t->status)
         return 0;
+    if (p[0] == ' ' || p[0] == '\t')
+        return unfold(t, p, l) == 0 ? len : 0;
     struct http_slice name, value;
     if (!http_split_header_line(p, l, &name, &value))
         return 0;
+    t->last_line = LAST_FRAMING;
     if (http_framing_header(&t->framing, name, value))
         return len;                    /* re-emitted once framing is decided */
+    t->last_line = LAST_DROPPED;
     if (http_is_hop_by_hop(name))
         return len;
+    struct http_slice line = { p, l };
+    if (name.p[name.n] != ':') {       /* "Name : value": relayed without the white space */
+        int k = snprintf(scratch, sizeof scratch, "%.*s: %.*s", (int)name.n, name.p, (int)value.n, value.p);
+        if (k < 0 || (size_t)k >= sizeof scratch)
+            return 0;
+        line = (struct http_slice){ scratch, (size_t)k };
+    }
     if (t->sink && t->status / 100 != 1)
-        t->sink->ops->header(t->sink, name, value, (struct http_slice){ p, l });
-    if (buf_append(&t->head, p, l) != 0 || buf_append(&t->head, "\r\n", 2) != 0)
+        t->sink->ops->header(t->sink, name, value, line);
+    if (buf_append(&t->head, line.p, line.n) != 0 || buf_append(&t->head, "\r\n", 2) != 0)
         return 0;                      /* response head over RESP_HEAD_MAX */
+    t->last_line = LAST_RELAYED;
     return len;
 }
 

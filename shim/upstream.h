@@ -18,6 +18,7 @@ enum sink_verdict {
     SINK_ABSORB,                    /* a 304 to the sink's validators: relay nothing, end ABSORBED */
     SINK_FAIL,                      /* fail the exchange now, before anything reaches the app */
 };
+enum sink_unstorable { SINK_HAD_TRAILERS, SINK_FOLDED };
 enum sink_end {
     SINK_WHOLE,                     /* the response arrived whole (libcurl: done, no error) */
     SINK_FAILED,                    /* the upstream failed, or the response was cut short */
@@ -34,9 +35,10 @@ struct upstream_sink_ops {
     enum sink_verdict (*head_done)(struct upstream_sink *s, int64_t content_length, bool chunked,
                                    enum http_framing_verdict framing);
     void (*body)(struct upstream_sink *s, const char *p, size_t n);
-    /* the body was followed by trailer fields (chunked): relayed to the app when it can
-     * take them, so the response is not one a stored entry could give again */
-    void (*trailers)(struct upstream_sink *s);
+    /* the response cannot be stored whole: it carries trailer fields (relayed to the app
+     * when it can take them, which a stored entry could not give again), or a folded header
+     * line (relayed unfolded; what header() reported of it was its first part) */
+    void (*unstorable)(struct upstream_sink *s, enum sink_unstorable why);
     /* whether the response is still wanted once the app has gone */
     bool (*wanted)(struct upstream_sink *s);
     void (*end)(struct upstream_sink *s, enum sink_end how);

@@ -464,6 +464,32 @@ NEVER = {
 }
 
 
+def test_odd_response_heads_are_relayed_as_a_proxy_must(upstream, tmp_path):
+    """Heads a client takes though no server should send them reach the app as a proxy
+    must forward them (RFC 9112 5.1, 5.2): obsolete line folding joined with one space,
+    white space before a colon removed, a status past 599 as sent. Each used to fail the
+    exchange (the app's connection closed before an answer: curl exit 52, where direct it
+    exits 0). A folded response is never stored: the second line of its Cache-Control said
+    `private`; the others are, as any."""
+    conf = simple_conf(tmp_path, upstream, "GET /odd/* ttl=10m status=200,599")
+    steps = [get(upstream, "/odd/fold"), get(upstream, "/odd/fold"), get(upstream, "/odd/spacename"),
+             get(upstream, "/odd/spacename"), get(upstream, "/odd/status600")]
+    p = play(tmp_path, conf, steps)
+    assert_sources(p, upstream, "abccd")
+    fold, spaced, beyond = p.resps[0], p.resps[2], p.resps[4]
+    assert hdrs(fold, "X-Folded") == ["first second third"] and hdrs(fold, "Cache-Control") == \
+        ["max-age=60, private"], fold
+    assert ["X-Spaced", "v"] in spaced["headers"], spaced
+    assert (beyond["status"], beyond["reason"], beyond["body_len"]) == (600, "Beyond", 5), beyond
+    for kind in ("fold", "spacename", "status600"):
+        got = {}
+        for shim in (False, True):
+            r = run(CURL + ["-o", "/dev/null", "-w", "%{http_code} %{size_download}",
+                            "http://127.0.0.1:%d/odd/%s" % (upstream.port, kind)], shim=shim, conf=conf)
+            got[shim] = (r.rc, r.out)
+        assert got[True] == got[False] == (0, b"%d 5" % (600 if kind == "status600" else 200)), (kind, got)
+
+
 def test_trailers_reach_the_app_as_direct(upstream, tmp_path):
     """A chunked response's trailer fields reach an HTTP/1.1 app as they do direct (its
     `TE: trailers` said again on the upstream hop, with `Connection: TE`), whatever the

@@ -24,6 +24,9 @@ Upstream paths:
     /chunked/N          the same bytes, chunked in pieces of varied sizes
     /close/N            HTTP/1.1, no Content-Length, Connection: close, close-delimited
     /http10/N           HTTP/1.0 200 with Content-Length, then close
+    /odd/KIND           a head legal to receive, not to send, and "hello": fold (obsolete
+                        line folding, one of them in Cache-Control), spacename (white space
+                        before a colon), status600 (a status past 599)
     /truncate/N         promises Content-Length N, sends N//2, closes
     /reset/N            promises Content-Length N, sends N//2, then RST (SO_LINGER 0)
     /garbage            non-HTTP bytes, then close
@@ -523,6 +526,16 @@ def parse_n(s, default=None):
     return n
 
 
+# Heads that are legal to receive but not to send, or past the usual ranges, each with a
+# 5-byte body ("hello") and X-Served.
+ODD_HEADS = {
+    "fold": b"HTTP/1.1 200 OK\r\nX-Served: %d\r\nX-Folded: first\r\n  second\r\n\tthird\r\n"
+            b"Cache-Control: max-age=60,\r\n private\r\nContent-Length: 5\r\n\r\n",
+    "spacename": b"HTTP/1.1 200 OK\r\nX-Served: %d\r\nX-Spaced \t: v\r\nContent-Length: 5\r\n\r\n",
+    "status600": b"HTTP/1.1 600 Beyond\r\nX-Served: %d\r\nContent-Length: 5\r\n\r\n",
+}
+
+
 def serve_path(conn, ctx, path, body):
     """Returns 'keep', 'close' (graceful), or 'done' (socket already finished)."""
     segs = path.split("/")
@@ -557,6 +570,10 @@ def serve_path(conn, ctx, path, body):
         send_response(conn, ctx, 200, pattern(parse_n(arg)),
                       ["Content-Type: application/octet-stream"], framing="close")
         return "close"
+    if kind == "odd" and arg in ODD_HEADS and len(segs) == 3:
+        head = ODD_HEADS[arg] % next_served()
+        conn.sendall(head if ctx["method"] == "HEAD" else head + b"hello")
+        return "keep"
     if kind == "http10" and parse_n(arg) is not None and len(segs) == 3:
         data = pattern(parse_n(arg))
         head = ("HTTP/1.0 200 OK\r\nServer: httpshim-test-upstream\r\n"

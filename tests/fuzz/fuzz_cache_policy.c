@@ -589,17 +589,22 @@ static bool model_tchar(unsigned char c)
 static bool model_line(struct line l, struct http_slice *name, struct http_slice *value)
 {
     const char *colon = memchr(l.p, ':', l.n);
-    if (!colon || colon == l.p)
+    if (!colon)
         return false;
-    for (const char *c = l.p; c < colon; c++)
-        if (!model_tchar((unsigned char)*c))
+    size_t name_n = (size_t)(colon - l.p);   /* white space before the colon is not the name's */
+    while (name_n && (l.p[name_n - 1] == ' ' || l.p[name_n - 1] == '\t'))
+        name_n--;
+    if (!name_n)
+        return false;
+    for (size_t i = 0; i < name_n; i++)
+        if (!model_tchar((unsigned char)l.p[i]))
             return false;
     const char *v = colon + 1, *end = l.p + l.n;
     while (v < end && (*v == ' ' || *v == '\t'))
         v++;
     while (end > v && (end[-1] == ' ' || end[-1] == '\t'))
         end--;
-    *name = (struct http_slice){ l.p, (size_t)(colon - l.p) };
+    *name = (struct http_slice){ l.p, name_n };
     *value = (struct http_slice){ v, (size_t)(end - v) };
     return true;
 }
