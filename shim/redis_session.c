@@ -214,9 +214,10 @@ static bool name_in(const struct resp_item *it, const char *const *names)
 static const char *const blocking[] = { "BLPOP", "BRPOP", "BRPOPLPUSH", "BLMOVE", "BLMPOP", "BZPOPMIN", "BZPOPMAX",
                                          "BZMPOP", "WAIT", "WAITAOF", NULL };
 /* (READONLY, READWRITE and ASKING: how a cluster node serves the connection's next
- * commands, replica reads or the next command's slot check: never another app's) */
+ * commands, replica reads or the next command's slot check: never another app's; REPLCONF:
+ * the handshake of a replica, whose PSYNC must follow on the same connection) */
 static const char *const own_connection[] = { "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "MONITOR", "SYNC", "PSYNC",
-                                               "READONLY", "READWRITE", "ASKING", NULL };
+                                               "REPLCONF", "READONLY", "READWRITE", "ASKING", NULL };
 
 static bool is_blocking(const struct resp_item *it)
 {

@@ -163,12 +163,13 @@ def pubsub(a):
 
 def clusterstate(a):
     """READONLY, READWRITE and ASKING change how the connection's next commands are served
-    (on a cluster node; a plain server refuses them): each app connection that sends one
-    keeps it to itself."""
+    (on a cluster node; a plain server refuses them), REPLCONF makes it a replica's: each
+    app connection that sends one keeps it to itself."""
     out = {}
-    for cmd in ("READONLY", "READWRITE", "ASKING"):
+    for cmd in (["READONLY"], ["READWRITE"], ["ASKING"], ["REPLCONF", "listening-port", "6999"]):
         S = conn(a.port)
-        out[cmd] = [as_text(on(S, cmd)), as_text(on(S, "SET", "cs:" + cmd, "v")), as_text(on(S, "GET", "cs:" + cmd))]
+        out[cmd[0]] = [as_text(on(S, *cmd)), as_text(on(S, "SET", "cs:" + cmd[0], "v")),
+                       as_text(on(S, "GET", "cs:" + cmd[0]))]
         S[0].close()
     # CLIENT ID names the app's own connection: killing it from another ends only that one
     S, T = conn(a.port), conn(a.port)
