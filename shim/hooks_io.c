@@ -85,6 +85,67 @@ SHIM_EXPORT ssize_t writev(int fd, const struct iovec *iov, int iovcnt)
     return diverted_write(fd, e, &w);
 }
 
+/* Writes the fast path never answers (several messages at once, bytes from a file or a
+ * pipe, an offset write): through the gate all the same, so that nothing answered inline
+ * can overtake the request they carry. */
+struct other_write { int fd, in, n, flags; struct mmsghdr *msgs; off_t *off_in, *off_out, off; size_t len;
+                     const struct iovec *iov; int kind; };
+enum { OTHER_SENDMMSG, OTHER_SENDFILE, OTHER_SPLICE, OTHER_PWRITEV2 };
+
+static ssize_t do_other_write(void *arg)
+{
+    const struct other_write *w = arg;
+    switch (w->kind) {
+    case OTHER_SENDMMSG: return real_sendmmsg(w->fd, w->msgs, (unsigned)w->n, w->flags);
+    case OTHER_SENDFILE: return real_sendfile(w->fd, w->in, w->off_in, w->len);
+    case OTHER_SPLICE: return real_splice(w->in, w->off_in, w->fd, w->off_out, w->len, (unsigned)w->flags);
+    default: return real_pwritev2(w->fd, w->iov, w->n, w->off, w->flags);
+    }
+}
+
+static struct fd_entry *gated(int fd)
+{
+    real_bind();
+    return shim_in_engine ? NULL : fdtable_if_diverted(fd);
+}
+
+SHIM_EXPORT int sendmmsg(int fd, struct mmsghdr *msgs, unsigned n, int flags)
+{
+    struct fd_entry *e = gated(fd);
+    struct other_write w = { .fd = fd, .msgs = msgs, .n = (int)n, .flags = flags, .kind = OTHER_SENDMMSG };
+    return (int)(e && n <= INT32_MAX ? fastpath_write(config_loaded(), fd, e, NULL, 0, do_other_write, &w)
+                                     : do_other_write(&w));
+}
+
+SHIM_EXPORT ssize_t sendfile(int out, int in, off_t *off, size_t n)
+{
+    struct fd_entry *e = gated(out);
+    struct other_write w = { .fd = out, .in = in, .off_in = off, .len = n, .kind = OTHER_SENDFILE };
+    return e ? fastpath_write(config_loaded(), out, e, NULL, 0, do_other_write, &w) : do_other_write(&w);
+}
+
+SHIM_EXPORT ssize_t sendfile64(int out, int in, off_t *off, size_t n) { return sendfile(out, in, off, n); }
+
+SHIM_EXPORT ssize_t splice(int in, off_t *off_in, int out, off_t *off_out, size_t n, unsigned flags)
+{
+    struct fd_entry *e = gated(out);
+    struct other_write w = { .fd = out, .in = in, .off_in = off_in, .off_out = off_out, .len = n, .flags = (int)flags,
+                             .kind = OTHER_SPLICE };
+    return e ? fastpath_write(config_loaded(), out, e, NULL, 0, do_other_write, &w) : do_other_write(&w);
+}
+
+SHIM_EXPORT ssize_t pwritev2(int fd, const struct iovec *iov, int cnt, off_t off, int flags)
+{
+    struct fd_entry *e = gated(fd);
+    struct other_write w = { .fd = fd, .iov = iov, .n = cnt, .off = off, .flags = flags, .kind = OTHER_PWRITEV2 };
+    return e ? fastpath_write(config_loaded(), fd, e, NULL, 0, do_other_write, &w) : do_other_write(&w);
+}
+
+SHIM_EXPORT ssize_t pwritev64v2(int fd, const struct iovec *iov, int cnt, off_t off, int flags)
+{
+    return pwritev2(fd, iov, cnt, off, flags);
+}
+
 SHIM_EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr, socklen_t len)
 {
     real_bind();

@@ -49,6 +49,10 @@ static struct {
     int (*execvpe)(const char *, char *const[], char *const[]);
     int (*fexecve)(int, char *const[], char *const[]);
     int (*execveat)(int, const char *, char *const[], char *const[], int);
+    int (*sendmmsg)(int, struct mmsghdr *, unsigned, int);
+    ssize_t (*sendfile)(int, int, off_t *, size_t);
+    ssize_t (*splice)(int, off_t *, int, off_t *, size_t, unsigned);
+    ssize_t (*pwritev2)(int, const struct iovec *, int, off_t, int);
 } fn;
 
 static pthread_once_t bind_once = PTHREAD_ONCE_INIT;
@@ -84,6 +88,7 @@ static void bind_all(void)
     BIND(setsockopt); BIND(getsockopt); BIND(ioctl); BIND(epoll_ctl); BIND(close);
     BIND(close_range); BIND(fclose); BIND(dup); BIND(dup2); BIND(dup3); BIND(fcntl); BIND(fcntl64);
     BIND(setns); BIND(unshare); BIND(execve); BIND(execvpe); BIND(fexecve); BIND(execveat);
+    BIND(sendmmsg); BIND(sendfile); BIND(splice); BIND(pwritev2);
     if (!fn.fcntl64)
         fn.fcntl64 = fn.fcntl;
     atomic_store(&bound, 1);
@@ -290,4 +295,28 @@ int real_execveat(int dirfd, const char *path, char *const argv[], char *const e
 {
     return fn.execveat ? fn.execveat(dirfd, path, argv, envp, flags)
                        : (int)syscall(SYS_execveat, dirfd, path, argv, envp, flags);
+}
+
+/* Writes the fast path never answers inline, gated all the same (hooks_io.c). */
+int real_sendmmsg(int fd, struct mmsghdr *v, unsigned n, int flags)
+{
+    return fn.sendmmsg ? fn.sendmmsg(fd, v, n, flags) : (int)syscall(SYS_sendmmsg, fd, v, n, flags);
+}
+
+ssize_t real_sendfile(int out, int in, off_t *off, size_t n)
+{
+    return fn.sendfile ? fn.sendfile(out, in, off, n) : syscall(SYS_sendfile, out, in, off, n);
+}
+
+ssize_t real_splice(int in, off_t *off_in, int out, off_t *off_out, size_t n, unsigned flags)
+{
+    return fn.splice ? fn.splice(in, off_in, out, off_out, n, flags) : syscall(SYS_splice, in, off_in, out, off_out, n, flags);
+}
+
+ssize_t real_pwritev2(int fd, const struct iovec *iov, int cnt, off_t off, int flags)
+{
+    if (fn.pwritev2)
+        return fn.pwritev2(fd, iov, cnt, off, flags);
+    errno = ENOSYS;                    /* (the system call splits the offset: glibc's to do) */
+    return -1;
 }

@@ -131,6 +131,45 @@ print(json.dumps([len(read_one(f)), len(read_one(f))]))
     assert r.rc == 0 and jlines(r.out)[0] == [22, 11], r.describe()
 
 
+@pytest.mark.parametrize("how", ["sendfile", "splice"])
+def test_a_hit_never_overtakes_a_request_written_from_a_file_or_a_pipe(how, upstream, tmp_path, sockdir):
+    """The same, with the slow miss written by sendfile() from a file or splice() from a
+    pipe, which never carry an answer inline but must still pass the gate, on a connection
+    whose first request was a hit answered inline (the engine not listening to it yet): the
+    engine never heard the miss, and the hit written after it came back in its place."""
+    conf = conf_for(tmp_path, upstream, sockdir)
+    code = r'''
+import os, socket, sys, json
+port, how, tmp = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+def get(s, path):
+    s.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path).encode())
+def read_one(f):
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += f.read(1)
+    n = int(next(l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")))
+    return f.read(n)
+w = socket.create_connection(("127.0.0.1", port)); get(w, "/bytes/11"); read_one(w.makefile("rb"))
+s = socket.create_connection(("127.0.0.1", port)); f = s.makefile("rb")
+get(s, "/bytes/11"); hit = read_one(f)                 # answered inline: the engine is not listening
+miss = b"GET /custom/slow?n=22&delay=400&tag=%s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % how.encode()
+if how == "sendfile":
+    with open(os.path.join(tmp, "req"), "wb") as r:
+        r.write(miss)
+    with open(os.path.join(tmp, "req"), "rb") as r:
+        assert os.sendfile(s.fileno(), r.fileno(), 0, len(miss)) == len(miss)
+else:
+    rd, wr = os.pipe()
+    os.write(wr, miss)
+    assert os.splice(rd, s.fileno(), len(miss)) == len(miss)
+get(s, "/bytes/11")                                      # a hit, written right after
+s.settimeout(10)
+print(json.dumps([len(hit), len(read_one(f)), len(read_one(f))]))
+'''
+    r = run([SYS_PY, "-c", code, upstream.port, how, tmp_path], conf=conf, timeout=60)
+    assert r.rc == 0 and jlines(r.out)[0] == [11, 22, 11], r.describe()
+
+
 def test_a_large_hit_the_pair_does_not_take_whole(upstream, tmp_path, sockdir):
     """A 600 KB entry: the inline answer does not fit the socketpair's buffer; the engine
     sends the rest, and the client gets the whole body, intact."""
