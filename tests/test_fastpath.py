@@ -106,13 +106,9 @@ def test_fastpath_off(upstream, tmp_path, sockdir):
     assert u["hits"] == 9 and u["inline_hits"] == 0, u
 
 
-def test_a_pipelined_hit_waits_for_the_miss_before_it(upstream, tmp_path, sockdir):
-    """On one kept-alive connection: a miss to a slow upstream, then (without waiting) a
-    request that is a hit. The hit must not overtake: the answers come in request order."""
-    conf = conf_for(tmp_path, upstream, sockdir)
-    code = r'''
-import socket, sys, json
-port = int(sys.argv[1])
+# a client's requests on one kept-alive connection, and one answer read (Content-Length)
+PIPELINED = r'''
+import os, socket, sys, json
 def get(s, path):
     s.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path).encode())
 def read_one(f):
@@ -121,6 +117,15 @@ def read_one(f):
         head += f.read(1)
     n = int(next(l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")))
     return f.read(n)
+'''
+
+
+def test_a_pipelined_hit_waits_for_the_miss_before_it(upstream, tmp_path, sockdir):
+    """On one kept-alive connection: a miss to a slow upstream, then (without waiting) a
+    request that is a hit. The hit must not overtake: the answers come in request order."""
+    conf = conf_for(tmp_path, upstream, sockdir)
+    code = PIPELINED + r'''
+port = int(sys.argv[1])
 s = socket.create_connection(("127.0.0.1", port)); f = s.makefile("rb")
 get(s, "/bytes/11"); read_one(f)                       # now /bytes/11 is cached
 get(s, "/custom/slow?n=22&delay=400&tag=order")          # a miss, 400 ms
@@ -138,17 +143,8 @@ def test_a_hit_never_overtakes_a_request_written_from_a_file_or_a_pipe(how, upst
     whose first request was a hit answered inline (the engine not listening to it yet): the
     engine never heard the miss, and the hit written after it came back in its place."""
     conf = conf_for(tmp_path, upstream, sockdir)
-    code = r'''
-import os, socket, sys, json
+    code = PIPELINED + r'''
 port, how, tmp = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-def get(s, path):
-    s.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path).encode())
-def read_one(f):
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        head += f.read(1)
-    n = int(next(l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")))
-    return f.read(n)
 w = socket.create_connection(("127.0.0.1", port)); get(w, "/bytes/11"); read_one(w.makefile("rb"))
 s = socket.create_connection(("127.0.0.1", port)); f = s.makefile("rb")
 get(s, "/bytes/11"); hit = read_one(f)                 # answered inline: the engine is not listening
