@@ -85,7 +85,7 @@ int exited_write(const char *socket_path, const char *suffix, const char *json, 
     int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (fd < 0)
         return -1;
-    FILE *f = fdopen(fd, "w");
+    FILE *f = real_fdopen(fd, "w");
     if (!f) {
         syscall(SYS_close, fd);
         unlink(tmp);

@@ -6,6 +6,7 @@
  * not hold, and on the engine thread, go straight to the real functions. */
 #include "hooks.h"
 #include "config.h"
+#include "engine.h"
 #include "fastpath.h"
 #include "fdtable.h"
 #include "netns.h"
@@ -19,6 +20,7 @@
 #include <stdarg.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <stdio.h>
 #include <sys/socket.h>
 
 #define SHIM_EXPORT __attribute__((visibility("default")))
@@ -144,6 +146,69 @@ SHIM_EXPORT ssize_t pwritev2(int fd, const struct iovec *iov, int cnt, off_t off
 SHIM_EXPORT ssize_t pwritev64v2(int fd, const struct iovec *iov, int cnt, off_t off, int flags)
 {
     return pwritev2(fd, iov, cnt, off, flags);
+}
+
+/* glibc's own writers, which write from within libc where no hook sees them: a FILE made on
+ * a diverted fd, and dprintf. The engine must hear the connection (the app's end may see
+ * no hooked call at all, and an unheard request is never answered), and a FILE's writes
+ * may come at any time, so that connection is never answered inline again: nothing can
+ * overtake them. A dprintf passes the gate as any write. */
+SHIM_EXPORT FILE *fdopen(int fd, const char *mode)
+{
+    real_bind();
+    FILE *f = real_fdopen(fd, mode);
+    struct fd_entry *e = f && !shim_in_engine ? fdtable_if_diverted(fd) : NULL;
+    if (e) {
+        int saved = errno;
+        fdgate_shut(&e->gate);
+        engine_need(e);
+        errno = saved;
+    }
+    return f;
+}
+
+struct printf_call { int fd, flag; const char *fmt; va_list *ap; };
+
+static ssize_t do_vdprintf(void *arg)
+{
+    struct printf_call *p = arg;
+    return real_vdprintf(p->fd, p->flag, p->fmt, *p->ap);
+}
+
+static int gated_vdprintf(int fd, int flag, const char *fmt, va_list ap)
+{
+    struct fd_entry *e = gated(fd);
+    va_list copy;
+    va_copy(copy, ap);
+    struct printf_call p = { fd, flag, fmt, &copy };
+    int rc = (int)(e ? fastpath_write(config_loaded(), fd, e, NULL, 0, do_vdprintf, &p) : do_vdprintf(&p));
+    va_end(copy);
+    return rc;
+}
+
+SHIM_EXPORT int vdprintf(int fd, const char *fmt, va_list ap) { return gated_vdprintf(fd, -1, fmt, ap); }
+
+SHIM_EXPORT int __vdprintf_chk(int fd, int flag, const char *fmt, va_list ap)
+{
+    return gated_vdprintf(fd, flag < 0 ? 0 : flag, fmt, ap);
+}
+
+SHIM_EXPORT int dprintf(int fd, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int rc = gated_vdprintf(fd, -1, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+SHIM_EXPORT int __dprintf_chk(int fd, int flag, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int rc = gated_vdprintf(fd, flag < 0 ? 0 : flag, fmt, ap);
+    va_end(ap);
+    return rc;
 }
 
 SHIM_EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr, socklen_t len)

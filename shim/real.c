@@ -53,6 +53,9 @@ static struct {
     ssize_t (*sendfile)(int, int, off_t *, size_t);
     ssize_t (*splice)(int, off_t *, int, off_t *, size_t, unsigned);
     ssize_t (*pwritev2)(int, const struct iovec *, int, off_t, int);
+    FILE *(*fdopen)(int, const char *);
+    int (*vdprintf)(int, const char *, va_list);
+    int (*vdprintf_chk)(int, int, const char *, va_list);
 } fn;
 
 static pthread_once_t bind_once = PTHREAD_ONCE_INIT;
@@ -88,7 +91,10 @@ static void bind_all(void)
     BIND(setsockopt); BIND(getsockopt); BIND(ioctl); BIND(epoll_ctl); BIND(close);
     BIND(close_range); BIND(fclose); BIND(dup); BIND(dup2); BIND(dup3); BIND(fcntl); BIND(fcntl64);
     BIND(setns); BIND(unshare); BIND(execve); BIND(execvpe); BIND(fexecve); BIND(execveat);
-    BIND(sendmmsg); BIND(sendfile); BIND(splice); BIND(pwritev2);
+    BIND(sendmmsg); BIND(sendfile); BIND(splice); BIND(pwritev2); BIND(fdopen); BIND(vdprintf);
+    void *chk = dlsym(RTLD_NEXT, "__vdprintf_chk");
+    if (!is_ours(chk))
+        memcpy(&fn.vdprintf_chk, &chk, sizeof chk);
     if (!fn.fcntl64)
         fn.fcntl64 = fn.fcntl;
     atomic_store(&bound, 1);
@@ -319,4 +325,26 @@ ssize_t real_pwritev2(int fd, const struct iovec *iov, int cnt, off_t off, int f
         return fn.pwritev2(fd, iov, cnt, off, flags);
     errno = ENOSYS;                    /* (the system call splits the offset: glibc's to do) */
     return -1;
+}
+
+/* glibc's own writers: no system-call fallback (bound before any app call reaches them) */
+FILE *real_fdopen(int fd, const char *mode)
+{
+    real_bind();
+    if (!fn.fdopen) {
+        errno = ENOSYS;
+        return NULL;
+    }
+    return fn.fdopen(fd, mode);
+}
+
+int real_vdprintf(int fd, int flag, const char *fmt, va_list ap)
+{
+    if (flag >= 0 && fn.vdprintf_chk)
+        return fn.vdprintf_chk(fd, flag, fmt, ap);
+    if (!fn.vdprintf) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return fn.vdprintf(fd, fmt, ap);
 }

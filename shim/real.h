@@ -6,6 +6,7 @@
 #ifndef HTTPSHIM_REAL_H
 #define HTTPSHIM_REAL_H
 #include <netdb.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdbool.h>
 #include <sys/epoll.h>
@@ -58,6 +59,9 @@ int real_fstat(int fd, struct stat *st);
 int real_unshare(int flags);
 int real_execve(const char *path, char *const argv[], char *const envp[]);
 int real_sendmmsg(int fd, struct mmsghdr *v, unsigned n, int flags);
+FILE *real_fdopen(int fd, const char *mode);
+/* vdprintf, or __vdprintf_chk with its flag when flag >= 0 */
+int real_vdprintf(int fd, int flag, const char *fmt, va_list ap);
 ssize_t real_sendfile(int out, int in, off_t *off, size_t n);
 ssize_t real_splice(int in, off_t *off_in, int out, off_t *off_out, size_t n, unsigned flags);
 ssize_t real_pwritev2(int fd, const struct iovec *iov, int cnt, off_t off, int flags);

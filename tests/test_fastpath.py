@@ -296,6 +296,25 @@ def test_a_socket_closed_behind_the_hooks_is_let_go(upstream, tmp_path, sockdir)
     assert r.rc == 0 and jlines(r.out) == [{"case": "closefrom", "first": 200, "after": 200}], r.describe()
 
 
+def test_requests_glibc_writes_itself_are_answered(upstream, tmp_path, sockdir):
+    """A C client that writes its request through stdio (fdopen, fprintf, fflush, fgets) or
+    with dprintf: glibc writes from within itself, past every hook, so the engine never heard
+    the connection and the client waited for an answer that never came (a read timeout
+    each). Now a FILE made on a diverted fd makes the engine hear it, and dprintf passes the
+    gate: three GETs each, a miss then hits, answered as direct."""
+    require_build(SOCKSTATE)
+    conf = conf_for(tmp_path, upstream, sockdir)
+    for case in ("stdio", "dprintf"):
+        got = {}
+        for shim in (False, True):
+            upstream.reset()
+            r = run([str(SOCKSTATE), "--port", upstream.port, "--case", case], shim=shim, conf=conf, timeout=60)
+            assert r.rc == 0, r.describe()
+            got[shim] = (jlines(r.out), upstream.stats()["requests"])
+        assert got[False] == ([{"case": case, "status": [200, 200, 200]}], 3), got
+        assert got[True] == ([{"case": case, "status": [200, 200, 200]}], 1), got   # (a miss, then hits)
+
+
 EPOLL_CLOSE_CLIENT = r"""
 import json, select, socket, sys
 port = int(sys.argv[1])

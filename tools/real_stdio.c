@@ -1,6 +1,7 @@
-/* real_stdio.c — real_fclose() for the programs that use shim/rules.c and shim/exited.c
- * without the library (the CLI, the rules fuzz target): there, fclose is libc's own. In
- * the library, real.c binds it past the fclose hook. */
+/* real_stdio.c — real_fclose() and real_fdopen() for the programs that use shim/rules.c
+ * and shim/exited.c without the library (the CLI, the rules fuzz target): there, they are
+ * libc's own. In the library, real.c binds them past the hooks. */
 #include "../shim/real.h"
 
 int real_fclose(FILE *f) { return fclose(f); }
+FILE *real_fdopen(int fd, const char *mode) { return fdopen(fd, mode); }

@@ -12,6 +12,9 @@
  *
  * "diverted" is SO_DOMAIN == AF_UNIX: the shim swapped the socket for its socketpair.
  *
+ * Two cases write through glibc's own writes, which no hook sees (--case stdio: fdopen,
+ * fprintf and fgets; --case dprintf), three GETs each: {"case":"stdio","status":[200,200,200]}.
+ *
  * Two cases only on request: --case fclose (a connected socket that never wrote, closed
  * through fdopen + fclose, which closes behind the close hook: prints the process's open
  * fds before and after) and --case closefrom (closefrom(3) with a connection open, then
@@ -176,9 +179,45 @@ static int settled_fds(void)
     return n;
 }
 
+/* Three GETs of path, a connection each, written through stdio (fdopen + fprintf + fflush,
+ * read with fgets) or with dprintf (read with read): the status of each, 0 for none. Neither
+ * write goes through the PLT: glibc writes from within itself. */
+static void stdio_gets(const char *name, const char *path)
+{
+    int status[3] = { 0, 0, 0 };
+    for (int i = 0; i < 3; i++) {
+        struct sockaddr_in a = upstream_addr();
+        int fd = tcp(0);
+        struct timeval tv = { 5, 0 };
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
+            close(fd);
+            continue;
+        }
+        FILE *f = fdopen(fd, "r+");
+        if (!f) {
+            close(fd);
+            continue;
+        }
+        const char *fmt = "GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n";
+        char line[256];
+        if (!strcmp(name, "dprintf")) {
+            ssize_t n = dprintf(fd, fmt, path, port) > 0 ? read(fd, line, sizeof line - 1) : -1;
+            line[n > 0 ? n : 0] = 0;
+        } else if (fprintf(f, fmt, path, port) < 0 || fflush(f) != 0 || !fgets(line, sizeof line, f)) {
+            line[0] = 0;
+        }
+        sscanf(line, "HTTP/1.%*d %d", &status[i]);
+        fclose(f);
+    }
+    printf("{\"case\":\"%s\",\"status\":[%d,%d,%d]}\n", name, status[0], status[1], status[2]);
+}
+
 static bool special_case(const char *name)
 {
-    if (!strcmp(name, "fclose")) {
+    if (!strcmp(name, "stdio") || !strcmp(name, "dprintf")) {
+        stdio_gets(name, "/bytes/100");
+    } else if (!strcmp(name, "fclose")) {
         struct sockaddr_in a = upstream_addr();
         int fd = tcp(0), rc = connect(fd, (struct sockaddr *)&a, sizeof a);
         close(fd);                     /* the engine (and its own fds) is up from here on */
