@@ -725,8 +725,10 @@ static struct conn *conn_new(int engine_fd, int upstream, const union shim_socka
 void engine_need(struct fd_entry *e)
 {
     int want = FD_UNHEARD;
-    /* every real write comes here: a plain load answers all but the first */
-    if (atomic_load_explicit(&e->heard, memory_order_acquire) != FD_UNHEARD
+    /* every real write comes here: a plain load answers all but the first; a connection
+     * diverted before a fork is the parent's engine's, which listens to it already (hooks.c),
+     * and its conn, in a child, a copy of the parent's memory */
+    if (atomic_load_explicit(&e->heard, memory_order_acquire) != FD_UNHEARD || e->forks_at_divert != fdtable_forks()
         || !atomic_compare_exchange_strong(&e->heard, &want, FD_HEARD))
         return;
     fdtable_close_kept_app_end(e);     /* now the app's close must be the last: the engine hears it */

@@ -37,8 +37,35 @@
 
 #define SHIM_EXPORT __attribute__((visibility("default")))
 
+/* Every diverted connection is the child's too from here on, and only this process's engine
+ * holds its other end: that engine listens to each, so that what the child writes is
+ * answered there (while this process lives). The child never answers inline on them: its
+ * engine fds are closed, their numbers free for anything. */
+static void share_diverted_with_child(void)
+{
+    if (shim_in_engine || !fdtable_base)
+        return;
+    int top = fdtable_diverted_top();
+    for (int fd = 0; fd < top; fd++) {
+        struct fd_entry *e = fdtable_if_diverted(fd);
+        if (e && e->forks_at_divert == fdtable_forks())
+            engine_need(e);
+    }
+}
+
+static void inherited_never_inline(void)
+{
+    int top = fdtable_base ? fdtable_diverted_top() : 0;
+    for (int fd = 0; fd < top; fd++) {
+        struct fd_entry *e = fdtable_if_diverted(fd);
+        if (e)
+            fdgate_shut_next(&e->gate);   /* (no other thread here to wait out) */
+    }
+}
+
 static void atfork_prepare(void)
 {
+    share_diverted_with_child();
     engine_atfork_prepare();
     rules_atfork_prepare();            /* last: its holder never waits on another lock */
 }
@@ -51,6 +78,7 @@ static void atfork_parent(void)
 static void atfork_child(void)
 {
     atomic_fetch_add_explicit(&fdtable_fork_count, 1, memory_order_relaxed);
+    inherited_never_inline();
     rules_atfork_release();
     config_atfork_child();
     engine_atfork_child();

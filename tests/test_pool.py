@@ -836,6 +836,15 @@ print(json.dumps({"after": status, "body_len": len(body), "tcp": tcp}))
 '''
 
 
+def app_and_after(tmp, up, source, cached):
+    """Rules caching `cached` on up, the app's script, and the program it execs (EXEC_AFTER)."""
+    conf = write_rules(tmp, [], raw="[upstream 127.0.0.1:%d]\ncache GET %s ttl=1m\n" % (up.port, cached))
+    app, after = tmp / "app.py", tmp / "after.py"
+    app.write_text(source)
+    after.write_text(with_closeget(EXEC_AFTER))
+    return conf, app, after
+
+
 def test_a_connection_the_app_execs_with_goes_on_in_the_new_program(upstream, tmp_path):
     """A diverted fd the app keeps across exec (no close-on-exec) is handed over as a real
     connection to the same upstream when nothing is in flight, so the new program carries on
@@ -843,10 +852,7 @@ def test_a_connection_the_app_execs_with_goes_on_in_the_new_program(upstream, tm
     3<>/dev/tcp/...` then `exec prog`. An answer already waiting in the app's end is read
     there as direct. (The socketpair's other end died with the old image's engine: the new
     program read EOF.)"""
-    conf = write_rules(tmp_path, [], raw="[upstream 127.0.0.1:%d]\ncache GET /nothing-here ttl=1m\n" % upstream.port)
-    before, after = tmp_path / "before.py", tmp_path / "after.py"
-    before.write_text(EXEC_BEFORE)
-    after.write_text(with_closeget(EXEC_AFTER))
+    conf, before, after = app_and_after(tmp_path, upstream, EXEC_BEFORE, "/nothing-here")
     for mode in ("quiet", "answer-waiting"):
         got = {}
         for shim in (False, True):
@@ -873,3 +879,61 @@ def test_a_connection_the_app_execs_with_goes_on_in_the_new_program(upstream, tm
         # handover made one more
         assert (upstream.stats()["connections"], upstream.stats()["requests"]) == ((2 if shim else 1), 1), \
             upstream.stats()
+
+
+FORKED_USER = r'''
+import json, os, socket, sys
+port, mode, after = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+def get(s, path):
+    s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path).encode())
+    f = s.makefile("rb")
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        c = f.read(1)
+        if not c:
+            return "EOF"
+        head += c
+    lines = head.decode("latin-1").split("\r\n")
+    n = int([l.split(":")[1] for l in lines if l.lower().startswith("content-length")][0])
+    tag = [l.split(":")[1].strip() for l in lines if l.lower().startswith("x-tag")]
+    return [lines[0], len(f.read(n)), tag]
+w = socket.create_connection(("127.0.0.1", port))
+get(w, "/bytes/10")                                         # cached from here on
+w.close()
+s = socket.create_connection(("127.0.0.1", port), timeout=10)
+out = {"parent_before": get(s, "/bytes/10")}                # a hit (inline, through the shim)
+os.set_inheritable(s.fileno(), True)
+pid = os.fork()
+if pid == 0:
+    if mode == "exec":
+        os.execv(sys.executable, [sys.executable, after, str(s.fileno()), "quiet"])
+    print(json.dumps({"child": get(s, "/custom?tag=child")}), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+if mode != "exec":
+    out["parent_after"] = get(s, "/bytes/10")
+print(json.dumps(out), flush=True)
+'''
+
+
+def test_a_connection_shared_with_a_forked_child_answers_both(upstream, tmp_path):
+    """A connection the parent made (and had a hit answered inline on) used by a forked
+    child, or by the program the child execs: the child's request is answered, and the
+    parent's next one gets its own answer, as direct. (The parent's engine had not been
+    listening to the connection: the child waited for an answer that never came, and the
+    parent then read the child's.)"""
+    conf, app, after = app_and_after(tmp_path, upstream, FORKED_USER, "/bytes/*")
+    for mode in ("fork", "exec"):
+        got = {}
+        for shim in (False, True):
+            r = run([SYS_PY, app, upstream.port, mode, after], shim=shim, conf=conf)
+            assert r.rc == 0, r.describe()
+            lines = [json.loads(x) for x in r.out.decode().splitlines()]
+            for x in lines:
+                x.pop("tcp", None)         # (the exec'd child's fd: still the parent's socketpair)
+            got[shim] = sorted(lines, key=json.dumps)
+        assert got[True] == got[False], (mode, got)
+        hit = ["HTTP/1.1 200 OK", 10, []]
+        want = [{"after": "HTTP/1.1 200 OK", "body_len": 100}, {"parent_before": hit}] if mode == "exec" else \
+            [{"child": ["HTTP/1.1 200 OK", 100, ["child"]]}, {"parent_after": hit, "parent_before": hit}]
+        assert got[True] == sorted(want, key=json.dumps), got
