@@ -331,7 +331,12 @@ enum divert_result hooks_try_divert(int fd, const struct sockaddr *addr, socklen
     struct shim_config *cfg = config_get();
     if (!cfg)
         return NOT_OURS;
-    if (fdtable_diverted(fd)) {
+    /* connect again on a diverted fd (a non-blocking connect's second call, apr's): the
+     * table is trusted as the write hooks trust it (every close libc makes of an app's
+     * socket is interposed); an fd older than the last fork, which a child may have closed
+     * and made again, is checked by its inode */
+    const struct fd_entry *already = fdtable_if_diverted(fd);
+    if (already && (already->forks_at_divert == fdtable_forks() || fdtable_diverted(fd))) {
         errno = EISCONN;
         return FAILED;
     }
@@ -434,6 +439,16 @@ void hooks_probe_settled(int fd, struct fd_entry *e, int err)
     if (!sockrecord_facts(e, dest.sa.sa_family, &facts))
         facts = (struct socket_facts){ e->probe_file_flags, -1, MADE_SET_OWNER | MADE_SET_OPTS };
     probe_connected(fd, e->upstream, &dest, e->peer_len, &facts, e->probe_held);
+}
+
+/* A socket bound to a source address or port is the app's to connect (sockrecord.c). */
+SHIM_EXPORT int bind(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    real_bind();
+    int rc = real_bind_socket(fd, addr, len);
+    if (rc == 0 && !shim_in_engine)
+        sockrecord_note_bound(fd);
+    return rc;
 }
 
 SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)

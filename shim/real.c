@@ -18,6 +18,7 @@ __thread int shim_in_engine __attribute__((tls_model("initial-exec")));
 static struct {
     int (*socket)(int, int, int);
     int (*connect)(int, const struct sockaddr *, socklen_t);
+    int (*bind)(int, const struct sockaddr *, socklen_t);
     ssize_t (*sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
     ssize_t (*write)(int, const void *, size_t);
     ssize_t (*send)(int, const void *, size_t, int);
@@ -86,7 +87,7 @@ static bool is_ours(const void *p)
 
 static void bind_all(void)
 {
-    BIND(socket); BIND(connect); BIND(sendto); BIND(write); BIND(send); BIND(sendmsg); BIND(writev); BIND(getaddrinfo); BIND(gethostbyname); BIND(gethostbyname2);
+    BIND(socket); BIND(connect); BIND(bind); BIND(sendto); BIND(write); BIND(send); BIND(sendmsg); BIND(writev); BIND(getaddrinfo); BIND(gethostbyname); BIND(gethostbyname2);
     BIND(gethostbyname_r); BIND(gethostbyname2_r); BIND(getpeername); BIND(getsockname); BIND(shutdown);
     BIND(setsockopt); BIND(getsockopt); BIND(ioctl); BIND(epoll_ctl); BIND(close);
     BIND(close_range); BIND(fclose); BIND(dup); BIND(dup2); BIND(dup3); BIND(fcntl); BIND(fcntl64);
@@ -122,6 +123,11 @@ int real_socket(int domain, int type, int protocol)
 int real_connect(int fd, const struct sockaddr *a, socklen_t l)
 {
     return fn.connect ? fn.connect(fd, a, l) : (int)syscall(SYS_connect, fd, a, l);
+}
+
+int real_bind_socket(int fd, const struct sockaddr *a, socklen_t l)
+{
+    return fn.bind ? fn.bind(fd, a, l) : (int)syscall(SYS_bind, fd, a, l);
 }
 
 ssize_t real_sendto(int fd, const void *b, size_t n, int fl, const struct sockaddr *a, socklen_t l)

@@ -50,6 +50,15 @@ void sockrecord_made(struct fd_entry *e, int domain, int type, int protocol)
     atomic_store_explicit(&e->made, tcp ? MADE_TCP : MADE_OTHER, memory_order_relaxed);
 }
 
+/* bind(): a socket bound to a source address or port connects for real (the pool's
+ * connections have neither) */
+void sockrecord_note_bound(int fd)
+{
+    struct fd_entry *e = fdtable_slot(fd);
+    if (e && atomic_load_explicit(&e->made, memory_order_relaxed) == MADE_TCP)
+        atomic_store_explicit(&e->made, MADE_OTHER, memory_order_relaxed);
+}
+
 void sockrecord_note_connected(int fd)
 {
     struct fd_entry *e = fdtable_slot(fd);
@@ -161,9 +170,10 @@ bool sockrecord_facts(const struct fd_entry *e, int family, struct socket_facts 
 
 /* A TCP socket the app created and has neither bound nor connected, and what divert
  * must carry over from it. Every syscall here is paid by each connect the rules match,
- * on the app's thread: a socket the hooks saw made costs one (getsockname: not bound,
- * and still a socket of that family, whatever happened to the fd number behind the
- * hooks); one made out of their sight costs four. (IPPROTO_TCP implies SOCK_STREAM.) */
+ * on the app's thread: a socket the hooks saw made, and saw all that was done to it since
+ * (bind included), costs none, as the write hooks trust the table; one made out of their
+ * sight costs five (its family, protocol, the options that steer it, and getsockname: not
+ * bound). (IPPROTO_TCP implies SOCK_STREAM.) */
 bool sockrecord_fresh_tcp(int fd, int family, struct socket_facts *f, bool *connected)
 {
     struct fd_entry *e = fdtable_slot(fd);
@@ -171,34 +181,33 @@ bool sockrecord_fresh_tcp(int fd, int family, struct socket_facts *f, bool *conn
     *connected = made == MADE_CONNECTED;
     if (made == MADE_OTHER || made == MADE_CONNECTED)
         return false;
-    bool known = made == MADE_TCP && sockrecord_facts(e, family, f);
+    if (made == MADE_TCP && sockrecord_facts(e, family, f))
+        return true;
     int v;
     socklen_t len = sizeof v;
-    if (!known) {
-        if (made == MADE_TCP || netns_ever_away())
-            return false;              /* of the other family, or older than a fork; of a
+    if (made == MADE_TCP || netns_ever_away())
+        return false;                  /* of the other family, or older than a fork; of a
                                         * namespace not known */
-        if (real_getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &len) || v != family)
-            return false;
+    if (real_getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &len) || v != family)
+        return false;
+    len = sizeof v;
+    if (real_getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &v, &len) || v != IPPROTO_TCP)
+        return false;
+    /* the options that choose a path or a treatment (option_shapes_only_this_end), as
+     * far as the kernel tells them: a mark, a priority, a TOS, a device */
+    static const int asked[][2] = { { SOL_SOCKET, SO_MARK }, { SOL_SOCKET, SO_PRIORITY },
+                                    { IPPROTO_IP, IP_TOS }, { IPPROTO_IPV6, IPV6_TCLASS } };
+    for (size_t i = 0; i < sizeof asked / sizeof asked[0]; i++) {
+        if (asked[i][0] == (family == AF_INET ? IPPROTO_IPV6 : IPPROTO_IP))
+            continue;
         len = sizeof v;
-        if (real_getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &v, &len) || v != IPPROTO_TCP)
-            return false;
-        /* the options that choose a path or a treatment (option_shapes_only_this_end), as
-         * far as the kernel tells them: a mark, a priority, a TOS, a device */
-        static const int asked[][2] = { { SOL_SOCKET, SO_MARK }, { SOL_SOCKET, SO_PRIORITY },
-                                        { IPPROTO_IP, IP_TOS }, { IPPROTO_IPV6, IPV6_TCLASS } };
-        for (size_t i = 0; i < sizeof asked / sizeof asked[0]; i++) {
-            if (asked[i][0] == (family == AF_INET ? IPPROTO_IPV6 : IPPROTO_IP))
-                continue;
-            len = sizeof v;
-            if (real_getsockopt(fd, asked[i][0], asked[i][1], &v, &len) || v != 0)
-                return false;
-        }
-        char dev[IFNAMSIZ];
-        len = sizeof dev;
-        if (real_getsockopt(fd, SOL_SOCKET, SO_BINDTODEVICE, dev, &len) || (len > 0 && dev[0]))
+        if (real_getsockopt(fd, asked[i][0], asked[i][1], &v, &len) || v != 0)
             return false;
     }
+    char dev[IFNAMSIZ];
+    len = sizeof dev;
+    if (real_getsockopt(fd, SOL_SOCKET, SO_BINDTODEVICE, dev, &len) || (len > 0 && dev[0]))
+        return false;
     union shim_sockaddr local;
     len = sizeof local;
     if (real_getsockname(fd, &local.sa, &len) || local.sa.sa_family != family) {
@@ -212,8 +221,6 @@ bool sockrecord_fresh_tcp(int fd, int family, struct socket_facts *f, bool *conn
         return false;
     if (family == AF_INET6 && (local.in6.sin6_port || !IN6_IS_ADDR_UNSPECIFIED(&local.in6.sin6_addr)))
         return false;
-    if (known)
-        return true;
     *f = (struct socket_facts){ real_fcntl(fd, F_GETFL, NULL), -1, MADE_SET_OWNER | MADE_SET_OPTS };
     return f->file_flags >= 0;
 }

@@ -14,6 +14,7 @@ struct socket_facts { int file_flags; int cloexec; unsigned ask; };
 void sockrecord_made(struct fd_entry *e, int domain, int type, int protocol);
 /* A real connect (or its attempt): never a fresh socket again. */
 void sockrecord_note_connected(int fd);
+void sockrecord_note_bound(int fd);
 /* What fcntl, ioctl and setsockopt changed that divert would otherwise ask about; an
  * option that steers packets makes the socket the app's own for good. */
 void sockrecord_note_fcntl(int fd, int cmd, void *arg);

@@ -115,7 +115,7 @@ int stats_server_start(const struct shim_config *cfg)
     struct sockaddr_un sun = { .sun_family = AF_UNIX };
     memcpy(sun.sun_path, path, strlen(path) + 1);
     unlink(path);                      /* a file with our pid in its name is a dead process's */
-    if (bind(fd, (struct sockaddr *)&sun, sizeof sun) != 0 || chmod(path, 0600) != 0 || listen(fd, 16) != 0) {
+    if (real_bind_socket(fd, (struct sockaddr *)&sun, sizeof sun) != 0 || chmod(path, 0600) != 0 || listen(fd, 16) != 0) {
         shim_log("stats socket %s: %s (stats disabled)", path, strerror(errno));
         real_close(fd);
         return -1;

@@ -297,16 +297,17 @@ static void run_case(const char *name)
         r = connect_and_get(fd, "/bytes/100");
         close(other);
     } else if (!strcmp(name, "reused_bound")) {
-        /* the fd number is closed and made again behind the hooks, then bound: the
-         * shim's record of a fresh socket is stale, and must not be believed */
+        /* the fd number is closed, then made again and bound behind the hooks: the shim
+         * has no record of this socket, and must ask the kernel whether it is bound */
         /* (the engine thread may take the freed number first, making a socketpair ahead:
          * then the dance is tried again, a bounded number of times) */
         int again = -1;
+        fd = -2;
         for (int tries = 0; tries < 50 && again != fd; tries++) {
             if (again >= 0)
                 syscall(SYS_close, again);
             fd = tcp(0);
-            syscall(SYS_close, fd);
+            close(fd);
             again = (int)syscall(SYS_socket, AF_INET, SOCK_STREAM, 0);
         }
         if (again != fd) {
