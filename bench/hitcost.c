@@ -114,7 +114,7 @@ int main(int argc, char **argv)
     printf("| close of a TCP socket never connected | %.0f | the engine, batched (direct: the app) |\n",
            timed(tcp_new, tcp_close, NULL));
     printf("| socketpair | %.0f | the app's connect (the inline limit's too) |\n", timed(NULL, pair_new, pair_close));
-    printf("| getsockname (not bound?) | %.0f | the app's connect |\n", timed(both, getsockname_step, all_close));
+    printf("| getsockname (not bound?) | %.0f | the app's connect of a socket the hooks did not see made (none for one they did) |\n", timed(both, getsockname_step, all_close));
     printf("| fcntl(F_DUPFD): the TCP socket kept for the engine | %.0f | the app's connect |\n",
            timed(both, dupfd_step, all_close));
     printf("| dup3 of the pair's end onto the app's fd | %.0f | the app's connect |\n",
