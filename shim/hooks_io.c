@@ -68,9 +68,35 @@ SHIM_EXPORT ssize_t send(int fd, const void *buf, size_t n, int flags)
     return diverted_write(fd, e, &w);
 }
 
+/* A diverted fd handed to another process (SCM_RIGHTS): what that process writes must be
+ * heard by this process's engine, which holds the other end, and neither answers inline on
+ * it again (as for a forked child, hooks.c). */
+static void note_passed_fds(const struct msghdr *msg)
+{
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR((struct msghdr *)msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS || c->cmsg_len < CMSG_LEN(0))
+            continue;
+        size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < n; i++) {
+            int passed;
+            memcpy(&passed, CMSG_DATA(c) + i * sizeof(int), sizeof passed);
+            struct fd_entry *e = fdtable_if_diverted(passed);
+            if (e) {
+                fdgate_shut(&e->gate);
+                engine_need(e);
+            }
+        }
+    }
+}
+
 SHIM_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
 {
     struct fd_entry *e = fdtable_if_diverted(fd);
+    if (__builtin_expect(msg && msg->msg_controllen != 0, 0) && !shim_in_engine && fdtable_base) {
+        int saved = errno;
+        note_passed_fds(msg);
+        errno = saved;
+    }
     if (__builtin_expect(!e || shim_in_engine, 1) || !msg || msg->msg_name || msg->msg_controllen
         || (flags & (MSG_OOB | MSG_FASTOPEN)))
         return real_sendmsg(fd, msg, flags);
@@ -114,6 +140,9 @@ static struct fd_entry *gated(int fd)
 SHIM_EXPORT int sendmmsg(int fd, struct mmsghdr *msgs, unsigned n, int flags)
 {
     struct fd_entry *e = gated(fd);
+    for (unsigned i = 0; msgs && i < n && !shim_in_engine && fdtable_base; i++)
+        if (msgs[i].msg_hdr.msg_controllen)
+            note_passed_fds(&msgs[i].msg_hdr);
     struct other_write w = { .fd = fd, .msgs = msgs, .n = (int)n, .flags = flags, .kind = OTHER_SENDMMSG };
     return (int)(e && n <= INT32_MAX ? fastpath_write(config_loaded(), fd, e, NULL, 0, do_other_write, &w)
                                      : do_other_write(&w));

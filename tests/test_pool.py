@@ -881,9 +881,8 @@ def test_a_connection_the_app_execs_with_goes_on_in_the_new_program(upstream, tm
             upstream.stats()
 
 
-FORKED_USER = r'''
-import json, os, socket, sys
-port, mode, after = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+# one kept-alive GET: [status line, body length, X-Tag values]
+TAGGED_GET = r'''
 def get(s, path):
     s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path).encode())
     f = s.makefile("rb")
@@ -897,6 +896,11 @@ def get(s, path):
     n = int([l.split(":")[1] for l in lines if l.lower().startswith("content-length")][0])
     tag = [l.split(":")[1].strip() for l in lines if l.lower().startswith("x-tag")]
     return [lines[0], len(f.read(n)), tag]
+'''
+
+FORKED_USER = TAGGED_GET + r'''
+import json, os, socket, sys
+port, mode, after = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 w = socket.create_connection(("127.0.0.1", port))
 get(w, "/bytes/10")                                         # cached from here on
 w.close()
@@ -937,3 +941,48 @@ def test_a_connection_shared_with_a_forked_child_answers_both(upstream, tmp_path
         want = [{"after": "HTTP/1.1 200 OK", "body_len": 100}, {"parent_before": hit}] if mode == "exec" else \
             [{"child": ["HTTP/1.1 200 OK", 100, ["child"]]}, {"parent_after": hit, "parent_before": hit}]
         assert got[True] == sorted(want, key=json.dumps), got
+
+
+PASSED_FD_USER = TAGGED_GET + r'''
+import json, os, socket, sys
+port = int(sys.argv[1])
+a, b = socket.socketpair()
+pid = os.fork()                                             # before the connection exists
+if pid == 0:
+    a.close()
+    _, fds, _, _ = socket.recv_fds(b, 16, 1)
+    s = socket.socket(fileno=fds[0])
+    s.settimeout(10)
+    try:
+        got = get(s, "/custom?tag=passed")
+    except OSError as e:
+        got = repr(e)
+    print(json.dumps({"receiver": got}), flush=True)
+    os._exit(0)
+b.close()
+w = socket.create_connection(("127.0.0.1", port))
+get(w, "/bytes/10")                                         # cached from here on
+w.close()
+s = socket.create_connection(("127.0.0.1", port), timeout=10)
+out = {"before": get(s, "/bytes/10")}                       # a hit (inline, through the shim)
+socket.send_fds(a, [b"x"], [s.fileno()])
+os.waitpid(pid, 0)
+out["after"] = get(s, "/bytes/10")
+print(json.dumps(out), flush=True)
+'''
+
+
+def test_a_connection_passed_to_another_process_answers_both(upstream, tmp_path):
+    """A diverted connection handed to another process over a Unix socket (SCM_RIGHTS):
+    that process's request is answered by the sender's engine, and the sender's next one
+    gets its own answer, as direct. (The engine had not been listening to a connection
+    whose every answer was inline: the receiver waited for an answer that never came.)"""
+    conf, app, _ = app_and_after(tmp_path, upstream, PASSED_FD_USER, "/bytes/*")
+    got = {}
+    for shim in (False, True):
+        r = run([SYS_PY, app, upstream.port], shim=shim, conf=conf)
+        assert r.rc == 0, r.describe()
+        got[shim] = sorted((json.loads(x) for x in r.out.decode().splitlines()), key=json.dumps)
+    hit = ["HTTP/1.1 200 OK", 10, []]
+    assert got[True] == got[False] == sorted([{"receiver": ["HTTP/1.1 200 OK", 100, ["passed"]]},
+                                              {"before": hit, "after": hit}], key=json.dumps), got
