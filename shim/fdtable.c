@@ -18,6 +18,7 @@
 struct fd_entry *fdtable_base;
 _Atomic unsigned fdtable_fork_count;
 _Atomic int fdtable_diverted_limit;
+pid_t fdtable_pid;
 #define table fdtable_base
 static _Atomic int engine_fd_limit;      /* one past the highest fd ever marked engine */
 
@@ -40,6 +41,7 @@ static void map_table(void)
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p != MAP_FAILED)
         table = p;
+    fdtable_pid = getpid();
 }
 
 int fdtable_init(void)

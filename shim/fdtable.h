@@ -11,6 +11,7 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <unistd.h>
 #include "fdgate.h"
 
 union shim_sockaddr {
@@ -94,6 +95,11 @@ struct fd_entry *fdtable_slot(int fd); /* NULL if no table or out of range */
  * shim's to divert). */
 extern _Atomic unsigned fdtable_fork_count __attribute__((visibility("hidden")));
 static inline unsigned fdtable_forks(void) { return atomic_load_explicit(&fdtable_fork_count, memory_order_relaxed); }
+/* The process the table describes (its pid, set when the table is made and in a forked
+ * child). A child made by vfork shares the table's memory but not its fds: the hooks that
+ * change the table leave it alone there (one getpid, where they are rare). */
+extern pid_t fdtable_pid __attribute__((visibility("hidden")));
+static inline bool fdtable_in_vfork_child(void) { return fdtable_base && getpid() != fdtable_pid; }
 /* One past the highest fd number ever diverted (or copied from one that was). */
 extern _Atomic int fdtable_diverted_limit __attribute__((visibility("hidden")));
 static inline int fdtable_diverted_top(void) { return atomic_load_explicit(&fdtable_diverted_limit, memory_order_relaxed); }

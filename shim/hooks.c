@@ -78,6 +78,7 @@ static void atfork_parent(void)
 static void atfork_child(void)
 {
     atomic_fetch_add_explicit(&fdtable_fork_count, 1, memory_order_relaxed);
+    fdtable_pid = getpid();
     inherited_never_inline();
     rules_atfork_release();
     config_atfork_child();
@@ -583,9 +584,10 @@ SHIM_EXPORT int close_range(unsigned first, unsigned last, int flags)
 {
     real_bind();
     unsigned limit = (unsigned)fdtable_engine_fd_limit();
-    if (shim_in_engine || first >= limit || !fdtable_slot(0)) {
+    /* (a vfork child, CPython's subprocess closing what the new program must not inherit:
+     * the parent's table is not its to change) */
+    if (shim_in_engine || first >= limit || !fdtable_slot(0) || fdtable_in_vfork_child())
         return real_close_range(first, last, flags);
-    }
     unsigned start = first;
     for (unsigned fd = first; fd < limit && fd <= last; fd++) {
         if (!fdtable_is_engine((int)fd)) {

@@ -16,7 +16,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
-#include <pthread.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <sys/socket.h>
@@ -27,21 +26,6 @@
 #define HANDOVER_SETTLE_MS 200         /* and this long in all for exchanges to settle */
 
 extern char **environ;
-
-/* The process whose engine serves the diverted fds: a vfork child shares its memory but
- * not its fd table, and must leave both alone (its parent's engine still serves them). */
-static pid_t home_pid;
-
-static void exec_atfork_child(void)
-{
-    home_pid = getpid();
-}
-
-__attribute__((constructor)) static void hooks_exec_init(void)
-{
-    home_pid = getpid();
-    pthread_atfork(NULL, NULL, exec_atfork_child);
-}
 
 /* Nothing in either direction: the app has read every byte the engine wrote, the engine
  * every byte the app wrote, and neither side has half-closed. */
@@ -146,7 +130,9 @@ static void hand_over(int fd, struct fd_entry *e, int *settle_ms)
 static void before_exec(void)
 {
     real_bind();
-    if (shim_in_engine || !fdtable_base || netns_thread_away() || getpid() != home_pid)
+    /* (a vfork child shares the memory but not the fds: its parent's engine still serves
+     * them, and the table is not its to change) */
+    if (shim_in_engine || !fdtable_base || netns_thread_away() || fdtable_in_vfork_child())
         return;
     int saved = errno;
     int top = fdtable_diverted_top(), settle_ms = HANDOVER_SETTLE_MS;

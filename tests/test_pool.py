@@ -986,3 +986,37 @@ def test_a_connection_passed_to_another_process_answers_both(upstream, tmp_path)
     hit = ["HTTP/1.1 200 OK", 10, []]
     assert got[True] == got[False] == sorted([{"receiver": ["HTTP/1.1 200 OK", 100, ["passed"]]},
                                               {"before": hit, "after": hit}], key=json.dumps), got
+
+
+SUBPROCESS_USER = r'''
+import http.client, json, os, subprocess, sys
+sys.path.insert(0, sys.argv[3])
+from ownstats import own_stats
+port, sock = int(sys.argv[1]), sys.argv[2]
+w = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+w.request("GET", "/bytes/100"); w.getresponse().read(); w.close()       # cached from here on
+c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+got = []
+for round in range(4):
+    if round:
+        subprocess.run(["true"], check=True)                            # vfork + close_range
+    c.request("GET", "/bytes/100"); r = c.getresponse(); got.append([r.status, len(r.read())])
+u = own_stats(sock)["upstreams"]["127.0.0.1:%d" % port] if sock != "-" else {}
+print(json.dumps({"got": got, "inline_hits": u.get("inline_hits")}))
+'''
+
+
+def test_a_subprocess_leaves_the_parents_connections_alone(upstream, tmp_path, sockdir):
+    """CPython's subprocess starts its child with vfork, and the child closes what the new
+    program must not inherit with close_range: in a vfork child the memory is the parent's,
+    the fds are not, and the hook wiped the parent's record of every diverted connection
+    (its hits were no longer answered inline, and a spare reference of each leaked). Now a
+    vfork child's close_range (and exec) leave the table alone: four hits on one connection,
+    a subprocess between each, all answered inline."""
+    conf = write_rules(tmp_path, [], raw="[global]\nstats_socket = %s/%%p.sock\n[upstream 127.0.0.1:%d]\n"
+                       "cache GET /bytes/* ttl=1m\n" % (sockdir, upstream.port))
+    app = tmp_path / "subprocess_user.py"
+    app.write_text(SUBPROCESS_USER)
+    r = run([SYS_PY, app, upstream.port, "%s/%%p.sock" % sockdir, PYCLIENTS], conf=conf)
+    assert r.rc == 0, r.describe()
+    assert json.loads(r.out) == {"got": [[200, 100]] * 4, "inline_hits": 4}, r.describe()
