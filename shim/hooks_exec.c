@@ -5,7 +5,9 @@
  * is what the new program would have had direct: a kept-alive connection to its upstream
  * with nothing in flight (bash's `exec 3<>/dev/tcp/...` then `exec prog`, ucspi-tcp's
  * tcpclient). A connection in the middle of an exchange, tunnelled, intercepted or of a
- * Redis session (whose AUTH and SELECT live in the engine) stays as it is. */
+ * Redis session (whose AUTH and SELECT live in the engine) stays as it is. The handover
+ * makes only async-signal-safe calls, as execve itself is; the table forgets the fds
+ * handed over only if the exec fails and this image goes on. */
 #include "config.h"
 #include "fdgate.h"
 #include "fdtable.h"
@@ -24,6 +26,12 @@
 #define SHIM_EXPORT __attribute__((visibility("default")))
 #define HANDOVER_CONNECT_MS 3000       /* an exec waits at most this long per connection */
 #define HANDOVER_SETTLE_MS 200         /* and this long in all for exchanges to settle */
+#define HANDOVER_MAX 64                /* connections handed over per exec; the rest stay */
+
+/* What an exec handed over, for the table to forget if the exec fails. Until then the
+ * handover makes only async-signal-safe calls (execve is one, and a signal handler may
+ * exec): system calls and atomics, no lock, no allocation. */
+struct handover { int n; int fds[HANDOVER_MAX]; };
 
 extern char **environ;
 
@@ -94,7 +102,7 @@ static bool hold_quiet(int fd, struct fd_entry *e, uint64_t *held, int *settle_m
     }
 }
 
-static void hand_over(int fd, struct fd_entry *e, int *settle_ms)
+static void hand_over(int fd, struct fd_entry *e, int *settle_ms, struct handover *h)
 {
     const struct shim_config *cfg = config_loaded();
     if (!cfg || e->upstream < 0 || (size_t)e->upstream >= cfg->n_upstreams
@@ -118,17 +126,27 @@ static void hand_over(int fd, struct fd_entry *e, int *settle_ms)
     }
     carry_over(fd, tcp, e);
     fdgate_app_release(&e->gate, held, true);   /* never inline again on the old connection */
-    hooks_forget(fd);                  /* the engine's side of it goes as on a close */
-    if (real_dup3(tcp, fd, 0) < 0)
-        shim_debug("fd %d: not handed over to the exec'd program: %d", fd, errno);
-    else
+    if (real_dup3(tcp, fd, 0) == 0) {
+        h->fds[h->n++] = fd;
         shim_debug("fd %d: handed over to the exec'd program as a connection of its own", fd);
+    }
     real_close(tcp);
 }
 
-/* Before any exec: every inherited diverted fd that can be handed over is. Keeps errno. */
-static void before_exec(void)
+/* The exec failed and this image goes on: the fds handed over are real connections now,
+ * and the engine's side of each goes as on a close. Keeps errno. */
+static void after_failed_exec(const struct handover *h)
 {
+    int saved = errno;
+    for (int i = 0; i < h->n; i++)
+        hooks_forget(h->fds[i]);
+    errno = saved;
+}
+
+/* Before any exec: every inherited diverted fd that can be handed over is. Keeps errno. */
+static void before_exec(struct handover *h)
+{
+    h->n = 0;
     real_bind();
     /* (a vfork child shares the memory but not the fds: its parent's engine still serves
      * them, and the table is not its to change) */
@@ -136,48 +154,66 @@ static void before_exec(void)
         return;
     int saved = errno;
     int top = fdtable_diverted_top(), settle_ms = HANDOVER_SETTLE_MS;
-    for (int fd = 0; fd < top; fd++) {
+    for (int fd = 0; fd < top && h->n < HANDOVER_MAX; fd++) {
         struct fd_entry *e = fdtable_if_diverted(fd);
         if (e)
-            hand_over(fd, e, &settle_ms);
+            hand_over(fd, e, &settle_ms, h);
     }
     errno = saved;
 }
 
 SHIM_EXPORT int execve(const char *path, char *const argv[], char *const envp[])
 {
-    before_exec();
-    return real_execve(path, argv, envp);
+    struct handover h;
+    before_exec(&h);
+    int rc = real_execve(path, argv, envp);
+    after_failed_exec(&h);
+    return rc;
 }
 
 SHIM_EXPORT int execv(const char *path, char *const argv[])
 {
-    before_exec();
-    return real_execve(path, argv, environ);
+    struct handover h;
+    before_exec(&h);
+    int rc = real_execve(path, argv, environ);
+    after_failed_exec(&h);
+    return rc;
 }
 
 SHIM_EXPORT int execvp(const char *file, char *const argv[])
 {
-    before_exec();
-    return real_execvpe(file, argv, environ);
+    struct handover h;
+    before_exec(&h);
+    int rc = real_execvpe(file, argv, environ);
+    after_failed_exec(&h);
+    return rc;
 }
 
 SHIM_EXPORT int execvpe(const char *file, char *const argv[], char *const envp[])
 {
-    before_exec();
-    return real_execvpe(file, argv, envp);
+    struct handover h;
+    before_exec(&h);
+    int rc = real_execvpe(file, argv, envp);
+    after_failed_exec(&h);
+    return rc;
 }
 
 SHIM_EXPORT int fexecve(int fd, char *const argv[], char *const envp[])
 {
-    before_exec();
-    return real_fexecve(fd, argv, envp);
+    struct handover h;
+    before_exec(&h);
+    int rc = real_fexecve(fd, argv, envp);
+    after_failed_exec(&h);
+    return rc;
 }
 
 SHIM_EXPORT int execveat(int dirfd, const char *path, char *const argv[], char *const envp[], int flags)
 {
-    before_exec();
-    return real_execveat(dirfd, path, argv, envp, flags);
+    struct handover h;
+    before_exec(&h);
+    int rc = real_execveat(dirfd, path, argv, envp, flags);
+    after_failed_exec(&h);
+    return rc;
 }
 
 /* The list forms: their arguments gathered on the stack, as glibc does. */

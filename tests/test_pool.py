@@ -801,6 +801,24 @@ def test_a_link_local_upstream_with_its_interface_connects_for_real(tmp_path, so
         subprocess.run(["ip", "netns", "del", ns])
 
 
+# one kept-alive GET: [status line, body length, X-Tag values]
+TAGGED_GET = r'''
+def get(s, path):
+    s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path).encode())
+    f = s.makefile("rb")
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        c = f.read(1)
+        if not c:
+            return "EOF"
+        head += c
+    lines = head.decode("latin-1").split("\r\n")
+    n = int([l.split(":")[1] for l in lines if l.lower().startswith("content-length")][0])
+    tag = [l.split(":")[1].strip() for l in lines if l.lower().startswith("x-tag")]
+    return [lines[0], len(f.read(n)), tag]
+'''
+
+
 EXEC_BEFORE = r'''
 import json, os, socket, sys
 sys.path.insert(0, sys.argv[3])
@@ -836,6 +854,19 @@ print(json.dumps({"after": status, "body_len": len(body), "tcp": tcp}))
 '''
 
 
+EXEC_FAILS = TAGGED_GET + r'''
+import json, os, socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+before = get(s, "/custom?tag=before")
+os.set_inheritable(s.fileno(), True)
+try:
+    os.execv("/nonexistent/program", ["program"])
+except OSError as e:
+    err = e.errno
+print(json.dumps([before, err, get(s, "/custom?tag=after")]))
+'''
+
+
 def app_and_after(tmp, up, source, cached):
     """Rules caching `cached` on up, the app's script, and the program it execs (EXEC_AFTER)."""
     conf = write_rules(tmp, [], raw="[upstream 127.0.0.1:%d]\ncache GET %s ttl=1m\n" % (up.port, cached))
@@ -867,6 +898,12 @@ def test_a_connection_the_app_execs_with_goes_on_in_the_new_program(upstream, tm
             got[shim] = (lines[0]["before"], lines[1], upstream.stats()["requests"])
         assert got[True] == got[False] == ("HTTP/1.1 200 OK", {"after": "HTTP/1.1 200 OK", "body_len": 100}, 2), \
             (mode, got)
+    # an exec that fails: the process goes on with the connection handed over, a real one
+    fails = tmp_path / "fails.py"
+    fails.write_text(EXEC_FAILS)
+    got = [run([SYS_PY, fails, upstream.port], shim=shim, conf=conf) for shim in (False, True)]
+    assert [r.rc for r in got] == [0, 0] and got[0].out == got[1].out, [r.describe() for r in got]
+    assert json.loads(got[1].out) == [["HTTP/1.1 200 OK", 100, ["before"]], 2, ["HTTP/1.1 200 OK", 100, ["after"]]]
     if not shutil.which("bash"):
         return
     script = "exec 3<>/dev/tcp/127.0.0.1/%d; exec %s %s 3 quiet" % (upstream.port, SYS_PY, after)
@@ -881,22 +918,6 @@ def test_a_connection_the_app_execs_with_goes_on_in_the_new_program(upstream, tm
             upstream.stats()
 
 
-# one kept-alive GET: [status line, body length, X-Tag values]
-TAGGED_GET = r'''
-def get(s, path):
-    s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path).encode())
-    f = s.makefile("rb")
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        c = f.read(1)
-        if not c:
-            return "EOF"
-        head += c
-    lines = head.decode("latin-1").split("\r\n")
-    n = int([l.split(":")[1] for l in lines if l.lower().startswith("content-length")][0])
-    tag = [l.split(":")[1].strip() for l in lines if l.lower().startswith("x-tag")]
-    return [lines[0], len(f.read(n)), tag]
-'''
 
 FORKED_USER = TAGGED_GET + r'''
 import json, os, socket, sys
