@@ -1,5 +1,5 @@
 /* upstream.c — owns the upstream side: one libcurl multi handle driven by the engine's
- * loop (CURLMOPT_SOCKETFUNCTION / TIMERFUNCTION, one loop timer), which keeps the pool of
+ * loop (its sockets and timer there: curl_loop.c), which keeps the pool of
  * kept-alive upstream connections and ages idle ones out; and the shim's own FIFO queue per
  * upstream in front of it, which hands libcurl a transfer only when the upstream has a
  * connection slot under pool_max_per_host, oldest waiter first, and fails a waiter that
@@ -12,6 +12,7 @@
  * (upstream.h): no cache code here. */
 #include "upstream.h"
 #include "clock.h"
+#include "curl_loop.h"
 #include "pool.h"
 #include "pool_queue.h"
 #include "tls_front.h"
@@ -70,12 +71,10 @@ struct transfer {
     struct pool_slot slot;          /* its place in the upstream's queue (pool_queue.c) */
 };
 
-struct curl_sock { struct loop_source src; struct loop_deferred reclaim; bool parked; };
 
 static const struct shim_config *cfg;
 
 static CURLM *multi;
-static struct loop_timer curl_timer;
 static CURLM *orphaned_multi;       /* a forked child's copy of the parent's: never used */
 static char scratch[HEAD_MAX + 512];
 
@@ -99,133 +98,6 @@ static void easy_put(CURL *e, bool is_probe)
     }
     curl_easy_reset(e);
     spare_easy[n_spare_easy++] = e;
-}
-
-/* ---- libcurl <-> epoll ---- */
-
-static void reclaim_sock(struct loop_deferred *d)
-{
-    free((char *)d - offsetof(struct curl_sock, reclaim));
-}
-
-/* An idle kept-alive connection's socket stays in the epoll set, parked: libcurl removes
- * it from its set after every transfer and adds it back for the next, which cost an
- * EPOLL_CTL_DEL and an EPOLL_CTL_ADD per pooled request. A parked socket is watched for
- * input only, so the one thing it can report is the upstream closing it (or sending
- * something unasked): then it leaves the set for good, and libcurl finds the connection
- * dead when it next tries it. It leaves the set too when libcurl closes it (close_socket).
- * Indexed by fd; the engine's thread only. */
-static struct curl_sock **parked;
-static int parked_cap;
-static struct curl_sock **orphaned_parked;   /* a forked child's inheritance */
-
-static void sock_release(struct curl_sock *cs)
-{
-    if (cs->parked && cs->src.fd < parked_cap && parked[cs->src.fd] == cs)
-        parked[cs->src.fd] = NULL;
-    cs->parked = false;
-    loop_remove(&cs->src);
-    loop_defer(&cs->reclaim, reclaim_sock);
-}
-
-static bool sock_park(struct curl_sock *cs)
-{
-    int fd = cs->src.fd;
-    if (!cs->src.active || cs->src.events != EPOLLIN || fd < 0 || fd >= FDTABLE_MAX)
-        return false;
-    if (fd >= parked_cap) {
-        int cap = parked_cap ? parked_cap : 64;
-        while (cap <= fd)
-            cap *= 2;
-        struct curl_sock **grown = realloc(parked, (size_t)cap * sizeof *grown);
-        if (!grown)
-            return false;
-        memset(grown + parked_cap, 0, (size_t)(cap - parked_cap) * sizeof *grown);
-        parked = grown;
-        parked_cap = cap;
-    }
-    if (parked[fd]) {                  /* its socket was closed behind libcurl's back: the */
-        parked[fd]->src.active = false;  /* registration went with it (this one is cs's) */
-        parked[fd]->parked = false;
-        loop_defer(&parked[fd]->reclaim, reclaim_sock);
-    }
-    parked[fd] = cs;
-    cs->parked = true;
-    return true;
-}
-
-static struct curl_sock *sock_unpark(int fd)
-{
-    struct curl_sock *cs = fd >= 0 && fd < parked_cap ? parked[fd] : NULL;
-    if (cs) {
-        parked[fd] = NULL;
-        cs->parked = false;
-    }
-    return cs;
-}
-
-static void on_socket(struct loop_source *src, uint32_t events)
-{
-    struct curl_sock *cs = (struct curl_sock *)(void *)((char *)src - offsetof(struct curl_sock, src));
-    if (cs->parked) {                  /* an idle connection spoke: closed, or unasked bytes */
-        sock_release(cs);
-        return;
-    }
-    int flags = ((events & EPOLLIN) ? CURL_CSELECT_IN : 0) | ((events & EPOLLOUT) ? CURL_CSELECT_OUT : 0)
-              | ((events & (EPOLLERR | EPOLLHUP)) ? CURL_CSELECT_ERR : 0);
-    int running;
-    curl_multi_socket_action(multi, src->fd, flags, &running);
-}
-
-static int on_curl_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
-{
-    (void)easy;
-    (void)userp;
-    struct curl_sock *cs = socketp;
-    if (what == CURL_POLL_REMOVE) {
-        if (cs) {
-            curl_multi_assign(multi, s, NULL);
-            if (!sock_park(cs))
-                sock_release(cs);
-        }
-        return 0;
-    }
-    uint32_t events = ((what & CURL_POLL_IN) ? EPOLLIN : 0) | ((what & CURL_POLL_OUT) ? EPOLLOUT : 0);
-    if (!cs && (cs = sock_unpark(s)) != NULL)
-        curl_multi_assign(multi, s, cs);
-    if (!cs) {
-        cs = calloc(1, sizeof *cs);
-        if (!cs)
-            return -1;
-        if (loop_add(&cs->src, s, events, on_socket) != 0) {
-            free(cs);
-            return -1;
-        }
-        curl_multi_assign(multi, s, cs);
-    } else if (loop_watch(&cs->src, events) != 0) {
-        curl_multi_assign(multi, s, NULL);
-        sock_release(cs);
-        return -1;
-    }
-    return 0;
-}
-
-static void on_curl_timeout(struct loop_timer *timer)
-{
-    (void)timer;
-    int running;
-    curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &running);
-}
-
-static int on_curl_timer(CURLM *m, long timeout_ms, void *userp)
-{
-    (void)m;
-    (void)userp;
-    if (timeout_ms < 0) {
-        loop_timer_cancel(&curl_timer);
-        return 0;
-    }
-    return loop_timer_arm(&curl_timer, timeout_ms, on_curl_timeout);
 }
 
 static curl_socket_t open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *addr)
@@ -265,9 +137,7 @@ static curl_socket_t open_socket(void *clientp, curlsocktype purpose, struct cur
 static int close_socket(void *clientp, curl_socket_t fd)
 {
     (void)clientp;
-    struct curl_sock *cs = sock_unpark(fd);
-    if (cs)
-        sock_release(cs);              /* out of the set before the fd number can be reused */
+    curl_loop_closing(fd);             /* out of the set before the fd number can be reused */
     const struct fd_entry *e = fdtable_slot(fd);
     if (e && atomic_load(&e->kind) == FD_ENGINE)
         STAT_DEC(e->upstream, pool_open);
@@ -313,8 +183,7 @@ int upstream_init(const struct shim_config *config)
     multi = curl_multi_init();
     if (!multi)
         return -1;
-    curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, on_curl_socket);
-    curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, on_curl_timer);
+    curl_loop_attach(multi);
     unsigned most = cfg->pool_max_per_host;
     for (size_t i = 0; i < cfg->n_upstreams; i++)
         if (rules_pool_max(cfg, &cfg->upstreams[i]) > most)
@@ -328,12 +197,9 @@ void upstream_forget(void)
 {
     orphaned_multi = multi;
     multi = NULL;
-    curl_timer.slot = 0;
+    curl_loop_forget();
     pool_queue_forget();
     n_spare_easy = 0;                  /* the parent's handles: never used again */
-    orphaned_parked = parked;          /* the parent's sockets (its loop is forgotten too): */
-    parked = NULL;                     /* kept, not freed, in a forked child's atfork handler */
-    parked_cap = 0;
     pool_forget();
 }
 
