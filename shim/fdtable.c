@@ -19,6 +19,11 @@ struct fd_entry *fdtable_base;
 _Atomic unsigned fdtable_fork_count;
 _Atomic int fdtable_diverted_limit;
 pid_t fdtable_pid;
+#if defined(__x86_64__)
+_Atomic unsigned fdtable_vforks;       /* counted by the vfork trampoline (hooks.c) */
+#else
+_Atomic unsigned fdtable_vforks = 1;   /* no trampoline here: every close that matters asks */
+#endif
 #define table fdtable_base
 static _Atomic int engine_fd_limit;      /* one past the highest fd ever marked engine */
 

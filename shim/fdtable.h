@@ -100,6 +100,13 @@ static inline unsigned fdtable_forks(void) { return atomic_load_explicit(&fdtabl
  * change the table leave it alone there (one getpid, where they are rare). */
 extern pid_t fdtable_pid __attribute__((visibility("hidden")));
 static inline bool fdtable_in_vfork_child(void) { return fdtable_base && getpid() != fdtable_pid; }
+/* vforks this process has made through the interposed vfork (hooks.c): until the first,
+ * no close need ask whether it runs in a vfork child */
+extern _Atomic unsigned fdtable_vforks __attribute__((visibility("hidden")));
+static inline bool fdtable_maybe_vfork_child(void)
+{
+    return atomic_load_explicit(&fdtable_vforks, memory_order_relaxed) && fdtable_in_vfork_child();
+}
 /* One past the highest fd number ever diverted (or copied from one that was). */
 extern _Atomic int fdtable_diverted_limit __attribute__((visibility("hidden")));
 static inline int fdtable_diverted_top(void) { return atomic_load_explicit(&fdtable_diverted_limit, memory_order_relaxed); }

@@ -109,6 +109,12 @@ static void forget_fd(int fd, struct fd_entry *e, bool still_open)
 {
     void *unseen = NULL;
     int kind = atomic_load_explicit(&e->kind, memory_order_acquire);
+    /* A vfork child closing its copy (CPython's subprocess closes fd by fd where the kernel
+     * has no close_range): the entry, the connection and the epoll sets are its parent's,
+     * which still holds the fd. (One getpid, on the closes that matter, in a process that
+     * has vforked: the trampoline below counts its vforks.) */
+    if ((kind == FD_DIVERTED || kind == FD_PROBING) && !shim_in_engine && fdtable_maybe_vfork_child())
+        return;
     if (kind == FD_DIVERTED && !shim_in_engine) {
         unseen = e->engine_conn;
         e->engine_conn = NULL;
@@ -670,6 +676,20 @@ SHIM_EXPORT int dup(int fd)
     return nfd;
 }
 
+/* vfork cannot be wrapped by a C function (the child returns through the wrapper's frame,
+ * and the parent then returns through what the child left of it): a two-instruction
+ * trampoline counts it and jumps on, so that the closes above know when a vfork child may
+ * be the caller. */
+#if defined(__x86_64__)
+__asm__(".text\n"
+        ".globl vfork\n"
+        ".type vfork, @function\n"
+        "vfork:\n"
+        "    lock incl fdtable_vforks(%rip)\n"
+        "    jmp *real_vfork_fn(%rip)\n"
+        ".size vfork, .-vfork\n");
+#endif
+
 static int dup_onto(int fd, int nfd, int flags, bool is_dup3)
 {
     real_bind();
@@ -682,8 +702,19 @@ static int dup_onto(int fd, int nfd, int flags, bool is_dup3)
     if (old)
         engine_need(old);
     int rc = is_dup3 ? real_dup3(fd, nfd, flags) : real_dup2(fd, nfd);
-    if (rc >= 0 && !shim_in_engine && fd != nfd)
-        copy_entry(fd, nfd);
+    if (rc < 0 || shim_in_engine || fd == nfd)
+        return rc;
+    struct fd_entry *src = fdtable_if_diverted(fd);
+    if ((src || old) && fdtable_in_vfork_child()) {
+        /* a vfork child making a connection its stdin or stdout: the parent's engine
+         * serves it from now on, never inline; the parent's entries are not the child's */
+        if (src) {
+            fdgate_shut(&src->gate);
+            engine_need(src);
+        }
+        return rc;
+    }
+    copy_entry(fd, nfd);
     return rc;
 }
 

@@ -15,6 +15,10 @@
 
 __thread int shim_in_engine __attribute__((tls_model("initial-exec")));
 
+/* Until vfork is bound (or if it cannot be): fork, which vfork may always be. */
+static pid_t vfork_as_fork(void) { return fork(); }
+void *real_vfork_fn = (void *)vfork_as_fork;
+
 static struct {
     int (*socket)(int, int, int);
     int (*connect)(int, const struct sockaddr *, socklen_t);
@@ -93,6 +97,9 @@ static void bind_all(void)
     BIND(close_range); BIND(fclose); BIND(dup); BIND(dup2); BIND(dup3); BIND(fcntl); BIND(fcntl64);
     BIND(setns); BIND(unshare); BIND(execve); BIND(execvpe); BIND(fexecve); BIND(execveat);
     BIND(sendmmsg); BIND(sendfile); BIND(splice); BIND(pwritev2); BIND(fdopen); BIND(vdprintf);
+    void *vf = dlsym(RTLD_NEXT, "vfork");
+    if (vf && !is_ours(vf))
+        real_vfork_fn = vf;
     void *chk = dlsym(RTLD_NEXT, "__vdprintf_chk");
     if (!is_ours(chk))
         memcpy(&fn.vdprintf_chk, &chk, sizeof chk);

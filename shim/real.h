@@ -26,6 +26,8 @@ bool real_bound(void);
 int real_socket(int domain, int type, int protocol);
 int real_connect(int fd, const struct sockaddr *addr, socklen_t len);
 int real_bind_socket(int fd, const struct sockaddr *addr, socklen_t len);   /* bind(2) */
+/* where the vfork trampoline (hooks.c) jumps: libc's vfork once bound */
+extern void *real_vfork_fn __attribute__((visibility("hidden")));
 ssize_t real_sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr, socklen_t len);
 ssize_t real_write(int fd, const void *buf, size_t n);
 ssize_t real_send(int fd, const void *buf, size_t n, int flags);

@@ -317,6 +317,22 @@ def test_requests_glibc_writes_itself_are_answered(upstream, tmp_path, sockdir):
         assert got[True] == ([{"case": case, "status": [200, 200, 200]}], 1), got   # (a miss, then hits)
 
 
+def test_a_vfork_child_closing_its_copy_leaves_the_connection_alone(upstream, tmp_path, sockdir):
+    """A vfork child runs in its parent's memory with fds of its own; CPython's subprocess
+    closes fd by fd in it where the kernel has no close_range. Such a close of a diverted
+    connection's copy dropped the parent's connection (its engine end went to the
+    graveyard): the parent's GET then found no one at the other end. Now the child leaves
+    the parent's record alone, and a child that makes the connection its stdout first hands
+    it to the parent's engine to serve."""
+    require_build(SOCKSTATE)
+    conf = conf_for(tmp_path, upstream, sockdir)
+    for case in ("vfork_close", "vfork_dup2"):
+        for shim in (False, True):
+            r = run([str(SOCKSTATE), "--port", upstream.port, "--case", case], shim=shim, conf=conf, timeout=60)
+            assert r.rc == 0 and jlines(r.out) == [{"case": case, "connect": 0, "child": 0, "status": 200}], \
+                r.describe()
+
+
 EPOLL_CLOSE_CLIENT = r"""
 import json, select, socket, sys
 port = int(sys.argv[1])

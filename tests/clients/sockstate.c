@@ -34,6 +34,7 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 #include <dirent.h>
@@ -213,10 +214,35 @@ static void stdio_gets(const char *name, const char *path)
     printf("{\"case\":\"%s\",\"status\":[%d,%d,%d]}\n", name, status[0], status[1], status[2]);
 }
 
+/* A connection made, then a vfork child that closes its copy fd by fd, as CPython's
+ * subprocess does where the kernel has no close_range (or dup2s it onto its stdout first),
+ * then the parent's GET on it: the parent's connection must be untouched. */
+static void vfork_close(const char *name)
+{
+    struct sockaddr_in a = upstream_addr();
+    int fd = tcp(0);
+    int rc = connect(fd, (struct sockaddr *)&a, sizeof a);
+    pid_t child = vfork();
+    if (child == 0) {
+        if (!strcmp(name, "vfork_dup2"))
+            dup2(fd, 1);
+        close(fd);
+        _exit(0);
+    }
+    int status = -1;
+    if (child > 0)
+        waitpid(child, &status, 0);
+    int got = rc == 0 ? get(fd, "/bytes/100") : 0;
+    printf("{\"case\":\"%s\",\"connect\":%d,\"child\":%d,\"status\":%d}\n", name, rc, status, got);
+    close(fd);
+}
+
 static bool special_case(const char *name)
 {
     if (!strcmp(name, "stdio") || !strcmp(name, "dprintf")) {
         stdio_gets(name, "/bytes/100");
+    } else if (!strcmp(name, "vfork_close") || !strcmp(name, "vfork_dup2")) {
+        vfork_close(name);
     } else if (!strcmp(name, "fclose")) {
         struct sockaddr_in a = upstream_addr();
         int fd = tcp(0), rc = connect(fd, (struct sockaddr *)&a, sizeof a);
