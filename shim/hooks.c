@@ -685,6 +685,7 @@ __asm__(".text\n"
         ".globl vfork\n"
         ".type vfork, @function\n"
         "vfork:\n"
+        "    endbr64\n"                  /* (an indirect branch's landing pad under CET; else a nop) */
         "    lock incl fdtable_vforks(%rip)\n"
         "    jmp *real_vfork_fn(%rip)\n"
         ".size vfork, .-vfork\n");
