@@ -145,6 +145,14 @@ static void forget_fd(int fd, struct fd_entry *e, bool still_open)
     fdtable_clear(fd);
 }
 
+void hooks_share_connection(struct fd_entry *e)
+{
+    int saved = errno;
+    fdgate_shut(&e->gate);
+    engine_need(e);
+    errno = saved;
+}
+
 void hooks_forget(int fd)
 {
     struct fd_entry *e = fdtable_slot(fd);
@@ -706,13 +714,11 @@ static int dup_onto(int fd, int nfd, int flags, bool is_dup3)
     if (rc < 0 || shim_in_engine || fd == nfd)
         return rc;
     struct fd_entry *src = fdtable_if_diverted(fd);
-    if ((src || old) && fdtable_in_vfork_child()) {
+    if ((src || old) && fdtable_maybe_vfork_child()) {
         /* a vfork child making a connection its stdin or stdout: the parent's engine
-         * serves it from now on, never inline; the parent's entries are not the child's */
-        if (src) {
-            fdgate_shut(&src->gate);
-            engine_need(src);
-        }
+         * serves it from now on; the parent's entries are not the child's */
+        if (src)
+            hooks_share_connection(src);
         return rc;
     }
     copy_entry(fd, nfd);

@@ -15,4 +15,8 @@ void hooks_probe_settled(int fd, struct fd_entry *e, int err);
 /* The close hook's bookkeeping for fd, which stays open: the table forgets it, and the
  * engine's side of a diverted connection goes as on a close (hooks_exec.c replaces it). */
 void hooks_forget(int fd);
+/* A diverted connection has a writer past the hooks (a stdio stream, another process, a
+ * vfork child): the engine listens to it from now on, and it is never answered inline
+ * again, so nothing can overtake what that writer sends. Keeps errno. */
+void hooks_share_connection(struct fd_entry *e);
 #endif

@@ -15,6 +15,7 @@
 #include "log.h"
 #include "netns.h"
 #include "real.h"
+#include "sockrecord.h"
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -63,24 +64,6 @@ static int connect_again(const struct fd_entry *e)
     return -1;
 }
 
-/* What the app set on its socket: its file flags, the socket-level options a Unix socket
- * also took, and the TCP and IP ones the diverted fd kept for it. */
-static void carry_over(int from, int to, const struct fd_entry *e)
-{
-    int fl = real_fcntl(from, F_GETFL, NULL);
-    if (fl >= 0)
-        real_fcntl(to, F_SETFL, (void *)(long)(fl & (O_NONBLOCK | O_ASYNC | O_APPEND)));
-    static const int sol_socket[] = { SO_KEEPALIVE, SO_RCVTIMEO, SO_SNDTIMEO, SO_LINGER, SO_OOBINLINE };
-    for (size_t i = 0; i < sizeof sol_socket / sizeof sol_socket[0]; i++) {
-        char val[32];
-        socklen_t len = sizeof val;
-        if (real_getsockopt(from, SOL_SOCKET, sol_socket[i], val, &len) == 0)
-            real_setsockopt(to, SOL_SOCKET, sol_socket[i], val, len);
-    }
-    for (int i = 0; i < e->n_opts && i < FD_MAX_OPTS; i++)
-        real_setsockopt(to, e->opts[i].level, e->opts[i].name, &e->opts[i].value, sizeof e->opts[i].value);
-}
-
 /* Holds the gate of a connection the engine holds nothing for, with nothing unread either
  * way. An exchange whose last bytes the app has read is over, but the engine gives the
  * connection back only after its write: an app that execs the moment it has its answer
@@ -124,7 +107,7 @@ static void hand_over(int fd, struct fd_entry *e, int *settle_ms, struct handove
                    "image", fd);
         return;
     }
-    carry_over(fd, tcp, e);
+    sockrecord_carry_back(fd, tcp, e);
     fdgate_app_release(&e->gate, held, true);   /* never inline again on the old connection */
     if (real_dup3(tcp, fd, 0) == 0) {
         h->fds[h->n++] = fd;
@@ -162,59 +145,38 @@ static void before_exec(struct handover *h)
     errno = saved;
 }
 
+/* Each exec hands over what it can, and takes it back into the table if it fails. */
+#define EXEC_WITH_HANDOVER(call)                                        \
+    do {                                                                \
+        struct handover h;                                              \
+        before_exec(&h);                                                \
+        int rc = (call);                                                \
+        after_failed_exec(&h);                                          \
+        return rc;                                                      \
+    } while (0)
+
 SHIM_EXPORT int execve(const char *path, char *const argv[], char *const envp[])
 {
-    struct handover h;
-    before_exec(&h);
-    int rc = real_execve(path, argv, envp);
-    after_failed_exec(&h);
-    return rc;
-}
-
-SHIM_EXPORT int execv(const char *path, char *const argv[])
-{
-    struct handover h;
-    before_exec(&h);
-    int rc = real_execve(path, argv, environ);
-    after_failed_exec(&h);
-    return rc;
-}
-
-SHIM_EXPORT int execvp(const char *file, char *const argv[])
-{
-    struct handover h;
-    before_exec(&h);
-    int rc = real_execvpe(file, argv, environ);
-    after_failed_exec(&h);
-    return rc;
+    EXEC_WITH_HANDOVER(real_execve(path, argv, envp));
 }
 
 SHIM_EXPORT int execvpe(const char *file, char *const argv[], char *const envp[])
 {
-    struct handover h;
-    before_exec(&h);
-    int rc = real_execvpe(file, argv, envp);
-    after_failed_exec(&h);
-    return rc;
+    EXEC_WITH_HANDOVER(real_execvpe(file, argv, envp));
 }
 
 SHIM_EXPORT int fexecve(int fd, char *const argv[], char *const envp[])
 {
-    struct handover h;
-    before_exec(&h);
-    int rc = real_fexecve(fd, argv, envp);
-    after_failed_exec(&h);
-    return rc;
+    EXEC_WITH_HANDOVER(real_fexecve(fd, argv, envp));
 }
 
 SHIM_EXPORT int execveat(int dirfd, const char *path, char *const argv[], char *const envp[], int flags)
 {
-    struct handover h;
-    before_exec(&h);
-    int rc = real_execveat(dirfd, path, argv, envp, flags);
-    after_failed_exec(&h);
-    return rc;
+    EXEC_WITH_HANDOVER(real_execveat(dirfd, path, argv, envp, flags));
 }
+
+SHIM_EXPORT int execv(const char *path, char *const argv[]) { return execve(path, argv, environ); }
+SHIM_EXPORT int execvp(const char *file, char *const argv[]) { return execvpe(file, argv, environ); }
 
 /* The list forms: their arguments gathered on the stack, as glibc does. */
 #define ARGS_MAX 65536

@@ -6,7 +6,6 @@
  * not hold, and on the engine thread, go straight to the real functions. */
 #include "hooks.h"
 #include "config.h"
-#include "engine.h"
 #include "fastpath.h"
 #include "fdtable.h"
 #include "netns.h"
@@ -81,10 +80,8 @@ static void note_passed_fds(const struct msghdr *msg)
             int passed;
             memcpy(&passed, CMSG_DATA(c) + i * sizeof(int), sizeof passed);
             struct fd_entry *e = fdtable_if_diverted(passed);
-            if (e) {
-                fdgate_shut(&e->gate);
-                engine_need(e);
-            }
+            if (e)
+                hooks_share_connection(e);
         }
     }
 }
@@ -92,11 +89,8 @@ static void note_passed_fds(const struct msghdr *msg)
 SHIM_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
 {
     struct fd_entry *e = fdtable_if_diverted(fd);
-    if (__builtin_expect(msg && msg->msg_controllen != 0, 0) && !shim_in_engine && fdtable_base) {
-        int saved = errno;
+    if (__builtin_expect(msg && msg->msg_controllen != 0, 0) && !shim_in_engine && fdtable_base)
         note_passed_fds(msg);
-        errno = saved;
-    }
     if (__builtin_expect(!e || shim_in_engine, 1) || !msg || msg->msg_name || msg->msg_controllen
         || (flags & (MSG_OOB | MSG_FASTOPEN)))
         return real_sendmsg(fd, msg, flags);
@@ -187,12 +181,8 @@ SHIM_EXPORT FILE *fdopen(int fd, const char *mode)
     real_bind();
     FILE *f = real_fdopen(fd, mode);
     struct fd_entry *e = f && !shim_in_engine ? fdtable_if_diverted(fd) : NULL;
-    if (e) {
-        int saved = errno;
-        fdgate_shut(&e->gate);
-        engine_need(e);
-        errno = saved;
-    }
+    if (e)
+        hooks_share_connection(e);
     return f;
 }
 

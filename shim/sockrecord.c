@@ -2,7 +2,8 @@
  * by socket(), then its fcntl, ioctl and setsockopt calls, and a real connect), so that a
  * connect need not ask the kernel; the verdict whether a connect may divert it (a fresh
  * TCP socket the app neither bound, steered, connected nor holds twice); and what divert
- * carries over from it to the socketpair end. The hooks (hooks.c, hooks_io.c) call in. */
+ * carries over from it to the socketpair end, and back when an exec hands the connection
+ * over. The hooks (hooks.c, hooks_io.c, hooks_exec.c) call in. */
 #include "sockrecord.h"
 #include "netns.h"
 #include "real.h"
@@ -228,6 +229,23 @@ bool sockrecord_fresh_tcp(int fd, int family, struct socket_facts *f, bool *conn
 /* What the app set on its TCP socket that a Unix socket also honours, copied to `to`
  * (made non-blocking). What the record does not know is asked of the kernel; options
  * still at their default (zero) are not copied. */
+/* The socket-level options of `names` set on `from` to other than their default (zero),
+ * set so on `to`. */
+static void copy_set_options(int from, int to, const int *names, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        char val[32];
+        socklen_t len = sizeof val;
+        if (real_getsockopt(from, SOL_SOCKET, names[i], val, &len) != 0)
+            continue;
+        bool is_default = true;
+        for (socklen_t k = 0; k < len; k++)
+            is_default = is_default && val[k] == 0;
+        if (!is_default)
+            real_setsockopt(to, SOL_SOCKET, names[i], val, len);
+    }
+}
+
 void sockrecord_carry_over(int from, int to, const struct socket_facts *f)
 {
     int fl = f->file_flags & (O_NONBLOCK | O_ASYNC | O_APPEND | O_NOATIME);
@@ -241,15 +259,20 @@ void sockrecord_carry_over(int from, int to, const struct socket_facts *f)
         if (sig > 0)
             real_fcntl(to, F_SETSIG, (void *)(long)sig);
     }
-    for (size_t i = 0; (f->ask & MADE_SET_OPTS) && i < sizeof carried / sizeof carried[0]; i++) {
-        char val[32];
-        socklen_t len = sizeof val;
-        if (real_getsockopt(from, SOL_SOCKET, carried[i], val, &len) != 0)
-            continue;
-        bool is_default = true;
-        for (socklen_t k = 0; k < len; k++)
-            is_default = is_default && val[k] == 0;
-        if (!is_default)
-            real_setsockopt(to, SOL_SOCKET, carried[i], val, len);
-    }
+    if (f->ask & MADE_SET_OPTS)
+        copy_set_options(from, to, carried, sizeof carried / sizeof carried[0]);
+}
+
+/* The way back, when the connection leaves the shim (an exec hands it over: hooks_exec.c):
+ * the file flags, the socket-level options the app set on the socketpair end (they went to
+ * it as they are), and the TCP and IP ones its diverted fd kept for it. */
+void sockrecord_carry_back(int from, int to, const struct fd_entry *e)
+{
+    int fl = real_fcntl(from, F_GETFL, NULL);
+    if (fl >= 0)
+        real_fcntl(to, F_SETFL, (void *)(long)(fl & (O_NONBLOCK | O_ASYNC | O_APPEND)));
+    static const int sol_socket[] = { SO_KEEPALIVE, SO_RCVTIMEO, SO_SNDTIMEO, SO_LINGER, SO_OOBINLINE };
+    copy_set_options(from, to, sol_socket, sizeof sol_socket / sizeof sol_socket[0]);
+    for (int i = 0; i < e->n_opts && i < FD_MAX_OPTS; i++)
+        real_setsockopt(to, e->opts[i].level, e->opts[i].name, &e->opts[i].value, sizeof e->opts[i].value);
 }

@@ -28,4 +28,6 @@ bool sockrecord_facts(const struct fd_entry *e, int family, struct socket_facts 
 bool sockrecord_fresh_tcp(int fd, int family, struct socket_facts *f, bool *connected);
 /* Copies what the app set on its socket `from` that a Unix socket honours onto `to`. */
 void sockrecord_carry_over(int from, int to, const struct socket_facts *f);
+/* The way back: what the app set on its socketpair end `from`, onto a TCP socket `to`. */
+void sockrecord_carry_back(int from, int to, const struct fd_entry *e);
 #endif

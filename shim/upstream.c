@@ -218,7 +218,8 @@ static void on_trailer(struct transfer *t, const char *p, size_t l)
         t->sink->ops->unstorable(t->sink, SINK_HAD_TRAILERS);
     t->had_trailers = true;
     struct http_slice name, value;
-    if (t->mode != BODY_CHUNKED || t->app->app_gone || t->detached || !http_split_header_line(p, l, &name, &value)
+    if (t->mode != BODY_CHUNKED || t->app->app_gone || t->detached || t->trailers.cap == 0
+        || !http_split_header_line(p, l, &name, &value)
         || http_is_hop_by_hop(name) || http_slice_ieq(name, "content-length"))
         return;
     if (buf_append(&t->trailers, p, l) != 0 || buf_append(&t->trailers, "\r\n", 2) != 0) {

@@ -496,6 +496,14 @@ def with_closeget(source):
     return "import sys\nsys.path.insert(0, %r)\nfrom closeget import close_get, close_read\n" % str(PYCLIENTS) + source
 
 
+def end_netns(ns, server):
+    """Stops a test's server in its namespace (by its pid) and deletes the namespace."""
+    if server:
+        kill_group(server.pid, quiet=True)
+        server.wait(timeout=15)
+    subprocess.run(["ip", "netns", "del", ns])
+
+
 NETNS_SERVER = r'''
 import socket, sys
 s = socket.socket()
@@ -601,10 +609,7 @@ def test_a_thread_in_another_network_namespace_reaches_that_namespaces_server(up
         assert s["back"] == s["home"], s
         assert upstream.stats()["requests"] == 1
     finally:
-        if server:
-            kill_group(server.pid, quiet=True)
-            server.wait(timeout=15)
-        subprocess.run(["ip", "netns", "del", ns])
+        end_netns(ns, server)
 
 
 OPTIONS_APP = r'''
@@ -795,10 +800,7 @@ def test_a_link_local_upstream_with_its_interface_connects_for_real(tmp_path, so
         assert [x.split()[-1] for x in shimmed.out.split(b"\n") if x] == [b"200"] * 3, shimmed.describe()
         assert b"diverted" not in shimmed.err and b"failed" not in shimmed.err, shimmed.describe()
     finally:
-        if server:
-            kill_group(server.pid, quiet=True)
-            server.wait(timeout=15)
-        subprocess.run(["ip", "netns", "del", ns])
+        end_netns(ns, server)
 
 
 # one kept-alive GET: [status line, body length, X-Tag values]
