@@ -53,6 +53,28 @@ static void share_diverted_with_child(void)
     }
 }
 
+/* A child started with no fork handler and no hook of ours before its exec (posix_spawn,
+ * system, popen: glibc clones and execs inside) keeps every diverted fd that is not
+ * close-on-exec, and any that posix_spawn's file actions dup: such connections are shared
+ * with it as a fork shares them, and this process counts it as one. */
+void hooks_share_with_spawned_child(bool dups_possible)
+{
+    if (shim_in_engine || !fdtable_base)
+        return;
+    int top = fdtable_diverted_top();
+    bool inherited = dups_possible;
+    for (int fd = 0; fd < top && !inherited; fd++) {
+        int flags;
+        inherited = fdtable_if_diverted(fd) && (flags = real_fcntl(fd, F_GETFD, NULL)) >= 0 && !(flags & FD_CLOEXEC);
+    }
+    if (!inherited)
+        return;
+    int saved = errno;
+    share_diverted_with_child();
+    atomic_fetch_add_explicit(&fdtable_fork_count, 1, memory_order_relaxed);
+    errno = saved;
+}
+
 static void inherited_never_inline(void)
 {
     int top = fdtable_base ? fdtable_diverted_top() : 0;

@@ -19,4 +19,8 @@ void hooks_forget(int fd);
  * vfork child): the engine listens to it from now on, and it is never answered inline
  * again, so nothing can overtake what that writer sends. Keeps errno. */
 void hooks_share_connection(struct fd_entry *e);
+/* Before a child is started with no fork handler (posix_spawn, system, popen): the diverted
+ * connections it can inherit are shared with it as with a forked child (dups_possible: it
+ * may also dup a close-on-exec one, posix_spawn's file actions). Keeps errno. */
+void hooks_share_with_spawned_child(bool dups_possible);
 #endif

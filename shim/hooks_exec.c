@@ -7,7 +7,9 @@
  * tcpclient). A connection in the middle of an exchange, tunnelled, intercepted or of a
  * Redis session (whose AUTH and SELECT live in the engine) stays as it is. The handover
  * makes only async-signal-safe calls, as execve itself is; the table forgets the fds
- * handed over only if the exec fails and this image goes on. */
+ * handed over only if the exec fails and this image goes on. A vfork child hands over its
+ * own copy and leaves the parent's. Also what starts a child that runs no hook before its
+ * exec (posix_spawn, system, popen): what it inherits is shared with it as on a fork. */
 #include "config.h"
 #include "fdgate.h"
 #include "fdtable.h"
@@ -18,6 +20,8 @@
 #include "sockrecord.h"
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 #include <poll.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -37,11 +41,14 @@ struct handover { int n; int fds[HANDOVER_MAX]; };
 extern char **environ;
 
 /* Nothing in either direction: the app has read every byte the engine wrote, the engine
- * every byte the app wrote, and neither side has half-closed. */
+ * every byte the app wrote (the app end's send queue is empty), and neither side has
+ * half-closed. engine_fd < 0: a vfork child's, which may have closed the engine's end
+ * (its half-close is then not seen). */
 static bool quiet(int fd, int engine_fd)
 {
-    struct pollfd p[2] = { { .fd = fd, .events = POLLIN | POLLRDHUP }, { .fd = engine_fd, .events = POLLIN | POLLRDHUP } };
-    return poll(p, 2, 0) == 0;
+    struct pollfd p[2] = { { .fd = fd, .events = POLLIN | POLLRDHUP }, { .fd = engine_fd, .events = POLLRDHUP } };
+    int unsent = 0;
+    return poll(p, 2, 0) == 0 && real_ioctl(fd, SIOCOUTQ, &unsent) == 0 && unsent == 0;
 }
 
 /* A blocking connect to where the app connected, bounded: a new TCP socket, or -1. */
@@ -74,7 +81,7 @@ static bool hold_quiet(int fd, struct fd_entry *e, uint64_t *held, int *settle_m
         bool idle;
         if (!fdgate_app_hold(&e->gate, held, &idle))
             return false;              /* tunnelled, TLS, shared with a dup or a child */
-        bool still = quiet(fd, e->engine_fd);
+        bool still = quiet(fd, fdtable_in_vfork_child() ? -1 : e->engine_fd);
         if (idle && still)
             return true;
         fdgate_app_release(&e->gate, *held, false);
@@ -85,35 +92,44 @@ static bool hold_quiet(int fd, struct fd_entry *e, uint64_t *held, int *settle_m
     }
 }
 
-static void hand_over(int fd, struct fd_entry *e, int *settle_ms, struct handover *h)
+/* In a vfork child the table is the parent's, and so is the connection: the new program
+ * gets a connection of its own on its copy of the fd, the parent keeps its, and the table
+ * stays as it is (vfork_child). */
+static bool hand_over(int fd, struct fd_entry *e, int *settle_ms, struct handover *h, bool vfork_child)
 {
     const struct shim_config *cfg = config_loaded();
     if (!cfg || e->upstream < 0 || (size_t)e->upstream >= cfg->n_upstreams
         || cfg->upstreams[e->upstream].protocol == PROTO_REDIS || e->forks_at_divert != fdtable_forks())
-        return;
+        return false;
     int fdflags = real_fcntl(fd, F_GETFD, NULL);
+    struct stat st;
     if (fdflags < 0 || (fdflags & FD_CLOEXEC))
-        return;                        /* gone with the exec: nothing to hand over */
+        return false;                  /* gone with the exec: nothing to hand over */
+    if (real_fstat(fd, &st) != 0 || st.st_ino != e->ino || st.st_dev != e->dev)
+        return false;                  /* the number is another file's here (a vfork child's dup2) */
     uint64_t held;
     if (!hold_quiet(fd, e, &held, settle_ms)) {
         shim_debug("fd %d: inherited by the exec'd program in the middle of an exchange, a tunnel or TLS: it "
                    "ends with this image", fd);
-        return;
+        return false;
     }
     int tcp = connect_again(e);
     if (tcp < 0) {
         fdgate_app_release(&e->gate, held, false);
         shim_debug("fd %d: inherited by the exec'd program, its upstream not reached again: it ends with this "
                    "image", fd);
-        return;
+        return false;
     }
     sockrecord_carry_back(fd, tcp, e);
-    fdgate_app_release(&e->gate, held, true);   /* never inline again on the old connection */
-    if (real_dup3(tcp, fd, 0) == 0) {
+    /* never inline again on the old connection, unless it stays the parent's */
+    fdgate_app_release(&e->gate, held, !vfork_child);
+    bool done = real_dup3(tcp, fd, 0) == 0;
+    if (done && !vfork_child)
         h->fds[h->n++] = fd;
+    if (done)
         shim_debug("fd %d: handed over to the exec'd program as a connection of its own", fd);
-    }
     real_close(tcp);
+    return done;
 }
 
 /* The exec failed and this image goes on: the fds handed over are real connections now,
@@ -131,16 +147,15 @@ static void before_exec(struct handover *h)
 {
     h->n = 0;
     real_bind();
-    /* (a vfork child shares the memory but not the fds: its parent's engine still serves
-     * them, and the table is not its to change) */
-    if (shim_in_engine || !fdtable_base || netns_thread_away() || fdtable_in_vfork_child())
+    if (shim_in_engine || !fdtable_base || netns_thread_away())
         return;
     int saved = errno;
+    bool vfork_child = fdtable_in_vfork_child();
     int top = fdtable_diverted_top(), settle_ms = HANDOVER_SETTLE_MS;
-    for (int fd = 0; fd < top && h->n < HANDOVER_MAX; fd++) {
+    for (int fd = 0, handed = 0; fd < top && handed < HANDOVER_MAX; fd++) {
         struct fd_entry *e = fdtable_if_diverted(fd);
-        if (e)
-            hand_over(fd, e, &settle_ms, h);
+        if (e && hand_over(fd, e, &settle_ms, h, vfork_child))
+            handed++;
     }
     errno = saved;
 }
@@ -173,6 +188,39 @@ SHIM_EXPORT int fexecve(int fd, char *const argv[], char *const envp[])
 SHIM_EXPORT int execveat(int dirfd, const char *path, char *const argv[], char *const envp[], int flags)
 {
     EXEC_WITH_HANDOVER(real_execveat(dirfd, path, argv, envp, flags));
+}
+
+/* A child these start runs no hook of ours before glibc's own exec: what it inherits is
+ * shared with it as with a forked child (hooks.c), served by this process's engine. */
+SHIM_EXPORT int posix_spawn(pid_t *pid, const char *path, const posix_spawn_file_actions_t *actions,
+                            const posix_spawnattr_t *attr, char *const argv[], char *const envp[])
+{
+    real_bind();
+    hooks_share_with_spawned_child(actions != NULL);
+    return real_posix_spawn(pid, path, actions, attr, argv, envp, false);
+}
+
+SHIM_EXPORT int posix_spawnp(pid_t *pid, const char *file, const posix_spawn_file_actions_t *actions,
+                             const posix_spawnattr_t *attr, char *const argv[], char *const envp[])
+{
+    real_bind();
+    hooks_share_with_spawned_child(actions != NULL);
+    return real_posix_spawn(pid, file, actions, attr, argv, envp, true);
+}
+
+SHIM_EXPORT int system(const char *command)
+{
+    real_bind();
+    if (command)
+        hooks_share_with_spawned_child(false);
+    return real_system(command);
+}
+
+SHIM_EXPORT FILE *popen(const char *command, const char *mode)
+{
+    real_bind();
+    hooks_share_with_spawned_child(false);
+    return real_popen(command, mode);
 }
 
 SHIM_EXPORT int execv(const char *path, char *const argv[]) { return execve(path, argv, environ); }

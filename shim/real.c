@@ -54,6 +54,12 @@ static struct {
     int (*execvpe)(const char *, char *const[], char *const[]);
     int (*fexecve)(int, char *const[], char *const[]);
     int (*execveat)(int, const char *, char *const[], char *const[], int);
+    int (*posix_spawn)(pid_t *, const char *, const posix_spawn_file_actions_t *, const posix_spawnattr_t *,
+                       char *const[], char *const[]);
+    int (*posix_spawnp)(pid_t *, const char *, const posix_spawn_file_actions_t *, const posix_spawnattr_t *,
+                        char *const[], char *const[]);
+    int (*system)(const char *);
+    FILE *(*popen)(const char *, const char *);
     int (*sendmmsg)(int, struct mmsghdr *, unsigned, int);
     ssize_t (*sendfile)(int, int, off_t *, size_t);
     ssize_t (*splice)(int, off_t *, int, off_t *, size_t, unsigned);
@@ -96,6 +102,7 @@ static void bind_all(void)
     BIND(setsockopt); BIND(getsockopt); BIND(ioctl); BIND(epoll_ctl); BIND(close);
     BIND(close_range); BIND(fclose); BIND(dup); BIND(dup2); BIND(dup3); BIND(fcntl); BIND(fcntl64);
     BIND(setns); BIND(unshare); BIND(execve); BIND(execvpe); BIND(fexecve); BIND(execveat);
+    BIND(posix_spawn); BIND(posix_spawnp); BIND(system); BIND(popen);
     BIND(sendmmsg); BIND(sendfile); BIND(splice); BIND(pwritev2); BIND(fdopen); BIND(vdprintf);
     void *vf = dlsym(RTLD_NEXT, "vfork");
     if (vf && !is_ours(vf))
@@ -314,6 +321,34 @@ int real_execveat(int dirfd, const char *path, char *const argv[], char *const e
 {
     return fn.execveat ? fn.execveat(dirfd, path, argv, envp, flags)
                        : (int)syscall(SYS_execveat, dirfd, path, argv, envp, flags);
+}
+
+/* What starts a child with no fork handler and no hook of ours before its exec: bound
+ * like the rest, with no fallback (they report ENOSYS, as posix_spawn would). */
+int real_posix_spawn(pid_t *pid, const char *path, const posix_spawn_file_actions_t *actions,
+                     const posix_spawnattr_t *attr, char *const argv[], char *const envp[], bool search)
+{
+    int (*f)(pid_t *, const char *, const posix_spawn_file_actions_t *, const posix_spawnattr_t *, char *const[],
+             char *const[]) = search ? fn.posix_spawnp : fn.posix_spawn;
+    return f ? f(pid, path, actions, attr, argv, envp) : ENOSYS;
+}
+
+int real_system(const char *command)
+{
+    if (!fn.system) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return fn.system(command);
+}
+
+FILE *real_popen(const char *command, const char *mode)
+{
+    if (!fn.popen) {
+        errno = ENOSYS;
+        return NULL;
+    }
+    return fn.popen(command, mode);
 }
 
 /* Writes the fast path never answers inline, gated all the same (hooks_io.c). */

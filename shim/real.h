@@ -6,6 +6,7 @@
 #ifndef HTTPSHIM_REAL_H
 #define HTTPSHIM_REAL_H
 #include <netdb.h>
+#include <spawn.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdbool.h>
@@ -71,4 +72,9 @@ ssize_t real_pwritev2(int fd, const struct iovec *iov, int cnt, off_t off, int f
 int real_execvpe(const char *file, char *const argv[], char *const envp[]);
 int real_fexecve(int fd, char *const argv[], char *const envp[]);
 int real_execveat(int dirfd, const char *path, char *const argv[], char *const envp[], int flags);
+/* posix_spawn, or posix_spawnp when search */
+int real_posix_spawn(pid_t *pid, const char *path, const posix_spawn_file_actions_t *actions,
+                     const posix_spawnattr_t *attr, char *const argv[], char *const envp[], bool search);
+int real_system(const char *command);
+FILE *real_popen(const char *command, const char *mode);
 #endif

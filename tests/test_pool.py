@@ -922,7 +922,7 @@ def test_a_connection_the_app_execs_with_goes_on_in_the_new_program(upstream, tm
 
 
 FORKED_USER = TAGGED_GET + r'''
-import json, os, socket, sys
+import json, os, socket, subprocess, sys
 port, mode, after = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 w = socket.create_connection(("127.0.0.1", port))
 get(w, "/bytes/10")                                         # cached from here on
@@ -930,14 +930,22 @@ w.close()
 s = socket.create_connection(("127.0.0.1", port), timeout=10)
 out = {"parent_before": get(s, "/bytes/10")}                # a hit (inline, through the shim)
 os.set_inheritable(s.fileno(), True)
-pid = os.fork()
-if pid == 0:
-    if mode == "exec":
-        os.execv(sys.executable, [sys.executable, after, str(s.fileno()), "quiet"])
-    print(json.dumps({"child": get(s, "/custom?tag=child")}), flush=True)
-    os._exit(0)
-os.waitpid(pid, 0)
-if mode != "exec":
+argv = [sys.executable, after, str(s.fileno()), "quiet"]
+if mode == "subprocess":                                    # vfork, then execve in the child
+    subprocess.run(argv, pass_fds=[s.fileno()], check=True)
+elif mode == "posix_spawn":                                 # no hook runs in the child
+    os.waitpid(os.posix_spawn(sys.executable, argv, os.environ), 0)
+elif mode == "system":
+    os.system(" ".join(argv))
+else:
+    pid = os.fork()
+    if pid == 0:
+        if mode == "exec":
+            os.execv(sys.executable, argv)
+        print(json.dumps({"child": get(s, "/custom?tag=child")}), flush=True)
+        os._exit(0)
+    os.waitpid(pid, 0)
+if mode == "fork":
     out["parent_after"] = get(s, "/bytes/10")
 print(json.dumps(out), flush=True)
 '''
@@ -948,9 +956,13 @@ def test_a_connection_shared_with_a_forked_child_answers_both(upstream, tmp_path
     child, or by the program the child execs: the child's request is answered, and the
     parent's next one gets its own answer, as direct. (The parent's engine had not been
     listening to the connection: the child waited for an answer that never came, and the
-    parent then read the child's.)"""
+    parent then read the child's.) The same for a child that runs no fork handler: one
+    that CPython's subprocess starts with vfork (the connection is handed over to the new
+    program in the child), and one that posix_spawn or system starts, where no hook runs
+    before the exec (the parent shares the connection first). (Their requests went
+    unanswered: the parent's engine never heard them.)"""
     conf, app, after = app_and_after(tmp_path, upstream, FORKED_USER, "/bytes/*")
-    for mode in ("fork", "exec"):
+    for mode in ("fork", "exec", "subprocess", "posix_spawn", "system"):
         got = {}
         for shim in (False, True):
             r = run([SYS_PY, app, upstream.port, mode, after], shim=shim, conf=conf)
@@ -961,7 +973,7 @@ def test_a_connection_shared_with_a_forked_child_answers_both(upstream, tmp_path
             got[shim] = sorted(lines, key=json.dumps)
         assert got[True] == got[False], (mode, got)
         hit = ["HTTP/1.1 200 OK", 10, []]
-        want = [{"after": "HTTP/1.1 200 OK", "body_len": 100}, {"parent_before": hit}] if mode == "exec" else \
+        want = [{"after": "HTTP/1.1 200 OK", "body_len": 100}, {"parent_before": hit}] if mode != "fork" else \
             [{"child": ["HTTP/1.1 200 OK", 100, ["child"]]}, {"parent_after": hit, "parent_before": hit}]
         assert got[True] == sorted(want, key=json.dumps), got
 
