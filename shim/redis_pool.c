@@ -1,11 +1,11 @@
 /* redis_pool.c — owns the server connections of protocol = redis upstreams: per identity
- * (user, password, database) a few shared connections (pool_max_per_host of the upstream,
+ * (user, password, database, protocol) a few shared connections (pool_max_per_host of the upstream,
  * 4 by default) that carry the commands of many app connections, pipelined, each reply
  * routed back to the session that asked, in order (a FIFO of sessions per connection; a
  * session's commands in flight stay on one connection); connections lent to one session
  * (a transaction, WATCHed keys, a blocking command: at most redis_pinned_max at once) and
  * given back clean; connections of one session's own that relay bytes as they come
- * (direct); the setup of each new connection (AUTH, SELECT, CLIENT SETNAME), whose replies
+ * (direct); the setup of each new connection (AUTH, HELLO 3, SELECT, CLIENT SETNAME), whose replies
  * the shim reads itself and whose first success verifies the identity; and losing a
  * connection (the sessions with commands on it are told, nothing is sent again). A cold
  * upstream's first connection is the one the app's own connect made (pool.c). Engine
@@ -43,6 +43,7 @@ struct rpool_ident {
     unsigned char pass_hash[SHA256_BYTES];
     char db[24];
     size_t db_len;
+    int proto;                         /* 2, or 3: its connections said HELLO 3 first */
     bool verified;
     unsigned refs;
     unsigned n_shared;                 /* its shared connections */
@@ -100,40 +101,40 @@ static char *copy(const char *s, size_t n)
     return d;
 }
 
-struct rpool_ident *rpool_ident_get(int upstream, const char *user, size_t user_len, const char *pass,
-                                    size_t pass_len, bool has_pass, const char *db, size_t db_len)
+struct rpool_ident *rpool_ident_get(int upstream, const struct rpool_who *who)
 {
     unsigned char hash[SHA256_BYTES] = { 0 };
-    if (has_pass)
-        sha256(pass, pass_len, hash);
-    if (db_len == 0) {
-        db = "0";
-        db_len = 1;
-    }
-    if (db_len >= sizeof ((struct rpool_ident *)0)->db)
+    const char *db = who->db_len ? who->db : "0";
+    size_t db_len = who->db_len ? who->db_len : 1;
+    if (who->has_pass)
+        sha256(who->pass, who->pass_len, hash);
+    if (db_len >= sizeof ((struct rpool_ident *)0)->db || (who->proto != 2 && who->proto != 3))
         return NULL;                   /* no database has so long a number */
     for (struct rpool_ident *id = P.idents[upstream]; id; id = id->next)
-        if (id->user_len == user_len && !memcmp(id->user, user, user_len) && id->has_pass == has_pass
-            && !memcmp(id->pass_hash, hash, sizeof hash) && id->db_len == db_len && !memcmp(id->db, db, db_len)) {
+        if (id->user_len == who->user_len && !memcmp(id->user, who->user, who->user_len)
+            && id->has_pass == who->has_pass && !memcmp(id->pass_hash, hash, sizeof hash) && id->db_len == db_len
+            && !memcmp(id->db, db, db_len) && id->proto == who->proto) {
             id->refs++;
             return id;
         }
     struct rpool_ident *id = calloc(1, sizeof *id);
-    if (!id || !(id->user = copy(user, user_len)) || !(id->pass = copy(has_pass ? pass : "", has_pass ? pass_len : 0))) {
+    if (!id || !(id->user = copy(who->user, who->user_len))
+        || !(id->pass = copy(who->has_pass ? who->pass : "", who->has_pass ? who->pass_len : 0))) {
         if (id)
             free(id->user);
         free(id);
         return NULL;
     }
     id->upstream = upstream;
-    id->user_len = user_len;
-    id->pass_len = has_pass ? pass_len : 0;
-    id->has_pass = has_pass;
+    id->user_len = who->user_len;
+    id->pass_len = who->has_pass ? who->pass_len : 0;
+    id->has_pass = who->has_pass;
     memcpy(id->pass_hash, hash, sizeof hash);
     memcpy(id->db, db, db_len);
     id->db_len = db_len;
-    /* nothing to check: the default user on database 0 is what a new connection is */
-    id->verified = !has_pass && user_len == 0 && db_len == 1 && db[0] == '0';
+    id->proto = who->proto;
+    /* nothing to check: the default user on database 0 in RESP2 is what a new connection is */
+    id->verified = !who->has_pass && who->user_len == 0 && db_len == 1 && db[0] == '0' && who->proto == 2;
     id->refs = 1;
     id->next = P.idents[upstream];
     P.idents[upstream] = id;
@@ -164,16 +165,11 @@ void rpool_ident_put(struct rpool_ident *id)
 
 bool rpool_ident_verified(const struct rpool_ident *id) { return id->verified; }
 
-void rpool_ident_parts(const struct rpool_ident *id, const char **user, size_t *user_len, const char **pass,
-                       size_t *pass_len, bool *has_pass, const char **db, size_t *db_len)
+struct rpool_who rpool_ident_parts(const struct rpool_ident *id)
 {
-    *user = id->user;
-    *user_len = id->user_len;
-    *pass = id->pass;
-    *pass_len = id->pass_len;
-    *has_pass = id->has_pass;
-    *db = id->db;
-    *db_len = id->db_len;
+    return (struct rpool_who){ .user = id->user, .user_len = id->user_len, .pass = id->pass,
+                               .pass_len = id->pass_len, .has_pass = id->has_pass, .db = id->db,
+                               .db_len = id->db_len, .proto = id->proto };
 }
 
 /* ---- commands of the shim's own ---- */
@@ -192,7 +188,8 @@ static int put_command(struct buf *b, int argc, const char *const *argv, const s
     return 0;
 }
 
-/* What a new connection of id's sends first; the number of replies it makes. */
+/* What a new connection of id's sends first (AUTH, HELLO 3, SELECT, CLIENT SETNAME),
+ * counted in setup_left. */
 static int put_setup(struct rconn *c, const char *name, size_t name_len)
 {
     const struct rpool_ident *id = c->id;
@@ -204,6 +201,13 @@ static int put_setup(struct rconn *c, const char *name, size_t name_len)
             lens[1] = id->pass_len;
         }
         if (put_command(&c->out, id->user_len ? 3 : 2, argv, lens))
+            return -1;
+        c->setup_left++;
+    }
+    if (id->proto == 3) {              /* (after AUTH: HELLO asks an authenticated connection) */
+        const char *argv[2] = { "HELLO", "3" };
+        size_t lens[2] = { 5, 1 };
+        if (put_command(&c->out, 2, argv, lens))
             return -1;
         c->setup_left++;
     }
@@ -522,11 +526,18 @@ static void take_replies(struct rconn *c)
             return;
         if (r != RESP_ITEM) {
             shim_debug("redis upstream %d: a reply the shim cannot frame (%s)", c->upstream,
-                       r == RESP_TOO_LARGE ? "too large" : "not RESP2");
+                       r == RESP_TOO_LARGE ? "too large" : "not RESP");
             conn_close(c, true);
             return;
         }
         const char *p = buf_head(&c->replies.raw);
+        if (it.type == RESP_REPLY_PUSH) {
+            /* out of band, and no session here asked for any (subscriptions and tracking
+             * have connections of their own): a reply to no one, dropped */
+            shim_debug("redis upstream %d: a RESP3 push on a shared connection, dropped", c->upstream);
+            resp_item_done(&c->replies, &it);
+            continue;
+        }
         if (c->setup_left) {
             setup_reply(c, p, it.raw_len, it.type);
             if (c->state != RC_DEAD)

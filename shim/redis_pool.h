@@ -46,20 +46,28 @@ enum rpool_pin { RPOOL_PIN_MULTI, RPOOL_PIN_WATCH, RPOOL_PIN_BLOCKING };
 void redis_pool_init(const struct shim_config *cfg);
 void redis_pool_forget(void);          /* forked child: the parent's connections */
 
-/* An identity commands run as: user, password (none: has_pass false) and database, as
- * the app gave them (the database as its digits). A reference; *_put gives it back. The
- * password is kept (for the connections opened for it) and never shown. */
-struct rpool_ident *rpool_ident_get(int upstream, const char *user, size_t user_len, const char *pass,
-                                    size_t pass_len, bool has_pass, const char *db, size_t db_len);
+/* Who commands run as and how they are answered: user, password (none: has_pass false)
+ * and database, as the app gave them (the database as its digits), and the protocol its
+ * connections speak (2, or 3 after HELLO 3). */
+struct rpool_who {
+    const char *user, *pass, *db;
+    size_t user_len, pass_len, db_len;
+    bool has_pass;
+    int proto;
+};
+#define RPOOL_WHO_DEFAULT ((struct rpool_who){ "", "", "0", 0, 0, 1, false, 2 })
+
+/* An identity: a reference; *_put gives it back. The password is kept (for the
+ * connections opened for it) and never shown. */
+struct rpool_ident *rpool_ident_get(int upstream, const struct rpool_who *who);
 struct rpool_ident *rpool_ident_ref(struct rpool_ident *id);
 void rpool_ident_put(struct rpool_ident *id);
-/* A connection has accepted it (or it asks nothing: the default user, database 0). */
+/* A connection has accepted it (or it asks nothing: the default user, database 0, RESP2). */
 bool rpool_ident_verified(const struct rpool_ident *id);
-/* Its parts, to derive another identity from it. */
-void rpool_ident_parts(const struct rpool_ident *id, const char **user, size_t *user_len, const char **pass,
-                       size_t *pass_len, bool *has_pass, const char **db, size_t *db_len);
+/* Its parts, to derive another identity from it (pointing into id). */
+struct rpool_who rpool_ident_parts(const struct rpool_ident *id);
 
-/* Checks id on a connection of its own (its setup: AUTH, SELECT); ops->verified follows.
+/* Checks id on a connection of its own (its setup: AUTH, HELLO 3, SELECT); ops->verified follows.
  * -1: cannot try (no memory, the connect failed at once). */
 int rpool_verify(struct rpool_client *c, struct rpool_ident *id);
 /* One command (its exact bytes) of c, run as id: on c's lent connection, else on a shared

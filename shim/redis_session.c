@@ -2,11 +2,13 @@
  * framed (resp.c) and read for the connection state they change, which is kept here and
  * never mixed between app connections: the identity they run as (AUTH's user and password,
  * SELECT's database; checked by the server on a connection opened for it, then answered
- * here), the name (CLIENT SETNAME/GETNAME answered here), a transaction or WATCHed keys or
- * a blocking command (on a connection lent to it alone until its state ends, then given
- * back clean), and what only a connection of its own can carry (RESP3, subscriptions,
- * MONITOR, CLIENT TRACKING/REPLY/NO-EVICT, a cluster node's READONLY/READWRITE/ASKING,
- * inline commands, or the lent cap reached): then it goes direct for good. Every other
+ here), the protocol (HELLO 2 or 3: part of the identity, so RESP3 commands ride only
+ * connections that said HELLO 3), the name (CLIENT SETNAME/GETNAME and HELLO's SETNAME
+ * answered here), a transaction or WATCHed keys or a blocking command (on a connection lent
+ * to it alone until its state ends, then given back clean), and what only a connection of
+ * its own can carry (subscriptions, MONITOR, CLIENT TRACKING/REPLY/NO-EVICT, a cluster
+ * node's READONLY/READWRITE/ASKING, inline commands, a HELLO not read whole, or the lent
+ * cap reached): then it goes direct for good. Every other
  * command goes over the upstream's shared server connections (redis_pool.c), and the
  * replies come back in the order asked. A stream that is not RESP commands closes the
  * connection; nothing of it reaches Redis. Engine thread only. */
@@ -47,6 +49,10 @@ struct rsession {
     struct rpool_ident *pending_id;    /* being verified for an AUTH or SELECT (a reference) */
     struct resp_item held;             /* a command read but waiting for the replies owed first */
     bool has_held;
+    /* a HELLO whose identity is being checked: the name it sets once it is accepted */
+    bool hello_pending, hello_has_name;
+    char hello_name[NAME_MAX_LEN];
+    size_t hello_name_len;
     struct rsession *next, *prev;
 };
 
@@ -163,6 +169,8 @@ static void on_reply(struct rpool_client *c, const char *p, size_t n)
     update(s);
 }
 
+static void hello_accepted(struct rsession *s);
+
 static void on_verified(struct rpool_client *c, bool ok, const char *err, size_t n)
 {
     struct rsession *s = of_client(c);
@@ -170,12 +178,16 @@ static void on_verified(struct rpool_client *c, bool ok, const char *err, size_t
     if (ok) {
         rpool_ident_put(s->id);
         s->id = s->pending_id;
-        answer(s, LITERAL("+OK\r\n"));
+        if (s->hello_pending)
+            hello_accepted(s);
+        else
+            answer(s, LITERAL("+OK\r\n"));
     } else {
         rpool_ident_put(s->pending_id);
         answer(s, err, n);             /* the server's own words, as direct */
     }
     s->pending_id = NULL;
+    s->hello_pending = false;
     process(s);
     update(s);
 }
@@ -235,8 +247,6 @@ static bool needs_own_connection(const struct resp_item *it)
 {
     if (name_in(it, own_connection))
         return true;
-    if (resp_arg_is(it, 0, "HELLO"))    /* RESP3, or AUTH / SETNAME inside it */
-        return !(resp_argc(it) == 1 || (resp_argc(it) == 2 && resp_arg_is(it, 1, "2")));
     /* (CLIENT ID and INFO: the app learns which connection is its own, to CLIENT KILL or
      * UNBLOCK it later; on a shared one that would end or wake other apps' commands) */
     if (resp_arg_is(it, 0, "CLIENT"))
@@ -274,29 +284,26 @@ static void too_many_args(struct rsession *s, const char *cmd)
  * (the first time the shim sees that identity; after that it is known good). */
 static void change_identity(struct rsession *s, const struct resp_item *it, bool auth)
 {
-    const char *user, *pass, *db;
-    size_t user_len, pass_len, db_len;
-    bool has_pass;
-    rpool_ident_parts(s->id, &user, &user_len, &pass, &pass_len, &has_pass, &db, &db_len);
+    struct rpool_who who = rpool_ident_parts(s->id);
     if (auth) {
         if (resp_argc(it) != 2 && resp_argc(it) != 3) {
             too_many_args(s, "auth");
             return;
         }
-        user_len = 0;
-        user = "";
+        who.user_len = 0;
+        who.user = "";
         if (resp_argc(it) == 3)
-            user = resp_arg(it, 1, &user_len);
-        pass = resp_arg(it, resp_argc(it) - 1, &pass_len);
-        has_pass = true;
+            who.user = resp_arg(it, 1, &who.user_len);
+        who.pass = resp_arg(it, resp_argc(it) - 1, &who.pass_len);
+        who.has_pass = true;
     } else {
         if (resp_argc(it) != 2) {
             too_many_args(s, "select");
             return;
         }
-        db = resp_arg(it, 1, &db_len);
+        who.db = resp_arg(it, 1, &who.db_len);
     }
-    struct rpool_ident *id = rpool_ident_get(s->client.upstream, user, user_len, pass, pass_len, has_pass, db, db_len);
+    struct rpool_ident *id = rpool_ident_get(s->client.upstream, &who);
     if (!id) {
         answer_local(s, LITERAL("-ERR value is not an integer or out of range\r\n"));
         return;
@@ -323,6 +330,74 @@ static bool valid_name(const char *p, size_t n)
     return n < NAME_MAX_LEN;
 }
 
+/* HELLO protover [AUTH user pass] [SETNAME name]: the protocol its commands are answered
+ * in (and the user they run as) change as AUTH changes the identity, on connections that
+ * said the same HELLO first (a RESP3 app's commands share connections only with other
+ * RESP3 apps'), and the name is the session's, as CLIENT SETNAME's. The answer is the
+ * server's own, to a bare HELLO on a connection of the new identity (its `id` names that
+ * shared connection). What the shim does not read whole (another version, an option it
+ * does not know, a name the server would refuse) goes direct: its errors are the server's. */
+static void hello(struct rsession *s, const struct resp_item *it)
+{
+    struct rpool_who who = rpool_ident_parts(s->id);
+    size_t n;
+    const char *v = resp_arg(it, 1, &n);
+    who.proto = n == 1 && v[0] == '2' ? 2 : n == 1 && v[0] == '3' ? 3 : 0;
+    bool ok = who.proto != 0;
+    const char *name = NULL;
+    size_t name_len = 0, argc = resp_argc(it);
+    for (size_t i = 2; ok && i < argc;) {
+        if (resp_arg_is(it, i, "AUTH") && i + 2 < argc) {
+            who.user = resp_arg(it, i + 1, &who.user_len);
+            who.pass = resp_arg(it, i + 2, &who.pass_len);
+            who.has_pass = true;
+            i += 3;
+        } else if (resp_arg_is(it, i, "SETNAME") && i + 1 < argc) {
+            name = resp_arg(it, i + 1, &name_len);
+            ok = valid_name(name, name_len);
+            i += 2;
+        } else {
+            ok = false;
+        }
+    }
+    struct rpool_ident *id = ok ? rpool_ident_get(s->client.upstream, &who) : NULL;
+    if (!id) {
+        go_direct(s);
+        return;
+    }
+    s->hello_has_name = name != NULL;
+    s->hello_name_len = name_len;
+    if (name_len)
+        memcpy(s->hello_name, name, name_len);
+    if (rpool_ident_verified(id)) {
+        rpool_ident_put(s->id);
+        s->id = id;
+        hello_accepted(s);
+        return;
+    }
+    s->pending_id = id;
+    s->hello_pending = true;
+    if (rpool_verify(&s->client, id) != 0) {
+        session_close(s);
+        return;
+    }
+    s->waiting_verdict = true;
+}
+
+/* The session's identity is the HELLO's now: its name is set, and the server answers. */
+static void hello_accepted(struct rsession *s)
+{
+    if (s->hello_has_name) {
+        memcpy(s->name, s->hello_name, s->hello_name_len);
+        s->name_len = s->hello_name_len;
+        s->has_name = s->name_len > 0;
+    }
+    char cmd[] = "*2\r\n$5\r\nHELLO\r\n$1\r\n2\r\n";
+    cmd[sizeof cmd - 4] = rpool_ident_parts(s->id).proto == 3 ? '3' : '2';
+    if (kind_push(s, K_PLAIN) != 0 || rpool_send(&s->client, s->id, cmd, sizeof cmd - 1) != 0)
+        session_close(s);
+}
+
 /* CLIENT SETNAME / GETNAME, answered here: the name belongs to the app's connection, not
  * to the shared server connection its commands happen to ride. */
 static bool client_name(struct rsession *s, const struct resp_item *it)
@@ -344,7 +419,10 @@ static bool client_name(struct rsession *s, const struct resp_item *it)
     }
     if (resp_arg_is(it, 1, "GETNAME") && resp_argc(it) == 2) {
         if (!s->has_name) {
-            answer_local(s, LITERAL("$-1\r\n"));
+            if (rpool_ident_parts(s->id).proto == 3)
+                answer_local(s, LITERAL("_\r\n"));   /* RESP3's null */
+            else
+                answer_local(s, LITERAL("$-1\r\n"));
         } else {
             char head[32];
             int k = snprintf(head, sizeof head, "$%zu\r\n", s->name_len);
@@ -378,9 +456,10 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
         go_direct(s);
         return true;
     }
+    bool hello_args = resp_arg_is(it, 0, "HELLO") && resp_argc(it) > 1;   /* (a bare HELLO changes nothing) */
     if (c->lent) {                     /* a transaction, WATCHed keys or a blocking command */
         if (resp_arg_is(it, 0, "AUTH") || resp_arg_is(it, 0, "SELECT") || resp_arg_is(it, 0, "RESET")
-            || resp_arg_is(it, 0, "QUIT")) {
+            || resp_arg_is(it, 0, "QUIT") || hello_args) {
             go_direct(s);              /* the lent connection carries the app's state exactly */
             return true;
         }
@@ -396,15 +475,19 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
     }
     bool multi = resp_arg_is(it, 0, "MULTI"), watch = resp_arg_is(it, 0, "WATCH"), block = is_blocking(it);
     bool state = resp_arg_is(it, 0, "AUTH") || resp_arg_is(it, 0, "SELECT") || resp_arg_is(it, 0, "RESET")
-                 || resp_arg_is(it, 0, "QUIT");
+                 || resp_arg_is(it, 0, "QUIT") || hello_args;
     if ((multi || watch || block || state) && !idle)
         return false;                  /* after the replies owed: it changes what follows */
+    if (hello_args) {
+        hello(s, it);
+        return true;
+    }
     if (resp_arg_is(it, 0, "AUTH") || resp_arg_is(it, 0, "SELECT")) {
         change_identity(s, it, resp_arg_is(it, 0, "AUTH"));
         return true;
     }
     if (resp_arg_is(it, 0, "RESET")) {
-        struct rpool_ident *id = rpool_ident_get(c->upstream, "", 0, "", 0, false, "0", 1);
+        struct rpool_ident *id = rpool_ident_get(c->upstream, &RPOOL_WHO_DEFAULT);   /* (RESP2 again) */
         if (!id) {
             session_close(s);
             return true;
@@ -541,7 +624,7 @@ int redis_session_start(struct loop_source *app_src, int upstream, const union s
     s->kinds = RING_INIT(unsigned char, KINDS_MAX);
     s->app_eof = app_eof;
     if (resp_stream_init(&s->cmds, true) != 0
-        || !(s->id = rpool_ident_get(upstream, "", 0, "", 0, false, "0", 1))
+        || !(s->id = rpool_ident_get(upstream, &RPOOL_WHO_DEFAULT))
         || (buf_len(in) && resp_stream_feed(&s->cmds, buf_head(in), buf_len(in)) != 0)
         || loop_move(app_src, &s->src, EPOLLIN, on_app) != 0) {
         resp_stream_free(&s->cmds);

@@ -1,8 +1,10 @@
 /* resp.c — owns framing RESP for the Redis protocol proxy: the app's commands (arrays of
- * bulk strings, with their arguments for the proxy to read) and the server's replies
- * (whatever RESP2 item, only its type), found whole by hiredis's redisReader, and the
- * exact bytes of each item, kept alongside the reader's own copy (the reader compacts its
- * buffer as it goes, so the bytes of an item are counted, not pointed at). Bounded: a
+ * bulk strings, with their arguments for the proxy to read), found whole by hiredis's
+ * redisReader, and the exact bytes of each, kept alongside the reader's own copy (the
+ * reader compacts its buffer as it goes, so the bytes of an item are counted, not pointed
+ * at); and the server's replies (any RESP2 or RESP3 item, only its type), found whole by
+ * reading their headers and stepping over their contents, resumed where the last bytes
+ * ended, with no object built (Debian's hiredis 0.14 knows no RESP3 type). Bounded: a
  * command not yet whole may hold RESP_ITEM_MAX bytes, a reply RESP_REPLY_MAX (a value
  * the app stored is as large as Redis allows it; a command larger than the shim frames
  * can still go direct, a reply on a shared connection cannot). */
@@ -31,11 +33,15 @@ int resp_stream_init(struct resp_stream *s, bool commands)
     s->taken = 0;
     s->max = commands ? RESP_ITEM_MAX : RESP_REPLY_MAX;
     s->raw = (struct buf){ .cap = s->max * 2 };
-    /* replies: no functions, no allocation per item (the reader returns the type) */
-    s->reader = commands ? redisReaderCreate() : redisReaderCreateWithFunctions(NULL);
+    s->reply_type = 0;
+    s->depth = 0;
+    s->reader = NULL;
+    if (!commands)
+        return 0;                      /* framed here, no reader */
+    s->reader = redisReaderCreate();
     if (!s->reader)
         return -1;
-    if (commands) {
+    {
         if (!hiredis_array) {          /* hiredis's own functions, the array one bounded */
             bounded = *s->reader->fn;
             hiredis_array = bounded.createArray;
@@ -62,13 +68,16 @@ static size_t unparsed(const struct resp_stream *s)
 }
 
 /* Bytes held for the item not yet whole: what the reader has not parsed, and what it has. */
-size_t resp_stream_pending(const struct resp_stream *s) { return unparsed(s) + s->taken; }
+size_t resp_stream_pending(const struct resp_stream *s)
+{
+    return s->commands ? unparsed(s) + s->taken : buf_len(&s->raw);
+}
 
 int resp_stream_feed(struct resp_stream *s, const char *p, size_t n)
 {
     if (resp_stream_pending(s) + n > s->max + 64 * 1024 || buf_append(&s->raw, p, n) != 0)
         return -1;
-    if (redisReaderFeed(s->reader, p, n) != REDIS_OK) {
+    if (s->commands && redisReaderFeed(s->reader, p, n) != REDIS_OK) {
         s->raw.end -= n;               /* (undo: the caller gives up on the stream anyway) */
         return -1;
     }
@@ -85,9 +94,128 @@ static bool is_command(const redisReply *r)
     return true;
 }
 
+/* ---- replies ---- */
+
+static enum resp_next more_or_large(const struct resp_stream *s)
+{
+    return buf_len(&s->raw) >= s->max ? RESP_TOO_LARGE : RESP_MORE;
+}
+
+/* The decimal between a header's type byte and its CR, within [lo, hi]. */
+static bool header_number(const char *p, size_t n, long long lo, long long hi, long long *out)
+{
+    if (n == 0 || n > 20)
+        return false;
+    bool neg = p[0] == '-';
+    size_t i = neg ? 1 : 0;
+    if (i == n)
+        return false;
+    long long v = 0;
+    for (; i < n; i++) {
+        if (p[i] < '0' || p[i] > '9' || v > (hi + 9) / 10)
+            return false;
+        v = v * 10 + (p[i] - '0');
+    }
+    v = neg ? -v : v;
+    if (v < lo || v > hi)
+        return false;
+    *out = v;
+    return true;
+}
+
+static int reply_type_of(char t)
+{
+    return t == '-' || t == '!' ? REDIS_REPLY_ERROR : t == '>' ? RESP_REPLY_PUSH : REDIS_REPLY_STATUS;
+}
+
+/* One header at s->taken and what it opens or ends. An attribute (`|`) annotates the
+ * element after it and is not one itself: it leaves its parent's count alone, and a
+ * reply that starts with one is whole only with the element it annotates. */
+static enum resp_next frame_reply(struct resp_stream *s, struct resp_item *it)
+{
+    const char *base = buf_head(&s->raw);
+    size_t have = buf_len(&s->raw);
+    while (s->taken < have) {         /* (each turn takes 3 bytes at least, or returns) */
+        const char *p = base + s->taken;
+        size_t avail = have - s->taken;
+        const char *nl = memchr(p, '\n', avail < RESP_LINE_MAX ? avail : RESP_LINE_MAX);
+        if (!nl)
+            return avail >= RESP_LINE_MAX ? RESP_BAD : more_or_large(s);
+        size_t line = (size_t)(nl - p) + 1;
+        if (line < 3 || nl[-1] != '\r')
+            return RESP_BAD;
+        const char *num = p + 1;
+        size_t num_len = line - 3;
+        char t = p[0];
+        size_t step = line;
+        long long n = 0;
+        bool opens = false, attribute = t == '|';
+        switch (t) {
+        case '+': case '-': case ':': case ',': case '(':
+            break;
+        case '_':
+            if (num_len)
+                return RESP_BAD;
+            break;
+        case '#':
+            if (num_len != 1 || (num[0] != 't' && num[0] != 'f'))
+                return RESP_BAD;
+            break;
+        case '$': case '!': case '=':
+            if (!header_number(num, num_len, t == '$' ? -1 : 0, 1LL << 40, &n))
+                return RESP_BAD;
+            if (n > (long long)s->max)
+                return RESP_TOO_LARGE;     /* never held whole */
+            if (n >= 0) {
+                if (avail < line + (size_t)n + 2)
+                    return more_or_large(s);
+                if (p[line + (size_t)n] != '\r' || p[line + (size_t)n + 1] != '\n')
+                    return RESP_BAD;
+                step = line + (size_t)n + 2;
+            }
+            break;
+        case '*': case '~': case '>': case '%': case '|':
+            if (!header_number(num, num_len, t == '*' ? -1 : 0, 1LL << 40, &n))
+                return RESP_BAD;
+            if (t == '%' || t == '|')
+                n *= 2;
+            opens = n > 0;
+            break;
+        default:
+            return RESP_BAD;           /* (streamed types too: no server sends them) */
+        }
+        if (s->depth == 0 && !attribute)
+            s->reply_type = t;
+        s->taken += step;
+        if (opens) {
+            if (s->depth == RESP_DEPTH_MAX)
+                return RESP_BAD;
+            s->open[s->depth].left = n;
+            s->open[s->depth].attribute = attribute;
+            s->depth++;
+            continue;
+        }
+        /* an element is whole: so is each aggregate it was the last of */
+        bool ended_attribute = attribute;
+        while (!ended_attribute && s->depth > 0 && --s->open[s->depth - 1].left == 0) {
+            s->depth--;
+            ended_attribute = s->open[s->depth].attribute;
+        }
+        if (s->depth == 0 && !ended_attribute) {
+            it->raw_len = s->taken;
+            it->type = reply_type_of(s->reply_type);
+            s->reply_type = 0;
+            return RESP_ITEM;
+        }
+    }
+    return more_or_large(s);
+}
+
 enum resp_next resp_stream_next(struct resp_stream *s, struct resp_item *it)
 {
     *it = (struct resp_item){ 0 };
+    if (!s->commands)
+        return frame_reply(s, it);
     if (unparsed(s) == 0)
         return RESP_MORE;
     /* the reader keeps what it has parsed of an item across calls: its bytes are counted
@@ -101,10 +229,6 @@ enum resp_next resp_stream_next(struct resp_stream *s, struct resp_item *it)
         return resp_stream_pending(s) >= s->max ? RESP_TOO_LARGE : RESP_MORE;
     it->raw_len = s->taken;
     s->taken = 0;
-    if (!s->commands) {
-        it->type = (int)(long)reply;   /* with no functions the reader hands back the type */
-        return RESP_ITEM;
-    }
     redisReply *r = reply;
     it->type = r->type;
     if (!is_command(r)) {
@@ -118,6 +242,8 @@ enum resp_next resp_stream_next(struct resp_stream *s, struct resp_item *it)
 void resp_item_done(struct resp_stream *s, struct resp_item *it)
 {
     buf_consume(&s->raw, it->raw_len);
+    if (!s->commands)
+        s->taken -= it->raw_len < s->taken ? it->raw_len : s->taken;   /* framed from the next one on */
     if (it->argv)
         freeReplyObject(it->argv);
     *it = (struct resp_item){ 0 };

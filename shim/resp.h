@@ -1,6 +1,8 @@
-/* resp.h — framing RESP (resp.c): the commands an app sends, the replies a server sends,
- * each item found whole by hiredis's redisReader (the one RESP parser of the library), its
- * exact bytes kept so that they are forwarded as they came. */
+/* resp.h — framing RESP (resp.c): the commands an app sends, each found whole by hiredis's
+ * redisReader (the one RESP parser of the library), and the replies a server sends, RESP2
+ * or RESP3, each found whole by a framer that reads only their headers (Debian's hiredis
+ * 0.14 knows no RESP3); the exact bytes of each kept so that they are forwarded as they
+ * came. */
 #ifndef HTTPSHIM_RESP_H
 #define HTTPSHIM_RESP_H
 #include <stdbool.h>
@@ -14,12 +16,20 @@
 struct redisReader;
 struct redisReply;
 
+#define RESP_DEPTH_MAX  64             /* aggregates open at once in one reply */
+#define RESP_LINE_MAX   (64u << 10)    /* a reply's header or simple line, CRLF included */
+#define RESP_REPLY_PUSH 100            /* resp_item.type of a RESP3 push: out of band, no reply */
+
 struct resp_stream {
-    struct redisReader *reader;
+    struct redisReader *reader;        /* commands only */
     struct buf raw;                    /* the bytes fed and not yet taken, as they came */
     bool commands;                     /* an app's commands (argv kept), else replies (types only) */
-    size_t taken;                      /* bytes the reader has read of the item not yet whole */
+    size_t taken;                      /* bytes read of the item not yet whole (the reader's, or framed) */
     size_t max;                        /* RESP_ITEM_MAX for commands, RESP_REPLY_MAX for replies */
+    /* replies: the reply not yet whole, its type byte and the aggregates open in it */
+    char reply_type;
+    unsigned depth;
+    struct { long long left; bool attribute; } open[RESP_DEPTH_MAX];
 };
 
 enum resp_next {
@@ -31,7 +41,9 @@ enum resp_next {
 
 struct resp_item {
     size_t raw_len;
-    int type;                          /* REDIS_REPLY_* of the item (of the command: ARRAY) */
+    int type;                          /* REDIS_REPLY_* of the item (of the command: ARRAY; a
+                                        * RESP3 reply: ERROR for an error, RESP_REPLY_PUSH, else
+                                        * STATUS) */
     struct redisReply *argv;           /* commands: the array of arguments; free with resp_item_done */
 };
 

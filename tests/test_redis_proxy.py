@@ -160,6 +160,93 @@ def test_a_wrong_password_fails_as_direct(redis, tmp_path, sockdir):
     assert jlines(shimmed.out)[0][0].startswith("ERR:WRONGPASS"), shimmed.out
 
 
+RESP3_SESSION = """
+A, B = conn(port), conn(port)
+on(B, 'DEL', 'r3:k', 'r3:h', 'r3:z', 'r3:c')                # (each run starts from none)
+def hello(*a):
+    v = as_text(on(A, 'HELLO', *a))
+    # (the map's id names a connection: the app's own direct, a shared one through the shim)
+    if isinstance(v, list) and v[:1] == ['map']:
+        return [[k, 0 if k == 'id' else x] for k, x in v[1]]
+    if isinstance(v, list) and 'id' in v[::2]:                # (RESP2: the same pairs, flat)
+        return [0 if i % 2 and v[i - 1] == 'id' else x for i, x in enumerate(v)]
+    return v
+out = [hello('3')]
+for args in (('SET', 'r3:k', 'v'), ('HSET', 'r3:h', 'f', '1')):
+    out.append(as_text(on(A, *args)))
+for X in (A, B, A, B):
+    out.append(as_text(on(X, 'HGETALL', 'r3:h')))          # a map in RESP3, an array in RESP2
+    out.append(as_text(on(X, 'GET', 'r3:missing')))        # _ and $-1
+out.append(as_text(on(A, 'ZADD', 'r3:z', '1.5', 'm')))
+out.append(as_text(on(A, 'ZSCORE', 'r3:z', 'm')))          # a double
+out.append(as_text(on(A, 'CLIENT', 'GETNAME')))
+out.append(hello('3', 'SETNAME', 'r3name'))
+out.append(as_text(on(A, 'CLIENT', 'GETNAME')))
+out.append(as_text(on(A, 'MULTI')))
+out.append(as_text(on(A, 'INCR', 'r3:c')))
+out.append(as_text(on(A, 'EXEC')))
+out.append(hello('3', 'AUTH', 'default', 'wrong'))          # refused: still RESP3, as before
+out.append(as_text(on(A, 'HGETALL', 'r3:h')))
+out.append(hello('2'))
+out.append(as_text(on(A, 'HGETALL', 'r3:h')))
+out.append(hello('3', 'AUTH', 'dave', 'pd'))
+out.append(as_text(on(A, 'ACL', 'WHOAMI')))
+out.append(as_text(on(B, 'ACL', 'WHOAMI')))
+out.append(as_text(on(A, 'RESET')))
+out.append(as_text(on(A, 'HGETALL', 'r3:h')))
+out.append(as_text(on(A, 'ACL', 'WHOAMI')))
+try:                                                        # (through the shim: none went direct so far)
+    from ownstats import own_stats
+    went_direct = own_stats('SOCKDIR/%p.sock')['upstreams']['127.0.0.1:%d' % port]['redis_direct']
+except OSError:
+    went_direct = None
+out.append(hello('4'))                                      # the server's own error (direct from here)
+out.append(as_text(on(A, 'GET', 'r3:k')))
+"""
+
+
+def test_resp3_is_spoken_and_shared_only_with_resp3(redis, tmp_path, sockdir):
+    """HELLO 3 (as ioredis and node-redis send first): the app's replies come in RESP3 (maps,
+    nulls, doubles) while another connection's stay RESP2, on the same upstream at once;
+    HELLO's SETNAME is the app's own name, its AUTH a user checked by the server (a wrong
+    password refused as direct, the protocol unchanged), HELLO 2 and RESET go back to
+    RESP2, and a version the shim does not know gets the server's own error: every reply
+    as direct. (HELLO 3 used to give the app a server connection of its own for good.)"""
+    redis.cmd("ACL", "SETUSER", "dave", "on", ">pd", "~*", "+@all")
+    session = RESP3_SESSION.replace("SOCKDIR", sockdir)
+    direct, shimmed = direct_and_shimmed(redis, tmp_path, sockdir, session, "[out, went_direct]")
+    assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
+    (got, went_direct), (want, _) = jlines(shimmed.out)[0], jlines(direct.out)[0]
+    assert got == want, [(i, x, y) for i, (x, y) in enumerate(zip(want, got)) if x != y]
+    assert went_direct == 0, "RESP3 went on shared connections, not direct: %s" % went_direct
+    assert ["proto", 3] in want[0], want[0]
+    assert want[3:7] == [["map", [["f", "1"]]], None, ["f", "1"], None], want
+
+
+RESP3_PER_CALL = """
+wrong = 0
+for i in range(300):
+    X = conn(port)
+    hello = as_text(on(X, 'HELLO', '3'))
+    wrong += hello[0] != 'map' or ['proto', 3] not in hello[1]
+    on(X, 'SET', 'r3pc:%d' % i, 'v%d' % i)
+    wrong += as_text(on(X, 'GET', 'r3pc:%d' % i)) != 'v%d' % i
+    wrong += as_text(on(X, 'HGETALL', 'r3pc:none')) != ['map', []]
+    X[0].close()
+"""
+
+
+def test_resp3_clients_per_call_ride_a_few_server_connections(redis, tmp_path, sockdir):
+    """300 calls, each a new connection that says HELLO 3 first (as ioredis and node-redis
+    do): every reply right and in RESP3, and the server accepts at most pool_max_per_host
+    (4) connections for them all."""
+    before = received(redis)
+    _, shimmed = direct_and_shimmed(redis, tmp_path, sockdir, RESP3_PER_CALL, "{'wrong': wrong}")
+    assert shimmed.rc == 0 and jlines(shimmed.out) == [{"wrong": 0}], shimmed.describe()
+    # (direct_and_shimmed ran it direct first: 300 connections, then the shim's)
+    assert received(redis) - before - 300 - 1 <= 4, received(redis) - before
+
+
 def test_the_connection_name_is_the_apps_own(redis, tmp_path, sockdir):
     """CLIENT SETNAME on one app connection, GETNAME on it and on another: each sees its
     own (the shared server connection's name is never touched)."""

@@ -58,7 +58,7 @@ def on(sock_reader, *args):
 def as_text(v):
     if isinstance(v, bytes):
         return v.decode("latin-1")
-    if isinstance(v, list):
+    if isinstance(v, (list, tuple)):
         return [as_text(x) for x in v]
     if isinstance(v, RespError):
         return "ERR:" + str(v)

@@ -1,4 +1,8 @@
-"""A tiny blocking RESP2 client (stdlib only) for the Redis tests.
+"""A tiny blocking RESP2 client (stdlib only) for the Redis tests; its reader also reads
+the RESP3 types (after HELLO 3): a map as ("map", [[k, v], ...]), a set as ("set", [...]),
+a push as ("push", [...]), null as None, a double as ("double", text), a boolean as
+True/False, a big number as int, a verbatim string as bytes, a blob error as RespError;
+an attribute is read and dropped.
 
   r = Resp(port=6379)                  # or Resp(unix="/path/redis.sock"), password=..., db=N
   r.cmd("SET", "k", b"v", "PX", 1000)  # -> "OK"
@@ -68,6 +72,26 @@ class _Reader(object):
         if t == b"*":
             n = int(rest)
             return None if n < 0 else [self.reply() for _ in range(n)]
+        if t == b"_":
+            return None
+        if t == b"#":
+            return rest == b"t"
+        if t == b",":
+            return ("double", rest.decode("latin-1"))
+        if t == b"(":
+            return int(rest)
+        if t == b"=":
+            return self.exact(int(rest))
+        if t == b"!":
+            return RespError(self.exact(int(rest)).decode("latin-1"))
+        if t in (b"~", b">"):
+            return ("set" if t == b"~" else "push", [self.reply() for _ in range(int(rest))])
+        if t == b"%":
+            return ("map", [[self.reply(), self.reply()] for _ in range(int(rest))])
+        if t == b"|":
+            for _ in range(2 * int(rest)):
+                self.reply()
+            return self.reply()
         raise ConnectionError("not RESP: %r" % ln[:100])
 
 
