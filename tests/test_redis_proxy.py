@@ -247,6 +247,73 @@ def test_resp3_clients_per_call_ride_a_few_server_connections(redis, tmp_path, s
     assert received(redis) - before - 300 - 1 <= 4, received(redis) - before
 
 
+NODE_MODULES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node", "node_modules")
+NODE_CLIENTS = r"""
+const Redis = require("ioredis");
+const { createClient } = require("redis");
+const port = +process.argv[1];
+(async () => {
+  const out = { wrong: 0, calls: 0 };
+  for (let i = 0; i < 150; i++) {            // a new ioredis client per call (it says HELLO 3)
+    const r = new Redis({ port, host: "127.0.0.1", db: 1 });
+    await r.set("io:" + i, "v" + i);
+    if ((await r.get("io:" + i)) !== "v" + i) out.wrong++;
+    const res = await r.multi().incr("io:count").get("io:" + i).exec();
+    if (res[1][1] !== "v" + i) out.wrong++;
+    const h = await r.hgetall("io:none");
+    if (JSON.stringify(h) !== "{}") out.wrong++;
+    r.disconnect();
+    out.calls++;
+  }
+  for (let i = 0; i < 150; i++) {            // a new node-redis client per call
+    const c = createClient({ url: `redis://127.0.0.1:${port}/2` });
+    await c.connect();
+    await c.set("nr:" + i, "w" + i);
+    if ((await c.get("nr:" + i)) !== "w" + i) out.wrong++;
+    await c.quit();
+    out.calls++;
+  }
+  const sub = new Redis({ port }), pub = new Redis({ port });
+  let got = null;
+  sub.on("message", (ch, m) => { got = m; });
+  await sub.subscribe("node:ch");
+  await pub.publish("node:ch", "hello");
+  for (let i = 0; i < 100 && got === null; i++) await new Promise(r => setTimeout(r, 20));
+  out.pubsub = got;
+  sub.disconnect(); pub.disconnect();
+  const check = new Redis({ port, db: 1 });
+  out.count = await check.get("io:count");
+  check.disconnect();
+  console.log(JSON.stringify(out));
+  process.exit(0);
+})().catch(e => { console.error(e); process.exit(1); });
+"""
+
+
+@pytest.mark.skipif(not shutil.which("node"), reason="node not installed")
+def test_node_clients_per_call(redis, tmp_path, sockdir):
+    """ioredis and node-redis (tools/install-deps puts them in tests/node/), a new client per
+    call as the services this is for do: ioredis says HELLO 3 and SELECT 1 on each, node-redis
+    SELECT 2; every reply as direct, a transaction's too, a subscription receives what is
+    published, and the 300 calls ride a few server connections (direct: one each)."""
+    if not os.path.isdir(os.path.join(NODE_MODULES, "ioredis")) or not os.path.isdir(os.path.join(NODE_MODULES, "redis")):
+        pytest.skip("ioredis and node-redis not installed (tools/install-deps installs them with npm)")
+    redis.cmd("DEL", "io:count", db=1)
+    env = {"NODE_PATH": NODE_MODULES}
+    direct = run(["node", "-e", NODE_CLIENTS, redis.port], shim=False, env=env, timeout=120)
+    redis.cmd("DEL", "io:count", db=1)
+    before = received(redis)
+    shimmed = run(["node", "-e", NODE_CLIENTS, redis.port], conf=conf_for(tmp_path, redis, sockdir), env=env,
+                  timeout=120)
+    opened = received(redis) - before - 1
+    assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
+    want = {"wrong": 0, "calls": 300, "pubsub": "hello", "count": "150"}
+    assert jlines(direct.out) == jlines(shimmed.out) == [want], (direct.out, shimmed.out)
+    # (identities: db 1 in RESP3, db 2 in RESP2, db 0 in RESP3 for the publisher, at most 4
+    # shared connections each; the subscriber's is its own, as direct)
+    assert opened <= 10, opened
+
+
 def test_the_connection_name_is_the_apps_own(redis, tmp_path, sockdir):
     """CLIENT SETNAME on one app connection, GETNAME on it and on another: each sees its
     own (the shared server connection's name is never touched)."""
