@@ -31,3 +31,7 @@ fuzz_tls_hello_FLAGS    = -max_len=4096
 fuzz_resp_command_SRC   = shim/resp.c shim/buf.c shim/real.c
 fuzz_resp_command_LIBS  = -lhiredis -ldl -pthread
 fuzz_resp_command_FLAGS = -max_len=4096
+
+fuzz_resp_reply_SRC     = shim/resp.c shim/buf.c shim/real.c
+fuzz_resp_reply_LIBS    = -lhiredis -ldl -pthread
+fuzz_resp_reply_FLAGS   = -max_len=4096
