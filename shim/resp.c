@@ -133,8 +133,10 @@ static int reply_type_of(char t)
  * reply that starts with one is whole only with the element it annotates. */
 static enum resp_next frame_reply(struct resp_stream *s, struct resp_item *it)
 {
-    const char *base = buf_head(&s->raw);
     size_t have = buf_len(&s->raw);
+    if (s->taken >= have)
+        return more_or_large(s);       /* (and a stream never fed has no buffer yet) */
+    const char *base = buf_head(&s->raw);
     while (s->taken < have) {         /* (each turn takes 3 bytes at least, or returns) */
         const char *p = base + s->taken;
         size_t avail = have - s->taken;
@@ -184,12 +186,12 @@ static enum resp_next frame_reply(struct resp_stream *s, struct resp_item *it)
         default:
             return RESP_BAD;           /* (streamed types too: no server sends them) */
         }
+        if (opens && s->depth == RESP_DEPTH_MAX)
+            return RESP_BAD;           /* (before anything moves: asked again, the same answer) */
         if (s->depth == 0 && !attribute)
             s->reply_type = t;
         s->taken += step;
         if (opens) {
-            if (s->depth == RESP_DEPTH_MAX)
-                return RESP_BAD;
             s->open[s->depth].left = n;
             s->open[s->depth].attribute = attribute;
             s->depth++;
