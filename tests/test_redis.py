@@ -93,7 +93,8 @@ class RedisServer(object):
         self.starts += 1
         cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-               "--daemonize", "no", "--logfile", ""]
+               "--daemonize", "no", "--logfile", "",
+               "--enable-debug-command", "local"]   # (DEBUG PROTOCOL: every RESP3 type, for the tests)
         if self.password:
             cmd += ["--requirepass", self.password]
         if self.unix:

@@ -223,6 +223,44 @@ def test_resp3_is_spoken_and_shared_only_with_resp3(redis, tmp_path, sockdir):
     assert want[3:7] == [["map", [["f", "1"]]], None, ["f", "1"], None], want
 
 
+RESP3_TYPES = """
+import time
+s = socket.create_connection(('127.0.0.1', port), timeout=10)
+def command(*a):
+    s.sendall(b''.join([b'*%d\\r\\n' % len(a)] + [b'$%d\\r\\n%s\\r\\n' % (len(x), x) for x in (y.encode() for y in a)]))
+def until(end):
+    data = b''
+    while not data.endswith(end):
+        data += s.recv(65536)
+    return data
+command('HELLO', '3')
+until(b'modules\\r\\n*0\\r\\n')
+got = []
+for t in ('string', 'integer', 'double', 'bignum', 'null', 'array', 'set', 'map', 'attrib', 'verbatim', 'true', 'false'):
+    command('DEBUG', 'PROTOCOL', t)
+    command('ECHO', 'end')                                  # (the reply after it ends it)
+    got.append(until(b'$3\\r\\nend\\r\\n').decode('latin-1'))
+try:
+    from ownstats import own_stats
+    went_direct = own_stats('SOCKDIR/%p.sock')['upstreams']['127.0.0.1:%d' % port]['redis_direct']
+except OSError:
+    went_direct = None
+"""
+
+
+def test_every_resp3_type_comes_back_as_the_server_sent_it(redis, tmp_path, sockdir):
+    """DEBUG PROTOCOL makes the server send each RESP3 type (double, big number, null, set,
+    map, an attribute before its reply, verbatim string, booleans): through the shim's
+    framer (hiredis 0.14 knows none of them) each reaches the app byte for byte as direct."""
+    code = "import socket\n" + RESP3_TYPES.replace("SOCKDIR", sockdir)
+    direct, shimmed = direct_and_shimmed(redis, tmp_path, sockdir, code, "[got, went_direct]")
+    assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
+    (got, went_direct), (want, _) = jlines(shimmed.out)[0], jlines(direct.out)[0]
+    assert got == want, [(x, y) for x, y in zip(want, got) if x != y]
+    assert "|1\r\n" in want[8] and "=29\r\ntxt:" in want[9], want
+    assert went_direct == 0, "over the shared RESP3 connections, not direct: %s" % went_direct
+
+
 RESP3_PER_CALL = """
 wrong = 0
 for i in range(300):
