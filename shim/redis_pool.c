@@ -68,7 +68,8 @@ struct rconn {
     struct ring fifo;                  /* who each reply owed goes to (struct rpool_client *, NULL: no
                                         * one), oldest first */
     struct rpool_client *lent;         /* lent to this session alone (or its own, direct) */
-    struct rpool_client *verifying;    /* a session waiting for its setup's verdict */
+    struct rpool_client *verifying;    /* the sessions waiting for its setup's verdict (a list
+                                        * through next_verifying), newest first */
     bool raw;                          /* direct: bytes relayed as they come, after the setup */
     int pin_reason;
 };
@@ -81,6 +82,8 @@ static struct {
 } P;
 
 void redis_pool_init(const struct shim_config *cfg) { P.cfg = cfg; }
+
+static unsigned pool_max(int up) { return rules_pool_max(P.cfg, &P.cfg->upstreams[up]); }
 
 void redis_pool_forget(void)
 {
@@ -303,6 +306,34 @@ static void fifo_forget(struct rconn *c, const struct rpool_client *cl)
     }
 }
 
+/* The sessions waiting for c's verdict, taken off it: each is in no list any more. */
+static struct rpool_client *take_verifying(struct rconn *c)
+{
+    struct rpool_client *list = c->verifying;
+    c->verifying = NULL;
+    for (struct rpool_client *v = list; v; v = v->next_verifying)
+        v->verifying = NULL;
+    return list;
+}
+
+/* A session whose connection (its lent one, or the one checking its identity) is gone. */
+static void tell_lost(struct rconn *c, struct rpool_client *t)
+{
+    if (t->conn == c)
+        t->conn = NULL;
+    t->inflight = 0;
+    t->lent = t->raw = false;
+    t->ops->lost(t);
+}
+
+static bool listed(const struct rpool_client *list, const struct rpool_client *cl)
+{
+    for (; list; list = list->next_verifying)
+        if (list == cl)
+            return true;
+    return false;
+}
+
 static void conn_close(struct rconn *c, bool lost)
 {
     if (c->state == RC_DEAD)
@@ -313,29 +344,26 @@ static void conn_close(struct rconn *c, bool lost)
         STAT_INC(c->upstream, redis_server_lost);
         shim_debug("redis upstream %d: a server connection was lost", c->upstream);
     }
-    struct rpool_client *told[2] = { c->lent, c->verifying };
-    c->lent = c->verifying = NULL;
+    struct rpool_client *lent = c->lent, *waiting = take_verifying(c);
+    c->lent = NULL;
     for (unsigned i = 0; i < c->fifo.count; i++) {
         struct rpool_client *cl = *(struct rpool_client **)ring_at(&c->fifo, i);
         if (!cl)
             continue;
         fifo_forget(c, cl);
-        if (cl == told[0] || cl == told[1])
+        if (cl == lent || listed(waiting, cl))
             continue;
         cl->conn = NULL;
         cl->inflight = 0;
         cl->ops->lost(cl);
     }
-    for (int i = 0; i < 2; i++)
-        if (told[i] && (i == 0 || told[1] != told[0])) {
-            if (told[i]->conn == c)
-                told[i]->conn = NULL;
-            if (told[i]->verifying == c)
-                told[i]->verifying = NULL;
-            told[i]->inflight = 0;
-            told[i]->lent = told[i]->raw = false;
-            told[i]->ops->lost(told[i]);
-        }
+    if (lent)
+        tell_lost(c, lent);
+    for (struct rpool_client *t = waiting, *next; t; t = next) {
+        next = t->next_verifying;
+        if (t != lent)
+            tell_lost(c, t);
+    }
     if (c->lent_counted) {
         P.lent[c->upstream]--;
         lent_gauge(c, -1);
@@ -466,33 +494,40 @@ static void flush_now(struct loop_deferred *d)
 static void setup_reply(struct rconn *c, const char *p, size_t n, int type)
 {
     c->setup_left--;
-    struct rpool_client *v = c->verifying;
     if (type == REDIS_REPLY_ERROR) {
         shim_debug("redis upstream %d: a new connection's setup was refused: %.*s", c->upstream,
                    (int)(n > 2 ? n - 2 : n), p);
-        if (v) {
-            c->verifying = NULL;
-            v->verifying = NULL;
-            char err[512];
-            size_t k = n < sizeof err ? n : sizeof err;
-            memcpy(err, p, k);
-            conn_close(c, false);
-            v->ops->verified(v, false, err, k);
-        } else {
+        struct rpool_client *v = take_verifying(c);
+        if (!v) {
             conn_close(c, true);       /* (its identity was good a moment ago) */
+            return;
+        }
+        char err[512];                 /* (a longer error is cut, still a whole error line) */
+        size_t k = n <= sizeof err ? n : sizeof err;
+        memcpy(err, p, k);
+        if (k < n)
+            memcpy(err + k - 2, "\r\n", 2);
+        conn_close(c, false);
+        for (struct rpool_client *next; v; v = next) {
+            next = v->next_verifying;
+            v->ops->verified(v, false, err, k);
         }
         return;
     }
     if (c->setup_left)
         return;
     c->id->verified = true;
-    if (v) {
-        c->verifying = NULL;
-        v->verifying = NULL;
-        if (!c->lent && !c->shared) {
+    struct rpool_client *v = take_verifying(c);
+    if (v && !c->lent && !c->shared) {
+        if (c->id->n_shared < pool_max(c->upstream)) {
             c->shared = true;          /* it stays, for the identity's commands */
             c->id->n_shared++;
+        } else {
+            conn_close(c, false);      /* (enough are shared) */
         }
+    }
+    for (struct rpool_client *next; v; v = next) {
+        next = v->next_verifying;
         v->ops->verified(v, true, NULL, 0);
     }
 }
@@ -602,7 +637,6 @@ static void on_io(struct loop_source *src, uint32_t ev)
 
 /* ---- what sessions ask ---- */
 
-static unsigned pool_max(int up) { return rules_pool_max(P.cfg, &P.cfg->upstreams[up]); }
 
 /* A shared connection of id's for a session with no reply owed: the least loaded, or a new
  * one while the identity has fewer than pool_max and every one has replies owed. */
@@ -657,9 +691,12 @@ int rpool_send_quiet(struct rpool_client *cl, const char *cmd, size_t n)
 
 int rpool_verify(struct rpool_client *cl, struct rpool_ident *id)
 {
-    struct rconn *c = conn_open(cl, id, NULL, 0);
-    if (!c)
+    struct rconn *c = P.conns[cl->upstream];
+    while (c && !(c->id == id && c->verifying && c->state != RC_DEAD))
+        c = c->next;
+    if (!c && !(c = conn_open(cl, id, NULL, 0)))
         return -1;
+    cl->next_verifying = c->verifying;
     c->verifying = cl;
     cl->verifying = c;
     return 0;
@@ -757,10 +794,14 @@ void rpool_client_gone(struct rpool_client *cl)
 {
     struct rconn *v = cl->verifying;
     if (v) {
-        v->verifying = NULL;           /* its setup goes on: a verified identity is kept */
+        struct rpool_client **at = &v->verifying;
+        while (*at && *at != cl)
+            at = &(*at)->next_verifying;
+        if (*at)
+            *at = cl->next_verifying;
         cl->verifying = NULL;
-        if (!v->shared && !v->lent)
-            conn_close(v, false);
+        if (!v->verifying && !v->shared && !v->lent)
+            conn_close(v, false);      /* no one waits for its verdict any more */
     }
     struct rconn *c = cl->conn;
     if (!c)

@@ -35,6 +35,7 @@ struct rpool_client {
     socklen_t dest_len;
     struct rconn *conn;                /* the connection its commands in flight (or its lent one) are on */
     struct rconn *verifying;           /* a connection checking an identity for it */
+    struct rpool_client *next_verifying;   /* the next session waiting on the same check */
     unsigned inflight;                 /* replies still owed to it */
     bool lent;                         /* conn is lent to it alone */
     bool raw;                          /* ... and relays bytes both ways as they come */
@@ -67,7 +68,9 @@ bool rpool_ident_verified(const struct rpool_ident *id);
 /* Its parts, to derive another identity from it (pointing into id). */
 struct rpool_who rpool_ident_parts(const struct rpool_ident *id);
 
-/* Checks id on a connection of its own (its setup: AUTH, HELLO 3, SELECT); ops->verified follows.
+/* Checks id on a connection opened for it (its setup: AUTH, HELLO 3, SELECT), or waits for
+ * the check already under way for id (one at a time per identity: a burst of new clients
+ * saying the same AUTH or HELLO 3 opens one connection, not one each); ops->verified follows.
  * -1: cannot try (no memory, the connect failed at once). */
 int rpool_verify(struct rpool_client *c, struct rpool_ident *id);
 /* One command (its exact bytes) of c, run as id: on c's lent connection, else on a shared

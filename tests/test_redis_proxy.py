@@ -261,6 +261,50 @@ def test_every_resp3_type_comes_back_as_the_server_sent_it(redis, tmp_path, sock
     assert went_direct == 0, "over the shared RESP3 connections, not direct: %s" % went_direct
 
 
+BURST = """
+import re, threading
+def accepted():
+    X = conn(port)
+    info = as_text(on(X, 'INFO', 'stats'))
+    X[0].close()
+    return int(re.search(r'total_connections_received:(\\d+)', info).group(1))
+def burst(work):
+    barrier = threading.Barrier(20)
+    got = [None] * 20
+    def one(i):
+        X = conn(port)
+        barrier.wait()
+        got[i] = work(X)
+        X[0].close()
+    ts = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    return got
+before = accepted()
+resp3 = burst(lambda X: [as_text(on(X, 'HELLO', '3', 'AUTH', 'erin', 'pe'))[0], as_text(on(X, 'ACL', 'WHOAMI')),
+                         as_text(on(X, 'HGETALL', 'burst:none'))])
+opened = accepted() - before                               # (direct: INFO's own connection too)
+refused = burst(lambda X: [as_text(on(X, 'AUTH', 'erin', 'wrong')), as_text(on(X, 'ACL', 'WHOAMI'))])
+"""
+
+
+def test_a_burst_of_new_identities_checks_each_once(redis, tmp_path, sockdir):
+    """20 app connections at once saying HELLO 3 AUTH as a user the shim has not seen: each
+    gets the server's answer as direct, and the identity is checked on one server connection
+    while the others wait for its verdict, so the burst opens at most pool_max_per_host (4);
+    then 20 at once with a wrong password: each gets WRONGPASS and goes on as the default
+    user, as direct. (Each opened a connection of its own to be checked, and all of them
+    then stayed shared: 52 server connections for redis-benchmark -3 -c 50.)"""
+    redis.cmd("ACL", "SETUSER", "erin", "on", ">pe", "~*", "+@all")
+    direct, shimmed = direct_and_shimmed(redis, tmp_path, sockdir, BURST, "[resp3, refused, opened]")
+    assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
+    (resp3, refused, opened), (want3, want_refused, opened_direct) = jlines(shimmed.out)[0], jlines(direct.out)[0]
+    assert (resp3, refused) == (want3, want_refused), (direct.out, shimmed.out)
+    assert want3 == [["map", "erin", ["map", []]]] * 20, want3
+    assert all(r[0].startswith("ERR:WRONGPASS") and r[1] == "default" for r in want_refused), want_refused
+    assert opened_direct == 21 and opened <= 4, (opened_direct, opened)
+
+
 RESP3_PER_CALL = """
 wrong = 0
 for i in range(300):
