@@ -317,7 +317,7 @@ static struct rpool_client *take_verifying(struct rconn *c)
 }
 
 /* A session whose connection (its lent one, or the one checking its identity) is gone. */
-static void tell_lost(struct rconn *c, struct rpool_client *t)
+static void tell_lost(const struct rconn *c, struct rpool_client *t)
 {
     if (t->conn == c)
         t->conn = NULL;
@@ -503,9 +503,10 @@ static void setup_reply(struct rconn *c, const char *p, size_t n, int type)
             return;
         }
         char err[512];                 /* (a longer error is cut, still a whole error line) */
-        size_t k = n <= sizeof err ? n : sizeof err;
+        bool cut = n > sizeof err;
+        size_t k = cut ? sizeof err : n;
         memcpy(err, p, k);
-        if (k < n)
+        if (cut)
             memcpy(err + k - 2, "\r\n", 2);
         conn_close(c, false);
         for (struct rpool_client *next; v; v = next) {
