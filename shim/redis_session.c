@@ -2,7 +2,7 @@
  * framed (resp.c) and read for the connection state they change, which is kept here and
  * never mixed between app connections: the identity they run as (AUTH's user and password,
  * SELECT's database; checked by the server on a connection opened for it, then answered
- here), the protocol (HELLO 2 or 3: part of the identity, so RESP3 commands ride only
+ * here), the protocol (HELLO 2 or 3: part of the identity, so RESP3 commands ride only
  * connections that said HELLO 3), the name (CLIENT SETNAME/GETNAME and HELLO's SETNAME
  * answered here), a transaction or WATCHed keys or a blocking command (on a connection lent
  * to it alone until its state ends, then given back clean), and what only a connection of
