@@ -8,11 +8,12 @@ is one GET (a cache lookup), or a SET and a GET (--ops 1,2 runs both). Prints a 
 table: requests/s, p50/p99 per request, and the connections the server accepted.
 
     bench/redisbench.py [--calls 2000] [--runs 3] [--ops 1,2] [--lib build/libhttpshim.so]
-                        [--host H --port P] [--password PW] [--db N]
+                        [--host H --port P] [--password PW] [--db N] [--client redis-py|ioredis]
 
 With --host/--port it uses that server (e.g. one behind bench/delayline in a network
 namespace) instead of starting its own; --password and --db make every new client send
-AUTH and SELECT, as services that build a client per request often do.
+AUTH and SELECT, as services that build a client per request often do. --client ioredis
+runs the same service in Node.js with ioredis (RESP3: HELLO 3, then its INFO ready check).
 """
 import argparse
 import json
@@ -62,6 +63,44 @@ print(json.dumps({"calls_s": calls / wall, "p50_us": lat[len(lat) // 2] * 1e6,
 '''
 
 
+# The same service in Node.js with ioredis (RESP3: HELLO 3 first, then its INFO ready check):
+# node's argv after -e: host, port, calls, mode, password, db, ops.
+NODE_CHILD = r'''
+const Redis = require("ioredis");
+const [host, port, calls, mode, pw, db, ops] = process.argv.slice(1);
+const kw = { host, port: +port, db: +db, password: pw || undefined };
+(async () => {
+  const shared = mode === "reused" || mode === "floor" ? new Redis(kw) : null;
+  if (shared) await shared.ping();
+  const lat = [];
+  const t0 = process.hrtime.bigint();
+  for (let i = 0; i < +calls; i++) {
+    const s = process.hrtime.bigint(), key = "k" + (i % 100);
+    if (mode === "floor") {                 // a client built per request, never connected
+      const c = new Redis({ ...kw, lazyConnect: true });
+      if (+ops === 2) await shared.set(key, "v");
+      await shared.get(key);
+      c.disconnect();
+    } else if (!shared) {
+      const c = new Redis(kw);
+      if (+ops === 2) await c.set(key, "v");
+      await c.get(key);
+      c.disconnect();
+    } else {
+      if (+ops === 2) await shared.set(key, "v");
+      await shared.get(key);
+    }
+    lat.push(Number(process.hrtime.bigint() - s) / 1000);
+  }
+  const wall = Number(process.hrtime.bigint() - t0) / 1e9;
+  lat.sort((a, b) => a - b);
+  console.log(JSON.stringify({ calls_s: +calls / wall, p50_us: lat[lat.length >> 1],
+                               p99_us: lat[Math.min(lat.length - 1, Math.floor(lat.length * 0.99))] }));
+  process.exit(0);
+})().catch(e => { console.error(e); process.exit(1); });
+'''
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -86,10 +125,17 @@ def main():
     ap.add_argument("--password", default="")
     ap.add_argument("--db", type=int, default=0)
     ap.add_argument("--ops", default="1,2", help="commands per request: 1 (GET), 2 (SET and GET), or both")
+    ap.add_argument("--client", default="redis-py", choices=("redis-py", "ioredis"),
+                    help="ioredis: node with NODE_PATH (default tests/node/node_modules, tools/install-deps)")
     a = ap.parse_args()
     py = "/usr/bin/python3"
     work = tempfile.mkdtemp(prefix="redisbench")
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "HTTPSHIM_CONF")}
+    if a.client == "ioredis":
+        env.setdefault("NODE_PATH", os.path.join(ROOT, "tests", "node", "node_modules"))
+        child = ["node", "-e", NODE_CHILD]
+    else:
+        child = [py, "-c", CHILD]
     srv = None
     port = a.port
     if not port:
@@ -127,8 +173,8 @@ def main():
                     if shim:
                         e.update(LD_PRELOAD=a.lib, HTTPSHIM_CONF=confs[shim])
                     before = received(a.host, port, a.password)
-                    out = subprocess.run([py, "-c", CHILD, a.host, str(port), str(a.calls), mode, a.password, str(a.db),
-                                          str(k)], stdout=subprocess.PIPE, env=e, check=True, timeout=1800).stdout
+                    out = subprocess.run(child + [a.host, str(port), str(a.calls), mode, a.password, str(a.db),
+                                                  str(k)], stdout=subprocess.PIPE, env=e, check=True, timeout=1800).stdout
                     d = json.loads(out.decode().strip().splitlines()[-1])
                     d["conns"] = received(a.host, port, a.password) - before - 1
                     res[(k, name)].append(d)
