@@ -75,13 +75,13 @@ static int connect_again(const struct fd_entry *e)
  * way. An exchange whose last bytes the app has read is over, but the engine gives the
  * connection back only after its write: an app that execs the moment it has its answer
  * waits for that (until *settle_ms runs out: a request still in flight stays in flight). */
-static bool hold_quiet(int fd, struct fd_entry *e, uint64_t *held, int *settle_ms)
+static bool hold_quiet(int fd, struct fd_entry *e, uint64_t *held, int *settle_ms, bool vfork_child)
 {
     for (;;) {
         bool idle;
         if (!fdgate_app_hold(&e->gate, held, &idle))
             return false;              /* tunnelled, TLS, shared with a dup or a child */
-        bool still = quiet(fd, fdtable_in_vfork_child() ? -1 : e->engine_fd);
+        bool still = quiet(fd, vfork_child ? -1 : e->engine_fd);
         if (idle && still)
             return true;
         fdgate_app_release(&e->gate, *held, false);
@@ -108,7 +108,7 @@ static bool hand_over(int fd, struct fd_entry *e, int *settle_ms, struct handove
     if (real_fstat(fd, &st) != 0 || st.st_ino != e->ino || st.st_dev != e->dev)
         return false;                  /* the number is another file's here (a vfork child's dup2) */
     uint64_t held;
-    if (!hold_quiet(fd, e, &held, settle_ms)) {
+    if (!hold_quiet(fd, e, &held, settle_ms, vfork_child)) {
         shim_debug("fd %d: inherited by the exec'd program in the middle of an exchange, a tunnel or TLS: it "
                    "ends with this image", fd);
         return false;

@@ -169,19 +169,14 @@ static void on_reply(struct rpool_client *c, const char *p, size_t n)
     update(s);
 }
 
-static void hello_accepted(struct rsession *s);
+static void take_identity(struct rsession *s, struct rpool_ident *id, bool hello, bool known);
 
 static void on_verified(struct rpool_client *c, bool ok, const char *err, size_t n)
 {
     struct rsession *s = of_client(c);
     s->waiting_verdict = false;
     if (ok) {
-        rpool_ident_put(s->id);
-        s->id = s->pending_id;
-        if (s->hello_pending)
-            hello_accepted(s);
-        else
-            answer(s, LITERAL("+OK\r\n"));
+        take_identity(s, s->pending_id, s->hello_pending, false);
     } else {
         rpool_ident_put(s->pending_id);
         answer(s, err, n);             /* the server's own words, as direct */
@@ -280,6 +275,39 @@ static void too_many_args(struct rsession *s, const char *cmd)
     answer_local(s, line, (size_t)k);
 }
 
+static void hello_accepted(struct rsession *s);
+
+/* The session runs as id from now on (the reference is its), and says so: +OK to an AUTH or
+ * SELECT (answered here when id was known good), the server's own answer to a HELLO. */
+static void take_identity(struct rsession *s, struct rpool_ident *id, bool hello, bool known)
+{
+    rpool_ident_put(s->id);
+    s->id = id;
+    if (hello)
+        hello_accepted(s);
+    else if (known)
+        answer_local(s, LITERAL("+OK\r\n"));
+    else
+        answer(s, LITERAL("+OK\r\n"));
+}
+
+/* AUTH, SELECT or HELLO asks for id: taken at once when it is known good, else once the
+ * server's verdict on a connection opened for it (or already checking it) comes. */
+static void ask_identity(struct rsession *s, struct rpool_ident *id, bool hello)
+{
+    if (rpool_ident_verified(id)) {
+        take_identity(s, id, hello, true);
+        return;
+    }
+    s->pending_id = id;
+    s->hello_pending = hello;
+    if (rpool_verify(&s->client, id) != 0) {
+        session_close(s);
+        return;
+    }
+    s->waiting_verdict = true;
+}
+
 /* AUTH or SELECT: the identity its commands run as changes, once the server accepts it
  * (the first time the shim sees that identity; after that it is known good). */
 static void change_identity(struct rsession *s, const struct resp_item *it, bool auth)
@@ -308,18 +336,7 @@ static void change_identity(struct rsession *s, const struct resp_item *it, bool
         answer_local(s, LITERAL("-ERR value is not an integer or out of range\r\n"));
         return;
     }
-    if (rpool_ident_verified(id)) {
-        rpool_ident_put(s->id);
-        s->id = id;
-        answer_local(s, LITERAL("+OK\r\n"));
-        return;
-    }
-    s->pending_id = id;
-    if (rpool_verify(&s->client, id) != 0) {
-        session_close(s);
-        return;
-    }
-    s->waiting_verdict = true;
+    ask_identity(s, id, false);
 }
 
 static bool valid_name(const char *p, size_t n)
@@ -369,19 +386,7 @@ static void hello(struct rsession *s, const struct resp_item *it)
     s->hello_name_len = name_len;
     if (name_len)
         memcpy(s->hello_name, name, name_len);
-    if (rpool_ident_verified(id)) {
-        rpool_ident_put(s->id);
-        s->id = id;
-        hello_accepted(s);
-        return;
-    }
-    s->pending_id = id;
-    s->hello_pending = true;
-    if (rpool_verify(&s->client, id) != 0) {
-        session_close(s);
-        return;
-    }
-    s->waiting_verdict = true;
+    ask_identity(s, id, true);
 }
 
 /* The session's identity is the HELLO's now: its name is set, and the server answers. */

@@ -160,6 +160,17 @@ def test_a_wrong_password_fails_as_direct(redis, tmp_path, sockdir):
     assert jlines(shimmed.out)[0][0].startswith("ERR:WRONGPASS"), shimmed.out
 
 
+# (a program's lines: how many of its app connections went direct, through the shim; None
+# without it. SOCKDIR: the test's stats socket directory)
+WENT_DIRECT = """
+try:
+    from ownstats import own_stats
+    went_direct = own_stats('SOCKDIR/%p.sock')['upstreams']['127.0.0.1:%d' % port]['redis_direct']
+except OSError:
+    went_direct = None
+"""
+
+
 RESP3_SESSION = """
 A, B = conn(port), conn(port)
 on(B, 'DEL', 'r3:k', 'r3:h', 'r3:z', 'r3:c')                # (each run starts from none)
@@ -195,11 +206,7 @@ out.append(as_text(on(B, 'ACL', 'WHOAMI')))
 out.append(as_text(on(A, 'RESET')))
 out.append(as_text(on(A, 'HGETALL', 'r3:h')))
 out.append(as_text(on(A, 'ACL', 'WHOAMI')))
-try:                                                        # (through the shim: none went direct so far)
-    from ownstats import own_stats
-    went_direct = own_stats('SOCKDIR/%p.sock')['upstreams']['127.0.0.1:%d' % port]['redis_direct']
-except OSError:
-    went_direct = None
+""" + WENT_DIRECT + """
 out.append(hello('4'))                                      # the server's own error (direct from here)
 out.append(as_text(on(A, 'GET', 'r3:k')))
 """
@@ -240,12 +247,7 @@ for t in ('string', 'integer', 'double', 'bignum', 'null', 'array', 'set', 'map'
     command('DEBUG', 'PROTOCOL', t)
     command('ECHO', 'end')                                  # (the reply after it ends it)
     got.append(until(b'$3\\r\\nend\\r\\n').decode('latin-1'))
-try:
-    from ownstats import own_stats
-    went_direct = own_stats('SOCKDIR/%p.sock')['upstreams']['127.0.0.1:%d' % port]['redis_direct']
-except OSError:
-    went_direct = None
-"""
+""" + WENT_DIRECT
 
 
 def test_every_resp3_type_comes_back_as_the_server_sent_it(redis, tmp_path, sockdir):

@@ -37,7 +37,7 @@ FUZZ_BUILD     = $(BUILD)/fuzz
 FUZZ_CFLAGS    = -std=c11 -D_GNU_SOURCE -g -O1 -fno-omit-frame-pointer -Wall -Wextra \
                  -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
 FUZZ_REPLAY_CFLAGS = $(WARN_FLAGS)
-FUZZ_HDR       = $(wildcard shim/*.h) $(FUZZ_DIR)/fuzz.h $(FUZZ_DIR)/targets.mk
+FUZZ_HDR       = $(wildcard shim/*.h) $(wildcard $(FUZZ_DIR)/*.h) $(FUZZ_DIR)/targets.mk
 FUZZ_REPLAY_BINS = $(addprefix $(BUILD)/fuzz-replay/,$(FUZZ_ALL))
 
 define FUZZ_TARGET_RULES

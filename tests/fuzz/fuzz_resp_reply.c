@@ -31,21 +31,10 @@
  *                 around any element
  *   |             an attribute: it annotates the element after it and is not one itself
  * anything else (streamed types included) is not RESP. */
-#include "fuzz.h"
-#include "../../shim/resp.h"
+#include "fuzz_resp.h"
 #include <hiredis/hiredis.h>
 #include <stdbool.h>
 #include <string.h>
-
-#define MAX_ITEMS 2048                 /* every item of a -max_len=4096 input (3 bytes each at least) */
-
-struct seen {
-    size_t n_items, taken;
-    enum resp_next end;
-    size_t raw_len[MAX_ITEMS];
-    int type[MAX_ITEMS];
-    const char *raw_at[MAX_ITEMS];     /* into the input */
-};
 
 /* ---- the reference framer ---- */
 
@@ -223,57 +212,14 @@ static void check_item(const char *raw, size_t n, const struct resp_item *it)
     resp_stream_free(&again);
 }
 
-/* Frames p[0, n) fed in chunks (sizes cycling through `sizes`), or whole (sizes NULL: then
- * every item and the end are checked against the reference too). */
-static void frame(const char *p, size_t n, const unsigned char *sizes, size_t n_sizes, struct seen *out)
+/* (the walk's check: the whole walk's items also against the reference; what is compared
+ * between the walks is the item's type) */
+static long check_reply(const char *p, size_t n, size_t at, const char *raw, const struct resp_item *it, bool whole)
 {
-    struct resp_stream s;
-    FUZZ_CHECK(resp_stream_init(&s, false) == 0);
-    memset(out, 0, sizeof *out);
-    out->end = RESP_MORE;
-    size_t fed = 0, k = 0;
-    while (1) {
-        struct resp_item it;
-        enum resp_next r = resp_stream_next(&s, &it);
-        if (r == RESP_ITEM) {
-            const char *raw = buf_head(&s.raw);
-            FUZZ_CHECK(it.raw_len <= buf_len(&s.raw));
-            FUZZ_CHECK(fuzz_inside(p, n, p + out->taken, it.raw_len) && !memcmp(raw, p + out->taken, it.raw_len));
-            check_item(raw, it.raw_len, &it);
-            if (!sizes)
-                check_reference_item(p, n, out->taken, &it);
-            if (out->n_items < MAX_ITEMS) {
-                out->raw_at[out->n_items] = p + out->taken;
-                out->raw_len[out->n_items] = it.raw_len;
-                out->type[out->n_items] = it.type;
-            }
-            out->n_items++;
-            out->taken += it.raw_len;
-            resp_item_done(&s, &it);
-            FUZZ_CHECK(resp_stream_pending(&s) == fed - out->taken);
-            continue;
-        }
-        if (r != RESP_MORE) {
-            out->end = r;
-            break;
-        }
-        FUZZ_CHECK(resp_stream_pending(&s) == fed - out->taken);
-        FUZZ_CHECK(resp_stream_next(&s, &it) == RESP_MORE);
-        if (fed == n)
-            break;
-        size_t chunk = sizes ? (size_t)(1 + sizes[k++ % n_sizes] % 64) : n - fed;
-        if (chunk > n - fed)
-            chunk = n - fed;
-        if (resp_stream_feed(&s, p + fed, chunk) != 0) {
-            out->end = RESP_TOO_LARGE;
-            break;
-        }
-        fed += chunk;
-    }
-    FUZZ_CHECK(out->taken <= n);
-    if (!sizes)
-        check_reference_end(p, n, out->taken, out->end);
-    resp_stream_free(&s);
+    check_item(raw, it->raw_len, it);
+    if (whole)
+        check_reference_item(p, n, at, it);
+    return it->type;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -282,12 +228,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     const char *p = (const char *)data + 1;
     size_t n = size - 1;
-    static struct seen whole, split;
-    frame(p, n, NULL, 0, &whole);
-    frame(p, n, data, size, &split);
-    FUZZ_CHECK(whole.end == split.end && whole.n_items == split.n_items && whole.taken == split.taken);
-    for (size_t i = 0; i < whole.n_items && i < MAX_ITEMS; i++)
-        FUZZ_CHECK(whole.raw_len[i] == split.raw_len[i] && whole.type[i] == split.type[i]
-                   && whole.raw_at[i] == split.raw_at[i]);
+    static struct fuzz_resp_seen whole, split;
+    fuzz_resp_walk(false, p, n, NULL, 0, check_reply, true, &whole);
+    check_reference_end(p, n, whole.taken, whole.end);
+    fuzz_resp_walk(false, p, n, data, size, check_reply, true, &split);
+    fuzz_resp_same(&whole, &split);
     return 0;
 }
