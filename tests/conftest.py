@@ -11,6 +11,7 @@ Run:  /usr/bin/python3 -m pytest -q -p no:cacheprovider tests
   group id (it was started in its own session) and rc is None.
 """
 
+import atexit
 import json
 import os
 import re
@@ -156,7 +157,9 @@ def client_env(shim, conf=None, extra=None):
 # Programs the sanitizer run cannot preload into: with the ASan runtime preloaded, glibc's
 # setlocale lock deadlocks in programs that use locales (curl and wget at startup, even
 # without the shim; python and coreutils at exit, in the p11-kit destructor that libcurl's
-# dependencies bring in). The sanitizer run therefore drives the library with the C client.
+# dependencies bring in), and the JVM takes SIGSEGV on purpose (its safepoints and null
+# checks), which the ASan runtime reports as a crash. The sanitizer run therefore drives
+# the library with the C client.
 SANITIZER_SKIP = set(os.environ.get("HTTPSHIM_TEST_SKIP_CLIENTS", "").split())
 
 
@@ -201,6 +204,25 @@ def kill_group(pgid, quiet=False):
 
 def pyclient(name):
     return str(PYCLIENTS / name)
+
+
+_java_classes = []
+
+
+def java_fetch(client, *args):
+    """The command that runs tests/java/JavaFetch.java with the stack `client` names,
+    compiled once per test process. The JDK refuses to send a Connection header unless
+    told it may (the pooling test sends Connection: close, as every other client does)."""
+    if not _java_classes:
+        d = tempfile.mkdtemp(prefix="httpshim-java-")
+        atexit.register(shutil.rmtree, d, True)
+        r = run(["javac", "-d", d, TESTS / "java" / "JavaFetch.java"], shim=False, timeout=120)
+        assert r.rc == 0, r.describe()
+        _java_classes.append(d)
+    return ["java", "-Xshare:auto", "-XX:TieredStopAtLevel=1",
+            "-Dsun.net.http.allowRestrictedHeaders=true",
+            "-Djdk.httpclient.allowRestrictedHeaders=connection",
+            "-cp", _java_classes[0], "JavaFetch", "--lib", client.split("-", 1)[1]] + [str(a) for a in args]
 
 
 def jlines(out):

@@ -3,10 +3,15 @@ requests ask at once (coalescing), hit-for-miss for keys that turn out uncacheab
 waiters' timeout, and a leader whose app went away. Every burst comes from one client
 process (poolclient.py: a thread per request), so it shares one memory tier and one set
 of flights; the upstream counts what reached it."""
+import hashlib
 import json
+import shutil
 import subprocess
 
-from conftest import SYS_PY, client_env, jlines, kill_group, pyclient, run, write_rules
+import pytest
+
+from conftest import SYS_PY, client_env, java_fetch, jlines, kill_group, pyclient, run, write_rules
+from upstream import pattern
 from test_redis import redis, redis_servers, redis_url  # noqa: F401,F811 (fixtures)
 
 POOLCLIENT = pyclient("poolclient.py")
@@ -67,6 +72,25 @@ def test_twenty_at_once_make_one_upstream_request(upstream, tmp_path, sockdir):
     # each waiter was answered from the entry, with an Age, in its own connection semantics
     served = [x for x in reqs if "age" in x["headers"]]
     assert len(served) == 19 and all(x["headers"].get("connection") == "close" for x in served), reqs
+
+
+@pytest.mark.skipif(not shutil.which("javac"), reason="no JDK")
+def test_a_jvm_burst_makes_one_upstream_request_per_key(upstream, tmp_path, sockdir):
+    """The JDK's HttpClient (NIO: non-blocking sockets on its own selector thread) asks for
+    5 new keys 10 times each, all 50 at once, then HttpURLConnection (blocking sockets)
+    asks for them again in the same JVM: 100 upstream requests direct; through the shim 5
+    (one fetch per key), every body whole, over at most pool_max_per_host connections."""
+    keys = [(1000 + k, "/custom/jvm?n=%d&delay=300&tag=jvm%d" % (1000 + k, k)) for k in range(5)] * 10
+    conf = conf_for(tmp_path, upstream, sockdir, extra=["pool_max_per_host = 4"])
+    r = run(java_fetch("java-httpclient", "--concurrent", "--then-urlconnection",
+                       *[upstream.url(p) for _, p in keys]), conf=conf, timeout=120)
+    recs = jlines(r.out)
+    assert r.rc == 0 and len(recs) == 100, r.describe()
+    want = [hashlib.sha256(pattern(n)).hexdigest() for n, _ in keys] * 2
+    assert [(x["status"], x["sha256"]) for x in recs] == [(200, w) for w in want], recs
+    got = upstream_requests(upstream, "tag=jvm")
+    assert len(got) == 5, "one fetch per key, the rest answered from it: %s" % [e["target"] for e in got]
+    assert upstream.stats()["peak"] <= 4, upstream.summary()
 
 
 def test_waiters_get_their_own_http_version_and_method(upstream, tmp_path, sockdir):

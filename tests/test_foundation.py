@@ -11,22 +11,32 @@ import json
 import os
 import random
 import re
+import shutil
 import struct
 from pathlib import Path
 
 import pytest
 
 from conftest import (BUILD, EPOLLCLIENT, LIB, PRELOAD, PYTHONS, SANITIZER_SKIP, SYS_PY, Upstream, free_port,
-                      hop_by_hop, jlines, pyclient, require_build, run, wait_until, write_rules)
+                      hop_by_hop, java_fetch, jlines, pyclient, require_build, run, wait_until, write_rules)
 from upstream import pattern
 from rawclient import parse_responses
 
 CURL = ["curl", "-s", "-S", "--max-time", "20"]
 WGET = ["wget", "-q", "--tries=1", "--timeout=20", "-O", "-"]
 
-# client ids: curl, wget, urllib with each python, requests, epollclient
+# client ids: curl, wget, urllib with each python, requests, epollclient, and the JDK's two
+# HTTP stacks (HttpURLConnection: blocking sockets; HttpClient: NIO, non-blocking + epoll)
 URLLIB_IDS = ["urllib-system"] + (["urllib-path"] if len(PYTHONS) > 1 else [])
-CLIENTS = ["curl", "wget"] + URLLIB_IDS + ["requests", "epollclient"]
+JAVA_IDS = ["java-urlconnection", "java-httpclient"] if shutil.which("javac") else []
+CLIENTS = ["curl", "wget"] + URLLIB_IDS + ["requests", "epollclient"] + JAVA_IDS
+
+
+def clients_but(java_left_out):
+    """The matrix with one JDK stack left out where a test is slow (a JVM starts twice per
+    case) and the other stack covers its path: the body test keeps HttpClient (NIO, every
+    framing), the pooling test HttpURLConnection (a blocking connect per request)."""
+    return [c for c in CLIENTS if c != java_left_out]
 
 
 def py_for(client):
@@ -75,9 +85,12 @@ def fetch_bodies(client, up, paths, shim, conf, tmp, headers=(), tag=""):
             results.append(r)
             bodies[p] = r.out if r.rc == 0 else None
     else:
-        lib = "requests" if client == "requests" else "urllib"
-        cmd = [py_for(client), pyclient("fetch.py"), "--lib", lib, "--timeout", "20",
-               "--save-dir", d]
+        if client.startswith("java"):
+            cmd = java_fetch(client, "--save-dir", d)
+        else:
+            lib = "requests" if client == "requests" else "urllib"
+            cmd = [py_for(client), pyclient("fetch.py"), "--lib", lib, "--timeout", "20",
+                   "--save-dir", d]
         for h in headers:
             cmd += ["--header", h]
         cmd += [up.url(p) for p in paths]
@@ -98,10 +111,13 @@ def describe(results):
 
 
 def host_first(headers):
-    """libcurl always writes Host right after the request line (as RFC 9112 advises);
+    """libcurl always writes Host right after the request line (as RFC 9112 advises), and
+    the body's Content-Length (the length the shim framed it by) after the app's headers
+    (the JDK's HttpClient sends `Content-Length: 0` with every GET, before its own);
     the relative order of every other header must be the app's."""
     return [h for h in headers if h[0].lower() == "host"] + \
-        [h for h in headers if h[0].lower() != "host"]
+        [h for h in headers if h[0].lower() not in ("host", "content-length")] + \
+        [h for h in headers if h[0].lower() == "content-length"]
 
 
 BODY_PATHS = ["/bytes/0", "/bytes/1", "/bytes/100000", "/bytes/3000000",
@@ -116,30 +132,38 @@ def expected_body(path):
 
 # Sent by every client in the body test: the upstream sees Proxy-Connection only when
 # the request did not go through the shim (it is hop-by-hop), so the log proves diversion.
+# The JDK's HttpClient never sends a Proxy-Connection it is given: it gets Keep-Alive,
+# hop-by-hop too.
 PROBE = ("X-Probe: 1", "Proxy-Connection: keep-alive")
+PROBE_JAVA_HTTPCLIENT = ("X-Probe: 1", "Keep-Alive: timeout=5")
 
 
-def probe_counts(up):
+def probe_for(client):
+    return PROBE_JAVA_HTTPCLIENT if client == "java-httpclient" else PROBE
+
+
+def probe_counts(up, client=None):
+    hop = probe_for(client)[1].split(":")[0].lower()
     log = [e for e in up.stats()["log"] if e.get("kind") == "http"]
     names = [[k.lower() for k, _ in e["headers"]] for e in log]
-    return (len(log), sum("x-probe" in n for n in names),
-            sum("proxy-connection" in n for n in names))
+    return (len(log), sum("x-probe" in n for n in names), sum(hop in n for n in names))
 
 
-@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("client", clients_but("java-urlconnection"))
 def test_body_identical_with_and_without_shim(client, upstream, rules, tmp_path):
+    probe = probe_for(client)
     direct, rd = fetch_bodies(client, upstream, BODY_PATHS, False, None, tmp_path,
-                              headers=PROBE)
+                              headers=probe)
     bad = [p for p in BODY_PATHS if direct[p] != expected_body(p)]
     assert not bad, "direct run (no shim) already wrong for %s:\n%s" % (bad, describe(rd))
     n = len(BODY_PATHS)
-    assert probe_counts(upstream) == (n, n, n)
+    assert probe_counts(upstream, client) == (n, n, n)
     upstream.reset()
     shimmed, rs = fetch_bodies(client, upstream, BODY_PATHS, True, rules, tmp_path,
-                               headers=PROBE)
-    reqs, probes, hop = probe_counts(upstream)
+                               headers=probe)
+    reqs, probes, hop = probe_counts(upstream, client)
     assert hop == 0 and probes == reqs, "requests not diverted (or hop-by-hop header " \
-        "forwarded): %d of %d upstream requests carried Proxy-Connection" % (hop, reqs)
+        "forwarded): %d of %d upstream requests carried %s" % (hop, reqs, probe[1])
     bad = ["%s: got %s bytes, want %d" % (p, None if shimmed[p] is None else len(shimmed[p]),
                                           len(direct[p]))
            for p in BODY_PATHS if shimmed[p] != direct[p]]
@@ -180,24 +204,27 @@ def many_connections(client, up, shim, conf, tmp):
                "--conn-per-request", "--timeout", "20000", "--out", "-"]
         r = run(cmd, shim=shim, conf=conf, timeout=240)
         return r.rc == 0 and r.out == pattern(1000) * N_POOL, r.describe()
-    lib = "requests" if client == "requests" else "urllib"
-    cmd = [py_for(client), pyclient("fetch.py"), "--lib", lib, "--timeout", "20",
-           "--header", "Connection: close", "--stop-on-error"] + \
-        [up.url("/bytes/%d" % n) for n in sizes]
+    if client.startswith("java"):
+        cmd = java_fetch(client, "--header", "Connection: close")
+    else:
+        lib = "requests" if client == "requests" else "urllib"
+        cmd = [py_for(client), pyclient("fetch.py"), "--lib", lib, "--timeout", "20",
+               "--header", "Connection: close", "--stop-on-error"]
+    cmd += [up.url("/bytes/%d" % n) for n in sizes]
     r = run(cmd, shim=shim, conf=conf, timeout=240)
     recs = [x for x in jlines(r.out) if "url" in x]
     bad = [x for x, n in zip(recs, sizes)
            if x["error"] or x["sha256"] != hashlib.sha256(pattern(n)).hexdigest()]
     ok = r.rc == 0 and len(recs) == N_POOL and not bad
     eng = engine_of(r)
-    if shim and eng is not True:
+    if shim and eng is not True and not client.startswith("java"):
         ok = False
     return ok, "%d of %d responses, bad: %s, httpshim thread: %s\n%s" % (
         len(recs), N_POOL, bad[:3], eng, r.describe())
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("client", clients_but("java-httpclient"))
 def test_pool_caps_upstream_connections(client, upstream, rules, tmp_path):
     ok, detail = many_connections(client, upstream, False, None, tmp_path)
     st = upstream.summary()
@@ -467,7 +494,7 @@ def test_hop_by_hop_headers_not_forwarded(upstream, rules, tmp_path):
 
 def echo_headers(client, up, shim, conf, tmp):
     """GET /echo with X-Custom headers; returns (headers the upstream got, Result)."""
-    hs = ["X-Custom-One: 1", "Proxy-Connection: keep-alive", "X-Custom-Two: two"]
+    hs = ["X-Custom-One: 1", probe_for(client)[1], "X-Custom-Two: two"]
     if client == "curl":
         r = run(CURL + sum([["-H", h] for h in hs], []) + [up.url("/echo")], shim=shim,
                 conf=conf)
@@ -484,9 +511,12 @@ def echo_headers(client, up, shim, conf, tmp):
     else:
         d = Path(tmp) / ("echo-%s-%s" % (client, shim))
         d.mkdir(exist_ok=True)
-        lib = "requests" if client == "requests" else "urllib"
-        r = run([py_for(client), pyclient("fetch.py"), "--lib", lib, "--save-dir", d] +
-                sum([["--header", h] for h in hs], []) + [up.url("/echo")], shim=shim,
+        if client.startswith("java"):
+            cmd = java_fetch(client, "--save-dir", d)
+        else:
+            lib = "requests" if client == "requests" else "urllib"
+            cmd = [py_for(client), pyclient("fetch.py"), "--lib", lib, "--save-dir", d]
+        r = run(cmd + sum([["--header", h] for h in hs], []) + [up.url("/echo")], shim=shim,
                 conf=conf)
         body = (d / "0").read_bytes() if (d / "0").exists() else b""
     assert r.rc == 0, r.describe()
@@ -498,8 +528,8 @@ def test_request_headers_forwarded_in_order(client, upstream, rules, tmp_path):
     direct, _ = echo_headers(client, upstream, False, None, tmp_path)
     shimmed, r = echo_headers(client, upstream, True, rules, tmp_path)
     want = [h for h in direct if not hop_by_hop(h[0])]
-    assert ["X-Custom-Two", "two"] in want and \
-        [h for h in direct if h[0].lower() == "proxy-connection"]
+    hop = probe_for(client)[1].split(":")[0].lower()
+    assert ["X-Custom-Two", "two"] in want and [h for h in direct if h[0].lower() == hop]
     assert host_first(shimmed) == host_first(want), \
         "app sent (direct) %s\nthrough shim upstream got %s" % (direct, shimmed)
 
