@@ -6,11 +6,12 @@ fetches in two long-lived processes, one without the shim and one with it, and r
 the same outcome (status, or the exception's type and CERTIFICATE_VERIFY_FAILED) from
 both, and that a server the app would refuse never receives a request."""
 import os
+import shutil
 import time
 
 import pytest
 
-from conftest import SYS_PY, JsonLineProcess, Upstream, client_env, pyclient, run, write_rules
+from conftest import SYS_PY, JsonLineProcess, Upstream, client_env, java_fetch, jlines, pyclient, run, write_rules
 from test_tls import SAN_ENV
 from tlsca import CA
 
@@ -217,6 +218,36 @@ def test_curl_fails_natively_on_the_second_port(cas, tmp_path, tmp_path_factory,
         assert (direct.rc, direct.out) == (shimmed.rc, shimmed.out), (direct.describe(), shimmed.describe())
         assert direct.rc == 60 and direct.out.split() == [b"200", b"000"], direct.describe()
         assert bad.stats()["requests"] == 0, bad.stats()
+    finally:
+        good.stop()
+        bad.stop()
+
+
+@pytest.mark.skipif(not shutil.which("javac") or not shutil.which("keytool"), reason="no JDK")
+@pytest.mark.parametrize("stack", ["java-urlconnection", "java-httpclient"])
+def test_the_jdks_own_tls_is_tunnelled_and_fails_natively(stack, cas, tmp_path, tmp_path_factory, sockdir):
+    """The JDK speaks TLS itself (JSSE, not OpenSSL) and trusts its own store: the shim
+    cannot add its CA there nor mark the ClientHello, so an intercepting upstream is
+    tunnelled to the JVM. The two-port case, A then B, in one JVM: the same statuses and
+    the same SSLHandshakeException as direct, and B receives no request."""
+    good = Upstream(tmp_path_factory.mktemp("jv-a"), tls=cas["app"].leaf(["127.0.0.1"], stem="jv-a"))
+    bad = Upstream(tmp_path_factory.mktemp("jv-b"), tls=cas["app"].leaf(["127.0.0.2"], stem="jv-b"))
+    try:
+        store = tmp_path / "truststore.p12"
+        r = run(["keytool", "-importcert", "-noprompt", "-alias", "app", "-file", cas["app"].pem, "-keystore",
+                 store, "-storetype", "PKCS12", "-storepass", "changeit"], shim=False)
+        assert r.rc == 0, r.describe()
+        conf = conf_for(tmp_path, sockdir, [good.port, bad.port], cas["app"].pem)
+        cmd = java_fetch(stack, good.url("/custom/j?n=50"), bad.url("/custom/j?n=50"))
+        cmd[1:1] = ["-Djavax.net.ssl.trustStore=%s" % store, "-Djavax.net.ssl.trustStorePassword=changeit"]
+        direct = run(cmd, shim=False, timeout=120)
+        good.reset()
+        bad.reset()
+        shimmed = run(cmd, conf=conf, timeout=120)
+        seen = [[(x["status"], x["sha256"], x["error"]) for x in jlines(p.out)] for p in (direct, shimmed)]
+        assert seen[0] == seen[1], (direct.describe(), shimmed.describe())
+        assert [s for s, _, _ in seen[0]] == [200, 0] and "SSLHandshakeException" in seen[0][1][2], seen
+        assert good.stats()["requests"] == 1 and bad.stats()["requests"] == 0, (good.summary(), bad.summary())
     finally:
         good.stop()
         bad.stop()
