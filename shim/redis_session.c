@@ -404,7 +404,8 @@ static void hello_accepted(struct rsession *s)
 }
 
 /* CLIENT SETNAME / GETNAME, answered here: the name belongs to the app's connection, not
- * to the shared server connection its commands happen to ride. */
+ * to the shared server connection its commands happen to ride. (Inside MULTI they are
+ * queued on the lent connection, as any command: the server answers for that one.) */
 static bool client_name(struct rsession *s, const struct resp_item *it)
 {
     if (resp_arg_is(it, 1, "SETNAME")) {
@@ -462,6 +463,14 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
         return true;
     }
     bool hello_args = resp_arg_is(it, 0, "HELLO") && resp_argc(it) > 1;   /* (a bare HELLO changes nothing) */
+    /* answered here, so only once the replies owed are in: they come first, as direct */
+    bool named = resp_arg_is(it, 0, "CLIENT") && (resp_arg_is(it, 1, "SETNAME") || resp_arg_is(it, 1, "GETNAME"));
+    if (named && !s->in_multi) {
+        if (!idle)
+            return false;
+        if (client_name(s, it))
+            return true;               /* (else a GETNAME with arguments: the server's error) */
+    }
     if (c->lent) {                     /* a transaction, WATCHed keys or a blocking command */
         if (resp_arg_is(it, 0, "AUTH") || resp_arg_is(it, 0, "SELECT") || resp_arg_is(it, 0, "RESET")
             || resp_arg_is(it, 0, "QUIT") || hello_args) {
@@ -509,8 +518,6 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
         s->closing = true;
         return true;
     }
-    if (resp_arg_is(it, 0, "CLIENT") && client_name(s, it))
-        return true;
     if (multi || watch || block) {
         enum rpool_pin why = multi ? RPOOL_PIN_MULTI : watch ? RPOOL_PIN_WATCH : RPOOL_PIN_BLOCKING;
         if (rpool_lend(c, s->id, why) != 0) {

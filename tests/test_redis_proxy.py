@@ -410,6 +410,27 @@ def test_the_connection_name_is_the_apps_own(redis, tmp_path, sockdir):
     assert names == [], "the name reached a shared server connection: %s" % names
 
 
+def test_names_pipelined_behind_commands_answer_in_order(redis, tmp_path, sockdir):
+    """CLIENT SETNAME and GETNAME, answered by the shim, sent in one write behind commands
+    the server answers (and behind WATCH, whose connection is lent): every reply comes back
+    in the order asked, byte for byte as direct. (They used to be answered at once, ahead
+    of the replies still owed: the app read the name as GET's value.)"""
+    direct, shimmed = direct_and_shimmed(
+        redis, tmp_path, sockdir,
+        "from resp import encode\n"
+        "def piped(c, *cmds):\n"
+        "    c[0].sendall(b''.join(encode(a) for a in cmds))\n"
+        "    return [as_text(c[1].reply()) for _ in cmds]\n"
+        "X, Y = conn(port), conn(port)",
+        "piped(X, ['SET', 'pn', '0'], ['SET', 'pk', 'v' * 300], ['GET', 'pk'], ['CLIENT', 'SETNAME', 'me'], ['CLIENT', 'GETNAME'],"
+        " ['INCR', 'pn'], ['CLIENT', 'GETNAME', 'extra'], ['CLIENT', 'SETNAME', 'a b'], ['GET', 'pk'], ['PING'])"
+        " + piped(Y, ['WATCH', 'pk'], ['CLIENT', 'SETNAME', 'y'], ['CLIENT', 'GETNAME'], ['GET', 'pk'],"
+        " ['UNWATCH'], ['CLIENT', 'GETNAME'])")
+    assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
+    assert jlines(shimmed.out) == jlines(direct.out), (direct.out, shimmed.out)
+    assert jlines(direct.out)[0][1:6] == ["OK", "v" * 300, "OK", "me", 1], direct.out
+
+
 def test_the_lent_cap_sends_the_rest_direct(redis, tmp_path, sockdir):
     """redis_pinned_max = 1: the second of two concurrent transactions cannot borrow a
     connection and is served over one of its own; both are as atomic as direct."""
