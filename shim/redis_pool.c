@@ -71,6 +71,8 @@ struct rconn {
     struct rpool_client *verifying;    /* the sessions waiting for its setup's verdict (a list
                                         * through next_verifying), newest first */
     bool raw;                          /* direct: bytes relayed as they come, after the setup */
+    bool named;                        /* lent under a session's name (CLIENT SETNAME): unnamed when given back */
+    unsigned drop_left;                /* direct: replies to the shim's own commands to drop before bytes flow */
     int pin_reason;
 };
 
@@ -553,7 +555,7 @@ static void take_replies(struct rconn *c)
 {
     struct resp_item it;
     for (int rounds = 0; rounds < 100000 && c->state != RC_DEAD; rounds++) {
-        if (c->raw && !c->setup_left) {
+        if (c->raw && !c->setup_left && !c->drop_left) {
             pass_raw(c);
             return;
         }
@@ -566,18 +568,26 @@ static void take_replies(struct rconn *c)
             conn_close(c, true);
             return;
         }
+        /* Taken off the stream before anyone hears of it: a session that hears may lend
+         * itself this connection and take it direct, which hands on what the stream still
+         * holds, and that must start after this reply. (The bytes stay where they are:
+         * consuming moves only the stream's start.) */
         const char *p = buf_head(&c->replies.raw);
-        if (it.type == RESP_REPLY_PUSH) {
+        size_t n = it.raw_len;
+        int type = it.type;
+        resp_item_done(&c->replies, &it);
+        if (type == RESP_REPLY_PUSH) {
             /* out of band, and no session here asked for any (subscriptions and tracking
              * have connections of their own): a reply to no one, dropped */
             shim_debug("redis upstream %d: a RESP3 push on a shared connection, dropped", c->upstream);
-            resp_item_done(&c->replies, &it);
             continue;
         }
         if (c->setup_left) {
-            setup_reply(c, p, it.raw_len, it.type);
-            if (c->state != RC_DEAD)
-                resp_item_done(&c->replies, &it);
+            setup_reply(c, p, n, type);
+            continue;
+        }
+        if (c->drop_left) {
+            c->drop_left--;            /* (the session's name, set when it was lent) */
             continue;
         }
         struct rpool_client *cl = fifo_pop(c);
@@ -585,10 +595,8 @@ static void take_replies(struct rconn *c)
             cl->inflight--;
             if (!cl->inflight && !cl->lent && cl->conn == c)
                 cl->conn = NULL;       /* free to go to another connection now */
-            cl->ops->reply(cl, p, it.raw_len);
+            cl->ops->reply(cl, p, n);
         }
-        if (c->state != RC_DEAD)
-            resp_item_done(&c->replies, &it);
     }
 }
 
@@ -611,7 +619,7 @@ static void on_io(struct loop_source *src, uint32_t ev)
         for (int rounds = 0; rounds < 16 && c->state != RC_DEAD && !c->throttled; rounds++) {
             ssize_t n = recv(src->fd, chunk, sizeof chunk, MSG_DONTWAIT);
             if (n > 0) {
-                if (c->raw && !c->setup_left && c->lent && !buf_len(&c->replies.raw)) {
+                if (c->raw && !c->setup_left && !c->drop_left && c->lent && !buf_len(&c->replies.raw)) {
                     c->lent->ops->raw(c->lent, chunk, (size_t)n);
                     continue;
                 }
@@ -703,7 +711,20 @@ int rpool_verify(struct rpool_client *cl, struct rpool_ident *id)
     return 0;
 }
 
-int rpool_lend(struct rpool_client *cl, struct rpool_ident *id, enum rpool_pin why)
+/* CLIENT SETNAME on c, its reply read and dropped. -1: c is closed (nothing half sent). */
+static int quiet_setname(struct rconn *c, const char *name, size_t name_len)
+{
+    const char *argv[3] = { "CLIENT", "SETNAME", name };
+    size_t lens[3] = { 6, 7, name_len };
+    if (put_command(&c->out, 3, argv, lens) != 0 || fifo_push(c, NULL) != 0) {
+        conn_close(c, false);
+        return -1;
+    }
+    schedule_flush(c);
+    return 0;
+}
+
+int rpool_lend(struct rpool_client *cl, struct rpool_ident *id, enum rpool_pin why, const char *name, size_t name_len)
 {
     int up = cl->upstream;
     if (P.lent[up] >= P.cfg->upstreams[up].redis_pinned_max)
@@ -714,10 +735,15 @@ int rpool_lend(struct rpool_client *cl, struct rpool_ident *id, enum rpool_pin w
             c = s;                     /* an idle shared one: lent, and taken out of the shared */
             c->shared = false;
             id->n_shared--;
+            if (name_len && quiet_setname(c, name, name_len) != 0)
+                return -1;
             break;
         }
-    if (!c && !(c = conn_open(cl, id, NULL, 0)))
+    if (!c && !(c = conn_open(cl, id, name, name_len)))
         return -1;
+    /* (named as the session is, so that what the server says of its connection inside a
+     * transaction, or once the session goes direct on it, is the session's) */
+    c->named = name_len > 0;
     c->lent = cl;
     c->pin_reason = (int)why;
     c->lent_counted = true;
@@ -747,6 +773,11 @@ void rpool_give_back(struct rpool_client *cl, bool clean)
         conn_close(c, false);          /* (state the shim cannot undo, or enough are shared) */
         return;
     }
+    if (c->named) {
+        c->named = false;
+        if (quiet_setname(c, "", 0) != 0)
+            return;
+    }
     c->shared = true;
     c->id->n_shared++;
 }
@@ -769,10 +800,15 @@ int rpool_go_direct(struct rpool_client *cl, struct rpool_ident *id, const char 
     c->raw = true;
     cl->raw = true;
     STAT_INC(cl->upstream, redis_direct);
-    /* replies owed on it are bytes like any other now; what the stream held goes first */
+    /* replies owed on it are bytes like any other now, but for those to the shim's own
+     * commands (they come first on a lent connection); what the stream held goes first */
+    unsigned quiet = 0;
+    while (quiet < c->fifo.count && !*(struct rpool_client **)ring_at(&c->fifo, quiet))
+        quiet++;
+    c->drop_left = quiet;
     ring_clear(&c->fifo);
     cl->inflight = 0;
-    if (!c->setup_left)
+    if (!c->setup_left && !c->drop_left)
         pass_raw(c);
     return 0;
 }

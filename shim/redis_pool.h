@@ -80,9 +80,9 @@ int rpool_send(struct rpool_client *c, struct rpool_ident *id, const char *cmd, 
 /* A command whose reply nobody reads (the shim's own, to clean a lent connection). */
 int rpool_send_quiet(struct rpool_client *c, const char *cmd, size_t n);
 /* Lends c a connection of id's to itself (for a transaction, WATCHed keys, a blocking
- * command): -1 when the upstream has redis_pinned_max lent already (go direct instead).
- * c must have no replies owed. */
-int rpool_lend(struct rpool_client *c, struct rpool_ident *id, enum rpool_pin why);
+ * command), named `name` while lent when name_len > 0: -1 when the upstream has
+ * redis_pinned_max lent already (go direct instead). c must have no replies owed. */
+int rpool_lend(struct rpool_client *c, struct rpool_ident *id, enum rpool_pin why, const char *name, size_t name_len);
 /* The lent connection goes back to the shared ones (its state is clean), or is closed. */
 void rpool_give_back(struct rpool_client *c, bool clean);
 /* From now on c's connection is its own for good and relays bytes as they come: its lent

@@ -17,7 +17,6 @@
 #include "log.h"
 #include "redis_pool.h"
 #include "resp.h"
-#include "ring.h"
 #include "stats.h"
 #include "tunnel.h"
 #include <errno.h>
@@ -28,11 +27,8 @@
 #include <sys/socket.h>
 
 #define OUT_SOFT_MAX (1u << 20)        /* replies waiting for the app: beyond, its server connection waits */
-#define KINDS_MAX    8192              /* commands in flight per session */
+#define INFLIGHT_MAX 8192              /* commands in flight per session */
 #define NAME_MAX_LEN 512
-
-/* What a reply in flight ends, when it comes back. */
-enum kind { K_PLAIN, K_ENDS_TXN, K_ENDS_WATCH, K_ENDS_BLOCK };
 
 struct rsession {
     struct rpool_client client;        /* first: what the pool holds */
@@ -44,8 +40,10 @@ struct rsession {
     char name[NAME_MAX_LEN];
     size_t name_len;
     bool has_name;
-    bool app_eof, gone, closing, in_multi, watching, waiting_verdict, throttling;
-    struct ring kinds;                 /* the enum kind (a byte) of each command in flight, oldest first */
+    bool app_eof, gone, closing, waiting_verdict, throttling;
+    /* the connection's state as of the last command sent (the server's, once it has read
+     * them): a transaction open, keys WATCHed */
+    bool in_multi, watching;
     struct rpool_ident *pending_id;    /* being verified for an AUTH or SELECT (a reference) */
     struct resp_item held;             /* a command read but waiting for the replies owed first */
     bool has_held;
@@ -91,7 +89,6 @@ static void session_close(struct rsession *s)
     fdtable_close_engine_fd(s->src.fd);
     resp_stream_free(&s->cmds);
     buf_free(&s->out);
-    ring_free(&s->kinds);
     rpool_ident_put(s->id);
     rpool_ident_put(s->pending_id);
     if (s->prev)
@@ -144,10 +141,10 @@ static void answer_local(struct rsession *s, const char *p, size_t n)
 
 #define LITERAL(s) s, sizeof s - 1
 
-static int kind_push(struct rsession *s, enum kind k)
+/* A command goes to the server: -1 past INFLIGHT_MAX owed (an app that never reads). */
+static int room_for_one(const struct rsession *s)
 {
-    unsigned char byte = (unsigned char)k;
-    return ring_push(&s->kinds, &byte);
+    return s->client.inflight < INFLIGHT_MAX ? 0 : -1;
 }
 
 /* ---- what the pool tells the session ---- */
@@ -155,14 +152,7 @@ static int kind_push(struct rsession *s, enum kind k)
 static void on_reply(struct rpool_client *c, const char *p, size_t n)
 {
     struct rsession *s = of_client(c);
-    unsigned char byte = K_PLAIN;
-    ring_pop(&s->kinds, &byte);        /* (nothing owed: a plain reply) */
-    enum kind k = (enum kind)byte;
     answer(s, p, n);
-    if (k == K_ENDS_TXN)
-        s->in_multi = s->watching = false;   /* EXEC or DISCARD, whatever their answer */
-    else if (k == K_ENDS_WATCH && !s->in_multi)
-        s->watching = false;
     if (c->lent && !s->in_multi && !s->watching && !c->inflight)
         rpool_give_back(c, true);      /* the transaction, the watch or the block is over */
     process(s);
@@ -399,13 +389,12 @@ static void hello_accepted(struct rsession *s)
     }
     char cmd[] = "*2\r\n$5\r\nHELLO\r\n$1\r\n2\r\n";
     cmd[sizeof cmd - 4] = rpool_ident_parts(s->id).proto == 3 ? '3' : '2';
-    if (kind_push(s, K_PLAIN) != 0 || rpool_send(&s->client, s->id, cmd, sizeof cmd - 1) != 0)
+    if (room_for_one(s) != 0 || rpool_send(&s->client, s->id, cmd, sizeof cmd - 1) != 0)
         session_close(s);
 }
 
 /* CLIENT SETNAME / GETNAME, answered here: the name belongs to the app's connection, not
- * to the shared server connection its commands happen to ride. (Inside MULTI they are
- * queued on the lent connection, as any command: the server answers for that one.) */
+ * to the shared server connection its commands happen to ride. */
 static bool client_name(struct rsession *s, const struct resp_item *it)
 {
     if (resp_arg_is(it, 1, "SETNAME")) {
@@ -441,9 +430,9 @@ static bool client_name(struct rsession *s, const struct resp_item *it)
     return false;
 }
 
-static int send_command(struct rsession *s, const struct resp_item *it, enum kind k)
+static int send_command(struct rsession *s, const struct resp_item *it)
 {
-    if (kind_push(s, k) != 0 || rpool_send(&s->client, s->id, buf_head(&s->cmds.raw), it->raw_len) != 0) {
+    if (room_for_one(s) != 0 || rpool_send(&s->client, s->id, buf_head(&s->cmds.raw), it->raw_len) != 0) {
         session_close(s);
         return -1;
     }
@@ -463,9 +452,12 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
         return true;
     }
     bool hello_args = resp_arg_is(it, 0, "HELLO") && resp_argc(it) > 1;   /* (a bare HELLO changes nothing) */
-    /* answered here, so only once the replies owed are in: they come first, as direct */
-    bool named = resp_arg_is(it, 0, "CLIENT") && (resp_arg_is(it, 1, "SETNAME") || resp_arg_is(it, 1, "GETNAME"));
-    if (named && !s->in_multi) {
+    /* answered here, so only once the replies owed are in: they come first, as direct. A
+     * lent connection carries the session's name: a new name there takes it direct, and
+     * inside MULTI the server queues and answers them as any command. */
+    bool setname = resp_arg_is(it, 0, "CLIENT") && resp_arg_is(it, 1, "SETNAME");
+    bool named = setname || (resp_arg_is(it, 0, "CLIENT") && resp_arg_is(it, 1, "GETNAME"));
+    if (named && !s->in_multi && !(setname && c->lent)) {
         if (!idle)
             return false;
         if (client_name(s, it))
@@ -473,18 +465,22 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
     }
     if (c->lent) {                     /* a transaction, WATCHed keys or a blocking command */
         if (resp_arg_is(it, 0, "AUTH") || resp_arg_is(it, 0, "SELECT") || resp_arg_is(it, 0, "RESET")
-            || resp_arg_is(it, 0, "QUIT") || hello_args) {
+            || resp_arg_is(it, 0, "QUIT") || hello_args || setname) {
             go_direct(s);              /* the lent connection carries the app's state exactly */
             return true;
         }
+        /* what the server will make of it, as it does: EXEC and DISCARD end a transaction
+         * and every WATCH (outside one they are errors that change nothing), UNWATCH ends the
+         * WATCHes (inside one it is only queued), WATCH inside one is refused */
         if (resp_arg_is(it, 0, "MULTI"))
             s->in_multi = true;
-        else if (resp_arg_is(it, 0, "WATCH"))
+        else if (resp_arg_is(it, 0, "WATCH") && !s->in_multi)
             s->watching = true;
-        enum kind k = resp_arg_is(it, 0, "EXEC") || resp_arg_is(it, 0, "DISCARD") ? K_ENDS_TXN
-                    : resp_arg_is(it, 0, "UNWATCH") ? K_ENDS_WATCH
-                    : !s->in_multi && !s->watching ? K_ENDS_BLOCK : K_PLAIN;
-        send_command(s, it, k);
+        else if ((resp_arg_is(it, 0, "EXEC") || resp_arg_is(it, 0, "DISCARD")) && s->in_multi)
+            s->in_multi = s->watching = false;
+        else if (resp_arg_is(it, 0, "UNWATCH") && !s->in_multi)
+            s->watching = false;
+        send_command(s, it);           /* (given back once nothing is open and nothing owed) */
         return true;
     }
     bool multi = resp_arg_is(it, 0, "MULTI"), watch = resp_arg_is(it, 0, "WATCH"), block = is_blocking(it);
@@ -520,16 +516,16 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
     }
     if (multi || watch || block) {
         enum rpool_pin why = multi ? RPOOL_PIN_MULTI : watch ? RPOOL_PIN_WATCH : RPOOL_PIN_BLOCKING;
-        if (rpool_lend(c, s->id, why) != 0) {
+        if (rpool_lend(c, s->id, why, s->name, s->has_name ? s->name_len : 0) != 0) {
             go_direct(s);              /* redis_pinned_max lent already: a connection of its own */
             return true;
         }
         s->in_multi = multi;
         s->watching = watch;
-        send_command(s, it, multi || watch ? K_PLAIN : K_ENDS_BLOCK);
+        send_command(s, it);
         return true;
     }
-    send_command(s, it, K_PLAIN);
+    send_command(s, it);
     return true;
 }
 
@@ -633,7 +629,6 @@ int redis_session_start(struct loop_source *app_src, int upstream, const union s
     s->client.dest = *dest;
     s->client.dest_len = dest_len;
     s->out.cap = OUT_SOFT_MAX + RESP_REPLY_MAX + 64 * 1024;
-    s->kinds = RING_INIT(unsigned char, KINDS_MAX);
     s->app_eof = app_eof;
     if (resp_stream_init(&s->cmds, true) != 0
         || !(s->id = rpool_ident_get(upstream, &RPOOL_WHO_DEFAULT))

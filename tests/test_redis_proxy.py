@@ -431,6 +431,39 @@ def test_names_pipelined_behind_commands_answer_in_order(redis, tmp_path, sockdi
     assert jlines(direct.out)[0][1:6] == ["OK", "v" * 300, "OK", "me", 1], direct.out
 
 
+def first_difference(direct, shimmed):
+    """The first step where two redisdiff.py logs part, with what that connection did
+    before it (since it last opened): the commands that set the state it got wrong."""
+    for d, s in zip(direct, shimmed):
+        for k, (a, b) in enumerate(zip(d["log"], s["log"])):
+            if a != b:
+                mine = [x for x in d["log"][:k] if x[0] == a[0]]
+                opened = max([j for j, x in enumerate(mine) if x[1] == "reconnect"] + [-1])
+                return "seed %d step %d, connection %d; before it:\n%s\ndirect: %s\nshim:   %s" % (
+                    d["seed"], k, a[0], "\n".join(str(x[1:]) for x in mine[opened + 1:]), a[1:], b[1:])
+    return None if len(direct) == len(shimmed) else "%d seeds direct, %d shimmed" % (len(direct), len(shimmed))
+
+
+def test_random_pipelines_of_connection_state_answer_as_direct(redis, tmp_path, sockdir):
+    """20 seeds x 150 turns of three app connections sending 1 to 5 commands at once, mixed
+    with AUTH, SELECT, HELLO, names, transactions, WATCH, RESET, a blocking command and
+    errors of each (tests/pyclients/redisdiff.py): every reply equal to direct's. This
+    found the name answered ahead of replies owed, a lent connection whose unread reply was
+    handed to the app going direct on it, a name lost when a transaction went direct, and a
+    transaction's state taken from replies (DISCARD then MULTI in one write left no
+    transaction open; EXEC without MULTI ended a WATCH the server kept)."""
+    redis.cmd("ACL", "SETUSER", "alice", "on", ">pw", "~*", "+@all")
+    redis.cmd("CONFIG", "SET", "hz", "500")   # (BLPOP's timeout is checked hz times a second)
+    cmd = [SYS_PY, pyclient("redisdiff.py"), "--port", redis.port, "--seeds", "1-20", "--steps", "150"]
+    direct = run(cmd, shim=False, timeout=120)
+    shimmed = run(cmd, conf=conf_for(tmp_path, redis, sockdir), timeout=120)
+    assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
+    d, s = jlines(direct.out), jlines(shimmed.out)
+    assert len(d) == 20, direct.describe()
+    diff = first_difference(d, s)
+    assert diff is None, diff
+
+
 def test_the_lent_cap_sends_the_rest_direct(redis, tmp_path, sockdir):
     """redis_pinned_max = 1: the second of two concurrent transactions cannot borrow a
     connection and is served over one of its own; both are as atomic as direct."""

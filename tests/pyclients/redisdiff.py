@@ -1,0 +1,107 @@
+"""Random pipelines of commands that touch connection state, for a differential test of
+the Redis proxy: run once direct and once under the shim, the two logs must be equal.
+
+  redisdiff.py --port P --seeds 1-20 --steps 150
+
+For each seed: FLUSHALL, then three app connections take turns (which one, chosen by the
+seed) sending 1 to 5 commands in one write and reading every reply before the next turn;
+now and then one is closed and opened again. The commands mix plain ones with every kind
+of state the proxy keeps per app connection: AUTH (a user `alice` with password `pw` must
+exist), SELECT, HELLO 2/3 (with SETNAME), CLIENT SETNAME/GETNAME, MULTI/EXEC/DISCARD,
+WATCH/UNWATCH, RESET, a blocking BLPOP that times out, and errors of each (wrong arity,
+wrong password, EXEC without MULTI, an unknown command). Prints one JSON line per seed:
+{"seed": N, "log": [[conn, commands, replies], ...]}; the `id` field of a HELLO reply,
+which names a server connection, is masked."""
+import argparse
+import json
+import os
+import random
+import socket
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from resp import RespError, _Reader, encode  # noqa: E402
+
+KEYS = ["k1", "k2", "n", "l"]
+
+
+def command(rnd):
+    k = rnd.choice(KEYS)
+    return rnd.choice([
+        ["SET", k, "v%d" % rnd.randrange(5)], ["GET", k], ["INCR", "n"], ["DEL", k], ["MGET", "k1", "k2"],
+        ["LPUSH", "l", "x"], ["RPOP", "l"], ["PING"], ["ECHO", "e"], ["CLIENT", "SETNAME", rnd.choice(["a", "b"])],
+        ["CLIENT", "GETNAME"], ["SELECT", rnd.choice(["0", "1", "2"])], ["SELECT", "x"], ["AUTH", "alice", "pw"],
+        ["AUTH", "alice", "bad"], ["AUTH", "default", "any"], ["MULTI"], ["EXEC"], ["DISCARD"], ["WATCH", k],
+        ["UNWATCH"], ["RESET"], ["HELLO", "2"], ["HELLO", "3"], ["HELLO", "3", "SETNAME", "h"],
+        ["BLPOP", "empty", "0.01"], ["ACL", "WHOAMI"], ["DBSIZE"], ["FOO"], ["GET"], ["CLIENT", "GETNAME", "x"],
+        ["HELLO"], ["AUTH", "x"], ["SELECT"], ["INCR", "n"], ["GET", k], ["SET", k, "w"], ["TYPE", k],
+        ["EXISTS", k], ["PING", "p"],
+    ])
+
+
+def comparable(v):
+    if isinstance(v, RespError):
+        return "ERR:" + str(v)
+    if isinstance(v, bytes):
+        return v.decode("latin-1")
+    if isinstance(v, tuple) and v and v[0] == "map":
+        return ["map", [[comparable(a), "ID" if comparable(a) == "id" else comparable(b)] for a, b in v[1]]]
+    if isinstance(v, (list, tuple)):
+        out = [comparable(x) for x in v]
+        for i in range(len(out) - 1):      # a RESP2 HELLO reply: the value after "id"
+            if out[i] == "id" and isinstance(out[i + 1], int):
+                out[i + 1] = "ID"
+        return out
+    return v
+
+
+def connect(port):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return [s, _Reader(s)]
+
+
+def run_seed(port, seed, steps):
+    rnd = random.Random(seed)
+    first = connect(port)
+    first[0].sendall(encode(["FLUSHALL"]))
+    assert first[1].reply() == "OK"
+    first[0].close()
+    conns = [connect(port) for _ in range(3)]
+    log = []
+    for _ in range(steps):
+        i = rnd.randrange(len(conns))
+        if rnd.random() < 0.03:
+            conns[i][0].close()
+            conns[i] = connect(port)
+            log.append([i, "reconnect"])
+            continue
+        cmds = [command(rnd) for _ in range(rnd.randrange(1, 6))]
+        s, r = conns[i]
+        got = []
+        try:
+            s.sendall(b"".join(encode(c) for c in cmds))
+            for _ in cmds:
+                got.append(comparable(r.reply()))
+        except Exception as e:             # the connection failed: said, and a new one
+            got.append("EXC:%s" % type(e).__name__)
+            conns[i][0].close()
+            conns[i] = connect(port)
+        log.append([i, cmds, got])
+    for s, _ in conns:
+        s.close()
+    return log
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--seeds", default="1-20")
+    ap.add_argument("--steps", type=int, default=150)
+    a = ap.parse_args()
+    lo, _, hi = a.seeds.partition("-")
+    for seed in range(int(lo), int(hi or lo) + 1):
+        print(json.dumps({"seed": seed, "log": run_seed(a.port, seed, a.steps)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
