@@ -212,9 +212,13 @@ static const char *const blocking[] = { "BLPOP", "BRPOP", "BRPOPLPUSH", "BLMOVE"
                                          "BZMPOP", "WAIT", "WAITAOF", NULL };
 /* (READONLY, READWRITE and ASKING: how a cluster node serves the connection's next
  * commands, replica reads or the next command's slot check: never another app's; REPLCONF:
- * the handshake of a replica, whose PSYNC must follow on the same connection) */
-static const char *const own_connection[] = { "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "MONITOR", "SYNC", "PSYNC",
-                                               "REPLCONF", "READONLY", "READWRITE", "ASKING", NULL };
+ * the handshake of a replica, whose PSYNC must follow on the same connection; the
+ * UNSUBSCRIBEs: even on a connection that subscribed to nothing, one reply per channel
+ * named, and in RESP3 a push: on a shared connection, the second would be the next
+ * command's, another app's) */
+static const char *const own_connection[] = { "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE",
+                                               "SUNSUBSCRIBE", "MONITOR", "SYNC", "PSYNC", "REPLCONF", "READONLY",
+                                               "READWRITE", "ASKING", NULL };
 
 static bool is_blocking(const struct resp_item *it)
 {

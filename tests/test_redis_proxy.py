@@ -464,6 +464,20 @@ def test_random_pipelines_of_connection_state_answer_as_direct(redis, tmp_path, 
     assert diff is None, diff
 
 
+def test_an_unsubscribe_naming_two_channels_answers_only_its_app(redis, tmp_path, sockdir):
+    """UNSUBSCRIBE a b on a connection that subscribed to nothing gets two replies, one per
+    channel (in RESP3, two pushes). On a shared server connection the second was routed to
+    the next command's app: another app's PING read ["unsubscribe", "b", 0]. It goes
+    direct now, and each app reads its own replies."""
+    direct, shimmed = direct_and_shimmed(
+        redis, tmp_path, sockdir, "A, B = conn(port), conn(port)",
+        "[as_text(on(A, 'UNSUBSCRIBE', 'a', 'b')), as_text(on(B, 'PING')), as_text(A[1].reply()),"
+        " as_text(on(B, 'ECHO', 'b'))]")
+    assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
+    assert jlines(shimmed.out) == jlines(direct.out), (direct.out, shimmed.out)
+    assert jlines(direct.out)[0][1:] == ["PONG", ["unsubscribe", "b", 0], "b"], direct.out
+
+
 def test_the_lent_cap_sends_the_rest_direct(redis, tmp_path, sockdir):
     """redis_pinned_max = 1: the second of two concurrent transactions cannot borrow a
     connection and is served over one of its own; both are as atomic as direct."""

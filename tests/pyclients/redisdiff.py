@@ -8,8 +8,13 @@ seed) sending 1 to 5 commands in one write and reading every reply before the ne
 now and then one is closed and opened again. The commands mix plain ones with every kind
 of state the proxy keeps per app connection: AUTH (a user `alice` with password `pw` must
 exist), SELECT, HELLO 2/3 (with SETNAME), CLIENT SETNAME/GETNAME, MULTI/EXEC/DISCARD,
-WATCH/UNWATCH, RESET, a blocking BLPOP that times out, and errors of each (wrong arity,
-wrong password, EXEC without MULTI, an unknown command). Prints one JSON line per seed:
+WATCH/UNWATCH, RESET, QUIT, blocking commands that time out (BLPOP, XREAD BLOCK, WAIT),
+SUBSCRIBE and UNSUBSCRIBE (one reply per channel, a push in RESP3), commands that go
+direct, every RESP3 type (DEBUG PROTOCOL: the server must allow DEBUG from local
+clients), and errors of each (wrong arity, wrong password, EXEC without MULTI, commands
+refused in subscriber mode, an unknown command). Nothing is PUBLISHed: a message reaches
+a subscriber whenever it reaches it, not in a place the two runs could agree on. Prints
+one JSON line per seed:
 {"seed": N, "log": [[conn, commands, replies], ...]}; the `id` field of a HELLO reply,
 which names a server connection, is masked."""
 import argparse
@@ -36,6 +41,12 @@ def command(rnd):
         ["BLPOP", "empty", "0.01"], ["ACL", "WHOAMI"], ["DBSIZE"], ["FOO"], ["GET"], ["CLIENT", "GETNAME", "x"],
         ["HELLO"], ["AUTH", "x"], ["SELECT"], ["INCR", "n"], ["GET", k], ["SET", k, "w"], ["TYPE", k],
         ["EXISTS", k], ["PING", "p"],
+        ["HSET", "h", "f", "v"], ["HGETALL", "h"], ["ZADD", "z", "1.5", "m"], ["ZRANGE", "z", "0", "-1", "WITHSCORES"],
+        ["DEBUG", "PROTOCOL", rnd.choice(["map", "set", "double", "null", "bignum", "true", "verbatim", "attrib"])],
+        ["EVAL", "return redis.call('GET', KEYS[1])", "1", "k1"], ["WAIT", "0", "0"],
+        ["XREAD", "BLOCK", "5", "STREAMS", "s", "0-0"], ["XLEN", "s"],
+        ["SUBSCRIBE", "ch"], ["UNSUBSCRIBE", "ch"], ["QUIT"],
+        ["CLIENT", "NO-EVICT", "on"], ["CLIENT", "REPLY", "ON"], ["OBJECT", "ENCODING", k],
     ])
 
 
@@ -82,10 +93,14 @@ def run_seed(port, seed, steps):
             s.sendall(b"".join(encode(c) for c in cmds))
             for _ in cmds:
                 got.append(comparable(r.reply()))
-        except Exception as e:             # the connection failed: said, and a new one
-            got.append("EXC:%s" % type(e).__name__)
+        except (OSError, ConnectionError):  # closed (whether the send or the read sees it
+            got.append("closed")               # first is timing): said, and a new one
             conns[i][0].close()
             conns[i] = connect(port)
+        else:
+            if ["QUIT"] in cmds:
+                conns[i][0].close()
+                conns[i] = connect(port)
         log.append([i, cmds, got])
     for s, _ in conns:
         s.close()
