@@ -243,6 +243,29 @@ def test_second_get_is_a_hit(upstream, tmp_path):
         "Connection: close\n" + p.describe()
 
 
+def test_random_pipelines_answer_as_direct(upstream, tmp_path):
+    """10 seeds x 80 turns of 1 to 3 requests in one write (tests/pyclients/httpdiff.py):
+    cacheable GETs framed by length and by chunks, HEADs, statuses, conditional GETs, Vary,
+    trailers, no-store, and what the cache passes by (POST and PUT with every body framing,
+    Expect, DELETE, OPTIONS), HTTP/1.1 and 1.0: under the shim, with every GET path
+    cached, each response the app reads equal to direct's, and fewer upstream requests."""
+    cmd = [SYS_PY, pyclient("httpdiff.py"), "--port", upstream.port, "--seeds", "1-10", "--steps", "80"]
+    direct = run(cmd, shim=False, timeout=120)
+    sent = upstream.stats()["requests"]
+    upstream.reset()
+    conf = simple_conf(tmp_path, upstream, "GET /bytes/* ttl=10m", "GET /chunked/* ttl=10m",
+                       "GET /custom* ttl=10m", "GET /status/* ttl=10m")
+    shimmed = run(cmd, conf=conf, timeout=120)
+    assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
+    d, s = jlines(direct.out), jlines(shimmed.out)
+    assert len(d) == 10, direct.describe()
+    for a, b in zip(d, s):
+        for k, (x, y) in enumerate(zip(a["log"], b["log"])):
+            assert x == y, "seed %d turn %d:\ndirect: %s\nshim:   %s" % (a["seed"], k, x, y)
+    assert len(s) == len(d) and [len(x["log"]) for x in s] == [len(x["log"]) for x in d]
+    assert upstream.stats()["requests"] < sent * 0.85, (sent, upstream.summary())   # (1059 of 1430)
+
+
 def test_curl_repeated_url_is_a_hit(upstream, tmp_path):
     """curl URL URL URL (one process, one kept-alive connection): one upstream request,
     three identical bodies."""
