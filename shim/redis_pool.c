@@ -12,6 +12,7 @@
  * thread only. */
 #include "redis_pool.h"
 #include "buf.h"
+#include "redis_known.h"
 #include "log.h"
 #include "loop.h"
 #include "pool.h"
@@ -92,6 +93,7 @@ void redis_pool_forget(void)
     const struct shim_config *cfg = P.cfg;
     memset(&P, 0, sizeof P);           /* the parent's: their memory stays unreachable */
     P.cfg = cfg;
+    redis_known_forget_parents();
 }
 
 /* ---- identities ---- */
@@ -343,6 +345,7 @@ static void conn_close(struct rconn *c, bool lost)
     bool was_open = c->state != RC_WAITING;
     c->state = RC_DEAD;
     if (lost) {
+        redis_known_forget(c->upstream);   /* (the server may come back as another) */
         STAT_INC(c->upstream, redis_server_lost);
         shim_debug("redis upstream %d: a server connection was lost", c->upstream);
     }

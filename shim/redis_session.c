@@ -15,6 +15,7 @@
 #include "redis_session.h"
 #include "conn.h"
 #include "log.h"
+#include "redis_known.h"
 #include "redis_pool.h"
 #include "resp.h"
 #include "stats.h"
@@ -51,6 +52,10 @@ struct rsession {
     bool hello_pending, hello_has_name;
     char hello_name[NAME_MAX_LEN];
     size_t hello_name_len;
+    /* a command sent with nothing owed, whose reply (the next to come) is learnt from:
+     * redis_known.c's key for it, or none */
+    char learning[REDIS_KNOWN_KEY_MAX];
+    size_t learning_len;
     struct rsession *next, *prev;
 };
 
@@ -149,9 +154,20 @@ static int room_for_one(const struct rsession *s)
 
 /* ---- what the pool tells the session ---- */
 
+static void learn(struct rsession *s, const char *p, size_t n)
+{
+    static const char unknown[] = "-ERR unknown subcommand '";
+    bool of_hello = s->learning[0] == 'H';
+    if (of_hello ? n && (p[0] == '%' || p[0] == '*') : n > sizeof unknown - 1 && !memcmp(p, unknown, sizeof unknown - 1))
+        redis_known_keep(s->client.upstream, s->learning, s->learning_len, p, n);
+    s->learning_len = 0;
+}
+
 static void on_reply(struct rpool_client *c, const char *p, size_t n)
 {
     struct rsession *s = of_client(c);
+    if (s->learning_len)
+        learn(s, p, n);
     answer(s, p, n);
     if (c->lent && !s->in_multi && !s->watching && !c->inflight)
         rpool_give_back(c, true);      /* the transaction, the watch or the block is over */
@@ -253,6 +269,7 @@ static void go_direct(struct rsession *s)
         session_close(s);
         return;
     }
+    s->learning_len = 0;               /* (its replies are bytes now) */
     shim_debug("fd %d: redis: on a connection of its own from now on", s->src.fd);
     size_t n = buf_len(&s->cmds.raw);
     if (n && rpool_direct_write(&s->client, buf_head(&s->cmds.raw), n) != 0) {
@@ -383,7 +400,25 @@ static void hello(struct rsession *s, const struct resp_item *it)
     ask_identity(s, id, true);
 }
 
-/* The session's identity is the HELLO's now: its name is set, and the server answers. */
+/* redis_known.c's key for a question: tag, then each part with its length before it (any
+ * bytes may be in them). 0 when it does not fit. */
+static size_t known_key(char *out, const char *tag, const char *a, size_t an, const char *b, size_t bn)
+{
+    char ha[40], hb[24];
+    size_t na = (size_t)snprintf(ha, sizeof ha, "%s %zu:", tag, an), nb = (size_t)snprintf(hb, sizeof hb, "%zu:", bn);
+    if (na >= sizeof ha || nb >= sizeof hb || na + an + nb + bn > REDIS_KNOWN_KEY_MAX)
+        return 0;
+    char *o = out;
+    memcpy(o, ha, na);
+    memcpy(o += na, a, an);
+    memcpy(o += an, hb, nb);
+    memcpy(o + nb, b, bn);
+    return na + an + nb + bn;
+}
+
+/* The session's identity is the HELLO's now: its name is set, and it is answered what a
+ * bare HELLO is answered on a connection of that protocol for that user (the server's
+ * own words: asked the first time, kept for the next). */
 static void hello_accepted(struct rsession *s)
 {
     if (s->hello_has_name) {
@@ -391,10 +426,42 @@ static void hello_accepted(struct rsession *s)
         s->name_len = s->hello_name_len;
         s->has_name = s->name_len > 0;
     }
+    struct rpool_who who = rpool_ident_parts(s->id);
+    char key[REDIS_KNOWN_KEY_MAX];
+    size_t n, key_len = known_key(key, "HELLO", who.proto == 3 ? "3" : "2", 1, who.user, who.user_len);
+    const char *known = key_len ? redis_known_get(s->client.upstream, key, key_len, &n) : NULL;
+    if (known) {
+        answer_local(s, known, n);
+        return;
+    }
     char cmd[] = "*2\r\n$5\r\nHELLO\r\n$1\r\n2\r\n";
-    cmd[sizeof cmd - 4] = rpool_ident_parts(s->id).proto == 3 ? '3' : '2';
-    if (room_for_one(s) != 0 || rpool_send(&s->client, s->id, cmd, sizeof cmd - 1) != 0)
+    cmd[sizeof cmd - 4] = who.proto == 3 ? '3' : '2';
+    if (room_for_one(s) != 0 || rpool_send(&s->client, s->id, cmd, sizeof cmd - 1) != 0) {
         session_close(s);
+        return;
+    }
+    memcpy(s->learning, key, key_len);  /* (sent with nothing owed: the next reply is its) */
+    s->learning_len = key_len;
+}
+
+/* A CLIENT subcommand this server said it does not know: the same error, at once. Else,
+ * asked with nothing owed, its reply is read for that error. True when answered. */
+static bool unknown_subcommand(struct rsession *s, const struct resp_item *it, bool idle)
+{
+    size_t n0, n1, n;
+    const char *a0 = resp_arg(it, 0, &n0), *a1 = resp_arg(it, 1, &n1);
+    char key[REDIS_KNOWN_KEY_MAX];
+    size_t key_len = idle ? known_key(key, "CLIENT-SUB", a0, n0, a1, n1) : 0;
+    if (!key_len)
+        return false;
+    const char *known = redis_known_get(s->client.upstream, key, key_len, &n);
+    if (known) {
+        answer_local(s, known, n);
+        return true;
+    }
+    memcpy(s->learning, key, key_len);
+    s->learning_len = key_len;
+    return false;
 }
 
 /* CLIENT SETNAME / GETNAME, answered here: the name belongs to the app's connection, not
@@ -518,6 +585,8 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
         s->closing = true;
         return true;
     }
+    if (resp_arg_is(it, 0, "CLIENT") && resp_argc(it) >= 2 && unknown_subcommand(s, it, idle))
+        return true;
     if (multi || watch || block) {
         enum rpool_pin why = multi ? RPOOL_PIN_MULTI : watch ? RPOOL_PIN_WATCH : RPOOL_PIN_BLOCKING;
         if (rpool_lend(c, s->id, why, s->name, s->has_name ? s->name_len : 0) != 0) {

@@ -478,6 +478,50 @@ def test_an_unsubscribe_naming_two_channels_answers_only_its_app(redis, tmp_path
     assert jlines(direct.out)[0][1:] == ["PONG", ["unsubscribe", "b", 0], "b"], direct.out
 
 
+HANDSHAKES = r"""
+import json, socket, sys
+sys.path.insert(0, sys.argv[2])
+from resp import encode, _Reader
+from redisdiff import comparable
+out = []
+for i in range(30):   # ioredis's connect, then one call: a client made per request
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+    r = _Reader(s)
+    cmds = [["HELLO", "3", "AUTH", "default", "pw"], ["select", "1"], ["client", "SETINFO", "LIB-VER", "6.1.0"],
+            ["client", "SETINFO", "LIB-NAME", "ioredis"], ["CLIENT", "NO-SUCH-THING", "x"], ["GET", "k%d" % i]]
+    s.sendall(b"".join(encode(c) for c in cmds))
+    out.append([comparable(r.reply()) for _ in cmds])
+    s.close()
+print(json.dumps(out))
+"""
+
+
+def test_a_handshake_said_at_every_connect_costs_the_server_nothing_once_known(redis_servers, tmp_path, sockdir):
+    """What ioredis says at each connect (HELLO 3 AUTH, SELECT, two CLIENT SETINFO, which
+    Redis 7.0 does not know), pipelined, then a GET, 30 times on a connection each: the
+    replies are direct's (but HELLO's `id`, which names a server connection), and once the
+    shim has heard the server answer them, only the GETs reach it: the HELLO reply and the
+    unknown-subcommand errors are the server's own words, kept per upstream."""
+    srv = redis_servers(password="pw")
+    code = [SYS_PY, "-c", HANDSHAKES, srv.port, os.path.dirname(SCENARIOS)]
+    direct = run(code, shim=False, timeout=60)
+    before = srv.cmd("INFO", "all").decode()
+    shimmed = run(code, conf=conf_for(tmp_path, srv, sockdir), timeout=60)
+    after = srv.cmd("INFO", "all").decode()
+    assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
+    assert jlines(shimmed.out) == jlines(direct.out), (direct.out, shimmed.out)
+
+    def count(info, pattern):
+        m = re.search(pattern, info, re.M)
+        return int(m.group(1)) if m else 0
+    hellos = count(after, r"^cmdstat_hello:calls=(\d+)") - count(before, r"^cmdstat_hello:calls=(\d+)")
+    errors = count(after, r"^errorstat_ERR:count=(\d+)") - count(before, r"^errorstat_ERR:count=(\d+)")
+    gets = count(after, r"^cmdstat_get:calls=(\d+)") - count(before, r"^cmdstat_get:calls=(\d+)")
+    assert gets == 30, after
+    assert hellos <= 3, "HELLO reached the server %d times for 30 connects" % hellos
+    assert errors <= 6, "the unknown CLIENT subcommands reached the server %d times for 30 connects" % errors
+
+
 def test_the_lent_cap_sends_the_rest_direct(redis, tmp_path, sockdir):
     """redis_pinned_max = 1: the second of two concurrent transactions cannot borrow a
     connection and is served over one of its own; both are as atomic as direct."""
