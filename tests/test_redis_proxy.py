@@ -147,17 +147,24 @@ def direct_and_shimmed(redis, tmp_path, sockdir, connections, replies):
     return direct, shimmed
 
 
+def replies_as_direct(redis, tmp_path, sockdir, connections, replies):
+    """direct_and_shimmed, both runs required to succeed and print the same: what they
+    printed."""
+    direct, shimmed = direct_and_shimmed(redis, tmp_path, sockdir, connections, replies)
+    assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
+    assert jlines(shimmed.out) == jlines(direct.out), (direct.out, shimmed.out)
+    return jlines(direct.out)[0]
+
+
 def test_a_wrong_password_fails_as_direct(redis, tmp_path, sockdir):
     """AUTH with a password the server refuses: the app gets the server's own error, and
     its next commands run as before (the default user)."""
     redis.cmd("ACL", "SETUSER", "carol", "on", ">right", "~*", "+@all")
-    direct, shimmed = direct_and_shimmed(
+    got = replies_as_direct(
         redis, tmp_path, sockdir, "X = conn(port)",
         "[as_text(on(X, 'AUTH', 'carol', 'wrong')), as_text(on(X, 'ACL', 'WHOAMI')),"
         " as_text(on(X, 'AUTH', 'carol', 'right')), as_text(on(X, 'ACL', 'WHOAMI'))]")
-    assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
-    assert jlines(shimmed.out) == jlines(direct.out), (direct.out, shimmed.out)
-    assert jlines(shimmed.out)[0][0].startswith("ERR:WRONGPASS"), shimmed.out
+    assert got[0].startswith("ERR:WRONGPASS"), got
 
 
 # (a program's lines: how many of its app connections went direct, through the shim; None
@@ -401,11 +408,10 @@ def test_node_clients_per_call(redis, tmp_path, sockdir):
 def test_the_connection_name_is_the_apps_own(redis, tmp_path, sockdir):
     """CLIENT SETNAME on one app connection, GETNAME on it and on another: each sees its
     own (the shared server connection's name is never touched)."""
-    direct, shimmed = direct_and_shimmed(
+    replies_as_direct(
         redis, tmp_path, sockdir, "A, B = conn(port), conn(port)",
         "[as_text(on(A, 'CLIENT', 'SETNAME', 'first')), as_text(on(A, 'CLIENT', 'GETNAME')),"
         " as_text(on(B, 'CLIENT', 'GETNAME')), as_text(on(A, 'CLIENT', 'SETNAME', 'a b'))]")
-    assert jlines(shimmed.out) == jlines(direct.out), (direct.out, shimmed.out)
     names = [ln for ln in redis.cmd("CLIENT", "LIST").decode().splitlines() if "name=first" in ln]
     assert names == [], "the name reached a shared server connection: %s" % names
 
@@ -415,7 +421,7 @@ def test_names_pipelined_behind_commands_answer_in_order(redis, tmp_path, sockdi
     the server answers (and behind WATCH, whose connection is lent): every reply comes back
     in the order asked, byte for byte as direct. (They used to be answered at once, ahead
     of the replies still owed: the app read the name as GET's value.)"""
-    direct, shimmed = direct_and_shimmed(
+    got = replies_as_direct(
         redis, tmp_path, sockdir,
         "from resp import encode\n"
         "def piped(c, *cmds):\n"
@@ -426,9 +432,7 @@ def test_names_pipelined_behind_commands_answer_in_order(redis, tmp_path, sockdi
         " ['INCR', 'pn'], ['CLIENT', 'GETNAME', 'extra'], ['CLIENT', 'SETNAME', 'a b'], ['GET', 'pk'], ['PING'])"
         " + piped(Y, ['WATCH', 'pk'], ['CLIENT', 'SETNAME', 'y'], ['CLIENT', 'GETNAME'], ['GET', 'pk'],"
         " ['UNWATCH'], ['CLIENT', 'GETNAME'])")
-    assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
-    assert jlines(shimmed.out) == jlines(direct.out), (direct.out, shimmed.out)
-    assert jlines(direct.out)[0][1:6] == ["OK", "v" * 300, "OK", "me", 1], direct.out
+    assert got[1:6] == ["OK", "v" * 300, "OK", "me", 1], got
 
 
 def first_difference(direct, shimmed):
@@ -469,13 +473,11 @@ def test_an_unsubscribe_naming_two_channels_answers_only_its_app(redis, tmp_path
     channel (in RESP3, two pushes). On a shared server connection the second was routed to
     the next command's app: another app's PING read ["unsubscribe", "b", 0]. It goes
     direct now, and each app reads its own replies."""
-    direct, shimmed = direct_and_shimmed(
+    got = replies_as_direct(
         redis, tmp_path, sockdir, "A, B = conn(port), conn(port)",
         "[as_text(on(A, 'UNSUBSCRIBE', 'a', 'b')), as_text(on(B, 'PING')), as_text(A[1].reply()),"
         " as_text(on(B, 'ECHO', 'b'))]")
-    assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
-    assert jlines(shimmed.out) == jlines(direct.out), (direct.out, shimmed.out)
-    assert jlines(direct.out)[0][1:] == ["PONG", ["unsubscribe", "b", 0], "b"], direct.out
+    assert got[1:] == ["PONG", ["unsubscribe", "b", 0], "b"], got
 
 
 HANDSHAKES = r"""

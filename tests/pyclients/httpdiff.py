@@ -14,7 +14,6 @@ is logged as what an app sees of it: status, body (its SHA-256 and length), end-
 headers (framing, Date, Age, Server and the upstream's per-connection counters left
 out), trailers; for /echo, the method, target and body the upstream received. Prints one
 JSON line per seed: {"seed": N, "log": [[requests, responses], ...]}."""
-import argparse
 import hashlib
 import json
 import os
@@ -25,6 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rawclient import parse_responses  # noqa: E402
+from seeds import run_seeds  # noqa: E402
 
 LEFT_OUT = {"date", "age", "server", "connection", "keep-alive", "transfer-encoding", "content-length",
             "x-served", "x-conn", "x-req", "proxy-connection"}
@@ -123,16 +123,5 @@ def run_seed(port, seed, steps):
     return log
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--seeds", default="1-10")
-    ap.add_argument("--steps", type=int, default=80)
-    a = ap.parse_args()
-    lo, _, hi = a.seeds.partition("-")
-    for seed in range(int(lo), int(hi or lo) + 1):
-        print(json.dumps({"seed": seed, "log": run_seed(a.port, seed, a.steps)}), flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    run_seeds(run_seed, "1-10", 80)

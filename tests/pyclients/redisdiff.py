@@ -17,8 +17,6 @@ a subscriber whenever it reaches it, not in a place the two runs could agree on.
 one JSON line per seed:
 {"seed": N, "log": [[conn, commands, replies], ...]}; the `id` field of a HELLO reply,
 which names a server connection, is masked."""
-import argparse
-import json
 import os
 import random
 import socket
@@ -26,6 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from resp import RespError, _Reader, encode  # noqa: E402
+from seeds import run_seeds  # noqa: E402
 
 KEYS = ["k1", "k2", "n", "l"]
 
@@ -107,16 +106,5 @@ def run_seed(port, seed, steps):
     return log
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--seeds", default="1-20")
-    ap.add_argument("--steps", type=int, default=150)
-    a = ap.parse_args()
-    lo, _, hi = a.seeds.partition("-")
-    for seed in range(int(lo), int(hi or lo) + 1):
-        print(json.dumps({"seed": seed, "log": run_seed(a.port, seed, a.steps)}), flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    run_seeds(run_seed, "1-20", 150)

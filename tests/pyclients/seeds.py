@@ -1,0 +1,16 @@
+"""The command line the differential clients share (httpdiff.py, redisdiff.py): run
+run_seed(port, seed, steps) for each seed of --seeds A-B and print one JSON line each,
+{"seed": N, "log": [...]}, as soon as it is done."""
+import argparse
+import json
+
+
+def run_seeds(run_seed, seeds="1-10", steps=80):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--seeds", default=seeds)
+    ap.add_argument("--steps", type=int, default=steps)
+    a = ap.parse_args()
+    lo, _, hi = a.seeds.partition("-")
+    for seed in range(int(lo), int(hi or lo) + 1):
+        print(json.dumps({"seed": seed, "log": run_seed(a.port, seed, a.steps)}), flush=True)
