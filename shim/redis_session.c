@@ -56,6 +56,7 @@ struct rsession {
      * redis_known.c's key for it, or none */
     char learning[REDIS_KNOWN_KEY_MAX];
     size_t learning_len;
+    bool probing;                      /* a PING of the shim's own in flight: see default_open */
     struct rsession *next, *prev;
 };
 
@@ -163,9 +164,21 @@ static void learn(struct rsession *s, const char *p, size_t n)
     s->learning_len = 0;
 }
 
+/* redis_known.c's key for whether the server runs commands for a connection that never
+ * said AUTH: its answer is "+" (it does), or the server's refusal (requirepass). */
+#define OPEN_KEY "OPEN"
+
 static void on_reply(struct rpool_client *c, const char *p, size_t n)
 {
     struct rsession *s = of_client(c);
+    if (s->probing) {                  /* the shim's own PING: heard, not the app's */
+        s->probing = false;
+        bool refused = n > 8 && !memcmp(p, "-NOAUTH ", 8);
+        redis_known_keep(c->upstream, LITERAL(OPEN_KEY), refused ? p : "+", refused ? n : 1);
+        process(s);
+        update(s);
+        return;
+    }
     if (s->learning_len)
         learn(s, p, n);
     answer(s, p, n);
@@ -466,6 +479,47 @@ static bool unknown_subcommand(struct rsession *s, const struct resp_item *it, b
 
 /* CLIENT SETNAME / GETNAME, answered here: the name belongs to the app's connection, not
  * to the shared server connection its commands happen to ride. */
+/* Whether the server runs commands for the identity a connection has before any AUTH
+ * (the default user, database 0, RESP2: taken as good without a check, so what the shim
+ * answers for it itself must not claim more than the server would): 1 yes, 0 no (*refusal
+ * is the server's words, as it said them to a PING: what it says to any command but AUTH,
+ * HELLO, QUIT and RESET), -1 not known yet: a PING went in the session's place (it must
+ * have nothing owed), the command waits for its reply. Asked once per upstream. */
+static int default_open(struct rsession *s, const char **refusal, size_t *n)
+{
+    const char *known = redis_known_get(s->client.upstream, LITERAL(OPEN_KEY), n);
+    if (known) {
+        *refusal = known;
+        return known[0] == '+';
+    }
+    if (rpool_send(&s->client, s->id, LITERAL("*1\r\n$4\r\nPING\r\n")) != 0) {
+        session_close(s);
+        return -1;
+    }
+    s->probing = true;
+    return -1;
+}
+
+static bool is_default(const struct rpool_ident *id)
+{
+    struct rpool_who w = rpool_ident_parts(id);
+    return !w.has_pass && !w.user_len && w.proto == 2 && w.db_len == 1 && w.db[0] == '0';
+}
+
+/* A command the shim would answer itself on the default identity (a name, SELECT 0), said
+ * where the server refuses that identity: its refusal instead. False: go on (known open,
+ * or not the default identity); true: answered, or waiting (*wait) for the server's word. */
+static bool refused_as_default(struct rsession *s, bool *wait)
+{
+    const char *refusal;
+    size_t n;
+    int open = is_default(s->id) ? default_open(s, &refusal, &n) : 1;
+    *wait = open < 0;
+    if (open == 0)
+        answer_local(s, refusal, n);
+    return open != 1;
+}
+
 static bool client_name(struct rsession *s, const struct resp_item *it)
 {
     if (resp_arg_is(it, 1, "SETNAME")) {
@@ -531,6 +585,9 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
     if (named && !s->in_multi && !(setname && c->lent)) {
         if (!idle)
             return false;
+        bool wait;                     /* (an arity error comes first, as the server checks) */
+        if (resp_argc(it) == (setname ? 3u : 2u) && refused_as_default(s, &wait))
+            return !wait || s->gone;
         if (client_name(s, it))
             return true;               /* (else a GETNAME with arguments: the server's error) */
     }
@@ -562,6 +619,11 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
     if (hello_args) {
         hello(s, it);
         return true;
+    }
+    if (resp_arg_is(it, 0, "SELECT") && resp_argc(it) == 2 && resp_arg_is(it, 1, "0")) {
+        bool wait;                     /* (to the default identity, which nothing checked) */
+        if (refused_as_default(s, &wait))
+            return !wait || s->gone;
     }
     if (resp_arg_is(it, 0, "AUTH") || resp_arg_is(it, 0, "SELECT")) {
         change_identity(s, it, resp_arg_is(it, 0, "AUTH"));
