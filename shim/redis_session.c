@@ -477,8 +477,6 @@ static bool unknown_subcommand(struct rsession *s, const struct resp_item *it, b
     return false;
 }
 
-/* CLIENT SETNAME / GETNAME, answered here: the name belongs to the app's connection, not
- * to the shared server connection its commands happen to ride. */
 /* Whether the server runs commands for the identity a connection has before any AUTH
  * (the default user, database 0, RESP2: taken as good without a check, so what the shim
  * answers for it itself must not claim more than the server would): 1 yes, 0 no (*refusal
@@ -520,6 +518,8 @@ static bool refused_as_default(struct rsession *s, bool *wait)
     return open != 1;
 }
 
+/* CLIENT SETNAME / GETNAME, answered here: the name belongs to the app's connection, not
+ * to the shared server connection its commands happen to ride. */
 static bool client_name(struct rsession *s, const struct resp_item *it)
 {
     if (resp_arg_is(it, 1, "SETNAME")) {
