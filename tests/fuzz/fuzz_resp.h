@@ -85,4 +85,23 @@ static inline void fuzz_resp_same(const struct fuzz_resp_seen *a, const struct f
     for (size_t i = 0; i < a->n_items && i < FUZZ_RESP_ITEMS; i++)
         FUZZ_CHECK(a->raw_len[i] == b->raw_len[i] && a->what[i] == b->what[i] && a->raw_at[i] == b->raw_at[i]);
 }
+/* A harness's whole run: the input's first byte is kept for the chunk sizes, the rest is
+ * walked whole (after_whole, when given, then checks how that walk ended) and in chunks
+ * (the sizes are the input's own bytes), and the two walks must agree. */
+static inline int fuzz_resp_run(bool commands, const uint8_t *data, size_t size, fuzz_resp_check check,
+                                bool count_pending, void (*after_whole)(const char *p, size_t n,
+                                                                        const struct fuzz_resp_seen *whole))
+{
+    if (size < 1)
+        return 0;
+    const char *p = (const char *)data + 1;
+    size_t n = size - 1;
+    static struct fuzz_resp_seen whole, split;   /* (too large for the stack) */
+    fuzz_resp_walk(commands, p, n, NULL, 0, check, count_pending, &whole);
+    if (after_whole)
+        after_whole(p, n, &whole);
+    fuzz_resp_walk(commands, p, n, data, size, check, count_pending, &split);
+    fuzz_resp_same(&whole, &split);
+    return 0;
+}
 #endif

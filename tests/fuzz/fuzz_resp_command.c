@@ -53,13 +53,5 @@ static long check_command(const char *p, size_t n, size_t at, const char *raw, c
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    if (size < 1)
-        return 0;
-    const char *p = (const char *)data + 1;
-    size_t n = size - 1;
-    static struct fuzz_resp_seen whole, split;
-    fuzz_resp_walk(true, p, n, NULL, 0, check_command, false, &whole);
-    fuzz_resp_walk(true, p, n, data, size, check_command, false, &split);
-    fuzz_resp_same(&whole, &split);
-    return 0;
+    return fuzz_resp_run(true, data, size, check_command, false, NULL);
 }

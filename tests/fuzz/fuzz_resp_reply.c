@@ -222,16 +222,12 @@ static long check_reply(const char *p, size_t n, size_t at, const char *raw, con
     return it->type;
 }
 
+static void check_whole_end(const char *p, size_t n, const struct fuzz_resp_seen *whole)
+{
+    check_reference_end(p, n, whole->taken, whole->end);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    if (size < 1)
-        return 0;
-    const char *p = (const char *)data + 1;
-    size_t n = size - 1;
-    static struct fuzz_resp_seen whole, split;
-    fuzz_resp_walk(false, p, n, NULL, 0, check_reply, true, &whole);
-    check_reference_end(p, n, whole.taken, whole.end);
-    fuzz_resp_walk(false, p, n, data, size, check_reply, true, &split);
-    fuzz_resp_same(&whole, &split);
-    return 0;
+    return fuzz_resp_run(false, data, size, check_reply, true, check_whole_end);
 }
