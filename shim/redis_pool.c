@@ -140,8 +140,7 @@ struct rpool_ident *rpool_ident_get(int upstream, const struct rpool_who *who)
     memcpy(id->db, db, db_len);
     id->db_len = db_len;
     id->proto = who->proto;
-    /* nothing to check: the default user on database 0 in RESP2 is what a new connection is */
-    id->verified = !who->has_pass && who->user_len == 0 && db_len == 1 && db[0] == '0' && who->proto == 2;
+    id->verified = rpool_ident_is_default(id);   /* (nothing to check) */
     id->refs = 1;
     id->next = P.idents[upstream];
     P.idents[upstream] = id;
@@ -172,6 +171,11 @@ void rpool_ident_put(struct rpool_ident *id)
 
 bool rpool_ident_verified(const struct rpool_ident *id) { return id->verified; }
 
+bool rpool_ident_is_default(const struct rpool_ident *id)
+{
+    return !id->has_pass && !id->user_len && id->db_len == 1 && id->db[0] == '0' && id->proto == 2;
+}
+
 struct rpool_who rpool_ident_parts(const struct rpool_ident *id)
 {
     return (struct rpool_who){ .user = id->user, .user_len = id->user_len, .pass = id->pass,
@@ -193,6 +197,13 @@ static int put_command(struct buf *b, int argc, const char *const *argv, const s
             return -1;
     }
     return 0;
+}
+
+static int put_setname(struct buf *b, const char *name, size_t name_len)
+{
+    const char *argv[3] = { "CLIENT", "SETNAME", name };
+    size_t lens[3] = { 6, 7, name_len };
+    return put_command(b, 3, argv, lens);
 }
 
 /* What a new connection of id's sends first (AUTH, HELLO 3, SELECT, CLIENT SETNAME),
@@ -226,9 +237,7 @@ static int put_setup(struct rconn *c, const char *name, size_t name_len)
         c->setup_left++;
     }
     if (name_len) {
-        const char *argv[3] = { "CLIENT", "SETNAME", name };
-        size_t lens[3] = { 6, 7, name_len };
-        if (put_command(&c->out, 3, argv, lens))
+        if (put_setname(&c->out, name, name_len))
             return -1;
         c->setup_left++;
     }
@@ -649,7 +658,6 @@ static void on_io(struct loop_source *src, uint32_t ev)
 
 /* ---- what sessions ask ---- */
 
-
 /* A shared connection of id's for a session with no reply owed: the least loaded, or a new
  * one while the identity has fewer than pool_max and every one has replies owed. */
 static struct rconn *pick_shared(struct rpool_client *cl, struct rpool_ident *id)
@@ -696,11 +704,6 @@ int rpool_send(struct rpool_client *cl, struct rpool_ident *id, const char *cmd,
     return queue_command(c, cl, cmd, n);
 }
 
-int rpool_send_quiet(struct rpool_client *cl, const char *cmd, size_t n)
-{
-    return cl->conn && cl->conn->state != RC_DEAD ? queue_command(cl->conn, NULL, cmd, n) : -1;
-}
-
 int rpool_verify(struct rpool_client *cl, struct rpool_ident *id)
 {
     struct rconn *c = P.conns[cl->upstream];
@@ -717,9 +720,7 @@ int rpool_verify(struct rpool_client *cl, struct rpool_ident *id)
 /* CLIENT SETNAME on c, its reply read and dropped. -1: c is closed (nothing half sent). */
 static int quiet_setname(struct rconn *c, const char *name, size_t name_len)
 {
-    const char *argv[3] = { "CLIENT", "SETNAME", name };
-    size_t lens[3] = { 6, 7, name_len };
-    if (put_command(&c->out, 3, argv, lens) != 0 || fifo_push(c, NULL) != 0) {
+    if (put_setname(&c->out, name, name_len) != 0 || fifo_push(c, NULL) != 0) {
         conn_close(c, false);
         return -1;
     }

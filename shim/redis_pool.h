@@ -63,8 +63,11 @@ struct rpool_who {
 struct rpool_ident *rpool_ident_get(int upstream, const struct rpool_who *who);
 struct rpool_ident *rpool_ident_ref(struct rpool_ident *id);
 void rpool_ident_put(struct rpool_ident *id);
-/* A connection has accepted it (or it asks nothing: the default user, database 0, RESP2). */
+/* A connection has accepted it (or it asks nothing: the default identity). */
 bool rpool_ident_verified(const struct rpool_ident *id);
+/* The default user on database 0 in RESP2: what a new connection is before it says
+ * anything, taken as good without a check. */
+bool rpool_ident_is_default(const struct rpool_ident *id);
 /* Its parts, to derive another identity from it (pointing into id). */
 struct rpool_who rpool_ident_parts(const struct rpool_ident *id);
 
@@ -77,8 +80,6 @@ int rpool_verify(struct rpool_client *c, struct rpool_ident *id);
  * one of id's (c's current one while it has replies owed, so they come back in order);
  * one reply comes back through ops->reply. -1: too much queued, no memory: close. */
 int rpool_send(struct rpool_client *c, struct rpool_ident *id, const char *cmd, size_t n);
-/* A command whose reply nobody reads (the shim's own, to clean a lent connection). */
-int rpool_send_quiet(struct rpool_client *c, const char *cmd, size_t n);
 /* Lends c a connection of id's to itself (for a transaction, WATCHed keys, a blocking
  * command), named `name` while lent when name_len > 0: -1 when the upstream has
  * redis_pinned_max lent already (go direct instead). c must have no replies owed. */

@@ -498,12 +498,6 @@ static int default_open(struct rsession *s, const char **refusal, size_t *n)
     return -1;
 }
 
-static bool is_default(const struct rpool_ident *id)
-{
-    struct rpool_who w = rpool_ident_parts(id);
-    return !w.has_pass && !w.user_len && w.proto == 2 && w.db_len == 1 && w.db[0] == '0';
-}
-
 /* A command the shim would answer itself on the default identity (a name, SELECT 0), said
  * where the server refuses that identity: its refusal instead. False: go on (known open,
  * or not the default identity); true: answered, or waiting (*wait) for the server's word. */
@@ -511,7 +505,7 @@ static bool refused_as_default(struct rsession *s, bool *wait)
 {
     const char *refusal;
     size_t n;
-    int open = is_default(s->id) ? default_open(s, &refusal, &n) : 1;
+    int open = rpool_ident_is_default(s->id) ? default_open(s, &refusal, &n) : 1;
     *wait = open < 0;
     if (open == 0)
         answer_local(s, refusal, n);
