@@ -66,6 +66,14 @@ static const char *const lib_names[LIB_COUNT] = { "libcrypto.so.3", "libssl.so.3
       (p, n, l))                                                                               \
     X(LIB_CRYPTO, int, X509_VERIFY_PARAM_set1_ip_asc, (X509_VERIFY_PARAM *p, const char *ip), (p, ip)) \
     X(LIB_CRYPTO, int, X509_STORE_CTX_set_purpose, (X509_STORE_CTX *c, int p), (c, p))        \
+    X(LIB_CRYPTO, int, X509_STORE_CTX_set_default, (X509_STORE_CTX *c, const char *n), (c, n)) \
+    X(LIB_CRYPTO, X509_VERIFY_PARAM *, X509_VERIFY_PARAM_new, (void), ())                      \
+    X(LIB_CRYPTO, int, X509_VERIFY_PARAM_set1, (X509_VERIFY_PARAM *to, const X509_VERIFY_PARAM *from), (to, from)) \
+    X(LIB_CRYPTO, int, X509_VERIFY_PARAM_set1_ip, (X509_VERIFY_PARAM *p, const unsigned char *ip, size_t l), \
+      (p, ip, l))                                                                              \
+    X(LIB_CRYPTO, int, EVP_PKEY_get_security_bits, (const EVP_PKEY *k), (k))                   \
+    X(LIB_CRYPTO, int, EVP_PKEY_get_base_id, (const EVP_PKEY *k), (k))                         \
+    X(LIB_CRYPTO, EVP_PKEY *, X509_get0_pubkey, (const X509 *x), (x))                          \
     X(LIB_CRYPTO, int, X509_verify_cert, (X509_STORE_CTX *c), (c))                             \
     X(LIB_CRYPTO, int, X509_STORE_CTX_get_error, (const X509_STORE_CTX *c), (c))               \
     X(LIB_CRYPTO, int, X509_STORE_CTX_get_error_depth, (const X509_STORE_CTX *c), (c))         \
@@ -98,6 +106,12 @@ static const char *const lib_names[LIB_COUNT] = { "libcrypto.so.3", "libssl.so.3
     X(LIB_SSL, long, SSL_CTX_ctrl, (SSL_CTX *c, int cmd, long larg, void *parg), (c, cmd, larg, parg)) \
     X(LIB_SSL, long, SSL_ctrl, (SSL *s, int cmd, long larg, void *parg), (s, cmd, larg, parg))   \
     X(LIB_SSL, SSL_verify_cb, SSL_get_verify_callback, (const SSL *s), (s))                    \
+    X(LIB_SSL, X509_VERIFY_PARAM *, SSL_get0_param, (SSL *s), (s))                             \
+    X(LIB_SSL, int, SSL_get_security_level, (const SSL *s), (s))                               \
+    X(LIB_SSL, int, SSL_version, (const SSL *s), (s))                                          \
+    X(LIB_SSL, const SSL_CIPHER *, SSL_get_current_cipher, (const SSL *s), (s))                \
+    X(LIB_SSL, uint16_t, SSL_CIPHER_get_protocol_id, (const SSL_CIPHER *c), (c))               \
+    X(LIB_SSL, int, SSL_get_peer_signature_type_nid, (const SSL *s, int *n), (s, n))           \
     X(LIB_SSL, SSL *, SSL_new, (SSL_CTX *c), (c))                                              \
     X(LIB_SSL, int, SSL_do_handshake, (SSL *s), (s))                                           \
     X(LIB_SSL, int, SSL_read, (SSL *s, void *b, int n), (s, b, n))                             \
@@ -120,6 +134,8 @@ static const char *const lib_names[LIB_COUNT] = { "libcrypto.so.3", "libssl.so.3
     X(LIB_CRYPTO, void, X509_EXTENSION_free, (X509_EXTENSION *e), (e))                         \
     X(LIB_CRYPTO, void, X509_STORE_free, (X509_STORE *s), (s))                                 \
     X(LIB_CRYPTO, void, X509_STORE_CTX_free, (X509_STORE_CTX *c), (c))                         \
+    X(LIB_CRYPTO, void, X509_VERIFY_PARAM_free, (X509_VERIFY_PARAM *p), (p))                   \
+    X(LIB_CRYPTO, void, X509_VERIFY_PARAM_set_auth_level, (X509_VERIFY_PARAM *p, int l), (p, l)) \
     X(LIB_CRYPTO, void, ERR_clear_error, (void), ())                                           \
     X(LIB_CRYPTO, void, OPENSSL_sk_pop_free, (OPENSSL_STACK *s, void (*f)(void *)), (s, f))      \
     X(LIB_SSL, void, SSL_CTX_free, (SSL_CTX *c), (c))                                          \
@@ -128,7 +144,10 @@ static const char *const lib_names[LIB_COUNT] = { "libcrypto.so.3", "libssl.so.3
     X(LIB_SSL, void, SSL_free, (SSL *s), (s))                                                  \
     X(LIB_SSL, void, SSL_set_bio, (SSL *s, BIO *r, BIO *w), (s, r, w))                         \
     X(LIB_SSL, void, SSL_set_accept_state, (SSL *s), (s))                                      \
-    X(LIB_SSL, void, SSL_CTX_set_verify, (SSL_CTX *c, int mode, SSL_verify_cb cb), (c, mode, cb))
+    X(LIB_SSL, void, SSL_CTX_set_verify, (SSL_CTX *c, int mode, SSL_verify_cb cb), (c, mode, cb)) \
+    X(LIB_SSL, void, SSL_CTX_set_info_callback, (SSL_CTX *c, void (*cb)(const SSL *s, int w, int r)), (c, cb)) \
+    X(LIB_SSL, void, SSL_CTX_set_client_cert_cb,                                               \
+      (SSL_CTX *c, int (*cb)(SSL *s, X509 **x, EVP_PKEY **k)), (c, cb))
 
 #define DECLARE_POINTER(lib, ret, name, params, args) static ret(*p_##name) params;
 RETURNING(DECLARE_POINTER)

@@ -1,8 +1,9 @@
 /* tls_decide.c — owns the decision about TLS the app encrypts itself on a diverted
  * connection, at its first bytes: tunnelled (the upstream is tls = tunnel, the ClientHello
  * cannot be read, the app's context carries no mark of trusting the shim, presents a
- * client certificate, asks for another name or not for http/1.1, or the upstream does not
- * verify as the app would), or intercepted. The verdict for a name, address, port and
+ * client certificate, asks for another name or not for http/1.1 or for what the shim's
+ * leaf cannot give, or the upstream does not verify or negotiate as the app's own
+ * connection would accept), or intercepted. The verdict for a name, address, port and
  * upstream comes from tls_front.c (kept a minute), checked against the app context's own
  * store; when there is none, one probe of the upstream per name and address runs, and the
  * ClientHellos that arrive meanwhile wait on it together; an app store that holds nothing
@@ -59,6 +60,14 @@ static void stop_waiting(struct tls_decision *c)
 }
 
 static void decided(struct tls_decision *c, int verdict, bool waited);
+
+static void drop_store(struct tls_decision *c)
+{
+    X509_STORE_free(c->store);
+    c->store = NULL;
+    tls_front_terms_release(c->terms);
+    c->terms = NULL;
+}
 static bool wait_for_probe(struct tls_decision *c);
 
 /* The kept verdict for exactly this connection's name, address, port and upstream,
@@ -67,7 +76,7 @@ static int verdict_of(struct tls_decision *c)
 {
     tls_front_pin_release(c->pin);
     c->pin = NULL;
-    return tls_front_verdict(c->store, c->name, c->where, c->upstream, &c->pin);
+    return tls_front_verdict(c->store, c->terms, c->name, c->where, c->upstream, &c->pin);
 }
 
 /* An app that loads its trust store after sending its ClientHello (curl does, to overlap
@@ -108,11 +117,14 @@ static void decided(struct tls_decision *c, int verdict, bool waited)
     if (c->store)
         X509_STORE_free(c->store);
     c->store = NULL;
+    tls_front_terms_release(c->terms);
+    c->terms = NULL;
     if (verdict == 1 && c->pin)
         c->outcome = TLS_TO_INTERCEPT;
     else
         tunnel(c, &shim_stats[c->upstream].tls_tunnel_unverified,
-               "the upstream does not verify as the app would (libcurl's checks, then the app's own store)");
+               "the upstream does not verify as the app would (libcurl's checks, then the app's own store, "
+               "parameters and offer)");
     if (waited)
         c->decided(c);
 }
@@ -184,6 +196,7 @@ enum tls_outcome tls_decide(struct tls_decision *c, const struct shim_config *co
     const struct upstream_rule *u = &cfg->upstreams[upstream];
     struct upstream_stats *st = &shim_stats[upstream];
     struct tls_hello hello;
+    struct tls_app_view view;
     enum tls_hello_result r = tls_hello_parse((const unsigned char *)bytes, n, &hello);
     if (r == TLS_HELLO_NOT_TLS)
         return c->outcome = TLS_IS_NOT_TLS;
@@ -200,11 +213,14 @@ enum tls_outcome tls_decide(struct tls_decision *c, const struct shim_config *co
         tunnel(c, &st->tls_tunnel_client_cert, "the app presents a client certificate");
     } else if (!(c->store = hello.has_mark ? tls_marks_store(hello.mark) : NULL)) {
         tunnel(c, &st->tls_tunnel_no_mark, "its TLS does not trust the shim (no mark)");
-    } else if (!name_for(c, &hello, u) || !hello.offers_http11) {
-        X509_STORE_free(c->store);
-        c->store = NULL;
-        tunnel(c, &st->tls_tunnel_unverified, hello.offers_http11 ? "a name the upstream does not go by"
-                                                                  : "ALPN without http/1.1");
+    } else if (!tls_marks_take_view(hello.mark, &view) || !(c->terms = tls_front_terms_new(&view, &hello.offer))) {
+        drop_store(c);
+        tunnel(c, &st->tls_tunnel_no_mark, "its connection's own checks are not known (no view)");
+    } else if (!name_for(c, &hello, u) || !hello.offers_http11 || !tls_front_can_answer(&hello.offer)) {
+        drop_store(c);
+        tunnel(c, &st->tls_tunnel_unverified, !hello.offers_http11                  ? "ALPN without http/1.1"
+                                              : !tls_front_can_answer(&hello.offer) ? "an offer the shim's leaf cannot answer"
+                                                                                    : "a name the upstream does not go by");
     } else {
         upstream_dialled_text(dest, c->where, sizeof c->where);
         int verdict = verdict_of(c);
@@ -230,6 +246,8 @@ void tls_decide_cancel(struct tls_decision *d)
     if (d->store)                      /* (OpenSSL is bound only once the process has it) */
         X509_STORE_free(d->store);
     d->store = NULL;
+    tls_front_terms_release(d->terms);
+    d->terms = NULL;
     tls_front_pin_release(d->pin);
     d->pin = NULL;
 }

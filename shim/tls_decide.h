@@ -23,6 +23,7 @@ enum tls_outcome {
 
 struct tls_wait;
 struct tls_pin;
+struct tls_terms;
 
 
 /* Per connection, embedded in the engine's. */
@@ -39,6 +40,7 @@ struct tls_decision {
     socklen_t dest_len;
     char where[64];                 /* the address and port dialled, as probes name it */
     X509_STORE *store;              /* the app context's store while waiting (a reference) */
+    struct tls_terms *terms;        /* the app connection's own checks and offer, meanwhile */
     struct tls_wait *wait;          /* the probe it waits on, with others */
     struct tls_decision *next_waiter;
     struct loop_timer recheck;      /* the app's store was still empty */

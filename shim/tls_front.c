@@ -5,7 +5,10 @@
  * block it. The session presents the CA's leaf for the name the app asked for and
  * selects http/1.1. Plaintext only ever crosses the in-process socketpair. Every buffer is
  * bounded; a full side stops reading the other. Also owns the verdicts on whether an
- * upstream's chain verifies against an app context's own trust store. */
+ * upstream would satisfy the app's own connection: its chain verified against the app
+ * context's trust store with that connection's verification parameters and security
+ * level, and what the upstream negotiated (version, cipher suite, group, signature
+ * scheme) among what the app's ClientHello offered. */
 #include "tls_front.h"
 #include "clock.h"
 #include "conn.h"
@@ -49,6 +52,9 @@ static struct {
     char where[INET6_ADDRSTRLEN + 8];   /* the address and port it was probed at */
     int upstream;                       /* the upstream section it was probed for */
     bool verified;                      /* libcurl's verification accepted it */
+    bool cert_requested;                /* the upstream asked for a client certificate */
+    bool leg_known;
+    struct tls_leg leg;                 /* what the probe's handshake negotiated */
     X509 *leaf;
     STACK_OF(X509) *chain;              /* what the upstream sent besides the leaf */
     int64_t until_ms;
@@ -367,19 +373,24 @@ static void drop_chain(size_t i)
 }
 
 /* Verifies leaf + the chain the upstream sent against the app context's store, for name,
- * as a TLS server's certificate: 1, or 0; TLS_VERDICT_NOT_YET when no issuer was found in
- * a store that holds nothing but the shim's CA — the app has not loaded its trust yet
- * (curl reads its CA file only after it has sent the ClientHello). */
-static int chain_trusted(X509_STORE *store, X509 *leaf, STACK_OF(X509) *untrusted, const char *name)
+ * as a TLS server's certificate, the way libssl verifies a server for that app's
+ * connection (its verification parameters and security level; the host name checked is
+ * the one the shim's leaf would carry): 1, or 0; TLS_VERDICT_NOT_YET when no issuer was
+ * found in a store that holds nothing but the shim's CA — the app has not loaded its
+ * trust yet (curl reads its CA file only after it has sent the ClientHello). */
+static int chain_trusted(X509_STORE *store, const struct tls_app_view *view, X509 *leaf, STACK_OF(X509) *untrusted,
+                         const char *name)
 {
     X509_STORE_CTX *ctx = X509_STORE_CTX_new();
     int verdict = 0;
-    if (ctx && X509_STORE_CTX_init(ctx, store, leaf, untrusted) == 1
-        && X509_STORE_CTX_set_purpose(ctx, X509_PURPOSE_SSL_SERVER) == 1) {
+    if (ctx && X509_STORE_CTX_init(ctx, store, leaf, untrusted) == 1 && X509_STORE_CTX_set_default(ctx, "ssl_server") == 1) {
         unsigned char ip[16];
         X509_VERIFY_PARAM *param = X509_STORE_CTX_get0_param(ctx);
+        X509_VERIFY_PARAM_set_auth_level(param, view->sec_level);
         bool literal = inet_pton(strchr(name, ':') ? AF_INET6 : AF_INET, name, ip) == 1, ok = false;
-        if ((literal ? X509_VERIFY_PARAM_set1_ip_asc(param, name) : X509_VERIFY_PARAM_set1_host(param, name, 0)) == 1)
+        if (X509_VERIFY_PARAM_set1(param, view->param) == 1 && X509_VERIFY_PARAM_set1_host(param, NULL, 0) == 1
+            && X509_VERIFY_PARAM_set1_ip(param, NULL, 0) == 1
+            && (literal ? X509_VERIFY_PARAM_set1_ip_asc(param, name) : X509_VERIFY_PARAM_set1_host(param, name, 0)) == 1)
             ok = X509_verify_cert(ctx) == 1;
         int err = X509_STORE_CTX_get_error(ctx);
         bool no_issuer = err == X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY || err == X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT
@@ -387,12 +398,151 @@ static int chain_trusted(X509_STORE *store, X509 *leaf, STACK_OF(X509) *untruste
         verdict = ok ? 1 : no_issuer && OPENSSL_sk_num((const OPENSSL_STACK *)X509_STORE_get0_objects(store)) <= 1
                                ? TLS_VERDICT_NOT_YET : 0;
         if (verdict == 0)
-            shim_debug("the upstream's chain for %s does not verify with the app's own trust store (error %d)", name, err);
+            shim_debug("the upstream's chain for %s does not verify as the app's connection would (error %d)", name, err);
     }
     if (ctx)
         X509_STORE_CTX_free(ctx);
     ERR_clear_error();
     return verdict;
+}
+
+/* A key exchange group's TLS code point from OpenSSL's NID for it; 0xffff: one this does
+ * not know (no app offer lists it), 0: none (an RSA key exchange). */
+static uint16_t group_code(long nid)
+{
+    static const struct { int nid; uint16_t code; } known[] = {
+        { NID_X9_62_prime256v1, 23 }, { NID_secp384r1, 24 }, { NID_secp521r1, 25 }, { NID_X25519, 29 },
+        { NID_X448, 30 }, { NID_ffdhe2048, 256 }, { NID_ffdhe3072, 257 }, { NID_ffdhe4096, 258 },
+        { NID_ffdhe6144, 259 }, { NID_ffdhe8192, 260 },
+    };
+    if (nid <= 0)
+        return 0;
+    if (nid & TLSEXT_nid_unknown)
+        return (uint16_t)(nid & 0xffff);
+    for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
+        if (known[i].nid == nid)
+            return known[i].code;
+    return 0xffff;
+}
+
+/* The signature scheme (RFC 8446 4.2.3) of the server's handshake signature, from its
+ * type, hash and the leaf's key; 0xffff: one this does not know. */
+static uint16_t scheme_code(int type, int hash, const X509 *leaf)
+{
+    int hash_rank = hash == NID_sha256 ? 0 : hash == NID_sha384 ? 1 : hash == NID_sha512 ? 2 : hash == NID_sha1 ? 3 : -1;
+    static const uint16_t ecdsa[] = { 0x0403, 0x0503, 0x0603, 0x0203 }, pkcs1[] = { 0x0401, 0x0501, 0x0601, 0x0201 };
+    static const uint16_t pss_rsae[] = { 0x0804, 0x0805, 0x0806, 0xffff }, pss_pss[] = { 0x0809, 0x080a, 0x080b, 0xffff };
+    if (type == EVP_PKEY_ED25519)
+        return 0x0807;
+    if (type == EVP_PKEY_ED448)
+        return 0x0808;
+    if (hash_rank < 0)
+        return 0xffff;
+    if (type == EVP_PKEY_EC)
+        return ecdsa[hash_rank];
+    if (type == EVP_PKEY_RSA)
+        return pkcs1[hash_rank];
+    if (type == EVP_PKEY_RSA_PSS) {
+        EVP_PKEY *key = leaf ? X509_get0_pubkey(leaf) : NULL;
+        return key && EVP_PKEY_get_base_id(key) == EVP_PKEY_RSA ? pss_rsae[hash_rank] : pss_pss[hash_rank];
+    }
+    return 0xffff;
+}
+
+void tls_front_leg_of(SSL *session, struct tls_leg *out)
+{
+    *out = (struct tls_leg){ .version = (uint16_t)SSL_version(session), .kx_bits = -1 };
+    const SSL_CIPHER *cipher = SSL_get_current_cipher(session);
+    out->cipher = cipher ? SSL_CIPHER_get_protocol_id(cipher) : 0xffff;
+    out->group = group_code(SSL_get_negotiated_group(session));
+    EVP_PKEY *tmp = NULL;
+    if (SSL_get_peer_tmp_key(session, &tmp) == 1 && tmp) {
+        out->kx_bits = EVP_PKEY_get_security_bits(tmp);
+        EVP_PKEY_free(tmp);
+    }
+    int type = 0, hash = 0;
+    if (SSL_get_peer_signature_type_nid(session, &type) == 1 && SSL_get_peer_signature_nid(session, &hash) == 1)
+        out->sigalg = scheme_code(type, hash, SSL_get0_peer_certificate(session));
+    ERR_clear_error();
+}
+
+static bool listed(const uint16_t *codes, size_t n, uint16_t code)
+{
+    for (size_t i = 0; i < n; i++)
+        if (codes[i] == code)
+            return true;
+    return false;
+}
+
+/* Why the app's own handshake would not have accepted what the upstream negotiated, or
+ * NULL: a leg is held to the app's offer and security level, so that no request travels
+ * on a connection weaker than the app's own would have been. */
+static const char *leg_refused(const struct tls_terms *t, const struct tls_leg *leg)
+{
+    static const int level_bits[] = { 0, 80, 112, 128, 192, 256 };
+    const struct tls_offer *o = &t->offer;
+    uint16_t lowest = 0xffff;
+    for (size_t i = 0; i < o->n_versions; i++)
+        if (o->versions[i] >= 0x0300 && o->versions[i] < lowest)
+            lowest = o->versions[i];
+    if (leg->version < lowest)
+        return "an older protocol version than the app accepts";
+    /* TLS 1.3 where the app offered only older versions: its suites are all AEAD with a
+     * forward-secret exchange, stronger than any the app offered */
+    if (!(leg->version == TLS1_3_VERSION && !listed(o->versions, o->n_versions, TLS1_3_VERSION))
+        && !listed(o->ciphers, o->n_ciphers, leg->cipher))
+        return "a cipher suite the app does not offer";
+    if (leg->group && o->n_groups && !listed(o->groups, o->n_groups, leg->group))
+        return "a key exchange group the app does not offer";
+    int level = t->view.sec_level < 0 ? 0 : t->view.sec_level > 5 ? 5 : t->view.sec_level;
+    if (leg->kx_bits >= 0 && leg->kx_bits < level_bits[level])
+        return "a key exchange weaker than the app's security level";
+    if (leg->sigalg && o->n_sigalgs && !listed(o->sigalgs, o->n_sigalgs, leg->sigalg))
+        return "a signature scheme the app does not offer";
+    return NULL;
+}
+
+bool tls_front_can_answer(const struct tls_offer *o)
+{
+    static const uint16_t ecdhe_ecdsa[] = { 0xc02b, 0xc02c, 0xcca9, 0xc023, 0xc024, 0xc009, 0xc00a };
+    static const uint16_t groups[] = { 29, 23, 30, 25, 24 };   /* the front's: OpenSSL's defaults */
+    bool tls13 = listed(o->versions, o->n_versions, TLS1_3_VERSION), tls12 = listed(o->versions, o->n_versions, TLS1_2_VERSION);
+    bool group = !o->n_groups && !tls13, suite = false;
+    for (size_t i = 0; i < sizeof groups / sizeof groups[0]; i++)
+        group |= listed(o->groups, o->n_groups, groups[i]);
+    for (size_t i = 0; i < sizeof ecdhe_ecdsa / sizeof ecdhe_ecdsa[0]; i++)
+        suite |= listed(o->ciphers, o->n_ciphers, ecdhe_ecdsa[i]);
+    /* the leaf is ECDSA P-256 with SHA-256 */
+    bool signs = listed(o->sigalgs, o->n_sigalgs, 0x0403);
+    return group && signs && (tls13 || (tls12 && suite));
+}
+
+struct tls_terms *tls_front_terms_new(struct tls_app_view *view, const struct tls_offer *offer)
+{
+    struct tls_terms *t = calloc(1, sizeof *t);
+    if (!t) {
+        X509_VERIFY_PARAM_free(view->param);
+        return NULL;
+    }
+    t->refs = 1;
+    t->view = *view;
+    t->offer = *offer;
+    view->param = NULL;
+    return t;
+}
+
+static struct tls_terms *terms_ref(struct tls_terms *t)
+{
+    t->refs++;
+    return t;
+}
+
+void tls_front_terms_release(struct tls_terms *t)
+{
+    if (!t || --t->refs > 0)
+        return;
+    X509_VERIFY_PARAM_free(t->view.param);
+    free(t);
 }
 
 static pthread_once_t check_once = PTHREAD_ONCE_INIT;
@@ -401,6 +551,29 @@ static int check_index = -1;           /* libcurl's SSL_CTX for a probe: its str
 static void make_check_index(void)
 {
     check_index = CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_SSL_CTX, 0, NULL, NULL, NULL, NULL);
+}
+
+/* The upstream asked the probe for a client certificate: an app without one would have
+ * been refused (or let in on other terms) by it, so such an upstream is tunnelled. */
+static int asked_for_client_cert(SSL *ssl, X509 **cert, EVP_PKEY **key)
+{
+    struct tls_check *check = check_index >= 0 ? SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), check_index) : NULL;
+    (void)cert;
+    (void)key;
+    if (check)
+        check->cert_requested = true;
+    return 0;                          /* none */
+}
+
+/* The probe's handshake is done: what it negotiated is what the app's offer is held to. */
+static void probe_handshake(const SSL *ssl, int where, int ret)
+{
+    struct tls_check *check = check_index >= 0 ? SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), check_index) : NULL;
+    (void)ret;
+    if (check && (where & SSL_CB_HANDSHAKE_DONE)) {
+        tls_front_leg_of((SSL *)ssl, &check->leg);
+        check->leg_known = true;
+    }
 }
 
 /* libcurl's own verification runs as it always does (this returns its verdict); once it
@@ -427,6 +600,8 @@ int tls_front_probe_ctx(void *curl, void *sslctx, void *parm)
     if (check_index < 0 || !SSL_CTX_set_ex_data(sslctx, check_index, parm))
         return 1;                      /* CURLE_UNSUPPORTED_PROTOCOL: the probe fails */
     SSL_CTX_set_verify(sslctx, SSL_VERIFY_PEER, probe_verify);
+    SSL_CTX_set_client_cert_cb(sslctx, asked_for_client_cert);
+    SSL_CTX_set_info_callback(sslctx, probe_handshake);
     return 0;
 }
 
@@ -438,6 +613,8 @@ void tls_front_check_release(struct tls_check *check)
         OPENSSL_sk_pop_free((OPENSSL_STACK *)check->chain, free_x509);
     check->leaf = NULL;
     check->chain = NULL;
+    check->cert_requested = false;
+    check->leg_known = false;
 }
 
 static bool same_key(size_t i, const char *name, const char *where, int upstream)
@@ -466,6 +643,9 @@ void tls_front_keep_probe(const char *name, const char *where, int upstream, boo
     snprintf(chains[slot].where, sizeof chains[slot].where, "%s", where);
     chains[slot].upstream = upstream;
     chains[slot].verified = verified && check->leaf;
+    chains[slot].cert_requested = check->cert_requested;
+    chains[slot].leg_known = verified && check->leg_known;
+    chains[slot].leg = check->leg;
     chains[slot].leaf = check->leaf;   /* taken over */
     chains[slot].chain = check->chain;
     check->leaf = NULL;
@@ -477,10 +657,11 @@ struct tls_pin {
     int refs;                          /* engine thread only */
     X509 *leaf;                        /* the leaf the verdict approved */
     X509_STORE *store;                 /* the app context's own store */
+    struct tls_terms *terms;           /* the app connection's own checks and offer */
     char name[256];
 };
 
-static struct tls_pin *pin_new(X509_STORE *store, X509 *leaf, const char *name)
+static struct tls_pin *pin_new(X509_STORE *store, struct tls_terms *terms, X509 *leaf, const char *name)
 {
     struct tls_pin *p = strlen(name) < sizeof p->name ? calloc(1, sizeof *p) : NULL;
     if (!p)
@@ -497,6 +678,7 @@ static struct tls_pin *pin_new(X509_STORE *store, X509 *leaf, const char *name)
     p->refs = 1;
     p->leaf = leaf;
     p->store = store;
+    p->terms = terms_ref(terms);
     snprintf(p->name, sizeof p->name, "%s", name);
     return p;
 }
@@ -514,6 +696,7 @@ void tls_front_pin_release(struct tls_pin *pin)
         return;
     X509_free(pin->leaf);
     X509_STORE_free(pin->store);
+    tls_front_terms_release(pin->terms);
     free(pin);
 }
 
@@ -522,26 +705,46 @@ bool tls_front_pin_holds(const struct tls_pin *pin, SSL *upstream_session)
     X509 *leaf = upstream_session ? SSL_get0_peer_certificate(upstream_session) : NULL;
     if (!pin || !leaf)
         return false;
+    struct tls_leg leg;
+    tls_front_leg_of(upstream_session, &leg);
+    const char *refused = leg_refused(pin->terms, &leg);
+    if (refused) {
+        shim_debug("an upstream leg for %s negotiated %s", pin->name, refused);
+        return false;
+    }
     if (X509_cmp(leaf, pin->leaf) == 0)
         return true;
     /* another certificate than the one approved (a rotation, another backend, or a
-     * server the app would refuse): the app's own store decides */
-    bool ok = chain_trusted(pin->store, leaf, SSL_get_peer_cert_chain(upstream_session), pin->name) == 1;
+     * server the app would refuse): the app's own checks decide */
+    bool ok = chain_trusted(pin->store, &pin->terms->view, leaf, SSL_get_peer_cert_chain(upstream_session), pin->name) == 1;
     if (!ok)
         shim_debug("the upstream for %s now presents a certificate the app's store does not accept", pin->name);
     return ok;
 }
 
-int tls_front_verdict(X509_STORE *store, const char *name, const char *where, int upstream, struct tls_pin **pin)
+int tls_front_verdict(X509_STORE *store, struct tls_terms *terms, const char *name, const char *where, int upstream,
+                      struct tls_pin **pin)
 {
     int64_t now = clock_mono_ms();
     for (size_t i = 0; i < CHAINS_MAX; i++) {
         if (chains[i].until_ms <= now || !same_key(i, name, where, upstream))
             continue;
-        if (!chains[i].verified)
+        if (!chains[i].verified || !chains[i].leg_known) {
+            shim_debug("the upstream for %s: %s", name, chains[i].verified ? "what its handshake negotiated is not known"
+                                                                          : "libcurl refused it");
             return 0;
-        int verdict = chain_trusted(store, chains[i].leaf, chains[i].chain, name);
-        if (verdict == 1 && pin && !(*pin = pin_new(store, chains[i].leaf, name)))
+        }
+        if (chains[i].cert_requested) {
+            shim_debug("the upstream for %s asks for a client certificate", name);
+            return 0;
+        }
+        const char *refused = leg_refused(terms, &chains[i].leg);
+        if (refused) {
+            shim_debug("the upstream for %s negotiated %s", name, refused);
+            return 0;
+        }
+        int verdict = chain_trusted(store, &terms->view, chains[i].leaf, chains[i].chain, name);
+        if (verdict == 1 && pin && !(*pin = pin_new(store, terms, chains[i].leaf, name)))
             return 0;                  /* nothing to hold its legs to: not intercepted */
         return verdict;
     }

@@ -1,6 +1,7 @@
 /* tls_hello.c — owns reading a TLS ClientHello (RFC 8446 4.1.2, the same layout as TLS
- * 1.2's): the record and handshake headers, then the server_name, ALPN and the shim's
- * private mark among the extensions. Bounds-checked at every length; anything it cannot
+ * 1.2's): the record and handshake headers, the cipher suites, then the server_name,
+ * ALPN, supported_versions, supported_groups, signature_algorithms and the shim's private
+ * mark among the extensions. Bounds-checked at every length; anything it cannot
  * read whole from the first record is UNREADABLE, and the connection is tunnelled. */
 #include "tls_hello.h"
 #include <string.h>
@@ -62,6 +63,17 @@ static void alpn(struct reader ext, struct tls_hello *out)
     }
 }
 
+/* A list of 16-bit code points (len bytes of them) into out[room]; false when it does not
+ * fit or is malformed. */
+static bool code_points(struct reader list, uint16_t *out, size_t room, uint8_t *n)
+{
+    if (list.bad || list.n % 2 || list.n / 2 > room)
+        return false;
+    for (*n = 0; list.n;)
+        out[(*n)++] = (uint16_t)take(&list, 2);
+    return true;
+}
+
 enum tls_hello_result tls_hello_parse(const unsigned char *p, size_t n, struct tls_hello *out)
 {
     memset(out, 0, sizeof *out);
@@ -86,15 +98,19 @@ enum tls_hello_result tls_hello_parse(const unsigned char *p, size_t n, struct t
     if (r.bad || body > r.n)
         return TLS_HELLO_UNREADABLE;   /* continues in another record */
     struct reader h = sub(&r, body);
-    take(&h, 2);                       /* legacy_version */
+    struct tls_offer *o = &out->offer;
+    o->versions[0] = (uint16_t)take(&h, 2);   /* legacy_version */
+    o->n_versions = 1;
     sub(&h, 32);                       /* random */
     sub(&h, take(&h, 1));              /* legacy_session_id */
-    sub(&h, take(&h, 2));              /* cipher_suites */
+    if (!code_points(sub(&h, take(&h, 2)), o->ciphers, TLS_OFFER_CIPHERS, &o->n_ciphers))
+        return TLS_HELLO_UNREADABLE;
     sub(&h, take(&h, 1));              /* legacy_compression_methods */
     if (h.bad)
         return TLS_HELLO_UNREADABLE;
     if (h.n == 0)
         return TLS_HELLO_OK;           /* no extensions at all */
+    bool fits = true;
     struct reader exts = sub(&h, take(&h, 2));
     while (exts.n && !exts.bad) {
         unsigned type = take(&exts, 2);
@@ -105,10 +121,16 @@ enum tls_hello_result tls_hello_parse(const unsigned char *p, size_t n, struct t
             server_name(ext, out);
         else if (type == 16)
             alpn(ext, out);
+        else if (type == 43)           /* supported_versions: a one-byte length */
+            fits &= code_points(sub(&ext, take(&ext, 1)), o->versions, TLS_OFFER_VERSIONS, &o->n_versions);
+        else if (type == 10)           /* supported_groups */
+            fits &= code_points(sub(&ext, take(&ext, 2)), o->groups, TLS_OFFER_GROUPS, &o->n_groups);
+        else if (type == 13)           /* signature_algorithms */
+            fits &= code_points(sub(&ext, take(&ext, 2)), o->sigalgs, TLS_OFFER_SIGALGS, &o->n_sigalgs);
         else if (type == TLS_MARK_EXT_TYPE && ext.n == TLS_MARK_LEN) {
             out->has_mark = true;
             memcpy(out->mark, ext.p, TLS_MARK_LEN);
         }
     }
-    return exts.bad || h.bad ? TLS_HELLO_UNREADABLE : TLS_HELLO_OK;
+    return exts.bad || h.bad || !fits ? TLS_HELLO_UNREADABLE : TLS_HELLO_OK;
 }

@@ -1,7 +1,9 @@
 /* tls_marks.c — owns the registry of the app's OpenSSL contexts that trust the shim's
  * CA: the mark each sends in its ClientHello (this process's random tag and the context's
  * number) and the trust store each context was configured with, so that the engine can
- * verify an upstream as that context would before it answers for it. A mark that is not
+ * verify an upstream as that context would before it answers for it; and, per marked
+ * ClientHello, how that connection itself verifies (its SSL's verification parameters and
+ * security level, which may differ from its context's). A mark that is not
  * in the registry (another process's, a forged one, a freed context's) is worth nothing:
  * the connection is tunnelled. Thread-safe: contexts come and go on app threads, the
  * engine looks them up. */
@@ -17,6 +19,8 @@ static bool have_tag;
 static uint64_t next_id = 1;
 static size_t n_marks;
 static struct { uint64_t id; X509_STORE *store; } marks[TLS_MARKS_MAX];
+static uint64_t next_hello = 1;
+static struct { uint64_t hello; struct tls_app_view view; } views[TLS_HELLOS_MAX];   /* hello 0: free */
 
 uint64_t tls_marks_add(X509_STORE *store)
 {
@@ -69,11 +73,59 @@ void tls_marks_drop(uint64_t id)
         X509_STORE_free(old);
 }
 
-void tls_marks_bytes(uint64_t id, unsigned char out[TLS_MARK_LEN])
+void tls_marks_bytes(uint64_t id, uint64_t hello, unsigned char out[TLS_MARK_LEN])
 {
     memcpy(out, tag, sizeof tag);
-    for (int i = 0; i < 8; i++)
+    for (int i = 0; i < 8; i++) {
         out[8 + i] = (unsigned char)(id >> (8 * i));
+        out[16 + i] = (unsigned char)(hello >> (8 * i));
+    }
+}
+
+/* A hello whose connection the engine never hears (TLS to a host the shim does not
+ * divert) leaves its view here until newer ones push it out: the slot of the oldest. */
+uint64_t tls_marks_hello_add(X509_VERIFY_PARAM *param, int sec_level)
+{
+    X509_VERIFY_PARAM *old = NULL;
+    uint64_t hello = 0;
+    pthread_mutex_lock(&lock);
+    size_t slot = 0;
+    for (size_t i = 0; i < TLS_HELLOS_MAX; i++) {
+        if (!views[i].hello) {
+            slot = i;
+            break;
+        }
+        if (views[i].hello < views[slot].hello)
+            slot = i;
+    }
+    if (param) {
+        old = views[slot].hello ? views[slot].view.param : NULL;
+        hello = next_hello++;
+        views[slot].hello = hello;
+        views[slot].view = (struct tls_app_view){ param, sec_level };
+    }
+    pthread_mutex_unlock(&lock);
+    if (old)
+        X509_VERIFY_PARAM_free(old);
+    return hello;
+}
+
+bool tls_marks_take_view(const unsigned char mark[TLS_MARK_LEN], struct tls_app_view *out)
+{
+    uint64_t hello = 0;
+    for (int i = 0; i < 8; i++)
+        hello |= (uint64_t)mark[16 + i] << (8 * i);
+    bool found = false;
+    pthread_mutex_lock(&lock);
+    for (size_t i = 0; hello && have_tag && !memcmp(mark, tag, sizeof tag) && i < TLS_HELLOS_MAX; i++)
+        if (views[i].hello == hello) {
+            *out = views[i].view;
+            views[i].hello = 0;
+            found = true;
+            break;
+        }
+    pthread_mutex_unlock(&lock);
+    return found;
 }
 
 uint64_t tls_marks_number(const unsigned char mark[TLS_MARK_LEN])

@@ -1,5 +1,6 @@
-/* tls_marks.h — the app's OpenSSL contexts that trust the shim's CA, and the mark their
- * ClientHellos carry (tls_marks.c). */
+/* tls_marks.h — the app's OpenSSL contexts that trust the shim's CA, the mark their
+ * ClientHellos carry, and what each marked ClientHello's own connection would accept
+ * (tls_marks.c). */
 #ifndef HTTPSHIM_TLS_MARKS_H
 #define HTTPSHIM_TLS_MARKS_H
 #include <openssl/x509.h>
@@ -18,7 +19,22 @@ uint64_t tls_marks_number(const unsigned char mark[TLS_MARK_LEN]);
 uint64_t tls_marks_add(X509_STORE *store);
 void tls_marks_set_store(uint64_t id, X509_STORE *store);   /* the app swapped stores */
 void tls_marks_drop(uint64_t id);                           /* the context was freed */
-void tls_marks_bytes(uint64_t id, unsigned char out[TLS_MARK_LEN]);
+void tls_marks_bytes(uint64_t id, uint64_t hello, unsigned char out[TLS_MARK_LEN]);
+
+/* How the app's connection that sent a ClientHello verifies what it gets back, taken from
+ * its SSL as the hello is made: its verification parameters (flags, depth, host checks,
+ * purpose; a copy) and its security level. */
+struct tls_app_view {
+    X509_VERIFY_PARAM *param;
+    int sec_level;
+};
+#define TLS_HELLOS_MAX 1024            /* views waiting for the engine; the oldest goes */
+/* Keeps a view (taking param over) for the engine: the hello number its mark carries, or
+ * 0 (then param was freed). */
+uint64_t tls_marks_hello_add(X509_VERIFY_PARAM *param, int sec_level);
+/* The view of the hello this mark came with, taken out (the caller frees its param):
+ * false when there is none (not this process's, already taken, or pushed out). */
+bool tls_marks_take_view(const unsigned char mark[TLS_MARK_LEN], struct tls_app_view *out);
 /* The store of the context whose mark this is (a new reference), or NULL: not a mark of
  * this process, or a context since freed. */
 X509_STORE *tls_marks_store(const unsigned char mark[TLS_MARK_LEN]);

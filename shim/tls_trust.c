@@ -6,7 +6,10 @@
  * configured `tls = intercept`, only for libssl.so.3, never for server-only contexts or
  * the engine's own (libcurl's); a connection that presents a client certificate says so
  * in its mark, and is tunnelled; one that verifies with a store of its own making
- * (SSL_set0_verify_cert_store) or through a verify callback of the app's is not marked. Unversioned definitions satisfy the app's versioned references
+ * (SSL_set0_verify_cert_store) or through a verify callback of the app's is not marked.
+ * Each marked ClientHello also leaves its connection's own verification parameters and
+ * security level (tls_marks.c), so that the upstream is verified as that very connection
+ * would verify it. Unversioned definitions satisfy the app's versioned references
  * (SSL_CTX_new@OPENSSL_3.0.0) because the library defines no versions of its own. */
 #include "config.h"
 #include "lazyssl.h"
@@ -60,11 +63,19 @@ static int add_mark(SSL *s, unsigned int type, unsigned int context, const unsig
      * upstream's own certificate: either would reject the shim's, so no mark */
     if (!id || verify_store || SSL_get_verify_callback(s))
         return 0;
-    unsigned char *m = malloc(TLS_MARK_LEN);
+    /* what this connection's own checks are (its host name rules, strictness flags, chain
+     * depth, security level), for the engine to verify the upstream by */
+    X509_VERIFY_PARAM *param = X509_VERIFY_PARAM_new();
+    if (param && X509_VERIFY_PARAM_set1(param, SSL_get0_param(s)) != 1) {
+        X509_VERIFY_PARAM_free(param);
+        param = NULL;
+    }
+    uint64_t hello = tls_marks_hello_add(param, SSL_get_security_level(s));
+    unsigned char *m = hello ? malloc(TLS_MARK_LEN) : NULL;
     if (!m)
-        return 0;
+        return 0;                      /* (a view without a mark is pushed out in time) */
     /* mutual TLS: the mark says so, and the engine tunnels the connection untouched */
-    tls_marks_bytes(SSL_get_certificate(s) ? id | TLS_MARK_CLIENT_CERT : id, m);
+    tls_marks_bytes(SSL_get_certificate(s) ? id | TLS_MARK_CLIENT_CERT : id, hello, m);
     *out = m;
     *outlen = TLS_MARK_LEN;
     return 1;

@@ -270,7 +270,7 @@ def free_port(host="127.0.0.1"):
 class Upstream(object):
     """tests/upstream.py in a process of its own; with tls=(chain, key) it serves HTTPS."""
 
-    def __init__(self, workdir, python=SYS_PY, host="127.0.0.1", tls=None, port=0):
+    def __init__(self, workdir, python=SYS_PY, host="127.0.0.1", tls=None, port=0, tls_args=()):
         self.workdir = Path(workdir)
         self.tls = tls
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -285,7 +285,7 @@ class Upstream(object):
         self.proc = subprocess.Popen(
             [python, str(UPSTREAM_PY), "--port-file", str(pf),
              "--control-port-file", str(cf), "--host", host, "--port", str(port)]
-            + (["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])] if tls else []),
+            + (["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])] if tls else []) + [str(a) for a in tls_args],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
             env=env, start_new_session=True)
         deadline = time.time() + 30

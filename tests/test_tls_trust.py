@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import SYS_PY, JsonLineProcess, Upstream, client_env, java_fetch, jlines, pyclient, run, write_rules
+from conftest import BUILD, SYS_PY, JsonLineProcess, Upstream, client_env, java_fetch, jlines, pyclient, run, write_rules
 from test_tls import SAN_ENV
 from tlsca import CA
 
@@ -50,8 +50,8 @@ class Fetcher(JsonLineProcess):
         JsonLineProcess.__init__(self, argv, client_env(conf is not None, conf, env))
         assert self.read().get("ready"), self.describe()
 
-    def get(self, url):
-        self.send({"url": url})
+    def get(self, url, **settings):
+        self.send(dict(settings, url=url))
         return self.read()
 
     def stats(self, port):
@@ -83,8 +83,8 @@ def pair(cas, tmp_path, sockdir):
         f.stop()
 
 
-def both_get(direct, shimmed, url):
-    d, s = direct.get(url), shimmed.get(url)
+def both_get(direct, shimmed, url, **settings):
+    d, s = direct.get(url, **settings), shimmed.get(url, **settings)
     assert outcome(d) == outcome(s), ("direct", d, "shim", s, shimmed.describe())
     return outcome(s)
 
@@ -252,3 +252,89 @@ def test_the_jdks_own_tls_is_tunnelled_and_fails_natively(cas, tmp_path, tmp_pat
     finally:
         good.stop()
         bad.stop()
+
+
+# Checks the app's own connection makes and libcurl's does not (issue 21's rule: intercept
+# only what the app is proven to accept): what the app's context and connection set on
+# their verification (a security level, strict X.509, no common-name fallback) and what
+# its ClientHello offers (a protocol floor, forward-secret suites only), and an upstream
+# that asks for a client certificate the app does not have. Each: (leaf options, upstream
+# options, the app's settings, the host name to ask for). The app fails as it does direct,
+# the upstream never sees a request, and the connection is tunnelled (before, libcurl's
+# leg carried the request and the app got a 200).
+REFUSED = {
+    "security-level-3-and-an-rsa-2048-leaf": ({"rsa_bits": 2048}, [], {"ciphers": "DEFAULT:@SECLEVEL=3"}, "127.0.0.1"),
+    "strict-x509-and-no-authority-key-id": ({"key_id": False}, [], {"strict": True}, "127.0.0.1"),
+    "no-common-name-fallback": ({"san": False}, [], {"no_cn": True}, "localhost"),
+    "a-tls-1.3-floor-and-a-tls-1.2-upstream": ({}, ["--tls-max-version", "1.2"], {"min_tls": "1.3"}, "127.0.0.1"),
+    "forward-secrecy-and-an-rsa-key-exchange": ({"rsa_bits": 2048},
+                                                ["--tls-max-version", "1.2", "--tls-ciphers", "AES128-SHA"],
+                                                {"ciphers": "ECDHE+AESGCM"}, "127.0.0.1"),
+    "a-client-certificate-the-app-does-not-have": ({}, ["--tls-client-ca", "CA"], {}, "127.0.0.1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_what_the_apps_own_connection_refuses_is_tunnelled(case, cas, pair, tmp_path, tmp_path_factory, sockdir):
+    leaf_opts, up_args, settings, host = REFUSED[case]
+    chain = cas["app"].leaf([host], stem=case, **leaf_opts)
+    up_args = [cas["app"].pem if a == "CA" else a for a in up_args]
+    up = Upstream(tmp_path_factory.mktemp("refused"), tls=chain, tls_args=up_args)
+    try:
+        raw = "\n".join(["[global]", "upstream_timeout = 5s", "stats_socket = %s/%%p.sock" % sockdir, "",
+                         "[upstream %s:%d]" % (host, up.port), "tls = intercept", "tls_ca_file = %s" % cas["app"].pem,
+                         "cache GET /custom* ttl=10m"]) + "\n"
+        direct, shimmed = pair(write_rules(tmp_path, [], raw=raw, name="refused.conf"))
+        url = "https://%s:%d/custom/secret?n=100" % (host, up.port)
+        d, s = direct.get(url, **settings), shimmed.get(url, **settings)
+        assert "error" in d and "error" in s, ("direct", d, "shim", s, shimmed.describe())
+        if "client-certificate" not in case:   # (direct's own error there depends on timing)
+            assert outcome(d) == outcome(s), ("direct", d, "shim", s, shimmed.describe())
+        assert up.stats()["requests"] == 0, up.stats()
+        shimmed.send({"stats": True})
+        st = shimmed.read()["stats"]["upstreams"]["%s:%d" % (host, up.port)]
+        assert st["tls_intercepted"] == 0 and st["tls_tunnel_unverified"] == 1, st
+        # the same connection without the stricter setting is intercepted: the refusal was the setting's
+        if case in ("strict-x509-and-no-authority-key-id", "a-tls-1.3-floor-and-a-tls-1.2-upstream"):
+            assert both_get(direct, shimmed, url + "&plain=1") == 200
+            assert up.stats()["requests"] == 2, up.stats()
+    finally:
+        up.stop()
+
+
+def test_an_app_that_accepts_only_rsa_suites_is_tunnelled_and_served(cas, pair, tmp_path, tmp_path_factory, sockdir):
+    """The shim's own leaf is ECDSA P-256: an app that offers only RSA-signed TLS 1.2 suites
+    could never complete a handshake with it (it used to get an EOF); it is tunnelled and
+    talks to the upstream as direct."""
+    up = Upstream(tmp_path_factory.mktemp("rsa-only"), tls=cas["app"].leaf(["127.0.0.1"], stem="rsa", rsa_bits=2048))
+    try:
+        direct, shimmed = pair(conf_for(tmp_path, sockdir, [up.port], cas["app"].pem))
+        settings = {"max_tls": "1.2", "ciphers": "ECDHE-RSA-AES128-GCM-SHA256"}
+        assert both_get(direct, shimmed, up.url("/custom/rsa?n=100"), **settings) == 200
+        st = shimmed.stats(up.port)
+        assert st["tls_intercepted"] == 0 and st["tls_tunnel_unverified"] == 1, st
+    finally:
+        up.stop()
+
+
+def test_a_chain_longer_than_the_apps_depth_is_tunnelled(cas, tmp_path, tmp_path_factory, sockdir):
+    """An OpenSSL client that allows no chain beyond the leaf (SSL_CTX_set_verify_depth 0)
+    against a leaf issued by an intermediate: its handshake fails as direct, and the server
+    gets no request; the same client without the limit is intercepted."""
+    inter = CA(tmp_path_factory.mktemp("inter"), name="an intermediate", parent=cas["app"])
+    up = Upstream(tmp_path_factory.mktemp("deep"), tls=inter.leaf(["localhost"], stem="deep"))
+    try:
+        conf = write_rules(tmp_path, [], raw="[upstream localhost:%d]\ntls = intercept\ntls_ca_file = %s\n"
+                           "cache GET /custom* ttl=10m\n" % (up.port, cas["app"].pem), name="deep.conf")
+        client = str(BUILD / "tlsstoreclient")
+        for args, want in ((["--depth0"], "error handshake"), ([], "200 100")):
+            argv = [client] + args + ["localhost", str(up.port), str(cas["app"].pem), "/custom/d?n=100"]
+            d, s = run(argv, shim=False), run(argv, conf=conf, env={"HTTPSHIM_DEBUG": "1"})
+            assert d.out.decode().strip() == s.out.decode().strip() == want, (args, d.out, s.out, s.err[-3000:])
+            if args:
+                assert up.stats()["requests"] == 0, up.stats()
+                assert "does not verify as the app would" in s.err.decode(), s.err[-3000:]
+            else:
+                assert "TLS from the app for localhost terminated" in s.err.decode(), s.err[-3000:]
+    finally:
+        up.stop()

@@ -10,7 +10,9 @@ Listens on an ephemeral port (and a second one for control), writes the port num
 to the files, serves until SIGTERM/SIGINT.
 
 With --tls-cert CHAIN --tls-key KEY it serves HTTPS (ALPN http/1.1), every connection
-a TLS handshake of its own, counted in "handshakes" (and "handshake_failures").
+a TLS handshake of its own, counted in "handshakes" (and "handshake_failures");
+--tls-max-version 1.2 caps its protocol, --tls-ciphers LIST sets its TLS 1.2 suites, and
+--tls-client-ca CA requires a client certificate from that CA.
 
 Control server (never counted as upstream traffic):
     GET  /stats  -> {"connections":N,"open":N,"peak":N,"requests":N,"handshakes":N,
@@ -947,11 +949,21 @@ def main():
                     help="how long /v3/ip/ADDR sleeps before answering")
     ap.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM)")
     ap.add_argument("--tls-key", help="... and this key")
+    ap.add_argument("--tls-max-version", choices=["1.2", "1.3"])
+    ap.add_argument("--tls-ciphers")
+    ap.add_argument("--tls-client-ca")
     args = ap.parse_args()
     if args.tls_cert:
         import ssl
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_max_version == "1.2":
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        if args.tls_ciphers:
+            ctx.set_ciphers(args.tls_ciphers)
+        if args.tls_client_ca:
+            ctx.load_verify_locations(args.tls_client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.set_alpn_protocols(["http/1.1"])
         TLS_CONTEXT[0] = ctx
     GEO_DELAY_MS[0] = max(0, args.geo_delay_ms)

@@ -11,7 +11,10 @@
  * file after sending the ClientHello, to overlap the reading with the round trip). The
  * first handshake step reads from an empty memory BIO, so that it cannot see the answer.
  *
- *   tlsstoreclient [--set1|--callback|--late] HOST PORT CAFILE PATH */
+ * With --depth0 it keeps the context's own store (CAFILE loaded) and allows no chain
+ * beyond the leaf (SSL_CTX_set_verify_depth 0): a leaf issued by an intermediate fails.
+ *
+ *   tlsstoreclient [--set1|--callback|--late|--depth0] HOST PORT CAFILE PATH */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <openssl/err.h>
@@ -40,10 +43,11 @@ int main(int argc, char **argv)
     int set1 = argc > 1 && !strcmp(argv[1], "--set1");
     int callback = argc > 1 && !strcmp(argv[1], "--callback");
     int late = argc > 1 && !strcmp(argv[1], "--late");
-    if (callback || late)
+    int depth0 = argc > 1 && !strcmp(argv[1], "--depth0");
+    if (callback || late || depth0)
         set1 = 1;                      /* the flag takes the same place */
     if (argc != 5 + set1)
-        return fail("usage: tlsstoreclient [--set1|--callback|--late] HOST PORT CAFILE PATH");
+        return fail("usage: tlsstoreclient [--set1|--callback|--late|--depth0] HOST PORT CAFILE PATH");
     const char *host = argv[1 + set1], *cafile = argv[3 + set1], *path = argv[4 + set1];
     int port = atoi(argv[2 + set1]);
     SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
@@ -52,7 +56,7 @@ int main(int argc, char **argv)
         return fail("store");
     if (late) {
         X509_STORE_free(store);        /* the context's own store, filled after the ClientHello */
-    } else if (callback) {
+    } else if (callback || depth0) {
         X509_STORE_free(store);
         if (SSL_CTX_load_verify_locations(ctx, cafile, NULL) != 1)
             return fail("store");
@@ -63,6 +67,8 @@ int main(int argc, char **argv)
         SSL_CTX_set_cert_store(ctx, store);   /* the context owns it now */
     }
     SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, callback ? keep_verdict : NULL);
+    if (depth0)
+        SSL_CTX_set_verify_depth(ctx, 0);
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
     inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);

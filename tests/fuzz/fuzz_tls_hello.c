@@ -1,6 +1,7 @@
 /* fuzz_tls_hello.c — libFuzzer target for tls_hello_parse() (shim/tls_hello.c), which reads
  * a connection's first bytes to decide whether they are a TLS ClientHello, and which server
- * name, private mark (extension 0xffa7, TLS_MARK_LEN bytes) and ALPN offer it carries.
+ * name, private mark (extension 0xffa7, TLS_MARK_LEN bytes), ALPN and what it offers the
+ * server (versions, cipher suites, groups, signature schemes) it carries.
  *
  * The input is a connection's first bytes. It is parsed whole, and as if only k bytes had
  * arrived for a few prefix lengths k (0..7, n/4, n/2, 3n/4, n-2, n-1, both sides of the end
@@ -27,8 +28,8 @@
  *    longer one gives the same result and the same struct bytes (so bytes past the first
  *    record never matter); R = 0 or R > 16384 is UNREADABLE as soon as the header is whole;
  *  - on OK, witnesses in the first record: a non-empty sni (length < 256, no NUL) appears
- *    in it as 00 LEN16 NAME (a host_name entry); has_mark means it holds ff a7 00 10 and then
- *    the 16 mark bytes, and no mark leaves mark all zero; offers_http11 false means it holds
+ *    in it as 00 LEN16 NAME (a host_name entry); has_mark means it holds ff a7 00 18 and then
+ *    the 24 mark bytes, and no mark leaves mark all zero; offers_http11 false means it holds
  *    00 10 (an ALPN extension's type);
  *  - an independent model of the ClientHello layout gives the same result on every parse,
  *    and on OK the same sni, has_mark, mark and offers_http11. The model: record header
@@ -43,8 +44,12 @@
  *    without NUL is taken, anything else gives no name from this extension. ALPN (16): offers
  *    http/1.1 when its list (2-byte length inside the extension) has an entry "http/1.1"
  *    among the (1-byte length, name) entries before the first one that does not fit (a list
- *    longer than its extension offers nothing); no ALPN extension counts as offering it. 0xffa7 with exactly 16 bytes: the mark; any
- *    other length is ignored. Repeated extensions (RFC 8446 4.2 forbids them; OpenSSL
+ *    longer than its extension offers nothing); no ALPN extension counts as offering it. 0xffa7 with exactly 24 bytes: the mark; any
+ *    other length is ignored. The offer: legacy_version alone unless supported_versions
+ *    (43: a 1-byte list length) replaces it; the cipher suites, supported_groups (10) and
+ *    signature_algorithms (13: 2-byte list lengths) as their 2-byte code points; a list
+ *    whose length is odd, past its extension, or longer than its room (16, 160, 64, 64
+ *    entries) makes the hello UNREADABLE. Repeated extensions (RFC 8446 4.2 forbids them; OpenSSL
  *    refuses the handshake): the last ALPN and the last 16-byte mark decide, and each
  *    server_name extension with a usable name replaces the name. */
 #include "../../shim/tls_hello.h"
@@ -53,7 +58,10 @@
 #include <string.h>
 
 /* memcmp of whole structs is meaningful only without padding */
-_Static_assert(sizeof(struct tls_hello) == 256 + 1 + TLS_MARK_LEN + 1, "struct tls_hello has padding");
+_Static_assert(sizeof(struct tls_offer) == 2 * (TLS_OFFER_VERSIONS + TLS_OFFER_CIPHERS + TLS_OFFER_GROUPS + TLS_OFFER_SIGALGS) + 4,
+               "struct tls_offer has padding");
+_Static_assert(sizeof(struct tls_hello) == 256 + 1 + TLS_MARK_LEN + 1 + sizeof(struct tls_offer),
+               "struct tls_hello has padding");
 
 #define RECORD_MAX    16384
 #define TAIL          64
@@ -70,6 +78,7 @@ struct model {
     bool has_mark;
     unsigned char mark[TLS_MARK_LEN];
     bool http11;
+    struct tls_offer offer;
 };
 
 static size_t be16(const uint8_t *p) { return (size_t)p[0] << 8 | p[1]; }
@@ -140,6 +149,21 @@ static void model_alpn(const uint8_t *d, size_t len, struct model *m)
     }
 }
 
+/* A code point list: `width` length bytes, then that many bytes inside d[0..len), even,
+ * at most room entries; false otherwise. */
+static bool model_list(const uint8_t *d, size_t len, size_t width, uint16_t *out, size_t room, uint8_t *count)
+{
+    if (len < width)
+        return false;
+    size_t list = width == 1 ? d[0] : be16(d);
+    if (list > len - width || list % 2 || list / 2 > room)
+        return false;
+    for (size_t i = 0; i < list / 2; i++)
+        out[i] = (uint16_t)be16(d + width + 2 * i);
+    *count = (uint8_t)(list / 2);
+    return true;
+}
+
 static void model_parse(const uint8_t *p, size_t n, struct model *m)
 {
     size_t rec_len;
@@ -159,11 +183,15 @@ static void model_parse(const uint8_t *p, size_t n, struct model *m)
     size_t at = 2 + 32;                               /* legacy_version, random */
     if (at > hs_len)
         return;
+    m->offer.versions[0] = (uint16_t)be16(hs);
+    m->offer.n_versions = 1;
     static const size_t widths[3] = { 1, 2, 1 };      /* session id, suites, compression */
     for (int i = 0; i < 3; i++) {
         if (hs_len - at < widths[i])
             return;
         size_t len = widths[i] == 1 ? hs[at] : be16(hs + at);
+        if (i == 1 && !model_list(hs + at, hs_len - at, 2, m->offer.ciphers, TLS_OFFER_CIPHERS, &m->offer.n_ciphers))
+            return;
         at += widths[i];
         if (hs_len - at < len)
             return;
@@ -185,19 +213,28 @@ static void model_parse(const uint8_t *p, size_t n, struct model *m)
             return;
         e += 4 + be16(ext + e + 2);
     }
+    bool fits = true;
     for (size_t e = 0; e < block; e += 4 + be16(ext + e + 2)) {
         size_t type = be16(ext + e), len = be16(ext + e + 2);
         const uint8_t *d = ext + e + 4;
+        struct tls_offer *o = &m->offer;
         if (type == 0)
             model_server_name(d, len, m);
         else if (type == 16)
             model_alpn(d, len, m);
+        else if (type == 43)
+            fits &= model_list(d, len, 1, o->versions, TLS_OFFER_VERSIONS, &o->n_versions);
+        else if (type == 10)
+            fits &= model_list(d, len, 2, o->groups, TLS_OFFER_GROUPS, &o->n_groups);
+        else if (type == 13)
+            fits &= model_list(d, len, 2, o->sigalgs, TLS_OFFER_SIGALGS, &o->n_sigalgs);
         else if (type == TLS_MARK_EXT_TYPE && len == TLS_MARK_LEN) {
             m->has_mark = true;
             memcpy(m->mark, d, TLS_MARK_LEN);
         }
     }
-    m->rc = TLS_HELLO_OK;
+    if (fits)
+        m->rc = TLS_HELLO_OK;
 }
 
 /* ---- the checks ---- */
@@ -272,6 +309,11 @@ static void check_model(const uint8_t *p, size_t n, enum tls_hello_result rc, co
     FUZZ_CHECK(h->has_mark == m.has_mark);
     FUZZ_CHECK(!memcmp(h->mark, m.mark, TLS_MARK_LEN));
     FUZZ_CHECK(h->offers_http11 == m.http11);
+    const struct tls_offer *o = &h->offer, *mo = &m.offer;
+    FUZZ_CHECK(o->n_versions == mo->n_versions && o->n_ciphers == mo->n_ciphers && o->n_groups == mo->n_groups
+               && o->n_sigalgs == mo->n_sigalgs);
+    FUZZ_CHECK(!memcmp(o->versions, mo->versions, o->n_versions * 2) && !memcmp(o->ciphers, mo->ciphers, o->n_ciphers * 2)
+               && !memcmp(o->groups, mo->groups, o->n_groups * 2) && !memcmp(o->sigalgs, mo->sigalgs, o->n_sigalgs * 2));
 }
 
 /* The checks every parse of p[0..n) gets, whatever n is. */

@@ -6,7 +6,10 @@ test can change the upstream between two fetches of the same process.
     tlsfetch.py --cafile F [--stats-socket PATTERN]
 
 Prints {"ready": true}, then for each line {"url": URL} one line: {"status", "len"} or
-{"error": "ExceptionType: text"}; a line {"stats": true} answers {"stats": the process's
+{"error": "ExceptionType: text"}; the line may also set the context as an app would:
+"ciphers" (an OpenSSL cipher string, e.g. with @SECLEVEL=3), "min_tls": "1.3",
+"max_tls": "1.2", "strict"
+(VERIFY_X509_STRICT), "no_cn": true (hostname_checks_common_name off, as urllib3 2 sets); a line {"stats": true} answers {"stats": the process's
 /stats} (with --stats-socket). stdin at EOF: exit 0."""
 import argparse
 import json
@@ -31,6 +34,16 @@ def main():
             continue
         try:
             ctx = ssl.create_default_context(cafile=a.cafile)
+            if cmd.get("ciphers"):
+                ctx.set_ciphers(cmd["ciphers"])
+            if cmd.get("min_tls") == "1.3":
+                ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            if cmd.get("max_tls") == "1.2":
+                ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+            if cmd.get("strict"):
+                ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+            if cmd.get("no_cn"):
+                ctx.hostname_checks_common_name = False
             with urllib.request.urlopen(cmd["url"], context=ctx, timeout=20) as r:
                 say({"status": r.status, "len": len(r.read())})
         except Exception as e:  # noqa: BLE001 (the test compares the failure)
