@@ -49,6 +49,7 @@ struct app_side {
     struct buf out;                 /* bytes for the app, bounded by OUT_CAP */
     bool app_eof;                   /* the app shut down its write side */
     bool app_gone;                  /* the app closed: nothing more can be delivered */
+    bool upstream_reset;            /* the failed exchange ended in the upstream's reset */
     /* the request being answered */
     int req_minor;
     bool req_keep_alive, req_is_head;

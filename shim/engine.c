@@ -25,6 +25,7 @@
 #include <sys/socket.h>
 #include "upstream.h"
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,6 +50,12 @@ struct conn {
     struct loop_deferred reclaim;
     enum conn_state state;
     bool closing;                   /* close once `out` has drained */
+    bool reset_app;                 /* ... and then as a reset, not an end of file */
+    /* the app's fd and its socketpair end's identity, once the engine hears it: what a
+     * reset is delivered through */
+    int app_fd;
+    dev_t app_dev;
+    ino_t app_ino;
     /* the request being answered (its bytes stay at the front of `in`) */
     size_t req_total;               /* head + body bytes */
     bool continue_sent;
@@ -180,6 +187,23 @@ static void conn_cancel_pending(struct conn *c)
 
 /* Ends the conn's part: what it holds is released and its memory goes after this batch.
  * The fd is closed unless a tunnel took it over. */
+/* The upstream reset the connection mid-exchange: so does the app's, as a TCP reset
+ * would reach it direct (ECONNRESET after what it was sent, where an end of file would
+ * let a lenient client take a cut body as whole: Ruby's Net::HTTP, LWP). A Unix socket
+ * closed with unread bytes in its queue gives its peer ECONNRESET: one byte goes into
+ * the engine's end through a duplicate of the app's fd, once that duplicate is shown to
+ * be the very socket the connection began with. */
+static void reset_app_end(struct conn *c)
+{
+    int dup = c->app_fd >= 0 ? real_fcntl(c->app_fd, F_DUPFD_CLOEXEC, NULL) : -1;
+    if (dup < 0)
+        return;
+    struct stat st;
+    if (fstat(dup, &st) == 0 && st.st_dev == c->app_dev && st.st_ino == c->app_ino)
+        real_send(dup, "!", 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+    real_close(dup);
+}
+
 static void conn_retire(struct conn *c, bool close_fd)
 {
     conn_cancel_pending(c);
@@ -193,6 +217,8 @@ static void conn_retire(struct conn *c, bool close_fd)
     c->side.tls_pin = NULL;
     if (close_fd) {
         loop_remove(&c->src);
+        if (c->reset_app && !c->side.app_gone)
+            reset_app_end(c);
         fdtable_close_engine_fd(c->side.fd);
     }
     c->side.fd = -1;
@@ -586,6 +612,8 @@ static void side_exchange_done(struct app_side *app, enum exchange_end how, bool
         conn_resume(c);                /* answered from the entry a 304 renewed, or a stale one */
         return;
     }
+    c->reset_app = how != EXCHANGE_OK && c->side.upstream_reset;
+    c->side.upstream_reset = false;
     conn_exchange_done(c, how == EXCHANGE_OK, must_close);
 }
 static const struct app_side_ops side_ops = { side_flush, side_rewatch, side_exchange_done };
@@ -686,6 +714,7 @@ static struct conn *conn_new(int engine_fd, int upstream, const union shim_socka
         return NULL;
     fdgate_engine_init(&c->gate, gate, gate_gen);
     c->rule_index = -1;
+    c->app_fd = -1;
     struct fd_entry *own = fdtable_slot(engine_fd);
     if (own)
         own->owner = c;                /* read by the engine only, after loop_add */
@@ -733,6 +762,11 @@ void engine_need(struct fd_entry *e)
         return;
     fdtable_close_kept_app_end(e);     /* now the app's close must be the last: the engine hears it */
     struct conn *c = e->engine_conn;
+    if (c) {                           /* (before loop_add publishes the conn to the engine) */
+        c->app_fd = (int)(e - fdtable_base);
+        c->app_dev = e->dev;
+        c->app_ino = e->ino;
+    }
     if (c && loop_add(&c->src, c->side.fd, EPOLLIN, on_app_event) != 0)
         real_shutdown(c->side.fd, SHUT_RDWR);   /* cannot listen: the app sees the connection end */
 }

@@ -49,18 +49,73 @@ static ssize_t diverted_write(int fd, struct fd_entry *e, struct write_call *w)
     return fastpath_write(config_loaded(), fd, e, iov, cnt, do_real_write, w);
 }
 
+/* A cold pool's probe the app never asked about (it waited for the socket to be writable
+ * and writes, as wget2 and many event loops do, without SO_ERROR or a second connect):
+ * its first write settles it, as that question would, so that a connection that is up is
+ * diverted and its request heard by the engine; one still connecting, or refused, is
+ * written for real and answers as direct (EAGAIN, the connect's error). */
+static __attribute__((noinline)) struct fd_entry *settled_probe(int fd)
+{
+    struct fd_entry *probing = shim_in_engine ? NULL : fdtable_probing(fd);
+    if (!probing)
+        return NULL;
+    int saved = errno, err = 0;
+    socklen_t len = sizeof err;
+    if (real_getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err == 0)
+        hooks_probe_settled(fd, probing, 0);
+    errno = saved;
+    return fdtable_if_diverted(fd);
+}
+
+/* The entry of a diverted fd a write goes to, settling a probe first. */
+static inline struct fd_entry *written_to(int fd)
+{
+    struct fd_entry *t = fdtable_base;
+    if (!t || (unsigned)fd >= FDTABLE_MAX)
+        return NULL;
+    int kind = atomic_load_explicit(&t[fd].kind, memory_order_relaxed);
+    if (__builtin_expect(kind == FD_DIVERTED, 0))
+        return &t[fd];
+    return __builtin_expect(kind == FD_PROBING, 0) ? settled_probe(fd) : NULL;
+}
+
 SHIM_EXPORT ssize_t write(int fd, const void *buf, size_t n)
 {
-    struct fd_entry *e = fdtable_if_diverted(fd);
+    struct fd_entry *e = written_to(fd);
     if (__builtin_expect(!e || shim_in_engine, 1))
         return real_write(fd, buf, n);
     struct write_call w = { .fd = fd, .buf = buf, .n = n, .kind = CALL_WRITE };
     return diverted_write(fd, e, &w);
 }
 
+/* A TCP Fast Open send (sendto or sendmsg with MSG_FASTOPEN and an address: wget2 opens
+ * every connection so) is a connect and a write in one call: the connect is the connect
+ * hook's (diverted, or a cold pool's probe connected for real, whose refusal the app
+ * sees here as it would direct), and the bytes then go as any write on the connection
+ * goes, heard by the engine. A non-blocking probe still connecting answers EINPROGRESS,
+ * as a fast-open connect without a cookie does: nothing was sent, the app sends again
+ * once connected. */
+enum fastopen { FASTOPEN_FAILED, FASTOPEN_DIRECT, FASTOPEN_CONNECTED };
+
+static enum fastopen fastopen_connect(int fd, const struct sockaddr *addr, socklen_t len, struct fd_entry **diverted)
+{
+    bool nonblock = false;
+    switch (hooks_try_divert(fd, addr, len, &nonblock, true)) {
+    case FAILED:
+    case PROBING:
+        return FASTOPEN_FAILED;
+    case NOT_OURS:
+        sockrecord_note_connected(fd);            /* a fast-open send connects */
+        return FASTOPEN_DIRECT;
+    default:
+        *diverted = fdtable_if_diverted(fd);
+        return FASTOPEN_CONNECTED;
+    }
+}
+
 SHIM_EXPORT ssize_t send(int fd, const void *buf, size_t n, int flags)
 {
-    struct fd_entry *e = fdtable_if_diverted(fd);
+    struct fd_entry *e = written_to(fd);
     if (__builtin_expect(!e || shim_in_engine, 1) || (flags & (MSG_OOB | MSG_FASTOPEN)))
         return real_send(fd, buf, n, flags);
     struct write_call w = { .fd = fd, .buf = buf, .n = n, .flags = flags, .kind = CALL_SEND };
@@ -88,9 +143,29 @@ static void note_passed_fds(const struct msghdr *msg)
 
 SHIM_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
 {
-    struct fd_entry *e = fdtable_if_diverted(fd);
+    struct fd_entry *e = written_to(fd);
     if (__builtin_expect(msg && msg->msg_controllen != 0, 0) && !shim_in_engine && fdtable_base)
         note_passed_fds(msg);
+    if (__builtin_expect((flags & MSG_FASTOPEN) && msg && msg->msg_name && !msg->msg_controllen, 0) && !shim_in_engine) {
+        int saved = errno;
+        switch (fastopen_connect(fd, msg->msg_name, msg->msg_namelen, &e)) {
+        case FASTOPEN_FAILED:
+            return -1;
+        case FASTOPEN_DIRECT:
+            errno = saved;
+            return real_sendmsg(fd, msg, flags);
+        default:
+            break;
+        }
+        errno = saved;
+        struct msghdr connected = *msg;
+        connected.msg_name = NULL;
+        connected.msg_namelen = 0;
+        if (!e)
+            return real_sendmsg(fd, &connected, flags & ~MSG_FASTOPEN);
+        struct write_call w = { .fd = fd, .msg = &connected, .flags = flags & ~MSG_FASTOPEN, .kind = CALL_SENDMSG };
+        return diverted_write(fd, e, &w);
+    }
     if (__builtin_expect(!e || shim_in_engine, 1) || !msg || msg->msg_name || msg->msg_controllen
         || (flags & (MSG_OOB | MSG_FASTOPEN)))
         return real_sendmsg(fd, msg, flags);
@@ -100,7 +175,7 @@ SHIM_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
 
 SHIM_EXPORT ssize_t writev(int fd, const struct iovec *iov, int iovcnt)
 {
-    struct fd_entry *e = fdtable_if_diverted(fd);
+    struct fd_entry *e = written_to(fd);
     if (__builtin_expect(!e || shim_in_engine, 1) || iovcnt <= 0)
         return real_writev(fd, iov, iovcnt);
     struct write_call w = { .fd = fd, .iov = iov, .iovcnt = iovcnt, .kind = CALL_WRITEV };
@@ -234,7 +309,7 @@ SHIM_EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const s
 {
     real_bind();
     if (!addr && !(flags & (MSG_OOB | MSG_FASTOPEN)) && !shim_in_engine) {   /* a connected send */
-        struct fd_entry *e = fdtable_if_diverted(fd);
+        struct fd_entry *e = written_to(fd);
         if (e) {
             struct write_call w = { .fd = fd, .buf = buf, .n = n, .flags = flags, .kind = CALL_SEND };
             return diverted_write(fd, e, &w);
@@ -243,16 +318,21 @@ SHIM_EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const s
     if (!(flags & MSG_FASTOPEN) || shim_in_engine)
         return real_sendto(fd, buf, n, flags, addr, len);
     int saved = errno;
-    bool nonblock = false;
-    enum divert_result r = hooks_try_divert(fd, addr, len, &nonblock, false);
-    if (r == FAILED)
+    struct fd_entry *e = NULL;
+    switch (fastopen_connect(fd, addr, len, &e)) {
+    case FASTOPEN_FAILED:
         return -1;
-    errno = saved;
-    if (r == NOT_OURS) {
-        sockrecord_note_connected(fd);            /* a fast-open send connects */
+    case FASTOPEN_DIRECT:
+        errno = saved;
         return real_sendto(fd, buf, n, flags, addr, len);
+    default:
+        break;
     }
-    return real_sendto(fd, buf, n, flags & ~MSG_FASTOPEN, NULL, 0);
+    errno = saved;
+    if (!e)                            /* connected for real, and kept so */
+        return real_send(fd, buf, n, flags & ~MSG_FASTOPEN);
+    struct write_call w = { .fd = fd, .buf = buf, .n = n, .flags = flags & ~MSG_FASTOPEN, .kind = CALL_SEND };
+    return diverted_write(fd, e, &w);
 }
 
 /* ---- name resolution: learn which addresses the app uses for a listed host ---- */

@@ -796,7 +796,14 @@ void upstream_reap(void)
         if (refused)
             upstream_verify_failed(t);
         if (!ok) {
-            shim_debug("fd %d: upstream exchange failed: %s", c->fd, curl_easy_strerror(result));
+            long os_errno = 0;
+            curl_easy_getinfo(t->easy, CURLINFO_OS_ERRNO, &os_errno);
+            /* (the errno libcurl keeps is the last one it saw: only a failed send or receive
+             * is this exchange's own) */
+            c->upstream_reset = (result == CURLE_RECV_ERROR || result == CURLE_SEND_ERROR)
+                                && (os_errno == ECONNRESET || os_errno == EPIPE);
+            shim_debug("fd %d: upstream exchange failed: %s%s", c->fd, curl_easy_strerror(result),
+                       c->upstream_reset ? " (reset)" : "");
             if (c->app_gone)
                 STAT_INC(c->upstream, errors_app);
             else
