@@ -478,12 +478,27 @@ void hooks_probe_settled(int fd, struct fd_entry *e, int err)
     probe_connected(fd, e->upstream, &dest, e->peer_len, &facts, e->probe_held);
 }
 
+/* Whether a bind names nothing: the wildcard address and port 0, which connect would
+ * have chosen the same way (Tcl's `socket` binds every client socket so). */
+static bool binds_nothing(const struct sockaddr *addr, socklen_t len)
+{
+    if (addr && addr->sa_family == AF_INET && len >= sizeof(struct sockaddr_in)) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)(const void *)addr;
+        return in->sin_port == 0 && in->sin_addr.s_addr == htonl(INADDR_ANY);
+    }
+    if (addr && addr->sa_family == AF_INET6 && len >= sizeof(struct sockaddr_in6)) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)(const void *)addr;
+        return in6->sin6_port == 0 && IN6_IS_ADDR_UNSPECIFIED(&in6->sin6_addr);
+    }
+    return false;
+}
+
 /* A socket bound to a source address or port is the app's to connect (sockrecord.c). */
 SHIM_EXPORT int bind(int fd, const struct sockaddr *addr, socklen_t len)
 {
     real_bind();
     int rc = real_bind_socket(fd, addr, len);
-    if (rc == 0 && !shim_in_engine)
+    if (rc == 0 && !shim_in_engine && !binds_nothing(addr, len))
         sockrecord_note_bound(fd);
     return rc;
 }

@@ -72,6 +72,7 @@ struct rconn {
     struct rpool_client *verifying;    /* the sessions waiting for its setup's verdict (a list
                                         * through next_verifying), newest first */
     bool raw;                          /* direct: bytes relayed as they come, after the setup */
+    bool shut_when_sent;               /* direct: the app ended its side: so does this, once sent */
     bool named;                        /* lent under a session's name (CLIENT SETNAME): unnamed when given back */
     unsigned drop_left;                /* direct: replies to the shim's own commands to drop before bytes flow */
     int pin_reason;
@@ -170,6 +171,7 @@ void rpool_ident_put(struct rpool_ident *id)
 }
 
 bool rpool_ident_verified(const struct rpool_ident *id) { return id->verified; }
+bool rpool_ident_connected(const struct rpool_ident *id) { return id->n_shared > 0; }
 
 bool rpool_ident_is_default(const struct rpool_ident *id)
 {
@@ -355,6 +357,9 @@ static void conn_close(struct rconn *c, bool lost)
     c->state = RC_DEAD;
     if (lost) {
         redis_known_forget(c->upstream);   /* (the server may come back as another) */
+        /* and with other passwords: an identity is checked again before it is answered for */
+        for (struct rpool_ident *id = P.idents[c->upstream]; id; id = id->next)
+            id->verified = rpool_ident_is_default(id);
         STAT_INC(c->upstream, redis_server_lost);
         shim_debug("redis upstream %d: a server connection was lost", c->upstream);
     }
@@ -486,6 +491,10 @@ static int send_out(struct rconn *c)
     if (buf_send(&c->out, c->src.fd) != 0) {
         conn_close(c, true);
         return -1;
+    }
+    if (c->shut_when_sent && !buf_len(&c->out)) {
+        c->shut_when_sent = false;
+        real_shutdown(c->src.fd, SHUT_WR);
     }
     if (was_full && c->raw && c->lent && buf_len(&c->out) <= DIRECT_OUT_SOFT)
         c->lent->ops->drained(c->lent);
@@ -824,6 +833,18 @@ int rpool_direct_write(struct rpool_client *cl, const char *p, size_t n)
         return -1;
     schedule_flush(c);
     return 0;
+}
+
+void rpool_direct_eof(struct rpool_client *cl)
+{
+    struct rconn *c = cl->raw ? cl->conn : NULL;
+    if (!c || c->state == RC_DEAD)
+        return;
+    c->shut_when_sent = true;
+    if (!buf_len(&c->out) && c->state == RC_READY) {
+        c->shut_when_sent = false;
+        real_shutdown(c->src.fd, SHUT_WR);
+    }
 }
 
 bool rpool_direct_full(const struct rpool_client *cl)

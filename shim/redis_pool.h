@@ -63,8 +63,11 @@ struct rpool_who {
 struct rpool_ident *rpool_ident_get(int upstream, const struct rpool_who *who);
 struct rpool_ident *rpool_ident_ref(struct rpool_ident *id);
 void rpool_ident_put(struct rpool_ident *id);
-/* A connection has accepted it (or it asks nothing: the default identity). */
+/* A connection has accepted it (or it asks nothing: the default identity), and no server
+ * connection of the upstream was lost since. */
 bool rpool_ident_verified(const struct rpool_ident *id);
+/* It has shared connections open now. */
+bool rpool_ident_connected(const struct rpool_ident *id);
 /* The default user on database 0 in RESP2: what a new connection is before it says
  * anything, taken as good without a check. */
 bool rpool_ident_is_default(const struct rpool_ident *id);
@@ -93,6 +96,8 @@ int rpool_go_direct(struct rpool_client *c, struct rpool_ident *id, const char *
 /* Direct: bytes for the server; -1 when too much waits (stop reading the app). */
 int rpool_direct_write(struct rpool_client *c, const char *p, size_t n);
 bool rpool_direct_full(const struct rpool_client *c);
+/* Direct: the app has ended its side; the server connection's follows once what waits is sent. */
+void rpool_direct_eof(struct rpool_client *c);
 /* The app went away (or its session ends): replies owed to it are read and dropped, a
  * lent connection is cleaned and given back when it can be, else closed. */
 void rpool_client_gone(struct rpool_client *c);

@@ -42,6 +42,7 @@ struct rsession {
     size_t name_len;
     bool has_name;
     bool app_eof, gone, closing, waiting_verdict, throttling;
+    bool eof_passed;                   /* direct: the app's end passed on to its server connection */
     /* the connection's state as of the last command sent (the server's, once it has read
      * them): a transaction open, keys WATCHed */
     bool in_multi, watching;
@@ -57,6 +58,7 @@ struct rsession {
     char learning[REDIS_KNOWN_KEY_MAX];
     size_t learning_len;
     bool probing;                      /* a PING of the shim's own in flight: see default_open */
+    bool checking_password;            /* the shim's AUTH for pending_id in flight: see ask_identity */
     struct rsession *next, *prev;
 };
 
@@ -128,7 +130,18 @@ static void update(struct rsession *s)
         if (s->gone)
             return;
     }
-    bool reading = !s->app_eof && !s->closing
+    if (s->app_eof && s->client.raw && !s->eof_passed) {
+        s->eof_passed = true;          /* the server hears the end, answers what it read, closes */
+        rpool_direct_eof(&s->client);
+        if (s->gone)
+            return;
+    }
+    if (s->app_eof && !s->client.raw && !s->client.inflight && !s->waiting_verdict && !buf_len(&s->out)
+        && !s->has_held && resp_stream_pending(&s->cmds) == 0) {
+        session_close(s);              /* the app is done and owed nothing */
+        return;
+    }
+    bool reading = !s->app_eof && !s->closing && s->client.inflight < INFLIGHT_MAX
                    && (s->client.raw ? !rpool_direct_full(&s->client) : resp_stream_pending(&s->cmds) < RESP_ITEM_MAX);
     loop_watch(&s->src, (reading ? EPOLLIN : 0) | (buf_len(&s->out) ? EPOLLOUT : 0));
 }
@@ -168,9 +181,16 @@ static void learn(struct rsession *s, const char *p, size_t n)
  * said AUTH: its answer is "+" (it does), or the server's refusal (requirepass). */
 #define OPEN_KEY "OPEN"
 
+static void on_verified(struct rpool_client *c, bool ok, const char *err, size_t n);
+
 static void on_reply(struct rpool_client *c, const char *p, size_t n)
 {
     struct rsession *s = of_client(c);
+    if (s->checking_password) {        /* the server's word on the app's password */
+        s->checking_password = false;
+        on_verified(c, n && p[0] == '+', p, n);
+        return;
+    }
     if (s->probing) {                  /* the shim's own PING: heard, not the app's */
         s->probing = false;
         bool refused = n > 8 && !memcmp(p, "-NOAUTH ", 8);
@@ -217,6 +237,11 @@ static void on_lost(struct rpool_client *c)
 {
     struct rsession *s = of_client(c);
     shim_debug("fd %d: redis: the server connection went away: closed, as a reset", s->src.fd);
+    if (s->client.raw && buf_len(&s->out)) {
+        s->closing = true;             /* its own connection ended: what came of it first */
+        update(s);
+        return;
+    }
     session_close(s);                  /* what was owed to it will not come: as a reset direct */
 }
 
@@ -315,17 +340,39 @@ static void take_identity(struct rsession *s, struct rpool_ident *id, bool hello
         answer(s, LITERAL("+OK\r\n"));
 }
 
-/* AUTH, SELECT or HELLO asks for id: taken at once when it is known good, else once the
- * server's verdict on a connection opened for it (or already checking it) comes. */
-static void ask_identity(struct rsession *s, struct rpool_ident *id, bool hello)
+/* An AUTH for id's credentials, as a command (user first when it has one). */
+static size_t put_auth(char *out, size_t room, const struct rpool_ident *id)
 {
-    if (rpool_ident_verified(id)) {
+    struct rpool_who w = rpool_ident_parts(id);
+    int k = w.user_len ? snprintf(out, room, "*3\r\n$4\r\nAUTH\r\n$%zu\r\n%.*s\r\n$%zu\r\n%.*s\r\n", w.user_len,
+                                  (int)w.user_len, w.user, w.pass_len, (int)w.pass_len, w.pass)
+                       : snprintf(out, room, "*2\r\n$4\r\nAUTH\r\n$%zu\r\n%.*s\r\n", w.pass_len, (int)w.pass_len, w.pass);
+    return k > 0 && (size_t)k < room ? (size_t)k : 0;
+}
+
+/* AUTH, SELECT or HELLO asks for id. A password is put to the server every time an app
+ * says one, so that one changed or revoked since is refused as direct: as an AUTH on a
+ * shared connection of id's when there is one (a command, not a connection), else on a
+ * connection opened for it. A database or a protocol alone, once known good, is taken at
+ * once. */
+static void ask_identity(struct rsession *s, struct rpool_ident *id, bool hello, bool says_password)
+{
+    bool known = rpool_ident_verified(id);
+    if (known && !says_password) {
         take_identity(s, id, hello, true);
         return;
     }
     s->pending_id = id;
     s->hello_pending = hello;
-    if (rpool_verify(&s->client, id) != 0) {
+    char auth[320];
+    size_t n = known && rpool_ident_connected(id) ? put_auth(auth, sizeof auth, id) : 0;
+    if (n) {
+        if (room_for_one(s) != 0 || rpool_send(&s->client, id, auth, n) != 0) {
+            session_close(s);
+            return;
+        }
+        s->checking_password = true;
+    } else if (rpool_verify(&s->client, id) != 0) {
         session_close(s);
         return;
     }
@@ -338,6 +385,10 @@ static void change_identity(struct rsession *s, const struct resp_item *it, bool
 {
     struct rpool_who who = rpool_ident_parts(s->id);
     if (auth) {
+        if (resp_argc(it) > 3) {
+            answer_local(s, LITERAL("-ERR syntax error\r\n"));
+            return;
+        }
         if (resp_argc(it) != 2 && resp_argc(it) != 3) {
             too_many_args(s, "auth");
             return;
@@ -355,12 +406,12 @@ static void change_identity(struct rsession *s, const struct resp_item *it, bool
         }
         who.db = resp_arg(it, 1, &who.db_len);
     }
-    struct rpool_ident *id = rpool_ident_get(s->client.upstream, &who);
+    struct rpool_ident *id = auth || who.db_len ? rpool_ident_get(s->client.upstream, &who) : NULL;
     if (!id) {
         answer_local(s, LITERAL("-ERR value is not an integer or out of range\r\n"));
         return;
     }
-    ask_identity(s, id, false);
+    ask_identity(s, id, false, auth);
 }
 
 static bool valid_name(const char *p, size_t n)
@@ -368,7 +419,7 @@ static bool valid_name(const char *p, size_t n)
     for (size_t i = 0; i < n; i++)
         if (p[i] < '!' || p[i] > '~')
             return false;
-    return n < NAME_MAX_LEN;
+    return true;
 }
 
 /* HELLO protover [AUTH user pass] [SETNAME name]: the protocol its commands are answered
@@ -387,15 +438,16 @@ static void hello(struct rsession *s, const struct resp_item *it)
     bool ok = who.proto != 0;
     const char *name = NULL;
     size_t name_len = 0, argc = resp_argc(it);
+    bool says_password = false;
     for (size_t i = 2; ok && i < argc;) {
         if (resp_arg_is(it, i, "AUTH") && i + 2 < argc) {
             who.user = resp_arg(it, i + 1, &who.user_len);
             who.pass = resp_arg(it, i + 2, &who.pass_len);
-            who.has_pass = true;
+            who.has_pass = says_password = true;
             i += 3;
         } else if (resp_arg_is(it, i, "SETNAME") && i + 1 < argc) {
             name = resp_arg(it, i + 1, &name_len);
-            ok = valid_name(name, name_len);
+            ok = valid_name(name, name_len) && name_len < NAME_MAX_LEN;   /* (longer: direct) */
             i += 2;
         } else {
             ok = false;
@@ -410,7 +462,7 @@ static void hello(struct rsession *s, const struct resp_item *it)
     s->hello_name_len = name_len;
     if (name_len)
         memcpy(s->hello_name, name, name_len);
-    ask_identity(s, id, true);
+    ask_identity(s, id, true, says_password);
 }
 
 /* redis_known.c's key for a question: tag, then each part with its length before it (any
@@ -523,6 +575,8 @@ static bool client_name(struct rsession *s, const struct resp_item *it)
             too_many_args(s, "client|setname");
         else if (!valid_name(name, n))
             answer_local(s, LITERAL("-ERR Client names cannot contain spaces, newlines or special characters.\r\n"));
+        else if (n >= NAME_MAX_LEN)
+            return false;              /* longer than the shim keeps: the caller goes direct */
         else {
             memcpy(s->name, name, n);
             s->name_len = n;
@@ -584,6 +638,10 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
             return !wait || s->gone;
         if (client_name(s, it))
             return true;               /* (else a GETNAME with arguments: the server's error) */
+        if (setname) {                 /* a name longer than the shim keeps: the server keeps it */
+            go_direct(s);
+            return true;
+        }
     }
     if (c->lent) {                     /* a transaction, WATCHed keys or a blocking command */
         if (resp_arg_is(it, 0, "AUTH") || resp_arg_is(it, 0, "SELECT") || resp_arg_is(it, 0, "RESET")
@@ -621,6 +679,10 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
     }
     if (resp_arg_is(it, 0, "AUTH") || resp_arg_is(it, 0, "SELECT")) {
         change_identity(s, it, resp_arg_is(it, 0, "AUTH"));
+        return true;
+    }
+    if (resp_arg_is(it, 0, "RESET") && resp_argc(it) != 1) {
+        too_many_args(s, "reset");
         return true;
     }
     if (resp_arg_is(it, 0, "RESET")) {
@@ -661,16 +723,20 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
 static void process(struct rsession *s)
 {
     for (int n = 0; n < 100000; n++) {
-        if (s->gone || s->client.raw || s->waiting_verdict || s->closing)
+        /* (INFLIGHT_MAX owed: the next command waits for replies, and the app's bytes for
+         * room, as a server's socket buffer would make them wait) */
+        if (s->gone || s->client.raw || s->waiting_verdict || s->closing || s->client.inflight >= INFLIGHT_MAX)
             return;
         struct resp_item it = s->held;
         if (!s->has_held) {
             enum resp_next r = resp_stream_next(&s->cmds, &it);
             if (r == RESP_MORE)
                 return;
-            if (r == RESP_TOO_LARGE) {
-                if (s->client.inflight == 0 && !s->client.lent)
-                    go_direct(s);      /* a command larger than the shim frames: as it is */
+            if (r == RESP_TOO_LARGE || r == RESP_INLINE) {
+                /* a command larger than the shim frames, or an inline one: as it is, over
+                 * a connection of its own (the lent one, whose state is the app's) */
+                if (s->client.inflight == 0 || s->client.lent)
+                    go_direct(s);
                 return;                /* (else after the replies owed) */
             }
             if (r != RESP_ITEM) {
@@ -731,11 +797,6 @@ static void on_app(struct loop_source *src, uint32_t ev)
     }
     if (s->gone)
         return;
-    if (s->app_eof && !s->client.inflight && !s->waiting_verdict && !buf_len(&s->out)
-        && (s->client.raw || resp_stream_pending(&s->cmds) == 0)) {
-        session_close(s);              /* the app is done and owed nothing */
-        return;
-    }
     update(s);
 }
 

@@ -7,7 +7,9 @@
  * ended, with no object built (Debian's hiredis 0.14 knows no RESP3 type). Bounded: a
  * command not yet whole may hold RESP_ITEM_MAX bytes, a reply RESP_REPLY_MAX (a value
  * the app stored is as large as Redis allows it; a command larger than the shim frames
- * can still go direct, a reply on a shared connection cannot). */
+ * can still go direct, a reply on a shared connection cannot). Between commands, what
+ * Redis itself ignores (empty lines, empty arrays) is stepped over, and an inline command
+ * is told apart, for the session to send direct. */
 #include "resp.h"
 #include <hiredis/hiredis.h>
 #include <string.h>
@@ -213,6 +215,43 @@ static enum resp_next frame_reply(struct resp_stream *s, struct resp_item *it)
     return more_or_large(s);
 }
 
+/* Between commands, what Redis reads and ignores: an empty line (`\r\n`, `\n`) and an
+ * array of no elements (`*0`, `*-1`). Stepped over (and counted into the next command's
+ * bytes, which the server ignores in turn when they are forwarded). RESP_ITEM: nothing
+ * (more) to step over; RESP_MORE: not known yet; RESP_INLINE: an inline command is next. */
+static enum resp_next skip_ignored(struct resp_stream *s)
+{
+    for (;;) {
+        const char *p = s->reader->buf + s->reader->pos;
+        size_t n = unparsed(s), skip = 0;
+        if (n == 0)
+            return RESP_MORE;
+        if (p[0] == '\n')
+            skip = 1;
+        else if (p[0] == '\r')
+            skip = n < 2 ? 0 : p[1] == '\n' ? 2 : (size_t)-1;
+        else if (p[0] == '*') {
+            const char *cr = memchr(p, '\r', n < 24 ? n : 24);
+            long long v;
+            if (!cr)
+                return n < 24 ? RESP_MORE : RESP_ITEM;
+            if ((size_t)(cr - p) + 1 >= n)
+                return RESP_MORE;
+            if (cr[1] != '\n' || !header_number(p + 1, (size_t)(cr - p) - 1, -1000000000LL, 0, &v))
+                return RESP_ITEM;      /* a command (or what the reader will refuse) */
+            skip = (size_t)(cr - p) + 2;
+        } else {
+            return RESP_INLINE;
+        }
+        if (skip == 0)
+            return RESP_MORE;
+        if (skip == (size_t)-1)
+            return RESP_INLINE;        /* a line that starts with a bare CR: inline text */
+        s->reader->pos += skip;
+        s->taken += skip;
+    }
+}
+
 enum resp_next resp_stream_next(struct resp_stream *s, struct resp_item *it)
 {
     *it = (struct resp_item){ 0 };
@@ -220,6 +259,11 @@ enum resp_next resp_stream_next(struct resp_stream *s, struct resp_item *it)
         return frame_reply(s, it);
     if (unparsed(s) == 0)
         return RESP_MORE;
+    if (s->reader->ridx == -1) {       /* (between items: the reader is inside none) */
+        enum resp_next at = skip_ignored(s);
+        if (at != RESP_ITEM)
+            return at == RESP_MORE && resp_stream_pending(s) >= s->max ? RESP_TOO_LARGE : at;
+    }
     /* the reader keeps what it has parsed of an item across calls: its bytes are counted
      * from where the last whole item ended */
     size_t before = unparsed(s);

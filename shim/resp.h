@@ -37,6 +37,7 @@ enum resp_next {
     RESP_ITEM,                         /* one item: its raw_len bytes at the front of raw */
     RESP_BAD,                          /* not RESP (or a command that is not an array of strings) */
     RESP_TOO_LARGE,                    /* an item of the stream's max or more, not yet whole */
+    RESP_INLINE,                       /* commands: an inline command (not an array) comes next */
 };
 
 struct resp_item {

@@ -1492,3 +1492,34 @@ def test_wget2_fetches_through_the_shim(upstream, rules):
         st = upstream.stats()
     assert outs[True] == outs[False] and len(outs[True]) == 100 + 100 + 700
     assert st["requests"] == 2, st
+
+
+def test_a_bind_to_the_wildcard_and_port_0_is_diverted(upstream, rules, tmp_path):
+    """bind(0.0.0.0:0) before connect names neither an address nor a port: the connect
+    chooses both as it would without it (Tcl's `socket` binds every client socket so).
+    Such sockets are diverted, pooled and cached like unbound ones; before, they connected
+    direct and Tcl's http package was never shimmed."""
+    code = ("import socket, sys\n"
+            "for i in range(3):\n"
+            "    s = socket.socket(); s.bind(('0.0.0.0', 0)); s.connect(('127.0.0.1', int(sys.argv[1])))\n"
+            "    s.sendall(b'GET /bytes/100?n=%d HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n' % i)\n"
+            "    d = b''\n"
+            "    while True:\n"
+            "        c = s.recv(65536)\n"
+            "        if not c: break\n"
+            "        d += c\n"
+            "    print(len(d.partition(b'\\r\\n\\r\\n')[2]))\n")
+    conf = cached_rules(rules, upstream)
+    r = run([SYS_PY, "-c", code, upstream.port], conf=conf, timeout=60)
+    assert r.rc == 0 and r.out.split() == [b"100"] * 3, r.describe()
+    st = upstream.stats()
+    assert st["requests"] == 1 and st["connections"] == 1, st
+    if shutil.which("tclsh"):
+        script = tmp_path / "get.tcl"
+        script.write_text("package require http\nfor {set i 0} {$i < 3} {incr i} {\n"
+                          "  set t [http::geturl http://127.0.0.1:%d/bytes/100?n=$i]\n"
+                          "  puts [string length [http::data $t]]; http::cleanup $t\n}\n" % upstream.port)
+        upstream.reset()
+        r = run(["tclsh", script], conf=conf, timeout=60)
+        assert r.rc == 0 and r.out.split() == [b"100"] * 3, r.describe()
+        assert upstream.stats()["requests"] == 1, upstream.stats()

@@ -3,6 +3,7 @@ commands of an app that opens a connection per call over a few server connection
 every piece of connection state kept exact. Every test starts its own redis-server; the
 clients are raw RESP (tests/pyclients/redisscenarios.py, one process per scenario, so one
 pool), redis-py and redis-cli; the server's own counters say what reached it."""
+import json
 import os
 import re
 import shutil
@@ -689,3 +690,113 @@ def test_check_names_the_redis_settings(tmp_path):
         bad.write_text("[upstream 127.0.0.1:6379]\n" + body)
         r = run([HTTPSHIM, "check", bad], shim=False)
         assert r.rc != 0 and want in r.out + r.err, (body, r.describe())
+
+
+# ---- what the raw client sends (tests/pyclients/redisraw.py): framing Redis accepts,
+# connections that end, commands larger than the shim frames, each compared with direct ----
+
+def cmd_text(*args):
+    """One command in RESP, as text (latin-1)."""
+    return "*%d\r\n" % len(args) + "".join("$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+def raw_as_direct(redis, tmp_path, sockdir, cases):
+    """The cases run direct and under the shim (the database flushed before each run): the
+    same bytes back, and the same end. Returns what came back."""
+    outs = []
+    for conf in (None, conf_for(tmp_path, redis, sockdir)):
+        redis.cmd("FLUSHALL")
+        r = run([SYS_PY, pyclient("redisraw.py"), "--port", redis.port], shim=conf is not None, conf=conf,
+                input=json.dumps(cases).encode(), timeout=120)
+        assert r.rc == 0 and not r.timed_out, r.describe()
+        outs.append(jlines(r.out))
+    assert outs[1] == outs[0], [(c["send"][0][:60], d, s) for c, d, s in zip(cases, outs[0], outs[1]) if d != s]
+    return outs[0]
+
+
+def test_an_app_that_shuts_its_side_gets_its_replies_and_the_end(redis, tmp_path, sockdir):
+    """Commands, then shutdown(SHUT_WR), as `nc -q` or a Ruby `close_write` do: every reply,
+    then the end of the connection, whatever state it left (a database, a transaction, a
+    name, a subscription that took it direct). Before, the replies came and the end never
+    did: the app waited forever."""
+    c = cmd_text
+    cases = [{"send": [c("SET", "hc", "1") + c("INCR", "hc") + c("GET", "hc")], "shut": True},
+             {"send": [c("SELECT", "3") + c("SET", "hc3", "x") + c("GET", "hc3")], "shut": True},
+             {"send": [c("MULTI") + c("INCR", "hc") + c("EXEC")], "shut": True},
+             {"send": [c("CLIENT", "SETNAME", "hcn") + c("CLIENT", "GETNAME")], "shut": True},
+             {"send": [c("SUBSCRIBE", "hcch")], "shut": True},
+             {"send": ["PING\r\nECHO hi\r\n"], "shut": True}]
+    got = raw_as_direct(redis, tmp_path, sockdir, cases)
+    assert all(g["eof"] for g in got) and got[0]["got"] == "+OK\r\n:2\r\n$1\r\n2\r\n", got
+
+
+def test_framing_redis_accepts_is_answered_as_direct(redis, tmp_path, sockdir):
+    """What Redis reads between commands and ignores (an empty line, `*0`, `*-1`) and an
+    inline command after RESP ones (redis-cli --pipe of a file with a blank line at the
+    end, or with an inline line in it): answered as direct. Before, each closed the app's
+    connection, and replies owed were lost."""
+    c = cmd_text
+    cases = [{"send": [c("PING") + "\r\n" + c("ECHO", "a")]},
+             {"send": [c("PING") + "\n\r\n" + c("ECHO", "b")]},
+             {"send": ["*0\r\n" + c("PING")]},
+             {"send": ["*-1\r\n" + c("ECHO", "c")]},
+             {"send": [c("SELECT", "2") + "DBSIZE\r\n"], "expect": 9},
+             {"send": [c("SET", "k", "v") + "GET k\r\n" + c("ECHO", "d")], "expect": 19}]
+    got = raw_as_direct(redis, tmp_path, sockdir, cases)
+    assert got[0]["got"] == "+PONG\r\n$1\r\na\r\n" and got[4]["got"] == "+OK\r\n:0\r\n", got
+
+
+def test_a_command_larger_than_the_shim_frames_inside_a_transaction(redis, tmp_path, sockdir):
+    """A 1.1 MB SET inside MULTI, and after WATCH (the shim frames commands up to 1 MiB): it
+    goes on the connection lent to the transaction, as it is, and every reply comes as
+    direct. Before, nothing came back, ever (redis-rb raised a timeout)."""
+    big = "x" * (1100 * 1024)
+    c = cmd_text
+    cases = [{"send": [c("MULTI"), c("SET", "bigk", big), c("EXEC"), c("STRLEN", "bigk")], "expect": 33},
+             {"send": [c("WATCH", "w"), c("SET", "bigw", big), c("GET", "w")], "expect": 15}]
+    got = raw_as_direct(redis, tmp_path, sockdir, cases)
+    assert got[0]["got"] == "+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n:1126400\r\n", got
+
+
+def test_connection_commands_with_odd_arguments_answer_as_direct(redis, tmp_path, sockdir):
+    """What the shim answers itself, with arguments the server would refuse or take: RESET
+    with an argument (an arity error: the database stays), SELECT of an empty string, AUTH
+    with three arguments (a syntax error), and a connection name of 600 bytes (the server
+    keeps any length; the shim's own room is 512: that connection goes direct)."""
+    c = cmd_text
+    name = "n" * 600
+    cases = [{"send": [c("SELECT", "1") + c("SET", "d5", "1") + c("RESET", "x") + c("GET", "d5")], "expect": 20},
+             {"send": [c("SELECT", "") + c("PING")], "expect": 10},
+             {"send": [c("AUTH", "a", "b", "c") + c("PING")], "expect": 10},
+             {"send": [c("CLIENT", "SETNAME", name) + c("CLIENT", "GETNAME")], "expect": 600}]
+    got = raw_as_direct(redis, tmp_path, sockdir, cases)
+    assert got[0]["got"].endswith("$1\r\n1\r\n") and got[3]["got"].startswith("+OK\r\n$600\r\n"), got
+
+
+def test_a_password_changed_on_the_server_is_refused_as_direct(redis, tmp_path, sockdir):
+    """dave authenticates (the shim now has connections as dave), then his password is
+    reset on the server: a new connection of the same process that says the old password
+    gets WRONGPASS, as direct, and the new one works. Before, the shim answered +OK from
+    what it had verified before, and the app ran as dave with a revoked password."""
+    redis.cmd("ACL", "SETUSER", "dave", "on", ">old", "~*", "+@all")
+    got = replies_as_direct(
+        redis, tmp_path, sockdir, "A = conn(port); Z = conn(port)",
+        "[as_text(on(A, 'AUTH', 'dave', 'old')), as_text(on(A, 'SET', 'dk', 'v')),"
+        " as_text(on(Z, 'ACL', 'SETUSER', 'dave', 'resetpass', '>new')),"
+        " as_text(on(conn(port), 'AUTH', 'dave', 'old')),"
+        " as_text(on(conn(port), 'HELLO', '2', 'AUTH', 'dave', 'old'))[:14],"
+        " as_text(on(conn(port), 'AUTH', 'dave', 'new')),"
+        " as_text(on(Z, 'ACL', 'SETUSER', 'dave', 'resetpass', '>old'))]")
+    assert got[3].startswith("ERR:WRONGPASS") and got[5] == "OK", got
+
+
+def test_more_commands_in_flight_than_the_shim_holds_wait_instead_of_failing(redis, tmp_path, sockdir):
+    """redis-cli --pipe of 20 000 SETs (more than the 8192 replies a session may owe): the
+    session stops reading until replies drain, as a server's socket buffer would make the
+    app wait; every command runs. Before, the connection was closed after 8192."""
+    data = "".join(cmd_text("SET", "p%d" % i, "v") for i in range(20000)).encode()
+    for conf in (None, conf_for(tmp_path, redis, sockdir)):
+        redis.cmd("FLUSHALL")
+        r = run(["redis-cli", "-p", redis.port, "--pipe"], shim=conf is not None, conf=conf, input=data, timeout=60)
+        assert r.rc == 0 and b"errors: 0, replies: 20000" in r.out, r.describe()
+        assert redis.cmd("DBSIZE") == 20000

@@ -6,9 +6,10 @@
  * another, taking every item as soon as it is whole.
  * Invariants (a violation aborts):
  *  - split points never matter: both streams give the same items (raw bytes and arguments)
- *    and end the same way (more wanted, not RESP, too large);
- *  - every item's raw bytes are a prefix of what was not yet taken, start with '*', and
- *    are an array of argc >= 1 bulk strings whose lengths add up within them;
+ *    and end the same way (more wanted, not RESP, too large, an inline command next);
+ *  - every item's raw bytes are a prefix of what was not yet taken, start with '*' (or
+ *    with what Redis ignores before a command, stepped over: an empty line, an empty
+ *    array), and are an array of argc >= 1 bulk strings whose lengths add up within them;
  *  - an item's raw bytes, framed alone, give exactly that item and nothing more;
  *  - the bytes taken never exceed the input. */
 #include "fuzz_resp.h"
@@ -17,7 +18,7 @@
 
 static void check_item(const char *raw, size_t n, const struct resp_item *it)
 {
-    FUZZ_CHECK(n >= 4 && raw[0] == '*');
+    FUZZ_CHECK(n >= 4 && (raw[0] == '*' || raw[0] == '\r' || raw[0] == '\n'));
     FUZZ_CHECK(resp_argc(it) >= 1);
     size_t sum = 0;
     for (size_t i = 0; i < resp_argc(it); i++) {
