@@ -519,8 +519,10 @@ def test_a_handshake_said_at_every_connect_costs_the_server_nothing_once_known(r
     """What ioredis says at each connect (HELLO 3 AUTH, SELECT, two CLIENT SETINFO, which
     Redis 7.0 does not know), pipelined, then a GET, 30 times on a connection each: the
     replies are direct's (but HELLO's `id`, which names a server connection), and once the
-    shim has heard the server answer them, only the GETs reach it: the HELLO reply and the
-    unknown-subcommand errors are the server's own words, kept per upstream."""
+    shim has heard the server answer them, only the GETs and each connect's password (an
+    AUTH over a shared connection: a password is the server's to accept every time) reach
+    it: the HELLO reply and the unknown-subcommand errors are the server's own words, kept
+    per upstream."""
     srv = redis_servers(password="pw")
     code = [SYS_PY, "-c", HANDSHAKES, srv.port, os.path.dirname(SCENARIOS)]
     direct = run(code, shim=False, timeout=60)
@@ -536,7 +538,9 @@ def test_a_handshake_said_at_every_connect_costs_the_server_nothing_once_known(r
     hellos = count(after, r"^cmdstat_hello:calls=(\d+)") - count(before, r"^cmdstat_hello:calls=(\d+)")
     errors = count(after, r"^errorstat_ERR:count=(\d+)") - count(before, r"^errorstat_ERR:count=(\d+)")
     gets = count(after, r"^cmdstat_get:calls=(\d+)") - count(before, r"^cmdstat_get:calls=(\d+)")
+    auths = count(after, r"^cmdstat_auth:calls=(\d+)") - count(before, r"^cmdstat_auth:calls=(\d+)")
     assert gets == 30, after
+    assert 30 <= auths <= 33, "the password reached the server %d times for 30 connects" % auths
     assert hellos <= 3, "HELLO reached the server %d times for 30 connects" % hellos
     assert errors <= 6, "the unknown CLIENT subcommands reached the server %d times for 30 connects" % errors
 
