@@ -160,7 +160,7 @@ ASAN_BUILD = build-asan
 test-asan:
 	$(MAKE) BUILD=$(ASAN_BUILD) SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" test-bins
 	rm -f $(ASAN_BUILD)/asan.* $(ASAN_BUILD)/ubsan.*
-	HTTPSHIM_TEST_BUILD=$(ASAN_BUILD) HTTPSHIM_TEST_SKIP_CLIENTS="curl wget strace redis-cli java" \
+	HTTPSHIM_TEST_BUILD=$(ASAN_BUILD) HTTPSHIM_TEST_SKIP_CLIENTS="curl wget wget2 strace redis-cli java" \
 	HTTPSHIM_TEST_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=66:log_path=$(CURDIR)/$(ASAN_BUILD)/asan \
 	LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0 \

@@ -32,9 +32,16 @@ static int keep_verdict(int preverify_ok, X509_STORE_CTX *x)
     return preverify_ok;
 }
 
+static SSL_CTX *the_ctx;               /* freed on every way out: a sanitized run reports no leak */
+static SSL *the_ssl;
+
 static int fail(const char *what)
 {
     printf("error %s\n", what);
+    if (the_ssl)
+        SSL_free(the_ssl);
+    if (the_ctx)
+        SSL_CTX_free(the_ctx);
     return 1;
 }
 
@@ -50,10 +57,12 @@ int main(int argc, char **argv)
         return fail("usage: tlsstoreclient [--set1|--callback|--late|--depth0] HOST PORT CAFILE PATH");
     const char *host = argv[1 + set1], *cafile = argv[3 + set1], *path = argv[4 + set1];
     int port = atoi(argv[2 + set1]);
-    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    SSL_CTX *ctx = the_ctx = SSL_CTX_new(TLS_client_method());
     X509_STORE *store = X509_STORE_new();
-    if (!ctx || !store || X509_STORE_load_file(store, cafile) != 1)
+    if (!ctx || !store || X509_STORE_load_file(store, cafile) != 1) {
+        X509_STORE_free(store);
         return fail("store");
+    }
     if (late) {
         X509_STORE_free(store);        /* the context's own store, filled after the ClientHello */
     } else if (callback || depth0) {
@@ -74,7 +83,7 @@ int main(int argc, char **argv)
     inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
     if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a) != 0)
         return fail("connect");
-    SSL *ssl = SSL_new(ctx);
+    SSL *ssl = the_ssl = SSL_new(ctx);
     SSL_set_fd(ssl, fd);
     SSL_set_tlsext_host_name(ssl, host);
     SSL_set1_host(ssl, host);
