@@ -41,7 +41,7 @@ struct tls_front {
     struct buf to_app;                  /* ciphertext for the app */
     struct buf to_plain;                /* plaintext for the engine's connection */
     struct buf from_plain;              /* plaintext the engine wrote, not yet encrypted */
-    bool handshaken, dead, app_eof, app_gone, plain_eof, plain_shut, app_shut;
+    bool handshaken, dead, app_eof, app_gone, plain_eof, plain_shut, app_shut, alert_owed;
     struct tls_front *next, *prev;
 };
 
@@ -158,7 +158,8 @@ static void decrypt_cipher(struct tls_front *f)
             int e = SSL_get_error(f->ssl, rc);
             if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE) {
                 shim_debug("fd %d: TLS handshake with the app failed", f->app.fd);
-                f->app_gone = true;    /* the app rejected us, or spoke nonsense */
+                f->app_gone = true;    /* the app rejected us, or spoke nonsense: */
+                f->alert_owed = true;  /* what OpenSSL says of it goes to the app before the end */
             }
             return;
         }
@@ -207,8 +208,9 @@ static void pump(struct tls_front *f)
 {
     decrypt_cipher(f);
     encrypt_plain(f);
-    if (!f->app_gone && buf_send(&f->to_app, f->app.fd) != 0)
+    if ((!f->app_gone || f->alert_owed) && buf_send(&f->to_app, f->app.fd) != 0)
         f->app_gone = true;
+    f->alert_owed = false;
     if (buf_send(&f->to_plain, f->plain.fd) != 0)
         f->plain_eof = true;           /* the engine's connection is gone */
     if (f->app_eof && !buf_len(&f->to_plain) && !f->plain_shut) {
@@ -512,9 +514,12 @@ bool tls_front_can_answer(const struct tls_offer *o)
         group |= listed(o->groups, o->n_groups, groups[i]);
     for (size_t i = 0; i < sizeof ecdhe_ecdsa / sizeof ecdhe_ecdsa[0]; i++)
         suite |= listed(o->ciphers, o->n_ciphers, ecdhe_ecdsa[i]);
+    bool suite13 = false;              /* the front's TLS 1.3 suites: OpenSSL's defaults (no CCM) */
+    for (uint16_t c = 0x1301; c <= 0x1303; c++)
+        suite13 |= listed(o->ciphers, o->n_ciphers, c);
     /* the leaf is ECDSA P-256 with SHA-256 */
     bool signs = listed(o->sigalgs, o->n_sigalgs, 0x0403);
-    return group && signs && (tls13 || (tls12 && suite));
+    return group && signs && ((tls13 && suite13) || (tls12 && suite));
 }
 
 struct tls_terms *tls_front_terms_new(struct tls_app_view *view, const struct tls_offer *offer)

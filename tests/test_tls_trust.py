@@ -338,3 +338,20 @@ def test_a_chain_longer_than_the_apps_depth_is_tunnelled(cas, tmp_path, tmp_path
                 assert "TLS from the app for localhost terminated" in s.err.decode(), s.err[-3000:]
     finally:
         up.stop()
+
+
+def test_an_app_that_offers_only_what_the_front_lacks_is_tunnelled(cas, tmp_path, tmp_path_factory, sockdir):
+    """curl offering only TLS 1.3's CCM suite, which neither the shim's front nor this
+    upstream speaks: tunnelled (the shim's front would have failed the handshake with an
+    error of its own), so curl meets the upstream's own refusal, as direct."""
+    up = Upstream(tmp_path_factory.mktemp("ccm"), tls=cas["app"].leaf(["127.0.0.1"], stem="ccm"))
+    try:
+        conf = conf_for(tmp_path, sockdir, [up.port], cas["app"].pem)
+        argv = ["curl", "-sS", "-o", "/dev/null", "--cacert", cas["app"].pem, "--tlsv1.3", "--tls13-ciphers",
+                "TLS_AES_128_CCM_SHA256", up.url("/custom/ccm?n=10")]
+        d, s = run(argv, shim=False), run(argv, conf=conf, env={"HTTPSHIM_DEBUG": "1"})
+        assert d.rc == s.rc == 35, (d.describe(), s.describe())
+        assert "an offer the shim's leaf cannot answer" in s.err.decode(), s.describe()
+        assert up.stats()["requests"] == 0
+    finally:
+        up.stop()
