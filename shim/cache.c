@@ -43,10 +43,34 @@ static bool target_path(struct http_slice target, struct http_slice *path, struc
     return true;
 }
 
+/* Whether the path names what it says: no dot-segment (`/../`, `/./`), no encoded dot, slash
+ * or backslash, no backslash. An upstream resolves those (nginx serves `/public/../api/me`
+ * as `/api/me`), so such a path may reach what no cache rule names, while the rules' globs
+ * and the key read it as it is written. */
+static bool path_is_plain(struct http_slice path)
+{
+    for (size_t i = 0; i < path.n; i++) {
+        char c = path.p[i];
+        if (c == '\\')
+            return false;
+        if (c == '%' && i + 2 < path.n) {
+            char a = path.p[i + 1], b = (char)(path.p[i + 2] | 0x20);
+            if ((a == '2' && (b == 'e' || b == 'f')) || (a == '5' && b == 'c'))
+                return false;
+        }
+        if (c == '.' && (i == 0 || path.p[i - 1] == '/')) {
+            size_t dots = i + 1 < path.n && path.p[i + 1] == '.' ? 2 : 1;
+            if (i + dots == path.n || path.p[i + dots] == '/')
+                return false;
+        }
+    }
+    return true;
+}
+
 const struct cache_rule *cache_rule_for(const struct upstream_rule *u, const struct http_request *req)
 {
     struct http_slice path, query;
-    if (!u->n_cache_rules || !target_path(req->target, &path, &query) || path.n >= 4096)
+    if (!u->n_cache_rules || !target_path(req->target, &path, &query) || path.n >= 4096 || !path_is_plain(path))
         return NULL;
     char p[4096];
     memcpy(p, path.p, path.n);
@@ -150,6 +174,16 @@ static void put_header_hash(struct keybuf *k, const struct http_request *req, co
     put_sha256_line(k, name, digest);
 }
 
+/* Two authorities are one: equal but for ASCII case and http's default port. */
+static bool same_authority(struct http_slice x, struct http_slice y)
+{
+    if (x.n > 3 && !memcmp(x.p + x.n - 3, ":80", 3))
+        x.n -= 3;
+    if (y.n > 3 && !memcmp(y.p + y.n - 3, ":80", 3))
+        y.n -= 3;
+    return x.n == y.n && !strncasecmp(x.p, y.p, x.n);
+}
+
 /* The authority the request names, lower-cased and without the scheme's default port:
  * an absolute-form target's, else the Host header's. False when it is ambiguous (two
  * Host lines) or too long, so the request is not cached. */
@@ -159,13 +193,19 @@ static bool put_authority(struct keybuf *k, const struct http_request *req)
     const char *t = req->target.p, *end = t + req->target.n;
     const char *scheme = req->target.n && *t != '/' ? memmem(t, req->target.n, "://", 3) : NULL;
     if (scheme) {
+        /* an absolute-form target is cached only when it says what the connection is (http),
+         * carries no credentials of its own (userinfo), and names the host the Host header
+         * names: the upstream answers by the Host it is sent, so an entry keyed by another
+         * authority could be served to requests for that one */
+        if ((size_t)(scheme - t) != 4 || strncasecmp(t, "http", 4))
+            return false;
         const char *from = scheme + 3, *slash = memchr(from, '/', (size_t)(end - from));
         a = (struct http_slice){ from, (size_t)((slash ? slash : end) - from) };
-        const char *at = memrchr(a.p, '@', a.n);
-        if (at) {                      /* userinfo names no host, and must never reach a key */
-            a.n -= (size_t)(at + 1 - a.p);
-            a.p = at + 1;
-        }
+        if (memchr(a.p, '@', a.n))
+            return false;
+        const struct http_header *h = find_header(req, "host", 4, 0);
+        if (h && (find_header(req, "host", 4, (size_t)(h - req->headers) + 1) || !same_authority(h->value, a)))
+            return false;
     } else {
         const struct http_header *h = find_header(req, "host", 4, 0);
         if (h && find_header(req, "host", 4, (size_t)(h - req->headers) + 1))
@@ -392,7 +432,8 @@ void cache_policy_header(struct response_policy *p, struct http_slice name, stru
     } else if (http_slice_ieq(name, "expires")) {
         p->expires_ms = http_date_ms(value);
     } else if (http_slice_ieq(name, "date")) {
-        p->date_ms = http_date_ms(value);
+        int64_t date = http_date_ms(value);
+        p->date_ms = date > 0 ? date : -1;   /* an invalid Date: the time it arrived (RFC 9110 6.6.1) */
     } else if (http_slice_ieq(name, "age")) {
         int64_t age = seconds_value(value.p, value.n);   /* (unparseable: 0, as absent) */
         if (age > p->age_s)

@@ -63,6 +63,7 @@ struct rconn {
     socklen_t dest_len;
     enum rconn_state state;
     bool flush_pending, throttled, shared, lent_counted;
+    bool free_at_flush;                /* closed while a flush was pending: that flush frees it */
     struct buf out;
     struct resp_stream replies;
     unsigned setup_left;               /* replies to its setup commands still to come */
@@ -401,7 +402,12 @@ static void conn_close(struct rconn *c, bool lost)
     buf_free(&c->out);
     ring_free(&c->fifo);
     rpool_ident_put(c->id);
-    loop_defer(&c->reclaim, reclaim);
+    /* the deferred list runs newest first: a flush still pending from this turn runs after
+     * a reclaim deferred now, in freed memory; it frees the connection itself instead */
+    if (c->flush_pending)
+        c->free_at_flush = true;
+    else
+        loop_defer(&c->reclaim, reclaim);
 }
 
 static void on_connect_timeout(struct loop_timer *t);
@@ -505,6 +511,10 @@ static void flush_now(struct loop_deferred *d)
 {
     struct rconn *c = (struct rconn *)(void *)((char *)d - offsetof(struct rconn, flush_later));
     c->flush_pending = false;
+    if (c->free_at_flush) {            /* closed since it was scheduled (conn_close) */
+        free(c);
+        return;
+    }
     if (c->state != RC_READY || !buf_len(&c->out))
         return;
     STAT_INC(c->upstream, redis_batches);

@@ -65,6 +65,9 @@ struct transfer {
      * reference); refused when the upstream presented anything else */
     struct tls_pin *pin;
     bool pin_refused;
+    bool once_only;                 /* a method that is not idempotent: never sent twice */
+    unsigned sends;                 /* how many times libcurl was about to send the request */
+    int64_t body_relayed;           /* BODY_RAW with a Content-Length: body bytes relayed */
     char own_tls_host[256];         /* own.tls_host, kept here: the app's may go first */
     char check_name[256];
     char check_where[INET6_ADDRSTRLEN + 8];
@@ -164,6 +167,15 @@ static int on_prereq(void *clientp, char *conn_primary_ip, char *conn_local_ip, 
     (void)conn_local_port;
     if (t->pin && !pin_holds(t)) {
         t->pin_refused = true;
+        return CURL_PREREQFUNC_ABORT;
+    }
+    /* libcurl sends a request again on a new connection when a reused one ends before any
+     * byte of the answer: the upstream may have acted on the first (a POST that charged a
+     * card, then dropped the connection). Direct, the app's own connection would have seen
+     * that end, and nothing sent twice: so does a method that is not idempotent here */
+    if (t->sends++ > 0 && t->once_only) {
+        shim_debug("fd %d: a %s is not sent a second time: the connection it went on ended unanswered", t->app->fd,
+                   "request that is not idempotent");
         return CURL_PREREQFUNC_ABORT;
     }
     if (!t->connected) {
@@ -337,8 +349,22 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
     if (p[0] == ' ' || p[0] == '\t')
         return unfold(t, p, l) == 0 ? len : 0;
     struct http_slice name, value;
-    if (!http_split_header_line(p, l, &name, &value))
+    if (!http_split_header_line(p, l, &name, &value)) {
+        /* no colon, or a name that is not a token: not a field libcurl frames by either;
+         * dropped, as a lenient client ignores it, and the response never stored */
+        if (!t->folded && t->sink && t->status / 100 != 1)
+            t->sink->ops->unstorable(t->sink, SINK_FOLDED);
+        t->folded = true;
+        t->last_line = LAST_DROPPED;
+        return len;
+    }
+    bool spaced = name.p[name.n] != ':';
+    if (spaced && (http_slice_ieq(name, "content-length") || http_slice_ieq(name, "transfer-encoding"))) {
+        /* "Content-Length : 3": libcurl does not frame by it, and a client may or may not;
+         * where the body ends would be a guess (RFC 9112 5.1 forbids the white space) */
+        shim_debug("fd %d: upstream framing header with white space before its colon: exchange failed", c->fd);
         return 0;
+    }
     t->last_line = LAST_FRAMING;
     if (http_framing_header(&t->framing, name, value))
         return len;                    /* re-emitted once framing is decided */
@@ -346,7 +372,7 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
     if (http_is_hop_by_hop(name))
         return len;
     struct http_slice line = { p, l };
-    if (name.p[name.n] != ':') {       /* "Name : value": relayed without the white space */
+    if (spaced) {                      /* "Name : value": relayed without the white space */
         int k = snprintf(scratch, sizeof scratch, "%.*s: %.*s", (int)name.n, name.p, (int)value.n, value.p);
         if (k < 0 || (size_t)k >= sizeof scratch)
             return 0;
@@ -383,6 +409,16 @@ static size_t on_body(char *p, size_t size, size_t n, void *userdata)
     size_t len = size * n;
     if (!t->head_done)
         return 0;
+    if (t->content_length >= 0 && !t->upstream_chunked && !t->absorbed) {
+        if ((int64_t)len > t->content_length - t->body_relayed) {
+            /* more than the head promised: bytes the app would read as its next response,
+             * and the cache as nothing; libcurl hands them on only if it framed the body
+             * otherwise than the shim read the head */
+            shim_debug("fd %d: the upstream sent more body than its Content-Length: exchange failed", c->fd);
+            return 0;
+        }
+        t->body_relayed += (int64_t)len;
+    }
     if (c->app_gone || t->detached) {  /* only the cache (and the flight's waiters) want it */
         if (!sink_wants(t))
             return 0;
@@ -394,6 +430,8 @@ static size_t on_body(char *p, size_t size, size_t n, void *userdata)
     size_t need = len + (t->mode == BODY_CHUNKED ? 32 : 0) + (t->head_sent ? 0 : buf_len(&t->head));
     if (buf_len(&c->out) && buf_len(&c->out) + need > OUT_SOFT) {
         t->paused = true;
+        if (t->content_length >= 0 && !t->upstream_chunked)
+            t->body_relayed -= (int64_t)len;   /* libcurl hands the same bytes again */
         return CURL_WRITEFUNC_PAUSE;
     }
     if (buf_make_room(&c->out, need) < need || send_head(t) != 0)
@@ -481,6 +519,8 @@ static int build(struct transfer *t, const struct http_request *req, const char 
     }
     if (upreq_build(e, cfg, u, &where, req, etag, last_modified, &t->headers, &t->connect_to) != 0)
         return -1;
+    t->once_only = !http_method_is(req, "GET") && !http_method_is(req, "HEAD") && !http_method_is(req, "OPTIONS")
+                   && !http_method_is(req, "TRACE") && !http_method_is(req, "PUT") && !http_method_is(req, "DELETE");
     if (!http_method_is(req, "HEAD") && !(http_method_is(req, "GET") && req->content_length < 0)) {
         if (body_len == (size_t)-1) {
             curl_easy_setopt(e, CURLOPT_POST, 1L);

@@ -388,11 +388,96 @@ def test_authority_joins_the_key(upstream, tmp_path):
     p = play(tmp_path, conf, [get(upstream, t, host="api.example"),          # a
                               get(upstream, t, host="www.example"),          # b
                               get(upstream, t, host="API.Example:80"),       # a
-                              get(upstream, "http://www.example" + t),       # b (absolute-form)
-                              get(upstream, "http://other.example" + t,
-                                  host="api.example"),                       # c: the target's authority
-                              get(upstream, t, host="api.example:8080")])    # d
-    assert_sources(p, upstream, "ababcd")
+                              get(upstream, "http://www.example" + t,
+                                  host="www.example"),                       # b (absolute-form)
+                              get(upstream, t, host="api.example:8080")])    # c
+    assert_sources(p, upstream, "ababc")
+
+
+def test_an_absolute_target_that_disagrees_with_its_request_is_not_cached(upstream, tmp_path):
+    """An absolute-form target whose authority is not the Host header's (the upstream
+    answers by the Host it is sent), one with another scheme than the connection's, or one
+    carrying userinfo: neither stored nor answered from the cache. Before, `GET
+    http://victim.example/x` with `Host: attacker.example` stored the attacker's answer
+    under victim.example, for every later `Host: victim.example` request."""
+    conf = simple_conf(tmp_path, upstream)
+    t = "/custom?tag=auth"
+    p = play(tmp_path, conf, [get(upstream, "http://victim.example" + t, host="attacker.example"),   # a
+                              get(upstream, t, host="victim.example"),                                # b
+                              get(upstream, "http://bob:pw@victim.example" + t, host="victim.example"),   # c
+                              get(upstream, t, host="victim.example")])                               # b
+    assert_sources(p, upstream, "abcb")
+    q = play(tmp_path, conf, [get(upstream, "https://victim.example" + t, host="victim.example")])
+    assert q.resps[0]["status"] == 404, q.describe()   # the upstream's own answer, not the stored 200
+
+
+@pytest.mark.parametrize("path", ["/custom/public/../me", "/custom/public/%2e%2e/me", "/custom/public/x/../../me",
+                                  "/custom/public/./me", "/custom/public%2f..%2fme", "/custom/public/..\\me"])
+def test_a_path_with_dot_segments_is_not_cached(path, upstream, tmp_path):
+    """A dot-segment (or an encoded dot or slash) takes a request out of the path its rule's
+    glob names, where the upstream resolves it (nginx serves `/public/../api/me` as
+    `/api/me`, which no rule lists and which may answer per user): such a request is
+    forwarded, never stored or answered from the cache. Before, two users' requests for
+    `/public/../api/me` got the first one's answer."""
+    conf = simple_conf(tmp_path, upstream, "GET /custom/public/* ttl=10m")
+    p = play(tmp_path, conf, [get(upstream, path + "?n=10", headers=["X-Token: alice"]),
+                              get(upstream, path + "?n=10", headers=["X-Token: bob"])])
+    assert_sources(p, upstream, "ab")
+    q = play(tmp_path, conf, [get(upstream, "/custom/public/me?n=10"), get(upstream, "/custom/public/me?n=10")])
+    assert [served(r) for r in q.resps][0] == served(q.resps[1]), q.describe()   # (the plain path is cached)
+
+
+def test_an_expires_in_the_past_with_an_invalid_date_is_not_stored(upstream, tmp_path):
+    """respect_cache_control: `Expires` in the past with a `Date` that does not parse is
+    measured from the time the response arrived (RFC 9110 6.6.1): already expired, not
+    stored. Before, the invalid Date counted as 1970 and the entry lived the rule's ttl."""
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=10m respect_cache_control=yes")
+    t = "/custom?h=Expires:Thu,%2001%20Jan%202000%2000:00:00%20GMT&h=Date:garbage&tag=exp"
+    p = play(tmp_path, conf, [get(upstream, t), get(upstream, t)])
+    assert_sources(p, upstream, "ab")
+
+
+def test_a_length_with_white_space_before_its_colon_is_never_believed(upstream, tmp_path):
+    """`Content-Length : 3` (RFC 9112 5.1 forbids the white space; libcurl does not frame
+    by it): the exchange fails, so the app never reads the 3 bytes it names and then the
+    rest as the answer to its next request, and nothing is stored. Before, the app's next
+    request on the connection was answered by bytes the upstream chose (`X-Smuggled`), and
+    a body cut at 3 bytes was cached for everyone."""
+    conf = simple_conf(tmp_path, upstream, "GET /odd/* ttl=10m")
+    keep = conn(rq(upstream, "/odd/spacedlength", close=False), rq(upstream, "/custom/next?n=5"))
+    p = play(tmp_path, conf, [keep, get(upstream, "/odd/spacedlength")])
+    smuggled = [r for r in p.resps if r and hdr(r, "X-Smuggled")]
+    assert not smuggled, p.describe()
+    assert all(r is None or r["body_len"] != 3 for r in p.resps), p.describe()
+    assert len([e for e in upstream_log(upstream) if e["target"] == "/odd/spacedlength"]) == 2, log_desc(upstream)
+
+
+def test_header_lines_that_are_not_fields_are_dropped_not_fatal(upstream, tmp_path):
+    """Field names that are not tokens (a space, parentheses): lenient clients and libcurl
+    take the response; the shim drops those lines (never relayed) and the response still
+    reaches the app, unstored. Before, the exchange failed and the app saw an empty reply.
+    (A line without any colon libcurl refuses itself: the exchange fails, as curl's does.)"""
+    conf = simple_conf(tmp_path, upstream, "GET /odd/* ttl=10m")
+    p = play(tmp_path, conf, [get(upstream, "/odd/badname"), get(upstream, "/odd/badname")])
+    assert [r and (r["status"], r["body_len"]) for r in p.resps] == [(200, 5), (200, 5)], p.describe()
+    assert served(p.resps[0]) != served(p.resps[1]), p.describe()
+    assert not any(hdr(r, "Bad Name") for r in p.resps), p.describe()
+
+
+def test_a_post_is_never_sent_twice(upstream, tmp_path):
+    """A POST on a pooled connection that the upstream closes without answering: libcurl
+    would send it again on a new connection, and the upstream would act on it twice (a
+    payment charged twice). The app sees its connection end unanswered, as direct, and the
+    upstream receives the POST once. A GET is still retried (idempotent)."""
+    conf = simple_conf(tmp_path, upstream, "GET /nothing ttl=1m")
+    steps = [get(upstream, "/custom/warm?n=5"), sleep(0.2),
+             get(upstream, "/custom/pay?drop_after=0&tag=p1", method="POST", body="amount=1000")]
+    for shim in (False, True):
+        upstream.reset()
+        p = play(tmp_path, conf, steps, shim=shim)
+        posts = [e for e in upstream_log(upstream) if e["method"] == "POST"]
+        assert len(posts) == 1, (shim, log_desc(upstream))
+        assert p.resps[1] is None, p.describe()
 
 
 def test_an_upstream_caches_age_counts(upstream, tmp_path):

@@ -138,15 +138,17 @@ def test_two_host_headers_not_cached(upstream, tmp_path):
         log_desc(upstream) + "\n" + p.describe()
 
 
-def test_userinfo_left_out_of_the_key(upstream, tmp_path):
-    """An absolute-form target's userinfo names no host: `http://user:pw@h/x` and
-    `http://h/x` are one entry, and no password is ever part of a key."""
+def test_userinfo_is_never_cached(upstream, tmp_path):
+    """An absolute-form target with userinfo (`http://user:pw@h/x`) carries credentials of
+    its own: it is neither stored nor answered from the entry of `http://h/x` (two users'
+    requests would otherwise share one answer), and no password is ever part of a key."""
     conf = simple_conf(tmp_path, upstream)
     t = "/custom?tag=userinfo"
-    p = play(tmp_path, conf, [get(upstream, "http://user:SECRET@www.example" + t),
-                              get(upstream, "http://www.example" + t),
-                              get(upstream, "http://other:PW@www.example" + t)])
-    assert_sources(p, upstream, "aaa")
+    p = play(tmp_path, conf, [get(upstream, "http://user:SECRET@www.example" + t, host="www.example"),
+                              get(upstream, "http://www.example" + t, host="www.example"),
+                              get(upstream, "http://other:PW@www.example" + t, host="www.example"),
+                              get(upstream, "http://www.example" + t, host="www.example")])
+    assert_sources(p, upstream, "abcb")
 
 
 def test_v4_mapped_upstream_literal_matches(upstream, tmp_path):

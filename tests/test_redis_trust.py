@@ -263,11 +263,13 @@ def test_cookie_keyed_entry_hides_the_cookie(upstream, redis, sockdir, tmp_path,
 
 
 def test_userinfo_never_in_a_redis_key(upstream, redis, sockdir, tmp_path, clients):
-    """A password in an absolute-form target's userinfo never reaches Redis."""
+    """A password in an absolute-form target's userinfo never reaches Redis: such a request
+    is not cached at all; the same path without it is, under a key without it."""
     conf = redis_conf(tmp_path, sockdir, redis_url(redis), [(upstream, ["GET /custom* ttl=10m"])])
     t = "/custom?tag=ui&n=200"
     clients(conf, sockdir).get([rq(upstream, "http://user:PASSWORD-9@127.0.0.1:%d%s" % (upstream.port, t), n=200,
-                                   tag="ui")])
+                                   tag="ui"),
+                                rq(upstream, "http://127.0.0.1:%d%s" % (upstream.port, t), n=200, tag="ui")])
     deadline = time.time() + KEY_WAIT
     keys = []
     while time.time() < deadline and not keys:

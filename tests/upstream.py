@@ -28,7 +28,10 @@ Upstream paths:
     /http10/N           HTTP/1.0 200 with Content-Length, then close
     /odd/KIND           a head legal to receive, not to send, and "hello": fold (obsolete
                         line folding, one of them in Cache-Control), spacename (white space
-                        before a colon), status600 (a status past 599)
+                        before a colon), status600 (a status past 599), badname (field
+                        names that are not tokens: a space, parentheses); spacedlength: only
+                        `Content-Length : 3`, then "OK!" and what reads as a second
+                        response, then close
     /truncate/N         promises Content-Length N, sends N//2, closes
     /reset/N            promises Content-Length N, sends N//2, then RST (SO_LINGER 0)
     /garbage            non-HTTP bytes, then close
@@ -535,7 +538,12 @@ ODD_HEADS = {
             b"Cache-Control: max-age=60,\r\n private\r\nContent-Length: 5\r\n\r\n",
     "spacename": b"HTTP/1.1 200 OK\r\nX-Served: %d\r\nX-Spaced \t: v\r\nContent-Length: 5\r\n\r\n",
     "status600": b"HTTP/1.1 600 Beyond\r\nX-Served: %d\r\nContent-Length: 5\r\n\r\n",
+    "badname": b"HTTP/1.1 200 OK\r\nX-Served: %d\r\nBad Name: v\r\nX(paren): w\r\nContent-Length: 5\r\n\r\n",
 }
+# A head whose only length has white space before its colon (no framing a strict reader
+# takes), then bytes that read as a second response if the length were believed, then close.
+SPACED_LENGTH = (b"HTTP/1.1 200 OK\r\nX-Served: %d\r\nContent-Length : 3\r\n\r\n"
+                 b"OK!HTTP/1.1 200 OK\r\nContent-Length: 4\r\nX-Smuggled: 1\r\n\r\nEVIL")
 
 
 def serve_path(conn, ctx, path, body):
@@ -571,6 +579,9 @@ def serve_path(conn, ctx, path, body):
     if kind == "close" and parse_n(arg) is not None and len(segs) == 3:
         send_response(conn, ctx, 200, pattern(parse_n(arg)),
                       ["Content-Type: application/octet-stream"], framing="close")
+        return "close"
+    if kind == "odd" and arg == "spacedlength" and len(segs) == 3:
+        conn.sendall(SPACED_LENGTH % next_served())
         return "close"
     if kind == "odd" and arg in ODD_HEADS and len(segs) == 3:
         head = ODD_HEADS[arg] % next_served()

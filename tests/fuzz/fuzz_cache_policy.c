@@ -20,7 +20,8 @@
  * If-None-Match / If-Modified-Since lines are the conditional request they answer.
  * Invariants (a violation aborts):
  *  - cache_rule_for returns the first rule whose method (HEAD also matches GET) and glob
- *    match the target's path, or NULL when none does or the target has no path;
+ *    match the target's path, or NULL when none does, the target has no path, or the path
+ *    is not plain (a "." or ".." segment, %2e / %2f / %5c in any case, a backslash);
  *  - cache_key is deterministic, never writes past cap (exactly sized heap buffers),
  *    returns the whole length when it fits and 0 when it does not (CACHE_KEY_MAX and small
  *    caps alike), and equals model_key() below byte for byte: the rule's host and port,
@@ -59,6 +60,7 @@
 #include "../../shim/sha256.h"
 #include "fuzz.h"
 #include <curl/curl.h>
+#include <ctype.h>
 #include <fnmatch.h>
 #include <stdbool.h>
 #include <string.h>
@@ -219,12 +221,34 @@ static bool split_target(struct http_slice t, struct http_slice *path, struct ht
     return true;
 }
 
+/* The model's reading of a path that names what it says (segment by segment). */
+static bool model_plain(struct http_slice path)
+{
+    if (memchr(path.p, '\\', path.n))
+        return false;
+    for (size_t i = 0; i + 2 < path.n; i++)
+        if (path.p[i] == '%') {
+            char hi = path.p[i + 1], lo = (char)tolower((unsigned char)path.p[i + 2]);
+            if ((hi == '2' && (lo == 'e' || lo == 'f')) || (hi == '5' && lo == 'c'))
+                return false;
+        }
+    for (size_t start = 0; start <= path.n;) {
+        const char *slash = memchr(path.p + start, '/', path.n - start);
+        size_t end = slash ? (size_t)(slash - path.p) : path.n;
+        size_t len = end - start;
+        if ((len == 1 && path.p[start] == '.') || (len == 2 && path.p[start] == '.' && path.p[start + 1] == '.'))
+            return false;
+        start = end + 1;
+    }
+    return true;
+}
+
 static void check_rule_for(void)
 {
     const struct cache_rule *got = cache_rule_for(&up, &req);
     struct http_slice path, query;
     const struct cache_rule *want = NULL;
-    if (split_target(req.target, &path, &query) && path.n < 4096) {
+    if (split_target(req.target, &path, &query) && path.n < 4096 && model_plain(path)) {
         char p[4096];
         memcpy(p, path.p, path.n);
         p[path.n] = 0;
@@ -304,13 +328,15 @@ static void emit_hash_line(struct out *o, const struct http_request *r, const ch
 
 /* The key of request r under rule as cache.c documents it, built independently:
  *   METHOD (GET for HEAD) " http://" RULE-HOST:PORT PATH [?kept query parameters]
- *   "\nhost: " the request's authority (absolute-form without userinfo, else Host), lower-cased, ":80" dropped
+ *   "\nhost: " the request's authority (absolute-form, else Host), lower-cased, ":80" dropped
  *   "\n" NAME ": " values joined by ", " (or \x01 when absent), per key header other than
  *       Cookie and Authorization
  *   "\nauthorization-sha256: " HEX   when the request has Authorization lines
  *   "\ncookie-sha256: " HEX          when the rule keys on Cookie and the request has one
  * where HEX hashes every line's "LEN:" and value, in order. 0: the request is not cached
- * (no path, a Cookie the rule does not key on, two Host lines, an over-long authority). */
+ * (no path, a Cookie the rule does not key on, two Host lines, an over-long authority; an
+ * absolute-form target whose scheme is not http, that carries userinfo, or whose
+ * authority is not the Host header's, case and ":80" aside). */
 static size_t model_key(const struct cache_rule *rule, const struct http_request *r, char *buf, size_t cap)
 {
     struct http_slice path, query;
@@ -347,14 +373,24 @@ static size_t model_key(const struct cache_rule *rule, const struct http_request
     const char *t = r->target.p, *tend = t + r->target.n;
     const char *scheme = r->target.n && t[0] != '/' ? memmem(t, r->target.n, "://", 3) : NULL;
     if (scheme) {
+        if (scheme - t != 4 || strncasecmp(t, "http", 4))
+            return 0;
         const char *slash = memchr(scheme + 3, '/', (size_t)(tend - scheme - 3));
         a = (struct http_slice){ scheme + 3, (size_t)((slash ? slash : tend) - scheme - 3) };
-        for (size_t k = a.n; k > 0; k--)      /* userinfo ("user:pw@") is left out */
-            if (a.p[k - 1] == '@') {
-                a.p += k;
-                a.n -= k;
-                break;
-            }
+        if (memchr(a.p, '@', a.n))
+            return 0;                         /* userinfo: not cached */
+        const struct http_header *h = next_named(r, "host", 0);
+        if (h) {
+            if (next_named(r, "host", (size_t)(h - r->headers) + 1))
+                return 0;
+            struct http_slice x = h->value, y = a;
+            if (x.n > 3 && !memcmp(x.p + x.n - 3, ":80", 3))
+                x.n -= 3;
+            if (y.n > 3 && !memcmp(y.p + y.n - 3, ":80", 3))
+                y.n -= 3;
+            if (x.n != y.n || strncasecmp(x.p, y.p, x.n))
+                return 0;
+        }
     } else {
         const struct http_header *h = next_named(r, "host", 0);
         if (h && next_named(r, "host", (size_t)(h - r->headers) + 1))
@@ -549,7 +585,10 @@ static bool cc_mentions(const struct line *hdr, size_t n_hdr, const char *word)
     size_t w = strlen(word);
     for (size_t i = 0; i < n_hdr; i++) {
         const char *colon = memchr(hdr[i].p, ':', hdr[i].n);
-        if (!colon || !http_slice_ieq((struct http_slice){ hdr[i].p, (size_t)(colon - hdr[i].p) }, "cache-control"))
+        struct http_slice name = { hdr[i].p, colon ? (size_t)(colon - hdr[i].p) : 0 };
+        while (name.n && (name.p[name.n - 1] == ' ' || name.p[name.n - 1] == '\t'))
+            name.n--;
+        if (!colon || !http_slice_ieq(name, "cache-control"))
             continue;
         const char *v = colon + 1, *end = hdr[i].p + hdr[i].n;
         for (; (size_t)(end - v) >= w; v++)
@@ -909,6 +948,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (!colon)
             continue;
         struct http_slice name = { hdr[i].p, (size_t)(colon - hdr[i].p) };
+        while (name.n && (name.p[name.n - 1] == ' ' || name.p[name.n - 1] == '\t'))
+            name.n--;                         /* "Name : v" is Name's line (RFC 9112 5.1) */
         const char *v = colon + 1, *end = hdr[i].p + hdr[i].n;
         while (v < end && (*v == ' ' || *v == '\t'))
             v++;
