@@ -99,6 +99,15 @@ int exited_write(const char *socket_path, const char *suffix, const char *json, 
     return 0;
 }
 
+bool exited_dir_trusted(const struct stat *st, unsigned uid)
+{
+    if (!S_ISDIR(st->st_mode))
+        return false;
+    if ((st->st_uid == uid || st->st_uid == 0) && !(st->st_mode & 022))
+        return true;
+    return st->st_uid == 0 && (st->st_mode & S_ISVTX);
+}
+
 int exited_prepare_dir(const char *socket_path)
 {
     char dir[EXITED_PATH_MAX];
@@ -113,14 +122,14 @@ int exited_prepare_dir(const char *socket_path)
     if (mkdir(dir, 0700) == 0)
         return 0;
     /* an existing one is used as it is, never chmod'ed (the app or the system may depend
-     * on it); refused: one others could replace our files in (another user's, or writable
-     * by others without the sticky bit; /tmp has it) */
+     * on it), only when no one else can replace our files in it: ours or root's, and not
+     * writable by others — or root's with the sticky bit (/tmp itself). A sticky directory
+     * of another user is that user's: its owner may remove anything in it (and put a
+     * socket of its own under our name for the CLI to believe) */
     struct stat st;
     if (errno != EEXIST || lstat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
         return -1;
-    if (st.st_mode & S_ISVTX)
-        return 0;
-    if ((st.st_uid == getuid() || st.st_uid == 0) && !(st.st_mode & 022))
+    if (exited_dir_trusted(&st, (unsigned)getuid()) || exited_dir_trusted(&st, (unsigned)geteuid()))
         return 0;
     errno = EPERM;
     return -1;

@@ -2,6 +2,8 @@
  * of an exited one, the reason of an inert one (exited.c). */
 #ifndef HTTPSHIM_EXITED_H
 #define HTTPSHIM_EXITED_H
+#include <stdbool.h>
+#include <sys/stat.h>
 #include <stddef.h>
 #include <time.h>
 
@@ -29,6 +31,10 @@ int exited_write(const char *socket_path, const char *suffix, const char *json, 
 int exited_write_inert(const char *reason);
 /* The socket's directory: created 0700, or an existing one that others cannot replace
  * files in. 0, or -1 with errno. */
+/* Whether a directory no user but uid (and root) can replace files in: uid's or root's and
+ * not writable by others, or root's with the sticky bit (/tmp). Another user's sticky
+ * directory is not: its owner may remove anything in it. */
+bool exited_dir_trusted(const struct stat *st, unsigned uid);
 int exited_prepare_dir(const char *socket_path);
 /* A JSON string's contents, escaped (and cut at n - 1 bytes). */
 void exited_json_escape(const char *in, size_t in_len, char *out, size_t n);

@@ -9,7 +9,9 @@
 #include "fdtable.h"
 #include "clock.h"
 #include "real.h"
+#include <fcntl.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -329,6 +331,7 @@ void fdtable_refill_stash(void)
         struct stat app_end;
         if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0)
             return;
+        sv[1] = fdtable_raise(sv[1]);  /* the engine's end lives as long as its connection */
         if (!fdtable_in_lower_half(sv[1]) || sv[1] >= FDTABLE_MAX || fstat(sv[0], &app_end) != 0) {
             real_close(sv[0]);         /* the app's fds come first */
             real_close(sv[1]);
@@ -368,6 +371,68 @@ bool fdtable_fd_pressure(void)
 {
     int64_t until = atomic_load_explicit(&fd_pressure_until_us, memory_order_relaxed);
     return until && clock_mono_us() < until;
+}
+
+/* Long-lived fds of the engine's are moved up to this number (a quarter of the fd limit,
+ * 256 at most): the small numbers are the app's to choose for a dup2 (a shell's
+ * `exec 4>file`), and the app's own socket() calls take the lowest free ones anyway. */
+static int raise_floor(void)
+{
+    int quarter = process_fd_limit() / 4;
+    return quarter < 256 ? quarter : 256;
+}
+
+int fdtable_raise(int fd)
+{
+    int floor = raise_floor();
+    if (fd < 0 || fd >= floor)
+        return fd;
+    int high = real_fcntl(fd, F_DUPFD_CLOEXEC, (void *)(intptr_t)floor);
+    if (high < 0)
+        return fd;
+    if (!fdtable_in_lower_half(high) || high >= FDTABLE_MAX) {
+        real_close(high);
+        return fd;
+    }
+    real_close(fd);
+    return high;
+}
+
+bool fdtable_give_to_app(int fd)
+{
+    bool given = false;
+    int other = -1;
+    while (atomic_flag_test_and_set_explicit(&stash_lock, memory_order_acquire))
+        ;
+    int n = atomic_load_explicit(&n_stash, memory_order_relaxed);
+    for (int i = 0; i < n && !given; i++)
+        if (stash[i][0] == fd || stash[i][1] == fd) {
+            other = stash[i][0] == fd ? stash[i][1] : stash[i][0];
+            stash[i][0] = stash[n - 1][0];
+            stash[i][1] = stash[n - 1][1];
+            stash_app_end[i] = stash_app_end[n - 1];
+            atomic_store_explicit(&n_stash, n - 1, memory_order_relaxed);
+            given = true;
+        }
+    atomic_flag_clear_explicit(&stash_lock, memory_order_release);
+    if (given) {
+        fdtable_clear(fd);             /* (the app's dup2 closes it) */
+        fdtable_close_engine_fd(other);
+        return true;
+    }
+    /* a spare reference to the app's end of a connection answered inline: the connection's
+     * own fd number stays, the spare goes (as it does once the engine hears the connection) */
+    int limit = process_fd_limit();
+    for (int i = 0; i < limit && table && i < FDTABLE_MAX; i++) {
+        int want = fd + 1;
+        if (atomic_load_explicit(&table[i].kind, memory_order_relaxed) == FD_DIVERTED
+            && atomic_compare_exchange_strong(&table[i].kept_app_end, &want, 0)) {
+            atomic_store(&table[i].n_epoll, 0);
+            fdtable_clear(fd);
+            return true;
+        }
+    }
+    return false;
 }
 
 int fdtable_release_spares(void)

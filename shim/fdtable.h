@@ -121,6 +121,13 @@ struct fd_entry *fdtable_diverted(int fd);
 /* The same for an fd whose real connect is in progress (FD_PROBING). */
 struct fd_entry *fdtable_probing(int fd);
 void fdtable_mark_engine(int fd);
+/* fd, or a duplicate of it above the small numbers (fd closed then), for an engine fd
+ * that lives long: the app's dup2 to a number of its choosing finds it free. */
+int fdtable_raise(int fd);
+/* The app's dup2/dup3 targets fd, an engine fd: one the engine can let go of at once (a
+ * spare socketpair's end, a connection's spare reference to the app's end) is let go of
+ * (not closed: the dup closes it); true then. */
+bool fdtable_give_to_app(int fd);
 void fdtable_clear(int fd);
 void fdtable_copy(int from, int to);   /* dup bookkeeping */
 bool fdtable_is_engine(int fd);

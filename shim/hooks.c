@@ -221,8 +221,11 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     dev_t pair_dev = 0;
     ino_t pair_ino = 0;
     int left = fdtable_take_pair(sv, &pair_dev, &pair_ino);
-    if (left < 0 && socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0)
-        return -1;
+    if (left < 0) {
+        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0)
+            return -1;
+        sv[1] = fdtable_raise(sv[1]);  /* (as the stash's: off the app's small numbers) */
+    }
     if (left < 0 || left <= FDTABLE_STASH_WAKE)
         loop_wake();                   /* to make more (once until the engine runs) */
     if (sv[0] >= FDTABLE_MAX || sv[1] >= FDTABLE_MAX) {
@@ -739,8 +742,8 @@ __asm__(".text\n"
 static int dup_onto(int fd, int nfd, int flags, bool is_dup3)
 {
     real_bind();
-    if (!shim_in_engine && fdtable_is_engine(nfd)) {
-        errno = EBADF;
+    if (!shim_in_engine && fdtable_is_engine(nfd) && !fdtable_give_to_app(nfd)) {
+        errno = EBADF;                 /* the engine's own (its loop, a connection's end) */
         return -1;
     }
     /* a connection on nfd that the dup closes: the engine must hear it end */

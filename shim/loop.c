@@ -259,9 +259,9 @@ static void run_deferred(void)
 int loop_init(void (*after_dispatch)(void))
 {
     L.after_dispatch = after_dispatch;
-    L.epfd = epoll_create1(EPOLL_CLOEXEC);
-    int wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    int tickfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    L.epfd = fdtable_raise(epoll_create1(EPOLL_CLOEXEC));
+    int wakefd = fdtable_raise(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+    int tickfd = fdtable_raise(timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC));
     if (L.epfd >= 0)
         fdtable_mark_engine(L.epfd);
     if (wakefd >= 0)

@@ -110,7 +110,7 @@ void pool_watch_probe(int up, int probe_fd)
     int idle = 0;
     if (!atomic_compare_exchange_strong(&watch_busy[up], &idle, 1))
         return;
-    int fd = real_fcntl(probe_fd, F_DUPFD_CLOEXEC, NULL);
+    int fd = fdtable_raise(real_fcntl(probe_fd, F_DUPFD_CLOEXEC, NULL));
     if (fd >= 0 && fd < FDTABLE_MAX) {
         fdtable_mark_engine(fd);
         watches[up].up = up;
@@ -299,6 +299,7 @@ bool pool_has_live_connection(int upstream, const struct sockaddr *addr)
 
 void pool_offer_connection(int upstream, int fd, const union shim_sockaddr *dest)
 {
+    fd = fdtable_raise(fd);            /* the pool's now: off the app's small numbers */
     fdtable_mark_engine(fd);
     int64_t now = clock_mono_us();
     pthread_mutex_lock(&offered.lock);

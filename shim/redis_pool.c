@@ -424,7 +424,7 @@ static void conn_dial(struct rconn *c)
     int fd = pool_take_offered(up, &c->dest.sa);
     bool connected = fd >= 0;
     if (fd < 0) {
-        fd = real_socket(c->dest.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        fd = fdtable_raise(real_socket(c->dest.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
         if (fd >= 0)
             fdtable_mark_engine(fd);
         if (fd >= 0 && real_connect(fd, &c->dest.sa, c->dest_len) == 0)

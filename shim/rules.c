@@ -10,6 +10,9 @@
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -549,6 +552,18 @@ int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX
     set_defaults(cfg);
     err[0] = 0;
 
+    /* a regular file only: the library reads it in the constructor of every preloaded
+     * program, where a FIFO would block it forever and /dev/stdin would eat its input */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+    struct stat st;
+    if (fd < 0)
+        return -1;
+    bool regular = fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
+    syscall(SYS_close, fd);            /* (the raw call: the library's own close hook is above this file) */
+    if (!regular) {
+        snprintf(err, RULES_ERR_MAX, "%s: not a regular file", path);
+        return -1;
+    }
     FILE *f = fopen(path, "re");
     if (!f)
         return -1;

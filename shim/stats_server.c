@@ -109,7 +109,7 @@ int stats_server_start(const struct shim_config *cfg)
         shim_log("stats socket directory for %s is not usable: %s (stats disabled)", path, strerror(errno));
         return -1;
     }
-    int fd = real_socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int fd = fdtable_raise(real_socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
     if (fd < 0)
         return -1;
     struct sockaddr_un sun = { .sun_family = AF_UNIX };

@@ -188,7 +188,7 @@ int tunnel_start(struct loop_source *app_src, int upstream, const union shim_soc
     int fd = pool_take_offered(upstream, &dest->sa);
     bool connected = fd >= 0;
     if (!connected) {
-        fd = real_socket(dest->sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        fd = fdtable_raise(real_socket(dest->sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
         if (fd < 0) {
             free(t);
             return -1;

@@ -66,6 +66,7 @@ struct transfer {
     struct tls_pin *pin;
     bool pin_refused;
     bool once_only;                 /* a method that is not idempotent: never sent twice */
+    bool upstream_closes;           /* the upstream ends the connection after this answer */
     unsigned sends;                 /* how many times libcurl was about to send the request */
     int64_t body_relayed;           /* BODY_RAW with a Content-Length: body bytes relayed */
     char own_tls_host[256];         /* own.tls_host, kept here: the app's may go first */
@@ -123,7 +124,7 @@ static curl_socket_t open_socket(void *clientp, curlsocktype purpose, struct cur
         STAT_INC(t->app->upstream, pool_open);
         return fd;
     }
-    fd = real_socket(addr->family, addr->socktype | SOCK_CLOEXEC, addr->protocol);
+    fd = fdtable_raise(real_socket(addr->family, addr->socktype | SOCK_CLOEXEC, addr->protocol));
     if (fd < 0)
         return CURL_SOCKET_BAD;
     fdtable_mark_engine(fd);
@@ -283,6 +284,8 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
         http_framing_init(&t->framing);
         t->head.start = t->head.end = 0;
         t->last_line = LAST_NONE;
+        /* HTTP/1.0 closes after the answer unless it says keep-alive (RFC 9112 9.3) */
+        t->upstream_closes = l >= 8 && !memcmp(p, "HTTP/1.0", 8);
         if (t->sink && t->status / 100 != 1)
             t->sink->ops->begin(t->sink, t->status, reason);
         int k = reason.n ? snprintf(scratch, sizeof scratch, "HTTP/1.%d %03d %.*s\r\n", c->req_minor, t->status,
@@ -318,7 +321,11 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
             return 0;
         }
         bool no_body = c->req_is_head || t->status == 204 || t->status == 304;
-        bool keep = c->req_keep_alive;
+        /* the upstream ends its connection after this answer (Connection: close, an
+         * HTTP/1.0 answer, a body the close delimits): so does the app's, as it would
+         * direct, where a client that reads to the end would otherwise wait forever */
+        bool close_delimited = !no_body && t->content_length < 0 && !t->upstream_chunked;
+        bool keep = c->req_keep_alive && !t->upstream_closes && !close_delimited;
         char extra[160];
         size_t e = 0;
         if (no_body) {
@@ -369,6 +376,12 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
     if (http_framing_header(&t->framing, name, value))
         return len;                    /* re-emitted once framing is decided */
     t->last_line = LAST_DROPPED;
+    if (http_slice_ieq(name, "connection")) {
+        if (http_list_has_token(value, "close"))
+            t->upstream_closes = true;
+        else if (http_list_has_token(value, "keep-alive"))
+            t->upstream_closes = false;
+    }
     if (http_is_hop_by_hop(name))
         return len;
     struct http_slice line = { p, l };

@@ -248,12 +248,14 @@ def test_a_hit_costs_few_system_calls(upstream, tmp_path, sockdir, epollclient):
     the hooks saw made: no getsockname, and no fstat; it was 18 more before the hooks kept
     the socket's state, 4 before the socketpair's second reference to the app's end was
     kept until the app's close, 3.2 before the getsockname went: now 2.1), and
-    the engine at most 7: the three closes it makes for the app's thread (in batches: the
+    the engine at most 9: the three closes it makes for the app's thread (in batches: the
     app's TCP socket swapped out at connect, the pair's two ends, so that the app's own
     close is not the one that tears its socket down), the socketpair it makes ahead for the
-    next connection (the app's thread takes one from the stash and makes none itself) and
-    its share of wake-ups (5.5 in all alone, 6.05 seen with the suite's four workers on two
-    CPUs, where the engine is woken more often for fewer hits each time)."""
+    next connection (the app's thread takes one from the stash and makes none itself), the
+    fcntl and close that move that pair's engine end above the small fd numbers (so that
+    the app's dup2 onto a small number of its choosing finds it free: 2 more since
+    2026-12-07) and its share of wake-ups (7.5 in all alone, about 8 with the suite's four
+    workers on two CPUs, where the engine is woken more often for fewer hits each time)."""
     if "strace" in SANITIZER_SKIP:
         pytest.skip("the sanitizer runtime cannot run under ptrace")
     conf = conf_for(tmp_path, upstream, sockdir)
@@ -277,7 +279,7 @@ def test_a_hit_costs_few_system_calls(upstream, tmp_path, sockdir, epollclient):
         return (sum(b.values()) - sum(a.values())) / 100.0
     assert per_hit(True, "app") <= per_hit(False, "app") + 3, (per_hit(True, "app"), per_hit(False, "app"), totals)
     assert per_hit(True, "app", "getsockname") == 0 and per_hit(True, "app", "fstat") == 0, totals
-    assert per_hit(True, "engine") <= 7, (per_hit(True, "engine"), totals)
+    assert per_hit(True, "engine") <= 9, (per_hit(True, "engine"), totals)
     assert per_hit(True, "app", "socketpair") <= 0.1, totals
     assert per_hit(True, "engine", "socketpair") >= 0.5, totals   # (the stash of 32 is filled ahead)
     # no SO_DOMAIN, F_GETOWN_EX, F_GETFD...: one fcntl more, the F_DUPFD that hands the app's

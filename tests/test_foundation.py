@@ -1523,3 +1523,41 @@ def test_a_bind_to_the_wildcard_and_port_0_is_diverted(upstream, rules, tmp_path
         r = run(["tclsh", script], conf=conf, timeout=60)
         assert r.rc == 0 and r.out.split() == [b"100"] * 3, r.describe()
         assert upstream.stats()["requests"] == 1, upstream.stats()
+
+
+@pytest.mark.parametrize("path", ["/close/10", "/http10/10"])
+def test_an_upstream_that_closes_after_its_answer_ends_the_apps_connection(path, upstream, rules):
+    """An HTTP/1.1 request without `Connection: close`, then a read to the end (bash's
+    /dev/tcp and `cat`, a C client): the upstream ends its connection after the answer
+    (a body the close delimits, an HTTP/1.0 answer, `Connection: close`), and so does the
+    app's, as direct. Before, the shim kept the app's connection open (it asked for none
+    of that) and the read never ended."""
+    code = ("import socket, sys\n"
+            "s = socket.create_connection(('127.0.0.1', int(sys.argv[1]))); s.settimeout(10)\n"
+            "s.sendall(b'GET ' + sys.argv[2].encode() + b' HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\n"
+            "d = b''\n"
+            "try:\n"
+            "    while True:\n"
+            "        c = s.recv(65536)\n"
+            "        if not c: break\n"
+            "        d += c\n"
+            "    print('eof', len(d.partition(b'\\r\\n\\r\\n')[2].split(b'\\r\\n0\\r\\n')[0]) > 0)\n"
+            "except socket.timeout:\n"
+            "    print('no end', len(d))\n")
+    outs = [run([SYS_PY, "-c", code, upstream.port, path], shim=shim, conf=rules, timeout=60) for shim in (False, True)]
+    assert [o.out.split()[0] for o in outs] == [b"eof", b"eof"], [o.describe() for o in outs]
+
+
+def test_dup2_onto_small_numbers_works(upstream, rules, tmp_path):
+    """After a diverted connection (and with the engine running), a shell's `exec N>file`
+    for small N: each works as direct. Before, 70 of the numbers 4..99 were the engine's
+    (its loop, its spare socketpairs, its connection ends) and dup2 onto them said EBADF."""
+    script = tmp_path / "dup.sh"
+    script.write_text("exec 3<>/dev/tcp/127.0.0.1/%d\n"
+                      "printf 'GET /bytes/10 HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' >&3\n"
+                      "head -c 100 <&3 >/dev/null\n"
+                      "for n in $(seq 4 99); do eval \"exec $n>%s/f.$n\" 2>/dev/null || echo \"failed $n\"; done\n"
+                      "echo done\n" % (upstream.port, tmp_path))
+    for shim in (False, True):
+        r = run(["bash", script], shim=shim, conf=rules, timeout=60)
+        assert r.rc == 0 and r.out.split() == [b"done"], r.describe()

@@ -7,13 +7,15 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SANITIZER_SKIP, run
+from conftest import ROOT, SANITIZER_SKIP, run, write_rules
 from test_redis import redis, redis_conf, redis_servers, redis_url  # noqa: F401 (fixtures)
 from test_stats import App, HTTPSHIM, apps, cli, get_stats, label, settled_stats, stats_conf, wait_socket  # noqa: F401
 
@@ -280,3 +282,73 @@ def test_tunnelled_connections_are_not_counted_as_saved(upstream, sockdir, tmp_p
     assert row[6] == "6" and row[8] == "0" and row[9] == "6", text        # CLIENT, SAVED, TUNNELS
     _, rows = rows_after(text, "TUNNELS")
     assert rows[label(upstream)][:3] == ["6", "0", "6"], text               # ALL, TLS, NOT.HTTP
+
+
+def test_a_stats_directory_another_user_controls_is_never_used(upstream, sockdir, tmp_path, cli):
+    """The stats directory made ahead by another user (nobody), world-writable with the
+    sticky bit: its owner may remove anything in it and bind a socket of its own under a
+    process's name. The library puts no socket there (the process runs, unshimmed stats),
+    and `httpshim stats` asks nothing found there. Before, the library accepted any sticky
+    directory, and a socket planted there answered `stats` and `purge` for the process."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a directory another user owns")
+    import pwd
+    foreign = Path(sockdir) / "foreign"
+    foreign.mkdir()
+    os.chown(foreign, pwd.getpwnam("nobody").pw_uid, -1)
+    os.chmod(foreign, 0o1777)
+    conf = stats_conf(tmp_path, sockdir, [(upstream, ["GET /bytes/* ttl=10m"])], sub="foreign")
+    code = ("import os, socket, sys, time\n"
+            "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n"
+            "s.sendall(b'GET /bytes/10 HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n')\n"
+            "while s.recv(65536): pass\n"
+            "print(sorted(os.listdir(sys.argv[2])))\n")
+    r = run([sys.executable, "-c", code, upstream.port, foreign], conf=conf)
+    assert r.rc == 0 and r.out.strip() == b"[]", r.describe()
+    assert upstream.stats()["requests"] == 1
+    planted = foreign / ("%d.sock" % os.getpid())     # a live pid's name, a socket of the test's
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(planted))
+    s.listen(1)
+    try:
+        doc = json.loads(run([cli, "stats", "-c", conf, "--json"], shim=False).out.decode())
+        assert doc["total"]["processes"] == 0, doc
+        assert planted.exists()
+    finally:
+        s.close()
+
+
+def test_a_stopped_processs_socket_survives_a_refused_connect(sockdir, tmp_path, cli):
+    """A live process whose stats socket refuses a connection (stopped with its backlog
+    full, here a socket bound and not listening, under a live pid's name): `httpshim stats`
+    reports nothing for it and leaves the socket alone. Before, it removed the socket, and
+    the process's stats were gone for the rest of its life."""
+    d = Path(sockdir) / "refusing"
+    d.mkdir(mode=0o700)
+    conf = write_rules(tmp_path, [], name="refusing.conf", raw="[global]\nstats_socket = %s/%%p.sock\n" % d)
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        path = d / ("%d.sock" % sleeper.pid)
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(path))                             # (not listening: connects are refused)
+        run([cli, "stats", "-c", conf, "--json"], shim=False)
+        assert path.exists(), "the live process's socket was removed"
+        s.close()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_rules_file_that_is_not_a_regular_file_is_refused_at_once(tmp_path, cli):
+    """HTTPSHIM_CONF naming a FIFO, or /dev/stdin: the library reads its rules in every
+    preloaded program's constructor, where a FIFO blocked the program forever (even
+    `/bin/echo`) and /dev/stdin ate its input. Now the process runs unshimmed, and
+    `httpshim check` says why."""
+    fifo = tmp_path / "rules.fifo"
+    os.mkfifo(fifo)
+    r = run(["/bin/echo", "hi"], conf=str(fifo), timeout=20)
+    assert not r.timed_out and r.rc == 0 and r.out == b"hi\n", r.describe()
+    r = run(["cat"], conf="/dev/stdin", input=b"line1\nline2\n", timeout=20)
+    assert r.out == b"line1\nline2\n", r.describe()
+    r = run([cli, "check", fifo], shim=False, timeout=20)
+    assert r.rc == 1 and b"not a regular file" in r.out + r.err, r.describe()

@@ -50,6 +50,12 @@ int find_processes(const char *pattern, struct proc *procs, int max)
     struct rules_socket_names names;
     if (rules_socket_names(pattern, view_uid, &names) != 0)
         return 0;
+    /* only a directory no other user controls (as the library requires before it puts a
+     * socket there), and only sockets of the user looked at: another user's socket under
+     * a process's name would answer for it */
+    struct stat dst;
+    if (lstat(names.dir, &dst) != 0 || !exited_dir_trusted(&dst, view_uid))
+        return 0;
     DIR *d = opendir(names.dir);
     if (!d)
         return 0;
@@ -63,6 +69,9 @@ int find_processes(const char *pattern, struct proc *procs, int max)
         char path[256];
         if ((size_t)snprintf(path, sizeof path, "%s/%s", names.dir, nm) >= sizeof path)
             continue;
+        struct stat st;
+        if (lstat(path, &st) != 0 || !S_ISSOCK(st.st_mode) || st.st_uid != view_uid)
+            continue;                          /* not a socket of that user's: never asked, never removed */
         if (kill((pid_t)pid, 0) != 0 && errno == ESRCH) {
             unlink(path);                      /* a dead process's socket: clean it */
             continue;
@@ -96,7 +105,7 @@ static size_t collect(char *p, size_t size, size_t nmemb, void *ud)
 }
 
 /* One request to one process's socket; NULL when it does not answer (it may have
- * just exited; a socket that refuses connections is a dead process's and is removed). */
+ * just exited; the socket of a process that is gone is removed). */
 char *ask(const struct proc *p, const char *method, const char *target, size_t *len)
 {
     CURL *c = curl_easy_init();
@@ -116,7 +125,9 @@ char *ask(const struct proc *p, const char *method, const char *target, size_t *
     long status = 0;
     curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
     curl_easy_cleanup(c);
-    if (rc == CURLE_COULDNT_CONNECT)
+    /* a socket that refuses is a dead process's only when the process is gone: a live one
+     * may just have its backlog full (stopped, or many asking at once) */
+    if (rc == CURLE_COULDNT_CONNECT && kill((pid_t)p->pid, 0) != 0 && errno == ESRCH)
         unlink(p->path);
     if (rc != CURLE_OK || status != 200) {
         free(r.data);
