@@ -53,6 +53,17 @@ static int find_library(char *out, size_t n)
     return access(out, R_OK);
 }
 
+/* Whether the LD_PRELOAD list (space- or colon-separated) names lib itself: not a name
+ * that merely contains it (libhttpshim.so.bak). */
+static bool preload_lists(const char *list, const char *lib)
+{
+    size_t n = strlen(lib);
+    for (const char *p = list; (p = strstr(p, lib)); p += n)
+        if ((p == list || p[-1] == ' ' || p[-1] == ':') && (p[n] == 0 || p[n] == ' ' || p[n] == ':'))
+            return true;
+    return false;
+}
+
 int cmd_run(int argc, char **argv)
 {
     const char *conf = NULL;
@@ -62,8 +73,14 @@ int cmd_run(int argc, char **argv)
             i++;
             break;
         }
-        if ((!strcmp(argv[i], "-c") || !strcmp(argv[i], "--config")) && i + 1 < argc)
+        if (!strcmp(argv[i], "-c") || !strcmp(argv[i], "--config")) {
+            if (i + 1 >= argc || !strcmp(argv[i + 1], "--")) {
+                fprintf(stderr, "httpshim run: %s needs a FILE (usage: httpshim run [-c FILE] -- CMD [ARGS...])\n",
+                        argv[i]);
+                return 2;
+            }
             conf = argv[++i];
+        }
         else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
             printf("usage: httpshim run [-c FILE] -- CMD [ARGS...]\n"
                    "Runs CMD with the httpshim library preloaded (LD_PRELOAD, by absolute path) and\n"
@@ -86,7 +103,7 @@ int cmd_run(int argc, char **argv)
     }
     const char *old = getenv("LD_PRELOAD");
     char *preload = NULL;
-    if (old && *old && strstr(old, lib))
+    if (old && *old && preload_lists(old, lib))
         preload = strdup(old);
     else if (old && *old && asprintf(&preload, "%s %s", lib, old) < 0)
         preload = NULL;

@@ -604,8 +604,14 @@ int cmd_stats(int argc, char **argv)
             format = c;
         else if (c == 'l')
             live_only = true;
-        else if (c == 'w')
-            watch = atof(optarg);
+        else if (c == 'w') {
+            char *end = NULL;
+            watch = strtod(optarg, &end);
+            if (!end || end == optarg || *end || !(watch > 0) || watch > 86400) {
+                fprintf(stderr, "httpshim stats: --watch takes a number of seconds above 0: %s\n", optarg);
+                return 2;
+            }
+        }
         else if (c == 'c')
             conf = optarg;
         else if (c == 'u') {
