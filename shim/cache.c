@@ -43,8 +43,8 @@ static bool target_path(struct http_slice target, struct http_slice *path, struc
     return true;
 }
 
-/* Whether the path names what it says: no dot-segment (`/../`, `/./`), no encoded dot, slash
- * or backslash, no backslash. An upstream resolves those (nginx serves `/public/../api/me`
+/* Whether the path names what it says: no dot-segment (`/../`, `/./`, `/..;p/`), no encoded
+ * dot, slash or backslash, no backslash. An upstream resolves those (nginx serves `/public/../api/me`
  * as `/api/me`), so such a path may reach what no cache rule names, while the rules' globs
  * and the key read it as it is written. */
 static bool path_is_plain(struct http_slice path)
@@ -60,8 +60,8 @@ static bool path_is_plain(struct http_slice path)
         }
         if (c == '.' && (i == 0 || path.p[i - 1] == '/')) {
             size_t dots = i + 1 < path.n && path.p[i + 1] == '.' ? 2 : 1;
-            if (i + dots == path.n || path.p[i + dots] == '/')
-                return false;
+            if (i + dots == path.n || path.p[i + dots] == '/' || path.p[i + dots] == ';')
+                return false;          /* (`..;x`: a Java server's path parameter on `..`) */
         }
     }
     return true;

@@ -45,6 +45,8 @@ struct redis_ticket {
 
 static struct {
     struct loop_timer timer;        /* the next lookup deadline, or the connections' (redis_nodes.c) */
+    int64_t timer_due_ms;           /* when it fires (monotonic), or -1: not armed */
+    int64_t last_timeout_ms, last_answer_ms;   /* a lookup's deadline passed; a lookup was answered */
     const struct shim_config *cfg;
     struct redis_ticket *waiting_head, *waiting_tail;
 } R;
@@ -111,10 +113,16 @@ static void arm_timer(void)
         next = R.waiting_head->deadline_ms;
     if (next < 0) {
         loop_timer_cancel(&R.timer);
+        R.timer_due_ms = -1;
         return;
     }
-    int64_t d = next - now;
-    loop_timer_arm(&R.timer, d < 1 ? 1 : d, on_timer);   /* at least 1 ms: a due check never spins */
+    int64_t due = next > now ? next : now + 1;   /* at least 1 ms: a due check never spins */
+    /* armed to fire no later already: left alone. Armed again at every wake, it would be
+     * pushed a millisecond on by every read of a Redis that trickles its bytes, and a
+     * passed deadline would never fire */
+    if (R.timer_due_ms >= 0 && R.timer_due_ms <= due)
+        return;
+    R.timer_due_ms = loop_timer_arm(&R.timer, due - now, on_timer) == 0 ? due : -1;
 }
 
 /* A server can take the tier's commands (again): the locks this process may still hold
@@ -134,6 +142,7 @@ int redis_init(const struct shim_config *cfg)
     if (cfg->cache != CACHE_REDIS)
         return 0;
     R.cfg = cfg;
+    R.timer_due_ms = -1;
     exit_wait_ms = cfg->redis_timeout_ms;
     static bool exit_flush_registered;    /* once per process image: forks inherit it */
     if (!exit_flush_registered)
@@ -147,6 +156,7 @@ void redis_forget(void)
 {
     /* forked child: the fds went with the other engine fds; the context stays allocated */
     memset(&R, 0, sizeof R);
+    R.timer_due_ms = -1;
     nodes_forget();
     n_releases = 0;                    /* the parent's locks: its own to release */
     atomic_store(&writes_owed, 0);
@@ -408,8 +418,10 @@ static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
     } else if (t->waiter) {
         atomic_fetch_add(&shim_redis.misses, 1);
     }
-    if (r && r->type == REDIS_REPLY_INTEGER && !t->failed)
+    if (r && r->type == REDIS_REPLY_INTEGER && !t->failed) {
         stats_observe_redis(clock_mono_us() - t->started_us);
+        R.last_answer_ms = clock_mono_ms();
+    }
     finish_wait(t, e);
     free_ticket(t);
     arm_timer();
@@ -466,6 +478,14 @@ struct redis_ticket *redis_lookup(const char *key, size_t key_len, int upstream,
 bool redis_available(void)
 {
     return R.cfg && atomic_load(&shim_redis.connected) > 0;
+}
+
+bool redis_answering(void)
+{
+    /* a lookup waited its redis_timeout out, and none was answered since: a frozen server
+     * (SIGSTOP, CLIENT PAUSE, a failover) still looks connected until its connection is
+     * dropped, and each command sent to it costs the request another redis_timeout */
+    return redis_available() && !(R.last_timeout_ms > 0 && R.last_timeout_ms >= R.last_answer_ms);
 }
 
 static int send_lock(struct redis_node *node, struct redis_ticket *t, bool asking);
@@ -610,9 +630,11 @@ void redis_store(const struct cache_entry *e, int64_t ttl_ms)
 static void on_timer(struct loop_timer *timer)
 {
     (void)timer;
+    R.timer_due_ms = -1;
     int64_t now = clock_mono_ms();
     while (R.waiting_head && R.waiting_head->deadline_ms <= now) {
         atomic_fetch_add(&shim_redis.timeouts, 1);
+        R.last_timeout_ms = now;
         finish_wait(R.waiting_head, NULL);     /* the reply, when it comes, frees the ticket */
     }
     nodes_tick(now);

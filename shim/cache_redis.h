@@ -25,6 +25,9 @@ void redis_cancel(struct redis_ticket *t);  /* done will not be called */
 enum redis_lock_result { REDIS_LOCK_TAKEN, REDIS_LOCK_HELD_ELSEWHERE, REDIS_LOCK_UNAVAILABLE };
 typedef void (*redis_lock_done_fn)(void *waiter, enum redis_lock_result how);
 bool redis_available(void);                 /* connected, with room for a command */
+/* Connected, and its last lookups were answered (none has waited its redis_timeout out
+ * since the last answer): the cross-process lock is asked only then. */
+bool redis_answering(void);
 /* done hears within redis_timeout (UNAVAILABLE when Redis did not answer). NULL: Redis
  * cannot be asked now. */
 struct redis_ticket *redis_lock(const char *key, size_t key_len, const char *token, redis_lock_done_fn done,

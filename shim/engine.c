@@ -191,17 +191,18 @@ static void conn_cancel_pending(struct conn *c)
  * would reach it direct (ECONNRESET after what it was sent, where an end of file would
  * let a lenient client take a cut body as whole: Ruby's Net::HTTP, LWP). A Unix socket
  * closed with unread bytes in its queue gives its peer ECONNRESET: one byte goes into
- * the engine's end through a duplicate of the app's fd, once that duplicate is shown to
- * be the very socket the connection began with. */
+ * the engine's end through the app's fd number, while the fd table says that number is
+ * still this connection's app end and the close hooks wait for it (fdtable_touch): never
+ * a dup of it, whose close would drop the process's locks on a file that took the number. */
 static void reset_app_end(struct conn *c)
 {
-    int dup = c->app_fd >= 0 ? real_fcntl(c->app_fd, F_DUPFD_CLOEXEC, NULL) : -1;
-    if (dup < 0)
+    if (c->app_fd < 0)
         return;
-    struct stat st;
-    if (fstat(dup, &st) == 0 && st.st_dev == c->app_dev && st.st_ino == c->app_ino)
-        real_send(dup, "!", 1, MSG_DONTWAIT | MSG_NOSIGNAL);
-    real_close(dup);
+    fdtable_touch(c->app_fd);
+    const struct fd_entry *e = fdtable_if_diverted(c->app_fd);
+    if (e && e->engine_fd == c->side.fd && e->dev == c->app_dev && e->ino == c->app_ino)
+        real_send(c->app_fd, "!", 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+    fdtable_untouch();
 }
 
 static void conn_retire(struct conn *c, bool close_fd)

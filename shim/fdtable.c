@@ -11,6 +11,7 @@
 #include "real.h"
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -380,6 +381,28 @@ static int raise_floor(void)
 {
     int quarter = process_fd_limit() / 4;
     return quarter < 256 ? quarter : 256;
+}
+
+static _Atomic int touching;           /* fd + 1 the engine writes through now, or 0 */
+
+void fdtable_touch(int fd)
+{
+    atomic_store(&touching, fd + 1);   /* (seq_cst: before the entry is looked at) */
+}
+
+void fdtable_untouch(void)
+{
+    atomic_store(&touching, 0);
+}
+
+void fdtable_wait_untouched(int first, int last)
+{
+    for (int spins = 0; spins < 1000000; spins++) {   /* (one non-blocking send at most) */
+        int t = atomic_load(&touching);
+        if (!t || t - 1 < first || t - 1 > last)
+            return;
+        sched_yield();
+    }
 }
 
 int fdtable_raise(int fd)

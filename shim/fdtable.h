@@ -124,6 +124,13 @@ void fdtable_mark_engine(int fd);
 /* fd, or a duplicate of it above the small numbers (fd closed then), for an engine fd
  * that lives long: the app's dup2 to a number of its choosing finds it free. */
 int fdtable_raise(int fd);
+/* The engine writes through an app's fd number only between fdtable_touch(fd) and
+ * fdtable_untouch(), having found the entry still the connection's after the touch; the
+ * hooks that close or replace an app's fd clear its entry first, then wait here: so the
+ * number is never the app's next file while the engine writes through it. */
+void fdtable_touch(int fd);
+void fdtable_untouch(void);
+void fdtable_wait_untouched(int first, int last);
 /* The app's dup2/dup3 targets fd, an engine fd: one the engine can let go of at once (a
  * spare socketpair's end, a connection's spare reference to the app's end) is let go of
  * (not closed: the dup closes it); true then. */

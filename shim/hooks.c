@@ -629,7 +629,13 @@ SHIM_EXPORT int close(int fd)
             errno = EBADF;
             return -1;
         }
-        forget_fd(fd, e, true);
+        if (atomic_load_explicit(&e->kind, memory_order_acquire) == FD_DIVERTED && !fdtable_maybe_vfork_child()) {
+            forget_fd(fd, e, true);
+            fdtable_clear(fd);         /* then no engine write through this number starts */
+            fdtable_wait_untouched(fd, fd);
+        } else {
+            forget_fd(fd, e, true);
+        }
     }
     return real_close(fd);
 }
@@ -657,6 +663,8 @@ SHIM_EXPORT int close_range(unsigned first, unsigned last, int flags)
             return -1;
         start = fd + 1;
     }
+    if (!(flags & CLOSE_RANGE_CLOEXEC))
+        fdtable_wait_untouched((int)first, last > INT32_MAX ? INT32_MAX : (int)last);
     if (start > last || start == 0)
         return 0;
     return real_close_range(start, last, flags);
@@ -742,25 +750,31 @@ __asm__(".text\n"
 static int dup_onto(int fd, int nfd, int flags, bool is_dup3)
 {
     real_bind();
-    if (!shim_in_engine && fdtable_is_engine(nfd) && !fdtable_give_to_app(nfd)) {
-        errno = EBADF;                 /* the engine's own (its loop, a connection's end) */
-        return -1;
-    }
-    /* a connection on nfd that the dup closes: the engine must hear it end */
-    struct fd_entry *old = shim_in_engine || fd == nfd ? NULL : fdtable_if_diverted(nfd);
-    if (old)
-        engine_need(old);
-    int rc = is_dup3 ? real_dup3(fd, nfd, flags) : real_dup2(fd, nfd);
-    if (rc < 0 || shim_in_engine || fd == nfd)
-        return rc;
-    struct fd_entry *src = fdtable_if_diverted(fd);
-    if ((src || old) && fdtable_maybe_vfork_child()) {
-        /* a vfork child making a connection its stdin or stdout: the parent's engine
-         * serves it from now on; the parent's entries are not the child's */
+    if (!shim_in_engine && fd != nfd && fdtable_maybe_vfork_child()) {
+        /* a vfork child: the fds are its own, the table and the stash its parent's, left
+         * as they are; a connection it makes its stdin or stdout is served by the parent's
+         * engine from now on */
+        int rc = is_dup3 ? real_dup3(fd, nfd, flags) : real_dup2(fd, nfd);
+        struct fd_entry *src = rc < 0 ? NULL : fdtable_if_diverted(fd);
         if (src)
             hooks_share_connection(src);
         return rc;
     }
+    if (!shim_in_engine && fdtable_is_engine(nfd) && !fdtable_give_to_app(nfd)) {
+        errno = EBADF;                 /* the engine's own (its loop, a connection's end) */
+        return -1;
+    }
+    /* a connection on nfd that the dup closes: the engine must hear it end, and no write
+     * of the engine's through that number may start (fdtable_touch) */
+    struct fd_entry *old = shim_in_engine || fd == nfd ? NULL : fdtable_if_diverted(nfd);
+    if (old) {
+        engine_need(old);
+        fdtable_clear(nfd);            /* (copied again below when the dup is one of ours) */
+        fdtable_wait_untouched(nfd, nfd);
+    }
+    int rc = is_dup3 ? real_dup3(fd, nfd, flags) : real_dup2(fd, nfd);
+    if (rc < 0 || shim_in_engine || fd == nfd)
+        return rc;
     copy_entry(fd, nfd);
     return rc;
 }

@@ -329,9 +329,21 @@ static void on_disconnect(const redisAsyncContext *ac, int status)
     N.wake();
 }
 
+/* What a reply not yet whole may hold: a value past redis_max_object (the most the tier
+ * stores) with room for its header. Beyond it the reply is no entry of the shim's (one
+ * written by someone else under its key), and reading it whole would cost the engine the
+ * time to take, copy and check it while every request waits: the connection goes. */
+#define REPLY_SLACK (64 * 1024)
+
 static void after_io(struct redis_link *l)
 {
-    (void)l;
+    struct redis_node *n = (struct redis_node *)(void *)((char *)l - offsetof(struct redis_node, link));
+    const redisReader *reader = n->ac ? n->ac->c.reader : NULL;
+    if (reader && reader->len - reader->pos > (size_t)N.cfg->redis_max_object + REPLY_SLACK) {
+        count_error(n);
+        drop(n);
+        schedule_reconnect(n);
+    }
     N.wake();
 }
 

@@ -74,6 +74,7 @@ struct rconn {
                                         * through next_verifying), newest first */
     bool raw;                          /* direct: bytes relayed as they come, after the setup */
     bool shut_when_sent;               /* direct: the app ended its side: so does this, once sent */
+    bool shut_sent;                    /* ... and did: the server's close that follows is no loss */
     bool named;                        /* lent under a session's name (CLIENT SETNAME): unnamed when given back */
     unsigned drop_left;                /* direct: replies to the shim's own commands to drop before bytes flow */
     int pin_reason;
@@ -500,6 +501,7 @@ static int send_out(struct rconn *c)
     }
     if (c->shut_when_sent && !buf_len(&c->out)) {
         c->shut_when_sent = false;
+        c->shut_sent = true;
         real_shutdown(c->src.fd, SHUT_WR);
     }
     if (was_full && c->raw && c->lent && buf_len(&c->out) <= DIRECT_OUT_SOFT)
@@ -662,7 +664,7 @@ static void on_io(struct loop_source *src, uint32_t ev)
                 continue;
             }
             if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
-                conn_close(c, true);   /* the server went away, or reset */
+                conn_close(c, !(n == 0 && c->shut_sent));   /* the server went away, or reset */
                 return;
             }
             break;
@@ -721,6 +723,18 @@ int rpool_send(struct rpool_client *cl, struct rpool_ident *id, const char *cmd,
     if (!c || c->state == RC_DEAD)
         return -1;
     return queue_command(c, cl, cmd, n);
+}
+
+int rpool_send_on_open(struct rpool_client *cl, const struct rpool_ident *id, const char *cmd, size_t n)
+{
+    struct rconn *best = NULL;
+    for (struct rconn *c = P.conns[cl->upstream]; c; c = c->next)
+        if (c->id == id && c->shared && !c->lent && c->state == RC_READY && !c->setup_left
+            && (!best || c->fifo.count < best->fifo.count))
+            best = c;
+    if (!best || cl->lent || cl->inflight)
+        return -2;
+    return queue_command(best, cl, cmd, n);
 }
 
 int rpool_verify(struct rpool_client *cl, struct rpool_ident *id)
@@ -853,6 +867,7 @@ void rpool_direct_eof(struct rpool_client *cl)
     c->shut_when_sent = true;
     if (!buf_len(&c->out) && c->state == RC_READY) {
         c->shut_when_sent = false;
+        c->shut_sent = true;
         real_shutdown(c->src.fd, SHUT_WR);
     }
 }

@@ -43,6 +43,7 @@ struct rsession {
     bool has_name;
     bool app_eof, gone, closing, waiting_verdict, throttling;
     bool eof_passed;                   /* direct: the app's end passed on to its server connection */
+    bool direct;                       /* went direct (the pool's raw flag goes with a lost connection) */
     /* the connection's state as of the last command sent (the server's, once it has read
      * them): a transaction open, keys WATCHed */
     bool in_multi, watching;
@@ -137,7 +138,7 @@ static void update(struct rsession *s)
             return;
     }
     if (s->app_eof && !s->client.raw && !s->client.inflight && !s->waiting_verdict && !buf_len(&s->out)
-        && !s->has_held && resp_stream_pending(&s->cmds) == 0) {
+        && !s->has_held && resp_stream_pending_command(&s->cmds) == 0) {
         session_close(s);              /* the app is done and owed nothing */
         return;
     }
@@ -237,7 +238,7 @@ static void on_lost(struct rpool_client *c)
 {
     struct rsession *s = of_client(c);
     shim_debug("fd %d: redis: the server connection went away: closed, as a reset", s->src.fd);
-    if (s->client.raw && buf_len(&s->out)) {
+    if (s->direct && buf_len(&s->out)) {
         s->closing = true;             /* its own connection ended: what came of it first */
         update(s);
         return;
@@ -308,6 +309,7 @@ static void go_direct(struct rsession *s)
         return;
     }
     s->learning_len = 0;               /* (its replies are bytes now) */
+    s->direct = true;
     shim_debug("fd %d: redis: on a connection of its own from now on", s->src.fd);
     size_t n = buf_len(&s->cmds.raw);
     if (n && rpool_direct_write(&s->client, buf_head(&s->cmds.raw), n) != 0) {
@@ -364,13 +366,16 @@ static void ask_identity(struct rsession *s, struct rpool_ident *id, bool hello,
     }
     s->pending_id = id;
     s->hello_pending = hello;
+    /* (on a connection already open: one opened for it would say the password in its
+     * setup, and a refusal there ends that connection as lost, not as this AUTH's answer) */
     char auth[320];
     size_t n = known && rpool_ident_connected(id) ? put_auth(auth, sizeof auth, id) : 0;
-    if (n) {
-        if (room_for_one(s) != 0 || rpool_send(&s->client, id, auth, n) != 0) {
-            session_close(s);
-            return;
-        }
+    int sent = n && room_for_one(s) == 0 ? rpool_send_on_open(&s->client, id, auth, n) : -2;
+    if (sent == -1) {
+        session_close(s);
+        return;
+    }
+    if (sent == 0) {
         s->checking_password = true;
     } else if (rpool_verify(&s->client, id) != 0) {
         session_close(s);

@@ -33,6 +33,7 @@ int resp_stream_init(struct resp_stream *s, bool commands)
 {
     s->commands = commands;
     s->taken = 0;
+    s->ignored = 0;
     s->max = commands ? RESP_ITEM_MAX : RESP_REPLY_MAX;
     s->raw = (struct buf){ .cap = s->max * 2 };
     s->reply_type = 0;
@@ -73,6 +74,11 @@ static size_t unparsed(const struct resp_stream *s)
 size_t resp_stream_pending(const struct resp_stream *s)
 {
     return s->commands ? unparsed(s) + s->taken : buf_len(&s->raw);
+}
+
+size_t resp_stream_pending_command(const struct resp_stream *s)
+{
+    return resp_stream_pending(s) - s->ignored;
 }
 
 int resp_stream_feed(struct resp_stream *s, const char *p, size_t n)
@@ -249,6 +255,7 @@ static enum resp_next skip_ignored(struct resp_stream *s)
             return RESP_INLINE;        /* a line that starts with a bare CR: inline text */
         s->reader->pos += skip;
         s->taken += skip;
+        s->ignored += skip;
     }
 }
 
@@ -275,6 +282,7 @@ enum resp_next resp_stream_next(struct resp_stream *s, struct resp_item *it)
         return resp_stream_pending(s) >= s->max ? RESP_TOO_LARGE : RESP_MORE;
     it->raw_len = s->taken;
     s->taken = 0;
+    s->ignored = 0;
     redisReply *r = reply;
     it->type = r->type;
     if (!is_command(r)) {

@@ -25,6 +25,7 @@ struct resp_stream {
     struct buf raw;                    /* the bytes fed and not yet taken, as they came */
     bool commands;                     /* an app's commands (argv kept), else replies (types only) */
     size_t taken;                      /* bytes read of the item not yet whole (the reader's, or framed) */
+    size_t ignored;                    /* commands: of those, what Redis ignores, stepped over before it */
     size_t max;                        /* RESP_ITEM_MAX for commands, RESP_REPLY_MAX for replies */
     /* replies: the reply not yet whole, its type byte and the aggregates open in it */
     char reply_type;
@@ -57,6 +58,8 @@ enum resp_next resp_stream_next(struct resp_stream *s, struct resp_item *it);
 void resp_item_done(struct resp_stream *s, struct resp_item *it);
 /* Bytes held that no whole item accounts for yet. */
 size_t resp_stream_pending(const struct resp_stream *s);
+/* Commands: of those, the ones that may still be a command (not stepped over as ignored). */
+size_t resp_stream_pending_command(const struct resp_stream *s);
 
 /* Commands: the number of arguments, argument i (name first), and whether it is `word`
  * (ASCII case-insensitively). */

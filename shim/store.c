@@ -618,8 +618,8 @@ static bool ask_redis(struct store_request *r, const struct store_query *q, cons
 /* One fetch per key across processes, too: the first to take the key's lock fetches. */
 static bool take_lock(struct store_request *r, const struct store_query *q, struct flight *f)
 {
-    if (cfg->cache != CACHE_REDIS || r->lock_checked || !redis_available())
-        return false;
+    if (cfg->cache != CACHE_REDIS || r->lock_checked || !redis_answering())
+        return false;                  /* (in-process coalescing only, meanwhile) */
     r->lock_checked = true;
     r->app = q->app;
     free(r->poll_key);

@@ -412,7 +412,8 @@ def test_an_absolute_target_that_disagrees_with_its_request_is_not_cached(upstre
 
 
 @pytest.mark.parametrize("path", ["/custom/public/../me", "/custom/public/%2e%2e/me", "/custom/public/x/../../me",
-                                  "/custom/public/./me", "/custom/public%2f..%2fme", "/custom/public/..\\me"])
+                                  "/custom/public/./me", "/custom/public%2f..%2fme", "/custom/public/..\\me",
+                                  "/custom/public/..;x/me"])
 def test_a_path_with_dot_segments_is_not_cached(path, upstream, tmp_path):
     """A dot-segment (or an encoded dot or slash) takes a request out of the path its rule's
     glob names, where the upstream resolves it (nginx serves `/public/../api/me` as

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (JsonLineProcess, BUILD, SANITIZER_SKIP, SYS_PY, Upstream, client_env, free_port,
-                      PRELOAD, kill_group, pyclient, require_build, run, write_rules)
+                      PRELOAD, kill_group, pyclient, require_build, run, wait_until, write_rules)
 from resp import Resp
 from upstream import pattern
 from test_stats import get_stats, wait_socket
@@ -1332,3 +1332,40 @@ def test_redis_prefix_must_be_printable(prefix, cli, upstream, tmp_path):
     assert r.rc == 1 and r.err.decode().startswith("%s:3: redis_prefix: byte " % conf), r.describe()
     r = run(["/bin/sh", "-c", "exec true"], conf=conf)
     assert r.rc == 0, r.describe()
+
+
+def test_a_value_past_what_the_tier_stores_is_never_read_whole(upstream, redis, sockdir, tmp_path, clients):
+    """60 MB written by someone else under the key of a GET (redis_max_object is 1 MB):
+    the lookup's connection is dropped once the reply grows past what the tier could have
+    stored, the app's request goes upstream with the right body, and the process never
+    holds the value (its peak memory stays far below it). Before, the engine read, copied
+    and checked the whole value (three times its size in memory, and the engine busy
+    meanwhile, past redis_timeout)."""
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [(upstream, ["GET /custom* ttl=10m"])])
+    target = "/custom?tag=huge&n=100"
+    redis.cmd("SET", key(upstream, target), b"HSC1" + b"\0" * (60 << 20))
+    p = clients(conf, sockdir)
+    p.get([rq(upstream, target, n=100, tag="huge")])
+    assert upstream_hits(upstream, target) == 1, log_desc(upstream)
+    with open("/proc/%d/status" % p.pid) as f:
+        hwm_kb = int(re.search(r"^VmHWM:\s+(\d+)", f.read(), re.M).group(1))
+    assert hwm_kb < 40 * 1024, "peak memory %d kB for a 60 MB value never read whole" % hwm_kb
+    wait_until(lambda: p.redis()["errors"] >= 1, 10, "the dropped connection counted as an error")
+
+
+def test_a_frozen_redis_costs_a_miss_one_redis_timeout(upstream, redis, sockdir, tmp_path, clients):
+    """Redis frozen (SIGSTOP): its connection still looks up, so a miss waits out its
+    lookup (redis_timeout) and must not then wait again for the cross-process lock on the
+    same frozen server: the lock is asked only of a server whose lookups are answered.
+    Before, every miss during a freeze took twice redis_timeout."""
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [(upstream, ["GET /custom* ttl=10m"])])
+    Path(conf).write_text(Path(conf).read_text().replace("redis_timeout = 50ms", "redis_timeout = 400ms"))
+    p = clients(conf, sockdir)
+    p.get([rq(upstream, "/custom?tag=warm&n=10", n=10, tag="warm")])
+    redis.freeze()
+    try:
+        reps = p.get([rq(upstream, "/custom?tag=frozen%d&n=10" % i, n=10, tag="frozen%d" % i) for i in range(4)])
+    finally:
+        redis.thaw()
+    took = [r["ms"] for r in reps]
+    assert all(t < 650 for t in took), took    # one 400 ms wait each (two: 800 ms)

@@ -21,7 +21,8 @@
  * Invariants (a violation aborts):
  *  - cache_rule_for returns the first rule whose method (HEAD also matches GET) and glob
  *    match the target's path, or NULL when none does, the target has no path, or the path
- *    is not plain (a "." or ".." segment, %2e / %2f / %5c in any case, a backslash);
+ *    is not plain (a "." or ".." segment, also before a ";" parameter, %2e / %2f / %5c in
+ *    any case, a backslash);
  *  - cache_key is deterministic, never writes past cap (exactly sized heap buffers),
  *    returns the whole length when it fits and 0 when it does not (CACHE_KEY_MAX and small
  *    caps alike), and equals model_key() below byte for byte: the rule's host and port,
@@ -236,6 +237,9 @@ static bool model_plain(struct http_slice path)
         const char *slash = memchr(path.p + start, '/', path.n - start);
         size_t end = slash ? (size_t)(slash - path.p) : path.n;
         size_t len = end - start;
+        const char *semi = memchr(path.p + start, ';', len);   /* a path parameter: `..;p` is `..` */
+        if (semi)
+            len = (size_t)(semi - (path.p + start));
         if ((len == 1 && path.p[start] == '.') || (len == 2 && path.p[start] == '.' && path.p[start + 1] == '.'))
             return false;
         start = end + 1;
