@@ -740,10 +740,10 @@ def test_framing_redis_accepts_is_answered_as_direct(redis, tmp_path, sockdir):
     end, or with an inline line in it): answered as direct. Before, each closed the app's
     connection, and replies owed were lost."""
     c = cmd_text
-    cases = [{"send": [c("PING") + "\r\n" + c("ECHO", "a")]},
-             {"send": [c("PING") + "\n\r\n" + c("ECHO", "b")]},
-             {"send": ["*0\r\n" + c("PING")]},
-             {"send": ["*-1\r\n" + c("ECHO", "c")]},
+    cases = [{"send": [c("PING") + "\r\n" + c("ECHO", "a")], "expect": 14},
+             {"send": [c("PING") + "\n\r\n" + c("ECHO", "b")], "expect": 14},
+             {"send": ["*0\r\n" + c("PING")], "expect": 7},
+             {"send": ["*-1\r\n" + c("ECHO", "c")], "expect": 7},
              {"send": [c("SELECT", "2") + "DBSIZE\r\n"], "expect": 9},
              {"send": [c("SET", "k", "v") + "GET k\r\n" + c("ECHO", "d")], "expect": 19}]
     got = raw_as_direct(redis, tmp_path, sockdir, cases)

@@ -6,8 +6,9 @@ what comes back: for the framing and connection-ending cases the RESP clients ne
 
 CASES is a JSON list of {"send": [TEXT, ...], "shut": BOOL, "expect": N, "settle": S}: the
 texts (latin-1) are written one by one, then with "shut" the write side is shut down;
-the reply bytes are read until EOF, or until at least "expect" bytes came and the
-connection stayed quiet for "settle" seconds (0.3 by default; 5 s at most without a
+the reply bytes are read until EOF (with "shut", only until EOF, 5 s at most without a
+byte), or until at least "expect" bytes came and the
+connection stayed quiet for "settle" seconds (0.15 by default; 5 s at most without a
 byte). Prints one JSON line per case: {"got": TEXT, "eof": BOOL}."""
 import argparse
 import json
@@ -24,10 +25,10 @@ def one(port, case):
     if case.get("shut"):
         s.shutdown(socket.SHUT_WR)
     got, eof = b"", False
-    expect, settle = case.get("expect", 0), case.get("settle", 0.3)
+    expect, settle = case.get("expect", 0), case.get("settle", 0.15)
     deadline = time.time() + 20
     while time.time() < deadline:
-        wait = 5.0 if len(got) < expect else settle
+        wait = 5.0 if len(got) < expect or case.get("shut") else settle   # (shut: until the end)
         r, _, _ = select.select([s], [], [], wait)
         if not r:
             break
