@@ -175,7 +175,13 @@ bool tls_ca_leaf(const struct shim_config *cfg, const char *name, X509 **cert, E
         char san[300];
         snprintf(san, sizeof san, "%s:%s", ip ? "IP" : "DNS", name);
         long hours = (long)((CA.not_after - time(NULL)) / 3600) - 1;
-        X509 *x = hours > 0 ? new_cert(name, CA.leaf_key, hours) : NULL;
+        /* an address's leaf has it as its IP SAN only: a common name "127.0.0.1" reads as a
+         * host name to OpenSSL's name-constraint check (a leaf without DNS SANs has its CN
+         * checked), and with a DNS constraint in the CA as well (another upstream's name) it
+         * would fail it: the CN says what it is in words, which no check reads as a name */
+        char cn[sizeof CA.leaves[0].name + 32];
+        snprintf(cn, sizeof cn, ip ? "httpshim leaf for %s" : "%s", name);
+        X509 *x = hours > 0 ? new_cert(cn, CA.leaf_key, hours) : NULL;
         if (x && X509_set_issuer_name(x, X509_get_subject_name(CA.cert)) == 1
             && add_ext(x, CA.cert, NID_basic_constraints, "critical,CA:FALSE")
             && add_ext(x, CA.cert, NID_key_usage, "critical,digitalSignature")
