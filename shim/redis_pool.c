@@ -7,11 +7,13 @@
  * given back clean; connections of one session's own that relay bytes as they come
  * (direct); the setup of each new connection (AUTH, HELLO 3, SELECT, CLIENT SETNAME), whose replies
  * the shim reads itself and whose first success verifies the identity; and losing a
- * connection (the sessions with commands on it are told, nothing is sent again). A cold
+ * connection (the sessions with commands on it are told, nothing is sent again; identities
+ * are redis_ident.c's). A cold
  * upstream's first connection is the one the app's own connect made (pool.c). Engine
  * thread only. */
 #include "redis_pool.h"
 #include "buf.h"
+#include "redis_ident.h"
 #include "redis_known.h"
 #include "log.h"
 #include "loop.h"
@@ -19,7 +21,6 @@
 #include "real.h"
 #include "resp.h"
 #include "ring.h"
-#include "sha256.h"
 #include "stats.h"
 #include <errno.h>
 #include <hiredis/hiredis.h>
@@ -34,21 +35,6 @@
 #define RCONN_OUT_MAX      (64u << 20) /* command bytes waiting to be written to one */
 #define DIRECT_OUT_SOFT    (1u << 20)  /* a direct session stops reading its app beyond this */
 #define PROBE_RETRY_MS     2           /* a cold upstream's probe is awaited this often */
-
-struct rpool_ident {
-    struct rpool_ident *next;
-    int upstream;
-    char *user, *pass;                 /* as the app gave them (user "" for AUTH with one argument) */
-    size_t user_len, pass_len;
-    bool has_pass;
-    unsigned char pass_hash[SHA256_BYTES];
-    char db[24];
-    size_t db_len;
-    int proto;                         /* 2, or 3: its connections said HELLO 3 first */
-    bool verified;
-    unsigned refs;
-    unsigned n_shared;                 /* its shared connections */
-};
 
 enum rconn_state { RC_WAITING, RC_CONNECTING, RC_READY, RC_DEAD };
 
@@ -83,7 +69,6 @@ struct rconn {
 static struct {
     const struct shim_config *cfg;
     struct rconn *conns[RULES_MAX_UPSTREAMS];
-    struct rpool_ident *idents[RULES_MAX_UPSTREAMS];
     unsigned lent[RULES_MAX_UPSTREAMS];
 } P;
 
@@ -96,95 +81,8 @@ void redis_pool_forget(void)
     const struct shim_config *cfg = P.cfg;
     memset(&P, 0, sizeof P);           /* the parent's: their memory stays unreachable */
     P.cfg = cfg;
+    redis_idents_forget();
     redis_known_forget_parents();
-}
-
-/* ---- identities ---- */
-
-static char *copy(const char *s, size_t n)
-{
-    char *d = malloc(n + 1);
-    if (d) {
-        memcpy(d, s, n);
-        d[n] = 0;
-    }
-    return d;
-}
-
-struct rpool_ident *rpool_ident_get(int upstream, const struct rpool_who *who)
-{
-    unsigned char hash[SHA256_BYTES] = { 0 };
-    const char *db = who->db_len ? who->db : "0";
-    size_t db_len = who->db_len ? who->db_len : 1;
-    if (who->has_pass)
-        sha256(who->pass, who->pass_len, hash);
-    if (db_len >= sizeof ((struct rpool_ident *)0)->db || (who->proto != 2 && who->proto != 3))
-        return NULL;                   /* no database has so long a number */
-    for (struct rpool_ident *id = P.idents[upstream]; id; id = id->next)
-        if (id->user_len == who->user_len && !memcmp(id->user, who->user, who->user_len)
-            && id->has_pass == who->has_pass && !memcmp(id->pass_hash, hash, sizeof hash) && id->db_len == db_len
-            && !memcmp(id->db, db, db_len) && id->proto == who->proto) {
-            id->refs++;
-            return id;
-        }
-    struct rpool_ident *id = calloc(1, sizeof *id);
-    if (!id || !(id->user = copy(who->user, who->user_len))
-        || !(id->pass = copy(who->has_pass ? who->pass : "", who->has_pass ? who->pass_len : 0))) {
-        if (id)
-            free(id->user);
-        free(id);
-        return NULL;
-    }
-    id->upstream = upstream;
-    id->user_len = who->user_len;
-    id->pass_len = who->has_pass ? who->pass_len : 0;
-    id->has_pass = who->has_pass;
-    memcpy(id->pass_hash, hash, sizeof hash);
-    memcpy(id->db, db, db_len);
-    id->db_len = db_len;
-    id->proto = who->proto;
-    id->verified = rpool_ident_is_default(id);   /* (nothing to check) */
-    id->refs = 1;
-    id->next = P.idents[upstream];
-    P.idents[upstream] = id;
-    return id;
-}
-
-struct rpool_ident *rpool_ident_ref(struct rpool_ident *id)
-{
-    if (id)
-        id->refs++;
-    return id;
-}
-
-void rpool_ident_put(struct rpool_ident *id)
-{
-    if (!id || --id->refs)
-        return;
-    for (struct rpool_ident **p = &P.idents[id->upstream]; *p; p = &(*p)->next)
-        if (*p == id) {
-            *p = id->next;
-            break;
-        }
-    memset(id->pass, 0, id->pass_len);
-    free(id->pass);
-    free(id->user);
-    free(id);
-}
-
-bool rpool_ident_verified(const struct rpool_ident *id) { return id->verified; }
-bool rpool_ident_connected(const struct rpool_ident *id) { return id->n_shared > 0; }
-
-bool rpool_ident_is_default(const struct rpool_ident *id)
-{
-    return !id->has_pass && !id->user_len && id->db_len == 1 && id->db[0] == '0' && id->proto == 2;
-}
-
-struct rpool_who rpool_ident_parts(const struct rpool_ident *id)
-{
-    return (struct rpool_who){ .user = id->user, .user_len = id->user_len, .pass = id->pass,
-                               .pass_len = id->pass_len, .has_pass = id->has_pass, .db = id->db,
-                               .db_len = id->db_len, .proto = id->proto };
 }
 
 /* ---- commands of the shim's own ---- */
@@ -360,8 +258,7 @@ static void conn_close(struct rconn *c, bool lost)
     if (lost) {
         redis_known_forget(c->upstream);   /* (the server may come back as another) */
         /* and with other passwords: an identity is checked again before it is answered for */
-        for (struct rpool_ident *id = P.idents[c->upstream]; id; id = id->next)
-            id->verified = rpool_ident_is_default(id);
+        redis_idents_unverify(c->upstream);
         STAT_INC(c->upstream, redis_server_lost);
         shim_debug("redis upstream %d: a server connection was lost", c->upstream);
     }
