@@ -198,6 +198,7 @@ enum tls_outcome tls_decide(struct tls_decision *c, const struct shim_config *co
     struct tls_hello hello;
     struct tls_app_view view;
     enum tls_hello_result r = tls_hello_parse((const unsigned char *)bytes, n, &hello);
+    bool answerable = r == TLS_HELLO_OK && u->tls == TLS_INTERCEPT && tls_front_can_answer(&hello.offer);
     if (r == TLS_HELLO_NOT_TLS)
         return c->outcome = TLS_IS_NOT_TLS;
     if (r == TLS_HELLO_INCOMPLETE) {
@@ -216,11 +217,11 @@ enum tls_outcome tls_decide(struct tls_decision *c, const struct shim_config *co
     } else if (!tls_marks_take_view(hello.mark, &view) || !(c->terms = tls_front_terms_new(&view, &hello.offer))) {
         drop_store(c);
         tunnel(c, &st->tls_tunnel_no_mark, "its connection's own checks are not known (no view)");
-    } else if (!name_for(c, &hello, u) || !hello.offers_http11 || !tls_front_can_answer(&hello.offer)) {
+    } else if (!hello.offers_http11 || !answerable || !name_for(c, &hello, u)) {
         drop_store(c);
-        tunnel(c, &st->tls_tunnel_unverified, !hello.offers_http11                  ? "ALPN without http/1.1"
-                                              : !tls_front_can_answer(&hello.offer) ? "an offer the shim's leaf cannot answer"
-                                                                                    : "a name the upstream does not go by");
+        tunnel(c, &st->tls_tunnel_unverified, !hello.offers_http11 ? "ALPN without http/1.1"
+                                              : !answerable        ? "an offer the shim's leaf cannot answer"
+                                                                   : "a name the upstream does not go by");
     } else {
         upstream_dialled_text(dest, c->where, sizeof c->where);
         int verdict = verdict_of(c);

@@ -175,8 +175,8 @@ static int on_prereq(void *clientp, char *conn_primary_ip, char *conn_local_ip, 
      * card, then dropped the connection). Direct, the app's own connection would have seen
      * that end, and nothing sent twice: so does a method that is not idempotent here */
     if (t->sends++ > 0 && t->once_only) {
-        shim_debug("fd %d: a %s is not sent a second time: the connection it went on ended unanswered", t->app->fd,
-                   "request that is not idempotent");
+        shim_debug("fd %d: a request that is not idempotent is not sent a second time: the connection it went "
+                   "on ended unanswered", t->app->fd);
         return CURL_PREREQFUNC_ABORT;
     }
     if (!t->connected) {
