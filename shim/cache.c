@@ -67,24 +67,30 @@ static bool path_is_plain(struct http_slice path)
     return true;
 }
 
-const struct cache_rule *cache_rule_for(const struct upstream_rule *u, const struct http_request *req)
+/* The first cache rule of u for a request of this method to this target. */
+static const struct cache_rule *rule_for(const struct upstream_rule *u, struct http_slice method, bool head,
+                                         struct http_slice target)
 {
     struct http_slice path, query;
-    if (!u->n_cache_rules || !target_path(req->target, &path, &query) || path.n >= 4096 || !path_is_plain(path))
+    if (!u->n_cache_rules || !target_path(target, &path, &query) || path.n >= 4096 || !path_is_plain(path))
         return NULL;
     char p[4096];
     memcpy(p, path.p, path.n);
     p[path.n] = 0;
-    bool head = http_method_is(req, "HEAD");
     for (size_t i = 0; i < u->n_cache_rules; i++) {
         const struct cache_rule *r = &u->cache_rules[i];
-        bool method_ok = !strcmp(r->method, "*") || (req->method.n == strlen(r->method)
-                         && !memcmp(req->method.p, r->method, req->method.n))
+        bool method_ok = !strcmp(r->method, "*") || (method.n == strlen(r->method)
+                         && !memcmp(method.p, r->method, method.n))
                          || (head && !strcmp(r->method, "GET"));
         if (method_ok && fnmatch(r->glob, p, 0) == 0)
             return r;
     }
     return NULL;
+}
+
+const struct cache_rule *cache_rule_for(const struct upstream_rule *u, const struct http_request *req)
+{
+    return rule_for(u, req->method, http_method_is(req, "HEAD"), req->target);
 }
 
 struct keybuf { char *p; size_t n, cap; bool overflow; };
@@ -226,12 +232,42 @@ static bool put_authority(struct keybuf *k, const struct http_request *req)
     return true;
 }
 
-size_t cache_key(const struct upstream_rule *u, const struct cache_rule *r, const struct http_request *req,
-                 char *out, size_t cap)
+/* The key's first two lines, the target URI: the method (a HEAD's is GET's), the rule's
+ * upstream, the path, the query without the parameters the rule ignores, then the request's
+ * own authority (under the rule's upstream, so a spoofed Host never reaches another
+ * upstream's entries). Every entry of one target starts with them, whatever its variant,
+ * credentials or body. */
+static bool put_target(struct keybuf *k, const struct upstream_rule *u, const struct cache_rule *r,
+                       const struct http_request *req, struct http_slice method)
 {
     struct http_slice path, query;
     if (!target_path(req->target, &path, &query))
-        return 0;
+        return false;
+    put(k, method.p, method.n);
+    puts_(k, " http://");
+    puts_(k, u->label);
+    put(k, path.p, path.n);
+    bool first = true;
+    for (size_t i = 0; i < query.n;) {
+        const char *amp = memchr(query.p + i, '&', query.n - i);
+        size_t end = amp ? (size_t)(amp - query.p) : query.n;
+        const char *param = query.p + i;
+        size_t plen = end - i;
+        const char *eq = memchr(param, '=', plen);
+        size_t nlen = eq ? (size_t)(eq - param) : plen;
+        if (plen && !ignored(r, param, nlen)) {
+            put(k, first ? "?" : "&", 1);
+            put(k, param, plen);
+            first = false;
+        }
+        i = end + 1;
+    }
+    return put_authority(k, req);
+}
+
+static size_t key_as(const struct upstream_rule *u, const struct cache_rule *r, const struct http_request *req,
+                     struct http_slice method, char *out, size_t cap)
+{
     /* A cookie names a user: a shared cache must not hand that user's answer to another
      * (RFC 9111 3.5), unless the rule keys on it. */
     bool keys_cookie = rule_keys_on(r, "cookie");
@@ -242,31 +278,7 @@ size_t cache_key(const struct upstream_rule *u, const struct cache_rule *r, cons
     if (find_header(req, "range", 5, 0))
         return 0;
     struct keybuf k = { out, 0, cap, false };
-    bool head = http_method_is(req, "HEAD");
-    if (head)
-        puts_(&k, "GET");
-    else
-        put(&k, req->method.p, req->method.n);
-    puts_(&k, " http://");
-    puts_(&k, u->label);
-    put(&k, path.p, path.n);
-    bool first = true;
-    for (size_t i = 0; i < query.n;) {
-        const char *amp = memchr(query.p + i, '&', query.n - i);
-        size_t end = amp ? (size_t)(amp - query.p) : query.n;
-        const char *param = query.p + i;
-        size_t plen = end - i;
-        const char *eq = memchr(param, '=', plen);
-        size_t nlen = eq ? (size_t)(eq - param) : plen;
-        if (plen && !ignored(r, param, nlen)) {
-            put(&k, first ? "?" : "&", 1);
-            put(&k, param, plen);
-            first = false;
-        }
-        i = end + 1;
-    }
-    /* under the rule's upstream, so a spoofed Host never reaches another upstream's entries */
-    if (!put_authority(&k, req))
+    if (!put_target(&k, u, r, req, method))
         return 0;
     for (size_t i = 0; i < r->n_key_headers; i++) {
         if (!strcasecmp(r->key_headers[i], "cookie") || !strcasecmp(r->key_headers[i], "authorization")
@@ -282,6 +294,44 @@ size_t cache_key(const struct upstream_rule *u, const struct cache_rule *r, cons
     if (keys_cookie)
         put_header_hash(&k, req, "cookie");
     return k.overflow ? 0 : k.n;
+}
+
+size_t cache_key(const struct upstream_rule *u, const struct cache_rule *r, const struct http_request *req,
+                 char *out, size_t cap)
+{
+    static const struct http_slice get = { "GET", 3 };
+    return key_as(u, r, req, http_method_is(req, "HEAD") ? get : req->method, out, cap);
+}
+
+/* RFC 9111 4.4: a request of an unsafe method that succeeds makes the GET entries of its
+ * target stale. A method a rule caches (a search API's POST) is the operator's word that
+ * it reads, and a target no GET rule names has no entries. */
+size_t cache_invalidation_target(const struct upstream_rule *u, const struct http_request *req, char *target,
+                                 size_t cap, char *own, size_t own_cap, size_t *own_len)
+{
+    static const struct http_slice get = { "GET", 3 };
+    static const char *const safe[] = { "GET", "HEAD", "OPTIONS", "TRACE" };
+    *own_len = 0;
+    for (size_t i = 0; i < sizeof safe / sizeof *safe; i++)
+        if (http_method_is(req, safe[i]))
+            return 0;
+    if (cache_rule_for(u, req))
+        return 0;
+    const struct cache_rule *r = rule_for(u, get, false, req->target);
+    if (!r)
+        return 0;
+    struct keybuf k = { target, 0, cap, false };
+    if (!put_target(&k, u, r, req, get) || k.overflow)
+        return 0;
+    *own_len = key_as(u, r, req, get, own, own_cap);
+    return k.n;
+}
+
+size_t cache_key_target_len(const char *key, size_t key_len)
+{
+    const char *nl = memchr(key, '\n', key_len);
+    const char *end = nl ? memchr(nl + 1, '\n', key_len - (size_t)(nl + 1 - key)) : NULL;
+    return end ? (size_t)(end - key) : key_len;
 }
 
 bool cache_request_no_store(const struct http_request *req)

@@ -29,6 +29,8 @@ struct cache_entry {
     /* memory tier bookkeeping, under its lock */
     UT_hash_handle hh;
     struct cache_entry *lru_prev, *lru_next;
+    struct cache_entry *target_prev, *target_next;   /* the entries of one target URI */
+    struct memcache_target *target;
     bool in_tier;
     int upstream;
 };
@@ -41,6 +43,16 @@ const struct cache_rule *cache_rule_for(const struct upstream_rule *u, const str
  * the request cannot be cached (key too long). */
 size_t cache_key(const struct upstream_rule *u, const struct cache_rule *r, const struct http_request *req,
                  char *out, size_t cap);
+/* The target URI of an unsafe request (POST, PUT, DELETE, PATCH, ...) whose success makes
+ * the stored GET answers of that target stale (RFC 9111 4.4): writes the first part that
+ * every such entry's key starts with (cache_key_target_len long) into target and returns
+ * its length, 0 when the request invalidates nothing (a safe method, a method a rule
+ * caches, a target no GET rule names). *own_len: the whole key of the GET the request
+ * itself would make (its credentials, its key headers), 0 if none. */
+size_t cache_invalidation_target(const struct upstream_rule *u, const struct http_request *req, char *target,
+                                 size_t cap, char *own, size_t own_cap, size_t *own_len);
+/* How much of a key is its target URI (see above). */
+size_t cache_key_target_len(const char *key, size_t key_len);
 /* The request's body joins the key (a line with its SHA-256), when it has one: a POST its
  * rule caches, or a search API's GET that carries its query in the body, is two requests
  * for two bodies. Returns the new length, or 0 when it does not fit. */
@@ -123,6 +135,10 @@ struct cache_entry *memcache_get(const char *key, size_t key_len);
  * Takes over the caller's reference. */
 void memcache_put(struct cache_entry *e);
 size_t memcache_purge(bool (*match)(const struct cache_entry *, void *), void *arg);
+/* Removes every entry whose key starts with this target URI (cache_key_target_len),
+ * calling gone (outside the tier's lock) with each; returns how many. */
+size_t memcache_invalidate(const char *target, size_t target_len,
+                           void (*gone)(const struct cache_entry *, void *), void *arg);
 void memcache_counters(struct memcache_counters *out);
 void memcache_atfork_prepare(void);
 void memcache_atfork_release(void);

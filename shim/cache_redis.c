@@ -61,6 +61,13 @@ static int64_t exit_wait_ms;        /* redis_timeout, for the exit handler */
 static struct { char *key; size_t key_len; char token[64]; } releases[RELEASES_MAX];
 static size_t n_releases;
 
+/* Entries an unsafe request invalidated while no connection could take the DEL (RFC 9111
+ * 4.4): deleted once connected again, before the next lookup can find them. Beyond the
+ * cap they are counted (deletes_dropped) and expire by their TTL. */
+#define DELETES_MAX 256
+static struct { char *key; size_t key_len; } deletes[DELETES_MAX];
+static size_t n_deletes;
+
 static void release_later(const char *key, size_t key_len, const char *token)
 {
     if (n_releases == RELEASES_MAX || strlen(token) >= sizeof releases[0].token)
@@ -129,6 +136,12 @@ static void arm_timer(void)
  * are let go. */
 static void on_usable(void)
 {
+    size_t d = n_deletes;
+    n_deletes = 0;
+    for (size_t i = 0; i < d; i++) {
+        redis_delete(deletes[i].key, deletes[i].key_len);
+        free(deletes[i].key);
+    }
     size_t n = n_releases;
     n_releases = 0;
     for (size_t i = 0; i < n; i++) {
@@ -159,6 +172,7 @@ void redis_forget(void)
     R.timer_due_ms = -1;
     nodes_forget();
     n_releases = 0;                    /* the parent's locks: its own to release */
+    n_deletes = 0;                     /* (and its deletes: its own to send) */
     atomic_store(&writes_owed, 0);
     atomic_store(&shim_redis.connected, 0);
 }
@@ -624,6 +638,42 @@ void redis_store(const struct cache_entry *e, int64_t ttl_ms)
     }
     free(v);
     arm_timer();
+}
+
+static void on_deleted(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    (void)privdata;
+    const redisReply *r = reply;
+    bool ask;
+    nodes_replied(ac, 0);
+    if (r && r->type == REDIS_REPLY_ERROR)
+        nodes_error(ac, r, &ask);
+    atomic_fetch_sub(&writes_owed, 1);
+}
+
+void redis_delete(const char *key, size_t key_len)
+{
+    if (!R.cfg)
+        return;
+    struct redis_key rkey;
+    redis_key_of(key, key_len, false, &rkey);
+    struct redis_node *node = nodes_for_key(rkey.s, rkey.n, 1, true);
+    if (node && nodes_command(node, on_deleted, NULL, "DEL %b", rkey.s, rkey.n) == 0) {
+        atomic_fetch_add(&writes_owed, 1);   /* a process that exits now waits for it */
+        atomic_fetch_add(&shim_redis.deletes, 1);
+        nodes_write_now(node);
+        arm_timer();
+        return;
+    }
+    char *k = n_deletes < DELETES_MAX ? malloc(key_len) : NULL;
+    if (!k) {
+        atomic_fetch_add(&shim_redis.deletes_dropped, 1);
+        return;
+    }
+    memcpy(k, key, key_len);
+    deletes[n_deletes].key = k;
+    deletes[n_deletes].key_len = key_len;
+    n_deletes++;
 }
 
 /* Lookup deadlines; the connections' own (redis_nodes.c: stalls, reconnects). */

@@ -34,6 +34,9 @@ struct redis_ticket *redis_lock(const char *key, size_t key_len, const char *tok
                                 void *waiter);
 void redis_unlock(const char *key, size_t key_len, const char *token);   /* only if still ours */
 void redis_store(const struct cache_entry *e, int64_t ttl_ms);
+/* DEL of the entry stored under this cache key (an unsafe request invalidated it); sent
+ * when a connection can take it, and waited for at exit as a SET is. */
+void redis_delete(const char *key, size_t key_len);
 /* A transfer that may end in redis_store() began (+1) or ended (-1); see flush_at_exit. */
 void redis_write_owed(int delta);
 #endif

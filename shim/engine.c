@@ -492,6 +492,8 @@ static void conn_process(struct conn *c)
             || http_method_is(req, "CONNECT")) {
             shim_debug("fd %d: not relayable as HTTP (%s), tunnelling", c->side.fd,
                        r == HTTP_PARSE_ERROR ? "unparsed" : "upgrade/chunked/large body");
+            if (r == HTTP_PARSE_DONE)  /* its answer goes by unread: a POST's may have changed its URL */
+                store_invalidate_now(c->side.upstream, req);
             start_tunnel(c, r == HTTP_PARSE_ERROR ? TUNNEL_NOT_HTTP
                             : req->head_len > HEAD_MAX ? TUNNEL_TOO_LARGE : TUNNEL_OTHER);
             return;
@@ -558,7 +560,8 @@ static void conn_process(struct conn *c)
         conn_to(c, CS_UPSTREAM);
         STAT_INC(c->side.upstream, upstream_requests);
         c->side.body_left = streaming ? (uint64_t)req->content_length : 0;
-        c->xfer = upstream_start(&c->side, req, body, streaming ? (size_t)-1 : body_len, store_writer_sink(writer));
+        struct upstream_sink *sink = key_len ? store_writer_sink(writer) : store_invalidation_sink(c->side.upstream, req);
+        c->xfer = upstream_start(&c->side, req, body, streaming ? (size_t)-1 : body_len, sink);
         if (!c->xfer) {
             STAT_INC(c->side.upstream, errors_upstream);
             conn_to(c, CS_HTTP);

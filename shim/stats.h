@@ -23,6 +23,9 @@ struct upstream_stats {
     _Atomic uint64_t tls_tunnel_client_cert, tls_tunnel_unverified, tls_tunnel_unreadable;
     _Atomic uint64_t tls_upstream_verify_failed;   /* an HTTPS leg's certificate refused: not sent */
     _Atomic uint64_t evictions, expired;
+    /* RFC 9111 4.4: unsafe requests whose success invalidated their target, and the
+     * entries (variants, credentials, bodies of it) they removed from the memory tier */
+    _Atomic uint64_t invalidations, invalidated;
     /* coalescing: requests served from another request's fetch, and waits given up */
     _Atomic uint64_t coalesced, coalesce_timeouts;
     /* stale serving and revalidation */
@@ -54,6 +57,7 @@ extern struct upstream_stats shim_stats[RULES_MAX_UPSTREAMS];
 struct redis_counters {
     _Atomic uint64_t connected, hits, misses, errors, timeouts, reconnects, corrupt, unauthenticated;
     _Atomic uint64_t bytes_read, bytes_written, sets;
+    _Atomic uint64_t deletes, deletes_dropped;   /* entries an unsafe request invalidated */
     /* cross-process coalescing: lock attempts, and polls of an entry another process fetches */
     _Atomic uint64_t locks, lock_waits, lock_polls;
     _Atomic uint64_t lat[STATS_LAT_BUCKETS + 1], lat_sum_us;   /* lookups, ask to answer */

@@ -198,6 +198,8 @@ static const struct counter_def counters[] = {
     C(stored, "responses stored in the cache"),
     C(evictions, "entries evicted to keep the memory tier under memory_max"),
     C(expired, "entries dropped because their TTL had passed"),
+    C(invalidations, "unsafe requests (POST, PUT, DELETE, ...) whose success invalidated the stored GET answers of their URL"),
+    C(invalidated, "entries those requests removed from the memory tier"),
     C(bytes_from_cache, "body bytes served from the cache"),
     C(coalesced, "requests that waited on another request's fetch of the same key and were served its response"),
     C(coalesce_timeouts, "requests that waited coalesce_timeout on another's fetch and then fetched on their own"),
@@ -338,13 +340,14 @@ static void render_json(struct out *o, const struct shim_config *cfg, bool exite
     }
     appendf(o, "},\"redis\":{\"configured\":%d,\"connected\":%llu,\"hits\":%llu,\"misses\":%llu,\"errors\":%llu,"
                "\"timeouts\":%llu,\"reconnects\":%llu,\"corrupt\":%llu,\"unauthenticated\":%llu,\"bytes_read\":%llu,\"bytes_written\":%llu,"
-               "\"sets\":%llu,\"locks\":%llu,\"lock_waits\":%llu,\"lock_polls\":%llu,", cfg->cache == CACHE_REDIS,
+               "\"sets\":%llu,\"deletes\":%llu,\"deletes_dropped\":%llu,\"locks\":%llu,\"lock_waits\":%llu,\"lock_polls\":%llu,", cfg->cache == CACHE_REDIS,
             (unsigned long long)get(&shim_redis.connected), (unsigned long long)get(&shim_redis.hits),
             (unsigned long long)get(&shim_redis.misses), (unsigned long long)get(&shim_redis.errors),
             (unsigned long long)get(&shim_redis.timeouts), (unsigned long long)get(&shim_redis.reconnects),
             (unsigned long long)get(&shim_redis.corrupt), (unsigned long long)get(&shim_redis.unauthenticated),
             (unsigned long long)get(&shim_redis.bytes_read),
             (unsigned long long)get(&shim_redis.bytes_written), (unsigned long long)get(&shim_redis.sets),
+            (unsigned long long)get(&shim_redis.deletes), (unsigned long long)get(&shim_redis.deletes_dropped),
             (unsigned long long)get(&shim_redis.locks), (unsigned long long)get(&shim_redis.lock_waits),
             (unsigned long long)get(&shim_redis.lock_polls));
     char master[sizeof shim_redis.master * 6 + 8];
@@ -461,6 +464,10 @@ static void render_prometheus(struct out *o, const struct shim_config *cfg)
         { "bytes_read", "value bytes read from Redis", offsetof(struct redis_counters, bytes_read) },
         { "bytes_written", "value bytes written to Redis", offsetof(struct redis_counters, bytes_written) },
         { "sets", "entries written to Redis", offsetof(struct redis_counters, sets) },
+        { "deletes", "entries deleted from Redis because an unsafe request to their URL succeeded",
+          offsetof(struct redis_counters, deletes) },
+        { "deletes_dropped", "such deletes that could not be sent or kept for later (the entries expire by their TTL)",
+          offsetof(struct redis_counters, deletes_dropped) },
         { "locks", "fetch locks asked of Redis (one process fetches a key, the others wait)",
           offsetof(struct redis_counters, locks) },
         { "lock_waits", "misses that found another process fetching the key and waited for its entry",

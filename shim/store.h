@@ -87,6 +87,14 @@ bool store_after_fetch(struct store_request *r, enum exchange_end how);
  * every reference dropped, ready for the next request. */
 void store_request_done(struct store_request *r);
 
+/* For a request of an unsafe method (POST, PUT, DELETE, PATCH, ...) that a rule does not
+ * cache: the sink that invalidates the stored GET answers of its target once the upstream
+ * answers without an error (RFC 9111 4.4), or NULL when there is nothing to invalidate. It
+ * frees itself at its end. */
+struct upstream_sink *store_invalidation_sink(int upstream, const struct http_request *req);
+/* The same at once, for such a request whose answer the shim will not read (a tunnel). */
+void store_invalidate_now(int upstream, const struct http_request *req);
+
 /* For the app's own thread: a fresh memory hit for this request (a reference), or NULL;
  * resolves Vary like store_open, never waits, never fetches. */
 struct cache_entry *store_fresh_hit(const struct http_request *req, const char *key, size_t key_len, int64_t now_ms);

@@ -30,7 +30,7 @@ HTTPSHIM = BUILD / "httpshim"
 STATSAPP = pyclient("statsapp.py")
 
 COUNTERS = ("client_connections", "requests", "hits", "inline_hits", "misses", "stored", "evictions",
-            "expired", "bytes_from_cache", "coalesced", "coalesce_timeouts",
+            "expired", "invalidations", "invalidated", "bytes_from_cache", "coalesced", "coalesce_timeouts",
             "stale_while_revalidate", "stale_if_error", "refreshes", "revalidated", "not_modified", "upstream_requests", "upstream_conns_opened",
             "upstream_conn_reuses", "tunnels", "tunnels_tls", "tunnels_not_http", "tunnels_too_large",
             "tunnels_other", "tls_intercepted", "tls_handshake_failures",

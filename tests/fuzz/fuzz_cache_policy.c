@@ -29,6 +29,10 @@
  *    the path and the query minus ignored and empty parameters, the request's normalised
  *    authority, the key headers, Authorization and (keyed) Cookie only as SHA-256 of their
  *    lines; a Cookie the rule does not key on means no key; HEAD and GET give the same key;
+ *  - cache_invalidation_target: nothing for GET, HEAD, OPTIONS, TRACE or a method a rule
+ *    caches; otherwise, when it names a target, the key the request would have as a GET
+ *    (method GET, the GET rule for its path) is its *own key, and starts with the target,
+ *    which is exactly cache_key_target_len of it;
  *  - cache_vary_values / cache_variant_key: deterministic, bounded by cap, (size_t)-1 / 0
  *    exactly when the result does not fit, the variant key is KEY "\nvary: " VALUES;
  *  - an entry built from them matches the request it was built for;
@@ -266,6 +270,27 @@ static void check_rule_for(void)
         }
     }
     FUZZ_CHECK(got == want);
+}
+
+static void check_invalidation(void)
+{
+    static char target[CACHE_KEY_MAX], own[CACHE_KEY_MAX], as_get[CACHE_KEY_MAX];
+    size_t own_len = 1;
+    size_t t = cache_invalidation_target(&up, &req, target, sizeof target, own, sizeof own, &own_len);
+    FUZZ_CHECK(t <= sizeof target && own_len <= sizeof own && (t || !own_len));
+    static const char *const safe[] = { "GET", "HEAD", "OPTIONS", "TRACE" };
+    for (size_t i = 0; i < sizeof safe / sizeof *safe; i++)
+        FUZZ_CHECK(!t || !http_method_is(&req, safe[i]));
+    FUZZ_CHECK(!t || !cache_rule_for(&up, &req));
+    if (!t)
+        return;
+    struct http_request g = req;
+    g.method = (struct http_slice){ "GET", 3 };
+    const struct cache_rule *get_rule = cache_rule_for(&up, &g);
+    FUZZ_CHECK(get_rule != NULL);
+    size_t n = cache_key(&up, get_rule, &g, as_get, sizeof as_get);
+    FUZZ_CHECK(n == own_len && !memcmp(own, as_get, n));
+    FUZZ_CHECK(!own_len || (cache_key_target_len(own, own_len) == t && !memcmp(own, target, t)));
 }
 
 /* cache_key into an exactly sized heap buffer of cap bytes (one byte when cap is 0). */
@@ -936,6 +961,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             rules[i].status[rules[i].n_status++] = 200;
 
     check_rule_for();
+    check_invalidation();
     size_t no_rules = up.n_cache_rules;
     up.n_cache_rules = 0;
     FUZZ_CHECK(cache_rule_for(&up, &req) == NULL);
