@@ -4,10 +4,13 @@
  * libcurl's one timer. Engine thread only; upstream.c owns the multi handle. */
 #include "curl_loop.h"
 #include "fdtable.h"
+#include "log.h"
 #include "loop.h"
+#include "real.h"
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 struct curl_sock { struct loop_source src; struct loop_deferred reclaim; bool parked; };
 
@@ -75,10 +78,30 @@ static struct curl_sock *sock_unpark(int fd)
     return cs;
 }
 
+/* Bytes on an idle pooled connection answer no request (sent past a Content-Length, a
+ * body after a HEAD, a 204 or a 304, in a segment of their own): libcurl would take the
+ * connection as alive and read them as the next request's answer, another app
+ * connection's. The connection is shut both ways and what waits is read away, so that
+ * libcurl's own check before it reuses a connection finds it ended (anything the upstream
+ * sends after the shutdown resets it) and opens another. At most 256 KiB is read: past
+ * that the socket still refuses the next send, and libcurl sends the request again on a
+ * new connection, as for any reused connection that died. */
+static void disown_unasked_bytes(int fd)
+{
+    char scrap[16384];
+    if (recv(fd, scrap, 1, MSG_PEEK | MSG_DONTWAIT) != 1)
+        return;                        /* ended, or nothing after all: libcurl sees to it */
+    shim_debug("an idle upstream connection (fd %d) sent bytes no request asked for: shut", fd);
+    real_shutdown(fd, SHUT_RDWR);
+    for (int i = 0; i < 16 && recv(fd, scrap, sizeof scrap, MSG_DONTWAIT) > 0; i++)
+        ;
+}
+
 static void on_socket(struct loop_source *src, uint32_t events)
 {
     struct curl_sock *cs = (struct curl_sock *)(void *)((char *)src - offsetof(struct curl_sock, src));
     if (cs->parked) {                  /* an idle connection spoke: closed, or unasked bytes */
+        disown_unasked_bytes(cs->src.fd);
         sock_release(cs);
         return;
     }
@@ -144,6 +167,21 @@ void curl_loop_attach(CURLM *m)
     multi = m;
     curl_multi_setopt(m, CURLMOPT_SOCKETFUNCTION, on_curl_socket);
     curl_multi_setopt(m, CURLMOPT_TIMERFUNCTION, on_curl_timer);
+}
+
+void curl_loop_watch_idle(curl_socket_t fd)
+{
+    if (fd < 0 || fd >= FDTABLE_MAX || (fd < parked_cap && parked[fd]))
+        return;                        /* (parked when libcurl let go of it: the usual case) */
+    struct curl_sock *cs = calloc(1, sizeof *cs);
+    if (!cs)
+        return;
+    if (loop_add(&cs->src, fd, EPOLLIN, on_socket) != 0) {
+        free(cs);
+        return;
+    }
+    if (!sock_park(cs))
+        sock_release(cs);
 }
 
 void curl_loop_closing(int fd)

@@ -5,6 +5,10 @@
 
 /* Drives m from the loop: its socket and timer callbacks are set here. */
 void curl_loop_attach(CURLM *m);
+/* A transfer ended and left its connection in libcurl's pool on fd: it is watched while
+ * idle (parked), also when libcurl never asked for it to be (a transfer that completed
+ * without waiting), so that bytes no request asked for are heard before a reuse. */
+void curl_loop_watch_idle(curl_socket_t fd);
 /* libcurl is closing fd (its close-socket callback): out of the epoll set first. */
 void curl_loop_closing(int fd);
 /* A forked child: the parent's handle, sockets and timer are never touched again. */

@@ -842,6 +842,9 @@ void upstream_reap(void)
             continue;
         }
         struct app_side *c = t->app;
+        curl_socket_t kept = CURL_SOCKET_BAD;   /* its connection, if libcurl keeps it */
+        if (curl_easy_getinfo(msg->easy_handle, CURLINFO_ACTIVESOCKET, &kept) == CURLE_OK)
+            curl_loop_watch_idle(kept);
         bool ok = result == CURLE_OK && t->head_done;
         if (ok && !t->absorbed && (send_head(t) != 0 || (t->mode == BODY_CHUNKED && last_chunk(t) != 0)))
             ok = false;

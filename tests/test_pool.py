@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -310,6 +311,107 @@ for i in range(4):
     out.append({"body": body.decode(), "idle_cpu_ticks": engine_cpu() - c0})
 print(json.dumps(out))
 """
+
+
+UNASKED = b"HTTP/1.1 200 OK\r\nContent-Length: 23\r\n\r\nINJECTED-BY-AN-UPSTREAM"
+UNASKED_CLIENT = r"""
+import http.client, json, sys, time
+port = int(sys.argv[1])
+def req(method, path):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        c.request(method, path)
+        r = c.getresponse()
+        return "%d %s" % (r.status, r.read().decode())
+    finally:
+        c.close()
+out = []
+for i, (method, first) in enumerate((("GET", "/late"), ("HEAD", "/head"), ("GET", "/nocontent"),
+                                     ("GET", "/bye408"))):
+    out.append([req(method, first)])
+    time.sleep(0.3)                    # the unasked bytes arrive on the idle pooled connection
+    out[-1] += [req("GET", "/user/bob%d" % i), req("GET", "/user/carol%d" % i)]
+print(json.dumps(out))
+"""
+
+
+def test_bytes_an_idle_pooled_connection_was_never_asked_for_reach_no_one(tmp_path):
+    """An upstream that says something after an answer has ended, in a segment of its own
+    (more than its Content-Length, a body after a HEAD or a 204, a 408 before it closes an
+    idle connection): libcurl 7.88 takes a connection with bytes waiting as alive, and read
+    them as the answer to the next request on it, another app connection's (another user's:
+    bob got the injected answer, carol got bob's). The engine watches every idle pooled
+    connection, also one whose transfer never waited, and shuts one that speaks: each user
+    gets their own answer, as direct."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    port = srv.getsockname()[1]
+    stop = threading.Event()
+
+    def serve(conn):
+        with conn:
+            conn.settimeout(10)
+            buf = b""
+            while not stop.is_set():
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                buf += data
+                while b"\r\n\r\n" in buf:
+                    head, buf = buf.split(b"\r\n\r\n", 1)
+                    path = head.split(b" ")[1].decode()
+                    if path == "/late":
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+                        time.sleep(0.1)
+                        conn.sendall(UNASKED)
+                    elif path == "/head":
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(UNASKED))
+                        time.sleep(0.1)
+                        conn.sendall(UNASKED)
+                    elif path == "/nocontent":
+                        conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+                        time.sleep(0.1)
+                        conn.sendall(UNASKED)
+                    elif path == "/bye408":
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye")
+                        time.sleep(0.1)
+                        conn.sendall(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+                        return
+                    else:
+                        time.sleep(0.02)
+                        body = ("private data of %s" % path.rsplit("/", 1)[-1]).encode()
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def accept():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        conf = write_rules(tmp_path, [], raw="[global]\npool_max_per_host = 1\n\n[upstream 127.0.0.1:%d]\n"
+                           "cache GET /user/* ttl=1m\n" % port)   # (each user's path its own)
+        direct = run([SYS_PY, "-c", UNASKED_CLIENT, port], shim=False, timeout=60)
+        shimmed = run([SYS_PY, "-c", UNASKED_CLIENT, port], conf=conf, timeout=60)
+        assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
+        want = [["200 hello"], ["200 "], ["204 "], ["200 bye"]]
+        for i, w in enumerate(want):
+            w += ["200 private data of bob%d" % i, "200 private data of carol%d" % i]
+        assert jlines(direct.out)[0] == want, direct.out
+        assert jlines(shimmed.out)[0] == want, shimmed.describe()
+    finally:
+        stop.set()
+        srv.close()
+        t.join(5)
 
 
 def test_an_upstream_closing_an_idle_pooled_connection_is_heard(tmp_path, sockdir):
