@@ -265,9 +265,40 @@ static bool put_target(struct keybuf *k, const struct upstream_rule *u, const st
     return put_authority(k, req);
 }
 
+/* Whether a Connection header names anything but the connection's own options: a header
+ * it names does not reach the upstream (RFC 9110 7.6.1), so an answer keyed or varied on
+ * its value (Authorization, a key header, Accept-Language behind a Vary) would be stored
+ * for a value the upstream never saw. */
+static bool connection_names_a_field(const struct http_request *req)
+{
+    static const char *const own[] = { "close", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
+                                       "proxy-connection" };
+    for (const struct http_header *h = find_header(req, "connection", 10, 0); h;
+         h = find_header(req, "connection", 10, (size_t)(h - req->headers) + 1)) {
+        struct http_slice v = h->value;
+        for (size_t i = 0; i < v.n;) {
+            while (i < v.n && (v.p[i] == ',' || v.p[i] == ' ' || v.p[i] == '\t'))
+                i++;
+            size_t start = i;
+            while (i < v.n && v.p[i] != ',' && v.p[i] != ' ' && v.p[i] != '\t')
+                i++;
+            if (i == start)
+                continue;
+            bool known = false;
+            for (size_t k = 0; k < sizeof own / sizeof *own && !known; k++)
+                known = strlen(own[k]) == i - start && !strncasecmp(own[k], v.p + start, i - start);
+            if (!known)
+                return true;
+        }
+    }
+    return false;
+}
+
 static size_t key_as(const struct upstream_rule *u, const struct cache_rule *r, const struct http_request *req,
                      struct http_slice method, char *out, size_t cap)
 {
+    if (connection_names_a_field(req))
+        return 0;
     /* A cookie names a user: a shared cache must not hand that user's answer to another
      * (RFC 9111 3.5), unless the rule keys on it. */
     bool keys_cookie = rule_keys_on(r, "cookie");

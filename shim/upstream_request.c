@@ -117,8 +117,10 @@ int upreq_build(CURL *e, const struct shim_config *cfg, const struct upstream_ru
     for (size_t i = 0; i < req->nheaders; i++) {
         struct http_slice n = req->headers[i].name, v = req->headers[i].value;
         wants_trailers |= http_slice_ieq(n, "te") && http_list_has_token(v, "trailers");
+        /* (Host is for every hop, whatever a Connection header says: without it libcurl
+         * would send its own, and a name-based upstream would answer for another site) */
         if (http_is_hop_by_hop(n) || http_slice_ieq(n, "content-length") || http_slice_ieq(n, "expect")
-            || named_in_connection(req, n))
+            || (named_in_connection(req, n) && !http_slice_ieq(n, "host")))
             continue;
         if (own_validators && (http_slice_ieq(n, "if-none-match") || http_slice_ieq(n, "if-modified-since")))
             continue;                  /* the cache's go instead: the answer is for its entry */
@@ -138,8 +140,12 @@ int upreq_build(CURL *e, const struct shim_config *cfg, const struct upstream_ru
      * asks for. Its transfer codings are not: libcurl would not undo them. */
     if (wants_trailers && (add_header(headers, "TE: trailers") || add_header(headers, "Connection: TE")))
         return -1;
+    /* An HTTP/1.1 request without Host goes as the app sent it (the upstream refuses it as
+     * it would direct); an HTTP/1.0 one may lack it, but goes on as HTTP/1.1, which must
+     * carry one: libcurl's, the upstream's name and port, is kept */
     if ((!has_accept && add_header(headers, "Accept:")) || add_header(headers, "Expect:")
-        || (!req->has_host && add_header(headers, "Host:")) || (!has_type && add_header(headers, "Content-Type:")))
+        || (!req->has_host && req->minor_version > 0 && add_header(headers, "Host:"))
+        || (!has_type && add_header(headers, "Content-Type:")))
         return -1;
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, *headers);
 

@@ -55,9 +55,9 @@ def simple_conf(tmp, up, *rules, **kw):
 def rq(up, target, method="GET", headers=(), version="HTTP/1.1", close=True, body=None,
        host=None):
     """One request for cacheclient.py. close: HTTP/1.1 sends `Connection: close`;
-    HTTP/1.0 sends `Connection: keep-alive` unless close."""
+    HTTP/1.0 sends `Connection: keep-alive` unless close. host=False: no Host line."""
     lines = ["%s %s %s" % (method, target, version)]
-    if "host" not in [h.split(":", 1)[0].strip().lower() for h in headers]:
+    if host is not False and "host" not in [h.split(":", 1)[0].strip().lower() for h in headers]:
         lines.append("Host: %s" % (host or "127.0.0.1:%d" % up.port))
     lines += list(headers)
     if version == "HTTP/1.1" and close:
@@ -977,3 +977,28 @@ def test_geo_lookups_demo_client(upstream, tmp_path):
         sorted("/v3/ip/%s" % a for a in addrs), log_desc(upstream)
     doc = json.loads(geo_document("8.8.8.8"))
     assert doc["ip"] == "8.8.8.8" and 1000 <= len(geo_document("8.8.8.8")) <= 1400
+
+
+def test_a_connection_header_never_takes_host_and_never_keys_what_the_upstream_did_not_see(upstream, tmp_path):
+    """`Connection: close, host` named Host as hop-by-hop: it was dropped, libcurl sent its
+    own (the rule's address), a name-based upstream answered for another site, and the
+    cache stored that answer under the app's Host for every later request of it. Host now
+    always goes; and a request whose Connection names a header (its value never reaches the
+    upstream: Authorization, a key header, one a Vary names) is neither stored nor answered
+    from the cache. An HTTP/1.0 request without Host goes upstream as HTTP/1.1, with one."""
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=10m key_headers=X-Tenant")
+    t = "/custom?tag=conn"
+    p = play(tmp_path, conf, [get(upstream, t, host="shop.example", headers=["Connection: host"]),   # a
+                              get(upstream, t, host="shop.example"),                                  # b
+                              get(upstream, t, host="shop.example"),                                  # b
+                              get(upstream, t + "2", headers=["X-Tenant: one", "Connection: x-tenant"]),   # c
+                              get(upstream, t + "2", headers=["X-Tenant: one"]),                      # d
+                              get(upstream, t + "2", headers=["X-Tenant: one"]),                      # d
+                              get(upstream, "/custom?tag=ten", version="HTTP/1.0", host=False)])         # e
+    assert_sources(p, upstream, "abbcdde")
+    log = [e for e in upstream.stats()["log"] if e.get("kind") == "http"]
+    hosts = [[v for k, v in e["headers"] if k.lower() == "host"] for e in log]
+    assert hosts[:2] == [["shop.example"], ["shop.example"]], hosts
+    tenants = [[v for k, v in e["headers"] if k.lower() == "x-tenant"] for e in log]
+    assert tenants[2:4] == [[], ["one"]], tenants
+    assert log[4]["version"] == "HTTP/1.1" and hosts[4] == ["127.0.0.1:%d" % upstream.port], log[4]

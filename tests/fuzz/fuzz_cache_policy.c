@@ -28,7 +28,8 @@
  *    caps alike), and equals model_key() below byte for byte: the rule's host and port,
  *    the path and the query minus ignored and empty parameters, the request's normalised
  *    authority, the key headers, Authorization and (keyed) Cookie only as SHA-256 of their
- *    lines; a Cookie the rule does not key on means no key; HEAD and GET give the same key;
+ *    lines; a Cookie the rule does not key on, or a Connection line naming anything but
+ *    the connection's own options, means no key; HEAD and GET give the same key;
  *  - cache_invalidation_target: nothing for GET, HEAD, OPTIONS, TRACE or a method a rule
  *    caches; otherwise, when it names a target, the key the request would have as a GET
  *    (method GET, the GET rule for its path) is its *own key, and starts with the target,
@@ -366,6 +367,43 @@ static void emit_hash_line(struct out *o, const struct http_request *r, const ch
  * (no path, a Cookie the rule does not key on, two Host lines, an over-long authority; an
  * absolute-form target whose scheme is not http, that carries userinfo, or whose
  * authority is not the Host header's, case and ":80" aside). */
+/* A Connection line that lists a token other than the connection's own options (close,
+ * keep-alive, te, trailer, transfer-encoding, upgrade, proxy-connection; any case): tokens
+ * are what lies between commas, spaces and tabs. */
+static bool connection_names_field(const struct http_request *r)
+{
+    static const char *const own[] = { "close", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
+                                       "proxy-connection" };
+    for (size_t h = 0; h < r->nheaders; h++) {
+        if (r->headers[h].name.n != 10 || strncasecmp(r->headers[h].name.p, "connection", 10))
+            continue;
+        char tok[64];
+        size_t t = 0;
+        struct http_slice v = r->headers[h].value;
+        for (size_t i = 0; i <= v.n; i++) {
+            bool sep = i == v.n || v.p[i] == ',' || v.p[i] == ' ' || v.p[i] == '\t';
+            if (!sep) {
+                if (t < sizeof tok - 1)
+                    tok[t] = v.p[i];
+                t++;
+                continue;
+            }
+            if (!t)
+                continue;
+            bool known = false;
+            if (t < sizeof tok) {
+                tok[t] = 0;
+                for (size_t k = 0; k < sizeof own / sizeof *own; k++)
+                    known |= !strcasecmp(tok, own[k]);
+            }
+            if (!known)
+                return true;
+            t = 0;
+        }
+    }
+    return false;
+}
+
 static size_t model_key(const struct cache_rule *rule, const struct http_request *r, char *buf, size_t cap)
 {
     struct http_slice path, query;
@@ -375,6 +413,8 @@ static size_t model_key(const struct cache_rule *rule, const struct http_request
     for (size_t i = 0; i < rule->n_key_headers; i++)
         keys_cookie |= !strcasecmp(rule->key_headers[i], "cookie");
     if (!keys_cookie && next_named(r, "cookie", 0))
+        return 0;
+    if (connection_names_field(r))
         return 0;
     struct out o = { buf, 0, cap };
     if (http_method_is(r, "HEAD"))
