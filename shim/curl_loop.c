@@ -3,6 +3,7 @@
  * for input only, instead of leaving and rejoining the set between its transfers) and
  * libcurl's one timer. Engine thread only; upstream.c owns the multi handle. */
 #include "curl_loop.h"
+#include <arpa/inet.h>
 #include "fdtable.h"
 #include "log.h"
 #include "loop.h"
@@ -12,7 +13,47 @@
 #include <string.h>
 #include <sys/socket.h>
 
-struct curl_sock { struct loop_source src; struct loop_deferred reclaim; bool parked; };
+/* parked: out of libcurl's set, watched for input only; idle: parked because its transfer
+ * ended and libcurl keeps the connection (not because a transfer is paused) */
+struct curl_sock {
+    struct loop_source src;
+    struct loop_deferred reclaim;
+    bool parked, idle;
+    CURL *left_by;                     /* the transfer whose end (or pause) parked it */
+    uint16_t local_port, peer_port;    /* idle: how a transfer taking it up names it */
+    struct curl_sock *idle_prev, *idle_next;
+};
+static struct curl_sock *idle_head;    /* the idle ones */
+
+static void idle_clear(struct curl_sock *cs)
+{
+    if (!cs->idle)
+        return;
+    if (cs->idle_prev)
+        cs->idle_prev->idle_next = cs->idle_next;
+    else
+        idle_head = cs->idle_next;
+    if (cs->idle_next)
+        cs->idle_next->idle_prev = cs->idle_prev;
+    cs->idle_prev = cs->idle_next = NULL;
+    cs->idle = false;
+}
+
+static void idle_set(struct curl_sock *cs)
+{
+    union shim_sockaddr local, peer;
+    socklen_t ll = sizeof local, pl = sizeof peer;
+    if (cs->idle || real_getsockname(cs->src.fd, &local.sa, &ll) != 0 || real_getpeername(cs->src.fd, &peer.sa, &pl) != 0)
+        return;
+    cs->local_port = ntohs(local.sa.sa_family == AF_INET6 ? local.in6.sin6_port : local.in.sin_port);
+    cs->peer_port = ntohs(peer.sa.sa_family == AF_INET6 ? peer.in6.sin6_port : peer.in.sin_port);
+    cs->idle = true;
+    cs->idle_prev = NULL;
+    cs->idle_next = idle_head;
+    if (idle_head)
+        idle_head->idle_prev = cs;
+    idle_head = cs;
+}
 
 static CURLM *multi;
 static struct loop_timer curl_timer;
@@ -38,6 +79,7 @@ static void sock_release(struct curl_sock *cs)
     if (cs->parked && cs->src.fd < parked_cap && parked[cs->src.fd] == cs)
         parked[cs->src.fd] = NULL;
     cs->parked = false;
+    idle_clear(cs);
     loop_remove(&cs->src);
     loop_defer(&cs->reclaim, reclaim_sock);
 }
@@ -74,6 +116,7 @@ static struct curl_sock *sock_unpark(int fd)
     if (cs) {
         parked[fd] = NULL;
         cs->parked = false;
+        idle_clear(cs);
     }
     return cs;
 }
@@ -100,8 +143,9 @@ static void disown_unasked_bytes(int fd)
 static void on_socket(struct loop_source *src, uint32_t events)
 {
     struct curl_sock *cs = (struct curl_sock *)(void *)((char *)src - offsetof(struct curl_sock, src));
-    if (cs->parked) {                  /* an idle connection spoke: closed, or unasked bytes */
-        disown_unasked_bytes(cs->src.fd);
+    if (cs->parked) {                  /* a parked connection spoke: closed, or unasked bytes */
+        if (cs->idle)                  /* (a paused transfer's is its answer arriving) */
+            disown_unasked_bytes(cs->src.fd);
         sock_release(cs);
         return;
     }
@@ -113,11 +157,11 @@ static void on_socket(struct loop_source *src, uint32_t events)
 
 static int on_curl_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
 {
-    (void)easy;
     (void)userp;
     struct curl_sock *cs = socketp;
     if (what == CURL_POLL_REMOVE) {
         if (cs) {
+            cs->left_by = easy;        /* a transfer that ended, or one that paused */
             curl_multi_assign(multi, s, NULL);
             if (!sock_park(cs))
                 sock_release(cs);
@@ -169,10 +213,19 @@ void curl_loop_attach(CURLM *m)
     curl_multi_setopt(m, CURLMOPT_TIMERFUNCTION, on_curl_timer);
 }
 
-void curl_loop_watch_idle(curl_socket_t fd)
+void curl_loop_watch_idle(curl_socket_t fd, CURL *ended)
 {
-    if (fd < 0 || fd >= FDTABLE_MAX || (fd < parked_cap && parked[fd]))
-        return;                        /* (parked when libcurl let go of it: the usual case) */
+    if (fd < 0 || fd >= FDTABLE_MAX)
+        return;
+    if (fd < parked_cap && parked[fd]) {
+        /* parked when this transfer let go of it (the usual case), not by a later one that
+         * took the connection up and paused */
+        if (parked[fd]->left_by == ended)
+            idle_set(parked[fd]);
+        return;
+    }
+    /* never watched (the transfer never waited); one a later transfer is using is in the
+     * set already, and the add fails */
     struct curl_sock *cs = calloc(1, sizeof *cs);
     if (!cs)
         return;
@@ -180,8 +233,19 @@ void curl_loop_watch_idle(curl_socket_t fd)
         free(cs);
         return;
     }
-    if (!sock_park(cs))
+    if (sock_park(cs))
+        idle_set(cs);
+    else
         sock_release(cs);
+}
+
+void curl_loop_taken(unsigned local_port, unsigned peer_port)
+{
+    for (struct curl_sock *cs = idle_head, *next; cs; cs = next) {
+        next = cs->idle_next;
+        if (cs->local_port == local_port && cs->peer_port == peer_port)
+            idle_clear(cs);            /* (its answer may arrive while it is parked: a pause) */
+    }
 }
 
 void curl_loop_closing(int fd)
@@ -197,5 +261,6 @@ void curl_loop_forget(void)
     curl_timer.slot = 0;
     orphaned_parked = parked;          /* the parent's sockets (its loop is forgotten too): */
     parked = NULL;                     /* kept, not freed, in a forked child's atfork handler */
+    idle_head = NULL;
     parked_cap = 0;
 }

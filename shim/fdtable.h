@@ -64,6 +64,8 @@ struct fd_entry {
     _Atomic int heard;
     void *owner;                       /* FD_ENGINE: the engine's object for it (engine thread) */
     unsigned forks_at_divert;          /* FD_DIVERTED: fdtable_forks() when it was diverted */
+    _Atomic int connect_in_progress;   /* FD_DIVERTED: its connect said EINPROGRESS, and the next
+                                        * connect says 0 (then EISCONN), as TCP's would */
     _Atomic int made;                  /* enum fd_made */
     unsigned made_forks;               /* fdtable_forks() at socket(): older, a forked process holds it too */
     int made_family;

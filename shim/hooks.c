@@ -375,8 +375,10 @@ enum divert_result hooks_try_divert(int fd, const struct sockaddr *addr, socklen
      * table is trusted as the write hooks trust it (every close libc makes of an app's
      * socket is interposed); an fd older than the last fork, which a child may have closed
      * and made again, is checked by its inode */
-    const struct fd_entry *already = fdtable_if_diverted(fd);
+    struct fd_entry *already = fdtable_if_diverted(fd);
     if (already && (already->forks_at_divert == fdtable_forks() || fdtable_diverted(fd))) {
+        if (atomic_exchange(&already->connect_in_progress, 0))
+            return DIVERTED_AGAIN;     /* the connect in progress completed: 0, once */
         errno = EISCONN;
         return FAILED;
     }
@@ -479,6 +481,11 @@ void hooks_probe_settled(int fd, struct fd_entry *e, int err)
     if (!sockrecord_facts(e, dest.sa.sa_family, &facts))
         facts = (struct socket_facts){ e->probe_file_flags, -1, MADE_SET_OWNER | MADE_SET_OPTS };
     probe_connected(fd, e->upstream, &dest, e->peer_len, &facts, e->probe_held);
+    /* a non-blocking probe's connect said EINPROGRESS: its next connect says 0, as TCP's
+     * would (the connect-again path that settled it clears this: it said 0 itself) */
+    struct fd_entry *d = fdtable_if_diverted(fd);
+    if (d)
+        atomic_store(&d->connect_in_progress, (facts.file_flags & O_NONBLOCK) != 0);
 }
 
 /* Whether a bind names nothing: the wildcard address and port 0, which connect would
@@ -521,8 +528,12 @@ SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
     if (probing) {                     /* connect again on a connect in progress */
         int rc = real_connect(fd, addr, len);
         int err = errno;
-        if (rc == 0 || err == EISCONN)
+        if (rc == 0 || err == EISCONN) {
             hooks_probe_settled(fd, probing, 0);
+            struct fd_entry *d = fdtable_if_diverted(fd);
+            if (d)
+                atomic_store(&d->connect_in_progress, 0);
+        }
         else if (err != EALREADY && err != EINPROGRESS)
             hooks_probe_settled(fd, probing, err);
         errno = err;
@@ -539,9 +550,15 @@ SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
     case PROBE_CONNECTED:
         errno = saved;
         return 0;
+    case DIVERTED_AGAIN:
+        errno = saved;
+        return 0;
     case DIVERTED:
         break;
     }
+    struct fd_entry *e = fdtable_if_diverted(fd);
+    if (e)
+        atomic_store(&e->connect_in_progress, nonblock);
     if (nonblock) {                    /* what a real non-blocking TCP connect says */
         errno = EINPROGRESS;
         return -1;

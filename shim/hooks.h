@@ -5,7 +5,8 @@
 #include <sys/socket.h>
 #include "fdtable.h"
 
-enum divert_result { NOT_OURS, DIVERTED, FAILED, PROBE_CONNECTED, PROBING };
+/* DIVERTED_AGAIN: a second connect on a diverted fd whose first said EINPROGRESS (0) */
+enum divert_result { NOT_OURS, DIVERTED, DIVERTED_AGAIN, FAILED, PROBE_CONNECTED, PROBING };
 /* A connect (or a fast-open send) to addr on fd: diverted, connecting for real while the
  * pool is cold, or none of the shim's business. */
 enum divert_result hooks_try_divert(int fd, const struct sockaddr *addr, socklen_t len, bool *nonblock,

@@ -17,6 +17,7 @@
 #include <netdb.h>
 #include <netinet/tcp.h>
 #include <stdarg.h>
+#include <limits.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <stdio.h>
@@ -45,8 +46,10 @@ static ssize_t diverted_write(int fd, struct fd_entry *e, struct write_call *w)
 {
     struct iovec one = { (void *)w->buf, w->n };
     const struct iovec *iov = w->kind == CALL_SENDMSG ? w->msg->msg_iov : w->kind == CALL_WRITEV ? w->iov : &one;
-    int cnt = w->kind == CALL_SENDMSG ? (int)w->msg->msg_iovlen : w->kind == CALL_WRITEV ? w->iovcnt : 1;
-    return fastpath_write(config_loaded(), fd, e, iov, cnt, do_real_write, w);
+    size_t cnt = w->kind == CALL_SENDMSG ? w->msg->msg_iovlen : w->kind == CALL_WRITEV ? (size_t)w->iovcnt : 1;
+    if (cnt > IOV_MAX)                 /* refused by the kernel, nothing written: never answered inline */
+        return do_real_write(w);
+    return fastpath_write(config_loaded(), fd, e, iov, (int)cnt, do_real_write, w);
 }
 
 /* A cold pool's probe the app never asked about (it waited for the socket to be writable
@@ -166,9 +169,16 @@ SHIM_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
         struct write_call w = { .fd = fd, .msg = &connected, .flags = flags & ~MSG_FASTOPEN, .kind = CALL_SENDMSG };
         return diverted_write(fd, e, &w);
     }
-    if (__builtin_expect(!e || shim_in_engine, 1) || !msg || msg->msg_name || msg->msg_controllen
+    if (__builtin_expect(!e || shim_in_engine, 1) || !msg || msg->msg_controllen
         || (flags & (MSG_OOB | MSG_FASTOPEN)))
         return real_sendmsg(fd, msg, flags);
+    struct msghdr connected;
+    if (msg->msg_name) {               /* a connected TCP socket ignores the address */
+        connected = *msg;
+        connected.msg_name = NULL;
+        connected.msg_namelen = 0;
+        msg = &connected;
+    }
     struct write_call w = { .fd = fd, .msg = msg, .flags = flags, .kind = CALL_SENDMSG };
     return diverted_write(fd, e, &w);
 }
@@ -308,7 +318,8 @@ SHIM_EXPORT int __dprintf_chk(int fd, int flag, const char *fmt, ...)
 SHIM_EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr, socklen_t len)
 {
     real_bind();
-    if (!addr && !(flags & (MSG_OOB | MSG_FASTOPEN)) && !shim_in_engine) {   /* a connected send */
+    if (!(flags & (MSG_OOB | MSG_FASTOPEN)) && !shim_in_engine) {
+        /* a send on a connected TCP socket, whose address (if any) TCP ignores */
         struct fd_entry *e = written_to(fd);
         if (e) {
             struct write_call w = { .fd = fd, .buf = buf, .n = n, .flags = flags, .kind = CALL_SEND };

@@ -164,8 +164,7 @@ static int on_prereq(void *clientp, char *conn_primary_ip, char *conn_local_ip, 
     struct transfer *t = clientp;
     (void)conn_primary_ip;
     (void)conn_local_ip;
-    (void)conn_primary_port;
-    (void)conn_local_port;
+    curl_loop_taken((unsigned)conn_local_port, (unsigned)conn_primary_port);
     if (t->pin && !pin_holds(t)) {
         t->pin_refused = true;
         return CURL_PREREQFUNC_ABORT;
@@ -844,7 +843,7 @@ void upstream_reap(void)
         struct app_side *c = t->app;
         curl_socket_t kept = CURL_SOCKET_BAD;   /* its connection, if libcurl keeps it */
         if (curl_easy_getinfo(msg->easy_handle, CURLINFO_ACTIVESOCKET, &kept) == CURLE_OK)
-            curl_loop_watch_idle(kept);
+            curl_loop_watch_idle(kept, msg->easy_handle);
         bool ok = result == CURLE_OK && t->head_done;
         if (ok && !t->absorbed && (send_head(t) != 0 || (t->mode == BODY_CHUNKED && last_chunk(t) != 0)))
             ok = false;

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Socket API behaviour on a (possibly diverted) connection; prints one JSON line.
   sockapi.py --port P --path /bytes/N
-Checks: a second connect() -> EISCONN; the request works on a dup()ed fd after the
-original is closed; the answer arrives; getsockopt(SO_TYPE) is SOCK_STREAM."""
+Checks: a second connect() -> EISCONN (after a non-blocking one: 0, then EISCONN); the
+request works on a dup()ed fd after the original is closed; the answer arrives;
+getsockopt(SO_TYPE) is SOCK_STREAM; sendto() and sendmsg() with an address (which TCP
+ignores) send; writev() of more than IOV_MAX buffers fails with EINVAL, nothing sent."""
 import argparse
 import errno
 import glob
@@ -36,6 +38,21 @@ def main():
     rep["recheck_after_nonblocking"] = [t.connect_ex(("127.0.0.1", a.port)),
                                         t.connect_ex(("127.0.0.1", a.port))]
     t.close()
+    addr = ("127.0.0.1", a.port)
+    req = ("GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (a.path, a.port)).encode()
+    for how in ("sendto", "sendmsg", "writev_over_iov_max"):
+        u = socket.create_connection(addr, timeout=20)
+        try:
+            if how == "sendto":
+                u.sendto(req, addr)
+            elif how == "sendmsg":
+                u.sendmsg([req], [], 0, addr)
+            else:
+                os.writev(u.fileno(), [b"G"] * (os.sysconf("SC_IOV_MAX") + 1))
+            rep[how] = u.recv(12).decode("latin-1")
+        except OSError as e:
+            rep[how] = errno.errorcode.get(e.errno, str(e))
+        u.close()
     s = socket.socket()       # blocking connect; a second one is EISCONN
     s.connect(("127.0.0.1", a.port))
     try:
