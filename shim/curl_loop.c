@@ -19,7 +19,7 @@ struct curl_sock {
     struct loop_source src;
     struct loop_deferred reclaim;
     bool parked, idle;
-    CURL *left_by;                     /* the transfer whose end (or pause) parked it */
+    const CURL *left_by;               /* the transfer whose end (or pause) parked it */
     uint16_t local_port, peer_port;    /* idle: how a transfer taking it up names it */
     struct curl_sock *idle_prev, *idle_next;
 };
@@ -213,7 +213,7 @@ void curl_loop_attach(CURLM *m)
     curl_multi_setopt(m, CURLMOPT_TIMERFUNCTION, on_curl_timer);
 }
 
-void curl_loop_watch_idle(curl_socket_t fd, CURL *ended)
+void curl_loop_watch_idle(curl_socket_t fd, const CURL *ended)
 {
     if (fd < 0 || fd >= FDTABLE_MAX)
         return;
