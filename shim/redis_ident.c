@@ -29,7 +29,7 @@ struct rpool_ident *rpool_ident_get(int upstream, const struct rpool_who *who)
     if (db_len >= sizeof ((struct rpool_ident *)0)->db || (who->proto != 2 && who->proto != 3))
         return NULL;                   /* no database has so long a number */
     for (struct rpool_ident *id = idents[upstream]; id; id = id->next)
-        if (id->user_len == who->user_len && !memcmp(id->user, who->user, who->user_len)
+        if (id->has_user == who->has_user && id->user_len == who->user_len && !memcmp(id->user, who->user, who->user_len)
             && id->has_pass == who->has_pass && !memcmp(id->pass_hash, hash, sizeof hash) && id->db_len == db_len
             && !memcmp(id->db, db, db_len) && id->proto == who->proto) {
             id->refs++;
@@ -45,6 +45,7 @@ struct rpool_ident *rpool_ident_get(int upstream, const struct rpool_who *who)
     }
     id->upstream = upstream;
     id->user_len = who->user_len;
+    id->has_user = who->has_user;
     id->pass_len = who->has_pass ? who->pass_len : 0;
     id->has_pass = who->has_pass;
     memcpy(id->pass_hash, hash, sizeof hash);
@@ -85,12 +86,12 @@ bool rpool_ident_connected(const struct rpool_ident *id) { return id->n_shared >
 
 bool rpool_ident_is_default(const struct rpool_ident *id)
 {
-    return !id->has_pass && !id->user_len && id->db_len == 1 && id->db[0] == '0' && id->proto == 2;
+    return !id->has_pass && !id->has_user && id->db_len == 1 && id->db[0] == '0' && id->proto == 2;
 }
 
 struct rpool_who rpool_ident_parts(const struct rpool_ident *id)
 {
-    return (struct rpool_who){ .user = id->user, .user_len = id->user_len, .pass = id->pass,
+    return (struct rpool_who){ .user = id->user, .user_len = id->user_len, .has_user = id->has_user, .pass = id->pass,
                                .pass_len = id->pass_len, .has_pass = id->has_pass, .db = id->db,
                                .db_len = id->db_len, .proto = id->proto };
 }

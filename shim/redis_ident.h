@@ -9,8 +9,9 @@
 struct rpool_ident {
     struct rpool_ident *next;
     int upstream;
-    char *user, *pass;                 /* as the app gave them (user "" for AUTH with one argument) */
+    char *user, *pass;                 /* as the app gave them */
     size_t user_len, pass_len;
+    bool has_user;                     /* AUTH named a user (which may be "": Redis allows it) */
     bool has_pass;
     unsigned char pass_hash[SHA256_BYTES];
     char db[24];

@@ -116,11 +116,11 @@ static int put_setup(struct rconn *c, const char *name, size_t name_len)
     if (id->has_pass) {
         const char *argv[3] = { "AUTH", id->user, id->pass };
         size_t lens[3] = { 4, id->user_len, id->pass_len };
-        if (id->user_len == 0) {
+        if (!id->has_user) {
             argv[1] = id->pass;
             lens[1] = id->pass_len;
         }
-        if (put_command(&c->out, id->user_len ? 3 : 2, argv, lens))
+        if (put_command(&c->out, id->has_user ? 3 : 2, argv, lens))
             return -1;
         c->setup_left++;
     }

@@ -53,10 +53,10 @@ void redis_pool_forget(void);          /* forked child: the parent's connections
 struct rpool_who {
     const char *user, *pass, *db;
     size_t user_len, pass_len, db_len;
-    bool has_pass;
+    bool has_user, has_pass;
     int proto;
 };
-#define RPOOL_WHO_DEFAULT ((struct rpool_who){ "", "", "0", 0, 0, 1, false, 2 })
+#define RPOOL_WHO_DEFAULT ((struct rpool_who){ "", "", "0", 0, 0, 1, false, false, 2 })
 
 /* An identity: a reference; *_put gives it back. The password is kept (for the
  * connections opened for it) and never shown. */

@@ -47,6 +47,12 @@ struct rsession {
     /* the connection's state as of the last command sent (the server's, once it has read
      * them): a transaction open, keys WATCHed */
     bool in_multi, watching;
+    /* EXEC, DISCARD and UNWATCH sent on a lent connection, by the number of the reply
+     * that says whether the server took them (an error, their arity's or an ACL's, leaves
+     * the transaction or the WATCHes open: the connection is not given back) */
+    struct { uint64_t reply; bool was_multi, was_watching; } endings[16];
+    unsigned n_endings;
+    uint64_t sent, replied;            /* commands whose replies the app gets, and those replies */
     struct rpool_ident *pending_id;    /* being verified for an AUTH or SELECT (a reference) */
     struct resp_item held;             /* a command read but waiting for the replies owed first */
     bool has_held;
@@ -123,11 +129,16 @@ static void update(struct rsession *s)
         session_close(s);
         return;
     }
-    /* a slow app holds its server connection back, not the shim's memory */
+    /* A slow app holds back a server connection of its own (lent, or direct), not the
+     * shim's memory. A shared one carries others' replies too, which must not wait on it:
+     * that app's commands are no longer read, and the replies it already owes are kept, up
+     * to out's cap (past it, its connection ends as a reset would: Redis's own
+     * client-output-buffer-limit) */
     bool full = buf_len(&s->out) > OUT_SOFT_MAX;
-    if (full != s->throttling) {
-        s->throttling = full;
-        rpool_throttle(&s->client, full);
+    bool hold = full && (s->client.lent || s->client.raw);
+    if (hold != s->throttling) {
+        s->throttling = hold;
+        rpool_throttle(&s->client, hold);
         if (s->gone)
             return;
     }
@@ -142,7 +153,7 @@ static void update(struct rsession *s)
         session_close(s);              /* the app is done and owed nothing */
         return;
     }
-    bool reading = !s->app_eof && !s->closing && s->client.inflight < INFLIGHT_MAX
+    bool reading = !s->app_eof && !s->closing && s->client.inflight < INFLIGHT_MAX && !full
                    && (s->client.raw ? !rpool_direct_full(&s->client) : resp_stream_pending(&s->cmds) < RESP_ITEM_MAX);
     loop_watch(&s->src, (reading ? EPOLLIN : 0) | (buf_len(&s->out) ? EPOLLOUT : 0));
 }
@@ -183,6 +194,7 @@ static void learn(struct rsession *s, const char *p, size_t n)
 #define OPEN_KEY "OPEN"
 
 static void on_verified(struct rpool_client *c, bool ok, const char *err, size_t n);
+static void check_ending(struct rsession *s, const char *p, size_t n);
 
 static void on_reply(struct rpool_client *c, const char *p, size_t n)
 {
@@ -202,6 +214,8 @@ static void on_reply(struct rpool_client *c, const char *p, size_t n)
     }
     if (s->learning_len)
         learn(s, p, n);
+    s->replied++;
+    check_ending(s, p, n);
     answer(s, p, n);
     if (c->lent && !s->in_multi && !s->watching && !c->inflight)
         rpool_give_back(c, true);      /* the transaction, the watch or the block is over */
@@ -297,6 +311,10 @@ static bool needs_own_connection(const struct resp_item *it)
         return resp_arg_is(it, 1, "TRACKING") || resp_arg_is(it, 1, "REPLY") || resp_arg_is(it, 1, "NO-EVICT")
                || resp_arg_is(it, 1, "CACHING") || resp_arg_is(it, 1, "NO-TOUCH") || resp_arg_is(it, 1, "ID")
                || resp_arg_is(it, 1, "INFO");
+    /* a script debugger (YES, SYNC) holds the connection's next EVALs: another app's
+     * would stop at its breakpoints */
+    if (resp_arg_is(it, 0, "SCRIPT") && resp_arg_is(it, 1, "DEBUG"))
+        return !resp_arg_is(it, 2, "NO");
     return false;
 }
 
@@ -343,13 +361,31 @@ static void take_identity(struct rsession *s, struct rpool_ident *id, bool hello
 }
 
 /* An AUTH for id's credentials, as a command (user first when it has one). */
+/* AUTH [user] pass, its lengths said and its bytes copied (a password may hold any byte,
+ * NUL included: a "%.*s" stopped there, and the server read the rest of the stream, other
+ * apps' commands, as the password's); 0 when it does not fit. */
 static size_t put_auth(char *out, size_t room, const struct rpool_ident *id)
 {
     struct rpool_who w = rpool_ident_parts(id);
-    int k = w.user_len ? snprintf(out, room, "*3\r\n$4\r\nAUTH\r\n$%zu\r\n%.*s\r\n$%zu\r\n%.*s\r\n", w.user_len,
-                                  (int)w.user_len, w.user, w.pass_len, (int)w.pass_len, w.pass)
-                       : snprintf(out, room, "*2\r\n$4\r\nAUTH\r\n$%zu\r\n%.*s\r\n", w.pass_len, (int)w.pass_len, w.pass);
-    return k > 0 && (size_t)k < room ? (size_t)k : 0;
+    const char *argv[3] = { "AUTH", w.user, w.pass };
+    size_t lens[3] = { 4, w.user_len, w.pass_len };
+    if (!w.has_user) {
+        argv[1] = w.pass;
+        lens[1] = w.pass_len;
+    }
+    int argc = w.has_user ? 3 : 2;
+    int k = snprintf(out, room, "*%d\r\n", argc);
+    size_t n = k > 0 ? (size_t)k : room;
+    for (int i = 0; i < argc; i++) {
+        k = snprintf(out + n, room - n, "$%zu\r\n", lens[i]);
+        if (k < 0 || (size_t)k >= room - n || lens[i] + 2 > room - n - (size_t)k)
+            return 0;
+        n += (size_t)k;
+        memcpy(out + n, argv[i], lens[i]);
+        memcpy(out + n + lens[i], "\r\n", 2);
+        n += lens[i] + 2;
+    }
+    return n <= room ? n : 0;
 }
 
 /* AUTH, SELECT or HELLO asks for id. A password is put to the server every time an app
@@ -400,7 +436,8 @@ static void change_identity(struct rsession *s, const struct resp_item *it, bool
         }
         who.user_len = 0;
         who.user = "";
-        if (resp_argc(it) == 3)
+        who.has_user = resp_argc(it) == 3;
+        if (who.has_user)
             who.user = resp_arg(it, 1, &who.user_len);
         who.pass = resp_arg(it, resp_argc(it) - 1, &who.pass_len);
         who.has_pass = true;
@@ -448,7 +485,7 @@ static void hello(struct rsession *s, const struct resp_item *it)
         if (resp_arg_is(it, i, "AUTH") && i + 2 < argc) {
             who.user = resp_arg(it, i + 1, &who.user_len);
             who.pass = resp_arg(it, i + 2, &who.pass_len);
-            who.has_pass = says_password = true;
+            who.has_user = who.has_pass = says_password = true;
             i += 3;
         } else if (resp_arg_is(it, i, "SETNAME") && i + 1 < argc) {
             name = resp_arg(it, i + 1, &name_len);
@@ -614,7 +651,37 @@ static int send_command(struct rsession *s, const struct resp_item *it)
         session_close(s);
         return -1;
     }
+    s->sent++;
     return 0;
+}
+
+/* A command that ends a transaction (EXEC, DISCARD) or the WATCHes (UNWATCH) is about to
+ * go on the lent connection: false when there is no room to follow its reply (the state
+ * is then taken as still open: the connection stays lent, the safe side). */
+static bool expect_ending(struct rsession *s)
+{
+    if (s->n_endings == sizeof s->endings / sizeof *s->endings)
+        return false;
+    s->endings[s->n_endings].reply = s->sent + 1;
+    s->endings[s->n_endings].was_multi = s->in_multi;
+    s->endings[s->n_endings].was_watching = s->watching;
+    s->n_endings++;
+    return true;
+}
+
+/* The reply to such a command: taken, or refused (the state it was to end is open still). */
+static void check_ending(struct rsession *s, const char *p, size_t n)
+{
+    if (!s->n_endings || s->endings[0].reply != s->replied)
+        return;
+    bool was_multi = s->endings[0].was_multi, was_watching = s->endings[0].was_watching;
+    memmove(s->endings, s->endings + 1, --s->n_endings * sizeof *s->endings);
+    /* (EXECABORT: the transaction was discarded all the same) */
+    bool refused = n && p[0] == '-' && !(n >= 11 && !memcmp(p, "-EXECABORT ", 11));
+    if (refused) {
+        s->in_multi |= was_multi;
+        s->watching |= was_watching;
+    }
 }
 
 /* One command: true when it was taken (answered, sent, or the session changed course),
@@ -661,9 +728,9 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
             s->in_multi = true;
         else if (resp_arg_is(it, 0, "WATCH") && !s->in_multi)
             s->watching = true;
-        else if ((resp_arg_is(it, 0, "EXEC") || resp_arg_is(it, 0, "DISCARD")) && s->in_multi)
+        else if ((resp_arg_is(it, 0, "EXEC") || resp_arg_is(it, 0, "DISCARD")) && s->in_multi && expect_ending(s))
             s->in_multi = s->watching = false;
-        else if (resp_arg_is(it, 0, "UNWATCH") && !s->in_multi)
+        else if (resp_arg_is(it, 0, "UNWATCH") && !s->in_multi && expect_ending(s))
             s->watching = false;
         send_command(s, it);           /* (given back once nothing is open and nothing owed) */
         return true;

@@ -804,3 +804,81 @@ def test_more_commands_in_flight_than_the_shim_holds_wait_instead_of_failing(red
         r = run(["redis-cli", "-p", redis.port, "--pipe"], shim=conf is not None, conf=conf, input=data, timeout=60)
         assert r.rc == 0 and b"errors: 0, replies: 20000" in r.out, r.describe()
         assert redis.cmd("DBSIZE") == 20000
+
+
+def test_state_a_command_failed_to_end_is_never_shared(redis, tmp_path, sockdir):
+    """Each case its own app connection of one process, compared byte for byte with direct:
+    DISCARD and UNWATCH with an argument too many (refused: the transaction and the WATCH
+    stay open) no longer give the connection back to the shared set, where the next app's
+    SET answered +QUEUED and its EXEC was aborted by a key it never watched; a script
+    debugger (SCRIPT DEBUG YES) goes on a connection of its own, where another app's EVAL
+    stopped at its breakpoint; AUTH with a user named "" is the server's to judge (it was
+    taken as the default user's password), and a password holding a NUL byte is sent
+    whole (it stopped at the NUL, and the server read the next commands, other apps', as
+    the rest of it)."""
+    redis.cmd("ACL", "SETUSER", "nul", "on", ">a\x00b", "~*", "+@all")
+    c = cmd_text
+    cases = [{"send": [c("MULTI") + c("SET", "t", "1") + c("DISCARD", "extra")], "expect": 50},
+             {"send": [c("SET", "t2", "v") + c("GET", "t2")], "expect": 12},
+             {"send": [c("WATCH", "w") + c("UNWATCH", "extra")], "expect": 50},
+             {"send": [c("SET", "w", "changed")], "expect": 5},
+             {"send": [c("MULTI") + c("INCR", "n") + c("EXEC")], "expect": 23},
+             {"send": [c("SCRIPT", "DEBUG", "YES") + c("PING")], "expect": 12},
+             {"send": [c("EVAL", "return 'r'", "0")], "expect": 7},
+             {"send": [c("AUTH", "", "pw") + c("ACL", "WHOAMI")], "expect": 70},
+             {"send": [c("HELLO", "3", "AUTH", "", "pw") + c("PING")], "expect": 70},
+             {"send": [c("AUTH", "nul", "a\x00b") + c("ACL", "WHOAMI")], "expect": 14},
+             {"send": [c("AUTH", "nul", "a\x00b") + c("ACL", "WHOAMI")], "expect": 14},
+             {"send": [c("PING")], "expect": 7}]
+    got = raw_as_direct(redis, tmp_path, sockdir, cases)
+    assert got[1]["got"] == "+OK\r\n$1\r\nv\r\n" and got[4]["got"] == "+OK\r\n+QUEUED\r\n*1\r\n:1\r\n", got
+    assert got[6]["got"] == "$1\r\nr\r\n" and got[7]["got"].startswith("-WRONGPASS"), got
+    assert got[9]["got"] == got[10]["got"] == "+OK\r\n$3\r\nnul\r\n", got
+
+
+SLOW_READERS = r"""
+import json, socket, sys, time
+port = int(sys.argv[1])
+def conn():
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+setup = conn(); setup.sendall(b"*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n$200000\r\n" + b"x" * 200000 + b"\r\n")
+setup.recv(16)
+slow = []
+for i in range(4):                     # each pipelines 300 GETs of 200 kB and reads nothing
+    s = conn()
+    s.sendall(b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n" * 300)
+    slow.append(s)
+time.sleep(0.5)
+b = conn(); b.settimeout(5)
+t = time.time()
+b.sendall(b"*1\r\n$4\r\nPING\r\n")
+try:
+    pong = b.recv(16).decode()
+except socket.timeout:
+    pong = "timeout"
+late = 0                               # the slow ones, reading at last, get every reply
+for s in slow:
+    s.settimeout(20)
+    want, got = 300 * (200000 + 11), 0     # "$200000\r\n" + the value + "\r\n" each
+    while got < want:
+        d = s.recv(1 << 20)
+        if not d:
+            break
+        got += len(d)
+    late += got == want
+print(json.dumps([pong, time.time() - t < 2, late]))
+"""
+
+
+def test_an_app_slow_to_read_holds_no_one_else_back(redis, tmp_path, sockdir):
+    """Four app connections pipeline 300 GETs of 200 kB each and read nothing; a fifth's
+    PING is answered at once, as direct. Before, a slow reader stopped the shim reading the
+    shared server connection its commands rode (pool_max_per_host = 4: all of them), and the
+    PING waited for them. A shared connection is never held back now: the slow app's own
+    commands stop being read, and the replies it owes are kept (up to its cap) until it
+    reads them, every one."""
+    for shim in (False, True):
+        r = run([SYS_PY, "-c", SLOW_READERS, redis.port], shim=shim, conf=conf_for(tmp_path, redis, sockdir) if shim else None,
+                timeout=90)
+        assert r.rc == 0, r.describe()
+        assert jlines(r.out)[0] == ["+PONG\r\n", True, 4], (shim, r.describe())
