@@ -24,7 +24,7 @@ SHIM_OBJ = $(patsubst shim/%.c,$(BUILD)/obj/%.o,$(SHIM_SRC))
 all: $(BUILD)/libhttpshim.so $(BUILD)/httpshim
 
 TEST_BINS = $(BUILD)/epollclient $(BUILD)/tlsstoreclient $(BUILD)/sockstate $(BUILD)/loop_test $(BUILD)/resp_test \
-            $(BUILD)/slowdns.so
+            $(BUILD)/slowdns.so $(BUILD)/closerace
 test-bins: all $(TEST_BINS)
 
 $(BUILD)/obj/%.o: shim/%.c | $(BUILD)/obj
@@ -57,6 +57,8 @@ $(BUILD)/epollclient: tests/clients/epollclient.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -o $@ $< -lm
 $(BUILD)/sockstate: tests/clients/sockstate.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -o $@ $<
+$(BUILD)/closerace: tests/clients/closerace.c | $(BUILD)/obj
+	$(CC) $(C_FLAGS) -pthread -o $@ $<
 # A preload that makes *.slow.test names take seconds to resolve (tests/test_redis.py).
 $(BUILD)/slowdns.so: tests/clients/slowdns.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -shared -fPIC -o $@ $< -ldl

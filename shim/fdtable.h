@@ -64,6 +64,11 @@ struct fd_entry {
     _Atomic int heard;
     void *owner;                       /* FD_ENGINE: the engine's object for it (engine thread) */
     unsigned forks_at_divert;          /* FD_DIVERTED: fdtable_forks() when it was diverted */
+    /* an app thread is replacing the fd's socket (hooks.c divert), and closes or dups onto
+     * the number under way: each waits for the other (a close from another thread during
+     * a connect, the "cancel by closing" pattern, let the divert's dup3 re-create a number
+     * the app had closed, or replace the file another thread opened on it) */
+    _Atomic int diverting, closing;
     _Atomic int connect_in_progress;   /* FD_DIVERTED: its connect said EINPROGRESS, and the next
                                         * connect says 0 (then EISCONN), as TCP's would */
     _Atomic int made;                  /* enum fd_made */

@@ -252,10 +252,23 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     /* The app's TCP socket is kept on another number: for the pool when it is connected
      * already, else for the engine to close (a TCP socket's teardown costs microseconds
      * the app's connect need not wait for). */
-    int tcp = real_fcntl(fd, F_DUPFD_CLOEXEC, NULL);
-    if (tcp < 0 && kept_tcp) {
+    /* From here no close of the number completes (wait_for_divert). One that completed
+     * since the connect began cleared the socket's record, and the number may be another
+     * thread's file by now: it is not replaced (the connect fails as it would on what the
+     * number is now) */
+    atomic_store(&e->diverting, 1);
+    int v, gone = atomic_load(&e->closing) ? EBADF : 0;
+    socklen_t vlen = sizeof v;
+    if (!gone && atomic_load_explicit(&e->made, memory_order_relaxed) != MADE_TCP
+        && (real_getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &v, &vlen) != 0 || v != IPPROTO_TCP))
+        gone = errno == EBADF ? EBADF : ENOTSOCK;
+    int tcp = gone ? -1 : real_fcntl(fd, F_DUPFD_CLOEXEC, NULL);
+    if (tcp < 0 && (kept_tcp || gone || errno == EBADF)) {
+        atomic_store(&e->diverting, 0);
         fdtable_close_engine_fd(sv[0]);
         fdtable_close_engine_fd(sv[1]);
+        if (gone)
+            errno = gone;
         return -1;
     }
     fdtable_mark_engine(sv[1]);
@@ -265,6 +278,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     e->engine_fd = sv[1];
     void *conn = engine_adopt(sv[1], upstream, &dest, len, &e->gate, gen);
     if (!conn) {
+        atomic_store(&e->diverting, 0);
         fdtable_clear(sv[1]);
         fdtable_close_engine_fd(sv[0]);
         fdtable_close_engine_fd(sv[1]);
@@ -278,6 +292,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
         real_epoll_ctl(regs[i].epfd, EPOLL_CTL_DEL, fd, NULL);
     atomic_store(&e->kind, FD_NONE);
     if (real_dup3(sv[0], fd, cloexec ? O_CLOEXEC : 0) < 0) {
+        atomic_store(&e->diverting, 0);
         fdtable_close_engine_fd(sv[0]);
         engine_drop_unseen(e, conn);   /* the engine never heard of it */
         if (tcp >= 0)
@@ -322,6 +337,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
         struct epoll_event ev = regs[i].ev;
         real_epoll_ctl(regs[i].epfd, EPOLL_CTL_ADD, fd, &ev);
     }
+    atomic_store(&e->diverting, 0);    /* a close waiting on it closes the connection now */
     /* Every command of a Redis client goes through the engine, the first one a moment
      * from now: woken here, the engine is up (and, if commands have been coming close
      * together, polling: loop.c) by the time it arrives, instead of starting to wake then. */
@@ -638,9 +654,32 @@ SHIM_EXPORT int unshare(int flags)
 
 /* ---- close and dup: keep the table right, never let the app close engine fds ---- */
 
+/* A close or a dup onto fd from one thread while another diverts it: the divert either
+ * sees the close coming and gives up before it touches the number, or finishes first and
+ * the close then closes the connection (the two flags are set, then the other's read:
+ * seq_cst, so at least one of them sees the other). */
+static void wait_for_divert(struct fd_entry *e)
+{
+    for (int spins = 0; spins < 1000000 && atomic_load(&e->diverting); spins++)
+        sched_yield();
+}
+
+static int close_entry(int fd, struct fd_entry *e);
+
 SHIM_EXPORT int close(int fd)
 {
     struct fd_entry *e = fdtable_slot(fd);
+    if (!e || shim_in_engine)
+        return close_entry(fd, e);
+    atomic_fetch_add(&e->closing, 1);
+    wait_for_divert(e);
+    int rc = close_entry(fd, e);
+    atomic_fetch_sub(&e->closing, 1);
+    return rc;
+}
+
+static int close_entry(int fd, struct fd_entry *e)
+{
     if (e) {
         if (atomic_load_explicit(&e->kind, memory_order_acquire) == FD_ENGINE && !shim_in_engine) {
             errno = EBADF;
@@ -764,6 +803,8 @@ __asm__(".text\n"
         ".size vfork, .-vfork\n");
 #endif
 
+static int dup_onto_entry(int fd, int nfd, int flags, bool is_dup3);
+
 static int dup_onto(int fd, int nfd, int flags, bool is_dup3)
 {
     real_bind();
@@ -783,6 +824,19 @@ static int dup_onto(int fd, int nfd, int flags, bool is_dup3)
     }
     /* a connection on nfd that the dup closes: the engine must hear it end, and no write
      * of the engine's through that number may start (fdtable_touch) */
+    struct fd_entry *target = shim_in_engine || fd == nfd ? NULL : fdtable_slot(nfd);
+    if (target) {
+        atomic_fetch_add(&target->closing, 1);
+        wait_for_divert(target);
+    }
+    int rc = dup_onto_entry(fd, nfd, flags, is_dup3);
+    if (target)
+        atomic_fetch_sub(&target->closing, 1);
+    return rc;
+}
+
+static int dup_onto_entry(int fd, int nfd, int flags, bool is_dup3)
+{
     struct fd_entry *old = shim_in_engine || fd == nfd ? NULL : fdtable_if_diverted(nfd);
     if (old) {
         engine_need(old);
