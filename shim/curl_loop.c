@@ -3,7 +3,6 @@
  * for input only, instead of leaving and rejoining the set between its transfers) and
  * libcurl's one timer. Engine thread only; upstream.c owns the multi handle. */
 #include "curl_loop.h"
-#include <arpa/inet.h>
 #include "fdtable.h"
 #include "log.h"
 #include "loop.h"
@@ -39,14 +38,12 @@ static void idle_clear(struct curl_sock *cs)
     cs->idle = false;
 }
 
-static void idle_set(struct curl_sock *cs)
+static void idle_set(struct curl_sock *cs, unsigned local_port, unsigned peer_port)
 {
-    union shim_sockaddr local, peer;
-    socklen_t ll = sizeof local, pl = sizeof peer;
-    if (cs->idle || real_getsockname(cs->src.fd, &local.sa, &ll) != 0 || real_getpeername(cs->src.fd, &peer.sa, &pl) != 0)
+    if (cs->idle)
         return;
-    cs->local_port = ntohs(local.sa.sa_family == AF_INET6 ? local.in6.sin6_port : local.in.sin_port);
-    cs->peer_port = ntohs(peer.sa.sa_family == AF_INET6 ? peer.in6.sin6_port : peer.in.sin_port);
+    cs->local_port = (uint16_t)local_port;
+    cs->peer_port = (uint16_t)peer_port;
     cs->idle = true;
     cs->idle_prev = NULL;
     cs->idle_next = idle_head;
@@ -213,7 +210,7 @@ void curl_loop_attach(CURLM *m)
     curl_multi_setopt(m, CURLMOPT_TIMERFUNCTION, on_curl_timer);
 }
 
-void curl_loop_watch_idle(curl_socket_t fd, const CURL *ended)
+void curl_loop_watch_idle(curl_socket_t fd, const CURL *ended, unsigned local_port, unsigned peer_port)
 {
     if (fd < 0 || fd >= FDTABLE_MAX)
         return;
@@ -221,7 +218,7 @@ void curl_loop_watch_idle(curl_socket_t fd, const CURL *ended)
         /* parked when this transfer let go of it (the usual case), not by a later one that
          * took the connection up and paused */
         if (parked[fd]->left_by == ended)
-            idle_set(parked[fd]);
+            idle_set(parked[fd], local_port, peer_port);
         return;
     }
     /* never watched (the transfer never waited); one a later transfer is using is in the
@@ -234,7 +231,7 @@ void curl_loop_watch_idle(curl_socket_t fd, const CURL *ended)
         return;
     }
     if (sock_park(cs))
-        idle_set(cs);
+        idle_set(cs, local_port, peer_port);
     else
         sock_release(cs);
 }

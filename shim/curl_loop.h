@@ -5,10 +5,11 @@
 
 /* Drives m from the loop: its socket and timer callbacks are set here. */
 void curl_loop_attach(CURLM *m);
-/* A transfer ended and left its connection in libcurl's pool on fd: it is watched while
+/* A transfer ended and left its connection in libcurl's pool on fd (between these ports):
+ * it is watched while
  * idle (parked), also when libcurl never asked for it to be (a transfer that completed
  * without waiting), so that bytes no request asked for are heard before a reuse. */
-void curl_loop_watch_idle(curl_socket_t fd, const CURL *ended);
+void curl_loop_watch_idle(curl_socket_t fd, const CURL *ended, unsigned local_port, unsigned peer_port);
 /* A transfer took up the connection between these ports (libcurl's pre-request callback):
  * it is no longer idle, even if libcurl never asks for it to be watched. */
 void curl_loop_taken(unsigned local_port, unsigned peer_port);

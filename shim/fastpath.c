@@ -227,9 +227,14 @@ ssize_t fastpath_write(const struct shim_config *cfg, int fd, struct fd_entry *e
     int saved;
     if (need_engine)
         need_engine(e);                /* before the bytes: the engine must hear them */
+    /* the engine owns what is written, from before the write: a write larger than the
+     * socket takes blocks until the engine reads, and the engine must be free to answer
+     * meanwhile (an app that reads the answers on another thread waits for them to write
+     * the rest: with the gate held through the write, neither side moved) */
+    fdgate_app_wrote(&e->gate, held);
     ssize_t r = real(real_arg);
     saved = errno;
-    fdgate_app_wrote(&e->gate, held);  /* the engine owns what was written */
+    fdgate_app_wrote_more(&e->gate, held);
     errno = saved;
     return r;
 }

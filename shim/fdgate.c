@@ -65,6 +65,23 @@ void fdgate_app_wrote(_Atomic uint64_t *gate, uint64_t held)
                           memory_order_release);
 }
 
+void fdgate_app_wrote_more(_Atomic uint64_t *gate, uint64_t held)
+{
+    uint64_t g = atomic_load_explicit(gate, memory_order_acquire);
+    for (int spins = 0; spins < SPINS / 10 && fdgate_gen(g) == fdgate_gen(held); spins++) {
+        enum fdgate_state s = fdgate_state(g);
+        if (s == FDGATE_OFF)
+            return;
+        if (s == FDGATE_APP) {         /* another app thread writes: it hands over to the engine */
+            sched_yield();
+            g = atomic_load_explicit(gate, memory_order_acquire);
+            continue;
+        }
+        if (atomic_compare_exchange_weak(gate, &g, fdgate_make(fdgate_gen(g), fdgate_seq(g) + 1, FDGATE_ENGINE)))
+            return;
+    }
+}
+
 void fdgate_app_release(_Atomic uint64_t *gate, uint64_t held, bool closing)
 {
     atomic_store_explicit(gate, closing ? fdgate_make(fdgate_gen(held), fdgate_seq(held), FDGATE_OFF) : held,

@@ -14,7 +14,11 @@
  * Transitions:
  *   divert           -> IDLE, new generation                   fdgate_divert (hooks)
  *   app, any write   IDLE|ENGINE -> APP                        fdgate_app_hold
- *   app, real write  APP -> ENGINE, sequence + 1               fdgate_app_wrote
+ *   app, real write  APP -> ENGINE, sequence + 1, before the   fdgate_app_wrote
+ *                    write (the engine answers while a large
+ *                    write blocks: a full-duplex app's replies
+ *                    are what unblocks it), and sequence + 1
+ *                    again after it                             fdgate_app_wrote_more
  *   app, inline hit  APP -> IDLE (or OFF: the answer closes)   fdgate_app_release
  *   engine, writes   IDLE -> ENGINE (waits while APP)          fdgate_engine_take
  *   engine, idle     ENGINE -> IDLE, only if the sequence is   fdgate_engine_release
@@ -55,6 +59,9 @@ void fdgate_shut_next(_Atomic uint64_t *gate);
 bool fdgate_app_hold(_Atomic uint64_t *gate, uint64_t *held, bool *was_idle);
 /* After a real write (or a hand-off of an answer's rest): the engine owns what follows. */
 void fdgate_app_wrote(_Atomic uint64_t *gate, uint64_t held);
+/* After the real write itself: the sequence bumped again (IDLE back to ENGINE), so the
+ * engine hands the connection back only once it has read what the write put in. */
+void fdgate_app_wrote_more(_Atomic uint64_t *gate, uint64_t held);
 /* After an inline answer written whole: IDLE again, or OFF when the answer closes. */
 void fdgate_app_release(_Atomic uint64_t *gate, uint64_t held, bool closing);
 

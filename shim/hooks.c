@@ -209,6 +209,20 @@ SHIM_EXPORT int socket(int domain, int type, int protocol)
  * fd is now diverted; -1 when nothing changed and the caller should connect for real.
  * With kept_tcp, the app's socket is connected already: it is kept (a new fd number, in
  * *kept_tcp) for the pool, and the app's epoll registrations of it are moved over. */
+/* A divert about to touch fd: marks it, and lets any close of the number under way finish
+ * first (backing off, so that a close waiting for the divert can go on). */
+static void wait_for_closes(struct fd_entry *e)
+{
+    for (int spins = 0; spins < 1000000; spins++) {
+        atomic_store(&e->diverting, 1);
+        if (!atomic_load(&e->closing))
+            return;
+        atomic_store(&e->diverting, 0);
+        sched_yield();
+    }
+    atomic_store(&e->diverting, 1);    /* (a close that never ends: the record decides) */
+}
+
 static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t len, const struct socket_facts *facts,
                   int *kept_tcp)
 {
@@ -255,11 +269,12 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     /* From here no close of the number completes (wait_for_divert). One that completed
      * since the connect began cleared the socket's record, and the number may be another
      * thread's file by now: it is not replaced (the connect fails as it would on what the
-     * number is now) */
-    atomic_store(&e->diverting, 1);
-    int v, gone = atomic_load(&e->closing) ? EBADF : 0;
+     * number is now). (A close still under way on the number may also be the one of an
+     * earlier socket the number was, whose real close let the app's socket() have it.) */
+    wait_for_closes(e);
+    int v, gone = 0;
     socklen_t vlen = sizeof v;
-    if (!gone && atomic_load_explicit(&e->made, memory_order_relaxed) != MADE_TCP
+    if (atomic_load_explicit(&e->made, memory_order_relaxed) != MADE_TCP
         && (real_getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &v, &vlen) != 0 || v != IPPROTO_TCP))
         gone = errno == EBADF ? EBADF : ENOTSOCK;
     int tcp = gone ? -1 : real_fcntl(fd, F_DUPFD_CLOEXEC, NULL);

@@ -842,8 +842,11 @@ void upstream_reap(void)
         }
         struct app_side *c = t->app;
         curl_socket_t kept = CURL_SOCKET_BAD;   /* its connection, if libcurl keeps it */
-        if (curl_easy_getinfo(msg->easy_handle, CURLINFO_ACTIVESOCKET, &kept) == CURLE_OK)
-            curl_loop_watch_idle(kept, msg->easy_handle);
+        long local_port = 0, peer_port = 0;
+        if (curl_easy_getinfo(msg->easy_handle, CURLINFO_ACTIVESOCKET, &kept) == CURLE_OK && kept != CURL_SOCKET_BAD
+            && curl_easy_getinfo(msg->easy_handle, CURLINFO_LOCAL_PORT, &local_port) == CURLE_OK
+            && curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIMARY_PORT, &peer_port) == CURLE_OK)
+            curl_loop_watch_idle(kept, msg->easy_handle, (unsigned)local_port, (unsigned)peer_port);
         bool ok = result == CURLE_OK && t->head_done;
         if (ok && !t->absorbed && (send_head(t) != 0 || (t->mode == BODY_CHUNKED && last_chunk(t) != 0)))
             ok = false;

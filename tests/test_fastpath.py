@@ -277,15 +277,20 @@ def test_a_hit_costs_few_system_calls(upstream, tmp_path, sockdir, epollclient):
         if name:
             return (b.get(name, 0) - a.get(name, 0)) / 100.0
         return (sum(b.values()) - sum(a.values())) / 100.0
-    assert per_hit(True, "app") <= per_hit(False, "app") + 3, (per_hit(True, "app"), per_hit(False, "app"), totals)
+    # (+2 for each connect that found the socketpair stash empty, a loaded machine's engine
+    # behind: it makes its pair itself and raises the engine's end)
+    assert per_hit(True, "app") <= per_hit(False, "app") + 3 + 2 * per_hit(True, "app", "socketpair"), \
+        (per_hit(True, "app"), per_hit(False, "app"), totals)
     assert per_hit(True, "app", "getsockname") == 0 and per_hit(True, "app", "fstat") == 0, totals
     assert per_hit(True, "engine") <= 9, (per_hit(True, "engine"), totals)
     assert per_hit(True, "app", "socketpair") <= 0.1, totals
     assert per_hit(True, "engine", "socketpair") >= 0.5, totals   # (the stash of 32 is filled ahead)
     # no SO_DOMAIN, F_GETOWN_EX, F_GETFD...: one fcntl more, the F_DUPFD that hands the app's
-    # TCP socket to the engine to close
+    # TCP socket to the engine to close (and, for a connect that found the stash empty on a
+    # loaded machine and made its socketpair itself, the one that raises its engine end)
     assert per_hit(True, "app", "getsockopt") <= per_hit(False, "app", "getsockopt"), totals
-    assert per_hit(True, "app", "fcntl") <= per_hit(False, "app", "fcntl") + 1, totals
+    assert per_hit(True, "app", "fcntl") <= per_hit(False, "app", "fcntl") + 1 + per_hit(True, "app", "socketpair"), \
+        totals
 
 
 def test_a_socket_closed_behind_the_hooks_is_let_go(upstream, tmp_path, sockdir):
