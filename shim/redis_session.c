@@ -180,11 +180,16 @@ static int room_for_one(const struct rsession *s)
 
 /* ---- what the pool tells the session ---- */
 
+static void hello_name_taken(struct rsession *s);
+
 static void learn(struct rsession *s, const char *p, size_t n)
 {
     static const char unknown[] = "-ERR unknown subcommand '";
     bool of_hello = s->learning[0] == 'H';
-    if (of_hello ? n && (p[0] == '%' || p[0] == '*') : n > sizeof unknown - 1 && !memcmp(p, unknown, sizeof unknown - 1))
+    bool hello_ok = of_hello && n && (p[0] == '%' || p[0] == '*');
+    if (hello_ok)
+        hello_name_taken(s);
+    if (of_hello ? hello_ok : n > sizeof unknown - 1 && !memcmp(p, unknown, sizeof unknown - 1))
         redis_known_keep(s->client.upstream, s->learning, s->learning_len, p, n);
     s->learning_len = 0;
 }
@@ -360,7 +365,6 @@ static void take_identity(struct rsession *s, struct rpool_ident *id, bool hello
         answer(s, LITERAL("+OK\r\n"));
 }
 
-/* An AUTH for id's credentials, as a command (user first when it has one). */
 /* AUTH [user] pass, its lengths said and its bytes copied (a password may hold any byte,
  * NUL included: a "%.*s" stopped there, and the server read the rest of the stream, other
  * apps' commands, as the password's); 0 when it does not fit. */
@@ -526,21 +530,31 @@ static size_t known_key(char *out, const char *tag, const char *a, size_t an, co
 /* The session's identity is the HELLO's now: its name is set, and it is answered what a
  * bare HELLO is answered on a connection of that protocol for that user (the server's
  * own words: asked the first time, kept for the next). */
-static void hello_accepted(struct rsession *s)
+/* The name a HELLO's SETNAME gave, once the server has answered the HELLO (a refused one,
+ * -NOAUTH, names nothing: its connection set up with that name was refused in turn). */
+static void hello_name_taken(struct rsession *s)
 {
     if (s->hello_has_name) {
         memcpy(s->name, s->hello_name, s->hello_name_len);
         s->name_len = s->hello_name_len;
         s->has_name = s->name_len > 0;
+        s->hello_has_name = false;
     }
+}
+
+static void hello_accepted(struct rsession *s)
+{
     struct rpool_who who = rpool_ident_parts(s->id);
     char key[REDIS_KNOWN_KEY_MAX];
     size_t n, key_len = known_key(key, "HELLO", who.proto == 3 ? "3" : "2", 1, who.user, who.user_len);
     const char *known = key_len ? redis_known_get(s->client.upstream, key, key_len, &n) : NULL;
     if (known) {
+        hello_name_taken(s);           /* (only a reply that accepted is kept) */
         answer_local(s, known, n);
         return;
     }
+    if (!key_len)
+        hello_name_taken(s);           /* (no room to read its reply: as before) */
     char cmd[] = "*2\r\n$5\r\nHELLO\r\n$1\r\n2\r\n";
     cmd[sizeof cmd - 4] = who.proto == 3 ? '3' : '2';
     if (room_for_one(s) != 0 || rpool_send(&s->client, s->id, cmd, sizeof cmd - 1) != 0) {

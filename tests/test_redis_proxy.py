@@ -882,3 +882,17 @@ def test_an_app_slow_to_read_holds_no_one_else_back(redis, tmp_path, sockdir):
                 timeout=90)
         assert r.rc == 0, r.describe()
         assert jlines(r.out)[0] == ["+PONG\r\n", True, 4], (shim, r.describe())
+
+
+def test_a_refused_hello_names_nothing(redis_servers, tmp_path, sockdir):
+    """On a server with a password, an app connection that never said AUTH sends `HELLO 2
+    SETNAME z` (refused: -NOAUTH), then a command that takes it direct (CLIENT ID): the
+    server's -NOAUTH, as direct. Before, the refused HELLO's name was kept, the direct
+    connection's setup named it, the server refused that, and the app's connection was
+    closed."""
+    srv = redis_servers(password="pw")
+    c = cmd_text
+    cases = [{"send": [c("HELLO", "2", "SETNAME", "z") + c("CLIENT", "ID")], "expect": 60},
+             {"send": [c("AUTH", "pw") + c("CLIENT", "GETNAME")], "expect": 10}]
+    got = raw_as_direct(srv, tmp_path, sockdir, cases)
+    assert got[0]["got"].count("-NOAUTH") == 2 and got[1]["got"] == "+OK\r\n$-1\r\n", got
