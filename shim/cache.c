@@ -21,7 +21,7 @@ const char *const cache_not_stored_names[NS__COUNT] = {
     [NS_PRIVATE] = "private", [NS_SET_COOKIE] = "set_cookie", [NS_VARY_STAR] = "vary_star",
     [NS_TOO_LARGE] = "too_large", [NS_INCOMPLETE] = "incomplete", [NS_UNFRAMED] = "unframed",
     [NS_ZERO_TTL] = "zero_ttl", [NS_NO_MEMORY] = "no_memory", [NS_MISFRAMED] = "misframed",
-    [NS_TRAILERS] = "trailers", [NS_OBS_FOLD] = "obs_fold",
+    [NS_TRAILERS] = "trailers", [NS_OBS_FOLD] = "obs_fold", [NS_INVALIDATED] = "invalidated",
 };
 
 

@@ -58,14 +58,16 @@ static int64_t exit_wait_ms;        /* redis_timeout, for the exit handler */
  * whose release could not be sent. Released (compare-and-delete) once connected again,
  * so that no request anywhere waits coalesce_timeout on a lock nobody will let go. */
 #define RELEASES_MAX 64
-static struct { char *key; size_t key_len; char token[64]; } releases[RELEASES_MAX];
+struct owed_release { char *key; size_t key_len; char token[64]; };
+static struct owed_release releases[RELEASES_MAX];
 static size_t n_releases;
 
 /* Entries an unsafe request invalidated while no connection could take the DEL (RFC 9111
  * 4.4): deleted once connected again, before the next lookup can find them. Beyond the
  * cap they are counted (deletes_dropped) and expire by their TTL. */
 #define DELETES_MAX 256
-static struct { char *key; size_t key_len; } deletes[DELETES_MAX];
+struct owed_delete { char *key; size_t key_len; };
+static struct owed_delete deletes[DELETES_MAX];
 static size_t n_deletes;
 
 static void release_later(const char *key, size_t key_len, const char *token)
@@ -136,17 +138,23 @@ static void arm_timer(void)
  * are let go. */
 static void on_usable(void)
 {
+    /* taken out of the lists first: one that still cannot go is put back in them (into the
+     * slots being walked, before, which freed the copy just queued) */
     size_t d = n_deletes;
+    struct owed_delete owed_deletes[DELETES_MAX];
+    memcpy(owed_deletes, deletes, d * sizeof *deletes);
     n_deletes = 0;
     for (size_t i = 0; i < d; i++) {
-        redis_delete(deletes[i].key, deletes[i].key_len);
-        free(deletes[i].key);
+        redis_delete(owed_deletes[i].key, owed_deletes[i].key_len);
+        free(owed_deletes[i].key);
     }
     size_t n = n_releases;
+    struct owed_release owed_releases[RELEASES_MAX];
+    memcpy(owed_releases, releases, n * sizeof *releases);
     n_releases = 0;
     for (size_t i = 0; i < n; i++) {
-        redis_unlock(releases[i].key, releases[i].key_len, releases[i].token);
-        free(releases[i].key);
+        redis_unlock(owed_releases[i].key, owed_releases[i].key_len, owed_releases[i].token);
+        free(owed_releases[i].key);
     }
 }
 

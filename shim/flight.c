@@ -25,6 +25,7 @@ struct flight {
     struct loop_deferred landing;
     struct cache_entry *landed;             /* what the waiters are served, a reference */
     bool in_table;
+    bool detached;                          /* out of the table: its target was invalidated */
     bool holds_lock;                        /* the Redis lock on the key is ours */
     bool failed;                            /* landed with nothing because the fetch failed */
     char token[64];                         /* what the lock is taken with */
@@ -210,7 +211,8 @@ void flight_land(struct flight *f, struct cache_entry *e)
         return;
     if (f->holds_lock)                 /* after the entry's SET, on the same connection */
         redis_unlock(f->key, f->key_len, f->token);
-    HASH_DELETE(hh, table, f);
+    if (!f->detached)
+        HASH_DELETE(hh, table, f);
     f->in_table = false;
     loop_timer_cancel(&f->timer);
     if (e)
@@ -224,6 +226,17 @@ void flight_fail(struct flight *f)
     if (f && f->in_table) {
         f->failed = true;
         flight_land(f, NULL);
+    }
+}
+
+void flight_invalidate(const char *target, size_t target_len)
+{
+    struct flight *f, *tmp;
+    HASH_ITER(hh, table, f, tmp) {
+        if (cache_key_target_len(f->key, f->key_len) == target_len && !memcmp(f->key, target, target_len)) {
+            HASH_DELETE(hh, table, f);
+            f->detached = true;        /* its waiters are told when it lands, as before */
+        }
     }
 }
 

@@ -41,6 +41,10 @@ const char *flight_key(const struct flight *f, size_t *len);
  * released. The flight leaves the table now and is freed once its waiters have heard. */
 void flight_land(struct flight *f, struct cache_entry *e);
 void flight_fail(struct flight *f);    /* landed with nothing: the upstream failed */
+/* The target of these keys was written to (RFC 9111 4.4): their flights leave the table,
+ * so that a request from now on fetches anew instead of joining a fetch begun before the
+ * write (what those fetches got is not stored either: store.c). */
+void flight_invalidate(const char *target, size_t target_len);
 
 /* Across processes: the token the flight's Redis lock is taken with, and that it was
  * taken (landing lets go of it, after the entry is written). */

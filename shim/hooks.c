@@ -209,11 +209,13 @@ SHIM_EXPORT int socket(int domain, int type, int protocol)
  * fd is now diverted; -1 when nothing changed and the caller should connect for real.
  * With kept_tcp, the app's socket is connected already: it is kept (a new fd number, in
  * *kept_tcp) for the pool, and the app's epoll registrations of it are moved over. */
+#define DIVERT_WAIT_SPINS 20000        /* yields: a divert takes microseconds; a few ms at most */
+
 /* A divert about to touch fd: marks it, and lets any close of the number under way finish
  * first (backing off, so that a close waiting for the divert can go on). */
 static void wait_for_closes(struct fd_entry *e)
 {
-    for (int spins = 0; spins < 1000000; spins++) {
+    for (int spins = 0; spins < DIVERT_WAIT_SPINS; spins++) {
         atomic_store(&e->diverting, 1);
         if (!atomic_load(&e->closing))
             return;
@@ -675,8 +677,19 @@ SHIM_EXPORT int unshare(int flags)
  * seq_cst, so at least one of them sees the other). */
 static void wait_for_divert(struct fd_entry *e)
 {
-    for (int spins = 0; spins < 1000000 && atomic_load(&e->diverting); spins++)
+    for (int spins = 0; spins < DIVERT_WAIT_SPINS && atomic_load(&e->diverting); spins++)
         sched_yield();
+}
+
+/* Whether a close or dup onto fd may meet a divert: only a fresh TCP socket (or a real
+ * connect in progress) is ever diverted. (So a close that blocks, SO_LINGER or a slow
+ * file, leaves no mark for a forked child to inherit but on such a socket, and even that
+ * one is waited on a few ms at most.) */
+static bool may_be_diverting(const struct fd_entry *e)
+{
+    return atomic_load_explicit(&e->made, memory_order_relaxed) == MADE_TCP
+           || atomic_load_explicit(&e->kind, memory_order_relaxed) == FD_PROBING
+           || atomic_load(&e->diverting);
 }
 
 static int close_entry(int fd, struct fd_entry *e);
@@ -684,7 +697,7 @@ static int close_entry(int fd, struct fd_entry *e);
 SHIM_EXPORT int close(int fd)
 {
     struct fd_entry *e = fdtable_slot(fd);
-    if (!e || shim_in_engine)
+    if (!e || shim_in_engine || !may_be_diverting(e))
         return close_entry(fd, e);
     atomic_fetch_add(&e->closing, 1);
     wait_for_divert(e);
@@ -840,6 +853,8 @@ static int dup_onto(int fd, int nfd, int flags, bool is_dup3)
     /* a connection on nfd that the dup closes: the engine must hear it end, and no write
      * of the engine's through that number may start (fdtable_touch) */
     struct fd_entry *target = shim_in_engine || fd == nfd ? NULL : fdtable_slot(nfd);
+    if (target && !may_be_diverting(target))
+        target = NULL;
     if (target) {
         atomic_fetch_add(&target->closing, 1);
         wait_for_divert(target);

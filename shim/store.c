@@ -221,7 +221,44 @@ struct store_writer {
     struct buf vary;                /* the response's Vary names */
     bool content_coded;             /* a Content-Encoding other than identity */
     struct buf body;                /* the whole body, up to max_object */
+    uint64_t invalidations_seen;    /* store.c's count of invalidations when it began */
 };
+
+/* ---- what an invalidation makes of fetches already under way ---- */
+
+/* The last targets invalidated, by the number of the invalidation: a fetch that began
+ * before one of its own target's stores nothing (it may carry what was true before the
+ * write), and a fetch older than all of them stores nothing either. */
+#define RECENT_INVALIDATIONS 64
+static uint64_t invalidations;
+static uint64_t recent_targets[RECENT_INVALIDATIONS];
+
+static uint64_t target_hash(const char *key, size_t len)
+{
+    uint64_t h = 0xcbf29ce484222325ULL;    /* FNV-1a */
+    for (size_t i = 0; i < len; i++)
+        h = (h ^ (unsigned char)key[i]) * 0x100000001b3ULL;
+    return h;
+}
+
+static void note_invalidation(const char *target, size_t len)
+{
+    recent_targets[invalidations % RECENT_INVALIDATIONS] = target_hash(target, len);
+    invalidations++;
+}
+
+static bool writer_outdated(const struct store_writer *w)
+{
+    if (w->invalidations_seen == invalidations || !w->key)
+        return false;
+    if (invalidations - w->invalidations_seen > RECENT_INVALIDATIONS)
+        return true;
+    uint64_t h = target_hash(w->key, cache_key_target_len(w->key, w->key_len));
+    for (uint64_t i = w->invalidations_seen; i < invalidations; i++)
+        if (recent_targets[i % RECENT_INVALIDATIONS] == h)
+            return true;
+    return false;
+}
 
 /* 5xx; a status past 599 (no class of RFC 9110's, relayed as sent) is not one */
 static bool server_error(int status)
@@ -275,6 +312,13 @@ static void store_response(struct store_writer *w)
 {
     if (w->content_length >= 0 && (size_t)w->content_length != buf_len(&w->body)) {
         not_stored(w, NS_INCOMPLETE, true);
+        return;
+    }
+    if (writer_outdated(w)) {          /* its target was written to meanwhile */
+        w->store = false;
+        STAT_INC(w->upstream, not_stored[NS_INVALIDATED]);
+        flight_land(w->flight, NULL);  /* (its waiters fetch again: no hit-for-miss) */
+        w->flight = NULL;
         return;
     }
     static struct http_request req;    /* engine thread only */
@@ -343,7 +387,8 @@ static void renew(struct store_writer *w)
     cache_entry_stale_windows(old, w->rule, &swr, &sie);
     bool fresh_again = cache_policy_decide(&w->policy, w->rule, old->status, &ttl) == NS_NONE;
     int64_t keep = swr > sie ? swr : sie;
-    struct cache_entry *r = fresh_again ? cache_entry_renewed(old, ttl, keep > ttl ? keep : ttl) : NULL;
+    struct cache_entry *r = fresh_again && !writer_outdated(w) ? cache_entry_renewed(old, ttl, keep > ttl ? keep : ttl)
+                                                               : NULL;
     if (!r) {
         flight_land(w->flight, NULL);  /* this once the app is answered from the old entry */
         w->flight = NULL;
@@ -538,6 +583,7 @@ static struct store_writer *writer_new(int upstream, const struct cache_rule *ru
     }
     w->sink.ops = &writer_ops;
     w->upstream = upstream;
+    w->invalidations_seen = invalidations;
     w->stale_on_error = stale && stale_on_error;
     w->content_length = -1;
     w->stored_head.cap = RESP_HEAD_MAX;
@@ -671,6 +717,8 @@ static struct invalidation *invalidation_of(struct upstream_sink *s) { return (s
 static void invalidate(struct invalidation *v)
 {
     bool redis = cfg->cache == CACHE_REDIS;
+    note_invalidation(v->keys, v->target_len);
+    flight_invalidate(v->keys, v->target_len);   /* later requests join no fetch begun before */
     size_t n = memcache_invalidate(v->keys, v->target_len, redis ? forget_in_redis : NULL, NULL);
     if (redis && v->own_len)           /* what this process never held, the request itself would read */
         redis_delete(v->keys + v->target_len, v->own_len);

@@ -4,6 +4,7 @@ and in the Redis tier. A stateful upstream of the test's own: GET /items/ID answ
 item's version, an unsafe request bumps it (and answers the status its X-Status asks for)."""
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -41,6 +42,7 @@ class ItemServer(object):
                 with owner.lock:
                     owner.gets[url.path] = owner.gets.get(url.path, 0) + 1
                     v = owner.versions.get(url.path, 0)
+                time.sleep(float(self.headers.get("X-Delay", "0")))   # (the version read before)
                 extra = [("Vary", "Accept-Language")] if "vary" in parse_qs(url.query) else []
                 lang = self.headers.get("Accept-Language", "-")
                 user = self.headers.get("Authorization", "-")
@@ -217,3 +219,35 @@ def test_redis_entries_of_the_url_are_deleted(tmp_path, items, sockdir):
             == [[200, "/items/r v2 de -"], [200, "/items/r v2 fr -"]]
     finally:
         srv.shutdown()
+
+
+def test_a_get_after_the_write_never_joins_a_fetch_begun_before_it(tmp_path, items):
+    """Thread A's GET is on its way upstream (1 s, reading the version before the write);
+    the main thread PUTs, reads its 200, and GETs: its GET must not join A's fetch (it
+    would be answered the version before its own write), and what A's fetch brings back
+    is not stored. Direct, that GET reads the new version."""
+    conf = memory_conf(tmp_path, items.port)
+    client = r"""
+import json, sys, threading, time, urllib.request
+port = int(sys.argv[1]); base = "http://127.0.0.1:%d/items/f" % port
+op = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+def get(headers=None):
+    with op.open(urllib.request.Request(base, headers=headers or {}), timeout=20) as r:
+        return r.read().decode()
+slow = []
+a = threading.Thread(target=lambda: slow.append(get({"X-Delay": "1"})))
+a.start()
+time.sleep(0.3)                                  # A's fetch is under way
+with op.open(urllib.request.Request(base, method="PUT", data=b"x"), timeout=20) as r:
+    put = r.status
+after = get()
+a.join()
+print(json.dumps([slow[0], put, after, get()]))
+"""
+    for shim in (False, True):
+        r = run([SYS_PY, "-c", client, items.port], conf=conf, shim=shim, timeout=60)
+        assert r.rc == 0, r.describe()
+        got = json.loads(r.out.strip().splitlines()[-1])
+        v = 1 if shim else 0                     # (the second run starts where the first left it)
+        assert got == ["/items/f v%d - -" % v, 200, "/items/f v%d - -" % (v + 1), "/items/f v%d - -" % (v + 1)], \
+            (shim, got)
