@@ -231,8 +231,8 @@ void flight_fail(struct flight *f)
 
 void flight_invalidate(const char *target, size_t target_len)
 {
-    struct flight *f, *tmp;
-    HASH_ITER(hh, table, f, tmp) {
+    for (struct flight *f = table, *next; f; f = next) {
+        next = f->hh.next;
         if (cache_key_target_len(f->key, f->key_len) == target_len && !memcmp(f->key, target, target_len)) {
             HASH_DELETE(hh, table, f);
             f->detached = true;        /* its waiters are told when it lands, as before */
