@@ -308,7 +308,7 @@ for i in range(4):
     with op.open("http://127.0.0.1:%d/x%d" % (port, i), timeout=20) as r:
         body = r.read()
     c0 = engine_cpu()
-    time.sleep(1.0)                    # the server closes the idle connection 0.2 s in
+    time.sleep(0.6)                    # the server closes the idle connection 0.2 s in
     out.append({"body": body.decode(), "idle_cpu_ticks": engine_cpu() - c0})
 print(json.dumps(out))
 """
@@ -330,7 +330,7 @@ out = []
 for i, (method, first) in enumerate((("GET", "/late"), ("HEAD", "/head"), ("GET", "/nocontent"),
                                      ("GET", "/bye408"))):
     out.append([req(method, first)])
-    time.sleep(0.3)                    # the unasked bytes arrive on the idle pooled connection
+    time.sleep(0.2)                    # the unasked bytes arrive on the idle pooled connection
     out[-1] += [req("GET", "/user/bob%d" % i), req("GET", "/user/carol%d" % i)]
 print(json.dumps(out))
 """
@@ -411,6 +411,10 @@ def test_bytes_an_idle_pooled_connection_was_never_asked_for_reach_no_one(tmp_pa
         assert jlines(shimmed.out)[0] == want, shimmed.describe()
     finally:
         stop.set()
+        try:
+            srv.shutdown(socket.SHUT_RDWR)   # (wakes the accept: a close alone does not)
+        except OSError:
+            pass
         srv.close()
         t.join(5)
 
@@ -468,10 +472,14 @@ def test_an_upstream_closing_an_idle_pooled_connection_is_heard(tmp_path, sockdi
         assert r.rc == 0, r.describe()
         got = jlines(r.out)[0]
         assert [x["body"] for x in got] == ["/x0", "/x1", "/x2", "/x3"], got
-        assert all(x["idle_cpu_ticks"] is not None and x["idle_cpu_ticks"] <= 30 for x in got), got
+        assert all(x["idle_cpu_ticks"] is not None and x["idle_cpu_ticks"] <= 15 for x in got), got
         assert counts == {"connections": 4, "requests": 4}, counts
     finally:
         stop.set()
+        try:
+            srv.shutdown(socket.SHUT_RDWR)   # (wakes the accept: a close alone does not)
+        except OSError:
+            pass
         srv.close()
         t.join(5)
 
