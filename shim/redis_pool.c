@@ -51,6 +51,10 @@ struct rconn {
     bool flush_pending, throttled, shared, lent_counted;
     bool free_at_flush;                /* closed while a flush was pending: that flush frees it */
     struct buf out;
+    /* commands queued while its setup (AUTH, SELECT, HELLO, a name) is unanswered: sent
+     * once it is accepted. Pipelined behind a refused AUTH they ran as the default user
+     * (a password changed on the server), behind a refused SELECT in database 0 */
+    struct buf held;
     struct resp_stream replies;
     unsigned setup_left;               /* replies to its setup commands still to come */
     struct ring fifo;                  /* who each reply owed goes to (struct rpool_client *, NULL: no
@@ -298,6 +302,7 @@ static void conn_close(struct rconn *c, bool lost)
     }
     resp_stream_free(&c->replies);
     buf_free(&c->out);
+    buf_free(&c->held);
     ring_free(&c->fifo);
     rpool_ident_put(c->id);
     /* the deferred list runs newest first: a flush still pending from this turn runs after
@@ -372,6 +377,7 @@ static struct rconn *conn_open(struct rpool_client *cl, struct rpool_ident *id, 
     c->dest_len = cl->dest_len;
     c->id = rpool_ident_ref(id);
     c->out.cap = RCONN_OUT_MAX;
+    c->held.cap = RCONN_OUT_MAX;
     c->fifo = RING_INIT(struct rpool_client *, RCONN_INFLIGHT_MAX);
     c->state = RC_WAITING;
     if (resp_stream_init(&c->replies, false) != 0 || put_setup(c, name, name_len) != 0) {
@@ -449,6 +455,15 @@ static void setup_reply(struct rconn *c, const char *p, size_t n, int type)
     }
     if (c->setup_left)
         return;
+    if (buf_len(&c->held)) {           /* accepted: what waited for it goes now */
+        if (buf_append(&c->out, buf_head(&c->held), buf_len(&c->held)) != 0) {
+            conn_close(c, true);
+            return;
+        }
+        buf_free(&c->held);
+        c->held.cap = RCONN_OUT_MAX;
+        schedule_flush(c);
+    }
     c->id->verified = true;
     struct rpool_client *v = take_verifying(c);
     if (v && !c->lent && !c->shared) {
@@ -598,11 +613,12 @@ static struct rconn *pick_shared(struct rpool_client *cl, struct rpool_ident *id
 
 static int queue_command(struct rconn *c, struct rpool_client *cl, const char *cmd, size_t n)
 {
-    size_t mark = c->out.end;
-    if (buf_append(&c->out, cmd, n) != 0)
+    struct buf *b = c->setup_left && !c->raw ? &c->held : &c->out;
+    size_t mark = b->end;
+    if (buf_append(b, cmd, n) != 0)
         return -1;
     if (fifo_push(c, cl) != 0) {
-        c->out.end = mark;
+        b->end = mark;
         return -1;
     }
     if (cl) {

@@ -896,3 +896,49 @@ def test_a_refused_hello_names_nothing(redis_servers, tmp_path, sockdir):
              {"send": [c("AUTH", "pw") + c("CLIENT", "GETNAME")], "expect": 1}]
     got = raw_as_direct(srv, tmp_path, sockdir, cases)
     assert got[0]["got"].count("-NOAUTH") == 2 and got[1]["got"] == "+OK\r\n$-1\r\n", got
+
+
+ROTATION = r"""
+import json, socket, sys
+port = int(sys.argv[1])
+def conn():
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+def cmd(*a):
+    return ("*%d\r\n" % len(a) + "".join("$%d\r\n%s\r\n" % (len(x), x) for x in a)).encode()
+def read_replies(s, n):
+    buf, got = b"", 0
+    while got < n:
+        d = s.recv(65536)
+        if not d:
+            break
+        buf += d
+        got = buf.count(b"\r\n")
+    return buf.decode()
+adm = conn()
+adm.sendall(cmd("ACL", "SETUSER", "alice", "on", ">old", "~alice:*", "+@all")); read_replies(adm, 1)
+apps = [conn() for i in range(6)]
+for a in apps:
+    a.sendall(cmd("AUTH", "alice", "old")); read_replies(a, 1)
+adm.sendall(cmd("ACL", "SETUSER", "alice", "resetpass", ">new")); read_replies(adm, 1)
+for i, a in enumerate(apps):                 # busy at once: the pool opens more for alice
+    a.sendall(b"".join(cmd("SET", "other:%d:%d" % (i, j), "v") for j in range(50)))
+for a in apps:
+    try:
+        read_replies(a, 50)
+    except OSError:
+        pass
+adm.sendall(cmd("KEYS", "other:*"))
+print(json.dumps([read_replies(adm, 1)]))
+"""
+
+
+def test_commands_never_ride_a_login_the_server_refused(redis, tmp_path, sockdir):
+    """alice (keys alice:* only) is logged in on six app connections; her password is
+    rotated on the server; the six then send 50 SETs of keys she may not write, at once,
+    so the pool opens more connections for her, whose setup says the old password and is
+    refused. No SET may run: direct, each is refused -NOPERM as alice. Before, the commands
+    queued behind the refused AUTH ran on that connection as the default user, who may
+    write anything."""
+    r = run([SYS_PY, "-c", ROTATION, redis.port], conf=conf_for(tmp_path, redis, sockdir), timeout=60)
+    assert r.rc == 0, r.describe()
+    assert jlines(r.out)[0] == ["*0\r\n"], r.describe()
