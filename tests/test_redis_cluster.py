@@ -218,3 +218,29 @@ def test_a_master_gone_fails_open_for_its_slots(cluster, upstream, tmp_path, soc
     table = run([HTTPSHIM, "stats", "-c", conf, "--live"], shim=False, timeout=30)
     assert table.rc == 0 and b"mode cluster" in table.out and (b"%s DOWN errors" % dead.encode()) in table.out, \
         table.describe()
+
+
+def test_deletes_owed_to_a_master_that_is_gone_wait_safely(cluster, upstream, tmp_path, sockdir, apps):
+    """Entries stored over all three masters; one master killed; a PUT to each URL (its
+    success invalidates the entry: a DEL to the master of the key's slot), so the DELs for
+    the dead master's slots wait; the other masters' connections are then killed three
+    times, and each reconnect tries the waiting DELs again. Before, a DEL that still could
+    not go was queued into the very slot being walked and freed there: the next reconnect
+    freed it again (glibc aborted the app). The app lives, and answers every request."""
+    conf = conf_for(tmp_path, sockdir, cluster.url(), upstream)
+    pair = Pair(apps, conf, sockdir, upstream)
+    paths = ["/bytes/%d" % (1000 + i) for i in range(30)]
+    for p in paths:
+        pair.a.get(upstream.port, p, length=int(p.rsplit("/", 1)[1]))
+    cluster.kill(cluster.ports[2])
+    for p in paths:
+        pair.a.get(upstream.port, p, method="PUT", body="x")
+    for _ in range(3):
+        for port in cluster.ports[:2]:
+            subprocess.run(["redis-cli", "-p", str(port), "CLIENT", "KILL", "TYPE", "normal"], capture_output=True,
+                           timeout=10)
+        wait(lambda: get_stats(pair.a.sock)["redis"]["connected"] == 2, 20, "two masters connected again")
+    for p in paths:
+        pair.a.get(upstream.port, p, length=int(p.rsplit("/", 1)[1]))
+    r = get_stats(pair.a.sock)["redis"]
+    assert r["deletes"] >= 1, r
