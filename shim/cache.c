@@ -193,7 +193,7 @@ static bool same_authority(struct http_slice x, struct http_slice y)
 /* The authority the request names, lower-cased and without the scheme's default port:
  * an absolute-form target's, else the Host header's. False when it is ambiguous (two
  * Host lines) or too long, so the request is not cached. */
-static bool put_authority(struct keybuf *k, const struct http_request *req)
+static bool put_authority(struct keybuf *k, const struct http_request *req, bool https)
 {
     struct http_slice a = { "", 0 };
     const char *t = req->target.p, *end = t + req->target.n;
@@ -225,8 +225,10 @@ static bool put_authority(struct keybuf *k, const struct http_request *req)
     for (size_t i = 0; i < a.n; i++)       /* ASCII only: the app's locale must not matter */
         norm[i] = a.p[i] >= 'A' && a.p[i] <= 'Z' ? (char)(a.p[i] + 32) : a.p[i];
     size_t n = a.n;
-    if (n > 3 && !memcmp(norm + n - 3, ":80", 3) && norm[n - 4] != ':')
+    if (!https && n > 3 && !memcmp(norm + n - 3, ":80", 3) && norm[n - 4] != ':')
         n -= 3;                        /* http's default port: host and host:80 are one */
+    if (https && n > 4 && !memcmp(norm + n - 4, ":443", 4) && norm[n - 5] != ':')
+        n -= 4;                        /* (https's) */
     puts_(k, "\nhost: ");
     put(k, norm, n);
     return true;
@@ -238,7 +240,7 @@ static bool put_authority(struct keybuf *k, const struct http_request *req)
  * upstream's entries). Every entry of one target starts with them, whatever its variant,
  * credentials or body. */
 static bool put_target(struct keybuf *k, const struct upstream_rule *u, const struct cache_rule *r,
-                       const struct http_request *req, struct http_slice method)
+                       const struct http_request *req, struct http_slice method, bool https)
 {
     struct http_slice path, query;
     if (!target_path(req->target, &path, &query))
@@ -262,7 +264,7 @@ static bool put_target(struct keybuf *k, const struct upstream_rule *u, const st
         }
         i = end + 1;
     }
-    return put_authority(k, req);
+    return put_authority(k, req, https);
 }
 
 /* Whether a Connection header names anything but the connection's own options: a header
@@ -295,7 +297,7 @@ static bool connection_names_a_field(const struct http_request *req)
 }
 
 static size_t key_as(const struct upstream_rule *u, const struct cache_rule *r, const struct http_request *req,
-                     struct http_slice method, char *out, size_t cap)
+                     struct http_slice method, bool https, char *out, size_t cap)
 {
     if (connection_names_a_field(req))
         return 0;
@@ -309,8 +311,13 @@ static size_t key_as(const struct upstream_rule *u, const struct cache_rule *r, 
     if (find_header(req, "range", 5, 0))
         return 0;
     struct keybuf k = { out, 0, cap, false };
-    if (!put_target(&k, u, r, req, method))
+    if (!put_target(&k, u, r, req, method, https))
         return 0;
+    /* a request that came over the app's own TLS (tls = intercept): never answered with
+     * what came over plaintext to the same host and port, nor the other way round; the
+     * target stays the same, so that a write over either invalidates both */
+    if (https)
+        puts_(&k, "\nscheme: https");
     for (size_t i = 0; i < r->n_key_headers; i++) {
         if (!strcasecmp(r->key_headers[i], "cookie") || !strcasecmp(r->key_headers[i], "authorization")
             || !strcasecmp(r->key_headers[i], "proxy-authorization"))
@@ -328,17 +335,17 @@ static size_t key_as(const struct upstream_rule *u, const struct cache_rule *r, 
 }
 
 size_t cache_key(const struct upstream_rule *u, const struct cache_rule *r, const struct http_request *req,
-                 char *out, size_t cap)
+                 bool https, char *out, size_t cap)
 {
     static const struct http_slice get = { "GET", 3 };
-    return key_as(u, r, req, http_method_is(req, "HEAD") ? get : req->method, out, cap);
+    return key_as(u, r, req, http_method_is(req, "HEAD") ? get : req->method, https, out, cap);
 }
 
 /* RFC 9111 4.4: a request of an unsafe method that succeeds makes the GET entries of its
  * target stale. A method a rule caches (a search API's POST) is the operator's word that
  * it reads, and a target no GET rule names has no entries. */
-size_t cache_invalidation_target(const struct upstream_rule *u, const struct http_request *req, char *target,
-                                 size_t cap, char *own, size_t own_cap, size_t *own_len)
+size_t cache_invalidation_target(const struct upstream_rule *u, const struct http_request *req, bool https,
+                                 char *target, size_t cap, char *own, size_t own_cap, size_t *own_len)
 {
     static const struct http_slice get = { "GET", 3 };
     static const char *const safe[] = { "GET", "HEAD", "OPTIONS", "TRACE" };
@@ -352,9 +359,9 @@ size_t cache_invalidation_target(const struct upstream_rule *u, const struct htt
     if (!r)
         return 0;
     struct keybuf k = { target, 0, cap, false };
-    if (!put_target(&k, u, r, req, get) || k.overflow)
+    if (!put_target(&k, u, r, req, get, https) || k.overflow)
         return 0;
-    *own_len = key_as(u, r, req, get, own, own_cap);
+    *own_len = key_as(u, r, req, get, https, own, own_cap);
     return k.n;
 }
 

@@ -40,17 +40,18 @@ struct cache_entry {
  * requests match GET rules (a HEAD is answered from a stored GET). */
 const struct cache_rule *cache_rule_for(const struct upstream_rule *u, const struct http_request *req);
 /* Writes the key for this request under rule r into out; returns its length, or 0 when
- * the request cannot be cached (key too long). */
+ * the request cannot be cached (key too long). https: it came over the app's own TLS,
+ * terminated by the shim (an entry of its own, apart from plaintext's). */
 size_t cache_key(const struct upstream_rule *u, const struct cache_rule *r, const struct http_request *req,
-                 char *out, size_t cap);
+                 bool https, char *out, size_t cap);
 /* The target URI of an unsafe request (POST, PUT, DELETE, PATCH, ...) whose success makes
  * the stored GET answers of that target stale (RFC 9111 4.4): writes the first part that
  * every such entry's key starts with (cache_key_target_len long) into target and returns
  * its length, 0 when the request invalidates nothing (a safe method, a method a rule
  * caches, a target no GET rule names). *own_len: the whole key of the GET the request
  * itself would make (its credentials, its key headers), 0 if none. */
-size_t cache_invalidation_target(const struct upstream_rule *u, const struct http_request *req, char *target,
-                                 size_t cap, char *own, size_t own_cap, size_t *own_len);
+size_t cache_invalidation_target(const struct upstream_rule *u, const struct http_request *req, bool https,
+                                 char *target, size_t cap, char *own, size_t own_cap, size_t *own_len);
 /* How much of a key is its target URI (see above). */
 size_t cache_key_target_len(const char *key, size_t key_len);
 /* The request's body joins the key (a line with its SHA-256), when it has one: a POST its

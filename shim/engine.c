@@ -493,7 +493,7 @@ static void conn_process(struct conn *c)
             shim_debug("fd %d: not relayable as HTTP (%s), tunnelling", c->side.fd,
                        r == HTTP_PARSE_ERROR ? "unparsed" : "upgrade/chunked/large body");
             if (r == HTTP_PARSE_DONE)  /* its answer goes by unread: a POST's may have changed its URL */
-                store_invalidate_now(c->side.upstream, req);
+                store_invalidate_now(c->side.upstream, req, c->side.tls_host != NULL);
             start_tunnel(c, r == HTTP_PARSE_ERROR ? TUNNEL_NOT_HTTP
                             : req->head_len > HEAD_MAX ? TUNNEL_TOO_LARGE : TUNNEL_OTHER);
             return;
@@ -523,7 +523,8 @@ static void conn_process(struct conn *c)
         const struct upstream_rule *u = &E.cfg->upstreams[c->side.upstream];
         const struct cache_rule *rule = E.cfg->cache != CACHE_OFF ? cache_rule_for(u, req) : NULL;
         /* a body too large to hold is never part of a cached exchange */
-        size_t key_len = rule && !streaming ? cache_key(u, rule, req, key_scratch, sizeof key_scratch) : 0;
+        bool https = c->side.tls_host != NULL;
+        size_t key_len = rule && !streaming ? cache_key(u, rule, req, https, key_scratch, sizeof key_scratch) : 0;
         const char *body = buf_head(&c->side.in) + req->head_len;
         key_len = cache_key_add_body(key_scratch, key_len, sizeof key_scratch, body, body_len);
         if (key_len && buf_len(&c->side.out))
@@ -560,7 +561,8 @@ static void conn_process(struct conn *c)
         conn_to(c, CS_UPSTREAM);
         STAT_INC(c->side.upstream, upstream_requests);
         c->side.body_left = streaming ? (uint64_t)req->content_length : 0;
-        struct upstream_sink *sink = key_len ? store_writer_sink(writer) : store_invalidation_sink(c->side.upstream, req);
+        struct upstream_sink *sink = key_len ? store_writer_sink(writer)
+                                             : store_invalidation_sink(c->side.upstream, req, https);
         c->xfer = upstream_start(&c->side, req, body, streaming ? (size_t)-1 : body_len, sink);
         if (!c->xfer) {
             STAT_INC(c->side.upstream, errors_upstream);

@@ -151,7 +151,7 @@ static ssize_t answer_inline(const struct shim_config *cfg, int fd, struct fd_en
     const struct upstream_rule *u = &cfg->upstreams[up];
     const struct cache_rule *rule = cfg->cache != CACHE_OFF ? cache_rule_for(u, &req) : NULL;
     char key[INLINE_KEY_MAX];
-    size_t key_len = rule ? cache_key(u, rule, &req, key, sizeof key) : 0;
+    size_t key_len = rule ? cache_key(u, rule, &req, false, key, sizeof key) : 0;   /* (plaintext: TLS never comes here) */
     int64_t now = clock_wall_ms();
     struct cache_entry *ent = key_len ? store_fresh_hit(&req, key, key_len, now) : NULL;
     if (!ent)

@@ -772,13 +772,13 @@ static const struct upstream_sink_ops invalidation_ops = {
     inval_validators, inval_begin, inval_header, inval_head_done, inval_body, inval_unstorable, inval_wanted, inval_end,
 };
 
-struct upstream_sink *store_invalidation_sink(int upstream, const struct http_request *req)
+struct upstream_sink *store_invalidation_sink(int upstream, const struct http_request *req, bool https)
 {
     if (cfg->cache == CACHE_OFF)
         return NULL;
     static char target[CACHE_KEY_MAX], own[CACHE_KEY_MAX];   /* (engine thread only) */
     size_t own_len;
-    size_t target_len = cache_invalidation_target(&cfg->upstreams[upstream], req, target, sizeof target, own,
+    size_t target_len = cache_invalidation_target(&cfg->upstreams[upstream], req, https, target, sizeof target, own,
                                                   sizeof own, &own_len);
     if (!target_len)
         return NULL;
@@ -795,9 +795,9 @@ struct upstream_sink *store_invalidation_sink(int upstream, const struct http_re
     return &v->sink;
 }
 
-void store_invalidate_now(int upstream, const struct http_request *req)
+void store_invalidate_now(int upstream, const struct http_request *req, bool https)
 {
-    struct upstream_sink *s = store_invalidation_sink(upstream, req);
+    struct upstream_sink *s = store_invalidation_sink(upstream, req, https);
     if (s)
         s->ops->end(s, SINK_FAILED);   /* no answer will be seen: as if none came */
 }

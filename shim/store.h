@@ -91,9 +91,9 @@ void store_request_done(struct store_request *r);
  * cache: the sink that invalidates the stored GET answers of its target once the upstream
  * answers without an error (RFC 9111 4.4), or NULL when there is nothing to invalidate. It
  * frees itself at its end. */
-struct upstream_sink *store_invalidation_sink(int upstream, const struct http_request *req);
+struct upstream_sink *store_invalidation_sink(int upstream, const struct http_request *req, bool https);
 /* The same at once, for such a request whose answer the shim will not read (a tunnel). */
-void store_invalidate_now(int upstream, const struct http_request *req);
+void store_invalidate_now(int upstream, const struct http_request *req, bool https);
 
 /* For the app's own thread: a fresh memory hit for this request (a reference), or NULL;
  * resolves Vary like store_open, never waits, never fetches. */

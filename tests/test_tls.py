@@ -400,3 +400,99 @@ def test_trust_loaded_after_the_client_hello_is_waited_for(tls_upstream, pki, tm
     r = run(args, conf=conf, env=dict(SAN_ENV or {}, HTTPSHIM_DEBUG="1"))
     assert r.rc == 0 and r.out.strip() == b"200 321", r.describe()
     assert b"terminated" in r.err and b"tunnelled" not in r.err, r.describe()
+
+
+class DualServer(object):
+    """HTTP and HTTPS on one port (the first byte tells): answers "SCHEME N", N counting
+    the requests of that scheme."""
+
+    def __init__(self, chain, key):
+        import socket
+        import ssl
+        import threading
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(str(chain), str(key))
+        self.srv = socket.socket()
+        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(16)
+        self.port = self.srv.getsockname()[1]
+        self.counts = {"http": 0, "https": 0}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.accept, daemon=True)
+        self.thread.start()
+
+    def accept(self):
+        import threading
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn):
+        import socket
+        try:
+            conn.settimeout(10)
+            tls = conn.recv(1, socket.MSG_PEEK) == b"\x16"
+            if tls:
+                conn = self.ctx.wrap_socket(conn, server_side=True)
+            scheme = "https" if tls else "http"
+            buf = b""
+            while True:
+                d = conn.recv(65536)
+                if not d:
+                    return
+                buf += d
+                while b"\r\n\r\n" in buf:
+                    _, buf = buf.split(b"\r\n\r\n", 1)
+                    with self.lock:
+                        self.counts[scheme] += 1
+                        body = ("%s %d" % (scheme, self.counts[scheme])).encode()
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        import socket
+        self.stop.set()
+        try:
+            self.srv.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.srv.close()
+        self.thread.join(5)
+
+
+def test_an_entry_fetched_over_plaintext_never_answers_the_apps_tls(pki, tmp_path, sockdir):
+    """An upstream that speaks HTTP and HTTPS on one port, `tls = intercept`: the app's
+    plaintext GET and its HTTPS GET of the same path are two entries (each a hit the second
+    time), as direct each is answered over its own scheme. Before, the key said http for
+    both: the HTTPS request got the answer that came over plaintext, which anyone on the
+    path could have written."""
+    chain, key = pki["ca"].leaf(["localhost", "127.0.0.1"], stem="dual")
+    srv = DualServer(chain, key)
+    try:
+        client = r"""
+import json, ssl, sys, urllib.request
+port, cafile = int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context(cafile=cafile)
+op = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ctx))
+out = []
+for scheme in ("http", "https", "http", "https"):
+    with op.open("%s://localhost:%d/custom/dual" % (scheme, port), timeout=20) as r:
+        out.append(r.read().decode())
+print(json.dumps(out))
+"""
+        conf = write_rules(tmp_path, [], name="dual.conf", raw="[global]\nstats_socket = %s/%%p.sock\n\n"
+                           "[upstream localhost:%d]\ntls = intercept\ntls_ca_file = %s\ncache GET /custom* ttl=10m\n"
+                           % (sockdir, srv.port, pki["ca"].pem))
+        r = run([SYS_PY, "-c", client, srv.port, pki["ca"].pem], conf=conf, timeout=60, env=SAN_ENV)
+        assert r.rc == 0, r.describe()
+        assert jlines(r.out)[-1] == ["http 1", "https 1", "http 1", "https 1"], r.describe()
+    finally:
+        srv.close()

@@ -33,7 +33,8 @@
  *  - cache_invalidation_target: nothing for GET, HEAD, OPTIONS, TRACE or a method a rule
  *    caches; otherwise, when it names a target, the key the request would have as a GET
  *    (method GET, the GET rule for its path) is its *own key, and starts with the target,
- *    which is exactly cache_key_target_len of it;
+ *    which is exactly cache_key_target_len of it; over TLS (https) the same, the key's
+ *    next line saying "scheme: https";
  *  - cache_vary_values / cache_variant_key: deterministic, bounded by cap, (size_t)-1 / 0
  *    exactly when the result does not fit, the variant key is KEY "\nvary: " VALUES;
  *  - an entry built from them matches the request it was built for;
@@ -277,7 +278,7 @@ static void check_invalidation(void)
 {
     static char target[CACHE_KEY_MAX], own[CACHE_KEY_MAX], as_get[CACHE_KEY_MAX];
     size_t own_len = 1;
-    size_t t = cache_invalidation_target(&up, &req, target, sizeof target, own, sizeof own, &own_len);
+    size_t t = cache_invalidation_target(&up, &req, false, target, sizeof target, own, sizeof own, &own_len);
     FUZZ_CHECK(t <= sizeof target && own_len <= sizeof own && (t || !own_len));
     static const char *const safe[] = { "GET", "HEAD", "OPTIONS", "TRACE" };
     for (size_t i = 0; i < sizeof safe / sizeof *safe; i++)
@@ -289,9 +290,16 @@ static void check_invalidation(void)
     g.method = (struct http_slice){ "GET", 3 };
     const struct cache_rule *get_rule = cache_rule_for(&up, &g);
     FUZZ_CHECK(get_rule != NULL);
-    size_t n = cache_key(&up, get_rule, &g, as_get, sizeof as_get);
+    size_t n = cache_key(&up, get_rule, &g, false, as_get, sizeof as_get);
     FUZZ_CHECK(n == own_len && !memcmp(own, as_get, n));
     FUZZ_CHECK(!own_len || (cache_key_target_len(own, own_len) == t && !memcmp(own, target, t)));
+    /* over the app's own TLS: the same, with a line of its own after the target */
+    size_t ts = cache_invalidation_target(&up, &req, true, target, sizeof target, own, sizeof own, &own_len);
+    FUZZ_CHECK(ts > 0);
+    n = cache_key(&up, get_rule, &g, true, as_get, sizeof as_get);
+    FUZZ_CHECK(n == own_len && !memcmp(own, as_get, n));
+    FUZZ_CHECK(!own_len || (cache_key_target_len(own, own_len) == ts && !memcmp(own, target, ts)
+                            && own_len >= ts + 14 && !memcmp(own + ts, "\nscheme: https", 14)));
 }
 
 /* cache_key into an exactly sized heap buffer of cap bytes (one byte when cap is 0). */
@@ -300,7 +308,7 @@ static size_t key_into(const struct http_request *r, const struct cache_rule *ru
     *out = malloc(cap ? cap : 1);
     if (!*out)
         abort();
-    size_t n = cache_key(&up, rule, r, *out, cap);
+    size_t n = cache_key(&up, rule, r, false, *out, cap);
     FUZZ_CHECK(n <= cap);
     return n;
 }
