@@ -229,8 +229,11 @@ static void pump(struct tls_front *f)
         front_close(f);
         return;
     }
+    /* (plaintext still to encrypt once to_app had its fill waits for room towards the app
+     * too: with to_app sent whole and the engine's end already closed, nothing else would
+     * wake the front, and a large answer stalled, its last 40 kB never sent) */
     uint32_t want_app = (!f->app_eof && buf_len(&f->to_plain) < OUT_SOFT ? EPOLLIN : 0)
-                      | (buf_len(&f->to_app) ? EPOLLOUT : 0);
+                      | (buf_len(&f->to_app) || (f->handshaken && buf_len(&f->from_plain)) ? EPOLLOUT : 0);
     uint32_t want_plain = (!f->plain_eof && buf_len(&f->from_plain) < OUT_SOFT && buf_len(&f->to_app) < CIPHER_CAP
                                ? EPOLLIN : 0)
                         | (buf_len(&f->to_plain) ? EPOLLOUT : 0);

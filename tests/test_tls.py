@@ -496,3 +496,31 @@ print(json.dumps(out))
         assert jlines(r.out)[-1] == ["http 1", "https 1", "http 1", "https 1"], r.describe()
     finally:
         srv.close()
+
+
+def test_large_intercepted_answers_reach_the_end(tls_upstream, pki, tmp_path, sockdir):
+    """urllib (a connection per request, Connection: close) fetches 24 bodies of 300 kB to
+    900 kB over an intercepted connection, each a miss then a hit: every one whole. Before,
+    the front encrypted 64 kB at a time and, once that was sent whole with the engine's end
+    already closed, nothing woke it for the rest: an answer in a few stalled, the last tens
+    of kB never sent, and the app waited until its timeout."""
+    client = r"""
+import hashlib, json, ssl, sys, urllib.request
+port, cafile = int(sys.argv[1]), sys.argv[2]
+op = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                 urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=cafile)))
+out = []
+for size in range(300000, 900000, 25000):
+    for _ in range(2):
+        try:
+            with op.open("https://localhost:%d/bytes/%d" % (port, size), timeout=10) as r:
+                out.append(len(r.read()) == size)
+        except OSError as e:
+            out.append(repr(e))
+print(json.dumps(out))
+"""
+    conf = intercept_conf(tmp_path, tls_upstream, pki["ca"].pem, sockdir, extra=["cache GET /bytes/* ttl=10m"])
+    r = run([SYS_PY, "-c", client, tls_upstream.port, pki["ca"].pem], conf=conf, timeout=200, env=SAN_ENV)
+    assert r.rc == 0, r.describe()
+    got = jlines(r.out)[-1]
+    assert got == [True] * 48, [g for g in got if g is not True]
