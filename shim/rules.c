@@ -66,6 +66,7 @@ struct parser {
     int line;
     char *err;
     int password_file_line, sentinel_password_line, cache_line;   /* where those keys were, for the checks at the end */
+    int cache_said;                    /* the line of the cache key, once it has been read */
 };
 
 static int fail(struct parser *p, const char *fmt, ...)
@@ -462,6 +463,11 @@ static int set_global(struct parser *p, const struct global_key *k, const char *
         return 0;
     }
     case G_CACHE:
+        /* a second cache line would be laid over what the first set (its socket, its user,
+         * its password), half of each: one tier, said once */
+        if (p->cache_said)
+            return fail(p, "cache is set twice (line %d first): keep one", p->cache_said);
+        p->cache_said = p->line;
         if (!strcmp(val, "memory"))
             cfg->cache = CACHE_MEMORY;
         else if (!strcmp(val, "off"))

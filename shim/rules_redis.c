@@ -5,9 +5,12 @@
 #include "real.h"
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 /* "host:port", "[v6]:port" or "host" (default_port) of n bytes at s. */
 static int parse_node(const char *s, size_t n, int default_port, struct redis_addr *node)
@@ -173,9 +176,22 @@ int rules_parse_redis_url(const char *url, struct shim_config *cfg)
 int rules_read_secret_file(const char *key, const char *path, unsigned char *out, size_t cap, size_t *len,
                            char *err, size_t err_cap)
 {
-    FILE *f = fopen(path, "rbe");
+    /* a regular file only, opened without waiting: a FIFO (or /dev/stdin) named here was
+     * read in every preloaded program's constructor, which then waited forever for a
+     * writer, or ate the program's own input as the secret */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        int e = fd < 0 ? errno : 0;
+        if (fd >= 0)
+            close(fd);                 /* (not a socket: the close hook passes it on) */
+        snprintf(err, err_cap, "%s %s: %s", key, path, e ? strerror(e) : "not a regular file");
+        return -1;
+    }
+    FILE *f = real_fdopen(fd, "rb");
     if (!f) {
         snprintf(err, err_cap, "%s %s: %s", key, path, strerror(errno));
+        close(fd);
         return -1;
     }
     unsigned char buf[RULES_SECRET_MAX + 1];

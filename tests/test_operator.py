@@ -352,3 +352,24 @@ def test_a_rules_file_that_is_not_a_regular_file_is_refused_at_once(tmp_path, cl
     assert r.out == b"line1\nline2\n", r.describe()
     r = run([cli, "check", fifo], shim=False, timeout=20)
     assert r.rc == 1 and b"not a regular file" in r.out + r.err, r.describe()
+
+
+def test_secret_files_that_are_not_regular_files_and_a_repeated_cache_are_refused(tmp_path, cli):
+    """redis_password_file / redis_secret_file naming a FIFO or /dev/stdin: read in every
+    preloaded program's constructor, the FIFO blocked /bin/true forever and /dev/stdin ate
+    cat's input as the secret. Now such a file is refused (the process inert, `check` says
+    why). And `cache` said twice laid the second URL over what the first set (its unix
+    socket, its user and password): refused, naming both lines."""
+    fifo = tmp_path / "pw.fifo"
+    os.mkfifo(fifo)
+    for key, path in (("redis_password_file", fifo), ("redis_secret_file", fifo), ("redis_secret_file", "/dev/stdin")):
+        conf = write_rules(tmp_path, [], name="secret.conf", raw="[global]\ncache = redis://127.0.0.1:1/0\n%s = %s\n"
+                           "\n[upstream 127.0.0.1:9]\n" % (key, path))
+        r = run(["cat"], conf=conf, input=b"line1\n", timeout=20)
+        assert not r.timed_out and r.rc == 0 and r.out == b"line1\n", (key, path, r.describe())
+        c = run([cli, "check", conf], shim=False, timeout=20)
+        assert c.rc == 1 and b"not a regular file" in c.out + c.err, c.describe()
+    conf = write_rules(tmp_path, [], name="twice.conf", raw="[global]\ncache = redis+unix:///x.sock\n"
+                       "cache = redis://127.0.0.1:6379/0\n")
+    c = run([cli, "check", conf], shim=False, timeout=20)
+    assert c.rc == 1 and b":3: cache is set twice (line 2 first)" in c.out + c.err, c.describe()
