@@ -184,14 +184,14 @@ int rules_read_secret_file(const char *key, const char *path, unsigned char *out
     if (fd < 0 || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
         int e = fd < 0 ? errno : 0;
         if (fd >= 0)
-            close(fd);                 /* (not a socket: the close hook passes it on) */
+            real_close(fd);
         snprintf(err, err_cap, "%s %s: %s", key, path, e ? strerror(e) : "not a regular file");
         return -1;
     }
     FILE *f = real_fdopen(fd, "rb");
     if (!f) {
         snprintf(err, err_cap, "%s %s: %s", key, path, strerror(errno));
-        close(fd);
+        real_close(fd);
         return -1;
     }
     unsigned char buf[RULES_SECRET_MAX + 1];
