@@ -373,3 +373,15 @@ def test_secret_files_that_are_not_regular_files_and_a_repeated_cache_are_refuse
                        "cache = redis://127.0.0.1:6379/0\n")
     c = run([cli, "check", conf], shim=False, timeout=20)
     assert c.rc == 1 and b":3: cache is set twice (line 2 first)" in c.out + c.err, c.describe()
+
+
+@pytest.mark.parametrize("args", [["check", "--bogus"], ["check", "rules.conf", "extra"], ["stats", "--bogus"],
+                                  ["stats", "extra"], ["stats", "--json", "--prometheus"], ["purge", "--bogus"],
+                                  ["purge", "/a", "/b"], ["run", "--bogus", "--", "true"]])
+def test_a_wrong_command_line_is_a_usage_error(args, cli):
+    """An option a command does not know, an argument too many, two output formats: exit 2
+    and a usage line. Before, `check --bogus` looked for a file named --bogus (exit 1),
+    `check FILE extra` and `stats extra` ignored the extra, `stats --json --prometheus`
+    printed nothing, and `run --bogus -- true` ran a program named --bogus (exit 127)."""
+    r = run([cli] + args, shim=False, timeout=20, cwd=str(ROOT))
+    assert r.rc == 2 and b"usage: httpshim " + args[0].encode() in r.err, r.describe()

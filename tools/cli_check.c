@@ -53,6 +53,13 @@ int cmd_check(int argc, char **argv)
         argc--;
         argv++;
     }
+    /* an option it does not know, or more than one FILE: a usage error, not a file */
+    if (argc > 2 || (argc > 1 && argv[1][0] == '-' && argv[1][1])) {
+        fprintf(stderr, "httpshim check: %s: %s\nusage: httpshim check [--connect] [FILE]\n"
+                        "       httpshim check --defaults\n", argc > 2 ? argv[2] : argv[1],
+                argc > 2 ? "one FILE at most" : "unknown option");
+        return 2;
+    }
     const char *path = argc > 1 ? argv[1] : conf_path(NULL);
     struct shim_config *cfg = calloc(1, sizeof *cfg);
     char err[RULES_ERR_MAX];

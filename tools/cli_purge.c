@@ -266,8 +266,14 @@ int cmd_purge(int argc, char **argv)
                    "process, and in Redis (SCAN + UNLINK) when the rules use it, optionally only\n"
                    "for one upstream. Prints how many were dropped.\n");
             return 0;
-        } else
+        } else {
+            fprintf(stderr, "usage: httpshim purge [-c FILE] [--upstream HOST:PORT] [GLOB]\n");
             return 2;
+        }
+    }
+    if (argc - optind > 1) {
+        fprintf(stderr, "httpshim purge: one GLOB at most\nusage: httpshim purge [-c FILE] [--upstream HOST:PORT] [GLOB]\n");
+        return 2;
     }
     const char *glob = optind < argc ? argv[optind] : "*";
     char pattern[256];

@@ -88,6 +88,10 @@ int cmd_run(int argc, char **argv)
                    "CMD is looked up on PATH; its exit status is httpshim's. 127: CMD not found,\n"
                    "126: CMD not executable, 1: the library was not found.\n", DEFAULT_CONF);
             return 0;
+        } else if (argv[i][0] == '-' && argv[i][1]) {
+            fprintf(stderr, "httpshim run: unknown option %s (usage: httpshim run [-c FILE] -- CMD [ARGS...])\n",
+                    argv[i]);
+            return 2;
         } else
             break;
     }

@@ -594,14 +594,16 @@ int cmd_stats(int argc, char **argv)
         { "rules", no_argument, NULL, 'r' }, { "live", no_argument, NULL, 'l' },
         { "watch", required_argument, NULL, 'w' }, { "config", required_argument, NULL, 'c' },
         { "user", required_argument, NULL, 'u' }, { "help", no_argument, NULL, 'h' }, { 0, 0, 0, 0 } };
-    int format = 't', c;
+    int format = 't', c, formats = 0;
     double watch = 0;
     bool live_only = false;
     const char *conf = NULL;
     optind = 1;
     while ((c = getopt_long(argc, argv, "c:h", opts, NULL)) != -1) {
-        if (c == 'j' || c == 'p' || c == 'r')
+        if (c == 'j' || c == 'p' || c == 'r') {
             format = c;
+            formats++;
+        }
         else if (c == 'l')
             live_only = true;
         else if (c == 'w') {
@@ -636,8 +638,17 @@ int cmd_stats(int argc, char **argv)
                    "%s). Sockets of dead processes are removed.\n",
                    DEFAULT_CONF, EXITED_MAX_AGE_S / 60, EXITED_DEFAULT_PATTERN);
             return 0;
-        } else
+        } else {
+            fprintf(stderr, "usage: httpshim stats [-c FILE] [--json|--prometheus|--rules] [--live] "
+                            "[--watch SECONDS] [--user NAME|UID]\n");
             return 2;
+        }
+    }
+    if (optind < argc || formats > 1) {
+        fprintf(stderr, "httpshim stats: %s\nusage: httpshim stats [-c FILE] [--json|--prometheus|--rules] [--live] "
+                        "[--watch SECONDS] [--user NAME|UID]\n",
+                formats > 1 ? "one of --json, --prometheus, --rules" : "no arguments but options");
+        return 2;
     }
     char pattern[256];
     if (load_pattern(conf_path(conf), pattern, sizeof pattern) != 0)
