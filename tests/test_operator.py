@@ -385,3 +385,41 @@ def test_a_wrong_command_line_is_a_usage_error(args, cli):
     printed nothing, and `run --bogus -- true` ran a program named --bogus (exit 127)."""
     r = run([cli] + args, shim=False, timeout=20, cwd=str(ROOT))
     assert r.rc == 2 and b"usage: httpshim " + args[0].encode() in r.err, r.describe()
+
+
+def test_check_connect_reaches_only_a_redis(tmp_path, cli):
+    """`httpshim check --connect` against a listener that is not Redis (it greets like an
+    SSH server and then says nothing): exit 1, naming what failed. Before, with no password
+    and database 0 only a TCP connect was made, and any listener was "reached" (exit 0);
+    with a password, an AUTH that got no Redis reply counted as accepted."""
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+    stop = threading.Event()
+
+    def greet():
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            c.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            c.close()
+
+    t = threading.Thread(target=greet, daemon=True)
+    t.start()
+    try:
+        for url in ("redis://127.0.0.1:%d/0" % port, "redis://:pw@127.0.0.1:%d/0" % port):
+            conf = write_rules(tmp_path, [], name="notredis.conf", raw="[global]\ncache = %s\n" % url)
+            r = run([cli, "check", "--connect", conf], shim=False, timeout=30)
+            assert r.rc == 1 and b"redis 127.0.0.1:%d" % port in r.err, r.describe()
+    finally:
+        stop.set()
+        try:
+            srv.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        srv.close()
+        t.join(5)

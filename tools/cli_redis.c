@@ -76,17 +76,27 @@ static redisContext *login(const struct shim_config *cfg, const char *host, int 
     }
     redisReply *r;
     const char *failed = NULL;
-    if (cfg->redis_password[0]
-        && (r = cfg->redis_user[0] ? redisCommand(rc, "AUTH %s %s", cfg->redis_user, cfg->redis_password)
-                                   : redisCommand(rc, "AUTH %s", cfg->redis_password))) {
-        if (r->type == REDIS_REPLY_ERROR)
-            failed = "AUTH refused";
-        freeReplyObject(r);
+    /* every step must be answered as Redis answers it: a listener that is not Redis (no
+     * reply, a protocol error) is not "reached" */
+    if (cfg->redis_password[0]) {
+        r = cfg->redis_user[0] ? redisCommand(rc, "AUTH %s %s", cfg->redis_user, cfg->redis_password)
+                               : redisCommand(rc, "AUTH %s", cfg->redis_password);
+        failed = !r ? "no answer to AUTH (not Redis?)" : r->type == REDIS_REPLY_ERROR ? "AUTH refused" : NULL;
+        if (r)
+            freeReplyObject(r);
     }
-    if (!failed && cfg->redis_db && cfg->redis_mode != REDIS_CLUSTER && (r = redisCommand(rc, "SELECT %d", cfg->redis_db))) {
-        if (r->type == REDIS_REPLY_ERROR)
-            failed = "SELECT refused";
-        freeReplyObject(r);
+    if (!failed && cfg->redis_db && cfg->redis_mode != REDIS_CLUSTER) {
+        r = redisCommand(rc, "SELECT %d", cfg->redis_db);
+        failed = !r ? "no answer to SELECT (not Redis?)" : r->type == REDIS_REPLY_ERROR ? "SELECT refused" : NULL;
+        if (r)
+            freeReplyObject(r);
+    }
+    if (!failed) {
+        r = redisCommand(rc, "PING");
+        if (!r || r->type != REDIS_REPLY_STATUS || strcmp(r->str, "PONG"))
+            failed = !r ? "no answer to PING (not Redis?)" : "PING not answered PONG";
+        if (r)
+            freeReplyObject(r);
     }
     if (!failed && cfg->redis_mode == REDIS_SENTINEL) {
         r = redisCommand(rc, "ROLE");
