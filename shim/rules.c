@@ -581,6 +581,8 @@ int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX
         }
         strip_comment(line);
         char *s = trim(line);
+        if (p.line == 1 && !memcmp(s, "\xef\xbb\xbf", 3))
+            s = trim(s + 3);           /* a UTF-8 byte order mark, as editors on Windows save */
         if (!*s)
             continue;
         if (*s == '[') {

@@ -423,3 +423,19 @@ def test_check_connect_reaches_only_a_redis(tmp_path, cli):
             pass
         srv.close()
         t.join(5)
+
+
+def test_a_bom_is_read_past_and_run_keeps_a_link(tmp_path, cli):
+    """A rules file saved with a UTF-8 byte order mark (Windows editors) is read as the
+    same file without it (it failed: "setting outside a section" on a correct [global]); and
+    `httpshim run -c LINK` hands the commands it starts the link, made absolute, not what
+    it points to today (a ConfigMap's rules.conf is a link into a directory swapped on each
+    update: the pinned target vanished with the next one)."""
+    bom = tmp_path / "bom.conf"
+    bom.write_bytes(b"\xef\xbb\xbf[global]\ncache = memory\n")
+    r = run([cli, "check", str(bom)], shim=False, timeout=20)
+    assert r.rc == 0, r.describe()
+    (tmp_path / "link.conf").symlink_to(bom)
+    r = run([cli, "run", "-c", "link.conf", "--", "sh", "-c", "echo $HTTPSHIM_CONF"], shim=False, timeout=20,
+            cwd=str(tmp_path))
+    assert r.rc == 0 and r.out.strip() == str(tmp_path / "link.conf").encode(), r.describe()

@@ -1075,7 +1075,7 @@ def test_run_sets_environment(cli, upstream, tmp_path):
     assert r.rc == 0, r.describe()
     preload, conf = r.out.decode().splitlines()
     assert preload.split()[0] == os.path.realpath(LIB), preload
-    assert conf == os.path.realpath(str(tmp_path / "rules.conf")), conf
+    assert os.path.isabs(conf) and os.path.realpath(conf) == os.path.realpath(str(tmp_path / "rules.conf")), conf
 
 
 def test_run_shims_command_from_path(cli, upstream, tmp_path):

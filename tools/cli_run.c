@@ -117,12 +117,21 @@ int cmd_run(int argc, char **argv)
         return 1;
     free(preload);
     if (conf) {
-        char abs[PATH_MAX];
-        if (!realpath(conf, abs)) {
+        /* absolute, but not resolved: a link (a Kubernetes ConfigMap's rules.conf points
+         * into a directory swapped on each update) is read again through the link by every
+         * process the command starts later, not pinned to what it pointed at today */
+        char abs[PATH_MAX], cwd[PATH_MAX];
+        struct stat st;
+        if (stat(conf, &st) != 0) {
             fprintf(stderr, "httpshim run: %s: %s\n", conf, strerror(errno));
             return 1;
         }
-        setenv("HTTPSHIM_CONF", abs, 1);
+        if (conf[0] != '/' && (!getcwd(cwd, sizeof cwd)
+                               || snprintf(abs, sizeof abs, "%s/%s", cwd, conf) >= (int)sizeof abs)) {
+            fprintf(stderr, "httpshim run: %s: path too long\n", conf);
+            return 1;
+        }
+        setenv("HTTPSHIM_CONF", conf[0] == '/' ? conf : abs, 1);
     }
     execvp(argv[i], argv + i);
     int err = errno;
