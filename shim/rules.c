@@ -299,6 +299,17 @@ static int parse_origin(struct parser *p, const char *val, struct upstream_rule 
     return 0;
 }
 
+/* One host: the same name in any case, or the same address however it is written
+ * (::1 and 0:0::1; the first section would take every connection, the second none). */
+static bool same_host(const char *a, const char *b)
+{
+    unsigned char x[16], y[16];
+    int family = strchr(a, ':') ? AF_INET6 : AF_INET;
+    if (inet_pton(family, a, x) == 1 && inet_pton(family, b, y) == 1)
+        return !memcmp(x, y, family == AF_INET6 ? 16 : 4);
+    return !strcasecmp(a, b);
+}
+
 /* NAME = VALUE lines inside an [upstream] block */
 static int parse_upstream_setting(struct parser *p, const char *key, const char *val, struct upstream_rule *u)
 {
@@ -608,9 +619,10 @@ int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX
                 if ((rc = parse_host_port(&p, trim(name + 8), u)))
                     break;
                 for (size_t i = 0; i < cfg->n_upstreams; i++)
-                    if (!strcasecmp(cfg->upstreams[i].host, u->host) && cfg->upstreams[i].port == u->port) {
-                        rc = fail(&p, "upstream %s:%u is already defined at line %d", u->host, u->port,
-                                  cfg->upstreams[i].line);
+                    if (same_host(cfg->upstreams[i].host, u->host) && cfg->upstreams[i].port == u->port) {
+                        rc = fail(&p, strchr(u->host, ':') ? "upstream [%s]:%u is already defined at line %d"
+                                                           : "upstream %s:%u is already defined at line %d",
+                                  u->host, u->port, cfg->upstreams[i].line);
                         break;
                     }
                 if (rc)

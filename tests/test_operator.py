@@ -439,3 +439,11 @@ def test_a_bom_is_read_past_and_run_keeps_a_link(tmp_path, cli):
     r = run([cli, "run", "-c", "link.conf", "--", "sh", "-c", "echo $HTTPSHIM_CONF"], shim=False, timeout=20,
             cwd=str(tmp_path))
     assert r.rc == 0 and r.out.strip() == str(tmp_path / "link.conf").encode(), r.describe()
+
+
+def test_one_address_written_two_ways_is_one_upstream(tmp_path, cli):
+    """[::1]:P and [0:0::1]:P are one upstream: the second section's rules could never
+    apply (the first match wins). It is refused as a duplicate, as the same name twice is."""
+    conf = write_rules(tmp_path, [], name="v6.conf", raw="[upstream [::1]:26001]\n\n[upstream [0:0::1]:26001]\n")
+    r = run([cli, "check", conf], shim=False, timeout=20)
+    assert r.rc == 1 and b":3: upstream [0:0::1]:26001 is already defined at line 1" in r.out + r.err, r.describe()
