@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SANITIZER_SKIP, run, write_rules
+from test_stats import cli_env
 from test_redis import redis, redis_conf, redis_servers, redis_url  # noqa: F401 (fixtures)
 from test_stats import App, HTTPSHIM, apps, cli, get_stats, label, settled_stats, stats_conf, wait_socket  # noqa: F401
 
@@ -437,7 +438,7 @@ def test_a_bom_is_read_past_and_run_keeps_a_link(tmp_path, cli):
     assert r.rc == 0, r.describe()
     (tmp_path / "link.conf").symlink_to(bom)
     r = run([cli, "run", "-c", "link.conf", "--", "sh", "-c", "echo $HTTPSHIM_CONF"], shim=False, timeout=20,
-            cwd=str(tmp_path))
+            cwd=str(tmp_path), env=cli_env())
     assert r.rc == 0 and r.out.strip() == str(tmp_path / "link.conf").encode(), r.describe()
 
 
