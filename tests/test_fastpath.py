@@ -2,6 +2,7 @@
 which is a fresh memory hit is answered by the app thread itself, straight into the
 engine's end of the socketpair; everything else goes the engine's way, in order. Each
 test's requests come from one process (one memory tier)."""
+import re
 import shutil
 import time
 
@@ -194,8 +195,8 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(not shutil.which("strace"), reason="strace not installed")
 def test_an_inline_hit_costs_the_engine_nothing(upstream, tmp_path, sockdir):
-    """strace -f: with the fast path on, the engine thread makes (almost) no system call
-    for 30 hits; with it off, at least three per hit (wake, read, write)."""
+    """strace -f: with the fast path on, the engine thread writes no answer for 30 hits
+    (the app's thread does); with it off, it writes each of them."""
     counts = {}
     for fp in ("on", "off"):
         # (busy_poll off: a polling engine's epoll_waits, as many as the CPU allows, are not
@@ -217,8 +218,13 @@ def test_an_inline_hit_costs_the_engine_nothing(upstream, tmp_path, sockdir):
         # either way and drowned the difference on a loaded machine)
         pause = next((i for i, ln in enumerate(lines) if ln.split()[0] == main and "nanosleep" in ln), 0)
         mine = [ln for ln in lines[pause:] if ln.split()[0] == pid]
-        counts[fp] = len(mine)
-    assert counts["off"] >= counts["on"] + 3 * 30, counts
+        # what answers a hit is a write: the engine's housekeeping (socketpairs made ahead,
+        # sockets closed for the app, its wake-ups) is the same either way, and on a loaded
+        # machine it is batched less well, which alone moved the totals by hundreds
+        writes = [ln for ln in mine if re.match(r"\d+ +(write|writev|send|sendto|sendmsg)\(", ln)]
+        counts[fp] = {"all": len(mine), "writes": len(writes)}
+    assert counts["off"]["writes"] >= counts["on"]["writes"] + 30, counts
+    assert counts["on"]["writes"] <= 3, counts
 
 
 def test_socket_state_survives_the_divert(upstream, tmp_path, sockdir):
