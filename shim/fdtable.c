@@ -486,3 +486,37 @@ int fdtable_release_spares(void)
     }
     return released;
 }
+
+/* ---- a divert and a close of the same number, on two threads ---- */
+
+#define DIVERT_WAIT_SPINS 20000        /* yields: a divert takes microseconds; a few ms at most */
+
+void fdtable_divert_begin(struct fd_entry *e)
+{
+    for (int spins = 0; spins < DIVERT_WAIT_SPINS; spins++) {
+        atomic_store(&e->diverting, 1);
+        if (!atomic_load(&e->closing))
+            return;
+        atomic_store(&e->diverting, 0);   /* backing off, so that a close waiting for it goes on */
+        sched_yield();
+    }
+    atomic_store(&e->diverting, 1);    /* (a close that never ends: the record decides) */
+}
+
+void fdtable_divert_end(struct fd_entry *e) { atomic_store(&e->diverting, 0); }
+
+bool fdtable_close_begin(struct fd_entry *e)
+{
+    /* only a fresh TCP socket (or a real connect in progress) is ever diverted: a close
+     * that blocks (SO_LINGER, a slow file) leaves no mark for a forked child to inherit
+     * but on such a socket, and even that one is waited on a few ms at most */
+    if (atomic_load_explicit(&e->made, memory_order_relaxed) != MADE_TCP
+        && atomic_load_explicit(&e->kind, memory_order_relaxed) != FD_PROBING && !atomic_load(&e->diverting))
+        return false;
+    atomic_fetch_add(&e->closing, 1);
+    for (int spins = 0; spins < DIVERT_WAIT_SPINS && atomic_load(&e->diverting); spins++)
+        sched_yield();
+    return true;
+}
+
+void fdtable_close_end(struct fd_entry *e) { atomic_fetch_sub(&e->closing, 1); }

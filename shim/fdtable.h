@@ -143,6 +143,17 @@ void fdtable_wait_untouched(int first, int last);
  * (not closed: the dup closes it); true then. */
 bool fdtable_give_to_app(int fd);
 void fdtable_clear(int fd);
+/* A connect diverting fd on one thread and a close (or a dup onto the number) on another
+ * (a watchdog cancelling the connect): the divert either sees the close coming and gives
+ * up before it touches the number, or finishes first and the close then closes the
+ * connection (each side sets its flag, then reads the other's: seq_cst, so at least one
+ * sees the other). divert_begin waits out a close under way (an earlier socket's, whose
+ * close let socket() hand the number out again, too); close_begin waits out a divert,
+ * and is false (nothing to end) where no divert can be. */
+void fdtable_divert_begin(struct fd_entry *e);
+void fdtable_divert_end(struct fd_entry *e);
+bool fdtable_close_begin(struct fd_entry *e);
+void fdtable_close_end(struct fd_entry *e);
 void fdtable_copy(int from, int to);   /* dup bookkeeping */
 bool fdtable_is_engine(int fd);
 /* fd is below half the process's fd limit: the fds the shim holds beside the app's stay

@@ -209,22 +209,6 @@ SHIM_EXPORT int socket(int domain, int type, int protocol)
  * fd is now diverted; -1 when nothing changed and the caller should connect for real.
  * With kept_tcp, the app's socket is connected already: it is kept (a new fd number, in
  * *kept_tcp) for the pool, and the app's epoll registrations of it are moved over. */
-#define DIVERT_WAIT_SPINS 20000        /* yields: a divert takes microseconds; a few ms at most */
-
-/* A divert about to touch fd: marks it, and lets any close of the number under way finish
- * first (backing off, so that a close waiting for the divert can go on). */
-static void wait_for_closes(struct fd_entry *e)
-{
-    for (int spins = 0; spins < DIVERT_WAIT_SPINS; spins++) {
-        atomic_store(&e->diverting, 1);
-        if (!atomic_load(&e->closing))
-            return;
-        atomic_store(&e->diverting, 0);
-        sched_yield();
-    }
-    atomic_store(&e->diverting, 1);    /* (a close that never ends: the record decides) */
-}
-
 static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t len, const struct socket_facts *facts,
                   int *kept_tcp)
 {
@@ -268,12 +252,12 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     /* The app's TCP socket is kept on another number: for the pool when it is connected
      * already, else for the engine to close (a TCP socket's teardown costs microseconds
      * the app's connect need not wait for). */
-    /* From here no close of the number completes (wait_for_divert). One that completed
+    /* From here no close of the number completes (fdtable_close_begin). One that completed
      * since the connect began cleared the socket's record, and the number may be another
      * thread's file by now: it is not replaced (the connect fails as it would on what the
      * number is now). (A close still under way on the number may also be the one of an
      * earlier socket the number was, whose real close let the app's socket() have it.) */
-    wait_for_closes(e);
+    fdtable_divert_begin(e);
     int v, gone = 0;
     socklen_t vlen = sizeof v;
     if (atomic_load_explicit(&e->made, memory_order_relaxed) != MADE_TCP
@@ -281,7 +265,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
         gone = errno == EBADF ? EBADF : ENOTSOCK;
     int tcp = gone ? -1 : real_fcntl(fd, F_DUPFD_CLOEXEC, NULL);
     if (tcp < 0 && (kept_tcp || gone || errno == EBADF)) {
-        atomic_store(&e->diverting, 0);
+        fdtable_divert_end(e);
         fdtable_close_engine_fd(sv[0]);
         fdtable_close_engine_fd(sv[1]);
         if (gone)
@@ -295,7 +279,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     e->engine_fd = sv[1];
     void *conn = engine_adopt(sv[1], upstream, &dest, len, &e->gate, gen);
     if (!conn) {
-        atomic_store(&e->diverting, 0);
+        fdtable_divert_end(e);
         fdtable_clear(sv[1]);
         fdtable_close_engine_fd(sv[0]);
         fdtable_close_engine_fd(sv[1]);
@@ -309,7 +293,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
         real_epoll_ctl(regs[i].epfd, EPOLL_CTL_DEL, fd, NULL);
     atomic_store(&e->kind, FD_NONE);
     if (real_dup3(sv[0], fd, cloexec ? O_CLOEXEC : 0) < 0) {
-        atomic_store(&e->diverting, 0);
+        fdtable_divert_end(e);
         fdtable_close_engine_fd(sv[0]);
         engine_drop_unseen(e, conn);   /* the engine never heard of it */
         if (tcp >= 0)
@@ -354,7 +338,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
         struct epoll_event ev = regs[i].ev;
         real_epoll_ctl(regs[i].epfd, EPOLL_CTL_ADD, fd, &ev);
     }
-    atomic_store(&e->diverting, 0);    /* a close waiting on it closes the connection now */
+    fdtable_divert_end(e);    /* a close waiting on it closes the connection now */
     /* Every command of a Redis client goes through the engine, the first one a moment
      * from now: woken here, the engine is up (and, if commands have been coming close
      * together, polling: loop.c) by the time it arrives, instead of starting to wake then. */
@@ -671,41 +655,6 @@ SHIM_EXPORT int unshare(int flags)
 
 /* ---- close and dup: keep the table right, never let the app close engine fds ---- */
 
-/* A close or a dup onto fd from one thread while another diverts it: the divert either
- * sees the close coming and gives up before it touches the number, or finishes first and
- * the close then closes the connection (the two flags are set, then the other's read:
- * seq_cst, so at least one of them sees the other). */
-static void wait_for_divert(struct fd_entry *e)
-{
-    for (int spins = 0; spins < DIVERT_WAIT_SPINS && atomic_load(&e->diverting); spins++)
-        sched_yield();
-}
-
-/* Whether a close or dup onto fd may meet a divert: only a fresh TCP socket (or a real
- * connect in progress) is ever diverted. (So a close that blocks, SO_LINGER or a slow
- * file, leaves no mark for a forked child to inherit but on such a socket, and even that
- * one is waited on a few ms at most.) */
-static bool may_be_diverting(const struct fd_entry *e)
-{
-    return atomic_load_explicit(&e->made, memory_order_relaxed) == MADE_TCP
-           || atomic_load_explicit(&e->kind, memory_order_relaxed) == FD_PROBING
-           || atomic_load(&e->diverting);
-}
-
-static int close_entry(int fd, struct fd_entry *e);
-
-SHIM_EXPORT int close(int fd)
-{
-    struct fd_entry *e = fdtable_slot(fd);
-    if (!e || shim_in_engine || !may_be_diverting(e))
-        return close_entry(fd, e);
-    atomic_fetch_add(&e->closing, 1);
-    wait_for_divert(e);
-    int rc = close_entry(fd, e);
-    atomic_fetch_sub(&e->closing, 1);
-    return rc;
-}
-
 static int close_entry(int fd, struct fd_entry *e)
 {
     if (e) {
@@ -722,6 +671,16 @@ static int close_entry(int fd, struct fd_entry *e)
         }
     }
     return real_close(fd);
+}
+
+SHIM_EXPORT int close(int fd)
+{
+    struct fd_entry *e = fdtable_slot(fd);
+    bool met = e && !shim_in_engine && fdtable_close_begin(e);   /* (a divert of the number under way) */
+    int rc = close_entry(fd, e);
+    if (met)
+        fdtable_close_end(e);
+    return rc;
 }
 
 SHIM_EXPORT int close_range(unsigned first, unsigned last, int flags)
@@ -853,15 +812,10 @@ static int dup_onto(int fd, int nfd, int flags, bool is_dup3)
     /* a connection on nfd that the dup closes: the engine must hear it end, and no write
      * of the engine's through that number may start (fdtable_touch) */
     struct fd_entry *target = shim_in_engine || fd == nfd ? NULL : fdtable_slot(nfd);
-    if (target && !may_be_diverting(target))
-        target = NULL;
-    if (target) {
-        atomic_fetch_add(&target->closing, 1);
-        wait_for_divert(target);
-    }
+    bool met = target && fdtable_close_begin(target);
     int rc = dup_onto_entry(fd, nfd, flags, is_dup3);
-    if (target)
-        atomic_fetch_sub(&target->closing, 1);
+    if (met)
+        fdtable_close_end(target);
     return rc;
 }
 

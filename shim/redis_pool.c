@@ -112,19 +112,26 @@ static int put_setname(struct buf *b, const char *name, size_t name_len)
     return put_command(b, 3, argv, lens);
 }
 
+/* AUTH [user] password of id's, its lengths said and its bytes copied (a password may hold
+ * any byte, NUL included) */
+static int put_auth(struct buf *b, const struct rpool_ident *id)
+{
+    const char *argv[3] = { "AUTH", id->user, id->pass };
+    size_t lens[3] = { 4, id->user_len, id->pass_len };
+    if (!id->has_user) {
+        argv[1] = id->pass;
+        lens[1] = id->pass_len;
+    }
+    return put_command(b, id->has_user ? 3 : 2, argv, lens);
+}
+
 /* What a new connection of id's sends first (AUTH, HELLO 3, SELECT, CLIENT SETNAME),
  * counted in setup_left. */
 static int put_setup(struct rconn *c, const char *name, size_t name_len)
 {
     const struct rpool_ident *id = c->id;
     if (id->has_pass) {
-        const char *argv[3] = { "AUTH", id->user, id->pass };
-        size_t lens[3] = { 4, id->user_len, id->pass_len };
-        if (!id->has_user) {
-            argv[1] = id->pass;
-            lens[1] = id->pass_len;
-        }
-        if (put_command(&c->out, id->has_user ? 3 : 2, argv, lens))
+        if (put_auth(&c->out, id))
             return -1;
         c->setup_left++;
     }
@@ -638,7 +645,7 @@ int rpool_send(struct rpool_client *cl, struct rpool_ident *id, const char *cmd,
     return queue_command(c, cl, cmd, n);
 }
 
-int rpool_send_on_open(struct rpool_client *cl, const struct rpool_ident *id, const char *cmd, size_t n)
+int rpool_check_password(struct rpool_client *cl, const struct rpool_ident *id)
 {
     struct rconn *best = NULL;
     for (struct rconn *c = P.conns[cl->upstream]; c; c = c->next)
@@ -647,7 +654,10 @@ int rpool_send_on_open(struct rpool_client *cl, const struct rpool_ident *id, co
             best = c;
     if (!best || cl->lent || cl->inflight)
         return -2;
-    return queue_command(best, cl, cmd, n);
+    struct buf auth = { .cap = RCONN_OUT_MAX };
+    int rc = put_auth(&auth, id) != 0 ? -1 : queue_command(best, cl, buf_head(&auth), buf_len(&auth));
+    buf_free(&auth);
+    return rc;
 }
 
 int rpool_verify(struct rpool_client *cl, struct rpool_ident *id)

@@ -13,6 +13,7 @@
  * replies come back in the order asked. A stream that is not RESP commands closes the
  * connection; nothing of it reaches Redis. Engine thread only. */
 #include "redis_session.h"
+#include "redis_commands.h"
 #include "conn.h"
 #include "log.h"
 #include "redis_known.h"
@@ -274,55 +275,6 @@ static const struct rpool_client_ops client_ops = { on_reply, on_verified, on_ra
 
 /* ---- commands ---- */
 
-static bool name_in(const struct resp_item *it, const char *const *names)
-{
-    for (; *names; names++)
-        if (resp_arg_is(it, 0, *names))
-            return true;
-    return false;
-}
-
-static const char *const blocking[] = { "BLPOP", "BRPOP", "BRPOPLPUSH", "BLMOVE", "BLMPOP", "BZPOPMIN", "BZPOPMAX",
-                                         "BZMPOP", "WAIT", "WAITAOF", NULL };
-/* (READONLY, READWRITE and ASKING: how a cluster node serves the connection's next
- * commands, replica reads or the next command's slot check: never another app's; REPLCONF:
- * the handshake of a replica, whose PSYNC must follow on the same connection; the
- * UNSUBSCRIBEs: even on a connection that subscribed to nothing, one reply per channel
- * named, and in RESP3 a push: on a shared connection, the second would be the next
- * command's, another app's) */
-static const char *const own_connection[] = { "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE",
-                                               "SUNSUBSCRIBE", "MONITOR", "SYNC", "PSYNC", "REPLCONF", "READONLY",
-                                               "READWRITE", "ASKING", NULL };
-
-static bool is_blocking(const struct resp_item *it)
-{
-    if (name_in(it, blocking))
-        return true;
-    if (resp_arg_is(it, 0, "XREAD") || resp_arg_is(it, 0, "XREADGROUP"))
-        for (size_t i = 1; i < resp_argc(it); i++)
-            if (resp_arg_is(it, i, "BLOCK"))
-                return true;
-    return false;
-}
-
-/* Whether the command leaves state only a connection of the app's own can keep. */
-static bool needs_own_connection(const struct resp_item *it)
-{
-    if (name_in(it, own_connection))
-        return true;
-    /* (CLIENT ID and INFO: the app learns which connection is its own, to CLIENT KILL or
-     * UNBLOCK it later; on a shared one that would end or wake other apps' commands) */
-    if (resp_arg_is(it, 0, "CLIENT"))
-        return resp_arg_is(it, 1, "TRACKING") || resp_arg_is(it, 1, "REPLY") || resp_arg_is(it, 1, "NO-EVICT")
-               || resp_arg_is(it, 1, "CACHING") || resp_arg_is(it, 1, "NO-TOUCH") || resp_arg_is(it, 1, "ID")
-               || resp_arg_is(it, 1, "INFO");
-    /* a script debugger (YES, SYNC) holds the connection's next EVALs: another app's
-     * would stop at its breakpoints */
-    if (resp_arg_is(it, 0, "SCRIPT") && resp_arg_is(it, 1, "DEBUG"))
-        return !resp_arg_is(it, 2, "NO");
-    return false;
-}
-
 /* From here on the connection is the app's own, relaying bytes as they come: the rest of
  * what the app sent (this command first) goes as it is. */
 static void go_direct(struct rsession *s)
@@ -365,33 +317,6 @@ static void take_identity(struct rsession *s, struct rpool_ident *id, bool hello
         answer(s, LITERAL("+OK\r\n"));
 }
 
-/* AUTH [user] pass, its lengths said and its bytes copied (a password may hold any byte,
- * NUL included: a "%.*s" stopped there, and the server read the rest of the stream, other
- * apps' commands, as the password's); 0 when it does not fit. */
-static size_t put_auth(char *out, size_t room, const struct rpool_ident *id)
-{
-    struct rpool_who w = rpool_ident_parts(id);
-    const char *argv[3] = { "AUTH", w.user, w.pass };
-    size_t lens[3] = { 4, w.user_len, w.pass_len };
-    if (!w.has_user) {
-        argv[1] = w.pass;
-        lens[1] = w.pass_len;
-    }
-    int argc = w.has_user ? 3 : 2;
-    int k = snprintf(out, room, "*%d\r\n", argc);
-    size_t n = k > 0 ? (size_t)k : room;
-    for (int i = 0; i < argc; i++) {
-        k = snprintf(out + n, room - n, "$%zu\r\n", lens[i]);
-        if (k < 0 || (size_t)k >= room - n || lens[i] + 2 > room - n - (size_t)k)
-            return 0;
-        n += (size_t)k;
-        memcpy(out + n, argv[i], lens[i]);
-        memcpy(out + n + lens[i], "\r\n", 2);
-        n += lens[i] + 2;
-    }
-    return n <= room ? n : 0;
-}
-
 /* AUTH, SELECT or HELLO asks for id. A password is put to the server every time an app
  * says one, so that one changed or revoked since is refused as direct: as an AUTH on a
  * shared connection of id's when there is one (a command, not a connection), else on a
@@ -408,9 +333,7 @@ static void ask_identity(struct rsession *s, struct rpool_ident *id, bool hello,
     s->hello_pending = hello;
     /* (on a connection already open: one opened for it would say the password in its
      * setup, and a refusal there ends that connection as lost, not as this AUTH's answer) */
-    char auth[320];
-    size_t n = known && rpool_ident_connected(id) ? put_auth(auth, sizeof auth, id) : 0;
-    int sent = n && room_for_one(s) == 0 ? rpool_send_on_open(&s->client, id, auth, n) : -2;
+    int sent = known && rpool_ident_connected(id) && room_for_one(s) == 0 ? rpool_check_password(&s->client, id) : -2;
     if (sent == -1) {
         session_close(s);
         return;
@@ -704,7 +627,7 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
 {
     struct rpool_client *c = &s->client;
     bool idle = c->inflight == 0;
-    if (needs_own_connection(it)) {
+    if (redis_command_needs_own_connection(it)) {
         if (!idle && !c->lent)
             return false;              /* its replies first: then nothing is in between */
         go_direct(s);
@@ -749,7 +672,7 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
         send_command(s, it);           /* (given back once nothing is open and nothing owed) */
         return true;
     }
-    bool multi = resp_arg_is(it, 0, "MULTI"), watch = resp_arg_is(it, 0, "WATCH"), block = is_blocking(it);
+    bool multi = resp_arg_is(it, 0, "MULTI"), watch = resp_arg_is(it, 0, "WATCH"), block = redis_command_blocks(it);
     bool state = resp_arg_is(it, 0, "AUTH") || resp_arg_is(it, 0, "SELECT") || resp_arg_is(it, 0, "RESET")
                  || resp_arg_is(it, 0, "QUIT") || hello_args;
     if ((multi || watch || block || state) && !idle)

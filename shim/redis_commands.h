@@ -1,0 +1,11 @@
+/* redis_commands.h — what a Redis command asks of its connection (redis_commands.c). */
+#ifndef HTTPSHIM_REDIS_COMMANDS_H
+#define HTTPSHIM_REDIS_COMMANDS_H
+#include <stdbool.h>
+#include "resp.h"
+
+/* BLPOP and its kin, WAIT, XREAD/XREADGROUP with BLOCK: the server may hold the reply. */
+bool redis_command_blocks(const struct resp_item *it);
+/* Whether the command leaves state only a connection of the app's own can keep. */
+bool redis_command_needs_own_connection(const struct resp_item *it);
+#endif
