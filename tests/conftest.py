@@ -22,8 +22,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -276,6 +278,55 @@ def free_port(host="127.0.0.1"):
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+# ---------------------------------------------------------------- a server of the test's own
+class _TcpServer(object):
+    def __init__(self):
+        self.connections = 0
+
+
+@contextmanager
+def tcp_server(serve):
+    """A listener on 127.0.0.1 whose every connection runs serve(conn) on a thread of its
+    own (the connection closed after): .port, .connections (accepted so far). Stopped on
+    exit: the accept is woken by a shutdown (a close alone leaves it waiting)."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    state = _TcpServer()
+    state.port = srv.getsockname()[1]
+    stop = threading.Event()
+
+    def one(conn):
+        with conn:
+            try:
+                serve(conn)
+            except OSError:
+                pass
+
+    def accept():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            state.connections += 1
+            threading.Thread(target=one, args=(conn,), daemon=True).start()
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        yield state
+    finally:
+        stop.set()
+        try:
+            srv.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        srv.close()
+        t.join(5)
 
 
 # ------------------------------------------------------------------------ upstream

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SANITIZER_SKIP, run, write_rules
+from conftest import ROOT, SANITIZER_SKIP, run, tcp_server, write_rules
 from test_stats import cli_env
 from test_redis import redis, redis_conf, redis_servers, redis_url  # noqa: F401 (fixtures)
 from test_stats import App, HTTPSHIM, apps, cli, get_stats, label, settled_stats, stats_conf, wait_socket  # noqa: F401
@@ -393,37 +393,14 @@ def test_check_connect_reaches_only_a_redis(tmp_path, cli):
     SSH server and then says nothing): exit 1, naming what failed. Before, with no password
     and database 0 only a TCP connect was made, and any listener was "reached" (exit 0);
     with a password, an AUTH that got no Redis reply counted as accepted."""
-    import threading
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(4)
-    port = srv.getsockname()[1]
-    stop = threading.Event()
+    def greet(conn):
+        conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
 
-    def greet():
-        while not stop.is_set():
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                return
-            c.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
-            c.close()
-
-    t = threading.Thread(target=greet, daemon=True)
-    t.start()
-    try:
-        for url in ("redis://127.0.0.1:%d/0" % port, "redis://:pw@127.0.0.1:%d/0" % port):
+    with tcp_server(greet) as srv:
+        for url in ("redis://127.0.0.1:%d/0" % srv.port, "redis://:pw@127.0.0.1:%d/0" % srv.port):
             conf = write_rules(tmp_path, [], name="notredis.conf", raw="[global]\ncache = %s\n" % url)
             r = run([cli, "check", "--connect", conf], shim=False, timeout=30)
-            assert r.rc == 1 and b"redis 127.0.0.1:%d" % port in r.err, r.describe()
-    finally:
-        stop.set()
-        try:
-            srv.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        srv.close()
-        t.join(5)
+            assert r.rc == 1 and b"redis 127.0.0.1:%d" % srv.port in r.err, r.describe()
 
 
 def test_a_bom_is_read_past_and_run_keeps_a_link(tmp_path, cli):

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import (BUILD, PRELOAD, PYCLIENTS, SANITIZER_SKIP, SYS_PY, jlines, kill_group, pyclient, require_build,
-                      run, strace_calls, wait_until, write_rules)
+                      run, strace_calls, tcp_server, wait_until, write_rules)
 
 POOLCLIENT = pyclient("poolclient.py")
 CLOSERACE = BUILD / "closerace"
@@ -344,79 +344,50 @@ def test_bytes_an_idle_pooled_connection_was_never_asked_for_reach_no_one(tmp_pa
     bob got the injected answer, carol got bob's). The engine watches every idle pooled
     connection, also one whose transfer never waited, and shuts one that speaks: each user
     gets their own answer, as direct."""
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    port = srv.getsockname()[1]
-    stop = threading.Event()
-
     def serve(conn):
-        with conn:
-            conn.settimeout(10)
-            buf = b""
-            while not stop.is_set():
-                try:
-                    data = conn.recv(65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                buf += data
-                while b"\r\n\r\n" in buf:
-                    head, buf = buf.split(b"\r\n\r\n", 1)
-                    path = head.split(b" ")[1].decode()
-                    if path == "/late":
-                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
-                        time.sleep(0.1)
-                        conn.sendall(UNASKED)
-                    elif path == "/head":
-                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(UNASKED))
-                        time.sleep(0.1)
-                        conn.sendall(UNASKED)
-                    elif path == "/nocontent":
-                        conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
-                        time.sleep(0.1)
-                        conn.sendall(UNASKED)
-                    elif path == "/bye408":
-                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye")
-                        time.sleep(0.1)
-                        conn.sendall(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
-                        return
-                    else:
-                        time.sleep(0.02)
-                        body = ("private data of %s" % path.rsplit("/", 1)[-1]).encode()
-                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-
-    def accept():
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except OSError:
+        conn.settimeout(10)
+        buf = b""
+        while True:
+            data = conn.recv(65536)
+            if not data:
                 return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+            buf += data
+            while b"\r\n\r\n" in buf:
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                path = head.split(b" ")[1].decode()
+                if path == "/late":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+                    time.sleep(0.1)
+                    conn.sendall(UNASKED)
+                elif path == "/head":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(UNASKED))
+                    time.sleep(0.1)
+                    conn.sendall(UNASKED)
+                elif path == "/nocontent":
+                    conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+                    time.sleep(0.1)
+                    conn.sendall(UNASKED)
+                elif path == "/bye408":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye")
+                    time.sleep(0.1)
+                    conn.sendall(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+                    return
+                else:
+                    time.sleep(0.02)
+                    body = ("private data of %s" % path.rsplit("/", 1)[-1]).encode()
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
 
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    try:
+    with tcp_server(serve) as srv:
         conf = write_rules(tmp_path, [], raw="[global]\npool_max_per_host = 1\n\n[upstream 127.0.0.1:%d]\n"
-                           "cache GET /user/* ttl=1m\n" % port)   # (each user's path its own)
-        direct = run([SYS_PY, "-c", UNASKED_CLIENT, port], shim=False, timeout=60)
-        shimmed = run([SYS_PY, "-c", UNASKED_CLIENT, port], conf=conf, timeout=60)
+                           "cache GET /user/* ttl=1m\n" % srv.port)   # (each user's path its own)
+        direct = run([SYS_PY, "-c", UNASKED_CLIENT, srv.port], shim=False, timeout=60)
+        shimmed = run([SYS_PY, "-c", UNASKED_CLIENT, srv.port], conf=conf, timeout=60)
         assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
         want = [["200 hello"], ["200 "], ["204 "], ["200 bye"]]
         for i, w in enumerate(want):
             w += ["200 private data of bob%d" % i, "200 private data of carol%d" % i]
         assert jlines(direct.out)[0] == want, direct.out
         assert jlines(shimmed.out)[0] == want, shimmed.describe()
-    finally:
-        stop.set()
-        try:
-            srv.shutdown(socket.SHUT_RDWR)   # (wakes the accept: a close alone does not)
-        except OSError:
-            pass
-        srv.close()
-        t.join(5)
 
 
 def test_an_upstream_closing_an_idle_pooled_connection_is_heard(tmp_path, sockdir):
@@ -425,63 +396,34 @@ def test_an_upstream_closing_an_idle_pooled_connection_is_heard(tmp_path, sockdi
     go (a socket left watched would report it forever: the engine would spin), and libcurl
     opens a new connection for the next request. Four requests, four connections, every
     answer right, the engine's CPU flat while idle."""
-    counts = {"connections": 0, "requests": 0}
-    lock = threading.Lock()
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    port = srv.getsockname()[1]
-    stop = threading.Event()
+    requests = []
 
     def serve(conn):
-        with conn:
-            conn.settimeout(0.2)
-            buf = b""
-            while not stop.is_set():
-                try:
-                    data = conn.recv(65536)
-                except socket.timeout:
-                    return                 # idle: close it
-                if not data:
-                    return
-                buf += data
-                while b"\r\n\r\n" in buf:
-                    head, buf = buf.split(b"\r\n\r\n", 1)
-                    path = head.split(b" ")[1]
-                    with lock:
-                        counts["requests"] += 1
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
-
-    def accept():
-        while not stop.is_set():
+        conn.settimeout(0.2)
+        buf = b""
+        while True:
             try:
-                conn, _ = srv.accept()
-            except OSError:
+                data = conn.recv(65536)
+            except socket.timeout:
+                return                 # idle: close it
+            if not data:
                 return
-            with lock:
-                counts["connections"] += 1
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+            buf += data
+            while b"\r\n\r\n" in buf:
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                path = head.split(b" ")[1]
+                requests.append(path)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
 
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    try:
+    with tcp_server(serve) as srv:
         conf = write_rules(tmp_path, [], raw="[global]\ncache = off\nstats_socket = %s/%%p.sock\n\n"
-                           "[upstream 127.0.0.1:%d]\n" % (sockdir, port))
-        r = run([SYS_PY, "-c", IDLE_CLOSE_CLIENT, port], conf=conf, timeout=60)
+                           "[upstream 127.0.0.1:%d]\n" % (sockdir, srv.port))
+        r = run([SYS_PY, "-c", IDLE_CLOSE_CLIENT, srv.port], conf=conf, timeout=60)
         assert r.rc == 0, r.describe()
         got = jlines(r.out)[0]
         assert [x["body"] for x in got] == ["/x0", "/x1", "/x2", "/x3"], got
         assert all(x["idle_cpu_ticks"] is not None and x["idle_cpu_ticks"] <= 15 for x in got), got
-        assert counts == {"connections": 4, "requests": 4}, counts
-    finally:
-        stop.set()
-        try:
-            srv.shutdown(socket.SHUT_RDWR)   # (wakes the accept: a close alone does not)
-        except OSError:
-            pass
-        srv.close()
-        t.join(5)
+        assert (srv.connections, len(requests)) == (4, 4), (srv.connections, requests)
 
 
 HELD_PROBE_CLIENT = r"""
