@@ -1,7 +1,9 @@
 /* redis_commands.c — owns what a Redis command asks of the connection it runs on, read
  * from its name and arguments alone: whether it blocks (a connection lent to it while it
- * waits), and whether it leaves state that only a connection of the app's own can keep
- * (the app connection goes direct). redis_session.c acts on the answers. */
+ * waits), whether it leaves state that only a connection of the app's own can keep (the
+ * app connection goes direct), and whether it only reads (it may run before the server
+ * has confirmed the app's password, its reply held until then). redis_session.c acts on
+ * the answers. */
 #include "redis_commands.h"
 
 static bool name_in(const struct resp_item *it, const char *const *names)
@@ -50,4 +52,20 @@ bool redis_command_needs_own_connection(const struct resp_item *it)
     if (resp_arg_is(it, 0, "SCRIPT") && resp_arg_is(it, 1, "DEBUG"))
         return !resp_arg_is(it, 2, "NO");
     return false;
+}
+
+/* Commands that change nothing a client can see and answer from what is there (no STORE
+ * option, no expiry set, no blocking form): TLS 1.3's early data, taken to Redis. A
+ * command not named here waits for the verdict. */
+static const char *const reads_only[] = { "GET", "MGET", "EXISTS", "STRLEN", "GETRANGE", "SUBSTR", "TTL", "PTTL",
+                                          "EXPIRETIME", "PEXPIRETIME", "TYPE", "HGET", "HMGET", "HGETALL", "HEXISTS",
+                                          "HLEN", "HKEYS", "HVALS", "HSTRLEN", "LLEN", "LRANGE", "LINDEX", "LPOS",
+                                          "SCARD", "SISMEMBER", "SMISMEMBER", "SMEMBERS", "ZCARD", "ZSCORE",
+                                          "ZMSCORE", "ZRANK", "ZREVRANK", "ZCOUNT", "ZLEXCOUNT", "ZRANGEBYSCORE",
+                                          "ZREVRANGEBYSCORE", "ZREVRANGE", "ZRANGE", "XLEN", "PING", "ECHO", "DBSIZE", "INFO",
+                                          "TIME", "BITCOUNT", "GETBIT", NULL };
+
+bool redis_command_reads_only(const struct resp_item *it)
+{
+    return name_in(it, reads_only);   /* (ZRANGE's storing form is ZRANGESTORE, not named) */
 }

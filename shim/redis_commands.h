@@ -8,4 +8,7 @@
 bool redis_command_blocks(const struct resp_item *it);
 /* Whether the command leaves state only a connection of the app's own can keep. */
 bool redis_command_needs_own_connection(const struct resp_item *it);
+/* Whether it only reads: it may go before the server has confirmed the password the app
+ * logged in with (its reply is held until then). */
+bool redis_command_reads_only(const struct resp_item *it);
 #endif

@@ -96,6 +96,29 @@ struct rpool_who rpool_ident_parts(const struct rpool_ident *id)
                                .db_len = id->db_len, .proto = id->proto };
 }
 
+bool redis_ident_same_login(const struct rpool_ident *a, const struct rpool_ident *b)
+{
+    return a->has_user == b->has_user && a->has_pass == b->has_pass && a->user_len == b->user_len
+           && !memcmp(a->user, b->user, a->user_len) && !memcmp(a->pass_hash, b->pass_hash, sizeof a->pass_hash);
+}
+
+void rpool_ident_refused(const struct rpool_ident *refused)
+{
+    for (struct rpool_ident *id = idents[refused->upstream]; id; id = id->next)
+        if (redis_ident_same_login(id, refused))
+            id->refused = true;
+}
+
+bool rpool_ident_refused_since(const struct rpool_ident *id) { return id->refused; }
+
+void redis_ident_accepted(struct rpool_ident *accepted)
+{
+    accepted->verified = true;
+    for (struct rpool_ident *id = idents[accepted->upstream]; id; id = id->next)
+        if (redis_ident_same_login(id, accepted))
+            id->refused = false;
+}
+
 void redis_idents_unverify(int upstream)
 {
     for (struct rpool_ident *id = idents[upstream]; id; id = id->next)

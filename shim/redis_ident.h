@@ -18,10 +18,16 @@ struct rpool_ident {
     size_t db_len;
     int proto;                         /* 2, or 3: its connections said HELLO 3 first */
     bool verified;
+    bool refused;                      /* the server refused its password since it last accepted it */
     unsigned refs;
     unsigned n_shared;                 /* its shared connections */
 };
 
+/* A connection of id's accepted its password: so did the server for every identity of
+ * that user and password (none of them is refused any more), and id is verified. */
+void redis_ident_accepted(struct rpool_ident *id);
+/* The same user and password (any database, either protocol). */
+bool redis_ident_same_login(const struct rpool_ident *a, const struct rpool_ident *b);
 /* A server connection of the upstream was lost: every identity is checked again before it
  * is answered for (the server may come back with other passwords). */
 void redis_idents_unverify(int upstream);

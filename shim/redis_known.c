@@ -9,6 +9,7 @@
  * upstream's are forgotten when one of its server connections is lost. Engine thread only. */
 #include "redis_known.h"
 #include "rules.h"
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -70,4 +71,18 @@ void redis_known_forget_parents(void)
 {
     memset(kept, 0, sizeof kept);
     memset(count, 0, sizeof count);
+}
+
+size_t redis_known_key(char *out, const char *tag, const char *a, size_t an, const char *b, size_t bn)
+{
+    char ha[40], hb[24];
+    size_t na = (size_t)snprintf(ha, sizeof ha, "%s %zu:", tag, an), nb = (size_t)snprintf(hb, sizeof hb, "%zu:", bn);
+    if (na >= sizeof ha || nb >= sizeof hb || na + an + nb + bn > REDIS_KNOWN_KEY_MAX)
+        return 0;
+    char *o = out;
+    memcpy(o, ha, na);
+    memcpy(o += na, a, an);
+    memcpy(o += an, hb, nb);
+    memcpy(o + nb, b, bn);
+    return na + an + nb + bn;
 }

@@ -7,6 +7,9 @@
 #define REDIS_KNOWN_KEY_MAX   160      /* longer questions are not kept */
 #define REDIS_KNOWN_REPLY_MAX 4096     /* nor longer answers */
 
+/* The key for a question: tag, then each part with its length before it (any bytes may be
+ * in them), written to out (REDIS_KNOWN_KEY_MAX bytes). 0 when it does not fit. */
+size_t redis_known_key(char *out, const char *tag, const char *a, size_t an, const char *b, size_t bn);
 /* Keeps reply as the answer to key for upstream up (the first one kept stays). */
 void redis_known_keep(int up, const char *key, size_t key_len, const char *reply, size_t n);
 /* The answer kept for key, or NULL. */

@@ -471,7 +471,7 @@ static void setup_reply(struct rconn *c, const char *p, size_t n, int type)
         c->held.cap = RCONN_OUT_MAX;
         schedule_flush(c);
     }
-    c->id->verified = true;
+    redis_ident_accepted(c->id);
     struct rpool_client *v = take_verifying(c);
     if (v && !c->lent && !c->shared) {
         if (c->id->n_shared < pool_max(c->upstream)) {
@@ -647,10 +647,14 @@ int rpool_send(struct rpool_client *cl, struct rpool_ident *id, const char *cmd,
 
 int rpool_check_password(struct rpool_client *cl, const struct rpool_ident *id)
 {
+    /* (on a connection logged in as the same user with the same password: an AUTH changes
+     * neither its database nor its protocol, and a refused one leaves its login as it was;
+     * id's own first, which the app's next commands are less likely to need) */
     struct rconn *best = NULL;
     for (struct rconn *c = P.conns[cl->upstream]; c; c = c->next)
-        if (c->id == id && c->shared && !c->lent && c->state == RC_READY && !c->setup_left
-            && (!best || c->fifo.count < best->fifo.count))
+        if (redis_ident_same_login(c->id, id) && c->shared && !c->lent && c->state == RC_READY && !c->setup_left
+            && (!best || (c->id == id) > (best->id == id)
+                || ((c->id == id) == (best->id == id) && c->fifo.count < best->fifo.count)))
             best = c;
     if (!best || cl->lent || cl->inflight)
         return -2;

@@ -83,10 +83,16 @@ int rpool_verify(struct rpool_client *c, struct rpool_ident *id);
  * one of id's (c's current one while it has replies owed, so they come back in order);
  * one reply comes back through ops->reply. -1: too much queued, no memory: close. */
 int rpool_send(struct rpool_client *c, struct rpool_ident *id, const char *cmd, size_t n);
+/* The server refused id's password (changed since it was accepted): no identity of that
+ * user and password is answered for before the server accepts it again (a database alone
+ * still is: the connections logged in with it stay logged in, as direct). */
+void rpool_ident_refused(const struct rpool_ident *id);
+bool rpool_ident_refused_since(const struct rpool_ident *id);
 /* id's AUTH, as a command of c's (its one reply comes back through ops->reply), on a
- * shared connection of id's that is open and set up already (never one opened for it,
- * whose setup would say the same password first): -2 when there is none (or c is lent, or
- * owed replies), -1 as for rpool_send. */
+ * shared connection logged in as id's user with id's password (any database or protocol)
+ * that is open and set up already (never one opened for it, whose setup would say the
+ * same password first): -2 when there is none (or c is lent, or owed replies), -1 as for
+ * rpool_send. */
 int rpool_check_password(struct rpool_client *c, const struct rpool_ident *id);
 /* Lends c a connection of id's to itself (for a transaction, WATCHed keys, a blocking
  * command), named `name` while lent when name_len > 0: -1 when the upstream has

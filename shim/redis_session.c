@@ -18,6 +18,7 @@
 #include "log.h"
 #include "redis_known.h"
 #include "redis_pool.h"
+#include "redis_txn.h"
 #include "resp.h"
 #include "stats.h"
 #include "tunnel.h"
@@ -45,14 +46,7 @@ struct rsession {
     bool app_eof, gone, closing, waiting_verdict, throttling;
     bool eof_passed;                   /* direct: the app's end passed on to its server connection */
     bool direct;                       /* went direct (the pool's raw flag goes with a lost connection) */
-    /* the connection's state as of the last command sent (the server's, once it has read
-     * them): a transaction open, keys WATCHed */
-    bool in_multi, watching;
-    /* EXEC, DISCARD and UNWATCH sent on a lent connection, by the number of the reply
-     * that says whether the server took them (an error, their arity's or an ACL's, leaves
-     * the transaction or the WATCHes open: the connection is not given back) */
-    struct { uint64_t reply; bool was_multi, was_watching; } endings[16];
-    unsigned n_endings;
+    struct redis_txn txn;              /* what its commands leave open on a lent connection */
     uint64_t sent, replied;            /* commands whose replies the app gets, and those replies */
     struct rpool_ident *pending_id;    /* being verified for an AUTH or SELECT (a reference) */
     struct resp_item held;             /* a command read but waiting for the replies owed first */
@@ -66,7 +60,12 @@ struct rsession {
     char learning[REDIS_KNOWN_KEY_MAX];
     size_t learning_len;
     bool probing;                      /* a PING of the shim's own in flight: see default_open */
-    bool checking_password;            /* the shim's AUTH for pending_id in flight: see ask_identity */
+    /* logged in with a password the server accepted before: answered at once and checked
+     * alongside what follows (the checker's AUTH); until the server's word only reads go,
+     * and what the app is answered waits in early (see ask_identity) */
+    bool unconfirmed;
+    struct rpool_client checker;
+    struct buf early;
     struct rsession *next, *prev;
 };
 
@@ -98,6 +97,7 @@ static void session_close(struct rsession *s)
         return;
     s->gone = true;
     rpool_client_gone(&s->client);
+    rpool_client_gone(&s->checker);
     if (s->has_held && s->held.argv)
         freeReplyObject(s->held.argv);
     s->has_held = false;
@@ -105,6 +105,7 @@ static void session_close(struct rsession *s)
     fdtable_close_engine_fd(s->src.fd);
     resp_stream_free(&s->cmds);
     buf_free(&s->out);
+    buf_free(&s->early);
     rpool_ident_put(s->id);
     rpool_ident_put(s->pending_id);
     if (s->prev)
@@ -135,7 +136,7 @@ static void update(struct rsession *s)
      * that app's commands are no longer read, and the replies it already owes are kept, up
      * to out's cap (past it, its connection ends as a reset would: Redis's own
      * client-output-buffer-limit) */
-    bool full = buf_len(&s->out) > OUT_SOFT_MAX;
+    bool full = buf_len(&s->out) + buf_len(&s->early) > OUT_SOFT_MAX;
     bool hold = full && (s->client.lent || s->client.raw);
     if (hold != s->throttling) {
         s->throttling = hold;
@@ -149,7 +150,7 @@ static void update(struct rsession *s)
         if (s->gone)
             return;
     }
-    if (s->app_eof && !s->client.raw && !s->client.inflight && !s->waiting_verdict && !buf_len(&s->out)
+    if (s->app_eof && !s->client.raw && !s->client.inflight && !s->waiting_verdict && !s->unconfirmed && !buf_len(&s->out)
         && !s->has_held && resp_stream_pending_command(&s->cmds) == 0) {
         session_close(s);              /* the app is done and owed nothing */
         return;
@@ -159,16 +160,21 @@ static void update(struct rsession *s)
     loop_watch(&s->src, (reading ? EPOLLIN : 0) | (buf_len(&s->out) ? EPOLLOUT : 0));
 }
 
+/* The server's words: held while the password is being checked (ask_identity). */
 static void answer(struct rsession *s, const char *p, size_t n)
 {
-    if (buf_append(&s->out, p, n) != 0)
+    if (buf_append(s->unconfirmed ? &s->early : &s->out, p, n) != 0)
         s->closing = true;             /* cannot be delivered whole: end as a reset would */
 }
 
+/* The shim's own answer, whole: on the session's own state (its database, its name), or
+ * what the server says to anyone, it goes at once unless a held reply comes first. */
 static void answer_local(struct rsession *s, const char *p, size_t n)
 {
     STAT_INC(s->client.upstream, redis_local_replies);
-    answer(s, p, n);
+    bool after_held = s->unconfirmed && (buf_len(&s->early) || s->client.inflight);
+    if (buf_append(after_held ? &s->early : &s->out, p, n) != 0)
+        s->closing = true;
 }
 
 #define LITERAL(s) s, sizeof s - 1
@@ -200,16 +206,10 @@ static void learn(struct rsession *s, const char *p, size_t n)
 #define OPEN_KEY "OPEN"
 
 static void on_verified(struct rpool_client *c, bool ok, const char *err, size_t n);
-static void check_ending(struct rsession *s, const char *p, size_t n);
 
 static void on_reply(struct rpool_client *c, const char *p, size_t n)
 {
     struct rsession *s = of_client(c);
-    if (s->checking_password) {        /* the server's word on the app's password */
-        s->checking_password = false;
-        on_verified(c, n && p[0] == '+', p, n);
-        return;
-    }
     if (s->probing) {                  /* the shim's own PING: heard, not the app's */
         s->probing = false;
         bool refused = n > 8 && !memcmp(p, "-NOAUTH ", 8);
@@ -221,9 +221,9 @@ static void on_reply(struct rpool_client *c, const char *p, size_t n)
     if (s->learning_len)
         learn(s, p, n);
     s->replied++;
-    check_ending(s, p, n);
+    redis_txn_reply(&s->txn, s->replied, p, n);
     answer(s, p, n);
-    if (c->lent && !s->in_multi && !s->watching && !c->inflight)
+    if (c->lent && redis_txn_clean(&s->txn) && !c->inflight)
         rpool_give_back(c, true);      /* the transaction, the watch or the block is over */
     process(s);
     update(s);
@@ -273,6 +273,57 @@ static void on_drained(struct rpool_client *c)
 
 static const struct rpool_client_ops client_ops = { on_reply, on_verified, on_raw, on_lost, on_drained };
 
+/* ---- the server's word on a password answered early ---- */
+
+static struct rsession *of_checker(struct rpool_client *c)
+{
+    return (struct rsession *)(void *)((char *)c - offsetof(struct rsession, checker));
+}
+
+/* Accepted: what waited goes, and so do the commands held. Refused (the password was
+ * changed or revoked since): the app's connection ends as a reset would, nothing of what
+ * it asked answered and nothing but reads run, and the next app to say that password is
+ * answered by the server's own check. */
+static void on_check_reply(struct rpool_client *c, const char *p, size_t n)
+{
+    struct rsession *s = of_checker(c);
+    if (n && p[0] == '+') {
+        s->unconfirmed = false;
+        if (buf_len(&s->early) && buf_append(&s->out, buf_head(&s->early), buf_len(&s->early)) != 0)
+            s->closing = true;
+        size_t cap = s->early.cap;
+        buf_free(&s->early);
+        s->early.cap = cap;
+        process(s);
+        update(s);
+        return;
+    }
+    STAT_INC(s->client.upstream, redis_auth_refused_late);
+    shim_debug("fd %d: redis: the server refused a password it had accepted before: closed, as a reset", s->src.fd);
+    rpool_ident_refused(s->id);
+    session_close(s);
+}
+
+static void on_check_lost(struct rpool_client *c)
+{
+    session_close(of_checker(c));      /* no word on the password will come */
+}
+
+static void on_check_nothing(struct rpool_client *c, const char *p, size_t n)
+{
+    (void)c, (void)p, (void)n;         /* (the checker is never verifying, lent or direct) */
+}
+
+static void on_check_verified(struct rpool_client *c, bool ok, const char *err, size_t n)
+{
+    (void)c, (void)ok, (void)err, (void)n;
+}
+
+static void on_check_drained(struct rpool_client *c) { (void)c; }
+
+static const struct rpool_client_ops checker_ops = { on_check_reply, on_check_verified, on_check_nothing,
+                                                      on_check_lost, on_check_drained };
+
 /* ---- commands ---- */
 
 /* From here on the connection is the app's own, relaying bytes as they come: the rest of
@@ -317,11 +368,14 @@ static void take_identity(struct rsession *s, struct rpool_ident *id, bool hello
         answer(s, LITERAL("+OK\r\n"));
 }
 
-/* AUTH, SELECT or HELLO asks for id. A password is put to the server every time an app
- * says one, so that one changed or revoked since is refused as direct: as an AUTH on a
- * shared connection of id's when there is one (a command, not a connection), else on a
- * connection opened for it. A database or a protocol alone, once known good, is taken at
- * once. */
+/* AUTH, SELECT or HELLO asks for id. A database or a protocol alone, once known good, is
+ * taken at once. A password is put to the server every time an app says one, so that one
+ * changed or revoked since is never taken: one the server has accepted before is answered
+ * at once and checked by an AUTH on a shared connection of that login (a command, not a
+ * connection) while the app goes on, as TLS 1.3's early data: only commands that read go
+ * before the server's word, their replies held until it, and a refusal ends the app's
+ * connection (on_check_reply). Any other password is checked on a connection opened for
+ * it, and the server's answer is the app's. */
 static void ask_identity(struct rsession *s, struct rpool_ident *id, bool hello, bool says_password)
 {
     bool known = rpool_ident_verified(id);
@@ -329,18 +383,21 @@ static void ask_identity(struct rsession *s, struct rpool_ident *id, bool hello,
         take_identity(s, id, hello, true);
         return;
     }
-    s->pending_id = id;
-    s->hello_pending = hello;
-    /* (on a connection already open: one opened for it would say the password in its
-     * setup, and a refusal there ends that connection as lost, not as this AUTH's answer) */
-    int sent = known && rpool_ident_connected(id) && room_for_one(s) == 0 ? rpool_check_password(&s->client, id) : -2;
+    int sent = known && !rpool_ident_refused_since(id) ? rpool_check_password(&s->checker, id) : -2;
     if (sent == -1) {
+        rpool_ident_put(id);
         session_close(s);
         return;
     }
     if (sent == 0) {
-        s->checking_password = true;
-    } else if (rpool_verify(&s->client, id) != 0) {
+        STAT_INC(s->client.upstream, redis_auth_early);
+        take_identity(s, id, hello, true);
+        s->unconfirmed = true;         /* (after its answer: that one goes now) */
+        return;
+    }
+    s->pending_id = id;
+    s->hello_pending = hello;
+    if (rpool_verify(&s->client, id) != 0) {
         session_close(s);
         return;
     }
@@ -434,22 +491,6 @@ static void hello(struct rsession *s, const struct resp_item *it)
     ask_identity(s, id, true, says_password);
 }
 
-/* redis_known.c's key for a question: tag, then each part with its length before it (any
- * bytes may be in them). 0 when it does not fit. */
-static size_t known_key(char *out, const char *tag, const char *a, size_t an, const char *b, size_t bn)
-{
-    char ha[40], hb[24];
-    size_t na = (size_t)snprintf(ha, sizeof ha, "%s %zu:", tag, an), nb = (size_t)snprintf(hb, sizeof hb, "%zu:", bn);
-    if (na >= sizeof ha || nb >= sizeof hb || na + an + nb + bn > REDIS_KNOWN_KEY_MAX)
-        return 0;
-    char *o = out;
-    memcpy(o, ha, na);
-    memcpy(o += na, a, an);
-    memcpy(o += an, hb, nb);
-    memcpy(o + nb, b, bn);
-    return na + an + nb + bn;
-}
-
 /* The session's identity is the HELLO's now: its name is set, and it is answered what a
  * bare HELLO is answered on a connection of that protocol for that user (the server's
  * own words: asked the first time, kept for the next). */
@@ -469,7 +510,7 @@ static void hello_accepted(struct rsession *s)
 {
     struct rpool_who who = rpool_ident_parts(s->id);
     char key[REDIS_KNOWN_KEY_MAX];
-    size_t n, key_len = known_key(key, "HELLO", who.proto == 3 ? "3" : "2", 1, who.user, who.user_len);
+    size_t n, key_len = redis_known_key(key, "HELLO", who.proto == 3 ? "3" : "2", 1, who.user, who.user_len);
     const char *known = key_len ? redis_known_get(s->client.upstream, key, key_len, &n) : NULL;
     if (known) {
         hello_name_taken(s);           /* (only a reply that accepted is kept) */
@@ -490,12 +531,24 @@ static void hello_accepted(struct rsession *s)
 
 /* A CLIENT subcommand this server said it does not know: the same error, at once. Else,
  * asked with nothing owed, its reply is read for that error. True when answered. */
+static size_t subcommand_key(char *key, const struct resp_item *it)
+{
+    size_t n0, n1;
+    const char *a0 = resp_arg(it, 0, &n0), *a1 = resp_arg(it, 1, &n1);
+    return redis_known_key(key, "CLIENT-SUB", a0, n0, a1, n1);
+}
+
+static bool known_unknown_subcommand(const struct rsession *s, const struct resp_item *it)
+{
+    char key[REDIS_KNOWN_KEY_MAX];
+    size_t n, key_len = subcommand_key(key, it);
+    return key_len && redis_known_get(s->client.upstream, key, key_len, &n);
+}
+
 static bool unknown_subcommand(struct rsession *s, const struct resp_item *it, bool idle)
 {
-    size_t n0, n1, n;
-    const char *a0 = resp_arg(it, 0, &n0), *a1 = resp_arg(it, 1, &n1);
     char key[REDIS_KNOWN_KEY_MAX];
-    size_t key_len = idle ? known_key(key, "CLIENT-SUB", a0, n0, a1, n1) : 0;
+    size_t n, key_len = idle ? subcommand_key(key, it) : 0;
     if (!key_len)
         return false;
     const char *known = redis_known_get(s->client.upstream, key, key_len, &n);
@@ -571,11 +624,11 @@ static bool client_name(struct rsession *s, const struct resp_item *it)
             else
                 answer_local(s, LITERAL("$-1\r\n"));
         } else {
-            char head[32];
-            int k = snprintf(head, sizeof head, "$%zu\r\n", s->name_len);
-            answer_local(s, head, (size_t)k);
-            answer(s, s->name, s->name_len);
-            answer(s, "\r\n", 2);
+            char bulk[NAME_MAX_LEN + 32];
+            int k = snprintf(bulk, sizeof bulk, "$%zu\r\n", s->name_len);
+            memcpy(bulk + k, s->name, s->name_len);
+            memcpy(bulk + k + s->name_len, "\r\n", 2);
+            answer_local(s, bulk, (size_t)k + s->name_len + 2);
         }
         return true;
     }
@@ -592,33 +645,16 @@ static int send_command(struct rsession *s, const struct resp_item *it)
     return 0;
 }
 
-/* A command that ends a transaction (EXEC, DISCARD) or the WATCHes (UNWATCH) is about to
- * go on the lent connection: false when there is no room to follow its reply (the state
- * is then taken as still open: the connection stays lent, the safe side). */
-static bool expect_ending(struct rsession *s)
+/* What may go while the password the app logged in with is being checked: reads, and what
+ * the shim answers itself (the session's database and name, the server's error for a
+ * CLIENT subcommand it does not know), while what waits for the app is under its cap. */
+static bool early_allowed(const struct rsession *s, const struct resp_item *it)
 {
-    if (s->n_endings == sizeof s->endings / sizeof *s->endings)
+    if (buf_len(&s->early) >= OUT_SOFT_MAX)
         return false;
-    s->endings[s->n_endings].reply = s->sent + 1;
-    s->endings[s->n_endings].was_multi = s->in_multi;
-    s->endings[s->n_endings].was_watching = s->watching;
-    s->n_endings++;
-    return true;
-}
-
-/* The reply to such a command: taken, or refused (the state it was to end is open still). */
-static void check_ending(struct rsession *s, const char *p, size_t n)
-{
-    if (!s->n_endings || s->endings[0].reply != s->replied)
-        return;
-    bool was_multi = s->endings[0].was_multi, was_watching = s->endings[0].was_watching;
-    memmove(s->endings, s->endings + 1, --s->n_endings * sizeof *s->endings);
-    /* (EXECABORT: the transaction was discarded all the same) */
-    bool refused = n && p[0] == '-' && !(n >= 11 && !memcmp(p, "-EXECABORT ", 11));
-    if (refused) {
-        s->in_multi |= was_multi;
-        s->watching |= was_watching;
-    }
+    if (resp_arg_is(it, 0, "CLIENT"))
+        return resp_arg_is(it, 1, "SETNAME") || resp_arg_is(it, 1, "GETNAME") || known_unknown_subcommand(s, it);
+    return resp_arg_is(it, 0, "SELECT") || redis_command_reads_only(it);
 }
 
 /* One command: true when it was taken (answered, sent, or the session changed course),
@@ -627,6 +663,8 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
 {
     struct rpool_client *c = &s->client;
     bool idle = c->inflight == 0;
+    if (s->unconfirmed && !early_allowed(s, it))
+        return false;                  /* after the server's word on the password */
     if (redis_command_needs_own_connection(it)) {
         if (!idle && !c->lent)
             return false;              /* its replies first: then nothing is in between */
@@ -639,7 +677,7 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
      * inside MULTI the server queues and answers them as any command. */
     bool setname = resp_arg_is(it, 0, "CLIENT") && resp_arg_is(it, 1, "SETNAME");
     bool named = setname || (resp_arg_is(it, 0, "CLIENT") && resp_arg_is(it, 1, "GETNAME"));
-    if (named && !s->in_multi && !(setname && c->lent)) {
+    if (named && !s->txn.in_multi && !(setname && c->lent)) {
         if (!idle)
             return false;
         bool wait;                     /* (an arity error comes first, as the server checks) */
@@ -658,17 +696,7 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
             go_direct(s);              /* the lent connection carries the app's state exactly */
             return true;
         }
-        /* what the server will make of it, as it does: EXEC and DISCARD end a transaction
-         * and every WATCH (outside one they are errors that change nothing), UNWATCH ends the
-         * WATCHes (inside one it is only queued), WATCH inside one is refused */
-        if (resp_arg_is(it, 0, "MULTI"))
-            s->in_multi = true;
-        else if (resp_arg_is(it, 0, "WATCH") && !s->in_multi)
-            s->watching = true;
-        else if ((resp_arg_is(it, 0, "EXEC") || resp_arg_is(it, 0, "DISCARD")) && s->in_multi && expect_ending(s))
-            s->in_multi = s->watching = false;
-        else if (resp_arg_is(it, 0, "UNWATCH") && !s->in_multi && expect_ending(s))
-            s->watching = false;
+        redis_txn_sent(&s->txn, it, s->sent + 1);
         send_command(s, it);           /* (given back once nothing is open and nothing owed) */
         return true;
     }
@@ -720,8 +748,7 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
             go_direct(s);              /* redis_pinned_max lent already: a connection of its own */
             return true;
         }
-        s->in_multi = multi;
-        s->watching = watch;
+        redis_txn_sent(&s->txn, it, s->sent + 1);
         send_command(s, it);
         return true;
     }
@@ -827,7 +854,10 @@ int redis_session_start(struct loop_source *app_src, int upstream, const union s
     s->client.upstream = upstream;
     s->client.dest = *dest;
     s->client.dest_len = dest_len;
+    s->checker = s->client;
+    s->checker.ops = &checker_ops;
     s->out.cap = OUT_SOFT_MAX + RESP_REPLY_MAX + 64 * 1024;
+    s->early.cap = s->out.cap;
     s->app_eof = app_eof;
     if (resp_stream_init(&s->cmds, true) != 0
         || !(s->id = rpool_ident_get(upstream, &RPOOL_WHO_DEFAULT))

@@ -37,6 +37,7 @@ struct upstream_stats {
     _Atomic uint64_t redis_commands, redis_batches, redis_server_opened, redis_server_open;
     _Atomic uint64_t redis_direct, redis_server_lost, redis_malformed, redis_local_replies;
     _Atomic uint64_t redis_pinned_multi, redis_pinned_watch, redis_pinned_blocking;
+    _Atomic uint64_t redis_auth_early, redis_auth_refused_late;
     /* gauges: adjusted up and down (unsigned wrap-around arithmetic) */
     _Atomic uint64_t memory_entries, memory_bytes;
     _Atomic uint64_t pool_open, in_flight, in_flight_connected, queue_waiting;

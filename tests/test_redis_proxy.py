@@ -777,21 +777,140 @@ def test_connection_commands_with_odd_arguments_answer_as_direct(redis, tmp_path
     assert got[0]["got"].endswith("$1\r\n1\r\n") and got[3]["got"].startswith("+OK\r\n$600\r\n"), got
 
 
+EARLY_LOGIN = r"""
+import json, os, signal, socket, sys
+sys.path.insert(0, sys.argv[3])
+from ownstats import own_stats
+port, server_pid = int(sys.argv[1]), int(sys.argv[2])
+def conn():
+    return socket.create_connection(("127.0.0.1", port), timeout=3)
+def cmd(*a):
+    return ("*%d\r\n" % len(a) + "".join("$%d\r\n%s\r\n" % (len(x), x) for x in a)).encode()
+def until_closed(s):
+    got = b""
+    try:
+        while len(got) < 4096:
+            d = s.recv(4096)
+            if not d:
+                return got.decode() + "<closed>"
+            got += d
+    except socket.timeout:
+        pass
+    return got.decode() + "<open>"
+def replies(s, n):
+    # n whole replies (simple, error, integer or bulk), as text; <timeout> when they do not come
+    got = b""
+    def whole(b):
+        k, i = 0, 0
+        while k < n:
+            j = b.find(b"\r\n", i)
+            if j < 0:
+                return False
+            if b[i:i + 1] == b"$" and int(b[i + 1:j]) >= 0:
+                j = j + 2 + int(b[i + 1:j])
+                if len(b) < j + 2:
+                    return False
+            i, k = j + 2, k + 1
+        return True
+    try:
+        while not whole(got):
+            d = s.recv(4096)
+            if not d:
+                return got.decode() + "<closed>"
+            got += d
+    except socket.timeout:
+        return got.decode() + "<timeout>"
+    return got.decode()
+def first(s):
+    return replies(s, 1)
+adm = conn()
+adm.sendall(cmd("AUTH", "pw") + cmd("SET", "k", "v")); replies(adm, 2)
+a = conn(); a.sendall(cmd("AUTH", "pw") + cmd("GET", "k")); warm = replies(a, 2)
+a1 = conn(); a1.sendall(cmd("AUTH", "pw") + cmd("SELECT", "1") + cmd("SET", "k", "v1")); warm += replies(a1, 3)
+os.kill(server_pid, signal.SIGSTOP)                # the server can answer nothing now
+try:
+    b = conn(); b.sendall(cmd("AUTH", "pw")); while_stopped = first(b)
+    b.sendall(cmd("SELECT", "1")); while_stopped += first(b)
+    b.sendall(cmd("GET", "k") + cmd("SET", "w", "1") + cmd("GET", "w"))
+finally:
+    os.kill(server_pid, signal.SIGCONT)
+after = replies(b, 3)
+adm.sendall(cmd("CONFIG", "SET", "requirepass", "new")); first(adm)
+c = conn(); c.sendall(cmd("AUTH", "pw") + cmd("GET", "k") + cmd("SET", "late", "1") + cmd("GET", "k"))
+refused_late = until_closed(c)
+d = conn(); d.sendall(cmd("AUTH", "pw")); refused = first(d)
+a.sendall(cmd("SELECT", "1") + cmd("GET", "k")); old_session = replies(a, 2)
+adm.sendall(cmd("EXISTS", "late")); late = first(adm)
+adm.sendall(cmd("CONFIG", "SET", "requirepass", "pw")); first(adm)
+u = own_stats(sys.argv[4])["upstreams"]["127.0.0.1:%d" % port] if sys.argv[4] != "-" else {}
+print(json.dumps([warm, while_stopped, after, refused_late, refused, late, old_session,
+                  u.get("redis_auth_early"), u.get("redis_auth_refused_late")]))
+"""
+
+
+def test_a_password_accepted_before_is_answered_at_once_and_checked_alongside(redis_servers, tmp_path, sockdir):
+    """A server with a password; one process logs in (the shim's pool now has a connection
+    for that password). The server is stopped (SIGSTOP): a new app connection's AUTH with
+    that password, and its SELECT 1 (a database that password was seen in), are answered
+    +OK at once, by the shim, where direct they wait for the server; its GET, SET and GET
+    are answered once the server runs again, in order, each
+    as direct (the SET waited for the server's word on the password: only reads go
+    before it). Then the password is changed on the server: the next app connection that
+    says the old one, then pipelines GET, SET and GET, is answered +OK and then closed
+    (a reset: direct, -WRONGPASS and -NOAUTH), its GET's value never sent and its SET never
+    run; the app connection after it gets the server's own -WRONGPASS, while one logged
+    in before the change goes on, into another database too, as direct. Counted."""
+    srv = redis_servers(password="pw")
+    pyclients = os.path.dirname(SCENARIOS)
+    r = run([SYS_PY, "-c", EARLY_LOGIN, srv.port, str(srv.proc.pid), pyclients, "%s/%%p.sock" % sockdir],
+            conf=conf_for(tmp_path, srv, sockdir), timeout=60)
+    assert r.rc == 0, r.describe()
+    warm, while_stopped, after, refused_late, refused, late, old_session, early, refused_count = jlines(r.out)[0]
+    assert warm == "+OK\r\n$1\r\nv\r\n+OK\r\n+OK\r\n+OK\r\n", warm
+    assert while_stopped == "+OK\r\n+OK\r\n", while_stopped
+    assert after == "$2\r\nv1\r\n+OK\r\n$1\r\n1\r\n", after
+    assert refused_late == "+OK\r\n<closed>", refused_late
+    assert refused.startswith("-WRONGPASS"), refused
+    assert late == ":0\r\n", "a write ran under a password the server had refused"
+    assert old_session == "+OK\r\n$2\r\nv1\r\n", old_session
+    assert early >= 2 and refused_count == 1, (early, refused_count)
+    # direct, the AUTH waits for the stopped server, and the old password is refused
+    d = run([SYS_PY, "-c", EARLY_LOGIN, srv.port, str(srv.proc.pid), pyclients, "-"], shim=False, timeout=60)
+    assert d.rc == 0, d.describe()
+    dwarm, dstopped, dafter, drefused_late, drefused, dlate, dold = jlines(d.out)[0][:7]
+    assert dstopped.startswith("<timeout>") and drefused_late.startswith("-WRONGPASS") and dlate == ":0\r\n", jlines(d.out)
+    assert dold == old_session, jlines(d.out)
+
+
 def test_a_password_changed_on_the_server_is_refused_as_direct(redis, tmp_path, sockdir):
     """dave authenticates (the shim now has connections as dave), then his password is
-    reset on the server: a new connection of the same process that says the old password
-    gets WRONGPASS, as direct, and the new one works. Before, the shim answered +OK from
-    what it had verified before, and the app ran as dave with a revoked password."""
+    reset on the server: a new connection that says the old password is refused (direct:
+    -WRONGPASS; through the shim, which answered a password it had seen accepted at once:
+    closed as a reset before anything but a read ran, here at its ACL WHOAMI, which waits
+    for the server's word), and never runs as dave; the next one gets the server's own
+    -WRONGPASS, as do HELLO's AUTH, and the new password works.
+    Before, the shim answered +OK from what it had verified before, and the app ran as dave
+    with a revoked password."""
     redis.cmd("ACL", "SETUSER", "dave", "on", ">old", "~*", "+@all")
+    login = ("def login(user, pw):\n"
+             "    s = conn(port)\n"
+             "    said = as_text(on(s, 'AUTH', user, pw))\n"
+             "    if said != 'OK':\n"
+             "        return said[:13]\n"
+             "    try:\n"
+             "        return 'as ' + as_text(on(s, 'ACL', 'WHOAMI'))\n"
+             "    except ConnectionError:\n"
+             "        return 'ERR:WRONGPASS'     # the shim's +OK, then the server's refusal: a reset\n"
+             "A = conn(port); Z = conn(port)")
     got = replies_as_direct(
-        redis, tmp_path, sockdir, "A = conn(port); Z = conn(port)",
+        redis, tmp_path, sockdir, login,
         "[as_text(on(A, 'AUTH', 'dave', 'old')), as_text(on(A, 'SET', 'dk', 'v')),"
         " as_text(on(Z, 'ACL', 'SETUSER', 'dave', 'resetpass', '>new')),"
-        " as_text(on(conn(port), 'AUTH', 'dave', 'old')),"
+        " login('dave', 'old'), login('dave', 'old'),"
         " as_text(on(conn(port), 'HELLO', '2', 'AUTH', 'dave', 'old'))[:14],"
-        " as_text(on(conn(port), 'AUTH', 'dave', 'new')),"
+        " login('dave', 'new'),"
         " as_text(on(Z, 'ACL', 'SETUSER', 'dave', 'resetpass', '>old'))]")
-    assert got[3].startswith("ERR:WRONGPASS") and got[5] == "OK", got
+    assert got[3] == got[4] == "ERR:WRONGPASS" and got[6] == "as dave", got
 
 
 def test_more_commands_in_flight_than_the_shim_holds_wait_instead_of_failing(redis, tmp_path, sockdir):

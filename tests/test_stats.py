@@ -37,7 +37,8 @@ COUNTERS = ("client_connections", "requests", "hits", "inline_hits", "misses", "
             "tls_tunnel_not_configured", "tls_tunnel_no_mark", "tls_tunnel_client_cert", "tls_tunnel_unverified",
             "tls_tunnel_unreadable", "tls_upstream_verify_failed", "queue_waits", "queue_timeouts", "connect_refused",
             "connect_direct_fd_limit", "connect_direct_app_socket", "connect_timeout", "connect_unreachable", "connect_other", "redis_commands", "redis_batches",
-            "redis_server_opened", "redis_direct", "redis_server_lost", "redis_malformed", "redis_local_replies")
+            "redis_server_opened", "redis_direct", "redis_server_lost", "redis_malformed", "redis_local_replies",
+            "redis_auth_early", "redis_auth_refused_late")
 GAUGES = ("redis_server_open", "redis_pinned_multi", "redis_pinned_watch", "redis_pinned_blocking",
           "memory_entries", "memory_bytes")
 POOL = ("pool_idle", "pool_busy", "pool_waiting")
