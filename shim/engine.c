@@ -667,8 +667,12 @@ static void on_app_event(struct loop_source *src, uint32_t ev)
 {
     struct conn *c = (struct conn *)(void *)((char *)src - offsetof(struct conn, src));
     if (ev & (EPOLLERR | EPOLLHUP)) {
-        c->side.app_gone = c->side.app_eof = true;
+        c->side.app_gone = true;
         buf_consume(&c->side.out, buf_len(&c->side.out));
+        /* what a Redis app sent before it closed is still read: its last commands run, as
+         * direct (its session drops what it is answered) */
+        if ((ev & EPOLLERR) || !(ev & EPOLLIN) || E.cfg->upstreams[c->side.upstream].protocol != PROTO_REDIS)
+            c->side.app_eof = true;
     }
     if (c->state == CS_HIT) {
         hit_pump(c);

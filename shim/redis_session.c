@@ -44,6 +44,9 @@ struct rsession {
     size_t name_len;
     bool has_name;
     bool app_eof, gone, closing, waiting_verdict, throttling;
+    /* the app closed its end: what it sent before still runs, as direct, and what it is
+     * answered is dropped */
+    bool app_gone;
     bool eof_passed;                   /* direct: the app's end passed on to its server connection */
     bool direct;                       /* went direct (the pool's raw flag goes with a lost connection) */
     struct redis_txn txn;              /* what its commands leave open on a lent connection */
@@ -119,13 +122,26 @@ static void session_close(struct rsession *s)
 
 static void process(struct rsession *s);
 
+/* The app's end is closed: its fd leaves the loop (which would report the hang-up for
+ * ever), the commands it sent run as direct, and what it is answered is dropped. */
+static void app_went(struct rsession *s)
+{
+    s->app_gone = s->app_eof = true;
+    buf_free(&s->out);
+    buf_free(&s->early);
+    loop_remove(&s->src);
+}
+
 static void update(struct rsession *s)
 {
     if (s->gone)
         return;
     if (buf_len(&s->out) && buf_send(&s->out, s->src.fd) != 0) {
-        session_close(s);
-        return;
+        if (s->closing) {
+            session_close(s);
+            return;
+        }
+        app_went(s);
     }
     if (s->closing && !buf_len(&s->out)) {
         session_close(s);
@@ -163,6 +179,8 @@ static void update(struct rsession *s)
 /* The server's words: held while the password is being checked (ask_identity). */
 static void answer(struct rsession *s, const char *p, size_t n)
 {
+    if (s->app_gone)
+        return;
     if (buf_append(s->unconfirmed ? &s->early : &s->out, p, n) != 0)
         s->closing = true;             /* cannot be delivered whole: end as a reset would */
 }
@@ -172,6 +190,8 @@ static void answer(struct rsession *s, const char *p, size_t n)
 static void answer_local(struct rsession *s, const char *p, size_t n)
 {
     STAT_INC(s->client.upstream, redis_local_replies);
+    if (s->app_gone)
+        return;
     bool after_held = s->unconfirmed && (buf_len(&s->early) || s->client.inflight);
     if (buf_append(after_held ? &s->early : &s->out, p, n) != 0)
         s->closing = true;
@@ -309,20 +329,13 @@ static void on_check_lost(struct rpool_client *c)
     session_close(of_checker(c));      /* no word on the password will come */
 }
 
-static void on_check_nothing(struct rpool_client *c, const char *p, size_t n)
-{
-    (void)c, (void)p, (void)n;         /* (the checker is never verifying, lent or direct) */
-}
-
-static void on_check_verified(struct rpool_client *c, bool ok, const char *err, size_t n)
-{
-    (void)c, (void)ok, (void)err, (void)n;
-}
-
+/* (the checker is never verifying, lent or direct) */
+static void on_check_raw(struct rpool_client *c, const char *p, size_t n) { (void)c, (void)p, (void)n; }
+static void on_check_verified(struct rpool_client *c, bool ok, const char *e, size_t n) { (void)c, (void)ok, (void)e, (void)n; }
 static void on_check_drained(struct rpool_client *c) { (void)c; }
 
-static const struct rpool_client_ops checker_ops = { on_check_reply, on_check_verified, on_check_nothing,
-                                                      on_check_lost, on_check_drained };
+static const struct rpool_client_ops checker_ops = { on_check_reply, on_check_verified, on_check_raw, on_check_lost,
+                                                      on_check_drained };
 
 /* ---- commands ---- */
 
@@ -330,6 +343,10 @@ static const struct rpool_client_ops checker_ops = { on_check_reply, on_check_ve
  * what the app sent (this command first) goes as it is. */
 static void go_direct(struct rsession *s)
 {
+    if (s->unconfirmed) {              /* (never: its callers wait for the server's word first) */
+        session_close(s);              /* a connection of its own would run what follows unchecked */
+        return;
+    }
     if (rpool_go_direct(&s->client, s->id, s->has_name ? s->name : NULL, s->has_name ? s->name_len : 0) != 0) {
         session_close(s);
         return;
@@ -491,9 +508,6 @@ static void hello(struct rsession *s, const struct resp_item *it)
     ask_identity(s, id, true, says_password);
 }
 
-/* The session's identity is the HELLO's now: its name is set, and it is answered what a
- * bare HELLO is answered on a connection of that protocol for that user (the server's
- * own words: asked the first time, kept for the next). */
 /* The name a HELLO's SETNAME gave, once the server has answered the HELLO (a refused one,
  * -NOAUTH, names nothing: its connection set up with that name was refused in turn). */
 static void hello_name_taken(struct rsession *s)
@@ -506,6 +520,9 @@ static void hello_name_taken(struct rsession *s)
     }
 }
 
+/* The session's identity is the HELLO's now: its name is set, and it is answered what a
+ * bare HELLO is answered on a connection of that protocol for that user (the server's
+ * own words: asked the first time, kept for the next). */
 static void hello_accepted(struct rsession *s)
 {
     struct rpool_who who = rpool_ident_parts(s->id);
@@ -686,6 +703,8 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
         if (client_name(s, it))
             return true;               /* (else a GETNAME with arguments: the server's error) */
         if (setname) {                 /* a name longer than the shim keeps: the server keeps it */
+            if (s->unconfirmed)
+                return false;          /* (a connection of its own runs whatever follows) */
             go_direct(s);
             return true;
         }
@@ -771,9 +790,9 @@ static void process(struct rsession *s)
             if (r == RESP_TOO_LARGE || r == RESP_INLINE) {
                 /* a command larger than the shim frames, or an inline one: as it is, over
                  * a connection of its own (the lent one, whose state is the app's) */
-                if (s->client.inflight == 0 || s->client.lent)
+                if ((s->client.inflight == 0 || s->client.lent) && !s->unconfirmed)
                     go_direct(s);
-                return;                /* (else after the replies owed) */
+                return;                /* (else after the replies owed, and the server's word on a password) */
             }
             if (r != RESP_ITEM) {
                 STAT_INC(s->client.upstream, redis_malformed);
@@ -803,7 +822,8 @@ static void on_app(struct loop_source *src, uint32_t ev)
 {
     struct rsession *s = (struct rsession *)(void *)((char *)src - offsetof(struct rsession, src));
     if (ev & (EPOLLERR | EPOLLHUP) && !(ev & EPOLLIN)) {
-        session_close(s);
+        app_went(s);                   /* (direct: its server connection hears the end once what waits is sent) */
+        update(s);
         return;
     }
     if (ev & EPOLLIN) {

@@ -882,6 +882,87 @@ def test_a_password_accepted_before_is_answered_at_once_and_checked_alongside(re
     assert dold == old_session, jlines(d.out)
 
 
+SEND_AND_CLOSE = r"""
+import json, socket, sys, time
+port = int(sys.argv[1])
+def cmd(*a):
+    return ("*%d\r\n" % len(a) + "".join("$%d\r\n%s\r\n" % (len(x), x) for x in a)).encode()
+def conn():
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+w = conn(); w.sendall(cmd("AUTH", "sam", "pw") + cmd("PING")); w.recv(64)   # a login the shim has seen
+for i in range(20):                    # fire and forget: nothing read, the socket closed at once
+    a = conn()
+    a.sendall(cmd("SET", "ff:%d" % i, "x") if i % 2 else cmd("AUTH", "sam", "pw") + cmd("SET", "ff:%d" % i, "x") + cmd("INCR", "ff:n"))
+    a.close()
+time.sleep(0.5)
+adm = conn(); adm.sendall(cmd("EVAL", "return #redis.call('KEYS', 'ff:*')", "0") + cmd("GET", "ff:n"))
+time.sleep(0.2)
+print(json.dumps([adm.recv(256).decode()]))
+"""
+
+
+def test_commands_sent_before_a_close_run_as_direct(redis, tmp_path, sockdir):
+    """An app that sends its commands and closes its socket without reading a reply (a
+    fire-and-forget writer), 20 times, half of them logging in first with a password the
+    shim has seen accepted: every command runs, as direct (10 + 10 keys and the counter at
+    10). Before, the engine saw the hang-up before it read the bytes and dropped them, and
+    a session whose app had gone was closed at its first reply, with the commands still
+    waiting for the password's check."""
+    redis.cmd("ACL", "SETUSER", "sam", "on", ">pw", "~*", "+@all")
+    got = []
+    for shim in (False, True):
+        redis.cmd("FLUSHALL")
+        r = run([SYS_PY, "-c", SEND_AND_CLOSE, redis.port], shim=shim,
+                conf=conf_for(tmp_path, redis, sockdir) if shim else None, timeout=60)
+        assert r.rc == 0, r.describe()
+        got.append(jlines(r.out)[0])
+    assert got[0] == got[1] == [":21\r\n$2\r\n10\r\n"], got
+
+
+ROTATED_THEN_DIRECT = r"""
+import json, socket, sys
+port = int(sys.argv[1])
+def cmd(*a):
+    return ("*%d\r\n" % len(a) + "".join("$%d\r\n%s\r\n" % (len(x), x) for x in a)).encode()
+def conn():
+    return socket.create_connection(("127.0.0.1", port), timeout=3)
+def until_closed(s):
+    got = b""
+    try:
+        while len(got) < 4096:
+            d = s.recv(4096)
+            if not d:
+                return got.decode() + "<closed>"
+            got += d
+    except socket.timeout:
+        pass
+    return got.decode() + "<open>"
+adm = conn()
+out = []
+for key, rest in (("inl", b"SET inl 1\r\n"), ("lng", cmd("CLIENT", "SETNAME", "m" * 600) + cmd("SET", "lng", "1"))):
+    adm.sendall(cmd("ACL", "SETUSER", "ivy", "resetpass", ">old")); adm.recv(64)
+    w = conn(); w.sendall(cmd("AUTH", "ivy", "old") + cmd("PING")); w.recv(64)     # the shim sees it accepted
+    adm.sendall(cmd("ACL", "SETUSER", "ivy", "resetpass", ">new")); adm.recv(64)
+    a = conn(); a.sendall(cmd("AUTH", "ivy", "old") + rest)
+    said = until_closed(a)
+    adm.sendall(cmd("EXISTS", key)); out.append([said[:14], adm.recv(64).decode()])
+print(json.dumps(out))
+"""
+
+
+def test_what_goes_direct_waits_for_the_password_check(redis, tmp_path, sockdir):
+    """After ivy's password is changed on the server, an app connection says the old one
+    (answered at once: the shim had seen it accepted) and then an inline command, or a
+    CLIENT SETNAME longer than the shim keeps, with a SET: both would take the connection
+    direct, onto a connection of its own. They wait for the server's word on the password,
+    which refuses it: the app's connection is closed and nothing it sent runs. Before, the
+    direct connection's own login was refused and the SET ran on it as the default user."""
+    redis.cmd("ACL", "SETUSER", "ivy", "on", ">old", "~*", "+@all")
+    r = run([SYS_PY, "-c", ROTATED_THEN_DIRECT, redis.port], conf=conf_for(tmp_path, redis, sockdir), timeout=60)
+    assert r.rc == 0, r.describe()
+    assert jlines(r.out)[0] == [["+OK\r\n<closed>", ":0\r\n"]] * 2, r.describe()
+
+
 def test_a_password_changed_on_the_server_is_refused_as_direct(redis, tmp_path, sockdir):
     """dave authenticates (the shim now has connections as dave), then his password is
     reset on the server: a new connection that says the old password is refused (direct:
