@@ -8,6 +8,7 @@ file puts the sockets in a short private directory under /tmp (Unix socket paths
 limited to 107 bytes).
 """
 
+import glob
 import json
 import math
 import os
@@ -112,6 +113,23 @@ def cli_env(extra=None):
     return env
 
 
+def signal_state(pid):
+    """What /proc says of a process that did not exit on a signal: its state and signal
+    masks, and each thread's."""
+    out = []
+    for task in sorted(glob.glob("/proc/%d/task/*" % pid)):
+        try:
+            with open(task + "/status") as f:
+                keep = [ln.strip() for ln in f if ln.split(":")[0] in
+                        ("Name", "State", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")]
+            with open(task + "/wchan") as f:
+                keep.append("wchan: " + f.read().strip())
+        except OSError:
+            continue
+        out.append("%s: %s" % (os.path.basename(task), "; ".join(keep)))
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------ the app
 class App(JsonLineProcess):
     """A running statsapp.py (shimmed). .pid, .sock (its stats socket path)."""
@@ -162,7 +180,7 @@ class App(JsonLineProcess):
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError("statsapp did not exit: " + self.describe())
+            raise AssertionError("statsapp did not exit: %s\n%s" % (self.describe(), signal_state(self.pid)))
 
 
 # ------------------------------------------------------------------ the socket
@@ -864,8 +882,9 @@ def test_socket_removed_on_exit(how, upstream, sockdir, tmp_path, apps):
 def test_socket_removed_on_default_fatal_signal(sig, upstream, sockdir, tmp_path, apps):
     signum = getattr(signal, sig)
     conf = stats_conf(tmp_path, sockdir, [(upstream, [])])
-    # Python installs its own SIGINT handler; reset it so the app leaves it at SIG_DFL
-    args = ["--default-sigint"] if sig == "SIGINT" else []
+    # at SIG_DFL in the app: Python installs its own SIGINT handler, and a suite run under
+    # nohup starts every process with SIGHUP ignored (the shim then leaves it alone)
+    args = ["--default-signal", sig]
     app = apps(conf, sockdir, args=args, cwd=str(tmp_path))
     app.get(upstream.port, "/bytes/10")
     wait_socket(app.sock)

@@ -3,11 +3,12 @@
 command per stdin line, and keeps running (engine, stats socket and all) until told to
 exit, so the test can read its stats socket in between.
 
-  statsapp.py [--sigterm-handler] [--default-sigint]
+  statsapp.py [--sigterm-handler] [--default-signal NAME]...
 
 --sigterm-handler installs a Python SIGTERM handler (counting, not exiting) at startup,
-before any connection, i.e. before the shim's engine starts; --default-sigint resets
-SIGINT (which Python handles itself) to SIG_DFL at startup.
+before any connection, i.e. before the shim's engine starts; --default-signal resets a
+signal to SIG_DFL at startup (SIGINT, which Python handles itself, or one the process was
+started with ignored: `nohup` leaves SIGHUP ignored in every child).
 
 Prints {"pid": N, "ready": true, "engine": false} first, then one JSON line per command:
   {"op": "get", "port": P, "path": "/x", "method": "GET", "body": "text" or null,
@@ -78,10 +79,10 @@ def do_get(cmd):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sigterm-handler", action="store_true")
-    ap.add_argument("--default-sigint", action="store_true")
+    ap.add_argument("--default-signal", action="append", default=[])
     a = ap.parse_args()
-    if a.default_sigint:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    for name in a.default_signal:
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
     if a.sigterm_handler:
         def on_term(signum, frame):
             SIGTERMS[0] += 1
