@@ -249,6 +249,10 @@ static void conn_update_events(struct conn *c)
     if (c->state == CS_GONE)
         return;
     if (c->side.app_gone) {
+        if (c->state == CS_UPSTREAM && c->xfer && !c->side.body_left && upstream_awaiting_answer(c->xfer)) {
+            loop_remove(&c->src);      /* (which would report the hang-up for ever) */
+            return;                    /* the request goes on: the upstream hears it, as direct */
+        }
         conn_close(c);
         return;
     }
@@ -669,9 +673,10 @@ static void on_app_event(struct loop_source *src, uint32_t ev)
     if (ev & (EPOLLERR | EPOLLHUP)) {
         c->side.app_gone = true;
         buf_consume(&c->side.out, buf_len(&c->side.out));
-        /* what a Redis app sent before it closed is still read: its last commands run, as
-         * direct (its session drops what it is answered) */
-        if ((ev & EPOLLERR) || !(ev & EPOLLIN) || E.cfg->upstreams[c->side.upstream].protocol != PROTO_REDIS)
+        /* what the app sent before it closed is still read, as a server would: a request
+         * it did not wait for reaches the upstream (its answer dropped), a Redis app's last
+         * commands run */
+        if ((ev & EPOLLERR) || !(ev & EPOLLIN))
             c->side.app_eof = true;
     }
     if (c->state == CS_HIT) {

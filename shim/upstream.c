@@ -710,6 +710,8 @@ static void own_exchange_done(struct app_side *app, enum exchange_end how, bool 
 }
 static const struct app_side_ops own_ops = { own_flush, own_rewatch, own_exchange_done };
 
+bool upstream_awaiting_answer(const struct transfer *t) { return !t->head_done && !t->send_paused; }
+
 void upstream_app_gone(struct transfer *t)
 {
     struct app_side *app = t->app;

@@ -59,6 +59,9 @@ void upstream_abort(struct transfer *t);
  * False: not started (the sink has ended). */
 bool upstream_refresh(const struct app_side *app, const struct http_request *req, const char *body, size_t body_len,
                       struct upstream_sink *sink);
+/* The request is in the transfer's hands and no answer has begun: an app that leaves now
+ * need not stop it (what comes back is dropped). */
+bool upstream_awaiting_answer(const struct transfer *t);
 /* The app's connection is going: the transfer is aborted, unless its sink still wants the
  * response, for whom it goes on alone. Either way the app side is never touched again. */
 void upstream_app_gone(struct transfer *t);

@@ -1159,3 +1159,30 @@ def test_a_write_larger_than_the_socket_takes_while_another_thread_reads(upstrea
         r = run([SYS_PY, "-c", DUPLEX_CLIENT, upstream.port, 20000], shim=shim, conf=rules if shim else None,
                 timeout=60)
         assert r.rc == 0 and jlines(r.out)[-1] == {"answers": 20000}, (shim, r.describe())
+
+
+FIRE_AND_FORGET = r"""
+import socket, sys, time
+port = int(sys.argv[1])
+for i in range(10):                    # a POST, then the socket closed at once: no answer read
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST /post?n=%d HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\nhello" % i)
+    s.close()
+time.sleep(1)
+"""
+
+
+def test_a_request_the_app_did_not_wait_for_reaches_the_upstream(upstream, tmp_path):
+    """An app sends ten POSTs, each closing its socket right after the request (a webhook
+    or a beacon that does not read the answer): the upstream receives all ten, bodies
+    whole, as direct. Before, the engine heard the hang-up before it read the request and
+    dropped it: the upstream received none."""
+    conf = write_rules(tmp_path, [upstream.port])
+    for shim in (False, True):
+        upstream.reset()
+        r = run([SYS_PY, "-c", FIRE_AND_FORGET, str(upstream.port)], shim=shim, conf=conf if shim else None,
+                timeout=60)
+        assert r.rc == 0, r.describe()
+        st = upstream.stats()
+        posts = sorted(e["target"] for e in st["log"] if e.get("method") == "POST" and e.get("body_len") == 5)
+        assert posts == sorted("/post?n=%d" % i for i in range(10)), (shim, upstream.summary(st))
