@@ -51,6 +51,7 @@ struct conn {
     enum conn_state state;
     bool closing;                   /* close once `out` has drained */
     bool reset_app;                 /* ... and then as a reset, not an end of file */
+    bool left_unanswered;           /* the app closed right after its request: see conn_update_events */
     /* the app's fd and its socketpair end's identity, once the engine hears it: what a
      * reset is delivered through */
     int app_fd;
@@ -249,9 +250,13 @@ static void conn_update_events(struct conn *c)
     if (c->state == CS_GONE)
         return;
     if (c->side.app_gone) {
-        if (c->state == CS_UPSTREAM && c->xfer && !c->side.body_left && upstream_awaiting_answer(c->xfer)) {
+        /* A request the app closed on at once (a fire-and-forget POST) goes on until its
+         * answer begins, so the upstream hears it, as direct; one it waited for and gave up
+         * on is dropped now, its upstream connection free for the next */
+        bool just_sent = c->left_unanswered || clock_mono_us() - c->req_started_us < 100000;
+        if (c->state == CS_UPSTREAM && c->xfer && !c->side.body_left && just_sent && upstream_awaiting_answer(c->xfer)) {
             loop_remove(&c->src);      /* (which would report the hang-up for ever) */
-            return;                    /* the request goes on: the upstream hears it, as direct */
+            return;
         }
         conn_close(c);
         return;
@@ -685,6 +690,7 @@ static void on_app_event(struct loop_source *src, uint32_t ev)
         upstream_resume(c->xfer);
     }
     if (ev & (EPOLLIN | EPOLLHUP)) {
+        bool got = false;
         for (int rounds = 0; rounds < 8 && !c->side.app_eof; rounds++) {
             size_t room = IN_CAP - buf_len(&c->side.in);
             if (room > sizeof recv_scratch)
@@ -701,6 +707,7 @@ static void on_app_event(struct loop_source *src, uint32_t ev)
                     c->side.app_gone = c->side.app_eof = true;     /* out of memory: give up on this one */
                     break;
                 }
+                got = true;
                 continue;
             }
             if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
@@ -709,6 +716,8 @@ static void on_app_event(struct loop_source *src, uint32_t ev)
                 c->side.app_eof = true;
             break;
         }
+        if (c->side.app_gone && got)
+            c->left_unanswered = true;     /* (read with the hang-up: sent, then closed at once) */
     }
     if (c->xfer && c->side.body_left && (buf_len(&c->side.in) || c->side.app_eof))
         upstream_body_arrived(c->xfer);

@@ -1186,3 +1186,35 @@ def test_a_request_the_app_did_not_wait_for_reaches_the_upstream(upstream, tmp_p
         st = upstream.stats()
         posts = sorted(e["target"] for e in st["log"] if e.get("method") == "POST" and e.get("body_len") == 5)
         assert posts == sorted("/post?n=%d" % i for i in range(10)), (shim, upstream.summary(st))
+
+
+GAVE_UP = r"""
+import json, socket, sys, time
+port = int(sys.argv[1])
+s1 = socket.create_connection(("127.0.0.1", port))
+s1.sendall(b"GET /delay/3000/bytes/10 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+time.sleep(0.5)                        # the app gives up on the slow answer
+s1.close()
+t = time.time()
+s2 = socket.create_connection(("127.0.0.1", port), timeout=10)
+s2.sendall(b"GET /bytes/10 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+got = b""
+while True:
+    d = s2.recv(4096)
+    if not d:
+        break
+    got += d
+print(json.dumps([got.split(b"\r\n")[0].decode(), time.time() - t]))
+"""
+
+
+def test_a_request_the_app_gave_up_on_frees_its_upstream_connection(upstream, tmp_path):
+    """pool_max_per_host = 1: an app waits 0.5 s for an answer the upstream gives after 3 s,
+    closes its socket, and asks again: the new request goes out at once, not after the
+    abandoned one's 2.5 s (the exchange is dropped when its app leaves, unlike a request
+    the app closes on as soon as it is sent)."""
+    conf = write_rules(tmp_path, [upstream.port], pool_max=1)
+    r = run([SYS_PY, "-c", GAVE_UP, str(upstream.port)], conf=conf, timeout=60)
+    assert r.rc == 0, r.describe()
+    status, took = jlines(r.out)[0]
+    assert status == "HTTP/1.1 200 OK" and took < 2.0, (status, took)
