@@ -32,7 +32,7 @@
 
 enum body_mode { BODY_NONE, BODY_RAW, BODY_CHUNKED };
 
-
+#define DROP_MAX (64u << 10)            /* answer bytes read and dropped for an app that left */
 
 struct transfer {
     CURL *easy;
@@ -69,6 +69,7 @@ struct transfer {
     bool upstream_closes;           /* the upstream ends the connection after this answer */
     unsigned sends;                 /* how many times libcurl was about to send the request */
     int64_t body_relayed;           /* BODY_RAW with a Content-Length: body bytes relayed */
+    size_t dropped;                 /* body read for an app that left before its answer began */
     char own_tls_host[256];         /* own.tls_host, kept here: the app's may go first */
     char check_name[256];
     char check_where[INET6_ADDRSTRLEN + 8];
@@ -432,8 +433,13 @@ static size_t on_body(char *p, size_t size, size_t n, void *userdata)
         t->body_relayed += (int64_t)len;
     }
     if (c->app_gone || t->detached) {  /* only the cache (and the flight's waiters) want it */
-        if (!sink_wants(t))
-            return 0;
+        if (!sink_wants(t)) {
+            /* an app that sent its request and left: a short answer is read to its end and
+             * dropped, so the upstream connection stays pooled and the app's next pipelined
+             * request goes too; a long one is cut */
+            t->dropped += len;
+            return !t->detached && t->dropped <= DROP_MAX ? len : 0;
+        }
         t->sink->ops->body(t->sink, p, len);
         return sink_wants(t) ? len : 0;
     }
