@@ -128,8 +128,10 @@ static bool gate_take(struct conn *c)
 
 static int conn_flush(struct conn *c)
 {
-    if (c->side.app_gone)
+    if (c->side.app_gone) {
+        buf_consume(&c->side.out, buf_len(&c->side.out));   /* (no one will read it: gone, as sent) */
         return -1;
+    }
     if (!buf_len(&c->side.out) || !gate_take(c))
         return 0;
     if (buf_send(&c->side.out, c->side.fd) == 0)

@@ -1173,6 +1173,11 @@ for i in range(10, 40, 3):             # three pipelined, then closed
     s = socket.create_connection(("127.0.0.1", port))
     s.sendall(post % i + post % (i + 1) + post % (i + 2))
     s.close()
+get = b"GET /bytes/%d?ff HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+for n in range(40, 50, 2):             # two cacheable GETs pipelined, then closed
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(get % n + get % (n + 1))
+    s.close()
 time.sleep(1)
 """
 
@@ -1184,8 +1189,10 @@ def test_a_request_the_app_did_not_wait_for_reaches_the_upstream(upstream, tmp_p
     arrive (direct, the server reads those it reaches before its first answer is refused),
     over a few pooled connections, each short answer read to its end and dropped. Before,
     the engine heard the hang-up before it read the request and dropped it: the upstream
-    received none."""
-    conf = write_rules(tmp_path, [upstream.port])
+    received none. Two cacheable GETs pipelined and closed on: both go (the second waited
+    for the first answer's head to leave for an app that was gone, and was dropped)."""
+    conf = write_rules(tmp_path, [], raw="[global]\npool_max_per_host = 4\n[upstream 127.0.0.1:%d]\ncache GET /bytes/* ttl=60s\n"
+                       % upstream.port)
     for shim in (False, True):
         upstream.reset()
         r = run([SYS_PY, "-c", FIRE_AND_FORGET, str(upstream.port)], shim=shim, conf=conf if shim else None,
@@ -1194,8 +1201,10 @@ def test_a_request_the_app_did_not_wait_for_reaches_the_upstream(upstream, tmp_p
         st = upstream.stats()
         posts = set(e["target"] for e in st["log"] if e.get("method") == "POST" and e.get("body_len") == 5)
         assert set("/post?n=%d" % i for i in range(10)) <= posts, (shim, upstream.summary(st))
+        gets = [e["target"] for e in st["log"] if e.get("method") == "GET"]
         if shim:
             assert posts == set("/post?n=%d" % i for i in range(40)), upstream.summary(st)
+            assert sorted(gets) == sorted("/bytes/%d?ff" % n for n in range(40, 50)), gets
             assert st["connections"] <= 4, upstream.summary(st)
 
 
