@@ -1119,11 +1119,17 @@ def test_a_close_from_another_thread_while_connecting_touches_nothing_else(upstr
     as a request)."""
     require_build(CLOSERACE)
     for shim in (False, True):
-        r = run([str(CLOSERACE), upstream.port, 2000], shim=shim, conf=rules if shim else None, timeout=120)
-        assert r.rc == 0, r.describe()
-        got = jlines(r.out)[-1]
-        assert got["races"] > 0 and got["clobbered"] == 0, (shim, got)
-        assert got["fds_after"] <= got["fds_before"] + 8, (shim, got)
+        races = 0
+        for attempt in range(4):       # (the race is the scheduler's to make: a run may miss it)
+            r = run([str(CLOSERACE), upstream.port, 2000], shim=shim, conf=rules if shim else None, timeout=120)
+            assert r.rc == 0, r.describe()
+            got = jlines(r.out)[-1]
+            assert got["clobbered"] == 0, (shim, got)
+            assert got["fds_after"] <= got["fds_before"] + 8, (shim, got)
+            races += got["races"]
+            if races:
+                break
+        assert races > 0, (shim, got)
 
 
 DUPLEX_CLIENT = r"""
