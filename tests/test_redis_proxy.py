@@ -781,48 +781,12 @@ EARLY_LOGIN = r"""
 import json, os, signal, socket, sys
 sys.path.insert(0, sys.argv[3])
 from ownstats import own_stats
+from resp import command as cmd, raw_replies as replies, until_closed
 port, server_pid = int(sys.argv[1]), int(sys.argv[2])
 shimmed = sys.argv[4] != "-"
 wait = 3 if shimmed else 0.3         # (direct, what is waited for never comes: not long then)
 def conn():
     return socket.create_connection(("127.0.0.1", port), timeout=3)
-def cmd(*a):
-    return ("*%d\r\n" % len(a) + "".join("$%d\r\n%s\r\n" % (len(x), x) for x in a)).encode()
-def until_closed(s):
-    got = b""
-    try:
-        while len(got) < 4096:
-            d = s.recv(4096)
-            if not d:
-                return got.decode() + "<closed>"
-            got += d
-    except socket.timeout:
-        pass
-    return got.decode() + "<open>"
-def replies(s, n):
-    # n whole replies (simple, error, integer or bulk), as text; <timeout> when they do not come
-    got = b""
-    def whole(b):
-        k, i = 0, 0
-        while k < n:
-            j = b.find(b"\r\n", i)
-            if j < 0:
-                return False
-            if b[i:i + 1] == b"$" and int(b[i + 1:j]) >= 0:
-                j = j + 2 + int(b[i + 1:j])
-                if len(b) < j + 2:
-                    return False
-            i, k = j + 2, k + 1
-        return True
-    try:
-        while not whole(got):
-            d = s.recv(4096)
-            if not d:
-                return got.decode() + "<closed>"
-            got += d
-    except socket.timeout:
-        return got.decode() + "<timeout>"
-    return got.decode()
 def first(s):
     return replies(s, 1)
 adm = conn()
@@ -887,9 +851,9 @@ def test_a_password_accepted_before_is_answered_at_once_and_checked_alongside(re
 
 SEND_AND_CLOSE = r"""
 import json, socket, sys, time
+sys.path.insert(0, sys.argv[2])
+from resp import command as cmd
 port = int(sys.argv[1])
-def cmd(*a):
-    return ("*%d\r\n" % len(a) + "".join("$%d\r\n%s\r\n" % (len(x), x) for x in a)).encode()
 def conn():
     return socket.create_connection(("127.0.0.1", port), timeout=5)
 w = conn(); w.sendall(cmd("AUTH", "sam", "pw") + cmd("PING")); w.recv(64)   # a login the shim has seen
@@ -915,7 +879,7 @@ def test_commands_sent_before_a_close_run_as_direct(redis, tmp_path, sockdir):
     got = []
     for shim in (False, True):
         redis.cmd("FLUSHALL")
-        r = run([SYS_PY, "-c", SEND_AND_CLOSE, redis.port], shim=shim,
+        r = run([SYS_PY, "-c", SEND_AND_CLOSE, redis.port, os.path.dirname(SCENARIOS)], shim=shim,
                 conf=conf_for(tmp_path, redis, sockdir) if shim else None, timeout=60)
         assert r.rc == 0, r.describe()
         got.append(jlines(r.out)[0])
@@ -924,22 +888,11 @@ def test_commands_sent_before_a_close_run_as_direct(redis, tmp_path, sockdir):
 
 ROTATED_THEN_DIRECT = r"""
 import json, socket, sys
+sys.path.insert(0, sys.argv[2])
+from resp import command as cmd, until_closed
 port = int(sys.argv[1])
-def cmd(*a):
-    return ("*%d\r\n" % len(a) + "".join("$%d\r\n%s\r\n" % (len(x), x) for x in a)).encode()
 def conn():
     return socket.create_connection(("127.0.0.1", port), timeout=3)
-def until_closed(s):
-    got = b""
-    try:
-        while len(got) < 4096:
-            d = s.recv(4096)
-            if not d:
-                return got.decode() + "<closed>"
-            got += d
-    except socket.timeout:
-        pass
-    return got.decode() + "<open>"
 adm = conn()
 out = []
 for key, rest in (("inl", b"SET inl 1\r\n"), ("lng", cmd("CLIENT", "SETNAME", "m" * 600) + cmd("SET", "lng", "1"))):
@@ -961,7 +914,8 @@ def test_what_goes_direct_waits_for_the_password_check(redis, tmp_path, sockdir)
     which refuses it: the app's connection is closed and nothing it sent runs. Before, the
     direct connection's own login was refused and the SET ran on it as the default user."""
     redis.cmd("ACL", "SETUSER", "ivy", "on", ">old", "~*", "+@all")
-    r = run([SYS_PY, "-c", ROTATED_THEN_DIRECT, redis.port], conf=conf_for(tmp_path, redis, sockdir), timeout=60)
+    r = run([SYS_PY, "-c", ROTATED_THEN_DIRECT, redis.port, os.path.dirname(SCENARIOS)],
+            conf=conf_for(tmp_path, redis, sockdir), timeout=60)
     assert r.rc == 0, r.describe()
     assert jlines(r.out)[0] == [["+OK\r\n<closed>", ":0\r\n"]] * 2, r.describe()
 

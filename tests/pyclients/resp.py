@@ -21,6 +21,52 @@ class RespError(Exception):
     pass
 
 
+def command(*args):
+    return encode(args)
+
+
+def raw_replies(sock, n):
+    """n whole replies (simple, error, integer or bulk) as the server sent them, as text;
+    what came, then <closed> or <timeout>, when they do not all come."""
+    def whole(b):
+        k, i = 0, 0
+        while k < n:
+            j = b.find(b"\r\n", i)
+            if j < 0:
+                return False
+            if b[i:i + 1] == b"$" and int(b[i + 1:j]) >= 0:
+                j = j + 2 + int(b[i + 1:j])
+                if len(b) < j + 2:
+                    return False
+            i, k = j + 2, k + 1
+        return True
+    got = b""
+    try:
+        while not whole(got):
+            d = sock.recv(4096)
+            if not d:
+                return got.decode() + "<closed>"
+            got += d
+    except socket.timeout:
+        return got.decode() + "<timeout>"
+    return got.decode()
+
+
+def until_closed(sock):
+    """What comes (4 KB at most) until the connection ends, then <closed>, or <open> when
+    it stays quiet for the socket's timeout."""
+    got = b""
+    try:
+        while len(got) < 4096:
+            d = sock.recv(4096)
+            if not d:
+                return got.decode() + "<closed>"
+            got += d
+    except socket.timeout:
+        pass
+    return got.decode() + "<open>"
+
+
 def encode(args):
     out = [b"*%d\r\n" % len(args)]
     for a in args:
