@@ -176,13 +176,16 @@ static void update(struct rsession *s)
     loop_watch(&s->src, (reading ? EPOLLIN : 0) | (buf_len(&s->out) ? EPOLLOUT : 0));
 }
 
+static void put(struct rsession *s, struct buf *to, const char *p, size_t n)
+{
+    if (!s->app_gone && buf_append(to, p, n) != 0)
+        s->closing = true;             /* cannot be delivered whole: end as a reset would */
+}
+
 /* The server's words: held while the password is being checked (ask_identity). */
 static void answer(struct rsession *s, const char *p, size_t n)
 {
-    if (s->app_gone)
-        return;
-    if (buf_append(s->unconfirmed ? &s->early : &s->out, p, n) != 0)
-        s->closing = true;             /* cannot be delivered whole: end as a reset would */
+    put(s, s->unconfirmed ? &s->early : &s->out, p, n);
 }
 
 /* The shim's own answer, whole: on the session's own state (its database, its name), or
@@ -190,11 +193,8 @@ static void answer(struct rsession *s, const char *p, size_t n)
 static void answer_local(struct rsession *s, const char *p, size_t n)
 {
     STAT_INC(s->client.upstream, redis_local_replies);
-    if (s->app_gone)
-        return;
     bool after_held = s->unconfirmed && (buf_len(&s->early) || s->client.inflight);
-    if (buf_append(after_held ? &s->early : &s->out, p, n) != 0)
-        s->closing = true;
+    put(s, after_held ? &s->early : &s->out, p, n);
 }
 
 #define LITERAL(s) s, sizeof s - 1
@@ -311,9 +311,7 @@ static void on_check_reply(struct rpool_client *c, const char *p, size_t n)
         s->unconfirmed = false;
         if (buf_len(&s->early) && buf_append(&s->out, buf_head(&s->early), buf_len(&s->early)) != 0)
             s->closing = true;
-        size_t cap = s->early.cap;
-        buf_free(&s->early);
-        s->early.cap = cap;
+        buf_consume(&s->early, buf_len(&s->early));
         process(s);
         update(s);
         return;
@@ -546,29 +544,28 @@ static void hello_accepted(struct rsession *s)
     s->learning_len = key_len;
 }
 
-/* A CLIENT subcommand this server said it does not know: the same error, at once. Else,
- * asked with nothing owed, its reply is read for that error. True when answered. */
-static size_t subcommand_key(char *key, const struct resp_item *it)
+/* The server's error kept for this CLIENT subcommand, or NULL; *key_len is its key's
+ * length in key (0: it does not fit). */
+static const char *kept_subcommand_error(const struct rsession *s, const struct resp_item *it, char *key,
+                                         size_t *key_len, size_t *n)
 {
     size_t n0, n1;
     const char *a0 = resp_arg(it, 0, &n0), *a1 = resp_arg(it, 1, &n1);
-    return redis_known_key(key, "CLIENT-SUB", a0, n0, a1, n1);
+    *key_len = redis_known_key(key, "CLIENT-SUB", a0, n0, a1, n1);
+    return *key_len ? redis_known_get(s->client.upstream, key, *key_len, n) : NULL;
 }
 
-static bool known_unknown_subcommand(const struct rsession *s, const struct resp_item *it)
-{
-    char key[REDIS_KNOWN_KEY_MAX];
-    size_t n, key_len = subcommand_key(key, it);
-    return key_len && redis_known_get(s->client.upstream, key, key_len, &n);
-}
-
+/* A CLIENT subcommand this server said it does not know: the same error, at once. Else,
+ * asked with nothing owed, its reply is read for that error. True when answered. */
 static bool unknown_subcommand(struct rsession *s, const struct resp_item *it, bool idle)
 {
     char key[REDIS_KNOWN_KEY_MAX];
-    size_t n, key_len = idle ? subcommand_key(key, it) : 0;
+    size_t n, key_len;
+    if (!idle)
+        return false;
+    const char *known = kept_subcommand_error(s, it, key, &key_len, &n);
     if (!key_len)
         return false;
-    const char *known = redis_known_get(s->client.upstream, key, key_len, &n);
     if (known) {
         answer_local(s, known, n);
         return true;
@@ -667,10 +664,13 @@ static int send_command(struct rsession *s, const struct resp_item *it)
  * CLIENT subcommand it does not know), while what waits for the app is under its cap. */
 static bool early_allowed(const struct rsession *s, const struct resp_item *it)
 {
+    char key[REDIS_KNOWN_KEY_MAX];
+    size_t key_len, n;
     if (buf_len(&s->early) >= OUT_SOFT_MAX)
         return false;
     if (resp_arg_is(it, 0, "CLIENT"))
-        return resp_arg_is(it, 1, "SETNAME") || resp_arg_is(it, 1, "GETNAME") || known_unknown_subcommand(s, it);
+        return resp_arg_is(it, 1, "SETNAME") || resp_arg_is(it, 1, "GETNAME")
+               || kept_subcommand_error(s, it, key, &key_len, &n);
     return resp_arg_is(it, 0, "SELECT") || redis_command_reads_only(it);
 }
 
