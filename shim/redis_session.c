@@ -293,8 +293,7 @@ static void on_drained(struct rpool_client *c)
 
 static const struct rpool_client_ops client_ops = { on_reply, on_verified, on_raw, on_lost, on_drained };
 
-/* ---- the server's word on a password answered early ---- */
-
+/* The server's word on a password answered early comes to the checker. */
 static struct rsession *of_checker(struct rpool_client *c)
 {
     return (struct rsession *)(void *)((char *)c - offsetof(struct rsession, checker));
@@ -664,13 +663,14 @@ static int send_command(struct rsession *s, const struct resp_item *it)
  * CLIENT subcommand it does not know), while what waits for the app is under its cap. */
 static bool early_allowed(const struct rsession *s, const struct resp_item *it)
 {
-    char key[REDIS_KNOWN_KEY_MAX];
-    size_t key_len, n;
     if (buf_len(&s->early) >= OUT_SOFT_MAX)
         return false;
-    if (resp_arg_is(it, 0, "CLIENT"))
+    if (resp_arg_is(it, 0, "CLIENT")) {
+        char key[REDIS_KNOWN_KEY_MAX];
+        size_t key_len, n;
         return resp_arg_is(it, 1, "SETNAME") || resp_arg_is(it, 1, "GETNAME")
                || kept_subcommand_error(s, it, key, &key_len, &n);
+    }
     return resp_arg_is(it, 0, "SELECT") || redis_command_reads_only(it);
 }
 
