@@ -57,6 +57,23 @@ bool fdgate_app_hold(_Atomic uint64_t *gate, uint64_t *held, bool *was_idle)
     return false;
 }
 
+int fdgate_app_hold_idle(_Atomic uint64_t *gate, uint64_t *held)
+{
+    uint64_t g = atomic_load_explicit(gate, memory_order_acquire);
+    for (int spins = 0; spins < SPINS / 10; spins++) {
+        enum fdgate_state s = fdgate_state(g);
+        if (s == FDGATE_OFF)
+            return -1;
+        if (s != FDGATE_IDLE)
+            return 0;
+        if (atomic_compare_exchange_weak(gate, &g, fdgate_make(fdgate_gen(g), fdgate_seq(g), FDGATE_APP))) {
+            *held = g;
+            return 1;
+        }
+    }
+    return 0;
+}
+
 void fdgate_app_wrote(_Atomic uint64_t *gate, uint64_t held)
 {
     /* with its sequence bumped, a hand-back the engine decided on before it read these

@@ -20,6 +20,10 @@
  *                    are what unblocks it), and sequence + 1
  *                    again after it                             fdgate_app_wrote_more
  *   app, inline hit  APP -> IDLE (or OFF: the answer closes)   fdgate_app_release
+ *   app, settled?    IDLE -> APP only, never taken from ENGINE  fdgate_app_hold_idle
+ *                    (an exec's hand-over: a hold released
+ *                    without a write would undo the engine's
+ *                    ENGINE -> IDLE that raced it, for ever)
  *   engine, writes   IDLE -> ENGINE (waits while APP)          fdgate_engine_take
  *   engine, idle     ENGINE -> IDLE, only if the sequence is   fdgate_engine_release
  *                    the one it saw when it read all the bytes
@@ -57,6 +61,10 @@ void fdgate_shut_next(_Atomic uint64_t *gate);
 /* Holds the gate for this thread: *held is the word it took it from; *was_idle: an inline
  * answer may be written. False: the gate is OFF (or stayed held): just write for real. */
 bool fdgate_app_hold(_Atomic uint64_t *gate, uint64_t *held, bool *was_idle);
+/* Holds the gate only if the engine holds nothing (IDLE -> APP): 1 held, 0 the engine or
+ * another app thread holds it (the word untouched: wait and ask again), -1 OFF. For a
+ * hold that may be released with nothing written. */
+int fdgate_app_hold_idle(_Atomic uint64_t *gate, uint64_t *held);
 /* After a real write (or a hand-off of an answer's rest): the engine owns what follows. */
 void fdgate_app_wrote(_Atomic uint64_t *gate, uint64_t held);
 /* After the real write itself: the sequence bumped again (IDLE back to ENGINE), so the

@@ -74,17 +74,20 @@ static int connect_again(const struct fd_entry *e)
 /* Holds the gate of a connection the engine holds nothing for, with nothing unread either
  * way. An exchange whose last bytes the app has read is over, but the engine gives the
  * connection back only after its write: an app that execs the moment it has its answer
- * waits for that (until *settle_ms runs out: a request still in flight stays in flight). */
+ * waits for that (until *settle_ms runs out: a request still in flight stays in flight).
+ * The gate is taken only from IDLE: a hold of the engine's gate given back unwritten would
+ * undo the engine's hand-back that raced it, and nothing would make the engine try again. */
 static bool hold_quiet(int fd, struct fd_entry *e, uint64_t *held, int *settle_ms, bool vfork_child)
 {
     for (;;) {
-        bool idle;
-        if (!fdgate_app_hold(&e->gate, held, &idle))
+        int took = fdgate_app_hold_idle(&e->gate, held);
+        if (took < 0)
             return false;              /* tunnelled, TLS, shared with a dup or a child */
         bool still = quiet(fd, vfork_child ? -1 : e->engine_fd);
-        if (idle && still)
+        if (took && still)
             return true;
-        fdgate_app_release(&e->gate, *held, false);
+        if (took)
+            fdgate_app_release(&e->gate, *held, false);
         if (!still || *settle_ms <= 0)
             return false;
         (*settle_ms)--;

@@ -3,8 +3,11 @@
  * source whose event is already queued in the batch is not dispatched, frees deferred to
  * the end of the batch, loop_move, a self re-arming 0 ms timer cannot starve I/O, a
  * heap of many timers with random cancels, and loop_wake from another thread hammering
- * it while the engine takes its wake-ups (the last one asked for is never lost). Prints
+ * it while the engine takes its wake-ups (the last one asked for is never lost); and one
+ * rule of the gate (shim/fdgate.c) it links anyway: a hold that only looks (an exec's
+ * hand-over) never takes the engine's gate, so the engine's hand-back cannot be lost. Prints
  * "N passed, N failed" and exits 0 only when every check passed. */
+#include "../../shim/fdgate.h"
 #include "../../shim/loop.h"
 #include "check.h"
 #include <pthread.h>
@@ -178,8 +181,32 @@ static void on_finish(struct loop_timer *t)
     }
 }
 
+/* The engine read everything and holds the gate; an exec's hand-over asks meanwhile: it must
+ * leave the word alone, so that the engine's ENGINE -> IDLE still succeeds and the next ask
+ * takes it. (With fdgate_app_hold and a release, the hand-back racing it was undone.) */
+static void gate_hold_idle(void)
+{
+    _Atomic uint64_t gate;
+    atomic_init(&gate, 0);
+    struct fdgate_engine eng;
+    fdgate_engine_init(&eng, &gate, fdgate_divert(&gate));
+    bool ok = fdgate_engine_take(&eng);
+    fdgate_engine_read_all(&eng, fdgate_engine_before_read(&eng));
+    uint64_t before = atomic_load(&gate), held = 0;
+    ok = ok && fdgate_app_hold_idle(&gate, &held) == 0 && atomic_load(&gate) == before;
+    fdgate_engine_release(&eng);
+    ok = ok && fdgate_state(atomic_load(&gate)) == FDGATE_IDLE && fdgate_app_hold_idle(&gate, &held) == 1
+         && fdgate_state(atomic_load(&gate)) == FDGATE_APP;
+    fdgate_app_release(&gate, held, false);
+    ok = ok && fdgate_state(atomic_load(&gate)) == FDGATE_IDLE;
+    fdgate_shut(&gate);
+    ok = ok && fdgate_app_hold_idle(&gate, &held) == -1;
+    check(ok, "a hold that only looks never takes the engine's gate, and its hand-back then succeeds");
+}
+
 int main(void)
 {
+    gate_hold_idle();
     if (loop_init(after_dispatch) != 0) {
         perror("loop_init");
         return 2;
