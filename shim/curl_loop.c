@@ -23,6 +23,15 @@ struct curl_sock {
     struct curl_sock *idle_prev, *idle_next;
 };
 static struct curl_sock *idle_head;    /* the idle ones */
+static struct curl_hold *holds;        /* the transfers that hold a connection now */
+
+static bool held(unsigned local_port, unsigned peer_port)
+{
+    for (const struct curl_hold *h = holds; h; h = h->next)
+        if (h->local_port == local_port && h->peer_port == peer_port)
+            return true;
+    return false;
+}
 
 static void idle_clear(struct curl_sock *cs)
 {
@@ -212,8 +221,8 @@ void curl_loop_attach(CURLM *m)
 
 void curl_loop_watch_idle(curl_socket_t fd, const CURL *ended, unsigned local_port, unsigned peer_port)
 {
-    if (fd < 0 || fd >= FDTABLE_MAX)
-        return;
+    if (fd < 0 || fd >= FDTABLE_MAX || held(local_port, peer_port))
+        return;                        /* (taken up already by the next transfer) */
     if (fd < parked_cap && parked[fd]) {
         /* parked when this transfer let go of it (the usual case), not by a later one that
          * took the connection up and paused */
@@ -236,13 +245,36 @@ void curl_loop_watch_idle(curl_socket_t fd, const CURL *ended, unsigned local_po
         sock_release(cs);
 }
 
-void curl_loop_taken(unsigned local_port, unsigned peer_port)
+void curl_loop_taken(struct curl_hold *h, unsigned local_port, unsigned peer_port)
 {
+    curl_loop_let_go(h);               /* (sent again on another connection: that one now) */
+    h->local_port = local_port;
+    h->peer_port = peer_port;
+    h->held = true;
+    h->prev = NULL;
+    h->next = holds;
+    if (holds)
+        holds->prev = h;
+    holds = h;
     for (struct curl_sock *cs = idle_head, *next; cs; cs = next) {
         next = cs->idle_next;
         if (cs->local_port == local_port && cs->peer_port == peer_port)
             idle_clear(cs);            /* (its answer may arrive while it is parked: a pause) */
     }
+}
+
+void curl_loop_let_go(struct curl_hold *h)
+{
+    if (!h->held)
+        return;
+    if (h->prev)
+        h->prev->next = h->next;
+    else
+        holds = h->next;
+    if (h->next)
+        h->next->prev = h->prev;
+    h->prev = h->next = NULL;
+    h->held = false;
 }
 
 void curl_loop_closing(int fd)
@@ -259,5 +291,6 @@ void curl_loop_forget(void)
     orphaned_parked = parked;          /* the parent's sockets (its loop is forgotten too): */
     parked = NULL;                     /* kept, not freed, in a forked child's atfork handler */
     idle_head = NULL;
+    holds = NULL;                      /* (the parent's transfers: forgotten with its handle) */
     parked_cap = 0;
 }

@@ -52,6 +52,7 @@ struct conn {
     bool closing;                   /* close once `out` has drained */
     bool reset_app;                 /* ... and then as a reset, not an end of file */
     bool left_unanswered;           /* the app closed right after its request: see conn_update_events */
+    bool awaiting_room;             /* a request waits until the app takes its earlier answers (conn_process) */
     /* the app's fd and its socketpair end's identity, once the engine hears it: what a
      * reset is delivered through */
     int app_fd;
@@ -242,7 +243,10 @@ static void conn_watch_app(struct conn *c)
     uint32_t want = 0;
     if (!c->side.app_eof && !c->closing && buf_len(&c->side.in) < IN_CAP)
         want |= EPOLLIN;
-    if ((buf_len(&c->side.out) || c->state == CS_HIT) && !c->side.app_gone)
+    /* (a transfer paused on a full `out`, or a request waiting for room, is resumed on
+     * EPOLLOUT: asked for as long as they wait, whichever flush emptied `out`) */
+    if ((buf_len(&c->side.out) || c->state == CS_HIT || c->awaiting_room || (c->xfer && upstream_paused(c->xfer)))
+        && !c->side.app_gone)
         want |= EPOLLOUT;
     loop_watch(&c->src, want);
 }
@@ -477,9 +481,16 @@ static bool took_tls(struct conn *c)
  * in request order (pipelining is honoured, not parallelised). */
 static void conn_process(struct conn *c)
 {
+    c->awaiting_room = false;
     while (c->state == CS_HTTP && !c->closing) {
-        if (buf_len(&c->side.out) > OUT_SOFT / 2)
-            return;                    /* the app is slow to read: wait before the next one */
+        /* the app is slow to read: the next request waits, and EPOLLOUT stays asked for
+         * until it can go, even once a flush elsewhere (libcurl's callbacks, an exchange's
+         * end, this event's last) has emptied `out` after this check: no other event may
+         * come (so for a hit that waits for `out` to drain, below) */
+        if (buf_len(&c->side.out) > OUT_SOFT / 2) {
+            c->awaiting_room = true;
+            return;
+        }
         size_t avail = buf_len(&c->side.in);
         if (avail == 0) {
             if (c->side.app_eof)
@@ -538,8 +549,10 @@ static void conn_process(struct conn *c)
         size_t key_len = rule && !streaming ? cache_key(u, rule, req, https, key_scratch, sizeof key_scratch) : 0;
         const char *body = buf_head(&c->side.in) + req->head_len;
         key_len = cache_key_add_body(key_scratch, key_len, sizeof key_scratch, body, body_len);
-        if (key_len && buf_len(&c->side.out))
-            return;                    /* a hit goes out in one piece: wait for `out` to drain */
+        if (key_len && buf_len(&c->side.out)) {
+            c->awaiting_room = true;   /* a hit goes out in one piece: wait for `out` to drain */
+            return;
+        }
         if (!c->counted) {
             STAT_INC(c->side.upstream, requests);
             c->rule_index = rule ? (int)(rule - u->cache_rules) : -1;
@@ -674,6 +687,16 @@ void engine_take_handoffs(void)
     }
 }
 
+/* What the app took makes room: a transfer paused on a full `out` goes on. Wherever `out`
+ * drains (any event's last flush, not only EPOLLOUT's: an event for the app's next
+ * request may take the last of it, and an empty `out` asks for no EPOLLOUT again). From
+ * the loop's handlers only, never inside a libcurl callback. */
+static void flush_and_resume(struct conn *c)
+{
+    if (conn_flush(c) == 0 && c->xfer && buf_len(&c->side.out) <= OUT_SOFT / 2)
+        upstream_resume(c->xfer);
+}
+
 static void on_app_event(struct loop_source *src, uint32_t ev)
 {
     struct conn *c = (struct conn *)(void *)((char *)src - offsetof(struct conn, src));
@@ -686,11 +709,10 @@ static void on_app_event(struct loop_source *src, uint32_t ev)
         if ((ev & EPOLLERR) || !(ev & EPOLLIN))
             c->side.app_eof = true;
     }
-    if (c->state == CS_HIT) {
+    if (c->state == CS_HIT)
         hit_pump(c);
-    } else if ((ev & EPOLLOUT) && conn_flush(c) == 0 && c->xfer && buf_len(&c->side.out) <= OUT_SOFT / 2) {
-        upstream_resume(c->xfer);
-    }
+    else if (ev & EPOLLOUT)
+        flush_and_resume(c);
     if (ev & (EPOLLIN | EPOLLHUP)) {
         bool got = false;
         for (int rounds = 0; rounds < 8 && !c->side.app_eof; rounds++) {
@@ -727,7 +749,7 @@ static void on_app_event(struct loop_source *src, uint32_t ev)
         conn_process(c);
     if (c->state != CS_GONE) {
         if (c->state != CS_HIT)
-            conn_flush(c);
+            flush_and_resume(c);
         conn_update_events(c);
     }
 }

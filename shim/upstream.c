@@ -74,6 +74,7 @@ struct transfer {
     char check_name[256];
     char check_where[INET6_ADDRSTRLEN + 8];
     struct pool_slot slot;          /* its place in the upstream's queue (pool_queue.c) */
+    struct curl_hold hold;          /* the connection it sends on (curl_loop.c) */
 };
 
 
@@ -165,7 +166,7 @@ static int on_prereq(void *clientp, char *conn_primary_ip, char *conn_local_ip, 
     struct transfer *t = clientp;
     (void)conn_primary_ip;
     (void)conn_local_ip;
-    curl_loop_taken((unsigned)conn_local_port, (unsigned)conn_primary_port);
+    curl_loop_taken(&t->hold, (unsigned)conn_local_port, (unsigned)conn_primary_port);
     if (t->pin && !pin_holds(t)) {
         t->pin_refused = true;
         return CURL_PREREQFUNC_ABORT;
@@ -587,6 +588,7 @@ static const struct pool_queue_ops queue_ops = { admit, fail_waiter, keep_connec
 static void transfer_free(struct transfer *t)
 {
     pool_queue_leave(&t->slot);
+    curl_loop_let_go(&t->hold);
     if (t->app && !t->is_probe) {
         STAT_DEC(t->app->upstream, in_flight);
         if (t->connected)
@@ -736,6 +738,8 @@ void upstream_app_gone(struct transfer *t)
     }
 }
 
+bool upstream_paused(const struct transfer *t) { return t->paused; }
+
 void upstream_resume(struct transfer *t)
 {
     if (t && t->paused) {
@@ -851,6 +855,7 @@ void upstream_reap(void)
         struct app_side *c = t->app;
         curl_socket_t kept = CURL_SOCKET_BAD;   /* its connection, if libcurl keeps it */
         long local_port = 0, peer_port = 0;
+        curl_loop_let_go(&t->hold);
         if (curl_easy_getinfo(msg->easy_handle, CURLINFO_ACTIVESOCKET, &kept) == CURLE_OK && kept != CURL_SOCKET_BAD
             && curl_easy_getinfo(msg->easy_handle, CURLINFO_LOCAL_PORT, &local_port) == CURLE_OK
             && curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIMARY_PORT, &peer_port) == CURLE_OK)

@@ -66,6 +66,7 @@ bool upstream_awaiting_answer(const struct transfer *t);
  * response, for whom it goes on alone. Either way the app side is never touched again. */
 void upstream_app_gone(struct transfer *t);
 void upstream_resume(struct transfer *t);        /* `out` drained: unpause a paused transfer */
+bool upstream_paused(const struct transfer *t);  /* waiting for `out` to drain (upstream_resume) */
 void upstream_body_arrived(struct transfer *t);  /* more streamed body in `in`: unpause sending */
 void upstream_reap(void);                        /* collect finished transfers */
 

@@ -1244,3 +1244,30 @@ def test_a_request_the_app_gave_up_on_frees_its_upstream_connection(upstream, tm
     assert r.rc == 0, r.describe()
     status, took = jlines(r.out)[0]
     assert status == "HTTP/1.1 200 OK" and took < 2.0, (status, took)
+
+
+BIG_RUNS = 8            # each run hit the faults below in a third to a half of its runs
+
+
+@pytest.mark.parametrize("shape", ["4 connections, one at a time, all cached", "1 connection, 4 pipelined, half cached"])
+def test_large_answers_on_busy_kept_alive_connections_arrive_whole(upstream, tmp_path, shape):
+    """Answers of 100-400 KB, larger than what the engine holds for an app at once, on
+    connections kept alive, each read by a thread of its own while another writes the
+    requests (pyclients/bigpipe.py): every answer arrives whole, in order, with nothing
+    waited for, in every run, as direct. Two faults made runs fail (a helper's stress,
+    2026-12-07). The transfer that paused on a full buffer was resumed only on EPOLLOUT,
+    and the next pipelined request waited only for EPOLLOUT too: when the flush of another
+    event (the app's next request, the end of an exchange) emptied the buffer instead, no
+    EPOLLOUT was asked for again and the connection stalled, its answer half sent or not
+    begun. And libcurl can hand a connection from a transfer that just ended to the next
+    one, which then pauses on it, before the shim hears of the first one's end: the
+    connection was taken for idle, the rest of the next answer for bytes no one asked
+    for, and the connection shut under it (the app saw its body cut)."""
+    conns, window, cached = (4, 1, 100) if shape.startswith("4") else (1, 4, 50)
+    conf = write_rules(tmp_path, [], raw="[upstream 127.0.0.1:%d]\ncache GET /custom/c* ttl=10m\n" % upstream.port)
+    for seed in range(BIG_RUNS):
+        for shim in (False, True) if seed == 0 else (True,):
+            r = run([SYS_PY, pyclient("bigpipe.py"), upstream.port, conns, 100, window, cached, seed], shim=shim,
+                    conf=conf, timeout=90)
+            assert r.rc == 0, r.describe()
+            assert jlines(r.out)[0] == {"ok": conns * 100, "failure": None}, (shim, seed, r.describe())
