@@ -29,9 +29,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 
-#define RCONN_INFLIGHT_MAX 8192        /* replies owed on one server connection */
+#define RCONN_INFLIGHT_MAX (8192 + 64) /* replies owed on one server connection: a session's 8 192 and the shim's own */
 #define RCONN_OUT_MAX      (64u << 20) /* command bytes waiting to be written to one */
 #define DIRECT_OUT_SOFT    (1u << 20)  /* a direct session stops reading its app beyond this */
 #define PROBE_RETRY_MS     2           /* a cold upstream's probe is awaited this often */
@@ -66,6 +67,13 @@ struct rconn {
     bool shut_when_sent;               /* direct: the app ended its side: so does this, once sent */
     bool shut_sent;                    /* ... and did: the server's close that follows is no loss */
     bool named;                        /* lent under a session's name (CLIENT SETNAME): unnamed when given back */
+    bool retired;                      /* its login refused to new connections: closes once nothing is owed */
+    /* logged in, and so for good whatever the server's password becomes (Redis keeps a
+     * connection's login): one with a password once its setup is accepted; one without
+     * unless the PING it sends first (login_probe, its reply to no one) was refused: never
+     * logged in, the server judges each of its commands as a new connection's. Taken as
+     * logged in until known. */
+    bool logged_in, login_probe;
     unsigned drop_left;                /* direct: replies to the shim's own commands to drop before bytes flow */
     int pin_reason;
 };
@@ -114,6 +122,24 @@ static int put_setname(struct buf *b, const char *name, size_t name_len)
 
 /* AUTH [user] password of id's, its lengths said and its bytes copied (a password may hold
  * any byte, NUL included) */
+/* AUTH default <a password of this process's>: for a user without a password (nopass),
+ * any password is accepted, and only then (see rpool_check_password). */
+static int put_default_check(struct buf *b)
+{
+    static char word[33];
+    if (!word[0]) {
+        unsigned char r[16] = { 0 };
+        if (getrandom(r, sizeof r, GRND_NONBLOCK) != (ssize_t)sizeof r)
+            for (size_t i = 0; i < sizeof r; i++)
+                r[i] = (unsigned char)(rand() ^ (int)i);
+        for (size_t i = 0; i < sizeof r; i++)
+            snprintf(word + 2 * i, 3, "%02x", r[i]);
+    }
+    const char *argv[3] = { "AUTH", "default", word };
+    size_t lens[3] = { 4, 7, 32 };
+    return put_command(b, 3, argv, lens);
+}
+
 static int put_auth(struct buf *b, const struct rpool_ident *id)
 {
     const char *argv[3] = { "AUTH", id->user, id->pass };
@@ -374,7 +400,8 @@ static void on_connect_timeout(struct loop_timer *t)
     conn_close((struct rconn *)(void *)((char *)t - offsetof(struct rconn, timer)), true);
 }
 
-static struct rconn *conn_open(struct rpool_client *cl, struct rpool_ident *id, const char *name, size_t name_len)
+static struct rconn *conn_open(struct rpool_client *cl, struct rpool_ident *id, const char *name, size_t name_len,
+                               bool direct)
 {
     struct rconn *c = calloc(1, sizeof *c);
     if (!c)
@@ -387,13 +414,20 @@ static struct rconn *conn_open(struct rpool_client *cl, struct rpool_ident *id, 
     c->held.cap = RCONN_OUT_MAX;
     c->fifo = RING_INIT(struct rpool_client *, RCONN_INFLIGHT_MAX);
     c->state = RC_WAITING;
-    if (resp_stream_init(&c->replies, false) != 0 || put_setup(c, name, name_len) != 0) {
+    c->logged_in = true;
+    const char *ping[1] = { "PING" };
+    size_t ping_len[1] = { 4 };
+    if (resp_stream_init(&c->replies, false) != 0 || put_setup(c, name, name_len) != 0
+        || (!id->has_pass && !direct && (put_command(&c->out, 1, ping, ping_len) != 0 || fifo_push(c, NULL) != 0))) {
         resp_stream_free(&c->replies);
         buf_free(&c->out);
         rpool_ident_put(c->id);
+        ring_free(&c->fifo);
         free(c);
         return NULL;
     }
+    c->login_probe = !id->has_pass && !direct;   /* (a direct one's bytes are the app's alone: SCRIPT DEBUG
+                                                     * refuses to start behind a reply not yet sent) */
     c->next = P.conns[c->upstream];
     P.conns[c->upstream] = c;
     conn_dial(c);
@@ -543,11 +577,19 @@ static void take_replies(struct rconn *c)
             continue;
         }
         struct rpool_client *cl = fifo_pop(c);
+        if (!cl && c->login_probe) {   /* (the first of the shim's own, pushed at open) */
+            c->login_probe = false;
+            c->logged_in = type != REDIS_REPLY_ERROR;
+        }
         if (cl) {
             cl->inflight--;
             if (!cl->inflight && !cl->lent && cl->conn == c)
                 cl->conn = NULL;       /* free to go to another connection now */
             cl->ops->reply(cl, p, n);
+        }
+        if (c->retired && !c->fifo.count && !c->lent && c->state != RC_DEAD) {
+            conn_close(c, false);      /* its login is refused now: nothing more on it */
+            return;
         }
     }
 }
@@ -608,7 +650,7 @@ static struct rconn *pick_shared(struct rpool_client *cl, struct rpool_ident *id
             && (!best || c->fifo.count < best->fifo.count))
             best = c;
     if ((!best || best->fifo.count > 0) && id->n_shared < pool_max(cl->upstream)) {
-        struct rconn *c = conn_open(cl, id, NULL, 0);
+        struct rconn *c = conn_open(cl, id, NULL, 0, false);
         if (c) {
             c->shared = true;
             id->n_shared++;
@@ -618,7 +660,7 @@ static struct rconn *pick_shared(struct rpool_client *cl, struct rpool_ident *id
     return best;
 }
 
-static int queue_command(struct rconn *c, struct rpool_client *cl, const char *cmd, size_t n)
+static int queue_command(struct rconn *c, struct rpool_client *cl, const char *cmd, size_t n, bool apps)
 {
     struct buf *b = c->setup_left && !c->raw ? &c->held : &c->out;
     size_t mark = b->end;
@@ -632,7 +674,8 @@ static int queue_command(struct rconn *c, struct rpool_client *cl, const char *c
         cl->inflight++;
         cl->conn = c;
     }
-    STAT_INC(c->upstream, redis_commands);
+    if (apps)
+        STAT_INC(c->upstream, redis_commands);
     schedule_flush(c);
     return 0;
 }
@@ -642,7 +685,27 @@ int rpool_send(struct rpool_client *cl, struct rpool_ident *id, const char *cmd,
     struct rconn *c = cl->lent || cl->inflight ? cl->conn : pick_shared(cl, id);
     if (!c || c->state == RC_DEAD)
         return -1;
-    return queue_command(c, cl, cmd, n);
+    return queue_command(c, cl, cmd, n, true);
+}
+
+int rpool_send_beside(struct rpool_client *cl, const struct rpool_client *beside, struct rpool_ident *id,
+                      const char *cmd, size_t n)
+{
+    struct rconn *c = beside->conn;
+    if (cl->lent || cl->inflight || !c || c->id != id || !c->shared || c->lent || c->state == RC_DEAD)
+        return rpool_send(cl, id, cmd, n);
+    return queue_command(c, cl, cmd, n, true);
+}
+
+/* (a connection whose PING has not been answered yet was opened a round trip ago: its
+ * login is the server's of that moment, as for an app's connection opened then) */
+bool rpool_login_needs_check(int upstream, const struct rpool_ident *id)
+{
+    for (const struct rconn *c = P.conns[upstream]; c; c = c->next)
+        if (c->state != RC_DEAD && c->logged_in && !c->login_probe && !c->raw && (c->shared || c->lent)
+            && redis_ident_same_login(c->id, id))
+            return true;
+    return false;
 }
 
 int rpool_check_password(struct rpool_client *cl, const struct rpool_ident *id)
@@ -659,9 +722,28 @@ int rpool_check_password(struct rpool_client *cl, const struct rpool_ident *id)
     if (!best || cl->lent || cl->inflight)
         return -2;
     struct buf auth = { .cap = RCONN_OUT_MAX };
-    int rc = put_auth(&auth, id) != 0 ? -1 : queue_command(best, cl, buf_head(&auth), buf_len(&auth));
+    int rc = (id->has_pass ? put_auth(&auth, id) : put_default_check(&auth)) != 0
+                 ? -1 : queue_command(best, cl, buf_head(&auth), buf_len(&auth), false);
+    if (rc == 0)
+        best->logged_in = true;        /* (an accepted AUTH logs it in; a refused one retires it) */
     buf_free(&auth);
     return rc;
+}
+
+void rpool_retire_login(const struct rpool_ident *id)
+{
+    for (struct rconn *c = P.conns[id->upstream], *next; c; c = next) {
+        next = c->next;
+        if (c->state == RC_DEAD || c->raw || !redis_ident_same_login(c->id, id))
+            continue;
+        c->retired = true;             /* (a lent one closes when it is given back) */
+        if (!c->shared || c->lent)
+            continue;
+        c->shared = false;
+        c->id->n_shared--;
+        if (!c->fifo.count)
+            conn_close(c, false);
+    }
 }
 
 int rpool_verify(struct rpool_client *cl, struct rpool_ident *id)
@@ -669,7 +751,7 @@ int rpool_verify(struct rpool_client *cl, struct rpool_ident *id)
     struct rconn *c = P.conns[cl->upstream];
     while (c && !(c->id == id && c->verifying && c->state != RC_DEAD))
         c = c->next;
-    if (!c && !(c = conn_open(cl, id, NULL, 0)))
+    if (!c && !(c = conn_open(cl, id, NULL, 0, false)))
         return -1;
     cl->next_verifying = c->verifying;
     c->verifying = cl;
@@ -703,7 +785,7 @@ int rpool_lend(struct rpool_client *cl, struct rpool_ident *id, enum rpool_pin w
                 return -1;
             break;
         }
-    if (!c && !(c = conn_open(cl, id, name, name_len)))
+    if (!c && !(c = conn_open(cl, id, name, name_len, false)))
         return -1;
     /* (named as the session is, so that what the server says of its connection inside a
      * transaction, or once the session goes direct on it, is the session's) */
@@ -733,8 +815,8 @@ void rpool_give_back(struct rpool_client *cl, bool clean)
         P.lent[c->upstream]--;
         lent_gauge(c, -1);
     }
-    if (!clean || c->raw || c->fifo.count || c->id->n_shared >= pool_max(c->upstream)) {
-        conn_close(c, false);          /* (state the shim cannot undo, or enough are shared) */
+    if (!clean || c->raw || c->fifo.count || c->retired || c->id->n_shared >= pool_max(c->upstream)) {
+        conn_close(c, false);          /* (state the shim cannot undo, its login refused now, or enough are shared) */
         return;
     }
     if (c->named) {
@@ -755,7 +837,7 @@ int rpool_go_direct(struct rpool_client *cl, struct rpool_ident *id, const char 
         lent_gauge(c, -1);
     }
     if (!c) {
-        if (cl->inflight || !(c = conn_open(cl, id, name, name_len)))
+        if (cl->inflight || !(c = conn_open(cl, id, name, name_len, true)))
             return -1;
         c->lent = cl;
         cl->conn = c;

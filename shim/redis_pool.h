@@ -83,6 +83,14 @@ int rpool_verify(struct rpool_client *c, struct rpool_ident *id);
  * one of id's (c's current one while it has replies owed, so they come back in order);
  * one reply comes back through ops->reply. -1: too much queued, no memory: close. */
 int rpool_send(struct rpool_client *c, struct rpool_ident *id, const char *cmd, size_t n);
+/* The same, on the connection `beside`'s last command went on when it is one of id's that
+ * c may use (the session's first command beside its login's check, so that the check
+ * takes no connection of its own); else as rpool_send. */
+int rpool_send_beside(struct rpool_client *c, const struct rpool_client *beside, struct rpool_ident *id,
+                      const char *cmd, size_t n);
+/* Whether a connection of id's login (user and password, any database) has run a command:
+ * logged in, it would run one after the server stopped logging new connections in. */
+bool rpool_login_needs_check(int upstream, const struct rpool_ident *id);
 /* The server refused id's password (changed since it was accepted): no identity of that
  * user and password is answered for before the server accepts it again (a database alone
  * still is: the connections logged in with it stay logged in, as direct). */
@@ -94,6 +102,14 @@ bool rpool_ident_refused_since(const struct rpool_ident *id);
  * same password first): -2 when there is none (or c is lent, or owed replies), -1 as for
  * rpool_send. */
 int rpool_check_password(struct rpool_client *c, const struct rpool_ident *id);
+/* The same for an identity without a password (the default user, whom a new connection
+ * is logged in as when the server requires no password): an AUTH of the default user with
+ * a password of the process's own, which succeeds exactly when a new connection would be
+ * logged in (the user is on and takes any password). Redis 6 and later. */
+/* The server refuses id's login to a new connection now (a password set, the user turned
+ * off, since its connections logged in): none of them is shared again, and each closes
+ * once nothing is owed on it; new ones are opened for what comes, as direct would. */
+void rpool_retire_login(const struct rpool_ident *id);
 /* Lends c a connection of id's to itself (for a transaction, WATCHed keys, a blocking
  * command), named `name` while lent when name_len > 0: -1 when the upstream has
  * redis_pinned_max lent already (go direct instead). c must have no replies owed. */

@@ -63,10 +63,14 @@ struct rsession {
     char learning[REDIS_KNOWN_KEY_MAX];
     size_t learning_len;
     bool probing;                      /* a PING of the shim's own in flight: see default_open */
+    int probed;                        /* its answer, for the command that waited: 1 open, -1 refused */
     /* logged in with a password the server accepted before: answered at once and checked
      * alongside what follows (the checker's AUTH); until the server's word only reads go,
      * and what the app is answered waits in early (see ask_identity) */
     bool unconfirmed;
+    /* its login without a password asked of the server for this connection (see
+     * check_default_login), as for a password said again */
+    bool login_checked;
     struct rpool_client checker;
     struct buf early;
     struct rsession *next, *prev;
@@ -227,12 +231,22 @@ static void learn(struct rsession *s, const char *p, size_t n)
 
 static void on_verified(struct rpool_client *c, bool ok, const char *err, size_t n);
 
+static void keep_open(int upstream)
+{
+    size_t n;
+    const char *was = redis_known_get(upstream, LITERAL(OPEN_KEY), &n);
+    if (was && was[0] != '+')
+        redis_known_forget(upstream);  /* (the server's answers are learnt again) */
+    redis_known_keep(upstream, LITERAL(OPEN_KEY), "+", 1);
+}
+
 static void on_reply(struct rpool_client *c, const char *p, size_t n)
 {
     struct rsession *s = of_client(c);
     if (s->probing) {                  /* the shim's own PING: heard, not the app's */
         s->probing = false;
         bool refused = n > 8 && !memcmp(p, "-NOAUTH ", 8);
+        s->probed = refused ? -1 : 1;
         redis_known_keep(c->upstream, LITERAL(OPEN_KEY), refused ? p : "+", refused ? n : 1);
         process(s);
         update(s);
@@ -307,6 +321,8 @@ static void on_check_reply(struct rpool_client *c, const char *p, size_t n)
 {
     struct rsession *s = of_checker(c);
     if (n && p[0] == '+') {
+        if (!rpool_ident_parts(s->id).has_pass)   /* a new connection runs commands (a refusal kept is old) */
+            keep_open(s->client.upstream);
         s->unconfirmed = false;
         if (buf_len(&s->early) && buf_append(&s->out, buf_head(&s->early), buf_len(&s->early)) != 0)
             s->closing = true;
@@ -316,8 +332,17 @@ static void on_check_reply(struct rpool_client *c, const char *p, size_t n)
         return;
     }
     STAT_INC(s->client.upstream, redis_auth_refused_late);
-    shim_debug("fd %d: redis: the server refused a password it had accepted before: closed, as a reset", s->src.fd);
-    rpool_ident_refused(s->id);
+    struct rpool_who who = rpool_ident_parts(s->id);
+    if (!who.has_pass) {               /* a password set, or the user off: new connections for it */
+        shim_debug("fd %d: redis: the server no longer logs a new connection in without a password: closed, "
+                   "as a reset, and the connections logged in before are shared no more", s->src.fd);
+        redis_known_forget(s->client.upstream);
+        rpool_retire_login(s->id);
+    } else {
+        shim_debug("fd %d: redis: the server refused a password it had accepted before: closed, as a reset",
+                   s->src.fd);
+        rpool_ident_refused(s->id);
+    }
     session_close(s);
 }
 
@@ -579,14 +604,23 @@ static bool unknown_subcommand(struct rsession *s, const struct resp_item *it, b
  * answers for it itself must not claim more than the server would): 1 yes, 0 no (*refusal
  * is the server's words, as it said them to a PING: what it says to any command but AUTH,
  * HELLO, QUIT and RESET), -1 not known yet: a PING went in the session's place (it must
- * have nothing owed), the command waits for its reply. Asked once per upstream. */
+ * have nothing owed), the command waits for its reply. Asked once per upstream while the
+ * server runs commands without a password, each time while it refuses them. */
 static int default_open(struct rsession *s, const char **refusal, size_t *n)
 {
     const char *known = redis_known_get(s->client.upstream, LITERAL(OPEN_KEY), n);
-    if (known) {
+    if (s->probed && known) {          /* the answer to the PING that went for this command */
+        int open = s->probed > 0;
+        s->probed = 0;
         *refusal = known;
-        return known[0] == '+';
+        return open;
     }
+    if (known && known[0] == '+') {
+        *refusal = known;
+        return 1;                      /* (a password set since: check_default_login's verdict first) */
+    }
+    if (known)                         /* a refusal is asked again: a password removed since runs commands */
+        redis_known_forget(s->client.upstream);
     if (rpool_send(&s->client, s->id, LITERAL("*1\r\n$4\r\nPING\r\n")) != 0) {
         session_close(s);
         return -1;
@@ -602,6 +636,10 @@ static bool refused_as_default(struct rsession *s, bool *wait)
 {
     const char *refusal;
     size_t n;
+    if (s->unconfirmed && rpool_ident_is_default(s->id)) {
+        *wait = true;                  /* the server's word on its login says it (on_check_reply) */
+        return true;
+    }
     int open = rpool_ident_is_default(s->id) ? default_open(s, &refusal, &n) : 1;
     *wait = open < 0;
     if (open == 0)
@@ -650,7 +688,9 @@ static bool client_name(struct rsession *s, const struct resp_item *it)
 
 static int send_command(struct rsession *s, const struct resp_item *it)
 {
-    if (room_for_one(s) != 0 || rpool_send(&s->client, s->id, buf_head(&s->cmds.raw), it->raw_len) != 0) {
+    if (room_for_one(s) != 0
+        || (s->unconfirmed ? rpool_send_beside(&s->client, &s->checker, s->id, buf_head(&s->cmds.raw), it->raw_len)
+                           : rpool_send(&s->client, s->id, buf_head(&s->cmds.raw), it->raw_len)) != 0) {
         session_close(s);
         return -1;
     }
@@ -676,10 +716,44 @@ static bool early_allowed(const struct rsession *s, const struct resp_item *it)
 
 /* One command: true when it was taken (answered, sent, or the session changed course),
  * false when it must wait (replies owed first, an identity being checked). */
+/* A connection that never said AUTH runs as the default user only while the server logs a
+ * new connection in without a password: the pool's connections of that login that have
+ * run commands logged in when it did, and stay logged in (as the server keeps any
+ * connection's login) after a password is set or the user turned off. So the first
+ * command an app connection runs without a password (AUTH, HELLO, QUIT and RESET change
+ * or end the login first) asks the server again while any of them is logged in, as for a
+ * password said again: an AUTH of the default user (any password for a user without one)
+ * on a shared connection, the app's first command beside it, reads going on with their
+ * replies held. Refused: the app's connection ends, and the old connections are shared no
+ * more (rpool_retire_login). None logged in (none open, or the server refused all they
+ * carried: requirepass from the start): the server judges each command, as direct. False:
+ * the session closed. */
+static bool check_default_login(struct rsession *s, const struct resp_item *it)
+{
+    if (s->login_checked || s->unconfirmed || rpool_ident_parts(s->id).has_pass || resp_arg_is(it, 0, "AUTH")
+        || resp_arg_is(it, 0, "HELLO") || resp_arg_is(it, 0, "QUIT") || resp_arg_is(it, 0, "RESET"))
+        return true;
+    s->login_checked = true;
+    if (!rpool_login_needs_check(s->client.upstream, s->id))
+        return true;                   /* none logged in: the server judges each command, as direct */
+    int sent = rpool_check_password(&s->checker, s->id);
+    if (sent == -1) {
+        session_close(s);
+        return false;
+    }
+    if (sent == 0) {
+        STAT_INC(s->client.upstream, redis_auth_early);
+        s->unconfirmed = true;
+    }
+    return true;
+}
+
 static bool one_command(struct rsession *s, const struct resp_item *it)
 {
     struct rpool_client *c = &s->client;
     bool idle = c->inflight == 0;
+    if (!check_default_login(s, it))
+        return true;
     if (s->unconfirmed && !early_allowed(s, it))
         return false;                  /* after the server's word on the password */
     if (redis_command_needs_own_connection(it)) {
@@ -751,6 +825,7 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
         s->id = id;
         s->has_name = false;
         s->name_len = 0;
+        s->login_checked = false;      /* (logged out: the server's word again for what follows) */
         answer_local(s, LITERAL("+RESET\r\n"));
         return true;
     }

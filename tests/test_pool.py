@@ -1246,7 +1246,7 @@ def test_a_request_the_app_gave_up_on_frees_its_upstream_connection(upstream, tm
     assert status == "HTTP/1.1 200 OK" and took < 2.0, (status, took)
 
 
-BIG_RUNS = 8            # each run hit the faults below in a third to a half of its runs
+BIG_RUNS = 6            # each run hit the faults below in a third to a half of its runs
 
 
 @pytest.mark.parametrize("shape", ["4 connections, one at a time, all cached", "1 connection, 4 pipelined, half cached"])
