@@ -320,8 +320,11 @@ static struct rsession *of_checker(struct rpool_client *c)
 static void on_check_reply(struct rpool_client *c, const char *p, size_t n)
 {
     struct rsession *s = of_checker(c);
-    if (n && p[0] == '+') {
-        if (!rpool_ident_parts(s->id).has_pass)   /* a new connection runs commands (a refusal kept is old) */
+    bool no_pass = !rpool_ident_parts(s->id).has_pass;
+    /* (a server before Redis 6 has no users: its AUTH takes one argument, and the default
+     * login cannot be asked about there; it is taken as before) */
+    if ((n && p[0] == '+') || (no_pass && n >= 41 && !memcmp(p, "-ERR wrong number of arguments for 'auth'", 41))) {
+        if (no_pass)   /* a new connection runs commands (a refusal kept is old) */
             keep_open(s->client.upstream);
         s->unconfirmed = false;
         if (buf_len(&s->early) && buf_append(&s->out, buf_head(&s->early), buf_len(&s->early)) != 0)
