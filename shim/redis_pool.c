@@ -12,6 +12,7 @@
  * upstream's first connection is the one the app's own connect made (pool.c). Engine
  * thread only. */
 #include "redis_pool.h"
+#include "redis_wire.h"
 #include "buf.h"
 #include "redis_ident.h"
 #include "redis_known.h"
@@ -29,7 +30,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 #include <sys/socket.h>
 
 #define RCONN_INFLIGHT_MAX (8192 + 64) /* replies owed on one server connection: a session's 8 192 and the shim's own */
@@ -97,86 +97,32 @@ void redis_pool_forget(void)
     redis_known_forget_parents();
 }
 
-/* ---- commands of the shim's own ---- */
-
-static int put_command(struct buf *b, int argc, const char *const *argv, const size_t *lens)
-{
-    char head[32];
-    int k = snprintf(head, sizeof head, "*%d\r\n", argc);
-    if (buf_append(b, head, (size_t)k))
-        return -1;
-    for (int i = 0; i < argc; i++) {
-        k = snprintf(head, sizeof head, "$%zu\r\n", lens[i]);
-        if (buf_append(b, head, (size_t)k) || buf_append(b, argv[i], lens[i]) || buf_append(b, "\r\n", 2))
-            return -1;
-    }
-    return 0;
-}
-
-static int put_setname(struct buf *b, const char *name, size_t name_len)
-{
-    const char *argv[3] = { "CLIENT", "SETNAME", name };
-    size_t lens[3] = { 6, 7, name_len };
-    return put_command(b, 3, argv, lens);
-}
-
-/* AUTH [user] password of id's, its lengths said and its bytes copied (a password may hold
- * any byte, NUL included) */
-/* AUTH default <a password of this process's>: for a user without a password (nopass),
- * any password is accepted, and only then (see rpool_check_password). */
-static int put_default_check(struct buf *b)
-{
-    static char word[33];
-    if (!word[0]) {
-        unsigned char r[16] = { 0 };
-        if (getrandom(r, sizeof r, GRND_NONBLOCK) != (ssize_t)sizeof r)
-            for (size_t i = 0; i < sizeof r; i++)
-                r[i] = (unsigned char)(rand() ^ (int)i);
-        for (size_t i = 0; i < sizeof r; i++)
-            snprintf(word + 2 * i, 3, "%02x", r[i]);
-    }
-    const char *argv[3] = { "AUTH", "default", word };
-    size_t lens[3] = { 4, 7, 32 };
-    return put_command(b, 3, argv, lens);
-}
-
-static int put_auth(struct buf *b, const struct rpool_ident *id)
-{
-    const char *argv[3] = { "AUTH", id->user, id->pass };
-    size_t lens[3] = { 4, id->user_len, id->pass_len };
-    if (!id->has_user) {
-        argv[1] = id->pass;
-        lens[1] = id->pass_len;
-    }
-    return put_command(b, id->has_user ? 3 : 2, argv, lens);
-}
-
 /* What a new connection of id's sends first (AUTH, HELLO 3, SELECT, CLIENT SETNAME),
  * counted in setup_left. */
 static int put_setup(struct rconn *c, const char *name, size_t name_len)
 {
     const struct rpool_ident *id = c->id;
     if (id->has_pass) {
-        if (put_auth(&c->out, id))
+        if (redis_wire_auth(&c->out, id))
             return -1;
         c->setup_left++;
     }
     if (id->proto == 3) {              /* (after AUTH: HELLO asks an authenticated connection) */
         const char *argv[2] = { "HELLO", "3" };
         size_t lens[2] = { 5, 1 };
-        if (put_command(&c->out, 2, argv, lens))
+        if (redis_wire_command(&c->out, 2, argv, lens))
             return -1;
         c->setup_left++;
     }
     if (!(id->db_len == 1 && id->db[0] == '0')) {
         const char *argv[2] = { "SELECT", id->db };
         size_t lens[2] = { 6, id->db_len };
-        if (put_command(&c->out, 2, argv, lens))
+        if (redis_wire_command(&c->out, 2, argv, lens))
             return -1;
         c->setup_left++;
     }
     if (name_len) {
-        if (put_setname(&c->out, name, name_len))
+        if (redis_wire_setname(&c->out, name, name_len))
             return -1;
         c->setup_left++;
     }
@@ -418,7 +364,7 @@ static struct rconn *conn_open(struct rpool_client *cl, struct rpool_ident *id, 
     const char *ping[1] = { "PING" };
     size_t ping_len[1] = { 4 };
     if (resp_stream_init(&c->replies, false) != 0 || put_setup(c, name, name_len) != 0
-        || (!id->has_pass && !direct && (put_command(&c->out, 1, ping, ping_len) != 0 || fifo_push(c, NULL) != 0))) {
+        || (!id->has_pass && !direct && (redis_wire_command(&c->out, 1, ping, ping_len) != 0 || fifo_push(c, NULL) != 0))) {
         resp_stream_free(&c->replies);
         buf_free(&c->out);
         rpool_ident_put(c->id);
@@ -722,7 +668,7 @@ int rpool_check_password(struct rpool_client *cl, const struct rpool_ident *id)
     if (!best || cl->lent || cl->inflight)
         return -2;
     struct buf auth = { .cap = RCONN_OUT_MAX };
-    int rc = (id->has_pass ? put_auth(&auth, id) : put_default_check(&auth)) != 0
+    int rc = (id->has_pass ? redis_wire_auth(&auth, id) : redis_wire_default_check(&auth)) != 0
                  ? -1 : queue_command(best, cl, buf_head(&auth), buf_len(&auth), false);
     if (rc == 0)
         best->logged_in = true;        /* (an accepted AUTH logs it in; a refused one retires it) */
@@ -762,7 +708,7 @@ int rpool_verify(struct rpool_client *cl, struct rpool_ident *id)
 /* CLIENT SETNAME on c, its reply read and dropped. -1: c is closed (nothing half sent). */
 static int quiet_setname(struct rconn *c, const char *name, size_t name_len)
 {
-    if (put_setname(&c->out, name, name_len) != 0 || fifo_push(c, NULL) != 0) {
+    if (redis_wire_setname(&c->out, name, name_len) != 0 || fifo_push(c, NULL) != 0) {
         conn_close(c, false);
         return -1;
     }

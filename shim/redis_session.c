@@ -11,8 +11,10 @@
  * cap reached): then it goes direct for good. Every other
  * command goes over the upstream's shared server connections (redis_pool.c), and the
  * replies come back in the order asked. A stream that is not RESP commands closes the
- * connection; nothing of it reaches Redis. Engine thread only. */
+ * connection; nothing of it reaches Redis. The session's memory, its close and what its
+ * app is answered are redis_session_core.c's, below this file. Engine thread only. */
 #include "redis_session.h"
+#include "redis_session_core.h"
 #include "redis_commands.h"
 #include "conn.h"
 #include "log.h"
@@ -29,55 +31,7 @@
 #include <string.h>
 #include <sys/socket.h>
 
-#define OUT_SOFT_MAX (1u << 20)        /* replies waiting for the app: beyond, its server connection waits */
-#define INFLIGHT_MAX 8192              /* commands in flight per session */
-#define NAME_MAX_LEN 512
-
-struct rsession {
-    struct rpool_client client;        /* first: what the pool holds */
-    struct loop_source src;
-    struct loop_deferred reclaim;
-    struct resp_stream cmds;
-    struct buf out;                    /* replies for the app */
-    struct rpool_ident *id;            /* who its commands run as (a reference) */
-    char name[NAME_MAX_LEN];
-    size_t name_len;
-    bool has_name;
-    bool app_eof, gone, closing, waiting_verdict, throttling;
-    /* the app closed its end: what it sent before still runs, as direct, and what it is
-     * answered is dropped */
-    bool app_gone;
-    bool eof_passed;                   /* direct: the app's end passed on to its server connection */
-    bool direct;                       /* went direct (the pool's raw flag goes with a lost connection) */
-    struct redis_txn txn;              /* what its commands leave open on a lent connection */
-    uint64_t sent, replied;            /* commands whose replies the app gets, and those replies */
-    struct rpool_ident *pending_id;    /* being verified for an AUTH or SELECT (a reference) */
-    struct resp_item held;             /* a command read but waiting for the replies owed first */
-    bool has_held;
-    /* a HELLO whose identity is being checked: the name it sets once it is accepted */
-    bool hello_pending, hello_has_name;
-    char hello_name[NAME_MAX_LEN];
-    size_t hello_name_len;
-    /* a command sent with nothing owed, whose reply (the next to come) is learnt from:
-     * redis_known.c's key for it, or none */
-    char learning[REDIS_KNOWN_KEY_MAX];
-    size_t learning_len;
-    bool probing;                      /* a PING of the shim's own in flight: see default_open */
-    int probed;                        /* its answer, for the command that waited: 1 open, -1 refused */
-    /* logged in with a password the server accepted before: answered at once and checked
-     * alongside what follows (the checker's AUTH); until the server's word only reads go,
-     * and what the app is answered waits in early (see ask_identity) */
-    bool unconfirmed;
-    /* its login without a password asked of the server for this connection (see
-     * check_default_login), as for a password said again */
-    bool login_checked;
-    struct rpool_client checker;
-    struct buf early;
-    struct rsession *next, *prev;
-};
-
 static const struct shim_config *cfg;
-static struct rsession *live;
 
 void redis_session_init(const struct shim_config *config)
 {
@@ -87,127 +41,14 @@ void redis_session_init(const struct shim_config *config)
 
 void redis_session_forget(void)
 {
-    live = NULL;                       /* the parent's: unreachable, never used */
+    rs_forget_all();
     redis_pool_forget();
 }
 
 static struct rsession *of_client(struct rpool_client *c) { return (struct rsession *)(void *)c; }
 
-static void reclaim(struct loop_deferred *d)
-{
-    free((char *)d - offsetof(struct rsession, reclaim));
-}
-
-static void session_close(struct rsession *s)
-{
-    if (s->gone)
-        return;
-    s->gone = true;
-    rpool_client_gone(&s->client);
-    rpool_client_gone(&s->checker);
-    if (s->has_held && s->held.argv)
-        freeReplyObject(s->held.argv);
-    s->has_held = false;
-    loop_remove(&s->src);
-    fdtable_close_engine_fd(s->src.fd);
-    resp_stream_free(&s->cmds);
-    buf_free(&s->out);
-    buf_free(&s->early);
-    rpool_ident_put(s->id);
-    rpool_ident_put(s->pending_id);
-    if (s->prev)
-        s->prev->next = s->next;
-    else if (live == s)
-        live = s->next;
-    if (s->next)
-        s->next->prev = s->prev;
-    loop_defer(&s->reclaim, reclaim);
-}
-
 static void process(struct rsession *s);
 
-/* The app's end is closed: its fd leaves the loop (which would report the hang-up for
- * ever), the commands it sent run as direct, and what it is answered is dropped. */
-static void app_went(struct rsession *s)
-{
-    s->app_gone = s->app_eof = true;
-    buf_free(&s->out);
-    buf_free(&s->early);
-    loop_remove(&s->src);
-}
-
-static void update(struct rsession *s)
-{
-    if (s->gone)
-        return;
-    if (buf_len(&s->out) && buf_send(&s->out, s->src.fd) != 0) {
-        if (s->closing) {
-            session_close(s);
-            return;
-        }
-        app_went(s);
-    }
-    if (s->closing && !buf_len(&s->out)) {
-        session_close(s);
-        return;
-    }
-    /* A slow app holds back a server connection of its own (lent, or direct), not the
-     * shim's memory. A shared one carries others' replies too, which must not wait on it:
-     * that app's commands are no longer read, and the replies it already owes are kept, up
-     * to out's cap (past it, its connection ends as a reset would: Redis's own
-     * client-output-buffer-limit) */
-    bool full = buf_len(&s->out) + buf_len(&s->early) > OUT_SOFT_MAX;
-    bool hold = full && (s->client.lent || s->client.raw);
-    if (hold != s->throttling) {
-        s->throttling = hold;
-        rpool_throttle(&s->client, hold);
-        if (s->gone)
-            return;
-    }
-    if (s->app_eof && s->client.raw && !s->eof_passed) {
-        s->eof_passed = true;          /* the server hears the end, answers what it read, closes */
-        rpool_direct_eof(&s->client);
-        if (s->gone)
-            return;
-    }
-    if (s->app_eof && !s->client.raw && !s->client.inflight && !s->waiting_verdict && !s->unconfirmed && !buf_len(&s->out)
-        && !s->has_held && resp_stream_pending_command(&s->cmds) == 0) {
-        session_close(s);              /* the app is done and owed nothing */
-        return;
-    }
-    bool reading = !s->app_eof && !s->closing && s->client.inflight < INFLIGHT_MAX && !full
-                   && (s->client.raw ? !rpool_direct_full(&s->client) : resp_stream_pending(&s->cmds) < RESP_ITEM_MAX);
-    loop_watch(&s->src, (reading ? EPOLLIN : 0) | (buf_len(&s->out) ? EPOLLOUT : 0));
-}
-
-static void put(struct rsession *s, struct buf *to, const char *p, size_t n)
-{
-    if (!s->app_gone && buf_append(to, p, n) != 0)
-        s->closing = true;             /* cannot be delivered whole: end as a reset would */
-}
-
-/* The server's words: held while the password is being checked (ask_identity). */
-static void answer(struct rsession *s, const char *p, size_t n)
-{
-    put(s, s->unconfirmed ? &s->early : &s->out, p, n);
-}
-
-/* The shim's own answer, whole: on the session's own state (its database, its name), or
- * what the server says to anyone, it goes at once unless a held reply comes first. */
-static void answer_local(struct rsession *s, const char *p, size_t n)
-{
-    STAT_INC(s->client.upstream, redis_local_replies);
-    bool after_held = s->unconfirmed && (buf_len(&s->early) || s->client.inflight);
-    put(s, after_held ? &s->early : &s->out, p, n);
-}
-
-#define LITERAL(s) s, sizeof s - 1
-
-/* A command goes to the server: -1 past INFLIGHT_MAX owed (an app that never reads). */
-static int room_for_one(const struct rsession *s)
-{
-    return s->client.inflight < INFLIGHT_MAX ? 0 : -1;
-}
 
 /* ---- what the pool tells the session ---- */
 
@@ -249,18 +90,18 @@ static void on_reply(struct rpool_client *c, const char *p, size_t n)
         s->probed = refused ? -1 : 1;
         redis_known_keep(c->upstream, LITERAL(OPEN_KEY), refused ? p : "+", refused ? n : 1);
         process(s);
-        update(s);
+        rs_update(s);
         return;
     }
     if (s->learning_len)
         learn(s, p, n);
     s->replied++;
     redis_txn_reply(&s->txn, s->replied, p, n);
-    answer(s, p, n);
+    rs_answer(s, p, n);
     if (c->lent && redis_txn_clean(&s->txn) && !c->inflight)
         rpool_give_back(c, true);      /* the transaction, the watch or the block is over */
     process(s);
-    update(s);
+    rs_update(s);
 }
 
 static void take_identity(struct rsession *s, struct rpool_ident *id, bool hello, bool known);
@@ -273,19 +114,19 @@ static void on_verified(struct rpool_client *c, bool ok, const char *err, size_t
         take_identity(s, s->pending_id, s->hello_pending, false);
     } else {
         rpool_ident_put(s->pending_id);
-        answer(s, err, n);             /* the server's own words, as direct */
+        rs_answer(s, err, n);             /* the server's own words, as direct */
     }
     s->pending_id = NULL;
     s->hello_pending = false;
     process(s);
-    update(s);
+    rs_update(s);
 }
 
 static void on_raw(struct rpool_client *c, const char *p, size_t n)
 {
     struct rsession *s = of_client(c);
-    answer(s, p, n);
-    update(s);
+    rs_answer(s, p, n);
+    rs_update(s);
 }
 
 static void on_lost(struct rpool_client *c)
@@ -294,15 +135,15 @@ static void on_lost(struct rpool_client *c)
     shim_debug("fd %d: redis: the server connection went away: closed, as a reset", s->src.fd);
     if (s->direct && buf_len(&s->out)) {
         s->closing = true;             /* its own connection ended: what came of it first */
-        update(s);
+        rs_update(s);
         return;
     }
-    session_close(s);                  /* what was owed to it will not come: as a reset direct */
+    rs_close(s);                  /* what was owed to it will not come: as a reset direct */
 }
 
 static void on_drained(struct rpool_client *c)
 {
-    update(of_client(c));              /* read the app again */
+    rs_update(of_client(c));              /* read the app again */
 }
 
 static const struct rpool_client_ops client_ops = { on_reply, on_verified, on_raw, on_lost, on_drained };
@@ -331,7 +172,7 @@ static void on_check_reply(struct rpool_client *c, const char *p, size_t n)
             s->closing = true;
         buf_consume(&s->early, buf_len(&s->early));
         process(s);
-        update(s);
+        rs_update(s);
         return;
     }
     STAT_INC(s->client.upstream, redis_auth_refused_late);
@@ -346,12 +187,12 @@ static void on_check_reply(struct rpool_client *c, const char *p, size_t n)
                    s->src.fd);
         rpool_ident_refused(s->id);
     }
-    session_close(s);
+    rs_close(s);
 }
 
 static void on_check_lost(struct rpool_client *c)
 {
-    session_close(of_checker(c));      /* no word on the password will come */
+    rs_close(of_checker(c));      /* no word on the password will come */
 }
 
 /* (the checker is never verifying, lent or direct) */
@@ -364,36 +205,6 @@ static const struct rpool_client_ops checker_ops = { on_check_reply, on_check_ve
 
 /* ---- commands ---- */
 
-/* From here on the connection is the app's own, relaying bytes as they come: the rest of
- * what the app sent (this command first) goes as it is. */
-static void go_direct(struct rsession *s)
-{
-    if (s->unconfirmed) {              /* (never: its callers wait for the server's word first) */
-        session_close(s);              /* a connection of its own would run what follows unchecked */
-        return;
-    }
-    if (rpool_go_direct(&s->client, s->id, s->has_name ? s->name : NULL, s->has_name ? s->name_len : 0) != 0) {
-        session_close(s);
-        return;
-    }
-    s->learning_len = 0;               /* (its replies are bytes now) */
-    s->direct = true;
-    shim_debug("fd %d: redis: on a connection of its own from now on", s->src.fd);
-    size_t n = buf_len(&s->cmds.raw);
-    if (n && rpool_direct_write(&s->client, buf_head(&s->cmds.raw), n) != 0) {
-        session_close(s);
-        return;
-    }
-    resp_stream_free(&s->cmds);        /* no more framing of the app's bytes */
-}
-
-static void too_many_args(struct rsession *s, const char *cmd)
-{
-    char line[96];
-    int k = snprintf(line, sizeof line, "-ERR wrong number of arguments for '%s' command\r\n", cmd);
-    answer_local(s, line, (size_t)k);
-}
-
 static void hello_accepted(struct rsession *s);
 
 /* The session runs as id from now on (the reference is its), and says so: +OK to an AUTH or
@@ -405,9 +216,9 @@ static void take_identity(struct rsession *s, struct rpool_ident *id, bool hello
     if (hello)
         hello_accepted(s);
     else if (known)
-        answer_local(s, LITERAL("+OK\r\n"));
+        rs_answer_local(s, LITERAL("+OK\r\n"));
     else
-        answer(s, LITERAL("+OK\r\n"));
+        rs_answer(s, LITERAL("+OK\r\n"));
 }
 
 /* AUTH, SELECT or HELLO asks for id. A database or a protocol alone, once known good, is
@@ -428,7 +239,7 @@ static void ask_identity(struct rsession *s, struct rpool_ident *id, bool hello,
     int sent = known && !rpool_ident_refused_since(id) ? rpool_check_password(&s->checker, id) : -2;
     if (sent == -1) {
         rpool_ident_put(id);
-        session_close(s);
+        rs_close(s);
         return;
     }
     if (sent == 0) {
@@ -440,7 +251,7 @@ static void ask_identity(struct rsession *s, struct rpool_ident *id, bool hello,
     s->pending_id = id;
     s->hello_pending = hello;
     if (rpool_verify(&s->client, id) != 0) {
-        session_close(s);
+        rs_close(s);
         return;
     }
     s->waiting_verdict = true;
@@ -453,11 +264,11 @@ static void change_identity(struct rsession *s, const struct resp_item *it, bool
     struct rpool_who who = rpool_ident_parts(s->id);
     if (auth) {
         if (resp_argc(it) > 3) {
-            answer_local(s, LITERAL("-ERR syntax error\r\n"));
+            rs_answer_local(s, LITERAL("-ERR syntax error\r\n"));
             return;
         }
         if (resp_argc(it) != 2 && resp_argc(it) != 3) {
-            too_many_args(s, "auth");
+            rs_too_many_args(s, "auth");
             return;
         }
         who.user_len = 0;
@@ -469,25 +280,17 @@ static void change_identity(struct rsession *s, const struct resp_item *it, bool
         who.has_pass = true;
     } else {
         if (resp_argc(it) != 2) {
-            too_many_args(s, "select");
+            rs_too_many_args(s, "select");
             return;
         }
         who.db = resp_arg(it, 1, &who.db_len);
     }
     struct rpool_ident *id = auth || who.db_len ? rpool_ident_get(s->client.upstream, &who) : NULL;
     if (!id) {
-        answer_local(s, LITERAL("-ERR value is not an integer or out of range\r\n"));
+        rs_answer_local(s, LITERAL("-ERR value is not an integer or out of range\r\n"));
         return;
     }
     ask_identity(s, id, false, auth);
-}
-
-static bool valid_name(const char *p, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if (p[i] < '!' || p[i] > '~')
-            return false;
-    return true;
 }
 
 /* HELLO protover [AUTH user pass] [SETNAME name]: the protocol its commands are answered
@@ -515,7 +318,7 @@ static void hello(struct rsession *s, const struct resp_item *it)
             i += 3;
         } else if (resp_arg_is(it, i, "SETNAME") && i + 1 < argc) {
             name = resp_arg(it, i + 1, &name_len);
-            ok = valid_name(name, name_len) && name_len < NAME_MAX_LEN;   /* (longer: direct) */
+            ok = rs_valid_name(name, name_len) && name_len < NAME_MAX_LEN;   /* (longer: direct) */
             i += 2;
         } else {
             ok = false;
@@ -523,7 +326,7 @@ static void hello(struct rsession *s, const struct resp_item *it)
     }
     struct rpool_ident *id = ok ? rpool_ident_get(s->client.upstream, &who) : NULL;
     if (!id) {
-        go_direct(s);
+        rs_go_direct(s);
         return;
     }
     s->hello_has_name = name != NULL;
@@ -556,50 +359,19 @@ static void hello_accepted(struct rsession *s)
     const char *known = key_len ? redis_known_get(s->client.upstream, key, key_len, &n) : NULL;
     if (known) {
         hello_name_taken(s);           /* (only a reply that accepted is kept) */
-        answer_local(s, known, n);
+        rs_answer_local(s, known, n);
         return;
     }
     if (!key_len)
         hello_name_taken(s);           /* (no room to read its reply: as before) */
     char cmd[] = "*2\r\n$5\r\nHELLO\r\n$1\r\n2\r\n";
     cmd[sizeof cmd - 4] = who.proto == 3 ? '3' : '2';
-    if (room_for_one(s) != 0 || rpool_send(&s->client, s->id, cmd, sizeof cmd - 1) != 0) {
-        session_close(s);
+    if (rs_room_for_one(s) != 0 || rpool_send(&s->client, s->id, cmd, sizeof cmd - 1) != 0) {
+        rs_close(s);
         return;
     }
     memcpy(s->learning, key, key_len);  /* (sent with nothing owed: the next reply is its) */
     s->learning_len = key_len;
-}
-
-/* The server's error kept for this CLIENT subcommand, or NULL; *key_len is its key's
- * length in key (0: it does not fit). */
-static const char *kept_subcommand_error(const struct rsession *s, const struct resp_item *it, char *key,
-                                         size_t *key_len, size_t *n)
-{
-    size_t n0, n1;
-    const char *a0 = resp_arg(it, 0, &n0), *a1 = resp_arg(it, 1, &n1);
-    *key_len = redis_known_key(key, "CLIENT-SUB", a0, n0, a1, n1);
-    return *key_len ? redis_known_get(s->client.upstream, key, *key_len, n) : NULL;
-}
-
-/* A CLIENT subcommand this server said it does not know: the same error, at once. Else,
- * asked with nothing owed, its reply is read for that error. True when answered. */
-static bool unknown_subcommand(struct rsession *s, const struct resp_item *it, bool idle)
-{
-    char key[REDIS_KNOWN_KEY_MAX];
-    size_t n, key_len;
-    if (!idle)
-        return false;
-    const char *known = kept_subcommand_error(s, it, key, &key_len, &n);
-    if (!key_len)
-        return false;
-    if (known) {
-        answer_local(s, known, n);
-        return true;
-    }
-    memcpy(s->learning, key, key_len);
-    s->learning_len = key_len;
-    return false;
 }
 
 /* Whether the server runs commands for the identity a connection has before any AUTH
@@ -625,7 +397,7 @@ static int default_open(struct rsession *s, const char **refusal, size_t *n)
     if (known)                         /* a refusal is asked again: a password removed since runs commands */
         redis_known_forget(s->client.upstream);
     if (rpool_send(&s->client, s->id, LITERAL("*1\r\n$4\r\nPING\r\n")) != 0) {
-        session_close(s);
+        rs_close(s);
         return -1;
     }
     s->probing = true;
@@ -646,79 +418,22 @@ static bool refused_as_default(struct rsession *s, bool *wait)
     int open = rpool_ident_is_default(s->id) ? default_open(s, &refusal, &n) : 1;
     *wait = open < 0;
     if (open == 0)
-        answer_local(s, refusal, n);
+        rs_answer_local(s, refusal, n);
     return open != 1;
-}
-
-/* CLIENT SETNAME / GETNAME, answered here: the name belongs to the app's connection, not
- * to the shared server connection its commands happen to ride. */
-static bool client_name(struct rsession *s, const struct resp_item *it)
-{
-    if (resp_arg_is(it, 1, "SETNAME")) {
-        size_t n;
-        const char *name = resp_arg(it, 2, &n);
-        if (resp_argc(it) != 3)
-            too_many_args(s, "client|setname");
-        else if (!valid_name(name, n))
-            answer_local(s, LITERAL("-ERR Client names cannot contain spaces, newlines or special characters.\r\n"));
-        else if (n >= NAME_MAX_LEN)
-            return false;              /* longer than the shim keeps: the caller goes direct */
-        else {
-            memcpy(s->name, name, n);
-            s->name_len = n;
-            s->has_name = n > 0;
-            answer_local(s, LITERAL("+OK\r\n"));
-        }
-        return true;
-    }
-    if (resp_arg_is(it, 1, "GETNAME") && resp_argc(it) == 2) {
-        if (!s->has_name) {
-            if (rpool_ident_parts(s->id).proto == 3)
-                answer_local(s, LITERAL("_\r\n"));   /* RESP3's null */
-            else
-                answer_local(s, LITERAL("$-1\r\n"));
-        } else {
-            char bulk[NAME_MAX_LEN + 32];
-            int k = snprintf(bulk, sizeof bulk, "$%zu\r\n", s->name_len);
-            memcpy(bulk + k, s->name, s->name_len);
-            memcpy(bulk + k + s->name_len, "\r\n", 2);
-            answer_local(s, bulk, (size_t)k + s->name_len + 2);
-        }
-        return true;
-    }
-    return false;
 }
 
 static int send_command(struct rsession *s, const struct resp_item *it)
 {
-    if (room_for_one(s) != 0
+    if (rs_room_for_one(s) != 0
         || (s->unconfirmed ? rpool_send_beside(&s->client, &s->checker, s->id, buf_head(&s->cmds.raw), it->raw_len)
                            : rpool_send(&s->client, s->id, buf_head(&s->cmds.raw), it->raw_len)) != 0) {
-        session_close(s);
+        rs_close(s);
         return -1;
     }
     s->sent++;
     return 0;
 }
 
-/* What may go while the password the app logged in with is being checked: reads, and what
- * the shim answers itself (the session's database and name, the server's error for a
- * CLIENT subcommand it does not know), while what waits for the app is under its cap. */
-static bool early_allowed(const struct rsession *s, const struct resp_item *it)
-{
-    if (buf_len(&s->early) >= OUT_SOFT_MAX)
-        return false;
-    if (resp_arg_is(it, 0, "CLIENT")) {
-        char key[REDIS_KNOWN_KEY_MAX];
-        size_t key_len, n;
-        return resp_arg_is(it, 1, "SETNAME") || resp_arg_is(it, 1, "GETNAME")
-               || kept_subcommand_error(s, it, key, &key_len, &n);
-    }
-    return resp_arg_is(it, 0, "SELECT") || redis_command_reads_only(it);
-}
-
-/* One command: true when it was taken (answered, sent, or the session changed course),
- * false when it must wait (replies owed first, an identity being checked). */
 /* A connection that never said AUTH runs as the default user only while the server logs a
  * new connection in without a password: the pool's connections of that login that have
  * run commands logged in when it did, and stay logged in (as the server keeps any
@@ -741,7 +456,7 @@ static bool check_default_login(struct rsession *s, const struct resp_item *it)
         return true;                   /* none logged in: the server judges each command, as direct */
     int sent = rpool_check_password(&s->checker, s->id);
     if (sent == -1) {
-        session_close(s);
+        rs_close(s);
         return false;
     }
     if (sent == 0) {
@@ -751,18 +466,20 @@ static bool check_default_login(struct rsession *s, const struct resp_item *it)
     return true;
 }
 
+/* One command: true when it was taken (answered, sent, or the session changed course),
+ * false when it must wait (replies owed first, an identity being checked). */
 static bool one_command(struct rsession *s, const struct resp_item *it)
 {
     struct rpool_client *c = &s->client;
     bool idle = c->inflight == 0;
     if (!check_default_login(s, it))
         return true;
-    if (s->unconfirmed && !early_allowed(s, it))
+    if (s->unconfirmed && !rs_early_allowed(s, it))
         return false;                  /* after the server's word on the password */
     if (redis_command_needs_own_connection(it)) {
         if (!idle && !c->lent)
             return false;              /* its replies first: then nothing is in between */
-        go_direct(s);
+        rs_go_direct(s);
         return true;
     }
     bool hello_args = resp_arg_is(it, 0, "HELLO") && resp_argc(it) > 1;   /* (a bare HELLO changes nothing) */
@@ -777,19 +494,19 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
         bool wait;                     /* (an arity error comes first, as the server checks) */
         if (resp_argc(it) == (setname ? 3u : 2u) && refused_as_default(s, &wait))
             return !wait || s->gone;
-        if (client_name(s, it))
+        if (rs_client_name(s, it))
             return true;               /* (else a GETNAME with arguments: the server's error) */
         if (setname) {                 /* a name longer than the shim keeps: the server keeps it */
             if (s->unconfirmed)
                 return false;          /* (a connection of its own runs whatever follows) */
-            go_direct(s);
+            rs_go_direct(s);
             return true;
         }
     }
     if (c->lent) {                     /* a transaction, WATCHed keys or a blocking command */
         if (resp_arg_is(it, 0, "AUTH") || resp_arg_is(it, 0, "SELECT") || resp_arg_is(it, 0, "RESET")
             || resp_arg_is(it, 0, "QUIT") || hello_args || setname) {
-            go_direct(s);              /* the lent connection carries the app's state exactly */
+            rs_go_direct(s);              /* the lent connection carries the app's state exactly */
             return true;
         }
         redis_txn_sent(&s->txn, it, s->sent + 1);
@@ -815,13 +532,13 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
         return true;
     }
     if (resp_arg_is(it, 0, "RESET") && resp_argc(it) != 1) {
-        too_many_args(s, "reset");
+        rs_too_many_args(s, "reset");
         return true;
     }
     if (resp_arg_is(it, 0, "RESET")) {
         struct rpool_ident *id = rpool_ident_get(c->upstream, &RPOOL_WHO_DEFAULT);   /* (RESP2 again) */
         if (!id) {
-            session_close(s);
+            rs_close(s);
             return true;
         }
         rpool_ident_put(s->id);
@@ -829,20 +546,20 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
         s->has_name = false;
         s->name_len = 0;
         s->login_checked = false;      /* (logged out: the server's word again for what follows) */
-        answer_local(s, LITERAL("+RESET\r\n"));
+        rs_answer_local(s, LITERAL("+RESET\r\n"));
         return true;
     }
     if (resp_arg_is(it, 0, "QUIT")) {
-        answer_local(s, LITERAL("+OK\r\n"));
+        rs_answer_local(s, LITERAL("+OK\r\n"));
         s->closing = true;
         return true;
     }
-    if (resp_arg_is(it, 0, "CLIENT") && resp_argc(it) >= 2 && unknown_subcommand(s, it, idle))
+    if (resp_arg_is(it, 0, "CLIENT") && resp_argc(it) >= 2 && rs_unknown_subcommand(s, it, idle))
         return true;
     if (multi || watch || block) {
         enum rpool_pin why = multi ? RPOOL_PIN_MULTI : watch ? RPOOL_PIN_WATCH : RPOOL_PIN_BLOCKING;
         if (rpool_lend(c, s->id, why, s->name, s->has_name ? s->name_len : 0) != 0) {
-            go_direct(s);              /* redis_pinned_max lent already: a connection of its own */
+            rs_go_direct(s);              /* redis_pinned_max lent already: a connection of its own */
             return true;
         }
         redis_txn_sent(&s->txn, it, s->sent + 1);
@@ -869,13 +586,13 @@ static void process(struct rsession *s)
                 /* a command larger than the shim frames, or an inline one: as it is, over
                  * a connection of its own (the lent one, whose state is the app's) */
                 if ((s->client.inflight == 0 || s->client.lent) && !s->unconfirmed)
-                    go_direct(s);
+                    rs_go_direct(s);
                 return;                /* (else after the replies owed, and the server's word on a password) */
             }
             if (r != RESP_ITEM) {
                 STAT_INC(s->client.upstream, redis_malformed);
                 shim_debug("fd %d: redis: not a RESP command: closed, nothing of it sent", s->src.fd);
-                session_close(s);
+                rs_close(s);
                 return;
             }
         }
@@ -900,8 +617,8 @@ static void on_app(struct loop_source *src, uint32_t ev)
 {
     struct rsession *s = (struct rsession *)(void *)((char *)src - offsetof(struct rsession, src));
     if (ev & (EPOLLERR | EPOLLHUP) && !(ev & EPOLLIN)) {
-        app_went(s);                   /* (direct: its server connection hears the end once what waits is sent) */
-        update(s);
+        rs_app_went(s);                   /* (direct: its server connection hears the end once what waits is sent) */
+        rs_update(s);
         return;
     }
     if (ev & EPOLLIN) {
@@ -917,7 +634,7 @@ static void on_app(struct loop_source *src, uint32_t ev)
                 int rc = direct ? rpool_direct_write(&s->client, chunk, (size_t)n)
                                 : resp_stream_feed(&s->cmds, chunk, (size_t)n);
                 if (rc != 0) {
-                    session_close(s);
+                    rs_close(s);
                     return;
                 }
                 if (!direct)
@@ -931,7 +648,7 @@ static void on_app(struct loop_source *src, uint32_t ev)
     }
     if (s->gone)
         return;
-    update(s);
+    rs_update(s);
 }
 
 int redis_session_start(struct loop_source *app_src, int upstream, const union shim_sockaddr *dest,
@@ -967,12 +684,9 @@ int redis_session_start(struct loop_source *app_src, int upstream, const union s
         return -1;
     }
     buf_free(in);
-    s->next = live;
-    if (live)
-        live->prev = s;
-    live = s;
+    rs_link(s);
     shim_debug("fd %d: a redis session", s->src.fd);
     process(s);
-    update(s);
+    rs_update(s);
     return 0;
 }
