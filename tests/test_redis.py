@@ -1236,7 +1236,7 @@ def test_check_says_who_logs_in_never_with_what(cli, tmp_path):
 
 
 def test_redis_host_name_resolved_off_the_engine(upstream, redis, sockdir, tmp_path):
-    """cache = redis://NAME:PORT where NAME takes 3 s to resolve (tests/clients/slowdns.c,
+    """cache = redis://NAME:PORT where NAME takes 2 s to resolve (tests/clients/slowdns.c,
     preloaded after the shim, answers *.slow.test with 127.0.0.1 after SLOWDNS_MS): the
     requests made meanwhile are answered at once — the engine never waits on a resolver —
     and once the name has resolved the tier connects and writes entries."""
@@ -1244,7 +1244,7 @@ def test_redis_host_name_resolved_off_the_engine(upstream, redis, sockdir, tmp_p
     require_build(slowdns)
     conf = redis_conf(tmp_path, sockdir, "redis://redis.slow.test:%d/0" % redis.port,
                       [(upstream, ["GET /bytes/* ttl=10m"])])
-    p = Client(conf, sockdir, env={"LD_PRELOAD": PRELOAD + " " + str(slowdns), "SLOWDNS_MS": "3000"})
+    p = Client(conf, sockdir, env={"LD_PRELOAD": PRELOAD + " " + str(slowdns), "SLOWDNS_MS": "2000"})
     try:
         t0 = time.time()
         reps = p.get([rq(upstream, "/bytes/%d" % (2300 + i)) for i in range(5)])
