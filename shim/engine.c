@@ -687,16 +687,6 @@ void engine_take_handoffs(void)
     }
 }
 
-/* What the app took makes room: a transfer paused on a full `out` goes on. Wherever `out`
- * drains (any event's last flush, not only EPOLLOUT's: an event for the app's next
- * request may take the last of it, and an empty `out` asks for no EPOLLOUT again). From
- * the loop's handlers only, never inside a libcurl callback. */
-static void flush_and_resume(struct conn *c)
-{
-    if (conn_flush(c) == 0 && c->xfer && buf_len(&c->side.out) <= OUT_SOFT / 2)
-        upstream_resume(c->xfer);
-}
-
 static void on_app_event(struct loop_source *src, uint32_t ev)
 {
     struct conn *c = (struct conn *)(void *)((char *)src - offsetof(struct conn, src));
@@ -709,10 +699,11 @@ static void on_app_event(struct loop_source *src, uint32_t ev)
         if ((ev & EPOLLERR) || !(ev & EPOLLIN))
             c->side.app_eof = true;
     }
-    if (c->state == CS_HIT)
+    if (c->state == CS_HIT) {
         hit_pump(c);
-    else if (ev & EPOLLOUT)
-        flush_and_resume(c);
+    } else if ((ev & EPOLLOUT) && conn_flush(c) == 0 && c->xfer && buf_len(&c->side.out) <= OUT_SOFT / 2) {
+        upstream_resume(c->xfer);      /* (EPOLLOUT is asked for while it is paused: conn_watch_app) */
+    }
     if (ev & (EPOLLIN | EPOLLHUP)) {
         bool got = false;
         for (int rounds = 0; rounds < 8 && !c->side.app_eof; rounds++) {
@@ -749,7 +740,7 @@ static void on_app_event(struct loop_source *src, uint32_t ev)
         conn_process(c);
     if (c->state != CS_GONE) {
         if (c->state != CS_HIT)
-            flush_and_resume(c);
+            conn_flush(c);
         conn_update_events(c);
     }
 }

@@ -448,8 +448,14 @@ static int send_command(struct rsession *s, const struct resp_item *it)
  * the session closed. */
 static bool check_default_login(struct rsession *s, const struct resp_item *it)
 {
-    if (s->login_checked || s->unconfirmed || rpool_ident_parts(s->id).has_pass || resp_arg_is(it, 0, "AUTH")
-        || resp_arg_is(it, 0, "HELLO") || resp_arg_is(it, 0, "QUIT") || resp_arg_is(it, 0, "RESET"))
+    if (s->login_checked || s->unconfirmed)
+        return true;
+    if (rpool_ident_parts(s->id).has_pass) {
+        s->login_checked = true;       /* a password's login: put to the server by ask_identity */
+        return true;
+    }
+    if (resp_arg_is(it, 0, "AUTH") || resp_arg_is(it, 0, "HELLO") || resp_arg_is(it, 0, "QUIT")
+        || resp_arg_is(it, 0, "RESET"))
         return true;
     s->login_checked = true;
     if (!rpool_login_needs_check(s->client.upstream, s->id))

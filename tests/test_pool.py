@@ -1222,15 +1222,8 @@ s1.sendall(b"GET /delay/3000/bytes/10 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
 time.sleep(0.5)                        # the app gives up on the slow answer
 s1.close()
 t = time.time()
-s2 = socket.create_connection(("127.0.0.1", port), timeout=10)
-s2.sendall(b"GET /bytes/10 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-got = b""
-while True:
-    d = s2.recv(4096)
-    if not d:
-        break
-    got += d
-print(json.dumps([got.split(b"\r\n")[0].decode(), time.time() - t]))
+status, _ = close_get(socket.create_connection(("127.0.0.1", port), timeout=10), "/bytes/10", "127.0.0.1")
+print(json.dumps([status, time.time() - t]))
 """
 
 
@@ -1240,7 +1233,7 @@ def test_a_request_the_app_gave_up_on_frees_its_upstream_connection(upstream, tm
     abandoned one's 2.5 s (the exchange is dropped when its app leaves, unlike a request
     the app closes on as soon as it is sent)."""
     conf = write_rules(tmp_path, [upstream.port], pool_max=1)
-    r = run([SYS_PY, "-c", GAVE_UP, str(upstream.port)], conf=conf, timeout=60)
+    r = run([SYS_PY, "-c", with_closeget(GAVE_UP), str(upstream.port)], conf=conf, timeout=60)
     assert r.rc == 0, r.describe()
     status, took = jlines(r.out)[0]
     assert status == "HTTP/1.1 200 OK" and took < 2.0, (status, took)

@@ -7,12 +7,14 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 
 import pytest
 
-from conftest import BUILD, SYS_PY, client_env, jlines, pyclient, require_build, run, write_rules
+from conftest import BUILD, PYCLIENTS, SYS_PY, client_env, jlines, pyclient, require_build, run, write_rules
+from resp import command, raw_replies
 from test_redis import redis, redis_servers  # noqa: F401 (fixtures)
 
 SCENARIOS = pyclient("redisscenarios.py")
@@ -1104,48 +1106,28 @@ def test_commands_never_ride_a_login_the_server_refused(redis, tmp_path, sockdir
 
 LOGIN_CHANGES = r"""
 import json, socket, sys
+sys.path.insert(0, sys.argv[2])
+from resp import command as c, raw_replies
 port = int(sys.argv[1])
-def c(*a):
-    return ("*%d\r\n" % len(a) + "".join("$%d\r\n%s\r\n" % (len(x), x) for x in a)).encode()
 def ex(data, n):
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    s.sendall(data)
-    out = b""
-    try:
-        while out.count(b"\r\n") < n:
-            d = s.recv(65536)
-            if not d:
-                out += b"<closed>"
-                break
-            out += d
-    except OSError:
-        out += b"<closed>"
-    s.close()
-    return out.decode()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(data)
+        return raw_replies(s, n)
 def step(name, data, n):
     print(json.dumps([name, ex(data, n)]), flush=True)
     sys.stdin.readline()               # the test changes the server's login meanwhile
-step("open", c("GET", "secret") + c("CLIENT", "SETNAME", "a"), 3)
+step("open", c("GET", "secret") + c("CLIENT", "SETNAME", "a"), 2)
 step("changed", c("GET", "secret") + c("SET", "written", "x"), 2)
 step("next", c("GET", "secret") + c("SELECT", "0") + c("CLIENT", "SETNAME", "b"), 3)
-step("back", c("CLIENT", "SETNAME", "c") + c("SELECT", "0") + c("GET", "secret"), 4)
+step("back", c("CLIENT", "SETNAME", "c") + c("SELECT", "0") + c("GET", "secret"), 3)
 """
 
 
 def admin(port, *argv):
     """One command as the test's own user (never the default one, which the tests turn off)."""
-    import socket
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    enc = lambda *a: ("*%d\r\n" % len(a) + "".join("$%d\r\n%s\r\n" % (len(x), x) for x in a)).encode()
-    s.sendall(enc("AUTH", "admin", "adminpw") + enc(*argv))
-    out = b""
-    while out.count(b"\r\n") < 2:
-        d = s.recv(65536)
-        if not d:
-            break
-        out += d
-    s.close()
-    return out.decode().split("\r\n", 1)[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(command("AUTH", "admin", "adminpw") + command(*argv))
+        return raw_replies(s, 2).split("\r\n", 1)[1]
 
 
 @pytest.mark.parametrize("change", ["requirepass", "default off"])
@@ -1165,7 +1147,7 @@ def test_a_login_changed_on_the_server_is_asked_again_for_every_connection(redis
     got = {}
     for shim in (False, True):
         env = client_env(shim, conf_for(tmp_path, redis, sockdir) if shim else None)
-        p = subprocess.Popen([SYS_PY, "-c", LOGIN_CHANGES, str(redis.port)], stdin=subprocess.PIPE,
+        p = subprocess.Popen([SYS_PY, "-c", LOGIN_CHANGES, str(redis.port), str(PYCLIENTS)], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         lines = []
         try:
