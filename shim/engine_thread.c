@@ -26,6 +26,8 @@
 #include "upstream.h"
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <signal.h>
 #include <stdint.h>
 #include <sys/eventfd.h>
@@ -50,8 +52,11 @@ static void on_graveyard_due(struct loop_timer *timer)
         loop_timer_arm(timer, 0, on_graveyard_due);
 }
 
+static void set_up_http_asked(void);
+
 static void after_dispatch(void)
 {
+    set_up_http_asked();
     upstream_reap();
     engine_take_handoffs();
     if (fdtable_stash_short())
@@ -66,16 +71,42 @@ static void after_dispatch(void)
 /* The engine's own setup, on the engine thread: libcurl, hiredis and OpenSSL keep
  * per-thread state from their initialisation, which must not be left on an app thread
  * (a daemon thread alive at exit would orphan it). The starting app thread waits for the
- * verdict. */
+ * verdict, and so does an app thread that asks for HTTP's part later. */
 static struct {
     pthread_mutex_t lock;
     pthread_cond_t done;
     int result;                        /* 1 running, -1 failed, 0 not yet */
 } starting = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0 };
 
-static int set_up(const struct shim_config *cfg)
+/* HTTP's part of the engine (libcurl and upstream.c): set up when the engine starts for an
+ * HTTP connection, or when the first one comes to an engine started for Redis. */
+enum { HTTP_NONE, HTTP_ASKED, HTTP_READY, HTTP_FAILED };
+static atomic_int http_state;
+
+static int set_up_http(const struct shim_config *cfg)
 {
-    if (lazylib_load() != 0) {
+    if (lazylib_load_curl() != 0 || upstream_init(cfg) != 0) {
+        shim_log("HTTP upstreams cannot be served (libcurl): their connections go direct");
+        return -1;
+    }
+    return 0;
+}
+
+/* (on the engine thread, after a dispatch: an app thread waits in engine_ensure_started) */
+static void set_up_http_asked(void)
+{
+    if (atomic_load_explicit(&http_state, memory_order_acquire) != HTTP_ASKED)
+        return;
+    int state = set_up_http(T.cfg) == 0 ? HTTP_READY : HTTP_FAILED;
+    pthread_mutex_lock(&starting.lock);
+    atomic_store_explicit(&http_state, state, memory_order_release);
+    pthread_cond_broadcast(&starting.done);
+    pthread_mutex_unlock(&starting.lock);
+}
+
+static int set_up(const struct shim_config *cfg, bool http)
+{
+    if (lazylib_load_hiredis() != 0) {
         shim_log("engine not started: connections go direct");
         return -1;
     }
@@ -92,8 +123,8 @@ static int set_up(const struct shim_config *cfg)
     redis_session_init(cfg);
     tls_front_init(cfg);
     fastpath_init(engine_need, engine_drop_unseen);
-    if (upstream_init(cfg) != 0)
-        goto fail;
+    if (http)
+        atomic_store(&http_state, set_up_http(cfg) == 0 ? HTTP_READY : HTTP_FAILED);
     if (redis_init(cfg) != 0)
         shim_log("redis tier could not start: memory tier and upstream only");
     return 0;
@@ -105,7 +136,7 @@ fail:
 static void *engine_main(void *arg)
 {
     shim_in_engine = 1;
-    int rc = set_up(arg);
+    int rc = set_up(T.cfg, (bool)(intptr_t)arg);
     pthread_mutex_lock(&starting.lock);
     starting.result = rc == 0 ? 1 : -1;
     pthread_cond_signal(&starting.done);
@@ -142,7 +173,7 @@ static void presize_fd_table(void)
     real_close(probe);
 }
 
-static int start_locked(const struct shim_config *cfg)
+static int start_locked(const struct shim_config *cfg, bool http)
 {
     T.cfg = cfg;
     starting.result = 0;
@@ -155,7 +186,7 @@ static int start_locked(const struct shim_config *cfg)
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     pthread_attr_setstacksize(&attr, 256 * 1024);
-    int rc = pthread_create(&th, &attr, engine_main, (void *)cfg);
+    int rc = pthread_create(&th, &attr, engine_main, (void *)(intptr_t)http);
     pthread_attr_destroy(&attr);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc != 0) {
@@ -175,14 +206,32 @@ static int start_locked(const struct shim_config *cfg)
     return 0;
 }
 
-int engine_ensure_started(const struct shim_config *cfg)
+/* Asks the running engine for HTTP's part and waits for it (T.lock held: one asks at once;
+ * bounded by the setup itself, as the start). */
+static int ensure_http_locked(void)
+{
+    int state = atomic_load_explicit(&http_state, memory_order_acquire);
+    if (state == HTTP_NONE) {
+        atomic_store_explicit(&http_state, HTTP_ASKED, memory_order_release);
+        loop_wake();
+    }
+    pthread_mutex_lock(&starting.lock);
+    while ((state = atomic_load_explicit(&http_state, memory_order_acquire)) == HTTP_ASKED)
+        pthread_cond_wait(&starting.done, &starting.lock);
+    pthread_mutex_unlock(&starting.lock);
+    return state == HTTP_READY ? 0 : -1;
+}
+
+int engine_ensure_started(const struct shim_config *cfg, bool http)
 {
     pthread_mutex_lock(&T.lock);
     if (!T.started) {
         T.started = true;
-        T.failed = start_locked(cfg) != 0;
+        T.failed = start_locked(cfg, http) != 0;
     }
     bool failed = T.failed;
+    if (!failed && http && atomic_load_explicit(&http_state, memory_order_acquire) != HTTP_READY)
+        failed = ensure_http_locked() != 0;
     pthread_mutex_unlock(&T.lock);
     return failed ? -1 : 0;
 }
@@ -207,8 +256,9 @@ void engine_atfork_child(void)
      * the parent's connections open: close them, forget the state, start afresh on the
      * next diverted connect. Only async-signal-safe work here. */
     fdtable_close_engine_fds();
-    if (T.started && !T.failed)
+    if (atomic_load(&http_state) == HTTP_READY)
         upstream_forget();
+    atomic_store(&http_state, HTTP_NONE);
     engine_conns_forget();
     T.started = T.failed = false;
     loop_forget();

@@ -3,10 +3,12 @@
 #ifndef HTTPSHIM_ENGINE_THREAD_H
 #define HTTPSHIM_ENGINE_THREAD_H
 #include "rules.h"
+#include <stdbool.h>
 
-/* Starts the engine thread if needed (once per process, again after fork): 0 running,
- * -1 it could not start (connections go direct). */
-int engine_ensure_started(const struct shim_config *cfg);
+/* Starts the engine thread if needed (once per process, again after fork), with HTTP's
+ * part (libcurl) when http says a connection needs it: 0 running, -1 it could not start
+ * (connections go direct). */
+int engine_ensure_started(const struct shim_config *cfg, bool http);
 void engine_atfork_prepare(void);
 void engine_atfork_parent(void);
 void engine_atfork_child(void);

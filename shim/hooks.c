@@ -213,7 +213,8 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
                   int *kept_tcp)
 {
     struct fd_entry *e = fdtable_slot(fd);
-    if (!e || len > sizeof(union shim_sockaddr) || engine_ensure_started(config_loaded()) != 0)
+    if (!e || len > sizeof(union shim_sockaddr)
+        || engine_ensure_started(config_loaded(), config_loaded()->upstreams[upstream].protocol == PROTO_HTTP) != 0)
         return -1;
     int sv[2];
     /* both ends non-blocking: the engine's end stays so, the app's gets the app's flags;
@@ -429,7 +430,7 @@ enum divert_result hooks_try_divert(int fd, const struct sockaddr *addr, socklen
     /* an upstream reached at another origin: the app's own address may not even answer */
     enum pool_probe probe = POOL_PROBE_SAME;
     if (may_probe && !cfg->upstreams[up].origin_https && !pool_has_live_connection(up, addr)
-        && engine_ensure_started(config_loaded()) == 0)
+        && engine_ensure_started(config_loaded(), cfg->upstreams[up].protocol == PROTO_HTTP) == 0)
         probe = pool_begin_probe(up, addr, cfg->upstreams[up].protocol == PROTO_REDIS || !fdtable_in_lower_half(fd)
                                                 ? 0 : rules_pool_max(cfg, &cfg->upstreams[up]));
     if (probe == POOL_PROBE_SAME)

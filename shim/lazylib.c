@@ -1,6 +1,9 @@
 /*
  * lazylib.c - owns the shim's heavy dependencies: libcurl and hiredis are not linked
- * (no DT_NEEDED), they are dlopen'ed when the engine first starts.
+ * (no DT_NEEDED), they are dlopen'ed when the engine first needs them: hiredis (one small
+ * library) when it starts, libcurl (about 30 libraries and OpenSSL's setup: 5-8 ms) only
+ * once an HTTP connection is diverted, so that a process that speaks only Redis through
+ * the shim (a redis-cli per call) never pays for it.
  *
  * Why: the library is preloaded into every exec of the host, most of which never
  * connect to a listed upstream. Linking libcurl pulled ~35 libraries into each of them
@@ -100,7 +103,7 @@ static const struct symbol symbols[] = {
     RETURNING(TABLE_ENTRY) VOID_RETURNING(TABLE_ENTRY) VARIADIC_TARGETS(TABLE_ENTRY)
 };
 
-static bool loaded;
+static bool loaded[LIB_COUNT];
 
 /* hiredis calls its own exported functions through its PLT (redisReaderCreate calls
  * redisReaderCreateWithFunctions, the reader calls sdsnewlen...), and a client that carries
@@ -115,30 +118,39 @@ static const int deep_bind[LIB_COUNT] = { 0, 0 };
 static const int deep_bind[LIB_COUNT] = { 0, RTLD_DEEPBIND };
 #endif
 
-int lazylib_load(void)
+static int load(enum lib lib)
 {
-    if (loaded)
+    if (loaded[lib])
         return 0;
-    void *handles[LIB_COUNT];
-    for (int i = 0; i < LIB_COUNT; i++) {
-        /* RTLD_LOCAL: the libraries' symbols stay out of the app's global scope. Their
-         * own calls to connect() & co. still reach the hooks, as they must. */
-        handles[i] = dlopen(lib_names[i], RTLD_NOW | RTLD_LOCAL | deep_bind[i]);
-        if (!handles[i]) {
-            shim_log("cannot load %s: %s", lib_names[i], dlerror());
-            return -1;
-        }
+    /* RTLD_LOCAL: the library's symbols stay out of the app's global scope. Its own calls
+     * to connect() & co. still reach the hooks, as they must. */
+    void *handle = dlopen(lib_names[lib], RTLD_NOW | RTLD_LOCAL | deep_bind[lib]);
+    if (!handle) {
+        shim_log("cannot load %s: %s", lib_names[lib], dlerror());
+        return -1;
     }
     for (size_t i = 0; i < sizeof symbols / sizeof symbols[0]; i++) {
-        void *sym = dlsym(handles[symbols[i].lib], symbols[i].name);
+        if (symbols[i].lib != lib)
+            continue;
+        void *sym = dlsym(handle, symbols[i].name);
         if (!sym) {
-            shim_log("%s has no %s", lib_names[symbols[i].lib], symbols[i].name);
+            shim_log("%s has no %s", lib_names[lib], symbols[i].name);
             return -1;
         }
         *symbols[i].slot = sym;
     }
-    loaded = true;           /* the handles stay open for the life of the process */
+    loaded[lib] = true;      /* the handle stays open for the life of the process */
     return 0;
+}
+
+int lazylib_load_hiredis(void)
+{
+    return load(LIB_HIREDIS);
+}
+
+int lazylib_load_curl(void)
+{
+    return load(LIB_CURL);
 }
 
 /*

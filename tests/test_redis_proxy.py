@@ -1170,3 +1170,35 @@ def test_a_login_changed_on_the_server_is_asked_again_for_every_connection(redis
     assert shimmed[2][1] in (direct[2][1], "<closed>") and shimmed[3] == ":0\r\n", got
     assert shimmed[4] == direct[4] and direct[4][1].count("-NOAUTH") == 3, got
     assert shimmed[6] == direct[6] == ["back", "+OK\r\n+OK\r\n$6\r\ns3cr3t\r\n"], got
+
+
+LIBCURL_LATER = r'''
+import json, socket, sys, urllib.request
+def curl_loaded():
+    return any("libcurl" in line for line in open("/proc/self/maps"))
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"*1\r\n$4\r\nPING\r\n")
+pong = s.recv(64)
+s.close()
+before = curl_loaded()
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+bodies = [opener.open("http://127.0.0.1:%s/bytes/300" % sys.argv[2], timeout=10).read() for _ in range(2)]
+print(json.dumps({"pong": pong.decode(), "curl_before_http": before, "curl_after_http": curl_loaded(),
+                  "bodies": [len(b) for b in bodies], "same": bodies[0] == bodies[1]}))
+'''
+
+
+def test_a_process_that_speaks_only_redis_never_loads_libcurl(redis, upstream, tmp_path, sockdir):
+    """libcurl (about 30 libraries and OpenSSL's setup: most of a redis-cli's cost under the
+    shim) is loaded only when the first HTTP connection is diverted: a process whose first
+    diverted connection is Redis's runs without it, and its first HTTP connection then
+    starts it, its answers cached and pooled as ever (the second GET a hit)."""
+    conf = conf_for(tmp_path, redis, sockdir)
+    with open(conf, "a") as f:
+        f.write("\n[upstream 127.0.0.1:%d]\ncache GET /bytes/* ttl=1m\n" % upstream.port)
+    r = run([SYS_PY, "-c", LIBCURL_LATER, str(redis.port), str(upstream.port)], shim=True, conf=conf, timeout=60)
+    assert r.rc == 0, r.describe()
+    res = jlines(r.out)[-1]
+    assert res["pong"] == "+PONG\r\n" and res["bodies"] == [300, 300] and res["same"], res
+    assert res["curl_before_http"] is False and res["curl_after_http"] is True, res
+    assert upstream.stats()["requests"] == 1, upstream.stats()
