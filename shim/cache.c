@@ -249,19 +249,28 @@ static bool put_target(struct keybuf *k, const struct upstream_rule *u, const st
     puts_(k, " http://");
     puts_(k, u->label);
     put(k, path.p, path.n);
+    /* the query as the upstream receives it, but for the parameters the rule ignores: an
+     * empty parameter (`a=1&&b=2`, `a=1&`) or a bare `?` is a target of its own, which an
+     * upstream that signs or logs its query tells apart */
+    if (query.p == path.p + path.n)
+        return put_authority(k, req, https);
+    put(k, "?", 1);
     bool first = true;
-    for (size_t i = 0; i < query.n;) {
+    for (size_t i = 0;;) {
         const char *amp = memchr(query.p + i, '&', query.n - i);
         size_t end = amp ? (size_t)(amp - query.p) : query.n;
         const char *param = query.p + i;
         size_t plen = end - i;
         const char *eq = memchr(param, '=', plen);
         size_t nlen = eq ? (size_t)(eq - param) : plen;
-        if (plen && !ignored(r, param, nlen)) {
-            put(k, first ? "?" : "&", 1);
+        if (!plen || !ignored(r, param, nlen)) {
+            if (!first)
+                put(k, "&", 1);
             put(k, param, plen);
             first = false;
         }
+        if (!amp)
+            break;
         i = end + 1;
     }
     return put_authority(k, req, https);
@@ -309,6 +318,10 @@ static size_t key_as(const struct upstream_rule *u, const struct cache_rule *r, 
     /* A range asks for a part: a stored whole would answer it with a 200 the client did not
      * ask for (a resuming download fails on it), and its 206 is not the whole to store. */
     if (find_header(req, "range", 5, 0))
+        return 0;
+    /* a precondition on the upstream's current state (RFC 9110 13.1.1, 13.1.4): its 412 is
+     * the upstream's to say, and a stored answer would say 200 without asking */
+    if (find_header(req, "if-match", 8, 0) || find_header(req, "if-unmodified-since", 19, 0))
         return 0;
     struct keybuf k = { out, 0, cap, false };
     if (!put_target(&k, u, r, req, method, https))

@@ -323,6 +323,29 @@ def test_ignore_query(upstream, tmp_path):
         % got
 
 
+def test_a_query_is_keyed_as_the_upstream_receives_it(upstream, tmp_path):
+    """An empty parameter or a bare `?` makes a target of its own (an upstream that signs or
+    logs its query tells them apart): each is fetched once, then each is a hit on its own
+    answer, never on another target's."""
+    conf = simple_conf(tmp_path, upstream)
+    targets = ["/custom?tag=e&n=7", "/custom?tag=e&&n=7", "/custom?tag=e&n=7&", "/custom?&tag=e&n=7",
+               "/custom/e?", "/custom/e"]
+    p = play(tmp_path, conf, [get(upstream, t) for t in targets + targets])
+    assert_sources(p, upstream, "abcdefabcdef")
+    assert [e["target"] for e in upstream_log(upstream)] == targets
+
+
+def test_a_precondition_on_the_upstreams_state_is_the_upstreams_to_answer(upstream, tmp_path):
+    """If-Match and If-Unmodified-Since ask about the upstream's current state (a 412 is its
+    to say): such a GET is never answered from the cache, nor is its answer stored."""
+    conf = simple_conf(tmp_path, upstream)
+    t = "/custom?tag=pre&etag=v1&lm=Mon,%2001%20Jan%202024%2000:00:00%20GMT"
+    p = play(tmp_path, conf, [get(upstream, t), get(upstream, t, headers=['If-Match: "other"']),
+                              get(upstream, t, headers=["If-Unmodified-Since: Sun, 31 Dec 2023 00:00:00 GMT"]),
+                              get(upstream, t)])
+    assert_sources(p, upstream, "abca")
+
+
 def test_authorization_never_shared(upstream, tmp_path):
     conf = simple_conf(tmp_path, upstream)
     t = "/custom?tag=auth"

@@ -19,7 +19,7 @@ wait_eof: after the last response, wait (bounded) for the server to close.
 One JSON line per connection step:
   {"step": i, "connect": "ok"|error, "responses": [{"version", "status", "reason",
    "headers": [[k, v]...], "body_len", "body_sha256", "complete", "garbage"?}, ...],
-   "eof": bool, "reset": bool, "timed_out": bool, "recv_len": N}
+   "eof": bool, "reset": bool, "timed_out": bool, "recv_len": N, "seconds": connect to close}
 (`responses` holds everything parsed from the bytes received: more entries than requests,
 or an entry with "garbage", means bytes arrived that belong to no response), then
   {"done": true, "engine": <an httpshim thread exists in this process>}.
@@ -104,6 +104,7 @@ def connection(i, host, step, timeout):
            "timed_out": False, "recv_len": 0}
     reqs = step["requests"]
     methods = [r.get("method", "GET") for r in reqs]
+    started = time.monotonic()
     s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                       socket.SOCK_STREAM)
     s.settimeout(timeout)
@@ -130,6 +131,7 @@ def connection(i, host, step, timeout):
     except OSError as e:
         rep["send_error"] = errno.errorcode.get(e.errno, str(e)) if e.errno else str(e)
     s.close()
+    rep["seconds"] = time.monotonic() - started
     rep["recv_len"] = len(buf)
     out = []
     for r in parse_responses(bytes(buf), methods, eof=rep["eof"]):
