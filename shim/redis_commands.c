@@ -54,6 +54,11 @@ bool redis_command_needs_own_connection(const struct resp_item *it)
     return false;
 }
 
+bool redis_command_ends_a_script(const struct resp_item *it)
+{
+    return (resp_arg_is(it, 0, "SCRIPT") || resp_arg_is(it, 0, "FUNCTION")) && resp_arg_is(it, 1, "KILL");
+}
+
 /* Commands that change nothing a client can see and answer from what is there (no STORE
  * option, no expiry set, no blocking form): TLS 1.3's early data, taken to Redis. A
  * command not named here waits for the verdict. */

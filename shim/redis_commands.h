@@ -11,4 +11,7 @@ bool redis_command_needs_own_connection(const struct resp_item *it);
 /* Whether it only reads: it may go before the server has confirmed the password the app
  * logged in with (its reply is held until then). */
 bool redis_command_reads_only(const struct resp_item *it);
+/* SCRIPT KILL, FUNCTION KILL: the server answers them while a script runs, on another
+ * connection than the script's, so they must not wait behind it. */
+bool redis_command_ends_a_script(const struct resp_item *it);
 #endif

@@ -389,7 +389,7 @@ static int send_out(struct rconn *c)
         conn_close(c, true);
         return -1;
     }
-    if (c->shut_when_sent && !buf_len(&c->out)) {
+    if (c->shut_when_sent && !buf_len(&c->out) && !buf_len(&c->held)) {
         c->shut_when_sent = false;
         c->shut_sent = true;
         real_shutdown(c->src.fd, SHUT_WR);
@@ -606,9 +606,17 @@ static struct rconn *pick_shared(struct rpool_client *cl, struct rpool_ident *id
     return best;
 }
 
+/* Where what is written to c goes: behind its setup (held until the server has accepted
+ * every setup command, so nothing runs as an identity the server refused, and in the order
+ * it was written, whether framed commands or a direct session's bytes), or out. */
+static struct buf *behind_setup(struct rconn *c)
+{
+    return c->setup_left || buf_len(&c->held) ? &c->held : &c->out;
+}
+
 static int queue_command(struct rconn *c, struct rpool_client *cl, const char *cmd, size_t n, bool apps)
 {
-    struct buf *b = c->setup_left && !c->raw ? &c->held : &c->out;
+    struct buf *b = behind_setup(c);
     size_t mark = b->end;
     if (buf_append(b, cmd, n) != 0)
         return -1;
@@ -654,19 +662,35 @@ bool rpool_login_needs_check(int upstream, const struct rpool_ident *id)
     return false;
 }
 
-int rpool_check_password(struct rpool_client *cl, const struct rpool_ident *id)
+int rpool_check_password(struct rpool_client *cl, struct rpool_ident *id, bool urgent)
 {
     /* (on a connection logged in as the same user with the same password: an AUTH changes
      * neither its database nor its protocol, and a refused one leaves its login as it was;
-     * id's own first, which the app's next commands are less likely to need) */
+     * an idle one first, then id's own, which the app's next commands are less likely to
+     * need) */
     struct rconn *best = NULL;
     for (struct rconn *c = P.conns[cl->upstream]; c; c = c->next)
         if (redis_ident_same_login(c->id, id) && c->shared && !c->lent && c->state == RC_READY && !c->setup_left
-            && (!best || (c->id == id) > (best->id == id)
-                || ((c->id == id) == (best->id == id) && c->fifo.count < best->fifo.count)))
+            && (!best || (!c->fifo.count && best->fifo.count)
+                || (!c->fifo.count == !best->fifo.count
+                    && ((c->id == id) > (best->id == id)
+                        || ((c->id == id) == (best->id == id) && c->fifo.count < best->fifo.count)))))
             best = c;
     if (!best || cl->lent || cl->inflight)
         return -2;
+    /* every one of them busy, for a command that must not wait behind them (a long
+     * script's EVAL holds one, and the SCRIPT KILL that would end it): a new connection of
+     * id, as a command would open one, the check behind its setup (which logs in anew).
+     * (Not for any command: a new connection takes a round trip more, in which a password
+     * changed on the server refuses what direct would have accepted a moment before.) */
+    if (urgent && best->fifo.count && id->n_shared < pool_max(cl->upstream)) {
+        struct rconn *c = conn_open(cl, id, NULL, 0, false);
+        if (c) {
+            c->shared = true;
+            id->n_shared++;
+            best = c;
+        }
+    }
     struct buf auth = { .cap = RCONN_OUT_MAX };
     int rc = (id->has_pass ? redis_wire_auth(&auth, id) : redis_wire_default_check(&auth)) != 0
                  ? -1 : queue_command(best, cl, buf_head(&auth), buf_len(&auth), false);
@@ -808,19 +832,19 @@ int rpool_go_direct(struct rpool_client *cl, struct rpool_ident *id, const char 
 int rpool_direct_write(struct rpool_client *cl, const char *p, size_t n)
 {
     struct rconn *c = cl->conn;
-    if (!c || c->state == RC_DEAD || buf_append(&c->out, p, n) != 0)
+    if (!c || c->state == RC_DEAD || buf_append(behind_setup(c), p, n) != 0)
         return -1;
     schedule_flush(c);
     return 0;
 }
 
-void rpool_direct_eof(struct rpool_client *cl)
+void rpool_app_eof(struct rpool_client *cl)
 {
-    struct rconn *c = cl->raw ? cl->conn : NULL;
+    struct rconn *c = cl->raw || cl->lent ? cl->conn : NULL;
     if (!c || c->state == RC_DEAD)
         return;
     c->shut_when_sent = true;
-    if (!buf_len(&c->out) && c->state == RC_READY) {
+    if (!buf_len(&c->out) && !buf_len(&c->held) && c->state == RC_READY) {
         c->shut_when_sent = false;
         c->shut_sent = true;
         real_shutdown(c->src.fd, SHUT_WR);
@@ -829,7 +853,7 @@ void rpool_direct_eof(struct rpool_client *cl)
 
 bool rpool_direct_full(const struct rpool_client *cl)
 {
-    return cl->conn && buf_len(&cl->conn->out) > DIRECT_OUT_SOFT;
+    return cl->conn && buf_len(&cl->conn->out) + buf_len(&cl->conn->held) > DIRECT_OUT_SOFT;
 }
 
 void rpool_client_gone(struct rpool_client *cl)

@@ -101,7 +101,7 @@ bool rpool_ident_refused_since(const struct rpool_ident *id);
  * that is open and set up already (never one opened for it, whose setup would say the
  * same password first): -2 when there is none (or c is lent, or owed replies), -1 as for
  * rpool_send. */
-int rpool_check_password(struct rpool_client *c, const struct rpool_ident *id);
+int rpool_check_password(struct rpool_client *c, struct rpool_ident *id, bool urgent);
 /* The same for an identity without a password (the default user, whom a new connection
  * is logged in as when the server requires no password): an AUTH of the default user with
  * a password of the process's own, which succeeds exactly when a new connection would be
@@ -123,8 +123,9 @@ int rpool_go_direct(struct rpool_client *c, struct rpool_ident *id, const char *
 /* Direct: bytes for the server; -1 when too much waits (stop reading the app). */
 int rpool_direct_write(struct rpool_client *c, const char *p, size_t n);
 bool rpool_direct_full(const struct rpool_client *c);
-/* Direct: the app has ended its side; the server connection's follows once what waits is sent. */
-void rpool_direct_eof(struct rpool_client *c);
+/* Direct or lent: the app has ended its side; the server connection's follows once what
+ * waits is sent (the server then answers what it read and closes, as it would the app's). */
+void rpool_app_eof(struct rpool_client *c);
 /* The app went away (or its session ends): replies owed to it are read and dropped, a
  * lent connection is cleaned and given back when it can be, else closed. */
 void rpool_client_gone(struct rpool_client *c);

@@ -133,7 +133,7 @@ static void on_lost(struct rpool_client *c)
 {
     struct rsession *s = of_client(c);
     shim_debug("fd %d: redis: the server connection went away: closed, as a reset", s->src.fd);
-    if (s->direct && buf_len(&s->out)) {
+    if ((s->direct || s->eof_passed) && buf_len(&s->out)) {
         s->closing = true;             /* its own connection ended: what came of it first */
         rs_update(s);
         return;
@@ -236,7 +236,7 @@ static void ask_identity(struct rsession *s, struct rpool_ident *id, bool hello,
         take_identity(s, id, hello, true);
         return;
     }
-    int sent = known && !rpool_ident_refused_since(id) ? rpool_check_password(&s->checker, id) : -2;
+    int sent = known && !rpool_ident_refused_since(id) ? rpool_check_password(&s->checker, id, false) : -2;
     if (sent == -1) {
         rpool_ident_put(id);
         rs_close(s);
@@ -355,7 +355,10 @@ static void hello_accepted(struct rsession *s)
 {
     struct rpool_who who = rpool_ident_parts(s->id);
     char key[REDIS_KNOWN_KEY_MAX];
-    size_t n, key_len = redis_known_key(key, "HELLO", who.proto == 3 ? "3" : "2", 1, who.user, who.user_len);
+    /* (kept apart for a login without a password: a server that wants one refuses its
+     * HELLO, -NOAUTH, where it answered the same user's after an AUTH) */
+    const char *kind = who.has_pass ? (who.proto == 3 ? "3" : "2") : (who.proto == 3 ? "3 nopass" : "2 nopass");
+    size_t n, key_len = redis_known_key(key, "HELLO", kind, strlen(kind), who.user, who.user_len);
     const char *known = key_len ? redis_known_get(s->client.upstream, key, key_len, &n) : NULL;
     if (known) {
         hello_name_taken(s);           /* (only a reply that accepted is kept) */
@@ -460,7 +463,7 @@ static bool check_default_login(struct rsession *s, const struct resp_item *it)
     s->login_checked = true;
     if (!rpool_login_needs_check(s->client.upstream, s->id))
         return true;                   /* none logged in: the server judges each command, as direct */
-    int sent = rpool_check_password(&s->checker, s->id);
+    int sent = rpool_check_password(&s->checker, s->id, redis_command_ends_a_script(it));
     if (sent == -1) {
         rs_close(s);
         return false;

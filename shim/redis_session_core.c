@@ -95,9 +95,15 @@ void rs_update(struct rsession *s)
         if (s->gone)
             return;
     }
-    if (s->app_eof && s->client.raw && !s->eof_passed) {
-        s->eof_passed = true;          /* the server hears the end, answers what it read, closes */
-        rpool_direct_eof(&s->client);
+    /* the server hears the end, answers what it read, and closes, as direct: a command of
+     * the app's still blocked there (BLPOP 0) is dropped, never left to take an item for no
+     * one (a lent connection's: once every command the app wrote has gone to it) */
+    if (s->app_eof && !s->eof_passed
+        && (s->client.raw
+            || (s->client.lent && s->client.inflight && !s->has_held && !s->waiting_verdict
+                && resp_stream_pending_command(&s->cmds) == 0))) {
+        s->eof_passed = true;
+        rpool_app_eof(&s->client);
         if (s->gone)
             return;
     }

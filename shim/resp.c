@@ -259,6 +259,23 @@ static enum resp_next skip_ignored(struct resp_stream *s)
     }
 }
 
+/* Whether the reader waits on a bulk string longer than a command the shim holds: it
+ * stands on that bulk's length, its `$` taken (hiredis parses a bulk only once it is
+ * whole). Such a command goes direct at once, where the server's own limits answer it
+ * (its protocol error for a length past proto-max-bulk-len), not after a megabyte came. */
+static bool waits_on_a_long_bulk(const struct resp_stream *s)
+{
+    const char *p = s->reader->buf + s->reader->pos;
+    size_t n = unparsed(s);
+    if (n && p[0] == '$')
+        p++, n--;
+    else if (s->reader->pos == 0 || p[-1] != '$')
+        return false;
+    const char *cr = memchr(p, '\r', n < 24 ? n : 24);
+    long long len;
+    return cr && header_number(p, (size_t)(cr - p), -1, 1LL << 62, &len) && len > (long long)s->max;
+}
+
 enum resp_next resp_stream_next(struct resp_stream *s, struct resp_item *it)
 {
     *it = (struct resp_item){ 0 };
@@ -279,7 +296,7 @@ enum resp_next resp_stream_next(struct resp_stream *s, struct resp_item *it)
         return RESP_BAD;
     s->taken += before - unparsed(s);
     if (!reply)
-        return resp_stream_pending(s) >= s->max ? RESP_TOO_LARGE : RESP_MORE;
+        return resp_stream_pending(s) >= s->max || waits_on_a_long_bulk(s) ? RESP_TOO_LARGE : RESP_MORE;
     it->raw_len = s->taken;
     s->taken = 0;
     s->ignored = 0;

@@ -25,7 +25,7 @@ def test_loop_unit():
 
 
 def test_resp_bounds_unit():
-    run_unit("resp_test", 10)
+    run_unit("resp_test", 11)
 
 
 def test_busy_polling_spares_sleeps_and_stops_when_quiet(upstream, tmp_path, sockdir):

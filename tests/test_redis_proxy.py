@@ -1202,3 +1202,81 @@ def test_a_process_that_speaks_only_redis_never_loads_libcurl(redis, upstream, t
     assert res["pong"] == "+PONG\r\n" and res["bodies"] == [300, 300] and res["same"], res
     assert res["curl_before_http"] is False and res["curl_after_http"] is True, res
     assert upstream.stats()["requests"] == 1, upstream.stats()
+
+
+def test_state_said_in_one_write_with_a_transaction_keeps_its_order(redis, tmp_path, sockdir):
+    """SELECT, MULTI/EXEC, WATCH and a name in one write: a transaction's lent connection
+    still being set up (a database the process has not used yet, the app's name) held its
+    commands while a SELECT after them went direct ahead of them, and the transaction ran
+    in the wrong database with its replies shifted (found by an adversarial run). Every
+    reply and every key's database as direct."""
+    got = replies_as_direct(
+        redis, tmp_path, sockdir,
+        "import os, time\nk = 'ord:%d:' % os.getpid()\nX, Y, Z, V, R = [conn(port) for _ in range(5)]\n"
+        "from redisscenarios import pipe\n"
+        "a = as_text(pipe(X, ['SELECT', '6'], ['MULTI'], ['SET', k + 'm', 'x'], ['EXEC'], ['SELECT', '0'],"
+        " ['GET', k + 'm']))\n"
+        "on(Y, 'CLIENT', 'SETNAME', 'worker')\n"
+        "b = as_text(pipe(Y, ['MULTI'], ['INCR', k + 'n'], ['EXEC'], ['SELECT', '3'], ['INCR', k + 'n']))\n"
+        "c = as_text(pipe(Z, ['SELECT', '5'], ['WATCH', k + 'w'], ['SELECT', '0']))\n"
+        "on(V, 'SELECT', '5'); on(V, 'SET', k + 'w', 'theirs')\n"
+        "d = as_text(pipe(Z, ['SELECT', '5'], ['MULTI'], ['SET', k + 'w', 'mine'], ['EXEC'], ['GET', k + 'w']))\n"
+        "where = [as_text(on(R, 'SELECT', db)) and as_text(on(R, 'MGET', k + 'm', k + 'n', k + 'w'))"
+        " for db in ('0', '3', '5', '6')]",
+        "[a, b, c, d, where]")
+    assert got[0] == ["OK", "OK", "QUEUED", ["OK"], "OK", None], got
+    assert got[3][3] is None and got[3][4] == "theirs", "the WATCH was in database 5: %s" % got
+
+
+def test_an_app_that_closes_while_blocked_takes_nothing(redis, tmp_path, sockdir):
+    """BLPOP k 0, then the app closes its connection (a worker whose socket timeout ends
+    first): the server drops the blocked command as direct, so the next item pushed stays
+    in the list. The server connection lent for the block stayed blocked, and popped the
+    next job for no one."""
+    got = replies_as_direct(
+        redis, tmp_path, sockdir,
+        "import os, time\nfrom resp import encode\nk = 'blk:%d' % os.getpid()\nA, B = conn(port), conn(port)\n"
+        "A[0].sendall(encode(['BLPOP', k, '0'])); time.sleep(0.3); A[0].close(); time.sleep(0.5)\n"
+        "pushed = on(B, 'RPUSH', k, 'job'); time.sleep(0.3)",
+        "[pushed, on(B, 'LLEN', k)]")
+    assert got == [1, 1], got
+
+
+def test_script_kill_ends_a_script_another_app_runs(redis, tmp_path, sockdir):
+    """A long script runs for one app connection; another says SCRIPT KILL: answered at
+    once and the script ends, as direct. Its login's check went behind the script on the
+    only shared connection, and SCRIPT KILL waited for the script to end (for ever, for an
+    endless one)."""
+    script = "local t = tonumber(redis.call('TIME')[1]) while tonumber(redis.call('TIME')[1]) < t + 3 do end"
+    got = replies_as_direct(
+        redis, tmp_path, sockdir,
+        "import time\nfrom resp import encode\nA, B = conn(port), conn(port)\n"
+        "on(A, 'CONFIG', 'SET', 'lua-time-limit', '100')\n"
+        "A[0].sendall(encode(['EVAL', %r, '0'])); time.sleep(0.4)\n"
+        "t0 = time.monotonic(); killed = as_text(on(B, 'SCRIPT', 'KILL')); prompt = time.monotonic() - t0 < 1.5\n"
+        "ended = as_text(A[1].reply())[:27]" % script,
+        "[killed, prompt, ended]")
+    assert got == ["OK", True, "ERR:ERR Script killed by us"], got
+
+
+def test_hello_on_a_connection_that_never_logged_in_is_refused_as_direct(redis_servers, tmp_path, sockdir):
+    """On a server with a password, HELLO 2 from a connection that never said AUTH is
+    refused (-NOAUTH); the reply kept from a logged-in connection's HELLO answered it,
+    naming the server, its version and its role to a client that had not logged in."""
+    srv = redis_servers(password="pw")
+    got = replies_as_direct(
+        srv, tmp_path, sockdir, "X, Y = conn(port), conn(port)",
+        "[as_text(on(X, 'AUTH', 'pw')), isinstance(on(X, 'HELLO', '2'), list), as_text(on(Y, 'HELLO', '2'))[:15],"
+        " as_text(on(Y, 'RESET')), as_text(on(X, 'RESET')), as_text(on(X, 'HELLO', '2'))[:15]]")
+    assert got == ["OK", True, "ERR:NOAUTH HELL", "RESET", "RESET", "ERR:NOAUTH HELL"], got
+
+
+def test_a_bulk_longer_than_the_server_takes_is_its_protocol_error(redis, tmp_path, sockdir):
+    """A bulk length past what Redis takes (proto-max-bulk-len, 512 MB): the server's
+    protocol error and the end of the connection, at once, as direct (the shim waited for
+    the bytes, holding the app's connection open and silent)."""
+    got = replies_as_direct(
+        redis, tmp_path, sockdir, "from resp import until_closed\nX, Y = conn(port, 5), conn(port, 5)",
+        "[X[0].sendall(b'*2\\r\\n$3\\r\\nSET\\r\\n$99999999999\\r\\n') or until_closed(X[0]),"
+        " Y[0].sendall(b'*3\\r\\n$3\\r\\nSET\\r\\n$1\\r\\nk\\r\\n$600000000\\r\\nabc') or until_closed(Y[0])]")
+    assert got == ["-ERR Protocol error: invalid bulk length\r\n<closed>"] * 2, got

@@ -55,6 +55,19 @@ def on(sock_reader, *args):
     return r.reply()
 
 
+def pipe(sock_reader, *commands):
+    """Several commands in one write; their replies, in order."""
+    s, r = sock_reader
+    s.sendall(b"".join(encode(c) for c in commands))
+    out = []
+    for _ in commands:
+        try:
+            out.append(r.reply())
+        except RespError as e:
+            out.append(e)
+    return out
+
+
 def as_text(v):
     if isinstance(v, bytes):
         return v.decode("latin-1")

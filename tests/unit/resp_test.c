@@ -1,7 +1,7 @@
 /* resp_test.c — exercises shim/resp.c's bounds on their edges, which the fuzzer's small
  * inputs never reach: a command not yet whole that holds exactly RESP_ITEM_MAX bytes is
  * too large (the session stops reading there, so "more" would wait forever), one byte
- * less is not; a reply may be far larger than a command and still framed whole; an array
+ * less is not, and a bulk announced longer than that is too large at once; a reply may be far larger than a command and still framed whole; an array
  * header promising more elements than the bytes allowed is refused, not allocated. And
  * redis_slot.c against the cluster specification's own examples.
  * Prints "N passed, N failed" and exits 0 only when every check passed. */
@@ -39,14 +39,20 @@ static enum resp_next feed_incomplete(struct resp_stream *s, size_t total, size_
 int main(void)
 {
     struct resp_stream s;
+    /* (a value of RESP_ITEM_MAX bytes: the command is longer than that, its one bulk not) */
     resp_stream_init(&s, true);
-    check(feed_incomplete(&s, RESP_ITEM_MAX, 3u << 20) == RESP_TOO_LARGE,
+    check(feed_incomplete(&s, RESP_ITEM_MAX, RESP_ITEM_MAX) == RESP_TOO_LARGE,
           "a command holding exactly RESP_ITEM_MAX bytes, not yet whole, is too large");
     resp_stream_free(&s);
 
     resp_stream_init(&s, true);
-    check(feed_incomplete(&s, RESP_ITEM_MAX - 1, 3u << 20) == RESP_MORE,
+    check(feed_incomplete(&s, RESP_ITEM_MAX - 1, RESP_ITEM_MAX) == RESP_MORE,
           "one byte less is still being read");
+    resp_stream_free(&s);
+
+    resp_stream_init(&s, true);
+    check(feed_incomplete(&s, 64, (size_t)RESP_ITEM_MAX + 1) == RESP_TOO_LARGE,
+          "a bulk announced longer than RESP_ITEM_MAX is too large at its header");
     resp_stream_free(&s);
 
     resp_stream_init(&s, true);
