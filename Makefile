@@ -24,7 +24,7 @@ SHIM_OBJ = $(patsubst shim/%.c,$(BUILD)/obj/%.o,$(SHIM_SRC))
 all: $(BUILD)/libhttpshim.so $(BUILD)/httpshim
 
 TEST_BINS = $(BUILD)/epollclient $(BUILD)/tlsstoreclient $(BUILD)/sockstate $(BUILD)/loop_test $(BUILD)/resp_test \
-            $(BUILD)/slowdns.so $(BUILD)/closerace
+            $(BUILD)/slowdns.so $(BUILD)/closerace $(BUILD)/sigclient
 test-bins: all $(TEST_BINS)
 
 $(BUILD)/obj/%.o: shim/%.c | $(BUILD)/obj
@@ -59,6 +59,8 @@ $(BUILD)/sockstate: tests/clients/sockstate.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -o $@ $<
 $(BUILD)/closerace: tests/clients/closerace.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -pthread -o $@ $<
+$(BUILD)/sigclient: tests/clients/sigclient.c | $(BUILD)/obj
+	$(CC) $(C_FLAGS) -o $@ $<
 # A preload that makes *.slow.test names take seconds to resolve (tests/test_redis.py).
 $(BUILD)/slowdns.so: tests/clients/slowdns.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -shared -fPIC -o $@ $< -ldl

@@ -52,7 +52,16 @@ static void end_after_answer(struct fd_entry *e)
     if (conn && drop_unheard && drop_unheard(e, conn)) {
         e->engine_conn = NULL;
         e->engine_fd = -1;
+        atomic_store(&e->takes_one_more_write, 1);
     }
+}
+
+static size_t iov_total(const struct iovec *iov, int iovcnt)
+{
+    size_t n = 0;
+    for (int i = 0; i < iovcnt; i++)
+        n += iov[i].iov_len;
+    return n;
 }
 
 static pthread_mutex_t handoff_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -200,17 +209,21 @@ static ssize_t answer_inline(const struct shim_config *cfg, int fd, struct fd_en
     return (ssize_t)n;
 }
 
-ssize_t fastpath_write(const struct shim_config *cfg, int fd, struct fd_entry *e, const struct iovec *iov, int iovcnt,
-                       fastpath_real_write real, void *real_arg)
+static ssize_t write_counted(const struct shim_config *cfg, int fd, struct fd_entry *e, const struct iovec *iov,
+                             int iovcnt, fastpath_real_write real, void *real_arg, bool may_inline)
 {
     uint64_t held;
     bool idle;
     if (!fdgate_app_hold(&e->gate, &held, &idle)) {
+        /* (a C client reusing a kept-alive connection the server had just ended was killed
+         * by SIGPIPE here, where direct its write succeeds and its read says EOF) */
+        if (iovcnt > 0 && atomic_exchange(&e->takes_one_more_write, 0))
+            return (ssize_t)iov_total(iov, iovcnt);
         if (need_engine)
             need_engine(e);
         return real(real_arg);
     }
-    if (idle && cfg && cfg->fastpath && iovcnt > 0) {
+    if (idle && may_inline && cfg && cfg->fastpath && iovcnt > 0) {
         char flat[INLINE_HEAD_MAX];
         const char *p = iov[0].iov_base;
         size_t n = iov[0].iov_len;
@@ -236,5 +249,16 @@ ssize_t fastpath_write(const struct shim_config *cfg, int fd, struct fd_entry *e
     saved = errno;
     fdgate_app_wrote_more(&e->gate, held);
     errno = saved;
+    return r;
+}
+
+ssize_t fastpath_write(const struct shim_config *cfg, int fd, struct fd_entry *e, const struct iovec *iov, int iovcnt,
+                       fastpath_real_write real, void *real_arg)
+{
+    /* (a signal handler's write inside a hook is never answered inline: real.h) */
+    bool may_inline = shim_hook_depth == 0;
+    shim_hook_depth++;
+    ssize_t r = write_counted(cfg, fd, e, iov, iovcnt, real, real_arg, may_inline);
+    shim_hook_depth--;
     return r;
 }

@@ -330,7 +330,7 @@ void fdtable_refill_stash(void)
     for (int i = 0; i < cap && atomic_load_explicit(&n_stash, memory_order_relaxed) < cap; i++) {
         int sv[2];
         struct stat app_end;
-        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0)
+        if (real_socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0)
             return;
         sv[1] = fdtable_raise(sv[1]);  /* the engine's end lives as long as its connection */
         if (!fdtable_in_lower_half(sv[1]) || sv[1] >= FDTABLE_MAX || fstat(sv[0], &app_end) != 0) {

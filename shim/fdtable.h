@@ -62,6 +62,10 @@ struct fd_entry {
      * connection, or the close that drops one the engine never heard from. */
     void *engine_conn;
     _Atomic int heard;
+    /* FD_DIVERTED: an inline answer ended the connection and its engine end went: the app's
+     * next write is taken and dropped, as TCP takes the first write after the server's
+     * FIN (the one after gets EPIPE, as after the reset that write draws) */
+    _Atomic int takes_one_more_write;
     void *owner;                       /* FD_ENGINE: the engine's object for it (engine thread) */
     unsigned forks_at_divert;          /* FD_DIVERTED: fdtable_forks() when it was diverted */
     /* an app thread is replacing the fd's socket (hooks.c divert), and closes or dups onto

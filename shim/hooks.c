@@ -197,10 +197,30 @@ SHIM_EXPORT int socket(int domain, int type, int protocol)
     if (!e || atomic_load_explicit(&e->kind, memory_order_relaxed) == FD_ENGINE)
         return fd;
     int saved = errno;
+    shim_hook_depth++;
     forget_fd(fd, e, false);
+    shim_hook_depth--;
     sockrecord_made(e, domain, type, protocol);
     errno = saved;
     return fd;
+}
+
+/* The engine's libraries make socketpairs of their own (libcurl's multi wake-up, its
+ * threaded resolver's): close-on-exec, off the app's small numbers and marked the
+ * engine's, as every fd the engine makes, so a program the app starts never inherits them
+ * (it did: two sockets in every child) and the app's close of their numbers is EBADF. The
+ * app's own pass through untouched. */
+SHIM_EXPORT int socketpair(int domain, int type, int protocol, int sv[2])
+{
+    if (!shim_in_engine)
+        return real_socketpair(domain, type, protocol, sv);
+    int rc = real_socketpair(domain, type | SOCK_CLOEXEC, protocol, sv);
+    if (rc == 0)
+        for (int i = 0; i < 2; i++) {
+            sv[i] = fdtable_raise(sv[i]);
+            fdtable_mark_engine(sv[i]);
+        }
+    return rc;
 }
 
 /* ---- connect and its helpers ---- */
@@ -223,7 +243,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     ino_t pair_ino = 0;
     int left = fdtable_take_pair(sv, &pair_dev, &pair_ino);
     if (left < 0) {
-        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0)
+        if (real_socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0)
             return -1;
         sv[1] = fdtable_raise(sv[1]);  /* (as the stash's: off the app's small numbers) */
     }
@@ -330,6 +350,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     e->forks_at_divert = fdtable_forks();
     e->engine_conn = conn;
     atomic_store(&e->heard, FD_UNHEARD);
+    atomic_store(&e->takes_one_more_write, 0);
     e->n_opts = 0;
     atomic_store(&e->n_epoll, keep ? nregs : 0);   /* moved below; noted while the reference is kept */
     atomic_store_explicit(&e->made, MADE_OTHER, memory_order_relaxed);   /* connected now */
@@ -531,9 +552,8 @@ SHIM_EXPORT int bind(int fd, const struct sockaddr *addr, socklen_t len)
     return rc;
 }
 
-SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
+static int connect_hooked(int fd, const struct sockaddr *addr, socklen_t len)
 {
-    real_bind();
     int saved = errno;
     if (shim_in_engine) {
         struct fd_entry *e = fdtable_slot(fd);
@@ -585,6 +605,19 @@ SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
     return 0;
 }
 
+SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    real_bind();
+    if (shim_hook_depth && !shim_in_engine) {
+        sockrecord_note_connected(fd);  /* (from a signal handler inside a hook: for real) */
+        return real_connect(fd, addr, len);
+    }
+    shim_hook_depth++;
+    int rc = connect_hooked(fd, addr, len);
+    shim_hook_depth--;
+    return rc;
+}
+
 /* ---- epoll: registrations made before connect must survive the fd swap ---- */
 
 /* Notes (or forgets) a registration of fd in epfd in its entry: false when there is no
@@ -630,7 +663,11 @@ SHIM_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
     }
     if (kind != FD_NONE && kind != FD_PROBING)
         return rc;                     /* diverted already: nothing to replay */
-    note_epoll(e, epfd, op, event);    /* (beyond FD_MAX_EPOLL sets: not moved at divert) */
+    /* a registration in more epoll sets than are noted would stay on the app's own socket
+     * when divert puts the socketpair end in its place: that set would never report the
+     * connection (and the pooled socket's events would reach it, with the app's data) */
+    if (!note_epoll(e, epfd, op, event))
+        sockrecord_note_unmovable(fd);
     return rc;
 }
 
@@ -677,10 +714,12 @@ static int close_entry(int fd, struct fd_entry *e)
 SHIM_EXPORT int close(int fd)
 {
     struct fd_entry *e = fdtable_slot(fd);
+    shim_hook_depth++;
     bool met = e && !shim_in_engine && fdtable_close_begin(e);   /* (a divert of the number under way) */
     int rc = close_entry(fd, e);
     if (met)
         fdtable_close_end(e);
+    shim_hook_depth--;
     return rc;
 }
 
@@ -771,8 +810,10 @@ SHIM_EXPORT int dup(int fd)
 {
     real_bind();
     int nfd = real_dup(fd);
+    shim_hook_depth++;
     if (nfd >= 0 && !shim_in_engine)
         copy_entry(fd, nfd);
+    shim_hook_depth--;
     return nfd;
 }
 
@@ -835,8 +876,16 @@ static int dup_onto_entry(int fd, int nfd, int flags, bool is_dup3)
     return rc;
 }
 
-SHIM_EXPORT int dup2(int fd, int nfd) { return dup_onto(fd, nfd, 0, false); }
-SHIM_EXPORT int dup3(int fd, int nfd, int flags) { return dup_onto(fd, nfd, flags, true); }
+static int dup_onto_counted(int fd, int nfd, int flags, bool three)
+{
+    shim_hook_depth++;
+    int rc = dup_onto(fd, nfd, flags, three);
+    shim_hook_depth--;
+    return rc;
+}
+
+SHIM_EXPORT int dup2(int fd, int nfd) { return dup_onto_counted(fd, nfd, 0, false); }
+SHIM_EXPORT int dup3(int fd, int nfd, int flags) { return dup_onto_counted(fd, nfd, flags, true); }
 
 static int after_fcntl(int rc, int fd, int cmd, void *arg)
 {

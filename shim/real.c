@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 __thread int shim_in_engine __attribute__((tls_model("initial-exec")));
+__thread int shim_hook_depth __attribute__((tls_model("initial-exec")));
 
 /* Until vfork is bound (or if it cannot be): fork, which vfork may always be. */
 static pid_t vfork_as_fork(void) { return fork(); }
@@ -132,6 +133,11 @@ bool real_bound(void)
 int real_socket(int domain, int type, int protocol)
 {
     return fn.socket ? fn.socket(domain, type, protocol) : (int)syscall(SYS_socket, domain, type, protocol);
+}
+
+int real_socketpair(int domain, int type, int protocol, int sv[2])
+{
+    return (int)syscall(SYS_socketpair, domain, type, protocol, sv);
 }
 
 int real_connect(int fd, const struct sockaddr *a, socklen_t l)

@@ -18,6 +18,12 @@
 
 /* Set on the engine thread: every hook passes its calls straight to these. */
 extern __thread int shim_in_engine __attribute__((tls_model("initial-exec")));
+/* How many hooks that take the shim's locks this app thread is inside: more than none only
+ * when a signal handler interrupted one (POSIX lets a handler connect, write and close).
+ * What the handler asks then goes as without the shim where it can (a connect connects for
+ * real, a write is never answered inline), so it never waits on a lock the thread it
+ * interrupted holds. */
+extern __thread int shim_hook_depth __attribute__((tls_model("initial-exec")));
 
 /* Binds every function once (pthread_once); a nested call from inside dlsym returns at
  * once and is served by the raw system calls. */
@@ -25,6 +31,7 @@ void real_bind(void);
 bool real_bound(void);
 
 int real_socket(int domain, int type, int protocol);
+int real_socketpair(int domain, int type, int protocol, int sv[2]);
 int real_connect(int fd, const struct sockaddr *addr, socklen_t len);
 int real_bind_socket(int fd, const struct sockaddr *addr, socklen_t len);   /* bind(2) */
 /* where the vfork trampoline (hooks.c) jumps: libc's vfork once bound */

@@ -60,6 +60,13 @@ void sockrecord_note_bound(int fd)
         atomic_store_explicit(&e->made, MADE_OTHER, memory_order_relaxed);
 }
 
+void sockrecord_note_unmovable(int fd)
+{
+    struct fd_entry *e = fdtable_slot(fd);
+    if (e && atomic_load_explicit(&e->made, memory_order_relaxed) != MADE_CONNECTED)
+        atomic_store_explicit(&e->made, MADE_OTHER, memory_order_relaxed);
+}
+
 void sockrecord_note_connected(int fd)
 {
     struct fd_entry *e = fdtable_slot(fd);

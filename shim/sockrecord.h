@@ -15,6 +15,9 @@ void sockrecord_made(struct fd_entry *e, int domain, int type, int protocol);
 /* A real connect (or its attempt): never a fresh socket again. */
 void sockrecord_note_connected(int fd);
 void sockrecord_note_bound(int fd);
+/* Something divert cannot move to the socketpair end (registrations in more epoll sets than
+ * the record holds): the socket is the app's own for good (a connect in progress too). */
+void sockrecord_note_unmovable(int fd);
 /* What fcntl, ioctl and setsockopt changed that divert would otherwise ask about; an
  * option that steers packets makes the socket the app's own for good. */
 void sockrecord_note_fcntl(int fd, int cmd, void *arg);

@@ -401,3 +401,46 @@ def test_a_closed_hit_leaves_no_epoll_registration_behind(upstream, tmp_path, so
         assert r.rc == 0, r.describe()
         got = jlines(r.out)[0]
         assert got["ok"] == 20 and got["events"] == [], (shim, got)
+
+
+WRITE_AFTER_THE_END = r'''
+import json, socket, sys, time
+port = int(sys.argv[1])
+def ended(path, close):
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n" % (path, "Connection: close\r\n" if close else "")).encode())
+    got = 0
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        got += len(b)
+    time.sleep(0.05)                  # (the engine's closes are batched, a few ms after)
+    try:
+        wrote = s.send(b"GET /bytes/100 HTTP/1.1\r\nHost: x\r\n\r\n")
+    except OSError as e:
+        wrote = "%s" % type(e).__name__
+    try:
+        after = len(s.recv(65536))
+    except OSError as e:
+        after = "%s" % type(e).__name__
+    s.close()
+    return [path, got > 0, wrote, after]
+ended("/bytes/100", True)             # (stored: the next is a hit answered on this thread)
+print(json.dumps([ended("/bytes/100", True), ended("/bytes/4100000", True), ended("/bytes/12345", True),
+                  ended("/close/50", False), ended("/http10/50", False)]))
+'''
+
+
+def test_a_write_after_the_server_ended_the_connection_is_taken_as_direct(upstream, tmp_path, sockdir):
+    """After an answer that ends the connection (the client's Connection: close, an upstream
+    that closes), the app writes once more and reads: direct, TCP takes that write and the
+    read says EOF. Through the shim the pair's far end was closed, and the write failed
+    with EPIPE (a C client with SIGPIPE's default action was killed), for a hit answered
+    inline and for an answer the engine wrote alike."""
+    conf = conf_for(tmp_path, upstream, sockdir)
+    direct = run([SYS_PY, "-c", WRITE_AFTER_THE_END, str(upstream.port)], shim=False, timeout=60)
+    shimmed = run([SYS_PY, "-c", WRITE_AFTER_THE_END, str(upstream.port)], conf=conf, timeout=60)
+    assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
+    assert jlines(shimmed.out) == jlines(direct.out), (direct.out, shimmed.out)
+    assert all(r[2] == 36 and r[3] == 0 for r in jlines(shimmed.out)[0]), shimmed.out

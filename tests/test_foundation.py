@@ -1563,3 +1563,81 @@ def test_dup2_onto_small_numbers_works(upstream, rules, tmp_path):
     for shim in (False, True):
         r = run(["bash", script], shim=shim, conf=rules, timeout=60)
         assert r.rc == 0 and r.out.split() == [b"done"], r.describe()
+
+
+def test_a_signal_handler_that_connects_never_waits_on_the_hook_it_interrupted(upstream, tmp_path):
+    """A SIGALRM handler makes requests of its own (socket, connect, write, read, close:
+    calls POSIX allows in a handler) every 700 µs while the main thread loops the same:
+    the handler's connect interrupted the main thread's inside the pool's lock and waited
+    on it for ever (3 runs in 4 hung). A handler inside a hook connects for real now."""
+    conf = write_rules(tmp_path, [], raw="[upstream 127.0.0.1:%d]\ncache GET /bytes/* ttl=10m\n" % upstream.port)
+    r = run([BUILD / "sigclient", str(upstream.port), "5000"], conf=conf, timeout=60)
+    assert r.rc == 0 and not r.timed_out, r.describe()
+    res = jlines(r.out)[0]
+    assert res["main_ok"] == 5000 and res["main_bad"] == 0 and res["handler_bad"] == 0, res
+
+
+THREE_EPOLL_SETS = r'''
+import json, select, socket, sys
+port = int(sys.argv[1])
+out = []
+for i in range(3):
+    s = socket.socket()
+    s.setblocking(False)
+    sets = [select.epoll() for _ in range(3)]
+    for ep in sets:
+        ep.register(s.fileno(), select.EPOLLIN | select.EPOLLOUT)
+    try:
+        s.connect(("127.0.0.1", port))
+    except BlockingIOError:
+        pass
+    writable = [any(ev & select.EPOLLOUT for _, ev in ep.poll(2)) for ep in sets]
+    s.send(b"GET /bytes/100 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    modified = []
+    for ep in sets:
+        try:
+            ep.modify(s.fileno(), select.EPOLLIN)
+            modified.append("ok")
+        except OSError as e:
+            modified.append(type(e).__name__)
+    readable = [any(ev & select.EPOLLIN for _, ev in ep.poll(2)) for ep in sets]
+    out.append([writable, modified, readable])
+    s.close()
+    for ep in sets:
+        ep.close()
+print(json.dumps(out))
+'''
+
+
+def test_a_socket_in_three_epoll_sets_before_connect_is_heard_in_all(upstream, tmp_path):
+    """A non-blocking socket registered in three epoll sets before its connect: the divert
+    moved two (the record's room) and the third stayed on the app's own socket, which the
+    pool took: EPOLL_CTL_MOD there said ENOENT, the answer was never reported in it, and
+    the pooled socket's events reached it with the app's data. More sets than the record
+    holds leave the socket the app's own, as direct."""
+    conf = write_rules(tmp_path, [upstream.port])
+    direct = run([SYS_PY, "-c", THREE_EPOLL_SETS, str(upstream.port)], shim=False, timeout=60)
+    shimmed = run([SYS_PY, "-c", THREE_EPOLL_SETS, str(upstream.port)], conf=conf, timeout=60)
+    assert direct.rc == 0 and shimmed.rc == 0, (direct.describe(), shimmed.describe())
+    assert jlines(shimmed.out) == jlines(direct.out) == [[[[True] * 3, ["ok"] * 3, [True] * 3]] * 3], \
+        (direct.out, shimmed.out)
+
+
+CHILD_FDS = r'''
+import os, sys, urllib.request
+port, listing = sys.argv[1], sys.argv[2]
+urllib.request.build_opener(urllib.request.ProxyHandler({})).open("http://127.0.0.1:%s/bytes/100" % port, timeout=10).read()
+os.system("ls -l /proc/self/fd/ > %s" % listing)
+print(sum("socket:" in line for line in open(listing)))
+'''
+
+
+def test_a_program_the_app_starts_inherits_no_socket_of_the_engines(upstream, tmp_path):
+    """After a request through the engine, a program the app starts with system(): it
+    inherited libcurl's wake-up socketpair (made without close-on-exec, on the app's small
+    numbers), two sockets in every child; none now, as direct."""
+    conf = write_rules(tmp_path, [upstream.port])
+    for shim in (False, True):
+        r = run([SYS_PY, "-c", CHILD_FDS, str(upstream.port), str(tmp_path / ("fds%d" % shim))], shim=shim,
+                conf=conf if shim else None, timeout=60)
+        assert r.rc == 0 and r.out.strip() == b"0", r.describe()
