@@ -9,7 +9,6 @@
 #include "store.h"
 #include "redis_session.h"
 #include "fastpath.h"
-#include <sched.h>
 #include "conn.h"
 #include "http.h"
 #include "log.h"
@@ -25,7 +24,6 @@
 #include <sys/socket.h>
 #include "upstream.h"
 #include <errno.h>
-#include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -111,8 +109,6 @@ static void conn_to(struct conn *c, enum conn_state to)
         shim_debug("fd %d: %s -> %s", c->side.fd, state_names[c->state], state_names[to]);
     c->state = to;
 }
-
-/* ---- the app side ---- */
 
 /* ---- the gate: the engine and the app's inline hits never write into the pair at once ---- */
 
@@ -240,21 +236,18 @@ static void conn_close(struct conn *c)
         conn_retire(c, true);
 }
 
-/* Longest a connection that ended with an end of file waits for the app's close. */
-#define LINGER_MS 120000
+#define LINGER_MS 120000               /* the longest an ended connection waits for the app's close */
 
 static void on_linger_due(struct loop_timer *timer)
 {
     conn_close((struct conn *)(void *)((char *)timer - offsetof(struct conn, linger)));
 }
 
-/* The answer that ends the connection is out: the app hears the end (EOF), as from a
- * server that closed, and a write it makes after still succeeds, as TCP's first write
- * after the server's FIN does; closed at once, the pair made that write fail with EPIPE
- * and SIGPIPE killed a C client that reused a kept-alive connection the server had just
- * ended. What the app writes then is read and dropped, and the end is whole (its next
- * write: EPIPE, as after TCP's reset); its close ends it too. Nothing more is answered on
- * it, inline or not, and it holds no buffers. */
+/* The answer that ends the connection is out: the app reads EOF, and a write it makes
+ * after succeeds, as TCP's first write after a FIN does (closed at once, it failed with
+ * EPIPE: SIGPIPE killed a client reusing a kept-alive connection just ended). That write
+ * is dropped and the end is whole (the next: EPIPE, as after TCP's reset); the app's
+ * close ends it too. Nothing more is answered on it, and it holds no buffers. */
 static void conn_linger(struct conn *c)
 {
     if (!c->lingering) {

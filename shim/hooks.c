@@ -620,32 +620,6 @@ SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
 
 /* ---- epoll: registrations made before connect must survive the fd swap ---- */
 
-/* Notes (or forgets) a registration of fd in epfd in its entry: false when there is no
- * room for another epoll set. */
-static bool note_epoll(struct fd_entry *e, int epfd, int op, const struct epoll_event *event)
-{
-    int n = atomic_load(&e->n_epoll);
-    int at = -1;
-    for (int i = 0; i < n && i < FD_MAX_EPOLL; i++)
-        if (e->epoll[i].epfd == epfd)
-            at = i;
-    if (op == EPOLL_CTL_DEL) {
-        if (at >= 0) {
-            e->epoll[at] = e->epoll[n - 1];
-            atomic_store(&e->n_epoll, n - 1);
-        }
-    } else if (event) {
-        if (at < 0 && n < FD_MAX_EPOLL)
-            at = n++;
-        if (at < 0)
-            return false;
-        e->epoll[at].epfd = epfd;
-        e->epoll[at].ev = *event;
-        atomic_store(&e->n_epoll, n);
-    }
-    return true;
-}
-
 SHIM_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
 {
     real_bind();
@@ -657,7 +631,7 @@ SHIM_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
     if (kind == FD_DIVERTED && atomic_load_explicit(&e->kept_app_end, memory_order_relaxed)) {
         /* the app's close will not be the socket's last: its registrations are noted, for
          * the close to remove them as the kernel would have (forget_fd) */
-        if (!note_epoll(e, epfd, op, event))
+        if (!sockrecord_note_epoll(e, epfd, op, event))
             fdtable_close_kept_app_end(e);   /* more epoll sets than noted: the kernel's close, then */
         return rc;
     }
@@ -666,7 +640,7 @@ SHIM_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
     /* a registration in more epoll sets than are noted would stay on the app's own socket
      * when divert puts the socketpair end in its place: that set would never report the
      * connection (and the pooled socket's events would reach it, with the app's data) */
-    if (!note_epoll(e, epfd, op, event))
+    if (!sockrecord_note_epoll(e, epfd, op, event))
         sockrecord_note_unmovable(fd);
     return rc;
 }

@@ -1,5 +1,5 @@
 /* sockrecord.c — owns the record of what the app did to its socket before connect (made
- * by socket(), then its fcntl, ioctl and setsockopt calls, and a real connect), so that a
+ * by socket(), then its fcntl, ioctl, setsockopt and epoll_ctl calls, and a real connect), so that a
  * connect need not ask the kernel; the verdict whether a connect may divert it (a fresh
  * TCP socket the app neither bound, steered, connected nor holds twice); and what divert
  * carries over from it to the socketpair end, and back when an exec hands the connection
@@ -9,6 +9,7 @@
 #include "real.h"
 #include <fcntl.h>
 #include <linux/sockios.h>
+#include <sys/epoll.h>
 #include <net/if.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -282,4 +283,28 @@ void sockrecord_carry_back(int from, int to, const struct fd_entry *e)
     copy_set_options(from, to, sol_socket, sizeof sol_socket / sizeof sol_socket[0]);
     for (int i = 0; i < e->n_opts && i < FD_MAX_OPTS; i++)
         real_setsockopt(to, e->opts[i].level, e->opts[i].name, &e->opts[i].value, sizeof e->opts[i].value);
+}
+
+bool sockrecord_note_epoll(struct fd_entry *e, int epfd, int op, const struct epoll_event *event)
+{
+    int n = atomic_load(&e->n_epoll);
+    int at = -1;
+    for (int i = 0; i < n && i < FD_MAX_EPOLL; i++)
+        if (e->epoll[i].epfd == epfd)
+            at = i;
+    if (op == EPOLL_CTL_DEL) {
+        if (at >= 0) {
+            e->epoll[at] = e->epoll[n - 1];
+            atomic_store(&e->n_epoll, n - 1);
+        }
+    } else if (event) {
+        if (at < 0 && n < FD_MAX_EPOLL)
+            at = n++;
+        if (at < 0)
+            return false;
+        e->epoll[at].epfd = epfd;
+        e->epoll[at].ev = *event;
+        atomic_store(&e->n_epoll, n);
+    }
+    return true;
 }

@@ -29,6 +29,10 @@ bool sockrecord_facts(const struct fd_entry *e, int family, struct socket_facts 
  * shared, and what divert must carry over from it (*connected: false only because a real
  * connect was made on it already). */
 bool sockrecord_fresh_tcp(int fd, int family, struct socket_facts *f, bool *connected);
+/* Notes (or forgets) a registration of the fd in epfd in its entry, for divert to move (or
+ * a kept reference's close to drop): false when there is no room for another epoll set. */
+struct epoll_event;
+bool sockrecord_note_epoll(struct fd_entry *e, int epfd, int op, const struct epoll_event *event);
 /* Copies what the app set on its socket `from` that a Unix socket honours onto `to`. */
 void sockrecord_carry_over(int from, int to, const struct socket_facts *f);
 /* The way back: what the app set on its socketpair end `from`, onto a TCP socket `to`. */
