@@ -535,6 +535,8 @@ static void on_lock_reply(redisAsyncContext *ac, void *reply, void *privdata)
             how = REDIS_LOCK_TAKEN;
         else if (r && r->type == REDIS_REPLY_NIL)
             how = REDIS_LOCK_HELD_ELSEWHERE;
+        else if (r && r->type == REDIS_REPLY_STATUS && r->len == 11 && !memcmp(r->str, "UNCACHEABLE", 11))
+            how = REDIS_LOCK_UNCACHEABLE;
         void *waiter = t->waiter;
         unlink_ticket(t);
         t->waiter = NULL;
@@ -554,7 +556,12 @@ static int send_lock(struct redis_node *node, struct redis_ticket *t, bool askin
     redis_key_of(t->key, t->key_len, true, &lock_key);
     if (asking && nodes_command(node, on_written, NULL, "ASKING") != 0)
         return -1;
-    return nodes_command(node, on_lock_reply, t, "SET %b %s NX PX %lld", lock_key.s, lock_key.n,
+    /* taken (OK), held (nil), or left by a holder whose answer was not storable */
+    static const char take_or_say[] =
+        "local ok = redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) if ok then return ok end "
+        "if redis.call('get', KEYS[1]) == 'uncacheable' then return redis.status_reply('UNCACHEABLE') end "
+        "return false";
+    return nodes_command(node, on_lock_reply, t, "EVAL %s 1 %b %s %lld", take_or_say, lock_key.s, lock_key.n,
                          (const char *)t->value, (long long)R.cfg->redis_lock_ttl_ms);
 }
 
@@ -606,6 +613,26 @@ void redis_unlock(const char *key, size_t key_len, const char *token)
         return;
     }
     nodes_command(node, on_written, NULL, "EVAL %s 1 %b %s", compare_and_delete, lock_key.s, lock_key.n, token);
+    nodes_write_now(node);
+    arm_timer();
+}
+
+void redis_lock_mark_uncacheable(const char *key, size_t key_len, const char *token, int64_t ttl_ms)
+{
+    static const char compare_and_mark[] =
+        "if redis.call('get', KEYS[1]) == ARGV[1] then "
+        "return redis.call('set', KEYS[1], 'uncacheable', 'PX', ARGV[2]) else return 0 end";
+    if (!R.cfg)
+        return;
+    struct redis_key lock_key;
+    redis_key_of(key, key_len, true, &lock_key);
+    struct redis_node *node = nodes_for_key(lock_key.s, lock_key.n, 1, false);
+    if (!node) {
+        release_later(key, key_len, token);
+        return;
+    }
+    nodes_command(node, on_written, NULL, "EVAL %s 1 %b %s %lld", compare_and_mark, lock_key.s, lock_key.n, token,
+                  (long long)ttl_ms);
     nodes_write_now(node);
     arm_timer();
 }

@@ -21,8 +21,9 @@ void redis_cancel(struct redis_ticket *t);  /* done will not be called */
 
 /* Keys are named in Redis <prefix>v3:<host>:<port>:<route>:<SHA-256 hex of key> (see
  * "Redis keys" in cache_redis.c). Cross-process coalescing: SET <that>:lock token NX PX
- * redis_lock_ttl. */
-enum redis_lock_result { REDIS_LOCK_TAKEN, REDIS_LOCK_HELD_ELSEWHERE, REDIS_LOCK_UNAVAILABLE };
+ * redis_lock_ttl; a holder whose answer could not be stored leaves the lock saying so
+ * for uncacheable_ttl (UNCACHEABLE: fetch at once, as the holder did: hit-for-miss). */
+enum redis_lock_result { REDIS_LOCK_TAKEN, REDIS_LOCK_HELD_ELSEWHERE, REDIS_LOCK_UNAVAILABLE, REDIS_LOCK_UNCACHEABLE };
 typedef void (*redis_lock_done_fn)(void *waiter, enum redis_lock_result how);
 bool redis_available(void);                 /* connected, with room for a command */
 /* Connected, and its last lookups were answered (none has waited its redis_timeout out
@@ -33,6 +34,9 @@ bool redis_answering(void);
 struct redis_ticket *redis_lock(const char *key, size_t key_len, const char *token, redis_lock_done_fn done,
                                 void *waiter);
 void redis_unlock(const char *key, size_t key_len, const char *token);   /* only if still ours */
+/* The holder's answer could not be stored: the lock (only if still ours) says so to the
+ * other processes for ttl_ms, in place of being let go. */
+void redis_lock_mark_uncacheable(const char *key, size_t key_len, const char *token, int64_t ttl_ms);
 void redis_store(const struct cache_entry *e, int64_t ttl_ms);
 /* DEL of the entry stored under this cache key (an unsafe request invalidated it); sent
  * when a connection can take it, and waited for at exit as a SET is. */

@@ -209,7 +209,9 @@ void flight_land(struct flight *f, struct cache_entry *e)
 {
     if (!f || !f->in_table)
         return;
-    if (f->holds_lock)                 /* after the entry's SET, on the same connection */
+    if (f->holds_lock && flight_is_uncacheable(f->key, f->key_len))
+        redis_lock_mark_uncacheable(f->key, f->key_len, f->token, cfg->uncacheable_ttl_ms);
+    else if (f->holds_lock)            /* after the entry's SET, on the same connection */
         redis_unlock(f->key, f->key_len, f->token);
     if (!f->detached)
         HASH_DELETE(hh, table, f);

@@ -60,7 +60,7 @@ struct redis_counters {
     _Atomic uint64_t bytes_read, bytes_written, sets;
     _Atomic uint64_t deletes, deletes_dropped;   /* entries an unsafe request invalidated */
     /* cross-process coalescing: lock attempts, and polls of an entry another process fetches */
-    _Atomic uint64_t locks, lock_waits, lock_polls;
+    _Atomic uint64_t locks, lock_waits, lock_polls, lock_uncacheable;
     _Atomic uint64_t lat[STATS_LAT_BUCKETS + 1], lat_sum_us;   /* lookups, ask to answer */
     /* behind Sentinel: masters the sentinels switched to, their failures, masters that
      * turned out not to be (ROLE, READONLY, MASTERDOWN) */

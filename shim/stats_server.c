@@ -342,7 +342,7 @@ static void render_json(struct out *o, const struct shim_config *cfg, bool exite
     }
     appendf(o, "},\"redis\":{\"configured\":%d,\"connected\":%llu,\"hits\":%llu,\"misses\":%llu,\"errors\":%llu,"
                "\"timeouts\":%llu,\"reconnects\":%llu,\"corrupt\":%llu,\"unauthenticated\":%llu,\"bytes_read\":%llu,\"bytes_written\":%llu,"
-               "\"sets\":%llu,\"deletes\":%llu,\"deletes_dropped\":%llu,\"locks\":%llu,\"lock_waits\":%llu,\"lock_polls\":%llu,", cfg->cache == CACHE_REDIS,
+               "\"sets\":%llu,\"deletes\":%llu,\"deletes_dropped\":%llu,\"locks\":%llu,\"lock_waits\":%llu,\"lock_polls\":%llu,\"lock_uncacheable\":%llu,", cfg->cache == CACHE_REDIS,
             (unsigned long long)get(&shim_redis.connected), (unsigned long long)get(&shim_redis.hits),
             (unsigned long long)get(&shim_redis.misses), (unsigned long long)get(&shim_redis.errors),
             (unsigned long long)get(&shim_redis.timeouts), (unsigned long long)get(&shim_redis.reconnects),
@@ -351,7 +351,7 @@ static void render_json(struct out *o, const struct shim_config *cfg, bool exite
             (unsigned long long)get(&shim_redis.bytes_written), (unsigned long long)get(&shim_redis.sets),
             (unsigned long long)get(&shim_redis.deletes), (unsigned long long)get(&shim_redis.deletes_dropped),
             (unsigned long long)get(&shim_redis.locks), (unsigned long long)get(&shim_redis.lock_waits),
-            (unsigned long long)get(&shim_redis.lock_polls));
+            (unsigned long long)get(&shim_redis.lock_polls), (unsigned long long)get(&shim_redis.lock_uncacheable));
     char master[sizeof shim_redis.master * 6 + 8];
     exited_json_escape(shim_redis.master, strnlen(shim_redis.master, sizeof shim_redis.master), master, sizeof master);
     appendf(o, "\"mode\":\"%s\",\"master\":\"%s\"", cfg->cache != CACHE_REDIS ? "none"
@@ -475,6 +475,8 @@ static void render_prometheus(struct out *o, const struct shim_config *cfg)
         { "lock_waits", "misses that found another process fetching the key and waited for its entry",
           offsetof(struct redis_counters, lock_waits) },
         { "lock_polls", "polls of Redis for an entry another process was fetching", offsetof(struct redis_counters, lock_polls) },
+        { "lock_uncacheable", "misses whose lock said another process's answer for the key could not be stored: fetched at once",
+          offsetof(struct redis_counters, lock_uncacheable) },
         { "failovers", "behind Sentinel: switches to another master", offsetof(struct redis_counters, failovers) },
         { "sentinel_errors", "behind Sentinel: sentinels that could not be reached or named no master",
           offsetof(struct redis_counters, sentinel_errors) },

@@ -133,6 +133,11 @@ static void on_lock_answer(void *waiter, enum redis_lock_result how)
     r->lock_ticket = NULL;
     if (how == REDIS_LOCK_TAKEN) {
         flight_lock_taken(r->lead);
+    } else if (how == REDIS_LOCK_UNCACHEABLE) {
+        /* another process's answer for the key could not be stored: fetch now, as it
+         * did, without the lock (a storable answer is still stored) */
+        atomic_fetch_add(&shim_redis.lock_uncacheable, 1);
+        flight_mark_uncacheable(r->poll_key, r->poll_key_len);
     } else if (how == REDIS_LOCK_HELD_ELSEWHERE) {
         if (!r->polls)
             atomic_fetch_add(&shim_redis.lock_waits, 1);
@@ -170,6 +175,10 @@ static void on_poll_answer(void *waiter, struct cache_entry *e)
         if (variant && (r->redis_ticket = redis_lookup(r->poll_variant, r->poll_variant_len, r->upstream,
                                                        on_poll_answer, r)))
             return;
+        e = NULL;
+    }
+    if (e && clock_wall_ms() >= e->expires_at_ms) {
+        cache_entry_release(e);        /* the expired entry the other process is fetching anew */
         e = NULL;
     }
     if (e) {                           /* the other process stored it */

@@ -1254,6 +1254,21 @@ def test_purge_every_process(cli, upstream, sockdir, tmp_path, apps):
     assert purge(cli, conf, "/nothing/*") == (0, 2)
 
 
+def test_purge_of_one_upstream_passes_over_other_services_processes(cli, upstream, upstream_b, sockdir, tmp_path,
+                                                                   apps):
+    """Two services of one user, each listing its own upstream: `purge --upstream` of one
+    purges its processes and says the other's does not list it, exit 0 (it exited 1, as
+    if the purge had failed, whenever any other service ran)."""
+    conf_a = stats_conf(tmp_path, sockdir, [(upstream, ["GET /bytes/* ttl=10m"])], name="a.conf")
+    conf_b = stats_conf(tmp_path, sockdir, [(upstream_b, ["GET /bytes/* ttl=10m"])], name="b.conf")
+    a, b = apps(conf_a, sockdir), apps(conf_b, sockdir)
+    a.get(upstream.port, "/bytes/100", n=2)
+    b.get(upstream_b.port, "/bytes/100", n=2)
+    r = run([cli, "purge", "-c", conf_a, "--upstream", label(upstream)], shim=False)
+    assert r.rc == 0 and r.out.decode().strip() == "purged 1 entries in 1 processes", r.describe()
+    assert b"1 process whose rules do not list" in r.err, r.describe()
+
+
 def test_purge_filters(cli, upstream, upstream_b, sockdir, tmp_path, apps):
     conf = stats_conf(tmp_path, sockdir, [(upstream, ["GET /bytes/* ttl=10m"]),
                                           (upstream_b, ["GET /bytes/* ttl=10m"])])

@@ -286,7 +286,7 @@ int cmd_purge(int argc, char **argv)
     url_encode(glob, eg, sizeof eg);
     snprintf(target, sizeof target, "/purge?upstream=%s&glob=%s", eu, eg);
     double purged = 0;
-    int answered = 0, failed = 0;
+    int answered = 0, failed = 0, others = 0;
     for (int i = 0; i < n; i++) {
         size_t len;
         char *text = ask(&procs[i], "POST", target, &len);
@@ -295,6 +295,8 @@ int cmd_purge(int argc, char **argv)
         if (j && !error) {
             purged += num(j, "purged");
             answered++;
+        } else if (j && json_string_value(error) && !strcmp(json_string_value(error), "no such upstream")) {
+            others++;                  /* another service's process: nothing of that upstream's to purge */
         } else if (j) {
             const char *msg = json_string_value(error);
             fprintf(stderr, "httpshim purge: pid %d: %s\n", procs[i].pid, msg ? msg : "(null)");
@@ -312,6 +314,9 @@ int cmd_purge(int argc, char **argv)
     if (cfg)
         rules_free(cfg);
     free(cfg);
+    if (others)
+        fprintf(stderr, "httpshim purge: %d process%s whose rules do not list %s: nothing of theirs purged\n", others,
+                others == 1 ? "" : "es", upstream);
     if (redis)
         printf("purged %.0f entries in %d processes and %lld keys in Redis\n", purged, answered,
                in_redis < 0 ? 0 : in_redis);
