@@ -11,6 +11,7 @@
 #include "fastpath.h"
 #include "conn.h"
 #include "http.h"
+#include "linger.h"
 #include "log.h"
 #include "loop.h"
 #include "real.h"
@@ -49,7 +50,6 @@ struct conn {
     enum conn_state state;
     bool closing;                   /* close once `out` has drained */
     bool reset_app;                 /* ... and then as a reset, not an end of file */
-    bool lingering;                 /* ended with an end of file: a write the app makes after is dropped */
     bool left_unanswered;           /* the app closed right after its request: see conn_update_events */
     bool awaiting_room;             /* a request waits until the app takes its earlier answers (conn_process) */
     /* the app's fd and its socketpair end's identity, once the engine hears it: what a
@@ -75,7 +75,6 @@ struct conn {
     /* the gate of the app's fd (fdgate.h): who may write into the pair */
     struct fdgate_engine gate;
     struct loop_timer gate_retry;   /* an app thread held the gate: write a little later */
-    struct loop_timer linger;       /* how long a lingering end waits for the app's close */
 
     struct conn *next, *prev;       /* all live conns, under the engine lock */
 };
@@ -212,7 +211,6 @@ static void conn_retire(struct conn *c, bool close_fd)
     conn_cancel_pending(c);
     conn_to(c, CS_GONE);
     loop_timer_cancel(&c->gate_retry);
-    loop_timer_cancel(&c->linger);
     fdgate_engine_shut(&c->gate);
     struct fd_entry *own = fdtable_slot(c->side.fd);
     if (own && own->owner == c)
@@ -234,43 +232,6 @@ static void conn_close(struct conn *c)
 {
     if (c->state != CS_GONE)
         conn_retire(c, true);
-}
-
-#define LINGER_MS 120000               /* the longest an ended connection waits for the app's close */
-
-static void on_linger_due(struct loop_timer *timer)
-{
-    conn_close((struct conn *)(void *)((char *)timer - offsetof(struct conn, linger)));
-}
-
-/* The answer that ends the connection is out: the app reads EOF, and a write it makes
- * after succeeds, as TCP's first write after a FIN does (closed at once, it failed with
- * EPIPE: SIGPIPE killed a client reusing a kept-alive connection just ended). That write
- * is dropped and the end is whole (the next: EPIPE, as after TCP's reset); the app's
- * close ends it too. Nothing more is answered on it, and it holds no buffers. */
-static void conn_linger(struct conn *c)
-{
-    if (!c->lingering) {
-        c->lingering = true;
-        loop_timer_cancel(&c->gate_retry);
-        fdgate_engine_shut(&c->gate);
-        buf_free(&c->side.in);
-        buf_free(&c->side.out);
-        real_shutdown(c->side.fd, SHUT_WR);
-        loop_timer_arm(&c->linger, LINGER_MS, on_linger_due);
-    }
-    loop_watch(&c->src, EPOLLIN);
-}
-
-/* The app wrote after the end, or closed: dropped, and the end is whole. */
-static void lingering_app_event(struct conn *c, uint32_t ev)
-{
-    if (!(ev & (EPOLLIN | EPOLLHUP | EPOLLERR)))
-        return;
-    for (int rounds = 0; rounds < 8; rounds++)
-        if (recv(c->side.fd, recv_scratch, sizeof recv_scratch, MSG_DONTWAIT) <= 0)
-            break;
-    conn_close(c);
 }
 
 /* Only adjusts epoll interest: safe inside libcurl's callbacks. */
@@ -304,10 +265,11 @@ static void conn_update_events(struct conn *c)
         return;
     }
     if (c->closing && !buf_len(&c->side.out) && c->state == CS_HTTP) {
-        if (c->reset_app)
-            conn_close(c);             /* (a cut answer: the app hears a reset) */
+        /* (an answer cut short is a reset, never lingered: the app hears it) */
+        if (!c->reset_app && linger_adopt(&c->src))
+            conn_retire(c, false);     /* the end is linger.c's now */
         else
-            conn_linger(c);
+            conn_close(c);
         return;
     }
     if (c->state == CS_HTTP && !c->xfer && !c->hit && !buf_len(&c->side.in) && !buf_len(&c->side.out)
@@ -729,10 +691,6 @@ void engine_take_handoffs(void)
 static void on_app_event(struct loop_source *src, uint32_t ev)
 {
     struct conn *c = (struct conn *)(void *)((char *)src - offsetof(struct conn, src));
-    if (c->lingering) {
-        lingering_app_event(c, ev);
-        return;
-    }
     if (ev & (EPOLLERR | EPOLLHUP)) {
         c->side.app_gone = true;
         buf_consume(&c->side.out, buf_len(&c->side.out));

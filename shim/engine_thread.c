@@ -12,6 +12,7 @@
 #include "fdtable.h"
 #include "flight.h"
 #include "lazylib.h"
+#include "linger.h"
 #include "log.h"
 #include "loop.h"
 #include "real.h"
@@ -264,6 +265,7 @@ void engine_atfork_child(void)
     loop_forget();
     flight_forget();
     tunnel_forget();
+    linger_forget();
     tls_front_forget();
     tls_decide_forget();
     redis_session_forget();

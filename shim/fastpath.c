@@ -209,6 +209,18 @@ static ssize_t answer_inline(const struct shim_config *cfg, int fd, struct fd_en
     return (ssize_t)n;
 }
 
+/* The app's write, which may block (a full socket, an app that reads its answers late):
+ * with the hook depth at none while it runs, as real_connect_unheld (hooks.c), so that a
+ * jump out of it (an alarm's siglongjmp) leaves none behind. */
+static ssize_t real_unheld(fastpath_real_write real, void *real_arg)
+{
+    int depth = shim_hook_depth;
+    shim_hook_depth = 0;
+    ssize_t r = real(real_arg);
+    shim_hook_depth = depth;
+    return r;
+}
+
 static ssize_t write_counted(const struct shim_config *cfg, int fd, struct fd_entry *e, const struct iovec *iov,
                              int iovcnt, fastpath_real_write real, void *real_arg, bool may_inline)
 {
@@ -221,7 +233,7 @@ static ssize_t write_counted(const struct shim_config *cfg, int fd, struct fd_en
             return (ssize_t)iov_total(iov, iovcnt);
         if (need_engine)
             need_engine(e);
-        return real(real_arg);
+        return real_unheld(real, real_arg);
     }
     if (idle && may_inline && cfg && cfg->fastpath && iovcnt > 0) {
         char flat[INLINE_HEAD_MAX];
@@ -245,7 +257,7 @@ static ssize_t write_counted(const struct shim_config *cfg, int fd, struct fd_en
      * meanwhile (an app that reads the answers on another thread waits for them to write
      * the rest: with the gate held through the write, neither side moved) */
     fdgate_app_wrote(&e->gate, held);
-    ssize_t r = real(real_arg);
+    ssize_t r = real_unheld(real, real_arg);
     saved = errno;
     fdgate_app_wrote_more(&e->gate, held);
     errno = saved;

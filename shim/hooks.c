@@ -402,6 +402,18 @@ static void probe_connected(int fd, int up, const union shim_sockaddr *dest, soc
 }
 
 
+/* A connect that may block, made inside the connect hook: with the hook depth at none
+ * while it runs (nothing of the shim's is held across it), so that a jump out of it
+ * (siglongjmp from an alarm's handler: a classic connect timeout) leaves none behind. */
+static int real_connect_unheld(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    int depth = shim_hook_depth;
+    shim_hook_depth = 0;
+    int rc = real_connect(fd, addr, len);
+    shim_hook_depth = depth;
+    return rc;
+}
+
 enum divert_result hooks_try_divert(int fd, const struct sockaddr *addr, socklen_t len, bool *nonblock,
                                      bool may_probe)
 {
@@ -462,7 +474,7 @@ enum divert_result hooks_try_divert(int fd, const struct sockaddr *addr, socklen
     union shim_sockaddr dest;
     memset(&dest, 0, sizeof dest);
     memcpy(&dest, addr, len);
-    if (real_connect(fd, addr, len) == 0) {
+    if (real_connect_unheld(fd, addr, len) == 0) {
         probe_connected(fd, up, &dest, len, &facts, held);
         return PROBE_CONNECTED;
     }
@@ -564,7 +576,7 @@ static int connect_hooked(int fd, const struct sockaddr *addr, socklen_t len)
     bool nonblock = false;
     struct fd_entry *probing = shim_in_engine ? NULL : fdtable_probing(fd);
     if (probing) {                     /* connect again on a connect in progress */
-        int rc = real_connect(fd, addr, len);
+        int rc = real_connect_unheld(fd, addr, len);
         int err = errno;
         if (rc == 0 || err == EISCONN) {
             hooks_probe_settled(fd, probing, 0);
@@ -584,7 +596,7 @@ static int connect_hooked(int fd, const struct sockaddr *addr, socklen_t len)
     case NOT_OURS:
         sockrecord_note_connected(fd);
         errno = saved;
-        return real_connect(fd, addr, len);
+        return real_connect_unheld(fd, addr, len);
     case PROBE_CONNECTED:
         errno = saved;
         return 0;
@@ -682,7 +694,11 @@ static int close_entry(int fd, struct fd_entry *e)
             forget_fd(fd, e, true);
         }
     }
-    return real_close(fd);
+    int depth = shim_hook_depth;       /* (as real_connect_unheld) */
+    shim_hook_depth = 0;
+    int rc = real_close(fd);
+    shim_hook_depth = depth;
+    return rc;
 }
 
 SHIM_EXPORT int close(int fd)
