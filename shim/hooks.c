@@ -2,9 +2,8 @@
  * spares connect its questions to the kernel, kept by sockrecord.c), connect (diverting
  * matching connects into the engine, or connecting for real while the pool is cold),
  * epoll_ctl registrations made before connect, close, dup and fcntl (keeping the fd table
- * right, never letting the app close the engine's fds), fork, setns and unshare (a thread
- * in another network namespace is never diverted: netns.c), and the library's
- * constructor. The rest of what the app asks of a diverted fd is hooks_io.c's. Everything
+ * right, never letting the app close the engine's fds), socketpair on the engine's thread,
+ * fork, and the library's constructor (setns and unshare are netns.c's). The rest of what the app asks of a diverted fd is hooks_io.c's. Everything
  * that is not a configured upstream, and every call made on the engine thread, goes
  * straight to the real functions (real.c). errno is preserved on every path that does
  * not fail. */
@@ -655,26 +654,6 @@ SHIM_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
     if (!sockrecord_note_epoll(e, epfd, op, event))
         sockrecord_note_unmovable(fd);
     return rc;
-}
-
-/* ---- network namespaces: a thread that enters another is away (netns.c) ---- */
-
-SHIM_EXPORT int setns(int fd, int nstype)
-{
-    real_bind();
-    bool net = nstype == 0 || (nstype & CLONE_NEWNET);   /* (0: whatever fd names) */
-    if (net)
-        netns_before_switch();
-    return netns_after_switch(real_setns(fd, nstype), net);
-}
-
-SHIM_EXPORT int unshare(int flags)
-{
-    real_bind();
-    bool net = (flags & CLONE_NEWNET) != 0;
-    if (net)
-        netns_before_switch();
-    return netns_after_switch(real_unshare(flags), net);
 }
 
 /* ---- close and dup: keep the table right, never let the app close engine fds ---- */

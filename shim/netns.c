@@ -1,11 +1,13 @@
-/* netns.c — owns the answer to "is this thread in the process's own network namespace".
- * A thread that enters another one (setns, unshare: hooks.c) addresses other servers by
+/* netns.c — owns the answer to "is this thread in the process's own network namespace",
+ * and the hooks that change it (setns, unshare). A thread that enters another one addresses other servers by
  * the same numbers: 127.0.0.1:8080 there is not the upstream the rules name, and a
  * connection the engine made, or an answer it cached, would be another server's. Such a
  * thread is away: its sockets and its connects are never diverted. The namespace is told
  * by the inode of /proc/thread-self/ns/net, read only when a thread switches; without
  * /proc, a thread that switched is taken to be away. */
 #include "netns.h"
+#include "real.h"
+#include <sched.h>
 #include <errno.h>
 #include <stdatomic.h>
 #include <sys/stat.h>
@@ -71,4 +73,26 @@ bool netns_thread_away(void)
 bool netns_ever_away(void)
 {
     return atomic_load_explicit(&ever_away, memory_order_relaxed) != 0;
+}
+
+/* ---- the hooks: a thread that enters another namespace is away ---- */
+
+#define SHIM_EXPORT __attribute__((visibility("default")))
+
+SHIM_EXPORT int setns(int fd, int nstype)
+{
+    real_bind();
+    bool net = nstype == 0 || (nstype & CLONE_NEWNET);   /* (0: whatever fd names) */
+    if (net)
+        netns_before_switch();
+    return netns_after_switch(real_setns(fd, nstype), net);
+}
+
+SHIM_EXPORT int unshare(int flags)
+{
+    real_bind();
+    bool net = (flags & CLONE_NEWNET) != 0;
+    if (net)
+        netns_before_switch();
+    return netns_after_switch(real_unshare(flags), net);
 }
