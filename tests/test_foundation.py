@@ -1682,4 +1682,6 @@ def test_an_app_that_never_closes_its_ended_connections_holds_few_fds_more(upstr
                 timeout=120)
         assert r.rc == 0, r.describe()
         counts.append(int(r.out.strip()))
-    assert counts[1] < counts[0] + 160, counts
+    # (the shim's own: its 64 kept ends, its 32 socketpairs made ahead, its loop's, and the
+    # closes it batches; one more per connection would be 400)
+    assert counts[1] < counts[0] + 250, counts
