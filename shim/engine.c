@@ -285,6 +285,16 @@ enum tunnel_why { TUNNEL_TLS, TUNNEL_NOT_HTTP, TUNNEL_TOO_LARGE, TUNNEL_OTHER };
 static void start_tunnel(struct conn *c, enum tunnel_why why)
 {
     fdgate_engine_shut(&c->gate);
+    if (c->side.tls_host) {
+        /* the plaintext of TLS the app encrypts itself, terminated here: a raw tunnel
+         * carried it unencrypted to the upstream's TLS port (credentials, bodies), and
+         * whatever answered there reached the app inside its verified session. It ends,
+         * as a connection whose server gave up: the app's TLS sees the end */
+        STAT_INC(c->side.upstream, tls_not_relayable);
+        shim_debug("fd %d: intercepted, not relayable as HTTP: ended, never tunnelled in plaintext", c->side.fd);
+        c->closing = true;
+        return;
+    }
     STAT_INC(c->side.upstream, tunnels);
     if (why == TUNNEL_TLS)
         STAT_INC(c->side.upstream, tunnels_tls);

@@ -22,6 +22,7 @@ struct upstream_stats {
     _Atomic uint64_t tls_intercepted, tls_handshake_failures, tls_tunnel_not_configured, tls_tunnel_no_mark;
     _Atomic uint64_t tls_tunnel_client_cert, tls_tunnel_unverified, tls_tunnel_unreadable;
     _Atomic uint64_t tls_upstream_verify_failed;   /* an HTTPS leg's certificate refused: not sent */
+    _Atomic uint64_t tls_not_relayable;            /* intercepted, not relayable as HTTP: ended, never tunnelled */
     _Atomic uint64_t evictions, expired;
     /* RFC 9111 4.4: unsafe requests whose success invalidated their target, and the
      * entries (variants, credentials, bodies of it) they removed from the memory tier */

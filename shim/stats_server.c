@@ -223,6 +223,7 @@ static const struct counter_def counters[] = {
     C(tls_tunnel_client_cert, "TLS connections tunnelled because the app presents a client certificate"),
     C(tls_tunnel_unverified, "TLS connections tunnelled because the upstream did not verify as the app would verify it"),
     C(tls_tunnel_unreadable, "TLS connections tunnelled because their ClientHello could not be read"),
+    C(tls_not_relayable, "intercepted connections whose request could not be relayed as HTTP (Upgrade, a chunked body, too many fields): ended as by a server that gave up, never tunnelled in plaintext"),
     C(tls_upstream_verify_failed, "HTTPS legs to the upstream whose certificate was refused (by libcurl, or as not what the app approved): the request was not sent"),
     C(queue_waits, "requests that waited in the pool queue for an upstream connection"),
     C(queue_timeouts, "requests given up after pool_queue_timeout in the pool queue (app connection closed)"),

@@ -36,7 +36,7 @@ COUNTERS = ("client_connections", "requests", "hits", "inline_hits", "misses", "
             "upstream_conn_reuses", "tunnels", "tunnels_tls", "tunnels_not_http", "tunnels_too_large",
             "tunnels_other", "tls_intercepted", "tls_handshake_failures",
             "tls_tunnel_not_configured", "tls_tunnel_no_mark", "tls_tunnel_client_cert", "tls_tunnel_unverified",
-            "tls_tunnel_unreadable", "tls_upstream_verify_failed", "queue_waits", "queue_timeouts", "connect_refused",
+            "tls_tunnel_unreadable", "tls_upstream_verify_failed", "tls_not_relayable", "queue_waits", "queue_timeouts", "connect_refused",
             "connect_direct_fd_limit", "connect_direct_app_socket", "connect_timeout", "connect_unreachable", "connect_other", "redis_commands", "redis_batches",
             "redis_server_opened", "redis_direct", "redis_server_lost", "redis_malformed", "redis_local_replies",
             "redis_auth_early", "redis_auth_refused_late")

@@ -4,10 +4,12 @@ HTTP over TLS that libcurl verifies (the system store plus the rule's tls_ca_fil
 TLS-tunnelled. The TLS upstream is tests/upstream.py with a certificate from a test CA
 of the test's own (tests/tlsca.py); it counts its handshakes."""
 import os
+import subprocess
 
 import pytest
 
-from conftest import BUILD, SYS_PY, JsonLineProcess, Upstream, client_env, free_port, jlines, pyclient, run, write_rules
+from conftest import (BUILD, PYCLIENTS, SYS_PY, JsonLineProcess, Upstream, client_env, free_port, jlines, kill_group,
+                      pyclient, run, wait_until, write_rules)
 from tlsca import CA
 
 HTTPSHIM = BUILD / "httpshim"
@@ -524,3 +526,91 @@ print(json.dumps(out))
     assert r.rc == 0, r.describe()
     got = jlines(r.out)[-1]
     assert got == [True] * 48, [g for g in got if g is not True]
+
+
+SNIFFER = r'''
+import socket, ssl, sys, threading
+chain, key, port_file, log = sys.argv[1:5]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(chain, key)
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(64)
+open(port_file + ".tmp", "w").write(str(ls.getsockname()[1]))
+import os; os.rename(port_file + ".tmp", port_file)
+def serve(c):
+    try:
+        c.settimeout(5)
+        first = c.recv(1, socket.MSG_PEEK)
+        if first and first != b"\x16":            # not TLS: what a raw tunnel would carry
+            data = c.recv(65536)
+            open(log, "ab").write(data)
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nINJECTED")
+            return
+        t = ctx.wrap_socket(c, server_side=True)
+        req = b""
+        while not req.endswith(b"0\r\n\r\n"):            # (the chunked body's end)
+            b = t.recv(65536)
+            if not b:
+                return
+            req += b
+        t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        t.close()
+    except OSError:
+        pass
+    finally:
+        c.close()
+while True:
+    c, _ = ls.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+'''
+
+CHUNKED_POST = r'''
+import http.client, json, ssl, sys
+sys.path.insert(0, sys.argv[4])
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+c = http.client.HTTPSConnection("localhost", int(sys.argv[2]), context=ctx, timeout=20)
+try:
+    c.request("POST", "/login", body=iter([b"password=", b"hunter2"]),
+              headers={"Authorization": "Bearer SECRET-TOKEN"})      # (an iterable body: chunked)
+    r = c.getresponse()
+    got = [r.status, r.read().decode()]
+except (OSError, http.client.HTTPException) as e:
+    got = [type(e).__name__]
+out = {"got": got}
+if sys.argv[3] != "-":
+    from ownstats import own_stats
+    out["not_relayable"] = own_stats(sys.argv[3])["upstreams"]["localhost:%s" % sys.argv[2]].get("tls_not_relayable", 0)
+print(json.dumps(out))
+'''
+
+
+def test_an_intercepted_request_that_cannot_be_relayed_never_goes_out_in_plaintext(pki, tmp_path, sockdir):
+    """A request on an intercepted connection that the shim cannot relay as HTTP (a chunked
+    body here; an Upgrade, too many fields) went to a raw tunnel, which carried the app's
+    decrypted bytes (its Authorization, its body) unencrypted to the upstream's TLS port,
+    and what answered there in plaintext reached the app inside its verified session
+    (found by an adversarial pass). It ends now, as a connection whose server gave up: the
+    app gets an error, and nothing in plaintext reaches the upstream. The upstream here
+    logs what comes in plaintext, and answers it with a forged 200."""
+    chain, key = pki["ca"].leaf(["localhost", "127.0.0.1"], stem="sniffer")
+    log, port_file = tmp_path / "plaintext.log", tmp_path / "sniffer.port"
+    srv = subprocess.Popen([SYS_PY, "-c", SNIFFER, str(chain), str(key), str(port_file), str(log)],
+                           start_new_session=True)
+    try:
+        wait_until(lambda: port_file.exists(), 10, "the sniffing upstream's port")
+        port = int(port_file.read_text())
+        conf = write_rules(tmp_path, [], name="sniff.conf", raw="[global]\nstats_socket = %s/%%p.sock\n"
+                           "[upstream localhost:%d]\ntls = intercept\ntls_ca_file = %s\n" % (sockdir, port, pki["ca"].pem))
+        d = run([SYS_PY, "-c", CHUNKED_POST, pki["ca"].pem, str(port), "-", str(PYCLIENTS)], shim=False, timeout=60)
+        assert d.rc == 0 and jlines(d.out)[0]["got"] == [200, "ok"], d.describe()
+        r = run([SYS_PY, "-c", CHUNKED_POST, pki["ca"].pem, str(port), "%s/%%p.sock" % sockdir, str(PYCLIENTS)],
+                conf=conf, timeout=60, env=SAN_ENV)
+        assert r.rc == 0, r.describe()
+        res = jlines(r.out)[0]
+        assert res["got"][0] != 200 and res["not_relayable"] == 1, res
+        assert not log.exists() or b"SECRET" not in log.read_bytes(), log.read_bytes()
+        assert not log.exists() or log.read_bytes() == b"", "plaintext reached the upstream: %r" % log.read_bytes()
+    finally:
+        kill_group(srv.pid)
+        srv.wait(10)

@@ -383,14 +383,15 @@ static void print_table(const struct snapshot *s, const struct snapshot *before)
                num(err, "upstream"), num(err, "app"), num(err, "tunnel"));
     }
     /* TLS the app encrypts itself: terminated here, or tunnelled (with every other tunnel) and why */
-    printf("\n%-24s %9s %9s %9s %9s %9s %9s %9s %9s %9s\n", "TLS", "INTERCEPT", "HS.FAIL", "TUNNELS", "NOT.CONF",
-           "NO.MARK", "CL.CERT", "UNVERIF.", "UNREAD.", "UP.REFUSE");
+    printf("\n%-24s %9s %9s %9s %9s %9s %9s %9s %9s %9s %9s\n", "TLS", "INTERCEPT", "HS.FAIL", "TUNNELS", "NOT.CONF",
+           "NO.MARK", "CL.CERT", "UNVERIF.", "UNREAD.", "UP.REFUSE", "NO.RELAY");
     for (void *it = json_object_iter(ups); it; it = json_object_iter_next(ups, it)) {
         const json_t *u = json_object_iter_value(it);
-        printf("%-24s %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f\n", json_object_iter_key(it),
+        printf("%-24s %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f\n", json_object_iter_key(it),
                num(u, "tls_intercepted"), num(u, "tls_handshake_failures"), num(u, "tunnels"),
                num(u, "tls_tunnel_not_configured"), num(u, "tls_tunnel_no_mark"), num(u, "tls_tunnel_client_cert"),
-               num(u, "tls_tunnel_unverified"), num(u, "tls_tunnel_unreadable"), num(u, "tls_upstream_verify_failed"));
+               num(u, "tls_tunnel_unverified"), num(u, "tls_tunnel_unreadable"), num(u, "tls_upstream_verify_failed"),
+               num(u, "tls_not_relayable"));
     }
     /* protocol = redis upstreams: the commands carried, and the connections it took */
     bool any_redis = false;
