@@ -58,6 +58,9 @@ static const char *const lib_names[LIB_COUNT] = { "libcrypto.so.3", "libssl.so.3
     X(LIB_CRYPTO, int, X509_STORE_add_cert, (X509_STORE *s, X509 *x), (s, x))                  \
     X(LIB_CRYPTO, int, X509_STORE_up_ref, (X509_STORE *s), (s))                                \
     X(LIB_CRYPTO, STACK_OF(X509_OBJECT) *, X509_STORE_get0_objects, (const X509_STORE *s), (s)) \
+    X(LIB_CRYPTO, X509_STORE_CTX_verify_cb, X509_STORE_get_verify_cb, (const X509_STORE *s), (s)) \
+    X(LIB_CRYPTO, X509_VERIFY_PARAM *, X509_STORE_get0_param, (const X509_STORE *s), (s))      \
+    X(LIB_CRYPTO, unsigned long, X509_VERIFY_PARAM_get_flags, (const X509_VERIFY_PARAM *p), (p)) \
     X(LIB_CRYPTO, X509_STORE_CTX *, X509_STORE_CTX_new, (void), ())                            \
     X(LIB_CRYPTO, int, X509_STORE_CTX_init,                                                    \
       (X509_STORE_CTX *c, X509_STORE *s, X509 *x, STACK_OF(X509) *chain), (c, s, x, chain))    \

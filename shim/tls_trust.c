@@ -60,8 +60,15 @@ static int add_mark(SSL *s, unsigned int type, unsigned int context, const unsig
     X509_STORE *verify_store = NULL;
     SSL_get0_verify_cert_store(s, &verify_store);
     /* a separate verification store never got the CA, and a verify callback may pin the
-     * upstream's own certificate: either would reject the shim's, so no mark */
-    if (!id || verify_store || SSL_get_verify_callback(s))
+     * upstream's own certificate: either would reject the shim's, so no mark. So does one
+     * set on the store itself (X509_STORE_set_verify_cb: the engine ran it, on its own
+     * thread with no SSL, and a callback that read its SSL crashed the process), and a
+     * check of revocation lists (the shim's leaf has none: the app refused it) */
+    const X509_STORE *store = SSL_CTX_get_cert_store(SSL_get_SSL_CTX(s));
+    unsigned long crl = X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL;
+    if (!id || verify_store || SSL_get_verify_callback(s) || !store || X509_STORE_get_verify_cb(store)
+        || (X509_VERIFY_PARAM_get_flags(SSL_get0_param(s)) & crl)
+        || (X509_VERIFY_PARAM_get_flags(X509_STORE_get0_param(store)) & crl))
         return 0;
     /* what this connection's own checks are (its host name rules, strictness flags, chain
      * depth, security level), for the engine to verify the upstream by */

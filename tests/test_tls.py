@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import (BUILD, PYCLIENTS, SYS_PY, JsonLineProcess, Upstream, client_env, free_port, jlines, kill_group,
+from conftest import (BUILD, PYCLIENTS, SANITIZER_SKIP, SYS_PY, JsonLineProcess, Upstream, client_env, free_port, jlines, kill_group,
                       pyclient, run, wait_until, write_rules)
 from tlsca import CA
 
@@ -614,3 +614,34 @@ def test_an_intercepted_request_that_cannot_be_relayed_never_goes_out_in_plainte
     finally:
         kill_group(srv.pid)
         srv.wait(10)
+
+
+CRL_CLIENT = r'''
+import json, ssl, sys, urllib.request
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+try:
+    r = urllib.request.urlopen(sys.argv[2], context=ctx, timeout=20)
+    print(json.dumps([r.status, len(r.read())]))
+except OSError as e:
+    print(json.dumps([type(e).__name__, str(e)[:200]]))
+'''
+
+
+def test_an_app_that_checks_revocation_lists_is_tunnelled(tls_upstream, pki, tmp_path, sockdir):
+    """A client that checks revocation lists (VERIFY_CRL_CHECK_LEAF, curl's --crlfile) with
+    one that revokes nothing: direct, it succeeds. Intercepted, the shim's own leaf has no
+    list, and the app refused it ("unable to get certificate CRL") where direct it
+    succeeds: such a connection is not marked now, so it is tunnelled, and works."""
+    conf = intercept_conf(tmp_path, tls_upstream, pki["ca"].pem, sockdir)
+    trust = pki["ca"].empty_crl()
+    url = tls_upstream.url("/custom/crl?tag=crl&n=300", host="localhost")
+    for shim in (False, True):
+        r = run([SYS_PY, "-c", CRL_CLIENT, str(trust), url], shim=shim, conf=conf if shim else None, timeout=60,
+                env=SAN_ENV)
+        assert r.rc == 0 and jlines(r.out)[0] == [200, 300], r.describe()
+    if "curl" not in SANITIZER_SKIP:   # (curl loads its CA and the list after its ClientHello)
+        for shim in (False, True):
+            r = run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(pki["ca"].pem), "--crlfile",
+                     str(trust), url], shim=shim, conf=conf if shim else None, timeout=60)
+            assert r.rc == 0 and r.out == b"200", r.describe()

@@ -43,6 +43,16 @@ class CA(object):
         self.pem.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
         self.chain_tail = self.pem.read_bytes() if parent else b""   # what a leaf's chain carries after it
 
+    def empty_crl(self, stem="crl"):
+        """A PEM file with this CA's certificate and a revocation list of it that revokes
+        nothing (for a client that checks revocation: it trusts, and needs, both)."""
+        now = datetime.datetime.now(datetime.timezone.utc)
+        crl = (x509.CertificateRevocationListBuilder().issuer_name(self.name).last_update(now - datetime.timedelta(hours=1))
+               .next_update(now + datetime.timedelta(days=1)).sign(self.key, hashes.SHA256()))
+        path = self.dir / ("%s.pem" % stem)
+        path.write_bytes(self.pem.read_bytes() + crl.public_bytes(serialization.Encoding.PEM))
+        return path
+
     def leaf(self, names, stem="leaf", expired=False, client=False, rsa_bits=None, key_id=True, san=True):
         """(chain.pem, key.pem) for names (DNS names or IP literals), signed by this CA; with
         rsa_bits an RSA key of that size instead of P-256, without key_id no Authority Key
