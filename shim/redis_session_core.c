@@ -98,8 +98,11 @@ void rs_update(struct rsession *s)
     /* the server hears the end, answers what it read, and closes, as direct: a command of
      * the app's still blocked there (BLPOP 0) is dropped, never left to take an item for no
      * one (a lent connection's: once every command the app wrote has gone to it) */
+    /* (behind a blocked command nothing the app wrote after it would run direct: what is
+     * held for a local answer, CLIENT GETNAME after a BLPOP, does not keep the end back) */
+    bool blocked = s->client.lent && s->client.inflight && s->client.pin_reason == RPOOL_PIN_BLOCKING;
     if (s->app_eof && !s->eof_passed
-        && (s->client.raw
+        && (s->client.raw || blocked
             || (s->client.lent && s->client.inflight && !s->has_held && !s->waiting_verdict
                 && resp_stream_pending_command(&s->cmds) == 0))) {
         s->eof_passed = true;

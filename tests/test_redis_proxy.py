@@ -1237,9 +1237,13 @@ def test_an_app_that_closes_while_blocked_takes_nothing(redis, tmp_path, sockdir
         redis, tmp_path, sockdir,
         "import os, time\nfrom resp import encode\nk = 'blk:%d' % os.getpid()\nA, B = conn(port), conn(port)\n"
         "A[0].sendall(encode(['BLPOP', k, '0'])); time.sleep(0.3); A[0].close(); time.sleep(0.5)\n"
-        "pushed = on(B, 'RPUSH', k, 'job'); time.sleep(0.3)",
-        "[pushed, on(B, 'LLEN', k)]")
-    assert got == [1, 1], got
+        "pushed = on(B, 'RPUSH', k, 'job'); time.sleep(0.3)\n"
+        "C = conn(port)    # (a command the shim answers itself, held behind the block, then more)\n"
+        "C[0].sendall(encode(['BLPOP', k + 'c', '0']) + encode(['CLIENT', 'GETNAME']) + encode(['INCR', k + 'n']))\n"
+        "time.sleep(0.15); C[0].close(); time.sleep(0.3)\n"
+        "pushed_c = on(B, 'RPUSH', k + 'c', 'job'); time.sleep(0.15)",
+        "[pushed, on(B, 'LLEN', k), pushed_c, on(B, 'LLEN', k + 'c'), as_text(on(B, 'GET', k + 'n'))]")
+    assert got == [1, 1, 1, 1, None], got
 
 
 def test_script_kill_ends_a_script_another_app_runs(redis, tmp_path, sockdir):
