@@ -597,12 +597,10 @@ struct redis_ticket *redis_lock(const char *key, size_t key_len, const char *tok
     return t;
 }
 
-/* Deletes the lock only while it still holds our token: one that expired and was taken
- * by another process is theirs. */
-void redis_unlock(const char *key, size_t key_len, const char *token)
+/* Runs a compare-and-act script on the key's lock, only while it still holds our token (one
+ * that expired and was taken by another process is theirs): px >= 0 is passed on. */
+static void on_own_lock(const char *key, size_t key_len, const char *token, const char *script, int64_t px)
 {
-    static const char compare_and_delete[] =
-        "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
     if (!R.cfg)
         return;
     struct redis_key lock_key;
@@ -612,29 +610,26 @@ void redis_unlock(const char *key, size_t key_len, const char *token)
         release_later(key, key_len, token);
         return;
     }
-    nodes_command(node, on_written, NULL, "EVAL %s 1 %b %s", compare_and_delete, lock_key.s, lock_key.n, token);
+    if (px >= 0)
+        nodes_command(node, on_written, NULL, "EVAL %s 1 %b %s %lld", script, lock_key.s, lock_key.n, token,
+                      (long long)px);
+    else
+        nodes_command(node, on_written, NULL, "EVAL %s 1 %b %s", script, lock_key.s, lock_key.n, token);
     nodes_write_now(node);
     arm_timer();
 }
 
+void redis_unlock(const char *key, size_t key_len, const char *token)
+{
+    on_own_lock(key, key_len, token,
+                "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end", -1);
+}
+
 void redis_lock_mark_uncacheable(const char *key, size_t key_len, const char *token, int64_t ttl_ms)
 {
-    static const char compare_and_mark[] =
-        "if redis.call('get', KEYS[1]) == ARGV[1] then "
-        "return redis.call('set', KEYS[1], 'uncacheable', 'PX', ARGV[2]) else return 0 end";
-    if (!R.cfg)
-        return;
-    struct redis_key lock_key;
-    redis_key_of(key, key_len, true, &lock_key);
-    struct redis_node *node = nodes_for_key(lock_key.s, lock_key.n, 1, false);
-    if (!node) {
-        release_later(key, key_len, token);
-        return;
-    }
-    nodes_command(node, on_written, NULL, "EVAL %s 1 %b %s %lld", compare_and_mark, lock_key.s, lock_key.n, token,
-                  (long long)ttl_ms);
-    nodes_write_now(node);
-    arm_timer();
+    on_own_lock(key, key_len, token,
+                "if redis.call('get', KEYS[1]) == ARGV[1] then "
+                "return redis.call('set', KEYS[1], 'uncacheable', 'PX', ARGV[2]) else return 0 end", ttl_ms);
 }
 
 void redis_cancel(struct redis_ticket *t)

@@ -229,7 +229,8 @@ static ssize_t write_counted(const struct shim_config *cfg, int fd, struct fd_en
     if (!fdgate_app_hold(&e->gate, &held, &idle)) {
         /* (a C client reusing a kept-alive connection the server had just ended was killed
          * by SIGPIPE here, where direct its write succeeds and its read says EOF) */
-        if (iovcnt > 0 && atomic_exchange(&e->takes_one_more_write, 0))
+        if (iovcnt > 0 && atomic_load_explicit(&e->takes_one_more_write, memory_order_relaxed)
+            && atomic_exchange(&e->takes_one_more_write, 0))   /* (a plain load for every other write) */
             return (ssize_t)iov_total(iov, iovcnt);
         if (need_engine)
             need_engine(e);

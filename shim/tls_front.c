@@ -390,9 +390,7 @@ static int chain_trusted(X509_STORE *store, const struct tls_app_view *view, X50
      * refused it), or a verify callback set on the store (the app's code: run here, on the
      * engine's thread with no SSL, one that read its SSL crashed the process), loaded with
      * the app's trust after its ClientHello (curl's --crlfile): its connection is its own */
-    unsigned long crl = X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL;
-    if (X509_STORE_get_verify_cb(store) || (X509_VERIFY_PARAM_get_flags(X509_STORE_get0_param(store)) & crl)
-        || (view->param && (X509_VERIFY_PARAM_get_flags(view->param) & crl))) {
+    if (tls_marks_checks_beyond_the_shim(store, view->param)) {
         shim_debug("the app's connection to %s checks revocation, or verifies through a callback: tunnelled", name);
         return 0;
     }

@@ -149,3 +149,10 @@ X509_STORE *tls_marks_store(const unsigned char mark[TLS_MARK_LEN])
     pthread_mutex_unlock(&lock);
     return store;
 }
+
+bool tls_marks_checks_beyond_the_shim(const X509_STORE *store, const X509_VERIFY_PARAM *param)
+{
+    unsigned long crl = X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL;
+    return X509_STORE_get_verify_cb(store) || (X509_VERIFY_PARAM_get_flags(X509_STORE_get0_param(store)) & crl)
+           || (param && (X509_VERIFY_PARAM_get_flags(param) & crl));
+}

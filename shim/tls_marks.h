@@ -35,6 +35,11 @@ uint64_t tls_marks_hello_add(X509_VERIFY_PARAM *param, int sec_level);
 /* The view of the hello this mark came with, taken out (the caller frees its param):
  * false when there is none (not this process's, already taken, or pushed out). */
 bool tls_marks_take_view(const unsigned char mark[TLS_MARK_LEN], struct tls_app_view *out);
+/* Whether an app's connection verifying with this store and these parameters checks what
+ * the shim's own leaf cannot pass, or runs the app's code: revocation lists (the leaf has
+ * none), a verify callback on the store (the app's, which must not run on the engine's
+ * thread, where it has no SSL). Such a connection is not the shim's to answer. */
+bool tls_marks_checks_beyond_the_shim(const X509_STORE *store, const X509_VERIFY_PARAM *param);
 /* The store of the context whose mark this is (a new reference), or NULL: not a mark of
  * this process, or a context since freed. */
 X509_STORE *tls_marks_store(const unsigned char mark[TLS_MARK_LEN]);

@@ -65,10 +65,8 @@ static int add_mark(SSL *s, unsigned int type, unsigned int context, const unsig
      * thread with no SSL, and a callback that read its SSL crashed the process), and a
      * check of revocation lists (the shim's leaf has none: the app refused it) */
     const X509_STORE *store = SSL_CTX_get_cert_store(SSL_get_SSL_CTX(s));
-    unsigned long crl = X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL;
-    if (!id || verify_store || SSL_get_verify_callback(s) || !store || X509_STORE_get_verify_cb(store)
-        || (X509_VERIFY_PARAM_get_flags(SSL_get0_param(s)) & crl)
-        || (X509_VERIFY_PARAM_get_flags(X509_STORE_get0_param(store)) & crl))
+    if (!id || verify_store || SSL_get_verify_callback(s) || !store
+        || tls_marks_checks_beyond_the_shim(store, SSL_get0_param(s)))
         return 0;
     /* what this connection's own checks are (its host name rules, strictness flags, chain
      * depth, security level), for the engine to verify the upstream by */
