@@ -109,6 +109,8 @@ static const char *const lib_names[LIB_COUNT] = { "libcrypto.so.3", "libssl.so.3
     X(LIB_SSL, long, SSL_CTX_ctrl, (SSL_CTX *c, int cmd, long larg, void *parg), (c, cmd, larg, parg)) \
     X(LIB_SSL, long, SSL_ctrl, (SSL *s, int cmd, long larg, void *parg), (s, cmd, larg, parg))   \
     X(LIB_SSL, SSL_verify_cb, SSL_get_verify_callback, (const SSL *s), (s))                    \
+    X(LIB_SSL, int, SSL_get_wfd, (const SSL *s), (s))                                          \
+    X(LIB_SSL, const char *, SSL_get_servername, (const SSL *s, const int type), (s, type))     \
     X(LIB_SSL, X509_VERIFY_PARAM *, SSL_get0_param, (SSL *s), (s))                             \
     X(LIB_SSL, int, SSL_get_security_level, (const SSL *s), (s))                               \
     X(LIB_SSL, int, SSL_version, (const SSL *s), (s))                                          \

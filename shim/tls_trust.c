@@ -1,7 +1,8 @@
 /* tls_trust.c — owns the trust the app's OpenSSL contexts place in the shim's CA, inside
  * this process only: the interposed SSL_CTX_new, which adds the CA to a client
  * context's store and a private ClientHello extension that marks the context (with a
- * number that tls_marks.c maps back to the context's own store), and the interposed store
+ * number that tls_marks.c maps back to the context's own store) in the hellos bound for
+ * an intercepting upstream, and no other, and the interposed store
  * swaps, which add the CA again and follow the new store. Only while some upstream is
  * configured `tls = intercept`, only for libssl.so.3, never for server-only contexts or
  * the engine's own (libcurl's); a connection that presents a client certificate says so
@@ -12,14 +13,17 @@
  * would verify it. Unversioned definitions satisfy the app's versioned references
  * (SSL_CTX_new@OPENSSL_3.0.0) because the library defines no versions of its own. */
 #include "config.h"
+#include "fdtable.h"
 #include "lazyssl.h"
 #include "real.h"
 #include "tls_ca.h"
 #include "tls_marks.h"
+#include <arpa/inet.h>
 #include <openssl/ssl.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #define SHIM_EXPORT __attribute__((visibility("default")))
 
@@ -47,6 +51,40 @@ static uint64_t mark_of(const SSL_CTX *ctx)
     return mark_index >= 0 ? (uint64_t)(uintptr_t)SSL_CTX_get_ex_data(ctx, mark_index) : 0;
 }
 
+static bool intercepting_upstream(const struct shim_config *cfg, int upstream)
+{
+    return cfg && upstream >= 0 && (size_t)upstream < cfg->n_upstreams
+           && cfg->upstreams[upstream].tls == TLS_INTERCEPT;
+}
+
+/* Whether this ClientHello may be going to an upstream the shim intercepts: the mark is a
+ * stable per-process value and a change to the client's fingerprint, not for other hosts.
+ * A hello written to a socket goes where that socket was connected; one written into a
+ * memory BIO (asyncio, an app's own transport) is judged by its server name, and without
+ * one it is marked only while some intercepting upstream is named by its address. */
+static bool bound_for_interception(SSL *s)
+{
+    const struct shim_config *cfg = config_get();
+    int fd = SSL_get_wfd(s);
+    if (fd >= 0) {
+        const struct fd_entry *e = fdtable_diverted(fd);
+        if (!e)
+            e = fdtable_probing(fd);
+        return e && intercepting_upstream(cfg, e->upstream);
+    }
+    const char *name = SSL_get_servername(s, TLSEXT_NAMETYPE_host_name);
+    unsigned char addr[sizeof(struct in6_addr)];
+    for (size_t i = 0; cfg && i < cfg->n_upstreams; i++) {
+        const char *host = cfg->upstreams[i].host;
+        if (!intercepting_upstream(cfg, (int)i))
+            continue;
+        bool literal = inet_pton(AF_INET, host, addr) == 1 || inet_pton(AF_INET6, host, addr) == 1;
+        if (name ? !strcasecmp(name, host) : literal)
+            return true;
+    }
+    return false;
+}
+
 static int add_mark(SSL *s, unsigned int type, unsigned int context, const unsigned char **out, size_t *outlen,
                     X509 *x, size_t chainidx, int *al, void *arg)
 {
@@ -66,7 +104,7 @@ static int add_mark(SSL *s, unsigned int type, unsigned int context, const unsig
      * check of revocation lists (the shim's leaf has none: the app refused it) */
     const X509_STORE *store = SSL_CTX_get_cert_store(SSL_get_SSL_CTX(s));
     if (!id || verify_store || SSL_get_verify_callback(s) || !store
-        || tls_marks_checks_beyond_the_shim(store, SSL_get0_param(s)))
+        || tls_marks_checks_beyond_the_shim(store, SSL_get0_param(s)) || !bound_for_interception(s))
         return 0;
     /* what this connection's own checks are (its host name rules, strictness flags, chain
      * depth, security level), for the engine to verify the upstream by */

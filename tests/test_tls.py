@@ -645,3 +645,88 @@ def test_an_app_that_checks_revocation_lists_is_tunnelled(tls_upstream, pki, tmp
             r = run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(pki["ca"].pem), "--crlfile",
                      str(trust), url], shim=shim, conf=conf if shim else None, timeout=60)
             assert r.rc == 0 and r.out == b"200", r.describe()
+
+
+HELLO_SNIFFER = r'''
+import json, socket, struct, sys, os
+port_file, log = sys.argv[1], sys.argv[2]
+ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(16)
+open(port_file + ".tmp", "w").write(str(ls.getsockname()[1])); os.rename(port_file + ".tmp", port_file)
+def hello_extensions(c):
+    data = b""
+    while len(data) < 5 or len(data) < 5 + struct.unpack("!H", data[3:5])[0]:
+        b = c.recv(65536)
+        if not b:
+            return None
+        data += b
+    body = data[5 + 4:]                        # (record header, handshake header)
+    i = 2 + 32
+    i += 1 + body[i]                           # session id
+    i += 2 + struct.unpack("!H", body[i:i + 2])[0]   # cipher suites
+    i += 1 + body[i]                           # compression methods
+    end = i + 2 + struct.unpack("!H", body[i:i + 2])[0]
+    i += 2
+    types, name = [], ""
+    while i + 4 <= end:
+        t, n = struct.unpack("!HH", body[i:i + 4])
+        if t == 0:
+            name = body[i + 4 + 5:i + 4 + n].decode()
+        types.append(t)
+        i += 4 + n
+    return {"sni": name, "types": types}
+for _ in range(50):
+    c, _ = ls.accept()
+    c.settimeout(10)
+    try:
+        seen = hello_extensions(c)
+    except (OSError, struct.error, IndexError):
+        seen = None
+    open(log, "a").write(json.dumps(seen) + "\n")
+    c.close()
+'''
+
+HELLO_CLIENT = r'''
+import asyncio, socket, ssl, sys
+ca, port = sys.argv[1], int(sys.argv[2])
+ctx = ssl.create_default_context(cafile=ca)
+try:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        ctx.wrap_socket(s, server_hostname="localhost")
+except (OSError, ssl.SSLError):
+    pass
+async def through_memory(name):                # asyncio: the hello is written into a memory BIO
+    try:
+        _, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=name), 10)
+        w.close()
+    except (OSError, ssl.SSLError, asyncio.TimeoutError):
+        pass
+for name in sys.argv[3:]:
+    asyncio.run(through_memory(name))
+'''
+
+
+def test_the_mark_goes_only_to_intercepted_upstreams(tls_upstream, pki, tmp_path, sockdir):
+    """The private ClientHello extension that marks the app's contexts went into every
+    hello of a marked context, to hosts the rules do not list too: a stable per-process
+    value any server could read, and a change to the app's TLS fingerprint (found by an
+    adversarial pass). A hello written to a socket carries it only where that socket was
+    diverted to an intercepting upstream now; one written into a memory BIO (asyncio) only
+    when its server name is an intercepting upstream's. The sniffer (a port the rules do
+    not list) logs each hello's extensions: the memory-BIO hello named like the listed
+    upstream is the control that shows the mark would be seen."""
+    conf = intercept_conf(tmp_path, tls_upstream, pki["ca"].pem, sockdir)
+    log, port_file = tmp_path / "hellos.log", tmp_path / "sniffer.port"
+    srv = subprocess.Popen([SYS_PY, "-c", HELLO_SNIFFER, str(port_file), str(log)], start_new_session=True)
+    try:
+        wait_until(lambda: port_file.exists(), 10, "the sniffer's port")
+        r = run([SYS_PY, "-c", HELLO_CLIENT, pki["ca"].pem, port_file.read_text(), "elsewhere.test", "localhost"],
+                conf=conf, timeout=60, env=SAN_ENV)
+        assert r.rc == 0, r.describe()
+        wait_until(lambda: log.exists() and len(log.read_text().splitlines()) == 3, 10, "three hellos")
+        hellos = jlines(log.read_bytes())
+        assert [h["sni"] for h in hellos] == ["localhost", "elsewhere.test", "localhost"], hellos
+        marked = [0xffa7 in h["types"] for h in hellos]
+        assert marked == [False, False, True], hellos
+    finally:
+        kill_group(srv.pid)
+        srv.wait(10)
