@@ -21,7 +21,7 @@ const char *const cache_not_stored_names[NS__COUNT] = {
     [NS_PRIVATE] = "private", [NS_SET_COOKIE] = "set_cookie", [NS_VARY_STAR] = "vary_star",
     [NS_TOO_LARGE] = "too_large", [NS_INCOMPLETE] = "incomplete", [NS_UNFRAMED] = "unframed",
     [NS_ZERO_TTL] = "zero_ttl", [NS_NO_MEMORY] = "no_memory", [NS_MISFRAMED] = "misframed",
-    [NS_TRAILERS] = "trailers", [NS_OBS_FOLD] = "obs_fold", [NS_INVALIDATED] = "invalidated",
+    [NS_TRAILERS] = "trailers", [NS_OBS_FOLD] = "obs_fold", [NS_INVALIDATED] = "invalidated", [NS_HOP_FIELDS] = "hop_fields",
 };
 
 
@@ -484,6 +484,14 @@ static int64_t http_date_ms(struct http_slice v)
     return t < 0 ? 0 : (int64_t)(t > 9000000000000LL ? 9000000000000LL : t) * 1000;
 }
 
+/* A lifetime said twice (two max-age, two Expires lines): RFC 9111 4.2.1 allows the first
+ * or "stale"; the least of them is one or the other, and never longer than the first. */
+static void keep_least(int64_t *said, int64_t value)
+{
+    if (*said < 0 || value < *said)
+        *said = value;
+}
+
 void cache_policy_header(struct response_policy *p, struct http_slice name, struct http_slice value)
 {
     if (http_slice_ieq(name, "cache-control")) {
@@ -516,22 +524,22 @@ void cache_policy_header(struct response_policy *p, struct http_slice name, stru
             else if (http_slice_ieq(d, "no-cache"))
                 p->no_cache = true;
             else if (http_slice_ieq(d, "max-age") && arg)
-                p->max_age_s = seconds_value(arg, arg_n);
+                keep_least(&p->max_age_s, seconds_value(arg, arg_n));
             else if (http_slice_ieq(d, "s-maxage") && arg)
-                p->s_maxage_s = seconds_value(arg, arg_n);
+                keep_least(&p->s_maxage_s, seconds_value(arg, arg_n));
             else if (http_slice_ieq(d, "must-revalidate") || http_slice_ieq(d, "proxy-revalidate"))
                 p->must_revalidate = true;
             else if (http_slice_ieq(d, "stale-while-revalidate") && arg)
-                p->swr_s = seconds_value(arg, arg_n);
+                keep_least(&p->swr_s, seconds_value(arg, arg_n));
             else if (http_slice_ieq(d, "stale-if-error") && arg)
-                p->sie_s = seconds_value(arg, arg_n);
+                keep_least(&p->sie_s, seconds_value(arg, arg_n));
         }
     } else if (http_slice_ieq(name, "set-cookie") || http_slice_ieq(name, "set-cookie2")) {
         p->set_cookie = true;
     } else if (http_slice_ieq(name, "vary")) {
         p->vary_star |= http_list_has_token(value, "*");
     } else if (http_slice_ieq(name, "expires")) {
-        p->expires_ms = http_date_ms(value);
+        keep_least(&p->expires_ms, http_date_ms(value));
     } else if (http_slice_ieq(name, "date")) {
         int64_t date = http_date_ms(value);
         p->date_ms = date > 0 ? date : -1;   /* an invalid Date: the time it arrived (RFC 9110 6.6.1) */

@@ -73,7 +73,7 @@ size_t cache_variant_key(const char *key, size_t key_len, const char *vary, size
 
 enum not_stored_reason {
     NS_NONE = 0, NS_METHOD, NS_STATUS, NS_NO_STORE, NS_PRIVATE, NS_SET_COOKIE, NS_VARY_STAR,
-    NS_TOO_LARGE, NS_INCOMPLETE, NS_UNFRAMED, NS_ZERO_TTL, NS_NO_MEMORY, NS_MISFRAMED, NS_TRAILERS, NS_OBS_FOLD, NS_INVALIDATED, NS__COUNT
+    NS_TOO_LARGE, NS_INCOMPLETE, NS_UNFRAMED, NS_ZERO_TTL, NS_NO_MEMORY, NS_MISFRAMED, NS_TRAILERS, NS_OBS_FOLD, NS_INVALIDATED, NS_HOP_FIELDS, NS__COUNT
 };
 extern const char *const cache_not_stored_names[NS__COUNT];
 

@@ -75,6 +75,25 @@ bool http_is_hop_by_hop(struct http_slice name)
     return false;
 }
 
+/* A Connection value that names a field beyond the hop-by-hop ones the shim drops anyway
+ * (Apache's "Connection: Upgrade" with its Upgrade offer is common, and harmless). */
+bool http_connection_names_fields(struct http_slice value)
+{
+    for (size_t i = 0; i < value.n;) {
+        while (i < value.n && (value.p[i] == ' ' || value.p[i] == '\t' || value.p[i] == ','))
+            i++;
+        size_t start = i;
+        while (i < value.n && value.p[i] != ',')
+            i++;
+        struct http_slice token = { value.p + start, i - start };
+        while (token.n && (token.p[token.n - 1] == ' ' || token.p[token.n - 1] == '\t'))
+            token.n--;
+        if (token.n && !http_is_hop_by_hop(token) && !http_slice_ieq(token, "close"))
+            return true;
+    }
+    return false;
+}
+
 bool http_looks_like_request(const char *buf, size_t len)
 {
     size_t i = 0;

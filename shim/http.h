@@ -45,6 +45,8 @@ bool http_slice_ieq(struct http_slice s, const char *lit);
 bool http_is_hop_by_hop(struct http_slice name);
 /* Whether `token` appears in a comma-separated header value (case-insensitive). */
 bool http_list_has_token(struct http_slice value, const char *token);
+/* A Connection value naming a field beyond the hop-by-hop ones (and "close"). */
+bool http_connection_names_fields(struct http_slice value);
 bool http_method_is(const struct http_request *req, const char *m);
 /* The Connection header a response to this request carries ("" when none is needed),
  * and whether the connection must close after it. */

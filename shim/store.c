@@ -500,7 +500,7 @@ static void sink_unstorable(struct upstream_sink *s, enum sink_unstorable why)
 {
     struct store_writer *w = writer_of(s);
     if (!w->stored)                    /* (only a chunked body has trailers: stored at its end) */
-        not_stored(w, why == SINK_FOLDED ? NS_OBS_FOLD : NS_TRAILERS, false);
+        not_stored(w, why == SINK_FOLDED ? NS_OBS_FOLD : why == SINK_HOP_FIELDS ? NS_HOP_FIELDS : NS_TRAILERS, false);
 }
 
 static bool sink_wanted(struct upstream_sink *s)

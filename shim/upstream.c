@@ -378,10 +378,12 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
         return len;                    /* re-emitted once framing is decided */
     t->last_line = LAST_DROPPED;
     if (http_slice_ieq(name, "connection")) {
-        if (http_list_has_token(value, "close"))
-            t->upstream_closes = true;
-        else if (http_list_has_token(value, "keep-alive"))
-            t->upstream_closes = false;
+        bool closes = http_list_has_token(value, "close");
+        if (closes || http_list_has_token(value, "keep-alive"))
+            t->upstream_closes = closes;
+        /* fields it names are for this connection (RFC 9110 7.6.1): relayed, never stored */
+        if (t->sink && t->status / 100 != 1 && http_connection_names_fields(value))
+            t->sink->ops->unstorable(t->sink, SINK_HOP_FIELDS);
     }
     if (http_is_hop_by_hop(name))
         return len;

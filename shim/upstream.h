@@ -18,7 +18,7 @@ enum sink_verdict {
     SINK_ABSORB,                    /* a 304 to the sink's validators: relay nothing, end ABSORBED */
     SINK_FAIL,                      /* fail the exchange now, before anything reaches the app */
 };
-enum sink_unstorable { SINK_HAD_TRAILERS, SINK_FOLDED };
+enum sink_unstorable { SINK_HAD_TRAILERS, SINK_FOLDED, SINK_HOP_FIELDS };
 enum sink_end {
     SINK_WHOLE,                     /* the response arrived whole (libcurl: done, no error) */
     SINK_FAILED,                    /* the upstream failed, or the response was cut short */

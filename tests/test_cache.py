@@ -757,6 +757,28 @@ def test_respect_cache_control(upstream, tmp_path):
             "Age of a hit stored %.1f s earlier (test clock): %s\n%s" % (TTL_SLEEP, age, p.describe())
 
 
+def test_heads_that_say_more_than_a_stored_answer_may_keep(upstream, tmp_path):
+    """Found by an adversarial pass. A lifetime said twice (`max-age=0, max-age=100`, on one
+    line or two) under respect_cache_control was stored for the last one, 100 s: RFC 9111
+    4.2.1 allows the first occurrence or "stale", and the least of them is one of those.
+    A response whose Connection header names a field (`Connection: X-Secret`, then
+    `X-Secret: s1`) was stored with the field and replayed it on every hit: such a field is
+    for that one connection (RFC 9110 7.6.1), so it is relayed, as direct, and never stored
+    (`not_stored.hop_fields`). Apache's `Connection: Upgrade` beside its Upgrade offer names
+    only a hop-by-hop field: stored, as before."""
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=10m respect_cache_control=yes")
+    one_line = "/custom?tag=d1&h=Cache-Control:max-age%3D0%2C%20max-age%3D100"
+    two_lines = "/custom?tag=d2&h=Cache-Control:max-age%3D0&h=Cache-Control:max-age%3D100"
+    both_long = "/custom?tag=d3&h=Cache-Control:max-age%3D100%2C%20max-age%3D600"
+    named = "/custom?tag=cn&h=Connection:X-Secret&h=X-Secret:s1"
+    upgrade = "/custom?tag=up&h=Upgrade:h2c&h=Connection:Upgrade"
+    p = play(tmp_path, conf, [get(upstream, t) for t in
+                              (one_line, one_line, two_lines, two_lines, both_long, both_long, named, named,
+                               upgrade, upgrade)])
+    assert_sources(p, upstream, "aAbBccdDee")
+    assert hdrs(p.resps[6], "X-Secret") == ["s1"], p.describe()
+
+
 def test_vary_accept_encoding(upstream, tmp_path):
     conf = simple_conf(tmp_path, upstream)
     t = "/custom?tag=vary&h=Vary:Accept-Encoding&n=400"

@@ -45,7 +45,7 @@ GAUGES = ("redis_server_open", "redis_pinned_multi", "redis_pinned_watch", "redi
 POOL = ("pool_idle", "pool_busy", "pool_waiting")
 REASONS = ("method", "status", "no_store", "private", "set_cookie", "vary_star",
            "too_large", "incomplete", "unframed", "zero_ttl", "no_memory", "misframed", "trailers", "obs_fold",
-           "invalidated")
+           "invalidated", "hop_fields")
 ERROR_KINDS = ("upstream", "app", "tunnel")
 HISTS = ("hit_latency_seconds", "miss_latency_seconds", "queue_wait_seconds")
 ENGINE = ("sleeps", "polls", "polls_paid", "poll_seconds")   # httpshim_engine_*_total and /stats "engine"
