@@ -96,6 +96,7 @@ static void on_reply(struct rpool_client *c, const char *p, size_t n)
     if (s->learning_len)
         learn(s, p, n);
     s->replied++;
+    s->logged_in |= n && p[0] != '-' && p[0] != '!';   /* (an arity error comes before the login's) */
     redis_txn_reply(&s->txn, s->replied, p, n);
     rs_answer(s, p, n);
     if (c->lent && redis_txn_clean(&s->txn) && !c->inflight)
@@ -106,10 +107,30 @@ static void on_reply(struct rpool_client *c, const char *p, size_t n)
 
 static void take_identity(struct rsession *s, struct rpool_ident *id, bool hello, bool known);
 
+/* A new connection for a session's database or protocol was refused its login, which the
+ * server took for this app's connection before and would still honour there: the shim
+ * cannot log a connection in as it any more. The app's connection ends, as a reset: an
+ * error to its SELECT would leave what it pipelined behind it to run in the old database,
+ * and direct the SELECT succeeds. */
+static bool login_lost(const struct rsession *s, const char *err, size_t n)
+{
+    bool refused = (n >= 10 && !memcmp(err, "-WRONGPASS", 10)) || (n >= 7 && !memcmp(err, "-NOAUTH", 7));
+    return refused && !s->pending_says_password && s->logged_in;
+}
+
 static void on_verified(struct rpool_client *c, bool ok, const char *err, size_t n)
 {
     struct rsession *s = of_client(c);
     s->waiting_verdict = false;
+    if (!ok && login_lost(s, err, n)) {
+        shim_debug("fd %d: redis: a new connection for its database or protocol was refused the login it has: "
+                   "closed, as a reset", s->src.fd);
+        STAT_INC(s->client.upstream, redis_auth_refused_late);
+        rpool_ident_put(s->pending_id);
+        s->pending_id = NULL;
+        rs_close(s);
+        return;
+    }
     if (ok) {
         take_identity(s, s->pending_id, s->hello_pending, false);
     } else {
@@ -168,6 +189,7 @@ static void on_check_reply(struct rpool_client *c, const char *p, size_t n)
         if (no_pass)   /* a new connection runs commands (a refusal kept is old) */
             keep_open(s->client.upstream);
         s->unconfirmed = false;
+        s->logged_in = true;
         if (buf_len(&s->early) && buf_append(&s->out, buf_head(&s->early), buf_len(&s->early)) != 0)
             s->closing = true;
         buf_consume(&s->early, buf_len(&s->early));
@@ -213,6 +235,8 @@ static void take_identity(struct rsession *s, struct rpool_ident *id, bool hello
 {
     rpool_ident_put(s->id);
     s->id = id;
+    if (s->pending_says_password || !known)
+        s->logged_in = true;           /* (the server's word on a new password: after it, or here) */
     if (hello)
         hello_accepted(s);
     else if (known)
@@ -232,6 +256,7 @@ static void take_identity(struct rsession *s, struct rpool_ident *id, bool hello
 static void ask_identity(struct rsession *s, struct rpool_ident *id, bool hello, bool says_password)
 {
     bool known = rpool_ident_verified(id);
+    s->pending_says_password = says_password;
     if (known && !says_password) {
         take_identity(s, id, hello, true);
         return;
@@ -555,6 +580,7 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
         s->has_name = false;
         s->name_len = 0;
         s->login_checked = false;      /* (logged out: the server's word again for what follows) */
+        s->logged_in = false;
         rs_answer_local(s, LITERAL("+RESET\r\n"));
         return true;
     }

@@ -36,6 +36,11 @@ struct rsession {
     struct redis_txn txn;              /* what its commands leave open on a lent connection */
     uint64_t sent, replied;            /* commands whose replies the app gets, and those replies */
     struct rpool_ident *pending_id;    /* being verified for an AUTH or SELECT (a reference) */
+    bool pending_says_password;        /* that change logs in anew (else it keeps the login) */
+    /* the server has taken its login: an AUTH accepted, its login checked, or a command
+     * answered without an error; a connection logged in stays so, whatever the server's
+     * passwords do later */
+    bool logged_in;
     struct resp_item held;             /* a command read but waiting for the replies owed first */
     bool has_held;
     /* a HELLO whose identity is being checked: the name it sets once it is accepted */

@@ -1284,3 +1284,59 @@ def test_a_bulk_longer_than_the_server_takes_is_its_protocol_error(redis, tmp_pa
         "[X[0].sendall(b'*2\\r\\n$3\\r\\nSET\\r\\n$99999999999\\r\\n') or until_closed(X[0]),"
         " Y[0].sendall(b'*3\\r\\n$3\\r\\nSET\\r\\n$1\\r\\nk\\r\\n$600000000\\r\\nabc') or until_closed(Y[0])]")
     assert got == ["-ERR Protocol error: invalid bulk length\r\n<closed>"] * 2, got
+
+
+ROTATED_SELECT = r"""
+import json, socket, sys
+sys.path.insert(0, sys.argv[2])
+from resp import command as c, raw_replies
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+first = (c("AUTH", "u", "old") if sys.argv[3] == "user" else b"") + c("SET", "k", "zero")
+s.sendall(first)
+print(json.dumps(raw_replies(s, first.count(b"*"))), flush=True)
+sys.stdin.readline()                   # the test changes the login on the server meanwhile
+s.sendall(c("SELECT", "2") + c("SET", "k", "two") + c("SELECT", "0") + c("GET", "k"))
+print(json.dumps(raw_replies(s, 4)), flush=True)
+"""
+
+
+@pytest.mark.parametrize("login", ["user", "default"])
+def test_a_database_asked_for_after_a_password_change_never_takes_the_old_one(redis, tmp_path, sockdir, login):
+    """A connection logged in (as u, or as the default user with no password) sets k in
+    database 0; then the server's password changes (u's rotated, or `requirepass` set).
+    Redis keeps the connection logged in, so direct its `SELECT 2`, `SET k two`,
+    `SELECT 0`, `GET k` all succeed. The shim needs a new server connection for database 2,
+    and cannot log it in any more: before, the app got -WRONGPASS (or -NOAUTH) to its
+    SELECT and the SET pipelined behind it overwrote k in database 0 (found by an
+    adversarial pass). Now the app's connection ends, as a reset, and nothing it sent after
+    the SELECT runs anywhere."""
+    redis.cmd("ACL", "SETUSER", "admin", "on", ">adminpw", "~*", "+@all")
+    redis.cmd("ACL", "SETUSER", "u", "on", ">old", "~*", "+@all")
+    lock = ["ACL", "SETUSER", "u", "resetpass", ">new"] if login == "user" else ["CONFIG", "SET", "requirepass", "pw"]
+    got = {}
+    try:
+        for shim in (False, True):
+            admin(redis.port, "FLUSHALL")
+            admin(redis.port, "CONFIG", "SET", "requirepass", "")
+            admin(redis.port, "ACL", "SETUSER", "u", "resetpass", ">old")
+            env = client_env(shim, conf_for(tmp_path, redis, sockdir) if shim else None)
+            p = subprocess.Popen([SYS_PY, "-c", ROTATED_SELECT, str(redis.port), str(PYCLIENTS), login],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            try:
+                before = json.loads(p.stdout.readline() or "null")
+                admin(redis.port, *lock)
+                p.stdin.write(b"\n")
+                p.stdin.flush()
+                after = json.loads(p.stdout.readline() or "null")
+                assert p.wait(timeout=30) == 0, p.stderr.read()
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            got[shim] = (before, after, admin(redis.port, "GET", "k"), admin(redis.port, "SELECT", "2"))
+    finally:
+        admin(redis.port, "CONFIG", "SET", "requirepass", "")
+    ok = "+OK\r\n" * (2 if login == "user" else 1)
+    assert got[False] == (ok, "+OK\r\n+OK\r\n+OK\r\n$4\r\nzero\r\n", "$4\r\nzero\r\n", "+OK\r\n"), got
+    before, after, k0, _ = got[True]
+    assert before == ok and after in (got[False][1], "<closed>") and k0 == "$4\r\nzero\r\n", got
