@@ -608,9 +608,12 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
 static void process(struct rsession *s)
 {
     for (int n = 0; n < 100000; n++) {
-        /* (INFLIGHT_MAX owed: the next command waits for replies, and the app's bytes for
-         * room, as a server's socket buffer would make them wait) */
-        if (s->gone || s->client.raw || s->waiting_verdict || s->closing || s->client.inflight >= INFLIGHT_MAX)
+        /* INFLIGHT_MAX owed, or replies piling up unread: the next command waits (for
+         * replies, for the app to read), and the app's bytes go on being read, up to
+         * RESP_HOLD_MAX, as Redis reads a client that writes all its pipeline before it
+         * reads (redis-py's); a read stopped there would leave both waiting on the other */
+        if (s->gone || s->client.raw || s->waiting_verdict || s->closing || s->client.inflight >= INFLIGHT_MAX
+            || rs_replies_pile_up(s))
             return;
         struct resp_item it = s->held;
         if (!s->has_held) {
@@ -662,7 +665,7 @@ static void on_app(struct loop_source *src, uint32_t ev)
             bool direct = s->client.raw;
             if (direct && rpool_direct_full(&s->client))
                 break;
-            if (!direct && resp_stream_pending(&s->cmds) >= RESP_ITEM_MAX)
+            if (!direct && resp_stream_pending(&s->cmds) + sizeof chunk > RESP_HOLD_MAX)
                 break;
             ssize_t n = recv(src->fd, chunk, sizeof chunk, MSG_DONTWAIT);
             if (n > 0) {
@@ -683,7 +686,12 @@ static void on_app(struct loop_source *src, uint32_t ev)
     }
     if (s->gone)
         return;
+    bool piled = rs_replies_pile_up(s);
     rs_update(s);
+    if (piled && !s->gone && !rs_replies_pile_up(s)) {
+        process(s);                    /* the app read: what it wrote meanwhile goes on */
+        rs_update(s);
+    }
 }
 
 int redis_session_start(struct loop_source *app_src, int upstream, const union shim_sockaddr *dest,

@@ -87,8 +87,7 @@ void rs_update(struct rsession *s)
      * that app's commands are no longer read, and the replies it already owes are kept, up
      * to out's cap (past it, its connection ends as a reset would: Redis's own
      * client-output-buffer-limit) */
-    bool full = buf_len(&s->out) + buf_len(&s->early) > OUT_SOFT_MAX;
-    bool hold = full && (s->client.lent || s->client.raw);
+    bool hold = rs_replies_pile_up(s) && (s->client.lent || s->client.raw);
     if (hold != s->throttling) {
         s->throttling = hold;
         rpool_throttle(&s->client, hold);
@@ -115,8 +114,11 @@ void rs_update(struct rsession *s)
         rs_close(s);              /* the app is done and owed nothing */
         return;
     }
-    bool reading = !s->app_eof && !s->closing && s->client.inflight < INFLIGHT_MAX && !full
-                   && (s->client.raw ? !rpool_direct_full(&s->client) : resp_stream_pending(&s->cmds) < RESP_ITEM_MAX);
+    /* (what the app writes is read while replies pile up: it may read them only once it has
+     * written all; the commands wait, held, see process) */
+    bool reading = !s->app_eof && !s->closing
+                   && (s->client.raw ? !rpool_direct_full(&s->client)
+                                     : resp_stream_pending(&s->cmds) + 16384 <= RESP_HOLD_MAX);
     loop_watch(&s->src, (reading ? EPOLLIN : 0) | (buf_len(&s->out) ? EPOLLOUT : 0));
 }
 
@@ -139,6 +141,11 @@ void rs_answer_local(struct rsession *s, const char *p, size_t n)
     STAT_INC(s->client.upstream, redis_local_replies);
     bool after_held = s->unconfirmed && (buf_len(&s->early) || s->client.inflight);
     rs_put(s, after_held ? &s->early : &s->out, p, n);
+}
+
+bool rs_replies_pile_up(const struct rsession *s)
+{
+    return buf_len(&s->out) + buf_len(&s->early) > OUT_SOFT_MAX;
 }
 
 /* A command goes to the server: -1 past INFLIGHT_MAX owed (an app that never reads). */

@@ -79,6 +79,8 @@ void rs_update(struct rsession *s);
 void rs_answer(struct rsession *s, const char *p, size_t n);
 void rs_answer_local(struct rsession *s, const char *p, size_t n);
 int rs_room_for_one(const struct rsession *s);
+/* Over OUT_SOFT_MAX of replies wait for the app: its next command waits for it to read. */
+bool rs_replies_pile_up(const struct rsession *s);
 void rs_go_direct(struct rsession *s);
 void rs_too_many_args(struct rsession *s, const char *cmd);
 bool rs_valid_name(const char *p, size_t n);

@@ -35,7 +35,8 @@ int resp_stream_init(struct resp_stream *s, bool commands)
     s->taken = 0;
     s->ignored = 0;
     s->max = commands ? RESP_ITEM_MAX : RESP_REPLY_MAX;
-    s->raw = (struct buf){ .cap = s->max * 2 };
+    s->hold = commands ? RESP_HOLD_MAX : s->max + 64 * 1024;
+    s->raw = (struct buf){ .cap = s->hold + s->max };
     s->reply_type = 0;
     s->depth = 0;
     s->reader = NULL;
@@ -83,7 +84,7 @@ size_t resp_stream_pending_command(const struct resp_stream *s)
 
 int resp_stream_feed(struct resp_stream *s, const char *p, size_t n)
 {
-    if (resp_stream_pending(s) + n > s->max + 64 * 1024 || buf_append(&s->raw, p, n) != 0)
+    if (resp_stream_pending(s) + n > s->hold || buf_append(&s->raw, p, n) != 0)
         return -1;
     if (s->commands && redisReaderFeed(s->reader, p, n) != REDIS_OK) {
         s->raw.end -= n;               /* (undo: the caller gives up on the stream anyway) */

@@ -10,6 +10,7 @@
 #include "buf.h"
 
 #define RESP_ITEM_MAX   (1u << 20)     /* bytes held for one command not yet whole */
+#define RESP_HOLD_MAX   (16u << 20)    /* bytes of whole commands held, not yet sent on */
 #define RESP_REPLY_MAX  (64u << 20)    /* bytes held for one server reply not yet whole */
 #define RESP_ARG_TEXT   64             /* resp_arg_is compares names up to this long */
 
@@ -27,6 +28,7 @@ struct resp_stream {
     size_t taken;                      /* bytes read of the item not yet whole (the reader's, or framed) */
     size_t ignored;                    /* commands: of those, what Redis ignores, stepped over before it */
     size_t max;                        /* RESP_ITEM_MAX for commands, RESP_REPLY_MAX for replies */
+    size_t hold;                       /* what it may hold in all: RESP_HOLD_MAX for commands */
     /* replies: the reply not yet whole, its type byte and the aggregates open in it */
     char reply_type;
     unsigned depth;

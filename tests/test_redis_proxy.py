@@ -1340,3 +1340,36 @@ def test_a_database_asked_for_after_a_password_change_never_takes_the_old_one(re
     assert got[False] == (ok, "+OK\r\n+OK\r\n+OK\r\n$4\r\nzero\r\n", "$4\r\nzero\r\n", "+OK\r\n"), got
     before, after, k0, _ = got[True]
     assert before == ok and after in (got[False][1], "<closed>") and k0 == "$4\r\nzero\r\n", got
+
+
+WRITE_ALL_THEN_READ = r"""
+import json, sys, redis
+r = redis.Redis(port=int(sys.argv[1]), socket_timeout=10)
+r.set("kv", b"v" * 1000)
+p = r.pipeline(transaction=False)
+for _ in range(20000):
+    p.get("kv")
+many = p.execute()
+big = b"x" * 1500000
+r.set("big", big)
+p = r.pipeline(transaction=False)
+p.get("big")
+p.set("big2", big)
+p.get("big2")
+two = p.execute()
+print(json.dumps([len(many), all(x == b"v" * 1000 for x in many), two[0] == big, two[1], two[2] == big]))
+"""
+
+
+def test_a_pipeline_written_whole_before_its_replies_are_read_completes(redis, tmp_path, sockdir):
+    """redis-py's pipeline writes every command before it reads a reply. 20 000 GETs of a
+    1 KB value (20 MB of replies), and a GET of 1.5 MB beside a SET of 1.5 MB: direct, Redis
+    reads on while the replies wait, and both finish in a second. Under the shim they hung
+    (found by an adversarial pass): it stopped reading the app once 1 MB of replies waited
+    for it, or 8 192 commands were in flight, while the app was still writing. Now the
+    commands it writes are read on and held (up to 16 MB) while it is not reading, and sent
+    on as it reads."""
+    for shim in (False, True):
+        r = run([SYS_PY, "-c", WRITE_ALL_THEN_READ, redis.port], shim=shim,
+                conf=conf_for(tmp_path, redis, sockdir) if shim else None, timeout=60)
+        assert r.rc == 0 and jlines(r.out)[0] == [20000, True, True, True, True], r.describe()
