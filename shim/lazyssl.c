@@ -7,7 +7,8 @@
  * app's own (whose contexts the shim marks), or the one libcurl brought in. A process
  * that never loads OpenSSL never loads it because of the shim.
  *
- * SSL_CTX_new, SSL_CTX_set_cert_store and SSL_CTX_set1_cert_store are not stubbed here:
+ * SSL_CTX_new, SSL_CTX_set_cert_store, SSL_CTX_set1_cert_store and
+ * SSL_CTX_set_cert_verify_callback are not stubbed here:
  * the shim exports its own (tls_trust.c), which reach the real ones by dlvsym.
  */
 #include <dlfcn.h>
@@ -71,6 +72,7 @@ static const char *const lib_names[LIB_COUNT] = { "libcrypto.so.3", "libssl.so.3
     X(LIB_CRYPTO, int, X509_STORE_CTX_set_purpose, (X509_STORE_CTX *c, int p), (c, p))        \
     X(LIB_CRYPTO, int, X509_STORE_CTX_set_default, (X509_STORE_CTX *c, const char *n), (c, n)) \
     X(LIB_CRYPTO, X509_VERIFY_PARAM *, X509_VERIFY_PARAM_new, (void), ())                      \
+    X(LIB_CRYPTO, char *, X509_VERIFY_PARAM_get0_host, (X509_VERIFY_PARAM *p, int i), (p, i))  \
     X(LIB_CRYPTO, int, X509_VERIFY_PARAM_set1, (X509_VERIFY_PARAM *to, const X509_VERIFY_PARAM *from), (to, from)) \
     X(LIB_CRYPTO, int, X509_VERIFY_PARAM_set1_ip, (X509_VERIFY_PARAM *p, const unsigned char *ip, size_t l), \
       (p, ip, l))                                                                              \

@@ -85,6 +85,23 @@ static bool bound_for_interception(SSL *s)
     return false;
 }
 
+/* OCSP stapling asked for (curl's --cert-status), or a status callback to judge the
+ * staple: the shim's own answer carries none, and an app that refuses a "revoked" staple
+ * but takes a missing one would have taken the shim's where direct it refuses the server. */
+static bool asks_for_a_stapled_status(SSL *s)
+{
+    int (*status_cb)(SSL *, void *) = NULL;
+    SSL_CTX_ctrl(SSL_get_SSL_CTX(s), SSL_CTRL_GET_TLSEXT_STATUS_REQ_CB, 0, (void *)&status_cb);
+    return SSL_ctrl(s, SSL_CTRL_GET_TLSEXT_STATUS_REQ_TYPE, 0, NULL) != -1 || status_cb;
+}
+
+/* A host name checked (SSL_set1_host) that the hello does not send: the shim's leaf would
+ * name the address dialled, and the app refuse it where the real certificate names both. */
+static bool checks_a_name_it_does_not_send(SSL *s)
+{
+    return !SSL_get_servername(s, TLSEXT_NAMETYPE_host_name) && X509_VERIFY_PARAM_get0_host(SSL_get0_param(s), 0);
+}
+
 static int add_mark(SSL *s, unsigned int type, unsigned int context, const unsigned char **out, size_t *outlen,
                     X509 *x, size_t chainidx, int *al, void *arg)
 {
@@ -104,7 +121,9 @@ static int add_mark(SSL *s, unsigned int type, unsigned int context, const unsig
      * check of revocation lists (the shim's leaf has none: the app refused it) */
     const X509_STORE *store = SSL_CTX_get_cert_store(SSL_get_SSL_CTX(s));
     if (!id || verify_store || SSL_get_verify_callback(s) || !store
-        || tls_marks_checks_beyond_the_shim(store, SSL_get0_param(s)) || !bound_for_interception(s))
+        || tls_marks_checks_beyond_the_shim(store, SSL_get0_param(s)) || asks_for_a_stapled_status(s)
+        || checks_a_name_it_does_not_send(s)
+        || !bound_for_interception(s))
         return 0;
     /* what this connection's own checks are (its host name rules, strictness flags, chain
      * depth, security level), for the engine to verify the upstream by */
@@ -172,6 +191,24 @@ SHIM_EXPORT SSL_CTX *SSL_CTX_new(const SSL_METHOD *meth)
     if (ctx && !shim_in_engine)
         mark_context(ctx, meth, (const void *)real);
     return ctx;
+}
+
+/* The app verifies the chain with a function of its own (SSL_CTX_set_cert_verify_callback
+ * replaces OpenSSL's check whole): what it accepts is not the store's to say, and one that
+ * denies a listed certificate would take the shim's. Its context is marked no more. */
+SHIM_EXPORT void SSL_CTX_set_cert_verify_callback(SSL_CTX *ctx, int (*cb)(X509_STORE_CTX *, void *), void *arg)
+{
+    void (*real)(SSL_CTX *, int (*)(X509_STORE_CTX *, void *), void *) =
+        (void (*)(SSL_CTX *, int (*)(X509_STORE_CTX *, void *), void *))lazyssl_real(
+            "SSL_CTX_set_cert_verify_callback", __builtin_return_address(0), (const void *)SSL_CTX_set_cert_verify_callback);
+    if (!real)
+        return;
+    real(ctx, cb, arg);
+    uint64_t id = shim_in_engine || !cb ? 0 : mark_of(ctx);
+    if (id) {
+        SSL_CTX_set_ex_data(ctx, mark_index, NULL);
+        tls_marks_drop(id);
+    }
 }
 
 /* The app replaced the context's store: the CA joins the new one, which the mark now

@@ -730,3 +730,42 @@ def test_the_mark_goes_only_to_intercepted_upstreams(tls_upstream, pki, tmp_path
     finally:
         kill_group(srv.pid)
         srv.wait(10)
+
+
+def test_an_app_that_verifies_with_its_own_function_is_tunnelled(tls_upstream, pki, tmp_path, sockdir):
+    """An app that verifies through SSL_CTX_set_cert_verify_callback (OpenSSL's check,
+    then a deny list holding the upstream's own certificate): direct, the handshake fails.
+    Intercepted, the shim's leaf was not on the list: the app took it and its request
+    reached the server it refuses (found by an adversarial pass). Such a context is marked
+    no more: tunnelled, the app sees the real certificate and refuses it, as direct, and
+    the upstream gets no request."""
+    client = BUILD / "tlsstoreclient"
+    conf = intercept_conf(tmp_path, tls_upstream, pki["ca"].pem, sockdir)
+    args = [client, "--deny", "localhost", str(tls_upstream.port), pki["ca"].pem, "/custom/deny?tag=deny&n=12"]
+    deny = {"TLS_DENY_PEM": str(pki["ca"].dir / "upstream.pem")}
+    for shim in (False, True):
+        tls_upstream.reset()
+        r = run(args, shim=shim, conf=conf if shim else None, env=dict(SAN_ENV or {}, **deny))
+        assert r.rc == 1 and r.out.strip() == b"error handshake", r.describe()
+        assert tls_upstream.stats()["requests"] == 0
+    r = run(args, conf=conf, env=dict(SAN_ENV or {}, TLS_DENY_PEM=str(pki["other"].pem)))
+    assert r.rc == 0 and r.out.strip() == b"200 12", r.describe()     # (not on the list: works)
+
+
+@pytest.mark.parametrize("mode", ["--ocsp", "--nosni"])
+def test_what_the_shims_leaf_cannot_answer_is_tunnelled(mode, tls_upstream, pki, tmp_path, sockdir):
+    """--ocsp: an app that asks for a stapled OCSP status and refuses one that says
+    revoked (a soft-fail check): the shim's answer carries no staple, so against a revoked
+    server the app took the shim's where direct it refuses (found by an adversarial pass).
+    --nosni: an app that checks a host name it does not send as SNI: the shim's leaf named
+    the dialled address, and the app refused it where direct the real certificate names
+    both. Neither is marked now: tunnelled, they work as direct (here the upstream staples
+    nothing and names both)."""
+    client = BUILD / "tlsstoreclient"
+    conf = intercept_conf(tmp_path, tls_upstream, pki["ca"].pem, sockdir)
+    args = [client, mode, "localhost", str(tls_upstream.port), pki["ca"].pem, "/custom/t?tag=t&n=34"]
+    d = run(args, shim=False)
+    assert d.rc == 0 and d.out.strip() == b"200 34", d.describe()
+    r = run(args, conf=conf, env=dict(SAN_ENV or {}, HTTPSHIM_DEBUG="1"))
+    assert r.rc == 0 and r.out.strip() == b"200 34", r.describe()
+    assert b"no mark" in r.err and b"terminated" not in r.err, r.describe()

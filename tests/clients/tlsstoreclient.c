@@ -14,10 +14,18 @@
  * With --depth0 it keeps the context's own store (CAFILE loaded) and allows no chain
  * beyond the leaf (SSL_CTX_set_verify_depth 0): a leaf issued by an intermediate fails.
  *
- *   tlsstoreclient [--set1|--callback|--late|--depth0] HOST PORT CAFILE PATH */
+ * With --deny (the context's own store, CAFILE loaded) it verifies through
+ * SSL_CTX_set_cert_verify_callback: OpenSSL's own check, then a deny list of one, the
+ * certificate in the PEM file $TLS_DENY_PEM. With --ocsp it asks for a stapled OCSP status
+ * and takes a connection without one (a soft-fail check that refuses only a staple that
+ * says revoked). With --nosni it checks HOST (SSL_set1_host) but sends no server name.
+ *
+ *   tlsstoreclient [--set1|--callback|--late|--depth0|--deny|--ocsp|--nosni] HOST PORT CAFILE PATH */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <openssl/err.h>
+#include <openssl/ocsp.h>
+#include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 #include <stdio.h>
@@ -32,12 +40,43 @@ static int keep_verdict(int preverify_ok, X509_STORE_CTX *x)
     return preverify_ok;
 }
 
+static X509 *denied;
+
+static int deny_listed(X509_STORE_CTX *x, void *arg)
+{
+    (void)arg;
+    int ok = X509_verify_cert(x);
+    if (ok == 1 && denied && X509_cmp(X509_STORE_CTX_get0_cert(x), denied) == 0) {
+        X509_STORE_CTX_set_error(x, X509_V_ERR_CERT_REJECTED);
+        return 0;
+    }
+    return ok;
+}
+
+static int soft_fail_status(SSL *s, void *arg)
+{
+    (void)arg;
+    const unsigned char *p;
+    long len = SSL_get_tlsext_status_ocsp_resp(s, &p);
+    if (len <= 0 || !p)
+        return 1;                      /* no staple: taken */
+    OCSP_RESPONSE *r = d2i_OCSP_RESPONSE(NULL, &p, len);
+    OCSP_BASICRESP *b = r ? OCSP_response_get1_basic(r) : NULL;
+    int status = -1, reason;
+    if (b && OCSP_resp_count(b) > 0)
+        status = OCSP_single_get0_status(OCSP_resp_get0(b, 0), &reason, NULL, NULL, NULL);
+    OCSP_BASICRESP_free(b);
+    OCSP_RESPONSE_free(r);
+    return status != V_OCSP_CERTSTATUS_REVOKED;
+}
+
 static SSL_CTX *the_ctx;               /* freed on every way out: a sanitized run reports no leak */
 static SSL *the_ssl;
 
 static int fail(const char *what)
 {
     printf("error %s\n", what);
+    X509_free(denied);
     if (the_ssl)
         SSL_free(the_ssl);
     if (the_ctx)
@@ -51,10 +90,14 @@ int main(int argc, char **argv)
     int callback = argc > 1 && !strcmp(argv[1], "--callback");
     int late = argc > 1 && !strcmp(argv[1], "--late");
     int depth0 = argc > 1 && !strcmp(argv[1], "--depth0");
-    if (callback || late || depth0)
+    int deny = argc > 1 && !strcmp(argv[1], "--deny");
+    int ocsp = argc > 1 && !strcmp(argv[1], "--ocsp");
+    int nosni = argc > 1 && !strcmp(argv[1], "--nosni");
+    int own_store = callback || depth0 || deny || ocsp || nosni;
+    if (own_store || late)
         set1 = 1;                      /* the flag takes the same place */
     if (argc != 5 + set1)
-        return fail("usage: tlsstoreclient [--set1|--callback|--late|--depth0] HOST PORT CAFILE PATH");
+        return fail("usage: tlsstoreclient [--set1|--callback|--late|--depth0|--deny|--ocsp|--nosni] HOST PORT CAFILE PATH");
     const char *host = argv[1 + set1], *cafile = argv[3 + set1], *path = argv[4 + set1];
     int port = atoi(argv[2 + set1]);
     SSL_CTX *ctx = the_ctx = SSL_CTX_new(TLS_client_method());
@@ -65,7 +108,7 @@ int main(int argc, char **argv)
     }
     if (late) {
         X509_STORE_free(store);        /* the context's own store, filled after the ClientHello */
-    } else if (callback || depth0) {
+    } else if (own_store) {
         X509_STORE_free(store);
         if (SSL_CTX_load_verify_locations(ctx, cafile, NULL) != 1)
             return fail("store");
@@ -78,6 +121,19 @@ int main(int argc, char **argv)
     SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, callback ? keep_verdict : NULL);
     if (depth0)
         SSL_CTX_set_verify_depth(ctx, 0);
+    if (deny) {
+        FILE *f = getenv("TLS_DENY_PEM") ? fopen(getenv("TLS_DENY_PEM"), "r") : NULL;
+        denied = f ? PEM_read_X509(f, NULL, NULL, NULL) : NULL;
+        if (f)
+            fclose(f);
+        if (!denied)
+            return fail("TLS_DENY_PEM");
+        SSL_CTX_set_cert_verify_callback(ctx, deny_listed, NULL);
+    }
+    if (ocsp) {
+        SSL_CTX_set_tlsext_status_cb(ctx, soft_fail_status);
+        SSL_CTX_set_tlsext_status_type(ctx, TLSEXT_STATUSTYPE_ocsp);
+    }
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
     inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
@@ -85,7 +141,8 @@ int main(int argc, char **argv)
         return fail("connect");
     SSL *ssl = the_ssl = SSL_new(ctx);
     SSL_set_fd(ssl, fd);
-    SSL_set_tlsext_host_name(ssl, host);
+    if (!nosni)
+        SSL_set_tlsext_host_name(ssl, host);
     SSL_set1_host(ssl, host);
     if (late) {
         /* the ClientHello goes out on the socket, while the answer is read from an empty
@@ -129,6 +186,7 @@ int main(int argc, char **argv)
     printf("%d %zu\n", status, got - (size_t)(body + 4 - buf));
     SSL_free(ssl);
     SSL_CTX_free(ctx);
+    X509_free(denied);
     close(fd);
     return 0;
 }
