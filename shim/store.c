@@ -696,8 +696,12 @@ enum store_answer store_open(struct store_request *r, const struct store_query *
     }
     if (e && !stale_ok && clock_wall_ms() >= e->expires_at_ms)
         e = past_ttl(r, q, e);
-    if (e && r->lead) {                /* found while leading: the waiters get it too */
-        flight_land(r->lead, e);
+    if (e && r->lead) {
+        /* found while leading: the waiters get it too, unless it is one variant read from
+         * Redis (found through a Vary marker: it carries no Vary values of its own, and the
+         * waiters' values may select another), which they look for again themselves */
+        bool one_variant = !e->vary_len && (variant_len || r->poll_variant || r->redis_marker);
+        flight_land(r->lead, one_variant ? NULL : e);
         r->lead = NULL;
     }
     if (e) {

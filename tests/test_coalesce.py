@@ -266,6 +266,22 @@ def test_burst_across_processes_makes_one_upstream_request(upstream, redis, tmp_
     assert len(upstream_requests(upstream, "tag=xpoff")) == 20
 
 
+def test_a_variant_found_through_the_lock_is_never_served_to_another_variant(upstream, redis, tmp_path,  # noqa: F811
+                                                                             sockdir):
+    """Three processes, eight concurrent requests each, for one new key whose answer
+    varies on X-V (the upstream takes 300 ms and echoes X-V back as X-Echo); the values
+    alternate a, b, none, c. A process that waited on another's Redis lock found the one
+    variant that process stored and gave it to every request waiting in it: "a" got "b"'s
+    body (found by an adversarial pass). Every answer is now its own request's variant."""
+    path = "/custom/vl?n=300&delay=300&tag=vl&echo=X-V&h=Vary:X-V"
+    specs = [{"path": path, "headers": {"X-V": v}} if v else path for v in ("a", "b", None, "c") * 2]
+    res = processes_at_once(tmp_path, redis_conf(tmp_path, upstream, sockdir, redis), upstream, specs, sockdir, 3)
+    got = [(x["i"], x["status"], x["headers"].get("x-echo")) for r, _, _ in res for x in r]
+    want = [(i, 200, v or "-") for _ in range(3) for i, v in enumerate(("a", "b", None, "c") * 2)]
+    assert sorted(got) == sorted(want), got
+    assert sum(rd["lock_waits"] for _, _, rd in res) >= 1, [rd for _, _, rd in res]
+
+
 def test_lock_of_a_dead_holder_costs_at_most_its_ttl(upstream, redis, tmp_path, sockdir):  # noqa: F811
     """A lock another (dead) process took 1 s ago with PX 1500 sits on the key: the request
     polls until it expires, then takes the lock and fetches. It is answered within the

@@ -71,6 +71,7 @@ Upstream paths:
                                       frame it, in their order): the n bytes, then close
                             rawchunked  the same, the body chunk-encoded
                           tag=T         echoed as `X-Tag: T`
+                          echo=NAME     the request's NAME header value as `X-Echo` ("-": none)
                         Every /custom and /v3/ip response carries `X-Served: K`, K a
                         per-server counter (1, 2, ...; never reset) so a test can tell a
                         response replayed from a cache (same K) from a fresh one.
@@ -721,6 +722,10 @@ def serve_custom(conn, ctx):
             mode = v
         elif k == "tag":
             tag = v
+        elif k == "echo":             # the request's value of that header, as X-Echo
+            got = hget(ctx["headers"], v.lower())
+            value = got[0].strip() if got else "-"
+            hdrs.append("X-Echo: %s" % (value if _header_ok("X-Echo", value) else "?"))
         elif k == "h" and ":" in v:
             name, value = v.split(":", 1)
             name, value = name.strip(), value.strip()
