@@ -136,6 +136,9 @@ struct cache_entry *memcache_get(const char *key, size_t key_len);
  * Takes over the caller's reference. */
 void memcache_put(struct cache_entry *e);
 size_t memcache_purge(bool (*match)(const struct cache_entry *, void *), void *arg);
+/* Purges so far (`httpshim purge`): a fetch begun before one stores nothing, as it may
+ * carry what the purge was for. */
+uint64_t memcache_purge_count(void);
 /* Removes every entry whose key starts with this target URI (cache_key_target_len),
  * calling gone (outside the tier's lock) with each; returns how many. */
 size_t memcache_invalidate(const char *target, size_t target_len,

@@ -177,9 +177,14 @@ void memcache_put(struct cache_entry *e)
     pthread_mutex_unlock(&lock);
 }
 
+static _Atomic uint64_t purges;
+
+uint64_t memcache_purge_count(void) { return atomic_load(&purges); }
+
 size_t memcache_purge(bool (*match)(const struct cache_entry *, void *), void *arg)
 {
     size_t n = 0;
+    atomic_fetch_add(&purges, 1);
     pthread_mutex_lock(&lock);
     struct cache_entry *e, *tmp;
     HASH_ITER(hh, table, e, tmp) {

@@ -237,11 +237,13 @@ struct store_writer {
     bool content_coded;             /* a Content-Encoding other than identity */
     struct buf body;                /* the whole body, up to max_object */
     uint64_t invalidations_seen;    /* invalidation_count() when it began */
+    uint64_t purges_seen;           /* memcache_purge_count() when it began */
 };
 
 static bool writer_outdated(const struct store_writer *w)
 {
-    return w->key && invalidated_since(w->key, w->key_len, w->invalidations_seen);
+    return w->key
+           && (invalidated_since(w->key, w->key_len, w->invalidations_seen) || memcache_purge_count() != w->purges_seen);
 }
 
 /* 5xx; a status past 599 (no class of RFC 9110's, relayed as sent) is not one */
@@ -568,6 +570,7 @@ static struct store_writer *writer_new(int upstream, const struct cache_rule *ru
     w->sink.ops = &writer_ops;
     w->upstream = upstream;
     w->invalidations_seen = invalidation_count();
+    w->purges_seen = memcache_purge_count();
     w->stale_on_error = stale && stale_on_error;
     w->content_length = -1;
     w->stored_head.cap = RESP_HEAD_MAX;
