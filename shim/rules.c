@@ -584,8 +584,16 @@ int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX
     struct upstream_rule *u = NULL;
     char line[4096];
     int rc = 0;
-    while (fgets(line, sizeof line, f)) {
+    for (;;) {
+        memset(line, 0, sizeof line);  /* (so that a NUL byte inside a line can be told) */
+        if (!fgets(line, sizeof line, f))
+            break;
         p.line++;
+        size_t len = strlen(line);
+        if (len + 1 < sizeof line && memchr(line + len + 1, '\n', sizeof line - len - 1)) {
+            rc = fail(&p, "a NUL byte inside the line");
+            break;
+        }
         if (!strchr(line, '\n') && !feof(f)) {
             rc = fail(&p, "line longer than %zu bytes", sizeof line - 2);
             break;

@@ -1204,6 +1204,8 @@ BROKEN = {
     "status-206": ("[upstream 127.0.0.1:8080]\ncache GET /x ttl=1m status=200,206\n", 2),
     "status-304": ("[upstream 127.0.0.1:8080]\n\ncache GET /x ttl=1m status=304\n", 3),
     "status-1xx": ("[upstream 127.0.0.1:8080]\ncache GET /x ttl=1m status=103\n", 2),
+    # a NUL byte was reported as a line longer than 4094 bytes (found by an adversarial pass)
+    "nul-byte": ("[global]\nfoo\0bar = 1\n", 2),
 }
 
 
@@ -1215,6 +1217,7 @@ def test_check_broken_file(case, cli, tmp_path):
     assert r.rc == 1, r.describe()
     assert r.err.decode().startswith("%s:%d: " % (conf, line)), r.describe()
     assert b": ok" not in r.out, r.describe()
+    assert case != "nul-byte" or b"NUL byte" in r.err, r.describe()
 
 
 def test_check_missing_file(cli, tmp_path):
