@@ -1,6 +1,6 @@
-/* rules.c — owns rules.conf: parsing (strict, every error is "file:line: what"),
- * defaults, and the per-upstream address table consulted by the connect hook. The
- * address table is the only mutable part after load; one mutex guards it. */
+/* rules.c — owns rules.conf: parsing (strict, every error is "file:line: what", a key
+ * said twice one of them), defaults, and the stats socket's path pattern. The upstreams'
+ * address table, the only part that changes after load, is rules_addr.c's. */
 #include "rules.h"
 #include "real.h"
 #include <arpa/inet.h>
@@ -15,8 +15,6 @@
 #include <string.h>
 #include <strings.h>
 #include <unistd.h>
-
-static pthread_mutex_t rules_addr_lock = PTHREAD_MUTEX_INITIALIZER;
 
 int64_t rules_parse_duration_ms(const char *s, bool *ok)
 {
@@ -67,6 +65,7 @@ struct parser {
     char *err;
     int password_file_line, sentinel_password_line, cache_line;   /* where those keys were, for the checks at the end */
     int cache_said;                    /* the line of the cache key, once it has been read */
+    unsigned globals_said, upstream_said;   /* keys said in [global], in this [upstream] */
 };
 
 static int fail(struct parser *p, const char *fmt, ...)
@@ -78,6 +77,18 @@ static int fail(struct parser *p, const char *fmt, ...)
         vsnprintf(p->err + n, RULES_ERR_MAX - (size_t)n, fmt, ap);
     va_end(ap);
     return -1;
+}
+
+/* A key said a second time is an error, not a silent "the last one wins". */
+static int said_once(struct parser *p, unsigned *said, const char *const *keys, unsigned n, const char *key)
+{
+    for (unsigned i = 0; i < n && i < 32; i++)
+        if (!strcmp(key, keys[i])) {
+            if (*said & (1u << i))
+                return fail(p, "'%s' is said twice", key);
+            *said |= 1u << i;
+        }
+    return 0;
 }
 
 static char *trim(char *s)
@@ -189,11 +200,16 @@ static int parse_cache_rule(struct parser *p, char *args, struct upstream_rule *
     snprintf(r->method, sizeof r->method, "%s", method);
     snprintf(r->glob, sizeof r->glob, "%s", glob);
     bool have_ttl = false;
+    unsigned said = 0;
+    static const char *const once[] = { "ttl", "respect_cache_control", "stale_while_revalidate", "stale_if_error",
+                                        "coalesce", "ignore_query", "key_headers" };
     for (char *opt = strtok_r(NULL, " \t", &save); opt; opt = strtok_r(NULL, " \t", &save)) {
         char *eq = strchr(opt, '=');
         if (!eq || eq == opt || !eq[1])
             return fail(p, "option '%s': expected NAME=VALUE", opt);
         *eq = 0;
+        if (said_once(p, &said, once, sizeof once / sizeof once[0], opt))
+            return -1;
         char *val = eq + 1;
         bool ok;
         if (!strcmp(opt, "ttl")) {
@@ -313,6 +329,10 @@ static bool same_host(const char *a, const char *b)
 /* NAME = VALUE lines inside an [upstream] block */
 static int parse_upstream_setting(struct parser *p, const char *key, const char *val, struct upstream_rule *u)
 {
+    static const char *const keys[] = { "tls", "tls_ca_file", "origin", "protocol", "pool_max_per_host",
+                                        "redis_pinned_max" };
+    if (said_once(p, &p->upstream_said, keys, sizeof keys / sizeof keys[0], key))
+        return -1;
     if (!strcmp(key, "tls")) {
         if (!strcmp(val, "tunnel")) u->tls = TLS_TUNNEL;
         else if (!strcmp(val, "intercept")) u->tls = TLS_INTERCEPT;
@@ -545,8 +565,12 @@ static int set_global(struct parser *p, const struct global_key *k, const char *
 static int parse_global(struct parser *p, const char *key, const char *val, struct shim_config *cfg)
 {
     for (size_t i = 0; i < rules_global_keys(); i++)
-        if (!strcmp(key, global_keys[i].name))
+        if (!strcmp(key, global_keys[i].name)) {
+            if (p->globals_said & (1u << i))
+                return fail(p, "'%s' is said twice", key);
+            p->globals_said |= 1u << i;
             return set_global(p, &global_keys[i], val, cfg);
+        }
     return fail(p, "unknown setting '%s' in [global]", key);
 }
 
@@ -623,6 +647,7 @@ int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX
                 }
                 u = &cfg->upstreams[cfg->n_upstreams];
                 memset(u, 0, sizeof *u);
+                p.upstream_said = 0;
                 u->line = p.line;
                 if ((rc = parse_host_port(&p, trim(name + 8), u)))
                     break;
@@ -700,137 +725,6 @@ void rules_free(struct shim_config *cfg)
         cfg->upstreams[i].cache_rules = NULL;
         cfg->upstreams[i].n_cache_rules = 0;
     }
-}
-
-static void add_addr_locked(struct upstream_rule *u, int family, const void *bytes)
-{
-    static const uint8_t v4mapped[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
-    if (family == AF_INET6 && !memcmp(bytes, v4mapped, sizeof v4mapped)) {
-        family = AF_INET;              /* as rules_match_addr looks it up */
-        bytes = (const uint8_t *)bytes + 12;
-    }
-    size_t n = family == AF_INET ? 4 : 16;
-    for (size_t i = 0; i < u->n_addrs; i++)
-        if (u->addrs[i].family == family && !memcmp(u->addrs[i].bytes, bytes, n))
-            return;
-    if (u->n_addrs == RULES_MAX_ADDRS)
-        return;                        /* documented cap: further addresses are not diverted */
-    u->addrs[u->n_addrs].family = family;
-    memset(u->addrs[u->n_addrs].bytes, 0, 16);
-    memcpy(u->addrs[u->n_addrs].bytes, bytes, n);
-    u->n_addrs++;
-}
-
-static void learn_from_addrinfo(struct upstream_rule *u, const struct addrinfo *res)
-{
-    for (const struct addrinfo *ai = res; ai; ai = ai->ai_next) {
-        if (ai->ai_family == AF_INET)
-            add_addr_locked(u, AF_INET, &((const struct sockaddr_in *)(const void *)ai->ai_addr)->sin_addr);
-        else if (ai->ai_family == AF_INET6)
-            add_addr_locked(u, AF_INET6, &((const struct sockaddr_in6 *)(const void *)ai->ai_addr)->sin6_addr);
-    }
-}
-
-void rules_resolve_all(struct shim_config *cfg, rules_resolver resolve)
-{
-    for (size_t i = 0; i < cfg->n_upstreams; i++) {
-        struct upstream_rule *u = &cfg->upstreams[i];
-        if (u->host_is_literal)
-            continue;
-        struct addrinfo hints = { .ai_socktype = SOCK_STREAM }, *res = NULL;
-        if (resolve(u->host, NULL, &hints, &res) != 0 || !res)
-            continue;                  /* learned later from the app's own lookups */
-        pthread_mutex_lock(&rules_addr_lock);
-        learn_from_addrinfo(u, res);
-        pthread_mutex_unlock(&rules_addr_lock);
-        freeaddrinfo(res);
-    }
-}
-
-size_t rules_addrs_of(const struct shim_config *cfg, size_t upstream, struct rules_addr *out, size_t max)
-{
-    pthread_mutex_lock(&rules_addr_lock);
-    const struct upstream_rule *u = &cfg->upstreams[upstream];
-    size_t n = u->n_addrs < max ? u->n_addrs : max;
-    memcpy(out, u->addrs, n * sizeof *out);
-    pthread_mutex_unlock(&rules_addr_lock);
-    return n;
-}
-
-bool rules_has_named_upstreams(const struct shim_config *cfg)
-{
-    return rules_named_upstream_port(cfg, 0);
-}
-
-bool rules_named_upstream_port(const struct shim_config *cfg, unsigned port)
-{
-    for (size_t i = 0; i < cfg->n_upstreams; i++)
-        if (!cfg->upstreams[i].host_is_literal && (!port || cfg->upstreams[i].port == port))
-            return true;
-    return false;
-}
-
-/* Across a fork: the child must not inherit the lock held by a thread it does not have.
- * Whoever holds it never waits on anything else, so taking it last is safe. */
-void rules_atfork_prepare(void) { pthread_mutex_lock(&rules_addr_lock); }
-void rules_atfork_release(void) { pthread_mutex_unlock(&rules_addr_lock); }
-
-bool rules_name_is_listed(const struct shim_config *cfg, const char *name)
-{
-    for (size_t i = 0; i < cfg->n_upstreams; i++)
-        if (!cfg->upstreams[i].host_is_literal && !strcasecmp(cfg->upstreams[i].host, name))
-            return true;
-    return false;
-}
-
-void rules_learn(struct shim_config *cfg, const char *name, int family, const void *bytes)
-{
-    pthread_mutex_lock(&rules_addr_lock);
-    for (size_t i = 0; i < cfg->n_upstreams; i++) {
-        struct upstream_rule *u = &cfg->upstreams[i];
-        if (!u->host_is_literal && !strcasecmp(u->host, name))
-            add_addr_locked(u, family, bytes);
-    }
-    pthread_mutex_unlock(&rules_addr_lock);
-}
-
-int rules_match_addr(struct shim_config *cfg, const struct sockaddr *sa, socklen_t len)
-{
-    struct rules_addr key;
-    uint16_t port;
-    if (sa->sa_family == AF_INET && len >= sizeof(struct sockaddr_in)) {
-        const struct sockaddr_in *in = (const struct sockaddr_in *)(const void *)sa;
-        key.family = AF_INET;
-        memcpy(key.bytes, &in->sin_addr, 4);
-        port = ntohs(in->sin_port);
-    } else if (sa->sa_family == AF_INET6 && len >= sizeof(struct sockaddr_in6)) {
-        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)(const void *)sa;
-        port = ntohs(in6->sin6_port);
-        if (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr)) {
-            key.family = AF_INET;
-            memcpy(key.bytes, in6->sin6_addr.s6_addr + 12, 4);
-        } else {
-            key.family = AF_INET6;
-            memcpy(key.bytes, &in6->sin6_addr, 16);
-        }
-    } else {
-        return -1;
-    }
-    size_t n = key.family == AF_INET ? 4 : 16;
-    int found = -1;
-    pthread_mutex_lock(&rules_addr_lock);
-    for (size_t i = 0; i < cfg->n_upstreams && found < 0; i++) {
-        const struct upstream_rule *u = &cfg->upstreams[i];
-        if (u->port != port)
-            continue;
-        for (size_t k = 0; k < u->n_addrs; k++)
-            if (u->addrs[k].family == key.family && !memcmp(u->addrs[k].bytes, key.bytes, n)) {
-                found = (int)i;
-                break;
-            }
-    }
-    pthread_mutex_unlock(&rules_addr_lock);
-    return found;
 }
 
 int rules_expand_socket_path(const char *pattern, int pid, unsigned uid, char *out, size_t cap)

@@ -1206,6 +1206,10 @@ BROKEN = {
     "status-1xx": ("[upstream 127.0.0.1:8080]\ncache GET /x ttl=1m status=103\n", 2),
     # a NUL byte was reported as a line longer than 4094 bytes (found by an adversarial pass)
     "nul-byte": ("[global]\nfoo\0bar = 1\n", 2),
+    # a key said twice: the last one won, without a word (found by an adversarial pass)
+    "global-key-twice": ("[global]\nmemory_max = 1MB\nmemory_max = 2MB\n", 3),
+    "rule-option-twice": ("[upstream 127.0.0.1:8080]\ncache GET /x ttl=1s ttl=2s\n", 2),
+    "upstream-key-twice": ("[upstream 127.0.0.1:8080]\ntls = tunnel\ntls = intercept\n", 3),
 }
 
 

@@ -9,7 +9,7 @@
 fuzz_http_request_SRC   = shim/http.c
 fuzz_http_request_FLAGS = -max_len=8192
 
-fuzz_rules_SRC          = shim/rules.c shim/rules_redis.c tools/real_stdio.c
+fuzz_rules_SRC          = shim/rules.c shim/rules_addr.c shim/rules_redis.c tools/real_stdio.c
 fuzz_rules_LIBS         = -pthread
 fuzz_rules_FLAGS        = -max_len=16384
 
