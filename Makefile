@@ -23,7 +23,7 @@ SHIM_OBJ = $(patsubst shim/%.c,$(BUILD)/obj/%.o,$(SHIM_SRC))
 # C clients, loop.c on its own, the fuzz-replay binaries) is `test-bins`, built by `make test`.
 all: $(BUILD)/libhttpshim.so $(BUILD)/httpshim
 
-TEST_BINS = $(BUILD)/epollclient $(BUILD)/tlsstoreclient $(BUILD)/sockstate $(BUILD)/loop_test $(BUILD)/resp_test \
+TEST_BINS = $(BUILD)/epollclient $(BUILD)/tlsstoreclient $(BUILD)/renegserver $(BUILD)/sockstate $(BUILD)/loop_test $(BUILD)/resp_test \
             $(BUILD)/slowdns.so $(BUILD)/closerace $(BUILD)/sigclient
 test-bins: all $(TEST_BINS)
 
@@ -50,8 +50,11 @@ $(BUILD)/httpshim: $(CLI_OBJ)
 
 # The tests' C clients: an OpenSSL client that swaps its context's trust store (the
 # interposed store setters); a non-blocking epoll client; sockets made and set up the ways
-# legacy programs do, reported with raw syscalls.
+# legacy programs do, reported with raw syscalls; a TLS server that renegotiates to another
+# certificate once it has read a request.
 $(BUILD)/tlsstoreclient: tests/clients/tlsstoreclient.c | $(BUILD)/obj
+	$(CC) $(C_FLAGS) -o $@ $< -lssl -lcrypto
+$(BUILD)/renegserver: tests/clients/renegserver.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -o $@ $< -lssl -lcrypto
 $(BUILD)/epollclient: tests/clients/epollclient.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -o $@ $< -lm

@@ -109,6 +109,7 @@ static const char *const lib_names[LIB_COUNT] = { "libcrypto.so.3", "libssl.so.3
     X(LIB_SSL, int, SSL_CTX_set_ex_data, (SSL_CTX *c, int i, void *d), (c, i, d))              \
     X(LIB_SSL, void *, SSL_CTX_get_ex_data, (const SSL_CTX *c, int i), (c, i))                 \
     X(LIB_SSL, long, SSL_CTX_ctrl, (SSL_CTX *c, int cmd, long larg, void *parg), (c, cmd, larg, parg)) \
+    X(LIB_SSL, uint64_t, SSL_CTX_set_options, (SSL_CTX *c, uint64_t o), (c, o))               \
     X(LIB_SSL, long, SSL_ctrl, (SSL *s, int cmd, long larg, void *parg), (s, cmd, larg, parg))   \
     X(LIB_SSL, SSL_verify_cb, SSL_get_verify_callback, (const SSL *s), (s))                    \
     X(LIB_SSL, int, SSL_get_wfd, (const SSL *s), (s))                                          \

@@ -616,6 +616,7 @@ int tls_front_probe_ctx(void *curl, void *sslctx, void *parm)
     if (check_index < 0 || !SSL_CTX_set_ex_data(sslctx, check_index, parm))
         return 1;                      /* CURLE_UNSUPPORTED_PROTOCOL: the probe fails */
     SSL_CTX_set_verify(sslctx, SSL_VERIFY_PEER, probe_verify);
+    SSL_CTX_set_options(sslctx, SSL_OP_NO_RENEGOTIATION);   /* (as every leg: upreq_refuse_renegotiation) */
     SSL_CTX_set_client_cert_cb(sslctx, asked_for_client_cert);
     SSL_CTX_set_info_callback(sslctx, probe_handshake);
     return 0;

@@ -8,6 +8,7 @@
 #include "upstream_request.h"
 #include "conn.h"
 #include <arpa/inet.h>
+#include <openssl/ssl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -74,8 +75,20 @@ static int format_addr(char *out, size_t n, const union shim_sockaddr *a, uint16
     return snprintf(out, n, strchr(ip, ':') ? "[%s]" : "%s", ip);
 }
 
+/* A TLS 1.2 server's HelloRequest could bring another certificate after the leg was held
+ * to what the app trusts, checked only by libcurl then (not the app's store, not the host
+ * name): every leg refuses to renegotiate. */
+int upreq_refuse_renegotiation(void *curl, void *sslctx, void *parm)
+{
+    (void)curl;
+    (void)parm;
+    SSL_CTX_set_options(sslctx, SSL_OP_NO_RENEGOTIATION);
+    return 0;
+}
+
 void upreq_verify_tls(CURL *e, const struct upstream_rule *u)
 {
+    curl_easy_setopt(e, CURLOPT_SSL_CTX_FUNCTION, upreq_refuse_renegotiation);
     curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
     curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
     if (u->tls_ca_file[0]) {

@@ -22,6 +22,8 @@ int upreq_aim(CURL *e, const struct upreq_where *w, struct curl_slist **connect_
 /* libcurl's full verification (peer and host name), against the system store plus the
  * rule's tls_ca_file. */
 void upreq_verify_tls(CURL *e, const struct upstream_rule *u);
+/* libcurl's CURLOPT_SSL_CTX_FUNCTION for every TLS leg: no renegotiation. */
+int upreq_refuse_renegotiation(void *curl, void *sslctx, void *parm);
 /* Everything about the request but its body and the transfer's callbacks: the URL, pin and
  * verification, the target as the app wrote it, its headers minus hop-by-hop ones (and
  * with the cache's own validators instead of the app's conditionals, when it has some),

@@ -769,3 +769,33 @@ def test_what_the_shims_leaf_cannot_answer_is_tunnelled(mode, tls_upstream, pki,
     r = run(args, conf=conf, env=dict(SAN_ENV or {}, HTTPSHIM_DEBUG="1"))
     assert r.rc == 0 and r.out.strip() == b"200 34", r.describe()
     assert b"no mark" in r.err and b"terminated" not in r.err, r.describe()
+
+
+def test_an_upstream_that_renegotiates_to_another_certificate_gets_no_answer_through(pki, tmp_path, sockdir):
+    """A TLS 1.2 upstream reads the request, then renegotiates to a certificate from a CA
+    the app does not trust (only the rule's tls_ca_file does). Direct, the app refuses the
+    new certificate and gets no answer. Intercepted, only the first handshake was held to
+    what the app trusts: libcurl took the new one and the app got the server's 200 (found
+    by an adversarial pass). Every leg now refuses to renegotiate: the app gets no answer,
+    and the server never answers after a renegotiation."""
+    good, good_key = pki["ca"].leaf(["localhost", "127.0.0.1"], stem="reneg-first")
+    other, other_key = pki["other"].leaf(["localhost", "127.0.0.1"], stem="reneg-second")
+    both = tmp_path / "both.pem"
+    both.write_bytes(pki["ca"].pem.read_bytes() + pki["other"].pem.read_bytes())
+    log, port_file = tmp_path / "reneg.log", tmp_path / "reneg.port"
+    srv = subprocess.Popen([BUILD / "renegserver", port_file, log, good, good_key, other, other_key],
+                           start_new_session=True)
+    try:
+        wait_until(lambda: port_file.exists(), 10, "the renegotiating upstream's port")
+        port = port_file.read_text().strip()
+        conf = write_rules(tmp_path, [], name="reneg.conf", raw="[global]\nstats_socket = %s/%%p.sock\n"
+                           "[upstream localhost:%s]\ntls = intercept\ntls_ca_file = %s\ncache GET /* ttl=10m\n"
+                           % (sockdir, port, both))
+        args = [BUILD / "tlsstoreclient", "localhost", port, pki["ca"].pem, "/r"]
+        for shim in (False, True):
+            r = run(args, shim=shim, conf=conf if shim else None, env=SAN_ENV)
+            assert r.rc == 1 and r.out.startswith(b"error"), r.describe()
+        assert "REQ" in log.read_text() and "ANSWERED" not in log.read_text(), log.read_text()
+    finally:
+        kill_group(srv.pid)
+        srv.wait(10)
