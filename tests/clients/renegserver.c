@@ -92,8 +92,7 @@ int main(int argc, char **argv)
         setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
         SSL *s = SSL_new(ctx);
         char req[8192];
-        int n = 0;
-        if (s && SSL_set_fd(s, c) == 1 && SSL_accept(s) == 1 && (n = SSL_read(s, req, sizeof req - 1)) > 0) {
+        if (s && SSL_set_fd(s, c) == 1 && SSL_accept(s) == 1 && SSL_read(s, req, sizeof req) > 0) {
             note("REQ");
             if (SSL_use_certificate_chain_file(s, argv[5]) == 1
                 && SSL_use_PrivateKey_file(s, argv[6], SSL_FILETYPE_PEM) == 1 && renegotiated(s, c)) {
