@@ -25,8 +25,10 @@
 #include "tls_front.h"
 #include "tunnel.h"
 #include "upstream.h"
+#include <dirent.h>
 #include <errno.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <signal.h>
@@ -35,6 +37,7 @@
 #include <sys/resource.h>
 #include <fcntl.h>
 #include <string.h>
+#include <unistd.h>
 
 static struct {
     pthread_mutex_t lock;              /* guards started/failed; held across a fork */
@@ -55,8 +58,56 @@ static void on_graveyard_due(struct loop_timer *timer)
 
 static void set_up_http_asked(void);
 
+/* The main thread left by pthread_exit. A process ends when its last thread does (glibc
+ * then calls exit(0), and the app's atexit handlers run): the engine's thread must not be
+ * the one that keeps it alive (it did, for ever, and SIGTERM's default was the shim's
+ * handler, which no thread could run). From then on, every 20 ms, the engine looks for an
+ * app thread still alive in /proc/self/task; with none left, it ends. */
+static atomic_bool main_thread_left;
+static struct loop_timer alone_timer;
+
+static bool app_threads_alive(void)
+{
+    DIR *d = opendir("/proc/self/task");
+    if (!d)
+        return true;                   /* (cannot tell: stay) */
+    bool alive = false;
+    char self[16], path[300], stat[256];
+    snprintf(self, sizeof self, "%d", (int)gettid());
+    for (struct dirent *e; !alive && (e = readdir(d));) {
+        if (e->d_name[0] == '.' || !strcmp(e->d_name, self))
+            continue;
+        snprintf(path, sizeof path, "/proc/self/task/%s/stat", e->d_name);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        ssize_t n = fd >= 0 ? read(fd, stat, sizeof stat - 1) : -1;
+        if (fd >= 0)
+            real_close(fd);
+        stat[n > 0 ? n : 0] = 0;
+        const char *state = strrchr(stat, ')');
+        alive = n <= 0 || !state || (state[1] == ' ' && state[2] != 'Z' && state[2] != 'X');
+    }
+    closedir(d);
+    return alive;
+}
+
+static void on_alone_due(struct loop_timer *timer)
+{
+    if (app_threads_alive())
+        loop_timer_arm(timer, 20, on_alone_due);
+    else
+        loop_stop();
+}
+
+void engine_main_thread_left(void)
+{
+    if (!atomic_exchange(&main_thread_left, true))
+        loop_wake();
+}
+
 static void after_dispatch(void)
 {
+    if (atomic_load_explicit(&main_thread_left, memory_order_relaxed) && !loop_timer_armed(&alone_timer))
+        loop_timer_arm(&alone_timer, 0, on_alone_due);
     set_up_http_asked();
     upstream_reap();
     engine_take_handoffs();
@@ -271,6 +322,8 @@ void engine_atfork_child(void)
     redis_session_forget();
     resolver_forget();
     graveyard_timer.slot = 0;          /* the parent's loop */
+    alone_timer.slot = 0;
+    atomic_store(&main_thread_left, false);
     fastpath_forget();
     stats_server_atfork_child();
     if (T.cfg && T.cfg->cache == CACHE_REDIS)

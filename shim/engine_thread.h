@@ -12,4 +12,7 @@ int engine_ensure_started(const struct shim_config *cfg, bool http);
 void engine_atfork_prepare(void);
 void engine_atfork_parent(void);
 void engine_atfork_child(void);
+/* The process's main thread is leaving by pthread_exit (hooks_thread.c): the engine's
+ * thread ends once no app thread is left, so that the process ends as it would. */
+void engine_main_thread_left(void);
 #endif

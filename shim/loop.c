@@ -31,6 +31,7 @@ static struct {
     struct loop_deferred *deferred;
     int64_t busy_poll_us;               /* loop_set_busy_poll */
     const char *cpu_pressure_path;
+    bool stopping;                      /* loop_stop: loop_run returns after this batch */
 } L = { .epfd = -1, .wake = { .fd = -1 }, .tick = { .fd = -1 } };
 
 
@@ -342,7 +343,7 @@ void loop_run(void)
     int64_t batch_end = 0;             /* when the last batch with work ended */
     int credit = 0;
     bool poll = false;
-    for (;;) {
+    while (!L.stopping) {
         /* a timer due already (a 0 ms one: "after this batch") is run after a look at the
          * I/O, without the timerfd */
         bool timer_due = L.n_timers && L.heap[0]->due_us <= clock_mono_us();
@@ -400,11 +401,14 @@ void loop_run(void)
     }
 }
 
+void loop_stop(void) { L.stopping = true; }
+
 void loop_forget(void)
 {
     /* The timers and deferred work named the parent's objects: the child never runs
      * them. Only plain stores here (async-signal-safe). */
     L.epfd = L.wake.fd = L.tick.fd = -1;
+    L.stopping = false;
     atomic_store(&wake_pending, false);
     L.wake.active = L.tick.active = false;
     L.n_timers = 0;

@@ -69,6 +69,8 @@ int loop_init(void (*after_dispatch)(void));
 void loop_run(void);
 /* Makes the loop go round once (from any thread). */
 void loop_wake(void);
+/* loop_run returns once the batch under way is done (the engine's thread then ends). */
+void loop_stop(void);
 /* Forked child: the loop's fds went with the other engine fds; start from nothing. */
 void loop_forget(void);
 /* The test clock moved forward (clock.h): the timers due by now fire at the end of this

@@ -12,7 +12,9 @@ import os
 import random
 import re
 import shutil
+import socket
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -1685,3 +1687,81 @@ def test_an_app_that_never_closes_its_ended_connections_holds_few_fds_more(upstr
     # (the shim's own: its 64 kept ends, its 32 socketpairs made ahead, its loop's, and the
     # closes it batches; one more per connection would be 400)
     assert counts[1] < counts[0] + 250, counts
+
+
+MAIN_THREAD_LEAVES = r'''
+import ctypes, sys, threading, time, urllib.request
+body = urllib.request.urlopen("http://127.0.0.1:%s/bytes/10" % sys.argv[1], timeout=10).read()
+print(len(body), flush=True)
+ctypes.CDLL(None).pthread_exit(None)     # the process ends when its last thread does
+'''
+
+
+def test_a_process_whose_main_thread_leaves_by_pthread_exit_ends(upstream, tmp_path):
+    """A program whose main thread ends with pthread_exit once it has used a listed
+    upstream: direct, the process ends with it (its last thread), status 0. Under the
+    shim the engine's thread kept it alive for ever, and SIGTERM did nothing: its default
+    was the shim's handler, which no thread could run (found by an adversarial pass). The
+    engine's thread now ends once no app thread is left."""
+    conf = write_rules(tmp_path, [], raw="[upstream 127.0.0.1:%d]\ncache GET /bytes/* ttl=10m\n" % upstream.port)
+    for shim in (False, True):
+        r = run([SYS_PY, "-c", MAIN_THREAD_LEAVES, upstream.port], shim=shim, conf=conf, timeout=20)
+        assert r.rc == 0 and not r.timed_out and r.out.strip() == b"10", r.describe()
+
+
+LOCAL_ADDRESS = r'''
+import json, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+print(json.dumps([s.getsockname()[0]]))
+s.sendall(b"GET /bytes/10 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+while s.recv(65536):
+    pass
+'''
+
+
+def host_address():
+    """An address of this host's own other than loopback (traffic to it stays in the host),
+    or None."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.123", 9))          # (a route lookup: no packet is sent)
+        addr = probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None if addr.startswith("127.") or addr == "0.0.0.0" else addr
+
+
+def test_the_local_address_of_a_diverted_connection_is_the_one_its_route_gives(upstream, tmp_path):
+    """getsockname on a diverted connection to an upstream that is not on loopback said
+    0.0.0.0 (found by an adversarial pass): code that learns its own address from its
+    outbound connection got nothing. It says the address the kernel's route to the upstream
+    gives, as direct (the port stays one the shim makes up)."""
+    addr = host_address()
+    if not addr:
+        pytest.skip("this host has no address but loopback")
+    ls = socket.socket()
+    ls.bind((addr, 0))
+    ls.listen(8)
+    port = ls.getsockname()[1]
+
+    def serve():
+        for _ in range(2):
+            try:
+                c, _ = ls.accept()
+            except OSError:
+                return
+            c.recv(65536)
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\n0123456789")
+            c.close()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        conf = write_rules(tmp_path, [], raw="[upstream %s:%d]\n" % (addr, port))
+        got = [run([SYS_PY, "-c", LOCAL_ADDRESS, addr, port], shim=shim, conf=conf, timeout=30) for shim in (False, True)]
+        assert all(r.rc == 0 for r in got), [r.describe() for r in got]
+        assert jlines(got[0].out) == jlines(got[1].out) == [[addr]], [r.describe() for r in got]
+    finally:
+        ls.close()
+        t.join(10)
