@@ -13,6 +13,7 @@
 #include "clock.h"
 #include "conn.h"
 #include "lazyssl.h"
+#include "linger.h"
 #include "log.h"
 #include "real.h"
 #include "stats.h"
@@ -120,10 +121,15 @@ static void front_close(struct tls_front *f)
                f->plain_shut, buf_len(&f->to_app), buf_len(&f->to_plain), buf_len(&f->from_plain));
     if (!f->handshaken)
         STAT_INC(f->upstream, tls_handshake_failures);
-    loop_remove(&f->app);
     loop_remove(&f->plain);
-    fdtable_close_engine_fd(f->app.fd);
     fdtable_close_engine_fd(f->plain.fd);
+    /* the app may write once more (its close_notify after ours): its end is kept a moment,
+     * as TCP takes a write after the server's FIN, where a closed pair's EPIPE raised a
+     * SIGPIPE that killed a C client that never ignores it */
+    if (f->app_gone || !linger_adopt(&f->app)) {
+        loop_remove(&f->app);
+        fdtable_close_engine_fd(f->app.fd);
+    }
     if (f->prev)
         f->prev->next = f->next;
     else

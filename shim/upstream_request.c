@@ -7,6 +7,7 @@
  * connection's timeouts and idle age. Engine thread only. */
 #include "upstream_request.h"
 #include "conn.h"
+#include "lazyssl.h"
 #include <arpa/inet.h>
 #include <openssl/ssl.h>
 #include <stdarg.h>
@@ -82,6 +83,8 @@ int upreq_refuse_renegotiation(void *curl, void *sslctx, void *parm)
 {
     (void)curl;
     (void)parm;
+    if (!lazyssl_load())
+        return 1;                      /* (libcurl's OpenSSL not reachable: the leg fails) */
     SSL_CTX_set_options(sslctx, SSL_OP_NO_RENEGOTIATION);
     return 0;
 }

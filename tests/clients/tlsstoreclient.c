@@ -20,6 +20,9 @@
  * and takes a connection without one (a soft-fail check that refuses only a staple that
  * says revoked). With --nosni it checks HOST (SSL_set1_host) but sends no server name.
  *
+ * Once it has read the answer to the end it says its own close_notify (SSL_shutdown), with
+ * SIGPIPE at its default, as a plain C client does.
+ *
  *   tlsstoreclient [--set1|--callback|--late|--depth0|--deny|--ocsp|--nosni] HOST PORT CAFILE PATH */
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -184,6 +187,8 @@ int main(int argc, char **argv)
     if (!body || sscanf(buf, "HTTP/1.%*d %d", &status) != 1)
         return fail("response");
     printf("%d %zu\n", status, got - (size_t)(body + 4 - buf));
+    fflush(stdout);
+    SSL_shutdown(ssl);                 /* its close_notify, after the server's: SIGPIPE not ignored */
     SSL_free(ssl);
     SSL_CTX_free(ctx);
     X509_free(denied);
