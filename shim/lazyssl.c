@@ -56,6 +56,8 @@ static const char *const lib_names[LIB_COUNT] = { "libcrypto.so.3", "libssl.so.3
     X(LIB_CRYPTO, int, X509_add_ext, (X509 *x, X509_EXTENSION *ex, int loc), (x, ex, loc))     \
     X(LIB_CRYPTO, int, X509_sign, (X509 *x, EVP_PKEY *k, const EVP_MD *md), (x, k, md))        \
     X(LIB_CRYPTO, int, RAND_bytes, (unsigned char *b, int n), (b, n))                          \
+    X(LIB_CRYPTO, int, ERR_set_mark, (void), ())                                               \
+    X(LIB_CRYPTO, int, ERR_pop_to_mark, (void), ())                                            \
     X(LIB_CRYPTO, int, X509_STORE_add_cert, (X509_STORE *s, X509 *x), (s, x))                  \
     X(LIB_CRYPTO, int, X509_STORE_up_ref, (X509_STORE *s), (s))                                \
     X(LIB_CRYPTO, STACK_OF(X509_OBJECT) *, X509_STORE_get0_objects, (const X509_STORE *s), (s)) \
@@ -73,6 +75,7 @@ static const char *const lib_names[LIB_COUNT] = { "libcrypto.so.3", "libssl.so.3
     X(LIB_CRYPTO, int, X509_STORE_CTX_set_default, (X509_STORE_CTX *c, const char *n), (c, n)) \
     X(LIB_CRYPTO, X509_VERIFY_PARAM *, X509_VERIFY_PARAM_new, (void), ())                      \
     X(LIB_CRYPTO, char *, X509_VERIFY_PARAM_get0_host, (X509_VERIFY_PARAM *p, int i), (p, i))  \
+    X(LIB_CRYPTO, char *, X509_VERIFY_PARAM_get1_ip_asc, (X509_VERIFY_PARAM *p), (p))          \
     X(LIB_CRYPTO, int, X509_VERIFY_PARAM_set1, (X509_VERIFY_PARAM *to, const X509_VERIFY_PARAM *from), (to, from)) \
     X(LIB_CRYPTO, int, X509_VERIFY_PARAM_set1_ip, (X509_VERIFY_PARAM *p, const unsigned char *ip, size_t l), \
       (p, ip, l))                                                                              \
@@ -145,6 +148,7 @@ static const char *const lib_names[LIB_COUNT] = { "libcrypto.so.3", "libssl.so.3
     X(LIB_CRYPTO, void, X509_VERIFY_PARAM_free, (X509_VERIFY_PARAM *p), (p))                   \
     X(LIB_CRYPTO, void, X509_VERIFY_PARAM_set_auth_level, (X509_VERIFY_PARAM *p, int l), (p, l)) \
     X(LIB_CRYPTO, void, ERR_clear_error, (void), ())                                           \
+    X(LIB_CRYPTO, void, CRYPTO_free, (void *p, const char *file, int line), (p, file, line))    \
     X(LIB_CRYPTO, void, OPENSSL_sk_pop_free, (OPENSSL_STACK *s, void (*f)(void *)), (s, f))      \
     X(LIB_SSL, void, SSL_CTX_free, (SSL_CTX *c), (c))                                          \
     X(LIB_SSL, void, SSL_CTX_set_alpn_select_cb, (SSL_CTX *c, SSL_CTX_alpn_select_cb_func cb, void *a), \

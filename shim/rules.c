@@ -566,7 +566,7 @@ static int parse_global(struct parser *p, const char *key, const char *val, stru
 {
     for (size_t i = 0; i < rules_global_keys(); i++)
         if (!strcmp(key, global_keys[i].name)) {
-            if (p->globals_said & (1u << i))
+            if (p->globals_said & (1u << i) && global_keys[i].kind != G_CACHE)   /* (its own says where) */
                 return fail(p, "'%s' is said twice", key);
             p->globals_said |= 1u << i;
             return set_global(p, &global_keys[i], val, cfg);

@@ -19,6 +19,7 @@
 #include "tls_ca.h"
 #include "tls_marks.h"
 #include <arpa/inet.h>
+#include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -95,11 +96,29 @@ static bool asks_for_a_stapled_status(SSL *s)
     return SSL_ctrl(s, SSL_CTRL_GET_TLSEXT_STATUS_REQ_TYPE, 0, NULL) != -1 || status_cb;
 }
 
-/* A host name checked (SSL_set1_host) that the hello does not send: the shim's leaf would
- * name the address dialled, and the app refuse it where the real certificate names both. */
+/* A name checked that the hello does not send: a host name (SSL_set1_host) other than its
+ * server name, or an address (X509_VERIFY_PARAM_set1_ip) beside a server name. The shim's
+ * leaf names what the hello sends (or the address dialled), and the app would refuse it
+ * where the real certificate names both. */
 static bool checks_a_name_it_does_not_send(SSL *s)
 {
-    return !SSL_get_servername(s, TLSEXT_NAMETYPE_host_name) && X509_VERIFY_PARAM_get0_host(SSL_get0_param(s), 0);
+    const char *sni = SSL_get_servername(s, TLSEXT_NAMETYPE_host_name);
+    X509_VERIFY_PARAM *param = SSL_get0_param(s);
+    for (int i = 0; i < 16; i++) {
+        const char *host = X509_VERIFY_PARAM_get0_host(param, i);
+        if (!host)
+            break;
+        if (!sni || strcasecmp(host, sni))
+            return true;
+    }
+    if (!sni)
+        return false;
+    ERR_set_mark();                    /* (no address set: an error of its own, the app's queue kept) */
+    char *ip = X509_VERIFY_PARAM_get1_ip_asc(param);
+    ERR_pop_to_mark();
+    if (ip)
+        CRYPTO_free(ip, __FILE__, __LINE__);
+    return ip != NULL;
 }
 
 static int add_mark(SSL *s, unsigned int type, unsigned int context, const unsigned char **out, size_t *outlen,

@@ -752,14 +752,15 @@ def test_an_app_that_verifies_with_its_own_function_is_tunnelled(tls_upstream, p
     assert r.rc == 0 and r.out.strip() == b"200 12", r.describe()     # (not on the list: works)
 
 
-@pytest.mark.parametrize("mode", ["--ocsp", "--nosni"])
+@pytest.mark.parametrize("mode", ["--ocsp", "--nosni", "--ipcheck"])
 def test_what_the_shims_leaf_cannot_answer_is_tunnelled(mode, tls_upstream, pki, tmp_path, sockdir):
     """--ocsp: an app that asks for a stapled OCSP status and refuses one that says
     revoked (a soft-fail check): the shim's answer carries no staple, so against a revoked
     server the app took the shim's where direct it refuses (found by an adversarial pass).
     --nosni: an app that checks a host name it does not send as SNI: the shim's leaf named
     the dialled address, and the app refused it where direct the real certificate names
-    both. Neither is marked now: tunnelled, they work as direct (here the upstream staples
+    both; --ipcheck: one that sends a name but checks an address, the same the other way.
+    None is marked now: tunnelled, they work as direct (here the upstream staples
     nothing and names both)."""
     client = BUILD / "tlsstoreclient"
     conf = intercept_conf(tmp_path, tls_upstream, pki["ca"].pem, sockdir)

@@ -18,12 +18,13 @@
  * SSL_CTX_set_cert_verify_callback: OpenSSL's own check, then a deny list of one, the
  * certificate in the PEM file $TLS_DENY_PEM. With --ocsp it asks for a stapled OCSP status
  * and takes a connection without one (a soft-fail check that refuses only a staple that
- * says revoked). With --nosni it checks HOST (SSL_set1_host) but sends no server name.
+ * says revoked). With --nosni it checks HOST (SSL_set1_host) but sends no server name;
+ * with --ipcheck it sends HOST as its server name and checks the address 127.0.0.1.
  *
  * Once it has read the answer to the end it says its own close_notify (SSL_shutdown), with
  * SIGPIPE at its default, as a plain C client does.
  *
- *   tlsstoreclient [--set1|--callback|--late|--depth0|--deny|--ocsp|--nosni] HOST PORT CAFILE PATH */
+ *   tlsstoreclient [--set1|--callback|--late|--depth0|--deny|--ocsp|--nosni|--ipcheck] HOST PORT CAFILE PATH */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <openssl/err.h>
@@ -96,11 +97,13 @@ int main(int argc, char **argv)
     int deny = argc > 1 && !strcmp(argv[1], "--deny");
     int ocsp = argc > 1 && !strcmp(argv[1], "--ocsp");
     int nosni = argc > 1 && !strcmp(argv[1], "--nosni");
-    int own_store = callback || depth0 || deny || ocsp || nosni;
+    int ipcheck = argc > 1 && !strcmp(argv[1], "--ipcheck");
+    int own_store = callback || depth0 || deny || ocsp || nosni || ipcheck;
     if (own_store || late)
         set1 = 1;                      /* the flag takes the same place */
     if (argc != 5 + set1)
-        return fail("usage: tlsstoreclient [--set1|--callback|--late|--depth0|--deny|--ocsp|--nosni] HOST PORT CAFILE PATH");
+        return fail("usage: tlsstoreclient [--set1|--callback|--late|--depth0|--deny|--ocsp|--nosni|--ipcheck] HOST PORT "
+                    "CAFILE PATH");
     const char *host = argv[1 + set1], *cafile = argv[3 + set1], *path = argv[4 + set1];
     int port = atoi(argv[2 + set1]);
     SSL_CTX *ctx = the_ctx = SSL_CTX_new(TLS_client_method());
@@ -146,7 +149,10 @@ int main(int argc, char **argv)
     SSL_set_fd(ssl, fd);
     if (!nosni)
         SSL_set_tlsext_host_name(ssl, host);
-    SSL_set1_host(ssl, host);
+    if (ipcheck)
+        X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), "127.0.0.1");
+    else
+        SSL_set1_host(ssl, host);
     if (late) {
         /* the ClientHello goes out on the socket, while the answer is read from an empty
          * memory BIO: the first step cannot see the server's reply, however fast it is */
