@@ -1312,6 +1312,16 @@ def test_a_fetch_under_way_when_a_purge_runs_stores_nothing(cli, upstream, sockd
     assert purged == 0 and len(first) == 1 and len(second) == 1 and first != second, r.describe()
 
 
+@pytest.mark.parametrize("args", [["http://127.0.0.1:8080/bytes/1"], ["bytes/*"], ["--upstream", "nonsense"]])
+def test_purge_refuses_what_can_never_match(args, cli, upstream, sockdir, tmp_path):
+    """A whole URL, a path without its leading '/', an upstream that is not HOST:PORT: each
+    printed "purged 0" and exit 0, as if nothing had been cached (found by an adversarial
+    pass). Each is a usage error now, naming what is wrong."""
+    conf = stats_conf(tmp_path, sockdir, [(upstream, ["GET /bytes/* ttl=10m"])])
+    r = run([cli, "purge", "-c", conf] + args, shim=False)
+    assert r.rc == 2 and not r.out and (b"must start with '/'" in r.err or b"is not HOST:PORT" in r.err), r.describe()
+
+
 def test_purge_filters(cli, upstream, upstream_b, sockdir, tmp_path, apps):
     conf = stats_conf(tmp_path, sockdir, [(upstream, ["GET /bytes/* ttl=10m"]),
                                           (upstream_b, ["GET /bytes/* ttl=10m"])])

@@ -276,6 +276,19 @@ int cmd_purge(int argc, char **argv)
         return 2;
     }
     const char *glob = optind < argc ? argv[optind] : "*";
+    /* what can never match is said, not counted as "purged 0" */
+    if (glob[0] != '/' && strcmp(glob, "*")) {
+        fprintf(stderr, "httpshim purge: GLOB '%s' must start with '/': it is matched against paths (e.g. /v3/ip/*), "
+                        "never whole URLs\n", glob);
+        return 2;
+    }
+    const char *colon = strrchr(upstream, ':');
+    if (upstream[0] && (!colon || colon == upstream || !colon[1] || strspn(colon + 1, "0123456789") != strlen(colon + 1))) {
+        fprintf(stderr, "httpshim purge: --upstream '%s' is not HOST:PORT\n", upstream);
+        return 2;
+    }
+    if (strchr(glob, '?') && strchr(glob, '='))
+        fprintf(stderr, "httpshim purge: a path is matched without its query ('?' in GLOB matches one character)\n");
     char pattern[256];
     if (load_pattern(conf_path(conf), pattern, sizeof pattern) != 0)
         return 1;

@@ -35,12 +35,12 @@ static double now(void)
 }
 
 /* The new handshake runs as the client answers the HelloRequest: driven by reads, for
- * 3 s at most. */
+ * a second at most. */
 static int renegotiated(SSL *s, int fd)
 {
     if (SSL_renegotiate(s) != 1 || SSL_do_handshake(s) != 1)
         return 0;
-    for (double end = now() + 3; now() < end;) {
+    for (double end = now() + 1; now() < end;) {
         char b[64];
         int r = SSL_read(s, b, sizeof b);
         if (!SSL_renegotiate_pending(s))
