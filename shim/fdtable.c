@@ -83,6 +83,15 @@ struct fd_entry *fdtable_diverted(int fd)
     return entry_of_kind(fd, FD_DIVERTED);
 }
 
+static __thread int thread_last_divert = -1;
+
+void fdtable_note_thread_divert(int fd) { thread_last_divert = fd; }
+
+struct fd_entry *fdtable_diverted_by_this_thread(void)
+{
+    return thread_last_divert >= 0 ? fdtable_diverted(thread_last_divert) : NULL;
+}
+
 struct fd_entry *fdtable_probing(int fd)
 {
     return entry_of_kind(fd, FD_PROBING);

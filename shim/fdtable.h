@@ -129,6 +129,10 @@ static inline void fdtable_note_diverted(int fd)
 }
 /* The entry if fd is diverted and the entry is not stale (inode check), else NULL. */
 struct fd_entry *fdtable_diverted(int fd);
+/* The connection the calling thread diverted last (hooks.c notes it), if still diverted:
+ * what a TLS hello made on that thread through a BIO of the app's own is most likely for. */
+void fdtable_note_thread_divert(int fd);
+struct fd_entry *fdtable_diverted_by_this_thread(void);
 /* The same for an fd whose real connect is in progress (FD_PROBING). */
 struct fd_entry *fdtable_probing(int fd);
 void fdtable_mark_engine(int fd);

@@ -355,6 +355,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     atomic_store_explicit(&e->made, MADE_OTHER, memory_order_relaxed);   /* connected now */
     atomic_store_explicit(&e->kind, FD_DIVERTED, memory_order_release);
     fdtable_note_diverted(fd);
+    fdtable_note_thread_divert(fd);
     for (int i = 0; i < nregs; i++) {
         struct epoll_event ev = regs[i].ev;
         real_epoll_ctl(regs[i].epfd, EPOLL_CTL_ADD, fd, &ev);

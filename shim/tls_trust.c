@@ -61,8 +61,9 @@ static bool intercepting_upstream(const struct shim_config *cfg, int upstream)
 /* Whether this ClientHello may be going to an upstream the shim intercepts: the mark is a
  * stable per-process value and a change to the client's fingerprint, not for other hosts.
  * A hello written to a socket goes where that socket was connected; one written into a
- * memory BIO (asyncio, an app's own transport) is judged by its server name, and without
- * one it is marked only while some intercepting upstream is named by its address. */
+ * BIO of the app's own (asyncio's memory BIO, curl's) is judged by its server name, and
+ * without one (an address dialled) by the connection its thread diverted last, or while
+ * some intercepting upstream is named by its address. */
 static bool bound_for_interception(SSL *s)
 {
     const struct shim_config *cfg = config_get();
@@ -74,6 +75,9 @@ static bool bound_for_interception(SSL *s)
         return e && intercepting_upstream(cfg, e->upstream);
     }
     const char *name = SSL_get_servername(s, TLSEXT_NAMETYPE_host_name);
+    const struct fd_entry *last = name ? NULL : fdtable_diverted_by_this_thread();
+    if (last && intercepting_upstream(cfg, last->upstream))
+        return true;
     unsigned char addr[sizeof(struct in6_addr)];
     for (size_t i = 0; cfg && i < cfg->n_upstreams; i++) {
         const char *host = cfg->upstreams[i].host;
