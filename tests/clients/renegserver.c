@@ -7,6 +7,7 @@
  *
  *   renegserver PORTFILE LOG CERT KEY CERT2 KEY2 */
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
@@ -40,6 +41,7 @@ static int renegotiated(SSL *s, int fd)
 {
     if (SSL_renegotiate(s) != 1 || SSL_do_handshake(s) != 1)
         return 0;
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);   /* (the reads below wait in poll) */
     for (double end = now() + 1; now() < end;) {
         char b[64];
         int r = SSL_read(s, b, sizeof b);
@@ -88,7 +90,7 @@ int main(int argc, char **argv)
         int c = accept(ls, NULL, NULL);
         if (c < 0)
             continue;
-        struct timeval tv = { 3, 0 };
+        struct timeval tv = { 0, 500 * 1000 };   /* (a probe that sends no request holds it no longer) */
         setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
         SSL *s = SSL_new(ctx);
         char req[8192];
