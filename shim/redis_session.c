@@ -665,9 +665,12 @@ static void on_app(struct loop_source *src, uint32_t ev)
             bool direct = s->client.raw;
             if (direct && rpool_direct_full(&s->client))
                 break;
-            if (!direct && resp_stream_pending(&s->cmds) + sizeof chunk > RESP_HOLD_MAX)
+            bool drop = !direct && s->closing;   /* (ending: read, and dropped; see rs_update) */
+            if (!direct && !drop && resp_stream_pending(&s->cmds) + sizeof chunk > RESP_HOLD_MAX)
                 break;
             ssize_t n = recv(src->fd, chunk, sizeof chunk, MSG_DONTWAIT);
+            if (n > 0 && drop)
+                continue;
             if (n > 0) {
                 int rc = direct ? rpool_direct_write(&s->client, chunk, (size_t)n)
                                 : resp_stream_feed(&s->cmds, chunk, (size_t)n);

@@ -115,17 +115,24 @@ void rs_update(struct rsession *s)
         return;
     }
     /* (what the app writes is read while replies pile up: it may read them only once it has
-     * written all; the commands wait, held, see process) */
-    bool reading = !s->app_eof && !s->closing
-                   && (s->client.raw ? !rpool_direct_full(&s->client)
-                                     : resp_stream_pending(&s->cmds) + 16384 <= RESP_HOLD_MAX);
+     * written all; the commands wait, held, see process. Once the session is ending (QUIT),
+     * what it writes still is read, and dropped, as Redis reads a client it will close: an
+     * app that writes its whole pipeline first would wait on us while we wait on it) */
+    bool draining = s->closing && !s->client.raw;
+    bool reading = !s->app_eof
+                   && (draining || (!s->closing && (s->client.raw ? !rpool_direct_full(&s->client)
+                                                                  : resp_stream_pending(&s->cmds) + 16384 <= RESP_HOLD_MAX)));
     loop_watch(&s->src, (reading ? EPOLLIN : 0) | (buf_len(&s->out) ? EPOLLOUT : 0));
 }
 
 static void rs_put(struct rsession *s, struct buf *to, const char *p, size_t n)
 {
-    if (!s->app_gone && buf_append(to, p, n) != 0)
-        s->closing = true;             /* cannot be delivered whole: end as a reset would */
+    if (s->app_gone || s->reply_dropped)
+        return;                        /* (after a reply dropped, none: the app would read the next as its) */
+    if (buf_append(to, p, n) != 0) {
+        s->reply_dropped = true;       /* cannot be delivered whole: end as a reset would */
+        s->closing = true;
+    }
 }
 
 /* The server's words: held while the password is being checked (ask_identity). */

@@ -28,6 +28,7 @@ struct rsession {
     size_t name_len;
     bool has_name;
     bool app_eof, gone, closing, waiting_verdict, throttling;
+    bool reply_dropped;                /* a reply could not be kept for it: none after it either */
     /* the app closed its end: what it sent before still runs, as direct, and what it is
      * answered is dropped */
     bool app_gone;

@@ -1373,3 +1373,88 @@ def test_a_pipeline_written_whole_before_its_replies_are_read_completes(redis, t
         r = run([SYS_PY, "-c", WRITE_ALL_THEN_READ, redis.port], shim=shim,
                 conf=conf_for(tmp_path, redis, sockdir) if shim else None, timeout=60)
         assert r.rc == 0 and jlines(r.out)[0] == [20000, True, True, True, True], r.describe()
+
+
+OWED_PAST_THE_CAP = r"""
+import json, socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30)
+def cmd(*a):
+    return ("*%d\r\n" % len(a) + "".join("$%d\r\n%s\r\n" % (len(x), x) for x in a)).encode()
+s.sendall(b"".join(cmd("GET", "big") + cmd("INCR", "owed") for _ in range(20)))
+time.sleep(1)                          # the replies pile up in the shim meanwhile
+data = bytearray()
+while True:
+    d = s.recv(1 << 20)
+    if not d:
+        break
+    data += d
+replies, i = [], 0
+while i < len(data):
+    j = data.index(b"\r\n", i)
+    head = bytes(data[i:j])
+    if head.startswith(b"$"):
+        n = int(head[1:])
+        if j + 2 + n + 2 > len(data):
+            break
+        replies.append(("bulk", n))
+        i = j + 2 + n + 2
+    else:
+        replies.append(("line", head.decode()))
+        i = j + 2
+want = [r for k in range(20) for r in (("bulk", 5 << 20), ("line", ":%d" % (k + 1)))]
+print(json.dumps([len(replies), replies == want[:len(replies)]]))
+"""
+
+
+def test_replies_past_the_cap_end_the_connection_with_no_hole(redis, tmp_path, sockdir):
+    """20 GETs of a 5 MB value, each followed by an INCR, written at once by an app that
+    reads a second later: more than the 65 MB the shim keeps for one app connection on a
+    shared server connection. The reply that did not fit was dropped and the connection
+    marked to close, but the replies after it were still kept and delivered: the app read
+    an INCR's reply as a GET's (found by a regression pass). Now the app reads an unbroken
+    prefix of its replies, then the end, as a reset would leave it."""
+    redis.cmd("SET", "big", "x" * (5 << 20))
+    r = run([SYS_PY, "-c", OWED_PAST_THE_CAP, redis.port], conf=conf_for(tmp_path, redis, sockdir), timeout=60)
+    assert r.rc == 0, r.describe()
+    n, prefix = jlines(r.out)[0]
+    assert prefix and n >= 2, r.describe()
+
+
+QUIT_MID_PIPELINE = r"""
+import json, socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+def cmd(*a):
+    return ("*%d\r\n" % len(a) + "".join("$%d\r\n%s\r\n" % (len(x), x) for x in a)).encode()
+blob = cmd("GET", "v") * 30000 + cmd("QUIT") + cmd("INCR", "after-quit") * 200000
+try:
+    s.sendall(blob)                    # all of it before a reply is read
+    sent = "all"
+except OSError as e:
+    sent = type(e).__name__
+got = b""
+try:
+    while True:
+        d = s.recv(1 << 20)
+        if not d:
+            break
+        got += d
+except OSError:
+    pass
+print(json.dumps([sent, got.endswith(b"+OK\r\n") or sent != "all"]))
+"""
+
+
+def test_quit_inside_a_pipeline_written_whole_ends_it(redis, tmp_path, sockdir):
+    """30 000 GETs, QUIT, then 200 000 INCRs, written at once before any reply is read
+    (5.7 MB): direct, Redis answers up to QUIT and closes, and reads on meanwhile. The
+    shim answered QUIT and stopped reading the app, which waited in its write for the shim
+    to read while the shim waited for the app to read its replies: for ever (found by a
+    regression pass). What the app writes after QUIT is read and dropped now: it ends,
+    and nothing after QUIT runs."""
+    redis.cmd("SET", "v", "1")
+    for shim in (False, True):
+        r = run([SYS_PY, "-c", QUIT_MID_PIPELINE, redis.port], shim=shim, conf=conf_for(tmp_path, redis, sockdir),
+                timeout=40)
+        sent, ended = jlines(r.out)[0] if r.rc == 0 else (None, False)
+        assert sent != "TimeoutError" and ended, r.describe()     # (the write waited on a shim that waited on it)
+        assert redis.cmd("EXISTS", "after-quit") == 0
