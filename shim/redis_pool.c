@@ -82,17 +82,24 @@ static struct {
     const struct shim_config *cfg;
     struct rconn *conns[RULES_MAX_UPSTREAMS];
     unsigned lent[RULES_MAX_UPSTREAMS];
+    void (*server_lost)(int upstream, const struct rpool_ident *id);
 } P;
 
-void redis_pool_init(const struct shim_config *cfg) { P.cfg = cfg; }
+void redis_pool_init(const struct shim_config *cfg, void (*server_lost)(int upstream, const struct rpool_ident *id))
+{
+    P.cfg = cfg;
+    P.server_lost = server_lost;
+}
 
 static unsigned pool_max(int up) { return rules_pool_max(P.cfg, &P.cfg->upstreams[up]); }
 
 void redis_pool_forget(void)
 {
     const struct shim_config *cfg = P.cfg;
+    void (*server_lost)(int, const struct rpool_ident *) = P.server_lost;
     memset(&P, 0, sizeof P);           /* the parent's: their memory stays unreachable */
     P.cfg = cfg;
+    P.server_lost = server_lost;
     redis_idents_forget();
     redis_known_forget_parents();
 }
@@ -236,6 +243,8 @@ static void conn_close(struct rconn *c, bool lost)
 {
     if (c->state == RC_DEAD)
         return;
+    int upstream = c->upstream;
+    const struct rpool_ident *id = c->id;   /* (compared, never used: a reference put below) */
     bool was_open = c->state != RC_WAITING;
     c->state = RC_DEAD;
     if (lost) {
@@ -290,6 +299,8 @@ static void conn_close(struct rconn *c, bool lost)
         c->free_at_flush = true;
     else
         loop_defer(&c->reclaim, reclaim);
+    if (lost && P.server_lost)
+        P.server_lost(upstream, id);   /* (the sessions' word: the commands they hold) */
 }
 
 static void on_connect_timeout(struct loop_timer *t);

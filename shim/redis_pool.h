@@ -44,7 +44,10 @@ struct rpool_client {
 
 enum rpool_pin { RPOOL_PIN_MULTI, RPOOL_PIN_WATCH, RPOOL_PIN_BLOCKING };
 
-void redis_pool_init(const struct shim_config *cfg);
+/* server_lost: told after a server connection of an identity was lost (the sessions close
+ * those of it that hold commands the app wrote before). */
+struct rpool_ident;
+void redis_pool_init(const struct shim_config *cfg, void (*server_lost)(int upstream, const struct rpool_ident *id));
 void redis_pool_forget(void);          /* forked child: the parent's connections */
 
 /* Who commands run as and how they are answered: user, password (none: has_pass false)

@@ -36,7 +36,7 @@ static const struct shim_config *cfg;
 void redis_session_init(const struct shim_config *config)
 {
     cfg = config;
-    redis_pool_init(config);
+    redis_pool_init(config, rs_close_holding);
 }
 
 void redis_session_forget(void)

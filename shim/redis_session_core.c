@@ -26,6 +26,24 @@ void rs_link(struct rsession *s)
 
 void rs_forget_all(void) { live = NULL; }     /* the parent's: unreachable, never used */
 
+/* A server connection of the identity was lost: a session of it holding commands its app wrote
+ * before (a pipeline waiting on the app's reading) ends once the replies it has are read,
+ * as its own connection would have ended with the server's; those commands never run on
+ * the next one (nothing is sent again). */
+void rs_close_holding(int upstream, const struct rpool_ident *id)
+{
+    for (struct rsession *s = live, *next; s; s = next) {
+        next = s->next;
+        if (s->client.upstream == upstream && s->id == id && !s->gone && !s->client.raw
+            && (s->has_held || resp_stream_pending_command(&s->cmds) > 0)) {
+            shim_debug("fd %d: redis: the server went while commands were held for it: ends once the "
+                       "replies it has are read", s->src.fd);
+            s->closing = s->reply_dropped = true;   /* (what came before the loss is still the app's) */
+            rs_update(s);
+        }
+    }
+}
+
 static void reclaim(struct loop_deferred *d)
 {
     free((char *)d - offsetof(struct rsession, reclaim));

@@ -71,6 +71,7 @@ struct rsession {
 /* the live sessions: s joins them; a forked child forgets the parent's */
 void rs_link(struct rsession *s);
 void rs_forget_all(void);
+void rs_close_holding(int upstream, const struct rpool_ident *id);   /* (redis_pool.c's server_lost) */
 void rs_close(struct rsession *s);
 /* The app's end is closed: its fd leaves the loop, the commands it sent run as direct,
  * and what it is answered is dropped. */

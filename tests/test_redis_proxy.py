@@ -1458,3 +1458,51 @@ def test_quit_inside_a_pipeline_written_whole_ends_it(redis, tmp_path, sockdir):
         sent, ended = jlines(r.out)[0] if r.rc == 0 else (None, False)
         assert sent != "TimeoutError" and ended, r.describe()     # (the write waited on a shim that waited on it)
         assert redis.cmd("EXISTS", "after-quit") == 0
+
+
+HELD_ACROSS_A_RESTART = r"""
+import json, socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+def cmd(*a):
+    return ("*%d\r\n" % len(a) + "".join("$%d\r\n%s\r\n" % (len(x), x) for x in a)).encode()
+s.sendall(b"".join(cmd("GET", "v") + cmd("INCR", "held") for _ in range(20000)))
+print(json.dumps(["written"]), flush=True)
+sys.stdin.readline()                   # the test kills and restarts Redis meanwhile
+data = b""
+try:
+    while True:
+        d = s.recv(1 << 20)
+        if not d:
+            break
+        data += d
+except OSError:
+    pass
+print(json.dumps([data.count(b"$-1\r\n")]), flush=True)
+"""
+
+
+def test_commands_held_for_an_app_never_run_on_the_next_server(redis, tmp_path, sockdir):
+    """20 000 GET + INCR pairs written at once by an app that reads only later: the shim
+    holds most of them while the replies wait. Redis is killed and started again (empty)
+    meanwhile. Direct, the app's connection ends with the server. The shim sent the held
+    commands to the new server: the app read nil GETs and the INCRs ran again from 1
+    (found by a regression pass). It ends the app's connection once the replies from before
+    are read now, and nothing it held runs anywhere."""
+    redis.cmd("SET", "v", "x" * 1000)
+    p = subprocess.Popen([SYS_PY, "-c", HELD_ACROSS_A_RESTART, str(redis.port)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=client_env(True, conf_for(tmp_path, redis, sockdir)))
+    try:
+        assert json.loads(p.stdout.readline() or "null") == ["written"], p.stderr.read()
+        time.sleep(0.3)
+        redis.kill()
+        time.sleep(0.3)
+        redis.restart()
+        p.stdin.write(b"\n")
+        p.stdin.flush()
+        nil_gets = json.loads(p.stdout.readline() or "null")
+        assert p.wait(timeout=30) == 0, p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert nil_gets == [0] and redis.cmd("EXISTS", "held") == 0, nil_gets
