@@ -22,8 +22,22 @@ static struct {                        /* engine thread only */
     struct loop_timer timer;
 } R;
 
+/* The app's end of the pair that fd ends: its next write is taken (and dropped) once this
+ * end is closed, as TCP takes the first write after the server has gone, where a closed
+ * pair's EPIPE raised SIGPIPE (a C client's SSL_shutdown long after the answer). While fd
+ * is open no other connection can name it as its engine's end. */
+static void take_the_next_write(int fd)
+{
+    for (int i = 0, top = fdtable_diverted_top(); i < top; i++) {
+        struct fd_entry *e = fdtable_if_diverted(i);
+        if (e && e->engine_fd == fd)
+            atomic_store(&e->takes_one_more_write, 1);
+    }
+}
+
 static void close_oldest(void)
 {
+    take_the_next_write(R.fd[R.head]);
     fdtable_close_engine_fd(R.fd[R.head]);
     R.head = (R.head + 1) % LINGER_MAX;
     R.count--;

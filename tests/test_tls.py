@@ -806,3 +806,16 @@ def test_an_upstream_that_renegotiates_to_another_certificate_gets_no_answer_thr
     finally:
         kill_group(srv.pid)
         srv.wait(10)
+
+
+def test_a_close_notify_long_after_the_answer_is_taken_as_tcp_takes_it(tls_upstream, pki, tmp_path, sockdir):
+    """A C client reads a Connection: close answer to its end, then says its own
+    close_notify 1.5 s later, SIGPIPE at its default. Direct, TCP takes that first write
+    after the server has gone. Intercepted, the app's end was kept only a second, and the
+    write after it met a closed pair: SIGPIPE killed the client (found by a regression
+    pass). The app's next write after its end is closed is taken now, as TCP's is."""
+    conf = intercept_conf(tmp_path, tls_upstream, pki["ca"].pem, sockdir)
+    args = [BUILD / "tlsstoreclient", "localhost", str(tls_upstream.port), pki["ca"].pem, "/custom/late-end?n=21"]
+    for shim in (False, True):
+        r = run(args, shim=shim, conf=conf if shim else None, env=dict(SAN_ENV or {}, TLS_SHUTDOWN_DELAY_MS="1500"))
+        assert r.rc == 0 and r.out.strip() == b"200 21", r.describe()

@@ -22,7 +22,7 @@
  * with --ipcheck it sends HOST as its server name and checks the address 127.0.0.1.
  *
  * Once it has read the answer to the end it says its own close_notify (SSL_shutdown), with
- * SIGPIPE at its default, as a plain C client does.
+ * SIGPIPE at its default, as a plain C client does ($TLS_SHUTDOWN_DELAY_MS later, if set).
  *
  *   tlsstoreclient [--set1|--callback|--late|--depth0|--deny|--ocsp|--nosni|--ipcheck] HOST PORT CAFILE PATH */
 #include <arpa/inet.h>
@@ -194,6 +194,8 @@ int main(int argc, char **argv)
         return fail("response");
     printf("%d %zu\n", status, got - (size_t)(body + 4 - buf));
     fflush(stdout);
+    if (getenv("TLS_SHUTDOWN_DELAY_MS"))
+        usleep((useconds_t)atoi(getenv("TLS_SHUTDOWN_DELAY_MS")) * 1000);
     SSL_shutdown(ssl);                 /* its close_notify, after the server's: SIGPIPE not ignored */
     SSL_free(ssl);
     SSL_CTX_free(ctx);
