@@ -29,6 +29,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <signal.h>
@@ -90,12 +91,32 @@ static bool app_threads_alive(void)
     return alive;
 }
 
+/* The process ends as glibc ends it after its last thread: exit(0), the app's atexit
+ * handlers and destructors run, on a thread of their own with no signal blocked, while the
+ * engine's loop goes on serving (a handler that makes a request, or reads one, is answered;
+ * on the engine's thread it waited for ever on a loop that had stopped). */
+static void *exit_as_the_last_thread(void *arg)
+{
+    (void)arg;
+    sigset_t none;
+    sigemptyset(&none);
+    pthread_sigmask(SIG_SETMASK, &none, NULL);
+    exit(0);
+}
+
 static void on_alone_due(struct loop_timer *timer)
 {
-    if (app_threads_alive())
+    if (app_threads_alive()) {
         loop_timer_arm(timer, 20, on_alone_due);
-    else
-        loop_stop();
+        return;
+    }
+    pthread_t th;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    if (pthread_create(&th, &attr, exit_as_the_last_thread, NULL) != 0)
+        loop_stop();                   /* (the engine's thread ends: glibc exits on it) */
+    pthread_attr_destroy(&attr);
 }
 
 void engine_main_thread_left(void)

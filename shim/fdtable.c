@@ -121,6 +121,9 @@ void fdtable_clear(int fd)
         atomic_store(&e->n_epoll, 0);
         atomic_store(&e->connected_already, 0);
     }
+    /* (a write the closed connection's end would have taken is not the next file's) */
+    if (e && atomic_load_explicit(&e->takes_one_more_write, memory_order_relaxed))
+        atomic_store(&e->takes_one_more_write, 0);
 }
 
 bool fdtable_is_engine(int fd)
@@ -149,6 +152,7 @@ void fdtable_copy(int from, int to)
     fdgate_shut(&src->gate);
     fdgate_shut_next(&dst->gate);
     atomic_store(&dst->kind, FD_NONE);
+    atomic_store(&dst->takes_one_more_write, 0);   /* (the one write TCP takes is the original's) */
     dst->engine_fd = src->engine_fd;
     dst->engine_conn = NULL;           /* only the original's close may drop the connection */
     atomic_store(&dst->heard, FD_HEARD);

@@ -1690,26 +1690,41 @@ def test_an_app_that_never_closes_its_ended_connections_holds_few_fds_more(upstr
 
 
 MAIN_THREAD_LEAVES = r'''
-import ctypes, sys, threading, time, urllib.request
-body = urllib.request.urlopen("http://127.0.0.1:%s/bytes/10" % sys.argv[1], timeout=10).read()
-print(len(body), flush=True)
-ctypes.CDLL(None).pthread_exit(None)     # the process ends when its last thread does
+import ctypes, http.client, sys
+libc = ctypes.CDLL(None)
+conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=5)   # kept alive
+def at_exit(arg):                        # a C-level atexit handler (Python's own never run here)
+    conn.request("GET", "/bytes/7")
+    sys.stdout.write("atexit %d\n" % len(conn.getresponse().read()))
+    sys.stdout.flush()
+handler = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(at_exit)
+if sys.argv[2] == "atexit":
+    libc.__cxa_atexit(handler, None, None)
+conn.request("GET", "/bytes/10")
+print(len(conn.getresponse().read()), flush=True)
+libc.pthread_exit(None)                  # the process ends when its last thread does
 '''
 
 
-def test_a_process_whose_main_thread_leaves_by_pthread_exit_ends(upstream, tmp_path):
+@pytest.mark.parametrize("then", ["nothing", "atexit"])
+def test_a_process_whose_main_thread_leaves_by_pthread_exit_ends(then, upstream, tmp_path):
     """A program whose main thread ends with pthread_exit once it has used a listed
     upstream: direct, the process ends with it (its last thread), status 0. Under the
     shim the engine's thread kept it alive for ever, and SIGTERM did nothing: its default
     was the shim's handler, which no thread could run (found by an adversarial pass). The
-    engine's thread now ends once no app thread is left."""
+    engine's thread now ends once no app thread is left. atexit: a handler that makes a
+    request on the app's kept-alive connection as the process ends: glibc ran it on the
+    engine's thread once that thread was the last, with its loop stopped, and it waited
+    for ever (found by a regression pass); the exit runs on a thread of its own now, while
+    the loop serves."""
     conf = write_rules(tmp_path, [], raw="[upstream 127.0.0.1:%d]\ncache GET /bytes/* ttl=10m\n" % upstream.port)
     # (the interpreter never finalizes: under the sanitizer its objects are leaks at exit, and
     # only full stacks show them to be Python's, whatever library allocated them)
     san = {"ASAN_OPTIONS": os.environ["ASAN_OPTIONS"] + ":fast_unwind_on_malloc=0"} if "ASAN_OPTIONS" in os.environ else None
     for shim in (False, True):
-        r = run([SYS_PY, "-c", MAIN_THREAD_LEAVES, upstream.port], shim=shim, conf=conf, timeout=20, env=san)
-        assert r.rc == 0 and not r.timed_out and r.out.strip() == b"10", r.describe()
+        r = run([SYS_PY, "-c", MAIN_THREAD_LEAVES, upstream.port, then], shim=shim, conf=conf, timeout=20, env=san)
+        assert r.rc == 0 and not r.timed_out, r.describe()
+        assert r.out.split(b"\n") == ([b"10", b"atexit 7", b""] if then == "atexit" else [b"10", b""]), r.describe()
 
 
 LOCAL_ADDRESS = r'''
@@ -1768,3 +1783,46 @@ def test_the_local_address_of_a_diverted_connection_is_the_one_its_route_gives(u
     finally:
         ls.close()
         t.join(10)
+
+
+STALE_TAKEN_WRITE = r'''
+import json, os, socket, sys, time
+port = int(sys.argv[1])
+def ask(s, close):
+    s.sendall(b"GET /bytes/5 HTTP/1.1\r\nHost: x\r\n" + (b"Connection: close\r\n" if close else b"") + b"\r\n")
+first = socket.create_connection(("127.0.0.1", port), timeout=5)
+ask(first, True)
+while first.recv(65536):
+    pass                                 # answered, and ended by the server
+second = socket.create_connection(("127.0.0.1", port), timeout=5)
+time.sleep(1.5)                          # the ended connection's end is closed meanwhile
+old = first.fileno()
+first.close()
+os.dup2(second.fileno(), old)            # a fresh connection, now also under the old number
+again = socket.socket(fileno=old)
+again.settimeout(5)
+ask(again, True)
+got = b""
+try:
+    while True:
+        d = again.recv(65536)
+        if not d:
+            break
+        got += d
+except OSError as e:
+    got += ("<%s>" % type(e).__name__).encode()
+print(json.dumps([got[:12].decode(errors="replace"), got[-16:].decode(errors="replace")]))
+'''
+
+
+def test_a_write_the_ended_connection_would_have_taken_is_not_the_next_files(upstream, tmp_path):
+    """A connection the server ended (Connection: close) lingers a second, and when its end
+    is closed the app's next write on that fd is taken, as TCP takes the first write after
+    the server has gone. The app closed that fd and dup2'd a fresh connection onto the
+    number: the mark stayed on the number, and the fresh connection's request was dropped
+    (found by a regression pass). A close, or a copy onto the number, clears it now."""
+    conf = write_rules(tmp_path, [], raw="[upstream 127.0.0.1:%d]\n" % upstream.port)
+    for shim in (False, True):
+        r = run([SYS_PY, "-c", STALE_TAKEN_WRITE, upstream.port], shim=shim, conf=conf, timeout=30)
+        status, end = jlines(r.out)[0] if r.rc == 0 else (None, None)
+        assert status == "HTTP/1.1 200" and "Error" not in end, r.describe()
