@@ -5,7 +5,8 @@
  * session's commands in flight stay on one connection); connections lent to one session
  * (a transaction, WATCHed keys, a blocking command: at most redis_pinned_max at once) and
  * given back clean; connections of one session's own that relay bytes as they come
- * (direct); the setup of each new connection (AUTH, HELLO 3, SELECT, CLIENT SETNAME), whose replies
+ * (direct); the setup of each new connection (AUTH, HELLO 3, SELECT, CLIENT SETNAME: its bytes
+ * redis_wire.c's), whose replies
  * the shim reads itself and whose first success verifies the identity; and losing a
  * connection (the sessions with commands on it are told, nothing is sent again; identities
  * are redis_ident.c's). A cold
@@ -102,38 +103,6 @@ void redis_pool_forget(void)
     P.server_lost = server_lost;
     redis_idents_forget();
     redis_known_forget_parents();
-}
-
-/* What a new connection of id's sends first (AUTH, HELLO 3, SELECT, CLIENT SETNAME),
- * counted in setup_left. */
-static int put_setup(struct rconn *c, const char *name, size_t name_len)
-{
-    const struct rpool_ident *id = c->id;
-    if (id->has_pass) {
-        if (redis_wire_auth(&c->out, id))
-            return -1;
-        c->setup_left++;
-    }
-    if (id->proto == 3) {              /* (after AUTH: HELLO asks an authenticated connection) */
-        const char *argv[2] = { "HELLO", "3" };
-        size_t lens[2] = { 5, 1 };
-        if (redis_wire_command(&c->out, 2, argv, lens))
-            return -1;
-        c->setup_left++;
-    }
-    if (!(id->db_len == 1 && id->db[0] == '0')) {
-        const char *argv[2] = { "SELECT", id->db };
-        size_t lens[2] = { 6, id->db_len };
-        if (redis_wire_command(&c->out, 2, argv, lens))
-            return -1;
-        c->setup_left++;
-    }
-    if (name_len) {
-        if (redis_wire_setname(&c->out, name, name_len))
-            return -1;
-        c->setup_left++;
-    }
-    return 0;
 }
 
 /* ---- connections ---- */
@@ -374,7 +343,9 @@ static struct rconn *conn_open(struct rpool_client *cl, struct rpool_ident *id, 
     c->logged_in = true;
     const char *ping[1] = { "PING" };
     size_t ping_len[1] = { 4 };
-    if (resp_stream_init(&c->replies, false) != 0 || put_setup(c, name, name_len) != 0
+    int setup = redis_wire_setup(&c->out, id, name, name_len);
+    c->setup_left = setup > 0 ? (unsigned)setup : 0;
+    if (resp_stream_init(&c->replies, false) != 0 || setup < 0
         || (!id->has_pass && !direct && (redis_wire_command(&c->out, 1, ping, ping_len) != 0 || fifo_push(c, NULL) != 0))) {
         resp_stream_free(&c->replies);
         buf_free(&c->out);

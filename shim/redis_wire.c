@@ -58,3 +58,33 @@ int redis_wire_auth(struct buf *b, const struct rpool_ident *id)
     }
     return redis_wire_command(b, id->has_user ? 3 : 2, argv, lens);
 }
+
+int redis_wire_setup(struct buf *b, const struct rpool_ident *id, const char *name, size_t name_len)
+{
+    int n = 0;
+    if (id->has_pass) {
+        if (redis_wire_auth(b, id))
+            return -1;
+        n++;
+    }
+    if (id->proto == 3) {              /* (after AUTH: HELLO asks an authenticated connection) */
+        const char *argv[2] = { "HELLO", "3" };
+        size_t lens[2] = { 5, 1 };
+        if (redis_wire_command(b, 2, argv, lens))
+            return -1;
+        n++;
+    }
+    if (!(id->db_len == 1 && id->db[0] == '0')) {
+        const char *argv[2] = { "SELECT", id->db };
+        size_t lens[2] = { 6, id->db_len };
+        if (redis_wire_command(b, 2, argv, lens))
+            return -1;
+        n++;
+    }
+    if (name_len) {
+        if (redis_wire_setname(b, name, name_len))
+            return -1;
+        n++;
+    }
+    return n;
+}
