@@ -444,19 +444,27 @@ SHIM_EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *len)
     if (!e)
         return real_getsockname(fd, addr, len);
     /* There is no local TCP endpoint: the address is the one the kernel's route to the peer
-     * would give a connection (a UDP socket connected there says it, no packet sent; the
-     * unspecified one if it cannot), and the port a stable one derived from the fd. */
+     * would give a connection (loopback for a loopback peer; else a UDP socket connected
+     * there says it, no packet sent; the unspecified one if it cannot), and the port a
+     * stable one derived from the fd. */
     union shim_sockaddr local;
     memset(&local, 0, sizeof local);
+    local.sa.sa_family = e->peer.sa.sa_family;
     socklen_t local_len = e->peer.sa.sa_family == AF_INET ? sizeof local.in : sizeof local.in6;
-    int route = real_socket(e->peer.sa.sa_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    if (route < 0 || real_connect(route, &e->peer.sa, e->peer_len) != 0
-        || real_getsockname(route, &local.sa, &local_len) != 0 || local.sa.sa_family != e->peer.sa.sa_family) {
-        memset(&local, 0, sizeof local);
-        local.sa.sa_family = e->peer.sa.sa_family;
+    if (e->peer.sa.sa_family == AF_INET && (ntohl(e->peer.in.sin_addr.s_addr) >> 24) == 127) {
+        local.in.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    } else if (e->peer.sa.sa_family == AF_INET6 && IN6_IS_ADDR_LOOPBACK(&e->peer.in6.sin6_addr)) {
+        local.in6.sin6_addr = in6addr_loopback;
+    } else {
+        int route = real_socket(e->peer.sa.sa_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        if (route < 0 || real_connect(route, &e->peer.sa, e->peer_len) != 0
+            || real_getsockname(route, &local.sa, &local_len) != 0 || local.sa.sa_family != e->peer.sa.sa_family) {
+            memset(&local, 0, sizeof local);
+            local.sa.sa_family = e->peer.sa.sa_family;
+        }
+        if (route >= 0)
+            real_close(route);
     }
-    if (route >= 0)
-        real_close(route);
     uint16_t port = htons((uint16_t)(40000 + fd % 20000));
     if (e->peer.sa.sa_family == AF_INET) {
         local.in.sin_port = port;

@@ -178,7 +178,7 @@ static void free_mark(SSL *s, unsigned int type, unsigned int context, const uns
 static bool intercepting(const struct shim_config *cfg)
 {
     for (size_t i = 0; cfg && i < cfg->n_upstreams; i++)
-        if (cfg->upstreams[i].tls == TLS_INTERCEPT)
+        if (intercepting_upstream(cfg, (int)i))
             return true;
     return false;
 }
