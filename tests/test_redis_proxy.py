@@ -1377,9 +1377,9 @@ def test_a_pipeline_written_whole_before_its_replies_are_read_completes(redis, t
 
 OWED_PAST_THE_CAP = r"""
 import json, socket, sys, time
+sys.path.insert(0, sys.argv[2])
+from resp import command as cmd
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30)
-def cmd(*a):
-    return ("*%d\r\n" % len(a) + "".join("$%d\r\n%s\r\n" % (len(x), x) for x in a)).encode()
 s.sendall(b"".join(cmd("GET", "big") + cmd("INCR", "owed") for _ in range(20)))
 time.sleep(1)                          # the replies pile up in the shim meanwhile
 data = bytearray()
@@ -1414,7 +1414,7 @@ def test_replies_past_the_cap_end_the_connection_with_no_hole(redis, tmp_path, s
     an INCR's reply as a GET's (found by a regression pass). Now the app reads an unbroken
     prefix of its replies, then the end, as a reset would leave it."""
     redis.cmd("SET", "big", "x" * (5 << 20))
-    r = run([SYS_PY, "-c", OWED_PAST_THE_CAP, redis.port], conf=conf_for(tmp_path, redis, sockdir), timeout=60)
+    r = run([SYS_PY, "-c", OWED_PAST_THE_CAP, redis.port, PYCLIENTS], conf=conf_for(tmp_path, redis, sockdir), timeout=60)
     assert r.rc == 0, r.describe()
     n, prefix = jlines(r.out)[0]
     assert prefix and n >= 2, r.describe()
@@ -1422,9 +1422,9 @@ def test_replies_past_the_cap_end_the_connection_with_no_hole(redis, tmp_path, s
 
 QUIT_MID_PIPELINE = r"""
 import json, socket, sys
+sys.path.insert(0, sys.argv[2])
+from resp import command as cmd
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
-def cmd(*a):
-    return ("*%d\r\n" % len(a) + "".join("$%d\r\n%s\r\n" % (len(x), x) for x in a)).encode()
 blob = cmd("GET", "v") * 30000 + cmd("QUIT") + cmd("INCR", "after-quit") * 200000
 try:
     s.sendall(blob)                    # all of it before a reply is read
@@ -1453,7 +1453,7 @@ def test_quit_inside_a_pipeline_written_whole_ends_it(redis, tmp_path, sockdir):
     and nothing after QUIT runs."""
     redis.cmd("SET", "v", "1")
     for shim in (False, True):
-        r = run([SYS_PY, "-c", QUIT_MID_PIPELINE, redis.port], shim=shim, conf=conf_for(tmp_path, redis, sockdir),
+        r = run([SYS_PY, "-c", QUIT_MID_PIPELINE, redis.port, PYCLIENTS], shim=shim, conf=conf_for(tmp_path, redis, sockdir),
                 timeout=40)
         sent, ended = jlines(r.out)[0] if r.rc == 0 else (None, False)
         assert sent != "TimeoutError" and ended, r.describe()     # (the write waited on a shim that waited on it)
@@ -1462,9 +1462,9 @@ def test_quit_inside_a_pipeline_written_whole_ends_it(redis, tmp_path, sockdir):
 
 HELD_ACROSS_A_RESTART = r"""
 import json, socket, sys, time
+sys.path.insert(0, sys.argv[2])
+from resp import command as cmd
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
-def cmd(*a):
-    return ("*%d\r\n" % len(a) + "".join("$%d\r\n%s\r\n" % (len(x), x) for x in a)).encode()
 s.sendall(b"".join(cmd("GET", "v") + cmd("INCR", "held") for _ in range(20000)))
 print(json.dumps(["written"]), flush=True)
 sys.stdin.readline()                   # the test kills and restarts Redis meanwhile
@@ -1489,7 +1489,7 @@ def test_commands_held_for_an_app_never_run_on_the_next_server(redis, tmp_path, 
     (found by a regression pass). It ends the app's connection once the replies from before
     are read now, and nothing it held runs anywhere."""
     redis.cmd("SET", "v", "x" * 1000)
-    p = subprocess.Popen([SYS_PY, "-c", HELD_ACROSS_A_RESTART, str(redis.port)], stdin=subprocess.PIPE,
+    p = subprocess.Popen([SYS_PY, "-c", HELD_ACROSS_A_RESTART, str(redis.port), str(PYCLIENTS)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=client_env(True, conf_for(tmp_path, redis, sockdir)))
     try:
         assert json.loads(p.stdout.readline() or "null") == ["written"], p.stderr.read()
