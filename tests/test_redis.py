@@ -286,10 +286,12 @@ def wait_entries(srv, internal_glob, n=1, timeout=KEY_WAIT, db=0):
 
 
 def wait_keys(srv, match, n=1, timeout=KEY_WAIT, db=0, what=""):
-    """Polls SCAN until at least n keys match (bounded); returns them (bytes)."""
+    """Polls SCAN until at least n entry keys match (bounded); returns them (bytes). A
+    fetch's lock ("...:lock") is not an entry and is gone when its fetch ends, so it is
+    never counted or returned, even when the pattern would match it."""
     deadline = time.time() + timeout
     while True:
-        keys = srv.scan(match, db=db)
+        keys = [k for k in srv.scan(match, db=db) if not k.endswith(b":lock")]
         if len(keys) >= n or time.time() > deadline:
             break
         time.sleep(0.05)
