@@ -642,6 +642,23 @@ static void conn_exchange_done(struct conn *c, bool ok, bool must_close)
     conn_update_events(c);
 }
 
+/* The upstream answered with bytes that are not an HTTP/1.x response the shim can relay
+ * (not HTTP, a broken status line, framing that disagrees with itself, a head over
+ * RESP_HEAD_MAX): as any gateway, the app gets a 502 and the connection closes. An end of
+ * file instead would read as a kept-alive connection the server had dropped, which
+ * clients answer by sending the request again (Java's HttpURLConnection, even a POST):
+ * the upstream has already had it once. */
+static void answer_bad_gateway(struct conn *c)
+{
+    static const char body[] = "httpshim: the upstream's answer was not an HTTP/1.1 response it could relay\n";
+    char head[192];
+    int k = snprintf(head, sizeof head,
+                     "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n"
+                     "Connection: close\r\n\r\n", sizeof body - 1);
+    if (k > 0 && (size_t)k < sizeof head && buf_append(&c->side.out, head, (size_t)k) == 0 && !c->side.req_is_head)
+        buf_append(&c->side.out, body, sizeof body - 1);
+}
+
 /* What upstream.c calls back through. */
 static int side_flush(struct app_side *app) { return conn_flush(conn_of(app)); }
 static void side_rewatch(struct app_side *app) { conn_watch_app(conn_of(app)); }
@@ -655,6 +672,9 @@ static void side_exchange_done(struct app_side *app, enum exchange_end how, bool
     }
     c->reset_app = how != EXCHANGE_OK && c->side.upstream_reset;
     c->side.upstream_reset = false;
+    if (how == EXCHANGE_UNANSWERED && c->side.upstream_invalid && !c->side.app_gone)
+        answer_bad_gateway(c);
+    c->side.upstream_invalid = false;
     conn_exchange_done(c, how == EXCHANGE_OK, must_close);
 }
 static const struct app_side_ops side_ops = { side_flush, side_rewatch, side_exchange_done };

@@ -52,6 +52,7 @@ struct transfer {
     struct upstream_sink *sink;
     enum sink_end sink_end;
     bool absorbed;                  /* a 304 the sink asked for: nothing relayed */
+    bool stale_instead;             /* an error answer the sink replaced with its stale entry */
     /* the app went away while the sink still wants the response: the fetch goes on for it,
      * with the app's side replaced by one of its own */
     bool detached;
@@ -313,6 +314,7 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
         }
         if (verdict == SINK_FAIL) {
             shim_debug("fd %d: upstream answered %d: the stale entry is served instead", c->fd, t->status);
+            t->stale_instead = true;
             return 0;                  /* fail it here: nothing has reached the app */
         }
         if (framing == HTTP_FRAMING_BROKEN) {
@@ -706,17 +708,11 @@ void upstream_abort(struct transfer *t)
     transfer_free(t);
 }
 
-static int own_flush(struct app_side *app)
-{
-    buf_consume(&app->out, buf_len(&app->out));
-    return 0;
-}
+static int own_flush(struct app_side *app) { buf_consume(&app->out, buf_len(&app->out)); return 0; }
 static void own_rewatch(struct app_side *app) { (void)app; }
 static void own_exchange_done(struct app_side *app, enum exchange_end how, bool must_close)
 {
-    (void)app;
-    (void)how;
-    (void)must_close;
+    (void)app, (void)how, (void)must_close;
 }
 static const struct app_side_ops own_ops = { own_flush, own_rewatch, own_exchange_done };
 
@@ -875,8 +871,12 @@ void upstream_reap(void)
              * is this exchange's own) */
             c->upstream_reset = (result == CURLE_RECV_ERROR || result == CURLE_SEND_ERROR)
                                 && (os_errno == ECONNRESET || os_errno == EPIPE);
+            /* an answer that is not HTTP, or a head the header callback refused: the app
+             * hears a 502 (engine.c's answer_bad_gateway), never an end of file */
+            c->upstream_invalid = !t->head_sent && !t->stale_instead && (result == CURLE_WEIRD_SERVER_REPLY
+                || result == CURLE_UNSUPPORTED_PROTOCOL || (result == CURLE_WRITE_ERROR && !t->head_done));
             shim_debug("fd %d: upstream exchange failed: %s%s", c->fd, curl_easy_strerror(result),
-                       c->upstream_reset ? " (reset)" : "");
+                       c->upstream_reset ? " (reset)" : c->upstream_invalid ? " (an invalid answer)" : "");
             if (c->app_gone)
                 STAT_INC(c->upstream, errors_app);
             else
