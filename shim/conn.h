@@ -50,7 +50,7 @@ struct app_side {
     bool app_eof;                   /* the app shut down its write side */
     bool app_gone;                  /* the app closed: nothing more can be delivered */
     bool upstream_reset;            /* the failed exchange ended in the upstream's reset */
-    bool upstream_invalid;          /* ... in an answer that is not HTTP/1.x the shim can relay */
+    int gateway_status;             /* ... before an answer, as a gateway's 502 or 504 (or 0) */
     /* the request being answered */
     int req_minor;
     bool req_keep_alive, req_is_head;

@@ -644,19 +644,20 @@ static void conn_exchange_done(struct conn *c, bool ok, bool must_close)
 
 /* The upstream answered with bytes that are not an HTTP/1.x response the shim can relay
  * (not HTTP, a broken status line, framing that disagrees with itself, a head over
- * RESP_HEAD_MAX): as any gateway, the app gets a 502 and the connection closes. An end of
- * file instead would read as a kept-alive connection the server had dropped, which
- * clients answer by sending the request again (Java's HttpURLConnection, even a POST):
- * the upstream has already had it once. */
-static void answer_bad_gateway(struct conn *c)
+ * RESP_HEAD_MAX: 502), or stayed silent past upstream_timeout (504): as any gateway, the
+ * shim answers and closes the connection. An end of file instead would read as a
+ * kept-alive connection the server had dropped, which clients answer by sending the
+ * request again (Java's HttpURLConnection, even a POST): the upstream has had it once. */
+static void answer_as_gateway(struct conn *c, int status)
 {
-    static const char body[] = "httpshim: the upstream's answer was not an HTTP/1.1 response it could relay\n";
-    char head[192];
-    int k = snprintf(head, sizeof head,
-                     "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n"
-                     "Connection: close\r\n\r\n", sizeof body - 1);
+    const char *what = status == 504 ? "504 Gateway Timeout" : "502 Bad Gateway";
+    const char *why = status == 504 ? "httpshim: the upstream did not answer within upstream_timeout\n"
+                                    : "httpshim: the upstream's answer was not an HTTP/1.1 response it could relay\n";
+    char head[160];
+    int k = snprintf(head, sizeof head, "HTTP/1.1 %s\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n"
+                     "Connection: close\r\n\r\n", what, strlen(why));
     if (k > 0 && (size_t)k < sizeof head && buf_append(&c->side.out, head, (size_t)k) == 0 && !c->side.req_is_head)
-        buf_append(&c->side.out, body, sizeof body - 1);
+        buf_append(&c->side.out, why, strlen(why));
 }
 
 /* What upstream.c calls back through. */
@@ -672,9 +673,9 @@ static void side_exchange_done(struct app_side *app, enum exchange_end how, bool
     }
     c->reset_app = how != EXCHANGE_OK && c->side.upstream_reset;
     c->side.upstream_reset = false;
-    if (how == EXCHANGE_UNANSWERED && c->side.upstream_invalid && !c->side.app_gone)
-        answer_bad_gateway(c);
-    c->side.upstream_invalid = false;
+    if (how == EXCHANGE_UNANSWERED && c->side.gateway_status && !c->side.app_gone)
+        answer_as_gateway(c, c->side.gateway_status);
+    c->side.gateway_status = 0;
     conn_exchange_done(c, how == EXCHANGE_OK, must_close);
 }
 static const struct app_side_ops side_ops = { side_flush, side_rewatch, side_exchange_done };

@@ -871,12 +871,12 @@ void upstream_reap(void)
              * is this exchange's own) */
             c->upstream_reset = (result == CURLE_RECV_ERROR || result == CURLE_SEND_ERROR)
                                 && (os_errno == ECONNRESET || os_errno == EPIPE);
-            /* an answer that is not HTTP, or a head the header callback refused: the app
-             * hears a 502 (engine.c's answer_bad_gateway), never an end of file */
-            c->upstream_invalid = !t->head_sent && !t->stale_instead && (result == CURLE_WEIRD_SERVER_REPLY
-                || result == CURLE_UNSUPPORTED_PROTOCOL || (result == CURLE_WRITE_ERROR && !t->head_done));
-            shim_debug("fd %d: upstream exchange failed: %s%s", c->fd, curl_easy_strerror(result),
-                       c->upstream_reset ? " (reset)" : c->upstream_invalid ? " (an invalid answer)" : "");
+            /* an answer that is not HTTP, a head the header callback refused, or silence
+             * past upstream_timeout: the app hears a gateway's 502 or 504, not an end of file */
+            bool invalid = result == CURLE_WEIRD_SERVER_REPLY || result == CURLE_UNSUPPORTED_PROTOCOL
+                           || (result == CURLE_WRITE_ERROR && !t->head_done);
+            c->gateway_status = t->head_sent || t->stale_instead ? 0 : invalid ? 502 : result == CURLE_OPERATION_TIMEDOUT ? 504 : 0;
+            shim_debug("fd %d: upstream exchange failed: %s%s", c->fd, curl_easy_strerror(result), c->upstream_reset ? " (reset)" : "");
             if (c->app_gone)
                 STAT_INC(c->upstream, errors_app);
             else
