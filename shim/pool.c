@@ -143,6 +143,15 @@ static bool is_proven_locked(int up, const struct sockaddr *addr)
  * cap (pool_connects_in_flight). */
 static _Atomic int real_connects[RULES_MAX_UPSTREAMS];
 static _Atomic int64_t real_connect_last_us[RULES_MAX_UPSTREAMS];
+/* When a connect made for real last failed, or a Redis server connection was lost (0: a
+ * connect succeeded since). Within
+ * POOL_DOWN_MEMORY_MS of it, the connects that come while a probe runs connect for real
+ * too, whatever the cap: an upstream that has just refused is likely down, and a connect
+ * diverted then would succeed where direct it is refused, and close a moment later -
+ * a client that reconnects (ioredis, every 200 ms) would never see a refusal, reset its
+ * retry count each time, and never fail its commands. */
+static _Atomic int64_t refused_us[RULES_MAX_UPSTREAMS];
+#define POOL_DOWN_MEMORY_MS 10000       /* (longer than a reconnecting client's backoff) */
 
 enum pool_probe pool_begin_probe(int up, const struct sockaddr *addr, unsigned alongside_cap)
 {
@@ -161,7 +170,9 @@ enum pool_probe pool_begin_probe(int up, const struct sockaddr *addr, unsigned a
              * handshake and then for libcurl's own: two round trips where direct pays one. */
             long have = (long)atomic_load(&shim_stats[up].pool_open) + atomic_load(&offered_count[up])
                         + atomic_load(&real_connects[up]);
-            if (r == POOL_PROBE_SAME && have < (long)alongside_cap
+            int64_t refused_at = atomic_load(&refused_us[up]);
+            bool just_refused = refused_at && now - refused_at < POOL_DOWN_MEMORY_MS * 1000LL;
+            if (r == POOL_PROBE_SAME && (have < (long)alongside_cap || just_refused)
                 && offered.n + atomic_load(&real_connects[up]) < OFFERED_MAX)
                 r = POOL_PROBE_OTHER;
         }
@@ -194,8 +205,14 @@ int pool_connects_in_flight(int up)
     return until && clock_mono_us() <= until ? atomic_load(&real_connects[up]) : 0;
 }
 
+void pool_note_lost(int up)
+{
+    atomic_store(&refused_us[up], clock_mono_us());
+}
+
 void pool_end_probe(int up, int fd, const union shim_sockaddr *dest, bool held)
 {
+    atomic_store(&refused_us[up], fd >= 0 ? 0 : clock_mono_us());
     if (fd >= 0) {
         pthread_mutex_lock(&offered.lock);
         struct proven *p = &proven[up];

@@ -31,6 +31,10 @@ int64_t pool_connects_count_until_us(int upstream);   /* when they stop counting
 /* It found out: fd >= 0 is the connection it made (taken over), -1 a failure; held: what
  * pool_begin_probe said. Once for every HELD or OTHER. */
 void pool_end_probe(int upstream, int fd, const union shim_sockaddr *dest, bool held);
+/* A connection to upstream was lost (the server may be down): for a few seconds,
+ * connects that come while a probe runs are made for real, so that each is refused as
+ * direct if it is. */
+void pool_note_lost(int upstream);
 /* A probe is in flight for upstream (its first Redis connection waits for its connection). */
 bool pool_probe_holds(int upstream);
 /* The probe in flight has connected (the engine saw it: pool_watch_probe). */

@@ -221,6 +221,7 @@ static void conn_close(struct rconn *c, bool lost)
         /* and with other passwords: an identity is checked again before it is answered for */
         redis_idents_unverify(c->upstream);
         STAT_INC(c->upstream, redis_server_lost);
+        pool_note_lost(c->upstream);
         shim_debug("redis upstream %d: a server connection was lost", c->upstream);
     }
     struct rpool_client *lent = c->lent, *waiting = take_verifying(c);

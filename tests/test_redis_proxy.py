@@ -605,6 +605,43 @@ def test_redis_killed_and_restarted(redis, tmp_path, sockdir):
     assert any(x["r"] == "ok" and x["t"] > 3.2 for x in lines), lines[-5:]
 
 
+BURST_AFTER_KILL = r"""
+import errno, os, select, socket, sys, time
+port, pid = int(sys.argv[1]), int(sys.argv[2])
+first = socket.create_connection(("127.0.0.1", port), timeout=5)
+first.sendall(b"*1\r\n$4\r\nPING\r\n")
+assert first.recv(100) == b"+PONG\r\n"
+os.kill(pid, 9)                        # the server dies under a live connection
+time.sleep(0.2)
+for rnd in range(3):
+    socks = []
+    for i in range(10):                # ten at once, non-blocking, as a reconnecting event loop does
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(("127.0.0.1", port))
+        socks.append(c)
+    for c in socks:
+        select.select([], [c], [], 5)
+        err = c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        print(errno.errorcode.get(err, "connected"))
+        c.close()
+    time.sleep(0.3 * (rnd + 1))
+"""
+
+
+def test_connects_to_a_redis_that_just_died_are_refused_as_direct(redis, tmp_path, sockdir):
+    """The server is killed under a live connection, then ten non-blocking connects at once,
+    three times: every one is refused (ECONNREFUSED), as direct. Before, the ones that came
+    while the first was finding out were answered connected and closed a moment later: a
+    client that reconnects on a timer (ioredis) never saw a refusal, reset its retry count
+    each time and never failed its commands."""
+    r = run([SYS_PY, "-c", BURST_AFTER_KILL, redis.port, redis.proc.pid], conf=conf_for(tmp_path, redis, sockdir),
+            timeout=60)
+    outcomes = r.out.decode().split()
+    assert r.rc == 0 and len(outcomes) == 30, r.describe()
+    assert set(outcomes) == {"ECONNREFUSED"}, outcomes
+
+
 @pytest.mark.skipif(not shutil.which("redis-cli"), reason="redis-cli not installed")
 def test_redis_cli_through_the_shim(redis, tmp_path, sockdir):
     """redis-cli (which carries its own hiredis) as the app: answers as direct."""
