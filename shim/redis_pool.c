@@ -157,11 +157,10 @@ static void lent_gauge(struct rconn *c, int delta)
     atomic_fetch_add_explicit(g, (uint64_t)(int64_t)delta, memory_order_relaxed);
 }
 
-/* The connection ends: every session with a reply owed on it, lent it, or waiting on its
- * setup hears that it is gone (nothing of theirs is sent again). */
 /* ---- the replies owed on a server connection, in order: whose each one is ---- */
 
 static int fifo_push(struct rconn *c, struct rpool_client *cl) { return ring_push(&c->fifo, &cl); }
+static struct rpool_client *fifo_front(struct rconn *c) { return c->fifo.count ? *(struct rpool_client **)ring_at(&c->fifo, 0) : NULL; }
 
 static struct rpool_client *fifo_pop(struct rconn *c)
 {
@@ -208,6 +207,7 @@ static bool listed(const struct rpool_client *list, const struct rpool_client *c
     return false;
 }
 
+/* Every session with a reply owed on c, lent it or waiting on its setup hears it is gone (nothing is sent again). */
 static void conn_close(struct rconn *c, bool lost)
 {
     if (c->state == RC_DEAD)
@@ -466,6 +466,20 @@ static void pass_raw(struct rconn *c)
     }
 }
 
+/* A value too large to hold whole goes on to its owner as it comes (whose slow app holds
+ * back this connection's reading: what is behind it comes after it anyway). */
+static void pass_part(struct rconn *c, struct resp_item *it)
+{
+    const char *p = buf_head(&c->replies.raw);
+    size_t n = it->raw_len;
+    resp_item_done(&c->replies, it);
+    struct rpool_client *cl = c->drop_left ? NULL : fifo_front(c);
+    if (c->setup_left)
+        conn_close(c, true);           /* (none of the shim's own commands is answered so) */
+    else if (cl)
+        cl->ops->raw(cl, p, n);
+}
+
 static void take_replies(struct rconn *c)
 {
     struct resp_item it;
@@ -477,7 +491,11 @@ static void take_replies(struct rconn *c)
         enum resp_next r = resp_stream_next(&c->replies, &it);
         if (r == RESP_MORE)
             return;
-        if (r != RESP_ITEM) {
+        if (r == RESP_PART && !it.last) {
+            pass_part(c, &it);
+            continue;
+        }
+        if (r != RESP_ITEM && r != RESP_PART) {
             shim_debug("redis upstream %d: a reply the shim cannot frame (%s)", c->upstream,
                        r == RESP_TOO_LARGE ? "too large" : "not RESP");
             conn_close(c, true);
@@ -491,6 +509,8 @@ static void take_replies(struct rconn *c)
         size_t n = it.raw_len;
         int type = it.type;
         resp_item_done(&c->replies, &it);
+        if (r == RESP_PART && c->throttled && !c->lent)
+            c->throttled = false, watch(c);   /* (the value in parts its owner held it back for has ended) */
         if (type == RESP_REPLY_PUSH) {
             /* out of band, and no session here asked for any (subscriptions and tracking
              * have connections of their own): a reply to no one, dropped */
@@ -855,6 +875,8 @@ void rpool_client_gone(struct rpool_client *cl)
     struct rconn *c = cl->conn;
     if (!c)
         return;
+    if (c->throttled && !cl->lent && c->replies.part_left && fifo_front(c) == cl)
+        c->throttled = false, watch(c);   /* (held back for the value it was reading in parts) */
     fifo_forget(c, cl);                /* its replies: read and dropped */
     bool lent = cl->lent;
     cl->conn = NULL;

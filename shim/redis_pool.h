@@ -19,7 +19,9 @@ struct rpool_client_ops {
     /* its identity was checked on a new connection (AUTH, SELECT): ok, else err is the
      * server's error reply, whole */
     void (*verified)(struct rpool_client *c, bool ok, const char *err, size_t n);
-    /* direct: bytes from its own server connection, as they came */
+    /* direct: bytes from its own server connection, as they came; shared: a part of a
+     * reply too large to hold whole (a value over RESP_REPLY_MAX), its last part then
+     * coming to `reply` as if it were all of it */
     void (*raw)(struct rpool_client *c, const char *p, size_t n);
     /* the server connection with its commands (or its own) is gone: close the app's */
     void (*lost)(struct rpool_client *c);

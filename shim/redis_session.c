@@ -93,11 +93,17 @@ static void on_reply(struct rpool_client *c, const char *p, size_t n)
         rs_update(s);
         return;
     }
-    if (s->learning_len)
+    /* (of a value that came in parts, the last: its header's type says what it was) */
+    const char *look = s->in_parts ? &s->parts_type : p;
+    size_t look_n = s->in_parts ? 1 : n;
+    if (s->learning_len && !s->in_parts)
         learn(s, p, n);
+    s->learning_len = 0;
+    s->throttling &= !s->in_parts;     /* (the pool let the connection go at the value's end) */
+    s->in_parts = false;
     s->replied++;
-    s->logged_in |= n && p[0] != '-' && p[0] != '!';   /* (an arity error comes before the login's) */
-    redis_txn_reply(&s->txn, s->replied, p, n);
+    s->logged_in |= look_n && look[0] != '-' && look[0] != '!';   /* (an arity error comes before the login's) */
+    redis_txn_reply(&s->txn, s->replied, look, look_n);
     rs_answer(s, p, n);
     if (c->lent && redis_txn_clean(&s->txn) && !c->inflight)
         rpool_give_back(c, true);      /* the transaction, the watch or the block is over */
@@ -146,6 +152,10 @@ static void on_verified(struct rpool_client *c, bool ok, const char *err, size_t
 static void on_raw(struct rpool_client *c, const char *p, size_t n)
 {
     struct rsession *s = of_client(c);
+    if (!c->raw && !s->in_parts && n) {   /* a value in parts on a shared connection: its header first */
+        s->in_parts = true;
+        s->parts_type = p[0];
+    }
     rs_answer(s, p, n);
     rs_update(s);
 }

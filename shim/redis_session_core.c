@@ -100,12 +100,12 @@ void rs_update(struct rsession *s)
         rs_close(s);
         return;
     }
-    /* A slow app holds back a server connection of its own (lent, or direct), not the
-     * shim's memory. A shared one carries others' replies too, which must not wait on it:
+    /* A slow app holds back a server connection of its own (lent, or direct), or the one
+     * a value in parts comes to it on, not the shim's memory. A shared one carries others' replies too, which must not wait on it:
      * that app's commands are no longer read, and the replies it already owes are kept, up
      * to out's cap (past it, its connection ends as a reset would: Redis's own
      * client-output-buffer-limit) */
-    bool hold = rs_replies_pile_up(s) && (s->client.lent || s->client.raw);
+    bool hold = rs_replies_pile_up(s) && (s->client.lent || s->client.raw || s->in_parts);
     if (hold != s->throttling) {
         s->throttling = hold;
         rpool_throttle(&s->client, hold);

@@ -29,6 +29,10 @@ struct rsession {
     bool has_name;
     bool app_eof, gone, closing, waiting_verdict, throttling;
     bool reply_dropped;                /* a reply could not be kept for it: none after it either */
+    /* a value too large to hold whole is coming in parts on a shared connection (its
+     * header's type byte kept): that connection's reading waits on this app's */
+    bool in_parts;
+    char parts_type;
     /* the app closed its end: what it sent before still runs, as direct, and what it is
      * answered is dropped */
     bool app_gone;

@@ -5,9 +5,9 @@
  * at); and the server's replies (any RESP2 or RESP3 item, only its type), found whole by
  * reading their headers and stepping over their contents, resumed where the last bytes
  * ended, with no object built (Debian's hiredis 0.14 knows no RESP3 type). Bounded: a
- * command not yet whole may hold RESP_ITEM_MAX bytes, a reply RESP_REPLY_MAX (a value
- * the app stored is as large as Redis allows it; a command larger than the shim frames
- * can still go direct, a reply on a shared connection cannot). Between commands, what
+ * command not yet whole may hold RESP_ITEM_MAX bytes, a reply RESP_REPLY_MAX (a command
+ * larger than the shim frames can still go direct, a reply on a shared connection cannot:
+ * a value alone larger than that, as large as Redis allows, is handed on in parts). Between commands, what
  * Redis itself ignores (empty lines, empty arrays) is stepped over, and an inline command
  * is told apart, for the session to send direct. */
 #include "resp.h"
@@ -39,6 +39,7 @@ int resp_stream_init(struct resp_stream *s, bool commands)
     s->raw = (struct buf){ .cap = s->hold + s->max };
     s->reply_type = 0;
     s->depth = 0;
+    s->part_left = 0;
     s->reader = NULL;
     if (!commands)
         return 0;                      /* framed here, no reader */
@@ -143,6 +144,18 @@ static int reply_type_of(char t)
 static enum resp_next frame_reply(struct resp_stream *s, struct resp_item *it)
 {
     size_t have = buf_len(&s->raw);
+    if (s->part_left) {                /* (taken is 0 here: each part is taken whole) */
+        if (!have)
+            return RESP_MORE;
+        s->taken = have < s->part_left ? have : (size_t)s->part_left;
+        s->part_left -= s->taken;
+        it->raw_len = s->taken;
+        it->last = !s->part_left;
+        it->type = reply_type_of(s->reply_type);
+        if (it->last)
+            s->reply_type = 0;
+        return RESP_PART;
+    }
     if (s->taken >= have)
         return more_or_large(s);       /* (and a stream never fed has no buffer yet) */
     const char *base = buf_head(&s->raw);
@@ -175,8 +188,16 @@ static enum resp_next frame_reply(struct resp_stream *s, struct resp_item *it)
         case '$': case '!': case '=':
             if (!header_number(num, num_len, t == '$' ? -1 : 0, 1LL << 40, &n))
                 return RESP_BAD;
-            if (n > (long long)s->max)
+            if (n > (long long)s->max && (s->depth || s->taken))
                 return RESP_TOO_LARGE;     /* never held whole */
+            if (n > (long long)s->max) {   /* a value alone: relayed in parts, never held whole */
+                s->taken = line;
+                s->part_left = (uint64_t)n + 2;
+                s->reply_type = t;
+                it->raw_len = line;
+                it->type = reply_type_of(t);
+                return RESP_PART;
+            }
             if (n >= 0) {
                 if (avail < line + (size_t)n + 2)
                     return more_or_large(s);

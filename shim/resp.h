@@ -7,6 +7,7 @@
 #define HTTPSHIM_RESP_H
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include "buf.h"
 
 #define RESP_ITEM_MAX   (1u << 20)     /* bytes held for one command not yet whole */
@@ -33,6 +34,7 @@ struct resp_stream {
     char reply_type;
     unsigned depth;
     struct { long long left; bool attribute; } open[RESP_DEPTH_MAX];
+    uint64_t part_left;                /* bytes of the reply relayed in parts still to come */
 };
 
 enum resp_next {
@@ -41,6 +43,8 @@ enum resp_next {
     RESP_BAD,                          /* not RESP (or a command that is not an array of strings) */
     RESP_TOO_LARGE,                    /* an item of the stream's max or more, not yet whole */
     RESP_INLINE,                       /* commands: an inline command (not an array) comes next */
+    RESP_PART,                         /* replies: a part of a bulk string over max at the top level,
+                                        * its header first (whole when `last`), relayed as it comes */
 };
 
 struct resp_item {
@@ -49,6 +53,7 @@ struct resp_item {
                                         * RESP3 reply: ERROR for an error, RESP_REPLY_PUSH, else
                                         * STATUS) */
     struct redisReply *argv;           /* commands: the array of arguments; free with resp_item_done */
+    bool last;                         /* RESP_PART: the reply ends with it */
 };
 
 int resp_stream_init(struct resp_stream *s, bool commands);

@@ -3,6 +3,7 @@ commands of an app that opens a connection per call over a few server connection
 every piece of connection state kept exact. Every test starts its own redis-server; the
 clients are raw RESP (tests/pyclients/redisscenarios.py, one process per scenario, so one
 pool), redis-py and redis-cli; the server's own counters say what reached it."""
+import hashlib
 import json
 import os
 import re
@@ -1455,6 +1456,66 @@ def test_replies_past_the_cap_end_the_connection_with_no_hole(redis, tmp_path, s
     assert r.rc == 0, r.describe()
     n, prefix = jlines(r.out)[0]
     assert prefix and n >= 2, r.describe()
+
+
+VALUE_OVER_THE_FRAME_CAP = r"""
+import hashlib, json, socket, sys, time
+sys.path.insert(0, sys.argv[2])
+from resp import command as cmd
+port = int(sys.argv[1])
+def conn():
+    return socket.create_connection(("127.0.0.1", port), timeout=20)
+def read_bulk(s, slow=False):
+    got = b""
+    while b"\r\n" not in got:
+        got += s.recv(65536)
+    head, rest = got.split(b"\r\n", 1)
+    n, rest = int(head[1:]), bytearray(rest)
+    while len(rest) < n + 2:
+        d = s.recv(1 << 16 if slow else 1 << 20)
+        if not d:
+            return None, b""
+        rest += d
+        if slow and (len(rest) < (4 << 20) or len(rest) > n - (4 << 20)):
+            time.sleep(0.01)           # slow at the start and at the end: the shared connection waits on it
+    return bytes(rest[:n]), bytes(rest[n + 2:])
+out = {}
+a, b = conn(), conn()
+a.sendall(cmd("GET", "huge"))          # nothing more owed to it: the value's end frees it
+b.sendall(cmd("INCR", "other"))        # rides the same shared server connection
+v, more = read_bulk(a, slow=True)
+out["huge"] = hashlib.sha256(v).hexdigest() if v is not None else None
+out["other"] = b.recv(100).decode()
+a.sendall(cmd("INCR", "after"))
+out["after"] = a.recv(100).decode()
+c = conn()                             # one that leaves in the middle of the value
+c.sendall(cmd("GET", "huge"))
+c.recv(1 << 20)
+c.close()
+b.sendall(cmd("INCR", "other"))
+out["other2"] = b.recv(100).decode()
+print(json.dumps(out))
+"""
+
+
+def test_a_value_over_the_frame_cap_comes_in_parts(redis, tmp_path, sockdir):
+    """A 70 MB value (over the 64 MB the shim holds of one reply) read on a shared server
+    connection: relayed in parts as it comes, whole and exact, with the replies behind it
+    in order, while the app reads slowly (the connection's reading waits on it) and when
+    another app leaves in the middle of the value (the connection goes on for the rest).
+    Before, the server connection was closed as a reply it could not frame: every app
+    connection on it ended as a reset, and ioredis, sending its GET again on a new
+    connection each time, looped for ever."""
+    value = bytes(range(256)) * (70 * 4096)      # 70 MiB
+    with_port = conf_for(tmp_path, redis, sockdir)
+    redis.cmd("SET", "huge", value)
+    before = received(redis)
+    r = run([SYS_PY, "-c", VALUE_OVER_THE_FRAME_CAP, redis.port, PYCLIENTS], conf=with_port, timeout=120)
+    assert r.rc == 0, r.describe()
+    out = jlines(r.out)[0]
+    assert out == {"huge": hashlib.sha256(value).hexdigest(), "after": ":1\r\n", "other": ":1\r\n",
+                   "other2": ":2\r\n"}, out
+    assert received(redis) - before - 1 <= 4, "server connections were lost and opened again"
 
 
 QUIT_MID_PIPELINE = r"""

@@ -55,6 +55,9 @@ static inline void fuzz_resp_walk(bool commands, const char *p, size_t n, const 
             FUZZ_CHECK(!count_pending || resp_stream_pending(&s) == fed - out->taken);
             continue;
         }
+        if (r == RESP_PART)            /* (a value over the max: its header, as it came, ends the walk) */
+            FUZZ_CHECK(!commands && fuzz_inside(p, n, p + out->taken, it.raw_len)
+                       && !memcmp(buf_head(&s.raw), p + out->taken, it.raw_len) && !it.last);
         if (r != RESP_MORE) {
             out->end = r;
             break;

@@ -6,7 +6,7 @@
  * to another, taking every reply as soon as it is whole.
  * Invariants (a violation aborts):
  *  - split points never matter: both streams give the same items (raw bytes and type) and
- *    end the same way (more wanted, not RESP, too large);
+ *    end the same way (more wanted, not RESP, too large, a value in parts);
  *  - every item's raw bytes are a prefix of what was not yet taken (so the items, one
  *    after the other, are a prefix of the input), end with CRLF, and what is held but not
  *    taken is what resp_stream_pending says; asked again with nothing fed, a stream that
@@ -25,7 +25,9 @@
  *   + - : , (     simple lines, any text
  *   _             null, no text;  # a boolean, `t` or `f`
  *   $ ! =         a length, then that many bytes and CRLF; `$-1` is a null with no bytes;
- *                 a length over RESP_REPLY_MAX is too large
+ *                 a length over RESP_REPLY_MAX is too large, but for a reply that
+ *                 is that value alone (no attribute before it): the framer hands it
+ *                 on in parts, its header first
  *   * ~ > % |     a count, then that many elements (`%` and `|`: that many pairs); `*-1`
  *                 is a null; at most RESP_DEPTH_MAX of them hold elements still to come
  *                 around any element
@@ -38,7 +40,7 @@
 
 /* ---- the reference framer ---- */
 
-enum ref_end { REF_WHOLE, REF_MORE, REF_BAD, REF_TOO_LARGE };
+enum ref_end { REF_WHOLE, REF_MORE, REF_BAD, REF_TOO_LARGE, REF_PARTS };
 
 struct ref {
     const char *p;
@@ -100,7 +102,7 @@ static bool ref_number(struct ref *r, const char *s, size_t len, bool null_ok, l
  * wait for elements; `top`: the reply itself (its type is recorded). */
 static enum ref_end ref_element(struct ref *r, unsigned open, bool top)
 {
-    for (;;) {                         /* attributes, then the element they annotate */
+    for (bool first = true;; first = false) {   /* attributes, then the element they annotate */
         char t;
         const char *text;
         size_t len;
@@ -123,7 +125,7 @@ static enum ref_end ref_element(struct ref *r, unsigned open, bool top)
             if (v < 0)
                 return REF_WHOLE;
             if (v > (long long)RESP_REPLY_MAX)
-                return REF_TOO_LARGE;
+                return top && first ? REF_PARTS : REF_TOO_LARGE;   /* (a reply that is a value alone: in parts) */
             if (r->n - r->at < (size_t)v + 2)
                 return REF_MORE;
             if (r->p[r->at + (size_t)v] != '\r' || r->p[r->at + (size_t)v + 1] != '\n')
@@ -183,6 +185,8 @@ static void check_reference_end(const char *p, size_t n, size_t at, enum resp_ne
     FUZZ_CHECK(e != REF_BAD || end == RESP_BAD);
     FUZZ_CHECK(e != REF_TOO_LARGE || end == RESP_BAD || end == RESP_TOO_LARGE);
     FUZZ_CHECK(end != RESP_TOO_LARGE || e == REF_TOO_LARGE);
+    FUZZ_CHECK(end != RESP_PART || e == REF_PARTS);
+    FUZZ_CHECK(e != REF_PARTS || end == RESP_PART || end == RESP_BAD);   /* (a length past any server's) */
 }
 
 /* ---- the framer ---- */
