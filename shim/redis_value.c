@@ -7,13 +7,14 @@
  *   of it (cache_redis.c), so the value carries it whole: a lookup accepts a value only
  *   when it names the very key asked for (a moved value, or the astronomically unlikely
  *   hash collision, is a miss), and `httpshim purge` reads it to match paths.
- *   version 3: tag = the first 8 bytes of SHA-256 of everything after the tag (a checksum:
- *              it catches damage, not forgery);
+ *   version 5: tag = the first 8 bytes of SHA-256 of every byte of the value but the tag
+ *              (a checksum: it catches damage, not forgery, the status and times too);
  *   version 4: tag = HMAC-SHA256(secret, every byte of the value but the tag), 32 bytes,
  *              written and accepted only with `redis_secret_file`: it also covers the
  *              status, the times and the key, so an entry cannot be moved to another key.
- *   Versions 1 and 2 (the same without key_len and key, the key only in the HMAC) were
- *   written under the old, readable Redis keys, which nothing reads any more.
+ *   Version 3 (the checksum over what follows the tag only: a damaged status was served)
+ *   is another version's: a miss, left alone. Versions 1 and 2 (without key_len and key)
+ *   were written under the old, readable Redis keys, which nothing reads any more.
  * Decoding checks every length against the value's size and every time against now. */
 #include "redis_value.h"
 #include "sha256.h"
@@ -22,8 +23,9 @@
 #include <string.h>
 
 #define MAGIC "HSC1"
-#define VERSION_CHECKSUM 3
+#define VERSION_CHECKSUM 5
 #define VERSION_HMAC 4
+#define VERSION_PAYLOAD_CHECKSUM 3      /* read as another version's */
 #define FIXED REDIS_VALUE_FIXED         /* magic .. key_len */
 #define TAG_CHECKSUM 8
 #define TAG_HMAC SHA256_BYTES
@@ -43,10 +45,12 @@ static uint64_t get_u(const unsigned char *p, int n)
     return v;
 }
 
-/* The tag's size for a version this file writes, 0 for any other. */
+/* The tag's size for a version this file writes (or wrote: 3), 0 for any other. */
 static size_t tag_size(unsigned char version)
 {
-    return version == VERSION_CHECKSUM ? TAG_CHECKSUM : version == VERSION_HMAC ? TAG_HMAC : 0;
+    return version == VERSION_CHECKSUM || version == VERSION_PAYLOAD_CHECKSUM ? TAG_CHECKSUM
+           : version == VERSION_HMAC                                         ? TAG_HMAC
+                                                                             : 0;
 }
 
 /* The key's length is in the fixed part and the key leads the payload, so the MAC over
@@ -58,6 +62,18 @@ static void tag_hmac(struct redis_secret s, const unsigned char *v, size_t n, un
     hmac_sha256_update(&c, v, FIXED);
     hmac_sha256_update(&c, v + FIXED + TAG_HMAC, n - FIXED - TAG_HMAC);
     hmac_sha256_final(&c, out);
+}
+
+/* Every byte but the tag's, as the HMAC covers them. */
+static void tag_checksum(const unsigned char *v, size_t n, unsigned char out[TAG_CHECKSUM])
+{
+    struct sha256_ctx c;
+    unsigned char digest[SHA256_BYTES];
+    sha256_init(&c);
+    sha256_update(&c, v, FIXED);
+    sha256_update(&c, v + FIXED + TAG_CHECKSUM, n - FIXED - TAG_CHECKSUM);
+    sha256_final(&c, digest);
+    memcpy(out, digest, TAG_CHECKSUM);
 }
 
 /* Constant time: the comparison must not tell a forger how many bytes were right. */
@@ -102,13 +118,10 @@ unsigned char *redis_value_encode(const struct cache_entry *e, const char *key, 
         memcpy(p + e->reason_len, headers, headers_len);
     if (e->body_len)
         memcpy(p + e->reason_len + headers_len, e->body, e->body_len);
-    if (secret.len) {
+    if (secret.len)
         tag_hmac(secret, v, n, v + FIXED);
-    } else {
-        unsigned char digest[SHA256_BYTES];
-        sha256(v + FIXED + TAG_CHECKSUM, n - FIXED - TAG_CHECKSUM, digest);
-        memcpy(v + FIXED, digest, TAG_CHECKSUM);
-    }
+    else
+        tag_checksum(v, n, v + FIXED);
     *len = n;
     return v;
 }
@@ -131,6 +144,8 @@ enum redis_value_verdict redis_value_decode(const char *key, size_t key_len, con
                                             struct cache_entry **out)
 {
     *out = NULL;
+    if (n > 4 && !memcmp(v, MAGIC, 4) && v[4] == VERSION_PAYLOAD_CHECKSUM)
+        return secret.len ? REDIS_VALUE_UNAUTHENTICATED : REDIS_VALUE_FOREIGN;
     if (n < FIXED || memcmp(v, MAGIC, 4) || !tag_size(v[4]) || v[5] > 1)
         return REDIS_VALUE_CORRUPT;
     size_t tag = tag_size(v[4]);
@@ -139,7 +154,8 @@ enum redis_value_verdict redis_value_decode(const char *key, size_t key_len, con
     int status = (int)get_u(v + 6, 2);
     bool marker = v[5] == 1;
     if (n < FIXED + tag || FIXED + tag + stored_key_len + reason_len + headers_len + body_len != n
-        || (marker ? (status != 0 || !headers_len || body_len) : (status < 100 || status > 599)))
+        || (marker ? (status != 0 || !headers_len || body_len)
+                   : (status < 200 || status > 599 || status == 206 || status == 304)))   /* (what no rule stores) */
         return REDIS_VALUE_CORRUPT;
     /* the value must be the one written for this key, not another's moved here */
     const unsigned char *stored_key = v + FIXED + tag;
@@ -154,9 +170,9 @@ enum redis_value_verdict redis_value_decode(const char *key, size_t key_len, con
     } else {
         if (secret.len)
             return REDIS_VALUE_UNAUTHENTICATED;    /* anyone can write a checksum */
-        unsigned char digest[SHA256_BYTES];
-        sha256(v + FIXED + TAG_CHECKSUM, n - FIXED - TAG_CHECKSUM, digest);
-        if (memcmp(digest, v + FIXED, TAG_CHECKSUM) || !key_is_ours)
+        unsigned char want[TAG_CHECKSUM];
+        tag_checksum(v, n, want);
+        if (memcmp(want, v + FIXED, TAG_CHECKSUM) || !key_is_ours)
             return REDIS_VALUE_CORRUPT;
     }
     /* times as signed values, compared without arithmetic that could overflow */

@@ -37,7 +37,7 @@ enum redis_value_verdict {
     REDIS_VALUE_OK,
     REDIS_VALUE_CORRUPT,               /* not a whole, intact, plausible entry: delete it */
     REDIS_VALUE_UNAUTHENTICATED,       /* with a secret: not signed by it. Delete it */
-    REDIS_VALUE_FOREIGN,               /* signed under a secret this process lacks: leave it */
+    REDIS_VALUE_FOREIGN,               /* signed under a secret this process lacks, or version 3: leave it */
     REDIS_VALUE_NO_MEMORY,             /* intact, but no memory to hold it: leave it */
 };
 /* Decodes a GET reply for key; on OK *out is a new entry (refs 1) expiring in ttl_ms. A

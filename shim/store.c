@@ -191,6 +191,7 @@ static void on_poll_answer(void *waiter, struct cache_entry *e)
         cache_entry_ref(e);
         memcache_put(e);
         r->found = e;
+        r->found_by_flight = true;     /* (its fetch, this request's answer: coalesced) */
         ready(r);
         return;
     }
@@ -670,6 +671,9 @@ static bool take_lock(struct store_request *r, const struct store_query *q, stru
 static enum store_answer fetch(struct store_request *r, const struct store_query *q, struct flight *flight,
                                struct store_writer **writer)
 {
+    /* a miss is a request that goes upstream: one that waited on another process's lock
+     * and then found its entry is a hit (and coalesced), never both */
+    STAT_INC(q->upstream, misses);
     bool storable = q->storable && !r->no_store;
     *writer = writer_new(q->upstream, storable ? q->rule : NULL, q->key, q->key_len, buf_head(&q->app->in),
                          q->req->head_len, flight, r->cached, r->stale_on_error);
@@ -730,7 +734,6 @@ enum store_answer store_open(struct store_request *r, const struct store_query *
     }
     if (ask_redis(r, q, variant, variant_len))
         return STORE_WAIT;
-    STAT_INC(q->upstream, misses);
     struct flight *f = coalesce && q->storable && !r->no_store ? flight_begin(q->key, q->key_len) : NULL;
     if (f && take_lock(r, q, f))
         return STORE_WAIT;

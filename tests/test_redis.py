@@ -45,7 +45,7 @@ HTTPSHIM = BUILD / "httpshim"
 REDISLOAD = pyclient("redisload.py")
 REDISPREFORK = pyclient("redisprefork.py")
 PREFIX = "httpshim:"
-MAGIC = b"HSC1\x03"
+MAGIC = b"HSC1\x05"
 PRINTABLE_KEY = re.compile(rb"^[!-~]+$")
 REDIS_KEYS = {"connected", "hits", "misses", "errors", "timeouts", "reconnects",
               "corrupt", "bytes_read", "bytes_written", "sets"}
@@ -249,12 +249,12 @@ def key(up, target, prefix=PREFIX, route=None):
 
 
 def carried_key(value):
-    """The internal key a value (version 3 or 4) carries, or None: "HSC1" version flags
+    """The internal key a value (version 5, 4 or 3) carries, or None: "HSC1" version flags
     status u16, stored_at and expires_at i64, reason_len u16, headers_len, body_len and
     key_len u32 (38 bytes), the tag (8 bytes, 32 in version 4), then the key."""
-    if not value or len(value) < 38 or value[:4] != b"HSC1" or value[4] not in (3, 4):
+    if not value or len(value) < 38 or value[:4] != b"HSC1" or value[4] not in (3, 4, 5):
         return None
-    tag = 8 if value[4] == 3 else 32
+    tag = 32 if value[4] == 4 else 8
     (n,) = struct.unpack_from("<I", value, 34)
     start = 38 + tag
     return value[start:start + n] if start + n <= len(value) else None
@@ -423,7 +423,7 @@ def test_second_process_served_from_redis(upstream, redis, sockdir, tmp_path, cl
     assert keys == [key(upstream, path).encode()], \
         "the Redis key must be PREFIX + 'v3:HOST:PORT:ROUTE:' + the key's SHA-256: got %r" % keys
     value = redis.cmd("GET", keys[0])
-    assert value.startswith(MAGIC), "value must start with HSC1 + version 3: %r" % value[:40]
+    assert value.startswith(MAGIC), "value must start with HSC1 + version 5: %r" % value[:40]
     assert carried_key(value) == internal_key(upstream, path).encode(), value[:120]
     assert len(value) > 1200, "the value must hold the whole 1200-byte body: %d bytes" % len(value)
     r1 = p1.redis()
@@ -586,7 +586,8 @@ def test_short_lived_processes_share_through_redis(upstream, redis, sockdir, tmp
 
 def test_checksums_are_sha256_of_the_payload(upstream, redis, sockdir, tmp_path, clients):
     """The checksum field is the first 8 bytes of SHA-256 (the shim's own implementation)
-    of everything after it, for payload lengths across every padding case of a block."""
+    of every byte of the value but its own (version 5: the fixed fields too), for payload
+    lengths across every padding case of a block."""
     conf = redis_conf(tmp_path, sockdir, redis_url(redis), [(upstream, ["GET /bytes/* ttl=10m"])])
     sizes = list(range(0, 140)) + [1000, 4096, 65536, 300000]
     reps = clients(conf, sockdir).get([rq(upstream, "/bytes/%d" % n) for n in sizes], check=False)
@@ -596,7 +597,7 @@ def test_checksums_are_sha256_of_the_payload(upstream, redis, sockdir, tmp_path,
     for k in keys:
         v = redis.cmd("GET", k)
         assert v.startswith(MAGIC) and len(v) > 46, v[:60]
-        assert hashlib.sha256(v[46:]).digest()[:8] == v[38:46], \
+        assert hashlib.sha256(v[:38] + v[46:]).digest()[:8] == v[38:46], \
             "checksum of %r (%d payload bytes)" % (k, len(v) - 46)
         checked.add(len(v) - 46)
     assert len(checked) == len(sizes), sorted(checked)
@@ -615,7 +616,12 @@ CORRUPT = {
     "garbage": lambda v: ("SET", b"this is not an httpshim entry" * 10),
     "truncated": lambda v: ("SET", v[:len(v) - 7]),
     "magic-only": lambda v: ("SET", MAGIC),
-    "future-version": lambda v: ("SET", v[:4] + b"\x05" + v[5:]),
+    "future-version": lambda v: ("SET", v[:4] + b"\x06" + v[5:]),
+    # the fixed fields before the checksum: a damaged status was served until version 5
+    "status-to-101": lambda v: ("SETRANGE", 6, b"\x65\x00"),
+    "status-to-204": lambda v: ("SETRANGE", 6, b"\xcc\x00"),
+    "status-to-203": lambda v: ("SETRANGE", 6, b"\xcb\x00"),
+    "stored-at-changed": lambda v: ("SETRANGE", 9, bytes([v[9] ^ 0x01])),
     "old-version": lambda v: ("SET", v[:4] + b"\x01" + v[5:]),
     "empty": lambda v: ("SET", b""),
 }
@@ -658,6 +664,29 @@ def test_corrupt_value_not_served(case, upstream, redis, sockdir, tmp_path, clie
     # and the process is still fine: a second GET (its memory tier) works
     p2.get([rq(upstream, path)])
     assert upstream_hits(upstream, path) == 2, log_desc(upstream)
+
+
+def test_a_version_3_entry_is_another_versions(upstream, redis, sockdir, tmp_path, clients):
+    """Version 3 checksummed only what follows its checksum, so a damaged status or time
+    was served. Such an entry (written before 2026-12-07) is now another version's: a
+    miss, neither served nor counted as corrupt, replaced by the version 5 write."""
+    conf = redis_conf(tmp_path, sockdir, redis_url(redis), [(upstream, ["GET /bytes/* ttl=10m"])])
+    path = "/bytes/1900"
+    clients(conf, sockdir).get([rq(upstream, path)])
+    k = wait_keys(redis, key(upstream, path))[0]
+    v = redis.cmd("GET", k)
+    old = v[:4] + b"\x03" + v[5:38]
+    old += hashlib.sha256(v[46:]).digest()[:8] + v[46:]
+    redis.cmd("SET", k, old, "PX", 600000)
+    p2 = clients(conf, sockdir)
+    assert p2.get([rq(upstream, path)])[0]["ok"]
+    assert upstream_hits(upstream, path) == 2, log_desc(upstream)
+    st = p2.redis()
+    assert st["corrupt"] == 0 and st["hits"] == 0, st
+    deadline = time.time() + KEY_WAIT
+    while (redis.cmd("GET", k) or b"").startswith(b"HSC1\x03") and time.time() < deadline:
+        time.sleep(0.05)
+    assert (redis.cmd("GET", k) or b"").startswith(MAGIC), "the version 5 write did not replace it"
 
 
 # ================================================================== 6. Redis unreachable

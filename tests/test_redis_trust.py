@@ -27,8 +27,8 @@ MAGIC2 = b"HSC1\x04"
 SECRET = b"fleet-secret-\x01\x02 with bytes"
 
 
-def v3_checksum(v):
-    return v[:38] + hashlib.sha256(v[46:]).digest()[:8] + v[46:]
+def v5_checksum(v):
+    return v[:38] + hashlib.sha256(v[:38] + v[46:]).digest()[:8] + v[46:]
 
 
 def v4_tag(secret, v):
@@ -89,7 +89,7 @@ def test_forged_time_with_valid_checksum_is_corrupt(case, upstream, redis, sockd
     k = wait_keys(redis, key(upstream, path))[0]
     v = redis.cmd("GET", k)
     assert v.startswith(MAGIC)
-    bad = v3_checksum(with_times(v, *FORGED_TIMES[case](NOW_MS())))
+    bad = v5_checksum(with_times(v, *FORGED_TIMES[case](NOW_MS())))
     redis.cmd("SET", k, bad, "PX", 600000)
     p2 = clients(conf, sockdir)
     p2.get([rq(upstream, path)])
@@ -108,7 +108,7 @@ def test_plausible_clock_skew_accepted(upstream, redis, sockdir, tmp_path, clien
     k = wait_keys(redis, key(upstream, path))[0]
     v = redis.cmd("GET", k)
     n = NOW_MS()
-    redis.cmd("SET", k, v3_checksum(with_times(v, n + 60 * 1000, n + 660 * 1000)), "PX", 600000)
+    redis.cmd("SET", k, v5_checksum(with_times(v, n + 60 * 1000, n + 660 * 1000)), "PX", 600000)
     p2 = clients(conf, sockdir)
     p2.get([rq(upstream, path)])
     assert upstream_hits(upstream, path) == 1, log_desc(upstream)
@@ -136,9 +136,9 @@ def test_authenticated_entries_shared(upstream, redis, sockdir, tmp_path, client
 
 
 def _forge(case, redis, k, v, other_k):
-    if case == "checksummed-v3":        # what anyone can write: a valid plain checksum
-        w = b"HSC1\x03" + v[5:38] + b"\0" * 8 + v[70:]
-        return k, v3_checksum(w)
+    if case == "checksummed":           # what anyone can write: a valid plain checksum
+        w = b"HSC1\x05" + v[5:38] + b"\0" * 8 + v[70:]
+        return k, v5_checksum(w)
     if case == "tampered-body":
         return k, v[:-1] + bytes([v[-1] ^ 1])
     if case == "tampered-status":
@@ -153,7 +153,7 @@ def _forge(case, redis, k, v, other_k):
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["checksummed-v3", "tampered-body", "tampered-status", "tampered-times",
+@pytest.mark.parametrize("case", ["checksummed", "tampered-body", "tampered-status", "tampered-times",
                                   "wrong-secret", "moved-to-another-key"])
 def test_unauthenticated_value_not_served(case, upstream, redis, sockdir, tmp_path, clients):
     """With a secret, a value not signed by it under its own key is a miss: never served,
