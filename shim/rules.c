@@ -600,6 +600,10 @@ int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX
         snprintf(err, RULES_ERR_MAX, "%s: not a regular file", path);
         return -1;
     }
+    if (st.st_size > RULES_FILE_MAX) {  /* (each exec would spend its start reading it) */
+        snprintf(err, RULES_ERR_MAX, "%s: larger than %d KiB", path, RULES_FILE_MAX >> 10);
+        return -1;
+    }
     FILE *f = fopen(path, "re");
     if (!f)
         return -1;

@@ -18,6 +18,7 @@
 #define RULES_PASSWORD_MAX      128     /* a Redis password, its NUL included */
 #define RULES_POOL_MAX          16384
 #define RULES_PATH_MAX          512
+#define RULES_FILE_MAX          (1 << 20)   /* bytes: read by every preloaded program at its start */
 
 struct rules_addr { int family; uint8_t bytes[16]; };   /* AF_INET uses 4 bytes */
 

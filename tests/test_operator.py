@@ -353,6 +353,13 @@ def test_a_rules_file_that_is_not_a_regular_file_is_refused_at_once(tmp_path, cl
     assert r.out == b"line1\nline2\n", r.describe()
     r = run([cli, "check", fifo], shim=False, timeout=20)
     assert r.rc == 1 and b"not a regular file" in r.out + r.err, r.describe()
+    # nor one over 1 MiB: 54 MB of comments cost every preloaded program 327 ms at its start
+    big = tmp_path / "big.conf"
+    big.write_bytes(b"# a comment line of a file far larger than any set of rules\n" * 20000)
+    r = run(["/bin/echo", "hi"], conf=str(big), timeout=20)
+    assert r.rc == 0 and r.out == b"hi\n", r.describe()
+    r = run([cli, "check", big], shim=False, timeout=20)
+    assert r.rc == 1 and b"larger than 1024 KiB" in r.out + r.err, r.describe()
 
 
 def test_secret_files_that_are_not_regular_files_and_a_repeated_cache_are_refused(tmp_path, cli):
