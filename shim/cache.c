@@ -801,9 +801,11 @@ size_t cache_entry_head(const struct cache_entry *e, int minor, bool keep_alive,
         head_put(&o, e->reason, e->reason_len);
         head_put(&o, "\r\n", 2);
         head_put(&o, e->headers, e->headers_len);
-        head_str(&o, "Content-Length: ");
-        head_uint(&o, e->body_len);
-        head_put(&o, "\r\n", 2);
+        if (e->status != 204) {        /* (a 204 has no body, and says no length: RFC 9110 8.6) */
+            head_str(&o, "Content-Length: ");
+            head_uint(&o, e->body_len);
+            head_put(&o, "\r\n", 2);
+        }
     }
     head_str(&o, "Age: ");
     head_uint(&o, (uint64_t)(age < 0 ? 0 : age));

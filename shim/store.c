@@ -469,6 +469,10 @@ static enum sink_verdict sink_head_done(struct upstream_sink *s, int64_t content
     }
     if (framing == HTTP_FRAMING_BROKEN || framing == HTTP_FRAMING_UNSTORABLE)
         not_stored(w, NS_MISFRAMED, framing == HTTP_FRAMING_BROKEN);   /* (broken: upstream.c fails it) */
+    if (w->status == 204) {            /* no body, whatever else its head says (RFC 9112 6.3) */
+        content_length = 0;
+        chunked = false;
+    }
     w->content_length = content_length;
     w->chunked = chunked;
     if (w->store) {

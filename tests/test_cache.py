@@ -731,6 +731,18 @@ def test_status_list(upstream, tmp_path):
     assert [r["status"] for r in p.resps] == [404, 404, 500, 500, 200, 200]
 
 
+def test_a_listed_204_is_stored_and_served_without_a_length(upstream, tmp_path):
+    """`status=204`: a 204 has no body whatever its head says (RFC 9112 6.3), so one sent
+    without a Content-Length (as RFC 9110 wants) is whole. It was taken for a body the
+    close delimits and never stored. Its hit says no Content-Length either."""
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=10m status=200,204")
+    t = "/custom?tag=nc&status=204&n=0"
+    p = play(tmp_path, conf, [get(upstream, t), get(upstream, t)])
+    assert_sources(p, upstream, "aa")
+    assert [r["status"] for r in p.resps] == [204, 204] and p.resps[1]["body_len"] == 0, p.describe()
+    assert hdr(p.resps[1], "Content-Length") is None, p.describe()
+
+
 def test_respect_cache_control(upstream, tmp_path):
     conf = simple_conf(tmp_path, upstream,
                        "GET /custom/rcc* ttl=10m respect_cache_control=yes",
