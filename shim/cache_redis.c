@@ -537,6 +537,8 @@ static void on_lock_reply(redisAsyncContext *ac, void *reply, void *privdata)
             how = REDIS_LOCK_HELD_ELSEWHERE;
         else if (r && r->type == REDIS_REPLY_STATUS && r->len == 11 && !memcmp(r->str, "UNCACHEABLE", 11))
             how = REDIS_LOCK_UNCACHEABLE;
+        else if (r && r->type == REDIS_REPLY_STATUS && r->len == 6 && !memcmp(r->str, "STORED", 6))
+            how = REDIS_LOCK_STORED;
         void *waiter = t->waiter;
         unlink_ticket(t);
         t->waiter = NULL;
@@ -552,17 +554,27 @@ static void on_lock_reply(redisAsyncContext *ac, void *reply, void *privdata)
 
 static int send_lock(struct redis_node *node, struct redis_ticket *t, bool asking)
 {
-    struct redis_key lock_key;
+    struct redis_key lock_key, entry_key;
     redis_key_of(t->key, t->key_len, true, &lock_key);
+    redis_key_of(t->key, t->key_len, false, &entry_key);   /* (the same slot: one hash tag) */
     if (asking && nodes_command(node, on_written, NULL, "ASKING") != 0)
         return -1;
-    /* taken (OK), held (nil), or left by a holder whose answer was not storable */
+    /* stored (the entry is there and fresh: its holder let go of the lock after this
+     * process looked), taken (OK), held (nil), or left by a holder whose answer was not
+     * storable. KEYS: the lock, the entry; ARGV: token, TTL, an entry's first bytes, now. */
     static const char take_or_say[] =
+        "local h = redis.call('getrange', KEYS[2], 0, 23) "
+        "if #h == 24 and string.sub(h, 1, 6) == ARGV[3] and struct.unpack('<i8', h, 17) > tonumber(ARGV[4]) "
+        "then return redis.status_reply('STORED') end "
         "local ok = redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) if ok then return ok end "
         "if redis.call('get', KEYS[1]) == 'uncacheable' then return redis.status_reply('UNCACHEABLE') end "
         "return false";
-    return nodes_command(node, on_lock_reply, t, "EVAL %s 1 %b %s %lld", take_or_say, lock_key.s, lock_key.n,
-                         (const char *)t->value, (long long)R.cfg->redis_lock_ttl_ms);
+    _Static_assert(REDIS_VALUE_EXPIRES_AT == 16 && REDIS_VALUE_PREFIX_LEN == 6, "the script reads these bytes");
+    char prefix[REDIS_VALUE_PREFIX_LEN];
+    redis_value_entry_prefix(secret(), prefix);
+    return nodes_command(node, on_lock_reply, t, "EVAL %s 2 %b %b %s %lld %b %lld", take_or_say, lock_key.s,
+                         lock_key.n, entry_key.s, entry_key.n, (const char *)t->value,
+                         (long long)R.cfg->redis_lock_ttl_ms, prefix, sizeof prefix, (long long)clock_wall_ms());
 }
 
 struct redis_ticket *redis_lock(const char *key, size_t key_len, const char *token, redis_lock_done_fn done,

@@ -23,7 +23,10 @@ void redis_cancel(struct redis_ticket *t);  /* done will not be called */
  * "Redis keys" in cache_redis.c). Cross-process coalescing: SET <that>:lock token NX PX
  * redis_lock_ttl; a holder whose answer could not be stored leaves the lock saying so
  * for uncacheable_ttl (UNCACHEABLE: fetch at once, as the holder did: hit-for-miss). */
-enum redis_lock_result { REDIS_LOCK_TAKEN, REDIS_LOCK_HELD_ELSEWHERE, REDIS_LOCK_UNAVAILABLE, REDIS_LOCK_UNCACHEABLE };
+/* STORED: not taken, the key's entry is in Redis, fresh (stored by the holder that has
+ * just let go of the lock, between this process's lookup and its asking) */
+enum redis_lock_result { REDIS_LOCK_TAKEN, REDIS_LOCK_HELD_ELSEWHERE, REDIS_LOCK_UNAVAILABLE, REDIS_LOCK_UNCACHEABLE,
+                         REDIS_LOCK_STORED };
 typedef void (*redis_lock_done_fn)(void *waiter, enum redis_lock_result how);
 bool redis_available(void);                 /* connected, with room for a command */
 /* Connected, and its last lookups were answered (none has waited its redis_timeout out

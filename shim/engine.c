@@ -434,7 +434,8 @@ static void intercept_tls(struct conn *c)
     struct conn *plain = conn_new(sv[0], c->side.upstream, &c->side.dest, c->side.dest_len, NULL, 0);
     if (plain)
         snprintf(plain->tls_host, sizeof plain->tls_host, "%s", c->tls.name);
-    if (!plain || tls_front_start(&c->src, sv[1], c->side.upstream, c->tls.name, &c->side.in) != 0) {
+    struct tls_front_app app = { c->app_fd, c->app_dev, c->app_ino };
+    if (!plain || tls_front_start(&c->src, &app, sv[1], sv[0], c->side.upstream, c->tls.name, &c->side.in) != 0) {
         if (plain)
             conn_close(plain);
         else
@@ -673,8 +674,11 @@ static void side_exchange_done(struct app_side *app, enum exchange_end how, bool
     }
     c->reset_app = how != EXCHANGE_OK && c->side.upstream_reset;
     c->side.upstream_reset = false;
-    if (how == EXCHANGE_UNANSWERED && c->side.gateway_status && !c->side.app_gone)
+    bool answered = how == EXCHANGE_UNANSWERED && c->side.gateway_status && !c->side.app_gone;
+    if (answered)
         answer_as_gateway(c, c->side.gateway_status);
+    else if (how != EXCHANGE_OK && c->side.tls_host)
+        tls_front_plain_failed(c->side.fd, c->reset_app);   /* (it closes: its front ends the app's TLS cut) */
     c->side.gateway_status = 0;
     conn_exchange_done(c, how == EXCHANGE_OK, must_close);
 }

@@ -125,7 +125,7 @@ static void watch(struct rconn *c)
 {
     if (c->state == RC_DEAD || c->state == RC_WAITING)
         return;
-    uint32_t ev = c->throttled ? 0 : EPOLLIN;
+    uint32_t ev = c->throttled ? EPOLLET : EPOLLIN;   /* (a reset while held back: heard once, not in a spin) */
     if (c->state == RC_CONNECTING || buf_len(&c->out))
         ev |= EPOLLOUT;
     loop_watch(&c->src, ev);

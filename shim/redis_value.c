@@ -85,6 +85,13 @@ static bool same_bytes(const unsigned char *a, const unsigned char *b, size_t n)
     return d == 0;
 }
 
+void redis_value_entry_prefix(struct redis_secret secret, char out[REDIS_VALUE_PREFIX_LEN])
+{
+    memcpy(out, MAGIC, 4);
+    out[4] = secret.len ? VERSION_HMAC : VERSION_CHECKSUM;
+    out[5] = 0;                        /* (flags: not a Vary marker) */
+}
+
 unsigned char *redis_value_encode(const struct cache_entry *e, const char *key, size_t key_len,
                                   struct redis_secret secret, size_t *len)
 {

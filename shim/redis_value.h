@@ -17,6 +17,11 @@
 /* The bytes before a value's tag; the tag (8 bytes, or 32 with a secret) comes next,
  * then the key. */
 #define REDIS_VALUE_FIXED 38
+/* The first bytes of an entry (not a Vary marker) this process writes, and where its
+ * expires-at (i64 little-endian, ms since the epoch) sits: what the cross-process lock's
+ * script reads of an entry to tell whether it is there and fresh. */
+#define REDIS_VALUE_PREFIX_LEN 6
+#define REDIS_VALUE_EXPIRES_AT 16
 /* The first bytes of a value that hold its key whenever the key is one the library makes
  * (at most CACHE_KEY_MAX): what a reader of keys only needs to fetch (GETRANGE). */
 #define REDIS_VALUE_KEY_SPAN (REDIS_VALUE_FIXED + 32 + CACHE_KEY_MAX)
@@ -27,6 +32,7 @@
 #define REDIS_VALUE_SKEW_MS     (5LL * 60 * 1000)
 
 struct redis_secret { const unsigned char *bytes; size_t len; };   /* len 0: none */
+void redis_value_entry_prefix(struct redis_secret secret, char out[REDIS_VALUE_PREFIX_LEN]);
 
 /* The value to SET for entry e under key (which it carries); malloc'ed, *len its size.
  * NULL: no memory. */

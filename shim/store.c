@@ -144,6 +144,10 @@ static void on_lock_answer(void *waiter, enum redis_lock_result how)
          * did, without the lock (a storable answer is still stored) */
         atomic_fetch_add(&shim_redis.lock_uncacheable, 1);
         flight_mark_uncacheable(r->poll_key, r->poll_key_len);
+    } else if (how == REDIS_LOCK_STORED && r->polls < LOCK_POLLS_MAX) {
+        r->polls++;                    /* its holder stored it just now: read it at once */
+        on_poll_due(&r->poll_timer);
+        return;
     } else if (how == REDIS_LOCK_HELD_ELSEWHERE) {
         if (!r->polls)
             atomic_fetch_add(&shim_redis.lock_waits, 1);

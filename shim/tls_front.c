@@ -43,6 +43,9 @@ struct tls_front {
     struct buf to_plain;                /* plaintext for the engine's connection */
     struct buf from_plain;              /* plaintext the engine wrote, not yet encrypted */
     bool handshaken, dead, app_eof, app_gone, plain_eof, plain_shut, app_shut, alert_owed;
+    int plain_peer;                     /* the engine's end of the plaintext pair, while open */
+    bool plain_failed, plain_reset;     /* ... which ended after a failed exchange (a reset) */
+    struct tls_front_app app_end;       /* the app's fd for app.fd's peer, and its socket */
     struct tls_front *next, *prev;
 };
 
@@ -111,6 +114,20 @@ static void reclaim(struct loop_deferred *d)
     free(f);
 }
 
+/* A Unix socket closed with unread bytes in its queue gives its peer ECONNRESET: one byte
+ * goes into app.fd through the app's own fd number, as engine.c's reset_app_end does,
+ * while the fd table says that number is still this connection's app end. */
+static void reset_app(const struct tls_front *f)
+{
+    if (f->app_end.fd < 0)
+        return;
+    fdtable_touch(f->app_end.fd);
+    const struct fd_entry *e = fdtable_if_diverted(f->app_end.fd);
+    if (e && e->engine_fd == f->app.fd && e->dev == f->app_end.dev && e->ino == f->app_end.ino)
+        real_send(f->app_end.fd, "!", 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+    fdtable_untouch();
+}
+
 static void front_close(struct tls_front *f)
 {
     if (f->dead)
@@ -126,7 +143,9 @@ static void front_close(struct tls_front *f)
     /* the app may write once more (its close_notify after ours): its end is kept a moment,
      * as TCP takes a write after the server's FIN, where a closed pair's EPIPE raised a
      * SIGPIPE that killed a C client that never ignores it */
-    if (f->app_gone || !linger_adopt(&f->app)) {
+    if (f->plain_reset && !f->app_gone)
+        reset_app(f);
+    if (f->app_gone || f->plain_reset || !linger_adopt(&f->app)) {
         loop_remove(&f->app);
         fdtable_close_engine_fd(f->app.fd);
     }
@@ -223,11 +242,15 @@ static void pump(struct tls_front *f)
         real_shutdown(f->plain.fd, SHUT_WR);
         f->plain_shut = true;
     }
+    if (f->plain_eof)
+        f->plain_peer = -1;            /* (its number may be another's now) */
     if (f->plain_eof && !buf_len(&f->from_plain) && f->handshaken && !f->app_shut) {
-        SSL_shutdown(f->ssl);          /* close_notify, then our write side */
-        collect_cipher(f);
+        if (!f->plain_failed) {
+            SSL_shutdown(f->ssl);      /* close_notify, then our write side */
+            collect_cipher(f);
+        }
         f->app_shut = buf_send(&f->to_app, f->app.fd) == 0 && !buf_len(&f->to_app);
-        if (f->app_shut)
+        if (f->app_shut && !f->plain_reset)
             real_shutdown(f->app.fd, SHUT_WR);
     }
     if (f->app_gone || (f->plain_eof && f->app_shut) || (f->plain_eof && !f->handshaken)
@@ -294,7 +317,17 @@ static void on_plain(struct loop_source *src, uint32_t ev)
     pump(f);
 }
 
-int tls_front_start(struct loop_source *app_src, int plain_fd, int upstream, const char *name, struct buf *hello)
+void tls_front_plain_failed(int plain_peer, bool reset)
+{
+    for (struct tls_front *f = live; f; f = f->next)
+        if (f->plain_peer == plain_peer && !f->dead) {
+            f->plain_failed = true;
+            f->plain_reset = reset;
+        }
+}
+
+int tls_front_start(struct loop_source *app_src, const struct tls_front_app *app, int plain_fd, int plain_peer,
+                    int upstream, const char *name, struct buf *hello)
 {
     X509 *leaf;
     EVP_PKEY *key;
@@ -304,6 +337,8 @@ int tls_front_start(struct loop_source *app_src, int plain_fd, int upstream, con
     if (!f)
         return -1;
     f->upstream = upstream;
+    f->plain_peer = plain_peer;
+    f->app_end = *app;
     f->to_app.cap = CIPHER_CAP + 16384;
     f->to_plain.cap = OUT_SOFT + 16384;
     f->from_plain.cap = OUT_SOFT + 16384;

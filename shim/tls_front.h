@@ -3,6 +3,7 @@
 #define HTTPSHIM_TLS_FRONT_H
 #include <openssl/ssl.h>
 #include <stdbool.h>
+#include <sys/types.h>
 #include "buf.h"
 #include "loop.h"
 #include "rules.h"
@@ -15,7 +16,17 @@ void tls_front_forget(void);          /* forked child: the parent's sessions are
  * from it (hello, emptied), answers as `name` with the CA's leaf, and relays the
  * plaintext to and from plain_fd, which it owns from then on. -1: nothing was taken
  * over; the caller still owns all of it. */
-int tls_front_start(struct loop_source *app_src, int plain_fd, int upstream, const char *name, struct buf *hello);
+/* app: the app's own fd number for that end, and the socket's identity, so that the front
+ * can end the app's connection as a reset (see tls_front_plain_failed). */
+struct tls_front_app { int fd; dev_t dev; ino_t ino; };
+int tls_front_start(struct loop_source *app_src, const struct tls_front_app *app, int plain_fd, int plain_peer,
+                    int upstream, const char *name, struct buf *hello);
+/* The engine's connection on the front's plaintext pair (plain_peer, its end: still open)
+ * ends after an exchange that failed: the front ends the app's TLS without close_notify,
+ * as the upstream's cut connection would end it direct, so the app sees its answer cut
+ * ("unexpected eof"), never a clean end after part of a body; after the upstream's reset
+ * (reset), the app's connection is reset too. */
+void tls_front_plain_failed(int plain_peer, bool reset);
 /* A probe of the upstream checks the chain it presents against an app context's store
  * too: libcurl's CURLOPT_SSL_CTX_FUNCTION with a struct tls_check as its data. */
 /* What a handshake with the upstream negotiated, as TLS code points: version, cipher

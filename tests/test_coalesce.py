@@ -272,6 +272,44 @@ def test_burst_across_processes_makes_one_upstream_request(upstream, redis, tmp_
     assert len(upstream_requests(upstream, "tag=xpoff")) == 20
 
 
+SCATTERED = r"""
+import random, sys, threading, time, urllib.request
+port, keys, seed, start = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+random.seed(seed)
+def go(k, at):
+    time.sleep(max(0, at - time.time()))
+    urllib.request.urlopen("http://127.0.0.1:%d/custom/sc?tag=sc-%d&n=300&delay=150" % (port, k), timeout=20).read()
+ts = [threading.Thread(target=go, args=(k, start + random.uniform(0, 0.4))) for k in range(keys)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+"""
+
+
+def test_a_lookup_just_before_the_entry_lands_does_not_fetch_again(upstream, redis, tmp_path, sockdir):  # noqa: F811
+    """Eight processes ask each of 60 keys once, at random moments over 0.4 s (the upstream
+    takes 150 ms): one upstream request per key. A process whose lookup missed just
+    before the lock's holder stored the entry and let go of the lock took the free lock
+    and fetched the key again (2 to 22 keys twice per run, found with gunicorn workers);
+    the lock's script now answers that the entry is there, fresh, and the process reads it."""
+    conf = redis_conf(tmp_path, upstream, sockdir, redis)
+    start = time.time() + 1.0
+    procs = [subprocess.Popen([SYS_PY, "-c", SCATTERED, str(upstream.port), "60", str(i), repr(start)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=client_env(True, conf),
+                              start_new_session=True) for i in range(8)]
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err[-2000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                kill_group(p.pid)
+                p.wait(30)
+    fetched = upstream_requests(upstream, "tag=sc-")
+    twice = sorted({e["target"] for e in fetched if sum(1 for x in fetched if x["target"] == e["target"]) > 1})
+    assert len(fetched) == 60, "%d upstream requests for 60 keys; fetched twice: %s" % (len(fetched), twice)
+
+
 def test_a_variant_found_through_the_lock_is_never_served_to_another_variant(upstream, redis, tmp_path,  # noqa: F811
                                                                              sockdir):
     """Three processes, eight concurrent requests each, for one new key whose answer

@@ -506,6 +506,46 @@ print(json.dumps(out))
         srv.close()
 
 
+STRICT_READER = r"""
+import socket, ssl, sys
+port, cafile, target = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(cafile=cafile)
+s = ctx.wrap_socket(socket.create_connection(("localhost", port), timeout=10), server_hostname="localhost",
+                    suppress_ragged_eofs=False)
+s.sendall(b"GET " + target.encode() + b" HTTP/1.0\r\nHost: localhost\r\n\r\n")
+n = 0
+try:
+    while True:
+        d = s.recv(65536)
+        if not d:
+            print("clean-end")
+            break
+        n += len(d)
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+def test_an_upstream_cut_mid_answer_ends_the_apps_tls_cut(tls_upstream, pki, tmp_path, sockdir):
+    """The upstream resets (or closes) in the middle of a body: direct, the app's TLS ends
+    without close_notify (and its TCP with a reset): a client that does not forgive that
+    (Python with suppress_ragged_eofs=False, as an HTTP/1.0 reader of a body its close
+    ends must be) sees SSLEOFError, and curl its receive error (56). Through the front it
+    ended with a clean close_notify after the part of the body: such a client took the
+    part for all of it, and curl said 18. Now the front ends the app's TLS as the cut
+    connection ended the upstream's: no close_notify, and a reset for a reset."""
+    conf = intercept_conf(tmp_path, tls_upstream, pki["ca"].pem, sockdir, extra=["cache GET /bytes/* ttl=10m"])
+    for target in ("/reset/200000", "/truncate/200000"):
+        cmd = [SYS_PY, "-c", STRICT_READER, tls_upstream.port, pki["ca"].pem, target]
+        d = run(cmd, shim=False)
+        r = run(cmd, conf=conf, env=SAN_ENV)
+        assert d.out.strip() and r.out.strip() == d.out.strip(), (target, d.describe(), r.describe())
+    url = tls_upstream.url("/reset/200000", host="localhost")
+    d = run(["curl", "-s", "-o", "/dev/null", "--cacert", pki["ca"].pem, url], shim=False)
+    r = run(["curl", "-s", "-o", "/dev/null", "--cacert", pki["ca"].pem, url], conf=conf)
+    assert d.rc == 56 and r.rc == 56, "a reset is curl's receive error (56), not a short transfer (18)\n" + r.describe()
+
+
 def test_large_intercepted_answers_reach_the_end(tls_upstream, pki, tmp_path, sockdir):
     """urllib (a connection per request, Connection: close) fetches 24 bodies of 300 kB to
     900 kB over an intercepted connection, each a miss then a hit: every one whole. Before,
