@@ -45,14 +45,14 @@ struct transfer {
     int status;
     struct http_framing framing;    /* what the head's framing headers say */
     int64_t content_length;         /* -1 when the upstream sent none, or chunked */
-    bool upstream_chunked;
-    bool head_done, head_sent, paused, send_paused, must_close, connected;
+    bool upstream_chunked, head_done, head_sent, paused, send_paused, must_close, connected;
     enum body_mode mode;
     /* the cache's watcher of the response (store.c), ended once with sink_end */
     struct upstream_sink *sink;
     enum sink_end sink_end;
     bool absorbed;                  /* a 304 the sink asked for: nothing relayed */
     bool stale_instead;             /* an error answer the sink replaced with its stale entry */
+    struct upreq_silence silence;   /* before the head: upstream_timeout of it fails it (504) */
     /* the app went away while the sink still wants the response: the fetch goes on for it,
      * with the app's side replaced by one of its own */
     bool detached;
@@ -65,8 +65,7 @@ struct transfer {
     /* an intercepted connection's leg: held to what the app's verdict approved (a
      * reference); refused when the upstream presented anything else */
     struct tls_pin *pin;
-    bool pin_refused;
-    bool once_only;                 /* a method that is not idempotent: never sent twice */
+    bool pin_refused, once_only;    /* once_only: a method that is not idempotent, never sent twice */
     bool upstream_closes;           /* the upstream ends the connection after this answer */
     unsigned sends;                 /* how many times libcurl was about to send the request */
     int64_t body_relayed;           /* BODY_RAW with a Content-Length: body bytes relayed */
@@ -77,7 +76,6 @@ struct transfer {
     struct pool_slot slot;          /* its place in the upstream's queue (pool_queue.c) */
     struct curl_hold hold;          /* the connection it sends on (curl_loop.c) */
 };
-
 
 static const struct shim_config *cfg;
 
@@ -555,6 +553,7 @@ static int build(struct transfer *t, const struct http_request *req, const char 
             curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, body_len ? body : "");
         }
     }
+    upreq_watch_silence(e, &t->silence, &t->status, &t->send_paused, cfg->upstream_timeout_ms);
     curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, open_socket);
     curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, t);
     curl_easy_setopt(e, CURLOPT_PREREQFUNCTION, on_prereq);
@@ -582,10 +581,7 @@ static int admit(struct pool_slot *s)
 
 static void fail_waiter(struct pool_slot *s);
 
-static void keep_connections(long n)
-{
-    curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, n);
-}
+static void keep_connections(long n) { curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, n); }
 
 static const struct pool_queue_ops queue_ops = { admit, fail_waiter, keep_connections };
 
@@ -776,6 +772,7 @@ void *upstream_tls_probe(int upstream, const char *host, const union shim_sockad
     curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(e, CURLOPT_PROXY, "");
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)cfg->upstream_timeout_ms);
+    upreq_watch_silence(e, &t->silence, &t->status, &t->send_paused, cfg->upstream_timeout_ms);
     curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, open_socket);
     curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, t);
     curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, close_socket);
@@ -875,7 +872,8 @@ void upstream_reap(void)
              * past upstream_timeout: the app hears a gateway's 502 or 504, not an end of file */
             bool invalid = result == CURLE_WEIRD_SERVER_REPLY || result == CURLE_UNSUPPORTED_PROTOCOL
                            || (result == CURLE_WRITE_ERROR && !t->head_done);
-            c->gateway_status = t->head_sent || t->stale_instead ? 0 : invalid ? 502 : result == CURLE_OPERATION_TIMEDOUT ? 504 : 0;
+            bool silent = result == CURLE_OPERATION_TIMEDOUT || t->silence.overdue;
+            c->gateway_status = t->head_sent || t->stale_instead ? 0 : invalid ? 502 : silent ? 504 : 0;
             shim_debug("fd %d: upstream exchange failed: %s%s", c->fd, curl_easy_strerror(result), c->upstream_reset ? " (reset)" : "");
             if (c->app_gone)
                 STAT_INC(c->upstream, errors_app);

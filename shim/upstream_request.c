@@ -6,6 +6,7 @@
  * libcurl's own additions (Accept, Expect, Host, Content-Type), the method, and the
  * connection's timeouts and idle age. Engine thread only. */
 #include "upstream_request.h"
+#include "clock.h"
 #include "conn.h"
 #include "lazyssl.h"
 #include <arpa/inet.h>
@@ -185,4 +186,26 @@ int upreq_build(CURL *e, const struct shim_config *cfg, const struct upstream_ru
     curl_easy_setopt(e, CURLOPT_LOW_SPEED_TIME, secs);
     curl_easy_setopt(e, CURLOPT_MAXAGE_CONN, (long)((cfg->pool_idle_timeout_ms + 999) / 1000));
     return 0;
+}
+
+static int on_progress(void *p, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal, curl_off_t ulnow)
+{
+    struct upreq_silence *s = p;
+    (void)dltotal, (void)ultotal;
+    int64_t now = clock_mono_us();
+    if (*s->status || *s->on_app || dlnow + ulnow != s->moved || !s->since_us) {
+        s->moved = dlnow + ulnow;      /* (a head under way is the low-speed check's) */
+        s->since_us = now;
+        return 0;
+    }
+    s->overdue = now - s->since_us >= s->limit_us;
+    return s->overdue;
+}
+
+void upreq_watch_silence(CURL *e, struct upreq_silence *s, const int *status, const bool *on_app, int64_t limit_ms)
+{
+    *s = (struct upreq_silence){ .status = status, .on_app = on_app, .limit_us = limit_ms * 1000 };
+    curl_easy_setopt(e, CURLOPT_XFERINFOFUNCTION, on_progress);
+    curl_easy_setopt(e, CURLOPT_XFERINFODATA, s);
+    curl_easy_setopt(e, CURLOPT_NOPROGRESS, 0L);
 }

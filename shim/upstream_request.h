@@ -32,6 +32,20 @@ int upreq_refuse_renegotiation(void *curl, void *sslctx, void *parm);
 int upreq_build(CURL *e, const struct shim_config *cfg, const struct upstream_rule *u, const struct upreq_where *w,
                 const struct http_request *req, struct http_slice etag, struct http_slice last_modified,
                 struct curl_slist **headers, struct curl_slist **connect_to);
+/* The upstream's silence before its answer's head, from the last byte either way, as
+ * upstream_timeout means it: libcurl's low-speed check (kept for the body) averages the
+ * speed over 5 s counting what was sent, so a request with a body waited up to 5 s more.
+ * libcurl's progress callback, run every second while that check is on, aborts the
+ * transfer (overdue) once *status (the head's, 0 until one comes) has stayed 0 and no
+ * byte has moved for limit_ms, none of it while *on_app (the body waits for the app). */
+struct upreq_silence {
+    const int *status;
+    const bool *on_app;
+    curl_off_t moved;
+    int64_t since_us, limit_us;
+    bool overdue;
+};
+void upreq_watch_silence(CURL *e, struct upreq_silence *s, const int *status, const bool *on_app, int64_t limit_ms);
 /* The address and port dialled, as the kept TLS verdicts name them ("1.2.3.4:443",
  * "[::1]:443"). */
 void upstream_dialled_text(const union shim_sockaddr *a, char *out, size_t n);

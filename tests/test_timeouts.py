@@ -37,3 +37,18 @@ def test_silent_upstream_times_out_then_pool_recovers(upstream, tmp_path):
             shim=False, timeout=60)
     assert d.out.decode().startswith("answered") and time.monotonic() - start >= 2.0, d.describe()
     assert lines[2].startswith("status 200"), r.describe()   # the pool still serves
+
+
+def test_a_request_with_a_body_to_a_silent_upstream_gets_its_504_on_time(upstream, tmp_path):
+    """POST with a body, upstream silent: the 504 comes upstream_timeout (1 s) after the
+    last byte, as for a GET. libcurl's low-speed check, which measured the silence, counts
+    what was sent in its 5 s average: the 504 came 6 s late (found by an adversarial pass)."""
+    conf = write_rules(tmp_path, [upstream.port], timeout="1s")
+    t0 = time.monotonic()
+    r = run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-d", "payload",
+             upstream.url("/delay/8000/bytes/10")], conf=conf, timeout=30)
+    took = time.monotonic() - t0
+    assert r.rc == 0 and r.out == b"504", r.describe()
+    assert took < 3.5, "the 504 came after %.1f s; upstream_timeout is 1 s" % took
+    assert len([e for e in upstream.stats()["log"] if e.get("method") == "POST"]) == 1
+
