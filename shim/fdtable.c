@@ -346,6 +346,10 @@ void fdtable_refill_stash(void)
         if (real_socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0)
             return;
         sv[1] = fdtable_raise(sv[1]);  /* the engine's end lives as long as its connection */
+        sv[0] = fdtable_raise(sv[0]);  /* and the app's, until a connect takes it, is not on
+                                        * a number the app is owed: a daemon that closed its
+                                        * stderr found it a stashed pair's, and what it wrote
+                                        * there went upstream in another connection's request */
         if (!fdtable_in_lower_half(sv[1]) || sv[1] >= FDTABLE_MAX || fstat(sv[0], &app_end) != 0) {
             real_close(sv[0]);         /* the app's fds come first */
             real_close(sv[1]);
@@ -432,6 +436,16 @@ int fdtable_raise(int fd)
     }
     real_close(fd);
     return high;
+}
+
+int fdtable_dup_high(int fd)
+{
+    int high = real_fcntl(fd, F_DUPFD_CLOEXEC, (void *)(intptr_t)raise_floor());
+    if (high >= 0 && (!fdtable_in_lower_half(high) || high >= FDTABLE_MAX)) {
+        real_close(high);
+        high = -1;
+    }
+    return high >= 0 ? high : real_fcntl(fd, F_DUPFD_CLOEXEC, NULL);
 }
 
 bool fdtable_give_to_app(int fd)

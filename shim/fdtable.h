@@ -139,6 +139,9 @@ void fdtable_mark_engine(int fd);
 /* fd, or a duplicate of it above the small numbers (fd closed then), for an engine fd
  * that lives long: the app's dup2 to a number of its choosing finds it free. */
 int fdtable_raise(int fd);
+/* A close-on-exec duplicate of fd off the app's small numbers (at the same floor as
+ * fdtable_raise), or the lowest free number when there is none up there; -1 on error. */
+int fdtable_dup_high(int fd);
 /* The engine writes through an app's fd number only between fdtable_touch(fd) and
  * fdtable_untouch(), having found the entry still the connection's after the touch; the
  * hooks that close or replace an app's fd clear its entry first, then wait here: so the

@@ -283,7 +283,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     if (atomic_load_explicit(&e->made, memory_order_relaxed) != MADE_TCP
         && (real_getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &v, &vlen) != 0 || v != IPPROTO_TCP))
         gone = errno == EBADF ? EBADF : ENOTSOCK;
-    int tcp = gone ? -1 : real_fcntl(fd, F_DUPFD_CLOEXEC, NULL);
+    int tcp = gone ? -1 : fdtable_dup_high(fd);
     if (tcp < 0 && (kept_tcp || gone || errno == EBADF)) {
         fdtable_divert_end(e);
         fdtable_close_engine_fd(sv[0]);

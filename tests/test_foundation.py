@@ -1086,6 +1086,37 @@ def test_reset_response_passthrough(upstream, rules):
         assert errs[0].startswith("ConnectionResetError") and errs[1].split(":")[0] == errs[0].split(":")[0], errs
 
 
+FD_NUMBERS = r"""
+import os, socket, sys, time, urllib.request
+port = int(sys.argv[1])
+urllib.request.urlopen("http://127.0.0.1:%d/bytes/10" % port, timeout=10).read()
+time.sleep(0.3)                        # (the engine has made whatever it keeps ready)
+a = os.open("/dev/null", os.O_RDONLY)
+os.close(0)                            # a daemon closing its stdio
+time.sleep(0.3)
+b = os.open("/dev/null", os.O_RDONLY)
+s = socket.create_connection(("127.0.0.1", port), timeout=10)
+s.sendall(b"GET /bytes/10 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+while s.recv(65536):
+    pass
+s.close()
+time.sleep(0.3)
+c = os.open("/dev/null", os.O_RDONLY)
+print(a, b, c)
+"""
+
+
+def test_the_app_gets_the_fd_numbers_it_would_direct(upstream, rules):
+    """open() after diverted connections, and after closing fd 0 as a daemon does, returns
+    the lowest free number, as direct. The socketpairs the engine makes ahead kept their
+    app ends on the app's small numbers: open() gave 36 where direct gave 3, a daemon that
+    closed its stderr found it one of them, and what it logged there went upstream at the
+    front of another connection's request (found by an adversarial pass)."""
+    d = run([SYS_PY, "-c", FD_NUMBERS, upstream.port], shim=False)
+    r = run([SYS_PY, "-c", FD_NUMBERS, upstream.port], conf=rules)
+    assert d.rc == 0 and r.rc == 0 and r.out == d.out, (d.describe(), r.describe())
+
+
 RESEND_PROBE = """
 import http.client, json, sys
 c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
