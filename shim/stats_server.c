@@ -84,6 +84,10 @@ static void install_exit_cleanup(void)
     installed = true;
     atexit(unlink_socket);
     atexit(leave_record);              /* runs first: the record is there before the socket goes */
+    if (getpid() == 1)
+        return;                        /* init (a container's entrypoint): the kernel drops these
+                                        * signals unhandled; handled, they ended a blocking call
+                                        * (EINTR) and took the socket of a process that lives on */
     static const int fatal[] = { SIGTERM, SIGINT, SIGHUP, SIGQUIT };
     for (size_t i = 0; i < sizeof fatal / sizeof fatal[0]; i++) {
         struct sigaction old;

@@ -895,6 +895,38 @@ def test_socket_removed_on_default_fatal_signal(sig, upstream, sockdir, tmp_path
     assert not os.path.exists(app.sock), "socket left behind after %s" % sig
 
 
+INIT_APP = r"""
+import os, signal, sys, time, urllib.request
+urllib.request.urlopen(sys.argv[1], timeout=10).read()    # diverted: the stats socket is there
+sock = sys.argv[2]
+deadline = time.time() + 5
+while not os.path.exists(sock) and time.time() < deadline:
+    time.sleep(0.02)
+before = os.path.exists(sock)
+os.kill(1, signal.SIGTERM)             # init, its SIGTERM at the default: the kernel drops it
+time.sleep(0.3)
+print(os.getpid(), before, os.path.exists(sock))
+"""
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare not installed")
+def test_init_keeps_its_default_signals(cli, upstream, sockdir, tmp_path):
+    """A container's entrypoint is PID 1 (`httpshim run -- CMD` in a PID namespace), and the
+    kernel drops a signal init left at its default. The shim's handler that removes the
+    stats socket on SIGTERM turned it into one init handles: a blocking read ended with
+    EINTR (a program exited where direct it went on) and the socket of a process that
+    lives on was gone. As init, the process keeps the signals at their default."""
+    if subprocess.run(["unshare", "-fp", "--mount-proc", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no PID namespace here")
+    if os.environ.get("HTTPSHIM_TEST_PRELOAD"):
+        pytest.skip("the sanitizer runtime must come first in LD_PRELOAD, which `run` inside unshare does not know")
+    conf = stats_conf(tmp_path, sockdir, [(upstream, [])])
+    sock = os.path.join(sockdir, "s", "1.sock")
+    r = run(["unshare", "-fp", "--mount-proc", cli, "run", "-c", conf, "--", SYS_PY, "-c", INIT_APP,
+             "http://127.0.0.1:%d/bytes/10" % upstream.port, sock], shim=False, timeout=30)
+    assert r.rc == 0 and r.out.split() == [b"1", b"True", b"True"], r.describe()
+
+
 def test_app_signal_handler_left_alone(upstream, sockdir, tmp_path, apps):
     """An app that handles SIGTERM itself keeps running, and so does its socket."""
     conf = stats_conf(tmp_path, sockdir, [(upstream, [])])
