@@ -124,7 +124,10 @@ static int load(enum lib lib)
         return 0;
     /* RTLD_LOCAL: the library's symbols stay out of the app's global scope. Its own calls
      * to connect() & co. still reach the hooks, as they must. */
-    void *handle = dlopen(lib_names[lib], RTLD_NOW | RTLD_LOCAL | deep_bind[lib]);
+    /* nor an app built with a sanitizer: its runtime ends the process at RTLD_DEEPBIND */
+    bool sanitized = dlsym(RTLD_DEFAULT, "__asan_init") || dlsym(RTLD_DEFAULT, "__tsan_init")
+                     || dlsym(RTLD_DEFAULT, "__msan_init");
+    void *handle = dlopen(lib_names[lib], RTLD_NOW | RTLD_LOCAL | (sanitized ? 0 : deep_bind[lib]));
     if (!handle) {
         shim_log("cannot load %s: %s", lib_names[lib], dlerror());
         return -1;

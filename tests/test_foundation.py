@@ -14,12 +14,13 @@ import re
 import shutil
 import socket
 import struct
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import (BUILD, EPOLLCLIENT, LIB, PRELOAD, PYTHONS, SANITIZER_SKIP, SYS_PY, Upstream, free_port,
+from conftest import (BUILD, EPOLLCLIENT, LIB, PRELOAD, PYTHONS, SANITIZER_SKIP, SYS_PY, Upstream, client_env, free_port,
                       hop_by_hop, java_fetch, jlines, pyclient, require_build, run, wait_until, write_rules)
 from upstream import pattern
 from rawclient import parse_responses
@@ -1084,6 +1085,59 @@ def test_reset_response_passthrough(upstream, rules):
             assert r.rc == 1 and not r.timed_out, r.describe()
             errs.append(jlines(r.out)[0]["error"])
         assert errs[0].startswith("ConnectionResetError") and errs[1].split(":")[0] == errs[0].split(":")[0], errs
+
+
+ASAN_CLIENT = r"""
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+int main(int argc, char **argv)
+{
+    for (int i = 0; i < 2; i++) {
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[1])) };
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        if (connect(s, (struct sockaddr *)&a, sizeof a) != 0)
+            return 2;
+        const char req[] = "GET /bytes/100 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        if (write(s, req, sizeof req - 1) != (ssize_t)(sizeof req - 1))
+            return 3;
+        char buf[4096];
+        ssize_t n = read(s, buf, sizeof buf - 1);
+        if (n < 12)
+            return 4;
+        buf[12] = 0;
+        printf("%s\n", buf);
+        close(s);
+    }
+    return 0;
+}
+"""
+
+
+def test_an_app_built_with_asan_is_served(upstream, rules, tmp_path):
+    """A client built with -fsanitize=address, the shim preloaded after the ASan runtime: its
+    first diverted connect loaded hiredis with RTLD_DEEPBIND, which the sanitizer runtime
+    refuses by ending the process (exit 1). The library now loads it without DEEPBIND when
+    a sanitizer runtime is in the process, as its own sanitizer build does."""
+    if os.environ.get("HTTPSHIM_TEST_PRELOAD"):
+        pytest.skip("already under the sanitizer runtime")
+    src, exe = tmp_path / "asancli.c", tmp_path / "asancli"
+    src.write_text(ASAN_CLIENT)
+    b = subprocess.run(["cc", "-fsanitize=address", "-o", str(exe), str(src)], capture_output=True)
+    if b.returncode != 0 and b"asan" in b.stderr:
+        pytest.skip("no ASan runtime to build with: %s" % b.stderr[-300:])
+    assert b.returncode == 0, b.stderr
+    asan = subprocess.run(["cc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    env = client_env(True, rules)
+    env["LD_PRELOAD"] = "%s %s" % (asan, env["LD_PRELOAD"])
+    env["ASAN_OPTIONS"] = "detect_leaks=0"
+    p = subprocess.run([str(exe), str(upstream.port)], capture_output=True, env=env, timeout=60)
+    assert p.returncode == 0 and p.stdout == b"HTTP/1.1 200\nHTTP/1.1 200\n", (p.returncode, p.stdout, p.stderr[-2000:])
+    st = upstream.stats()
+    assert st["requests"] == 2 and st["connections"] == 1, "both GETs over one pooled connection: %s" % st
 
 
 FD_NUMBERS = r"""
