@@ -423,6 +423,10 @@ static int copy_addr(const union shim_sockaddr *a, socklen_t alen, struct sockad
         errno = EFAULT;
         return -1;
     }
+    if ((int)*len < 0) {               /* (the kernel reads the length as an int) */
+        errno = EINVAL;
+        return -1;
+    }
     memcpy(out, a, *len < alen ? *len : alen);
     *len = alen;
     return 0;
@@ -488,6 +492,20 @@ static struct fd_sockopt *find_opt(struct fd_entry *e, int level, int name, bool
     return o;
 }
 
+/* A TCP option the kernel reads as an int, given fewer bytes than one. */
+static bool tcp_int_short(int level, int name, socklen_t len)
+{
+    static const int ints[] = { TCP_NODELAY, TCP_MAXSEG, TCP_CORK, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT,
+                                TCP_SYNCNT, TCP_LINGER2, TCP_DEFER_ACCEPT, TCP_WINDOW_CLAMP, TCP_QUICKACK,
+                                TCP_USER_TIMEOUT, TCP_NOTSENT_LOWAT, TCP_FASTOPEN, TCP_FASTOPEN_CONNECT };
+    if (level != IPPROTO_TCP || len >= sizeof(int))
+        return false;
+    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++)
+        if (ints[i] == name)
+            return true;
+    return false;
+}
+
 SHIM_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
 {
     real_bind();
@@ -499,6 +517,10 @@ SHIM_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen
         return rc;
     }
     int saved = errno;
+    if ((level == IPPROTO_TCP || level == IPPROTO_IP || level == IPPROTO_IPV6) && ((!val && len) || tcp_int_short(level, name, len))) {
+        errno = !val && len ? EFAULT : EINVAL;   /* (as the kernel checks them) */
+        return -1;
+    }
     if (level == SOL_SOCKET) {
         if (real_setsockopt(fd, level, name, val, len) == 0)
             return 0;
@@ -562,7 +584,11 @@ SHIM_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *le
         errno = saved;
     }
     struct fd_entry *e = shim_in_engine ? NULL : fdtable_diverted(fd);
-    if (!e || !val || !len)
+    if (e && (!val || !len)) {
+        errno = EFAULT;
+        return -1;
+    }
+    if (!e)
         return real_getsockopt(fd, level, name, val, len);
     int saved = errno;
     int v;

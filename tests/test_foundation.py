@@ -1140,6 +1140,53 @@ def test_an_app_built_with_asan_is_served(upstream, rules, tmp_path):
     assert st["requests"] == 2 and st["connections"] == 1, "both GETs over one pooled connection: %s" % st
 
 
+SOCKOPT_ARGS = r"""
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#define SAY(what, call) do { errno = 0; int rc_ = (call); printf("%s %d %d\n", what, rc_, rc_ ? errno : 0); } while (0)
+int main(int argc, char **argv)
+{
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[1])) };
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(s, (struct sockaddr *)&a, sizeof a) != 0)
+        return 2;
+    struct sockaddr_in peer;
+    socklen_t l = (socklen_t)-1, l4 = sizeof(int);
+    int one = 1, v = 0;
+    SAY("getpeername-negative-length", getpeername(s, (struct sockaddr *)&peer, &l));
+    SAY("getsockopt-null-value", getsockopt(s, IPPROTO_TCP, TCP_NODELAY, NULL, &l4));
+    SAY("getsockopt-null-length", getsockopt(s, IPPROTO_TCP, TCP_NODELAY, &v, NULL));
+    SAY("setsockopt-null-value", setsockopt(s, IPPROTO_TCP, TCP_NODELAY, NULL, sizeof(int)));
+    SAY("setsockopt-short-value", setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, 2));
+    SAY("setsockopt-keepidle-short", setsockopt(s, IPPROTO_TCP, TCP_KEEPIDLE, &one, 1));
+    SAY("setsockopt-nodelay", setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one));
+    l4 = sizeof v;
+    SAY("getsockopt-nodelay", getsockopt(s, IPPROTO_TCP, TCP_NODELAY, &v, &l4));
+    printf("nodelay %d\n", v != 0);
+    return 0;
+}
+"""
+
+
+def test_socket_options_with_bad_arguments_fail_as_direct(upstream, rules, tmp_path):
+    """getpeername with a negative length, get/setsockopt of TCP options with a NULL value
+    or length or a value shorter than an int, on a diverted fd: the errors the kernel gives
+    a TCP socket (EINVAL, EFAULT), not a 0 or EOPNOTSUPP (found by an adversarial pass).
+    Valid arguments still read back what was set."""
+    src, exe = tmp_path / "sockopt.c", tmp_path / "sockopt"
+    src.write_text(SOCKOPT_ARGS)
+    b = subprocess.run(["cc", "-o", str(exe), str(src)], capture_output=True)
+    assert b.returncode == 0, b.stderr
+    d = run([exe, upstream.port], shim=False)
+    r = run([exe, upstream.port], conf=rules)
+    assert d.rc == 0 and r.rc == 0 and r.out == d.out, (d.out.decode(), r.out.decode())
+
+
 FD_NUMBERS = r"""
 import os, socket, sys, time, urllib.request
 port = int(sys.argv[1])
