@@ -422,29 +422,31 @@ void fdtable_wait_untouched(int first, int last)
     }
 }
 
+/* A close-on-exec duplicate of fd at the floor or above, or -1. */
+static int dup_above_floor(int fd)
+{
+    int high = real_fcntl(fd, F_DUPFD_CLOEXEC, (void *)(intptr_t)raise_floor());
+    if (high >= 0 && (!fdtable_in_lower_half(high) || high >= FDTABLE_MAX)) {
+        real_close(high);
+        return -1;
+    }
+    return high;
+}
+
 int fdtable_raise(int fd)
 {
-    int floor = raise_floor();
-    if (fd < 0 || fd >= floor)
+    if (fd < 0 || fd >= raise_floor())
         return fd;
-    int high = real_fcntl(fd, F_DUPFD_CLOEXEC, (void *)(intptr_t)floor);
+    int high = dup_above_floor(fd);
     if (high < 0)
         return fd;
-    if (!fdtable_in_lower_half(high) || high >= FDTABLE_MAX) {
-        real_close(high);
-        return fd;
-    }
     real_close(fd);
     return high;
 }
 
 int fdtable_dup_high(int fd)
 {
-    int high = real_fcntl(fd, F_DUPFD_CLOEXEC, (void *)(intptr_t)raise_floor());
-    if (high >= 0 && (!fdtable_in_lower_half(high) || high >= FDTABLE_MAX)) {
-        real_close(high);
-        high = -1;
-    }
+    int high = dup_above_floor(fd);
     return high >= 0 ? high : real_fcntl(fd, F_DUPFD_CLOEXEC, NULL);
 }
 

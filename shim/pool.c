@@ -144,9 +144,8 @@ static bool is_proven_locked(int up, const struct sockaddr *addr)
 static _Atomic int real_connects[RULES_MAX_UPSTREAMS];
 static _Atomic int64_t real_connect_last_us[RULES_MAX_UPSTREAMS];
 /* When a connect made for real last failed, or a Redis server connection was lost (0: a
- * connect succeeded since). Within
- * POOL_DOWN_MEMORY_MS of it, the connects that come while a probe runs connect for real
- * too, whatever the cap: an upstream that has just refused is likely down, and a connect
+ * connect succeeded since). Within POOL_DOWN_MEMORY_MS of it, the connects that come
+ * while a probe runs connect for real too, whatever the cap: an upstream that has just refused is likely down, and a connect
  * diverted then would succeed where direct it is refused, and close a moment later -
  * a client that reconnects (ioredis, every 200 ms) would never see a refusal, reset its
  * retry count each time, and never fail its commands. */

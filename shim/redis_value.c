@@ -105,8 +105,7 @@ unsigned char *redis_value_encode(const struct cache_entry *e, const char *key, 
     unsigned char *v = malloc(n);
     if (!v)
         return NULL;
-    memcpy(v, MAGIC, 4);
-    v[4] = secret.len ? VERSION_HMAC : VERSION_CHECKSUM;
+    redis_value_entry_prefix(secret, (char *)v);
     v[5] = marker ? 1 : 0;
     put_u(v + 6, (uint64_t)e->status, 2);
     put_u(v + 8, (uint64_t)e->stored_at_ms, 8);

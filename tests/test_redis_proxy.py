@@ -1521,7 +1521,7 @@ def test_a_value_over_the_frame_cap_comes_in_parts(redis, tmp_path, sockdir):
 QUIT_MID_PIPELINE = r"""
 import json, socket, sys
 sys.path.insert(0, sys.argv[2])
-from resp import command as cmd
+from resp import command as cmd, read_to_end
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
 blob = cmd("GET", "v") * 30000 + cmd("QUIT") + cmd("INCR", "after-quit") * 200000
 try:
@@ -1529,15 +1529,7 @@ try:
     sent = "all"
 except OSError as e:
     sent = type(e).__name__
-got = b""
-try:
-    while True:
-        d = s.recv(1 << 20)
-        if not d:
-            break
-        got += d
-except OSError:
-    pass
+got = read_to_end(s)
 print(json.dumps([sent, got.endswith(b"+OK\r\n") or sent != "all"]))
 """
 
@@ -1561,20 +1553,12 @@ def test_quit_inside_a_pipeline_written_whole_ends_it(redis, tmp_path, sockdir):
 HELD_ACROSS_A_RESTART = r"""
 import json, socket, sys, time
 sys.path.insert(0, sys.argv[2])
-from resp import command as cmd
+from resp import command as cmd, read_to_end
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
 s.sendall(b"".join(cmd("GET", "v") + cmd("INCR", "held") for _ in range(20000)))
 print(json.dumps(["written"]), flush=True)
 sys.stdin.readline()                   # the test kills and restarts Redis meanwhile
-data = b""
-try:
-    while True:
-        d = s.recv(1 << 20)
-        if not d:
-            break
-        data += d
-except OSError:
-    pass
+data = read_to_end(s)
 print(json.dumps([data.count(b"$-1\r\n")]), flush=True)
 """
 

@@ -52,6 +52,20 @@ def raw_replies(sock, n):
     return got.decode()
 
 
+def read_to_end(sock):
+    """Every byte until the connection ends (or fails: what came before it)."""
+    got = bytearray()
+    try:
+        while True:
+            d = sock.recv(1 << 20)
+            if not d:
+                break
+            got += d
+    except OSError:
+        pass
+    return bytes(got)
+
+
 def until_closed(sock):
     """What comes (4 KB at most) until the connection ends, then <closed>, or <open> when
     it stays quiet for the socket's timeout."""
