@@ -148,13 +148,16 @@ static void unlink_conn(struct rconn *c)
         }
 }
 
-static void lent_gauge(struct rconn *c, int delta)
+/* c counted as lent (its pin reason's gauge too), or no more. */
+static void count_lent(struct rconn *c, bool lent)
 {
-    int up = c->upstream;
+    int up = c->upstream, delta = lent ? 1 : -1;
     _Atomic uint64_t *g = c->pin_reason == RPOOL_PIN_MULTI ? &shim_stats[up].redis_pinned_multi
                         : c->pin_reason == RPOOL_PIN_WATCH ? &shim_stats[up].redis_pinned_watch
                                                            : &shim_stats[up].redis_pinned_blocking;
     atomic_fetch_add_explicit(g, (uint64_t)(int64_t)delta, memory_order_relaxed);
+    P.lent[up] += delta;
+    c->lent_counted = lent;
 }
 
 /* ---- the replies owed on a server connection, in order: whose each one is ---- */
@@ -244,10 +247,8 @@ static void conn_close(struct rconn *c, bool lost)
         if (t != lent)
             tell_lost(c, t);
     }
-    if (c->lent_counted) {
-        P.lent[c->upstream]--;
-        lent_gauge(c, -1);
-    }
+    if (c->lent_counted)
+        count_lent(c, false);
     if (c->shared)
         c->id->n_shared--;
     unlink_conn(c);
@@ -765,9 +766,7 @@ int rpool_lend(struct rpool_client *cl, struct rpool_ident *id, enum rpool_pin w
     c->named = name_len > 0;
     c->lent = cl;
     c->pin_reason = (int)why;
-    c->lent_counted = true;
-    P.lent[up]++;
-    lent_gauge(c, +1);
+    count_lent(c, true);
     cl->conn = c;
     cl->lent = true;
     cl->pin_reason = (int)why;
@@ -783,13 +782,13 @@ void rpool_give_back(struct rpool_client *cl, bool clean)
     if (!c || c->state == RC_DEAD)
         return;
     c->lent = NULL;
-    if (c->lent_counted) {
-        c->lent_counted = false;
-        P.lent[c->upstream]--;
-        lent_gauge(c, -1);
-    }
-    if (!clean || c->raw || c->fifo.count || c->retired || c->id->n_shared >= pool_max(c->upstream)) {
-        conn_close(c, false);          /* (state the shim cannot undo, its login refused now, or enough are shared) */
+    if (c->lent_counted)
+        count_lent(c, false);
+    /* (state the shim cannot undo, the app's end passed on (the server closes it), its
+     * login refused now, or enough are shared) */
+    if (!clean || c->raw || c->shut_when_sent || c->shut_sent || c->fifo.count || c->retired
+        || c->id->n_shared >= pool_max(c->upstream)) {
+        conn_close(c, false);
         return;
     }
     if (c->named) {
@@ -804,11 +803,8 @@ void rpool_give_back(struct rpool_client *cl, bool clean)
 int rpool_go_direct(struct rpool_client *cl, struct rpool_ident *id, const char *name, size_t name_len)
 {
     struct rconn *c = cl->lent ? cl->conn : NULL;
-    if (c && c->lent_counted) {        /* a lent one is its own now: no longer counted as lent */
-        c->lent_counted = false;
-        P.lent[c->upstream]--;
-        lent_gauge(c, -1);
-    }
+    if (c && c->lent_counted)          /* a lent one is its own now: no longer counted as lent */
+        count_lent(c, false);
     if (!c) {
         if (cl->inflight || !(c = conn_open(cl, id, name, name_len, true)))
             return -1;

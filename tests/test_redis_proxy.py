@@ -10,11 +10,12 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
 
-from conftest import BUILD, PYCLIENTS, SYS_PY, client_env, jlines, pyclient, require_build, run, write_rules
+from conftest import BUILD, PYCLIENTS, SYS_PY, client_env, jlines, pyclient, require_build, run, tcp_server, write_rules
 from resp import command, raw_replies
 from test_redis import redis, redis_servers  # noqa: F401 (fixtures)
 
@@ -772,6 +773,51 @@ def test_an_app_that_shuts_its_side_gets_its_replies_and_the_end(redis, tmp_path
              {"send": ["PING\r\nECHO hi\r\n"], "shut": True}]
     got = raw_as_direct(redis, tmp_path, sockdir, cases)
     assert all(g["eof"] for g in got) and got[0]["got"] == "+OK\r\n:2\r\n$1\r\n2\r\n", got
+
+
+def test_a_connection_lent_to_an_app_that_shut_its_side_is_never_shared(redis, tmp_path, sockdir):
+    """MULTI/INCR/EXEC, then shutdown(SHUT_WR): the server connection lent to the transaction
+    carries the app's end, so it is ending once EXEC's reply is in. Before, it was given back
+    to the shared pool all the same, and the next app connection's commands were written
+    to it after its end: that app saw its connection reset with no reply (a flake of the
+    test above, once in a hundred runs, where the server's close came late). Here the
+    server's close comes late every time: a relay between the shim and the real server
+    passes the shim's end on a second after it comes."""
+    def relay(conn):
+        srv = socket.create_connection(("127.0.0.1", int(redis.port)))
+
+        def back():
+            while True:
+                data = srv.recv(65536)
+                if not data:
+                    break
+                conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+        t = threading.Thread(target=back, daemon=True)
+        t.start()
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            srv.sendall(data)
+        time.sleep(1.0)                # (the end reaches the server late)
+        srv.shutdown(socket.SHUT_WR)
+        t.join(10)
+        srv.close()
+
+    c = cmd_text
+    cases = [{"send": [c("MULTI") + c("INCR", "lx") + c("EXEC")], "shut": True},
+             {"send": [c("SET", "ly", "1") + c("GET", "ly")], "expect": 11},
+             {"send": [c("CLIENT", "SETNAME", "n") + c("CLIENT", "GETNAME")], "expect": 10}]
+    with tcp_server(relay) as front:
+        conf = write_rules(tmp_path, [], raw="[global]\nstats_socket = %s/%%p.sock\n\n[upstream 127.0.0.1:%d]\n"
+                           "protocol = redis\n" % (sockdir, front.port), name="relay.conf")
+        r = run([SYS_PY, pyclient("redisraw.py"), "--port", str(front.port)], conf=conf,
+                input=json.dumps(cases).encode(), timeout=60)
+    assert r.rc == 0 and not r.timed_out, r.describe()
+    got = jlines(r.out)
+    assert got[0] == {"got": "+OK\r\n+QUEUED\r\n*1\r\n:1\r\n", "eof": True}, got
+    assert got[1]["got"] == "+OK\r\n$1\r\n1\r\n" and got[2]["got"] == "+OK\r\n$1\r\nn\r\n", got
 
 
 def test_framing_redis_accepts_is_answered_as_direct(redis, tmp_path, sockdir):
