@@ -712,7 +712,7 @@ bool cache_entry_not_modified(const struct cache_entry *e, const struct http_req
         if (!http_slice_ieq(req->headers[i].name, "if-none-match"))
             continue;
         has_inm = true;
-        if (etag.n && etag_listed(req->headers[i].value, etag))
+        if (etag_listed(req->headers[i].value, etag))   /* (* matches an entry without an ETag too) */
             return true;
     }
     if (has_inm || !lm.n)

@@ -217,10 +217,12 @@ def test_background_refresh_is_conditional(upstream, tmp_path):
 def test_client_conditional_get_answered_304(upstream, tmp_path):
     """A fresh entry with an ETag and a Last-Modified: If-None-Match naming it gets 304 from
     the cache (ETag, no body); another tag gets the 200; If-Modified-Since at or after the
-    Last-Modified gets 304; the upstream saw one request."""
+    Last-Modified gets 304; If-None-Match: * gets 304 for an entry without an ETag too (RFC
+    9110 13.1.2: any current representation); the upstream saw one request for each."""
     lm = "Tue, 01 Dec 2026 10:00:00 GMT"
     conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=10m")
     t = "/custom/cond?tag=cond&n=700&etag=abc&lm=" + lm.replace(" ", "%20").replace(",", "%2C")
+    t2 = "/custom/cond?tag=anystar&n=70"
     p = play(tmp_path, conf, [
         get(upstream, t),
         conn(rq(upstream, t, headers=['If-None-Match: "abc"'])),
@@ -228,8 +230,13 @@ def test_client_conditional_get_answered_304(upstream, tmp_path):
         conn(rq(upstream, t, headers=['If-None-Match: "other"'])),
         conn(rq(upstream, t, headers=["If-Modified-Since: " + lm])),
         conn(rq(upstream, t, headers=["If-Modified-Since: Mon, 30 Nov 2026 10:00:00 GMT"])),
+        get(upstream, t2),
+        conn(rq(upstream, t2, headers=["If-None-Match: *"])),
     ])
     assert_body(p, 0, 700)
+    r = p.resps[7]                     # (* is any current representation, with an ETag or not)
+    assert r["status"] == 304 and r["body_len"] == 0 and hdr(r, "ETag") is None, p.describe()
+    assert len(upstream_log(upstream, "anystar")) == 1
     for i in (1, 2, 4):
         r = p.resps[i]
         assert r["status"] == 304 and r["body_len"] == 0 and hdr(r, "ETag") == '"abc"', p.describe()
