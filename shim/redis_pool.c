@@ -575,7 +575,9 @@ static void on_io(struct loop_source *src, uint32_t ev)
                 continue;
             }
             if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
-                conn_close(c, !(n == 0 && c->shut_sent));   /* the server went away, or reset */
+                /* the server went away, or reset; not when it ends as asked: after the
+                 * app's end passed on, or a direct connection's own (QUIT, CLIENT KILL) */
+                conn_close(c, !(n == 0 && (c->shut_sent || c->raw)));
                 return;
             }
             break;

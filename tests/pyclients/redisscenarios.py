@@ -17,6 +17,9 @@
             {"gets_s": their wall time, "blpop_s": the block's, "blpop": its reply}
   acl       alice and bob (users the test made) AUTH on connections of their own, every
             command's ACL WHOAMI checked; SELECT 1 vs 0: {"wrong_user", "wrong_db", "calls"}
+  quits     T threads x N connections, each pipelining SELECT/SET/(CLIENT INFO, one in
+            five: its connection goes direct, or PING)/DBSIZE, then half of them QUIT:
+            {"calls", "short": connections that got fewer than their 4 replies}
   loop      a new connection per INCR for S seconds, each call's outcome as a line
             {"t": seconds, "r": "ok" | "refused" | "closed" | "error:..." | "timeout"}
 With --stats-socket, the process's own /stats follow as {"stats": ...}.
@@ -240,6 +243,36 @@ def acl(a):
             s.close()
         calls += 1
     return {"wrong_user": wrong_user, "wrong_db": wrong_db, "calls": calls}
+
+
+def quits(a):
+    short = [0]
+    lock = threading.Lock()
+
+    def worker(w):
+        for i in range(a.n):
+            S = conn(a.port)
+            own = ["CLIENT", "INFO"] if (w + i) % 5 == 0 else ["PING"]
+            try:
+                got = pipe(S, ["SELECT", str(i % 3)], ["SET", "q:%d:%d" % (w, i), "1"], own, ["DBSIZE"])
+                ok = len(got) == 4
+            except (OSError, EOFError, ConnectionError):
+                ok = False
+            if not ok:
+                with lock:
+                    short[0] += 1
+            if i % 2:
+                try:
+                    on(S, "QUIT")
+                except (OSError, EOFError, ConnectionError):
+                    pass
+            S[0].close()
+    ts = [threading.Thread(target=worker, args=(w,)) for w in range(a.threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return {"calls": a.threads * a.n, "short": short[0]}
 
 
 def loop(a):
