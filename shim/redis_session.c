@@ -615,6 +615,18 @@ static bool one_command(struct rsession *s, const struct resp_item *it)
     return true;
 }
 
+/* A stream that is not RESP: as Redis does, the replies owed first, then its protocol
+ * error in its words, then the end; what the app writes meanwhile is read and dropped. */
+static void refuse_input(struct rsession *s)
+{
+    if (s->client.inflight || s->unconfirmed || s->probing)
+        return;                        /* (again with the last reply) */
+    char scratch[64], line[96];
+    int k = snprintf(line, sizeof line, "-ERR %s\r\n", resp_stream_refusal(&s->cmds, scratch, sizeof scratch));
+    rs_answer_local(s, line, (size_t)k);
+    s->closing = true;
+}
+
 static void process(struct rsession *s)
 {
     for (int n = 0; n < 100000; n++) {
@@ -625,6 +637,10 @@ static void process(struct rsession *s)
         if (s->gone || s->client.raw || s->waiting_verdict || s->closing || s->client.inflight >= INFLIGHT_MAX
             || rs_replies_pile_up(s))
             return;
+        if (s->refused) {
+            refuse_input(s);
+            return;
+        }
         struct resp_item it = s->held;
         if (!s->has_held) {
             enum resp_next r = resp_stream_next(&s->cmds, &it);
@@ -639,8 +655,10 @@ static void process(struct rsession *s)
             }
             if (r != RESP_ITEM) {
                 STAT_INC(s->client.upstream, redis_malformed);
-                shim_debug("fd %d: redis: not a RESP command: closed, nothing of it sent", s->src.fd);
-                rs_close(s);
+                shim_debug("fd %d: redis: not a RESP command: nothing of it sent, closed once the replies owed "
+                           "are in", s->src.fd);
+                s->refused = true;
+                refuse_input(s);
                 return;
             }
         }
@@ -675,7 +693,7 @@ static void on_app(struct loop_source *src, uint32_t ev)
             bool direct = s->client.raw;
             if (direct && rpool_direct_full(&s->client))
                 break;
-            bool drop = !direct && s->closing;   /* (ending: read, and dropped; see rs_update) */
+            bool drop = !direct && (s->closing || s->refused);   /* (ending: read, and dropped; see rs_update) */
             if (!direct && !drop && resp_stream_pending(&s->cmds) + sizeof chunk > RESP_HOLD_MAX)
                 break;
             ssize_t n = recv(src->fd, chunk, sizeof chunk, MSG_DONTWAIT);

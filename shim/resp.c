@@ -12,6 +12,8 @@
  * is told apart, for the session to send direct. */
 #include "resp.h"
 #include <hiredis/hiredis.h>
+#include <limits.h>
+#include <stdio.h>
 #include <string.h>
 #include <strings.h>
 
@@ -294,8 +296,82 @@ static bool waits_on_a_long_bulk(const struct resp_stream *s)
     else if (s->reader->pos == 0 || p[-1] != '$')
         return false;
     const char *cr = memchr(p, '\r', n < 24 ? n : 24);
-    long long len;
-    return cr && header_number(p, (size_t)(cr - p), -1, 1LL << 62, &len) && len > (long long)s->max;
+    long long len;   /* (a CR not followed by LF ends no line for the reader: its error comes later, whole) */
+    return cr && cr + 1 < p + n && cr[1] == '\n' && header_number(p, (size_t)(cr - p), -1, 1LL << 62, &len)
+           && len > (long long)s->max;
+}
+
+/* An array header promising more arguments than a command the shim holds can have: such a
+ * command is larger than it frames (and goes direct, the server's limits judging it). */
+static bool more_args_than_held(const struct resp_stream *s)
+{
+    const char *p = s->reader->buf + s->reader->pos;
+    size_t n = unparsed(s);
+    const char *cr = n && p[0] == '*' ? memchr(p, '\r', n < 24 ? n : 24) : NULL;
+    long long v;
+    return cr && header_number(p + 1, (size_t)(cr - p) - 1, RESP_ARGS_MAX + 1LL, 1LL << 62, &v);
+}
+
+/* A length as Redis reads one (util.c's string2ll): no sign but a leading '-', no leading
+ * zero, no space, at most 20 characters. */
+static bool redis_number(const char *p, size_t n, long long *out)
+{
+    if (n == 0 || n > 20)
+        return false;
+    if (n == 1 && p[0] == '0') {
+        *out = 0;
+        return true;
+    }
+    bool neg = p[0] == '-';
+    size_t i = neg ? 1 : 0;
+    if (i == n || p[i] < '1' || p[i] > '9')
+        return false;
+    unsigned long long v = 0;
+    for (; i < n; i++) {
+        if (p[i] < '0' || p[i] > '9' || v > (ULLONG_MAX - 9) / 10)
+            return false;
+        v = v * 10 + (unsigned)(p[i] - '0');
+    }
+    if (v > (unsigned long long)LLONG_MAX)
+        return false;
+    *out = neg ? -(long long)v : (long long)v;
+    return true;
+}
+
+#define REDIS_INLINE_MAX   (64u << 10)           /* a header line Redis waits for */
+#define REDIS_BULK_MAX     (512LL << 20)         /* proto-max-bulk-len's default */
+
+const char *resp_stream_refusal(const struct resp_stream *s, char *scratch, size_t cap)
+{
+    const char *p = buf_head(&s->raw);
+    size_t n = buf_len(&s->raw), i = 0;
+    long long count = 0, len;
+    while (i < n && count <= 0) {      /* what Redis steps over: empty lines, empty arrays */
+        const char *cr = memchr(p + i, '\r', n - i);
+        if (p[i] == '\n' || (p[i] == '\r' && i + 1 < n && p[i + 1] == '\n')) {
+            i += p[i] == '\n' ? 1 : 2;
+            continue;
+        }
+        if (p[i] != '*' || !cr)
+            return !cr && n - i > REDIS_INLINE_MAX ? "Protocol error: too big mbulk count string" : "Protocol error";
+        if (!redis_number(p + i + 1, (size_t)(cr - p) - i - 1, &count) || count > INT_MAX)
+            return "Protocol error: invalid multibulk length";
+        i = (size_t)(cr - p) + 2;
+    }
+    for (; count > 0 && i < n; count--) {
+        const char *cr = memchr(p + i, '\r', n - i);
+        if (!cr)
+            return n - i > REDIS_INLINE_MAX ? "Protocol error: too big bulk count string" : "Protocol error";
+        if (p[i] != '$') {
+            char got = p[i] == '\n' || p[i] == '\r' ? ' ' : p[i];   /* (Redis writes no line break into an error) */
+            snprintf(scratch, cap, "Protocol error: expected '$', got '%c'", got);
+            return scratch;
+        }
+        if (!redis_number(p + i + 1, (size_t)(cr - p) - i - 1, &len) || len < 0 || len > REDIS_BULK_MAX)
+            return "Protocol error: invalid bulk length";
+        i = (size_t)(cr - p) + 2 + (size_t)len + 2;
+    }
+    return "Protocol error";
 }
 
 enum resp_next resp_stream_next(struct resp_stream *s, struct resp_item *it)
@@ -309,6 +385,8 @@ enum resp_next resp_stream_next(struct resp_stream *s, struct resp_item *it)
         enum resp_next at = skip_ignored(s);
         if (at != RESP_ITEM)
             return at == RESP_MORE && resp_stream_pending(s) >= s->max ? RESP_TOO_LARGE : at;
+        if (more_args_than_held(s))
+            return RESP_TOO_LARGE;
     }
     /* the reader keeps what it has parsed of an item across calls: its bytes are counted
      * from where the last whole item ended */

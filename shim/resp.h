@@ -61,6 +61,9 @@ void resp_stream_free(struct resp_stream *s);
 /* Adds bytes; -1 when they would hold more than the stream's max beyond the items found. */
 int resp_stream_feed(struct resp_stream *s, const char *p, size_t n);
 enum resp_next resp_stream_next(struct resp_stream *s, struct resp_item *it);
+/* Commands: after RESP_BAD, the error Redis itself answers to those bytes, in its words
+ * ("Protocol error: invalid bulk length"; scratch holds one that names a byte). */
+const char *resp_stream_refusal(const struct resp_stream *s, char *scratch, size_t cap);
 /* The item's bytes were used: they leave raw, and its arguments are freed. */
 void resp_item_done(struct resp_stream *s, struct resp_item *it);
 /* Bytes held that no whole item accounts for yet. */

@@ -570,9 +570,9 @@ def test_the_lent_cap_sends_the_rest_direct(redis, tmp_path, sockdir):
 
 
 def test_malformed_input_reaches_nothing(redis, tmp_path, sockdir):
-    """A command that is not an array of bulk strings: the app's connection is closed and
-    nothing of it reaches Redis; an inline command (PING typed at a terminal) is relayed
-    over a connection of its own."""
+    """A command that is not an array of bulk strings: nothing of it reaches Redis, the app
+    gets Redis's own protocol error and the end of its connection; an inline command (PING
+    typed at a terminal) is relayed over a connection of its own."""
     code = ("import socket, sys, json\n"
             "p = int(sys.argv[1])\n"
             "s = socket.create_connection(('127.0.0.1', p), timeout=10)\n"
@@ -583,9 +583,47 @@ def test_malformed_input_reaches_nothing(redis, tmp_path, sockdir):
             "print(json.dumps({'bad': d.decode(), 'inline': t.recv(100).decode()}))\n")
     before = redis.get_calls()
     r = run([SYS_PY, "-c", code, redis.port], conf=conf_for(tmp_path, redis, sockdir), timeout=60)
-    assert r.rc == 0 and jlines(r.out) == [{"bad": "", "inline": "+PONG\r\n"}], r.describe()
+    assert r.rc == 0 and jlines(r.out) == [{"bad": "-ERR Protocol error: expected '$', got ':'\r\n",
+                                            "inline": "+PONG\r\n"}], r.describe()
     after = redis.get_calls()
     assert after == before, "a malformed command reached Redis"
+
+
+def test_malformed_input_after_commands_gets_their_replies_then_the_error(redis, tmp_path, sockdir):
+    """Commands, then bytes that are not RESP, in one write: as direct, the replies of the
+    commands before (they ran), then Redis's protocol error in its words, then the end.
+    Before, the app got only the end, though its SET and INCR had run (an adversarial
+    pass). The shim reads lengths as Redis does: a sign, a leading zero or a space is an
+    error, never a command sent on (a shared connection the server would close)."""
+    c = cmd_text
+    ran = c("SET", "m0", "1") + c("INCR", "m0")
+    cases = [{"send": [ran + "*2\r\n$3\r\nGET\r\n$-5\r\n"], "expect": 60},
+             {"send": [c("MULTI") + c("INCR", "m0") + "*1\r\n:5\r\n"], "expect": 60},
+             {"send": ["*+1\r\n$4\r\nPING\r\n"], "expect": 40},
+             {"send": ["*01\r\n$4\r\nPING\r\n"], "expect": 40},
+             {"send": [c("PING") + "*1\r\n$04\r\nPING\r\n"], "expect": 40},
+             {"send": ["*1\r\n$4 \r\nPING\r\n"], "expect": 40},
+             {"send": ["*1\r\n+PING\r\n"], "expect": 40},
+             {"send": ["*1\r\n$99999999999\r\nx"], "expect": 40}]
+    got = raw_as_direct(redis, tmp_path, sockdir, cases)
+    assert got[0] == {"got": "+OK\r\n:2\r\n-ERR Protocol error: invalid bulk length\r\n", "eof": True}, got
+    assert got[1]["got"] == "+OK\r\n+QUEUED\r\n-ERR Protocol error: expected '$', got ':'\r\n", got
+    assert all(g["eof"] for g in got), got
+
+
+def test_a_command_with_more_arguments_than_the_shim_frames_goes_direct(redis, tmp_path, sockdir):
+    """SADD with 180 000 and 300 000 members (more arguments than a command of the 1 MiB
+    the shim frames can have): it goes direct, as any command larger than the shim frames,
+    and the server takes it. Before, it was taken for malformed and the app's connection
+    closed (an adversarial pass)."""
+    def sadd(key, n, width):
+        members = [str(i).zfill(width) if width > 1 else chr(97 + i % 26) for i in range(n)]
+        return "*%d\r\n$4\r\nSADD\r\n$%d\r\n%s\r\n" % (n + 2, len(key), key) + \
+            "".join("$%d\r\n%s\r\n" % (width, m) for m in members)
+    cases = [{"send": [sadd("s6", 180000, 6) + cmd_text("SCARD", "s6")], "expect": 18},
+             {"send": [sadd("s1", 300000, 1) + cmd_text("SCARD", "s1")], "expect": 4}]
+    got = raw_as_direct(redis, tmp_path, sockdir, cases)
+    assert got[0]["got"] == ":180000\r\n:180000\r\n" and got[1]["got"] == ":26\r\n:26\r\n", got
 
 
 def test_redis_killed_and_restarted(redis, tmp_path, sockdir):

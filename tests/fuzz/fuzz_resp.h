@@ -58,6 +58,11 @@ static inline void fuzz_resp_walk(bool commands, const char *p, size_t n, const 
         if (r == RESP_PART)            /* (a value over the max: its header, as it came, ends the walk) */
             FUZZ_CHECK(!commands && fuzz_inside(p, n, p + out->taken, it.raw_len)
                        && !memcmp(buf_head(&s.raw), p + out->taken, it.raw_len) && !it.last);
+        if (r == RESP_BAD && commands) {   /* what the app is answered: Redis's words, one line */
+            char scratch[64];
+            const char *why = resp_stream_refusal(&s, scratch, sizeof scratch);
+            FUZZ_CHECK(why && !strncmp(why, "Protocol error", 14) && !strpbrk(why, "\r\n"));
+        }
         if (r != RESP_MORE) {
             out->end = r;
             break;
