@@ -34,6 +34,7 @@ struct redis_node {
     int port;
     bool used;                          /* this slot of the table holds a server */
     bool usable;                        /* connected (and, behind Sentinel, ROLE said master) */
+    bool selecting;                     /* its SELECT not answered yet: nothing goes before it */
     int backoff_ms;
     int64_t next_attempt_ms;
     unsigned inflight;
@@ -287,6 +288,33 @@ static void on_login(redisAsyncContext *ac, void *reply, void *privdata)
     (void)privdata;
 }
 
+/* A database the server does not have (past its `databases`): refused, its SELECT would
+ * leave every command in database 0, someone else's keyspace; nothing was sent behind it
+ * (see nodes_for_key), and the connection goes, said once, the tier failing open. */
+static void on_select(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    static bool said;
+    const redisReply *r = reply;
+    struct redis_node *n = node_of(ac);
+    (void)privdata;
+    if (!n || !r)
+        return;
+    if (r->type != REDIS_REPLY_ERROR) {
+        n->selecting = false;
+        if (!sentinel())
+            became_usable(n);          /* (a reply: connected, on_connect has run) */
+        return;
+    }
+    count_error(n);
+    if (!said) {
+        said = true;
+        shim_log("redis %s:%d refused SELECT %d (%.80s): the shared tier fails open until it is fixed", n->host,
+                 n->port, N.cfg->redis_db, r->str ? r->str : "");
+    }
+    drop(n);
+    schedule_reconnect(n);
+}
+
 static void on_connect(const redisAsyncContext *ac, int status)
 {
     struct redis_node *n = node_of(ac);
@@ -305,8 +333,8 @@ static void on_connect(const redisAsyncContext *ac, int status)
         N.wake();
         return;
     }
-    if (!sentinel())
-        became_usable(n);               /* (behind Sentinel: once ROLE says master) */
+    if (!sentinel() && !n->selecting)
+        became_usable(n);               /* (behind Sentinel: once ROLE says master; else once SELECT is taken) */
 }
 
 static void on_disconnect(const redisAsyncContext *ac, int status)
@@ -369,8 +397,9 @@ static void connect_node(struct redis_node *n)
         redisAsyncCommand(n->ac, on_login, NULL, "AUTH %s %s", N.cfg->redis_user, N.cfg->redis_password);
     else if (N.cfg->redis_password[0])
         redisAsyncCommand(n->ac, on_login, NULL, "AUTH %s", N.cfg->redis_password);
-    if (N.cfg->redis_db && !cluster())
-        redisAsyncCommand(n->ac, NULL, NULL, "SELECT %d", N.cfg->redis_db);
+    n->selecting = N.cfg->redis_db && !cluster();
+    if (n->selecting)
+        redisAsyncCommand(n->ac, on_select, NULL, "SELECT %d", N.cfg->redis_db);
     if (sentinel())
         nodes_command(n, on_role, NULL, "ROLE");   /* the master the sentinels named, still? */
 }
@@ -443,7 +472,7 @@ struct redis_node *nodes_for_key(const char *key, size_t n, unsigned commands, b
     } else {
         node = &N.nodes[0];
     }
-    if (!node->used || !node->ac || (!node->usable && !(while_connecting && !sentinel()))
+    if (!node->used || !node->ac || node->selecting || (!node->usable && !(while_connecting && !sentinel()))
         || node->inflight + commands > INFLIGHT_MAX)
         return NULL;
     return node;

@@ -690,11 +690,13 @@ def test_a_version_3_entry_is_another_versions(upstream, redis, sockdir, tmp_pat
 
 
 # ================================================================== 6. Redis unreachable
-@pytest.mark.parametrize("case", ["refused", "frozen", "wrong-password"])
+@pytest.mark.parametrize("case", ["refused", "frozen", "wrong-password", "no-such-database"])
 def test_redis_unavailable_at_start(case, upstream, redis_servers, sockdir, tmp_path,
                                    clients):
     """Nothing listens on the configured port, or Redis is frozen (SIGSTOP: the TCP
-    connect succeeds, nothing answers), or it refuses the credentials: requests succeed
+    connect succeeds, nothing answers), or it refuses the credentials, or the database
+    (99 of 16: before, its SELECT's error was ignored and every lookup, lock and write ran
+    in database 0, someone else's keyspace): requests succeed
     through the upstream within the latency bound, and the memory tier still works within
     the process. When Redis comes up (or is thawed) later, the process connects (backoff
     capped at 2 s) and writes new entries to it."""
@@ -706,6 +708,9 @@ def test_redis_unavailable_at_start(case, upstream, redis_servers, sockdir, tmp_
         srv = redis_servers()
         srv.freeze()
         url = redis_url(srv)
+    elif case == "no-such-database":
+        srv = redis_servers()
+        url = redis_url(srv, 99)
     else:
         srv = redis_servers(password="right-one")
         url = "redis://:wrong-one@127.0.0.1:%d/0" % srv.port
@@ -720,12 +725,12 @@ def test_redis_unavailable_at_start(case, upstream, redis_servers, sockdir, tmp_
         "the memory tier must still serve repeats: " + log_desc(upstream)
     st = p.redis()
     assert st["hits"] == 0, st
-    if case == "wrong-password":
-        assert srv.scan("*") == [], "nothing can be written without the password"
+    if case in ("wrong-password", "no-such-database"):
+        assert srv.scan("*") == [], "nothing can be written without the password, or in database 0"
         assert st["connected"] == 0 or st["errors"] >= 1, \
-            "a refused AUTH must show in the stats (connected 0 or errors): %s" % st
-        said = p.describe().count("refused the login")
-        assert said == 1, "a refused login is said once on stderr: " + p.describe()
+            "a refused AUTH or SELECT must show in the stats (connected 0 or errors): %s" % st
+        said = p.describe().count("refused the login" if case == "wrong-password" else "refused SELECT 99")
+        assert said == 1, "a refused login or database is said once on stderr: " + p.describe()
         return
     if case == "refused":
         assert st["connected"] == 0 and st["sets"] == 0, st
