@@ -7,6 +7,7 @@
 #include "log.h"
 #include "loop.h"
 #include "real.h"
+#include <errno.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -135,11 +136,19 @@ static struct curl_sock *sock_unpark(int fd)
  * sends after the shutdown resets it) and opens another. At most 256 KiB is read: past
  * that the socket still refuses the next send, and libcurl sends the request again on a
  * new connection, as for any reused connection that died. */
+/* An idle connection spoke: the upstream ended it (or reset it), or sent bytes no request
+ * asked for (shut here). Either way it is no live connection any more: libcurl finds out
+ * only when it next tries it, and the pool must not count it meanwhile (an app's connect
+ * to an upstream that died is then made for real, and refused as direct). */
 static void disown_unasked_bytes(int fd)
 {
     char scrap[16384];
-    if (recv(fd, scrap, 1, MSG_PEEK | MSG_DONTWAIT) != 1)
-        return;                        /* ended, or nothing after all: libcurl sees to it */
+    ssize_t n = recv(fd, scrap, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return;                        /* nothing after all */
+    fdtable_note_peer_gone(fd);
+    if (n != 1)
+        return;                        /* ended: libcurl closes it when it next looks */
     shim_debug("an idle upstream connection (fd %d) sent bytes no request asked for: shut", fd);
     real_shutdown(fd, SHUT_RDWR);
     for (int i = 0; i < 16 && recv(fd, scrap, sizeof scrap, MSG_DONTWAIT) > 0; i++)

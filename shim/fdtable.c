@@ -9,6 +9,7 @@
 #include "fdtable.h"
 #include "clock.h"
 #include "real.h"
+#include "stats.h"
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
@@ -121,9 +122,18 @@ void fdtable_clear(int fd)
         atomic_store(&e->n_epoll, 0);
         atomic_store(&e->connected_already, 0);
     }
+    if (e && atomic_load_explicit(&e->peer_gone, memory_order_relaxed) && atomic_exchange(&e->peer_gone, 0))
+        STAT_DEC(e->upstream, pool_gone);
     /* (a write the closed connection's end would have taken is not the next file's) */
     if (e && atomic_load_explicit(&e->takes_one_more_write, memory_order_relaxed))
         atomic_store(&e->takes_one_more_write, 0);
+}
+
+void fdtable_note_peer_gone(int fd)
+{
+    struct fd_entry *e = fdtable_slot(fd);
+    if (e && atomic_load(&e->kind) == FD_ENGINE && e->upstream >= 0 && !atomic_exchange(&e->peer_gone, 1))
+        STAT_INC(e->upstream, pool_gone);
 }
 
 bool fdtable_is_engine(int fd)

@@ -45,6 +45,7 @@ struct fd_entry {
     int probe_file_flags;              /* FD_PROBING: the app's file flags at connect */
     bool probe_held;                   /* FD_PROBING: it holds the upstream's transfers (pool.c) */
     _Atomic int connected_already;     /* FD_ENGINE: an adopted connection libcurl will connect() */
+    _Atomic int peer_gone;             /* FD_ENGINE: idle, and ended by the upstream (counted in pool_gone) */
     /* FD_DIVERTED, never heard by the engine: fd + 1 of a second reference to the app's end
      * of the socketpair (engine-marked), or 0. With it the app's close is not the last one:
      * the socket's teardown is the engine's, off the app's thread (hooks.c) */
@@ -166,6 +167,9 @@ void fdtable_divert_end(struct fd_entry *e);
 bool fdtable_close_begin(struct fd_entry *e);
 void fdtable_close_end(struct fd_entry *e);
 void fdtable_copy(int from, int to);   /* dup bookkeeping */
+/* An idle pooled connection (an engine fd) the upstream ended: counted out of the live
+ * ones until it is closed (fdtable_clear). */
+void fdtable_note_peer_gone(int fd);
 bool fdtable_is_engine(int fd);
 /* fd is below half the process's fd limit: the fds the shim holds beside the app's stay
  * there, so the app never runs short of fds on the shim's account. */

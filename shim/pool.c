@@ -126,7 +126,8 @@ void pool_watch_probe(int up, int probe_fd)
 
 static bool has_pooled_connection(int up)
 {
-    return atomic_load_explicit(&shim_stats[up].pool_open, memory_order_relaxed) != 0
+    return atomic_load_explicit(&shim_stats[up].pool_open, memory_order_relaxed)
+               > atomic_load_explicit(&shim_stats[up].pool_gone, memory_order_relaxed)
            || atomic_load(&offered_count[up]) > 0;
 }
 

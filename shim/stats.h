@@ -42,6 +42,9 @@ struct upstream_stats {
     /* gauges: adjusted up and down (unsigned wrap-around arithmetic) */
     _Atomic uint64_t memory_entries, memory_bytes;
     _Atomic uint64_t pool_open, in_flight, in_flight_connected, queue_waiting;
+    /* of pool_open, idle connections the upstream has ended that libcurl has not closed
+     * yet (it finds out only when it next tries one): not live (pool.c). Not shown. */
+    _Atomic uint64_t pool_gone;
     /* the pool queue: requests that had to wait for a connection, and those given up on */
     _Atomic uint64_t queue_waits, queue_timeouts;
     /* the app's connects that failed while the pool was cold, by errno */

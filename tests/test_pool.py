@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from conftest import (BUILD, PRELOAD, PYCLIENTS, SANITIZER_SKIP, SYS_PY, jlines, kill_group, pyclient, require_build,
-                      run, strace_calls, tcp_server, wait_until, write_rules)
+from conftest import (BUILD, PRELOAD, PYCLIENTS, SANITIZER_SKIP, SYS_PY, TESTS, free_port, jlines, kill_group, pyclient,
+                      require_build, run, strace_calls, tcp_server, wait_until, write_rules)
 
 POOLCLIENT = pyclient("poolclient.py")
 CLOSERACE = BUILD / "closerace"
@@ -424,6 +424,46 @@ def test_an_upstream_closing_an_idle_pooled_connection_is_heard(tmp_path, sockdi
         assert [x["body"] for x in got] == ["/x0", "/x1", "/x2", "/x3"], got
         assert all(x["idle_cpu_ticks"] is not None and x["idle_cpu_ticks"] <= 15 for x in got), got
         assert (srv.connections, len(requests)) == (4, 4), (srv.connections, requests)
+
+
+DEAD_UPSTREAM_CLIENT = r"""
+import json, os, signal, socket, sys, time
+port, pid = int(sys.argv[1]), int(sys.argv[2])
+s = socket.create_connection(("127.0.0.1", port))
+s.sendall(b"GET /bytes/10 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+first = s.recv(1000)[:12].decode()
+s.close()                      # (its connection stays in the pool, idle)
+os.kill(pid, signal.SIGKILL)   # the upstream dies: the kernel ends its connections
+time.sleep(0.5)
+try:
+    socket.create_connection(("127.0.0.1", port), timeout=5)
+    after = "connected"
+except OSError as e:
+    after = e.__class__.__name__
+print(json.dumps({"first": first, "after": after}))
+"""
+
+
+def test_a_connect_to_an_upstream_that_died_is_refused_as_direct(tmp_path, sockdir):
+    """An upstream that died after a request: its end of the idle pooled connection came,
+    and the next connect is refused as direct (ECONNREFUSED), not answered from a pool whose
+    only connection is dead. Before, the connect succeeded and the request then got an end
+    of file, however long after the death (found by an adversarial pass: 20 s)."""
+    port = free_port()
+    conf = write_rules(tmp_path, [], raw="[global]\ncache = off\nstats_socket = %s/%%p.sock\n\n"
+                       "[upstream 127.0.0.1:%d]\n" % (sockdir, port))
+    up = subprocess.Popen([SYS_PY, str(TESTS / "upstream.py"), "--port", str(port), "--port-file",
+                           str(tmp_path / "pf"), "--control-port-file", str(tmp_path / "cf")])
+    try:
+        wait_until(lambda: (tmp_path / "pf").exists() and socket.create_connection(("127.0.0.1", port)).close() is None,
+                   10, "the upstream listening")
+        r = run([SYS_PY, "-c", DEAD_UPSTREAM_CLIENT, str(port), str(up.pid)], conf=conf, timeout=60)
+        assert r.rc == 0, r.describe()
+        assert jlines(r.out)[0] == {"first": "HTTP/1.1 200", "after": "ConnectionRefusedError"}, r.describe()
+    finally:
+        if up.poll() is None:
+            up.kill()
+        up.wait()
 
 
 HELD_PROBE_CLIENT = r"""
