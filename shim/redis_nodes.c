@@ -2,8 +2,9 @@
  * go to and whether it may be asked now. One server (redis://), the master the sentinels
  * name (redis-sentinel://, checked with ROLE before use and dropped on READONLY or
  * MASTERDOWN), or a cluster's masters (redis-cluster://: the slot map from CLUSTER SLOTS,
- * one connection per master, MOVED followed and the map refreshed, ASK handed back to the
- * caller for one retry). Each connection: AUTH and SELECT as configured, commands in
+ * a master named there with no host being on the host of the node asked, one connection
+ * per master, MOVED followed and the map refreshed, ASK handed back to the caller for one
+ * retry). Each connection: AUTH and SELECT as configured, commands in
  * flight counted and bounded, dropped when it stops answering, reconnected with backoff.
  * Engine thread only (the `connected` count in shim_redis is read by the exit handler). */
 #include "redis_nodes.h"
@@ -174,6 +175,17 @@ static void drop(struct redis_node *n)
 
 static void ask_map(void);
 
+/* The node a slot map or a redirect names, on the host of the node that said it (`from`)
+ * when the name has no host: Redis gives an empty host for a node that does not know its
+ * own address (one that never met another: a one-node cluster), null in newer versions,
+ * and the client is to use the address it reached that node at. */
+static struct redis_node *node_said(const struct redis_node *from, const char *host, size_t host_len, int port)
+{
+    if (host && host_len)
+        return node_named(host, host_len, port);
+    return from ? node_named(from->host, strlen(from->host), port) : NULL;
+}
+
 static void on_slots(redisAsyncContext *ac, void *reply, void *privdata)
 {
     const redisReply *r = reply;
@@ -187,19 +199,24 @@ static void on_slots(redisAsyncContext *ac, void *reply, void *privdata)
         N.wake();
         return;
     }
+    const struct redis_node *asked = node_of(ac);
     unsigned char map[REDIS_SLOTS];
     memset(map, 0, sizeof map);
     for (size_t i = 0; i < r->elements; i++) {
         const redisReply *range = r->element[i];
         if (range->type != REDIS_REPLY_ARRAY || range->elements < 3 || range->element[0]->type != REDIS_REPLY_INTEGER
             || range->element[1]->type != REDIS_REPLY_INTEGER || range->element[2]->type != REDIS_REPLY_ARRAY
-            || range->element[2]->elements < 2 || range->element[2]->element[0]->type != REDIS_REPLY_STRING
+            || range->element[2]->elements < 2
+            || (range->element[2]->element[0]->type != REDIS_REPLY_STRING
+                && range->element[2]->element[0]->type != REDIS_REPLY_NIL)
             || range->element[2]->element[1]->type != REDIS_REPLY_INTEGER)
             continue;
         long long lo = range->element[0]->integer, hi = range->element[1]->integer;
         const redisReply *master = range->element[2];
-        struct redis_node *n = node_named(master->element[0]->str, (size_t)master->element[0]->len,
-                                          (int)master->element[1]->integer);
+        bool named = master->element[0]->type == REDIS_REPLY_STRING;
+        struct redis_node *n = node_said(asked, named ? master->element[0]->str : NULL,
+                                         named ? (size_t)master->element[0]->len : 0,
+                                         (int)master->element[1]->integer);
         if (!n || lo < 0 || hi >= REDIS_SLOTS || lo > hi)
             continue;
         for (long long s = lo; s <= hi; s++)
@@ -515,8 +532,9 @@ void nodes_replied(const redisAsyncContext *ac, size_t bytes)
     n->last_progress_ms = clock_mono_ms();
 }
 
-/* "MOVED 3999 127.0.0.1:6381" / "ASK 3999 127.0.0.1:6381": the node named. */
-static struct redis_node *redirected(const char *text, unsigned *slot)
+/* "MOVED 3999 127.0.0.1:6381" / "ASK 3999 127.0.0.1:6381": the node named ("MOVED 3999
+ * :6381", no host: on the host of `from`, the node that said it). */
+static struct redis_node *redirected(const struct redis_node *from, const char *text, unsigned *slot)
 {
     const char *sp = strchr(text, ' ');
     const char *addr = sp ? strchr(sp + 1, ' ') : NULL;
@@ -527,7 +545,7 @@ static struct redis_node *redirected(const char *text, unsigned *slot)
     int port = atoi(colon + 1);
     if (*slot >= REDIS_SLOTS)
         return NULL;
-    return node_named(addr + 1, (size_t)(colon - addr - 1), port);
+    return node_said(from, addr + 1, (size_t)(colon - addr - 1), port);
 }
 
 struct redis_node *nodes_error(redisAsyncContext *ac, const redisReply *r, bool *ask)
@@ -554,7 +572,7 @@ struct redis_node *nodes_error(redisAsyncContext *ac, const redisReply *r, bool 
     if (!moved && strncmp(r->str, "ASK ", 4))
         return NULL;
     unsigned slot;
-    struct redis_node *to = redirected(r->str, &slot);
+    struct redis_node *to = redirected(node_of(ac), r->str, &slot);
     atomic_fetch_add(&shim_redis.redirects, 1);
     if (!to)
         return NULL;

@@ -19,6 +19,7 @@ from test_stats import App, apps, get_stats  # noqa: F401 (apps: a fixture)
 from test_redis import REDIS_TIMEOUT_S
 
 HTTPSHIM = __import__("conftest").BUILD / "httpshim"
+REDIS_SLOTS = 16384
 
 
 def wait(cond, timeout, what):
@@ -46,11 +47,11 @@ def cluster_port():
 
 
 class Cluster(object):
-    """Three masters, no replicas, all 16384 slots covered."""
+    """Three masters (or `masters` of them), no replicas, all 16384 slots covered."""
 
-    def __init__(self, tmp):
+    def __init__(self, tmp, masters=3):
         tmp.mkdir(parents=True, exist_ok=True)
-        self.ports = [cluster_port() for _ in range(3)]
+        self.ports = [cluster_port() for _ in range(masters)]
         self.procs = {}
         for p in self.ports:
             d = tmp / str(p)
@@ -66,11 +67,19 @@ class Cluster(object):
                 cwd=str(d), stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log)
         for p in self.ports:
             wait(lambda p=p: Resp(port=p).cmd("PING") == "PONG", 15, "node %d" % p)
+        if masters == 1:
+            # redis-cli --cluster create wants three masters: the one node takes every slot
+            # itself, and never meets another node, so it never learns its own address
+            Resp(port=self.ports[0]).cmd("CLUSTER", "ADDSLOTSRANGE", "0", str(REDIS_SLOTS - 1))
+        else:
+            self.create()
+        for p in self.ports:
+            wait(lambda p=p: b"cluster_state:ok" in Resp(port=p).cmd("CLUSTER", "INFO"), 20, "node %d ok" % p)
+
+    def create(self):
         r = subprocess.run(["redis-cli", "--cluster", "create"] + ["127.0.0.1:%d" % p for p in self.ports]
                            + ["--cluster-yes"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
         assert r.returncode == 0, r.stdout.decode(errors="replace")[-2000:]
-        for p in self.ports:
-            wait(lambda p=p: b"cluster_state:ok" in Resp(port=p).cmd("CLUSTER", "INFO"), 20, "node %d ok" % p)
 
     def url(self):
         return "redis-cluster://127.0.0.1:%d,127.0.0.1:%d" % (self.ports[0], self.ports[1])
@@ -93,12 +102,24 @@ class Cluster(object):
             self.kill(p)
 
 
-@pytest.fixture
-def cluster(tmp_path):
+def require_redis():
     import shutil
     if not shutil.which("redis-server") or not shutil.which("redis-cli"):
         pytest.fail("redis-server / redis-cli are not installed (tools/install-deps installs them)", pytrace=False)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    require_redis()
     c = Cluster(tmp_path / "cluster")
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def one_node_cluster(tmp_path):
+    require_redis()
+    c = Cluster(tmp_path / "cluster", masters=1)
     yield c
     c.stop()
 
@@ -244,3 +265,32 @@ def test_deletes_owed_to_a_master_that_is_gone_wait_safely(cluster, upstream, tm
         pair.a.get(upstream.port, p, length=int(p.rsplit("/", 1)[1]))
     r = get_stats(pair.a.sock)["redis"]
     assert r["deletes"] >= 1, r
+
+
+def test_a_one_node_cluster_is_used(one_node_cluster, upstream, tmp_path, sockdir, apps):
+    """A cluster of one node names itself in CLUSTER SLOTS with an empty host (it never met
+    another node, so it does not know its own address; newer Redis may say null): the
+    client is to use the address it asked. Before, the slot map named a master with no host,
+    so no key had a node: the tier was never used (each process went upstream, nothing was
+    written) and `httpshim check --connect` tried to reach ":PORT"."""
+    c = one_node_cluster
+    port = c.ports[0]
+    slots = Resp(port=port).cmd("CLUSTER", "SLOTS")
+    assert slots and slots[0][2][0] in (b"", None), slots        # what this test is about
+    conf = conf_for(tmp_path, sockdir, "redis-cluster://127.0.0.1:%d" % port, upstream)
+    a, b = apps(conf, sockdir), apps(conf, sockdir)
+    for app in (a, b):
+        app.get(upstream.port, "/bytes/900", length=900)     # the engine starts
+        wait(lambda app=app: get_stats(app.sock)["redis"]["connected"] == 1, 20, "the one master connected")
+    path = "/bytes/1234"
+    a.get(upstream.port, path, length=1234)
+    wait(lambda: c.keys(port) >= 1, 10, "an entry written to the node")
+    b.get(upstream.port, path, length=1234)
+    fetched = sum(1 for e in upstream.stats()["log"] if e.get("target") == path)
+    assert fetched == 1, "the upstream saw %s %d times" % (path, fetched)
+    r = get_stats(b.sock)["redis"]
+    assert r["mode"] == "cluster" and r["hits"] >= 1 and ("127.0.0.1:%d" % port) in r["master"], r
+    require_build(HTTPSHIM)
+    chk = run([HTTPSHIM, "check", "--connect", conf], shim=False, timeout=30)
+    assert chk.rc == 0 and (b"on master 127.0.0.1:%d" % port) in chk.out \
+        and (b"redis 127.0.0.1:%d: reached" % port) in chk.out, chk.describe()

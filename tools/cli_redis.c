@@ -140,9 +140,16 @@ static int cluster_masters(const struct shim_config *cfg, FILE *report, redisCon
         for (size_t k = 0; k < r->elements && n < max && n < 64; k++) {
             const redisReply *range = r->element[k];
             if (range->type != REDIS_REPLY_ARRAY || range->elements < 3 || range->element[2]->type != REDIS_REPLY_ARRAY
-                || range->element[2]->elements < 2 || range->element[2]->element[0]->type != REDIS_REPLY_STRING)
+                || range->element[2]->elements < 2
+                || (range->element[2]->element[0]->type != REDIS_REPLY_STRING
+                    && range->element[2]->element[0]->type != REDIS_REPLY_NIL))
                 continue;
-            const char *host = range->element[2]->element[0]->str;
+            /* an empty host (a node that does not know its own address: a one-node cluster),
+             * or null in newer Redis, means the address the map was asked at: the seed's */
+            const char *host = range->element[2]->element[0]->type == REDIS_REPLY_STRING
+                                       && range->element[2]->element[0]->str[0]
+                                   ? range->element[2]->element[0]->str
+                                   : seed->host;
             int port = (int)range->element[2]->element[1]->integer;
             char name[280];
             snprintf(name, sizeof name, "%s:%d", host, port);
