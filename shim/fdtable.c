@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/select.h>
 #include <sys/stat.h>
 
 struct fd_entry *fdtable_base;
@@ -403,10 +404,15 @@ bool fdtable_fd_pressure(void)
 
 /* Long-lived fds of the engine's are moved up to this number (a quarter of the fd limit,
  * 256 at most): the small numbers are the app's to choose for a dup2 (a shell's
- * `exec 4>file`), and the app's own socket() calls take the lowest free ones anyway. */
+ * `exec 4>file`), and the app's own socket() calls take the lowest free ones anyway.
+ * Where the limit leaves room, above FD_SETSIZE: an app with hundreds of files open that
+ * waits with select() must get the numbers under 1024 it gets direct, not ones the
+ * engine's pushed past what select() can watch (glibc aborts on those). */
 static int raise_floor(void)
 {
-    int quarter = process_fd_limit() / 4;
+    int limit = process_fd_limit(), quarter = limit / 4;
+    if (limit >= 4 * FD_SETSIZE)
+        return FD_SETSIZE;
     return quarter < 256 ? quarter : 256;
 }
 

@@ -1218,6 +1218,39 @@ def test_the_app_gets_the_fd_numbers_it_would_direct(upstream, rules):
     assert d.rc == 0 and r.rc == 0 and r.out == d.out, (d.describe(), r.describe())
 
 
+SELECT_FDS = """
+import json, os, select, socket, sys
+port = int(sys.argv[1])
+for _ in range(990):
+    os.open("/dev/null", os.O_RDONLY)   # a server with many files open that waits with select()
+got, keep = [], []
+for i in range(4):
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"GET /bytes/10?sel=%d HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n" % i)
+    r, _, _ = select.select([s], [], [], 10)   # ValueError past 1023
+    got.append([s.fileno(), len(r)])
+    s.recv(65536)
+    keep.append(s)
+print(json.dumps(got))
+"""
+
+
+def test_an_app_that_waits_with_select_gets_the_fd_numbers_it_would_direct(upstream, rules):
+    """An app with 990 files open (fd limit 8192) opens kept-alive connections and waits on
+    each with select(): the same fd numbers as direct, all under 1024. The engine's own fds
+    (the socketpairs it makes ahead, the app's TCP socket it keeps, libcurl's) were raised
+    only to 256 and took the numbers just above the app's: its second connection got fd
+    1068, and a C app's FD_SET aborted (found by an adversarial pass)."""
+    import resource
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 8192:
+        pytest.skip("the hard fd limit is under 8192")
+    cmd = ["sh", "-c", 'ulimit -n 8192 && exec "$0" "$@"', SYS_PY, "-c", SELECT_FDS, upstream.port]
+    d = run(cmd, shim=False)
+    r = run(cmd, conf=rules)
+    assert d.rc == 0 and r.rc == 0 and r.out == d.out, (d.describe(), r.describe())
+    assert all(fd < 1024 and ready == 1 for fd, ready in jlines(r.out)[0]), r.describe()
+
+
 RESEND_PROBE = """
 import http.client, json, sys
 c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
