@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -432,3 +433,52 @@ def test_one_address_written_two_ways_is_one_upstream(tmp_path, cli):
     conf = write_rules(tmp_path, [], name="v6.conf", raw="[upstream [::1]:26001]\n\n[upstream [0:0::1]:26001]\n")
     r = run([cli, "check", conf], shim=False, timeout=20)
     assert r.rc == 1 and b":3: upstream [0:0::1]:26001 is already defined at line 1" in r.out + r.err, r.describe()
+
+
+def test_stopped_processes_cost_one_timeout_together_and_are_named(upstream, sockdir, tmp_path, apps, cli):
+    """4 processes stopped with SIGSTOP beside 1 running: `httpshim stats` and `purge` ask
+    every socket at once under one deadline (3 s), so they take about one timeout, not one
+    each (before: 3 s per stopped process, one after another: 12 s here, 5 min for 100).
+    The running one is in the table; the stopped ones are named on stderr as not answering.
+    `purge` says its request was left with them, unanswered (it runs when they resume),
+    instead of counting them as 0 processes purged with nothing said."""
+    conf = stats_conf(tmp_path, sockdir, [(upstream, ["GET /bytes/* ttl=10m"])])
+    running = apps(conf, sockdir)
+    stopped = [apps(conf, sockdir) for _ in range(4)]
+    for a in [running] + stopped:
+        a.get(upstream.port, "/bytes/10")
+        wait_socket(a.sock)
+    try:
+        for a in stopped:
+            os.kill(a.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        r = run([cli, "stats", "-c", conf], shim=False, timeout=60)
+        took = time.monotonic() - t0
+        assert r.rc == 0, r.describe()
+        assert took < 6, "stats took %.1f s with 4 stopped processes (one 3 s timeout each?)" % took
+        rows = [ln.split()[0] for ln in r.out.decode().splitlines() if ln.split()]
+        assert str(running.pid) in rows and "1 live process" in r.out.decode(), r.describe()
+        err = r.err.decode()
+        assert "4 processes did not answer" in err, r.describe()
+        for a in stopped:
+            assert str(a.pid) not in rows and str(a.pid) in err, r.describe()
+
+        t0 = time.monotonic()
+        r = run([cli, "purge", "-c", conf], shim=False, timeout=60)
+        took = time.monotonic() - t0
+        assert r.rc == 0, r.describe()
+        assert took < 6, "purge took %.1f s with 4 stopped processes" % took
+        assert "purged 1 entries in 1 processes" in r.out.decode(), r.describe()
+        err = r.err.decode()
+        assert "4 processes did not answer" in err and "when they run again" in err, r.describe()
+        for a in stopped:
+            assert str(a.pid) in err, r.describe()
+    finally:
+        for a in stopped:
+            os.kill(a.pid, signal.SIGCONT)
+    # what the report said: the purge was queued with them, and applies once they run
+    for a in stopped:
+        deadline = time.time() + 20
+        while time.time() < deadline and get_stats(a.sock)["upstreams"][label(upstream)]["memory_entries"]:
+            time.sleep(0.1)
+        assert get_stats(a.sock)["upstreams"][label(upstream)]["memory_entries"] == 0, a.pid

@@ -22,8 +22,24 @@ extern unsigned view_uid;              /* whose processes: ours, or --user's */
 const char *conf_path(const char *opt);
 /* The live processes' sockets matching the rules' stats_socket pattern. */
 int find_processes(const char *pattern, struct proc *procs, int max);
-/* One HTTP request to a process's stats socket: the body (malloc'ed), or NULL. */
-char *ask(const struct proc *p, const char *method, const char *target, size_t *len);
+/* How long asking the processes may take, all of them together: a stopped process (its
+ * socket accepts into the backlog, then nothing) costs this once, however many there are. */
+#define ASK_DEADLINE_MS 3000
+/* What asking one process came to. */
+enum ask_outcome {
+    ASK_ANSWERED,                      /* a 200: body holds it */
+    ASK_SILENT,                        /* the request was sent, no answer by the deadline: stopped or busy */
+    ASK_UNREACHED,                     /* not connected (refused, backlog full, not asked by the deadline) */
+    ASK_FAILED                         /* another status, too large an answer, a broken connection */
+};
+struct answer { char *body; size_t len; enum ask_outcome outcome; };
+/* One HTTP request to each of n processes' stats sockets, all in flight at once under one
+ * overall deadline; out[i] is procs[i]'s (bodies malloc'ed, the caller frees them). */
+void ask_all(const struct proc *procs, int n, const char *method, const char *target, struct answer *out);
+/* The pids of the processes whose outcome is in `what` (a mask of 1u << outcome), as
+ * " 1 2 3" into buf (as many as fit, then "..."); how many there are. */
+#define ASK_NO_ANSWER ((1u << ASK_SILENT) | (1u << ASK_UNREACHED))
+int pids_with(const struct proc *procs, const struct answer *answers, int n, unsigned what, char *buf, size_t size);
 json_t *parse_answer(const char *text, size_t len);
 double num(const json_t *obj, const char *key);
 /* Adds src's numbers into dst (histogram buckets too), recursively. */

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -104,37 +105,153 @@ static size_t collect(char *p, size_t size, size_t nmemb, void *ud)
     return n;
 }
 
-/* One request to one process's socket; NULL when it does not answer (it may have
- * just exited; the socket of a process that is gone is removed). */
-char *ask(const struct proc *p, const char *method, const char *target, size_t *len)
+static long long mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* How many sockets may be open at once: every process's, when the fd limit allows (the
+ * soft limit raised towards the hard one), else as many as fit with room to spare. */
+static int in_flight_max(int n)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return 16;
+    if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < (rlim_t)MAX_PROCS + 64
+        && (rl.rlim_max == RLIM_INFINITY || rl.rlim_max > rl.rlim_cur)) {
+        rlim_t want = (rlim_t)MAX_PROCS + 64;
+        rl.rlim_cur = rl.rlim_max != RLIM_INFINITY && rl.rlim_max < want ? rl.rlim_max : want;
+        setrlimit(RLIMIT_NOFILE, &rl);
+        getrlimit(RLIMIT_NOFILE, &rl);
+    }
+    long room = rl.rlim_cur == RLIM_INFINITY ? n : (long)rl.rlim_cur - 64;
+    return room < 16 ? 16 : room < n ? (int)room : n;
+}
+
+/* One transfer's handle, to procs[i]'s socket; its timeout is what is left of the deadline. */
+static CURL *ask_start(CURLM *m, const struct proc *p, const char *url, const char *method, struct response *r,
+                       long left_ms)
 {
     CURL *c = curl_easy_init();
     if (!c)
         return NULL;
-    char url[1024];
-    snprintf(url, sizeof url, "http://localhost%s", target);
-    struct response r = { 0 };
     curl_easy_setopt(c, CURLOPT_URL, url);
     curl_easy_setopt(c, CURLOPT_UNIX_SOCKET_PATH, p->path);
     curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method);
-    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, 3000L);
+    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, left_ms > 0 ? left_ms : 1L);
     curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c, CURLOPT_FORBID_REUSE, 1L);     /* one socket each: none kept open after */
     curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, collect);
-    curl_easy_setopt(c, CURLOPT_WRITEDATA, &r);
-    CURLcode rc = curl_easy_perform(c);
-    long status = 0;
-    curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
-    curl_easy_cleanup(c);
-    /* a socket that refuses is a dead process's only when the process is gone: a live one
-     * may just have its backlog full (stopped, or many asking at once) */
-    if (rc == CURLE_COULDNT_CONNECT && kill((pid_t)p->pid, 0) != 0 && errno == ESRCH)
-        unlink(p->path);
-    if (rc != CURLE_OK || status != 200) {
-        free(r.data);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, r);
+    curl_easy_setopt(c, CURLOPT_PRIVATE, (void *)r);
+    if (curl_multi_add_handle(m, c) != CURLM_OK) {
+        curl_easy_cleanup(c);
         return NULL;
     }
-    *len = r.len;
-    return r.data ? r.data : strdup("");
+    return c;
+}
+
+/* What a finished (or given up) transfer came to. A socket that refuses is a dead
+ * process's only when the process is gone: a live one may just have its backlog full
+ * (stopped, or many asking at once), and keeps it. */
+static void ask_finish(CURLM *m, CURL *c, CURLcode rc, const struct proc *p, struct response *r, struct answer *a)
+{
+    long status = 0, request_size = 0;
+    curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+    curl_easy_getinfo(c, CURLINFO_REQUEST_SIZE, &request_size);
+    curl_multi_remove_handle(m, c);
+    curl_easy_cleanup(c);
+    if (rc == CURLE_COULDNT_CONNECT && kill((pid_t)p->pid, 0) != 0 && errno == ESRCH)
+        unlink(p->path);
+    if (rc == CURLE_OK && status == 200) {
+        a->outcome = ASK_ANSWERED;
+        a->body = r->data ? r->data : strdup("");
+        a->len = r->len;
+        return;
+    }
+    free(r->data);
+    /* timed out with the request written: it waits in the socket for the process (a
+     * purge is done when a stopped process runs again), so it is not "unreached" */
+    a->outcome = rc == CURLE_OPERATION_TIMEDOUT && status == 0 ? (request_size > 0 ? ASK_SILENT : ASK_UNREACHED)
+                 : rc == CURLE_COULDNT_CONNECT ? ASK_UNREACHED : ASK_FAILED;
+}
+
+/* Every socket asked at once (curl's multi interface: non-blocking connects, one poll),
+ * under ONE deadline: asked one after another, each stopped process cost its own 3 s
+ * timeout (100 stopped: 5 minutes for an operator's glance). Answers stay capped at
+ * RESPONSE_MAX each; sockets in flight at the fd limit's room. */
+void ask_all(const struct proc *procs, int n, const char *method, const char *target, struct answer *out)
+{
+    for (int i = 0; i < n; i++)
+        out[i] = (struct answer){ .outcome = ASK_UNREACHED };
+    if (n <= 0)
+        return;
+    char url[1024];
+    snprintf(url, sizeof url, "http://localhost%s", target);
+    struct response *rs = calloc((size_t)n, sizeof *rs);
+    CURL **hs = calloc((size_t)n, sizeof *hs);
+    CURLM *m = rs && hs ? curl_multi_init() : NULL;
+    long long deadline = mono_ms() + ASK_DEADLINE_MS;
+    int max = in_flight_max(n), next = 0, open = 0;
+    while (m) {
+        long long left = deadline - mono_ms();
+        for (; next < n && open < max && left > 0; next++)
+            if ((hs[next] = ask_start(m, &procs[next], url, method, &rs[next], (long)left)))
+                open++;
+        int running = 0;
+        curl_multi_perform(m, &running);
+        CURLMsg *msg;
+        int queued;
+        while ((msg = curl_multi_info_read(m, &queued))) {
+            if (msg->msg != CURLMSG_DONE)
+                continue;
+            CURL *c = msg->easy_handle;
+            CURLcode rc = msg->data.result;
+            char *priv = NULL;
+            curl_easy_getinfo(c, CURLINFO_PRIVATE, &priv);
+            struct response *r = (struct response *)(void *)priv;
+            int i = (int)(r - rs);
+            ask_finish(m, c, rc, &procs[i], r, &out[i]);
+            hs[i] = NULL;
+            open--;
+        }
+        /* curl times each transfer out at the deadline; a little past it, whatever is
+         * still open is given up here, so that nothing outlasts the deadline by much */
+        if ((!open && (next == n || left <= 0)) || left < -500)
+            break;
+        curl_multi_wait(m, NULL, 0, left > 100 ? 100 : left > 0 ? (int)left : 10, NULL);
+    }
+    for (int i = 0; i < n && hs; i++)
+        if (hs[i])
+            ask_finish(m, hs[i], CURLE_OPERATION_TIMEDOUT, &procs[i], &rs[i], &out[i]);
+    if (m)
+        curl_multi_cleanup(m);
+    free(hs);
+    free(rs);
+}
+
+int pids_with(const struct proc *procs, const struct answer *answers, int n, unsigned what, char *buf, size_t size)
+{
+    int count = 0;
+    size_t at = 0;
+    buf[0] = 0;
+    for (int i = 0; i < n; i++) {
+        if (!(what & (1u << answers[i].outcome)))
+            continue;
+        count++;
+        int w = at < size ? snprintf(buf + at, size - at, " %d", procs[i].pid) : 0;
+        if (w > 0 && at + (size_t)w < size)
+            at += (size_t)w;
+        else if (at < size) {          /* as many as fit, then "...": the count says how many */
+            buf[at] = 0;
+            if (at + 5 < size)
+                snprintf(buf + at, size - at, " ...");
+            at = size;
+        }
+    }
+    return count;
 }
 
 /* ---- the JSON answers (jansson) ---- */

@@ -264,7 +264,8 @@ int cmd_purge(int argc, char **argv)
             printf("usage: httpshim purge [-c FILE] [--upstream HOST:PORT] [GLOB]\n"
                    "Drops cache entries whose path matches GLOB (default: all) in every live\n"
                    "process, and in Redis (SCAN + UNLINK) when the rules use it, optionally only\n"
-                   "for one upstream. Prints how many were dropped.\n");
+                   "for one upstream. Prints how many were dropped; the processes that did not\n"
+                   "answer within 3 s (all are asked at once) are named on stderr.\n");
             return 0;
         } else {
             fprintf(stderr, "usage: httpshim purge [-c FILE] [--upstream HOST:PORT] [GLOB]\n");
@@ -300,10 +301,11 @@ int cmd_purge(int argc, char **argv)
     snprintf(target, sizeof target, "/purge?upstream=%s&glob=%s", eu, eg);
     double purged = 0;
     int answered = 0, failed = 0, others = 0;
+    static struct answer answers[MAX_PROCS];
+    ask_all(procs, n, "POST", target, answers);
     for (int i = 0; i < n; i++) {
-        size_t len;
-        char *text = ask(&procs[i], "POST", target, &len);
-        json_t *j = text ? parse_answer(text, len) : NULL;
+        char *text = answers[i].body;
+        json_t *j = text ? parse_answer(text, answers[i].len) : NULL;
         const json_t *error = json_object_get(j, "error");
         if (j && !error) {
             purged += num(j, "purged");
@@ -327,6 +329,22 @@ int cmd_purge(int argc, char **argv)
     if (cfg)
         rules_free(cfg);
     free(cfg);
+    /* a process that did not answer is not one that purged nothing: one that was sent the
+     * request (stopped, its socket's backlog took it) purges when it runs again, and an
+     * unreached one never got it; each is named, so that the count below is not read as
+     * every process */
+    char pids[512];
+    int silent = pids_with(procs, answers, n, 1u << ASK_SILENT, pids, sizeof pids);
+    if (silent)
+        fprintf(stderr, "httpshim purge: %d process%s did not answer within %d s (stopped, or busy): the purge was "
+                        "sent and waits in %s, done when %s again, not counted in the purged line:%s\n", silent,
+                silent == 1 ? "" : "es", ASK_DEADLINE_MS / 1000, silent == 1 ? "its socket" : "their sockets",
+                silent == 1 ? "it runs" : "they run", pids);
+    int unreached = pids_with(procs, answers, n, 1u << ASK_UNREACHED, pids, sizeof pids);
+    if (unreached)
+        fprintf(stderr, "httpshim purge: %d process%s could not be reached (stopped with %s socket's backlog full, "
+                        "or busy): nothing purged there:%s\n", unreached, unreached == 1 ? "" : "es",
+                unreached == 1 ? "its" : "their", pids);
     if (others)
         fprintf(stderr, "httpshim purge: %d process%s whose rules do not list %s: nothing of theirs purged\n", others,
                 others == 1 ? "" : "es", upstream);

@@ -91,7 +91,19 @@ struct snapshot {
     json_t *inert;                     /* records of processes that run without the shim, and why */
     json_t *total;
     double at;                         /* CLOCK_MONOTONIC seconds */
+    int unanswered;                    /* live processes left out: no answer by the deadline */
+    char unanswered_pids[512];
 };
+
+/* The live processes that did not answer (stopped with SIGSTOP, or too busy) are named on
+ * stderr, after the table: left out without a word, a stopped worker looked like one
+ * that was never there. */
+static void say_unanswered(int count, const char *pids)
+{
+    if (count)
+        fprintf(stderr, "httpshim stats: %d process%s did not answer within %d s (stopped, or busy), left out:%s\n",
+                count, count == 1 ? "" : "es", ASK_DEADLINE_MS / 1000, pids);
+}
 
 static double mono_s(void)
 {
@@ -174,17 +186,21 @@ static void snapshot_take(struct snapshot *s, const char *pattern, bool live_onl
         add_inert(s, EXITED_DEFAULT_PATTERN, live_only);
     s->docs = calloc((size_t)(n + m) + 1, sizeof *s->docs);
     s->exited_age = calloc((size_t)(n + m) + 1, sizeof *s->exited_age);
+    struct answer *answers = calloc((size_t)n + 1, sizeof *answers);
     s->at = mono_s();
-    if (!s->docs || !s->exited_age)
+    if (!s->docs || !s->exited_age || !answers) {
+        free(answers);
         return;
+    }
+    ask_all(procs, n, "GET", "/stats", answers);
     for (int i = 0; i < n; i++) {
-        size_t len;
-        char *text = ask(&procs[i], "GET", "/stats", &len);
-        json_t *j = text ? parse_answer(text, len) : NULL;
-        free(text);
+        json_t *j = answers[i].body ? parse_answer(answers[i].body, answers[i].len) : NULL;
+        free(answers[i].body);
         if (j)
             add_doc(s, j, -1);
     }
+    s->unanswered = pids_with(procs, answers, n, ASK_NO_ANSWER, s->unanswered_pids, sizeof s->unanswered_pids);
+    free(answers);
     time_t now = time(NULL);
     for (int i = 0; i < m; i++) {
         bool still_live = false;                 /* a pid reused, or its socket not gone yet */
@@ -540,15 +556,21 @@ static void print_prometheus(const char *pattern)
     static struct proc procs[MAX_PROCS];
     int n = find_processes(pattern, procs, MAX_PROCS);
     char **texts = calloc((size_t)n + 1, sizeof *texts);
-    for (int i = 0; i < n && texts; i++) {
-        size_t len;
-        texts[i] = ask(&procs[i], "GET", "/metrics", &len);
-    }
-    if (texts)
+    struct answer *answers = calloc((size_t)n + 1, sizeof *answers);
+    if (texts && answers) {
+        ask_all(procs, n, "GET", "/metrics", answers);
+        for (int i = 0; i < n; i++)
+            texts[i] = answers[i].body;
         print_prometheus_sum(texts, n);
+        fflush(stdout);
+        char pids[512];
+        int count = pids_with(procs, answers, n, ASK_NO_ANSWER, pids, sizeof pids);
+        say_unanswered(count, pids);
+    }
     for (int i = 0; i < n && texts; i++)
         free(texts[i]);
     free(texts);
+    free(answers);
 }
 
 static void print_snapshot_json(const struct snapshot *s)
@@ -636,7 +658,8 @@ int cmd_stats(int argc, char **argv)
                    "redrawn in place on a terminal. --user: another user's processes (root; e.g.\n"
                    "the workers a master runs as nobody). Processes that could not read their rules\n"
                    "are listed as INERT, with why (their records are beside the default socket path,\n"
-                   "%s). Sockets of dead processes are removed.\n",
+                   "%s). Sockets of dead processes are removed. Every socket is asked at once;\n"
+                   "the live processes that did not answer within 3 s are named on stderr.\n",
                    DEFAULT_CONF, EXITED_MAX_AGE_S / 60, EXITED_DEFAULT_PATTERN);
             return 0;
         } else {
@@ -681,6 +704,8 @@ int cmd_stats(int argc, char **argv)
                 print_rules(&now);
             else
                 print_table(&now, have_before ? &before : NULL);
+            fflush(stdout);
+            say_unanswered(now.unanswered, now.unanswered_pids);
             if (have_before)
                 snapshot_free(&before);
             before = now;
