@@ -69,7 +69,7 @@ $(BUILD)/slowdns.so: tests/clients/slowdns.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -shared -fPIC -o $@ $< -ldl
 
 # loop.c on its own (tests/test_loop.py runs it): only the objects it stands on.
-LOOP_TEST_OBJ = $(addprefix $(BUILD)/obj/,loop.o fdtable.o fdgate.o real.o log.o clock.o)
+LOOP_TEST_OBJ = $(addprefix $(BUILD)/obj/,loop.o fdtable.o fdgate.o real.o log.o clock.o stats.o)
 $(BUILD)/loop_test: tests/unit/loop_test.c $(LOOP_TEST_OBJ)
 	$(CC) $(C_FLAGS) -pthread -o $@ $< $(LOOP_TEST_OBJ) -ldl
 
