@@ -84,6 +84,7 @@ static int verdict_of(struct tls_decision *c)
  * probe returns: ask again a few times, 5 ms doubling to 640 ms (1.3 s in all), before
  * tunnelling. Only a store that holds nothing but the shim's CA waits. */
 #define TLS_RECHECKS_MAX 8
+#define TLS_SETTLE_LOOKS 3             /* 5, 10, 20 ms: see decided() */
 
 static void on_recheck(struct loop_timer *timer)
 {
@@ -105,6 +106,21 @@ static void tunnel(struct tls_decision *c, _Atomic uint64_t *why, const char *wh
  * outcome, heard through decided() when the connection had to wait. */
 static void decided(struct tls_decision *c, int verdict, bool waited)
 {
+    /* A store filled after the ClientHello is judged once its app is done filling it: a look
+     * between curl's CA file and its revocation list approved a connection curl then
+     * refused (the shim's leaf has no list). Not settled within a few looks (35 ms), or
+     * never marked so (another app that fills late): tunnelled, the app's own check then
+     * made on the real certificate. */
+    if (verdict != TLS_VERDICT_NOT_YET && c->store_unfilled && c->store && !tls_marks_store_settled(c->store)) {
+        if (c->settle_looks < TLS_SETTLE_LOOKS && loop_timer_arm(&c->recheck, 5LL << c->settle_looks, on_recheck) == 0) {
+            c->settle_looks++;
+            c->outcome = TLS_DECIDING;
+            return;
+        }
+        shim_debug("fd %d: the app's trust store for %s was filled after its ClientHello and is not known to be "
+                   "complete: tunnelled", c->fd, c->name);
+        verdict = 0;
+    }
     if (verdict == TLS_VERDICT_NOT_YET) {
         if (c->rechecks < TLS_RECHECKS_MAX && loop_timer_arm(&c->recheck, 5LL << c->rechecks, on_recheck) == 0) {
             c->rechecks++;
@@ -224,6 +240,7 @@ enum tls_outcome tls_decide(struct tls_decision *c, const struct shim_config *co
                                                                    : "a name the upstream does not go by");
     } else {
         upstream_dialled_text(dest, c->where, sizeof c->where);
+        c->store_unfilled = view.store_unfilled;
         int verdict = verdict_of(c);
         if (verdict != -1)
             decided(c, verdict, false);

@@ -43,8 +43,10 @@ struct tls_decision {
     struct tls_terms *terms;        /* the app connection's own checks and offer, meanwhile */
     struct tls_wait *wait;          /* the probe it waits on, with others */
     struct tls_decision *next_waiter;
-    struct loop_timer recheck;      /* the app's store was still empty */
+    struct loop_timer recheck;      /* the app's store was still empty, or not settled */
     int rechecks;
+    bool store_unfilled;            /* at the ClientHello: filled after it (curl), or never */
+    int settle_looks;
 };
 
 void tls_decide_init(struct tls_decision *d, void (*decided)(struct tls_decision *d));

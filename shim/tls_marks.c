@@ -84,7 +84,17 @@ void tls_marks_bytes(uint64_t id, uint64_t hello, unsigned char out[TLS_MARK_LEN
 
 /* A hello whose connection the engine never hears (TLS to a host the shim does not
  * divert) leaves its view here until newer ones push it out: the slot of the oldest. */
-uint64_t tls_marks_hello_add(X509_VERIFY_PARAM *param, int sec_level)
+bool tls_marks_store_unfilled(const X509_STORE *store)
+{
+    return OPENSSL_sk_num((const OPENSSL_STACK *)X509_STORE_get0_objects(store)) <= 1;
+}
+
+bool tls_marks_store_settled(const X509_STORE *store)
+{
+    return (X509_VERIFY_PARAM_get_flags(X509_STORE_get0_param(store)) & X509_V_FLAG_TRUSTED_FIRST) != 0;
+}
+
+uint64_t tls_marks_hello_add(X509_VERIFY_PARAM *param, int sec_level, bool store_unfilled)
 {
     X509_VERIFY_PARAM *old = NULL;
     uint64_t hello = 0;
@@ -102,7 +112,7 @@ uint64_t tls_marks_hello_add(X509_VERIFY_PARAM *param, int sec_level)
         old = views[slot].hello ? views[slot].view.param : NULL;
         hello = next_hello++;
         views[slot].hello = hello;
-        views[slot].view = (struct tls_app_view){ param, sec_level };
+        views[slot].view = (struct tls_app_view){ param, sec_level, store_unfilled };
     }
     pthread_mutex_unlock(&lock);
     if (old)

@@ -27,11 +27,17 @@ void tls_marks_bytes(uint64_t id, uint64_t hello, unsigned char out[TLS_MARK_LEN
 struct tls_app_view {
     X509_VERIFY_PARAM *param;
     int sec_level;
+    bool store_unfilled;               /* its context's store held nothing but the shim's CA */
 };
 #define TLS_HELLOS_MAX 1024            /* views waiting for the engine; the oldest goes */
 /* Keeps a view (taking param over) for the engine: the hello number its mark carries, or
  * 0 (then param was freed). */
-uint64_t tls_marks_hello_add(X509_VERIFY_PARAM *param, int sec_level);
+uint64_t tls_marks_hello_add(X509_VERIFY_PARAM *param, int sec_level, bool store_unfilled);
+/* A store that holds nothing but the shim's CA: its app fills it later, or never. */
+bool tls_marks_store_unfilled(const X509_STORE *store);
+/* A store filled after the ClientHello is done filling: curl's last step (X509_STORE_set_flags
+ * with X509_V_FLAG_TRUSTED_FIRST, after its CA file and its revocation list) is taken. */
+bool tls_marks_store_settled(const X509_STORE *store);
 /* The view of the hello this mark came with, taken out (the caller frees its param):
  * false when there is none (not this process's, already taken, or pushed out). */
 bool tls_marks_take_view(const unsigned char mark[TLS_MARK_LEN], struct tls_app_view *out);

@@ -155,7 +155,7 @@ static int add_mark(SSL *s, unsigned int type, unsigned int context, const unsig
         X509_VERIFY_PARAM_free(param);
         param = NULL;
     }
-    uint64_t hello = tls_marks_hello_add(param, SSL_get_security_level(s));
+    uint64_t hello = tls_marks_hello_add(param, SSL_get_security_level(s), tls_marks_store_unfilled(store));
     unsigned char *m = hello ? malloc(TLS_MARK_LEN) : NULL;
     if (!m)
         return 0;                      /* (a view without a mark is pushed out in time) */

@@ -410,6 +410,26 @@ def test_trust_loaded_after_the_client_hello_is_waited_for(tls_upstream, pki, tm
     assert b"terminated" in r.err and b"tunnelled" not in r.err, r.describe()
 
 
+@pytest.mark.parametrize("mode", ["--latecrl", "--late-unmarked"])
+def test_trust_still_being_filled_is_not_judged(mode, tls_upstream, pki, tmp_path, sockdir):
+    """curl with --crlfile loads its CA file after its ClientHello, then its revocation list,
+    then sets TRUSTED_FIRST, last. Stalled 300 ms between the two (a loaded machine), the
+    shim judged the store with the CA and without the list, intercepted, and curl refused
+    the shim's leaf (no list for it): exit 60 where direct it works (a CI flake of
+    test_an_app_that_checks_revocation_lists_is_tunnelled). A store filled after the hello
+    is judged only once curl's last step is taken; one never marked so (another app that
+    fills late) is tunnelled after 35 ms. Both work, as direct."""
+    client = BUILD / "tlsstoreclient"
+    conf = intercept_conf(tmp_path, tls_upstream, pki["ca"].pem, sockdir)
+    env = dict(SAN_ENV or {}, TLS_CRL_PEM=str(pki["ca"].empty_crl()))
+    args = [client, mode, "localhost", str(tls_upstream.port), pki["ca"].pem, "/custom/lc?tag=lc&n=321"]
+    d = run(args, shim=False, env=env)
+    assert d.rc == 0 and d.out.strip() == b"200 321", d.describe()
+    r = run(args, conf=conf, env=dict(env, HTTPSHIM_DEBUG="1"))
+    assert r.rc == 0 and r.out.strip() == b"200 321", r.describe()
+    assert b"tunnelled" in r.err and b"terminated" not in r.err, r.describe()
+
+
 class DualServer(object):
     """HTTP and HTTPS on one port (the first byte tells): answers "SCHEME N", N counting
     the requests of that scheme."""

@@ -8,8 +8,12 @@
  *
  * With --late it keeps the context's own store, empty, sends its ClientHello, and loads
  * CAFILE into the store only 300 ms later, before it reads the answer (curl loads its CA
- * file after sending the ClientHello, to overlap the reading with the round trip). The
- * first handshake step reads from an empty memory BIO, so that it cannot see the answer.
+ * file after sending the ClientHello, to overlap the reading with the round trip), then
+ * sets X509_V_FLAG_TRUSTED_FIRST on the store, as curl does last. The first handshake step
+ * reads from an empty memory BIO, so that it cannot see the answer. --late-unmarked: the
+ * same without the flag. --latecrl: curl with --crlfile, stalled: CAFILE at once, then
+ * 300 ms later the revocation list in $TLS_CRL_PEM (CRL_CHECK | CRL_CHECK_ALL), then the
+ * flag.
  *
  * With --depth0 it keeps the context's own store (CAFILE loaded) and allows no chain
  * beyond the leaf (SSL_CTX_set_verify_depth 0): a leaf issued by an intermediate fails.
@@ -24,7 +28,8 @@
  * Once it has read the answer to the end it says its own close_notify (SSL_shutdown), with
  * SIGPIPE at its default, as a plain C client does ($TLS_SHUTDOWN_DELAY_MS later, if set).
  *
- *   tlsstoreclient [--set1|--callback|--late|--depth0|--deny|--ocsp|--nosni|--ipcheck] HOST PORT CAFILE PATH */
+ *   tlsstoreclient [--set1|--callback|--late|--late-unmarked|--latecrl|--depth0|--deny|--ocsp|--nosni|--ipcheck]
+ *                  HOST PORT CAFILE PATH */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <openssl/err.h>
@@ -92,7 +97,9 @@ int main(int argc, char **argv)
 {
     int set1 = argc > 1 && !strcmp(argv[1], "--set1");
     int callback = argc > 1 && !strcmp(argv[1], "--callback");
-    int late = argc > 1 && !strcmp(argv[1], "--late");
+    int unmarked = argc > 1 && !strcmp(argv[1], "--late-unmarked");
+    int latecrl = argc > 1 && !strcmp(argv[1], "--latecrl");
+    int late = (argc > 1 && !strcmp(argv[1], "--late")) || unmarked || latecrl;
     int depth0 = argc > 1 && !strcmp(argv[1], "--depth0");
     int deny = argc > 1 && !strcmp(argv[1], "--deny");
     int ocsp = argc > 1 && !strcmp(argv[1], "--ocsp");
@@ -163,9 +170,20 @@ int main(int argc, char **argv)
         int rc = SSL_connect(ssl);
         if (rc == 1 || SSL_get_error(ssl, rc) != SSL_ERROR_WANT_READ)
             return fail("handshake");  /* the ClientHello is out, the answer not read yet */
-        usleep(300 * 1000);
-        if (SSL_CTX_load_verify_locations(ctx, cafile, NULL) != 1)
+        X509_STORE *st = SSL_CTX_get_cert_store(ctx);
+        if (latecrl && SSL_CTX_load_verify_locations(ctx, cafile, NULL) != 1)
             return fail("store");
+        usleep(300 * 1000);
+        if (latecrl) {
+            X509_LOOKUP *lookup = X509_STORE_add_lookup(st, X509_LOOKUP_file());
+            if (!lookup || !getenv("TLS_CRL_PEM") || X509_load_crl_file(lookup, getenv("TLS_CRL_PEM"), X509_FILETYPE_PEM) != 1)
+                return fail("crl");
+            X509_STORE_set_flags(st, X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL);
+        } else if (SSL_CTX_load_verify_locations(ctx, cafile, NULL) != 1) {
+            return fail("store");
+        }
+        if (!unmarked)
+            X509_STORE_set_flags(st, X509_V_FLAG_TRUSTED_FIRST);   /* (curl's last step) */
         BIO *in = BIO_new_socket(fd, BIO_NOCLOSE);
         if (!in)
             return fail("bio");
