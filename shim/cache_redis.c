@@ -41,6 +41,7 @@ struct redis_ticket {
     bool redirect_ask;
     int redirects;
     struct redis_ticket *prev, *next;   /* the waiting list, in deadline order */
+    struct redis_ticket *next_parked;   /* not sent yet: the server's name is on its way */
 };
 
 static struct {
@@ -49,7 +50,11 @@ static struct {
     int64_t last_timeout_ms, last_answer_ms;   /* a lookup's deadline passed; a lookup was answered */
     const struct shim_config *cfg;
     struct redis_ticket *waiting_head, *waiting_tail;
+    struct redis_ticket *parked;    /* lookups waiting for the server's name (see park) */
+    unsigned n_parked;
 } R;
+
+#define PARKED_MAX 256
 
 static int64_t exit_wait_ms;        /* redis_timeout, for the exit handler */
 
@@ -470,7 +475,12 @@ struct redis_ticket *redis_lookup(const char *key, size_t key_len, int upstream,
     struct redis_key rkey;
     redis_key_of(key, key_len, false, &rkey);
     struct redis_node *node = nodes_for_key(rkey.s, rkey.n, 3, true);
-    if (!node)
+    /* a server named by a host name has no connection to queue on until the name resolves
+     * (a process's first lookups, right after its engine started): they wait for it, within
+     * their redis_timeout, rather than miss. Else a short-lived process (curl, cron) never
+     * found what the one before had shared, and the entry it fetched was not written */
+    bool park = !node && nodes_naming() && R.n_parked < PARKED_MAX;
+    if (!node && !park)
         return NULL;
     struct redis_ticket *t = calloc(1, sizeof *t);
     if (!t || !(t->key = malloc(key_len))) {
@@ -484,6 +494,14 @@ struct redis_ticket *redis_lookup(const char *key, size_t key_len, int upstream,
     t->upstream = upstream;
     t->started_us = clock_mono_us();
     t->deadline_ms = clock_mono_ms() + R.cfg->redis_timeout_ms;
+    if (park) {
+        t->next_parked = R.parked;
+        R.parked = t;
+        R.n_parked++;
+        nodes_hurry(clock_mono_ms());
+        wait_in_line(t);
+        return t;
+    }
     int rc = send_lookup(node, t, false);
     if (rc < 0) {
         free_ticket(t);
@@ -718,6 +736,34 @@ void redis_delete(const char *key, size_t key_len)
     n_deletes++;
 }
 
+/* Lookups parked while the server's name resolved: sent once a connection is being made
+ * (hiredis queues them meanwhile); one whose wait ended (deadline, cancelled) is freed. */
+static void send_parked(int64_t now)
+{
+    struct redis_ticket **at = &R.parked;
+    while (*at) {
+        struct redis_ticket *t = *at;
+        struct redis_key rkey;
+        redis_key_of(t->key, t->key_len, false, &rkey);
+        struct redis_node *node = t->waiter ? nodes_for_key(rkey.s, rkey.n, 3, true) : NULL;
+        if (t->waiter && !node && nodes_naming()) {
+            at = &t->next_parked;
+            continue;
+        }
+        *at = t->next_parked;
+        R.n_parked--;
+        int rc = node ? send_lookup(node, t, false) : -1;
+        if (rc > 0)
+            finish_wait(t, NULL);      /* (the GET went, its PTTL did not: on_get frees it) */
+        if (rc < 0) {
+            finish_wait(t, NULL);
+            free_ticket(t);
+        }
+    }
+    if (R.parked)
+        nodes_hurry(now);
+}
+
 /* Lookup deadlines; the connections' own (redis_nodes.c: stalls, reconnects). */
 static void on_timer(struct loop_timer *timer)
 {
@@ -730,5 +776,7 @@ static void on_timer(struct loop_timer *timer)
         finish_wait(R.waiting_head, NULL);     /* the reply, when it comes, frees the ticket */
     }
     nodes_tick(now);
+    if (R.parked)
+        send_parked(now);
     arm_timer();
 }

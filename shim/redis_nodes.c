@@ -36,6 +36,7 @@ struct redis_node {
     bool used;                          /* this slot of the table holds a server */
     bool usable;                        /* connected (and, behind Sentinel, ROLE said master) */
     bool selecting;                     /* its SELECT not answered yet: nothing goes before it */
+    bool naming;                        /* its host name is being resolved: no connection yet */
     int backoff_ms;
     int64_t next_attempt_ms;
     unsigned inflight;
@@ -397,6 +398,7 @@ static void connect_node(struct redis_node *n)
     n->link.after_io = after_io;
     const char *unix_path = N.cfg->redis_mode == REDIS_SINGLE ? N.cfg->redis_unix : NULL;
     int rc = redis_link_connect(&n->link, n->host, n->port, unix_path, on_connect, on_disconnect);
+    n->naming = rc == REDIS_LINK_RESOLVING;
     if (rc == REDIS_LINK_RESOLVING) {
         n->next_attempt_ms = clock_mono_ms() + REDIS_LINK_RESOLVE_RETRY_MS;   /* not a failure: its name is on its way */
         return;
@@ -606,6 +608,19 @@ int64_t nodes_due(void)
             next = due;
     }
     return next;
+}
+
+bool nodes_naming(void)
+{
+    const struct redis_node *n = &N.nodes[0];
+    return N.cfg && !cluster() && !sentinel() && n->used && !n->ac && n->naming;
+}
+
+void nodes_hurry(int64_t now)
+{
+    struct redis_node *n = &N.nodes[0];
+    if (nodes_naming() && n->next_attempt_ms > now + 2)
+        n->next_attempt_ms = now + 2;
 }
 
 void nodes_tick(int64_t now)

@@ -39,4 +39,8 @@ struct redis_node *nodes_error(struct redisAsyncContext *ac, const struct redisR
 /* When nodes_tick wants to run next (monotonic ms), -1 for never; and the run. */
 int64_t nodes_due(void);
 void nodes_tick(int64_t now_ms);
+/* The single server's host name is still being resolved (no connection to queue on yet),
+ * and: look again within 2 ms rather than 25, for lookups that wait on it. */
+bool nodes_naming(void);
+void nodes_hurry(int64_t now_ms);
 #endif

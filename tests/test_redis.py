@@ -1302,6 +1302,29 @@ def test_redis_host_name_resolved_off_the_engine(upstream, redis, sockdir, tmp_p
         p.stop()
 
 
+ONE_GET = """
+import sys, urllib.request
+print(len(urllib.request.urlopen(sys.argv[1], timeout=10).read()))
+"""
+
+
+def test_short_lived_processes_share_through_a_redis_named_by_host_name(upstream, redis, sockdir, tmp_path):
+    """cache = redis://localhost:PORT: three processes one after another, each a single GET
+    (as curl or a cron job): the first fetches and writes the entry, the others find it.
+    Before, a process's first lookups came before the name had resolved (it is asked on a
+    thread when the engine starts) and missed at once, and its entry was not written: every
+    process went upstream (an adversarial pass: 5 of 5). They now wait for the name, within
+    redis_timeout."""
+    conf = redis_conf(tmp_path, sockdir, "redis://localhost:%d/0" % redis.port, [(upstream, ["GET /bytes/* ttl=10m"])])
+    text = open(conf).read()           # (a loaded machine may take more than 50 ms to name it)
+    open(conf, "w").write(text.replace("redis_timeout = %dms" % int(REDIS_TIMEOUT_S * 1000), "redis_timeout = 1s"))
+    url = "http://127.0.0.1:%s/bytes/2650" % upstream.port
+    for _ in range(3):
+        r = run([SYS_PY, "-c", ONE_GET, url], conf=conf, timeout=30)
+        assert r.rc == 0 and r.out.strip() == b"2650", r.describe()
+    assert upstream_hits(upstream, "/bytes/2650") == 1, log_desc(upstream)
+
+
 def test_redis_host_name_that_does_not_resolve(upstream, sockdir, tmp_path):
     """cache = redis://NAME:PORT where NAME does not resolve (slowdns.c: *.fail.test): every
     request is answered at once through the upstream, the failure is said once on stderr
