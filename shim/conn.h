@@ -54,6 +54,7 @@ struct app_side {
     /* the request being answered */
     int req_minor;
     bool req_keep_alive, req_is_head;
+    unsigned requests;              /* the engine has taken on this connection, this one included */
     uint64_t body_left;             /* streamed body bytes in `in` not yet taken */
     /* the app's TLS was terminated for this name: the upstream leg is HTTPS to it, and
      * must present what the app's verdict approved (tls_front.h; a reference) */

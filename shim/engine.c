@@ -566,6 +566,7 @@ static void conn_process(struct conn *c)
             return;
         }
         if (!c->counted) {
+            c->side.requests++;
             STAT_INC(c->side.upstream, requests);
             c->rule_index = rule ? (int)(rule - u->cache_rules) : -1;
             if (rule)
