@@ -433,7 +433,7 @@ static void on_pttl(redisAsyncContext *ac, void *reply, void *privdata)
             atomic_fetch_add(v == REDIS_VALUE_CORRUPT ? &shim_redis.corrupt : &shim_redis.unauthenticated, 1);
             struct redis_key rkey;
             redis_key_of(t->key, t->key_len, false, &rkey);
-            struct redis_node *node = nodes_for_key(rkey.s, rkey.n, 1, false);
+            struct redis_node *node = nodes_for_key(rkey.s, rkey.n, 1, NODES_USABLE);
             if (node)
                 nodes_command(node, on_written, NULL, "DEL %b", rkey.s, rkey.n);
         }
@@ -474,7 +474,7 @@ struct redis_ticket *redis_lookup(const char *key, size_t key_len, int upstream,
      * first lookups (a freshly forked worker's) still reach Redis within redis_timeout */
     struct redis_key rkey;
     redis_key_of(key, key_len, false, &rkey);
-    struct redis_node *node = nodes_for_key(rkey.s, rkey.n, 3, true);
+    struct redis_node *node = nodes_for_key(rkey.s, rkey.n, 3, NODES_EARLY_READ);
     /* a server named by a host name has no connection to queue on until the name resolves
      * (a process's first lookups, right after its engine started): they wait for it, within
      * their redis_timeout, rather than miss. Else a short-lived process (curl, cron) never
@@ -602,7 +602,7 @@ struct redis_ticket *redis_lock(const char *key, size_t key_len, const char *tok
         return NULL;
     struct redis_key lock_key;
     redis_key_of(key, key_len, true, &lock_key);
-    struct redis_node *node = nodes_for_key(lock_key.s, lock_key.n, 2, false);
+    struct redis_node *node = nodes_for_key(lock_key.s, lock_key.n, 2, NODES_USABLE);
     if (!node)
         return NULL;
     struct redis_ticket *t = calloc(1, sizeof *t);
@@ -635,7 +635,7 @@ static void on_own_lock(const char *key, size_t key_len, const char *token, cons
         return;
     struct redis_key lock_key;
     redis_key_of(key, key_len, true, &lock_key);
-    struct redis_node *node = nodes_for_key(lock_key.s, lock_key.n, 1, false);
+    struct redis_node *node = nodes_for_key(lock_key.s, lock_key.n, 1, NODES_USABLE);
     if (!node) {
         release_later(key, key_len, token);
         return;
@@ -680,7 +680,7 @@ void redis_store(const struct cache_entry *e, int64_t ttl_ms)
         return;
     struct redis_key rkey;
     redis_key_of(e->key, e->key_len, false, &rkey);
-    struct redis_node *node = nodes_for_key(rkey.s, rkey.n, 1, true);
+    struct redis_node *node = nodes_for_key(rkey.s, rkey.n, 1, NODES_EARLY_WRITE);
     if (!node)
         return;
     size_t len;
@@ -717,7 +717,7 @@ void redis_delete(const char *key, size_t key_len)
         return;
     struct redis_key rkey;
     redis_key_of(key, key_len, false, &rkey);
-    struct redis_node *node = nodes_for_key(rkey.s, rkey.n, 1, true);
+    struct redis_node *node = nodes_for_key(rkey.s, rkey.n, 1, NODES_EARLY_WRITE);
     if (node && nodes_command(node, on_deleted, NULL, "DEL %b", rkey.s, rkey.n) == 0) {
         atomic_fetch_add(&writes_owed, 1);   /* a process that exits now waits for it */
         atomic_fetch_add(&shim_redis.deletes, 1);
@@ -745,7 +745,7 @@ static void send_parked(int64_t now)
         struct redis_ticket *t = *at;
         struct redis_key rkey;
         redis_key_of(t->key, t->key_len, false, &rkey);
-        struct redis_node *node = t->waiter ? nodes_for_key(rkey.s, rkey.n, 3, true) : NULL;
+        struct redis_node *node = t->waiter ? nodes_for_key(rkey.s, rkey.n, 3, NODES_EARLY_READ) : NULL;
         if (t->waiter && !node && nodes_naming()) {
             at = &t->next_parked;
             continue;

@@ -307,8 +307,9 @@ static void on_login(redisAsyncContext *ac, void *reply, void *privdata)
 }
 
 /* A database the server does not have (past its `databases`): refused, its SELECT would
- * leave every command in database 0, someone else's keyspace; nothing was sent behind it
- * (see nodes_for_key), and the connection goes, said once, the tier failing open. */
+ * leave every command in database 0, someone else's keyspace. No write went behind it, and
+ * the reads that did get no reply: the connection goes first (see nodes_for_key), said
+ * once, the tier failing open. */
 static void on_select(redisAsyncContext *ac, void *reply, void *privdata)
 {
     static bool said;
@@ -476,7 +477,7 @@ void nodes_forget(void)
 
 /* ---- what the tier asks ---- */
 
-struct redis_node *nodes_for_key(const char *key, size_t n, unsigned commands, bool while_connecting)
+struct redis_node *nodes_for_key(const char *key, size_t n, unsigned commands, enum nodes_early early)
 {
     if (!N.cfg)
         return NULL;
@@ -491,7 +492,9 @@ struct redis_node *nodes_for_key(const char *key, size_t n, unsigned commands, b
     } else {
         node = &N.nodes[0];
     }
-    if (!node->used || !node->ac || node->selecting || (!node->usable && !(while_connecting && !sentinel()))
+    bool while_connecting = early != NODES_USABLE;
+    if (!node->used || !node->ac || (node->selecting && early == NODES_EARLY_WRITE)
+        || (!node->usable && !(while_connecting && !sentinel()))
         || node->inflight + commands > INFLIGHT_MAX)
         return NULL;
     return node;

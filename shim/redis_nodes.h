@@ -18,9 +18,12 @@ void nodes_init(const struct shim_config *cfg, void (*usable)(void), void (*wake
 void nodes_forget(void);               /* a forked child: the parent's connections are not its own */
 
 /* The node that serves `key` (a cluster's: its slot's master) if it can take `commands`
- * more now: connected and checked, or, with while_connecting, a connection still being
- * made (hiredis queues what is sent meanwhile). NULL: the tier cannot be asked now. */
-struct redis_node *nodes_for_key(const char *key, size_t n, unsigned commands, bool while_connecting);
+ * more now: connected and checked, or, early, a connection still being made (hiredis
+ * queues the bytes meanwhile): reads even behind a SELECT not yet answered (a refused one
+ * drops the connection before their replies are read), writes only once the SELECT is
+ * taken (they would run in database 0). NULL: the tier cannot be asked now. */
+enum nodes_early { NODES_USABLE, NODES_EARLY_READ, NODES_EARLY_WRITE };
+struct redis_node *nodes_for_key(const char *key, size_t n, unsigned commands, enum nodes_early early);
 /* Queues a command on the node, counted in flight; -1 when it could not be queued. */
 int nodes_command(struct redis_node *node, redis_reply_fn *fn, void *privdata, const char *fmt, ...);
 /* Sends what is queued on the node at once rather than on the loop's next turn. */
