@@ -785,7 +785,7 @@ def load_requests(up, n):
 # (a frozen Redis costs a lookup redis_timeout: a frozen phase of 60 requests lasts ~2 s)
 CHAOS = [(100, "kill"), (200, "restart"), (350, "freeze"), (410, "thaw"),
          (510, "freeze"), (570, "kill"), (650, "restart")]
-PACE_MS = 8              # 900 requests: every phase spans ~1 s or more
+PACE_MS = 5              # 900 requests: every phase spans half a second or more
 RECONNECT_WAIT = 4.0     # backoff is capped at 2 s
 
 
