@@ -333,6 +333,8 @@ static size_t on_header(char *p, size_t size, size_t n, void *userdata)
             t->mode = BODY_NONE;
             if (t->content_length >= 0)
                 e += (size_t)snprintf(extra + e, sizeof extra - e, "Content-Length: %lld\r\n", (long long)t->content_length);
+            else if (c->req_is_head && t->upstream_chunked && c->req_minor >= 1)   /* (what a GET's body would be) */
+                e += (size_t)snprintf(extra + e, sizeof extra - e, "Transfer-Encoding: chunked\r\n");
         } else if (t->content_length >= 0 && !t->upstream_chunked) {
             t->mode = BODY_RAW;
             e += (size_t)snprintf(extra + e, sizeof extra - e, "Content-Length: %lld\r\n", (long long)t->content_length);
