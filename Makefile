@@ -101,7 +101,7 @@ demo: $(DEPS_STAMP)
 
 # The suite runs in parallel (pytest-xdist): most tests wait on clients, upstreams and
 # timers, not on the CPU, and each has its own ports, temp dirs and sockets.
-TEST_JOBS ?= 4
+TEST_JOBS ?= 6
 PYTEST    = HTTPSHIM_TEST_BUILT=1 $(PYTHON) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS)
 test: $(DEPS_STAMP)
 	$(MAKE) test-bins
