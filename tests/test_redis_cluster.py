@@ -294,3 +294,10 @@ def test_a_one_node_cluster_is_used(one_node_cluster, upstream, tmp_path, sockdi
     chk = run([HTTPSHIM, "check", "--connect", conf], shim=False, timeout=30)
     assert chk.rc == 0 and (b"on master 127.0.0.1:%d" % port) in chk.out \
         and (b"redis 127.0.0.1:%d: reached" % port) in chk.out, chk.describe()
+    # purge: each key is in a slot of its own ({hash}), so one UNLINK per key; one naming
+    # several was refused (CROSSSLOT) and nothing was purged on any cluster
+    before = c.keys(port)
+    assert before >= 2, before
+    pur = run([HTTPSHIM, "purge", "-c", conf], shim=False, timeout=30)
+    assert pur.rc == 0 and (b"%d keys in Redis" % before) in pur.out, pur.describe()
+    assert c.keys(port) == 0

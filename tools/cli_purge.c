@@ -85,6 +85,7 @@ struct purge_pass {
     const char *upstream, *glob;  /* as the user gave them; upstream "" for any */
     size_t prefix_len;
     bool by_value;                /* new-format keys: read the key each value carries */
+    bool key_by_key;              /* a cluster: each key its own slot ({hash}), one UNLINK each */
     long long unlinked;
     bool failed;
 };
@@ -156,14 +157,30 @@ static void purge_batch(struct purge_pass *p, const redisReply *keys)
             argl[argc++] = (size_t)k->len;
         }
     }
-    if (argc > 1) {
-        redisReply *u = redisCommandArgv(p->rc, (int)argc, argv, argl);
+    /* one UNLINK for the batch, or on a cluster one per key, pipelined: its keys are in
+     * as many slots, and a command naming several is refused (CROSSSLOT) */
+    size_t commands = p->key_by_key ? argc - 1 : argc > 1;
+    for (size_t i = 0; i < commands; i++) {
+        const char *one[2] = { argv[0], argv[i + 1] };
+        size_t one_len[2] = { argl[0], argl[i + 1] };
+        if ((p->key_by_key ? redisAppendCommandArgv(p->rc, 2, one, one_len)
+                           : redisAppendCommandArgv(p->rc, (int)argc, argv, argl)) != REDIS_OK) {
+            p->failed = true;
+            goto out;
+        }
+    }
+    for (size_t i = 0; i < commands; i++) {
+        void *reply = NULL;
+        if (redisGetReply(p->rc, &reply) != REDIS_OK) {
+            p->failed = true;
+            goto out;
+        }
+        const redisReply *u = reply;
         if (u && u->type == REDIS_REPLY_INTEGER)
             p->unlinked += u->integer;
         else
             p->failed = true;
-        if (u)
-            freeReplyObject(u);
+        freeReplyObject(reply);
     }
 out:
     for (size_t i = 0; heads && i < n; i++)
@@ -232,7 +249,8 @@ static long long purge_redis(const struct shim_config *cfg, const char *upstream
     bool failed = false;
     for (int i = 0; i < n; i++) {      /* (a cluster's masters: each holds its own slots' keys) */
         struct purge_pass p = { .rc = servers[i], .upstream = upstream, .glob = glob,
-                                .prefix_len = strlen(cfg->redis_prefix), .by_value = true };
+                                .prefix_len = strlen(cfg->redis_prefix), .by_value = true,
+                                .key_by_key = cfg->redis_mode == REDIS_CLUSTER };
         purge_scan(&p, new_pattern);
         if (!p.failed) {
             p.by_value = false;
