@@ -271,6 +271,11 @@ void sentinel_doubt(void)
 {
     if (!S.cfg || S.query.ac)
         return;                        /* (a question is out already) */
+    /* the master the last answer named cannot be reached or is no master: the next
+     * sentinel is asked. Asked again, a sentinel that names a dead master or a replica (a
+     * stale or partitioned one, listed first) held every process on it for ever */
+    if (S.known && S.cfg->n_redis_seeds > 1)
+        S.query.next = (S.query.next + 1) % S.cfg->n_redis_seeds;
     S.want_query = true;
     if (clock_mono_ms() >= S.query.next_attempt_ms)
         start_query();

@@ -137,6 +137,39 @@ def up_count(upstream, path):
     return sum(1 for e in upstream.stats()["log"] if e.get("target") == path)
 
 
+def test_a_sentinel_that_names_a_dead_master_is_passed_over(fleet, upstream, tmp_path, sockdir, apps):
+    """A fourth sentinel, listed first, that watches the master name on a port where nothing
+    runs (stale, or partitioned: it keeps naming it, having no replica to promote): the
+    connection to what it names fails, and the next sentinel is asked. Before, the same one
+    was asked again and again, and no process ever shared (an adversarial pass: 70 151 of
+    70 151 requests went upstream)."""
+    d = tmp_path / "stale"
+    d.mkdir()
+    port, dead = free_port(), free_port()
+    (d / "sentinel.conf").write_text("port %d\nbind 127.0.0.1\ndir %s\nsentinel monitor %s 127.0.0.1 %d 1\n"
+                                     % (port, d, MASTER, dead))
+    fleet.procs.append(Proc(["redis-server", str(d / "sentinel.conf"), "--sentinel"], str(d)))
+    wait(lambda: fleet.sentinel(port).cmd("SENTINEL", "get-master-addr-by-name", MASTER)[1] == str(dead).encode(),
+         15, "the stale sentinel to name the dead port")
+    url = "redis-sentinel://%s/%s/0" % (",".join("127.0.0.1:%d" % p for p in [port] + fleet.sentinels), MASTER)
+    (tmp_path / "d").mkdir()
+    conf = conf_for(tmp_path / "d", sockdir, url, upstream)
+    a, b = apps(conf, sockdir), apps(conf, sockdir)
+    a.get(upstream.port, "/bytes/900", length=900)
+    b.get(upstream.port, "/bytes/901", length=901)
+    for app in (a, b):
+        wait(lambda app=app: get_stats(app.sock)["redis"]["connected"] == 1, 20, "the tier to connect")
+    a.get(upstream.port, "/bytes/1777", length=1777)
+    master = Resp(port=fleet.ports["master"])
+    wait(lambda: master.cmd("DBSIZE") > 0, 5, "a's entry in the real master")
+    time.sleep(0.1)
+    b.get(upstream.port, "/bytes/1777", length=1777)
+    assert up_count(upstream, "/bytes/1777") == 1, "b did not share through the real master"
+    assert get_stats(b.sock)["redis"]["master"] == "127.0.0.1:%d" % fleet.ports["master"]
+    chk = run([HTTPSHIM, "check", "--connect", conf], shim=False, timeout=60)   # (it asks the same way)
+    assert chk.rc == 0 and (b"is 127.0.0.1:%d" % fleet.ports["master"]) in chk.out, chk.describe()
+
+
 def test_entries_are_shared_through_the_master_and_across_a_failover(fleet, upstream, tmp_path, sockdir, apps):
     """Two processes share entries through the master the sentinels name; the master is
     killed; while the sentinels promote the replica every request is answered right (the

@@ -29,10 +29,12 @@ static redisContext *reach(const char *host, int port, const char *unix_path, FI
     return rc;
 }
 
-/* What the sentinels name as master: the first that answers. */
-static int ask_sentinels(const struct shim_config *cfg, char *host, size_t host_cap, int *port, FILE *report)
+/* What the sentinels name as master, asked from the sentinel `from` on: the index of the
+ * first that answers, or -1. */
+static int ask_sentinels(const struct shim_config *cfg, size_t from, char *host, size_t host_cap, int *port,
+                         FILE *report)
 {
-    for (size_t i = 0; i < cfg->n_redis_seeds; i++) {
+    for (size_t i = from; i < cfg->n_redis_seeds; i++) {
         const struct redis_addr *n = &cfg->redis_seeds[i];
         redisContext *rc = reach(n->host, n->port, NULL, report, "sentinel");
         if (!rc)
@@ -61,7 +63,7 @@ static int ask_sentinels(const struct shim_config *cfg, char *host, size_t host_
             freeReplyObject(r);
         redisFree(rc);
         if (ok)
-            return 0;
+            return (int)i;
     }
     return -1;
 }
@@ -188,9 +190,14 @@ int cli_redis_connect(const struct shim_config *cfg, FILE *report, redisContext 
     char host[256];
     int port = cfg->redis_port;
     snprintf(host, sizeof host, "%s", cfg->redis_host);
-    if (cfg->redis_mode == REDIS_SENTINEL && ask_sentinels(cfg, host, sizeof host, &port, report) != 0) {
-        fprintf(stderr, "httpshim: redis: no sentinel named a master %s\n", cfg->redis_master_name);
-        return -1;
-    }
-    return (out[0] = login(cfg, host, port, report)) ? 1 : -1;
+    if (cfg->redis_mode != REDIS_SENTINEL)
+        return (out[0] = login(cfg, host, port, report)) ? 1 : -1;
+    /* a master named that cannot be reached (a stale sentinel's): the next sentinel's, as
+     * the engine does */
+    for (int at = ask_sentinels(cfg, 0, host, sizeof host, &port, report); at >= 0;
+         at = ask_sentinels(cfg, (size_t)at + 1, host, sizeof host, &port, report))
+        if ((out[0] = login(cfg, host, port, report)) != NULL)
+            return 1;
+    fprintf(stderr, "httpshim: redis: no sentinel named a master %s that could be reached\n", cfg->redis_master_name);
+    return -1;
 }
