@@ -83,28 +83,6 @@ static CURLM *multi;
 static CURLM *orphaned_multi;       /* a forked child's copy of the parent's: never used */
 static char scratch[HEAD_MAX + 512];
 
-/* Easy handles are reused: a new one per request cost an allocation of libcurl's own
- * state and buffers, and freeing it, on every request (a tenth of the engine's time
- * under load). A probe's handle is not: it keeps its CONNECT_ONLY connection. */
-#define EASY_SPARE_MAX 64
-static CURL *spare_easy[EASY_SPARE_MAX];
-static int n_spare_easy;
-
-static CURL *easy_get(void)
-{
-    return n_spare_easy ? spare_easy[--n_spare_easy] : curl_easy_init();
-}
-
-static void easy_put(CURL *e, bool is_probe)
-{
-    if (is_probe || n_spare_easy == EASY_SPARE_MAX) {
-        curl_easy_cleanup(e);
-        return;
-    }
-    curl_easy_reset(e);
-    spare_easy[n_spare_easy++] = e;
-}
-
 static curl_socket_t open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *addr)
 {
     struct transfer *t = clientp;
@@ -212,7 +190,7 @@ void upstream_forget(void)
     multi = NULL;
     curl_loop_forget();
     pool_queue_forget();
-    n_spare_easy = 0;                  /* the parent's handles: never used again */
+    upreq_easy_forget();               /* the parent's handles: never used again */
     pool_forget();
 }
 
@@ -605,7 +583,7 @@ static void transfer_free(struct transfer *t)
             STAT_DEC(t->app->upstream, in_flight_connected);
     }
     if (t->easy)
-        easy_put(t->easy, t->is_probe);
+        upreq_easy_put(t->easy, t->is_probe);
     curl_slist_free_all(t->headers);
     curl_slist_free_all(t->connect_to);
     buf_free(&t->head);
@@ -629,7 +607,7 @@ static struct transfer *start(struct transfer *t, struct app_side *c, const stru
     t->head.cap = RESP_HEAD_MAX;
     t->trailers.cap = TRAILERS_MAX;
     t->content_length = -1;
-    t->easy = easy_get();
+    t->easy = upreq_easy_get();
     STAT_INC(c->upstream, in_flight);
     if (!t->easy || build(t, req, body, body_len) != 0) {
         transfer_free(t);

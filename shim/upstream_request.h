@@ -17,6 +17,12 @@ struct upreq_where {
     bool verify;
 };
 
+/* An easy handle for a request (a spare, reset, or a new one), given back when its
+ * transfer ends (a probe's is freed: it holds its connection); a forked child forgets the
+ * parent's spares. */
+CURL *upreq_easy_get(void);
+void upreq_easy_put(CURL *e, bool is_probe);
+void upreq_easy_forget(void);
 /* The URL and the pin (*connect_to: a list the caller frees). */
 int upreq_aim(CURL *e, const struct upreq_where *w, struct curl_slist **connect_to);
 /* libcurl's full verification (peer and host name), against the system store plus the
