@@ -140,7 +140,7 @@ static struct curl_sock *sock_unpark(int fd)
  * asked for (shut here). Either way it is no live connection any more: libcurl finds out
  * only when it next tries it, and the pool must not count it meanwhile (an app's connect
  * to an upstream that died is then made for real, and refused as direct). */
-static void disown_unasked_bytes(int fd)
+static void idle_connection_spoke(int fd)
 {
     char scrap[16384];
     ssize_t n = recv(fd, scrap, 1, MSG_PEEK | MSG_DONTWAIT);
@@ -160,7 +160,7 @@ static void on_socket(struct loop_source *src, uint32_t events)
     struct curl_sock *cs = (struct curl_sock *)(void *)((char *)src - offsetof(struct curl_sock, src));
     if (cs->parked) {                  /* a parked connection spoke: closed, or unasked bytes */
         if (cs->idle)                  /* (a paused transfer's is its answer arriving) */
-            disown_unasked_bytes(cs->src.fd);
+            idle_connection_spoke(cs->src.fd);
         sock_release(cs);
         return;
     }

@@ -115,6 +115,18 @@ static bool old_key_goes(const struct purge_pass *p, const redisReply *key)
 
 /* One batch of SCAN's keys: decides (with the values' heads, pipelined, for a glob
  * purge of new-format keys) and UNLINKs those that go, in one command. */
+/* The next reply of a pipeline; NULL (the pass failed, its connection not used again)
+ * when none could be read. */
+static redisReply *next_reply(struct purge_pass *p)
+{
+    void *reply = NULL;
+    if (redisGetReply(p->rc, &reply) != REDIS_OK || !reply) {
+        p->failed = true;
+        return NULL;
+    }
+    return reply;
+}
+
 static void purge_batch(struct purge_pass *p, const redisReply *keys)
 {
     size_t n = keys->elements;
@@ -136,14 +148,9 @@ static void purge_batch(struct purge_pass *p, const redisReply *keys)
                 p->failed = true;      /* the connection is not used again */
                 goto out;
             }
-        for (size_t i = 0; i < n; i++) {
-            void *reply = NULL;
-            if (redisGetReply(p->rc, &reply) != REDIS_OK) {
-                p->failed = true;
+        for (size_t i = 0; i < n; i++)
+            if (!(heads[i] = next_reply(p)))
                 goto out;
-            }
-            heads[i] = reply;
-        }
     }
     size_t argc = 0;
     argv[argc] = "UNLINK";
@@ -170,17 +177,14 @@ static void purge_batch(struct purge_pass *p, const redisReply *keys)
         }
     }
     for (size_t i = 0; i < commands; i++) {
-        void *reply = NULL;
-        if (redisGetReply(p->rc, &reply) != REDIS_OK) {
-            p->failed = true;
+        redisReply *u = next_reply(p);
+        if (!u)
             goto out;
-        }
-        const redisReply *u = reply;
-        if (u && u->type == REDIS_REPLY_INTEGER)
+        if (u->type == REDIS_REPLY_INTEGER)
             p->unlinked += u->integer;
         else
             p->failed = true;
-        freeReplyObject(reply);
+        freeReplyObject(u);
     }
 out:
     for (size_t i = 0; heads && i < n; i++)
