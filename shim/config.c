@@ -113,7 +113,13 @@ static pthread_cond_t names_done_fresh;
 static void *resolve_names(void *arg)
 {
     shim_in_engine = 1;                /* the lookup's own sockets are never the app's */
-    rules_resolve_all(arg, real_getaddrinfo);
+    struct shim_config *cfg = arg;
+    rules_resolve_all(cfg, real_getaddrinfo);
+    for (size_t i = 0; i < cfg->n_upstreams; i++) {
+        char why[RULES_ERR_MAX];
+        if (rules_shadowed(cfg, i, why, sizeof why))
+            shim_log("%s:%d: %s", cfg->path, cfg->upstreams[i].line, why);
+    }
     pthread_mutex_lock(&names_lock);
     atomic_store(&names_state, NAMES_DONE);
     pthread_cond_broadcast(&names_done);

@@ -28,6 +28,15 @@ static int by_age(const void *a, const void *b)
     return x->mtime < y->mtime ? 1 : x->mtime > y->mtime ? -1 : 0;   /* newest first */
 }
 
+/* Sorts newest first and unlinks the records beyond EXITED_KEEP; how many are left. */
+static int keep_newest(struct exited_record *found, int count)
+{
+    qsort(found, (size_t)count, sizeof found[0], by_age);
+    for (int i = EXITED_KEEP; i < count; i++)
+        unlink(found[i].path);
+    return count < EXITED_KEEP ? count : EXITED_KEEP;
+}
+
 int exited_list(const char *pattern, unsigned uid, const char *suffix, struct exited_record *out, int max)
 {
     struct rules_socket_names n;
@@ -51,26 +60,23 @@ int exited_list(const char *pattern, unsigned uid, const char *suffix, struct ex
         if (!pid || (size_t)snprintf(path, sizeof path, "%s/%s", n.dir, de->d_name) >= sizeof path
             || lstat(path, &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != uid)
             continue;
-        if (now - st.st_mtime > EXITED_MAX_AGE_S || count == EXITED_SCAN_MAX) {
-            unlink(path);              /* too old, or beyond what anyone keeps */
+        if (now - st.st_mtime > EXITED_MAX_AGE_S) {
+            unlink(path);              /* too old */
             continue;
         }
+        if (count == EXITED_SCAN_MAX)  /* full: the newest EXITED_KEEP stay, whatever readdir's order */
+            count = keep_newest(found, count);
         found[count].pid = pid;
         found[count].mtime = st.st_mtime;
         memcpy(found[count].path, path, sizeof path);
         count++;
     }
     closedir(d);
-    qsort(found, (size_t)count, sizeof found[0], by_age);
+    count = keep_newest(found, count);
     int kept = 0;
-    for (int i = 0; i < count; i++) {
-        if (i >= EXITED_KEEP) {
-            unlink(found[i].path);
-            continue;
-        }
+    for (int i = 0; i < count; i++)
         if (out && kept < max)
             out[kept++] = found[i];
-    }
     free(found);
     return kept;
 }
@@ -169,6 +175,24 @@ size_t exited_read_self(const char *file, char *out, size_t n)
     return got;
 }
 
+unsigned long long exited_start_ticks(int pid)
+{
+    char path[64], stat[1024];
+    snprintf(path, sizeof path, pid ? "/proc/%d/stat" : "/proc/self/stat", pid);
+    FILE *f = fopen(path, "re");
+    size_t n = f ? fread(stat, 1, sizeof stat - 1, f) : 0;
+    if (f)
+        real_fclose(f);
+    stat[n] = 0;
+    const char *after = strrchr(stat, ')');   /* (a command name may hold spaces and parentheses) */
+    unsigned long long ticks = 0;
+    /* after the name: the state (field 3) ... the start time (field 22) */
+    if (!after || sscanf(after + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u %*d %*d %*d %*d %*d %*d %llu",
+                         &ticks) != 1)
+        return 0;
+    return ticks;
+}
+
 int exited_write_inert(const char *reason)
 {
     char socket_path[EXITED_PATH_MAX];
@@ -184,8 +208,9 @@ int exited_write_inert(const char *reason)
     exited_json_escape(raw, got, cmdline, sizeof cmdline);
     exited_json_escape(reason, strnlen(reason, 512), why, sizeof why);
     int n = snprintf(json, sizeof json,
-                     "{\"pid\":%d,\"comm\":\"%s\",\"cmdline\":\"%s\",\"started_unix\":%lld,\"inert\":\"%s\","
-                     "\"upstreams\":{}}\n", (int)getpid(), comm, cmdline, (long long)time(NULL), why);
+                     "{\"pid\":%d,\"comm\":\"%s\",\"cmdline\":\"%s\",\"started_unix\":%lld,\"start_ticks\":%llu,"
+                     "\"inert\":\"%s\",\"upstreams\":{}}\n", (int)getpid(), comm, cmdline, (long long)time(NULL),
+                     exited_start_ticks(0), why);
     if (n < 0 || (size_t)n >= sizeof json)
         return -1;
     return exited_write(socket_path, INERT_SUFFIX, json, (size_t)n);

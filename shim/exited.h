@@ -27,7 +27,8 @@ int exited_list(const char *pattern, unsigned uid, const char *suffix, struct ex
 /* Leaves json as the record (socket_path + suffix) of the process: 0 on success. */
 int exited_write(const char *socket_path, const char *suffix, const char *json, size_t len);
 /* This process's inert record beside the default socket path: its pid, command and why
- * the shim is inert in it ({"pid", "comm", "cmdline", "inert": reason}). 0 on success. */
+ * the shim is inert in it ({"pid", "comm", "cmdline", "started_unix", "start_ticks", "inert":
+ * reason}). 0 on success. */
 int exited_write_inert(const char *reason);
 /* The socket's directory: created 0700, or an existing one that others cannot replace
  * files in. 0, or -1 with errno. */
@@ -38,6 +39,10 @@ bool exited_dir_trusted(const struct stat *st, unsigned uid);
 int exited_prepare_dir(const char *socket_path);
 /* A JSON string's contents, escaped (and cut at n - 1 bytes). */
 void exited_json_escape(const char *in, size_t in_len, char *out, size_t n);
+/* When process pid (0: this one) started, in clock ticks since boot (/proc/PID/stat's
+ * starttime): with its pid, what tells it from a later process given the same pid. 0 when
+ * unknown. */
+unsigned long long exited_start_ticks(int pid);
 /* /proc/self/FILE's first n - 1 bytes, NULs as spaces, the trailing newline dropped. */
 size_t exited_read_self(const char *file, char *out, size_t n);
 #endif

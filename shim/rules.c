@@ -101,6 +101,17 @@ static char *trim(char *s)
     return s;
 }
 
+/* The first %p of a stats_socket pattern that is one (not the tail of a "%%"), or NULL. */
+static const char *pid_token(const char *pattern)
+{
+    for (const char *c = pattern; *c; c++)
+        if (*c == '%' && c[1] == 'p')
+            return c;
+        else if (*c == '%' && c[1])
+            c++;
+    return NULL;
+}
+
 static void strip_comment(char *s)
 {
     /* '#' starts a comment at line start or after white space, so globs and
@@ -548,13 +559,18 @@ static int set_global(struct parser *p, const struct global_key *k, const char *
     }
     case G_SOCKET: {
         const char *slash = strrchr(val, '/');
-        if (val[0] != '/' || !slash || !strstr(slash, "%p") || strlen(val) >= sizeof cfg->stats_socket)
-            return fail(p, "stats_socket '%s': expected an absolute path whose file name contains %%p", val);
         for (const char *c = val; *c; c++)
             if (*c == '%' && c[1] != 'p' && c[1] != 'u' && c[1] != '%')
                 return fail(p, "stats_socket '%s': only %%p, %%u and %%%% may follow '%%'", val);
             else if (*c == '%')
                 c++;
+        /* one %p, in the file name: the CLI finds a process's socket by its pid there
+         * (a "%%p" is a literal "%p", the same name for every process) */
+        const char *pid_at = slash ? pid_token(slash) : NULL;
+        if (val[0] != '/' || !pid_at || pid_token(pid_at + 2) || pid_token(val) != pid_at
+            || strlen(val) >= sizeof cfg->stats_socket)
+            return fail(p, "stats_socket '%s': expected an absolute path whose file name contains %%p once "
+                           "(and the directory none)", val);
         snprintf(cfg->stats_socket, sizeof cfg->stats_socket, "%s", val);
         return 0;
     }
@@ -613,12 +629,12 @@ int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX
     char line[4096];
     int rc = 0;
     for (;;) {
-        memset(line, 0, sizeof line);  /* (so that a NUL byte inside a line can be told) */
+        long at = ftell(f);           /* (what fgets consumed tells a NUL byte inside a line) */
         if (!fgets(line, sizeof line, f))
             break;
         p.line++;
         size_t len = strlen(line);
-        if (len + 1 < sizeof line && memchr(line + len + 1, '\n', sizeof line - len - 1)) {
+        if (at < 0 || ftell(f) != at + (long)len) {
             rc = fail(&p, "a NUL byte inside the line");
             break;
         }
@@ -626,10 +642,11 @@ int rules_load(const char *path, struct shim_config *cfg, char err[RULES_ERR_MAX
             rc = fail(&p, "line longer than %zu bytes", sizeof line - 2);
             break;
         }
-        strip_comment(line);
-        char *s = trim(line);
+        char *s = line;
         if (p.line == 1 && !memcmp(s, "\xef\xbb\xbf", 3))
-            s = trim(s + 3);           /* a UTF-8 byte order mark, as editors on Windows save */
+            s += 3;                   /* a UTF-8 byte order mark, as editors on Windows save */
+        strip_comment(s);
+        s = trim(s);
         if (!*s)
             continue;
         if (*s == '[') {
@@ -764,14 +781,18 @@ int rules_socket_names(const char *pattern, unsigned uid, struct rules_socket_na
     if (!slash || rules_expand_socket_path(pattern, 0, uid, dir, sizeof dir) != 0)
         return -1;
     char *dslash = strrchr(dir, '/');
-    const char *pp = strstr(slash + 1, "%p");
-    if (!dslash || !pp || (size_t)(pp - slash - 1) >= sizeof n->prefix || strlen(pp + 2) >= sizeof n->suffix)
+    const char *pp = pid_token(slash + 1);
+    char prefix[sizeof n->prefix];
+    if (!dslash || !pp || (size_t)(pp - slash - 1) >= sizeof prefix)
         return -1;
     *dslash = 0;
     snprintf(n->dir, sizeof n->dir, "%s", dir[0] ? dir : "/");
-    memcpy(n->prefix, slash + 1, (size_t)(pp - slash - 1));
-    n->prefix[pp - slash - 1] = 0;
-    snprintf(n->suffix, sizeof n->suffix, "%s", pp + 2);
+    memcpy(prefix, slash + 1, (size_t)(pp - slash - 1));
+    prefix[pp - slash - 1] = 0;
+    /* the name around the pid, its %u and %% spelt out as the library spells them */
+    if (rules_expand_socket_path(prefix, 0, uid, n->prefix, sizeof n->prefix) != 0
+        || rules_expand_socket_path(pp + 2, 0, uid, n->suffix, sizeof n->suffix) != 0)
+        return -1;
     return 0;
 }
 

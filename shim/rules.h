@@ -65,6 +65,10 @@ struct upstream_rule {
     struct cache_rule *cache_rules;   /* heap, n_cache_rules long; freed by rules_free */
     size_t n_addrs;                /* guarded by rules_addr_lock in rules.c */
     struct rules_addr addrs[RULES_MAX_ADDRS];
+    /* an address its name resolved to that another section of the same port held already
+     * (a literal, or a name resolved before): the address stays that section's */
+    int shadowed_by_line;
+    struct rules_addr shadowed;
 };
 
 enum cache_backend { CACHE_OFF, CACHE_MEMORY, CACHE_REDIS };
@@ -115,6 +119,10 @@ struct shim_config {
 };
 
 typedef int (*rules_resolver)(const char *, const char *, const struct addrinfo *, struct addrinfo **);
+
+/* A named upstream whose name resolved to an address another section of its port holds:
+ * writes what to say (its FILE:LINE is the caller's) and answers true. */
+bool rules_shadowed(struct shim_config *cfg, size_t upstream, char *why, size_t cap);
 
 /* Parses `path` into `cfg` (defaults first). On error returns -1 and writes
  * "FILE:LINE: what is wrong" into err. A missing file is -1 with errno ENOENT and err "". */

@@ -9,12 +9,21 @@
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <strings.h>
 
 static pthread_mutex_t rules_addr_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static void add_addr_locked(struct upstream_rule *u, int family, const void *bytes)
+static bool holds_locked(const struct upstream_rule *u, int family, const void *bytes, size_t n)
+{
+    for (size_t i = 0; i < u->n_addrs; i++)
+        if (u->addrs[i].family == family && !memcmp(u->addrs[i].bytes, bytes, n))
+            return true;
+    return false;
+}
+
+static void add_addr_locked(struct shim_config *cfg, struct upstream_rule *u, int family, const void *bytes)
 {
     static const uint8_t v4mapped[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
     if (family == AF_INET6 && !memcmp(bytes, v4mapped, sizeof v4mapped)) {
@@ -22,9 +31,22 @@ static void add_addr_locked(struct upstream_rule *u, int family, const void *byt
         bytes = (const uint8_t *)bytes + 12;
     }
     size_t n = family == AF_INET ? 4 : 16;
-    for (size_t i = 0; i < u->n_addrs; i++)
-        if (u->addrs[i].family == family && !memcmp(u->addrs[i].bytes, bytes, n))
+    if (holds_locked(u, family, bytes, n))
+        return;
+    /* one address and port, one section: a name that resolves to another section's
+     * address is said (rules_shadowed), never silently half-applied */
+    for (size_t i = 0; i < cfg->n_upstreams; i++) {
+        const struct upstream_rule *o = &cfg->upstreams[i];
+        if (o != u && o->port == u->port && holds_locked(o, family, bytes, n)) {
+            if (!u->shadowed_by_line) {
+                u->shadowed_by_line = o->line;
+                u->shadowed.family = family;
+                memset(u->shadowed.bytes, 0, sizeof u->shadowed.bytes);
+                memcpy(u->shadowed.bytes, bytes, n);
+            }
             return;
+        }
+    }
     if (u->n_addrs == RULES_MAX_ADDRS)
         return;                        /* documented cap: further addresses are not diverted */
     u->addrs[u->n_addrs].family = family;
@@ -33,13 +55,13 @@ static void add_addr_locked(struct upstream_rule *u, int family, const void *byt
     u->n_addrs++;
 }
 
-static void learn_from_addrinfo(struct upstream_rule *u, const struct addrinfo *res)
+static void learn_from_addrinfo(struct shim_config *cfg, struct upstream_rule *u, const struct addrinfo *res)
 {
     for (const struct addrinfo *ai = res; ai; ai = ai->ai_next) {
         if (ai->ai_family == AF_INET)
-            add_addr_locked(u, AF_INET, &((const struct sockaddr_in *)(const void *)ai->ai_addr)->sin_addr);
+            add_addr_locked(cfg, u, AF_INET, &((const struct sockaddr_in *)(const void *)ai->ai_addr)->sin_addr);
         else if (ai->ai_family == AF_INET6)
-            add_addr_locked(u, AF_INET6, &((const struct sockaddr_in6 *)(const void *)ai->ai_addr)->sin6_addr);
+            add_addr_locked(cfg, u, AF_INET6, &((const struct sockaddr_in6 *)(const void *)ai->ai_addr)->sin6_addr);
     }
 }
 
@@ -53,7 +75,7 @@ void rules_resolve_all(struct shim_config *cfg, rules_resolver resolve)
         if (resolve(u->host, NULL, &hints, &res) != 0 || !res)
             continue;                  /* learned later from the app's own lookups */
         pthread_mutex_lock(&rules_addr_lock);
-        learn_from_addrinfo(u, res);
+        learn_from_addrinfo(cfg, u, res);
         pthread_mutex_unlock(&rules_addr_lock);
         freeaddrinfo(res);
     }
@@ -101,7 +123,7 @@ void rules_learn(struct shim_config *cfg, const char *name, int family, const vo
     for (size_t i = 0; i < cfg->n_upstreams; i++) {
         struct upstream_rule *u = &cfg->upstreams[i];
         if (!u->host_is_literal && !strcasecmp(u->host, name))
-            add_addr_locked(u, family, bytes);
+            add_addr_locked(cfg, u, family, bytes);
     }
     pthread_mutex_unlock(&rules_addr_lock);
 }
@@ -143,4 +165,21 @@ int rules_match_addr(struct shim_config *cfg, const struct sockaddr *sa, socklen
     }
     pthread_mutex_unlock(&rules_addr_lock);
     return found;
+}
+
+bool rules_shadowed(struct shim_config *cfg, size_t upstream, char *why, size_t cap)
+{
+    const struct upstream_rule *u = &cfg->upstreams[upstream];
+    pthread_mutex_lock(&rules_addr_lock);
+    int line = u->shadowed_by_line;
+    struct rules_addr a = u->shadowed;
+    pthread_mutex_unlock(&rules_addr_lock);
+    if (!line)
+        return false;
+    char ip[INET6_ADDRSTRLEN];
+    inet_ntop(a.family, a.bytes, ip, sizeof ip);
+    snprintf(why, cap, "[upstream %s:%u] resolves to %s, which the section at line %d has already: "
+                       "connections to %s:%u follow that section, never this one's settings and rules",
+             u->host, u->port, ip, line, ip, u->port);
+    return true;
 }

@@ -821,6 +821,13 @@ static void on_listener(struct loop_source *src, uint32_t ev)
                        && (cred.uid == getuid() || cred.uid == 0);
         struct stats_client *cl = allowed && S.n_clients < STATS_MAX_CLIENTS ? calloc(1, sizeof *cl) : NULL;
         if (!cl) {
+            /* a busy socket says so: closed without a word, the CLI left this process out
+             * of its sums as if it had never been there */
+            static const char busy[] = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                       "Content-Length: 41\r\nConnection: close\r\n\r\n"
+                                       "{\"error\":\"busy: too many stats clients\"}\n";
+            if (allowed)
+                (void)!real_send(fd, busy, sizeof busy - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
             atomic_fetch_add(&refused_peers, 1);
             real_close(fd);
             continue;

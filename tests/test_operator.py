@@ -387,7 +387,9 @@ def test_secret_files_that_are_not_regular_files_and_a_repeated_cache_are_refuse
 
 @pytest.mark.parametrize("args", [["check", "--bogus"], ["check", "rules.conf", "extra"], ["stats", "--bogus"],
                                   ["stats", "extra"], ["stats", "--json", "--prometheus"], ["purge", "--bogus"],
-                                  ["purge", "/a", "/b"], ["run", "--bogus", "--", "true"]])
+                                  ["purge", "/a", "/b"], ["run", "--bogus", "--", "true"],
+                                  ["check", "--defaults", "extra"], ["purge", "--upstream", "127.0.0.1:99999"],
+                                  ["purge", "--upstream", "127.0.0.1:0"]])
 def test_a_wrong_command_line_is_a_usage_error(args, cli):
     """An option a command does not know, an argument too many, two output formats: exit 2
     and a usage line. Before, `check --bogus` looked for a file named --bogus (exit 1),
@@ -421,6 +423,10 @@ def test_a_bom_is_read_past_and_run_keeps_a_link(tmp_path, cli):
     bom = tmp_path / "bom.conf"
     bom.write_bytes(b"\xef\xbb\xbf[global]\ncache = memory\n")
     r = run([cli, "check", str(bom)], shim=False, timeout=20)
+    assert r.rc == 0, r.describe()
+    commented = tmp_path / "bom-comment.conf"     # (the comment was cut before the mark was seen)
+    commented.write_bytes(b"\xef\xbb\xbf# rules for my service\n[global]\ncache = memory\n")
+    r = run([cli, "check", str(commented)], shim=False, timeout=20)
     assert r.rc == 0, r.describe()
     (tmp_path / "link.conf").symlink_to(bom)
     r = run([cli, "run", "-c", "link.conf", "--", "sh", "-c", "echo $HTTPSHIM_CONF"], shim=False, timeout=20,
@@ -489,3 +495,128 @@ def test_stopped_processes_cost_one_timeout_together_and_are_named(upstream, soc
         while time.time() < deadline and get_stats(a.sock)["upstreams"][label(upstream)]["memory_entries"]:
             time.sleep(0.1)
         assert get_stats(a.sock)["upstreams"][label(upstream)]["memory_entries"] == 0, a.pid
+
+
+def test_a_name_resolving_to_another_sections_address_is_said(upstream, sockdir, tmp_path, cli):
+    """[upstream localhost:P] beside [upstream 127.0.0.1:P] (which has the cache rule): one
+    address, one section. Before, the named section took every connection and the other's
+    rule was never used, without a word (check: ok; 0 hits in 3 GETs). Now the address stays
+    the literal section's, every process says so on stderr, and check warns."""
+    if "curl" in SANITIZER_SKIP:
+        pytest.skip("curl cannot run under the sanitizer runtime")
+    conf = write_rules(tmp_path, [], name="alias.conf", raw=(
+        "[global]\nstats_socket = %s/s/%%p.sock\n[upstream localhost:%d]\n[upstream 127.0.0.1:%d]\n"
+        "cache GET /bytes/* ttl=10m\n" % (sockdir, upstream.port, upstream.port)))
+    c = run([cli, "check", conf], shim=False, timeout=20)
+    assert c.rc == 0 and b":3: warning: [upstream localhost:%d] resolves to 127.0.0.1" % upstream.port in c.err, \
+        c.describe()
+    url = upstream.url("/bytes/64")
+    r = run(["curl", "-s", "-o", "/dev/null", "-o", "/dev/null", "-o", "/dev/null", url, url, url], conf=conf)
+    assert r.rc == 0 and b"resolves to 127.0.0.1, which the section at line 4 has already" in r.err, r.describe()
+    doc = json.loads(run([cli, "stats", "-c", conf, "--json"], shim=False).out.decode())
+    assert doc["total"]["upstreams"][label(upstream)]["hits"] == 2, doc["total"]
+
+
+def test_a_busy_stats_socket_is_named_not_left_out_in_silence(upstream, sockdir, tmp_path, apps, cli):
+    """A live process whose stats socket is serving 16 clients already: the 17th (the CLI) is
+    answered 503, and stats and purge name the process on stderr (purge exits 1). Before,
+    it was accepted and closed: `purge` printed "purged 0 entries in 0 processes", exit 0,
+    and stats left the process out, without a word."""
+    conf = stats_conf(tmp_path, sockdir, [(upstream, ["GET /bytes/* ttl=10m"])])
+    app = apps(conf, sockdir)
+    app.get(upstream.port, "/bytes/10", n=1)
+    wait_socket(app.sock)
+    held = []
+    try:
+        for _ in range(16):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(app.sock)
+            held.append(s)
+        time.sleep(0.3)                                  # (all 16 accepted: the next is the 17th)
+        p = run([cli, "purge", "-c", conf, "/bytes/*"], shim=False, timeout=20)
+        assert p.rc == 1 and b"answered with an error" in p.err and b" %d" % app.pid in p.err, p.describe()
+        st = run([cli, "stats", "-c", conf, "--live"], shim=False, timeout=20)
+        assert st.rc == 0 and b"answered with an error" in st.err and b" %d" % app.pid in st.err, st.describe()
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_the_newest_exited_records_stay_however_many_there_are(upstream, sockdir, tmp_path, cli):
+    """3 000 old records and 5 new ones: the 5 newest are among the 256 kept. Before, every
+    record the directory listed after the first 1 024 was removed, whatever its age."""
+    conf = stats_conf(tmp_path, sockdir, [(upstream, ["GET /bytes/* ttl=10m"])])
+    d = Path(sockdir) / "s"
+    d.mkdir(mode=0o700, exist_ok=True)
+    doc = {"comm": "x", "exited": True, "upstreams": {}, "redis": {}}
+    now = time.time()
+    for i in range(3005):
+        pid = 100000 + i
+        p = d / ("%d.sock.exited" % pid)
+        p.write_text(json.dumps(dict(doc, pid=pid)))
+        age = 1 if i >= 3000 else 600 + i % 1000
+        os.utime(p, (now - age, now - age))
+    run([cli, "stats", "-c", conf, "--json"], shim=False, timeout=60)
+    left = {p.name for p in d.iterdir() if p.name.endswith(".exited")}
+    assert len(left) == 256, len(left)
+    assert all("%d.sock.exited" % (103000 + i) in left for i in range(5)), sorted(left)[-8:]
+
+
+def test_what_records_say_reaches_the_terminal_harmless(upstream, sockdir, tmp_path, cli):
+    """Records another user writes (seen with --user), or a process answers: a command name
+    with an escape sequence and a newline is shown with '?' in the table (--json keeps it,
+    escaped); a record whose pid is not its file's, or with a string where a counter goes,
+    is left out; an inert record of a pid now held by a later process is not "live". Before,
+    the table printed the name raw (an escape sequence to the operator's terminal, a row
+    split in two), the totals carried "hits": "x", and any process holding the pid made an
+    inert record live."""
+    conf = stats_conf(tmp_path, sockdir, [(upstream, ["GET /bytes/* ttl=10m"])])
+    d = Path(sockdir) / "s"
+    d.mkdir(mode=0o700, exist_ok=True)
+    up = {label(upstream): {"requests": 3, "hits": 2}}
+    now = time.time()
+
+    def record(pid, suffix, body):
+        p = d / ("%d.sock%s" % (pid, suffix))
+        p.write_text(json.dumps(body))
+        os.utime(p, (now - 5, now - 5))
+
+    record(200001, ".exited", {"pid": 200001, "comm": "x\x1b[31mRED\nFAKE", "exited": True, "upstreams": up})
+    record(200002, ".exited", {"pid": 1, "comm": "wrongpid", "exited": True, "upstreams": up})
+    record(200003, ".exited", {"pid": 200003, "comm": "garbage", "exited": True,
+                               "upstreams": {label(upstream): {"requests": 1, "hits": "x"}}})
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        # an inert record of sleeper's pid, written by a process that started at another tick
+        record(sleeper.pid, ".inert", {"pid": sleeper.pid, "comm": "gone", "started_unix": int(now) - 60,
+                                       "start_ticks": 1, "inert": "bad rules", "upstreams": {}})
+        text = table(cli, conf)
+        assert "\x1b" not in text and "x?[31mRED?FAKE" in text, text
+        doc = json.loads(run([cli, "stats", "-c", conf, "--json"], shim=False).out.decode())
+        assert [p["comm"] for p in doc["processes"]] == ["x\x1b[31mRED\nFAKE"], doc["processes"]
+        assert doc["total"]["upstreams"][label(upstream)]["hits"] == 2, doc["total"]
+        assert [r["live"] for r in doc["inert"] if r["pid"] == sleeper.pid] == [False], doc["inert"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_rules_file_named_but_unreadable_is_never_swapped_for_the_defaults(tmp_path, cli):
+    """`stats -c FILE` / `purge -c FILE` with FILE missing (a typo): exit 1 naming it. Before,
+    both looked at the default sockets and exited 0, as if FILE's processes had none."""
+    missing = str(tmp_path / "no-such-rules.conf")
+    for args in (["stats", "-c", missing, "--live"], ["purge", "-c", missing, "/x"]):
+        r = run([cli] + args, shim=False, timeout=20)
+        assert r.rc == 1 and missing.encode() + b": No such file or directory" in r.err, r.describe()
+
+
+def test_check_warns_of_a_stats_socket_no_process_can_make(tmp_path, cli):
+    """A stats_socket longer than a socket path can be, or under a directory that does not
+    exist: the library runs without stats (one stderr line); check said "ok" without a word.
+    Now it warns (exit 0: the rules are valid)."""
+    long_dir = "/tmp/" + "d" * 110
+    for sock, said in ((long_dir + "/%p.sock", b"longer than a socket path can be"),
+                       (str(tmp_path / "no" / "such" / "%p.sock"), b"does not exist")):
+        conf = write_rules(tmp_path, [], name="sock.conf", raw="[global]\nstats_socket = %s\n" % sock)
+        r = run([cli, "check", conf], shim=False, timeout=20)
+        assert r.rc == 0 and b"warning: stats_socket" in r.err and said in r.err, r.describe()

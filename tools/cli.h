@@ -40,6 +40,8 @@ void ask_all(const struct proc *procs, int n, const char *method, const char *ta
  * " 1 2 3" into buf (as many as fit, then "..."); how many there are. */
 #define ASK_NO_ANSWER ((1u << ASK_SILENT) | (1u << ASK_UNREACHED))
 int pids_with(const struct proc *procs, const struct answer *answers, int n, unsigned what, char *buf, size_t size);
+/* The processes whose answer was an error (ASK_FAILED; pids as pids_with gives them) named on stderr. */
+void say_failed(const char *cmd, int count, const char *pids);
 json_t *parse_answer(const char *text, size_t len);
 double num(const json_t *obj, const char *key);
 /* Adds src's numbers into dst (histogram buckets too), recursively. */

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 #include "../shim/rules.h"
@@ -28,10 +29,46 @@
 
 /* ---- check ---- */
 
+/* What the library would find when it opens stats_socket, said as warnings (the rules are
+ * valid; that process runs without stats). Nothing is created. */
+static void check_stats_socket(const char *file, const struct shim_config *cfg)
+{
+    char path[512], dir[512];
+    struct sockaddr_un sun;
+    /* a 7-digit pid (Linux's largest) is the longest name a process gets */
+    if (rules_expand_socket_path(cfg->stats_socket, 4194304, (unsigned)getuid(), path, sizeof path) != 0
+        || strlen(path) >= sizeof sun.sun_path) {
+        fprintf(stderr, "%s: warning: stats_socket %s: longer than a socket path can be (%zu bytes at most, with "
+                        "the pid): processes run without stats\n", file, cfg->stats_socket, sizeof sun.sun_path - 1);
+        return;
+    }
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (!slash || slash == dir)
+        return;
+    *slash = 0;
+    struct stat st;
+    if (lstat(dir, &st) == 0) {
+        if (!exited_dir_trusted(&st, (unsigned)getuid()))
+            fprintf(stderr, "%s: warning: stats_socket's directory %s is %s: processes of uid %u run without "
+                            "stats\n", file, dir, S_ISDIR(st.st_mode) ? "one others can replace files in"
+                                                                      : "not a directory", (unsigned)getuid());
+        return;
+    }
+    char *up = strrchr(dir, '/');
+    if (up && up != dir)
+        *up = 0;
+    else
+        snprintf(dir, sizeof dir, "/");
+    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
+        fprintf(stderr, "%s: warning: stats_socket %s: %s does not exist, and only the last directory is made: "
+                        "processes run without stats\n", file, cfg->stats_socket, dir);
+}
+
 int cmd_check(int argc, char **argv)
 {
     if (argc > 1 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) {
-        printf("usage: httpshim check [--connect] [FILE]\n       httpshim check --defaults\n"
+        printf("usage: httpshim check [--connect] [[-c] FILE]\n       httpshim check --defaults\n"
                "Validates a rules file (default $HTTPSHIM_CONF or %s) and prints\n"
                "each upstream with the addresses it resolves to and each rule as understood.\n"
                "Exit 0 when valid, 1 with FILE:LINE messages when not.\n"
@@ -41,6 +78,10 @@ int cmd_check(int argc, char **argv)
         return 0;
     }
     if (argc > 1 && !strcmp(argv[1], "--defaults")) {
+        if (argc > 2) {
+            fprintf(stderr, "httpshim check: %s: an argument too many\nusage: httpshim check --defaults\n", argv[2]);
+            return 2;
+        }
         const char *def;
         for (size_t i = 0; i < rules_global_keys(); i++) {
             const char *name = rules_global_key(i, &def);
@@ -53,11 +94,16 @@ int cmd_check(int argc, char **argv)
         argc--;
         argv++;
     }
+    if (argc > 2 && !strcmp(argv[1], "-c")) {   /* as stats, purge and run take it */
+        argc--;
+        argv++;
+    }
     /* an option it does not know, or more than one FILE: a usage error, not a file */
     if (argc > 2 || (argc > 1 && argv[1][0] == '-' && argv[1][1])) {
+        bool option = argv[1][0] == '-' && argv[1][1];
         fprintf(stderr, "httpshim check: %s: %s\nusage: httpshim check [--connect] [FILE]\n"
-                        "       httpshim check --defaults\n", argc > 2 ? argv[2] : argv[1],
-                argc > 2 ? "one FILE at most" : "unknown option");
+                        "       httpshim check --defaults\n", option ? argv[1] : argv[2],
+                option ? "unknown option" : "one FILE at most");
         return 2;
     }
     const char *path = argc > 1 ? argv[1] : conf_path(NULL);
@@ -74,6 +120,7 @@ int cmd_check(int argc, char **argv)
         return 1;
     }
     printf("%s: ok\n", path);
+    check_stats_socket(path, cfg);
     printf("global: pool_max_per_host=%u pool_idle_max=%u pool_queue_timeout=%lldms pool_idle_timeout=%lldms "
            "upstream_timeout=%lldms cache=%s memory_max=%lld max_object=%lld stats_socket=%s busy_poll=%lldus\n",
            cfg->pool_max_per_host, cfg->pool_idle_max, (long long)cfg->pool_queue_timeout_ms,
@@ -92,6 +139,11 @@ int cmd_check(int argc, char **argv)
                     path, u->cache_rules[0].line, u->host, u->port);
     }
     rules_resolve_all(cfg, getaddrinfo);
+    for (size_t i = 0; i < cfg->n_upstreams; i++) {
+        char why[RULES_ERR_MAX];
+        if (rules_shadowed(cfg, i, why, sizeof why))
+            fprintf(stderr, "%s:%d: warning: %s\n", path, cfg->upstreams[i].line, why);
+    }
     for (size_t i = 0; i < cfg->n_upstreams; i++) {
         const struct upstream_rule *u = &cfg->upstreams[i];
         printf("upstream %s:%u (line %d) ->", u->host, u->port, u->line);

@@ -232,6 +232,14 @@ void ask_all(const struct proc *procs, int n, const char *method, const char *ta
     free(rs);
 }
 
+void say_failed(const char *cmd, int count, const char *pids)
+{
+    if (count)
+        fprintf(stderr, "httpshim %s: %d process%s answered with an error (a socket busy with other clients, too "
+                        "large an answer, or one that is not JSON), left out:%s\n", cmd, count,
+                count == 1 ? "" : "es", pids);
+}
+
 int pids_with(const struct proc *procs, const struct answer *answers, int n, unsigned what, char *buf, size_t size)
 {
     int count = 0;
@@ -397,8 +405,14 @@ int load_pattern(const char *conf, char *pattern, size_t n)
     if (!cfg)
         return -1;
     int rc = rules_load(conf, cfg, err);
-    if (rc != 0 && err[0]) {
-        fprintf(stderr, "httpshim: %s\n", err);
+    int why = errno;
+    /* only the default file may be missing (then the default sockets); a file named by -c or
+     * HTTPSHIM_CONF that cannot be read is not quietly swapped for the defaults */
+    if (rc != 0 && (err[0] || strcmp(conf, DEFAULT_CONF) || why != ENOENT)) {
+        if (err[0])
+            fprintf(stderr, "httpshim: %s\n", err);
+        else
+            fprintf(stderr, "httpshim: %s: %s\n", conf, strerror(why));
         free(cfg);
         return -1;
     }

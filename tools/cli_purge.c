@@ -306,8 +306,9 @@ int cmd_purge(int argc, char **argv)
         return 2;
     }
     const char *colon = strrchr(upstream, ':');
-    if (upstream[0] && (!colon || colon == upstream || !colon[1] || strspn(colon + 1, "0123456789") != strlen(colon + 1))) {
-        fprintf(stderr, "httpshim purge: --upstream '%s' is not HOST:PORT\n", upstream);
+    if (upstream[0] && (!colon || colon == upstream || !colon[1] || strspn(colon + 1, "0123456789") != strlen(colon + 1)
+                        || strlen(colon + 1) > 5 || atoi(colon + 1) < 1 || atoi(colon + 1) > 65535)) {
+        fprintf(stderr, "httpshim purge: --upstream '%s' is not HOST:PORT (a port 1-65535)\nusage: httpshim purge [-c FILE] [--upstream HOST:PORT] [GLOB]\n", upstream);
         return 2;
     }
     if (strchr(glob, '?') && strchr(glob, '='))
@@ -338,6 +339,8 @@ int cmd_purge(int argc, char **argv)
             const char *msg = json_string_value(error);
             fprintf(stderr, "httpshim purge: pid %d: %s\n", procs[i].pid, msg ? msg : "(null)");
             failed++;
+        } else if (answers[i].outcome == ASK_ANSWERED) {
+            answers[i].outcome = ASK_FAILED;   /* an answer that is not JSON: named below */
         }
         json_decref(j);
         free(text);
@@ -367,6 +370,9 @@ int cmd_purge(int argc, char **argv)
         fprintf(stderr, "httpshim purge: %d process%s could not be reached (stopped with %s socket's backlog full, "
                         "or busy): nothing purged there:%s\n", unreached, unreached == 1 ? "" : "es",
                 unreached == 1 ? "its" : "their", pids);
+    int refused = pids_with(procs, answers, n, 1u << ASK_FAILED, pids, sizeof pids);
+    say_failed("purge", refused, pids);
+    failed += refused;
     if (others)
         fprintf(stderr, "httpshim purge: %d process%s whose rules do not list %s: nothing of theirs purged\n", others,
                 others == 1 ? "" : "es", upstream);

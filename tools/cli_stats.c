@@ -93,6 +93,8 @@ struct snapshot {
     double at;                         /* CLOCK_MONOTONIC seconds */
     int unanswered;                    /* live processes left out: no answer by the deadline */
     char unanswered_pids[512];
+    int failed;                        /* ... and those that answered with an error */
+    char failed_pids[512];
 };
 
 /* The live processes that did not answer (stopped with SIGSTOP, or too busy) are named on
@@ -156,14 +158,126 @@ static void add_doc(struct snapshot *s, json_t *j, double exited_age)
     }
 }
 
+/* For the table: a string's control characters (an escape sequence, a newline in a command
+ * name another user chose) shown as '?', so that no one writes to the operator's terminal
+ * or splits a row; --json keeps them, escaped. */
+static bool printable_only;
+
+static json_t *printable_string(const char *text)
+{
+    char *copy = strdup(text);
+    for (char *c = copy; c && *c; c++)
+        if ((unsigned char)*c < 0x20 || *c == 0x7f)
+            *c = '?';
+    json_t *r = copy ? json_string(copy) : NULL;   /* (invalid UTF-8 cannot come from parse_answer) */
+    free(copy);
+    return r;
+}
+
+static void make_printable(json_t *v, int depth)
+{
+    if (depth > 8)
+        return;
+    if (json_is_array(v)) {
+        for (size_t i = 0; i < json_array_size(v); i++) {
+            json_t *e = json_array_get(v, i);
+            if (json_is_string(e))
+                json_array_set_new(v, i, printable_string(json_string_value(e)));
+            else
+                make_printable(e, depth + 1);
+        }
+        return;
+    }
+    if (!json_is_object(v))
+        return;
+    json_t *fixed = json_object();
+    for (void *it = json_object_iter(v); it && fixed; it = json_object_iter_next(v, it)) {
+        json_t *e = json_object_iter_value(it);
+        json_t *key = printable_string(json_object_iter_key(it));
+        if (json_is_string(e))
+            json_object_set_new(fixed, json_string_value(key), printable_string(json_string_value(e)));
+        else {
+            make_printable(e, depth + 1);
+            json_object_set(fixed, json_string_value(key), e);
+        }
+        json_decref(key);
+    }
+    if (fixed) {
+        json_object_clear(v);
+        json_object_update(v, fixed);  /* (in the same order: the table's rows keep theirs) */
+    }
+    json_decref(fixed);
+}
+
+/* What a process or its record says reaches an operator who may be root reading another
+ * user's (--user): strings only where the document has names (a command, a rule, an
+ * address, why it is inert), every other leaf a number or a boolean, and the pid the one
+ * its socket or file is named by. Anything else is left out, as a corrupt record is. */
+static bool well_formed_value(const json_t *v, const char *key, int depth)
+{
+    static const char *const named[] = { "comm", "cmdline", "rule", "mode", "master", "address", "inert" };
+    if (depth > 8)
+        return false;
+    if (json_is_object(v)) {
+        for (void *it = json_object_iter((json_t *)v); it; it = json_object_iter_next((json_t *)v, it))
+            if (!well_formed_value(json_object_iter_value(it), json_object_iter_key(it), depth + 1))
+                return false;
+        return true;
+    }
+    if (json_is_array(v)) {
+        for (size_t i = 0; i < json_array_size(v); i++)
+            if (!well_formed_value(json_array_get(v, i), key, depth + 1))
+                return false;
+        return true;
+    }
+    if (json_is_string(v)) {
+        for (size_t i = 0; key && i < sizeof named / sizeof named[0]; i++)
+            if (!strcmp(key, named[i]))
+                return true;
+        return false;
+    }
+    return json_is_number(v) || json_is_boolean(v);
+}
+
+static bool well_formed(json_t *doc, int pid)
+{
+    const json_t *said = json_object_get(doc, "pid");
+    if (!json_is_object(doc) || !json_is_integer(said) || json_integer_value(said) != pid
+        || !well_formed_value(doc, NULL, 0))
+        return false;
+    if (printable_only)
+        make_printable(doc, 0);
+    return true;
+}
+
+/* Whether the process that has pid now is the one that wrote the record: one that started
+ * at another tick is a later process given the same pid. */
+static bool pid_still_the_writer(int pid, const json_t *record)
+{
+    if (kill(pid, 0) != 0 && errno != EPERM)
+        return false;
+    const json_t *ticks = json_object_get(record, "start_ticks");
+    if (!json_is_integer(ticks))      /* a record written before start_ticks was: alive is enough */
+        return true;
+    return (unsigned long long)json_integer_value(ticks) == exited_start_ticks(pid);
+}
+
 /* The inert records beside pattern's sockets, each with "live": whether its process is. */
 static void add_inert(struct snapshot *s, const char *pattern, bool live_only)
 {
     static struct exited_record records[EXITED_KEEP];
     int m = exited_list(pattern, view_uid, INERT_SUFFIX, records, EXITED_KEEP);
     for (int i = 0; i < m && s->inert; i++) {
-        bool live = kill(records[i].pid, 0) == 0 || errno == EPERM;
-        json_t *j = !live_only || live ? read_record(records[i].path) : NULL;
+        json_t *j = read_record(records[i].path);
+        if (j && !well_formed(j, records[i].pid)) {
+            json_decref(j);
+            j = NULL;
+        }
+        bool live = j && pid_still_the_writer(records[i].pid, j);
+        if (j && live_only && !live) {
+            json_decref(j);
+            j = NULL;
+        }
         if (!j)
             continue;
         json_object_set_new(j, "live", json_boolean(live));
@@ -196,10 +310,17 @@ static void snapshot_take(struct snapshot *s, const char *pattern, bool live_onl
     for (int i = 0; i < n; i++) {
         json_t *j = answers[i].body ? parse_answer(answers[i].body, answers[i].len) : NULL;
         free(answers[i].body);
+        if (j && !well_formed(j, procs[i].pid)) {
+            json_decref(j);
+            j = NULL;
+        }
         if (j)
             add_doc(s, j, -1);
+        else if (answers[i].outcome == ASK_ANSWERED)
+            answers[i].outcome = ASK_FAILED;
     }
     s->unanswered = pids_with(procs, answers, n, ASK_NO_ANSWER, s->unanswered_pids, sizeof s->unanswered_pids);
+    s->failed = pids_with(procs, answers, n, 1u << ASK_FAILED, s->failed_pids, sizeof s->failed_pids);
     free(answers);
     time_t now = time(NULL);
     for (int i = 0; i < m; i++) {
@@ -207,6 +328,10 @@ static void snapshot_take(struct snapshot *s, const char *pattern, bool live_onl
         for (int k = 0; k < n && !still_live; k++)
             still_live = procs[k].pid == records[i].pid;
         json_t *j = still_live ? NULL : read_record(records[i].path);
+        if (j && !well_formed(j, records[i].pid)) {
+            json_decref(j);
+            j = NULL;
+        }
         if (j)
             add_doc(s, j, difftime(now, records[i].mtime));
     }
@@ -566,6 +691,8 @@ static void print_prometheus(const char *pattern)
         char pids[512];
         int count = pids_with(procs, answers, n, ASK_NO_ANSWER, pids, sizeof pids);
         say_unanswered(count, pids);
+        count = pids_with(procs, answers, n, 1u << ASK_FAILED, pids, sizeof pids);
+        say_failed("stats", count, pids);
     }
     for (int i = 0; i < n && texts; i++)
         free(texts[i]);
@@ -684,6 +811,7 @@ int cmd_stats(int argc, char **argv)
         signal(SIGINT, on_stop);
         signal(SIGTERM, on_stop);
     }
+    printable_only = format != 'j';
     do {
         if (format == 'p') {
             print_prometheus(pattern);
@@ -706,6 +834,7 @@ int cmd_stats(int argc, char **argv)
                 print_table(&now, have_before ? &before : NULL);
             fflush(stdout);
             say_unanswered(now.unanswered, now.unanswered_pids);
+            say_failed("stats", now.failed, now.failed_pids);
             if (have_before)
                 snapshot_free(&before);
             before = now;

@@ -32,9 +32,11 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: httpshim COMMAND [ARGS]\n\n"
                "  run [-c FILE] -- CMD [ARGS]   run CMD with the shim preloaded (container entrypoint)\n"
-               "  stats [--json|--prometheus|--rules] [--live] [--watch S]   summed counters of every process\n"
-               "  check [FILE]                  validate a rules file and show how it is understood\n"
-               "  purge [--upstream H:P] [GLOB] drop cache entries in every live process\n\n"
+               "  stats [-c FILE] [--json|--prometheus|--rules] [--live] [--watch S] [--user NAME|UID]\n"
+               "                                summed counters of every process\n"
+               "  check [--connect] [FILE]      validate a rules file and show how it is understood\n"
+               "  check --defaults              every [global] key with its default\n"
+               "  purge [-c FILE] [--upstream H:P] [GLOB]   drop cache entries in every live process\n\n"
                "COMMAND --help tells more. Exit codes: 0 ok, 1 failure, 2 usage error;\n"
                "run passes CMD's exit status through.\n");
 }
