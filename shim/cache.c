@@ -29,13 +29,15 @@ const char *const cache_not_stored_names[NS__COUNT] = {
 static bool target_path(struct http_slice target, struct http_slice *path, struct http_slice *query)
 {
     const char *p = target.p, *end = target.p + target.n;
-    if (p < end && *p != '/') {
-        const char *scheme = memmem(p, target.n, "://", 3);
-        if (!scheme)
-            return false;              /* asterisk-form or authority-form */
-        p = memchr(scheme + 3, '/', (size_t)(end - scheme - 3));
-        if (!p)
+    struct http_slice scheme, authority, rest;
+    if (http_absolute_target(target, &scheme, &authority, &rest)) {
+        /* an empty path (`http://h?q/x`: its path is empty, "/x" is in its query) is none a
+         * rule names: the authority ends at the first '/', '?' or '#' */
+        if (!rest.n || rest.p[0] != '/')
             return false;
+        p = rest.p;
+    } else if (p < end && *p != '/') {
+        return false;                  /* asterisk-form or authority-form */
     }
     const char *q = memchr(p, '?', (size_t)(end - p));
     *path = (struct http_slice){ p, (size_t)((q ? q : end) - p) };
@@ -67,16 +69,102 @@ static bool path_is_plain(struct http_slice path)
     return true;
 }
 
+/* A target as rules and keys read it: its path with the escapes of unreserved characters
+ * decoded and the other escapes' hex digits in upper case (RFC 3986 6.2.2: `/items/%37`
+ * and `/items/7`, `%c3%a9` and `%C3%A9` name one resource), and its query as written. */
+struct target_view {
+    char path[4096];
+    size_t path_n;
+    bool has_query;                    /* a '?', if only a bare one: a target of its own */
+    struct http_slice query;
+};
+
+static int hex_digit(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+static size_t normalize_escapes(struct http_slice path, char *out)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    size_t n = 0;
+    for (size_t i = 0; i < path.n; i++) {
+        int hi = path.p[i] == '%' && i + 2 < path.n ? hex_digit(path.p[i + 1]) : -1;
+        int lo = hi >= 0 ? hex_digit(path.p[i + 2]) : -1;
+        if (lo < 0) {
+            out[n++] = path.p[i];
+            continue;
+        }
+        char c = (char)(hi * 16 + lo);
+        bool unreserved = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-'
+                          || c == '.' || c == '_' || c == '~';
+        if (unreserved) {
+            out[n++] = c;
+        } else {
+            out[n++] = '%';
+            out[n++] = hex[hi];
+            out[n++] = hex[lo];
+        }
+        i += 2;
+    }
+    return n;
+}
+
+/* RFC 3986 5.2.4 on a path that starts with '/': what an upstream serves `/a/b/../c` as. */
+static size_t remove_dot_segments(char *p, size_t n)
+{
+    size_t out = 0;
+    for (size_t i = 0; i < n;) {
+        size_t j = i + 1;
+        while (j < n && p[j] != '/')
+            j++;
+        size_t seg = j - i - 1;
+        if (seg == 1 && p[i + 1] == '.') {
+            if (j == n)
+                p[out++] = '/';
+        } else if (seg == 2 && p[i + 1] == '.' && p[i + 2] == '.') {
+            while (out > 0 && p[--out] != '/')
+                ;
+            if (j == n)
+                p[out++] = '/';
+        } else {
+            memmove(p + out, p + i, j - i);
+            out += j - i;
+        }
+        i = j;
+    }
+    if (!out)
+        p[out++] = '/';
+    return out;
+}
+
+/* The view of a target, or false when it names no path a rule may cache: dot segments and
+ * encoded dots or slashes are refused as written (path_is_plain), or, for a write
+ * (`resolve`), resolved first as the upstream would, so that `PUT /items/x/../7` reaches
+ * the entries of `/items/7`. */
+static bool view_target(struct http_slice target, bool resolve, struct target_view *v)
+{
+    struct http_slice path;
+    if (!target_path(target, &path, &v->query) || path.n >= sizeof v->path || (!resolve && !path_is_plain(path)))
+        return false;
+    v->has_query = v->query.p != path.p + path.n;
+    v->path_n = normalize_escapes(path, v->path);
+    if (resolve) {
+        v->path_n = remove_dot_segments(v->path, v->path_n);
+        if (!path_is_plain((struct http_slice){ v->path, v->path_n }))
+            return false;
+    }
+    v->path[v->path_n] = 0;
+    return true;
+}
+
 /* The first cache rule of u for a request of this method to this target. */
 static const struct cache_rule *rule_for(const struct upstream_rule *u, struct http_slice method, bool head,
-                                         struct http_slice target)
+                                         const struct target_view *v)
 {
-    struct http_slice path, query;
-    if (!u->n_cache_rules || !target_path(target, &path, &query) || path.n >= 4096 || !path_is_plain(path))
+    if (!u->n_cache_rules)
         return NULL;
-    char p[4096];
-    memcpy(p, path.p, path.n);
-    p[path.n] = 0;
+    const char *p = v->path;
     for (size_t i = 0; i < u->n_cache_rules; i++) {
         const struct cache_rule *r = &u->cache_rules[i];
         bool method_ok = !strcmp(r->method, "*") || (method.n == strlen(r->method)
@@ -90,7 +178,10 @@ static const struct cache_rule *rule_for(const struct upstream_rule *u, struct h
 
 const struct cache_rule *cache_rule_for(const struct upstream_rule *u, const struct http_request *req)
 {
-    return rule_for(u, req->method, http_method_is(req, "HEAD"), req->target);
+    struct target_view v;
+    if (!u->n_cache_rules || !view_target(req->target, false, &v))
+        return NULL;
+    return rule_for(u, req->method, http_method_is(req, "HEAD"), &v);
 }
 
 struct keybuf { char *p; size_t n, cap; bool overflow; };
@@ -124,14 +215,20 @@ static const struct http_header *find_header(const struct http_request *req, con
     return NULL;
 }
 
-/* All values of a header, in order, separated by ", " as a list header would be. */
+/* All values of a header, in order, each line apart: two lines `a` and `b` are not the
+ * one line `a, b` (an upstream that takes a singleton header's last line answers the first
+ * for b, the second for "a, b"). A value with a control character is not keyed at all (the
+ * request is not cached), so that the separators below mean only what they say. */
 static void put_header_values(struct keybuf *k, const struct http_request *req, const char *name, size_t n)
 {
     bool first = true;
     for (const struct http_header *h = find_header(req, name, n, 0); h;
          h = find_header(req, name, n, (size_t)(h - req->headers) + 1)) {
+        for (size_t i = 0; i < h->value.n; i++)
+            if (((unsigned char)h->value.p[i] < 0x20 && h->value.p[i] != '\t') || h->value.p[i] == 0x7f)
+                k->overflow = true;
         if (!first)
-            put(k, ", ", 2);
+            put(k, "\x02", 1);         /* the next line */
         put(k, h->value.p, h->value.n);
         first = false;
     }
@@ -195,29 +292,23 @@ static bool same_authority(struct http_slice x, struct http_slice y)
  * Host lines) or too long, so the request is not cached. */
 static bool put_authority(struct keybuf *k, const struct http_request *req, bool https)
 {
-    struct http_slice a = { "", 0 };
-    const char *t = req->target.p, *end = t + req->target.n;
-    const char *scheme = req->target.n && *t != '/' ? memmem(t, req->target.n, "://", 3) : NULL;
-    if (scheme) {
+    struct http_slice a, scheme, rest;
+    /* no Host (HTTP/1.0 may lack one): the authority the upstream answers for is not the
+     * request's to say (libcurl's Host for the upstream's address goes, and an absolute
+     * target names another), so nothing is keyed by it: an entry under "victim" filled with
+     * the upstream's own answer was served to `Host: victim` */
+    const struct http_header *h = find_header(req, "host", 4, 0);
+    if (!h || find_header(req, "host", 4, (size_t)(h - req->headers) + 1))
+        return false;
+    if (http_absolute_target(req->target, &scheme, &a, &rest)) {
         /* an absolute-form target is cached only when it says what the connection is (http),
          * carries no credentials of its own (userinfo), and names the host the Host header
          * names: the upstream answers by the Host it is sent, so an entry keyed by another
          * authority could be served to requests for that one */
-        if ((size_t)(scheme - t) != 4 || strncasecmp(t, "http", 4))
-            return false;
-        const char *from = scheme + 3, *slash = memchr(from, '/', (size_t)(end - from));
-        a = (struct http_slice){ from, (size_t)((slash ? slash : end) - from) };
-        if (memchr(a.p, '@', a.n))
-            return false;
-        const struct http_header *h = find_header(req, "host", 4, 0);
-        if (h && (find_header(req, "host", 4, (size_t)(h - req->headers) + 1) || !same_authority(h->value, a)))
+        if (!http_slice_ieq(scheme, "http") || memchr(a.p, '@', a.n) || !same_authority(h->value, a))
             return false;
     } else {
-        const struct http_header *h = find_header(req, "host", 4, 0);
-        if (h && find_header(req, "host", 4, (size_t)(h - req->headers) + 1))
-            return false;
-        if (h)
-            a = h->value;
+        a = h->value;
     }
     char norm[RULES_HOST_MAX + 16];
     if (a.n >= sizeof norm)
@@ -240,11 +331,10 @@ static bool put_authority(struct keybuf *k, const struct http_request *req, bool
  * upstream's entries). Every entry of one target starts with them, whatever its variant,
  * credentials or body. */
 static bool put_target(struct keybuf *k, const struct upstream_rule *u, const struct cache_rule *r,
-                       const struct http_request *req, struct http_slice method, bool https)
+                       const struct http_request *req, const struct target_view *v, struct http_slice method,
+                       bool https)
 {
-    struct http_slice path, query;
-    if (!target_path(req->target, &path, &query))
-        return false;
+    struct http_slice path = { v->path, v->path_n }, query = v->query;
     put(k, method.p, method.n);
     puts_(k, " http://");
     puts_(k, u->label);
@@ -252,7 +342,7 @@ static bool put_target(struct keybuf *k, const struct upstream_rule *u, const st
     /* the query as the upstream receives it, but for the parameters the rule ignores: an
      * empty parameter (`a=1&&b=2`, `a=1&`) or a bare `?` is a target of its own, which an
      * upstream that signs or logs its query tells apart */
-    if (query.p == path.p + path.n)
+    if (!v->has_query)
         return put_authority(k, req, https);
     put(k, "?", 1);
     bool first = true;
@@ -306,7 +396,7 @@ static bool connection_names_a_field(const struct http_request *req)
 }
 
 static size_t key_as(const struct upstream_rule *u, const struct cache_rule *r, const struct http_request *req,
-                     struct http_slice method, bool https, char *out, size_t cap)
+                     const struct target_view *v, struct http_slice method, bool https, char *out, size_t cap)
 {
     if (connection_names_a_field(req))
         return 0;
@@ -324,7 +414,7 @@ static size_t key_as(const struct upstream_rule *u, const struct cache_rule *r, 
     if (find_header(req, "if-match", 8, 0) || find_header(req, "if-unmodified-since", 19, 0))
         return 0;
     struct keybuf k = { out, 0, cap, false };
-    if (!put_target(&k, u, r, req, method, https))
+    if (!put_target(&k, u, r, req, v, method, https))
         return 0;
     /* a request that came over the app's own TLS (tls = intercept): never answered with
      * what came over plaintext to the same host and port, nor the other way round; the
@@ -351,7 +441,10 @@ size_t cache_key(const struct upstream_rule *u, const struct cache_rule *r, cons
                  bool https, char *out, size_t cap)
 {
     static const struct http_slice get = { "GET", 3 };
-    return key_as(u, r, req, http_method_is(req, "HEAD") ? get : req->method, https, out, cap);
+    struct target_view v;
+    if (!view_target(req->target, false, &v))
+        return 0;
+    return key_as(u, r, req, &v, http_method_is(req, "HEAD") ? get : req->method, https, out, cap);
 }
 
 /* RFC 9111 4.4: a request of an unsafe method that succeeds makes the GET entries of its
@@ -368,13 +461,14 @@ size_t cache_invalidation_target(const struct upstream_rule *u, const struct htt
             return 0;
     if (cache_rule_for(u, req))
         return 0;
-    const struct cache_rule *r = rule_for(u, get, false, req->target);
+    static struct target_view v;       /* (4 KiB: off the engine's stack) */
+    const struct cache_rule *r = view_target(req->target, true, &v) ? rule_for(u, get, false, &v) : NULL;
     if (!r)
         return 0;
     struct keybuf k = { target, 0, cap, false };
-    if (!put_target(&k, u, r, req, get, https) || k.overflow)
+    if (!put_target(&k, u, r, req, &v, get, https) || k.overflow)
         return 0;
-    *own_len = key_as(u, r, req, get, https, own, own_cap);
+    *own_len = key_as(u, r, req, &v, get, https, own, own_cap);
     return k.n;
 }
 

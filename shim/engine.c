@@ -518,8 +518,10 @@ static void conn_process(struct conn *c)
         struct http_request *req = &scratch_req;
         enum http_parse_result r = http_parse_request(buf_head(&c->side.in), avail, req);
         if (r == HTTP_PARSE_INCOMPLETE) {
-            if (avail >= HEAD_MAX || c->side.app_eof)   /* let the upstream itself judge it */
+            if (avail >= HEAD_MAX || c->side.app_eof) {   /* let the upstream itself judge it */
+                store_invalidate_unread(c->side.upstream, buf_head(&c->side.in), avail, c->side.tls_host != NULL);
                 start_tunnel(c, avail >= HEAD_MAX ? TUNNEL_TOO_LARGE : TUNNEL_NOT_HTTP);
+            }
             return;
         }
         if (r == HTTP_PARSE_ERROR || req->head_len > HEAD_MAX || req->upgrade || req->chunked
@@ -528,6 +530,8 @@ static void conn_process(struct conn *c)
                        r == HTTP_PARSE_ERROR ? "unparsed" : "upgrade/chunked/large body");
             if (r == HTTP_PARSE_DONE)  /* its answer goes by unread: a POST's may have changed its URL */
                 store_invalidate_now(c->side.upstream, req, c->side.tls_host != NULL);
+            else
+                store_invalidate_unread(c->side.upstream, buf_head(&c->side.in), avail, c->side.tls_host != NULL);
             start_tunnel(c, r == HTTP_PARSE_ERROR ? TUNNEL_NOT_HTTP
                             : req->head_len > HEAD_MAX ? TUNNEL_TOO_LARGE : TUNNEL_OTHER);
             return;

@@ -5,6 +5,7 @@
  * the bytes untouched instead of guessing. No allocation, no copies, no locale. */
 #include "http.h"
 #include <string.h>
+#include <strings.h>
 
 static const unsigned char tchar_table[256] = {
     ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1,
@@ -40,6 +41,22 @@ bool http_method_is(const struct http_request *req, const char *m)
 {
     size_t n = strlen(m);
     return req->method.n == n && memcmp(req->method.p, m, n) == 0;
+}
+
+bool http_absolute_target(struct http_slice target, struct http_slice *scheme, struct http_slice *authority,
+                          struct http_slice *rest)
+{
+    const char *t = target.p, *end = t + target.n;
+    const char *sep = target.n && *t != '/' ? memmem(t, target.n, "://", 3) : NULL;
+    if (!sep)
+        return false;                  /* origin-, asterisk- or authority-form */
+    const char *a = sep + 3, *stop = a;
+    while (stop < end && *stop != '/' && *stop != '?' && *stop != '#')
+        stop++;                        /* (RFC 3986 3.2: the authority ends at the first of them) */
+    *scheme = (struct http_slice){ t, (size_t)(sep - t) };
+    *authority = (struct http_slice){ a, (size_t)(stop - a) };
+    *rest = (struct http_slice){ stop, (size_t)(end - stop) };
+    return true;
 }
 
 bool http_list_has_token(struct http_slice v, const char *token)
@@ -244,6 +261,61 @@ enum http_parse_result http_parse_request(const char *buf, size_t len, struct ht
         return HTTP_PARSE_ERROR;
     req->keep_alive = req->minor_version >= 1 ? !conn_close : (conn_keep_alive && !conn_close);
     return HTTP_PARSE_DONE;
+}
+
+bool http_read_target_leniently(const char *buf, size_t len, struct http_request *req)
+{
+    memset(req, 0, offsetof(struct http_request, headers));
+    req->content_length = -1;
+    const char *lf = memchr(buf, '\n', len);
+    if (!lf)
+        return false;
+    size_t eol = (size_t)(lf - buf);
+    if (eol && buf[eol - 1] == '\r')
+        eol--;
+    size_t i = 0;
+    while (i < eol && is_tchar((unsigned char)buf[i]))
+        i++;
+    if (!i || i >= eol || buf[i] != ' ')
+        return false;
+    req->method = (struct http_slice){ buf, i };
+    size_t t = ++i;
+    while (i < eol && buf[i] != ' ')
+        i++;
+    if (i == t)
+        return false;
+    req->target = (struct http_slice){ buf + t, i - t };
+    req->minor_version = 1;
+    /* the first Host line, however its lines end (a bare LF, a space before the colon) */
+    for (size_t pos = (size_t)(lf - buf) + 1; pos < len;) {
+        const char *next = memchr(buf + pos, '\n', len - pos);
+        size_t end = next ? (size_t)(next - buf) : len, stop = end;
+        if (stop > pos && buf[stop - 1] == '\r')
+            stop--;
+        if (stop == pos)
+            break;                     /* the blank line: no Host */
+        if (stop - pos > 5 && !strncasecmp(buf + pos, "host", 4) && (buf[pos + 4] == ':' || buf[pos + 4] == ' ')) {
+            size_t v = pos + 4;
+            while (v < stop && (buf[v] == ' ' || buf[v] == '\t'))
+                v++;
+            if (v < stop && buf[v] == ':') {
+                v++;
+                while (v < stop && (buf[v] == ' ' || buf[v] == '\t'))
+                    v++;
+                size_t ve = stop;
+                while (ve > v && (buf[ve - 1] == ' ' || buf[ve - 1] == '\t'))
+                    ve--;
+                req->headers[0] = (struct http_header){ { buf + pos, 4 }, { buf + v, ve - v } };
+                req->nheaders = 1;
+                req->has_host = true;
+                break;
+            }
+        }
+        if (!next)
+            break;
+        pos = end + 1;
+    }
+    return true;
 }
 
 const char *http_connection_line(int minor, bool keep_alive)

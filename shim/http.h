@@ -35,6 +35,11 @@ enum http_parse_result {
 };
 
 enum http_parse_result http_parse_request(const char *buf, size_t len, struct http_request *req);
+/* For a request the parser refuses (a bare LF, a space before a colon, 101 fields, a head
+ * too large): its method, its target and its first Host line, read as leniently as a
+ * server might, so that a write the shim relays unread still invalidates what it names.
+ * False when not even a request line is there. Never used to relay anything. */
+bool http_read_target_leniently(const char *buf, size_t len, struct http_request *req);
 
 /* Whether the first bytes of a connection can start an HTTP/1.x request line. A TLS
  * ClientHello or any binary protocol fails this on its first byte. */
@@ -43,6 +48,11 @@ bool http_looks_like_request(const char *buf, size_t len);
 bool http_slice_ieq(struct http_slice s, const char *lit);
 /* Hop-by-hop headers (RFC 9110 7.6.1) plus the framing headers the relay recomputes. */
 bool http_is_hop_by_hop(struct http_slice name);
+/* An absolute-form target (`scheme://authority/path?query`) cut into its scheme, its
+ * authority (up to the first '/', '?' or '#') and the rest (empty, or starting with one of
+ * them); false for any other form. */
+bool http_absolute_target(struct http_slice target, struct http_slice *scheme, struct http_slice *authority,
+                          struct http_slice *rest);
 /* Whether `token` appears in a comma-separated header value (case-insensitive). */
 bool http_list_has_token(struct http_slice value, const char *token);
 /* A Connection value naming a field beyond the hop-by-hop ones (and "close"). */

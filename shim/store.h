@@ -94,6 +94,10 @@ void store_request_done(struct store_request *r);
 struct upstream_sink *store_invalidation_sink(int upstream, const struct http_request *req, bool https);
 /* The same at once, for such a request whose answer the shim will not read (a tunnel). */
 void store_invalidate_now(int upstream, const struct http_request *req, bool https);
+/* For a request the parser refuses, relayed as bytes (a server may take a bare LF, a folded
+ * line, 101 fields): what its request line names is made stale all the same (its method,
+ * target and first Host line, read leniently; a safe method's: nothing). */
+void store_invalidate_unread(int upstream, const char *head, size_t len, bool https);
 
 /* For the app's own thread: a fresh memory hit for this request (a reference), or NULL;
  * resolves Vary like store_open, never waits, never fetches. */

@@ -156,3 +156,10 @@ void store_invalidate_now(int upstream, const struct http_request *req, bool htt
     if (s)
         s->ops->end(s, SINK_FAILED);   /* no answer will be seen: as if none came */
 }
+
+void store_invalidate_unread(int upstream, const char *head, size_t len, bool https)
+{
+    static struct http_request req;    /* (engine thread only) */
+    if (cfg->cache != CACHE_OFF && http_read_target_leniently(head, len, &req))
+        store_invalidate_now(upstream, &req, https);
+}

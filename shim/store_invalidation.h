@@ -1,5 +1,6 @@
 /* store_invalidation.h — what a write to a URL does to the cache (store_invalidation.c);
- * store_invalidation_sink and store_invalidate_now, the engine's, are declared in store.h. */
+ * store_invalidation_sink, store_invalidate_now and store_invalidate_unread, the engine's,
+ * are declared in store.h. */
 #ifndef HTTPSHIM_STORE_INVALIDATION_H
 #define HTTPSHIM_STORE_INVALIDATION_H
 #include "store.h"

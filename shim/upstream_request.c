@@ -182,11 +182,15 @@ int upreq_build(CURL *e, const struct shim_config *cfg, const struct upstream_ru
      * asks for. Its transfer codings are not: libcurl would not undo them. */
     if (wants_trailers && (add_header(headers, "TE: trailers") || add_header(headers, "Connection: TE")))
         return -1;
-    /* An HTTP/1.1 request without Host goes as the app sent it (the upstream refuses it as
-     * it would direct); an HTTP/1.0 one may lack it, but goes on as HTTP/1.1, which must
-     * carry one: libcurl's, the upstream's name and port, is kept */
+    /* An HTTP/1.0 request may lack Host, but goes on as HTTP/1.1, which must carry one: its
+     * absolute target's authority when it has one (what the upstream answers for direct,
+     * RFC 9112 3.2.2), else libcurl's, the upstream's name and port. (An HTTP/1.1 one
+     * without Host never parses: it is relayed as bytes.) */
+    struct http_slice scheme, authority, rest;
+    if (!req->has_host && http_absolute_target(req->target, &scheme, &authority, &rest) && authority.n
+        && add_header(headers, "Host: %.*s", (int)authority.n, authority.p))
+        return -1;
     if ((!has_accept && add_header(headers, "Accept:")) || add_header(headers, "Expect:")
-        || (!req->has_host && req->minor_version > 0 && add_header(headers, "Host:"))
         || (!has_type && add_header(headers, "Content-Type:")))
         return -1;
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, *headers);

@@ -434,6 +434,49 @@ def test_an_absolute_target_that_disagrees_with_its_request_is_not_cached(upstre
     assert q.resps[0]["status"] == 404, q.describe()   # the upstream's own answer, not the stored 200
 
 
+def test_a_request_without_host_is_never_keyed_by_an_authority_it_does_not_send(upstream, tmp_path):
+    """HTTP/1.0 may leave Host out. Such a request is neither stored nor answered from the
+    cache, and an absolute target's authority goes upstream as its Host (what the upstream
+    answers for, direct). Before, `GET http://victim.example/x HTTP/1.0` went upstream with
+    libcurl's Host (the upstream's own address) and its answer was stored under victim.example,
+    for every later `Host: victim.example` request; and an origin-form one was stored under an
+    empty Host, for a later `Host:` (found by an adversarial pass)."""
+    conf = simple_conf(tmp_path, upstream)
+    t = "/custom?tag=nohost"
+    p = play(tmp_path, conf, [get(upstream, "http://victim.example" + t, version="HTTP/1.0", host=False),   # a
+                              get(upstream, t, host="victim.example"),                                     # b
+                              get(upstream, t, version="HTTP/1.0", host=False),                            # c
+                              get(upstream, t, headers=["Host:"]),                                         # d
+                              get(upstream, t, host="victim.example")])                                    # b
+    assert_sources(p, upstream, "abcdb")
+    sent = [dict((k.lower(), v) for k, v in e["headers"]) for e in upstream.stats()["log"] if e.get("method")]
+    assert sent[0].get("host") == "victim.example", sent
+
+
+def test_header_lines_are_keyed_apart_from_one_joined_line(upstream, tmp_path):
+    """A key header said on two lines (`X-Tenant: a`, `X-Tenant: b`) is not the same request
+    as one line `X-Tenant: a, b`: an upstream that takes a singleton header's last line
+    answers b for the first. Before, both were keyed as "a, b" and shared an entry."""
+    conf = simple_conf(tmp_path, upstream, "GET /custom* ttl=10m key_headers=X-Tenant")
+    t = "/custom?tag=lines"
+    p = play(tmp_path, conf, [get(upstream, t, headers=["X-Tenant: a", "X-Tenant: b"]),
+                              get(upstream, t, headers=["X-Tenant: a, b"]),
+                              get(upstream, t, headers=["X-Tenant: a", "X-Tenant: b"])])
+    assert_sources(p, upstream, "aba")
+
+
+def test_an_authority_ends_at_a_query_or_a_fragment(upstream, tmp_path):
+    """`http://h#f/custom` has the authority h and no path ('#' ends the authority, RFC 3986
+    3.2): it names no path a rule caches. Before, the key's path began at the first '/' after
+    "://", so it was stored as /custom under h#f and served to a later `GET /custom` with
+    that Host, though the upstream was asked for something else."""
+    conf = simple_conf(tmp_path, upstream)
+    p = play(tmp_path, conf, [get(upstream, "http://h#f/custom?tag=auth", host="h#f"),
+                              get(upstream, "/custom?tag=auth", host="h#f"),
+                              get(upstream, "/custom?tag=auth", host="h#f")])
+    assert_sources(p, upstream, "abb")
+
+
 @pytest.mark.parametrize("path", ["/custom/public/../me", "/custom/public/%2e%2e/me", "/custom/public/x/../../me",
                                   "/custom/public/./me", "/custom/public%2f..%2fme", "/custom/public/..\\me",
                                   "/custom/public/..;x/me"])

@@ -3,10 +3,11 @@ of its URL stale, in this process's memory tier (every variant, every credential
 and in the Redis tier. A stateful upstream of the test's own: GET /items/ID answers the
 item's version, an unsafe request bumps it (and answers the status its X-Status asks for)."""
 import json
+import posixpath
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
@@ -14,8 +15,13 @@ from conftest import SYS_PY, run, write_rules
 from test_redis import RedisServer, redis_url
 
 
+def resolved(path):
+    """The item a path names, as nginx reads it: escapes decoded, dot segments resolved."""
+    return posixpath.normpath(unquote(path))
+
+
 class ItemServer(object):
-    """Items with versions; counts GETs per path."""
+    """Items with versions; counts GETs per path (as resolved())."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -39,6 +45,7 @@ class ItemServer(object):
 
             def do_GET(self):
                 url = urlsplit(self.path)
+                url = url._replace(path=resolved(url.path))
                 with owner.lock:
                     owner.gets[url.path] = owner.gets.get(url.path, 0) + 1
                     v = owner.versions.get(url.path, 0)
@@ -50,6 +57,7 @@ class ItemServer(object):
 
             def _write(self):
                 url = urlsplit(self.path)
+                url = url._replace(path=resolved(url.path))
                 n = int(self.headers.get("Content-Length") or 0)
                 if n:
                     self.rfile.read(n)
@@ -251,3 +259,55 @@ print(json.dumps([slow[0], put, after, get()]))
         v = 1 if shim else 0                     # (the second run starts where the first left it)
         assert got == ["/items/f v%d - -" % v, 200, "/items/f v%d - -" % (v + 1), "/items/f v%d - -" % (v + 1)], \
             (shim, got)
+
+
+def test_a_write_to_another_spelling_of_the_url_invalidates_it(tmp_path, items):
+    """`PUT /items/x/../7`, `PUT /items/%37` and `%c3%a9` for `%C3%A9` name the URL a GET
+    was stored under, as the upstream resolves them: each invalidates it. And `/items/%37`
+    and `/items/7` share one entry (RFC 3986 6.2.2). Before, only the exact spelling was
+    reached, and the next GET was the stale one (found by an adversarial pass)."""
+    conf = memory_conf(tmp_path, items.port)
+    seq = [G("/items/7"), G("/items/%37"), ["PUT", "/items/x/../7", {}, "x"], G("/items/7"),
+           ["PUT", "/items/%37", {}, "x"], G("/items/7"),
+           G("/items/%C3%A9"), ["PUT", "/items/%c3%a9", {}, "x"], G("/items/%C3%A9")]
+    b = [x[1] for x in steps(conf, items.port, seq)]
+    assert b[0] == b[1] == "/items/7 v0 - -", b
+    assert b[3] == "/items/7 v1 - -" and b[5] == "/items/7 v2 - -", b
+    assert b[6].endswith("v0 - -") and b[8].endswith("v1 - -"), b
+    assert items.gets["/items/7"] == 3, items.gets
+
+
+RAW_WRITE_CLIENT = r"""
+import socket, sys, urllib.request
+port = int(sys.argv[1])
+op = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+def get():
+    with op.open("http://127.0.0.1:%d/items/raw" % port, timeout=20) as r:
+        return r.read().decode()
+out = [get(), get()]
+s = socket.create_connection(("127.0.0.1", port))
+s.sendall(sys.argv[2].encode().replace(b"PORT", b"%d" % port))
+got = b""
+while b"done" not in got:
+    d = s.recv(4096)
+    if not d:
+        break
+    got += d
+s.close()
+out.append(get())
+print("|".join(out))
+"""
+
+
+@pytest.mark.parametrize("raw", ["PUT /items/raw HTTP/1.1\nHost: 127.0.0.1:PORT\nContent-Length: 1\n\nx",
+                                 "PUT /items/raw HTTP/1.1\r\nHost : 127.0.0.1:PORT\r\nContent-Length: 1\r\n\r\nx"])
+def test_a_write_the_parser_refuses_still_invalidates_what_it_names(tmp_path, items, raw):
+    """A PUT with bare-LF line ends, or a space before a colon: the shim relays it as bytes
+    (its parser refuses it) and the upstream takes it. What its request line names is
+    invalidated all the same. Before, only a request the parser read invalidated, and the
+    next GET was the stale one."""
+    conf = memory_conf(tmp_path, items.port)
+    r = run([SYS_PY, "-c", RAW_WRITE_CLIENT, items.port, raw], conf=conf, timeout=60)
+    assert r.rc == 0, r.describe()
+    assert r.out.decode().strip().splitlines()[-1] == "/items/raw v0 - -|/items/raw v0 - -|/items/raw v1 - -", \
+        r.describe()

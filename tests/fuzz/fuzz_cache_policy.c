@@ -218,14 +218,41 @@ static bool split_target(struct http_slice t, struct http_slice *path, struct ht
         const char *s = memmem(t.p, t.n, "://", 3);
         if (!s)
             return false;
-        p = memchr(s + 3, '/', (size_t)(end - s - 3));
-        if (!p)
-            return false;
+        p = s + 3;                     /* the authority ends at '/', '?' or '#' */
+        while (p < end && *p != '/' && *p != '?' && *p != '#')
+            p++;
+        if (p == end || *p != '/')
+            return false;              /* no path */
     }
     const char *q = memchr(p, '?', (size_t)(end - p));
     *path = (struct http_slice){ p, (size_t)((q ? q : end) - p) };
     *query = q ? (struct http_slice){ q + 1, (size_t)(end - q - 1) } : (struct http_slice){ end, 0 };
     return true;
+}
+
+/* The path as keys and rules read it (RFC 3986 6.2.2): %XX of a letter, digit, '-', '.',
+ * '_' or '~' as that character, every other %XX with upper-case hex digits. */
+static size_t model_normal_path(struct http_slice path, char *out)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < path.n; i++) {
+        if (path.p[i] == '%' && i + 2 < path.n && isxdigit((unsigned char)path.p[i + 1])
+            && isxdigit((unsigned char)path.p[i + 2])) {
+            char hex[3] = { path.p[i + 1], path.p[i + 2], 0 };
+            int c = (int)strtol(hex, NULL, 16);
+            if (isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~') {
+                out[n++] = (char)c;
+            } else {
+                out[n++] = '%';
+                out[n++] = (char)toupper((unsigned char)hex[0]);
+                out[n++] = (char)toupper((unsigned char)hex[1]);
+            }
+            i += 2;
+        } else {
+            out[n++] = path.p[i];
+        }
+    }
+    return n;
 }
 
 /* The model's reading of a path that names what it says (segment by segment). */
@@ -260,8 +287,7 @@ static void check_rule_for(void)
     const struct cache_rule *want = NULL;
     if (split_target(req.target, &path, &query) && path.n < 4096 && model_plain(path)) {
         char p[4096];
-        memcpy(p, path.p, path.n);
-        p[path.n] = 0;
+        p[model_normal_path(path, p)] = 0;
         bool head = http_method_is(&req, "HEAD");
         for (size_t i = 0; i < up.n_cache_rules && !want; i++) {
             const struct cache_rule *r = &rules[i];
@@ -288,6 +314,9 @@ static void check_invalidation(void)
         return;
     struct http_request g = req;
     g.method = (struct http_slice){ "GET", 3 };
+    struct http_slice path, query;
+    if (!split_target(req.target, &path, &query) || !model_plain(path))
+        return;                        /* a write's dot segments are resolved: its GET is another target */
     const struct cache_rule *get_rule = cache_rule_for(&up, &g);
     FUZZ_CHECK(get_rule != NULL);
     size_t n = cache_key(&up, get_rule, &g, false, as_get, sizeof as_get);
@@ -367,12 +396,13 @@ static void emit_hash_line(struct out *o, const struct http_request *r, const ch
 /* The key of request r under rule as cache.c documents it, built independently:
  *   METHOD (GET for HEAD) " http://" RULE-HOST:PORT PATH [?kept query parameters]
  *   "\nhost: " the request's authority (absolute-form, else Host), lower-cased, ":80" dropped
- *   "\n" NAME ": " values joined by ", " (or \x01 when absent), per key header other than
- *       Cookie and Authorization
+ *   "\n" NAME ": " its lines' values apart by \x02 (or \x01 when absent; a control
+ *       character in one: no key), per key header other than Cookie and Authorization
  *   "\nauthorization-sha256: " HEX   when the request has Authorization lines
  *   "\ncookie-sha256: " HEX          when the rule keys on Cookie and the request has one
- * where HEX hashes every line's "LEN:" and value, in order. 0: the request is not cached
- * (no path, a Cookie the rule does not key on, two Host lines, an over-long authority; an
+ * where HEX hashes every line's "LEN:" and value, in order; the path with the escapes of
+ * unreserved characters decoded and the others' hex in upper case. 0: the request is not
+ * cached (no path or one that is not plain, a Cookie the rule does not key on, no Host or two, an over-long authority; an
  * absolute-form target whose scheme is not http, that carries userinfo, or whose
  * authority is not the Host header's, case and ":80" aside). */
 /* A Connection line that lists a token other than the connection's own options (close,
@@ -415,8 +445,10 @@ static bool connection_names_field(const struct http_request *r)
 static size_t model_key(const struct cache_rule *rule, const struct http_request *r, char *buf, size_t cap)
 {
     struct http_slice path, query;
-    if (!split_target(r->target, &path, &query))
-        return 0;
+    if (!split_target(r->target, &path, &query) || path.n >= 4096 || !model_plain(path))
+        return 0;                      /* (a path that does not name what it says is never keyed) */
+    static char normal[4096];
+    path = (struct http_slice){ normal, model_normal_path(path, normal) };
     bool keys_cookie = false;
     for (size_t i = 0; i < rule->n_key_headers; i++)
         keys_cookie |= !strcasecmp(rule->key_headers[i], "cookie");
@@ -434,26 +466,37 @@ static size_t model_key(const struct cache_rule *rule, const struct http_request
     emits(&o, hostport);
     emit(&o, path.p, path.n);
     bool first = true;
-    for (size_t i = 0; i < query.n;) {        /* every step moves past one '&' */
+    /* a '?' (a bare one too) is kept, and every parameter but the ignored ones, empty
+     * ones included: `a=1&&b=2` is a target of its own */
+    if (query.p != r->target.p + r->target.n || (r->target.n && query.p[-1] == '?'))
+        emit(&o, "?", 1);
+    for (size_t i = 0; i <= query.n && query.p[-1] == '?';) {   /* every step moves past one '&' */
         const char *amp = memchr(query.p + i, '&', query.n - i);
         size_t end = amp ? (size_t)(amp - query.p) : query.n;
         const char *eq = memchr(query.p + i, '=', end - i);
         size_t name_n = eq ? (size_t)(eq - (query.p + i)) : end - i;
-        if (end > i && !ignored(rule, query.p + i, name_n)) {
-            emit(&o, first ? "?" : "&", 1);
+        if (end == i || !ignored(rule, query.p + i, name_n)) {
+            if (!first)
+                emit(&o, "&", 1);
             emit(&o, query.p + i, end - i);
             first = false;
         }
+        if (!amp)
+            break;
         i = end + 1;
     }
     struct http_slice a = { "", 0 };
-    const char *t = r->target.p, *tend = t + r->target.n;
+    const char *t = r->target.p;
     const char *scheme = r->target.n && t[0] != '/' ? memmem(t, r->target.n, "://", 3) : NULL;
+    if (!next_named(r, "host", 0))
+        return 0;                             /* no Host: the authority is not the request's to say */
     if (scheme) {
         if (scheme - t != 4 || strncasecmp(t, "http", 4))
             return 0;
-        const char *slash = memchr(scheme + 3, '/', (size_t)(tend - scheme - 3));
-        a = (struct http_slice){ scheme + 3, (size_t)((slash ? slash : tend) - scheme - 3) };
+        const char *stop = scheme + 3;
+        while (*stop != '/')                  /* (split_target found the path's '/') */
+            stop++;
+        a = (struct http_slice){ scheme + 3, (size_t)(stop - scheme - 3) };
         if (memchr(a.p, '@', a.n))
             return 0;                         /* userinfo: not cached */
         const struct http_header *h = next_named(r, "host", 0);
@@ -496,8 +539,11 @@ static size_t model_key(const struct cache_rule *rule, const struct http_request
         if (!h)
             emit(&o, "\x01", 1);
         for (bool sep = false; h; h = next_named(r, name, (size_t)(h - r->headers) + 1), sep = true) {
+            for (size_t c = 0; c < h->value.n; c++)
+                if (iscntrl((unsigned char)h->value.p[c]) && h->value.p[c] != '\t')
+                    return 0;                 /* a control character: not keyed */
             if (sep)
-                emits(&o, ", ");
+                emits(&o, "\x02");           /* each line apart */
             emit(&o, h->value.p, h->value.n);
         }
     }
@@ -791,12 +837,12 @@ static void check_not_modified(const struct cache_entry *e, struct http_slice et
 {
     bool nm = cache_entry_not_modified(e, &req);
     FUZZ_CHECK(nm == cache_entry_not_modified(e, &req));
-    if (e->status != 200 || (!etag.n && !lm.n))
-        FUZZ_CHECK(!nm);
     const struct http_header *inm = next_named(&req, "if-none-match", 0);
+    if (e->status != 200 || (!etag.n && !lm.n && !inm))
+        FUZZ_CHECK(!nm);
     if (inm) {                         /* If-Modified-Since does not count then */
-        bool listed = false;
-        for (const struct http_header *h = inm; h && etag.n; h = next_named(&req, "if-none-match", (size_t)(h - req.headers) + 1))
+        bool listed = false;           /* (`*` matches an entry without an ETag too) */
+        for (const struct http_header *h = inm; h; h = next_named(&req, "if-none-match", (size_t)(h - req.headers) + 1))
             listed |= model_etag_listed(h->value, etag);
         FUZZ_CHECK(nm == (e->status == 200 && listed));
         return;

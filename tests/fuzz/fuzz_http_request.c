@@ -18,7 +18,9 @@
  *    with the same fields (as offsets); if the whole input is not DONE, no prefix is DONE;
  *    a prefix that is ERROR means the whole input is ERROR (more bytes never repair it);
  *  - http_looks_like_request() is true for every prefix of an input it accepts, and true
- *    whenever the parser does not say ERROR. */
+ *    whenever the parser does not say ERROR;
+ *  - http_read_target_leniently() gives slices inside the buffer, and reads the method and
+ *    target the parser reads of every head it accepts. */
 #include "../../shim/http.h"
 #include "fuzz.h"
 #include <string.h>
@@ -31,6 +33,8 @@ struct outcome {
     enum http_parse_result rc;
     struct http_request req;
 };
+
+static bool same_slice_at(struct http_slice a, struct http_slice b) { return a.p == b.p && a.n == b.n; }
 
 static int is_tchar(unsigned char c)
 {
@@ -101,6 +105,31 @@ static void check_done(const char *buf, size_t len, const struct http_request *r
     FUZZ_CHECK(line != NULL);
 }
 
+static struct http_request lenient, strict;   /* static: ~3 KB each */
+
+/* http_read_target_leniently(): what it gives lies inside the buffer (a method of tchar, a
+ * target without SP, at most one Host), and it reads every request the parser accepts,
+ * as the parser does. */
+static void check_lenient(const char *buf, size_t len)
+{
+    bool ok = http_read_target_leniently(buf, len, &lenient);
+    if (ok) {
+        FUZZ_CHECK(lenient.method.p == buf && lenient.method.n > 0 && lenient.method.n < len);
+        for (size_t i = 0; i < lenient.method.n; i++)
+            FUZZ_CHECK(is_tchar((unsigned char)buf[i]));
+        FUZZ_CHECK(lenient.target.n > 0 && lenient.target.p > buf && lenient.target.p + lenient.target.n <= buf + len);
+        FUZZ_CHECK(!memchr(lenient.target.p, ' ', lenient.target.n));
+        FUZZ_CHECK(lenient.nheaders == (lenient.has_host ? 1u : 0u));
+        if (lenient.has_host)
+            FUZZ_CHECK(lenient.headers[0].value.p >= buf && lenient.headers[0].value.p + lenient.headers[0].value.n
+                       <= buf + len);
+    }
+    if (http_parse_request(buf, len, &strict) == HTTP_PARSE_DONE) {
+        FUZZ_CHECK(ok);
+        FUZZ_CHECK(same_slice_at(lenient.method, strict.method) && same_slice_at(lenient.target, strict.target));
+    }
+}
+
 /* Parses data[0..len) from its own exactly sized heap copy. */
 static void parse_copy(const uint8_t *data, size_t len, struct outcome *o, bool *looks)
 {
@@ -110,6 +139,7 @@ static void parse_copy(const uint8_t *data, size_t len, struct outcome *o, bool 
     if (len)
         memcpy(buf, data, len);
     *looks = http_looks_like_request(buf, len);
+    check_lenient(buf, len);
     o->rc = http_parse_request(buf, len, &o->req);
     FUZZ_CHECK(o->rc == HTTP_PARSE_DONE || o->rc == HTTP_PARSE_INCOMPLETE || o->rc == HTTP_PARSE_ERROR);
     if (o->rc != HTTP_PARSE_ERROR)
