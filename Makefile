@@ -24,7 +24,7 @@ SHIM_OBJ = $(patsubst shim/%.c,$(BUILD)/obj/%.o,$(SHIM_SRC))
 all: $(BUILD)/libhttpshim.so $(BUILD)/httpshim
 
 TEST_BINS = $(BUILD)/epollclient $(BUILD)/tlsstoreclient $(BUILD)/renegserver $(BUILD)/sockstate $(BUILD)/loop_test $(BUILD)/resp_test \
-            $(BUILD)/slowdns.so $(BUILD)/closerace $(BUILD)/sigclient
+            $(BUILD)/slowdns.so $(BUILD)/closerace $(BUILD)/forkrace $(BUILD)/sigclient
 test-bins: all $(TEST_BINS)
 
 $(BUILD)/obj/%.o: shim/%.c | $(BUILD)/obj
@@ -61,6 +61,8 @@ $(BUILD)/epollclient: tests/clients/epollclient.c | $(BUILD)/obj
 $(BUILD)/sockstate: tests/clients/sockstate.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -o $@ $<
 $(BUILD)/closerace: tests/clients/closerace.c | $(BUILD)/obj
+	$(CC) $(C_FLAGS) -pthread -o $@ $<
+$(BUILD)/forkrace: tests/clients/forkrace.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -pthread -o $@ $<
 $(BUILD)/sigclient: tests/clients/sigclient.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -o $@ $<

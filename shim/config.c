@@ -1,6 +1,6 @@
 /* config.c — owns the configuration this process runs with: the environment as it was
- * when the library loaded (HTTPSHIM_CONF, HTTPSHIM_DEBUG, HTTPSHIM_TEST_CLOCK and
- * HTTPSHIM_TEST_CPU_PRESSURE: servers
+ * when the library loaded (HTTPSHIM_CONF, HTTPSHIM_DEBUG, HTTPSHIM_TEST_CLOCK,
+ * HTTPSHIM_TEST_CPU_PRESSURE and HTTPSHIM_TEST_FORK_PAUSE_MS: servers
  * scrub their workers' environment long before the first connect), the rules read and
  * parsed in the constructor with the privileges the process starts with, and, at the
  * first use, either the rules made live (the fd table mapped, the upstreams' names
@@ -34,6 +34,9 @@ static enum { ENV_UNREAD, ENV_READ, ENV_TOO_LONG } conf_env;
 /* where the engine reads the CPU pressure (loop.c): the kernel's, or a test's file
  * (HTTPSHIM_TEST_CPU_PRESSURE) */
 static char cpu_pressure_path[256] = "/proc/pressure/cpu";
+/* a fork's handlers pause this long once the parent's connections are shared, so that a
+ * test can land another thread's connect inside the fork (HTTPSHIM_TEST_FORK_PAUSE_MS) */
+static int fork_pause_ms;
 
 void config_capture_environment(void)
 {
@@ -50,9 +53,15 @@ void config_capture_environment(void)
     const char *pressure = getenv("HTTPSHIM_TEST_CPU_PRESSURE");
     if (pressure && strlen(pressure) < sizeof cpu_pressure_path)
         memcpy(cpu_pressure_path, pressure, strlen(pressure) + 1);
+    const char *pause = getenv("HTTPSHIM_TEST_FORK_PAUSE_MS");
+    fork_pause_ms = pause ? atoi(pause) : 0;
+    if (fork_pause_ms < 0 || fork_pause_ms > 1000)
+        fork_pause_ms = 0;
 }
 
 const char *config_cpu_pressure_path(void) { return cpu_pressure_path; }
+
+int config_test_fork_pause_ms(void) { return fork_pause_ms; }
 
 /* The rules are read and parsed in the constructor, with the privileges and the file
  * system the process starts with: a master that reads them as root, then drops to

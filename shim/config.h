@@ -13,6 +13,8 @@ void config_read_once(void);
 struct shim_config *config_get(void);
 /* The file the engine reads the CPU pressure from (/proc/pressure/cpu, or a test's). */
 const char *config_cpu_pressure_path(void);
+/* HTTPSHIM_TEST_FORK_PAUSE_MS as read at load (0: none; tests only). */
+int config_test_fork_pause_ms(void);
 /* The rules as they are now, without loading them (NULL until loaded). */
 struct shim_config *config_loaded(void);
 /* The upstream addr matches (rules_match_addr), or -1. While the upstreams' host names

@@ -836,8 +836,10 @@ void engine_need(struct fd_entry *e)
     int want = FD_UNHEARD;
     /* every real write comes here: a plain load answers all but the first; a connection
      * diverted before a fork is the parent's engine's, which listens to it already (hooks.c),
-     * and its conn, in a child, a copy of the parent's memory */
-    if (atomic_load_explicit(&e->heard, memory_order_acquire) != FD_UNHEARD || e->forks_at_divert != fdtable_forks()
+     * and its conn, in a child, a copy of the parent's memory. Told by the process, not the
+     * fork count: one diverted by another thread while this one forked counted as older
+     * than the fork in the parent, and was never listened to (a request lost for ever) */
+    if (atomic_load_explicit(&e->heard, memory_order_acquire) != FD_UNHEARD || e->pid_at_divert != fdtable_pid
         || !atomic_compare_exchange_strong(&e->heard, &want, FD_HEARD))
         return;
     fdtable_close_kept_app_end(e);     /* now the app's close must be the last: the engine hears it */

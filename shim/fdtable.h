@@ -69,6 +69,7 @@ struct fd_entry {
     _Atomic int takes_one_more_write;
     void *owner;                       /* FD_ENGINE: the engine's object for it (engine thread) */
     unsigned forks_at_divert;          /* FD_DIVERTED: fdtable_forks() when it was diverted */
+    pid_t pid_at_divert;               /* ... and by which process (a fork's child has a copy) */
     /* an app thread is replacing the fd's socket (hooks.c divert), and closes or dups onto
      * the number under way: each waits for the other (a close from another thread during
      * a connect, the "cancel by closing" pattern, let the divert's dup3 re-create a number

@@ -87,6 +87,8 @@ static void inherited_never_inline(void)
 static void atfork_prepare(void)
 {
     share_diverted_with_child();
+    if (config_test_fork_pause_ms())   /* (a test's: another thread's connect lands here) */
+        usleep((useconds_t)config_test_fork_pause_ms() * 1000);
     engine_atfork_prepare();
     rules_atfork_prepare();            /* last: its holder never waits on another lock */
 }
@@ -347,6 +349,7 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     e->peer_len = len;
     e->upstream = upstream;
     e->forks_at_divert = fdtable_forks();
+    e->pid_at_divert = fdtable_pid;
     e->engine_conn = conn;
     atomic_store(&e->heard, FD_UNHEARD);
     atomic_store(&e->takes_one_more_write, 0);

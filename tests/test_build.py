@@ -61,5 +61,5 @@ def test_make_builds_the_library_and_the_cli_only(tmp_path):
     rc, out = make(tmp_path / "build", "-n")
     assert rc == 0, out
     assert "libhttpshim.so" in out and "/httpshim " in out, out
-    for test_only in ("epollclient", "tlsstoreclient", "renegserver", "sockstate", "closerace", "sigclient", "loop_test", "resp_test", "fuzz-replay", "delayline", "fanin"):
+    for test_only in ("epollclient", "tlsstoreclient", "renegserver", "sockstate", "closerace", "forkrace", "sigclient", "loop_test", "resp_test", "fuzz-replay", "delayline", "fanin"):
         assert test_only not in out, (test_only, out)

@@ -18,6 +18,7 @@ from conftest import (BUILD, PRELOAD, PYCLIENTS, SANITIZER_SKIP, SYS_PY, TESTS, 
 
 POOLCLIENT = pyclient("poolclient.py")
 CLOSERACE = BUILD / "closerace"
+FORKRACE = BUILD / "forkrace"
 
 
 def pool_conf(tmp, up, sockdir, cap=None, extra=()):
@@ -1213,6 +1214,20 @@ def test_a_subprocess_leaves_the_parents_connections_alone(upstream, tmp_path, s
     r = run([SYS_PY, app, upstream.port, "%s/%%p.sock" % sockdir, PYCLIENTS], conf=conf)
     assert r.rc == 0, r.describe()
     assert json.loads(r.out) == {"got": [[200, 100]] * 4, "inline_hits": 4}, r.describe()
+
+
+def test_a_connect_inside_another_threads_fork_is_answered(upstream, tmp_path, sockdir):
+    """8 threads connect while the main thread forks (the fork's handlers held open 3 ms,
+    HTTPSHIM_TEST_FORK_PAUSE_MS, so that the connects land inside it), then send a GET each:
+    every one is answered in the parent. Before, such a connection counted as older than the
+    fork in the parent (the fork count it was diverted under had moved on) and the engine
+    never listened to it: the thread waited for ever (3 of 401 runs without the pause, found
+    by an adversarial pass; every round with it)."""
+    require_build(FORKRACE)
+    conf = pool_conf(tmp_path, upstream, sockdir)
+    r = run([str(FORKRACE), upstream.port, 30], conf=conf, env={"HTTPSHIM_TEST_FORK_PAUSE_MS": "3"}, timeout=120)
+    got = jlines(r.out)[-1] if r.out.strip() else {}
+    assert r.rc == 0 and got == {"rounds": 30, "answered": 240, "lost": 0, "failed": 0}, r.describe()
 
 
 def test_a_close_from_another_thread_while_connecting_touches_nothing_else(upstream, rules):
