@@ -108,6 +108,7 @@ void fdtable_mark_engine(int fd)
             ;
         atomic_store(&e->n_epoll, 0);
         atomic_store(&e->connected_already, 0);
+        atomic_store(&e->acks_at_once, 0);
         atomic_store_explicit(&e->kind, FD_ENGINE, memory_order_release);
     }
 }
@@ -122,6 +123,7 @@ void fdtable_clear(int fd)
         atomic_store_explicit(&e->made, MADE_UNKNOWN, memory_order_relaxed);
         atomic_store(&e->n_epoll, 0);
         atomic_store(&e->connected_already, 0);
+        atomic_store(&e->acks_at_once, 0);
     }
     if (e && atomic_load_explicit(&e->peer_gone, memory_order_relaxed) && atomic_exchange(&e->peer_gone, 0))
         STAT_DEC(e->upstream, pool_gone);

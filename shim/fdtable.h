@@ -45,6 +45,7 @@ struct fd_entry {
     int probe_file_flags;              /* FD_PROBING: the app's file flags at connect */
     bool probe_held;                   /* FD_PROBING: it holds the upstream's transfers (pool.c) */
     _Atomic int connected_already;     /* FD_ENGINE: an adopted connection libcurl will connect() */
+    _Atomic int acks_at_once;          /* FD_ENGINE: an upstream TCP connection libcurl sends on (hooks_io.c) */
     _Atomic int peer_gone;             /* FD_ENGINE: idle, and ended by the upstream (counted in pool_gone) */
     /* FD_DIVERTED, never heard by the engine: fd + 1 of a second reference to the app's end
      * of the socketpair (engine-marked), or 0. With it the app's close is not the last one:

@@ -98,6 +98,7 @@ static curl_socket_t open_socket(void *clientp, curlsocktype purpose, struct cur
         if (e) {
             e->upstream = t->app->upstream;
             atomic_store(&e->connected_already, 1);
+            atomic_store(&e->acks_at_once, 1);
         }
         STAT_INC(t->app->upstream, upstream_conns_opened);
         STAT_INC(t->app->upstream, pool_open);
@@ -108,8 +109,10 @@ static curl_socket_t open_socket(void *clientp, curlsocktype purpose, struct cur
         return CURL_SOCKET_BAD;
     fdtable_mark_engine(fd);
     struct fd_entry *e = fdtable_slot(fd);
-    if (e)
+    if (e) {
         e->upstream = t->app->upstream;   /* which gauge the close decrements */
+        atomic_store(&e->acks_at_once, 1);
+    }
     STAT_INC(t->app->upstream, upstream_conns_opened);
     STAT_INC(t->app->upstream, pool_open);
     return fd;

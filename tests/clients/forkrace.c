@@ -33,15 +33,15 @@ static void *ask(void *arg)
     struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((unsigned short)port) };
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     static const char q[] = "GET /bytes/64 HTTP/1.1\r\nHost: forkrace\r\nConnection: close\r\n\r\n";
-    char b[4096];
-    size_t got = 0;
-    ssize_t k;
     int ok = fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0;
     while (ok && !atomic_load(&forked))  /* the request goes once the fork is over */
         usleep(100);
     if (!ok || write(fd, q, sizeof q - 1) != (ssize_t)sizeof q - 1) {
         atomic_fetch_add(&failed, 1);
     } else {
+        char b[4096];
+        size_t got = 0;
+        ssize_t k;
         while (got < sizeof b - 1 && (k = read(fd, b + got, sizeof b - 1 - got)) > 0)
             got += (size_t)k;
         b[got] = 0;
