@@ -1,6 +1,7 @@
 /* config.c — owns the configuration this process runs with: the environment as it was
  * when the library loaded (HTTPSHIM_CONF, HTTPSHIM_DEBUG, HTTPSHIM_TEST_CLOCK,
- * HTTPSHIM_TEST_CPU_PRESSURE and HTTPSHIM_TEST_FORK_PAUSE_MS: servers
+ * HTTPSHIM_TEST_CPU_PRESSURE, HTTPSHIM_TEST_FORK_PAUSE_MS and HTTPSHIM_TEST_SOCKET_EMFILE:
+ * servers
  * scrub their workers' environment long before the first connect), the rules read and
  * parsed in the constructor with the privileges the process starts with, and, at the
  * first use, either the rules made live (the fd table mapped, the upstreams' names
@@ -37,6 +38,9 @@ static char cpu_pressure_path[256] = "/proc/pressure/cpu";
 /* a fork's handlers pause this long once the parent's connections are shared, so that a
  * test can land another thread's connect inside the fork (HTTPSHIM_TEST_FORK_PAUSE_MS) */
 static int fork_pause_ms;
+/* the engine's next N upstream sockets fail with EMFILE, as in a process out of fds
+ * (HTTPSHIM_TEST_SOCKET_EMFILE; engine thread only once read) */
+static int socket_emfile_left;
 
 void config_capture_environment(void)
 {
@@ -53,6 +57,8 @@ void config_capture_environment(void)
     const char *pressure = getenv("HTTPSHIM_TEST_CPU_PRESSURE");
     if (pressure && strlen(pressure) < sizeof cpu_pressure_path)
         memcpy(cpu_pressure_path, pressure, strlen(pressure) + 1);
+    const char *emfile = getenv("HTTPSHIM_TEST_SOCKET_EMFILE");
+    socket_emfile_left = emfile ? atoi(emfile) : 0;
     const char *pause = getenv("HTTPSHIM_TEST_FORK_PAUSE_MS");
     fork_pause_ms = pause ? atoi(pause) : 0;
     if (fork_pause_ms < 0 || fork_pause_ms > 1000)
@@ -62,6 +68,14 @@ void config_capture_environment(void)
 const char *config_cpu_pressure_path(void) { return cpu_pressure_path; }
 
 int config_test_fork_pause_ms(void) { return fork_pause_ms; }
+
+bool config_test_socket_emfile_take(void)
+{
+    if (socket_emfile_left <= 0)
+        return false;
+    socket_emfile_left--;
+    return true;
+}
 
 /* The rules are read and parsed in the constructor, with the privileges and the file
  * system the process starts with: a master that reads them as root, then drops to

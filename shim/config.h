@@ -15,6 +15,9 @@ struct shim_config *config_get(void);
 const char *config_cpu_pressure_path(void);
 /* HTTPSHIM_TEST_FORK_PAUSE_MS as read at load (0: none; tests only). */
 int config_test_fork_pause_ms(void);
+/* HTTPSHIM_TEST_SOCKET_EMFILE: whether the engine's next upstream socket is to fail with
+ * EMFILE (tests only; counts down). */
+bool config_test_socket_emfile_take(void);
 /* The rules as they are now, without loading them (NULL until loaded). */
 struct shim_config *config_loaded(void);
 /* The upstream addr matches (rules_match_addr), or -1. While the upstreams' host names

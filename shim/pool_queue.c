@@ -78,8 +78,30 @@ static bool probe_holds_queue(int upstream)
     return pool_probe_holds(upstream) && !pool_probe_connected(upstream);
 }
 
+/* The process ran out of fds for an upstream socket (EMFILE, ENFILE): until a second has
+ * passed without that, no more transfers run at once than were running then, so that a
+ * waiter is sent on a connection another leaves idle instead of needing a socket of its
+ * own (the app near its fd limit: each diverted connection costs the engine fds). */
+static unsigned fd_ceiling;
+static int64_t fd_short_until_us;
+
+void pool_queue_fd_short(void)
+{
+    fd_ceiling = in_use_total > 1 ? in_use_total - 1 : 1;   /* (the one that ran short still counts) */
+    fd_short_until_us = clock_mono_us() + 1000000;
+}
+
+static bool fd_room(void)
+{
+    if (fd_ceiling && clock_mono_us() >= fd_short_until_us)
+        fd_ceiling = 0;
+    return !fd_ceiling || in_use_total < fd_ceiling;
+}
+
 static unsigned queue_cap(int upstream)
 {
+    if (!fd_room())
+        return 0;
     unsigned cap = rules_pool_max(cfg, &cfg->upstreams[upstream]);
     unsigned coming = (unsigned)pool_connects_in_flight(upstream);
     return coming < cap ? cap - coming : 0;
@@ -171,6 +193,8 @@ void pool_queue_leave(struct pool_slot *s)
         q->in_use--;
         in_use_total--;
         q->pump = q->head != NULL;
+        for (size_t up = 0; fd_ceiling && up < cfg->n_upstreams; up++)
+            queues[up].pump |= queues[up].head != NULL;   /* (the room is the process's) */
         s->admitted = false;
         limit_idle();
     }

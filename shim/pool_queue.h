@@ -34,4 +34,7 @@ int pool_queue_enter(struct pool_slot *s, int upstream, int fd);
 void pool_queue_leave(struct pool_slot *s);
 /* After transfers finished: slots that came free go to the oldest waiters. */
 void pool_queue_pump(void);
+/* An upstream socket could not be had (the process's fds ran out): transfers beyond those
+ * running now wait for one to end, and take its connection, for the next second. */
+void pool_queue_fd_short(void);
 #endif

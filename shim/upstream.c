@@ -66,6 +66,8 @@ struct transfer {
      * reference); refused when the upstream presented anything else */
     struct tls_pin *pin;
     bool pin_refused, once_only;    /* once_only: a method that is not idempotent, never sent twice */
+    bool fd_short;                  /* its socket could not be had: it waits for another's connection */
+    int64_t fd_short_since_us;      /* ... since then, pool_queue_timeout at most */
     bool upstream_closes;           /* the upstream ends the connection after this answer */
     unsigned sends;                 /* how many times libcurl was about to send the request */
     int64_t body_relayed;           /* BODY_RAW with a Content-Length: body bytes relayed */
@@ -88,46 +90,15 @@ static curl_socket_t open_socket(void *clientp, curlsocktype purpose, struct cur
     struct transfer *t = clientp;
     (void)purpose;
     /* the app's own connections reach the address it dialled, not another origin */
-    int fd = cfg->upstreams[t->app->upstream].origin_https || t->is_probe
-             ? -1 : pool_take_offered(t->app->upstream, &addr->addr);
-    if (fd >= 0) {
-        /* libcurl will connect() the socket it is given; this one is connected already,
-         * so the connect hook answers 0 for it (marking it CURL_SOCKOPT_ALREADY_CONNECTED
-         * failed the transfer with libcurl 7.88's multi interface here) */
-        struct fd_entry *e = fdtable_slot(fd);
-        if (e) {
-            e->upstream = t->app->upstream;
-            atomic_store(&e->connected_already, 1);
-            atomic_store(&e->acks_at_once, 1);
-        }
-        STAT_INC(t->app->upstream, upstream_conns_opened);
-        STAT_INC(t->app->upstream, pool_open);
-        return fd;
+    bool adopt = !cfg->upstreams[t->app->upstream].origin_https && !t->is_probe;
+    int fd = upreq_open_socket(t->app->upstream, adopt, addr);
+    if (fd < 0 && (errno == EMFILE || errno == ENFILE)) {   /* nothing sent: it waits (requeue) */
+        t->fd_short = true;
+        if (!t->fd_short_since_us)
+            t->fd_short_since_us = clock_mono_us();
+        pool_queue_fd_short();
     }
-    fd = fdtable_raise(real_socket(addr->family, addr->socktype | SOCK_CLOEXEC, addr->protocol));
-    if (fd < 0)
-        return CURL_SOCKET_BAD;
-    fdtable_mark_engine(fd);
-    struct fd_entry *e = fdtable_slot(fd);
-    if (e) {
-        e->upstream = t->app->upstream;   /* which gauge the close decrements */
-        atomic_store(&e->acks_at_once, 1);
-    }
-    STAT_INC(t->app->upstream, upstream_conns_opened);
-    STAT_INC(t->app->upstream, pool_open);
-    return fd;
-}
-
-/* libcurl may close a pooled socket long after the transfer that opened it is gone:
- * the upstream comes from the fd table, never from clientp. */
-static int close_socket(void *clientp, curl_socket_t fd)
-{
-    (void)clientp;
-    curl_loop_closing(fd);             /* out of the set before the fd number can be reused */
-    const struct fd_entry *e = fdtable_slot(fd);
-    if (e && atomic_load(&e->kind) == FD_ENGINE)
-        STAT_DEC(e->upstream, pool_open);
-    return fdtable_close_engine_fd(fd);
+    return fd < 0 ? CURL_SOCKET_BAD : fd;
 }
 
 /* The transfer has its connection (new or reused) and is about to send. */
@@ -549,7 +520,7 @@ static int build(struct transfer *t, const struct http_request *req, const char 
     curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, t);
     curl_easy_setopt(e, CURLOPT_PREREQFUNCTION, on_prereq);
     curl_easy_setopt(e, CURLOPT_PREREQDATA, t);
-    curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, close_socket);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, upreq_close_socket);
     curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
     curl_easy_setopt(e, CURLOPT_HEADERDATA, t);
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
@@ -675,6 +646,17 @@ bool upstream_refresh(const struct app_side *app, const struct http_request *req
     return start(t, &t->own, req, body, body_len) != NULL;   /* (the body is copied: the app moves on) */
 }
 
+/* A transfer whose socket could not be had (the process out of fds) was never sent: back
+ * in its upstream's queue, behind the ceiling that makes it wait for a connection another
+ * transfer leaves (pool_queue_fd_short), rather than failed with a request the app wrote. */
+static bool requeue(struct transfer *t)
+{
+    t->fd_short = false;
+    curl_multi_remove_handle(multi, t->easy);
+    pool_queue_leave(&t->slot);
+    return pool_queue_enter(&t->slot, t->app->upstream, t->app->fd) == 0;
+}
+
 /* A waiter the shim gives up on: its exchange fails before any response, and the app's
  * connection is closed, as a reset would close it. */
 static void fail_waiter(struct pool_slot *s)
@@ -765,7 +747,7 @@ void *upstream_tls_probe(int upstream, const char *host, const union shim_sockad
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)cfg->upstream_timeout_ms);
     curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, open_socket);
     curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, t);
-    curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, close_socket);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, upreq_close_socket);
     curl_easy_setopt(e, CURLOPT_PRIVATE, t);
     if (curl_multi_add_handle(multi, e) != CURLM_OK) {
         transfer_free(t);
@@ -841,6 +823,9 @@ void upstream_reap(void)
         curl_socket_t kept = CURL_SOCKET_BAD;   /* its connection, if libcurl keeps it */
         long local_port = 0, peer_port = 0;
         curl_loop_let_go(&t->hold);
+        if (result == CURLE_COULDNT_CONNECT && t->fd_short
+            && clock_mono_us() - t->fd_short_since_us < cfg->pool_queue_timeout_ms * 1000 && requeue(t))
+            continue;
         if (curl_easy_getinfo(msg->easy_handle, CURLINFO_ACTIVESOCKET, &kept) == CURLE_OK && kept != CURL_SOCKET_BAD
             && curl_easy_getinfo(msg->easy_handle, CURLINFO_LOCAL_PORT, &local_port) == CURLE_OK
             && curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIMARY_PORT, &peer_port) == CURLE_OK)

@@ -5,11 +5,19 @@
  * it, the app's headers minus hop-by-hop ones and those its Connection names (with the
  * cache's validators instead of its conditionals when the cache revalidates), none of
  * libcurl's own additions (Accept, Expect, Host, Content-Type), the method, and the
- * connection's timeouts and idle age. Engine thread only. */
+ * connection's timeouts and idle age; and the sockets libcurl opens and closes for it (a
+ * connection the app's own connect made while the pool was cold, adopted). Engine thread
+ * only. */
 #include "upstream_request.h"
 #include "clock.h"
+#include "config.h"
 #include "conn.h"
+#include "curl_loop.h"
 #include "lazyssl.h"
+#include "pool.h"
+#include "real.h"
+#include "stats.h"
+#include <errno.h>
 #include <arpa/inet.h>
 #include <openssl/ssl.h>
 #include <stdarg.h>
@@ -237,4 +245,44 @@ void upreq_watch_silence(CURL *e, struct upreq_silence *s, const int *status, co
     curl_easy_setopt(e, CURLOPT_XFERINFOFUNCTION, on_progress);
     curl_easy_setopt(e, CURLOPT_XFERINFODATA, s);
     curl_easy_setopt(e, CURLOPT_NOPROGRESS, 0L);
+}
+
+int upreq_open_socket(int upstream, bool adopt, const struct curl_sockaddr *addr)
+{
+    int fd = adopt ? pool_take_offered(upstream, &addr->addr) : -1;
+    if (fd >= 0) {
+        /* libcurl will connect() the socket it is given; this one is connected already,
+         * so the connect hook answers 0 for it (marking it CURL_SOCKOPT_ALREADY_CONNECTED
+         * failed the transfer with libcurl 7.88's multi interface here) */
+        struct fd_entry *e = fdtable_slot(fd);
+        if (e)
+            atomic_store(&e->connected_already, 1);
+    } else {
+        int dials = config_test_socket_emfile_take() ? (errno = EMFILE, -1)
+                                                     : real_socket(addr->family, addr->socktype | SOCK_CLOEXEC,
+                                                                   addr->protocol);
+        if ((fd = fdtable_raise(dials)) < 0)
+            return -1;
+        fdtable_mark_engine(fd);
+    }
+    struct fd_entry *e = fdtable_slot(fd);
+    if (e) {
+        e->upstream = upstream;        /* which gauge the close decrements */
+        atomic_store(&e->acks_at_once, 1);
+    }
+    STAT_INC(upstream, upstream_conns_opened);
+    STAT_INC(upstream, pool_open);
+    return fd;
+}
+
+/* libcurl may close a pooled socket long after the transfer that opened it is gone:
+ * the upstream comes from the fd table, never from clientp. */
+int upreq_close_socket(void *clientp, curl_socket_t fd)
+{
+    (void)clientp;
+    curl_loop_closing(fd);             /* out of the set before the fd number can be reused */
+    const struct fd_entry *e = fdtable_slot(fd);
+    if (e && atomic_load(&e->kind) == FD_ENGINE)
+        STAT_DEC(e->upstream, pool_open);
+    return fdtable_close_engine_fd(fd);
 }

@@ -23,6 +23,11 @@ struct upreq_where {
 CURL *upreq_easy_get(void);
 void upreq_easy_put(CURL *e, bool is_probe);
 void upreq_easy_forget(void);
+/* libcurl's socket for a transfer to upstream: a connection the app's own connect made
+ * while the pool was cold, when `adopt` and one is kept for that address, else a new one;
+ * -1 with errno (EMFILE: the process is out of fds). And its close, counted. */
+int upreq_open_socket(int upstream, bool adopt, const struct curl_sockaddr *addr);
+int upreq_close_socket(void *clientp, curl_socket_t fd);
 /* The URL and the pin (*connect_to: a list the caller frees). */
 int upreq_aim(CURL *e, const struct upreq_where *w, struct curl_slist **connect_to);
 /* libcurl's full verification (peer and host name), against the system store plus the

@@ -1286,6 +1286,42 @@ def test_a_pooled_response_written_in_two_sends_is_not_held_for_an_ack(tmp_path,
         up.wait()
 
 
+EMFILE_CLIENT = r"""
+import socket, sys, threading
+port, got = int(sys.argv[1]), []
+def get(path):
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path)
+    data = b""
+    while True:
+        k = s.recv(65536)
+        if not k:
+            break
+        data += k
+    s.close()
+    got.append(data.split(b"\r\n")[0].decode() if data else "nothing")
+ts = [threading.Thread(target=get, args=(b"/delay/300/bytes/%d" % n,)) for n in (10, 11)]
+for t in ts:
+    t.start()
+for t in ts:
+    t.join(30)
+print(" ".join(sorted(got)))
+"""
+
+
+def test_a_request_whose_upstream_socket_the_fds_cannot_give_waits_for_a_connection(upstream, tmp_path, sockdir):
+    """The engine's upstream socket fails with EMFILE (HTTPSHIM_TEST_SOCKET_EMFILE: the first
+    two, as in a process at its fd limit, where each diverted connection costs the engine
+    fds): nothing was sent, so the request waits for a connection (one another transfer
+    leaves, or a socket once one is free) and is answered. Before, the app's written request
+    was dropped: its connection closed with no answer (600 of 2 700 requests of an aiohttp
+    client at `ulimit -n 1024`, found by an adversarial pass)."""
+    conf = pool_conf(tmp_path, upstream, sockdir)
+    r = run([SYS_PY, "-c", EMFILE_CLIENT, upstream.port], conf=conf, env={"HTTPSHIM_TEST_SOCKET_EMFILE": "2"},
+            timeout=60)
+    assert r.rc == 0 and r.out.decode().split() == ["HTTP/1.1", "200", "OK", "HTTP/1.1", "200", "OK"], r.describe()
+
+
 def test_a_close_from_another_thread_while_connecting_touches_nothing_else(upstream, rules):
     """A watchdog thread closes the socket another thread is connecting and opens a file,
     which takes the freed number. Direct, the connect fails on what the number is then; the
