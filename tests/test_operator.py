@@ -536,7 +536,8 @@ def test_a_busy_stats_socket_is_named_not_left_out_in_silence(upstream, sockdir,
         p = run([cli, "purge", "-c", conf, "/bytes/*"], shim=False, timeout=20)
         assert p.rc == 1 and b"answered with an error" in p.err and b" %d" % app.pid in p.err, p.describe()
         st = run([cli, "stats", "-c", conf, "--live"], shim=False, timeout=20)
-        assert st.rc == 0 and b"answered with an error" in st.err and b" %d" % app.pid in st.err, st.describe()
+        # (named either way: busy, or, on a loaded machine, not answering in 3 s)
+        assert st.rc == 0 and b"left out:" in st.err and b" %d" % app.pid in st.err, st.describe()
     finally:
         for s in held:
             s.close()
