@@ -83,19 +83,24 @@ static bool probe_holds_queue(int upstream)
  * waiter is sent on a connection another leaves idle instead of needing a socket of its
  * own (the app near its fd limit: each diverted connection costs the engine fds). */
 static unsigned fd_ceiling;
-static int64_t fd_short_until_us;
+static int64_t fd_short_until_us, fd_hold_until_us;
+#define FD_SHORT_HOLD_US 20000         /* none running to wait for: tried again this much later */
 
 void pool_queue_fd_short(void)
 {
+    int64_t now = clock_mono_us();
     fd_ceiling = in_use_total > 1 ? in_use_total - 1 : 1;   /* (the one that ran short still counts) */
-    fd_short_until_us = clock_mono_us() + 1000000;
+    fd_short_until_us = now + 1000000;
+    if (in_use_total <= 1)             /* no connection to come free: not again at once (no spin) */
+        fd_hold_until_us = now + FD_SHORT_HOLD_US;
 }
 
 static bool fd_room(void)
 {
-    if (fd_ceiling && clock_mono_us() >= fd_short_until_us)
+    int64_t now = fd_ceiling ? clock_mono_us() : 0;
+    if (fd_ceiling && now >= fd_short_until_us)
         fd_ceiling = 0;
-    return !fd_ceiling || in_use_total < fd_ceiling;
+    return !fd_ceiling || (in_use_total < fd_ceiling && now >= fd_hold_until_us);
 }
 
 static unsigned queue_cap(int upstream)
@@ -158,6 +163,8 @@ static void arm_queue_timeout(struct queue *q)
     int64_t counted = pool_connects_count_until_us((int)(q - queues));
     if (counted && (counted - now) / 1000 + 1 < due_ms)
         due_ms = (counted - now) / 1000 + 1;   /* and when the connects in flight stop counting */
+    if (fd_ceiling && fd_hold_until_us > now && (fd_hold_until_us - now) / 1000 + 1 < due_ms)
+        due_ms = (fd_hold_until_us - now) / 1000 + 1;   /* and when a hold for fds ends */
     loop_timer_arm(&q->timeout, due_ms > 0 ? due_ms : 0, on_queue_timeout);
 }
 
