@@ -280,6 +280,8 @@ static void on_role(redisAsyncContext *ac, void *reply, void *privdata)
         return;
     if (r->type == REDIS_REPLY_ARRAY && r->elements >= 1 && r->element[0]->type == REDIS_REPLY_STRING
         && !strcmp(r->element[0]->str, "master")) {
+        if (sentinel())
+            sentinel_master_verified();
         became_usable(n);
         return;
     }
@@ -434,6 +436,8 @@ static void master_changed(void)
         return;
     struct redis_node *n = &N.nodes[0];
     drop(n);
+    if (n->port != port || strcmp(n->host, host))   /* its errors are the address's: from 0 again */
+        atomic_store(&shim_redis.nodes[0].errors, 0);
     snprintf(n->host, sizeof n->host, "%s", host);
     n->port = port;
     n->used = true;
@@ -556,7 +560,12 @@ static struct redis_node *redirected(const struct redis_node *from, const char *
 struct redis_node *nodes_error(redisAsyncContext *ac, const redisReply *r, bool *ask)
 {
     *ask = false;
-    count_error(node_of(ac));
+    /* a cluster's MOVED or ASK is a redirect, counted as one, not an error: a planned
+     * reshard is no alarm */
+    bool redirect = cluster() && r->type == REDIS_REPLY_ERROR
+                    && (!strncmp(r->str, "MOVED ", 6) || !strncmp(r->str, "ASK ", 4));
+    if (!redirect)
+        count_error(node_of(ac));
     if (r->type != REDIS_REPLY_ERROR)
         return NULL;
     if (sentinel() && (!strncmp(r->str, "READONLY", 8) || !strncmp(r->str, "MASTERDOWN", 10))) {

@@ -38,6 +38,7 @@ static struct {
     struct loop_timer timer;
     bool want_query;
     bool known;
+    bool verified;                     /* the master named answered ROLE as master */
     uintptr_t sub_generation;
     char host[256];
     int port;
@@ -79,14 +80,18 @@ static void publish(void)
 }
 
 /* The sentinels name host:port; a change of a master already known is a failover. */
-static void master_is(const char *host, size_t host_len, int port)
+/* A failover is counted when the sentinels announce one (+switch-master), or name another
+ * master once the one they named had answered ROLE as master: a first-named address that
+ * never answered, then another sentinel's, is no failover. */
+static void master_is(const char *host, size_t host_len, int port, bool announced)
 {
     if (host_len == 0 || host_len >= sizeof S.host || port <= 0 || port > 65535)
         return;
     if (S.known && strlen(S.host) == host_len && !memcmp(S.host, host, host_len) && S.port == port)
         return;
-    if (S.known)
+    if (S.known && (announced || S.verified))
         atomic_fetch_add(&shim_redis.failovers, 1);
+    S.verified = false;
     memcpy(S.host, host, host_len);
     S.host[host_len] = 0;
     S.port = port;
@@ -117,7 +122,7 @@ static void on_master_addr(redisAsyncContext *ac, void *reply, void *privdata)
         && r->element[1]->type == REDIS_REPLY_STRING) {
         S.query.answered = true;
         S.query.backoff_ms = 0;
-        master_is(r->element[0]->str, (size_t)r->element[0]->len, atoi(r->element[1]->str));
+        master_is(r->element[0]->str, (size_t)r->element[0]->len, atoi(r->element[1]->str), false);
     }
     redisAsyncDisconnect(ac);          /* (after this callback) one question per connection */
 }
@@ -201,7 +206,7 @@ static void on_switch(redisAsyncContext *ac, void *reply, void *privdata)
     int old_port, new_port;
     if (sscanf(r->element[2]->str, "%127s %63s %d %63s %d", name, old_ip, &old_port, new_ip, &new_port) == 5
         && !strcmp(name, S.cfg->redis_master_name))
-        master_is(new_ip, strlen(new_ip), new_port);
+        master_is(new_ip, strlen(new_ip), new_port, true);
 }
 
 static void sub_connected(const redisAsyncContext *ac, int status)
@@ -288,3 +293,5 @@ void sentinel_forget(void)
     redis_link_forget(&S.query.link);
     redis_link_forget(&S.sub.link);
 }
+
+void sentinel_master_verified(void) { S.verified = true; }

@@ -14,6 +14,8 @@ bool sentinel_master(char *host, size_t host_cap, int *port);
 /* The master failed the tier (a connection error, READONLY, MASTERDOWN, a ROLE that is
  * not master): the sentinels are asked again, one after another, with a bounded backoff. */
 void sentinel_doubt(void);
+/* The master named answered ROLE as master (redis_nodes.c): a change from it on is a failover. */
+void sentinel_master_verified(void);
 /* A forked child: the parent's connections are not its own. */
 void sentinel_forget(void);
 #endif

@@ -214,6 +214,8 @@ def test_slots_move_while_traffic_runs(cluster, upstream, tmp_path, sockdir, app
     r, rb = get_stats(pair.a.sock)["redis"], get_stats(pair.b.sock)["redis"]
     assert r["connected"] == 3, r
     assert r["redirects"] + rb["redirects"] >= 1, (r, rb)      # MOVED or ASK were met, and followed
+    # a redirect is no error: a planned reshard pages no one (each counted one before)
+    assert r["errors"] + rb["errors"] < r["redirects"] + rb["redirects"], (r, rb)
     print("redirects seen: %d + %d; shared after the move: %d of 60" % (r["redirects"], rb["redirects"], sum(after)))
 
 
