@@ -164,9 +164,9 @@ static void on_lost(struct rpool_client *c)
 {
     struct rsession *s = of_client(c);
     shim_debug("fd %d: redis: the server connection went away: closed, as a reset", s->src.fd);
-    if ((s->direct || s->eof_passed) && buf_len(&s->out)) {
-        s->closing = true;             /* its own connection ended: what came of it first */
-        rs_update(s);
+    if (s->direct || s->eof_passed) {
+        s->closing = true;             /* its own connection ended: what came of it first, then */
+        rs_update(s);                  /* the end, as the server's (its next write taken: linger.c) */
         return;
     }
     rs_close(s);                  /* what was owed to it will not come: as a reset direct */

@@ -4,6 +4,7 @@
  * session's own state (a name, an arity error, a CLIENT subcommand's kept error), and
  * going direct. Below redis_session.c, which reads the commands. Engine thread only. */
 #include "redis_session_core.h"
+#include "linger.h"
 #include "fdtable.h"
 #include "log.h"
 #include "redis_commands.h"
@@ -59,8 +60,10 @@ void rs_close(struct rsession *s)
     if (s->has_held && s->held.argv)
         freeReplyObject(s->held.argv);
     s->has_held = false;
-    loop_remove(&s->src);
-    fdtable_close_engine_fd(s->src.fd);
+    if (!s->lingered) {
+        loop_remove(&s->src);
+        fdtable_close_engine_fd(s->src.fd);
+    }
     resp_stream_free(&s->cmds);
     buf_free(&s->out);
     buf_free(&s->early);
@@ -97,6 +100,11 @@ void rs_update(struct rsession *s)
         rs_app_went(s);
     }
     if (s->closing && !buf_len(&s->out)) {
+        /* an end as the server's own (QUIT answered, the server ending a direct session): the
+         * app's next write is taken, as TCP's first after a FIN; closed at once, its EPIPE
+         * raised SIGPIPE in a C client. A lost connection's is a reset, as direct */
+        if (!s->app_gone && !s->reply_dropped && !s->refused && linger_adopt(&s->src))
+            s->lingered = true;
         rs_close(s);
         return;
     }

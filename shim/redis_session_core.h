@@ -30,6 +30,7 @@ struct rsession {
     bool app_eof, gone, closing, waiting_verdict, throttling;
     bool refused;                      /* what the app sent is not RESP: see refuse_input */
     bool reply_dropped;                /* a reply could not be kept for it: none after it either */
+    bool lingered;                     /* its end is linger.c's (closed later, not by rs_close) */
     /* a value too large to hold whole is coming in parts on a shared connection (its
      * header's type byte kept): that connection's reading waits on this app's */
     bool in_parts;

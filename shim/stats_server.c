@@ -324,10 +324,14 @@ static void render_json(struct out *o, const struct shim_config *cfg, bool exite
                     (unsigned long long)get(&shim_rule_stats[up][r].hits));
         }
         appendf(o, "],");
+        /* an exited process holds nothing now: its record's gauges are 0 (server connections
+         * open, lent, the pool's), whoever reads them */
         for (size_t k = 0; k < sizeof counters / sizeof counters[0]; k++)
-            appendf(o, "\"%s\":%llu,", counters[k].name, (unsigned long long)counter_value(up, &counters[k]));
-        uint64_t idle, busy, waiting;
-        pool_gauges(up, &idle, &busy, &waiting);
+            appendf(o, "\"%s\":%llu,", counters[k].name,
+                    exited && counters[k].is_gauge ? 0ULL : (unsigned long long)counter_value(up, &counters[k]));
+        uint64_t idle = 0, busy = 0, waiting = 0;
+        if (!exited)
+            pool_gauges(up, &idle, &busy, &waiting);
         appendf(o, "\"pool_idle\":%llu,\"pool_busy\":%llu,\"pool_waiting\":%llu,", (unsigned long long)idle,
                 (unsigned long long)busy, (unsigned long long)waiting);
         appendf(o, "\"not_stored\":{");

@@ -1645,6 +1645,77 @@ def test_quit_inside_a_pipeline_written_whole_ends_it(redis, tmp_path, sockdir):
         assert redis.cmd("EXISTS", "after-quit") == 0
 
 
+WRITE_AFTER_END = r"""
+import json, socket, sys
+sys.path.insert(0, sys.argv[2])
+from resp import command as cmd
+port, out = int(sys.argv[1]), []
+def reply(s):
+    data = b""
+    while not data.endswith(b"\r\n"):
+        k = s.recv(4096)
+        if not k:
+            break
+        data += k
+    return data
+def write_then_read(s):
+    try:
+        s.sendall(cmd("PING"))
+        wrote = "ok"
+    except OSError as e:
+        wrote = type(e).__name__
+    try:
+        got = s.recv(4096)
+    except OSError as e:
+        got = b"reset"
+    return [wrote, got in (b"", b"reset")]
+a = socket.create_connection(("127.0.0.1", port), timeout=10)
+a.sendall(cmd("QUIT"))
+out.append(reply(a).decode())
+out.append(write_then_read(a))
+b = socket.create_connection(("127.0.0.1", port), timeout=10)
+b.sendall(cmd("CLIENT", "ID"))                      # (a connection gone direct)
+ident = reply(b)[1:-2].decode()
+k = socket.create_connection(("127.0.0.1", port), timeout=10)
+k.sendall(cmd("CLIENT", "KILL", "ID", ident))
+out.append(reply(k).decode())
+b.settimeout(10)
+while True:                                         # its end of file first
+    try:
+        if not b.recv(4096):
+            break
+    except OSError:
+        break
+out.append(write_then_read(b))
+print(json.dumps(out))
+"""
+
+
+def test_a_write_after_the_server_ended_the_connection_is_taken_as_direct(redis, tmp_path, sockdir):
+    """After QUIT's +OK, and after another connection's CLIENT KILL of one gone direct, the
+    app's next write succeeds (TCP takes the first write after a FIN) and its read ends, as
+    direct. Before, the shim had closed its end at once: the write failed with EPIPE, and
+    SIGPIPE killed a C client (found by an acceptance pass)."""
+    want = ["+OK\r\n", ["ok", True], ":1\r\n", ["ok", True]]
+    for shim in (False, True):
+        r = run([SYS_PY, "-c", WRITE_AFTER_END, redis.port, PYCLIENTS], shim=shim,
+                conf=conf_for(tmp_path, redis, sockdir), timeout=40)
+        assert r.rc == 0 and json.loads(r.out.decode().splitlines()[-1]) == want, (shim, r.describe())
+
+
+def test_an_exited_process_counts_no_server_connection_open(redis, tmp_path, sockdir):
+    """The record a process leaves at exit holds its gauges at 0: server connections open
+    and lent now. Before, `redis_server_open` kept its value at exit, and `httpshim stats`
+    summed connections open to a server that had none (found by an acceptance pass)."""
+    conf = conf_for(tmp_path, redis, sockdir)
+    r = run([SYS_PY, "-c", "import socket,sys; s=socket.create_connection(('127.0.0.1', int(sys.argv[1])));"
+             "s.sendall(b'*1\\r\\n$4\\r\\nPING\\r\\n'); print(s.recv(100))", redis.port], conf=conf, timeout=30)
+    assert r.rc == 0 and b"PONG" in r.out, r.describe()
+    doc = json.loads(run([HTTPSHIM, "stats", "-c", conf, "--json"], shim=False).out.decode())
+    u = doc["total"]["upstreams"]["127.0.0.1:%d" % redis.port]
+    assert doc["total"]["exited"] == 1 and u["redis_server_opened"] >= 1 and u["redis_server_open"] == 0, u
+
+
 HELD_ACROSS_A_RESTART = r"""
 import json, socket, sys, time
 sys.path.insert(0, sys.argv[2])
