@@ -1141,14 +1141,12 @@ for i in range(4):                     # each pipelines 300 GETs of 200 kB and r
     s.sendall(b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n" * 300)
     slow.append(s)
 time.sleep(0.5)
-b = conn(); b.settimeout(5)
-t = time.time()
+b = conn(); b.settimeout(15)          # (held back, it would wait for ever: the slow ones read after it)
 b.sendall(b"*1\r\n$4\r\nPING\r\n")
 try:
     pong = b.recv(16).decode()
 except socket.timeout:
     pong = "timeout"
-prompt = time.time() - t < 2           # the PING alone: not the 240 MB the slow ones read next
 late = 0                               # the slow ones, reading at last, get every reply
 for s in slow:
     s.settimeout(20)
@@ -1159,13 +1157,15 @@ for s in slow:
             break
         got += len(d)
     late += got == want
-print(json.dumps([pong, prompt, late]))
+print(json.dumps([pong, late]))
 """
 
 
 def test_an_app_slow_to_read_holds_no_one_else_back(redis, tmp_path, sockdir):
     """Four app connections pipeline 300 GETs of 200 kB each and read nothing; a fifth's
-    PING is answered at once, as direct. Before, a slow reader stopped the shim reading the
+    PING is answered before any of them reads, as direct (no time limit: under the
+    sanitizers on a loaded machine the shim took over 2 s to read past the replies queued
+    ahead of it, and a held-back PING would wait for ever). Before, a slow reader stopped the shim reading the
     shared server connection its commands rode (pool_max_per_host = 4: all of them), and the
     PING waited for them. A shared connection is never held back now: the slow app's own
     commands stop being read, and the replies it owes are kept (up to its cap) until it
@@ -1174,7 +1174,7 @@ def test_an_app_slow_to_read_holds_no_one_else_back(redis, tmp_path, sockdir):
         r = run([SYS_PY, "-c", SLOW_READERS, redis.port], shim=shim, conf=conf_for(tmp_path, redis, sockdir) if shim else None,
                 timeout=90)
         assert r.rc == 0, r.describe()
-        assert jlines(r.out)[0] == ["+PONG\r\n", True, 4], (shim, r.describe())
+        assert jlines(r.out)[0] == ["+PONG\r\n", 4], (shim, r.describe())
 
 
 def test_a_refused_hello_names_nothing(redis_servers, tmp_path, sockdir):
