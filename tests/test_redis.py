@@ -1424,7 +1424,7 @@ def test_a_frozen_redis_costs_a_miss_one_redis_timeout(upstream, redis, sockdir,
     same frozen server: the lock is asked only of a server whose lookups are answered.
     Before, every miss during a freeze took twice redis_timeout."""
     conf = redis_conf(tmp_path, sockdir, redis_url(redis), [(upstream, ["GET /custom* ttl=10m"])])
-    Path(conf).write_text(Path(conf).read_text().replace("redis_timeout = 50ms", "redis_timeout = 400ms"))
+    Path(conf).write_text(Path(conf).read_text().replace("redis_timeout = 50ms", "redis_timeout = 1s"))
     p = clients(conf, sockdir)
     p.get([rq(upstream, "/custom?tag=warm&n=10", n=10, tag="warm")])
     redis.freeze()
@@ -1433,4 +1433,6 @@ def test_a_frozen_redis_costs_a_miss_one_redis_timeout(upstream, redis, sockdir,
     finally:
         redis.thaw()
     took = [r["ms"] for r in reps]
-    assert all(t < 650 for t in took), took    # one 400 ms wait each (two: 800 ms)
+    # one 1 s wait each (two: 2 s); the slack is a loaded machine's (400 ms with 250 of
+    # slack took 870 in a CI run under the sanitizers)
+    assert all(t < 1600 for t in took), took
