@@ -3,6 +3,7 @@ what is wrong" at a glance — the table's numbers are the JSON's, exited proces
 (a curl in a shell loop), --watch shows rates and redraws in place, Redis down shows in
 the table, per-rule hit rates, and the monitoring kit in docs/ only uses metrics /metrics
 serves."""
+import glob
 import json
 import os
 import re
@@ -458,6 +459,20 @@ def test_stopped_processes_cost_one_timeout_together_and_are_named(upstream, soc
     try:
         for a in stopped:
             os.kill(a.pid, signal.SIGSTOP)
+
+        def all_stopped(pid):          # every thread of it in the stopped state ('T')
+            states = []
+            for task in glob.glob("/proc/%d/task/*/stat" % pid):
+                try:
+                    with open(task) as f:
+                        states.append(f.read().rsplit(")", 1)[1].split()[0])
+                except (OSError, IndexError):
+                    pass
+            return bool(states) and all(st == "T" for st in states)
+        for _ in range(100):           # (on a loaded machine a stop is not always done when kill returns)
+            if all(all_stopped(a.pid) for a in stopped):
+                break
+            time.sleep(0.05)
         # (stats and purge at once: each takes its one timeout, together one)
         t0 = time.monotonic()
         both = {}
