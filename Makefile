@@ -41,7 +41,7 @@ $(BUILD)/libhttpshim.so: $(SHIM_OBJ) shim/exports.map
 # parser, exit records, keys and the Redis value format).
 CLI_SRC = $(wildcard tools/*.c)
 CLI_OBJ = $(patsubst tools/%.c,$(BUILD)/tools/%.o,$(CLI_SRC)) \
-          $(addprefix $(BUILD)/obj/,rules.o rules_addr.o rules_redis.o exited.o redis_value.o cache.o http.o sha256.o clock.o)
+          $(addprefix $(BUILD)/obj/,rules.o rules_addr.o rules_redis.o exited.o redis_value.o cache.o cache_target.o http.o sha256.o clock.o)
 $(BUILD)/tools/%.o: tools/%.c | $(BUILD)/obj
 	@mkdir -p $(@D)
 	$(CC) $(C_FLAGS) -DHTTPSHIM_LIBDIR='"$(LIBDIR)"' -c $< -o $@

@@ -12,6 +12,7 @@
  * (upstream.h): no cache code here. */
 #include "upstream.h"
 #include "clock.h"
+#include "config.h"
 #include "curl_loop.h"
 #include "pool.h"
 #include "pool_queue.h"
@@ -91,7 +92,8 @@ static curl_socket_t open_socket(void *clientp, curlsocktype purpose, struct cur
     (void)purpose;
     /* the app's own connections reach the address it dialled, not another origin */
     bool adopt = !cfg->upstreams[t->app->upstream].origin_https && !t->is_probe;
-    int fd = upreq_open_socket(t->app->upstream, adopt, addr);
+    int fd = !config_test_socket_emfile_take() ? upreq_open_socket(t->app->upstream, adopt, addr)
+                                               : (errno = EMFILE, -1);   /* (a test's: out of fds) */
     if (fd < 0 && (errno == EMFILE || errno == ENFILE)) {   /* nothing sent: it waits (requeue) */
         t->fd_short = true;
         if (!t->fd_short_since_us)

@@ -10,7 +10,6 @@
  * only. */
 #include "upstream_request.h"
 #include "clock.h"
-#include "config.h"
 #include "conn.h"
 #include "curl_loop.h"
 #include "lazyssl.h"
@@ -258,10 +257,7 @@ int upreq_open_socket(int upstream, bool adopt, const struct curl_sockaddr *addr
         if (e)
             atomic_store(&e->connected_already, 1);
     } else {
-        int dials = config_test_socket_emfile_take() ? (errno = EMFILE, -1)
-                                                     : real_socket(addr->family, addr->socktype | SOCK_CLOEXEC,
-                                                                   addr->protocol);
-        if ((fd = fdtable_raise(dials)) < 0)
+        if ((fd = fdtable_raise(real_socket(addr->family, addr->socktype | SOCK_CLOEXEC, addr->protocol))) < 0)
             return -1;
         fdtable_mark_engine(fd);
     }

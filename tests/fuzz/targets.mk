@@ -13,15 +13,15 @@ fuzz_rules_SRC          = shim/rules.c shim/rules_addr.c shim/rules_redis.c tool
 fuzz_rules_LIBS         = -pthread
 fuzz_rules_FLAGS        = -max_len=16384
 
-fuzz_cache_policy_SRC   = shim/cache.c shim/clock.c shim/http.c shim/sha256.c
+fuzz_cache_policy_SRC   = shim/cache.c shim/cache_target.c shim/clock.c shim/http.c shim/sha256.c
 fuzz_cache_policy_LIBS  = -lcurl
 fuzz_cache_policy_FLAGS = -max_len=8192
 
-fuzz_redis_value_SRC    = shim/redis_value.c shim/cache.c shim/clock.c shim/http.c shim/sha256.c
+fuzz_redis_value_SRC    = shim/redis_value.c shim/cache.c shim/cache_target.c shim/clock.c shim/http.c shim/sha256.c
 fuzz_redis_value_LIBS   = -lcurl
 fuzz_redis_value_FLAGS  = -max_len=2048
 
-fuzz_response_head_SRC  = shim/http.c shim/cache.c shim/clock.c shim/sha256.c
+fuzz_response_head_SRC  = shim/http.c shim/cache.c shim/cache_target.c shim/clock.c shim/sha256.c
 fuzz_response_head_LIBS = -lcurl
 fuzz_response_head_FLAGS = -max_len=4096
 
