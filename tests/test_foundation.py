@@ -1250,7 +1250,10 @@ def test_an_app_that_waits_with_select_gets_the_fd_numbers_it_would_direct(upstr
     cmd = ["sh", "-c", 'ulimit -n 8192 && exec "$0" "$@"', SYS_PY, "-c", SELECT_FDS, upstream.port]
     d = run(cmd, shim=False)
     r = run(cmd, conf=rules)
-    assert d.rc == 0 and r.rc == 0 and r.out == d.out, (d.describe(), r.describe())
+    # the same numbers (in whatever order the sockets took them: direct too varies, 995 and
+    # 996 swapped in a CI run)
+    assert d.rc == 0 and r.rc == 0 and sorted(json.loads(r.out)) == sorted(json.loads(d.out)), (d.describe(),
+                                                                                               r.describe())
     assert all(fd < 1024 and ready == 1 for fd, ready in jlines(r.out)[0]), r.describe()
 
 
