@@ -2,6 +2,7 @@
 """Concurrent one-shot GETs, each on its own connection, started in a given order.
 
     poolclient.py --port P --paths-file F [--gap-ms G] [--timeout S] [--stats-socket PATH]
+                  [--warm PATH]
 
 Starts one thread per path (in file order, G ms apart); each connects, sends
 `GET PATH HTTP/1.1` with `Connection: close` and reads to EOF. A line that starts with
@@ -10,7 +11,11 @@ Starts one thread per path (in file order, G ms apart); each connects, sends
 sending), "delay_ms" (0: wait that long before connecting)}. Prints one
 JSON line per request ({"i", "path", "status", "version", "headers" (lower-cased names),
 "body_len", "body_sha256", "ms", "error"}), then, with --stats-socket, the process's own
-/stats document as {"stats": ...}, then {"done": true}."""
+/stats document as {"stats": ...}, then {"done": true}. --warm: one GET of PATH, read whole,
+before the first thread starts (the engine then running, the order the requests reach it
+is the order they were sent in: a first connect that starts the engine on a loaded machine
+took 160 ms, and the next request, sent 150 ms later, was read before it), printed as
+{"warm": ...}."""
 import argparse
 import json
 import socket
@@ -92,8 +97,13 @@ def main():
     ap.add_argument("--gap-ms", type=float, default=0)
     ap.add_argument("--timeout", type=float, default=30)
     ap.add_argument("--stats-socket")
+    ap.add_argument("--warm")
     a = ap.parse_args()
     paths = [p for p in open(a.paths_file).read().split("\n") if p]
+    if a.warm:
+        warm = [None]
+        one(0, a.port, a.warm, a.timeout, warm)
+        print(json.dumps({"warm": warm[0]}), flush=True)
     out = [None] * len(paths)
     threads = []
     for i, p in enumerate(paths):
