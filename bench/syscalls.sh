@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # bench/syscalls.sh — system calls of one connection-per-request memory hit, per thread
-# (strace -f), for build/epollclient: direct to the upstream, through the shim with fastpath
-# on and off. Each figure is (calls for 61 requests - calls for 11) / 50, so start-up and the
-# first miss cancel out. Prints "direct APP+ENGINE on APP+ENGINE off APP+ENGINE" and, with
-# -v, the top calls of each.
+# (strace -f), for build/epollclient: the inline limit (a socketpair the client's own thread
+# answers: epollclient --inline-limit), direct to the upstream, through the shim with
+# fastpath on and off. Each figure is (calls for 61 requests - calls for 11) / 50, so
+# start-up and the first miss cancel out. Prints "limit APP+0 direct APP+ENGINE on
+# APP+ENGINE off APP+ENGINE" and, with -v, the top calls of each.
 #   bash bench/syscalls.sh [-v] [UPSTREAM_PORT]   (starts tests/upstream.py when no port)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,14 +31,17 @@ split() {
        } END { print app + 0, eng + 0 }' "$1"
 }
 count() {   # setup n -> "app engine" calls
-  local pre=()
-  [ "$1" != direct ] && pre=(-E "LD_PRELOAD=$ROOT/build/libhttpshim.so" -E "HTTPSHIM_CONF=$work/$1.conf")
+  local pre=() how=()
+  case $1 in
+    on|off) pre=(-E "LD_PRELOAD=$ROOT/build/libhttpshim.so" -E "HTTPSHIM_CONF=$work/$1.conf") ;;
+    limit) how=(--inline-limit 1200) ;;
+  esac
   strace -f -qq -o "$work/sc.$1.$2" "${pre[@]}" "$ROOT/build/epollclient" --port "$port" --path /bytes/1200 \
-    --count "$2" >/dev/null 2>&1
+    "${how[@]}" --count "$2" >/dev/null 2>&1
   split "$work/sc.$1.$2"
 }
 line=""
-for s in direct on off; do
+for s in limit direct on off; do
   read -r a1 e1 < <(count "$s" 11); read -r a2 e2 < <(count "$s" 61)
   line+="$s $(awk -v a="$a1" -v b="$a2" 'BEGIN {printf "%.1f", (b - a) / 50}')+$(awk -v a="$e1" -v b="$e2" 'BEGIN {printf "%.1f", (b - a) / 50}') "
   if [ "$verbose" = 1 ]; then

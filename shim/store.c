@@ -54,12 +54,19 @@ static struct cache_entry *memory_entry(const char *key, size_t key_len, const s
     return e;
 }
 
+/* The one test of freshness, for the app's thread and the engine's alike: an entry is
+ * fresh until its expiry, from that instant on it is stale. */
+static bool fresh_at(const struct cache_entry *e, int64_t now_ms)
+{
+    return now_ms < e->expires_at_ms;
+}
+
 struct cache_entry *store_fresh_hit(const struct http_request *req, const char *key, size_t key_len, int64_t now_ms)
 {
     char variant[INLINE_VARIANT_MAX];
     size_t variant_len;
     struct cache_entry *e = memory_entry(key, key_len, req, variant, sizeof variant, &variant_len);
-    if (e && now_ms >= e->expires_at_ms) {
+    if (e && !fresh_at(e, now_ms)) {
         cache_entry_release(e);        /* stale: the engine decides */
         e = NULL;
     }
@@ -187,7 +194,7 @@ static void on_poll_answer(void *waiter, struct cache_entry *e)
             return;
         e = NULL;
     }
-    if (e && clock_wall_ms() >= e->expires_at_ms) {
+    if (e && !fresh_at(e, clock_wall_ms())) {
         cache_entry_release(e);        /* the expired entry the other process is fetching anew */
         e = NULL;
     }
@@ -709,7 +716,7 @@ enum store_answer store_open(struct store_request *r, const struct store_query *
         cache_entry_release(e);
         e = NULL;
     }
-    if (e && !stale_ok && clock_wall_ms() >= e->expires_at_ms)
+    if (e && !stale_ok && !fresh_at(e, clock_wall_ms()))
         e = past_ttl(r, q, e);
     if (e && r->lead) {
         /* found while leading: the waiters get it too, unless it is one variant read from
