@@ -56,8 +56,8 @@ $(BUILD)/tlsstoreclient: tests/clients/tlsstoreclient.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -o $@ $< -lssl -lcrypto
 $(BUILD)/renegserver: tests/clients/renegserver.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -o $@ $< -lssl -lcrypto
-$(BUILD)/epollclient: tests/clients/epollclient.c | $(BUILD)/obj
-	$(CC) $(C_FLAGS) -o $@ $< -lm
+$(BUILD)/epollclient: tests/clients/epollclient.c tests/clients/epollclient_resp.c tests/clients/epollclient.h | $(BUILD)/obj
+	$(CC) $(C_FLAGS) -o $@ tests/clients/epollclient.c tests/clients/epollclient_resp.c -lm
 $(BUILD)/sockstate: tests/clients/sockstate.c | $(BUILD)/obj
 	$(CC) $(C_FLAGS) -o $@ $<
 $(BUILD)/closerace: tests/clients/closerace.c | $(BUILD)/obj

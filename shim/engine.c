@@ -212,9 +212,7 @@ static void conn_retire(struct conn *c, bool close_fd)
     conn_to(c, CS_GONE);
     loop_timer_cancel(&c->gate_retry);
     fdgate_engine_shut(&c->gate);
-    struct fd_entry *own = fdtable_slot(c->side.fd);
-    if (own && own->owner == c)
-        own->owner = NULL;
+    fdtable_release_owner(c->side.fd, c);
     tls_front_pin_release(c->side.tls_pin);
     c->side.tls_pin = NULL;
     if (close_fd) {
@@ -704,8 +702,7 @@ void engine_take_handoffs(void)
     struct fastpath_handoff *h = fastpath_take_handoffs();
     while (h) {
         struct fastpath_handoff *next = h->next;
-        struct fd_entry *slot = fdtable_slot(h->engine_fd);
-        struct conn *c = slot && atomic_load(&slot->kind) == FD_ENGINE ? slot->owner : NULL;
+        struct conn *c = fdtable_owner(h->engine_fd);
         if (c && c->state != CS_GONE && fdgate_engine_live(&c->gate, h->gen)) {   /* (the app made the loop hear it) */
             struct buf joined = { .cap = OUT_CAP + h->len };
             if (buf_append(&joined, h->data, h->len) == 0
@@ -795,9 +792,7 @@ static struct conn *conn_new(int engine_fd, int upstream, const union shim_socka
     fdgate_engine_init(&c->gate, gate, gate_gen);
     c->rule_index = -1;
     c->app_fd = -1;
-    struct fd_entry *own = fdtable_slot(engine_fd);
-    if (own)
-        own->owner = c;                /* read by the engine only, after loop_add */
+    fdtable_set_owner(engine_fd, c);   /* read by the engine only, after loop_add */
     c->side.ops = &side_ops;
     store_request_init(&c->store, upstream, on_store_ready);
     tls_decide_init(&c->tls, on_tls_decided);
@@ -833,14 +828,12 @@ static struct conn *conn_new(int engine_fd, int upstream, const union shim_socka
  * never is. */
 void engine_need(struct fd_entry *e)
 {
-    int want = FD_UNHEARD;
     /* every real write comes here: a plain load answers all but the first; a connection
      * diverted before a fork is the parent's engine's, which listens to it already (hooks.c),
      * and its conn, in a child, a copy of the parent's memory. Told by the process, not the
      * fork count: one diverted by another thread while this one forked counted as older
      * than the fork in the parent, and was never listened to (a request lost for ever) */
-    if (atomic_load_explicit(&e->heard, memory_order_acquire) != FD_UNHEARD || e->pid_at_divert != fdtable_pid
-        || !atomic_compare_exchange_strong(&e->heard, &want, FD_HEARD))
+    if (!fdtable_unheard(e) || e->pid_at_divert != fdtable_pid || !fdtable_claim_heard(e))
         return;
     fdtable_close_kept_app_end(e);     /* now the app's close must be the last: the engine hears it */
     struct conn *c = e->engine_conn;
@@ -856,13 +849,10 @@ void engine_need(struct fd_entry *e)
 bool engine_drop_unseen(struct fd_entry *e, void *conn)
 {
     struct conn *c = conn;
-    int want = FD_UNHEARD;
-    if (!c || !atomic_compare_exchange_strong(&e->heard, &want, FD_DROPPED))
+    if (!c || !fdtable_claim_dropped(e))
         return false;
     unlink_conn(c);                    /* the engine never saw it: nothing else refers to it */
-    struct fd_entry *own = fdtable_slot(c->side.fd);
-    if (own && own->owner == c)
-        own->owner = NULL;
+    fdtable_release_owner(c->side.fd, c);
     if (fdtable_bury(c->side.fd) > 0)  /* its close is the engine's, off the app's thread */
         loop_wake();
     buf_free(&c->side.in);

@@ -49,11 +49,8 @@ static void end_after_answer(struct fd_entry *e)
     int engine_fd = e->engine_fd;
     real_shutdown(engine_fd, SHUT_WR);
     void *conn = e->engine_conn;
-    if (conn && drop_unheard && drop_unheard(e, conn)) {
-        e->engine_conn = NULL;
-        e->engine_fd = -1;
-        atomic_store(&e->takes_one_more_write, 1);
-    }
+    if (conn && drop_unheard && drop_unheard(e, conn))
+        fdtable_end_unheard(e);
 }
 
 static size_t iov_total(const struct iovec *iov, int iovcnt)
@@ -229,8 +226,7 @@ static ssize_t write_counted(const struct shim_config *cfg, int fd, struct fd_en
     if (!fdgate_app_hold(&e->gate, &held, &idle)) {
         /* (a C client reusing a kept-alive connection the server had just ended was killed
          * by SIGPIPE here, where direct its write succeeds and its read says EOF) */
-        if (iovcnt > 0 && atomic_load_explicit(&e->takes_one_more_write, memory_order_relaxed)
-            && atomic_exchange(&e->takes_one_more_write, 0))   /* (a plain load for every other write) */
+        if (iovcnt > 0 && fdtable_next_write_taken(e))
             return (ssize_t)iov_total(iov, iovcnt);
         if (need_engine)
             need_engine(e);

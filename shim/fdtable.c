@@ -113,6 +113,38 @@ void fdtable_mark_engine(int fd)
     }
 }
 
+void fdtable_publish_diverted(int fd, const struct fdtable_divert *d)
+{
+    struct fd_entry *e = fdtable_slot(fd);
+    e->dev = d->dev;
+    e->ino = d->ino;
+    e->peer = d->peer;
+    e->peer_len = d->peer_len;
+    e->upstream = d->upstream;
+    e->forks_at_divert = fdtable_forks();
+    e->pid_at_divert = fdtable_pid;
+    e->engine_fd = d->engine_fd;
+    e->engine_conn = d->engine_conn;
+    atomic_store(&e->heard, FD_UNHEARD);
+    atomic_store(&e->takes_one_more_write, 0);
+    e->n_opts = 0;
+    atomic_store(&e->n_epoll, d->n_epoll);
+    atomic_store_explicit(&e->made, MADE_OTHER, memory_order_relaxed);   /* connected now */
+    atomic_store_explicit(&e->kind, FD_DIVERTED, memory_order_release);
+    fdtable_note_diverted(fd);
+}
+
+void fdtable_mark_upstream_socket(int fd, int upstream, bool connected_already)
+{
+    struct fd_entry *e = fdtable_slot(fd);
+    if (!e)
+        return;
+    if (connected_already)
+        atomic_store(&e->connected_already, 1);
+    e->upstream = upstream;            /* which gauge the close decrements */
+    atomic_store(&e->acks_at_once, 1);
+}
+
 void fdtable_clear(int fd)
 {
     struct fd_entry *e = fdtable_slot(fd);

@@ -205,4 +205,99 @@ int fdtable_take_pair(int sv[2], dev_t *dev, ino_t *ino);
 #define FDTABLE_STASH_WAKE 24          /* a take that leaves this many or fewer wakes the engine */
 bool fdtable_stash_short(void);       /* not full: the engine makes more whenever it runs */
 void fdtable_refill_stash(void);       /* the engine */
+/* ---- a diverted record between threads ----
+ * The record's fields that more than one thread writes change only through what follows
+ * (and the gate, fdgate.h); every other field is written by the thread that owns the
+ * number at that moment (the app thread in a hook, or the engine for its own fds).
+ * - publish: the connect hook fills a diverted record and publishes it, kind last with
+ *   release (fdtable_publish_diverted); readers load kind first.
+ * - heard: moves once off FD_UNHEARD, by compare-and-swap. To FD_HEARD by the app thread
+ *   whose write needs the engine (fdtable_claim_heard), or to FD_DROPPED by the close or
+ *   the inline answer that ends a connection the engine never heard (fdtable_claim_dropped).
+ *   Only the winner uses engine_conn; the close takes it out of the record first
+ *   (fdtable_take_engine_conn), and an ended inline answer clears it with the engine's end
+ *   (fdtable_end_unheard).
+ * - takes_one_more_write: set once an answer ended the connection (an inline answer, or a
+ *   lingered end: fdtable_end_unheard, fdtable_take_next_write), taken by the app's next
+ *   write (fdtable_next_write_taken).
+ * - connected_already, acks_at_once: the engine's marks on an upstream socket libcurl is
+ *   handed, read by the hooks on the engine's own calls (fdtable_mark_upstream_socket,
+ *   fdtable_connected_already, fdtable_acks_at_once).
+ * - owner: the engine's object for its end of a connection (fdtable_set_owner...). */
+struct fdtable_divert {
+    dev_t dev;
+    ino_t ino;
+    union shim_sockaddr peer;
+    socklen_t peer_len;
+    int upstream;
+    int engine_fd;
+    void *engine_conn;
+    int n_epoll;                       /* registrations noted, while a reference is kept */
+};
+void fdtable_publish_diverted(int fd, const struct fdtable_divert *d);
+static inline bool fdtable_unheard(struct fd_entry *e)
+{
+    return atomic_load_explicit(&e->heard, memory_order_acquire) == FD_UNHEARD;
+}
+static inline bool fdtable_claim_heard(struct fd_entry *e)
+{
+    int want = FD_UNHEARD;
+    return atomic_compare_exchange_strong(&e->heard, &want, FD_HEARD);
+}
+static inline bool fdtable_claim_dropped(struct fd_entry *e)
+{
+    int want = FD_UNHEARD;
+    return atomic_compare_exchange_strong(&e->heard, &want, FD_DROPPED);
+}
+static inline void *fdtable_take_engine_conn(struct fd_entry *e)
+{
+    void *conn = e->engine_conn;
+    e->engine_conn = NULL;
+    return conn;
+}
+/* the inline answer that ended a connection the engine never heard dropped it: its end
+ * is gone, and the app's next write is taken as TCP takes the first after a FIN */
+static inline void fdtable_end_unheard(struct fd_entry *e)
+{
+    e->engine_conn = NULL;
+    e->engine_fd = -1;
+    atomic_store(&e->takes_one_more_write, 1);
+}
+static inline void fdtable_take_next_write(struct fd_entry *e) { atomic_store(&e->takes_one_more_write, 1); }
+static inline bool fdtable_next_write_taken(struct fd_entry *e)
+{
+    return atomic_load_explicit(&e->takes_one_more_write, memory_order_relaxed)   /* (a plain load for every other write) */
+           && atomic_exchange(&e->takes_one_more_write, 0);
+}
+/* an upstream socket libcurl sends on (acks at once: hooks_io.c), and whether it is a
+ * connection the app's own connect made, which libcurl will connect() again */
+void fdtable_mark_upstream_socket(int fd, int upstream, bool connected_already);
+static inline bool fdtable_connected_already(struct fd_entry *e)
+{
+    return atomic_load(&e->connected_already) && atomic_exchange(&e->connected_already, 0);
+}
+static inline bool fdtable_acks_at_once(const struct fd_entry *e)
+{
+    return atomic_load_explicit(&e->acks_at_once, memory_order_relaxed) != 0;
+}
+/* The engine's object for an engine fd (a connection's end of its socketpair): set and
+ * read by the engine; let go of by whoever ends that connection (the engine, or the app
+ * thread that drops one the engine never heard, which the engine never looked up). */
+static inline void fdtable_set_owner(int fd, void *owner)
+{
+    struct fd_entry *e = fdtable_slot(fd);
+    if (e)
+        e->owner = owner;
+}
+static inline void *fdtable_owner(int fd)
+{
+    struct fd_entry *e = fdtable_slot(fd);
+    return e && atomic_load(&e->kind) == FD_ENGINE ? e->owner : NULL;
+}
+static inline void fdtable_release_owner(int fd, const void *owner)
+{
+    struct fd_entry *e = fdtable_slot(fd);
+    if (e && e->owner == owner)
+        e->owner = NULL;
+}
 #endif

@@ -139,8 +139,7 @@ static void forget_fd(int fd, struct fd_entry *e, bool still_open)
     if ((kind == FD_DIVERTED || kind == FD_PROBING) && !shim_in_engine && fdtable_maybe_vfork_child())
         return;
     if (kind == FD_DIVERTED && !shim_in_engine) {
-        unseen = e->engine_conn;
-        e->engine_conn = NULL;
+        unseen = fdtable_take_engine_conn(e);
     } else if (kind == FD_PROBING && !shim_in_engine) {
         /* a connect in progress the app gave up on (the loser of a happy-eyeballs race):
          * the upstream's transfers need not wait for it */
@@ -298,7 +297,6 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     /* a new generation of the fd's gate: whatever an earlier connection on this fd number
      * still believes about it, it can no longer act on this one */
     uint64_t gen = fdgate_divert(&e->gate);
-    e->engine_fd = sv[1];
     void *conn = engine_adopt(sv[1], upstream, &dest, len, &e->gate, gen);
     if (!conn) {
         fdtable_divert_end(e);
@@ -338,26 +336,17 @@ static int divert(int fd, int upstream, const struct sockaddr *addr, socklen_t l
     if (!keep)
         fdtable_close_engine_fd(sv[0]);
     struct stat st;
+    struct fdtable_divert d = { .dev = e->dev, .ino = e->ino, .peer = dest, .peer_len = len,
+                                .upstream = upstream, .engine_fd = sv[1], .engine_conn = conn,
+                                .n_epoll = keep ? nregs : 0 };   /* moved below; noted while the reference is kept */
     if (left >= 0) {                   /* dup3 kept the stashed end's inode */
-        e->dev = pair_dev;
-        e->ino = pair_ino;
+        d.dev = pair_dev;
+        d.ino = pair_ino;
     } else if (fstat(fd, &st) == 0) {
-        e->dev = st.st_dev;
-        e->ino = st.st_ino;
+        d.dev = st.st_dev;
+        d.ino = st.st_ino;
     }
-    e->peer = dest;
-    e->peer_len = len;
-    e->upstream = upstream;
-    e->forks_at_divert = fdtable_forks();
-    e->pid_at_divert = fdtable_pid;
-    e->engine_conn = conn;
-    atomic_store(&e->heard, FD_UNHEARD);
-    atomic_store(&e->takes_one_more_write, 0);
-    e->n_opts = 0;
-    atomic_store(&e->n_epoll, keep ? nregs : 0);   /* moved below; noted while the reference is kept */
-    atomic_store_explicit(&e->made, MADE_OTHER, memory_order_relaxed);   /* connected now */
-    atomic_store_explicit(&e->kind, FD_DIVERTED, memory_order_release);
-    fdtable_note_diverted(fd);
+    fdtable_publish_diverted(fd, &d);
     fdtable_note_thread_divert(fd);
     for (int i = 0; i < nregs; i++) {
         struct epoll_event ev = regs[i].ev;
@@ -572,7 +561,7 @@ static int connect_hooked(int fd, const struct sockaddr *addr, socklen_t len)
     int saved = errno;
     if (shim_in_engine) {
         struct fd_entry *e = fdtable_slot(fd);
-        if (e && atomic_load(&e->connected_already) && atomic_exchange(&e->connected_already, 0))
+        if (e && fdtable_connected_already(e))
             return 0;                  /* an app-made connection joining the pool (upstream.c) */
         return real_connect(fd, addr, len);
     }

@@ -128,7 +128,7 @@ static ssize_t engine_send(int fd, const void *buf, size_t n, int flags)
 {
     ssize_t r = real_send(fd, buf, n, flags);
     struct fd_entry *e = r > 0 ? fdtable_slot(fd) : NULL;
-    if (e && atomic_load_explicit(&e->acks_at_once, memory_order_relaxed)) {
+    if (e && fdtable_acks_at_once(e)) {
         static const int one = 1;
         real_setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
     }

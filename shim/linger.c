@@ -31,7 +31,7 @@ static void take_the_next_write(int fd)
     for (int i = 0, top = fdtable_diverted_top(); i < top; i++) {
         struct fd_entry *e = fdtable_if_diverted(i);
         if (e && e->engine_fd == fd)
-            atomic_store(&e->takes_one_more_write, 1);
+            fdtable_take_next_write(e);
     }
 }
 

@@ -249,23 +249,17 @@ void upreq_watch_silence(CURL *e, struct upreq_silence *s, const int *status, co
 int upreq_open_socket(int upstream, bool adopt, const struct curl_sockaddr *addr)
 {
     int fd = adopt ? pool_take_offered(upstream, &addr->addr) : -1;
-    if (fd >= 0) {
-        /* libcurl will connect() the socket it is given; this one is connected already,
-         * so the connect hook answers 0 for it (marking it CURL_SOCKOPT_ALREADY_CONNECTED
-         * failed the transfer with libcurl 7.88's multi interface here) */
-        struct fd_entry *e = fdtable_slot(fd);
-        if (e)
-            atomic_store(&e->connected_already, 1);
-    } else {
+    /* libcurl will connect() the socket it is given; one the app's connect made is
+     * connected already, so the connect hook answers 0 for it (marking it
+     * CURL_SOCKOPT_ALREADY_CONNECTED failed the transfer with libcurl 7.88's multi
+     * interface here) */
+    bool adopted = fd >= 0;
+    if (!adopted) {
         if ((fd = fdtable_raise(real_socket(addr->family, addr->socktype | SOCK_CLOEXEC, addr->protocol))) < 0)
             return -1;
         fdtable_mark_engine(fd);
     }
-    struct fd_entry *e = fdtable_slot(fd);
-    if (e) {
-        e->upstream = upstream;        /* which gauge the close decrements */
-        atomic_store(&e->acks_at_once, 1);
-    }
+    fdtable_mark_upstream_socket(fd, upstream, adopted);
     STAT_INC(upstream, upstream_conns_opened);
     STAT_INC(upstream, pool_open);
     return fd;

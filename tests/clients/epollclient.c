@@ -15,73 +15,20 @@
  * HTTP/1.0 reply without keep-alive) the remaining requests go out on a new
  * connection.  Run with --help for the options.
  */
-#include <errno.h>
-#include <fcntl.h>
-#include <getopt.h>
-#include <math.h>
-#include <netdb.h>
-#include <signal.h>
-#include <stdarg.h>
-#include <stdbool.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <strings.h>
-#include <sys/epoll.h>
-#include <sys/socket.h>
-#include <time.h>
-#include <unistd.h>
+#include "epollclient.h"
 
-#define HEAD_CAP   ((size_t)1 << 20)   /* response head (and chunk trailers) */
-#define BODY_CAP   ((uint64_t)256 << 20)
-#define READ_CHUNK 65536
-#define LINE_CAP   4096                /* chunk-size line */
-
-enum mode { M_CLOSE, M_KEEPALIVE, M_PIPELINE };
-enum cstate { C_IDLE, C_START, C_CONNECTING, C_OPEN };
-enum pstate { P_HEAD, P_LEN, P_EOF, P_CSIZE, P_CDATA, P_CCRLF, P_CTRAIL, P_DONE };
-
-struct buf { char *p; size_t len, cap; };
-
-struct conn {
-    enum cstate st;
-    int fd;
-    bool registered, fresh;      /* fresh: start a new clock for request cur */
-    uint32_t gen, events;        /* gen: bumped on close, tags epoll events */
-    long cur, last;              /* requests [cur, last) belong to this slot */
-    double t_req, deadline;      /* start of request cur; when it times out */
-    struct buf w; size_t woff; int werr;
-    struct buf r; size_t rpos;
-    /* parser state of the response to request cur */
-    enum pstate ps;
-    size_t scan, trail;
-    uint64_t left, body_n;
-    int status;
-    bool reusable, seen;         /* seen: an interim 1xx already arrived */
-    struct buf body;             /* kept only with --out */
-};
-
-static struct {
-    const char *host, *path, *method, *body, *out, *samples;
-    int port, conc, timeout_ms;
-    long count, warmup;
-    long inline_limit;           /* > 0: the physical limit of an in-process hit (see usage) */
-    enum mode mode;
-    bool http10, reg_before, print_status, latency, keep_going, head_req, unique;
-} opt = { .host = "127.0.0.1", .path = "/", .method = "GET", .conc = 1,
+struct options opt = { .host = "127.0.0.1", .path = "/", .method = "GET", .conc = 1,
           .timeout_ms = 10000, .count = 1 };
-
 static struct addrinfo *ai;
 static const char **hdrs;        /* --header values */
 static struct buf req;           /* one request, sent as is (N times pipelined) */
 static size_t req_split;         /* --unique: where the request target ends in req */
 static struct conn *conns;
 static int ep = -1;
-static FILE *outf;
+FILE *outf;
 static long next_req, n_ok, n_failed, n_lat;
 static double *lat;
-static bool stop;
+bool stop;
 
 static double now(void)
 {
@@ -105,7 +52,7 @@ static bool buf_reserve(struct buf *b, size_t need)
     return true;
 }
 
-static bool buf_add(struct buf *b, const void *d, size_t n)
+bool buf_add(struct buf *b, const void *d, size_t n)
 {
     if (n == 0)
         return true;
@@ -227,7 +174,7 @@ static void next_work(struct conn *c, bool keep_conn)
 }
 
 __attribute__((format(printf, 2, 3)))
-static void fail(struct conn *c, const char *fmt, ...)
+void fail(struct conn *c, const char *fmt, ...)
 {
     va_list ap;
     fprintf(stderr, "epollclient: request %ld: ", c->cur + 1);
@@ -241,7 +188,7 @@ static void fail(struct conn *c, const char *fmt, ...)
     next_work(c, false);
 }
 
-static void complete(struct conn *c)
+void complete(struct conn *c)
 {
     double t = now();
     if (opt.print_status)
@@ -348,278 +295,6 @@ static void start_conn(struct conn *c)
     }
 }
 
-/* ---- response parser -------------------------------------------------- */
-
-/* Length of the head (through its blank line) at p, or 0 if incomplete. */
-static size_t head_end(const char *p, size_t n, size_t *scan)
-{
-    for (size_t i = *scan; i < n; i++) {
-        if (p[i] != '\n')
-            continue;
-        if (i + 1 < n && p[i + 1] == '\n')
-            return i + 2;
-        if (i + 2 < n && p[i + 1] == '\r' && p[i + 2] == '\n')
-            return i + 3;
-        if (i + 2 >= n) {
-            *scan = i;
-            return 0;
-        }
-    }
-    *scan = n;
-    return 0;
-}
-
-static bool name_is(const char *s, size_t n, const char *name)
-{
-    return n == strlen(name) && strncasecmp(s, name, n) == 0;
-}
-
-static bool is_ws(char ch) { return ch == ' ' || ch == '\t'; }
-
-/* Does the comma-separated list [v, e) contain tok (only as last, if last)? */
-static bool has_token(const char *v, const char *e, const char *tok, bool last)
-{
-    bool found = false;
-    while (v < e) {
-        const char *c = memchr(v, ',', (size_t)(e - v));
-        const char *te = c ? c : e;
-        while (v < te && is_ws(*v))
-            v++;
-        const char *t = te;
-        while (t > v && is_ws(t[-1]))
-            t--;
-        bool m = name_is(v, (size_t)(t - v), tok);
-        if (m && !last)
-            return true;
-        if (t > v)
-            found = m;
-        v = c ? c + 1 : e;
-    }
-    return found;
-}
-
-static int hexval(char ch)
-{
-    if (ch >= '0' && ch <= '9') return ch - '0';
-    if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
-    if (ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
-    return -1;
-}
-
-static bool is_digit(char ch) { return ch >= '0' && ch <= '9'; }
-
-/* Parse a complete head of h bytes; NULL or an error.  Sets the framing. */
-static const char *parse_head(struct conn *c, const char *p, size_t h)
-{
-    const char *end = p + h, *eol = memchr(p, '\n', h);
-    size_t l = (size_t)(eol - p);
-    if (l && p[l - 1] == '\r')
-        l--;
-    if (l < 12 || memcmp(p, "HTTP/", 5) != 0 || !is_digit(p[5]) || p[6] != '.' ||
-        !is_digit(p[7]) || p[8] != ' ' || !is_digit(p[9]) || !is_digit(p[10]) ||
-        !is_digit(p[11]) || (l > 12 && p[12] != ' '))
-        return "malformed status line";
-    bool http11 = p[5] > '1' || (p[5] == '1' && p[7] >= '1');
-    int status = (p[9] - '0') * 100 + (p[10] - '0') * 10 + (p[11] - '0');
-    bool cclose = false, ckeep = false, te = false, chunked = false, have_cl = false;
-    uint64_t cl = 0;
-
-    for (const char *q = eol + 1; q < end;) {
-        const char *e = memchr(q, '\n', (size_t)(end - q)), *next = e + 1;
-        const char *ve = e;
-        if (ve > q && ve[-1] == '\r')
-            ve--;
-        if (ve == q)
-            break;
-        if (is_ws(*q)) {             /* obsolete line folding: ignore */
-            q = next;
-            continue;
-        }
-        const char *colon = memchr(q, ':', (size_t)(ve - q));
-        if (!colon)
-            return "malformed header line";
-        const char *ne = colon, *v = colon + 1;
-        while (ne > q && is_ws(ne[-1]))
-            ne--;
-        while (v < ve && is_ws(*v))
-            v++;
-        while (ve > v && is_ws(ve[-1]))
-            ve--;
-        size_t nl = (size_t)(ne - q);
-        if (name_is(q, nl, "content-length")) {
-            uint64_t x = 0;
-            if (v == ve)
-                return "invalid Content-Length";
-            for (const char *d = v; d < ve; d++) {
-                if (!is_digit(*d) || x > BODY_CAP)
-                    return "invalid Content-Length";
-                x = x * 10 + (uint64_t)(*d - '0');
-            }
-            if (have_cl && x != cl)
-                return "conflicting Content-Length headers";
-            have_cl = true;
-            cl = x;
-        } else if (name_is(q, nl, "transfer-encoding")) {
-            te = true;
-            chunked = has_token(v, ve, "chunked", true);
-        } else if (name_is(q, nl, "connection")) {
-            cclose |= has_token(v, ve, "close", false);
-            ckeep |= has_token(v, ve, "keep-alive", false);
-        }
-        q = next;
-    }
-
-    if (status >= 100 && status < 200 && status != 101) {
-        c->seen = true;              /* interim: the final response follows */
-        return NULL;
-    }
-    c->status = status;
-    c->reusable = http11 ? !cclose : ckeep;
-    if (opt.head_req || status == 101 || status == 204 || status == 304) {
-        c->ps = P_DONE;
-        if (status == 101)
-            c->reusable = false;
-    } else if (te) {
-        c->ps = chunked ? P_CSIZE : P_EOF;
-    } else if (have_cl) {
-        if (cl > BODY_CAP)
-            return "response body exceeds 256 MiB";
-        c->left = cl;
-        c->ps = cl ? P_LEN : P_DONE;
-    } else {
-        c->ps = P_EOF;
-    }
-    if (c->ps == P_EOF)
-        c->reusable = false;
-    return NULL;
-}
-
-static bool sink(struct conn *c, const char *p, size_t n)
-{
-    if (c->body_n + n > BODY_CAP) {
-        fail(c, "response body exceeds 256 MiB");
-        return false;
-    }
-    c->body_n += n;
-    if (outf && !buf_add(&c->body, p, n)) {
-        fail(c, "out of memory");
-        return false;
-    }
-    return true;
-}
-
-/* Consume what is buffered; may complete/fail requests and close c. */
-static void parse(struct conn *c)
-{
-    uint32_t gen = c->gen;
-    while (c->gen == gen && !stop) {
-        char *p = c->r.p + c->rpos;
-        size_t n = c->r.len - c->rpos, k;
-        const char *nl, *err;
-        switch (c->ps) {
-        case P_HEAD:
-            while (c->scan == 0 && n && (*p == '\r' || *p == '\n')) {
-                p++, n--, c->rpos++;
-            }
-            k = head_end(p, n, &c->scan);
-            if (!k || k > HEAD_CAP) {
-                if (k || n > HEAD_CAP)
-                    fail(c, "response head exceeds 1 MiB");
-                goto out;
-            }
-            c->rpos += k;
-            c->scan = 0;
-            if ((err = parse_head(c, p, k)) != NULL)
-                fail(c, "%s", err);
-            break;
-        case P_LEN:
-            k = n < c->left ? n : (size_t)c->left;
-            if (!sink(c, p, k))
-                return;
-            c->rpos += k;
-            c->left -= k;
-            if (c->left)
-                goto out;
-            c->ps = P_DONE;
-            break;
-        case P_EOF:                  /* completed by handle_eof() */
-            if (!sink(c, p, n))
-                return;
-            c->rpos += n;
-            goto out;
-        case P_CSIZE: {
-            if (!(nl = memchr(p, '\n', n))) {
-                if (n > LINE_CAP)
-                    fail(c, "chunk size line too long");
-                goto out;
-            }
-            uint64_t size = 0;
-            const char *d = p;
-            for (; hexval(*d) >= 0; d++) {
-                size = size * 16 + (uint64_t)hexval(*d);
-                if (c->body_n + size > BODY_CAP) {
-                    fail(c, "response body exceeds 256 MiB");
-                    return;
-                }
-            }
-            if (d == p || !(is_ws(*d) || *d == ';' || *d == '\r' || *d == '\n')) {
-                fail(c, "malformed chunk size line");
-                return;
-            }
-            c->rpos += (size_t)(nl - p) + 1;
-            c->left = size;
-            c->ps = size ? P_CDATA : P_CTRAIL;
-            break;
-        }
-        case P_CDATA:
-            k = n < c->left ? n : (size_t)c->left;
-            if (!sink(c, p, k))
-                return;
-            c->rpos += k;
-            c->left -= k;
-            if (c->left)
-                goto out;
-            c->ps = P_CCRLF;
-            break;
-        case P_CCRLF:
-            if (n == 0 || (n == 1 && *p == '\r'))
-                goto out;
-            k = *p == '\n' ? 1 : (*p == '\r' && p[1] == '\n') ? 2 : 0;
-            if (!k) {
-                fail(c, "malformed chunk terminator");
-                return;
-            }
-            c->rpos += k;
-            c->ps = P_CSIZE;
-            break;
-        case P_CTRAIL:               /* trailers are ignored */
-            if (!(nl = memchr(p, '\n', n))) {
-                if (c->trail + n > HEAD_CAP)
-                    fail(c, "chunk trailers exceed 1 MiB");
-                goto out;
-            }
-            k = (size_t)(nl - p) + 1;
-            c->rpos += k;
-            c->trail += k;
-            if (k == 1 || (k == 2 && *p == '\r'))
-                c->ps = P_DONE;
-            break;
-        case P_DONE:
-            complete(c);
-            break;
-        }
-    }
-    return;
-out:
-    if (c->rpos == c->r.len) {
-        c->r.len = c->rpos = 0;
-    } else if (c->rpos) {
-        memmove(c->r.p, c->r.p + c->rpos, c->r.len - c->rpos);
-        c->r.len -= c->rpos;
-        c->rpos = 0;
-    }
-}
-
 static void handle_eof(struct conn *c, int err)
 {
     if (!err && c->ps == P_EOF) {
@@ -651,7 +326,7 @@ static void do_read(struct conn *c)
         return;
     }
     c->r.len += (size_t)n;
-    parse(c);
+    parse_response(c);
 }
 
 static void on_event(struct conn *c, uint32_t ev)
