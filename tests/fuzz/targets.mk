@@ -13,7 +13,8 @@ fuzz_rules_SRC          = shim/rules.c shim/rules_addr.c shim/rules_redis.c tool
 fuzz_rules_LIBS         = -pthread
 fuzz_rules_FLAGS        = -max_len=16384
 
-fuzz_cache_policy_SRC   = shim/cache.c shim/cache_target.c shim/clock.c shim/http.c shim/sha256.c
+fuzz_cache_policy_SRC   = tests/fuzz/cache_policy_revalidation.c shim/cache.c shim/cache_target.c shim/clock.c \
+                          shim/http.c shim/sha256.c
 fuzz_cache_policy_LIBS  = -lcurl
 fuzz_cache_policy_FLAGS = -max_len=8192
 
