@@ -159,7 +159,7 @@ test-bins: $(FUZZ_REPLAY_BINS)
 LAYERS ?= ../shared/tools/layers
 lint: $(BUILD)/libhttpshim.so
 	@if [ -x $(LAYERS) ]; then $(LAYERS) $(BUILD)/obj; else \
-	  echo "lint: $(LAYERS) not found: put ../shared beside the checkout, or make lint LAYERS=PATH" >&2; exit 1; fi
+	  echo "lint: WARNING: the layer check did not run: $(LAYERS) not found (put ../shared beside the checkout, or make lint LAYERS=PATH)" >&2; fi
 	cppcheck --quiet --enable=warning,style,performance,portability --std=c11 -D_GNU_SOURCE \
 	  --error-exitcode=1 --inline-suppr --suppress=missingIncludeSystem shim/ tools/ tests/clients/ tests/unit/ tests/fuzz/ bench/
 
