@@ -124,8 +124,9 @@ def test_uncacheable_releases_waiters_then_hit_for_miss(upstream, tmp_path, sock
     # the waiters that joined in the leader's first 200 ms waited for its head, then 500:
     # 940, 880, 820 ms (which request leads is whichever reaches the engine first: on a
     # loaded machine the second may overtake the first; and the gaps between requests
-    # stretch: 917, 857, 797 ms seen)
-    assert sum(x["ms"] > 500 + 250 for x in first) >= 3, [round(x["ms"]) for x in first]
+    # stretch: 917, 857, 797 ms seen; and 811, 751, 690 in a loaded CI run, the later
+    # joins late): each well past one upstream latency, as no request fetching alone is
+    assert sum(x["ms"] > 500 + 150 for x in first) >= 3, [round(x["ms"]) for x in first]
     assert max(x["ms"] for x in second) < 500 + 300, [round(x["ms"]) for x in second]
 
 
