@@ -159,6 +159,15 @@ enum pool_probe pool_begin_probe(int up, const struct sockaddr *addr, unsigned a
     enum pool_probe r = POOL_PROBE_HELD;
     /* under the lock, so that whoever loses the slot sees the winner's address */
     pthread_mutex_lock(&offered.lock);
+    if (has_pooled_connection(up) && is_proven_locked(up, addr)) {
+        /* A probe ended between the caller's look at the pool and here. Looked at before
+         * the slot is taken, never after: a slot taken and given back at once was seen
+         * taken by the engine's queue, which then held its waiters for a probe that no
+         * longer ran and was told of no end (pool_end_probe's settle): until
+         * pool_queue_timeout, under load (a thread preempted in between). */
+        pthread_mutex_unlock(&offered.lock);
+        return POOL_PROBE_SAME;
+    }
     if (!atomic_compare_exchange_strong(&probe_started_us[up], &seen, now)) {
         /* a probe that was abandoned (its fd closed unasked) does not block the next one */
         if (now - seen < POOL_PROBE_HOLD_MS * 1000LL || !atomic_compare_exchange_strong(&probe_started_us[up], &seen, now)) {
@@ -176,11 +185,6 @@ enum pool_probe pool_begin_probe(int up, const struct sockaddr *addr, unsigned a
                 && offered.n + atomic_load(&real_connects[up]) < OFFERED_MAX)
                 r = POOL_PROBE_OTHER;
         }
-    }
-    if (r == POOL_PROBE_HELD && has_pooled_connection(up) && is_proven_locked(up, addr)) {
-        /* another probe ended between the caller's look at the pool and here */
-        atomic_store(&probe_started_us[up], 0);
-        r = POOL_PROBE_SAME;
     }
     if (r == POOL_PROBE_HELD)
         memcpy(&proven[up].probing, addr, addr->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in));

@@ -165,6 +165,12 @@ static void arm_queue_timeout(struct queue *q)
         due_ms = (counted - now) / 1000 + 1;   /* and when the connects in flight stop counting */
     if (fd_ceiling && fd_hold_until_us > now && (fd_hold_until_us - now) / 1000 + 1 < due_ms)
         due_ms = (fd_hold_until_us - now) / 1000 + 1;   /* and when a hold for fds ends */
+    /* Held with a slot free (by a probe, or by connects in flight), the queue is looked at
+     * again within POOL_PROBE_HOLD_MS whatever it was told: those holds end by themselves
+     * by then, and an end that the app threads' signals (pool_end_probe's settle) failed
+     * to bring must cost the waiters that second, never pool_queue_timeout. */
+    if (q->in_use < rules_pool_max(cfg, &cfg->upstreams[q - queues]) && due_ms > POOL_PROBE_HOLD_MS + 1)
+        due_ms = POOL_PROBE_HOLD_MS + 1;
     loop_timer_arm(&q->timeout, due_ms > 0 ? due_ms : 0, on_queue_timeout);
 }
 
@@ -176,6 +182,9 @@ int pool_queue_enter(struct pool_slot *s, int upstream, int fd)
     if (q->in_use < queue_cap(upstream) && !q->head && !probe_holds_queue(upstream))
         return admit(s);
     s->queued_us = clock_mono_us();    /* behind every earlier waiter */
+    shim_debug("fd %d: waits for an upstream connection (%u of %u in use, %d connects in flight, %s)", fd, q->in_use,
+               rules_pool_max(cfg, &cfg->upstreams[upstream]), pool_connects_in_flight(upstream),
+               q->head ? "behind others" : probe_holds_queue(upstream) ? "a connect probe holds the queue" : "no slot");
     s->prev = q->tail;
     if (q->tail)
         q->tail->next = s;

@@ -65,7 +65,11 @@ def test_twenty_at_once_make_one_upstream_request(upstream, tmp_path, sockdir):
     assert len(upstream_requests(upstream, "tag=burst")) == 20
     upstream.reset()
     reqs, u = burst_stats(tmp_path, conf_for(tmp_path, upstream, sockdir), upstream, [path] * 20, sockdir)
-    assert all(x["status"] == 200 and x["body_len"] == 1200 for x in reqs), reqs
+    # (the counters and the upstream's log with it: a request closed unanswered after
+    # upstream_timeout was seen twice in many loaded runs and never alone; they tell a wait
+    # in the pool queue from a transfer that hung)
+    assert all(x["status"] == 200 and x["body_len"] == 1200 for x in reqs), \
+        (reqs, u, upstream_requests(upstream, "tag=burst"), upstream.summary())
     assert len({x["body_sha256"] for x in reqs}) == 1, reqs
     assert len(upstream_requests(upstream, "tag=burst")) == 1, upstream_requests(upstream, "tag=burst")
     assert u["coalesced"] == 19 and u["hits"] == 19 and u["upstream_requests"] == 1, u
