@@ -638,9 +638,13 @@ def test_redis_killed_and_restarted(redis, tmp_path, sockdir):
                          start_new_session=True)
     try:
         time.sleep(1.0)
+        killing = time.monotonic()
         redis.kill()
+        dead = time.monotonic()
         time.sleep(1.5)
+        restarting = time.monotonic()
         redis.restart()
+        up = time.monotonic()
         out, err = p.communicate(timeout=60)
     finally:
         if p.poll() is None:
@@ -650,10 +654,13 @@ def test_redis_killed_and_restarted(redis, tmp_path, sockdir):
     assert p.returncode == 0 and lines, (p.returncode, out[-2000:], err[-2000:])
     outcomes = {x["r"] for x in lines}
     assert "timeout" not in outcomes and not any(o.startswith("error") for o in outcomes), outcomes
-    assert any(x["r"] == "ok" and x["t"] < 0.9 for x in lines), lines[:5]
-    down = [x["r"] for x in lines if 1.2 < x["t"] < 2.3]
+    # (on the system's monotonic clock, which the client's "m" reads too: its own "t"
+    # starts when the client does, late on a loaded machine, and once counted a call made
+    # after the restart as one made while Redis was down)
+    assert any(x["r"] == "ok" and x["m"] < killing for x in lines), lines[:5]
+    down = [x["r"] for x in lines if dead + 0.2 < x["m"] < restarting - 0.2]
     assert down and set(down) <= {"refused", "closed"} and "refused" in down, down
-    assert any(x["r"] == "ok" and x["t"] > 3.2 for x in lines), lines[-5:]
+    assert any(x["r"] == "ok" and x["m"] > up + 0.7 for x in lines), lines[-5:]
 
 
 BURST_AFTER_KILL = r"""

@@ -21,7 +21,9 @@
             five: its connection goes direct, or PING)/DBSIZE, then half of them QUIT:
             {"calls", "short": connections that got fewer than their 4 replies}
   loop      a new connection per INCR for S seconds, each call's outcome as a line
-            {"t": seconds, "r": "ok" | "refused" | "closed" | "error:..." | "timeout"}
+            {"t": seconds, "m": time.monotonic() at its start (the system's clock: the
+            test's own instants compare with it), "r": "ok" | "refused" | "closed" |
+            "error:..." | "timeout"}
 With --stats-socket, the process's own /stats follow as {"stats": ...}.
 """
 import argparse
@@ -278,7 +280,8 @@ def quits(a):
 def loop(a):
     t0 = time.monotonic()
     while time.monotonic() - t0 < a.seconds:
-        t = round(time.monotonic() - t0, 3)
+        m = time.monotonic()
+        t = round(m - t0, 3)
         try:
             call(a.port, "INCR", "loop", timeout=5)
             r = "ok"
@@ -290,7 +293,7 @@ def loop(a):
             r = "closed"
         except (OSError, RespError) as e:
             r = "error:%s" % type(e).__name__
-        print(json.dumps({"t": t, "r": r}), flush=True)
+        print(json.dumps({"t": t, "m": m, "r": r}), flush=True)
         time.sleep(0.01)
     return {}
 
