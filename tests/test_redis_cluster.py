@@ -51,22 +51,31 @@ class Cluster(object):
 
     def __init__(self, tmp, masters=3):
         tmp.mkdir(parents=True, exist_ok=True)
-        self.ports = [cluster_port() for _ in range(masters)]
+        self.tmp = tmp
+        self.ports = []
         self.procs = {}
-        for p in self.ports:
-            d = tmp / str(p)
-            d.mkdir()
-            log = open(str(d / "log"), "wb")
-            self.procs[p] = (subprocess.Popen(
-                ["redis-server", "--port", str(p), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
-                 # the other masters keep serving their slots when one is gone (with the default,
-                 # yes, the whole cluster refuses: the tier then fails open for every key)
-                 "--cluster-require-full-coverage", "no", "--save", "",
-                 "--appendonly", "no", "--daemonize", "no", "--logfile", ""],
-                cwd=str(d), stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log)
-        for p in self.ports:
-            wait(lambda p=p: Resp(port=p).cmd("PING") == "PONG", 15, "node %d" % p)
+        try:
+            self.start(masters)
+        except BaseException:
+            self.stop()                # (no fixture teardown runs for a cluster never made)
+            raise
+
+    def start(self, masters):
+        for _ in range(masters):
+            # (a port found free can be taken before the node binds it: by another test's
+            # connection, its local port picked from the same range; the node then exits,
+            # and comes up again on another pair)
+            for attempt in range(4):
+                p = self.start_node()
+                if wait(lambda p=p: self.procs[p][0].poll() is not None or Resp(port=p).cmd("PING") == "PONG", 15,
+                        "node %d" % p) is True and self.procs[p][0].poll() is None:
+                    self.ports.append(p)
+                    break
+                proc, log = self.procs.pop(p)
+                proc.wait(timeout=15)
+                log.close()
+            else:
+                raise AssertionError("no cluster node came up in 4 tries: %s" % self.tmp)
         if masters == 1:
             # redis-cli --cluster create wants three masters: the one node takes every slot
             # itself, and never meets another node, so it never learns its own address
@@ -75,6 +84,21 @@ class Cluster(object):
             self.create()
         for p in self.ports:
             wait(lambda p=p: b"cluster_state:ok" in Resp(port=p).cmd("CLUSTER", "INFO"), 20, "node %d ok" % p)
+
+    def start_node(self):
+        p = cluster_port()
+        d = self.tmp / str(p)
+        d.mkdir(exist_ok=True)
+        log = open(str(d / "log"), "ab")
+        self.procs[p] = (subprocess.Popen(
+            ["redis-server", "--port", str(p), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
+             # the other masters keep serving their slots when one is gone (with the default,
+             # yes, the whole cluster refuses: the tier then fails open for every key)
+             "--cluster-require-full-coverage", "no", "--save", "",
+             "--appendonly", "no", "--daemonize", "no", "--logfile", ""],
+            cwd=str(d), stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log)
+        return p
 
     def create(self):
         r = subprocess.run(["redis-cli", "--cluster", "create"] + ["127.0.0.1:%d" % p for p in self.ports]
