@@ -23,7 +23,7 @@ SHIM_OBJ = $(patsubst shim/%.c,$(BUILD)/obj/%.o,$(SHIM_SRC))
 # C clients, loop.c on its own, the fuzz-replay binaries) is `test-bins`, built by `make test`.
 all: $(BUILD)/libhttpshim.so $(BUILD)/httpshim
 
-TEST_BINS = $(BUILD)/epollclient $(BUILD)/tlsstoreclient $(BUILD)/renegserver $(BUILD)/sockstate $(BUILD)/loop_test $(BUILD)/resp_test \
+TEST_BINS = $(BUILD)/epollclient $(BUILD)/tlsstoreclient $(BUILD)/renegserver $(BUILD)/sockstate $(BUILD)/loop_test $(BUILD)/pool_test $(BUILD)/resp_test \
             $(BUILD)/slowdns.so $(BUILD)/closerace $(BUILD)/forkrace $(BUILD)/sigclient
 test-bins: all $(TEST_BINS)
 
@@ -74,6 +74,11 @@ $(BUILD)/slowdns.so: tests/clients/slowdns.c | $(BUILD)/obj
 LOOP_TEST_OBJ = $(addprefix $(BUILD)/obj/,loop.o fdtable.o fdgate.o real.o log.o clock.o stats.o)
 $(BUILD)/loop_test: tests/unit/loop_test.c $(LOOP_TEST_OBJ)
 	$(CC) $(C_FLAGS) -pthread -o $@ $< $(LOOP_TEST_OBJ) -ldl
+
+# pool.c's probe slot on its own (tests/test_loop.py runs it too).
+POOL_TEST_OBJ = $(addprefix $(BUILD)/obj/,pool.o loop.o fdtable.o fdgate.o real.o log.o clock.o stats.o)
+$(BUILD)/pool_test: tests/unit/pool_test.c $(POOL_TEST_OBJ)
+	$(CC) $(C_FLAGS) -pthread -o $@ $< $(POOL_TEST_OBJ) -ldl
 
 # resp.c's bounds on their edges and redis_slot.c (tests/test_loop.py runs it too): hiredis linked directly.
 RESP_TEST_OBJ = $(addprefix $(BUILD)/obj/,resp.o buf.o real.o redis_slot.o)

@@ -1,7 +1,9 @@
 """Units on their own: build/loop_test checks shim/loop.c (timer order, cancel and re-arm,
 removed sources inside a batch, deferred frees, loop_move, 0 ms timer starvation, a
 large heap, wake-ups asked for from another thread never lost, and the gate's look-only
-hold that never takes the engine's gate); build/resp_test
+hold that never takes the engine's gate); build/pool_test shim/pool.c's probe slot (taken by
+a cold upstream's first connect, never by one to a proven address, not even for an
+instant another thread could see); build/resp_test
 shim/resp.c's bounds on their edges and shim/redis_slot.c's slots against the cluster
 specification's examples. And the loop's busy polling in a real shimmed process."""
 import os
@@ -22,6 +24,10 @@ def run_unit(name, checks):
 
 def test_loop_unit():
     run_unit("loop_test", 12)
+
+
+def test_pool_probe_slot_unit():
+    run_unit("pool_test", 14)
 
 
 def test_resp_bounds_unit():
