@@ -287,11 +287,22 @@ def test_a_hit_costs_few_system_calls(upstream, tmp_path, sockdir, epollclient):
         if name:
             return (b.get(name, 0) - a.get(name, 0)) / 100.0
         return (sum(b.values()) - sum(a.values())) / 100.0
-    # (+3 for each connect that found the socketpair stash empty, a loaded machine's engine
-    # behind: it makes its pair itself and raises the engine's end, an F_DUPFD and a close)
-    assert per_hit(True, "app") <= per_hit(False, "app") + 3 + 3 * per_hit(True, "app", "socketpair"), \
-        (per_hit(True, "app"), per_hit(False, "app"), totals)
-    assert per_hit(True, "app", "getsockname") == 0 and per_hit(True, "app", "fstat") == 0, totals
+    # (+4 for each connect that found the socketpair stash empty, a loaded machine's engine
+    # behind: it makes its pair itself, raises the engine's end, an F_DUPFD and a close, and
+    # takes the app's end's inode for its record, an fstat: 4.34 over 13 with 0.44 pairs made,
+    # in a suite run beside a stress, where 3 each allowed 4.32)
+    def app_extra():                    # (the calls the shim adds, by name: what a failure shows first)
+        names = set(totals[(True, 111)]["app"]) | set(totals[(False, 111)]["app"])
+        extra = {n: round(per_hit(True, "app", n) - per_hit(False, "app", n), 2) for n in sorted(names)}
+        return " ".join("%s%+.2f" % (n, d) for n, d in extra.items() if d)
+    assert per_hit(True, "app") <= per_hit(False, "app") + 3 + 4 * per_hit(True, "app", "socketpair"), \
+        (per_hit(True, "app"), per_hit(False, "app"), app_extra())
+    # (glibc's fstat is newfstatat to strace; the one the hooks make is of a pair the app's
+    # thread made itself, never of the app's socket: one per hit would be 1.0 here, and a
+    # call or two in the hundred is not a hit's, the two runs' cold starts told apart)
+    fstats = sum(per_hit(True, "app", n) - per_hit(False, "app", n) for n in ("fstat", "newfstatat", "statx"))
+    assert per_hit(True, "app", "getsockname") == 0 and fstats <= per_hit(True, "app", "socketpair") + 0.1, \
+        app_extra()
     assert per_hit(True, "engine") <= 11, (per_hit(True, "engine"), totals)
     # (most from the stash: under strace every engine call is slowed, and with the suite's
     # other workers on the two CPUs the engine fell behind for 13, then 37, of 100)
