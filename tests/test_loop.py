@@ -80,8 +80,11 @@ def test_busy_polling_spares_sleeps_and_stops_when_quiet(upstream, tmp_path, soc
     # (fewer than one per request on a loaded machine, where events wait queued: how many
     # varies from one run to the next, so each sleeping run is held to the polling one,
     # which sleeps 0 to 2 times)
-    # (400 each alone; 42 seen with the suite's four workers on two CPUs)
-    assert got["off"]["sleeps"] >= 20 and got["pressed"]["sleeps"] >= 20, got
+    # (400 each alone; 42 seen with the suite's four workers on two CPUs; 16 under the
+    # sanitizers in a fresh-clone CI run, each wake-up finding a dozen events queued: there
+    # the polls of none of them, asserted below, say that they did not poll)
+    least = 5 if sanitized else 20
+    assert got["off"]["sleeps"] >= least and got["pressed"]["sleeps"] >= least, got
     assert polling_spared(got), got
     assert all(g["quiet_cpu_ms"] <= 50 for g in got.values()), got
     eng = {k: g["engine"] for k, g in got.items()}
