@@ -81,10 +81,10 @@ def test_busy_polling_spares_sleeps_and_stops_when_quiet(upstream, tmp_path, soc
     # varies from one run to the next, so each sleeping run is held to the polling one,
     # which sleeps 0 to 2 times)
     # (400 each alone; 42 seen with the suite's four workers on two CPUs; 16 under the
-    # sanitizers in a fresh-clone CI run, each wake-up finding a dozen events queued: there
-    # the polls of none of them, asserted below, say that they did not poll)
-    least = 5 if sanitized else 20
-    assert got["off"]["sleeps"] >= least and got["pressed"]["sleeps"] >= least, got
+    # sanitizers in a fresh-clone CI run and 19 in a plain run beside a stress, each
+    # wake-up finding a dozen events queued: that they did not poll is said by their polls,
+    # none, asserted below, and what polling spares by polling_spared's comparison)
+    assert got["off"]["sleeps"] >= 5 and got["pressed"]["sleeps"] >= 5, got
     assert polling_spared(got), got
     assert all(g["quiet_cpu_ms"] <= 50 for g in got.values()), got
     eng = {k: g["engine"] for k, g in got.items()}
