@@ -65,7 +65,7 @@ class Cluster(object):
             # (a port found free can be taken before the node binds it: by another test's
             # connection, its local port picked from the same range; the node then exits,
             # and comes up again on another pair)
-            for attempt in range(4):
+            for _ in range(4):
                 p = self.start_node()
                 if wait(lambda p=p: self.procs[p][0].poll() is not None or Resp(port=p).cmd("PING") == "PONG", 15,
                         "node %d" % p) is True and self.procs[p][0].poll() is None:
